@@ -1,0 +1,67 @@
+"""The one tolerance helper for numeric tests, and small shared test tools.
+
+``assert_close`` compares with two normalised errors (as OpenAI's triton_kernels
+tests do): the max absolute error over the max absolute reference value, and
+the RMS error over the RMS of the reference.  Bounds depend on the dtype the
+kernel computed in.  Any test that needs other bounds says why in a comment.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# (max normalised error, rms normalised error) per compute dtype.  fp32 allows
+# tf32 tensor-core products (Triton's default for fp32 dots on GPU).
+_BOUNDS = {
+    torch.float32: (2e-3, 5e-4),
+    torch.float16: (6e-3, 1.5e-3),
+    torch.bfloat16: (3e-2, 8e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return _BOUNDS[dtype]
+
+
+def normalized_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.numel() == 0:
+        return 0.0, 0.0
+    diff = (a - e).abs()
+    scale_max = e.abs().max().clamp_min(1e-12)
+    scale_rms = e.pow(2).mean().sqrt().clamp_min(1e-12)
+    return float(diff.max() / scale_max), float(diff.pow(2).mean().sqrt() / scale_rms)
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    bounds: Optional[tuple[float, float]] = None,
+    name: str = "output",
+) -> None:
+    """Assert ``actual`` matches ``expected`` within the bounds of ``dtype``.
+
+    ``dtype`` defaults to ``actual.dtype``; NaN or Inf in ``actual`` never passes.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output or overflow)"
+    max_b, rms_b = bounds or _BOUNDS[dtype or actual.dtype]
+    max_e, rms_e = normalized_errors(actual, expected)
+    assert max_e <= max_b and rms_e <= rms_b, (
+        f"{name}: normalised max error {max_e:.3g} (bound {max_b:.3g}), rms error {rms_e:.3g} (bound {rms_b:.3g})"
+    )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a kernel's output before the kernel writes it: NaN for floats, a huge value for ints."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(torch.iinfo(t.dtype).max // 2 - 7)
+    return t

@@ -1,0 +1,72 @@
+"""Every ``VLLM_*`` environment variable the package reads, typed, in one place.
+
+Read them through this module (``from vllm import envs; envs.VLLM_X``) at the
+edges - engine construction, backend selection - never deep inside kernels.
+Each access re-reads the environment, so tests can monkeypatch ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+
+def _bool(name: str, default: bool) -> Callable[[], bool]:
+    def get() -> bool:
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            return default
+        val = raw.strip().lower()
+        if val in ("1", "true", "yes", "on"):
+            return True
+        if val in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r} is not a boolean; use 1/0 or true/false")
+
+    return get
+
+
+def _str(name: str, default: str | None) -> Callable[[], str | None]:
+    def get() -> str | None:
+        raw = os.environ.get(name)
+        return default if raw in (None, "") else raw
+
+    return get
+
+
+def _choice(name: str, default: str | None, choices: tuple[str, ...]) -> Callable[[], str | None]:
+    def get() -> str | None:
+        raw = os.environ.get(name)
+        if raw in (None, ""):
+            return default
+        val = raw.strip().lower()
+        if val not in choices:
+            raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        return val
+
+    return get
+
+
+environment_variables: dict[str, Callable[[], Any]] = {
+    # Logging level of the ``vllm`` logger (DEBUG, INFO, WARNING, ERROR).
+    "VLLM_LOGGING_LEVEL": _str("VLLM_LOGGING_LEVEL", "INFO"),
+    # Folder of tuned kernel-config JSON files for the MoE LoRA kernels; when
+    # unset (or no file matches the shape and GPU), a heuristic picks tiles.
+    "VLLM_TUNED_CONFIG_FOLDER": _str("VLLM_TUNED_CONFIG_FOLDER", None),
+    # Force a fused-MoE experts backend by name (see
+    # ``vllm.model_executor.layers.fused_moe.oracle``); unset = automatic.
+    "VLLM_FUSED_MOE_BACKEND": _str("VLLM_FUSED_MOE_BACKEND", None),
+    # Force the platform ("cuda" or "cpu") instead of detecting it.
+    "VLLM_TARGET_DEVICE": _choice("VLLM_TARGET_DEVICE", None, ("cuda", "cpu")),
+    # Allow loading / unloading LoRA adapters at run time through the server.
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in environment_variables:
+        return environment_variables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)

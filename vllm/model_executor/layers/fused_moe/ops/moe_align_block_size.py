@@ -1,0 +1,131 @@
+"""Group the flat (token, k) pairs by expert and pad each group to a block multiple.
+
+The grouped GEMMs walk the output of this op one M-block at a time: every block
+holds pairs of a single expert (or a single (adapter, expert) "virtual expert"
+for the LoRA kernels), so one program multiplies one block by one weight matrix.
+
+Worked example: top_k = 2, block_size = 4, 3 experts, 3 tokens,
+``topk_ids = [[2, 0], [0, 1], [2, -1]]`` (-1: pair dropped, e.g. a non-local
+expert).  Flat pair ids are 0..5 and the sentinel is numel = 6.
+
+    expert 0 gets pairs [1, 2]  -> padded to 4: [1, 2, 6, 6]
+    expert 1 gets pair  [3]     -> padded to 4: [3, 6, 6, 6]
+    expert 2 gets pairs [0, 4]  -> padded to 4: [0, 4, 6, 6]
+    sorted_token_ids = [1, 2, 6, 6, 3, 6, 6, 6, 0, 4, 6, 6, 6, ...]  (tail: sentinel)
+    block_expert_ids = [0, 1, 2, -1, ...]                            (tail: -1)
+    num_tokens_post_padded = [12]
+
+Groups keep the pairs' original order.  The buffers are sized for the worst
+case (numel + num_experts * (block_size - 1), rounded up to a block), so the op
+never synchronises with the host and can be captured in a CUDA graph; kernels
+stop at ``num_tokens_post_padded``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AlignResult:
+    """Output of ``moe_align_block_size``.
+
+    sorted_token_ids: [max_num_tokens_padded] int32, flat pair ids (token * top_k + k)
+        grouped by expert; padding entries hold the sentinel ``numel``.
+    block_expert_ids: [max_num_tokens_padded // block_size] int32, the group id of each
+        M-block; -1 for blocks past the end.
+    num_tokens_post_padded: [1] int32, total padded length actually used.
+    group_padded_counts: [num_experts] int32, padded length of each group.
+    block_size: the M-block size the padding was made for.
+    numel: number of (token, k) pairs; also the sentinel value.
+    """
+
+    sorted_token_ids: torch.Tensor
+    block_expert_ids: torch.Tensor
+    num_tokens_post_padded: torch.Tensor
+    group_padded_counts: torch.Tensor
+    block_size: int
+    numel: int
+
+
+def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
+    raw = numel + num_experts * (block_size - 1)
+    return max(block_size, -(-raw // block_size) * block_size)
+
+
+def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+    """Sort pairs by group id (expert, or virtual expert) and pad each group to ``block_size``.
+
+    group_ids: int tensor of any shape (usually topk_ids [M, top_k]); flattened in
+        row-major order, values in [0, num_experts) or -1 for pairs to skip.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    device = group_ids.device
+    ids = group_ids.reshape(-1).to(torch.int64)
+    numel = ids.numel()
+    size = max_num_tokens_padded(numel, num_experts, block_size)
+    num_blocks = size // block_size
+
+    # Dropped pairs go to an extra bucket num_experts, sorted last and written
+    # to a scratch slot that is cut off.
+    bucket = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts[num_experts] = 0  # the drop bucket takes no room
+    padded = (counts + block_size - 1) // block_size * block_size
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts  # first position of each bucket among the sorted pairs
+
+    order = torch.sort(bucket, stable=True).indices
+    sorted_bucket = bucket[order]
+    rank = torch.arange(numel, device=device) - first[sorted_bucket]
+    dest = torch.where(sorted_bucket < num_experts, starts[sorted_bucket] + rank, torch.full_like(rank, size))
+
+    sorted_token_ids = torch.full((size + 1,), numel, dtype=torch.int32, device=device)
+    sorted_token_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_token_ids = sorted_token_ids[:size]
+
+    block_starts = torch.arange(num_blocks, device=device, dtype=torch.int64) * block_size
+    owner = torch.searchsorted(ends[:num_experts].contiguous(), block_starts, right=True)
+    block_expert_ids = torch.where(owner < num_experts, owner, torch.full_like(owner, -1)).to(torch.int32)
+
+    total = ends[num_experts - 1 : num_experts].to(torch.int32) if num_experts > 0 else torch.zeros(1, dtype=torch.int32, device=device)
+    return AlignResult(
+        sorted_token_ids=sorted_token_ids,
+        block_expert_ids=block_expert_ids,
+        num_tokens_post_padded=total,
+        group_padded_counts=padded[:num_experts].to(torch.int32),
+        block_size=block_size,
+        numel=numel,
+    )
+
+
+def moe_align_block_size_reference(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+    """Plain Python loops: obviously right, slow.  Tests compare the op against this."""
+    ids = [int(v) for v in group_ids.reshape(-1).tolist()]
+    numel = len(ids)
+    size = max_num_tokens_padded(numel, num_experts, block_size)
+    sorted_ids: list[int] = []
+    blocks: list[int] = []
+    padded_counts = []
+    for e in range(num_experts):
+        members = [p for p, g in enumerate(ids) if g == e]
+        n_pad = -(-len(members) // block_size) * block_size
+        padded_counts.append(n_pad)
+        sorted_ids += members + [numel] * (n_pad - len(members))
+        blocks += [e] * (n_pad // block_size)
+    total = len(sorted_ids)
+    sorted_ids += [numel] * (size - total)
+    blocks += [-1] * (size // block_size - len(blocks))
+    dev = group_ids.device
+    return AlignResult(
+        sorted_token_ids=torch.tensor(sorted_ids, dtype=torch.int32, device=dev),
+        block_expert_ids=torch.tensor(blocks, dtype=torch.int32, device=dev),
+        num_tokens_post_padded=torch.tensor([total], dtype=torch.int32, device=dev),
+        group_padded_counts=torch.tensor(padded_counts, dtype=torch.int32, device=dev),
+        block_size=block_size,
+        numel=numel,
+    )
