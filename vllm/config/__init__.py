@@ -1,0 +1,3 @@
+from vllm.config.lora import LoRAConfig
+
+__all__ = ["LoRAConfig"]

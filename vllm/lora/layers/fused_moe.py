@@ -1,0 +1,234 @@
+"""LoRA for fused-MoE layers.
+
+``FusedMoEWithLoRA`` wraps a ``FusedMoE`` whose experts support LoRA.  It owns
+the stacked adapter buffers (see ``MoELoRAContext`` for shapes), fills and
+clears slots, and in ``set_mapping`` builds the ``MoELoRAContext`` once and
+stores it on the base layer.  The base layer's forward passes the context down
+as an argument; nothing in the MoE code is patched.
+
+Two flavours, by how w13 LoRA is laid out:
+- ``FusedMoEWithLoRA``: two slices, gate and up, each with its own A (the
+  per-expert adapter layout: ``experts.{e}.gate_proj`` / ``up_proj``).
+- ``FusedMoE3DWithLoRA``: one slice over all 2I rows of w13 with one shared A
+  (peft's fused-expert adapters, ``target_parameters``; required for gpt-oss,
+  whose gate/up rows are interleaved).
+Each accepts the other's layout in ``set_lora`` and converts it (a fused A is
+shared by both slices; two slices become one of rank 2r with a block-diagonal B).
+
+TP slicing (FACTS.md 2): w13 A replicated (fully sharded: this rank's R/tp rows
+of the zero-padded A), w13 B sharded on output rows like w13_weight; w2 A
+sharded on input columns like w2_weight; w2 B replicated (fully sharded: H/tp
+rows, written at offset H/tp * tp_rank).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vllm.config.lora import LoRAConfig
+from vllm.lora.layers.base import BaseLayerWithLoRA
+from vllm.lora.lora_context import MoELoRAContext
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+
+class FusedMoEWithLoRA(BaseLayerWithLoRA):
+    w13_num_slices_default = 2
+
+    def __init__(self, base_layer: FusedMoE) -> None:
+        super().__init__()
+        base_layer.process_weights_after_loading()
+        if not base_layer.quant_method.supports_lora():
+            experts = type(base_layer.quant_method.kernel.fused_experts)
+            raise ValueError(
+                f"MoE layer {base_layer.prefix or '<unnamed>'} runs {experts.__name__}, which does not support "
+                f"LoRA ({experts.lora_unsupported_reason()}). Build the layer with lora_enabled=True so the "
+                "backend selection picks a LoRA-capable backend, or choose one explicitly (triton or torch).")
+        self.base_layer = base_layer
+        cfg = base_layer.moe_config
+        self.tp_size = cfg.parallel_config.tp_size
+        self.tp_rank = cfg.parallel_config.tp_rank
+        self.w13_num_slices = self._num_slices(cfg.activation)
+        self.punica_wrapper = None
+
+    @classmethod
+    def _num_slices(cls, activation: MoEActivation) -> int:
+        if activation is MoEActivation.SWIGLUOAI:
+            raise ValueError("gpt-oss experts interleave gate/up rows: wrap them with FusedMoE3DWithLoRA")
+        return 2 if activation.is_gated else 1
+
+    # ---- buffers -----------------------------------------------------------------
+    def create_lora_weights(self, max_loras: int, lora_config: LoRAConfig, model_config: Any = None) -> None:
+        base = self.base_layer
+        R = lora_config.max_lora_rank
+        self.max_loras = max_loras
+        self.max_lora_rank = R
+        self.fully_sharded = lora_config.fully_sharded_loras and self.tp_size > 1
+        self.use_tuned_config = lora_config.use_tuned_config
+        if self.fully_sharded and (R % self.tp_size or base.hidden_size % self.tp_size):
+            raise ValueError(f"fully sharded LoRA needs max_lora_rank ({R}) and hidden size ({base.hidden_size}) "
+                             f"divisible by tp_size ({self.tp_size})")
+        dtype = lora_config.lora_dtype or base.w13_weight.dtype
+        dev = base.w13_weight.device
+        L, E, H, S = max_loras, base.local_num_experts, base.hidden_size, self.w13_num_slices
+        I_part = base.intermediate_size_per_partition
+        n_slice = base.moe_config.w13_out_dim // S
+        r_a = R // self.tp_size if self.fully_sharded else R
+        h_b = H // self.tp_size if self.fully_sharded else H
+        # One allocation per weight; the per-slice tensors are views of it, so the
+        # kernels can cover all slices in one launch.
+        self._w13_a = torch.zeros(S, L, E, r_a, H, dtype=dtype, device=dev)
+        self._w13_b = torch.zeros(S, L, E, n_slice, R, dtype=dtype, device=dev)
+        self._w2_a = torch.zeros(1, L, E, R, I_part, dtype=dtype, device=dev)
+        self._w2_b = torch.zeros(1, L, E, h_b, R, dtype=dtype, device=dev)
+        self.w13_lora_a_stacked = tuple(self._w13_a.unbind(0))
+        self.w13_lora_b_stacked = tuple(self._w13_b.unbind(0))
+        self.w2_lora_a_stacked = tuple(self._w2_a.unbind(0))
+        self.w2_lora_b_stacked = tuple(self._w2_b.unbind(0))
+        self.adapter_enabled = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+
+    def reset_lora(self, index: int) -> None:
+        self._check_index(index)
+        for buf in (self._w13_a, self._w13_b, self._w2_a, self._w2_b):
+            buf[:, index].zero_()
+        self.adapter_enabled[index] = 0
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.max_loras:
+            raise IndexError(f"LoRA slot {index} out of range [0, {self.max_loras})")
+
+    # ---- filling a slot ------------------------------------------------------------
+    def set_lora(self, index: int, *, w13_lora_a: Sequence[torch.Tensor], w13_lora_b: Sequence[torch.Tensor],
+                 w2_lora_a: torch.Tensor, w2_lora_b: torch.Tensor) -> None:
+        """Copy one adapter (all experts, global numbering, scaling folded into B) into slot ``index``.
+
+        w13_lora_a: [A_gate, A_up] each [E, r, H], or [A_gate_up] [E, r, H].
+        w13_lora_b: [B_gate, B_up] each [E, I, r], or [B_gate_up] [E, w13_rows, r]
+            (rows in w13_weight's order: gate then up, or interleaved for gpt-oss).
+        w2_lora_a: [E, r, I];  w2_lora_b: [E, H, r].
+        """
+        self._check_index(index)
+        base = self.base_layer
+        E, H = base.global_num_experts, base.hidden_size
+        I_full = base.moe_config.intermediate_size
+        w13_a, w13_b = self._to_own_layout(list(w13_lora_a), list(w13_lora_b))
+        r = w2_lora_a.shape[1]
+        self._check_shape("w2_lora_a", w2_lora_a, (E, r, I_full))
+        self._check_shape("w2_lora_b", w2_lora_b, (E, H, r))
+        self.reset_lora(index)
+        if base.expert_map is None:
+            glob = list(range(E))
+            loc = glob
+        else:
+            emap = base.expert_map.cpu()
+            glob = [e for e in range(E) if int(emap[e]) >= 0]
+            loc = [int(emap[e]) for e in glob]
+        rows, dst_e = torch.tensor(glob, dtype=torch.long), torch.tensor(loc, dtype=torch.long)
+        for s in range(self.w13_num_slices):
+            a = self._pad_rank(w13_a[s][rows])  # [E_local, R, H]
+            if self.fully_sharded:
+                a = a[:, self._rank_shard(self.max_lora_rank)]
+            self._put(self._w13_a[s, index], dst_e, a)
+            b = torch.stack([self._shard_w13_rows(w13_b[s][e]) for e in glob])
+            self._put(self._w13_b[s, index], dst_e, self._pad_rank(b, dim=2))
+        i_cols = base._tp_rows(I_full)
+        self._put(self._w2_a[0, index], dst_e, self._pad_rank(w2_lora_a[rows][:, :, i_cols]))
+        b2 = self._pad_rank(w2_lora_b[rows], dim=2)
+        if self.fully_sharded:
+            b2 = b2[:, self._rank_shard(H)]
+        self._put(self._w2_b[0, index], dst_e, b2)
+        self.adapter_enabled[index] = 1
+
+    @staticmethod
+    def _put(dst: torch.Tensor, experts: torch.Tensor, src: torch.Tensor) -> None:
+        if not torch.isfinite(src).all():
+            raise ValueError("LoRA weights contain NaN or Inf")
+        dst.index_copy_(0, experts.to(dst.device), src.to(device=dst.device, dtype=dst.dtype))
+
+    def _shard_w13_rows(self, b: torch.Tensor) -> torch.Tensor:
+        if self.w13_num_slices == 1:
+            return self.base_layer._shard_w13(b)
+        return b[self.base_layer._tp_rows(b.shape[0])]
+
+    def _rank_shard(self, full: int) -> slice:
+        part = full // self.tp_size
+        return slice(self.tp_rank * part, (self.tp_rank + 1) * part)
+
+    def _pad_rank(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Zero-pad the rank dimension to max_lora_rank (zeros at the end, before any sharding)."""
+        r = t.shape[dim]
+        if r > self.max_lora_rank:
+            raise ValueError(f"adapter rank {r} exceeds max_lora_rank={self.max_lora_rank}; "
+                             "restart with a larger --max-lora-rank")
+        if r == self.max_lora_rank:
+            return t
+        pad = list(t.shape)
+        pad[dim] = self.max_lora_rank - r
+        return torch.cat([t, t.new_zeros(pad)], dim=dim)
+
+    @staticmethod
+    def _check_shape(name: str, t: torch.Tensor, want: tuple[int, ...]) -> None:
+        if tuple(t.shape) != tuple(want):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(want)} for this MoE layer")
+
+    def _to_own_layout(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[list, list]:
+        base = self.base_layer
+        E, H, I_full = base.global_num_experts, base.hidden_size, base.moe_config.intermediate_size
+        if len(a) != len(b) or len(a) not in (1, 2):
+            raise ValueError("w13 LoRA must be given as [gate, up] or as one fused gate_up (A and B alike)")
+        r = a[0].shape[1]
+        for x in a:
+            self._check_shape("w13_lora_a", x, (E, r, H))
+        if len(a) == 2:
+            if not base.activation.is_gated:
+                raise ValueError("a non-gated MoE has no gate/up pair: give w13 LoRA as one tensor")
+            for x in b:
+                self._check_shape("w13_lora_b", x, (E, I_full, r))
+        else:
+            self._check_shape("w13_lora_b", b[0], (E, base.moe_config.w13_out_dim * self.tp_size, r))
+        if len(a) == self.w13_num_slices:
+            return a, b
+        if self.w13_num_slices == 2:  # fused adapter into two slices: A shared, B split
+            return [a[0], a[0]], [b[0][:, :I_full], b[0][:, I_full:]]
+        # two slices into one: rank 2r, block-diagonal B
+        zeros = b[0].new_zeros(b[0].shape)
+        return [torch.cat(a, dim=1)], [torch.cat([torch.cat([b[0], zeros], 2), torch.cat([zeros, b[1]], 2)], 1)]
+
+    # ---- mapping and forward --------------------------------------------------------
+    def set_mapping(self, punica_wrapper: Any) -> None:
+        """Attach the Punica wrapper and build the context once; it stays valid afterwards."""
+        self.punica_wrapper = punica_wrapper
+        base = self.base_layer
+        base._lora_context = MoELoRAContext(
+            w13_lora_a_stacked=self.w13_lora_a_stacked, w13_lora_b_stacked=self.w13_lora_b_stacked,
+            w2_lora_a_stacked=self.w2_lora_a_stacked, w2_lora_b_stacked=self.w2_lora_b_stacked,
+            adapter_enabled=self.adapter_enabled, max_loras=self.max_loras, top_k=base.top_k,
+            w13_num_slices=self.w13_num_slices, fully_sharded=self.fully_sharded, tp_rank=self.tp_rank,
+            tp_size=self.tp_size, local_num_experts=base.local_num_experts, punica_wrapper=punica_wrapper,
+            use_tuned_config=self.use_tuned_config)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(hidden_states, router_logits)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
+                          packed_modules_list: Optional[list] = None, model_config: Any = None) -> bool:
+        return type(source_layer) is FusedMoE and source_layer.activation is not MoEActivation.SWIGLUOAI
+
+
+class FusedMoE3DWithLoRA(FusedMoEWithLoRA):
+    """One w13 slice over all rows with a shared A: fused-expert adapters and gpt-oss."""
+
+    @classmethod
+    def _num_slices(cls, activation: MoEActivation) -> int:
+        return 1
+
+    @classmethod
+    def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
+                          packed_modules_list: Optional[list] = None, model_config: Any = None) -> bool:
+        if type(source_layer) is not FusedMoE:
+            return False
+        fused_adapters = bool(packed_modules_list) and list(packed_modules_list) == ["experts"]
+        return source_layer.activation is MoEActivation.SWIGLUOAI or fused_adapters

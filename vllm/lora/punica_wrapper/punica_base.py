@@ -1,0 +1,185 @@
+"""The Punica wrapper: per-step token-to-adapter mapping and the LoRA compute.
+
+One wrapper serves every LoRA layer of a model.  ``update_metadata`` is called
+once per step with the slot of each token; every layer then reads the same
+mapping (FACTS.md 4: build it once per step, not once per layer).
+
+For fused MoE the wrapper offers the two seams the experts call inline:
+
+    add_lora_w13(y, x, ...)  after GEMM1, before the activation:
+        y[p, cols of slice s] += (x[token(p)] @ A_s[slot, e]^T) @ B_s[slot, e]^T
+    add_lora_w2(y, x, ...)   after GEMM2, before the top-k sum:
+        y[p, :] += w_p * (x[p] @ A[slot, e]^T) @ B[slot, e]^T
+        (w_p = router weight exactly when the base GEMM2 output was weighted)
+
+``add_lora_w13`` returns the routing it prepared (a ``MoELoRARouting``) so
+``add_lora_w2`` reuses it instead of sorting again.  Subclasses supply the
+compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch on CPU.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+
+
+class TPGroup(Protocol):
+    """The collectives the fully-sharded LoRA path needs (torch.distributed or a test fake)."""
+
+    def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class MoELoRARouting:
+    """What add_lora_w13 prepared and add_lora_w2 reuses.
+
+    alignment: a ``MoELoRAAlignment`` (sorted path) or None (small-batch path).
+    token_lora_mapping: [M] int32 view of the step's mapping, -1 = no adapter.
+    """
+
+    alignment: Optional[Any]
+    token_lora_mapping: torch.Tensor
+    num_pairs: int
+
+
+class PunicaWrapperBase(ABC):
+    """Holds the step's token-to-adapter mapping and launches the LoRA ops."""
+
+    def __init__(self, max_num_batched_tokens: int, max_loras: int, device: torch.device | str,
+                 tp_group: Optional[TPGroup] = None) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
+        self.device = torch.device(device)
+        self.tp_group = tp_group
+        # Updated in place every step so that references (and CUDA graphs) stay valid.
+        self._token_lora_indices = torch.full((max_num_batched_tokens,), -1, dtype=torch.int32, device=self.device)
+        self._num_tokens = 0
+
+    # ---- per-step mapping ------------------------------------------------
+    def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
+        """Set the slot of each token of the next step (-1 = base model)."""
+        mapping = torch.as_tensor(token_lora_mapping, dtype=torch.int32)
+        n = mapping.numel()
+        if n > self.max_num_batched_tokens:
+            raise ValueError(
+                f"batch of {n} tokens exceeds max_num_batched_tokens={self.max_num_batched_tokens}; "
+                "raise max_num_batched_tokens when building the engine"
+            )
+        if n and (int(mapping.max()) >= self.max_loras or int(mapping.min()) < -1):
+            raise ValueError(f"token_lora_mapping values must be -1 or slots in [0, {self.max_loras})")
+        self._token_lora_indices[:n].copy_(mapping.to(self.device), non_blocking=True)
+        self._token_lora_indices[n:].fill_(-1)
+        self._num_tokens = n
+
+    @property
+    def token_lora_indices(self) -> torch.Tensor:
+        """[num_tokens] int32 view of the current step's mapping."""
+        return self._token_lora_indices[: self._num_tokens]
+
+    def _mapping_for(self, num_tokens: int) -> torch.Tensor:
+        if num_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens={self.max_num_batched_tokens}")
+        # Rows past the mapped ones (e.g. CUDA-graph padding) read -1: base model only.
+        return self._token_lora_indices[:num_tokens]
+
+    # ---- compute, supplied by subclasses ----------------------------------
+    @abstractmethod
+    def _align(self, topk_ids, mapping, *, num_experts, max_loras, adapter_enabled, expert_map, config) -> Any: ...
+
+    @abstractmethod
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool: ...
+
+    @abstractmethod
+    def _config(self, op: str, *, num_pairs, num_experts, max_loras, rank, K, N, num_slices, dtype,
+                use_tuned_config) -> Optional[dict]: ...
+
+    @abstractmethod
+    def _fused(self, out, x, lora_a, lora_b, **kw) -> None: ...
+
+    @abstractmethod
+    def _shrink(self, x, lora_a, **kw) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _expand(self, out, shrunk, lora_b, **kw) -> None: ...
+
+    # ---- the MoE seams ------------------------------------------------------
+    def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                     lora_b_stacked: tuple[torch.Tensor, ...], *, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int, top_k: int,
+                     num_slices: int, local_num_experts: int, fully_sharded: bool = False, tp_rank: int = 0,
+                     tp_size: int = 1, expert_map: Optional[torch.Tensor] = None,
+                     use_tuned_config: bool = False) -> MoELoRARouting:
+        """Add the w13 LoRA delta into the GEMM1 output ``y`` [M*top_k, N_total] in place.
+
+        x: [M, H] hidden states; topk_ids / topk_weights: [M, top_k].
+        Returns the routing for ``add_lora_w2``.
+        """
+        M = x.shape[0]
+        num_pairs = M * top_k
+        mapping = self._mapping_for(M)
+        y2 = y.reshape(num_pairs, -1)
+        rank = lora_a_stacked[0].shape[2]
+        n_slice = lora_b_stacked[0].shape[2]
+        cfg = self._config("fused_moe_lora_w13", num_pairs=num_pairs, num_experts=local_num_experts,
+                           max_loras=max_loras, rank=rank, K=x.shape[1], N=n_slice, num_slices=num_slices,
+                           dtype=x.dtype, use_tuned_config=use_tuned_config)
+        alignment = None
+        if num_pairs and not self._use_small_batch(num_pairs, local_num_experts, max_loras):
+            alignment = self._align(topk_ids, mapping, num_experts=local_num_experts, max_loras=max_loras,
+                                    adapter_enabled=adapter_enabled, expert_map=expert_map, config=cfg)
+        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
+        if num_pairs == 0:
+            return routing
+        kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=mapping,
+                  adapter_enabled=adapter_enabled, top_k_in=top_k, expert_map=expert_map, alignment=alignment,
+                  config=cfg)
+        if fully_sharded and tp_size > 1:
+            # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
+            # rank (in rank order, so a zero-padded tail stays at the end), then expand.
+            shrunk = self._shrink(x, lora_a_stacked, **kw)  # [S, pairs, R/tp] fp32
+            shrunk = self._group().all_gather(shrunk, dim=2).contiguous()
+            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=False, **kw)
+        else:
+            self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=False, **kw)
+        return routing
+
+    def add_lora_w2(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], *, routing: MoELoRARouting, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int, top_k: int,
+                    local_num_experts: int, mul_routed_weight: bool, fully_sharded: bool = False,
+                    tp_rank: int = 0, tp_size: int = 1, expert_map: Optional[torch.Tensor] = None,
+                    use_tuned_config: bool = False) -> None:
+        """Add the w2 LoRA delta into the GEMM2 output ``y`` [M*top_k, H] in place.
+
+        x: [M*top_k, I_part] activation output.  ``mul_routed_weight`` must be
+        True exactly when the base GEMM2 output was multiplied by the router
+        weight (not when the weight was applied on the input).
+        """
+        num_pairs = routing.num_pairs
+        if num_pairs == 0:
+            return
+        y2 = y.reshape(num_pairs, -1)
+        h_b = lora_b_stacked[0].shape[2]
+        cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=local_num_experts,
+                           max_loras=max_loras, rank=lora_a_stacked[0].shape[2], K=x.shape[1], N=h_b,
+                           num_slices=1, dtype=x.dtype, use_tuned_config=use_tuned_config)
+        kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
+                  adapter_enabled=adapter_enabled, top_k_in=1, expert_map=expert_map,
+                  alignment=routing.alignment, config=cfg)
+        if fully_sharded and tp_size > 1:
+            # A is sharded on its input columns: the fp32 shrink partial sums are
+            # all-reduced, then each rank expands its H/tp rows of B at its offset.
+            shrunk = self._group().all_reduce(self._shrink(x, lora_a_stacked, **kw))
+            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=mul_routed_weight,
+                         n_offset=h_b * tp_rank, **kw)
+        else:
+            self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=mul_routed_weight, **kw)
+
+    def _group(self) -> TPGroup:
+        if self.tp_group is None:
+            raise RuntimeError("fully-sharded MoE LoRA with tp_size > 1 needs a tp_group on the Punica wrapper")
+        return self.tp_group

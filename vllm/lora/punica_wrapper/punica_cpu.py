@@ -1,0 +1,38 @@
+"""Punica wrapper in plain torch: the same API without a GPU or Triton."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+
+class PunicaWrapperCPU(PunicaWrapperBase):
+    """Groups pairs by (slot, expert) with torch ops; no sorting step of its own."""
+
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool:
+        return True  # the torch ops group pairs themselves
+
+    def _config(self, op: str, **kw) -> Optional[dict]:
+        return None
+
+    def _align(self, *args, **kwargs) -> Any:  # pragma: no cover - never called (small-batch always)
+        return None
+
+    def _fused(self, out, x, lora_a, lora_b, **kw) -> None:
+        from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+        fused_moe_lora_torch(out, x, lora_a, lora_b, **kw)
+
+    def _shrink(self, x, lora_a, **kw) -> torch.Tensor:
+        from vllm.lora.ops.torch_ops.moe_lora import moe_lora_shrink_torch
+
+        kw.pop("mul_routed_weight", None)
+        kw.pop("n_offset", None)
+        return moe_lora_shrink_torch(x, lora_a, **kw)
+
+    def _expand(self, out, shrunk, lora_b, **kw) -> None:
+        from vllm.lora.ops.torch_ops.moe_lora import moe_lora_expand_torch
+
+        moe_lora_expand_torch(out, shrunk, lora_b, **kw)

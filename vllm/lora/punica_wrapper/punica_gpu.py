@@ -1,0 +1,58 @@
+"""Punica wrapper whose MoE LoRA compute runs as Triton kernels.
+
+On CUDA this is the production path; on CPU tensors it runs under the Triton
+interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+
+class PunicaWrapperGPU(PunicaWrapperBase):
+    """Sorted "virtual expert" path, or the small-batch path that skips sorting."""
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool:
+        from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
+
+        return use_small_batch_path(num_pairs, num_experts, max_loras)
+
+    def _config(self, op: str, *, num_pairs, num_experts, max_loras, rank, K, N, num_slices, dtype,
+                use_tuned_config) -> Optional[dict]:
+        from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
+
+        return get_moe_lora_config(op, num_pairs=num_pairs, num_experts=num_experts, max_loras=max_loras,
+                                   rank=rank, K=K, N=N, num_slices=num_slices, dtype=dtype,
+                                   use_tuned_config=use_tuned_config, device_name=self._device_name())
+
+    def _align(self, topk_ids, mapping, *, num_experts, max_loras, adapter_enabled, expert_map, config) -> Any:
+        from vllm.lora.ops.triton_ops.moe_lora_align import moe_lora_align_block_size
+
+        return moe_lora_align_block_size(topk_ids, mapping, num_experts=num_experts, max_loras=max_loras,
+                                         block_size=config["BLOCK_SIZE_M"], adapter_enabled=adapter_enabled,
+                                         expert_map=expert_map)
+
+    def _fused(self, out, x, lora_a, lora_b, **kw) -> None:
+        from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
+
+        fused_moe_lora(out, x, lora_a, lora_b, **kw)
+
+    def _shrink(self, x, lora_a, **kw) -> torch.Tensor:
+        from vllm.lora.ops.triton_ops.fused_moe_lora import moe_lora_shrink
+
+        kw.pop("mul_routed_weight", None)
+        kw.pop("n_offset", None)
+        return moe_lora_shrink(x, lora_a, **kw)
+
+    def _expand(self, out, shrunk, lora_b, **kw) -> None:
+        from vllm.lora.ops.triton_ops.fused_moe_lora import moe_lora_expand
+
+        moe_lora_expand(out, shrunk, lora_b, **kw)

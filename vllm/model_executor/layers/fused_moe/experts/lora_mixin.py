@@ -1,0 +1,53 @@
+"""The two LoRA seams of an experts implementation.
+
+An experts class that supports LoRA inherits ``MoELoRAExpertsMixin`` and, inside
+its own ``apply``, calls:
+
+    routing = self.apply_w13_lora(ctx, y=gemm1_out, x=hidden_states, ...)   # before the activation
+    self.apply_w2_lora(ctx, y=gemm2_out, x=act_out, routing=routing, ...)   # before the top-k sum
+
+The helpers only forward context fields to the Punica wrapper; all LoRA compute
+lives there (``vllm/lora/punica_wrapper``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+    from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
+
+
+class MoELoRAExpertsMixin:
+    @classmethod
+    def supports_lora(cls) -> bool:
+        return True
+
+    @staticmethod
+    def apply_w13_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor]) -> "MoELoRARouting":
+        """y [M*top_k, N] (GEMM1 output) += w13 LoRA delta of x [M, H]."""
+        return ctx.punica_wrapper.add_lora_w13(
+            y, x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, topk_ids=topk_ids, topk_weights=topk_weights,
+            adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras, top_k=ctx.top_k,
+            num_slices=ctx.w13_num_slices, local_num_experts=ctx.local_num_experts,
+            fully_sharded=ctx.fully_sharded, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, expert_map=expert_map,
+            use_tuned_config=ctx.use_tuned_config)
+
+    @staticmethod
+    def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: "MoELoRARouting",
+                      topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                      mul_routed_weight: bool) -> None:
+        """y [M*top_k, H] (GEMM2 output) += w2 LoRA delta of x [M*top_k, I_part].
+
+        ``mul_routed_weight``: True exactly when the base GEMM2 output in ``y`` was
+        multiplied by the router weight.
+        """
+        ctx.punica_wrapper.add_lora_w2(
+            y, x, ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked, routing=routing, topk_ids=topk_ids,
+            topk_weights=topk_weights, adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras,
+            top_k=ctx.top_k, local_num_experts=ctx.local_num_experts, mul_routed_weight=mul_routed_weight,
+            fully_sharded=ctx.fully_sharded, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, expert_map=expert_map,
+            use_tuned_config=ctx.use_tuned_config)
