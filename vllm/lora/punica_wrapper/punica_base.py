@@ -46,6 +46,10 @@ class MoELoRARouting:
     num_pairs: int
 
 
+def _without(kw: dict, key: str) -> dict:
+    return {k: v for k, v in kw.items() if k != key}
+
+
 class PunicaWrapperBase(ABC):
     """Holds the step's token-to-adapter mapping and launches the LoRA ops."""
 
@@ -121,7 +125,7 @@ class PunicaWrapperBase(ABC):
         M = x.shape[0]
         num_pairs = M * top_k
         mapping = self._mapping_for(M)
-        y2 = y.reshape(num_pairs, -1)
+        y2 = y.reshape(num_pairs, y.shape[-1])
         rank = lora_a_stacked[0].shape[2]
         n_slice = lora_b_stacked[0].shape[2]
         cfg = self._config("fused_moe_lora_w13", num_pairs=num_pairs, num_experts=local_num_experts,
@@ -140,9 +144,9 @@ class PunicaWrapperBase(ABC):
         if fully_sharded and tp_size > 1:
             # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
             # rank (in rank order, so a zero-padded tail stays at the end), then expand.
-            shrunk = self._shrink(x, lora_a_stacked, **kw)  # [S, pairs, R/tp] fp32
+            shrunk = self._shrink(x, lora_a_stacked, **_without(kw, "topk_weights"))  # [S, pairs, R/tp] fp32
             shrunk = self._group().all_gather(shrunk, dim=2).contiguous()
-            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=False, **kw)
+            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=False, **_without(kw, "top_k_in"))
         else:
             self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=False, **kw)
         return routing
@@ -162,7 +166,7 @@ class PunicaWrapperBase(ABC):
         num_pairs = routing.num_pairs
         if num_pairs == 0:
             return
-        y2 = y.reshape(num_pairs, -1)
+        y2 = y.reshape(num_pairs, y.shape[-1])
         h_b = lora_b_stacked[0].shape[2]
         cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=local_num_experts,
                            max_loras=max_loras, rank=lora_a_stacked[0].shape[2], K=x.shape[1], N=h_b,
@@ -173,9 +177,9 @@ class PunicaWrapperBase(ABC):
         if fully_sharded and tp_size > 1:
             # A is sharded on its input columns: the fp32 shrink partial sums are
             # all-reduced, then each rank expands its H/tp rows of B at its offset.
-            shrunk = self._group().all_reduce(self._shrink(x, lora_a_stacked, **kw))
+            shrunk = self._group().all_reduce(self._shrink(x, lora_a_stacked, **_without(kw, "topk_weights")))
             self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=mul_routed_weight,
-                         n_offset=h_b * tp_rank, **kw)
+                         n_offset=h_b * tp_rank, **_without(kw, "top_k_in"))
         else:
             self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=mul_routed_weight, **kw)
 

@@ -28,8 +28,6 @@ class PunicaWrapperCPU(PunicaWrapperBase):
     def _shrink(self, x, lora_a, **kw) -> torch.Tensor:
         from vllm.lora.ops.torch_ops.moe_lora import moe_lora_shrink_torch
 
-        kw.pop("mul_routed_weight", None)
-        kw.pop("n_offset", None)
         return moe_lora_shrink_torch(x, lora_a, **kw)
 
     def _expand(self, out, shrunk, lora_b, **kw) -> None:

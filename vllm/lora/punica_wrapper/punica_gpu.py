@@ -48,8 +48,6 @@ class PunicaWrapperGPU(PunicaWrapperBase):
     def _shrink(self, x, lora_a, **kw) -> torch.Tensor:
         from vllm.lora.ops.triton_ops.fused_moe_lora import moe_lora_shrink
 
-        kw.pop("mul_routed_weight", None)
-        kw.pop("n_offset", None)
         return moe_lora_shrink(x, lora_a, **kw)
 
     def _expand(self, out, shrunk, lora_b, **kw) -> None:

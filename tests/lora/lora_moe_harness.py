@@ -1,0 +1,64 @@
+"""Shared setup of LoRA-wrapped MoE layers for the LoRA tests."""
+from __future__ import annotations
+
+import torch
+
+from tests.layers.moe_reference import moe_reference
+from tests.layers.moe_setup import lora_config, make_layer, random_adapter, random_weights, router_inputs
+from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
+from vllm.lora.punica_wrapper import get_punica_wrapper
+from vllm.model_executor.layers.fused_moe.router import fused_topk
+
+# backend -> Punica wrapper kind
+PUNICA_KIND = {"torch": "cpu", "triton": "gpu"}
+
+
+class Harness:
+    """A LoRA-wrapped FusedMoE, its full fp32 weights, and the adapters in each slot."""
+
+    def __init__(self, *, E, top_k, H, I, activation="silu", bias=False, dtype=torch.float32, device="cpu",
+                 backend="torch", max_loras=2, max_rank=16, fused=False, seed=0, layer_kwargs=None,
+                 lora_kwargs=None, punica_kwargs=None):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.E, self.H, self.I, self.top_k, self.activation = E, H, I, top_k, activation
+        self.dtype, self.device, self.max_rank, self.fused = dtype, torch.device(device), max_rank, fused
+        self.weights = random_weights(E, H, I, activation, bias, self.gen)
+        base = make_layer(self.weights, top_k, activation, dtype, device, backend=backend, lora_enabled=True,
+                          **(layer_kwargs or {}))
+        cls = FusedMoE3DWithLoRA if (fused or activation == "swigluoai") else FusedMoEWithLoRA
+        self.layer = cls(base)
+        self.layer.create_lora_weights(max_loras, lora_config(max_loras, max_rank, **(lora_kwargs or {})))
+        self.punica = get_punica_wrapper(4096, max_loras, device, kind=PUNICA_KIND[backend], **(punica_kwargs or {}))
+        self.layer.set_mapping(self.punica)
+        self.slots: dict[int, object] = {}
+
+    def new_adapter(self, rank=None, fused=None):
+        return random_adapter(self.E, self.H, self.I, rank or self.max_rank, self.activation, self.gen,
+                              fused=self.fused if fused is None else fused)
+
+    def load(self, slot, adapter):
+        self.layer.set_lora(slot, w13_lora_a=adapter.w13_a, w13_lora_b=adapter.w13_b, w2_lora_a=adapter.w2_a,
+                            w2_lora_b=adapter.w2_b)
+        self.slots[slot] = adapter
+
+    def reset(self, slot):
+        self.layer.reset_lora(slot)
+        self.slots.pop(slot, None)
+
+    def inputs(self, M, empty_expert=True):
+        return router_inputs(M, self.E, self.H, self.dtype, self.device, self.gen,
+                             empty_expert=self.E - 1 if empty_expert else None)
+
+    def forward(self, x, logits, token_slots):
+        self.punica.update_metadata(token_slots)
+        return self.layer(x, logits)
+
+    def reference(self, x, logits, token_slots, **route):
+        base = self.layer.base_layer
+        tw, ti = fused_topk(logits.float().cpu(), self.top_k, renormalize=base.renormalize,
+                            topk_then_softmax=base.topk_then_softmax)
+        names = [s if s in self.slots else None for s in token_slots]
+        w = self.weights
+        return moe_reference(x.float().cpu(), w.w13, w.w2, tw, ti, self.activation, b13=w.b13, b2=w.b2,
+                             apply_router_weight_on_input=base.apply_router_weight_on_input,
+                             adapters=self.slots, token_adapter=names).float()
