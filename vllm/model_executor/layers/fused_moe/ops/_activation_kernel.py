@@ -1,0 +1,66 @@
+"""Private Triton body of the MoE activation (see ``activation.py``)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr ACT); activation.py maps MoEActivation onto them.
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_SWIGLUOAI = 2
+ACT_SILU_NO_MUL = 3
+ACT_GELU_NO_MUL = 4
+ACT_RELU2_NO_MUL = 5
+
+
+@triton.jit
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _gelu_erf(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _moe_activation_kernel(
+    x_ptr,  # [P, W_in]
+    out_ptr,  # [P, W_out]: W_in // 2 for gated activations, W_in otherwise
+    W_out,
+    stride_xm,
+    stride_xn,
+    stride_om,
+    stride_on,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < W_out
+    x_row = x_ptr + row * stride_xm
+    if ACT == 0 or ACT == 1:  # gate = first half, up = second half
+        gate = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_row + (cols + W_out) * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        if ACT == 0:
+            y = _silu(gate) * up
+        else:
+            y = _gelu_erf(gate) * up
+    elif ACT == 2:  # gpt-oss: interleaved, even = gate, odd = up, clamped
+        gate = tl.load(x_row + (2 * cols) * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_row + (2 * cols + 1) * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    else:
+        v = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        if ACT == 3:
+            y = _silu(v)
+        elif ACT == 4:
+            y = _gelu_erf(v)
+        else:
+            r = tl.maximum(v, 0.0)
+            y = r * r
+    tl.store(out_ptr + row * stride_om + cols * stride_on, y.to(out_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,108 @@
+"""Private Triton body of the grouped expert GEMM (see ``fused_moe_gemm.py``).
+
+One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile: BLOCK_SIZE_M
+consecutive entries of ``sorted_token_ids`` (all routed to the same expert, as
+``moe_align_block_size`` guarantees) times one N-slice of that expert's weight.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fused_moe_gemm_kernel(
+    a_ptr,  # [num_rows, K]
+    w_ptr,  # [E_local, N, K]
+    out_ptr,  # [num_pairs, N] (any strides)
+    bias_ptr,  # [E_local, N] or a dummy pointer when HAS_BIAS is False
+    topk_weights_ptr,  # [num_pairs] or a dummy pointer when MUL_ROUTED_WEIGHT is False
+    sorted_token_ids_ptr,  # [EM] int32, flat pair ids, sentinel = num_pairs
+    block_expert_ids_ptr,  # [EM // BLOCK_SIZE_M] int32, -1 = nothing to do
+    num_tokens_post_padded_ptr,  # [1] int32
+    N,
+    K,
+    num_pid_m,  # M-blocks launched (<= len(sorted_token_ids) // BLOCK_SIZE_M)
+    num_pairs,
+    top_k_in,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    stride_be,
+    stride_bn,
+    HAS_BIAS: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: its bf16 dot multiplies raw bits
+    EVEN_K: tl.constexpr,  # K % BLOCK_SIZE_K == 0: no K-tail masks
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_SIZE_M consecutive M-blocks sweep the N tiles
+    # together, so a weight N-slice stays in L2 while those M-blocks read it.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    pids_per_group = GROUP_SIZE_M * num_pid_n
+    group = pid // pids_per_group
+    first_m = group * GROUP_SIZE_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % pids_per_group) % rows_in_group
+    pid_n = (pid % pids_per_group) // rows_in_group
+
+    # The buffers are sized for the worst case: stop at the used length.
+    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    pair = tl.load(sorted_token_ids_ptr + offs_m)
+    pair_ok = pair < num_pairs  # padding holds the sentinel num_pairs
+    # Padding rows read row 0 and N-tail columns wrap onto valid rows of w, so
+    # the loads need no M or N masks; those results are never stored.
+    row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_ok = offs_n < N
+    offs_wn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+
+    # 64-bit base pointers (expert slab, activation rows); the offsets inside
+    # one expert's [N, K] slab fit in int32 (the launcher checks).
+    w_base = w_ptr + expert * stride_we
+    w_offs = offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_rows = a_ptr + row * stride_am
+    a_offs = offs_k[None, :] * stride_ak
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        if EVEN_K:
+            a = tl.load(a_rows[:, None] + a_offs)
+            w = tl.load(w_base + w_offs)
+        else:
+            k_ok = offs_k < K - k * BLOCK_SIZE_K
+            a = tl.load(a_rows[:, None] + a_offs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_base + w_offs, mask=k_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
+        a_rows += BLOCK_SIZE_K * stride_ak
+        w_base += BLOCK_SIZE_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
+        acc *= gate.to(tl.float32)[:, None]
+
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
