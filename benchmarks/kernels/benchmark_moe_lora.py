@@ -1,0 +1,372 @@
+"""Benchmark of one fused-MoE layer's experts, without and with multi-LoRA.
+
+What is timed: ``layer.quant_method.apply(layer, x, topk_weights, topk_ids,
+lora_context=...)`` of a ``FusedMoE`` built with ``lora_enabled=True`` (backend
+TritonExperts) and wrapped by ``FusedMoEWithLoRA`` (Punica wrapper: Triton).
+  base = the call with ``lora_context=None``; LoRA = with the layer's context.
+Routing (random logits -> fused_topk) is precomputed; the token -> adapter
+mapping is written once with ``update_metadata`` before capture (its buffer is
+static).  The timed region therefore contains: the expert sort/align, GEMM1, the
+LoRA align + w13 LoRA, the activation, GEMM2, the w2 LoRA, the top-k sum and the
+output allocation.  (Upstream's FACTS.md 5 figures exclude align/act/sum.)
+
+How (CUDA): each op is warmed up, captured in a ``torch.cuda.CUDAGraph`` and
+replayed; before every timed replay a 256 MB buffer is written to flush the L2,
+and CUDA events bracket the replay alone.  The median over ``--reps`` replays is
+reported.  If capture fails, the op is timed eagerly the same way ("graph"
+column: no).  Bandwidth peak: a 1 GiB device-to-device copy (read + write).
+Bytes (FACTS.md 6): base = D * 3HI * 2 (D = distinct experts actually routed),
+LoRA = pairs * 3R(H+I) * 2 (pairs = distinct (adapter, expert) pairs actually
+routed); "% roofline" = ((base + LoRA bytes) / peak) / LoRA time.
+
+Correctness first, per shape: the LoRA layer (forward and the timed call) and
+the base call are compared with an fp32 torch computation written here;
+normalised max error max|a-b|/max|b| must be below the dtype's tolerance.
+
+``--smoke`` runs tiny shapes; without CUDA it sets TRITON_INTERPRET=1 and times
+wall-clock on the CPU (no graphs), just to exercise the code path.
+
+    PYTHONPATH=. python benchmarks/kernels/benchmark_moe_lora.py [--shapes qwen3 mixtral gpt-oss]
+        [--tokens 1 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--dtype bf16] [--out table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# name -> (hidden H, intermediate I, experts E, top_k), FACTS.md 1 (gpt-oss shape with plain SiLU experts)
+SHAPES = {"qwen3": ("Qwen3-30B-A3B", 2048, 768, 128, 8), "mixtral": ("Mixtral-8x7B", 4096, 14336, 8, 2),
+          "gpt-oss": ("gpt-oss-20b shape (SiLU)", 2880, 2880, 32, 4)}
+SMOKE_SHAPE = ("smoke", 64, 64, 8, 2)
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+SMOKE_TOKENS = [1, 7, 33]
+# FACTS.md 5: upstream vLLM MoE+LoRA / base time on an H200 (align, activation, sum not timed).
+UPSTREAM_TOKENS = [1, 16, 64, 256, 1024, 4096]
+UPSTREAM = {"qwen3": [2.21, 1.28, 1.28, 1.34, 1.77, 1.52], "mixtral": [2.15, 1.27, 1.31, 1.73, 1.40, 1.13],
+            "gpt-oss": [1.96, 1.25, 1.27, 1.42, 1.38, 1.36]}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+FLUSH_BYTES = 256 << 20
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
+    sys.path.insert(0, _ROOT)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=None)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; smoke on CPU: 2)")
+    p.add_argument("--check-tokens", type=int, default=64, help="token count of the correctness check")
+    p.add_argument("--no-graph", action="store_true", help="time eagerly, without CUDA graphs")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    return p.parse_args()
+
+
+@dataclass
+class Adapter:
+    """One adapter over all experts (scaling folded into B): w13 as [gate, up] slices."""
+    w13_a: list  # 2 x [E, R, H]
+    w13_b: list  # 2 x [E, I, R]
+    w2_a: torch.Tensor  # [E, R, I]
+    w2_b: torch.Tensor  # [E, H, R]
+
+
+@dataclass
+class Case:
+    """A LoRA-wrapped MoE layer with its adapters and Punica wrapper."""
+    name: str
+    H: int
+    I: int
+    E: int
+    k: int
+    layer: object  # FusedMoE (experts: TritonExperts)
+    lora_layer: object  # FusedMoEWithLoRA
+    punica: object
+    adapters: list
+
+
+def _randn(shape, std, dtype, device, gen) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
+
+
+def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed) -> Case:
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
+    from vllm.lora.punica_wrapper import get_punica_wrapper
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+    name, H, I, E, k = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    layer = FusedMoE(E, k, H, I, params_dtype=dtype, device=device, activation="silu", renormalize=True,
+                     moe_backend="triton", lora_enabled=True, max_num_tokens=max(max_tokens, 8192))
+    for e in range(E):  # per expert: no full-size fp32 temporaries
+        layer.w13_weight.data[e].copy_(_randn((2 * I, H), H ** -0.5, dtype, device, gen))
+        layer.w2_weight.data[e].copy_(_randn((H, I), I ** -0.5, dtype, device, gen))
+    layer.process_weights_after_loading()
+    lora_layer = FusedMoEWithLoRA(layer)
+    lora_layer.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=rank))
+    adapters = []
+    for slot in range(num_loras):  # random, non-zero, different per slot
+        ad = Adapter(w13_a=[_randn((E, rank, H), H ** -0.5, dtype, device, gen) for _ in range(2)],
+                     w13_b=[_randn((E, I, rank), 0.5 * rank ** -0.5, dtype, device, gen) for _ in range(2)],
+                     w2_a=_randn((E, rank, I), I ** -0.5, dtype, device, gen),
+                     w2_b=_randn((E, H, rank), 0.5 * rank ** -0.5, dtype, device, gen))
+        lora_layer.set_lora(slot, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
+        adapters.append(ad)
+    punica = get_punica_wrapper(max_tokens, num_loras, device, kind="gpu")
+    lora_layer.set_mapping(punica)
+    if type(layer.quant_method.kernel.fused_experts).__name__ != "TritonExperts":
+        sys.exit(f"expected TritonExperts, the layer runs {type(layer.quant_method.kernel.fused_experts).__name__}")
+    return Case(name, H, I, E, k, layer, lora_layer, punica, adapters)
+
+
+def make_inputs(case: Case, M: int, num_loras: int, dtype, device, seed: int):
+    """x [M, H], router logits, precomputed routing, and the round-robin slot of each token."""
+    from vllm.model_executor.layers.fused_moe.router import fused_topk
+
+    gen = torch.Generator(device=device).manual_seed(seed + M)
+    x = torch.randn(M, case.H, generator=gen, device=device).to(dtype)
+    logits = torch.randn(M, case.E, generator=gen, device=device)
+    tw, ti = fused_topk(logits, case.k, renormalize=True)
+    slots = torch.arange(M, dtype=torch.int32) % num_loras  # token t -> slot t % num_loras
+    return x, logits, tw, ti, slots
+
+
+def reference(case: Case, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
+    """fp32 MoE (+ per-token LoRA) from the same (rounded) weights, looping over experts and slots."""
+    M, H = x.shape
+    I, k = case.I, case.k
+    w13, w2 = case.layer.w13_weight, case.layer.w2_weight
+    xf = x.float()
+    experts = ti.reshape(-1).long()
+    token = torch.arange(M * k, device=x.device) // k
+    weight = tw.reshape(-1).float()
+    slot_p = slots.to(x.device).long()[token]
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    for e in torch.unique(experts).tolist():
+        p = (experts == e).nonzero().squeeze(1)
+        xe = xf[token[p]]
+        h = xe @ w13[e].float().T  # [n, 2I]: gate | up
+        masks = [(s, slot_p[p] == s) for s in range(len(case.adapters))] if with_lora else []
+        for s, m in masks:
+            ad = case.adapters[s]
+            h[m] += torch.cat([(xe[m] @ a[e].float().T) @ b[e].float().T for a, b in zip(ad.w13_a, ad.w13_b)], 1)
+        act = F.silu(h[:, :I]) * h[:, I:]
+        y = act @ w2[e].float().T
+        for s, m in masks:
+            ad = case.adapters[s]
+            y[m] += (act[m] @ ad.w2_a[e].float().T) @ ad.w2_b[e].float().T
+        out.index_add_(0, token[p], y * weight[p, None])
+    return out
+
+
+def norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def check(case: Case, M: int, num_loras: int, dtype, device, seed: int) -> str:
+    x, logits, tw, ti, slots = make_inputs(case, M, num_loras, dtype, device, seed)
+    case.punica.update_metadata(slots)
+    qm, ctx = case.layer.quant_method, case.layer._lora_context
+    ref_lora = reference(case, x, tw, ti, slots, True)
+    ref_base = reference(case, x, tw, ti, slots, False)
+    errs = {"LoRA forward": norm_err(case.lora_layer(x, logits), ref_lora),
+            "LoRA experts call": norm_err(qm.apply(case.layer, x, tw, ti, lora_context=ctx), ref_lora),
+            "base experts call": norm_err(qm.apply(case.layer, x, tw, ti, lora_context=None), ref_base)}
+    delta = norm_err(ref_base, ref_lora)  # LoRA must change the output, or the check proves nothing
+    tol = TOLERANCE[dtype]
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    if bad or delta < 10 * tol:
+        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens: normalised max errors {errs} "
+                 f"(tolerance {tol}); LoRA effect {delta:.3f}")
+    return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {delta:.2f})"
+
+
+def _culprit(exc: BaseException) -> str:
+    """file:line of the innermost vllm frame of an exception (where capture broke)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}vllm{os.sep}" in f.filename]
+    f = frames[-1] if frames else traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def time_cuda(fn, flush: torch.Tensor, reps: int, use_graph: bool) -> tuple[float, bool, str]:
+    """Median microseconds of fn over reps replays with a cold L2; (time, graph used, note)."""
+    for _ in range(3):
+        out = fn()  # compiles kernels, grows workspaces: nothing may allocate or compile during capture
+    torch.cuda.synchronize()
+    run, graph, note = fn, None, ""
+    if use_graph:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g_out = fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            if norm_err(g_out, out.float()) > 1e-3:
+                note = "graph replay output differs from the eager output"
+            run = graph.replay
+        except Exception as exc:  # e.g. a host sync or a host-to-device copy inside the op
+            graph, note = None, f"capture failed at {_culprit(exc)}: {type(exc).__name__}: {str(exc)[:100]}"
+            torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()  # evict the L2 (256 MB written) before each timed replay
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    us = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+    del graph
+    return us, run is not fn, note
+
+
+def time_cpu(fn, reps: int) -> tuple[float, bool, str]:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times), False, ""
+
+
+def peak_bandwidth(device) -> float:
+    """Bytes/s of a large copy, counting bytes read + written."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        us, _, _ = time_cuda(lambda: dst.copy_(src), torch.empty(0, device=device), 20, use_graph=False)
+    else:
+        us, _, _ = time_cpu(lambda: dst.copy_(src), 5)
+    return 2 * n / (us * 1e-6)
+
+
+def traffic(case: Case, ti, slots, rank: int) -> tuple[int, int, int, int]:
+    """(distinct experts, distinct (adapter, expert) pairs, base bytes, LoRA bytes) of this routing."""
+    D = int(torch.unique(ti).numel())
+    vids = slots.to(ti.device).long()[:, None] * case.E + ti.long()
+    pairs = int(torch.unique(vids).numel())
+    elt = case.layer.w13_weight.element_size()
+    return D, pairs, D * 3 * case.H * case.I * elt, pairs * 3 * rank * (case.H + case.I) * elt
+
+
+def bench_case(case: Case, M: int, args, dtype, device, flush, gpu: str, peak: float) -> dict:
+    x, _, tw, ti, slots = make_inputs(case, M, args.num_loras, dtype, device, args.seed)
+    case.punica.update_metadata(slots)  # outside any graph: the mapping buffer is static
+    qm, layer, ctx = case.layer.quant_method, case.layer, case.layer._lora_context
+    base_fn = lambda: qm.apply(layer, x, tw, ti, lora_context=None)  # noqa: E731
+    lora_fn = lambda: qm.apply(layer, x, tw, ti, lora_context=ctx)  # noqa: E731
+    if device.type == "cuda":
+        t_base, g_base, n_base = time_cuda(base_fn, flush, args.reps, not args.no_graph)
+        t_lora, g_lora, n_lora = time_cuda(lora_fn, flush, args.reps, not args.no_graph)
+    else:
+        (t_base, g_base, n_base), (t_lora, g_lora, n_lora) = time_cpu(base_fn, args.reps), time_cpu(lora_fn, args.reps)
+    D, pairs, b_base, b_lora = traffic(case, ti, slots, args.rank)
+    min_us = (b_base + b_lora) / peak * 1e6
+    return dict(shape=case.name, tokens=M, experts=D, pairs=pairs, base=t_base, lora=t_lora,
+                ratio=t_lora / t_base, gbs=(b_base + b_lora) / (t_lora * 1e-6) / 1e9, roof=100 * min_us / t_lora,
+                min_us=min_us, graph=("yes" if g_base and g_lora else "no"), gpu=gpu,
+                notes=[n for n in (n_base and f"base: {n_base}", n_lora and f"LoRA: {n_lora}") if n])
+
+
+def results_table(rows: list[dict]) -> str:
+    head = ("| shape | tokens | experts | (adapter, expert) pairs | base (us) | LoRA (us) | ratio | GB/s "
+            "| min with LoRA (us) | % of roofline | graph | GPU |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['experts']} | {r['pairs']} | {r['base']:.1f} "
+                     f"| {r['lora']:.1f} | {r['ratio']:.2f} | {r['gbs']:.4g} | {r['min_us']:.1f} "
+                     f"| {r['roof']:.0f} % | {r['graph']} | {r['gpu']} |")
+    return "\n".join(lines)
+
+
+def upstream_table(rows: list[dict], keys: list[str]) -> str:
+    """Our LoRA/base ratio beside upstream vLLM's H200 figures (FACTS.md 5)."""
+    lines = ["| shape | " + " | ".join(f"{t} tokens (ours / upstream H200)" for t in UPSTREAM_TOKENS) + " |",
+             "|---|" + "---:|" * len(UPSTREAM_TOKENS)]
+    for key in keys:
+        if key not in UPSTREAM:
+            continue
+        ours = {r["tokens"]: r["ratio"] for r in rows if r["shape"] == SHAPES[key][0]}
+        cells = [(f"{ours[t]:.2f}" if t in ours else "-") + f" / {u:.2f}" for t, u in zip(UPSTREAM_TOKENS, UPSTREAM[key])]
+        lines.append(f"| {SHAPES[key][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        if not args.smoke:
+            sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
+        os.environ["TRITON_INTERPRET"] = "1"  # before vllm / Triton kernels are imported
+    device = torch.device("cuda" if has_cuda else "cpu")
+    dtype = DTYPES[args.dtype]
+    shapes = [SMOKE_SHAPE] if args.smoke else [SHAPES[s] for s in args.shapes]
+    tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
+    check_m = min(args.check_tokens, 33) if args.smoke else args.check_tokens
+    args.reps = args.reps or (100 if has_cuda else 2)
+    gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
+    torch.manual_seed(args.seed)
+
+    peak = peak_bandwidth(device)
+    print(f"device: {gpu}; dtype {args.dtype}; rank {args.rank}; {args.num_loras} adapters, tokens round-robin; "
+          f"measured copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s")
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
+    rows, notes = [], []
+    for shape in shapes:
+        case = build_case(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
+        print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k}: correctness at {check_m} tokens: "
+              f"{check(case, check_m, args.num_loras, dtype, device, args.seed)}", flush=True)
+        for M in tokens:
+            r = bench_case(case, M, args, dtype, device, flush, gpu, peak)
+            notes += [f"{case.name} {M} tokens: {n}" for n in r["notes"]]
+            print(f"  {M:5d} tokens: base {r['base']:9.1f} us  LoRA {r['lora']:9.1f} us  ratio {r['ratio']:.2f}  "
+                  f"{r['gbs']:6.0f} GB/s  {r['roof']:3.0f} % of roofline  graph {r['graph']}", flush=True)
+            rows.append(r)
+        del case
+        if has_cuda:
+            torch.cuda.empty_cache()
+
+    text = "\n".join([
+        f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, rank {args.rank}, {args.num_loras} adapters", "",
+        results_table(rows), "",
+        "Notes:",
+        "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "
+        "the region INCLUDES the expert align/sort, the LoRA (adapter, expert) align, the activation, the top-k sum "
+        "and the output allocation (upstream's FACTS.md 5 figures exclude align, activation and sum).",
+        "- CUDA: graph replay (unless graph = no), L2 flushed (256 MB write) before each replay, events around the "
+        f"replay only, median of {args.reps}. CPU smoke: wall clock of the Triton interpreter, meaningless as speed.",
+        f"- Bytes = weights only (FACTS.md 6): D*3HI*2 + pairs*3R(H+I)*2; peak = {peak / 1e9:.0f} GB/s from a large "
+        "device copy; min time = bytes / peak; % of roofline = min time / LoRA time.",
+        *[f"- {n}" for n in notes],
+        *(["- WARNING: rows with graph = no were timed eagerly: the ~40 small launches of the LoRA path make them "
+           "CPU-launch bound, so they do not measure the GPU work."] if has_cuda and notes else []), ""])
+    if not args.smoke:
+        text += "\n".join(["", "### LoRA / base time ratio, ours vs upstream vLLM (upstream: FACTS.md 5, measured "
+                            "on an H200; their timed region excluded align/activation/sum)", "",
+                            upstream_table(rows, args.shapes), ""])
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
