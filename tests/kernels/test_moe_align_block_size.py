@@ -128,3 +128,18 @@ def test_skewed_routing(device):
 def test_rejects_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         moe_align_block_size(torch.zeros(2, 2, dtype=torch.int32), 0, 4)
+
+
+# (tokens, experts, top_k, block_size): both implementations, including a batch
+# larger than one chunk of the Triton kernels (1024 pairs) and 513 groups
+# (LoRA virtual experts: 4 adapters x 128 experts + 1).
+PATH_CASES = [(0, 5, 2, 16), (1, 64, 8, 16), (7, 5, 2, 1), (33, 64, 8, 64), (700, 8, 2, 16), (40, 513, 8, 16)]
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_size", PATH_CASES)
+def test_triton_and_torch_paths(num_tokens, num_experts, top_k, block_size, use_triton, device):
+    ids = make_topk_ids(num_tokens, num_experts, top_k)
+    res = moe_align_block_size(ids.to(device), block_size, num_experts, use_triton=use_triton)
+    assert_same(res, moe_align_block_size_reference(ids, block_size, num_experts))
+    check_properties(ids, res, block_size, num_experts)

@@ -22,7 +22,9 @@ stop at ``num_tokens_post_padded``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,14 +56,23 @@ def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
     return max(block_size, -(-raw // block_size) * block_size)
 
 
-def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: int, *,
+                         use_triton: Optional[bool] = None) -> AlignResult:
     """Sort pairs by group id (expert, or virtual expert) and pad each group to ``block_size``.
 
     group_ids: int tensor of any shape (usually topk_ids [M, top_k]); flattened in
         row-major order, values in [0, num_experts) or -1 for pairs to skip.
+    use_triton: None = the Triton kernels on CUDA, torch ops elsewhere; True on a
+        CPU tensor needs TRITON_INTERPRET=1.  Both give identical results.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    if use_triton is None:
+        use_triton = group_ids.is_cuda
+    if use_triton:
+        return _moe_align_block_size_triton(group_ids, block_size, num_experts)
     device = group_ids.device
     ids = group_ids.reshape(-1).to(torch.int64)
     numel = ids.numel()
@@ -73,7 +84,7 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
     bucket = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts[num_experts] = 0  # the drop bucket takes no room
+    counts[num_experts:].zero_()  # the drop bucket takes no room (no host scalar: graph-capturable)
     padded = (counts + block_size - 1) // block_size * block_size
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
@@ -101,6 +112,43 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
         block_size=block_size,
         numel=numel,
     )
+
+
+_CHUNK = 1024  # pairs per program of the count / scatter kernels
+
+
+def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+    from vllm.model_executor.layers.fused_moe.ops import _moe_align_kernel as k
+    from vllm.triton_utils import next_power_of_2
+
+    if not group_ids.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton moe_align_block_size needs a CUDA tensor or TRITON_INTERPRET=1")
+    device = group_ids.device
+    ids = group_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    numel = ids.numel()
+    size = max_num_tokens_padded(numel, num_experts, block_size)
+    num_blocks = size // block_size
+    chunk = min(_CHUNK, max(16, next_power_of_2(numel)))
+    num_chunks = -(-numel // chunk)
+    g_pad = next_power_of_2(num_experts + 1)
+    chunk_counts = torch.empty(max(num_chunks, 1), num_experts, dtype=torch.int32, device=device)
+    chunk_offsets = torch.empty_like(chunk_counts)
+    sorted_ids = torch.empty(size, dtype=torch.int32, device=device)
+    block_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    total = torch.empty(1, dtype=torch.int32, device=device)
+    padded = torch.empty(num_experts, dtype=torch.int32, device=device)
+    if num_chunks:
+        k._count_kernel[(num_chunks,)](ids, chunk_counts, numel, num_experts, CHUNK=chunk, G_PAD=g_pad)
+    k._scan_kernel[(1,)](chunk_counts, chunk_offsets, sorted_ids, block_ids, total, padded, numel, num_experts,
+                         num_chunks, size, num_blocks, BLOCK_SIZE=block_size, G_PAD=g_pad,
+                         PAD_W=min(16, next_power_of_2(block_size)), FILL=1024)
+    if num_chunks:
+        k._scatter_kernel[(num_chunks,)](ids, chunk_offsets, sorted_ids, numel, num_experts, CHUNK=chunk,
+                                         G_PAD=g_pad)
+    return AlignResult(sorted_token_ids=sorted_ids, block_expert_ids=block_ids, num_tokens_post_padded=total,
+                       group_padded_counts=padded, block_size=block_size, numel=numel)
 
 
 def moe_align_block_size_reference(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:

@@ -1,0 +1,85 @@
+"""Triton bodies of ``moe_align_block_size``: three launches, no host sync.
+
+1. ``_count_kernel``: one program per chunk of pairs writes its per-group histogram.
+2. ``_scan_kernel`` (one program): group totals, padded offsets, each chunk's
+   write offset per group, the block -> group table, and the sentinel padding.
+3. ``_scatter_kernel``: one program per chunk sorts its pairs by (group,
+   position) and writes each pair id to its group's next free slots.
+
+The result equals the torch path exactly (groups keep the pairs' order).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bucket(ids_ptr, c, numel, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    g = tl.load(ids_ptr + offs, mask=offs < numel, other=-1).to(tl.int32)
+    valid = (offs < numel) & (g >= 0) & (g < num_groups)
+    return tl.where(valid, g, G_PAD - 1)  # bin G_PAD - 1 >= num_groups collects dropped pairs
+
+
+@triton.jit
+def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    c = tl.program_id(0)
+    hist = tl.histogram(_bucket(ids_ptr, c, numel, num_groups, CHUNK, G_PAD), G_PAD)
+    gi = tl.arange(0, G_PAD)
+    tl.store(chunk_counts_ptr + c * num_groups + gi, hist, mask=gi < num_groups)
+
+
+@triton.jit
+def _scan_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
+                 numel, num_groups, num_chunks, size, num_blocks,
+                 BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr):
+    gi = tl.arange(0, G_PAD)
+    gmask = gi < num_groups
+    counts = tl.zeros([G_PAD], dtype=tl.int32)
+    for c in range(num_chunks):
+        counts += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
+    padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    total = tl.sum(padded, 0)
+    tl.store(total_ptr, total)
+    tl.store(padded_ptr + gi, padded, mask=gmask)
+    run = starts
+    for c in range(num_chunks):
+        tl.store(chunk_offsets_ptr + c * num_groups + gi, run, mask=gmask)
+        run += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
+    # sentinel in each group's padding (fewer than BLOCK_SIZE slots per group)
+    w = tl.arange(0, PAD_W)
+    for j0 in range(0, BLOCK_SIZE, PAD_W):
+        slot = counts[:, None] + j0 + w[None, :]
+        m = gmask[:, None] & (slot < padded[:, None])
+        tl.store(sorted_ptr + starts[:, None] + slot, numel, mask=m)
+    # block -> group table
+    first = starts // BLOCK_SIZE
+    nblk = padded // BLOCK_SIZE
+    max_nblk = tl.max(nblk, 0)
+    for j0 in range(0, max_nblk, PAD_W):
+        j = j0 + w[None, :]
+        m = gmask[:, None] & (j < nblk[:, None])
+        tl.store(block_ids_ptr + first[:, None] + j, gi[:, None] + tl.zeros([G_PAD, PAD_W], tl.int32), mask=m)
+    # unused tails
+    f = tl.arange(0, FILL)
+    for t0 in range(total, size, FILL):
+        tl.store(sorted_ptr + t0 + f, numel, mask=t0 + f < size)
+    for b0 in range(total // BLOCK_SIZE, num_blocks, FILL):
+        tl.store(block_ids_ptr + b0 + f, -1, mask=b0 + f < num_blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups,
+                    CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    c = tl.program_id(0)
+    g = _bucket(ids_ptr, c, numel, num_groups, CHUNK, G_PAD)
+    pos = tl.arange(0, CHUNK)
+    keys = tl.sort(g * CHUNK + pos)  # stable: by group, then by position in the chunk
+    sg = keys // CHUNK
+    hist = tl.histogram(g, G_PAD)
+    group_first = tl.cumsum(hist, 0) - hist  # first sorted index of each group in this chunk
+    rank = pos - tl.gather(group_first, sg, 0)
+    real = sg < num_groups
+    base = tl.load(chunk_offsets_ptr + c * num_groups + sg, mask=real, other=0)
+    tl.store(sorted_ptr + base + rank, c * CHUNK + keys % CHUNK, mask=real)
