@@ -1,0 +1,217 @@
+"""Private ``@triton.jit`` bodies of the MoE LoRA ops (launchers: ``fused_moe_lora.py``).
+
+Two kernels, each able to run the shrink, the expand, or both fused
+(``DO_SHRINK`` / ``DO_EXPAND``):
+
+* ``moe_lora_sorted_kernel`` - grid (M-blocks, slices, N-splits) over the
+  output of ``moe_lora_align_block_size``: one program takes one M-block of a
+  single virtual expert (slot, local expert), computes its [BLOCK_M, BLOCK_R]
+  shrink in fp32 with tensor-core dots, then expands its share of the N columns.
+* ``moe_lora_pair_kernel`` - grid (pairs, slices, N-splits), no sorting: for
+  batches so small that blocks would be mostly padding.  Broadcast-multiply and
+  ``tl.sum`` (a dot needs 16 rows).
+
+The shrink result stays fp32 until it has been multiplied by B.  A dot of the
+fp32 intermediate with B can silently drop to tf32 on NVIDIA GPUs (10-bit
+mantissa), so the expand uses one of (``EXPAND_MODE``):
+
+* 1 ("bf16x3", B in bf16): the fp32 value is split into three bf16 terms
+  hi + mid + lo (8 significant bits each, 24 together = fp32) and each is
+  multiplied by B on the bf16 tensor cores with fp32 accumulation.  Exact up to
+  fp32 rounding, three cheap MMAs, and B never leaves bf16.
+* 0 (any B dtype): B is converted to fp32 and a fp32 dot runs with
+  ``FP32_PRECISION`` = "tf32x3" on GPU (about fp32 accuracy on tensor cores) or
+  "ieee" under the interpreter.
+
+``UPCAST`` (set under ``TRITON_INTERPRET=1``) converts dot operands to fp32,
+because the interpreter's dot on bf16 multiplies raw bit patterns.
+
+Offsets that multiply a row/slot/expert index by a stride are 64-bit.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision=FP32_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _expand_dot(hi, mid, lo, b, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] fp32 intermediate (or its bf16 split) @ b [BLOCK_R, BLOCK_N] -> fp32."""
+    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if EXPAND_MODE == 1:
+        delta = _dot(lo, b, delta, UPCAST, FP32_PRECISION)
+        delta = _dot(mid, b, delta, UPCAST, FP32_PRECISION)
+        delta = _dot(hi, b, delta, UPCAST, FP32_PRECISION)
+    else:
+        delta = _dot(hi, b.to(tl.float32), delta, UPCAST, FP32_PRECISION)
+    return delta
+
+
+@triton.jit
+def moe_lora_sorted_kernel(
+    x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
+    sorted_ids_ptr, block_vids_ptr, num_post_padded_ptr,
+    numel, top_k, top_k_in, K, N, R, num_experts,
+    stride_xm, stride_xk,
+    stride_as, stride_al, stride_ae, stride_ar, stride_ak,
+    stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
+    stride_ss, stride_sp, stride_sr, num_n_splits,
+    DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    vid = tl.load(block_vids_ptr + pid_m)
+    if vid < 0:
+        return
+    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+        return
+    slot = (vid // num_experts).to(tl.int64)
+    expert = (vid % num_experts).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    mask_m = pairs < numel
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    slice_s = pid_s.to(tl.int64)
+
+    if DO_SHRINK:
+        rows = pairs // top_k_in
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae
+                  + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - kt * BLOCK_K
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+            acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+    else:
+        s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
+        acc = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+
+    if DO_EXPAND:
+        if EXPAND_MODE == 1:
+            hi = acc.to(tl.bfloat16)
+            rest = acc - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        else:
+            hi = acc
+            mid = acc
+            lo = acc
+        if MUL_ROUTED_WEIGHT:
+            w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
+        out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
+        col0 = out_col0 + slice_s * out_slice_cols
+        b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[:, None] * stride_br
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, num_n_splits)
+        t_begin = pid_n * per_split
+        t_end = tl.minimum(t_begin + per_split, n_tiles)
+        for t in range(t_begin, t_end):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn, mask=mask_r[:, None] & mask_n[None, :],
+                        other=0.0)
+            delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
+            if MUL_ROUTED_WEIGHT:
+                delta = delta * w[:, None]
+            o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
+            o_mask = mask_m[:, None] & mask_n[None, :]
+            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
+    else:
+        s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
+        tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def moe_lora_pair_kernel(
+    x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
+    topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
+    numel, top_k, top_k_in, K, N, R, num_experts, max_loras,
+    stride_xm, stride_xk,
+    stride_as, stride_al, stride_ae, stride_ar, stride_ak,
+    stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
+    stride_ss, stride_sp, stride_sr, num_n_splits,
+    HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    slice_s = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    token = pair // top_k
+    slot = tl.load(mapping_ptr + token).to(tl.int64)
+    in_range = (slot >= 0) & (slot < max_loras)
+    slot = tl.where(in_range, slot, max_loras)  # max_loras: the always-0 entry
+    enabled = tl.load(enabled_ptr + slot)
+    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    if HAS_EXPERT_MAP:
+        local = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int64)
+        expert = tl.where(expert >= 0, local, -1)
+    if (enabled == 0) | (~in_range) | (expert < 0) | (expert >= num_experts):
+        return
+
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    if DO_SHRINK:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + (pair // top_k_in) * stride_xm + offs_k * stride_xk
+        a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae
+                  + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak)  # [BLOCK_R, BLOCK_K]
+        # Element-wise fp32 partial products, reduced once after the loop.
+        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - kt * BLOCK_K
+            xk = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
+            a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
+            acc2 += a * xk[None, :]
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+        acc = tl.sum(acc2, axis=1)
+    else:
+        acc = tl.load(shrunk_ptr + slice_s * stride_ss + pair * stride_sp + offs_r * stride_sr, mask=mask_r,
+                      other=0.0)
+
+    if DO_EXPAND:
+        if MUL_ROUTED_WEIGHT:
+            acc = acc * tl.load(w_ptr + pair).to(tl.float32)
+        out_row = out_ptr + token * stride_ot + (pair % top_k) * stride_oj
+        col0 = out_col0 + slice_s * out_slice_cols
+        b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, num_n_splits)
+        t_begin = pid_n * per_split
+        t_end = tl.minimum(t_begin + per_split, n_tiles)
+        for t in range(t_begin, t_end):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                        other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+            delta = tl.sum(b * acc[None, :], axis=1)
+            o_ptrs = out_row + (col0 + offs_n) * stride_on
+            o = tl.load(o_ptrs, mask=mask_n, other=0.0)
+            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n)
+    else:
+        tl.store(shrunk_ptr + slice_s * stride_ss + pair * stride_sp + offs_r * stride_sr, acc, mask=mask_r)

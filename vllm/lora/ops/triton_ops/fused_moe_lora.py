@@ -1,0 +1,295 @@
+"""Public launchers of the MoE LoRA compute: shrink (x @ A^T), expand (@ B^T), and both fused.
+
+Per flat pair p = token * top_k + k whose token has an enabled adapter slot and
+whose expert is local (pairs without one get nothing, ``out`` untouched)::
+
+    out[p, col(s) + j] += w_p * sum_r (sum_k x[p // top_k_in, k] * A_s[slot, e, r, k]) * B_s[slot, e, j, r]
+
+col(s) = n_offset + s * slice_stride (default: n_offset + N_0 + ... + N_{s-1}),
+w_p = topk_weights.flatten()[p] with ``mul_routed_weight`` else 1.  The inner
+sum (the shrink) is kept in fp32 until it has been multiplied by B.
+
+Shapes (L = max_loras slots, E = local experts, R = max rank, zero-padded):
+    x: [M, K] (w13, top_k_in = top_k) or [M * top_k, K] (w2, top_k_in = 1), fp32/fp16/bf16
+    lora_a_stacked: S tensors [L, E, R, K] (tuple/list, or one [L, E, R, K] or [S, L, E, R, K] tensor)
+    lora_b_stacked: S tensors [L, E, N_s, R], same dtype as x
+    out: [M * top_k, cols] or [M, top_k, cols], any strides, updated in place
+    topk_ids: [M, top_k] int (global ids if expert_map), topk_weights: [M, top_k]
+    token_lora_mapping: [>= M] int32 slot, -1 = none; adapter_enabled: [L + 1] int32, last entry 0
+    expert_map: optional [E_global] int32 global -> local, -1 = not local
+
+``alignment`` (from ``moe_lora_align_block_size``) selects the sorted path; without
+it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``).
+Slices that are views of one buffer with a constant stride (the usual stacked
+[S, L, E, ...] layout) go in one launch; others get one launch per slice.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from vllm.lora.ops.triton_ops.moe_lora_align import MoELoRAAlignment
+from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
+from vllm.triton_utils import triton_interpreting
+
+Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _slices(stacked: Stacked, name: str) -> list[torch.Tensor]:
+    if isinstance(stacked, torch.Tensor):
+        stacked = [stacked] if stacked.dim() == 4 else list(stacked.unbind(0))
+    ts = list(stacked)
+    if not ts:
+        raise ValueError(f"{name}: no slices given")
+    for s, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}[{s}] must be a 4-D tensor [L, E, ., .], got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name}[{s}] dtype {t.dtype} is not fp32/fp16/bf16")
+        if t.shape[:2] != ts[0].shape[:2] or t.dtype != ts[0].dtype or t.device != ts[0].device:
+            raise ValueError(f"{name}: slices differ in (L, E), dtype or device: {[(tuple(x.shape), x.dtype) for x in ts]}")
+    return ts
+
+
+def _uniform_slice_stride(ts: list[torch.Tensor]) -> Optional[int]:
+    """Element distance between consecutive slices if one base pointer addresses them all, else None."""
+    if len(ts) == 1:
+        return 0
+    t0 = ts[0]
+    if any(t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
+        return None
+    if any(t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr() for t in ts):
+        return None
+    diff = ts[1].data_ptr() - t0.data_ptr()
+    if diff % t0.element_size() != 0:
+        return None
+    if any(ts[i + 1].data_ptr() - ts[i].data_ptr() != diff for i in range(len(ts) - 1)):
+        return None
+    return diff // t0.element_size()
+
+
+def _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L: int, E: int, device) -> tuple[int, int]:
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [M, top_k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    m, top_k = topk_ids.shape
+    if token_lora_mapping.dim() != 1 or token_lora_mapping.shape[0] < m:
+        raise ValueError(f"token_lora_mapping must be 1-D with >= M={m} entries, got {tuple(token_lora_mapping.shape)}")
+    if adapter_enabled.shape != (L + 1,):
+        raise ValueError(f"adapter_enabled must be [max_loras + 1] = [{L + 1}], got {tuple(adapter_enabled.shape)}")
+    if expert_map is not None and expert_map.dim() != 1:
+        raise ValueError(f"expert_map must be 1-D [E_global], got {tuple(expert_map.shape)}")
+    for name, t in (("topk_ids", topk_ids), ("token_lora_mapping", token_lora_mapping),
+                    ("adapter_enabled", adapter_enabled), ("expert_map", expert_map)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the LoRA weights on {device}")
+    return m, top_k
+
+
+def _out_strides(out: torch.Tensor, m: int, top_k: int) -> tuple[int, int, int]:
+    """(stride per token, stride per k, stride per column) of ``out``."""
+    if out.dim() == 2 and out.shape[0] == m * top_k:
+        return top_k * out.stride(0), out.stride(0), out.stride(1)
+    if out.dim() == 3 and tuple(out.shape[:2]) == (m, top_k):
+        return out.stride(0), out.stride(1), out.stride(2)
+    raise ValueError(f"out must be [M*top_k, cols] or [M, top_k, cols] with M={m}, top_k={top_k}; got {tuple(out.shape)}")
+
+
+def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk, topk_ids, topk_weights,
+         token_lora_mapping, adapter_enabled, expert_map, alignment, top_k, top_k_in, mul_routed_weight,
+         n_offset, slice_stride, config, op: str) -> None:
+    from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
+
+    m = topk_ids.shape[0]
+    numel = m * top_k
+    ref = a_slices[0] if do_shrink else b_slices[0]
+    L, E = ref.shape[:2]
+    S = len(a_slices if do_shrink else b_slices)
+    K = a_slices[0].shape[3] if do_shrink else 0
+    R = a_slices[0].shape[2] if do_shrink else b_slices[0].shape[3]
+    n_sizes = [b.shape[2] for b in b_slices] if do_expand else [0] * S
+
+    cfg = get_moe_lora_config(op, num_pairs=numel, num_experts=E, max_loras=L, rank=R, K=max(K, 1),
+                              N=max(max(n_sizes), 1), num_slices=S, dtype=ref.dtype, use_tuned_config=False,
+                              device_name="cpu" if ref.device.type == "cpu" else "cuda")
+    cfg.update(config or {})
+    interp = triton_interpreting()
+
+    uniform = True
+    stride_as_ = _uniform_slice_stride(a_slices) if do_shrink else 0
+    stride_bs_ = _uniform_slice_stride(b_slices) if do_expand else 0
+    if stride_as_ is None or stride_bs_ is None or len(set(n_sizes)) != 1:
+        uniform = False
+    groups = [list(range(S))] if uniform else [[s] for s in range(S)]
+
+    if do_expand:
+        stride_ot, stride_oj, stride_on = _out_strides(out, m, top_k)
+    else:
+        stride_ot = stride_oj = stride_on = 0
+    flat_w = topk_weights.reshape(-1) if mul_routed_weight else x if do_shrink else shrunk
+    dummy = x if do_shrink else shrunk
+
+    for group in groups:
+        s0, ns = group[0], len(group)
+        a = a_slices[s0] if do_shrink else None
+        b = b_slices[s0] if do_expand else None
+        N = n_sizes[s0]
+        col0 = n_offset + (s0 * slice_stride if slice_stride is not None else sum(n_sizes[:s0]))
+        sh = shrunk[s0] if (shrunk is not None and not uniform) else shrunk
+        sh_strides = (0, *sh.stride()) if (sh is not None and sh.dim() == 2) else (sh.stride() if sh is not None else (0, 0, 0))
+        args = [
+            x if do_shrink else dummy, a if do_shrink else dummy, b if do_expand else dummy,
+            out if do_expand else dummy, sh if sh is not None else dummy, flat_w,
+        ]
+        a_strides = ((stride_as_ if ns > 1 else 0), *a.stride()) if do_shrink else (0,) * 5
+        b_strides = ((stride_bs_ if ns > 1 else 0), *b.stride()) if do_expand else (0,) * 5
+        x_strides = (x.stride(0), x.stride(1)) if do_shrink else (0, 0)
+        block_n = cfg["BLOCK_SIZE_N"]
+        splits = max(1, min(int(cfg["NUM_N_SPLITS"]), -(-N // block_n))) if do_expand else 1
+        tail = [*x_strides, *a_strides, *b_strides, stride_ot, stride_oj, stride_on, col0,
+                (slice_stride if slice_stride is not None else N), *sh_strides, splits]
+        common = dict(DO_SHRINK=do_shrink, DO_EXPAND=do_expand, MUL_ROUTED_WEIGHT=bool(mul_routed_weight),
+                      BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_SIZE_K"], BLOCK_R=rank_block(R),
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if alignment is not None:
+            block_m = alignment.block_size
+            # Used blocks are a prefix of at most ceil(numel / BLOCK_M) + (non-empty groups):
+            # each non-empty virtual expert adds at most one partly filled block.
+            used_blocks = -(-numel // block_m) + min(numel, L * E)
+            grid = (min(alignment.block_virtual_ids.numel(), used_blocks), ns, splits)
+            kern.moe_lora_sorted_kernel[grid](
+                *args, alignment.sorted_token_ids, alignment.block_virtual_ids, alignment.num_tokens_post_padded,
+                numel, top_k, top_k_in, K, N, R, E, *tail,
+                UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
+                EXPAND_MODE=1 if (do_expand and b.dtype == torch.bfloat16) else 0,
+                BLOCK_M=block_m, **common)
+        else:
+            grid = (numel, ns, splits)
+            kern.moe_lora_pair_kernel[grid](
+                *args, topk_ids.reshape(-1), token_lora_mapping, adapter_enabled,
+                expert_map if expert_map is not None else adapter_enabled,
+                numel, top_k, top_k_in, K, N, R, E, L, *tail,
+                HAS_EXPERT_MAP=expert_map is not None, **common)
+
+
+def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, E: int, device) -> None:
+    if alignment is None:
+        return
+    if (alignment.numel, alignment.max_loras, alignment.num_experts) != (numel, L, E):
+        raise ValueError(
+            f"alignment was made for numel={alignment.numel}, max_loras={alignment.max_loras}, "
+            f"num_experts={alignment.num_experts}; this call has {numel}, {L}, {E}")
+    bs = alignment.block_size
+    if bs & (bs - 1) or bs < (1 if triton_interpreting() else 16):
+        raise ValueError(f"alignment.block_size must be a power of two >= 16 for the sorted kernel, got {bs}")
+    if alignment.sorted_token_ids.device != device:
+        raise ValueError(f"alignment is on {alignment.sorted_token_ids.device}, the LoRA weights on {device}")
+
+
+def _check_x(x: torch.Tensor, a_slices, m: int, top_k: int, top_k_in: int) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [rows, K], got {tuple(x.shape)}")
+    if top_k_in not in (1, top_k):
+        raise ValueError(f"top_k_in must be top_k={top_k} (x per token) or 1 (x per pair), got {top_k_in}")
+    rows = m * top_k // top_k_in
+    a0 = a_slices[0]
+    if x.shape[0] != rows or any(a.shape[3] != x.shape[1] for a in a_slices):
+        raise ValueError(f"x {tuple(x.shape)} must be [{rows}, K] with K = lora_a's last dim {a0.shape[3]}")
+    if x.dtype != a0.dtype or x.device != a0.device:
+        raise ValueError(f"x ({x.dtype}, {x.device}) and lora_a ({a0.dtype}, {a0.device}) must match")
+    if len({a.shape[2] for a in a_slices}) != 1:
+        raise ValueError("lora_a slices must share the rank R")
+    return x
+
+
+def _check_b(b_slices, L: int, E: int, R: int, dtype, cols: int, n_offset: int, slice_stride) -> None:
+    for s, b in enumerate(b_slices):
+        if tuple(b.shape[:2]) != (L, E) or b.shape[3] != R or b.dtype != dtype:
+            raise ValueError(f"lora_b[{s}] {tuple(b.shape)} {b.dtype} must be [{L}, {E}, N, {R}] {dtype}")
+    n_sizes = [b.shape[2] for b in b_slices]
+    ends = [n_offset + (s * slice_stride if slice_stride is not None else sum(n_sizes[:s])) + n
+            for s, n in enumerate(n_sizes)]
+    if n_offset < 0 or max(ends) > cols:
+        raise ValueError(f"slices end at column {max(ends)} (n_offset={n_offset}, slice_stride={slice_stride}, "
+                         f"N={n_sizes}) but out has {cols} columns")
+
+
+def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, lora_b_stacked: Stacked, *,
+                   topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
+                   adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
+                   expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
+                   n_offset: int = 0, slice_stride: Optional[int] = None,
+                   config: Optional[dict[str, Any]] = None) -> None:
+    """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring)."""
+    a_slices, b_slices = _slices(lora_a_stacked, "lora_a_stacked"), _slices(lora_b_stacked, "lora_b_stacked")
+    if len(a_slices) != len(b_slices):
+        raise ValueError(f"{len(a_slices)} lora_a slices but {len(b_slices)} lora_b slices")
+    L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
+    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
+    x = _check_x(x, a_slices, m, top_k, top_k_in)
+    _out_strides(out, m, top_k)
+    _check_b(b_slices, L, E, R, x.dtype, out.shape[-1], n_offset, slice_stride)
+    _check_alignment(alignment, m * top_k, L, E, x.device)
+    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != m * top_k):
+        raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
+    if m * top_k == 0:
+        return
+    _run(do_shrink=True, do_expand=True, x=x, a_slices=a_slices, b_slices=b_slices, out=out, shrunk=None,
+         topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=token_lora_mapping,
+         adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k,
+         top_k_in=top_k_in, mul_routed_weight=mul_routed_weight, n_offset=n_offset, slice_stride=slice_stride,
+         config=config, op="fused_moe_lora")
+
+
+def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
+                    token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
+                    expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
+                    config: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
+    a_slices = _slices(lora_a_stacked, "lora_a_stacked")
+    L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
+    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
+    x = _check_x(x, a_slices, m, top_k, top_k_in)
+    _check_alignment(alignment, m * top_k, L, E, x.device)
+    shrunk = torch.zeros((len(a_slices), m * top_k, R), dtype=torch.float32, device=x.device)
+    if m * top_k > 0:
+        _run(do_shrink=True, do_expand=False, x=x, a_slices=a_slices, b_slices=[], out=None, shrunk=shrunk,
+             topk_ids=topk_ids, topk_weights=None, token_lora_mapping=token_lora_mapping,
+             adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k,
+             top_k_in=top_k_in, mul_routed_weight=False, n_offset=0, slice_stride=None, config=config,
+             op="moe_lora_shrink")
+    return shrunk
+
+
+def moe_lora_expand(out: torch.Tensor, shrunk_fp32: torch.Tensor, lora_b_stacked: Stacked, *,
+                    topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
+                    adapter_enabled: torch.Tensor, mul_routed_weight: bool = False,
+                    expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
+                    n_offset: int = 0, slice_stride: Optional[int] = None,
+                    config: Optional[dict[str, Any]] = None) -> None:
+    """out += (w_p *) shrunk_fp32[s, p] @ B_s[slot, e]^T per pair.
+
+    shrunk_fp32: fp32 [S, M * top_k, R] with R = lora_b's last dim, any strides
+    (e.g. the rank all-gather of the fully-sharded path).
+    """
+    b_slices = _slices(lora_b_stacked, "lora_b_stacked")
+    L, E, R = b_slices[0].shape[0], b_slices[0].shape[1], b_slices[0].shape[3]
+    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, b_slices[0].device)
+    if shrunk_fp32.dtype != torch.float32 or tuple(shrunk_fp32.shape) != (len(b_slices), m * top_k, R):
+        raise ValueError(f"shrunk_fp32 must be fp32 [{len(b_slices)}, {m * top_k}, {R}], "
+                         f"got {shrunk_fp32.dtype} {tuple(shrunk_fp32.shape)}")
+    _out_strides(out, m, top_k)
+    _check_b(b_slices, L, E, R, b_slices[0].dtype, out.shape[-1], n_offset, slice_stride)
+    _check_alignment(alignment, m * top_k, L, E, b_slices[0].device)
+    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != m * top_k):
+        raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
+    if m * top_k == 0:
+        return
+    _run(do_shrink=False, do_expand=True, x=None, a_slices=[], b_slices=b_slices, out=out, shrunk=shrunk_fp32,
+         topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=token_lora_mapping,
+         adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k, top_k_in=1,
+         mul_routed_weight=mul_routed_weight, n_offset=n_offset, slice_stride=slice_stride, config=config,
+         op="moe_lora_expand")

@@ -1,0 +1,145 @@
+"""Kernel configurations (tiles, N-splits, warps) of the MoE LoRA ops.
+
+A config is a plain dict read by the launchers in ``fused_moe_lora.py``:
+
+    BLOCK_SIZE_M   rows of one M-block (sorted path; must equal the alignment's
+                   block_size - the launcher takes the alignment's value)
+    BLOCK_SIZE_N   output columns per expand tile
+    BLOCK_SIZE_K   reduction columns per shrink tile
+    NUM_N_SPLITS   programs sharing one (block or pair, slice)'s N range; each
+                   recomputes the (cheap) shrink, so small batches fill the GPU
+    num_warps, num_stages
+
+Tile rules (FACTS.md section 4): the rank tile BLOCK_R is next_pow2(max(R, 16))
+and is not configurable - the shrink's N tile and the expand's K tile are the
+whole rank.  ``use_tuned_config`` first asks ``vllm.kernel_configs`` for a
+tuned file (key E, K, N, R; table indexed by token count), then fills the keys
+it lacks from the heuristic below.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from vllm.triton_utils import next_power_of_2, triton_interpreting
+
+def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int) -> bool:
+    """True when the pairs are so few that sorting would only make padding (FACTS.md section 4).
+
+    The per-pair kernel also handles ``expert_map``, so unlike upstream it is
+    not excluded under expert parallelism.
+    """
+    return num_pairs * 8 <= num_experts * max_loras
+
+
+def rank_block(rank: int) -> int:
+    """BLOCK_R: the rank tile, a power of two >= 16 (tl.dot needs 16)."""
+    return next_power_of_2(max(int(rank), 16))
+
+
+def _op_kind(op: str) -> str:
+    if "shrink" in op:
+        return "shrink"
+    if "expand" in op:
+        return "expand"
+    return "fused"
+
+
+def _interpreter_config(num_pairs: int, K: int, N: int) -> dict[str, Any]:
+    # ~5 ms per loop iteration per program: one K tile, one N tile, few programs.
+    return {
+        "BLOCK_SIZE_M": 32 if num_pairs > 256 else 16,
+        "BLOCK_SIZE_N": min(next_power_of_2(max(N, 16)), 512),
+        "BLOCK_SIZE_K": min(next_power_of_2(max(K, 16)), 512),
+        "NUM_N_SPLITS": 1,
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+
+
+def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
+                num_slices: int) -> dict[str, Any]:
+    """Heuristic fitted to a sweep on an H200 (Qwen3-30B-A3B shapes, R=16, 4 adapters, cold L2).
+
+    Both kernels are memory/latency bound: few programs at decode need N-splits;
+    from ~64 tokens on, one program per block and slice is best.
+    """
+    block_r = rank_block(rank)
+    n_cap = next_power_of_2(max(N, 16))
+    k_cap = next_power_of_2(max(K, 16))
+    warps, stages = 4, 3
+    if use_small_batch_path(num_pairs, num_experts, max_loras):
+        # Per-pair kernel: a [BLOCK_R, BLOCK_K] fp32 partial-product tile and [BLOCK_N, BLOCK_R] B tiles.
+        block_m = 16
+        block_k = min(8192 // block_r, 512, k_cap)
+        block_n = min(128, n_cap)
+        programs = max(1, num_pairs) * num_slices
+        # Wide expands (w2: N=H > K=I) want many splits and 8 warps; for w13 the
+        # shrink (K=H) recomputed by every split makes fewer splits better.
+        target = 256 if N > K else 128
+        warps = 8 if N > K else 4
+    else:
+        groups = num_experts * max_loras
+        avg = num_pairs / groups
+        block_m = 16 if avg <= 24 else (32 if avg <= 96 else 64)
+        block_n = min(256 if num_pairs <= 512 else (128 if block_m <= 32 else 64), n_cap)
+        if block_r <= 32:
+            block_k = min(256 if num_pairs <= 128 else 128, k_cap)
+        else:
+            block_k = min(128 if num_pairs <= 128 else 64, k_cap)
+        # Blocks that will hold pairs: at least one per touched group, at least numel / BLOCK_M.
+        est_blocks = max(min(groups, num_pairs), math.ceil(num_pairs / block_m))
+        programs = est_blocks * num_slices
+        target = 200
+    n_tiles = max(1, math.ceil(N / block_n))
+    splits = 1 if kind == "shrink" else max(1, min(n_tiles, 16, math.ceil(target / max(programs, 1))))
+    return {
+        "BLOCK_SIZE_M": block_m,
+        "BLOCK_SIZE_N": block_n,
+        "BLOCK_SIZE_K": block_k,
+        "NUM_N_SPLITS": splits,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+
+
+def get_moe_lora_config(
+    op: str,
+    *,
+    num_pairs: int,
+    num_experts: int,
+    max_loras: int,
+    rank: int,
+    K: int,
+    N: int,
+    num_slices: int,
+    dtype: torch.dtype,
+    use_tuned_config: bool,
+    device_name: str,
+    num_tokens: Optional[int] = None,
+) -> dict[str, Any]:
+    """Config dict for one MoE LoRA launch.
+
+    op: name of the op, e.g. "fused_moe_lora_w13", "fused_moe_lora_w2",
+        "moe_lora_shrink_w13", "moe_lora_expand_w2"; it names the tuned file and
+        its "shrink" / "expand" part selects the heuristic (default: fused).
+    num_pairs: M * top_k. num_experts: E_local. rank: max LoRA rank R.
+    K: shrink reduction size (H for w13, I_part for w2). N: columns of one slice.
+    num_tokens: the token count to look up in a tuned table (default num_pairs).
+    device_name: e.g. torch.cuda.get_device_name(); "cpu" selects interpreter tiles.
+    """
+    del dtype  # the heuristic is the same for bf16/fp16/fp32 so far
+    if device_name == "cpu" or triton_interpreting():
+        cfg = _interpreter_config(num_pairs, K, N)
+    else:
+        cfg = _gpu_config(_op_kind(op), num_pairs, num_experts, max_loras, rank, K, N, num_slices)
+    if use_tuned_config:
+        from vllm.kernel_configs import lookup_tuned_config
+
+        key = {"E": num_experts, "K": K, "N": N, "R": rank}
+        tuned = lookup_tuned_config(op, key, num_pairs if num_tokens is None else num_tokens, device_name)
+        if tuned:
+            cfg.update(tuned)
+    return cfg
