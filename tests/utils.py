@@ -20,7 +20,14 @@ _BOUNDS = {
 }
 
 
+# On a GPU, Triton's fp32 dots run as tf32 (10-bit mantissa): both GEMMs and the LoRA
+# expand round their operands to tf32 (measured rms error 2.0-2.6e-3 on an H200).
+_FP32_ON_CUDA = (1e-2, 4e-3)
+
+
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype == torch.float32 and torch.cuda.is_available():
+        return _FP32_ON_CUDA
     return _BOUNDS[dtype]
 
 
@@ -51,7 +58,7 @@ def assert_close(
     if actual.numel() == 0:
         return
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output or overflow)"
-    max_b, rms_b = bounds or _BOUNDS[dtype or actual.dtype]
+    max_b, rms_b = bounds or tolerance(dtype or actual.dtype)
     max_e, rms_e = normalized_errors(actual, expected)
     assert max_e <= max_b and rms_e <= rms_b, (
         f"{name}: normalised max error {max_e:.3g} (bound {max_b:.3g}), rms error {rms_e:.3g} (bound {rms_b:.3g})"
