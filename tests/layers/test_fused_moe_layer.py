@@ -32,11 +32,13 @@ def _ref(w, x, logits, top_k, activation, *, topk_then_softmax=False, on_input=F
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
                                            ("triton", torch.float32), ("triton", torch.float16),
+                                           ("triton", torch.bfloat16),
                                            ("naive_dense", torch.float32)])
 @pytest.mark.parametrize("M,E,top_k,H,I,activation,bias", CASES)
 def test_fused_moe_matches_reference(backend, dtype, M, E, top_k, H, I, activation, bias, device):
-    if backend == "triton" and M >= 300 and device.type == "cpu":
-        pytest.skip("interpreter: the 300-token case runs on the GPU only")
+    if backend == "triton" and device.type == "cpu" and (M >= 300 or dtype == torch.bfloat16):
+        # bf16: the interpreter casts fp32 -> bf16 by truncation (see tests/lora); GPU only
+        pytest.skip("interpreter: this case runs on the GPU only")
     gen = torch.Generator().manual_seed(M * 131 + E)
     w = random_weights(E, H, I, activation, bias, gen)
     layer = make_layer(w, top_k, activation, dtype, device, backend=backend)
