@@ -59,6 +59,15 @@ def _expand_dot(hi, mid, lo, b, UPCAST: tl.constexpr, FP32_PRECISION: tl.constex
 
 
 @triton.jit
+def _n_tile_range(pid_n, N, num_n_splits, BLOCK_N: tl.constexpr):
+    """The N tiles [begin, end) that N-split ``pid_n`` expands."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_n_splits)
+    t_begin = pid_n * per_split
+    return t_begin, tl.minimum(t_begin + per_split, n_tiles)
+
+
+@triton.jit
 def moe_lora_sorted_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
     sorted_ids_ptr, block_vids_ptr, num_post_padded_ptr,
@@ -123,10 +132,7 @@ def moe_lora_sorted_kernel(
         out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
         col0 = out_col0 + slice_s * out_slice_cols
         b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[:, None] * stride_br
-        n_tiles = tl.cdiv(N, BLOCK_N)
-        per_split = tl.cdiv(n_tiles, num_n_splits)
-        t_begin = pid_n * per_split
-        t_end = tl.minimum(t_begin + per_split, n_tiles)
+        t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
         for t in range(t_begin, t_end):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -200,10 +206,7 @@ def moe_lora_pair_kernel(
         out_row = out_ptr + token * stride_ot + (pair % top_k) * stride_oj
         col0 = out_col0 + slice_s * out_slice_cols
         b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
-        n_tiles = tl.cdiv(N, BLOCK_N)
-        per_split = tl.cdiv(n_tiles, num_n_splits)
-        t_begin = pid_n * per_split
-        t_end = tl.minimum(t_begin + per_split, n_tiles)
+        t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
         for t in range(t_begin, t_end):
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N

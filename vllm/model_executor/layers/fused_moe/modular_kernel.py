@@ -93,6 +93,17 @@ class WorkspaceShapes:
     output: tuple[int, ...]
 
 
+def two_gemm_workspace_shapes(moe_config: FusedMoEConfig, M: int, N: int, K: int, top_k: int) -> WorkspaceShapes:
+    """Scratch of a GEMM1 -> activation -> GEMM2 experts class that sums the top-k itself.
+
+    workspace13 holds the GEMM1 output [M*top_k, N], then the GEMM2 output
+    [M*top_k, K]; workspace2 holds the activation output.
+    """
+    pairs = M * top_k
+    act_n = N // 2 if moe_config.activation.is_gated else N
+    return WorkspaceShapes(workspace13=(pairs * max(N, K),), workspace2=(pairs * act_n,), output=(M, K))
+
+
 class TopKWeightAndReduce(ABC):
     """How the per-pair expert outputs become one row per token."""
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
-from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, WorkspaceShapes
+from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, WorkspaceShapes, two_gemm_workspace_shapes
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -39,9 +39,7 @@ class TorchExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
     """Per-expert matmuls over the pairs routed to each expert; LoRA at both seams."""
 
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        pairs = M * top_k
-        act_n = N // 2 if self.moe_config.activation.is_gated else N
-        return WorkspaceShapes(workspace13=(pairs * max(N, K),), workspace2=(pairs * act_n,), output=(M, K))
+        return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,

@@ -7,7 +7,7 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
-from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, Support, WorkspaceShapes
+from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, Support, WorkspaceShapes, two_gemm_workspace_shapes
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -32,9 +32,7 @@ class TritonExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         return Support.yes()
 
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        pairs = M * top_k
-        act_n = N // 2 if self.moe_config.activation.is_gated else N
-        return WorkspaceShapes(workspace13=(pairs * max(N, K),), workspace2=(pairs * act_n,), output=(M, K))
+        return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
