@@ -1,0 +1,54 @@
+"""The ``Attention`` layer: stores this step's K/V in its paged cache and attends.
+
+The KV cache tensor is bound once by the model runner (``bind_kv_cache``); the
+per-step metadata comes from the forward context.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vllm.attention.torch_backend import paged_attention_torch, write_kv
+from vllm.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: Optional[int] = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        self.prefix = prefix
+        self.kv_cache: Optional[torch.Tensor] = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
+        if self.kv_cache is None:
+            raise RuntimeError(f"attention layer {self.prefix or '<unnamed>'} has no KV cache bound; "
+                               "call bind_kv_cache(model, caches) first")
+        meta = get_forward_context().attn_metadata
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
+                 v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        out = paged_attention_torch(q, self.kv_cache, meta, self.scale)
+        return out.reshape(T, self.num_heads * self.head_dim)
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def bind_kv_cache(model: nn.Module, caches: list[torch.Tensor]) -> None:
+    """Give each Attention layer of ``model`` (in module order) its cache tensor."""
+    layers = attention_layers(model)
+    if len(layers) != len(caches):
+        raise ValueError(f"model has {len(layers)} attention layers but {len(caches)} caches were given")
+    for layer, cache in zip(layers, caches):
+        layer.kv_cache = cache
