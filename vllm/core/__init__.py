@@ -1,0 +1,1 @@
+"""Model-independent engine core: the scheduler and the KV-cache block manager."""

@@ -1,0 +1,297 @@
+"""Continuous-batching scheduler (vLLM V0 semantics, no chunked prefill).
+
+One engine step::
+
+    out = scheduler.schedule()             # which sequences, how many new tokens each
+    ... model runner: for sequence i of out.scheduled_seqs, feed
+        token_ids[c : c + q] at positions c..c+q-1 (c = out.context_lens[i],
+        q = out.query_lens[i]); store K/V in out.slot_mapping(block_size);
+        attend over out.seq_lens[i] = c + q tokens via out.block_tables[i];
+        keep the logits of each sequence's last new token
+    ... sampler: one token per scheduled sequence
+        (seq.get_generator(device), seq.suppressed_token_ids())
+    finished = scheduler.postprocess(out.scheduled_seqs, sampled_token_ids)
+        # append tokens, num_computed_tokens += q, stop on EOS / stop token ids /
+        # max_tokens / max_model_len, free finished sequences' blocks
+    ... detokenizer on every scheduled sequence: update output_text; when a
+        stop string fires, scheduler.finish_seq(seq, FINISHED_STOPPED, stop_str)
+    ... engine: RequestOutputs for the scheduled and the ignored sequences
+
+A step is either a prefill (whole prompts, or prompt + outputs of a preempted
+sequence being recomputed) or a decode (one token per running sequence).
+Prefill comes first whenever a waiting sequence fits: FCFS from the head of
+the waiting queue while the step has fewer than ``max_num_batched_tokens``
+tokens, the running set fewer than ``max_num_seqs`` sequences, and the KV cache
+free blocks. Otherwise all running sequences decode; when one cannot get a block,
+the most recently arrived running sequence is preempted (blocks freed, put back
+at the front of the waiting queue, recomputed later; its tokens so far are kept,
+so it continues exactly where it was).
+
+LoRA: the distinct adapters (``lora_int_id > 0``) of the running sequences stay
+<= ``max_loras``, so any batch respects it. A waiting sequence whose adapter
+would exceed it keeps its place; behind it only base-model sequences may be
+admitted (later adapter sequences would keep the running adapters busy and
+starve it), so it runs as soon as an adapter slot drains.
+
+Prompts longer than ``max_model_len`` (capped at the KV cache's capacity) are
+finished as FINISHED_IGNORED and returned in ``SchedulerOutput.ignored_seqs``.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence as Seq, Union
+
+import torch
+
+from vllm.config.scheduler import SchedulerConfig
+from vllm.core.block_manager import BlockManager, compute_slot_mapping
+from vllm.logger import init_logger
+from vllm.sequence import Sequence, SequenceStatus
+
+logger = init_logger(__name__)
+
+
+def _arrival_key(seq: Sequence) -> tuple[float, int]:
+    return (seq.arrival_time, seq.seq_id)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's batch. Lists are parallel to ``scheduled_seqs``; the lengths
+    are snapshots taken at schedule time (postprocess does not change them).
+
+    scheduled_seqs: sequences to run, in batch order.
+    query_lens: new tokens fed per sequence (a decode: 1).
+    context_lens: tokens already in the KV cache (the first new token's position).
+    is_prefill: True for a prefill step, False for decode (empty: False).
+    ignored_seqs: finished as FINISHED_IGNORED this step (not in the batch).
+    preempted_seqs: running sequences preempted this step (not in the batch).
+    """
+
+    scheduled_seqs: list[Sequence] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    is_prefill: bool = False
+    ignored_seqs: list[Sequence] = field(default_factory=list)
+    preempted_seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> list[int]:
+        """Alias of ``query_lens``."""
+        return self.query_lens
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled_seqs
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Context incl. the new tokens: what each sequence attends over."""
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+    @property
+    def block_tables(self) -> list[list[int]]:
+        return [seq.block_table for seq in self.scheduled_seqs]
+
+    @property
+    def lora_int_ids(self) -> list[int]:
+        """Adapter id per sequence, 0 = base model."""
+        return [seq.lora_int_id for seq in self.scheduled_seqs]
+
+    def input_token_ids(self) -> list[int]:
+        """The new tokens of all sequences, flattened in batch order."""
+        return [t for seq, c, q in zip(self.scheduled_seqs, self.context_lens, self.query_lens)
+                for t in seq.token_ids[c:c + q]]
+
+    def positions(self) -> list[int]:
+        return [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
+
+    def slot_mapping(self, block_size: int) -> list[int]:
+        return [s for seq, c, q in zip(self.scheduled_seqs, self.context_lens, self.query_lens)
+                for s in compute_slot_mapping(seq.block_table, block_size, c, c + q)]
+
+
+class Scheduler:
+    """Owns the waiting queue (FCFS) and the running list (arrival order)."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = min(config.max_model_len, block_manager.num_slots)
+        if self.max_model_len < config.max_model_len:
+            logger.warning("the KV cache holds %d tokens (%d blocks of %d), fewer than max_model_len %d: "
+                           "sequences are capped at %d tokens", block_manager.num_slots,
+                           block_manager.num_blocks, block_manager.block_size, config.max_model_len,
+                           self.max_model_len)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- queue management --------------------------------------------------
+    def add_seq(self, seq: Sequence) -> None:
+        if seq.status != SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"only new sequences can be added to the scheduler, got {seq!r}")
+        self.waiting.append(seq)
+
+    def add_seqs(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            self.add_seq(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_seqs(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> list[Sequence]:
+        """Finish every live sequence of the request(s) as FINISHED_ABORTED, free
+        their blocks and return them (unknown or finished ids are ignored)."""
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        aborted = [s for s in (*self.waiting, *self.running) if s.request_id in ids]
+        for seq in aborted:
+            self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+        return aborted
+
+    def finish_seq(self, seq: Sequence, status: SequenceStatus, reason: Union[int, str, None] = None) -> None:
+        """Finish ``seq`` with a FINISHED_* ``status`` and ``stop_reason = reason``
+        (the detokenizer's stop strings come in here), free its blocks and drop
+        it from the queues. A sequence already finished by length (this same
+        step) may be re-finished as stopped: a stop string wins, as in vLLM."""
+        if not SequenceStatus.is_finished(status):
+            raise ValueError(f"finish_seq needs a FINISHED_* status, got {status!r}")
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = status
+        seq.stop_reason = reason
+
+    # ---- scheduling --------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(is_prefill=True)
+        self._schedule_prefills(out)
+        if out.scheduled_seqs:
+            return out
+        out.is_prefill = False
+        self._schedule_decodes(out)
+        return out
+
+    def _schedule_prefills(self, out: SchedulerOutput) -> None:
+        cfg, bm = self.config, self.block_manager
+        active_loras = {s.lora_int_id for s in self.running if s.lora_int_id > 0}
+        lora_blocked = False  # a waiting adapter sequence was held back by max_loras
+        held_back: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting:
+            seq = self.waiting[0]
+            if seq.num_tokens > self.max_model_len:
+                self.waiting.popleft()
+                logger.warning("request %s: %d prompt tokens exceed the limit of %d; ignored",
+                               seq.request_id, seq.num_tokens, self.max_model_len)
+                seq.status = SequenceStatus.FINISHED_IGNORED
+                out.ignored_seqs.append(seq)
+                continue
+            if len(self.running) + len(out.scheduled_seqs) >= cfg.max_num_seqs:
+                break
+            new_tokens = seq.num_uncomputed_tokens
+            if num_tokens + new_tokens > cfg.max_num_batched_tokens:
+                break
+            lora_id = seq.lora_int_id
+            if lora_id > 0 and (lora_blocked or (lora_id not in active_loras and cfg.max_loras is not None
+                                                 and len(active_loras) >= cfg.max_loras)):
+                lora_blocked = True
+                held_back.append(self.waiting.popleft())
+                continue
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            if lora_id > 0:
+                active_loras.add(lora_id)
+            out.scheduled_seqs.append(seq)
+            out.query_lens.append(new_tokens)
+            out.context_lens.append(seq.num_computed_tokens)
+            num_tokens += new_tokens
+        self.waiting.extendleft(reversed(held_back))
+        for seq in out.scheduled_seqs:
+            bisect.insort(self.running, seq, key=_arrival_key)
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        bm = self.block_manager
+        queue = deque(sorted(self.running, key=_arrival_key))
+        while queue:
+            seq = queue.popleft()
+            while not bm.can_append_slot(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                out.preempted_seqs.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.append_slot(seq)
+                out.scheduled_seqs.append(seq)
+                out.query_lens.append(seq.num_uncomputed_tokens)
+                out.context_lens.append(seq.num_computed_tokens)
+        self.running = list(out.scheduled_seqs)
+        # Victims come latest-first: pushing each to the front leaves the
+        # earliest arrival at the head of the waiting queue.
+        for victim in out.preempted_seqs:
+            self.waiting.appendleft(victim)
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %r (recompute)", seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_preemptions += 1
+
+    # ---- after the model ---------------------------------------------------
+    def postprocess(self, seqs: Seq[Sequence],
+                    sampled_token_ids: Union[Seq[int], torch.Tensor]) -> list[Sequence]:
+        """Append one sampled token per sequence (``seqs`` = the step's
+        ``scheduled_seqs``), mark the fed tokens computed, apply the token-level
+        stop rules and free finished sequences. Returns those finished now.
+
+        Sequences finished between schedule and postprocess (aborted) are skipped.
+        """
+        if isinstance(sampled_token_ids, torch.Tensor):
+            sampled_token_ids = sampled_token_ids.tolist()
+        if len(seqs) != len(sampled_token_ids):
+            raise ValueError(f"postprocess got {len(sampled_token_ids)} sampled tokens for {len(seqs)} sequences; "
+                             "give exactly one token per scheduled sequence")
+        finished: list[Sequence] = []
+        for seq, token_id in zip(seqs, sampled_token_ids):
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens = seq.num_tokens
+            seq.append_token_id(int(token_id))
+            if self._check_stop(seq):
+                self.block_manager.free(seq)
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Token-level stop rules (stop strings are the detokenizer's)."""
+        params = seq.sampling_params
+        token_id = seq.last_token_id
+        num_out = seq.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and seq.eos_token_id is not None and token_id == seq.eos_token_id:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, None
+                return True
+            if token_id in params.stop_token_ids:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
+                return True
+        if (params.max_tokens is not None and num_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False

@@ -1,0 +1,106 @@
+"""Token sampler: one next token per sequence from its last-position logits.
+
+Per row: suppressed ids (min_tokens) -> -inf; greedy rows (temperature 0) take
+the argmax; the others are divided by their temperature, cut to the top-k
+tokens, then to the smallest set of most likely tokens whose probability
+reaches top_p (the most likely token always stays), and sampled from the
+softmax. A seeded row draws from its own generator, once per step, with its
+own ``torch.multinomial`` call, so its tokens do not depend on the other rows of
+the batch; unseeded rows share one call on the default generator.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+import torch
+from torch import nn
+
+from vllm.sampling_params import SamplingParams, SamplingType
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k and top-p remove, row by row.
+
+    logits: [B, V] float32 (already temperature-scaled); top_k: [B] int64, a
+    value >= V (or 0) keeps everything; top_p: [B] float32 in (0, 1], 1 keeps
+    everything. Returns a new tensor; ties at the k-th value are broken by sort order.
+    """
+    vocab = logits.shape[-1]
+    k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    remove = rank >= k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Probability mass strictly before each token; the first token has 0 < top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove_p = (mass_before > top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(remove_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+class Sampler(nn.Module):
+    """``forward(logits [B, V], params, generators) -> token ids [B] int64``."""
+
+    def forward(self, logits: torch.Tensor, params: Seq[SamplingParams],
+                generators: Seq[Optional[torch.Generator]],
+                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]] = None) -> torch.Tensor:
+        """Sample one token per row.
+
+        logits: [B, V], any float dtype (computed in float32; not modified).
+        params: B SamplingParams. generators: B entries, the row's own
+            generator (on the logits' device) for seeded rows, None otherwise
+            (a generator given to an unseeded or greedy row is ignored).
+        suppress_token_ids: optional B entries of ids to forbid (e.g.
+            ``seq.suppressed_token_ids()`` while min_tokens is not reached).
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [num_seqs, vocab_size], got shape {tuple(logits.shape)}")
+        num_rows, vocab = logits.shape
+        if len(params) != num_rows or len(generators) != num_rows:
+            raise ValueError(f"{num_rows} logit rows need as many SamplingParams and generators, got "
+                             f"{len(params)} and {len(generators)}")
+        if suppress_token_ids is not None and len(suppress_token_ids) != num_rows:
+            raise ValueError(f"suppress_token_ids has {len(suppress_token_ids)} entries for {num_rows} rows")
+        device = logits.device
+        logits = logits.to(torch.float32, copy=True)
+        if num_rows == 0:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        if suppress_token_ids is not None:
+            for row, ids in enumerate(suppress_token_ids):
+                if ids:
+                    logits[row, torch.tensor(list(ids), dtype=torch.int64, device=device)] = float("-inf")
+
+        out = logits.argmax(dim=-1)
+        types = [p.sampling_type for p in params]
+        rows = [i for i, t in enumerate(types) if t != SamplingType.GREEDY]
+        if not rows:
+            return out
+
+        idx = torch.tensor(rows, dtype=torch.int64, device=device)
+        temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
+        scaled = logits.index_select(0, idx) / temperature.unsqueeze(1)
+        if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
+            top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.int64, device=device)
+            top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
+            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)
+
+        sampled = torch.empty(len(rows), dtype=torch.int64, device=device)
+        unseeded = [j for j, i in enumerate(rows) if types[i] == SamplingType.RANDOM]
+        if unseeded:
+            sel = torch.tensor(unseeded, dtype=torch.int64, device=device)
+            sampled[sel] = torch.multinomial(probs.index_select(0, sel), 1).squeeze(1)
+        for j, i in enumerate(rows):
+            if types[i] != SamplingType.RANDOM_SEED:
+                continue
+            gen = generators[i]
+            if gen is None:
+                raise ValueError(f"row {i} has seed {params[i].seed} but no generator; pass "
+                                 "seq.get_generator(logits.device) for seeded sequences")
+            if gen.device.type != device.type:
+                raise ValueError(f"row {i}: generator is on {gen.device}, logits on {device}; "
+                                 "create it with seq.get_generator(logits.device)")
+            sampled[j] = torch.multinomial(probs[j], 1, generator=gen)[0]
+        out[idx] = sampled
+        return out

@@ -1,0 +1,80 @@
+"""What ``LLM.generate`` returns: one ``RequestOutput`` per prompt, holding one
+``CompletionOutput`` per sample (``SamplingParams.n``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+
+if TYPE_CHECKING:
+    from vllm.sequence import Sequence
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request.
+
+    index: which of the n samples (0..n-1).
+    text: generated text (stop string cut off unless include_stop_str_in_output).
+    token_ids: generated token ids (a stop token or EOS that fired is included).
+    cumulative_logprob, logprobs: None unless logprobs were requested.
+    finish_reason: None while running; 'stop' (EOS, stop token or stop string),
+        'length' (max_tokens, max_model_len, or a prompt too long to run) or 'abort'.
+    stop_reason: the stop string or stop token id that fired; None otherwise
+        (also for EOS).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float] = None
+    logprobs: Optional[Any] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+                f"cumulative_logprob={self.cumulative_logprob}, logprobs={self.logprobs}, "
+                f"finish_reason={self.finish_reason}, stop_reason={self.stop_reason})")
+
+
+class RequestOutput:
+    """The state of one request: its prompt and its samples so far.
+
+    prompt: the prompt text, or None when token ids were given.
+    outputs: one ``CompletionOutput`` per sample, ordered by index.
+    finished: True once every sample has finished.
+    lora_request: the adapter the request ran with, or None.
+    """
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 outputs: list[CompletionOutput], finished: bool, lora_request: Optional[Any] = None) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.outputs = outputs
+        self.finished = finished
+        self.lora_request = lora_request
+
+    @classmethod
+    def from_seqs(cls, seqs: Iterable["Sequence"]) -> "RequestOutput":
+        """Snapshot of a request from all of its sequences (any order)."""
+        seqs = sorted(seqs, key=lambda s: s.index)
+        if not seqs:
+            raise ValueError("RequestOutput.from_seqs needs at least one sequence")
+        first = seqs[0]
+        if any(s.request_id != first.request_id for s in seqs):
+            raise ValueError(f"sequences of different requests given to RequestOutput.from_seqs: "
+                             f"{sorted({s.request_id for s in seqs})}")
+        outputs = [CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
+                                    finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                   for s in seqs]
+        return cls(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=list(first.prompt_token_ids),
+                   outputs=outputs, finished=all(s.is_finished for s in seqs), lora_request=first.lora_request)
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+                f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, "
+                f"finished={self.finished}, lora_request={self.lora_request})")

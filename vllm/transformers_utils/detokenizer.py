@@ -1,0 +1,95 @@
+"""Incremental detokenization and stop strings.
+
+After each step the engine calls ``Detokenizer.decode_sequence_inplace(seq)``.
+It appends the text of the new output tokens to ``seq.output_text`` and returns
+the stop string that fired (the engine then calls
+``scheduler.finish_seq(seq, FINISHED_STOPPED, stop_str)``), or None.
+
+Text of new tokens = decode(window + new ids) minus decode(window), where the
+window is the few tokens before them (prompt tokens at first), so tokenizers
+that drop a leading space at the start of a decode still give the right spaces.
+While the decoded text ends in U+FFFD (a character split over several tokens
+whose bytes are not all there yet) nothing is emitted; the bytes are decoded
+together once complete, or flushed as they are when the sequence finishes.
+
+The offsets live on the sequence (``seq.prefix_offset``, ``seq.read_offset``:
+indices into ``seq.token_ids``): the window is ``[prefix_offset, read_offset)``
+and ``[read_offset, ...)`` is not emitted yet.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence as Seq
+
+from vllm.sequence import Sequence, SequenceStatus
+
+# Prompt tokens used as the first decode window.
+INITIAL_WINDOW = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+def find_stop_string(text: str, stop: Seq[str], new_from: int) -> Optional[tuple[str, int]]:
+    """The stop string that occurs earliest in ``text`` and ends after
+    ``new_from`` (so text already checked is not searched again), with its start
+    index; the first listed wins a tie. None when no stop string occurs."""
+    best: Optional[tuple[str, int]] = None
+    for s in stop:
+        idx = text.find(s, max(0, new_from - len(s) + 1))
+        if idx != -1 and (best is None or idx < best[1]):
+            best = (s, idx)
+    return best
+
+
+class Detokenizer:
+    """Turns a sequence's output ids into ``seq.output_text``, step by step."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def _decode(self, ids: Seq[int], skip_special_tokens: bool) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def decode_sequence_inplace(self, seq: Sequence) -> Optional[str]:
+        """Append the new tokens' text to ``seq.output_text``; return the stop
+        string that fired (the text is cut at it), else None.
+
+        When the sequence was just finished by EOS or a stop token id, that
+        token's text is left out unless ``include_stop_str_in_output``. Stop
+        strings are checked once ``min_tokens`` tokens were generated; with
+        ``include_stop_str_in_output`` the text keeps the stop string and is
+        cut after it.
+        """
+        params = seq.sampling_params
+        if seq.read_offset is None or seq.prefix_offset is None:
+            seq.read_offset = seq.num_prompt_tokens
+            seq.prefix_offset = max(0, seq.read_offset - INITIAL_WINDOW)
+        ids = seq.token_ids
+        end = len(ids)
+        stopped_by_token = (seq.status == SequenceStatus.FINISHED_STOPPED
+                            and not isinstance(seq.stop_reason, str))
+        if stopped_by_token and not params.include_stop_str_in_output:
+            end -= 1
+        if end <= seq.read_offset:
+            return None
+
+        skip = params.skip_special_tokens
+        window_text = self._decode(ids[seq.prefix_offset:seq.read_offset], skip)
+        full_text = self._decode(ids[seq.prefix_offset:end], skip)
+        if full_text.endswith(_REPLACEMENT_CHAR) and not seq.is_finished:
+            return None  # an incomplete character: wait for its remaining bytes
+        delta = full_text[len(window_text):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, end
+
+        old_len = len(seq.output_text)
+        seq.output_text += delta
+        if not params.stop or not delta or seq.num_output_tokens < params.min_tokens:
+            return None
+        hit = find_stop_string(seq.output_text, params.stop, old_len)
+        if hit is None:
+            return None
+        stop_str, idx = hit
+        cut = idx + len(stop_str) if params.include_stop_str_in_output else idx
+        seq.output_text = seq.output_text[:cut]
+        return stop_str
