@@ -1,0 +1,48 @@
+"""RMSNorm, optionally fused with the residual add that precedes it.
+
+    forward(x)            -> y
+    forward(x, residual)  -> (y, x + residual)
+
+The residual sum is rounded to the input dtype (as an unfused ``residual + x``
+would be); the normalisation itself runs in float32 and is cast back to the
+input dtype before the weight is applied, as transformers' Llama-family norms do.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, params_dtype: Optional[torch.dtype] = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.variance_epsilon = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=params_dtype or torch.get_default_dtype(),
+                                              device=device), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
+        if loaded_shard_id is not None or loaded_weight.shape != param.shape:
+            raise ValueError(f"RMSNorm weight: expected shape {tuple(param.shape)}, got {tuple(loaded_weight.shape)}")
+        param.data.copy_(loaded_weight)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+    def forward(self, x: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"RMSNorm over {self.hidden_size} got input of shape {tuple(x.shape)}")
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.variance_epsilon}"

@@ -1,0 +1,250 @@
+"""Building blocks of the MoE decoder models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral).
+
+All four are the same pre-norm decoder; a model file only says what differs
+(q/k norm, biases, which layers are sparse, shared expert, checkpoint names):
+
+    embed_tokens -> N x [ input_layernorm -> self_attn -> + residual
+                          post_attention_layernorm -> mlp -> + residual ] -> norm
+
+    self_attn:  qkv_proj -> (q_norm, k_norm) -> rope -> Attention (paged) -> o_proj
+    mlp:        SparseMoeBlock (gate: router, experts: FusedMoE [+ shared expert])
+                or DenseMLP (gate_up_proj -> SiLU-and-mul -> down_proj)
+
+Module names follow the HF checkpoints (``model.layers.{i}.self_attn.qkv_proj``,
+``model.layers.{i}.mlp.experts``, ...), so adapter keys map onto them directly.
+The residual add is fused into the next RMSNorm (``norm(x, residual)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
+                                               RowParallelLinear)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.utils import (check_full_attention, check_silu, head_dim_of, hf_config_of,
+                                              join_prefix, load_checkpoint, rope_from_config)
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """What every layer constructor needs besides its shape."""
+
+    dtype: torch.dtype
+    device: torch.device
+    lora_enabled: bool = False
+    moe_backend: Optional[str] = None
+
+    @property
+    def linear(self) -> dict[str, Any]:
+        return {"params_dtype": self.dtype, "device": self.device}
+
+
+class DenseMLP(nn.Module):
+    """SiLU-gated MLP: down_proj(silu(gate) * up), with gate and up fused in gate_up_proj."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, args: BuildArgs, prefix: str = "") -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, **args.linear,
+                                                       prefix=join_prefix(prefix, "gate_up_proj"))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, **args.linear,
+                                           prefix=join_prefix(prefix, "down_proj"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router ``gate`` [E, H] + ``experts`` (FusedMoE), optionally a sigmoid-gated shared expert (Qwen2-MoE)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, *,
+                 renormalize: bool, args: BuildArgs, shared_intermediate_size: Optional[int] = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.gate = ReplicatedLinear(hidden_size, num_experts, **args.linear, prefix=join_prefix(prefix, "gate"))
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, params_dtype=args.dtype,
+                                device=args.device, renormalize=renormalize, activation="silu",
+                                lora_enabled=args.lora_enabled, moe_backend=args.moe_backend,
+                                prefix=join_prefix(prefix, "experts"))
+        if shared_intermediate_size:
+            self.shared_expert = DenseMLP(hidden_size, shared_intermediate_size, args,
+                                          prefix=join_prefix(prefix, "shared_expert"))
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, **args.linear,
+                                                       prefix=join_prefix(prefix, "shared_expert_gate"))
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention over the paged KV cache.
+
+    qk_norm: None; "per_head" (Qwen3: RMSNorm over head_dim of every head); or
+    "full" (OLMoE: RMSNorm over the whole projected q and k).  clip_qkv clamps
+    q/k/v after the norms (OLMoE option).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rotary_emb: RotaryEmbedding, args: BuildArgs, qkv_bias: bool = False, o_bias: bool = False,
+                 qk_norm: Optional[str] = None, rms_norm_eps: float = 1e-6, clip_qkv: Optional[float] = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        if qk_norm not in (None, "per_head", "full"):
+            raise ValueError(f"qk_norm must be None, 'per_head' or 'full', got {qk_norm!r}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=qkv_bias,
+                                          **args.linear, prefix=join_prefix(prefix, "qkv_proj"))
+        self.o_proj = RowParallelLinear(self.q_size, hidden_size, bias=o_bias, **args.linear,
+                                        prefix=join_prefix(prefix, "o_proj"))
+        if qk_norm is not None:
+            q_dim, k_dim = (head_dim, head_dim) if qk_norm == "per_head" else (self.q_size, self.kv_size)
+            self.q_norm = RMSNorm(q_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
+            self.k_norm = RMSNorm(k_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(num_heads, head_dim, head_dim ** -0.5, num_kv_heads, prefix=join_prefix(prefix, "attn"))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "per_head":
+            T = q.shape[0]
+            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).reshape(T, self.q_size)
+            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).reshape(T, self.kv_size)
+        elif self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous()))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; ``mlp_name`` is the HF attribute of the MLP ("mlp", or "block_sparse_moe" for Mixtral)."""
+
+    def __init__(self, self_attn: DecoderAttention, mlp: nn.Module, hidden_size: int, rms_norm_eps: float,
+                 args: BuildArgs, mlp_name: str = "mlp") -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps, params_dtype=args.dtype, device=args.device)
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps, params_dtype=args.dtype,
+                                                device=args.device)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return getattr(self, self.mlp_name)(hidden_states), residual
+
+
+class DecoderModel(nn.Module):
+    """``model.*``: embed_tokens, layers, norm."""
+
+    def __init__(self, hf: Any, layers: list[DecoderLayer], args: BuildArgs, prefix: str = "") -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, params_dtype=args.dtype,
+                                                   device=args.device, prefix=join_prefix(prefix, "embed_tokens"))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, params_dtype=args.dtype, device=args.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class MoEForCausalLM(nn.Module):
+    """Base of the model classes.  A subclass defines ``make_attention`` and ``make_mlp``.
+
+    Contract (what the engine and the LoRA manager use):
+        __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, prefix="")
+        forward(input_ids [T], positions [T]) -> hidden [T, H]   (inside set_forward_context)
+        compute_logits(hidden [T, H]) -> [T, V] float32
+        load_weights(iterable of (checkpoint name, tensor)) -> names of loaded parameters
+    """
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    mlp_name = "mlp"
+
+    def __init__(self, config: Any, *, dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None,
+                 lora_enabled: bool = False, moe_backend: Optional[str] = None, prefix: str = "") -> None:
+        super().__init__()
+        hf = hf_config_of(config)
+        dtype = dtype or getattr(config, "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype (or come from a ModelConfig), got {dtype!r}")
+        check_full_attention(hf)
+        check_silu(hf)
+        self.config = hf
+        self.prefix = prefix
+        args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend)
+        rope = rope_from_config(hf, head_dim_of(hf), args.device)
+        layers = []
+        for i in range(hf.num_hidden_layers):
+            p = join_prefix(prefix, f"model.layers.{i}")
+            attn = self.make_attention(hf, rope, args, join_prefix(p, "self_attn"))
+            mlp = self.make_mlp(hf, i, args, join_prefix(p, self.mlp_name))
+            layers.append(DecoderLayer(attn, mlp, hf.hidden_size, hf.rms_norm_eps, args, self.mlp_name))
+        self.model = DecoderModel(hf, layers, args, prefix=join_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, params_dtype=dtype, device=args.device,
+                                      prefix=join_prefix(prefix, "lm_head"))
+        self.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(hf.vocab_size)
+
+    # ---- what a model file defines ------------------------------------------------
+    def make_attention(self, hf: Any, rope: RotaryEmbedding, args: BuildArgs, prefix: str) -> DecoderAttention:
+        raise NotImplementedError
+
+    def make_mlp(self, hf: Any, layer_idx: int, args: BuildArgs, prefix: str) -> nn.Module:
+        raise NotImplementedError
+
+    def map_checkpoint_name(self, name: str) -> Optional[str]:
+        """A checkpoint key -> our parameter name (before stacking); None = skip the key."""
+        if "rotary_emb." in name:
+            return None  # inv_freq buffers of older checkpoints
+        if self.tie_word_embeddings and name == "lm_head.weight":
+            return None  # the head shares embed_tokens' weight
+        return name  # parameter names are relative to this module; ``prefix`` only labels the layers
+
+    # ---- the contract ----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_checkpoint(self, weights, self.map_checkpoint_name)
+
+    def _sparse_layer(self, hf: Any, layer_idx: int) -> bool:
+        """Qwen-MoE rule: layer i is sparse unless listed in mlp_only_layers or off the decoder_sparse_step."""
+        step = getattr(hf, "decoder_sparse_step", 1) or 1
+        return (layer_idx not in (getattr(hf, "mlp_only_layers", None) or [])
+                and hf.num_experts > 0 and (layer_idx + 1) % step == 0)
