@@ -15,12 +15,17 @@ For fused MoE the wrapper offers the two seams the experts call inline:
 ``add_lora_w13`` returns the routing it prepared (a ``MoELoRARouting``) so
 ``add_lora_w2`` reuses it instead of sorting again.  Subclasses supply the
 compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch on CPU.
+
+For the linear layers (``vllm.lora.layers.linear``) the wrapper offers
+``add_lora_linear(y, x, ...)``: y[t, cols of slice s] += (x[t] @ A_s[slot]^T) @ B_s[slot]^T,
+computed by the subclass's ``_add_lora_linear`` from the same per-step mapping.
 """
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
@@ -182,6 +187,30 @@ class PunicaWrapperBase(ABC):
                          n_offset=h_b * tp_rank, **_without(kw, "top_k_in"))
         else:
             self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=mul_routed_weight, **kw)
+
+    # ---- dense LoRA (linear layers) ----------------------------------------------
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
+                        lora_b_stacked: Sequence[torch.Tensor], *, output_offsets: Optional[Sequence[int]] = None,
+                        offset_start: int = 0, adapter_enabled: Optional[torch.Tensor] = None) -> None:
+        """Add the LoRA delta of a linear layer into its output ``y`` in place, with the step's mapping.
+
+        y: [..., cols] (a view of its rows as [T, cols] must exist); x: [..., K] with the same T rows.
+        lora_a_stacked: per slice [L, R, K]; lora_b_stacked: per slice [L, N_s, R].
+        Slice s goes to columns [off_s, off_s + N_s): ``output_offsets``, or the running sum of
+        the N_s from ``offset_start``.  Math and dtypes: ``vllm.lora.ops.triton_ops.lora_linear``.
+        """
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        if output_offsets is None:
+            output_offsets = list(itertools.accumulate([b.shape[1] for b in lora_b_stacked][:-1], initial=offset_start))
+        self._add_lora_linear(y2, x2, tuple(lora_a_stacked), tuple(lora_b_stacked),
+                              token_lora_mapping=self._mapping_for(x2.shape[0]), adapter_enabled=adapter_enabled,
+                              output_offsets=list(output_offsets))
+
+    def _add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple, *,
+                         token_lora_mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor],
+                         output_offsets: list[int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no dense LoRA compute")
 
     def _group(self) -> TPGroup:
         if self.tp_group is None:

@@ -34,3 +34,9 @@ class PunicaWrapperCPU(PunicaWrapperBase):
         from vllm.lora.ops.torch_ops.moe_lora import moe_lora_expand_torch
 
         moe_lora_expand_torch(out, shrunk, lora_b, **kw)
+
+    def _add_lora_linear(self, y, x, lora_a, lora_b, *, token_lora_mapping, adapter_enabled, output_offsets) -> None:
+        from vllm.lora.ops.torch_ops.lora_linear import add_lora_linear_torch
+
+        add_lora_linear_torch(y, x, lora_a, lora_b, token_lora_mapping, adapter_enabled=adapter_enabled,
+                              output_offsets=output_offsets)

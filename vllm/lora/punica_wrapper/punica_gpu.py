@@ -15,6 +15,27 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 class PunicaWrapperGPU(PunicaWrapperBase):
     """Sorted "virtual expert" path, or the small-batch path that skips sorting."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from vllm.lora.ops.triton_ops.lora_linear import LoRALinearMetadata
+
+        # Tokens grouped by slot for the dense LoRA kernels: made once per step, in place.
+        self._linear_meta = LoRALinearMetadata(
+            sorted_token_ids=torch.zeros(self.max_num_batched_tokens, dtype=torch.int32, device=self.device),
+            slot_counts=torch.zeros(self.max_loras, dtype=torch.int32, device=self.device))
+
+    def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
+        super().update_metadata(token_lora_mapping)
+        from vllm.lora.ops.triton_ops.lora_linear import lora_linear_metadata
+
+        lora_linear_metadata(self.token_lora_indices, self.max_loras, out=self._linear_meta)
+
+    def _add_lora_linear(self, y, x, lora_a, lora_b, *, token_lora_mapping, adapter_enabled, output_offsets) -> None:
+        from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear
+
+        add_lora_linear(y, x, lora_a, lora_b, token_lora_mapping, adapter_enabled=adapter_enabled,
+                        output_offsets=output_offsets, meta=self._linear_meta)
+
     def _device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)

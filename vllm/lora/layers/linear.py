@@ -1,0 +1,245 @@
+"""LoRA for the linear layers: ``y = base(x) + (x @ A[slot]^T) @ B[slot]^T`` per token.
+
+One wrapper per sharding scheme of ``vllm.model_executor.layers.linear``:
+
+    ReplicatedLinearWithLoRA          A [R, in], B [out, R], both whole
+    ColumnParallelLinearWithLoRA      A whole, B: this rank's output rows
+    MergedColumnParallelLinearWithLoRA one slice per stacked output ([gate, up]), each B sharded on its own
+    QKVParallelLinearWithLoRA         three slices q, k, v; B rows by heads (KV heads replicated on
+                                      tp / num_kv_heads ranks when there are fewer KV heads than ranks)
+    RowParallelLinearWithLoRA         A: this rank's input columns, B whole; the delta of the partial
+                                      shrink is added before the all-reduce (the sum over ranks of
+                                      (x_r @ A_r^T) @ B^T is the full delta)
+
+Buffers (L = max_loras, R = max_lora_rank; smaller adapters are zero-padded):
+    lora_a_stacked: per slice [L, R, in_part] (views of one [S, L, R, in_part] tensor)
+    lora_b_stacked: per slice [L, N_s, R], N_s this rank's rows of slice s (views of one
+        [S, L, max N_s, R] tensor, so all slices run in one kernel launch)
+    adapter_enabled: [L + 1] int32, 1 where a slot holds an adapter
+
+``set_lora(index, lora_a, lora_b)`` takes full (unsharded) per-slice tensors,
+A [r, in] and B [out_s, r] with scaling folded in; ``None`` for a slice the
+adapter does not target (it stays zero).  The wrappers rely only on the
+documented attributes of the base layers (input/output sizes, partition sizes,
+tp_size / tp_rank, weight, bias, output_sizes / output_partition_sizes) plus,
+for a row-parallel layer with tp_size > 1, its ``tp_group`` / ``reduce_results``.
+Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
+allocated as above even with ``fully_sharded_loras`` (correct, more memory).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.config.lora import LoRAConfig
+from vllm.lora.layers.base import BaseLayerWithLoRA
+
+_KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
+          "ReplicatedLinear")
+
+
+def linear_kind(layer: nn.Module) -> Optional[str]:
+    """The most specific linear class name in ``layer``'s class hierarchy (by name, so that
+    subclasses and test stand-ins are recognised), or None for other modules."""
+    for cls in type(layer).__mro__:
+        if cls.__name__ in _KINDS:
+            return cls.__name__
+    return None
+
+
+class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
+    base_kind = ""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tp_size = int(getattr(base_layer, "tp_size", 1))
+        self.tp_rank = int(getattr(base_layer, "tp_rank", 0))
+        self.input_size = base_layer.input_size
+        self.output_sizes_full, self.output_slices = self._slice_sizes()
+        self.n_slices = len(self.output_slices)
+        self.punica_wrapper = None
+
+    # ---- what varies by sharding scheme ---------------------------------------------
+    def _slice_sizes(self) -> tuple[list[int], list[int]]:
+        """(full rows, this rank's rows) of each slice."""
+        return [self.base_layer.output_size], [self.base_layer.output_size_per_partition]
+
+    def _lora_a_in(self) -> int:
+        return self.input_size
+
+    def _shard_a(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+    def _shard_b(self, s: int, b: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of slice s: block ``tp_rank // replicas`` (replicas > 1 for replicated KV heads)."""
+        full, part = self.output_sizes_full[s], self.output_slices[s]
+        if part == full:
+            return b
+        replicas = max(1, self.tp_size * part // full)
+        start = (self.tp_rank // replicas) * part
+        return b[start:start + part]
+
+    # ---- buffers ---------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def create_lora_weights(self, max_loras: int, lora_config: LoRAConfig, model_config: Any = None) -> None:
+        w = self.base_layer.weight
+        R = lora_config.max_lora_rank
+        dtype = lora_config.lora_dtype or w.dtype
+        self.max_loras, self.max_lora_rank = max_loras, R
+        S = self.n_slices
+        self._lora_a = torch.zeros(S, max_loras, R, self._lora_a_in(), dtype=dtype, device=w.device)
+        self._lora_b = torch.zeros(S, max_loras, max(self.output_slices), R, dtype=dtype, device=w.device)
+        self.lora_a_stacked = tuple(self._lora_a.unbind(0))
+        self.lora_b_stacked = tuple(self._lora_b[s, :, :n] for s, n in enumerate(self.output_slices))
+        self.adapter_enabled = torch.zeros(max_loras + 1, dtype=torch.int32, device=w.device)
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.max_loras:
+            raise IndexError(f"LoRA slot {index} out of range [0, {self.max_loras})")
+
+    def reset_lora(self, index: int) -> None:
+        self._check_index(index)
+        self._lora_a[:, index].zero_()
+        self._lora_b[:, index].zero_()
+        self.adapter_enabled[index] = 0
+
+    def _as_list(self, t, what: str) -> list:
+        if t is None or isinstance(t, torch.Tensor):
+            t = [t]
+        t = list(t)
+        if len(t) != self.n_slices:
+            raise ValueError(f"{self._name()}: {what} has {len(t)} slices, this layer has {self.n_slices}")
+        return t
+
+    def _name(self) -> str:
+        return getattr(self.base_layer, "prefix", "") or type(self).__name__
+
+    def set_lora(self, index: int, lora_a: Sequence[Optional[torch.Tensor]] | torch.Tensor,
+                 lora_b: Sequence[Optional[torch.Tensor]] | torch.Tensor) -> None:
+        """Copy one adapter into slot ``index``: per slice A [r, in] and B [out_s, r] (full sizes), or None."""
+        self._check_index(index)
+        a_list, b_list = self._as_list(lora_a, "lora_a"), self._as_list(lora_b, "lora_b")
+        prepared = []
+        for s, (a, b) in enumerate(zip(a_list, b_list)):
+            if a is None and b is None:
+                prepared.append(None)
+                continue
+            if a is None or b is None:
+                raise ValueError(f"{self._name()} slice {s}: lora_a and lora_b must both be given or both be None")
+            r = a.shape[0]
+            want_a, want_b = (r, self.input_size), (self.output_sizes_full[s], r)
+            if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ValueError(f"{self._name()} slice {s}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} "
+                                 f"must be {want_a} / {want_b}")
+            if r > self.max_lora_rank:
+                raise ValueError(f"{self._name()}: adapter rank {r} exceeds max_lora_rank={self.max_lora_rank}; "
+                                 "restart with a larger --max-lora-rank")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"{self._name()} slice {s}: LoRA weights contain NaN or Inf")
+            prepared.append((self._shard_a(a), self._shard_b(s, b), r))
+        self.reset_lora(index)
+        for s, p in enumerate(prepared):
+            if p is not None:
+                a, b, r = p
+                self._lora_a[s, index, :r].copy_(a)
+                self._lora_b[s, index, : b.shape[0], :r].copy_(b)
+        self.adapter_enabled[index] = int(any(p is not None for p in prepared))
+
+    def set_mapping(self, punica_wrapper: Any) -> None:
+        self.punica_wrapper = punica_wrapper
+
+    # ---- forward ----------------------------------------------------------------------
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.punica_wrapper is not None:
+            self.punica_wrapper.add_lora_linear(y, x, self.lora_a_stacked, self.lora_b_stacked,
+                                                adapter_enabled=self.adapter_enabled)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_lora(self.base_layer(x), x)
+
+    @classmethod
+    def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
+                          packed_modules_list: Optional[list] = None, model_config: Any = None) -> bool:
+        return linear_kind(source_layer) == cls.base_kind
+
+
+class ReplicatedLinearWithLoRA(BaseLinearLayerWithLoRA):
+    base_kind = "ReplicatedLinear"
+
+
+class ColumnParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
+    base_kind = "ColumnParallelLinear"
+
+
+class MergedColumnParallelLinearWithLoRA(ColumnParallelLinearWithLoRA):
+    """One slice per stacked output (``gate_up_proj``: gate, up)."""
+
+    base_kind = "MergedColumnParallelLinear"
+
+    def _slice_sizes(self) -> tuple[list[int], list[int]]:
+        return list(self.base_layer.output_sizes), list(self.base_layer.output_partition_sizes)
+
+
+class QKVParallelLinearWithLoRA(MergedColumnParallelLinearWithLoRA):
+    """Three slices q, k, v."""
+
+    base_kind = "QKVParallelLinear"
+
+    def _slice_sizes(self) -> tuple[list[int], list[int]]:
+        full, part = super()._slice_sizes()
+        if len(full) != 3:
+            raise ValueError(f"{self._name()}: a QKV layer must have 3 outputs (q, k, v), got {full}")
+        return full, part
+
+
+class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
+    """A sharded on input columns like the weight, B whole; delta added before the all-reduce."""
+
+    base_kind = "RowParallelLinear"
+
+    def _lora_a_in(self) -> int:
+        return self.base_layer.input_size_per_partition
+
+    def _shard_a(self, a: torch.Tensor) -> torch.Tensor:
+        part = self.base_layer.input_size_per_partition
+        return a[:, self.tp_rank * part:(self.tp_rank + 1) * part]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.tp_size == 1:
+            return self._add_lora(base(x), x)
+        y = self._add_lora(F.linear(x, base.weight), x)  # this rank's partial sum, delta included
+        if getattr(base, "reduce_results", True):
+            group = getattr(base, "tp_group", None)
+            if group is None:
+                raise RuntimeError(f"{self._name()}: tp_size {self.tp_size} needs the base layer's tp_group")
+            y = group.all_reduce(y)
+            return y if base.bias is None else y + base.bias
+        if base.bias is not None and self.tp_rank == 0:
+            y = y + base.bias
+        return y
+
+
+LINEAR_LORA_CLASSES = (QKVParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA, ColumnParallelLinearWithLoRA,
+                       RowParallelLinearWithLoRA, ReplicatedLinearWithLoRA)
+
+
+def linear_lora_class(layer: nn.Module, lora_config: LoRAConfig,
+                      packed_modules_list: Optional[list] = None) -> Optional[type[BaseLinearLayerWithLoRA]]:
+    """The wrapper class for a linear ``layer``, or None when it is not one of the five linear kinds."""
+    for cls in LINEAR_LORA_CLASSES:
+        if cls.can_replace_layer(layer, lora_config, packed_modules_list):
+            return cls
+    return None

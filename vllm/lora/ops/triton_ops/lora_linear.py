@@ -1,0 +1,186 @@
+"""Public launcher of the dense (multi-)LoRA op: shrink and expand fused, added into y in place.
+
+Per token t whose slot = token_lora_mapping[t] is in [0, L) (and enabled), per slice s::
+
+    y[t, off_s + j] += sum_r (sum_k x[t, k] * A_s[slot, r, k]) * B_s[slot, j, r]
+
+The inner sum (the shrink) is accumulated in fp32 and stays fp32 until it has
+been multiplied by B; y is read, added to in fp32 and rounded once.
+
+Shapes (L = max_loras slots, R = max rank, smaller adapters zero-padded):
+    y: [T, cols] any strides;  x: [T, K] fp32/fp16/bf16, any strides
+    lora_a_stacked: S tensors [L, R, K] (x's dtype);  lora_b_stacked: S tensors [L, N_s, R] (same dtype)
+    token_lora_mapping: [>= T] int32 slot per token, -1 = no adapter
+    adapter_enabled: optional [>= L] int32, 0 = slot skipped
+    output_offsets: first column of each slice in y (default: 0, N_0, N_0 + N_1, ...)
+
+Paths: up to ``SMALL_BATCH_TOKENS`` tokens, one program per (token, slice,
+N-split) with no grouping; above, tokens grouped by slot (``LoRALinearMetadata``,
+made once per step by the Punica wrapper, or here when not given) and one
+program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
+Slices that are views of one buffer with one stride (the LoRA layers allocate
+them so) run in one launch when S <= 3; otherwise one launch per slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from vllm.lora.ops.torch_ops.lora_linear import slice_offsets
+from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
+from vllm.triton_utils import next_power_of_2, triton_interpreting
+
+SMALL_BATCH_TOKENS = 16
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_TARGET_PROGRAMS = 264  # about two per SM on an H100/H200
+
+
+@dataclass
+class LoRALinearMetadata:
+    """Tokens grouped by adapter slot, for the sorted path (one per step, shared by all layers).
+
+    sorted_token_ids: [>= T] int32 token indices ordered by slot (stable); the
+        tokens of slot l are entries [sum(slot_counts[:l]), + slot_counts[l]);
+        tokens without an adapter come last and are never read.
+    slot_counts: [L] int32 number of tokens of each slot.
+    """
+
+    sorted_token_ids: torch.Tensor
+    slot_counts: torch.Tensor
+
+
+def lora_linear_metadata(token_lora_mapping: torch.Tensor, max_loras: int,
+                         out: Optional[LoRALinearMetadata] = None) -> LoRALinearMetadata:
+    """Group the tokens of ``token_lora_mapping`` [T] by slot, with device ops only (no host sync).
+
+    ``out`` (buffers of at least T and L entries) is filled in place and returned, so
+    references to it (and CUDA graphs that read it) stay valid.
+    """
+    key = token_lora_mapping.long()
+    key = torch.where((key < 0) | (key >= max_loras), torch.full_like(key, max_loras), key)
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.zeros(max_loras + 1, dtype=torch.int32, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    if out is None:
+        return LoRALinearMetadata(order, counts[:max_loras])
+    out.sorted_token_ids[: order.numel()].copy_(order)
+    out.slot_counts.copy_(counts[:max_loras])
+    return out
+
+
+def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Tiles for one launch (a plain dict, overridable through ``config=``)."""
+    token_path = num_tokens <= SMALL_BATCH_TOKENS
+    n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
+    if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
+        return dict(BLOCK_M=16 if num_tokens <= 64 else 32, BLOCK_N=min(n_cap, 512), BLOCK_K=min(k_cap, 512),
+                    NUM_N_SPLITS=1, num_warps=4, num_stages=1, token_path=token_path)
+    if token_path:
+        block_r = next_power_of_2(max(R, 8))
+        block_n, block_k = min(128, n_cap), min(k_cap, max(16, 4096 // block_r))
+        programs = num_tokens * num_slices
+    else:
+        block_m = 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
+        block_n, block_k = (64 if num_tokens <= 128 else 128), min(64 if dtype != torch.float32 else 32, k_cap)
+        block_n = min(block_n, n_cap)
+        programs = -(-num_tokens // block_m) * num_slices
+    tiles = -(-N // block_n)
+    splits = max(1, min(8, tiles, _TARGET_PROGRAMS // max(programs, 1)))
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4, num_stages=3,
+               token_path=token_path)
+    if not token_path:
+        cfg["BLOCK_M"] = block_m
+    return cfg
+
+
+def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
+    """Element distance between consecutive slices if one base pointer and one set of strides address all."""
+    if len(ts) == 1:
+        return 0
+    t0 = ts[0]
+    if any(t.stride() != t0.stride() or t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()
+           for t in ts):
+        return None
+    diff = ts[1].data_ptr() - t0.data_ptr()
+    if diff % t0.element_size() or any(ts[i + 1].data_ptr() - ts[i].data_ptr() != diff for i in range(len(ts) - 1)):
+        return None
+    return diff // t0.element_size()
+
+
+def _check(y, x, a_list, b_list, mapping, adapter_enabled, offs) -> None:
+    if not a_list or len(a_list) != len(b_list):
+        raise ValueError(f"{len(a_list)} lora_a slices but {len(b_list)} lora_b slices (need >= 1 of each)")
+    if x.dim() != 2 or y.dim() != 2 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, K] and [T, cols]")
+    L, R, K = a_list[0].shape
+    for s, (a, b) in enumerate(zip(a_list, b_list)):
+        if a.dim() != 3 or tuple(a.shape) != (L, R, K) or K != x.shape[1]:
+            raise ValueError(f"lora_a[{s}] {tuple(a.shape)} must be [L, R, K] = [{L}, {R}, {x.shape[1]}]")
+        if b.dim() != 3 or b.shape[0] != L or b.shape[2] != R:
+            raise ValueError(f"lora_b[{s}] {tuple(b.shape)} must be [{L}, N, {R}]")
+        if a.dtype != x.dtype or b.dtype != x.dtype or x.dtype not in _FLOATS:
+            raise ValueError(f"x, lora_a[{s}], lora_b[{s}] must share one float dtype, got "
+                             f"{x.dtype}, {a.dtype}, {b.dtype}")
+        if a.device != x.device or b.device != x.device or y.device != x.device:
+            raise ValueError("x, y and the LoRA weights must be on one device")
+        if offs[s] < 0 or offs[s] + b.shape[1] > y.shape[1]:
+            raise ValueError(f"slice {s} covers columns [{offs[s]}, {offs[s] + b.shape[1]}) but y has {y.shape[1]}")
+    if mapping.dim() != 1 or mapping.shape[0] < x.shape[0] or mapping.dtype != torch.int32:
+        raise ValueError(f"token_lora_mapping must be int32 [>= T={x.shape[0]}], got {mapping.dtype} "
+                         f"{tuple(mapping.shape)}")
+    if adapter_enabled is not None and (adapter_enabled.dim() != 1 or adapter_enabled.shape[0] < L):
+        raise ValueError(f"adapter_enabled must be 1-D with >= max_loras={L} entries")
+
+
+def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
+                    lora_b_stacked: Sequence[torch.Tensor], token_lora_mapping: torch.Tensor, *,
+                    adapter_enabled: Optional[torch.Tensor] = None, output_offsets: Optional[Sequence[int]] = None,
+                    meta: Optional[LoRALinearMetadata] = None, config: Optional[dict[str, Any]] = None) -> None:
+    """y += the LoRA delta of every token, in place (see the module docstring)."""
+    from vllm.lora.ops.triton_ops import _lora_linear_kernels as kern
+
+    a_list, b_list = list(lora_a_stacked), list(lora_b_stacked)
+    offs = slice_offsets([b.shape[1] for b in b_list], output_offsets)
+    _check(y, x, a_list, b_list, token_lora_mapping, adapter_enabled, offs)
+    T, K = x.shape
+    L, R = a_list[0].shape[:2]
+    if T == 0 or R == 0:
+        return
+    n_sizes = [b.shape[1] for b in b_list]
+    S = len(a_list)
+    stride_as, stride_bs = _slice_stride(a_list), _slice_stride(b_list)
+    one_launch = S <= 3 and stride_as is not None and stride_bs is not None
+    groups = [list(range(S))] if one_launch else [[s] for s in range(S)]
+    cfg = lora_linear_config(T, K, max(n_sizes), R, len(groups[0]), x.dtype)
+    cfg.update(config or {})
+    interp = triton_interpreting()
+    if not cfg["token_path"] and meta is None:
+        meta = lora_linear_metadata(token_lora_mapping[:T], L)
+    enabled = adapter_enabled if adapter_enabled is not None else token_lora_mapping
+    for group in groups:
+        s0, ns = group[0], len(group)
+        a, b = a_list[s0], b_list[s0]
+        pad = 3 - ns
+        n_args = [n_sizes[s] for s in group] + [0] * pad
+        off_args = [offs[s] for s in group] + [0] * pad
+        tiles = -(-max(n_args) // cfg["BLOCK_N"])
+        splits = max(1, min(int(cfg["NUM_N_SPLITS"]), tiles))
+        strides = [x.stride(0), x.stride(1), stride_as if ns > 1 else 0, *a.stride(), stride_bs if ns > 1 else 0,
+                   *b.stride(), y.stride(0), y.stride(1), splits]
+        common = dict(HAS_ENABLED=adapter_enabled is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if cfg["token_path"]:
+            block_r = next_power_of_2(max(R, 8 if not interp else 16))
+            kern.lora_linear_token_kernel[(T, ns, splits)](
+                x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides,
+                BLOCK_R=block_r, **common)
+        else:
+            block_m = cfg["BLOCK_M"]
+            grid = (-(-T // block_m) + min(L, T), ns, splits)
+            kern.lora_linear_sorted_kernel[grid](
+                x, a, b, y, meta.sorted_token_ids, meta.slot_counts, enabled, T, K, R, L, *n_args, *off_args,
+                *strides, UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
+                EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, BLOCK_M=block_m, BLOCK_R=rank_block(R),
+                **common)
