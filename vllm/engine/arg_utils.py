@@ -1,0 +1,58 @@
+"""Engine arguments (the keyword arguments of ``LLM`` and the flags of ``vllm serve``) -> configs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from vllm.config.cache import CacheConfig
+from vllm.config.lora import LoRAConfig
+from vllm.config.model import ModelConfig
+from vllm.config.scheduler import SchedulerConfig
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    tensor_parallel_size: int = 1
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
+    fully_sharded_loras: bool = False
+    moe_backend: Optional[str] = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {', '.join(unknown)}; supported: {', '.join(sorted(names))}")
+        return cls(model=model, **kwargs)
+
+    def create_configs(self) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, Optional[LoRAConfig]]:
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by the engine yet; use 1")
+        model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
+                                   trust_remote_code=self.trust_remote_code)
+        cache_config = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                                   num_gpu_blocks_override=self.num_gpu_blocks_override)
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                                     max_cpu_loras=self.max_cpu_loras, fully_sharded_loras=self.fully_sharded_loras)
+        batched = self.max_num_batched_tokens or max(8192, model_config.max_model_len)
+        scheduler_config = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                                           max_model_len=model_config.max_model_len,
+                                           max_loras=self.max_loras if self.enable_lora else None)
+        return model_config, cache_config, scheduler_config, lora_config

@@ -1,0 +1,109 @@
+"""The offline API: ``LLM(model=DIR, enable_lora=True, ...).generate(prompts, params, lora_request=...)``."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.llm_engine import LLMEngine, PromptType
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+
+Many = Union[None, Any, Sequence[Any]]
+
+
+def _per_prompt(value: Many, n: int, name: str, kind: type) -> list:
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name}: got {len(values)} for {n} prompts; give one, or one per prompt")
+    for v in values:
+        if v is not None and not isinstance(v, kind):
+            raise TypeError(f"{name}: expected {kind.__name__} entries, got {type(v).__name__}")
+    return values
+
+
+class LLM:
+    """Generate text for a batch of prompts, each on the base model or its own LoRA adapter.
+
+    Keyword arguments are the engine's (``EngineArgs``): dtype, seed, max_model_len,
+    max_num_seqs, enable_lora, max_loras, max_lora_rank, max_cpu_loras, ...
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(EngineArgs.from_kwargs(model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+                 lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in prompt order.
+
+        ``sampling_params`` and ``lora_request`` are one for all prompts or one per prompt
+        (``None`` entries: base model).  A bad request raises before anything runs.
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams)
+        loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, p, lr in zip(prompts, params, loras):
+                rid = str(next(self._counter))
+                engine.add_request(rid, prompt, p or SamplingParams(), lora_request=lr)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)  # nothing of a rejected batch keeps running
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id not in done:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]],
+             sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+             lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
+             chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        if chat_template is None and getattr(tok, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template; pass chat_template=... or use generate()")
+        prompts = []
+        for conv in conversations:
+            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm=use_tqdm)
