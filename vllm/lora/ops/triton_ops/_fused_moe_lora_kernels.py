@@ -59,6 +59,40 @@ def _expand_dot(hi, mid, lo, b, UPCAST: tl.constexpr, FP32_PRECISION: tl.constex
 
 
 @triton.jit
+def _shrink_rows(x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak, UPCAST: tl.constexpr,
+                 FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R] = rows of x @ A^T, walking K in BLOCK_K steps.
+
+    x_ptrs: [BLOCK_M, BLOCK_K] pointers to the rows' first K tile; a_ptrs: [BLOCK_K, BLOCK_R]
+    pointers to the first K tile of A^T.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
+def _split_for_expand(acc, EXPAND_MODE: tl.constexpr):
+    """(hi, mid, lo): three bf16 terms summing to the fp32 ``acc`` (EXPAND_MODE 1), else acc three times."""
+    if EXPAND_MODE == 1:
+        hi = acc.to(tl.bfloat16)
+        rest = acc - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        return hi, mid, lo
+    else:
+        return acc, acc, acc
+
+
+@triton.jit
 def _n_tile_range(pid_n, N, num_n_splits, BLOCK_N: tl.constexpr):
     """The N tiles [begin, end) that N-split ``pid_n`` expands."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -105,28 +139,14 @@ def moe_lora_sorted_kernel(
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
         a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae
                   + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - kt * BLOCK_K
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
-            acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
+        acc = _shrink_rows(x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak, UPCAST, FP32_PRECISION,
+                           BLOCK_M, BLOCK_K, BLOCK_R)
     else:
         s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
         acc = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
 
     if DO_EXPAND:
-        if EXPAND_MODE == 1:
-            hi = acc.to(tl.bfloat16)
-            rest = acc - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-        else:
-            hi = acc
-            mid = acc
-            lo = acc
+        hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
         if MUL_ROUTED_WEIGHT:
             w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
         out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj

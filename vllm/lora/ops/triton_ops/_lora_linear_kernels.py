@@ -23,7 +23,13 @@ interpreter's dot on bf16 multiplies raw bit patterns.
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, _n_tile_range
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
+    _dot,
+    _expand_dot,
+    _n_tile_range,
+    _shrink_rows,
+    _split_for_expand,
+)
 
 
 @triton.jit
@@ -141,24 +147,10 @@ def lora_linear_sorted_kernel(
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk
     a_ptrs = (a_ptr + s64 * stride_as + slot64 * stride_al
               + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
-        acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = _shrink_rows(x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak, UPCAST, FP32_PRECISION,
+                       BLOCK_M, BLOCK_K, BLOCK_R)
 
-    if EXPAND_MODE == 1:
-        hi = acc.to(tl.bfloat16)
-        rest = acc - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
-        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    else:
-        hi = acc
-        mid = acc
-        lo = acc
+    hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
     y_rows = y_ptr + tokens * stride_yt
     b_base = b_ptr + s64 * stride_bs + slot64 * stride_bl + offs_r[:, None] * stride_br
     t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
