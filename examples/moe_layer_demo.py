@@ -6,7 +6,7 @@ tokens use the base model or any of the adapters, and checks every token
 against an independent float64 loop reference.  Prints, per adapter, how far
 the layer is from the reference and how much the adapter moved the output.
 
-    python examples/moe_lora_demo.py [--tokens 64] [--backend triton|torch]
+    python examples/moe_layer_demo.py [--tokens 64] [--backend triton|torch]
 """
 from __future__ import annotations
 
