@@ -102,3 +102,22 @@ def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(model):
 def test_unknown_engine_argument(tmp_path):
     with pytest.raises(TypeError, match="unknown engine argument"):
         LLM(str(tmp_path), max_lorass=3)
+
+
+@pytest.mark.parametrize("dtype,want", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                        ("float32", torch.float32), ("auto", torch.float32)])
+def test_dtype(tmp_path, dtype, want):
+    path, hf, tok = tiny_model_dir("qwen3_moe", tmp_path)
+    llm = LLM(path, dtype=dtype, max_model_len=64, block_size=4, num_gpu_blocks_override=64)
+    engine = llm.llm_engine
+    assert next(engine.model.parameters()).dtype == want and engine.kv_caches[0].dtype == want
+    out = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in out)
+    if want == torch.float32:
+        assert out[0].outputs[0].token_ids == hf_greedy(hf, tok, PROMPTS[0], 16)
+
+
+def test_bad_dtype(tmp_path):
+    path, _, _ = tiny_model_dir("qwen3_moe", tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(path, dtype="int8")
