@@ -57,6 +57,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_FUSED_MOE_BACKEND": _str("VLLM_FUSED_MOE_BACKEND", None),
     # Force the platform ("cuda" or "cpu") instead of detecting it.
     "VLLM_TARGET_DEVICE": _choice("VLLM_TARGET_DEVICE", None, ("cuda", "cpu")),
+    # Paged-attention backend of the Attention layers: "triton" or "torch";
+    # unset = Triton when a CUDA GPU is available, torch otherwise.  Read once
+    # per layer, when the layer is constructed.
+    "VLLM_ATTENTION_BACKEND": _choice("VLLM_ATTENTION_BACKEND", None, ("triton", "torch")),
     # Allow loading / unloading LoRA adapters at run time through the server.
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False),
 }

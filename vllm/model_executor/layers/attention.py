@@ -1,7 +1,9 @@
 """The ``Attention`` layer: stores this step's K/V in its paged cache and attends.
 
 The KV cache tensor is bound once by the model runner (``bind_kv_cache``); the
-per-step metadata comes from the forward context.
+per-step metadata comes from the forward context.  The backend (Triton kernel
+or plain torch) is chosen once per layer at construction: ``VLLM_ATTENTION_BACKEND``
+if set, else Triton when a CUDA GPU is available, torch otherwise.
 """
 from __future__ import annotations
 
@@ -10,8 +12,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vllm import envs
 from vllm.attention.torch_backend import paged_attention_torch, write_kv
 from vllm.forward_context import get_forward_context
+
+
+def select_attention_backend() -> str:
+    """"triton" or "torch": the env var if set, else Triton exactly when CUDA is available."""
+    return envs.VLLM_ATTENTION_BACKEND or ("triton" if torch.cuda.is_available() else "torch")
 
 
 class Attention(nn.Module):
@@ -26,6 +34,12 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.prefix = prefix
         self.kv_cache: Optional[torch.Tensor] = None
+        self.backend = select_attention_backend()
+        if self.backend == "triton":
+            from vllm.attention.triton_backend import paged_attention_triton, write_kv_triton
+            self._write_kv, self._attend = write_kv_triton, paged_attention_triton
+        else:
+            self._write_kv, self._attend = write_kv, paged_attention_torch
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
@@ -35,9 +49,9 @@ class Attention(nn.Module):
         meta = get_forward_context().attn_metadata
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
-        write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
-                 v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        out = paged_attention_torch(q, self.kv_cache, meta, self.scale)
+        self._write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
+                       v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        out = self._attend(q, self.kv_cache, meta, self.scale)
         return out.reshape(T, self.num_heads * self.head_dim)
 
 
