@@ -1,0 +1,193 @@
+"""``AsyncLLMEngine``: an ``LLMEngine`` stepped by one background thread, driven from asyncio.
+
+The engine is not thread-safe, so every call into it (add_request, abort_request,
+add_lora, remove_lora, step) happens on the engine thread.  Callers post commands
+to a queue; the thread drains the queue between steps, runs a step while there is
+work, and hands each ``RequestOutput`` to the asyncio queue of its request with
+``loop.call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.llm_engine import LLMEngine, PromptType
+from vllm.logger import init_logger
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Stream:
+    """Where the outputs of one request go: an asyncio queue on the caller's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: "queue.Queue[tuple[Callable[[], Any], Optional[concurrent.futures.Future]]]" = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._dead: Optional[BaseException] = None
+        # counters for /metrics (written on the engine thread only)
+        self.stats = {"requests_finished": 0, "requests_aborted": 0, "prompt_tokens": 0, "generation_tokens": 0,
+                      "requests_running": 0, "requests_waiting": 0}
+        self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
+        return cls(LLMEngine(args))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    # ---- the engine thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get_nowait() if busy else self._commands.get()
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    self._run_command(*cmd)
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # pragma: no cover - a bug in the engine
+            logger.exception("engine loop died")
+            self._dead = e
+            for stream in list(self._streams.values()):
+                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+            self._streams.clear()
+
+    def _run_command(self, fn: Callable[[], Any], fut: Optional[concurrent.futures.Future]) -> None:
+        try:
+            result = fn()
+        except BaseException as e:
+            if fut is not None:
+                fut.set_exception(e)
+            return
+        if fut is not None:
+            fut.set_result(result)
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        sched = self.engine.scheduler
+        self.stats["requests_running"] = len(getattr(sched, "running", ()))
+        self.stats["requests_waiting"] = len(getattr(sched, "waiting", ()))
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self.stats["requests_finished"] += 1
+                self.stats["generation_tokens"] += sum(len(o.token_ids) for o in out.outputs)
+                self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream.put(out)
+
+    def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        return fut
+
+    async def _call_async(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self._call(fn))
+
+    # ---- public API -------------------------------------------------------------------
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        return await self._call_async(lambda: self.engine.add_lora(lora_request))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._call_async(lambda: self.engine.remove_lora(lora_int_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_nowait(request_id)
+
+    def _abort_nowait(self, request_id: str) -> None:
+        def do() -> None:
+            if request_id in self._streams or request_id in self.engine._requests:
+                self.stats["requests_aborted"] += 1
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+        if self.is_running:
+            self._commands.put((do, None))
+
+    async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None,
+                       lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's ``RequestOutput`` after every step until it finishes.
+
+        Errors of ``add_request`` (bad adapter, too-long prompt) are raised here, to this
+        caller only.  Closing or cancelling the iterator aborts the request.
+        """
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop())
+        params = params or SamplingParams()
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, params, lora_request=lora_request,
+                                    arrival_time=time.time())
+            self._streams[request_id] = stream
+            self.stats["prompt_tokens"] += len(self.engine._requests[request_id][0].prompt_token_ids)
+
+        await self._call_async(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._abort_nowait(request_id)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; unfinished requests are dropped."""
+        self._stop.set()
+        self._commands.put((lambda: None, None))  # wake the thread if it waits for work
+        self._thread.join(timeout)
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError("the engine was shut down"))
+        self._streams.clear()

@@ -1,0 +1,64 @@
+"""The ``vllm`` command: ``vllm serve MODEL_DIR [options]``, ``vllm --version``.
+
+Also runnable as ``python -m vllm.entrypoints.cli serve ...``.  The server (FastAPI,
+uvicorn) is imported only when ``serve`` runs, so the package works without them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules entries are name=path, got {text!r}")
+    return name, path
+
+
+def make_parser() -> argparse.ArgumentParser:
+    import vllm
+
+    parser = argparse.ArgumentParser(prog="vllm", description="vllm command-line interface")
+    parser.add_argument("--version", action="version", version=vllm.__version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                           description="Serve MODEL_DIR (and LoRA adapters) over an OpenAI-compatible HTTP API.")
+    serve.add_argument("model", metavar="MODEL_DIR", help="folder of the model (config, weights, tokenizer)")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="name(s) of the base model in the API (default: MODEL_DIR)")
+    serve.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    serve.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=PATH",
+                       help="adapters to serve, each as name=path")
+    serve.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (default: 1)")
+    serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
+    serve.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached on the CPU")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (default: 256)")
+    serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
+    serve.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            from vllm.entrypoints.openai.api_server import run_server
+        except ImportError as e:
+            parser.exit(1, f"vllm serve needs the server extras ({e.name} is missing): "
+                           "pip install 'vllm[serve]'\n")
+        run_server(args)
+        return 0
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The OpenAI-compatible HTTP server behind ``vllm serve`` (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import vllm
+from vllm import envs
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.async_llm_engine import AsyncLLMEngine
+from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+                                              UnloadLoRAAdapterRequest)
+from vllm.entrypoints.openai.serving import APIError, Models, Serving, not_found
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+async def _until_disconnect(request: Request, coro) -> Any:
+    """Run ``coro``; cancel it (aborting its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise APIError("client disconnected", 499, "ClientDisconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        logger.info("ready: the server accepts requests")
+        yield
+
+    app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan)
+    serving = Serving(engine, models)
+    http_requests: dict[tuple[str, int], int] = {}
+    latency: list[float] = [0.0, 0.0]  # sum, count of /v1 request latencies
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return _error(APIError("invalid or missing API key", 401, "AuthenticationError"))
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        if path.startswith("/v1"):
+            key = (path, response.status_code)
+            http_requests[key] = http_requests.get(key, 0) + 1
+            latency[0] += time.perf_counter() - t0
+            latency[1] += 1
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return _error(APIError(msg, 400, "BadRequestError", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+        return _error(APIError(str(exc.detail), exc.status_code, kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        logger.exception("request failed")
+        return _error(APIError(f"internal error: {exc!r}", 500, "InternalServerError"))
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_running:
+            return _error(APIError("the engine is not running", 503, "ServiceUnavailable"))
+        return PlainTextResponse("")
+
+    @app.get("/version")
+    async def version():
+        return {"version": vllm.__version__}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return models.listing().model_dump()
+
+    async def respond(request: Request, result):
+        if hasattr(result, "__aiter__"):
+            return StreamingResponse(result, media_type="text/event-stream")
+        return JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.stream:
+            return await respond(request, await serving.completions(body))
+        return await respond(request, await _until_disconnect(request, serving.completions(body)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        if body.stream:
+            return await respond(request, await serving.chat(body))
+        return await respond(request, await _until_disconnect(request, serving.chat(body)))
+
+    def _runtime_updates_allowed() -> None:
+        if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+            raise APIError("loading and unloading LoRA adapters at run time is disabled; start the server with "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", 403, "PermissionDenied")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        _runtime_updates_allowed()
+        if body.lora_name in models.adapters or body.lora_name in models.base_names:
+            raise APIError(f"the adapter {body.lora_name!r} is already loaded", param="lora_name")
+        try:
+            req = models.new_lora(body.lora_name, body.lora_path)
+            await engine.add_lora(req)
+        except Exception as e:  # bad path or files: refused, the server goes on
+            raise APIError(f"failed to load adapter {body.lora_name!r} from {body.lora_path!r}: {e}",
+                           param="lora_path") from e
+        models.adapters[body.lora_name] = req
+        logger.info("loaded LoRA adapter %s from %s", body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        _runtime_updates_allowed()
+        req = models.adapters.get(body.lora_name)
+        if req is None:
+            raise not_found(f"the adapter {body.lora_name!r} is not loaded", "lora_name")
+        del models.adapters[body.lora_name]
+        await engine.remove_lora(req.lora_int_id)
+        logger.info("unloaded LoRA adapter %s", body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.stats
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend([f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} {kind}"])
+            lines.extend(f"vllm:{name}{labels} {value}" for labels, value in samples)
+
+        metric("request_success_total", "counter", "Finished requests.", [("", s["requests_finished"])])
+        metric("request_aborted_total", "counter", "Aborted requests.", [("", s["requests_aborted"])])
+        metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", s["prompt_tokens"])])
+        metric("generation_tokens_total", "counter", "Generated tokens.", [("", s["generation_tokens"])])
+        metric("num_requests_running", "gauge", "Sequences running.", [("", s["requests_running"])])
+        metric("num_requests_waiting", "gauge", "Sequences waiting.", [("", s["requests_waiting"])])
+        metric("lora_adapters_loaded", "gauge", "Adapters served.", [("", len(models.adapters))])
+        metric("http_requests_total", "counter", "HTTP requests by route and status.",
+               [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(http_requests.items())])
+        metric("e2e_request_latency_seconds", "summary", "HTTP request latency of /v1 routes.",
+               [("_sum", latency[0]), ("_count", latency[1])])
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+                      enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      max_cpu_loras=args.max_cpu_loras)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if args.lora_modules and not args.enable_lora:
+        raise SystemExit("error: --lora-modules needs --enable-lora")
+    logger.info("vllm %s: starting the engine for %s", vllm.__version__, args.model)
+    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))
+    model_cfg = engine.engine.model_config
+    names = args.served_model_name or [args.model]
+    models = Models(names, os.path.abspath(args.model), model_cfg.max_model_len)
+    for name, path in args.lora_modules or []:
+        req = models.new_lora(name, path)
+        logger.info("loading LoRA adapter %s from %s", name, path)
+        asyncio.run(engine.add_lora(req))
+        models.adapters[name] = req
+    bm = engine.engine.scheduler.block_manager
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", bm.num_blocks, bm.block_size,
+                bm.num_blocks * bm.block_size)
+    app = build_app(engine, models, args.api_key)
+    logger.info("serving %s on http://%s:%d (routes: /v1/models, /v1/completions, /v1/chat/completions, "
+                "/health, /version, /metrics)", ", ".join(names + list(models.adapters)), args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+        logger.info("server stopped")
