@@ -79,6 +79,7 @@ def test_loader_errors_are_clear():
 
 def test_other_ranks_experts_are_skipped():
     layer = _layer(4, 16, 8, ep_size=2, ep_rank=0)
+    layer.w2_weight.data.normal_()  # created with torch.empty: may hold NaN, which never compares equal
     before = layer.w2_weight.clone()
     layer.weight_loader(layer.w2_weight, torch.randn(16, 8), "w2", 3)  # expert 3 lives on rank 1
     assert torch.equal(layer.w2_weight, before)
