@@ -128,3 +128,31 @@ def test_bad_adapters_fail_clearly_and_the_engine_keeps_serving(setup, tmp_path)
     outs = llm.generate(PROMPTS[:2], GREEDY, lora_request=[None, setup.requests[1]], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == setup.reference(PROMPTS[0], None)
     assert outs[1].outputs[0].token_ids == setup.reference(PROMPTS[1], 1)
+
+
+def test_adapter_that_cannot_be_reloaded_aborts_only_its_request(setup, tmp_path):
+    """An adapter evicted from the CPU cache whose files are gone by the time its request runs:
+    that request finishes as 'abort', the rest of the batch is served correctly."""
+    import shutil
+
+    from vllm.sampling_params import SamplingParams as SP
+
+    gone = tmp_path / "gone"
+    shutil.copytree(setup.adapters[2], gone)
+    llm = _llm(setup, max_loras=1, max_cpu_loras=1)
+    engine = llm.llm_engine
+    doomed = LoRARequest("gone", 5, str(gone))
+    engine.add_request("doomed", PROMPTS[0], GREEDY, lora_request=doomed)  # loads (and validates) it
+    engine.add_request("fine", PROMPTS[1], GREEDY, lora_request=setup.requests[1])  # evicts "gone" from the cache
+    shutil.rmtree(gone)
+    engine.add_request("base", PROMPTS[2], SP(temperature=0, max_tokens=16, ignore_eos=True))
+    done = {}
+    for _ in range(200):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if not engine.has_unfinished_requests():
+            break
+    assert done["doomed"].outputs[0].finish_reason == "abort"
+    assert done["fine"].outputs[0].token_ids == setup.reference(PROMPTS[1], 1)
+    assert done["base"].outputs[0].token_ids == setup.reference(PROMPTS[2], None)

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from vllm.core.block_manager import BlockManager
-from vllm.core.scheduler import Scheduler
+from vllm.core.scheduler import Scheduler, SchedulerOutput
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.kv_cache import allocate_and_bind, num_kv_blocks
 from vllm.logger import init_logger
@@ -154,20 +154,38 @@ class LLMEngine:
         return len(self._requests)
 
     # ---- one step ---------------------------------------------------------------------
-    def _ensure_adapters(self, seqs: list[Sequence]) -> None:
-        """Adapters of the batch are in the CPU cache (reloaded if it evicted them)."""
+    def _ensure_adapters(self, seqs: list[Sequence]) -> list[str]:
+        """Adapters of the batch are in the CPU cache (reloaded if it evicted them).
+
+        Returns the request ids whose adapter can no longer be loaded (e.g. its files
+        were removed); the caller aborts them so the other requests keep running.
+        """
         if self.lora_manager is None:
-            return
+            return []
+        failed = []
         for seq in seqs:
             req = seq.lora_request
             if req is not None and self.lora_manager.get_request(req.lora_int_id) is None:
-                self.lora_manager.add_adapter(req)
+                try:
+                    self.lora_manager.add_adapter(req)
+                except Exception as exc:  # noqa: BLE001 - reported per request, the engine keeps serving
+                    logger.error("request %s: LoRA adapter %r could not be reloaded: %s", seq.request_id,
+                                 req.lora_name, exc)
+                    failed.append(seq.request_id)
+        return failed
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         touched = {s.request_id for s in out.scheduled_seqs} | {s.request_id for s in out.ignored_seqs}
+        failed = set(self._ensure_adapters(out.scheduled_seqs)) if not out.is_empty else set()
+        if failed:  # abort those requests (reported as finished) and run the rest of the batch
+            self.scheduler.abort_request(list(failed))
+            keep = [i for i, seq in enumerate(out.scheduled_seqs) if seq.request_id not in failed]
+            out = SchedulerOutput(scheduled_seqs=[out.scheduled_seqs[i] for i in keep],
+                                  query_lens=[out.query_lens[i] for i in keep],
+                                  context_lens=[out.context_lens[i] for i in keep], is_prefill=out.is_prefill,
+                                  ignored_seqs=out.ignored_seqs, preempted_seqs=out.preempted_seqs)
         if not out.is_empty:
-            self._ensure_adapters(out.scheduled_seqs)
             tokens = self.runner.execute(out)
             self.scheduler.postprocess(out.scheduled_seqs, tokens)
             for seq in out.scheduled_seqs:

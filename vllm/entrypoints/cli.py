@@ -32,8 +32,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="name(s) of the base model in the API (default: MODEL_DIR)")
     serve.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
-    serve.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None, metavar="NAME=PATH",
-                       help="adapters to serve, each as name=path")
+    serve.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=None, metavar="NAME=PATH",
+                       help="adapters to serve, each as name=path (the flag may be repeated)")
     serve.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (default: 1)")
     serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
     serve.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached on the CPU")

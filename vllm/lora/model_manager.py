@@ -164,8 +164,11 @@ class LoRAModelManager:
     def _evict_from_cache(self) -> None:
         candidates = [i for i in self._cache if i not in self._pinned]
         if not candidates:
-            raise RuntimeError(f"all {self.capacity} cached adapters are used by the current batch; "
-                               "raise max_cpu_loras")
+            # Every cached adapter is used by the current batch: keep them all and let the
+            # cache run one over its capacity; later additions evict it back down.
+            logger.info("LoRA: CPU cache over capacity (%d) while the batch uses all cached adapters; "
+                        "consider a larger max_cpu_loras", self.capacity)
+            return
         idle = [i for i in candidates if i not in self._slot_lru]  # prefer one that holds no slot
         victim = (idle or candidates)[0]
         logger.info("LoRA: evicting adapter %d from the CPU cache", victim)
