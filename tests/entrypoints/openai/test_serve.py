@@ -115,6 +115,11 @@ def test_health_version_metrics(server):
     assert httpx.get(f"{server.url}/version", timeout=5).json()["version"]
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     assert "vllm:request_success_total" in text and "vllm:lora_adapters_loaded 2" in text
+    # the latency histogram: cumulative buckets ending in +Inf == _count, which counts /v1 requests
+    rows = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("vllm:e2e_request_latency"))
+    assert "# TYPE vllm:e2e_request_latency_seconds histogram" in text
+    buckets = [float(v) for k, v in rows.items() if "_bucket" in k]
+    assert buckets == sorted(buckets) and buckets[-1] == float(rows["vllm:e2e_request_latency_seconds_count"]) > 0
 
 
 def test_runtime_load_unload(client, server):

@@ -17,6 +17,7 @@ import vllm
 from vllm import envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
+from vllm.entrypoints.openai.metrics import Histogram
 from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                               UnloadLoRAAdapterRequest)
 from vllm.entrypoints.openai.serving import APIError, Models, Serving, not_found
@@ -64,7 +65,7 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
     app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan)
     serving = Serving(engine, models)
     http_requests: dict[tuple[str, int], int] = {}
-    latency: list[float] = [0.0, 0.0]  # sum, count of /v1 request latencies
+    latency = Histogram()  # /v1 requests, from arrival to the last byte of the response
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
@@ -77,8 +78,18 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         if path.startswith("/v1"):
             key = (path, response.status_code)
             http_requests[key] = http_requests.get(key, 0) + 1
-            latency[0] += time.perf_counter() - t0
-            latency[1] += 1
+            body = getattr(response, "body_iterator", None)
+            if body is None:
+                latency.observe(time.perf_counter() - t0)
+            else:  # streamed (SSE included): observe when the last chunk has gone out
+                async def timed(inner=body):
+                    try:
+                        async for chunk in inner:
+                            yield chunk
+                    finally:
+                        latency.observe(time.perf_counter() - t0)
+
+                response.body_iterator = timed()
         return response
 
     @app.exception_handler(APIError)
@@ -180,8 +191,8 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         metric("lora_adapters_loaded", "gauge", "Adapters served.", [("", len(models.adapters))])
         metric("http_requests_total", "counter", "HTTP requests by route and status.",
                [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(http_requests.items())])
-        metric("e2e_request_latency_seconds", "summary", "HTTP request latency of /v1 routes.",
-               [("_sum", latency[0]), ("_count", latency[1])])
+        metric("e2e_request_latency_seconds", "histogram",
+               "Latency of /v1 requests, arrival to the end of the (streamed) response.", latency.samples())
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
