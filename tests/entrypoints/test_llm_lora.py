@@ -156,3 +156,28 @@ def test_adapter_that_cannot_be_reloaded_aborts_only_its_request(setup, tmp_path
     assert done["doomed"].outputs[0].finish_reason == "abort"
     assert done["fine"].outputs[0].token_ids == setup.reference(PROMPTS[1], 1)
     assert done["base"].outputs[0].token_ids == setup.reference(PROMPTS[2], None)
+
+
+def test_reloading_an_adapter_never_evicts_another_of_the_same_batch(setup):
+    """CPU cache of 2 holding [A, B] (A least recently used); the next batch needs A and C.
+    Loading C must evict B (not in the batch), not A (in the batch but least recently used)."""
+    from vllm.sequence import Sequence
+
+    llm = _llm(setup, max_loras=2, max_cpu_loras=2)
+    engine = llm.llm_engine
+    a, b, c = setup.requests
+    engine.add_lora(a)
+    engine.add_lora(b)
+    batch = [Sequence(i, f"r{i}", [40, 41, 42], GREEDY, lora_request=r) for i, r in enumerate([a, c])]
+    assert engine._ensure_adapters(batch) == []
+    assert set(engine.lora_manager.list_adapters()) == {a.lora_int_id, c.lora_int_id}
+    # and the batch runs correctly end to end
+    engine.add_request("x", PROMPTS[0], GREEDY, lora_request=a)
+    engine.add_request("y", PROMPTS[1], GREEDY, lora_request=c)
+    done = {}
+    for _ in range(200):
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+        if not engine.has_unfinished_requests():
+            break
+    assert done["x"].outputs[0].token_ids == setup.reference(PROMPTS[0], 0)
+    assert done["y"].outputs[0].token_ids == setup.reference(PROMPTS[1], 2)

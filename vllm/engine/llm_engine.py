@@ -163,6 +163,8 @@ class LLMEngine:
         if self.lora_manager is None:
             return []
         failed = []
+        # Pin the whole batch first, so that reloading one of its adapters never evicts another.
+        self.lora_manager.pin_adapters({seq.lora_int_id for seq in seqs})
         for seq in seqs:
             req = seq.lora_request
             if req is not None and self.lora_manager.get_request(req.lora_int_id) is None:

@@ -174,6 +174,10 @@ class LoRAModelManager:
         logger.info("LoRA: evicting adapter %d from the CPU cache", victim)
         self.remove_adapter(victim)
 
+    def pin_adapters(self, lora_int_ids) -> None:
+        """Protect the adapters of the batch about to run from eviction while it is being prepared."""
+        self._pinned = {int(i) for i in lora_int_ids if int(i) != 0}
+
     def remove_adapter(self, lora_int_id: int) -> bool:
         """Drop an adapter from the cache and clear its slot (the slot then contributes exactly zero)."""
         if lora_int_id not in self._cache:
