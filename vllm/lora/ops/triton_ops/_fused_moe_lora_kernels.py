@@ -80,6 +80,26 @@ def _shrink_rows(x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak, UPCAST
 
 
 @triton.jit
+def _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_R] = one row of x @ A^T without a dot (a dot needs 16 rows).
+
+    x_ptrs: [BLOCK_K] pointers to the row's first K tile; a_ptrs: [BLOCK_R, BLOCK_K] pointers to A's.
+    Element-wise fp32 partial products, reduced once after the loop.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        xk = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
+        acc2 += a * xk[None, :]
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    return tl.sum(acc2, axis=1)
+
+
+@triton.jit
 def _split_for_expand(acc, EXPAND_MODE: tl.constexpr):
     """(hi, mid, lo): three bf16 terms summing to the fp32 ``acc`` (EXPAND_MODE 1), else acc three times."""
     if EXPAND_MODE == 1:
@@ -206,16 +226,7 @@ def moe_lora_pair_kernel(
         x_ptrs = x_ptr + (pair // top_k_in) * stride_xm + offs_k * stride_xk
         a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae
                   + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak)  # [BLOCK_R, BLOCK_K]
-        # Element-wise fp32 partial products, reduced once after the loop.
-        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - kt * BLOCK_K
-            xk = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
-            a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
-            acc2 += a * xk[None, :]
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
-        acc = tl.sum(acc2, axis=1)
+        acc = _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K, BLOCK_R)
     else:
         acc = tl.load(shrunk_ptr + slice_s * stride_ss + pair * stride_sp + offs_r * stride_sr, mask=mask_r,
                       other=0.0)

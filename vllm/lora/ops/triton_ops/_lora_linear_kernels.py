@@ -27,6 +27,7 @@ from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
     _dot,
     _expand_dot,
     _n_tile_range,
+    _shrink_one_row,
     _shrink_rows,
     _split_for_expand,
 )
@@ -68,16 +69,7 @@ def lora_linear_token_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t * stride_xt + offs_k * stride_xk
     a_ptrs = a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-    # Element-wise fp32 partial products, reduced once after the loop.
-    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        xk = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
-        acc2 += a * xk[None, :]
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
-    shrunk = tl.sum(acc2, axis=1)  # [BLOCK_R] fp32
+    shrunk = _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K, BLOCK_R)  # fp32
 
     y_row = y_ptr + t * stride_yt
     b_base = b_ptr + s64 * stride_bs + slot * stride_bl + offs_r[None, :] * stride_br
