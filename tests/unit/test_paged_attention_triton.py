@@ -12,18 +12,8 @@ from tests.utils import assert_close, poison_
 from vllm.attention import allocate_kv_cache, build_metadata
 from vllm.attention.torch_backend import paged_attention_torch, write_kv
 from vllm.attention.triton_backend import paged_attention_triton, write_kv_triton
-from vllm.forward_context import set_forward_context
+from tests.unit.attention_reference import check_prefill_then_decode, dense_causal
 from vllm.model_executor.layers.attention import Attention, bind_kv_cache, select_attention_backend
-
-
-def _dense_causal(q, k, v, scale):
-    """q: [S, H, D], k/v: [S, kvH, D] float64 -> [S, H, D]."""
-    S = q.shape[0]
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    s = s.masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool, device=q.device), 1)[None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
 
 
 def _scattered_tables(seq_lens, bs, num_blocks, gen, extra=1):
@@ -70,7 +60,7 @@ def _run_case(query_lens, seq_lens, H, kvH, D, bs, dtype, device):
     assert got is out
     assert torch.isfinite(out).all(), "some output rows were not written"
     assert_close(out, paged_attention_torch(query, cache, meta, scale), dtype, name="vs torch backend")
-    dense = torch.cat([_dense_causal(q.double(), k.double(), v.double(), scale)[c:]
+    dense = torch.cat([dense_causal(q.double(), k.double(), v.double(), scale)[c:]
                        for q, k, v, c in zip(qs, ks, vs, ctx)])
     assert_close(out, dense.to(device=device, dtype=torch.float32), dtype, name="vs dense float64")
 
@@ -152,21 +142,7 @@ def test_attention_layer_on_triton_backend(monkeypatch, device):
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "torch")  # no effect on an existing layer
     assert attn.backend == "triton"
     bind_kv_cache(torch.nn.Sequential(attn), [allocate_kv_cache(16, bs, kvH, D, torch.float32, device)])
-    lens, tables = [6, 9], [[3, 7], [0, 2, 9]]
-    qs = [torch.randn(n, H, D, device=device) for n in lens]
-    ks = [torch.randn(n, kvH, D, device=device) for n in lens]
-    vs = [torch.randn(n, kvH, D, device=device) for n in lens]
-    pre = [n - 1 for n in lens]
-    with set_forward_context(build_metadata(pre, pre, tables, bs, device)):
-        out_pre = attn(*(torch.cat([x[:-1] for x in xs]).flatten(1) for xs in (qs, ks, vs)))
-    with set_forward_context(build_metadata([1, 1], lens, tables, bs, device)):
-        out_dec = attn(*(torch.cat([x[-1:] for x in xs]).flatten(1) for xs in (qs, ks, vs)))
-    start = 0
-    for b, n in enumerate(lens):
-        ref = _dense_causal(qs[b].double(), ks[b].double(), vs[b].double(), 1 / math.sqrt(D))
-        got = torch.cat([out_pre[start:start + n - 1], out_dec[b:b + 1]]).view(n, H, D)
-        assert_close(got, ref.float(), torch.float32)
-        start += n - 1
+    check_prefill_then_decode(attn, [6, 9], [[3, 7], [0, 2, 9]], H, kvH, D, bs, device)
 
 
 @pytest.mark.cuda
