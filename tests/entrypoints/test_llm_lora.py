@@ -60,25 +60,32 @@ def test_mixed_batch_matches_peft_and_prompts_alone(setup):
     assert len({tuple(setup.reference(PROMPTS[0], w)) for w in which}) == 4
 
 
-def test_logits_match_peft(setup):
-    """Prefill logits of one prompt per adapter against peft's forward."""
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+def test_logits_match_peft(setup, dtype):
+    """Prefill logits of one prompt per adapter against peft's float32 forward (on a GPU machine the
+    engine runs on the GPU: TritonExperts, the GPU Punica wrapper, the Triton attention)."""
+    from tests.models.hf_checkpoints import assert_kernels_on_gpu
     from tests.utils import assert_close
     from vllm.attention.metadata import build_metadata
     from vllm.forward_context import set_forward_context
 
-    llm = _llm(setup)
+    llm = _llm(setup, dtype=dtype)
     engine = llm.llm_engine
+    if engine.device.type == "cuda":
+        assert_kernels_on_gpu(engine.model)
+        assert type(engine.lora_manager.punica_wrapper).__name__ == "PunicaWrapperGPU"
     ids = setup.tok.encode(PROMPTS[2])
     T = len(ids)
     for i, req in enumerate(setup.requests):
         engine.add_lora(req)
         engine.lora_manager.set_adapter_mapping([req.lora_int_id] * T)
-        meta = build_metadata([T], [T], [list(range(-(-T // 4)))], 4, "cpu")
+        meta = build_metadata([T], [T], [list(range(-(-T // 4)))], 4, engine.device)
         with torch.no_grad(), set_forward_context(meta):
-            ours = engine.model.compute_logits(engine.model(torch.tensor(ids), torch.arange(T)))
+            ours = engine.model.compute_logits(engine.model(torch.tensor(ids, device=engine.device),
+                                                            torch.arange(T, device=engine.device)))
         with torch.no_grad():
             ref = peft_model(setup.hf, setup.adapters[i])(input_ids=torch.tensor([ids])).logits[0]
-        assert_close(ours, ref.float(), torch.float32, name=f"adapter {i}")
+        assert_close(ours.float().cpu(), ref.float(), dtype, name=f"adapter {i}")
 
 
 def test_per_expert_layout_gives_the_same_outputs(setup, tmp_path):

@@ -47,6 +47,16 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+def assert_kernels_on_gpu(model: torch.nn.Module) -> None:
+    """A model on a CUDA device runs TritonExperts, the Triton attention and (with LoRA) the GPU Punica wrapper."""
+    from vllm.model_executor.layers.attention import attention_layers
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+    moe = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moe and all(m.moe_backend.value == "triton" for m in moe), [m.moe_backend for m in moe]
+    assert all(a.backend == "triton" for a in attention_layers(model)), [a.backend for a in attention_layers(model)]
+
+
 def hf_config(arch: str, **overrides):
     return AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch], **overrides})
 

@@ -5,19 +5,23 @@ through the paged KV cache and its logits compared with transformers' forward
 on each prompt alone; then greedy decoding one token per step must give the
 same token ids (and close logits) as transformers' ``generate``.  The same
 weights saved in transformers 5's fused in-memory expert layout must load into
-bit-identical logits.
+bit-identical logits.  Each test runs on the CPU and, where one is present, on a
+CUDA GPU (TritonExperts and the Triton paged attention; float32 dots are ieee
+there, so the float32 bounds and greedy equality hold unchanged).
 """
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.models.hf_checkpoints import ARCHS, PagedRunner, make_checkpoint, single_thread  # noqa: F401
+from tests.models.hf_checkpoints import (ARCHS, PagedRunner, assert_kernels_on_gpu, make_checkpoint,  # noqa: F401
+                                         single_thread)
 from tests.utils import assert_close
 from vllm.config.model import ModelConfig
 from vllm.model_executor.model_loader import get_model
 
 PROMPTS = [[3, 17, 101, 5, 64], [9, 2, 77, 120, 33, 33, 8, 45, 90, 11, 6], [50, 51, 52]]
 NEW_TOKENS = 9  # the first from the prefill, then 8 decode steps
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -32,14 +36,16 @@ def _runner(model_config: ModelConfig, model) -> PagedRunner:
                        num_layers=model_config.num_layers, num_seqs=len(PROMPTS))
 
 
-def test_prefill_and_greedy_decode_match_transformers(checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_and_greedy_decode_match_transformers(checkpoint, device):
     arch, folder, hf = checkpoint
-    cfg = ModelConfig(str(folder))
-    assert cfg.dtype == torch.float32
-    model = get_model(cfg, device="cpu")
+    cfg = ModelConfig(str(folder), dtype="float32")
+    model = get_model(cfg, device=device)
     runner = _runner(cfg, model)
+    if device == "cuda":
+        assert_kernels_on_gpu(model)
 
-    prefill = runner.prefill(PROMPTS)
+    prefill = [lg.cpu() for lg in runner.prefill(PROMPTS)]
     with torch.no_grad():
         for prompt, got in zip(PROMPTS, prefill):
             assert_close(got, hf(torch.tensor([prompt])).logits[0], torch.float32, name=f"{arch} prefill logits")
@@ -47,7 +53,7 @@ def test_prefill_and_greedy_decode_match_transformers(checkpoint):
     ours = [[int(lg[-1].argmax())] for lg in prefill]
     step_logits = []
     for _ in range(NEW_TOKENS - 1):
-        logits = runner.decode([seq[-1] for seq in ours])
+        logits = runner.decode([seq[-1] for seq in ours]).cpu()
         step_logits.append(logits)
         for seq, row in zip(ours, logits):
             seq.append(int(row.argmax()))
@@ -61,7 +67,8 @@ def test_prefill_and_greedy_decode_match_transformers(checkpoint):
         assert_close(torch.stack([lg[b] for lg in step_logits]), ref, torch.float32, name=f"{arch} decode logits")
 
 
-def test_fused_expert_layout_loads_identically(checkpoint, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_expert_layout_loads_identically(checkpoint, tmp_path, device):
     arch, folder, hf = checkpoint
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state), "expected transformers' fused in-memory keys"
@@ -71,6 +78,6 @@ def test_fused_expert_layout_loads_identically(checkpoint, tmp_path):
     logits = []
     for path in (folder, tmp_path):
         cfg = ModelConfig(str(path))
-        model = get_model(cfg, device="cpu")
+        model = get_model(cfg, device=device)
         logits.append(torch.cat(_runner(cfg, model).prefill(PROMPTS)))
     assert torch.equal(logits[0], logits[1])

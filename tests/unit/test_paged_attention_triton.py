@@ -129,6 +129,13 @@ def test_backend_selection_env(monkeypatch):
     assert Attention(4, 16, 0.25, 2).backend == "torch"
     monkeypatch.delenv("VLLM_ATTENTION_BACKEND")
     assert select_attention_backend() == ("triton" if torch.cuda.is_available() else "torch")
+    assert select_attention_backend("cpu") == "torch"
+    assert select_attention_backend("cuda") == "triton"
+    # without the variable the layer decides when its cache is bound, by the cache's device
+    cpu_layer = Attention(4, 16, 0.25, 2)
+    assert cpu_layer.backend is None
+    bind_kv_cache(torch.nn.Sequential(cpu_layer), [allocate_kv_cache(4, 4, 2, 16, torch.float32, "cpu")])
+    assert cpu_layer.backend == "torch"
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "flash")
     with pytest.raises(ValueError, match="VLLM_ATTENTION_BACKEND"):
         Attention(4, 16, 0.25, 2)

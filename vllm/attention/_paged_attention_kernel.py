@@ -17,7 +17,8 @@ block starts past the sequence's query_len exit at once.
 slot; slot -1 means "skip".
 
 ``UPCAST`` (under ``TRITON_INTERPRET=1``) converts dot operands to fp32: the
-interpreter's dot on 16-bit floats is not trustworthy.  Offsets that multiply
+interpreter's dot on 16-bit floats is not trustworthy.  Float32 dots are
+``ieee`` (a float32 model gets float32 products on the GPU, not tf32).  Offsets that multiply
 a block / token index by a stride are 64-bit.
 """
 import triton
@@ -34,7 +35,7 @@ def paged_attention_kernel(
     stride_ot, stride_oh, stride_od,
     stride_bt_b,
     BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     qblock = tl.program_id(1)
@@ -87,7 +88,7 @@ def paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         if q.dtype == tl.float32:
-            s = tl.dot(q, tl.trans(k), input_precision=FP32_PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
@@ -100,7 +101,7 @@ def paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if v.dtype == tl.float32:
-            acc = tl.dot(p, v, acc, input_precision=FP32_PRECISION)
+            acc = tl.dot(p, v, acc, input_precision="ieee")
         else:
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new

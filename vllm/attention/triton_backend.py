@@ -99,7 +99,7 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         group, D, block_size,
         *query.stride(), *(kv_cache.stride()), *out.stride(), tables.stride(0),
         BLOCK_Q=cfg["BLOCK_Q"], GROUP_P=cfg["GROUP_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32",
+        UPCAST=interp,
         num_warps=cfg["num_warps"], num_stages=2,
     )
     return out

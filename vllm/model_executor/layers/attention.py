@@ -2,8 +2,9 @@
 
 The KV cache tensor is bound once by the model runner (``bind_kv_cache``); the
 per-step metadata comes from the forward context.  The backend (Triton kernel
-or plain torch) is chosen once per layer at construction: ``VLLM_ATTENTION_BACKEND``
-if set, else Triton when a CUDA GPU is available, torch otherwise.
+or plain torch) is ``VLLM_ATTENTION_BACKEND`` if set (read once, at construction),
+else chosen when the cache is bound: Triton for a cache on a CUDA device, torch
+otherwise (so a model built on the CPU of a GPU machine runs on the CPU).
 """
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from vllm.attention.torch_backend import paged_attention_torch, write_kv
 from vllm.forward_context import get_forward_context
 
 
-def select_attention_backend() -> str:
-    """"triton" or "torch": the env var if set, else Triton exactly when CUDA is available."""
-    return envs.VLLM_ATTENTION_BACKEND or ("triton" if torch.cuda.is_available() else "torch")
+def select_attention_backend(device: torch.device | str | None = None) -> str:
+    """"triton" or "torch": the env var if set, else Triton exactly when ``device`` (default: the
+    platform's) is a CUDA device."""
+    if envs.VLLM_ATTENTION_BACKEND:
+        return envs.VLLM_ATTENTION_BACKEND
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "triton" if on_cuda else "torch"
 
 
 class Attention(nn.Module):
@@ -34,12 +39,23 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.prefix = prefix
         self.kv_cache: Optional[torch.Tensor] = None
-        self.backend = select_attention_backend()
-        if self.backend == "triton":
+        self.backend: Optional[str] = None  # None: decided by the cache's device in bind()
+        if envs.VLLM_ATTENTION_BACKEND:
+            self._use(envs.VLLM_ATTENTION_BACKEND)
+
+    def _use(self, backend: str) -> None:
+        self.backend = backend
+        if backend == "triton":
             from vllm.attention.triton_backend import paged_attention_triton, write_kv_triton
             self._write_kv, self._attend = write_kv_triton, paged_attention_triton
         else:
             self._write_kv, self._attend = write_kv, paged_attention_torch
+
+    def bind(self, kv_cache: torch.Tensor) -> None:
+        """Attach this layer's paged cache; without an explicit backend, pick it by the cache's device."""
+        self.kv_cache = kv_cache
+        if self.backend is None:
+            self._use(select_attention_backend(kv_cache.device))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
@@ -65,4 +81,4 @@ def bind_kv_cache(model: nn.Module, caches: list[torch.Tensor]) -> None:
     if len(layers) != len(caches):
         raise ValueError(f"model has {len(layers)} attention layers but {len(caches)} caches were given")
     for layer, cache in zip(layers, caches):
-        layer.kv_cache = cache
+        layer.bind(cache)

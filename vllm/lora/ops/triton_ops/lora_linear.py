@@ -77,22 +77,20 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
     if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
         return dict(BLOCK_M=16 if num_tokens <= 64 else 32, BLOCK_N=min(n_cap, 512), BLOCK_K=min(k_cap, 512),
                     NUM_N_SPLITS=1, num_warps=4, num_stages=1, token_path=token_path)
+    # BLOCK_M is always set: a caller may force the sorted path for a small batch through ``config=``
+    block_m = 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
     if token_path:
         block_r = next_power_of_2(max(R, 8))
         block_n, block_k = min(128, n_cap), min(k_cap, max(16, 4096 // block_r))
         programs = num_tokens * num_slices
     else:
-        block_m = 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
         block_n, block_k = (64 if num_tokens <= 128 else 128), min(64 if dtype != torch.float32 else 32, k_cap)
         block_n = min(block_n, n_cap)
         programs = -(-num_tokens // block_m) * num_slices
     tiles = -(-N // block_n)
     splits = max(1, min(8, tiles, _TARGET_PROGRAMS // max(programs, 1)))
-    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4, num_stages=3,
-               token_path=token_path)
-    if not token_path:
-        cfg["BLOCK_M"] = block_m
-    return cfg
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4, num_stages=3,
+                token_path=token_path)
 
 
 def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:

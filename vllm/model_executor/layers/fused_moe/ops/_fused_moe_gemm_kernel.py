@@ -92,6 +92,8 @@ def _fused_moe_gemm_kernel(
             w = tl.load(w_base + w_offs, mask=k_ok[:, None], other=0.0)
         if UPCAST_DOT:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        elif a.dtype == tl.float32:  # a float32 model gets float32 products, not tf32
+            acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
         a_rows += BLOCK_SIZE_K * stride_ak
