@@ -41,8 +41,8 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
     def create_configs(self) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, Optional[LoRAConfig]]:
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by the engine yet; use 1")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
                                    trust_remote_code=self.trust_remote_code)
         cache_config = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,

@@ -191,3 +191,5 @@ class AsyncLLMEngine:
         for stream in list(self._streams.values()):
             stream.put(EngineDeadError("the engine was shut down"))
         self._streams.clear()
+        if not self._thread.is_alive():  # else the step in flight still talks to the other ranks
+            self.engine.shutdown()

@@ -2,7 +2,8 @@
 
     add_request -> Sequences (n per request) -> Scheduler.waiting
     step():  Scheduler.schedule -> (LoRA: adapters of the batch loaded)
-             -> ModelRunner.execute -> Scheduler.postprocess
+             -> ModelRunner.execute (rank 0; with tensor parallelism the other
+                ranks run the same step, see vllm.executor) -> Scheduler.postprocess
              -> Detokenizer (stop strings) -> RequestOutputs
 """
 from __future__ import annotations
@@ -16,16 +17,14 @@ import torch
 from vllm.core.block_manager import BlockManager
 from vllm.core.scheduler import Scheduler, SchedulerOutput
 from vllm.engine.arg_utils import EngineArgs
-from vllm.engine.kv_cache import allocate_and_bind, num_kv_blocks
+from vllm.executor import create_executor
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.sequence import Sequence, SequenceStatus
 from vllm.transformers_utils.detokenizer import Detokenizer
 from vllm.transformers_utils.tokenizer import get_tokenizer
-from vllm.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
 
@@ -38,41 +37,32 @@ class LLMEngine:
         (self.model_config, self.cache_config, self.scheduler_config,
          self.lora_config) = args.create_configs()
         torch.manual_seed(args.seed)
-        self.device = current_platform().device
         logger.info("loading tokenizer from %s", args.tokenizer or args.model)
         self.tokenizer = get_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-        from vllm.model_executor.model_loader import get_model
-
-        logger.info("loading weights of %s (%s) on %s", args.model, self.model_config.dtype, self.device)
-        self.model = get_model(self.model_config, device=self.device, lora_enabled=self.lora_config is not None,
-                               moe_backend=args.moe_backend)
-        self.lora_manager = None
-        if self.lora_config is not None:
-            from vllm.lora.model_manager import LoRAModelManager
-            from vllm.lora.punica_wrapper import get_punica_wrapper
-
-            punica = get_punica_wrapper(self.scheduler_config.max_num_batched_tokens, self.lora_config.max_loras,
-                                        self.device)
-            self.lora_manager = LoRAModelManager(self.model, self.lora_config, punica)
-        dtype = self.model_config.dtype
-        num_blocks = num_kv_blocks(self.model, self.cache_config, self.scheduler_config, dtype, self.device)
-        self.kv_caches = allocate_and_bind(self.model, num_blocks, self.cache_config.block_size, dtype, self.device)
-        self.scheduler = Scheduler(self.scheduler_config, BlockManager(num_blocks, self.cache_config.block_size))
-        self.runner = ModelRunner(self.model, block_size=self.cache_config.block_size, device=self.device,
-                                  lora_manager=self.lora_manager)
+        self.executor = create_executor(args)
+        driver = self.executor.driver  # rank 0: its model shard, KV cache and runner (which samples)
+        self.device, self.model, self.kv_caches, self.runner = driver.device, driver.model, driver.kv_caches, \
+            driver.runner
+        self.lora_manager = self.executor.lora_manager
+        self.scheduler = Scheduler(self.scheduler_config,
+                                   BlockManager(self.executor.num_blocks, self.cache_config.block_size))
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._lora_requests: dict[int, LoRARequest] = {}
         self._extra_eos = self._generation_eos_ids()
-        logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, LoRA %s", self.model_config.max_model_len,
-                    self.scheduler_config.max_num_seqs,
+        logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, LoRA %s",
+                    self.model_config.max_model_len, self.scheduler_config.max_num_seqs, args.tensor_parallel_size,
                     f"on (max_loras={self.lora_config.max_loras}, max_lora_rank={self.lora_config.max_lora_rank})"
                     if self.lora_config else "off")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         return cls(args)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (also done when it is garbage-collected)."""
+        self.executor.shutdown()
 
     def _generation_eos_ids(self) -> set[int]:
         eos = self.model_config.eos_token_id

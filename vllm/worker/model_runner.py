@@ -1,12 +1,19 @@
 """The model runner: one scheduled batch in, one sampled token per sequence out.
 
-    SchedulerOutput -> input ids, positions, attention metadata (paged KV),
-    the token -> adapter mapping (one per step, shared by every LoRA layer)
-    -> model forward inside the forward context -> logits of each sequence's
-    last new token -> Sampler
+    SchedulerOutput -> ModelInput (plain lists: input ids, positions, paged-KV
+    layout, adapter per token; built once, on rank 0)
+    -> every rank: attention metadata, the token -> adapter mapping (one per
+       step, shared by every LoRA layer), model forward inside the forward
+       context, logits of each sequence's last new token (gathered over TP)
+    -> rank 0: Sampler
+
+With tensor parallelism, ``peers`` (the other ranks, see ``vllm.executor``)
+receive the same ``ModelInput`` before rank 0 runs its own forward; the layers'
+collectives keep the ranks in step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -18,36 +25,63 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
 
 
+@dataclass
+class ModelInput:
+    """One step's inputs for every rank (picklable: sent to the worker processes as is)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    slot_mapping: list[int]
+    token_lora_ids: Optional[list[int]] = None  # lora_int_id (0 = none) per token; None without LoRA
+
+    @classmethod
+    def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, lora: bool) -> "ModelInput":
+        token_lora_ids = None
+        if lora:
+            token_lora_ids = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
+        return cls(out.input_token_ids(), out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
+                   out.slot_mapping(block_size), token_lora_ids)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, *, block_size: int, device: torch.device,
-                 lora_manager: Optional[Any] = None) -> None:
+                 lora_manager: Optional[Any] = None, peers: Optional[Any] = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.lora_manager = lora_manager
+        self.peers = peers  # the other TP ranks: start_execute(ModelInput) / finish_execute()
         self.sampler = Sampler()
 
-    def _lora_mapping(self, out: SchedulerOutput) -> None:
-        if self.lora_manager is None:
-            return
-        per_token = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
-        self.lora_manager.set_adapter_mapping(per_token)
+    @torch.inference_mode()
+    def compute_logits(self, inp: ModelInput) -> torch.Tensor:
+        """Forward one step on this rank; [num_seqs, vocab] float32 logits of each last new token."""
+        dev = self.device
+        input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
+        meta = build_metadata(inp.query_lens, inp.seq_lens, inp.block_tables, self.block_size, dev,
+                              slot_mapping=inp.slot_mapping)
+        if self.lora_manager is not None:
+            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
+        with set_forward_context(meta):
+            hidden = self.model(input_ids, positions)
+        last = meta.query_start_loc[1:].long() - 1
+        return self.model.compute_logits(hidden[last])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int]:
         """Run the batch; return one sampled token id per scheduled sequence."""
         if out.is_empty:
             return []
-        dev = self.device
-        input_ids = torch.tensor(out.input_token_ids(), dtype=torch.long, device=dev)
-        positions = torch.tensor(out.positions(), dtype=torch.long, device=dev)
-        meta = build_metadata(out.query_lens, out.seq_lens, out.block_tables, self.block_size, dev,
-                              slot_mapping=out.slot_mapping(self.block_size))
-        self._lora_mapping(out)
-        with set_forward_context(meta):
-            hidden = self.model(input_ids, positions)
-        last = meta.query_start_loc[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last])
+        inp = ModelInput.from_scheduler_output(out, self.block_size, self.lora_manager is not None)
+        if self.peers is not None:
+            self.peers.start_execute(inp)
+        logits = self.compute_logits(inp)
+        if self.peers is not None:
+            self.peers.finish_execute()
         seqs = out.scheduled_seqs
         tokens = self.sampler(logits, [s.sampling_params for s in seqs],
                               [s.get_generator(logits.device) for s in seqs],

@@ -8,7 +8,7 @@ and fails with the list of parameters the checkpoint did not provide.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,10 +21,12 @@ __all__ = ["get_model"]
 
 
 def get_model(model_config: ModelConfig, *, device: torch.device | str = "cpu", lora_enabled: bool = False,
-              moe_backend: Optional[str] = None) -> nn.Module:
+              moe_backend: Optional[str] = None, tp_group: Any = None) -> nn.Module:
+    """``tp_group``: this rank's tensor-parallel group (None: one rank); each rank keeps its share
+    of every parallel layer's weights."""
     model_cls = ModelRegistry.resolve(model_config.architectures)
     model = model_cls(model_config, dtype=model_config.dtype, device=torch.device(device),
-                      lora_enabled=lora_enabled, moe_backend=moe_backend)
+                      lora_enabled=lora_enabled, moe_backend=moe_backend, tp_group=tp_group)
     with torch.no_grad():
         loaded = model.load_weights(safetensors_weights_iterator(safetensors_files(model_config.model)))
     missing = [name for name, _ in model.named_parameters() if name not in loaded]

@@ -37,16 +37,40 @@ from vllm.model_executor.models.utils import (check_full_attention, check_silu, 
 
 @dataclass(frozen=True)
 class BuildArgs:
-    """What every layer constructor needs besides its shape."""
+    """What every layer constructor needs besides its shape.
+
+    ``tp_group`` (None for one rank) is this process's tensor-parallel group
+    (``vllm.distributed.TensorParallelGroup`` or anything with its two collectives).
+    """
 
     dtype: torch.dtype
     device: torch.device
     lora_enabled: bool = False
     moe_backend: Optional[str] = None
+    tp_group: Any = None
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.tp_group is None else self.tp_group.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.tp_group is None else self.tp_group.rank
 
     @property
     def linear(self) -> dict[str, Any]:
+        """Replicated layers (routers, the shared-expert gate)."""
         return {"params_dtype": self.dtype, "device": self.device}
+
+    @property
+    def column(self) -> dict[str, Any]:
+        """Column-parallel layers: this rank's share of the outputs."""
+        return {**self.linear, "tp_size": self.tp_size, "tp_rank": self.tp_rank}
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """Row-parallel layers: this rank's share of the inputs, partial sums all-reduced."""
+        return {**self.column, "tp_group": self.tp_group}
 
 
 class DenseMLP(nn.Module):
@@ -54,9 +78,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, args: BuildArgs, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, **args.linear,
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, **args.column,
                                                        prefix=join_prefix(prefix, "gate_up_proj"))
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, **args.linear,
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, **args.row,
                                            prefix=join_prefix(prefix, "down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +99,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, params_dtype=args.dtype,
                                 device=args.device, renormalize=renormalize, activation="silu",
                                 lora_enabled=args.lora_enabled, moe_backend=args.moe_backend,
+                                tp_size=args.tp_size, tp_rank=args.tp_rank, tp_group=args.tp_group,
                                 prefix=join_prefix(prefix, "experts"))
         if shared_intermediate_size:
             self.shared_expert = DenseMLP(hidden_size, shared_intermediate_size, args,
@@ -107,19 +132,38 @@ class DecoderAttention(nn.Module):
         super().__init__()
         if qk_norm not in (None, "per_head", "full"):
             raise ValueError(f"qk_norm must be None, 'per_head' or 'full', got {qk_norm!r}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
         self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=qkv_bias,
-                                          **args.linear, prefix=join_prefix(prefix, "qkv_proj"))
-        self.o_proj = RowParallelLinear(self.q_size, hidden_size, bias=o_bias, **args.linear,
+                                          **args.column, prefix=join_prefix(prefix, "qkv_proj"))
+        # this rank's heads (all of them without tensor parallelism)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim, self.tp_group = head_dim, args.tp_group
+        self.kv_replicas = self.qkv_proj.num_kv_head_replicas  # ranks sharing each KV head (1 usually)
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=o_bias, **args.row,
                                         prefix=join_prefix(prefix, "o_proj"))
         if qk_norm is not None:
-            q_dim, k_dim = (head_dim, head_dim) if qk_norm == "per_head" else (self.q_size, self.kv_size)
+            # "full" norms span every head of the model: under TP, q / k are gathered for it (_full_norm)
+            q_dim, k_dim = (head_dim, head_dim) if qk_norm == "per_head" else (num_heads * head_dim,
+                                                                               num_kv_heads * head_dim)
             self.q_norm = RMSNorm(q_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
             self.k_norm = RMSNorm(k_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(num_heads, head_dim, head_dim ** -0.5, num_kv_heads, prefix=join_prefix(prefix, "attn"))
+        self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads,
+                              prefix=join_prefix(prefix, "attn"))
+
+    def _full_norm(self, norm: RMSNorm, x: torch.Tensor, replicas: int) -> torch.Tensor:
+        """RMSNorm over all ranks' columns of ``x`` (this rank's share), returning this rank's share.
+
+        ``replicas`` ranks hold the same KV heads when there are fewer KV heads than ranks.
+        """
+        if self.tp_group is None or self.tp_group.world_size == 1:
+            return norm(x)
+        width = x.shape[-1]
+        parts = self.tp_group.all_gather(x, dim=-1).split(width, dim=-1)
+        distinct = torch.cat(parts[::replicas], dim=-1)  # one copy of each head, in head order
+        index = self.tp_group.rank // replicas
+        return norm(distinct)[:, index * width:(index + 1) * width]
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -128,7 +172,8 @@ class DecoderAttention(nn.Module):
             q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).reshape(T, self.q_size)
             k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).reshape(T, self.kv_size)
         elif self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self._full_norm(self.q_norm, q, 1)
+            k = self._full_norm(self.k_norm, k, self.kv_replicas)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = self.rotary_emb(positions, q, k)
@@ -166,7 +211,8 @@ class DecoderModel(nn.Module):
     def __init__(self, hf: Any, layers: list[DecoderLayer], args: BuildArgs, prefix: str = "") -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, params_dtype=args.dtype,
-                                                   device=args.device, prefix=join_prefix(prefix, "embed_tokens"))
+                                                   device=args.device, tp_size=args.tp_size, tp_rank=args.tp_rank,
+                                                   tp_group=args.tp_group, prefix=join_prefix(prefix, "embed_tokens"))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, params_dtype=args.dtype, device=args.device)
 
@@ -182,7 +228,7 @@ class MoEForCausalLM(nn.Module):
     """Base of the model classes.  A subclass defines ``make_attention`` and ``make_mlp``.
 
     Contract (what the engine and the LoRA manager use):
-        __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, prefix="")
+        __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, tp_group=None, prefix="")
         forward(input_ids [T], positions [T]) -> hidden [T, H]   (inside set_forward_context)
         compute_logits(hidden [T, H]) -> [T, V] float32
         load_weights(iterable of (checkpoint name, tensor)) -> names of loaded parameters
@@ -192,7 +238,8 @@ class MoEForCausalLM(nn.Module):
     mlp_name = "mlp"
 
     def __init__(self, config: Any, *, dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None,
-                 lora_enabled: bool = False, moe_backend: Optional[str] = None, prefix: str = "") -> None:
+                 lora_enabled: bool = False, moe_backend: Optional[str] = None, tp_group: Any = None,
+                 prefix: str = "") -> None:
         super().__init__()
         hf = hf_config_of(config)
         dtype = dtype or getattr(config, "dtype", None)
@@ -202,7 +249,7 @@ class MoEForCausalLM(nn.Module):
         check_silu(hf)
         self.config = hf
         self.prefix = prefix
-        args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend)
+        args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group)
         rope = rope_from_config(hf, head_dim_of(hf), args.device)
         layers = []
         for i in range(hf.num_hidden_layers):
@@ -212,6 +259,7 @@ class MoEForCausalLM(nn.Module):
             layers.append(DecoderLayer(attn, mlp, hf.hidden_size, hf.rms_norm_eps, args, self.mlp_name))
         self.model = DecoderModel(hf, layers, args, prefix=join_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(hf.vocab_size, hf.hidden_size, params_dtype=dtype, device=args.device,
+                                      tp_size=args.tp_size, tp_rank=args.tp_rank, tp_group=args.tp_group,
                                       prefix=join_prefix(prefix, "lm_head"))
         self.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

@@ -1,0 +1,142 @@
+"""Tensor parallelism over processes (gloo on CPU, NCCL on CUDA) against transformers and peft.
+
+Each engine here runs rank 0 in the test process and rank 1 in a spawned
+worker; greedy tokens must equal transformers' (the base model) and
+transformers + peft's (adapters), in mixed batches, with adapters loaded,
+evicted and removed at run time, and with fully sharded LoRA.
+"""
+import os
+
+import pytest
+import torch
+
+from tests.entrypoints.lora_adapters import greedy, make_peft_adapter, peft_model
+from tests.entrypoints.tiny_models import char_tokenizer
+from tests.models.hf_checkpoints import ARCHS, make_checkpoint, single_thread  # noqa: F401  (fixture)
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+PROMPTS = ["hello world", "abc", "the quick brown fox", "xyz 123"]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+TP = 2
+ENGINE = dict(max_model_len=128, block_size=4, num_gpu_blocks_override=128, tensor_parallel_size=TP)
+
+if torch.cuda.is_available() and torch.cuda.device_count() < TP:
+    pytest.skip(f"needs {TP} CUDA devices (or none: then it runs on CPU with gloo)", allow_module_level=True)
+
+
+class Model:
+    def __init__(self, arch, folder, **overrides):
+        self.path = str(folder)
+        self.hf = make_checkpoint(arch, self.path, **overrides)
+        self.tok = char_tokenizer()
+        self.tok.save_pretrained(self.path)
+        self._ref = {}
+
+    def reference(self, prompt, adapter=None):
+        if (prompt, adapter) not in self._ref:
+            model = self.hf if adapter is None else peft_model(self.hf, adapter)
+            self._ref[(prompt, adapter)] = greedy(model, self.tok, prompt, 16)
+        return self._ref[(prompt, adapter)]
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen3_moe", {}), ("qwen2_moe", {}), ("mixtral", {}), ("olmoe", {}),
+    # one KV head for two ranks: both hold it (replicated), OLMoE's full k-norm must count it once
+    ("olmoe", {"num_key_value_heads": 1}),
+])
+def test_greedy_matches_transformers(tmp_path, arch, overrides):
+    m = Model(arch, tmp_path, **overrides)
+    llm = LLM(m.path, **ENGINE)
+    try:
+        assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == [m.reference(p) for p in PROMPTS]
+        # the worker holds the other half of the weights: rank 0 alone has half the heads and experts' columns
+        attn = llm.llm_engine.model.model.layers[0].self_attn
+        assert attn.num_heads == m.hf.config.num_attention_heads // TP
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lora_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2_moe_tp")
+    m = Model("qwen2_moe", folder / "model")  # attention, a dense layer, experts and a shared expert
+    m.adapters = [make_peft_adapter(m.hf, folder / f"a{i}", rank=r, seed=20 + i) for i, r in enumerate([8, 4, 8])]
+    m.requests = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(m.adapters)]
+    return m
+
+
+@pytest.mark.parametrize("fully_sharded", [False, True])
+def test_mixed_lora_batch_matches_peft(lora_model, fully_sharded):
+    m = lora_model
+    llm = LLM(m.path, enable_lora=True, max_loras=4, max_lora_rank=16, fully_sharded_loras=fully_sharded, **ENGINE)
+    try:
+        which = [None, 0, 1, 2]
+        loras = [None if w is None else m.requests[w] for w in which]
+        outs = llm.generate(PROMPTS, GREEDY, lora_request=loras, use_tqdm=False)
+        assert _tokens(outs) == [m.reference(p, None if w is None else m.adapters[w]) for p, w in zip(PROMPTS, which)]
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_adapters_evicted_removed_and_refused_on_every_rank(lora_model, tmp_path):
+    """One slot, a CPU cache of two: every switch evicts on both ranks; results stay correct."""
+    from vllm.lora.peft_loader import LoRALoadError
+
+    m = lora_model
+    llm = LLM(m.path, enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=16, **ENGINE)
+    engine = llm.llm_engine
+    try:
+        for w in [0, 1, 2, 0, 2]:
+            out = llm.generate(PROMPTS[1], GREEDY, lora_request=m.requests[w], use_tqdm=False)
+            assert _tokens(out) == [m.reference(PROMPTS[1], m.adapters[w])], w
+        assert engine.executor.call_workers("call_lora_manager", "list_adapters")[0].keys() == \
+            engine.lora_manager.list_adapters().keys()
+        assert engine.remove_lora(m.requests[0].lora_int_id)
+        assert m.requests[0].lora_int_id not in engine.executor.call_workers("call_lora_manager",
+                                                                             "list_adapters")[0]
+        too_big = make_peft_adapter(m.hf, tmp_path / "r32", rank=32, seed=5)
+        with pytest.raises(LoRALoadError, match="max_lora_rank"):
+            llm.generate(PROMPTS[0], GREEDY, lora_request=LoRARequest("big", 9, too_big), use_tqdm=False)
+        outs = llm.generate(PROMPTS[:2], GREEDY, lora_request=[None, m.requests[1]], use_tqdm=False)
+        assert _tokens(outs) == [m.reference(PROMPTS[0]), m.reference(PROMPTS[1], m.adapters[1])]
+    finally:
+        engine.shutdown()
+
+
+def test_bad_tensor_parallel_sizes_fail_clearly_and_leave_no_workers(lora_model):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": 0})
+    if torch.cuda.is_available():
+        return
+    # 4 attention heads over 3 ranks: every rank refuses; the workers are stopped
+    before = set(_children())
+    with pytest.raises(Exception, match="not divisible by tp_size"):
+        LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": 3})
+    assert set(_children()) <= before
+
+
+def test_worker_processes_stop_with_the_engine(lora_model):
+    llm = LLM(lora_model.path, **ENGINE)
+    procs = list(llm.llm_engine.executor._procs)
+    assert len(procs) == TP - 1 and all(p.is_alive() for p in procs)
+    llm.llm_engine.shutdown()
+    assert not any(p.is_alive() for p in procs)
+
+
+def _children():
+    """Live child processes of this process (Linux /proc)."""
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                yield int(pid)

@@ -1,0 +1,172 @@
+"""Tensor parallelism over processes: rank 0 here, ranks 1..N-1 in spawned workers.
+
+Start-up: the workers are spawned first; each builds its ``Worker`` (joining
+the TP group whose store rank 0 hosts, then loading its shard of the weights)
+while rank 0 builds its own; the KV cache gets the fewest blocks any rank can
+hold.  Then, per call, rank 0 sends ``(method, args)`` through each worker's
+pipe and reads one reply ``("ok", result)`` or ``("error", traceback)``.
+
+A step: ``start_execute(ModelInput)`` sends the inputs, rank 0 runs its own
+forward (the layers' collectives pair the ranks up), ``finish_execute()``
+collects the acknowledgements.  Only rank 0 samples.
+
+A worker exits when told to, when its pipe closes (the engine process ended)
+or with its daemon parent; ``shutdown`` (also run when the executor is
+garbage-collected) stops them.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+import weakref
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from vllm.distributed import free_port
+from vllm.engine.arg_utils import EngineArgs
+from vllm.executor.executor import Executor
+from vllm.logger import init_logger
+from vllm.worker.worker import Worker
+
+logger = init_logger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message carries its traceback."""
+
+
+def _worker_main(args: EngineArgs, rank: int, world_size: int, port: int, conn) -> None:
+    if not torch.cuda.is_available():  # CPU ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        worker = Worker(args, rank, world_size, port)
+    except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            method, call_args = conn.recv()
+        except (EOFError, OSError):
+            return
+        if method == "shutdown":
+            conn.send(("ok", None))
+            return
+        try:
+            conn.send(("ok", getattr(worker, method)(*call_args)))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+
+
+def _stop(conns: list, procs: list) -> None:
+    for conn in conns:
+        try:
+            conn.send(("shutdown", ()))
+        except (OSError, ValueError):
+            pass
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    for conn in conns:
+        conn.close()
+
+
+class MirroredLoRAManager:
+    """Rank 0's LoRAModelManager; calls that change adapter state are repeated on every other rank.
+
+    Rank 0 goes first: a bad adapter is refused there and never sent.  Reads
+    (``get_request``, ``list_adapters``, ...) are answered by rank 0.
+    """
+
+    def __init__(self, local: Any, executor: "MultiprocExecutor") -> None:
+        self._local = local
+        self._executor = executor
+
+    def add_adapter(self, lora_request) -> bool:
+        added = self._local.add_adapter(lora_request)
+        try:
+            self._executor.call_workers("call_lora_manager", "add_adapter", lora_request)
+        except WorkerError:  # keep the ranks equal: drop it everywhere, then report
+            self.remove_adapter(lora_request.lora_int_id)
+            raise
+        return added
+
+    def remove_adapter(self, lora_int_id: int) -> bool:
+        removed = self._local.remove_adapter(lora_int_id)
+        self._executor.call_workers("call_lora_manager", "remove_adapter", lora_int_id)
+        return removed
+
+    def pin_adapters(self, lora_int_ids) -> None:
+        self._local.pin_adapters(lora_int_ids)
+        self._executor.call_workers("call_lora_manager", "pin_adapters", set(lora_int_ids))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._local, name)
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, args: EngineArgs) -> None:
+        world_size = args.tensor_parallel_size
+        port = free_port()
+        ctx = mp.get_context("spawn")
+        self._conns, self._procs = [], []
+        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
+        for rank in range(1, world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(args, rank, world_size, port, child), daemon=True,
+                               name=f"vllm-tp{rank}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        logger.info("tensor parallel size %d: started %d worker process(es)", world_size, world_size - 1)
+        try:
+            self.driver = Worker(args, 0, world_size, port)
+            self._collect("start-up")
+            self.num_blocks = min([self.driver.num_kv_blocks()] + self.call_workers("num_kv_blocks"))
+            self.call_workers("init_kv_cache", self.num_blocks)
+            self.driver.init_kv_cache(self.num_blocks, peers=self)
+        except BaseException:
+            self.shutdown()
+            raise
+        local = self.driver.lora_manager
+        self.lora_manager = None if local is None else MirroredLoRAManager(local, self)
+
+    # ---- calls --------------------------------------------------------------------
+    def _send(self, method: str, *args: Any) -> None:
+        for conn in self._conns:
+            conn.send((method, args))
+
+    def _collect(self, what: str) -> list[Any]:
+        results, errors = [], []
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                status, value = conn.recv()
+            except (EOFError, OSError):
+                status, value = "error", f"worker process of rank {rank} exited (exit code " \
+                                         f"{self._procs[rank - 1].exitcode})"
+            if status == "ok":
+                results.append(value)
+            else:
+                errors.append(f"rank {rank}: {value}")
+        if errors:
+            raise WorkerError(f"tensor-parallel {what} failed on " + "\n".join(errors))
+        return results
+
+    def call_workers(self, method: str, *args: Any) -> list[Any]:
+        """Run ``Worker.method(*args)`` on ranks 1..N-1; their results in rank order."""
+        self._send(method, *args)
+        return self._collect(method)
+
+    def start_execute(self, inp) -> None:
+        self._send("execute_model", inp)
+
+    def finish_execute(self) -> None:
+        self._collect("execute_model")
+
+    def shutdown(self) -> None:
+        self._finalizer()
