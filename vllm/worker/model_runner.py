@@ -3,7 +3,7 @@
     SchedulerOutput -> input ids, positions, attention metadata (paged KV),
     the token -> adapter mapping (one per step, shared by every LoRA layer)
     -> model forward inside the forward context -> logits of each sequence's
-    last new token -> Sampler
+    last new token -> Sampler (+ logprobs, prompt logprobs: vllm/worker/logprobs.py)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from vllm.attention.metadata import build_metadata
 from vllm.core.scheduler import SchedulerOutput
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
+from vllm.worker.logprobs import ModelRunnerOutput, prompt_logprobs
 
 
 class ModelRunner:
@@ -34,10 +35,10 @@ class ModelRunner:
         self.lora_manager.set_adapter_mapping(per_token)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run the batch; return one sampled token id per scheduled sequence."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the batch; return one sampled token id per scheduled sequence (and logprobs when asked)."""
         if out.is_empty:
-            return []
+            return ModelRunnerOutput([])
         dev = self.device
         input_ids = torch.tensor(out.input_token_ids(), dtype=torch.long, device=dev)
         positions = torch.tensor(out.positions(), dtype=torch.long, device=dev)
@@ -49,7 +50,9 @@ class ModelRunner:
         last = meta.query_start_loc[1:].long() - 1
         logits = self.model.compute_logits(hidden[last])
         seqs = out.scheduled_seqs
-        tokens = self.sampler(logits, [s.sampling_params for s in seqs],
-                              [s.get_generator(logits.device) for s in seqs],
-                              [s.suppressed_token_ids() for s in seqs])
-        return tokens.tolist()
+        sampled = self.sampler(logits, [s.sampling_params for s in seqs],
+                               [s.get_generator(logits.device) for s in seqs],
+                               [s.suppressed_token_ids() for s in seqs],
+                               num_logprobs=[s.sampling_params.logprobs for s in seqs])
+        logprobs = sampled.logprobs if any(lp is not None for lp in sampled.logprobs) else None
+        return ModelRunnerOutput(sampled.token_ids.tolist(), logprobs, prompt_logprobs(self.model, hidden, out))
