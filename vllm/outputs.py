@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
+from vllm.sequence import Logprob, TokenLogprobs
+
 if TYPE_CHECKING:
     from vllm.sequence import Sequence
+
+__all__ = ["CompletionOutput", "Logprob", "RequestOutput"]
 
 
 @dataclass
@@ -16,7 +20,10 @@ class CompletionOutput:
     index: which of the n samples (0..n-1).
     text: generated text (stop string cut off unless include_stop_str_in_output).
     token_ids: generated token ids (a stop token or EOS that fired is included).
-    cumulative_logprob, logprobs: None unless logprobs were requested.
+    cumulative_logprob, logprobs: None unless ``SamplingParams.logprobs`` was
+        set; then ``logprobs`` has one ``{token_id: Logprob}`` per token of
+        ``token_ids`` (the chosen token first, then the top ``logprobs`` tokens by
+        rank) and ``cumulative_logprob`` is the sum of the chosen tokens' logprobs.
     finish_reason: None while running; 'stop' (EOS, stop token or stop string),
         'length' (max_tokens, max_model_len, or a prompt too long to run) or 'abort'.
     stop_reason: the stop string or stop token id that fired; None otherwise
@@ -27,7 +34,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
-    logprobs: Optional[Any] = None
+    logprobs: Optional[list[TokenLogprobs]] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
 
@@ -47,13 +54,19 @@ class RequestOutput:
     outputs: one ``CompletionOutput`` per sample, ordered by index.
     finished: True once every sample has finished.
     lora_request: the adapter the request ran with, or None.
+    prompt_logprobs: with ``SamplingParams.prompt_logprobs``, one entry per
+        prompt token (None for the first, then ``{token_id: Logprob}``: the
+        prompt token first, then the top tokens); None otherwise (and until the
+        prompt was run).
     """
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 outputs: list[CompletionOutput], finished: bool, lora_request: Optional[Any] = None) -> None:
+                 outputs: list[CompletionOutput], finished: bool, lora_request: Optional[Any] = None,
+                 prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
+        self.prompt_logprobs = prompt_logprobs
         self.outputs = outputs
         self.finished = finished
         self.lora_request = lora_request
@@ -68,13 +81,19 @@ class RequestOutput:
         if any(s.request_id != first.request_id for s in seqs):
             raise ValueError(f"sequences of different requests given to RequestOutput.from_seqs: "
                              f"{sorted({s.request_id for s in seqs})}")
+        want_logprobs = first.sampling_params.logprobs is not None
         outputs = [CompletionOutput(index=s.index, text=s.output_text, token_ids=list(s.output_token_ids),
+                                    cumulative_logprob=s.cumulative_logprob if want_logprobs else None,
+                                    logprobs=list(s.output_logprobs) if want_logprobs else None,
                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                    for s in seqs]
+        prompt_logprobs = next((s.prompt_logprobs for s in seqs if s.prompt_logprobs is not None), None)
         return cls(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=list(first.prompt_token_ids),
-                   outputs=outputs, finished=all(s.is_finished for s in seqs), lora_request=first.lora_request)
+                   outputs=outputs, finished=all(s.is_finished for s in seqs), lora_request=first.lora_request,
+                   prompt_logprobs=prompt_logprobs)
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
-                f"prompt_token_ids={self.prompt_token_ids}, outputs={self.outputs}, "
+                f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
+                f"outputs={self.outputs}, "
                 f"finished={self.finished}, lora_request={self.lora_request})")

@@ -17,6 +17,10 @@ logger = init_logger(__name__)
 # Temperatures in (0, _MIN_TEMPERATURE) overflow fp32 logits / T; they are raised to this.
 _MIN_TEMPERATURE = 1e-2
 
+# Most alternatives per token that ``logprobs`` / ``prompt_logprobs`` may ask for
+# (vLLM's default ``max_logprobs``; the OpenAI chat API's top_logprobs limit).
+MAX_LOGPROBS = 20
+
 
 class SamplingType(enum.IntEnum):
     """GREEDY: argmax (temperature == 0). RANDOM: the default generator.
@@ -48,6 +52,13 @@ class SamplingParams:
     ignore_eos: keep generating past the EOS token.
     include_stop_str_in_output: keep the stop string (or stop token's text).
     skip_special_tokens: drop special tokens from the output text.
+    logprobs: per generated token, return the log-probability of the sampled
+        token and of the ``logprobs`` most likely tokens (0: the sampled token
+        only; None: off). At most ``MAX_LOGPROBS``. The values are those of the
+        model's raw distribution (log-softmax of the unmodified logits, before
+        temperature, top-k / top-p and min_tokens suppression), as in vLLM.
+    prompt_logprobs: the same for every prompt token after the first (the
+        first has no context, so its entry is None); None: off.
     """
 
     n: int = 1
@@ -62,6 +73,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -103,6 +116,12 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad(f"every stop string must be a non-empty string, got {s!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (the number of most likely "
+                          f"tokens returned besides the chosen one; None disables it), got {value!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise bad(f"stop_token_ids must be non-negative integers, got {t!r}")

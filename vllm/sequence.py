@@ -10,11 +10,16 @@ manager, model runner and detokenizer all read and update the same object:
   Preemption resets it to 0 (the whole prefix is recomputed).
 - ``block_table``: KV-cache block ids, owned by ``BlockManager``; token
   position p lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+- With ``SamplingParams.logprobs`` set, ``output_logprobs`` holds one
+  ``{token_id: Logprob}`` per output token and ``cumulative_logprob`` their sum;
+  with ``prompt_logprobs`` set, ``prompt_logprobs`` holds one per prompt token
+  (the first is None), filled by the prefill step.
 """
 from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -53,6 +58,27 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_ABORTED: "abort",
     SequenceStatus.FINISHED_IGNORED: "length",
 }
+
+
+@dataclass
+class Logprob:
+    """One token's entry in a logprobs dict (``{token_id: Logprob}``).
+
+    logprob: log-probability under the model's raw distribution (see
+        ``SamplingParams.logprobs``).
+    rank: 1 for the most likely token; for the chosen token, the number of
+        vocabulary entries at least as likely as it (ties count against it).
+    decoded_token: the token alone, decoded with special tokens kept (filled by
+        the detokenizer; None before that).
+    """
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# One position's logprobs: the chosen token and the top-k, by token id.
+TokenLogprobs = dict[int, Logprob]
 
 
 def seed_for_sample(seed: int, index: int) -> int:
@@ -101,6 +127,8 @@ class Sequence:
         self.eos_token_id = eos_token_id
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cumulative_logprob = 0.0
+        self.output_logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
         # Incremental detokenizer state (vllm.transformers_utils.detokenizer).
         self.prefix_offset: Optional[int] = None
         self.read_offset: Optional[int] = None
@@ -136,7 +164,14 @@ class Sequence:
         """Tokens whose K/V are not cached yet: what the next step must feed."""
         return len(self._token_ids) - self.num_computed_tokens
 
-    def append_token_id(self, token_id: int) -> None:
+    def append_token_id(self, token_id: int, logprobs: Optional[TokenLogprobs] = None) -> None:
+        """Append a generated token; ``logprobs`` (which must hold ``token_id``) is
+        recorded in ``output_logprobs`` and added to ``cumulative_logprob``."""
+        if logprobs is not None:
+            if token_id not in logprobs:
+                raise ValueError(f"the logprobs of token {token_id} do not contain it: {sorted(logprobs)}")
+            self.output_logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs[token_id].logprob
         self.output_token_ids.append(token_id)
         self._token_ids.append(token_id)
 

@@ -140,3 +140,25 @@ def _children():
                 continue
             if fields[1] == me and fields[0] != "Z":
                 yield int(pid)
+
+
+def test_logprobs_and_prompt_logprobs_match_one_rank(lora_model):
+    """Prompt logprobs gather extra logits rows on every rank; values equal the one-rank engine's."""
+    from tests.utils import assert_close
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    results = []
+    for tp in (1, TP):
+        llm = LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": tp})
+        try:
+            results.append(llm.generate(PROMPTS[:3], params, use_tqdm=False))
+        finally:
+            llm.llm_engine.shutdown()
+    for one, two in zip(*results):
+        assert one.outputs[0].token_ids == two.outputs[0].token_ids
+        for a, b in zip(one.outputs[0].logprobs + one.prompt_logprobs[1:],
+                        two.outputs[0].logprobs + two.prompt_logprobs[1:]):
+            assert list(a) == list(b)  # same tokens, same order
+            assert_close(torch.tensor([v.logprob for v in b.values()]), torch.tensor([v.logprob for v in a.values()]),
+                         torch.float32, name="logprobs")
+        assert two.prompt_logprobs[0] is None and len(two.prompt_logprobs) == len(two.prompt_token_ids)

@@ -10,8 +10,8 @@ One engine step::
         keep the logits of each sequence's last new token
     ... sampler: one token per scheduled sequence
         (seq.get_generator(device), seq.suppressed_token_ids())
-    finished = scheduler.postprocess(out.scheduled_seqs, sampled_token_ids)
-        # append tokens, num_computed_tokens += q, stop on EOS / stop token ids /
+    finished = scheduler.postprocess(out.scheduled_seqs, sampled_token_ids, logprobs, prompt_logprobs)
+        # append tokens (and their logprobs when asked), num_computed_tokens += q, stop on EOS / stop token ids /
         # max_tokens / max_model_len, free finished sequences' blocks
     ... detokenizer on every scheduled sequence: update output_text; when a
         stop string fires, scheduler.finish_seq(seq, FINISHED_STOPPED, stop_str)
@@ -41,14 +41,14 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence as Seq, Union
+from typing import Iterable, Optional, Sequence as Seq, Union
 
 import torch
 
 from vllm.config.scheduler import SchedulerConfig
 from vllm.core.block_manager import BlockManager, compute_slot_mapping
 from vllm.logger import init_logger
-from vllm.sequence import Sequence, SequenceStatus
+from vllm.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 logger = init_logger(__name__)
 
@@ -253,25 +253,34 @@ class Scheduler:
         seq.num_preemptions += 1
 
     # ---- after the model ---------------------------------------------------
-    def postprocess(self, seqs: Seq[Sequence],
-                    sampled_token_ids: Union[Seq[int], torch.Tensor]) -> list[Sequence]:
+    def postprocess(self, seqs: Seq[Sequence], sampled_token_ids: Union[Seq[int], torch.Tensor],
+                    logprobs: Optional[Seq[Optional[TokenLogprobs]]] = None,
+                    prompt_logprobs: Optional[Seq[Optional[list[Optional[TokenLogprobs]]]]] = None
+                    ) -> list[Sequence]:
         """Append one sampled token per sequence (``seqs`` = the step's
         ``scheduled_seqs``), mark the fed tokens computed, apply the token-level
         stop rules and free finished sequences. Returns those finished now.
 
+        ``logprobs`` / ``prompt_logprobs`` (None, or one entry per sequence, None
+        where not asked) are recorded on the sequences (``ModelRunnerOutput``).
         Sequences finished between schedule and postprocess (aborted) are skipped.
         """
         if isinstance(sampled_token_ids, torch.Tensor):
             sampled_token_ids = sampled_token_ids.tolist()
-        if len(seqs) != len(sampled_token_ids):
-            raise ValueError(f"postprocess got {len(sampled_token_ids)} sampled tokens for {len(seqs)} sequences; "
-                             "give exactly one token per scheduled sequence")
+        for name, unit, values in (("sampled tokens", "token", sampled_token_ids),
+                                   ("logprobs entries", "entry", logprobs),
+                                   ("prompt logprobs entries", "entry", prompt_logprobs)):
+            if values is not None and len(values) != len(seqs):
+                raise ValueError(f"postprocess got {len(values)} {name} for {len(seqs)} sequences; "
+                                 f"give exactly one {unit} per scheduled sequence")
         finished: list[Sequence] = []
-        for seq, token_id in zip(seqs, sampled_token_ids):
+        for i, (seq, token_id) in enumerate(zip(seqs, sampled_token_ids)):
             if seq.is_finished:
                 continue
+            if prompt_logprobs is not None and prompt_logprobs[i] is not None and seq.prompt_logprobs is None:
+                seq.prompt_logprobs = list(prompt_logprobs[i])
             seq.num_computed_tokens = seq.num_tokens
-            seq.append_token_id(int(token_id))
+            seq.append_token_id(int(token_id), logprobs[i] if logprobs is not None else None)
             if self._check_stop(seq):
                 self.block_manager.free(seq)
                 finished.append(seq)

@@ -178,8 +178,9 @@ class LLMEngine:
                                   context_lens=[out.context_lens[i] for i in keep], is_prefill=out.is_prefill,
                                   ignored_seqs=out.ignored_seqs, preempted_seqs=out.preempted_seqs)
         if not out.is_empty:
-            tokens = self.runner.execute(out)
-            self.scheduler.postprocess(out.scheduled_seqs, tokens)
+            result = self.runner.execute(out)
+            self.scheduler.postprocess(out.scheduled_seqs, result.sampled_token_ids, result.logprobs,
+                                       result.prompt_logprobs)
             for seq in out.scheduled_seqs:
                 stop = self.detokenizer.decode_sequence_inplace(seq)
                 if stop is not None:

@@ -15,12 +15,16 @@ together once complete, or flushed as they are when the sequence finishes.
 The offsets live on the sequence (``seq.prefix_offset``, ``seq.read_offset``:
 indices into ``seq.token_ids``): the window is ``[prefix_offset, read_offset)``
 and ``[read_offset, ...)`` is not emitted yet.
+
+Logprobs entries (``seq.output_logprobs``, ``seq.prompt_logprobs``) get their
+``decoded_token``: each token decoded alone, special tokens kept (as vLLM does;
+a token that is part of a multi-byte character decodes to U+FFFD).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence as Seq
+from typing import Any, Iterable, Optional, Sequence as Seq
 
-from vllm.sequence import Sequence, SequenceStatus
+from vllm.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 # Prompt tokens used as the first decode window.
 INITIAL_WINDOW = 5
@@ -44,6 +48,35 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens kept (cached)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False) or ""
+            self._token_text[token_id] = text
+        return text
+
+    def _fill(self, entries: Iterable[Optional[TokenLogprobs]]) -> None:
+        for entry in entries:
+            if entry is not None:
+                for token_id, lp in entry.items():
+                    if lp.decoded_token is None:
+                        lp.decoded_token = self.token_text(token_id)
+
+    def decode_logprobs_inplace(self, seq: Sequence) -> None:
+        """Set ``decoded_token`` in the sequence's logprobs entries that lack it
+        (the prompt's once, then the output entries added since the last call)."""
+        prompt = seq.prompt_logprobs
+        if prompt and prompt[-1] is not None and any(lp.decoded_token is None for lp in prompt[-1].values()):
+            self._fill(prompt)
+        out = seq.output_logprobs
+        start = len(out)
+        while start > 0 and any(lp.decoded_token is None for lp in out[start - 1].values()):
+            start -= 1
+        self._fill(out[start:])
 
     def _decode(self, ids: Seq[int], skip_special_tokens: bool) -> str:
         if not ids:
@@ -62,6 +95,8 @@ class Detokenizer:
         cut after it.
         """
         params = seq.sampling_params
+        if seq.output_logprobs or seq.prompt_logprobs is not None:
+            self.decode_logprobs_inplace(seq)
         if seq.read_offset is None or seq.prefix_offset is None:
             seq.read_offset = seq.num_prompt_tokens
             seq.prefix_offset = max(0, seq.read_offset - INITIAL_WINDOW)

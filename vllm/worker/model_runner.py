@@ -1,11 +1,12 @@
 """The model runner: one scheduled batch in, one sampled token per sequence out.
 
     SchedulerOutput -> ModelInput (plain lists: input ids, positions, paged-KV
-    layout, adapter per token; built once, on rank 0)
+    layout, adapter per token, rows for prompt logprobs; built once, on rank 0)
     -> every rank: attention metadata, the token -> adapter mapping (one per
        step, shared by every LoRA layer), model forward inside the forward
-       context, logits of each sequence's last new token (gathered over TP)
-    -> rank 0: Sampler
+       context, logits of each sequence's last new token (gathered over TP),
+       then the prompt-logprobs rows' logits, a chunk at a time
+    -> rank 0: Sampler (+ logprobs, prompt logprobs: vllm/worker/logprobs.py)
 
 With tensor parallelism, ``peers`` (the other ranks, see ``vllm.executor``)
 receive the same ``ModelInput`` before rank 0 runs its own forward; the layers'
@@ -13,8 +14,8 @@ collectives keep the ranks in step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from vllm.attention.metadata import build_metadata
 from vllm.core.scheduler import SchedulerOutput
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
+from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
 
 
 @dataclass
@@ -36,14 +38,16 @@ class ModelInput:
     block_tables: list[list[int]]
     slot_mapping: list[int]
     token_lora_ids: Optional[list[int]] = None  # lora_int_id (0 = none) per token; None without LoRA
+    prompt_rows: list[int] = field(default_factory=list)  # hidden rows whose logits prompt logprobs need
 
     @classmethod
-    def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, lora: bool) -> "ModelInput":
+    def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, lora: bool,
+                              prompt_rows: Optional[list[int]] = None) -> "ModelInput":
         token_lora_ids = None
         if lora:
             token_lora_ids = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
         return cls(out.input_token_ids(), out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
-                   out.slot_mapping(block_size), token_lora_ids)
+                   out.slot_mapping(block_size), token_lora_ids, list(prompt_rows or []))
 
 
 class ModelRunner:
@@ -57,8 +61,13 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def compute_logits(self, inp: ModelInput) -> torch.Tensor:
-        """Forward one step on this rank; [num_seqs, vocab] float32 logits of each last new token."""
+    def compute_logits(self, inp: ModelInput,
+                       on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Forward one step on this rank; [num_seqs, vocab] float32 logits of each last new token.
+
+        Then the logits of ``inp.prompt_rows``, PROMPT_LOGPROBS_CHUNK rows at a time, each
+        chunk passed to ``on_prompt_logits(first_row_index, logits)`` (rank 0) or dropped.
+        """
         dev = self.device
         input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
@@ -69,21 +78,32 @@ class ModelRunner:
         with set_forward_context(meta):
             hidden = self.model(input_ids, positions)
         last = meta.query_start_loc[1:].long() - 1
-        return self.model.compute_logits(hidden[last])
+        logits = self.model.compute_logits(hidden[last])
+        for lo in range(0, len(inp.prompt_rows), PROMPT_LOGPROBS_CHUNK):
+            rows = torch.tensor(inp.prompt_rows[lo:lo + PROMPT_LOGPROBS_CHUNK], dtype=torch.long, device=dev)
+            chunk = self.model.compute_logits(hidden.index_select(0, rows))
+            if on_prompt_logits is not None:
+                on_prompt_logits(lo, chunk)
+        return logits
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run the batch; return one sampled token id per scheduled sequence."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the batch; return one sampled token id per scheduled sequence (and logprobs when asked)."""
         if out.is_empty:
-            return []
-        inp = ModelInput.from_scheduler_output(out, self.block_size, self.lora_manager is not None)
+            return ModelRunnerOutput([])
+        plan = plan_prompt_logprobs(out)
+        inp = ModelInput.from_scheduler_output(out, self.block_size, self.lora_manager is not None,
+                                               plan.rows if plan is not None else None)
         if self.peers is not None:
             self.peers.start_execute(inp)
-        logits = self.compute_logits(inp)
+        logits = self.compute_logits(inp, plan.add_chunk if plan is not None else None)
         if self.peers is not None:
             self.peers.finish_execute()
         seqs = out.scheduled_seqs
-        tokens = self.sampler(logits, [s.sampling_params for s in seqs],
-                              [s.get_generator(logits.device) for s in seqs],
-                              [s.suppressed_token_ids() for s in seqs])
-        return tokens.tolist()
+        sampled = self.sampler(logits, [s.sampling_params for s in seqs],
+                               [s.get_generator(logits.device) for s in seqs],
+                               [s.suppressed_token_ids() for s in seqs],
+                               num_logprobs=[s.sampling_params.logprobs for s in seqs])
+        logprobs = sampled.logprobs if any(lp is not None for lp in sampled.logprobs) else None
+        return ModelRunnerOutput(sampled.token_ids.tolist(), logprobs,
+                                 plan.result(out) if plan is not None else None)

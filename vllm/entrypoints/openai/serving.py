@@ -7,10 +7,12 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine
-from vllm.lora.request import LoRARequest
-from vllm.outputs import RequestOutput
+from vllm.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
-                                              random_id)
+                                              RequestError, random_id)
+from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.transformers_utils.detokenizer import Detokenizer
 
 
 class APIError(Exception):
@@ -95,10 +97,22 @@ async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tupl
             await g.aclose()
 
 
+def _params(req):
+    """The request's SamplingParams; refused values become 400s naming the field."""
+    try:
+        return req.sampling_params()
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from e
+    except ValueError as e:
+        raise APIError(str(e)) from e
+
+
 class Serving:
     def __init__(self, engine: AsyncLLMEngine, models: Models) -> None:
         self.engine = engine
         self.models = models
+        # token texts for logprobs positions the engine left undecoded (the first prompt token)
+        self._token_text = Detokenizer(engine.tokenizer).token_text
 
     # ---- shared -------------------------------------------------------------------------
     async def _start(self, prompts: list[Any], params, lora: Optional[LoRARequest], rid: str):
@@ -141,8 +155,12 @@ class Serving:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def _stream(self, gens, firsts, n: int, make_chunk, rid: str, include_usage: bool,
-                      first_chunks: list[dict]) -> AsyncIterator[str]:
-        sent: dict[int, int] = {}
+                      first_chunks: list[dict], logprobs_of=None) -> AsyncIterator[str]:
+        """SSE chunks: ``first_chunks``, then per choice its new text (and, with
+        ``logprobs_of(index, choice, lo, hi)``, the logprobs object of its tokens
+        [lo, hi) not sent yet), the finish reason, the usage, [DONE]."""
+        sent: dict[int, int] = {}  # text characters sent per choice; -1 once it finished
+        sent_tokens: dict[int, int] = {}
         finals = list(firsts)
         try:
             for chunk in first_chunks:
@@ -165,9 +183,12 @@ class Serving:
                     if start < 0:
                         continue  # this choice already finished
                     delta = c.text[start:] if len(c.text) >= start else ""
-                    if delta or c.finish_reason is not None:
-                        yield sse(make_chunk(index, delta, c.finish_reason))
+                    lo, hi = sent_tokens.get(index, 0), len(c.token_ids)
+                    lp = logprobs_of(index, c, lo, hi) if logprobs_of is not None and hi > lo else None
+                    if delta or c.finish_reason is not None or lp is not None:
+                        yield sse(make_chunk(index, delta, c.finish_reason, logprobs=lp))
                     sent[index] = -1 if c.finish_reason is not None else len(c.text)
+                    sent_tokens[index] = hi
             if include_usage:
                 yield sse(make_chunk(None, None, None, usage=self._usage(finals)))
             yield sse("[DONE]")
@@ -176,32 +197,58 @@ class Serving:
                 await g.aclose()
 
     # ---- /v1/completions ------------------------------------------------------------------
+    def _echo(self, out: RequestOutput) -> tuple[str, list[int], list]:
+        """The prompt's text, ids and logprobs entries (None where there are none)."""
+        text = out.prompt if out.prompt is not None else self.engine.tokenizer.decode(out.prompt_token_ids)
+        ids = list(out.prompt_token_ids)
+        return text, ids, list(out.prompt_logprobs or [None] * len(ids))
+
     async def completions(self, req: CompletionRequest):
         lora = self.models.resolve(req.model)
-        if req.echo:
-            raise APIError("echo is not supported", param="echo")
         prompts: list[Any] = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
-        try:
-            params = req.to_sampling_params(req.max_tokens)
-        except ValueError as e:
-            raise APIError(str(e)) from e
+        params = _params(req)
         rid, created, model = random_id("cmpl"), int(time.time()), req.model or self.models.base_names[0]
         gens, firsts = await self._start(prompts, params, lora, rid)
+        want_lp = req.logprobs is not None
         if req.stream:
-            def chunk(index, text, finish, usage=None) -> dict:
-                choices = [] if index is None else [{"index": index, "text": text, "logprobs": None,
+            def chunk(index, text, finish, usage=None, logprobs=None) -> dict:
+                choices = [] if index is None else [{"index": index, "text": text, "logprobs": logprobs,
                                                      "finish_reason": finish}]
                 return {"id": rid, "object": "text_completion", "created": created, "model": model,
                         "choices": choices, "usage": usage}
 
+            offsets: dict[int, int] = {}  # text offset of each choice's next token
+            echo_chunks = []
+            for i, first in enumerate(firsts if req.echo else []):
+                text, ids, entries = self._echo(first)
+                for j in range(req.n):
+                    lp = None
+                    if want_lp:
+                        lp, offsets[i * req.n + j] = completion_logprobs(ids, entries, self._token_text)
+                    echo_chunks.append(chunk(i * req.n + j, text, None, logprobs=lp))
+
+            def logprobs_of(index: int, c: CompletionOutput, lo: int, hi: int) -> dict:
+                lp, offsets[index] = completion_logprobs(c.token_ids[lo:hi], c.logprobs[lo:hi], self._token_text,
+                                                         offsets.get(index, 0))
+                return lp
+
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(gens, firsts, req.n, chunk, rid, include, [])
+            return self._stream(gens, firsts, req.n, chunk, rid, include, echo_chunks,
+                                logprobs_of if want_lp else None)
         finals = await self._finish(gens, firsts)
-        choices = [{"index": i * req.n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for i, o in enumerate(finals) for c in o.outputs]
+        choices = []
+        for i, o in enumerate(finals):
+            text, ids, entries = self._echo(o) if req.echo else ("", [], [])
+            for c in o.outputs:
+                lp = None
+                if want_lp:
+                    lp, _ = completion_logprobs(ids + list(c.token_ids), entries + list(c.logprobs),
+                                                self._token_text)
+                choices.append({"index": i * req.n + c.index, "text": text + c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                 "usage": self._usage(finals)}
 
@@ -222,26 +269,32 @@ class Serving:
     async def chat(self, req: ChatCompletionRequest):
         lora = self.models.resolve(req.model)
         prompt = self._chat_prompt(req)
-        try:
-            params = req.to_sampling_params(req.max_completion_tokens or req.max_tokens)
-        except ValueError as e:
-            raise APIError(str(e)) from e
+        params = _params(req)
         rid, created, model = random_id("chatcmpl"), int(time.time()), req.model or self.models.base_names[0]
         gens, firsts = await self._start([prompt], params, lora, rid)
+        top = req.top_logprobs or 0
+
+        def logprobs_of(index: Optional[int], c: CompletionOutput, lo: int, hi: int) -> Optional[dict]:
+            if not req.logprobs:
+                return None
+            return chat_logprobs(c.token_ids[lo:hi], c.logprobs[lo:hi], top, self._token_text)
+
         if req.stream:
-            def chunk(index, text, finish, usage=None, role=None) -> dict:
+            def chunk(index, text, finish, usage=None, role=None, logprobs=None) -> dict:
                 choices = []
                 if index is not None:
                     delta = {"role": role} if role else ({"content": text} if text else {})
-                    choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                    choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": choices, "usage": usage}
 
             include = bool(req.stream_options and req.stream_options.include_usage)
             role_chunks = [chunk(i, None, None, role="assistant") for i in range(req.n)]
-            return self._stream(gens, firsts, req.n, chunk, rid, include, role_chunks)
+            return self._stream(gens, firsts, req.n, chunk, rid, include, role_chunks,
+                                logprobs_of if req.logprobs else None)
         finals = await self._finish(gens, firsts)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs_of(None, c, 0, len(c.token_ids)),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in finals[0].outputs]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": self._usage(finals)}

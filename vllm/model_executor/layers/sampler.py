@@ -7,15 +7,78 @@ reaches top_p (the most likely token always stays), and sampled from the
 softmax. A seeded row draws from its own generator, once per step, with its
 own ``torch.multinomial`` call, so its tokens do not depend on the other rows of
 the batch; unseeded rows share one call on the default generator.
+
+Logprobs (``forward(..., num_logprobs=...)``, ``compute_logprobs``) are those of
+the model's raw distribution: the float32 log-softmax of the logits as the model
+returned them, before min_tokens suppression, temperature and top-k / top-p (vLLM's
+default, ``raw_logprobs``). They are computed only for the rows that ask for them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
 import torch
 from torch import nn
 
 from vllm.sampling_params import SamplingParams, SamplingType
+from vllm.sequence import Logprob, TokenLogprobs
+
+
+@dataclass
+class LogprobsTensors:
+    """Logprobs of N rows, each scoring one given token (the sampled one, or the
+    next prompt token).
+
+    token_logprobs: [N] float32, the given token's logprob.
+    token_ranks: [N] int64, how many vocabulary entries have a logprob >= the
+        given token's (1 = the most likely; ties count against it).
+    top_ids, top_logprobs: [N, k] int64 / float32, the k most likely tokens, most
+        likely first (k is capped at the vocabulary size).
+    """
+
+    token_logprobs: torch.Tensor
+    token_ranks: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+    def to_dicts(self, token_ids: Seq[int], num_logprobs: Seq[int]) -> list[TokenLogprobs]:
+        """Per row ``{token_id: Logprob}``: the given token first, then the row's
+        ``num_logprobs[i]`` most likely tokens in rank order (a top token that is
+        the given one is not repeated). ``decoded_token`` is left None."""
+        token_lp, ranks = self.token_logprobs.tolist(), self.token_ranks.tolist()
+        top_ids, top_lp = self.top_ids.tolist(), self.top_logprobs.tolist()
+        out = []
+        for i, (tok, k) in enumerate(zip(token_ids, num_logprobs)):
+            entry = {int(tok): Logprob(token_lp[i], ranks[i])}
+            for r, (tid, lp) in enumerate(zip(top_ids[i][:k], top_lp[i][:k])):
+                if tid not in entry:
+                    entry[tid] = Logprob(lp, r + 1)
+            out.append(entry)
+        return out
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Log-softmax of ``logits`` [N, V] (computed in float32) scored at
+    ``token_ids`` [N], with the ``num_top`` most likely tokens of each row."""
+    if logits.dim() != 2 or token_ids.shape != (logits.shape[0],):
+        raise ValueError(f"compute_logprobs needs logits [N, V] and token_ids [N], got {tuple(logits.shape)} "
+                         f"and {tuple(token_ids.shape)}")
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_lp = logprobs.gather(1, token_ids.long().view(-1, 1)).squeeze(1)
+    ranks = (logprobs >= token_lp.unsqueeze(1)).sum(dim=-1)
+    top_lp, top_ids = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+    return LogprobsTensors(token_lp, ranks, top_ids, top_lp)
+
+
+@dataclass
+class SamplerOutput:
+    """``Sampler.forward(..., num_logprobs=...)``: token ids [B] int64 and per row
+    the ``{token_id: Logprob}`` of the sampled token and its top-k, or None for
+    rows that did not ask."""
+
+    token_ids: torch.Tensor
+    logprobs: list[Optional[TokenLogprobs]]
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -40,11 +103,13 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 class Sampler(nn.Module):
-    """``forward(logits [B, V], params, generators) -> token ids [B] int64``."""
+    """``forward(logits [B, V], params, generators) -> token ids [B] int64``;
+    with ``num_logprobs=[...]`` it returns a ``SamplerOutput`` (tokens + logprobs)."""
 
     def forward(self, logits: torch.Tensor, params: Seq[SamplingParams],
                 generators: Seq[Optional[torch.Generator]],
-                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]] = None) -> torch.Tensor:
+                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]] = None,
+                num_logprobs: Optional[Seq[Optional[int]]] = None):
         """Sample one token per row.
 
         logits: [B, V], any float dtype (computed in float32; not modified).
@@ -53,7 +118,30 @@ class Sampler(nn.Module):
             (a generator given to an unseeded or greedy row is ignored).
         suppress_token_ids: optional B entries of ids to forbid (e.g.
             ``seq.suppressed_token_ids()`` while min_tokens is not reached).
+        num_logprobs: optional B entries, None or k >= 0 (e.g.
+            ``params.logprobs``). When given, returns ``SamplerOutput`` whose
+            ``logprobs[i]`` holds the sampled token and the k most likely ones
+            of the raw logits (see the module docstring); None rows cost nothing.
         """
+        tokens = self._sample(logits, params, generators, suppress_token_ids)
+        if num_logprobs is None:
+            return tokens
+        if len(num_logprobs) != logits.shape[0]:
+            raise ValueError(f"num_logprobs has {len(num_logprobs)} entries for {logits.shape[0]} rows")
+        out: list[Optional[TokenLogprobs]] = [None] * logits.shape[0]
+        rows = [i for i, k in enumerate(num_logprobs) if k is not None]
+        if rows:
+            ks = [num_logprobs[i] for i in rows]
+            idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            sampled = tokens.index_select(0, idx)
+            lp = compute_logprobs(logits.index_select(0, idx), sampled, max(ks))
+            for i, entry in zip(rows, lp.to_dicts(sampled.tolist(), ks)):
+                out[i] = entry
+        return SamplerOutput(tokens, out)
+
+    def _sample(self, logits: torch.Tensor, params: Seq[SamplingParams],
+                generators: Seq[Optional[torch.Generator]],
+                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]]) -> torch.Tensor:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [num_seqs, vocab_size], got shape {tuple(logits.shape)}")
         num_rows, vocab = logits.shape
