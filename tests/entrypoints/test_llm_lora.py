@@ -60,12 +60,18 @@ def test_mixed_batch_matches_peft_and_prompts_alone(setup):
     assert len({tuple(setup.reference(PROMPTS[0], w)) for w in which}) == 4
 
 
+# A whole bf16 forward (weights, adapters and every activation rounded to bf16) against peft in
+# float32: the single-kernel bf16 bounds do not apply.  Measured on the CPU torch path for these
+# tiny models: normalised max error 0.006-0.022, rms 0.006-0.019.
+_MODEL_BF16_BOUNDS = (6e-2, 3e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
 def test_logits_match_peft(setup, dtype):
     """Prefill logits of one prompt per adapter against peft's float32 forward (on a GPU machine the
     engine runs on the GPU: TritonExperts, the GPU Punica wrapper, the Triton attention)."""
     from tests.models.hf_checkpoints import assert_kernels_on_gpu
-    from tests.utils import assert_close
+    from tests.utils import assert_close, normalized_errors
     from vllm.attention.metadata import build_metadata
     from vllm.forward_context import set_forward_context
 
@@ -76,6 +82,8 @@ def test_logits_match_peft(setup, dtype):
         assert type(engine.lora_manager.punica_wrapper).__name__ == "PunicaWrapperGPU"
     ids = setup.tok.encode(PROMPTS[2])
     T = len(ids)
+    with torch.no_grad():
+        base_logits = setup.hf(input_ids=torch.tensor([ids])).logits[0].float()
     for i, req in enumerate(setup.requests):
         engine.add_lora(req)
         engine.lora_manager.set_adapter_mapping([req.lora_int_id] * T)
@@ -85,7 +93,11 @@ def test_logits_match_peft(setup, dtype):
                                                             torch.arange(T, device=engine.device)))
         with torch.no_grad():
             ref = peft_model(setup.hf, setup.adapters[i])(input_ids=torch.tensor([ids])).logits[0]
-        assert_close(ours.float().cpu(), ref.float(), dtype, name=f"adapter {i}")
+        assert_close(ours.float().cpu(), ref.float(), dtype, name=f"adapter {i}",
+                     bounds=_MODEL_BF16_BOUNDS if dtype == torch.bfloat16 else None)
+        if dtype == torch.bfloat16:  # the bound still tells an adapter from none
+            _, rms_vs_base = normalized_errors(ours.float().cpu(), base_logits)
+            assert rms_vs_base > 3 * _MODEL_BF16_BOUNDS[1], rms_vs_base
 
 
 def test_per_expert_layout_gives_the_same_outputs(setup, tmp_path):
