@@ -41,7 +41,10 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (default: 256)")
     serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
     serve.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="ranks to shard the model over: one GPU each (the first N visible), or N processes on CPU")
+    serve.add_argument("--fully-sharded-loras", action="store_true",
+                       help="with tensor parallelism, also split the MoE LoRA rank dimension over the ranks")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="ranks to shard the model over: one GPU each (the first N visible), or N processes on CPU")
     return parser
 
 

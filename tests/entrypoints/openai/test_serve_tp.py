@@ -32,7 +32,7 @@ def test_serve_with_two_ranks(expected):
     import httpx
     import openai
 
-    srv = Server(["--tensor-parallel-size", "2"], env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, timeout=120)
+    srv = Server(["--tensor-parallel-size", "2", "--fully-sharded-loras"], env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, timeout=120)
     try:
         assert "tensor_parallel_size=2" in srv.read_log()
         workers = _children(srv.proc.pid)

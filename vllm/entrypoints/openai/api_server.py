@@ -202,7 +202,8 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
                       enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_cpu_loras=args.max_cpu_loras)
+                      max_cpu_loras=args.max_cpu_loras,
+                      fully_sharded_loras=getattr(args, "fully_sharded_loras", False))
 
 
 def run_server(args: argparse.Namespace) -> None:
