@@ -72,3 +72,32 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     else:
         t.fill_(torch.iinfo(t.dtype).max // 2 - 7)
     return t
+
+
+def _proc_state(pid: int) -> Optional[tuple[str, int]]:
+    """(state letter, parent pid) of a Linux process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may linger where nothing reaps it)."""
+    state = _proc_state(pid)
+    return state is not None and state[0] != "Z"
+
+
+def child_processes(pid: int) -> list[int]:
+    """Running (non-zombie) children of ``pid`` (Linux /proc)."""
+    import os
+
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            state = _proc_state(int(name))
+            if state is not None and state[1] == pid and state[0] != "Z":
+                out.append(int(name))
+    return out

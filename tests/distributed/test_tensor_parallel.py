@@ -12,7 +12,8 @@ import torch
 
 from tests.entrypoints.lora_adapters import greedy, make_peft_adapter, peft_model
 from tests.entrypoints.tiny_models import char_tokenizer
-from tests.models.hf_checkpoints import ARCHS, make_checkpoint, single_thread  # noqa: F401  (fixture)
+from tests.models.hf_checkpoints import make_checkpoint, single_thread  # noqa: F401  (fixture)
+from tests.utils import child_processes
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
@@ -114,10 +115,10 @@ def test_bad_tensor_parallel_sizes_fail_clearly_and_leave_no_workers(lora_model)
     if torch.cuda.is_available():
         return
     # 4 attention heads over 3 ranks: every rank refuses; the workers are stopped
-    before = set(_children())
+    before = set(child_processes(os.getpid()))
     with pytest.raises(Exception, match="not divisible by tp_size"):
         LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": 3})
-    assert set(_children()) <= before
+    assert set(child_processes(os.getpid())) <= before
 
 
 def test_worker_processes_stop_with_the_engine(lora_model):
@@ -126,20 +127,6 @@ def test_worker_processes_stop_with_the_engine(lora_model):
     assert len(procs) == TP - 1 and all(p.is_alive() for p in procs)
     llm.llm_engine.shutdown()
     assert not any(p.is_alive() for p in procs)
-
-
-def _children():
-    """Live child processes of this process (Linux /proc)."""
-    me = str(os.getpid())
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == me and fields[0] != "Z":
-                yield int(pid)
 
 
 def test_logprobs_and_prompt_logprobs_match_one_rank(lora_model):

@@ -8,7 +8,7 @@ import torch
 
 from tests.entrypoints.lora_adapters import greedy, make_peft_adapter, peft_model, to_per_expert_layout
 from tests.entrypoints.tiny_models import tiny_model_dir
-from tests.models.hf_checkpoints import ARCHS, single_thread  # noqa: F401  (fixture)
+from tests.models.hf_checkpoints import single_thread  # noqa: F401  (fixture)
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 

@@ -8,7 +8,7 @@ program); the ``cuda`` tests use realistic Qwen3-30B-A3B shapes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch

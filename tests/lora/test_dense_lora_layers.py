@@ -6,7 +6,6 @@ other: a column-parallel rank's output must be the full output at the rows its
 weight holds (found by matching rows, independently of the sharding code), and
 the row-parallel ranks' partial outputs (``reduce_results=False``) must sum to it.
 """
-from typing import Optional
 
 import pytest
 import torch

@@ -1,10 +1,11 @@
 """``vllm serve --tensor-parallel-size 2``: the same answers as the offline LLM (one rank), and the
 worker process goes away with the server."""
-import os
 import time
 
 import pytest
 import torch
+
+from tests.utils import child_processes, process_running
 
 from .conftest import ADAPTERS, Server
 
@@ -14,20 +15,6 @@ if torch.cuda.is_available() and torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices (or none: then the ranks run on CPU with gloo)", allow_module_level=True)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(p))
-    return out
-
-
 def test_serve_with_two_ranks(expected):
     import httpx
     import openai
@@ -35,7 +22,7 @@ def test_serve_with_two_ranks(expected):
     srv = Server(["--tensor-parallel-size", "2", "--fully-sharded-loras"], env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, timeout=120)
     try:
         assert "tensor_parallel_size=2" in srv.read_log()
-        workers = _children(srv.proc.pid)
+        workers = child_processes(srv.proc.pid)
         assert workers, "expected a worker process for rank 1"
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", timeout=60.0, max_retries=0)
         for model in ("demo", "upper", "rot13"):
@@ -55,16 +42,8 @@ def test_serve_with_two_ranks(expected):
     finally:
         srv.stop()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_running(w) for w in workers):
+    while time.monotonic() < deadline and any(process_running(w) for w in workers):
         time.sleep(0.2)
-    alive = [w for w in workers if _running(w)]
+    alive = [w for w in workers if process_running(w)]
     assert not alive, f"worker process(es) {alive} outlived the server"
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie may linger where nothing reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

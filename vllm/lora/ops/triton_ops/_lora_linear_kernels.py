@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
-    _dot,
     _expand_dot,
     _n_tile_range,
     _shrink_one_row,

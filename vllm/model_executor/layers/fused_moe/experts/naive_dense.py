@@ -6,7 +6,6 @@ has no place for per-pair LoRA deltas and reports ``supports_lora() == False``.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
