@@ -115,29 +115,13 @@ def _write_adapter(folder, tensors: dict, config: dict) -> None:
 
 @pytest.mark.parametrize("names", ["qwen", "mixtral"])
 def test_per_expert_layout_equals_fused(fused_adapter, tmp_path, names):
+    from tests.entrypoints.lora_adapters import to_per_expert_layout
+
     """Per-expert keys made from the fused adapter's A/B: gate and up share A_e, B_e split by rows."""
     folder, _, _ = fused_adapter
-    fused = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    config = json.load(open(os.path.join(folder, "adapter_config.json")))
     block, proj = ("mlp", ("gate_proj", "up_proj", "down_proj")) if names == "qwen" else \
         ("block_sparse_moe", ("w1", "w3", "w2"))
-    out, r = {}, config["r"]
-    for key, t in fused.items():
-        if ".experts." not in key:
-            out[key] = t
-    for i in range(LAYERS):
-        p = f"base_model.model.model.layers.{i}.mlp.experts"
-        a13 = fused[f"{p}.base_layer.lora_A.weight"].reshape(E, r, H)
-        b13 = fused[f"{p}.base_layer.lora_B.weight"].reshape(2 * I, r, E)
-        a2 = fused[f"{p}.lora_A.weight"].reshape(E, r, I)
-        b2 = fused[f"{p}.lora_B.weight"].reshape(H, r, E)
-        q = f"base_model.model.model.layers.{i}.{block}.experts"
-        for e in range(E):
-            for n, a, b in ((proj[0], a13[e], b13[:I, :, e]), (proj[1], a13[e], b13[I:, :, e]),
-                            (proj[2], a2[e], b2[:, :, e])):
-                out[f"{q}.{e}.{n}.lora_A.weight"], out[f"{q}.{e}.{n}.lora_B.weight"] = a, b
-    config = dict(config, target_parameters=None, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *proj])
-    _write_adapter(tmp_path / "per_expert", out, config)
+    to_per_expert_layout(folder, str(tmp_path / "per_expert"), E, H, I, block, proj)
     table = module_table(block)
     per_expert = load_peft_adapter(str(tmp_path / "per_expert"), table, max_lora_rank=16)
     reference = load_peft_adapter(str(folder), table, max_lora_rank=16)  # fused keys resolve "mlp" -> block too
