@@ -105,14 +105,6 @@ def test_scaling_patterns_and_partial_targets_match_merge(tmp_path, kw):
     assert check_against_merge(lora, base, merged) == len(lora.loras) > 0
 
 
-def _write_adapter(folder, tensors: dict, config: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
-
-
 @pytest.mark.parametrize("names", ["qwen", "mixtral"])
 def test_per_expert_layout_equals_fused(fused_adapter, tmp_path, names):
     from tests.entrypoints.lora_adapters import to_per_expert_layout
