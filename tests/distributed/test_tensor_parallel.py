@@ -149,3 +149,21 @@ def test_logprobs_and_prompt_logprobs_match_one_rank(lora_model):
             assert_close(torch.tensor([v.logprob for v in b.values()]), torch.tensor([v.logprob for v in a.values()]),
                          torch.float32, name="logprobs")
         assert two.prompt_logprobs[0] is None and len(two.prompt_logprobs) == len(two.prompt_token_ids)
+
+
+def test_script_without_main_guard_fails_fast_with_a_hint(lora_model, tmp_path):
+    """Spawned workers import the main module: an unguarded script's workers die at start-up.
+    Rank 0 says why at once instead of waiting for them in the group's rendezvous."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from vllm import LLM\nLLM({lora_model.path!r}, max_model_len=64, tensor_parallel_size=2)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": repo})
+    assert run.returncode != 0
+    assert 'if __name__ == "__main__":' in run.stderr, run.stderr[-2000:]
+    assert time.monotonic() - start < 90

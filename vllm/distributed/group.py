@@ -19,7 +19,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-_TIMEOUT = datetime.timedelta(minutes=10)
+_TIMEOUT = datetime.timedelta(minutes=10)  # one collective (gloo)
+_STORE_TIMEOUT = datetime.timedelta(minutes=2)  # the rendezvous: all ranks join the store
 
 
 def free_port() -> int:
@@ -80,12 +81,12 @@ def init_tensor_parallel_group(rank: int, world_size: int, port: int, device: to
                                host: str = "127.0.0.1") -> TensorParallelGroup:
     """Join (rank 0: host) the group's store on ``host:port`` and build the process group.
 
-    Blocks until all ``world_size`` ranks have joined (up to 10 minutes).
+    Blocks until all ``world_size`` ranks have joined (up to 2 minutes).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a group of {world_size}")
     device = torch.device(device)
     if world_size == 1:
         return TensorParallelGroup(None, 0, 1, device)
-    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=_TIMEOUT)
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=_STORE_TIMEOUT)
     return TensorParallelGroup(_process_group(store, rank, world_size, device), rank, world_size, device, store)

@@ -17,6 +17,7 @@ garbage-collected) stops them.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import weakref
 from typing import Any
@@ -38,6 +39,7 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(args: EngineArgs, rank: int, world_size: int, port: int, conn) -> None:
+    conn.send(("started", None))
     if not torch.cuda.is_available():  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
@@ -125,6 +127,7 @@ class MultiprocExecutor(Executor):
             self._procs.append(proc)
         logger.info("tensor parallel size %d: started %d worker process(es)", world_size, world_size - 1)
         try:
+            self._await_started()
             self.driver = Worker(args, 0, world_size, port)
             self._collect("start-up")
             self.num_blocks = min([self.driver.num_kv_blocks()] + self.call_workers("num_kv_blocks"))
@@ -135,6 +138,25 @@ class MultiprocExecutor(Executor):
             raise
         local = self.driver.lora_manager
         self.lora_manager = None if local is None else MirroredLoRAManager(local, self)
+
+    def _await_started(self, timeout: float = 300.0) -> None:
+        """Each worker says "started" once its process is up; one that dies first is reported at once
+        (rather than rank 0 waiting for it in the group's rendezvous)."""
+        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs), start=1):
+            deadline = time.monotonic() + timeout
+            while not conn.poll(0.1):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    break
+            try:
+                status, _ = conn.recv() if conn.poll(0) else ("silent", None)
+            except (EOFError, OSError):
+                status = "exited"
+            if status != "started":
+                proc.join(timeout=1)
+                raise WorkerError(
+                    f"the worker process of tensor-parallel rank {rank} did not start (exit code {proc.exitcode}). "
+                    "Workers are spawned and import the main module first: a script that builds an LLM or "
+                    "engine at import time must do so under `if __name__ == \"__main__\":`.")
 
     # ---- calls --------------------------------------------------------------------
     def _send(self, method: str, *args: Any) -> None:
