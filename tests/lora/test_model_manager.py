@@ -269,3 +269,44 @@ def test_mapping_is_built_once_per_step(checkpoints, tmp_path, monkeypatch):
     assert calls == [[0, -1, 0]]
     ctx = mgr.modules["model.layers.0.mlp.experts"].base_layer._lora_context
     assert ctx.punica_wrapper is mgr.punica_wrapper
+
+
+def test_layers_without_an_active_adapter_launch_nothing(checkpoints, tmp_path):
+    """Per step, a layer runs its LoRA ops only if some token uses a slot holding its weights:
+    a base-only step launches none (logits bit-identical to the model without LoRA), an adapter
+    on one projection launches only that layer's, an adapter on the experts launches theirs."""
+    from collections import Counter
+
+    folder, hf = checkpoints("qwen3_moe")  # layer 0 dense, layer 1 sparse
+    mgr, model, cfg = manager(folder, rank=16)
+    calls, pw = Counter(), mgr.punica_wrapper
+    for op in ("add_lora_linear", "add_lora_w13", "add_lora_w2"):  # count launches (a spy on this instance)
+        def spy(*args, _op=op, _real=getattr(pw, op), **kwargs):
+            calls[_op] += 1
+            return _real(*args, **kwargs)
+        setattr(pw, op, spy)
+    dense_adapter(tmp_path / "q", {Q0: (H, H)})
+    mgr.add_adapter(LoRARequest("q", 1, str(tmp_path / "q")))
+    peft_model = _peft_adapter(hf, tmp_path / "all")
+    peft_model.unload()
+    mgr.add_adapter(LoRARequest("all", 2, str(tmp_path / "all")))
+    prompt = [3, 17, 101, 5, 64]
+
+    def run(lora_id):
+        calls.clear()
+        mgr.set_adapter_mapping([lora_id] * len(prompt))
+        runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                             num_layers=cfg.num_layers, num_seqs=1)
+        return runner.prefill([prompt])[0], dict(calls)
+
+    plain = get_model(cfg, device="cpu")
+    want = PagedRunner(plain, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                       num_seqs=1).prefill([prompt])[0]
+    got, launched = run(0)
+    assert launched == {} and torch.equal(got, want)
+    got, launched = run(1)
+    assert launched == {"add_lora_linear": 1} and not torch.equal(got, want)  # layer 0's qkv_proj only
+    _, launched = run(2)
+    assert launched["add_lora_w13"] == launched["add_lora_w2"] == 1  # the one sparse layer
+    # qkv + o in both layers; peft saved nothing for layer 0's dense MLP, the routers have none: no launch
+    assert launched["add_lora_linear"] == 4

@@ -16,7 +16,7 @@ surface the MoE code sees: no hidden state, no patched methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AbstractSet, Optional
 
 import torch
 
@@ -44,6 +44,9 @@ class MoELoRAContext:
         The last entry is always 0, so a token with no adapter (slot -1) reads
         "disabled".  A slot whose adapter was removed reads 0 and adds exactly
         nothing.
+    enabled_slots: the same on the host, the wrapper's live set (None = not tracked);
+        with the wrapper's step mapping it lets the seams skip a step where no
+        token uses an adapter of this layer (``PunicaWrapperBase.any_active``).
     max_loras: L.
     top_k: experts per token of this layer.
     w13_num_slices: 2 (gate, up: per-projection adapters) or 1 (a fused gate_up
@@ -62,6 +65,7 @@ class MoELoRAContext:
     w2_lora_a_stacked: tuple[torch.Tensor, ...]
     w2_lora_b_stacked: tuple[torch.Tensor, ...]
     adapter_enabled: torch.Tensor
+    enabled_slots: Optional[AbstractSet[int]]
     max_loras: int
     top_k: int
     w13_num_slices: int

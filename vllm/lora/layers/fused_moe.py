@@ -88,12 +88,14 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         self.w2_lora_a_stacked = tuple(self._w2_a.unbind(0))
         self.w2_lora_b_stacked = tuple(self._w2_b.unbind(0))
         self.adapter_enabled = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+        self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled (shared with the context)
 
     def reset_lora(self, index: int) -> None:
         self._check_index(index)
         for buf in (self._w13_a, self._w13_b, self._w2_a, self._w2_b):
             buf[:, index].zero_()
         self.adapter_enabled[index] = 0
+        self.enabled_slots.discard(index)
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.max_loras:
@@ -140,6 +142,7 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             b2 = b2[:, self._rank_shard(H)]
         self._put(self._w2_b[0, index], dst_e, b2)
         self.adapter_enabled[index] = 1
+        self.enabled_slots.add(index)
 
     @staticmethod
     def _put(dst: torch.Tensor, experts: torch.Tensor, src: torch.Tensor) -> None:
@@ -204,7 +207,8 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         base._lora_context = MoELoRAContext(
             w13_lora_a_stacked=self.w13_lora_a_stacked, w13_lora_b_stacked=self.w13_lora_b_stacked,
             w2_lora_a_stacked=self.w2_lora_a_stacked, w2_lora_b_stacked=self.w2_lora_b_stacked,
-            adapter_enabled=self.adapter_enabled, max_loras=self.max_loras, top_k=base.top_k,
+            adapter_enabled=self.adapter_enabled, enabled_slots=self.enabled_slots, max_loras=self.max_loras,
+            top_k=base.top_k,
             w13_num_slices=self.w13_num_slices, fully_sharded=self.fully_sharded, tp_rank=self.tp_rank,
             tp_size=self.tp_size, local_num_experts=base.local_num_experts, punica_wrapper=punica_wrapper,
             use_tuned_config=self.use_tuned_config)

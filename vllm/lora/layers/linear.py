@@ -103,6 +103,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         self.lora_a_stacked = tuple(self._lora_a.unbind(0))
         self.lora_b_stacked = tuple(self._lora_b[s, :, :n] for s, n in enumerate(self.output_slices))
         self.adapter_enabled = torch.zeros(max_loras + 1, dtype=torch.int32, device=w.device)
+        self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.max_loras:
@@ -113,6 +114,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         self._lora_a[:, index].zero_()
         self._lora_b[:, index].zero_()
         self.adapter_enabled[index] = 0
+        self.enabled_slots.discard(index)
 
     def _as_list(self, t, what: str) -> list:
         if t is None or isinstance(t, torch.Tensor):
@@ -154,14 +156,16 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                 a, b, r = p
                 self._lora_a[s, index, :r].copy_(a)
                 self._lora_b[s, index, : b.shape[0], :r].copy_(b)
-        self.adapter_enabled[index] = int(any(p is not None for p in prepared))
+        if any(p is not None for p in prepared):
+            self.adapter_enabled[index] = 1
+            self.enabled_slots.add(index)
 
     def set_mapping(self, punica_wrapper: Any) -> None:
         self.punica_wrapper = punica_wrapper
 
     # ---- forward ----------------------------------------------------------------------
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.punica_wrapper is not None:
+        if self.punica_wrapper is not None and self.punica_wrapper.any_active(self.enabled_slots):
             self.punica_wrapper.add_lora_linear(y, x, self.lora_a_stacked, self.lora_b_stacked,
                                                 adapter_enabled=self.adapter_enabled)
         return y

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Collection, Optional, Protocol, Sequence
 
 import torch
 
@@ -67,6 +67,8 @@ class PunicaWrapperBase(ABC):
         # Updated in place every step so that references (and CUDA graphs) stay valid.
         self._token_lora_indices = torch.full((max_num_batched_tokens,), -1, dtype=torch.int32, device=self.device)
         self._num_tokens = 0
+        # Host-side: the slots some token of this step uses (None = unknown, e.g. a device-tensor mapping).
+        self._active_slots: Optional[frozenset[int]] = frozenset()
 
     # ---- per-step mapping ------------------------------------------------
     def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
@@ -83,6 +85,17 @@ class PunicaWrapperBase(ABC):
         self._token_lora_indices[:n].copy_(mapping.to(self.device), non_blocking=True)
         self._token_lora_indices[n:].fill_(-1)
         self._num_tokens = n
+        self._active_slots = None if mapping.is_cuda else frozenset(mapping.unique().tolist()) - {-1}
+
+    def any_active(self, enabled_slots: Optional[Collection[int]]) -> bool:
+        """Whether some token of this step uses one of ``enabled_slots`` (the slots where a layer holds
+        weights; None = not tracked).  A layer skips its LoRA launches when not: a batch of base-model
+        requests, or adapters that do not target the layer, cost nothing there.  Decided on the host
+        per step, so a captured CUDA graph must be captured with its adapters active.
+        """
+        if enabled_slots is None or self._active_slots is None:
+            return True
+        return not self._active_slots.isdisjoint(enabled_slots)
 
     @property
     def token_lora_indices(self) -> torch.Tensor:

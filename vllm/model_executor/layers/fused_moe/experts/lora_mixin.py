@@ -27,8 +27,14 @@ class MoELoRAExpertsMixin:
 
     @staticmethod
     def apply_w13_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
-                       topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor]) -> "MoELoRARouting":
-        """y [M*top_k, N] (GEMM1 output) += w13 LoRA delta of x [M, H]."""
+                       topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor]) -> Optional["MoELoRARouting"]:
+        """y [M*top_k, N] (GEMM1 output) += w13 LoRA delta of x [M, H].
+
+        Returns the routing for ``apply_w2_lora``, or None when no token of the step uses an
+        adapter of this layer (nothing is launched; ``apply_w2_lora`` then does nothing either).
+        """
+        if not ctx.punica_wrapper.any_active(ctx.enabled_slots):
+            return None
         return ctx.punica_wrapper.add_lora_w13(
             y, x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, topk_ids=topk_ids, topk_weights=topk_weights,
             adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras, top_k=ctx.top_k,
@@ -37,7 +43,7 @@ class MoELoRAExpertsMixin:
             use_tuned_config=ctx.use_tuned_config)
 
     @staticmethod
-    def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: "MoELoRARouting",
+    def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"],
                       topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
                       mul_routed_weight: bool) -> None:
         """y [M*top_k, H] (GEMM2 output) += w2 LoRA delta of x [M*top_k, I_part].
@@ -45,6 +51,8 @@ class MoELoRAExpertsMixin:
         ``mul_routed_weight``: True exactly when the base GEMM2 output in ``y`` was
         multiplied by the router weight.
         """
+        if routing is None:  # apply_w13_lora found no active adapter for this layer
+            return
         ctx.punica_wrapper.add_lora_w2(
             y, x, ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked, routing=routing, topk_ids=topk_ids,
             topk_weights=topk_weights, adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras,
