@@ -10,7 +10,8 @@ Correctness first: greedy token ids of the LoRA-enabled engine on a base-only
 batch must equal the LoRA-disabled engine's (layers whose adapters no token
 uses launch nothing, so the kernels are the same), and the adapters must change
 the output.  Then each case generates ``--gen`` tokens for ``--batch`` prompts
-of ``--prompt-len`` tokens (``ignore_eos``), after one warm-up run, and the
+of ``--prompt-len`` tokens (``ignore_eos``), after an identical warm-up run
+(Triton compiles each new kernel shape on first use), and the
 table gives wall time, output tokens/s and the ratio to the no-LoRA case.
 
     PYTHONPATH=. python benchmarks/benchmark_engine_lora.py [--batch 64] [--gen 64] [--tp 1]
@@ -62,7 +63,7 @@ def make_adapter(hf: torch.nn.Module, folder: str, rank: int, seed: int) -> str:
 
 
 def run(llm, prompts, params, loras) -> tuple[float, list[list[int]]]:
-    llm.generate(prompts[:2], params, lora_request=loras[:2] if loras else None, use_tqdm=False)  # warm-up
+    llm.generate(prompts, params, lora_request=loras, use_tqdm=False)  # warm-up: every kernel shape compiled
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -57,6 +57,15 @@ class TensorParallelGroup:
         self._pg.allgather([parts], [t]).wait()
         return torch.cat(parts, dim=dim)
 
+    def close(self) -> None:
+        """Release the communicator (NCCL) now rather than at interpreter exit."""
+        pg, self._pg = self._pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            try:
+                pg.shutdown()
+            except RuntimeError:  # already torn down
+                pass
+
     def barrier(self) -> None:
         self.all_reduce(torch.zeros(1, device=self.device))
 

@@ -54,6 +54,8 @@ def _worker_main(args: EngineArgs, rank: int, world_size: int, port: int, conn) 
         except (EOFError, OSError):
             return
         if method == "shutdown":
+            if worker.tp_group is not None:
+                worker.tp_group.close()
             conn.send(("ok", None))
             return
         try:
@@ -192,3 +194,6 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         self._finalizer()
+        driver = getattr(self, "driver", None)
+        if driver is not None and driver.tp_group is not None:
+            driver.tp_group.close()
