@@ -167,3 +167,17 @@ def test_script_without_main_guard_fails_fast_with_a_hint(lora_model, tmp_path):
     assert run.returncode != 0
     assert 'if __name__ == "__main__":' in run.stderr, run.stderr[-2000:]
     assert time.monotonic() - start < 90
+
+
+def test_a_dead_worker_is_reported_not_waited_for(lora_model):
+    from vllm.executor.multiproc import WorkerError
+
+    llm = LLM(lora_model.path, **ENGINE)
+    try:
+        proc = llm.llm_engine.executor._procs[0]
+        proc.kill()
+        proc.join(10)
+        with pytest.raises(WorkerError, match="rank 1 .*died"):
+            llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()

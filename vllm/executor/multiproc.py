@@ -162,6 +162,11 @@ class MultiprocExecutor(Executor):
 
     # ---- calls --------------------------------------------------------------------
     def _send(self, method: str, *args: Any) -> None:
+        dead = [f"rank {rank} (exit code {proc.exitcode})"
+                for rank, proc in enumerate(self._procs, start=1) if not proc.is_alive()]
+        if dead:  # caught before rank 0 would wait for it in a collective
+            raise WorkerError(f"tensor-parallel worker process(es) {', '.join(dead)} died; this engine cannot "
+                              "run any more - restart it")
         for conn in self._conns:
             conn.send((method, args))
 
