@@ -113,6 +113,8 @@ def test_bad_tensor_parallel_sizes_fail_clearly_and_leave_no_workers(lora_model)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": 0})
     if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPUs"):  # more ranks than visible GPUs: refused before spawning
+            LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": torch.cuda.device_count() + 1})
         return
     # 4 attention heads over 3 ranks: every rank refuses; the workers are stopped
     before = set(child_processes(os.getpid()))

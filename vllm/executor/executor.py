@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from vllm.engine.arg_utils import EngineArgs
+from vllm.platforms import current_platform
 from vllm.worker.worker import Worker
 
 
@@ -37,6 +40,9 @@ class UniProcExecutor(Executor):
 def create_executor(args: EngineArgs) -> Executor:
     if args.tensor_parallel_size == 1:
         return UniProcExecutor(args)
+    if current_platform().is_cuda() and args.tensor_parallel_size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} needs as many GPUs, but "
+                         f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES); lower it")
     from vllm.executor.multiproc import MultiprocExecutor
 
     return MultiprocExecutor(args)
