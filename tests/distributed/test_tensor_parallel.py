@@ -117,6 +117,9 @@ def test_bad_tensor_parallel_sizes_fail_clearly_and_leave_no_workers(lora_model)
             LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": torch.cuda.device_count() + 1})
         return
     # 4 attention heads over 3 ranks: every rank refuses; the workers are stopped
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # spawning starts it once per process: not a leftover worker
     before = set(child_processes(os.getpid()))
     with pytest.raises(Exception, match="not divisible by tp_size"):
         LLM(lora_model.path, **{**ENGINE, "tensor_parallel_size": 3})
