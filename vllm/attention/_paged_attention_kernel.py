@@ -18,8 +18,8 @@ slot; slot -1 means "skip".
 
 ``UPCAST`` (under ``TRITON_INTERPRET=1``) converts dot operands to fp32: the
 interpreter's dot on 16-bit floats is not trustworthy.  Float32 dots are
-``ieee`` (a float32 model gets float32 products on the GPU, not tf32).  Offsets that multiply
-a block / token index by a stride are 64-bit.
+``ieee`` (a float32 model gets float32 products on the GPU, not tf32).
+Offsets that multiply a block / token index by a stride are 64-bit.
 """
 import triton
 import triton.language as tl

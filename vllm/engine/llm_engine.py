@@ -41,8 +41,10 @@ class LLMEngine:
         self.tokenizer = get_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
         self.executor = create_executor(args)
         driver = self.executor.driver  # rank 0: its model shard, KV cache and runner (which samples)
-        self.device, self.model, self.kv_caches, self.runner = driver.device, driver.model, driver.kv_caches, \
-            driver.runner
+        self.device = driver.device
+        self.model = driver.model
+        self.kv_caches = driver.kv_caches
+        self.runner = driver.runner
         self.lora_manager = self.executor.lora_manager
         self.scheduler = Scheduler(self.scheduler_config,
                                    BlockManager(self.executor.num_blocks, self.cache_config.block_size))
