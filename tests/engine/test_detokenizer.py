@@ -111,3 +111,23 @@ def test_get_tokenizer_round_trip_and_errors(tmp_path):
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="could not load the tokenizer"):
         get_tokenizer(str(tmp_path / "broken"))
+
+
+def test_backend_decode_equals_transformers_decode():
+    """The detokenizer calls a plain fast tokenizer's Rust backend directly; same text as
+    transformers' decode, special tokens skipped or kept, byte-fallback pieces included."""
+    from vllm.transformers_utils.detokenizer import _backend_decoder
+
+    detok = Detokenizer(TOK)
+    assert detok._backend is not None
+    ids = TOK.encode("Hi, é and € #1!", add_special_tokens=False) + [TOK.eos_token_id]
+    for skip in (True, False):
+        for lo in range(len(ids)):
+            want = TOK.decode(ids[lo:], skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert detok._decode(ids[lo:], skip) == want
+
+    class Custom(type(TOK)):  # a tokenizer with its own decode keeps going through transformers
+        def _decode(self, *args, **kwargs):
+            return "custom"
+
+    assert _backend_decoder(Custom(tokenizer_object=TOK.backend_tokenizer)) is None

@@ -43,19 +43,40 @@ def find_stop_string(text: str, stop: Seq[str], new_from: int) -> Optional[tuple
     return best
 
 
+# transformers classes whose ``_decode`` is the Rust backend's decode (+ an optional clean-up we turn off)
+_PLAIN_FAST_DECODE = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
+
+
+def _backend_decoder(tokenizer: Any) -> Optional[Any]:
+    """The ``tokenizers`` backend of a fast tokenizer whose decode adds nothing to it, else None.
+
+    Calling it directly skips transformers' per-call argument handling (about 8 us -> 1.3 us per
+    call, measured here; the engine decodes twice per sequence per step)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode"):
+        return None
+    owners = {name: next((c for c in type(tokenizer).__mro__ if name in c.__dict__), None)
+              for name in ("_decode", "decode")}
+    if owners["_decode"] is None or owners["_decode"].__module__ not in _PLAIN_FAST_DECODE:
+        return None
+    if owners["decode"] is None or owners["decode"].__module__ != "transformers.tokenization_utils_base":
+        return None
+    return backend
+
+
 class Detokenizer:
     """Turns a sequence's output ids into ``seq.output_text``, step by step."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._backend = _backend_decoder(tokenizer)
         self._token_text: dict[int, str] = {}
 
     def token_text(self, token_id: int) -> str:
         """One token decoded alone, special tokens kept (cached)."""
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False,
-                                         clean_up_tokenization_spaces=False) or ""
+            text = self._decode([token_id], False) or ""
             self._token_text[token_id] = text
         return text
 
@@ -81,6 +102,8 @@ class Detokenizer:
     def _decode(self, ids: Seq[int], skip_special_tokens: bool) -> str:
         if not ids:
             return ""
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
