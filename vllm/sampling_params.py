@@ -22,6 +22,19 @@ _MIN_TEMPERATURE = 1e-2
 MAX_LOGPROBS = 20
 
 
+class RequestOutputKind(enum.IntEnum):
+    """Which ``RequestOutput``s the engine's ``step()`` returns for a request.
+
+    CUMULATIVE: one after every step that ran it, with everything so far (streaming).
+    FINAL_ONLY: only the finished one (``LLM.generate`` asks for this: no per-step work).
+    DELTA (only the new tokens) is not supported.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 class SamplingType(enum.IntEnum):
     """GREEDY: argmax (temperature == 0). RANDOM: the default generator.
     RANDOM_SEED: the sequence's own generator, seeded from ``seed``."""
@@ -59,6 +72,7 @@ class SamplingParams:
         temperature, top-k / top-p and min_tokens suppression), as in vLLM.
     prompt_logprobs: the same for every prompt token after the first (the
         first has no context, so its entry is None); None: off.
+    output_kind: ``RequestOutputKind`` - every step's output (default) or the final one only.
     """
 
     n: int = 1
@@ -75,6 +89,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -116,6 +131,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad(f"every stop string must be a non-empty string, got {s!r}")
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise bad(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)

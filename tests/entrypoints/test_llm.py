@@ -121,3 +121,27 @@ def test_bad_dtype(tmp_path):
     path, _, _ = tiny_model_dir("qwen3_moe", tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         LLM(path, dtype="int8")
+
+
+def test_final_only_outputs(model):
+    """LLM.generate asks for final outputs only (and leaves the caller's params alone); the engine
+    then returns a request's output once, when it finishes, while CUMULATIVE returns one per step."""
+    from vllm.sampling_params import RequestOutputKind
+
+    llm, _, _ = model
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert params.output_kind == RequestOutputKind.CUMULATIVE
+    engine = llm.llm_engine
+    seen = {"final": [], "cumulative": []}
+    engine.add_request("final", PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                           output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request("cumulative", PROMPTS[0], params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [o.finished for o in seen["final"]] == [True]
+    assert len(seen["cumulative"]) == 5 and seen["cumulative"][-1].finished
+    assert seen["final"][0].outputs[0].token_ids == seen["cumulative"][-1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)

@@ -73,10 +73,10 @@ def build_metadata(query_lens: Sequence[int], seq_lens: Sequence[int], block_tab
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
-    width = max((len(bt) for bt in block_tables), default=0)
-    tables = torch.zeros(len(block_tables), max(width, 1), dtype=torch.int32)
-    for i, bt in enumerate(block_tables):
-        tables[i, :len(bt)] = torch.tensor(list(bt), dtype=torch.int32)
+    width = max(1, max((len(bt) for bt in block_tables), default=0))
+    # one padded list -> one tensor (a tensor per row cost ~1 ms per step at 64 sequences)
+    tables = torch.tensor([list(bt) + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.int32)
+    tables = tables.view(len(block_tables), width)
     dev = torch.device(device)
     return AttentionMetadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),

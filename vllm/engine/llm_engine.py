@@ -21,7 +21,7 @@ from vllm.executor import create_executor
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.sequence import Sequence, SequenceStatus
 from vllm.transformers_utils.detokenizer import Detokenizer
 from vllm.transformers_utils.tokenizer import get_tokenizer
@@ -191,6 +191,9 @@ class LLMEngine:
         for rid in touched:
             seqs = self._requests.get(rid)
             if seqs is None:
+                continue
+            if seqs[0].sampling_params.output_kind == RequestOutputKind.FINAL_ONLY and \
+                    not all(s.is_finished for s in seqs):
                 continue
             ro = RequestOutput.from_seqs(seqs)
             outputs.append(ro)

@@ -8,7 +8,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 Many = Union[None, Any, Sequence[Any]]
 
@@ -23,6 +23,20 @@ def _per_prompt(value: Many, n: int, name: str, kind: type) -> list:
         if v is not None and not isinstance(v, kind):
             raise TypeError(f"{name}: expected {kind.__name__} entries, got {type(v).__name__}")
     return values
+
+
+def _final_only(params: list[Optional[SamplingParams]]) -> list[SamplingParams]:
+    """Copies (the caller's objects stay as they are) that ask the engine for final outputs only:
+    ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted."""
+    copies: dict[int, SamplingParams] = {}
+    out = []
+    for p in params:
+        p = p or SamplingParams()
+        if id(p) not in copies:
+            copies[id(p)] = p.clone()
+            copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+        out.append(copies[id(p)])
+    return out
 
 
 class LLM:
@@ -52,14 +66,14 @@ class LLM:
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams)
+        params = _final_only(_per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams))
         loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
         engine = self.llm_engine
         ids = []
         try:
             for prompt, p, lr in zip(prompts, params, loras):
                 rid = str(next(self._counter))
-                engine.add_request(rid, prompt, p or SamplingParams(), lora_request=lr)
+                engine.add_request(rid, prompt, p, lora_request=lr)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # nothing of a rejected batch keeps running
