@@ -41,6 +41,14 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (default: 256)")
     serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
     serve.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    serve.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL_DIR)")
+    serve.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run code shipped with the model's config / tokenizer")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of GPU memory the engine may use, KV cache included (default: 0.9)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens per step (default: max(8192, max-model-len))")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     serve.add_argument("--fully-sharded-loras", action="store_true",
                        help="with tensor parallelism, also split the MoE LoRA rank dimension over the ranks")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,

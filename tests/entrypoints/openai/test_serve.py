@@ -201,3 +201,27 @@ def test_client_disconnect_aborts(server, client):
         time.sleep(0.1)
     assert aborted() >= before + 1
     _ok(client)
+
+
+def test_serve_flags_reach_the_engine_arguments():
+    """Every engine flag of ``vllm serve`` lands in EngineArgs; defaults equal EngineArgs' own."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.cli import make_parser
+    from vllm.entrypoints.openai.api_server import engine_args_from
+
+    parse = lambda *a: engine_args_from(make_parser().parse_args(["serve", "M", *a]))  # noqa: E731
+    defaults = parse()
+    for f in dataclasses.fields(EngineArgs):
+        if f.name not in ("model", "moe_backend"):  # the backend: VLLM_FUSED_MOE_BACKEND
+            assert getattr(defaults, f.name) == f.default, f.name
+    got = parse("--tokenizer", "T", "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "512",
+                "--block-size", "32", "-tp", "2", "--fully-sharded-loras", "--enable-lora", "--max-loras", "3",
+                "--max-lora-rank", "64", "--max-cpu-loras", "5", "--max-model-len", "99", "--max-num-seqs", "7",
+                "--dtype", "float16", "--seed", "3", "--trust-remote-code")
+    assert (got.tokenizer, got.gpu_memory_utilization, got.max_num_batched_tokens, got.block_size) == \
+        ("T", 0.5, 512, 32)
+    assert (got.tensor_parallel_size, got.fully_sharded_loras, got.enable_lora, got.max_loras) == (2, True, True, 3)
+    assert (got.max_lora_rank, got.max_cpu_loras, got.max_model_len, got.max_num_seqs) == (64, 5, 99, 7)
+    assert (got.dtype, got.seed, got.trust_remote_code) == ("float16", 3, True)

@@ -199,11 +199,14 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
-                      enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_cpu_loras=args.max_cpu_loras,
-                      fully_sharded_loras=getattr(args, "fully_sharded_loras", False))
+    """The engine's arguments from ``vllm serve``'s flags (the parser's defaults are EngineArgs')."""
+    return EngineArgs(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
+                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      tensor_parallel_size=args.tensor_parallel_size, enable_lora=args.enable_lora,
+                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                      fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code)
 
 
 def run_server(args: argparse.Namespace) -> None:
