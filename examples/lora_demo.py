@@ -36,8 +36,9 @@ def main() -> int:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    # peft 0.21 gives the fused gate_up experts LoRA twice the configured rank (8 -> 16)
-    llm = LLM(args.model, enable_lora=True, max_loras=2, max_lora_rank=16, max_model_len=64)
+    # The demo adapters are saved with r=4; peft 0.21 gives the fused gate_up experts LoRA twice
+    # the configured rank (4 -> 8), so max_lora_rank=8 holds them.
+    llm = LLM(args.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=64)
     adapters = {name: LoRARequest(name, i + 1, os.path.join(args.adapters, name))
                 for i, name in enumerate(["upper", "rot13"])}
     prompts, loras, rows = [], [], []
