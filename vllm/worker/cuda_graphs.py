@@ -195,6 +195,7 @@ class DecodeGraphRunner:
         self.buffers = DecodeBuffers(self.max_size, -(-max_model_len // block_size), block_size, self.device)
         self.logits: Optional[torch.Tensor] = None  # [max_size, vocab] float32, written by every replay
         self._graphs: dict[tuple[int, bool], Any] = {}
+        self._keep_alive: list[torch.Tensor] = []
         self.replays: dict[tuple[int, bool], int] = {}  # replays per key (tests and logs)
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
@@ -262,6 +263,7 @@ class DecodeGraphRunner:
                 self._forward(p, lora)
             self._graphs[(p, lora)] = graph
         if cuda:
+            self._keep_alive = _grown_workspaces(self.model)
             torch.cuda.synchronize(self.device)
             self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
         if self.lora_manager is not None:
@@ -288,6 +290,17 @@ class DecodeGraphRunner:
             graph.replay()
         self.replays[key] += 1
         return self.logits[:len(inp.seq_lens)]
+
+
+def _grown_workspaces(model: nn.Module) -> list[torch.Tensor]:
+    """The MoE kernels' scratch buffers the graphs were captured with.  A kernel replaces its buffer by
+    a bigger one when a prefill needs more; the graphs keep writing the old one, which must then stay
+    allocated (not be handed to another tensor), so the runner holds these references."""
+    bufs = []
+    for m in model.modules():
+        kernel = getattr(getattr(m, "quant_method", None), "kernel", None)
+        bufs.extend(getattr(kernel, "_workspaces", {}).values())
+    return bufs
 
 
 def maybe_capture(model: nn.Module, *, device: torch.device, world_size: int, enforce_eager: bool,
