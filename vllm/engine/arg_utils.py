@@ -31,6 +31,8 @@ class EngineArgs:
     fully_sharded_loras: bool = False
     moe_backend: Optional[str] = None
     trust_remote_code: bool = False
+    enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA by default)
+    cuda_graph_sizes: Optional[list[int]] = None  # decode batch sizes to capture (default: a ladder to max_num_seqs)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":

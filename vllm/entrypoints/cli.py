@@ -53,6 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="with tensor parallelism, also split the MoE LoRA rank dimension over the ranks")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="ranks to shard the model over: one GPU each (the first N visible), or N processes on CPU")
+    serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
     return parser
 
 

@@ -8,6 +8,9 @@
        then the prompt-logprobs rows' logits, a chunk at a time
     -> rank 0: Sampler (+ logprobs, prompt logprobs: vllm/worker/logprobs.py)
 
+A decode step replays a captured CUDA graph instead of the eager forward when
+``graphs`` (a ``DecodeGraphRunner``, vllm/worker/cuda_graphs.py) has one for it.
+
 With tensor parallelism, ``peers`` (the other ranks, see ``vllm.executor``)
 receive the same ``ModelInput`` before rank 0 runs its own forward; the layers'
 collectives keep the ranks in step.
@@ -15,7 +18,7 @@ collectives keep the ranks in step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -25,6 +28,9 @@ from vllm.core.scheduler import SchedulerOutput
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
 from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
+
+if TYPE_CHECKING:
+    from vllm.worker.cuda_graphs import DecodeGraphRunner
 
 
 @dataclass
@@ -52,13 +58,15 @@ class ModelInput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, *, block_size: int, device: torch.device,
-                 lora_manager: Optional[Any] = None, peers: Optional[Any] = None) -> None:
+                 lora_manager: Optional[Any] = None, peers: Optional[Any] = None,
+                 graphs: Optional["DecodeGraphRunner"] = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.lora_manager = lora_manager
         self.peers = peers  # the other TP ranks: start_execute(ModelInput) / finish_execute()
         self.sampler = Sampler()
+        self.graphs = graphs  # captured decode steps (None: always eager)
 
     @torch.inference_mode()
     def compute_logits(self, inp: ModelInput,
@@ -68,13 +76,16 @@ class ModelRunner:
         Then the logits of ``inp.prompt_rows``, PROMPT_LOGPROBS_CHUNK rows at a time, each
         chunk passed to ``on_prompt_logits(first_row_index, logits)`` (rank 0) or dropped.
         """
+        if self.lora_manager is not None:
+            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
+        key = self.graphs.graph_key(inp) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(inp, key)
         dev = self.device
         input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
         meta = build_metadata(inp.query_lens, inp.seq_lens, inp.block_tables, self.block_size, dev,
                               slot_mapping=inp.slot_mapping)
-        if self.lora_manager is not None:
-            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
         with set_forward_context(meta):
             hidden = self.model(input_ids, positions)
         last = meta.query_start_loc[1:].long() - 1

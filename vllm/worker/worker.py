@@ -62,6 +62,7 @@ class Worker:
             self.lora_manager = LoRAModelManager(self.model, self.lora_config, punica)
         self.kv_caches: list[torch.Tensor] = []
         self.runner: Optional[ModelRunner] = None
+        self.enforce_eager, self.cuda_graph_sizes = args.enforce_eager, args.cuda_graph_sizes
 
     def num_kv_blocks(self) -> int:
         """KV blocks this rank's memory allows (the engine takes the smallest over ranks)."""
@@ -71,8 +72,15 @@ class Worker:
     def init_kv_cache(self, num_blocks: int, peers: Any = None) -> None:
         self.kv_caches = allocate_and_bind(self.model, num_blocks, self.cache_config.block_size,
                                            self.model_config.dtype, self.device)
+        from vllm.worker.cuda_graphs import maybe_capture
+
+        graphs = maybe_capture(self.model, device=self.device, world_size=self.world_size,
+                               enforce_eager=self.enforce_eager, block_size=self.cache_config.block_size,
+                               max_model_len=self.scheduler_config.max_model_len,
+                               max_num_seqs=self.scheduler_config.max_num_seqs, lora_manager=self.lora_manager,
+                               sizes=self.cuda_graph_sizes)
         self.runner = ModelRunner(self.model, block_size=self.cache_config.block_size, device=self.device,
-                                  lora_manager=self.lora_manager, peers=peers)
+                                  lora_manager=self.lora_manager, peers=peers, graphs=graphs)
 
     def execute_model(self, inp: ModelInput) -> None:
         """A non-driver rank's share of one step (its logits are rank 0's too, and only rank 0 samples)."""

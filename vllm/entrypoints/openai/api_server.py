@@ -206,7 +206,8 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       tensor_parallel_size=args.tensor_parallel_size, enable_lora=args.enable_lora,
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-                      fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code)
+                      fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code,
+                      enforce_eager=args.enforce_eager)
 
 
 def run_server(args: argparse.Namespace) -> None:

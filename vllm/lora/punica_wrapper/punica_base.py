@@ -69,6 +69,7 @@ class PunicaWrapperBase(ABC):
         self._num_tokens = 0
         # Host-side: the slots some token of this step uses (None = unknown, e.g. a device-tensor mapping).
         self._active_slots: Optional[frozenset[int]] = frozenset()
+        self._run_all = False  # see run_all_lora_ops
 
     # ---- per-step mapping ------------------------------------------------
     def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
@@ -91,11 +92,17 @@ class PunicaWrapperBase(ABC):
         """Whether some token of this step uses one of ``enabled_slots`` (the slots where a layer holds
         weights; None = not tracked).  A layer skips its LoRA launches when not: a batch of base-model
         requests, or adapters that do not target the layer, cost nothing there.  Decided on the host
-        per step, so a captured CUDA graph must be captured with its adapters active.
+        per step, so a CUDA graph of steps with adapters is captured under ``run_all_lora_ops``.
         """
-        if enabled_slots is None or self._active_slots is None:
+        if self._run_all or enabled_slots is None or self._active_slots is None:
             return True
         return not self._active_slots.isdisjoint(enabled_slots)
+
+    def run_all_lora_ops(self, enabled: bool) -> None:
+        """While enabled, ``any_active`` is True: every LoRA layer launches its ops, whatever the mapping
+        (slots without weights add exactly zero).  CUDA-graph capture of steps with adapters uses this, so
+        the graph does not depend on which adapters the captured batch happened to use."""
+        self._run_all = bool(enabled)
 
     @property
     def token_lora_indices(self) -> torch.Tensor:

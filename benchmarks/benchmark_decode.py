@@ -1,0 +1,232 @@
+"""Decode step time of ``LLM.generate`` at a real MoE width: eager vs CUDA graphs, without LoRA and
+with 4 adapters, against the step's memory roofline (issue 10).
+
+The checkpoint is random, of one model's width (``--preset``), ``--layers`` of its layers (default
+12; per-step time scales with it), built with transformers on the GPU (``benchmark_engine_lora``'s
+helpers, which also make the ``--num-loras`` random PEFT adapters of rank ``--rank`` on q/k/v/o and
+the fused experts; peft doubles gate_up's rank, so max_lora_rank is 2 x rank):
+
+    qwen3-30b-a3b  hidden 2048, 32 q / 4 kv heads of 128, 128 experts top-8 of width 768, vocab 151936
+    mixtral-8x7b   hidden 4096, 32 q / 8 kv heads of 128, 8 experts top-2 of width 14336, vocab 32000
+    gpt-oss-20b    hidden 2880, 64 q / 8 kv heads of 64, 32 experts top-4 of width 2880, vocab 201088
+
+All are built as Qwen3-MoE (SiLU-gated bf16 experts, q/k norms): Mixtral's and gpt-oss's widths with
+an architecture the engine supports (gpt-oss's MXFP4 experts, biases, sinks and sliding window are
+not modelled).
+
+Correctness first: greedy tokens with graphs equal the eager engine's, without and with LoRA, and the
+LoRA-enabled engine on a base-only batch equals the engine without LoRA (a mismatch is reported and
+the exit status is 1, after the table).  Then, per batch size (default 1, 16, 64, 256), prompts of
+``--prompt-len`` random tokens: decode step = (time to generate 33 tokens - time to generate 1) / 32,
+best of 2 after a warm-up.  The roofline step reads, per layer, the attention weights, the expected
+distinct experts of the batch x bytes per expert, the router and the KV cache (context = prompt +
+half the decode), plus the LM head once, at the copy bandwidth measured here (or ``--bandwidth``).
+
+    PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
+        [--batches 1,16,64,256] [--out decode.md]   (--preset tiny: a CPU smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_engine_lora import make_adapter, make_model_dir  # noqa: E402
+
+PRESETS = {
+    "qwen3-30b-a3b": dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, topk=8, moe_inter=768,
+                          vocab=151936),
+    "mixtral-8x7b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, experts=8, topk=2, moe_inter=14336,
+                         vocab=32000),
+    "gpt-oss-20b": dict(hidden=2880, heads=64, kv_heads=8, head_dim=64, experts=32, topk=4, moe_inter=2880,
+                        vocab=201088),
+    "tiny": dict(hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32, vocab=256),
+}
+H200_COPY_BANDWIDTH = 4.24e12
+
+
+def roofline_bytes(a, batch: int, context: int) -> float:
+    """Bytes one decode step must read (bf16), FACTS.md section 9."""
+    h, d = a.hidden, a.head_dim
+    attn = h * (a.heads + 2 * a.kv_heads) * d + a.heads * d * h
+    distinct = a.experts * (1 - (1 - a.topk / a.experts) ** batch)
+    experts = distinct * 3 * h * a.moe_inter
+    kv = batch * context * 2 * a.kv_heads * d
+    return 2.0 * (a.layers * (attn + experts + a.experts * h + kv) + a.vocab * h)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(llm, prompts, gen: int, loras) -> tuple[float, list[list[int]]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    _sync()
+    return time.perf_counter() - start, [o.outputs[0].token_ids for o in outs]
+
+
+def decode_step(llm, prompts, loras, steps: int) -> tuple[float, list[list[int]]]:
+    """(seconds per decode step, greedy tokens): (best t(steps + 1) - best t(1)) / steps after a warm-up."""
+    timed(llm, prompts, steps + 1, loras)
+    long_t, short_t, tokens = [], [], None
+    for _ in range(2):
+        t, tokens = timed(llm, prompts, steps + 1, loras)
+        long_t.append(t)
+        short_t.append(timed(llm, prompts, 1, loras)[0])
+    return (min(long_t) - min(short_t)) / steps, tokens
+
+
+def run_engine(model_dir: str, common: dict, batches: list[int], prompts, loras_for, steps: int,
+               base_only: Optional[int] = None, **kw) -> tuple[dict[int, float], dict[int, list]]:
+    """Step times and tokens per batch size; with ``base_only`` = b, tokens[-b] are those of a batch
+    of b prompts without adapters."""
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, **common, **kw)
+    graphs = llm.llm_engine.runner.graphs
+    print(f"  engine {kw}: ready in {time.perf_counter() - t0:.1f} s"
+          + (f" (graphs: {len(graphs.replays)} in {graphs.capture_seconds:.1f} s, "
+             f"{graphs.graph_memory_bytes / 2**20:.0f} MiB)" if graphs is not None else " (eager)"), flush=True)
+    times, tokens = {}, {}
+    for b in batches:
+        times[b], tokens[b] = decode_step(llm, prompts[:b], loras_for(b), steps)
+        print(f"    batch {b}: {times[b] * 1e3:.2f} ms/step", flush=True)
+    if base_only:
+        tokens[-base_only] = timed(llm, prompts[:base_only], steps + 1, None)[1]
+    if graphs is not None:
+        assert any(graphs.replays.values()), "the graph engine never replayed a graph"
+    llm.llm_engine.shutdown()
+    del llm, graphs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return times, tokens
+
+
+def compare(name: str, got: dict, want: dict, problems: list[str]) -> None:
+    for b in want:
+        bad = sum(g != w for g, w in zip(got[b], want[b]))
+        if bad:
+            problems.append(f"{name}: batch {b}: {bad} of {b} sequences differ")
+    print(f"  check {name}: {'OK' if not any(p.startswith(name) for p in problems) else 'MISMATCH'}", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed (generate steps + 1 tokens)")
+    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in B/s (default: measured)")
+    p.add_argument("--out", default=None, help="write the markdown table here")
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.preset].items():
+        setattr(a, k, v)
+    batches = [int(x) for x in a.batches.split(",")]
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name() if cuda else "CPU"
+    bandwidth = a.bandwidth or (copy_bandwidth() if cuda else H200_COPY_BANDWIDTH)
+
+    from vllm.lora.request import LoRARequest
+
+    work = tempfile.mkdtemp(prefix="bench_decode_")
+    model_dir = os.path.join(work, "model")
+    t0 = time.perf_counter()
+    hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
+    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), a.rank, 10 + i))
+                for i in range(a.num_loras)]
+    del hf
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"{a.preset} x {a.layers} layers and {a.num_loras} adapters built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+
+    gen = torch.Generator().manual_seed(1)
+    top = max(batches)
+    prompts = [{"prompt_token_ids": torch.randint(2, a.vocab, (a.prompt_len,), generator=gen).tolist()}
+               for _ in range(top)]
+    max_len = a.prompt_len + a.steps + 8
+    blocks = top * (-(-max_len // 16)) + 64
+    common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top, num_gpu_blocks_override=blocks,
+                  cuda_graph_sizes=batches)
+    lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
+    no_lora = lambda b: None  # noqa: E731
+    spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731
+
+    problems: list[str] = []
+    eager_base, tok_eager = run_engine(model_dir, common, batches, prompts, no_lora, a.steps, enforce_eager=True)
+    graph_base, tok_graph = run_engine(model_dir, common, batches, prompts, no_lora, a.steps)
+    compare("graphs vs eager, no LoRA", tok_graph, tok_eager, problems)
+    b0 = batches[min(1, len(batches) - 1)]
+    graph_lora, tok_glora = run_engine(model_dir, common, batches, prompts, spread, a.steps, base_only=b0,
+                                       **lora_kw)
+    eager_lora, tok_elora = run_engine(model_dir, common, batches, prompts, spread, a.steps, enforce_eager=True,
+                                       **lora_kw)
+    compare("graphs vs eager, LoRA", {b: tok_glora[b] for b in batches}, tok_elora, problems)
+    if all(tok_glora[b] == tok_graph[b] for b in batches):
+        problems.append("the adapters did not change any output")
+    # the LoRA-enabled engine on a base-only batch (one size: a correctness check) vs the engine without LoRA
+    compare("LoRA-enabled base-only vs LoRA-disabled", {b0: tok_glora[-b0]}, {b0: tok_graph[b0]}, problems)
+
+    context = a.prompt_len + a.steps // 2
+    lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of {a.prompt_len} tokens; "
+             f"{a.num_loras} adapters of rank {a.rank} (q/k/v/o + experts) spread over the batch; copy bandwidth "
+             f"{bandwidth / 1e12:.2f} TB/s{'' if a.bandwidth is None else ' (given)'}", "",
+             "| batch | eager, no LoRA | graphs, no LoRA | eager, LoRA | graphs, LoRA | LoRA / no LoRA (graphs) "
+             "| tokens/s (graphs, no LoRA) | roofline step | % of roofline (graphs, no LoRA) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in batches:
+        roof = roofline_bytes(a, b, context) / bandwidth
+        g = graph_base[b]
+        lines.append(f"| {b} | {eager_base[b] * 1e3:.2f} ms | {g * 1e3:.2f} ms | {eager_lora[b] * 1e3:.2f} ms | "
+                     f"{graph_lora[b] * 1e3:.2f} ms | {graph_lora[b] / g:.2f} | {b / g:.0f} | {roof * 1e3:.2f} ms | "
+                     f"{100 * roof / g:.0f} % |")
+    lines += ["", "Correctness: " + ("greedy tokens identical (graphs vs eager, with and without LoRA; "
+                                     "LoRA-enabled base-only vs LoRA-disabled)" if not problems
+                                     else "; ".join(problems))]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
