@@ -260,7 +260,10 @@ class FusedMoEKernel:
         key = (name, dtype, device)
         buf = self._workspaces.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            # a normal tensor even when first needed under inference_mode (e.g. CUDA-graph capture), so a
+            # later forward under no_grad may still write it
+            with torch.inference_mode(False):
+                buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
             self._workspaces[key] = buf
         return buf[:numel].view(shape)
 
