@@ -32,3 +32,39 @@ def get_tokenizer(tokenizer_name: str, *, trust_remote_code: bool = False, revis
     except Exception as exc:  # transformers raises many types; keep its message
         raise RuntimeError(f"could not load the tokenizer in {path!r}: {exc}. Check its tokenizer files, or "
                            "pass --tokenizer DIR pointing at a folder with a working tokenizer") from exc
+
+
+# transformers modules whose ``_encode_plus`` is the Rust backend's encode plus argument handling
+_PLAIN_FAST_ENCODE = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
+
+
+def _backend_encoder(tokenizer: Any) -> Optional[Any]:
+    """The ``tokenizers`` backend of a fast tokenizer whose encode adds nothing to it, else None.
+
+    Its ``encode`` only reads the backend, so it is safe while other threads decode (transformers'
+    own encode resets the backend's truncation / padding / special-token settings on every call)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode"):
+        return None
+    owners = {name: next((c for c in type(tokenizer).__mro__ if name in c.__dict__), None)
+              for name in ("_encode_plus", "encode", "__call__")}
+    if owners["_encode_plus"] is None or owners["_encode_plus"].__module__ not in _PLAIN_FAST_ENCODE:
+        return None
+    if any(owners[n] is None or owners[n].__module__ != "transformers.tokenization_utils_base"
+           for n in ("encode", "__call__")):
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        return None  # transformers would switch them off for the call
+    if bool(getattr(tokenizer, "split_special_tokens", False)) != bool(getattr(backend, "encode_special_tokens",
+                                                                                False)):
+        return None
+    return backend
+
+
+def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode(text)`` without its "sequence length is longer than the specified maximum"
+    warning (the engine answers an over-long prompt itself), and safe to call off the engine thread."""
+    backend = _backend_encoder(tokenizer)
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens, verbose=False))

@@ -191,7 +191,7 @@ def test_client_disconnect_aborts(server, client):
         return int(float(re.search(r"^vllm:request_aborted_total (\S+)$", text, re.M).group(1)))
 
     before = aborted()
-    body = {"model": "demo", "prompt": ["hello=", "world="], "n": 64, "max_tokens": 60, "ignore_eos": True,
+    body = {"model": "demo", "prompt": ["hello=", "world="], "n": 64, "max_tokens": 50, "ignore_eos": True,
             "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200

@@ -30,12 +30,28 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+def _json_error_message(err: dict, doc: Any) -> str:
+    """Why and where the body is not valid JSON (line and column when the text is at hand)."""
+    pos = err.get("loc", (None, None))[-1]
+    where = f" at character {pos}"
+    if isinstance(doc, str) and isinstance(pos, int):
+        line, start = doc.count("\n", 0, pos) + 1, doc.rfind("\n", 0, pos) + 1
+        where = f" at line {line} column {pos - start + 1} (character {pos})"
+    reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+    return f"the request body is not valid JSON: {reason}{where}; send one JSON object"
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
     parts, param = [], None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return _json_error_message(err, getattr(exc, "body", None)), None
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = param or (loc[0] if loc else None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if err.get("type") == "string_unicode":  # e.g. a field name holding a lone surrogate
+            msg = f"{ascii(err.get('input'))[:80]} is not valid Unicode (a lone surrogate); send valid UTF-8"
+        parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
 
 
@@ -104,7 +120,10 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
-        return _error(APIError(str(exc.detail), exc.status_code, kind))
+        detail = str(exc.detail)
+        if exc.status_code == 400 and exc.__cause__ is not None:  # e.g. a 5000-digit number in the body
+            detail = f"{detail}: {exc.__cause__}"
+        return _error(APIError(detail, exc.status_code, kind))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
