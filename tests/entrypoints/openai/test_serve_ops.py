@@ -219,3 +219,29 @@ def test_sigterm_lets_requests_in_flight_finish():
     assert r.status_code == 200 and len(r.json()["choices"]) == 128
     assert all(c["finish_reason"] == "length" for c in r.json()["choices"])
     assert log.rstrip().splitlines()[-1].endswith("server stopped")
+
+
+def test_sigterm_shuts_tensor_parallel_workers_down():
+    srv = Server(["--tensor-parallel-size", "2"])
+    try:
+        out = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True, text=True).stdout
+        children = [int(p) for p in out.split()]
+        assert children, "no worker process"
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(30)
+        log = srv.read_log()
+    finally:
+        srv.stop()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in children)
+    assert rc == 0 and log.rstrip().splitlines()[-1].endswith("server stopped"), log
