@@ -46,6 +46,22 @@ def _choice(name: str, default: str | None, choices: tuple[str, ...]) -> Callabl
     return get
 
 
+def _float(name: str, default: float, minimum: float) -> Callable[[], float]:
+    def get() -> float:
+        raw = os.environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            val = float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+        if not val >= minimum or val == float("inf"):
+            raise ValueError(f"{name}={raw!r} must be a finite number >= {minimum}")
+        return val
+
+    return get
+
+
 environment_variables: dict[str, Callable[[], Any]] = {
     # Logging level of the ``vllm`` logger (DEBUG, INFO, WARNING, ERROR).
     "VLLM_LOGGING_LEVEL": _str("VLLM_LOGGING_LEVEL", "INFO"),
@@ -63,6 +79,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_ATTENTION_BACKEND": _choice("VLLM_ATTENTION_BACKEND", None, ("triton", "torch")),
     # Allow loading / unloading LoRA adapters at run time through the server.
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False),
+    # Seconds between the server's throughput / load log lines while it is busy.
+    "VLLM_LOG_STATS_INTERVAL": _float("VLLM_LOG_STATS_INTERVAL", 10.0, minimum=0.1),
 }
 
 

@@ -22,7 +22,7 @@ def test_capabilities_are_truthful():
 
 
 def test_lora_skips_backend_without_lora_and_logs_why(caplog):
-    with caplog.at_level(logging.INFO, logger="vllm"):
+    with caplog.at_level(logging.DEBUG, logger="vllm"):  # per layer: DEBUG (the loader logs once at INFO)
         got = select_unquantized_moe_backend(_cfg(lora_enabled=True), FusedMoEQuantConfig(), "cpu",
                                              priority=[B.NAIVE_DENSE, B.TORCH])
     assert got is B.TORCH

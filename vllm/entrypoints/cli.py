@@ -17,6 +17,13 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     import vllm
 
@@ -28,12 +35,19 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", metavar="MODEL_DIR", help="folder of the model (config, weights, tokenizer)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every /v1 route (compared in constant time); "
+                            "/health, /metrics and /version stay open, as in vLLM")
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="name(s) of the base model in the API (default: MODEL_DIR)")
     serve.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     serve.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=None, metavar="NAME=PATH",
                        help="adapters to serve, each as name=path (the flag may be repeated)")
+    serve.add_argument("--lora-allowed-dirs", nargs="+", action="extend", default=None, metavar="DIR",
+                       help="directories runtime adapter loads (POST /v1/load_lora_adapter) may read from; paths "
+                            "are resolved (symlinks too) and must stay inside; relative paths are looked up in "
+                            "these directories (default: the folders holding the --lora-modules adapters; none: "
+                            "runtime loads are refused)")
     serve.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (default: 1)")
     serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
     serve.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached on the CPU")
@@ -54,6 +68,17 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="ranks to shard the model over: one GPU each (the first N visible), or N processes on CPU")
     serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
+    ops = serve.add_argument_group("server operation")
+    ops.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024, metavar="N",
+                     help="refuse request bodies larger than N bytes with 413 (default: 8 MiB)")
+    ops.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, how long requests in flight may finish before they are aborted "
+                          "(default: 30)")
+    ops.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    ops.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                     help="also log the first N characters of each prompt (default: no prompt text)")
+    ops.add_argument("--disable-log-stats", action="store_true",
+                     help="no periodic throughput / load line (every VLLM_LOG_STATS_INTERVAL seconds while busy)")
     return parser
 
 
@@ -66,8 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ImportError as e:
             parser.exit(1, f"vllm serve needs the server extras ({e.name} is missing): "
                            "pip install 'vllm[serve]'\n")
-        run_server(args)
-        return 0
+        return run_server(args)
     parser.print_help()
     return 1
 

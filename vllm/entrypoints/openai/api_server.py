@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import time
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -17,9 +16,11 @@ import vllm
 from vllm import envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
-from vllm.entrypoints.openai.metrics import Histogram
+from vllm.entrypoints.openai.http_middleware import DEFAULT_MAX_BODY_BYTES, ServerMiddleware, ServerState
 from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                               UnloadLoRAAdapterRequest)
+from vllm.entrypoints.openai.request_logging import StatsLogger
+from vllm.entrypoints.openai.security import AdapterPathError, AdapterPathPolicy
 from vllm.entrypoints.openai.serving import APIError, Models, Serving, not_found
 from vllm.logger import init_logger
 
@@ -72,41 +73,29 @@ async def _until_disconnect(request: Request, coro) -> Any:
             task.cancel()
 
 
-def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = None) -> FastAPI:
+def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = None, *,
+              state: Optional[ServerState] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              adapter_paths: Optional[AdapterPathPolicy] = None,
+              stats_interval: Optional[float] = None) -> FastAPI:
+    """The app.  ``adapter_paths``: where runtime loads may read adapters (None: nowhere);
+    ``stats_interval``: seconds between stats lines while busy (None: no stats lines)."""
+    state = state or ServerState()
+    adapter_paths = adapter_paths or AdapterPathPolicy([])
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        logger.info("ready: the server accepts requests")
-        yield
+        stats = StatsLogger(engine, stats_interval) if stats_interval else None
+        if stats is not None:
+            stats.start()
+        try:
+            yield
+        finally:
+            if stats is not None:
+                await stats.stop()
 
     app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan)
+    app.add_middleware(ServerMiddleware, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
     serving = Serving(engine, models)
-    http_requests: dict[tuple[str, int], int] = {}
-    latency = Histogram()  # /v1 requests, from arrival to the last byte of the response
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key and path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(APIError("invalid or missing API key", 401, "AuthenticationError"))
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        if path.startswith("/v1"):
-            key = (path, response.status_code)
-            http_requests[key] = http_requests.get(key, 0) + 1
-            body = getattr(response, "body_iterator", None)
-            if body is None:
-                latency.observe(time.perf_counter() - t0)
-            else:  # streamed (SSE included): observe when the last chunk has gone out
-                async def timed(inner=body):
-                    try:
-                        async for chunk in inner:
-                            yield chunk
-                    finally:
-                        latency.observe(time.perf_counter() - t0)
-
-                response.body_iterator = timed()
-        return response
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
@@ -142,7 +131,10 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
 
     @app.get("/v1/models")
     async def list_models():
-        return models.listing().model_dump()
+        listing = models.listing().model_dump()
+        for card in listing["data"]:  # names, never the server's paths
+            card["root"] = card["id"]
+        return listing
 
     async def respond(request: Request, result):
         if hasattr(result, "__aiter__"):
@@ -166,20 +158,31 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
             raise APIError("loading and unloading LoRA adapters at run time is disabled; start the server with "
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", 403, "PermissionDenied")
 
+    loading: set[str] = set()  # names reserved by loads in progress
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):
         _runtime_updates_allowed()
-        if body.lora_name in models.adapters or body.lora_name in models.base_names:
-            raise APIError(f"the adapter {body.lora_name!r} is already loaded", param="lora_name")
+        name, given = body.lora_name, body.lora_path
+        if name in models.adapters or name in models.base_names or name in loading:
+            raise APIError(f"the adapter {name!r} is already loaded (or being loaded)", param="lora_name")
+        loading.add(name)  # reserved before the first await: a concurrent load of the name gets a 400
         try:
-            req = models.new_lora(body.lora_name, body.lora_path)
-            await engine.add_lora(req)
-        except Exception as e:  # bad path or files: refused, the server goes on
-            raise APIError(f"failed to load adapter {body.lora_name!r} from {body.lora_path!r}: {e}",
-                           param="lora_path") from e
-        models.adapters[body.lora_name] = req
-        logger.info("loaded LoRA adapter %s from %s", body.lora_name, body.lora_path)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+            try:
+                path = adapter_paths.resolve(given)
+            except AdapterPathError as e:
+                raise APIError(f"failed to load adapter {name!r}: {e}", param="lora_path") from None
+            req = models.new_lora(name, path)
+            try:
+                await engine.add_lora(req)
+            except Exception as e:  # bad files: refused, the server goes on
+                msg = AdapterPathPolicy.public_message(str(e), path, given)
+                raise APIError(f"failed to load adapter {name!r} from {given!r}: {msg}", param="lora_path") from e
+            models.adapters[name] = req
+        finally:
+            loading.discard(name)
+        logger.info("loaded LoRA adapter %s from %s", name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
@@ -209,9 +212,9 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         metric("num_requests_waiting", "gauge", "Sequences waiting.", [("", s["requests_waiting"])])
         metric("lora_adapters_loaded", "gauge", "Adapters served.", [("", len(models.adapters))])
         metric("http_requests_total", "counter", "HTTP requests by route and status.",
-               [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(http_requests.items())])
+               [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(state.http_requests.items())])
         metric("e2e_request_latency_seconds", "histogram",
-               "Latency of /v1 requests, arrival to the end of the (streamed) response.", latency.samples())
+               "Latency of /v1 requests, arrival to the end of the (streamed) response.", state.latency.samples())
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
@@ -229,29 +232,70 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       enforce_eager=args.enforce_eager)
 
 
-def run_server(args: argparse.Namespace) -> None:
-    import uvicorn
+def _start_engine(args: argparse.Namespace, models_root: str) -> tuple[AsyncLLMEngine, Models]:
+    """The engine with the start-up adapters loaded; any failure shuts it down again and raises."""
+    if not os.path.isdir(args.model):
+        raise ValueError(f"the model folder {args.model!r} does not exist (or is not a folder); give the local "
+                         "folder that holds the model's config.json, weights and tokenizer")
+    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))
+    try:
+        names = args.served_model_name or [args.model]
+        models = Models(names, models_root, engine.engine.model_config.max_model_len)
+        for name, path in args.lora_modules or []:
+            logger.info("loading LoRA adapter %s from %s", name, path)
+            req = models.new_lora(name, path)
+            try:
+                asyncio.run(engine.add_lora(req))
+            except Exception as e:
+                raise ValueError(f"--lora-modules {name}={path}: {e}") from e
+            models.adapters[name] = req
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine, models
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM / SIGINT; the exit code (1: the server could not start)."""
+    from vllm.entrypoints.openai.launcher import bind_socket, serve_http
+    from vllm.entrypoints.openai.request_logging import LoggingEngine
 
     if args.lora_modules and not args.enable_lora:
-        raise SystemExit("error: --lora-modules needs --enable-lora")
-    logger.info("vllm %s: starting the engine for %s", vllm.__version__, args.model)
-    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))
-    model_cfg = engine.engine.model_config
-    names = args.served_model_name or [args.model]
-    models = Models(names, os.path.abspath(args.model), model_cfg.max_model_len)
-    for name, path in args.lora_modules or []:
-        req = models.new_lora(name, path)
-        logger.info("loading LoRA adapter %s from %s", name, path)
-        asyncio.run(engine.add_lora(req))
-        models.adapters[name] = req
-    bm = engine.engine.scheduler.block_manager
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens)", bm.num_blocks, bm.block_size,
-                bm.num_blocks * bm.block_size)
-    app = build_app(engine, models, args.api_key)
-    logger.info("serving %s on http://%s:%d (routes: /v1/models, /v1/completions, /v1/chat/completions, "
-                "/health, /version, /metrics)", ", ".join(names + list(models.adapters)), args.host, args.port)
+        logger.error("--lora-modules needs --enable-lora")
+        return 1
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s; choose another --port (or stop what uses it)",
+                     args.host, args.port, e.strerror or e)
+        return 1
+    try:
+        adapter_paths = AdapterPathPolicy.for_server(args.lora_allowed_dirs,
+                                                     [p for _, p in args.lora_modules or []])
+        logger.info("vllm %s: starting the engine for %s", vllm.__version__, args.model)
+        engine, models = _start_engine(args, (args.served_model_name or [args.model])[0])
+    except Exception as e:  # a start-up error: its message, not a traceback (that is at DEBUG)
+        logger.debug("start-up failed", exc_info=True)
+        logger.error("the server cannot start: %s", e)
+        sock.close()
+        return 1
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        logger.info("runtime adapter loads may read from: %s",
+                    ", ".join(adapter_paths.allowed_dirs) or "nowhere (pass --lora-allowed-dirs)")
+    logged = LoggingEngine(engine, log_requests=not args.disable_log_requests, max_log_len=args.max_log_len)
+    state = ServerState()
+    app = build_app(logged, models, args.api_key, state=state, max_body_bytes=args.max_request_body_bytes,
+                    adapter_paths=adapter_paths,
+                    stats_interval=None if args.disable_log_stats else envs.VLLM_LOG_STATS_INTERVAL)
+    served = ", ".join(models.base_names + list(models.adapters))
+
+    def ready() -> None:
+        logger.info("ready: serving %s on http://%s:%d (routes: /v1/models, /v1/completions, "
+                    "/v1/chat/completions, /health, /version, /metrics)", served, args.host, args.port)
+
+    try:
+        asyncio.run(serve_http(app, sock, state, args.shutdown_timeout, ready))
     finally:
         engine.shutdown()
         logger.info("server stopped")
+    return 0

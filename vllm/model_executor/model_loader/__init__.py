@@ -4,7 +4,9 @@
 
 Resolves the class from ``architectures``, builds it in ``model_config.dtype``
 on ``device``, streams the ``*.safetensors`` files through ``load_weights``,
-and fails with the list of parameters the checkpoint did not provide.
+and fails with the list of parameters the checkpoint did not provide.  Then
+every layer with ``process_weights_after_loading`` (the MoE layers: their
+experts backend is chosen there) runs it, and the MoE backends are logged once.
 """
 from __future__ import annotations
 
@@ -14,10 +16,27 @@ import torch
 from torch import nn
 
 from vllm.config.model import ModelConfig
+from vllm.logger import init_logger
 from vllm.model_executor.model_loader.weight_utils import safetensors_files, safetensors_weights_iterator
 from vllm.model_executor.models.registry import ModelRegistry
 
 __all__ = ["get_model"]
+
+logger = init_logger(__name__)
+
+
+def _process_weights_after_loading(model: nn.Module) -> None:
+    backends: dict[str, int] = {}
+    for module in model.modules():
+        process = getattr(module, "process_weights_after_loading", None)
+        if callable(process):
+            process()
+            backend = getattr(module, "moe_backend", None)
+            if backend is not None:
+                name = getattr(backend, "value", str(backend))
+                backends[name] = backends.get(name, 0) + 1
+    if backends:
+        logger.info("using MoE backend %s", ", ".join(f"{b} ({n} layer{'s' * (n > 1)})" for b, n in backends.items()))
 
 
 def get_model(model_config: ModelConfig, *, device: torch.device | str = "cpu", lora_enabled: bool = False,
@@ -34,4 +53,6 @@ def get_model(model_config: ModelConfig, *, device: torch.device | str = "cpu", 
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
         raise ValueError(f"checkpoint {model_config.model!r} does not provide {len(missing)} parameter(s) of "
                          f"{model_cls.__name__}: {shown}")
+    with torch.no_grad():
+        _process_weights_after_loading(model)
     return model.eval()

@@ -3,7 +3,8 @@
 Automatic selection walks the platform's priority list and takes the first
 experts class whose ``check_config`` says yes; every skipped backend is logged
 with its reason (with LoRA on, backends whose experts do not support LoRA are
-skipped this way).  An explicit request (``FusedMoEConfig.moe_backend`` or
+skipped this way).  These lines are per layer, so at DEBUG; the model loader
+logs the outcome once per model at INFO.  An explicit request (``FusedMoEConfig.moe_backend`` or
 ``VLLM_FUSED_MOE_BACKEND``) that cannot run the layer is an error at start-up
 naming the backend, the reason and the backends that can.
 """
@@ -75,14 +76,14 @@ def select_unquantized_moe_backend(moe_config: FusedMoEConfig, quant_config: Fus
                 f"MoE backend {backend.value!r} was requested but cannot run this layer: {answer.reason}. "
                 f"Backends that can: {', '.join(able) or 'none'}"
                 + ("; or start without LoRA" if moe_config.lora_enabled else ""))
-        logger.info("using MoE backend %s (requested)", backend.value)
+        logger.debug("using MoE backend %s (requested)", backend.value)
         return backend
     reasons = []
     for backend in candidates:
         answer = experts_class(backend).check_config(moe_config, quant_config, device)
         if answer:
-            logger.info("using MoE backend %s", backend.value)
+            logger.debug("using MoE backend %s", backend.value)
             return backend
-        logger.info("skipping MoE backend %s: %s", backend.value, answer.reason)
+        logger.debug("skipping MoE backend %s: %s", backend.value, answer.reason)
         reasons.append(f"{backend.value}: {answer.reason}")
     raise ValueError("no MoE backend can run this layer; " + "; ".join(reasons))
