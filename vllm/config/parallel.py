@@ -26,7 +26,7 @@ def num_routed_experts(hf_config: Any) -> Optional[int]:
     return None
 
 
-def check_expert_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
+def check_expert_parallel(hf_config: Any, tensor_parallel_size: int, *, fully_sharded_loras: bool = False) -> None:
     """Refuse an expert-parallel layout the model cannot take, naming it and what to change."""
     experts = num_routed_experts(hf_config)
     if experts is None:
@@ -42,3 +42,9 @@ def check_expert_parallel(hf_config: Any, tensor_parallel_size: int) -> None:
                          f"tensor_parallel_size={tensor_parallel_size} ranks, but {experts} is not divisible by "
                          f"{tensor_parallel_size}; use a tensor_parallel_size that divides it "
                          f"({', '.join(map(str, sizes[:8]))}) or start without enable_expert_parallel")
+    logger.info("expert parallelism: %d experts per MoE layer over %d ranks, %d whole experts each",
+                experts, tensor_parallel_size, experts // tensor_parallel_size)
+    if fully_sharded_loras:
+        logger.info("fully_sharded_loras with enable_expert_parallel: each rank holds the MoE LoRA A and B of its "
+                    "own %d experts only (the adapters are split by expert, 1/%d of them per rank); the LoRA rank "
+                    "dimension is not split further", experts // tensor_parallel_size, tensor_parallel_size)

@@ -51,7 +51,8 @@ class EngineArgs:
         if self.enable_expert_parallel:
             from vllm.config.parallel import check_expert_parallel
 
-            check_expert_parallel(model_config.hf_config, self.tensor_parallel_size)
+            check_expert_parallel(model_config.hf_config, self.tensor_parallel_size,
+                                  fully_sharded_loras=self.enable_lora and self.fully_sharded_loras)
         cache_config = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                    num_gpu_blocks_override=self.num_gpu_blocks_override)
         lora_config = None
