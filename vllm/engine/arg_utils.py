@@ -24,6 +24,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE layers: whole experts split over the TP ranks (vllm.config.parallel)
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -47,6 +48,11 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
                                    trust_remote_code=self.trust_remote_code)
+        if self.enable_expert_parallel:
+            from vllm.config.parallel import check_expert_parallel
+
+            check_expert_parallel(model_config.hf_config, self.tensor_parallel_size,
+                                  fully_sharded_loras=self.enable_lora and self.fully_sharded_loras)
         cache_config = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                                    num_gpu_blocks_override=self.num_gpu_blocks_override)
         lora_config = None

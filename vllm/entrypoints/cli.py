@@ -67,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
                        help="with tensor parallelism, also split the MoE LoRA rank dimension over the ranks")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="ranks to shard the model over: one GPU each (the first N visible), or N processes on CPU")
+    serve.add_argument("--enable-expert-parallel", action="store_true",
+                       help="split the MoE experts over the tensor-parallel ranks (whole experts per rank) instead of "
+                            "splitting every expert; attention and dense layers stay tensor-parallel")
     serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
     ops = serve.add_argument_group("server operation")
     ops.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024, metavar="N",

@@ -15,6 +15,7 @@ surface the MoE code sees: no hidden state, no patched methods.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AbstractSet, Optional
 
@@ -58,6 +59,11 @@ class MoELoRAContext:
         (``add_lora_w13`` / ``add_lora_w2``).
     use_tuned_config: look up tuned kernel tiles (VLLM_TUNED_CONFIG_FOLDER or the
         shipped ones) before the heuristic.
+    token_lora_mapping: the rank's view of the token-to-slot mapping after an
+        expert-parallel dispatch moved tokens between ranks: [M'] int32, one slot per
+        dispatched row (-1 = no adapter).  None (the context as built): no row moved,
+        the Punica wrapper's step mapping applies.  Set per forward by
+        ``FusedMoEKernel.apply`` through ``after_dispatch``, never stored on the layer.
     """
 
     w13_lora_a_stacked: tuple[torch.Tensor, ...]
@@ -75,6 +81,11 @@ class MoELoRAContext:
     local_num_experts: int
     punica_wrapper: "PunicaWrapperBase"
     use_tuned_config: bool = False
+    token_lora_mapping: Optional[torch.Tensor] = None
+
+    def after_dispatch(self, token_lora_mapping: Optional[torch.Tensor]) -> "MoELoRAContext":
+        """A copy for one forward whose rows are the dispatched ones, mapped by ``token_lora_mapping``."""
+        return dataclasses.replace(self, token_lora_mapping=token_lora_mapping)
 
     def __post_init__(self) -> None:
         if len(self.w13_lora_a_stacked) != self.w13_num_slices or len(self.w13_lora_b_stacked) != self.w13_num_slices:

@@ -13,7 +13,7 @@ and handed to the loader, which validates an adapter against it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -79,10 +79,12 @@ class LoRALayerWeights:
 class MoELoRALayerWeights:
     """One fused-MoE experts module of an adapter, in the format ``FusedMoEWithLoRA.set_lora`` takes.
 
-    All experts with their global ids; scaling folded into every B.
-    w13_lora_a: [A_gate, A_up] each [E, r, H] (per-expert adapters), or [A_gate_up] [E, r, H] (fused).
-    w13_lora_b: [B_gate, B_up] each [E, I, r], or [B_gate_up] [E, w13_rows, r] (w13_weight's row order).
-    w2_lora_a: [E, r2, I];  w2_lora_b: [E, H, r2].
+    E' experts: all of them (global order) when ``expert_ids`` is None, else the experts it
+    names (global ids; an expert-parallel rank keeps only its own, ``restricted_to``).
+    Scaling folded into every B.
+    w13_lora_a: [A_gate, A_up] each [E', r, H] (per-expert adapters), or [A_gate_up] [E', r, H] (fused).
+    w13_lora_b: [B_gate, B_up] each [E', I, r], or [B_gate_up] [E', w13_rows, r] (w13_weight's row order).
+    w2_lora_a: [E', r2, I];  w2_lora_b: [E', H, r2].
     rank: the largest of r and r2 (a part the adapter did not target is zeros).
     """
 
@@ -92,15 +94,31 @@ class MoELoRALayerWeights:
     w13_lora_b: list[torch.Tensor]
     w2_lora_a: torch.Tensor
     w2_lora_b: torch.Tensor
+    expert_ids: Optional[tuple[int, ...]] = None
 
     @property
     def num_experts(self) -> int:
+        """Experts held (E', not the model's E once restricted)."""
         return self.w2_lora_a.shape[0]
+
+    def restricted_to(self, expert_ids: Sequence[int]) -> "MoELoRALayerWeights":
+        """A copy holding only ``expert_ids`` (global ids, in that order): the other experts' A and B
+        are not referenced any more, so their memory is freed with the full adapter."""
+        held = list(range(self.num_experts)) if self.expert_ids is None else list(self.expert_ids)
+        position = {g: i for i, g in enumerate(held)}
+        missing = [int(e) for e in expert_ids if int(e) not in position]
+        if missing:
+            raise ValueError(f"{self.module_name}: the adapter holds no weights for experts {missing[:16]}")
+        rows = torch.tensor([position[int(e)] for e in expert_ids], dtype=torch.long)
+        pick = lambda t: t.index_select(0, rows).contiguous()  # noqa: E731
+        return MoELoRALayerWeights(self.module_name, self.rank, [pick(t) for t in self.w13_lora_a],
+                                   [pick(t) for t in self.w13_lora_b], pick(self.w2_lora_a),
+                                   pick(self.w2_lora_b), tuple(int(e) for e in expert_ids))
 
     def set_lora_kwargs(self) -> dict:
         """Keyword arguments of ``FusedMoEWithLoRA.set_lora``."""
         return dict(w13_lora_a=self.w13_lora_a, w13_lora_b=self.w13_lora_b, w2_lora_a=self.w2_lora_a,
-                    w2_lora_b=self.w2_lora_b)
+                    w2_lora_b=self.w2_lora_b, expert_ids=self.expert_ids)
 
     def w13_delta(self) -> torch.Tensor:
         """fp32 [E, w13_rows, H]: the delta of every expert's w13 (slices stacked in row order)."""

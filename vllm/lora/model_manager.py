@@ -1,6 +1,7 @@
 """``LoRAModelManager``: wraps a model's layers for LoRA and moves adapters between disk, CPU and slots.
 
-    LoRARequest --add_adapter--> CPU cache (LRU, max_cpu_loras LoRAModels, loaded by peft_loader)
+    LoRARequest --add_adapter--> CPU cache (LRU, max_cpu_loras LoRAModels, loaded by peft_loader;
+                                 under expert parallelism only this rank's experts are kept)
         --activate_adapter--> device slot (max_loras; LRU over slots not used by the current batch)
             set_lora / reset_lora on every wrapped layer
     set_adapter_mapping(lora_int_id per token)  once per step
@@ -35,7 +36,8 @@ from vllm.logger import init_logger
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
 from vllm.lora.layers.linear import BaseLinearLayerWithLoRA, linear_lora_class
-from vllm.lora.lora_weights import LoRALayerWeights, LoRAModel, LoRAModuleSpec, MoELoRAModuleSpec, ModuleSpec
+from vllm.lora.lora_weights import (LoRALayerWeights, LoRAModel, LoRAModuleSpec, MoELoRALayerWeights,
+                                     MoELoRAModuleSpec, ModuleSpec)
 from vllm.lora.peft_loader import load_peft_adapter
 from vllm.lora.request import LoRARequest
 
@@ -155,11 +157,21 @@ class LoRAModelManager:
                                  max_lora_rank=self.lora_config.max_lora_rank, lora_int_id=lid,
                                  name=lora_request.lora_name, dtype=self._cache_dtype,
                                  name_mapper=getattr(self.model, "map_hf_module_name", None))
+        self._keep_local_experts(lora)
         if len(self._cache) >= self.capacity:
             self._evict_from_cache()
         self._cache[lid] = lora
         self._requests[lid] = lora_request
         return True
+
+    def _keep_local_experts(self, lora: LoRAModel) -> None:
+        """Expert parallelism: keep only this rank's experts of every MoE module, once, at load."""
+        for name, w in self.modules.items():
+            if not isinstance(w, FusedMoEWithLoRA) or w.base_layer.expert_map is None:
+                continue
+            moe = lora.get_lora(name)
+            if isinstance(moe, MoELoRALayerWeights):
+                lora.loras[name] = moe.restricted_to(w.local_expert_ids())
 
     def _evict_from_cache(self) -> None:
         candidates = [i for i in self._cache if i not in self._pinned]

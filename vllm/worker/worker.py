@@ -51,7 +51,8 @@ class Worker:
         logger.info("rank %d/%d: loading weights of %s (%s) on %s", rank, world_size, args.model,
                     self.model_config.dtype, self.device)
         self.model = get_model(self.model_config, device=self.device, lora_enabled=self.lora_config is not None,
-                               moe_backend=args.moe_backend, tp_group=self.tp_group)
+                               moe_backend=args.moe_backend, tp_group=self.tp_group,
+                               enable_expert_parallel=args.enable_expert_parallel)
         self.lora_manager = None
         if self.lora_config is not None:
             from vllm.lora.model_manager import LoRAModelManager

@@ -227,6 +227,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       tensor_parallel_size=args.tensor_parallel_size, enable_lora=args.enable_lora,
+                      enable_expert_parallel=args.enable_expert_parallel,
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                       fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code,
                       enforce_eager=args.enforce_eager)

@@ -102,38 +102,52 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             raise IndexError(f"LoRA slot {index} out of range [0, {self.max_loras})")
 
     # ---- filling a slot ------------------------------------------------------------
-    def set_lora(self, index: int, *, w13_lora_a: Sequence[torch.Tensor], w13_lora_b: Sequence[torch.Tensor],
-                 w2_lora_a: torch.Tensor, w2_lora_b: torch.Tensor) -> None:
-        """Copy one adapter (all experts, global numbering, scaling folded into B) into slot ``index``.
+    def local_expert_ids(self) -> list[int]:
+        """Global ids of this rank's experts, in local order (all experts without expert parallelism)."""
+        base = self.base_layer
+        if base.expert_map is None:
+            return list(range(base.global_num_experts))
+        emap = base.expert_map.cpu().tolist()
+        return sorted((e for e in range(base.global_num_experts) if emap[e] >= 0), key=lambda e: emap[e])
 
-        w13_lora_a: [A_gate, A_up] each [E, r, H], or [A_gate_up] [E, r, H].
-        w13_lora_b: [B_gate, B_up] each [E, I, r], or [B_gate_up] [E, w13_rows, r]
+    def set_lora(self, index: int, *, w13_lora_a: Sequence[torch.Tensor], w13_lora_b: Sequence[torch.Tensor],
+                 w2_lora_a: torch.Tensor, w2_lora_b: torch.Tensor,
+                 expert_ids: Optional[Sequence[int]] = None) -> None:
+        """Copy one adapter (scaling folded into B) into slot ``index``.
+
+        The tensors hold E' experts: all E (global order) when ``expert_ids`` is None, else
+        the experts ``expert_ids`` names (global ids, e.g. an adapter sliced to this rank's
+        experts at load); every local expert must be among them.
+        w13_lora_a: [A_gate, A_up] each [E', r, H], or [A_gate_up] [E', r, H].
+        w13_lora_b: [B_gate, B_up] each [E', I, r], or [B_gate_up] [E', w13_rows, r]
             (rows in w13_weight's order: gate then up, or interleaved for gpt-oss).
-        w2_lora_a: [E, r, I];  w2_lora_b: [E, H, r].
+        w2_lora_a: [E', r, I];  w2_lora_b: [E', H, r].
         """
         self._check_index(index)
         base = self.base_layer
         E, H = base.global_num_experts, base.hidden_size
+        given = list(range(E)) if expert_ids is None else [int(e) for e in expert_ids]
         I_full = base.moe_config.intermediate_size
-        w13_a, w13_b = self._to_own_layout(list(w13_lora_a), list(w13_lora_b))
+        w13_a, w13_b = self._to_own_layout(list(w13_lora_a), list(w13_lora_b), len(given))
         r = w2_lora_a.shape[1]
-        self._check_shape("w2_lora_a", w2_lora_a, (E, r, I_full))
-        self._check_shape("w2_lora_b", w2_lora_b, (E, H, r))
+        self._check_shape("w2_lora_a", w2_lora_a, (len(given), r, I_full))
+        self._check_shape("w2_lora_b", w2_lora_b, (len(given), H, r))
+        position = {g: i for i, g in enumerate(given)}
+        glob = self.local_expert_ids()
+        missing = [g for g in glob if g not in position]
+        if missing:
+            raise ValueError(f"the adapter was given for experts {given[:16]}{'...' if len(given) > 16 else ''}, "
+                             f"which lacks this rank's experts {missing[:16]}")
+        loc = list(range(len(glob))) if base.expert_map is None else [int(base.expert_map[g]) for g in glob]
         self.reset_lora(index)
-        if base.expert_map is None:
-            glob = list(range(E))
-            loc = glob
-        else:
-            emap = base.expert_map.cpu()
-            glob = [e for e in range(E) if int(emap[e]) >= 0]
-            loc = [int(emap[e]) for e in glob]
-        rows, dst_e = torch.tensor(glob, dtype=torch.long), torch.tensor(loc, dtype=torch.long)
+        rows = torch.tensor([position[g] for g in glob], dtype=torch.long)
+        dst_e = torch.tensor(loc, dtype=torch.long)
         for s in range(self.w13_num_slices):
             a = self._pad_rank(w13_a[s][rows])  # [E_local, R, H]
             if self.fully_sharded:
                 a = a[:, self._rank_shard(self.max_lora_rank)]
             self._put(self._w13_a[s, index], dst_e, a)
-            b = torch.stack([self._shard_w13_rows(w13_b[s][e]) for e in glob])
+            b = torch.stack([self._shard_w13_rows(w13_b[s][int(e)]) for e in rows])
             self._put(self._w13_b[s, index], dst_e, self._pad_rank(b, dim=2))
         i_cols = base._tp_rows(I_full)
         self._put(self._w2_a[0, index], dst_e, self._pad_rank(w2_lora_a[rows][:, :, i_cols]))
@@ -176,9 +190,9 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         if tuple(t.shape) != tuple(want):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(want)} for this MoE layer")
 
-    def _to_own_layout(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[list, list]:
+    def _to_own_layout(self, a: list[torch.Tensor], b: list[torch.Tensor], E: int) -> tuple[list, list]:
         base = self.base_layer
-        E, H, I_full = base.global_num_experts, base.hidden_size, base.moe_config.intermediate_size
+        H, I_full = base.hidden_size, base.moe_config.intermediate_size
         if len(a) != len(b) or len(a) not in (1, 2):
             raise ValueError("w13 LoRA must be given as [gate, up] or as one fused gate_up (A and B alike)")
         r = a[0].shape[1]

@@ -109,6 +109,10 @@ class PunicaWrapperBase(ABC):
         """[num_tokens] int32 view of the current step's mapping."""
         return self._token_lora_indices[: self._num_tokens]
 
+    def token_mapping(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] int32 slot of each row of a forward of ``num_tokens`` rows (-1 past the mapped ones)."""
+        return self._mapping_for(num_tokens)
+
     def _mapping_for(self, num_tokens: int) -> torch.Tensor:
         if num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens={self.max_num_batched_tokens}")
@@ -141,15 +145,23 @@ class PunicaWrapperBase(ABC):
                      topk_weights: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int, top_k: int,
                      num_slices: int, local_num_experts: int, fully_sharded: bool = False, tp_rank: int = 0,
                      tp_size: int = 1, expert_map: Optional[torch.Tensor] = None,
-                     use_tuned_config: bool = False) -> MoELoRARouting:
+                     use_tuned_config: bool = False,
+                     token_lora_mapping: Optional[torch.Tensor] = None) -> MoELoRARouting:
         """Add the w13 LoRA delta into the GEMM1 output ``y`` [M*top_k, N_total] in place.
 
         x: [M, H] hidden states; topk_ids / topk_weights: [M, top_k].
+        token_lora_mapping: [M] slots of x's rows when they are not the step's tokens (an
+        expert-parallel dispatch moved them); None = the step's mapping.
         Returns the routing for ``add_lora_w2``.
         """
         M = x.shape[0]
         num_pairs = M * top_k
-        mapping = self._mapping_for(M)
+        if token_lora_mapping is None:
+            mapping = self._mapping_for(M)
+        elif token_lora_mapping.shape[0] < M:
+            raise ValueError(f"token_lora_mapping has {token_lora_mapping.shape[0]} entries for {M} rows")
+        else:
+            mapping = token_lora_mapping
         y2 = y.reshape(num_pairs, y.shape[-1])
         rank = lora_a_stacked[0].shape[2]
         n_slice = lora_b_stacked[0].shape[2]

@@ -40,12 +40,15 @@ def _process_weights_after_loading(model: nn.Module) -> None:
 
 
 def get_model(model_config: ModelConfig, *, device: torch.device | str = "cpu", lora_enabled: bool = False,
-              moe_backend: Optional[str] = None, tp_group: Any = None) -> nn.Module:
+              moe_backend: Optional[str] = None, tp_group: Any = None,
+              enable_expert_parallel: bool = False) -> nn.Module:
     """``tp_group``: this rank's tensor-parallel group (None: one rank); each rank keeps its share
-    of every parallel layer's weights."""
+    of every parallel layer's weights.  ``enable_expert_parallel``: the MoE layers keep whole
+    experts instead (E / tp_size per rank), the other layers stay tensor-parallel."""
     model_cls = ModelRegistry.resolve(model_config.architectures)
     model = model_cls(model_config, dtype=model_config.dtype, device=torch.device(device),
-                      lora_enabled=lora_enabled, moe_backend=moe_backend, tp_group=tp_group)
+                      lora_enabled=lora_enabled, moe_backend=moe_backend, tp_group=tp_group,
+                      enable_expert_parallel=enable_expert_parallel)
     with torch.no_grad():
         loaded = model.load_weights(safetensors_weights_iterator(safetensors_files(model_config.model)))
     missing = [name for name, _ in model.named_parameters() if name not in loaded]

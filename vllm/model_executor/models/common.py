@@ -41,6 +41,8 @@ class BuildArgs:
 
     ``tp_group`` (None for one rank) is this process's tensor-parallel group
     (``vllm.distributed.TensorParallelGroup`` or anything with its two collectives).
+    ``enable_expert_parallel``: the MoE layers split their experts over the same ranks
+    (whole experts per rank) instead of splitting every expert's intermediate size.
     """
 
     dtype: torch.dtype
@@ -48,6 +50,7 @@ class BuildArgs:
     lora_enabled: bool = False
     moe_backend: Optional[str] = None
     tp_group: Any = None
+    enable_expert_parallel: bool = False
 
     @property
     def tp_size(self) -> int:
@@ -66,6 +69,15 @@ class BuildArgs:
     def column(self) -> dict[str, Any]:
         """Column-parallel layers: this rank's share of the outputs."""
         return {**self.linear, "tp_size": self.tp_size, "tp_rank": self.tp_rank}
+
+    @property
+    def moe(self) -> dict[str, Any]:
+        """FusedMoE's parallel arguments: the intermediate size split over the TP ranks, or
+        (expert parallelism) E / tp_size whole experts per rank, combined over the same group."""
+        if self.enable_expert_parallel and self.tp_size > 1:
+            return {"tp_size": 1, "tp_rank": 0, "ep_size": self.tp_size, "ep_rank": self.tp_rank,
+                    "ep_group": self.tp_group}
+        return {"tp_size": self.tp_size, "tp_rank": self.tp_rank, "tp_group": self.tp_group}
 
     @property
     def row(self) -> dict[str, Any]:
@@ -98,8 +110,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = ReplicatedLinear(hidden_size, num_experts, **args.linear, prefix=join_prefix(prefix, "gate"))
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, params_dtype=args.dtype,
                                 device=args.device, renormalize=renormalize, activation="silu",
-                                lora_enabled=args.lora_enabled, moe_backend=args.moe_backend,
-                                tp_size=args.tp_size, tp_rank=args.tp_rank, tp_group=args.tp_group,
+                                lora_enabled=args.lora_enabled, moe_backend=args.moe_backend, **args.moe,
                                 prefix=join_prefix(prefix, "experts"))
         if shared_intermediate_size:
             self.shared_expert = DenseMLP(hidden_size, shared_intermediate_size, args,
@@ -228,7 +239,8 @@ class MoEForCausalLM(nn.Module):
     """Base of the model classes.  A subclass defines ``make_attention`` and ``make_mlp``.
 
     Contract (what the engine and the LoRA manager use):
-        __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, tp_group=None, prefix="")
+        __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, tp_group=None,
+                 enable_expert_parallel=False, prefix="")
         forward(input_ids [T], positions [T]) -> hidden [T, H]   (inside set_forward_context)
         compute_logits(hidden [T, H]) -> [T, V] float32
         load_weights(iterable of (checkpoint name, tensor)) -> names of loaded parameters
@@ -239,7 +251,7 @@ class MoEForCausalLM(nn.Module):
 
     def __init__(self, config: Any, *, dtype: Optional[torch.dtype] = None, device: torch.device | str | None = None,
                  lora_enabled: bool = False, moe_backend: Optional[str] = None, tp_group: Any = None,
-                 prefix: str = "") -> None:
+                 enable_expert_parallel: bool = False, prefix: str = "") -> None:
         super().__init__()
         hf = hf_config_of(config)
         dtype = dtype or getattr(config, "dtype", None)
@@ -249,7 +261,8 @@ class MoEForCausalLM(nn.Module):
         check_silu(hf)
         self.config = hf
         self.prefix = prefix
-        args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group)
+        args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group,
+                         enable_expert_parallel)
         rope = rope_from_config(hf, head_dim_of(hf), args.device)
         layers = []
         for i in range(hf.num_hidden_layers):

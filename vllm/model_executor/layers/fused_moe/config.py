@@ -96,7 +96,8 @@ class FusedMoEConfig:
         if self.intermediate_size % pc.tp_size:
             raise ValueError(f"intermediate_size {self.intermediate_size} is not divisible by tp_size {pc.tp_size}")
         if self.num_experts % pc.ep_size:
-            raise ValueError(f"num_experts {self.num_experts} is not divisible by ep_size {pc.ep_size}")
+            raise ValueError(f"num_experts {self.num_experts} is not divisible by ep_size {pc.ep_size}: expert "
+                             "parallelism gives every rank the same number of whole experts")
 
     @property
     def top_k(self) -> int:

@@ -12,6 +12,12 @@ down [H, I]); ``load_fused_experts`` takes the fused layouts of FACTS.md 3.
 Both slice for TP and skip experts of other EP ranks.  Then
 ``process_weights_after_loading`` builds the modular kernel once.
 
+Expert parallelism: ``ep_size`` ranks each hold ``E / ep_size`` whole experts
+(``expert_map``: global id -> local id, -1 elsewhere); with an ``ep_group`` of
+those ranks the kernel dispatches and combines over it (``prepare_finalize/``).
+``ep_tokens_replicated``: every rank of the group holds the same tokens (the
+tensor-parallel engine), so dispatch moves nothing and combine is one all-reduce.
+
 LoRA: ``FusedMoEWithLoRA`` stores a ``MoELoRAContext`` in ``_lora_context``;
 ``forward`` passes it on as an argument.
 """
@@ -36,6 +42,7 @@ class FusedMoE(nn.Module):
                  custom_routing_function: Optional[Callable] = None, activation: str | MoEActivation = "silu",
                  has_bias: bool = False, apply_router_weight_on_input: bool = False,
                  tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1, ep_rank: int = 0, tp_group=None,
+                 ep_group=None, ep_tokens_replicated: bool = True,
                  reduce_results: bool = True, shared_experts: Optional[nn.Module] = None,
                  moe_backend: Optional[str] = None, lora_enabled: bool = False, max_num_tokens: int = 8192,
                  prefix: str = "") -> None:
@@ -49,6 +56,14 @@ class FusedMoE(nn.Module):
             max_num_tokens=max_num_tokens, moe_backend=moe_backend, lora_enabled=lora_enabled)
         if apply_router_weight_on_input and top_k != 1:
             raise ValueError("apply_router_weight_on_input needs top_k == 1")
+        if ep_group is not None:
+            if tp_size > 1:
+                raise ValueError(f"expert parallelism with tensor-parallel experts (tp_size={tp_size}, "
+                                 f"ep_size={ep_size}) is not supported: under EP every rank holds whole experts, "
+                                 "so build the layer with tp_size=1")
+            if (ep_group.world_size, ep_group.rank) != (ep_size, ep_rank):
+                raise ValueError(f"ep_group is rank {ep_group.rank} of {ep_group.world_size}, but the layer was "
+                                 f"built as ep_rank={ep_rank} of ep_size={ep_size}")
         self.prefix = prefix
         self.global_num_experts = num_experts
         self.local_num_experts = self.moe_config.local_num_experts
@@ -62,6 +77,8 @@ class FusedMoE(nn.Module):
         self.custom_routing_function = custom_routing_function
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self.tp_group = tp_group
+        self.ep_group = ep_group
+        self.ep_tokens_replicated = ep_tokens_replicated
         self.reduce_results = reduce_results
         self.shared_experts = shared_experts
         self.activation = self.moe_config.activation

@@ -4,7 +4,8 @@
           |
           v
     FusedMoEPrepareAndFinalize.prepare   quantize the activations, dispatch to
-          |                              expert ranks (no-op without EP)
+          |                              expert ranks (no-op without EP); the LoRA
+          |                              slots of the tokens travel with them
           v
     FusedMoEExpertsModular.apply         GEMM1 (w13) -> apply_w13_lora(ctx)
           |                              -> activation -> GEMM2 (w2)
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -76,12 +77,18 @@ class PrepareResult:
     a1q: [M', H] activations (quantized if the scheme asks for it).
     a1q_scale: activation scales, or None.
     topk_ids / topk_weights: [M', top_k], after any dispatch.
+    token_lora_mapping: [M'] int32 LoRA slot of each dispatched row (-1 = none): the LoRA
+        mapping follows the tokens.  The one given to ``prepare`` when no row moved; None
+        without LoRA.
+    handle: what ``finalize`` needs to send the rows back (scheme-specific), or None.
     """
 
     a1q: torch.Tensor
     a1q_scale: Optional[torch.Tensor]
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
+    token_lora_mapping: Optional[torch.Tensor] = None
+    handle: Any = None
 
 
 @dataclass(frozen=True)
@@ -134,17 +141,24 @@ class TopKWeightAndReduceContiguous(TopKWeightAndReduce):
 
 
 class FusedMoEPrepareAndFinalize(ABC):
-    """Activation quantization and dispatch before the experts; combine after."""
+    """Activation quantization and dispatch before the experts; combine after.
+
+    ``prepare`` gets this rank's tokens after routing (and, with LoRA, their adapter
+    slots) and returns the rows this rank's experts compute, with their routing and
+    slots; ``finalize`` turns the experts' output back into one row per token of
+    this rank, in ``output`` [M, H].
+    """
 
     @abstractmethod
     def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
-                quant_config: FusedMoEQuantConfig) -> PrepareResult: ...
+                quant_config: FusedMoEQuantConfig,
+                token_lora_mapping: Optional[torch.Tensor] = None) -> PrepareResult: ...
 
     @abstractmethod
     def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor, *, apply_router_weight_on_input: bool,
-                 weight_and_reduce: TopKWeightAndReduce) -> None: ...
+                 weight_and_reduce: TopKWeightAndReduce, handle: Any = None) -> None: ...
 
 
 class FusedMoEExperts(ABC):
@@ -276,9 +290,15 @@ class FusedMoEKernel:
                 f"{type(self.fused_experts).__name__} received a LoRA context but does not support LoRA; "
                 "select a LoRA-capable MoE backend")
         experts = self.fused_experts
+        mapping = None
+        if lora_context is not None:
+            mapping = lora_context.punica_wrapper.token_mapping(hidden_states.shape[0])
         prep = self.prepare_finalize.prepare(
             hidden_states, topk_weights, topk_ids, num_experts=global_num_experts, expert_map=expert_map,
-            apply_router_weight_on_input=apply_router_weight_on_input, quant_config=experts.quant_config)
+            apply_router_weight_on_input=apply_router_weight_on_input, quant_config=experts.quant_config,
+            token_lora_mapping=mapping)
+        if lora_context is not None and prep.token_lora_mapping is not mapping:
+            lora_context = lora_context.after_dispatch(prep.token_lora_mapping)  # the rank's view of the mapping
         M, H = prep.a1q.shape
         top_k = prep.topk_ids.shape[1]
         shapes = experts.workspace_shapes(M, w1.shape[1], H, top_k, w1.shape[0])
@@ -294,5 +314,6 @@ class FusedMoEKernel:
         output = torch.empty((hidden_states.shape[0], H), dtype=dtype, device=dev)
         self.prepare_finalize.finalize(output, fused_out, prep.topk_weights, prep.topk_ids,
                                        apply_router_weight_on_input=apply_router_weight_on_input,
-                                       weight_and_reduce=experts.finalize_weight_and_reduce_impl())
+                                       weight_and_reduce=experts.finalize_weight_and_reduce_impl(),
+                                       handle=prep.handle)
         return output

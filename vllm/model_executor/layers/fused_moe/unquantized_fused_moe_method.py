@@ -9,7 +9,7 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig, bia
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernel
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import experts_class, select_unquantized_moe_backend
-from vllm.model_executor.layers.fused_moe.prepare_finalize.no_ep import MoEPrepareAndFinalizeNoEP
+from vllm.model_executor.layers.fused_moe.prepare_finalize import make_prepare_finalize
 
 if TYPE_CHECKING:
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
@@ -43,7 +43,7 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
         backend = select_unquantized_moe_backend(self.moe_config, quant_config, layer.w13_weight.device)
         layer.moe_backend = backend
         experts = experts_class(backend)(self.moe_config, quant_config)
-        return FusedMoEKernel(MoEPrepareAndFinalizeNoEP(), experts)
+        return FusedMoEKernel(make_prepare_finalize(layer), experts)
 
     def apply(self, layer, x, topk_weights, topk_ids, *, lora_context=None) -> torch.Tensor:
         raise RuntimeError("call FusedMoE.process_weights_after_loading() before the first forward")

@@ -32,15 +32,17 @@ class MoELoRAExpertsMixin:
 
         Returns the routing for ``apply_w2_lora``, or None when no token of the step uses an
         adapter of this layer (nothing is launched; ``apply_w2_lora`` then does nothing either).
+        Rows dispatched from other ranks (``ctx.token_lora_mapping`` set) may use adapters this
+        rank's step does not, so then the kernels always run (they skip rows without an adapter).
         """
-        if not ctx.punica_wrapper.any_active(ctx.enabled_slots):
+        if ctx.token_lora_mapping is None and not ctx.punica_wrapper.any_active(ctx.enabled_slots):
             return None
         return ctx.punica_wrapper.add_lora_w13(
             y, x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, topk_ids=topk_ids, topk_weights=topk_weights,
             adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras, top_k=ctx.top_k,
             num_slices=ctx.w13_num_slices, local_num_experts=ctx.local_num_experts,
             fully_sharded=ctx.fully_sharded, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, expert_map=expert_map,
-            use_tuned_config=ctx.use_tuned_config)
+            use_tuned_config=ctx.use_tuned_config, token_lora_mapping=ctx.token_lora_mapping)
 
     @staticmethod
     def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"],

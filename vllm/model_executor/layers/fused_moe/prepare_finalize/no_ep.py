@@ -1,7 +1,7 @@
 """Prepare/finalize without expert parallelism: everything stays on this rank."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -19,7 +19,8 @@ class MoEPrepareAndFinalizeNoEP(FusedMoEPrepareAndFinalize):
 
     def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
-                quant_config: FusedMoEQuantConfig) -> PrepareResult:
+                quant_config: FusedMoEQuantConfig,
+                token_lora_mapping: Optional[torch.Tensor] = None) -> PrepareResult:
         if quant_config.is_quantized:
             raise NotImplementedError(f"activation quantization to {quant_config.quant_dtype} is not implemented")
         if apply_router_weight_on_input:
@@ -27,9 +28,10 @@ class MoEPrepareAndFinalizeNoEP(FusedMoEPrepareAndFinalize):
                 raise ValueError("apply_router_weight_on_input needs top_k == 1 "
                                  f"(got top_k={topk_ids.shape[1]}): weighting the input is only exact for one expert")
             a1 = a1 * topk_weights.to(a1.dtype)
-        return PrepareResult(a1q=a1, a1q_scale=None, topk_ids=topk_ids, topk_weights=topk_weights)
+        return PrepareResult(a1q=a1, a1q_scale=None, topk_ids=topk_ids, topk_weights=topk_weights,
+                             token_lora_mapping=token_lora_mapping)
 
     def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor, *, apply_router_weight_on_input: bool,
-                 weight_and_reduce: TopKWeightAndReduce) -> None:
+                 weight_and_reduce: TopKWeightAndReduce, handle: Any = None) -> None:
         weight_and_reduce.apply(output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input)
