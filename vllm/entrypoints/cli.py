@@ -71,6 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="split the MoE experts over the tensor-parallel ranks (whole experts per rank) instead of "
                             "splitting every expert; attention and dense layers stay tensor-parallel")
     serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
+    serve.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                       help="decode batch sizes to capture as CUDA graphs (default: a ladder up to --max-num-seqs)")
     ops = serve.add_argument_group("server operation")
     ops.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024, metavar="N",
                      help="refuse request bodies larger than N bytes with 413 (default: 8 MiB)")

@@ -219,9 +219,11 @@ def test_serve_flags_reach_the_engine_arguments():
     got = parse("--tokenizer", "T", "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "512",
                 "--block-size", "32", "-tp", "2", "--fully-sharded-loras", "--enable-lora", "--max-loras", "3",
                 "--max-lora-rank", "64", "--max-cpu-loras", "5", "--max-model-len", "99", "--max-num-seqs", "7",
-                "--dtype", "float16", "--seed", "3", "--trust-remote-code")
+                "--dtype", "float16", "--seed", "3", "--trust-remote-code", "--enforce-eager",
+                "--enable-expert-parallel", "--cuda-graph-sizes", "1", "8")
     assert (got.tokenizer, got.gpu_memory_utilization, got.max_num_batched_tokens, got.block_size) == \
         ("T", 0.5, 512, 32)
     assert (got.tensor_parallel_size, got.fully_sharded_loras, got.enable_lora, got.max_loras) == (2, True, True, 3)
     assert (got.max_lora_rank, got.max_cpu_loras, got.max_model_len, got.max_num_seqs) == (64, 5, 99, 7)
     assert (got.dtype, got.seed, got.trust_remote_code) == ("float16", 3, True)
+    assert (got.enforce_eager, got.enable_expert_parallel, got.cuda_graph_sizes) == (True, True, [1, 8])
