@@ -95,15 +95,45 @@ def timed(llm, prompts, gen: int, loras) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, [o.outputs[0].token_ids for o in outs]
 
 
-def decode_step(llm, prompts, loras, steps: int) -> tuple[float, list[list[int]]]:
-    """(seconds per decode step, greedy tokens): (best t(steps + 1) - best t(1)) / steps after a warm-up."""
+def decode_step(llm, prompts, loras, steps: int) -> tuple[float, float, list[list[int]]]:
+    """(seconds per decode step, seconds of the prefill, greedy tokens): decode = (best t(steps + 1) -
+    best t(1)) / steps after a warm-up; prefill = best t(1) (the whole batch's prompts and one sample)."""
     timed(llm, prompts, steps + 1, loras)
     long_t, short_t, tokens = [], [], None
     for _ in range(2):
         t, tokens = timed(llm, prompts, steps + 1, loras)
         long_t.append(t)
         short_t.append(timed(llm, prompts, 1, loras)[0])
-    return (min(long_t) - min(short_t)) / steps, tokens
+    return (min(long_t) - min(short_t)) / steps, min(short_t), tokens
+
+
+def prefill_flops(a, batch: int) -> float:
+    """Model FLOPs of prefilling ``batch`` prompts of a.prompt_len tokens (matmuls and causal attention;
+    the LM head only for each prompt's last token, as the engine computes it)."""
+    h, d, t = a.hidden, a.head_dim, a.prompt_len
+    per_token = 2 * (h * (a.heads + 2 * a.kv_heads) * d + a.heads * d * h + a.topk * 3 * h * a.moe_inter
+                     + a.experts * h)
+    attention = 2 * 2 * a.heads * d * t * (t + 1) / 2  # QK^T and PV over the causal half, per prompt and layer
+    return a.layers * (batch * t * per_token + batch * attention) + batch * 2 * a.vocab * h
+
+
+def matmul_rate(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """The card's dense matmul rate (FLOP/s): best of a few n x n x n products."""
+    x = torch.randn(n, n, device="cuda", dtype=dtype)
+    y = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        x @ y
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x @ y
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * n**3 / best
 
 
 def run_engine(model_dir: str, common: dict, batches: list[int], prompts, loras_for, steps: int,
@@ -120,8 +150,8 @@ def run_engine(model_dir: str, common: dict, batches: list[int], prompts, loras_
              f"{graphs.graph_memory_bytes / 2**20:.0f} MiB)" if graphs is not None else " (eager)"), flush=True)
     times, tokens = {}, {}
     for b in batches:
-        times[b], tokens[b] = decode_step(llm, prompts[:b], loras_for(b), steps)
-        print(f"    batch {b}: {times[b] * 1e3:.2f} ms/step", flush=True)
+        times[b], times[("prefill", b)], tokens[b] = decode_step(llm, prompts[:b], loras_for(b), steps)
+        print(f"    batch {b}: {times[b] * 1e3:.2f} ms/step, prefill {times[('prefill', b)] * 1e3:.1f} ms", flush=True)
     if base_only:
         tokens[-base_only] = timed(llm, prompts[:base_only], steps + 1, None)[1]
     if graphs is not None:
@@ -217,6 +247,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines.append(f"| {b} | {eager_base[b] * 1e3:.2f} ms | {g * 1e3:.2f} ms | {eager_lora[b] * 1e3:.2f} ms | "
                      f"{graph_lora[b] * 1e3:.2f} ms | {graph_lora[b] / g:.2f} | {b / g:.0f} | {roof * 1e3:.2f} ms | "
                      f"{100 * roof / g:.0f} % |")
+    top_b = max(batches)
+    flops = prefill_flops(a, top_b)
+    rate = matmul_rate(getattr(torch, a.dtype)) if cuda else float("nan")
+    for name, times in (("no LoRA", graph_base), ("LoRA", graph_lora)):
+        t = times[("prefill", top_b)]
+        lines.append(f"\nPrefill of {top_b} x {a.prompt_len} tokens ({name}): {t * 1e3:.1f} ms, "
+                     f"{flops / t / 1e12:.1f} TFLOP/s = {100 * flops / t / rate:.0f} % of the measured {a.dtype} "
+                     f"matmul rate ({rate / 1e12:.0f} TFLOP/s)")
     lines += ["", "Correctness: " + ("greedy tokens identical (graphs vs eager, with and without LoRA; "
                                      "LoRA-enabled base-only vs LoRA-disabled)" if not problems
                                      else "; ".join(problems))]
