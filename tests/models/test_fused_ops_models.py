@@ -1,5 +1,6 @@
 """Every architecture with the fused Triton norm / q-k-rope kernels forced on (the interpreter on
-CPU) against the same model on its torch path: prefill and decode logits, greedy tokens."""
+CPU, native on a GPU) against the same model on its torch path: prefill and decode logits, greedy
+tokens."""
 import pytest
 import torch
 
@@ -36,12 +37,13 @@ def _run(model, cfg) -> list[torch.Tensor]:
 
 # OLMoE also with clip_qkv (clamped after the full-row norms, inside the fused kernel)
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in sorted(ARCHS)] + [("olmoe", {"clip_qkv": 0.5})])
-def test_fused_kernels_match_torch_path(arch, overrides, tmp_path):
+def test_fused_kernels_match_torch_path(arch, overrides, tmp_path, device):
     make_checkpoint(arch, tmp_path, **overrides)
     cfg = ModelConfig(str(tmp_path), dtype="float32")
-    model = get_model(cfg, device="cpu")
+    model = get_model(cfg, device=device)
+    assert _force(model, False) >= 3 * cfg.num_layers
     want = _run(model, cfg)
-    model = get_model(cfg, device="cpu")
+    model = get_model(cfg, device=device)
     assert _force(model, True) >= 3 * cfg.num_layers  # two norms and the attention of every layer
     got = _run(model, cfg)
     for i, (g, w) in enumerate(zip(got, want)):
