@@ -7,12 +7,13 @@ All four are the same pre-norm decoder; a model file only says what differs
                           post_attention_layernorm -> mlp -> + residual ] -> norm
 
     self_attn:  qkv_proj -> (q_norm, k_norm) -> rope -> Attention (paged) -> o_proj
+                (norms, clip and rope: one fused launch on CUDA, ops.qk_norm_rope)
     mlp:        SparseMoeBlock (gate: router, experts: FusedMoE [+ shared expert])
                 or DenseMLP (gate_up_proj -> SiLU-and-mul -> down_proj)
 
 Module names follow the HF checkpoints (``model.layers.{i}.self_attn.qkv_proj``,
 ``model.layers.{i}.mlp.experts``, ...), so adapter keys map onto them directly.
-The residual add is fused into the next RMSNorm (``norm(x, residual)``).
+The residual add is fused into the next RMSNorm (``norm(x, residual)``, one launch on CUDA).
 """
 from __future__ import annotations
 
