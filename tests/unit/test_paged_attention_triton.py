@@ -28,7 +28,7 @@ def _scattered_tables(seq_lens, bs, num_blocks, gen, extra=1):
     return tables
 
 
-def _run_case(query_lens, seq_lens, H, kvH, D, bs, dtype, device):
+def _run_case(query_lens, seq_lens, H, kvH, D, bs, dtype, device, num_splits=None):
     """Fill the cache with each sequence's cached context, write the new K/V, attend; check all three ways."""
     gen = torch.Generator().manual_seed(1234)
     num_blocks = sum(-(-s // bs) + 1 for s in seq_lens) + 3
@@ -56,7 +56,7 @@ def _run_case(query_lens, seq_lens, H, kvH, D, bs, dtype, device):
 
     query = torch.cat([q[c:] for q, c in zip(qs, ctx)]).to(device)
     out = poison_(torch.empty_like(query))
-    got = paged_attention_triton(query, cache, meta, scale, out=out)
+    got = paged_attention_triton(query, cache, meta, scale, out=out, num_splits=num_splits)
     assert got is out
     assert torch.isfinite(out).all(), "some output rows were not written"
     assert_close(out, paged_attention_torch(query, cache, meta, scale), dtype, name="vs torch backend")
@@ -86,6 +86,32 @@ def test_mixed_batch_matches_torch_and_dense(dtype, H, kvH, D, bs, device):
 def test_decode_only_and_single_prefill(device):
     _run_case([1, 1, 1], [5, 8, 1], 4, 2, 32, 4, torch.float32, device)
     _run_case([40], [40], 4, 1, 32, 16, torch.float16, device)  # several query blocks, causal loop limit
+
+
+# Split-context decode (flash-decoding): seq_lens from 1 position to several ranges of 32-position
+# tiles; 16 splits of a 37-token context leave most ranges empty, 3 splits of 300 cover 10 tiles.
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+@pytest.mark.parametrize("dtype,H,kvH,D,bs", [
+    (torch.float32, 4, 2, 32, 4),
+    (torch.float16, 8, 1, 64, 16),  # group 8
+    (torch.float32, 6, 2, 24, 6),  # group 3, head_dim 24, block size 6
+])
+def test_decode_split_matches_torch_and_dense(num_splits, dtype, H, kvH, D, bs, device):
+    _run_case([1] * 5, [37, 1, 300, 64, 65], H, kvH, D, bs, dtype, device, num_splits=num_splits)
+
+
+def test_decode_split_default_and_errors(device):
+    from vllm.attention.triton_backend import DECODE_SPLITS, decode_num_splits
+
+    assert decode_num_splits(4, 2, torch.device("cpu")) == 1
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert decode_num_splits(1, 4, torch.device("cuda")) == DECODE_SPLITS
+        assert decode_num_splits(sms, 1, torch.device("cuda")) == 1
+    meta = build_metadata([1], [3], [[0]], 4, device)
+    cache = allocate_kv_cache(2, 4, 2, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_attention_triton(torch.randn(1, 4, 16, device=device), cache, meta, 1.0, num_splits=0)
 
 
 def test_write_kv_triton_skips_negative_slots(device):
@@ -159,6 +185,14 @@ def test_cuda_realistic_mixed_batch(dtype):
     query_lens = [1] * 8 + [512]
     seq_lens = [1000 + 3 * i for i in range(8)] + [512]
     _run_case(query_lens, seq_lens, 32, 8, 128, 16, dtype, torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [None, 16])  # None: the default (splits at this small batch)
+def test_cuda_decode_split_qwen3_heads(dtype, num_splits):
+    """Decode at batch 3, 32 q / 4 kv heads of 128: contexts of 1, 144 and 4100 positions."""
+    _run_case([1, 1, 1], [1, 144, 4100], 32, 4, 128, 16, dtype, torch.device("cuda"), num_splits=num_splits)
 
 
 @pytest.mark.cuda

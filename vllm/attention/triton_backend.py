@@ -8,14 +8,22 @@ num_kv_heads).  The kernel design is described in ``_paged_attention_kernel``.
 
 The grid is sized from host-side metadata (``query_lens_cpu``), so launching
 never synchronises with the device.
+
+Decode-only batches whose (sequence, kv head) grid would leave most of the GPU
+idle split each context over ``DECODE_SPLITS`` programs and reduce the partial
+softmaxes after (``_decode_split_kernel``): whether to split depends on the
+padded batch size and the head counts only, and the ranges on the device-side
+seq_len, so the split path is CUDA-graph safe.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 
+from vllm.attention import _decode_split_kernel as split_kern
 from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
 from vllm.platforms.interface import triton_interpreting
@@ -23,6 +31,21 @@ from vllm.triton_utils import next_power_of_2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+# Split-context decode: a fixed number of context ranges per (sequence, kv head).
+DECODE_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, kv_heads: int, device: torch.device) -> int:
+    """DECODE_SPLITS when one program per (sequence, kv head) fills less than the GPU's SMs, else 1.
+    1 on the interpreter (tests ask for splits explicitly)."""
+    if device.type != "cuda":
+        return 1
+    return DECODE_SPLITS if num_seqs * kv_heads < _num_sms(device.index) else 1
 
 
 def _check_cache(kv_cache: torch.Tensor) -> None:
@@ -54,10 +77,13 @@ def attention_tile_config(max_query_len: int, group: int, head_dim: int, interpr
 
 
 def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                           scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           scale: float, out: Optional[torch.Tensor] = None, *,
+                           num_splits: Optional[int] = None) -> torch.Tensor:
     """query: [T, num_heads, head_dim] -> output [T, num_heads, head_dim] in query.dtype.
 
     ``out`` (optional, same shape/dtype/device as query, any strides) receives the result.
+    ``num_splits``: context splits of a decode-only batch (None: ``decode_num_splits``; ignored
+    unless every query_len is 1).
     """
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
@@ -90,6 +116,13 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         return out
     group = H // kv_heads
     interp = triton_interpreting()
+    if meta.max_query_len == 1:
+        splits = decode_num_splits(B, kv_heads, query.device) if num_splits is None else int(num_splits)
+        if splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        if splits > 1:
+            _paged_decode_split(query, kv_cache, meta, scale, out, splits, interp)
+            return out
     cfg = attention_tile_config(meta.max_query_len, group, D, interp)
     grid = (B, -(-meta.max_query_len // cfg["BLOCK_Q"]), kv_heads)
     tables = meta.block_tables
@@ -103,6 +136,32 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         num_warps=cfg["num_warps"], num_stages=2,
     )
     return out
+
+
+def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                        out: torch.Tensor, splits: int, interp: bool) -> None:
+    """Decode-only batch (query row b = sequence b): split-context partials, then their reduce."""
+    B = meta.num_seqs
+    _, H, D = query.shape
+    kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = H // kv_heads
+    block_d = max(16, next_power_of_2(D))
+    block_n = 32 if interp or block_d > 128 else 64
+    part_acc = torch.empty(B, H, splits, block_d, dtype=torch.float32, device=query.device)
+    part_m = torch.empty(B, H, splits, dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    tables = meta.block_tables
+    split_kern.decode_split_kernel[(B, kv_heads, splits)](
+        query, kv_cache, meta.query_start_loc, meta.seq_lens, tables, part_acc, part_m, part_l,
+        float(scale) * math.log2(math.e), group, D, block_size, H,
+        *query.stride(), *kv_cache.stride(), tables.stride(0),
+        NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=interp, num_warps=4, num_stages=2,
+    )
+    split_kern.decode_reduce_kernel[(B, H)](
+        out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, D, H, *out.stride(),
+        NUM_SPLITS=splits, SPLITS_P=next_power_of_2(splits), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1,
+    )
 
 
 def write_kv_triton(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -8,6 +8,8 @@ into halves x1, x2 and rotated by the angle ``position * inv_freq[i]``:
 The remaining ``head_dim - rotary_dim`` values (partial rotary) pass through.
 cos/sin are computed in float32 once for every position below ``max_position``
 and cast to the query dtype at use, which matches transformers' rounding.
+``forward`` is the torch path; the models apply the rotation (with their q/k
+norms) through ``ops.qk_norm_rope``, one Triton launch on CUDA, over these caches.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from vllm.model_executor.layers.ops.qk_norm_rope import rope_torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -42,18 +46,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos().to(device), persistent=False)
         self.register_buffer("sin_cache", freqs.sin().to(device), persistent=False)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads * head_dim] or [T, heads, head_dim]; cos/sin: [T, 1, rotary_dim // 2]."""
-        shape = x.shape
-        x = x.reshape(shape[0], -1, self.head_dim)
-        half = self.rotary_dim // 2
-        x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-        if self.rotary_dim < self.head_dim:
-            parts.append(x[..., self.rotary_dim:])
-        return torch.cat(parts, dim=-1).reshape(shape)
-
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] ints < max_position; query/key: [T, n * head_dim] (or [T, n, head_dim]).
@@ -63,8 +55,9 @@ class RotaryEmbedding(nn.Module):
         if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.max_position:
             raise ValueError(f"position {int(positions.max())} is beyond max_position {self.max_position}")
         pos = positions.long()
-        cos, sin = self.cos_cache[pos].unsqueeze(1), self.sin_cache[pos].unsqueeze(1)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+        cos, sin = self.cos_cache[pos], self.sin_cache[pos]
+        return (rope_torch(query, cos, sin, self.head_dim, self.rotary_dim),
+                rope_torch(key, cos, sin, self.head_dim, self.rotary_dim))
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}, "

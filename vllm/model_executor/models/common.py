@@ -7,12 +7,13 @@ All four are the same pre-norm decoder; a model file only says what differs
                           post_attention_layernorm -> mlp -> + residual ] -> norm
 
     self_attn:  qkv_proj -> (q_norm, k_norm) -> rope -> Attention (paged) -> o_proj
+                (norms, clip and rope: one fused launch on CUDA, ops.qk_norm_rope)
     mlp:        SparseMoeBlock (gate: router, experts: FusedMoE [+ shared expert])
                 or DenseMLP (gate_up_proj -> SiLU-and-mul -> down_proj)
 
 Module names follow the HF checkpoints (``model.layers.{i}.self_attn.qkv_proj``,
 ``model.layers.{i}.mlp.experts``, ...), so adapter keys map onto them directly.
-The residual add is fused into the next RMSNorm (``norm(x, residual)``).
+The residual add is fused into the next RMSNorm (``norm(x, residual)``, one launch on CUDA).
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import (check_full_attention, check_silu, head_dim_of, hf_config_of,
@@ -96,8 +99,8 @@ class DenseMLP(nn.Module):
                                            prefix=join_prefix(prefix, "down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # silu(gate) * up in one launch on CUDA (the MoE activation kernel), in fp32 rounded once
+        return self.down_proj(moe_activation(MoEActivation.SILU, self.gate_up_proj(x)))
 
 
 class SparseMoeBlock(nn.Module):
@@ -160,6 +163,7 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(q_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
             self.k_norm = RMSNorm(k_dim, rms_norm_eps, params_dtype=args.dtype, device=args.device)
         self.rotary_emb = rotary_emb
+        self.use_triton: Optional[bool] = None  # the fused q/k epilogue: None = Triton on CUDA (tests force it)
         self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads,
                               prefix=join_prefix(prefix, "attn"))
 
@@ -178,17 +182,23 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm == "per_head":
-            T = q.shape[0]
-            q = self.q_norm(q.reshape(T, self.num_heads, self.head_dim)).reshape(T, self.q_size)
-            k = self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)).reshape(T, self.kv_size)
-        elif self.qk_norm == "full":
+        norm, clip = self.qk_norm, self.clip_qkv
+        if norm == "full" and self.tp_group is not None and self.tp_group.world_size > 1:
+            # the norm spans every rank's heads: gather, norm, keep this rank's share; then rotate
             q = self._full_norm(self.q_norm, q, 1)
             k = self._full_norm(self.k_norm, k, self.kv_replicas)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+            norm = None
+        rope = self.rotary_emb
+        # one launch on CUDA: q/k norm, clip, rotary (torch ops on CPU)
+        q, k = qk_norm_rope(q, k, positions, rope.cos_cache, rope.sin_cache, head_dim=self.head_dim,
+                            rotary_dim=rope.rotary_dim, norm=norm,
+                            q_weight=self.q_norm.weight if norm else None,
+                            k_weight=self.k_norm.weight if norm else None,
+                            eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton)
+        if clip is not None:
+            v = v.clamp(-clip, clip)
+        # v stays a column view of the qkv output: the KV-cache write reads it through its strides
+        return self.o_proj(self.attn(q, k, v))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,182 @@
+"""Where a decode step's GPU time goes: torch.profiler over N engine decode steps at one batch size,
+without and with LoRA, eager (every kernel visible to the host) and with CUDA graphs (issue 10).
+
+The checkpoint and adapters are benchmark_decode.py's (``--preset``, ``--layers``, rank-``--rank``
+adapters spread over the batch).  Per case: the engine runs its prefill and two warm-up decode steps
+unprofiled, then ``--steps`` decode steps (``LLMEngine.step``) under the profiler.  Printed and written
+to ``--out`` (markdown): GPU kernels per step, GPU busy time per step (sum of kernel times), host
+wall time per step, and the top kernels by GPU time (calls per step, us per call, share).
+
+    PYTHONPATH=. python benchmarks/profile_decode.py [--preset qwen3-30b-a3b] [--layers 12]
+        [--batches 1,64] [--steps 8] [--modes eager,graphs] [--out profile.md]
+    (--preset tiny on a CPU: a smoke run; it lists CPU operators instead of kernels)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_decode import PRESETS  # noqa: E402
+from benchmark_engine_lora import make_adapter, make_model_dir  # noqa: E402
+
+_WARM_STEPS = 2
+
+
+def _is_gpu_event(evt) -> bool:
+    return evt.device_type == torch.autograd.DeviceType.CUDA
+
+
+def _drive(engine, prompts, loras, steps: int, prof_ctx) -> float:
+    """Prefill, warm up, then ``steps`` decode steps inside ``prof_ctx``; host seconds per profiled step."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=steps + _WARM_STEPS + 4, ignore_eos=True)
+    ids = [f"profile-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, prompt, lora in zip(ids, prompts, loras or [None] * len(prompts)):
+        engine.add_request(rid, prompt, params, lora_request=lora)
+    produced = dict.fromkeys(ids, 0)
+    while min(produced.values()) == 0:  # prefill steps (all the prompts, maybe in several chunks)
+        for out in engine.step():
+            produced[out.request_id] = len(out.outputs[0].token_ids)
+    for _ in range(_WARM_STEPS):
+        engine.step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with prof_ctx:
+        start = time.perf_counter()
+        for _ in range(steps):
+            with torch.profiler.record_function("decode_step"):
+                engine.step()
+        sync()
+        host = (time.perf_counter() - start) / steps
+    engine.abort_request(ids)
+    return host
+
+
+def _summarise(prof, steps: int, top: int) -> tuple[str, dict]:
+    """Markdown lines of the top kernels (or CPU ops without a GPU) and the per-step totals."""
+    gpu = torch.cuda.is_available()
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for evt in prof.events():
+        if gpu:
+            if not _is_gpu_event(evt):
+                continue
+        elif not evt.name.startswith("aten::") or (evt.cpu_parent is not None
+                                                   and evt.cpu_parent.name.startswith("aten::")):
+            continue  # CPU smoke run: the outermost aten operators
+        per_name[evt.name].append(evt.time_range.elapsed_us())
+    count = sum(len(v) for v in per_name.values())
+    busy = sum(sum(v) for v in per_name.values())
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    what = "kernel" if gpu else "CPU operator (top level)"
+    lines = [f"| {what} | calls / step | us / call | us / step | share |", "|---|---:|---:|---:|---:|"]
+    for name, times in rows:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {len(times) / steps:.1f} | {sum(times) / len(times):.2f} | "
+                     f"{sum(times) / steps:.1f} | {100 * sum(times) / max(busy, 1e-9):.1f} % |")
+    return "\n".join(lines), {"launches": count / steps, "busy_us": busy / steps}
+
+
+def _engine(model_dir: str, common: dict, **kw):
+    from vllm import LLM
+
+    return LLM(model_dir, **common, **kw)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--steps", type=int, default=8, help="profiled decode steps per case")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--modes", default="eager,graphs", help="eager and/or graphs (graphs: CUDA only)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per case")
+    p.add_argument("--trace-dir", default=None, help="also export a Chrome trace per case here")
+    p.add_argument("--out", default=None, help="write the markdown report here")
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.preset].items():
+        setattr(a, k, v)
+    batches = [int(x) for x in a.batches.split(",")]
+    modes = [m for m in a.modes.split(",") if m]
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        modes = [m for m in modes if m != "graphs"] or ["eager"]
+    from vllm.lora.request import LoRARequest
+
+    work = tempfile.mkdtemp(prefix="profile_decode_")
+    model_dir = os.path.join(work, "model")
+    t0 = time.perf_counter()
+    hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
+    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), a.rank, 10 + i))
+                for i in range(a.num_loras)]
+    del hf
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"{a.preset} x {a.layers} layers, {a.num_loras} adapters: built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    gen = torch.Generator().manual_seed(1)
+    top_b = max(batches)
+    prompts = [{"prompt_token_ids": torch.randint(2, a.vocab, (a.prompt_len,), generator=gen).tolist()}
+               for _ in range(top_b)]
+    max_len = a.prompt_len + a.steps + _WARM_STEPS + 16
+    common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top_b,
+                  num_gpu_blocks_override=top_b * (-(-max_len // 16)) + 64, cuda_graph_sizes=batches)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    gpu = torch.cuda.get_device_name() if cuda else "CPU"
+    report = [f"# Decode profile: {gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of "
+              f"{a.prompt_len} tokens; {a.steps} profiled decode steps per case; LoRA: {a.num_loras} adapters of "
+              f"rank {a.rank} spread over the batch", ""]
+    unit = "GPU ops" if cuda else "CPU ops"
+    summary = [f"| mode | LoRA | batch | {unit} (GPU: kernels + copies) / step | busy (sum of op times) / step | host wall / step |",
+               "|---|---|---:|---:|---:|---:|"]
+    details = []
+    for mode in modes:
+        for lora in (False, True):
+            kw = dict(enforce_eager=(mode == "eager"))
+            if lora:
+                kw.update(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
+            llm = _engine(model_dir, common, **kw)
+            for b in batches:
+                loras = [adapters[i % a.num_loras] for i in range(b)] if lora else None
+                prof = torch.profiler.profile(activities=activities)
+                host = _drive(llm.llm_engine, prompts[:b], loras, a.steps, prof)
+                table, tot = _summarise(prof, a.steps, a.top)
+                name = f"{mode}, {'LoRA' if lora else 'no LoRA'}, batch {b}"
+                if a.trace_dir:
+                    os.makedirs(a.trace_dir, exist_ok=True)
+                    prof.export_chrome_trace(os.path.join(a.trace_dir, name.replace(", ", "_").replace(" ", "") + ".json"))
+                summary.append(f"| {mode} | {'yes' if lora else 'no'} | {b} | {tot['launches']:.0f} | "
+                               f"{tot['busy_us'] / 1e3:.2f} ms | {host * 1e3:.2f} ms |")
+                details += [f"## {name}", "", f"{tot['launches']:.0f} {unit} / step, busy "
+                            f"{tot['busy_us'] / 1e3:.2f} ms / step, host wall {host * 1e3:.2f} ms / step", "", table, ""]
+                print(f"  {name}: {tot['launches']:.0f} {unit}/step, busy {tot['busy_us'] / 1e3:.2f} ms, "
+                      f"wall {host * 1e3:.2f} ms", flush=True)
+            llm.llm_engine.shutdown()
+            del llm
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    text = "\n".join(report + summary + [""] + details)
+    print("\n" + text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Every architecture with the fused Triton norm / q-k-rope kernels forced on (the interpreter on
+CPU, native on a GPU) against the same model on its torch path: prefill and decode logits, greedy
+tokens."""
+import pytest
+import torch
+
+from tests.models.hf_checkpoints import ARCHS, PagedRunner, make_checkpoint, single_thread  # noqa: F401
+from tests.utils import assert_close
+from vllm.config.model import ModelConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.model_loader import get_model
+from vllm.model_executor.models.common import DecoderAttention
+
+PROMPTS = [[3, 17, 101, 5, 64], [9, 2, 77, 120, 33, 33, 8], [50, 51, 52]]
+
+
+def _force(model: torch.nn.Module, use_triton: bool) -> int:
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, DecoderAttention)):
+            m.use_triton = use_triton
+            n += 1
+    return n
+
+
+def _run(model, cfg) -> list[torch.Tensor]:
+    runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                         num_seqs=len(PROMPTS))
+    out = [torch.cat(runner.prefill(PROMPTS))]
+    last = [p[-1] for p in PROMPTS]
+    for _ in range(3):
+        logits = runner.decode(last)
+        out.append(logits)
+        last = logits.argmax(-1).tolist()
+    return out
+
+
+# OLMoE also with clip_qkv (clamped after the full-row norms, inside the fused kernel)
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in sorted(ARCHS)] + [("olmoe", {"clip_qkv": 0.5})])
+def test_fused_kernels_match_torch_path(arch, overrides, tmp_path, device):
+    make_checkpoint(arch, tmp_path, **overrides)
+    cfg = ModelConfig(str(tmp_path), dtype="float32")
+    model = get_model(cfg, device=device)
+    assert _force(model, False) >= 3 * cfg.num_layers
+    want = _run(model, cfg)
+    model = get_model(cfg, device=device)
+    assert _force(model, True) >= 3 * cfg.num_layers  # two norms and the attention of every layer
+    got = _run(model, cfg)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, torch.float32, name=f"{arch} step {i} logits")
+        assert torch.equal(g.argmax(-1), w.argmax(-1)), f"{arch} step {i}: greedy tokens differ"

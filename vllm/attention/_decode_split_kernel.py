@@ -1,0 +1,123 @@
+"""Private ``@triton.jit`` bodies of split-context decode attention (flash-decoding; launcher:
+``triton_backend.paged_decode_split``).
+
+At decode (one query row per sequence) the single-pass kernel runs one program per (sequence, kv
+head): at batch 1 with 4 kv heads, 4 programs on a GPU of 132 SMs.  Here the context is cut into
+``NUM_SPLITS`` ranges of whole BLOCK_N tiles, one program per (sequence, kv head, range):
+
+``decode_split_kernel`` - grid (sequences, kv heads, NUM_SPLITS).  The range of split s covers tiles
+[s * per, (s + 1) * per) with per = max(cdiv(tiles, NUM_SPLITS), 1) and tiles = cdiv(seq_len,
+BLOCK_N), from the seq_len read on the device (so the grid depends on the padded batch only and a
+sequence's result does not depend on the rest of the batch).  A program whose range is empty exits;
+the others write their unnormalised fp32 accumulator, running max (base 2, scale folded in) and
+running sum for each query head of the group.
+
+``decode_reduce_kernel`` - grid (sequences, query heads).  Rescales the valid splits' partials to
+their common max and writes acc / sum in the output dtype.
+
+``UPCAST`` (interpreter) converts dot operands to fp32, as in ``_paged_attention_kernel``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr, kv_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr,  # [B, H, NUM_SPLITS, BLOCK_D], [B, H, NUM_SPLITS] x 2, fp32
+    qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, NUM_HEADS,
+    stride_qt, stride_qh, stride_qd,
+    stride_kv, stride_kb, stride_ko, stride_kh, stride_kd,
+    stride_bt_b,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    per = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), 1)
+    lo = split * per * BLOCK_N
+    if lo >= seq_len:
+        return
+    hi = tl.minimum(lo + per * BLOCK_N, seq_len)
+
+    g = tl.arange(0, BLOCK_M)  # query head within the group (rows past GROUP are padding)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = offs_d < HEAD_DIM
+    head = kvh * GROUP + g
+    tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
+    k_base = kv_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = k_base + stride_kv
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + offs_n
+        n_ok = k_pos < hi
+        blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot_off = blk * stride_kb + (k_pos % BLOCK_SIZE).to(tl.int64) * stride_ko
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + slot_off[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if q.dtype == tl.float32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+        # every tile of a non-empty range has a valid position, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if v.dtype == tl.float32:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    row = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M] index into [B, H, S]
+    tl.store(part_m_ptr + row, m_i, mask=g_ok)
+    tl.store(part_l_ptr + row, l_i, mask=g_ok)
+    tl.store(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_ok[:, None])
+
+
+@triton.jit
+def decode_reduce_kernel(
+    out_ptr, query_start_loc_ptr, seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    HEAD_DIM, NUM_HEADS,
+    stride_ot, stride_oh, stride_od,
+    NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    per = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), 1)
+    n_valid = tl.cdiv(tiles, per)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_valid
+    row = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + row, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=s_ok, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(s_ok, tl.exp2(m - m_all), 0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)

@@ -1,0 +1,89 @@
+"""Private Triton body of the fused q/k norm + rotary embedding (launcher: ``qk_norm_rope.py``).
+
+Grid (tokens, 2): program (t, 0) handles every query head of token t, (t, 1) every key head.  The
+heads of one token are one tile of [NH_P heads, HALF_P columns] for each rotary half (x1 = columns
+[0, R/2), x2 = [R/2, R)) plus a [NH_P, PASS_P] tile of the columns past ``rotary_dim`` that pass
+through (HAS_PASS).  NORM: 0 none, 1 RMSNorm over each head (Qwen3), 2 RMSNorm over all the heads of
+the row (OLMoE).  Every step is rounded to the activation dtype where the torch reference rounds
+(normed value, weight product, cos / sin, each rotary product and sum), so both paths agree to the
+last bit except for the order of the sum of squares.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+    NQ, NK, HEAD_DIM, HALF, MAX_POS, eps, clip,
+    stride_q, stride_k, stride_qo, stride_ko, stride_cos,
+    NORM: tl.constexpr, CLIP: tl.constexpr, HAS_PASS: tl.constexpr,
+    NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    is_k = tl.program_id(1)
+    if is_k == 0:
+        src = q_ptr + t * stride_q
+        dst = q_out_ptr + t * stride_qo
+        w_ptr = qw_ptr
+        n_heads = NQ
+    else:
+        src = k_ptr + t * stride_k
+        dst = k_out_ptr + t * stride_ko
+        w_ptr = kw_ptr
+        n_heads = NK
+    heads = tl.arange(0, NH_P)
+    c1 = tl.arange(0, HALF_P)
+    h_ok = heads < n_heads
+    ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
+    off1 = heads[:, None] * HEAD_DIM + c1[None, :]
+    x1 = tl.load(src + off1, mask=ok1, other=0.0)
+    x2 = tl.load(src + off1 + HALF, mask=ok1, other=0.0)
+    dt = x1.dtype
+    y1 = x1.to(tl.float32)
+    y2 = x2.to(tl.float32)
+    if HAS_PASS:
+        cp = tl.arange(0, PASS_P)
+        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
+        offp = heads[:, None] * HEAD_DIM + 2 * HALF + cp[None, :]
+        yp = tl.load(src + offp, mask=okp, other=0.0).to(tl.float32)
+
+    if NORM != 0:
+        ss = tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)
+        if HAS_PASS:
+            ss += tl.sum(yp * yp, axis=1)
+        if NORM == 1:
+            rstd = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]
+            woff1 = c1[None, :]
+        else:
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / (n_heads * HEAD_DIM) + eps)
+            woff1 = off1
+        w1 = tl.load(w_ptr + woff1, mask=ok1, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + woff1 + HALF, mask=ok1, other=0.0).to(tl.float32)
+        y1 = (w1 * (y1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        y2 = (w2 * (y2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        if HAS_PASS:
+            if NORM == 1:
+                woffp = 2 * HALF + cp[None, :]
+            else:
+                woffp = offp
+            wp = tl.load(w_ptr + woffp, mask=okp, other=0.0).to(tl.float32)
+            yp = (wp * (yp * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    if CLIP:
+        y1 = tl.minimum(tl.maximum(y1, -clip), clip).to(dt).to(tl.float32)
+        y2 = tl.minimum(tl.maximum(y2, -clip), clip).to(dt).to(tl.float32)
+        if HAS_PASS:
+            yp = tl.minimum(tl.maximum(yp, -clip), clip).to(dt).to(tl.float32)
+
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
+    c_ok = c1 < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0).to(dt).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0).to(dt).to(tl.float32)[None, :]
+    o1 = (y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)
+    o2 = (y2 * cos).to(dt).to(tl.float32) + (y1 * sin).to(dt).to(tl.float32)
+    out_t = q_out_ptr.dtype.element_ty
+    tl.store(dst + off1, o1.to(out_t), mask=ok1)
+    tl.store(dst + off1 + HALF, o2.to(out_t), mask=ok1)
+    if HAS_PASS:
+        tl.store(dst + offp, yp.to(out_t), mask=okp)

@@ -1,0 +1,31 @@
+"""Private Triton body of RMSNorm and residual-add + RMSNorm (launcher: ``rms_norm.py``).
+
+Grid (rows,).  One program normalises one row of N values held in one BLOCK_N tile.  The rounding
+follows the torch reference step by step: the residual sum is rounded to the activation dtype, the
+normalised row is rounded to it before the weight multiply, and the product is rounded again.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    N, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    dt = x.dtype
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=ok)
+    h = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    y = (w * (h * rstd).to(dt).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=ok)

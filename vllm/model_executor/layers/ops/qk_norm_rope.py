@@ -1,0 +1,144 @@
+"""The attention's q/k epilogue in one launch: optional q/k RMSNorm, optional clip, rotary embedding.
+
+    q, k = qk_norm_rope(q, k, positions, cos_cache, sin_cache, head_dim=..., norm=..., ...)
+
+q: [T, num_q_heads * head_dim], k: [T, num_kv_heads * head_dim] (any row stride, unit column stride:
+e.g. column slices of the fused qkv projection); returns new contiguous q and k.  Per row, in order:
+
+* ``norm``: None; "per_head" (Qwen3: RMSNorm over each head's head_dim values, weights [head_dim]); or
+  "full" (OLMoE: RMSNorm over the whole row, weights [num_heads * head_dim]);
+* ``clip``: clamp to [-clip, clip] (OLMoE's clip_qkv);
+* neox rotary embedding of the first ``rotary_dim`` values of every head at ``positions[t]``, with
+  cos / sin from the float32 caches [max_position, rotary_dim // 2] (rounded to the activation dtype
+  at use); the rest of each head passes through.
+
+On a GPU the unfused torch version is ~25 kernels (norm casts and reductions, cos/sin gathers,
+products, cat); the Triton kernel is one launch over grid (T, 2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
+from vllm.platforms.interface import triton_interpreting
+from vllm.triton_utils import next_power_of_2
+
+_NORMS = (None, "per_head", "full")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One program holds all the heads of one token: [heads, head_dim] tiles up to this many elements.
+_MAX_TILE = 1 << 15
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Reference neox rotation.  x: [T, heads * head_dim] (or [T, heads, head_dim]); cos / sin:
+    [T, rotary_dim // 2] float32, rounded to x.dtype here."""
+    shape = x.shape
+    x = x.reshape(shape[0], -1, head_dim)
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotary_dim < head_dim:
+        parts.append(x[..., rotary_dim:])
+    return torch.cat(parts, dim=-1).reshape(shape)
+
+
+def _norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, norm: str, head_dim: int) -> torch.Tensor:
+    if norm == "per_head":
+        T = x.shape[0]
+        return rms_norm_torch(x.reshape(T, -1, head_dim), weight, eps).reshape(x.shape)
+    return rms_norm_torch(x, weight, eps)
+
+
+def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                       sin_cache: torch.Tensor, *, head_dim: int, rotary_dim: Optional[int] = None,
+                       norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
+                       k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                       clip: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the unfused ops, in the order the model applies them."""
+    rotary_dim = rotary_dim or head_dim
+    if norm is not None:
+        q = _norm_torch(q, q_weight, eps, norm, head_dim)
+        k = _norm_torch(k, k_weight, eps, norm, head_dim)
+    if clip is not None:
+        q, k = q.clamp(-clip, clip), k.clamp(-clip, clip)
+    pos = positions.long()
+    cos, sin = cos_cache[pos], sin_cache[pos]
+    return rope_torch(q, cos, sin, head_dim, rotary_dim), rope_torch(k, cos, sin, head_dim, rotary_dim)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, head_dim: int,
+           rotary_dim: int, norm: Optional[str], q_weight: Optional[torch.Tensor],
+           k_weight: Optional[torch.Tensor]) -> None:
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be None, 'per_head' or 'full', got {norm!r}")
+    if q.dim() != 2 or k.dim() != 2 or q.shape[0] != k.shape[0] or q.shape[1] % head_dim or k.shape[1] % head_dim:
+        raise ValueError(f"q and k must be [tokens, heads * {head_dim}] with the same tokens, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"positions must be [{q.shape[0]}], got {tuple(positions.shape)}")
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or cos_cache.shape[-1] != rotary_dim // 2:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even, in 1..{head_dim}, and twice the cos/sin cache "
+                         f"width {cos_cache.shape[-1]}")
+    if norm is not None:
+        want_q, want_k = (head_dim, head_dim) if norm == "per_head" else (q.shape[1], k.shape[1])
+        if q_weight is None or k_weight is None or q_weight.shape != (want_q,) or k_weight.shape != (want_k,):
+            raise ValueError(f"norm {norm!r} needs q / k weights of shapes ({want_q},) and ({want_k},), got "
+                             f"{None if q_weight is None else tuple(q_weight.shape)} and "
+                             f"{None if k_weight is None else tuple(k_weight.shape)}")
+
+
+def _use_triton(q: torch.Tensor, k: torch.Tensor, head_dim: int, norm: Optional[str],
+                weights: tuple[Optional[torch.Tensor], ...], use_triton: Optional[bool]) -> bool:
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return False
+    if not q.is_cuda and not triton_interpreting():
+        raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
+    heads = max(q.shape[1], k.shape[1]) // head_dim
+    return (q.dtype in _FLOAT_DTYPES and k.dtype == q.dtype and q.stride(1) == 1 and k.stride(1) == 1
+            and next_power_of_2(heads) * next_power_of_2(head_dim) <= _MAX_TILE
+            and all(w is None or (w.dtype == q.dtype and w.is_contiguous()) for w in weights))
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor, *, head_dim: int, rotary_dim: Optional[int] = None,
+                 norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
+                 k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, clip: Optional[float] = None,
+                 use_triton: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring.  Positions must be < max_position (checked on CPU tensors only: on a
+    GPU it would cost a host sync; the kernel clamps them so it never reads out of bounds)."""
+    rotary_dim = rotary_dim or head_dim
+    _check(q, k, positions, cos_cache, head_dim, rotary_dim, norm, q_weight, k_weight)
+    max_pos = cos_cache.shape[0]
+    if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= max_pos:
+        raise ValueError(f"position {int(positions.max())} is beyond max_position {max_pos}")
+    if not _use_triton(q, k, head_dim, norm, (q_weight, k_weight), use_triton):
+        return qk_norm_rope_torch(q, k, positions, cos_cache, sin_cache, head_dim=head_dim, rotary_dim=rotary_dim,
+                                  norm=norm, q_weight=q_weight, k_weight=k_weight, eps=eps, clip=clip)
+    from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel
+
+    T = q.shape[0]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0:
+        return q_out, k_out
+    if cos_cache.stride(-1) != 1 or sin_cache.stride() != cos_cache.stride():
+        cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
+    half, pass_w = rotary_dim // 2, head_dim - rotary_dim
+    nq, nk = q.shape[1] // head_dim, k.shape[1] // head_dim
+    nh_p = next_power_of_2(max(nq, nk))
+    tile = nh_p * max(16, next_power_of_2(half))
+    _qk_norm_rope_kernel[(T, 2)](
+        q, k, q_out, k_out, positions, cos_cache, sin_cache,
+        q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
+        nq, nk, head_dim, half, max_pos, float(eps), float(clip or 0.0),
+        q.stride(0), k.stride(0), q_out.stride(0), k_out.stride(0), cos_cache.stride(0),
+        NORM=_NORMS.index(norm), CLIP=clip is not None, HAS_PASS=pass_w > 0,
+        NH_P=nh_p, HALF_P=max(1, next_power_of_2(half)), PASS_P=max(1, next_power_of_2(pass_w)),
+        num_warps=4 if tile <= 2048 else 8,
+    )
+    return q_out, k_out

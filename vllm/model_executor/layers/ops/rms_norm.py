@@ -1,0 +1,107 @@
+"""RMSNorm and residual-add + RMSNorm in one Triton launch each, with torch references.
+
+    rms_norm(x, w, eps)                      -> w * norm(x)
+    fused_add_rms_norm(x, residual, w, eps)  -> (w * norm(x + residual), x + residual)
+
+``norm(h) = h * rsqrt(mean(h^2) + eps)`` in float32, rounded to x's dtype before the weight
+multiply (transformers' Llama-family rounding); the residual sum is rounded to x's dtype.  The
+unfused torch version costs 7-9 kernels per call on a GPU (casts, pow, mean, rsqrt, muls, add).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vllm.platforms.interface import triton_interpreting
+from vllm.triton_utils import next_power_of_2
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One program holds a whole row; wider rows fall back to torch.
+_MAX_TRITON_WIDTH = 1 << 16
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference: norm over the last dim in float32, rounded to x.dtype, times ``weight``."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: (rms_norm_torch(x + residual), x + residual)."""
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual
+
+
+def _use_triton(x: torch.Tensor, weight: torch.Tensor, use_triton: Optional[bool]) -> bool:
+    """Triton when asked (None: on CUDA) and the shapes / dtypes are ones the kernel covers."""
+    if use_triton is None:
+        use_triton = x.is_cuda
+    if not use_triton:
+        return False
+    if not x.is_cuda and not triton_interpreting():
+        raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
+    return (x.dtype in _FLOAT_DTYPES and weight.dtype == x.dtype and x.shape[-1] <= _MAX_TRITON_WIDTH
+            and weight.is_contiguous())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, N] with unit stride in the last dim (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"RMSNorm over {tuple(weight.shape)} got input of shape {tuple(x.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"RMSNorm weight on {weight.device} but input on {x.device}")
+
+
+def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, eps: float, out: torch.Tensor,
+            res_out: Optional[torch.Tensor]) -> None:
+    from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel
+
+    rows, n = x2.shape
+    if rows == 0:
+        return
+    block = max(16, next_power_of_2(n))
+    has_res = r2 is not None
+    _rms_norm_kernel[(rows,)](
+        x2, r2 if has_res else x2, weight, out, res_out if has_res else out,
+        n, float(eps),
+        x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
+        HAS_RESIDUAL=has_res, BLOCK_N=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             use_triton: Optional[bool] = None) -> torch.Tensor:
+    """x [..., N] (any leading shape), weight [N] -> [..., N] in x.dtype (one launch on CUDA)."""
+    _check(x, weight)
+    if not _use_triton(x, weight, use_triton):
+        return rms_norm_torch(x, weight, eps)
+    x2 = _rows(x)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _launch(x2, None, weight, eps, out, None)
+    return out.view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                       use_triton: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w * norm(x + residual), x + residual): one launch on CUDA that reads x and residual once and writes
+    the new residual and the normed output.  x and residual: same shape and dtype."""
+    _check(x, weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match the input "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if not _use_triton(x, weight, use_triton):
+        return fused_add_rms_norm_torch(x, residual, weight, eps)
+    x2, r2 = _rows(x), _rows(residual)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _launch(x2, r2, weight, eps, out, res_out)
+    return out.view(x.shape), res_out.view(x.shape)
