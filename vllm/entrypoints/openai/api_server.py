@@ -208,8 +208,11 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         metric("request_aborted_total", "counter", "Aborted requests.", [("", s["requests_aborted"])])
         metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", s["prompt_tokens"])])
         metric("generation_tokens_total", "counter", "Generated tokens.", [("", s["generation_tokens"])])
-        metric("num_requests_running", "gauge", "Sequences running.", [("", s["requests_running"])])
-        metric("num_requests_waiting", "gauge", "Sequences waiting.", [("", s["requests_waiting"])])
+        metric("num_requests_running", "gauge", "Requests with a sequence running.", [("", s["requests_running"])])
+        metric("num_requests_waiting", "gauge", "Requests waiting.", [("", s["requests_waiting"])])
+        bm = engine.engine.scheduler.block_manager  # read from this thread: two ints, a snapshot is enough
+        metric("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.",
+               [("", bm.num_used_blocks / max(bm.num_blocks, 1))])
         metric("lora_adapters_loaded", "gauge", "Adapters served.", [("", len(models.adapters))])
         metric("http_requests_total", "counter", "HTTP requests by route and status.",
                [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(state.http_requests.items())])
