@@ -5,6 +5,13 @@ add_lora, remove_lora, step) happens on the engine thread.  Callers post command
 to a queue; the thread drains the queue between steps, runs a step while there is
 work, and hands each ``RequestOutput`` to the asyncio queue of its request with
 ``loop.call_soon_threadsafe``.
+
+String prompts are tokenized off the engine thread (``asyncio.to_thread``), so a huge
+prompt never holds up the other requests' steps.  A request that fails inside the
+engine raises ``RequestFailedError`` in its own iterator only; an unexpected error in
+the loop itself fails the requests in flight and the loop goes on.  Only a fatal error
+(``vllm.engine.errors.is_fatal``) stops the engine: then every caller gets
+``EngineDeadError``.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import time
 from typing import Any, AsyncIterator, Callable, Optional
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.errors import EngineDeadError, RequestFailedError, describe, is_fatal
+from vllm.engine.input_checks import string_prompt
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -26,8 +35,7 @@ from vllm.sampling_params import SamplingParams
 logger = init_logger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    pass
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestFailedError"]
 
 
 class _Stream:
@@ -53,8 +61,9 @@ class AsyncLLMEngine:
         self._stop = threading.Event()
         self._dead: Optional[BaseException] = None
         # counters for /metrics (written on the engine thread only)
-        self.stats = {"requests_finished": 0, "requests_aborted": 0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "requests_running": 0, "requests_waiting": 0}
+        # (requests_running / requests_waiting count requests, refreshed after every step and command)
+        self.stats = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "prompt_tokens": 0,
+                      "generation_tokens": 0, "requests_running": 0, "requests_waiting": 0}
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -72,29 +81,56 @@ class AsyncLLMEngine:
 
     # ---- the engine thread ------------------------------------------------------------
     def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._iteration()
+            except BaseException as e:  # noqa: BLE001
+                if is_fatal(e):
+                    self._die(e)
+                    return
+                logger.exception("the engine loop failed; failing the requests in flight and going on")
+                self._fail_all(e)
+
+    def _iteration(self) -> None:
+        """Run the queued commands (waiting for one when idle), then one step if there is work."""
+        busy = self.engine.has_unfinished_requests()
         try:
-            while not self._stop.is_set():
-                busy = self.engine.has_unfinished_requests()
-                try:
-                    cmd = self._commands.get_nowait() if busy else self._commands.get()
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    self._run_command(*cmd)
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if self._stop.is_set():
-                    break
-                if self.engine.has_unfinished_requests():
-                    self._step()
-        except BaseException as e:  # pragma: no cover - a bug in the engine
-            logger.exception("engine loop died")
-            self._dead = e
-            for stream in list(self._streams.values()):
-                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
-            self._streams.clear()
+            cmd = self._commands.get_nowait() if busy else self._commands.get()
+        except queue.Empty:
+            cmd = None
+        while cmd is not None:
+            self._run_command(*cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+        self._update_gauges()
+        if self._stop.is_set():
+            return
+        if self.engine.has_unfinished_requests():
+            self._step()
+
+    def _die(self, e: BaseException) -> None:
+        logger.error("the engine loop died: %r", e, exc_info=e)
+        self._dead = e
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+        self._streams.clear()
+
+    def _fail_all(self, e: BaseException) -> None:
+        """After an unexpected error outside the engine's own isolation: every request in flight fails."""
+        error = f"the engine failed while serving this request ({describe(e)})"
+        ids = list(self.engine._requests) + [rid for rid in self._streams if rid not in self.engine._requests]
+        try:
+            self.engine.abort_request(ids)
+        except Exception:  # noqa: BLE001 - the streams are answered anyway
+            logger.exception("aborting the failed requests failed")
+        for rid in ids:
+            stream = self._streams.pop(rid, None)
+            self.stats["requests_failed"] += 1
+            if stream is not None:
+                stream.put(RequestFailedError(f"request {rid} failed: {error}", {rid: error}))
+        self._update_gauges()
 
     def _run_command(self, fn: Callable[[], Any], fut: Optional[concurrent.futures.Future]) -> None:
         try:
@@ -102,21 +138,34 @@ class AsyncLLMEngine:
         except BaseException as e:
             if fut is not None:
                 fut.set_exception(e)
+            elif is_fatal(e):
+                raise
+            else:
+                logger.exception("an engine command failed")
             return
         if fut is not None:
             fut.set_result(result)
 
+    def _update_gauges(self) -> None:
+        running, waiting = self.engine.get_request_counts()
+        self.stats["requests_running"] = running
+        self.stats["requests_waiting"] = waiting
+
     def _step(self) -> None:
         outputs = self.engine.step()
-        sched = self.engine.scheduler
-        self.stats["requests_running"] = len(getattr(sched, "running", ()))
-        self.stats["requests_waiting"] = len(getattr(sched, "waiting", ()))
+        self._update_gauges()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
-                self.stats["requests_finished"] += 1
-                self.stats["generation_tokens"] += sum(len(o.token_ids) for o in out.outputs)
                 self._streams.pop(out.request_id, None)
+                self.stats["generation_tokens"] += sum(len(o.token_ids) for o in out.outputs)
+                if out.error is not None:
+                    self.stats["requests_failed"] += 1
+                    if stream is not None:
+                        stream.put(RequestFailedError(f"request {out.request_id} failed: {out.error}",
+                                                      {out.request_id: out.error}, [out]))
+                    continue
+                self.stats["requests_finished"] += 1
             if stream is not None:
                 stream.put(out)
 
@@ -156,11 +205,18 @@ class AsyncLLMEngine:
         """Yield the request's ``RequestOutput`` after every step until it finishes.
 
         Errors of ``add_request`` (bad adapter, too-long prompt) are raised here, to this
-        caller only.  Closing or cancelling the iterator aborts the request.
+        caller only; so is ``RequestFailedError`` when the request fails inside the engine
+        (its final output is ``error.outputs[0]``).  Closing or cancelling the iterator
+        aborts the request.
         """
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
         params = params or SamplingParams()
+        text = string_prompt(prompt)
+        if text is not None:  # tokenized here, off the engine thread: other requests keep stepping
+            if not self.is_running:
+                raise EngineDeadError("the engine is not running")
+            prompt = {"prompt": text, "prompt_token_ids": await asyncio.to_thread(self.tokenizer.encode, text)}
 
         def add() -> None:
             self.engine.add_request(request_id, prompt, params, lora_request=lora_request,
