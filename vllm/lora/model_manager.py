@@ -156,24 +156,26 @@ class LoRAModelManager:
                                  max_lora_rank=self.lora_config.max_lora_rank, lora_int_id=lid,
                                  name=lora_request.lora_name, dtype=self._cache_dtype,
                                  name_mapper=getattr(self.model, "map_hf_module_name", None))
-        if len(self._cache) >= self.capacity:
-            self._evict_from_cache()
+        while len(self._cache) >= self.capacity and self._evict_from_cache():
+            pass
         self._cache[lid] = lora
         self._requests[lid] = lora_request
         return True
 
-    def _evict_from_cache(self) -> None:
+    def _evict_from_cache(self) -> bool:
+        """Drop the least recently used unpinned adapter; False when every cached one is pinned."""
         candidates = [i for i in self._cache if i not in self._pinned]
         if not candidates:
             # Every cached adapter is pinned (in use): keep them all and let the cache run
             # over its capacity; later additions evict it back down.
             logger.info("LoRA: CPU cache over capacity (%d) while requests use all cached adapters; "
                         "consider a larger max_cpu_loras", self.capacity)
-            return
+            return False
         idle = [i for i in candidates if i not in self._slot_lru]  # prefer one that holds no slot
         victim = (idle or candidates)[0]
         logger.info("LoRA: evicting adapter %d from the CPU cache", victim)
         self.remove_adapter(victim)
+        return True
 
     def pin_adapters(self, lora_int_ids) -> None:
         """Protect these adapters from eviction (from the CPU cache and from slots) until the next
