@@ -131,15 +131,19 @@ def test_a_fatal_error_stops_the_engine():
 def test_gauges_count_requests_and_follow_aborts(engine):
     """max_num_seqs=4: a request with n=4 runs (one request, four sequences), a second waits; after
     both are aborted the gauges read 0 at once, with no step in between."""
-    long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, n=4)
+    long = SamplingParams(temperature=0, max_tokens=55, ignore_eos=True, n=4)
+    b_ids = engine.engine.tokenizer.encode(PROMPTS[1])  # token ids: added at once, no tokenization
 
     async def main():
         a = engine.generate(PROMPTS[0], long, request_id="a")
         await a.__anext__()
-        b = engine.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, n=2),
+        b = engine.generate(b_ids, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, n=2),
                             request_id="b")
         b_task = asyncio.ensure_future(b.__anext__())
-        await asyncio.sleep(0.05)
+        for _ in range(200):  # until b was added
+            if "b" in engine.engine._requests:
+                break
+            await asyncio.sleep(0.01)
         await _barrier(engine)
         assert (engine.stats["requests_running"], engine.stats["requests_waiting"]) == (1, 1)
         b_task.cancel()
