@@ -79,29 +79,34 @@ def test_a_failing_request_fails_in_its_own_generator_only(engine):
     engine.engine.scheduler.block_manager.check_no_leaks()
 
 
-@pytest.mark.parametrize("where", ["step", "gauges"])
+@pytest.mark.parametrize("where", ["step", "has_unfinished_requests"])
 def test_the_loop_survives_an_error_outside_the_step(engine, where):
     """An unexpected error in the loop (not inside LLMEngine's own isolation) fails the requests in
     flight; the loop goes on and serves the next ones."""
-    calls = {"n": 0}
-
     def make(fn):
-        def once(*args):
-            calls["n"] += 1
-            if calls["n"] == 3:
+        def fault_once(*args):
+            if not fired and len(engine.engine._requests) == 2:
+                fired.append(True)
                 raise Injected(f"{where} fault")
             return fn(*args)
-        return once
+        return fault_once
 
-    obj, name = (engine.engine, "step") if where == "step" else (engine.engine, "get_request_counts")
+    fired = []
 
     async def main():
-        results = await asyncio.gather(*[_tokens(engine, p) for p in PROMPTS[:2]], return_exceptions=True)
+        gate, holding = threading.Event(), threading.Event()
+        engine._commands.put((lambda: holding.set() or gate.wait(30), None))  # hold the engine thread...
+        await asyncio.to_thread(holding.wait, 10)
+        tasks = [asyncio.ensure_future(_tokens(engine, p)) for p in PROMPTS[:2]]
+        while engine._commands.qsize() < 2:  # ...until both requests are queued behind it
+            await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, RequestFailedError) and f"{where} fault" in str(r) for r in results), results
 
-    with _patched(obj, name, make):
+    with _patched(engine.engine, where, make):
         asyncio.run(asyncio.wait_for(main(), 60))
-    assert engine.is_running
+    assert fired and engine.is_running
     assert asyncio.run(_tokens(engine, PROMPTS[0])) == engine.reference[PROMPTS[0]]
     assert not engine.engine.has_unfinished_requests()
     engine.engine.scheduler.block_manager.check_no_leaks()
@@ -151,7 +156,7 @@ def test_gauges_count_requests_and_follow_aborts(engine):
         await b.aclose()
         await a.aclose()
         await _barrier(engine)
-        assert (engine.stats["requests_running"], engine.stats["requests_waiting"]) == (0, 0)
+        assert (engine.stats["requests_running"], engine.stats["requests_waiting"]) == (0, 0), (list(engine.engine._requests), engine.stats)
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert not engine.engine.has_unfinished_requests()
@@ -198,3 +203,28 @@ def test_a_huge_prompt_does_not_block_other_requests(engine):
     finally:
         engine.engine.tokenizer = slow._real
     assert engine.is_running
+
+
+def test_cancelled_while_being_added_is_aborted(engine):
+    """A caller cancelled while its add waits for the engine thread (e.g. the client went away): its
+    request never runs, and the requests in flight are not disturbed."""
+    long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+
+    async def main():
+        other = asyncio.ensure_future(_tokens(engine, PROMPTS[0]))
+        while not engine.engine._requests:
+            await asyncio.sleep(0.01)
+        gate, holding = threading.Event(), threading.Event()
+        engine._commands.put((lambda: holding.set() or gate.wait(30), None))
+        await asyncio.to_thread(holding.wait, 10)
+        task = asyncio.ensure_future(_tokens(engine, [5, 6, 7], long, request_id="cancelled"))
+        while engine._commands.qsize() < 1:  # its add is queued
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gate.set()
+        assert await other == engine.reference[PROMPTS[0]]
+        await _barrier(engine)
+        assert not engine.engine.has_unfinished_requests() and engine.stats["requests_running"] == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))

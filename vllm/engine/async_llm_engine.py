@@ -104,7 +104,6 @@ class AsyncLLMEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 cmd = None
-        self._update_gauges()
         if self._stop.is_set():
             return
         if self.engine.has_unfinished_requests():
@@ -133,9 +132,13 @@ class AsyncLLMEngine:
         self._update_gauges()
 
     def _run_command(self, fn: Callable[[], Any], fut: Optional[concurrent.futures.Future]) -> None:
+        """Run one command; the gauges are refreshed before its caller hears back."""
+        if fut is not None and not fut.set_running_or_notify_cancel():
+            return  # its caller was cancelled before it ran: nothing to do, nobody to answer
         try:
             result = fn()
         except BaseException as e:
+            self._update_gauges()
             if fut is not None:
                 fut.set_exception(e)
             elif is_fatal(e):
@@ -143,11 +146,16 @@ class AsyncLLMEngine:
             else:
                 logger.exception("an engine command failed")
             return
+        self._update_gauges()
         if fut is not None:
             fut.set_result(result)
 
     def _update_gauges(self) -> None:
-        running, waiting = self.engine.get_request_counts()
+        try:
+            running, waiting = self.engine.get_request_counts()
+        except Exception:  # noqa: BLE001 - a gauge is not worth a request; keep the last values
+            logger.exception("could not count the running and waiting requests")
+            return
         self.stats["requests_running"] = running
         self.stats["requests_waiting"] = waiting
 
@@ -224,7 +232,11 @@ class AsyncLLMEngine:
             self._streams[request_id] = stream
             self.stats["prompt_tokens"] += len(self.engine._requests[request_id][0].prompt_token_ids)
 
-        await self._call_async(add)
+        try:
+            await self._call_async(add)
+        except BaseException:  # e.g. cancelled while the engine thread was adding it
+            self._abort_nowait(request_id)
+            raise
         finished = False
         try:
             while True:
