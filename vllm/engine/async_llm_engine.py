@@ -6,8 +6,8 @@ to a queue; the thread drains the queue between steps, runs a step while there i
 work, and hands each ``RequestOutput`` to the asyncio queue of its request with
 ``loop.call_soon_threadsafe``.
 
-String prompts are tokenized off the engine thread (``asyncio.to_thread``), so a huge
-prompt never holds up the other requests' steps.  A request that fails inside the
+Prompts are tokenized and checked off the engine thread (``asyncio.to_thread``), so a
+huge prompt never holds up the other requests' steps.  A request that fails inside the
 engine raises ``RequestFailedError`` in its own iterator only; an unexpected error in
 the loop itself fails the requests in flight and the loop goes on.  Only a fatal error
 (``vllm.engine.errors.is_fatal``) stops the engine: then every caller gets
@@ -25,7 +25,6 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import EngineDeadError, RequestFailedError, describe, is_fatal
-from vllm.engine.input_checks import string_prompt
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -220,11 +219,11 @@ class AsyncLLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
         params = params or SamplingParams()
-        text = string_prompt(prompt)
-        if text is not None:  # tokenized here, off the engine thread: other requests keep stepping
-            if not self.is_running:
-                raise EngineDeadError("the engine is not running")
-            prompt = {"prompt": text, "prompt_token_ids": await asyncio.to_thread(self.tokenizer.encode, text)}
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        # tokenized and checked here, off the engine thread: other requests keep stepping meanwhile
+        text, ids = await asyncio.to_thread(self.engine.process_prompt, request_id, prompt, params)
+        prompt = {"prompt": text, "prompt_token_ids": ids}
 
         def add() -> None:
             self.engine.add_request(request_id, prompt, params, lora_request=lora_request,

@@ -27,15 +27,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def string_prompt(prompt: PromptType) -> Optional[str]:
-    """The text to tokenize, or None when the prompt gives token ids (or is malformed)."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
-        return prompt["prompt"]
-    return None
-
-
 def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[int]]:
     """(text or None, token ids) of a prompt: a string, a list of token ids, or a dict with
     'prompt_token_ids' (and optionally its 'prompt' text) or 'prompt'."""

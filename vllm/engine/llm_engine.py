@@ -118,10 +118,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use" if isinstance(request_id, str)
                              else f"request ids are strings, got {type(request_id).__name__}")
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, token_ids = prompt_ids(prompt, self.tokenizer)
-        check_request(request_id, token_ids, params, self._limits)
+        text, token_ids = self.process_prompt(request_id, prompt, params)
         if lora_request is not None:
             self.add_lora(lora_request)
         if self._extra_eos and not params.ignore_eos:
@@ -134,6 +131,18 @@ class LLMEngine:
         self._requests[request_id] = seqs
         self.loras.acquire(lora_request)
         self.scheduler.add_seqs(seqs)
+
+    def process_prompt(self, request_id: str, prompt: PromptType, params: SamplingParams
+                       ) -> tuple[Optional[str], list[int]]:
+        """Tokenize and check a request against the model: (text or None, token ids), or a ValueError.
+
+        Thread-safe (reads the tokenizer and fixed limits only): ``AsyncLLMEngine`` calls it off
+        the engine thread, so a huge prompt is tokenized and refused without holding up steps."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = prompt_ids(prompt, self.tokenizer)
+        check_request(request_id, token_ids, params, self._limits)
+        return text, token_ids
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
