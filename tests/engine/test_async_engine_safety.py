@@ -228,3 +228,29 @@ def test_cancelled_while_being_added_is_aborted(engine):
         assert not engine.engine.has_unfinished_requests() and engine.stats["requests_running"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_cancelled_right_after_being_added_is_aborted(engine):
+    """The add ran on the engine thread, but the caller is cancelled before it hears back: the request
+    it added is aborted (not left running with nobody to read it)."""
+    import time
+
+    long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+
+    async def main():
+        gate, holding = threading.Event(), threading.Event()
+        engine._commands.put((lambda: holding.set() or gate.wait(30), None))
+        await asyncio.to_thread(holding.wait, 10)
+        task = asyncio.ensure_future(_tokens(engine, [5, 6, 7], long, request_id="late"))
+        while engine._commands.qsize() < 1:
+            await asyncio.sleep(0.01)
+        gate.set()
+        deadline = time.monotonic() + 10
+        while "late" not in engine.engine._requests and time.monotonic() < deadline:
+            time.sleep(0.001)  # blocks the event loop: the add's answer cannot reach the task yet
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await _barrier(engine)
+        assert not engine.engine.has_unfinished_requests() and "late" not in engine._streams
+
+    asyncio.run(asyncio.wait_for(main(), 60))

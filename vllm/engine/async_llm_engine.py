@@ -206,6 +206,13 @@ class AsyncLLMEngine:
         if self.is_running:
             self._commands.put((do, None))
 
+    def _abort_added(self, request_id: str, stream: _Stream) -> None:
+        """Abort a request whose caller was cancelled right after its add ran (engine thread)."""
+        if self._streams.get(request_id) is stream:
+            self._streams.pop(request_id)
+            self.stats["requests_aborted"] += 1
+            self.engine.abort_request(request_id)
+
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None,
                        lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
@@ -225,16 +232,20 @@ class AsyncLLMEngine:
         text, ids = await asyncio.to_thread(self.engine.process_prompt, request_id, prompt, params)
         prompt = {"prompt": text, "prompt_token_ids": ids}
 
+        added = threading.Event()
+
         def add() -> None:
             self.engine.add_request(request_id, prompt, params, lora_request=lora_request,
                                     arrival_time=time.time())
             self._streams[request_id] = stream
             self.stats["prompt_tokens"] += len(self.engine._requests[request_id][0].prompt_token_ids)
+            added.set()
 
         try:
             await self._call_async(add)
-        except BaseException:  # e.g. cancelled while the engine thread was adding it
-            self._abort_nowait(request_id)
+        except asyncio.CancelledError:  # the add may have run (or be running): abort what it added
+            if self.is_running:
+                self._commands.put((lambda: added.is_set() and self._abort_added(request_id, stream), None))
             raise
         finished = False
         try:
