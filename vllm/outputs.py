@@ -25,7 +25,8 @@ class CompletionOutput:
         ``token_ids`` (the chosen token first, then the top ``logprobs`` tokens by
         rank) and ``cumulative_logprob`` is the sum of the chosen tokens' logprobs.
     finish_reason: None while running; 'stop' (EOS, stop token or stop string),
-        'length' (max_tokens, max_model_len, or a prompt too long to run) or 'abort'.
+        'length' (max_tokens, max_model_len, or a prompt too long to run) or 'abort'
+        (aborted, or the request failed: see ``RequestOutput.error``).
     stop_reason: the stop string or stop token id that fired; None otherwise
         (also for EOS).
     """
@@ -58,11 +59,17 @@ class RequestOutput:
         prompt token (None for the first, then ``{token_id: Logprob}``: the
         prompt token first, then the top tokens); None otherwise (and until the
         prompt was run).
+    error: None, or why the request failed inside the engine (an exception while
+        its step was computed, e.g. in the model runner, sampler or detokenizer).
+        A failed request is finished; its unfinished samples end with finish_reason
+        'abort' and keep what they generated before the failure.  The other
+        requests of the step are not affected.
     """
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                  outputs: list[CompletionOutput], finished: bool, lora_request: Optional[Any] = None,
-                 prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None) -> None:
+                 prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None,
+                 error: Optional[str] = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -70,6 +77,7 @@ class RequestOutput:
         self.outputs = outputs
         self.finished = finished
         self.lora_request = lora_request
+        self.error = error
 
     @classmethod
     def from_seqs(cls, seqs: Iterable["Sequence"]) -> "RequestOutput":
@@ -96,4 +104,5 @@ class RequestOutput:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
                 f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
                 f"outputs={self.outputs}, "
-                f"finished={self.finished}, lora_request={self.lora_request})")
+                f"finished={self.finished}, lora_request={self.lora_request}"
+                + (f", error={self.error!r})" if self.error is not None else ")"))

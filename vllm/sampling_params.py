@@ -1,12 +1,16 @@
 """How one request is sampled: ``SamplingParams`` (the vLLM name and defaults).
 
-Validation happens at construction, so a bad request fails where it is made
-(``LLM.generate`` or the HTTP handler), never later inside a step.
+Validation happens at construction (types, ranges, finiteness: a ValueError that names
+the field, the value and the valid range), so a bad request fails where it is made
+(``LLM.generate`` or the HTTP handler), never later inside a step.  What depends on
+the model (token ids against the vocabulary, ``n`` against ``max_num_seqs``) is checked
+by ``LLMEngine.add_request``.
 """
 from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -20,6 +24,17 @@ _MIN_TEMPERATURE = 1e-2
 # Most alternatives per token that ``logprobs`` / ``prompt_logprobs`` may ask for
 # (vLLM's default ``max_logprobs``; the OpenAI chat API's top_logprobs limit).
 MAX_LOGPROBS = 20
+
+# ``seed`` is a 64-bit signed integer, as in vLLM's OpenAI protocol (torch generators take no more).
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -53,15 +68,17 @@ class SamplingParams:
         (0, 0.01) are raised to 0.01 with a warning (smaller ones overflow fp32).
     top_p: nucleus sampling, in (0, 1]; 1 disables it. The most likely token is
         always kept.
-    top_k: keep the k most likely tokens; 0 or -1 disables it (-1 is stored as 0).
-    seed: when set, the request's samples come from their own generators, so
-        the tokens do not depend on what else is in the batch.
+    top_k: keep the k most likely tokens; 0 or -1 disables it (-1 is stored as 0);
+        a value >= the vocabulary size keeps every token.
+    seed: when set (a 64-bit signed integer), the request's samples come from
+        their own generators, so the tokens do not depend on what else is in the batch.
     max_tokens: most tokens to generate, >= 1; None = until ``max_model_len``.
     min_tokens: EOS and ``stop_token_ids`` are suppressed in the sampler and
         stop strings are not checked until this many tokens were generated.
     stop: string(s) that end generation; the text is cut before the string
         unless ``include_stop_str_in_output``. Stored as a list.
-    stop_token_ids: token ids that end generation (stop_reason = the id).
+    stop_token_ids: token ids that end generation (stop_reason = the id); each must
+        be in the model's vocabulary (checked by ``LLMEngine.add_request``).
     ignore_eos: keep generating past the EOS token.
     include_stop_str_in_output: keep the stop string (or stop token's text).
     skip_special_tokens: drop special tokens from the output text.
@@ -96,9 +113,16 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        else:
+            raise ValueError(f"SamplingParams: stop must be a string or a list of strings, got {self.stop!r}")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple, set)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"SamplingParams: stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -108,40 +132,46 @@ class SamplingParams:
             self.temperature = _MIN_TEMPERATURE
 
     def _verify(self) -> None:
+        """Every field's type and range; bool is not accepted where an int or float is meant."""
         def bad(msg: str) -> ValueError:
             return ValueError(f"SamplingParams: {msg}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise bad(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0:
-            raise bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad(f"top_k must be a positive integer, or 0 / -1 to disable it; got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if not _is_finite_number(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not _is_finite_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be a number in (0, 1] (1 disables nucleus sampling), got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad(f"top_k must be an integer >= 1 (a value >= the vocabulary size keeps every token), "
+                      f"or 0 / -1 to disable it; got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise bad(f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}] (64-bit signed) or None, "
+                      f"got {self.seed!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad(f"max_tokens must be an integer >= 1 (or None for 'up to max_model_len'), "
                       f"got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad(f"every stop string must be a non-empty string, got {s!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
             raise bad(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got {self.output_kind!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (the number of most likely "
                           f"tokens returned besides the chosen one; None disables it), got {value!r}")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise bad(f"stop_token_ids must be non-negative integers, got {t!r}")
+            if not _is_int(t) or t < 0:
+                raise bad(f"stop_token_ids must be non-negative integers (token ids of the model's "
+                          f"vocabulary), got {t!r}")
 
     @property
     def sampling_type(self) -> SamplingType:

@@ -29,9 +29,9 @@ def test_normalisation_and_sampling_type():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be"),
     (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
     (dict(n=0), "n must be an integer >= 1"),

@@ -7,6 +7,7 @@ Every validation error is triggered once.
 """
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -173,6 +174,29 @@ def test_nan_weights(fused_adapter, tmp_path):
     save_file(tensors, d / "adapter_model.safetensors")
     with pytest.raises(LoRALoadError, match=f"{key} contains NaN or Inf"):
         load_peft_adapter(str(d), module_table(), max_lora_rank=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool])
+def test_non_float_weights_are_refused(fused_adapter, tmp_path, dtype):
+    """Integer or boolean LoRA weights (issue 9: int32 weights were accepted and cast) are refused,
+    naming the tensor, its dtype and the dtypes that are accepted."""
+    d = _copy(fused_adapter[0], tmp_path / "int")
+    tensors = load_file(d / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = (tensors[key] * 100).to(dtype)
+    save_file(tensors, d / "adapter_model.safetensors")
+    with pytest.raises(LoRALoadError, match=rf"{re.escape(key)} has dtype {str(dtype).removeprefix('torch.')}.*"
+                                            r"float16, bfloat16, float32 or float64"):
+        load_peft_adapter(str(d), module_table(), max_lora_rank=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_load(fused_adapter, tmp_path, dtype):
+    d = _copy(fused_adapter[0], tmp_path / "f")
+    tensors = {k: v.to(dtype) for k, v in load_file(fused_adapter[0] / "adapter_model.safetensors").items()}
+    save_file(tensors, d / "adapter_model.safetensors")
+    lora = load_peft_adapter(str(d), module_table(), max_lora_rank=16)
+    assert lora.rank == 4
 
 
 def test_rank_above_max(fused_adapter):

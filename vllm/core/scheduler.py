@@ -255,8 +255,8 @@ class Scheduler:
     # ---- after the model ---------------------------------------------------
     def postprocess(self, seqs: Seq[Sequence], sampled_token_ids: Union[Seq[int], torch.Tensor],
                     logprobs: Optional[Seq[Optional[TokenLogprobs]]] = None,
-                    prompt_logprobs: Optional[Seq[Optional[list[Optional[TokenLogprobs]]]]] = None
-                    ) -> list[Sequence]:
+                    prompt_logprobs: Optional[Seq[Optional[list[Optional[TokenLogprobs]]]]] = None,
+                    errors: Optional[list[tuple[Sequence, Exception]]] = None) -> list[Sequence]:
         """Append one sampled token per sequence (``seqs`` = the step's
         ``scheduled_seqs``), mark the fed tokens computed, apply the token-level
         stop rules and free finished sequences. Returns those finished now.
@@ -264,6 +264,9 @@ class Scheduler:
         ``logprobs`` / ``prompt_logprobs`` (None, or one entry per sequence, None
         where not asked) are recorded on the sequences (``ModelRunnerOutput``).
         Sequences finished between schedule and postprocess (aborted) are skipped.
+        With ``errors`` given, a sequence whose bookkeeping raises is left as it is and
+        ``(seq, exception)`` appended there (the engine then fails its request); the
+        others are processed.
         """
         if isinstance(sampled_token_ids, torch.Tensor):
             sampled_token_ids = sampled_token_ids.tolist()
@@ -277,13 +280,18 @@ class Scheduler:
         for i, (seq, token_id) in enumerate(zip(seqs, sampled_token_ids)):
             if seq.is_finished:
                 continue
-            if prompt_logprobs is not None and prompt_logprobs[i] is not None and seq.prompt_logprobs is None:
-                seq.prompt_logprobs = list(prompt_logprobs[i])
-            seq.num_computed_tokens = seq.num_tokens
-            seq.append_token_id(int(token_id), logprobs[i] if logprobs is not None else None)
-            if self._check_stop(seq):
-                self.block_manager.free(seq)
-                finished.append(seq)
+            try:
+                if prompt_logprobs is not None and prompt_logprobs[i] is not None and seq.prompt_logprobs is None:
+                    seq.prompt_logprobs = list(prompt_logprobs[i])
+                seq.num_computed_tokens = seq.num_tokens
+                seq.append_token_id(int(token_id), logprobs[i] if logprobs is not None else None)
+                if self._check_stop(seq):
+                    self.block_manager.free(seq)
+                    finished.append(seq)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors.append((seq, exc))
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished

@@ -5,6 +5,13 @@ add_lora, remove_lora, step) happens on the engine thread.  Callers post command
 to a queue; the thread drains the queue between steps, runs a step while there is
 work, and hands each ``RequestOutput`` to the asyncio queue of its request with
 ``loop.call_soon_threadsafe``.
+
+Prompts are tokenized and checked off the engine thread (``asyncio.to_thread``), so a
+huge prompt never holds up the other requests' steps.  A request that fails inside the
+engine raises ``RequestFailedError`` in its own iterator only; an unexpected error in
+the loop itself fails the requests in flight and the loop goes on.  Only a fatal error
+(``vllm.engine.errors.is_fatal``) stops the engine: then every caller gets
+``EngineDeadError``.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Optional
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.errors import EngineDeadError, RequestFailedError, describe, is_fatal
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -26,8 +34,7 @@ from vllm.sampling_params import SamplingParams
 logger = init_logger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    pass
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestFailedError"]
 
 
 class _Stream:
@@ -53,8 +60,9 @@ class AsyncLLMEngine:
         self._stop = threading.Event()
         self._dead: Optional[BaseException] = None
         # counters for /metrics (written on the engine thread only)
-        self.stats = {"requests_finished": 0, "requests_aborted": 0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "requests_running": 0, "requests_waiting": 0}
+        # (requests_running / requests_waiting count requests, refreshed after every step and command)
+        self.stats = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "prompt_tokens": 0,
+                      "generation_tokens": 0, "requests_running": 0, "requests_waiting": 0}
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -72,51 +80,99 @@ class AsyncLLMEngine:
 
     # ---- the engine thread ------------------------------------------------------------
     def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._iteration()
+            except BaseException as e:  # noqa: BLE001
+                if is_fatal(e):
+                    self._die(e)
+                    return
+                logger.exception("the engine loop failed; failing the requests in flight and going on")
+                self._fail_all(e)
+
+    def _iteration(self) -> None:
+        """Run the queued commands (waiting for one when idle), then one step if there is work."""
+        busy = self.engine.has_unfinished_requests()
         try:
-            while not self._stop.is_set():
-                busy = self.engine.has_unfinished_requests()
-                try:
-                    cmd = self._commands.get_nowait() if busy else self._commands.get()
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    self._run_command(*cmd)
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if self._stop.is_set():
-                    break
-                if self.engine.has_unfinished_requests():
-                    self._step()
-        except BaseException as e:  # pragma: no cover - a bug in the engine
-            logger.exception("engine loop died")
-            self._dead = e
-            for stream in list(self._streams.values()):
-                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
-            self._streams.clear()
+            cmd = self._commands.get_nowait() if busy else self._commands.get()
+        except queue.Empty:
+            cmd = None
+        while cmd is not None:
+            self._run_command(*cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+        if self._stop.is_set():
+            return
+        if self.engine.has_unfinished_requests():
+            self._step()
+
+    def _die(self, e: BaseException) -> None:
+        logger.error("the engine loop died: %r", e, exc_info=e)
+        self._dead = e
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+        self._streams.clear()
+
+    def _fail_all(self, e: BaseException) -> None:
+        """After an unexpected error outside the engine's own isolation: every request in flight fails."""
+        error = f"the engine failed while serving this request ({describe(e)})"
+        ids = list(self.engine._requests) + [rid for rid in self._streams if rid not in self.engine._requests]
+        try:
+            self.engine.abort_request(ids)
+        except Exception:  # noqa: BLE001 - the streams are answered anyway
+            logger.exception("aborting the failed requests failed")
+        for rid in ids:
+            stream = self._streams.pop(rid, None)
+            self.stats["requests_failed"] += 1
+            if stream is not None:
+                stream.put(RequestFailedError(f"request {rid} failed: {error}", {rid: error}))
+        self._update_gauges()
 
     def _run_command(self, fn: Callable[[], Any], fut: Optional[concurrent.futures.Future]) -> None:
+        """Run one command; the gauges are refreshed before its caller hears back."""
+        if fut is not None and not fut.set_running_or_notify_cancel():
+            return  # its caller was cancelled before it ran: nothing to do, nobody to answer
         try:
             result = fn()
         except BaseException as e:
+            self._update_gauges()
             if fut is not None:
                 fut.set_exception(e)
+            elif is_fatal(e):
+                raise
+            else:
+                logger.exception("an engine command failed")
             return
+        self._update_gauges()
         if fut is not None:
             fut.set_result(result)
 
+    def _update_gauges(self) -> None:
+        try:
+            running, waiting = self.engine.get_request_counts()
+        except Exception:  # noqa: BLE001 - a gauge is not worth a request; keep the last values
+            logger.exception("could not count the running and waiting requests")
+            return
+        self.stats["requests_running"] = running
+        self.stats["requests_waiting"] = waiting
+
     def _step(self) -> None:
         outputs = self.engine.step()
-        sched = self.engine.scheduler
-        self.stats["requests_running"] = len(getattr(sched, "running", ()))
-        self.stats["requests_waiting"] = len(getattr(sched, "waiting", ()))
+        self._update_gauges()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
-                self.stats["requests_finished"] += 1
-                self.stats["generation_tokens"] += sum(len(o.token_ids) for o in out.outputs)
                 self._streams.pop(out.request_id, None)
+                self.stats["generation_tokens"] += sum(len(o.token_ids) for o in out.outputs)
+                if out.error is not None:
+                    self.stats["requests_failed"] += 1
+                    if stream is not None:
+                        stream.put(RequestFailedError(f"request {out.request_id} failed: {out.error}",
+                                                      {out.request_id: out.error}, [out]))
+                    continue
+                self.stats["requests_finished"] += 1
             if stream is not None:
                 stream.put(out)
 
@@ -150,25 +206,47 @@ class AsyncLLMEngine:
         if self.is_running:
             self._commands.put((do, None))
 
+    def _abort_added(self, request_id: str, stream: _Stream) -> None:
+        """Abort a request whose caller was cancelled right after its add ran (engine thread)."""
+        if self._streams.get(request_id) is stream:
+            self._streams.pop(request_id)
+            self.stats["requests_aborted"] += 1
+            self.engine.abort_request(request_id)
+
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None,
                        lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's ``RequestOutput`` after every step until it finishes.
 
         Errors of ``add_request`` (bad adapter, too-long prompt) are raised here, to this
-        caller only.  Closing or cancelling the iterator aborts the request.
+        caller only; so is ``RequestFailedError`` when the request fails inside the engine
+        (its final output is ``error.outputs[0]``).  Closing or cancelling the iterator
+        aborts the request.
         """
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
         params = params or SamplingParams()
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        # tokenized and checked here, off the engine thread: other requests keep stepping meanwhile
+        text, ids = await asyncio.to_thread(self.engine.process_prompt, request_id, prompt, params)
+        prompt = {"prompt": text, "prompt_token_ids": ids}
+
+        added = threading.Event()
 
         def add() -> None:
             self.engine.add_request(request_id, prompt, params, lora_request=lora_request,
                                     arrival_time=time.time())
             self._streams[request_id] = stream
             self.stats["prompt_tokens"] += len(self.engine._requests[request_id][0].prompt_token_ids)
+            added.set()
 
-        await self._call_async(add)
+        try:
+            await self._call_async(add)
+        except asyncio.CancelledError:  # the add may have run (or be running): abort what it added
+            if self.is_running:
+                self._commands.put((lambda: added.is_set() and self._abort_added(request_id, stream), None))
+            raise
         finished = False
         try:
             while True:

@@ -1,22 +1,32 @@
 """The engine: requests in, ``RequestOutput``s out, one ``step()`` at a time.
 
     add_request -> Sequences (n per request) -> Scheduler.waiting
-    step():  Scheduler.schedule -> (LoRA: adapters of the batch loaded)
+    step():  Scheduler.schedule -> (LoRA: the batch's adapters are in the CPU cache)
              -> ModelRunner.execute (rank 0; with tensor parallelism the other
                 ranks run the same step, see vllm.executor) -> Scheduler.postprocess
              -> Detokenizer (stop strings) -> RequestOutputs
+
+Failures (see ``vllm.engine.errors``): a bad request is refused by ``add_request``
+(ValueError, ``vllm.engine.input_checks``); an exception while a step is computed
+fails only the requests that caused it (``vllm.engine.fault_isolation``), which
+finish with ``RequestOutput.error``; their KV blocks are freed and the engine goes on.
+Adapters: ``vllm.engine.lora_registry`` (what unloading one in use means).
 """
 from __future__ import annotations
 
 import itertools
 import time
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
 from vllm.core.block_manager import BlockManager
 from vllm.core.scheduler import Scheduler, SchedulerOutput
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.errors import describe, is_fatal
+from vllm.engine.fault_isolation import execute_isolated, sub_batch
+from vllm.engine.input_checks import PromptType, RequestLimits, check_request, prompt_ids
+from vllm.engine.lora_registry import LoRARegistry
 from vllm.executor import create_executor
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -28,7 +38,7 @@ from vllm.transformers_utils.tokenizer import get_tokenizer
 
 logger = init_logger(__name__)
 
-PromptType = Union[str, list[int], dict]
+__all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -51,7 +61,10 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
-        self._lora_requests: dict[int, LoRARequest] = {}
+        self._errors: dict[str, str] = {}  # request id -> why it failed (until its output is returned)
+        self.loras = LoRARegistry(self.lora_manager)
+        self._limits = RequestLimits(self.model_config.vocab_size, self.model_config.max_model_len,
+                                     self.scheduler_config.max_num_seqs)
         self._extra_eos = self._generation_eos_ids()
         logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, LoRA %s",
                     self.model_config.max_model_len, self.scheduler_config.max_num_seqs, args.tensor_parallel_size,
@@ -71,56 +84,41 @@ class LLMEngine:
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids - {self.tokenizer.eos_token_id}
 
-    # ---- requests ------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            prompt = prompt.get("prompt")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt must be a string, a list of token ids or a dict with 'prompt' or "
-                        f"'prompt_token_ids', got {type(prompt).__name__}")
-
+    # ---- adapters --------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Load (and validate) an adapter into the CPU cache; errors leave the engine as it was."""
-        if self.lora_manager is None:
-            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not enabled; "
-                             "start the engine with enable_lora=True")
-        known = self._lora_requests.get(lora_request.lora_int_id)
-        if known is not None and known.lora_path != lora_request.lora_path:
-            raise ValueError(f"lora_int_id {lora_request.lora_int_id} already names adapter {known.lora_name!r} "
-                             f"({known.lora_path}); give each adapter its own id")
-        added = self.lora_manager.add_adapter(lora_request)
-        self._lora_requests[lora_request.lora_int_id] = lora_request
-        return added
+        """Load (and validate) an adapter into the CPU cache; errors leave the engine as it was.
+
+        Refused (ValueError) while an adapter of the same ``lora_int_id`` that was unloaded
+        still serves requests added before (see ``remove_lora``)."""
+        return self.loras.add(lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; False if it was not loaded.
+
+        From now on, requests for it are refused (ValueError: not loaded) until it is added
+        again.  Requests added before finish on the weights they started with: the adapter
+        stays in the CPU cache, unevictable, until the last of them finishes, and is dropped
+        then.  An unloaded adapter is never read from its folder again behind the user's
+        back: only an explicit ``add_lora``, or a new request that carries its
+        ``LoRARequest`` after the old requests finished, loads it (from the folder, afresh).
+        To serve new weights under the same name at once, add them under a new lora_int_id.
+        """
         if self.lora_manager is None:
             return False
-        self._lora_requests.pop(lora_int_id, None)
-        return self.lora_manager.remove_adapter(lora_int_id)
+        return self.loras.remove(lora_int_id)
 
+    # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
                     lora_request: Optional[LoRARequest] = None, arrival_time: Optional[float] = None) -> None:
-        """Queue a request; a bad one raises a clear error and leaves the others untouched."""
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        """Queue a request; a bad one raises a clear ValueError and leaves the others untouched.
+
+        ``prompt``: a string (tokenized here), a list of token ids, or a dict with
+        'prompt_token_ids' (and optionally the 'prompt' text) or 'prompt'."""
+        if not isinstance(request_id, str) or request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use" if isinstance(request_id, str)
+                             else f"request ids are strings, got {type(request_id).__name__}")
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        max_len = self.model_config.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(f"request {request_id!r}: the prompt has {len(token_ids)} tokens, but max_model_len "
-                             f"is {max_len}; shorten the prompt or raise max_model_len")
-        vocab = self.model_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise ValueError(f"request {request_id!r}: token ids must be in [0, {vocab})")
+        text, token_ids = self.process_prompt(request_id, prompt, params)
         if lora_request is not None:
             self.add_lora(lora_request)
         if self._extra_eos and not params.ignore_eos:
@@ -131,13 +129,43 @@ class LLMEngine:
                          lora_request=lora_request, eos_token_id=self.tokenizer.eos_token_id, arrival_time=now)
                 for i in range(params.n)]
         self._requests[request_id] = seqs
+        self.loras.acquire(lora_request)
         self.scheduler.add_seqs(seqs)
 
-    def abort_request(self, request_id: Union[str, list[str]]) -> None:
+    def process_prompt(self, request_id: str, prompt: PromptType, params: SamplingParams
+                       ) -> tuple[Optional[str], list[int]]:
+        """Tokenize and check a request against the model: (text or None, token ids), or a ValueError.
+
+        Thread-safe (reads the tokenizer and fixed limits only): ``AsyncLLMEngine`` calls it off
+        the engine thread, so a huge prompt is tokenized and refused without holding up steps."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = prompt_ids(prompt, self.tokenizer)
+        check_request(request_id, token_ids, params, self._limits)
+        return text, token_ids
+
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self.scheduler.abort_request(ids)
         for rid in ids:
-            self._requests.pop(rid, None)
+            self._forget(rid)
+
+    def _forget(self, request_id: str) -> None:
+        """The request leaves the engine: its adapter is released (dropped if unloaded meanwhile)."""
+        seqs = self._requests.pop(request_id, None)
+        self._errors.pop(request_id, None)
+        if seqs is not None:
+            self.loras.release(seqs[0].lora_request)
+
+    def _fail(self, request_id: str, error: str) -> None:
+        """Finish the request's unfinished sequences as aborted (blocks freed), with ``error`` reported."""
+        seqs = self._requests.get(request_id)
+        if seqs is None:
+            return
+        self._errors.setdefault(request_id, error)
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -145,58 +173,74 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    def get_request_counts(self) -> tuple[int, int]:
+        """(running, waiting) requests: a request runs when any of its sequences does."""
+        running = len({seq.request_id for seq in self.scheduler.running})
+        return running, len(self._requests) - running
+
     # ---- one step ---------------------------------------------------------------------
-    def _ensure_adapters(self, seqs: list[Sequence]) -> list[str]:
-        """Adapters of the batch are in the CPU cache (reloaded if it evicted them).
-
-        Returns the request ids whose adapter can no longer be loaded (e.g. its files
-        were removed); the caller aborts them so the other requests keep running.
-        """
-        if self.lora_manager is None:
-            return []
-        failed = []
-        # Pin the whole batch first, so that reloading one of its adapters never evicts another.
-        self.lora_manager.pin_adapters({seq.lora_int_id for seq in seqs})
-        for seq in seqs:
-            req = seq.lora_request
-            if req is not None and self.lora_manager.get_request(req.lora_int_id) is None:
-                try:
-                    self.lora_manager.add_adapter(req)
-                except Exception as exc:  # noqa: BLE001 - reported per request, the engine keeps serving
-                    logger.error("request %s: LoRA adapter %r could not be reloaded: %s", seq.request_id,
-                                 req.lora_name, exc)
-                    failed.append(seq.request_id)
-        return failed
-
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        """Schedule and run one batch; the ``RequestOutput``s of the requests it touched.
+
+        An exception while the batch is computed fails only the requests that cause it
+        (they finish with ``RequestOutput.error``); fatal ones (``is_fatal``) are raised."""
+        try:
+            out = self.scheduler.schedule()
+        except Exception as exc:  # a scheduler bug: its state is unknown, so every request fails
+            if is_fatal(exc):
+                raise
+            logger.exception("the scheduler failed; failing all %d unfinished requests", len(self._requests))
+            for rid in list(self._requests):
+                self._fail(rid, f"the engine's scheduler failed ({describe(exc)})")
+            return self._outputs(list(self._requests))
         touched = {s.request_id for s in out.scheduled_seqs} | {s.request_id for s in out.ignored_seqs}
-        failed = set(self._ensure_adapters(out.scheduled_seqs)) if not out.is_empty else set()
-        if failed:  # abort those requests (reported as finished) and run the rest of the batch
-            self.scheduler.abort_request(list(failed))
-            keep = [i for i, seq in enumerate(out.scheduled_seqs) if seq.request_id not in failed]
-            out = SchedulerOutput(scheduled_seqs=[out.scheduled_seqs[i] for i in keep],
-                                  query_lens=[out.query_lens[i] for i in keep],
-                                  context_lens=[out.context_lens[i] for i in keep], is_prefill=out.is_prefill,
-                                  ignored_seqs=out.ignored_seqs, preempted_seqs=out.preempted_seqs)
+        missing = self.loras.check_batch(out.scheduled_seqs)
+        for rid, error in missing.items():
+            logger.error("request %s: %s", rid, error)
+            self._fail(rid, error)
+        if missing:
+            out = sub_batch(out, [i for i, s in enumerate(out.scheduled_seqs) if not s.is_finished])
         if not out.is_empty:
-            result = self.runner.execute(out)
-            self.scheduler.postprocess(out.scheduled_seqs, result.sampled_token_ids, result.logprobs,
-                                       result.prompt_logprobs)
-            for seq in out.scheduled_seqs:
-                stop = self.detokenizer.decode_sequence_inplace(seq)
+            self._run_batch(out)
+        return self._outputs(touched | self._errors.keys())
+
+    def _run_batch(self, out: SchedulerOutput) -> None:
+        """Execute (fault-isolated), postprocess and detokenize; failing requests are failed."""
+        parts, failed = execute_isolated(self.runner.execute, out, self.device)
+        for rid, exc in failed.items():
+            self._fail(rid, f"the request failed while the engine computed it ({describe(exc)})")
+        errors: list = []
+        for part, result in parts:
+            self.scheduler.postprocess(part.scheduled_seqs, result.sampled_token_ids, result.logprobs,
+                                       result.prompt_logprobs, errors=errors)
+        for seq, exc in errors:
+            logger.error("request %s failed in postprocessing: %r", seq.request_id, exc, exc_info=exc)
+            self._fail(seq.request_id, f"the request failed while its tokens were recorded ({describe(exc)})")
+        for part, _ in parts:
+            for seq in part.scheduled_seqs:
+                if seq.request_id in self._errors:
+                    continue
+                try:
+                    stop = self.detokenizer.decode_sequence_inplace(seq)
+                except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                    logger.error("request %s failed in detokenization: %r", seq.request_id, exc, exc_info=exc)
+                    self._fail(seq.request_id, f"the request failed while its text was decoded ({describe(exc)})")
+                    continue
                 if stop is not None:
                     self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
+
+    def _outputs(self, request_ids: Iterable[str]) -> list[RequestOutput]:
         outputs = []
-        for rid in touched:
+        for rid in request_ids:
             seqs = self._requests.get(rid)
             if seqs is None:
                 continue
-            if seqs[0].sampling_params.output_kind == RequestOutputKind.FINAL_ONLY and \
-                    not all(s.is_finished for s in seqs):
+            finished = all(s.is_finished for s in seqs)
+            if seqs[0].sampling_params.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
                 continue
             ro = RequestOutput.from_seqs(seqs)
+            if finished:
+                ro.error = self._errors.get(rid)
+                self._forget(rid)
             outputs.append(ro)
-            if ro.finished:
-                del self._requests[rid]
         return outputs

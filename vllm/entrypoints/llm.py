@@ -5,6 +5,7 @@ import itertools
 from typing import Any, Optional, Sequence, Union
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.errors import RequestFailedError
 from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
@@ -60,7 +61,11 @@ class LLM:
         """One ``RequestOutput`` per prompt, in prompt order.
 
         ``sampling_params`` and ``lora_request`` are one for all prompts or one per prompt
-        (``None`` entries: base model).  A bad request raises before anything runs.
+        (``None`` entries: base model).  A bad request raises before anything runs.  When
+        requests fail inside the engine (an error while their step was computed), the rest
+        of the batch still runs; then ``RequestFailedError`` is raised naming each failed
+        prompt and its cause, with every output (failed ones have ``error`` set) in its
+        ``outputs``.
         """
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
@@ -101,7 +106,14 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [done[i] for i in ids]
+        outputs = [done[i] for i in ids]
+        failed = {f"prompt {k} (request {o.request_id})": o.error for k, o in enumerate(outputs) if o.error}
+        if failed:
+            lines = "; ".join(f"{what}: {error}" for what, error in failed.items())
+            raise RequestFailedError(f"{len(failed)} of {len(outputs)} requests failed inside the engine, the "
+                                     f"others completed (all outputs are in this error's .outputs): {lines}",
+                                     {o.request_id: o.error for o in outputs if o.error}, outputs)
+        return outputs
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,

@@ -147,7 +147,8 @@ class LoRAModelManager:
         """Load, validate and cache an adapter; False if it was already cached.
 
         Raises ``LoRALoadError`` for a bad adapter (nothing is evicted then).  A full cache
-        drops its least recently used adapter that the current batch does not use.
+        drops its least recently used adapter that is not pinned (``pin_adapters``); when all
+        are pinned it holds one more than its capacity for a while.
         """
         lid = lora_request.lora_int_id
         if lid in self._cache:
@@ -158,8 +159,8 @@ class LoRAModelManager:
                                  name=lora_request.lora_name, dtype=self._cache_dtype,
                                  name_mapper=getattr(self.model, "map_hf_module_name", None))
         self._keep_local_experts(lora)
-        if len(self._cache) >= self.capacity:
-            self._evict_from_cache()
+        while len(self._cache) >= self.capacity and self._evict_from_cache():
+            pass
         self._cache[lid] = lora
         self._requests[lid] = lora_request
         return True
@@ -173,21 +174,25 @@ class LoRAModelManager:
             if isinstance(moe, MoELoRALayerWeights):
                 lora.loras[name] = moe.restricted_to(w.local_expert_ids())
 
-    def _evict_from_cache(self) -> None:
+    def _evict_from_cache(self) -> bool:
+        """Drop the least recently used unpinned adapter; False when every cached one is pinned."""
         candidates = [i for i in self._cache if i not in self._pinned]
         if not candidates:
-            # Every cached adapter is used by the current batch: keep them all and let the
-            # cache run one over its capacity; later additions evict it back down.
-            logger.info("LoRA: CPU cache over capacity (%d) while the batch uses all cached adapters; "
+            # Every cached adapter is pinned (in use): keep them all and let the cache run
+            # over its capacity; later additions evict it back down.
+            logger.info("LoRA: CPU cache over capacity (%d) while requests use all cached adapters; "
                         "consider a larger max_cpu_loras", self.capacity)
-            return
+            return False
         idle = [i for i in candidates if i not in self._slot_lru]  # prefer one that holds no slot
         victim = (idle or candidates)[0]
         logger.info("LoRA: evicting adapter %d from the CPU cache", victim)
         self.remove_adapter(victim)
+        return True
 
     def pin_adapters(self, lora_int_ids) -> None:
-        """Protect the adapters of the batch about to run from eviction while it is being prepared."""
+        """Protect these adapters from eviction (from the CPU cache and from slots) until the next
+        pin.  The engine pins the adapters its live requests use before it loads another one;
+        ``set_adapter_mapping`` pins the batch's."""
         self._pinned = {int(i) for i in lora_int_ids if int(i) != 0}
 
     def remove_adapter(self, lora_int_id: int) -> bool:

@@ -25,7 +25,8 @@ alpha taken per module from ``rank_pattern`` / ``alpha_pattern`` when a key
 matches (a pattern matches a module name equal to it or ending in "." + it; for
 fused experts the name is ``<experts>.gate_up_proj`` / ``<experts>.down_proj``).
 
-Every problem raises ``LoRALoadError`` saying what is wrong and what to do.
+Weights must be float16, bfloat16, float32 or float64, and finite.  Every problem raises
+``LoRALoadError`` saying what is wrong and what to do.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ _KEY = re.compile(r"^(?P<module>.+?)(?P<inner>\.base_layer)?\.lora_(?P<ab>[AB])\
 _PER_EXPERT = re.compile(r"^(?P<moe>.+)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)$")
 _ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _ALIASES = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
+# Dtypes a LoRA weight may have on disk (anything else - ints, bools, fp8 - is refused, not cast).
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class LoRALoadError(ValueError):
@@ -125,7 +128,11 @@ def _read_folder(lora_path: str) -> tuple[PEFTConfig, dict[str, torch.Tensor]]:
         raise LoRALoadError(f"{w_file} is not a readable safetensors file ({type(e).__name__}: {e}); the file is "
                             "corrupt or truncated: copy or re-save the adapter") from e
     for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.dtype not in _WEIGHT_DTYPES:
+            raise LoRALoadError(f"{w_file}: tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA "
+                                "weights must be float16, bfloat16, float32 or float64. The file is not a LoRA "
+                                "adapter, or was quantized or converted wrongly: re-save it from peft")
+        if not torch.isfinite(t).all():
             raise LoRALoadError(f"{w_file}: tensor {key} contains NaN or Inf; the adapter is broken (diverged "
                                 "training or a bad conversion): use another checkpoint")
     return config, tensors

@@ -25,6 +25,7 @@ from torch import nn
 
 from vllm.attention.metadata import build_metadata
 from vllm.core.scheduler import SchedulerOutput
+from vllm.engine.errors import FatalEngineError
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
 from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
@@ -105,10 +106,15 @@ class ModelRunner:
         plan = plan_prompt_logprobs(out)
         inp = ModelInput.from_scheduler_output(out, self.block_size, self.lora_manager is not None,
                                                plan.rows if plan is not None else None)
-        if self.peers is not None:
+        if self.peers is None:
+            logits = self.compute_logits(inp, plan.add_chunk if plan is not None else None)
+        else:
             self.peers.start_execute(inp)
-        logits = self.compute_logits(inp, plan.add_chunk if plan is not None else None)
-        if self.peers is not None:
+            try:
+                logits = self.compute_logits(inp, plan.add_chunk if plan is not None else None)
+            except Exception as e:  # the other ranks wait in this step's collectives: no way back
+                raise FatalEngineError(f"rank 0 failed during a tensor-parallel forward ({e!r}); the ranks are "
+                                       "out of step and this engine cannot go on - restart it") from e
             self.peers.finish_execute()
         seqs = out.scheduled_seqs
         sampled = self.sampler(logits, [s.sampling_params for s in seqs],

@@ -169,7 +169,8 @@ class Sampler(nn.Module):
         temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
         scaled = logits.index_select(0, idx) / temperature.unsqueeze(1)
         if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
-            top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.int64, device=device)
+            # a top_k >= the vocabulary keeps everything: clamp first, so any Python int fits an int64
+            top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], dtype=torch.int64, device=device)
             top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device)
             scaled = apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)

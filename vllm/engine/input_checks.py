@@ -1,0 +1,76 @@
+"""What ``LLMEngine.add_request`` checks against the model before a request is queued.
+
+``SamplingParams`` validates itself (types, ranges, finiteness); what depends on the
+model is checked here: prompt token ids and ``stop_token_ids`` against the vocabulary,
+the prompt length against ``max_model_len``, ``n`` against ``max_num_seqs``.  Every
+problem is a ValueError that names the request, the field, the value and the valid
+range, so nothing a step cannot compute ever reaches one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from vllm.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[int]]:
+    """(text or None, token ids) of a prompt: a string, a list of token ids, or a dict with
+    'prompt_token_ids' (and optionally its 'prompt' text) or 'prompt'."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"a prompt dict's 'prompt' must be a string or None, got {type(text).__name__}")
+            return text, _token_list(prompt["prompt_token_ids"])
+        if not isinstance(prompt.get("prompt"), str):
+            raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (a list of token ids), "
+                             f"got keys {sorted(map(str, prompt))}")
+        prompt = prompt["prompt"]
+    if isinstance(prompt, str):
+        return prompt, list(tokenizer.encode(prompt))
+    if isinstance(prompt, (list, tuple)):
+        return None, _token_list(prompt)
+    raise ValueError(f"a prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                     f"'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def _token_list(ids: Any) -> list[int]:
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise ValueError(f"prompt_token_ids must be integers, got {t!r} at position {i}")
+    return list(ids)
+
+
+def check_request(request_id: str, token_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
+    """Raise a ValueError for anything in the request that this model cannot run."""
+    if not token_ids:
+        raise ValueError(f"request {request_id!r}: the prompt is empty")
+    if len(token_ids) >= limits.max_model_len:
+        raise ValueError(f"request {request_id!r}: the prompt has {len(token_ids)} tokens, but max_model_len "
+                         f"is {limits.max_model_len}; shorten the prompt or raise max_model_len")
+    vocab = limits.vocab_size
+    for field, ids in (("prompt_token_ids", token_ids), ("stop_token_ids", params.stop_token_ids)):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"request {request_id!r}: {field} contains {bad}, outside the model's vocabulary "
+                             f"of {vocab} tokens; every id must be in [0, {vocab})")
+    if params.n > limits.max_num_seqs:
+        raise ValueError(f"request {request_id!r}: n={params.n} samples are more than max_num_seqs "
+                         f"({limits.max_num_seqs}), the sequences this engine runs at once; lower n or raise "
+                         "max_num_seqs")
