@@ -116,8 +116,9 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
-        logger.exception("request failed")
-        return _error(APIError(f"internal error: {exc!r}", 500, "InternalServerError"))
+        logger.exception("request failed")  # the details stay in the log: they may hold server paths
+        return _error(APIError(f"internal error ({type(exc).__name__}); the server logged the details",
+                               500, "InternalServerError"))
 
     @app.get("/health")
     async def health():

@@ -9,6 +9,7 @@ import re
 from typing import Any, AsyncIterator, Optional, Union
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine
+from vllm.engine.errors import EngineDeadError, RequestFailedError
 from vllm.entrypoints.openai.protocol import RequestError
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -199,6 +200,17 @@ class OpenAIServing:
         return out
 
     # ---- engine requests ---------------------------------------------------------------------
+    @staticmethod
+    def engine_failure(e: BaseException) -> APIError:
+        """The HTTP error for a request the engine could not serve: 500 when it failed while computed
+        (the others went on), 503 when the engine stopped. Only the error's type is shown: the details
+        (which may hold server paths) are in the server log."""
+        if isinstance(e, RequestFailedError):
+            kinds = sorted({msg.split(":", 1)[0] for msg in e.failures.values()}) or [type(e).__name__]
+            return APIError(f"the request failed while the engine computed it ({', '.join(kinds)}); the server "
+                            "logged the details and keeps serving other requests", 500, "InternalServerError")
+        return APIError("the engine is not running", 503, "ServiceUnavailable")
+
     async def _start(self, prepared: list[tuple[dict, SamplingParams]], lora: Optional[LoRARequest], rid: str):
         """Add every prompt's request and wait for each first output, so that add_request errors
         (bad adapter, values the engine refuses) become HTTP errors before any response is sent."""
@@ -208,18 +220,22 @@ class OpenAIServing:
                 gen = self.engine.generate(p, params, f"{rid}-{i}", lora)
                 gens.append(gen)
                 firsts.append(await gen.__anext__())
-        except (ValueError, TypeError) as e:
+        except ValueError as e:  # what add_request refuses: the client's input
             for g in gens:
                 await g.aclose()
             raise APIError(str(e)) from e
+        except (RequestFailedError, EngineDeadError) as e:
+            for g in gens:
+                await g.aclose()
+            raise self.engine_failure(e) from e
         except BaseException:
             for g in gens:
                 await g.aclose()
             raise
         return gens, firsts
 
-    @staticmethod
-    async def _finish(gens, firsts) -> list[RequestOutput]:
+    @classmethod
+    async def _finish(cls, gens, firsts) -> list[RequestOutput]:
         finals = list(firsts)
         try:
             for i, gen in enumerate(gens):
@@ -227,6 +243,8 @@ class OpenAIServing:
                     continue
                 async for out in gen:
                     finals[i] = out
+        except (RequestFailedError, EngineDeadError) as e:
+            raise cls.engine_failure(e) from e
         finally:
             for g in gens:
                 await g.aclose()
@@ -275,6 +293,9 @@ class OpenAIServing:
                     sent_tokens[index] = hi
             if include_usage:
                 yield sse(make_chunk(None, None, None, usage=self._usage(finals)))
+            yield sse("[DONE]")
+        except (RequestFailedError, EngineDeadError) as e:  # the response has started: an error event ends it
+            yield sse(self.engine_failure(e).body())
             yield sse("[DONE]")
         finally:
             for g in gens:
