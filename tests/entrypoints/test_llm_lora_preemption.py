@@ -73,6 +73,7 @@ def test_preempted_requests_keep_their_adapters(monkeypatch, reference):
     assert {"upper", "rot13"} <= {tasks[r] for r in preempted}, preempted  # both adapters' requests were preempted
     for (w, t), want, o in zip(ROWS, reference, outs):
         assert o.outputs[0].token_ids == want, (w, t, o.outputs[0].text)
+        assert o.lora_request is ADAPTERS.get(t)
 
 
 def _step_all(engine, done: dict, max_steps: int = 500) -> None:
