@@ -7,7 +7,7 @@ kernel computed in.  Any test that needs other bounds says why in a comment.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -72,6 +72,41 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     else:
         t.fill_(torch.iinfo(t.dtype).max // 2 - 7)
     return t
+
+
+def random_expert(num_experts: int, generator: Optional[torch.Generator] = None) -> int:
+    """One expert id drawn at random (e.g. the one a test leaves without tokens)."""
+    return int(torch.randint(num_experts, (1,), generator=generator))
+
+
+def random_topk_ids(num_tokens: int, num_experts: int, top_k: int, *, empty: Sequence[int] = (),
+                    cover: Optional[Sequence[int]] = None, cover_tokens: Optional[Sequence[int]] = None,
+                    drop: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random routing, int32 [num_tokens, top_k], distinct experts per token.
+
+    empty: experts that get no pair.  cover: experts that each get at least one pair (default:
+    every expert not in ``empty``), as far as ``num_tokens * top_k`` allows: a random permutation
+    of them fills the rows of ``cover_tokens`` (default: every token, in random order), top_k at a
+    time, before anything else is random.  So a kernel that skips any one expert (the last one
+    say) is seen.  drop: the fraction of the other pairs set to -1 (dropped).
+    """
+    allowed = torch.tensor([e for e in range(num_experts) if e not in set(empty)], dtype=torch.long)
+    if top_k > allowed.numel():
+        raise ValueError(f"top_k={top_k} needs {top_k} experts, only {allowed.numel()} are allowed")
+    ids = allowed[torch.rand(num_tokens, allowed.numel(), generator=generator).argsort(dim=1)[:, :top_k]]
+    must = [e for e in (allowed.tolist() if cover is None else cover) if e not in set(empty)]
+    must = [must[i] for i in torch.randperm(len(must), generator=generator).tolist()]
+    if cover_tokens is None:
+        cover_tokens = torch.randperm(num_tokens, generator=generator).tolist()
+    keep = torch.zeros(num_tokens, top_k, dtype=torch.bool)  # pairs that carry the cover: never dropped
+    for row, first in zip(cover_tokens, range(0, len(must), top_k)):
+        chunk = must[first:first + top_k]
+        rest = [e for e in ids[row].tolist() if e not in chunk]
+        ids[row] = torch.tensor(chunk + rest[:top_k - len(chunk)])
+        keep[row, :len(chunk)] = True
+    if drop:
+        ids[(torch.rand(num_tokens, top_k, generator=generator) < drop) & ~keep] = -1
+    return ids.to(torch.int32)
 
 
 def _proc_state(pid: int) -> Optional[tuple[str, int]]:

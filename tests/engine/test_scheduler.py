@@ -29,8 +29,9 @@ def make_scheduler(num_blocks=64, block_size=4, **cfg):
 
 
 def fake_token(seq):
-    """A deterministic 'model': the next token depends only on the token history."""
-    return 10 + hash(tuple(seq.token_ids)) % 50
+    """A deterministic 'model': the next token depends only on the token history and the adapter
+    (as a real adapter changes the model: a sequence that lost its adapter continues differently)."""
+    return 10 + hash((seq.lora_int_id, tuple(seq.token_ids))) % 50
 
 
 def run_to_completion(sched, bm, check_kv=True, max_steps=1000):
@@ -150,6 +151,50 @@ def test_preempted_sequences_give_the_same_tokens():
     assert n_pre_roomy == 0 and n_pre_tight > 0
     assert tight == roomy
     assert [len(o) for o in roomy] == [10 + i for i in range(6)]
+
+
+def test_preempted_sequence_keeps_its_adapter_when_rescheduled():
+    """Preempted (blocks freed, recompute) then re-admitted: the same lora_request, and the
+    recompute prefill carries its adapter id for every recomputed token."""
+    sched, bm = make_scheduler(num_blocks=4, block_size=2, max_model_len=8)
+    a, b = make_seq(0, 4, lora=3), make_seq(1, 4, lora=5)
+    b_request = b.lora_request
+    sched.add_seqs([a, b])
+    out = sched.schedule()
+    assert out.lora_int_ids == [3, 5]
+    sched.postprocess(out.scheduled_seqs, [30, 31])
+    out = sched.schedule()  # a needs a block: b is preempted
+    assert out.preempted_seqs == [b] and b.status == SequenceStatus.PREEMPTED
+    assert b.lora_request is b_request and b.lora_int_id == 5
+    sched.postprocess(out.scheduled_seqs, [40])
+    sched.abort_request("r0")
+    out = sched.schedule()  # b is recomputed: prompt + its generated token
+    assert out.is_prefill and out.scheduled_seqs == [b] and out.query_lens == [5]
+    assert b.lora_request is b_request and out.lora_int_ids == [5]
+    sched.postprocess(out.scheduled_seqs, [41])
+    out = sched.schedule()  # and it decodes on with its adapter
+    assert out.scheduled_seqs == [b] and out.lora_int_ids == [5] and b.output_token_ids == [31, 41]
+
+
+def test_preempted_adapter_sequences_give_the_same_tokens():
+    """Like test_preempted_sequences_give_the_same_tokens, with a mix of adapters: the fake model's
+    tokens depend on the adapter, so a sequence rescheduled without its adapter would differ."""
+    def run(num_blocks):
+        sched, bm = make_scheduler(num_blocks=num_blocks, block_size=2, max_model_len=24, max_num_seqs=8,
+                                   max_loras=3)
+        seqs = [make_seq(i, 3 + i % 4, max_tokens=10 + i, lora=(i % 3) or None) for i in range(6)]
+        sched.add_seqs(seqs)
+        want = {s.seq_id: s.lora_int_id for s in seqs}
+        steps = run_to_completion(sched, bm)
+        for out in steps:  # every batch, recompute prefills included, runs each sequence with its adapter
+            assert out.lora_int_ids == [want[s.seq_id] for s in out.scheduled_seqs]
+        preempted = {s.lora_int_id for o in steps for s in o.preempted_seqs}
+        return [s.output_token_ids for s in seqs], preempted
+
+    roomy, pre_roomy = run(200)
+    tight, pre_tight = run(12)
+    assert not pre_roomy and {1, 2} <= pre_tight  # sequences of both adapters were preempted
+    assert tight == roomy
 
 
 def test_max_loras_per_batch_fcfs():

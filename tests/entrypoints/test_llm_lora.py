@@ -64,12 +64,43 @@ def test_mixed_batch_matches_peft_and_prompts_alone(setup):
 # float32: the single-kernel bf16 bounds do not apply.  Measured on the CPU torch path for these
 # tiny models: normalised max error 0.006-0.022, rms 0.006-0.019.
 _MODEL_BF16_BOUNDS = (6e-2, 3e-2)
+# In bf16 the router may pick another expert than float32 peft for a token whose top-k is a near
+# tie, and that token's logits then differ by far more than rounding (measured on CPU, 4 models x
+# 4 prompts x base + 3 adapters: 10 of 1120 token-layers flipped, all at top-k margins below 0.06
+# in router logits).  Tokens whose smallest margin over the MoE layers is below this are left out
+# of the bf16 comparison.
+_BF16_ROUTER_MARGIN = 0.1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+def _logits_and_router_margins(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers / peft logits [T, V] and each token's smallest top-k margin (k-th minus
+    (k+1)-th router logit) over the MoE layers; transformers' *TopKRouter modules return
+    (router logits, scores, expert ids)."""
+    margins = []
+
+    def hook(module, args, out):
+        logits, _, expert_ids = out
+        top = logits.reshape(len(ids), -1).float().sort(dim=-1, descending=True).values
+        k = expert_ids.shape[-1]
+        margins.append(top[:, k - 1] - top[:, k])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert margins, f"no *TopKRouter module in {type(model).__name__}: cannot tell near-tie tokens"
+    return logits, torch.stack(margins).amin(dim=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_logits_match_peft(setup, dtype):
-    """Prefill logits of one prompt per adapter against peft's float32 forward (on a GPU machine the
-    engine runs on the GPU: TritonExperts, the GPU Punica wrapper, the Triton attention)."""
+    """Prefill logits of one prompt per adapter against peft's float32 forward, in float32 and in
+    bf16 (whose bound still tells an adapter from none).  On a CPU machine the engine runs the torch
+    experts and the CPU Punica wrapper; on a GPU machine it runs on the GPU: TritonExperts, the GPU
+    Punica wrapper, the Triton attention."""
     from tests.models.hf_checkpoints import assert_kernels_on_gpu
     from tests.utils import assert_close, normalized_errors
     from vllm.attention.metadata import build_metadata
@@ -91,12 +122,16 @@ def test_logits_match_peft(setup, dtype):
         with torch.no_grad(), set_forward_context(meta):
             ours = engine.model.compute_logits(engine.model(torch.tensor(ids, device=engine.device),
                                                             torch.arange(T, device=engine.device)))
-        with torch.no_grad():
-            ref = peft_model(setup.hf, setup.adapters[i])(input_ids=torch.tensor([ids])).logits[0]
-        assert_close(ours.float().cpu(), ref.float(), dtype, name=f"adapter {i}",
+        ref, margin = _logits_and_router_margins(peft_model(setup.hf, setup.adapters[i]), ids)
+        ours = ours.float().cpu()
+        if dtype == torch.bfloat16:
+            rows = margin >= _BF16_ROUTER_MARGIN
+            assert int(rows.sum()) >= 0.75 * T, f"adapter {i}: too many near-tie tokens to compare: {margin}"
+            ours, ref, base = ours[rows], ref[rows], base_logits[rows]
+        assert_close(ours, ref, dtype, name=f"adapter {i}",
                      bounds=_MODEL_BF16_BOUNDS if dtype == torch.bfloat16 else None)
         if dtype == torch.bfloat16:  # the bound still tells an adapter from none
-            _, rms_vs_base = normalized_errors(ours.float().cpu(), base_logits)
+            _, rms_vs_base = normalized_errors(ours, base)
             assert rms_vs_base > 3 * _MODEL_BF16_BOUNDS[1], rms_vs_base
 
 

@@ -35,14 +35,17 @@ def run_case(
     M: int, E: int, top_k: int, N: int, K: int, dtype: torch.dtype, device: torch.device, *,
     per_pair_input: bool, use_bias: bool, mul_routed_weight: bool,
     config: Optional[dict] = None, out_pad: int = 0, topk_ids: Optional[torch.Tensor] = None,
+    every_expert: bool = False,
 ) -> None:
     """Build a random problem, run the op, compare with the reference.
 
     per_pair_input: GEMM2-style (a is [M * top_k, K], top_k_in = 1) instead of
     GEMM1-style (a is [M, K], top_k_in = top_k).  out_pad: extra columns in
-    the buffer ``out`` is a view of (row stride N + out_pad).
+    the buffer ``out`` is a view of (row stride N + out_pad).  Routing: every
+    expert gets pairs (``every_expert``, as far as M * top_k allows), or all
+    but one drawn at random.
     """
-    ids = make_topk_ids(M, E, top_k) if topk_ids is None else topk_ids
+    ids = make_topk_ids(M, E, top_k, empty_expert=not every_expert) if topk_ids is None else topk_ids
     ids = ids.to(device)
     num_pairs = M * top_k
     top_k_in = 1 if per_pair_input else top_k
@@ -78,25 +81,26 @@ def run_case(
         assert out_buf[:, N:].isnan().all(), "columns past N must not be written"
 
 
-# (M, E, top_k, N, K, per_pair_input, use_bias, mul_routed_weight, out_pad)
+# (M, E, top_k, N, K, per_pair_input, use_bias, mul_routed_weight, out_pad, every_expert)
 CASES = [
-    (0, 4, 2, 48, 80, False, False, False, 0),
-    (1, 4, 1, 48, 80, False, True, True, 0),
-    (1, 16, 4, 80, 48, True, False, True, 8),
-    (7, 8, 2, 48, 80, True, False, True, 0),
-    (7, 16, 4, 80, 48, False, True, False, 16),
-    (33, 8, 4, 80, 48, False, True, False, 0),
-    (33, 16, 2, 48, 80, True, True, True, 0),
-    (33, 4, 4, 48, 80, False, False, True, 8),  # 33 pairs per expert: BLOCK_SIZE_M 32
+    (0, 4, 2, 48, 80, False, False, False, 0, False),
+    (1, 4, 1, 48, 80, False, True, True, 0, False),
+    (1, 16, 4, 80, 48, True, False, True, 8, False),
+    (7, 8, 2, 48, 80, True, False, True, 0, True),
+    (7, 16, 4, 80, 48, False, True, False, 16, False),
+    (33, 8, 4, 80, 48, False, True, False, 0, True),
+    (33, 16, 2, 48, 80, True, True, True, 0, False),
+    (33, 4, 4, 48, 80, False, False, True, 8, True),  # 33 pairs per expert: BLOCK_SIZE_M 32
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-E{}-k{}-N{}-K{}-pp{:d}-b{:d}-w{:d}-pad{}".format(*c))
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: "M{}-E{}-k{}-N{}-K{}-pp{:d}-b{:d}-w{:d}-pad{}-all{:d}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(case, dtype, device):
-    M, E, top_k, N, K, per_pair, use_bias, mul, out_pad = case
+    M, E, top_k, N, K, per_pair, use_bias, mul, out_pad, every = case
     run_case(M, E, top_k, N, K, dtype, device, per_pair_input=per_pair, use_bias=use_bias,
-             mul_routed_weight=mul, out_pad=out_pad)
+             mul_routed_weight=mul, out_pad=out_pad, every_expert=every)
 
 
 # Small tiles: several N tiles with an N tail, a K loop with and without a K
@@ -108,7 +112,7 @@ SMALL_TILES = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_k_loop_and_n_tiles(K, dtype, device):
     run_case(7, 4, 2, 48, K, dtype, device, per_pair_input=False, use_bias=True, mul_routed_weight=True,
-             config=dict(SMALL_TILES))
+             config=dict(SMALL_TILES), every_expert=K == 64)
 
 
 def test_only_one_expert_routed(device):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.utils import assert_close, poison_
+from tests.utils import assert_close, poison_, random_expert, random_topk_ids
 from vllm.lora.ops.torch_ops.moe_lora import (fused_moe_lora_torch, moe_lora_expand_torch, moe_lora_reference,
                                               moe_lora_shrink_torch)
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora, moe_lora_expand, moe_lora_shrink
@@ -45,20 +45,19 @@ class Case:
     expert_map: bool = False
     layout: str = "flat"  # flat | view (strided out, n_offset, slice_stride) | 3d | separate (per-slice tensors)
     config: tuple = ()  # config overrides as (key, value) pairs
+    every: bool = False  # every local expert gets pairs (else one, drawn at random, gets none)
 
 
 def build(c: Case, device):
     numel = c.M * c.top_k
     e_global = 2 * c.E + 1 if c.expert_map else c.E
     expert_map = None
-    unused = c.E - 1  # one local expert receives no token
+    local = list(range(c.E))  # global ids of the local experts 0..E-1
     if c.expert_map:
-        local = torch.randperm(e_global)[: c.E]
+        local = torch.randperm(e_global)[: c.E].tolist()
         expert_map = torch.full((e_global,), -1, dtype=torch.int32)
         expert_map[local] = torch.arange(c.E, dtype=torch.int32)
-        unused = int(local[-1])
-    choices = torch.tensor([g for g in range(e_global) if g != unused])
-    topk_ids = choices[torch.rand(c.M, len(choices)).argsort(dim=1)[:, : c.top_k]].to(torch.int32)
+    empty = () if c.every else (local[random_expert(c.E)],)
     if c.mapping == "random":
         mapping = torch.randint(-1, c.L, (c.M,), dtype=torch.int32)
     else:
@@ -67,6 +66,12 @@ def build(c: Case, device):
     enabled[-1] = 0
     for s in c.disabled:
         enabled[s] = 0
+    # Each local expert (but the empty one) gets a pair, on tokens with an enabled adapter first,
+    # so that a kernel skipping any one expert's delta is seen.
+    order = torch.randperm(c.M).tolist()
+    with_delta = [m for m in order if 0 <= int(mapping[m]) < c.L and enabled[int(mapping[m])]]
+    topk_ids = random_topk_ids(c.M, e_global, c.top_k, empty=empty, cover=local,
+                               cover_tokens=with_delta + [m for m in order if m not in with_delta])
     n_sizes = [c.N - 8 * s for s in range(c.S)] if c.layout == "separate" else [c.N] * c.S
     a = torch.randn(c.S, c.L, c.E, c.R, c.K) / c.K**0.5
     b = [torch.randn(c.L, c.E, n, c.R) / c.R**0.5 for n in n_sizes]
@@ -132,15 +137,15 @@ def _align(c: Case, kw, cfg):
 CASES = [
     Case(0, 2, 4, 2, 8),
     Case(1, 1, 4, 1, 8, S=1, mul_w=True),
-    Case(7, 2, 5, 3, 16, dtype=F16, disabled=(1,), mul_w=True),
+    Case(7, 2, 5, 3, 16, dtype=F16, disabled=(1,), mul_w=True, every=True),
     Case(7, 8, 12, 2, 16, S=1, per_pair_x=True, mul_w=True, K=48, N=40),
-    Case(9, 2, 6, 2, 16, dtype=BF16, layout="separate", mul_w=True),
+    Case(9, 2, 6, 2, 16, dtype=BF16, layout="separate", mul_w=True, every=True),
     Case(12, 2, 10, 3, 16, S=1, dtype=F16, expert_map=True, per_pair_x=True, mul_w=True, layout="3d"),
     Case(33, 2, 6, 2, 16, mapping="none"),
-    Case(33, 2, 8, 4, 64, ranks=(64, 8, 32, 64), dtype=F16),
-    Case(33, 8, 16, 4, 16, dtype=BF16, mapping="one", expert_map=True),
+    Case(33, 2, 8, 4, 64, ranks=(64, 8, 32, 64), dtype=F16, every=True),
+    Case(33, 8, 16, 4, 16, dtype=BF16, mapping="one", expert_map=True, every=True),
     Case(200, 2, 8, 4, 16, ranks=(16, 8, 4, 16), dtype=BF16, disabled=(2,), mul_w=True, layout="view"),
-    Case(200, 1, 4, 1, 8, S=1, per_pair_x=True, mapping="one", K=48, N=40),
+    Case(200, 1, 4, 1, 8, S=1, per_pair_x=True, mapping="one", K=48, N=40, every=True),
     # Several K tiles, N tiles and N-splits, also under the interpreter.
     Case(20, 2, 4, 2, 16, dtype=F16, K=80, N=40, mul_w=True, layout="view",
          config=(("BLOCK_SIZE_K", 16), ("BLOCK_SIZE_N", 16), ("NUM_N_SPLITS", 2))),
@@ -150,7 +155,8 @@ SMALL = [c for c in CASES if c.M * c.top_k <= 40]
 
 def _id(c: Case) -> str:
     return f"M{c.M}k{c.top_k}E{c.E}L{c.L}R{c.R}S{c.S}-{str(c.dtype)[6:]}-{c.mapping}-{c.layout}" + (
-        "-emap" if c.expert_map else "") + ("-w" if c.mul_w else "") + ("-w2" if c.per_pair_x else "")
+        "-emap" if c.expert_map else "") + ("-w" if c.mul_w else "") + ("-w2" if c.per_pair_x else "") + (
+        "-all" if c.every else "")
 
 
 @pytest.mark.parametrize("c", CASES, ids=_id)

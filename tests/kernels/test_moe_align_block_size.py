@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.utils import random_expert, random_topk_ids
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (
     max_num_tokens_padded,
     moe_align_block_size,
@@ -20,14 +21,15 @@ BLOCK_SIZES = [1, 16, 64]
 
 def make_topk_ids(num_tokens: int, num_experts: int, top_k: int, *, drop: float = 0.1,
                   empty_expert: bool = True) -> torch.Tensor:
-    """Random routing [num_tokens, top_k]: distinct experts per token when top_k <= E,
-    about ``drop`` of the pairs set to -1, and (E >= 2) one expert left without tokens."""
-    if top_k <= num_experts:
-        ids = torch.rand(num_tokens, num_experts).argsort(dim=1)[:, :top_k]
-    else:
-        ids = torch.randint(0, num_experts, (num_tokens, top_k))
-    if empty_expert and num_experts >= 2:
-        ids[ids == num_experts // 2] = -1
+    """Random routing [num_tokens, top_k]: distinct experts per token when top_k allows,
+    about ``drop`` of the pairs set to -1, and (``empty_expert``, E >= 2) one expert, drawn at
+    random, left without tokens; every other expert gets a pair as far as the pairs allow."""
+    empty = (random_expert(num_experts),) if empty_expert and num_experts >= 2 else ()
+    if top_k <= num_experts - len(empty):
+        return random_topk_ids(num_tokens, num_experts, top_k, empty=empty, drop=drop)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k))
+    for e in empty:
+        ids[ids == e] = -1
     ids[torch.rand(ids.shape) < drop] = -1
     return ids.to(torch.int32)
 

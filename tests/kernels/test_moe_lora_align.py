@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.utils import random_expert, random_topk_ids
 from vllm.lora.ops.triton_ops.moe_lora_align import MoELoRAAlignment, moe_lora_align_block_size
 
 
 def _routing(m, top_k, e_global, device, exclude=()):
-    choices = torch.tensor([g for g in range(e_global) if g not in exclude])
-    order = torch.rand(m, len(choices)).argsort(dim=1)[:, :top_k]
-    return choices[order].to(torch.int32).to(device)
+    """Distinct experts per token; the experts in ``exclude`` get none, every other one some (as far as m allows)."""
+    return random_topk_ids(m, e_global, top_k, empty=exclude).to(device)
 
 
 def _expected_vids(topk_ids, mapping, enabled, num_experts, max_loras, expert_map):
@@ -74,7 +74,7 @@ def _run(topk_ids, mapping, enabled, num_experts, max_loras, block, expert_map=N
 @pytest.mark.parametrize("m", [0, 1, 7, 33, 300])
 @pytest.mark.parametrize("top_k,num_experts,max_loras,block", [(1, 4, 1, 4), (2, 8, 3, 16), (8, 16, 4, 32)])
 def test_random_mapping(device, m, top_k, num_experts, max_loras, block):
-    topk_ids = _routing(m, top_k, num_experts, device, exclude=(num_experts - 1,))  # one expert unused
+    topk_ids = _routing(m, top_k, num_experts, device, exclude=(random_expert(num_experts),))  # one unused
     mapping = torch.randint(-1, max_loras, (m,), dtype=torch.int32, device=device)
     enabled = torch.ones(max_loras + 1, dtype=torch.int32, device=device)
     enabled[-1] = 0

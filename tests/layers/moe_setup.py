@@ -67,10 +67,26 @@ def load_adapter(lora_layer, slot: int, ad: RefAdapter) -> None:
     lora_layer.set_lora(slot, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
 
 
-def router_inputs(M: int, E: int, H: int, dtype, device, gen: torch.Generator, *, empty_expert: Optional[int] = None):
-    """Random hidden states and router logits; ``empty_expert`` never gets a token."""
+def router_inputs(M: int, E: int, H: int, dtype, device, gen: torch.Generator, *, top_k: Optional[int] = None,
+                  empty: bool = False):
+    """Random hidden states and router logits.
+
+    empty: one expert, drawn at random, never gets a token.  top_k: every other expert is
+    among the top_k of some token (as far as M * top_k allows): a random permutation of them
+    takes the largest logits of the tokens, top_k experts a token, so a layer that skips any
+    one expert (the last one say) is seen.  Each token's logits stay a permutation of random
+    values.
+    """
     x = torch.randn(M, H, generator=gen).to(dtype=dtype, device=device)
     logits = torch.randn(M, E, generator=gen)
+    empty_expert = int(torch.randint(E, (1,), generator=gen)) if empty else None
+    if top_k is not None:
+        others = [e for e in range(E) if e != empty_expert]
+        must = [others[i] for i in torch.randperm(len(others), generator=gen).tolist()]
+        for row, first in zip(torch.randperm(M, generator=gen).tolist(), range(0, len(must), top_k)):
+            chunk = must[first:first + top_k]
+            rest = [e for e in torch.randperm(E, generator=gen).tolist() if e not in chunk]
+            logits[row, chunk + rest] = logits[row].sort(descending=True).values
     if empty_expert is not None:
         logits[:, empty_expert] = -1e4
     return x, logits.to(device)

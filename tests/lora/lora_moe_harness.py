@@ -45,9 +45,10 @@ class Harness:
         self.layer.reset_lora(slot)
         self.slots.pop(slot, None)
 
-    def inputs(self, M, empty_expert=True):
-        return router_inputs(M, self.E, self.H, self.dtype, self.device, self.gen,
-                             empty_expert=self.E - 1 if empty_expert else None)
+    def inputs(self, M, empty=True):
+        """Hidden states and router logits: every expert gets tokens (as far as M allows), but
+        with ``empty`` one expert, drawn at random, gets none."""
+        return router_inputs(M, self.E, self.H, self.dtype, self.device, self.gen, top_k=self.top_k, empty=empty)
 
     def forward(self, x, logits, token_slots):
         self.punica.update_metadata(token_slots)

@@ -12,18 +12,19 @@ from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-# (tokens, E, top_k, H, I, activation, bias, max_loras, max_rank, ranks, slot_mode, fused)
+# (tokens, E, top_k, H, I, activation, bias, max_loras, max_rank, ranks, slot_mode, fused, every):
+# every expert gets tokens, or all but one drawn at random
 CASES = [
-    (0, 4, 2, 32, 32, "silu", False, 2, 16, [16, 8], "mixed", False),
-    (1, 4, 1, 32, 32, "silu", False, 1, 8, [8], "one", False),
-    (7, 8, 2, 32, 48, "silu", False, 4, 16, [16, 8, 16, 4], "mixed", False),
-    (33, 16, 8, 32, 32, "silu", False, 3, 32, [32, 16, 8], "mixed", False),
-    (33, 8, 2, 32, 32, "gelu", False, 2, 16, [16, 16], "one", True),
-    (7, 8, 2, 32, 32, "silu_no_mul", False, 2, 8, [8, 8], "mixed", False),
-    (33, 8, 4, 32, 32, "swigluoai", True, 2, 16, [16, 8], "mixed", True),
-    (33, 8, 2, 32, 32, "silu", False, 2, 64, [64, 16], "mixed", False),
-    (33, 8, 2, 32, 32, "silu", False, 2, 16, [16, 16], "none", False),
-    (300, 64, 8, 64, 64, "silu", False, 4, 16, [16, 8, 16, 16], "mixed", False),
+    (0, 4, 2, 32, 32, "silu", False, 2, 16, [16, 8], "mixed", False, False),
+    (1, 4, 1, 32, 32, "silu", False, 1, 8, [8], "one", False, False),
+    (7, 8, 2, 32, 48, "silu", False, 4, 16, [16, 8, 16, 4], "mixed", False, True),
+    (33, 16, 8, 32, 32, "silu", False, 3, 32, [32, 16, 8], "mixed", False, False),
+    (33, 8, 2, 32, 32, "gelu", False, 2, 16, [16, 16], "one", True, True),
+    (7, 8, 2, 32, 32, "silu_no_mul", False, 2, 8, [8, 8], "mixed", False, False),
+    (33, 8, 4, 32, 32, "swigluoai", True, 2, 16, [16, 8], "mixed", True, True),
+    (33, 8, 2, 32, 32, "silu", False, 2, 64, [64, 16], "mixed", False, False),
+    (33, 8, 2, 32, 32, "silu", False, 2, 16, [16, 16], "none", False, True),
+    (300, 64, 8, 64, 64, "silu", False, 4, 16, [16, 8, 16, 16], "mixed", False, True),
 ]
 BACKENDS = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32),
             ("triton", torch.float16), ("triton", torch.bfloat16)]
@@ -36,8 +37,8 @@ def lora_path(request, monkeypatch):
     return request.param
 
 
-def _check(h, M, slot_mode, seed=0):
-    x, logits = h.inputs(M)
+def _check(h, M, slot_mode, seed=0, empty=True):
+    x, logits = h.inputs(M, empty=empty)
     slots = pick_slots(M, len(h.slots), slot_mode, seed)
     out = h.forward(x, logits, slots)
     assert_close(out.float().cpu(), h.reference(x, logits, slots), h.dtype)
@@ -45,9 +46,9 @@ def _check(h, M, slot_mode, seed=0):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
-@pytest.mark.parametrize("M,E,top_k,H,I,activation,bias,max_loras,max_rank,ranks,slot_mode,fused", CASES)
+@pytest.mark.parametrize("M,E,top_k,H,I,activation,bias,max_loras,max_rank,ranks,slot_mode,fused,every", CASES)
 def test_moe_lora_matches_reference(backend, dtype, M, E, top_k, H, I, activation, bias, max_loras, max_rank,
-                                    ranks, slot_mode, fused, lora_path, device):
+                                    ranks, slot_mode, fused, every, lora_path, device):
     if backend == "torch" and lora_path == "small_batch":
         pytest.skip("the torch wrapper has one path")
     if device.type == "cpu" and backend == "triton":
@@ -62,7 +63,7 @@ def test_moe_lora_matches_reference(backend, dtype, M, E, top_k, H, I, activatio
                 backend=backend, max_loras=max_loras, max_rank=max_rank, fused=fused, seed=M + E)
     for slot, r in enumerate(ranks):
         h.load(slot, h.new_adapter(rank=r))
-    _check(h, M, slot_mode)
+    _check(h, M, slot_mode, empty=not every)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -87,7 +88,7 @@ def test_slot_reuse_after_reset(backend, lora_path, device):
     _check(h, 9, "mixed")
     h.reset(0)
     h.load(0, h.new_adapter(rank=4))
-    _check(h, 9, "mixed", seed=1)
+    _check(h, 9, "mixed", seed=1, empty=False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -108,7 +109,7 @@ def test_expert_map_with_lora(backend, lora_path, device):
     for h in hs:
         for s, ad in enumerate(adapters):
             h.load(s, ad)
-    x, logits = hs[0].inputs(13)
+    x, logits = hs[0].inputs(13, empty=False)
     slots = pick_slots(13, 2, "mixed")
     total = sum(h.forward(x, logits, slots) for h in hs)
     assert_close(total.cpu(), hs[0].reference(x, logits, slots), torch.float32)
