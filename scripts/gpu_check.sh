@@ -1,38 +1,55 @@
 #!/usr/bin/env bash
 # On a GPU machine: install the package as it comes (scripts/setup.sh: no download, the
-# machine's torch/triton/numpy kept), check that the installed package imports from
-# outside the repository, then run every test, cuda-marked ones included, and the MoE
-# LoRA benchmark. With 2+ GPUs the tensor-parallel tests (tests/distributed) run beside the rest.
-# Logs and tables go to $OUT (default ./out).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all]   (TESTS="path ..." picks a part of the suite)
+# machine's torch/triton/numpy kept), check that the installed package imports from outside
+# the repository, then:
+#   tests   every test, cuda-marked ones included (TESTS="path ..." picks a part; each test's
+#           result is logged as it finishes, so a run cut by TEST_TIMEOUT still shows what passed);
+#           with 2+ GPUs the tensor-parallel tests (tests/distributed, NCCL) run beside the rest
+#   bench   benchmarks/kernels/benchmark_moe_lora.py (one MoE layer, base vs LoRA)
+#   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
+#           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate) and
+#           benchmarks/profile_decode.py at batch 1 and 64 (kernels per step, top kernels)
+#   all     tests, bench and decode
+# Logs and tables go to $OUT (default ./out).  Usage: bash scripts/gpu_check.sh [tests|bench|decode|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-what=${1:-all}
-limit=${TEST_TIMEOUT:-540}
+steps=${*:-all}
 bash scripts/setup.sh 2>&1 | tee "$OUT/setup.log" || exit 1
 (cd /tmp && python3 -c 'import vllm, torch, triton; print("installed vllm at", vllm.__file__, "| torch", torch.__version__, "| triton", triton.__version__)') | tee -a "$OUT/setup.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-pytest() { timeout "$limit" python3 -m pytest -q -rf -p no:cacheprovider "$@"; }
+want() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
+pytest() { timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -v --tb=short -rf -p no:cacheprovider "$@"; }
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
+if want tests; then
   ngpu=$(nvidia-smi -L | wc -l)
   if [ "$ngpu" -ge 2 ]; then
     (pytest tests/distributed >"$OUT/pytest_tp.log" 2>&1; echo "exit $?" >>"$OUT/pytest_tp.log") &
-    pytest --durations=15 ${TESTS:-tests} --ignore=tests/distributed 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
-    rc=${PIPESTATUS[0]}
+    pytest --durations=15 ${TESTS:-tests} --ignore=tests/distributed >"$OUT/pytest_gpu.log" 2>&1
+    rc=$?
     wait
     echo "== tensor parallel ($ngpu GPUs) =="; tail -25 "$OUT/pytest_tp.log"
     grep -q "^exit 0" "$OUT/pytest_tp.log" || rc=1
   else
-    pytest --durations=15 ${TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
-    rc=${PIPESTATUS[0]}
+    pytest --durations=15 ${TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1
+    rc=$?
   fi
+  grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | grep -v "^FAILED\|^ERROR" | head -20
+  tail -25 "$OUT/pytest_gpu.log"
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/kernels/benchmark_moe_lora.py --out "$OUT/benchmark_moe_lora.md" 2>&1 | tee "$OUT/benchmark.log" | tail -60
-  rc=$(( rc || PIPESTATUS[0] ))
+if want bench; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/kernels/benchmark_moe_lora.py --out "$OUT/benchmark_moe_lora.md" \
+    >"$OUT/benchmark_moe_lora.log" 2>&1
+  brc=$?; tail -40 "$OUT/benchmark_moe_lora.log"; rc=$(( rc || brc ))
+fi
+if want decode; then
+  timeout "${DECODE_TIMEOUT:-250}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
+    --out "$OUT/benchmark_decode.md" >"$OUT/benchmark_decode.log" 2>&1
+  drc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_decode.log" | tail -22; rc=$(( rc || drc ))
+  timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decode.py --preset qwen3-30b-a3b --layers 12 \
+    --batches 1,64 --steps 4 --top 20 --out "$OUT/profile_decode.md" >"$OUT/profile_decode.log" 2>&1
+  prc=$?; grep "ops/step" "$OUT/profile_decode.log"; rc=$(( rc || prc ))
 fi
 exit $rc
