@@ -112,12 +112,15 @@ def test_bad_prompt_token_ids(llm, prompt, message):
     _still_serving(llm)
 
 
-def test_n_above_max_num_seqs_is_refused(llm):
-    """n=10**12 would build 10**12 sequences on the engine thread; n is capped at max_num_seqs."""
-    with pytest.raises(ValueError, match=r"n=1000000000000.*max_num_seqs \(32\)"):
+def test_huge_n_is_refused_and_n_above_max_num_seqs_runs_in_waves(llm):
+    """n=10**12 would build 10**12 sequences on the engine thread: refused. n above max_num_seqs (32
+    here) is fine: the samples run in waves."""
+    from vllm.engine.input_checks import MAX_SAMPLES
+
+    with pytest.raises(ValueError, match=rf"n=1000000000000 .*\({MAX_SAMPLES}\)"):
         llm.generate("hello=", SamplingParams(n=10**12), use_tqdm=False)
-    outs = llm.generate("hello=", SamplingParams(temperature=0, n=32, max_tokens=3, ignore_eos=True), use_tqdm=False)
-    assert all(c.token_ids == llm.reference[0][:3] for c in outs[0].outputs)
+    outs = llm.generate("hello=", SamplingParams(temperature=0, n=40, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(outs[0].outputs) == 40 and all(c.token_ids == llm.reference[0][:3] for c in outs[0].outputs)
     _still_serving(llm)
 
 

@@ -2,7 +2,7 @@
 
 ``SamplingParams`` validates itself (types, ranges, finiteness); what depends on the
 model is checked here: prompt token ids and ``stop_token_ids`` against the vocabulary,
-the prompt length against ``max_model_len``, ``n`` against ``max_num_seqs``.  Every
+the prompt length against ``max_model_len``, ``n`` against ``MAX_SAMPLES``.  Every
 problem is a ValueError that names the request, the field, the value and the valid
 range, so nothing a step cannot compute ever reaches one.
 """
@@ -14,6 +14,11 @@ from typing import Any, Optional, Union
 from vllm.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
+
+
+# Most samples (``n``) one request may ask for. Each is a Sequence built on the engine thread; more
+# than max_num_seqs are fine (they run in waves), but n=10**12 would hang the thread building them.
+MAX_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,6 @@ def check_request(request_id: str, token_ids: list[int], params: SamplingParams,
         if bad is not None:
             raise ValueError(f"request {request_id!r}: {field} contains {bad}, outside the model's vocabulary "
                              f"of {vocab} tokens; every id must be in [0, {vocab})")
-    if params.n > limits.max_num_seqs:
-        raise ValueError(f"request {request_id!r}: n={params.n} samples are more than max_num_seqs "
-                         f"({limits.max_num_seqs}), the sequences this engine runs at once; lower n or raise "
-                         "max_num_seqs")
+    if params.n > MAX_SAMPLES:
+        raise ValueError(f"request {request_id!r}: n={params.n} samples are more than this engine takes in one "
+                         f"request ({MAX_SAMPLES}); send several requests")

@@ -194,6 +194,9 @@ class LoRAModelManager:
         pin.  The engine pins the adapters its live requests use before it loads another one;
         ``set_adapter_mapping`` pins the batch's."""
         self._pinned = {int(i) for i in lora_int_ids if int(i) != 0}
+        # the cache may have run over capacity while more adapters were pinned: shrink it back now
+        while len(self._cache) > self.capacity and self._evict_from_cache():
+            pass
 
     def remove_adapter(self, lora_int_id: int) -> bool:
         """Drop an adapter from the cache and clear its slot (the slot then contributes exactly zero)."""
