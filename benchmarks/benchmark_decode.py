@@ -95,6 +95,34 @@ def timed(llm, prompts, gen: int, loras) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, [o.outputs[0].token_ids for o in outs]
 
 
+def build_model_and_adapters(a, prefix: str) -> tuple[str, list]:
+    """A random checkpoint of ``a``'s width and ``a.num_loras`` random PEFT adapters of rank ``a.rank``
+    in a new temporary folder (built on the GPU when there is one): (model dir, LoRARequests)."""
+    from vllm.lora.request import LoRARequest
+
+    cuda = torch.cuda.is_available()
+    work = tempfile.mkdtemp(prefix=prefix)
+    model_dir = os.path.join(work, "model")
+    t0 = time.perf_counter()
+    hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
+    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), a.rank, 10 + i))
+                for i in range(a.num_loras)]
+    del hf
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"{a.preset} x {a.layers} layers and {a.num_loras} adapters built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return model_dir, adapters
+
+
+def random_prompts(a, n: int) -> list[dict]:
+    """``n`` prompts of ``a.prompt_len`` random token ids (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    return [{"prompt_token_ids": torch.randint(2, a.vocab, (a.prompt_len,), generator=gen).tolist()}
+            for _ in range(n)]
+
+
 def decode_step(llm, prompts, loras, steps: int) -> tuple[float, float, list[list[int]]]:
     """(seconds per decode step, seconds of the prefill, greedy tokens): decode = (best t(steps + 1) -
     best t(1)) / steps after a warm-up; prefill = best t(1) (the whole batch's prompts and one sample)."""
@@ -192,25 +220,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     bandwidth = a.bandwidth or (copy_bandwidth() if cuda else H200_COPY_BANDWIDTH)
 
-    from vllm.lora.request import LoRARequest
-
-    work = tempfile.mkdtemp(prefix="bench_decode_")
-    model_dir = os.path.join(work, "model")
-    t0 = time.perf_counter()
-    hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
-    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), a.rank, 10 + i))
-                for i in range(a.num_loras)]
-    del hf
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    print(f"{a.preset} x {a.layers} layers and {a.num_loras} adapters built in {time.perf_counter() - t0:.1f} s",
-          flush=True)
-
-    gen = torch.Generator().manual_seed(1)
+    model_dir, adapters = build_model_and_adapters(a, "bench_decode_")
     top = max(batches)
-    prompts = [{"prompt_token_ids": torch.randint(2, a.vocab, (a.prompt_len,), generator=gen).tolist()}
-               for _ in range(top)]
+    prompts = random_prompts(a, top)
     max_len = a.prompt_len + a.steps + 8
     blocks = top * (-(-max_len // 16)) + 64
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top, num_gpu_blocks_override=blocks,

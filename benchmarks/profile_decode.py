@@ -17,7 +17,6 @@ import argparse
 import gc
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from typing import Optional
@@ -25,8 +24,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_decode import PRESETS  # noqa: E402
-from benchmark_engine_lora import make_adapter, make_model_dir  # noqa: E402
+from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts  # noqa: E402
 
 _WARM_STEPS = 2
 
@@ -114,24 +112,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         modes = [m for m in modes if m != "graphs"] or ["eager"]
-    from vllm.lora.request import LoRARequest
-
-    work = tempfile.mkdtemp(prefix="profile_decode_")
-    model_dir = os.path.join(work, "model")
-    t0 = time.perf_counter()
-    hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
-    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), a.rank, 10 + i))
-                for i in range(a.num_loras)]
-    del hf
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    print(f"{a.preset} x {a.layers} layers, {a.num_loras} adapters: built in {time.perf_counter() - t0:.1f} s",
-          flush=True)
-    gen = torch.Generator().manual_seed(1)
+    model_dir, adapters = build_model_and_adapters(a, "profile_decode_")
     top_b = max(batches)
-    prompts = [{"prompt_token_ids": torch.randint(2, a.vocab, (a.prompt_len,), generator=gen).tolist()}
-               for _ in range(top_b)]
+    prompts = random_prompts(a, top_b)
     max_len = a.prompt_len + a.steps + _WARM_STEPS + 16
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top_b,
                   num_gpu_blocks_override=top_b * (-(-max_len // 16)) + 64, cuda_graph_sizes=batches)

@@ -7,6 +7,7 @@ kernel computed in.  Any test that needs other bounds says why in a comment.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -136,3 +137,14 @@ def child_processes(pid: int) -> list[int]:
             if state is not None and state[1] == pid and state[0] != "Z":
                 out.append(int(name))
     return out
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, make):
+    """Replace ``obj.name`` by ``make(original)`` for the ``with`` block (fault injection in tests)."""
+    original = getattr(obj, name)
+    setattr(obj, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)

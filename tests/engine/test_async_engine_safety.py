@@ -2,7 +2,6 @@
 running / waiting gauges count requests and follow aborts at once, and a huge prompt's
 tokenization does not hold up the other requests (demo model)."""
 import asyncio
-import contextlib
 import os
 import threading
 
@@ -12,6 +11,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from vllm.executor.multiproc import WorkerError
+from tests.utils import patched
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_model")
 PROMPTS = ["hello=", "abc=", "xyz=", "good day="]
@@ -46,16 +46,6 @@ async def _barrier(engine):
     await engine._call_async(lambda: None)
 
 
-@contextlib.contextmanager
-def _patched(obj, name, make):
-    original = getattr(obj, name)
-    setattr(obj, name, make(original))
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
-
-
 def test_a_failing_request_fails_in_its_own_generator_only(engine):
     def make(execute):
         def execute_with_fault(out):
@@ -72,7 +62,7 @@ def test_a_failing_request_fails_in_its_own_generator_only(engine):
         assert len(e.value.outputs[0].outputs[0].token_ids) == 2
         assert await asyncio.gather(*goods) == [engine.reference[p] for p in PROMPTS[:3]]
 
-    with _patched(engine.engine.runner, "execute", make):
+    with patched(engine.engine.runner, "execute", make):
         asyncio.run(asyncio.wait_for(main(), 60))
     assert engine.is_running and engine.stats["requests_failed"] >= 1
     assert asyncio.run(_tokens(engine, PROMPTS[3])) == engine.reference[PROMPTS[3]]
@@ -104,7 +94,7 @@ def test_the_loop_survives_an_error_outside_the_step(engine, where):
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, RequestFailedError) and f"{where} fault" in str(r) for r in results), results
 
-    with _patched(engine.engine, where, make):
+    with patched(engine.engine, where, make):
         asyncio.run(asyncio.wait_for(main(), 60))
     assert fired and engine.is_running
     assert asyncio.run(_tokens(engine, PROMPTS[0])) == engine.reference[PROMPTS[0]]
@@ -121,7 +111,7 @@ def test_a_fatal_error_stops_the_engine():
             return dead
 
         async def main():
-            with _patched(eng.engine, "step", make):
+            with patched(eng.engine, "step", make):
                 with pytest.raises(EngineDeadError, match="worker"):
                     await _tokens(eng, PROMPTS[0])
             with pytest.raises(EngineDeadError):

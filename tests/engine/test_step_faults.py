@@ -6,7 +6,6 @@ hold a marked request.  The marked request finishes with ``RequestOutput.error``
 other request of the batch gets exactly the tokens of an undisturbed run; KV blocks are
 all freed; the engine serves later requests.
 """
-import contextlib
 import os
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from vllm import LLM, SamplingParams
 from vllm.engine.errors import RequestFailedError
 from vllm.executor.multiproc import WorkerError
+from tests.utils import patched
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_model")
 PROMPTS = ["hello=", "abc=", "xyz=", "good day="]
@@ -40,16 +40,6 @@ def _due(seq) -> bool:
     return _marked(seq) and seq.num_output_tokens >= FAIL_AFTER
 
 
-@contextlib.contextmanager
-def _patched(obj, name, make):
-    original = getattr(obj, name)
-    setattr(obj, name, make(original))
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
-
-
 def runner_fault(engine):
     def make(execute):
         def execute_with_fault(out):
@@ -57,7 +47,7 @@ def runner_fault(engine):
                 raise Injected("model runner fault")
             return execute(out)
         return execute_with_fault
-    return _patched(engine.runner, "execute", make)
+    return patched(engine.runner, "execute", make)
 
 
 def sampler_fault(engine):
@@ -69,7 +59,7 @@ def sampler_fault(engine):
                 raise Injected("sampler fault")
             return forward(logits, params, *args, **kwargs)
         return forward_with_fault
-    return _patched(sampler, "forward", make)
+    return patched(sampler, "forward", make)
 
 
 def late_sampler_fault(engine):
@@ -83,7 +73,7 @@ def late_sampler_fault(engine):
                 raise Injected("late sampler fault")
             return result
         return forward_then_fault
-    return _patched(sampler, "forward", make)
+    return patched(sampler, "forward", make)
 
 
 def postprocess_fault(engine):
@@ -93,7 +83,7 @@ def postprocess_fault(engine):
                 raise Injected("postprocess fault")
             return check_stop(seq)
         return check_stop_with_fault
-    return _patched(engine.scheduler, "_check_stop", make)
+    return patched(engine.scheduler, "_check_stop", make)
 
 
 def detokenizer_fault(engine):
@@ -103,7 +93,7 @@ def detokenizer_fault(engine):
                 raise Injected("detokenizer fault")
             return decode(seq)
         return decode_with_fault
-    return _patched(engine.detokenizer, "decode_sequence_inplace", make)
+    return patched(engine.detokenizer, "decode_sequence_inplace", make)
 
 
 def _run(engine, max_steps=500):
@@ -194,14 +184,14 @@ def test_a_fault_of_the_whole_step_fails_its_requests_and_a_transient_one_none(l
 
     # transient: only the first run of the third step fails; the re-run parts succeed
     state["failing"] = {3}
-    with _patched(engine.runner, "execute", make):
+    with patched(engine.runner, "execute", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"t{i}", p, GREEDY)
         done = _run(engine)
     assert all(done[f"t{i}"].outputs[0].token_ids == llm.reference[p] for i, p in enumerate(PROMPTS))
     # persistent for one step (every run of it fails): that step's requests fail, nobody else
     state["calls"], state["failing"] = 0, set(range(3, 3 + 2 * len(PROMPTS)))
-    with _patched(engine.runner, "execute", make):
+    with patched(engine.runner, "execute", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"p{i}", p, GREEDY)
         done = _run(engine)
@@ -221,7 +211,7 @@ def test_a_scheduler_fault_fails_the_unfinished_requests(llm):
             return schedule()
         return schedule_with_fault
 
-    with _patched(engine.scheduler, "schedule", make):
+    with patched(engine.scheduler, "schedule", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"s{i}", p, GREEDY)
         done = _run(engine)
@@ -238,7 +228,7 @@ def test_a_fatal_error_is_raised(llm):
         return dead_worker
 
     engine.add_request("f", PROMPTS[0], GREEDY)
-    with _patched(engine.runner, "execute", make), pytest.raises(WorkerError):
+    with patched(engine.runner, "execute", make), pytest.raises(WorkerError):
         engine.step()
     engine.abort_request("f")
     _assert_clean_and_serving(llm)
