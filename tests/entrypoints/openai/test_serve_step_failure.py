@@ -77,3 +77,40 @@ def test_failed_request_gets_an_error_and_the_others_are_served(engine):
     assert events[-1]["error"]["code"] == 500 and bad_stream.text.rstrip().endswith("data: [DONE]")
     assert "/secret" not in bad_stream.text
     assert after["choices"][0]["text"] == ref and health == 200
+
+
+def test_request_racing_its_adapters_unload_gets_404():
+    """The server resolved the adapter's name, then the adapter was unloaded (while another request
+    still uses it) before this request reached the engine: a 404 as if it had come a moment later,
+    not a 400 about lora_int_ids (the soak run found this race)."""
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.serving import Serving
+    from vllm.entrypoints.openai.serving_engine import APIError
+
+    from .conftest import ADAPTERS
+
+    eng = AsyncLLMEngine.from_engine_args(EngineArgs(MODEL, max_model_len=64, enable_lora=True, max_loras=2,
+                                                     max_lora_rank=16))
+    models = Models(["demo"], MODEL, 64)
+    serving = Serving(eng, models)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def main():
+        req = models.new_lora("x", ADAPTERS["upper"])
+        await eng.add_lora(req)
+        models.adapters["x"] = req
+        resolved = models.resolve("x")
+        busy = eng.generate({"prompt_token_ids": [5, 6, 7]}, params, "busy", req)
+        await busy.__anext__()  # the adapter is in use
+        del models.adapters["x"]  # what /v1/unload_lora_adapter does
+        await eng.remove_lora(req.lora_int_id)
+        with pytest.raises(APIError) as err:
+            await serving._start([({"prompt_token_ids": [5, 6]}, params)], resolved, "late")
+        await busy.aclose()
+        return err.value
+
+    try:
+        err = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert err.status == 404 and "`x` does not exist" in err.message

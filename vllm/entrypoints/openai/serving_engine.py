@@ -223,6 +223,9 @@ class OpenAIServing:
         except ValueError as e:  # what add_request refuses: the client's input
             for g in gens:
                 await g.aclose()
+            if lora is not None and self.models.adapters.get(lora.lora_name) is not lora:
+                # the adapter was unloaded between resolving the name and adding the request
+                raise not_found(f"The model `{lora.lora_name}` does not exist.", "model") from e
             raise APIError(str(e)) from e
         except (RequestFailedError, EngineDeadError) as e:
             for g in gens:
