@@ -4,7 +4,8 @@ disconnects of streamed and non-streamed requests, and adapters loaded and unloa
 
 Every request must end in one of three ways, each checked:
 - answered: the text equals the offline engine's greedy answer for its (model, word), finish "stop";
-- refused with a 404 because its adapter was unloaded before it arrived (the admin task knows which);
+- refused with a 404 because its adapter was not loaded when it was sent, or was unloaded while it was
+  on its way (the admin task knows which);
 - dropped by the client on purpose (a disconnect).
 Anything else (a 5xx, a broken connection the client did not cause, a wrong or short answer, a
 timeout) is "lost". After the run the gauges drain to 0, the KV cache is empty, every adapter still
@@ -81,6 +82,7 @@ class Soak:
         drop = rng.random() < self.disconnect_rate
         kind = ("chat" if chat else "cmpl") + ("-stream" if stream else "")
         sent_at = time.monotonic()
+        was_loaded = model in self.loaded  # a 404 is right when it was not (a load may be in flight)
         if chat:
             path, body = "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": word}]}
         else:
@@ -95,7 +97,7 @@ class Soak:
         except (httpx.HTTPError, asyncio.TimeoutError) as e:
             self.report.lost.append(f"{kind} {model}/{word}: {e!r}")
             return
-        if status == 404 and model in RUNTIME and (model not in self.loaded or
+        if status == 404 and model in RUNTIME and (not was_loaded or model not in self.loaded or
                                                    self.unloaded_at.get(model, 0) >= sent_at - 1):
             self.report.outcomes[f"{kind} 404 (adapter unloaded)"] += 1
             return
