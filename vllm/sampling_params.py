@@ -217,7 +217,8 @@ class SamplingParams:
             if not _is_finite_number(value) or not -2 <= value <= 2:
                 raise bad(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
         if not _is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty!r}")
+            raise bad(f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                      f"got {self.repetition_penalty!r}")
         if not _is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
 
