@@ -12,7 +12,7 @@ import copy
 import enum
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from vllm.logger import init_logger
 
@@ -24,6 +24,9 @@ _MIN_TEMPERATURE = 1e-2
 # Most alternatives per token that ``logprobs`` / ``prompt_logprobs`` may ask for
 # (vLLM's default ``max_logprobs``; the OpenAI chat API's top_logprobs limit).
 MAX_LOGPROBS = 20
+
+# OpenAI's range for a logit bias; larger magnitudes are clamped to it (as vLLM's server does).
+LOGIT_BIAS_LIMIT = 100.0
 
 # ``seed`` is a 64-bit signed integer, as in vLLM's OpenAI protocol (torch generators take no more).
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -90,6 +93,23 @@ class SamplingParams:
     prompt_logprobs: the same for every prompt token after the first (the
         first has no context, so its entry is None); None: off.
     output_kind: ``RequestOutputKind`` - every step's output (default) or the final one only.
+    presence_penalty: in [-2, 2]; subtracted from the logit of every token that
+        the output already contains (> 0 favours new tokens). 0 disables it.
+    frequency_penalty: in [-2, 2]; subtracted once per earlier occurrence in the
+        output. 0 disables it.
+    repetition_penalty: > 0; tokens of the prompt or the output have their logit
+        divided by it when positive, multiplied when not (> 1 discourages
+        repetition). 1 disables it.
+    min_p: in [0, 1]; after temperature, tokens whose probability is below
+        min_p times the most likely token's are removed. 0 disables it.
+    logit_bias: {token id: bias} added to those logits before anything else;
+        biases are clamped to [-100, 100]. Ids are checked against the vocabulary
+        by ``LLMEngine.add_request``.
+    allowed_token_ids: if set (a non-empty list), only these ids can be sampled.
+    bad_words: words that must not be generated. Each word is tokenized with and
+        without a leading space (``update_from_tokenizer``, done by the engine); a
+        word's last token is banned whenever the output ends with the word's other
+        tokens (single- and multi-token words; the match is against generated tokens).
     """
 
     n: int = 1
@@ -107,8 +127,16 @@ class SamplingParams:
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        self._bad_words_token_ids: Optional[list[list[int]]] = None
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -125,6 +153,18 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = _logit_bias(self.logit_bias)
+        self.allowed_token_ids = _id_list("allowed_token_ids", self.allowed_token_ids)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("SamplingParams: allowed_token_ids must be a non-empty list of token ids, or None to "
+                             "allow every token")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not isinstance(self.bad_words, (list, tuple)):
+                raise ValueError(f"SamplingParams: bad_words must be a list of strings, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+            for w in self.bad_words:
+                if not isinstance(w, str) or not w.strip():
+                    raise ValueError(f"SamplingParams: every bad word must be a non-empty string, got {w!r}")
         self._verify()
         if 0 < self.temperature < _MIN_TEMPERATURE:
             logger.warning("temperature %s is below %s and would overflow the logits; using %s",
@@ -172,6 +212,41 @@ class SamplingParams:
             if not _is_int(t) or t < 0:
                 raise bad(f"stop_token_ids must be non-negative integers (token ids of the model's "
                           f"vocabulary), got {t!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_finite_number(value) or not -2 <= value <= 2:
+                raise bad(f"{name} must be a number in [-2, 2] (0 disables it), got {value!r}")
+        if not _is_finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                      f"got {self.repetition_penalty!r}")
+        if not _is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
+
+    @property
+    def needs_penalties(self) -> bool:
+        """Whether any of presence, frequency or repetition penalty is active."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]]:
+        """Token sequences of ``bad_words`` (set by ``update_from_tokenizer``; [] before)."""
+        return self._bad_words_token_ids or []
+
+    def update_from_tokenizer(self, tokenizer: Any) -> None:
+        """Tokenize ``bad_words``: each word as given (leading spaces stripped) and with one leading
+        space, the second kept only when it differs from the first in its first token but has as
+        many tokens (vLLM's rule: a word inside a sentence usually starts with a space)."""
+        if not self.bad_words or self._bad_words_token_ids is not None:
+            return
+        sequences: list[list[int]] = []
+        for word in self.bad_words:
+            bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if bare:
+                sequences.append(bare)
+            if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+                sequences.append(spaced)
+        self._bad_words_token_ids = sequences
 
     @property
     def sampling_type(self) -> SamplingType:
@@ -188,3 +263,32 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
+
+
+def _id_list(name: str, ids: Any) -> Optional[list[int]]:
+    if ids is None:
+        return None
+    if not isinstance(ids, (list, tuple, set)):
+        raise ValueError(f"SamplingParams: {name} must be a list of token ids, got {ids!r}")
+    for t in ids:
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"SamplingParams: {name} must hold non-negative integers (token ids of the model's "
+                             f"vocabulary), got {t!r}")
+    return list(ids)
+
+
+def _logit_bias(bias: Any) -> Optional[dict[int, float]]:
+    """``{token id: bias}`` with the biases clamped to [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]; None if empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"SamplingParams: logit_bias must be a dict {{token id: bias}}, got {bias!r}")
+    out: dict[int, float] = {}
+    for token, value in bias.items():
+        if not _is_int(token) or token < 0:
+            raise ValueError(f"SamplingParams: logit_bias keys must be non-negative integer token ids, got {token!r}")
+        if not _is_finite_number(value):
+            raise ValueError(f"SamplingParams: logit_bias[{token}] must be a finite number (clamped to "
+                             f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]), got {value!r}")
+        out[token] = max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(value)))
+    return out or None

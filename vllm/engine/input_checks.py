@@ -1,7 +1,8 @@
 """What ``LLMEngine.add_request`` checks against the model before a request is queued.
 
 ``SamplingParams`` validates itself (types, ranges, finiteness); what depends on the
-model is checked here: prompt token ids and ``stop_token_ids`` against the vocabulary,
+model is checked here: prompt token ids, ``stop_token_ids``, ``logit_bias`` and
+``allowed_token_ids`` ids and the tokens of ``bad_words`` against the vocabulary,
 the prompt length against ``max_model_len``, ``n`` against ``MAX_SAMPLES``.  Every
 problem is a ValueError that names the request, the field, the value and the valid
 range, so nothing a step cannot compute ever reaches one.
@@ -70,7 +71,10 @@ def check_request(request_id: str, token_ids: list[int], params: SamplingParams,
         raise ValueError(f"request {request_id!r}: the prompt has {len(token_ids)} tokens, but max_model_len "
                          f"is {limits.max_model_len}; shorten the prompt or raise max_model_len")
     vocab = limits.vocab_size
-    for field, ids in (("prompt_token_ids", token_ids), ("stop_token_ids", params.stop_token_ids)):
+    for field, ids in (("prompt_token_ids", token_ids), ("stop_token_ids", params.stop_token_ids),
+                       ("logit_bias", list(params.logit_bias or ())),
+                       ("allowed_token_ids", params.allowed_token_ids or []),
+                       ("bad_words (tokenized)", [t for word in params.bad_words_token_ids for t in word])):
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"request {request_id!r}: {field} contains {bad}, outside the model's vocabulary "

@@ -141,6 +141,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = prompt_ids(prompt, self.tokenizer)
+        params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids
         check_request(request_id, token_ids, params, self._limits)
         return text, token_ids
 

@@ -120,7 +120,9 @@ class ModelRunner:
         sampled = self.sampler(logits, [s.sampling_params for s in seqs],
                                [s.get_generator(logits.device) for s in seqs],
                                [s.suppressed_token_ids() for s in seqs],
-                               num_logprobs=[s.sampling_params.logprobs for s in seqs])
+                               num_logprobs=[s.sampling_params.logprobs for s in seqs],
+                               prompt_token_ids=[s.prompt_token_ids for s in seqs],
+                               output_token_ids=[s.output_token_ids for s in seqs])
         logprobs = sampled.logprobs if any(lp is not None for lp in sampled.logprobs) else None
         return ModelRunnerOutput(sampled.token_ids.tolist(), logprobs,
                                  plan.result(out) if plan is not None else None)

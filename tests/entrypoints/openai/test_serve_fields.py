@@ -42,8 +42,8 @@ def _ok(server) -> None:
 
 
 # (field, a value the server would have to apply, a no-op value it accepts)
-BOTH = [("frequency_penalty", 0.5, 0), ("presence_penalty", -1.0, 0.0), ("repetition_penalty", 1.3, 1),
-        ("logit_bias", {"5": 10}, {}), ("min_p", 0.1, 0), ("best_of", 2, 1),
+# (penalties, min_p, logit_bias, allowed_token_ids and bad_words are applied: test_serve_sampling.py)
+BOTH = [("best_of", 2, 1),
         ("response_format", {"type": "json_object"}, {"type": "text"}),
         ("use_beam_search", True, False), ("guided_json", {"type": "object"}, None)]
 COMPLETION_ONLY = [("suffix", "!", ""), ("add_special_tokens", False, True)]

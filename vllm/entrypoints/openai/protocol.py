@@ -3,6 +3,7 @@
 What the HTTP layer can check without the model is checked here, each failure a 400 naming the
 field: types, finite numbers (``Infinity`` / ``NaN``, which Python's json accepts, are refused),
 64-bit integer ranges, and text that is valid Unicode (no lone surrogates such as ``"\\ud800"``).
+Sampling fields are passed to ``SamplingParams``, whose range checks become 400s naming the field.
 Fields the server knows but does not implement yet are refused unless set to their no-op value
 (``unsupported_field``, table in ``unsupported.py``); unknown fields are accepted and listed by
 ``ignored_fields`` for the server to log, as vLLM does.
@@ -86,12 +87,15 @@ class _SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[Text] = None
-    # Known but not implemented yet: refused unless no-op (see unsupported.py).
+    # ranges are checked by SamplingParams (a 400 naming the field)
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     min_p: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, as OpenAI) -> bias
+    allowed_token_ids: Optional[list[TokenId]] = None
+    bad_words: Optional[list[Text]] = None
+    # Known but not implemented yet: refused unless no-op (see unsupported.py).
     best_of: Optional[int] = None
     response_format: Optional[dict[str, Any]] = None
 
@@ -114,13 +118,28 @@ class _SamplingRequest(OpenAIModel):
     def to_sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int] = None,
                            prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """Raises ValueError (-> 400) for combinations SamplingParams refuses."""
-        return SamplingParams(n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+        return SamplingParams(**self._penalty_fields(), n=self.n,
+                              temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p,
                               top_k=0 if self.top_k is None else self.top_k, seed=self.seed, max_tokens=max_tokens,
                               min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
                               skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
+
+    def _penalty_fields(self) -> dict[str, Any]:
+        """The penalty and token-constraint fields as SamplingParams takes them (defaults when unset)."""
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(token): value for token, value in self.logit_bias.items()}
+            except ValueError:
+                raise RequestError(f"logit_bias keys must be token ids (integers written as strings, e.g. "
+                                   f"{{\"50256\": -100}}), got {sorted(self.logit_bias)!r:.80}", "logit_bias") from None
+        return dict(frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    min_p=self.min_p or 0.0, logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
+                    bad_words=self.bad_words or None)
 
 
 # The legacy completions API returns at most 5 alternatives per token.

@@ -185,6 +185,16 @@ class OpenAIServing:
             raise APIError(f"stop_token_ids holds {bad}, outside this model's vocabulary [0, {vocab})",
                            param="stop_token_ids")
 
+    def _check_token_fields(self, params: SamplingParams) -> None:
+        """logit_bias and allowed_token_ids ids against the vocabulary (a 400 naming the field)."""
+        vocab = self._model_config.vocab_size
+        for field, ids in (("logit_bias", params.logit_bias or ()),
+                           ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise APIError(f"{field} holds token id {bad}, outside this model's vocabulary [0, {vocab})",
+                               param=field)
+
     def _prepare(self, req: Any, prompts: list[dict], param: str,
                  what: str = "the prompt") -> list[tuple[dict, SamplingParams]]:
         """Each engine prompt with its SamplingParams (max_tokens fitted to that prompt)."""
@@ -196,6 +206,7 @@ class OpenAIServing:
             budget = self._max_tokens(req, len(ids), room)
             if budget not in by_budget:
                 by_budget[budget] = self._params(req, budget)
+                self._check_token_fields(by_budget[budget])
             out.append((prompt, by_budget[budget]))
         return out
 

@@ -1,8 +1,8 @@
 """Request fields the server knows but does not implement yet, and the ones it does not know.
 
-A known field that changes the answer (a penalty, a logit bias, tools, beam search...) is refused
+A known field that changes the answer (tools, beam search, structured output...) is refused
 with a 400 naming it, unless it is set to the value that changes nothing: clients often send
-``frequency_penalty: 0``, ``logit_bias: {}``, ``best_of: n``, ``response_format: {"type": "text"}``
+``best_of: n``, ``response_format: {"type": "text"}``
 or ``tools: []``, and those are accepted. Answering 200 without applying a field would be a silent
 wrong answer. Unknown fields are accepted and reported (the server logs them once per request as
 ignored), as vLLM does.
@@ -31,11 +31,6 @@ def _choice_without(tools_field: str) -> Callable[[Any, Any], bool]:
 
 
 _BOTH: dict[str, _Rule] = {
-    "frequency_penalty": (_one_of(0), "0"),
-    "presence_penalty": (_one_of(0), "0"),
-    "repetition_penalty": (_one_of(1), "1"),
-    "min_p": (_one_of(0), "0"),
-    "logit_bias": (_empty, "{}"),
     "best_of": (lambda v, req: v is None or v == req.n, "n"),
     "response_format": (_one_of({"type": "text"}), '{"type": "text"}'),
     # vLLM's extra sampling and decoding fields
@@ -43,8 +38,6 @@ _BOTH: dict[str, _Rule] = {
     "length_penalty": (_one_of(1), "1"),
     "spaces_between_special_tokens": (_one_of(True), "true"),
     "truncate_prompt_tokens": (_one_of(), "null"),
-    "allowed_token_ids": (_one_of(), "null"),
-    "bad_words": (_empty, "[]"),
     "prompt_logprobs": (_one_of(), "null"),
     "logits_processors": (_empty, "null"),
     "return_tokens_as_token_ids": (_one_of(False), "false"),

@@ -1,10 +1,12 @@
 """Token sampler: one next token per sequence from its last-position logits.
 
-Per row: suppressed ids (min_tokens) -> -inf; greedy rows (temperature 0) take
-the argmax; the others are divided by their temperature, cut to the top-k
-tokens, then to the smallest set of most likely tokens whose probability
-reaches top_p (the most likely token always stays), and sampled from the
-softmax. A seeded row draws from its own generator, once per step, with its
+Per row, in vLLM's order (``logits_processors.py``): logit_bias added;
+ids outside allowed_token_ids, banned bad_words tokens and suppressed ids
+(min_tokens) -> -inf; repetition, frequency and presence penalties. Greedy rows
+(temperature 0) then take the argmax; the others are divided by their
+temperature, cut by min_p, to the top-k tokens, then to the smallest set of
+most likely tokens whose probability reaches top_p (the most likely token
+always stays), and sampled from the softmax. A seeded row draws from its own generator, once per step, with its
 own ``torch.multinomial`` call, so its tokens do not depend on the other rows of
 the batch; unseeded rows share one call on the default generator.
 
@@ -21,6 +23,7 @@ from typing import Optional, Sequence as Seq
 import torch
 from torch import nn
 
+from vllm.model_executor.layers.logits_processors import apply_min_p, apply_penalties, apply_token_constraints
 from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.sequence import Logprob, TokenLogprobs
 
@@ -109,7 +112,9 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, params: Seq[SamplingParams],
                 generators: Seq[Optional[torch.Generator]],
                 suppress_token_ids: Optional[Seq[Optional[Seq[int]]]] = None,
-                num_logprobs: Optional[Seq[Optional[int]]] = None):
+                num_logprobs: Optional[Seq[Optional[int]]] = None,
+                prompt_token_ids: Optional[Seq[Seq[int]]] = None,
+                output_token_ids: Optional[Seq[Seq[int]]] = None):
         """Sample one token per row.
 
         logits: [B, V], any float dtype (computed in float32; not modified).
@@ -122,8 +127,11 @@ class Sampler(nn.Module):
             ``params.logprobs``). When given, returns ``SamplerOutput`` whose
             ``logprobs[i]`` holds the sampled token and the k most likely ones
             of the raw logits (see the module docstring); None rows cost nothing.
+        prompt_token_ids, output_token_ids: B entries each, the rows' prompt and
+            generated ids; needed (ValueError otherwise) when a row has penalties
+            or bad_words.
         """
-        tokens = self._sample(logits, params, generators, suppress_token_ids)
+        tokens = self._sample(logits, params, generators, suppress_token_ids, prompt_token_ids, output_token_ids)
         if num_logprobs is None:
             return tokens
         if len(num_logprobs) != logits.shape[0]:
@@ -141,7 +149,9 @@ class Sampler(nn.Module):
 
     def _sample(self, logits: torch.Tensor, params: Seq[SamplingParams],
                 generators: Seq[Optional[torch.Generator]],
-                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]]) -> torch.Tensor:
+                suppress_token_ids: Optional[Seq[Optional[Seq[int]]]],
+                prompt_token_ids: Optional[Seq[Seq[int]]] = None,
+                output_token_ids: Optional[Seq[Seq[int]]] = None) -> torch.Tensor:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [num_seqs, vocab_size], got shape {tuple(logits.shape)}")
         num_rows, vocab = logits.shape
@@ -154,10 +164,14 @@ class Sampler(nn.Module):
         logits = logits.to(torch.float32, copy=True)
         if num_rows == 0:
             return torch.empty(0, dtype=torch.int64, device=device)
-        if suppress_token_ids is not None:
-            for row, ids in enumerate(suppress_token_ids):
-                if ids:
-                    logits[row, torch.tensor(list(ids), dtype=torch.int64, device=device)] = float("-inf")
+        needs_history = any(p.needs_penalties or p.bad_words for p in params)
+        if needs_history:
+            for name, lists in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+                if lists is None or len(lists) != num_rows:
+                    raise ValueError(f"rows with penalties or bad_words need {name} for each of the {num_rows} rows")
+        empty: list[Seq[int]] = [()] * num_rows
+        apply_token_constraints(logits, params, output_token_ids or empty, suppress_token_ids)
+        apply_penalties(logits, params, prompt_token_ids or empty, output_token_ids or empty)
 
         out = logits.argmax(dim=-1)
         types = [p.sampling_type for p in params]
@@ -168,6 +182,9 @@ class Sampler(nn.Module):
         idx = torch.tensor(rows, dtype=torch.int64, device=device)
         temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
         scaled = logits.index_select(0, idx) / temperature.unsqueeze(1)
+        if any(params[i].min_p > 0 for i in rows):
+            min_p = torch.tensor([params[i].min_p for i in rows], dtype=torch.float32, device=device)
+            scaled = apply_min_p(scaled, min_p)
         if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
             # a top_k >= the vocabulary keeps everything: clamp first, so any Python int fits an int64
             top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], dtype=torch.int64, device=device)
