@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import EngineDeadError, RequestFailedError, describe, is_fatal
 from vllm.engine.llm_engine import LLMEngine, PromptType
+from vllm.engine.request_stats import RequestTimer, StatsObserver, StepStats, finish_reason_of
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
@@ -63,6 +64,12 @@ class AsyncLLMEngine:
         # (requests_running / requests_waiting count requests, refreshed after every step and command)
         self.stats = {"requests_finished": 0, "requests_aborted": 0, "requests_failed": 0, "prompt_tokens": 0,
                       "generation_tokens": 0, "requests_running": 0, "requests_waiting": 0}
+        # (adapter names of the running requests, of the waiting ones, when they were counted): with LoRA on
+        self.lora_state: tuple[tuple[str, ...], tuple[str, ...], float] = ((), (), time.time())
+        # per-request timings (engine thread), handed to the observers as StepStats after commands and steps
+        self._timers: dict[str, RequestTimer] = {}
+        self._step_stats = StepStats()
+        self._observers: list[StatsObserver] = []
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -73,6 +80,10 @@ class AsyncLLMEngine:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def add_stats_observer(self, observer: StatsObserver) -> None:
+        """Call ``observer(StepStats)`` (on the engine thread) after each command or step that did something."""
+        self._observers.append(observer)
 
     @property
     def is_running(self) -> bool:
@@ -126,6 +137,7 @@ class AsyncLLMEngine:
         for rid in ids:
             stream = self._streams.pop(rid, None)
             self.stats["requests_failed"] += 1
+            self._end_timer(rid, "abort", failed=True)
             if stream is not None:
                 stream.put(RequestFailedError(f"request {rid} failed: {error}", {rid: error}))
         self._update_gauges()
@@ -149,9 +161,34 @@ class AsyncLLMEngine:
         if fut is not None:
             fut.set_result(result)
 
+    def _end_timer(self, request_id: str, reason: str, failed: bool = False) -> None:
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            self._step_stats.finished.append(timer.finish(time.monotonic(), reason, failed))
+
+    def _publish(self) -> None:
+        """Hand what happened since the last call to the observers (an observer's error is only logged)."""
+        stats, self._step_stats = self._step_stats, StepStats()
+        if not stats:
+            return
+        for observer in self._observers:
+            try:
+                observer(stats)
+            except Exception:  # noqa: BLE001 - metrics are not worth a request
+                logger.exception("a stats observer failed")
+
     def _update_gauges(self) -> None:
+        self._publish()
         try:
             running, waiting = self.engine.get_request_counts()
+            if self.engine.lora_config is not None:
+                # a request runs when any of its sequences does (as the gauges count them)
+                sched = self.engine.scheduler
+                running_ids = {s.request_id for s in sched.running}
+                queued = [s for s in sched.waiting if s.request_id not in running_ids]
+                names = [sorted({s.lora_request.lora_name for s in seqs if s.lora_request is not None})
+                         for seqs in (sched.running, queued)]
+                self.lora_state = (tuple(names[0]), tuple(names[1]), time.time())
         except Exception:  # noqa: BLE001 - a gauge is not worth a request; keep the last values
             logger.exception("could not count the running and waiting requests")
             return
@@ -160,6 +197,13 @@ class AsyncLLMEngine:
 
     def _step(self) -> None:
         outputs = self.engine.step()
+        now = time.monotonic()
+        for out in outputs:  # timings first: /metrics holds a request before its caller hears back
+            timer = self._timers.get(out.request_id)
+            if timer is not None:
+                timer.on_output(out, now, self._step_stats)
+                if out.finished:
+                    self._end_timer(out.request_id, finish_reason_of(out), failed=out.error is not None)
         self._update_gauges()
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -200,6 +244,7 @@ class AsyncLLMEngine:
         def do() -> None:
             if request_id in self._streams or request_id in self.engine._requests:
                 self.stats["requests_aborted"] += 1
+            self._end_timer(request_id, "abort")
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
@@ -211,6 +256,7 @@ class AsyncLLMEngine:
         if self._streams.get(request_id) is stream:
             self._streams.pop(request_id)
             self.stats["requests_aborted"] += 1
+            self._end_timer(request_id, "abort")
             self.engine.abort_request(request_id)
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
@@ -224,6 +270,7 @@ class AsyncLLMEngine:
         aborts the request.
         """
         request_id = request_id or f"req-{next(self._ids)}"
+        arrival = time.monotonic()
         stream = _Stream(asyncio.get_running_loop())
         params = params or SamplingParams()
         if not self.is_running:
@@ -238,7 +285,10 @@ class AsyncLLMEngine:
             self.engine.add_request(request_id, prompt, params, lora_request=lora_request,
                                     arrival_time=time.time())
             self._streams[request_id] = stream
-            self.stats["prompt_tokens"] += len(self.engine._requests[request_id][0].prompt_token_ids)
+            n_prompt = len(self.engine._requests[request_id][0].prompt_token_ids)
+            self.stats["prompt_tokens"] += n_prompt
+            self._timers[request_id] = RequestTimer(request_id, arrival, n_prompt)
+            self._step_stats.prompt_tokens += n_prompt
             added.set()
 
         try:

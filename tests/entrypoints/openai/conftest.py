@@ -36,6 +36,7 @@ require("fastapi")
 require("uvicorn")
 httpx = require("httpx")
 require("openai")
+require("prometheus_client")
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -50,6 +51,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[str, dict[frozenset, float]]:
+    """``/metrics`` parsed with prometheus_client's parser: {sample name: {frozenset(labels): value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[frozenset, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def sample(url: str, name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels`` (model_name="demo" unless given)."""
+    labels.setdefault("model_name", "demo")
+    rows = [v for k, v in scrape(url).get(name, {}).items() if set(labels.items()) <= k]
+    assert len(rows) == 1, (name, labels, rows)
+    return rows[0]
 
 
 class Server:

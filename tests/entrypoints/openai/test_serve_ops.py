@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import MODEL, REPO, SERVE_ARGS, Server
+from .conftest import MODEL, REPO, SERVE_ARGS, Server, sample
 
 GREEDY = dict(temperature=0, max_tokens=16)
 # 512 sequences of 58 tokens, 4 at a time: tens of seconds of work on a CPU
@@ -31,10 +31,7 @@ def _run_to_exit(cmd: list[str], timeout: float = 120) -> tuple[int, str]:
 
 
 def _metric(server: Server, name: str) -> float:
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics", timeout=5).text
-    return float(re.search(rf"^vllm:{name} (\S+)$", text, re.M).group(1))
+    return sample(server.url, f"vllm:{name}")
 
 
 @pytest.mark.parametrize("case", ["rank", "adapter_path", "model_folder"])

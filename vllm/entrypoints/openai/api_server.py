@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vllm
@@ -17,6 +17,7 @@ from vllm import envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.entrypoints.openai.http_middleware import DEFAULT_MAX_BODY_BYTES, ServerMiddleware, ServerState
+from vllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, build_metrics
 from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
                                               UnloadLoRAAdapterRequest)
 from vllm.entrypoints.openai.request_logging import StatsLogger
@@ -96,6 +97,8 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
     app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan)
     app.add_middleware(ServerMiddleware, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
     serving = Serving(engine, models)
+    server_metrics = build_metrics(engine, models.base_names[0], models.max_model_len,
+                                   lambda: len(models.adapters), lambda: dict(state.http_requests))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
@@ -198,28 +201,7 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
 
     @app.get("/metrics")
     async def metrics():
-        s = engine.stats
-        lines = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.extend([f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} {kind}"])
-            lines.extend(f"vllm:{name}{labels} {value}" for labels, value in samples)
-
-        metric("request_success_total", "counter", "Finished requests.", [("", s["requests_finished"])])
-        metric("request_aborted_total", "counter", "Aborted requests.", [("", s["requests_aborted"])])
-        metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", s["prompt_tokens"])])
-        metric("generation_tokens_total", "counter", "Generated tokens.", [("", s["generation_tokens"])])
-        metric("num_requests_running", "gauge", "Requests with a sequence running.", [("", s["requests_running"])])
-        metric("num_requests_waiting", "gauge", "Requests waiting.", [("", s["requests_waiting"])])
-        bm = engine.engine.scheduler.block_manager  # read from this thread: two ints, a snapshot is enough
-        metric("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.",
-               [("", bm.num_used_blocks / max(bm.num_blocks, 1))])
-        metric("lora_adapters_loaded", "gauge", "Adapters served.", [("", len(models.adapters))])
-        metric("http_requests_total", "counter", "HTTP requests by route and status.",
-               [(f'{{path="{p}",status="{c}"}}', v) for (p, c), v in sorted(state.http_requests.items())])
-        metric("e2e_request_latency_seconds", "histogram",
-               "Latency of /v1 requests, arrival to the end of the (streamed) response.", state.latency.samples())
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return Response(server_metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 

@@ -12,8 +12,7 @@ Per HTTP request, in order:
 2. The body may hold at most ``max_body_bytes``: a larger ``Content-Length`` is
    refused before any of the body is read, and a body without one is counted while it
    arrives and refused as soon as it passes the limit (413, OpenAI's error shape).
-3. ``/v1/*`` requests are counted by route and status, and their latency (arrival to
-   the last byte of the response, streams included) goes into a histogram.
+3. ``/v1/*`` requests are counted by route and status (``vllm:http_requests_total``).
 4. While the server shuts down (``ServerState.aborting``), a request cancelled because
    the drain timeout passed gets a 503 if its response had not started.
 """
@@ -21,11 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
-from vllm.entrypoints.openai.metrics import Histogram
 from vllm.entrypoints.openai.security import api_key_matches
 from vllm.logger import init_logger
 
@@ -45,7 +42,6 @@ class ServerState:
     """What the middleware counts, read by /metrics, the stats logger and the shutdown."""
 
     http_requests: dict[tuple[str, int], int] = field(default_factory=dict)
-    latency: Histogram = field(default_factory=Histogram)  # /v1 requests, arrival to the last byte
     in_flight: int = 0  # /v1 requests whose response has not ended
     aborting: bool = False  # set when the drain timeout has passed: cancelled requests get a 503
 
@@ -132,19 +128,15 @@ class ServerMiddleware:
         await self._counted(scope, replay, send, path)
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        t0 = time.perf_counter()
-        started, ended = False, False
+        started = False
         status = 500
 
         async def counting_send(msg: Message) -> None:
-            nonlocal started, ended, status
+            nonlocal started, status
             if msg["type"] == "http.response.start":
                 started, status = True, msg["status"]
                 key = (path, status)
                 self.state.http_requests[key] = self.state.http_requests.get(key, 0) + 1
-            elif msg["type"] == "http.response.body" and not msg.get("more_body", False) and not ended:
-                ended = True
-                self.state.latency.observe(time.perf_counter() - t0)
             await send(msg)
 
         self.state.in_flight += 1
