@@ -1,7 +1,7 @@
 """Fuzz the real ``vllm serve`` with thousands of generated requests (the suite runs a few hundred).
 
-Starts the demo server (runtime adapter updates on, a small body limit), sends ``--requests`` requests
-drawn by tests/entrypoints/openai/fuzz_requests.py (every field valid or hostile: huge integers,
+Starts the demo server (runtime adapter updates on, a small body limit), sends the requests that once
+killed the engine or got a 5xx (``KNOWN_FINDINGS``), then ``--requests`` requests drawn by tests/entrypoints/openai/fuzz_requests.py (every field valid or hostile: huge integers,
 non-finite numbers, wrong types, lone surrogates, out-of-vocabulary token ids, nested junk, unknown
 and unsupported fields, bodies that are not JSON or too large, adapter paths that escape), and after
 every ``--good-every`` of them a good greedy request whose answer must equal the offline engine's.
@@ -33,10 +33,10 @@ def main() -> int:
     args = p.parse_args()
 
     import httpx
-    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import HealthCheck, example, given, seed, settings
 
     from tests.entrypoints.openai.conftest import ADAPTERS, MODEL, Server
-    from tests.entrypoints.openai.fuzz_requests import FuzzRequest, any_request, check_answer
+    from tests.entrypoints.openai.fuzz_requests import KNOWN_FINDINGS, FuzzRequest, any_request, check_answer
     from tests.entrypoints.openai.test_fuzz_server import good_answer, send
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -83,6 +83,8 @@ def main() -> int:
                     else:
                         problems.append(f"good request {model}/{word} -> {answer!r}")
 
+            for known in reversed(KNOWN_FINDINGS):  # the issue's findings first, then the generated ones
+                fuzz = example(known)(fuzz)
             fuzz()
             healthy = http.get("/health").status_code == 200
             metrics = http.get("/metrics").text
