@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
+from tests.utils import patched
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from vllm.executor.multiproc import WorkerError
-from tests.utils import patched
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_model")
 PROMPTS = ["hello=", "abc=", "xyz=", "good day="]

@@ -10,10 +10,10 @@ import os
 
 import pytest
 
+from tests.utils import patched
 from vllm import LLM, SamplingParams
 from vllm.engine.errors import RequestFailedError
 from vllm.executor.multiproc import WorkerError
-from tests.utils import patched
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_model")
 PROMPTS = ["hello=", "abc=", "xyz=", "good day="]
