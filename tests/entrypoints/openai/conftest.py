@@ -73,11 +73,15 @@ def sample(url: str, name: str, **labels: str) -> float:
 
 
 class Server:
-    def __init__(self, extra_args=(), env=None, timeout: float = 60.0) -> None:
+    def __init__(self, extra_args=(), env=None, timeout: float = 60.0, *, model: str = MODEL,
+                 base_args=None) -> None:
+        """``vllm serve model`` (the demo model by default) named "demo", with ``base_args`` (default:
+        SERVE_ARGS, the demo adapters) and ``extra_args``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli", "serve", MODEL, "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", "demo", *SERVE_ARGS, *extra_args]
+        base = SERVE_ARGS if base_args is None else list(base_args)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--served-model-name", "demo", *base, *extra_args]
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{self.port}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
