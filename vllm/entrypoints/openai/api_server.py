@@ -5,7 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +18,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.entrypoints.openai.http_middleware import DEFAULT_MAX_BODY_BYTES, ServerMiddleware, ServerState
 from vllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, build_metrics
-from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                              LoadLoRAAdapterRequest, TokenizeChatRequest, TokenizeCompletionRequest,
                                               UnloadLoRAAdapterRequest)
 from vllm.entrypoints.openai.request_logging import StatsLogger
 from vllm.entrypoints.openai.security import AdapterPathError, AdapterPathPolicy
@@ -129,6 +130,10 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
             return _error(APIError("the engine is not running", 503, "ServiceUnavailable"))
         return PlainTextResponse("")
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():  # SageMaker's health check, as in vLLM
+        return await health()
+
     @app.get("/version")
     async def version():
         return {"version": vllm.__version__}
@@ -156,6 +161,14 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         if body.stream:
             return await respond(request, await serving.chat(body))
         return await respond(request, await _until_disconnect(request, serving.chat(body)))
+
+    @app.post("/tokenize")
+    async def tokenize(body: Union[TokenizeChatRequest, TokenizeCompletionRequest]):
+        return JSONResponse(await serving.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(await serving.detokenize(body))
 
     def _runtime_updates_allowed() -> None:
         if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
@@ -278,7 +291,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         logger.info("ready: serving %s on http://%s:%d (routes: /v1/models, /v1/completions, "
-                    "/v1/chat/completions, /health, /version, /metrics)", served, args.host, args.port)
+                    "/v1/chat/completions, /tokenize, /detokenize, /health, /ping, /version, /metrics)",
+                    served, args.host, args.port)
 
     try:
         asyncio.run(serve_http(app, sock, state, args.shutdown_timeout, ready))

@@ -8,6 +8,7 @@ from vllm.entrypoints.openai.protocol import ModelCard, ModelList
 from vllm.entrypoints.openai.serving_chat import ChatServing
 from vllm.entrypoints.openai.serving_completion import CompletionServing
 from vllm.entrypoints.openai.serving_engine import APIError, not_found, sse
+from vllm.entrypoints.openai.serving_tokenize import TokenizeServing
 from vllm.lora.request import LoRARequest
 
 __all__ = ["APIError", "Models", "Serving", "not_found", "sse"]
@@ -39,9 +40,10 @@ class Models:
 
     def listing(self) -> ModelList:
         cards = [ModelCard(id=n, root=self.root, max_model_len=self.max_model_len) for n in self.base_names]
-        cards += [ModelCard(id=n, root=r.lora_path, parent=self.base_names[0]) for n, r in self.adapters.items()]
+        cards += [ModelCard(id=n, root=r.lora_path, parent=self.base_names[0], max_model_len=self.max_model_len)
+                  for n, r in self.adapters.items()]
         return ModelList(data=cards)
 
 
-class Serving(CompletionServing, ChatServing):
-    """``completions`` and ``chat``, on one engine and one set of models."""
+class Serving(CompletionServing, ChatServing, TokenizeServing):
+    """``completions``, ``chat``, ``tokenize`` and ``detokenize``, on one engine and one set of models."""
