@@ -24,8 +24,9 @@ class Models:
         self.adapters: dict[str, LoRARequest] = {}
         self._next_id = 1
 
-    def new_lora(self, name: str, path: str) -> LoRARequest:
-        req = LoRARequest(name, self._next_id, path, base_model_name=self.base_names[0])
+    def new_lora(self, name: str, path: str, base_model_name: Optional[str] = None) -> LoRARequest:
+        """A request for adapter ``name``; its card's parent is ``base_model_name`` (default: the first name)."""
+        req = LoRARequest(name, self._next_id, path, base_model_name=base_model_name or self.base_names[0])
         self._next_id += 1
         return req
 
@@ -40,7 +41,8 @@ class Models:
 
     def listing(self) -> ModelList:
         cards = [ModelCard(id=n, root=self.root, max_model_len=self.max_model_len) for n in self.base_names]
-        cards += [ModelCard(id=n, root=r.lora_path, parent=self.base_names[0], max_model_len=self.max_model_len)
+        cards += [ModelCard(id=n, root=r.lora_path, parent=r.base_model_name or self.base_names[0],
+                            max_model_len=self.max_model_len)
                   for n, r in self.adapters.items()]
         return ModelList(data=cards)
 
