@@ -6,7 +6,8 @@ Heavy modules load on first use, so ``import vllm`` stays cheap.
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineArgs", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineArgs", "AsyncLLMEngine",
+           "AsyncEngineArgs", "TextPrompt", "TokensPrompt", "PromptType", "__version__"]
 
 _LAZY = {
     "LLM": "vllm.entrypoints.llm",
@@ -15,6 +16,11 @@ _LAZY = {
     "CompletionOutput": "vllm.outputs",
     "LLMEngine": "vllm.engine.llm_engine",
     "EngineArgs": "vllm.engine.arg_utils",
+    "AsyncEngineArgs": "vllm.engine.arg_utils",
+    "AsyncLLMEngine": "vllm.engine.async_llm_engine",
+    "TextPrompt": "vllm.inputs",
+    "TokensPrompt": "vllm.inputs",
+    "PromptType": "vllm.inputs",
 }
 
 

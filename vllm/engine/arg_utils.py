@@ -64,3 +64,8 @@ class EngineArgs:
                                            max_model_len=model_config.max_model_len,
                                            max_loras=self.max_loras if self.enable_lora else None)
         return model_config, cache_config, scheduler_config, lora_config
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """vLLM's name for the arguments of ``AsyncLLMEngine.from_engine_args``: the same fields."""

@@ -33,10 +33,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+
+
 def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[int]]:
     """(text or None, token ids) of a prompt: a string, a list of token ids, or a dict with
     'prompt_token_ids' (and optionally its 'prompt' text) or 'prompt'."""
     if isinstance(prompt, dict):
+        unknown = sorted(map(str, set(prompt) - _PROMPT_KEYS))
+        if unknown:
+            raise ValueError(f"a prompt dict may hold only 'prompt' and 'prompt_token_ids' (text-only models), got "
+                             f"{', '.join(map(repr, unknown))}; leave the other keys out")
         if "prompt_token_ids" in prompt:
             text = prompt.get("prompt")
             if text is not None and not isinstance(text, str):

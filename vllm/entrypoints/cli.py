@@ -6,15 +6,75 @@ uvicorn) is imported only when ``serve`` runs, so the package works without them
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
+
+KV_CACHE_DTYPES = ("auto",)
+LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def _lora_module(text: str) -> tuple[str, str]:
+class LoRAModule(NamedTuple):
+    """One ``--lora-modules`` entry; ``base_model_name`` (vLLM's JSON form) must be a served name."""
+
+    name: str
+    path: str
+    base_model_name: Optional[str] = None
+
+
+def _lora_module(text: str) -> LoRAModule:
+    """``name=path``, or vLLM's JSON ``{"name": ..., "path": ..., "base_model_name": ...}``."""
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise argparse.ArgumentTypeError(f"--lora-modules JSON entries are objects, got {text!r}")
+        unknown = sorted(set(obj) - {"name", "path", "base_model_name"})
+        if unknown:
+            raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r} has unknown key(s) {', '.join(unknown)}; "
+                                             "the keys are name, path and base_model_name")
+        name, path, base = obj.get("name"), obj.get("path"), obj.get("base_model_name")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r} needs non-empty string "
+                                             "\"name\" and \"path\"")
+        if base is not None and not isinstance(base, str):
+            raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r}: base_model_name must be a string")
+        return LoRAModule(name, path, base)
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--lora-modules entries are name=path, got {text!r}")
-    return name, path
+        raise argparse.ArgumentTypeError(f"--lora-modules entries are name=path or JSON "
+                                         f"{{\"name\": ..., \"path\": ..., \"base_model_name\": ...}}, got {text!r}")
+    return LoRAModule(name, path)
+
+
+def _json_list(text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON list such as '[\"*\"]', got {text!r}: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings such as '[\"*\"]', got {text!r}")
+    return value
+
+
+def _kv_cache_dtype(text: str) -> str:
+    if text not in KV_CACHE_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported: only 'auto' (the KV cache in the model's "
+                                         "dtype) is; this engine has no quantised (fp8) KV-cache kernels")
+    return text
+
+
+def _max_logprobs(text: str) -> int:
+    from vllm.sampling_params import MAX_LOGPROBS
+
+    value = int(text)
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_LOGPROBS} (the most logprobs the engine "
+                                         f"returns per position), got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -42,7 +102,11 @@ def make_parser() -> argparse.ArgumentParser:
                        help="name(s) of the base model in the API (default: MODEL_DIR)")
     serve.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     serve.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=None, metavar="NAME=PATH",
-                       help="adapters to serve, each as name=path (the flag may be repeated)")
+                       help="adapters to serve, each as name=path or as JSON {\"name\": ..., \"path\": ..., "
+                            "\"base_model_name\": ...} (the flag may be repeated)")
+    serve.add_argument("--lora-dtype", choices=LORA_DTYPES, default="auto",
+                       help="dtype of the adapters' weights on the device: auto (the model's dtype) or that same "
+                            "dtype; another one is refused (the LoRA kernels compute in the model's dtype)")
     serve.add_argument("--lora-allowed-dirs", nargs="+", action="extend", default=None, metavar="DIR",
                        help="directories runtime adapter loads (POST /v1/load_lora_adapter) may read from; paths "
                             "are resolved (symlinks too) and must stay inside; relative paths are looked up in "
@@ -70,6 +134,13 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-expert-parallel", action="store_true",
                        help="split the MoE experts over the tensor-parallel ranks (whole experts per rank) instead of "
                             "splitting every expert; attention and dense layers stay tensor-parallel")
+    serve.add_argument("--moe-backend", default="auto",
+                       help="MoE experts backend (e.g. triton, torch); auto: the fastest that can run the model "
+                            "(and its LoRA adapters)")
+    serve.add_argument("--kv-cache-dtype", type=_kv_cache_dtype, default="auto",
+                       help="only auto (the model's dtype) is supported")
+    serve.add_argument("--max-logprobs", type=_max_logprobs, default=20,
+                       help="most logprobs (and prompt logprobs) a request may ask for per position (default: 20)")
     serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
     serve.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                        help="decode batch sizes to capture as CUDA graphs (default: a ladder up to --max-num-seqs)")
@@ -79,7 +150,21 @@ def make_parser() -> argparse.ArgumentParser:
     ops.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, how long requests in flight may finish before they are aborted "
                           "(default: 30)")
-    ops.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    log_requests = ops.add_mutually_exclusive_group()
+    log_requests.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    log_requests.add_argument("--enable-log-requests", action="store_true",
+                              help="a log line per request (the default here; accepted as in vLLM)")
+    ops.add_argument("--uvicorn-log-level", choices=UVICORN_LOG_LEVELS, default="warning",
+                     help="uvicorn's log level (default: warning)")
+    ops.add_argument("--root-path", default=None,
+                     help="the path prefix under which a proxy serves the app (FastAPI's root_path)")
+    ops.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
+                     help='CORS allowed origins, a JSON list (default: ["*"])')
+    ops.add_argument("--allowed-methods", type=_json_list, default=["*"], metavar="JSON",
+                     help='CORS allowed methods, a JSON list (default: ["*"])')
+    ops.add_argument("--allowed-headers", type=_json_list, default=["*"], metavar="JSON",
+                     help='CORS allowed headers, a JSON list (default: ["*"])')
+    ops.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     ops.add_argument("--max-log-len", type=int, default=None, metavar="N",
                      help="also log the first N characters of each prompt (default: no prompt text)")
     ops.add_argument("--disable-log-stats", action="store_true",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import RequestFailedError
@@ -26,13 +26,14 @@ def _per_prompt(value: Many, n: int, name: str, kind: type) -> list:
     return values
 
 
-def _final_only(params: list[Optional[SamplingParams]]) -> list[SamplingParams]:
+def _final_only(params: list[Optional[SamplingParams]], default: Callable[[], SamplingParams]) -> list[SamplingParams]:
     """Copies (the caller's objects stay as they are) that ask the engine for final outputs only:
     ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted."""
     copies: dict[int, SamplingParams] = {}
-    out = []
+    out, fallback = [], None
     for p in params:
-        p = p or SamplingParams()
+        if p is None:
+            fallback = p = fallback or default()
         if id(p) not in copies:
             copies[id(p)] = p.clone()
             copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
@@ -54,6 +55,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams ``generate`` and ``chat`` use when given none (a new object each call)."""
+        return SamplingParams()
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
@@ -71,7 +76,8 @@ class LLM:
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _final_only(_per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams))
+        params = _final_only(_per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams),
+                             self.get_default_sampling_params)
         loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
         engine = self.llm_engine
         ids = []

@@ -5,12 +5,15 @@ import argparse
 import asyncio
 import contextlib
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import torch
 
 import vllm
 from vllm import envs
@@ -18,7 +21,8 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.entrypoints.openai.http_middleware import DEFAULT_MAX_BODY_BYTES, ServerMiddleware, ServerState
 from vllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, build_metrics
-from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest,
+from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                              LoadLoRAAdapterRequest, TokenizeChatRequest, TokenizeCompletionRequest,
                                               UnloadLoRAAdapterRequest)
 from vllm.entrypoints.openai.request_logging import StatsLogger
 from vllm.entrypoints.openai.security import AdapterPathError, AdapterPathPolicy
@@ -77,9 +81,13 @@ async def _until_disconnect(request: Request, coro) -> Any:
 def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = None, *,
               state: Optional[ServerState] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               adapter_paths: Optional[AdapterPathPolicy] = None,
-              stats_interval: Optional[float] = None) -> FastAPI:
+              stats_interval: Optional[float] = None, max_logprobs: Optional[int] = None,
+              cors: Optional[dict[str, Any]] = None, root_path: Optional[str] = None) -> FastAPI:
     """The app.  ``adapter_paths``: where runtime loads may read adapters (None: nowhere);
-    ``stats_interval``: seconds between stats lines while busy (None: no stats lines)."""
+    ``stats_interval``: seconds between stats lines while busy (None: no stats lines);
+    ``max_logprobs``: the most logprobs a request may ask for (None: the engine's 20);
+    ``cors``: keyword arguments of Starlette's ``CORSMiddleware`` (None: no CORS headers);
+    ``root_path``: the prefix a proxy serves the app under (FastAPI's ``root_path``)."""
     state = state or ServerState()
     adapter_paths = adapter_paths or AdapterPathPolicy([])
 
@@ -94,9 +102,14 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
             if stats is not None:
                 await stats.stop()
 
-    app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan)
+    app = FastAPI(title="vllm OpenAI-compatible server", version=vllm.__version__, lifespan=lifespan,
+                  root_path=root_path or "")
     app.add_middleware(ServerMiddleware, state=state, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors is not None:  # added last: outermost, so a preflight is answered before the API-key check
+        app.add_middleware(CORSMiddleware, **cors)
     serving = Serving(engine, models)
+    if max_logprobs is not None:
+        serving.max_logprobs = max_logprobs
     server_metrics = build_metrics(engine, models.base_names[0], models.max_model_len,
                                    lambda: len(models.adapters), lambda: dict(state.http_requests))
 
@@ -129,6 +142,10 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
             return _error(APIError("the engine is not running", 503, "ServiceUnavailable"))
         return PlainTextResponse("")
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():  # SageMaker's health check, as in vLLM
+        return await health()
+
     @app.get("/version")
     async def version():
         return {"version": vllm.__version__}
@@ -156,6 +173,14 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
         if body.stream:
             return await respond(request, await serving.chat(body))
         return await respond(request, await _until_disconnect(request, serving.chat(body)))
+
+    @app.post("/tokenize")
+    async def tokenize(body: Union[TokenizeChatRequest, TokenizeCompletionRequest]):
+        return JSONResponse(await serving.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(await serving.detokenize(body))
 
     def _runtime_updates_allowed() -> None:
         if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
@@ -216,6 +241,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       enable_expert_parallel=args.enable_expert_parallel,
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                       fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code,
+                      moe_backend=None if args.moe_backend == "auto" else args.moe_backend,
                       enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes)
 
 
@@ -224,13 +250,22 @@ def _start_engine(args: argparse.Namespace, models_root: str) -> tuple[AsyncLLME
     if not os.path.isdir(args.model):
         raise ValueError(f"the model folder {args.model!r} does not exist (or is not a folder); give the local "
                          "folder that holds the model's config.json, weights and tokenizer")
+    names = args.served_model_name or [args.model]
+    for module in args.lora_modules or []:
+        if module.base_model_name is not None and module.base_model_name not in names:
+            raise ValueError(f"--lora-modules {module.name}: base_model_name {module.base_model_name!r} is not a "
+                             f"served model name ({', '.join(names)}); leave it out or use one of them")
     engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))
     try:
-        names = args.served_model_name or [args.model]
+        model_dtype = engine.engine.model_config.dtype
+        if args.lora_dtype != "auto" and getattr(torch, args.lora_dtype) != model_dtype:
+            raise ValueError(f"--lora-dtype {args.lora_dtype} is not supported with a {model_dtype} model: the "
+                             "LoRA kernels compute in the model's dtype; use --lora-dtype auto (or --dtype "
+                             f"{args.lora_dtype} for the whole model)")
         models = Models(names, models_root, engine.engine.model_config.max_model_len)
-        for name, path in args.lora_modules or []:
+        for name, path, base in args.lora_modules or []:
             logger.info("loading LoRA adapter %s from %s", name, path)
-            req = models.new_lora(name, path)
+            req = models.new_lora(name, path, base)
             try:
                 asyncio.run(engine.add_lora(req))
             except Exception as e:
@@ -258,7 +293,7 @@ def run_server(args: argparse.Namespace) -> int:
         return 1
     try:
         adapter_paths = AdapterPathPolicy.for_server(args.lora_allowed_dirs,
-                                                     [p for _, p in args.lora_modules or []])
+                                                     [m.path for m in args.lora_modules or []])
         logger.info("vllm %s: starting the engine for %s", vllm.__version__, args.model)
         engine, models = _start_engine(args, (args.served_model_name or [args.model])[0])
     except Exception as e:  # a start-up error: its message, not a traceback (that is at DEBUG)
@@ -273,15 +308,19 @@ def run_server(args: argparse.Namespace) -> int:
     state = ServerState()
     app = build_app(logged, models, args.api_key, state=state, max_body_bytes=args.max_request_body_bytes,
                     adapter_paths=adapter_paths,
-                    stats_interval=None if args.disable_log_stats else envs.VLLM_LOG_STATS_INTERVAL)
+                    stats_interval=None if args.disable_log_stats else envs.VLLM_LOG_STATS_INTERVAL,
+                    max_logprobs=args.max_logprobs, root_path=args.root_path,
+                    cors=dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+                              allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials))
     served = ", ".join(models.base_names + list(models.adapters))
 
     def ready() -> None:
         logger.info("ready: serving %s on http://%s:%d (routes: /v1/models, /v1/completions, "
-                    "/v1/chat/completions, /health, /version, /metrics)", served, args.host, args.port)
+                    "/v1/chat/completions, /tokenize, /detokenize, /health, /ping, /version, /metrics)",
+                    served, args.host, args.port)
 
     try:
-        asyncio.run(serve_http(app, sock, state, args.shutdown_timeout, ready))
+        asyncio.run(serve_http(app, sock, state, args.shutdown_timeout, ready, args.uvicorn_log_level))
     finally:
         engine.shutdown()
         logger.info("server stopped")

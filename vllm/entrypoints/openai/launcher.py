@@ -49,9 +49,9 @@ class _Server(uvicorn.Server):
 
 
 async def serve_http(app: Any, sock: socket.socket, state: ServerState, shutdown_timeout: float,
-                     on_ready: Callable[[], None]) -> None:
-    """Serve ``app`` on ``sock`` until a signal and the drain are done."""
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+                     on_ready: Callable[[], None], log_level: str = "warning") -> None:
+    """Serve ``app`` on ``sock`` until a signal and the drain are done (uvicorn logging at ``log_level``)."""
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     server = _Server(config)
     loop = asyncio.get_running_loop()
 

@@ -262,3 +262,29 @@ class UnloadLoRAAdapterRequest(OpenAIModel):
     lora_name: Text = Field(min_length=1)
     lora_int_id: Optional[int] = None
 
+
+
+class TokenizeCompletionRequest(OpenAIModel):
+    """``POST /tokenize`` with a text prompt (vLLM's shape)."""
+
+    model: Optional[Text] = None
+    prompt: Text
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIModel):
+    """``POST /tokenize`` with chat messages: the chat template's rendering is tokenised."""
+
+    model: Optional[Text] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: Optional[Text] = None
+    tokens: list[TokenId]

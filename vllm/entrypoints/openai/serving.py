@@ -8,6 +8,7 @@ from vllm.entrypoints.openai.protocol import ModelCard, ModelList
 from vllm.entrypoints.openai.serving_chat import ChatServing
 from vllm.entrypoints.openai.serving_completion import CompletionServing
 from vllm.entrypoints.openai.serving_engine import APIError, not_found, sse
+from vllm.entrypoints.openai.serving_tokenize import TokenizeServing
 from vllm.lora.request import LoRARequest
 
 __all__ = ["APIError", "Models", "Serving", "not_found", "sse"]
@@ -23,8 +24,9 @@ class Models:
         self.adapters: dict[str, LoRARequest] = {}
         self._next_id = 1
 
-    def new_lora(self, name: str, path: str) -> LoRARequest:
-        req = LoRARequest(name, self._next_id, path, base_model_name=self.base_names[0])
+    def new_lora(self, name: str, path: str, base_model_name: Optional[str] = None) -> LoRARequest:
+        """A request for adapter ``name``; its card's parent is ``base_model_name`` (default: the first name)."""
+        req = LoRARequest(name, self._next_id, path, base_model_name=base_model_name or self.base_names[0])
         self._next_id += 1
         return req
 
@@ -39,9 +41,11 @@ class Models:
 
     def listing(self) -> ModelList:
         cards = [ModelCard(id=n, root=self.root, max_model_len=self.max_model_len) for n in self.base_names]
-        cards += [ModelCard(id=n, root=r.lora_path, parent=self.base_names[0]) for n, r in self.adapters.items()]
+        cards += [ModelCard(id=n, root=r.lora_path, parent=r.base_model_name or self.base_names[0],
+                            max_model_len=self.max_model_len)
+                  for n, r in self.adapters.items()]
         return ModelList(data=cards)
 
 
-class Serving(CompletionServing, ChatServing):
-    """``completions`` and ``chat``, on one engine and one set of models."""
+class Serving(CompletionServing, ChatServing, TokenizeServing):
+    """``completions``, ``chat``, ``tokenize`` and ``detokenize``, on one engine and one set of models."""

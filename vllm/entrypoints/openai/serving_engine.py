@@ -14,7 +14,7 @@ from vllm.entrypoints.openai.protocol import RequestError
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import MAX_LOGPROBS, SamplingParams
 from vllm.transformers_utils.detokenizer import Detokenizer
 from vllm.transformers_utils.tokenizer import encode_text
 
@@ -99,6 +99,8 @@ def value_error(e: ValueError, fields: Any = ()) -> APIError:
 class OpenAIServing:
     """Shared by the completions and chat handlers (``Serving`` combines them)."""
 
+    max_logprobs: int = MAX_LOGPROBS  # the server's cap (``--max-logprobs``) on logprobs and prompt_logprobs
+
     def __init__(self, engine: AsyncLLMEngine, models: Any) -> None:
         self.engine = engine
         self.models = models
@@ -120,13 +122,18 @@ class OpenAIServing:
         except RequestError as e:
             raise APIError(str(e), param=e.param) from e
 
-    @staticmethod
-    def _params(req: Any, max_tokens: Optional[int]) -> SamplingParams:
+    def _params(self, req: Any, max_tokens: Optional[int]) -> SamplingParams:
         """The request's SamplingParams; refused values become 400s naming the field."""
         try:
-            return req.sampling_params(max_tokens)
+            params = req.sampling_params(max_tokens)
         except ValueError as e:
             raise value_error(e, type(req).model_fields) from e
+        asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        if asked > self.max_logprobs:
+            field = "top_logprobs" if "messages" in type(req).model_fields else "logprobs"
+            raise APIError(f"{field} is {asked}, above this server's limit of {self.max_logprobs} (--max-logprobs); "
+                           f"ask for at most {self.max_logprobs}", param=field)
+        return params
 
     # ---- prompts -----------------------------------------------------------------------------
     @property
