@@ -26,13 +26,14 @@ def _per_prompt(value: Many, n: int, name: str, kind: type) -> list:
     return values
 
 
-def _final_only(params: list[Optional[SamplingParams]]) -> list[SamplingParams]:
+def _final_only(params: list[Optional[SamplingParams]], default: SamplingParams) -> list[SamplingParams]:
     """Copies (the caller's objects stay as they are) that ask the engine for final outputs only:
-    ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted."""
+    ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted.
+    ``None`` entries get ``default``."""
     copies: dict[int, SamplingParams] = {}
     out = []
     for p in params:
-        p = p or SamplingParams()
+        p = p or default
         if id(p) not in copies:
             copies[id(p)] = p.clone()
             copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
@@ -54,6 +55,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses when given no sampling params: SamplingParams' defaults overridden by
+        the model's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens as max_tokens) unless the engine was built with ``generation_config="vllm"``."""
+        return SamplingParams(**self.llm_engine.generation_defaults.sampling)
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
@@ -61,9 +68,9 @@ class LLM:
         """One ``RequestOutput`` per prompt, in prompt order.
 
         ``sampling_params`` and ``lora_request`` are one for all prompts or one per prompt
-        (``None`` entries: base model).  A bad request raises before anything runs.  When
-        requests fail inside the engine (an error while their step was computed), the rest
-        of the batch still runs; then ``RequestFailedError`` is raised naming each failed
+        (``None`` entries: ``get_default_sampling_params()``; the base model).  A bad request
+        raises before anything runs.  When requests fail inside the engine (an error while their
+        step was computed), the rest of the batch still runs; then ``RequestFailedError`` is raised naming each failed
         prompt and its cause, with every output (failed ones have ``error`` set) in its
         ``outputs``.
         """
@@ -71,7 +78,8 @@ class LLM:
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _final_only(_per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams))
+        params = _final_only(_per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams),
+                             self.get_default_sampling_params())
         loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest)
         engine = self.llm_engine
         ids = []
