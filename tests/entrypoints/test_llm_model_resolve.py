@@ -143,3 +143,15 @@ def test_chat_template_override():
     out = llm.chat([{"role": "user", "content": "hello"}], GREEDY, chat_template=template, use_tqdm=False)[0]
     assert out.prompt_token_ids == llm.get_tokenizer().encode("HELLO=", add_special_tokens=False)
     assert out.outputs[0].token_ids == _tokens(llm, GREEDY, [{"prompt_token_ids": out.prompt_token_ids}])[0]
+
+
+def test_chat_template_from_a_file_and_bad_ones(tmp_path):
+    llm = LLM(DEMO, **KW)
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[-1]['content'] | upper }}=")
+    out = llm.chat([{"role": "user", "content": "abc"}], GREEDY, chat_template=str(path), use_tqdm=False)[0]
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("ABC=", add_special_tokens=False)
+    with pytest.raises(ValueError, match="not a file and does not look like a Jinja template"):
+        llm.chat([{"role": "user", "content": "abc"}], GREEDY, chat_template=str(tmp_path / "none.jinja"))
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        llm.chat([{"role": "user", "content": "abc"}], GREEDY, chat_template="{% for m in messages %}")

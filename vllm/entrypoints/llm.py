@@ -10,6 +10,7 @@ from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.transformers_utils.tokenizer import load_chat_template
 
 Many = Union[None, Any, Sequence[Any]]
 
@@ -128,7 +129,10 @@ class LLM:
              lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the tokenizer's chat template."""
+        """Generate replies to one conversation or a list of them, using the tokenizer's chat template,
+        or ``chat_template`` (the Jinja text or a file path) instead."""
+        if chat_template is not None:
+            chat_template = load_chat_template(chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
         if chat_template is None and getattr(tok, "chat_template", None) is None:

@@ -73,10 +73,10 @@ def sample(url: str, name: str, **labels: str) -> float:
 
 
 class Server:
-    def __init__(self, extra_args=(), env=None, timeout: float = 60.0) -> None:
+    def __init__(self, extra_args=(), env=None, timeout: float = 60.0, model: str = MODEL) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli", "serve", MODEL, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--served-model-name", "demo", *SERVE_ARGS, *extra_args]
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{self.port}.log")
         self.log = open(self.log_path, "w")
