@@ -73,7 +73,7 @@ def test_not_cached_says_how_to_download(hub_cache, name, revision):
 
 
 def test_not_a_folder_nor_an_id():
-    with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hugging Face hub id"):
+    with pytest.raises(FileNotFoundError, match="no such folder .*config.json.* not a Hugging Face hub id"):
         LLM("/no/such/folder", **KW)
 
 

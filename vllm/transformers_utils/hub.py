@@ -27,8 +27,9 @@ def resolve_model_path(name: str, revision: Optional[str] = None, *, what: str =
     try:
         folder = snapshot_download(path, revision=revision, local_files_only=True)
     except HFValidationError as e:
-        raise FileNotFoundError(f"{what} {path!r} is neither a local folder nor a Hugging Face hub id "
-                                f"(Org/Name): {e}") from None
+        raise FileNotFoundError(f"{what} {path!r}: there is no such folder (a model folder holds config.json, the "
+                                f"weights and the tokenizer), and it is not a Hugging Face hub id (Org/Name) "
+                                f"either: {e}") from None
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         raise FileNotFoundError(
             f"{what} {path!r} is not a local folder, and the hub repository {path!r}{at} is not in the local "
