@@ -1,6 +1,7 @@
 """ModelConfig: which checkpoint, in which dtype, for how long a context.
 
-    cfg = ModelConfig("/path/to/model", dtype="auto", max_model_len=None)
+    cfg = ModelConfig("/path/to/model" or "Org/Name", dtype="auto", max_model_len=None, revision=None)
+    cfg.model            the local folder (a hub id is resolved from the local hub cache, at ``revision``)
     cfg.hf_config        the transformers config read from <model>/config.json
     cfg.dtype            torch.dtype, resolved (see below)
     cfg.max_model_len    int, resolved (default: max_position_embeddings)
@@ -51,20 +52,24 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: Any, *, on_gpu: bool) 
 
 @dataclass
 class ModelConfig:
-    """``model`` is a local folder with config.json; ``seed`` seeds sampling; the rest is resolved once."""
+    """``model`` is a local folder with config.json, or a hub id cached locally (resolved to its snapshot
+    folder at ``revision``); ``seed`` seeds sampling; the rest is resolved once."""
 
     model: str
     dtype: str | torch.dtype = "auto"
     max_model_len: Optional[int] = None
     seed: int = 0
     trust_remote_code: bool = False
+    revision: Optional[str] = None
     hf_config: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        path = os.fspath(self.model)
+        from vllm.transformers_utils.hub import resolve_model_path
+
+        path = self.model = resolve_model_path(self.model, self.revision)
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no config.json in {path!r}: `model` must be a local checkpoint folder "
-                                    "(hub downloads are not supported)")
+            raise FileNotFoundError(f"no config.json in {path!r}: `model` must be a checkpoint folder (or a hub "
+                                    "id in the local Hugging Face cache) with config.json, weights and tokenizer")
         from transformers import AutoConfig
 
         self.hf_config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code,

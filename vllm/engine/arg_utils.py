@@ -14,7 +14,10 @@ from vllm.config.scheduler import SchedulerConfig
 @dataclass
 class EngineArgs:
     model: str
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # default: the model's folder
+    revision: Optional[str] = None  # hub ids: the branch, tag or commit of the cached snapshot (default: main)
+    tokenizer_revision: Optional[str] = None  # for a hub-id tokenizer (default: revision)
+    generation_config: str = "auto"  # "auto": the model's generation_config.json; "vllm": ignore it; or a folder
     dtype: str = "auto"
     seed: int = 0
     max_model_len: Optional[int] = None
@@ -47,7 +50,7 @@ class EngineArgs:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
-                                   trust_remote_code=self.trust_remote_code)
+                                   trust_remote_code=self.trust_remote_code, revision=self.revision)
         if self.enable_expert_parallel:
             from vllm.config.parallel import check_expert_parallel
 

@@ -22,6 +22,7 @@ import torch
 
 from vllm.core.block_manager import BlockManager
 from vllm.core.scheduler import Scheduler, SchedulerOutput
+from vllm.config.generation import load_generation_defaults
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import describe, is_fatal
 from vllm.engine.fault_isolation import execute_isolated, sub_batch
@@ -34,6 +35,7 @@ from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.sequence import Sequence, SequenceStatus
 from vllm.transformers_utils.detokenizer import Detokenizer
+from vllm.transformers_utils.hub import resolve_model_path
 from vllm.transformers_utils.tokenizer import get_tokenizer
 
 logger = init_logger(__name__)
@@ -47,8 +49,17 @@ class LLMEngine:
         (self.model_config, self.cache_config, self.scheduler_config,
          self.lora_config) = args.create_configs()
         torch.manual_seed(args.seed)
-        logger.info("loading tokenizer from %s", args.tokenizer or args.model)
-        self.tokenizer = get_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+        tokenizer_path = self.model_config.model  # the model's folder (a hub id already resolved)
+        if args.tokenizer:
+            tokenizer_path = resolve_model_path(args.tokenizer, args.tokenizer_revision or args.revision,
+                                                what="tokenizer")
+        logger.info("loading tokenizer from %s", tokenizer_path)
+        self.tokenizer = get_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
+        self.generation_defaults = load_generation_defaults(self.model_config.model, args.generation_config)
+        if self.generation_defaults.sampling:
+            logger.warning("default sampling parameters come from %s/generation_config.json: %s (they apply to "
+                           "what a request does not set; --generation-config vllm / generation_config='vllm' "
+                           "ignores them)", self.generation_defaults.source, self.generation_defaults.sampling)
         self.executor = create_executor(args)
         driver = self.executor.driver  # rank 0: its model shard, KV cache and runner (which samples)
         self.device = driver.device
@@ -80,7 +91,10 @@ class LLMEngine:
         self.executor.shutdown()
 
     def _generation_eos_ids(self) -> set[int]:
-        eos = self.model_config.eos_token_id
+        """EOS ids besides the tokenizer's: generation_config.json's, else config.json's (as vLLM)."""
+        eos = self.generation_defaults.eos_token_ids
+        if eos is None:
+            eos = self.model_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids - {self.tokenizer.eos_token_id}
 

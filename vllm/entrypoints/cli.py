@@ -1,4 +1,4 @@
-"""The ``vllm`` command: ``vllm serve MODEL_DIR [options]``, ``vllm --version``.
+"""The ``vllm`` command: ``vllm serve MODEL [options]``, ``vllm --version``.
 
 Also runnable as ``python -m vllm.entrypoints.cli serve ...``.  The server (FastAPI,
 uvicorn) is imported only when ``serve`` runs, so the package works without them.
@@ -91,15 +91,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=vllm.__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server",
-                           description="Serve MODEL_DIR (and LoRA adapters) over an OpenAI-compatible HTTP API.")
-    serve.add_argument("model", metavar="MODEL_DIR", help="folder of the model (config, weights, tokenizer)")
+                           description="Serve MODEL (and LoRA adapters) over an OpenAI-compatible HTTP API.")
+    serve.add_argument("model", metavar="MODEL", help="folder of the model (config, weights, tokenizer), or a "
+                       "Hugging Face hub id (Org/Name) in the local hub cache (HF_HUB_CACHE; nothing is downloaded)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every /v1 route (compared in constant time); "
                             "/health, /metrics and /version stay open, as in vLLM")
     serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) of the base model in the API (default: MODEL_DIR)")
+                       help="name(s) of the base model in the API (default: MODEL)")
     serve.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     serve.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=None, metavar="NAME=PATH",
                        help="adapters to serve, each as name=path or as JSON {\"name\": ..., \"path\": ..., "
@@ -119,7 +120,18 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (default: 256)")
     serve.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (default: auto)")
     serve.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    serve.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL_DIR)")
+    serve.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
+    serve.add_argument("--revision", default=None,
+                       help="for a hub id: the branch, tag or commit of the locally cached snapshot (default: main)")
+    serve.add_argument("--tokenizer-revision", default=None, help="the same for a hub-id --tokenizer "
+                       "(default: --revision)")
+    serve.add_argument("--generation-config", default="auto",
+                       help="'auto': default sampling parameters and extra EOS ids from the model's "
+                            "generation_config.json (for the fields a request leaves unset); 'vllm': no sampling "
+                            "defaults from it; or a folder holding a generation_config.json (default: auto)")
+    serve.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
+                       help="chat template for /v1/chat/completions instead of the tokenizer's: a file path or the "
+                            "Jinja text itself")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="let transformers run code shipped with the model's config / tokenizer")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -10,6 +10,7 @@ from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.transformers_utils.tokenizer import load_chat_template
 
 Many = Union[None, Any, Sequence[Any]]
 
@@ -28,7 +29,8 @@ def _per_prompt(value: Many, n: int, name: str, kind: type) -> list:
 
 def _final_only(params: list[Optional[SamplingParams]], default: Callable[[], SamplingParams]) -> list[SamplingParams]:
     """Copies (the caller's objects stay as they are) that ask the engine for final outputs only:
-    ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted."""
+    ``generate`` returns nothing before a request finishes, so per-step outputs would be wasted.
+    ``None`` entries get ``default``."""
     copies: dict[int, SamplingParams] = {}
     out, fallback = [], None
     for p in params:
@@ -56,8 +58,10 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """The SamplingParams ``generate`` and ``chat`` use when given none (a new object each call)."""
-        return SamplingParams()
+        """What ``generate`` uses when given no sampling params: SamplingParams' defaults overridden by
+        the model's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens as max_tokens) unless the engine was built with ``generation_config="vllm"``."""
+        return SamplingParams(**self.llm_engine.generation_defaults.sampling)
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
@@ -66,9 +70,9 @@ class LLM:
         """One ``RequestOutput`` per prompt, in prompt order.
 
         ``sampling_params`` and ``lora_request`` are one for all prompts or one per prompt
-        (``None`` entries: base model).  A bad request raises before anything runs.  When
-        requests fail inside the engine (an error while their step was computed), the rest
-        of the batch still runs; then ``RequestFailedError`` is raised naming each failed
+        (``None`` entries: ``get_default_sampling_params()``; the base model).  A bad request
+        raises before anything runs.  When requests fail inside the engine (an error while their
+        step was computed), the rest of the batch still runs; then ``RequestFailedError`` is raised naming each failed
         prompt and its cause, with every output (failed ones have ``error`` set) in its
         ``outputs``.
         """
@@ -126,7 +130,10 @@ class LLM:
              lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the tokenizer's chat template."""
+        """Generate replies to one conversation or a list of them, using the tokenizer's chat template,
+        or ``chat_template`` (the Jinja text or a file path) instead."""
+        if chat_template is not None:
+            chat_template = load_chat_template(chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
         if chat_template is None and getattr(tok, "chat_template", None) is None:

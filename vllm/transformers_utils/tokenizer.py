@@ -68,3 +68,24 @@ def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> l
     if backend is not None:
         return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens, verbose=False))
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file path or as the Jinja text itself (``--chat-template``,
+    ``LLM.chat(chat_template=...)``); ValueError when it is neither, or is not valid Jinja."""
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    elif not any(mark in value for mark in ("{{", "{%", "\n")):
+        raise ValueError(f"chat template {value!r} is not a file and does not look like a Jinja template "
+                         "(no '{{' or '{%'); give the path of a .jinja file or the template text")
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as e:
+        where = f"the file {value!r}" if text is not value else "the chat template"
+        raise ValueError(f"{where} is not a valid Jinja template: {e.message} (line {e.lineno})") from None
+    return text

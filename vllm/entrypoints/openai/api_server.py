@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -28,6 +27,7 @@ from vllm.entrypoints.openai.request_logging import StatsLogger
 from vllm.entrypoints.openai.security import AdapterPathError, AdapterPathPolicy
 from vllm.entrypoints.openai.serving import APIError, Models, Serving, not_found
 from vllm.logger import init_logger
+from vllm.transformers_utils.tokenizer import load_chat_template
 
 logger = init_logger(__name__)
 
@@ -233,7 +233,9 @@ def build_app(engine: AsyncLLMEngine, models: Models, api_key: Optional[str] = N
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     """The engine's arguments from ``vllm serve``'s flags (the parser's defaults are EngineArgs')."""
-    return EngineArgs(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed,
+    return EngineArgs(model=args.model, tokenizer=args.tokenizer, revision=args.revision,
+                      tokenizer_revision=args.tokenizer_revision, generation_config=args.generation_config,
+                      dtype=args.dtype, seed=args.seed,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                       gpu_memory_utilization=args.gpu_memory_utilization,
@@ -247,21 +249,21 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
 
 def _start_engine(args: argparse.Namespace, models_root: str) -> tuple[AsyncLLMEngine, Models]:
     """The engine with the start-up adapters loaded; any failure shuts it down again and raises."""
-    if not os.path.isdir(args.model):
-        raise ValueError(f"the model folder {args.model!r} does not exist (or is not a folder); give the local "
-                         "folder that holds the model's config.json, weights and tokenizer")
     names = args.served_model_name or [args.model]
     for module in args.lora_modules or []:
         if module.base_model_name is not None and module.base_model_name not in names:
             raise ValueError(f"--lora-modules {module.name}: base_model_name {module.base_model_name!r} is not a "
                              f"served model name ({', '.join(names)}); leave it out or use one of them")
-    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args))  # a model not found: a clear error
     try:
         model_dtype = engine.engine.model_config.dtype
         if args.lora_dtype != "auto" and getattr(torch, args.lora_dtype) != model_dtype:
             raise ValueError(f"--lora-dtype {args.lora_dtype} is not supported with a {model_dtype} model: the "
                              "LoRA kernels compute in the model's dtype; use --lora-dtype auto (or --dtype "
                              f"{args.lora_dtype} for the whole model)")
+        if chat_template is not None:
+            engine.engine.tokenizer.chat_template = chat_template  # what /v1/chat/completions renders
         models = Models(names, models_root, engine.engine.model_config.max_model_len)
         for name, path, base in args.lora_modules or []:
             logger.info("loading LoRA adapter %s from %s", name, path)

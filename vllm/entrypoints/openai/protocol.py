@@ -218,7 +218,7 @@ class ChatCompletionRequest(_SamplingRequest):
     def token_budget(self) -> tuple[Optional[int], str, bool]:
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens", True
-        return self.max_tokens, "max_tokens", self.max_tokens is not None
+        return self.max_tokens, "max_tokens", "max_tokens" in self.model_fields_set
 
     def sampling_params(self, max_tokens: Optional[int]) -> SamplingParams:
         """``logprobs: true`` returns each token's logprob, ``top_logprobs`` (0..20) alternatives with it."""

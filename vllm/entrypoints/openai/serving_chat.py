@@ -30,6 +30,7 @@ class ChatServing(OpenAIServing):
     async def chat(self, req: ChatCompletionRequest):
         rid, created = random_id("chatcmpl"), int(time.time())
         self._check_request(req, rid)
+        req = self._with_defaults(req)
         lora = self.models.resolve(req.model)
         self._params(req, None)  # values that do not depend on the prompt: refused before any work
         prompt = await asyncio.to_thread(self._render_chat, req)

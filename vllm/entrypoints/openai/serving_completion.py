@@ -20,6 +20,7 @@ class CompletionServing(OpenAIServing):
     async def completions(self, req: CompletionRequest):
         rid, created = random_id("cmpl"), int(time.time())
         self._check_request(req, rid)
+        req = self._with_defaults(req)
         lora = self.models.resolve(req.model)
         prompts: list[Any] = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
         if prompts and isinstance(prompts[0], int):

@@ -122,6 +122,18 @@ class OpenAIServing:
         except RequestError as e:
             raise APIError(str(e), param=e.param) from e
 
+    def _with_defaults(self, req: Any) -> Any:
+        """``req`` with the model's generation_config.json defaults (``--generation-config auto``) in the
+        sampling fields it left unset or null; they still count as unset (a default max_tokens that does
+        not fit the context is fitted, not refused)."""
+        defaults = self.engine.engine.generation_defaults.sampling
+        update = {k: v for k, v in defaults.items() if k not in req.model_fields_set or getattr(req, k) is None}
+        if not update:
+            return req
+        out = req.model_copy(update=update)
+        object.__setattr__(out, "__pydantic_fields_set__", set(req.model_fields_set))
+        return out
+
     def _params(self, req: Any, max_tokens: Optional[int]) -> SamplingParams:
         """The request's SamplingParams; refused values become 400s naming the field."""
         try:
