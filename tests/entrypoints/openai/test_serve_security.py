@@ -14,10 +14,9 @@ GREEDY = dict(temperature=0, max_tokens=16)
 
 
 # ---- the adapter path policy, without a server ------------------------------------------------
-@pytest.fixture
-def tree(tmp_path):
-    """allowed/{up (adapter), link -> outside/up2, empty/}, outside/up2 (adapter)."""
-    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+def make_tree(root):
+    """root/allowed/{up (adapter), link -> root/outside/up2, empty/}, root/outside/up2 (adapter)."""
+    allowed, outside = root / "allowed", root / "outside"
     allowed.mkdir()
     outside.mkdir()
     shutil.copytree(ADAPTERS["upper"], allowed / "up")
@@ -25,6 +24,11 @@ def tree(tmp_path):
     os.symlink(outside / "up2", allowed / "link")
     (allowed / "empty").mkdir()
     return allowed, outside
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path)
 
 
 def escapes(allowed, outside) -> list[str]:
@@ -103,14 +107,7 @@ def test_api_key_is_compared_in_constant_time(monkeypatch):
 # ---- a real server -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def confined(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    allowed, outside = root / "allowed", root / "outside"
-    allowed.mkdir()
-    outside.mkdir()
-    shutil.copytree(ADAPTERS["upper"], allowed / "up")
-    shutil.copytree(ADAPTERS["upper"], outside / "up2")
-    os.symlink(outside / "up2", allowed / "link")
-    (allowed / "empty").mkdir()
+    allowed, outside = make_tree(tmp_path_factory.mktemp("adapters"))
     srv = Server(["--lora-allowed-dirs", str(allowed), "--max-request-body-bytes", "4000", "--api-key", "k"],
                  env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     yield srv, allowed, outside

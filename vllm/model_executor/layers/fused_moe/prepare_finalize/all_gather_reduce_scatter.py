@@ -35,6 +35,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
     PrepareResult,
     TopKWeightAndReduce,
 )
+from vllm.model_executor.layers.fused_moe.prepare_finalize.no_ep import prepare_input
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,9 @@ class MoEPrepareAndFinalizeAllGatherReduceScatter(FusedMoEPrepareAndFinalize):
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
                 quant_config: FusedMoEQuantConfig,
                 token_lora_mapping: Optional[torch.Tensor] = None) -> PrepareResult:
-        if quant_config.is_quantized:
-            raise NotImplementedError(f"activation quantization to {quant_config.quant_dtype} is not implemented")
         if expert_map is None:
             raise ValueError("expert-parallel prepare/finalize needs the layer's expert_map (ep_size > 1)")
-        if apply_router_weight_on_input:
-            if topk_ids.shape[1] != 1:
-                raise ValueError("apply_router_weight_on_input needs top_k == 1 "
-                                 f"(got top_k={topk_ids.shape[1]}): weighting the input is only exact for one expert")
-            a1 = a1 * topk_weights.to(a1.dtype)
+        a1 = prepare_input(a1, topk_weights, topk_ids, quant_config, apply_router_weight_on_input)
         if self.tokens_replicated or self.group.world_size == 1:
             return PrepareResult(a1q=a1, a1q_scale=None, topk_ids=topk_ids, topk_weights=topk_weights,
                                  token_lora_mapping=token_lora_mapping)

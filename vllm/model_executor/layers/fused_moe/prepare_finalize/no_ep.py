@@ -13,6 +13,21 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
 )
 
 
+def prepare_input(a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  quant_config: FusedMoEQuantConfig, apply_router_weight_on_input: bool) -> torch.Tensor:
+    """The experts' input before any dispatch (every prepare/finalize pair starts here): activation
+    quantization is refused (not implemented); with ``apply_router_weight_on_input`` (top_k must be
+    1) the router weight scales the activations, and the experts must not apply it again."""
+    if quant_config.is_quantized:
+        raise NotImplementedError(f"activation quantization to {quant_config.quant_dtype} is not implemented")
+    if apply_router_weight_on_input:
+        if topk_ids.shape[1] != 1:
+            raise ValueError("apply_router_weight_on_input needs top_k == 1 "
+                             f"(got top_k={topk_ids.shape[1]}): weighting the input is only exact for one expert")
+        a1 = a1 * topk_weights.to(a1.dtype)
+    return a1
+
+
 class MoEPrepareAndFinalizeNoEP(FusedMoEPrepareAndFinalize):
     """No dispatch.  With ``apply_router_weight_on_input`` (top_k must be 1) the
     router weight scales the activations here, and the experts must not apply it again."""
@@ -21,13 +36,7 @@ class MoEPrepareAndFinalizeNoEP(FusedMoEPrepareAndFinalize):
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
                 quant_config: FusedMoEQuantConfig,
                 token_lora_mapping: Optional[torch.Tensor] = None) -> PrepareResult:
-        if quant_config.is_quantized:
-            raise NotImplementedError(f"activation quantization to {quant_config.quant_dtype} is not implemented")
-        if apply_router_weight_on_input:
-            if topk_ids.shape[1] != 1:
-                raise ValueError("apply_router_weight_on_input needs top_k == 1 "
-                                 f"(got top_k={topk_ids.shape[1]}): weighting the input is only exact for one expert")
-            a1 = a1 * topk_weights.to(a1.dtype)
+        a1 = prepare_input(a1, topk_weights, topk_ids, quant_config, apply_router_weight_on_input)
         return PrepareResult(a1q=a1, a1q_scale=None, topk_ids=topk_ids, topk_weights=topk_weights,
                              token_lora_mapping=token_lora_mapping)
 
