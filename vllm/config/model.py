@@ -61,7 +61,9 @@ class ModelConfig:
     seed: int = 0
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    quantization: Optional[str] = None
     hf_config: Any = field(init=False, repr=False)
+    quant_config: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         from vllm.transformers_utils.hub import resolve_model_path
@@ -79,6 +81,9 @@ class ModelConfig:
         cfg_dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
         self.dtype = resolve_dtype(self.dtype, cfg_dtype, on_gpu=current_platform().is_cuda())
         self.max_model_len = self._resolve_max_model_len(self.max_model_len)
+        from vllm.model_executor.layers.quantization import get_quantization_config
+
+        self.quant_config = get_quantization_config(self.hf_config, self.quantization)
 
     def _resolve_max_model_len(self, requested: Optional[int]) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None)

@@ -35,6 +35,7 @@ from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import (check_full_attention, check_silu, head_dim_of, hf_config_of,
+                                              quant_config_of,
                                               join_prefix, load_checkpoint, rope_from_config)
 
 
@@ -54,6 +55,7 @@ class BuildArgs:
     moe_backend: Optional[str] = None
     tp_group: Any = None
     enable_expert_parallel: bool = False
+    quant_config: Any = None  # a QuantizationConfig, or None for a float checkpoint
 
     @property
     def tp_size(self) -> int:
@@ -77,10 +79,11 @@ class BuildArgs:
     def moe(self) -> dict[str, Any]:
         """FusedMoE's parallel arguments: the intermediate size split over the TP ranks, or
         (expert parallelism) E / tp_size whole experts per rank, combined over the same group."""
+        quant = {"quant_config": self.quant_config} if self.quant_config is not None else {}
         if self.enable_expert_parallel and self.tp_size > 1:
             return {"tp_size": 1, "tp_rank": 0, "ep_size": self.tp_size, "ep_rank": self.tp_rank,
-                    "ep_group": self.tp_group}
-        return {"tp_size": self.tp_size, "tp_rank": self.tp_rank, "tp_group": self.tp_group}
+                    "ep_group": self.tp_group, **quant}
+        return {"tp_size": self.tp_size, "tp_rank": self.tp_rank, "tp_group": self.tp_group, **quant}
 
     @property
     def row(self) -> dict[str, Any]:
@@ -272,7 +275,7 @@ class MoEForCausalLM(nn.Module):
         self.config = hf
         self.prefix = prefix
         args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group,
-                         enable_expert_parallel)
+                         enable_expert_parallel, quant_config_of(config, hf))
         rope = rope_from_config(hf, head_dim_of(hf), args.device)
         layers = []
         for i in range(hf.num_hidden_layers):

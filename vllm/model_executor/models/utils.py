@@ -179,3 +179,13 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         if isinstance(module, FusedMoE):
             module.process_weights_after_loading()
     return cover.complete()
+
+
+def quant_config_of(config: Any, hf: Any) -> Any:
+    """The checkpoint's ``QuantizationConfig`` (None: float): the one a ``ModelConfig`` resolved,
+    else parsed from the HF config's ``quantization_config``."""
+    if hasattr(config, "hf_config"):
+        return getattr(config, "quant_config", None)
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    return get_quantization_config(hf)

@@ -18,12 +18,15 @@ those ranks the kernel dispatches and combines over it (``prepare_finalize/``).
 ``ep_tokens_replicated``: every rank of the group holds the same tokens (the
 tensor-parallel engine), so dispatch moves nothing and combine is one all-reduce.
 
+Quantized experts: ``quant_config`` (the checkpoint's ``QuantizationConfig``) picks the
+quant method, which creates the weights and their loaders; None = unquantized.
+
 LoRA: ``FusedMoEWithLoRA`` stores a ``MoELoRAContext`` in ``_lora_context``;
 ``forward`` passes it on as an argument.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -32,6 +35,9 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoE
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEModularMethod
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 
 class FusedMoE(nn.Module):
@@ -45,7 +51,7 @@ class FusedMoE(nn.Module):
                  ep_group=None, ep_tokens_replicated: bool = True,
                  reduce_results: bool = True, shared_experts: Optional[nn.Module] = None,
                  moe_backend: Optional[str] = None, lora_enabled: bool = False, max_num_tokens: int = 8192,
-                 prefix: str = "") -> None:
+                 quant_config: Optional["QuantizationConfig"] = None, prefix: str = "") -> None:
         super().__init__()
         params_dtype = params_dtype or torch.get_default_dtype()
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -89,11 +95,11 @@ class FusedMoE(nn.Module):
             emap = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
             emap[ep_rank * E_local:(ep_rank + 1) * E_local] = torch.arange(E_local, dtype=torch.int32, device=device)
             self.expert_map = emap
-        self.quant_method = UnquantizedFusedMoEMethod(self.moe_config)
+        method = quant_config.get_moe_method(self.moe_config, prefix) if quant_config is not None else None
+        self.quant_method = method if method is not None else UnquantizedFusedMoEMethod(self.moe_config)
         self.quant_method.create_weights(self, params_dtype, device)
-        for name in ("w13_weight", "w2_weight", "w13_bias", "w2_bias"):
-            p = getattr(self, name, None)
-            if isinstance(p, nn.Parameter):
+        for p in self.parameters(recurse=False):
+            if not hasattr(p, "weight_loader"):  # a quant method may give its parameters their own loader
                 p.weight_loader = self.weight_loader
         self.runner = MoERunner(self)
         self._lora_context = None
