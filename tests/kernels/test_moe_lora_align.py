@@ -63,11 +63,14 @@ def _check(al: MoELoRAAlignment, vids: list[int], num_experts: int, max_loras: i
 
 
 def _run(topk_ids, mapping, enabled, num_experts, max_loras, block, expert_map=None):
-    al = moe_lora_align_block_size(topk_ids, mapping, num_experts=num_experts, max_loras=max_loras,
-                                   block_size=block, adapter_enabled=enabled, expert_map=expert_map)
+    """Both paths: torch ops, and the Triton kernels that compute the virtual ids themselves."""
     vids = _expected_vids(topk_ids.cpu(), mapping.cpu(), enabled.cpu(), num_experts, max_loras,
                           None if expert_map is None else expert_map.cpu())
-    _check(al, vids, num_experts, max_loras, block)
+    for use_triton in (False, True):
+        al = moe_lora_align_block_size(topk_ids, mapping, num_experts=num_experts, max_loras=max_loras,
+                                       block_size=block, adapter_enabled=enabled, expert_map=expert_map,
+                                       use_triton=use_triton)
+        _check(al, vids, num_experts, max_loras, block)
     return al, vids
 
 

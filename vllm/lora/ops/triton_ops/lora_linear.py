@@ -35,6 +35,8 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 SMALL_BATCH_TOKENS = 16
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TARGET_PROGRAMS = 264  # about two per SM on an H100/H200
+_TOKEN_TARGET_PROGRAMS = 528  # token path: latency-bound, so more (cheap) programs in flight
+_TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial products per program
 
 
 @dataclass
@@ -81,12 +83,15 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
     block_m = 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
     if token_path:
         block_r = next_power_of_2(max(R, 8))
-        block_n, block_k = min(128, n_cap), min(k_cap, max(16, 4096 // block_r))
+        block_n, block_k = min(64, n_cap), min(k_cap, max(16, _TOKEN_BLOCK_K_ELEMS // block_r))
         programs = num_tokens * num_slices
-    else:
-        block_n, block_k = (64 if num_tokens <= 128 else 128), min(64 if dtype != torch.float32 else 32, k_cap)
-        block_n = min(block_n, n_cap)
-        programs = -(-num_tokens // block_m) * num_slices
+        tiles = -(-N // block_n)
+        splits = max(1, min(tiles, _TOKEN_TARGET_PROGRAMS // max(programs, 1)))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4,
+                    num_stages=1, token_path=True)
+    block_n, block_k = (64 if num_tokens <= 128 else 128), min(64 if dtype != torch.float32 else 32, k_cap)
+    block_n = min(block_n, n_cap)
+    programs = -(-num_tokens // block_m) * num_slices
     tiles = -(-N // block_n)
     splits = max(1, min(8, tiles, _TARGET_PROGRAMS // max(programs, 1)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4, num_stages=3,
@@ -173,7 +178,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides,
-                BLOCK_R=block_r, **common)
+                BLOCK_R=block_r, K_TILES=-(-K // cfg["BLOCK_K"]), **common)
         else:
             block_m = cfg["BLOCK_M"]
             grid = (-(-T // block_m) + min(L, T), ns, splits)

@@ -26,8 +26,10 @@ Worked example: E_local = 2, max_loras = 2, block_size = 2, top_k = 2, 3 tokens:
     num_tokens_post_padded = [6]
     slot_padded_counts   = [2, 4]
 
-Everything is computed with device-side torch ops (no ``.item()``, no
-data-dependent shapes), so the op can be captured in a CUDA graph.
+Everything is computed on the device (no ``.item()``, no data-dependent shapes),
+so the op can be captured in a CUDA graph.  On CUDA (or with ``use_triton``) the
+virtual ids are computed inside the align kernels (three launches in all);
+elsewhere with torch ops (``lora_virtual_expert_ids``) before the torch align.
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (LoRAGroups,
+                                                                         _moe_align_block_size_triton,
+                                                                         moe_align_block_size)
 
 
 @dataclass
@@ -69,6 +73,27 @@ class MoELoRAAlignment:
     max_loras: int
 
 
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def _check_lora_inputs(topk_ids: torch.Tensor, token_lora_mapping: torch.Tensor, max_loras: int,
+                       adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor]) -> None:
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be [M, top_k], got shape {tuple(topk_ids.shape)}")
+    m = topk_ids.shape[0]
+    if token_lora_mapping.dim() != 1 or token_lora_mapping.shape[0] < m:
+        raise ValueError(
+            f"token_lora_mapping must be 1-D with at least M={m} entries, got shape {tuple(token_lora_mapping.shape)}"
+        )
+    if adapter_enabled.dim() != 1 or adapter_enabled.shape[0] != max_loras + 1:
+        raise ValueError(
+            f"adapter_enabled must have max_loras + 1 = {max_loras + 1} entries, got shape {tuple(adapter_enabled.shape)}"
+        )
+    if expert_map is not None and expert_map.dim() != 1:
+        raise ValueError(f"expert_map must be 1-D [E_global], got shape {tuple(expert_map.shape)}")
+
+
 def lora_virtual_expert_ids(
     topk_ids: torch.Tensor,
     token_lora_mapping: torch.Tensor,
@@ -85,21 +110,10 @@ def lora_virtual_expert_ids(
     adapter_enabled: [max_loras + 1] int, nonzero = slot active; the last entry is 0.
     expert_map: optional [E_global] int, global -> local expert id, -1 = not local.
     """
-    if topk_ids.dim() != 2:
-        raise ValueError(f"topk_ids must be [M, top_k], got shape {tuple(topk_ids.shape)}")
-    m, top_k = topk_ids.shape
-    if token_lora_mapping.dim() != 1 or token_lora_mapping.shape[0] < m:
-        raise ValueError(
-            f"token_lora_mapping must be 1-D with at least M={m} entries, got shape {tuple(token_lora_mapping.shape)}"
-        )
-    if adapter_enabled.dim() != 1 or adapter_enabled.shape[0] != max_loras + 1:
-        raise ValueError(
-            f"adapter_enabled must have max_loras + 1 = {max_loras + 1} entries, got shape {tuple(adapter_enabled.shape)}"
-        )
+    _check_lora_inputs(topk_ids, token_lora_mapping, max_loras, adapter_enabled, expert_map)
+    m = topk_ids.shape[0]
     experts = topk_ids.to(torch.int64)
     if expert_map is not None:
-        if expert_map.dim() != 1:
-            raise ValueError(f"expert_map must be 1-D [E_global], got shape {tuple(expert_map.shape)}")
         safe = experts.clamp(0, expert_map.shape[0] - 1)
         experts = torch.where(experts >= 0, expert_map.to(torch.int64)[safe], torch.full_like(experts, -1))
     slot = token_lora_mapping[:m].to(torch.int64)
@@ -121,6 +135,7 @@ def moe_lora_align_block_size(
     block_size: int,
     adapter_enabled: torch.Tensor,
     expert_map: Optional[torch.Tensor] = None,
+    use_triton: Optional[bool] = None,
 ) -> MoELoRAAlignment:
     """Sort the pairs by virtual expert (slot, local expert) and pad each group to ``block_size``.
 
@@ -129,19 +144,23 @@ def moe_lora_align_block_size(
     num_experts: E_local. max_loras: number of slots L.
     adapter_enabled: [L + 1] int32, nonzero = slot active (last entry always 0).
     expert_map: optional [E_global] int32 global -> local id (-1: not on this rank).
+    use_triton: None = the fused Triton kernels on CUDA, torch ops elsewhere (same results).
     See the module docstring for a worked example.
     """
     if num_experts < 1 or max_loras < 1:
         raise ValueError(f"num_experts and max_loras must be positive, got {num_experts}, {max_loras}")
-    vids = lora_virtual_expert_ids(
-        topk_ids,
-        token_lora_mapping,
-        num_experts=num_experts,
-        max_loras=max_loras,
-        adapter_enabled=adapter_enabled,
-        expert_map=expert_map,
-    )
-    res = moe_align_block_size(vids, block_size, max_loras * num_experts)
+    if use_triton is None:
+        use_triton = topk_ids.is_cuda
+    if use_triton:
+        _check_lora_inputs(topk_ids, token_lora_mapping, max_loras, adapter_enabled, expert_map)
+        groups = LoRAGroups(_int32(token_lora_mapping), _int32(adapter_enabled),
+                            _int32(expert_map) if expert_map is not None else None, topk_ids.shape[1],
+                            num_experts, max_loras)
+        res = _moe_align_block_size_triton(topk_ids, block_size, max_loras * num_experts, lora=groups)
+    else:
+        vids = lora_virtual_expert_ids(topk_ids, token_lora_mapping, num_experts=num_experts, max_loras=max_loras,
+                                       adapter_enabled=adapter_enabled, expert_map=expert_map)
+        res = moe_align_block_size(vids, block_size, max_loras * num_experts, use_triton=False)
     slot_counts = res.group_padded_counts.view(max_loras, num_experts).sum(dim=1, dtype=torch.int32)
     return MoELoRAAlignment(
         sorted_token_ids=res.sorted_token_ids,

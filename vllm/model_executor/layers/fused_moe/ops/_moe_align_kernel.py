@@ -7,23 +7,44 @@
    position) and writes each pair id to its group's next free slots.
 
 The result equals the torch path exactly (groups keep the pairs' order).
+
+With ``LORA`` the count and scatter kernels compute each pair's group themselves:
+the (adapter slot, local expert) "virtual expert" ``slot * E_local + expert`` from
+``topk_ids``, the token's slot, ``adapter_enabled`` and the optional ``expert_map``
+(see ``vllm/lora/ops/triton_ops/moe_lora_align.py``), so the LoRA align is three
+launches with no torch ops before them.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _bucket(ids_ptr, c, numel, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+def _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
+            CHUNK: tl.constexpr, G_PAD: tl.constexpr, LORA: tl.constexpr, HAS_EMAP: tl.constexpr):
     offs = c * CHUNK + tl.arange(0, CHUNK)
-    g = tl.load(ids_ptr + offs, mask=offs < numel, other=-1).to(tl.int32)
-    valid = (offs < numel) & (g >= 0) & (g < num_groups)
+    inside = offs < numel
+    g = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int32)
+    if LORA:  # ids are global expert ids: make them virtual experts, -1 where the pair gets no delta
+        if HAS_EMAP:
+            safe = tl.minimum(tl.maximum(g, 0), e_global - 1)
+            local = tl.load(emap_ptr + safe, mask=inside & (g >= 0), other=-1).to(tl.int32)
+            g = tl.where(g >= 0, local, -1)
+        slot = tl.load(map_ptr + offs // top_k, mask=inside, other=-1).to(tl.int32)
+        slot_ok = (slot >= 0) & (slot < max_loras)
+        on = tl.load(enabled_ptr + tl.where(slot_ok, slot, max_loras), mask=inside, other=0)
+        keep = slot_ok & (on != 0) & (g >= 0) & (g < e_local)
+        g = tl.where(keep, slot * e_local + g, -1)
+    valid = inside & (g >= 0) & (g < num_groups)
     return tl.where(valid, g, G_PAD - 1)  # bin G_PAD - 1 >= num_groups collects dropped pairs
 
 
 @triton.jit
-def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local,
+                  max_loras, e_global, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LORA: tl.constexpr,
+                  HAS_EMAP: tl.constexpr):
     c = tl.program_id(0)
-    hist = tl.histogram(_bucket(ids_ptr, c, numel, num_groups, CHUNK, G_PAD), G_PAD)
+    hist = tl.histogram(_bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local,
+                                max_loras, e_global, CHUNK, G_PAD, LORA, HAS_EMAP), G_PAD)
     gi = tl.arange(0, G_PAD)
     tl.store(chunk_counts_ptr + c * num_groups + gi, hist, mask=gi < num_groups)
 
@@ -70,10 +91,12 @@ def _scan_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups,
-                    CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups, map_ptr, enabled_ptr, emap_ptr,
+                    top_k, e_local, max_loras, e_global, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
+                    LORA: tl.constexpr, HAS_EMAP: tl.constexpr):
     c = tl.program_id(0)
-    g = _bucket(ids_ptr, c, numel, num_groups, CHUNK, G_PAD)
+    g = _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
+                CHUNK, G_PAD, LORA, HAS_EMAP)
     pos = tl.arange(0, CHUNK)
     keys = tl.sort(g * CHUNK + pos)  # stable: by group, then by position in the chunk
     sg = keys // CHUNK

@@ -115,9 +115,27 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
 
 
 _CHUNK = 1024  # pairs per program of the count / scatter kernels
+SCAN_WARPS = {256: 4, 1 << 30: 8}  # group-table size (padded) -> warps of the one-program scan
 
 
-def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+@dataclass
+class LoRAGroups:
+    """Makes the Triton align group pairs by (adapter slot, local expert) itself (``moe_lora_align``).
+
+    token_lora_mapping: [>= M] int32 slot per token (-1: none); adapter_enabled: [max_loras + 1]
+    int32 (last entry 0); expert_map: optional [E_global] int32 global -> local expert (-1: remote).
+    """
+
+    token_lora_mapping: torch.Tensor
+    adapter_enabled: torch.Tensor
+    expert_map: Optional[torch.Tensor]
+    top_k: int
+    num_local_experts: int
+    max_loras: int
+
+
+def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_experts: int,
+                                 lora: Optional[LoRAGroups] = None) -> AlignResult:
     from vllm.model_executor.layers.fused_moe.ops import _moe_align_kernel as k
     from vllm.triton_utils import next_power_of_2
 
@@ -139,14 +157,24 @@ def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_e
     block_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     total = torch.empty(1, dtype=torch.int32, device=device)
     padded = torch.empty(num_experts, dtype=torch.int32, device=device)
+    if lora is None:
+        lora_args = (ids, ids, ids, 1, 0, 0, 1)
+        lora_flags = dict(LORA=False, HAS_EMAP=False)
+    else:
+        emap = lora.expert_map
+        lora_args = (lora.token_lora_mapping, lora.adapter_enabled, emap if emap is not None else ids, lora.top_k,
+                     lora.num_local_experts, lora.max_loras, emap.shape[0] if emap is not None else 1)
+        lora_flags = dict(LORA=True, HAS_EMAP=emap is not None)
     if num_chunks:
-        k._count_kernel[(num_chunks,)](ids, chunk_counts, numel, num_experts, CHUNK=chunk, G_PAD=g_pad)
+        k._count_kernel[(num_chunks,)](ids, chunk_counts, numel, num_experts, *lora_args, CHUNK=chunk, G_PAD=g_pad,
+                                       **lora_flags)
+    warps = next(w for limit, w in sorted(SCAN_WARPS.items()) if g_pad <= limit)
     k._scan_kernel[(1,)](chunk_counts, chunk_offsets, sorted_ids, block_ids, total, padded, numel, num_experts,
                          num_chunks, size, num_blocks, BLOCK_SIZE=block_size, G_PAD=g_pad,
-                         PAD_W=min(16, next_power_of_2(block_size)), FILL=1024)
+                         PAD_W=min(16, next_power_of_2(block_size)), FILL=1024, num_warps=warps)
     if num_chunks:
-        k._scatter_kernel[(num_chunks,)](ids, chunk_offsets, sorted_ids, numel, num_experts, CHUNK=chunk,
-                                         G_PAD=g_pad)
+        k._scatter_kernel[(num_chunks,)](ids, chunk_offsets, sorted_ids, numel, num_experts, *lora_args,
+                                         CHUNK=chunk, G_PAD=g_pad, **lora_flags)
     return AlignResult(sorted_token_ids=sorted_ids, block_expert_ids=block_ids, num_tokens_post_padded=total,
                        group_padded_counts=padded, block_size=block_size, numel=numel)
 
