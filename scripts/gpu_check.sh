@@ -6,6 +6,8 @@
 #           result is logged as it finishes, so a run cut by TEST_TIMEOUT still shows what passed);
 #           with 2+ GPUs the tensor-parallel tests (tests/distributed, NCCL) run beside the rest
 #   bench   benchmarks/kernels/benchmark_moe_lora.py (one MoE layer, base vs LoRA)
+#   lora    benchmarks/kernels/benchmark_lora_linear.py --sweep (dense LoRA tiles) and
+#           benchmark_moe_lora_align.py (the MoE LoRA align at decode sizes)
 #   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
 #           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate) and
 #           benchmarks/profile_decode.py at batch 1 and 64 (kernels per step, top kernels)
@@ -43,6 +45,14 @@ if want bench; then
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/kernels/benchmark_moe_lora.py --out "$OUT/benchmark_moe_lora.md" \
     >"$OUT/benchmark_moe_lora.log" 2>&1
   brc=$?; tail -40 "$OUT/benchmark_moe_lora.log"; rc=$(( rc || brc ))
+fi
+if want lora; then
+  timeout "${LORA_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_lora_linear.py --sweep \
+    --out "$OUT/benchmark_lora_linear.md" >"$OUT/benchmark_lora_linear.log" 2>&1
+  lrc=$?; tail -14 "$OUT/benchmark_lora_linear.log"; rc=$(( rc || lrc ))
+  timeout 100 python3 benchmarks/kernels/benchmark_moe_lora_align.py --out "$OUT/benchmark_moe_lora_align.md" \
+    >"$OUT/benchmark_moe_lora_align.log" 2>&1
+  arc=$?; tail -8 "$OUT/benchmark_moe_lora_align.log"; rc=$(( rc || arc ))
 fi
 if want decode; then
   timeout "${DECODE_TIMEOUT:-250}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
