@@ -115,7 +115,9 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
 
 
 _CHUNK = 1024  # pairs per program of the count / scatter kernels
-SCAN_WARPS = {256: 4, 1 << 30: 8}  # group-table size (padded) -> warps of the one-program scan
+# group-table size (padded) -> warps of the one-program scan; 16 for the LoRA align's 512+ groups
+# (H200, benchmark_moe_lora_align.py: 21-31 us vs 68-81 us with 4 warps at 1-256 tokens)
+SCAN_WARPS = {256: 4, 1 << 30: 16}
 
 
 @dataclass
