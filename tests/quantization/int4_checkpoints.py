@@ -74,15 +74,16 @@ def quantize(w: torch.Tensor, group_size: int, *, asym: bool, act_order: bool = 
     return RawInt4(q.clamp(0, 15).long(), scales, zeros, group_size, g_idx)
 
 
-def reference_dequantize(raw: RawInt4, fmt: str = "") -> torch.Tensor:
-    """``fmt`` "gptq": v1 stores zero - 1 in 4 bits, so a zero of 0 comes back as 16 (as GPTQ's readers do)."""
+def reference_dequantize(raw: RawInt4, fmt: str = "", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """In ``dtype`` (default: the scales'), rounded once from float32.  ``fmt`` "gptq": v1 stores
+    zero - 1 in 4 bits, so a zero of 0 comes back as 16 (as GPTQ's readers do)."""
     grp = raw.groups_of_inputs()
     zeros = raw.zeros
     if fmt == "gptq" and zeros is not None:
         zeros = torch.where(zeros == 0, 16, zeros)
     z = (zeros if zeros is not None else torch.full_like(raw.q[:, :1].expand(-1, raw.scales.shape[1]), 8))
     w = (raw.q - z[:, grp]).float() * raw.scales.float()[:, grp]
-    return w.to(raw.scales.dtype)
+    return w.to(dtype or raw.scales.dtype)
 
 
 # ---- packing (FACTS.md 10), word by word -------------------------------------------------
@@ -136,9 +137,9 @@ def quantization_config(fmt: str, group_size: int, *, asym: bool, act_order: boo
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": not asym,
                 "checkpoint_format": "gptq", "dynamic": {f"-:{s}": {} for s in skip}}
     if fmt == "awq":
-        # AWQ matches substrings: the tests' skip patterns are ".*<substring>.*"
+        # AWQ matches substrings: the tests' skip patterns are ".*<escaped substring>.*"
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-                "modules_to_not_convert": [s.strip(".*") for s in skip]}
+                "modules_to_not_convert": [s.replace(".*", "").replace("\\", "") for s in skip]}
     weights = {"num_bits": 4, "type": "int", "symmetric": not asym, "strategy": "group", "group_size": group_size,
                "actorder": "group" if act_order else None, "dynamic": False}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -165,7 +166,7 @@ def write_int4_checkpoint(float_dir: str, out_dir: str, deq_dir: str, fmt: str, 
                        scale_dtype=w.dtype if fmt == "compressed-tensors" else torch.float16, seed=len(names))
         for suffix, t in PACKERS[fmt](raw).items():
             packed[f"{module}.{suffix}"] = t
-        deq[key] = reference_dequantize(raw, fmt).to(w.dtype)
+        deq[key] = reference_dequantize(raw, fmt, w.dtype)
         names.append(module)
     for folder, tensors in ((out_dir, packed), (deq_dir, deq)):
         shutil.copytree(float_dir, folder, dirs_exist_ok=True)
