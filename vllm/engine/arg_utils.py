@@ -35,6 +35,7 @@ class EngineArgs:
     fully_sharded_loras: bool = False
     moe_backend: Optional[str] = None
     trust_remote_code: bool = False
+    quantization: Optional[str] = None  # must match the checkpoint's quantization_config (gptq, awq, ...)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA by default)
     cuda_graph_sizes: Optional[list[int]] = None  # decode batch sizes to capture (default: a ladder to max_num_seqs)
 
@@ -50,7 +51,8 @@ class EngineArgs:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
-                                   trust_remote_code=self.trust_remote_code, revision=self.revision)
+                                   trust_remote_code=self.trust_remote_code, revision=self.revision,
+                                   quantization=self.quantization)
         if self.enable_expert_parallel:
             from vllm.config.parallel import check_expert_parallel
 

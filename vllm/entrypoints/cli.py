@@ -132,6 +132,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
                        help="chat template for /v1/chat/completions instead of the tokenizer's: a file path or the "
                             "Jinja text itself")
+    serve.add_argument("--quantization", "-q", default=None,
+                       help="the checkpoint's quantization method (gptq, awq, compressed-tensors); optional, read "
+                            "from its quantization_config, and refused when it does not match")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="let transformers run code shipped with the model's config / tokenizer")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,

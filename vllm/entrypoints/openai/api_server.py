@@ -243,6 +243,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       enable_expert_parallel=args.enable_expert_parallel,
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                       fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code,
+                      quantization=args.quantization,
                       moe_backend=None if args.moe_backend == "auto" else args.moe_backend,
                       enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes)
 

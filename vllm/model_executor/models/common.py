@@ -32,8 +32,10 @@ from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVPa
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
+from vllm.model_executor.layers.quantization.int4_config import Int4QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.int4_weights import decode_int4_weights
 from vllm.model_executor.models.utils import (check_full_attention, check_silu, head_dim_of, hf_config_of,
                                               quant_config_of,
                                               join_prefix, load_checkpoint, rope_from_config)
@@ -276,6 +278,7 @@ class MoEForCausalLM(nn.Module):
         self.prefix = prefix
         args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group,
                          enable_expert_parallel, quant_config_of(config, hf))
+        self.quant_config, self.params_dtype = args.quant_config, dtype
         rope = rope_from_config(hf, head_dim_of(hf), args.device)
         layers = []
         for i in range(hf.num_hidden_layers):
@@ -315,6 +318,8 @@ class MoEForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if isinstance(self.quant_config, Int4QuantizationConfig):  # packed int4 tensors -> Int4Weight / float
+            weights = decode_int4_weights(weights, self.quant_config, self.params_dtype)
         return load_checkpoint(self, weights, self.map_checkpoint_name)
 
     def _sparse_layer(self, hf: Any, layer_idx: int) -> bool:

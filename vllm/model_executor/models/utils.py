@@ -13,6 +13,10 @@ Checkpoint names -> our parameters (``load_checkpoint``), in this order:
    ``gate_proj/up_proj`` -> ``gate_up_proj`` shards 0/1.
 5. Anything else must name a parameter exactly; otherwise it is an error naming the key.
 
+Int4 checkpoints are decoded first (``model_loader/int4_weights.py``): a per-expert key then
+carries an ``Int4Weight``, handed to the layer's ``Int4MoEMethod.load_int4``; a float expert
+weight for a quantized layer (or the reverse) is an error naming the key.
+
 A parameter counts as loaded only when every piece of it arrived (all experts
 and shards, all of q/k/v), so a checkpoint missing one expert is caught too.
 """
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+from vllm.model_executor.layers.quantization.int4 import Int4Weight
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
 
 STACKED_PARAMS = [  # (our packed module, checkpoint module, shard id)
@@ -111,6 +116,7 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     """
     params = dict(model.named_parameters())
     cover = _Coverage()
+    int4_layers: dict[str, FusedMoE] = {}
     pending_fused: dict[str, dict[str, torch.Tensor]] = {}
 
     def param(our: str, key: str) -> nn.Parameter:
@@ -128,10 +134,15 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             raise ValueError(f"checkpoint key {key!r}: {moe!r} is not a FusedMoE layer of {type(model).__name__}")
         return layer
 
-    def load_one(key: str, name: str, tensor: torch.Tensor) -> None:
+    def load_one(key: str, name: str, tensor: Any) -> None:
         m = _PER_EXPERT.match(name)
         if m and m["proj"] in EXPERT_SHARDS:
             layer, e, shard = moe_layer(m["moe"], key), int(m["e"]), EXPERT_SHARDS[m["proj"]]
+            if _load_int4_expert(layer, m["moe"], key, tensor, shard, e):
+                cover.add(f"{m['moe']}.{_INT4_EXPERTS}", (e, shard),
+                          {(i, s) for i in range(layer.global_num_experts) for s in ("w1", "w3", "w2")})
+                int4_layers[m["moe"]] = layer
+                return
             target = f"{m['moe']}.{'w2_weight' if shard == 'w2' else 'w13_weight'}"
             p = param(target, key)
             p.weight_loader(p, tensor, shard, e)
@@ -178,7 +189,30 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
     for module in model.modules():
         if isinstance(module, FusedMoE):
             module.process_weights_after_loading()
-    return cover.complete()
+    loaded = cover.complete()
+    for moe, layer in int4_layers.items():  # int4 experts: the quant method's own parameters, all or none
+        if f"{moe}.{_INT4_EXPERTS}" in loaded:
+            loaded.discard(f"{moe}.{_INT4_EXPERTS}")
+            loaded |= {f"{moe}.{n}" for n, _ in layer.named_parameters()}
+    return loaded
+
+
+_INT4_EXPERTS = "<int4 experts>"  # the coverage entry of an int4 MoE layer's experts
+
+
+def _load_int4_expert(layer: FusedMoE, moe: str, key: str, tensor: Any, shard: str, expert: int) -> bool:
+    """Hand an int4 expert weight to the layer's int4 quant method; False: a float weight for a float layer."""
+    load_int4 = getattr(layer.quant_method, "load_int4", None)
+    if isinstance(tensor, Int4Weight):
+        if load_int4 is None:
+            raise ValueError(f"checkpoint key {key!r} is a quantized expert weight, but the experts of {moe!r} "
+                             "are not quantized according to the checkpoint's quantization_config")
+        load_int4(layer, shard, expert, tensor)
+        return True
+    if load_int4 is not None:
+        raise ValueError(f"checkpoint key {key!r} is a float expert weight, but the checkpoint's "
+                         f"quantization_config says the experts of {moe!r} are quantized")
+    return False
 
 
 def quant_config_of(config: Any, hf: Any) -> Any:
