@@ -81,21 +81,22 @@ def _shrink_rows(x_ptrs, a_ptrs, mask_m, mask_r, K, stride_xk, stride_ak, UPCAST
 
 @triton.jit
 def _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, K_TILES: tl.constexpr):
     """fp32 [BLOCK_R] = one row of x @ A^T without a dot (a dot needs 16 rows).
 
     x_ptrs: [BLOCK_K] pointers to the row's first K tile; a_ptrs: [BLOCK_R, BLOCK_K] pointers to A's.
-    Element-wise fp32 partial products, reduced once after the loop.
+    K_TILES = cdiv(K, BLOCK_K) is a constexpr and the loop is unrolled, so all loads of A are
+    issued before the first one returns: one row is latency-bound, and a rolled loop would pay
+    one memory round trip per K tile.  Element-wise fp32 partial products, reduced once at the end.
     """
     offs_k = tl.arange(0, BLOCK_K)
     acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    for kt in tl.static_range(K_TILES):
         k_left = K - kt * BLOCK_K
-        xk = tl.load(x_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
+        xk = tl.load(x_ptrs + kt * BLOCK_K * stride_xk, mask=offs_k < k_left, other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs + kt * BLOCK_K * stride_ak, mask=mask_r[:, None] & (offs_k[None, :] < k_left),
+                    other=0.0).to(tl.float32)
         acc2 += a * xk[None, :]
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
     return tl.sum(acc2, axis=1)
 
 
@@ -202,7 +203,7 @@ def moe_lora_pair_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
@@ -226,7 +227,7 @@ def moe_lora_pair_kernel(
         x_ptrs = x_ptr + (pair // top_k_in) * stride_xm + offs_k * stride_xk
         a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae
                   + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak)  # [BLOCK_R, BLOCK_K]
-        acc = _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K, BLOCK_R)
+        acc = _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K, BLOCK_R, K_TILES)
     else:
         acc = tl.load(shrunk_ptr + slice_s * stride_ss + pair * stride_sp + offs_r * stride_sr, mask=mask_r,
                       other=0.0)

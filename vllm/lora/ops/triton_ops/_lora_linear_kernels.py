@@ -8,10 +8,9 @@ scalars picked by the slice index), axis 2 splits the N tiles of a slice.
 
 * ``lora_linear_token_kernel`` - grid (tokens, slices, N-splits), no grouping:
   decode-sized batches.  Broadcast-multiply and ``tl.sum`` (a dot needs 16 rows).
-  The K loop of the shrink is unrolled (``K_TILES`` constexpr), so every load
-  of A is issued up front: at one token the kernel is latency-bound, and a
-  rolled loop pays one memory round trip per K tile.  Many N-splits (each
-  recomputing the small shrink from L2) keep the expand's round trips parallel.
+  The shrink's K loop is unrolled (``_shrink_one_row``, ``K_TILES``); many
+  N-splits (each recomputing the small shrink from L2) keep the expand's memory
+  round trips parallel.
 * ``lora_linear_sorted_kernel`` - grid (M-blocks, slices, N-splits) over tokens
   grouped by slot (``sorted_token_ids``, ``slot_counts``): slot l's run of
   tokens is cut into ceil(count_l / BLOCK_M) blocks, numbered slot after slot,
@@ -30,6 +29,7 @@ import triton.language as tl
 from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
     _expand_dot,
     _n_tile_range,
+    _shrink_one_row,
     _shrink_rows,
     _split_for_expand,
 )
@@ -72,14 +72,7 @@ def lora_linear_token_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + t * stride_xt + offs_k * stride_xk
     a_ptrs = a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for kt in tl.static_range(K_TILES):  # unrolled: all K tiles in flight at once
-        k_left = K - kt * BLOCK_K
-        xk = tl.load(x_ptrs + kt * BLOCK_K * stride_xk, mask=offs_k < k_left, other=0.0).to(tl.float32)
-        a = tl.load(a_ptrs + kt * BLOCK_K * stride_ak, mask=mask_r[:, None] & (offs_k[None, :] < k_left),
-                    other=0.0).to(tl.float32)
-        acc2 += a * xk[None, :]
-    shrunk = tl.sum(acc2, axis=1)  # fp32 [BLOCK_R]
+    shrunk = _shrink_one_row(x_ptrs, a_ptrs, mask_r, K, stride_xk, stride_ak, BLOCK_K, BLOCK_R, K_TILES)  # fp32
 
     y_row = y_ptr + t * stride_yt
     b_base = b_ptr + s64 * stride_bs + slot * stride_bl + offs_r[None, :] * stride_br

@@ -170,7 +170,8 @@ def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk
                 *args, topk_ids.reshape(-1), token_lora_mapping, adapter_enabled,
                 expert_map if expert_map is not None else adapter_enabled,
                 numel, top_k, top_k_in, K, N, R, E, L, *tail,
-                HAS_EXPERT_MAP=expert_map is not None, **common)
+                HAS_EXPERT_MAP=expert_map is not None, K_TILES=-(-K // cfg["BLOCK_SIZE_K"]) if do_shrink else 1,
+                **common)
 
 
 def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, E: int, device) -> None:
