@@ -306,6 +306,9 @@ def run_server(args: argparse.Namespace) -> int:
     if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
         logger.info("runtime adapter loads may read from: %s",
                     ", ".join(adapter_paths.allowed_dirs) or "nowhere (pass --lora-allowed-dirs)")
+    if args.disable_log_requests:  # as in vLLM, where request logs are off unless --enable-log-requests
+        logger.warning("--disable-log-requests is deprecated, as in vLLM (whose default is no request logs); it is "
+                       "honoured: no per-request log lines")
     logged = LoggingEngine(engine, log_requests=not args.disable_log_requests, max_log_len=args.max_log_len)
     state = ServerState()
     app = build_app(logged, models, args.api_key, state=state, max_body_bytes=args.max_request_body_bytes,
