@@ -1,6 +1,12 @@
-"""Tensor parallelism over processes: rank 0 here, ranks 1..N-1 in spawned workers.
+"""Tensor parallelism over processes: rank 0 here, ranks 1..N-1 in worker processes.
 
-Start-up: the workers are spawned first; each builds its ``Worker`` (joining
+How workers start (``start_method``, logged): by fork while this process has no CUDA context
+(always on CPU), so a script that builds an ``LLM`` at module level, without an
+``if __name__ == "__main__":`` guard, works as in vLLM; by spawn once CUDA is initialised (a
+forked child cannot use it); ``VLLM_WORKER_MULTIPROC_METHOD`` forces one.  Spawned workers
+import the main module again, so there the guard is needed.
+
+Start-up: the workers are started first; each builds its ``Worker`` (joining
 the TP group whose store rank 0 hosts, then loading its shard of the weights)
 while rank 0 builds its own; the KV cache gets the fewest blocks any rank can
 hold.  Then, per call, rank 0 sends ``(method, args)`` through each worker's
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from vllm import envs
 from vllm.distributed import free_port
 from vllm.engine.arg_utils import EngineArgs
 from vllm.executor.executor import Executor
@@ -32,6 +39,16 @@ from vllm.logger import init_logger
 from vllm.worker.worker import Worker
 
 logger = init_logger(__name__)
+
+
+def start_method() -> tuple[str, str]:
+    """(the multiprocessing start method for the workers, why it was chosen)."""
+    forced = envs.VLLM_WORKER_MULTIPROC_METHOD
+    if forced is not None:
+        return forced, "VLLM_WORKER_MULTIPROC_METHOD"
+    if torch.cuda.is_initialized():
+        return "spawn", "CUDA is already initialised in this process, and a forked worker could not use it"
+    return "fork", "no CUDA context exists in this process yet"
 
 
 class WorkerError(RuntimeError):
@@ -116,7 +133,9 @@ class MultiprocExecutor(Executor):
     def __init__(self, args: EngineArgs) -> None:
         world_size = args.tensor_parallel_size
         port = free_port()
-        ctx = mp.get_context("spawn")
+        method, why = start_method()
+        self.start_method = method
+        ctx = mp.get_context(method)
         self._conns, self._procs = [], []
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
         for rank in range(1, world_size):
@@ -127,7 +146,8 @@ class MultiprocExecutor(Executor):
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        logger.info("tensor parallel size %d: started %d worker process(es)", world_size, world_size - 1)
+        logger.info("tensor parallel size %d: started %d worker process(es) by %s (%s)", world_size, world_size - 1,
+                    method, why)
         try:
             self._await_started()
             self.driver = Worker(args, 0, world_size, port)
@@ -155,10 +175,11 @@ class MultiprocExecutor(Executor):
                 status = "exited"
             if status != "started":
                 proc.join(timeout=1)
-                raise WorkerError(
-                    f"the worker process of tensor-parallel rank {rank} did not start (exit code {proc.exitcode}). "
-                    "Workers are spawned and import the main module first: a script that builds an LLM or "
-                    "engine at import time must do so under `if __name__ == \"__main__\":`.")
+                hint = (" Spawned workers import the main module first: a script that builds an LLM or engine at "
+                        "import time must do so under `if __name__ == \"__main__\":`."
+                        if self.start_method == "spawn" else "")
+                raise WorkerError(f"the worker process of tensor-parallel rank {rank} did not start (exit code "
+                                  f"{proc.exitcode}).{hint}")
 
     # ---- calls --------------------------------------------------------------------
     def _send(self, method: str, *args: Any) -> None:
