@@ -23,16 +23,22 @@ SCRIPT = textwrap.dedent(f"""
     outs = llm.generate(["hello=", "world="], SamplingParams(temperature=0), lora_request=[None, upper],
                         use_tqdm=False)
     print("RESULT", [o.outputs[0].text for o in outs])
+    if TWICE:  # a second engine while the first is garbage in a cycle (not shut down)
+        cycle = [llm]
+        cycle.append(cycle)
+        del llm, cycle
+        llm = LLM({MODEL!r}, tensor_parallel_size=2, max_model_len=64)
+        print("AGAIN", llm.generate("hello=", SamplingParams(temperature=0), use_tqdm=False)[0].outputs[0].text)
 """)
 
 
-def _run(tmp_path, env_extra=None) -> subprocess.CompletedProcess:
+def _run(tmp_path, env_extra=None, twice=False) -> subprocess.CompletedProcess:
     script = tmp_path / "unguarded.py"
-    script.write_text(SCRIPT)
+    script.write_text(f"TWICE = {twice}\n" + SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": REPO,
            **(env_extra or {})}
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=240)
 
 
 def test_module_level_tp_script_runs_with_fork(tmp_path):
@@ -41,6 +47,14 @@ def test_module_level_tp_script_runs_with_fork(tmp_path):
     assert proc.returncode == 0, out
     assert "RESULT ['hello', 'WORLD']" in proc.stdout, out
     assert "started 1 worker process(es) by fork (no CUDA context exists in this process yet)" in out, out
+
+
+def test_a_second_engine_forks_cleanly_while_the_first_is_uncollected_garbage(tmp_path):
+    """The workers of the second engine must not tear down the first one's TCP store (inherited by
+    fork, its threads absent in the child): the parent collects and freezes its garbage before forking."""
+    proc = _run(tmp_path, twice=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "AGAIN hello" in proc.stdout, out
 
 
 def test_spawn_is_refused_with_the_reason(tmp_path):
@@ -65,3 +79,41 @@ def test_start_method_rule(monkeypatch):
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "forkserver")
     with pytest.raises(ValueError, match="VLLM_WORKER_MULTIPROC_METHOD"):
         start_method()
+
+
+FORK_STORE = textwrap.dedent("""
+    import gc, os, sys, threading, time
+    import torch.distributed as dist
+    from vllm.executor.multiproc import _fork_safe_objects
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # its server runs a thread
+    cycle = [store]
+    cycle.append(cycle)
+    del store, cycle  # garbage until the next collection
+    gc.disable()
+    with _fork_safe_objects(True):
+        pid = os.fork()
+        if pid == 0:  # a worker: it starts threads of its own, then the collector runs
+            for t in [threading.Thread(target=time.sleep, args=(2,), daemon=True) for _ in range(8)]:
+                t.start()
+            gc.enable()
+            gc.collect()
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print("CHILD STATUS", status)
+            sys.exit(0)
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    print("CHILD HUNG")
+""")
+
+
+def test_forked_children_never_destroy_an_inherited_tcp_store(tmp_path):
+    """Without the collect-and-freeze around the fork, the child's collector destroys the parent's
+    store, whose destructor joins a thread that does not exist in the child: it aborts or hangs."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", FORK_STORE], env=env, capture_output=True, text=True, timeout=120)
+    assert "CHILD STATUS 0" in proc.stdout, proc.stdout + proc.stderr

@@ -22,11 +22,13 @@ garbage-collected) stops them.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 import traceback
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -49,6 +51,23 @@ def start_method() -> tuple[str, str]:
     if torch.cuda.is_initialized():
         return "spawn", "CUDA is already initialised in this process, and a forked worker could not use it"
     return "fork", "no CUDA context exists in this process yet"
+
+
+@contextlib.contextmanager
+def _fork_safe_objects(forking: bool) -> Iterator[None]:
+    """Around forks: this process's garbage is collected first (an earlier engine's TCP store and
+    process group are torn down here, where their threads exist), and what is left is frozen out of
+    the cyclic collector while the children are forked, so a child never destroys an inherited
+    object whose threads it does not have (a TCP store's destructor would wait for them forever)."""
+    if not forking:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class WorkerError(RuntimeError):
@@ -138,14 +157,15 @@ class MultiprocExecutor(Executor):
         ctx = mp.get_context(method)
         self._conns, self._procs = [], []
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
-        for rank in range(1, world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(args, rank, world_size, port, child), daemon=True,
-                               name=f"vllm-tp{rank}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        with _fork_safe_objects(method == "fork"):
+            for rank in range(1, world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(args, rank, world_size, port, child), daemon=True,
+                                   name=f"vllm-tp{rank}")
+                proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
         logger.info("tensor parallel size %d: started %d worker process(es) by %s (%s)", world_size, world_size - 1,
                     method, why)
         try:
