@@ -46,7 +46,7 @@ def test_module_level_tp_script_runs_with_fork(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "RESULT ['hello', 'WORLD']" in proc.stdout, out
-    assert "started 1 worker process(es) by fork (no CUDA context exists in this process yet)" in out, out
+    assert "started 1 worker process(es) by fork (CPU workers)" in out, out
 
 
 def test_a_second_engine_forks_cleanly_while_the_first_is_uncollected_garbage(tmp_path):
@@ -68,17 +68,35 @@ def test_spawn_is_refused_with_the_reason(tmp_path):
 def test_start_method_rule(monkeypatch):
     import torch
 
+    from vllm.executor import multiproc
+
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    assert start_method(on_cuda=False) == ("fork", "CPU workers")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    assert start_method()[0] == "fork"
+    monkeypatch.setattr(multiproc, "_forked_child_can_use_cuda", lambda: True)
+    assert start_method(on_cuda=True)[0] == "fork"
+    monkeypatch.setattr(multiproc, "_forked_child_can_use_cuda", lambda: False)
+    assert start_method(on_cuda=True)[0] == "spawn" and "torch.cuda.is_available()" in start_method(True)[1]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    assert start_method() == ("spawn", "CUDA is already initialised in this process, and a forked worker could "
-                                       "not use it")
+    assert start_method(on_cuda=True) == ("spawn", "CUDA is already initialised in this process, and a forked "
+                                                   "worker could not use it")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    assert start_method() == ("fork", "VLLM_WORKER_MULTIPROC_METHOD")
+    assert start_method(on_cuda=True) == ("fork", "VLLM_WORKER_MULTIPROC_METHOD")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "forkserver")
     with pytest.raises(ValueError, match="VLLM_WORKER_MULTIPROC_METHOD"):
-        start_method()
+        start_method(on_cuda=True)
+
+
+def test_fork_probe_sees_torch_refusing_cuda_in_forked_children(monkeypatch):
+    """The probe reports what torch would do in a forked child (here: the flag it sets after fork)."""
+    import torch
+
+    from vllm.executor.multiproc import _forked_child_can_use_cuda
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    assert _forked_child_can_use_cuda()
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    assert not _forked_child_can_use_cuda()
 
 
 FORK_STORE = textwrap.dedent("""

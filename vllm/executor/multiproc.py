@@ -2,9 +2,10 @@
 
 How workers start (``start_method``, logged): by fork while this process has no CUDA context
 (always on CPU), so a script that builds an ``LLM`` at module level, without an
-``if __name__ == "__main__":`` guard, works as in vLLM; by spawn once CUDA is initialised (a
-forked child cannot use it); ``VLLM_WORKER_MULTIPROC_METHOD`` forces one.  Spawned workers
-import the main module again, so there the guard is needed.
+``if __name__ == "__main__":`` guard, works as in vLLM; by spawn once CUDA is initialised, or
+was queried through the runtime (``torch.cuda.is_available()``), since torch then refuses CUDA
+in forked children; ``VLLM_WORKER_MULTIPROC_METHOD`` forces one.  Spawned workers import the
+main module again, so there the guard is needed.
 
 Start-up: the workers are started first; each builds its ``Worker`` (joining
 the TP group whose store rank 0 hosts, then loading its shard of the weights)
@@ -38,19 +39,37 @@ from vllm.distributed import free_port
 from vllm.engine.arg_utils import EngineArgs
 from vllm.executor.executor import Executor
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.worker.worker import Worker
 
 logger = init_logger(__name__)
 
 
-def start_method() -> tuple[str, str]:
-    """(the multiprocessing start method for the workers, why it was chosen)."""
+def start_method(on_cuda: bool) -> tuple[str, str]:
+    """(the multiprocessing start method for the workers, why it was chosen).  ``on_cuda``: the
+    workers will use CUDA devices (on CPU a forked child never needs CUDA, so fork always works)."""
     forced = envs.VLLM_WORKER_MULTIPROC_METHOD
     if forced is not None:
         return forced, "VLLM_WORKER_MULTIPROC_METHOD"
+    if not on_cuda:
+        return "fork", "CPU workers"
     if torch.cuda.is_initialized():
         return "spawn", "CUDA is already initialised in this process, and a forked worker could not use it"
+    if not _forked_child_can_use_cuda():
+        return "spawn", ("this process already queried CUDA through the runtime (torch.cuda.is_available() does; "
+                         "torch.cuda.device_count() does not), after which a forked worker cannot use it")
     return "fork", "no CUDA context exists in this process yet"
+
+
+def _forked_child_can_use_cuda() -> bool:
+    """Whether torch would let a forked child initialise CUDA: once this process called the CUDA
+    runtime, torch marks its forked children as unable to (and they fail when they try).  Asked of
+    a short-lived forked probe, which exits at once."""
+    pid = os.fork()
+    if pid == 0:  # the probe: no Python clean-up, no flush of inherited buffers
+        os._exit(3 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 @contextlib.contextmanager
@@ -152,7 +171,7 @@ class MultiprocExecutor(Executor):
     def __init__(self, args: EngineArgs) -> None:
         world_size = args.tensor_parallel_size
         port = free_port()
-        method, why = start_method()
+        method, why = start_method(current_platform().is_cuda())
         self.start_method = method
         ctx = mp.get_context(method)
         self._conns, self._procs = [], []
