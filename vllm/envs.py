@@ -79,6 +79,14 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_ATTENTION_BACKEND": _choice("VLLM_ATTENTION_BACKEND", None, ("triton", "torch")),
     # Allow loading / unloading LoRA adapters at run time through the server.
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": _bool("VLLM_ALLOW_RUNTIME_LORA_UPDATING", False),
+    # Comma-separated vLLM plugins to load; only "lora_filesystem_resolver" exists here
+    # (adapters loaded by name on first use, see vllm/entrypoints/openai/lora_resolver.py).
+    "VLLM_PLUGINS": _str("VLLM_PLUGINS", None),
+    # The directory the lora_filesystem_resolver plugin loads adapters from (DIR/<name>).
+    "VLLM_LORA_RESOLVER_CACHE_DIR": _str("VLLM_LORA_RESOLVER_CACHE_DIR", None),
+    # How tensor-parallel workers start: "fork" or "spawn"; unset: fork unless CUDA is
+    # already initialised in this process (then spawn), as vLLM.
+    "VLLM_WORKER_MULTIPROC_METHOD": _choice("VLLM_WORKER_MULTIPROC_METHOD", None, ("fork", "spawn")),
     # Seconds between the server's throughput / load log lines while it is busy.
     "VLLM_LOG_STATS_INTERVAL": _float("VLLM_LOG_STATS_INTERVAL", 10.0, minimum=0.1),
 }

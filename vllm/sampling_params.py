@@ -110,6 +110,12 @@ class SamplingParams:
         without a leading space (``update_from_tokenizer``, done by the engine); a
         word's last token is banned whenever the output ends with the word's other
         tokens (single- and multi-token words; the match is against generated tokens).
+    truncate_prompt_tokens: keep only the last k prompt tokens (left truncation, as vLLM);
+        -1 keeps the last ``max_model_len`` (the engine applies it: a k above
+        ``max_model_len`` is refused there). None: the prompt as given.
+    best_of: vLLM's "sample best_of, return the best n". Only None or ``n`` (which is
+        plain ``n`` sampling) is accepted; as in vLLM V1, which refuses best_of > 1,
+        ranking extra samples is not supported.
     """
 
     n: int = 1
@@ -134,6 +140,8 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    truncate_prompt_tokens: Optional[int] = None
+    best_of: Optional[int] = None
 
     def __post_init__(self) -> None:
         self._bad_words_token_ids: Optional[list[list[int]]] = None
@@ -221,6 +229,17 @@ class SamplingParams:
                       f"got {self.repetition_penalty!r}")
         if not _is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not _is_int(k) or not (k >= 1 or k == -1)):
+            raise bad(f"truncate_prompt_tokens must be an integer >= 1 (keep the last k prompt tokens), -1 (keep "
+                      f"the last max_model_len) or None, got {k!r}")
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or self.best_of < 1:
+                raise bad(f"best_of must be an integer >= 1 or None, got {self.best_of!r}")
+            if self.best_of != self.n:
+                raise bad(f"best_of is not supported when it differs from n (got best_of={self.best_of}, "
+                          f"n={self.n}): ranking best_of samples to return the best n is not implemented (vLLM V1 "
+                          "refuses best_of too); leave best_of out, or set it to n to get n samples")
 
     @property
     def needs_penalties(self) -> bool:

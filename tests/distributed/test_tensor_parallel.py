@@ -157,8 +157,9 @@ def test_logprobs_and_prompt_logprobs_match_one_rank(lora_model):
 
 
 def test_script_without_main_guard_fails_fast_with_a_hint(lora_model, tmp_path):
-    """Spawned workers import the main module: an unguarded script's workers die at start-up.
-    Rank 0 says why at once instead of waiting for them in the group's rendezvous."""
+    """Spawned workers (forced here; the default is fork, see test_unguarded_script.py) import the main
+    module: an unguarded script's workers die at start-up. Rank 0 says why at once instead of waiting
+    for them in the group's rendezvous."""
     import subprocess
     import sys
     import time
@@ -168,7 +169,7 @@ def test_script_without_main_guard_fails_fast_with_a_hint(lora_model, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     start = time.monotonic()
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": repo})
+                         env={**os.environ, "PYTHONPATH": repo, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"})
     assert run.returncode != 0
     assert 'if __name__ == "__main__":' in run.stderr, run.stderr[-2000:]
     assert time.monotonic() - start < 90

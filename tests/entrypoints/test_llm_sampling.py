@@ -48,3 +48,48 @@ def test_out_of_vocabulary_ids_are_refused(llm):
         with pytest.raises(ValueError, match=field):
             llm.generate(["hello="], SamplingParams(**kw), use_tqdm=False)
     assert texts(llm, ["hello="], SamplingParams(temperature=0)) == ["hello"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k_tokens(llm):
+    """vLLM's semantics: the last k prompt tokens (left truncation); -1 keeps max_model_len of them."""
+    greedy = dict(temperature=0, max_tokens=8)
+    k = len(llm.get_tokenizer().encode("hello="))
+    ref = llm.generate(["hello="], SamplingParams(**greedy), use_tqdm=False)[0]
+    cut = llm.generate(["xyzzy hello="], SamplingParams(**greedy, truncate_prompt_tokens=k), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ref.prompt_token_ids and cut.outputs[0].text == ref.outputs[0].text == "hello"
+    assert cut.prompt is None  # the text no longer matches the ids kept
+    long_ids = list(range(5, 25)) * 3 + ref.prompt_token_ids  # 66 ids > max_model_len 64
+    with pytest.raises(ValueError, match="the prompt has 64 tokens, but max_model_len is 64"):  # -1: kept 64 of 66
+        llm.generate([long_ids], SamplingParams(temperature=0, max_tokens=1, truncate_prompt_tokens=-1),
+                     use_tqdm=False)
+
+
+def test_truncate_prompt_tokens_checks(llm):
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens is 65, more than .* 64"):
+        llm.generate(["hello="], SamplingParams(truncate_prompt_tokens=65), use_tqdm=False)
+    short = llm.generate(["hello="], SamplingParams(temperature=0, truncate_prompt_tokens=60), use_tqdm=False)[0]
+    assert short.prompt == "hello=" and short.outputs[0].text == "hello"  # shorter than k: untouched
+
+
+def test_best_of_only_as_n(llm):
+    assert SamplingParams(n=3, best_of=3).best_of == 3
+    for kw in ({"n": 2, "best_of": 3}, {"n": 2, "best_of": 1}, {"best_of": 0}):
+        with pytest.raises(ValueError, match="best_of"):
+            SamplingParams(**kw)
+    with pytest.raises(ValueError, match="best_of is not supported when it differs from n"):
+        SamplingParams(n=1, best_of=2)
+
+
+def test_n_with_a_seed_is_reproducible_and_the_samples_differ(llm):
+    params = SamplingParams(n=4, temperature=5.0, seed=7, max_tokens=12)
+    first = [c.text for c in llm.generate(["hello="], params, use_tqdm=False)[0].outputs]
+    mixed = llm.generate(["abc=", "hello="], [SamplingParams(n=2, temperature=1.0, max_tokens=12), params],
+                         use_tqdm=False)  # another request in the batch changes nothing
+    assert [c.text for c in mixed[1].outputs] == first
+    assert len(set(first)) > 1, first
+    other_seed = [c.text for c in llm.generate(["hello="], SamplingParams(n=4, temperature=5.0, seed=8,
+                                                                         max_tokens=12), use_tqdm=False)[0].outputs]
+    assert other_seed != first

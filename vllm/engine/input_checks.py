@@ -70,6 +70,20 @@ def _token_list(ids: Any) -> list[int]:
     return list(ids)
 
 
+def truncate_prompt(token_ids: list[int], keep: Optional[int], max_model_len: int) -> list[int]:
+    """The last ``keep`` tokens of the prompt (``truncate_prompt_tokens``; -1: the last ``max_model_len``;
+    None: all), as vLLM truncates: from the left.  A ``keep`` above ``max_model_len`` is a ValueError."""
+    if keep is None:
+        return token_ids
+    if keep == -1:
+        keep = max_model_len
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens is {keep}, more than this model's maximum context length "
+                         f"(max_model_len) of {max_model_len} tokens; ask for at most {max_model_len}, or -1 for "
+                         "that many")
+    return token_ids[-keep:]
+
+
 def check_request(request_id: str, token_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
     """Raise a ValueError for anything in the request that this model cannot run."""
     if not token_ids:

@@ -26,7 +26,7 @@ from vllm.config.generation import load_generation_defaults
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import describe, is_fatal
 from vllm.engine.fault_isolation import execute_isolated, sub_batch
-from vllm.engine.input_checks import PromptType, RequestLimits, check_request, prompt_ids
+from vllm.engine.input_checks import PromptType, RequestLimits, check_request, prompt_ids, truncate_prompt
 from vllm.engine.lora_registry import LoRARegistry
 from vllm.executor import create_executor
 from vllm.logger import init_logger
@@ -155,6 +155,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = prompt_ids(prompt, self.tokenizer)
+        kept = truncate_prompt(token_ids, params.truncate_prompt_tokens, self._limits.max_model_len)
+        if len(kept) < len(token_ids):  # the text no longer matches the ids: outputs carry the ids only
+            text, token_ids = None, kept
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids
         check_request(request_id, token_ids, params, self._limits)
         return text, token_ids

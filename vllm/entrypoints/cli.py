@@ -113,6 +113,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "are resolved (symlinks too) and must stay inside; relative paths are looked up in "
                             "these directories (default: the folders holding the --lora-modules adapters; none: "
                             "runtime loads are refused)")
+    serve.add_argument("--lora-resolver-dir", default=None, metavar="DIR",
+                       help="load an adapter the server does not know on its first request, from DIR/<model name> "
+                            "when its adapter_config.json names this base model (vLLM's lora_filesystem_resolver; "
+                            "also VLLM_PLUGINS=lora_filesystem_resolver with VLLM_LORA_RESOLVER_CACHE_DIR=DIR)")
     serve.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (default: 1)")
     serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
     serve.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached on the CPU")

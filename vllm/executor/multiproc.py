@@ -1,6 +1,13 @@
-"""Tensor parallelism over processes: rank 0 here, ranks 1..N-1 in spawned workers.
+"""Tensor parallelism over processes: rank 0 here, ranks 1..N-1 in worker processes.
 
-Start-up: the workers are spawned first; each builds its ``Worker`` (joining
+How workers start (``start_method``, logged): by fork while this process has no CUDA context
+(always on CPU), so a script that builds an ``LLM`` at module level, without an
+``if __name__ == "__main__":`` guard, works as in vLLM; by spawn once CUDA is initialised, or
+was queried through the runtime (``torch.cuda.is_available()``), since torch then refuses CUDA
+in forked children; ``VLLM_WORKER_MULTIPROC_METHOD`` forces one.  Spawned workers import the
+main module again, so there the guard is needed.
+
+Start-up: the workers are started first; each builds its ``Worker`` (joining
 the TP group whose store rank 0 hosts, then loading its shard of the weights)
 while rank 0 builds its own; the KV cache gets the fewest blocks any rank can
 hold.  Then, per call, rank 0 sends ``(method, args)`` through each worker's
@@ -16,22 +23,70 @@ garbage-collected) stops them.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 import traceback
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.multiprocessing as mp
 
+from vllm import envs
 from vllm.distributed import free_port
 from vllm.engine.arg_utils import EngineArgs
 from vllm.executor.executor import Executor
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.worker.worker import Worker
 
 logger = init_logger(__name__)
+
+
+def start_method(on_cuda: bool) -> tuple[str, str]:
+    """(the multiprocessing start method for the workers, why it was chosen).  ``on_cuda``: the
+    workers will use CUDA devices (on CPU a forked child never needs CUDA, so fork always works)."""
+    forced = envs.VLLM_WORKER_MULTIPROC_METHOD
+    if forced is not None:
+        return forced, "VLLM_WORKER_MULTIPROC_METHOD"
+    if not on_cuda:
+        return "fork", "CPU workers"
+    if torch.cuda.is_initialized():
+        return "spawn", "CUDA is already initialised in this process, and a forked worker could not use it"
+    if not _forked_child_can_use_cuda():
+        return "spawn", ("this process already queried CUDA through the runtime (torch.cuda.is_available() does; "
+                         "torch.cuda.device_count() does not), after which a forked worker cannot use it")
+    return "fork", "no CUDA context exists in this process yet"
+
+
+def _forked_child_can_use_cuda() -> bool:
+    """Whether torch would let a forked child initialise CUDA: once this process called the CUDA
+    runtime, torch marks its forked children as unable to (and they fail when they try).  Asked of
+    a short-lived forked probe, which exits at once."""
+    pid = os.fork()
+    if pid == 0:  # the probe: no Python clean-up, no flush of inherited buffers
+        os._exit(3 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@contextlib.contextmanager
+def _fork_safe_objects(forking: bool) -> Iterator[None]:
+    """Around forks: this process's garbage is collected first (an earlier engine's TCP store and
+    process group are torn down here, where their threads exist), and what is left is frozen out of
+    the cyclic collector while the children are forked, so a child never destroys an inherited
+    object whose threads it does not have (a TCP store's destructor would wait for them forever)."""
+    if not forking:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class WorkerError(RuntimeError):
@@ -116,18 +171,22 @@ class MultiprocExecutor(Executor):
     def __init__(self, args: EngineArgs) -> None:
         world_size = args.tensor_parallel_size
         port = free_port()
-        ctx = mp.get_context("spawn")
+        method, why = start_method(current_platform().is_cuda())
+        self.start_method = method
+        ctx = mp.get_context(method)
         self._conns, self._procs = [], []
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
-        for rank in range(1, world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(args, rank, world_size, port, child), daemon=True,
-                               name=f"vllm-tp{rank}")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        logger.info("tensor parallel size %d: started %d worker process(es)", world_size, world_size - 1)
+        with _fork_safe_objects(method == "fork"):
+            for rank in range(1, world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(args, rank, world_size, port, child), daemon=True,
+                                   name=f"vllm-tp{rank}")
+                proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+        logger.info("tensor parallel size %d: started %d worker process(es) by %s (%s)", world_size, world_size - 1,
+                    method, why)
         try:
             self._await_started()
             self.driver = Worker(args, 0, world_size, port)
@@ -155,10 +214,11 @@ class MultiprocExecutor(Executor):
                 status = "exited"
             if status != "started":
                 proc.join(timeout=1)
-                raise WorkerError(
-                    f"the worker process of tensor-parallel rank {rank} did not start (exit code {proc.exitcode}). "
-                    "Workers are spawned and import the main module first: a script that builds an LLM or "
-                    "engine at import time must do so under `if __name__ == \"__main__\":`.")
+                hint = (" Spawned workers import the main module first: a script that builds an LLM or engine at "
+                        "import time must do so under `if __name__ == \"__main__\":`."
+                        if self.start_method == "spawn" else "")
+                raise WorkerError(f"the worker process of tensor-parallel rank {rank} did not start (exit code "
+                                  f"{proc.exitcode}).{hint}")
 
     # ---- calls --------------------------------------------------------------------
     def _send(self, method: str, *args: Any) -> None:

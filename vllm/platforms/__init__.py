@@ -22,6 +22,8 @@ def current_platform() -> Platform:
     forced = envs.VLLM_TARGET_DEVICE
     if forced == "cpu":
         return CpuPlatform()
-    if forced == "cuda" or torch.cuda.is_available():
+    # device_count(), not is_available(): it asks NVML where it can, which leaves CUDA unqueried, so
+    # tensor-parallel workers can still be forked (vllm.executor.multiproc)
+    if forced == "cuda" or torch.cuda.device_count() > 0:
         return CudaPlatform()
     return CpuPlatform()

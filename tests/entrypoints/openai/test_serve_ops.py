@@ -128,6 +128,7 @@ def test_max_log_len_and_disabled_lines():
     finally:
         srv.stop()
     assert not _request_lines(log), log
+    assert "WARNING" in log and "--disable-log-requests is deprecated" in log, log  # accepted, as vLLM, with a warning
 
 
 def test_non_streamed_request_is_aborted_when_the_client_leaves():

@@ -43,3 +43,47 @@ def test_bad_values_are_400s_naming_the_field(server, field, value):
     refused(completion(server, **{field: value}), field)
     refused(chat(server, **{field: value}), field)
     _ok(server)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, server):
+    """Completions and chat: only the last k prompt tokens reach the model (vLLM's left truncation)."""
+    r = client.completions.create(model="upper", prompt="xyzzy plugh hello=", temperature=0, max_tokens=8,
+                                  extra_body={"truncate_prompt_tokens": 6})  # "hello=" is 6 tokens
+    assert r.choices[0].text == "HELLO" and r.usage.prompt_tokens == 6
+    r = client.completions.create(model="demo", prompt=[5, 6, 7] * 30 + [12, 9, 16, 16, 19, 4], temperature=0,
+                                  max_tokens=4, echo=True, extra_body={"truncate_prompt_tokens": 6})
+    assert r.choices[0].text == "hello=hell" and r.usage.prompt_tokens == 6  # echo: the tokens kept
+    full = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                          temperature=0, max_tokens=4)
+    cut = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                         max_tokens=4, extra_body={"truncate_prompt_tokens": 2})
+    assert full.usage.prompt_tokens > 2 and cut.usage.prompt_tokens == 2
+    r = completion(server, prompt="hello=", truncate_prompt_tokens=-1)  # -1: up to max_model_len, here all
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO", r.text
+
+
+@pytest.mark.parametrize("value,words", [(65, "more than this model's maximum context length"),
+                                         (0, "greater than or equal to -1"), (-2, "greater than or equal to -1")])
+def test_truncate_prompt_tokens_bad_values(server, value, words):
+    if value == 0:
+        words = "truncate_prompt_tokens must be an integer >= 1"
+    assert words in refused(completion(server, truncate_prompt_tokens=value), "truncate_prompt_tokens")
+    assert words in refused(chat(server, truncate_prompt_tokens=value), "truncate_prompt_tokens")
+
+
+def test_best_of_is_n_or_refused_and_suffix_is_refused(client, server):
+    r = client.completions.create(model="demo", prompt="hello=", n=2, best_of=2, temperature=0, max_tokens=8)
+    assert [c.text for c in r.choices] == ["hello", "hello"]
+    msg = refused(completion(server, n=1, best_of=2), "best_of")
+    assert "best_of is not supported when it differs from n" in msg and "set it to n" in msg
+    msg = refused(completion(server, suffix="!"), "suffix")
+    assert "suffix is not supported" in msg and "leave it out" in msg
+
+
+def test_n_with_a_seed_is_reproducible_and_the_samples_differ(client):
+    def texts(seed):
+        r = client.completions.create(model="demo", prompt="hello=", n=4, seed=seed, temperature=5.0, max_tokens=12)
+        return [c.text for c in r.choices]
+
+    first = texts(11)
+    assert texts(11) == first and len(set(first)) > 1 and texts(12) != first

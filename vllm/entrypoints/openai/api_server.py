@@ -19,6 +19,7 @@ from vllm import envs
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.entrypoints.openai.http_middleware import DEFAULT_MAX_BODY_BYTES, ServerMiddleware, ServerState
+from vllm.entrypoints.openai.lora_resolver import FilesystemLoRAResolver, resolver_dir
 from vllm.entrypoints.openai.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, build_metrics
 from vllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                               LoadLoRAAdapterRequest, TokenizeChatRequest, TokenizeCompletionRequest,
@@ -297,8 +298,16 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         adapter_paths = AdapterPathPolicy.for_server(args.lora_allowed_dirs,
                                                      [m.path for m in args.lora_modules or []])
+        resolve_from = resolver_dir(args.lora_resolver_dir)
+        if resolve_from is not None and not args.enable_lora:
+            raise ValueError("loading adapters on demand (--lora-resolver-dir, VLLM_PLUGINS=lora_filesystem_resolver) "
+                             "needs --enable-lora")
         logger.info("vllm %s: starting the engine for %s", vllm.__version__, args.model)
         engine, models = _start_engine(args, (args.served_model_name or [args.model])[0])
+        if resolve_from is not None:
+            bases = [args.model, engine.engine.model_config.model, *models.base_names]
+            models.enable_resolver(FilesystemLoRAResolver(resolve_from, bases), engine.add_lora)
+            logger.info("adapters unknown by name are loaded on first use from %s", resolve_from)
     except Exception as e:  # a start-up error: its message, not a traceback (that is at DEBUG)
         logger.debug("start-up failed", exc_info=True)
         logger.error("the server cannot start: %s", e)
@@ -307,6 +316,9 @@ def run_server(args: argparse.Namespace) -> int:
     if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
         logger.info("runtime adapter loads may read from: %s",
                     ", ".join(adapter_paths.allowed_dirs) or "nowhere (pass --lora-allowed-dirs)")
+    if args.disable_log_requests:  # as in vLLM, where request logs are off unless --enable-log-requests
+        logger.warning("--disable-log-requests is deprecated, as in vLLM (whose default is no request logs); it is "
+                       "honoured: no per-request log lines")
     logged = LoggingEngine(engine, log_requests=not args.disable_log_requests, max_log_len=args.max_log_len)
     state = ServerState()
     app = build_app(logged, models, args.api_key, state=state, max_body_bytes=args.max_request_body_bytes,

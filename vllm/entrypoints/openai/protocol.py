@@ -95,8 +95,9 @@ class _SamplingRequest(OpenAIModel):
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string, as OpenAI) -> bias
     allowed_token_ids: Optional[list[TokenId]] = None
     bad_words: Optional[list[Text]] = None
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # last k tokens; -1: max_model_len
+    best_of: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)  # only n (SamplingParams says why)
     # Known but not implemented yet: refused unless no-op (see unsupported.py).
-    best_of: Optional[int] = None
     response_format: Optional[dict[str, Any]] = None
 
     def check_supported(self) -> None:
@@ -139,7 +140,8 @@ class _SamplingRequest(OpenAIModel):
         return dict(frequency_penalty=self.frequency_penalty or 0.0, presence_penalty=self.presence_penalty or 0.0,
                     repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                     min_p=self.min_p or 0.0, logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
-                    bad_words=self.bad_words or None)
+                    bad_words=self.bad_words or None, truncate_prompt_tokens=self.truncate_prompt_tokens,
+                    best_of=self.best_of)
 
 
 # The legacy completions API returns at most 5 alternatives per token.

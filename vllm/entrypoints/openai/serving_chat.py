@@ -31,7 +31,7 @@ class ChatServing(OpenAIServing):
         rid, created = random_id("chatcmpl"), int(time.time())
         self._check_request(req, rid)
         req = self._with_defaults(req)
-        lora = self.models.resolve(req.model)
+        lora = await self.models.resolve_on_demand(req.model)
         self._params(req, None)  # values that do not depend on the prompt: refused before any work
         prompt = await asyncio.to_thread(self._render_chat, req)
         prepared = self._prepare(req, [prompt], "messages", "the conversation")

@@ -21,7 +21,7 @@ class CompletionServing(OpenAIServing):
         rid, created = random_id("cmpl"), int(time.time())
         self._check_request(req, rid)
         req = self._with_defaults(req)
-        lora = self.models.resolve(req.model)
+        lora = await self.models.resolve_on_demand(req.model)
         prompts: list[Any] = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine
 from vllm.engine.errors import EngineDeadError, RequestFailedError
+from vllm.engine.input_checks import truncate_prompt
 from vllm.entrypoints.openai.protocol import RequestError
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
@@ -221,6 +222,13 @@ class OpenAIServing:
         out, by_budget = [], {}
         for i, prompt in enumerate(prompts):
             ids = prompt["prompt_token_ids"]
+            if req.truncate_prompt_tokens is not None:
+                try:
+                    ids = truncate_prompt(ids, req.truncate_prompt_tokens, self._model_config.max_model_len)
+                except ValueError as e:
+                    raise APIError(str(e), param="truncate_prompt_tokens") from e
+                if len(ids) < len(prompt["prompt_token_ids"]):  # echo shows the tokens kept, not the text
+                    prompt = {"prompt_token_ids": ids}
             room = self._check_prompt(ids, param, f"prompt {i}" if len(prompts) > 1 else what)
             budget = self._max_tokens(req, len(ids), room)
             if budget not in by_budget:

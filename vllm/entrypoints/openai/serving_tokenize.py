@@ -27,7 +27,7 @@ class TokenizeServing(OpenAIServing):
         """``{"count", "max_model_len", "tokens"}`` (and ``token_strs`` when asked). The ``model`` field
         must name the base model or a served adapter (adapters share the base model's tokenizer)."""
         _log_ignored("/tokenize", req)
-        self.models.resolve(req.model)  # unknown names are a 404, as for completions
+        await self.models.resolve_on_demand(req.model)  # unknown names are a 404, as for completions
         tok = self.engine.tokenizer
 
         def run() -> list[int]:
@@ -46,7 +46,7 @@ class TokenizeServing(OpenAIServing):
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         """``{"prompt": text}``; an id outside the vocabulary is a 400 naming ``tokens``."""
         _log_ignored("/detokenize", req)
-        self.models.resolve(req.model)
+        await self.models.resolve_on_demand(req.model)
         vocab = self._model_config.vocab_size
         bad = next((i for i, t in enumerate(req.tokens) if t >= vocab), None)
         if bad is not None:

@@ -2,7 +2,7 @@
 
 A known field that changes the answer (tools, beam search, structured output...) is refused
 with a 400 naming it, unless it is set to the value that changes nothing: clients often send
-``best_of: n``, ``response_format: {"type": "text"}``
+``response_format: {"type": "text"}``
 or ``tools: []``, and those are accepted. Answering 200 without applying a field would be a silent
 wrong answer. Unknown fields are accepted and reported (the server logs them once per request as
 ignored), as vLLM does.
@@ -31,13 +31,11 @@ def _choice_without(tools_field: str) -> Callable[[Any, Any], bool]:
 
 
 _BOTH: dict[str, _Rule] = {
-    "best_of": (lambda v, req: v is None or v == req.n, "n"),
     "response_format": (_one_of({"type": "text"}), '{"type": "text"}'),
     # vLLM's extra sampling and decoding fields
     "use_beam_search": (_one_of(False), "false"),
     "length_penalty": (_one_of(1), "1"),
     "spaces_between_special_tokens": (_one_of(True), "true"),
-    "truncate_prompt_tokens": (_one_of(), "null"),
     "prompt_logprobs": (_one_of(), "null"),
     "logits_processors": (_empty, "null"),
     "return_tokens_as_token_ids": (_one_of(False), "false"),
