@@ -236,7 +236,7 @@ class LLMEngine:
             self._fail(seq.request_id, f"the request failed while its tokens were recorded ({describe(exc)})")
         for part, _ in parts:
             for seq in part.scheduled_seqs:
-                if seq.request_id in self._errors:
+                if seq.request_id in self._errors or _text_can_wait(seq):
                     continue
                 try:
                     stop = self.detokenizer.decode_sequence_inplace(seq)
@@ -262,3 +262,12 @@ class LLMEngine:
                 self._forget(rid)
             outputs.append(ro)
         return outputs
+
+
+def _text_can_wait(seq: Sequence) -> bool:
+    """Whether this step may skip the sequence's detokenization: nobody reads its text before it
+    finishes (``FINAL_ONLY``) and no stop string needs it.  The incremental decode then covers
+    all the new tokens at once when the sequence finishes (same text: it is windowed, not per token)."""
+    params = seq.sampling_params
+    return (params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop and not seq.is_finished
+            and not params.logprobs and params.prompt_logprobs is None)
