@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Mxfp4MoEQuantConfig(FusedMoEQuantConfig):
-    """MXFP4 expert weights: the e8m0 scales of w13 [E_local, 2I_part, H/32] and w2 [E_local, H, I_part/32]."""
+    """MXFP4 expert weights: the e8m0 scales of w13 [E_local, 2I_part, H/32] and w2 [E_local, H, I_part/32].
+
+    Weight-only: the activations stay in float, so ``quant_dtype`` (activation quantization,
+    which prepare/finalize would perform) is None.
+    """
 
     w1_scale: Optional[torch.Tensor] = None
     w2_scale: Optional[torch.Tensor] = None
@@ -38,7 +42,7 @@ class Mxfp4MoEQuantConfig(FusedMoEQuantConfig):
 
 def mxfp4_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_bias: Optional[torch.Tensor],
                            w2_bias: Optional[torch.Tensor]) -> Mxfp4MoEQuantConfig:
-    return Mxfp4MoEQuantConfig(quant_dtype=torch.uint8, w1_bias=w1_bias, w2_bias=w2_bias, w1_scale=w1_scale,
+    return Mxfp4MoEQuantConfig(quant_dtype=None, w1_bias=w1_bias, w2_bias=w2_bias, w1_scale=w1_scale,
                                w2_scale=w2_scale)
 
 
