@@ -129,3 +129,12 @@ def test_requested_backend_on_the_layer(device):
     layer = make_mxfp4_layer(ck, 2, torch.float32, device, backend="triton")
     assert isinstance(layer.quant_method.kernel.fused_experts, UnfusedOAITritonExperts)
     assert layer.quant_method.supports_lora()
+
+
+def test_float_experts_cannot_be_loaded_into_an_mxfp4_layer():
+    gen = torch.Generator().manual_seed(3)
+    ck = random_mxfp4_checkpoint(4, 32, 64, True, gen)
+    for processed in (False, True):  # before and after w13_weight names the uint8 blocks
+        layer = make_mxfp4_layer(ck, 2, torch.float32, "cpu", backend="torch") if processed else _layer()
+        with pytest.raises(ValueError, match="stored quantized"):
+            layer.load_fused_experts(gate_up=torch.randn(4, 128, 32), down=torch.randn(4, 32, 64))
