@@ -38,6 +38,15 @@ def test_config_from_checkpoint_and_exclusions():
     assert cfg.get_moe_method(moe, "model.layers.11.mlp.experts") is not None  # not a prefix match on "1"
 
 
+def test_wildcard_exclusions_as_gpt_oss_writes_them():
+    cfg = Mxfp4Config.from_config({"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    assert not cfg.is_quantized("model.layers.17.self_attn.o_proj")
+    assert not cfg.is_quantized("model.layers.3.mlp.router")
+    assert not cfg.is_quantized("model.embed_tokens")
+    assert cfg.is_quantized("model.layers.3.mlp.experts")
+
+
 def test_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="modules_to_not_convert must be a list"):
         Mxfp4Config.from_config({"quant_method": "mxfp4", "modules_to_not_convert": "lm_head"})

@@ -3,11 +3,13 @@
 ``quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [...]}``.
 Only MoE experts are stored in MXFP4; ``modules_to_not_convert`` names modules kept in
 float (gpt-oss lists attention, router, embeddings, LM head).  A module is excluded
-when an entry equals its prefix, or names one of its dotted components / parents
-(``"self_attn"`` matches ``model.layers.0.self_attn.q_proj``).
+when an entry matches consecutive dotted components of its prefix, ``*`` standing for any
+text (``"self_attn"`` and ``"model.layers.*.self_attn"`` both match
+``model.layers.0.self_attn.q_proj``; ``"model.layers.1.mlp.experts"`` does not match layer 11).
 """
 from __future__ import annotations
 
+import fnmatch
 from typing import TYPE_CHECKING, Any, Optional
 
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -51,10 +53,8 @@ class Mxfp4Config(QuantizationConfig):
             entry = entry.strip(".")
             if not entry:
                 continue
-            if prefix == entry or prefix.startswith(entry + ".") or entry in parts:
-                return True
-            n = entry.count(".") + 1  # a dotted entry matching consecutive components
-            if any(".".join(parts[i:i + n]) == entry for i in range(len(parts) - n + 1)):
+            n = entry.count(".") + 1  # the entry's components, matched against consecutive components of the prefix
+            if any(fnmatch.fnmatchcase(".".join(parts[i:i + n]), entry) for i in range(len(parts) - n + 1)):
                 return True
         return False
 
