@@ -47,6 +47,8 @@ def mxfp4_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_bi
 
 
 class _Mxfp4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
+    """The unfused pipeline with its two LoRA seams; subclasses supply the two MXFP4 GEMMs (``_gemm``)."""
+
     @classmethod
     def supports_quant(cls, quant_config: FusedMoEQuantConfig) -> Support:
         if isinstance(quant_config, Mxfp4MoEQuantConfig):
