@@ -3,7 +3,7 @@
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile of one expert, as
 ``_fused_moe_gemm_kernel`` does, but reads the weight as 4-bit codes: per K-step it
 loads BLOCK_SIZE_K / 2 bytes of each of its BLOCK_SIZE_N rows and BLOCK_SIZE_K / 32
-scales, decodes them in registers and splits the step into two dots: the even K
+scales (each broadcast over its 16 bytes), decodes them in registers and splits the step into two dots: the even K
 elements (low nibbles) against the even activation columns, the odd ones (high
 nibbles) against the odd columns.  No dequantised weight ever reaches memory.
 """
@@ -96,7 +96,9 @@ def _mxfp4_moe_gemm_kernel(
     offs_j = tl.arange(0, HALF_K)  # byte j of the step holds elements 2j (low) and 2j+1 (high)
 
     q_ptrs = wq_ptr + expert * stride_qe + offs_wn[None, :] * stride_qn + offs_j[:, None]  # [HALF_K, BN]
-    s_ptrs = ws_ptr + expert * stride_se + offs_wn[None, :] * stride_sn + (offs_j // 16)[:, None]
+    GROUPS: tl.constexpr = BLOCK_SIZE_K // 32
+    offs_g = tl.arange(0, GROUPS)
+    s_ptrs = ws_ptr + expert * stride_se + offs_wn[None, :] * stride_sn + offs_g[:, None]  # [GROUPS, BN]
     a_rows = a_ptr + row * stride_am
     a_even = a_rows[:, None] + (2 * offs_j)[None, :] * stride_ak  # [BM, HALF_K]
 
@@ -110,10 +112,13 @@ def _mxfp4_moe_gemm_kernel(
         else:
             j_ok = offs_j < (K - k * BLOCK_SIZE_K) // 2  # K is a multiple of 32: whole bytes and groups
             q = tl.load(q_ptrs, mask=j_ok[:, None], other=0).to(tl.int32)
-            s = tl.load(s_ptrs, mask=j_ok[:, None], other=127).to(tl.int32)
+            g_ok = offs_g < (K - k * BLOCK_SIZE_K) // 32
+            s = tl.load(s_ptrs, mask=g_ok[:, None], other=127).to(tl.int32)
             a_lo = tl.load(a_even, mask=j_ok[None, :], other=0.0)
             a_hi = tl.load(a_even + stride_ak, mask=j_ok[None, :], other=0.0)
+        # one scale per 32 elements = per 16 bytes of a row: load [GROUPS, BN], repeat each row 16 times
         scale = _e8m0_to_f32(s)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (GROUPS, 16, BLOCK_SIZE_N)), (HALF_K, BLOCK_SIZE_N))
         w_lo = _e2m1_to_f32(q & 0xF) * scale
         w_hi = _e2m1_to_f32(q >> 4) * scale
         if DOT_F32:
@@ -123,7 +128,7 @@ def _mxfp4_moe_gemm_kernel(
             acc += tl.dot(a_lo, w_lo.to(a_lo.dtype))
             acc += tl.dot(a_hi, w_hi.to(a_hi.dtype))
         q_ptrs += HALF_K
-        s_ptrs += BLOCK_SIZE_K // 32
+        s_ptrs += GROUPS
         a_even += BLOCK_SIZE_K * stride_ak
 
     if HAS_BIAS:
