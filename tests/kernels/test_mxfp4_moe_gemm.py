@@ -63,7 +63,7 @@ def test_dequantiser_rejects_mismatched_scales():
 def _run_kernel(a, blocks, scales, ids, *, top_k_in, bias=None, topk_weights=None, weighted=False, config=None):
     E, N = blocks.shape[:2]
     pairs = a.shape[0] * top_k_in
-    cfg = config or get_mxfp4_moe_config(pairs, E, N, a.shape[1], a.dtype)
+    cfg = config or get_mxfp4_moe_config(pairs, E, N, a.shape[1], top_k_in, a.dtype)
     al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
     out = poison_(torch.empty(pairs, N, dtype=a.dtype, device=a.device))
     invoke_mxfp4_moe_gemm(a, blocks, scales, out, sorted_token_ids=al.sorted_token_ids,
@@ -123,7 +123,7 @@ def test_kernel_matches_fp32_loop(M, E, top_k, N, K, bias, weighted, block_k, dt
     tw = torch.rand(M, top_k, generator=gen) if weighted else None
     cfg = None
     if block_k:
-        cfg = get_mxfp4_moe_config(M * top_k, E, N, K, dtype)
+        cfg = get_mxfp4_moe_config(M * top_k, E, N, K, top_k, dtype)
         cfg["BLOCK_SIZE_K"] = block_k
     out = _run_kernel(a.to(device, dtype), blocks.to(device), scales.to(device), ids.to(device), top_k_in=top_k,
                       bias=None if b is None else b.to(device, dtype), topk_weights=None if tw is None else tw.to(device),

@@ -125,9 +125,10 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
-        cfg1 = get_mxfp4_moe_config(pairs, E_local, N, K, dtype)
+        top_k = self.moe_config.top_k
+        cfg1 = get_mxfp4_moe_config(pairs, E_local, N, K, top_k, dtype)
         act_n = N // 2 if self.moe_config.activation.is_gated else N
-        cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, dtype)
+        cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype)
         cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment serves both GEMMs
         align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,

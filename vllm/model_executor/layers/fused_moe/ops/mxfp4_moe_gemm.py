@@ -20,10 +20,14 @@ from typing import Optional
 
 import torch
 
+from vllm import envs
+from vllm.kernel_configs import lookup_tuned_config
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
+from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -34,7 +38,8 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype, interp: bool) -> dict:
+def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
+                   tuned_folder: Optional[str]) -> dict:
     if interp:  # few, large programs: the interpreter pays per program and per loop step
         bm = _pow2_at_least(num_pairs, 16, 64)
         return dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
@@ -50,16 +55,22 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torc
         cfg["BLOCK_SIZE_K"] = 64
     cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
     cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 32, 256))
+    tuned = lookup_tuned_config("mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
+                                max(num_pairs // max(top_k, 1), 1), current_platform().device_name())
+    if tuned:
+        cfg.update({k: int(v) for k, v in tuned.items() if k in _CONFIG_KEYS})
     return cfg
 
 
-def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages; a fresh dict).
+def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype) -> dict:
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages; a fresh dict): a tuned
+    file (op ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic.
 
-    BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``; BLOCK_SIZE_K is a
+    BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``; BLOCK_SIZE_K must be a
     power of two >= 32 (whole scale groups).
     """
-    return dict(_cached_config(int(num_pairs), int(num_experts), int(N), int(K), dtype, triton_interpreting()))
+    key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
+    return dict(_cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER))
 
 
 def as_packed_rows(blocks: torch.Tensor) -> torch.Tensor:
