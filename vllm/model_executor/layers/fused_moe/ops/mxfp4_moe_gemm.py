@@ -27,7 +27,7 @@ from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "DECODE_ASM")
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -71,6 +71,12 @@ def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
     return dict(_cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER))
+
+
+def use_decode_asm(dtype: torch.dtype, config: dict) -> bool:
+    """Whether the kernel decodes with its packed PTX (bf16 activations on CUDA, unless the config
+    says ``DECODE_ASM: 0``); otherwise it decodes with portable Triton arithmetic."""
+    return dtype == torch.bfloat16 and not triton_interpreting() and bool(config.get("DECODE_ASM", 1))
 
 
 def as_packed_rows(blocks: torch.Tensor) -> torch.Tensor:
@@ -150,6 +156,7 @@ def invoke_mxfp4_moe_gemm(
         HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         DOT_F32=a.dtype == torch.float32 or triton_interpreting(),
+        DECODE_ASM=use_decode_asm(a.dtype, config),
         EVEN_K=K % bk == 0,
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
