@@ -3,9 +3,10 @@
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile of one expert, as
 ``_fused_moe_gemm_kernel`` does, but reads the weight as 4-bit codes: per K-step it
 loads BLOCK_SIZE_K / 2 bytes of each of its BLOCK_SIZE_N rows and BLOCK_SIZE_K / 32
-scales (each broadcast over its 16 bytes), decodes them in registers and splits the step into two dots: the even K
-elements (low nibbles) against the even activation columns, the odd ones (high
-nibbles) against the odd columns.  No dequantised weight ever reaches memory.
+scales (each broadcast over its 16 bytes), decodes them in registers and splits the
+step into two dots: the even K elements (low nibbles) against the even activation
+columns, the odd ones (high nibbles) against the odd columns (one contiguous activation
+load, split in registers).  No dequantised weight ever reaches memory.
 """
 from __future__ import annotations
 
@@ -137,22 +138,22 @@ def _mxfp4_moe_gemm_kernel(
     offs_g = tl.arange(0, GROUPS)
     s_ptrs = ws_ptr + expert * stride_se + offs_wn[None, :] * stride_sn + offs_g[:, None]  # [GROUPS, BN]
     a_rows = a_ptr + row * stride_am
-    a_even = a_rows[:, None] + (2 * offs_j)[None, :] * stride_ak  # [BM, HALF_K]
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak  # [BM, BK]: one contiguous load, split into even / odd
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         if EVEN_K:
             q = tl.load(q_ptrs)
             s = tl.load(s_ptrs).to(tl.int32)
-            a_lo = tl.load(a_even)
-            a_hi = tl.load(a_even + stride_ak)
+            a = tl.load(a_ptrs)
         else:
             j_ok = offs_j < (K - k * BLOCK_SIZE_K) // 2  # K is a multiple of 32: whole bytes and groups
             q = tl.load(q_ptrs, mask=j_ok[:, None], other=0)
             g_ok = offs_g < (K - k * BLOCK_SIZE_K) // 32
             s = tl.load(s_ptrs, mask=g_ok[:, None], other=127).to(tl.int32)
-            a_lo = tl.load(a_even, mask=j_ok[None, :], other=0.0)
-            a_hi = tl.load(a_even + stride_ak, mask=j_ok[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=(offs_k < K - k * BLOCK_SIZE_K)[None, :], other=0.0)
+        a_lo, a_hi = tl.split(tl.reshape(a, (BLOCK_SIZE_M, HALF_K, 2)))
         if DECODE_ASM:
             # e2m1 values are exact in bf16, and so is their product with a power of two
             scale = tl.where(s == 0, 0x40, s << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
@@ -177,7 +178,7 @@ def _mxfp4_moe_gemm_kernel(
                 acc += tl.dot(a_hi, w_hi.to(a_hi.dtype))
         q_ptrs += HALF_K
         s_ptrs += GROUPS
-        a_even += BLOCK_SIZE_K * stride_ak
+        a_ptrs += BLOCK_SIZE_K * stride_ak
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
