@@ -17,6 +17,7 @@ computation from the dequantised weights written here; the run stops if it fails
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_mxfp4.py [--quick] [--shapes 20b 120b]
         [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--out table.md]
 ``--quick``: T in 1 16 256 4096 and 30 replays.  ``--smoke``: a tiny shape on CPU (interpreter).
+``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer token counts and replays")
     p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--portable-decode", action="store_true",
+                   help="decode MXFP4 with portable Triton arithmetic instead of the packed PTX (bf16 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
@@ -215,6 +218,10 @@ def main() -> None:
             sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cuda" if has_cuda else "cpu")
+    if args.portable_decode:
+        from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm
+
+        mxfp4_moe_gemm.use_decode_asm = lambda dtype, config: False
     dtype = torch.bfloat16 if has_cuda else torch.float32  # the interpreter's bf16 dot is wrong
     shapes = [SMOKE_SHAPE] if args.smoke else [SHAPES[s] for s in args.shapes]
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else QUICK_TOKENS if args.quick else TOKENS)
@@ -222,7 +229,7 @@ def main() -> None:
     args.reps = args.reps or (2 if not has_cuda else 30 if args.quick else 100)
     gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
     peak = peak_bandwidth(device)
-    print(f"device: {gpu}; activations {dtype}; rank {args.rank}; {args.num_loras} adapters; "
+    print(f"device: {gpu}; activations {dtype}; MXFP4 decode {'portable' if args.portable_decode else 'packed PTX'}; rank {args.rank}; {args.num_loras} adapters; "
           f"copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
     rows = []
