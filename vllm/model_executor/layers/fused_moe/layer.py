@@ -161,6 +161,11 @@ class FusedMoE(nn.Module):
         transposed=True (gpt-oss checkpoint): gate_up [E, H, 2I] (interleaved), down [E, I, H].
         Rows of gate_up are gate then up, or interleaved for ``swigluoai``.
         """
+        w13 = getattr(self, "w13_weight", None)
+        if not isinstance(w13, torch.Tensor) or not w13.is_floating_point():
+            raise ValueError(f"the experts of {self.prefix or 'this layer'} are stored quantized "
+                             f"({type(self.quant_method).__name__}): float expert weights cannot be loaded "
+                             "into them; load the checkpoint's quantized tensors through the quant method")
         if transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         E = self.global_num_experts

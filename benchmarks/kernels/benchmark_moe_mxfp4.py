@@ -1,0 +1,260 @@
+"""Benchmark of one MXFP4 fused-MoE layer (UnfusedOAITritonExperts) vs the bf16 TritonExperts layer,
+and of MXFP4 with multi-LoRA, at the gpt-oss-20b / gpt-oss-120b layer shapes.
+
+What is timed: ``layer.quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)``
+(routing precomputed; the region includes the expert sort, both GEMMs, the activation, the
+top-k sum, and with LoRA the LoRA align and both LoRA seams), for
+  bf16 base:  a FusedMoE with bf16 weights on TritonExperts (the same shape, random weights);
+  MXFP4 base: a FusedMoE with quant_config=Mxfp4Config on UnfusedOAITritonExperts, no LoRA;
+  MXFP4 LoRA: the same layer wrapped by FusedMoE3DWithLoRA, tokens round-robin over adapters.
+Timing (CUDA graphs, L2 flushed before every replay, median) and the bandwidth peak are those of
+``benchmark_moe_lora.py``.  Bytes = expert weights actually routed: bf16 D*3HI*2, MXFP4
+D*3HI*17/32 (4.25 bits) + biases; GB/s = those bytes / time.
+
+Correctness first, per shape: the MXFP4 layer (base, and with LoRA) against an fp32 torch
+computation from the dequantised weights written here; the run stops if it fails.
+
+    PYTHONPATH=. python benchmarks/kernels/benchmark_moe_mxfp4.py [--quick] [--shapes 20b 120b]
+        [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--out table.md]
+``--quick``: T in 1 16 256 4096 and 30 replays.  ``--smoke``: a tiny shape on CPU (interpreter).
+``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from benchmark_moe_lora import FLUSH_BYTES, norm_err, peak_bandwidth, time_cpu, time_cuda  # noqa: E402
+
+# name -> (label, hidden H, intermediate I, experts E, top_k)
+SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
+SMOKE_SHAPE = ("smoke", 64, 64, 8, 2)
+TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
+QUICK_TOKENS = [1, 16, 256, 4096]
+SMOKE_TOKENS = [1, 7]
+TOL = 3e-2  # bf16 normalised max error
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=None)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100, --quick 30)")
+    p.add_argument("--check-tokens", type=int, default=64)
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer token counts and replays")
+    p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--portable-decode", action="store_true",
+                   help="decode MXFP4 with portable Triton arithmetic instead of the packed PTX (bf16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    return p.parse_args()
+
+
+@dataclass
+class Layers:
+    name: str
+    H: int
+    I: int
+    E: int
+    k: int
+    mx: object  # FusedMoE, MXFP4
+    mx_lora: object  # FusedMoE3DWithLoRA around mx
+    bf16: object  # FusedMoE, bf16 weights, TritonExperts
+    punica: object
+    adapters: list  # (w13_a [E, R, H], w13_b [E, 2I, R], w2_a [E, R, I], w2_b [E, H, R])
+
+
+def build(shape, dtype, device, rank: int, num_loras: int, max_tokens: int, seed: int) -> Layers:
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA
+    from vllm.lora.punica_wrapper import get_punica_wrapper
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
+
+    name, H, I, E, k = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    common = dict(params_dtype=dtype, device=device, activation="swigluoai", has_bias=True, renormalize=False,
+                  topk_then_softmax=True, moe_backend="triton", max_num_tokens=max(max_tokens, 8192))
+    mx = FusedMoE(E, k, H, I, quant_config=Mxfp4Config(), lora_enabled=True, prefix="bench.mlp.experts", **common)
+    u8 = lambda shape, lo, hi: torch.randint(lo, hi, shape, dtype=torch.uint8, device=device, generator=gen)  # noqa
+    ck = {"gate_up_proj_blocks": u8((E, 2 * I, H // 32, 16), 0, 256),
+          "gate_up_proj_scales": u8((E, 2 * I, H // 32), 118, 121),  # |w| ~ H^-1/2
+          "gate_up_proj_bias": torch.randn(E, 2 * I, device=device, generator=gen) * 0.1,
+          "down_proj_blocks": u8((E, H, I // 32, 16), 0, 256),
+          "down_proj_scales": u8((E, H, I // 32), 118, 121),
+          "down_proj_bias": torch.randn(E, H, device=device, generator=gen) * 0.1}
+    for suffix, t in ck.items():
+        mx.quant_method.load_checkpoint_tensor(mx, suffix, t)
+    del ck
+    mx.process_weights_after_loading()
+    experts = type(mx.quant_method.kernel.fused_experts).__name__
+    if experts != "UnfusedOAITritonExperts":
+        sys.exit(f"expected UnfusedOAITritonExperts, the MXFP4 layer runs {experts}")
+    mx_lora = FusedMoE3DWithLoRA(mx)
+    mx_lora.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=rank))
+    rnd = lambda shape, std: (torch.randn(shape, device=device, generator=gen) * std).to(dtype)  # noqa: E731
+    adapters = []
+    for slot in range(num_loras):
+        ad = (rnd((E, rank, H), H ** -0.5), rnd((E, 2 * I, rank), 0.5 * rank ** -0.5),
+              rnd((E, rank, I), I ** -0.5), rnd((E, H, rank), 0.5 * rank ** -0.5))
+        mx_lora.set_lora(slot, w13_lora_a=[ad[0]], w13_lora_b=[ad[1]], w2_lora_a=ad[2], w2_lora_b=ad[3])
+        adapters.append(ad)
+    punica = get_punica_wrapper(max_tokens, num_loras, device, kind="gpu")
+    mx_lora.set_mapping(punica)
+    bf = FusedMoE(E, k, H, I, **common)
+    for e in range(E):
+        bf.w13_weight.data[e].copy_(rnd((2 * I, H), H ** -0.5))
+        bf.w2_weight.data[e].copy_(rnd((H, I), I ** -0.5))
+    bf.process_weights_after_loading()
+    return Layers(name, H, I, E, k, mx, mx_lora, bf, punica, adapters)
+
+
+def inputs(L: Layers, M: int, num_loras: int, dtype, device, seed: int):
+    from vllm.model_executor.layers.fused_moe.router import fused_topk
+
+    gen = torch.Generator(device=device).manual_seed(seed + M)
+    x = torch.randn(M, L.H, generator=gen, device=device).to(dtype)
+    logits = torch.randn(M, L.E, generator=gen, device=device)
+    tw, ti = fused_topk(logits, L.k, renormalize=False, topk_then_softmax=True)
+    return x, logits, tw, ti, torch.arange(M, dtype=torch.int32) % num_loras
+
+
+def reference(L: Layers, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
+    """fp32 gpt-oss MoE (+ per-token LoRA) from the layer's MXFP4 weights, dequantised per expert."""
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import dequantize_mxfp4
+
+    mx = L.mx
+    M, H = x.shape
+    experts = ti.reshape(-1).long()
+    token = torch.arange(M * L.k, device=x.device) // L.k
+    slot_p = slots.to(x.device).long()[token]
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device)
+    for e in torch.unique(experts).tolist():
+        p = (experts == e).nonzero().squeeze(1)
+        xe = x.float()[token[p]]
+        h = xe @ dequantize_mxfp4(mx.w13_blocks[e], mx.w13_scales[e]).T + mx.w13_bias[e].float()
+        masks = [(s, slot_p[p] == s) for s in range(len(L.adapters))] if with_lora else []
+        for s, m in masks:
+            a, b, _, _ = L.adapters[s]
+            h[m] += (xe[m] @ a[e].float().T) @ b[e].float().T
+        gate, up = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
+        act = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+        y = act @ dequantize_mxfp4(mx.w2_blocks[e], mx.w2_scales[e]).T + mx.w2_bias[e].float()
+        for s, m in masks:
+            _, _, a, b = L.adapters[s]
+            y[m] += (act[m] @ a[e].float().T) @ b[e].float().T
+        out.index_add_(0, token[p], y * tw.reshape(-1)[p, None].float())
+    return out
+
+
+def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int) -> str:
+    x, logits, tw, ti, slots = inputs(L, M, num_loras, dtype, device, seed)
+    L.punica.update_metadata(slots)
+    qm, ctx = L.mx.quant_method, L.mx._lora_context
+    ref_lora, ref_base = reference(L, x, tw, ti, slots, True), reference(L, x, tw, ti, slots, False)
+    errs = {"MXFP4 + LoRA forward": norm_err(L.mx_lora(x, logits), ref_lora),
+            "MXFP4 + LoRA experts call": norm_err(qm.apply(L.mx, x, tw, ti, lora_context=ctx), ref_lora),
+            "MXFP4 base experts call": norm_err(qm.apply(L.mx, x, tw, ti, lora_context=None), ref_base)}
+    effect = norm_err(ref_base, ref_lora)
+    tol = TOL if dtype == torch.bfloat16 else 1e-2
+    if any(not e < tol for e in errs.values()) or effect < 10 * tol:
+        sys.exit(f"CORRECTNESS FAILED for {L.name} at {M} tokens: {errs} (tolerance {tol}); LoRA effect {effect:.3f}")
+    return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {effect:.2f})"
+
+
+def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict:
+    x, _, tw, ti, slots = inputs(L, M, args.num_loras, dtype, device, args.seed)
+    L.punica.update_metadata(slots)
+    mq, bq, ctx = L.mx.quant_method, L.bf16.quant_method, L.mx._lora_context
+    fns = {"bf16": lambda: bq.apply(L.bf16, x, tw, ti, lora_context=None),
+           "mx": lambda: mq.apply(L.mx, x, tw, ti, lora_context=None),
+           "mx_lora": lambda: mq.apply(L.mx, x, tw, ti, lora_context=ctx)}
+    t, graphs = {}, []
+    for key, fn in fns.items():
+        us, graph, note = (time_cuda(fn, flush, args.reps, not args.no_graph) if device.type == "cuda"
+                           else time_cpu(fn, args.reps))
+        t[key] = us
+        graphs.append(graph)
+        if note:
+            print(f"    note ({key}): {note}")
+    D = int(torch.unique(ti).numel())
+    w = D * 3 * L.H * L.I
+    mx_bytes = w * 17 // 32 + D * (3 * L.I) * x.element_size()  # codes + scales + biases
+    bf_bytes = w * 2
+    return dict(shape=L.name, tokens=M, experts=D, bf16=t["bf16"], mx=t["mx"], mx_lora=t["mx_lora"],
+                speedup=t["bf16"] / t["mx"], ratio=t["mx_lora"] / t["mx"], mx_gbs=mx_bytes / (t["mx"] * 1e-6) / 1e9,
+                bf_gbs=bf_bytes / (t["bf16"] * 1e-6) / 1e9, roof=100 * (mx_bytes / peak * 1e6) / t["mx"],
+                graph="yes" if all(graphs) else "no")
+
+
+def table(rows: list[dict], gpu: str) -> str:
+    lines = ["| shape | tokens | experts | bf16 base (us) | MXFP4 base (us) | bf16 / MXFP4 | MXFP4 + LoRA (us) "
+             "| LoRA / base | MXFP4 GB/s | bf16 GB/s | MXFP4 % of roofline | graph | GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['experts']} | {r['bf16']:.1f} | {r['mx']:.1f} "
+                     f"| {r['speedup']:.2f} | {r['mx_lora']:.1f} | {r['ratio']:.2f} | {r['mx_gbs']:.4g} "
+                     f"| {r['bf_gbs']:.4g} | {r['roof']:.0f} % | {r['graph']} | {gpu} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        if not args.smoke:
+            sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cuda" if has_cuda else "cpu")
+    if args.portable_decode:
+        from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm
+
+        mxfp4_moe_gemm.use_decode_asm = lambda dtype, config: False
+    dtype = torch.bfloat16 if has_cuda else torch.float32  # the interpreter's bf16 dot is wrong
+    shapes = [SMOKE_SHAPE] if args.smoke else [SHAPES[s] for s in args.shapes]
+    tokens = args.tokens or (SMOKE_TOKENS if args.smoke else QUICK_TOKENS if args.quick else TOKENS)
+    check_m = min(args.check_tokens, 16) if args.smoke else args.check_tokens
+    args.reps = args.reps or (2 if not has_cuda else 30 if args.quick else 100)
+    gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
+    peak = peak_bandwidth(device)
+    print(f"device: {gpu}; activations {dtype}; MXFP4 decode {'portable' if args.portable_decode else 'packed PTX'}; rank {args.rank}; {args.num_loras} adapters; "
+          f"copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
+    rows = []
+    for shape in shapes:
+        L = build(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
+        print(f"[{L.name}] H={L.H} I={L.I} E={L.E} top_k={L.k}: correctness at {check_m} tokens: "
+              f"{check(L, check_m, args.num_loras, dtype, device, args.seed)}", flush=True)
+        for M in tokens:
+            r = run_case(L, M, args, dtype, device, flush, peak)
+            print(f"  {M:5d} tokens: bf16 {r['bf16']:8.1f} us  MXFP4 {r['mx']:8.1f} us ({r['speedup']:.2f}x)  "
+                  f"+LoRA {r['mx_lora']:8.1f} us (ratio {r['ratio']:.2f})  {r['mx_gbs']:6.0f} GB/s", flush=True)
+            rows.append(r)
+        del L
+        if has_cuda:
+            torch.cuda.empty_cache()
+    text = "\n".join([f"## MXFP4 MoE layer vs bf16, and MXFP4 with multi-LoRA: {gpu}", "", table(rows, gpu), "",
+                      "Notes: timed `quant_method.apply` (sort, GEMMs, activation, top-k sum; with LoRA also the LoRA "
+                      "align and seams), CUDA graph replay with the L2 flushed, median of "
+                      f"{args.reps}; bytes = routed expert weights (MXFP4 4.25 bits + biases, bf16 2 bytes); "
+                      f"peak {peak / 1e9:.0f} GB/s from a device copy.", ""])
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Grouped expert GEMM on MXFP4 weights: launcher, tile config, fp32 reference.
+
+The same op as ``fused_moe_gemm.invoke_fused_moe_gemm`` (read its docstring), with
+the weight given as MXFP4 codes and scales instead of a float tensor:
+
+    out[p] = (a[p // top_k_in] @ W[e_p].T + bias[e_p]) * (topk_weights.flatten()[p] if mul_routed_weight)
+    W[e] = dequantize_mxfp4(blocks[e], scales[e])              [N, K], never materialised
+
+blocks uint8 [E_local, N, K/32, 16] (or its view [E_local, N, K/2]), scales uint8
+[E_local, N, K/32].  The kernel reads 4.25 bits per weight and decodes in registers.
+
+Tiles: decode (few pairs per expert) takes BLOCK_SIZE_M 16 and narrow N tiles so
+that one token's handful of experts still spreads over the SMs; the weight bytes
+are read once per M-block, so larger batches take taller M-blocks.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from vllm import envs
+from vllm.kernel_configs import lookup_tuned_config
+from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
+from vllm.platforms import current_platform
+from vllm.platforms.interface import triton_interpreting
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "DECODE_ASM")
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
+                   tuned_folder: Optional[str]) -> dict:
+    if interp:  # few, large programs: the interpreter pays per program and per loop step
+        bm = _pow2_at_least(num_pairs, 16, 64)
+        return dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
+                    BLOCK_SIZE_K=_pow2_at_least(K, 32, 256), GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+    per_expert = num_pairs / max(1, min(num_pairs, num_experts))
+    if per_expert <= 16:
+        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+    elif per_expert <= 64:
+        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        cfg["BLOCK_SIZE_K"] = 64
+    cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
+    cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 32, 256))
+    tuned = lookup_tuned_config("mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
+                                max(num_pairs // max(top_k, 1), 1), current_platform().device_name())
+    if tuned:
+        cfg.update({k: int(v) for k, v in tuned.items() if k in _CONFIG_KEYS})
+    return cfg
+
+
+def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype) -> dict:
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages; a fresh dict): a tuned
+    file (op ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic.
+
+    BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``; BLOCK_SIZE_K must be a
+    power of two >= 32 (whole scale groups).
+    """
+    key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
+    return dict(_cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER))
+
+
+def use_decode_asm(dtype: torch.dtype, config: dict) -> bool:
+    """Whether the kernel decodes with its packed PTX (bf16 activations on CUDA, unless the config
+    says ``DECODE_ASM: 0``); otherwise it decodes with portable Triton arithmetic."""
+    return dtype == torch.bfloat16 and not triton_interpreting() and bool(config.get("DECODE_ASM", 1))
+
+
+def as_packed_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """blocks [E, N, K/32, 16] (or already [E, N, K/2]) -> the [E, N, K/2] byte view the kernel reads."""
+    if blocks.dim() == 4:
+        blocks = blocks.flatten(2)
+    if blocks.dim() != 3 or blocks.stride(2) != 1:
+        raise ValueError(f"MXFP4 blocks must be [E, N, K/32, 16] or [E, N, K/2] with contiguous rows, "
+                         f"got shape {tuple(blocks.shape)} strides {blocks.stride()}")
+    return blocks
+
+
+def invoke_mxfp4_moe_gemm(
+    a: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    sorted_token_ids: torch.Tensor,
+    block_expert_ids: torch.Tensor,
+    num_tokens_post_padded: torch.Tensor,
+    top_k_in: int,
+    topk_weights: Optional[torch.Tensor] = None,
+    mul_routed_weight: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    config: dict,
+) -> None:
+    """Write ``out[p] = (a[p // top_k_in] @ W[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
+
+    a: [num_rows, K] fp16/bf16/fp32.  blocks: uint8 [E_local, N, K/32, 16] or [E_local, N, K/2];
+    scales: uint8 [E_local, N, K/32].  Everything else as ``invoke_fused_moe_gemm``.
+    """
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _mxfp4_moe_gemm_kernel
+
+    q = as_packed_rows(blocks)
+    bm, bn, bk = (int(config[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
+        raise ValueError(f"config tiles {bm}x{bn}x{bk}: BLOCK_SIZE_M/N must be powers of two >= 16, "
+                         "BLOCK_SIZE_K a power of two >= 32")
+    if a.dim() != 2 or out.dim() != 2:
+        raise ValueError(f"expected a and out 2-D, got {a.dim()} and {out.dim()}")
+    if a.dtype not in _FLOAT_DTYPES or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"a and out must be fp16/bf16/fp32, got {a.dtype} and {out.dtype}")
+    if q.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {q.dtype} and {scales.dtype}")
+    E, N, half_k = q.shape
+    K = a.shape[1]
+    if K % MXFP4_BLOCK or half_k * 2 != K:
+        raise ValueError(f"a has K={K}, the MXFP4 weight holds {half_k * 2} per row; K must be a multiple of 32")
+    if tuple(scales.shape) != (E, N, K // MXFP4_BLOCK) or scales.stride(2) != 1:
+        raise ValueError(f"scales must be [{E}, {N}, {K // MXFP4_BLOCK}] with contiguous rows, "
+                         f"got {tuple(scales.shape)}")
+    num_pairs = a.shape[0] * top_k_in
+    if tuple(out.shape) != (num_pairs, N):
+        raise ValueError(f"out must be [{num_pairs}, {N}] (num_rows * top_k_in, N), got {tuple(out.shape)}")
+    EM = sorted_token_ids.numel()
+    if EM % bm or block_expert_ids.numel() != EM // bm:
+        raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}; align with config['BLOCK_SIZE_M']")
+    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
+        raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
+    if bias is not None and tuple(bias.shape) != (E, N):
+        raise ValueError(f"bias must be [{E}, {N}], got {tuple(bias.shape)}")
+    if num_pairs == 0 or N == 0 or EM == 0:
+        return
+    weights = topk_weights.reshape(-1) if mul_routed_weight else out
+    bias_arg = bias if bias is not None else out
+    num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
+    grid = (num_pid_m * -(-N // bn),)
+    _mxfp4_moe_gemm_kernel[grid](
+        a, q, scales, out, bias_arg, weights,
+        sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+        N, K, num_pid_m, num_pairs, top_k_in,
+        a.stride(0), a.stride(1),
+        q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
+        out.stride(0), out.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        HAS_BIAS=bias is not None,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        DOT_F32=a.dtype == torch.float32 or triton_interpreting(),
+        DECODE_ASM=use_decode_asm(a.dtype, config),
+        EVEN_K=K % bk == 0,
+        BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
+        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
+        num_warps=int(config.get("num_warps", 4)),
+        num_stages=int(config.get("num_stages", 3)),
+    )
+
+
+def mxfp4_moe_gemm_torch(out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                         local_ids: torch.Tensor, *, top_k_in: int, bias: Optional[torch.Tensor]) -> None:
+    """The CPU path: out[p] = a[p // top_k_in] @ W[e_p].T (+ bias) for pairs with e_p >= 0, other rows 0.
+
+    Each routed expert's weight is dequantised on the fly (one [N, K] float32 temporary at a time).
+    """
+    flat = local_ids.reshape(-1)
+    out.zero_()
+    for e in torch.unique(flat).tolist():
+        if e < 0:
+            continue
+        pairs = torch.nonzero(flat == e).squeeze(1)
+        w = dequantize_mxfp4(blocks[e], scales[e], torch.float32)
+        res = a.index_select(0, pairs // top_k_in).float() @ w.t()
+        if bias is not None:
+            res = res + bias[e].float()
+        out.index_copy_(0, pairs, res.to(out.dtype))
