@@ -1,7 +1,7 @@
 """A tiny random gpt-oss checkpoint made with transformers (float32, eager attention).
 
 Three layers (sliding, full, sliding) with a window of 5 positions, so prompts of a dozen tokens
-and their continuations reach past it; YaRN RoPE; 4 q / 2 kv heads of 16; 4 experts, top 2, with
+and their continuations reach past it; YaRN RoPE; 4 q / 2 kv heads of 16; 4 experts of I=96 (H=64: no two expert dims equal, so a transposed layout cannot load), top 2, with
 biases; sinks drawn large (std 2) so that they visibly take part of each head's softmax.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests.models.hf_checkpoints import COMMON, randomize_
 
 WINDOW = 5
-GPT_OSS = dict(num_hidden_layers=3, head_dim=16, intermediate_size=32, num_local_experts=4, sliding_window=WINDOW,
+GPT_OSS = dict(num_hidden_layers=3, head_dim=16, intermediate_size=96, num_local_experts=4, sliding_window=WINDOW,
                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                 "beta_slow": 1.0, "original_max_position_embeddings": 32, "truncate": False})
 

@@ -54,7 +54,7 @@ def test_swigluoai_matches_transformers_experts():
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     experts = GptOssExperts(gpt_oss_config())
-    x = torch.randn(64, 2 * 32) * 6  # past the clamp (7) on both sides
+    x = torch.randn(64, 2 * 96) * 6  # past the clamp (7) on both sides
     assert_close(moe_activation(MoEActivation.SWIGLUOAI, x), experts._apply_gate(x), torch.float32)
 
 
@@ -152,12 +152,12 @@ def test_checkpoint_errors(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts.*down_proj_bias"):
         get_model(ModelConfig(str(missing)), device="cpu")
     wrong = _variant(folder, tmp_path / "wrong",
-                     tensors=lambda k, v: v[:, :, :48] if k.endswith("experts.gate_up_proj") else v)
-    with pytest.raises(ValueError, match=r"gate_up_proj: expected shape \(4, 64, 64\).*got \(4, 64, 48\)"):
+                     tensors=lambda k, v: v[:, :, :100] if k.endswith("experts.gate_up_proj") else v)
+    with pytest.raises(ValueError, match=r"gate_up_proj: expected shape \(4, 64, 192\).*got \(4, 64, 100\)"):
         get_model(ModelConfig(str(wrong)), device="cpu")
     # MXFP4 expert keys in a checkpoint whose config does not say mxfp4
     state = load_file(str(folder / "model.safetensors"))
-    state["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(4, 64, 2, 16, dtype=torch.uint8)
+    state["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(4, 192, 2, 16, dtype=torch.uint8)
     mx = tmp_path / "mx"
     mx.mkdir()
     save_file(state, str(mx / "model.safetensors"))
