@@ -9,7 +9,7 @@ the one ``LLM.chat`` uses.
 import pytest
 import torch
 
-from tests.entrypoints.lora_adapters import greedy, make_peft_adapter, peft_model
+from tests.entrypoints.lora_adapters import greedy, make_peft_adapter, peft_model, to_per_expert_layout
 from tests.entrypoints.tiny_models import char_tokenizer
 from tests.models.gpt_oss_checkpoint import WINDOW, make_gpt_oss_checkpoint
 from tests.models.hf_checkpoints import single_thread  # noqa: F401  (fixture)
@@ -85,6 +85,19 @@ def test_logits_match_peft(setup):
                                                             torch.arange(T, device=engine.device)))
             ref = peft_model(setup.hf, setup.adapters[i])(input_ids=torch.tensor([ids])).logits[0]
         assert_close(ours.float().cpu(), ref, torch.float32, name=f"adapter {i}")
+
+
+def test_per_expert_adapter_gives_the_same_outputs(setup, tmp_path):
+    """An adapter written per expert (``experts.{e}.gate_proj|up_proj|down_proj``, gate / up the even /
+    odd rows of gpt-oss's interleaved gate_up) gives the fused adapter's outputs."""
+    cfg = setup.hf.config
+    per_expert = to_per_expert_layout(setup.adapters[0], str(tmp_path / "pe"), cfg.num_local_experts,
+                                      cfg.hidden_size, cfg.intermediate_size, interleaved=True)
+    llm = _llm(setup)
+    fused = llm.generate(PROMPTS, GREEDY, lora_request=setup.requests[0], use_tqdm=False)
+    split = llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("pe", 9, per_expert), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in split] == [o.outputs[0].token_ids for o in fused]
+    assert [o.outputs[0].token_ids for o in fused] == [setup.reference(p, 0) for p in PROMPTS]
 
 
 def test_chat_uses_the_tokenizers_template(setup):
