@@ -175,7 +175,9 @@ class FusedMoE(nn.Module):
             if gate_up_bias is not None:
                 self.w13_bias.data[local].copy_(self._shard_w13(gate_up_bias[e]))
             if down_bias is not None:
-                self.w2_bias.data[local].copy_(down_bias[e])
+                # every TP rank's partial sums are all-reduced: the bias is added on rank 0 only
+                keep = self.moe_config.parallel_config.tp_rank == 0
+                self.w2_bias.data[local].copy_(down_bias[e] if keep else torch.zeros_like(down_bias[e]))
 
     def _shard_w13(self, rows: torch.Tensor) -> torch.Tensor:
         """This TP rank's rows of one expert's full w13 (gate|up halves, or interleaved pairs)."""
