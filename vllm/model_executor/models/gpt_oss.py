@@ -124,7 +124,7 @@ class _ExpertLoader:
 
     def take(self, key: str, moe: str, suffix: str, tensor: torch.Tensor) -> None:
         layer = self.layer(moe, key)
-        method = getattr(layer.quant_method, "base_method", layer.quant_method)
+        method = getattr(layer.quant_method, "old_method", layer.quant_method)
         quantized_key = suffix.endswith(("_blocks", "_scales"))
         if hasattr(method, "load_checkpoint_tensor"):
             if suffix in ("gate_up_proj", "down_proj"):
