@@ -178,3 +178,29 @@ def test_config_checks():
     assert windows == [WINDOW, None, WINDOW]
     assert all(layer.self_attn.sinks.shape == (4,) for layer in model.model.layers)
     assert math.isclose(model.model.layers[0].self_attn.attn.scale, 16 ** -0.5)
+
+
+def test_released_config_format():
+    """config.json as gpt-oss-20b ships it (transformers 4.55: ``rope_scaling`` + ``rope_theta``, no
+    ``rope_parameters``), at a small size: windows per layer, and YaRN cos/sin equal transformers'."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
+
+    released = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+                "experts_per_token": 2, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64,
+                "initial_context_length": 4096, "intermediate_size": 64, "max_position_embeddings": 131072,
+                "layer_types": ["sliding_attention", "full_attention"], "model_type": "gpt_oss",
+                "num_attention_heads": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 2,
+                "num_local_experts": 4, "rms_norm_eps": 1e-05, "rope_theta": 150000, "sliding_window": 128,
+                "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                 "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+                "swiglu_limit": 7.0, "tie_word_embeddings": False, "vocab_size": 128}
+    cfg = GptOssConfig.from_dict(released)
+    model = GptOssForCausalLM(cfg, dtype=torch.float32)
+    assert [layer.self_attn.attn.sliding_window for layer in model.model.layers] == [128, None]
+    rope = model.model.layers[0].self_attn.rotary_emb
+    positions = torch.tensor([0, 5, 4095, 4096, 100000, 131071])
+    cos, sin = GptOssRotaryEmbedding(cfg)(torch.zeros(1), positions[None])
+    assert torch.equal(rope.cos_cache[positions], cos[0]) and torch.equal(rope.sin_cache[positions], sin[0])
