@@ -33,8 +33,10 @@ def make_peft_adapter(hf_base, folder, *, rank: int, seed: int, alpha: int = 16,
 
 
 def to_per_expert_layout(src: str, dst: str, num_experts: int, hidden: int, inter: int,
-                         block: str = "mlp", names=("gate_proj", "up_proj", "down_proj")) -> str:
-    """Rewrite a fused-experts adapter with the older per-expert keys (FACTS.md 3); same deltas."""
+                         block: str = "mlp", names=("gate_proj", "up_proj", "down_proj"),
+                         interleaved: bool = False) -> str:
+    """Rewrite a fused-experts adapter with the older per-expert keys (FACTS.md 3); same deltas.
+    ``interleaved`` (gpt-oss): gate_up's rows alternate gate, up (else gate rows first)."""
     fused = load_file(os.path.join(src, "adapter_model.safetensors"))
     config = json.load(open(os.path.join(src, "adapter_config.json")))
     E, H, I = num_experts, hidden, inter
@@ -51,7 +53,8 @@ def to_per_expert_layout(src: str, dst: str, num_experts: int, hidden: int, inte
         b2 = fused[f"{p}.lora_B.weight"].reshape(H, r2, E)
         q = f"base_model.model.model.layers.{i}.{block}.experts"
         for e in range(E):
-            for n, a, b in ((names[0], a13[e], b13[:I, :, e]), (names[1], a13[e], b13[I:, :, e]),
+            gate, up = (b13[0::2], b13[1::2]) if interleaved else (b13[:I], b13[I:])
+            for n, a, b in ((names[0], a13[e], gate[:, :, e]), (names[1], a13[e], up[:, :, e]),
                             (names[2], a2[e], b2[:, :, e])):
                 out[f"{q}.{e}.{n}.lora_A.weight"] = a.contiguous().clone()
                 out[f"{q}.{e}.{n}.lora_B.weight"] = b.contiguous().clone()

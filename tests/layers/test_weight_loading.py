@@ -36,6 +36,11 @@ def test_per_expert_and_fused_loading_agree(activation, tp_size, tp_rank, ep_siz
     _load_per_expert(a, w, activation)
     b.load_fused_experts(gate_up=w.w13, down=w.w2, gate_up_bias=w.b13, down_bias=w.b2)
     assert torch.equal(a.w13_weight, b.w13_weight) and torch.equal(a.w2_weight, b.w2_weight)
+    if w.b13 is not None:  # the down bias counts once in the TP all-reduce: rank 0 holds it, the others zeros
+        assert torch.equal(a.w13_bias, b.w13_bias) and torch.equal(a.w2_bias, b.w2_bias)
+        E_loc = E // ep_size
+        want = w.b2[ep_rank * E_loc:(ep_rank + 1) * E_loc] * (1 if tp_rank == 0 else 0)
+        assert torch.equal(b.w2_bias, want)
     # against explicit slicing: local experts, this rank's share of I
     E_loc, I_part = E // ep_size, I // tp_size
     experts = range(ep_rank * E_loc, (ep_rank + 1) * E_loc)

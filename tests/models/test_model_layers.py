@@ -177,7 +177,7 @@ def test_rope_partial_linear_and_unsupported():
                                                                       k[:, :4])[0].view(3, 2, 4), torch.float32)
     linear = get_rope(8, 32, 10000.0, {"rope_type": "linear", "factor": 2.0})
     assert_close(linear(pos, q, k)[0], get_rope(8, 32, 10000.0)(pos // 2, q, k)[0], torch.float32)
-    with pytest.raises(NotImplementedError, match="yarn"):
-        get_rope(8, 32, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(NotImplementedError, match="longrope"):
+        get_rope(8, 32, 10000.0, {"rope_type": "longrope", "factor": 4.0})
     with pytest.raises(ValueError, match="max_position"):
         partial(torch.tensor([32]), q[:1], k[:1])

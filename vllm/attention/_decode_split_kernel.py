@@ -15,6 +15,12 @@ running sum for each query head of the group.
 ``decode_reduce_kernel`` - grid (sequences, query heads).  Rescales the valid splits' partials to
 their common max and writes acc / sum in the output dtype.
 
+Sliding window (``USE_WINDOW``): the ranges cover the tiles from the one holding position
+seq_len - WINDOW (the first the query sees) to the end, so tiles before the window get no program
+work at all; both kernels compute the same ranges (``_context_tiles``).  Sinks (``USE_SINKS``) join
+the denominator once per head, in the reduce: max over the splits' maxima and the sink, and
+exp2(sink - max) added to the sum.
+
 ``UPCAST`` (interpreter) converts dot operands to fp32, as in ``_paged_attention_kernel``.
 """
 import triton
@@ -22,23 +28,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _context_tiles(seq_len, WINDOW, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """(first position of the first tile, number of tiles, tiles per split) of one sequence."""
+    first = 0
+    if USE_WINDOW:
+        first = (tl.maximum(seq_len - WINDOW, 0) // BLOCK_N) * BLOCK_N
+    tiles = tl.cdiv(seq_len - first, BLOCK_N)
+    per = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), 1)
+    return first, tiles, per
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, kv_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,  # [B, H, NUM_SPLITS, BLOCK_D], [B, H, NUM_SPLITS] x 2, fp32
-    qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, NUM_HEADS,
+    qk_scale, GROUP, HEAD_DIM, BLOCK_SIZE, NUM_HEADS, WINDOW,
     stride_qt, stride_qh, stride_qd,
     stride_kv, stride_kb, stride_ko, stride_kh, stride_kd,
     stride_bt_b,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), 1)
-    lo = split * per * BLOCK_N
+    first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
+    lo = first + split * per * BLOCK_N
     if lo >= seq_len:
         return
     hi = tl.minimum(lo + per * BLOCK_N, seq_len)
@@ -76,8 +92,12 @@ def decode_split_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        # every tile of a non-empty range has a valid position, so m_new is finite
+        seen = n_ok
+        if USE_WINDOW:
+            seen = seen & (k_pos >= seq_len - WINDOW)
+        s = tl.where(seen[None, :], s * qk_scale, float("-inf"))
+        # every tile of a non-empty range has a position the query sees (the first tile holds
+        # seq_len - WINDOW itself), so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -97,16 +117,16 @@ def decode_split_kernel(
 
 @triton.jit
 def decode_reduce_kernel(
-    out_ptr, query_start_loc_ptr, seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    HEAD_DIM, NUM_HEADS,
+    out_ptr, query_start_loc_ptr, seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr,
+    HEAD_DIM, NUM_HEADS, WINDOW,
     stride_ot, stride_oh, stride_od,
     NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles = tl.cdiv(seq_len, BLOCK_N)
-    per = tl.maximum(tl.cdiv(tiles, NUM_SPLITS), 1)
+    first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
     n_valid = tl.cdiv(tiles, per)
     offs_s = tl.arange(0, SPLITS_P)
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,9 +135,15 @@ def decode_reduce_kernel(
     m = tl.load(part_m_ptr + row, mask=s_ok, other=float("-inf"))
     l = tl.load(part_l_ptr + row, mask=s_ok, other=0.0)
     m_all = tl.max(m, axis=0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
+        m_all = tl.maximum(m_all, sink)
     w = tl.where(s_ok, tl.exp2(m - m_all), 0.0)
     acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    denom = tl.sum(l * w, axis=0)
+    if USE_SINKS:
+        denom += tl.exp2(sink - m_all)  # the sink, once per head
+    out = tl.sum(acc * w[:, None], axis=0) / denom
     tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)

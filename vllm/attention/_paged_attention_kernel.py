@@ -13,6 +13,12 @@ in fp32 (running max and running sum, base 2 with the scale folded into
 log2(e)); the output is written in the query dtype.  Programs whose query
 block starts past the sequence's query_len exit at once.
 
+Sliding window (``USE_WINDOW``, width ``WINDOW``): row at position p sees p - WINDOW + 1 .. p; the
+context loop starts at the tile holding the first position the block's earliest row can see, so
+tiles wholly before the window are never loaded.  Sinks (``USE_SINKS``, [num_heads] fp32 logits):
+the running max and sum start at the head's sink (max = sink, sum = 1), which is the sink joining
+the denominator once, and keeps every row's max finite.
+
 ``write_kv_kernel`` - grid (tokens,): store one token's K and V rows at its
 slot; slot -1 means "skip".
 
@@ -28,14 +34,15 @@ import triton.language as tl
 @triton.jit
 def paged_attention_kernel(
     q_ptr, kv_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    sinks_ptr,  # [num_heads] fp32 (read only when USE_SINKS)
     qk_scale,  # softmax scale * log2(e)
-    GROUP, HEAD_DIM, BLOCK_SIZE,
+    GROUP, HEAD_DIM, BLOCK_SIZE, WINDOW,
     stride_qt, stride_qh, stride_qd,
     stride_kv, stride_kb, stride_ko, stride_kh, stride_kd,
     stride_ot, stride_oh, stride_od,
     stride_bt_b,
     BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     qblock = tl.program_id(1)
@@ -68,15 +75,24 @@ def paged_attention_kernel(
     last_row = tl.minimum(qblock * BLOCK_Q + BLOCK_Q, q_len)
     kv_end = ctx_len + last_row
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if USE_SINKS:
+        # log2 units, like the scores: the sink is a key of logit sink and value 0
+        m_i = tl.load(sinks_ptr + head, mask=g < GROUP, other=0.0) * 1.4426950408889634
+        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
+    kv_start = 0
+    if USE_WINDOW:
+        # first position the block's earliest row sees, rounded down to its tile
+        kv_start = (tl.maximum(ctx_len + qblock * BLOCK_Q - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     k_base = kv_ptr + kvh.to(tl.int64) * stride_kh
     v_base = k_base + stride_kv
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_end, BLOCK_N):
         k_pos = start + offs_n
         n_ok = k_pos < kv_end
         blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
@@ -93,9 +109,14 @@ def paged_attention_kernel(
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
         allowed = (k_pos[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(allowed, s, float("-inf"))
-        # Every row sees position 0 in the first tile, so m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if USE_WINDOW and not USE_SINKS:
+            # a row whose window starts past this tile has seen nothing yet: keep exp2 away from -inf - -inf
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # (otherwise every row's max is finite: it sees position 0 in its first tile, or starts at its sink)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)

@@ -26,6 +26,7 @@ import torch
 from vllm.attention import _decode_split_kernel as split_kern
 from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
+from vllm.attention.torch_backend import check_attention_options
 from vllm.platforms.interface import triton_interpreting
 from vllm.triton_utils import next_power_of_2
 
@@ -78,8 +79,12 @@ def attention_tile_config(max_query_len: int, group: int, head_dim: int, interpr
 
 def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                            scale: float, out: Optional[torch.Tensor] = None, *,
-                           num_splits: Optional[int] = None) -> torch.Tensor:
+                           num_splits: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+                           sliding_window: Optional[int] = None) -> torch.Tensor:
     """query: [T, num_heads, head_dim] -> output [T, num_heads, head_dim] in query.dtype.
+
+    ``sinks``: [num_heads] logits joining each head's softmax denominator; ``sliding_window``: None
+    (full causal) or W >= 1 (a query sees its last W positions); as in ``paged_attention_torch``.
 
     ``out`` (optional, same shape/dtype/device as query, any strides) receives the result.
     ``num_splits``: context splits of a decode-only batch (None: ``decode_num_splits``; ignored
@@ -100,6 +105,7 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         raise ValueError(f"head_dim {D} > {_MAX_HEAD_DIM} is not supported by the Triton backend")
     if H % kv_heads:
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {kv_heads}")
+    check_attention_options(H, sinks, sliding_window, query.device)
     if block_size != meta.block_size:
         raise ValueError(f"kv_cache block_size {block_size} != metadata block_size {meta.block_size}")
     if T != meta.num_tokens:
@@ -116,30 +122,41 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         return out
     group = H // kv_heads
     interp = triton_interpreting()
+    opts = _Options(sinks, sliding_window, query)
     if meta.max_query_len == 1:
         splits = decode_num_splits(B, kv_heads, query.device) if num_splits is None else int(num_splits)
         if splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         if splits > 1:
-            _paged_decode_split(query, kv_cache, meta, scale, out, splits, interp)
+            _paged_decode_split(query, kv_cache, meta, scale, out, splits, interp, opts)
             return out
     cfg = attention_tile_config(meta.max_query_len, group, D, interp)
     grid = (B, -(-meta.max_query_len // cfg["BLOCK_Q"]), kv_heads)
     tables = meta.block_tables
     kern.paged_attention_kernel[grid](
-        query, kv_cache, out, meta.query_start_loc, meta.seq_lens, tables,
+        query, kv_cache, out, meta.query_start_loc, meta.seq_lens, tables, opts.sinks,
         float(scale) * math.log2(math.e),
-        group, D, block_size,
+        group, D, block_size, opts.window,
         *query.stride(), *(kv_cache.stride()), *out.stride(), tables.stride(0),
         BLOCK_Q=cfg["BLOCK_Q"], GROUP_P=cfg["GROUP_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        UPCAST=interp,
+        UPCAST=interp, USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks,
         num_warps=cfg["num_warps"], num_stages=2,
     )
     return out
 
 
+class _Options:
+    """Kernel arguments of the sinks / window options (a dummy pointer and 0 when unused)."""
+
+    def __init__(self, sinks: Optional[torch.Tensor], window: Optional[int], query: torch.Tensor) -> None:
+        self.use_sinks, self.use_window = sinks is not None, window is not None
+        self.window = int(window or 0)
+        # fp32, read once per head; the query stands in as the (never read) pointer when there are none
+        self.sinks = sinks.float().contiguous() if sinks is not None else query
+
+
 def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                        out: torch.Tensor, splits: int, interp: bool) -> None:
+                        out: torch.Tensor, splits: int, interp: bool, opts: _Options) -> None:
     """Decode-only batch (query row b = sequence b): split-context partials, then their reduce."""
     B = meta.num_seqs
     _, H, D = query.shape
@@ -153,14 +170,16 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
     tables = meta.block_tables
     split_kern.decode_split_kernel[(B, kv_heads, splits)](
         query, kv_cache, meta.query_start_loc, meta.seq_lens, tables, part_acc, part_m, part_l,
-        float(scale) * math.log2(math.e), group, D, block_size, H,
+        float(scale) * math.log2(math.e), group, D, block_size, H, opts.window,
         *query.stride(), *kv_cache.stride(), tables.stride(0),
         NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=interp, num_warps=4, num_stages=2,
+        UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2,
     )
     split_kern.decode_reduce_kernel[(B, H)](
-        out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, D, H, *out.stride(),
-        NUM_SPLITS=splits, SPLITS_P=next_power_of_2(splits), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1,
+        out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, opts.sinks, D, H, opts.window,
+        *out.stride(),
+        NUM_SPLITS=splits, SPLITS_P=next_power_of_2(splits), BLOCK_N=block_n, BLOCK_D=block_d,
+        USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks, num_warps=1,
     )
 
 

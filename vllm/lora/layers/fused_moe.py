@@ -209,9 +209,12 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             return a, b
         if self.w13_num_slices == 2:  # fused adapter into two slices: A shared, B split
             return [a[0], a[0]], [b[0][:, :I_full], b[0][:, I_full:]]
-        # two slices into one: rank 2r, block-diagonal B
+        # two slices into one: rank 2r, block-diagonal B, its rows in w13's order (gpt-oss: interleaved)
         zeros = b[0].new_zeros(b[0].shape)
-        return [torch.cat(a, dim=1)], [torch.cat([torch.cat([b[0], zeros], 2), torch.cat([zeros, b[1]], 2)], 1)]
+        gate, up = torch.cat([b[0], zeros], 2), torch.cat([zeros, b[1]], 2)  # [E, I, 2r] each
+        if base.activation is MoEActivation.SWIGLUOAI:
+            return [torch.cat(a, dim=1)], [torch.stack([gate, up], dim=2).reshape(E, 2 * I_full, -1)]
+        return [torch.cat(a, dim=1)], [torch.cat([gate, up], 1)]
 
     # ---- mapping and forward --------------------------------------------------------
     def set_mapping(self, punica_wrapper: Any) -> None:

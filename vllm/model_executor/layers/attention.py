@@ -5,6 +5,10 @@ per-step metadata comes from the forward context.  The backend (Triton kernel
 or plain torch) is ``VLLM_ATTENTION_BACKEND`` if set (read once, at construction),
 else chosen when the cache is bound: Triton for a cache on a CUDA device, torch
 otherwise (so a model built on the CPU of a GPU machine runs on the CPU).
+
+Options (gpt-oss): ``sliding_window`` W (a query sees its last W positions; None = full causal), fixed
+per layer; ``sinks`` [num_heads], per-head logits joining the softmax denominator, passed to
+``forward`` by the model that owns them (a parameter of its ``self_attn``, as checkpoints name it).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def select_attention_backend(device: torch.device | str | None = None) -> str:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: Optional[int] = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", sliding_window: Optional[int] = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -37,6 +41,9 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+            raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+        self.sliding_window = sliding_window
         self.prefix = prefix
         self.kv_cache: Optional[torch.Tensor] = None
         self.backend: Optional[str] = None  # None: decided by the cache's device in bind()
@@ -57,8 +64,12 @@ class Attention(nn.Module):
         if self.backend is None:
             self._use(select_attention_backend(kv_cache.device))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim].
+
+        ``sinks``: None, or [num_heads] logits joining each head's softmax denominator.
+        """
         if self.kv_cache is None:
             raise RuntimeError(f"attention layer {self.prefix or '<unnamed>'} has no KV cache bound; "
                                "call bind_kv_cache(model, caches) first")
@@ -67,7 +78,10 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         self._write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
                        v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        out = self._attend(q, self.kv_cache, meta, self.scale)
+        if sinks is None and self.sliding_window is None:
+            out = self._attend(q, self.kv_cache, meta, self.scale)
+        else:
+            out = self._attend(q, self.kv_cache, meta, self.scale, sinks=sinks, sliding_window=self.sliding_window)
         return out.reshape(T, self.num_heads * self.head_dim)
 
 

@@ -147,7 +147,7 @@ class DecoderAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rotary_emb: RotaryEmbedding, args: BuildArgs, qkv_bias: bool = False, o_bias: bool = False,
                  qk_norm: Optional[str] = None, rms_norm_eps: float = 1e-6, clip_qkv: Optional[float] = None,
-                 prefix: str = "") -> None:
+                 sliding_window: Optional[int] = None, sinks: bool = False, prefix: str = "") -> None:
         super().__init__()
         if qk_norm not in (None, "per_head", "full"):
             raise ValueError(f"qk_norm must be None, 'per_head' or 'full', got {qk_norm!r}")
@@ -170,7 +170,20 @@ class DecoderAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.use_triton: Optional[bool] = None  # the fused q/k epilogue: None = Triton on CUDA (tests force it)
         self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads,
-                              prefix=join_prefix(prefix, "attn"))
+                              prefix=join_prefix(prefix, "attn"), sliding_window=sliding_window)
+        self.sinks: Optional[nn.Parameter] = None
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=args.dtype, device=args.device),
+                                      requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """The checkpoint's [all heads] sinks -> this rank's heads (contiguous, as qkv_proj splits them)."""
+        total = self.num_heads * (1 if self.tp_group is None else self.tp_group.world_size)
+        if tuple(loaded.shape) != (total,):
+            raise ValueError(f"sinks: expected shape ({total},) (one per attention head), got {tuple(loaded.shape)}")
+        rank = 0 if self.tp_group is None else self.tp_group.rank
+        param.data.copy_(loaded[rank * self.num_heads:(rank + 1) * self.num_heads])
 
     def _full_norm(self, norm: RMSNorm, x: torch.Tensor, replicas: int) -> torch.Tensor:
         """RMSNorm over all ranks' columns of ``x`` (this rank's share), returning this rank's share.
@@ -203,7 +216,7 @@ class DecoderAttention(nn.Module):
         if clip is not None:
             v = v.clamp(-clip, clip)
         # v stays a column view of the qkv output: the KV-cache write reads it through its strides
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, sinks=self.sinks))
 
 
 class DecoderLayer(nn.Module):
@@ -272,8 +285,7 @@ class MoEForCausalLM(nn.Module):
         dtype = dtype or getattr(config, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch.dtype (or come from a ModelConfig), got {dtype!r}")
-        check_full_attention(hf)
-        check_silu(hf)
+        self.check_config(hf)
         self.config = hf
         self.prefix = prefix
         args = BuildArgs(dtype, torch.device(device or "cpu"), lora_enabled, moe_backend, tp_group,
@@ -296,6 +308,11 @@ class MoEForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(hf.vocab_size)
 
     # ---- what a model file defines ------------------------------------------------
+    def check_config(self, hf: Any) -> None:
+        """Refuse what the model's layers cannot run (default: full attention and SiLU experts only)."""
+        check_full_attention(hf)
+        check_silu(hf)
+
     def make_attention(self, hf: Any, rope: RotaryEmbedding, args: BuildArgs, prefix: str) -> DecoderAttention:
         raise NotImplementedError
 

@@ -143,7 +143,11 @@ class FusedMoE(nn.Module):
         elif shard_id == "w2":
             if is_w13:
                 raise ValueError("shard w2 belongs to w2, not w13")
-            src = loaded_weight if loaded_weight.dim() == 1 else loaded_weight[:, self._tp_rows(loaded_weight.shape[1])]
+            if loaded_weight.dim() == 1:  # the bias: added once, on TP rank 0 (partial sums are all-reduced)
+                keep = self.moe_config.parallel_config.tp_rank == 0
+                src = loaded_weight if keep else torch.zeros_like(loaded_weight)
+            else:
+                src = loaded_weight[:, self._tp_rows(loaded_weight.shape[1])]
             dst = param.data[local]
         else:
             raise ValueError(f"unknown shard_id {shard_id!r}; expected 'w1', 'w3' or 'w2'")
@@ -180,7 +184,9 @@ class FusedMoE(nn.Module):
             if gate_up_bias is not None:
                 self.w13_bias.data[local].copy_(self._shard_w13(gate_up_bias[e]))
             if down_bias is not None:
-                self.w2_bias.data[local].copy_(down_bias[e])
+                # every TP rank's partial sums are all-reduced: the bias is added on rank 0 only
+                keep = self.moe_config.parallel_config.tp_rank == 0
+                self.w2_bias.data[local].copy_(down_bias[e] if keep else torch.zeros_like(down_bias[e]))
 
     def _shard_w13(self, rows: torch.Tensor) -> torch.Tensor:
         """This TP rank's rows of one expert's full w13 (gate|up halves, or interleaved pairs)."""
