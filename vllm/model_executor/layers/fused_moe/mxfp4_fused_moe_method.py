@@ -119,6 +119,8 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
         elif tp_dim == "groups":
             part = full[2] // pc.tp_size
             tensor = tensor[:, :, pc.tp_rank * part:(pc.tp_rank + 1) * part]
+        elif suffix == "down_proj_bias" and pc.tp_rank != 0:
+            tensor = torch.zeros_like(tensor)  # the ranks' partial sums are all-reduced: add the bias once
         local = [(e, loc) for e in range(E) if (loc := layer._local_expert(e)) is not None]
         src = tensor[torch.tensor([e for e, _ in local], dtype=torch.long, device=tensor.device)]
         dst_ids = [loc for _, loc in local]
