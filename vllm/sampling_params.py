@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from vllm.logger import init_logger
+from vllm.structured_output.params import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401 (vLLM's import path)
 
 logger = init_logger(__name__)
 
@@ -110,6 +111,9 @@ class SamplingParams:
         without a leading space (``update_from_tokenizer``, done by the engine); a
         word's last token is banned whenever the output ends with the word's other
         tokens (single- and multi-token words; the match is against generated tokens).
+    structured_outputs: a ``StructuredOutputsParams`` (or its fields as a dict): the output must match
+        a JSON schema, regex, choice or grammar (vllm/structured_output/). ``guided_decoding`` is
+        vLLM's older name for it; give one of them.
     """
 
     n: int = 1
@@ -134,6 +138,8 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_decoding: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         self._bad_words_token_ids: Optional[list[list[int]]] = None
@@ -165,6 +171,7 @@ class SamplingParams:
             for w in self.bad_words:
                 if not isinstance(w, str) or not w.strip():
                     raise ValueError(f"SamplingParams: every bad word must be a non-empty string, got {w!r}")
+        self._structured_outputs()
         self._verify()
         if 0 < self.temperature < _MIN_TEMPERATURE:
             logger.warning("temperature %s is below %s and would overflow the logits; using %s",
@@ -221,6 +228,19 @@ class SamplingParams:
                       f"got {self.repetition_penalty!r}")
         if not _is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
+
+    def _structured_outputs(self) -> None:
+        """``structured_outputs`` / ``guided_decoding`` (either, the same object after this) as params."""
+        so, gd = self.structured_outputs, self.guided_decoding
+        if so is not None and gd is not None and so is not gd:
+            raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its older name), not both")
+        value = so if so is not None else gd
+        if isinstance(value, dict):
+            value = StructuredOutputsParams(**value)
+        if value is not None and not isinstance(value, StructuredOutputsParams):
+            raise ValueError(f"SamplingParams: structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(value).__name__}")
+        self.structured_outputs = self.guided_decoding = value
 
     @property
     def needs_penalties(self) -> bool:

@@ -1,0 +1,93 @@
+"""The step's grammar mask: one int32 bitmask [rows, ceil(V / 32)] filled on the CPU by llguidance for
+the rows that have a grammar, copied to the logits' device once, and applied there by one batched op.
+
+Bit ``t % 32`` of word ``t // 32`` is 1 when token ``t`` is allowed (llguidance's layout); ids past
+32 * words are not allowed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+import llguidance
+import llguidance.torch
+import torch
+
+from vllm.structured_output.backend import GrammarState
+
+_executor: Optional[llguidance.LLExecutor] = None
+
+
+class GrammarDeadEnd(ValueError):
+    """Some sequences' grammars allow no token of the vocabulary now (the model's tokenizer cannot write
+    what the grammar needs next); the engine fails those requests and the step goes on without them."""
+
+    def __init__(self, states: Seq[GrammarState]) -> None:
+        super().__init__("the request's grammar allows no token of this model's vocabulary at this point "
+                         "(the tokenizer cannot write what it needs next); use a constraint the model's "
+                         "vocabulary can express")
+        self.states = list(states)
+
+
+def _shared_executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool for filling many rows at once (created on first use)."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    return _executor
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask(states: Seq[GrammarState], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(states), ceil(V / 32)] int32 on ``device``: each row the next-token mask of one grammar."""
+    cpu = torch.empty(len(states), bitmask_words(vocab_size), dtype=torch.int32,
+                      pin_memory=device.type == "cuda")
+    llguidance.torch.fill_next_token_bitmask_par(_shared_executor(), [(s.matcher, i) for i, s in enumerate(states)],
+                                                 cpu)
+    empty = (cpu == 0).all(dim=1).nonzero().flatten().tolist()  # [R, W] on the CPU: cheap
+    if empty:
+        raise GrammarDeadEnd([states[i] for i in empty])
+    return cpu.to(device, non_blocking=True)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 -> [R, vocab_size] bool (True: allowed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    allowed = bits.view(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] < vocab_size:
+        pad = torch.zeros(bitmask.shape[0], vocab_size - allowed.shape[1], dtype=torch.bool, device=bitmask.device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    return allowed[:, :vocab_size]
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
+                         rows: Optional[torch.Tensor] = None) -> None:
+    """Set the disallowed tokens of ``logits`` [B, V] to -inf, in place.
+
+    bitmask: [R, W] int32 on the logits' device; rows: [R] int64, the logits row of each bitmask row
+    (None: R == B, row i for row i). Rows not listed are untouched."""
+    vocab = logits.shape[1]
+    allowed = unpack_bitmask(bitmask, vocab)
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, rows, sub)
+
+
+def grammar_bitmask(seqs: Seq, vocab_size: int, device: torch.device
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """For the sampler: (rows [R] int64, bitmask [R, W] int32) of the sequences that have a grammar
+    (``seq.grammar``, brought in line with its outputs first), both on ``device``; None when none has."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return None
+    states = []
+    for i in rows:
+        seqs[i].grammar.sync(seqs[i].output_token_ids)
+        states.append(seqs[i].grammar)
+    return (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+            fill_bitmask(states, vocab_size, device))
