@@ -153,7 +153,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tok, text, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured outputs: invalid {params.kind}: {_first_line(matcher.get_error(), 500)}")
-        if not any(matcher.compute_bitmask()):
+        probe = matcher.deep_copy()  # a first mask: llguidance errors when nothing can start the output
+        if not any(probe.compute_bitmask()) or probe.is_error():
             raise ValueError(f"structured outputs: no token of this model's vocabulary can start an output that "
                              f"the {params.kind} allows (the tokenizer lacks its first characters)")
         with self._lock:

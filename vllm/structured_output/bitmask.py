@@ -46,9 +46,11 @@ def fill_bitmask(states: Seq[GrammarState], vocab_size: int, device: torch.devic
                       pin_memory=device.type == "cuda")
     llguidance.torch.fill_next_token_bitmask_par(_shared_executor(), [(s.matcher, i) for i, s in enumerate(states)],
                                                  cpu)
-    empty = (cpu == 0).all(dim=1).nonzero().flatten().tolist()  # [R, W] on the CPU: cheap
-    if empty:
-        raise GrammarDeadEnd([states[i] for i in empty])
+    # llguidance leaves a matcher that nothing in the vocabulary can continue in its error state (and
+    # its row allowing only EOS): fail those requests instead of ending their output mid-way
+    dead = [s for s in states if s.matcher.is_error()]
+    if dead or bool((cpu == 0).all(dim=1).any()):
+        raise GrammarDeadEnd(dead)
     return cpu.to(device, non_blocking=True)
 
 
@@ -56,7 +58,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[R, W] int32 -> [R, vocab_size] bool (True: allowed)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    allowed = bits.view(bitmask.shape[0], -1).bool()
+    allowed = bits.view(bitmask.shape[0], bitmask.shape[1] * 32).bool()
     if allowed.shape[1] < vocab_size:
         pad = torch.zeros(bitmask.shape[0], vocab_size - allowed.shape[1], dtype=torch.bool, device=bitmask.device)
         allowed = torch.cat([allowed, pad], dim=1)
