@@ -84,7 +84,10 @@ def compiler():
     return GrammarCompiler(get_tokenizer(DEMO), 57)
 
 
-def test_compile_is_cached_per_constraint(compiler):
+def test_compile_is_cached_per_constraint():
+    from tests.entrypoints.tiny_models import char_tokenizer
+
+    compiler = GrammarCompiler(char_tokenizer(), 128)  # printable ASCII: JSON can be written
     before = compiler.compiles
     a = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"x": {"type": "string"}}}))
     b = compiler.compile(StructuredOutputsParams(json='{"properties": {"x": {"type": "string"}}, "type": "object"}'))

@@ -35,6 +35,7 @@ class _DecodedVocab:
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self._tok = tokenizer
+        self._unk = tokenizer.unk_token_id
         self.eos_token_id = tokenizer.eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
         present = set(tokenizer.get_vocab().values())
@@ -48,7 +49,8 @@ class _DecodedVocab:
     def __call__(self, text: Any) -> list[int]:
         if not isinstance(text, str):
             raise TypeError("takes text")  # tells TokenizerWrapper to pass str, not bytes
-        return list(self._tok.encode(text, add_special_tokens=False))
+        # a character the vocabulary lacks must not read as <unk>, or llguidance would offer <unk> for it
+        return [t for t in self._tok.encode(text, add_special_tokens=False) if t != self._unk]
 
 
 def ll_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
