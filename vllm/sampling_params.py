@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from vllm.logger import init_logger
-from vllm.structured_output.params import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401 (vLLM's import path)
+# vLLM's import path: ``from vllm.sampling_params import StructuredOutputsParams``
+from vllm.structured_output.params import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401
 
 logger = init_logger(__name__)
 

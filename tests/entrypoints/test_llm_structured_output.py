@@ -174,7 +174,8 @@ def test_json_schema_outputs_validate(ascii_llm):
 
 @pytest.mark.parametrize("so,check", [
     (_so(json_object=True, disable_any_whitespace=True), lambda t: isinstance(json.loads(t), dict)),
-    (_so(grammar='start: "x" ("+" "x")~0..3 "=" NUM\nNUM: /[0-9]{1,3}/'), lambda t: re.fullmatch(r"x(\+x){0,3}=\d{1,3}", t)),
+    (_so(grammar='start: "x" ("+" "x")~0..3 "=" NUM\nNUM: /[0-9]{1,3}/'),
+     lambda t: re.fullmatch(r"x(\+x){0,3}=\d{1,3}", t)),
     (_so(grammar='root ::= "(" [a-c]+ ")"'), lambda t: re.fullmatch(r"\([a-c]+\)", t)),  # GBNF
     (_so(choice=["red", "green", "blue"]), lambda t: t in ("red", "green", "blue")),
 ])

@@ -54,15 +54,35 @@ def fill_bitmask(states: Seq[GrammarState], vocab_size: int, device: torch.devic
     return cpu.to(device, non_blocking=True)
 
 
+_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _disallowed_lut(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte b is 0 (the token is not allowed); one per device."""
+    lut = _LUT.get(device)
+    if lut is None:
+        byte = torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1)
+        lut = _LUT[device] = ((byte >> torch.arange(8, dtype=torch.int32, device=device)) & 1) == 0
+    return lut
+
+
+def disallowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 -> [R, vocab_size] bool, True where the token is NOT allowed (ids past 32 * W included).
+
+    One table lookup per byte of the mask (the int32 words read as little-endian bytes, as llguidance
+    writes them), no [R, W, 32] integer intermediate."""
+    rows, words = bitmask.shape
+    flat = bitmask.contiguous().view(torch.uint8).flatten().int()
+    out = _disallowed_lut(bitmask.device).index_select(0, flat).view(rows, words * 32)
+    if out.shape[1] < vocab_size:
+        pad = torch.ones(rows, vocab_size - out.shape[1], dtype=torch.bool, device=bitmask.device)
+        out = torch.cat([out, pad], dim=1)
+    return out[:, :vocab_size]
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[R, W] int32 -> [R, vocab_size] bool (True: allowed)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    allowed = bits.view(bitmask.shape[0], bitmask.shape[1] * 32).bool()
-    if allowed.shape[1] < vocab_size:
-        pad = torch.zeros(bitmask.shape[0], vocab_size - allowed.shape[1], dtype=torch.bool, device=bitmask.device)
-        allowed = torch.cat([allowed, pad], dim=1)
-    return allowed[:, :vocab_size]
+    return ~disallowed_tokens(bitmask, vocab_size)
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
@@ -71,12 +91,11 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
 
     bitmask: [R, W] int32 on the logits' device; rows: [R] int64, the logits row of each bitmask row
     (None: R == B, row i for row i). Rows not listed are untouched."""
-    vocab = logits.shape[1]
-    allowed = unpack_bitmask(bitmask, vocab)
+    banned = disallowed_tokens(bitmask, logits.shape[1])
     if rows is None:
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits.masked_fill_(banned, float("-inf"))
         return
-    sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    sub = logits.index_select(0, rows).masked_fill_(banned, float("-inf"))
     logits.index_copy_(0, rows, sub)
 
 
