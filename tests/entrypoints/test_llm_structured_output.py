@@ -36,9 +36,10 @@ def demo():
 def test_mixed_batch_each_adapter_its_own_grammar(demo):
     # (adapter, grammar, what must come out): where grammar and adapter agree the adapter's answer comes
     # out, so each row kept its own adapter; where they disagree the grammar wins.
-    rows = [("upper", _so(regex="[A-Z]+"), "HELLO"), ("rot13", _so(regex="[a-z]+"), "uryyb"),
-            (None, _so(regex="[a-z]+"), "hello"), ("upper", _so(regex="[a-e]{2,4}"), None),
-            ("rot13", _so(choice=["abc", "uryyb", "zzz"]), "uryyb"), (None, None, "hello")]
+    # rows without a grammar come first and in between: the mask rows must land on their own rows
+    rows = [("upper", None, "HELLO"), ("upper", _so(regex="[A-Z]+"), "HELLO"), ("rot13", _so(regex="[a-z]+"), "uryyb"),
+            (None, None, "hello"), (None, _so(regex="[a-z]+"), "hello"), ("upper", _so(regex="[a-e]{2,4}"), None),
+            ("rot13", _so(choice=["abc", "uryyb", "zzz"]), "uryyb")]
     params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=g) for _, g, _ in rows]
     outs = demo.generate(["hello="] * len(rows), params, lora_request=[ADAPTERS.get(a) for a, _, _ in rows],
                          use_tqdm=False)
@@ -49,7 +50,7 @@ def test_mixed_batch_each_adapter_its_own_grammar(demo):
         if grammar is not None and grammar.regex is not None:
             assert re.fullmatch(grammar.regex, text), (grammar.regex, text)
         assert out.outputs[0].finish_reason == "stop"
-    assert outs[3].outputs[0].text != "HELLO"  # the constrained upper row: what the adapter alone says
+    assert outs[5].outputs[0].text != "HELLO"  # the constrained upper row: what the adapter alone says
 
 
 def test_without_a_grammar_the_demo_output_breaks_the_regex(demo):
@@ -186,3 +187,10 @@ def test_other_constraints_on_ascii(ascii_llm, so, check):
             continue  # any object: a junk model may write one long string; the ones that end must parse
         assert c.finish_reason == "stop" and check(c.text), c.text
         assert _accepted_by_llguidance(ascii_llm, so, list(c.token_ids))
+
+
+def test_a_complete_grammar_ends_the_output_even_with_ignore_eos(demo):
+    """EOS is allowed only once the grammar accepts; taking it ends the output (nothing more can match)."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, structured_outputs=_so(regex="ab=[A-C]"))
+    c = demo.generate(["abc"], params, use_tqdm=False)[0].outputs[0]
+    assert (c.text, c.finish_reason, c.token_ids[-1]) == ("ab=A", "stop", 2)
