@@ -40,6 +40,7 @@ _BOTH: dict[str, _Rule] = {
     "prompt_logprobs": (_one_of(), "null"),
     "logits_processors": (_empty, "null"),
     "return_tokens_as_token_ids": (_one_of(False), "false"),
+    "guided_whitespace_pattern": (_one_of(), "null"),  # llguidance takes no whitespace regex
     "priority": (_one_of(0), "0"),
 }
 _COMPLETION: dict[str, _Rule] = {
@@ -59,7 +60,9 @@ _CHAT: dict[str, _Rule] = {
     "add_special_tokens": (_one_of(False), "false"),
 }
 # Known fields that change nothing here, whatever their value (no log line).
-KNOWN_NO_EFFECT = frozenset({"parallel_tool_calls"})  # only means something with tools, which are refused
+# parallel_tool_calls only means something with tools, which are refused; guided_decoding_backend picks
+# the grammar library, and llguidance serves every constraint whichever is named
+KNOWN_NO_EFFECT = frozenset({"parallel_tool_calls", "guided_decoding_backend"})
 
 
 def _is_chat(req: BaseModel) -> bool:
