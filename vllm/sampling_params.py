@@ -91,7 +91,8 @@ class SamplingParams:
         token and of the ``logprobs`` most likely tokens (0: the sampled token
         only; None: off). At most ``MAX_LOGPROBS``. The values are those of the
         model's raw distribution (log-softmax of the unmodified logits, before
-        temperature, top-k / top-p and min_tokens suppression), as in vLLM.
+        temperature, top-k / top-p and min_tokens suppression), as in vLLM; with structured
+        output, of the grammar-masked logits (vLLM masks before its sampler).
     prompt_logprobs: the same for every prompt token after the first (the
         first has no context, so its entry is None); None: off.
     output_kind: ``RequestOutputKind`` - every step's output (default) or the final one only.
