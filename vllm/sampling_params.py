@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from vllm.logger import init_logger
+# vLLM's import path: ``from vllm.sampling_params import StructuredOutputsParams``
+from vllm.structured_output.params import GuidedDecodingParams, StructuredOutputsParams  # noqa: F401
 
 logger = init_logger(__name__)
 
@@ -89,7 +91,8 @@ class SamplingParams:
         token and of the ``logprobs`` most likely tokens (0: the sampled token
         only; None: off). At most ``MAX_LOGPROBS``. The values are those of the
         model's raw distribution (log-softmax of the unmodified logits, before
-        temperature, top-k / top-p and min_tokens suppression), as in vLLM.
+        temperature, top-k / top-p and min_tokens suppression), as in vLLM; with structured
+        output, of the grammar-masked logits (vLLM masks before its sampler).
     prompt_logprobs: the same for every prompt token after the first (the
         first has no context, so its entry is None); None: off.
     output_kind: ``RequestOutputKind`` - every step's output (default) or the final one only.
@@ -116,6 +119,9 @@ class SamplingParams:
     best_of: vLLM's "sample best_of, return the best n". Only None or ``n`` (which is
         plain ``n`` sampling) is accepted; as in vLLM V1, which refuses best_of > 1,
         ranking extra samples is not supported.
+    structured_outputs: a ``StructuredOutputsParams`` (or its fields as a dict): the output must match
+        a JSON schema, regex, choice or grammar (vllm/structured_output/). ``guided_decoding`` is
+        vLLM's older name for it; give one of them.
     """
 
     n: int = 1
@@ -142,6 +148,8 @@ class SamplingParams:
     bad_words: Optional[list[str]] = None
     truncate_prompt_tokens: Optional[int] = None
     best_of: Optional[int] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_decoding: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         self._bad_words_token_ids: Optional[list[list[int]]] = None
@@ -173,6 +181,7 @@ class SamplingParams:
             for w in self.bad_words:
                 if not isinstance(w, str) or not w.strip():
                     raise ValueError(f"SamplingParams: every bad word must be a non-empty string, got {w!r}")
+        self._structured_outputs()
         self._verify()
         if 0 < self.temperature < _MIN_TEMPERATURE:
             logger.warning("temperature %s is below %s and would overflow the logits; using %s",
@@ -240,6 +249,19 @@ class SamplingParams:
                 raise bad(f"best_of is not supported when it differs from n (got best_of={self.best_of}, "
                           f"n={self.n}): ranking best_of samples to return the best n is not implemented (vLLM V1 "
                           "refuses best_of too); leave best_of out, or set it to n to get n samples")
+
+    def _structured_outputs(self) -> None:
+        """``structured_outputs`` / ``guided_decoding`` (either, the same object after this) as params."""
+        so, gd = self.structured_outputs, self.guided_decoding
+        if so is not None and gd is not None and so is not gd:
+            raise ValueError("SamplingParams: give structured_outputs or guided_decoding (its older name), not both")
+        value = so if so is not None else gd
+        if isinstance(value, dict):
+            value = StructuredOutputsParams(**value)
+        if value is not None and not isinstance(value, StructuredOutputsParams):
+            raise ValueError(f"SamplingParams: structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(value).__name__}")
+        self.structured_outputs = self.guided_decoding = value
 
     @property
     def needs_penalties(self) -> bool:

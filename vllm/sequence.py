@@ -20,11 +20,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from vllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from vllm.structured_output.backend import GrammarState
 
 
 class SequenceStatus(enum.IntEnum):
@@ -133,6 +136,8 @@ class Sequence:
         self.prefix_offset: Optional[int] = None
         self.read_offset: Optional[int] = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        # Structured output: the grammar matcher, advanced by append_token_id (set by the engine).
+        self.grammar: Optional["GrammarState"] = None
 
     # ---- token bookkeeping -------------------------------------------------
     def __len__(self) -> int:
@@ -166,7 +171,11 @@ class Sequence:
 
     def append_token_id(self, token_id: int, logprobs: Optional[TokenLogprobs] = None) -> None:
         """Append a generated token; ``logprobs`` (which must hold ``token_id``) is
-        recorded in ``output_logprobs`` and added to ``cumulative_logprob``."""
+        recorded in ``output_logprobs`` and added to ``cumulative_logprob``. With a grammar, the token
+        advances it first (ValueError, nothing recorded, if the grammar does not allow it)."""
+        if self.grammar is not None:
+            self.grammar.sync(self.output_token_ids)
+            self.grammar.accept(token_id)
         if logprobs is not None:
             if token_id not in logprobs:
                 raise ValueError(f"the logprobs of token {token_id} do not contain it: {sorted(logprobs)}")

@@ -308,6 +308,10 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token_id
                 return True
+        if seq.grammar is not None and token_id == seq.eos_token_id and seq.grammar.is_terminated:
+            # the grammar took its end (EOS), even with ignore_eos: nothing more can be generated
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, None
+            return True
         if (params.max_tokens is not None and num_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
             return True

@@ -34,6 +34,7 @@ from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.sequence import Sequence, SequenceStatus
+from vllm.structured_output.backend import GrammarCompiler
 from vllm.transformers_utils.detokenizer import Detokenizer
 from vllm.transformers_utils.hub import resolve_model_path
 from vllm.transformers_utils.tokenizer import get_tokenizer
@@ -77,6 +78,8 @@ class LLMEngine:
         self._limits = RequestLimits(self.model_config.vocab_size, self.model_config.max_model_len,
                                      self.scheduler_config.max_num_seqs)
         self._extra_eos = self._generation_eos_ids()
+        # structured output: grammars compiled per constraint for this tokenizer (llguidance loads on first use)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, LoRA %s",
                     self.model_config.max_model_len, self.scheduler_config.max_num_seqs, args.tensor_parallel_size,
                     f"on (max_loras={self.lora_config.max_loras}, max_lora_rank={self.lora_config.max_lora_rank})"
@@ -142,6 +145,9 @@ class LLMEngine:
         seqs = [Sequence(next(self._seq_ids), request_id, token_ids, params, index=i, prompt=text,
                          lora_request=lora_request, eos_token_id=self.tokenizer.eos_token_id, arrival_time=now)
                 for i in range(params.n)]
+        if params.structured_outputs is not None:
+            for seq in seqs:  # one matcher per sample, copied from the cached compiled grammar
+                seq.grammar = self.grammars.new_state(params.structured_outputs)
         self._requests[request_id] = seqs
         self.loras.acquire(lora_request)
         self.scheduler.add_seqs(seqs)
@@ -160,6 +166,11 @@ class LLMEngine:
             text, token_ids = None, kept
         params.update_from_tokenizer(self.tokenizer)  # bad_words -> token ids
         check_request(request_id, token_ids, params, self._limits)
+        if params.structured_outputs is not None:  # compiled (and cached) here, off the engine thread
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except ValueError as e:
+                raise ValueError(f"request {request_id!r}: {e}") from None
         return text, token_ids
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:

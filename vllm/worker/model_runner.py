@@ -28,6 +28,7 @@ from vllm.core.scheduler import SchedulerOutput
 from vllm.engine.errors import FatalEngineError
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
+from vllm.structured_output.bitmask import grammar_bitmask
 from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ class ModelRunner:
                                [s.suppressed_token_ids() for s in seqs],
                                num_logprobs=[s.sampling_params.logprobs for s in seqs],
                                prompt_token_ids=[s.prompt_token_ids for s in seqs],
-                               output_token_ids=[s.output_token_ids for s in seqs])
+                               output_token_ids=[s.output_token_ids for s in seqs],
+                               grammar_bitmask=grammar_bitmask(seqs, logits.shape[1], logits.device))
         logprobs = sampled.logprobs if any(lp is not None for lp in sampled.logprobs) else None
         return ModelRunnerOutput(sampled.token_ids.tolist(), logprobs,
                                  plan.result(out) if plan is not None else None)

@@ -43,9 +43,8 @@ def _ok(server) -> None:
 
 # (field, a value the server would have to apply, a no-op value it accepts)
 # (penalties, min_p, logit_bias, allowed_token_ids and bad_words are applied: test_serve_sampling.py)
-BOTH = [("best_of", 2, 1),
-        ("response_format", {"type": "json_object"}, {"type": "text"}),
-        ("use_beam_search", True, False), ("guided_json", {"type": "object"}, None)]
+# (structured output - response_format, guided_*, structured_outputs - is applied: test_serve_structured.py)
+BOTH = [("best_of", 2, 1), ("use_beam_search", True, False), ("guided_whitespace_pattern", " *", None)]
 COMPLETION_ONLY = [("suffix", "!", ""), ("add_special_tokens", False, True)]
 CHAT_ONLY = [("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], []),
              ("tool_choice", "required", "none"), ("tool_choice", {"type": "function", "function": {"name": "f"}},

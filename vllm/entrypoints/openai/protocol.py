@@ -18,6 +18,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from vllm.entrypoints.openai.unsupported import ignored_fields, unsupported_field
 from vllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from vllm.structured_output.params import StructuredOutputsParams
+from vllm.structured_output.request import STRUCTURED_FIELDS, structured_outputs_of
 
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
@@ -97,8 +99,13 @@ class _SamplingRequest(OpenAIModel):
     bad_words: Optional[list[Text]] = None
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # last k tokens; -1: max_model_len
     best_of: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)  # only n (SamplingParams says why)
-    # Known but not implemented yet: refused unless no-op (see unsupported.py).
+    # structured output (vllm/structured_output/request.py); at most one of them
     response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     def check_supported(self) -> None:
         """RequestError naming the first field the server cannot honour as sent."""
@@ -126,7 +133,11 @@ class _SamplingRequest(OpenAIModel):
                               min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
                               skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, structured_outputs=self._structured_outputs())
+
+    def _structured_outputs(self) -> Optional[StructuredOutputsParams]:
+        """response_format / guided_* / structured_outputs as one constraint (a 400 naming the field)."""
+        return structured_outputs_of({k: getattr(self, k) for k in STRUCTURED_FIELDS}, RequestError)
 
     def _penalty_fields(self) -> dict[str, Any]:
         """The penalty and token-constraint fields as SamplingParams takes them (defaults when unset)."""

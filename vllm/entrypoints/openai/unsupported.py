@@ -1,10 +1,10 @@
 """Request fields the server knows but does not implement yet, and the ones it does not know.
 
-A known field that changes the answer (tools, beam search, structured output...) is refused
+A known field that changes the answer (tools, beam search...) is refused
 with a 400 naming it, unless it is set to the value that changes nothing: clients often send
-``response_format: {"type": "text"}``
-or ``tools: []``, and those are accepted. Answering 200 without applying a field would be a silent
-wrong answer. Unknown fields are accepted and reported (the server logs them once per request as
+``tools: []``, and those are accepted (structured output - response_format, guided_*,
+structured_outputs - is implemented: vllm/structured_output/request.py). Answering 200 without
+applying a field would be a silent wrong answer. Unknown fields are accepted and reported (the server logs them once per request as
 ignored), as vLLM does.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ def _choice_without(tools_field: str) -> Callable[[Any, Any], bool]:
 
 
 _BOTH: dict[str, _Rule] = {
-    "response_format": (_one_of({"type": "text"}), '{"type": "text"}'),
     # vLLM's extra sampling and decoding fields
     "use_beam_search": (_one_of(False), "false"),
     "length_penalty": (_one_of(1), "1"),
@@ -39,11 +38,7 @@ _BOTH: dict[str, _Rule] = {
     "prompt_logprobs": (_one_of(), "null"),
     "logits_processors": (_empty, "null"),
     "return_tokens_as_token_ids": (_one_of(False), "false"),
-    "guided_json": (_one_of(), "null"),
-    "guided_regex": (_one_of(), "null"),
-    "guided_choice": (_one_of(), "null"),
-    "guided_grammar": (_one_of(), "null"),
-    "structured_outputs": (_one_of(), "null"),
+    "guided_whitespace_pattern": (_one_of(), "null"),  # llguidance takes no whitespace regex
     "priority": (_one_of(0), "0"),
 }
 _COMPLETION: dict[str, _Rule] = {
@@ -63,7 +58,9 @@ _CHAT: dict[str, _Rule] = {
     "add_special_tokens": (_one_of(False), "false"),
 }
 # Known fields that change nothing here, whatever their value (no log line).
-KNOWN_NO_EFFECT = frozenset({"parallel_tool_calls"})  # only means something with tools, which are refused
+# parallel_tool_calls only means something with tools, which are refused; guided_decoding_backend picks
+# the grammar library, and llguidance serves every constraint whichever is named
+KNOWN_NO_EFFECT = frozenset({"parallel_tool_calls", "guided_decoding_backend"})
 
 
 def _is_chat(req: BaseModel) -> bool:

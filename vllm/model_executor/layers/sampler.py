@@ -14,6 +14,11 @@ Logprobs (``forward(..., num_logprobs=...)``, ``compute_logprobs``) are those of
 the model's raw distribution: the float32 log-softmax of the logits as the model
 returned them, before min_tokens suppression, temperature and top-k / top-p (vLLM's
 default, ``raw_logprobs``). They are computed only for the rows that ask for them.
+
+Structured output (``grammar_bitmask``): the rows with a grammar have their disallowed tokens set to
+-inf first, before everything above, as vLLM's model runner does before its sampler; so their
+logprobs are those of the grammar-masked distribution (vLLM's behaviour: its "raw" logprobs are
+computed from the logits the grammar already masked).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch import nn
 from vllm.model_executor.layers.logits_processors import apply_min_p, apply_penalties, apply_token_constraints
 from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.sequence import Logprob, TokenLogprobs
+from vllm.structured_output.bitmask import apply_token_bitmask_
 
 
 @dataclass
@@ -114,7 +120,8 @@ class Sampler(nn.Module):
                 suppress_token_ids: Optional[Seq[Optional[Seq[int]]]] = None,
                 num_logprobs: Optional[Seq[Optional[int]]] = None,
                 prompt_token_ids: Optional[Seq[Seq[int]]] = None,
-                output_token_ids: Optional[Seq[Seq[int]]] = None):
+                output_token_ids: Optional[Seq[Seq[int]]] = None,
+                grammar_bitmask: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         """Sample one token per row.
 
         logits: [B, V], any float dtype (computed in float32; not modified).
@@ -130,7 +137,13 @@ class Sampler(nn.Module):
         prompt_token_ids, output_token_ids: B entries each, the rows' prompt and
             generated ids; needed (ValueError otherwise) when a row has penalties
             or bad_words.
+        grammar_bitmask: optional (rows [R] int64, bitmask [R, ceil(V/32)] int32), both on the logits'
+            device (``vllm.structured_output.bitmask``): those rows may only take their allowed tokens.
         """
+        if grammar_bitmask is not None:
+            rows, bitmask = grammar_bitmask
+            logits = logits.to(torch.float32, copy=True)
+            apply_token_bitmask_(logits, bitmask, rows)
         tokens = self._sample(logits, params, generators, suppress_token_ids, prompt_token_ids, output_token_ids)
         if num_logprobs is None:
             return tokens

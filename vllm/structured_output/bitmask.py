@@ -1,0 +1,114 @@
+"""The step's grammar mask: one int32 bitmask [rows, ceil(V / 32)] filled on the CPU by llguidance for
+the rows that have a grammar, copied to the logits' device once, and applied there by one batched op.
+
+Bit ``t % 32`` of word ``t // 32`` is 1 when token ``t`` is allowed (llguidance's layout); ids past
+32 * words are not allowed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+import llguidance
+import llguidance.torch
+import torch
+
+from vllm.structured_output.backend import GrammarState
+
+_executor: Optional[llguidance.LLExecutor] = None
+
+
+class GrammarDeadEnd(ValueError):
+    """Some sequences' grammars allow no token of the vocabulary now (the model's tokenizer cannot write
+    what the grammar needs next); the engine fails those requests and the step goes on without them."""
+
+    def __init__(self, states: Seq[GrammarState]) -> None:
+        super().__init__("the request's grammar allows no token of this model's vocabulary at this point "
+                         "(the tokenizer cannot write what it needs next); use a constraint the model's "
+                         "vocabulary can express")
+        self.states = list(states)
+
+
+def _shared_executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool for filling many rows at once (created on first use)."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    return _executor
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def fill_bitmask(states: Seq[GrammarState], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(states), ceil(V / 32)] int32 on ``device``: each row the next-token mask of one grammar."""
+    cpu = torch.empty(len(states), bitmask_words(vocab_size), dtype=torch.int32,
+                      pin_memory=device.type == "cuda")
+    llguidance.torch.fill_next_token_bitmask_par(_shared_executor(), [(s.matcher, i) for i, s in enumerate(states)],
+                                                 cpu)
+    # llguidance leaves a matcher that nothing in the vocabulary can continue in its error state (and
+    # its row allowing only EOS): fail those requests instead of ending their output mid-way
+    dead = [s for s in states if s.matcher.is_error()]
+    if dead or bool((cpu == 0).all(dim=1).any()):
+        raise GrammarDeadEnd(dead)
+    return cpu.to(device, non_blocking=True)
+
+
+_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _disallowed_lut(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte b is 0 (the token is not allowed); one per device."""
+    lut = _LUT.get(device)
+    if lut is None:
+        byte = torch.arange(256, dtype=torch.int32, device=device).unsqueeze(1)
+        lut = _LUT[device] = ((byte >> torch.arange(8, dtype=torch.int32, device=device)) & 1) == 0
+    return lut
+
+
+def disallowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 -> [R, vocab_size] bool, True where the token is NOT allowed (ids past 32 * W included).
+
+    One table lookup per byte of the mask (the int32 words read as little-endian bytes, as llguidance
+    writes them), no [R, W, 32] integer intermediate."""
+    rows, words = bitmask.shape
+    flat = bitmask.contiguous().view(torch.uint8).flatten().int()
+    out = _disallowed_lut(bitmask.device).index_select(0, flat).view(rows, words * 32)
+    if out.shape[1] < vocab_size:
+        pad = torch.ones(rows, vocab_size - out.shape[1], dtype=torch.bool, device=bitmask.device)
+        out = torch.cat([out, pad], dim=1)
+    return out[:, :vocab_size]
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 -> [R, vocab_size] bool (True: allowed)."""
+    return ~disallowed_tokens(bitmask, vocab_size)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
+                         rows: Optional[torch.Tensor] = None) -> None:
+    """Set the disallowed tokens of ``logits`` [B, V] to -inf, in place.
+
+    bitmask: [R, W] int32 on the logits' device; rows: [R] int64, the logits row of each bitmask row
+    (None: R == B, row i for row i). Rows not listed are untouched."""
+    banned = disallowed_tokens(bitmask, logits.shape[1])
+    if rows is None:
+        logits.masked_fill_(banned, float("-inf"))
+        return
+    sub = logits.index_select(0, rows).masked_fill_(banned, float("-inf"))
+    logits.index_copy_(0, rows, sub)
+
+
+def grammar_bitmask(seqs: Seq, vocab_size: int, device: torch.device
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """For the sampler: (rows [R] int64, bitmask [R, W] int32) of the sequences that have a grammar
+    (``seq.grammar``, brought in line with its outputs first), both on ``device``; None when none has."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return None
+    states = []
+    for i in rows:
+        seqs[i].grammar.sync(seqs[i].output_token_ids)
+        states.append(seqs[i].grammar)
+    return (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+            fill_bitmask(states, vocab_size, device))
