@@ -273,7 +273,9 @@ class Scheduler:
         shared = self.block_manager.cached_blocks(seq, limit)
         if sibling is not None and len(shared) < limit:
             n = min(limit, sibling.num_tokens // bs, len(sibling.block_table))
-            if n > len(shared) and sibling.token_ids[:n * bs] == seq.token_ids[:n * bs]:
+            while n > len(shared) and sibling.token_ids[:n * bs] != seq.token_ids[:n * bs]:
+                n -= 1  # (siblings recomputed after a preemption differ past their prompt)
+            if n > len(shared):
                 shared = sibling.block_table[:n]
         return shared
 
