@@ -164,3 +164,22 @@ def test_abort_keeps_the_cache_consistent(on, off):
     got = _run(on, [prompt], None)
     assert _counts(on)[1] - h0 == _cached_tokens(prompt)
     _same(got, _run(off, [prompt], None))
+
+
+def test_tensor_parallel_ranks_read_the_cached_prefix(off):
+    """Two ranks (gloo on CPU): the cached prefix's blocks and the shorter prefill reach every rank
+    through the ModelInput; a repeat on an adapter hits and matches one rank with caching off."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices (or none: then it runs on CPU with gloo)")
+    tp = _llm(True, tensor_parallel_size=2)
+    try:
+        lora = [ADAPTERS["rot13"], ADAPTERS["upper"], None]
+        _run(tp, PROMPTS, lora)
+        _, h0 = _counts(tp)
+        got = _run(tp, PROMPTS, lora)
+        assert _counts(tp)[1] - h0 == sum(_cached_tokens(p) for p in PROMPTS)
+        _same(got, _run(off, PROMPTS, lora))
+    finally:
+        tp.llm_engine.shutdown()
