@@ -210,3 +210,21 @@ def test_random_walk_against_a_fake_kv_store(seed):
     for s in live:
         bm.free(s)
     bm.check_no_leaks()
+
+
+def test_reset_forgets_cached_blocks_and_keeps_held_ones():
+    bm = BlockManager(6, BS, enable_prefix_caching=True)
+    a, b = make_seq(0, list(range(8))), make_seq(1, list(range(20, 28)))
+    for s in (a, b):
+        bm.allocate(s)
+        computed(bm, s)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 4 and bm.num_used_blocks == 2
+    assert bm.cached_blocks(make_seq(2, list(range(9))), 2) == []
+    b.append_token_id(5)
+    bm.append_slot(b)
+    computed(bm, b)  # its earlier blocks are not registered again
+    assert bm.num_cached_blocks == 0
+    bm.free(b)
+    bm.check_no_leaks()

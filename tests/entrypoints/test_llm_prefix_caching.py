@@ -166,6 +166,17 @@ def test_abort_keeps_the_cache_consistent(on, off):
     _same(got, _run(off, [prompt], None))
 
 
+def test_reset_prefix_cache_forgets_the_blocks(on, off):
+    prompt = "resettheprefixcachenow="
+    _run(on, [prompt], ADAPTERS["upper"])
+    assert on.reset_prefix_cache() is True
+    assert on.llm_engine.scheduler.block_manager.num_cached_blocks == 0
+    _, h0 = _counts(on)
+    got = _run(on, [prompt], ADAPTERS["upper"])
+    assert _counts(on)[1] == h0
+    _same(got, _run(off, [prompt], ADAPTERS["upper"]))
+
+
 def test_tensor_parallel_ranks_read_the_cached_prefix(off):
     """Two ranks (gloo on CPU): the cached prefix's blocks and the shorter prefill reach every rank
     through the ModelInput; a repeat on an adapter hits and matches one rank with caching off."""

@@ -192,7 +192,7 @@ class LLMEngine:
         return stats.queries, stats.hits
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (the KV of running sequences stays theirs)."""
+        """Forget every cached block (the blocks of running sequences stay theirs, unregistered)."""
         self.scheduler.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
