@@ -2,7 +2,7 @@
 and /metrics counts the prompt tokens looked up and reused (vLLM's prefix_cache_queries / _hits)."""
 import pytest
 
-from .conftest import Server, sample
+from .conftest import MODEL, Server, sample
 
 BS = 4
 PROMPT = "prefixcachingthroughtheserver="  # 30 tokens: 7 full blocks, the last token computed anyway
@@ -32,7 +32,12 @@ def test_flag_reaches_the_engine():
     from vllm.entrypoints.openai.api_server import engine_args_from
 
     parse = lambda *a: engine_args_from(make_parser().parse_args(["serve", "M", *a]))  # noqa: E731
-    assert parse().enable_prefix_caching is True
+    assert parse().enable_prefix_caching is None  # as EngineArgs' default: on
+    def cache_config(*a):
+        return engine_args_from(make_parser().parse_args(["serve", MODEL, *a])).create_configs()[1]
+
+    assert cache_config().enable_prefix_caching is True
+    assert cache_config("--no-enable-prefix-caching").enable_prefix_caching is False
     assert parse("--no-enable-prefix-caching").enable_prefix_caching is False
     assert parse("--enable-prefix-caching").enable_prefix_caching is True
 
