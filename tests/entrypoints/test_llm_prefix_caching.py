@@ -194,3 +194,29 @@ def test_tensor_parallel_ranks_read_the_cached_prefix(off):
         _same(got, _run(off, PROMPTS, lora))
     finally:
         tp.llm_engine.shutdown()
+
+
+def test_a_prefill_of_one_token_per_sequence_replays_the_decode_graph(off):
+    """Prompts whose every full block is cached leave one token each to prefill: the step looks like
+    a decode step and goes through the CUDA-graph runner (emulated here: the same forward over its
+    static buffers), reading the cached prefix through the block tables; tokens equal caching off."""
+    from vllm.worker.cuda_graphs import DecodeGraphRunner
+
+    llm = _llm(True, enforce_eager=True)
+    eng, worker = llm.llm_engine, llm.llm_engine.executor.driver
+    prompts = ["onetokenleftto=", "prefillforeachsequence="]
+    prompts = [p + "x" * ((1 - len(p)) % BS) for p in prompts]  # 4k + 1 tokens: 4k of them cached
+    assert all(len(p) % BS == 1 for p in prompts)
+    lora = [ADAPTERS["upper"], None]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    _run(llm, prompts, lora, params)  # eager: fills the cache
+    g = DecodeGraphRunner(worker.model, block_size=BS, max_model_len=eng.scheduler_config.max_model_len,
+                          max_num_seqs=eng.scheduler_config.max_num_seqs, device=worker.device,
+                          lora_manager=worker.lora_manager, sizes=[2], emulate=True)
+    g.capture()
+    eng.runner.graphs = g
+    _, h0 = _counts(llm)
+    got = _run(llm, prompts, lora, params)
+    assert _counts(llm)[1] - h0 == sum(len(p) - 1 for p in prompts)
+    assert g.replays[(2, True)] == params.max_tokens  # the prefill too, not only the 5 decode steps
+    _same(got, _run(off, prompts, lora, params))
