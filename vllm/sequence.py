@@ -14,6 +14,10 @@ manager, model runner and detokenizer all read and update the same object:
   ``{token_id: Logprob}`` per output token and ``cumulative_logprob`` their sum;
   with ``prompt_logprobs`` set, ``prompt_logprobs`` holds one per prompt token
   (the first is None), filled by the prefill step.
+- ``cache_key``: what the KV of its tokens depends on besides the tokens (the
+  adapter's identity); ``block_hashes``: the prefix-cache hashes of its full
+  blocks computed so far (``vllm.core.prefix_cache``; they never change, tokens
+  are only appended).
 """
 from __future__ import annotations
 
@@ -92,6 +96,15 @@ def seed_for_sample(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
 
 
+def adapter_cache_key(lora_request: Optional[Any], generation: int = 0) -> str:
+    """The prefix-cache key of KV computed under ``lora_request`` ('' for the base model): its id,
+    name and path, and ``generation``, which tells apart two loads of the same adapter."""
+    if lora_request is None:
+        return ""
+    return "\x00".join(("lora", str(lora_request.lora_int_id), str(getattr(lora_request, "lora_name", "")),
+                         str(getattr(lora_request, "lora_path", "")), str(generation)))
+
+
 class Sequence:
     """A prompt and the tokens generated for it so far (see the module docstring).
 
@@ -106,7 +119,8 @@ class Sequence:
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int],
                  sampling_params: Optional[SamplingParams] = None, *, index: int = 0,
                  prompt: Optional[str] = None, lora_request: Optional[Any] = None,
-                 eos_token_id: Optional[int] = None, arrival_time: Optional[float] = None) -> None:
+                 eos_token_id: Optional[int] = None, arrival_time: Optional[float] = None,
+                 cache_key: Optional[str] = None) -> None:
         if len(prompt_token_ids) == 0:
             raise ValueError(f"request {request_id!r}: the prompt is empty; give at least one token")
         if lora_request is not None and not isinstance(getattr(lora_request, "lora_int_id", None), int):
@@ -138,6 +152,9 @@ class Sequence:
         self._generators: dict[torch.device, torch.Generator] = {}
         # Structured output: the grammar matcher, advanced by append_token_id (set by the engine).
         self.grammar: Optional["GrammarState"] = None
+        # Prefix caching: the engine's key names the adapter's load (see LoRARegistry.cache_key).
+        self.cache_key = cache_key if cache_key is not None else adapter_cache_key(lora_request)
+        self.block_hashes: list[bytes] = []
 
     # ---- token bookkeeping -------------------------------------------------
     def __len__(self) -> int:

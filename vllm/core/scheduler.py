@@ -19,6 +19,11 @@ One engine step::
 
 A step is either a prefill (whole prompts, or prompt + outputs of a preempted
 sequence being recomputed) or a decode (one token per running sequence).
+With prefix caching (``BlockManager.enable_prefix_caching``) a prefill feeds only
+what follows the sequence's leading full blocks found in the cache (its context
+then starts at their end: the attention reads them through the block table); at
+least the last token is always fed. ``prefix_cache_stats`` counts the tokens
+looked up and found.
 Prefill comes first whenever a waiting sequence fits: FCFS from the head of
 the waiting queue while the step has fewer than ``max_num_batched_tokens``
 tokens, the running set fewer than ``max_num_seqs`` sequences, and the KV cache
@@ -117,6 +122,16 @@ class SchedulerOutput:
                 for s in compute_slot_mapping(seq.block_table, block_size, c, c + q)]
 
 
+@dataclass
+class PrefixCacheStats:
+    """Running totals, in tokens, as vLLM counts them: ``queries``, the tokens of the sequences
+    admitted with prefix caching on (those needing prompt logprobs are not looked up);
+    ``hits``, those of their tokens taken from cached blocks (or a sibling's, ``n > 1``)."""
+
+    queries: int = 0
+    hits: int = 0
+
+
 class Scheduler:
     """Owns the waiting queue (FCFS) and the running list (arrival order)."""
 
@@ -131,6 +146,7 @@ class Scheduler:
                            self.max_model_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefix_cache_stats = PrefixCacheStats()
 
     # ---- queue management --------------------------------------------------
     def add_seq(self, seq: Sequence) -> None:
@@ -188,6 +204,7 @@ class Scheduler:
         lora_blocked = False  # a waiting adapter sequence was held back by max_loras
         held_back: list[Sequence] = []
         num_tokens = 0
+        first_of_request: dict[str, Sequence] = {}  # the first sequence of each request admitted now
         while self.waiting:
             seq = self.waiting[0]
             if seq.num_tokens > self.max_model_len:
@@ -199,7 +216,9 @@ class Scheduler:
                 continue
             if len(self.running) + len(out.scheduled_seqs) >= cfg.max_num_seqs:
                 break
-            new_tokens = seq.num_uncomputed_tokens
+            shared = self._reusable_blocks(seq, first_of_request.get(seq.request_id))
+            cached_tokens = len(shared) * bm.block_size
+            new_tokens = seq.num_tokens - cached_tokens
             if num_tokens + new_tokens > cfg.max_num_batched_tokens:
                 break
             lora_id = seq.lora_int_id
@@ -208,20 +227,57 @@ class Scheduler:
                 lora_blocked = True
                 held_back.append(self.waiting.popleft())
                 continue
-            if not bm.can_allocate(seq):
+            if not bm.can_allocate(seq, shared):
                 break
             self.waiting.popleft()
-            bm.allocate(seq)
+            bm.allocate(seq, shared)
+            seq.num_computed_tokens = cached_tokens
+            if self._uses_prefix_cache(seq):
+                self.prefix_cache_stats.queries += seq.num_tokens
+                self.prefix_cache_stats.hits += cached_tokens
+            first_of_request.setdefault(seq.request_id, seq)
             seq.status = SequenceStatus.RUNNING
             if lora_id > 0:
                 active_loras.add(lora_id)
             out.scheduled_seqs.append(seq)
             out.query_lens.append(new_tokens)
-            out.context_lens.append(seq.num_computed_tokens)
+            out.context_lens.append(cached_tokens)
             num_tokens += new_tokens
         self.waiting.extendleft(reversed(held_back))
         for seq in out.scheduled_seqs:
             bisect.insort(self.running, seq, key=_arrival_key)
+
+    def _uses_prefix_cache(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may start from cached blocks: prefix caching is on, and it does not
+        still need its prompt logprobs (they need the logits of every prompt position, so such
+        a prefill computes the whole prompt; its blocks are cached for others all the same)."""
+        return self.block_manager.enable_prefix_caching and (
+            seq.sampling_params.prompt_logprobs is None or seq.prompt_logprobs is not None)
+
+    def _reusable_blocks(self, seq: Sequence, sibling: Optional[Sequence]) -> list[int]:
+        """The leading full blocks ``seq`` (waiting: nothing computed) can take instead of computing.
+
+        Only blocks before its last token (the step must compute at least that one: the sampler
+        needs its logits). First the prefix cache; then, for a sequence whose request already
+        admitted a sibling in this step with the same tokens (``n > 1``), the sibling's blocks:
+        the sibling writes their K/V in this very step, and every layer writes the whole batch's
+        K/V before it attends (both attention backends), so the shared context is there when
+        ``seq`` reads it. Siblings always run (and fail) together: fault isolation splits batches
+        by request."""
+        if seq.num_computed_tokens:
+            raise RuntimeError(f"waiting sequence {seq!r} has computed tokens; it must start from 0")
+        if not self._uses_prefix_cache(seq):
+            return []
+        bs = self.block_manager.block_size
+        limit = (seq.num_tokens - 1) // bs
+        shared = self.block_manager.cached_blocks(seq, limit)
+        if sibling is not None and len(shared) < limit:
+            n = min(limit, sibling.num_tokens // bs, len(sibling.block_table))
+            while n > len(shared) and sibling.token_ids[:n * bs] != seq.token_ids[:n * bs]:
+                n -= 1  # (siblings recomputed after a preemption differ past their prompt)
+            if n > len(shared):
+                shared = sibling.block_table[:n]
+        return shared
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
@@ -284,6 +340,7 @@ class Scheduler:
                 if prompt_logprobs is not None and prompt_logprobs[i] is not None and seq.prompt_logprobs is None:
                     seq.prompt_logprobs = list(prompt_logprobs[i])
                 seq.num_computed_tokens = seq.num_tokens
+                self.block_manager.cache_computed(seq)
                 seq.append_token_id(int(token_id), logprobs[i] if logprobs is not None else None)
                 if self._check_stop(seq):
                     self.block_manager.free(seq)

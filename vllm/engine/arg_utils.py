@@ -26,6 +26,7 @@ class EngineArgs:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
+    enable_prefix_caching: Optional[bool] = None  # None: on (vLLM's default); False: every prompt computed whole
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE layers: whole experts split over the TP ranks (vllm.config.parallel)
     enable_lora: bool = False
@@ -59,7 +60,9 @@ class EngineArgs:
             check_expert_parallel(model_config.hf_config, self.tensor_parallel_size,
                                   fully_sharded_loras=self.enable_lora and self.fully_sharded_loras)
         cache_config = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
-                                   num_gpu_blocks_override=self.num_gpu_blocks_override)
+                                   num_gpu_blocks_override=self.num_gpu_blocks_override,
+                                   enable_prefix_caching=(True if self.enable_prefix_caching is None
+                                                          else self.enable_prefix_caching))
         lora_config = None
         if self.enable_lora:
             lora_config = LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,

@@ -69,6 +69,7 @@ class AsyncLLMEngine:
         # per-request timings (engine thread), handed to the observers as StepStats after commands and steps
         self._timers: dict[str, RequestTimer] = {}
         self._step_stats = StepStats()
+        self._prefix_cache_seen = (0, 0)  # the engine's prefix-cache counts already handed on
         self._observers: list[StatsObserver] = []
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
         self._thread.start()
@@ -198,6 +199,10 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         outputs = self.engine.step()
         now = time.monotonic()
+        queries, hits = self.engine.prefix_cache_counts()
+        self._step_stats.prefix_cache_queries += queries - self._prefix_cache_seen[0]
+        self._step_stats.prefix_cache_hits += hits - self._prefix_cache_seen[1]
+        self._prefix_cache_seen = (queries, hits)
         for out in outputs:  # timings first: /metrics holds a request before its caller hears back
             timer = self._timers.get(out.request_id)
             if timer is not None:

@@ -69,7 +69,8 @@ class LLMEngine:
         self.runner = driver.runner
         self.lora_manager = self.executor.lora_manager
         self.scheduler = Scheduler(self.scheduler_config,
-                                   BlockManager(self.executor.num_blocks, self.cache_config.block_size))
+                                   BlockManager(self.executor.num_blocks, self.cache_config.block_size,
+                                                enable_prefix_caching=self.cache_config.enable_prefix_caching))
         self.detokenizer = Detokenizer(self.tokenizer)
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
@@ -80,8 +81,9 @@ class LLMEngine:
         self._extra_eos = self._generation_eos_ids()
         # structured output: grammars compiled per constraint for this tokenizer (llguidance loads on first use)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
-        logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, LoRA %s",
-                    self.model_config.max_model_len, self.scheduler_config.max_num_seqs, args.tensor_parallel_size,
+        logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, prefix caching %s, "
+                    "LoRA %s", self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
+                    args.tensor_parallel_size, "on" if self.cache_config.enable_prefix_caching else "off",
                     f"on (max_loras={self.lora_config.max_loras}, max_lora_rank={self.lora_config.max_lora_rank})"
                     if self.lora_config else "off")
 
@@ -142,8 +144,10 @@ class LLMEngine:
             params = params.clone()
             params.stop_token_ids = sorted(set(params.stop_token_ids) | self._extra_eos)
         now = time.time() if arrival_time is None else arrival_time
+        cache_key = self.loras.cache_key(lora_request)  # names this load of the adapter (prefix caching)
         seqs = [Sequence(next(self._seq_ids), request_id, token_ids, params, index=i, prompt=text,
-                         lora_request=lora_request, eos_token_id=self.tokenizer.eos_token_id, arrival_time=now)
+                         lora_request=lora_request, eos_token_id=self.tokenizer.eos_token_id, arrival_time=now,
+                         cache_key=cache_key)
                 for i in range(params.n)]
         if params.structured_outputs is not None:
             for seq in seqs:  # one matcher per sample, copied from the cached compiled grammar
@@ -195,6 +199,15 @@ class LLMEngine:
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """(queried, hit) prompt tokens of the prefix cache since the start (0, 0 when it is off)."""
+        stats = self.scheduler.prefix_cache_stats
+        return stats.queries, stats.hits
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (the blocks of running sequences stay theirs, unregistered)."""
+        self.scheduler.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -14,6 +14,11 @@ A request runs on the weights its adapter had when the request was added:
   of them finishes, the weights are dropped.  An unloaded adapter is never read from
   its folder again unless the user adds it again - which, while it is still draining,
   is refused (same id, other weights would be ambiguous): use a new ``lora_int_id``.
+
+Prefix caching: ``cache_key`` names the adapter's current load (id, name, path and a
+generation counted up at every read of its folder), so KV cached under an adapter is
+never reused for a later load, whose weights may differ (the folder rewritten, or a
+different adapter added under the same id and path after an unload).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Iterable, Optional
 
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
+from vllm.sequence import adapter_cache_key
 
 logger = init_logger(__name__)
 
@@ -34,6 +40,8 @@ class LoRARegistry:
         self.loaded: dict[int, LoRARequest] = {}
         self.draining: dict[int, LoRARequest] = {}  # unloaded, still used by live requests
         self._users: Counter[int] = Counter()  # lora_int_id -> live requests using it
+        self._loads = 0  # folder reads so far
+        self._generation: dict[int, int] = {}  # lora_int_id -> the read its cached weights come from
 
     def _protect_in_use(self) -> None:
         """Pin every adapter a live request uses, so loading another one never evicts it."""
@@ -56,8 +64,17 @@ class LoRARegistry:
                              f"({known.lora_path}); give each adapter its own id")
         self._protect_in_use()
         added = self.manager.add_adapter(lora_request)
+        if added or lid not in self._generation:  # read from its folder now: weights that may be new
+            self._loads += 1
+            self._generation[lid] = self._loads
         self.loaded[lid] = lora_request
         return added
+
+    def cache_key(self, lora_request: Optional[LoRARequest]) -> str:
+        """The prefix-cache key of KV computed now under ``lora_request`` ('' for the base model)."""
+        if lora_request is None:
+            return ""
+        return adapter_cache_key(lora_request, self._generation.get(lora_request.lora_int_id, 0))
 
     def remove(self, lora_int_id: int) -> bool:
         """Unload; False if it was not loaded.  Requests using it finish on its cached weights."""

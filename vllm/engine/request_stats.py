@@ -12,6 +12,9 @@ generation token counts and why it ended: ``stop``, ``length`` or ``abort`` (as
 vLLM's ``finished_reason``; a request of several samples takes ``abort`` if any sample
 was aborted, else ``length`` if any hit its length, else ``stop``).  A request that
 failed inside the engine ends with ``failed=True``.
+
+Prefix caching: the prompt tokens looked up in the prefix cache and those found there
+(``LLMEngine.prefix_cache_counts``, vLLM's ``prefix_cache_queries`` / ``_hits``), per step.
 """
 from __future__ import annotations
 
@@ -35,17 +38,20 @@ class FinishedRequest:
 
 @dataclass
 class StepStats:
-    """What happened since the previous ``StepStats``: tokens admitted and generated, latencies
-    observed (seconds), requests that ended."""
+    """What happened since the previous ``StepStats``: tokens admitted and generated, prefix-cache
+    tokens queried and hit, latencies observed (seconds), requests that ended."""
 
     prompt_tokens: int = 0
     generation_tokens: int = 0
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.prompt_tokens or self.generation_tokens or self.time_to_first_token
+        return bool(self.prompt_tokens or self.generation_tokens or self.prefix_cache_queries
+                    or self.time_to_first_token
                     or self.inter_token_latency or self.finished)
 
 

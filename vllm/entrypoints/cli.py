@@ -146,6 +146,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=None,
                        help="tokens per step (default: max(8192, max-model-len))")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV cache of full blocks already computed for the same prompt prefix under "
+                            "the same adapter (default: on)")
     serve.add_argument("--fully-sharded-loras", action="store_true",
                        help="with tensor parallelism, also split the MoE LoRA rank dimension over the ranks")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,

@@ -63,6 +63,12 @@ class LLM:
         max_new_tokens as max_tokens) unless the engine was built with ``generation_config="vllm"``."""
         return SamplingParams(**self.llm_engine.generation_defaults.sampling)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (vLLM's name): later prompts compute their prefixes again.
+        Blocks of running sequences stay theirs. Returns True."""
+        self.llm_engine.reset_prefix_cache()
+        return True
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,

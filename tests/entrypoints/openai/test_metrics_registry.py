@@ -41,7 +41,8 @@ def test_two_apps_keep_their_own_values():
                             rng.randint(0, 60), rng.uniform(2, 9)) for i in range(5)]
     failed = FinishedRequest("f", "abort", 3, 1, 0.5, failed=True)
     one.observe(StepStats(prompt_tokens=17, generation_tokens=9, time_to_first_token=ttfts,
-                          inter_token_latency=itls, finished=reqs + [failed]))
+                          inter_token_latency=itls, finished=reqs + [failed], prefix_cache_queries=40,
+                          prefix_cache_hits=24))
     a, b = _samples(one), _samples(two)
     assert all(dict(ls)["model_name"] == "one" for (n, ls) in a if n.startswith("vllm:"))
     assert _value(a, "vllm:prompt_tokens_total") == 17 and _value(b, "vllm:prompt_tokens_total") == 0
@@ -61,7 +62,8 @@ def test_two_apps_keep_their_own_values():
     assert info == 123.0
     assert not any(n == "vllm:lora_requests_info" for n, _ in b)  # LoRA off: none, as in vLLM
     assert _value(a, "vllm:http_requests_total", path="/v1/completions", status="200") == 5
-    assert _value(a, "vllm:prefix_cache_queries_total") == 0 == _value(a, "vllm:prefix_cache_hits_total")
+    assert _value(a, "vllm:prefix_cache_queries_total") == 40 and _value(a, "vllm:prefix_cache_hits_total") == 24
+    assert _value(b, "vllm:prefix_cache_queries_total") == 0 == _value(b, "vllm:prefix_cache_hits_total")
     # bucket counts are cumulative and end at the count
     buckets = sorted((float(dict(ls)["le"]), v) for (n, ls), v in a.items()
                      if n == "vllm:request_generation_tokens_bucket")

@@ -15,8 +15,9 @@ one process).  Every metric carries the ``model_name`` label (the first served m
   stop / length / abort), and the histograms ``vllm:time_to_first_token_seconds``,
   ``vllm:inter_token_latency_seconds``, ``vllm:e2e_request_latency_seconds``,
   ``vllm:request_prompt_tokens``, ``vllm:request_generation_tokens``.
-- ``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total`` are exported as 0:
-  this engine has no prefix caching yet, so nothing is ever looked up or reused.
+- Also fed by ``StepStats``: ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits`` (counters, in
+  tokens, as vLLM's): prompt tokens looked up in the prefix cache and those found there (0 with
+  ``--no-enable-prefix-caching``).
 """
 from __future__ import annotations
 
@@ -92,11 +93,6 @@ class EngineCollector(Collector):
         yield self._counter("vllm:request_aborted", "Aborted requests.", stats["requests_aborted"])
         yield self._counter("vllm:request_failed", "Requests that failed inside the engine.",
                             stats["requests_failed"])
-        # no prefix caching yet: nothing is looked up or reused (exported as 0 so that dashboards find them)
-        yield self._counter("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens (no prefix caching "
-                            "yet: always 0).", 0)
-        yield self._counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens (no prefix caching yet: "
-                            "always 0).", 0)
         yield self._gauge("vllm:lora_adapters_loaded", "Adapters served.", self.adapters_loaded())
         http = CounterMetricFamily("vllm:http_requests", "HTTP requests to /v1 routes by route and status.",
                                    labels=["model_name", "path", "status"])
@@ -116,6 +112,10 @@ class ServerMetrics:
         self.registry.register(EngineCollector(engine, model_name, adapters_loaded, http_requests))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens admitted.", labels, registry=reg)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=reg)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prefix-cache queries, in tokens "
+                                            "(prompt tokens looked up).", labels, registry=reg)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens (prompt tokens "
+                                         "whose KV was reused).", labels, registry=reg)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                labels + ["finished_reason"], registry=reg)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token: arrival to the step "
@@ -132,7 +132,8 @@ class ServerMetrics:
         # every series present (at 0) from the start, as in vLLM
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
+        for metric in (self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
+                       self.prefix_cache_hits, self.ttft, self.itl, self.e2e,
                        self.request_prompt, self.request_generation):
             metric.labels(model_name)
 
@@ -142,6 +143,10 @@ class ServerMetrics:
             self.prompt_tokens.labels(m).inc(stats.prompt_tokens)
         if stats.generation_tokens:
             self.generation_tokens.labels(m).inc(stats.generation_tokens)
+        if stats.prefix_cache_queries:
+            self.prefix_cache_queries.labels(m).inc(stats.prefix_cache_queries)
+        if stats.prefix_cache_hits:
+            self.prefix_cache_hits.labels(m).inc(stats.prefix_cache_hits)
         for value in stats.time_to_first_token:
             self.ttft.labels(m).observe(value)
         for value in stats.inter_token_latency:
