@@ -17,8 +17,11 @@ import threading
 from collections import OrderedDict
 from typing import Any, Optional, Sequence as Seq
 
-import llguidance
-import llguidance.hf
+try:  # a dependency; imported softly so that an install without it serves everything but grammars
+    import llguidance
+    import llguidance.hf
+except ImportError:  # pragma: no cover - exercised by tests/structured_output/test_missing_library.py
+    llguidance = None
 
 from vllm.logger import init_logger
 from vllm.structured_output.params import StructuredOutputsParams
@@ -119,6 +122,12 @@ class GrammarState:
         return self.matcher.is_stopped()
 
 
+def require_llguidance() -> None:
+    if llguidance is None:
+        raise ValueError("structured output needs the llguidance package, which is not installed here: "
+                         "pip install 'llguidance>=1.9,<1.10' (a dependency of this project)")
+
+
 class GrammarCompiler:
     """Compiles and caches the constraints of one tokenizer; thread-safe (requests are checked off the
     engine thread)."""
@@ -141,6 +150,7 @@ class GrammarCompiler:
 
     def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         """The template matcher of ``params`` (cached); ValueError saying what is wrong with it."""
+        require_llguidance()
         key = params.cache_key()
         with self._lock:
             hit = self._cache.get(key)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence as Seq
 
-import llguidance
-import llguidance.torch
 import torch
+
+try:  # see backend.py: only requests with a grammar need it
+    import llguidance
+    import llguidance.torch
+except ImportError:  # pragma: no cover
+    llguidance = None
 
 from vllm.structured_output.backend import GrammarState
 

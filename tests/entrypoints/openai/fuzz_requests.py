@@ -30,7 +30,8 @@ ESCAPING_PATHS = ["/etc", "/etc/passwd", "/", "..", "../..", "../../../../etc", 
 # fields with value rules of their own (penalties and logit_bias are applied, the others refused unless no-op)
 UNSUPPORTED_FIELDS = ["frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_p",
                       "allowed_token_ids", "bad_words", "best_of", "truncate_prompt_tokens", "suffix", "response_format",
-                      "tools", "tool_choice"]
+                      "tools", "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                      "structured_outputs"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.sampled_from(HUGE_INTS),
                     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(ODD_FLOATS),
