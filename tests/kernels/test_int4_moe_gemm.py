@@ -1,0 +1,105 @@
+"""The int4 (W4A16) grouped GEMM against an fp32 reference built from Int4Weight.dequantize
+(independent of the packing), in every layout the repack produces."""
+import pytest
+import torch
+
+from tests.quantization.int4_moe_setup import random_int4
+from tests.utils import assert_close
+from vllm.model_executor.layers.fused_moe.int4_fused_moe_method import Int4MoEMethod
+from vllm.model_executor.layers.fused_moe.int4_weights import pack_int4_k, unpack_int4_k
+from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
+    get_int4_moe_config,
+    int4_moe_gemm_reference,
+    invoke_int4_moe_gemm,
+)
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+
+
+def test_pack_unpack_roundtrip():
+    q = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
+    words = pack_int4_k(q)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, 8)
+    assert torch.equal(unpack_int4_k(words), q)
+    # code c of word j is q[..., 8j + c] in bits 4c..4c+3 (the top code sets the sign bit)
+    one = torch.zeros(1, 8, dtype=torch.uint8)
+    one[0, 7], one[0, 1] = 15, 3
+    assert int(pack_int4_k(one)[0, 0]) == (15 << 28 | 3 << 4) - 2**32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_int4_k(torch.zeros(2, 12, dtype=torch.uint8))
+
+
+def _packed(ws, group_size, has_zeros, act_order, device):
+    """Pack a list of Int4Weight (one per expert) as Int4MoEMethod does, via its _pack."""
+    method = Int4MoEMethod.__new__(Int4MoEMethod)
+    method.group_size = group_size
+    from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+
+    q = torch.stack([w.q for w in ws]).to(device)
+    s = torch.stack([w.scales for w in ws]).to(device)
+    z = torch.stack([w.zeros for w in ws]).to(device) if has_zeros else None
+    g = torch.stack([w.group_index() for w in ws]).to(torch.int32).to(device) if act_order else None
+    packed, scales, zeros, g_idx, perm = method._pack(q, s, z, g)
+    return Int4PackedWeight(packed, scales, zeros, group_size, g_idx, perm)
+
+
+# (rows, top_k, E, N, K, group, has_zeros, act_order, general g_idx, split_k, block_k)
+CASES = [
+    (5, 2, 4, 48, 64, 32, False, False, False, 1, None),
+    (9, 2, 4, 64, 64, 16, True, False, False, 1, 32),  # groups smaller than the K-tile
+    (9, 1, 3, 32, 48, 16, True, False, False, 1, 32),  # uneven K tail
+    (7, 2, 4, 40, 64, 32, True, True, False, 1, None),  # act-order: perm, plain groups after the sort
+    (7, 2, 4, 40, 64, 16, False, True, True, 2, 16),  # act-order with uneven groups (a TP slice): g_idx kept
+    (6, 2, 4, 32, 128, 32, True, False, False, 4, 16),  # split-K
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
+def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split,
+                                                 bk, dtype, device):
+    gen = torch.Generator().manual_seed(rows * 7 + K)
+    ws = [random_int4(N, K, group, has_zeros, act_order, gen) for _ in range(E)]
+    if general:  # a TP slice of an act-order w2: every channel's group drawn at random (uneven groups)
+        for w in ws:
+            w.g_idx = torch.randint(0, K // group, (K,), generator=gen, dtype=torch.int32)
+    pw = _packed(ws, group, has_zeros, act_order, device)
+    assert (pw.g_idx is not None) == general and (pw.perm is not None) == act_order
+    a = torch.randn(rows, K, generator=gen).to(dtype=dtype, device=device)
+    ids = torch.randint(-1, E, (rows, top_k), generator=gen).to(device=device, dtype=torch.int32)
+    ids[0, 0] = E - 1  # the last expert is used
+    ids[ids == 1] = 0  # expert 1 gets no pair
+    tw = torch.rand(rows, top_k, generator=gen).to(device)
+    cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype)
+    cfg["SPLIT_K"] = split
+    if bk:
+        cfg["BLOCK_SIZE_K"] = bk
+    al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+    out = torch.full((rows * top_k, N), float("nan"), dtype=dtype, device=device)  # poisoned
+    invoke_int4_moe_gemm(a, pw, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                         num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k, topk_weights=tw,
+                         mul_routed_weight=True, config=cfg)
+    # independent reference: the original (unsorted, unpacked) weights through Int4Weight.dequantize
+    flat = ids.reshape(-1).long().cpu()
+    ref = torch.zeros(rows * top_k, N, dtype=torch.float64)
+    for p, e in enumerate(flat.tolist()):
+        if e >= 0:
+            ref[p] = (ws[e].dequantize(torch.float64) @ a[p // top_k].double().cpu()) * float(tw.reshape(-1)[p])
+    routed = flat >= 0
+    assert_close(out.cpu()[routed].float(), ref[routed], dtype)
+    if split > 1:
+        assert torch.equal(out.cpu()[~routed], torch.zeros_like(out.cpu()[~routed]))
+    else:
+        assert torch.isnan(out.cpu()[~routed]).all()  # dropped pairs are left untouched
+    # the package's reference agrees with the independent one
+    ref2 = int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True)
+    assert_close(ref2.cpu()[routed], ref[routed], torch.float32)
+
+
+def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
+    import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
+
+    monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
+    decode = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16)  # Qwen3-30B-A3B GEMM1, 1 token
+    assert decode["BLOCK_SIZE_M"] == 16 and decode["SPLIT_K"] > 1
+    prefill = mod.get_int4_moe_config(8 * 4096, 128, 1536, 2048, 128, torch.bfloat16)
+    assert prefill["SPLIT_K"] == 1 and prefill["BLOCK_SIZE_M"] >= 64

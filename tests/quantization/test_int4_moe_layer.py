@@ -1,0 +1,107 @@
+"""The int4 FusedMoE layer (Int4MoEMethod + MarlinExperts / TorchInt4Experts) without LoRA against an
+fp32 loop reference on the dequantised weights; TP and EP loading; the packed storage."""
+import pytest
+import torch
+
+from tests.layers.moe_reference import moe_reference
+from tests.layers.moe_setup import router_inputs
+from tests.quantization.int4_moe_setup import SCHEMES, make_int4_layer, poison_workspaces, random_int4_experts
+from tests.utils import assert_close
+from vllm.model_executor.layers.fused_moe.router import fused_topk
+
+
+def _inputs(M, E, H, top_k, dtype, device, gen):
+    """Every expert routed (the last included) except one, drawn at random, that gets no token."""
+    while True:
+        x, logits = router_inputs(M, E, H, dtype, device, gen, top_k=top_k, empty=True)
+        _, ids = fused_topk(logits.float().cpu(), top_k, renormalize=True)
+        used = set(ids.flatten().tolist())
+        if E - 1 in used and len(used) == E - 1:
+            return x, logits
+
+
+def _ref(ex, x, logits, top_k, activation, **kw):
+    tw, ti = fused_topk(logits.float().cpu(), top_k, renormalize=True)
+    w = ex.float_weights
+    return moe_reference(x.float().cpu(), w.w13, w.w2, tw, ti, activation, **kw).float()
+
+
+def _forward_poisoned(layer, x, logits):
+    """Forward twice: the second time with every scratch buffer NaN-poisoned beforehand."""
+    first = layer(x, logits)
+    poison_workspaces(layer)
+    second = layer(x, logits)
+    assert torch.equal(first, second)
+    return second
+
+
+# (M, E, top_k, H, I, activation, group)
+SHAPES = [(7, 8, 2, 64, 64, "silu", 32), (13, 8, 3, 64, 32, "gelu", 16), (9, 4, 2, 32, 48, "silu_no_mul", 16)]
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float16),
+                                           ("marlin", torch.float32), ("marlin", torch.float16)])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("M,E,top_k,H,I,activation,group", SHAPES)
+def test_int4_layer_matches_reference(backend, dtype, scheme, M, E, top_k, H, I, activation, group, device):
+    gen = torch.Generator().manual_seed(M * 31 + E + len(scheme))
+    ex = random_int4_experts(E, H, I, activation, group, scheme, gen)
+    layer = make_int4_layer(ex, top_k, activation, group, scheme, dtype, device, backend=backend)
+    assert layer.moe_backend.value == backend
+    x, logits = _inputs(M, E, H, top_k, dtype, device, gen)
+    assert_close(_forward_poisoned(layer, x, logits).float().cpu(), _ref(ex, x, logits, top_k, activation), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("M", [1, 16, 200])
+def test_int4_layer_bf16_on_gpu(scheme, M, device):
+    gen = torch.Generator().manual_seed(M)
+    ex = random_int4_experts(16, 256, 384, "silu", 128, scheme, gen)
+    layer = make_int4_layer(ex, 4, "silu", 128, scheme, torch.bfloat16, device, backend="marlin")
+    x, logits = router_inputs(M, 16, 256, torch.bfloat16, device, gen, top_k=4, empty=M > 16)
+    assert_close(_forward_poisoned(layer, x, logits).float().cpu(), _ref(ex, x, logits, 4, "silu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "marlin"])
+@pytest.mark.parametrize("scheme", ["asym", "act_order"])
+def test_tensor_parallel_ranks_sum_to_full_layer(backend, scheme, device):
+    """Each TP rank loads its slice of the full int4 weights (act-order: w2's columns keep their groups)."""
+    gen = torch.Generator().manual_seed(12)
+    ex = random_int4_experts(4, 32, 64, "silu", 16, scheme, gen)
+    x, logits = _inputs(5, 4, 32, 2, torch.float32, device, gen)
+    parts = [make_int4_layer(ex, 2, "silu", 16, scheme, torch.float32, device, backend=backend, tp_size=2, tp_rank=r)
+             for r in range(2)]
+    if scheme == "act_order":  # a rank's w2 columns fall into groups of uneven sizes: g_idx is kept
+        assert all(p.w2_g_idx.shape == (4, 32) for p in parts) and not hasattr(parts[0], "w13_g_idx")
+    total = sum(p(x, logits) for p in parts)
+    assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "marlin"])
+def test_expert_parallel_ranks_sum_to_full_layer(backend, device):
+    """With an expert_map each rank loads and computes only its experts (the last one on rank 1)."""
+    gen = torch.Generator().manual_seed(11)
+    ex = random_int4_experts(8, 32, 32, "silu", 16, "act_order", gen)
+    x, logits = _inputs(13, 8, 32, 2, torch.float32, device, gen)
+    ranks = [make_int4_layer(ex, 2, "silu", 16, "act_order", torch.float32, device, backend=backend, ep_size=2,
+                             ep_rank=r) for r in range(2)]
+    assert ranks[1].w13_weight.shape[0] == 4
+    total = sum(_forward_poisoned(r, x, logits) for r in ranks)
+    assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
+
+
+def test_weights_stay_packed_after_loading(device):
+    gen = torch.Generator().manual_seed(3)
+    ex = random_int4_experts(4, 64, 32, "silu", 32, "act_order", gen)
+    layer = make_int4_layer(ex, 2, "silu", 32, "act_order", torch.float16, device, backend="torch")
+    params = dict(layer.named_parameters())
+    assert params["w13_weight"].dtype == torch.int32 and tuple(params["w13_weight"].shape) == (4, 64, 8)
+    assert tuple(params["w2_weight"].shape) == (4, 64, 4)
+    assert tuple(params["w13_scales"].shape) == (4, 2, 64) and params["w13_qzeros"].dtype == torch.uint8
+    # act-order without TP: sorted by group, so only the activation permutation remains
+    assert "w13_perm" in params and "w13_g_idx" not in params and "w2_g_idx" not in params
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in params.items() if n.endswith("_weight"))
+    assert weight_bytes * 2 == 4 * (64 * 64 + 64 * 32)  # half a byte per weight
+    assert not any(p.dtype == torch.uint8 and p.shape[-1] in (64, 32) and p.dim() == 3 and n.endswith("weight")
+                   for n, p in params.items())
