@@ -39,6 +39,7 @@ def _packed(ws, group_size, has_zeros, act_order, device):
     z = torch.stack([w.zeros for w in ws]).to(device) if has_zeros else None
     g = torch.stack([w.group_index() for w in ws]).to(torch.int32).to(device) if act_order else None
     packed, scales, zeros, g_idx, perm = method._pack(q, s, z, g)
+    assert tuple(packed.shape) == (len(ws), q.shape[2] // 8, q.shape[1])  # [E, K/8, N]
     return Int4PackedWeight(packed, scales, zeros, group_size, g_idx, perm)
 
 

@@ -96,8 +96,8 @@ def test_weights_stay_packed_after_loading(device):
     ex = random_int4_experts(4, 64, 32, "silu", 32, "act_order", gen)
     layer = make_int4_layer(ex, 2, "silu", 32, "act_order", torch.float16, device, backend="torch")
     params = dict(layer.named_parameters())
-    assert params["w13_weight"].dtype == torch.int32 and tuple(params["w13_weight"].shape) == (4, 64, 8)
-    assert tuple(params["w2_weight"].shape) == (4, 64, 4)
+    assert params["w13_weight"].dtype == torch.int32 and tuple(params["w13_weight"].shape) == (4, 8, 64)
+    assert tuple(params["w2_weight"].shape) == (4, 4, 64)
     assert tuple(params["w13_scales"].shape) == (4, 2, 64) and params["w13_qzeros"].dtype == torch.uint8
     # act-order without TP: sorted by group, so only the activation permutation remains
     assert "w13_perm" in params and "w13_g_idx" not in params and "w2_g_idx" not in params
@@ -105,3 +105,35 @@ def test_weights_stay_packed_after_loading(device):
     assert weight_bytes * 2 == 4 * (64 * 64 + 64 * 32)  # half a byte per weight
     assert not any(p.dtype == torch.uint8 and p.shape[-1] in (64, 32) and p.dim() == 3 and n.endswith("weight")
                    for n, p in params.items())
+
+
+@pytest.mark.parametrize("ep", [False, True])
+def test_marlin_split_k_path(ep, monkeypatch, device):
+    """The decode path (K split over programs, partial sums added): forced here, since the interpreter's
+    config never splits; the split buffer is NaN-poisoned, so every split must store all its rows (and with
+    an expert map the dropped pairs' rows are zeroed)."""
+    import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
+
+    get_cfg, invoke = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm
+    splits = []
+
+    def split_cfg(*args):
+        cfg = get_cfg(*args)
+        cfg.update(SPLIT_K=4, BLOCK_SIZE_K=16)
+        return cfg
+
+    def poisoned(a, w, out, **kw):
+        kw["split_buffer"] = torch.full((4 * out.numel(),), float("nan"), device=out.device)
+        splits.append(kw["config"]["SPLIT_K"])
+        return invoke(a, w, out, **kw)
+
+    monkeypatch.setattr(mod, "get_int4_moe_config", split_cfg)
+    monkeypatch.setattr(mod, "invoke_int4_moe_gemm", poisoned)
+    gen = torch.Generator().manual_seed(21)
+    ex = random_int4_experts(8, 64, 48, "silu", 16, "act_order", gen)
+    x, logits = _inputs(9, 8, 64, 2, torch.float32, device, gen)
+    ranks = [make_int4_layer(ex, 2, "silu", 16, "act_order", torch.float32, device, backend="marlin",
+                             **(dict(ep_size=2, ep_rank=r) if ep else {})) for r in range(2 if ep else 1)]
+    total = sum(r(x, logits) for r in ranks)
+    assert splits and set(splits) == {4}
+    assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)

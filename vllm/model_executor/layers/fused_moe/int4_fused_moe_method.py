@@ -7,7 +7,7 @@ repacks them once into ``Int4PackedWeight`` (int32 words along the input dimensi
 weight, act-order sorted by group) and frees the rest, so the weights stay 4-bit on the device.
 
 Layer attributes after loading (E = local experts, N = w13 rows, H hidden, I = I_part):
-    w13_weight int32 [E, N, H/8], w13_scales [E, G13, N], w13_qzeros uint8 [E, G13, N] (asymmetric),
+    w13_weight int32 [E, H/8, N], w13_scales [E, G13, N], w13_qzeros uint8 [E, G13, N] (asymmetric),
     w13_perm / w13_g_idx int32 [E, H] (act-order only); the same for w2 with K = I_part.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ class Int4MoEMethod(FusedMoEMethodBase):
                 g_idx = None  # sorted act-order = the plain layout
             else:
                 g_idx = g_idx.to(torch.int32).contiguous()
-        packed = pack_int4_k(q)
+        packed = pack_int4_k(q).transpose(1, 2).contiguous()  # [E, K/8, N]
         scales = scales.transpose(1, 2).contiguous()
         zeros = zeros.transpose(1, 2).contiguous() if zeros is not None else None
         return packed, scales, zeros, g_idx, perm

@@ -2,7 +2,8 @@
 
 One projection (w13 or w2) of all local experts, after ``Int4MoEMethod`` repacked it:
 
-    qweight  int32 [E, N, K/8]   word [e, n, j] holds q[e, n, 8j + c] as bits 4c..4c+3 (c = 0..7)
+    qweight  int32 [E, K/8, N]   word [e, j, n] holds q[e, n, 8j + c] as bits 4c..4c+3 (c = 0..7);
+                                 N contiguous, so a K-tile's words load as coalesced rows (GPTQ's order)
     scales         [E, Gs, N]    one row per group, N contiguous (the activation dtype)
     zeros    uint8 [E, Gs, N]    0..16 (GPTQ v1 can reach 16), or None: symmetric, zero 8
     g_idx    int32 [E, K]        group of each input position, or None: position // group_size
@@ -41,11 +42,11 @@ class Int4PackedWeight:
 
     @property
     def n(self) -> int:
-        return self.qweight.shape[1]
+        return self.qweight.shape[2]
 
     @property
     def k(self) -> int:
-        return self.qweight.shape[2] * 8
+        return self.qweight.shape[1] * 8
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.g_idx,
@@ -53,7 +54,7 @@ class Int4PackedWeight:
 
     def dequantize_expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``e``'s weight [N, K] in ``dtype`` (input positions in stored order; see ``perm``)."""
-        q = unpack_int4_k(self.qweight[e])  # [N, K] uint8
+        q = unpack_int4_k(self.qweight[e].t())  # [N, K] uint8
         K = q.shape[1]
         g = self.g_idx[e].long() if self.g_idx is not None else torch.arange(K, device=q.device) // self.group_size
         s = self.scales[e].to(dtype).t()[:, g]  # [N, K]

@@ -53,7 +53,8 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         return Support.yes()
 
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
+        # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
+        return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
@@ -79,6 +80,7 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                      num_tokens_post_padded=align.num_tokens_post_padded)
 
         gemm1 = workspace13[: pairs * N].view(pairs, N)
+        route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
         invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
         routing = None
         if lora_context is not None:

@@ -61,7 +61,8 @@ class TorchInt4Experts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         return Support.yes()
 
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
+        # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
+        return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,

@@ -2,8 +2,9 @@
 
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile over one K-split: BLOCK_SIZE_M
 consecutive entries of ``sorted_token_ids`` (all routed to one expert) times an N-slice of that
-expert's packed weight.  Each K-tile loads the int32 words holding its [BLOCK_SIZE_K, BLOCK_SIZE_N]
-codes, one scale row per group (one row per tile when the group spans the tile), and dequantises
+expert's packed weight.  Each K-tile loads the [BLOCK_SIZE_K / 8, BLOCK_SIZE_N] int32 words holding its
+codes once (rows along N, coalesced), unpacks them in registers to [BLOCK_SIZE_K, BLOCK_SIZE_N],
+loads one scale row per group (one row per tile when the group spans the tile), and dequantises
 in registers: w = (q - z) * s, one rounding, in the activation dtype, before the dot.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton.language as tl
 @triton.jit
 def _int4_moe_gemm_kernel(
     a_ptr,  # [num_rows, K] activations
-    qw_ptr,  # [E_local, N, K/8] int32, code c of word j = q[n, 8j + c], last stride 1
+    qw_ptr,  # [E_local, K/8, N] int32, code c of word [j, n] = q[n, 8j + c], last stride 1
     s_ptr,  # [E_local, Gs, N] scales, last stride 1
     z_ptr,  # [E_local, Gs, N] uint8 zeros, last stride 1 (dummy when not HAS_ZEROS)
     g_ptr,  # [E_local, K] int32 group of each position (dummy when not HAS_G_IDX)
@@ -33,7 +34,7 @@ def _int4_moe_gemm_kernel(
     stride_am,
     stride_ak,
     stride_qe,
-    stride_qn,
+    stride_qk,  # of a word row (K/8)
     stride_se,
     stride_sg,
     stride_ze,
@@ -83,10 +84,11 @@ def _int4_moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
 
     a_rows = a_ptr + row * stride_am
-    qw_cols = qw_ptr + expert * stride_qe + offs_wn * stride_qn
+    qw_cols = qw_ptr + expert * stride_qe + offs_wn
     s_cols = s_ptr + expert * stride_se + offs_wn
     z_cols = z_ptr + expert * stride_ze + offs_wn
-    shift = ((offs_k % 8) * 4)[:, None]
+    offs_kw = tl.arange(0, BLOCK_SIZE_K // 8)
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
 
     k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -106,8 +108,12 @@ def _int4_moe_gemm_kernel(
         else:
             cols = kk
         a = tl.load(a_rows[:, None] + cols[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
-        words = tl.load(qw_cols[None, :] + (kk // 8)[:, None])
-        q = (words >> shift) & 0xF
+        kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+        if EVEN_K:
+            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
+        else:
+            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
+        q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
         if HAS_G_IDX:
             g = tl.load(g_ptr + expert * stride_pe + kk)[:, None]
         elif GROUP_SIZE % BLOCK_SIZE_K == 0:

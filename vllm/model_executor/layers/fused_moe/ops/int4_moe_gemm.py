@@ -65,12 +65,14 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
                          sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
                          num_tokens_post_padded: torch.Tensor, top_k_in: int,
                          topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
-                         config: dict, split_buffer: Optional[torch.Tensor] = None) -> None:
+                         config: dict, split_buffer: Optional[torch.Tensor] = None,
+                         may_drop_pairs: bool = True) -> None:
     """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]; see the module docstring.
 
     With ``config["SPLIT_K"] > 1`` every row of ``out`` is written (pairs in no block get zeros),
     using ``split_buffer`` (fp32, at least SPLIT_K * num_pairs * N elements; allocated if None);
-    otherwise pairs in no block are left untouched.
+    otherwise pairs in no block are left untouched.  ``may_drop_pairs=False`` promises that every
+    pair has an expert (no -1 ids: no expert map), which saves zeroing the split buffer.
     """
     bm, bn, bk = int(config["BLOCK_SIZE_M"]), int(config["BLOCK_SIZE_N"]), int(config["BLOCK_SIZE_K"])
     split = int(config.get("SPLIT_K", 1))
@@ -84,6 +86,8 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     E, N, K = w.num_experts, w.n, w.k
     if a.shape[1] != K:
         raise ValueError(f"a has K={a.shape[1]} but the int4 weight has K={K}")
+    if bk % 8:
+        raise ValueError(f"BLOCK_SIZE_K={bk} must be a multiple of 8 (whole int32 words)")
     if w.qweight.dtype != torch.int32 or w.qweight.stride(2) != 1 or w.scales.stride(2) != 1:
         raise ValueError("the int4 weight must be packed by Int4MoEMethod (int32 words, contiguous rows)")
     if w.zeros is not None and (w.zeros.dtype != torch.uint8 or w.zeros.stride(2) != 1):
@@ -106,7 +110,8 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32:
             split_buffer = torch.empty(need, dtype=torch.float32, device=a.device)
         target = split_buffer[:need].view(split, num_pairs, N)
-        target.zero_()  # rows of pairs in no block stay zero
+        if may_drop_pairs:
+            target.zero_()  # rows of pairs in no block stay zero (every split stores all its block rows)
         t_strides = (target.stride(0), target.stride(1), target.stride(2))
     else:
         target = out
@@ -121,7 +126,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         sorted_token_ids, block_expert_ids, num_tokens_post_padded,
         N, K, num_pid_m, num_pairs, top_k_in,
         a.stride(0), a.stride(1),
-        w.qweight.stride(0), w.qweight.stride(1),
+        w.qweight.stride(0), w.qweight.stride(1),  # [E, K/8, N]: expert, word row
         w.scales.stride(0), w.scales.stride(1),
         w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
         K,
