@@ -54,10 +54,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("routing", ["sorted", "unsorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
 def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split,
-                                                 bk, dtype, device):
+                                                 bk, dtype, routing, device):
     gen = torch.Generator().manual_seed(rows * 7 + K)
     ws = [random_int4(N, K, group, has_zeros, act_order, gen) for _ in range(E)]
     if general:  # a TP slice of an act-order w2: every channel's group drawn at random (uneven groups)
@@ -70,15 +71,20 @@ def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, ha
     ids[0, 0] = E - 1  # the last expert is used
     ids[ids == 1] = 0  # expert 1 gets no pair
     tw = torch.rand(rows, top_k, generator=gen).to(device)
-    cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype)
+    cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype, sorted_pairs=routing == "sorted")
     cfg["SPLIT_K"] = split
     if bk:
         cfg["BLOCK_SIZE_K"] = bk
-    al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+    if routing == "sorted":
+        al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+        route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                     num_tokens_post_padded=al.num_tokens_post_padded)
+    else:
+        route = dict(pair_expert_ids=ids.reshape(-1).contiguous())
     out = torch.full((rows * top_k, N), float("nan"), dtype=dtype, device=device)  # poisoned
-    invoke_int4_moe_gemm(a, pw, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
-                         num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k, topk_weights=tw,
-                         mul_routed_weight=True, config=cfg)
+    split_buffer = torch.full((split * out.numel(),), float("nan"), device=device)  # poisoned too
+    invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True, config=cfg,
+                         split_buffer=split_buffer, **route)
     # independent reference: the original (unsorted, unpacked) weights through Int4Weight.dequantize
     flat = ids.reshape(-1).long().cpu()
     ref = torch.zeros(rows * top_k, N, dtype=torch.float64)
@@ -104,3 +110,23 @@ def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
     assert decode["BLOCK_SIZE_M"] == 16 and decode["SPLIT_K"] > 1
     prefill = mod.get_int4_moe_config(8 * 4096, 128, 1536, 2048, 128, torch.bfloat16)
     assert prefill["SPLIT_K"] == 1 and prefill["BLOCK_SIZE_M"] >= 64
+    # one token (its top-k experts are distinct) skips the sort; two of Mixtral's (4 pairs on 8 experts) do not
+    assert mod.use_unsorted_int4_gemm(8, 128) and mod.use_unsorted_int4_gemm(2, 8)
+    assert not mod.use_unsorted_int4_gemm(4, 8)
+    assert not mod.use_unsorted_int4_gemm(8 * 16, 128)
+
+
+def test_kernels_compile_for_hopper():
+    """The CPU interpreter never compiles: compile the kernels for sm_90 in a subprocess (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "kernels", "int4_hopper_compile.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 10

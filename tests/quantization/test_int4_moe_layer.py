@@ -107,28 +107,31 @@ def test_weights_stay_packed_after_loading(device):
                    for n, p in params.items())
 
 
+@pytest.mark.parametrize("unsorted", [False, True])
 @pytest.mark.parametrize("ep", [False, True])
-def test_marlin_split_k_path(ep, monkeypatch, device):
+def test_marlin_split_k_path(ep, unsorted, monkeypatch, device):
     """The decode path (K split over programs, partial sums added): forced here, since the interpreter's
     config never splits; the split buffer is NaN-poisoned, so every split must store all its rows (and with
-    an expert map the dropped pairs' rows are zeroed)."""
+    an expert map the dropped pairs' rows are zeroed).  ``unsorted``: the decode routing without the sort."""
     import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
 
     get_cfg, invoke = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm
-    splits = []
+    splits, routes = [], []
 
-    def split_cfg(*args):
-        cfg = get_cfg(*args)
+    def split_cfg(*args, **kw):
+        cfg = get_cfg(*args, **kw)
         cfg.update(SPLIT_K=4, BLOCK_SIZE_K=16)
         return cfg
 
     def poisoned(a, w, out, **kw):
         kw["split_buffer"] = torch.full((4 * out.numel(),), float("nan"), device=out.device)
         splits.append(kw["config"]["SPLIT_K"])
+        routes.append(kw)
         return invoke(a, w, out, **kw)
 
     monkeypatch.setattr(mod, "get_int4_moe_config", split_cfg)
     monkeypatch.setattr(mod, "invoke_int4_moe_gemm", poisoned)
+    monkeypatch.setattr(mod, "use_unsorted_int4_gemm", lambda pairs, experts: unsorted)
     gen = torch.Generator().manual_seed(21)
     ex = random_int4_experts(8, 64, 48, "silu", 16, "act_order", gen)
     x, logits = _inputs(9, 8, 64, 2, torch.float32, device, gen)
@@ -136,4 +139,5 @@ def test_marlin_split_k_path(ep, monkeypatch, device):
                              **(dict(ep_size=2, ep_rank=r) if ep else {})) for r in range(2 if ep else 1)]
     total = sum(r(x, logits) for r in ranks)
     assert splits and set(splits) == {4}
+    assert all(("pair_expert_ids" in kw) == unsorted for kw in routes)
     assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)

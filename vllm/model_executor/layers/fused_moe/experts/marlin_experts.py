@@ -60,7 +60,11 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
-        from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, invoke_int4_moe_gemm
+        from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
+            get_int4_moe_config,
+            invoke_int4_moe_gemm,
+            use_unsorted_int4_gemm,
+        )
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
 
         M, H = hidden_states.shape
@@ -74,13 +78,16 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         dtype = hidden_states.dtype
         ids = local_expert_ids(topk_ids, expert_map)
 
-        cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype)
-        align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
-        route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
-                     num_tokens_post_padded=align.num_tokens_post_padded)
-
-        gemm1 = workspace13[: pairs * N].view(pairs, N)
+        unsorted = use_unsorted_int4_gemm(pairs, E_local)
+        cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype, sorted_pairs=not unsorted)
+        if unsorted:  # decode among many experts: one program per pair, no alignment launches
+            route = dict(pair_expert_ids=ids.reshape(-1).to(torch.int32).contiguous())
+        else:
+            align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
+            route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
+                         num_tokens_post_padded=align.num_tokens_post_padded)
         route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
+        gemm1 = workspace13[: pairs * N].view(pairs, N)
         invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
         routing = None
         if lora_context is not None:
@@ -92,7 +99,7 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)
-        cfg2 = get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype)
+        cfg2 = get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted)
         cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment for both GEMMs
         if expert_map is not None and cfg2["SPLIT_K"] == 1:
             gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel

@@ -1,11 +1,13 @@
-"""Private Triton body of the int4 (W4A16) grouped expert GEMM (see ``int4_moe_gemm.py``).
+"""Private Triton bodies of the int4 (W4A16) grouped expert GEMM (see ``int4_moe_gemm.py``).
 
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile over one K-split: BLOCK_SIZE_M
 consecutive entries of ``sorted_token_ids`` (all routed to one expert) times an N-slice of that
-expert's packed weight.  Each K-tile loads the [BLOCK_SIZE_K / 8, BLOCK_SIZE_N] int32 words holding its
-codes once (rows along N, coalesced), unpacks them in registers to [BLOCK_SIZE_K, BLOCK_SIZE_N],
-loads one scale row per group (one row per tile when the group spans the tile), and dequantises
-in registers: w = (q - z) * s, one rounding, in the activation dtype, before the dot.
+expert's packed weight; or, unsorted (small batches, no ``moe_align_block_size``), the one pair
+``pid_m`` alone (row 0 of the tile; the rest masked).  Each K-tile loads the [BLOCK_SIZE_K / 8,
+BLOCK_SIZE_N] int32 words holding its codes once (rows along N, coalesced), unpacks them in
+registers to [BLOCK_SIZE_K, BLOCK_SIZE_N], loads one scale row per group (one row per tile when
+the group spans the tile), and dequantises: w = (q - z) * s, one rounding, in the activation
+dtype, before the dot.  ``_split_k_reduce_kernel`` adds the K-splits' fp32 partial sums.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ def _int4_moe_gemm_kernel(
     perm_ptr,  # [E_local, K] int32 activation column of each position (dummy when not HAS_PERM)
     out_ptr,  # [num_pairs, N], or fp32 [SPLIT_K, num_pairs, N] partial sums when SPLIT_K > 1
     topk_weights_ptr,  # [num_pairs] (dummy when not MUL_ROUTED_WEIGHT)
-    sorted_token_ids_ptr,  # [EM] int32, sentinel = num_pairs
-    block_expert_ids_ptr,  # [EM // BLOCK_SIZE_M] int32, -1 = nothing to do
-    num_tokens_post_padded_ptr,  # [1] int32
+    sorted_token_ids_ptr,  # [EM] int32, sentinel = num_pairs (dummy when not SORTED)
+    block_expert_ids_ptr,  # [EM // BLOCK_SIZE_M] int32, -1 = nothing to do; unsorted: [num_pairs] pair experts
+    num_tokens_post_padded_ptr,  # [1] int32 (dummy when not SORTED)
     N,
     K,
     num_pid_m,
@@ -55,6 +57,7 @@ def _int4_moe_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -66,16 +69,21 @@ def _int4_moe_gemm_kernel(
     pid_m = first_m + (pid % pids_per_group) % rows_in_group
     pid_n = (pid % pids_per_group) // rows_in_group
 
-    num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
-    if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
-        return
+    if SORTED:
+        num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+        if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+            return
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
 
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    pair = tl.load(sorted_token_ids_ptr + offs_m)
-    pair_ok = pair < num_pairs
+    if SORTED:
+        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        pair = tl.load(sorted_token_ids_ptr + offs_m)
+        pair_ok = pair < num_pairs
+    else:  # one pair per program: row 0 of the tile
+        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
+        pair = tl.where(pair_ok, pid_m, num_pairs)
     row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)  # padding reads row 0, never stored
 
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
@@ -142,3 +150,17 @@ def _int4_moe_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(part_ptr, out_ptr, num_rows, N, stride_ps, stride_pm, stride_om, stride_on,
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, n] = sum_s part[s, m, n] (fp32 partial sums of the K-splits), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_rows * N
+    m = (offs // N).to(tl.int64)
+    n = offs % N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + n, mask=ok, other=0.0)
+    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=ok)

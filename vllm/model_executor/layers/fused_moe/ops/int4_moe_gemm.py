@@ -5,11 +5,14 @@ The same op as ``fused_moe_gemm.py`` with the weight packed 4-bit (``Int4PackedW
     out[p] = (a[p // top_k_in][perm_e] @ dequant(w[e]).T) * (topk_weights.flatten()[p] if mul_routed_weight)
 
 e the expert of pair p; accumulated in fp32, stored in ``out.dtype``.  Routing comes from
-``moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], E_local)``, shared by both GEMMs.
+``moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], E_local)``, shared by both GEMMs, or,
+for a few pairs among many experts (``use_unsorted_int4_gemm``), from the pairs' expert ids
+directly: one program per pair, no sort (three launches fewer at decode).
 
 Small batches (decode) touch few experts, so few tiles: the K loop is then split over
-``SPLIT_K`` programs writing fp32 partial sums that one reduction adds (``get_int4_moe_config``
-picks it so that the grid covers the GPU about twice).  Graph-safe: no host reads of device values.
+``SPLIT_K`` programs writing fp32 partial sums that one reduction kernel adds and casts
+(``get_int4_moe_config`` picks it so that the grid covers the GPU about twice).  Graph-safe: no
+host reads of device values.
 """
 from __future__ import annotations
 
@@ -32,9 +35,11 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 
 def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
-                        dtype: torch.dtype) -> dict[str, Any]:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM."""
-    per_expert = num_pairs / max(num_experts, 1)
+                        dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM.
+
+    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair)."""
+    per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
     if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
         return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
                     BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1)
@@ -52,7 +57,8 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
     cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 16, 256))
     # Split K when the tiles cannot fill the GPU twice over (decode touches few experts).
     bm = cfg["BLOCK_SIZE_M"]
-    tiles = (-(-num_pairs // bm) + min(num_pairs, num_experts)) * -(-N // cfg["BLOCK_SIZE_N"])
+    m_tiles = -(-num_pairs // bm) + min(num_pairs, num_experts) if sorted_pairs else num_pairs
+    tiles = m_tiles * -(-N // cfg["BLOCK_SIZE_N"])
     k_tiles = -(-K // cfg["BLOCK_SIZE_K"])
     split = 1
     while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
@@ -61,14 +67,27 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
     return cfg
 
 
-def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *,
-                         sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
-                         num_tokens_post_padded: torch.Tensor, top_k_in: int,
+def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
+    """Small batches skip ``moe_align_block_size`` (three launches): one program per (token, k) pair.
+
+    Pairs that share an expert then read its weight once each, so only when they are few compared
+    with the experts (rarely two on one expert): num_pairs * 4 <= E_local, at most 64 pairs.
+    """
+    return num_pairs * 4 <= num_experts and num_pairs <= 64
+
+
+def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int, config: dict,
+                         sorted_token_ids: Optional[torch.Tensor] = None,
+                         block_expert_ids: Optional[torch.Tensor] = None,
+                         num_tokens_post_padded: Optional[torch.Tensor] = None,
+                         pair_expert_ids: Optional[torch.Tensor] = None,
                          topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
-                         config: dict, split_buffer: Optional[torch.Tensor] = None,
-                         may_drop_pairs: bool = True) -> None:
+                         split_buffer: Optional[torch.Tensor] = None, may_drop_pairs: bool = True) -> None:
     """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]; see the module docstring.
 
+    Routing, one of: the three outputs of ``moe_align_block_size(ids, config["BLOCK_SIZE_M"], E)``
+    (sorted), or ``pair_expert_ids`` (unsorted: [num_pairs] int32 local expert of each pair, -1 =
+    skip; one program per pair, see ``use_unsorted_int4_gemm``).
     With ``config["SPLIT_K"] > 1`` every row of ``out`` is written (pairs in no block get zeros),
     using ``split_buffer`` (fp32, at least SPLIT_K * num_pairs * N elements; allocated if None);
     otherwise pairs in no block are left untouched.  ``may_drop_pairs=False`` promises that every
@@ -95,15 +114,30 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     num_pairs = a.shape[0] * top_k_in
     if tuple(out.shape) != (num_pairs, N) or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out must be float [{num_pairs}, {N}], got {tuple(out.shape)} {out.dtype}")
-    EM = sorted_token_ids.numel()
-    if EM % bm or block_expert_ids.numel() != EM // bm:
-        raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config['BLOCK_SIZE_M']")
+    sorted_mode = pair_expert_ids is None
+    if sorted_mode:
+        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
+            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
+        EM = sorted_token_ids.numel()
+        if EM % bm or block_expert_ids.numel() != EM // bm:
+            raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config['BLOCK_SIZE_M']")
+        num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
+    else:
+        if sorted_token_ids is not None or block_expert_ids is not None:
+            raise ValueError("give either the alignment or pair_expert_ids, not both")
+        if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
+                or not pair_expert_ids.is_contiguous():
+            raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
+        num_pid_m = num_pairs
     if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
         raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
-    if num_pairs == 0 or N == 0 or EM == 0:
+    if num_pairs == 0 or N == 0 or num_pid_m == 0:
         return
 
-    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _int4_moe_gemm_kernel
+    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import (
+        _int4_moe_gemm_kernel,
+        _split_k_reduce_kernel,
+    )
 
     if split > 1:
         need = split * num_pairs * N
@@ -117,13 +151,13 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         target = out
         t_strides = (0, out.stride(0), out.stride(1))
     dummy = w.qweight
-    num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
     grid = (num_pid_m * -(-N // bn), split)
     _int4_moe_gemm_kernel[grid](
         a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
         target, topk_weights.reshape(-1) if mul_routed_weight else dummy,
-        sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+        sorted_token_ids if sorted_mode else dummy, block_expert_ids if sorted_mode else pair_expert_ids,
+        num_tokens_post_padded if sorted_mode else dummy,
         N, K, num_pid_m, num_pairs, top_k_in,
         a.stride(0), a.stride(1),
         w.qweight.stride(0), w.qweight.stride(1),  # [E, K/8, N]: expert, word row
@@ -142,12 +176,16 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
+        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))) if sorted_mode else 1,
+        SORTED=sorted_mode,
         num_warps=int(config.get("num_warps", 4)),
         num_stages=int(config.get("num_stages", 3)),
     )
-    if split > 1:
-        out.copy_(target.sum(0))
+    if split > 1:  # one launch: add the splits, cast, store into out (any strides)
+        block = 1024
+        _split_k_reduce_kernel[(-(-num_pairs * N // block),)](
+            target, out, num_pairs, N, target.stride(0), target.stride(1), out.stride(0), out.stride(1),
+            SPLIT_K=split, BLOCK=block)
 
 
 def int4_moe_gemm_reference(a: torch.Tensor, w: Int4PackedWeight, topk_ids: torch.Tensor, *, top_k_in: int,
