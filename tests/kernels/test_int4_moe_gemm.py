@@ -29,16 +29,14 @@ def test_pack_unpack_roundtrip():
 
 
 def _packed(ws, group_size, has_zeros, act_order, device):
-    """Pack a list of Int4Weight (one per expert) as Int4MoEMethod does, via its _pack."""
-    method = Int4MoEMethod.__new__(Int4MoEMethod)
-    method.group_size = group_size
+    """Pack a list of Int4Weight (one per expert) as Int4MoEMethod does (its _pack)."""
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 
     q = torch.stack([w.q for w in ws]).to(device)
     s = torch.stack([w.scales for w in ws]).to(device)
     z = torch.stack([w.zeros for w in ws]).to(device) if has_zeros else None
     g = torch.stack([w.group_index() for w in ws]).to(torch.int32).to(device) if act_order else None
-    packed, scales, zeros, g_idx, perm = method._pack(q, s, z, g)
+    packed, scales, zeros, g_idx, perm = Int4MoEMethod._pack(q, s, z, g, group_size)
     assert tuple(packed.shape) == (len(ws), q.shape[2] // 8, q.shape[1])  # [E, K/8, N]
     return Int4PackedWeight(packed, scales, zeros, group_size, g_idx, perm)
 

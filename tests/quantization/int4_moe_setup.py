@@ -65,16 +65,18 @@ class Int4Experts:
 
 def random_int4_experts(E: int, H: int, I: int, activation: str, group_size: int, scheme: str,
                         gen: torch.Generator, *, act_order_w13: Optional[bool] = None) -> Int4Experts:
+    """``group_size`` -1: one group per row (per-channel scales), as the configs pass it."""
     has_zeros, act_order = SCHEMES[scheme]
     gated = activation in GATED
+    gs13, gs2 = (H, I) if group_size == -1 else (group_size, group_size)
     w1, w3, w2 = [], [] if gated else None, []
     for _ in range(E):
-        g = random_int4(I, H, group_size, has_zeros, act_order, gen)
+        g = random_int4(I, H, gs13, has_zeros, act_order, gen)
         w1.append(g)
         if gated:  # gate and up share one activation order
-            u = random_int4(I, H, group_size, has_zeros, False, gen)
-            w3.append(Int4Weight(u.q, u.scales, u.zeros, group_size, g.g_idx))
-        w2.append(random_int4(H, I, group_size, has_zeros, act_order, gen))
+            u = random_int4(I, H, gs13, has_zeros, False, gen)
+            w3.append(Int4Weight(u.q, u.scales, u.zeros, gs13, g.g_idx))
+        w2.append(random_int4(H, I, gs2, has_zeros, act_order, gen))
     deq = lambda w: w.dequantize(torch.float32)  # noqa: E731
     w13 = torch.stack([torch.cat([deq(a), deq(b)]) if gated else deq(a)
                        for a, b in zip(w1, w3 if gated else w1)])

@@ -79,6 +79,21 @@ def test_tensor_parallel_ranks_sum_to_full_layer(backend, scheme, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "marlin"])
+@pytest.mark.parametrize("group,tp_size", [(-1, 1), (-1, 2), (64, 4)])
+def test_group_spanning_a_rank_slice(backend, group, tp_size, device):
+    """Per-channel scales (group -1: H for w13, I for w2), and groups wider than a rank's w2 columns:
+    each rank keeps the one group its columns fall in."""
+    gen = torch.Generator().manual_seed(13)
+    ex = random_int4_experts(4, 64, 128, "silu", group, "asym", gen)
+    x, logits = _inputs(6, 4, 64, 2, torch.float32, device, gen)
+    parts = [make_int4_layer(ex, 2, "silu", group, "asym", torch.float32, device, backend=backend, tp_size=tp_size,
+                             tp_rank=r) for r in range(tp_size)]
+    assert all(tuple(p.w2_scales.shape) == (4, 1, 64) for p in parts)  # one group per rank: [E, G, H]
+    total = sum(p(x, logits) for p in parts)
+    assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "marlin"])
 def test_expert_parallel_ranks_sum_to_full_layer(backend, device):
     """With an expert_map each rank loads and computes only its experts (the last one on rank 1)."""
     gen = torch.Generator().manual_seed(11)

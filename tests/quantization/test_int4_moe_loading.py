@@ -110,3 +110,13 @@ def test_requested_backend_that_cannot_run_int4_is_refused():
     # the int4 experts refuse float weights, with their reason
     answer = int4_experts_class(B.TORCH).check_config(_cfg(), FusedMoEQuantConfig(), torch.device("cpu"))
     assert not answer and "packed int4 expert weights" in answer.reason
+
+
+def test_group_size_must_be_positive_or_minus_one():
+    with pytest.raises(ValueError, match="positive group size, or -1"):
+        _layer(group=0)
+    layer = _layer(H=64, I=32, group=-1)  # one group per row: 64 input channels for w13, 32 for w2
+    assert layer.w13_scales.shape[-1] == 1 and layer.w2_scales.shape[-1] == 1
+    gen = torch.Generator().manual_seed(5)
+    with pytest.raises(ValueError, match="group size 16, but the layer was built for 64"):
+        layer.quant_method.load_int4(layer, "w1", 0, random_int4(32, 64, 16, True, False, gen))

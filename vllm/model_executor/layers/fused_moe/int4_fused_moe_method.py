@@ -44,13 +44,14 @@ def _param(layer: "FusedMoE", name: str, t: torch.Tensor) -> None:
 
 
 class Int4MoEMethod(FusedMoEMethodBase):
-    """Group-quantized int4 expert weights (``group_size`` input channels per scale), with zero
-    points (``has_zeros``) or symmetric (zero 8), optionally act-order (permuted ``g_idx``)."""
+    """Group-quantized int4 expert weights (``group_size`` input channels per scale; -1: one group
+    spans a projection's whole input, i.e. per-channel scales), with zero points (``has_zeros``) or
+    symmetric (zero 8), optionally act-order (permuted ``g_idx``)."""
 
     def __init__(self, moe_config: FusedMoEConfig, group_size: int, has_zeros: bool, act_order: bool) -> None:
         super().__init__(moe_config)
-        if group_size <= 0:
-            raise ValueError(f"int4 experts need a positive group size, got {group_size}")
+        if group_size <= 0 and group_size != -1:
+            raise ValueError(f"int4 experts need a positive group size, or -1 (one group per row), got {group_size}")
         self.group_size = group_size
         self.has_zeros = has_zeros
         self.act_order = act_order
@@ -64,26 +65,34 @@ class Int4MoEMethod(FusedMoEMethodBase):
             raise ValueError("int4 experts do not support gpt-oss's interleaved swigluoai experts (gpt-oss ships "
                              "MXFP4 weights)")
         E, H, I_full = cfg.local_num_experts, cfg.hidden_dim, cfg.intermediate_size
-        I_part, N, gs = cfg.intermediate_size_per_partition, cfg.w13_out_dim, self.group_size
-        for what, k in (("hidden size", H), ("intermediate size", I_full)):
+        I_part, N = cfg.intermediate_size_per_partition, cfg.w13_out_dim
+        gs13, gs2 = self._full_group_sizes()
+        for what, k, gs in (("hidden size", H, gs13), ("intermediate size", I_full, gs2)):
             if k % gs:
                 raise ValueError(f"group size {gs} does not divide the experts' {what} {k}")
             if k % 8:
                 raise ValueError(f"the experts' {what} {k} is not a multiple of 8, which packed int4 weights need")
         if I_part % 8:
             raise ValueError(f"the intermediate size per TP rank {I_part} is not a multiple of 8; use fewer ranks")
-        if not self.act_order and I_part % gs:
+        # w2's input columns are split over TP ranks: whole groups per rank, or every rank inside one group
+        # (per-channel scales); with act-order every group stays (a rank's columns may touch any of them)
+        if self.act_order:
+            G2, local_gs2 = I_full // gs2, gs2
+        elif I_part % gs2 == 0:
+            G2, local_gs2 = I_part // gs2, gs2
+        elif gs2 % I_part == 0:
+            G2, local_gs2 = 1, I_part
+        else:
             raise ValueError(f"tensor parallelism splits the intermediate size {I_full} into {I_part} columns per "
-                             f"rank, which is not a multiple of the group size {gs}: w2's groups would be split "
+                             f"rank, which is not a multiple of the group size {gs2}: w2's groups would be split "
                              "across ranks; use fewer ranks")
-        G2 = I_full // gs if self.act_order else I_part // gs  # act-order: a rank's columns touch any group
         kw = dict(device=device)
         _param(layer, "w13_weight", torch.zeros(E, N, H, dtype=torch.uint8, **kw))
-        _param(layer, "w13_scales", torch.zeros(E, N, H // gs, dtype=params_dtype, **kw))
+        _param(layer, "w13_scales", torch.zeros(E, N, H // gs13, dtype=params_dtype, **kw))
         _param(layer, "w2_weight", torch.zeros(E, H, I_part, dtype=torch.uint8, **kw))
         _param(layer, "w2_scales", torch.zeros(E, H, G2, dtype=params_dtype, **kw))
         if self.has_zeros:
-            _param(layer, "w13_qzeros", torch.zeros(E, N, H // gs, dtype=torch.uint8, **kw))
+            _param(layer, "w13_qzeros", torch.zeros(E, N, H // gs13, dtype=torch.uint8, **kw))
             _param(layer, "w2_qzeros", torch.zeros(E, H, G2, dtype=torch.uint8, **kw))
         if self.act_order:
             _param(layer, "w13_g_idx", torch.zeros(E, H, dtype=torch.int32, **kw))
@@ -91,21 +100,29 @@ class Int4MoEMethod(FusedMoEMethodBase):
         layer.w13_bias = None
         layer.w2_bias = None
         layer._int4_loaded = set()
+        layer._int4_group_size = {"w13": gs13, "w2": local_gs2}  # after TP slicing
 
-    def _check(self, shard_id: str, expert_id: int, w: Int4Weight, shape: tuple[int, int]) -> torch.Tensor:
+    def _full_group_sizes(self) -> tuple[int, int]:
+        """Group sizes of the unsliced w13 (input H) and w2 (input I) projections."""
+        cfg = self.moe_config
+        if self.group_size == -1:
+            return cfg.hidden_dim, cfg.intermediate_size
+        return self.group_size, self.group_size
+
+    def _check(self, shard_id: str, expert_id: int, w: Int4Weight, shape: tuple[int, int], gs: int) -> torch.Tensor:
         """The weight's g_idx ([in] int64), after checking it matches this layer's scheme."""
         where = f"expert {expert_id} shard {shard_id}"
         if tuple(w.shape) != shape:
             raise ValueError(f"{where}: expected an unsliced [out, in] = {list(shape)} int4 weight, got "
                              f"{list(w.shape)}")
-        if w.group_size != self.group_size:
-            raise ValueError(f"{where}: group size {w.group_size}, but the layer was built for {self.group_size}")
+        if w.group_size != gs:
+            raise ValueError(f"{where}: group size {w.group_size}, but the layer was built for {gs}")
         if (w.zeros is not None) != self.has_zeros:
             raise ValueError(f"{where}: the weight {'has' if w.zeros is not None else 'lacks'} zero points, but the "
                              f"layer was built {'with' if self.has_zeros else 'without'} them")
         g = w.group_index()
         if not self.act_order and w.g_idx is not None:
-            plain = torch.arange(shape[1], device=g.device) // self.group_size
+            plain = torch.arange(shape[1], device=g.device) // gs
             if not torch.equal(g, plain):
                 raise ValueError(f"{where}: g_idx is permuted (act-order), but the layer was built with "
                                  "act_order=False")
@@ -126,11 +143,12 @@ class Int4MoEMethod(FusedMoEMethodBase):
             return  # another EP rank's expert
         if not hasattr(layer, "_int4_loaded") or layer.w13_weight.dtype != torch.uint8:
             raise RuntimeError("load_int4 after process_weights_after_loading: the weights are already packed")
-        H, I_full, I_part, gs = cfg.hidden_dim, cfg.intermediate_size, cfg.intermediate_size_per_partition, self.group_size
+        H, I_full, I_part = cfg.hidden_dim, cfg.intermediate_size, cfg.intermediate_size_per_partition
+        gs13, gs2 = self._full_group_sizes()
         cols = layer._tp_rows(I_full)
         dev = layer.w13_weight.device
         if shard_id in ("w1", "w3"):
-            g = self._check(shard_id, expert_id, w, (I_full, H))
+            g = self._check(shard_id, expert_id, w, (I_full, H), gs13)
             rows = slice(I_part if shard_id == "w3" else 0, (2 if shard_id == "w3" else 1) * I_part)
             layer.w13_weight.data[local, rows].copy_(w.q[cols])
             layer.w13_scales.data[local, rows].copy_(w.scales[cols])
@@ -145,21 +163,22 @@ class Int4MoEMethod(FusedMoEMethodBase):
                                      "same act-order permutation")
                 layer.w13_g_idx.data[local].copy_(g32)
         else:
-            g = self._check(shard_id, expert_id, w, (H, I_full))
+            g = self._check(shard_id, expert_id, w, (H, I_full), gs2)
             layer.w2_weight.data[local].copy_(w.q[:, cols])
             if self.act_order:  # every group stays (the rank's columns may touch any); g_idx follows the columns
                 groups = slice(None)
                 layer.w2_g_idx.data[local].copy_(g[cols].to(torch.int32))
             else:
-                groups = slice(cols.start // gs, cols.stop // gs)
+                groups = slice(cols.start // gs2, (cols.stop - 1) // gs2 + 1)  # whole groups, or the one around
             layer.w2_scales.data[local].copy_(w.scales[:, groups])
             if self.has_zeros:
                 layer.w2_qzeros.data[local].copy_(w.zeros[:, groups])
         layer._int4_loaded.add((local, shard_id))
 
     # ---- repack --------------------------------------------------------------------------
-    def _pack(self, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-              g_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _pack(q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], g_idx: Optional[torch.Tensor],
+              group_size: int) -> tuple[torch.Tensor, ...]:
         """Unpacked [E, N, K] codes (+ [E, N, G] scales / zeros, [E, K] g_idx) -> packed tensors."""
         E, N, K = q.shape
         perm = None
@@ -169,7 +188,7 @@ class Int4MoEMethod(FusedMoEMethodBase):
             g_idx = torch.gather(g_idx, 1, order)
             if not torch.equal(order, torch.arange(K, device=q.device).expand(E, K)):
                 perm = order.to(torch.int32).contiguous()
-            if torch.equal(g_idx.long(), (torch.arange(K, device=q.device) // self.group_size).expand(E, K)):
+            if torch.equal(g_idx.long(), (torch.arange(K, device=q.device) // group_size).expand(E, K)):
                 g_idx = None  # sorted act-order = the plain layout
             else:
                 g_idx = g_idx.to(torch.int32).contiguous()
@@ -193,7 +212,8 @@ class Int4MoEMethod(FusedMoEMethodBase):
             zeros = getattr(layer, f"{name}_qzeros").data if self.has_zeros else None
             g_idx = getattr(layer, f"{name}_g_idx").data if self.act_order else None
             packed, scales, zeros, g_idx, perm = self._pack(getattr(layer, f"{name}_weight").data,
-                                                            getattr(layer, f"{name}_scales").data, zeros, g_idx)
+                                                            getattr(layer, f"{name}_scales").data, zeros, g_idx,
+                                                            layer._int4_group_size[name])
             for suffix, t in (("weight", packed), ("scales", scales), ("qzeros", zeros), ("g_idx", g_idx),
                               ("perm", perm)):
                 if t is not None:
@@ -207,7 +227,7 @@ class Int4MoEMethod(FusedMoEMethodBase):
         t = lambda suffix: getattr(layer, f"{name}_{suffix}", None)  # noqa: E731
         return Int4PackedWeight(qweight=t("weight").data, scales=t("scales").data,
                                 zeros=t("qzeros").data if t("qzeros") is not None else None,
-                                group_size=self.group_size,
+                                group_size=layer._int4_group_size[name],
                                 g_idx=t("g_idx").data if t("g_idx") is not None else None,
                                 perm=t("perm").data if t("perm") is not None else None)
 
