@@ -40,10 +40,10 @@ def main() -> None:
                     GROUP_SIZE_M=8 if srt else 1, SORTED=srt)
         compile_kernel(_int4_moe_gemm_kernel, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=4)
         print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt}", flush=True)
-    for dtype in ["bf16", "fp16"]:
-        compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype}, dict(SPLIT_K=4, BLOCK=1024),
-                       num_warps=4)
-        print(f"ok reduce {dtype}", flush=True)
+    for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):
+        compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype},
+                       dict(SPLIT_K=4, ROWS=rows, ACT=act, BLOCK=1024), num_warps=4)
+        print(f"ok reduce {dtype} rows {rows} act {act}", flush=True)
 
 
 if __name__ == "__main__":

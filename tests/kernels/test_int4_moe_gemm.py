@@ -127,4 +127,37 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, os.path.join(root, "tests", "kernels", "int4_hopper_compile.py")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 10
+    assert proc.stdout.count("ok ") == 18
+
+
+@pytest.mark.parametrize("epilogue", ["silu", "gelu", "silu_no_mul", "gelu_no_mul", "relu2_no_mul", "top_k"])
+def test_split_k_epilogues(epilogue, device):
+    """The split-K reduction applying the activation (GEMM1) or the top-k sum (GEMM2) in the same launch
+    equals the GEMM followed by the separate op."""
+    from vllm.model_executor.layers.fused_moe.config import MoEActivation
+    from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation_torch
+
+    rows, top_k, E, N, K, group = 6, 2, 4, 64, 64, 16
+    gen = torch.Generator().manual_seed(len(epilogue))
+    pw = _packed([random_int4(N, K, group, True, False, gen) for _ in range(E)], group, True, False, device)
+    a = torch.randn(rows, K, generator=gen).to(device)
+    ids = torch.randint(0, E, (rows, top_k), generator=gen).to(device=device, dtype=torch.int32)
+    tw = torch.rand(rows, top_k, generator=gen).to(device)
+    cfg = dict(get_int4_moe_config(rows * top_k, E, N, K, group, torch.float32), SPLIT_K=2, BLOCK_SIZE_K=16)
+    al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+    route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                 num_tokens_post_padded=al.num_tokens_post_padded)
+    ref = int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True).cpu()
+    if epilogue == "top_k":
+        expected = ref.view(rows, top_k, N).sum(1)
+        kw = dict(epilogue_top_k=top_k)
+    else:
+        act = MoEActivation(epilogue)
+        expected = moe_activation_torch(act, ref)
+        kw = dict(epilogue_activation=act)
+    out = torch.full(tuple(expected.shape), float("nan"), device=device)
+    invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True, config=cfg, **kw,
+                         **route)
+    assert_close(out.cpu(), expected, torch.float32)
+    with pytest.raises(ValueError, match="fused epilogue needs SPLIT_K > 1"):
+        invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=dict(cfg, SPLIT_K=1), **kw, **route)

@@ -155,6 +155,9 @@ def test_marlin_split_k_path(ep, unsorted, monkeypatch, device):
     total = sum(r(x, logits) for r in ranks)
     assert splits and set(splits) == {4}
     assert all(("pair_expert_ids" in kw) == unsorted for kw in routes)
+    # without LoRA the split reductions apply the activation and the top-k sum
+    assert [("epilogue_activation" in kw, "epilogue_top_k" in kw) for kw in routes[:2]] == [(True, False),
+                                                                                            (False, True)]
     assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
 
 

@@ -102,3 +102,27 @@ def test_int4_moe_lora_bf16_on_gpu(M, lora_path, device):
     slots = pick_slots(M, 2, "mixed", seed=M)
     punica.update_metadata(slots)
     assert_close(layer(x, logits).float().cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), torch.bfloat16)
+
+
+def test_int4_moe_lora_split_k_path(monkeypatch, device):
+    """MarlinExperts' decode path (K split, forced here) with LoRA: the GEMM outputs are materialised for the
+    LoRA seams (no fused epilogue), and the result matches the reference."""
+    import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
+
+    get_cfg, invoke, seen = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm, []
+    monkeypatch.setattr(mod, "get_int4_moe_config", lambda *a, **kw: dict(get_cfg(*a, **kw), SPLIT_K=2,
+                                                                          BLOCK_SIZE_K=16))
+    monkeypatch.setattr(mod, "invoke_int4_moe_gemm", lambda *a, **kw: seen.append(kw) or invoke(*a, **kw))
+    E, top_k, H, I, group = 8, 2, 64, 32, 16
+    gen = torch.Generator().manual_seed(9)
+    ex = random_int4_experts(E, H, I, "silu", group, "act_order", gen)
+    layer, punica = _lora_layer(ex, top_k, "silu", group, "act_order", torch.float32, device, "marlin", 2, 8)
+    adapters = {s: random_adapter(E, H, I, 8, "silu", gen) for s in range(2)}
+    for s, ad in adapters.items():
+        layer.set_lora(s, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
+    x, logits = _inputs(7, E, H, top_k, torch.float32, device, gen)
+    slots = pick_slots(7, 2, "mixed", seed=2)
+    punica.update_metadata(slots)
+    out = layer(x, logits)
+    assert seen and not any("epilogue_activation" in kw or "epilogue_top_k" in kw for kw in seen)
+    assert_close(out.cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), torch.float32)

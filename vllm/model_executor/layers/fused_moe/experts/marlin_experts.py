@@ -61,6 +61,7 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
         from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
+            can_fuse_epilogue,
             get_int4_moe_config,
             invoke_int4_moe_gemm,
             use_unsorted_int4_gemm,
@@ -87,23 +88,32 @@ class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
                          num_tokens_post_padded=align.num_tokens_post_padded)
         route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
-        gemm1 = workspace13[: pairs * N].view(pairs, N)
-        invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
-        routing = None
-        if lora_context is not None:
-            routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                          topk_weights=topk_weights, expert_map=expert_map)
         act_n = N // 2 if activation.is_gated else N
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
-        moe_activation(activation, gemm1, out=act_out)
+        routing = None
+        if lora_context is None and can_fuse_epilogue(cfg1, activation):
+            # split K: the reduction of the splits applies the activation (one launch fewer)
+            invoke_int4_moe_gemm(hidden_states, qc.w13, act_out, top_k_in=top_k, config=cfg1,
+                                 epilogue_activation=activation, **route)
+        else:
+            gemm1 = workspace13[: pairs * N].view(pairs, N)
+            invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
+            if lora_context is not None:
+                routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
+                                              topk_weights=topk_weights, expert_map=expert_map)
+            moe_activation(activation, gemm1, out=act_out)
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)
         cfg2 = get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted)
         cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment for both GEMMs
+        weighted = not apply_router_weight_on_input
+        if lora_context is None and can_fuse_epilogue(cfg2):  # the split reduction sums the top-k too
+            invoke_int4_moe_gemm(act_out, qc.w2, output, top_k_in=1, topk_weights=topk_weights,
+                                 mul_routed_weight=weighted, config=cfg2, epilogue_top_k=top_k, **route)
+            return
         if expert_map is not None and cfg2["SPLIT_K"] == 1:
             gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel
-        weighted = not apply_router_weight_on_input
         invoke_int4_moe_gemm(act_out, qc.w2, gemm2, top_k_in=1, topk_weights=topk_weights,
                              mul_routed_weight=weighted, config=cfg2, **route)
         if lora_context is not None:

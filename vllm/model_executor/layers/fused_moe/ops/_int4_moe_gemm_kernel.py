@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+
 
 @triton.jit
 def _int4_moe_gemm_kernel(
@@ -153,14 +155,35 @@ def _int4_moe_gemm_kernel(
 
 
 @triton.jit
-def _split_k_reduce_kernel(part_ptr, out_ptr, num_rows, N, stride_ps, stride_pm, stride_om, stride_on,
-                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, n] = sum_s part[s, m, n] (fp32 partial sums of the K-splits), cast to out's dtype."""
+def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, stride_pm, stride_om, stride_on,
+                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """The K-splits' fp32 partial sums part[s, row, n] added, one epilogue applied, cast and stored:
+
+    ACT -1, ROWS 1:  out[m, n] = sum_s part[s, m, n]
+    ACT -1, ROWS k:  out[m, n] = sum_{r<k} sum_s part[s, m*k + r, n]     (the top-k sum of GEMM2)
+    ACT 0 / 1:       out[m, n] = silu / gelu(g) * u, g = sum_s part[s, m, n], u = sum_s part[s, m, n + N_out]
+    ACT 3 / 4 / 5:   out[m, n] = silu / gelu / relu^2 (sum_s part[s, m, n])
+    (the activation codes of ``_activation_kernel.py``; gpt-oss's interleaved one is not fused)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < num_rows * N
-    m = (offs // N).to(tl.int64)
-    n = offs % N
+    ok = offs < num_out_rows * N_out
+    m = (offs // N_out).to(tl.int64)
+    n = offs % N_out
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + n, mask=ok, other=0.0)
+    for r in tl.static_range(ROWS):
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + s * stride_ps + (m * ROWS + r) * stride_pm + n, mask=ok, other=0.0)
+    if ACT == 0 or ACT == 1:
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            up += tl.load(part_ptr + s * stride_ps + m * stride_pm + n + N_out, mask=ok, other=0.0)
+        if ACT == 0:
+            acc = _silu(acc) * up
+        else:
+            acc = _gelu_erf(acc) * up
+    elif ACT == 3:
+        acc = _silu(acc)
+    elif ACT == 4:
+        acc = _gelu_erf(acc)
+    elif ACT == 5:
+        acc = tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0)
     tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -20,7 +20,9 @@ from typing import Any, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,7 +40,23 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
                         dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
     """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM.
 
-    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair)."""
+    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
+    (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
+    table keyed by the routed pair count M * top_k) overrides the heuristic's entries."""
+    cfg = _heuristic_config(num_pairs, num_experts, N, K, dtype, sorted_pairs)
+    if not triton_interpreting():
+        from vllm.kernel_configs import lookup_tuned_config
+        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
+
+        key = {"E": num_experts, "N": N, "K": K, "G": group_size, "sorted": int(sorted_pairs)}
+        tuned = lookup_tuned_config("int4_moe_gemm", key, num_pairs, _device_name())
+        if tuned:
+            cfg.update({k: int(v) for k, v in tuned.items() if k in cfg})
+    return cfg
+
+
+def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype,
+                      sorted_pairs: bool) -> dict[str, Any]:
     per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
     if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
         return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
@@ -67,6 +85,11 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
     return cfg
 
 
+def can_fuse_epilogue(config: dict, activation: Optional[MoEActivation] = None) -> bool:
+    """Whether ``invoke_int4_moe_gemm`` can apply the activation (or a top-k sum) in its split-K reduction."""
+    return int(config.get("SPLIT_K", 1)) > 1 and activation is not MoEActivation.SWIGLUOAI
+
+
 def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
     """Small batches skip ``moe_align_block_size`` (three launches): one program per (token, k) pair.
 
@@ -82,7 +105,8 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
                          num_tokens_post_padded: Optional[torch.Tensor] = None,
                          pair_expert_ids: Optional[torch.Tensor] = None,
                          topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
-                         split_buffer: Optional[torch.Tensor] = None, may_drop_pairs: bool = True) -> None:
+                         split_buffer: Optional[torch.Tensor] = None, may_drop_pairs: bool = True,
+                         epilogue_activation: Optional[MoEActivation] = None, epilogue_top_k: int = 0) -> None:
     """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]; see the module docstring.
 
     Routing, one of: the three outputs of ``moe_align_block_size(ids, config["BLOCK_SIZE_M"], E)``
@@ -92,6 +116,10 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     using ``split_buffer`` (fp32, at least SPLIT_K * num_pairs * N elements; allocated if None);
     otherwise pairs in no block are left untouched.  ``may_drop_pairs=False`` promises that every
     pair has an expert (no -1 ids: no expert map), which saves zeroing the split buffer.
+
+    Split-K only (``SPLIT_K > 1``, see ``can_fuse_epilogue``): the reduction that adds the splits can
+    also apply the next step, saving its launch.  ``epilogue_activation``: ``out`` is the activation
+    output [num_pairs, N/2 gated or N]; ``epilogue_top_k`` = k: ``out`` is the top-k sum [num_pairs / k, N].
     """
     bm, bn, bk = int(config["BLOCK_SIZE_M"]), int(config["BLOCK_SIZE_N"]), int(config["BLOCK_SIZE_K"])
     split = int(config.get("SPLIT_K", 1))
@@ -112,8 +140,20 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     if w.zeros is not None and (w.zeros.dtype != torch.uint8 or w.zeros.stride(2) != 1):
         raise ValueError("int4 zeros must be uint8 [E, G, N], contiguous rows")
     num_pairs = a.shape[0] * top_k_in
-    if tuple(out.shape) != (num_pairs, N) or out.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"out must be float [{num_pairs}, {N}], got {tuple(out.shape)} {out.dtype}")
+    act_code, rows, out_shape = -1, 1, (num_pairs, N)
+    if epilogue_activation is not None or epilogue_top_k:
+        if not can_fuse_epilogue(config, epilogue_activation) or (epilogue_activation is not None and epilogue_top_k):
+            raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation other than swigluoai, "
+                             "or a top-k sum")
+        if epilogue_activation is not None:
+            act_code = _act_code(epilogue_activation)
+            out_shape = (num_pairs, N // 2 if epilogue_activation.is_gated else N)
+        else:
+            if num_pairs % epilogue_top_k:
+                raise ValueError(f"{num_pairs} pairs are not whole tokens of top_k={epilogue_top_k}")
+            rows, out_shape = epilogue_top_k, (num_pairs // epilogue_top_k, N)
+    if tuple(out.shape) != out_shape or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out must be float {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     sorted_mode = pair_expert_ids is None
     if sorted_mode:
         if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
@@ -181,11 +221,11 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         num_warps=int(config.get("num_warps", 4)),
         num_stages=int(config.get("num_stages", 3)),
     )
-    if split > 1:  # one launch: add the splits, cast, store into out (any strides)
+    if split > 1:  # one launch: add the splits, apply the epilogue, cast, store into out (any strides)
         block = 1024
-        _split_k_reduce_kernel[(-(-num_pairs * N // block),)](
-            target, out, num_pairs, N, target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            SPLIT_K=split, BLOCK=block)
+        _split_k_reduce_kernel[(-(-out.numel() // block),)](
+            target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
+            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block)
 
 
 def int4_moe_gemm_reference(a: torch.Tensor, w: Int4PackedWeight, topk_ids: torch.Tensor, *, top_k_in: int,
