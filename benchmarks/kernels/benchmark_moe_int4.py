@@ -20,6 +20,10 @@ Targets (issue 13): int4 >= 2.5x faster than bf16 at 1-16 tokens, no slower at 2
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_int4.py [--quick] [--shapes qwen3 mixtral]
         [--tokens 1 2 4 8 16 64 256 1024 4096] [--group 128] [--out table.md]
     --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (exercises the code path only).
+    --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
+    with alternatives (each checked against the heuristic's output first); --tune-out DIR writes the
+    winners as tuned-config files (op ``int4_moe_gemm``) that ``VLLM_TUNED_CONFIG_FOLDER=DIR`` or
+    ``vllm/kernel_configs/tuned`` makes the kernel use.
 """
 from __future__ import annotations
 
@@ -29,8 +33,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared with the LoRA benchmark)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
+    sys.path.insert(0, _ROOT)
+
+import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
 
 SHAPES = {k: lb.SHAPES[k] for k in ("qwen3", "mixtral")}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -54,7 +61,95 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep", action="store_true", help="time alternative tile configs of each int4 GEMM")
+    p.add_argument("--tune-out", default=None, help="with --sweep: write the fastest configs here (JSON)")
     return p.parse_args()
+
+
+def sweep_candidates():
+    for bn in (64, 128, 256):
+        for bk in (64, 128, 256):
+            for split in (1, 2, 4, 8):
+                for stages in (3, 4):
+                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages)
+
+
+def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:
+    """Markdown rows: per token count and GEMM, heuristic vs best tiles; fills ``tuned`` (file key -> table)."""
+    from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
+        get_int4_moe_config,
+        invoke_int4_moe_gemm,
+        use_unsorted_int4_gemm,
+    )
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+
+    qc = q_layer.quant_method.kernel.fused_experts.quant_config
+    lines = []
+    if device.type == "cuda":
+        timed = lambda fn: lb.time_cuda(fn, flush, args.reps, not args.no_graph)[0]  # noqa: E731
+        candidates = list(sweep_candidates())
+    else:  # --smoke on CPU: exercise the sweep with a few candidates
+        timed = lambda fn: lb.time_cpu(fn, 1)[0]  # noqa: E731
+        candidates = [dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, SPLIT_K=s, num_stages=1) for s in (1, 2)]
+    for M in tokens:
+        x, _, _, ti, _ = lb.make_inputs(case, M, 1, dtype, device, args.seed)
+        pairs, E = M * case.k, case.E
+        unsorted = use_unsorted_int4_gemm(pairs, E)
+        act = torch.randn(pairs, qc.w2.k, device=device).to(dtype)
+        for name, w, a, top_k_in in (("w13", qc.w13, x, case.k), ("w2", qc.w2, act, 1)):
+            base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted)
+            if unsorted:
+                route = dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
+            else:
+                al = moe_align_block_size(ti, base["BLOCK_SIZE_M"], E)
+                route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                             num_tokens_post_padded=al.num_tokens_post_padded)
+            out = torch.empty(pairs, w.n, dtype=dtype, device=device)
+            buf = torch.empty(8 * pairs * w.n, dtype=torch.float32, device=device)
+
+            def run(cfg):
+                invoke_int4_moe_gemm(a, w, out, top_k_in=top_k_in, config=cfg, split_buffer=buf,
+                                     may_drop_pairs=False, **route)
+                return out
+
+            ref = run(base).float().clone()
+            t_base = timed(lambda: run(base))
+            best_t, best = t_base, base
+            for cand in candidates:
+                cfg = dict(base, **cand)
+                if cfg["BLOCK_SIZE_K"] > max(16, w.k) or cfg["BLOCK_SIZE_N"] > max(16, w.n):
+                    continue
+                try:
+                    err = lb.norm_err(run(cfg), ref)
+                except Exception as exc:  # e.g. out of shared memory
+                    print(f"    skip {cand}: {type(exc).__name__}", flush=True)
+                    continue
+                if err > lb.TOLERANCE[dtype]:
+                    sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
+                t = timed(lambda: run(cfg))
+                if t < best_t:
+                    best_t, best = t, cfg
+            key = ("int4_moe_gemm", E, w.n, w.k, w.group_size, int(not unsorted))
+            tuned.setdefault(key, {})[str(pairs)] = {k: int(v) for k, v in best.items()}
+            lines.append(f"| {case.name} | {M} | {name} | {'sorted' if not unsorted else 'unsorted'} | {t_base:.1f} "
+                         f"| {best_t:.1f} | {t_base / best_t:.2f} | `{best}` |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def write_tuned(tuned: dict, folder: str) -> None:
+    import json
+
+    from vllm.kernel_configs import config_file_name
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
+
+    os.makedirs(folder, exist_ok=True)
+    for (op, E, N, K, G, srt), table in tuned.items():
+        path = os.path.join(folder, config_file_name(op, {"E": E, "N": N, "K": K, "G": G, "sorted": srt},
+                                                     _device_name()))
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        print(f"wrote {path}")
 
 
 class _BenchInt4Config:
@@ -216,7 +311,7 @@ def main() -> None:
           f"{'symmetric' if args.symmetric else 'zero points'}; LoRA rank {args.rank}, {args.num_loras} adapters; "
           f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(lb.FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows, notes = [], []
+    rows, notes, sweep_lines, tuned = [], [], [], {}
     for shape in shapes:
         q_layer, case = build(shape, dtype, device, args, max(max(tokens), check_m))
         print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k}: correctness at {check_m} tokens: "
@@ -227,6 +322,8 @@ def main() -> None:
             print(f"  {M:5d} tokens: bf16 {r['bf16']:8.1f} us  int4 {r['int4']:8.1f} us  x{r['speedup']:.2f}  "
                   f"int4+LoRA {r['lora']:8.1f} us  ratio {r['ratio']:.2f}  {r['roof']:3.0f} % of roofline", flush=True)
             rows.append(r)
+        if args.sweep:
+            sweep_lines += sweep(q_layer, case, tokens, args, dtype, device, flush, tuned)
         del q_layer, case
         if has_cuda:
             torch.cuda.empty_cache()
@@ -239,6 +336,12 @@ def main() -> None:
         "- Bytes: packed int4 weights + scales + zeros of the routed experts (+ the routed LoRA weights for the LoRA "
         f"column); peak {peak / 1e9:.0f} GB/s from a large device copy.",
         *[f"- {n}" for n in notes], ""])
+    if sweep_lines:
+        text += "\n".join(["", "### int4 GEMM tiles: heuristic vs the fastest swept", "",
+                           "| shape | tokens | GEMM | routing | heuristic (us) | best (us) | speed-up | best config |",
+                           "|---|---:|---|---|---:|---:|---:|---|", *sweep_lines, ""])
+        if args.tune_out:
+            write_tuned(tuned, args.tune_out)
     print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:

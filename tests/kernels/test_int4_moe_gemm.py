@@ -161,3 +161,23 @@ def test_split_k_epilogues(epilogue, device):
     assert_close(out.cpu(), expected, torch.float32)
     with pytest.raises(ValueError, match="fused epilogue needs SPLIT_K > 1"):
         invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=dict(cfg, SPLIT_K=1), **kw, **route)
+
+
+def test_tuned_config_file_wins(tmp_path, monkeypatch):
+    """A tuned file (as benchmark_moe_int4.py --sweep --tune-out writes) overrides the heuristic."""
+    from vllm.kernel_configs import clear_cache, config_file_name
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+
+    key = {"E": 128, "N": 1536, "K": 2048, "G": 128, "sorted": 0}
+    name = config_file_name("int4_moe_gemm", key, fused_moe_gemm._device_name())
+    (tmp_path / name).write_text('{"8": {"BLOCK_SIZE_N": 64, "SPLIT_K": 2, "num_stages": 3}}')
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter has its own configs
+    clear_cache()
+    try:
+        tuned = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=False)
+        other = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=True)
+    finally:
+        clear_cache()
+    assert (tuned["BLOCK_SIZE_N"], tuned["SPLIT_K"], tuned["num_stages"], tuned["BLOCK_SIZE_M"]) == (64, 2, 3, 16)
+    assert (other["BLOCK_SIZE_N"], other["num_stages"]) == (128, 4)  # no file for the sorted launch
