@@ -70,7 +70,7 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         if self.fully_sharded and (R % self.tp_size or base.hidden_size % self.tp_size):
             raise ValueError(f"fully sharded LoRA needs max_lora_rank ({R}) and hidden size ({base.hidden_size}) "
                              f"divisible by tp_size ({self.tp_size})")
-        dtype = lora_config.lora_dtype or base.moe_config.in_dtype  # w13_weight may be packed (int4)
+        dtype = lora_config.lora_dtype or base.moe_config.in_dtype  # w13_weight may hold quantized codes
         dev = base.w13_weight.device
         L, E, H, S = max_loras, base.local_num_experts, base.hidden_size, self.w13_num_slices
         I_part = base.intermediate_size_per_partition
