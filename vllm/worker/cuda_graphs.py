@@ -64,7 +64,7 @@ logger = init_logger(__name__)
 MAX_CAPTURE_SIZE = 512
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # MoE experts implementations whose apply() is free of host synchronisation.
-_GRAPH_SAFE_EXPERTS = ("TritonExperts",)
+_GRAPH_SAFE_EXPERTS = ("TritonExperts", "MarlinExperts")
 
 
 def capture_sizes(max_num_seqs: int, sizes: Optional[Sequence[int]] = None,

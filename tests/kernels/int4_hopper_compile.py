@@ -1,0 +1,50 @@
+"""Compile the int4 MoE kernels for an H100/H200 (sm_90) without a GPU: run as a script, without
+TRITON_INTERPRET (the interpreter patches triton.language), by test_int4_moe_gemm.py.  The CPU
+interpreter runs the kernels' numbers; this catches what only the compiler sees (types, layouts,
+the reshape of the unpacked codes, shared memory).  Prints one line per variant; exits 1 on failure."""
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import (  # noqa: E402
+    _int4_moe_gemm_kernel,
+    _split_k_reduce_kernel,
+)
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, pointers: dict, constexprs: dict, **options) -> None:
+    sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in constexprs else "i32" for n in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    triton.compile(src, target=TARGET, options=options)
+
+
+def main() -> None:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, sorted, zeros, g_idx, perm, even K): the configs the heuristic gives
+    variants = [(16, 128, 128, 4, False, True, False, False, True), (16, 64, 128, 8, True, False, False, True, True),
+                (64, 128, 64, 1, True, True, True, True, False), (128, 128, 64, 1, True, False, False, False, True)]
+    for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even) in itertools.product(["bf16", "fp16"], variants):
+        ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
+                "out_ptr": "fp32" if split > 1 else dtype, "topk_weights_ptr": "fp32",
+                "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
+        cexp = dict(GROUP_SIZE=128, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
+                    UPCAST_DOT=False, EVEN_K=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
+                    GROUP_SIZE_M=8 if srt else 1, SORTED=srt)
+        compile_kernel(_int4_moe_gemm_kernel, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=4)
+        print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt}", flush=True)
+    for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):
+        compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype},
+                       dict(SPLIT_K=4, ROWS=rows, ACT=act, BLOCK=1024), num_warps=4)
+        print(f"ok reduce {dtype} rows {rows} act {act}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

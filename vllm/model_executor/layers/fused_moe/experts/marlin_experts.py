@@ -1,0 +1,122 @@
+"""MarlinExperts: W4A16 experts as Triton grouped GEMMs over packed int4 weights.
+
+The role of vLLM's Marlin MoE kernels (weights repacked once at load, 4 bits a weight on the
+device, dequantised in registers), written here as a Triton kernel (``ops/_int4_moe_gemm_kernel.py``)
+that shares ``moe_align_block_size`` and the grouped-GEMM structure of ``TritonExperts``.
+LoRA at the same two seams, reading the unquantized activations.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
+from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
+from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import check_int4_quant
+from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig
+from vllm.model_executor.layers.fused_moe.modular_kernel import (
+    FusedMoEExpertsModular,
+    Support,
+    WorkspaceShapes,
+    two_gemm_workspace_shapes,
+)
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+
+
+class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
+    """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
+
+    quant_config: Int4MoEQuantConfig
+
+    @classmethod
+    def supports_device(cls, device: torch.device) -> Support:
+        from vllm.platforms.interface import has_triton, triton_interpreting
+
+        if not has_triton():
+            return Support.no("Triton is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            return Support.no(f"MarlinExperts' Triton kernels need a CUDA device (got {device.type}; "
+                              "TRITON_INTERPRET=1 runs them on CPU)")
+        return Support.yes()
+
+    @classmethod
+    def supports_quant(cls, quant_config) -> Support:
+        return check_int4_quant(cls, quant_config)
+
+    @classmethod
+    def supports_activation(cls, activation) -> Support:
+        if activation.value == "swigluoai":
+            return Support.no(f"{cls.__name__} does not run gpt-oss's interleaved swigluoai experts")
+        return Support.yes()
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
+        # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
+        return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
+              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
+              lora_context: Optional["MoELoRAContext"] = None) -> None:
+        from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
+        from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
+            can_fuse_epilogue,
+            get_int4_moe_config,
+            invoke_int4_moe_gemm,
+            use_unsorted_int4_gemm,
+        )
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+
+        M, H = hidden_states.shape
+        top_k = topk_ids.shape[1]
+        pairs = M * top_k
+        qc = self.quant_config
+        E_local, N = qc.w13.num_experts, qc.w13.n
+        if pairs == 0:
+            output.zero_()
+            return
+        dtype = hidden_states.dtype
+        ids = local_expert_ids(topk_ids, expert_map)
+
+        unsorted = use_unsorted_int4_gemm(pairs, E_local)
+        cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype, sorted_pairs=not unsorted)
+        if unsorted:  # decode among many experts: one program per pair, no alignment launches
+            route = dict(pair_expert_ids=ids.reshape(-1).to(torch.int32).contiguous())
+        else:
+            align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
+            route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
+                         num_tokens_post_padded=align.num_tokens_post_padded)
+        route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
+        act_n = N // 2 if activation.is_gated else N
+        act_out = workspace2[: pairs * act_n].view(pairs, act_n)
+        routing = None
+        if lora_context is None and can_fuse_epilogue(cfg1, activation):
+            # split K: the reduction of the splits applies the activation (one launch fewer)
+            invoke_int4_moe_gemm(hidden_states, qc.w13, act_out, top_k_in=top_k, config=cfg1,
+                                 epilogue_activation=activation, **route)
+        else:
+            gemm1 = workspace13[: pairs * N].view(pairs, N)
+            invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
+            if lora_context is not None:
+                routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
+                                              topk_weights=topk_weights, expert_map=expert_map)
+            moe_activation(activation, gemm1, out=act_out)
+
+        # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
+        gemm2 = workspace13[: pairs * H].view(pairs, H)
+        cfg2 = get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted)
+        cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment for both GEMMs
+        weighted = not apply_router_weight_on_input
+        if lora_context is None and can_fuse_epilogue(cfg2):  # the split reduction sums the top-k too
+            invoke_int4_moe_gemm(act_out, qc.w2, output, top_k_in=1, topk_weights=topk_weights,
+                                 mul_routed_weight=weighted, config=cfg2, epilogue_top_k=top_k, **route)
+            return
+        if expert_map is not None and cfg2["SPLIT_K"] == 1:
+            gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel
+        invoke_int4_moe_gemm(act_out, qc.w2, gemm2, top_k_in=1, topk_weights=topk_weights,
+                             mul_routed_weight=weighted, config=cfg2, **route)
+        if lora_context is not None:
+            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
+                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
+        torch.sum(gemm2.view(M, top_k, H), dim=1, out=output)

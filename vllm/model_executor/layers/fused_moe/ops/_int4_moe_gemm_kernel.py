@@ -1,0 +1,189 @@
+"""Private Triton bodies of the int4 (W4A16) grouped expert GEMM (see ``int4_moe_gemm.py``).
+
+One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile over one K-split: BLOCK_SIZE_M
+consecutive entries of ``sorted_token_ids`` (all routed to one expert) times an N-slice of that
+expert's packed weight; or, unsorted (small batches, no ``moe_align_block_size``), the one pair
+``pid_m`` alone (row 0 of the tile; the rest masked).  Each K-tile loads the [BLOCK_SIZE_K / 8,
+BLOCK_SIZE_N] int32 words holding its codes once (rows along N, coalesced), unpacks them in
+registers to [BLOCK_SIZE_K, BLOCK_SIZE_N], loads one scale row per group (one row per tile when
+the group spans the tile), and dequantises: w = (q - z) * s, one rounding, in the activation
+dtype, before the dot.  ``_split_k_reduce_kernel`` adds the K-splits' fp32 partial sums.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+
+
+@triton.jit
+def _int4_moe_gemm_kernel(
+    a_ptr,  # [num_rows, K] activations
+    qw_ptr,  # [E_local, K/8, N] int32, code c of word [j, n] = q[n, 8j + c], last stride 1
+    s_ptr,  # [E_local, Gs, N] scales, last stride 1
+    z_ptr,  # [E_local, Gs, N] uint8 zeros, last stride 1 (dummy when not HAS_ZEROS)
+    g_ptr,  # [E_local, K] int32 group of each position (dummy when not HAS_G_IDX)
+    perm_ptr,  # [E_local, K] int32 activation column of each position (dummy when not HAS_PERM)
+    out_ptr,  # [num_pairs, N], or fp32 [SPLIT_K, num_pairs, N] partial sums when SPLIT_K > 1
+    topk_weights_ptr,  # [num_pairs] (dummy when not MUL_ROUTED_WEIGHT)
+    sorted_token_ids_ptr,  # [EM] int32, sentinel = num_pairs (dummy when not SORTED)
+    block_expert_ids_ptr,  # [EM // BLOCK_SIZE_M] int32, -1 = nothing to do; unsorted: [num_pairs] pair experts
+    num_tokens_post_padded_ptr,  # [1] int32 (dummy when not SORTED)
+    N,
+    K,
+    num_pid_m,
+    num_pairs,
+    top_k_in,
+    stride_am,
+    stride_ak,
+    stride_qe,
+    stride_qk,  # of a word row (K/8)
+    stride_se,
+    stride_sg,
+    stride_ze,
+    stride_zg,
+    stride_pe,  # of g_idx and perm
+    stride_os,  # split stride of the partial-sum buffer
+    stride_om,
+    stride_on,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: its bf16 dot multiplies raw bits
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+    SORTED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    pids_per_group = GROUP_SIZE_M * num_pid_n
+    group = pid // pids_per_group
+    first_m = group * GROUP_SIZE_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % pids_per_group) % rows_in_group
+    pid_n = (pid % pids_per_group) // rows_in_group
+
+    if SORTED:
+        num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+        if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+            return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    if SORTED:
+        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        pair = tl.load(sorted_token_ids_ptr + offs_m)
+        pair_ok = pair < num_pairs
+    else:  # one pair per program: row 0 of the tile
+        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
+        pair = tl.where(pair_ok, pid_m, num_pairs)
+    row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)  # padding reads row 0, never stored
+
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_ok = offs_n < N
+    offs_wn = offs_n % N  # N-tail columns wrap onto valid ones, never stored
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+
+    a_rows = a_ptr + row * stride_am
+    qw_cols = qw_ptr + expert * stride_qe + offs_wn
+    s_cols = s_ptr + expert * stride_se + offs_wn
+    z_cols = z_ptr + expert * stride_ze + offs_wn
+    offs_kw = tl.arange(0, BLOCK_SIZE_K // 8)
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
+
+    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kt in range(k_first, k_last):
+        kk = kt * BLOCK_SIZE_K + offs_k
+        if EVEN_K:
+            k_ok = offs_k < BLOCK_SIZE_K
+        else:
+            k_ok = kk < K
+        kk = tl.where(k_ok, kk, 0)
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + expert * stride_pe + kk)
+        else:
+            cols = kk
+        a = tl.load(a_rows[:, None] + cols[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+        if EVEN_K:
+            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
+        else:
+            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
+        q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
+        if HAS_G_IDX:
+            g = tl.load(g_ptr + expert * stride_pe + kk)[:, None]
+        elif GROUP_SIZE % BLOCK_SIZE_K == 0:
+            g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale row
+        else:
+            g = (kk // GROUP_SIZE)[:, None]
+        s = tl.load(s_cols[None, :] + g * stride_sg).to(a.dtype)
+        if HAS_ZEROS:
+            z = tl.load(z_cols[None, :] + g * stride_zg).to(tl.int32)
+        else:
+            z = 8
+        w = (q - z).to(a.dtype) * s  # exact difference, one rounding: as Int4Weight.dequantize
+        if UPCAST_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        elif a.dtype == tl.float32:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+
+    if MUL_ROUTED_WEIGHT:
+        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
+        acc *= gate.to(tl.float32)[:, None]
+    mask = pair_ok[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, stride_pm, stride_om, stride_on,
+                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """The K-splits' fp32 partial sums part[s, row, n] added, one epilogue applied, cast and stored:
+
+    ACT -1, ROWS 1:  out[m, n] = sum_s part[s, m, n]
+    ACT -1, ROWS k:  out[m, n] = sum_{r<k} sum_s part[s, m*k + r, n]     (the top-k sum of GEMM2)
+    ACT 0 / 1:       out[m, n] = silu / gelu(g) * u, g = sum_s part[s, m, n], u = sum_s part[s, m, n + N_out]
+    ACT 3 / 4 / 5:   out[m, n] = silu / gelu / relu^2 (sum_s part[s, m, n])
+    (the activation codes of ``_activation_kernel.py``; gpt-oss's interleaved one is not fused)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_out_rows * N_out
+    m = (offs // N_out).to(tl.int64)
+    n = offs % N_out
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in tl.static_range(ROWS):
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part_ptr + s * stride_ps + (m * ROWS + r) * stride_pm + n, mask=ok, other=0.0)
+    if ACT == 0 or ACT == 1:
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            up += tl.load(part_ptr + s * stride_ps + m * stride_pm + n + N_out, mask=ok, other=0.0)
+        if ACT == 0:
+            acc = _silu(acc) * up
+        else:
+            acc = _gelu_erf(acc) * up
+    elif ACT == 3:
+        acc = _silu(acc)
+    elif ACT == 4:
+        acc = _gelu_erf(acc)
+    elif ACT == 5:
+        acc = tl.maximum(acc, 0.0) * tl.maximum(acc, 0.0)
+    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=ok)

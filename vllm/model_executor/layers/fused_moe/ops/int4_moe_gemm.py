@@ -1,0 +1,249 @@
+"""Int4 (W4A16) grouped expert GEMM: launcher, tile config, torch reference.
+
+The same op as ``fused_moe_gemm.py`` with the weight packed 4-bit (``Int4PackedWeight``):
+
+    out[p] = (a[p // top_k_in][perm_e] @ dequant(w[e]).T) * (topk_weights.flatten()[p] if mul_routed_weight)
+
+e the expert of pair p; accumulated in fp32, stored in ``out.dtype``.  Routing comes from
+``moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], E_local)``, shared by both GEMMs, or,
+for a few pairs among many experts (``use_unsorted_int4_gemm``), from the pairs' expert ids
+directly: one program per pair, no sort (three launches fewer at decode).
+
+Small batches (decode) touch few experts, so few tiles: the K loop is then split over
+``SPLIT_K`` programs writing fp32 partial sums that one reduction kernel adds and casts
+(``get_int4_moe_config`` picks it so that the grid covers the GPU about twice).  Graph-safe: no
+host reads of device values.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
+from vllm.platforms.interface import triton_interpreting
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NUM_SMS = 132  # H100 SXM and H200
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
+                        dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM.
+
+    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
+    (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
+    table keyed by the routed pair count M * top_k) overrides the heuristic's entries."""
+    cfg = _heuristic_config(num_pairs, num_experts, N, K, dtype, sorted_pairs)
+    if not triton_interpreting():
+        from vllm.kernel_configs import lookup_tuned_config
+        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
+
+        key = {"E": num_experts, "N": N, "K": K, "G": group_size, "sorted": int(sorted_pairs)}
+        tuned = lookup_tuned_config("int4_moe_gemm", key, num_pairs, _device_name())
+        if tuned:
+            cfg.update({k: int(v) for k, v in tuned.items() if k in cfg})
+    return cfg
+
+
+def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype,
+                      sorted_pairs: bool) -> dict[str, Any]:
+    per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
+    if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
+        return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
+                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1)
+    if per_expert <= 8:
+        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+    elif per_expert <= 32:
+        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+    elif per_expert <= 96:
+        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        cfg["BLOCK_SIZE_K"] //= 2
+    cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
+    cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 16, 256))
+    # Split K when the tiles cannot fill the GPU twice over (decode touches few experts).
+    bm = cfg["BLOCK_SIZE_M"]
+    m_tiles = -(-num_pairs // bm) + min(num_pairs, num_experts) if sorted_pairs else num_pairs
+    tiles = m_tiles * -(-N // cfg["BLOCK_SIZE_N"])
+    k_tiles = -(-K // cfg["BLOCK_SIZE_K"])
+    split = 1
+    while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
+        split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+def can_fuse_epilogue(config: dict, activation: Optional[MoEActivation] = None) -> bool:
+    """Whether ``invoke_int4_moe_gemm`` can apply the activation (or a top-k sum) in its split-K reduction."""
+    return int(config.get("SPLIT_K", 1)) > 1 and activation is not MoEActivation.SWIGLUOAI
+
+
+def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
+    """Small batches skip ``moe_align_block_size`` (three launches): one program per (token, k) pair.
+
+    Pairs that share an expert then read its weight once each, so only when they are few compared
+    with the experts (rarely two on one expert): num_pairs * 4 <= E_local, at most 64 pairs.
+    """
+    return num_pairs * 4 <= num_experts and num_pairs <= 64
+
+
+def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int, config: dict,
+                         sorted_token_ids: Optional[torch.Tensor] = None,
+                         block_expert_ids: Optional[torch.Tensor] = None,
+                         num_tokens_post_padded: Optional[torch.Tensor] = None,
+                         pair_expert_ids: Optional[torch.Tensor] = None,
+                         topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
+                         split_buffer: Optional[torch.Tensor] = None, may_drop_pairs: bool = True,
+                         epilogue_activation: Optional[MoEActivation] = None, epilogue_top_k: int = 0) -> None:
+    """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]; see the module docstring.
+
+    Routing, one of: the three outputs of ``moe_align_block_size(ids, config["BLOCK_SIZE_M"], E)``
+    (sorted), or ``pair_expert_ids`` (unsorted: [num_pairs] int32 local expert of each pair, -1 =
+    skip; one program per pair, see ``use_unsorted_int4_gemm``).
+    With ``config["SPLIT_K"] > 1`` every row of ``out`` is written (pairs in no block get zeros),
+    using ``split_buffer`` (fp32, at least SPLIT_K * num_pairs * N elements; allocated if None);
+    otherwise pairs in no block are left untouched.  ``may_drop_pairs=False`` promises that every
+    pair has an expert (no -1 ids: no expert map), which saves zeroing the split buffer.
+
+    Split-K only (``SPLIT_K > 1``, see ``can_fuse_epilogue``): the reduction that adds the splits can
+    also apply the next step, saving its launch.  ``epilogue_activation``: ``out`` is the activation
+    output [num_pairs, N/2 gated or N]; ``epilogue_top_k`` = k: ``out`` is the top-k sum [num_pairs / k, N].
+    """
+    bm, bn, bk = int(config["BLOCK_SIZE_M"]), int(config["BLOCK_SIZE_N"]), int(config["BLOCK_SIZE_K"])
+    split = int(config.get("SPLIT_K", 1))
+    for name, v in (("BLOCK_SIZE_M", bm), ("BLOCK_SIZE_N", bn), ("BLOCK_SIZE_K", bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config[{name!r}]={v}: tl.dot tiles must be powers of two >= 16")
+    if split < 1:
+        raise ValueError(f"SPLIT_K must be >= 1, got {split}")
+    if a.dim() != 2 or a.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"a must be a 2-D fp16/bf16/fp32 tensor, got {a.dim()}-D {a.dtype}")
+    E, N, K = w.num_experts, w.n, w.k
+    if a.shape[1] != K:
+        raise ValueError(f"a has K={a.shape[1]} but the int4 weight has K={K}")
+    if bk % 8:
+        raise ValueError(f"BLOCK_SIZE_K={bk} must be a multiple of 8 (whole int32 words)")
+    if w.qweight.dtype != torch.int32 or w.qweight.stride(2) != 1 or w.scales.stride(2) != 1:
+        raise ValueError("the int4 weight must be packed by Int4MoEMethod (int32 words, contiguous rows)")
+    if w.zeros is not None and (w.zeros.dtype != torch.uint8 or w.zeros.stride(2) != 1):
+        raise ValueError("int4 zeros must be uint8 [E, G, N], contiguous rows")
+    num_pairs = a.shape[0] * top_k_in
+    act_code, rows, out_shape = -1, 1, (num_pairs, N)
+    if epilogue_activation is not None or epilogue_top_k:
+        if not can_fuse_epilogue(config, epilogue_activation) or (epilogue_activation is not None and epilogue_top_k):
+            raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation other than swigluoai, "
+                             "or a top-k sum")
+        if epilogue_activation is not None:
+            act_code = _act_code(epilogue_activation)
+            out_shape = (num_pairs, N // 2 if epilogue_activation.is_gated else N)
+        else:
+            if num_pairs % epilogue_top_k:
+                raise ValueError(f"{num_pairs} pairs are not whole tokens of top_k={epilogue_top_k}")
+            rows, out_shape = epilogue_top_k, (num_pairs // epilogue_top_k, N)
+    if tuple(out.shape) != out_shape or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out must be float {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
+    sorted_mode = pair_expert_ids is None
+    if sorted_mode:
+        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
+            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
+        EM = sorted_token_ids.numel()
+        if EM % bm or block_expert_ids.numel() != EM // bm:
+            raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config['BLOCK_SIZE_M']")
+        num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
+    else:
+        if sorted_token_ids is not None or block_expert_ids is not None:
+            raise ValueError("give either the alignment or pair_expert_ids, not both")
+        if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
+                or not pair_expert_ids.is_contiguous():
+            raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
+        num_pid_m = num_pairs
+    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
+        raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
+    if num_pairs == 0 or N == 0 or num_pid_m == 0:
+        return
+
+    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import (
+        _int4_moe_gemm_kernel,
+        _split_k_reduce_kernel,
+    )
+
+    if split > 1:
+        need = split * num_pairs * N
+        if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32:
+            split_buffer = torch.empty(need, dtype=torch.float32, device=a.device)
+        target = split_buffer[:need].view(split, num_pairs, N)
+        if may_drop_pairs:
+            target.zero_()  # rows of pairs in no block stay zero (every split stores all its block rows)
+        t_strides = (target.stride(0), target.stride(1), target.stride(2))
+    else:
+        target = out
+        t_strides = (0, out.stride(0), out.stride(1))
+    dummy = w.qweight
+    grid = (num_pid_m * -(-N // bn), split)
+    _int4_moe_gemm_kernel[grid](
+        a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
+        w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
+        target, topk_weights.reshape(-1) if mul_routed_weight else dummy,
+        sorted_token_ids if sorted_mode else dummy, block_expert_ids if sorted_mode else pair_expert_ids,
+        num_tokens_post_padded if sorted_mode else dummy,
+        N, K, num_pid_m, num_pairs, top_k_in,
+        a.stride(0), a.stride(1),
+        w.qweight.stride(0), w.qweight.stride(1),  # [E, K/8, N]: expert, word row
+        w.scales.stride(0), w.scales.stride(1),
+        w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
+        K,
+        *t_strides,
+        GROUP_SIZE=w.group_size,
+        HAS_ZEROS=w.zeros is not None,
+        HAS_G_IDX=w.g_idx is not None,
+        HAS_PERM=w.perm is not None,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        UPCAST_DOT=triton_interpreting() and a.dtype != torch.float32,
+        EVEN_K=K % bk == 0,
+        SPLIT_K=split,
+        BLOCK_SIZE_M=bm,
+        BLOCK_SIZE_N=bn,
+        BLOCK_SIZE_K=bk,
+        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))) if sorted_mode else 1,
+        SORTED=sorted_mode,
+        num_warps=int(config.get("num_warps", 4)),
+        num_stages=int(config.get("num_stages", 3)),
+    )
+    if split > 1:  # one launch: add the splits, apply the epilogue, cast, store into out (any strides)
+        block = 1024
+        _split_k_reduce_kernel[(-(-out.numel() // block),)](
+            target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
+            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block)
+
+
+def int4_moe_gemm_reference(a: torch.Tensor, w: Int4PackedWeight, topk_ids: torch.Tensor, *, top_k_in: int,
+                            topk_weights: Optional[torch.Tensor] = None,
+                            mul_routed_weight: bool = False) -> torch.Tensor:
+    """fp32 reference on the dequantised weights: [numel(topk_ids), N]; pairs with expert -1 are zeros."""
+    ids = topk_ids.reshape(-1).long()
+    out = torch.zeros(ids.numel(), w.n, dtype=torch.float32, device=a.device)
+    rows = torch.arange(ids.numel(), device=a.device) // top_k_in
+    for e in range(w.num_experts):
+        pairs = (ids == e).nonzero().flatten()
+        if pairs.numel() == 0:
+            continue
+        x = a[rows[pairs]].float()
+        if w.perm is not None:
+            x = x[:, w.perm[e].long()]
+        y = x @ w.dequantize_expert(e, torch.float32).T
+        if mul_routed_weight:
+            y = y * topk_weights.reshape(-1)[pairs].float()[:, None]
+        out[pairs] = y
+    return out
