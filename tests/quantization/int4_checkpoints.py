@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -162,8 +163,12 @@ def write_int4_checkpoint(float_dir: str, out_dir: str, deq_dir: str, fmt: str, 
                 or any(re.match(s, module) for s in skip):
             packed[key] = deq[key] = w
             continue
+        # act-order comes from the input's statistics, so projections reading the same input (gate and
+        # up, Mixtral's w1 and w3) share one order, as in real GPTQ checkpoints
+        shared_input = re.sub(r"(gate_proj|up_proj)$", "gate_up", re.sub(r"\.w[13]$", ".w13", module))
         raw = quantize(w, group_size, asym=asym, act_order=act_order,
-                       scale_dtype=w.dtype if fmt == "compressed-tensors" else torch.float16, seed=len(names))
+                       scale_dtype=w.dtype if fmt == "compressed-tensors" else torch.float16,
+                       seed=zlib.crc32(shared_input.encode()) & 0xFFFF)
         for suffix, t in PACKERS[fmt](raw).items():
             packed[f"{module}.{suffix}"] = t
         deq[key] = reference_dequantize(raw, fmt, w.dtype)
