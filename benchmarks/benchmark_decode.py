@@ -226,7 +226,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     max_len = a.prompt_len + a.steps + 8
     blocks = top * (-(-max_len // 16)) + 64
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top, num_gpu_blocks_override=blocks,
-                  cuda_graph_sizes=batches)
+                  cuda_graph_sizes=batches,
+                  enable_prefix_caching=False)  # the runs repeat their prompts: time computing them
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     no_lora = lambda b: None  # noqa: E731
     spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731

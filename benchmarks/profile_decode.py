@@ -117,7 +117,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = random_prompts(a, top_b)
     max_len = a.prompt_len + a.steps + _WARM_STEPS + 16
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top_b,
-                  num_gpu_blocks_override=top_b * (-(-max_len // 16)) + 64, cuda_graph_sizes=batches)
+                  num_gpu_blocks_override=top_b * (-(-max_len // 16)) + 64, cuda_graph_sizes=batches,
+                  enable_prefix_caching=False)  # the runs repeat their prompts: time computing them
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     report = [f"# Decode profile: {gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of "
