@@ -18,7 +18,12 @@ from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import (
     get_fused_moe_config,
     invoke_fused_moe_gemm,
 )
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (
+    align_for_experts,
+    moe_align_block_size,
+    pairwise_alignment,
+    use_pairwise_alignment,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -35,7 +40,7 @@ def run_case(
     M: int, E: int, top_k: int, N: int, K: int, dtype: torch.dtype, device: torch.device, *,
     per_pair_input: bool, use_bias: bool, mul_routed_weight: bool,
     config: Optional[dict] = None, out_pad: int = 0, topk_ids: Optional[torch.Tensor] = None,
-    every_expert: bool = False,
+    every_expert: bool = False, pairwise: bool = False,
 ) -> None:
     """Build a random problem, run the op, compare with the reference.
 
@@ -56,7 +61,8 @@ def run_case(
 
     if config is None:
         config = get_fused_moe_config(num_pairs, E, N, K, top_k, dtype)
-    al = moe_align_block_size(ids, config["BLOCK_SIZE_M"], E)
+    al = (pairwise_alignment(ids, config["BLOCK_SIZE_M"]) if pairwise
+          else moe_align_block_size(ids, config["BLOCK_SIZE_M"], E))
     out_buf = poison_(torch.empty(num_pairs, N + out_pad, dtype=dtype, device=device))
     out = out_buf[:, :N]
     invoke_fused_moe_gemm(
@@ -106,6 +112,28 @@ def test_matches_reference(case, dtype, device):
 # Small tiles: several N tiles with an N tail, a K loop with and without a K
 # tail, and grouped tile ordering.
 SMALL_TILES = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=2, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("M,E,top_k,per_pair", [(1, 8, 2, False), (2, 32, 4, True), (2, 64, 8, False)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pairwise_alignment_matches_reference(M, E, top_k, per_pair, dtype, device):
+    """Decode among many experts: one block per pair, no sort; a dropped pair (-1) is not written."""
+    assert use_pairwise_alignment(M * top_k, E)
+    ids = make_topk_ids(M, E, top_k, empty_expert=True)
+    ids[M - 1, top_k - 1] = -1  # another rank's expert
+    run_case(M, E, top_k, 48, 80, dtype, device, per_pair_input=per_pair, use_bias=True, mul_routed_weight=True,
+             topk_ids=ids, pairwise=True)
+
+
+def test_align_for_experts_picks_pairwise_only_for_few_pairs(device):
+    few = make_topk_ids(2, 64, 8, empty_expert=True).to(device)  # 16 pairs, 64 experts
+    many = make_topk_ids(9, 16, 4, empty_expert=True).to(device)  # 36 pairs, 16 experts
+    al = align_for_experts(few, 16, 64)
+    assert al.group_padded_counts is None and torch.equal(al.block_expert_ids, few.reshape(-1))
+    assert al.sorted_token_ids.tolist()[::16] == list(range(16)) and int(al.num_tokens_post_padded) == 256
+    again = align_for_experts(few, 16, 64)
+    assert again.sorted_token_ids is al.sorted_token_ids, "made once per pair count, reused (CUDA graphs)"
+    assert align_for_experts(many, 16, 16).group_padded_counts is not None
 
 
 @pytest.mark.parametrize("K", [64, 80])

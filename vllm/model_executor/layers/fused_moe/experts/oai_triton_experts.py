@@ -122,7 +122,7 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
         return Support.yes()
 
     def _route(self, ids, pairs, E_local, N, K, dtype):
-        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
         top_k = self.moe_config.top_k
@@ -130,7 +130,7 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
         act_n = N // 2 if self.moe_config.activation.is_gated else N
         cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype)
         cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment serves both GEMMs
-        align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
+        align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], E_local)
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
                     block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
 

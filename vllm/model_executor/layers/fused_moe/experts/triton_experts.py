@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 class TritonExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
     """GEMM1 -> [w13 LoRA] -> activation -> GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum.
 
-    Pairs are sorted by expert once (``moe_align_block_size``); both GEMMs walk
-    the same sorted order.  Supports SiLU/GELU-gated, non-gated and the gpt-oss
+    Pairs are sorted by expert once (``moe_align_block_size``), or, for a few pairs among many
+    experts (decode), each pair gets its own block without a launch (``pairwise_alignment``);
+    both GEMMs walk the same order.  Supports SiLU/GELU-gated, non-gated and the gpt-oss
     clamped SwiGLU on interleaved gate/up, and per-expert biases.
     """
 
@@ -42,7 +43,7 @@ class TritonExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             get_fused_moe_config,
             invoke_fused_moe_gemm,
         )
-        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
 
         M, H = hidden_states.shape
         top_k = topk_ids.shape[1]
@@ -55,7 +56,7 @@ class TritonExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         ids = local_expert_ids(topk_ids, expert_map)
 
         cfg1 = get_fused_moe_config(pairs, E_local, N, H, top_k, hidden_states.dtype)
-        align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
+        align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], E_local)
         route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
                      num_tokens_post_padded=align.num_tokens_post_padded)
 

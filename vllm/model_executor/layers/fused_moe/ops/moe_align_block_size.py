@@ -38,7 +38,8 @@ class AlignResult:
     block_expert_ids: [max_num_tokens_padded // block_size] int32, the group id of each
         M-block; -1 for blocks past the end.
     num_tokens_post_padded: [1] int32, total padded length actually used.
-    group_padded_counts: [num_experts] int32, padded length of each group.
+    group_padded_counts: [num_experts] int32, padded length of each group (None for
+        ``pairwise_alignment``, which does not count).
     block_size: the M-block size the padding was made for.
     numel: number of (token, k) pairs; also the sentinel value.
     """
@@ -46,9 +47,52 @@ class AlignResult:
     sorted_token_ids: torch.Tensor
     block_expert_ids: torch.Tensor
     num_tokens_post_padded: torch.Tensor
-    group_padded_counts: torch.Tensor
+    group_padded_counts: Optional[torch.Tensor]
     block_size: int
     numel: int
+
+
+# Pairwise alignment: at most this many pairs, and at most one pair per 4 experts.
+PAIRWISE_MAX_PAIRS = 64
+_pairwise_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def use_pairwise_alignment(num_pairs: int, num_experts: int) -> bool:
+    """Whether the pairs are so few among the experts that sorting would put one pair per block anyway
+    (decode of a fine-grained MoE: 8 pairs among 128 experts), so ``pairwise_alignment`` loses nothing."""
+    return 0 < num_pairs <= PAIRWISE_MAX_PAIRS and num_pairs * 4 <= num_experts
+
+
+def pairwise_alignment(group_ids: torch.Tensor, block_size: int) -> AlignResult:
+    """One M-block per pair, in pair order, without sorting and without a launch.
+
+    Block p holds pair p followed by sentinels, and its group is ``group_ids[p]`` (-1: skipped), so
+    ``block_expert_ids`` is the flattened ids themselves.  ``sorted_token_ids`` and the used length
+    depend on the pair count only: they are made once per (pairs, block size, device) and reused,
+    also by CUDA graphs.  Two pairs of one expert get two blocks (the weights are read twice), which
+    ``use_pairwise_alignment`` makes rare.  The GEMMs give the same rows as with the sorted layout.
+    """
+    flat = group_ids.reshape(-1)
+    if flat.dtype != torch.int32 or not flat.is_contiguous():
+        flat = flat.to(torch.int32).contiguous()
+    numel = flat.numel()
+    key = (numel, block_size, str(flat.device))
+    hit = _pairwise_cache.get(key)
+    if hit is None:
+        rows = torch.full((numel, block_size), numel, dtype=torch.int32, device=flat.device)
+        rows[:, 0] = torch.arange(numel, dtype=torch.int32, device=flat.device)
+        hit = (rows.reshape(-1), torch.full((1,), numel * block_size, dtype=torch.int32, device=flat.device))
+        _pairwise_cache[key] = hit
+    return AlignResult(sorted_token_ids=hit[0], block_expert_ids=flat, num_tokens_post_padded=hit[1],
+                       group_padded_counts=None, block_size=block_size, numel=numel)
+
+
+def align_for_experts(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
+    """The routing the grouped GEMMs walk: ``pairwise_alignment`` for a few pairs among many experts,
+    else ``moe_align_block_size``."""
+    if use_pairwise_alignment(group_ids.numel(), num_experts):
+        return pairwise_alignment(group_ids, block_size)
+    return moe_align_block_size(group_ids, block_size, num_experts)
 
 
 def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
