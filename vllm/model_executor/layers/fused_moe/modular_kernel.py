@@ -69,6 +69,18 @@ class Support:
     def __bool__(self) -> bool:
         return self.ok
 
+    @staticmethod
+    def triton_on(device: torch.device) -> "Support":
+        """Whether Triton kernels can run on ``device``: CUDA, or the interpreter (TRITON_INTERPRET=1)."""
+        from vllm.platforms.interface import has_triton, triton_interpreting
+
+        if not has_triton():
+            return Support.no("Triton is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            return Support.no(f"Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them "
+                              "on CPU)")
+        return Support.yes()
+
 
 @dataclass(frozen=True)
 class PrepareResult:

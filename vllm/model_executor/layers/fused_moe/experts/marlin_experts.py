@@ -11,50 +11,20 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
-from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import check_int4_quant
-from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig
-from vllm.model_executor.layers.fused_moe.modular_kernel import (
-    FusedMoEExpertsModular,
-    Support,
-    WorkspaceShapes,
-    two_gemm_workspace_shapes,
-)
+from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import Int4ExpertsBase
+from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
 
 
-class MarlinExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
+class MarlinExperts(Int4ExpertsBase):
     """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
-
-    quant_config: Int4MoEQuantConfig
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
-        from vllm.platforms.interface import has_triton, triton_interpreting
-
-        if not has_triton():
-            return Support.no("Triton is not installed")
-        if device.type != "cuda" and not triton_interpreting():
-            return Support.no(f"MarlinExperts' Triton kernels need a CUDA device (got {device.type}; "
-                              "TRITON_INTERPRET=1 runs them on CPU)")
-        return Support.yes()
-
-    @classmethod
-    def supports_quant(cls, quant_config) -> Support:
-        return check_int4_quant(cls, quant_config)
-
-    @classmethod
-    def supports_activation(cls, activation) -> Support:
-        if activation.value == "swigluoai":
-            return Support.no(f"{cls.__name__} does not run gpt-oss's interleaved swigluoai experts")
-        return Support.yes()
-
-    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
-        return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
+        return Support.triton_on(device)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,

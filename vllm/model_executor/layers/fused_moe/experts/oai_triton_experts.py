@@ -113,13 +113,7 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
-        from vllm.platforms.interface import has_triton, triton_interpreting
-
-        if not has_triton():
-            return Support.no("Triton is not installed")
-        if device.type != "cuda" and not triton_interpreting():
-            return Support.no(f"Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)")
-        return Support.yes()
+        return Support.triton_on(device)
 
     def _route(self, ids, pairs, E_local, N, K, dtype):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts

@@ -45,8 +45,8 @@ def check_int4_quant(cls: type, quant_config) -> Support:
     return Support.no(f"{cls.__name__} runs packed int4 expert weights (Int4MoEQuantConfig) only")
 
 
-class TorchInt4Experts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
-    """GEMM1 -> [w13 LoRA] -> activation -> GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
+class Int4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
+    """What every packed-int4 experts class shares: the quant config it runs, the activations, the workspaces."""
 
     quant_config: Int4MoEQuantConfig
 
@@ -63,6 +63,10 @@ class TorchInt4Experts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
         # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
         return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
+
+
+class TorchInt4Experts(Int4ExpertsBase):
+    """GEMM1 -> [w13 LoRA] -> activation -> GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
               expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,

@@ -24,13 +24,7 @@ class TritonExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
-        from vllm.platforms.interface import has_triton, triton_interpreting
-
-        if not has_triton():
-            return Support.no("Triton is not installed")
-        if device.type != "cuda" and not triton_interpreting():
-            return Support.no(f"Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them on CPU)")
-        return Support.yes()
+        return Support.triton_on(device)
 
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
         return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
