@@ -289,12 +289,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda:
-        if not args.smoke:
-            sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda" if has_cuda else "cpu")
+    device = lb.pick_device(args.smoke)
+    has_cuda = device.type == "cuda"
     dtype = lb.DTYPES[args.dtype]
     if args.smoke:
         shapes, tokens, args.group = [SMOKE_SHAPE], args.tokens or [1, 7], min(args.group, 32)

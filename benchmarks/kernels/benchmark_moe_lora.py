@@ -308,14 +308,20 @@ def upstream_table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pick_device(smoke: bool) -> torch.device:
+    """CUDA; without it only a smoke run, on CPU under the Triton interpreter (set before kernels load)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not smoke:
+        sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu")
+
+
 def main() -> None:
     args = parse_args()
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda:
-        if not args.smoke:
-            sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
-        os.environ["TRITON_INTERPRET"] = "1"  # before vllm / Triton kernels are imported
-    device = torch.device("cuda" if has_cuda else "cpu")
+    device = pick_device(args.smoke)
+    has_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype]
     shapes = [SMOKE_SHAPE] if args.smoke else [SHAPES[s] for s in args.shapes]
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)

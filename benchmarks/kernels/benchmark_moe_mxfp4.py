@@ -33,7 +33,7 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmark_moe_lora import FLUSH_BYTES, norm_err, peak_bandwidth, time_cpu, time_cuda  # noqa: E402
+from benchmark_moe_lora import FLUSH_BYTES, norm_err, peak_bandwidth, pick_device, time_cpu, time_cuda  # noqa: E402
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -212,12 +212,8 @@ def table(rows: list[dict], gpu: str) -> str:
 
 def main() -> None:
     args = parse_args()
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda:
-        if not args.smoke:
-            sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cuda" if has_cuda else "cpu")
+    device = pick_device(args.smoke)
+    has_cuda = device.type == "cuda"
     if args.portable_decode:
         from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm
 
