@@ -136,6 +136,43 @@ def _check_config(config: dict) -> None:
             raise ValueError(f"config[{k!r}]={v}: tl.dot tiles must be powers of two >= 16")
 
 
+def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: int, *,
+                       sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
+                       num_tokens_post_padded: torch.Tensor, topk_weights: Optional[torch.Tensor],
+                       mul_routed_weight: bool, bias: Optional[torch.Tensor],
+                       others: tuple[torch.Tensor, ...] = ()) -> int:
+    """The checks every grouped-GEMM launcher makes on its output and routing (this one, MXFP4, int4):
+    out [num_pairs, N]; int32 routing aligned to BLOCK_SIZE_M; routed weights; a float bias [E, N];
+    one device.  Returns the sorted-ids length EM."""
+    if tuple(out.shape) != (num_pairs, N):
+        raise ValueError(f"out must be [{num_pairs}, {N}] (num_rows * top_k_in, N), got {tuple(out.shape)}")
+    for name, t in (("sorted_token_ids", sorted_token_ids), ("block_expert_ids", block_expert_ids),
+                    ("num_tokens_post_padded", num_tokens_post_padded)):
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 tensor, got {t.dtype}")
+    EM = sorted_token_ids.numel()
+    if EM % bm or block_expert_ids.numel() != EM // bm:
+        raise ValueError(
+            f"alignment does not match BLOCK_SIZE_M={bm}: {EM} sorted ids, {block_expert_ids.numel()} blocks; "
+            "align with config['BLOCK_SIZE_M']"
+        )
+    if num_tokens_post_padded.numel() != 1:
+        raise ValueError("num_tokens_post_padded must hold one value")
+    if mul_routed_weight:
+        if topk_weights is None:
+            raise ValueError("mul_routed_weight=True needs topk_weights")
+        if topk_weights.numel() != num_pairs or not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights must be float with {num_pairs} values, got {tuple(topk_weights.shape)}")
+    if bias is not None and (tuple(bias.shape) != (E, N) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be float [{E}, {N}], got {tuple(bias.shape)} {bias.dtype}")
+    tensors = [*others, out, sorted_token_ids, block_expert_ids, num_tokens_post_padded, bias,
+               topk_weights if mul_routed_weight else None]
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return EM
+
+
 def invoke_fused_moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -179,32 +216,10 @@ def invoke_fused_moe_gemm(
     if top_k_in < 1:
         raise ValueError(f"top_k_in must be >= 1, got {top_k_in}")
     num_pairs = a.shape[0] * top_k_in
-    if tuple(out.shape) != (num_pairs, N):
-        raise ValueError(f"out must be [{num_pairs}, {N}] (num_rows * top_k_in, N), got {tuple(out.shape)}")
-    for name, t in (("sorted_token_ids", sorted_token_ids), ("block_expert_ids", block_expert_ids),
-                    ("num_tokens_post_padded", num_tokens_post_padded)):
-        if t.dtype != torch.int32 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous int32 tensor, got {t.dtype}")
-    EM = sorted_token_ids.numel()
-    if EM % bm or block_expert_ids.numel() != EM // bm:
-        raise ValueError(
-            f"alignment does not match BLOCK_SIZE_M={bm}: {EM} sorted ids, {block_expert_ids.numel()} blocks; "
-            "align with config['BLOCK_SIZE_M']"
-        )
-    if num_tokens_post_padded.numel() != 1:
-        raise ValueError("num_tokens_post_padded must hold one value")
-    if mul_routed_weight:
-        if topk_weights is None:
-            raise ValueError("mul_routed_weight=True needs topk_weights")
-        if topk_weights.numel() != num_pairs or not topk_weights.is_floating_point():
-            raise ValueError(f"topk_weights must be float with {num_pairs} values, got {tuple(topk_weights.shape)}")
-    if bias is not None and (tuple(bias.shape) != (E, N) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be float [{E}, {N}], got {tuple(bias.shape)} {bias.dtype}")
-    tensors = [a, w, out, sorted_token_ids, block_expert_ids, num_tokens_post_padded, bias,
-               topk_weights if mul_routed_weight else None]
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    EM = check_pair_routing(out, num_pairs, N, E, bm, sorted_token_ids=sorted_token_ids,
+                            block_expert_ids=block_expert_ids, num_tokens_post_padded=num_tokens_post_padded,
+                            topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias,
+                            others=(a, w))
     if num_pairs == 0 or N == 0 or EM == 0:
         return
 

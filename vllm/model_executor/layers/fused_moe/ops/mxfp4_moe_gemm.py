@@ -23,6 +23,7 @@ import torch
 from vllm import envs
 from vllm.kernel_configs import lookup_tuned_config
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
@@ -130,15 +131,10 @@ def invoke_mxfp4_moe_gemm(
         raise ValueError(f"scales must be [{E}, {N}, {K // MXFP4_BLOCK}] with contiguous rows, "
                          f"got {tuple(scales.shape)}")
     num_pairs = a.shape[0] * top_k_in
-    if tuple(out.shape) != (num_pairs, N):
-        raise ValueError(f"out must be [{num_pairs}, {N}] (num_rows * top_k_in, N), got {tuple(out.shape)}")
-    EM = sorted_token_ids.numel()
-    if EM % bm or block_expert_ids.numel() != EM // bm:
-        raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}; align with config['BLOCK_SIZE_M']")
-    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
-        raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
-    if bias is not None and tuple(bias.shape) != (E, N):
-        raise ValueError(f"bias must be [{E}, {N}], got {tuple(bias.shape)}")
+    EM = check_pair_routing(out, num_pairs, N, E, bm, sorted_token_ids=sorted_token_ids,
+                            block_expert_ids=block_expert_ids, num_tokens_post_padded=num_tokens_post_padded,
+                            topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias,
+                            others=(a, q, scales))
     if num_pairs == 0 or N == 0 or EM == 0:
         return
     weights = topk_weights.reshape(-1) if mul_routed_weight else out
