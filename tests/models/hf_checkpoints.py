@@ -120,3 +120,29 @@ class PagedRunner:
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         """Logits [num_seqs, V] of one new token per sequence."""
         return self._step([[t] for t in last_tokens])
+
+
+def check_paged_greedy_against_hf(runner: "PagedRunner", hf, prompts: list[list[int]], new_tokens: int,
+                                  label: str = "") -> None:
+    """Prefill ``prompts`` through the paged runner, decode ``new_tokens`` greedily; prefill logits, tokens
+    and each decode step's logits equal transformers' (``generate`` with its logits)."""
+    from tests.utils import assert_close
+
+    prefill = [lg.cpu() for lg in runner.prefill(prompts)]
+    with torch.no_grad():
+        for prompt, got in zip(prompts, prefill):
+            assert_close(got, hf(torch.tensor([prompt])).logits[0], torch.float32, name=f"{label} prefill logits")
+    ours = [[int(lg[-1].argmax())] for lg in prefill]
+    steps = []
+    for _ in range(new_tokens - 1):
+        logits = runner.decode([seq[-1] for seq in ours]).cpu()
+        steps.append(logits)
+        for seq, row in zip(ours, logits):
+            seq.append(int(row.argmax()))
+    for b, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert out.sequences[0, len(prompt):].tolist() == ours[b], f"{label} sequence {b}: greedy tokens differ"
+        ref = torch.stack([lg[0] for lg in out.logits[1:]])
+        assert_close(torch.stack([lg[b] for lg in steps]), ref, torch.float32, name=f"{label} decode logits")

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.models.gpt_oss_checkpoint import WINDOW, gpt_oss_config, make_gpt_oss_checkpoint
-from tests.models.hf_checkpoints import PagedRunner, assert_kernels_on_gpu, single_thread  # noqa: F401
+from tests.models.hf_checkpoints import (PagedRunner, assert_kernels_on_gpu, check_paged_greedy_against_hf,
+                                         single_thread)  # noqa: F401  (single_thread: fixture)
 from tests.utils import assert_close
 from vllm.config.model import ModelConfig
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
@@ -99,24 +100,7 @@ def test_prefill_and_greedy_decode_match_transformers(checkpoint, backend, monke
                          num_seqs=len(PROMPTS))
     if backend == "cuda":
         assert_kernels_on_gpu(model)  # the attention backend is chosen when the runner binds the caches
-    prefill = [lg.cpu() for lg in runner.prefill(PROMPTS)]
-    with torch.no_grad():
-        for prompt, got in zip(PROMPTS, prefill):
-            assert_close(got, hf(torch.tensor([prompt])).logits[0], torch.float32, name="prefill logits")
-    ours = [[int(lg[-1].argmax())] for lg in prefill]
-    steps = []
-    for _ in range(NEW_TOKENS - 1):
-        logits = runner.decode([seq[-1] for seq in ours]).cpu()
-        steps.append(logits)
-        for seq, row in zip(ours, logits):
-            seq.append(int(row.argmax()))
-    for b, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
-        assert out.sequences[0, len(prompt):].tolist() == ours[b], f"sequence {b}: greedy tokens differ"
-        ref = torch.stack([lg[0] for lg in out.logits[1:]])
-        assert_close(torch.stack([lg[b] for lg in steps]), ref, torch.float32, name="decode logits")
+    check_paged_greedy_against_hf(runner, hf, PROMPTS, NEW_TOKENS, "gpt-oss")
 
 
 def test_window_and_sinks_matter(checkpoint, tmp_path):

@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.models.hf_checkpoints import (ARCHS, PagedRunner, assert_kernels_on_gpu, make_checkpoint,  # noqa: F401
-                                         single_thread)
-from tests.utils import assert_close
+from tests.models.hf_checkpoints import (ARCHS, PagedRunner, assert_kernels_on_gpu, check_paged_greedy_against_hf,
+                                         make_checkpoint, single_thread)  # noqa: F401  (single_thread: fixture)
 from vllm.config.model import ModelConfig
 from vllm.model_executor.model_loader import get_model
 
@@ -45,26 +44,7 @@ def test_prefill_and_greedy_decode_match_transformers(checkpoint, device):
     if device == "cuda":
         assert_kernels_on_gpu(model)
 
-    prefill = [lg.cpu() for lg in runner.prefill(PROMPTS)]
-    with torch.no_grad():
-        for prompt, got in zip(PROMPTS, prefill):
-            assert_close(got, hf(torch.tensor([prompt])).logits[0], torch.float32, name=f"{arch} prefill logits")
-
-    ours = [[int(lg[-1].argmax())] for lg in prefill]
-    step_logits = []
-    for _ in range(NEW_TOKENS - 1):
-        logits = runner.decode([seq[-1] for seq in ours]).cpu()
-        step_logits.append(logits)
-        for seq, row in zip(ours, logits):
-            seq.append(int(row.argmax()))
-
-    for b, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True)
-        assert out.sequences[0, len(prompt):].tolist() == ours[b], f"{arch} sequence {b}: greedy tokens differ"
-        ref = torch.stack([lg[0] for lg in out.logits[1:]])
-        assert_close(torch.stack([lg[b] for lg in step_logits]), ref, torch.float32, name=f"{arch} decode logits")
+    check_paged_greedy_against_hf(runner, hf, PROMPTS, NEW_TOKENS, arch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
