@@ -95,6 +95,25 @@ def test_qwen3_moe_int4_matches_peft_on_dequantised_weights(case_name, experts_m
 
 
 @pytest.mark.slow
+def test_per_expert_adapter_layout_on_int4_experts(tmp_path):
+    """An adapter saved in the older per-expert layout (experts.{e}.gate_proj...) gives the same tokens
+    as its fused-layout original on the real int4 experts (both equal peft on the dequantised weights)."""
+    pytest.importorskip(MODULE)
+    from tests.entrypoints.lora_adapters import to_per_expert_layout
+
+    case = Case(tmp_path, "qwen3_moe", "gptq", asym=True, act_order=True)
+    cfg = case.hf.config
+    per_expert = to_per_expert_layout(case.adapters[0], str(tmp_path / "per_expert"), cfg.num_experts,
+                                      cfg.hidden_size, cfg.moe_intermediate_size)
+    llm = case.check_mixed_batch()
+    fused = llm.generate(PROMPTS, GREEDY, lora_request=case.requests[0], use_tqdm=False)
+    per = llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("pe", 7, per_expert), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in per] == [o.outputs[0].token_ids for o in fused]
+    assert [o.outputs[0].token_ids for o in fused] != [o.outputs[0].token_ids
+                                                       for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,fmt,asym,act_order", [
     ("qwen2_moe", "gptq", True, True),  # shared expert: quantized dense module, dequantised on load
     ("mixtral", "compressed-tensors", True, False),  # block_sparse_moe.experts.{e}.w1/w3/w2
