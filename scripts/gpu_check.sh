@@ -12,7 +12,8 @@
 #           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate) and
 #           benchmarks/profile_decode.py at batch 1 and 64 (kernels per step, top kernels)
 #   all     tests, bench and decode
-# Logs and tables go to $OUT (default ./out).  Usage: bash scripts/gpu_check.sh [tests|bench|decode|all]...
+# Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|decode|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -20,6 +21,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=${*:-all}
 bash scripts/setup.sh 2>&1 | tee "$OUT/setup.log" || exit 1
+# an offline GPU machine: wheels carried in .whl/ (e.g. llguidance, compressed-tensors) install without deps
+if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v WARNING | tee -a "$OUT/setup.log"; fi
 (cd /tmp && python3 -c 'import vllm, torch, triton; print("installed vllm at", vllm.__file__, "| torch", torch.__version__, "| triton", triton.__version__)') | tee -a "$OUT/setup.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 want() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
