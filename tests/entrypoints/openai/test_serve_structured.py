@@ -92,6 +92,16 @@ def test_refusals_name_the_field(client):
     assert r.choices[0].text == "HELLO"
 
 
+def test_grammar_dead_end_mid_output_is_a_400_and_others_go_on(client):
+    """'a' then a digit: the demo vocabulary has no digits, so the grammar dead-ends after one token.
+    That is the client's constraint, not a server fault: a 400 saying so; the server keeps serving."""
+    e = _bad_request(lambda: client.completions.create(model="demo", prompt="hello=", **GREEDY,
+                                                       extra_body={"guided_regex": "a[0-9]"}))
+    assert "grammar" in e.body["message"] and "vocabulary" in e.body["message"], e.body
+    r = client.completions.create(model="upper", prompt="hello=", **GREEDY)
+    assert r.choices[0].text == "HELLO"
+
+
 # ---- JSON on a model whose vocabulary can write it ------------------------------------------------
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99}},

@@ -240,10 +240,16 @@ class OpenAIServing:
     # ---- engine requests ---------------------------------------------------------------------
     @staticmethod
     def engine_failure(e: BaseException) -> APIError:
-        """The HTTP error for a request the engine could not serve: 500 when it failed while computed
-        (the others went on), 503 when the engine stopped. Only the error's type is shown: the details
+        """The HTTP error for a request the engine could not serve: 400 when its grammar reached a dead end
+        (the client's constraint), else 500 when it failed while computed (the others went on), 503 when
+        the engine stopped. Only the error's type is shown: the details
         (which may hold server paths) are in the server log."""
         if isinstance(e, RequestFailedError):
+            if e.failures and all("GrammarDeadEnd" in msg for msg in e.failures.values()):
+                return APIError("the request's structured-output constraint cannot be continued with this "
+                                 "model's vocabulary: at some point of the output its grammar allows no token "
+                                 "the tokenizer can write; use a constraint the model can express", 400,
+                                 "BadRequestError")
             kinds = sorted({msg.split(":", 1)[0] for msg in e.failures.values()}) or [type(e).__name__]
             return APIError(f"the request failed while the engine computed it ({', '.join(kinds)}); the server "
                             "logged the details and keeps serving other requests", 500, "InternalServerError")
