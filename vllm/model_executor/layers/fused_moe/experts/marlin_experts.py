@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
 from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
 from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
@@ -89,4 +90,4 @@ class MarlinExperts(Int4ExpertsBase):
         if lora_context is not None:
             self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        torch.sum(gemm2.view(M, top_k, H), dim=1, out=output)
+        moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
@@ -105,7 +106,7 @@ class _Mxfp4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         if lora_context is not None:
             self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        torch.sum(gemm2.view(M, top_k, H), dim=1, out=output)
+        moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
 
 
 class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):

@@ -1,0 +1,17 @@
+"""Triton body of ``moe_sum`` (launcher and reference: ``moe_sum.py``)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_sum_kernel(x_ptr, out_ptr, H, top_k, stride_xm, stride_xk, stride_xh, stride_om, stride_oh,
+                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[m, h] = sum over k of x[m, k, h], in fp32 in the order k = 0, 1, ..., rounded once."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < top_k) & (offs_h[None, :] < H)
+    x = tl.load(x_ptr + m * stride_xm + offs_k[:, None] * stride_xk + offs_h[None, :] * stride_xh, mask=mask,
+                other=0.0).to(tl.float32)
+    total = tl.sum(x, axis=0)
+    tl.store(out_ptr + m * stride_om + offs_h * stride_oh, total.to(out_ptr.dtype.element_ty), mask=offs_h < H)

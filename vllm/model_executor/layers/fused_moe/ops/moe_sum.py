@@ -1,0 +1,41 @@
+"""The top-k sum after GEMM2: out [M, H] = sum over k of x [M, top_k, H].
+
+On CUDA one small Triton launch (one program per token and H-block, fp32 sum, one rounding) instead of
+torch's general reduction, which costs several microseconds per MoE layer at decode; torch elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vllm.platforms.interface import triton_interpreting
+
+_BLOCK_H = 1024
+
+
+def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = None) -> torch.Tensor:
+    """Write sum(x, dim=1) into ``out`` and return it.  x: [M, top_k, H] float; out: [M, H], any strides.
+
+    use_triton: None = Triton on CUDA, torch elsewhere; True on CPU needs TRITON_INTERPRET=1."""
+    if x.dim() != 3 or out.dim() != 2 or tuple(out.shape) != (x.shape[0], x.shape[2]):
+        raise ValueError(f"x must be [M, top_k, H] and out [M, H], got {tuple(x.shape)} and {tuple(out.shape)}")
+    if use_triton is None:
+        use_triton = x.is_cuda
+    if not use_triton:
+        return torch.sum(x, dim=1, out=out)
+    if not x.is_cuda and not triton_interpreting():
+        raise ValueError("the Triton moe_sum needs a CUDA tensor or TRITON_INTERPRET=1")
+    M, top_k, H = x.shape
+    if M == 0 or H == 0:
+        return out
+    if top_k == 0:
+        return out.zero_()
+    from vllm.model_executor.layers.fused_moe.ops._moe_sum_kernel import _moe_sum_kernel
+    from vllm.triton_utils import next_power_of_2
+
+    block_k = next_power_of_2(top_k)
+    block_h = min(_BLOCK_H, next_power_of_2(H), max(16, 8192 // block_k))
+    _moe_sum_kernel[(M, -(-H // block_h))](x, out, H, top_k, *x.stride(), *out.stride(), BLOCK_K=block_k,
+                                           BLOCK_H=block_h)
+    return out
