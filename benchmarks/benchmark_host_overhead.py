@@ -34,13 +34,15 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prefix-caching", action="store_true", help="on, as the engine default (off: as the decode benchmark)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
     from vllm import LLM, SamplingParams
     from vllm.worker import model_runner
 
-    llm = LLM(MODEL, max_num_seqs=max(args.batches), max_model_len=64, seed=0, enable_prefix_caching=False)
+    llm = LLM(MODEL, max_num_seqs=max(args.batches), max_model_len=64, seed=0,
+              enable_prefix_caching=args.prefix_caching)
     vocab = llm.llm_engine.model_config.hf_config.vocab_size
 
     def stub(self, inp, on_prompt_logits=None):  # the forward: random logits, one row per sequence

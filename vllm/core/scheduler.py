@@ -281,9 +281,16 @@ class Scheduler:
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
+        block_size = bm.block_size
         queue = deque(sorted(self.running, key=_arrival_key))
         while queue:
             seq = queue.popleft()
+            if len(seq.block_table) * block_size >= seq.num_tokens:
+                # the common step: its newest position is in a block it holds (no block-manager work)
+                out.scheduled_seqs.append(seq)
+                out.query_lens.append(seq.num_uncomputed_tokens)
+                out.context_lens.append(seq.num_computed_tokens)
+                continue
             while not bm.can_append_slot(seq):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
