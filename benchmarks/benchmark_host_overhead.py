@@ -26,6 +26,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from benchmarks.kernels.benchmark_moe_lora import emit  # noqa: E402
+
 MODEL = os.path.join(_ROOT, "examples", "demo_model")
 
 
@@ -68,11 +70,7 @@ def main() -> None:
             best = min(best, ((t2 - t1) - (t1 - t0)) / args.steps)
         lines.append(f"| {batch} | {best * 1e3:.3f} ms | {best * 1e6 / batch:.1f} us |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

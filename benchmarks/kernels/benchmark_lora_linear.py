@@ -28,7 +28,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks.kernels.benchmark_moe_lora import norm_err, peak_bandwidth, time_cpu, time_cuda  # noqa: E402
+from benchmarks.kernels.benchmark_moe_lora import emit, norm_err, peak_bandwidth, time_cpu, time_cuda  # noqa: E402
 
 # width -> (hidden, q heads * head_dim, kv heads * head_dim)
 WIDTHS = {"qwen3": (2048, 4096, 512), "mixtral": (4096, 4096, 1024), "gpt-oss": (2880, 4096, 512)}
@@ -148,11 +148,7 @@ def main() -> None:
             lines.append(f"| {name} | {T} | {r['path']} | {f'{d:.1f}' if d is not None else r['note']} | {gbs} | "
                          f"{f'{best[1]:.1f}' if best else '-'} | {best[0] if best else '-'} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

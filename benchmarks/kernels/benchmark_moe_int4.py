@@ -338,11 +338,7 @@ def main() -> None:
                            "|---|---:|---|---|---:|---:|---:|---|", *sweep_lines, ""])
         if args.tune_out:
             write_tuned(tuned, args.tune_out)
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    lb.emit(text, args.out)
 
 
 if __name__ == "__main__":

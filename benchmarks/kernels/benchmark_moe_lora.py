@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,15 @@ def upstream_table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def emit(text: str, out: Optional[str]) -> None:
+    """Print a benchmark's tables and, with ``--out``, write them to that file too."""
+    print("\n" + text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+        print(f"wrote {out}")
+
+
 def pick_device(smoke: bool) -> torch.device:
     """CUDA; without it only a smoke run, on CPU under the Triton interpreter (set before kernels load)."""
     if torch.cuda.is_available():
@@ -367,11 +377,7 @@ def main() -> None:
         text += "\n".join(["", "### LoRA / base time ratio, ours vs upstream vLLM (upstream: FACTS.md 5, measured "
                             "on an H200; their timed region excluded align/activation/sum)", "",
                             upstream_table(rows, args.shapes), ""])
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks.kernels.benchmark_moe_lora import time_cuda  # noqa: E402
+from benchmarks.kernels.benchmark_moe_lora import emit, time_cuda  # noqa: E402
 
 
 def main() -> None:
@@ -75,11 +75,7 @@ def main() -> None:
         mab.SCAN_WARPS.update(saved)
         lines.append(f"| {M} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchmark_moe_lora import FLUSH_BYTES, norm_err, peak_bandwidth, pick_device, time_cpu, time_cuda  # noqa: E402
+from benchmark_moe_lora import (FLUSH_BYTES, emit, norm_err, peak_bandwidth, pick_device, time_cpu,  # noqa: E402
+                               time_cuda)
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -246,10 +247,7 @@ def main() -> None:
                       "align and seams), CUDA graph replay with the L2 flushed, median of "
                       f"{args.reps}; bytes = routed expert weights (MXFP4 4.25 bits + biases, bf16 2 bytes); "
                       f"peak {peak / 1e9:.0f} GB/s from a device copy.", ""])
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
