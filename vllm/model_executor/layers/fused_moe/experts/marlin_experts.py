@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
-from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
+from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
 from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 

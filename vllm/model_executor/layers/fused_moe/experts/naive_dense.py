@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
+from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, WorkspaceShapes
 
 

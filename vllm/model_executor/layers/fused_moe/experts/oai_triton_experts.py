@@ -10,23 +10,13 @@ left unfused so the LoRA seams sit between its steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
-from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
-from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
-from vllm.model_executor.layers.fused_moe.modular_kernel import (
-    FusedMoEExpertsModular,
-    Support,
-    WorkspaceShapes,
-    two_gemm_workspace_shapes,
-)
-
-if TYPE_CHECKING:
-    from vllm.lora.lora_context import MoELoRAContext
+from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
+from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 
 @dataclass
@@ -47,8 +37,9 @@ def mxfp4_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_bi
                                w2_scale=w2_scale)
 
 
-class _Mxfp4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
-    """The unfused pipeline with its two LoRA seams; subclasses supply the two MXFP4 GEMMs (``_gemm``)."""
+class _Mxfp4ExpertsBase(TwoGemmExperts):
+    """MXFP4 weights (w1 / w2: the blocks; scales and biases in the quant config); subclasses
+    supply the two GEMMs."""
 
     @classmethod
     def supports_quant(cls, quant_config: FusedMoEQuantConfig) -> Support:
@@ -56,57 +47,9 @@ class _Mxfp4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             return Support.yes()
         return Support.no(f"{cls.__name__} runs MXFP4 weights only")
 
-    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        return two_gemm_workspace_shapes(self.moe_config, M, N, K, top_k)
-
-    def _gemm(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-              ids: torch.Tensor, route: Optional[dict], *, stage: int, top_k_in: int, bias: Optional[torch.Tensor],
-              topk_weights: torch.Tensor, weighted: bool) -> None:
-        """out = GEMM ``stage`` (1: w13, 2: w2) of the routed pairs, router-weighted when ``weighted``."""
-        raise NotImplementedError
-
-    def _route(self, ids: torch.Tensor, pairs: int, E_local: int, N: int, K: int,
-               dtype: torch.dtype) -> Optional[dict]:
-        """What both GEMMs share (tile configs, the expert sort); None when nothing is shared."""
-        return None
-
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
-              lora_context: Optional["MoELoRAContext"] = None) -> None:
-        from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
-
-        M, H = hidden_states.shape
-        top_k = topk_ids.shape[1]
-        pairs = M * top_k
-        E_local, N = w1.shape[0], w1.shape[1]
-        if pairs == 0:
-            output.zero_()
-            return
+    def _stage(self, stage: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         qc = self.quant_config
-        ids = local_expert_ids(topk_ids, expert_map)
-        route = self._route(ids, pairs, E_local, N, H, hidden_states.dtype)
-
-        gemm1 = workspace13[: pairs * N].view(pairs, N)
-        self._gemm(gemm1, hidden_states, w1, qc.w1_scale, ids, route, stage=1, top_k_in=top_k, bias=qc.w1_bias,
-                   topk_weights=topk_weights, weighted=False)
-        routing = None
-        if lora_context is not None:
-            routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                          topk_weights=topk_weights, expert_map=expert_map)
-        act_n = N // 2 if activation.is_gated else N
-        act_out = workspace2[: pairs * act_n].view(pairs, act_n)
-        moe_activation(activation, gemm1, out=act_out)
-
-        gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
-        if expert_map is not None:
-            gemm2.zero_()  # pairs of other ranks' experts are never written
-        weighted = not apply_router_weight_on_input
-        self._gemm(gemm2, act_out, w2, qc.w2_scale, ids, route, stage=2, top_k_in=1, bias=qc.w2_bias,
-                   topk_weights=topk_weights, weighted=weighted)
-        if lora_context is not None:
-            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
-                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
+        return (qc.w1_scale, qc.w1_bias) if stage == 1 else (qc.w2_scale, qc.w2_bias)
 
 
 class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
@@ -116,22 +59,22 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
 
-    def _route(self, ids, pairs, E_local, N, K, dtype):
+    def _route(self, ids, pairs, E_local, N, K, act_n, dtype):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
-        top_k = self.moe_config.top_k
+        top_k = ids.shape[1]
         cfg1 = get_mxfp4_moe_config(pairs, E_local, N, K, top_k, dtype)
-        act_n = N // 2 if self.moe_config.activation.is_gated else N
         cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype)
         cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment serves both GEMMs
         align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], E_local)
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
                     block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
 
-    def _gemm(self, out, a, blocks, scales, ids, route, *, stage, top_k_in, bias, topk_weights, weighted) -> None:
+    def _gemm(self, out, a, blocks, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import invoke_mxfp4_moe_gemm
 
+        scales, bias = self._stage(stage)
         invoke_mxfp4_moe_gemm(a, blocks, scales, out, sorted_token_ids=route["sorted_token_ids"],
                               block_expert_ids=route["block_expert_ids"],
                               num_tokens_post_padded=route["num_tokens_post_padded"], top_k_in=top_k_in,
@@ -142,9 +85,12 @@ class UnfusedOAITritonExperts(_Mxfp4ExpertsBase):
 class TorchMxfp4Experts(_Mxfp4ExpertsBase):
     """The CPU backend: per-expert matmuls, each expert's weight dequantised on the fly inside apply."""
 
-    def _gemm(self, out, a, blocks, scales, ids, route, *, stage, top_k_in, bias, topk_weights, weighted) -> None:
+    triton_glue = False
+
+    def _gemm(self, out, a, blocks, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import mxfp4_moe_gemm_torch
 
+        scales, bias = self._stage(stage)
         mxfp4_moe_gemm_torch(out, a, blocks, scales, ids, top_k_in=top_k_in, bias=bias)
         if weighted:
             out.mul_(topk_weights.reshape(-1, 1).to(out.dtype))

@@ -6,22 +6,11 @@ same two seams, on the unquantized activations.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
-
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
-from vllm.model_executor.layers.fused_moe.experts.torch_experts import local_expert_ids
+from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig, Int4PackedWeight
-from vllm.model_executor.layers.fused_moe.modular_kernel import (
-    FusedMoEExpertsModular,
-    Support,
-    WorkspaceShapes,
-    two_gemm_workspace_shapes,
-)
-
-if TYPE_CHECKING:
-    from vllm.lora.lora_context import MoELoRAContext
+from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 
 def int4_grouped_gemm_torch(out: torch.Tensor, a: torch.Tensor, w: Int4PackedWeight, local_ids: torch.Tensor, *,
@@ -45,8 +34,8 @@ def check_int4_quant(cls: type, quant_config) -> Support:
     return Support.no(f"{cls.__name__} runs packed int4 expert weights (Int4MoEQuantConfig) only")
 
 
-class Int4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
-    """What every packed-int4 experts class shares: the quant config it runs, the activations, the workspaces."""
+class Int4ExpertsBase(TwoGemmExperts):
+    """What every packed-int4 experts class shares: the quant config it runs, the activations, GEMM1's width."""
 
     quant_config: Int4MoEQuantConfig
 
@@ -60,42 +49,19 @@ class Int4ExpertsBase(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             return Support.no(f"{cls.__name__} does not run gpt-oss's interleaved swigluoai experts")
         return Support.yes()
 
-    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
-        # N from the packed weight: the kernel passes w1.shape[1], which is K/8 of [E, K/8, N] words
-        return two_gemm_workspace_shapes(self.moe_config, M, self.quant_config.w13.n, K, top_k)
+    def _w13_rows(self, n_from_weight: int) -> int:
+        # from the packed weight: w1 is [E, K/8, N] words, so w1.shape[1] is K/8
+        return self.quant_config.w13.n
 
 
 class TorchInt4Experts(Int4ExpertsBase):
-    """GEMM1 -> [w13 LoRA] -> activation -> GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
+    """GEMM1 -> [w13 LoRA] -> activation -> GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum
+    (``TwoGemmExperts``), each expert's int4 weight dequantised on the fly."""
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
-              lora_context: Optional["MoELoRAContext"] = None) -> None:
-        from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation_torch
+    triton_glue = False
 
-        M, H = hidden_states.shape
-        top_k = topk_ids.shape[1]
-        pairs = M * top_k
+    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
         qc = self.quant_config
-        N = qc.w13.n
-        ids = local_expert_ids(topk_ids, expert_map)
-
-        gemm1 = workspace13[: pairs * N].view(pairs, N)
-        int4_grouped_gemm_torch(gemm1, hidden_states, qc.w13, ids, top_k_in=top_k)
-        routing = None
-        if lora_context is not None:
-            routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                          topk_weights=topk_weights, expert_map=expert_map)
-        act = moe_activation_torch(activation, gemm1)
-        act_out = workspace2[: act.numel()].view(act.shape)
-        act_out.copy_(act)
-
-        gemm2 = workspace13[: pairs * H].view(pairs, H)
-        int4_grouped_gemm_torch(gemm2, act_out, qc.w2, ids, top_k_in=1)
-        weighted = not apply_router_weight_on_input
+        int4_grouped_gemm_torch(out, a, qc.w13 if stage == 1 else qc.w2, ids, top_k_in=top_k_in)
         if weighted:
-            gemm2.mul_(topk_weights.reshape(pairs, 1).to(gemm2.dtype))
-        if lora_context is not None:
-            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
-                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        torch.sum(gemm2.view(M, top_k, H), dim=1, out=output)
+            out.mul_(topk_weights.reshape(-1, 1).to(out.dtype))

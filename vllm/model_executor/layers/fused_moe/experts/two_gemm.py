@@ -1,0 +1,96 @@
+"""The unfused two-GEMM experts pipeline with its two LoRA seams, shared by the experts classes.
+
+    GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
+    router weight went on the input) -> apply_w2_lora -> top-k sum
+
+A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
+configs, the expert sort), ``_route``.  The LoRA deltas are added where ``TritonExperts`` always
+added them, so a new backend that subclasses this gets LoRA by construction.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
+from vllm.model_executor.layers.fused_moe.modular_kernel import (
+    FusedMoEExpertsModular,
+    WorkspaceShapes,
+    two_gemm_workspace_shapes,
+)
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+
+
+def local_expert_ids(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
+    """Global expert ids -> this rank's ids (-1 for experts of other ranks)."""
+    if expert_map is None:
+        return topk_ids
+    return expert_map[topk_ids.long()].to(topk_ids.dtype)
+
+
+class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
+    """The pipeline above; subclasses implement ``_gemm`` (and optionally ``_route``, ``_w13_rows``)."""
+
+    #: the activation and the top-k sum run as Triton kernels on CUDA (False: torch only)
+    triton_glue: bool = True
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
+        return two_gemm_workspace_shapes(self.moe_config, M, self._w13_rows(N), K, top_k)
+
+    def _w13_rows(self, n_from_weight: int) -> int:
+        """GEMM1's output width, given ``w1.shape[1]`` (packed layouts override it)."""
+        return n_from_weight
+
+    def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+               dtype: torch.dtype) -> Optional[Any]:
+        """What both GEMMs share (tile configs, the expert sort); None when nothing is shared.
+        ids [M, top_k] local expert ids; GEMM1 is [pairs, K] x [N, K]^T, GEMM2 [pairs, act_n] x [K, act_n]^T."""
+        return None
+
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, route: Optional[Any],
+              *, stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool) -> None:
+        """out = GEMM ``stage`` (1: w13, 2: w2) of the routed pairs, + bias, router-weighted when
+        ``weighted``; rows of pairs whose id is -1 are either zero or not written."""
+        raise NotImplementedError
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
+              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
+              lora_context: Optional["MoELoRAContext"] = None) -> None:
+        from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
+        from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
+
+        M, H = hidden_states.shape
+        top_k = topk_ids.shape[1]
+        pairs = M * top_k
+        E_local, N = w1.shape[0], self._w13_rows(w1.shape[1])
+        if pairs == 0:
+            output.zero_()
+            return
+        glue = None if self.triton_glue else False  # None: Triton on CUDA, torch elsewhere
+        ids = local_expert_ids(topk_ids, expert_map)
+        act_n = N // 2 if activation.is_gated else N
+        route = self._route(ids, pairs, E_local, N, H, act_n, hidden_states.dtype)
+
+        gemm1 = workspace13[: pairs * N].view(pairs, N)
+        self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
+                   weighted=False)
+        routing = None
+        if lora_context is not None:
+            routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
+                                          topk_weights=topk_weights, expert_map=expert_map)
+        act_out = workspace2[: pairs * act_n].view(pairs, act_n)
+        moe_activation(activation, gemm1, out=act_out, use_triton=glue)
+
+        gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
+        if expert_map is not None:
+            gemm2.zero_()  # pairs of other ranks' experts may never be written
+        weighted = not apply_router_weight_on_input
+        self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
+                   weighted=weighted)
+        if lora_context is not None:
+            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
+                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
+        moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue)
