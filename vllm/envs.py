@@ -87,6 +87,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # How tensor-parallel workers start: "fork" or "spawn"; unset: fork unless CUDA is
     # already initialised in this process (then spawn), as vLLM.
     "VLLM_WORKER_MULTIPROC_METHOD": _choice("VLLM_WORKER_MULTIPROC_METHOD", None, ("fork", "spawn")),
+    # Seconds one tensor-parallel collective may wait for the other ranks before it fails (gloo and
+    # NCCL): a rank that hangs or dies mid-step fails the engine within this, instead of a hang.
+    "VLLM_COLLECTIVE_TIMEOUT": _float("VLLM_COLLECTIVE_TIMEOUT", 600.0, minimum=1.0),
     # Seconds between the server's throughput / load log lines while it is busy.
     "VLLM_LOG_STATS_INTERVAL": _float("VLLM_LOG_STATS_INTERVAL", 10.0, minimum=0.1),
 }

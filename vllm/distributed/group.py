@@ -19,7 +19,6 @@ import socket
 import torch
 import torch.distributed as dist
 
-_TIMEOUT = datetime.timedelta(minutes=10)  # one collective (gloo)
 _STORE_TIMEOUT = datetime.timedelta(minutes=2)  # the rendezvous: all ranks join the store
 
 
@@ -73,17 +72,28 @@ class TensorParallelGroup:
         return f"TensorParallelGroup(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
 
+def collective_timeout() -> datetime.timedelta:
+    """How long one collective waits for the other ranks (``VLLM_COLLECTIVE_TIMEOUT`` seconds)."""
+    from vllm import envs
+
+    return datetime.timedelta(seconds=envs.VLLM_COLLECTIVE_TIMEOUT)
+
+
 def _process_group(store, rank: int, world_size: int, device: torch.device):
+    timeout = collective_timeout()
     if device.type == "cuda":
         if not dist.is_nccl_available():
             raise RuntimeError("tensor parallelism on CUDA needs NCCL, which this torch build lacks")
+        options = dist.ProcessGroupNCCL.Options()
+        if hasattr(options, "_timeout"):
+            options._timeout = timeout
         try:
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        except TypeError:  # builds whose constructor takes no options object
             return dist.ProcessGroupNCCL(store, rank, world_size)
-        except TypeError:  # builds whose constructor wants the options object
-            return dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
     if not dist.is_gloo_available():
         raise RuntimeError("tensor parallelism on CPU needs gloo, which this torch build lacks")
-    return dist.ProcessGroupGloo(store, rank, world_size, _TIMEOUT)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
 def init_tensor_parallel_group(rank: int, world_size: int, port: int, device: torch.device | str,

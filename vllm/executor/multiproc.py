@@ -221,9 +221,19 @@ class MultiprocExecutor(Executor):
                                   f"{proc.exitcode}).{hint}")
 
     # ---- calls --------------------------------------------------------------------
+    def dead_ranks(self, wait_s: float = 0.0) -> list[str]:
+        """"rank r (exit code c)" of each worker process that has exited; waits up to ``wait_s``
+        for one to be seen dead (a process killed a moment ago is not reaped at once)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [f"rank {rank} (exit code {proc.exitcode})"
+                    for rank, proc in enumerate(self._procs, start=1) if not proc.is_alive()]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
+
     def _send(self, method: str, *args: Any) -> None:
-        dead = [f"rank {rank} (exit code {proc.exitcode})"
-                for rank, proc in enumerate(self._procs, start=1) if not proc.is_alive()]
+        dead = self.dead_ranks()
         if dead:  # caught before rank 0 would wait for it in a collective
             raise WorkerError(f"tensor-parallel worker process(es) {', '.join(dead)} died; this engine cannot "
                               "run any more - restart it")

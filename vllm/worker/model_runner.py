@@ -25,6 +25,7 @@ from torch import nn
 
 from vllm.attention.metadata import build_metadata
 from vllm.core.scheduler import SchedulerOutput
+from vllm import envs
 from vllm.engine.errors import FatalEngineError
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
@@ -114,8 +115,16 @@ class ModelRunner:
             try:
                 logits = self.compute_logits(inp, plan.add_chunk if plan is not None else None)
             except Exception as e:  # the other ranks wait in this step's collectives: no way back
-                raise FatalEngineError(f"rank 0 failed during a tensor-parallel forward ({e!r}); the ranks are "
-                                       "out of step and this engine cannot go on - restart it") from e
+                dead = self.peers.dead_ranks(wait_s=2.0) if hasattr(self.peers, "dead_ranks") else []
+                if dead:
+                    what = f"tensor-parallel worker {', '.join(dead)} died during the step"
+                elif "timed out" in str(e).lower():
+                    what = (f"a tensor-parallel collective timed out after {envs.VLLM_COLLECTIVE_TIMEOUT:g} s "
+                            "(VLLM_COLLECTIVE_TIMEOUT): another rank is stuck")
+                else:
+                    what = f"rank 0 failed during a tensor-parallel forward ({e!r})"
+                raise FatalEngineError(f"{what}; the ranks are out of step and this engine cannot go on - "
+                                       "restart it") from e
             self.peers.finish_execute()
         seqs = out.scheduled_seqs
         sampled = self.sampler(logits, [s.sampling_params for s in seqs],
