@@ -11,9 +11,11 @@ from typing import NotRequired, TypedDict, Union
 
 
 class TextPrompt(TypedDict):
-    """A text prompt, tokenised by the engine."""
+    """A text prompt, tokenised by the engine.  ``cache_salt``: prefix-cache blocks are shared only
+    with requests that give the same salt (as vLLM)."""
 
     prompt: str
+    cache_salt: NotRequired[str]
 
 
 class TokensPrompt(TypedDict):
@@ -21,6 +23,7 @@ class TokensPrompt(TypedDict):
 
     prompt_token_ids: list[int]
     prompt: NotRequired[str]
+    cache_salt: NotRequired[str]
 
 
 PromptType = Union[str, list[int], TextPrompt, TokensPrompt]

@@ -101,6 +101,24 @@ def test_another_adapter_does_not_reuse_the_blocks(on, off, first, then):
     assert _counts(on)[1] == h0 + _cached_tokens(prompt)  # its own repeat does hit
 
 
+def test_cache_salt_isolates_blocks(on, off):
+    """vLLM's cache_salt: a prompt's blocks are reused only by requests with the same salt (none is a
+    salt of its own); tokens stay those of caching off."""
+    prompt = "saltedpromptsdonotsharetheirkv="
+    salted = lambda salt: {"prompt": prompt, "cache_salt": salt}  # noqa: E731
+    _run(on, [salted("tenant-a")], None)
+    _, h0 = _counts(on)
+    got = _run(on, [salted("tenant-b")], None)
+    assert _counts(on)[1] == h0, "another salt reuses nothing"
+    _run(on, [prompt], None)
+    assert _counts(on)[1] == h0, "no salt reuses nothing of a salted prompt"
+    _same(got, _run(off, [prompt], None))
+    _run(on, [salted("tenant-a")], None)
+    assert _counts(on)[1] == h0 + _cached_tokens(prompt), "the same salt does hit"
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        _run(on, [{"prompt": prompt, "cache_salt": ""}], None)
+
+
 def test_an_adapter_reloaded_with_other_weights_does_not_hit_stale_blocks(tmp_path, off):
     """Same name, id and path, new weights on disk after an unload: a fresh load, fresh KV."""
     folder = tmp_path / "swap"

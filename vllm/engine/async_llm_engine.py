@@ -282,7 +282,8 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine is not running")
         # tokenized and checked here, off the engine thread: other requests keep stepping meanwhile
         text, ids = await asyncio.to_thread(self.engine.process_prompt, request_id, prompt, params)
-        prompt = {"prompt": text, "prompt_token_ids": ids}
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        prompt = {"prompt": text, "prompt_token_ids": ids, **({"cache_salt": salt} if salt is not None else {})}
 
         added = threading.Event()
 

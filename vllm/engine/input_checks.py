@@ -33,7 +33,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
 
 
 def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[int]]:
@@ -42,7 +42,8 @@ def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[
     if isinstance(prompt, dict):
         unknown = sorted(map(str, set(prompt) - _PROMPT_KEYS))
         if unknown:
-            raise ValueError(f"a prompt dict may hold only 'prompt' and 'prompt_token_ids' (text-only models), got "
+            raise ValueError(f"a prompt dict may hold only 'prompt', 'prompt_token_ids' and 'cache_salt' (text-only "
+                             f"models), got "
                              f"{', '.join(map(repr, unknown))}; leave the other keys out")
         if "prompt_token_ids" in prompt:
             text = prompt.get("prompt")
@@ -59,6 +60,16 @@ def prompt_ids(prompt: PromptType, tokenizer: Any) -> tuple[Optional[str], list[
         return None, _token_list(prompt)
     raise ValueError(f"a prompt must be a string, a list of token ids or a dict with 'prompt' or "
                      f"'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def cache_salt(prompt: PromptType) -> Optional[str]:
+    """The prompt dict's ``cache_salt`` (None when absent); a non-empty string, else a ValueError."""
+    if not isinstance(prompt, dict) or prompt.get("cache_salt") is None:
+        return None
+    salt = prompt["cache_salt"]
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def _token_list(ids: Any) -> list[int]:

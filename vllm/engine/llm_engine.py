@@ -26,7 +26,8 @@ from vllm.config.generation import load_generation_defaults
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.errors import describe, is_fatal
 from vllm.engine.fault_isolation import execute_isolated, sub_batch
-from vllm.engine.input_checks import PromptType, RequestLimits, check_request, prompt_ids, truncate_prompt
+from vllm.engine.input_checks import (PromptType, RequestLimits, cache_salt, check_request, prompt_ids,
+                                     truncate_prompt)
 from vllm.engine.lora_registry import LoRARegistry
 from vllm.executor import create_executor
 from vllm.logger import init_logger
@@ -138,6 +139,7 @@ class LLMEngine:
                              else f"request ids are strings, got {type(request_id).__name__}")
         params = params or SamplingParams()
         text, token_ids = self.process_prompt(request_id, prompt, params)
+        salt = cache_salt(prompt)
         if lora_request is not None:
             self.add_lora(lora_request)
         if self._extra_eos and not params.ignore_eos:
@@ -145,6 +147,8 @@ class LLMEngine:
             params.stop_token_ids = sorted(set(params.stop_token_ids) | self._extra_eos)
         now = time.time() if arrival_time is None else arrival_time
         cache_key = self.loras.cache_key(lora_request)  # names this load of the adapter (prefix caching)
+        if salt is not None:  # blocks are shared only among requests with this salt (and adapter)
+            cache_key = f"{cache_key}\x00salt:{salt}"
         seqs = [Sequence(next(self._seq_ids), request_id, token_ids, params, index=i, prompt=text,
                          lora_request=lora_request, eos_token_id=self.tokenizer.eos_token_id, arrival_time=now,
                          cache_key=cache_key)

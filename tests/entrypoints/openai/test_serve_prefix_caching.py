@@ -55,3 +55,24 @@ def test_metrics_count_queries_and_hits(srv):
     _complete(url, "rot13", PROMPT)  # another adapter: looked up, not reused
     q3, h3 = _counts(url)
     assert (q3 - q2, h3 - h2) == (len(PROMPT), 0)
+
+
+def test_cache_salt_field_isolates_blocks(srv):
+    """The request field ``cache_salt`` (vLLM's): blocks reused only under the same salt; an empty
+    salt is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", timeout=30.0, max_retries=0)
+    prompt = "saltedrequestsontheserver="
+
+    def complete(salt):
+        return client.completions.create(model="demo", prompt=prompt, temperature=0, max_tokens=4,
+                                         extra_body={"cache_salt": salt}).choices[0].text
+
+    first = complete("a")
+    _, h0 = _counts(srv.url)
+    assert complete("b") == first and _counts(srv.url)[1] == h0
+    assert complete("a") == first and _counts(srv.url)[1] == h0 + (len(prompt) - 1) // BS * BS
+    with pytest.raises(openai.BadRequestError) as e:
+        complete("")
+    assert e.value.body["param"] == "cache_salt"

@@ -98,6 +98,7 @@ class _SamplingRequest(OpenAIModel):
     allowed_token_ids: Optional[list[TokenId]] = None
     bad_words: Optional[list[Text]] = None
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # last k tokens; -1: max_model_len
+    cache_salt: Optional[str] = None  # prefix-cache blocks are shared only among requests with the same salt
     best_of: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)  # only n (SamplingParams says why)
     # structured output (vllm/structured_output/request.py); at most one of them
     response_format: Optional[dict[str, Any]] = None

@@ -229,6 +229,10 @@ class OpenAIServing:
                     raise APIError(str(e), param="truncate_prompt_tokens") from e
                 if len(ids) < len(prompt["prompt_token_ids"]):  # echo shows the tokens kept, not the text
                     prompt = {"prompt_token_ids": ids}
+            if req.cache_salt is not None:  # prefix-cache blocks shared only with the same salt
+                if not req.cache_salt:
+                    raise APIError("cache_salt must be a non-empty string", param="cache_salt")
+                prompt = {**prompt, "cache_salt": req.cache_salt}
             room = self._check_prompt(ids, param, f"prompt {i}" if len(prompts) > 1 else what)
             budget = self._max_tokens(req, len(ids), room)
             if budget not in by_budget:
