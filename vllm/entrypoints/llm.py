@@ -10,7 +10,8 @@ from vllm.engine.llm_engine import LLMEngine, PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
-from vllm.transformers_utils.tokenizer import load_chat_template
+from vllm.transformers_utils.chat_template import render_chat
+from vllm.transformers_utils.tokenizer import encode_text, load_chat_template
 
 Many = Union[None, Any, Sequence[Any]]
 
@@ -135,9 +136,11 @@ class LLM:
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
              lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None, *,
              chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, using the tokenizer's chat template,
-        or ``chat_template`` (the Jinja text or a file path) instead."""
+        or ``chat_template`` (the Jinja text or a file path) instead; ``chat_template_kwargs`` are extra
+        template variables, ``continue_final_message`` continues the last (assistant) message."""
         if chat_template is not None:
             chat_template = load_chat_template(chat_template)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -146,9 +149,8 @@ class LLM:
             raise ValueError("the tokenizer has no chat template; pass chat_template=... or use generate()")
         prompts = []
         for conv in conversations:
-            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                          add_generation_prompt=add_generation_prompt)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+            text = render_chat(tok, conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message,
+                               chat_template_kwargs=chat_template_kwargs)
+            prompts.append({"prompt": text, "prompt_token_ids": encode_text(tok, text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm=use_tqdm)

@@ -219,10 +219,22 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class _ChatTemplateFields(OpenAIModel):
+    """What the chat template is rendered with, besides the messages (vLLM's fields):
+    ``chat_template_kwargs`` extra template variables (e.g. Qwen3's ``enable_thinking``),
+    ``reasoning_effort`` (gpt-oss's template variable), ``documents`` (RAG templates),
+    ``continue_final_message`` (continue the last assistant message instead of opening a new one)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
+    documents: Optional[list[dict[str, Any]]] = None
+
+
+class ChatCompletionRequest(_ChatTemplateFields, _SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    add_generation_prompt: bool = True
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     # not implemented: refused unless no-op (no tools)
@@ -287,12 +299,11 @@ class TokenizeCompletionRequest(OpenAIModel):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(OpenAIModel):
+class TokenizeChatRequest(_ChatTemplateFields):
     """``POST /tokenize`` with chat messages: the chat template's rendering is tokenised."""
 
     model: Optional[Text] = None
     messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False
 

@@ -10,6 +10,7 @@ from vllm.entrypoints.openai.logprobs import chat_logprobs
 from vllm.entrypoints.openai.protocol import ChatCompletionRequest, random_id
 from vllm.entrypoints.openai.serving_engine import APIError, OpenAIServing
 from vllm.outputs import CompletionOutput
+from vllm.transformers_utils.chat_template import ChatTemplateError, render_chat
 from vllm.transformers_utils.tokenizer import encode_text
 
 
@@ -22,7 +23,12 @@ class ChatServing(OpenAIServing):
             raise APIError("the model's tokenizer has no chat template; use /v1/completions")
         conv = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=req.add_generation_prompt)
+            text = render_chat(tok, conv, add_generation_prompt=req.add_generation_prompt,
+                               continue_final_message=req.continue_final_message,
+                               chat_template_kwargs=req.chat_template_kwargs, reasoning_effort=req.reasoning_effort,
+                               documents=req.documents)
+        except ChatTemplateError as e:
+            raise APIError(str(e), param=e.field) from e
         except Exception as e:  # a template that rejects the conversation
             raise APIError(f"the chat template failed on these messages: {e}", param="messages") from e
         return {"prompt": text, "prompt_token_ids": encode_text(tok, text, add_special_tokens=False)}

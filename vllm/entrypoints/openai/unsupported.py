@@ -51,10 +51,7 @@ _CHAT: dict[str, _Rule] = {
     "functions": (_empty, "[]"),
     "function_call": (_choice_without("functions"), '"none"'),
     "echo": (_one_of(False), "false"),
-    "continue_final_message": (_one_of(False), "false"),
     "chat_template": (_one_of(), "null"),
-    "chat_template_kwargs": (_empty, "{}"),
-    "documents": (_one_of(), "null"),
     "add_special_tokens": (_one_of(False), "false"),
 }
 # Known fields that change nothing here, whatever their value (no log line).
