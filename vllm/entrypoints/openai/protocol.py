@@ -99,6 +99,7 @@ class _SamplingRequest(OpenAIModel):
     bad_words: Optional[list[Text]] = None
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # last k tokens; -1: max_model_len
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only among requests with the same salt
+    return_token_ids: Optional[bool] = None  # the prompt's and each choice's token ids in the response
     best_of: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)  # only n (SamplingParams says why)
     # structured output (vllm/structured_output/request.py); at most one of them
     response_format: Optional[dict[str, Any]] = None
@@ -112,6 +113,9 @@ class _SamplingRequest(OpenAIModel):
         """RequestError naming the first field the server cannot honour as sent."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options can only be set when stream is true", "stream_options")
+        if self.return_token_ids and self.stream:
+            raise RequestError("return_token_ids is supported on non-streamed responses only; read the token "
+                               "ids of a stream with logprobs, or do not stream", "return_token_ids")
         found = unsupported_field(self)
         if found is not None:
             raise RequestError(*found)

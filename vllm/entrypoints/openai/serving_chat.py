@@ -67,5 +67,10 @@ class ChatServing(OpenAIServing):
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": logprobs_of(None, c, 0, len(c.token_ids)),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in finals[0].outputs]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "usage": self._usage(finals)}
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+               "usage": self._usage(finals)}
+        if req.return_token_ids:
+            out["prompt_token_ids"] = list(finals[0].prompt_token_ids)
+            for choice, c in zip(choices, finals[0].outputs):
+                choice["token_ids"] = list(c.token_ids)
+        return out

@@ -66,5 +66,7 @@ class CompletionServing(OpenAIServing):
                                                 self._token_text)
                 choices.append({"index": i * req.n + c.index, "text": text + c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if req.return_token_ids:
+                    choices[-1].update(prompt_token_ids=list(o.prompt_token_ids), token_ids=list(c.token_ids))
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
                 "usage": self._usage(finals)}
