@@ -38,9 +38,7 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (LoRAGroups,
-                                                                         _moe_align_block_size_triton,
-                                                                         moe_align_block_size)
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import LoRAGroups, moe_align_block_size
 
 
 @dataclass
@@ -156,7 +154,7 @@ def moe_lora_align_block_size(
         groups = LoRAGroups(_int32(token_lora_mapping), _int32(adapter_enabled),
                             _int32(expert_map) if expert_map is not None else None, topk_ids.shape[1],
                             num_experts, max_loras)
-        res = _moe_align_block_size_triton(topk_ids, block_size, max_loras * num_experts, lora=groups)
+        res = moe_align_block_size(topk_ids, block_size, max_loras * num_experts, use_triton=True, lora=groups)
     else:
         vids = lora_virtual_expert_ids(topk_ids, token_lora_mapping, num_experts=num_experts, max_loras=max_loras,
                                        adapter_enabled=adapter_enabled, expert_map=expert_map)

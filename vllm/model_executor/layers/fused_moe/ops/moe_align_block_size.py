@@ -101,13 +101,15 @@ def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
 
 
 def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: int, *,
-                         use_triton: Optional[bool] = None) -> AlignResult:
+                         use_triton: Optional[bool] = None, lora: Optional["LoRAGroups"] = None) -> AlignResult:
     """Sort pairs by group id (expert, or virtual expert) and pad each group to ``block_size``.
 
     group_ids: int tensor of any shape (usually topk_ids [M, top_k]); flattened in
         row-major order, values in [0, num_experts) or -1 for pairs to skip.
     use_triton: None = the Triton kernels on CUDA, torch ops elsewhere; True on a
         CPU tensor needs TRITON_INTERPRET=1.  Both give identical results.
+    lora: group_ids are global expert ids and the kernels make the (adapter slot, local
+        expert) groups themselves (``LoRAGroups``; Triton only).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -116,7 +118,9 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
     if use_triton is None:
         use_triton = group_ids.is_cuda
     if use_triton:
-        return _moe_align_block_size_triton(group_ids, block_size, num_experts)
+        return _moe_align_block_size_triton(group_ids, block_size, num_experts, lora)
+    if lora is not None:
+        raise ValueError("LoRA groups are made by the Triton align only; on CPU make the virtual ids first")
     device = group_ids.device
     ids = group_ids.reshape(-1).to(torch.int64)
     numel = ids.numel()
