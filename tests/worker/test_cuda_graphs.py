@@ -114,3 +114,21 @@ def test_prefills_and_big_batches_stay_eager(tiny):
     assert _tokens(llm, PROMPTS[:2]) == _tokens(eager, PROMPTS[:2])
     assert g.replays[(2, False)] == GREEDY.max_tokens - 1  # the prefill ran eagerly
     assert g.graph_memory_bytes >= 0 and g.capture_seconds > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpt_oss_mxfp4_graphs_match_eager_with_lora(tmp_path, dtype):
+    """gpt-oss as released (MXFP4 experts: UnfusedOAITritonExperts; sinks, sliding window), with adapters."""
+    from tests.models.test_gpt_oss_mxfp4 import _mxfp4_checkpoint
+
+    hf = _mxfp4_checkpoint(tmp_path)
+    a0, a1 = [LoRARequest(f"a{i}", i + 1, make_peft_adapter(hf, tmp_path / f"a{i}", rank=4, seed=40 + i,
+                                                              dense_mlp=False)) for i in range(2)]
+    eager, graphs = _pair(str(tmp_path), dtype=dtype, enable_lora=True, max_loras=2, max_lora_rank=8)
+    n = 3 if dtype == "float32" else 4
+    for loras in ([None, a0, a1, a0][:n], [None] * n):
+        assert _tokens(graphs, PROMPTS[:n], loras) == _tokens(eager, PROMPTS[:n], loras), loras
+    kinds = {type(k.fused_experts).__name__ for m in graphs.llm_engine.model.modules()
+             if (k := getattr(getattr(m, "quant_method", None), "kernel", None)) is not None}
+    assert kinds == {"UnfusedOAITritonExperts"}, kinds
+    assert _replays(graphs, (4, True)) > 0 and _replays(graphs, (4, False)) > 0

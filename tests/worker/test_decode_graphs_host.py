@@ -164,3 +164,19 @@ def test_emulated_graphs_match_eager_across_adapter_swaps(setup, single_thread):
     assert llm.llm_engine.remove_lora(a0.lora_int_id)  # unloaded: its slot cleared, then loaded again
     assert _tokens(llm, PROMPTS, plan[0]) == eager[0]
     assert g.replays[(4, True)] > 0 and g.replays[(4, False)] > 0
+
+
+def test_a_failed_capture_leaves_an_eager_engine(setup, monkeypatch, caplog, single_thread):  # noqa: F811
+    """A capture that raises (here: the CPU has no CUDA to capture on, once the blockers are bypassed)
+    is logged as a warning; the engine starts without graphs and generates as the eager one."""
+    import vllm.worker.cuda_graphs as cg
+
+    path, adapters = setup
+    eager = _tokens(_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8), PROMPTS, [adapters[0], None, None])
+    monkeypatch.setattr(cg, "graph_blockers", lambda *a, **k: [])
+    with caplog.at_level("WARNING"):
+        llm = LLM(path, max_model_len=64, block_size=4, num_gpu_blocks_override=128, max_num_seqs=8,
+                  enable_lora=True, max_loras=1, max_lora_rank=8)
+    assert llm.llm_engine.runner.graphs is None
+    assert any("capture failed" in r.getMessage() and "runs eagerly" in r.getMessage() for r in caplog.records)
+    assert _tokens(llm, PROMPTS, [adapters[0], None, None]) == eager

@@ -35,7 +35,9 @@ LoRA alignment have worst-case output sizes; every tile / path choice (small-bat
 vs sorted) depends on the padded token count only.  Allocations inside the capture
 come from the graph's private pool (fixed addresses on replay).  Not supported
 (the engine runs eagerly, with the reason logged): the torch attention backend,
-MoE experts other than the Triton ones, tensor parallelism.
+MoE experts other than the Triton ones (bf16, int4, MXFP4), tensor parallelism.
+A capture that fails (an op that synchronises or allocates outside the pool) is
+logged as a warning and the engine serves eagerly instead of failing to start.
 
 ``emulate=True`` (CPU tests) keeps the whole host path - ladder, buffers, keys,
 LoRA forcing - but "replays" by running the same forward eagerly over the static
@@ -64,7 +66,7 @@ logger = init_logger(__name__)
 MAX_CAPTURE_SIZE = 512
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # MoE experts implementations whose apply() is free of host synchronisation.
-_GRAPH_SAFE_EXPERTS = ("TritonExperts", "MarlinExperts")
+_GRAPH_SAFE_EXPERTS = ("TritonExperts", "MarlinExperts", "UnfusedOAITritonExperts")
 
 
 def capture_sizes(max_num_seqs: int, sizes: Optional[Sequence[int]] = None,
@@ -275,6 +277,22 @@ class DecodeGraphRunner:
                     self.capture_seconds, self.graph_memory_bytes / (1 << 20),
                     " (emulated on the host)" if self.emulate else "")
 
+    def release(self) -> None:
+        """Drop every graph and buffer (after a failed capture): the engine then runs eagerly."""
+        self._graphs.clear()
+        self._keep_alive = []
+        self.logits = None
+        self.replays = {}
+        if self.lora_manager is not None:
+            self.lora_manager.punica_wrapper.run_all_lora_ops(False)
+            self.lora_manager.set_adapter_mapping([])
+        if not self.emulate:
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001 - the capture error was already reported
+                pass
+            torch.cuda.empty_cache()
+
     # ---- replay -------------------------------------------------------------------------
     def run(self, inp: "ModelInput", key: tuple[int, bool]) -> torch.Tensor:
         """Copy the step's inputs into the buffers, replay ``key``'s graph; [n, vocab] logits (a view of a
@@ -318,5 +336,11 @@ def maybe_capture(model: nn.Module, *, device: torch.device, world_size: int, en
         return None
     runner = DecodeGraphRunner(model, block_size=block_size, max_model_len=max_model_len,
                                max_num_seqs=max_num_seqs, device=device, lora_manager=lora_manager, sizes=sizes)
-    runner.capture()
+    try:
+        runner.capture()
+    except Exception as e:  # a capture bug must cost speed, not the server
+        runner.release()
+        logger.warning("CUDA graphs: capture failed (%r); decode runs eagerly. Please report this; "
+                       "enforce_eager=True / --enforce-eager skips the attempt", e)
+        return None
     return runner
