@@ -113,9 +113,6 @@ class _SamplingRequest(OpenAIModel):
         """RequestError naming the first field the server cannot honour as sent."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options can only be set when stream is true", "stream_options")
-        if self.return_token_ids and self.stream:
-            raise RequestError("return_token_ids is supported on non-streamed responses only; read the token "
-                               "ids of a stream with logprobs, or do not stream", "return_token_ids")
         found = unsupported_field(self)
         if found is not None:
             raise RequestError(*found)

@@ -51,18 +51,24 @@ class ChatServing(OpenAIServing):
             return chat_logprobs(c.token_ids[lo:hi], c.logprobs[lo:hi], top, self._token_text)
 
         if req.stream:
-            def chunk(index, text, finish, usage=None, role=None, logprobs=None) -> dict:
+            def chunk(index, text, finish, usage=None, role=None, logprobs=None, token_ids=None,
+                      prompt_token_ids=None) -> dict:
                 choices = []
                 if index is not None:
                     delta = {"role": role} if role else ({"content": text} if text else {})
                     choices = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": choices, "usage": usage}
+                    if token_ids is not None:
+                        choices[0]["token_ids"] = token_ids
+                out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": choices, "usage": usage}
+                if prompt_token_ids is not None:  # return_token_ids: the first chunk of each choice
+                    out["prompt_token_ids"] = prompt_token_ids
+                return out
 
             include = bool(req.stream_options and req.stream_options.include_usage)
             role_chunks = [chunk(i, None, None, role="assistant") for i in range(req.n)]
             return self._stream(gens, firsts, req.n, chunk, rid, include, role_chunks,
-                                logprobs_of if req.logprobs else None)
+                                logprobs_of if req.logprobs else None, token_ids=bool(req.return_token_ids))
         finals = await self._finish(gens, firsts)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": logprobs_of(None, c, 0, len(c.token_ids)),

@@ -31,9 +31,9 @@ class CompletionServing(OpenAIServing):
         gens, firsts = await self._start(prepared, lora, rid)
         want_lp = req.logprobs is not None
         if req.stream:
-            def chunk(index, text, finish, usage=None, logprobs=None) -> dict:
+            def chunk(index, text, finish, usage=None, logprobs=None, **ids) -> dict:
                 choices = [] if index is None else [{"index": index, "text": text, "logprobs": logprobs,
-                                                     "finish_reason": finish}]
+                                                     "finish_reason": finish, **ids}]
                 return {"id": rid, "object": "text_completion", "created": created, "model": model,
                         "choices": choices, "usage": usage}
 
@@ -54,7 +54,7 @@ class CompletionServing(OpenAIServing):
 
             include = bool(req.stream_options and req.stream_options.include_usage)
             return self._stream(gens, firsts, req.n, chunk, rid, include, echo_chunks,
-                                logprobs_of if want_lp else None)
+                                logprobs_of if want_lp else None, token_ids=bool(req.return_token_ids))
         finals = await self._finish(gens, firsts)
         choices = []
         for i, o in enumerate(finals):

@@ -308,10 +308,15 @@ class OpenAIServing:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def _stream(self, gens, firsts, n: int, make_chunk, rid: str, include_usage: bool,
-                      first_chunks: list[dict], logprobs_of=None) -> AsyncIterator[str]:
+                      first_chunks: list[dict], logprobs_of=None, token_ids: bool = False) -> AsyncIterator[str]:
         """SSE chunks: ``first_chunks``, then per choice its new text (and, with
         ``logprobs_of(index, choice, lo, hi)``, the logprobs object of its tokens
-        [lo, hi) not sent yet), the finish reason, the usage, [DONE]."""
+        [lo, hi) not sent yet), the finish reason, the usage, [DONE].
+
+        ``token_ids`` (vLLM's ``return_token_ids``): every choice chunk also carries the ids of
+        the tokens it adds (``make_chunk(..., token_ids=[...])``; their concatenation is the
+        choice's ``token_ids``), and a choice's first chunk its prompt's ids
+        (``prompt_token_ids=[...]``)."""
         sent: dict[int, int] = {}  # text characters sent per choice; -1 once it finished
         sent_tokens: dict[int, int] = {}
         finals = list(firsts)
@@ -338,8 +343,14 @@ class OpenAIServing:
                     delta = c.text[start:] if len(c.text) >= start else ""
                     lo, hi = sent_tokens.get(index, 0), len(c.token_ids)
                     lp = logprobs_of(index, c, lo, hi) if logprobs_of is not None and hi > lo else None
-                    if delta or c.finish_reason is not None or lp is not None:
-                        yield sse(make_chunk(index, delta, c.finish_reason, logprobs=lp))
+                    ids = {}
+                    if token_ids:
+                        ids["token_ids"] = list(c.token_ids[lo:hi])
+                        if index not in sent:
+                            ids["prompt_token_ids"] = list(out.prompt_token_ids)
+                    if delta or c.finish_reason is not None or lp is not None or ids.get("token_ids") \
+                            or "prompt_token_ids" in ids:
+                        yield sse(make_chunk(index, delta, c.finish_reason, logprobs=lp, **ids))
                     sent[index] = -1 if c.finish_reason is not None else len(c.text)
                     sent_tokens[index] = hi
             if include_usage:
