@@ -140,3 +140,17 @@ def test_every_crash_of_the_fuzz_run_in_one_engine(llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add_request("t", "hello=", SamplingParams(temperature=0, stop_token_ids=[57], min_tokens=1))
     _still_serving(llm)
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_is_untouched(llm):
+    eng = llm.llm_engine
+    params = SamplingParams(max_tokens=3, temperature=0)
+    eng.add_request("same", {"prompt_token_ids": [5, 6, 7]}, params)
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("same", {"prompt_token_ids": [8, 9]}, params)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in outs] == ["same"] and outs[0].prompt_token_ids == [5, 6, 7]
+    assert len(outs[0].outputs[0].token_ids) == 3
+    _still_serving(llm)

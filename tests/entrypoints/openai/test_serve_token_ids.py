@@ -55,3 +55,13 @@ def test_streamed_chunks_carry_the_same_ids(server):
     plain = _chunks(httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True,
                                                                     "return_token_ids": False}, timeout=30))
     assert not any("token_ids" in c or "prompt_token_ids" in c for ch in plain for c in ch["choices"])
+
+
+def test_request_id_names_the_response(server):
+    body = {"model": "demo", "prompt": "hello=", "max_tokens": 3, "request_id": "my-id-1"}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["id"] == "cmpl-my-id-1"
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "request_id": "c9"}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=30).json()["id"] == "chatcmpl-c9"
+    # the engine refuses an id in flight (LLMEngine.add_request); the server makes that a 400 like any refusal
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "request_id": ""}, timeout=30)
+    assert r.status_code == 400 and "request_id" in r.text

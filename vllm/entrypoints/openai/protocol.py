@@ -28,6 +28,13 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def request_id(req: "OpenAIModel", prefix: str) -> str:
+    """The response's id: ``{prefix}-{request_id}`` when the client names it (vLLM's field; it must be
+    unique among the requests in flight: a duplicate is refused), else a random one."""
+    given = getattr(req, "request_id", None)
+    return f"{prefix}-{given}" if given else random_id(prefix)
+
+
 def check_unicode(value: str) -> str:
     """``value`` if it encodes as UTF-8; a ValueError saying where it does not (a lone surrogate)."""
     try:
@@ -100,6 +107,8 @@ class _SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)  # last k tokens; -1: max_model_len
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only among requests with the same salt
     return_token_ids: Optional[bool] = None  # the prompt's and each choice's token ids in the response
+    # the response's id (cmpl-/chatcmpl-{request_id}), unique among the requests in flight
+    request_id: Optional[Text] = Field(default=None, min_length=1, max_length=256)
     best_of: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)  # only n (SamplingParams says why)
     # structured output (vllm/structured_output/request.py); at most one of them
     response_format: Optional[dict[str, Any]] = None

@@ -7,7 +7,7 @@ import time
 from typing import Optional
 
 from vllm.entrypoints.openai.logprobs import chat_logprobs
-from vllm.entrypoints.openai.protocol import ChatCompletionRequest, random_id
+from vllm.entrypoints.openai.protocol import ChatCompletionRequest, request_id
 from vllm.entrypoints.openai.serving_engine import APIError, OpenAIServing
 from vllm.outputs import CompletionOutput
 from vllm.transformers_utils.chat_template import ChatTemplateError, render_chat
@@ -34,7 +34,7 @@ class ChatServing(OpenAIServing):
         return {"prompt": text, "prompt_token_ids": encode_text(tok, text, add_special_tokens=False)}
 
     async def chat(self, req: ChatCompletionRequest):
-        rid, created = random_id("chatcmpl"), int(time.time())
+        rid, created = request_id(req, "chatcmpl"), int(time.time())
         self._check_request(req, rid)
         req = self._with_defaults(req)
         lora = await self.models.resolve_on_demand(req.model)

@@ -5,7 +5,7 @@ import time
 from typing import Any
 
 from vllm.entrypoints.openai.logprobs import completion_logprobs
-from vllm.entrypoints.openai.protocol import CompletionRequest, random_id
+from vllm.entrypoints.openai.protocol import CompletionRequest, request_id
 from vllm.entrypoints.openai.serving_engine import OpenAIServing
 from vllm.outputs import CompletionOutput, RequestOutput
 
@@ -18,7 +18,7 @@ class CompletionServing(OpenAIServing):
         return text, ids, list(out.prompt_logprobs or [None] * len(ids))
 
     async def completions(self, req: CompletionRequest):
-        rid, created = random_id("cmpl"), int(time.time())
+        rid, created = request_id(req, "cmpl"), int(time.time())
         self._check_request(req, rid)
         req = self._with_defaults(req)
         lora = await self.models.resolve_on_demand(req.model)

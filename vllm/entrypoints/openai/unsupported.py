@@ -44,6 +44,7 @@ _BOTH: dict[str, _Rule] = {
 _COMPLETION: dict[str, _Rule] = {
     "suffix": (_empty, '""'),
     "add_special_tokens": (_one_of(True), "true"),
+    "prompt_embeds": (_empty, "null"),  # text-only prompts: embeddings would be answered as if absent
 }
 _CHAT: dict[str, _Rule] = {
     "tools": (_empty, "[]"),
