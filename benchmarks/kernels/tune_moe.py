@@ -126,6 +126,8 @@ class Tuner:
                 break
             try:
                 err = lb.norm_err(run(cand), base)
+                if err < self.tol:
+                    timed.append((self.time_us(lambda: run(cand), reps), cand))
             except Exception as exc:  # cannot launch this config (e.g. out of shared memory / registers)
                 res.errors += 1
                 print(f"    skip {cand}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
@@ -134,8 +136,6 @@ class Tuner:
             if not err < self.tol:
                 res.failed.append((cand, err))
                 print(f"    CORRECTNESS FAILED {cand}: normalised max error {err:.2e}", flush=True)
-                continue
-            timed.append((self.time_us(lambda: run(cand), reps), cand))
         if self.on_gpu and not self.out_of_time():  # re-time the heuristic and the 3 fastest, longer
             confirm = self.args.confirm_reps or 60
             top = [heur] + [c for _, c in sorted(timed[1:], key=lambda tc: tc[0])[:3]]
@@ -325,13 +325,19 @@ def tune(args: argparse.Namespace) -> tuple[list[Outcome], str]:
             tw, ti = fused_topk(torch.randn(M, ly.E, device=device), ly.k, renormalize=True)
             act = _randn((M * ly.k, ly.I), 1.0, dtype, device)
             print(f"[{ly.name}] {M} tokens", flush=True)
-            if "gemm" in args.ops:
-                outcomes += tune_gemms(t, ly, M, x, tw, ti, act)
-            for R in args.ranks if "lora" in args.ops else []:
+            jobs = [("gemm", lambda: tune_gemms(t, ly, M, x, tw, ti, act))] if "gemm" in args.ops else []
+            jobs += [(f"lora R={R}", lambda R=R: tune_lora(t, ly, M, R, x, tw, ti, act))
+                     for R in (args.ranks if "lora" in args.ops else [])]
+            for label, job in jobs:
+                names = ["gemm_w13", "gemm_w2"] if label == "gemm" else [f"lora_{w} {label[5:]}" for w in ("w13", "w2")]
                 if t.out_of_time():
-                    outcomes += [Outcome(ly.name, M, f"lora_{w} R={R}", note="not run: budget") for w in ("w13", "w2")]
+                    outcomes += [Outcome(ly.name, M, n, note="not run: budget") for n in names]
                     continue
-                outcomes += tune_lora(t, ly, M, R, x, tw, ti, act)
+                try:
+                    outcomes += job()
+                except Exception as exc:  # e.g. out of memory: report it, go on with the other cases
+                    outcomes += [Outcome(ly.name, M, n, note=f"error: {type(exc).__name__}: {str(exc)[:120]}")
+                                 for n in names]
             for r in outcomes[-len(kernels):]:
                 print(f"  {r.kernel:14s} heuristic {r.heuristic_us:9.1f} us  best {r.best_us:9.1f} us  "
                       f"({r.tried} tried, {r.errors} errors, {len(r.failed)} wrong){' partial' if r.partial else ''}"
@@ -366,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     outcomes, gpu = tune(args)
     lb.emit(table(outcomes, gpu, args), os.path.join(args.out, "tune_moe.md"))
-    return 1 if any(r.failed for r in outcomes) else 0
+    return 1 if any(r.failed or r.note.startswith("error") for r in outcomes) else 0
 
 
 if __name__ == "__main__":

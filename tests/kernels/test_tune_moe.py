@@ -165,3 +165,37 @@ def test_search_spaces(M):
     lc = space.lora_candidates(lh, sorted_path=M > 1, tune_block_m=False, R=64, K=I, N=H, limit=12)
     assert lc[0] == lh and 1 < len(lc) <= 12 and {c["BLOCK_SIZE_M"] for c in lc} == {lh["BLOCK_SIZE_M"]}
     assert all(c["NUM_N_SPLITS"] <= -(-H // c["BLOCK_SIZE_N"]) for c in lc[1:])
+
+
+def test_gpu_search_space_configs_launch_and_are_correct(device):
+    """Every GPU candidate (decode size, N not a power of two) is a valid launch with the right output."""
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import (fused_moe_gemm_reference,
+                                                                         invoke_fused_moe_gemm)
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
+
+    E, k, H, I, L, R, M, bf16 = 8, 2, 64, 96, 4, 16, 1, torch.bfloat16
+    ti, tw = random_topk_ids(M, E, k).to(device), torch.rand(M, k, device=device)
+    x = torch.randn(M, H, device=device).to(bf16)
+    w = (torch.randn(E, 2 * I, H, device=device) * H ** -0.5).to(bf16)
+    heur = space.heuristic_gemm_config(M * k, E, 2 * I, H, k, bf16, on_gpu=True)
+    ref = fused_moe_gemm_reference(x, w, ti, top_k_in=k)
+    for c in space.gemm_candidates(heur, pairs=M * k, E=E, N=2 * I, K=H, elt_bytes=2, fixed_block_m=None, limit=24):
+        al = align_for_experts(ti, c["BLOCK_SIZE_M"], E)
+        out = torch.full((M * k, 2 * I), float("nan"), dtype=bf16, device=device)
+        invoke_fused_moe_gemm(x, w, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                              num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=k,
+                              config=space.launch_config(c))
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2, c
+    la = [(torch.randn(L, E, R, H, device=device) * H ** -0.5).to(bf16) for _ in range(2)]
+    lb_ = [(torch.randn(L, E, I, R, device=device) * R ** -0.5).to(bf16) for _ in range(2)]
+    kw = dict(topk_ids=ti, topk_weights=tw, token_lora_mapping=torch.zeros(M, dtype=torch.int32, device=device),
+              adapter_enabled=torch.tensor([1] * L + [0], dtype=torch.int32, device=device), top_k_in=k)
+    ref = torch.zeros(M * k, 2 * I, device=device)
+    fused_moe_lora_torch(ref, x, la, lb_, **kw)
+    heur = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, NUM_N_SPLITS=1, num_warps=4, num_stages=3)
+    for c in space.lora_candidates(heur, sorted_path=False, tune_block_m=True, R=R, K=H, N=I, limit=24):
+        out = torch.zeros(M * k, 2 * I, dtype=bf16, device=device)
+        fused_moe_lora(out, x, la, lb_, config=space.launch_config(c), **kw)
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2, c
