@@ -37,6 +37,7 @@ wall-clock on the CPU (no graphs), just to exercise the code path.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -209,7 +210,7 @@ def check(case: Case, M: int, num_loras: int, dtype, device, seed: int) -> str:
     tol = TOLERANCE[dtype]
     bad = {n: e for n, e in errs.items() if not e < tol}
     if bad or delta < 10 * tol:
-        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens ({num_loras} adapters): normalised max errors {errs} "
+        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens, {num_loras} adapters: normalised max errors {errs} "
                  f"(tolerance {tol}); LoRA effect {delta:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {delta:.2f})"
 
@@ -327,7 +328,8 @@ def upstream_table(rows: list[dict], keys: list[str]) -> str:
     for key in keys:
         if key not in UPSTREAM:
             continue
-        ours = {r["tokens"]: r["ratio"] for r in rows if r["shape"] == SHAPES[key][0] and (r["rank"], r["loras"]) == (16, 4)}
+        ours = {r["tokens"]: r["ratio"] for r in rows
+                if r["shape"] == SHAPES[key][0] and (r["rank"], r["loras"]) == (16, 4)}
         cells = [(f"{ours[t]:.2f}" if t in ours else "-") + f" / {u:.2f}" for t, u in zip(UPSTREAM_TOKENS, UPSTREAM[key])]
         lines.append(f"| {SHAPES[key][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -371,24 +373,21 @@ def main() -> None:
     rows, notes = [], []
     for shape in shapes:
         layer, base_timings = None, {}  # one base layer per shape; its time once per token count
-        for rank in args.ranks:
-            for num_loras in args.num_loras:
-                case = build_case(shape, dtype, device, rank, num_loras, max(max(tokens), check_m), args.seed,
-                                  layer=layer)
-                layer = case.layer
-                print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k} rank {rank}, {num_loras} "
-                      f"adapters: correctness at {check_m} tokens: {check(case, check_m, num_loras, dtype, device, args.seed)}",
-                      flush=True)
-                for M in tokens:
-                    r = bench_case(case, M, args, dtype, device, flush, gpu, peak, rank, num_loras,
-                                   base=base_timings.get(M))
-                    base_timings[M] = r["base_timing"]
-                    notes += [f"{case.name} {M} tokens R={rank} L={num_loras}: {n}" for n in r["notes"]]
-                    print(f"  {M:5d} tokens R={rank:3d} L={num_loras:2d}: base {r['base']:9.1f} us  LoRA {r['lora']:9.1f} us"
-                          f"  ratio {r['ratio']:.2f}  baseline {r['baseline']:9.1f} us ({r['bl_ratio']:.2f})  "
-                          f"{r['gbs']:6.0f} GB/s  {r['roof']:3.0f} % of roofline  graph {r['graph']}", flush=True)
-                    rows.append(r)
-                del case
+        for rank, num_loras in itertools.product(args.ranks, args.num_loras):
+            case = build_case(shape, dtype, device, rank, num_loras, max(max(tokens), check_m), args.seed, layer=layer)
+            layer = case.layer
+            ok = check(case, check_m, num_loras, dtype, device, args.seed)
+            print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k} rank {rank}, {num_loras} adapters: "
+                  f"correctness at {check_m} tokens: {ok}", flush=True)
+            for M in tokens:
+                r = bench_case(case, M, args, dtype, device, flush, gpu, peak, rank, num_loras, base=base_timings.get(M))
+                base_timings[M] = r["base_timing"]
+                notes += [f"{case.name} {M} tokens R={rank} L={num_loras}: {n}" for n in r["notes"]]
+                print(f"  {M:5d} tokens R={rank:3d} L={num_loras:2d}: base {r['base']:9.1f} us  LoRA {r['lora']:9.1f} us  "
+                      f"ratio {r['ratio']:.2f}  baseline {r['baseline']:9.1f} us ({r['bl_ratio']:.2f})  "
+                      f"{r['gbs']:6.0f} GB/s  {r['roof']:3.0f} % of roofline  graph {r['graph']}", flush=True)
+                rows.append(r)
+            del case
         del layer
         if has_cuda:
             torch.cuda.empty_cache()

@@ -192,8 +192,9 @@ def build_layer(shape, ranks: list[int], L: int, dtype, device) -> Layer:
         w2[e].copy_(_randn((H, I), I ** -0.5, dtype, device))
     layer = Layer(name, H, I, E, k, w13, w2)
     for R in ranks:  # stacked [S, L, E, ...] buffers, passed as slices, as FusedMoEWithLoRA does
-        bufs = (_randn((2, L, E, R, H), H ** -0.5, dtype, device), _randn((2, L, E, I, R), 0.5 * R ** -0.5, dtype, device),
-                _randn((1, L, E, R, I), I ** -0.5, dtype, device), _randn((1, L, E, H, R), 0.5 * R ** -0.5, dtype, device))
+        b_std = 0.5 * R ** -0.5
+        bufs = (_randn((2, L, E, R, H), H ** -0.5, dtype, device), _randn((2, L, E, I, R), b_std, dtype, device),
+                _randn((1, L, E, R, I), I ** -0.5, dtype, device), _randn((1, L, E, H, R), b_std, dtype, device))
         layer.lora[R] = tuple(tuple(b.unbind(0)) for b in bufs)
     return layer
 
@@ -347,7 +348,8 @@ def tune(args: argparse.Namespace) -> tuple[list[Outcome], str]:
 
 def table(outcomes: list[Outcome], gpu: str, args: argparse.Namespace) -> str:
     lines = [f"## MoE tile tuning: {gpu}, {args.dtype}, LoRA {args.num_loras} adapters", "",
-             "| shape | tokens | kernel | heuristic (us) | best (us) | gain | tried / errors / wrong | best config | GPU |",
+             "| shape | tokens | kernel | heuristic (us) | best (us) | gain | tried / errors / wrong | best config "
+             "| GPU |",
              "|---|---:|---|---:|---:|---:|---|---|---|"]
     for r in outcomes:
         if r.note and not r.best:

@@ -2,7 +2,6 @@
 the kernels stay correct with them; wrong candidates are never chosen; the budget stops cleanly."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -91,21 +90,24 @@ def test_written_files_load_and_the_kernels_stay_correct(tuned_folder, device):
             assert err < 2e-2, (fname, index, err)
 
 
-def test_file_keys_are_the_kernels_lookups(tuned_folder, monkeypatch):
+def test_file_keys_are_the_kernels_lookups(tuned_folder, monkeypatch, device):
     """A distinct entry per token count: each count must get its own entry back through the lookups
     TritonExperts and the Punica wrapper make (GEMM2 and LoRA tables are indexed by pairs)."""
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
     from vllm.model_executor.layers.fused_moe.experts.triton_experts import TritonExperts
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
 
+    dev_name = _device_name()  # "cpu", or the GPU's name (the LoRA lookups use the same)
     _, H, I, E, k = tune_moe.lb.SHAPES["qwen3"]
     R, L, tokens = 16, 4, [1, 16, 64, 256, 1024, 4096]
     for i, M in enumerate(tokens):
         for kernel, (op, key, index) in space.tuned_file_keys(H, I, E, k, M, R).items():
             stages = 20 + i if kernel.endswith("w2") else 10 + i  # marks (kernel, count)
-            tune_moe.write_entry(str(tuned_folder), op, key, index, {"BLOCK_SIZE_M": 16, "num_stages": stages}, "cpu")
+            cfg = {"BLOCK_SIZE_M": 16, "num_stages": stages}
+            tune_moe.write_entry(str(tuned_folder), op, key, index, cfg, dev_name)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter has its own GEMM configs
     experts = TritonExperts.__new__(TritonExperts)  # _route reads no state
-    punica = PunicaWrapperGPU(8, L, "cpu")
+    punica = PunicaWrapperGPU(8, L, device)
     for i, M in enumerate(tokens):
         ids = torch.randint(0, E, (M, k), dtype=torch.int32)
         route = experts._route(ids, M * k, E, 2 * I, H, I, torch.bfloat16)
