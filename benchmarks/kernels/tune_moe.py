@@ -364,6 +364,8 @@ def table(outcomes: list[Outcome], gpu: str, args: argparse.Namespace) -> str:
     lines += ["", "Notes:",
               "- Timed alone (alignment made outside), CUDA-graph replay with the L2 flushed, median; a winner "
               f"within {args.min_gain:.0%} of the heuristic is not taken (the heuristic's config is written).",
+              "- gemm_w2 / lora_w2 are tuned with gemm_w13's / lora_w13's BLOCK_SIZE_M (the alignment they share); "
+              "their heuristic column uses it too. LoRA tables hold no adapter count: tuned at the adapters above.",
               *[f"- {r.shape} {r.tokens} {r.kernel}: {r.note}" for r in outcomes if r.note and r.best],
               *[f"- WRONG OUTPUT: {r.shape} {r.tokens} {r.kernel} config {c}: normalised max error {e:.2e}"
                 for r, c, e in wrong], ""]
