@@ -11,9 +11,14 @@
 #   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
 #           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate) and
 #           benchmarks/profile_decode.py at batch 1 and 64 (kernels per step, top kernels)
+#   tune    benchmarks/kernels/tune_moe.py on the Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b shapes
+#           (bf16 GEMM and MoE LoRA tiles, rank 16, 4 adapters) within TUNE_BUDGET seconds (default 240):
+#           tuned files in $OUT/tuned (copy them into vllm/kernel_configs/tuned/), table $OUT/tune_moe.md;
+#           TUNE_ARGS adds tune_moe.py options (e.g. "--tokens 4096 1024" or "--ranks 16 64").
+#           Only when named (not part of all)
 #   all     tests, bench and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|decode|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|decode|tune|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -64,5 +69,13 @@ if want decode; then
   timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decode.py --preset qwen3-30b-a3b --layers 12 \
     --batches 1,64 --steps 4 --top 20 --out "$OUT/profile_decode.md" >"$OUT/profile_decode.log" 2>&1
   prc=$?; grep "ops/step" "$OUT/profile_decode.log"; rc=$(( rc || prc ))
+fi
+if [[ " $steps " == *" tune "* ]]; then
+  budget=${TUNE_BUDGET:-240}
+  # the budget stops new work cleanly; the timeout only guards against a hang
+  timeout $(( budget + 120 )) python3 benchmarks/kernels/tune_moe.py --out "$OUT/tuned" --budget-s "$budget" \
+    ${TUNE_ARGS:-} >"$OUT/tune_moe.log" 2>&1
+  trc=$?; cp "$OUT/tuned/tune_moe.md" "$OUT/tune_moe.md" 2>/dev/null
+  grep -v " INFO \|^INFO" "$OUT/tune_moe.log" | tail -30; ls "$OUT/tuned"; rc=$(( rc || trc ))
 fi
 exit $rc

@@ -1,9 +1,13 @@
-"""Benchmark of one fused-MoE layer's experts, without and with multi-LoRA.
+"""Benchmark of one fused-MoE layer's experts, without and with multi-LoRA, and a baseline.
 
 What is timed: ``layer.quant_method.apply(layer, x, topk_weights, topk_ids,
 lora_context=...)`` of a ``FusedMoE`` built with ``lora_enabled=True`` (backend
 TritonExperts) and wrapped by ``FusedMoEWithLoRA`` (Punica wrapper: Triton).
-  base = the call with ``lora_context=None``; LoRA = with the layer's context.
+  base = the call with ``lora_context=None``; LoRA = with the layer's context;
+  baseline = with the same context but the LoRA as separate shrink and expand
+  launches after each base GEMM (``moe_lora_baseline.py``, issue 11).
+Per shape, every ``--ranks`` x ``--num-loras`` combination is a row (the base time
+is measured once per shape and token count).
 Routing (random logits -> fused_topk) is precomputed; the token -> adapter
 mapping is written once with ``update_metadata`` before capture (its buffer is
 static).  The timed region therefore contains: the expert sort/align, GEMM1, the
@@ -19,19 +23,21 @@ Bytes (FACTS.md 6): base = D * 3HI * 2 (D = distinct experts actually routed),
 LoRA = pairs * 3R(H+I) * 2 (pairs = distinct (adapter, expert) pairs actually
 routed); "% roofline" = ((base + LoRA bytes) / peak) / LoRA time.
 
-Correctness first, per shape: the LoRA layer (forward and the timed call) and
-the base call are compared with an fp32 torch computation written here;
+Correctness first, per shape and combination: the LoRA layer (forward and the
+timed call), the baseline call and the base call are compared with an fp32 torch
+computation written here;
 normalised max error max|a-b|/max|b| must be below the dtype's tolerance.
 
 ``--smoke`` runs tiny shapes; without CUDA it sets TRITON_INTERPRET=1 and times
 wall-clock on the CPU (no graphs), just to exercise the code path.
 
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_lora.py [--shapes qwen3 mixtral gpt-oss]
-        [--tokens 1 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--dtype bf16] [--out table.md]
+        [--tokens 1 16 64 256 1024 4096] [--ranks 16 64] [--num-loras 4 16] [--dtype bf16] [--out table.md]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -65,8 +71,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=None)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--ranks", "--rank", nargs="+", type=int, default=[16], dest="ranks", help="LoRA ranks")
+    p.add_argument("--num-loras", nargs="+", type=int, default=[4], help="adapters (tokens round-robin)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; smoke on CPU: 2)")
     p.add_argument("--check-tokens", type=int, default=64, help="token count of the correctness check")
@@ -98,13 +104,21 @@ class Case:
     lora_layer: object  # FusedMoEWithLoRA
     punica: object
     adapters: list
+    baseline: object = None  # (LoRA context, Punica wrapper) of the separate shrink/expand baseline
+
+    def set_mapping(self, slots: torch.Tensor) -> None:
+        """The step's token -> slot mapping, for the layer's wrapper and the baseline's."""
+        for p in (self.punica, self.baseline[1] if self.baseline else None):
+            if p is not None:
+                p.update_metadata(slots)
 
 
 def _randn(shape, std, dtype, device, gen) -> torch.Tensor:
     return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
 
 
-def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed) -> Case:
+def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=None) -> Case:
+    """The layer (random weights; or ``layer``, a base layer built before) with ``num_loras`` adapters."""
     from vllm.config.lora import LoRAConfig
     from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
     from vllm.lora.punica_wrapper import get_punica_wrapper
@@ -112,12 +126,13 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed) -> Case:
 
     name, H, I, E, k = shape
     gen = torch.Generator(device=device).manual_seed(seed)
-    layer = FusedMoE(E, k, H, I, params_dtype=dtype, device=device, activation="silu", renormalize=True,
-                     moe_backend="triton", lora_enabled=True, max_num_tokens=max(max_tokens, 8192))
-    for e in range(E):  # per expert: no full-size fp32 temporaries
-        layer.w13_weight.data[e].copy_(_randn((2 * I, H), H ** -0.5, dtype, device, gen))
-        layer.w2_weight.data[e].copy_(_randn((H, I), I ** -0.5, dtype, device, gen))
-    layer.process_weights_after_loading()
+    if layer is None:
+        layer = FusedMoE(E, k, H, I, params_dtype=dtype, device=device, activation="silu", renormalize=True,
+                         moe_backend="triton", lora_enabled=True, max_num_tokens=max(max_tokens, 8192))
+        for e in range(E):  # per expert: no full-size fp32 temporaries
+            layer.w13_weight.data[e].copy_(_randn((2 * I, H), H ** -0.5, dtype, device, gen))
+            layer.w2_weight.data[e].copy_(_randn((H, I), I ** -0.5, dtype, device, gen))
+        layer.process_weights_after_loading()
     lora_layer = FusedMoEWithLoRA(layer)
     lora_layer.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=rank))
     adapters = []
@@ -132,7 +147,9 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed) -> Case:
     lora_layer.set_mapping(punica)
     if type(layer.quant_method.kernel.fused_experts).__name__ != "TritonExperts":
         sys.exit(f"expected TritonExperts, the layer runs {type(layer.quant_method.kernel.fused_experts).__name__}")
-    return Case(name, H, I, E, k, layer, lora_layer, punica, adapters)
+    from benchmarks.kernels.moe_lora_baseline import baseline_context
+
+    return Case(name, H, I, E, k, layer, lora_layer, punica, adapters, baseline_context(layer, punica))
 
 
 def make_inputs(case: Case, M: int, num_loras: int, dtype, device, seed: int):
@@ -181,18 +198,19 @@ def norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(case: Case, M: int, num_loras: int, dtype, device, seed: int) -> str:
     x, logits, tw, ti, slots = make_inputs(case, M, num_loras, dtype, device, seed)
-    case.punica.update_metadata(slots)
+    case.set_mapping(slots)
     qm, ctx = case.layer.quant_method, case.layer._lora_context
     ref_lora = reference(case, x, tw, ti, slots, True)
     ref_base = reference(case, x, tw, ti, slots, False)
     errs = {"LoRA forward": norm_err(case.lora_layer(x, logits), ref_lora),
             "LoRA experts call": norm_err(qm.apply(case.layer, x, tw, ti, lora_context=ctx), ref_lora),
+            "baseline call": norm_err(qm.apply(case.layer, x, tw, ti, lora_context=case.baseline[0]), ref_lora),
             "base experts call": norm_err(qm.apply(case.layer, x, tw, ti, lora_context=None), ref_base)}
     delta = norm_err(ref_base, ref_lora)  # LoRA must change the output, or the check proves nothing
     tol = TOLERANCE[dtype]
     bad = {n: e for n, e in errs.items() if not e < tol}
     if bad or delta < 10 * tol:
-        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens: normalised max errors {errs} "
+        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens, {num_loras} adapters: normalised max errors {errs} "
                  f"(tolerance {tol}); LoRA effect {delta:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {delta:.2f})"
 
@@ -266,44 +284,52 @@ def traffic(case: Case, ti, slots, rank: int) -> tuple[int, int, int, int]:
     return D, pairs, D * 3 * case.H * case.I * elt, pairs * 3 * rank * (case.H + case.I) * elt
 
 
-def bench_case(case: Case, M: int, args, dtype, device, flush, gpu: str, peak: float) -> dict:
-    x, _, tw, ti, slots = make_inputs(case, M, args.num_loras, dtype, device, args.seed)
-    case.punica.update_metadata(slots)  # outside any graph: the mapping buffer is static
+def bench_case(case: Case, M: int, args, dtype, device, flush, gpu: str, peak: float, rank: int,
+               num_loras: int, base: Optional[tuple[float, bool, str]] = None) -> dict:
+    """Times of one row; ``base``: the base call's (time, graph, note) measured for another combination."""
+    x, _, tw, ti, slots = make_inputs(case, M, num_loras, dtype, device, args.seed)
+    case.set_mapping(slots)  # outside any graph: the mapping buffers are static
     qm, layer, ctx = case.layer.quant_method, case.layer, case.layer._lora_context
-    base_fn = lambda: qm.apply(layer, x, tw, ti, lora_context=None)  # noqa: E731
-    lora_fn = lambda: qm.apply(layer, x, tw, ti, lora_context=ctx)  # noqa: E731
-    if device.type == "cuda":
-        t_base, g_base, n_base = time_cuda(base_fn, flush, args.reps, not args.no_graph)
-        t_lora, g_lora, n_lora = time_cuda(lora_fn, flush, args.reps, not args.no_graph)
-    else:
-        (t_base, g_base, n_base), (t_lora, g_lora, n_lora) = time_cpu(base_fn, args.reps), time_cpu(lora_fn, args.reps)
-    D, pairs, b_base, b_lora = traffic(case, ti, slots, args.rank)
+    fns = {"base": lambda: qm.apply(layer, x, tw, ti, lora_context=None),
+           "lora": lambda: qm.apply(layer, x, tw, ti, lora_context=ctx),
+           "baseline": lambda: qm.apply(layer, x, tw, ti, lora_context=case.baseline[0])}
+    t = {"base": base} if base is not None else {}
+    for key, fn in fns.items():
+        if key not in t:
+            t[key] = (time_cuda(fn, flush, args.reps, not args.no_graph) if device.type == "cuda"
+                      else time_cpu(fn, args.reps))
+    (t_base, _, _), (t_lora, _, _), (t_bl, _, _) = t["base"], t["lora"], t["baseline"]
+    D, pairs, b_base, b_lora = traffic(case, ti, slots, rank)
     min_us = (b_base + b_lora) / peak * 1e6
-    return dict(shape=case.name, tokens=M, experts=D, pairs=pairs, base=t_base, lora=t_lora,
-                ratio=t_lora / t_base, gbs=(b_base + b_lora) / (t_lora * 1e-6) / 1e9, roof=100 * min_us / t_lora,
-                min_us=min_us, graph=("yes" if g_base and g_lora else "no"), gpu=gpu,
-                notes=[n for n in (n_base and f"base: {n_base}", n_lora and f"LoRA: {n_lora}") if n])
+    return dict(shape=case.name, tokens=M, rank=rank, loras=num_loras, experts=D, pairs=pairs, base=t_base,
+                lora=t_lora, ratio=t_lora / t_base, baseline=t_bl, bl_ratio=t_bl / t_base,
+                gbs=(b_base + b_lora) / (t_lora * 1e-6) / 1e9, roof=100 * min_us / t_lora, min_us=min_us,
+                graph=("yes" if all(v[1] for v in t.values()) else "no"), gpu=gpu, base_timing=t["base"],
+                notes=[f"{k}: {v[2]}" for k, v in t.items() if v[2]])
 
 
 def results_table(rows: list[dict]) -> str:
-    head = ("| shape | tokens | experts | (adapter, expert) pairs | base (us) | LoRA (us) | ratio | GB/s "
-            "| min with LoRA (us) | % of roofline | graph | GPU |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    head = ("| shape | tokens | rank | adapters | experts | (adapter, expert) pairs | base (us) | LoRA (us) | ratio "
+            "| baseline LoRA (us) | baseline ratio | ours / baseline | GB/s | min with LoRA (us) | % of roofline "
+            "| graph | GPU |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['experts']} | {r['pairs']} | {r['base']:.1f} "
-                     f"| {r['lora']:.1f} | {r['ratio']:.2f} | {r['gbs']:.4g} | {r['min_us']:.1f} "
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['rank']} | {r['loras']} | {r['experts']} | {r['pairs']} "
+                     f"| {r['base']:.1f} | {r['lora']:.1f} | {r['ratio']:.2f} | {r['baseline']:.1f} "
+                     f"| {r['bl_ratio']:.2f} | {r['lora'] / r['baseline']:.2f} | {r['gbs']:.4g} | {r['min_us']:.1f} "
                      f"| {r['roof']:.0f} % | {r['graph']} | {r['gpu']} |")
     return "\n".join(lines)
 
 
 def upstream_table(rows: list[dict], keys: list[str]) -> str:
-    """Our LoRA/base ratio beside upstream vLLM's H200 figures (FACTS.md 5)."""
+    """Our LoRA/base ratio (rank 16, 4 adapters) beside upstream vLLM's H200 figures (FACTS.md 5)."""
     lines = ["| shape | " + " | ".join(f"{t} tokens (ours / upstream H200)" for t in UPSTREAM_TOKENS) + " |",
              "|---|" + "---:|" * len(UPSTREAM_TOKENS)]
     for key in keys:
         if key not in UPSTREAM:
             continue
-        ours = {r["tokens"]: r["ratio"] for r in rows if r["shape"] == SHAPES[key][0]}
+        ours = {r["tokens"]: r["ratio"] for r in rows
+                if r["shape"] == SHAPES[key][0] and (r["rank"], r["loras"]) == (16, 4)}
         cells = [(f"{ours[t]:.2f}" if t in ours else "-") + f" / {u:.2f}" for t, u in zip(UPSTREAM_TOKENS, UPSTREAM[key])]
         lines.append(f"| {SHAPES[key][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -341,31 +367,40 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     peak = peak_bandwidth(device)
-    print(f"device: {gpu}; dtype {args.dtype}; rank {args.rank}; {args.num_loras} adapters, tokens round-robin; "
+    print(f"device: {gpu}; dtype {args.dtype}; ranks {args.ranks}; adapters {args.num_loras}, tokens round-robin; "
           f"measured copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s")
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
     rows, notes = [], []
     for shape in shapes:
-        case = build_case(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
-        print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k}: correctness at {check_m} tokens: "
-              f"{check(case, check_m, args.num_loras, dtype, device, args.seed)}", flush=True)
-        for M in tokens:
-            r = bench_case(case, M, args, dtype, device, flush, gpu, peak)
-            notes += [f"{case.name} {M} tokens: {n}" for n in r["notes"]]
-            print(f"  {M:5d} tokens: base {r['base']:9.1f} us  LoRA {r['lora']:9.1f} us  ratio {r['ratio']:.2f}  "
-                  f"{r['gbs']:6.0f} GB/s  {r['roof']:3.0f} % of roofline  graph {r['graph']}", flush=True)
-            rows.append(r)
-        del case
+        layer, base_timings = None, {}  # one base layer per shape; its time once per token count
+        for rank, num_loras in itertools.product(args.ranks, args.num_loras):
+            case = build_case(shape, dtype, device, rank, num_loras, max(max(tokens), check_m), args.seed, layer=layer)
+            layer = case.layer
+            ok = check(case, check_m, num_loras, dtype, device, args.seed)
+            print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k} rank {rank}, {num_loras} adapters: "
+                  f"correctness at {check_m} tokens: {ok}", flush=True)
+            for M in tokens:
+                r = bench_case(case, M, args, dtype, device, flush, gpu, peak, rank, num_loras, base=base_timings.get(M))
+                base_timings[M] = r["base_timing"]
+                notes += [f"{case.name} {M} tokens R={rank} L={num_loras}: {n}" for n in r["notes"]]
+                print(f"  {M:5d} tokens R={rank:3d} L={num_loras:2d}: base {r['base']:9.1f} us  LoRA {r['lora']:9.1f} us  "
+                      f"ratio {r['ratio']:.2f}  baseline {r['baseline']:9.1f} us ({r['bl_ratio']:.2f})  "
+                      f"{r['gbs']:6.0f} GB/s  {r['roof']:3.0f} % of roofline  graph {r['graph']}", flush=True)
+                rows.append(r)
+            del case
+        del layer
         if has_cuda:
             torch.cuda.empty_cache()
 
     text = "\n".join([
-        f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, rank {args.rank}, {args.num_loras} adapters", "",
+        f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}", "",
         results_table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "
         "the region INCLUDES the expert align/sort, the LoRA (adapter, expert) align, the activation, the top-k sum "
         "and the output allocation (upstream's FACTS.md 5 figures exclude align, activation and sum).",
+        "- Baseline: the same call, the LoRA as separate shrink and expand launches after each base GEMM "
+        "(`benchmarks/kernels/moe_lora_baseline.py`); ours / baseline = LoRA time / baseline LoRA time.",
         "- CUDA: graph replay (unless graph = no), L2 flushed (256 MB write) before each replay, events around the "
         f"replay only, median of {args.reps}. CPU smoke: wall clock of the Triton interpreter, meaningless as speed.",
         f"- Bytes = weights only (FACTS.md 6): D*3HI*2 + pairs*3R(H+I)*2; peak = {peak / 1e9:.0f} GB/s from a large "
