@@ -48,7 +48,7 @@ def test_nothing_is_patched(backend, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_context_built_once_and_stays_valid(backend, device):
     h = Harness(E=8, top_k=2, H=32, I=32, backend=backend, device=device, max_loras=3, max_rank=16, seed=2)
-    ctx = h.layer.base_layer._lora_context
+    ctx = h.layer.base_layer.lora_context
     assert ctx is not None and ctx.punica_wrapper is h.punica
     h.load(0, h.new_adapter())
     h.load(1, h.new_adapter(rank=8))
@@ -69,7 +69,7 @@ def test_context_built_once_and_stays_valid(backend, device):
         x, logits = h.inputs(M)
         slots = pick_slots(M, 3, mode, seed=i)
         out = h.forward(x, logits, slots)
-        assert h.layer.base_layer._lora_context is ctx, "the context was rebuilt"
+        assert h.layer.base_layer.lora_context is ctx, "the context was rebuilt"
         assert_close(out.cpu(), h.reference(x, logits, slots), torch.float32, name=f"step {i}")
 
 
@@ -85,7 +85,7 @@ def test_base_layer_forward_without_context_is_plain_moe(device):
     h.load(0, h.new_adapter())
     x, logits = h.inputs(4)
     with_lora = h.forward(x, logits, [0] * 4)
-    h.layer.base_layer._lora_context = None
+    h.layer.base_layer.set_lora_context(None)
     plain = h.layer(x, logits)
     assert_close(plain.cpu(), h.reference(x, logits, [-1] * 4), torch.float32)
     assert not torch.allclose(plain, with_lora)
@@ -121,6 +121,6 @@ def test_dispatched_rows_take_their_slots_from_the_context(backend, device):
     base = h.layer.base_layer
     tw, ti = fused_topk(logits, h.top_k, renormalize=base.renormalize)
     mapping = torch.tensor(slots, dtype=torch.int32, device=x.device)
-    out = base.quant_method.apply(base, x, tw, ti, lora_context=base._lora_context.after_dispatch(mapping))
+    out = base.quant_method.apply(base, x, tw, ti, lora_context=base.lora_context.after_dispatch(mapping))
     assert_close(out.cpu(), h.reference(x, logits, slots), torch.float32)
-    assert base._lora_context.token_lora_mapping is None  # the layer's own context is unchanged
+    assert base.lora_context.token_lora_mapping is None  # the layer's own context is unchanged

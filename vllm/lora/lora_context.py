@@ -1,7 +1,7 @@
 """``MoELoRAContext``: everything a fused-MoE forward needs to add LoRA deltas.
 
-Built once, in ``FusedMoEWithLoRA.set_mapping``, and stored on the wrapped
-``FusedMoE`` layer as ``layer._lora_context``.  From there it travels as an
+Built once, in ``FusedMoEWithLoRA.set_mapping``, and set on the wrapped
+``FusedMoE`` layer (``layer.set_lora_context``).  From there it travels as an
 explicit ``lora_context=`` keyword argument:
 
     FusedMoE.forward -> MoERunner -> quant_method.apply -> FusedMoEModularMethod.apply
