@@ -62,6 +62,7 @@ def main() -> int:
     w2 = torch.randn(E, H, I, generator=g) / I**0.5
     layer = FusedMoE(E, k, H, I, params_dtype=dtype, device=device, moe_backend=args.backend, lora_enabled=True)
     layer.load_fused_experts(gate_up=w13, down=w2)
+    layer.process_weights_after_loading()  # weights in place: build the kernel (backend chosen here)
     lora = FusedMoEWithLoRA(layer)
     lora.create_lora_weights(3, LoRAConfig(max_loras=3, max_lora_rank=R))
     punica = get_punica_wrapper(8192, 3, device)

@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    from vllm.lora.ops.triton_ops.moe_lora_align import lora_virtual_expert_ids, moe_lora_align_block_size
+    from vllm.lora.ops.moe_lora_align import lora_virtual_expert_ids, moe_lora_align_block_size
     from vllm.model_executor.layers.fused_moe.ops import moe_align_block_size as mab
 
     dev = torch.device("cuda")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.utils import random_expert, random_topk_ids
-from vllm.lora.ops.triton_ops.moe_lora_align import MoELoRAAlignment, moe_lora_align_block_size
+from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, moe_lora_align_block_size
 
 
 def _routing(m, top_k, e_global, device, exclude=()):

@@ -7,11 +7,9 @@ import torch
 
 from tests.layers.mxfp4_setup import PREFIX, make_mxfp4_layer, random_mxfp4_checkpoint
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
-from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import (
-    TorchMxfp4Experts,
-    UnfusedOAITritonExperts,
-    mxfp4_moe_quant_config,
-)
+from vllm.model_executor.layers.fused_moe.experts.mxfp4_experts_base import mxfp4_moe_quant_config
+from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
+from vllm.model_executor.layers.fused_moe.experts.torch_mxfp4_experts import TorchMxfp4Experts
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm.model_executor.layers.fused_moe.mxfp4_fused_moe_method import Mxfp4FusedMoEMethod
 from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoEBackend, select_mxfp4_moe_backend

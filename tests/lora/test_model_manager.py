@@ -122,6 +122,7 @@ def test_shared_expert_inside_fused_moe_keeps_its_own_name():
     mlp = nn.Module()
     mlp.experts = FusedMoE(4, 2, 16, 8, params_dtype=torch.float32, moe_backend="torch", lora_enabled=True,
                            shared_experts=shared)
+    mlp.experts.process_weights_after_loading()  # a layer built by hand is finalised before LoRA wrapping
     mlp.shared_expert = shared
     model = nn.Module()
     model.mlp = mlp
@@ -267,7 +268,7 @@ def test_mapping_is_built_once_per_step(checkpoints, tmp_path, monkeypatch):
         else:
             wrapper(torch.randn(3, base.input_size_per_partition))
     assert calls == [[0, -1, 0]]
-    ctx = mgr.modules["model.layers.0.mlp.experts"].base_layer._lora_context
+    ctx = mgr.modules["model.layers.0.mlp.experts"].base_layer.lora_context
     assert ctx.punica_wrapper is mgr.punica_wrapper
 
 

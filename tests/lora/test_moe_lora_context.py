@@ -8,6 +8,7 @@ from tests.layers.moe_setup import make_layer, pick_slots, random_weights
 from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
 from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
+from vllm.model_executor.layers.fused_moe.router import fused_topk
 
 
 def _objects(lora_layer):
@@ -47,7 +48,7 @@ def test_nothing_is_patched(backend, device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_context_built_once_and_stays_valid(backend, device):
     h = Harness(E=8, top_k=2, H=32, I=32, backend=backend, device=device, max_loras=3, max_rank=16, seed=2)
-    ctx = h.layer.base_layer._lora_context
+    ctx = h.layer.base_layer.lora_context
     assert ctx is not None and ctx.punica_wrapper is h.punica
     h.load(0, h.new_adapter())
     h.load(1, h.new_adapter(rank=8))
@@ -68,7 +69,7 @@ def test_context_built_once_and_stays_valid(backend, device):
         x, logits = h.inputs(M)
         slots = pick_slots(M, 3, mode, seed=i)
         out = h.forward(x, logits, slots)
-        assert h.layer.base_layer._lora_context is ctx, "the context was rebuilt"
+        assert h.layer.base_layer.lora_context is ctx, "the context was rebuilt"
         assert_close(out.cpu(), h.reference(x, logits, slots), torch.float32, name=f"step {i}")
 
 
@@ -84,7 +85,7 @@ def test_base_layer_forward_without_context_is_plain_moe(device):
     h.load(0, h.new_adapter())
     x, logits = h.inputs(4)
     with_lora = h.forward(x, logits, [0] * 4)
-    h.layer.base_layer._lora_context = None
+    h.layer.base_layer.set_lora_context(None)
     plain = h.layer(x, logits)
     assert_close(plain.cpu(), h.reference(x, logits, [-1] * 4), torch.float32)
     assert not torch.allclose(plain, with_lora)
@@ -105,3 +106,21 @@ def test_mapping_errors_are_clear(device):
     with pytest.raises(ValueError, match="NaN"):
         h.load(1, bad)
     _ = pick_slots
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dispatched_rows_take_their_slots_from_the_context(backend, device):
+    """After an expert-parallel dispatch the rows' slots travel in ``ctx.token_lora_mapping``
+    (``after_dispatch``); the Punica wrapper reads them there, not the step's mapping."""
+    h = Harness(E=8, top_k=2, H=32, I=32, backend=backend, device=device, max_loras=2, seed=3)
+    h.load(0, h.new_adapter())
+    h.load(1, h.new_adapter(rank=8))
+    x, logits = h.inputs(6)
+    slots = [0, 1, -1, 1, 0, 1]
+    h.punica.update_metadata([-1] * 6)  # the step's own tokens use no adapter
+    base = h.layer.base_layer
+    tw, ti = fused_topk(logits, h.top_k, renormalize=base.renormalize)
+    mapping = torch.tensor(slots, dtype=torch.int32, device=x.device)
+    out = base.quant_method.apply(base, x, tw, ti, lora_context=base.lora_context.after_dispatch(mapping))
+    assert_close(out.cpu(), h.reference(x, logits, slots), torch.float32)
+    assert base.lora_context.token_lora_mapping is None  # the layer's own context is unchanged

@@ -92,7 +92,7 @@ def test_tp2_lora_matches_unsharded_reference(fully_sharded, fused, device):
 def test_fully_sharded_buffers_are_rank_shards(device):
     h = Harness(E=4, top_k=2, H=32, I=32, backend="torch", device=device, max_loras=1, max_rank=16,
                 layer_kwargs=dict(tp_size=2, tp_rank=1), lora_kwargs=dict(fully_sharded_loras=True))
-    ctx = h.layer.base_layer._lora_context
+    ctx = h.layer.base_layer.lora_context
     assert ctx.fully_sharded and ctx.tp_rank == 1 and ctx.tp_size == 2
     assert ctx.w13_lora_a_stacked[0].shape == (1, 4, 8, 32)  # R/tp rows of A
     assert ctx.w2_lora_b_stacked[0].shape == (1, 4, 16, 16)  # H/tp rows of B

@@ -1,11 +1,15 @@
 """``MoELoRAContext``: everything a fused-MoE forward needs to add LoRA deltas.
 
-Built once, in ``FusedMoEWithLoRA.set_mapping``, and stored on the wrapped
-``FusedMoE`` layer as ``layer._lora_context``.  From there it travels as an
+Built once, in ``FusedMoEWithLoRA.set_mapping``, and set on the wrapped
+``FusedMoE`` layer (``layer.set_lora_context``).  From there it travels as an
 explicit ``lora_context=`` keyword argument:
 
     FusedMoE.forward -> MoERunner -> quant_method.apply -> FusedMoEModularMethod.apply
       -> FusedMoEKernel.apply -> fused_experts.apply -> apply_w13_lora / apply_w2_lora
+      -> PunicaWrapper.add_lora_w13 / add_lora_w2 (ctx as an argument: they read its fields)
+
+This dataclass is the one list of those fields: a new one is declared here, set where
+the context is built and read where it is used; nothing in between names it.
 
 It holds *references* to buffers that are updated in place (adapter weights are
 copied into their slots by ``set_lora``; the token-to-adapter mapping lives in

@@ -3,7 +3,8 @@
 ``FusedMoEWithLoRA`` wraps a ``FusedMoE`` whose experts support LoRA.  It owns
 the stacked adapter buffers (see ``MoELoRAContext`` for shapes), fills and
 clears slots, and in ``set_mapping`` builds the ``MoELoRAContext`` once and
-stores it on the base layer.  The base layer's forward passes the context down
+sets it on the base layer (``FusedMoE.set_lora_context``).  The base layer must be
+finalised (``process_weights_after_loading``) before it is wrapped.  The base layer's forward passes the context down
 as an argument; nothing in the MoE code is patched.
 
 Two flavours, by how w13 LoRA is laid out:
@@ -38,10 +39,16 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
     w13_num_slices_default = 2
 
     def __init__(self, base_layer: FusedMoE) -> None:
+        """Wrap a finalised ``base_layer`` (``process_weights_after_loading`` done: its backend is
+        known only then); the constructor checks, it changes nothing in the base layer."""
         super().__init__()
-        base_layer.process_weights_after_loading()
-        if not base_layer.quant_method.supports_lora():
-            experts = type(base_layer.quant_method.kernel.fused_experts)
+        if not base_layer.is_finalized:
+            raise RuntimeError(
+                f"MoE layer {base_layer.prefix or '<unnamed>'} is not finalised, so its experts backend is not "
+                "chosen yet: call its process_weights_after_loading() once its weights are loaded (get_model "
+                "does), then wrap it for LoRA")
+        experts = type(base_layer.experts)
+        if not experts.supports_lora():
             raise ValueError(
                 f"MoE layer {base_layer.prefix or '<unnamed>'} runs {experts.__name__}, which does not support "
                 f"LoRA ({experts.lora_unsupported_reason()}). Build the layer with lora_enabled=True so the "
@@ -149,7 +156,7 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             self._put(self._w13_a[s, index], dst_e, a)
             b = torch.stack([self._shard_w13_rows(w13_b[s][int(e)]) for e in rows])
             self._put(self._w13_b[s, index], dst_e, self._pad_rank(b, dim=2))
-        i_cols = base._tp_rows(I_full)
+        i_cols = base.tp_slice(I_full)
         self._put(self._w2_a[0, index], dst_e, self._pad_rank(w2_lora_a[rows][:, :, i_cols]))
         b2 = self._pad_rank(w2_lora_b[rows], dim=2)
         if self.fully_sharded:
@@ -166,8 +173,8 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
 
     def _shard_w13_rows(self, b: torch.Tensor) -> torch.Tensor:
         if self.w13_num_slices == 1:
-            return self.base_layer._shard_w13(b)
-        return b[self.base_layer._tp_rows(b.shape[0])]
+            return self.base_layer.shard_w13(b)
+        return b[self.base_layer.tp_slice(b.shape[0])]
 
     def _rank_shard(self, full: int) -> slice:
         part = full // self.tp_size
@@ -221,14 +228,14 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         """Attach the Punica wrapper and build the context once; it stays valid afterwards."""
         self.punica_wrapper = punica_wrapper
         base = self.base_layer
-        base._lora_context = MoELoRAContext(
+        base.set_lora_context(MoELoRAContext(
             w13_lora_a_stacked=self.w13_lora_a_stacked, w13_lora_b_stacked=self.w13_lora_b_stacked,
             w2_lora_a_stacked=self.w2_lora_a_stacked, w2_lora_b_stacked=self.w2_lora_b_stacked,
             adapter_enabled=self.adapter_enabled, enabled_slots=self.enabled_slots, max_loras=self.max_loras,
             top_k=base.top_k,
             w13_num_slices=self.w13_num_slices, fully_sharded=self.fully_sharded, tp_rank=self.tp_rank,
             tp_size=self.tp_size, local_num_experts=base.local_num_experts, punica_wrapper=punica_wrapper,
-            use_tuned_config=self.use_tuned_config)
+            use_tuned_config=self.use_tuned_config))
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.base_layer(hidden_states, router_logits)

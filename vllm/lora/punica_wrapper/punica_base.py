@@ -6,12 +6,14 @@ mapping (FACTS.md 4: build it once per step, not once per layer).
 
 For fused MoE the wrapper offers the two seams the experts call inline:
 
-    add_lora_w13(y, x, ...)  after GEMM1, before the activation:
+    add_lora_w13(y, x, ctx, ...)  after GEMM1, before the activation:
         y[p, cols of slice s] += (x[token(p)] @ A_s[slot, e]^T) @ B_s[slot, e]^T
-    add_lora_w2(y, x, ...)   after GEMM2, before the top-k sum:
+    add_lora_w2(y, x, ctx, ...)   after GEMM2, before the top-k sum:
         y[p, :] += w_p * (x[p] @ A[slot, e]^T) @ B[slot, e]^T
         (w_p = router weight exactly when the base GEMM2 output was weighted)
 
+``ctx`` is the layer's ``MoELoRAContext``: its adapter buffers and settings are read
+from it, so a new LoRA field is added to the dataclass and read where it is used.
 ``add_lora_w13`` returns the routing it prepared (a ``MoELoRARouting``) so
 ``add_lora_w2`` reuses it instead of sorting again.  Subclasses supply the
 compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch on CPU.
@@ -25,9 +27,12 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Collection, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Optional, Protocol, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
 
 
 class TPGroup(Protocol):
@@ -140,85 +145,79 @@ class PunicaWrapperBase(ABC):
     def _expand(self, out, shrunk, lora_b, **kw) -> None: ...
 
     # ---- the MoE seams ------------------------------------------------------
-    def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
-                     lora_b_stacked: tuple[torch.Tensor, ...], *, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int, top_k: int,
-                     num_slices: int, local_num_experts: int, fully_sharded: bool = False, tp_rank: int = 0,
-                     tp_size: int = 1, expert_map: Optional[torch.Tensor] = None,
-                     use_tuned_config: bool = False,
-                     token_lora_mapping: Optional[torch.Tensor] = None) -> MoELoRARouting:
-        """Add the w13 LoRA delta into the GEMM1 output ``y`` [M*top_k, N_total] in place.
+    def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> MoELoRARouting:
+        """Add the w13 LoRA delta of the layer whose LoRA state is ``ctx`` into the GEMM1 output
+        ``y`` [M*top_k, N_total] in place.
 
         x: [M, H] hidden states; topk_ids / topk_weights: [M, top_k].
-        token_lora_mapping: [M] slots of x's rows when they are not the step's tokens (an
-        expert-parallel dispatch moved them); None = the step's mapping.
+        The rows of x are the step's tokens, or, when ``ctx.token_lora_mapping`` is set (an
+        expert-parallel dispatch moved rows between ranks), the rows that mapping gives slots.
         Returns the routing for ``add_lora_w2``.
         """
         M = x.shape[0]
-        num_pairs = M * top_k
-        if token_lora_mapping is None:
+        num_pairs = M * ctx.top_k
+        if ctx.token_lora_mapping is None:
             mapping = self._mapping_for(M)
-        elif token_lora_mapping.shape[0] < M:
-            raise ValueError(f"token_lora_mapping has {token_lora_mapping.shape[0]} entries for {M} rows")
+        elif ctx.token_lora_mapping.shape[0] < M:
+            raise ValueError(f"token_lora_mapping has {ctx.token_lora_mapping.shape[0]} entries for {M} rows")
         else:
-            mapping = token_lora_mapping
+            mapping = ctx.token_lora_mapping
         y2 = y.reshape(num_pairs, y.shape[-1])
-        rank = lora_a_stacked[0].shape[2]
-        n_slice = lora_b_stacked[0].shape[2]
-        cfg = self._config("fused_moe_lora_w13", num_pairs=num_pairs, num_experts=local_num_experts,
-                           max_loras=max_loras, rank=rank, K=x.shape[1], N=n_slice, num_slices=num_slices,
-                           dtype=x.dtype, use_tuned_config=use_tuned_config)
+        lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
+        cfg = self._config("fused_moe_lora_w13", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=lora_b[0].shape[2],
+                           num_slices=ctx.w13_num_slices, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config)
         alignment = None
-        if num_pairs and not self._use_small_batch(num_pairs, local_num_experts, max_loras):
-            alignment = self._align(topk_ids, mapping, num_experts=local_num_experts, max_loras=max_loras,
-                                    adapter_enabled=adapter_enabled, expert_map=expert_map, config=cfg)
+        if num_pairs and not self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras):
+            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
+                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
         routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
         if num_pairs == 0:
             return routing
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=mapping,
-                  adapter_enabled=adapter_enabled, top_k_in=top_k, expert_map=expert_map, alignment=alignment,
-                  config=cfg)
-        if fully_sharded and tp_size > 1:
+                  adapter_enabled=ctx.adapter_enabled, top_k_in=ctx.top_k, expert_map=expert_map,
+                  alignment=alignment, config=cfg)
+        if ctx.fully_sharded and ctx.tp_size > 1:
             # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
             # rank (in rank order, so a zero-padded tail stays at the end), then expand.
-            shrunk = self._shrink(x, lora_a_stacked, **_without(kw, "topk_weights"))  # [S, pairs, R/tp] fp32
+            shrunk = self._shrink(x, lora_a, **_without(kw, "topk_weights"))  # [S, pairs, R/tp] fp32
             shrunk = self._group().all_gather(shrunk, dim=2).contiguous()
-            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=False, **_without(kw, "top_k_in"))
+            self._expand(y2, shrunk, lora_b, mul_routed_weight=False, **_without(kw, "top_k_in"))
         else:
-            self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=False, **kw)
+            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=False, **kw)
         return routing
 
-    def add_lora_w2(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
-                    lora_b_stacked: tuple[torch.Tensor, ...], *, routing: MoELoRARouting, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int, top_k: int,
-                    local_num_experts: int, mul_routed_weight: bool, fully_sharded: bool = False,
-                    tp_rank: int = 0, tp_size: int = 1, expert_map: Optional[torch.Tensor] = None,
-                    use_tuned_config: bool = False) -> None:
-        """Add the w2 LoRA delta into the GEMM2 output ``y`` [M*top_k, H] in place.
+    def add_lora_w2(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting,
+                    topk_ids: torch.Tensor, topk_weights: torch.Tensor, mul_routed_weight: bool,
+                    expert_map: Optional[torch.Tensor] = None) -> None:
+        """Add the w2 LoRA delta of the layer whose LoRA state is ``ctx`` into the GEMM2 output
+        ``y`` [M*top_k, H] in place.
 
-        x: [M*top_k, I_part] activation output.  ``mul_routed_weight`` must be
-        True exactly when the base GEMM2 output was multiplied by the router
-        weight (not when the weight was applied on the input).
+        x: [M*top_k, I_part] activation output; ``routing``: what ``add_lora_w13`` returned.
+        ``mul_routed_weight`` must be True exactly when the base GEMM2 output was multiplied
+        by the router weight (not when the weight was applied on the input).
         """
         num_pairs = routing.num_pairs
         if num_pairs == 0:
             return
         y2 = y.reshape(num_pairs, y.shape[-1])
-        h_b = lora_b_stacked[0].shape[2]
-        cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=local_num_experts,
-                           max_loras=max_loras, rank=lora_a_stacked[0].shape[2], K=x.shape[1], N=h_b,
-                           num_slices=1, dtype=x.dtype, use_tuned_config=use_tuned_config)
+        lora_a, lora_b = ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked
+        h_b = lora_b[0].shape[2]
+        cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=h_b,
+                           num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config)
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
-                  adapter_enabled=adapter_enabled, top_k_in=1, expert_map=expert_map,
+                  adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
                   alignment=routing.alignment, config=cfg)
-        if fully_sharded and tp_size > 1:
+        if ctx.fully_sharded and ctx.tp_size > 1:
             # A is sharded on its input columns: the fp32 shrink partial sums are
             # all-reduced, then each rank expands its H/tp rows of B at its offset.
-            shrunk = self._group().all_reduce(self._shrink(x, lora_a_stacked, **_without(kw, "topk_weights")))
-            self._expand(y2, shrunk, lora_b_stacked, mul_routed_weight=mul_routed_weight,
-                         n_offset=h_b * tp_rank, **_without(kw, "top_k_in"))
+            shrunk = self._group().all_reduce(self._shrink(x, lora_a, **_without(kw, "topk_weights")))
+            self._expand(y2, shrunk, lora_b, mul_routed_weight=mul_routed_weight,
+                         n_offset=h_b * ctx.tp_rank, **_without(kw, "top_k_in"))
         else:
-            self._fused(y2, x, lora_a_stacked, lora_b_stacked, mul_routed_weight=mul_routed_weight, **kw)
+            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=mul_routed_weight, **kw)
 
     # ---- dense LoRA (linear layers) ----------------------------------------------
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],

@@ -55,7 +55,7 @@ class PunicaWrapperGPU(PunicaWrapperBase):
                                    use_tuned_config=use_tuned_config, device_name=self._device_name())
 
     def _align(self, topk_ids, mapping, *, num_experts, max_loras, adapter_enabled, expert_map, config) -> Any:
-        from vllm.lora.ops.triton_ops.moe_lora_align import moe_lora_align_block_size
+        from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
 
         return moe_lora_align_block_size(topk_ids, mapping, num_experts=num_experts, max_loras=max_loras,
                                          block_size=config["BLOCK_SIZE_M"], adapter_enabled=adapter_enabled,

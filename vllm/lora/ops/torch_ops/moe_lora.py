@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from vllm.lora.ops.triton_ops.moe_lora_align import lora_virtual_expert_ids
+from vllm.lora.ops.moe_lora_align import lora_virtual_expert_ids
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from vllm.lora.ops.triton_ops.moe_lora_align import MoELoRAAlignment
+from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.triton_utils import triton_interpreting
 

@@ -145,7 +145,7 @@ class Int4MoEMethod(FusedMoEMethodBase):
             raise RuntimeError("load_int4 after process_weights_after_loading: the weights are already packed")
         H, I_full, I_part = cfg.hidden_dim, cfg.intermediate_size, cfg.intermediate_size_per_partition
         gs13, gs2 = self._full_group_sizes()
-        cols = layer._tp_rows(I_full)
+        cols = layer.tp_slice(I_full)
         dev = layer.w13_weight.device
         if shard_id in ("w1", "w3"):
             g = self._check(shard_id, expert_id, w, (I_full, H), gs13)

@@ -9,8 +9,12 @@ Weights (local experts only, this TP rank's share of I):
 Loading: ``weight_loader(param, loaded, shard_id, expert_id)`` takes one expert's
 tensor as saved per expert (shard_id "w1" gate [I, H], "w3" up [I, H], "w2"
 down [H, I]); ``load_fused_experts`` takes the fused layouts of FACTS.md 3.
-Both slice for TP and skip experts of other EP ranks.  Then
-``process_weights_after_loading`` builds the modular kernel once.
+Both slice for TP (``tp_slice``, ``shard_w13``) and skip experts of other EP ranks.
+
+Finalisation: ``process_weights_after_loading`` converts the weights and builds the
+modular kernel, once, after loading (``get_model`` and ``load_checkpoint`` call it; a
+layer built by hand calls it itself).  ``forward`` and LoRA wrapping need it done
+(``is_finalized``); neither builds anything on its own.
 
 Expert parallelism: ``ep_size`` ranks each hold ``E / ep_size`` whole experts
 (``expert_map``: global id -> local id, -1 elsewhere); with an ``ep_group`` of
@@ -21,8 +25,9 @@ tensor-parallel engine), so dispatch moves nothing and combine is one all-reduce
 Quantized experts: ``quant_config`` (the checkpoint's ``QuantizationConfig``) picks the
 quant method, which creates the weights and their loaders; None = unquantized.
 
-LoRA: ``FusedMoEWithLoRA`` stores a ``MoELoRAContext`` in ``_lora_context``;
-``forward`` passes it on as an argument.
+LoRA: ``FusedMoEWithLoRA`` sets the layer's ``MoELoRAContext`` (``set_lora_context``);
+``forward`` passes it on as an argument.  What the wrapper reads of the layer is public:
+``is_finalized``, ``experts``, ``tp_slice``, ``shard_w13``.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
 if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 
@@ -102,7 +109,7 @@ class FusedMoE(nn.Module):
             if not hasattr(p, "weight_loader"):  # a quant method may give its parameters their own loader
                 p.weight_loader = self.weight_loader
         self.runner = MoERunner(self)
-        self._lora_context = None
+        self._lora_context: Optional["MoELoRAContext"] = None
 
     # ---- loading ---------------------------------------------------------------
     def _local_expert(self, expert_id: int) -> Optional[int]:
@@ -113,7 +120,9 @@ class FusedMoE(nn.Module):
         local = int(self.expert_map[expert_id])
         return None if local < 0 else local
 
-    def _tp_rows(self, full: int) -> slice:
+    def tp_slice(self, full: int) -> slice:
+        """This TP rank's part of a dimension of size ``full`` that TP splits evenly (the
+        intermediate size I, w2's columns, each half of w13's rows)."""
         pc = self.moe_config.parallel_config
         part = full // pc.tp_size
         return slice(pc.tp_rank * part, (pc.tp_rank + 1) * part)
@@ -137,7 +146,7 @@ class FusedMoE(nn.Module):
                 raise ValueError(f"shard {shard_id} belongs to w13, not this parameter")
             if shard_id == "w3" and not gated:
                 raise ValueError("non-gated experts have no up projection (w3)")
-            src = loaded_weight[self._tp_rows(loaded_weight.shape[0])]
+            src = loaded_weight[self.tp_slice(loaded_weight.shape[0])]
             offset = I_part if shard_id == "w3" else 0
             dst = param.data[local, offset:offset + I_part]
         elif shard_id == "w2":
@@ -147,7 +156,7 @@ class FusedMoE(nn.Module):
                 keep = self.moe_config.parallel_config.tp_rank == 0
                 src = loaded_weight if keep else torch.zeros_like(loaded_weight)
             else:
-                src = loaded_weight[:, self._tp_rows(loaded_weight.shape[1])]
+                src = loaded_weight[:, self.tp_slice(loaded_weight.shape[1])]
             dst = param.data[local]
         else:
             raise ValueError(f"unknown shard_id {shard_id!r}; expected 'w1', 'w3' or 'w2'")
@@ -179,33 +188,66 @@ class FusedMoE(nn.Module):
             local = self._local_expert(e)
             if local is None:
                 continue
-            self.w13_weight.data[local].copy_(self._shard_w13(gate_up[e]))
-            self.w2_weight.data[local].copy_(down[e][:, self._tp_rows(down.shape[2])])
+            self.w13_weight.data[local].copy_(self.shard_w13(gate_up[e]))
+            self.w2_weight.data[local].copy_(down[e][:, self.tp_slice(down.shape[2])])
             if gate_up_bias is not None:
-                self.w13_bias.data[local].copy_(self._shard_w13(gate_up_bias[e]))
+                self.w13_bias.data[local].copy_(self.shard_w13(gate_up_bias[e]))
             if down_bias is not None:
                 # every TP rank's partial sums are all-reduced: the bias is added on rank 0 only
                 keep = self.moe_config.parallel_config.tp_rank == 0
                 self.w2_bias.data[local].copy_(down_bias[e] if keep else torch.zeros_like(down_bias[e]))
 
-    def _shard_w13(self, rows: torch.Tensor) -> torch.Tensor:
-        """This TP rank's rows of one expert's full w13 (gate|up halves, or interleaved pairs)."""
+    def shard_w13(self, rows: torch.Tensor) -> torch.Tensor:
+        """This TP rank's rows of one expert's full w13 rows (dim 0: gate then up halves, or
+        gpt-oss's interleaved pairs, or the one projection of non-gated experts), in the order
+        ``w13_weight`` holds them."""
         n = rows.shape[0]
         if not self.activation.is_gated or self.activation is MoEActivation.SWIGLUOAI:
-            return rows[self._tp_rows(n)]  # interleaved pairs stay contiguous per rank
+            return rows[self.tp_slice(n)]  # interleaved pairs stay contiguous per rank
         half = n // 2
-        return torch.cat([rows[:half][self._tp_rows(half)], rows[half:][self._tp_rows(half)]], dim=0)
+        return torch.cat([rows[:half][self.tp_slice(half)], rows[half:][self.tp_slice(half)]], dim=0)
+
+    # ---- finalisation ----------------------------------------------------------------
+    @property
+    def is_finalized(self) -> bool:
+        """Whether ``process_weights_after_loading`` has run: weights converted, kernel built."""
+        return isinstance(self.quant_method, FusedMoEModularMethod)
 
     def process_weights_after_loading(self) -> None:
-        """Convert weights once and build the modular kernel (backend chosen here)."""
-        if isinstance(self.quant_method, FusedMoEModularMethod):
+        """Convert the loaded weights once and build the modular kernel (backend chosen here).
+
+        Call it once every weight is loaded, before the first forward and before LoRA
+        wrapping; calling it again does nothing.
+        """
+        if self.is_finalized:
             return
         self.quant_method.process_weights_after_loading(self)
         kernel = self.quant_method.make_kernel(self)
         self.quant_method = FusedMoEModularMethod(self.quant_method, kernel)
 
+    def _require_finalized(self, what: str) -> None:
+        if not self.is_finalized:
+            raise RuntimeError(
+                f"FusedMoE layer {self.prefix or '<unnamed>'}: {what} needs the layer finalised; call its "
+                "process_weights_after_loading() once its weights are loaded (get_model and load_checkpoint do)")
+
+    @property
+    def experts(self) -> "FusedMoEExpertsModular":
+        """The experts implementation of the built kernel (its class is the backend)."""
+        self._require_finalized("experts")
+        return self.quant_method.kernel.fused_experts
+
+    # ---- LoRA ----------------------------------------------------------------------------
+    @property
+    def lora_context(self) -> Optional["MoELoRAContext"]:
+        """The LoRA state ``forward`` passes down; None = no LoRA."""
+        return self._lora_context
+
+    def set_lora_context(self, ctx: Optional["MoELoRAContext"]) -> None:
+        """Set (``FusedMoEWithLoRA.set_mapping``) or clear (None) the LoRA state of every later forward."""
+        self._lora_context = ctx
+
     # ---- forward ---------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.quant_method, FusedMoEModularMethod):
-            self.process_weights_after_loading()
+        self._require_finalized("forward")
         return self.runner.forward(hidden_states, router_logits, lora_context=self._lora_context)

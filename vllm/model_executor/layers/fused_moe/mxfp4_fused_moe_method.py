@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import (
+from vllm.model_executor.layers.fused_moe.experts.mxfp4_experts_base import (
     Mxfp4MoEQuantConfig,
     mxfp4_moe_quant_config,
 )

@@ -6,8 +6,8 @@ its own ``apply``, calls:
     routing = self.apply_w13_lora(ctx, y=gemm1_out, x=hidden_states, ...)   # before the activation
     self.apply_w2_lora(ctx, y=gemm2_out, x=act_out, routing=routing, ...)   # before the top-k sum
 
-The helpers only forward context fields to the Punica wrapper; all LoRA compute
-lives there (``vllm/lora/punica_wrapper``).
+The helpers hand the context itself to the Punica wrapper, which reads the fields it
+needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 """
 from __future__ import annotations
 
@@ -37,12 +37,8 @@ class MoELoRAExpertsMixin:
         """
         if ctx.token_lora_mapping is None and not ctx.punica_wrapper.any_active(ctx.enabled_slots):
             return None
-        return ctx.punica_wrapper.add_lora_w13(
-            y, x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, topk_ids=topk_ids, topk_weights=topk_weights,
-            adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras, top_k=ctx.top_k,
-            num_slices=ctx.w13_num_slices, local_num_experts=ctx.local_num_experts,
-            fully_sharded=ctx.fully_sharded, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, expert_map=expert_map,
-            use_tuned_config=ctx.use_tuned_config, token_lora_mapping=ctx.token_lora_mapping)
+        return ctx.punica_wrapper.add_lora_w13(y, x, ctx, topk_ids=topk_ids, topk_weights=topk_weights,
+                                               expert_map=expert_map)
 
     @staticmethod
     def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"],
@@ -55,9 +51,5 @@ class MoELoRAExpertsMixin:
         """
         if routing is None:  # apply_w13_lora found no active adapter for this layer
             return
-        ctx.punica_wrapper.add_lora_w2(
-            y, x, ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked, routing=routing, topk_ids=topk_ids,
-            topk_weights=topk_weights, adapter_enabled=ctx.adapter_enabled, max_loras=ctx.max_loras,
-            top_k=ctx.top_k, local_num_experts=ctx.local_num_experts, mul_routed_weight=mul_routed_weight,
-            fully_sharded=ctx.fully_sharded, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, expert_map=expert_map,
-            use_tuned_config=ctx.use_tuned_config)
+        ctx.punica_wrapper.add_lora_w2(y, x, ctx, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
+                                       mul_routed_weight=mul_routed_weight, expert_map=expert_map)

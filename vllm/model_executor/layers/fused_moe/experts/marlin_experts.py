@@ -13,7 +13,7 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
-from vllm.model_executor.layers.fused_moe.experts.torch_int4_experts import Int4ExpertsBase
+from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 if TYPE_CHECKING:

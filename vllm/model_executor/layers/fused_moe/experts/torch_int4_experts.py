@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
-from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig, Int4PackedWeight
-from vllm.model_executor.layers.fused_moe.modular_kernel import Support
+from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
+from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 
 
 def int4_grouped_gemm_torch(out: torch.Tensor, a: torch.Tensor, w: Int4PackedWeight, local_ids: torch.Tensor, *,
@@ -26,32 +25,6 @@ def int4_grouped_gemm_torch(out: torch.Tensor, a: torch.Tensor, w: Int4PackedWei
         if w.perm is not None:
             rows = rows.index_select(1, w.perm[e].long())
         out.index_copy_(0, pairs, (rows @ w.dequantize_expert(e, a.dtype).t()).to(out.dtype))
-
-
-def check_int4_quant(cls: type, quant_config) -> Support:
-    if isinstance(quant_config, Int4MoEQuantConfig) and quant_config.w13 is not None and quant_config.w2 is not None:
-        return Support.yes()
-    return Support.no(f"{cls.__name__} runs packed int4 expert weights (Int4MoEQuantConfig) only")
-
-
-class Int4ExpertsBase(TwoGemmExperts):
-    """What every packed-int4 experts class shares: the quant config it runs, the activations, GEMM1's width."""
-
-    quant_config: Int4MoEQuantConfig
-
-    @classmethod
-    def supports_quant(cls, quant_config) -> Support:
-        return check_int4_quant(cls, quant_config)
-
-    @classmethod
-    def supports_activation(cls, activation) -> Support:
-        if activation.value == "swigluoai":
-            return Support.no(f"{cls.__name__} does not run gpt-oss's interleaved swigluoai experts")
-        return Support.yes()
-
-    def _w13_rows(self, n_from_weight: int) -> int:
-        # from the packed weight: w1 is [E, K/8, N] words, so w1.shape[1] is K/8
-        return self.quant_config.w13.n
 
 
 class TorchInt4Experts(Int4ExpertsBase):

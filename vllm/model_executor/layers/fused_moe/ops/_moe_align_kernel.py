@@ -11,7 +11,7 @@ The result equals the torch path exactly (groups keep the pairs' order).
 With ``LORA`` the count and scatter kernels compute each pair's group themselves:
 the (adapter slot, local expert) "virtual expert" ``slot * E_local + expert`` from
 ``topk_ids``, the token's slot, ``adapter_enabled`` and the optional ``expert_map``
-(see ``vllm/lora/ops/triton_ops/moe_lora_align.py``), so the LoRA align is three
+(see ``vllm/lora/ops/moe_lora_align.py``), so the LoRA align is three
 launches with no torch ops before them.
 """
 import triton

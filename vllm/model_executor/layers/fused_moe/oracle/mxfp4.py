@@ -30,12 +30,13 @@ class Mxfp4MoEBackend(str, enum.Enum):
 
 
 def mxfp4_experts_class(backend: Mxfp4MoEBackend) -> type[FusedMoEExpertsModular]:
-    from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import (
-        TorchMxfp4Experts,
-        UnfusedOAITritonExperts,
-    )
+    if backend is Mxfp4MoEBackend.TRITON:
+        from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
 
-    return UnfusedOAITritonExperts if backend is Mxfp4MoEBackend.TRITON else TorchMxfp4Experts
+        return UnfusedOAITritonExperts
+    from vllm.model_executor.layers.fused_moe.experts.torch_mxfp4_experts import TorchMxfp4Experts
+
+    return TorchMxfp4Experts
 
 
 def default_priority(device: torch.device) -> list[Mxfp4MoEBackend]:
