@@ -125,3 +125,13 @@ def test_bad_inputs_raise_clear_errors(device):
     with pytest.raises(ValueError, match="covers columns"):
         fused_linear_lora(x, w, b, lora_a, lora_b, mapping, output_offsets=[0, 20])
     assert fused_linear_lora(x[:0], w, b, lora_a, lora_b, mapping).shape == (0, 24)
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark's smoke mode (tiny shapes; CPU: interpreter) checks correctness and writes its table."""
+    from benchmarks.kernels.benchmark_fused_linear_lora import main
+
+    out = tmp_path / "t.md"
+    main(["--smoke", "--tokens", "1", "4", "--reps", "3", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| qkv") or line.startswith("| o ")]
+    assert len(rows) == 4
