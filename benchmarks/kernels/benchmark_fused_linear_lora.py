@@ -47,9 +47,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sweep_configs() -> list[dict]:
+    """Tiles to time against the default (16-bit types: (stages - 1) buffers of the x and W tiles fit in
+    an H100's shared memory; tests/lora/fused_linear_lora_hopper_compile.py --sweep checks them)."""
     return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
             for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8) for st in (3, 4)
-            if bn * bk <= 32768]
+            if (16 + bn) * bk * 2 * (st - 1) <= 200 * 1024]
 
 
 def make_case(K: int, n_sizes: list[int], T: int, L: int, rank: int, dtype, device, seed: int):
@@ -107,7 +109,13 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
     fused = []
     for label, cfg in [("default", None)] + [(str(c), c) for c in sweep]:
         fn = (lambda cfg=cfg: fused_linear_lora(x, w, None, a_list, b_list, mapping, config=cfg))
-        err = norm_err(fn().float(), ref)
+        try:
+            err = norm_err(fn().float(), ref)
+        except Exception as exc:  # e.g. a sweep tile that does not fit this GPU's shared memory
+            if cfg is None:
+                raise
+            fused.append((label, None, f"failed: {type(exc).__name__}"))
+            continue
         if not err < tol:
             if cfg is None:
                 sys.exit(f"CORRECTNESS FAILED: fused_linear_lora, {name} at {T} tokens: error {err:.2e} > {tol}")
