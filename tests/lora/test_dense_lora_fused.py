@@ -132,3 +132,26 @@ def test_default_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="VLLM_FUSED_LORA_LINEAR"):
         fused_decode_default(cuda)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_step_takes_the_kernels_of_the_captured_graph(dtype, fused_calls, device):
+    """A LoRA decode graph is captured with every LoRA op on (``run_all_lora_ops``), so a layer that holds no
+    adapter of the step (here: none at all) runs the fused op there; an eager step with some adapter token
+    must take the same kernel, or graph replays and eager steps round the base differently."""
+    layer, x, _, _ = _layer("qkv", 1, 0, dtype, device)
+    for slot in range(3):
+        layer.reset_lora(slot)  # the step's adapters target other layers only
+    layer.use_fused_decode = True
+    punica = layer.punica_wrapper
+    eager = layer(x)
+    punica.run_all_lora_ops(True)
+    try:
+        captured = layer(x)
+    finally:
+        punica.run_all_lora_ops(False)
+    assert torch.equal(eager, captured)
+    assert fused_calls == [len(SLOTS)] * 2
+    # a step without adapter tokens uses the no-LoRA graph (and F.linear eagerly): the base layer alone
+    punica.update_metadata([-1] * len(SLOTS))
+    assert torch.equal(layer(x), layer.base_layer(x)) and len(fused_calls) == 2
