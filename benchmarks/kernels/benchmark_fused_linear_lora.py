@@ -47,11 +47,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sweep_configs() -> list[dict]:
-    """Tiles to time against the default (16-bit types: (stages - 1) buffers of the x and W tiles fit in
-    an H100's shared memory; tests/lora/fused_linear_lora_hopper_compile.py --sweep checks them)."""
-    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
-            for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8) for st in (3, 4)
-            if (16 + bn) * bk * 2 * (st - 1) <= 200 * 1024]
+    """Tiles to time against the default (16-bit types: (stages - 1) buffers of the x, W and A tiles fit in
+    an H100's shared memory; tests/lora/fused_linear_lora_hopper_compile.py --sweep checks them), and the
+    usual tiles with every shrink after the main loop (``SHRINK_IN_LOOP`` off)."""
+    tiles = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+             for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8) for st in (3, 4)
+             if (32 + bn) * bk * 2 * (st - 1) <= 200 * 1024]
+    return tiles + [dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4, num_stages=4, SHRINK_IN_LOOP=False)
+                    for bn in (16, 32, 64)]
 
 
 def make_case(K: int, n_sizes: list[int], T: int, L: int, rank: int, dtype, device, seed: int):

@@ -34,7 +34,9 @@ def compile_variant(dtype: str, cfg: dict, bias: bool, slices: int):
     ptrs.update(mapping_ptr="i32", enabled_ptr="i32")
     cexp = dict(HAS_BIAS=bias, HAS_ENABLED=True, NUM_SLICES=slices, UPCAST=False, BASE_PRECISION="ieee",
                 FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0, BLOCK_T=16,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, **{n: 1 for n in UNIT_STRIDES})
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16,
+                SHRINK_IN_LOOP=cfg.get("SHRINK_IN_LOOP", True),
+                **{n: 1 for n in UNIT_STRIDES})
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if n in ptrs or n in DIV16}

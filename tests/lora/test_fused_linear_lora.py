@@ -15,6 +15,8 @@ from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora
 
 L, R = 4, 16
 SMALL_TILES = dict(BLOCK_N=16, BLOCK_K=16)  # several programs, tiles across slice borders, several K tiles
+# tile configs tried: the default, small tiles, and small tiles with every shrink after the main loop
+TILES = {"default": None, "small": SMALL_TILES, "small_shrink_after": dict(SMALL_TILES, SHRINK_IN_LOOP=False)}
 
 
 def make_case(T, K, widths, dtype, device, *, bias=True, seed=0):
@@ -56,12 +58,11 @@ ENABLED = [1, 1, 1, 0]  # slot 3 holds weights but is disabled
     (7, 72, [40, 8, 24], True),
     (16, 64, [64, 16, 16], True),
 ])
-@pytest.mark.parametrize("tiles", ["default", "small"])
+@pytest.mark.parametrize("tiles", list(TILES))
 def test_matches_reference(T, K, widths, bias, dtype, tiles, device):
     x, w, b, lora_a, lora_b, mapping = make_case(T, K, widths, dtype, device, bias=bias)
     enabled = torch.tensor(ENABLED, dtype=torch.int32, device=device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled,
-                          config=SMALL_TILES if tiles == "small" else None)
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
     want = reference(x, w, b, lora_a, lora_b, mapping, enabled)
     assert y.dtype == dtype and y.shape == (T, sum(widths))
     assert_close(y.float().cpu(), want.float(), dtype)
@@ -70,13 +71,14 @@ def test_matches_reference(T, K, widths, bias, dtype, tiles, device):
     assert (want - base).abs().max() > 0.3 * want.abs().max()
 
 
+@pytest.mark.parametrize("tiles", ["small", "small_shrink_after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_without_adapter_are_the_base_bit_for_bit(dtype, device):
+def test_rows_without_adapter_are_the_base_bit_for_bit(dtype, tiles, device):
     """Tokens of slot -1 or of a disabled slot get exactly what the kernel gives with no adapter at all."""
     x, w, b, lora_a, lora_b, mapping = make_case(16, 40, [24, 8, 8], dtype, device, seed=1)
     enabled = torch.tensor(ENABLED, dtype=torch.int32, device=device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=SMALL_TILES)
-    base = fused_linear_lora(x, w, b, lora_a, lora_b, torch.full_like(mapping, -1), config=SMALL_TILES)
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
+    base = fused_linear_lora(x, w, b, lora_a, lora_b, torch.full_like(mapping, -1), config=TILES[tiles])
     assert_close(base.float().cpu(), (x.double() @ w.double().T + b.double()).float().cpu(), dtype)
     plain = (mapping < 0) | (mapping == 3)
     assert plain.any() and (~plain).any()

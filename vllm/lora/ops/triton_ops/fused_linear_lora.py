@@ -56,15 +56,17 @@ def fused_linear_lora_config(num_tokens: int, K: int, N: int, R: int, dtype: tor
 
     On a GPU: the widest BLOCK_N in 64 / 32 / 16 that still gives one program per SM
     (qkv of Qwen3-30B-A3B, N = 5120: 32; o, N = 2048: 16), BLOCK_K 256 (128 in fp32).
+    ``SHRINK_IN_LOOP``: one (slice, slot) shrink accumulated in the main K loop (see the kernel).
     Untimed so far: ``benchmarks/kernels/benchmark_fused_linear_lora.py --sweep`` times the alternatives.
     """
     del num_tokens, R  # the tiles do not depend on them yet (T <= 16 is one token block)
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: few programs, one K tile
-        return dict(BLOCK_N=min(n_cap, 128), BLOCK_K=min(k_cap, 512), num_warps=4, num_stages=1)
+        return dict(BLOCK_N=min(n_cap, 128), BLOCK_K=min(k_cap, 512), num_warps=4, num_stages=1,
+                    SHRINK_IN_LOOP=True)
     block_n = next((bn for bn in (64, 32) if -(-N // bn) >= _MIN_PROGRAMS), 16)
     block_k = min(k_cap, 128 if dtype == torch.float32 else 256)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4, SHRINK_IN_LOOP=True)
 
 
 def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -124,6 +126,6 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         stride_as, *a.stride(), stride_bs, *b.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_ENABLED=adapter_enabled is not None, NUM_SLICES=S if R > 0 else 0,
         UPCAST=interp, BASE_PRECISION="ieee", FP32_PRECISION="ieee" if interp else "tf32x3",
-        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, BLOCK_T=_BLOCK_T, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, SHRINK_IN_LOOP=bool(cfg.get("SHRINK_IN_LOOP", True)),
+        BLOCK_T=_BLOCK_T, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
