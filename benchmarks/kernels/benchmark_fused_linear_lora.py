@@ -130,7 +130,8 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
     best = min(ok, key=lambda r: r[1])
     slots = min(T, args.num_loras)
     elt = x.element_size()
-    bytes_ = (w.numel() + x.numel() + T * w.shape[0]) * elt + slots * args.rank * (K * len(n_sizes) + sum(n_sizes)) * elt
+    lora_elems = slots * args.rank * (K * len(n_sizes) + sum(n_sizes))  # A and B of the slots used
+    bytes_ = (w.numel() + x.numel() + T * w.shape[0] + lora_elems) * elt
     cfg = fused_linear_lora_config(T, K, w.shape[0], args.rank, dtype)
     return dict(name=name, T=T, base=base_us, two=two_us, fused=fused[0][1], note=fused[0][2], best=best,
                 bytes=bytes_, cfg=f"BLOCK_N {cfg['BLOCK_N']}, BLOCK_K {cfg['BLOCK_K']}")
@@ -158,8 +159,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         for T in tokens:
             r = bench_row(name, K, ns, T, args, dtype, device, flush, sweep)
             f, best = r["fused"], r["best"]
-            lines.append(f"| {name} | {T} | {r['base']:.1f} | {r['two']:.1f} | {f:.1f}{' ' + r['note'] if r['note'] else ''} "
-                         f"| {f / r['base']:.2f} | {r['two'] - f:.1f} | {r['bytes'] / (f * 1e-6) / 1e9:.0f} | {r['cfg']} "
+            note = f" ({r['note']})" if r["note"] else ""
+            lines.append(f"| {name} | {T} | {r['base']:.1f} | {r['two']:.1f} | {f:.1f}{note} | {f / r['base']:.2f} "
+                         f"| {r['two'] - f:.1f} | {r['bytes'] / (f * 1e-6) / 1e9:.0f} | {r['cfg']} "
                          f"| {best[1]:.1f} | {best[0]} |")
             print(lines[-1], flush=True)
     lines += ["", "Correctness checked first (fp32 reference). CUDA: graph replay, L2 flushed before each replay, "

@@ -126,6 +126,8 @@ def test_bad_inputs_raise_clear_errors(device):
         fused_linear_lora(x, w, b, tuple(a.clone() for a in lora_a), lora_b, mapping)
     with pytest.raises(ValueError, match="covers columns"):
         fused_linear_lora(x, w, b, lora_a, lora_b, mapping, output_offsets=[0, 20])
+    with pytest.raises(ValueError, match="unknown fused_linear_lora config keys"):
+        fused_linear_lora(x, w, b, lora_a, lora_b, mapping, config={"BLOCK_M": 16})
     assert fused_linear_lora(x[:0], w, b, lora_a, lora_b, mapping).shape == (0, 24)
 
 

@@ -69,8 +69,8 @@ def fused_linear_lora_config(num_tokens: int, K: int, N: int, R: int, dtype: tor
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4, SHRINK_IN_LOOP=True)
 
 
-def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                out: Optional[torch.Tensor]) -> None:
+def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor]) -> None:
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [T, K] and [N, K]")
     if x.shape[0] > SMALL_BATCH_TOKENS:
@@ -80,6 +80,8 @@ def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match x ({x.dtype}, {x.device}): "
                          "an unquantized linear weight in the activations' dtype")
     N = weight.shape[0]
+    if mapping.device != x.device or (adapter_enabled is not None and adapter_enabled.device != x.device):
+        raise ValueError(f"token_lora_mapping and adapter_enabled must be on x's device ({x.device})")
     if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype} must be [{N}] {x.dtype} on {x.device}")
     if out is not None and (tuple(out.shape) != (x.shape[0], N) or out.dtype != x.dtype or out.device != x.device):
@@ -94,7 +96,7 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """y = x @ weight^T (+ bias) + LoRA delta, one launch (see the module docstring); returns y."""
     from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import fused_linear_lora_kernel
 
-    _check_base(x, weight, bias, out)
+    _check_base(x, weight, bias, out, token_lora_mapping, adapter_enabled)
     T, K = x.shape
     N = weight.shape[0]
     y = out if out is not None else torch.empty(T, N, dtype=x.dtype, device=x.device)
@@ -113,6 +115,9 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return y
     L, R = a_list[0].shape[:2]
     cfg = fused_linear_lora_config(T, K, N, R, x.dtype)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown fused_linear_lora config keys {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update(config or {})
     interp = triton_interpreting()
     pad = 3 - S
@@ -126,6 +131,7 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         stride_as, *a.stride(), stride_bs, *b.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_ENABLED=adapter_enabled is not None, NUM_SLICES=S if R > 0 else 0,
         UPCAST=interp, BASE_PRECISION="ieee", FP32_PRECISION="ieee" if interp else "tf32x3",
-        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, SHRINK_IN_LOOP=bool(cfg.get("SHRINK_IN_LOOP", True)),
-        BLOCK_T=_BLOCK_T, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, SHRINK_IN_LOOP=bool(cfg["SHRINK_IN_LOOP"]),
+        BLOCK_T=_BLOCK_T, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
