@@ -92,6 +92,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_COLLECTIVE_TIMEOUT": _float("VLLM_COLLECTIVE_TIMEOUT", 600.0, minimum=1.0),
     # Seconds between the server's throughput / load log lines while it is busy.
     "VLLM_LOG_STATS_INTERVAL": _float("VLLM_LOG_STATS_INTERVAL", 10.0, minimum=0.1),
+    # Dense LoRA layers on CUDA run their projection and LoRA delta as one Triton launch for batches of
+    # <= 16 tokens (vllm/lora/ops/triton_ops/fused_linear_lora.py); "0" keeps F.linear + the LoRA op.
+    # Read when a layer gets its Punica wrapper (engine start).
+    "VLLM_FUSED_LORA_LINEAR": _bool("VLLM_FUSED_LORA_LINEAR", True),
 }
 
 

@@ -25,6 +25,17 @@ tp_size / tp_rank, weight, bias, output_sizes / output_partition_sizes) plus,
 for a row-parallel layer with tp_size > 1, its ``tp_group`` / ``reduce_results``.
 Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
+
+Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
+of the step uses this layer's adapters).  At decode (<= ``SMALL_BATCH_TOKENS``
+tokens) on CUDA, when some token of the step has an adapter (of this layer or
+not), the projection and the delta run as one launch instead (``fused_linear_lora``:
+y rounded once, so it may differ from the two-launch path by one rounding of the
+output dtype); ``use_fused_decode`` (set by ``set_mapping`` from the device and
+``VLLM_FUSED_LORA_LINEAR``) switches it.  The condition is the step's, not the
+layer's, because a LoRA decode graph is captured with every LoRA op on
+(``run_all_lora_ops``): an eager step must take the kernels a graph replay of it
+would, or the two would round the base projection differently.
 """
 from __future__ import annotations
 
@@ -34,11 +45,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm import envs
 from vllm.config.lora import LoRAConfig
 from vllm.lora.layers.base import BaseLayerWithLoRA
+from vllm.lora.ops.triton_ops.lora_linear import SMALL_BATCH_TOKENS
+from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
 _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
           "ReplicatedLinear")
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_decode_default(device: torch.device) -> bool:
+    """Whether dense LoRA layers on ``device`` fuse projection and delta at decode: on CUDA with compiled
+    Triton, unless ``VLLM_FUSED_LORA_LINEAR=0`` (tests force it on under the interpreter per layer)."""
+    return device.type == "cuda" and HAS_TRITON and not triton_interpreting() and envs.VLLM_FUSED_LORA_LINEAR
+
+
+def _is_plain_linear(layer: nn.Module, row_parallel: bool) -> bool:
+    """Whether ``layer``'s forward is the library's ``F.linear(x, weight, bias)`` (with tp_size 1 for a
+    row-parallel one), so that the fused op may replace it: not a stand-in or subclass with its own forward."""
+    from vllm.model_executor.layers import linear as base_linear
+
+    plain = base_linear.RowParallelLinear.forward if row_parallel else base_linear.LinearBase.forward
+    return getattr(type(layer), "forward", None) is plain
 
 
 def linear_kind(layer: nn.Module) -> Optional[str]:
@@ -62,6 +94,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         self.output_sizes_full, self.output_slices = self._slice_sizes()
         self.n_slices = len(self.output_slices)
         self.punica_wrapper = None
+        self.use_fused_decode = False  # see the module docstring; set by set_mapping
 
     # ---- what varies by sharding scheme ---------------------------------------------
     def _slice_sizes(self) -> tuple[list[int], list[int]]:
@@ -162,6 +195,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
 
     def set_mapping(self, punica_wrapper: Any) -> None:
         self.punica_wrapper = punica_wrapper
+        self.use_fused_decode = fused_decode_default(self.base_layer.weight.device)
 
     # ---- forward ----------------------------------------------------------------------
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +204,33 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                                                 adapter_enabled=self.adapter_enabled)
         return y
 
+    def _fuse(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs as one fused launch: switched on, a decode-sized batch, an unquantized
+        float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot; see
+        the module docstring).  Decided from shapes and host state only (CUDA-graph safe)."""
+        if not self.use_fused_decode or self.punica_wrapper is None or x.shape[-1] == 0:
+            return False
+        w = self.base_layer.weight
+        if not 0 < x.numel() // x.shape[-1] <= SMALL_BATCH_TOKENS or x.dtype not in _FLOATS:
+            return False
+        if w.dtype != x.dtype or self._lora_a.dtype != x.dtype or w.dim() != 2:
+            return False
+        return (_is_plain_linear(self.base_layer, self.base_kind == "RowParallelLinear")
+                and self.punica_wrapper.any_active(range(self.max_loras)))
+
+    def _fused_forward(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x @ W^T (+ bias) + the LoRA delta, one launch (``fused_linear_lora``)."""
+        from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora
+
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self.base_layer.weight
+        y = fused_linear_lora(x2, w, bias, self.lora_a_stacked, self.lora_b_stacked,
+                              self.punica_wrapper.token_mapping(x2.shape[0]), adapter_enabled=self.adapter_enabled)
+        return y.view(*x.shape[:-1], w.shape[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fuse(x):
+            return self._fused_forward(x, self.base_layer.bias)
         return self._add_lora(self.base_layer(x), x)
 
     @classmethod
@@ -222,9 +282,11 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        fuse = self._fuse(x)
         if self.tp_size == 1:
-            return self._add_lora(base(x), x)
-        y = self._add_lora(F.linear(x, base.weight), x)  # this rank's partial sum, delta included
+            return self._fused_forward(x, base.bias) if fuse else self._add_lora(base(x), x)
+        # this rank's partial sum, delta included
+        y = self._fused_forward(x, None) if fuse else self._add_lora(F.linear(x, base.weight), x)
         if getattr(base, "reduce_results", True):
             group = getattr(base, "tp_group", None)
             if group is None:
