@@ -16,9 +16,11 @@
 #           tuned files in $OUT/tuned (copy them into vllm/kernel_configs/tuned/), table $OUT/tune_moe.md;
 #           TUNE_ARGS adds tune_moe.py options (e.g. "--tokens 4096 1024" or "--ranks 16 64").
 #           Only when named (not part of all)
-#   all     tests, bench and decode
+#   fused   benchmarks/kernels/benchmark_fused_linear_lora.py --sweep (projection + LoRA in one launch vs
+#           F.linear + the LoRA op, 1-16 tokens)
+#   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|decode|tune|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|fused|decode|tune|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -69,6 +71,11 @@ if want decode; then
   timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decode.py --preset qwen3-30b-a3b --layers 12 \
     --batches 1,64 --steps 4 --top 20 --out "$OUT/profile_decode.md" >"$OUT/profile_decode.log" 2>&1
   prc=$?; grep "ops/step" "$OUT/profile_decode.log"; rc=$(( rc || prc ))
+fi
+if [[ " $steps " == *" fused "* ]]; then
+  timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \
+    --out "$OUT/benchmark_fused_linear_lora.md" >"$OUT/benchmark_fused_linear_lora.log" 2>&1
+  frc=$?; tail -20 "$OUT/benchmark_fused_linear_lora.log"; rc=$(( rc || frc ))
 fi
 if [[ " $steps " == *" tune "* ]]; then
   budget=${TUNE_BUDGET:-240}
