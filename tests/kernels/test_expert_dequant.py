@@ -53,7 +53,8 @@ INT4_SHAPES = [(3, 40, 96, 32), (2, 24, 264, 8), (4, 16, 64, 64)]
 INT4_SCHEMES = {"sym": dict(zeros=False, g_idx=False, perm=False), "asym": dict(zeros=True, g_idx=False, perm=False),
                 "act_order": dict(zeros=True, g_idx=False, perm=True),
                 "act_order_sym": dict(zeros=False, g_idx=False, perm=True),
-                "g_idx": dict(zeros=True, g_idx=True, perm=False), "g_idx_perm": dict(zeros=True, g_idx=True, perm=True)}
+                "g_idx": dict(zeros=True, g_idx=True, perm=False),
+                "g_idx_perm": dict(zeros=True, g_idx=True, perm=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,13 +130,15 @@ MXFP4_SHAPES = [(3, 40, 96), (2, 24, 320), (4, 16, 64)]
 def test_mxfp4_dequant_matches_torch_bit_for_bit(dtype, E, N, K):
     gen = torch.Generator().manual_seed(E + N + K)
     blocks, scales = random_mxfp4(E, N, K, gen)
+    full = None
     for e0, e1 in ((0, E), (E - 1, E), (1, E - 1)):
         expected = dequantize_mxfp4(blocks[e0:e1], scales[e0:e1], dtype)
         for b in (blocks, blocks.flatten(2)):  # [E, N, K/32, 16] or the [E, N, K/2] byte rows
             out = torch.full((e1 - e0, N, K), float("nan"), dtype=dtype)
             assert dequantize_mxfp4_experts(b, scales, out, e0, e1, use_triton=True) is out
             assert_same_bits(out, expected)
-        full = out if (e0, e1) == (0, E) else full
+        if (e0, e1) == (0, E):
+            full = out
         assert_same_bits(dequantize_mxfp4_experts(blocks, scales, torch.empty_like(out), e0, e1, use_triton=False),
                          expected)
     if dtype == torch.bfloat16:  # the interesting values are there (bf16 keeps fp32's range)
