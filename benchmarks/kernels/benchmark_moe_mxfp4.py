@@ -12,10 +12,18 @@ Timing (CUDA graphs, L2 flushed before every replay, median) and the bandwidth p
 D*3HI*17/32 (4.25 bits) + biases; GB/s = those bytes / time.
 
 Correctness first, per shape: the MXFP4 layer (base, and with LoRA) against an fp32 torch
-computation from the dequantised weights written here; the run stops if it fails.
+computation from the dequantised weights written here, on both experts paths; the run stops if it fails.
+
+Paths (``fused_moe/experts/dequant_path.py``): at large batches UnfusedOAITritonExperts dequantises
+each GEMM's weights once and runs the bf16 grouped GEMM.  ``--path auto`` (default) lets the
+thresholds choose, ``kernel`` / ``dequant`` force one path for the MXFP4 columns; ``--compare-paths``
+adds the base call timed on each forced path and, per shape, the token count from which the dequant
+path wins (the threshold to set: ``MIN_PAIRS`` / ``MIN_PAIRS_PER_EXPERT["mxfp4"]``).  The timed graphs
+include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
 
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_mxfp4.py [--quick] [--shapes 20b 120b]
-        [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--out table.md]
+        [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--path auto|kernel|dequant]
+        [--compare-paths] [--out table.md]
 ``--quick``: T in 1 16 256 4096 and 30 replays.  ``--smoke``: a tiny shape on CPU (interpreter).
 ``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
 """
@@ -58,9 +66,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--portable-decode", action="store_true",
                    help="decode MXFP4 with portable Triton arithmetic instead of the packed PTX (bf16 on CUDA)")
+    p.add_argument("--path", default="auto", choices=["auto", "kernel", "dequant"],
+                   help="MXFP4 experts path: the thresholds (auto), the in-register kernel, or dequantise + bf16 GEMM")
+    p.add_argument("--compare-paths", action="store_true",
+                   help="also time the base call on each forced path and report the crossover")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
+
+
+def set_path(path: str) -> None:
+    """Route UnfusedOAITritonExperts through ``path`` ("auto": the thresholds), inside CUDA-graph captures too."""
+    from vllm.model_executor.layers.fused_moe.experts import dequant_path
+
+    dequant_path.IN_CUDA_GRAPHS = True
+    dequant_path.FORCE_PATH = None if path == "auto" else path
+
+
+def on_path(path: str, fn):
+    """fn, run with the experts path set to ``path`` (host-side only: a captured graph keeps that path)."""
+    def run():
+        set_path(path)
+        return fn()
+    return run
 
 
 @dataclass
@@ -160,7 +188,15 @@ def reference(L: Layers, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
     return out
 
 
-def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int) -> str:
+def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int, path: str = "auto") -> str:
+    """Both paths (the in-register kernel, dequantise + bf16 GEMM) against the fp32 reference."""
+    out = "; ".join(f"{p}: {check_path(L, M, num_loras, dtype, device, seed, p)}" for p in ("kernel", "dequant"))
+    set_path(path)
+    return out
+
+
+def check_path(L: Layers, M: int, num_loras: int, dtype, device, seed: int, path: str) -> str:
+    set_path(path)
     x, logits, tw, ti, slots = inputs(L, M, num_loras, dtype, device, seed)
     L.punica.update_metadata(slots)
     qm, ctx = L.mx.quant_method, L.mx._lora_context
@@ -171,7 +207,8 @@ def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int) -> str:
     effect = norm_err(ref_base, ref_lora)
     tol = TOL if dtype == torch.bfloat16 else 1e-2
     if any(not e < tol for e in errs.values()) or effect < 10 * tol:
-        sys.exit(f"CORRECTNESS FAILED for {L.name} at {M} tokens: {errs} (tolerance {tol}); LoRA effect {effect:.3f}")
+        sys.exit(f"CORRECTNESS FAILED for {L.name} at {M} tokens, {path} path: {errs} (tolerance {tol}); "
+                 f"LoRA effect {effect:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {effect:.2f})"
 
 
@@ -179,9 +216,12 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
     x, _, tw, ti, slots = inputs(L, M, args.num_loras, dtype, device, args.seed)
     L.punica.update_metadata(slots)
     mq, bq, ctx = L.mx.quant_method, L.bf16.quant_method, L.mx._lora_context
+    base = lambda: mq.apply(L.mx, x, tw, ti, lora_context=None)  # noqa: E731
     fns = {"bf16": lambda: bq.apply(L.bf16, x, tw, ti, lora_context=None),
-           "mx": lambda: mq.apply(L.mx, x, tw, ti, lora_context=None),
-           "mx_lora": lambda: mq.apply(L.mx, x, tw, ti, lora_context=ctx)}
+           "mx": on_path(args.path, base),
+           "mx_lora": on_path(args.path, lambda: mq.apply(L.mx, x, tw, ti, lora_context=ctx))}
+    if args.compare_paths:  # each MXFP4 fn sets its path: the order does not matter
+        fns.update(kernel=on_path("kernel", base), dequant=on_path("dequant", base))
     t, graphs = {}, []
     for key, fn in fns.items():
         us, graph, note = (time_cuda(fn, flush, args.reps, not args.no_graph) if device.type == "cuda"
@@ -197,7 +237,8 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
     return dict(shape=L.name, tokens=M, experts=D, bf16=t["bf16"], mx=t["mx"], mx_lora=t["mx_lora"],
                 speedup=t["bf16"] / t["mx"], ratio=t["mx_lora"] / t["mx"], mx_gbs=mx_bytes / (t["mx"] * 1e-6) / 1e9,
                 bf_gbs=bf_bytes / (t["bf16"] * 1e-6) / 1e9, roof=100 * (mx_bytes / peak * 1e6) / t["mx"],
-                graph="yes" if all(graphs) else "no")
+                graph="yes" if all(graphs) else "no", pairs_per_expert=M * L.k / L.E, kernel=t.get("kernel"),
+                dequant=t.get("dequant"))
 
 
 def table(rows: list[dict], gpu: str) -> str:
@@ -208,6 +249,26 @@ def table(rows: list[dict], gpu: str) -> str:
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['experts']} | {r['bf16']:.1f} | {r['mx']:.1f} "
                      f"| {r['speedup']:.2f} | {r['mx_lora']:.1f} | {r['ratio']:.2f} | {r['mx_gbs']:.4g} "
                      f"| {r['bf_gbs']:.4g} | {r['roof']:.0f} % | {r['graph']} | {gpu} |")
+    return "\n".join(lines)
+
+
+def paths_table(rows: list[dict]) -> str:
+    """The base call on each forced path, and per shape the token count from which dequant wins for good."""
+    lines = ["| shape | tokens | pairs / expert | bf16 base (us) | MXFP4 kernel (us) | MXFP4 dequant + bf16 (us) "
+             "| kernel / dequant |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['pairs_per_expert']:.3g} | {r['bf16']:.1f} "
+                     f"| {r['kernel']:.1f} | {r['dequant']:.1f} | {r['kernel'] / r['dequant']:.2f} |")
+    lines.append("")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["tokens"])
+        wins = [i for i in range(len(mine)) if all(r["dequant"] < r["kernel"] for r in mine[i:])]
+        if wins:
+            r = mine[wins[0]]
+            lines.append(f"- {shape}: dequant + bf16 is faster from {r['tokens']} tokens "
+                         f"({r['pairs_per_expert']:.3g} pairs per expert) on")
+        else:
+            lines.append(f"- {shape}: the in-register kernel is faster at the largest token count timed")
     return "\n".join(lines)
 
 
@@ -226,18 +287,22 @@ def main() -> None:
     args.reps = args.reps or (2 if not has_cuda else 30 if args.quick else 100)
     gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
     peak = peak_bandwidth(device)
-    print(f"device: {gpu}; activations {dtype}; MXFP4 decode {'portable' if args.portable_decode else 'packed PTX'}; rank {args.rank}; {args.num_loras} adapters; "
-          f"copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
+    set_path(args.path)
+    decode = "portable" if args.portable_decode else "packed PTX"
+    print(f"device: {gpu}; activations {dtype}; experts path {args.path}; MXFP4 decode {decode}; rank {args.rank}; "
+          f"{args.num_loras} adapters; copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
     rows = []
     for shape in shapes:
         L = build(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
         print(f"[{L.name}] H={L.H} I={L.I} E={L.E} top_k={L.k}: correctness at {check_m} tokens: "
-              f"{check(L, check_m, args.num_loras, dtype, device, args.seed)}", flush=True)
+              f"{check(L, check_m, args.num_loras, dtype, device, args.seed, args.path)}", flush=True)
         for M in tokens:
             r = run_case(L, M, args, dtype, device, flush, peak)
             print(f"  {M:5d} tokens: bf16 {r['bf16']:8.1f} us  MXFP4 {r['mx']:8.1f} us ({r['speedup']:.2f}x)  "
-                  f"+LoRA {r['mx_lora']:8.1f} us (ratio {r['ratio']:.2f})  {r['mx_gbs']:6.0f} GB/s", flush=True)
+                  f"+LoRA {r['mx_lora']:8.1f} us (ratio {r['ratio']:.2f})  {r['mx_gbs']:6.0f} GB/s"
+                  + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
+                  flush=True)
             rows.append(r)
         del L
         if has_cuda:
@@ -246,7 +311,10 @@ def main() -> None:
                       "Notes: timed `quant_method.apply` (sort, GEMMs, activation, top-k sum; with LoRA also the LoRA "
                       "align and seams), CUDA graph replay with the L2 flushed, median of "
                       f"{args.reps}; bytes = routed expert weights (MXFP4 4.25 bits + biases, bf16 2 bytes); "
-                      f"peak {peak / 1e9:.0f} GB/s from a device copy.", ""])
+                      f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}.", ""])
+    if args.compare_paths:
+        text += "\n".join(["", "### MXFP4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
+                           paths_table(rows), ""])
     emit(text, args.out)
 
 
