@@ -61,13 +61,12 @@ def _int4_dequant_kernel(
     shifts = (tl.arange(0, 8) * 4)[None, :, None]
     q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))  # row 8j + c
 
-    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    kk = tl.where(k_ok, kk, 0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # stored positions (kept affine: vectorised stores)
+    k_ok = offs_k < K
     if HAS_G_IDX:
-        g = tl.load(g_ptr + expert * stride_pe + kk)
+        g = tl.load(g_ptr + expert * stride_pe + offs_k, mask=k_ok, other=0)
     else:
-        g = kk // GROUP_SIZE
+        g = offs_k // GROUP_SIZE
     mask = k_ok[:, None] & n_ok[None, :]
     s = tl.load(s_ptr + expert * stride_se + g[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
     s = s.to(tl.float32)
@@ -81,8 +80,8 @@ def _int4_dequant_kernel(
     w = storage_value((q - z).to(tl.float32) * s, OUT_KIND)  # exact difference, one rounding
 
     if HAS_PERM:
-        cols = tl.load(perm_ptr + expert * stride_pe + kk)
+        cols = tl.load(perm_ptr + expert * stride_pe + offs_k, mask=k_ok, other=0)
     else:
-        cols = kk
-    out_ptrs = out_ptr + pid_e * stride_oe + offs_n[None, :] * stride_on + cols[:, None].to(tl.int64) * stride_ok
+        cols = offs_k
+    out_ptrs = out_ptr + pid_e * stride_oe + offs_n[None, :] * stride_on + cols[:, None] * stride_ok
     tl.store(out_ptrs, w, mask=mask)

@@ -71,6 +71,8 @@ def dequantize_int4_experts(w: Int4PackedWeight, out: torch.Tensor, e0: int = 0,
             raise ValueError(f"{name} must be int32 [{E}, {K}] with contiguous rows, got {t.dtype} {tuple(t.shape)}")
     if w.g_idx is not None and w.perm is not None and w.g_idx.stride(0) != w.perm.stride(0):
         raise ValueError("g_idx and perm must share their expert stride")
+    if (N - 1) * abs(out.stride(1)) + (K - 1) * abs(out.stride(2)) >= 2**31:
+        raise ValueError(f"one expert's [{N}, {K}] output spans 2**31 elements or more: offsets inside it are int32")
     if block_k < 8 or block_k & (block_k - 1) or block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n}, block_k={block_k}: powers of two, block_k >= 8")
 

@@ -52,6 +52,8 @@ def dequantize_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor, out: to
         return out
     if e1 == e0 or N == 0:
         return out
+    if (N - 1) * abs(out.stride(1)) + (K - 1) * abs(out.stride(2)) >= 2**31:
+        raise ValueError(f"one expert's [{N}, {K}] output spans 2**31 elements or more: offsets inside it are int32")
     if block_k < MXFP4_BLOCK or block_k & (block_k - 1) or block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n}, block_k={block_k}: powers of two, block_k >= 32")
 
