@@ -141,7 +141,8 @@ def test_use_dequant_path_thresholds(monkeypatch):
     assert not dp.use_dequant_path(16 * 8, 128, "int4")  # decode: the in-register kernel
     assert not dp.use_dequant_path(255, 1, "int4")  # too few pairs whatever the experts
     assert dp.use_dequant_path(16 * 128, 128, "int4") and not dp.use_dequant_path(16 * 128 - 1, 128, "int4")
-    assert dp.use_dequant_path(32 * 32, 32, "mxfp4") and not dp.use_dequant_path(32 * 32 - 4, 32, "mxfp4")
+    assert dp.use_dequant_path(64 * 32, 32, "mxfp4") and not dp.use_dequant_path(64 * 32 - 4, 32, "mxfp4")
+    assert not dp.use_dequant_path(256 * 4, 32, "mxfp4")  # gpt-oss-20b at 256 tokens: the kernel is faster
     with pytest.raises(ValueError, match="unknown 4-bit kind 'fp8'"):
         dp.use_dequant_path(4096, 8, "fp8")
     monkeypatch.setattr(dp, "FORCE_PATH", "kernel")

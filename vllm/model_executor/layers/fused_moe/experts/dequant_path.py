@@ -10,13 +10,17 @@ large token counts -
     MXFP4             gpt-oss-20b (E 32, top-4)     513 vs 473 at 256,       8046 vs 1693 at 4096
                       gpt-oss-120b (E 128, top-4)  1160 vs 1526 at 256,      9737 vs 2866 at 4096
 
-while dequantising a whole layer to bf16 is memory bound (read 4 bits, write 16: about 0.3 ms for
-Qwen3, 0.7 Mixtral, 0.4 / 0.8 gpt-oss 20b / 120b, estimated), after which the GEMM runs at bf16
-speed.  vLLM does the same for AWQ dense layers (dequantise, then matmul, from 256 tokens).  The
-path is taken from ``MIN_PAIRS`` routed (token, expert) pairs and ``MIN_PAIRS_PER_EXPERT[kind]``
-pairs per local expert on average; the 4-bit kernels stay for smaller batches (decode).  The
-thresholds are first estimates: ``benchmarks/kernels/benchmark_moe_int4.py`` / ``_mxfp4.py``
-``--path kernel|dequant`` time both paths to set them.
+while dequantising a whole layer to bf16 is memory bound (read 4.25 bits, write 16 a weight, at
+~4.8 TB/s: about 0.3 ms for Qwen3, 0.75 Mixtral, 0.4 / 1.7 gpt-oss 20b / 120b), after which the GEMM
+runs at bf16 speed.  vLLM does the same for AWQ dense layers (dequantise, then matmul, from 256
+tokens).  The path is taken from ``MIN_PAIRS`` routed (token, expert) pairs and
+``MIN_PAIRS_PER_EXPERT[kind]`` pairs per local expert on average; the 4-bit kernels stay for
+smaller batches (decode).  Interpolating the figures linearly, dequant + bf16 overtakes the kernel
+at about 10 (Qwen3) / 8 (Mixtral, where ``MIN_PAIRS`` binds) pairs per expert for int4, hence 16;
+and at about 60 (gpt-oss-20b: at 256 tokens, 32 pairs per expert, it would be ~1.7x slower than
+the kernel) / 40 (120b) for MXFP4, hence 64.  These are estimates:
+``benchmarks/kernels/benchmark_moe_int4.py`` / ``_mxfp4.py`` ``--compare-paths`` time both paths
+to set them.
 
 The scratch holds at most ``SCRATCH_CAP_BYTES``: larger layers are processed in chunks of experts
 [e0, e1), each dequantised and multiplied with its own alignment of the pairs routed to it (the
@@ -36,7 +40,7 @@ import torch
 #: the path needs at least this many routed (token, k) pairs ...
 MIN_PAIRS = 256
 #: ... and at least this many pairs per local expert on average (the crossover estimated from the figures above)
-MIN_PAIRS_PER_EXPERT = {"int4": 16, "mxfp4": 32}
+MIN_PAIRS_PER_EXPERT = {"int4": 16, "mxfp4": 64}
 #: the most bytes of dequantised weights held at once; above it the experts go in chunks
 SCRATCH_CAP_BYTES = 1 << 30
 #: take the path inside a CUDA-graph capture too (benchmarks set it: they time graph replays)
