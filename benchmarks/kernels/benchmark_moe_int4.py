@@ -46,6 +46,7 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
     sys.path.insert(0, _ROOT)
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
+from benchmarks.kernels.dequant_timing import DEQUANT_HEADER, INT4_TILES, dequant_rows  # noqa: E402
 
 SHAPES = {k: lb.SHAPES[k] for k in ("qwen3", "mixtral")}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -92,6 +93,19 @@ def on_path(path: str, fn):
         set_path(path)
         return fn()
     return run
+
+
+def dequant_stages(q_layer):
+    """The two GEMMs' int4 weights, as ``dequant_timing.dequant_rows`` takes them."""
+    from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
+
+    qc = q_layer.quant_method.kernel.fused_experts.quant_config
+    stages = []
+    for label, w in (("w13", qc.w13), ("w2", qc.w2)):
+        run = (lambda w: lambda out, e0, e1, bn, bk: dequantize_int4_experts(
+            w, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(w)
+        stages.append((label, w.num_experts, w.n, w.k, w.nbytes() // w.num_experts, run))
+    return stages
 
 
 def sweep_candidates():
@@ -369,7 +383,7 @@ def main() -> None:
           f"{'symmetric' if args.symmetric else 'zero points'}; LoRA rank {args.rank}, {args.num_loras} adapters; "
           f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s; experts path {args.path}", flush=True)
     flush = torch.empty(lb.FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows, notes, sweep_lines, tuned = [], [], [], {}
+    rows, notes, sweep_lines, tuned, dq_lines = [], [], [], {}, []
     for shape in shapes:
         q_layer, case = build(shape, dtype, device, args, max(max(tokens), check_m))
         print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k}: correctness at {check_m} tokens: "
@@ -382,6 +396,10 @@ def main() -> None:
                   + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
                   flush=True)
             rows.append(r)
+        if args.compare_paths:
+            timer = ((lambda fn: lb.time_cuda(fn, flush, args.reps, not args.no_graph)[0]) if has_cuda
+                     else (lambda fn: lb.time_cpu(fn, 1)[0]))
+            dq_lines += dequant_rows(case.name, dequant_stages(q_layer), INT4_TILES, dtype, device, timer, peak)
         if args.sweep:
             sweep_lines += sweep(q_layer, case, tokens, args, dtype, device, flush, tuned)
         del q_layer, case
@@ -398,7 +416,9 @@ def main() -> None:
         *[f"- {n}" for n in notes], ""])
     if args.compare_paths:
         text += "\n".join(["", "### int4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
-                           paths_table(rows), ""])
+                           paths_table(rows), "", "The int4 dequantiser alone (one scratch of experts):", "",
+                           *DEQUANT_HEADER,
+                           *dq_lines, ""])
     if sweep_lines:
         text += "\n".join(["", "### int4 GEMM tiles: heuristic vs the fastest swept", "",
                            "| shape | tokens | GEMM | routing | heuristic (us) | best (us) | speed-up | best config |",

@@ -43,6 +43,7 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from benchmark_moe_lora import (FLUSH_BYTES, emit, norm_err, peak_bandwidth, pick_device, time_cpu,  # noqa: E402
                                time_cuda)
+from dequant_timing import DEQUANT_HEADER, MXFP4_TILES, dequant_rows  # noqa: E402
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -252,6 +253,19 @@ def table(rows: list[dict], gpu: str) -> str:
     return "\n".join(lines)
 
 
+def dequant_stages(L: Layers):
+    """The two GEMMs' MXFP4 weights, as ``dequant_timing.dequant_rows`` takes them."""
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
+
+    stages = []
+    for label, blocks, scales in (("w13", L.mx.w13_blocks, L.mx.w13_scales), ("w2", L.mx.w2_blocks, L.mx.w2_scales)):
+        run = (lambda b, s: lambda out, e0, e1, bn, bk: dequantize_mxfp4_experts(
+            b, s, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(blocks, scales)
+        E, N = blocks.shape[:2]
+        stages.append((label, E, N, blocks.shape[2] * 32, (blocks[0].numel() + scales[0].numel()), run))
+    return stages
+
+
 def paths_table(rows: list[dict]) -> str:
     """The base call on each forced path, and per shape the token count from which dequant wins for good."""
     lines = ["| shape | tokens | pairs / expert | bf16 base (us) | MXFP4 kernel (us) | MXFP4 dequant + bf16 (us) "
@@ -292,7 +306,7 @@ def main() -> None:
     print(f"device: {gpu}; activations {dtype}; experts path {args.path}; MXFP4 decode {decode}; rank {args.rank}; "
           f"{args.num_loras} adapters; copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows = []
+    rows, dq_lines = [], []
     for shape in shapes:
         L = build(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
         print(f"[{L.name}] H={L.H} I={L.I} E={L.E} top_k={L.k}: correctness at {check_m} tokens: "
@@ -304,6 +318,10 @@ def main() -> None:
                   + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
                   flush=True)
             rows.append(r)
+        if args.compare_paths:
+            timer = ((lambda fn: time_cuda(fn, flush, args.reps, not args.no_graph)[0]) if has_cuda
+                     else (lambda fn: time_cpu(fn, 1)[0]))
+            dq_lines += dequant_rows(L.name, dequant_stages(L), MXFP4_TILES, dtype, device, timer, peak)
         del L
         if has_cuda:
             torch.cuda.empty_cache()
@@ -314,7 +332,8 @@ def main() -> None:
                       f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}.", ""])
     if args.compare_paths:
         text += "\n".join(["", "### MXFP4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
-                           paths_table(rows), ""])
+                           paths_table(rows), "", "The MXFP4 dequantiser alone (one scratch of experts):", "",
+                           *DEQUANT_HEADER, *dq_lines, ""])
     emit(text, args.out)
 
 
