@@ -40,16 +40,18 @@ def _mxfp4_dequant_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte j holds elements 2j, 2j + 1
-    mask = n_ok[:, None] & (offs_b < K // 2)[None, :]
-    codes = tl.load(q_ptr + expert * stride_qe + offs_n[:, None] * stride_qn + offs_b[None, :], mask=mask,
-                    other=0).to(tl.int32)
-    exps = tl.load(s_ptr + expert * stride_se + offs_n[:, None] * stride_sn + (offs_b // 16)[None, :], mask=mask,
+    # [BLOCK_N, BLOCK_K / 32 scale groups, 16 bytes]: one scale load per group, broadcast in registers
+    offs_g = pid_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    g_ok = n_ok[:, None] & (offs_g < K // 32)[None, :]
+    exps = tl.load(s_ptr + expert * stride_se + offs_n[:, None] * stride_sn + offs_g[None, :], mask=g_ok,
                    other=127).to(tl.int32)
-    scale = _e8m0_to_f32(exps)
+    scale = _e8m0_to_f32(exps)[:, :, None]
+    offs_b = offs_g[:, None] * 16 + tl.arange(0, 16)[None, :]  # byte j holds elements 2j, 2j + 1
+    codes = tl.load(q_ptr + expert * stride_qe + offs_n[:, None, None] * stride_qn + offs_b[None, :, :],
+                    mask=g_ok[:, :, None], other=0).to(tl.int32)
     lo = storage_value(_e2m1_to_f32(codes & 0xF) * scale, OUT_KIND)
     hi = storage_value(_e2m1_to_f32(codes >> 4) * scale, OUT_KIND)
-    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 0 / 1] -> [n, 2j + 0 / 1]
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, g, b, 0 / 1] -> [n, 32 g + 2 b + 0 / 1]
 
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     out_mask = n_ok[:, None] & (offs_k < K)[None, :]
