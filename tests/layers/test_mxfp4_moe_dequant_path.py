@@ -113,6 +113,18 @@ def test_dequant_path_lora_expert_parallel(dequant_calls, monkeypatch, device):
     assert _chunks(dequant_calls, H) == [(0, 3), (3, 4)] * 2
 
 
+def test_auto_decision_takes_the_path_by_shape(dequant_calls, monkeypatch, device):
+    """Without forcing, the pair counts decide, with the MXFP4 threshold (lowered so a CPU batch crosses it)."""
+    monkeypatch.setattr(dp, "MIN_PAIRS", 20)
+    monkeypatch.setattr(dp, "MIN_PAIRS_PER_EXPERT", {"int4": 100, "mxfp4": 3})
+    for M, taken in ((9, False), (13, True)):  # 18 pairs (< 20), 26 pairs (>= 20 and >= 3 * 8)
+        dequant_calls.clear()
+        ck, x, logits = _case(M, 8, 2, 32, 32, "swigluoai", True, True, torch.float32, device, seed=2)
+        layer = make_mxfp4_layer(ck, 2, torch.float32, device, backend="triton")
+        assert_close(layer(x, logits).cpu(), _ref(dequantized_weights(ck), x, logits, 2, "swigluoai"), torch.float32)
+        assert bool(dequant_calls) == taken
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cap_experts", [0, 5])
 def test_dequant_path_bf16_on_gpu(cap_experts, monkeypatch):
