@@ -39,6 +39,11 @@ def random_packed(E: int, N: int, K: int, group: int, *, zeros: bool, g_idx: boo
     return Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous(), s.to(scale_dtype), z, group, gi, pm)
 
 
+def on(w: Int4PackedWeight, device) -> Int4PackedWeight:
+    mv = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return Int4PackedWeight(mv(w.qweight), mv(w.scales), mv(w.zeros), w.group_size, mv(w.g_idx), mv(w.perm))
+
+
 def int4_reference(w: Int4PackedWeight, e0: int, e1: int, dtype) -> torch.Tensor:
     """dequantize_expert per expert, stored position j written to column perm[j]."""
     out = torch.empty(e1 - e0, w.n, w.k, dtype=dtype)
@@ -60,24 +65,24 @@ INT4_SCHEMES = {"sym": dict(zeros=False, g_idx=False, perm=False), "asym": dict(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scheme", list(INT4_SCHEMES))
 @pytest.mark.parametrize("E,N,K,group", INT4_SHAPES)
-def test_int4_dequant_matches_torch_bit_for_bit(dtype, scheme, E, N, K, group):
+def test_int4_dequant_matches_torch_bit_for_bit(dtype, scheme, E, N, K, group, device):
     gen = torch.Generator().manual_seed(E * 7 + K + len(scheme))
     for scale_dtype in {dtype, torch.float16}:  # scales in another dtype are first rounded to the output's
         w = random_packed(E, N, K, group, scale_dtype=scale_dtype, gen=gen, **INT4_SCHEMES[scheme])
         for e0, e1 in ((0, E), (E - 1, E), (1, E - 1)):
-            out = torch.full((e1 - e0, N, K), float("nan"), dtype=dtype)
-            assert dequantize_int4_experts(w, out, e0, e1, use_triton=True) is out
+            out = torch.full((e1 - e0, N, K), float("nan"), dtype=dtype, device=device)
+            assert dequantize_int4_experts(on(w, device), out, e0, e1, use_triton=True) is out
             expected = int4_reference(w, e0, e1, dtype)
-            assert_same_bits(out, expected)
-            torch_out = dequantize_int4_experts(w, torch.empty_like(out), e0, e1, use_triton=False)
+            assert_same_bits(out.cpu(), expected)
+            torch_out = dequantize_int4_experts(w, torch.empty_like(expected), e0, e1, use_triton=False)
             assert_same_bits(torch_out, expected)
 
 
-def test_int4_dense_weight_multiplies_the_unpermuted_activations():
+def test_int4_dense_weight_multiplies_the_unpermuted_activations(device):
     """a @ dense.T equals the in-register GEMM's semantics (a[perm] @ dequant.T), act-order included."""
     gen = torch.Generator().manual_seed(5)
     w = random_packed(3, 32, 64, 16, zeros=True, g_idx=False, perm=True, scale_dtype=torch.float32, gen=gen)
-    dense = dequantize_int4_experts(w, torch.empty(3, 32, 64), use_triton=True)
+    dense = dequantize_int4_experts(on(w, device), torch.empty(3, 32, 64, device=device), use_triton=True).cpu()
     a = torch.randn(6, 64, generator=gen)
     ids = torch.tensor([[0, 2], [1, 0], [2, 1]])
     ref = int4_moe_gemm_reference(a, w, ids, top_k_in=2)
@@ -85,14 +90,14 @@ def test_int4_dense_weight_multiplies_the_unpermuted_activations():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_int4_dequant_strided_output_and_empty_range():
+def test_int4_dequant_strided_output_and_empty_range(device):
     gen = torch.Generator().manual_seed(6)
     w = random_packed(3, 16, 32, 16, zeros=True, g_idx=False, perm=True, scale_dtype=torch.float16, gen=gen)
-    big = torch.full((2, 32, 16), float("nan"), dtype=torch.float16)
+    big = torch.full((2, 32, 16), float("nan"), dtype=torch.float16, device=device)
     out = big.transpose(1, 2)  # [2, 16, 32] with K strided
-    dequantize_int4_experts(w, out, 1, 3, use_triton=True)
-    assert_same_bits(out, int4_reference(w, 1, 3, torch.float16))
-    dequantize_int4_experts(w, torch.empty(0, 16, 32), 2, 2, use_triton=True)
+    dequantize_int4_experts(on(w, device), out, 1, 3, use_triton=True)
+    assert_same_bits(out.cpu(), int4_reference(w, 1, 3, torch.float16))
+    dequantize_int4_experts(on(w, device), torch.empty(0, 16, 32, device=device), 2, 2, use_triton=True)
 
 
 def test_int4_dequant_rejects_bad_arguments():
@@ -127,15 +132,16 @@ MXFP4_SHAPES = [(3, 40, 96), (2, 24, 320), (4, 16, 64)]
 @_QUIET
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("E,N,K", MXFP4_SHAPES)
-def test_mxfp4_dequant_matches_torch_bit_for_bit(dtype, E, N, K):
+def test_mxfp4_dequant_matches_torch_bit_for_bit(dtype, E, N, K, device):
     gen = torch.Generator().manual_seed(E + N + K)
     blocks, scales = random_mxfp4(E, N, K, gen)
     full = None
     for e0, e1 in ((0, E), (E - 1, E), (1, E - 1)):
         expected = dequantize_mxfp4(blocks[e0:e1], scales[e0:e1], dtype)
         for b in (blocks, blocks.flatten(2)):  # [E, N, K/32, 16] or the [E, N, K/2] byte rows
-            out = torch.full((e1 - e0, N, K), float("nan"), dtype=dtype)
-            assert dequantize_mxfp4_experts(b, scales, out, e0, e1, use_triton=True) is out
+            out = torch.full((e1 - e0, N, K), float("nan"), dtype=dtype, device=device)
+            assert dequantize_mxfp4_experts(b.to(device), scales.to(device), out, e0, e1, use_triton=True) is out
+            out = out.cpu()
             assert_same_bits(out, expected)
         if (e0, e1) == (0, E):
             full = out
@@ -147,14 +153,15 @@ def test_mxfp4_dequant_matches_torch_bit_for_bit(dtype, E, N, K):
 
 
 @_QUIET
-def test_mxfp4_dequant_nan_scale_and_strided_output():
+def test_mxfp4_dequant_nan_scale_and_strided_output(device):
     """e8m0 255 (NaN in the OCP spec): torch's ldexp gives inf * code (0 * inf = NaN); so does the kernel."""
     gen = torch.Generator().manual_seed(3)
     blocks, scales = random_mxfp4(2, 8, 64, gen, lo=250, hi=255)
     expected = dequantize_mxfp4(blocks, scales, torch.float32)
-    big = torch.full((2, 64, 8), 7.0)
+    big = torch.full((2, 64, 8), 7.0, device=device)
     out = big.transpose(1, 2)
-    dequantize_mxfp4_experts(blocks, scales, out, use_triton=True)
+    dequantize_mxfp4_experts(blocks.to(device), scales.to(device), out, use_triton=True)
+    out = out.cpu()
     assert torch.isnan(expected).any()
     assert torch.equal(out.isnan(), expected.isnan())
     ok = ~expected.isnan()
