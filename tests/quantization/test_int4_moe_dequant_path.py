@@ -214,3 +214,25 @@ def test_dequant_path_cuda_graph_replay(monkeypatch, device):
     ti.copy_(ti2)
     graph.replay()
     assert_close(out.float().cpu(), _ref(ex, x2, logits2, 4, "silu"), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_capture_keeps_the_kernel_path(dequant_calls, device):
+    """A batch that takes the path eagerly keeps the in-register kernel inside a CUDA-graph capture (default)."""
+    from tests.layers.moe_setup import router_inputs
+    from vllm.model_executor.layers.fused_moe.router import fused_topk
+
+    gen = torch.Generator().manual_seed(9)
+    ex = random_int4_experts(32, 256, 256, "silu", 128, "asym", gen)
+    layer = make_int4_layer(ex, 4, "silu", 128, "asym", torch.bfloat16, device, backend="marlin")
+    x, logits = router_inputs(256, 32, 256, torch.bfloat16, device, gen, top_k=4)
+    tw, ti = fused_topk(logits.float(), 4, renormalize=True)
+    layer.quant_method.apply(layer, x, tw, ti)
+    assert dequant_calls  # 1024 pairs, 32 per expert: eagerly, the dequant path
+    dequant_calls.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer.quant_method.apply(layer, x, tw, ti)
+    assert not dequant_calls
+    graph.replay()
+    assert_close(out.float().cpu(), _ref(ex, x, logits, 4, "silu"), torch.bfloat16)
