@@ -217,7 +217,7 @@ def test_dequant_path_cuda_graph_replay(monkeypatch, device):
 
 
 @pytest.mark.cuda
-def test_capture_keeps_the_kernel_path(dequant_calls, device):
+def test_capture_keeps_the_kernel_path(dequant_calls, monkeypatch, device):
     """A batch that takes the path eagerly keeps the in-register kernel inside a CUDA-graph capture (default)."""
     from tests.layers.moe_setup import router_inputs
     from vllm.model_executor.layers.fused_moe.router import fused_topk
@@ -227,6 +227,9 @@ def test_capture_keeps_the_kernel_path(dequant_calls, device):
     layer = make_int4_layer(ex, 4, "silu", 128, "asym", torch.bfloat16, device, backend="marlin")
     x, logits = router_inputs(256, 32, 256, torch.bfloat16, device, gen, top_k=4)
     tw, ti = fused_topk(logits.float(), 4, renormalize=True)
+    monkeypatch.setattr(dp, "FORCE_PATH", "kernel")
+    layer.quant_method.apply(layer, x, tw, ti)  # compile the kernel path outside the capture
+    monkeypatch.setattr(dp, "FORCE_PATH", None)
     layer.quant_method.apply(layer, x, tw, ti)
     assert dequant_calls  # 1024 pairs, 32 per expert: eagerly, the dequant path
     dequant_calls.clear()
