@@ -46,7 +46,8 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
     sys.path.insert(0, _ROOT)
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
-from benchmarks.kernels.dequant_timing import DEQUANT_HEADER, INT4_TILES, dequant_rows  # noqa: E402
+from benchmarks.kernels.moe_dequant_paths import (DEQUANT_HEADER, INT4_TILES, dequant_rows, on_path,  # noqa: E402
+                                                  paths_table, set_path)
 
 SHAPES = {k: lb.SHAPES[k] for k in ("qwen3", "mixtral")}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -79,24 +80,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def set_path(path: str) -> None:
-    """Route MarlinExperts through ``path`` ("auto": the thresholds), inside CUDA-graph captures too."""
-    from vllm.model_executor.layers.fused_moe.experts import dequant_path
-
-    dequant_path.IN_CUDA_GRAPHS = True
-    dequant_path.FORCE_PATH = None if path == "auto" else path
-
-
-def on_path(path: str, fn):
-    """fn, run with the experts path set to ``path`` (host-side only: a captured graph keeps that path)."""
-    def run():
-        set_path(path)
-        return fn()
-    return run
-
-
 def dequant_stages(q_layer):
-    """The two GEMMs' int4 weights, as ``dequant_timing.dequant_rows`` takes them."""
+    """The two GEMMs' int4 weights, as ``moe_dequant_paths.dequant_rows`` takes them."""
     from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 
     qc = q_layer.quant_method.kernel.fused_experts.quant_config
@@ -326,26 +311,6 @@ def bench(q_layer, case, M: int, args, dtype, device, flush, gpu: str, peak: flo
                 kernel=t.get("kernel"), dequant=t.get("dequant"))
 
 
-def paths_table(rows: list[dict]) -> str:
-    """The base call on each forced path, and per shape the token count from which dequant wins for good."""
-    lines = ["| shape | tokens | pairs / expert | bf16 Triton (us) | int4 kernel (us) | int4 dequant + bf16 (us) "
-             "| kernel / dequant |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['pairs_per_expert']:.3g} | {r['bf16']:.1f} "
-                     f"| {r['kernel']:.1f} | {r['dequant']:.1f} | {r['kernel'] / r['dequant']:.2f} |")
-    lines.append("")
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["tokens"])
-        wins = [i for i in range(len(mine)) if all(r["dequant"] < r["kernel"] for r in mine[i:])]
-        if wins:
-            r = mine[wins[0]]
-            lines.append(f"- {shape}: dequant + bf16 is faster from {r['tokens']} tokens "
-                         f"({r['pairs_per_expert']:.3g} pairs per expert) on")
-        else:
-            lines.append(f"- {shape}: the in-register kernel is faster at the largest token count timed")
-    return "\n".join(lines)
-
-
 def _mark(ok: bool) -> str:
     return "" if ok else " (!)"
 
@@ -416,7 +381,7 @@ def main() -> None:
         *[f"- {n}" for n in notes], ""])
     if args.compare_paths:
         text += "\n".join(["", "### int4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
-                           paths_table(rows), "", "The int4 dequantiser alone (one scratch of experts):", "",
+                           paths_table(rows, "int4", "bf16 Triton"), "", "The int4 dequantiser alone (one scratch of experts):", "",
                            *DEQUANT_HEADER,
                            *dq_lines, ""])
     if sweep_lines:

@@ -43,7 +43,8 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from benchmark_moe_lora import (FLUSH_BYTES, emit, norm_err, peak_bandwidth, pick_device, time_cpu,  # noqa: E402
                                time_cuda)
-from dequant_timing import DEQUANT_HEADER, MXFP4_TILES, dequant_rows  # noqa: E402
+from moe_dequant_paths import (DEQUANT_HEADER, MXFP4_TILES, dequant_rows, on_path, paths_table,  # noqa: E402
+                               set_path)
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -74,22 +75,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
-
-
-def set_path(path: str) -> None:
-    """Route UnfusedOAITritonExperts through ``path`` ("auto": the thresholds), inside CUDA-graph captures too."""
-    from vllm.model_executor.layers.fused_moe.experts import dequant_path
-
-    dequant_path.IN_CUDA_GRAPHS = True
-    dequant_path.FORCE_PATH = None if path == "auto" else path
-
-
-def on_path(path: str, fn):
-    """fn, run with the experts path set to ``path`` (host-side only: a captured graph keeps that path)."""
-    def run():
-        set_path(path)
-        return fn()
-    return run
 
 
 @dataclass
@@ -254,7 +239,7 @@ def table(rows: list[dict], gpu: str) -> str:
 
 
 def dequant_stages(L: Layers):
-    """The two GEMMs' MXFP4 weights, as ``dequant_timing.dequant_rows`` takes them."""
+    """The two GEMMs' MXFP4 weights, as ``moe_dequant_paths.dequant_rows`` takes them."""
     from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
 
     stages = []
@@ -264,26 +249,6 @@ def dequant_stages(L: Layers):
         E, N = blocks.shape[:2]
         stages.append((label, E, N, blocks.shape[2] * 32, (blocks[0].numel() + scales[0].numel()), run))
     return stages
-
-
-def paths_table(rows: list[dict]) -> str:
-    """The base call on each forced path, and per shape the token count from which dequant wins for good."""
-    lines = ["| shape | tokens | pairs / expert | bf16 base (us) | MXFP4 kernel (us) | MXFP4 dequant + bf16 (us) "
-             "| kernel / dequant |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['pairs_per_expert']:.3g} | {r['bf16']:.1f} "
-                     f"| {r['kernel']:.1f} | {r['dequant']:.1f} | {r['kernel'] / r['dequant']:.2f} |")
-    lines.append("")
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["tokens"])
-        wins = [i for i in range(len(mine)) if all(r["dequant"] < r["kernel"] for r in mine[i:])]
-        if wins:
-            r = mine[wins[0]]
-            lines.append(f"- {shape}: dequant + bf16 is faster from {r['tokens']} tokens "
-                         f"({r['pairs_per_expert']:.3g} pairs per expert) on")
-        else:
-            lines.append(f"- {shape}: the in-register kernel is faster at the largest token count timed")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -332,7 +297,8 @@ def main() -> None:
                       f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}.", ""])
     if args.compare_paths:
         text += "\n".join(["", "### MXFP4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
-                           paths_table(rows), "", "The MXFP4 dequantiser alone (one scratch of experts):", "",
+                           paths_table(rows, "MXFP4", "bf16 base"), "",
+                           "The MXFP4 dequantiser alone (one scratch of experts):", "",
                            *DEQUANT_HEADER, *dq_lines, ""])
     emit(text, args.out)
 
