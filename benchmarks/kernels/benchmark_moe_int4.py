@@ -17,8 +17,16 @@ compared with an fp32 computation on the dequantised weights (``benchmark_moe_lo
 
 Targets (issue 13): int4 >= 2.5x faster than bf16 at 1-16 tokens, no slower at 256, LoRA / base <= 1.15.
 
+Paths (``fused_moe/experts/dequant_path.py``): at large batches MarlinExperts dequantises each GEMM's
+weights once and runs the bf16 grouped GEMM.  ``--path auto`` (default) lets the thresholds choose,
+``kernel`` / ``dequant`` force one path for the int4 columns; ``--compare-paths`` adds the base call
+timed on each forced path and prints, per shape, from which token count the dequant path wins (the
+threshold to set: ``MIN_PAIRS`` / ``MIN_PAIRS_PER_EXPERT["int4"]``).  Correctness is checked on both
+paths.  The timed graphs include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
+
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_int4.py [--quick] [--shapes qwen3 mixtral]
-        [--tokens 1 2 4 8 16 64 256 1024 4096] [--group 128] [--out table.md]
+        [--tokens 1 2 4 8 16 64 256 1024 4096] [--group 128] [--path auto|kernel|dequant] [--compare-paths]
+        [--out table.md]
     --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (exercises the code path only).
     --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
     with alternatives (each checked against the heuristic's output first); --tune-out DIR writes the
@@ -38,6 +46,8 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
     sys.path.insert(0, _ROOT)
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
+from benchmarks.kernels.moe_dequant_paths import (DEQUANT_HEADER, INT4_TILES, dequant_rows, on_path,  # noqa: E402
+                                                  paths_table, set_path)
 
 SHAPES = {k: lb.SHAPES[k] for k in ("qwen3", "mixtral")}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -61,9 +71,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--path", default="auto", choices=["auto", "kernel", "dequant"],
+                   help="int4 experts path: the thresholds (auto), the in-register kernel, or dequantise + bf16 GEMM")
+    p.add_argument("--compare-paths", action="store_true",
+                   help="also time the base call on each forced path and report the crossover")
     p.add_argument("--sweep", action="store_true", help="time alternative tile configs of each int4 GEMM")
     p.add_argument("--tune-out", default=None, help="with --sweep: write the fastest configs here (JSON)")
     return p.parse_args()
+
+
+def dequant_stages(q_layer):
+    """The two GEMMs' int4 weights, as ``moe_dequant_paths.dequant_rows`` takes them."""
+    from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
+
+    qc = q_layer.quant_method.kernel.fused_experts.quant_config
+    stages = []
+    for label, w in (("w13", qc.w13), ("w2", qc.w2)):
+        run = (lambda w: lambda out, e0, e1, bn, bk: dequantize_int4_experts(
+            w, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(w)
+        stages.append((label, w.num_experts, w.n, w.k, w.nbytes() // w.num_experts, run))
+    return stages
 
 
 def sweep_candidates():
@@ -220,6 +247,15 @@ def build(shape, dtype, device, args, max_tokens: int):
 
 
 def check(q_layer, case, M: int, args, dtype, device) -> str:
+    """Both paths (the in-register kernel, dequantise + bf16 GEMM) against the fp32 reference."""
+    out = "; ".join(f"{path}: {check_path(q_layer, case, M, args, dtype, device, path)}"
+                    for path in ("kernel", "dequant"))
+    set_path(args.path)
+    return out
+
+
+def check_path(q_layer, case, M: int, args, dtype, device, path: str) -> str:
+    set_path(path)
     x, logits, tw, ti, slots = lb.make_inputs(case, M, args.num_loras, dtype, device, args.seed)
     case.punica.update_metadata(slots)
     qm, ctx = q_layer.quant_method, q_layer._lora_context
@@ -233,7 +269,7 @@ def check(q_layer, case, M: int, args, dtype, device) -> str:
     tol = lb.TOLERANCE[dtype]
     bad = {n: e for n, e in errs.items() if not e < tol}
     if bad or delta < 10 * tol:
-        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens: normalised max errors {errs} "
+        sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens, {path} path: normalised max errors {errs} "
                  f"(tolerance {tol}); LoRA effect {delta:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {delta:.2f})"
 
@@ -248,11 +284,14 @@ def bench(q_layer, case, M: int, args, dtype, device, flush, gpu: str, peak: flo
     x, _, tw, ti, slots = lb.make_inputs(case, M, args.num_loras, dtype, device, args.seed)
     case.punica.update_metadata(slots)
     qm, ctx, f_layer = q_layer.quant_method, q_layer._lora_context, case.layer
+    base = lambda: qm.apply(q_layer, x, tw, ti, lora_context=None)  # noqa: E731
     fns = {"bf16": lambda: f_layer.quant_method.apply(f_layer, x, tw, ti, lora_context=None),
-           "int4": lambda: qm.apply(q_layer, x, tw, ti, lora_context=None),
-           "int4_lora": lambda: qm.apply(q_layer, x, tw, ti, lora_context=ctx)}
+           "int4": on_path(args.path, base),
+           "int4_lora": on_path(args.path, lambda: qm.apply(q_layer, x, tw, ti, lora_context=ctx))}
+    if args.compare_paths:
+        fns.update(kernel=on_path("kernel", base), dequant=on_path("dequant", base))
     t, graphs, notes = {}, [], []
-    for key, fn in fns.items():
+    for key, fn in fns.items():  # (each int4 fn sets its path: the order does not matter)
         if device.type == "cuda":
             t[key], g, n = lb.time_cuda(fn, flush, args.reps, not args.no_graph)
         else:
@@ -268,7 +307,8 @@ def bench(q_layer, case, M: int, args, dtype, device, flush, gpu: str, peak: flo
                 speedup=t["bf16"] / t["int4"], ratio=t["int4_lora"] / t["int4"],
                 gbs=b_base / (t["int4"] * 1e-6) / 1e9, roof=100 * (b_base / peak * 1e6) / t["int4"],
                 roof_lora=100 * ((b_base + b_lora) / peak * 1e6) / t["int4_lora"],
-                graph="yes" if all(graphs) else "no", gpu=gpu, notes=notes)
+                graph="yes" if all(graphs) else "no", gpu=gpu, notes=notes, pairs_per_expert=M * case.k / case.E,
+                kernel=t.get("kernel"), dequant=t.get("dequant"))
 
 
 def _mark(ok: bool) -> str:
@@ -303,11 +343,12 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
     torch.manual_seed(args.seed)
     peak = lb.peak_bandwidth(device)
+    set_path(args.path)
     print(f"device: {gpu}; {str(dtype).replace('torch.', '')} activations; int4 group {args.group}, "
           f"{'symmetric' if args.symmetric else 'zero points'}; LoRA rank {args.rank}, {args.num_loras} adapters; "
-          f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s", flush=True)
+          f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s; experts path {args.path}", flush=True)
     flush = torch.empty(lb.FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows, notes, sweep_lines, tuned = [], [], [], {}
+    rows, notes, sweep_lines, tuned, dq_lines = [], [], [], {}, []
     for shape in shapes:
         q_layer, case = build(shape, dtype, device, args, max(max(tokens), check_m))
         print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k}: correctness at {check_m} tokens: "
@@ -316,8 +357,14 @@ def main() -> None:
             r = bench(q_layer, case, M, args, dtype, device, flush, gpu, peak)
             notes += [f"{case.name} {M} tokens: {n}" for n in r["notes"]]
             print(f"  {M:5d} tokens: bf16 {r['bf16']:8.1f} us  int4 {r['int4']:8.1f} us  x{r['speedup']:.2f}  "
-                  f"int4+LoRA {r['lora']:8.1f} us  ratio {r['ratio']:.2f}  {r['roof']:3.0f} % of roofline", flush=True)
+                  f"int4+LoRA {r['lora']:8.1f} us  ratio {r['ratio']:.2f}  {r['roof']:3.0f} % of roofline"
+                  + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
+                  flush=True)
             rows.append(r)
+        if args.compare_paths:
+            timer = ((lambda fn: lb.time_cuda(fn, flush, args.reps, not args.no_graph)[0]) if has_cuda
+                     else (lambda fn: lb.time_cpu(fn, 1)[0]))
+            dq_lines += dequant_rows(case.name, dequant_stages(q_layer), INT4_TILES, dtype, device, timer, peak)
         if args.sweep:
             sweep_lines += sweep(q_layer, case, tokens, args, dtype, device, flush, tuned)
         del q_layer, case
@@ -325,13 +372,18 @@ def main() -> None:
             torch.cuda.empty_cache()
     text = "\n".join([
         f"## int4 (W4A16, group {args.group}) MoE layer vs bf16: {gpu}, {args.dtype}, LoRA rank {args.rank}, "
-        f"{args.num_loras} adapters", "", table(rows), "",
+        f"{args.num_loras} adapters, experts path {args.path}", "", table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(...)` with routing precomputed (align/sort, both GEMMs, activation, top-k sum, "
         "LoRA when on). (!) marks a missed target: >= 2.5x at 1-16 tokens, >= 1x at 256, LoRA / base <= 1.15.",
         "- Bytes: packed int4 weights + scales + zeros of the routed experts (+ the routed LoRA weights for the LoRA "
         f"column); peak {peak / 1e9:.0f} GB/s from a large device copy.",
         *[f"- {n}" for n in notes], ""])
+    if args.compare_paths:
+        text += "\n".join(["", "### int4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
+                           paths_table(rows, "int4", "bf16 Triton"), "", "The int4 dequantiser alone (one scratch of experts):", "",
+                           *DEQUANT_HEADER,
+                           *dq_lines, ""])
     if sweep_lines:
         text += "\n".join(["", "### int4 GEMM tiles: heuristic vs the fastest swept", "",
                            "| shape | tokens | GEMM | routing | heuristic (us) | best (us) | speed-up | best config |",

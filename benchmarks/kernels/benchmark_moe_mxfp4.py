@@ -12,10 +12,18 @@ Timing (CUDA graphs, L2 flushed before every replay, median) and the bandwidth p
 D*3HI*17/32 (4.25 bits) + biases; GB/s = those bytes / time.
 
 Correctness first, per shape: the MXFP4 layer (base, and with LoRA) against an fp32 torch
-computation from the dequantised weights written here; the run stops if it fails.
+computation from the dequantised weights written here, on both experts paths; the run stops if it fails.
+
+Paths (``fused_moe/experts/dequant_path.py``): at large batches UnfusedOAITritonExperts dequantises
+each GEMM's weights once and runs the bf16 grouped GEMM.  ``--path auto`` (default) lets the
+thresholds choose, ``kernel`` / ``dequant`` force one path for the MXFP4 columns; ``--compare-paths``
+adds the base call timed on each forced path and, per shape, the token count from which the dequant
+path wins (the threshold to set: ``MIN_PAIRS`` / ``MIN_PAIRS_PER_EXPERT["mxfp4"]``).  The timed graphs
+include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
 
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_mxfp4.py [--quick] [--shapes 20b 120b]
-        [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--out table.md]
+        [--tokens 1 2 4 8 16 64 256 1024 4096] [--rank 16] [--num-loras 4] [--path auto|kernel|dequant]
+        [--compare-paths] [--out table.md]
 ``--quick``: T in 1 16 256 4096 and 30 replays.  ``--smoke``: a tiny shape on CPU (interpreter).
 ``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
 """
@@ -35,6 +43,8 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from benchmark_moe_lora import (FLUSH_BYTES, emit, norm_err, peak_bandwidth, pick_device, time_cpu,  # noqa: E402
                                time_cuda)
+from moe_dequant_paths import (DEQUANT_HEADER, MXFP4_TILES, dequant_rows, on_path, paths_table,  # noqa: E402
+                               set_path)
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -58,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--portable-decode", action="store_true",
                    help="decode MXFP4 with portable Triton arithmetic instead of the packed PTX (bf16 on CUDA)")
+    p.add_argument("--path", default="auto", choices=["auto", "kernel", "dequant"],
+                   help="MXFP4 experts path: the thresholds (auto), the in-register kernel, or dequantise + bf16 GEMM")
+    p.add_argument("--compare-paths", action="store_true",
+                   help="also time the base call on each forced path and report the crossover")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
@@ -160,7 +174,15 @@ def reference(L: Layers, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
     return out
 
 
-def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int) -> str:
+def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int, path: str = "auto") -> str:
+    """Both paths (the in-register kernel, dequantise + bf16 GEMM) against the fp32 reference."""
+    out = "; ".join(f"{p}: {check_path(L, M, num_loras, dtype, device, seed, p)}" for p in ("kernel", "dequant"))
+    set_path(path)
+    return out
+
+
+def check_path(L: Layers, M: int, num_loras: int, dtype, device, seed: int, path: str) -> str:
+    set_path(path)
     x, logits, tw, ti, slots = inputs(L, M, num_loras, dtype, device, seed)
     L.punica.update_metadata(slots)
     qm, ctx = L.mx.quant_method, L.mx._lora_context
@@ -171,7 +193,8 @@ def check(L: Layers, M: int, num_loras: int, dtype, device, seed: int) -> str:
     effect = norm_err(ref_base, ref_lora)
     tol = TOL if dtype == torch.bfloat16 else 1e-2
     if any(not e < tol for e in errs.values()) or effect < 10 * tol:
-        sys.exit(f"CORRECTNESS FAILED for {L.name} at {M} tokens: {errs} (tolerance {tol}); LoRA effect {effect:.3f}")
+        sys.exit(f"CORRECTNESS FAILED for {L.name} at {M} tokens, {path} path: {errs} (tolerance {tol}); "
+                 f"LoRA effect {effect:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {effect:.2f})"
 
 
@@ -179,9 +202,12 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
     x, _, tw, ti, slots = inputs(L, M, args.num_loras, dtype, device, args.seed)
     L.punica.update_metadata(slots)
     mq, bq, ctx = L.mx.quant_method, L.bf16.quant_method, L.mx._lora_context
+    base = lambda: mq.apply(L.mx, x, tw, ti, lora_context=None)  # noqa: E731
     fns = {"bf16": lambda: bq.apply(L.bf16, x, tw, ti, lora_context=None),
-           "mx": lambda: mq.apply(L.mx, x, tw, ti, lora_context=None),
-           "mx_lora": lambda: mq.apply(L.mx, x, tw, ti, lora_context=ctx)}
+           "mx": on_path(args.path, base),
+           "mx_lora": on_path(args.path, lambda: mq.apply(L.mx, x, tw, ti, lora_context=ctx))}
+    if args.compare_paths:  # each MXFP4 fn sets its path: the order does not matter
+        fns.update(kernel=on_path("kernel", base), dequant=on_path("dequant", base))
     t, graphs = {}, []
     for key, fn in fns.items():
         us, graph, note = (time_cuda(fn, flush, args.reps, not args.no_graph) if device.type == "cuda"
@@ -197,7 +223,8 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
     return dict(shape=L.name, tokens=M, experts=D, bf16=t["bf16"], mx=t["mx"], mx_lora=t["mx_lora"],
                 speedup=t["bf16"] / t["mx"], ratio=t["mx_lora"] / t["mx"], mx_gbs=mx_bytes / (t["mx"] * 1e-6) / 1e9,
                 bf_gbs=bf_bytes / (t["bf16"] * 1e-6) / 1e9, roof=100 * (mx_bytes / peak * 1e6) / t["mx"],
-                graph="yes" if all(graphs) else "no")
+                graph="yes" if all(graphs) else "no", pairs_per_expert=M * L.k / L.E, kernel=t.get("kernel"),
+                dequant=t.get("dequant"))
 
 
 def table(rows: list[dict], gpu: str) -> str:
@@ -209,6 +236,19 @@ def table(rows: list[dict], gpu: str) -> str:
                      f"| {r['speedup']:.2f} | {r['mx_lora']:.1f} | {r['ratio']:.2f} | {r['mx_gbs']:.4g} "
                      f"| {r['bf_gbs']:.4g} | {r['roof']:.0f} % | {r['graph']} | {gpu} |")
     return "\n".join(lines)
+
+
+def dequant_stages(L: Layers):
+    """The two GEMMs' MXFP4 weights, as ``moe_dequant_paths.dequant_rows`` takes them."""
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
+
+    stages = []
+    for label, blocks, scales in (("w13", L.mx.w13_blocks, L.mx.w13_scales), ("w2", L.mx.w2_blocks, L.mx.w2_scales)):
+        run = (lambda b, s: lambda out, e0, e1, bn, bk: dequantize_mxfp4_experts(
+            b, s, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(blocks, scales)
+        E, N = blocks.shape[:2]
+        stages.append((label, E, N, blocks.shape[2] * 32, (blocks[0].numel() + scales[0].numel()), run))
+    return stages
 
 
 def main() -> None:
@@ -226,19 +266,27 @@ def main() -> None:
     args.reps = args.reps or (2 if not has_cuda else 30 if args.quick else 100)
     gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
     peak = peak_bandwidth(device)
-    print(f"device: {gpu}; activations {dtype}; MXFP4 decode {'portable' if args.portable_decode else 'packed PTX'}; rank {args.rank}; {args.num_loras} adapters; "
-          f"copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
+    set_path(args.path)
+    decode = "portable" if args.portable_decode else "packed PTX"
+    print(f"device: {gpu}; activations {dtype}; experts path {args.path}; MXFP4 decode {decode}; rank {args.rank}; "
+          f"{args.num_loras} adapters; copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows = []
+    rows, dq_lines = [], []
     for shape in shapes:
         L = build(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
         print(f"[{L.name}] H={L.H} I={L.I} E={L.E} top_k={L.k}: correctness at {check_m} tokens: "
-              f"{check(L, check_m, args.num_loras, dtype, device, args.seed)}", flush=True)
+              f"{check(L, check_m, args.num_loras, dtype, device, args.seed, args.path)}", flush=True)
         for M in tokens:
             r = run_case(L, M, args, dtype, device, flush, peak)
             print(f"  {M:5d} tokens: bf16 {r['bf16']:8.1f} us  MXFP4 {r['mx']:8.1f} us ({r['speedup']:.2f}x)  "
-                  f"+LoRA {r['mx_lora']:8.1f} us (ratio {r['ratio']:.2f})  {r['mx_gbs']:6.0f} GB/s", flush=True)
+                  f"+LoRA {r['mx_lora']:8.1f} us (ratio {r['ratio']:.2f})  {r['mx_gbs']:6.0f} GB/s"
+                  + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
+                  flush=True)
             rows.append(r)
+        if args.compare_paths:
+            timer = ((lambda fn: time_cuda(fn, flush, args.reps, not args.no_graph)[0]) if has_cuda
+                     else (lambda fn: time_cpu(fn, 1)[0]))
+            dq_lines += dequant_rows(L.name, dequant_stages(L), MXFP4_TILES, dtype, device, timer, peak)
         del L
         if has_cuda:
             torch.cuda.empty_cache()
@@ -246,7 +294,12 @@ def main() -> None:
                       "Notes: timed `quant_method.apply` (sort, GEMMs, activation, top-k sum; with LoRA also the LoRA "
                       "align and seams), CUDA graph replay with the L2 flushed, median of "
                       f"{args.reps}; bytes = routed expert weights (MXFP4 4.25 bits + biases, bf16 2 bytes); "
-                      f"peak {peak / 1e9:.0f} GB/s from a device copy.", ""])
+                      f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}.", ""])
+    if args.compare_paths:
+        text += "\n".join(["", "### MXFP4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
+                           paths_table(rows, "MXFP4", "bf16 base"), "",
+                           "The MXFP4 dequantiser alone (one scratch of experts):", "",
+                           *DEQUANT_HEADER, *dq_lines, ""])
     emit(text, args.out)
 
 

@@ -4,6 +4,10 @@ The role of vLLM's Marlin MoE kernels (weights repacked once at load, 4 bits a w
 device, dequantised in registers), written here as a Triton kernel (``ops/_int4_moe_gemm_kernel.py``)
 that shares ``moe_align_block_size`` and the grouped-GEMM structure of ``TritonExperts``.
 LoRA at the same two seams, reading the unquantized activations.
+
+Large batches (``dequant_path.use_dequant_path``) take the ``TwoGemmExperts`` pipeline instead,
+each GEMM dequantising its int4 weights once (``ops/int4_dequant.py``) before the bf16 grouped
+GEMM: there the in-register kernel, which dequantises every tile for every M-block, is slower.
 """
 from __future__ import annotations
 
@@ -12,6 +16,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
+from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
+    dense_route,
+    dequant_grouped_gemm,
+    take_dequant_path,
+)
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
 from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
@@ -21,7 +30,8 @@ if TYPE_CHECKING:
 
 
 class MarlinExperts(Int4ExpertsBase):
-    """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum."""
+    """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum;
+    at large batches the same pipeline with dequantise + bf16 GEMMs (``_route`` / ``_gemm``)."""
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
@@ -47,6 +57,12 @@ class MarlinExperts(Int4ExpertsBase):
         if pairs == 0:
             output.zero_()
             return
+        if take_dequant_path(pairs, E_local, "int4", hidden_states.device):
+            # TwoGemmExperts.apply: the same steps and LoRA seams, its GEMMs are _gemm below
+            return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+                                 global_num_experts=global_num_experts, expert_map=expert_map, a1q_scale=a1q_scale,
+                                 workspace13=workspace13, workspace2=workspace2,
+                                 apply_router_weight_on_input=apply_router_weight_on_input, lora_context=lora_context)
         dtype = hidden_states.dtype
         ids = local_expert_ids(topk_ids, expert_map)
 
@@ -91,3 +107,15 @@ class MarlinExperts(Int4ExpertsBase):
             self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
+
+    # The large-batch path (``dequant_path.py``), run by TwoGemmExperts.apply.
+    def _route(self, ids, pairs, num_experts, N, K, act_n, dtype):
+        return dense_route(ids, pairs, num_experts, N, K, act_n, dtype)
+
+    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+        from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
+
+        packed = self.quant_config.w13 if stage == 1 else self.quant_config.w2
+        dequant_grouped_gemm(out, a, lambda dst, e0, e1: dequantize_int4_experts(packed, dst, e0, e1, use_triton=True),
+                             packed.num_experts, packed.n, packed.k, route, stage=stage, top_k_in=top_k_in,
+                             topk_weights=topk_weights, weighted=weighted, bias=None)

@@ -2,17 +2,26 @@
 
 Weights, quant config and pipeline: ``mxfp4_experts_base.py``; the torch backend is
 ``TorchMxfp4Experts`` (``torch_mxfp4_experts.py``).
+
+At large batches (``dequant_path.use_dequant_path``) ``UnfusedOAITritonExperts``' GEMMs
+dequantise their weights once (``ops/mxfp4_expert_dequant.py``) and run the bf16 grouped GEMM.
 """
 from __future__ import annotations
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
+    dense_route,
+    dequant_grouped_gemm,
+    take_dequant_path,
+)
 from vllm.model_executor.layers.fused_moe.experts.mxfp4_experts_base import Mxfp4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 
 class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
-    """MXFP4 grouped GEMMs in Triton (4-bit tiles decoded in registers), LoRA at both seams."""
+    """MXFP4 grouped GEMMs in Triton (4-bit tiles decoded in registers), LoRA at both seams; at large
+    batches, dequantise once + the bf16 grouped GEMM."""
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
@@ -22,6 +31,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
+        if take_dequant_path(pairs, E_local, "mxfp4", ids.device):
+            return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
         top_k = ids.shape[1]
         cfg1 = get_mxfp4_moe_config(pairs, E_local, N, K, top_k, dtype)
         cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype)
@@ -34,6 +45,16 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import invoke_mxfp4_moe_gemm
 
         scales, bias = self._stage(stage)
+        if route.get("dequant"):
+            from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
+
+            def dequantize(dst: torch.Tensor, e0: int, e1: int) -> None:
+                dequantize_mxfp4_experts(blocks, scales, dst, e0, e1, use_triton=True)
+
+            E, N = blocks.shape[:2]
+            dequant_grouped_gemm(out, a, dequantize, E, N, a.shape[1], route, stage=stage, top_k_in=top_k_in,
+                                 topk_weights=topk_weights, weighted=weighted, bias=bias)
+            return
         invoke_mxfp4_moe_gemm(a, blocks, scales, out, sorted_token_ids=route["sorted_token_ids"],
                               block_expert_ids=route["block_expert_ids"],
                               num_tokens_post_padded=route["num_tokens_post_padded"], top_k_in=top_k_in,
