@@ -14,6 +14,7 @@ from vllm.worker.device_tokens import DeviceTokens
 MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "demo_model")
 PROMPTS = ["hello=", "abc=", "xyz=", "good day="]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+SEEDED = SamplingParams(temperature=3.0, seed=9, max_tokens=12, ignore_eos=True)
 FAIL_AFTER = 3
 
 
@@ -26,6 +27,7 @@ def llm():
     sync = LLM(MODEL, max_model_len=64, max_num_seqs=8)
     llm = LLM(MODEL, max_model_len=64, max_num_seqs=8, async_scheduling=True)
     llm.reference = {p: sync.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS}
+    llm.seeded = sync.generate(PROMPTS[0], SEEDED, use_tqdm=False)[0].outputs[0].token_ids
     return llm
 
 
@@ -110,7 +112,9 @@ def test_a_failure_in_a_chained_step_fails_only_its_request(llm, where):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"good{i}", p, GREEDY)
         engine.add_request("bad", "bad request=", SamplingParams(temperature=0, max_tokens=12, n=2, ignore_eos=True))
+        engine.add_request("seeded", PROMPTS[0], SEEDED)  # its draws in the dropped step are undone
         done = _run(engine)
+    assert done["seeded"].outputs[0].token_ids == llm.seeded
     bad = done["bad"]
     assert "Injected" in bad.error and "step fault" in bad.error
     assert all(c.finish_reason == "abort" and len(c.token_ids) == FAIL_AFTER for c in bad.outputs)
