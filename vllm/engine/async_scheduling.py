@@ -180,7 +180,13 @@ class AsyncScheduling:
                                is_prefill=False), rows
 
     def _launch_next(self, prev: PendingStep) -> Optional[PendingStep]:
-        built = self.next_batch(prev.out)
+        try:
+            built = self.next_batch(prev.out)
+        except Exception as exc:  # noqa: BLE001 - a bug here costs the overlap, not the pending step's tokens
+            if is_fatal(exc):
+                raise
+            logger.exception("async scheduling: building the next step failed; the scheduler decides it")
+            return None
         if built is None:
             return None
         out, rows = built
