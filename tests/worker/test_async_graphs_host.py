@@ -32,13 +32,48 @@ def test_chained_steps_over_emulated_graphs_match_the_eager_engine(setup, single
 
 
 @pytest.mark.cuda
-def test_async_scheduling_with_real_graphs_matches_sync(setup):  # noqa: F811
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_async_scheduling_with_real_graphs_matches_sync(setup, dtype):  # noqa: F811
     path, adapters = setup
     loras = [adapters[0], None, adapters[1], None]
-    kw = dict(max_model_len=64, block_size=16, max_num_seqs=8, enable_lora=True, max_loras=2, max_lora_rank=8)
+    kw = dict(dtype=dtype, max_model_len=64, block_size=16, max_num_seqs=8, enable_lora=True, max_loras=2,
+              max_lora_rank=8)
     want = _summary(LLM(path, **kw).generate(PROMPTS, PARAMS, lora_request=loras, use_tqdm=False))
     llm = LLM(path, async_scheduling=True, **kw)
     assert llm.llm_engine.runner.graphs is not None
     got = _summary(llm.generate(PROMPTS, PARAMS, lora_request=loras, use_tqdm=False))
     assert got == want and llm.llm_engine.async_scheduling.chained_steps > 0
-    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_chained_graph_step_is_queued_without_waiting_for_the_gpu(setup, monkeypatch, lora):  # noqa: F811
+    """The launch of a chained decode step (graph replay + sampler + token copy) never synchronises
+    with the device: with torch's sync debug mode at "error", a blocking call raises.  (A failure here
+    is a lost overlap, not wrong tokens: the message names the call.)"""
+    path, adapters = setup
+    kw = dict(max_model_len=64, block_size=16, max_num_seqs=8, async_scheduling=True)
+    if lora:
+        kw.update(enable_lora=True, max_loras=2, max_lora_rank=8)
+    llm = LLM(path, **kw)
+    runner = llm.llm_engine.runner
+    launch = runner.launch
+    checked = []
+
+    def strict_launch(out, input_ids=None, tokens_ahead=0):
+        if input_ids is None:
+            return launch(out)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tokens = launch(out, input_ids=input_ids, tokens_ahead=tokens_ahead)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(len(out.scheduled_seqs))
+        return tokens
+
+    llm.generate(PROMPTS, PARAMS, lora_request=[adapters[0], None, adapters[1], None] if lora else None,
+                 use_tqdm=False)  # warm-up: adapters activated, kernels compiled
+    monkeypatch.setattr(runner, "launch", strict_launch)
+    llm.generate(PROMPTS, PARAMS, lora_request=[adapters[0], None, adapters[1], None] if lora else None,
+                 use_tqdm=False)
+    assert checked
