@@ -274,7 +274,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines.append(f"| {b} | {eager_base[b] * 1e3:.2f} ms | {g * 1e3:.2f} ms | {eager_lora[b] * 1e3:.2f} ms | "
                      f"{graph_lora[b] * 1e3:.2f} ms | {graph_lora[b] / g:.2f} | {b / g:.0f} | {roof * 1e3:.2f} ms | "
                      f"{100 * roof / g:.0f} % |"
-                     + (f" {async_base[b] * 1e3:.2f} ms | {async_lora[b] * 1e3:.2f} ms |" if a.async_scheduling else ""))
+                     + (f" {async_base[b] * 1e3:.2f} ms | {async_lora[b] * 1e3:.2f} ms |"
+                        if a.async_scheduling else ""))
     top_b = max(batches)
     flops = prefill_flops(a, top_b)
     rate = matmul_rate(getattr(torch, a.dtype)) if cuda else float("nan")
