@@ -205,3 +205,15 @@ def test_lora_mixed_batches():
     assert _summary(got) == _summary(want)
     assert [o.outputs[0].text for o in got[:3]] == ["hello", "ABC", "klm"]  # each row on its adapter
     assert _chained(chained) > 0
+
+
+def test_chains_while_requests_wait_for_a_full_running_set():
+    """max_num_seqs 3, 7 requests: while the running set is full, the waiting ones cannot start, so
+    decode steps chain; they start one step later than synchronously, with the same tokens."""
+    sync = LLM(MODEL, max_model_len=64, max_num_seqs=3)
+    chained = LLM(MODEL, max_model_len=64, max_num_seqs=3, async_scheduling=True)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 11, 3, 9, 14, 5, 8)]
+    prompts = [f"{WORDS[i % len(WORDS)]}=" for i in range(len(params))]
+    want = sync.generate(prompts, params, use_tqdm=False)
+    assert _summary(chained.generate(prompts, params, use_tqdm=False)) == _summary(want)
+    assert _chained(chained) >= 12

@@ -17,10 +17,13 @@ Each ``step()`` call thus returns the outputs of one batch, in order, as without
 
 Why the outputs are those of the synchronous engine:
 
-* A chained batch is exactly what ``Scheduler.schedule`` would return next, or it is not built:
-  nothing waits (a waiting sequence means a prefill may come first), the running sequences are the
-  pending step's, and each holds (or gets now, ``BlockManager.append_slot``) the block of its next
-  position; when a block is missing the chain ends and the scheduler preempts as usual.
+* A chained batch is what ``Scheduler.schedule`` would return next if nothing arrived meanwhile,
+  or it is not built: no prefill can come first (nothing waits, or the running set is full and the
+  head of the queue is not a prompt to ignore), the running sequences are the pending step's, and
+  each holds (or gets now, ``BlockManager.append_slot``) the block of its next position; when a block
+  is missing the chain ends and the scheduler preempts as usual.  A request that arrives, or finds
+  room because the pending step finishes another, is scheduled one step later than synchronously
+  (its prefill waits for the step already queued); no sequence's tokens change.
 * A sequence that cannot take part in a step launched before its previous token is known never starts
   a chain: a grammar (its mask needs the token), penalties or bad_words (they read the generated
   tokens), logprobs (their host read would wait for the step anyway).  min_tokens counts the token
@@ -99,9 +102,16 @@ class AsyncScheduling:
         self.pending: Optional[PendingStep] = None
         self.chained_steps = 0  # steps launched before their predecessor's tokens were read (tests, logs)
 
+    def prefill_may_come(self) -> bool:
+        """Whether the scheduler may take a waiting sequence next (then the chain must end)."""
+        sched = self.scheduler
+        if not sched.waiting:
+            return False
+        return len(sched.running) < sched.config.max_num_seqs or sched.waiting[0].num_tokens > sched.max_model_len
+
     def can_start(self, out: SchedulerOutput) -> bool:
         """Whether ``out`` (just scheduled) may be queued as the first step of a chain."""
-        return (not out.is_empty and not out.is_prefill and not self.scheduler.waiting
+        return (not out.is_empty and not out.is_prefill and not self.prefill_may_come()
                 and all(q == 1 for q in out.query_lens)
                 and all(chain_blocker(s) is None for s in out.scheduled_seqs))
 
@@ -132,7 +142,7 @@ class AsyncScheduling:
         if prev is None:
             raise RuntimeError("no step is pending")
         self.pending = None
-        nxt = self._launch_next(prev) if not self.scheduler.waiting else None
+        nxt = self._launch_next(prev) if not self.prefill_may_come() else None
         live = [i for i, s in enumerate(prev.out.scheduled_seqs) if not s.is_finished]
         part = sub_batch(prev.out, live)
         try:
