@@ -164,7 +164,11 @@ class AsyncScheduling:
         ``prev``; None when the scheduler must decide (see the module docstring).  Reserves the blocks
         of the new positions."""
         sched, bm = self.scheduler, self.scheduler.block_manager
+        bs, max_len = bm.block_size, sched.max_model_len
         rows: list[int] = []
+        seqs: list[Sequence] = []
+        ctx: list[int] = []
+        short: list[Sequence] = []  # sequences whose next position starts a block
         live = 0
         for i, (seq, c) in enumerate(zip(prev.scheduled_seqs, prev.context_lens)):
             if seq.is_finished:
@@ -172,20 +176,18 @@ class AsyncScheduling:
             live += 1
             if seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens != c or seq.num_tokens != c + 1:
                 return None  # not the state of a decode step in flight (cannot happen; never guess)
-            params = seq.sampling_params
-            if (params.max_tokens is not None and seq.num_output_tokens + 1 >= params.max_tokens) \
-                    or c + 2 >= sched.max_model_len:
+            max_tokens = seq.sampling_params.max_tokens
+            if (max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens) or c + 2 >= max_len:
                 continue  # prev's token finishes it (length): nothing more to compute
             rows.append(i)
-        if not rows or live != len(sched.running):
-            return None
-        seqs = [prev.scheduled_seqs[i] for i in rows]
-        ctx = [prev.context_lens[i] + 1 for i in rows]
-        missing = sum(max(0, bm.num_blocks_for(c + 1) - len(s.block_table)) for s, c in zip(seqs, ctx))
-        if missing > bm.num_free_blocks:
-            return None  # the scheduler preempts
-        for seq, c in zip(seqs, ctx):
-            bm.append_slot(seq, c + 1)
+            seqs.append(seq)
+            ctx.append(c + 1)
+            if len(seq.block_table) * bs < c + 2:
+                short.append(seq)
+        if not rows or live != len(sched.running) or len(short) > bm.num_free_blocks:
+            return None  # (no free block for one: the scheduler preempts)
+        for seq in short:
+            bm.append_slot(seq, seq.num_tokens + 1)
         return SchedulerOutput(scheduled_seqs=seqs, query_lens=[1] * len(seqs), context_lens=ctx,
                                is_prefill=False), rows
 
