@@ -34,7 +34,8 @@ Why the outputs are those of the synchronous engine:
   rows of unfinished sequences.  Its KV write went to blocks it held when the step was queued; a block
   freed then and given to another sequence is written by that sequence only in later steps, which the
   device runs after this one (one stream).  Seeded sequences draw from their own generators, so the
-  others' tokens do not depend on it.
+  others' tokens do not depend on it.  (Unseeded sampled rows share the global generator, as in
+  vLLM: their draws are reproducible run to run, but not the synchronous engine's.)
 * Failures: an exception while a chained step is queued undoes its seeded draws and drops it (the
   chain ends; the next ``step()`` runs that batch synchronously, where ``execute_isolated`` fails only
   the requests that cause it); an exception while the pending step's tokens are read drops any
