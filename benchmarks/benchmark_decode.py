@@ -22,8 +22,12 @@ best of 2 after a warm-up.  The roofline step reads, per layer, the attention we
 distinct experts of the batch x bytes per expert, the router and the KV cache (context = prompt +
 half the decode), plus the LM head once, at the copy bandwidth measured here (or ``--bandwidth``).
 
+With ``--async-scheduling`` two more engines run with graphs and ``async_scheduling=True`` (decode step
+n+1 queued before step n's tokens are read): their tokens must equal the synchronous graph engines',
+and their step times are two more columns.
+
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,16,64,256] [--out decode.md]   (--preset tiny: a CPU smoke run)
+        [--batches 1,16,64,256] [--async-scheduling] [--out decode.md]   (--preset tiny: a CPU smoke run)
 """
 from __future__ import annotations
 
@@ -211,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in B/s (default: measured)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="also time the graph engines with async scheduling (tokens checked against the sync ones)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -246,20 +252,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         problems.append("the adapters did not change any output")
     # the LoRA-enabled engine on a base-only batch (one size: a correctness check) vs the engine without LoRA
     compare("LoRA-enabled base-only vs LoRA-disabled", {b0: tok_glora[-b0]}, {b0: tok_graph[b0]}, problems)
+    if a.async_scheduling:
+        async_base, tok_abase = run_engine(model_dir, common, batches, prompts, no_lora, a.steps,
+                                           async_scheduling=True)
+        compare("async vs sync scheduling, no LoRA", tok_abase, tok_graph, problems)
+        async_lora, tok_alora = run_engine(model_dir, common, batches, prompts, spread, a.steps,
+                                           async_scheduling=True, **lora_kw)
+        compare("async vs sync scheduling, LoRA", tok_alora, {b: tok_glora[b] for b in batches}, problems)
 
     context = a.prompt_len + a.steps // 2
     lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of {a.prompt_len} tokens; "
              f"{a.num_loras} adapters of rank {a.rank} (q/k/v/o + experts) spread over the batch; copy bandwidth "
              f"{bandwidth / 1e12:.2f} TB/s{'' if a.bandwidth is None else ' (given)'}", "",
              "| batch | eager, no LoRA | graphs, no LoRA | eager, LoRA | graphs, LoRA | LoRA / no LoRA (graphs) "
-             "| tokens/s (graphs, no LoRA) | roofline step | % of roofline (graphs, no LoRA) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tokens/s (graphs, no LoRA) | roofline step | % of roofline (graphs, no LoRA) |"
+             + (" graphs + async, no LoRA | graphs + async, LoRA |" if a.async_scheduling else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.async_scheduling else "")]
     for b in batches:
         roof = roofline_bytes(a, b, context) / bandwidth
         g = graph_base[b]
         lines.append(f"| {b} | {eager_base[b] * 1e3:.2f} ms | {g * 1e3:.2f} ms | {eager_lora[b] * 1e3:.2f} ms | "
                      f"{graph_lora[b] * 1e3:.2f} ms | {graph_lora[b] / g:.2f} | {b / g:.0f} | {roof * 1e3:.2f} ms | "
-                     f"{100 * roof / g:.0f} % |")
+                     f"{100 * roof / g:.0f} % |"
+                     + (f" {async_base[b] * 1e3:.2f} ms | {async_lora[b] * 1e3:.2f} ms |"
+                        if a.async_scheduling else ""))
     top_b = max(batches)
     flops = prefill_flops(a, top_b)
     rate = matmul_rate(getattr(torch, a.dtype)) if cuda else float("nan")

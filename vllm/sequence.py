@@ -215,11 +215,14 @@ class Sequence:
         """The adapter id, 0 for the base model (vLLM's convention)."""
         return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
-    def suppressed_token_ids(self) -> Optional[list[int]]:
+    def suppressed_token_ids(self, tokens_ahead: int = 0) -> Optional[list[int]]:
         """Ids the sampler must not pick now: EOS (unless ignore_eos) and the stop
-        token ids while fewer than ``min_tokens`` were generated; else None."""
+        token ids while fewer than ``min_tokens`` were generated; else None.
+
+        ``tokens_ahead``: tokens sampled but not appended yet (async scheduling samples a
+        step before the previous step's token is recorded); they count as generated."""
         params = self.sampling_params
-        if self.num_output_tokens >= params.min_tokens:
+        if self.num_output_tokens + tokens_ahead >= params.min_tokens:
             return None
         ids = list(params.stop_token_ids)
         if self.eos_token_id is not None and not params.ignore_eos:

@@ -24,7 +24,7 @@ another sequence's cache.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 from vllm.core.prefix_cache import block_hashes
 from vllm.sequence import Sequence
@@ -157,13 +157,15 @@ class BlockManager:
         self._checked[seq.seq_id] = len(shared)
         self._take(seq, self.num_blocks_for(seq.num_tokens) - len(shared))
 
-    def append_slot(self, seq: Sequence) -> None:
-        """Make sure ``seq`` holds the block of position ``num_tokens - 1`` (decode).
+    def append_slot(self, seq: Sequence, num_tokens: Optional[int] = None) -> None:
+        """Make sure ``seq`` holds the block of position ``num_tokens - 1`` (decode; default: its
+        current ``num_tokens``; async scheduling reserves the position of a token not sampled yet).
 
         Takes a new block only when that position starts one."""
         if not seq.block_table:
             raise RuntimeError(f"{seq!r} holds no blocks; allocate it (prefill) before appending slots")
-        self._take(seq, self._missing_blocks(seq))
+        wanted = seq.num_tokens if num_tokens is None else num_tokens
+        self._take(seq, max(0, self.num_blocks_for(wanted) - len(seq.block_table)))
 
     def cache_computed(self, seq: Sequence) -> None:
         """Register the full blocks of ``seq`` whose K/V are all computed (its first

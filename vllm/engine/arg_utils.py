@@ -39,6 +39,7 @@ class EngineArgs:
     quantization: Optional[str] = None  # must match the checkpoint's quantization_config (gptq, awq, ...)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA by default)
     cuda_graph_sizes: Optional[list[int]] = None  # decode batch sizes to capture (default: a ladder to max_num_seqs)
+    async_scheduling: bool = False  # queue decode step n+1 before reading step n's tokens (vllm.engine.async_scheduling)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":

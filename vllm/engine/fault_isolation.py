@@ -35,7 +35,8 @@ def sub_batch(out: SchedulerOutput, keep: list[int]) -> SchedulerOutput:
                            context_lens=[out.context_lens[i] for i in keep], is_prefill=out.is_prefill)
 
 
-def _generator_states(seqs: list[Sequence], device: torch.device) -> list[tuple[torch.Generator, torch.Tensor]]:
+def generator_states(seqs: list[Sequence], device: torch.device) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """(generator, state) of the seeded sampled sequences: ``gen.set_state(state)`` undoes a run's draws."""
     states = []
     for seq in seqs:
         params = seq.sampling_params
@@ -73,8 +74,8 @@ def execute_isolated(execute: Execute, out: SchedulerOutput, device: torch.devic
         for side in (True, False):
             keep = [i for i, seq in enumerate(batch.scheduled_seqs) if (seq.request_id in half) == side]
             part = sub_batch(batch, keep)
-            run(part, _generator_states(part.scheduled_seqs, device) if states else None)
+            run(part, generator_states(part.scheduled_seqs, device) if states else None)
 
-    seeded = _generator_states(out.scheduled_seqs, device)
+    seeded = generator_states(out.scheduled_seqs, device)
     run(out, seeded)
     return done, failed

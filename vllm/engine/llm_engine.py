@@ -11,6 +11,8 @@ Failures (see ``vllm.engine.errors``): a bad request is refused by ``add_request
 fails only the requests that caused it (``vllm.engine.fault_isolation``), which
 finish with ``RequestOutput.error``; their KV blocks are freed and the engine goes on.
 Adapters: ``vllm.engine.lora_registry`` (what unloading one in use means).
+Async scheduling (``EngineArgs.async_scheduling``): decode steps are queued one ahead of the
+host's reading of their tokens, same outputs (``vllm.engine.async_scheduling``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from vllm.core.block_manager import BlockManager
 from vllm.core.scheduler import Scheduler, SchedulerOutput
 from vllm.config.generation import load_generation_defaults
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.async_scheduling import AsyncScheduling
 from vllm.engine.errors import describe, is_fatal
 from vllm.engine.fault_isolation import execute_isolated, sub_batch
 from vllm.engine.input_checks import (PromptType, RequestLimits, cache_salt, check_request, prompt_ids,
@@ -82,11 +85,17 @@ class LLMEngine:
         self._extra_eos = self._generation_eos_ids()
         # structured output: grammars compiled per constraint for this tokenizer (llguidance loads on first use)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        self.async_scheduling: Optional[AsyncScheduling] = None
+        if args.async_scheduling and args.tensor_parallel_size > 1:
+            logger.warning("async_scheduling is not supported with tensor_parallel_size > 1 yet: steps run "
+                           "synchronously")
+        elif args.async_scheduling:
+            self.async_scheduling = AsyncScheduling(self.scheduler, self.runner, self.loras, self.device)
         logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, prefix caching %s, "
-                    "LoRA %s", self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
+                    "LoRA %s, async scheduling %s", self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
                     args.tensor_parallel_size, "on" if self.cache_config.enable_prefix_caching else "off",
                     f"on (max_loras={self.lora_config.max_loras}, max_lora_rank={self.lora_config.max_lora_rank})"
-                    if self.lora_config else "off")
+                    if self.lora_config else "off", "on" if self.async_scheduling else "off")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -214,7 +223,9 @@ class LLMEngine:
         self.scheduler.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request is unfinished or a step's outputs are still to be returned (async scheduling)."""
+        return self.scheduler.has_unfinished() or (self.async_scheduling is not None
+                                                   and self.async_scheduling.pending is not None)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
@@ -229,7 +240,12 @@ class LLMEngine:
         """Schedule and run one batch; the ``RequestOutput``s of the requests it touched.
 
         An exception while the batch is computed fails only the requests that cause it
-        (they finish with ``RequestOutput.error``); fatal ones (``is_fatal``) are raised."""
+        (they finish with ``RequestOutput.error``); fatal ones (``is_fatal``) are raised.
+        With async scheduling, a call may queue the next decode batch before it returns this one's
+        outputs; each call still returns one batch's outputs, in order."""
+        chain = self.async_scheduling
+        if chain is not None and chain.pending is not None:
+            return self._advance_chain(set())
         try:
             out = self.scheduler.schedule()
         except Exception as exc:  # a scheduler bug: its state is unknown, so every request fails
@@ -247,12 +263,25 @@ class LLMEngine:
         if missing:
             out = sub_batch(out, [i for i, s in enumerate(out.scheduled_seqs) if not s.is_finished])
         if not out.is_empty:
+            if chain is not None and chain.start(out):
+                return self._advance_chain(touched)
             self._run_batch(out)
+        return self._outputs(touched | self._errors.keys())
+
+    def _advance_chain(self, touched: set[str]) -> list[RequestOutput]:
+        """Async scheduling: queue the next decode batch if it may go on, record the pending one's tokens."""
+        parts, failed = self.async_scheduling.advance(self.runner.execute)
+        touched |= {s.request_id for part, _ in parts for s in part.scheduled_seqs} | failed.keys()
+        self._record(parts, failed)
         return self._outputs(touched | self._errors.keys())
 
     def _run_batch(self, out: SchedulerOutput) -> None:
         """Execute (fault-isolated), postprocess and detokenize; failing requests are failed."""
-        parts, failed = execute_isolated(self.runner.execute, out, self.device)
+        self._record(*execute_isolated(self.runner.execute, out, self.device))
+
+    def _record(self, parts: list, failed: dict[str, Exception]) -> None:
+        """Postprocess and detokenize the (batch, result) parts; the ``failed`` requests (and those whose
+        bookkeeping raises) are failed."""
         for rid, exc in failed.items():
             self._fail(rid, f"the request failed while the engine computed it ({describe(exc)})")
         errors: list = []

@@ -294,12 +294,16 @@ class DecodeGraphRunner:
             torch.cuda.empty_cache()
 
     # ---- replay -------------------------------------------------------------------------
-    def run(self, inp: "ModelInput", key: tuple[int, bool]) -> torch.Tensor:
+    def run(self, inp: "ModelInput", key: tuple[int, bool], input_ids: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
         """Copy the step's inputs into the buffers, replay ``key``'s graph; [n, vocab] logits (a view of a
-        static buffer, valid until the next step).  The LoRA mapping must already be set for the step."""
+        static buffer, valid until the next step).  The LoRA mapping must already be set for the step.
+        ``input_ids``: the ids on the device (async scheduling), copied on the device over ``inp``'s."""
         p, lora = key
         b = self.buffers
         b.prepare(inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.block_tables, p)
+        if input_ids is not None:
+            b.views(p)[0][:input_ids.shape[0]].copy_(input_ids)
         graph = self._graphs[key]
         if self.emulate:
             pad = p - len(inp.seq_lens)

@@ -11,6 +11,10 @@
 A decode step replays a captured CUDA graph instead of the eager forward when
 ``graphs`` (a ``DecodeGraphRunner``, vllm/worker/cuda_graphs.py) has one for it.
 
+Async scheduling (``vllm.engine.async_scheduling``) uses ``launch`` instead of ``execute``: a
+decode step whose tokens stay on the device (``DeviceTokens``), and whose input ids may come from
+the previous step's tokens on the device, before the host has read them.
+
 With tensor parallelism, ``peers`` (the other ranks, see ``vllm.executor``)
 receive the same ``ModelInput`` before rank 0 runs its own forward; the layers'
 collectives keep the ranks in step.
@@ -30,6 +34,7 @@ from vllm.engine.errors import FatalEngineError
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
 from vllm.structured_output.bitmask import grammar_bitmask
+from vllm.worker.device_tokens import DeviceTokens
 from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
 
 if TYPE_CHECKING:
@@ -51,11 +56,14 @@ class ModelInput:
 
     @classmethod
     def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, lora: bool,
-                              prompt_rows: Optional[list[int]] = None) -> "ModelInput":
+                              prompt_rows: Optional[list[int]] = None,
+                              input_ids: Optional[list[int]] = None) -> "ModelInput":
+        """``input_ids``: instead of the sequences' tokens (placeholders of a chained step, whose real
+        ids are on the device)."""
         token_lora_ids = None
         if lora:
             token_lora_ids = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
-        return cls(out.input_token_ids(), out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
+        return cls(out.input_token_ids() if input_ids is None else input_ids, out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
                    out.slot_mapping(block_size), token_lora_ids, list(prompt_rows or []))
 
 
@@ -73,19 +81,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, inp: ModelInput,
-                       on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                       on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
+                       input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Forward one step on this rank; [num_seqs, vocab] float32 logits of each last new token.
 
         Then the logits of ``inp.prompt_rows``, PROMPT_LOGPROBS_CHUNK rows at a time, each
         chunk passed to ``on_prompt_logits(first_row_index, logits)`` (rank 0) or dropped.
+        ``input_ids``: the step's ids already on the device (a chained step), used instead of
+        ``inp.input_ids``.
         """
         if self.lora_manager is not None:
             self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
         key = self.graphs.graph_key(inp) if self.graphs is not None else None
         if key is not None:
-            return self.graphs.run(inp, key)
+            return self.graphs.run(inp, key, input_ids)
         dev = self.device
-        input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
+        if input_ids is None:
+            input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
         meta = build_metadata(inp.query_lens, inp.seq_lens, inp.block_tables, self.block_size, dev,
                               slot_mapping=inp.slot_mapping)
@@ -137,3 +149,33 @@ class ModelRunner:
         logprobs = sampled.logprobs if any(lp is not None for lp in sampled.logprobs) else None
         return ModelRunnerOutput(sampled.token_ids.tolist(), logprobs,
                                  plan.result(out) if plan is not None else None)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, input_ids: Optional[torch.Tensor] = None,
+               tokens_ahead: int = 0) -> DeviceTokens:
+        """Queue a decode batch and its sampling; its tokens stay on the device (async scheduling).
+
+        ``input_ids``: [num_seqs] int64 on the device, the step's input ids when the host does
+        not have them yet (the previous step's tokens); ``tokens_ahead``: tokens each sequence
+        has sampled but not recorded yet (1 then), which ``min_tokens`` counts.  Only for one
+        rank, and only for sequences whose sampling does not read their generated tokens
+        (no penalties, bad_words, grammar or logprobs: the engine checks, this raises)."""
+        if self.peers is not None:
+            raise RuntimeError("async scheduling runs on one rank only (tensor_parallel_size 1)")
+        seqs = out.scheduled_seqs
+        if out.is_prefill or any(q != 1 for q in out.query_lens):
+            raise ValueError("launch runs decode steps only (one new token per sequence)")
+        if input_ids is not None and tuple(input_ids.shape) != (len(seqs),):
+            raise ValueError(f"input_ids must hold one id per sequence ({len(seqs)}), got {tuple(input_ids.shape)}")
+        if any(s.grammar is not None or s.sampling_params.logprobs is not None or s.sampling_params.needs_penalties
+               or s.sampling_params.bad_words for s in seqs):
+            raise ValueError("launch cannot sample sequences with a grammar, logprobs, penalties or bad_words")
+        if not seqs:
+            return DeviceTokens.start(torch.empty(0, dtype=torch.int64, device=self.device))
+        inp = ModelInput.from_scheduler_output(out, self.block_size, self.lora_manager is not None,
+                                               input_ids=None if input_ids is None else [0] * len(seqs))
+        logits = self.compute_logits(inp, input_ids=input_ids)
+        tokens = self.sampler(logits, [s.sampling_params for s in seqs],
+                              [s.get_generator(logits.device) for s in seqs],
+                              [s.suppressed_token_ids(tokens_ahead) for s in seqs])
+        return DeviceTokens.start(tokens)

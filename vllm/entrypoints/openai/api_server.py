@@ -247,7 +247,8 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       fully_sharded_loras=args.fully_sharded_loras, trust_remote_code=args.trust_remote_code,
                       quantization=args.quantization,
                       moe_backend=None if args.moe_backend == "auto" else args.moe_backend,
-                      enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes)
+                      enforce_eager=args.enforce_eager, cuda_graph_sizes=args.cuda_graph_sizes,
+                      async_scheduling=args.async_scheduling)
 
 
 def _start_engine(args: argparse.Namespace, models_root: str) -> tuple[AsyncLLMEngine, Models]:

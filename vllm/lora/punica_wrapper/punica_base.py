@@ -88,7 +88,8 @@ class PunicaWrapperBase(ABC):
             )
         if n and (int(mapping.max()) >= self.max_loras or int(mapping.min()) < -1):
             raise ValueError(f"token_lora_mapping values must be -1 or slots in [0, {self.max_loras})")
-        self._token_lora_indices[:n].copy_(mapping.to(self.device), non_blocking=True)
+        # straight from the host tensor: ``mapping.to(device)`` would wait for the work queued on the device
+        self._token_lora_indices[:n].copy_(mapping, non_blocking=True)
         self._token_lora_indices[n:].fill_(-1)
         self._num_tokens = n
         self._active_slots = None if mapping.is_cuda else frozenset(mapping.unique().tolist()) - {-1}
