@@ -27,6 +27,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
+    from vllm.model_executor.layers.fused_moe.config import MoEActivation
 
 
 class MarlinExperts(Int4ExpertsBase):
@@ -37,8 +38,10 @@ class MarlinExperts(Int4ExpertsBase):
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
+    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
+              global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
+              workspace13: torch.Tensor, workspace2: torch.Tensor, apply_router_weight_on_input: bool,
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
         from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
