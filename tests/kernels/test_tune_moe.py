@@ -111,11 +111,11 @@ def test_file_keys_are_the_kernels_lookups(tuned_folder, monkeypatch, device):
     for i, M in enumerate(tokens):
         ids = torch.randint(0, E, (M, k), dtype=torch.int32)
         route = experts._route(ids, M * k, E, 2 * I, H, I, torch.bfloat16)
-        assert (route["cfg1"]["num_stages"], route["cfg2"]["num_stages"]) == (10 + i, 20 + i), M
+        assert (route.cfg1.num_stages, route.cfg2.num_stages) == (10 + i, 20 + i), M
         common = dict(num_pairs=M * k, num_experts=E, max_loras=L, rank=R, dtype=torch.bfloat16, use_tuned_config=True)
         w13 = punica._config("fused_moe_lora_w13", K=H, N=I, num_slices=2, **common)
         w2 = punica._config("fused_moe_lora_w2", K=I, N=H, num_slices=1, **common)
-        assert (w13["num_stages"], w2["num_stages"]) == (10 + i, 20 + i), M
+        assert (w13.num_stages, w2.num_stages) == (10 + i, 20 + i), M
 
 
 def _tuner(tmp_path, **kw) -> tune_moe.Tuner:
