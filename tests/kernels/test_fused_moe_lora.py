@@ -289,6 +289,11 @@ def test_config_must_be_typed(device):
                        config={"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}, **kw)
     with pytest.raises(ValueError, match="BLOCK_SIZE_N=48 must be a power of two"):
         fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=MoELoRATileConfig(16, 48, 64), **kw)
+    empty = Case(0, 2, 4, 2, 16)  # no pair: nothing launches, the config is still checked
+    x, lora_a, lora_b, out, _, kw, geo, top_k_in, _ = build(empty, device)
+    with pytest.raises(TypeError, match="MoELoRATileConfig"):
+        moe_lora_shrink(x, lora_a, top_k_in=top_k_in, config={"BLOCK_SIZE_M": 16},
+                        **{k: kw[k] for k in _SHRINK_KEYS})
 
 
 def test_bad_arguments(device):

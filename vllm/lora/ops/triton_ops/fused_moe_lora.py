@@ -128,7 +128,6 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         config = get_moe_lora_config(op, num_pairs=numel, num_experts=E, max_loras=L, rank=R, K=max(K, 1),
                                      N=max(max(n_sizes), 1), num_slices=S, dtype=ref.dtype, use_tuned_config=False,
                                      device_name="cpu" if ref.device.type == "cpu" else "cuda")
-    _check_config(config)
     interp = triton_interpreting()
 
     uniform = True
@@ -196,7 +195,9 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 K_TILES=-(-K // config.block_size_k) if do_shrink else 1, **args)
 
 
-def _check_config(config: MoELoRATileConfig) -> None:
+def _check_config(config: Optional[MoELoRATileConfig]) -> None:
+    if config is None:  # the heuristic's
+        return
     if not isinstance(config, MoELoRATileConfig):
         raise TypeError(f"config must be a MoELoRATileConfig (get_moe_lora_config, or MoELoRATileConfig.from_json "
                         f"for a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
@@ -259,6 +260,7 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
                    n_offset: int = 0, slice_stride: Optional[int] = None,
                    config: Optional[MoELoRATileConfig] = None) -> None:
     """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring)."""
+    _check_config(config)
     a_slices, b_slices = _slices(lora_a_stacked, "lora_a_stacked"), _slices(lora_b_stacked, "lora_b_stacked")
     if len(a_slices) != len(b_slices):
         raise ValueError(f"{len(a_slices)} lora_a slices but {len(b_slices)} lora_b slices")
@@ -284,6 +286,7 @@ def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                     config: Optional[MoELoRATileConfig] = None) -> torch.Tensor:
     """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
+    _check_config(config)
     a_slices = _slices(lora_a_stacked, "lora_a_stacked")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
     m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
@@ -310,6 +313,7 @@ def moe_lora_expand(out: torch.Tensor, shrunk_fp32: torch.Tensor, lora_b_stacked
     shrunk_fp32: fp32 [S, M * top_k, R] with R = lora_b's last dim, any strides
     (e.g. the rank all-gather of the fully-sharded path).
     """
+    _check_config(config)
     b_slices = _slices(lora_b_stacked, "lora_b_stacked")
     L, E, R = b_slices[0].shape[0], b_slices[0].shape[1], b_slices[0].shape[3]
     m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, b_slices[0].device)
