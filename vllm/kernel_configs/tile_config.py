@@ -32,10 +32,9 @@ class JsonTiles:
     JSON_KEYS: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+        for name, v in self.__dict__.items():  # the fields (no ClassVars in an instance's __dict__)
             if type(v) is not int or v < 1:  # bool is an int subclass: rejected too
-                raise ValueError(f"{type(self).__name__}.{f.name} must be a positive int, got {v!r}")
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
 
     @classmethod
     def from_json(cls: type[T], entry: Mapping[str, Any], *, source: str = "tile config",

@@ -19,12 +19,14 @@ it lacks from the heuristic below; an unknown key there is an error naming the f
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Mapping, Optional
 
 import torch
 
+from vllm import envs
 from vllm.kernel_configs.tile_config import JsonTiles
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
@@ -142,7 +144,18 @@ def get_moe_lora_config(
     device_name: e.g. torch.cuda.get_device_name(); "cpu" selects interpreter tiles.
     """
     del dtype  # the heuristic is the same for bf16/fp16/fp32 so far
-    if device_name == "cpu" or triton_interpreting():
+    interp = device_name == "cpu" or triton_interpreting()
+    tuned_folder = envs.VLLM_TUNED_CONFIG_FOLDER if use_tuned_config else None  # part of the cache key
+    return _cached_config(op, int(num_pairs), int(num_experts), int(max_loras), int(rank), int(K), int(N),
+                          int(num_slices), use_tuned_config, device_name,
+                          int(num_pairs if num_tokens is None else num_tokens), interp, tuned_folder)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_config(op: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
+                   num_slices: int, use_tuned_config: bool, device_name: str, num_tokens: int, interp: bool,
+                   tuned_folder: Optional[str]) -> MoELoRATileConfig:
+    if interp:
         cfg = _interpreter_config(num_pairs, K, N)
     else:
         cfg = _gpu_config(_op_kind(op), num_pairs, num_experts, max_loras, rank, K, N, num_slices)
@@ -150,5 +163,5 @@ def get_moe_lora_config(
         from vllm.kernel_configs.tile_config import tuned_tiles
 
         key = {"E": num_experts, "K": K, "N": N, "R": rank}
-        cfg = tuned_tiles(cfg, op, key, num_pairs if num_tokens is None else num_tokens, device_name)
+        cfg = tuned_tiles(cfg, op, key, num_tokens, device_name)
     return cfg
