@@ -34,7 +34,7 @@ def test_written_files_load_and_the_kernels_stay_correct(tuned_folder, device):
     """Smoke run (CPU: interpreter), then each file entry through lookup_tuned_config into the kernel."""
     from vllm.lora.ops.torch_ops.moe_lora import moe_lora_reference
     from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
-    from vllm.lora.ops.triton_ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
     from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import (fused_moe_gemm_reference,
                                                                          invoke_fused_moe_gemm)
