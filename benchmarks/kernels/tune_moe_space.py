@@ -76,8 +76,7 @@ def heuristic_lora_config(op: str, *, pairs: int, E: int, L: int, R: int, K: int
 def launch_config(cfg: Config) -> Any:
     """A plain config -> what the launchers' ``config=`` takes: a ``MoELoRATileConfig`` for the LoRA
     op's keys (NUM_N_SPLITS present), else a ``TileConfig`` (the GEMM's); a stray key is an error."""
-    from vllm.kernel_configs.tile_config import TileConfig
-    from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig, TileConfig
 
     cls = MoELoRATileConfig if "NUM_N_SPLITS" in cfg else TileConfig
     return cls.from_json(cfg, source=f"tune_moe config {cfg}")

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from tests.utils import assert_close, poison_, random_expert, random_topk_ids
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.torch_ops.moe_lora import (fused_moe_lora_torch, moe_lora_expand_torch, moe_lora_reference,
                                               moe_lora_shrink_torch)
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora, moe_lora_expand, moe_lora_shrink
 from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
-from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig, get_moe_lora_config, use_small_batch_path
+from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, use_small_batch_path
 
 # The interpreter converts 1-element arrays to ints in range() bounds (a numpy deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

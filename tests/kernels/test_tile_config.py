@@ -8,8 +8,7 @@ import random
 import pytest
 
 from vllm.kernel_configs import clear_cache, config_file_name
-from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
-from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig
+from vllm.kernel_configs.tile_config import MoELoRATileConfig, TileConfig, tuned_tiles
 
 
 @pytest.mark.parametrize("cls", [TileConfig, MoELoRATileConfig])

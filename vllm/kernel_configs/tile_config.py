@@ -85,6 +85,27 @@ class TileConfig(JsonTiles):
     }
 
 
+@dataclass(frozen=True)
+class MoELoRATileConfig(JsonTiles):
+    """Tiles of one MoE LoRA launch (``vllm/lora/ops/triton_ops``: fields explained in ``moe_lora_config.py``).
+
+    block_size_m: rows of one M-block (the (adapter, expert) alignment's block size).
+    num_n_splits: programs sharing one block's (or pair's) N range.
+    """
+
+    block_size_m: int
+    block_size_n: int
+    block_size_k: int
+    num_n_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
+        "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+
+
 def tuned_tiles(base: T, op: str, key: Mapping[str, Any], num_tokens: int, device_name: str, *,
                 check: Optional[Callable[[T], None]] = None) -> T:
     """``base`` overridden by the tuned entry of ``op`` nearest ``num_tokens`` (``vllm.kernel_configs``),

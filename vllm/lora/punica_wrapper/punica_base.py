@@ -33,7 +33,7 @@ import torch
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
-    from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 class TPGroup(Protocol):

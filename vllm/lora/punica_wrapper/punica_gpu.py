@@ -12,7 +12,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 if TYPE_CHECKING:
-    from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 class PunicaWrapperGPU(PunicaWrapperBase):

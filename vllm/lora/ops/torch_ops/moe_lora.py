@@ -25,7 +25,7 @@ from vllm.lora.ops.moe_lora_align import lora_virtual_expert_ids
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 if TYPE_CHECKING:
-    from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 def _as_list(stacked: Stacked) -> list[torch.Tensor]:

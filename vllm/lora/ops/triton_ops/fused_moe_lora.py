@@ -29,8 +29,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-from vllm.lora.ops.triton_ops.moe_lora_config import MoELoRATileConfig, get_moe_lora_config, rank_block
+from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.triton_utils import triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -1,7 +1,8 @@
 """Kernel configurations (tiles, N-splits, warps) of the MoE LoRA ops.
 
-A config is a ``MoELoRATileConfig`` read by the launchers in ``fused_moe_lora.py``
-(field, and its key in a tuned file):
+A config is a ``MoELoRATileConfig`` (``vllm.kernel_configs.tile_config``: the torch ops take
+one too, and ignore it) read by the launchers in ``fused_moe_lora.py`` (field, and its key in
+a tuned file):
 
     block_size_m  BLOCK_SIZE_M  rows of one M-block (sorted path; the alignment is made
                                 with it - the launcher takes the alignment's value)
@@ -21,31 +22,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import ClassVar, Mapping, Optional
+from typing import Optional
 
 import torch
 
 from vllm import envs
-from vllm.kernel_configs.tile_config import JsonTiles
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
-
-@dataclass(frozen=True)
-class MoELoRATileConfig(JsonTiles):
-    """Tiles of one MoE LoRA launch (see the module docstring)."""
-
-    block_size_m: int
-    block_size_n: int
-    block_size_k: int
-    num_n_splits: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    JSON_KEYS: ClassVar[Mapping[str, str]] = {
-        "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
-        "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
-    }
+__all__ = ["MoELoRATileConfig", "get_moe_lora_config", "rank_block", "use_small_batch_path"]
 
 
 def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int) -> bool:
