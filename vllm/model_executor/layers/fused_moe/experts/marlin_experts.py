@@ -11,7 +11,7 @@ GEMM: there the in-register kernel, which dequantises every tile for every M-blo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -112,10 +112,13 @@ class MarlinExperts(Int4ExpertsBase):
         moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
 
     # The large-batch path (``dequant_path.py``), run by TwoGemmExperts.apply.
-    def _route(self, ids, pairs, num_experts, N, K, act_n, dtype):
+    def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+               dtype: torch.dtype) -> dict[str, Any]:
         return dense_route(ids, pairs, num_experts, N, K, act_n, dtype)
 
-    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+              route: Optional[dict[str, Any]], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
+              weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 
         packed = self.quant_config.w13 if stage == 1 else self.quant_config.w2

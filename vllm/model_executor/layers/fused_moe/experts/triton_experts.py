@@ -1,7 +1,6 @@
 """Experts as Triton grouped GEMMs over expert-sorted (token, k) pairs."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -40,14 +39,10 @@ class TritonExperts(TwoGemmExperts):
 
     def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
                dtype: torch.dtype) -> TritonRoute:
-        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_fused_moe_config
+        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
 
-        top_k = ids.shape[1]
-        cfg1 = get_fused_moe_config(pairs, num_experts, N, K, top_k, dtype)
-        # GEMM2's own tiles with GEMM1's block_size_m: the alignment is shared
-        cfg2 = dataclasses.replace(get_fused_moe_config(pairs, num_experts, K, act_n, 1, dtype),
-                                   block_size_m=cfg1.block_size_m)
+        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)  # one block_size_m
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts))
 
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,

@@ -36,6 +36,7 @@ ceil(num_pairs / BLOCK_SIZE_M) + min(num_pairs, E) M-blocks and programs past
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -118,6 +119,18 @@ def get_fused_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
     return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER)
+
+
+def get_two_gemm_configs(num_pairs: int, num_experts: int, N: int, K: int, act_n: int, top_k: int,
+                         dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+    """The configs of GEMM1 ([pairs, K] x w13 [N, K]^T) and GEMM2 ([pairs, act_n] x w2 [K, act_n]^T) of one
+    layer, GEMM2's with GEMM1's ``block_size_m`` so that both walk one expert alignment (its tuned entry is
+    indexed by pairs: it is asked with top_k = 1)."""
+    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype)
+    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype)
+    if cfg2.block_size_m != cfg1.block_size_m:
+        cfg2 = dataclasses.replace(cfg2, block_size_m=cfg1.block_size_m)
+    return cfg1, cfg2
 
 
 def check_tile_config(config: TileConfig) -> None:
