@@ -247,7 +247,7 @@ def tune_gemms(t: Tuner, ly: Layer, M: int, x, tw, ti, act) -> list[Outcome]:
 def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outcome]:
     from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
     from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
-    from vllm.lora.ops.triton_ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
     from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
 
     L, E, pairs = t.args.num_loras, ly.E, M * ly.k

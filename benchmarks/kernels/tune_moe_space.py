@@ -1,8 +1,9 @@
 """What ``tune_moe.py`` tunes: the tuned-file names and keys the kernels look up, the heuristic
 configs, and the pruned search spaces.  Pure functions, unit-tested on CPU.
 
-The one place that knows what a tile config *is* (today a plain dict; a typed object may replace
-it) is the four "config adapters" below: ``heuristic_gemm_config``, ``heuristic_lora_config``,
+The one place that knows what a tile config *is* (a typed ``TileConfig`` for the GEMM, a
+``MoELoRATileConfig`` for the LoRA op; their JSON form is the tuned files') is the four "config
+adapters" below: ``heuristic_gemm_config``, ``heuristic_lora_config``,
 ``as_plain`` and ``launch_config``.  Everything else in the tuner handles plain ``dict[str, int]``.
 
 Files and keys, as the kernels look them up (``vllm.kernel_configs.lookup_tuned_config``):
@@ -33,7 +34,6 @@ Distance to the heuristic: the sum over the keys of |log2 a - log2 b| (warps, st
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from typing import Any, Iterable, Optional
@@ -48,8 +48,8 @@ Config = dict[str, int]
 
 # ---- config adapters: the only code that knows the kernels' config type ---------------------
 def as_plain(cfg: Any, keys: Iterable[str]) -> Config:
-    """A kernel config (dict, or a dataclass) -> a plain JSON-ready dict of the tunable ``keys``."""
-    raw = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    """A kernel config (a typed tile config, or a dict) -> a plain JSON-ready dict of the tunable ``keys``."""
+    raw = cfg.to_json() if hasattr(cfg, "to_json") else dict(cfg)
     return {k: int(raw[k]) for k in keys if k in raw}
 
 
@@ -73,9 +73,13 @@ def heuristic_lora_config(op: str, *, pairs: int, E: int, L: int, R: int, K: int
                                          device_name=device_name), LORA_KEYS)
 
 
-def launch_config(cfg: Config) -> dict[str, Any]:
-    """A plain config -> what the launchers' ``config=`` takes (today the same dict)."""
-    return dict(cfg)
+def launch_config(cfg: Config) -> Any:
+    """A plain config -> what the launchers' ``config=`` takes: a ``MoELoRATileConfig`` for the LoRA
+    op's keys (NUM_N_SPLITS present), else a ``TileConfig`` (the GEMM's); a stray key is an error."""
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig, TileConfig
+
+    cls = MoELoRATileConfig if "NUM_N_SPLITS" in cfg else TileConfig
+    return cls.from_json(cfg, source=f"tune_moe config {cfg}")
 
 
 # ---- tuned files: names and table indices, as the kernels look them up ----------------------

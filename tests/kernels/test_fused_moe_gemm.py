@@ -6,6 +6,8 @@ pair must be written, every dropped pair (expert -1) must stay untouched.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Optional
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from tests.kernels.test_moe_align_block_size import make_topk_ids
 from tests.utils import assert_close, poison_
+from vllm.kernel_configs.tile_config import TileConfig
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import (
     fused_moe_gemm_reference,
     get_fused_moe_config,
@@ -39,7 +42,7 @@ def bounds_for(dtype: torch.dtype, device: torch.device):
 def run_case(
     M: int, E: int, top_k: int, N: int, K: int, dtype: torch.dtype, device: torch.device, *,
     per_pair_input: bool, use_bias: bool, mul_routed_weight: bool,
-    config: Optional[dict] = None, out_pad: int = 0, topk_ids: Optional[torch.Tensor] = None,
+    config: Optional[TileConfig] = None, out_pad: int = 0, topk_ids: Optional[torch.Tensor] = None,
     every_expert: bool = False, pairwise: bool = False,
 ) -> None:
     """Build a random problem, run the op, compare with the reference.
@@ -61,8 +64,8 @@ def run_case(
 
     if config is None:
         config = get_fused_moe_config(num_pairs, E, N, K, top_k, dtype)
-    al = (pairwise_alignment(ids, config["BLOCK_SIZE_M"]) if pairwise
-          else moe_align_block_size(ids, config["BLOCK_SIZE_M"], E))
+    al = (pairwise_alignment(ids, config.block_size_m) if pairwise
+          else moe_align_block_size(ids, config.block_size_m, E))
     out_buf = poison_(torch.empty(num_pairs, N + out_pad, dtype=dtype, device=device))
     out = out_buf[:, :N]
     invoke_fused_moe_gemm(
@@ -111,7 +114,7 @@ def test_matches_reference(case, dtype, device):
 
 # Small tiles: several N tiles with an N tail, a K loop with and without a K
 # tail, and grouped tile ordering.
-SMALL_TILES = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32, GROUP_SIZE_M=2, num_warps=4, num_stages=2)
+SMALL_TILES = TileConfig(block_size_m=16, block_size_n=32, block_size_k=32, group_size_m=2, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("M,E,top_k,per_pair", [(1, 8, 2, False), (2, 32, 4, True), (2, 64, 8, False)])
@@ -140,7 +143,7 @@ def test_align_for_experts_picks_pairwise_only_for_few_pairs(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_k_loop_and_n_tiles(K, dtype, device):
     run_case(7, 4, 2, 48, K, dtype, device, per_pair_input=False, use_bias=True, mul_routed_weight=True,
-             config=dict(SMALL_TILES), every_expert=K == 64)
+             config=SMALL_TILES, every_expert=K == 64)
 
 
 def test_only_one_expert_routed(device):
@@ -167,7 +170,7 @@ def _args(device, *, M=3, E=4, top_k=2, N=32, K=32, dtype=torch.float32, bm=16):
         block_expert_ids=al.block_expert_ids,
         num_tokens_post_padded=al.num_tokens_post_padded,
         top_k_in=top_k,
-        config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32),
+        config=TileConfig(16, 32, 32),
     )
 
 
@@ -180,9 +183,13 @@ def test_validation(device):
 
     call()  # the baseline is valid
     with pytest.raises(ValueError, match="BLOCK_SIZE_M"):
-        call(config=dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32))
-    with pytest.raises(ValueError, match="powers of two"):
-        call(config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=24, BLOCK_SIZE_K=32))
+        call(config=TileConfig(32, 32, 32))
+    with pytest.raises(ValueError, match="BLOCK_SIZE_N=24: tl.dot tiles must be powers of two"):
+        call(config=TileConfig(16, 24, 32))
+    with pytest.raises(ValueError, match="SPLIT_K=2"):
+        call(config=TileConfig(16, 32, 32, split_k=2))
+    with pytest.raises(TypeError, match="TileConfig"):
+        call(config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=32))
     with pytest.raises(ValueError, match="topk_weights"):
         call(mul_routed_weight=True)
     with pytest.raises(ValueError, match="dtype"):
@@ -196,12 +203,14 @@ def test_validation(device):
         call(sorted_token_ids=kw["sorted_token_ids"].long())
 
 
-def test_config_is_fresh_and_complete():
+def test_config_is_frozen_and_complete():
     cfg = get_fused_moe_config(64, 8, 1536, 2048, 8, torch.bfloat16)
-    for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"):
-        assert isinstance(cfg[k], int) and cfg[k] >= 1
-    cfg["BLOCK_SIZE_M"] = -1
-    assert get_fused_moe_config(64, 8, 1536, 2048, 8, torch.bfloat16)["BLOCK_SIZE_M"] >= 16
+    assert isinstance(cfg, TileConfig)
+    for k, v in cfg.to_json().items():
+        assert isinstance(v, int) and v >= 1, k
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_size_m = -1  # the cached config cannot be changed by a caller
+    assert get_fused_moe_config(64, 8, 1536, 2048, 8, torch.bfloat16).block_size_m >= 16
 
 
 def test_tuned_config_file_wins(tmp_path, monkeypatch):
@@ -217,8 +226,35 @@ def test_tuned_config_file_wins(tmp_path, monkeypatch):
         cfg = get_fused_moe_config(2, 8, 96, 64, 2, torch.float16)
     finally:
         clear_cache()
-    assert (cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]) == (64, 32, 64)
-    assert "num_warps" in cfg and "GROUP_SIZE_M" in cfg
+    assert (cfg.block_size_m, cfg.block_size_n, cfg.block_size_k) == (64, 32, 64)
+    heuristic = mod._gpu_config(2, 8, 96, 64, torch.float16)  # the fields the file does not name
+    assert (cfg.group_size_m, cfg.num_warps, cfg.num_stages) == (
+        heuristic.group_size_m, heuristic.num_warps, heuristic.num_stages)
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"BLOCK_SIZE_M": 64, "BLOCK_SZE_N": 32}, r"unknown key\(s\) \['BLOCK_SZE_N'\]"),
+    ({"BLOCK_SIZE_N": "32"}, "BLOCK_SIZE_N='32' must be an integer"),
+    ({"BLOCK_SIZE_N": 0}, "block_size_n must be a positive int"),
+    ({"BLOCK_SIZE_N": 48}, "BLOCK_SIZE_N=48: tl.dot tiles must be powers of two"),
+    ({"SPLIT_K": 2}, "SPLIT_K=2"),
+])
+def test_bad_tuned_config_file_is_an_error_naming_it(tmp_path, monkeypatch, entry, match):
+    from vllm.kernel_configs import clear_cache, config_file_name
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as mod
+
+    name = config_file_name("fused_moe_gemm", {"E": 8, "N": 96, "K": 64}, mod._device_name())
+    (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_SIZE_M": 16}, "4": entry}))
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_cache()
+    try:
+        assert get_fused_moe_config(2, 8, 96, 64, 2, torch.float16).block_size_m == 16  # entry "1": fine
+        with pytest.raises(ValueError, match=match) as info:
+            get_fused_moe_config(8, 8, 96, 64, 2, torch.float16)  # 4 tokens: entry "4"
+    finally:
+        clear_cache()
+    assert name in str(info.value) and "entry 4" in str(info.value)
 
 
 # ---- realistic shapes on a GPU ----

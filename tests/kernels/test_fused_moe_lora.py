@@ -7,6 +7,7 @@ program); the ``cuda`` tests use realistic Qwen3-30B-A3B shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.utils import assert_close, poison_, random_expert, random_topk_ids
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.torch_ops.moe_lora import (fused_moe_lora_torch, moe_lora_expand_torch, moe_lora_reference,
                                               moe_lora_shrink_torch)
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora, moe_lora_expand, moe_lora_shrink
@@ -44,7 +46,7 @@ class Case:
     per_pair_x: bool = False  # w2 style: x is [M*top_k, K], top_k_in = 1
     expert_map: bool = False
     layout: str = "flat"  # flat | view (strided out, n_offset, slice_stride) | 3d | separate (per-slice tensors)
-    config: tuple = ()  # config overrides as (key, value) pairs
+    config: tuple = ()  # config overrides as (field, value) pairs
     every: bool = False  # every local expert gets pairs (else one, drawn at random, gets none)
 
 
@@ -124,13 +126,12 @@ def _config(c: Case, device, numel):
     cfg = get_moe_lora_config("fused_moe_lora", num_pairs=numel, num_experts=c.E, max_loras=c.L, rank=c.R, K=c.K,
                               N=c.N, num_slices=c.S, dtype=c.dtype, use_tuned_config=False,
                               device_name="cpu" if device.type == "cpu" else "cuda")
-    cfg.update(dict(c.config))
-    return cfg
+    return dataclasses.replace(cfg, **dict(c.config))
 
 
 def _align(c: Case, kw, cfg):
     return moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=c.E, max_loras=c.L,
-                                     block_size=cfg["BLOCK_SIZE_M"], adapter_enabled=kw["adapter_enabled"],
+                                     block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"],
                                      expert_map=kw["expert_map"])
 
 
@@ -148,7 +149,7 @@ CASES = [
     Case(200, 1, 4, 1, 8, S=1, per_pair_x=True, mapping="one", K=48, N=40, every=True),
     # Several K tiles, N tiles and N-splits, also under the interpreter.
     Case(20, 2, 4, 2, 16, dtype=F16, K=80, N=40, mul_w=True, layout="view",
-         config=(("BLOCK_SIZE_K", 16), ("BLOCK_SIZE_N", 16), ("NUM_N_SPLITS", 2))),
+         config=(("block_size_k", 16), ("block_size_n", 16), ("num_n_splits", 2))),
 ]
 SMALL = [c for c in CASES if c.M * c.top_k <= 40]
 
@@ -257,13 +258,43 @@ def test_config_and_path_choice(tmp_path, monkeypatch):
     for pairs in (8, 512, 32768):
         cfg = get_moe_lora_config("fused_moe_lora_w13", num_pairs=pairs, use_tuned_config=False,
                                   device_name="NVIDIA H100 80GB HBM3", **common)
-        assert cfg["BLOCK_SIZE_M"] >= 16 and cfg["NUM_N_SPLITS"] >= 1 and cfg["BLOCK_SIZE_N"] >= 16
+        assert cfg.block_size_m >= 16 and cfg.num_n_splits >= 1 and cfg.block_size_n >= 16
     name = "fused_moe_lora_w13,E=128,K=2048,N=768,R=16,device_name=NVIDIA_H100_80GB_HBM3.json"
     (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_SIZE_N": 32}, "256": {"BLOCK_SIZE_N": 256}}))
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
     cfg = get_moe_lora_config("fused_moe_lora_w13", num_pairs=2000, use_tuned_config=True,
                               device_name="NVIDIA H100 80GB HBM3", num_tokens=250, **common)
-    assert cfg["BLOCK_SIZE_N"] == 256 and "NUM_N_SPLITS" in cfg  # tuned value, heuristic fills the rest
+    heuristic = get_moe_lora_config("fused_moe_lora_w13", num_pairs=2000, use_tuned_config=False,
+                                    device_name="NVIDIA H100 80GB HBM3", **common)
+    assert heuristic.block_size_n != 256
+    assert cfg == dataclasses.replace(heuristic, block_size_n=256)  # tuned value, heuristic fills the rest
+    # An unknown key in a tuned file is an error naming the file, not silently dropped.
+    (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_SIZE_N": 32, "SPLIT_K": 2}}))
+    from vllm.kernel_configs import clear_cache
+
+    clear_cache()
+    try:
+        with pytest.raises(ValueError, match=r"unknown key\(s\) \['SPLIT_K'\]") as info:
+            get_moe_lora_config("fused_moe_lora_w13", num_pairs=8, use_tuned_config=True,
+                                device_name="NVIDIA H100 80GB HBM3", **common)
+    finally:
+        clear_cache()
+    assert name in str(info.value)
+
+
+def test_config_must_be_typed(device):
+    c = Case(4, 2, 4, 2, 16)
+    x, lora_a, lora_b, out, _, kw, geo, top_k_in, _ = build(c, device)
+    with pytest.raises(TypeError, match="MoELoRATileConfig"):
+        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in,
+                       config={"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}, **kw)
+    with pytest.raises(ValueError, match="BLOCK_SIZE_N=48 must be a power of two"):
+        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=MoELoRATileConfig(16, 48, 64), **kw)
+    empty = Case(0, 2, 4, 2, 16)  # no pair: nothing launches, the config is still checked
+    x, lora_a, lora_b, out, _, kw, geo, top_k_in, _ = build(empty, device)
+    with pytest.raises(TypeError, match="MoELoRATileConfig"):
+        moe_lora_shrink(x, lora_a, top_k_in=top_k_in, config={"BLOCK_SIZE_M": 16},
+                        **{k: kw[k] for k in _SHRINK_KEYS})
 
 
 def test_bad_arguments(device):
@@ -325,7 +356,7 @@ def test_cuda_realistic(dtype, E, R, M, w2):
                                   num_slices=g["S"], dtype=dtype, use_tuned_config=True,
                                   device_name=torch.cuda.get_device_name())
         al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=g["E"],
-                                       max_loras=g["L"], block_size=cfg["BLOCK_SIZE_M"],
+                                       max_loras=g["L"], block_size=cfg.block_size_m,
                                        adapter_enabled=kw["adapter_enabled"]) if path == "sorted" else None
         got = out.clone()
         fused_moe_lora(got, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
@@ -348,7 +379,7 @@ def test_cuda_graph_replay():
     def step():
         out.copy_(start)
         al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=64, max_loras=4,
-                                       block_size=cfg["BLOCK_SIZE_M"], adapter_enabled=kw["adapter_enabled"])
+                                       block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
         fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
 
     step()  # compile outside the capture

@@ -34,7 +34,7 @@ def test_written_files_load_and_the_kernels_stay_correct(tuned_folder, device):
     """Smoke run (CPU: interpreter), then each file entry through lookup_tuned_config into the kernel."""
     from vllm.lora.ops.torch_ops.moe_lora import moe_lora_reference
     from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
-    from vllm.lora.ops.triton_ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
     from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import (fused_moe_gemm_reference,
                                                                          invoke_fused_moe_gemm)
@@ -111,11 +111,11 @@ def test_file_keys_are_the_kernels_lookups(tuned_folder, monkeypatch, device):
     for i, M in enumerate(tokens):
         ids = torch.randint(0, E, (M, k), dtype=torch.int32)
         route = experts._route(ids, M * k, E, 2 * I, H, I, torch.bfloat16)
-        assert (route["cfg1"]["num_stages"], route["cfg2"]["num_stages"]) == (10 + i, 20 + i), M
+        assert (route.cfg1.num_stages, route.cfg2.num_stages) == (10 + i, 20 + i), M
         common = dict(num_pairs=M * k, num_experts=E, max_loras=L, rank=R, dtype=torch.bfloat16, use_tuned_config=True)
         w13 = punica._config("fused_moe_lora_w13", K=H, N=I, num_slices=2, **common)
         w2 = punica._config("fused_moe_lora_w2", K=I, N=H, num_slices=1, **common)
-        assert (w13["num_stages"], w2["num_stages"]) == (10 + i, 20 + i), M
+        assert (w13.num_stages, w2.num_stages) == (10 + i, 20 + i), M
 
 
 def _tuner(tmp_path, **kw) -> tune_moe.Tuner:

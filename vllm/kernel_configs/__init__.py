@@ -12,6 +12,11 @@ token count is nearest to the batch is used:
 
     {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, ...}, "64": {...}, ...}
 
+Kernels with a typed tile config (``tile_config.py``: ``TileConfig``, the MoE LoRA
+``MoELoRATileConfig``) read an entry through ``tile_config.tuned_tiles``: an entry may
+hold some keys only (the heuristic gives the rest); an unknown key is an error naming
+the file.
+
 Files are searched in ``VLLM_TUNED_CONFIG_FOLDER`` (when set), then in the
 folder shipped with the package (``vllm/kernel_configs/tuned``).  No match
 means the caller falls back to its heuristic.
@@ -53,16 +58,26 @@ def _load(path: str) -> Optional[dict[int, dict[str, Any]]]:
     return table
 
 
-def lookup_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int, device_name: str) -> Optional[dict[str, Any]]:
-    """The tuned config for ``op`` at the token count nearest ``num_tokens``, or None."""
+def find_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int,
+                      device_name: str) -> Optional[tuple[dict[str, Any], str, int]]:
+    """(entry, file path, its token count) of the tuned entry for ``op`` nearest ``num_tokens``, or None.
+
+    Typed tile configs read it through ``vllm.kernel_configs.tile_config.tuned_tiles``."""
     name = config_file_name(op, key, device_name)
     folders = [f for f in (envs.VLLM_TUNED_CONFIG_FOLDER, _SHIPPED) if f]
     for folder in folders:
-        table = _load(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        table = _load(path)
         if table:
             best = min(table, key=lambda m: (abs(m - num_tokens), m))
-            return dict(table[best])
+            return dict(table[best]), path, best
     return None
+
+
+def lookup_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int, device_name: str) -> Optional[dict[str, Any]]:
+    """The tuned config for ``op`` at the token count nearest ``num_tokens``, or None."""
+    found = find_tuned_config(op, key, num_tokens, device_name)
+    return None if found is None else found[0]
 
 
 def clear_cache() -> None:

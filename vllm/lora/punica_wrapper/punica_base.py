@@ -33,6 +33,7 @@ import torch
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 class TPGroup(Protocol):
@@ -127,14 +128,17 @@ class PunicaWrapperBase(ABC):
 
     # ---- compute, supplied by subclasses ----------------------------------
     @abstractmethod
-    def _align(self, topk_ids, mapping, *, num_experts, max_loras, adapter_enabled, expert_map, config) -> Any: ...
+    def _align(self, topk_ids: torch.Tensor, mapping: torch.Tensor, *, num_experts: int, max_loras: int,
+               adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor],
+               config: Optional["MoELoRATileConfig"]) -> Any: ...
 
     @abstractmethod
     def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool: ...
 
     @abstractmethod
-    def _config(self, op: str, *, num_pairs, num_experts, max_loras, rank, K, N, num_slices, dtype,
-                use_tuned_config) -> Optional[dict]: ...
+    def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
+                num_slices: int, dtype: torch.dtype, use_tuned_config: bool) -> Optional["MoELoRATileConfig"]:
+        """The tile config of one MoE LoRA launch, or None when the compute takes none (torch)."""
 
     @abstractmethod
     def _fused(self, out, x, lora_a, lora_b, **kw) -> None: ...

@@ -1,11 +1,14 @@
 """Punica wrapper in plain torch: the same API without a GPU or Triton."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+if TYPE_CHECKING:
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 class PunicaWrapperCPU(PunicaWrapperBase):
@@ -14,7 +17,7 @@ class PunicaWrapperCPU(PunicaWrapperBase):
     def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool:
         return True  # the torch ops group pairs themselves
 
-    def _config(self, op: str, **kw) -> Optional[dict]:
+    def _config(self, op: str, **kw: Any) -> Optional["MoELoRATileConfig"]:
         return None
 
     def _align(self, *args, **kwargs) -> Any:  # pragma: no cover - never called (small-batch always)

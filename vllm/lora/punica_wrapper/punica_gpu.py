@@ -5,11 +5,14 @@ interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+if TYPE_CHECKING:
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 class PunicaWrapperGPU(PunicaWrapperBase):
@@ -46,19 +49,21 @@ class PunicaWrapperGPU(PunicaWrapperBase):
 
         return use_small_batch_path(num_pairs, num_experts, max_loras)
 
-    def _config(self, op: str, *, num_pairs, num_experts, max_loras, rank, K, N, num_slices, dtype,
-                use_tuned_config) -> Optional[dict]:
+    def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
+                num_slices: int, dtype: torch.dtype, use_tuned_config: bool) -> "MoELoRATileConfig":
         from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
 
         return get_moe_lora_config(op, num_pairs=num_pairs, num_experts=num_experts, max_loras=max_loras,
                                    rank=rank, K=K, N=N, num_slices=num_slices, dtype=dtype,
                                    use_tuned_config=use_tuned_config, device_name=self._device_name())
 
-    def _align(self, topk_ids, mapping, *, num_experts, max_loras, adapter_enabled, expert_map, config) -> Any:
+    def _align(self, topk_ids: torch.Tensor, mapping: torch.Tensor, *, num_experts: int, max_loras: int,
+               adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor],
+               config: "MoELoRATileConfig") -> Any:
         from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
 
         return moe_lora_align_block_size(topk_ids, mapping, num_experts=num_experts, max_loras=max_loras,
-                                         block_size=config["BLOCK_SIZE_M"], adapter_enabled=adapter_enabled,
+                                         block_size=config.block_size_m, adapter_enabled=adapter_enabled,
                                          expert_map=expert_map)
 
     def _fused(self, out, x, lora_a, lora_b, **kw) -> None:

@@ -16,13 +16,16 @@ with the shrink result kept in fp32.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 
 from vllm.lora.ops.moe_lora_align import lora_virtual_expert_ids
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+if TYPE_CHECKING:
+    from vllm.kernel_configs.tile_config import MoELoRATileConfig
 
 
 def _as_list(stacked: Stacked) -> list[torch.Tensor]:
@@ -57,7 +60,7 @@ def _out_index(out: torch.Tensor, idx: torch.Tensor, top_k: int) -> tuple:
 def moe_lora_shrink_torch(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
                           token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                           expert_map: Optional[torch.Tensor] = None, alignment: Any = None,
-                          config: Optional[dict] = None) -> torch.Tensor:
+                          config: Optional["MoELoRATileConfig"] = None) -> torch.Tensor:
     """fp32 [S, M * top_k, R]; rows of pairs without LoRA are 0."""
     del alignment, config
     a_list = _as_list(lora_a_stacked)
@@ -76,7 +79,7 @@ def moe_lora_expand_torch(out: torch.Tensor, shrunk_fp32: torch.Tensor, lora_b_s
                           token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor,
                           mul_routed_weight: bool = False, expert_map: Optional[torch.Tensor] = None,
                           alignment: Any = None, n_offset: int = 0, slice_stride: Optional[int] = None,
-                          config: Optional[dict] = None) -> None:
+                          config: Optional["MoELoRATileConfig"] = None) -> None:
     """out += (w_p *) shrunk_fp32[s, p] @ B_s[slot, e]^T, in place."""
     del alignment, config
     b_list = _as_list(lora_b_stacked)
@@ -99,7 +102,7 @@ def fused_moe_lora_torch(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sta
                          token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                          mul_routed_weight: bool = False, expert_map: Optional[torch.Tensor] = None,
                          alignment: Any = None, n_offset: int = 0, slice_stride: Optional[int] = None,
-                         config: Optional[dict] = None) -> None:
+                         config: Optional["MoELoRATileConfig"] = None) -> None:
     """out += LoRA delta, in place; same semantics as the Triton ``fused_moe_lora``."""
     del alignment, config
     a_list, b_list = _as_list(lora_a_stacked), _as_list(lora_b_stacked)

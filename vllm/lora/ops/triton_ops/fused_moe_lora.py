@@ -25,10 +25,11 @@ Slices that are views of one buffer with a constant stride (the usual stacked
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.triton_utils import triton_interpreting
@@ -70,7 +71,8 @@ def _uniform_slice_stride(ts: list[torch.Tensor]) -> Optional[int]:
     return diff // t0.element_size()
 
 
-def _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L: int, E: int, device) -> tuple[int, int]:
+def _check_routing(topk_ids: torch.Tensor, token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor,
+                   expert_map: Optional[torch.Tensor], L: int, E: int, device: torch.device) -> tuple[int, int]:
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be int32/int64 [M, top_k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
     m, top_k = topk_ids.shape
@@ -96,9 +98,22 @@ def _out_strides(out: torch.Tensor, m: int, top_k: int) -> tuple[int, int, int]:
     raise ValueError(f"out must be [M*top_k, cols] or [M, top_k, cols] with M={m}, top_k={top_k}; got {tuple(out.shape)}")
 
 
-def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk, topk_ids, topk_weights,
-         token_lora_mapping, adapter_enabled, expert_map, alignment, top_k, top_k_in, mul_routed_weight,
-         n_offset, slice_stride, config, op: str) -> None:
+def _strides(t: Optional[torch.Tensor], names: str) -> dict[str, int]:
+    """``{name: t.stride(d)}`` for the dims of ``t`` in order, named by ``names``; all 0 without ``t``."""
+    keys = names.split()
+    if t is None:
+        return dict.fromkeys(keys, 0)
+    if t.dim() != len(keys):
+        raise ValueError(f"expected a {len(keys)}-D tensor for strides {keys}, got {tuple(t.shape)}")
+    return dict(zip(keys, t.stride()))
+
+
+def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slices: list[torch.Tensor],
+         b_slices: list[torch.Tensor], out: Optional[torch.Tensor], shrunk: Optional[torch.Tensor],
+         topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
+         adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor], alignment: Optional[MoELoRAAlignment],
+         top_k: int, top_k_in: int, mul_routed_weight: bool, n_offset: int, slice_stride: Optional[int],
+         config: Optional[MoELoRATileConfig], op: str) -> None:
     from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 
     m = topk_ids.shape[0]
@@ -110,10 +125,10 @@ def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk
     R = a_slices[0].shape[2] if do_shrink else b_slices[0].shape[3]
     n_sizes = [b.shape[2] for b in b_slices] if do_expand else [0] * S
 
-    cfg = get_moe_lora_config(op, num_pairs=numel, num_experts=E, max_loras=L, rank=R, K=max(K, 1),
-                              N=max(max(n_sizes), 1), num_slices=S, dtype=ref.dtype, use_tuned_config=False,
-                              device_name="cpu" if ref.device.type == "cpu" else "cuda")
-    cfg.update(config or {})
+    if config is None:
+        config = get_moe_lora_config(op, num_pairs=numel, num_experts=E, max_loras=L, rank=R, K=max(K, 1),
+                                     N=max(max(n_sizes), 1), num_slices=S, dtype=ref.dtype, use_tuned_config=False,
+                                     device_name="cpu" if ref.device.type == "cpu" else "cuda")
     interp = triton_interpreting()
 
     uniform = True
@@ -137,21 +152,29 @@ def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk
         N = n_sizes[s0]
         col0 = n_offset + (s0 * slice_stride if slice_stride is not None else sum(n_sizes[:s0]))
         sh = shrunk[s0] if (shrunk is not None and not uniform) else shrunk
-        sh_strides = (0, *sh.stride()) if (sh is not None and sh.dim() == 2) else (sh.stride() if sh is not None else (0, 0, 0))
-        args = [
-            x if do_shrink else dummy, a if do_shrink else dummy, b if do_expand else dummy,
-            out if do_expand else dummy, sh if sh is not None else dummy, flat_w,
-        ]
-        a_strides = ((stride_as_ if ns > 1 else 0), *a.stride()) if do_shrink else (0,) * 5
-        b_strides = ((stride_bs_ if ns > 1 else 0), *b.stride()) if do_expand else (0,) * 5
-        x_strides = (x.stride(0), x.stride(1)) if do_shrink else (0, 0)
-        block_n = cfg["BLOCK_SIZE_N"]
-        splits = max(1, min(int(cfg["NUM_N_SPLITS"]), -(-N // block_n))) if do_expand else 1
-        tail = [*x_strides, *a_strides, *b_strides, stride_ot, stride_oj, stride_on, col0,
-                (slice_stride if slice_stride is not None else N), *sh_strides, splits]
-        common = dict(DO_SHRINK=do_shrink, DO_EXPAND=do_expand, MUL_ROUTED_WEIGHT=bool(mul_routed_weight),
-                      BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_SIZE_K"], BLOCK_R=rank_block(R),
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if sh is not None and sh.dim() == 2:  # one slice of the shrink: [pairs, R]
+            sh_strides = dict(stride_ss=0, **_strides(sh, "stride_sp stride_sr"))
+        else:  # [S, pairs, R], or none
+            sh_strides = _strides(sh, "stride_ss stride_sp stride_sr")
+        block_n = config.block_size_n
+        splits = max(1, min(config.num_n_splits, -(-N // block_n))) if do_expand else 1
+        # Launch arguments by name (the kernels' signatures), shared by both kernels.
+        args = dict(
+            x_ptr=x if do_shrink else dummy, a_ptr=a if do_shrink else dummy, b_ptr=b if do_expand else dummy,
+            out_ptr=out if do_expand else dummy, shrunk_ptr=sh if sh is not None else dummy, w_ptr=flat_w,
+            numel=numel, top_k=top_k, top_k_in=top_k_in, K=K, N=N, R=R, num_experts=E,
+            **_strides(x if do_shrink else None, "stride_xm stride_xk"),
+            stride_as=stride_as_ if (do_shrink and ns > 1) else 0,  # slice to slice, one launch for all
+            **_strides(a, "stride_al stride_ae stride_ar stride_ak"),  # A: [L, E, R, K]
+            stride_bs=stride_bs_ if (do_expand and ns > 1) else 0,
+            **_strides(b, "stride_bl stride_be stride_bn stride_br"),  # B: [L, E, N, R]
+            stride_ot=stride_ot, stride_oj=stride_oj, stride_on=stride_on,
+            out_col0=col0, out_slice_cols=slice_stride if slice_stride is not None else N,
+            **sh_strides, num_n_splits=splits,
+            DO_SHRINK=do_shrink, DO_EXPAND=do_expand, MUL_ROUTED_WEIGHT=bool(mul_routed_weight),
+            BLOCK_N=block_n, BLOCK_K=config.block_size_k, BLOCK_R=rank_block(R),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
         if alignment is not None:
             block_m = alignment.block_size
             # Used blocks are a prefix of at most ceil(numel / BLOCK_M) + (non-empty groups):
@@ -159,22 +182,34 @@ def _run(*, do_shrink: bool, do_expand: bool, x, a_slices, b_slices, out, shrunk
             used_blocks = -(-numel // block_m) + min(numel, L * E)
             grid = (min(alignment.block_virtual_ids.numel(), used_blocks), ns, splits)
             kern.moe_lora_sorted_kernel[grid](
-                *args, alignment.sorted_token_ids, alignment.block_virtual_ids, alignment.num_tokens_post_padded,
-                numel, top_k, top_k_in, K, N, R, E, *tail,
+                sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
+                num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=1 if (do_expand and b.dtype == torch.bfloat16) else 0,
-                BLOCK_M=block_m, **common)
+                BLOCK_M=block_m, **args)
         else:
             grid = (numel, ns, splits)
             kern.moe_lora_pair_kernel[grid](
-                *args, topk_ids.reshape(-1), token_lora_mapping, adapter_enabled,
-                expert_map if expert_map is not None else adapter_enabled,
-                numel, top_k, top_k_in, K, N, R, E, L, *tail,
-                HAS_EXPERT_MAP=expert_map is not None, K_TILES=-(-K // cfg["BLOCK_SIZE_K"]) if do_shrink else 1,
-                **common)
+                topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+                expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
+                HAS_EXPERT_MAP=expert_map is not None,
+                K_TILES=-(-K // config.block_size_k) if do_shrink else 1, **args)
 
 
-def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, E: int, device) -> None:
+def _check_config(config: Optional[MoELoRATileConfig]) -> None:
+    if config is None:  # the heuristic's
+        return
+    if not isinstance(config, MoELoRATileConfig):
+        raise TypeError(f"config must be a MoELoRATileConfig (get_moe_lora_config, or MoELoRATileConfig.from_json "
+                        f"for a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    for name in ("block_size_n", "block_size_k"):
+        v = getattr(config, name)
+        if v & (v - 1):
+            raise ValueError(f"{name.upper()}={v} must be a power of two (a Triton tile)")
+
+
+def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, E: int,
+                     device: torch.device) -> None:
     if alignment is None:
         return
     if (alignment.numel, alignment.max_loras, alignment.num_experts) != (numel, L, E):
@@ -188,7 +223,7 @@ def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, 
         raise ValueError(f"alignment is on {alignment.sorted_token_ids.device}, the LoRA weights on {device}")
 
 
-def _check_x(x: torch.Tensor, a_slices, m: int, top_k: int, top_k_in: int) -> torch.Tensor:
+def _check_x(x: torch.Tensor, a_slices: list[torch.Tensor], m: int, top_k: int, top_k_in: int) -> torch.Tensor:
     if x.dim() == 3:
         x = x.reshape(-1, x.shape[-1])
     if x.dim() != 2:
@@ -206,7 +241,8 @@ def _check_x(x: torch.Tensor, a_slices, m: int, top_k: int, top_k_in: int) -> to
     return x
 
 
-def _check_b(b_slices, L: int, E: int, R: int, dtype, cols: int, n_offset: int, slice_stride) -> None:
+def _check_b(b_slices: list[torch.Tensor], L: int, E: int, R: int, dtype: torch.dtype, cols: int, n_offset: int,
+             slice_stride: Optional[int]) -> None:
     for s, b in enumerate(b_slices):
         if tuple(b.shape[:2]) != (L, E) or b.shape[3] != R or b.dtype != dtype:
             raise ValueError(f"lora_b[{s}] {tuple(b.shape)} {b.dtype} must be [{L}, {E}, N, {R}] {dtype}")
@@ -223,8 +259,9 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
                    adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
                    expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                    n_offset: int = 0, slice_stride: Optional[int] = None,
-                   config: Optional[dict[str, Any]] = None) -> None:
+                   config: Optional[MoELoRATileConfig] = None) -> None:
     """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring)."""
+    _check_config(config)
     a_slices, b_slices = _slices(lora_a_stacked, "lora_a_stacked"), _slices(lora_b_stacked, "lora_b_stacked")
     if len(a_slices) != len(b_slices):
         raise ValueError(f"{len(a_slices)} lora_a slices but {len(b_slices)} lora_b slices")
@@ -248,8 +285,9 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
 def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
                     token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
-                    config: Optional[dict[str, Any]] = None) -> torch.Tensor:
+                    config: Optional[MoELoRATileConfig] = None) -> torch.Tensor:
     """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
+    _check_config(config)
     a_slices = _slices(lora_a_stacked, "lora_a_stacked")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
     m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
@@ -270,12 +308,13 @@ def moe_lora_expand(out: torch.Tensor, shrunk_fp32: torch.Tensor, lora_b_stacked
                     adapter_enabled: torch.Tensor, mul_routed_weight: bool = False,
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                     n_offset: int = 0, slice_stride: Optional[int] = None,
-                    config: Optional[dict[str, Any]] = None) -> None:
+                    config: Optional[MoELoRATileConfig] = None) -> None:
     """out += (w_p *) shrunk_fp32[s, p] @ B_s[slot, e]^T per pair.
 
     shrunk_fp32: fp32 [S, M * top_k, R] with R = lora_b's last dim, any strides
     (e.g. the rank all-gather of the fully-sharded path).
     """
+    _check_config(config)
     b_slices = _slices(lora_b_stacked, "lora_b_stacked")
     L, E, R = b_slices[0].shape[0], b_slices[0].shape[1], b_slices[0].shape[3]
     m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, b_slices[0].device)

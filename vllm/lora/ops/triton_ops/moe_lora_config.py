@@ -1,29 +1,37 @@
 """Kernel configurations (tiles, N-splits, warps) of the MoE LoRA ops.
 
-A config is a plain dict read by the launchers in ``fused_moe_lora.py``:
+A config is a ``MoELoRATileConfig`` (``vllm.kernel_configs.tile_config``: the torch ops take
+one too, and ignore it) read by the launchers in ``fused_moe_lora.py`` (field, and its key in
+a tuned file):
 
-    BLOCK_SIZE_M   rows of one M-block (sorted path; must equal the alignment's
-                   block_size - the launcher takes the alignment's value)
-    BLOCK_SIZE_N   output columns per expand tile
-    BLOCK_SIZE_K   reduction columns per shrink tile
-    NUM_N_SPLITS   programs sharing one (block or pair, slice)'s N range; each
-                   recomputes the (cheap) shrink, so small batches fill the GPU
+    block_size_m  BLOCK_SIZE_M  rows of one M-block (sorted path; the alignment is made
+                                with it - the launcher takes the alignment's value)
+    block_size_n  BLOCK_SIZE_N  output columns per expand tile
+    block_size_k  BLOCK_SIZE_K  reduction columns per shrink tile
+    num_n_splits  NUM_N_SPLITS  programs sharing one (block or pair, slice)'s N range; each
+                                recomputes the (cheap) shrink, so small batches fill the GPU
     num_warps, num_stages
 
 Tile rules (FACTS.md section 4): the rank tile BLOCK_R is next_pow2(max(R, 16))
 and is not configurable - the shrink's N tile and the expand's K tile are the
 whole rank.  ``use_tuned_config`` first asks ``vllm.kernel_configs`` for a
 tuned file (key E, K, N, R; table indexed by token count), then fills the keys
-it lacks from the heuristic below.
+it lacks from the heuristic below; an unknown key there is an error naming the file.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from vllm import envs
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.triton_utils import next_power_of_2, triton_interpreting
+
+__all__ = ["MoELoRATileConfig", "get_moe_lora_config", "rank_block", "use_small_batch_path"]
+
 
 def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int) -> bool:
     """True when the pairs are so few that sorting would only make padding (FACTS.md section 4).
@@ -47,20 +55,16 @@ def _op_kind(op: str) -> str:
     return "fused"
 
 
-def _interpreter_config(num_pairs: int, K: int, N: int) -> dict[str, Any]:
+def _interpreter_config(num_pairs: int, K: int, N: int) -> MoELoRATileConfig:
     # ~5 ms per loop iteration per program: one K tile, one N tile, few programs.
-    return {
-        "BLOCK_SIZE_M": 32 if num_pairs > 256 else 16,
-        "BLOCK_SIZE_N": min(next_power_of_2(max(N, 16)), 512),
-        "BLOCK_SIZE_K": min(next_power_of_2(max(K, 16)), 512),
-        "NUM_N_SPLITS": 1,
-        "num_warps": 4,
-        "num_stages": 1,
-    }
+    return MoELoRATileConfig(block_size_m=32 if num_pairs > 256 else 16,
+                             block_size_n=min(next_power_of_2(max(N, 16)), 512),
+                             block_size_k=min(next_power_of_2(max(K, 16)), 512), num_n_splits=1, num_warps=4,
+                             num_stages=1)
 
 
 def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
-                num_slices: int) -> dict[str, Any]:
+                num_slices: int) -> MoELoRATileConfig:
     """Heuristic fitted to a sweep on an H200 (Qwen3-30B-A3B shapes, R=16, 4 adapters, cold L2).
 
     Both kernels are memory/latency bound: few programs at decode need N-splits;
@@ -95,14 +99,8 @@ def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, ran
         target = 200
     n_tiles = max(1, math.ceil(N / block_n))
     splits = 1 if kind == "shrink" else max(1, min(n_tiles, 16, math.ceil(target / max(programs, 1))))
-    return {
-        "BLOCK_SIZE_M": block_m,
-        "BLOCK_SIZE_N": block_n,
-        "BLOCK_SIZE_K": block_k,
-        "NUM_N_SPLITS": splits,
-        "num_warps": warps,
-        "num_stages": stages,
-    }
+    return MoELoRATileConfig(block_size_m=block_m, block_size_n=block_n, block_size_k=block_k, num_n_splits=splits,
+                             num_warps=warps, num_stages=stages)
 
 
 def get_moe_lora_config(
@@ -119,8 +117,8 @@ def get_moe_lora_config(
     use_tuned_config: bool,
     device_name: str,
     num_tokens: Optional[int] = None,
-) -> dict[str, Any]:
-    """Config dict for one MoE LoRA launch.
+) -> MoELoRATileConfig:
+    """Tile config of one MoE LoRA launch.
 
     op: name of the op, e.g. "fused_moe_lora_w13", "fused_moe_lora_w2",
         "moe_lora_shrink_w13", "moe_lora_expand_w2"; it names the tuned file and
@@ -131,15 +129,24 @@ def get_moe_lora_config(
     device_name: e.g. torch.cuda.get_device_name(); "cpu" selects interpreter tiles.
     """
     del dtype  # the heuristic is the same for bf16/fp16/fp32 so far
-    if device_name == "cpu" or triton_interpreting():
+    interp = device_name == "cpu" or triton_interpreting()
+    tuned_folder = envs.VLLM_TUNED_CONFIG_FOLDER if use_tuned_config else None  # part of the cache key
+    return _cached_config(op, int(num_pairs), int(num_experts), int(max_loras), int(rank), int(K), int(N),
+                          int(num_slices), use_tuned_config, device_name,
+                          int(num_pairs if num_tokens is None else num_tokens), interp, tuned_folder)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_config(op: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
+                   num_slices: int, use_tuned_config: bool, device_name: str, num_tokens: int, interp: bool,
+                   tuned_folder: Optional[str]) -> MoELoRATileConfig:
+    if interp:
         cfg = _interpreter_config(num_pairs, K, N)
     else:
         cfg = _gpu_config(_op_kind(op), num_pairs, num_experts, max_loras, rank, K, N, num_slices)
     if use_tuned_config:
-        from vllm.kernel_configs import lookup_tuned_config
+        from vllm.kernel_configs.tile_config import tuned_tiles
 
         key = {"E": num_experts, "K": K, "N": N, "R": rank}
-        tuned = lookup_tuned_config(op, key, num_pairs if num_tokens is None else num_tokens, device_name)
-        if tuned:
-            cfg.update(tuned)
+        cfg = tuned_tiles(cfg, op, key, num_tokens, device_name)
     return cfg

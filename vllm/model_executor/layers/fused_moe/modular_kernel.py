@@ -134,7 +134,8 @@ class TopKWeightAndReduce(ABC):
 class TopKWeightAndReduceNoOP(TopKWeightAndReduce):
     """The experts already weighted and summed: [M, H] in, copied to ``output``."""
 
-    def apply(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input):
+    def apply(self, output: torch.Tensor, fused_expert_output: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, apply_router_weight_on_input: bool) -> torch.Tensor:
         if output.data_ptr() != fused_expert_output.data_ptr():
             output.copy_(fused_expert_output)
         return output
@@ -143,7 +144,8 @@ class TopKWeightAndReduceNoOP(TopKWeightAndReduce):
 class TopKWeightAndReduceContiguous(TopKWeightAndReduce):
     """Experts return [M, top_k, H] unweighted: weight (unless done on input) and sum."""
 
-    def apply(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input):
+    def apply(self, output: torch.Tensor, fused_expert_output: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, apply_router_weight_on_input: bool) -> torch.Tensor:
         M, top_k = topk_ids.shape
         x = fused_expert_output.view(M, top_k, -1)
         if not apply_router_weight_on_input:

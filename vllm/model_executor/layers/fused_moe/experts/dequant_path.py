@@ -33,9 +33,12 @@ batches keep the 4-bit kernels.  The choice depends on shapes only, never on dev
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 #: the path needs at least this many routed (token, k) pairs ...
 MIN_PAIRS = 256
@@ -72,17 +75,14 @@ def take_dequant_path(num_pairs: int, num_experts: int, kind: str, device: torch
 
 def dense_route(ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
                 dtype: torch.dtype) -> dict[str, Any]:
-    """What both dense GEMMs share, as ``TritonExperts`` makes it: the bf16 tile configs (one BLOCK_SIZE_M)
-    and the expert sort; ``ids`` [M, top_k] local expert ids (-1: another rank's), kept for chunking."""
-    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_fused_moe_config
+    """What both dense GEMMs share, as ``TritonExperts`` makes it: the bf16 tile configs (``TileConfig``s,
+    one block_size_m) and the expert sort; ``ids`` [M, top_k] local expert ids (-1: another rank's), kept for
+    chunking."""
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
 
-    top_k = ids.shape[1]
-    cfg1 = get_fused_moe_config(pairs, num_experts, N, K, top_k, dtype)
-    cfg2 = dict(cfg1)  # same BLOCK_SIZE_M: the alignment is shared
-    cfg2.update({k: v for k, v in get_fused_moe_config(pairs, num_experts, K, act_n, 1, dtype).items()
-                 if k != "BLOCK_SIZE_M"})
-    align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], num_experts)
+    cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)
+    align = align_for_experts(ids, cfg1.block_size_m, num_experts)
     return dict(cfg1=cfg1, cfg2=cfg2, ids=ids, aligned={(0, num_experts): align})
 
 
@@ -92,7 +92,7 @@ def experts_per_chunk(num_experts: int, N: int, K: int, dtype: torch.dtype) -> i
     return max(1, min(num_experts, SCRATCH_CAP_BYTES // max(per_expert, 1)))
 
 
-def _chunk_alignment(route: dict[str, Any], e0: int, e1: int):
+def _chunk_alignment(route: dict[str, Any], e0: int, e1: int) -> "AlignResult":
     """The alignment of the pairs routed to experts [e0, e1), renumbered 0..e1-e0-1 (others -1); cached per chunk."""
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
 
@@ -101,7 +101,7 @@ def _chunk_alignment(route: dict[str, Any], e0: int, e1: int):
         ids = route["ids"]
         inside = (ids >= e0) & (ids < e1)
         local = torch.where(inside, ids - e0, torch.full_like(ids, -1))
-        route["aligned"][key] = align_for_experts(local, route["cfg1"]["BLOCK_SIZE_M"], e1 - e0)
+        route["aligned"][key] = align_for_experts(local, route["cfg1"].block_size_m, e1 - e0)
     return route["aligned"][key]
 
 

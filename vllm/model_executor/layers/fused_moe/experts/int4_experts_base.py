@@ -5,12 +5,13 @@ Both int4 backends derive from it, each in its own module: ``TorchInt4Experts``
 """
 from __future__ import annotations
 
+from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig, MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 
-def check_int4_quant(cls: type, quant_config) -> Support:
+def check_int4_quant(cls: type, quant_config: FusedMoEQuantConfig) -> Support:
     if isinstance(quant_config, Int4MoEQuantConfig) and quant_config.w13 is not None and quant_config.w2 is not None:
         return Support.yes()
     return Support.no(f"{cls.__name__} runs packed int4 expert weights (Int4MoEQuantConfig) only")
@@ -22,11 +23,11 @@ class Int4ExpertsBase(TwoGemmExperts):
     quant_config: Int4MoEQuantConfig
 
     @classmethod
-    def supports_quant(cls, quant_config) -> Support:
+    def supports_quant(cls, quant_config: FusedMoEQuantConfig) -> Support:
         return check_int4_quant(cls, quant_config)
 
     @classmethod
-    def supports_activation(cls, activation) -> Support:
+    def supports_activation(cls, activation: MoEActivation) -> Support:
         if activation.value == "swigluoai":
             return Support.no(f"{cls.__name__} does not run gpt-oss's interleaved swigluoai experts")
         return Support.yes()

@@ -11,7 +11,7 @@ GEMM: there the in-register kernel, which dequantises every tile for every M-blo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -27,6 +27,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
+    from vllm.model_executor.layers.fused_moe.config import MoEActivation
 
 
 class MarlinExperts(Int4ExpertsBase):
@@ -37,8 +38,10 @@ class MarlinExperts(Int4ExpertsBase):
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
+    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
+              global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
+              workspace13: torch.Tensor, workspace2: torch.Tensor, apply_router_weight_on_input: bool,
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
         from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
@@ -109,10 +112,13 @@ class MarlinExperts(Int4ExpertsBase):
         moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
 
     # The large-batch path (``dequant_path.py``), run by TwoGemmExperts.apply.
-    def _route(self, ids, pairs, num_experts, N, K, act_n, dtype):
+    def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+               dtype: torch.dtype) -> dict[str, Any]:
         return dense_route(ids, pairs, num_experts, N, K, act_n, dtype)
 
-    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+              route: Optional[dict[str, Any]], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
+              weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 
         packed = self.quant_config.w13 if stage == 1 else self.quant_config.w2

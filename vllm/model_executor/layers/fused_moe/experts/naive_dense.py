@@ -6,11 +6,16 @@ has no place for per-pair LoRA deltas and reports ``supports_lora() == False``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
 from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExpertsModular, WorkspaceShapes
+
+if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
 
 
 class NaiveDenseExperts(FusedMoEExpertsModular):
@@ -22,9 +27,11 @@ class NaiveDenseExperts(FusedMoEExpertsModular):
     def workspace_shapes(self, M: int, N: int, K: int, top_k: int, local_num_experts: int) -> WorkspaceShapes:
         return WorkspaceShapes(workspace13=(0,), workspace2=(0,), output=(M, K))
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
-              lora_context=None) -> None:
+    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
+              global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
+              workspace13: torch.Tensor, workspace2: torch.Tensor, apply_router_weight_on_input: bool,
+              lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation_torch
 
         if lora_context is not None:

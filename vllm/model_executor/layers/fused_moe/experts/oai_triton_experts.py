@@ -27,7 +27,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
 
-    def _route(self, ids, pairs, E_local, N, K, act_n, dtype):
+    def _route(self, ids: torch.Tensor, pairs: int, E_local: int, N: int, K: int, act_n: int,
+               dtype: torch.dtype) -> dict:
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
@@ -41,7 +42,9 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
                     block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
 
-    def _gemm(self, out, a, blocks, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor,
+              route: dict | None, *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
+              weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import invoke_mxfp4_moe_gemm
 
         scales, bias = self._stage(stage)

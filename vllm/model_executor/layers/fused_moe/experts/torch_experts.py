@@ -1,7 +1,7 @@
 """Experts in plain torch, grouped by expert: the CPU backend (also runs on CUDA)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -29,7 +29,8 @@ class TorchExperts(TwoGemmExperts):
 
     triton_glue = False
 
-    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, route: Optional[Any],
+              *, stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool) -> None:
         qc = self.quant_config
         grouped_gemm_torch(out, a, w, ids, top_k_in=top_k_in, bias=qc.w1_bias if stage == 1 else qc.w2_bias)
         if weighted:

@@ -6,6 +6,8 @@ same two seams, on the unquantized activations.
 """
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
@@ -33,7 +35,8 @@ class TorchInt4Experts(Int4ExpertsBase):
 
     triton_glue = False
 
-    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, route: Optional[Any],
+              *, stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool) -> None:
         qc = self.quant_config
         int4_grouped_gemm_torch(out, a, qc.w13 if stage == 1 else qc.w2, ids, top_k_in=top_k_in)
         if weighted:

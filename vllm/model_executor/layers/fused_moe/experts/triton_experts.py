@@ -1,10 +1,26 @@
 """Experts as Triton grouped GEMMs over expert-sorted (token, k) pairs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
+
+if TYPE_CHECKING:
+    from vllm.kernel_configs.tile_config import TileConfig
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
+
+
+@dataclass(frozen=True)
+class TritonRoute:
+    """What both GEMMs of one ``apply`` share: their tiles (one block_size_m) and the expert alignment."""
+
+    cfg1: "TileConfig"
+    cfg2: "TileConfig"
+    align: "AlignResult"
 
 
 class TritonExperts(TwoGemmExperts):
@@ -21,25 +37,24 @@ class TritonExperts(TwoGemmExperts):
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
 
-    def _route(self, ids, pairs, num_experts, N, K, act_n, dtype):
-        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_fused_moe_config
+    def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+               dtype: torch.dtype) -> TritonRoute:
+        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
 
-        top_k = ids.shape[1]
-        cfg1 = get_fused_moe_config(pairs, num_experts, N, K, top_k, dtype)
-        cfg2 = dict(cfg1)  # same BLOCK_SIZE_M: the alignment is shared
-        cfg2.update({k: v for k, v in get_fused_moe_config(pairs, num_experts, K, act_n, 1, dtype).items()
-                     if k != "BLOCK_SIZE_M"})
-        align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], num_experts)
-        return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
-                    block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
+        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)  # one block_size_m
+        return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts))
 
-    def _gemm(self, out, a, w, ids, route, *, stage, top_k_in, topk_weights, weighted) -> None:
+    def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+              route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
+              weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
 
+        assert route is not None  # _route always makes one
         qc = self.quant_config
-        invoke_fused_moe_gemm(a, w, out, sorted_token_ids=route["sorted_token_ids"],
-                              block_expert_ids=route["block_expert_ids"],
-                              num_tokens_post_padded=route["num_tokens_post_padded"], top_k_in=top_k_in,
+        al = route.align
+        invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                              num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
-                              bias=qc.w1_bias if stage == 1 else qc.w2_bias, config=route[f"cfg{stage}"])
+                              bias=qc.w1_bias if stage == 1 else qc.w2_bias,
+                              config=route.cfg1 if stage == 1 else route.cfg2)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.modular_kernel import (
     FusedMoEExpertsModular,
@@ -56,8 +57,10 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         ``weighted``; rows of pairs whose id is -1 are either zero or not written."""
         raise NotImplementedError
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *, activation, global_num_experts,
-              expert_map, a1q_scale, workspace13, workspace2, apply_router_weight_on_input,
+    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
+              global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
+              workspace13: torch.Tensor, workspace2: torch.Tensor, apply_router_weight_on_input: bool,
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
         from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum

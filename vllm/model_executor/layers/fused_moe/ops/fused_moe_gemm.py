@@ -14,18 +14,19 @@ with e the expert of pair p, accumulated in fp32 and stored in ``out.dtype``.
 
 Call order (the M-block size is fixed before alignment, so choose it first):
 
-    cfg = get_fused_moe_config(num_pairs, E_local, N, K, top_k, dtype)
-    al = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], E_local)
+    cfg = get_fused_moe_config(num_pairs, E_local, N, K, top_k, dtype)   # a TileConfig
+    al = moe_align_block_size(topk_ids, cfg.block_size_m, E_local)
     invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids,
                           block_expert_ids=al.block_expert_ids,
                           num_tokens_post_padded=al.num_tokens_post_padded,
                           top_k_in=top_k, config=cfg)
 
 GEMM1 and GEMM2 have different (N, K), so a tuned file may give them different
-BLOCK_SIZE_M: align once per distinct BLOCK_SIZE_M, or set GEMM2's
-config["BLOCK_SIZE_M"] to GEMM1's and reuse one alignment (any power of two
->= 16 is valid).  The heuristic picks BLOCK_SIZE_M from num_pairs / E alone, so
-without tuned files both GEMMs get the same one.
+BLOCK_SIZE_M: align once per distinct block_size_m, or give GEMM2's config
+GEMM1's (``dataclasses.replace(cfg2, block_size_m=cfg1.block_size_m)``) and
+reuse one alignment (any power of two >= 16 is valid).  The heuristic picks
+BLOCK_SIZE_M from num_pairs / E alone, so without tuned files both GEMMs get
+the same one.
 
 Rows of ``out`` whose pair is in no block (expert -1: dropped / non-local) are
 left untouched; the caller zeroes or skips them.  The launch is graph-safe: it
@@ -35,18 +36,18 @@ ceil(num_pairs / BLOCK_SIZE_M) + min(num_pairs, E) M-blocks and programs past
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from vllm import envs
-from vllm.kernel_configs import lookup_tuned_config
+from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -61,79 +62,88 @@ def _device_name() -> str:
     return current_platform().device_name()
 
 
-def _interpreter_config(num_pairs: int, num_experts: int, N: int, K: int) -> dict[str, Any]:
+def _interpreter_config(num_pairs: int, num_experts: int, N: int, K: int) -> TileConfig:
     # The interpreter pays ~5 ms per loop iteration per program: few, big tiles.
     per_expert = num_pairs / max(num_experts, 1)
-    return {
-        "BLOCK_SIZE_M": 16 if per_expert <= 16 else 32,
-        "BLOCK_SIZE_N": _pow2_at_least(N, 16, 128),
-        "BLOCK_SIZE_K": _pow2_at_least(K, 16, 128),
-        "GROUP_SIZE_M": 1,
-        "num_warps": 4,
-        "num_stages": 1,
-    }
+    return TileConfig(block_size_m=16 if per_expert <= 16 else 32, block_size_n=_pow2_at_least(N, 16, 128),
+                      block_size_k=_pow2_at_least(K, 16, 128), group_size_m=1, num_warps=4, num_stages=1)
 
 
 _NUM_SMS = 132  # H100 SXM and H200
 
 
-def _gpu_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype) -> dict[str, Any]:
+def _gpu_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype) -> TileConfig:
     """Hopper heuristic, from sweeps on an H200 (Qwen3-30B-A3B, Mixtral-8x7B and
     gpt-oss-20b shapes, bf16).  Decode is bound by reading each routed expert's
     weight once: small M-tiles (little padding).  Prefill grows the M-tile so
     each weight tile is reused by more rows, up to 128 x 256 tiles."""
     per_expert = num_pairs / max(num_experts, 1)  # average rows per expert
     if per_expert <= 8:
-        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3)
+        bm, bn, bk, group, warps = 16, 128, 128, 1, 4
         if min(num_pairs, num_experts) * -(-N // 128) < _NUM_SMS:
             # Too few tiles to fill the SMs (few experts touched, narrow N):
             # narrower, deeper tiles double the programs in flight.
-            cfg.update(BLOCK_SIZE_N=64, BLOCK_SIZE_K=256)
+            bn, bk = 64, 256
     elif per_expert <= 32:
-        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+        bm, bn, bk, group, warps = 32, 128, 128, 8, 4
     elif per_expert <= 96:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+        bm, bn, bk, group, warps = 64, 256, 64, 8, 8
     else:
-        cfg = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+        bm, bn, bk, group, warps = 128, 256, 64, 8, 8
     if dtype == torch.float32:  # twice the bytes per element: keep shared memory in budget
-        cfg["BLOCK_SIZE_K"] //= 2
-    cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
-    cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 16, 256))
-    return cfg
+        bk //= 2
+    return TileConfig(block_size_m=bm, block_size_n=min(bn, _pow2_at_least(N, 16, 256)),
+                      block_size_k=min(bk, _pow2_at_least(K, 16, 256)), group_size_m=group, num_warps=warps,
+                      num_stages=3)
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_config(num_pairs, num_experts, N, K, top_k, dtype, interp: bool, tuned_folder: Optional[str]):
+def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
+                   tuned_folder: Optional[str]) -> TileConfig:
     if interp:
         return _interpreter_config(num_pairs, num_experts, N, K)
     num_tokens = max(num_pairs // max(top_k, 1), 1)
-    tuned = lookup_tuned_config("fused_moe_gemm", {"E": num_experts, "N": N, "K": K}, num_tokens, _device_name())
-    cfg = _gpu_config(num_pairs, num_experts, N, K, dtype)
-    if tuned:
-        cfg.update({k: int(v) for k, v in tuned.items() if k in _CONFIG_KEYS})
-    return cfg
+    return tuned_tiles(_gpu_config(num_pairs, num_experts, N, K, dtype), "fused_moe_gemm",
+                       {"E": num_experts, "N": N, "K": K}, num_tokens, _device_name(), check=check_tile_config)
 
 
-def get_fused_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype) -> dict:
+def get_fused_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
+                         dtype: torch.dtype) -> TileConfig:
     """Tile config of one expert GEMM: a tuned file when one matches, else a heuristic.
 
     num_pairs: routed (token, k) pairs, M * top_k.  num_experts: E_local.
     N, K: the GEMM's output / reduction width (GEMM1: 2I, H; GEMM2: H, I).
-    Returns BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages (a fresh dict).
-    BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``.
+    A tuned entry (op ``fused_moe_gemm``, key E, N, K, table by token count) overrides the
+    heuristic's fields it names.  ``block_size_m`` is the block size to pass to
+    ``moe_align_block_size``.
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
-    return dict(_cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER))
+    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER)
 
 
-def _check_config(config: dict) -> None:
-    missing = [k for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K") if k not in config]
-    if missing:
-        raise ValueError(f"config lacks {missing}; build it with get_fused_moe_config")
-    for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
-        v = int(config[k])
+def get_two_gemm_configs(num_pairs: int, num_experts: int, N: int, K: int, act_n: int, top_k: int,
+                         dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+    """The configs of GEMM1 ([pairs, K] x w13 [N, K]^T) and GEMM2 ([pairs, act_n] x w2 [K, act_n]^T) of one
+    layer, GEMM2's with GEMM1's ``block_size_m`` so that both walk one expert alignment (its tuned entry is
+    indexed by pairs: it is asked with top_k = 1)."""
+    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype)
+    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype)
+    if cfg2.block_size_m != cfg1.block_size_m:
+        cfg2 = dataclasses.replace(cfg2, block_size_m=cfg1.block_size_m)
+    return cfg1, cfg2
+
+
+def check_tile_config(config: TileConfig) -> None:
+    """What ``invoke_fused_moe_gemm`` needs of a config: power-of-two tiles >= 16, no split-K."""
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a TileConfig (get_fused_moe_config, or TileConfig.from_json for a "
+                        f"dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    for name in ("block_size_m", "block_size_n", "block_size_k"):
+        v = getattr(config, name)
         if v < 16 or v & (v - 1):
-            raise ValueError(f"config[{k!r}]={v}: tl.dot tiles must be powers of two >= 16")
+            raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16")
+    if config.split_k != 1:
+        raise ValueError(f"SPLIT_K={config.split_k}: the bf16 grouped GEMM has no split-K, it must be 1")
 
 
 def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: int, *,
@@ -154,7 +164,7 @@ def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: in
     if EM % bm or block_expert_ids.numel() != EM // bm:
         raise ValueError(
             f"alignment does not match BLOCK_SIZE_M={bm}: {EM} sorted ids, {block_expert_ids.numel()} blocks; "
-            "align with config['BLOCK_SIZE_M']"
+            "align with the config's BLOCK_SIZE_M"
         )
     if num_tokens_post_padded.numel() != 1:
         raise ValueError("num_tokens_post_padded must hold one value")
@@ -185,21 +195,21 @@ def invoke_fused_moe_gemm(
     topk_weights: Optional[torch.Tensor] = None,
     mul_routed_weight: bool = False,
     bias: Optional[torch.Tensor] = None,
-    config: dict,
+    config: TileConfig,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
     a: [num_rows, K] fp16/bf16/fp32.  w: [E_local, N, K], same dtype as ``a``.
     out: [num_pairs, N] float, num_pairs = num_rows * top_k_in (any strides).
     sorted_token_ids / block_expert_ids / num_tokens_post_padded: int32, from
-        ``moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], E_local)``;
+        ``moe_align_block_size(topk_ids, config.block_size_m, E_local)``;
         the sentinel there must be num_pairs.
     topk_weights: [M, top_k] (num_pairs values), read when ``mul_routed_weight``.
     bias: optional [E_local, N], added before the routed-weight multiply.
     Pairs in no block are not written.  No host synchronisation (graph safe).
     """
-    _check_config(config)
-    bm, bn, bk = int(config["BLOCK_SIZE_M"]), int(config["BLOCK_SIZE_N"]), int(config["BLOCK_SIZE_K"])
+    check_tile_config(config)
+    bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
     if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
         raise ValueError(f"expected a 2-D, w 3-D, out 2-D; got {a.dim()}, {w.dim()}, {out.dim()}")
     if a.dtype not in _FLOAT_DTYPES or w.dtype != a.dtype:
@@ -233,13 +243,14 @@ def invoke_fused_moe_gemm(
     num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
     grid = (num_pid_m * -(-N // bn),)
     _fused_moe_gemm_kernel[grid](
-        a, w, out, bias_arg, weights,
-        sorted_token_ids, block_expert_ids, num_tokens_post_padded,
-        N, K, num_pid_m, num_pairs, top_k_in,
-        a.stride(0), a.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
-        out.stride(0), out.stride(1),
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        a_ptr=a, w_ptr=w, out_ptr=out, bias_ptr=bias_arg, topk_weights_ptr=weights,
+        sorted_token_ids_ptr=sorted_token_ids, block_expert_ids_ptr=block_expert_ids,
+        num_tokens_post_padded_ptr=num_tokens_post_padded,
+        N=N, K=K, num_pid_m=num_pid_m, num_pairs=num_pairs, top_k_in=top_k_in,
+        stride_am=a.stride(0), stride_ak=a.stride(1),
+        stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_be=bias.stride(0) if bias is not None else 0, stride_bn=bias.stride(1) if bias is not None else 0,
         HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         UPCAST_DOT=triton_interpreting() and a.dtype != torch.float32,
@@ -247,9 +258,9 @@ def invoke_fused_moe_gemm(
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
-        num_warps=int(config.get("num_warps", 4)),
-        num_stages=int(config.get("num_stages", 3)),
+        GROUP_SIZE_M=config.group_size_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 

@@ -1,0 +1,130 @@
+"""Typed tile configs of the Triton kernels, and their JSON form in tuned files.
+
+A tile config is a small frozen dataclass with lower-case fields; its JSON form
+(the entries of the tuned files, see ``vllm.kernel_configs``) keeps Triton's
+upper-case names, e.g. ``{"BLOCK_SIZE_M": 16, ..., "num_warps": 4}``.  The two
+forms meet only in ``from_json`` / ``to_json``:
+
+    cfg = TileConfig(block_size_m=16, block_size_n=64, block_size_k=128)
+    cfg.to_json()                                   # {"BLOCK_SIZE_M": 16, ..., "num_stages": 3}
+    TileConfig.from_json({"BLOCK_SIZE_N": 32}, base=cfg)   # cfg with block_size_n=32
+    tuned_tiles(cfg, "fused_moe_gemm", {"E": 8, "N": 96, "K": 64}, 16, "NVIDIA H200")
+
+An unknown key, a non-integer value or a value below 1 is a ``ValueError`` that
+names where the entry came from (the tuned file), never silently dropped.  Kernel
+specific rules (powers of two, what a kernel cannot do) are checked by the kernel's
+launcher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Optional, TypeVar
+
+T = TypeVar("T", bound="JsonTiles")
+
+
+@dataclass(frozen=True)
+class JsonTiles:
+    """Base of the tile configs: every field a positive int, each with its JSON key in ``JSON_KEYS``."""
+
+    #: JSON key -> field name, in the order ``to_json`` writes them
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        for name, v in self.__dict__.items():  # the fields (no ClassVars in an instance's __dict__)
+            if type(v) is not int or v < 1:  # bool is an int subclass: rejected too
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
+
+    @classmethod
+    def from_json(cls: type[T], entry: Mapping[str, Any], *, source: str = "tile config",
+                  base: Optional[T] = None) -> T:
+        """The config an entry of a tuned file describes; keys it lacks come from ``base``
+        (or the field defaults without one).  ``source`` (e.g. the file) starts every error message."""
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{source}: a tile config must be a JSON object, got {type(entry).__name__}")
+        unknown = sorted(k for k in entry if k not in cls.JSON_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown} in a {cls.__name__}; "
+                             f"known keys: {list(cls.JSON_KEYS)}")
+        values = {}
+        for key, v in entry.items():
+            if type(v) is not int:
+                raise ValueError(f"{source}: {key}={v!r} must be an integer")
+            values[cls.JSON_KEYS[key]] = v
+        try:
+            return dataclasses.replace(base, **values) if base is not None else cls(**values)
+        except (TypeError, ValueError) as exc:  # a required key missing, or a value below 1
+            raise ValueError(f"{source}: {exc}") from None
+
+    def to_json(self) -> dict[str, int]:
+        """The JSON form (every key), as a tuned file stores it."""
+        return {key: getattr(self, name) for key, name in self.JSON_KEYS.items()}
+
+
+@dataclass(frozen=True)
+class TileConfig(JsonTiles):
+    """Tiles of a grouped expert GEMM (``fused_moe_gemm``; the 4-bit GEMMs use the same keys).
+
+    block_size_m is also the block size of the expert alignment the GEMM reads.
+    group_size_m: M-blocks that sweep the N tiles together (L2 reuse of a weight slice).
+    split_k: programs sharing one tile's K range (1 = no split; only kernels that reduce splits take > 1).
+    """
+
+    block_size_m: int
+    block_size_n: int
+    block_size_k: int
+    group_size_m: int = 1
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
+        "GROUP_SIZE_M": "group_size_m", "SPLIT_K": "split_k", "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+
+
+@dataclass(frozen=True)
+class MoELoRATileConfig(JsonTiles):
+    """Tiles of one MoE LoRA launch (``vllm/lora/ops/triton_ops``: fields explained in ``moe_lora_config.py``).
+
+    block_size_m: rows of one M-block (the (adapter, expert) alignment's block size).
+    num_n_splits: programs sharing one block's (or pair's) N range.
+    """
+
+    block_size_m: int
+    block_size_n: int
+    block_size_k: int
+    num_n_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
+        "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+
+
+def tuned_tiles(base: T, op: str, key: Mapping[str, Any], num_tokens: int, device_name: str, *,
+                check: Optional[Callable[[T], None]] = None) -> T:
+    """``base`` overridden by the tuned entry of ``op`` nearest ``num_tokens`` (``vllm.kernel_configs``),
+    or ``base`` itself when no tuned file matches.
+
+    The entry may hold only some keys.  A bad entry (unknown key, non-integer, or rejected by ``check``,
+    which raises ``ValueError``) is a ``ValueError`` naming the file and the entry.
+    """
+    from vllm.kernel_configs import find_tuned_config
+
+    found = find_tuned_config(op, key, num_tokens, device_name)
+    if found is None:
+        return base
+    entry, path, tokens = found
+    source = f"tuned config {path} (entry {tokens})"
+    cfg = type(base).from_json(entry, source=source, base=base)
+    if check is not None:
+        try:
+            check(cfg)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    return cfg
