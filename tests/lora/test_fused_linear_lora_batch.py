@@ -121,3 +121,14 @@ def test_kernel_compiles_for_hopper():
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") == 9
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark's smoke mode at a batch above 16 tokens (both paths group the tokens; CPU: interpreter)."""
+    from benchmarks.kernels.benchmark_fused_linear_lora import main
+
+    out = tmp_path / "t.md"
+    main(["--smoke", "--tokens", "24", "--reps", "3", "--out", str(out)])
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith(("| qkv", "| o ", "| gate"))]
+    assert [r[1].strip() for r in rows] == ["qkv", "o", "gate"] and all(r[2].strip() == "24" for r in rows)
+    assert all(r[8].strip() != "-" for r in rows)  # the grouping column is filled above 16 tokens
