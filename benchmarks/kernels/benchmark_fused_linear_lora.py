@@ -64,14 +64,15 @@ def sweep_configs() -> list[dict]:
 
 
 def batch_sweep_configs() -> list[dict]:
-    """Tiles of the 17..256-token path to time against its default (16-bit types: the x, W and A tiles of
-    (stages - 1) stages fit in an H100's shared memory; ``tests/lora/fused_linear_lora_batch_hopper_compile.py
-    --sweep`` compiles them), and the usual tiles with every shrink after the main loop."""
+    """Tiles of the 17..256-token path to time against its default (16-bit types: the x, W and A tiles
+    (4 slots of rank 16) of every stage fit in an H100's shared memory;
+    ``tests/lora/fused_linear_lora_batch_hopper_compile.py --sweep`` compiles them), and tiles of 16 / 64
+    rows with one or no slot shrunk in the main loop (``LOOP_SLOTS``)."""
     tiles = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
              for bm in (32, 64) for bn in (16, 32, 64, 128) for bk in (64, 128) for nw in (4, 8) for st in (3, 4)
-             if (bm + bn + 16) * bk * 2 * (st - 1) <= 200 * 1024 and not (bm == 32 and nw == 8)]
-    return tiles + [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4, SHRINK_IN_LOOP=False)
-                    for bn in (32, 64)]
+             if (bm + bn + 64) * bk * 2 * st <= 220 * 1024 and not (bm == 32 and nw == 8)]
+    return tiles + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=4, num_stages=4, LOOP_SLOTS=ls)
+                    for bm in (16, 64) for bn in (32, 64) for ls in (0, 1)]
 
 
 def make_case(K: int, n_sizes: list[int], T: int, L: int, rank: int, dtype, device, seed: int):

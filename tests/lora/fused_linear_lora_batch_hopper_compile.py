@@ -2,8 +2,8 @@
 script, without TRITON_INTERPRET, by test_fused_linear_lora_batch.py (the approach and the checks of
 ``fused_linear_lora_hopper_compile.py``: types, layouts and dot shapes only the compiler sees; the main loop
 pipelined (cp.async); shared memory within an H100's limit).  Variants: the heuristic's tiles at 17, 64 and
-256 tokens for Qwen3-30B-A3B's projections (qkv, o, router gate) in bf16, and at 64 tokens (qkv) in fp16 / fp32; ``--sweep``: also
-``batch_sweep_configs()`` in bf16.  Prints one line per variant; exits 1 on failure."""
+256 tokens for Qwen3-30B-A3B's projections (qkv, o, router gate) in bf16, and at 64 tokens (qkv) in
+fp16 / fp32; ``--sweep``: also ``batch_sweep_configs()`` in bf16.  Prints one line per variant; exits 1 on failure."""
 import itertools
 import os
 import sys
@@ -27,8 +27,9 @@ def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int):
     ptrs.update(mapping_ptr="i32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32")
     cexp = dict(HAS_BIAS=bias, HAS_ENABLED=True, NUM_SLICES=slices, UPCAST=False, BASE_PRECISION="ieee",
                 FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0,
-                SHRINK_IN_LOOP=cfg.get("SHRINK_IN_LOOP", True), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, BLOCK_L=4, BLOCK_TAIL=next_power_of_2(T),
+                LOOP_SLOTS=cfg["LOOP_SLOTS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, BLOCK_C=16 * max(cfg["LOOP_SLOTS"], 1), BLOCK_L=4,
+                BLOCK_TAIL=next_power_of_2(T),
                 **{n: 1 for n in UNIT_STRIDES})
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names

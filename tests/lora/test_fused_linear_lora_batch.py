@@ -16,7 +16,10 @@ from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
 from vllm.lora.ops.triton_ops.lora_linear import lora_linear_metadata
 
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # several row / column / K tiles
-TILES = {"default": None, "small": SMALL_TILES, "small_shrink_after": dict(SMALL_TILES, SHRINK_IN_LOOP=False)}
+# default: 4 slots shrunk in the main loop (all of a tile's, L = 4); then 1 or 2 (the others after it), none
+TILES = {"default": None, "small": SMALL_TILES, "small_one_in_loop": dict(SMALL_TILES, LOOP_SLOTS=1),
+         "small_two_in_loop": dict(SMALL_TILES, LOOP_SLOTS=2),
+         "small_shrink_after": dict(SMALL_TILES, LOOP_SLOTS=0)}
 
 
 def _enabled(device):
@@ -50,7 +53,7 @@ def _border_mapping(device):
     return torch.tensor(slots, dtype=torch.int32)[perm].to(device)
 
 
-@pytest.mark.parametrize("tiles", ["small", "small_shrink_after"])
+@pytest.mark.parametrize("tiles", ["small", "small_two_in_loop", "small_one_in_loop", "small_shrink_after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slot_runs_across_tile_borders(dtype, tiles, device):
     x, w, b, lora_a, lora_b, _ = make_case(30, 32, [16, 8, 8], dtype, device, seed=3)
