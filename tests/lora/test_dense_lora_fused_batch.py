@@ -94,3 +94,33 @@ def test_padded_rows_and_fewer_rows(fused_metas, device):
     y = layer(x[:24])
     assert fused_metas[-1] is None
     assert_close(y.cpu(), want[:24].float(), torch.float32, name="fewer rows")
+
+
+@pytest.mark.cuda
+def test_fused_batch_layer_replays_in_a_cuda_graph(fused_metas, device):
+    """On by default on CUDA; captured at 48 rows (every LoRA op on, as the graph runner does), a replay
+    follows the step's mapping and grouping written in place afterwards - here a batch of 30 tokens
+    padded to the 48 rows - and equals the eager forward of those rows bit for bit."""
+    slots = SLOTS40 + [-1] * 8
+    layer, punica, x, want, _ = _layer("qkv", 1, 0, torch.bfloat16, device, slots)
+    assert layer.use_fused_decode
+    punica.update_metadata(slots)
+    static_x = x.clone()
+    eager = layer(static_x)  # compiles the kernel outside the capture
+    assert_close(eager.float().cpu(), want.float(), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    punica.run_all_lora_ops(True)
+    try:
+        with torch.cuda.graph(graph):
+            out = layer(static_x)
+    finally:
+        punica.run_all_lora_ops(False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    punica.update_metadata([2, 1, -1, 0] * 7 + [1, 2])  # 30 tokens; rows 30..47 read slot -1
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, layer(static_x))
+    assert len(fused_metas) == 3 and all(m is not None for m in fused_metas)
