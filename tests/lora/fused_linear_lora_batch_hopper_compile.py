@@ -22,6 +22,8 @@ from vllm.triton_utils import next_power_of_2  # noqa: E402
 
 
 def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int):
+    """``cfg``: a sweep config (keys it lacks: the default's, at 4 slots) or the heuristic's."""
+    cfg = dict(batch_config(T, 2048, 5120, 16, DTYPES[dtype], 4), **cfg)
     fn = fused_linear_lora_batch_kernel
     ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")}
     ptrs.update(mapping_ptr="i32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32")
