@@ -93,6 +93,22 @@ def test_step_grouping_of_fewer_tokens_than_rows(tiles, device):
     assert torch.equal(y, own)
 
 
+def test_rounded_once(device):
+    """fp16, 20 rows: base 1 + 3u/8 and delta 3u/8 (u = the ulp at 1) sum to 1 + 3u/4, which rounds up to
+    1 + u; rounding the base first (to 1) and then 1 + delta would give 1.  Rows on no slot: exactly 1."""
+    ulp = 2.0**-10
+    x = torch.tensor([[1.0, 3 * ulp / 8]], dtype=torch.float16, device=device).repeat(20, 1)
+    w = torch.ones(16, 2, dtype=torch.float16, device=device)
+    a = torch.zeros(2, 16, 2, dtype=torch.float16, device=device)
+    a[:, 0, 1] = 1  # shrink rank 0 = x[1] = 3u/8
+    b = torch.zeros(2, 16, 16, dtype=torch.float16, device=device)
+    b[:, :, 0] = 1
+    mapping = torch.tensor([0, 1, -1, 1] * 5, dtype=torch.int32, device=device)
+    y = fused_linear_lora(x, w, None, (a,), (b,), mapping, config=SMALL_TILES)
+    want = torch.where(mapping[:, None].cpu() >= 0, 1 + ulp, 1.0).expand(20, 16).to(torch.float16)
+    assert torch.equal(y.cpu(), want)
+
+
 def test_bad_inputs_raise_clear_errors(device):
     x, w, b, lora_a, lora_b, mapping = make_case(20, 32, [16, 8], torch.float32, device)
     many = BATCH_MAX_TOKENS + 1
