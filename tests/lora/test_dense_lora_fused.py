@@ -3,7 +3,7 @@
 Under ``TRITON_INTERPRET=1`` the fused path is off by default (CUDA only); the tests
 switch it on per layer (``use_fused_decode``) and check that it was taken, that it
 matches the two-launch path and the float64 full-weight reference, and when it must
-not be taken (more than 16 tokens, no token on this layer's adapters, a base layer
+not be taken (more than ``BATCH_MAX_TOKENS`` tokens, no token on this layer's adapters, a base layer
 with its own forward, the switch off).
 """
 import pytest
@@ -13,6 +13,8 @@ import vllm.lora.ops.triton_ops.fused_linear_lora as fused_mod
 from tests.lora.test_dense_lora_layers import SLOTS, _make, full_reference, held_rows, random_adapter, wrap
 from tests.utils import assert_close
 from vllm.lora.layers.linear import fused_decode_default
+from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
+from vllm.lora.punica_wrapper import get_punica_wrapper
 
 
 @pytest.fixture
@@ -91,10 +93,15 @@ def test_when_the_fused_path_is_not_taken(fused_calls, device):
     layer, x, _, _ = _layer("merged", 1, 0, torch.float32, device)
     layer.use_fused_decode = True
     punica = layer.punica_wrapper
-    # more than 16 tokens: the two-launch path
-    x17 = torch.cat([x, x])[:17]
-    punica.update_metadata([0] * 17)
-    layer(x17)
+    # more than BATCH_MAX_TOKENS tokens: the two-launch path
+    big = get_punica_wrapper(2 * BATCH_MAX_TOKENS, 3, device, kind="gpu")
+    layer.set_mapping(big)
+    layer.use_fused_decode = True
+    many = BATCH_MAX_TOKENS + 1
+    big.update_metadata([0] * many)
+    layer(x[:1].expand(many, -1))
+    layer.set_mapping(punica)
+    layer.use_fused_decode = True
     # no token on this layer's adapters: the base layer alone, bit for bit
     punica.update_metadata([-1] * len(SLOTS))
     assert torch.equal(layer(x), layer.base_layer(x))

@@ -116,8 +116,8 @@ def test_rounded_once(dtype, ulp, device):
 
 def test_bad_inputs_raise_clear_errors(device):
     x, w, b, lora_a, lora_b, mapping = make_case(3, 32, [16, 8], torch.float32, device)
-    with pytest.raises(ValueError, match="at most 16 tokens"):
-        fused_linear_lora(x.repeat(6, 1), w, b, lora_a, lora_b, mapping.repeat(6))
+    with pytest.raises(ValueError, match="at most 256 tokens"):  # above 16: the batch path (its own tests)
+        fused_linear_lora(x.repeat(86, 1), w, b, lora_a, lora_b, mapping.repeat(86))
     with pytest.raises(ValueError, match="must match x"):
         fused_linear_lora(x, w.half(), b, lora_a, lora_b, mapping)
     with pytest.raises(ValueError, match="bias"):

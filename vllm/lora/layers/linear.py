@@ -27,12 +27,13 @@ Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
-of the step uses this layer's adapters).  At decode (<= ``SMALL_BATCH_TOKENS``
-tokens) on CUDA, when some token of the step has an adapter (of this layer or
-not), the projection and the delta run as one launch instead (``fused_linear_lora``:
-y rounded once, so it may differ from the two-launch path by one rounding of the
-output dtype); ``use_fused_decode`` (set by ``set_mapping`` from the device and
-``VLLM_FUSED_LORA_LINEAR``) switches it.  The condition is the step's, not the
+of the step uses this layer's adapters).  For batches of up to ``BATCH_MAX_TOKENS``
+tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
+``punica_wrapper.linear_metadata``) on CUDA, when some token of the step has an
+adapter (of this layer or not), the projection and the delta run as one launch
+instead (``fused_linear_lora``: y rounded once, so it may differ from the two-launch
+path by one rounding of the output dtype); ``use_fused_decode`` (set by
+``set_mapping`` from the device and ``VLLM_FUSED_LORA_LINEAR``) switches it.  The condition is the step's, not the
 layer's, because a LoRA decode graph is captured with every LoRA op on
 (``run_all_lora_ops``): an eager step must take the kernels a graph replay of it
 would, or the two would round the base projection differently.
@@ -48,7 +49,7 @@ from torch import nn
 from vllm import envs
 from vllm.config.lora import LoRAConfig
 from vllm.lora.layers.base import BaseLayerWithLoRA
-from vllm.lora.ops.triton_ops.lora_linear import SMALL_BATCH_TOKENS
+from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
 from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
 _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
@@ -205,13 +206,13 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         return y
 
     def _fuse(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs as one fused launch: switched on, a decode-sized batch, an unquantized
-        float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot; see
+        """Whether this forward runs as one fused launch: switched on, at most ``BATCH_MAX_TOKENS`` rows, an
+        unquantized float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot; see
         the module docstring).  Decided from shapes and host state only (CUDA-graph safe)."""
         if not self.use_fused_decode or self.punica_wrapper is None or x.shape[-1] == 0:
             return False
         w = self.base_layer.weight
-        if not 0 < x.numel() // x.shape[-1] <= SMALL_BATCH_TOKENS or x.dtype not in _FLOATS:
+        if not 0 < x.numel() // x.shape[-1] <= BATCH_MAX_TOKENS or x.dtype not in _FLOATS:
             return False
         if w.dtype != x.dtype or self._lora_a.dtype != x.dtype or w.dim() != 2:
             return False
@@ -224,8 +225,9 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
 
         x2 = x.reshape(-1, x.shape[-1])
         w = self.base_layer.weight
-        y = fused_linear_lora(x2, w, bias, self.lora_a_stacked, self.lora_b_stacked,
-                              self.punica_wrapper.token_mapping(x2.shape[0]), adapter_enabled=self.adapter_enabled)
+        punica, T = self.punica_wrapper, x2.shape[0]
+        y = fused_linear_lora(x2, w, bias, self.lora_a_stacked, self.lora_b_stacked, punica.token_mapping(T),
+                              adapter_enabled=self.adapter_enabled, meta=punica.linear_metadata(T))
         return y.view(*x.shape[:-1], w.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

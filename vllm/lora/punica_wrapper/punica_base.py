@@ -120,6 +120,12 @@ class PunicaWrapperBase(ABC):
         """[num_tokens] int32 slot of each row of a forward of ``num_tokens`` rows (-1 past the mapped ones)."""
         return self._mapping_for(num_tokens)
 
+    def linear_metadata(self, num_tokens: int) -> Optional[Any]:
+        """The step's tokens grouped by slot (a ``LoRALinearMetadata``) for a forward of ``num_tokens`` rows,
+        or None where this wrapper keeps none or it does not describe those rows (fewer rows than tokens)."""
+        del num_tokens
+        return None
+
     def _mapping_for(self, num_tokens: int) -> torch.Tensor:
         if num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens={self.max_num_batched_tokens}")

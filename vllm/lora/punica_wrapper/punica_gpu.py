@@ -33,6 +33,10 @@ class PunicaWrapperGPU(PunicaWrapperBase):
 
         lora_linear_metadata(self.token_lora_indices, self.max_loras, out=self._linear_meta)
 
+    def linear_metadata(self, num_tokens: int) -> Optional[Any]:
+        # made from the step's n tokens: valid for n <= T rows (rows past n are on slot -1)
+        return self._linear_meta if num_tokens >= self._num_tokens else None
+
     def _add_lora_linear(self, y, x, lora_a, lora_b, *, token_lora_mapping, adapter_enabled, output_offsets) -> None:
         from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear
 

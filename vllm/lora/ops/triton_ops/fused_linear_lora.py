@@ -7,9 +7,12 @@ with the delta of ``add_lora_linear`` (``lora_linear.py``): per token t whose sl
 
     y[t, off_s + j] += sum_r (sum_k x[t, k] * A_s[slot, r, k]) * B_s[slot, j, r]
 
-For T <= ``SMALL_BATCH_TOKENS`` tokens, where a projection is a memory-bound
-GEMV: the separate path (cuBLAS F.linear, then the LoRA kernel reading and
-rewriting y) costs two launches, and the second is pure latency.
+For T <= ``BATCH_MAX_TOKENS`` tokens, where a projection is memory-bound: the
+separate path (cuBLAS F.linear, then the LoRA kernel reading and rewriting y)
+costs two launches, and the second is pure latency.  Up to ``SMALL_BATCH_TOKENS``
+tokens the kernel below runs (one token block, no grouping); above, the
+tensor-core kernel of ``fused_linear_lora_batch`` over the slot-sorted tokens
+(``meta``: the step's ``LoRALinearMetadata``, made here when not given).
 
 Rounding contract: the base product is accumulated in fp32, the bias and the
 delta (its shrink kept in fp32, as in ``add_lora_linear``) are added in fp32 to
@@ -20,7 +23,7 @@ which differs between any two GEMM kernels).  Tokens without an (enabled) slot
 get exactly this kernel's base result: their delta is never added, not even a 0.
 
 Shapes (L = max_loras slots, R = max rank, N = W's rows):
-    x: [T, K] fp32/fp16/bf16, any strides, 1 <= T <= 16 (T = 0 gives an empty y)
+    x: [T, K] fp32/fp16/bf16, any strides, T <= BATCH_MAX_TOKENS (T = 0 gives an empty y)
     weight: [N, K], x's dtype (an unquantized linear weight), any strides
     bias: optional [N], x's dtype
     lora_a_stacked: S <= 3 tensors [L, R, K]; lora_b_stacked: S tensors [L, N_s, R]
@@ -31,7 +34,7 @@ Shapes (L = max_loras slots, R = max rank, N = W's rows):
         must lie in [0, N)
     out: optional [T, N] y (x's dtype), written (not added to)
 
-Grid: one program per BLOCK_N columns (``fused_linear_lora_config``); every
+Grid (T <= 16): one program per BLOCK_N columns (``fused_linear_lora_config``); every
 program reads its own W rows, so W streams once, and recomputes the small shrink
 of the slots its tokens use (one slot at batch 1).  No host reads of device
 values: safe inside CUDA graphs.
@@ -43,7 +46,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 # slice_offsets through the dense LoRA op's module: a Triton-side module imports no torch-side one
-from vllm.lora.ops.triton_ops.lora_linear import SMALL_BATCH_TOKENS, _check, _slice_stride, slice_offsets
+from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS, launch_batch
+from vllm.lora.ops.triton_ops.lora_linear import (SMALL_BATCH_TOKENS, LoRALinearMetadata, _check, _slice_stride,
+                                                  slice_offsets)
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
@@ -73,8 +78,8 @@ def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor]) -> None:
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be [T, K] and [N, K]")
-    if x.shape[0] > SMALL_BATCH_TOKENS:
-        raise ValueError(f"fused_linear_lora takes at most {SMALL_BATCH_TOKENS} tokens, got {x.shape[0]}; "
+    if x.shape[0] > BATCH_MAX_TOKENS:
+        raise ValueError(f"fused_linear_lora takes at most {BATCH_MAX_TOKENS} tokens, got {x.shape[0]}; "
                          "use F.linear then add_lora_linear for larger batches")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match x ({x.dtype}, {x.device}): "
@@ -92,8 +97,13 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor],
                       token_lora_mapping: torch.Tensor, *, adapter_enabled: Optional[torch.Tensor] = None,
                       output_offsets: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None,
+                      meta: Optional[LoRALinearMetadata] = None,
                       config: Optional[dict[str, Any]] = None) -> torch.Tensor:
-    """y = x @ weight^T (+ bias) + LoRA delta, one launch (see the module docstring); returns y."""
+    """y = x @ weight^T (+ bias) + LoRA delta, one launch (see the module docstring); returns y.
+
+    ``meta`` (above ``SMALL_BATCH_TOKENS`` tokens, else unused): the tokens grouped by slot, as
+    ``lora_linear_metadata`` makes them, for the first n <= T tokens of the mapping (rows past n must be on
+    slot -1); ``config``: tiles of the path the token count picks."""
     from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import fused_linear_lora_kernel
 
     _check_base(x, weight, bias, out, token_lora_mapping, adapter_enabled)
@@ -112,6 +122,10 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                          f"stride between slices (got {S} slices, one buffer: {one_buffer}); "
                          "use F.linear then add_lora_linear")
     if T == 0:
+        return y
+    if T > SMALL_BATCH_TOKENS:
+        launch_batch(x, weight, bias, a_list[0], b_list[0], y, token_lora_mapping, adapter_enabled, n_sizes, offs,
+                     stride_as, stride_bs, meta, config)
         return y
     L, R = a_list[0].shape[:2]
     cfg = fused_linear_lora_config(T, K, N, R, x.dtype)

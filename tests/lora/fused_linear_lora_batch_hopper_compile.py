@@ -1,0 +1,70 @@
+"""Compile the 17..256-token fused projection + LoRA kernel for an H100/H200 (sm_90) without a GPU: run as a
+script, without TRITON_INTERPRET, by test_fused_linear_lora_batch.py (the approach and the checks of
+``fused_linear_lora_hopper_compile.py``: types, layouts and dot shapes only the compiler sees; the main loop
+pipelined (cp.async); shared memory within an H100's limit).  Variants: the heuristic's tiles at 17, 64 and
+256 tokens for Qwen3-30B-A3B's projections (qkv, o, router gate) in bf16, and at 64 tokens (qkv) in
+fp16 / fp32; ``--sweep``: also ``batch_sweep_configs()`` in bf16.  Prints one line per variant; exits 1 on failure."""
+import itertools
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from benchmarks.kernels.benchmark_fused_linear_lora import batch_sweep_configs  # noqa: E402
+from tests.lora.fused_linear_lora_hopper_compile import DIV16, DTYPES, SHARED_LIMIT, TARGET, UNIT_STRIDES  # noqa: E402
+from vllm.lora.ops.triton_ops._fused_linear_lora_batch_kernel import fused_linear_lora_batch_kernel  # noqa: E402
+from vllm.lora.ops.triton_ops.fused_linear_lora_batch import batch_config  # noqa: E402
+from vllm.triton_utils import next_power_of_2  # noqa: E402
+
+
+def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int):
+    """``cfg``: a sweep config (keys it lacks: the default's, at 4 slots) or the heuristic's."""
+    cfg = dict(batch_config(T, 2048, 5120, 16, DTYPES[dtype], 4), **cfg)
+    fn = fused_linear_lora_batch_kernel
+    ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")}
+    ptrs.update(mapping_ptr="i32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32")
+    cexp = dict(HAS_BIAS=bias, HAS_ENABLED=True, NUM_SLICES=slices, UPCAST=False, BASE_PRECISION="ieee",
+                FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0,
+                LOOP_SLOTS=cfg["LOOP_SLOTS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, BLOCK_C=16 * max(cfg["LOOP_SLOTS"], 1), BLOCK_L=4,
+                BLOCK_TAIL=next_power_of_2(T),
+                **{n: 1 for n in UNIT_STRIDES})
+    sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+             if n in ptrs or n in DIV16}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+def variants(sweep: bool) -> list[tuple]:
+    shapes = [(2048, 5120), (4096, 2048), (2048, 128)]  # qkv, o, router gate of Qwen3-30B-A3B
+    cases = [("bf16", T, K, N) for T, (K, N) in itertools.product((17, 64, 256), shapes)]
+    cases += [(dt, 64, *shapes[0]) for dt in ("fp16", "fp32")]  # the other dtypes at one shape
+    out = []
+    for dt, T, K, N in cases:
+        v = (dt, batch_config(T, K, N, 16, DTYPES[dt]), T, True, 3)
+        if v not in out:
+            out.append(v)
+    if sweep:
+        out += [("bf16", cfg, T, False, 1) for cfg in batch_sweep_configs() for T in (64, 256)]
+    return out
+
+
+def main() -> None:
+    failed = 0
+    for dtype, cfg, T, bias, slices in variants("--sweep" in sys.argv[1:]):
+        k = compile_variant(dtype, cfg, T, bias, slices)
+        shared, pipelined = k.metadata.shared, "cp.async" in k.asm["ptx"]
+        ok = shared <= SHARED_LIMIT and pipelined
+        failed += not ok
+        print(f"{'ok' if ok else 'FAILED'} {dtype} {T} tokens {cfg} bias {bias} slices {slices}: shared {shared} B, "
+              f"pipelined {pipelined}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Dense LoRA wrappers with the fused path forced on above 16 tokens (the op's tensor-core path over the
+step's tokens grouped by slot), against the path off and the float64 full-weight reference.
+
+Also: the layer hands the op the Punica wrapper's grouping of the step (made once per step), also when
+the forward has more rows than the step has tokens (a CUDA-graph replay pads the batch), and none when
+it has fewer.
+"""
+import pytest
+import torch
+
+import vllm.lora.ops.triton_ops.fused_linear_lora as fused_mod
+from tests.lora.test_dense_lora_layers import _make, full_reference, held_rows, random_adapter, wrap
+from tests.utils import assert_close
+
+# 40 tokens: slots 0-2 in runs and scattered, tokens without an adapter in between
+SLOTS40 = ([0, -1, 1, 1, 2, 0, -1, 2, 1] * 4 + [2, 2, -1, 0])
+
+
+@pytest.fixture
+def fused_metas(monkeypatch):
+    """The ``meta`` argument of every call of the fused op (the layers import it at call time)."""
+    metas = []
+    real = fused_mod.fused_linear_lora
+
+    def spy(*args, **kwargs):
+        metas.append(kwargs.get("meta"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_mod, "fused_linear_lora", spy)
+    return metas
+
+
+def _layer(kind, tp_size, rank, dtype, device, slots, seed=0):
+    """A wrapped layer with adapters in slots 0-2 (rank < max; slot 2 skips a slice), its input for
+    ``slots`` and the float64 reference of the full output."""
+    gen = torch.Generator().manual_seed(seed)
+    base, W, bias, out_sizes = _make(kind, gen, tp_size, rank, **({"reduce_results": False} if kind == "row" else {}))
+    layer, punica = wrap(base.to(dtype), kind="gpu", device=device)
+    K = W.shape[1]
+    adapters = {0: random_adapter(gen, K, out_sizes, 12), 1: random_adapter(gen, K, out_sizes, 16),
+                2: random_adapter(gen, K, out_sizes, 8, skip=(1,) if len(out_sizes) > 1 else ())}
+    for slot, (a, b) in adapters.items():
+        adapters[slot] = ([None if t is None else t * 4 for t in a], b)  # a delta of the base's size
+        layer.set_lora(slot, *adapters[slot])
+    x_full = torch.randn(len(slots), K, generator=gen)
+    want = full_reference(x_full.to(dtype).double(), W.to(dtype), None if bias is None else bias.to(dtype),
+                          adapters, slots, out_sizes)
+    x = x_full
+    if kind == "row":
+        part = K // tp_size
+        x = x_full[:, rank * part:(rank + 1) * part]
+    return layer, punica, x.to(dtype=dtype, device=device), want, W
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,tp_size", [("replicated", 1), ("merged", 1), ("qkv", 1), ("qkv", 2), ("row", 2)])
+def test_fused_matches_unfused_and_reference(kind, tp_size, dtype, fused_metas, device):
+    outs = {True: [], False: []}
+    for rank in range(tp_size):
+        layer, punica, x, want, _ = _layer(kind, tp_size, rank, dtype, device, SLOTS40)
+        punica.update_metadata(SLOTS40)
+        for fused in (False, True):
+            layer.use_fused_decode = fused
+            n = len(fused_metas)
+            outs[fused].append(layer(x).float().cpu())
+            assert len(fused_metas) == n + fused, "the fused path was (not) taken"
+        assert fused_metas[-1] is not None, "the step's grouping was not handed to the op"
+        if kind != "row":
+            base, W_rank = _make(kind, torch.Generator().manual_seed(0), tp_size, rank)[:2]
+            want_rank = want[:, held_rows(base, W_rank)].float()
+            for fused in (False, True):
+                assert_close(outs[fused][-1], want_rank, dtype, name=f"fused={fused} rank {rank}")
+    if kind == "row":  # partial sums of the ranks (bias on rank 0 only) add up to the full output
+        for fused in (False, True):
+            assert_close(sum(outs[fused]), want.float(), dtype, name=f"fused={fused}")
+    for got, ref in zip(outs[True], outs[False]):
+        assert_close(got, ref, dtype, name="fused vs unfused")
+
+
+def test_padded_rows_and_fewer_rows(fused_metas, device):
+    """More rows than the step's tokens (CUDA-graph padding: the extra rows on slot -1) with the step's
+    grouping; fewer rows than tokens: the op groups the rows itself."""
+    n, T = 33, 48
+    slots = SLOTS40[:n] + [-1] * (T - n)
+    layer, punica, x, want, _ = _layer("qkv", 1, 0, torch.float32, device, slots, seed=1)
+    layer.use_fused_decode = True
+    punica.update_metadata(slots[:n])
+    y = layer(x)
+    assert fused_metas[-1] is not None
+    assert_close(y.cpu(), want.float(), torch.float32, name="padded")
+    punica.update_metadata(slots)  # the same rows, grouped from all T
+    assert torch.equal(layer(x), y)
+    punica.update_metadata(SLOTS40)  # 40 tokens mapped, 24 rows
+    y = layer(x[:24])
+    assert fused_metas[-1] is None
+    assert_close(y.cpu(), want[:24].float(), torch.float32, name="fewer rows")
+
+
+@pytest.mark.cuda
+def test_fused_batch_layer_replays_in_a_cuda_graph(fused_metas, device):
+    """On by default on CUDA; captured at 48 rows (every LoRA op on, as the graph runner does), a replay
+    follows the step's mapping and grouping written in place afterwards - here a batch of 30 tokens
+    padded to the 48 rows - and equals the eager forward of those rows bit for bit."""
+    slots = SLOTS40 + [-1] * 8
+    layer, punica, x, want, _ = _layer("qkv", 1, 0, torch.bfloat16, device, slots)
+    assert layer.use_fused_decode
+    punica.update_metadata(slots)
+    static_x = x.clone()
+    eager = layer(static_x)  # compiles the kernel outside the capture
+    assert_close(eager.float().cpu(), want.float(), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    punica.run_all_lora_ops(True)
+    try:
+        with torch.cuda.graph(graph):
+            out = layer(static_x)
+    finally:
+        punica.run_all_lora_ops(False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    punica.update_metadata([2, 1, -1, 0] * 7 + [1, 2])  # 30 tokens; rows 30..47 read slot -1
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, layer(static_x))
+    assert len(fused_metas) == 3 and all(m is not None for m in fused_metas)
