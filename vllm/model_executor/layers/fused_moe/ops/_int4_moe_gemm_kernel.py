@@ -8,6 +8,15 @@ BLOCK_SIZE_N] int32 words holding its codes once (rows along N, coalesced), unpa
 registers to [BLOCK_SIZE_K, BLOCK_SIZE_N], loads one scale row per group (one row per tile when
 the group spans the tile), and dequantises: w = (q - z) * s, one rounding, in the activation
 dtype, before the dot.  ``_split_k_reduce_kernel`` adds the K-splits' fp32 partial sums.
+
+How the codes are unpacked (``UNPACK``, a config key; the static report
+``benchmarks/kernels/kernel_static_report.py`` counts what each costs on sm_90):
+  0: the [BK/8, BN] words once, shifted along a third axis of 8 and reshaped to [BK, BN];
+  1: the [BK, BN] tile of words directly, each word loaded for its 8 K-rows (the same addresses:
+     one memory transaction, cached), row k shifted by (k % 8) * 4: no reshape;
+  2: as 1, and each code turned into a float by placing its bits in the mantissa of a constant
+     (fp16 1024 + q, bf16 128 + q, fp32 2^23 + q; exact), so that w = ((C + q) - (C + z)) * s needs
+     no integer -> float conversion (a multi-function-unit instruction) per weight.
 """
 from __future__ import annotations
 
@@ -15,6 +24,18 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+
+
+@triton.jit
+def _int4_magic(q, dtype: tl.constexpr):
+    """int32 codes 0..15 (and zero points: below 1024 / 128 / 2^23) -> C + q in ``dtype``, exact, by bit
+    placement: fp16 0x6400 | q = 1024 + q, bf16 0x4300 | q = 128 + q, fp32 0x4B000000 | q = 2^23 + q."""
+    if dtype == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif dtype == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -60,6 +81,7 @@ def _int4_moe_gemm_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
+    UNPACK: tl.constexpr = 0,  # see the module docstring
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,12 +140,20 @@ def _int4_moe_gemm_kernel(
         else:
             cols = kk
         a = tl.load(a_rows[:, None] + cols[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
-        kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
-        if EVEN_K:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
-        else:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
-        q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
+        if UNPACK == 0:
+            kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+            if EVEN_K:
+                words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
+            else:
+                words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
+            q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
+        else:  # [BK, BN] words: row k reads word k // 8 (8 rows share each address), shifted by (k % 8) * 4
+            kw_rows = kt * (BLOCK_SIZE_K // 8) + offs_k // 8
+            if EVEN_K:
+                word_rows = tl.load(qw_cols[None, :] + kw_rows[:, None] * stride_qk)
+            else:
+                word_rows = tl.load(qw_cols[None, :] + kw_rows[:, None] * stride_qk, mask=k_ok[:, None], other=0)
+            q = (word_rows >> ((offs_k % 8) * 4)[:, None]) & 0xF
         if HAS_G_IDX:
             g = tl.load(g_ptr + expert * stride_pe + kk)[:, None]
         elif GROUP_SIZE % BLOCK_SIZE_K == 0:
@@ -135,7 +165,10 @@ def _int4_moe_gemm_kernel(
             z = tl.load(z_cols[None, :] + g * stride_zg).to(tl.int32)
         else:
             z = 8
-        w = (q - z).to(a.dtype) * s  # exact difference, one rounding: as Int4Weight.dequantize
+        if UNPACK == 2:
+            w = (_int4_magic(q, a.dtype) - _int4_magic(z, a.dtype)) * s  # (C + q) - (C + z) exact, one rounding
+        else:
+            w = (q - z).to(a.dtype) * s  # exact difference, one rounding: as Int4Weight.dequantize
         if UPCAST_DOT:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
         elif a.dtype == tl.float32:

@@ -38,7 +38,7 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
                         dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM.
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages, UNPACK) of one int4 GEMM.
 
     ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
     (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
@@ -60,7 +60,8 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: t
     per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
     if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
         return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
-                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1)
+                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1,
+                    UNPACK=0)
     if per_expert <= 8:
         cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
     elif per_expert <= 32:
@@ -82,6 +83,7 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: t
     while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
         split *= 2
     cfg["SPLIT_K"] = split
+    cfg["UNPACK"] = 0  # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py)
     return cfg
 
 
@@ -128,6 +130,10 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             raise ValueError(f"config[{name!r}]={v}: tl.dot tiles must be powers of two >= 16")
     if split < 1:
         raise ValueError(f"SPLIT_K must be >= 1, got {split}")
+    unpack = int(config.get("UNPACK", 0))
+    if unpack not in (0, 1, 2):
+        raise ValueError(f"config['UNPACK']={unpack}: 0 (reshape), 1 (duplicated word loads) or 2 (1 + bit-placement "
+                         "decode); see _int4_moe_gemm_kernel.py")
     if a.dim() != 2 or a.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"a must be a 2-D fp16/bf16/fp32 tensor, got {a.dim()}-D {a.dtype}")
     E, N, K = w.num_experts, w.n, w.k
@@ -218,6 +224,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))) if sorted_mode else 1,
         SORTED=sorted_mode,
+        UNPACK=unpack,
         num_warps=int(config.get("num_warps", 4)),
         num_stages=int(config.get("num_stages", 3)),
     )

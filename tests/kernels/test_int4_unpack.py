@@ -1,0 +1,51 @@
+"""The int4 GEMM's code unpacking modes (config ``UNPACK``: 0 reshape, 1 duplicated word loads,
+2 duplicated loads + bit-placement decode) decode every weight exactly: identity activations make
+each output one dequantised weight, compared bit for bit with ``Int4Weight.dequantize``."""
+import pytest
+import torch
+
+from tests.kernels.test_int4_moe_gemm import _packed
+from tests.quantization.int4_moe_setup import random_int4
+from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, invoke_int4_moe_gemm
+
+
+@pytest.mark.parametrize("unpack", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("has_zeros,group,K,bk", [(True, 16, 48, 32), (False, 32, 64, 64)])
+def test_every_code_decodes_exactly(unpack, dtype, has_zeros, group, K, bk, device):
+    gen = torch.Generator().manual_seed(K + unpack)
+    E, N = 2, 32
+    ws = [random_int4(N, K, group, has_zeros, False, gen) for _ in range(E)]
+    for w in ws:  # every code at every position of a word, and every zero point 0..16
+        w.q.view(-1)[: 16 * 8] = torch.arange(16 * 8, dtype=torch.uint8) // 8
+        if has_zeros:
+            w.zeros.view(-1)[:17] = torch.arange(17, dtype=torch.uint8)
+    pw = _packed(ws, group, has_zeros, False, device)
+    a = torch.eye(K, dtype=dtype, device=device)
+    for e in range(E):
+        ids = torch.full((K, 1), e, dtype=torch.int32, device=device)
+        cfg = dict(get_int4_moe_config(K, E, N, K, group, dtype, sorted_pairs=False), UNPACK=unpack, SPLIT_K=1,
+                   BLOCK_SIZE_K=bk)
+        out = torch.full((K, N), float("nan"), dtype=dtype, device=device)
+        invoke_int4_moe_gemm(a, pw, out, top_k_in=1, config=cfg, pair_expert_ids=ids.reshape(-1).contiguous())
+        want = ws[e].dequantize(dtype).t()
+        assert torch.equal(out.cpu(), want), f"UNPACK {unpack} expert {e}: decoded weights differ"
+
+
+@pytest.mark.parametrize("dtype,magic", [(torch.float16, 0x6400), (torch.bfloat16, 0x4300)])
+def test_bit_placement_constants(dtype, magic):
+    """C | q read as a float is C + q, for every code and every zero point the checkpoints store."""
+    v = torch.arange(0, 17, dtype=torch.int32)
+    placed = (v | magic).to(torch.int16).view(dtype).float()
+    assert torch.equal(placed - placed[0], v.float())
+    placed32 = (v | 0x4B000000).view(torch.float32).double()
+    assert torch.equal(placed32 - placed32[0], v.double())
+
+
+def test_unknown_unpack_mode_is_refused(device):
+    gen = torch.Generator().manual_seed(0)
+    pw = _packed([random_int4(16, 32, 16, True, False, gen)], 16, True, False, device)
+    cfg = dict(get_int4_moe_config(1, 1, 16, 32, 16, torch.float32, sorted_pairs=False), UNPACK=3)
+    with pytest.raises(ValueError, match="UNPACK"):
+        invoke_int4_moe_gemm(torch.randn(1, 32, device=device), pw, torch.empty(1, 16, device=device), top_k_in=1,
+                             config=cfg, pair_expert_ids=torch.zeros(1, dtype=torch.int32, device=device))
