@@ -35,6 +35,9 @@ def main() -> None:
     # word tiles take 4x the shared memory of mode 0's)
     variants = [v + (0, 4) for v in variants] + [(16, 128, 128, 4, False, True, False, False, even, unpack, 2)
                                                  for unpack in (1, 2) for even in (True, False)]
+    # UNPACK 3 (one group per tile: K is a multiple of the tile): with and without zeros, act-order perm
+    variants += [(16, 128, 128, 1, True, True, False, True, True, 3, 4), (16, 64, 256, 4, False, False, False, False,
+                                                                       True, 3, 4)]
     for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even, unpack, stages) in itertools.product(["bf16", "fp16"],
                                                                                                     variants):
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
