@@ -22,7 +22,7 @@ Targets (issue 13): int4 >= 2.5x faster than bf16 at 1-16 tokens, no slower at 2
     --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (exercises the code path only).
     --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
     with alternatives (each checked against the heuristic's output first), among them the heuristic's
-    tiles with each code-unpacking mode (``UNPACK`` 1, 2; their times get columns of their own, see
+    tiles with each code-unpacking mode (``UNPACK`` 0-3; their times get columns of their own, see
     ``_int4_moe_gemm_kernel.py``); --tune-out DIR writes the
     winners as tuned-config files (op ``int4_moe_gemm``) that ``VLLM_TUNED_CONFIG_FOLDER=DIR`` or
     ``vllm/kernel_configs/tuned`` makes the kernel use.
@@ -69,10 +69,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# the heuristic's tiles with another code-unpacking mode; modes 1 and 2 keep [BK, BN] words in shared
-# memory (4x mode 0's), so they are also tried with fewer stages
-UNPACK_VARIANTS = {"UNPACK 1": dict(UNPACK=1, num_stages=2), "UNPACK 2": dict(UNPACK=2, num_stages=2),
-                   "UNPACK 2, 3 stages": dict(UNPACK=2, num_stages=3)}
+# the heuristic's tiles with each code-unpacking mode (the heuristic's own among them); modes 1 and 2
+# keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
+# a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
+UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
+                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3)}
 
 
 def sweep_candidates():
@@ -85,6 +86,11 @@ def sweep_candidates():
         for bn in (64, 128):
             for split in (1, 2, 4, 8):
                 yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=64, SPLIT_K=split, num_stages=3, UNPACK=unpack)
+    for bn in (64, 128, 256):
+        for bk in (128, 256):
+            for split in (1, 2, 4, 8):
+                for stages in (3, 4):
+                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages, UNPACK=3)
 
 
 def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:
