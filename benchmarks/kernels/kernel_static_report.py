@@ -41,8 +41,9 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H
 # name -> (hidden H, intermediate I, experts E, top_k)
 INT4_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2)}
 MXFP4_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880, 128, 4)}
-INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1),
-                 "dup words + magic (UNPACK 2)": dict(UNPACK=2), "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3)}
+INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
+                 "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
+                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3)}
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
                   "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0)}

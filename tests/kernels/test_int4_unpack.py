@@ -71,3 +71,35 @@ def test_unknown_unpack_mode_is_refused(device):
     with pytest.raises(ValueError, match="UNPACK"):
         invoke_int4_moe_gemm(torch.randn(1, 32, device=device), pw, torch.empty(1, 16, device=device), top_k_in=1,
                              config=cfg, pair_expert_ids=torch.zeros(1, dtype=torch.int32, device=device))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("unpack", [0, 1, 2, 3])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpack_modes_on_gpu(unpack, M, dtype):
+    """Qwen3-30B-A3B's GEMM1 (group 128) on the GPU, every mode (1, 2 with two stages: their word tiles
+    are 4x larger) at the heuristic's tiles, with and without split-K, against the fp32 reference."""
+    from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import int4_moe_gemm_reference, use_unsorted_int4_gemm
+    from tests.utils import assert_close
+
+    gen = torch.Generator().manual_seed(M)
+    E, top_k, N, K, group = 128, 8, 1536, 2048, 128
+    ws = [random_int4(N, K, group, True, False, gen) for _ in range(E)]
+    pw = _packed(ws, group, True, False, "cuda")
+    a = torch.randn(M, K, generator=gen).to("cuda", dtype)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(M)]).to("cuda", torch.int32)
+    ref = int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k)
+    unsorted = use_unsorted_int4_gemm(M * top_k, E)
+    base = get_int4_moe_config(M * top_k, E, N, K, group, dtype, sorted_pairs=not unsorted)
+    for split in sorted({1, base["SPLIT_K"]}):
+        cfg = dict(base, UNPACK=unpack, SPLIT_K=split, **({"num_stages": 2} if unpack in (1, 2) else {}))
+        if unsorted:
+            route = dict(pair_expert_ids=ids.reshape(-1).contiguous())
+        else:
+            al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+            route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
+                         num_tokens_post_padded=al.num_tokens_post_padded)
+        out = torch.full((M * top_k, N), float("nan"), dtype=dtype, device="cuda")
+        invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=cfg, **route)
+        assert_close(out.float(), ref, dtype)

@@ -83,3 +83,26 @@ def test_auto_split_k_fills_the_gpu_at_decode():
         _run_kernel(torch.randn(2, 64), torch.zeros(2, 16, 2, 16, dtype=torch.uint8),
                     torch.zeros(2, 16, 2, dtype=torch.uint8), torch.zeros(2, 1, dtype=torch.int32), top_k_in=1,
                     config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=32, SPLIT_K=0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("decode_asm", [1, 0])
+@pytest.mark.parametrize("M", [1, 16])
+def test_split_k_bf16_on_gpu(decode_asm, M):
+    """gpt-oss-20b's GEMM2 (K = 2880: a K-tail) on the GPU with bias and router weights, split 1 / 2 / 4 / auto."""
+    gen = torch.Generator().manual_seed(M)
+    E, top_k, N, K = 32, 4, 2880, 2880
+    blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, generator=gen).cuda()
+    scales = torch.randint(119, 124, (E, N, K // 32), dtype=torch.uint8, generator=gen).cuda()
+    a = torch.randn(M, K, generator=gen).cuda().bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(M)]).to(torch.int32).cuda()
+    b = torch.randn(E, N, generator=gen).cuda().bfloat16()
+    tw = torch.rand(M, top_k, generator=gen).cuda()
+    w = dequantize_mxfp4(blocks, scales)
+    ref = torch.cat([(a.float()[p // top_k][None] @ w[e].t() + b[e].float()) * tw.reshape(-1)[p]
+                     for p, e in enumerate(ids.reshape(-1).tolist())])
+    base = get_mxfp4_moe_config(M * top_k, E, N, K, top_k, torch.bfloat16)
+    for split in (1, 2, 4, auto_split_k(base, M * top_k, E, N, K)):
+        cfg = dict(base, SPLIT_K=split, DECODE_ASM=decode_asm)
+        out = _run_kernel(a, blocks, scales, ids, top_k_in=top_k, bias=b, topk_weights=tw, weighted=True, config=cfg)
+        assert_close(out.float(), ref, torch.bfloat16)
