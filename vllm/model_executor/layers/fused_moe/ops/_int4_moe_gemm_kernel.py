@@ -21,8 +21,9 @@ How the codes are unpacked (``UNPACK``, a config key; the static report
      by code position c instead of reshaped, 8 dots of BK/8 (BLOCK_SIZE_K >= 128) each take code c
      (bit-placed as in 2, no zero point, exact) against activation columns 8j + c, and the tile's
      product becomes the dequantised one afterwards, (a @ q - z * sum(a)) * s per column in fp32: no
-     per-weight arithmetic but the unpacking, no layout conversion of the weight tile through shared
-     memory, and no rounding of dequantised weights (more accurate than 0-2; not bit-identical to them).
+     per-weight arithmetic but the unpacking, code tiles stored to shared memory (for the MMA layout)
+     in vectors rather than one value at a time, and no rounding of dequantised weights (more accurate
+     than 0-2; not bit-identical to them).
 """
 from __future__ import annotations
 
