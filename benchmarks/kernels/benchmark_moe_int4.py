@@ -29,7 +29,9 @@ paths.  The timed graphs include the path (``IN_CUDA_GRAPHS``), as an eager pref
         [--out table.md]
     --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (exercises the code path only).
     --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
-    with alternatives (each checked against the heuristic's output first); --tune-out DIR writes the
+    with alternatives (each checked against the heuristic's output first), among them the heuristic's
+    tiles with each code-unpacking mode (``UNPACK`` 0-3; their times get columns of their own, see
+    ``_int4_moe_gemm_kernel.py``); --tune-out DIR writes the
     winners as tuned-config files (op ``int4_moe_gemm``) that ``VLLM_TUNED_CONFIG_FOLDER=DIR`` or
     ``vllm/kernel_configs/tuned`` makes the kernel use.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -93,12 +96,28 @@ def dequant_stages(q_layer):
     return stages
 
 
+# the heuristic's tiles with each code-unpacking mode (the heuristic's own among them); modes 1 and 2
+# keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
+# a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
+UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
+                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3)}
+
+
 def sweep_candidates():
     for bn in (64, 128, 256):
         for bk in (64, 128, 256):
             for split in (1, 2, 4, 8):
                 for stages in (3, 4):
                     yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages)
+    for unpack in (1, 2):
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8):
+                yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=64, SPLIT_K=split, num_stages=3, UNPACK=unpack)
+    for bn in (64, 128, 256):
+        for bk in (128, 256):
+            for split in (1, 2, 4, 8):
+                for stages in (3, 4):
+                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages, UNPACK=3)
 
 
 def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:
@@ -118,6 +137,7 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
     else:  # --smoke on CPU: exercise the sweep with a few candidates
         timed = lambda fn: lb.time_cpu(fn, 1)[0]  # noqa: E731
         candidates = [dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, SPLIT_K=s, num_stages=1) for s in (1, 2)]
+    variants = {name: (dict(v, num_stages=1) if device.type != "cuda" else v) for name, v in UNPACK_VARIANTS.items()}
     for M in tokens:
         x, _, _, ti, _ = lb.make_inputs(case, M, 1, dtype, device, args.seed)
         pairs, E = M * case.k, case.E
@@ -141,25 +161,32 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
 
             ref = run(base).float().clone()
             t_base = timed(lambda: run(base))
-            best_t, best = t_base, base
-            for cand in candidates:
+            best_t, best, t_var = t_base, base, {}
+
+            def try_config(cand: dict) -> Optional[float]:
                 cfg = dict(base, **cand)
                 if cfg["BLOCK_SIZE_K"] > max(16, w.k) or cfg["BLOCK_SIZE_N"] > max(16, w.n):
-                    continue
+                    return None
                 try:
                     err = lb.norm_err(run(cfg), ref)
                 except Exception as exc:  # e.g. out of shared memory
                     print(f"    skip {cand}: {type(exc).__name__}", flush=True)
-                    continue
+                    return None
                 if err > lb.TOLERANCE[dtype]:
                     sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
-                t = timed(lambda: run(cfg))
-                if t < best_t:
-                    best_t, best = t, cfg
+                return timed(lambda: run(cfg))
+
+            for vname, cand in [*variants.items(), *((None, c) for c in candidates)]:
+                t = try_config(cand)
+                if vname is not None:
+                    t_var[vname] = t
+                if t is not None and t < best_t:
+                    best_t, best = t, dict(base, **cand)
             key = ("int4_moe_gemm", E, w.n, w.k, w.group_size, int(not unsorted))
             tuned.setdefault(key, {})[str(pairs)] = {k: int(v) for k, v in best.items()}
+            var_cols = "".join(f" {t:.1f} |" if t is not None else " - |" for t in t_var.values())
             lines.append(f"| {case.name} | {M} | {name} | {'sorted' if not unsorted else 'unsorted'} | {t_base:.1f} "
-                         f"| {best_t:.1f} | {t_base / best_t:.2f} | `{best}` |")
+                         f"|{var_cols} {best_t:.1f} | {t_base / best_t:.2f} | `{best}` |")
             print(lines[-1], flush=True)
     return lines
 
@@ -385,9 +412,12 @@ def main() -> None:
                            *DEQUANT_HEADER,
                            *dq_lines, ""])
     if sweep_lines:
-        text += "\n".join(["", "### int4 GEMM tiles: heuristic vs the fastest swept", "",
-                           "| shape | tokens | GEMM | routing | heuristic (us) | best (us) | speed-up | best config |",
-                           "|---|---:|---|---|---:|---:|---:|---|", *sweep_lines, ""])
+        text += "\n".join(["", "### int4 GEMM tiles: heuristic vs its unpacking modes vs the fastest swept", "",
+                           "| shape | tokens | GEMM | routing | heuristic (us) |"
+                           + "".join(f" heuristic + {n} (us) |" for n in UNPACK_VARIANTS)
+                           + " best (us) | speed-up | best config |",
+                           "|---|---:|---|---|---:|" + "---:|" * len(UNPACK_VARIANTS) + "---:|---:|---|", *sweep_lines,
+                           ""])
         if args.tune_out:
             write_tuned(tuned, args.tune_out)
     lb.emit(text, args.out)

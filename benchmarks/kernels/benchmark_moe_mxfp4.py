@@ -26,10 +26,15 @@ include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
         [--compare-paths] [--out table.md]
 ``--quick``: T in 1 16 256 4096 and 30 replays.  ``--smoke``: a tiny shape on CPU (interpreter).
 ``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
+``--variants portable split-auto split-2 ...``: also time the MXFP4 base layer with each variant of
+the kernel config (``portable``: DECODE_ASM 0; ``split-N``: SPLIT_K N; ``split-auto``: the SPLIT_K
+of ``auto_split_k``; ``portable+split-auto``: both), correctness-checked first, one column each
+(time and speed-up over the default MXFP4 layer).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -72,9 +77,45 @@ def parse_args() -> argparse.Namespace:
                    help="MXFP4 experts path: the thresholds (auto), the in-register kernel, or dequantise + bf16 GEMM")
     p.add_argument("--compare-paths", action="store_true",
                    help="also time the base call on each forced path and report the crossover")
+    p.add_argument("--variants", nargs="*", default=[], type=_check_variant,
+                   help="kernel config variants timed beside the default: portable, split-N, split-auto, "
+                        "joined with + (e.g. portable+split-auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
+
+
+def _check_variant(name: str) -> str:
+    for part in name.split("+"):
+        if part != "portable" and not (part.startswith("split-") and (part[6:] == "auto" or part[6:].isdigit())):
+            raise argparse.ArgumentTypeError(f"unknown variant {part!r}: portable, split-N or split-auto")
+    return name
+
+
+@contextlib.contextmanager
+def config_variant(name: str):
+    """Within the block, the MXFP4 experts' GEMMs run the kernel config variant ``name`` (see --variants)."""
+    from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm as mod
+
+    parts = name.split("+")
+    orig = mod.get_mxfp4_moe_config
+
+    def patched(num_pairs, num_experts, N, K, top_k, dtype):
+        cfg = orig(num_pairs, num_experts, N, K, top_k, dtype)
+        for part in parts:
+            if part == "portable":
+                cfg["DECODE_ASM"] = 0
+            elif part == "split-auto":
+                cfg["SPLIT_K"] = mod.auto_split_k(cfg, num_pairs, num_experts, N, K)
+            else:
+                cfg["SPLIT_K"] = int(part[6:])
+        return cfg
+
+    mod.get_mxfp4_moe_config = patched
+    try:
+        yield
+    finally:
+        mod.get_mxfp4_moe_config = orig
 
 
 @dataclass
@@ -209,13 +250,22 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
     if args.compare_paths:  # each MXFP4 fn sets its path: the order does not matter
         fns.update(kernel=on_path("kernel", base), dequant=on_path("dequant", base))
     t, graphs = {}, []
+    timer = (lambda fn: time_cuda(fn, flush, args.reps, not args.no_graph)) if device.type == "cuda" \
+        else (lambda fn: time_cpu(fn, args.reps))
     for key, fn in fns.items():
-        us, graph, note = (time_cuda(fn, flush, args.reps, not args.no_graph) if device.type == "cuda"
-                           else time_cpu(fn, args.reps))
+        us, graph, note = timer(fn)
         t[key] = us
         graphs.append(graph)
         if note:
             print(f"    note ({key}): {note}")
+    variants = {}
+    for name in args.variants:
+        with config_variant(name):
+            ref = reference(L, x, tw, ti, slots, False)
+            err = norm_err(fns["mx"](), ref)
+            if not err < (TOL if dtype == torch.bfloat16 else 1e-2):
+                sys.exit(f"CORRECTNESS FAILED: variant {name} at {M} tokens: error {err:.2e}")
+            variants[name] = timer(fns["mx"])[0]
     D = int(torch.unique(ti).numel())
     w = D * 3 * L.H * L.I
     mx_bytes = w * 17 // 32 + D * (3 * L.I) * x.element_size()  # codes + scales + biases
@@ -224,17 +274,20 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
                 speedup=t["bf16"] / t["mx"], ratio=t["mx_lora"] / t["mx"], mx_gbs=mx_bytes / (t["mx"] * 1e-6) / 1e9,
                 bf_gbs=bf_bytes / (t["bf16"] * 1e-6) / 1e9, roof=100 * (mx_bytes / peak * 1e6) / t["mx"],
                 graph="yes" if all(graphs) else "no", pairs_per_expert=M * L.k / L.E, kernel=t.get("kernel"),
-                dequant=t.get("dequant"))
+                dequant=t.get("dequant"), variants=variants)
 
 
 def table(rows: list[dict], gpu: str) -> str:
+    names = list(rows[0]["variants"]) if rows else []
     lines = ["| shape | tokens | experts | bf16 base (us) | MXFP4 base (us) | bf16 / MXFP4 | MXFP4 + LoRA (us) "
-             "| LoRA / base | MXFP4 GB/s | bf16 GB/s | MXFP4 % of roofline | graph | GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| LoRA / base | MXFP4 GB/s | bf16 GB/s | MXFP4 % of roofline | graph | GPU |"
+             + "".join(f" {n} (us, speed-up) |" for n in names),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|" + "---:|" * len(names)]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['experts']} | {r['bf16']:.1f} | {r['mx']:.1f} "
                      f"| {r['speedup']:.2f} | {r['mx_lora']:.1f} | {r['ratio']:.2f} | {r['mx_gbs']:.4g} "
-                     f"| {r['bf_gbs']:.4g} | {r['roof']:.0f} % | {r['graph']} | {gpu} |")
+                     f"| {r['bf_gbs']:.4g} | {r['roof']:.0f} % | {r['graph']} | {gpu} |"
+                     + "".join(f" {r['variants'][n]:.1f} ({r['mx'] / r['variants'][n]:.2f}x) |" for n in names))
     return "\n".join(lines)
 
 

@@ -31,15 +31,23 @@ def main() -> None:
     # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, sorted, zeros, g_idx, perm, even K): the configs the heuristic gives
     variants = [(16, 128, 128, 4, False, True, False, False, True), (16, 64, 128, 8, True, False, False, True, True),
                 (64, 128, 64, 1, True, True, True, True, False), (128, 128, 64, 1, True, False, False, False, True)]
-    for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even) in itertools.product(["bf16", "fp16"], variants):
+    # the UNPACK modes (0 = the default reshape) at the decode tiles, 1 and 2 with two stages (their [BK, BN]
+    # word tiles take 4x the shared memory of mode 0's)
+    variants = [v + (0, 4) for v in variants] + [(16, 128, 128, 4, False, True, False, False, even, unpack, 2)
+                                                 for unpack in (1, 2) for even in (True, False)]
+    # UNPACK 3 (one group per tile: K is a multiple of the tile): with and without zeros, act-order perm
+    variants += [(16, 128, 128, 1, True, True, False, True, True, 3, 4), (16, 64, 256, 4, False, False, False, False,
+                                                                       True, 3, 4)]
+    for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even, unpack, stages) in itertools.product(["bf16", "fp16"],
+                                                                                                    variants):
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
                 "out_ptr": "fp32" if split > 1 else dtype, "topk_weights_ptr": "fp32",
                 "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
         cexp = dict(GROUP_SIZE=128, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
                     UPCAST_DOT=False, EVEN_K=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-                    GROUP_SIZE_M=8 if srt else 1, SORTED=srt)
-        compile_kernel(_int4_moe_gemm_kernel, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=4)
-        print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt}", flush=True)
+                    GROUP_SIZE_M=8 if srt else 1, SORTED=srt, UNPACK=unpack)
+        compile_kernel(_int4_moe_gemm_kernel, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=stages)
+        print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt} unpack {unpack}", flush=True)
     for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):
         compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype},
                        dict(SPLIT_K=4, ROWS=rows, ACT=act, BLOCK=1024), num_warps=4)

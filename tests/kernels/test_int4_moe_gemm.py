@@ -49,14 +49,18 @@ CASES = [
     (7, 2, 4, 40, 64, 32, True, True, False, 1, None),  # act-order: perm, plain groups after the sort
     (7, 2, 4, 40, 64, 16, False, True, True, 2, 16),  # act-order with uneven groups (a TP slice): g_idx kept
     (6, 2, 4, 32, 128, 32, True, False, False, 4, 16),  # split-K
+    # one scale group per 128-wide K-tile (where UNPACK 3 runs; elsewhere it runs 0)
+    (5, 2, 4, 32, 256, 128, True, True, False, 2, 128),  # act-order (perm), zero points, split-K
+    (4, 2, 4, 48, 384, 128, False, False, False, 1, 128),  # symmetric, an N tail
 ]
 
 
+@pytest.mark.parametrize("unpack", [0, 1, 2, 3])
 @pytest.mark.parametrize("routing", ["sorted", "unsorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
 def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split,
-                                                 bk, dtype, routing, device):
+                                                 bk, dtype, routing, unpack, device):
     gen = torch.Generator().manual_seed(rows * 7 + K)
     ws = [random_int4(N, K, group, has_zeros, act_order, gen) for _ in range(E)]
     if general:  # a TP slice of an act-order w2: every channel's group drawn at random (uneven groups)
@@ -70,7 +74,7 @@ def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, ha
     ids[ids == 1] = 0  # expert 1 gets no pair
     tw = torch.rand(rows, top_k, generator=gen).to(device)
     cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype, sorted_pairs=routing == "sorted")
-    cfg["SPLIT_K"] = split
+    cfg["SPLIT_K"], cfg["UNPACK"] = split, unpack
     if bk:
         cfg["BLOCK_SIZE_K"] = bk
     if routing == "sorted":
@@ -127,7 +131,7 @@ def test_kernels_compile_for_hopper():
     proc = subprocess.run([sys.executable, os.path.join(root, "tests", "kernels", "int4_hopper_compile.py")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 18
+    assert proc.stdout.count("ok ") == 30
 
 
 @pytest.mark.parametrize("epilogue", ["silu", "gelu", "silu_no_mul", "gelu_no_mul", "relu2_no_mul", "top_k"])

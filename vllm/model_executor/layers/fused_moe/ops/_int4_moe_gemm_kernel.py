@@ -8,6 +8,22 @@ BLOCK_SIZE_N] int32 words holding its codes once (rows along N, coalesced), unpa
 registers to [BLOCK_SIZE_K, BLOCK_SIZE_N], loads one scale row per group (one row per tile when
 the group spans the tile), and dequantises: w = (q - z) * s, one rounding, in the activation
 dtype, before the dot.  ``_split_k_reduce_kernel`` adds the K-splits' fp32 partial sums.
+
+How the codes are unpacked (``UNPACK``, a config key; the static report
+``benchmarks/kernels/kernel_static_report.py`` counts what each costs on sm_90):
+  0: the [BK/8, BN] words once, shifted along a third axis of 8 and reshaped to [BK, BN];
+  1: the [BK, BN] tile of words directly, each word loaded for its 8 K-rows (the same addresses:
+     one memory transaction, cached), row k shifted by (k % 8) * 4: no reshape;
+  2: as 1, and each code turned into a float by placing its bits in the mantissa of a constant
+     (fp16 1024 + q, bf16 128 + q, fp32 2^23 + q; exact), so that w = ((C + q) - (C + z)) * s needs
+     no integer -> float conversion (a multi-function-unit instruction) per weight;
+  3: one scale group per K-tile (the launcher checks; else it runs 0): the [BK/8, BN] words are split
+     by code position c instead of reshaped, 8 dots of BK/8 (BLOCK_SIZE_K >= 128) each take code c
+     (bit-placed as in 2, no zero point, exact) against activation columns 8j + c, and the tile's
+     product becomes the dequantised one afterwards, (a @ q - z * sum(a)) * s per column in fp32: no
+     per-weight arithmetic but the unpacking, code tiles stored to shared memory (for the MMA layout)
+     in vectors rather than one value at a time, and no rounding of dequantised weights (more accurate
+     than 0-2; not bit-identical to them).
 """
 from __future__ import annotations
 
@@ -15,6 +31,18 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+
+
+@triton.jit
+def _int4_magic(q, dtype: tl.constexpr):
+    """int32 codes 0..15 (and zero points: below 1024 / 128 / 2^23) -> C + q in ``dtype``, exact, by bit
+    placement: fp16 0x6400 | q = 1024 + q, bf16 0x4300 | q = 128 + q, fp32 0x4B000000 | q = 2^23 + q."""
+    if dtype == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif dtype == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -60,6 +88,7 @@ def _int4_moe_gemm_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
+    UNPACK: tl.constexpr = 0,  # see the module docstring
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -113,35 +142,80 @@ def _int4_moe_gemm_kernel(
         else:
             k_ok = kk < K
         kk = tl.where(k_ok, kk, 0)
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + expert * stride_pe + kk)
+        if UNPACK == 3:  # 8 dots of BK/8: code c of word j (row 8j + c) against activation column 8j + c
+            kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+            if EVEN_K:
+                words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
+            else:
+                words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
+            zero_code = _int4_magic(tl.zeros((1, BLOCK_SIZE_N), tl.int32), a_ptr.dtype.element_ty)
+            part = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+            a_part = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_K // 8), dtype=tl.float32)  # summed over K once per tile
+            for c in tl.static_range(8):
+                kc = kw * 8 + c
+                kc_ok = kc < K
+                kc = tl.where(kc_ok, kc, 0)
+                if HAS_PERM:
+                    cols_c = tl.load(perm_ptr + expert * stride_pe + kc)
+                else:
+                    cols_c = kc
+                a_c = tl.load(a_rows[:, None] + cols_c[None, :] * stride_ak, mask=kc_ok[None, :], other=0.0)
+                v = _int4_magic((words >> (4 * c)) & 0xF, a_c.dtype) - zero_code  # the codes, exact
+                if UPCAST_DOT:
+                    part += tl.dot(a_c.to(tl.float32), v.to(tl.float32))
+                elif a_c.dtype == tl.float32:
+                    part += tl.dot(a_c, v, input_precision="ieee")
+                else:
+                    part = tl.dot(a_c, v, part)
+                a_part += a_c.to(tl.float32)
+            g = (kt * BLOCK_SIZE_K) // GROUP_SIZE
+            s = tl.load(s_cols[None, :] + g * stride_sg).to(a_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_cols[None, :] + g * stride_zg).to(tl.float32)
+            else:
+                z = 8.0
+            acc += (part - z * tl.sum(a_part, axis=1)[:, None]) * s
         else:
-            cols = kk
-        a = tl.load(a_rows[:, None] + cols[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
-        kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
-        if EVEN_K:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
-        else:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
-        q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
-        if HAS_G_IDX:
-            g = tl.load(g_ptr + expert * stride_pe + kk)[:, None]
-        elif GROUP_SIZE % BLOCK_SIZE_K == 0:
-            g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale row
-        else:
-            g = (kk // GROUP_SIZE)[:, None]
-        s = tl.load(s_cols[None, :] + g * stride_sg).to(a.dtype)
-        if HAS_ZEROS:
-            z = tl.load(z_cols[None, :] + g * stride_zg).to(tl.int32)
-        else:
-            z = 8
-        w = (q - z).to(a.dtype) * s  # exact difference, one rounding: as Int4Weight.dequantize
-        if UPCAST_DOT:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        elif a.dtype == tl.float32:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + expert * stride_pe + kk)
+            else:
+                cols = kk
+            a = tl.load(a_rows[:, None] + cols[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+            if UNPACK == 0:
+                kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+                if EVEN_K:
+                    words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk)  # [BK/8, BN], one load per word
+                else:
+                    words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < K // 8)[:, None], other=0)
+                q = tl.reshape((words[:, None, :] >> shifts) & 0xF, (BLOCK_SIZE_K, BLOCK_SIZE_N))  # row 8j + c
+            else:  # [BK, BN] words: row k reads word k // 8 (8 rows share each address), shifted by (k % 8) * 4
+                kw_rows = kt * (BLOCK_SIZE_K // 8) + offs_k // 8
+                if EVEN_K:
+                    word_rows = tl.load(qw_cols[None, :] + kw_rows[:, None] * stride_qk)
+                else:
+                    word_rows = tl.load(qw_cols[None, :] + kw_rows[:, None] * stride_qk, mask=k_ok[:, None], other=0)
+                q = (word_rows >> ((offs_k % 8) * 4)[:, None]) & 0xF
+            if HAS_G_IDX:
+                g = tl.load(g_ptr + expert * stride_pe + kk)[:, None]
+            elif GROUP_SIZE % BLOCK_SIZE_K == 0:
+                g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale row
+            else:
+                g = (kk // GROUP_SIZE)[:, None]
+            s = tl.load(s_cols[None, :] + g * stride_sg).to(a.dtype)
+            if HAS_ZEROS:
+                z = tl.load(z_cols[None, :] + g * stride_zg).to(tl.int32)
+            else:
+                z = tl.full((1, BLOCK_SIZE_N), 8, tl.int32)  # a tensor: _int4_magic takes tensors
+            if UNPACK == 2:
+                w = (_int4_magic(q, a.dtype) - _int4_magic(z, a.dtype)) * s  # (C + q) - (C + z) exact, one rounding
+            else:
+                w = (q - z).to(a.dtype) * s  # exact difference, one rounding: as Int4Weight.dequantize
+            if UPCAST_DOT:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            elif a.dtype == tl.float32:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
 
     if MUL_ROUTED_WEIGHT:
         gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)

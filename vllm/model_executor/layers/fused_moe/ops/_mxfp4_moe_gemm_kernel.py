@@ -7,6 +7,12 @@ scales (each broadcast over its 16 bytes), decodes them in registers and splits 
 step into two dots: the even K elements (low nibbles) against the even activation
 columns, the odd ones (high nibbles) against the odd columns (one contiguous activation
 load, split in registers).  No dequantised weight ever reaches memory.
+
+Split-K (``SPLIT_K > 1``, for decode, where few experts give few tiles): program (pid, s) walks
+the s-th share of the K-tiles and stores its fp32 partial tile, without bias or router weight,
+into ``out_ptr`` = part[s, pair, n]; ``_mxfp4_split_k_reduce_kernel`` then walks the same
+blocks, adds the shares of each routed pair, the bias and the router weight, and stores the
+row (rows of pairs in no block are left untouched, as without split-K).
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ def _mxfp4_moe_gemm_kernel(
     a_ptr,  # [num_rows, K] fp16 / bf16 / fp32
     wq_ptr,  # [E_local, N, K // 2] uint8 codes (the blocks, flattened per row)
     ws_ptr,  # [E_local, N, K // 32] uint8 e8m0 scales
-    out_ptr,  # [num_pairs, N] (any strides)
+    out_ptr,  # [num_pairs, N] (any strides), or fp32 [SPLIT_K, num_pairs, N] partial sums when SPLIT_K > 1
     bias_ptr,  # [E_local, N] or a dummy pointer when HAS_BIAS is False
     topk_weights_ptr,  # [num_pairs] or a dummy pointer when MUL_ROUTED_WEIGHT is False
     sorted_token_ids_ptr,  # [EM] int32, flat pair ids, sentinel = num_pairs
@@ -92,6 +98,7 @@ def _mxfp4_moe_gemm_kernel(
     stride_qn,
     stride_se,
     stride_sn,
+    stride_os,  # split stride of the partial sums (SPLIT_K > 1)
     stride_om,
     stride_on,
     stride_be,
@@ -105,8 +112,10 @@ def _mxfp4_moe_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
     GROUP_SIZE_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
     pids_per_group = GROUP_SIZE_M * num_pid_n
     group = pid // pids_per_group
@@ -141,8 +150,15 @@ def _mxfp4_moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak  # [BM, BK]: one contiguous load, split into even / odd
 
+    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
+    q_ptrs += k_first * HALF_K
+    s_ptrs += k_first * GROUPS
+    a_ptrs += k_first * BLOCK_SIZE_K * stride_ak
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+    for k in range(k_first, k_last):
         if EVEN_K:
             q = tl.load(q_ptrs)
             s = tl.load(s_ptrs).to(tl.int32)
@@ -180,12 +196,63 @@ def _mxfp4_moe_gemm_kernel(
         s_ptrs += GROUPS
         a_ptrs += BLOCK_SIZE_K * stride_ak
 
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K > 1:  # fp32 share; the reduction adds the shares, the bias and the router weight
+        tl.store(out_ptrs + pid_k.to(tl.int64) * stride_os, acc, mask=pair_ok[:, None] & n_ok[None, :])
+    else:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if MUL_ROUTED_WEIGHT:
+            gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
+            acc *= gate.to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _mxfp4_split_k_reduce_kernel(
+    part_ptr,  # fp32 [SPLIT_K, num_pairs, N], contiguous
+    out_ptr,  # [num_pairs, N] (any strides)
+    bias_ptr,  # [E_local, N] or a dummy pointer when HAS_BIAS is False
+    topk_weights_ptr,  # [num_pairs] or a dummy pointer when MUL_ROUTED_WEIGHT is False
+    sorted_token_ids_ptr,
+    block_expert_ids_ptr,
+    num_tokens_post_padded_ptr,
+    N,
+    num_pairs,
+    stride_om,
+    stride_on,
+    stride_be,
+    stride_bn,
+    HAS_BIAS: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[p] = (sum_s part[s, p] + bias[e]) * weight_p for the pairs p of block program_id(0)."""
+    pid_m = tl.program_id(0)
+    if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pair = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M))
+    pair_ok = pair < num_pairs
+    pair = tl.where(pair_ok, pair, 0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = pair_ok[:, None] & n_ok[None, :]
+    part = part_ptr + pair[:, None] * N + offs_n[None, :]
+    split_stride = num_pairs.to(tl.int64) * N
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part + s * split_stride, mask=mask, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if MUL_ROUTED_WEIGHT:
         gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
         acc *= gate.to(tl.float32)[:, None]
-
-    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask)

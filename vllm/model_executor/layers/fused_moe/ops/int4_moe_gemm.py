@@ -38,12 +38,12 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
                         dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages) of one int4 GEMM.
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages, UNPACK) of one int4 GEMM.
 
     ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
     (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
     table keyed by the routed pair count M * top_k) overrides the heuristic's entries."""
-    cfg = _heuristic_config(num_pairs, num_experts, N, K, dtype, sorted_pairs)
+    cfg = _heuristic_config(num_pairs, num_experts, N, K, group_size, dtype, sorted_pairs)
     if not triton_interpreting():
         from vllm.kernel_configs import lookup_tuned_config
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
@@ -55,12 +55,13 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
     return cfg
 
 
-def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.dtype,
+def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int, dtype: torch.dtype,
                       sorted_pairs: bool) -> dict[str, Any]:
     per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
     if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
         return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
-                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1)
+                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1,
+                    UNPACK=0)
     if per_expert <= 8:
         cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
     elif per_expert <= 32:
@@ -82,7 +83,20 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: t
     while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
         split *= 2
     cfg["SPLIT_K"] = split
+    # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py).  3 where the static report
+    # (benchmarks/kernels/kernel_static_report.py) shows >= 30 % fewer main-loop instructions per
+    # weight on sm_90 (and no int->float conversions): the unsplit decode tiles; split tiles (-29 %)
+    # keep 0 until timed (benchmark_moe_int4.py --sweep times every mode).
+    decode_tile = cfg["BLOCK_SIZE_K"] >= 128 and group_size > 0 and group_size % cfg["BLOCK_SIZE_K"] == 0
+    cfg["UNPACK"] = 3 if decode_tile and split == 1 else 0
     return cfg
+
+
+def unpack3_applies(w: Int4PackedWeight, block_k: int) -> bool:
+    """Whether ``UNPACK`` 3 can run: one scale group per K-tile (the group size a multiple of
+    BLOCK_SIZE_K, no per-channel g_idx) and 8 dots of at least 16 (BLOCK_SIZE_K >= 128).  The
+    launcher runs ``UNPACK`` 0 where it cannot, so that one config serves every weight of a shape."""
+    return w.g_idx is None and w.group_size % block_k == 0 and block_k >= 128
 
 
 def can_fuse_epilogue(config: dict, activation: Optional[MoEActivation] = None) -> bool:
@@ -128,6 +142,12 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             raise ValueError(f"config[{name!r}]={v}: tl.dot tiles must be powers of two >= 16")
     if split < 1:
         raise ValueError(f"SPLIT_K must be >= 1, got {split}")
+    unpack = int(config.get("UNPACK", 0))
+    if unpack not in (0, 1, 2, 3):
+        raise ValueError(f"config['UNPACK']={unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
+                         "decode) or 3 (split by code position, scales after the dot); see _int4_moe_gemm_kernel.py")
+    if unpack == 3 and not unpack3_applies(w, bk):
+        unpack = 0  # documented: 3 needs one scale group per K-tile and BLOCK_SIZE_K >= 128
     if a.dim() != 2 or a.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"a must be a 2-D fp16/bf16/fp32 tensor, got {a.dim()}-D {a.dtype}")
     E, N, K = w.num_experts, w.n, w.k
@@ -218,6 +238,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))) if sorted_mode else 1,
         SORTED=sorted_mode,
+        UNPACK=unpack,
         num_warps=int(config.get("num_warps", 4)),
         num_stages=int(config.get("num_stages", 3)),
     )

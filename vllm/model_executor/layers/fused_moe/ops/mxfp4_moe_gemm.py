@@ -12,6 +12,11 @@ blocks uint8 [E_local, N, K/32, 16] (or its view [E_local, N, K/2]), scales uint
 Tiles: decode (few pairs per expert) takes BLOCK_SIZE_M 16 and narrow N tiles so
 that one token's handful of experts still spreads over the SMs; the weight bytes
 are read once per M-block, so larger batches take taller M-blocks.
+
+Split-K (config ``SPLIT_K`` > 1; 1 unless a tuned file says otherwise, ``auto_split_k`` gives
+the value that fills the GPU twice): the K loop is shared by SPLIT_K programs writing fp32
+partial sums (``split_buffer``, or a fresh tensor), and one reduction launch adds them with the
+bias and the router weight.  Graph-safe: no host reads of device values.
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "DECODE_ASM")
+_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "DECODE_ASM",
+                "SPLIT_K")
+_NUM_SMS = 132  # H100 SXM and H200
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -44,7 +51,7 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
     if interp:  # few, large programs: the interpreter pays per program and per loop step
         bm = _pow2_at_least(num_pairs, 16, 64)
         return dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
-                    BLOCK_SIZE_K=_pow2_at_least(K, 32, 256), GROUP_SIZE_M=1, num_warps=4, num_stages=1)
+                    BLOCK_SIZE_K=_pow2_at_least(K, 32, 256), GROUP_SIZE_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
     per_expert = num_pairs / max(1, min(num_pairs, num_experts))
     if per_expert <= 16:
         cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
@@ -56,6 +63,7 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
         cfg["BLOCK_SIZE_K"] = 64
     cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
     cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 32, 256))
+    cfg["SPLIT_K"] = 1
     tuned = lookup_tuned_config("mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
                                 max(num_pairs // max(top_k, 1), 1), current_platform().device_name())
     if tuned:
@@ -63,8 +71,20 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
     return cfg
 
 
+def auto_split_k(config: dict, num_pairs: int, num_experts: int, N: int, K: int, max_split: int = 8) -> int:
+    """The SPLIT_K that lets the grid cover the GPU's SMs about twice (at most ``max_split``, and
+    at least two K-tiles per split): the decode setting ``--split-k auto`` of the benchmark times."""
+    bm, bn, bk = (int(config[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
+    tiles = (-(-num_pairs // bm) + min(num_pairs, num_experts)) * -(-N // bn)
+    k_tiles = -(-K // bk)
+    split = 1
+    while tiles * split < 2 * _NUM_SMS and split * 2 <= min(max_split, k_tiles // 2):
+        split *= 2
+    return split
+
+
 def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype) -> dict:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages; a fresh dict): a tuned
+    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages, SPLIT_K; a fresh dict): a tuned
     file (op ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic.
 
     BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``; BLOCK_SIZE_K must be a
@@ -104,19 +124,28 @@ def invoke_mxfp4_moe_gemm(
     mul_routed_weight: bool = False,
     bias: Optional[torch.Tensor] = None,
     config: dict,
+    split_buffer: Optional[torch.Tensor] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ W[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
     a: [num_rows, K] fp16/bf16/fp32.  blocks: uint8 [E_local, N, K/32, 16] or [E_local, N, K/2];
     scales: uint8 [E_local, N, K/32].  Everything else as ``invoke_fused_moe_gemm``.
+    ``config["SPLIT_K"] > 1``: fp32 partial sums in ``split_buffer`` (at least SPLIT_K * num_pairs * N
+    float32 elements; allocated if None), added by a second launch.
     """
-    from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _mxfp4_moe_gemm_kernel
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import (
+        _mxfp4_moe_gemm_kernel,
+        _mxfp4_split_k_reduce_kernel,
+    )
 
     q = as_packed_rows(blocks)
     bm, bn, bk = (int(config[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
     if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
         raise ValueError(f"config tiles {bm}x{bn}x{bk}: BLOCK_SIZE_M/N must be powers of two >= 16, "
                          "BLOCK_SIZE_K a power of two >= 32")
+    split = int(config.get("SPLIT_K", 1))
+    if split < 1:
+        raise ValueError(f"config['SPLIT_K'] must be >= 1, got {split}")
     if a.dim() != 2 or out.dim() != 2:
         raise ValueError(f"expected a and out 2-D, got {a.dim()} and {out.dim()}")
     if a.dtype not in _FLOAT_DTYPES or out.dtype not in _FLOAT_DTYPES:
@@ -140,14 +169,22 @@ def invoke_mxfp4_moe_gemm(
     weights = topk_weights.reshape(-1) if mul_routed_weight else out
     bias_arg = bias if bias is not None else out
     num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
-    grid = (num_pid_m * -(-N // bn),)
+    if split > 1:
+        need = split * num_pairs * N
+        if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32 \
+                or split_buffer.device != out.device or not split_buffer.is_contiguous():
+            split_buffer = torch.empty(need, dtype=torch.float32, device=out.device)
+        target, t_strides = split_buffer, (num_pairs * N, N, 1)  # part[s, pair, n], contiguous
+    else:
+        target, t_strides = out, (0, out.stride(0), out.stride(1))
+    grid = (num_pid_m * -(-N // bn), split)
     _mxfp4_moe_gemm_kernel[grid](
-        a, q, scales, out, bias_arg, weights,
+        a, q, scales, target, bias_arg, weights,
         sorted_token_ids, block_expert_ids, num_tokens_post_padded,
         N, K, num_pid_m, num_pairs, top_k_in,
         a.stride(0), a.stride(1),
         q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1),
+        *t_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
@@ -156,9 +193,18 @@ def invoke_mxfp4_moe_gemm(
         EVEN_K=K % bk == 0,
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
+        SPLIT_K=split,
         num_warps=int(config.get("num_warps", 4)),
         num_stages=int(config.get("num_stages", 3)),
     )
+    if split > 1:  # one launch over the same blocks: shares + bias, times the router weight, into out
+        block_n = 128
+        _mxfp4_split_k_reduce_kernel[(num_pid_m, -(-N // block_n))](
+            target, out, bias_arg, weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+            N, num_pairs, out.stride(0), out.stride(1),
+            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+            HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, SPLIT_K=split, BLOCK_SIZE_M=bm,
+            BLOCK_N=block_n, num_warps=4)
 
 
 def mxfp4_moe_gemm_torch(out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,

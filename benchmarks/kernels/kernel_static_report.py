@@ -1,0 +1,315 @@
+"""Static report of the 4-bit expert GEMM kernels compiled for an H100 / H200 (sm_90), no GPU needed.
+
+Per variant (int4 ``UNPACK`` modes, MXFP4 decodes and split-K) at the decode configs the heuristics
+give for the layer shapes of issues 12 and 13: registers, spilled bytes, shared memory, and the main
+K loop read from the SASS (``nvdisasm`` from Triton's bundled CUDA tools; PTX if it is missing):
+instructions per weight element decoded (per thread: loop instructions / (BLOCK_K * BLOCK_N / threads)),
+of which integer->float conversions (I2F / F2F: multi-function unit, 1/8 of the ALU rate) and shared
+stores (layout conversions), and whether the loop is pipelined (cp.async = LDGSTS in the loop).
+
+Arguments are specialised as at run time (16-byte aligned pointers; an int equal to 1 is a constant;
+an int divisible by 16 is marked so), from the shapes' real strides.  Run without TRITON_INTERPRET:
+
+    PYTHONPATH=. python benchmarks/kernels/kernel_static_report.py [--kernels int4 mxfp4] [--tokens 1 16]
+        [--dtype bf16] [--shapes NAME ...] [--variants NAME ...] [--out report.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET (the interpreter replaces the compiler)")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
+# name -> (hidden H, intermediate I, experts E, top_k)
+INT4_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2)}
+MXFP4_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880, 128, 4)}
+INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
+                 "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
+                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3)}
+# no SPLIT_K in a variant: auto_split_k's value
+MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
+                  "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0)}
+_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_MMA = ("HMMA", "HGMMA")
+_CONVERT = ("I2F", "F2F", "I2FP", "F2FP")
+
+
+@dataclass
+class LoopStats:
+    source: str  # "sass" or "ptx"
+    instructions: int
+    per_weight: float
+    converts_per_weight: float
+    shared_stores_per_weight: float
+    pipelined: bool
+
+
+def _bin_dir() -> str:
+    import triton.backends.nvidia as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin")
+
+
+def _specialise(fn, pointers: dict[str, str], constexprs: dict[str, Any], ints: dict[str, int]) -> ASTSource:
+    """An ASTSource as the JIT would build it for these argument values."""
+    cexp = dict(constexprs)
+    cexp.update({n: 1 for n, v in ints.items() if v == 1})
+    sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
+    div16 = set(pointers) | {n for n, v in ints.items() if v != 1 and v % 16 == 0}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    return ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)
+
+
+def _sass(cubin: bytes) -> Optional[str]:
+    tool = os.path.join(_bin_dir(), "nvdisasm")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([tool, "-c", f.name], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
+    """(registers, local-memory bytes: spills) from ``cuobjdump -res-usage``."""
+    tool = os.path.join(_bin_dir(), "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    reg, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
+    return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
+
+
+def _sass_loops(sass: str) -> list[list[str]]:
+    """Opcodes of each loop body (a label up to a later branch back to it), outermost spans included."""
+    ops: list[tuple[Optional[str], str]] = []  # (label defined here, opcode) in order
+    pending = None
+    for line in sass.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            pending = m.group(1)
+            continue
+        m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)$", line)
+        if m:
+            ops.append((pending, m.group(1) + m.group(2)))
+            pending = None
+    where = {lab: i for i, (lab, _) in enumerate(ops) if lab}
+    loops = []
+    for i, (_, text) in enumerate(ops):
+        m = re.match(r"BRA\S*\s+`?\(?(\.L_x_\d+)", text)
+        if m and m.group(1) in where and where[m.group(1)] <= i:
+            loops.append([t.split()[0] for _, t in ops[where[m.group(1)]: i + 1]])
+    return loops
+
+
+def _ptx_loops(ptx: str) -> list[list[str]]:
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\$L__BB\w+:$", ln)}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = re.match(r"^(?:@%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\w+);", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = [x.split()[0] for x in lines[labels[m.group(1)]: i + 1]
+                    if x and not x.startswith(("$", "//", ".", "{", "}"))]
+            loops.append(body)
+    return loops
+
+
+def main_loop_stats(kernel, weights_per_iter: int, num_warps: int) -> LoopStats:
+    """The K loop: the longest loop that holds a matrix-multiply instruction."""
+    sass = _sass(kernel.asm["cubin"])
+    if sass is not None:
+        source, loops = "sass", _sass_loops(sass)
+        is_mma = lambda op: op.startswith(_MMA)  # noqa: E731
+        is_conv = lambda op: op.startswith(_CONVERT)  # noqa: E731
+        is_sts = lambda op: op.startswith("STS")  # noqa: E731
+        is_async = lambda op: op.startswith(("LDGSTS", "UTMALDG"))  # noqa: E731
+    else:
+        source, loops = "ptx", _ptx_loops(kernel.asm["ptx"])
+        is_mma = lambda op: op.startswith(("mma", "wgmma"))  # noqa: E731
+        is_conv = lambda op: op.startswith("cvt") and ".f" in op  # noqa: E731
+        is_sts = lambda op: op.startswith("st.shared")  # noqa: E731
+        is_async = lambda op: op.startswith(("cp.async", "cp.async.bulk"))  # noqa: E731
+    body = max((lp for lp in loops if any(is_mma(op) for op in lp)), key=len, default=[])
+    per_thread = weights_per_iter / (32 * num_warps)
+    return LoopStats(source, len(body), len(body) / per_thread, sum(map(is_conv, body)) / per_thread,
+                     sum(map(is_sts, body)) / per_thread, any(map(is_async, body)))
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    tokens: int
+    gemm: str
+    variant: str
+    tiles: str
+    regs: Optional[int]
+    spill: Optional[int]
+    shared: int
+    loop: LoopStats
+
+
+def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
+                 zeros: bool = True, group: int = 128):
+    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _int4_moe_gemm_kernel as fn
+
+    dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
+    ptrs = {"a_ptr": dt, "qw_ptr": "i32", "s_ptr": dt, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
+            "out_ptr": "fp32" if split > 1 else dt, "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32",
+            "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
+    G = K // group
+    ints = dict(stride_am=K, stride_ak=1, stride_qe=K // 8 * N, stride_qk=N, stride_se=G * N, stride_sg=N,
+                stride_ze=G * N, stride_zg=N, stride_pe=K, stride_os=num_pairs * N, stride_om=N, stride_on=1,
+                N=N, K=K)
+    cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
+                UPCAST_DOT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split,
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
+                GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))) if sorted_pairs else 1, SORTED=sorted_pairs,
+                UNPACK=int(cfg.get("UNPACK", 0)))
+    src = _specialise(fn, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
+                                                           num_stages=int(cfg.get("num_stages", 3))))
+
+
+def compile_mxfp4_reduce(dtype: torch.dtype, split: int, block_m: int, N: int):
+    """The split-K reduction of the MXFP4 GEMM (bias and router weight on)."""
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _mxfp4_split_k_reduce_kernel as fn
+
+    dt = _TORCH_TO_TRITON[dtype]
+    ptrs = {"part_ptr": "fp32", "out_ptr": dt, "bias_ptr": dt, "topk_weights_ptr": "fp32",
+            "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
+    ints = dict(N=N, stride_om=N, stride_on=1, stride_be=N, stride_bn=1)
+    cexp = dict(HAS_BIAS=True, MUL_ROUTED_WEIGHT=True, SPLIT_K=split, BLOCK_SIZE_M=block_m, BLOCK_N=128)
+    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=dict(num_warps=4))
+
+
+def compile_mxfp4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = True):
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _mxfp4_moe_gemm_kernel as fn
+
+    dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
+    ptrs = {"a_ptr": dt, "wq_ptr": "u8", "ws_ptr": "u8", "out_ptr": "fp32" if split > 1 else dt, "bias_ptr": dt,
+            "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32",
+            "num_tokens_post_padded_ptr": "i32"}
+    ints = dict(stride_am=K, stride_ak=1, stride_qe=N * K // 2, stride_qn=K // 2, stride_se=N * K // 32,
+                stride_sn=K // 32, stride_os=num_pairs * N, stride_om=N, stride_on=1, stride_be=N, stride_bn=1,
+                N=N, K=K)
+    asm = bool(cfg.get("DECODE_ASM", 1)) and dtype == torch.bfloat16
+    cexp = dict(HAS_BIAS=bias and split == 1, MUL_ROUTED_WEIGHT=False, DOT_F32=dtype == torch.float32,
+                DECODE_ASM=asm, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split,
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
+                GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))))
+    src = _specialise(fn, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
+                                                           num_stages=int(cfg.get("num_stages", 3))))
+
+
+def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict, kernel) -> Row:
+    regs, spill = _resources(kernel.asm["cubin"])
+    nw = int(cfg.get("num_warps", 4))
+    tiles = (f"{cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} s{cfg.get('num_stages', 3)} "
+             f"split {cfg.get('SPLIT_K', 1)}")
+    return Row(kind, shape, tokens, gemm, variant, tiles, regs, spill, kernel.metadata.shared,
+               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw))
+
+
+def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES) -> list[Row]:
+    from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, use_unsorted_int4_gemm
+
+    rows = []
+    for shape, (H, I, E, k) in shapes.items():
+        for M in tokens:
+            pairs = M * k
+            srt = not use_unsorted_int4_gemm(pairs, E)
+            for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
+                base = get_int4_moe_config(pairs, E, N, K, 128, dtype, sorted_pairs=srt)
+                for name, over in variants.items():
+                    cfg = dict(base, **over)
+                    kern = compile_int4(dtype, cfg, N=N, K=K, num_pairs=pairs, sorted_pairs=srt)
+                    rows.append(_row("int4", shape, M, gemm, name, cfg, kern))
+                    print(fmt_row(rows[-1]), flush=True)
+    return rows
+
+
+def mxfp4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = MXFP4_SHAPES) -> list[Row]:
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import auto_split_k, get_mxfp4_moe_config
+
+    rows = []
+    for shape, (H, I, E, k) in shapes.items():
+        for M in tokens:
+            pairs = M * k
+            for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
+                base = get_mxfp4_moe_config(pairs, E, N, K, k, dtype)
+                for name, over in variants.items():
+                    cfg = dict(base, **over)
+                    if "DECODE_ASM" in over and over["DECODE_ASM"] and dtype != torch.bfloat16:
+                        continue  # the PTX decode is bf16 only
+                    if "SPLIT_K" not in over:
+                        cfg["SPLIT_K"] = auto_split_k(cfg, pairs, E, N, K)
+                    kern = compile_mxfp4(dtype, cfg, N=N, K=K, num_pairs=pairs)
+                    rows.append(_row("mxfp4", shape, M, gemm, name, cfg, kern))
+                    print(fmt_row(rows[-1]), flush=True)
+                    if cfg["SPLIT_K"] > 1:  # its reduction must compile too
+                        compile_mxfp4_reduce(dtype, cfg["SPLIT_K"], cfg["BLOCK_SIZE_M"], N)
+    return rows
+
+
+HEADER = ("| kernel | shape | tokens | GEMM | variant | tiles | regs | spill (B) | shared (B) | loop instr. "
+          "| instr. / weight | conversions / weight | shared stores / weight | pipelined |\n"
+          "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def fmt_row(r: Row) -> str:
+    lp = r.loop
+    return (f"| {r.kernel} | {r.shape} | {r.tokens} | {r.gemm} | {r.variant} | {r.tiles} | {r.regs} | {r.spill} "
+            f"| {r.shared}{' (!)' if r.shared > SHARED_LIMIT else ''} | {lp.instructions} ({lp.source}) "
+            f"| {lp.per_weight:.2f} | {lp.converts_per_weight:.2f} | {lp.shared_stores_per_weight:.2f} "
+            f"| {'yes' if lp.pipelined else 'no'} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kernels", nargs="+", default=["int4", "mxfp4"], choices=["int4", "mxfp4"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--shapes", nargs="+", default=None, choices=[*INT4_SHAPES, *MXFP4_SHAPES])
+    p.add_argument("--variants", nargs="+", default=None, choices=[*INT4_VARIANTS, *MXFP4_VARIANTS])
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    pick = lambda d, names: {k: v for k, v in d.items() if names is None or k in names}  # noqa: E731
+    print(HEADER, flush=True)
+    rows = []
+    if "int4" in args.kernels:
+        rows += int4_rows(args.tokens, dtype, pick(INT4_VARIANTS, args.variants), pick(INT4_SHAPES, args.shapes))
+    if "mxfp4" in args.kernels:
+        rows += mxfp4_rows(args.tokens, dtype, pick(MXFP4_VARIANTS, args.variants), pick(MXFP4_SHAPES, args.shapes))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(HEADER + "\n" + "\n".join(map(fmt_row, rows)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

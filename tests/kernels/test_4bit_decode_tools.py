@@ -1,0 +1,72 @@
+"""The static report of the 4-bit GEMMs (compiled for sm_90 without a GPU) and the benchmarks'
+variant options, exercised on CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(args, *, interpret: bool, timeout: int = 560) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_static_report_reads_the_main_loop_from_sass():
+    pytest.importorskip("triton.backends.nvidia")
+    proc = _run(["benchmarks/kernels/kernel_static_report.py", "--kernels", "int4", "mxfp4", "--tokens", "16",
+                 "--shapes", "Mixtral-8x7B", "gpt-oss-20b", "--variants", "reshape (UNPACK 0)",
+                 "split by code, scales after the dot (UNPACK 3)", "PTX decode", "portable, split-K auto"],
+                interpret=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [_cells(ln) for ln in proc.stdout.splitlines() if ln.startswith(("| int4", "| mxfp4"))]
+    assert len(rows) == 8  # 2 GEMMs x 2 variants x 2 kernels
+    for r in rows:
+        regs, spill, shared = int(r[6]), int(r[7]), int(r[8].split()[0])
+        instr, per_weight, pipelined = int(r[9].split()[0]), float(r[10]), r[13]
+        assert 0 < regs <= 255 and spill == 0 and 0 < shared <= 232448, r
+        assert instr > 0 and 1.0 < per_weight < 50.0 and pipelined == "yes", r
+    by_variant = {(r[0], r[3], r[4]): float(r[10]) for r in rows}
+    # the bit-placed, split-by-code int4 decode runs fewer instructions per weight than the reshape
+    for gemm in ("w13", "w2"):
+        assert by_variant[("int4", gemm, "split by code, scales after the dot (UNPACK 3)")] < \
+            0.8 * by_variant[("int4", gemm, "reshape (UNPACK 0)")]
+    assert all("(sass)" in r[9] for r in rows)
+
+
+def test_benchmark_smoke_runs_time_the_variants():
+    proc = _run(["benchmarks/kernels/benchmark_moe_mxfp4.py", "--smoke", "--tokens", "1", "--variants",
+                 "portable+split-2", "split-auto"], interpret=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "portable+split-2 (us, speed-up)" in proc.stdout and "split-auto (us, speed-up)" in proc.stdout
+    proc = _run(["benchmarks/kernels/benchmark_moe_int4.py", "--smoke", "--tokens", "1", "--sweep"], interpret=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "heuristic + UNPACK 3 (us)" in proc.stdout
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| smoke | 1 | w")]
+    assert len(set(rows)) == 2 and all(" - |" not in r for r in rows)  # every mode ran (printed, then tabled)
+
+
+def test_mxfp4_variant_reaches_the_kernel_config():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "kernels"))
+    import torch
+
+    from benchmarks.kernels.benchmark_moe_mxfp4 import _check_variant, config_variant
+    from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm as mod
+
+    with config_variant("portable+split-4"):
+        cfg = mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)
+    assert cfg["SPLIT_K"] == 4 and cfg["DECODE_ASM"] == 0
+    assert mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)["SPLIT_K"] == 1  # restored
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown variant"):
+        _check_variant("split-x")
