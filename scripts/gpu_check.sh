@@ -9,18 +9,21 @@
 #   lora    benchmarks/kernels/benchmark_lora_linear.py --sweep (dense LoRA tiles) and
 #           benchmark_moe_lora_align.py (the MoE LoRA align at decode sizes)
 #   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
-#           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate) and
-#           benchmarks/profile_decode.py at batch 1 and 64 (kernels per step, top kernels)
+#           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate; DECODE_ARGS adds
+#           options, e.g. --async-scheduling) and benchmarks/profile_decode.py at batch 1 and 64
+#           (kernels per step, top kernels)
 #   tune    benchmarks/kernels/tune_moe.py on the Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b shapes
 #           (bf16 GEMM and MoE LoRA tiles, rank 16, 4 adapters) within TUNE_BUDGET seconds (default 240):
 #           tuned files in $OUT/tuned (copy them into vllm/kernel_configs/tuned/), table $OUT/tune_moe.md;
 #           TUNE_ARGS adds tune_moe.py options (e.g. "--tokens 4096 1024" or "--ranks 16 64").
 #           Only when named (not part of all)
+#   quant   the 4-bit experts: benchmark_moe_int4.py (--compare-paths: in-register kernel vs dequantise + bf16
+#           GEMM; --sweep: tiles and UNPACK modes) and benchmark_moe_mxfp4.py (--compare-paths, --variants); only when named
 #   fused   benchmarks/kernels/benchmark_fused_linear_lora.py --sweep (projection + LoRA in one launch vs
-#           F.linear + the LoRA op, 1-16 tokens)
+#           F.linear + the LoRA op, 1-256 tokens); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|fused|decode|tune|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -66,11 +69,20 @@ if want lora; then
 fi
 if want decode; then
   timeout "${DECODE_TIMEOUT:-250}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
-    --out "$OUT/benchmark_decode.md" >"$OUT/benchmark_decode.log" 2>&1
+    ${DECODE_ARGS:-} --out "$OUT/benchmark_decode.md" >"$OUT/benchmark_decode.log" 2>&1
   drc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_decode.log" | tail -22; rc=$(( rc || drc ))
   timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decode.py --preset qwen3-30b-a3b --layers 12 \
     --batches 1,64 --steps 4 --top 20 --out "$OUT/profile_decode.md" >"$OUT/profile_decode.log" 2>&1
   prc=$?; grep "ops/step" "$OUT/profile_decode.log"; rc=$(( rc || prc ))
+fi
+if [[ " $steps " == *" quant "* ]]; then
+  timeout "${QUANT_TIMEOUT:-240}" python3 benchmarks/kernels/benchmark_moe_int4.py --compare-paths --sweep \
+    --tokens 1 16 64 256 1024 4096 --reps 30 --out "$OUT/benchmark_moe_int4.md" >"$OUT/benchmark_moe_int4.log" 2>&1
+  qrc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_moe_int4.log" | tail -40; rc=$(( rc || qrc ))
+  timeout "${QUANT_TIMEOUT:-240}" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --compare-paths \
+    --variants split-auto split-2 portable --tokens 1 16 64 256 1024 4096 --reps 30 \
+    --out "$OUT/benchmark_moe_mxfp4.md" >"$OUT/benchmark_moe_mxfp4.log" 2>&1
+  mrc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_moe_mxfp4.log" | tail -40; rc=$(( rc || mrc ))
 fi
 if [[ " $steps " == *" fused "* ]]; then
   timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \
