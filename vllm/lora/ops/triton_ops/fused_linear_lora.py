@@ -45,10 +45,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-# slice_offsets through the dense LoRA op's module: a Triton-side module imports no torch-side one
+from vllm.lora.ops.slices import slice_offsets
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS, launch_batch
-from vllm.lora.ops.triton_ops.lora_linear import (SMALL_BATCH_TOKENS, LoRALinearMetadata, _check, _slice_stride,
-                                                  slice_offsets)
+from vllm.lora.ops.triton_ops.lora_linear import SMALL_BATCH_TOKENS, LoRALinearMetadata, _check, _slice_stride
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 

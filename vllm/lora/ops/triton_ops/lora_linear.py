@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from vllm.lora.ops.torch_ops.lora_linear import slice_offsets
+from vllm.lora.ops.slices import slice_offsets
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
