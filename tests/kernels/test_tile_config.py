@@ -8,10 +8,10 @@ import random
 import pytest
 
 from vllm.kernel_configs import clear_cache, config_file_name
-from vllm.kernel_configs.tile_config import MoELoRATileConfig, TileConfig, tuned_tiles
+from vllm.kernel_configs.tile_config import Int4TileConfig, MoELoRATileConfig, Mxfp4TileConfig, TileConfig, tuned_tiles
 
 
-@pytest.mark.parametrize("cls", [TileConfig, MoELoRATileConfig])
+@pytest.mark.parametrize("cls", [TileConfig, Int4TileConfig, Mxfp4TileConfig, MoELoRATileConfig])
 def test_json_round_trip(cls):
     rng = random.Random(0)
     for _ in range(20):
@@ -54,6 +54,26 @@ def test_bad_entries_name_their_source(entry, match):
     with pytest.raises(ValueError, match=match) as info:
         TileConfig.from_json(entry, source="my_file.json")
     assert str(info.value).startswith("my_file.json: ")
+
+
+def test_4bit_configs_extend_the_gemm_tiles():
+    int4 = Int4TileConfig(16, 32, 128, split_k=2, unpack=3)
+    assert int4.to_json() == {**TileConfig(16, 32, 128, split_k=2).to_json(), "UNPACK": 3}
+    mx = Mxfp4TileConfig.from_json({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "DECODE_ASM": 0})
+    assert mx == Mxfp4TileConfig(16, 64, 128, decode_asm=0) and Mxfp4TileConfig(16, 64, 128).decode_asm == 1
+    assert Int4TileConfig(16, 32, 128) != TileConfig(16, 32, 128)  # a distinct type, not just more fields
+    # the mode switches may be 0, nothing below
+    with pytest.raises(ValueError, match="unpack must be a non-negative int"):
+        Int4TileConfig(16, 32, 32, unpack=-1)
+    with pytest.raises(ValueError, match="num_stages must be a positive int"):
+        Mxfp4TileConfig(16, 32, 32, num_stages=0, decode_asm=0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['UNPACK'\]"):  # each kernel its own keys
+        Mxfp4TileConfig.from_json({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "UNPACK": 0})
+    # the bf16 GEMM refuses a 4-bit GEMM's config (its extra field would be ignored there)
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_tile_config
+
+    with pytest.raises(TypeError, match="Int4TileConfig"):
+        check_tile_config(Int4TileConfig(16, 32, 32))
 
 
 def test_frozen_and_checked_on_construction():

@@ -10,7 +10,8 @@ forms meet only in ``from_json`` / ``to_json``:
     TileConfig.from_json({"BLOCK_SIZE_N": 32}, base=cfg)   # cfg with block_size_n=32
     tuned_tiles(cfg, "fused_moe_gemm", {"E": 8, "N": 96, "K": 64}, 16, "NVIDIA H200")
 
-An unknown key, a non-integer value or a value below 1 is a ``ValueError`` that
+An unknown key, a non-integer value or a value below 1 (below 0 for the mode
+switches in ``ZERO_OK``) is a ``ValueError`` that
 names where the entry came from (the tuned file), never silently dropped.  Kernel
 specific rules (powers of two, what a kernel cannot do) are checked by the kernel's
 launcher.
@@ -30,11 +31,15 @@ class JsonTiles:
 
     #: JSON key -> field name, in the order ``to_json`` writes them
     JSON_KEYS: ClassVar[Mapping[str, str]] = {}
+    #: fields that may also be 0 (mode switches such as ``unpack``; their ranges are the launcher's to check)
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, v in self.__dict__.items():  # the fields (no ClassVars in an instance's __dict__)
-            if type(v) is not int or v < 1:  # bool is an int subclass: rejected too
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
+            lowest = 0 if name in self.ZERO_OK else 1
+            if type(v) is not int or v < lowest:  # bool is an int subclass: rejected too
+                kind = "a non-negative" if lowest == 0 else "a positive"
+                raise ValueError(f"{type(self).__name__}.{name} must be {kind} int, got {v!r}")
 
     @classmethod
     def from_json(cls: type[T], entry: Mapping[str, Any], *, source: str = "tile config",
@@ -83,6 +88,36 @@ class TileConfig(JsonTiles):
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "GROUP_SIZE_M": "group_size_m", "SPLIT_K": "split_k", "num_warps": "num_warps", "num_stages": "num_stages",
     }
+
+
+_GEMM_KEYS = TileConfig.JSON_KEYS
+
+
+@dataclass(frozen=True)
+class Int4TileConfig(TileConfig):
+    """Tiles of the int4 (W4A16) grouped GEMM (``int4_moe_gemm.py``): ``TileConfig``'s, and
+
+    unpack: how the kernel unpacks the 4-bit codes, 0-3 (read ``_int4_moe_gemm_kernel.py``).
+    A distinct class: the bf16 GEMM's launcher refuses it (its ``unpack`` would mean nothing there).
+    """
+
+    unpack: int = 0
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "UNPACK": "unpack"}
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"unpack"})
+
+
+@dataclass(frozen=True)
+class Mxfp4TileConfig(TileConfig):
+    """Tiles of the MXFP4 grouped GEMM (``mxfp4_moe_gemm.py``): ``TileConfig``'s, and
+
+    decode_asm: 1 = decode the codes with packed PTX where it can (bf16 on CUDA), 0 = portable Triton.
+    """
+
+    decode_asm: int = 1
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "DECODE_ASM": "decode_asm"}
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"decode_asm"})
 
 
 @dataclass(frozen=True)
