@@ -29,8 +29,9 @@ def test_every_code_decodes_exactly(unpack, dtype, has_zeros, group, K, bk, devi
     a = torch.eye(K, dtype=dtype, device=device)
     for e in range(E):
         ids = torch.full((K, 1), e, dtype=torch.int32, device=device)
+        # few, tall programs: the interpreter pays per program
         cfg = dataclasses.replace(get_int4_moe_config(K, E, N, K, group, dtype), unpack=unpack, split_k=1,
-                                  block_size_k=bk, block_size_m=64)  # few, tall programs: the interpreter pays per program
+                                  block_size_k=bk, block_size_m=64)
         al = moe_align_block_size(ids, 64, E)
         out = torch.full((K, N), float("nan"), dtype=dtype, device=device)
         invoke_int4_moe_gemm(a, pw, out, top_k_in=1, config=cfg, sorted_token_ids=al.sorted_token_ids,

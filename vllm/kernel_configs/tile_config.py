@@ -11,7 +11,7 @@ forms meet only in ``from_json`` / ``to_json``:
     tuned_tiles(cfg, "fused_moe_gemm", {"E": 8, "N": 96, "K": 64}, 16, "NVIDIA H200")
 
 An unknown key, a non-integer value or a value below 1 (below 0 for the mode
-switches in ``ZERO_OK``) is a ``ValueError`` that
+switches in ``ZERO_OK``; true / false for the ``FLAGS``) is a ``ValueError`` that
 names where the entry came from (the tuned file), never silently dropped.  Kernel
 specific rules (powers of two, what a kernel cannot do) are checked by the kernel's
 launcher.
@@ -33,9 +33,15 @@ class JsonTiles:
     JSON_KEYS: ClassVar[Mapping[str, str]] = {}
     #: fields that may also be 0 (mode switches such as ``unpack``; their ranges are the launcher's to check)
     ZERO_OK: ClassVar[frozenset[str]] = frozenset()
+    #: bool fields (JSON true / false), e.g. a path switch
+    FLAGS: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, v in self.__dict__.items():  # the fields (no ClassVars in an instance's __dict__)
+            if name in self.FLAGS:
+                if type(v) is not bool:
+                    raise ValueError(f"{type(self).__name__}.{name} must be a bool, got {v!r}")
+                continue
             lowest = 0 if name in self.ZERO_OK else 1
             if type(v) is not int or v < lowest:  # bool is an int subclass: rejected too
                 kind = "a non-negative" if lowest == 0 else "a positive"
@@ -54,22 +60,25 @@ class JsonTiles:
                              f"known keys: {list(cls.JSON_KEYS)}")
         values = {}
         for key, v in entry.items():
-            if type(v) is not int:
+            name = cls.JSON_KEYS[key]
+            if name in cls.FLAGS and type(v) is not bool:
+                raise ValueError(f"{source}: {key}={v!r} must be true or false")
+            if name not in cls.FLAGS and type(v) is not int:
                 raise ValueError(f"{source}: {key}={v!r} must be an integer")
-            values[cls.JSON_KEYS[key]] = v
+            values[name] = v
         try:
             return dataclasses.replace(base, **values) if base is not None else cls(**values)
         except (TypeError, ValueError) as exc:  # a required key missing, or a value below 1
             raise ValueError(f"{source}: {exc}") from None
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, Any]:
         """The JSON form (every key), as a tuned file stores it."""
         return {key: getattr(self, name) for key, name in self.JSON_KEYS.items()}
 
 
 @dataclass(frozen=True)
 class TileConfig(JsonTiles):
-    """Tiles of a grouped expert GEMM (``fused_moe_gemm``; the 4-bit GEMMs use the same keys).
+    """Tiles of a grouped expert GEMM (``fused_moe_gemm``; the 4-bit GEMMs' configs below extend it).
 
     block_size_m is also the block size of the expert alignment the GEMM reads.
     group_size_m: M-blocks that sweep the N tiles together (L2 reuse of a weight slice).
@@ -139,6 +148,71 @@ class MoELoRATileConfig(JsonTiles):
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
     }
+
+
+@dataclass(frozen=True)
+class LoRALinearTileConfig(JsonTiles):
+    """Tiles of the dense multi-LoRA op (``vllm/lora/ops/triton_ops/lora_linear.py``).
+
+    token_path: one program per (token, slice, N-split), no grouping (small batches); else the slot-sorted
+    path on tensor cores, whose M-blocks are block_m tokens.
+    num_n_splits: programs sharing one block's (or token's) N range.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_n_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    token_path: bool = False
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "NUM_N_SPLITS": "num_n_splits",
+        "num_warps": "num_warps", "num_stages": "num_stages", "token_path": "token_path",
+    }
+    FLAGS: ClassVar[frozenset[str]] = frozenset({"token_path"})
+
+
+@dataclass(frozen=True)
+class FusedLinearLoRATileConfig(JsonTiles):
+    """Tiles of the fused projection + LoRA op up to 16 tokens (``triton_ops/fused_linear_lora.py``).
+
+    shrink_in_loop: one (slice, slot) shrink accumulated in the main K loop (read the kernel).
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    shrink_in_loop: bool = True
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_N": "block_n", "BLOCK_K": "block_k", "num_warps": "num_warps", "num_stages": "num_stages",
+        "SHRINK_IN_LOOP": "shrink_in_loop",
+    }
+    FLAGS: ClassVar[frozenset[str]] = frozenset({"shrink_in_loop"})
+
+
+@dataclass(frozen=True)
+class FusedLinearLoRABatchTileConfig(JsonTiles):
+    """Tiles of the fused projection + LoRA op for 17..256 tokens (``triton_ops/fused_linear_lora_batch.py``).
+
+    loop_slots: how many distinct slots of a tile are shrunk inside the main loop (0, 1, 2, 4 or 8).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    loop_slots: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "LOOP_SLOTS": "loop_slots",
+        "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"loop_slots"})
 
 
 def tuned_tiles(base: T, op: str, key: Mapping[str, Any], num_tokens: int, device_name: str, *,
