@@ -108,6 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush, sweep: list[dict]) -> dict:
+    from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
     from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora, fused_linear_lora_config
     from vllm.lora.ops.triton_ops.fused_linear_lora_batch import batch_config
     from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_metadata
@@ -133,8 +134,17 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
     base_us = timer(lambda: F.linear(x, w))[0]
     two_us = timer(two_launch)[0]
     group_us = timer(group)[0] if grouped else None
+    # the default tiles of the path T takes; a sweep entry is JSON keys over them
+    if grouped:
+        default = batch_config(T, K, w.shape[0], args.rank, dtype, args.num_loras)
+        tiles = f"BLOCK_M {default.block_m}, BLOCK_N {default.block_n}, BLOCK_K {default.block_k}"
+    else:
+        default = fused_linear_lora_config(T, K, w.shape[0], args.rank, dtype)
+        tiles = f"BLOCK_N {default.block_n}, BLOCK_K {default.block_k}"
+    cls = FusedLinearLoRABatchTileConfig if grouped else FusedLinearLoRATileConfig
     fused = []
-    for label, cfg in [("default", None)] + [(str(c), c) for c in sweep]:
+    for label, cfg in [("default", None)] + [(str(c), cls.from_json(c, source="sweep entry", base=default))
+                                             for c in sweep]:
         fn = (lambda cfg=cfg: fused_linear_lora(x, w, None, a_list, b_list, mapping, meta=group(), config=cfg))
         try:
             err = norm_err(fn().float(), ref)
@@ -156,12 +166,6 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
     elt = x.element_size()
     lora_elems = slots * args.rank * (K * len(n_sizes) + sum(n_sizes))  # A and B of the slots used
     bytes_ = (w.numel() + x.numel() + T * w.shape[0] + lora_elems) * elt
-    if grouped:
-        cfg = batch_config(T, K, w.shape[0], args.rank, dtype)
-        tiles = f"BLOCK_M {cfg['BLOCK_M']}, BLOCK_N {cfg['BLOCK_N']}, BLOCK_K {cfg['BLOCK_K']}"
-    else:
-        cfg = fused_linear_lora_config(T, K, w.shape[0], args.rank, dtype)
-        tiles = f"BLOCK_N {cfg['BLOCK_N']}, BLOCK_K {cfg['BLOCK_K']}"
     return dict(name=name, T=T, base=base_us, two=two_us, group=group_us, fused=fused[0][1], note=fused[0][2],
                 best=best, bytes=bytes_, cfg=tiles)
 

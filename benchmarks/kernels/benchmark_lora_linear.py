@@ -80,6 +80,7 @@ def reference(x, a_list, b_list, y0, mapping) -> torch.Tensor:
 
 
 def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush, sweep: list[dict]):
+    from vllm.kernel_configs.tile_config import LoRALinearTileConfig
     from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_config
 
     x, a_list, b_list, y0, mapping = make_case(K, n_sizes, T, args.num_loras, args.rank, dtype, device, args.seed)
@@ -90,7 +91,10 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
         (lambda fn: time_cpu(fn, 2))
     copy_us = timer(lambda: y.copy_(y0))[0]
     results = []
-    for label, cfg in [("default", None)] + [(str(c), c) for c in sweep if c["token_path"] == base_cfg["token_path"]]:
+    # a sweep entry: JSON keys over the heuristic's config, on the heuristic's path
+    tried = [(str(c), LoRALinearTileConfig.from_json(c, source="sweep candidate", base=base_cfg))
+             for c in sweep if c["token_path"] == base_cfg.token_path]
+    for label, cfg in [("default", None)] + tried:
         def run(cfg=cfg):
             y.copy_(y0)
             add_lora_linear(y, x, a_list, b_list, mapping, config=cfg)
@@ -108,7 +112,7 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
     bytes_ = sum(a.numel() // a.shape[0] * min(T, args.num_loras) * a.element_size() for a in a_list) + \
         sum(b.numel() // b.shape[0] * min(T, args.num_loras) * b.element_size() for b in b_list) + \
         2 * y0.numel() * y0.element_size() + x.numel() * x.element_size()
-    return dict(name=name, T=T, path="token" if base_cfg["token_path"] else "sorted", default=default[1],
+    return dict(name=name, T=T, path="token" if base_cfg.token_path else "sorted", default=default[1],
                 note=default[2], best=best, bytes=bytes_)
 
 

@@ -122,6 +122,7 @@ def sweep_candidates():
 
 def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:
     """Markdown rows: per token count and GEMM, heuristic vs best tiles; fills ``tuned`` (file key -> table)."""
+    from vllm.kernel_configs.tile_config import Int4TileConfig
     from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
         get_int4_moe_config,
         invoke_int4_moe_gemm,
@@ -148,7 +149,7 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
             if unsorted:
                 route = dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
             else:
-                al = moe_align_block_size(ti, base["BLOCK_SIZE_M"], E)
+                al = moe_align_block_size(ti, base.block_size_m, E)
                 route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                              num_tokens_post_padded=al.num_tokens_post_padded)
             out = torch.empty(pairs, w.n, dtype=dtype, device=device)
@@ -163,9 +164,12 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
             t_base = timed(lambda: run(base))
             best_t, best, t_var = t_base, base, {}
 
+            def with_tiles(cand: dict) -> Int4TileConfig:  # cand: JSON keys over the heuristic's
+                return Int4TileConfig.from_json(cand, source="sweep candidate", base=base)
+
             def try_config(cand: dict) -> Optional[float]:
-                cfg = dict(base, **cand)
-                if cfg["BLOCK_SIZE_K"] > max(16, w.k) or cfg["BLOCK_SIZE_N"] > max(16, w.n):
+                cfg = with_tiles(cand)
+                if cfg.block_size_k > max(16, w.k) or cfg.block_size_n > max(16, w.n):
                     return None
                 try:
                     err = lb.norm_err(run(cfg), ref)
@@ -181,12 +185,12 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                 if vname is not None:
                     t_var[vname] = t
                 if t is not None and t < best_t:
-                    best_t, best = t, dict(base, **cand)
+                    best_t, best = t, with_tiles(cand)
             key = ("int4_moe_gemm", E, w.n, w.k, w.group_size, int(not unsorted))
-            tuned.setdefault(key, {})[str(pairs)] = {k: int(v) for k, v in best.items()}
+            tuned.setdefault(key, {})[str(pairs)] = best.to_json()
             var_cols = "".join(f" {t:.1f} |" if t is not None else " - |" for t in t_var.values())
             lines.append(f"| {case.name} | {M} | {name} | {'sorted' if not unsorted else 'unsorted'} | {t_base:.1f} "
-                         f"|{var_cols} {best_t:.1f} | {t_base / best_t:.2f} | `{best}` |")
+                         f"|{var_cols} {best_t:.1f} | {t_base / best_t:.2f} | `{best.to_json()}` |")
             print(lines[-1], flush=True)
     return lines
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -104,11 +105,11 @@ def config_variant(name: str):
         cfg = orig(num_pairs, num_experts, N, K, top_k, dtype)
         for part in parts:
             if part == "portable":
-                cfg["DECODE_ASM"] = 0
+                cfg = dataclasses.replace(cfg, decode_asm=0)
             elif part == "split-auto":
-                cfg["SPLIT_K"] = mod.auto_split_k(cfg, num_pairs, num_experts, N, K)
+                cfg = dataclasses.replace(cfg, split_k=mod.auto_split_k(cfg, num_pairs, num_experts, N, K))
             else:
-                cfg["SPLIT_K"] = int(part[6:])
+                cfg = dataclasses.replace(cfg, split_k=int(part[6:]))
         return cfg
 
     mod.get_mxfp4_moe_config = patched

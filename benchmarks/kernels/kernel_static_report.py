@@ -16,6 +16,7 @@ an int divisible by 16 is marked so), from the shapes' real strides.  Run withou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -236,6 +237,7 @@ def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict,
 
 
 def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES) -> list[Row]:
+    from vllm.kernel_configs.tile_config import Int4TileConfig
     from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, use_unsorted_int4_gemm
 
     rows = []
@@ -246,7 +248,7 @@ def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
             for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
                 base = get_int4_moe_config(pairs, E, N, K, 128, dtype, sorted_pairs=srt)
                 for name, over in variants.items():
-                    cfg = dict(base, **over)
+                    cfg = Int4TileConfig.from_json(over, source=f"variant {name!r}", base=base).to_json()
                     kern = compile_int4(dtype, cfg, N=N, K=K, num_pairs=pairs, sorted_pairs=srt)
                     rows.append(_row("int4", shape, M, gemm, name, cfg, kern))
                     print(fmt_row(rows[-1]), flush=True)
@@ -254,6 +256,7 @@ def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
 
 
 def mxfp4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = MXFP4_SHAPES) -> list[Row]:
+    from vllm.kernel_configs.tile_config import Mxfp4TileConfig
     from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import auto_split_k, get_mxfp4_moe_config
 
     rows = []
@@ -263,11 +266,12 @@ def mxfp4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: di
             for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
                 base = get_mxfp4_moe_config(pairs, E, N, K, k, dtype)
                 for name, over in variants.items():
-                    cfg = dict(base, **over)
+                    tiles = Mxfp4TileConfig.from_json(over, source=f"variant {name!r}", base=base)
                     if "DECODE_ASM" in over and over["DECODE_ASM"] and dtype != torch.bfloat16:
                         continue  # the PTX decode is bf16 only
                     if "SPLIT_K" not in over:
-                        cfg["SPLIT_K"] = auto_split_k(cfg, pairs, E, N, K)
+                        tiles = dataclasses.replace(tiles, split_k=auto_split_k(tiles, pairs, E, N, K))
+                    cfg = tiles.to_json()
                     kern = compile_mxfp4(dtype, cfg, N=N, K=K, num_pairs=pairs)
                     rows.append(_row("mxfp4", shape, M, gemm, name, cfg, kern))
                     print(fmt_row(rows[-1]), flush=True)

@@ -64,8 +64,8 @@ def test_mxfp4_variant_reaches_the_kernel_config():
 
     with config_variant("portable+split-4"):
         cfg = mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)
-    assert cfg["SPLIT_K"] == 4 and cfg["DECODE_ASM"] == 0
-    assert mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)["SPLIT_K"] == 1  # restored
+    assert cfg.split_k == 4 and cfg.decode_asm == 0
+    assert mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16).split_k == 1  # restored
     import argparse
 
     with pytest.raises(argparse.ArgumentTypeError, match="unknown variant"):

@@ -1,5 +1,7 @@
 """The int4 (W4A16) grouped GEMM against an fp32 reference built from Int4Weight.dequantize
 (independent of the packing), in every layout the repack produces."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,11 +76,9 @@ def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, ha
     ids[ids == 1] = 0  # expert 1 gets no pair
     tw = torch.rand(rows, top_k, generator=gen).to(device)
     cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype, sorted_pairs=routing == "sorted")
-    cfg["SPLIT_K"], cfg["UNPACK"] = split, unpack
-    if bk:
-        cfg["BLOCK_SIZE_K"] = bk
+    cfg = dataclasses.replace(cfg, split_k=split, unpack=unpack, **({"block_size_k": bk} if bk else {}))
     if routing == "sorted":
-        al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+        al = moe_align_block_size(ids, cfg.block_size_m, E)
         route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                      num_tokens_post_padded=al.num_tokens_post_padded)
     else:
@@ -109,9 +109,9 @@ def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
 
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
     decode = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16)  # Qwen3-30B-A3B GEMM1, 1 token
-    assert decode["BLOCK_SIZE_M"] == 16 and decode["SPLIT_K"] > 1
+    assert decode.block_size_m == 16 and decode.split_k > 1
     prefill = mod.get_int4_moe_config(8 * 4096, 128, 1536, 2048, 128, torch.bfloat16)
-    assert prefill["SPLIT_K"] == 1 and prefill["BLOCK_SIZE_M"] >= 64
+    assert prefill.split_k == 1 and prefill.block_size_m >= 64
     # one token (its top-k experts are distinct) skips the sort; two of Mixtral's (4 pairs on 8 experts) do not
     assert mod.use_unsorted_int4_gemm(8, 128) and mod.use_unsorted_int4_gemm(2, 8)
     assert not mod.use_unsorted_int4_gemm(4, 8)
@@ -147,8 +147,9 @@ def test_split_k_epilogues(epilogue, device):
     a = torch.randn(rows, K, generator=gen).to(device)
     ids = torch.randint(0, E, (rows, top_k), generator=gen).to(device=device, dtype=torch.int32)
     tw = torch.rand(rows, top_k, generator=gen).to(device)
-    cfg = dict(get_int4_moe_config(rows * top_k, E, N, K, group, torch.float32), SPLIT_K=2, BLOCK_SIZE_K=16)
-    al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+    cfg = dataclasses.replace(get_int4_moe_config(rows * top_k, E, N, K, group, torch.float32), split_k=2,
+                              block_size_k=16)
+    al = moe_align_block_size(ids, cfg.block_size_m, E)
     route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                  num_tokens_post_padded=al.num_tokens_post_padded)
     ref = int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True).cpu()
@@ -164,7 +165,7 @@ def test_split_k_epilogues(epilogue, device):
                          **route)
     assert_close(out.cpu(), expected, torch.float32)
     with pytest.raises(ValueError, match="fused epilogue needs SPLIT_K > 1"):
-        invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=dict(cfg, SPLIT_K=1), **kw, **route)
+        invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=dataclasses.replace(cfg, split_k=1), **kw, **route)
 
 
 def test_tuned_config_file_wins(tmp_path, monkeypatch):
@@ -183,5 +184,27 @@ def test_tuned_config_file_wins(tmp_path, monkeypatch):
         other = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=True)
     finally:
         clear_cache()
-    assert (tuned["BLOCK_SIZE_N"], tuned["SPLIT_K"], tuned["num_stages"], tuned["BLOCK_SIZE_M"]) == (64, 2, 3, 16)
-    assert (other["BLOCK_SIZE_N"], other["num_stages"]) == (128, 4)  # no file for the sorted launch
+    assert (tuned.block_size_n, tuned.split_k, tuned.num_stages, tuned.block_size_m) == (64, 2, 3, 16)
+    assert (other.block_size_n, other.num_stages) == (128, 4)  # no file for the sorted launch
+
+
+@pytest.mark.parametrize("entry,error", [('{"8": {"BLOCK_SIZE_N": 64, "SPLITK": 2}}', r"unknown key\(s\) \['SPLITK'\]"),
+                                         ('{"8": {"UNPACK": 5}}', "UNPACK=5"),
+                                         ('{"8": {"BLOCK_SIZE_K": 48}}', "powers of two")])
+def test_bad_tuned_entry_is_an_error_naming_the_file(tmp_path, monkeypatch, entry, error):
+    """A tuned entry the GEMM cannot take is refused (with the file's name), never silently dropped."""
+    from vllm.kernel_configs import clear_cache, config_file_name
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+
+    key = {"E": 128, "N": 1536, "K": 2048, "G": 128, "sorted": 1}
+    name = config_file_name("int4_moe_gemm", key, fused_moe_gemm._device_name())
+    (tmp_path / name).write_text(entry)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    clear_cache()
+    try:
+        with pytest.raises(ValueError, match=error) as exc:
+            get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16)
+    finally:
+        clear_cache()
+    assert name in str(exc.value)

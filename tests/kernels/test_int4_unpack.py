@@ -2,6 +2,8 @@
 2 duplicated loads + bit-placement decode, 3 split by code position with the scales after the dot)
 decode every weight exactly: identity activations make each output one dequantised weight, compared
 bit for bit with ``Int4Weight.dequantize`` (one rounding of (q - z) * s in every mode)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,8 +29,9 @@ def test_every_code_decodes_exactly(unpack, dtype, has_zeros, group, K, bk, devi
     a = torch.eye(K, dtype=dtype, device=device)
     for e in range(E):
         ids = torch.full((K, 1), e, dtype=torch.int32, device=device)
-        cfg = dict(get_int4_moe_config(K, E, N, K, group, dtype), UNPACK=unpack, SPLIT_K=1, BLOCK_SIZE_K=bk,
-                   BLOCK_SIZE_M=64)  # few, tall programs: the interpreter pays per program
+        # few, tall programs: the interpreter pays per program
+        cfg = dataclasses.replace(get_int4_moe_config(K, E, N, K, group, dtype), unpack=unpack, split_k=1,
+                                  block_size_k=bk, block_size_m=64)
         al = moe_align_block_size(ids, 64, E)
         out = torch.full((K, N), float("nan"), dtype=dtype, device=device)
         invoke_int4_moe_gemm(a, pw, out, top_k_in=1, config=cfg, sorted_token_ids=al.sorted_token_ids,
@@ -58,16 +61,16 @@ def test_unpack3_applies_only_with_one_group_per_wide_tile(device, monkeypatch):
     assert not mod.unpack3_applies(small, 128)
     # the GPU heuristic: 3 on the unsplit decode tiles (group a multiple of BLOCK_SIZE_K), else 0
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
-    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16)["UNPACK"] == 3  # Mixtral w13, 16 tok
+    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16).unpack == 3  # Mixtral w13, 16 tok
     split = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=False)
-    assert split["SPLIT_K"] > 1 and split["UNPACK"] == 0
-    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 32, torch.bfloat16)["UNPACK"] == 0  # group 32 < tile
+    assert split.split_k > 1 and split.unpack == 0
+    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 32, torch.bfloat16).unpack == 0  # group 32 < tile
 
 
 def test_unknown_unpack_mode_is_refused(device):
     gen = torch.Generator().manual_seed(0)
     pw = _packed([random_int4(16, 32, 16, True, False, gen)], 16, True, False, device)
-    cfg = dict(get_int4_moe_config(1, 1, 16, 32, 16, torch.float32, sorted_pairs=False), UNPACK=4)
+    cfg = dataclasses.replace(get_int4_moe_config(1, 1, 16, 32, 16, torch.float32, sorted_pairs=False), unpack=4)
     with pytest.raises(ValueError, match="UNPACK"):
         invoke_int4_moe_gemm(torch.randn(1, 32, device=device), pw, torch.empty(1, 16, device=device), top_k_in=1,
                              config=cfg, pair_expert_ids=torch.zeros(1, dtype=torch.int32, device=device))
@@ -92,12 +95,12 @@ def test_unpack_modes_on_gpu(unpack, M, dtype):
     ref = int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k)
     unsorted = use_unsorted_int4_gemm(M * top_k, E)
     base = get_int4_moe_config(M * top_k, E, N, K, group, dtype, sorted_pairs=not unsorted)
-    for split in sorted({1, base["SPLIT_K"]}):
-        cfg = dict(base, UNPACK=unpack, SPLIT_K=split, **({"num_stages": 2} if unpack in (1, 2) else {}))
+    for split in sorted({1, base.split_k}):
+        cfg = dataclasses.replace(base, unpack=unpack, split_k=split, **({"num_stages": 2} if unpack in (1, 2) else {}))
         if unsorted:
             route = dict(pair_expert_ids=ids.reshape(-1).contiguous())
         else:
-            al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+            al = moe_align_block_size(ids, cfg.block_size_m, E)
             route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                          num_tokens_post_padded=al.num_tokens_post_padded)
         out = torch.full((M * top_k, N), float("nan"), dtype=dtype, device="cuda")

@@ -7,6 +7,7 @@ import struct
 import pytest
 import torch
 
+from vllm.kernel_configs.tile_config import Mxfp4TileConfig
 from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _E2M1_TO_BF16_ASM
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import E2M1_VALUES
 
@@ -93,5 +94,5 @@ def test_bf16_kernel_decodes_exactly_with_and_without_asm(decode_asm):
     for e in range(E):
         ids = torch.full((K, 1), e, dtype=torch.int32, device="cuda")
         out = _run_kernel(torch.eye(K, device="cuda", dtype=torch.bfloat16), blocks, scales, ids, top_k_in=1,
-                          config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, DECODE_ASM=decode_asm))
+                          config=Mxfp4TileConfig(16, 64, 128, decode_asm=decode_asm))
         assert torch.equal(out.float().abs(), w[e].t().abs())

@@ -1,9 +1,12 @@
 """MXFP4: the torch dequantiser vs transformers' reference, and the Triton grouped GEMM
 (4-bit tiles decoded in registers) vs an fp32 loop over dequantised weights."""
+import dataclasses
+
 import pytest
 import torch
 
 from tests.utils import assert_close, poison_
+from vllm.kernel_configs.tile_config import Mxfp4TileConfig
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import dequantize_mxfp4
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import (
@@ -64,7 +67,7 @@ def _run_kernel(a, blocks, scales, ids, *, top_k_in, bias=None, topk_weights=Non
     E, N = blocks.shape[:2]
     pairs = a.shape[0] * top_k_in
     cfg = config or get_mxfp4_moe_config(pairs, E, N, a.shape[1], top_k_in, a.dtype)
-    al = moe_align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+    al = moe_align_block_size(ids, cfg.block_size_m, E)
     out = poison_(torch.empty(pairs, N, dtype=a.dtype, device=a.device))
     invoke_mxfp4_moe_gemm(a, blocks, scales, out, sorted_token_ids=al.sorted_token_ids,
                           block_expert_ids=al.block_expert_ids, num_tokens_post_padded=al.num_tokens_post_padded,
@@ -97,7 +100,7 @@ def test_kernel_decodes_every_code_and_extreme_scale_exactly(device):
         a = torch.eye(K, device=device)
         ids = torch.full((K, 1), e, dtype=torch.int32, device=device)
         out = _run_kernel(a, blocks, scales, ids, top_k_in=1,
-                          config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, num_stages=1))
+                          config=Mxfp4TileConfig(16, 32, 64, num_stages=1))
         assert torch.equal(out.cpu().abs(), w[e].t().abs()), f"expert {e}: decoded weights differ"
 
 
@@ -123,8 +126,7 @@ def test_kernel_matches_fp32_loop(M, E, top_k, N, K, bias, weighted, block_k, dt
     tw = torch.rand(M, top_k, generator=gen) if weighted else None
     cfg = None
     if block_k:
-        cfg = get_mxfp4_moe_config(M * top_k, E, N, K, top_k, dtype)
-        cfg["BLOCK_SIZE_K"] = block_k
+        cfg = dataclasses.replace(get_mxfp4_moe_config(M * top_k, E, N, K, top_k, dtype), block_size_k=block_k)
     out = _run_kernel(a.to(device, dtype), blocks.to(device), scales.to(device), ids.to(device), top_k_in=top_k,
                       bias=None if b is None else b.to(device, dtype), topk_weights=None if tw is None else tw.to(device),
                       weighted=weighted, config=cfg)
@@ -171,9 +173,9 @@ def test_launcher_rejects_bad_inputs():
     ids = torch.zeros(3, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="K must be a multiple of 32|holds 64"):
         _run_kernel(torch.randn(3, 48), blocks, scales, ids, top_k_in=1,
-                    config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=32))
+                    config=Mxfp4TileConfig(16, 16, 32))
     with pytest.raises(ValueError, match="BLOCK_SIZE_K a power of two >= 32"):
         _run_kernel(torch.randn(3, 64), blocks, scales, ids, top_k_in=1,
-                    config=dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16))
+                    config=Mxfp4TileConfig(16, 16, 16))
     with pytest.raises(ValueError, match="scales must be"):
         _run_kernel(torch.randn(3, 64), blocks, scales[:, :8], ids, top_k_in=1)

@@ -8,14 +8,20 @@ import random
 import pytest
 
 from vllm.kernel_configs import clear_cache, config_file_name
-from vllm.kernel_configs.tile_config import MoELoRATileConfig, TileConfig, tuned_tiles
+from vllm.kernel_configs.tile_config import (FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig, Int4TileConfig,
+                                             LoRALinearTileConfig, MoELoRATileConfig, Mxfp4TileConfig, TileConfig,
+                                             tuned_tiles)
+
+ALL = [TileConfig, Int4TileConfig, Mxfp4TileConfig, MoELoRATileConfig, LoRALinearTileConfig, FusedLinearLoRATileConfig,
+       FusedLinearLoRABatchTileConfig]
 
 
-@pytest.mark.parametrize("cls", [TileConfig, MoELoRATileConfig])
+@pytest.mark.parametrize("cls", ALL)
 def test_json_round_trip(cls):
     rng = random.Random(0)
     for _ in range(20):
-        values = {f.name: rng.choice([1, 2, 4, 16, 64, 256]) for f in dataclasses.fields(cls)}
+        values = {f.name: rng.choice([False, True] if f.name in cls.FLAGS else [1, 2, 4, 16, 64, 256])
+                  for f in dataclasses.fields(cls)}
         cfg = cls(**values)
         js = cfg.to_json()
         assert list(js) == list(cls.JSON_KEYS)  # every key, in the documented order
@@ -54,6 +60,36 @@ def test_bad_entries_name_their_source(entry, match):
     with pytest.raises(ValueError, match=match) as info:
         TileConfig.from_json(entry, source="my_file.json")
     assert str(info.value).startswith("my_file.json: ")
+
+
+def test_4bit_configs_extend_the_gemm_tiles():
+    int4 = Int4TileConfig(16, 32, 128, split_k=2, unpack=3)
+    assert int4.to_json() == {**TileConfig(16, 32, 128, split_k=2).to_json(), "UNPACK": 3}
+    mx = Mxfp4TileConfig.from_json({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "DECODE_ASM": 0})
+    assert mx == Mxfp4TileConfig(16, 64, 128, decode_asm=0) and Mxfp4TileConfig(16, 64, 128).decode_asm == 1
+    assert Int4TileConfig(16, 32, 128) != TileConfig(16, 32, 128)  # a distinct type, not just more fields
+    # the mode switches may be 0, nothing below
+    with pytest.raises(ValueError, match="unpack must be a non-negative int"):
+        Int4TileConfig(16, 32, 32, unpack=-1)
+    with pytest.raises(ValueError, match="num_stages must be a positive int"):
+        Mxfp4TileConfig(16, 32, 32, num_stages=0, decode_asm=0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['UNPACK'\]"):  # each kernel its own keys
+        Mxfp4TileConfig.from_json({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "UNPACK": 0})
+    # the bf16 GEMM refuses a 4-bit GEMM's config (its extra field would be ignored there)
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_tile_config
+
+    with pytest.raises(TypeError, match="Int4TileConfig"):
+        check_tile_config(Int4TileConfig(16, 32, 32))
+
+
+def test_flags_are_bools():
+    cfg = LoRALinearTileConfig.from_json({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "token_path": True})
+    assert cfg.token_path is True and cfg.to_json()["token_path"] is True
+    with pytest.raises(ValueError, match="token_path=1 must be true or false"):
+        LoRALinearTileConfig.from_json({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "token_path": 1}, source="f")
+    with pytest.raises(ValueError, match="shrink_in_loop must be a bool"):
+        FusedLinearLoRATileConfig(16, 64, shrink_in_loop=1)
+    assert FusedLinearLoRABatchTileConfig(32, 16, 64, loop_slots=0).loop_slots == 0  # 0: every shrink after the loop
 
 
 def test_frozen_and_checked_on_construction():

@@ -23,7 +23,7 @@ from vllm.triton_utils import next_power_of_2  # noqa: E402
 
 def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int):
     """``cfg``: a sweep config (keys it lacks: the default's, at 4 slots) or the heuristic's."""
-    cfg = dict(batch_config(T, 2048, 5120, 16, DTYPES[dtype], 4), **cfg)
+    cfg = dict(batch_config(T, 2048, 5120, 16, DTYPES[dtype], 4).to_json(), **cfg)
     fn = fused_linear_lora_batch_kernel
     ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")}
     ptrs.update(mapping_ptr="i32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32")
@@ -46,7 +46,7 @@ def variants(sweep: bool) -> list[tuple]:
     cases += [(dt, 64, *shapes[0]) for dt in ("fp16", "fp32")]  # the other dtypes at one shape
     out = []
     for dt, T, K, N in cases:
-        v = (dt, batch_config(T, K, N, 16, DTYPES[dt]), T, True, 3)
+        v = (dt, batch_config(T, K, N, 16, DTYPES[dt]).to_json(), T, True, 3)
         if v not in out:
             out.append(v)
     if sweep:

@@ -50,7 +50,7 @@ def main() -> None:
     shapes = [(2048, 5120), (4096, 2048), (2048, 128)]
     variants = []
     for dt, (K, N) in itertools.product(DTYPES, shapes):
-        v = (dt, fused_linear_lora_config(1, K, N, 16, DTYPES[dt]), True, 3)
+        v = (dt, fused_linear_lora_config(1, K, N, 16, DTYPES[dt]).to_json(), True, 3)
         if v not in variants:
             variants.append(v)
     if "--sweep" in sys.argv[1:]:

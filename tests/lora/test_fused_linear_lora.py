@@ -10,13 +10,22 @@ import pytest
 import torch
 
 from tests.utils import assert_close
+from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
 from vllm.lora.ops.torch_ops.lora_linear import lora_linear_reference
-from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora
+from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora, fused_linear_lora_config
 
 L, R = 4, 16
 SMALL_TILES = dict(BLOCK_N=16, BLOCK_K=16)  # several programs, tiles across slice borders, several K tiles
 # tile configs tried: the default, small tiles, and small tiles with every shrink after the main loop
 TILES = {"default": None, "small": SMALL_TILES, "small_shrink_after": dict(SMALL_TILES, SHRINK_IN_LOOP=False)}
+
+
+def tiles_config(tiles: str, x: torch.Tensor, w: torch.Tensor):
+    """The heuristic's config with ``TILES[tiles]`` (JSON keys) over it; None for the default."""
+    if TILES[tiles] is None:
+        return None
+    base = fused_linear_lora_config(x.shape[0], x.shape[1], w.shape[0], R, x.dtype)
+    return FusedLinearLoRATileConfig.from_json(TILES[tiles], source=f"TILES[{tiles!r}]", base=base)
 
 
 def make_case(T, K, widths, dtype, device, *, bias=True, seed=0):
@@ -62,7 +71,7 @@ ENABLED = [1, 1, 1, 0]  # slot 3 holds weights but is disabled
 def test_matches_reference(T, K, widths, bias, dtype, tiles, device):
     x, w, b, lora_a, lora_b, mapping = make_case(T, K, widths, dtype, device, bias=bias)
     enabled = torch.tensor(ENABLED, dtype=torch.int32, device=device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=tiles_config(tiles, x, w))
     want = reference(x, w, b, lora_a, lora_b, mapping, enabled)
     assert y.dtype == dtype and y.shape == (T, sum(widths))
     assert_close(y.float().cpu(), want.float(), dtype)
@@ -77,8 +86,8 @@ def test_rows_without_adapter_are_the_base_bit_for_bit(dtype, tiles, device):
     """Tokens of slot -1 or of a disabled slot get exactly what the kernel gives with no adapter at all."""
     x, w, b, lora_a, lora_b, mapping = make_case(16, 40, [24, 8, 8], dtype, device, seed=1)
     enabled = torch.tensor(ENABLED, dtype=torch.int32, device=device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
-    base = fused_linear_lora(x, w, b, lora_a, lora_b, torch.full_like(mapping, -1), config=TILES[tiles])
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=tiles_config(tiles, x, w))
+    base = fused_linear_lora(x, w, b, lora_a, lora_b, torch.full_like(mapping, -1), config=tiles_config(tiles, x, w))
     assert_close(base.float().cpu(), (x.double() @ w.double().T + b.double()).float().cpu(), dtype)
     plain = (mapping < 0) | (mapping == 3)
     assert plain.any() and (~plain).any()
@@ -92,7 +101,8 @@ def test_output_offsets_and_out(device):
     w = torch.cat([w, torch.randn(9, 32, device=device)])  # 33 columns: slices at 4 and 25, the rest base
     b = torch.cat([b, torch.randn(9, device=device)])
     out = torch.full((5, 33), float("nan"), device=device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, output_offsets=[4, 25], out=out, config=SMALL_TILES)
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, output_offsets=[4, 25], out=out,
+                          config=tiles_config("small", x, w))
     assert y.data_ptr() == out.data_ptr()
     assert_close(out.cpu(), reference(x, w, b, lora_a, lora_b, mapping, offsets=[4, 25]).float(), torch.float32)
 
@@ -126,8 +136,11 @@ def test_bad_inputs_raise_clear_errors(device):
         fused_linear_lora(x, w, b, tuple(a.clone() for a in lora_a), lora_b, mapping)
     with pytest.raises(ValueError, match="covers columns"):
         fused_linear_lora(x, w, b, lora_a, lora_b, mapping, output_offsets=[0, 20])
-    with pytest.raises(ValueError, match="unknown fused_linear_lora config keys"):
-        fused_linear_lora(x, w, b, lora_a, lora_b, mapping, config={"BLOCK_M": 16})
+    with pytest.raises(TypeError, match="at 3 <= 16 tokens config must be a FusedLinearLoRATileConfig"):
+        fused_linear_lora(x, w, b, lora_a, lora_b, mapping,  # the batch path's tiles
+                          config=FusedLinearLoRABatchTileConfig(16, 16, 16, loop_slots=1))
+    with pytest.raises(TypeError, match="FusedLinearLoRATileConfig"):  # a dict (a misspelt key would be lost)
+        fused_linear_lora(x, w, b, lora_a, lora_b, mapping, config={"BLOCK_N": 16})
     assert fused_linear_lora(x[:0], w, b, lora_a, lora_b, mapping).shape == (0, 24)
 
 

@@ -11,8 +11,9 @@ import torch
 
 from tests.lora.test_fused_linear_lora import ENABLED, L, make_case, reference
 from tests.utils import assert_close
+from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
 from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora
-from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
+from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS, batch_config
 from vllm.lora.ops.triton_ops.lora_linear import lora_linear_metadata
 
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # several row / column / K tiles
@@ -20,6 +21,14 @@ SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # several row / column /
 TILES = {"default": None, "small": SMALL_TILES, "small_one_in_loop": dict(SMALL_TILES, LOOP_SLOTS=1),
          "small_two_in_loop": dict(SMALL_TILES, LOOP_SLOTS=2),
          "small_shrink_after": dict(SMALL_TILES, LOOP_SLOTS=0)}
+
+
+def tiles_config(tiles: str, x: torch.Tensor, w: torch.Tensor, lora_a):
+    """The heuristic's config with ``TILES[tiles]`` (JSON keys) over it; None for the default."""
+    if TILES[tiles] is None:
+        return None
+    base = batch_config(x.shape[0], x.shape[1], w.shape[0], lora_a[0].shape[1], x.dtype, lora_a[0].shape[0])
+    return FusedLinearLoRABatchTileConfig.from_json(TILES[tiles], source=f"TILES[{tiles!r}]", base=base)
 
 
 def _enabled(device):
@@ -36,7 +45,8 @@ def _enabled(device):
 def test_matches_reference(T, K, widths, bias, dtype, tiles, device):
     x, w, b, lora_a, lora_b, mapping = make_case(T, K, widths, dtype, device, bias=bias, seed=T)
     enabled = _enabled(device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled,
+                          config=tiles_config(tiles, x, w, lora_a))
     want = reference(x, w, b, lora_a, lora_b, mapping, enabled)
     assert y.dtype == dtype and y.shape == (T, sum(widths))
     assert_close(y.float().cpu(), want.float(), dtype)
@@ -59,12 +69,14 @@ def test_slot_runs_across_tile_borders(dtype, tiles, device):
     x, w, b, lora_a, lora_b, _ = make_case(30, 32, [16, 8, 8], dtype, device, seed=3)
     mapping = _border_mapping(device)
     enabled = _enabled(device)
-    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled, config=TILES[tiles])
+    y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=enabled,
+                          config=tiles_config(tiles, x, w, lora_a))
     assert_close(y.float().cpu(), reference(x, w, b, lora_a, lora_b, mapping, enabled).float(), dtype)
     # rows without an (enabled) slot: exactly the kernel's result with every slot disabled (the same tiles:
     # the grouping does not look at adapter_enabled; a row's base may depend on its place in a tile)
     off = torch.zeros_like(enabled)
-    base = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=off, config=TILES[tiles])
+    base = fused_linear_lora(x, w, b, lora_a, lora_b, mapping, adapter_enabled=off,
+                             config=tiles_config(tiles, x, w, lora_a))
     assert_close(base.float().cpu(), reference(x, w, b, lora_a, lora_b, torch.full_like(mapping, -1)).float(), dtype)
     plain = (mapping < 0) | (mapping == 3)
     assert torch.equal(y[plain], base[plain])
@@ -86,10 +98,11 @@ def test_step_grouping_of_fewer_tokens_than_rows(tiles, device):
     enabled = _enabled(device)
     out = torch.full((T, 32), float("nan"), device=device)
     y = fused_linear_lora(x, w, b, lora_a, lora_b, mapping[:T], adapter_enabled=enabled, meta=meta, out=out,
-                          config=TILES[tiles])
+                          config=tiles_config(tiles, x, w, lora_a))
     assert_close(y.cpu(), reference(x, w, b, lora_a, lora_b, mapping[:T], enabled).float(), torch.float32)
     # the same rows as with the op's own grouping of all T rows (each row is computed alone)
-    own = fused_linear_lora(x, w, b, lora_a, lora_b, mapping[:T], adapter_enabled=enabled, config=TILES[tiles])
+    own = fused_linear_lora(x, w, b, lora_a, lora_b, mapping[:T], adapter_enabled=enabled,
+                            config=tiles_config(tiles, x, w, lora_a))
     assert torch.equal(y, own)
 
 
@@ -104,7 +117,7 @@ def test_rounded_once(device):
     b = torch.zeros(2, 16, 16, dtype=torch.float16, device=device)
     b[:, :, 0] = 1
     mapping = torch.tensor([0, 1, -1, 1] * 5, dtype=torch.int32, device=device)
-    y = fused_linear_lora(x, w, None, (a,), (b,), mapping, config=SMALL_TILES)
+    y = fused_linear_lora(x, w, None, (a,), (b,), mapping, config=tiles_config("small", x, w, (a,)))
     want = torch.where(mapping[:, None].cpu() >= 0, 1 + ulp, 1.0).expand(20, 16).to(torch.float16)
     assert torch.equal(y.cpu(), want)
 
@@ -121,8 +134,11 @@ def test_bad_inputs_raise_clear_errors(device):
     meta.slot_counts = meta.slot_counts[:2]
     with pytest.raises(ValueError, match="slot_counts"):
         fused_linear_lora(x, w, b, lora_a, lora_b, mapping, meta=meta)
-    with pytest.raises(ValueError, match="unknown fused_linear_lora config keys"):
-        fused_linear_lora(x, w, b, lora_a, lora_b, mapping, config={"BLOCK_T": 16})
+    with pytest.raises(TypeError, match="at 20 > 16 tokens config must be a FusedLinearLoRABatchTileConfig"):
+        fused_linear_lora(x, w, b, lora_a, lora_b, mapping, config=FusedLinearLoRATileConfig(16, 16))
+    with pytest.raises(ValueError, match="LOOP_SLOTS must be 0, 1, 2, 4 or 8, got 3"):
+        fused_linear_lora(x, w, b, lora_a, lora_b, mapping,
+                          config=FusedLinearLoRABatchTileConfig(16, 16, 16, loop_slots=3))
 
 
 def test_kernel_compiles_for_hopper():

@@ -4,12 +4,21 @@ Cases include 0, 1 and odd token counts, tokens without adapter, all tokens on
 one slot, a disabled slot, unequal slices (q/k/v) that are views of one buffer
 (one launch), separate slice tensors (one launch per slice) and output offsets.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from tests.utils import assert_close
+from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.torch_ops.lora_linear import add_lora_linear_torch, lora_linear_reference
-from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_metadata
+from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_config, lora_linear_metadata
+
+def _on_path(x, a, b, token: bool) -> LoRALinearTileConfig:
+    """The heuristic's tiles, on the path the test picks."""
+    cfg = lora_linear_config(x.shape[0], x.shape[1], max(t.shape[1] for t in b), a[0].shape[1], len(a), x.dtype)
+    return dataclasses.replace(cfg, token_path=token)
+
 
 # (tokens, K, slice widths, L, R, mapping mode, one buffer for all slices)
 CASES = [
@@ -65,7 +74,7 @@ def test_triton_matches_reference(T, K, widths, L, R, mode, one_buffer, dtype, p
         pytest.skip("interpreter time: larger fp16 cases run on the GPU")
     x, a, b, y, offsets, mapping = make_case(T, K, widths, L, R, mode, one_buffer, dtype, device)
     want = _expected(x, a, b, y, offsets, mapping)
-    add_lora_linear(y, x, a, b, mapping, output_offsets=offsets, config={"token_path": path == "token"})
+    add_lora_linear(y, x, a, b, mapping, output_offsets=offsets, config=_on_path(x, a, b, path == "token"))
     assert_close(y.float().cpu(), want.float(), dtype)
 
 
@@ -89,7 +98,7 @@ def test_disabled_slot_and_untouched_rows(impl, device):
         add_lora_linear_torch(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets)
     else:
         add_lora_linear(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets,
-                        config={"token_path": impl == "triton_token"})
+                        config=_on_path(x, a, b, impl == "triton_token"))
     assert_close(y.float().cpu(), want.float(), torch.float32)
     untouched = (mapping < 0) | (enabled[mapping.clamp(min=0).long()] == 0)
     assert torch.equal(y[untouched], y0[untouched])
@@ -111,7 +120,7 @@ def test_shrink_is_not_rounded_before_expand(impl, device):
     if impl == "torch":
         add_lora_linear_torch(y, x, a, b, mapping)
     else:
-        add_lora_linear(y, x, a, b, mapping, config={"token_path": impl == "triton_token"})
+        add_lora_linear(y, x, a, b, mapping, config=_on_path(x, a, b, impl == "triton_token"))
     assert torch.equal(y.cpu(), torch.full((2, 4), 1.0 + 2.0**-10))
 
 
@@ -130,6 +139,11 @@ def test_bad_arguments_are_rejected():
         add_lora_linear(y, x, a, b, mapping, output_offsets=[y.shape[1] - 4])
     with pytest.raises(ValueError, match="dtype"):
         add_lora_linear(y, x.half(), a, b, mapping)
+    # a config is typed: a dict (whose misspelt key would be dropped) is refused, and so are tiles Triton cannot take
+    with pytest.raises(TypeError, match="LoRALinearTileConfig"):
+        add_lora_linear(y, x, a, b, mapping, config={"tokenpath": False})
+    with pytest.raises(ValueError, match="BLOCK_N=24"):
+        add_lora_linear(y, x, a, b, mapping, config=dataclasses.replace(_on_path(x, a, b, True), block_n=24))
 
 
 @pytest.mark.cuda

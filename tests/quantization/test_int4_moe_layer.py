@@ -1,5 +1,7 @@
 """The int4 FusedMoE layer (Int4MoEMethod + MarlinExperts / TorchInt4Experts) without LoRA against an
 fp32 loop reference on the dequantised weights; TP and EP loading; the packed storage."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,13 +136,11 @@ def test_marlin_split_k_path(ep, unsorted, monkeypatch, device):
     splits, routes = [], []
 
     def split_cfg(*args, **kw):
-        cfg = get_cfg(*args, **kw)
-        cfg.update(SPLIT_K=4, BLOCK_SIZE_K=16)
-        return cfg
+        return dataclasses.replace(get_cfg(*args, **kw), split_k=4, block_size_k=16)
 
     def poisoned(a, w, out, **kw):
         kw["split_buffer"] = torch.full((4 * out.numel(),), float("nan"), device=out.device)
-        splits.append(kw["config"]["SPLIT_K"])
+        splits.append(kw["config"].split_k)
         routes.append(kw)
         return invoke(a, w, out, **kw)
 

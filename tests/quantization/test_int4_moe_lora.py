@@ -1,5 +1,7 @@
 """Int4 FusedMoE + LoRA (MarlinExperts / TorchInt4Experts at the two seams) against the fp32 loop
 reference on the dequantised weights; the LoRA deltas read the unquantized activations."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -110,8 +112,8 @@ def test_int4_moe_lora_split_k_path(monkeypatch, device):
     import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
 
     get_cfg, invoke, seen = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm, []
-    monkeypatch.setattr(mod, "get_int4_moe_config", lambda *a, **kw: dict(get_cfg(*a, **kw), SPLIT_K=2,
-                                                                          BLOCK_SIZE_K=16))
+    monkeypatch.setattr(mod, "get_int4_moe_config", lambda *a, **kw: dataclasses.replace(get_cfg(*a, **kw), split_k=2,
+                                                                                         block_size_k=16))
     monkeypatch.setattr(mod, "invoke_int4_moe_gemm", lambda *a, **kw: seen.append(kw) or invoke(*a, **kw))
     E, top_k, H, I, group = 8, 2, 64, 32, 16
     gen = torch.Generator().manual_seed(9)

@@ -12,8 +12,8 @@ token count is nearest to the batch is used:
 
     {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, ...}, "64": {...}, ...}
 
-Kernels with a typed tile config (``tile_config.py``: ``TileConfig``, the MoE LoRA
-``MoELoRATileConfig``) read an entry through ``tile_config.tuned_tiles``: an entry may
+Kernels with a typed tile config (``tile_config.py``: ``TileConfig``, the 4-bit GEMMs'
+``Int4TileConfig`` / ``Mxfp4TileConfig``, the MoE LoRA ``MoELoRATileConfig``) read an entry through ``tile_config.tuned_tiles``: an entry may
 hold some keys only (the heuristic gives the rest); an unknown key is an error naming
 the file.
 

@@ -10,7 +10,8 @@ forms meet only in ``from_json`` / ``to_json``:
     TileConfig.from_json({"BLOCK_SIZE_N": 32}, base=cfg)   # cfg with block_size_n=32
     tuned_tiles(cfg, "fused_moe_gemm", {"E": 8, "N": 96, "K": 64}, 16, "NVIDIA H200")
 
-An unknown key, a non-integer value or a value below 1 is a ``ValueError`` that
+An unknown key, a non-integer value or a value below 1 (below 0 for the mode
+switches in ``ZERO_OK``; true / false for the ``FLAGS``) is a ``ValueError`` that
 names where the entry came from (the tuned file), never silently dropped.  Kernel
 specific rules (powers of two, what a kernel cannot do) are checked by the kernel's
 launcher.
@@ -30,11 +31,21 @@ class JsonTiles:
 
     #: JSON key -> field name, in the order ``to_json`` writes them
     JSON_KEYS: ClassVar[Mapping[str, str]] = {}
+    #: fields that may also be 0 (mode switches such as ``unpack``; their ranges are the launcher's to check)
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset()
+    #: bool fields (JSON true / false), e.g. a path switch
+    FLAGS: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, v in self.__dict__.items():  # the fields (no ClassVars in an instance's __dict__)
-            if type(v) is not int or v < 1:  # bool is an int subclass: rejected too
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
+            if name in self.FLAGS:
+                if type(v) is not bool:
+                    raise ValueError(f"{type(self).__name__}.{name} must be a bool, got {v!r}")
+                continue
+            lowest = 0 if name in self.ZERO_OK else 1
+            if type(v) is not int or v < lowest:  # bool is an int subclass: rejected too
+                kind = "a non-negative" if lowest == 0 else "a positive"
+                raise ValueError(f"{type(self).__name__}.{name} must be {kind} int, got {v!r}")
 
     @classmethod
     def from_json(cls: type[T], entry: Mapping[str, Any], *, source: str = "tile config",
@@ -49,22 +60,25 @@ class JsonTiles:
                              f"known keys: {list(cls.JSON_KEYS)}")
         values = {}
         for key, v in entry.items():
-            if type(v) is not int:
+            name = cls.JSON_KEYS[key]
+            if name in cls.FLAGS and type(v) is not bool:
+                raise ValueError(f"{source}: {key}={v!r} must be true or false")
+            if name not in cls.FLAGS and type(v) is not int:
                 raise ValueError(f"{source}: {key}={v!r} must be an integer")
-            values[cls.JSON_KEYS[key]] = v
+            values[name] = v
         try:
             return dataclasses.replace(base, **values) if base is not None else cls(**values)
         except (TypeError, ValueError) as exc:  # a required key missing, or a value below 1
             raise ValueError(f"{source}: {exc}") from None
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, Any]:
         """The JSON form (every key), as a tuned file stores it."""
         return {key: getattr(self, name) for key, name in self.JSON_KEYS.items()}
 
 
 @dataclass(frozen=True)
 class TileConfig(JsonTiles):
-    """Tiles of a grouped expert GEMM (``fused_moe_gemm``; the 4-bit GEMMs use the same keys).
+    """Tiles of a grouped expert GEMM (``fused_moe_gemm``; the 4-bit GEMMs' configs below extend it).
 
     block_size_m is also the block size of the expert alignment the GEMM reads.
     group_size_m: M-blocks that sweep the N tiles together (L2 reuse of a weight slice).
@@ -83,6 +97,36 @@ class TileConfig(JsonTiles):
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "GROUP_SIZE_M": "group_size_m", "SPLIT_K": "split_k", "num_warps": "num_warps", "num_stages": "num_stages",
     }
+
+
+_GEMM_KEYS = TileConfig.JSON_KEYS
+
+
+@dataclass(frozen=True)
+class Int4TileConfig(TileConfig):
+    """Tiles of the int4 (W4A16) grouped GEMM (``int4_moe_gemm.py``): ``TileConfig``'s, and
+
+    unpack: how the kernel unpacks the 4-bit codes, 0-3 (read ``_int4_moe_gemm_kernel.py``).
+    A distinct class: the bf16 GEMM's launcher refuses it (its ``unpack`` would mean nothing there).
+    """
+
+    unpack: int = 0
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "UNPACK": "unpack"}
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"unpack"})
+
+
+@dataclass(frozen=True)
+class Mxfp4TileConfig(TileConfig):
+    """Tiles of the MXFP4 grouped GEMM (``mxfp4_moe_gemm.py``): ``TileConfig``'s, and
+
+    decode_asm: 1 = decode the codes with packed PTX where it can (bf16 on CUDA), 0 = portable Triton.
+    """
+
+    decode_asm: int = 1
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "DECODE_ASM": "decode_asm"}
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"decode_asm"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +148,71 @@ class MoELoRATileConfig(JsonTiles):
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
     }
+
+
+@dataclass(frozen=True)
+class LoRALinearTileConfig(JsonTiles):
+    """Tiles of the dense multi-LoRA op (``vllm/lora/ops/triton_ops/lora_linear.py``).
+
+    token_path: one program per (token, slice, N-split), no grouping (small batches); else the slot-sorted
+    path on tensor cores, whose M-blocks are block_m tokens.
+    num_n_splits: programs sharing one block's (or token's) N range.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_n_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    token_path: bool = False
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "NUM_N_SPLITS": "num_n_splits",
+        "num_warps": "num_warps", "num_stages": "num_stages", "token_path": "token_path",
+    }
+    FLAGS: ClassVar[frozenset[str]] = frozenset({"token_path"})
+
+
+@dataclass(frozen=True)
+class FusedLinearLoRATileConfig(JsonTiles):
+    """Tiles of the fused projection + LoRA op up to 16 tokens (``triton_ops/fused_linear_lora.py``).
+
+    shrink_in_loop: one (slice, slot) shrink accumulated in the main K loop (read the kernel).
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    shrink_in_loop: bool = True
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_N": "block_n", "BLOCK_K": "block_k", "num_warps": "num_warps", "num_stages": "num_stages",
+        "SHRINK_IN_LOOP": "shrink_in_loop",
+    }
+    FLAGS: ClassVar[frozenset[str]] = frozenset({"shrink_in_loop"})
+
+
+@dataclass(frozen=True)
+class FusedLinearLoRABatchTileConfig(JsonTiles):
+    """Tiles of the fused projection + LoRA op for 17..256 tokens (``triton_ops/fused_linear_lora_batch.py``).
+
+    loop_slots: how many distinct slots of a tile are shrunk inside the main loop (0, 1, 2, 4 or 8).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    loop_slots: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {
+        "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "LOOP_SLOTS": "loop_slots",
+        "num_warps": "num_warps", "num_stages": "num_stages",
+    }
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"loop_slots"})
 
 
 def tuned_tiles(base: T, op: str, key: Mapping[str, Any], num_tokens: int, device_name: str, *,

@@ -24,12 +24,13 @@ computed by the subclass's ``_add_lora_linear`` from the same per-step mapping.
 """
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Collection, Optional, Protocol, Sequence
 
 import torch
+
+from vllm.lora.ops.slices import slice_offsets
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -243,11 +244,10 @@ class PunicaWrapperBase(ABC):
         """
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if output_offsets is None:
-            output_offsets = list(itertools.accumulate([b.shape[1] for b in lora_b_stacked][:-1], initial=offset_start))
+        offsets = slice_offsets([b.shape[1] for b in lora_b_stacked], output_offsets, offset_start)
         self._add_lora_linear(y2, x2, tuple(lora_a_stacked), tuple(lora_b_stacked),
                               token_lora_mapping=self._mapping_for(x2.shape[0]), adapter_enabled=adapter_enabled,
-                              output_offsets=list(output_offsets))
+                              output_offsets=offsets)
 
     def _add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple, *,
                          token_lora_mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor],

@@ -17,18 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-
-def slice_offsets(n_sizes: Sequence[int], output_offsets: Optional[Sequence[int]], offset_start: int = 0) -> list[int]:
-    """First output column of each slice: ``output_offsets`` or the running sum of the slice widths."""
-    if output_offsets is not None:
-        if len(output_offsets) != len(n_sizes):
-            raise ValueError(f"{len(output_offsets)} output offsets for {len(n_sizes)} slices")
-        return [int(o) for o in output_offsets]
-    offs, acc = [], offset_start
-    for n in n_sizes:
-        offs.append(acc)
-        acc += int(n)
-    return offs
+from vllm.lora.ops.slices import slice_offsets
 
 
 def _enabled_slots(token_lora_mapping: torch.Tensor, num_tokens: int, max_loras: int,

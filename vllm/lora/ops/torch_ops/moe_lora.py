@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import torch
 
 from vllm.lora.ops.moe_lora_align import lora_virtual_expert_ids
+from vllm.lora.ops.slices import slice_offsets
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -35,8 +36,9 @@ def _as_list(stacked: Stacked) -> list[torch.Tensor]:
 
 
 def _columns(n_sizes: list[int], n_offset: int, slice_stride: Optional[int]) -> list[int]:
-    """First output column of each slice."""
-    return [n_offset + (s * slice_stride if slice_stride is not None else sum(n_sizes[:s])) for s in range(len(n_sizes))]
+    """First output column of each slice: ``slice_stride`` apart when given, else packed."""
+    widths = [slice_stride] * len(n_sizes) if slice_stride is not None else n_sizes
+    return slice_offsets(widths, None, n_offset)
 
 
 def _groups(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L: int, E: int

@@ -41,14 +41,14 @@ values: safe inside CUDA graphs.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-# slice_offsets through the dense LoRA op's module: a Triton-side module imports no torch-side one
+from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
+from vllm.lora.ops.slices import slice_offsets
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS, launch_batch
-from vllm.lora.ops.triton_ops.lora_linear import (SMALL_BATCH_TOKENS, LoRALinearMetadata, _check, _slice_stride,
-                                                  slice_offsets)
+from vllm.lora.ops.triton_ops.lora_linear import SMALL_BATCH_TOKENS, LoRALinearMetadata, _check, _slice_stride
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
@@ -56,8 +56,10 @@ _MIN_PROGRAMS = 132  # one per SM of an H100 / H200: fewer cannot stream W at fu
 _BLOCK_T = 16  # token rows of every program (a dot needs 16; padding rows are masked)
 
 
-def fused_linear_lora_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Tiles of one launch (a plain dict; override any key through ``config=``).
+def fused_linear_lora_config(num_tokens: int, K: int, N: int, R: int,
+                             dtype: torch.dtype) -> FusedLinearLoRATileConfig:
+    """Tiles of one launch up to ``SMALL_BATCH_TOKENS`` tokens (``config=`` takes it, changed by
+    ``dataclasses.replace``).
 
     On a GPU: the widest BLOCK_N in 64 / 32 / 16 that still gives one program per SM
     (qkv of Qwen3-30B-A3B, N = 5120: 32; o, N = 2048: 16), BLOCK_K 256 (128 in fp32).
@@ -67,11 +69,12 @@ def fused_linear_lora_config(num_tokens: int, K: int, N: int, R: int, dtype: tor
     del num_tokens, R  # the tiles do not depend on them yet (T <= 16 is one token block)
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: few programs, one K tile
-        return dict(BLOCK_N=min(n_cap, 128), BLOCK_K=min(k_cap, 512), num_warps=4, num_stages=1,
-                    SHRINK_IN_LOOP=True)
+        return FusedLinearLoRATileConfig(block_n=min(n_cap, 128), block_k=min(k_cap, 512), num_warps=4,
+                                         num_stages=1, shrink_in_loop=True)
     block_n = next((bn for bn in (64, 32) if -(-N // bn) >= _MIN_PROGRAMS), 16)
     block_k = min(k_cap, 128 if dtype == torch.float32 else 256)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4, SHRINK_IN_LOOP=True)
+    return FusedLinearLoRATileConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=4,
+                                     shrink_in_loop=True)
 
 
 def _check_base(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor],
@@ -98,12 +101,14 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       token_lora_mapping: torch.Tensor, *, adapter_enabled: Optional[torch.Tensor] = None,
                       output_offsets: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None,
                       meta: Optional[LoRALinearMetadata] = None,
-                      config: Optional[dict[str, Any]] = None) -> torch.Tensor:
+                      config: Optional[Union[FusedLinearLoRATileConfig,
+                                             FusedLinearLoRABatchTileConfig]] = None) -> torch.Tensor:
     """y = x @ weight^T (+ bias) + LoRA delta, one launch (see the module docstring); returns y.
 
     ``meta`` (above ``SMALL_BATCH_TOKENS`` tokens, else unused): the tokens grouped by slot, as
     ``lora_linear_metadata`` makes them, for the first n <= T tokens of the mapping (rows past n must be on
-    slot -1); ``config``: tiles of the path the token count picks."""
+    slot -1); ``config``: tiles of the path the token count picks (a ``FusedLinearLoRATileConfig`` up to
+    ``SMALL_BATCH_TOKENS`` tokens, a ``FusedLinearLoRABatchTileConfig`` above; default the heuristic's)."""
     from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import fused_linear_lora_kernel
 
     _check_base(x, weight, bias, out, token_lora_mapping, adapter_enabled)
@@ -128,15 +133,14 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                      stride_as, stride_bs, meta, config)
         return y
     L, R = a_list[0].shape[:2]
-    cfg = fused_linear_lora_config(T, K, N, R, x.dtype)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown fused_linear_lora config keys {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(config or {})
+    cfg = config if config is not None else fused_linear_lora_config(T, K, N, R, x.dtype)
+    if not isinstance(cfg, FusedLinearLoRATileConfig):
+        raise TypeError(f"at {T} <= {SMALL_BATCH_TOKENS} tokens config must be a FusedLinearLoRATileConfig "
+                        f"(fused_linear_lora_config, changed by dataclasses.replace), got {type(cfg).__name__}")
     interp = triton_interpreting()
     pad = 3 - S
     a, b = a_list[0], b_list[0]
-    grid = (-(-N // cfg["BLOCK_N"]),)
+    grid = (-(-N // cfg.block_n),)
     fused_linear_lora_kernel[grid](
         x, weight, bias if bias is not None else weight, a, b, y, token_lora_mapping,
         adapter_enabled if adapter_enabled is not None else token_lora_mapping,
@@ -145,7 +149,7 @@ def fused_linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         stride_as, *a.stride(), stride_bs, *b.stride(), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_ENABLED=adapter_enabled is not None, NUM_SLICES=S if R > 0 else 0,
         UPCAST=interp, BASE_PRECISION="ieee", FP32_PRECISION="ieee" if interp else "tf32x3",
-        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, SHRINK_IN_LOOP=bool(cfg["SHRINK_IN_LOOP"]),
-        BLOCK_T=_BLOCK_T, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, SHRINK_IN_LOOP=cfg.shrink_in_loop,
+        BLOCK_T=_BLOCK_T, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(R),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

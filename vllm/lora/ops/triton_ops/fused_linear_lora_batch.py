@@ -13,10 +13,11 @@ a slot are found from the mapping inside the kernel.  No host reads of device va
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig
 from vllm.lora.ops.triton_ops.lora_linear import LoRALinearMetadata, lora_linear_metadata
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
@@ -25,10 +26,12 @@ BATCH_MAX_TOKENS = 256  # largest batch of the fused op (the sorted-order tail l
 _MIN_PROGRAMS = 132  # one per SM of an H100 / H200: fewer cannot stream W at full bandwidth
 
 
-def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype, max_loras: int = 4) -> dict[str, Any]:
-    """Tiles of one launch (a plain dict; override any key through ``config=``).
+def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype,
+                 max_loras: int = 4) -> FusedLinearLoRABatchTileConfig:
+    """Tiles of one launch (``fused_linear_lora``'s ``config=`` takes it above 16 tokens, changed by
+    ``dataclasses.replace``).
 
-    ``LOOP_SLOTS`` (0, 1, 2, 4 or 8): how many distinct slots of a tile are shrunk inside the main loop
+    ``loop_slots`` (0, 1, 2, 4 or 8): how many distinct slots of a tile are shrunk inside the main loop
     (one dot for all; the others after it, each re-reading x): min(max_loras rounded up to a power of
     two, 4).
 
@@ -40,16 +43,17 @@ def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype, ma
     loop_slots = min(next_power_of_2(max(max_loras, 1)), 4)
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: few programs, one K tile
-        return dict(BLOCK_M=32 if num_tokens <= 32 else 64, BLOCK_N=min(n_cap, 128), BLOCK_K=min(k_cap, 256),
-                    num_warps=4, num_stages=1, LOOP_SLOTS=loop_slots)
+        return FusedLinearLoRABatchTileConfig(block_m=32 if num_tokens <= 32 else 64, block_n=min(n_cap, 128),
+                                              block_k=min(k_cap, 256), loop_slots=loop_slots, num_warps=4,
+                                              num_stages=1)
     block_m = 32 if num_tokens <= 32 else 64
     m_tiles = -(-num_tokens // block_m)
     block_n = next((bn for bn in (128, 64, 32) if m_tiles * -(-N // bn) >= _MIN_PROGRAMS), 16)
     block_k = min(k_cap, 32 if dtype == torch.float32 else 128)
     # 4 stages of the x, W and A tiles where they fit in an H100's shared memory (227 KB), else 3
     stage_bytes = (block_m + block_n + 16 * max(loop_slots, 1)) * block_k * dtype.itemsize
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-                num_stages=4 if 4 * stage_bytes <= 200 * 1024 else 3, LOOP_SLOTS=loop_slots)
+    return FusedLinearLoRABatchTileConfig(block_m=block_m, block_n=block_n, block_k=block_k, loop_slots=loop_slots,
+                                          num_warps=4, num_stages=4 if 4 * stage_bytes <= 200 * 1024 else 3)
 
 
 def _check_meta(meta: LoRALinearMetadata, T: int, L: int, device: torch.device) -> None:
@@ -65,7 +69,7 @@ def _check_meta(meta: LoRALinearMetadata, T: int, L: int, device: torch.device) 
 def launch_batch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a: torch.Tensor,
                  b: torch.Tensor, y: torch.Tensor, mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor],
                  n_sizes: list[int], offs: list[int], stride_as: int, stride_bs: int,
-                 meta: Optional[LoRALinearMetadata], config: Optional[dict[str, Any]]) -> None:
+                 meta: Optional[LoRALinearMetadata], config: Optional[FusedLinearLoRABatchTileConfig]) -> None:
     """One launch of the batch kernel; the arguments were checked by ``fused_linear_lora``.  ``a`` / ``b``:
     slice 0's A / B (the others at ``stride_as`` / ``stride_bs`` elements), ``y`` written in full."""
     from vllm.lora.ops.triton_ops._fused_linear_lora_batch_kernel import fused_linear_lora_batch_kernel
@@ -79,19 +83,17 @@ def launch_batch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if meta is None:
         meta = lora_linear_metadata(mapping[:T], L)
     _check_meta(meta, T, L, x.device)
-    cfg = batch_config(T, K, N, R, x.dtype, L)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown fused_linear_lora config keys {sorted(unknown)} at {T} tokens; "
-                         f"known: {sorted(cfg)}")
-    cfg.update(config or {})
-    loop_slots = int(cfg["LOOP_SLOTS"])
+    cfg = config if config is not None else batch_config(T, K, N, R, x.dtype, L)
+    if not isinstance(cfg, FusedLinearLoRABatchTileConfig):
+        raise TypeError(f"at {T} > 16 tokens config must be a FusedLinearLoRABatchTileConfig (batch_config, "
+                        f"changed by dataclasses.replace), got {type(cfg).__name__}")
+    loop_slots = cfg.loop_slots
     if loop_slots not in (0, 1, 2, 4, 8):
-        raise ValueError(f"config LOOP_SLOTS must be 0, 1, 2, 4 or 8, got {cfg['LOOP_SLOTS']}")
+        raise ValueError(f"config LOOP_SLOTS must be 0, 1, 2, 4 or 8, got {loop_slots}")
     interp = triton_interpreting()
     S = len(n_sizes)
     pad = 3 - S
-    grid = (-(-T // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))
+    grid = (-(-T // cfg.block_m), -(-N // cfg.block_n))
     fused_linear_lora_batch_kernel[grid](
         x, weight, bias if bias is not None else weight, a, b, y, mapping, meta.sorted_token_ids,
         meta.slot_counts, adapter_enabled if adapter_enabled is not None else mapping,
@@ -101,7 +103,7 @@ def launch_batch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         HAS_BIAS=bias is not None, HAS_ENABLED=adapter_enabled is not None, NUM_SLICES=S if R > 0 else 0,
         UPCAST=interp, BASE_PRECISION="ieee", FP32_PRECISION="ieee" if interp else "tf32x3",
         EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, LOOP_SLOTS=loop_slots,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank_block(R),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(R),
         BLOCK_C=rank_block(R) * max(loop_slots, 1),
         BLOCK_L=next_power_of_2(max(L, 2)), BLOCK_TAIL=next_power_of_2(max(T, 16)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)

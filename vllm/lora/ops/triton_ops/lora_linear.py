@@ -24,11 +24,12 @@ them so) run in one launch when S <= 3; otherwise one launch per slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from vllm.lora.ops.torch_ops.lora_linear import slice_offsets
+from vllm.kernel_configs.tile_config import LoRALinearTileConfig
+from vllm.lora.ops.slices import slice_offsets
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
@@ -72,13 +73,14 @@ def lora_linear_metadata(token_lora_mapping: torch.Tensor, max_loras: int,
     return out
 
 
-def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Tiles for one launch (a plain dict, overridable through ``config=``)."""
+def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
+                       dtype: torch.dtype) -> LoRALinearTileConfig:
+    """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
     token_path = num_tokens <= SMALL_BATCH_TOKENS
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
-        return dict(BLOCK_M=16 if num_tokens <= 64 else 32, BLOCK_N=min(n_cap, 512), BLOCK_K=min(k_cap, 512),
-                    NUM_N_SPLITS=1, num_warps=4, num_stages=1, token_path=token_path)
+        return LoRALinearTileConfig(block_m=16 if num_tokens <= 64 else 32, block_n=min(n_cap, 512),
+                                    block_k=min(k_cap, 512), num_stages=1, token_path=token_path)
     # BLOCK_M is always set: a caller may force the sorted path for a small batch through ``config=``
     block_m = 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
     if token_path:
@@ -87,8 +89,8 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
         programs = num_tokens * num_slices
         tiles = -(-N // block_n)
         splits = max(1, min(tiles, _TOKEN_TARGET_PROGRAMS // max(programs, 1)))
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4,
-                    num_stages=1, token_path=True)
+        return LoRALinearTileConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_n_splits=splits,
+                                    num_warps=4, num_stages=1, token_path=True)
     # H200 sweep (benchmark_lora_linear.py --sweep, qwen3 width, 64 and 256 tokens): 128 x 128 tiles and
     # up to 16 N-splits beat 64 x 64 and 8 splits by 12-23 %
     block_n, block_k = 128, min(128 if dtype != torch.float32 else 32, k_cap)
@@ -96,8 +98,8 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
     programs = -(-num_tokens // block_m) * num_slices
     tiles = -(-N // block_n)
     splits = max(1, min(16, tiles, _TARGET_PROGRAMS // max(programs, 1)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_N_SPLITS=splits, num_warps=4, num_stages=3,
-                token_path=token_path)
+    return LoRALinearTileConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_n_splits=splits, num_warps=4,
+                                num_stages=3, token_path=token_path)
 
 
 def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
@@ -139,11 +141,24 @@ def _check(y, x, a_list, b_list, mapping, adapter_enabled, offs) -> None:
         raise ValueError(f"adapter_enabled must be 1-D with >= max_loras={L} entries")
 
 
+def _check_config(config: LoRALinearTileConfig) -> None:
+    if not isinstance(config, LoRALinearTileConfig):
+        raise TypeError(f"config must be a LoRALinearTileConfig (lora_linear_config, changed by dataclasses.replace, "
+                        f"or LoRALinearTileConfig.from_json), got {type(config).__name__}")
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(config, name)
+        if v & (v - 1):
+            raise ValueError(f"{name.upper()}={v}: Triton tiles must be powers of two")
+
+
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
                     lora_b_stacked: Sequence[torch.Tensor], token_lora_mapping: torch.Tensor, *,
                     adapter_enabled: Optional[torch.Tensor] = None, output_offsets: Optional[Sequence[int]] = None,
-                    meta: Optional[LoRALinearMetadata] = None, config: Optional[dict[str, Any]] = None) -> None:
-    """y += the LoRA delta of every token, in place (see the module docstring)."""
+                    meta: Optional[LoRALinearMetadata] = None,
+                    config: Optional[LoRALinearTileConfig] = None) -> None:
+    """y += the LoRA delta of every token, in place (see the module docstring).
+
+    ``config``: the tiles and path of every launch (default ``lora_linear_config``'s)."""
     from vllm.lora.ops.triton_ops import _lora_linear_kernels as kern
 
     a_list, b_list = list(lora_a_stacked), list(lora_b_stacked)
@@ -158,10 +173,10 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
     stride_as, stride_bs = _slice_stride(a_list), _slice_stride(b_list)
     one_launch = S <= 3 and stride_as is not None and stride_bs is not None
     groups = [list(range(S))] if one_launch else [[s] for s in range(S)]
-    cfg = lora_linear_config(T, K, max(n_sizes), R, len(groups[0]), x.dtype)
-    cfg.update(config or {})
+    cfg = config if config is not None else lora_linear_config(T, K, max(n_sizes), R, len(groups[0]), x.dtype)
+    _check_config(cfg)
     interp = triton_interpreting()
-    if not cfg["token_path"] and meta is None:
+    if not cfg.token_path and meta is None:
         meta = lora_linear_metadata(token_lora_mapping[:T], L)
     enabled = adapter_enabled if adapter_enabled is not None else token_lora_mapping
     for group in groups:
@@ -170,19 +185,19 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
         pad = 3 - ns
         n_args = [n_sizes[s] for s in group] + [0] * pad
         off_args = [offs[s] for s in group] + [0] * pad
-        tiles = -(-max(n_args) // cfg["BLOCK_N"])
-        splits = max(1, min(int(cfg["NUM_N_SPLITS"]), tiles))
+        tiles = -(-max(n_args) // cfg.block_n)
+        splits = max(1, min(cfg.num_n_splits, tiles))
         strides = [x.stride(0), x.stride(1), stride_as if ns > 1 else 0, *a.stride(), stride_bs if ns > 1 else 0,
                    *b.stride(), y.stride(0), y.stride(1), splits]
-        common = dict(HAS_ENABLED=adapter_enabled is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if cfg["token_path"]:
+        common = dict(HAS_ENABLED=adapter_enabled is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.token_path:
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides,
-                BLOCK_R=block_r, K_TILES=-(-K // cfg["BLOCK_K"]), **common)
+                BLOCK_R=block_r, K_TILES=-(-K // cfg.block_k), **common)
         else:
-            block_m = cfg["BLOCK_M"]
+            block_m = cfg.block_m
             grid = (-(-T // block_m) + min(L, T), ns, splits)
             kern.lora_linear_sorted_kernel[grid](
                 x, a, b, y, meta.sorted_token_ids, meta.slot_counts, enabled, T, K, R, L, *n_args, *off_args,

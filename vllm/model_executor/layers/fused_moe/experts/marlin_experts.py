@@ -11,6 +11,7 @@ GEMM: there the in-register kernel, which dequantises every tile for every M-blo
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -74,7 +75,7 @@ class MarlinExperts(Int4ExpertsBase):
         if unsorted:  # decode among many experts: one program per pair, no alignment launches
             route = dict(pair_expert_ids=ids.reshape(-1).to(torch.int32).contiguous())
         else:
-            align = moe_align_block_size(ids, cfg1["BLOCK_SIZE_M"], E_local)
+            align = moe_align_block_size(ids, cfg1.block_size_m, E_local)
             route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
                          num_tokens_post_padded=align.num_tokens_post_padded)
         route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
@@ -95,14 +96,15 @@ class MarlinExperts(Int4ExpertsBase):
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)
-        cfg2 = get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted)
-        cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment for both GEMMs
+        cfg2 = dataclasses.replace(  # one alignment for both GEMMs
+            get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted),
+            block_size_m=cfg1.block_size_m)
         weighted = not apply_router_weight_on_input
         if lora_context is None and can_fuse_epilogue(cfg2):  # the split reduction sums the top-k too
             invoke_int4_moe_gemm(act_out, qc.w2, output, top_k_in=1, topk_weights=topk_weights,
                                  mul_routed_weight=weighted, config=cfg2, epilogue_top_k=top_k, **route)
             return
-        if expert_map is not None and cfg2["SPLIT_K"] == 1:
+        if expert_map is not None and cfg2.split_k == 1:
             gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel
         invoke_int4_moe_gemm(act_out, qc.w2, gemm2, top_k_in=1, topk_weights=topk_weights,
                              mul_routed_weight=weighted, config=cfg2, **route)

@@ -8,6 +8,8 @@ dequantise their weights once (``ops/mxfp4_expert_dequant.py``) and run the bf16
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
@@ -36,9 +38,9 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
             return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
         top_k = ids.shape[1]
         cfg1 = get_mxfp4_moe_config(pairs, E_local, N, K, top_k, dtype)
-        cfg2 = get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype)
-        cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]  # one alignment serves both GEMMs
-        align = align_for_experts(ids, cfg1["BLOCK_SIZE_M"], E_local)
+        cfg2 = dataclasses.replace(get_mxfp4_moe_config(pairs, E_local, K, act_n, top_k, dtype),
+                                   block_size_m=cfg1.block_size_m)  # one alignment serves both GEMMs
+        align = align_for_experts(ids, cfg1.block_size_m, E_local)
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
                     block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
 

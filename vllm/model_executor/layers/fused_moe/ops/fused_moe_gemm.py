@@ -135,7 +135,7 @@ def get_two_gemm_configs(num_pairs: int, num_experts: int, N: int, K: int, act_n
 
 def check_tile_config(config: TileConfig) -> None:
     """What ``invoke_fused_moe_gemm`` needs of a config: power-of-two tiles >= 16, no split-K."""
-    if not isinstance(config, TileConfig):
+    if type(config) is not TileConfig:  # a 4-bit GEMM's config (a subclass) has fields this GEMM would ignore
         raise TypeError(f"config must be a TileConfig (get_fused_moe_config, or TileConfig.from_json for a "
                         f"dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
     for name in ("block_size_m", "block_size_n", "block_size_k"):

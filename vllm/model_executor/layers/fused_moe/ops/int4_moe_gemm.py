@@ -5,7 +5,7 @@ The same op as ``fused_moe_gemm.py`` with the weight packed 4-bit (``Int4PackedW
     out[p] = (a[p // top_k_in][perm_e] @ dequant(w[e]).T) * (topk_weights.flatten()[p] if mul_routed_weight)
 
 e the expert of pair p; accumulated in fp32, stored in ``out.dtype``.  Routing comes from
-``moe_align_block_size(topk_ids, config["BLOCK_SIZE_M"], E_local)``, shared by both GEMMs, or,
+``moe_align_block_size(topk_ids, config.block_size_m, E_local)``, shared by both GEMMs, or,
 for a few pairs among many experts (``use_unsorted_int4_gemm``), from the pairs' expert ids
 directly: one program per pair, no sort (three launches fewer at decode).
 
@@ -16,10 +16,11 @@ host reads of device values.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
@@ -37,59 +38,70 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 
 def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
-                        dtype: torch.dtype, *, sorted_pairs: bool = True) -> dict[str, Any]:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, SPLIT_K, num_warps, num_stages, UNPACK) of one int4 GEMM.
+                        dtype: torch.dtype, *, sorted_pairs: bool = True) -> Int4TileConfig:
+    """Tile config of one int4 GEMM (tiles, GROUP_SIZE_M, SPLIT_K, warps, stages, UNPACK).
 
     ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
     (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
-    table keyed by the routed pair count M * top_k) overrides the heuristic's entries."""
+    table keyed by the routed pair count M * top_k) overrides the heuristic's fields; an entry with an
+    unknown key or a value ``check_int4_tile_config`` rejects is an error naming the file."""
     cfg = _heuristic_config(num_pairs, num_experts, N, K, group_size, dtype, sorted_pairs)
-    if not triton_interpreting():
-        from vllm.kernel_configs import lookup_tuned_config
-        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
+    if triton_interpreting():
+        return cfg
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
 
-        key = {"E": num_experts, "N": N, "K": K, "G": group_size, "sorted": int(sorted_pairs)}
-        tuned = lookup_tuned_config("int4_moe_gemm", key, num_pairs, _device_name())
-        if tuned:
-            cfg.update({k: int(v) for k, v in tuned.items() if k in cfg})
-    return cfg
+    key = {"E": num_experts, "N": N, "K": K, "G": group_size, "sorted": int(sorted_pairs)}
+    return tuned_tiles(cfg, "int4_moe_gemm", key, num_pairs, _device_name(), check=check_int4_tile_config)
 
 
 def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int, dtype: torch.dtype,
-                      sorted_pairs: bool) -> dict[str, Any]:
+                      sorted_pairs: bool) -> Int4TileConfig:
     per_expert = num_pairs / max(num_experts, 1) if sorted_pairs else 1
     if triton_interpreting():  # ~5 ms per loop iteration per program: few, big tiles
-        return dict(BLOCK_SIZE_M=16 if per_expert <= 16 else 32, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
-                    BLOCK_SIZE_K=_pow2_at_least(K, 16, 128), GROUP_SIZE_M=1, SPLIT_K=1, num_warps=4, num_stages=1,
-                    UNPACK=0)
+        return Int4TileConfig(block_size_m=16 if per_expert <= 16 else 32, block_size_n=_pow2_at_least(N, 16, 128),
+                              block_size_k=_pow2_at_least(K, 16, 128), num_warps=4, num_stages=1)
+    # (block_size_m, block_size_n, block_size_k, group_size_m, num_warps, num_stages)
     if per_expert <= 8:
-        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+        bm, bn, bk, gm, warps, stages = 16, 128, 128, 1, 4, 4
     elif per_expert <= 32:
-        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+        bm, bn, bk, gm, warps, stages = 32, 128, 128, 8, 4, 4
     elif per_expert <= 96:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4)
+        bm, bn, bk, gm, warps, stages = 64, 128, 64, 8, 4, 4
     else:
-        cfg = dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+        bm, bn, bk, gm, warps, stages = 128, 128, 64, 8, 8, 3
     if dtype == torch.float32:
-        cfg["BLOCK_SIZE_K"] //= 2
-    cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
-    cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 16, 256))
+        bk //= 2
+    bn = min(bn, _pow2_at_least(N, 16, 256))
+    bk = min(bk, _pow2_at_least(K, 16, 256))
     # Split K when the tiles cannot fill the GPU twice over (decode touches few experts).
-    bm = cfg["BLOCK_SIZE_M"]
     m_tiles = -(-num_pairs // bm) + min(num_pairs, num_experts) if sorted_pairs else num_pairs
-    tiles = m_tiles * -(-N // cfg["BLOCK_SIZE_N"])
-    k_tiles = -(-K // cfg["BLOCK_SIZE_K"])
+    tiles = m_tiles * -(-N // bn)
+    k_tiles = -(-K // bk)
     split = 1
     while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
         split *= 2
-    cfg["SPLIT_K"] = split
     # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py).  3 where the static report
     # (benchmarks/kernels/kernel_static_report.py) shows >= 30 % fewer main-loop instructions per
     # weight on sm_90 (and no int->float conversions): the unsplit decode tiles; split tiles (-29 %)
     # keep 0 until timed (benchmark_moe_int4.py --sweep times every mode).
-    decode_tile = cfg["BLOCK_SIZE_K"] >= 128 and group_size > 0 and group_size % cfg["BLOCK_SIZE_K"] == 0
-    cfg["UNPACK"] = 3 if decode_tile and split == 1 else 0
-    return cfg
+    decode_tile = bk >= 128 and group_size > 0 and group_size % bk == 0
+    return Int4TileConfig(block_size_m=bm, block_size_n=bn, block_size_k=bk, group_size_m=gm, split_k=split,
+                          num_warps=warps, num_stages=stages, unpack=3 if decode_tile and split == 1 else 0)
+
+
+def check_int4_tile_config(config: Int4TileConfig) -> None:
+    """What ``invoke_int4_moe_gemm`` needs of a config: power-of-two tiles >= 16, whole int32 words per
+    K-tile, an UNPACK mode 0-3 (``TypeError`` for anything but an ``Int4TileConfig``)."""
+    if not isinstance(config, Int4TileConfig):
+        raise TypeError(f"config must be an Int4TileConfig (get_int4_moe_config, or Int4TileConfig.from_json for "
+                        f"a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    for name in ("block_size_m", "block_size_n", "block_size_k"):
+        v = getattr(config, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16")
+    if config.unpack not in (0, 1, 2, 3):
+        raise ValueError(f"UNPACK={config.unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
+                         "decode) or 3 (split by code position, scales after the dot); see _int4_moe_gemm_kernel.py")
 
 
 def unpack3_applies(w: Int4PackedWeight, block_k: int) -> bool:
@@ -99,9 +111,9 @@ def unpack3_applies(w: Int4PackedWeight, block_k: int) -> bool:
     return w.g_idx is None and w.group_size % block_k == 0 and block_k >= 128
 
 
-def can_fuse_epilogue(config: dict, activation: Optional[MoEActivation] = None) -> bool:
+def can_fuse_epilogue(config: Int4TileConfig, activation: Optional[MoEActivation] = None) -> bool:
     """Whether ``invoke_int4_moe_gemm`` can apply the activation (or a top-k sum) in its split-K reduction."""
-    return int(config.get("SPLIT_K", 1)) > 1 and activation is not MoEActivation.SWIGLUOAI
+    return config.split_k > 1 and activation is not MoEActivation.SWIGLUOAI
 
 
 def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
@@ -113,7 +125,8 @@ def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
     return num_pairs * 4 <= num_experts and num_pairs <= 64
 
 
-def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int, config: dict,
+def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int,
+                         config: Int4TileConfig,
                          sorted_token_ids: Optional[torch.Tensor] = None,
                          block_expert_ids: Optional[torch.Tensor] = None,
                          num_tokens_post_padded: Optional[torch.Tensor] = None,
@@ -123,10 +136,10 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
                          epilogue_activation: Optional[MoEActivation] = None, epilogue_top_k: int = 0) -> None:
     """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]; see the module docstring.
 
-    Routing, one of: the three outputs of ``moe_align_block_size(ids, config["BLOCK_SIZE_M"], E)``
+    Routing, one of: the three outputs of ``moe_align_block_size(ids, config.block_size_m, E)``
     (sorted), or ``pair_expert_ids`` (unsorted: [num_pairs] int32 local expert of each pair, -1 =
     skip; one program per pair, see ``use_unsorted_int4_gemm``).
-    With ``config["SPLIT_K"] > 1`` every row of ``out`` is written (pairs in no block get zeros),
+    With ``config.split_k > 1`` every row of ``out`` is written (pairs in no block get zeros),
     using ``split_buffer`` (fp32, at least SPLIT_K * num_pairs * N elements; allocated if None);
     otherwise pairs in no block are left untouched.  ``may_drop_pairs=False`` promises that every
     pair has an expert (no -1 ids: no expert map), which saves zeroing the split buffer.
@@ -135,17 +148,9 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     also apply the next step, saving its launch.  ``epilogue_activation``: ``out`` is the activation
     output [num_pairs, N/2 gated or N]; ``epilogue_top_k`` = k: ``out`` is the top-k sum [num_pairs / k, N].
     """
-    bm, bn, bk = int(config["BLOCK_SIZE_M"]), int(config["BLOCK_SIZE_N"]), int(config["BLOCK_SIZE_K"])
-    split = int(config.get("SPLIT_K", 1))
-    for name, v in (("BLOCK_SIZE_M", bm), ("BLOCK_SIZE_N", bn), ("BLOCK_SIZE_K", bk)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"config[{name!r}]={v}: tl.dot tiles must be powers of two >= 16")
-    if split < 1:
-        raise ValueError(f"SPLIT_K must be >= 1, got {split}")
-    unpack = int(config.get("UNPACK", 0))
-    if unpack not in (0, 1, 2, 3):
-        raise ValueError(f"config['UNPACK']={unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
-                         "decode) or 3 (split by code position, scales after the dot); see _int4_moe_gemm_kernel.py")
+    check_int4_tile_config(config)
+    bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
+    split, unpack = config.split_k, config.unpack
     if unpack == 3 and not unpack3_applies(w, bk):
         unpack = 0  # documented: 3 needs one scale group per K-tile and BLOCK_SIZE_K >= 128
     if a.dim() != 2 or a.dtype not in _FLOAT_DTYPES:
@@ -180,7 +185,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
         EM = sorted_token_ids.numel()
         if EM % bm or block_expert_ids.numel() != EM // bm:
-            raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config['BLOCK_SIZE_M']")
+            raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config.block_size_m")
         num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
     else:
         if sorted_token_ids is not None or block_expert_ids is not None:
@@ -236,11 +241,11 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))) if sorted_mode else 1,
+        GROUP_SIZE_M=config.group_size_m if sorted_mode else 1,
         SORTED=sorted_mode,
         UNPACK=unpack,
-        num_warps=int(config.get("num_warps", 4)),
-        num_stages=int(config.get("num_stages", 3)),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if split > 1:  # one launch: add the splits, apply the epilogue, cast, store into out (any strides)
         block = 1024

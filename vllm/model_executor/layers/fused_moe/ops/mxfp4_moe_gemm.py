@@ -13,7 +13,7 @@ Tiles: decode (few pairs per expert) takes BLOCK_SIZE_M 16 and narrow N tiles so
 that one token's handful of experts still spreads over the SMs; the weight bytes
 are read once per M-block, so larger batches take taller M-blocks.
 
-Split-K (config ``SPLIT_K`` > 1; 1 unless a tuned file says otherwise, ``auto_split_k`` gives
+Split-K (config ``split_k`` > 1; 1 unless a tuned file says otherwise, ``auto_split_k`` gives
 the value that fills the GPU twice): the K loop is shared by SPLIT_K programs writing fp32
 partial sums (``split_buffer``, or a fresh tensor), and one reduction launch adds them with the
 bias and the router weight.  Graph-safe: no host reads of device values.
@@ -26,15 +26,13 @@ from typing import Optional
 import torch
 
 from vllm import envs
-from vllm.kernel_configs import lookup_tuned_config
+from vllm.kernel_configs.tile_config import Mxfp4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "DECODE_ASM",
-                "SPLIT_K")
 _NUM_SMS = 132  # H100 SXM and H200
 
 
@@ -47,34 +45,48 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
-                   tuned_folder: Optional[str]) -> dict:
+                   tuned_folder: Optional[str]) -> Mxfp4TileConfig:
     if interp:  # few, large programs: the interpreter pays per program and per loop step
-        bm = _pow2_at_least(num_pairs, 16, 64)
-        return dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=_pow2_at_least(N, 16, 128),
-                    BLOCK_SIZE_K=_pow2_at_least(K, 32, 256), GROUP_SIZE_M=1, num_warps=4, num_stages=1, SPLIT_K=1)
+        return Mxfp4TileConfig(block_size_m=_pow2_at_least(num_pairs, 16, 64), block_size_n=_pow2_at_least(N, 16, 128),
+                               block_size_k=_pow2_at_least(K, 32, 256), num_warps=4, num_stages=1)
     per_expert = num_pairs / max(1, min(num_pairs, num_experts))
+    # (block_size_m, block_size_n, block_size_k, group_size_m, num_warps, num_stages)
     if per_expert <= 16:
-        cfg = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=4)
+        bm, bn, bk, gm, warps, stages = 16, 64, 128, 1, 4, 4
     elif per_expert <= 64:
-        cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=4, num_stages=3)
+        bm, bn, bk, gm, warps, stages = 32, 128, 128, 8, 4, 3
     else:
-        cfg = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=8, num_warps=8, num_stages=3)
+        bm, bn, bk, gm, warps, stages = 64, 128, 128, 8, 8, 3
     if dtype == torch.float32:
-        cfg["BLOCK_SIZE_K"] = 64
-    cfg["BLOCK_SIZE_N"] = min(cfg["BLOCK_SIZE_N"], _pow2_at_least(N, 16, 256))
-    cfg["BLOCK_SIZE_K"] = min(cfg["BLOCK_SIZE_K"], _pow2_at_least(K, 32, 256))
-    cfg["SPLIT_K"] = 1
-    tuned = lookup_tuned_config("mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
-                                max(num_pairs // max(top_k, 1), 1), current_platform().device_name())
-    if tuned:
-        cfg.update({k: int(v) for k, v in tuned.items() if k in _CONFIG_KEYS})
-    return cfg
+        bk = 64
+    cfg = Mxfp4TileConfig(block_size_m=bm, block_size_n=min(bn, _pow2_at_least(N, 16, 256)),
+                          block_size_k=min(bk, _pow2_at_least(K, 32, 256)), group_size_m=gm, num_warps=warps,
+                          num_stages=stages)
+    return tuned_tiles(cfg, "mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
+                       max(num_pairs // max(top_k, 1), 1), current_platform().device_name(),
+                       check=check_mxfp4_tile_config)
 
 
-def auto_split_k(config: dict, num_pairs: int, num_experts: int, N: int, K: int, max_split: int = 8) -> int:
+def check_mxfp4_tile_config(config: Mxfp4TileConfig) -> None:
+    """What ``invoke_mxfp4_moe_gemm`` needs of a config: BLOCK_SIZE_M/N powers of two >= 16, BLOCK_SIZE_K a
+    power of two >= 32 (whole scale groups), DECODE_ASM 0 or 1 (``TypeError`` for anything but a
+    ``Mxfp4TileConfig``)."""
+    if not isinstance(config, Mxfp4TileConfig):
+        raise TypeError(f"config must be a Mxfp4TileConfig (get_mxfp4_moe_config, or Mxfp4TileConfig.from_json "
+                        f"for a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
+        raise ValueError(f"config tiles {bm}x{bn}x{bk}: BLOCK_SIZE_M/N must be powers of two >= 16, "
+                         "BLOCK_SIZE_K a power of two >= 32")
+    if config.decode_asm not in (0, 1):
+        raise ValueError(f"DECODE_ASM={config.decode_asm}: 1 (packed PTX decode where it runs) or 0 (portable)")
+
+
+def auto_split_k(config: Mxfp4TileConfig, num_pairs: int, num_experts: int, N: int, K: int,
+                 max_split: int = 8) -> int:
     """The SPLIT_K that lets the grid cover the GPU's SMs about twice (at most ``max_split``, and
     at least two K-tiles per split): the decode setting ``--split-k auto`` of the benchmark times."""
-    bm, bn, bk = (int(config[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
+    bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
     tiles = (-(-num_pairs // bm) + min(num_pairs, num_experts)) * -(-N // bn)
     k_tiles = -(-K // bk)
     split = 1
@@ -83,21 +95,22 @@ def auto_split_k(config: dict, num_pairs: int, num_experts: int, N: int, K: int,
     return split
 
 
-def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype) -> dict:
-    """Tile config (BLOCK_SIZE_M/N/K, GROUP_SIZE_M, num_warps, num_stages, SPLIT_K; a fresh dict): a tuned
-    file (op ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic.
+def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
+                         dtype: torch.dtype) -> Mxfp4TileConfig:
+    """Tile config (tiles, GROUP_SIZE_M, warps, stages, SPLIT_K 1, DECODE_ASM 1): a tuned file (op
+    ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic; an entry with
+    an unknown key or a value ``check_mxfp4_tile_config`` rejects is an error naming the file.
 
-    BLOCK_SIZE_M is the block size to pass to ``moe_align_block_size``; BLOCK_SIZE_K must be a
-    power of two >= 32 (whole scale groups).
+    block_size_m is the block size to pass to ``moe_align_block_size``.
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
-    return dict(_cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER))
+    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER)
 
 
-def use_decode_asm(dtype: torch.dtype, config: dict) -> bool:
+def use_decode_asm(dtype: torch.dtype, config: Mxfp4TileConfig) -> bool:
     """Whether the kernel decodes with its packed PTX (bf16 activations on CUDA, unless the config
-    says ``DECODE_ASM: 0``); otherwise it decodes with portable Triton arithmetic."""
-    return dtype == torch.bfloat16 and not triton_interpreting() and bool(config.get("DECODE_ASM", 1))
+    says ``decode_asm=0``); otherwise it decodes with portable Triton arithmetic."""
+    return dtype == torch.bfloat16 and not triton_interpreting() and bool(config.decode_asm)
 
 
 def as_packed_rows(blocks: torch.Tensor) -> torch.Tensor:
@@ -123,14 +136,14 @@ def invoke_mxfp4_moe_gemm(
     topk_weights: Optional[torch.Tensor] = None,
     mul_routed_weight: bool = False,
     bias: Optional[torch.Tensor] = None,
-    config: dict,
+    config: Mxfp4TileConfig,
     split_buffer: Optional[torch.Tensor] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ W[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
     a: [num_rows, K] fp16/bf16/fp32.  blocks: uint8 [E_local, N, K/32, 16] or [E_local, N, K/2];
     scales: uint8 [E_local, N, K/32].  Everything else as ``invoke_fused_moe_gemm``.
-    ``config["SPLIT_K"] > 1``: fp32 partial sums in ``split_buffer`` (at least SPLIT_K * num_pairs * N
+    ``config.split_k > 1``: fp32 partial sums in ``split_buffer`` (at least SPLIT_K * num_pairs * N
     float32 elements; allocated if None), added by a second launch.
     """
     from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import (
@@ -139,13 +152,8 @@ def invoke_mxfp4_moe_gemm(
     )
 
     q = as_packed_rows(blocks)
-    bm, bn, bk = (int(config[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
-    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1) or bk < 32 or bk & (bk - 1):
-        raise ValueError(f"config tiles {bm}x{bn}x{bk}: BLOCK_SIZE_M/N must be powers of two >= 16, "
-                         "BLOCK_SIZE_K a power of two >= 32")
-    split = int(config.get("SPLIT_K", 1))
-    if split < 1:
-        raise ValueError(f"config['SPLIT_K'] must be >= 1, got {split}")
+    check_mxfp4_tile_config(config)
+    bm, bn, bk, split = config.block_size_m, config.block_size_n, config.block_size_k, config.split_k
     if a.dim() != 2 or out.dim() != 2:
         raise ValueError(f"expected a and out 2-D, got {a.dim()} and {out.dim()}")
     if a.dtype not in _FLOAT_DTYPES or out.dtype not in _FLOAT_DTYPES:
@@ -192,10 +200,10 @@ def invoke_mxfp4_moe_gemm(
         DECODE_ASM=use_decode_asm(a.dtype, config),
         EVEN_K=K % bk == 0,
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=max(1, int(config.get("GROUP_SIZE_M", 1))),
+        GROUP_SIZE_M=config.group_size_m,
         SPLIT_K=split,
-        num_warps=int(config.get("num_warps", 4)),
-        num_stages=int(config.get("num_stages", 3)),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if split > 1:  # one launch over the same blocks: shares + bias, times the router weight, into out
         block_n = 128
