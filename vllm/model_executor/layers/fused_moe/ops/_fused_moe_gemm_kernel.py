@@ -11,6 +11,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
+                   HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr):
+    """The MoE GEMMs' epilogue before the one rounding: fp32 ``acc`` [pairs, n] + the expert's bias row, then
+    times each pair's router weight (each where its flag is set; masked pairs / columns read 0)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:
+        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
+        acc *= gate.to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
 def _fused_moe_gemm_kernel(
     a_ptr,  # [num_rows, K]
     w_ptr,  # [E_local, N, K]
@@ -99,12 +113,8 @@ def _fused_moe_gemm_kernel(
         a_rows += BLOCK_SIZE_K * stride_ak
         w_base += BLOCK_SIZE_K * stride_wk
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if MUL_ROUTED_WEIGHT:
-        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
-        acc *= gate.to(tl.float32)[:, None]
+    acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
+                         HAS_BIAS, MUL_ROUTED_WEIGHT)
 
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])

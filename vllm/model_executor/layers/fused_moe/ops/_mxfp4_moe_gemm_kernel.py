@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _bias_and_gate
+
 
 @triton.jit
 def _e2m1_to_f32(code):
@@ -200,12 +202,8 @@ def _mxfp4_moe_gemm_kernel(
     if SPLIT_K > 1:  # fp32 share; the reduction adds the shares, the bias and the router weight
         tl.store(out_ptrs + pid_k.to(tl.int64) * stride_os, acc, mask=pair_ok[:, None] & n_ok[None, :])
     else:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if MUL_ROUTED_WEIGHT:
-            gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
-            acc *= gate.to(tl.float32)[:, None]
+        acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be,
+                             stride_bn, HAS_BIAS, MUL_ROUTED_WEIGHT)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
 
@@ -248,11 +246,7 @@ def _mxfp4_split_k_reduce_kernel(
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_N), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(part + s * split_stride, mask=mask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if MUL_ROUTED_WEIGHT:
-        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
-        acc *= gate.to(tl.float32)[:, None]
+    acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
+                         HAS_BIAS, MUL_ROUTED_WEIGHT)
     tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=mask)
