@@ -29,9 +29,9 @@ A row without an (enabled) slot gets exactly the base (every delta it sees is 0.
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import _add_expand, _slice_cols
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, _shrink_rows, _split_for_expand
-from vllm.lora.ops.triton_ops._lora_linear_kernels import _slice_params
+from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import (_add_other_pairs, _base_loop, _first_slice,
+                                                                 _row_slots, _slice_cols)
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _expand_dot, _split_for_expand
 
 
 @triton.jit
@@ -86,19 +86,12 @@ def fused_linear_lora_batch_kernel(
     mask_r = offs_r < R
 
     # each row's slot if valid and enabled, else -1
-    slots = tl.load(mapping_ptr + tok, mask=mask_m, other=-1)
-    valid = (slots >= 0) & (slots < max_loras)
-    if HAS_ENABLED:
-        valid = valid & (tl.load(enabled_ptr + slots, mask=valid, other=0) != 0)
-    slots = tl.where(valid, slots, -1)
+    slots, valid = _row_slots(mapping_ptr, enabled_ptr, tok, mask_m, max_loras, HAS_ENABLED)
     slot_lo = tl.min(tl.where(valid, slots, max_loras), axis=0)
     slot_hi = tl.max(slots, axis=0)
 
     # the first slice meeting the tile: its shrink runs inside the main loop for LOOP_SLOTS slots
-    s0 = slot_lo * 0 - 1
-    for s in tl.static_range(NUM_SLICES):
-        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-        s0 = tl.where((s0 < 0) & (col0 < n_end) & (col0 + ns > n_begin), s, s0)
+    s0 = _first_slice(n_begin, n_end, n0, n1, n2, off0, off1, off2, NUM_SLICES)
     in_loop = (slot_lo < max_loras) & (s0 >= 0) & (LOOP_SLOTS > 0)
     # column c of the in-loop shrink (BLOCK_C = BLOCK_R * max(LOOP_SLOTS, 1)): rank c % BLOCK_R of the
     # (c // BLOCK_R)-th distinct slot of the tile
@@ -114,24 +107,14 @@ def fused_linear_lora_batch_kernel(
     col_slot64 = zero64 + tl.minimum(col_slot, max_loras - 1)
     a0_ptrs = (a_ptr + (zero64 + tl.maximum(s0, 0)) * stride_as + col_slot64[None, :] * stride_al
                + (offs_c % BLOCK_R)[None, :] * stride_ar + offs_k[:, None] * stride_ak)  # [BLOCK_K, BLOCK_C]
-    shrunk0 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
 
     # 1. base GEMM: x_rows [BLOCK_M, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] (+ the in-loop shrink)
     x_ptrs0 = x_ptr + tok64[:, None] * stride_xt + offs_k[None, :] * stride_xk
-    x_ptrs = x_ptrs0
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        wt = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = _dot(xt, wt, acc, UPCAST, BASE_PRECISION)
-        if LOOP_SLOTS > 0:
-            at = tl.load(a0_ptrs, mask=(offs_k[:, None] < k_left) & col_ok[None, :], other=0.0)
-            shrunk0 = _dot(xt, at, shrunk0, UPCAST, FP32_PRECISION)
-            a0_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc, shrunk0 = _base_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                              tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), x_ptrs0, w_ptrs, a0_ptrs, mask_m,
+                              mask_n, col_ok, mask_m, K, stride_xk, stride_wk, stride_ak, UPCAST, BASE_PRECISION,
+                              FP32_PRECISION, LOOP_SLOTS > 0, False, BLOCK_K)
 
     # 2. bias
     if HAS_BIAS:
@@ -147,21 +130,10 @@ def fused_linear_lora_batch_kernel(
             b = tl.load(b_ptrs, mask=col_ok[:, None] & mask_c[None, :], other=0.0)  # [BLOCK_C, BLOCK_N]
             hi, mid, lo = _split_for_expand(shrunk0, EXPAND_MODE)
             acc += _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
-    for s in tl.static_range(NUM_SLICES):
-        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-        if (col0 < n_end) & (col0 + ns > n_begin):  # the tile meets slice s
-            cols, mask_c = _slice_cols(s, n0, n1, n2, off0, off1, off2, offs_n, mask_n)
-            for lid in range(slot_lo, slot_hi + 1):
-                rows = slots == lid
-                done = in_loop & (lid <= loop_hi) & (s == s0)
-                if (tl.max(rows.to(tl.int32), axis=0) > 0) & (~done):
-                    a_base = a_ptr + (zero64 + s) * stride_as + (zero64 + lid) * stride_al
-                    a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # A^T tile
-                    shrunk = _shrink_rows(x_ptrs0, a_ptrs, rows, mask_r, K, stride_xk, stride_ak, UPCAST,
-                                          FP32_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)  # fp32, 0 in other rows
-                    b_base = b_ptr + (zero64 + s) * stride_bs + (zero64 + lid) * stride_bl
-                    acc = _add_expand(acc, shrunk, b_base, cols, mask_c, offs_r, mask_r, stride_bn, stride_br,
-                                      UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
+    acc = _add_other_pairs(acc, x_ptrs0, a_ptr, b_ptr, slots, slot_lo, slot_hi + 1, in_loop, s0, loop_hi, n_begin,
+                           n_end, n0, n1, n2, off0, off1, off2, offs_n, mask_n, offs_r, mask_r, K, stride_xk,
+                           stride_as, stride_al, stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
+                           NUM_SLICES, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
     # 4. one rounding, rows back to their tokens
     y_ptrs = y_ptr + tok64[:, None] * stride_yt + offs_n[None, :].to(tl.int64) * stride_yn

@@ -54,6 +54,81 @@ def _add_expand(acc, shrunk, b_base, cols, mask_c, offs_r, mask_r, stride_bn, st
 
 
 @triton.jit
+def _row_slots(mapping_ptr, enabled_ptr, tok, mask, max_loras, HAS_ENABLED: tl.constexpr):
+    """Each row's slot (of token ``tok``) where valid and enabled, else -1; and whether it is."""
+    slots = tl.load(mapping_ptr + tok, mask=mask, other=-1)
+    valid = (slots >= 0) & (slots < max_loras)
+    if HAS_ENABLED:
+        valid = valid & (tl.load(enabled_ptr + slots, mask=valid, other=0) != 0)
+    return tl.where(valid, slots, -1), valid
+
+
+@triton.jit
+def _first_slice(n_begin, n_end, n0, n1, n2, off0, off1, off2, NUM_SLICES: tl.constexpr):
+    """The first slice whose columns meet the tile's [n_begin, n_end) (-1: none)."""
+    s0 = n_begin * 0 - 1
+    for s in tl.static_range(NUM_SLICES):
+        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
+        s0 = tl.where((s0 < 0) & (col0 < n_end) & (col0 + ns > n_begin), s, s0)
+    return s0
+
+
+@triton.jit
+def _base_loop(acc, shrunk, x_ptrs, w_ptrs, a_ptrs, mask_rows, mask_n, a_cols_ok, shrink_rows, K,
+               stride_xk, stride_wk, stride_ak, UPCAST: tl.constexpr, BASE_PRECISION: tl.constexpr,
+               FP32_PRECISION: tl.constexpr, SHRINK: tl.constexpr, SELECT_ROWS: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The main K loop: acc += x [rows, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] tiles (``x_ptrs``, ``w_ptrs``: the first
+    ones); with ``SHRINK`` also shrunk += x @ A^T from the same x tiles (``a_ptrs``: the first A^T tile
+    [BLOCK_K, columns], columns ``a_cols_ok`` loaded; ``SELECT_ROWS``: only rows ``shrink_rows``)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        xt = tl.load(x_ptrs, mask=mask_rows[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        wt = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = _dot(xt, wt, acc, UPCAST, BASE_PRECISION)
+        if SHRINK:
+            at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & a_cols_ok[None, :], other=0.0)
+            if SELECT_ROWS:
+                xt = tl.where(shrink_rows[:, None], xt, tl.zeros_like(xt))
+            shrunk = _dot(xt, at, shrunk, UPCAST, FP32_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, shrunk
+
+
+@triton.jit
+def _add_other_pairs(acc, x_ptrs0, a_ptr, b_ptr, slots, lid_begin, lid_end, in_loop, s0, loop_hi, n_begin, n_end,
+                     n0, n1, n2, off0, off1, off2, offs_n, mask_n, offs_r, mask_r, K, stride_xk,
+                     stride_as, stride_al, stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
+                     NUM_SLICES: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                     EXPAND_MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """acc + the delta of every (slice meeting the tile, slot in [lid_begin, lid_end) that a row holds) pair but
+    those the main loop shrank (``in_loop``: slice s0, slots up to ``loop_hi``), in that order: the shrink
+    re-reads the rows' x (``x_ptrs0``: the first x tile), then the expand."""
+    zero64 = (n_begin * 0).to(tl.int64)  # makes slice / slot offsets 64-bit
+    offs_k = tl.arange(0, BLOCK_K)
+    for s in tl.static_range(NUM_SLICES):
+        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
+        if (col0 < n_end) & (col0 + ns > n_begin):  # the tile meets slice s
+            cols, mask_c = _slice_cols(s, n0, n1, n2, off0, off1, off2, offs_n, mask_n)
+            for lid in range(lid_begin, lid_end):
+                rows = slots == lid
+                done = in_loop & (lid <= loop_hi) & (s == s0)
+                if (tl.max(rows.to(tl.int32), axis=0) > 0) & (~done):
+                    a_base = a_ptr + (zero64 + s) * stride_as + (zero64 + lid) * stride_al
+                    a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # A^T tile
+                    shrunk = _shrink_rows(x_ptrs0, a_ptrs, rows, mask_r, K, stride_xk, stride_ak, UPCAST,
+                                          FP32_PRECISION, BLOCK_T, BLOCK_K, BLOCK_R)  # fp32, 0 in other rows
+                    b_base = b_ptr + (zero64 + s) * stride_bs + (zero64 + lid) * stride_bl
+                    acc = _add_expand(acc, shrunk, b_base, cols, mask_c, offs_r, mask_r, stride_bn, stride_br,
+                                      UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_T, BLOCK_N)
+    return acc
+
+
+@triton.jit
 def fused_linear_lora_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, mapping_ptr, enabled_ptr,
     T, N, K, R, max_loras,
@@ -80,40 +155,22 @@ def fused_linear_lora_kernel(
     mask_r = offs_r < R
 
     # the tokens whose slot is valid and enabled (-1 for the others)
-    slots = tl.load(mapping_ptr + offs_t, mask=mask_t, other=-1)
-    valid = (slots >= 0) & (slots < max_loras)
-    if HAS_ENABLED:
-        valid = valid & (tl.load(enabled_ptr + slots, mask=valid, other=0) != 0)
-    slots = tl.where(valid, slots, -1)
+    slots, valid = _row_slots(mapping_ptr, enabled_ptr, offs_t, mask_t, max_loras, HAS_ENABLED)
 
     # the (slice, slot) pair whose shrink runs inside the main loop: first slice meeting the tile, smallest slot
     slot0 = tl.min(tl.where(valid, slots, max_loras), axis=0)
-    s0 = slot0 * 0 - 1
-    for s in tl.static_range(NUM_SLICES):
-        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-        s0 = tl.where((s0 < 0) & (col0 < n_end) & (col0 + ns > n_begin), s, s0)
+    s0 = _first_slice(n_begin, n_end, n0, n1, n2, off0, off1, off2, NUM_SLICES)
     in_loop = (slot0 < max_loras) & (s0 >= 0) & SHRINK_IN_LOOP
-    rows0 = slots == slot0
     a0_base = a_ptr + (zero64 + tl.maximum(s0, 0)) * stride_as + (zero64 + tl.minimum(slot0, max_loras - 1)) * stride_al
     a0_ptrs = a0_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]: A^T tile
-    shrunk0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
 
-    # 1. base GEMV/GEMM: x [BLOCK_T, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] (+ the in-loop shrink)
+    # 1. base GEMV/GEMM: x [BLOCK_T, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N] (+ the in-loop shrink of slot0's rows)
     x_ptrs0 = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_k[None, :] * stride_xk
-    x_ptrs = x_ptrs0
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - kt * BLOCK_K
-        xt = tl.load(x_ptrs, mask=mask_t[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        wt = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = _dot(xt, wt, acc, UPCAST, BASE_PRECISION)
-        if SHRINK_IN_LOOP:
-            at = tl.load(a0_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :] & in_loop, other=0.0)
-            shrunk0 = _dot(tl.where(rows0[:, None], xt, tl.zeros_like(xt)), at, shrunk0, UPCAST, FP32_PRECISION)
-            a0_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc, shrunk0 = _base_loop(tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32),
+                              tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptrs0, w_ptrs, a0_ptrs, mask_t,
+                              mask_n, mask_r & in_loop, slots == slot0, K, stride_xk, stride_wk, stride_ak, UPCAST,
+                              BASE_PRECISION, FP32_PRECISION, SHRINK_IN_LOOP, True, BLOCK_K)
 
     # 2. bias
     if HAS_BIAS:
@@ -125,21 +182,11 @@ def fused_linear_lora_kernel(
         b_base = b_ptr + (zero64 + s0) * stride_bs + (zero64 + slot0) * stride_bl
         acc = _add_expand(acc, shrunk0, b_base, cols, mask_c, offs_r, mask_r, stride_bn, stride_br, UPCAST,
                           FP32_PRECISION, EXPAND_MODE, BLOCK_T, BLOCK_N)
-    for s in tl.static_range(NUM_SLICES):
-        ns, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-        if (col0 < n_end) & (col0 + ns > n_begin):  # the tile meets slice s
-            cols, mask_c = _slice_cols(s, n0, n1, n2, off0, off1, off2, offs_n, mask_n)
-            for lid in range(0, max_loras):
-                rows = slots == lid
-                done = in_loop & (lid == slot0) & (s == s0)
-                if (tl.max(rows.to(tl.int32), axis=0) > 0) & (~done):
-                    a_base = a_ptr + (zero64 + s) * stride_as + (zero64 + lid) * stride_al
-                    a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # A^T tile
-                    shrunk = _shrink_rows(x_ptrs0, a_ptrs, rows, mask_r, K, stride_xk, stride_ak, UPCAST,
-                                          FP32_PRECISION, BLOCK_T, BLOCK_K, BLOCK_R)  # fp32, 0 in other rows
-                    b_base = b_ptr + (zero64 + s) * stride_bs + (zero64 + lid) * stride_bl
-                    acc = _add_expand(acc, shrunk, b_base, cols, mask_c, offs_r, mask_r, stride_bn, stride_br,
-                                      UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_T, BLOCK_N)
+    # (no row holds a slot below slot0: those pairs are skipped, so "up to slot0" is the in-loop pair)
+    acc = _add_other_pairs(acc, x_ptrs0, a_ptr, b_ptr, slots, 0, max_loras, in_loop, s0, slot0, n_begin, n_end,
+                           n0, n1, n2, off0, off1, off2, offs_n, mask_n, offs_r, mask_r, K, stride_xk,
+                           stride_as, stride_al, stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
+                           NUM_SLICES, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_R)
 
     # 4. one rounding
     y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :].to(tl.int64) * stride_yn
