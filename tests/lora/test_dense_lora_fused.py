@@ -31,43 +31,50 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _layer(kind, tp_size, rank, dtype, device, seed=0):
-    """A wrapped layer on ``device`` with adapters in slots 0-2 (rank < max; slot 2 skips a slice)."""
+def build_layer(kind, tp_size, rank, dtype, device, slots, seed=0):
+    """A wrapped layer on ``device`` with adapters in slots 0-2 (rank < max; slot 2 skips a slice), its input
+    for ``slots`` (this rank's part for a row-parallel layer) and the float64 reference of the full output;
+    returns (layer, punica, x, want, W)."""
     gen = torch.Generator().manual_seed(seed)
-    row_kw = {"reduce_results": False} if kind == "row" else {}
-    base, W, bias, out_sizes = _make(kind, gen, tp_size, rank, **row_kw)
-    base = base.to(dtype)
-    layer, punica = wrap(base, kind="gpu", device=device)
+    base, W, bias, out_sizes = _make(kind, gen, tp_size, rank, **({"reduce_results": False} if kind == "row" else {}))
+    layer, punica = wrap(base.to(dtype), kind="gpu", device=device)
     K = W.shape[1]
     adapters = {0: random_adapter(gen, K, out_sizes, 12), 1: random_adapter(gen, K, out_sizes, 16),
                 2: random_adapter(gen, K, out_sizes, 8, skip=(1,) if len(out_sizes) > 1 else ())}
     for slot, (a, b) in adapters.items():
-        layer.set_lora(slot, [None if t is None else t * 4 for t in a], b)  # a delta of the base's size
-        adapters[slot] = ([None if t is None else t * 4 for t in a], b)
-    x_full = torch.randn(len(SLOTS), K, generator=gen)
+        adapters[slot] = ([None if t is None else t * 4 for t in a], b)  # a delta of the base's size
+        layer.set_lora(slot, *adapters[slot])
+    x_full = torch.randn(len(slots), K, generator=gen)
     want = full_reference(x_full.to(dtype).double(), W.to(dtype), None if bias is None else bias.to(dtype),
-                          adapters, SLOTS, out_sizes)
-    punica.update_metadata(SLOTS)
+                          adapters, slots, out_sizes)
     x = x_full
     if kind == "row":
         part = K // tp_size
         x = x_full[:, rank * part:(rank + 1) * part]
-    return layer, x.to(dtype=dtype, device=device), want, W
+    return layer, punica, x.to(dtype=dtype, device=device), want, W
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind,tp_size", [("replicated", 1), ("column", 1), ("merged", 1), ("qkv", 1), ("qkv", 2),
-                                          ("row", 1), ("row", 2)])
-def test_fused_matches_unfused_and_reference(kind, tp_size, dtype, fused_calls, device):
+def _layer(kind, tp_size, rank, dtype, device, seed=0):
+    """``build_layer`` for ``SLOTS``, the step's metadata set; returns (layer, x, want, W)."""
+    layer, punica, x, want, W = build_layer(kind, tp_size, rank, dtype, device, SLOTS, seed)
+    punica.update_metadata(SLOTS)
+    return layer, x, want, W
+
+
+def check_fused_against_unfused(kind, tp_size, dtype, device, calls, slots):
+    """For each rank: the layer's output for ``slots`` with the fused path off, then on (``calls``: the fused
+    op's spy, one entry a call: it must be taken exactly when on), each against the float64 reference
+    (a row-parallel layer: the ranks' partial sums), and the two paths against each other."""
     outs = {True: [], False: []}
     for rank in range(tp_size):
-        layer, x, want, W = _layer(kind, tp_size, rank, dtype, device)
+        layer, punica, x, want, _ = build_layer(kind, tp_size, rank, dtype, device, slots)
+        punica.update_metadata(slots)
         assert not layer.use_fused_decode or device.type == "cuda"
         for fused in (False, True):
             layer.use_fused_decode = fused
-            n = len(fused_calls)
+            n = len(calls)
             outs[fused].append(layer(x).float().cpu())
-            assert len(fused_calls) == n + fused, "the fused path was (not) taken"
+            assert len(calls) == n + fused, "the fused path was (not) taken"
         if kind == "row":
             continue
         base, W_rank = _make(kind, torch.Generator().manual_seed(0), tp_size, rank)[:2]
@@ -79,6 +86,13 @@ def test_fused_matches_unfused_and_reference(kind, tp_size, dtype, fused_calls, 
             assert_close(sum(outs[fused]), want.float(), dtype, name=f"fused={fused}")
     for got, ref in zip(outs[True], outs[False]):
         assert_close(got, ref, dtype, name="fused vs unfused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,tp_size", [("replicated", 1), ("column", 1), ("merged", 1), ("qkv", 1), ("qkv", 2),
+                                          ("row", 1), ("row", 2)])
+def test_fused_matches_unfused_and_reference(kind, tp_size, dtype, fused_calls, device):
+    check_fused_against_unfused(kind, tp_size, dtype, device, fused_calls, SLOTS)
 
 
 def test_fused_keeps_leading_dims(fused_calls, device):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vllm.lora.ops.triton_ops.fused_linear_lora as fused_mod
-from tests.lora.test_dense_lora_layers import _make, full_reference, held_rows, random_adapter, wrap
+from tests.lora.test_dense_lora_fused import build_layer, check_fused_against_unfused
 from tests.utils import assert_close
 
 # 40 tokens: slots 0-2 in runs and scattered, tokens without an adapter in between
@@ -30,51 +30,11 @@ def fused_metas(monkeypatch):
     return metas
 
 
-def _layer(kind, tp_size, rank, dtype, device, slots, seed=0):
-    """A wrapped layer with adapters in slots 0-2 (rank < max; slot 2 skips a slice), its input for
-    ``slots`` and the float64 reference of the full output."""
-    gen = torch.Generator().manual_seed(seed)
-    base, W, bias, out_sizes = _make(kind, gen, tp_size, rank, **({"reduce_results": False} if kind == "row" else {}))
-    layer, punica = wrap(base.to(dtype), kind="gpu", device=device)
-    K = W.shape[1]
-    adapters = {0: random_adapter(gen, K, out_sizes, 12), 1: random_adapter(gen, K, out_sizes, 16),
-                2: random_adapter(gen, K, out_sizes, 8, skip=(1,) if len(out_sizes) > 1 else ())}
-    for slot, (a, b) in adapters.items():
-        adapters[slot] = ([None if t is None else t * 4 for t in a], b)  # a delta of the base's size
-        layer.set_lora(slot, *adapters[slot])
-    x_full = torch.randn(len(slots), K, generator=gen)
-    want = full_reference(x_full.to(dtype).double(), W.to(dtype), None if bias is None else bias.to(dtype),
-                          adapters, slots, out_sizes)
-    x = x_full
-    if kind == "row":
-        part = K // tp_size
-        x = x_full[:, rank * part:(rank + 1) * part]
-    return layer, punica, x.to(dtype=dtype, device=device), want, W
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,tp_size", [("replicated", 1), ("merged", 1), ("qkv", 1), ("qkv", 2), ("row", 2)])
 def test_fused_matches_unfused_and_reference(kind, tp_size, dtype, fused_metas, device):
-    outs = {True: [], False: []}
-    for rank in range(tp_size):
-        layer, punica, x, want, _ = _layer(kind, tp_size, rank, dtype, device, SLOTS40)
-        punica.update_metadata(SLOTS40)
-        for fused in (False, True):
-            layer.use_fused_decode = fused
-            n = len(fused_metas)
-            outs[fused].append(layer(x).float().cpu())
-            assert len(fused_metas) == n + fused, "the fused path was (not) taken"
-        assert fused_metas[-1] is not None, "the step's grouping was not handed to the op"
-        if kind != "row":
-            base, W_rank = _make(kind, torch.Generator().manual_seed(0), tp_size, rank)[:2]
-            want_rank = want[:, held_rows(base, W_rank)].float()
-            for fused in (False, True):
-                assert_close(outs[fused][-1], want_rank, dtype, name=f"fused={fused} rank {rank}")
-    if kind == "row":  # partial sums of the ranks (bias on rank 0 only) add up to the full output
-        for fused in (False, True):
-            assert_close(sum(outs[fused]), want.float(), dtype, name=f"fused={fused}")
-    for got, ref in zip(outs[True], outs[False]):
-        assert_close(got, ref, dtype, name="fused vs unfused")
+    check_fused_against_unfused(kind, tp_size, dtype, device, fused_metas, SLOTS40)
+    assert all(m is not None for m in fused_metas), "the step's grouping was not handed to the op"
 
 
 def test_padded_rows_and_fewer_rows(fused_metas, device):
@@ -82,7 +42,7 @@ def test_padded_rows_and_fewer_rows(fused_metas, device):
     grouping; fewer rows than tokens: the op groups the rows itself."""
     n, T = 33, 48
     slots = SLOTS40[:n] + [-1] * (T - n)
-    layer, punica, x, want, _ = _layer("qkv", 1, 0, torch.float32, device, slots, seed=1)
+    layer, punica, x, want, _ = build_layer("qkv", 1, 0, torch.float32, device, slots, seed=1)
     layer.use_fused_decode = True
     punica.update_metadata(slots[:n])
     y = layer(x)
@@ -102,7 +62,7 @@ def test_fused_batch_layer_replays_in_a_cuda_graph(fused_metas, device):
     follows the step's mapping and grouping written in place afterwards - here a batch of 30 tokens
     padded to the 48 rows - and equals the eager forward of those rows bit for bit."""
     slots = SLOTS40 + [-1] * 8
-    layer, punica, x, want, _ = _layer("qkv", 1, 0, torch.bfloat16, device, slots)
+    layer, punica, x, want, _ = build_layer("qkv", 1, 0, torch.bfloat16, device, slots)
     assert layer.use_fused_decode
     punica.update_metadata(slots)
     static_x = x.clone()
