@@ -148,3 +148,43 @@ def patched(obj, name: str, make):
         yield
     finally:
         setattr(obj, name, original)
+
+
+def run_to_completion(engine, max_steps: int = 500) -> dict:
+    """Step ``engine`` until it has no unfinished request; returns the final output of each request by id
+    (fails after ``max_steps`` steps)."""
+    done = {}
+    for _ in range(max_steps):
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+        if not engine.has_unfinished_requests():
+            return done
+    raise AssertionError("the engine did not finish")
+
+
+def assert_clean_and_serving(llm, prompts: Sequence[str], params) -> None:
+    """After a failure: ``llm``'s engine holds no request, error or KV block, and serves ``prompts`` with
+    ``params`` exactly as ``llm.reference`` (prompt -> token ids) says."""
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests() and not engine._requests and not engine._errors
+    engine.scheduler.block_manager.check_no_leaks()
+    outs = llm.generate(list(prompts), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [llm.reference[p] for p in prompts]
+
+
+def run_without_interpreter(*args: str, timeout: int = 600) -> str:
+    """Run ``python *args`` from the repository root without ``TRITON_INTERPRET`` (the sm_90 compile scripts:
+    the interpreter never compiles; no GPU needed); skips the test without Triton's NVIDIA backend.  Fails
+    with the output's tail unless it exits 0; returns its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout

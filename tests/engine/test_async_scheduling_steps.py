@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.utils import patched
+from tests.utils import assert_clean_and_serving, patched, run_to_completion
 from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -65,17 +65,6 @@ def test_a_chained_step_is_queued_before_the_previous_tokens_are_read(llm, monke
                       ("launch", (4,), True), ("read", 4), ("read", 5)]
 
 
-def _run(engine, max_steps=300):
-    done = {}
-    for _ in range(max_steps):
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        if not engine.has_unfinished_requests():
-            return done
-    raise AssertionError("the engine did not finish")
-
-
 def _due(seq, ahead=0) -> bool:
     return seq.request_id == "bad" and seq.num_output_tokens + ahead >= FAIL_AFTER
 
@@ -113,17 +102,15 @@ def test_a_failure_in_a_chained_step_fails_only_its_request(llm, where):
             engine.add_request(f"good{i}", p, GREEDY)
         engine.add_request("bad", "bad request=", SamplingParams(temperature=0, max_tokens=12, n=2, ignore_eos=True))
         engine.add_request("seeded", PROMPTS[0], SEEDED)  # its draws in the dropped step are undone
-        done = _run(engine)
+        done = run_to_completion(engine)
     assert done["seeded"].outputs[0].token_ids == llm.seeded
     bad = done["bad"]
     assert "Injected" in bad.error and "step fault" in bad.error
     assert all(c.finish_reason == "abort" and len(c.token_ids) == FAIL_AFTER for c in bad.outputs)
     for i, p in enumerate(PROMPTS):
         assert done[f"good{i}"].error is None and done[f"good{i}"].outputs[0].token_ids == llm.reference[p]
-    assert not engine._requests and not engine._errors and engine.async_scheduling.pending is None
-    engine.scheduler.block_manager.check_no_leaks()
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [llm.reference[p] for p in PROMPTS]
+    assert engine.async_scheduling.pending is None
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_streaming_through_the_async_engine_gives_every_token_once_in_order(llm):

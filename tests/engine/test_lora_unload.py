@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from tests.utils import run_to_completion
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -40,19 +41,10 @@ def reference(engine):
     out = {}
     for name, path, lid in (("upper", UPPER, 101), ("rot13", ROT13, 102)):
         engine.add_request(f"ref-{name}", PROMPT, GREEDY, lora_request=LoRARequest(name, lid, path))
-        out[name] = _run(engine)[f"ref-{name}"].outputs[0].token_ids
+        out[name] = run_to_completion(engine)[f"ref-{name}"].outputs[0].token_ids
         engine.remove_lora(lid)
     assert out["upper"] != out["rot13"]
     return out
-
-
-def _run(engine, max_steps=500):
-    done = {}
-    for _ in range(max_steps):
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-        if not engine.has_unfinished_requests():
-            return done
-    raise AssertionError("the engine did not finish")
 
 
 def _copy(src, dst):
@@ -86,7 +78,7 @@ def test_unload_during_a_run_finishes_on_the_weights_it_started_with(engine, ref
         _replace(folder, ROT13)
     else:
         shutil.rmtree(folder)
-    done.update(_run(engine))
+    done.update(run_to_completion(engine))
     assert done["r1"].error is None and done["r1"].outputs[0].token_ids == reference["upper"]
     assert [c.token_ids for c in done["r2"].outputs] == [reference["upper"]] * 2
     assert done["base"].error is None
@@ -109,13 +101,13 @@ def test_new_requests_for_an_unloaded_adapter(engine, reference, tmp_path):
     assert "new" not in engine._requests
     # the same folder under a new id is another adapter: loaded now, with the folder's new weights
     engine.add_request("other-id", PROMPT, GREEDY, lora_request=LoRARequest("b2", 3, folder))
-    done = _run(engine)
+    done = run_to_completion(engine)
     assert done["old"].outputs[0].token_ids == reference["upper"]
     assert done["other-id"].outputs[0].token_ids == reference["rot13"]
     _assert_dropped(engine, 2)
     # drained: a request carrying the LoRARequest is an explicit load again (the folder as it is now)
     engine.add_request("again", PROMPT, GREEDY, lora_request=req)
-    assert _run(engine)["again"].outputs[0].token_ids == reference["rot13"]
+    assert run_to_completion(engine)["again"].outputs[0].token_ids == reference["rot13"]
     engine.remove_lora(2)
     engine.remove_lora(3)
     _assert_dropped(engine, 2)
@@ -139,7 +131,7 @@ def test_an_adapter_in_use_is_never_evicted_from_the_cpu_cache(reference, tmp_pa
     eng.add_request("a", PROMPT, GREEDY, lora_request=first)
     eng.add_request("b", PROMPT, GREEDY, lora_request=LoRARequest("second", 2, ROT13))
     shutil.rmtree(first.lora_path)
-    done = _run(eng)
+    done = run_to_completion(eng)
     assert done["a"].error is None and done["a"].outputs[0].token_ids == reference["upper"]
     assert done["b"].outputs[0].token_ids == reference["rot13"]
     # with nothing in flight the cache is back to its capacity on the next load

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.utils import patched
+from tests.utils import assert_clean_and_serving, patched, run_to_completion
 from vllm import LLM, SamplingParams
 from vllm.engine.errors import RequestFailedError
 from vllm.executor.multiproc import WorkerError
@@ -96,25 +96,6 @@ def detokenizer_fault(engine):
     return patched(engine.detokenizer, "decode_sequence_inplace", make)
 
 
-def _run(engine, max_steps=500):
-    done = {}
-    for _ in range(max_steps):
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        if not engine.has_unfinished_requests():
-            return done
-    raise AssertionError("the engine did not finish")
-
-
-def _assert_clean_and_serving(llm):
-    engine = llm.llm_engine
-    assert not engine.has_unfinished_requests() and not engine._requests and not engine._errors
-    engine.scheduler.block_manager.check_no_leaks()
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [llm.reference[p] for p in PROMPTS]
-
-
 @pytest.mark.parametrize("fault", [runner_fault, postprocess_fault, detokenizer_fault])
 def test_a_fault_fails_only_the_request_that_causes_it(llm, fault):
     engine = llm.llm_engine
@@ -124,7 +105,7 @@ def test_a_fault_fails_only_the_request_that_causes_it(llm, fault):
             if i == 1:
                 engine.add_request("bad", "bad request=", SamplingParams(temperature=0, max_tokens=12, n=2,
                                                                          ignore_eos=True))
-        done = _run(engine)
+        done = run_to_completion(engine)
     bad = done["bad"]
     assert bad.finished and "Injected" in bad.error and "fault" in bad.error
     assert all(c.finish_reason == "abort" and len(c.token_ids) == FAIL_AFTER for c in bad.outputs)
@@ -132,7 +113,7 @@ def test_a_fault_fails_only_the_request_that_causes_it(llm, fault):
         good = done[f"good{i}"]
         assert good.error is None and good.outputs[0].token_ids == llm.reference[p]
         assert good.outputs[0].finish_reason == "length"
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_llm_generate_raises_after_the_batch_with_every_output(llm):
@@ -148,7 +129,7 @@ def test_llm_generate_raises_after_the_batch_with_every_output(llm):
     assert list(e.value.failures.values()) == [outs[2].error] and "sampler fault" in outs[2].error
     for i in (0, 1, 3):
         assert outs[i].error is None and outs[i].outputs[0].token_ids == llm.reference[PROMPTS[i]]
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_seeded_requests_keep_their_tokens_when_a_batch_is_split(llm):
@@ -164,10 +145,10 @@ def test_seeded_requests_keep_their_tokens_when_a_batch_is_split(llm):
         engine.add_request("bad", PROMPTS[1], bad)
         engine.add_request("s1", PROMPTS[0], seeded[1])
         engine.add_request("s2", PROMPTS[0], seeded[2])
-        done = _run(engine)
+        done = run_to_completion(engine)
     assert done["bad"].error is not None
     assert [done[f"s{i}"].outputs[0].token_ids for i in range(3)] == alone
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_a_fault_of_the_whole_step_fails_its_requests_and_a_transient_one_none(llm):
@@ -187,16 +168,16 @@ def test_a_fault_of_the_whole_step_fails_its_requests_and_a_transient_one_none(l
     with patched(engine.runner, "execute", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"t{i}", p, GREEDY)
-        done = _run(engine)
+        done = run_to_completion(engine)
     assert all(done[f"t{i}"].outputs[0].token_ids == llm.reference[p] for i, p in enumerate(PROMPTS))
     # persistent for one step (every run of it fails): that step's requests fail, nobody else
     state["calls"], state["failing"] = 0, set(range(3, 3 + 2 * len(PROMPTS)))
     with patched(engine.runner, "execute", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"p{i}", p, GREEDY)
-        done = _run(engine)
+        done = run_to_completion(engine)
     assert all("step fault" in done[f"p{i}"].error for i in range(len(PROMPTS)))
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_a_scheduler_fault_fails_the_unfinished_requests(llm):
@@ -214,9 +195,9 @@ def test_a_scheduler_fault_fails_the_unfinished_requests(llm):
     with patched(engine.scheduler, "schedule", make):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"s{i}", p, GREEDY)
-        done = _run(engine)
+        done = run_to_completion(engine)
     assert all("scheduler fault" in done[f"s{i}"].error for i in range(len(PROMPTS)))
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
 
 
 def test_a_fatal_error_is_raised(llm):
@@ -231,4 +212,4 @@ def test_a_fatal_error_is_raised(llm):
     with patched(engine.runner, "execute", make), pytest.raises(WorkerError):
         engine.step()
     engine.abort_request("f")
-    _assert_clean_and_serving(llm)
+    assert_clean_and_serving(llm, PROMPTS, GREEDY)
