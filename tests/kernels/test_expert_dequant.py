@@ -5,6 +5,7 @@ that include the last expert, K and N that are not multiples of the tile."""
 import pytest
 import torch
 
+from tests.utils import run_without_interpreter
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, pack_int4_k
 from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import int4_moe_gemm_reference
@@ -182,15 +183,4 @@ def test_mxfp4_dequant_rejects_bad_arguments():
 
 def test_dequantisers_compile_for_hopper():
     """The CPU interpreter never compiles: compile both kernels for sm_90 in a subprocess (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "kernels", "dequant_hopper_compile.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 15
+    assert run_without_interpreter("tests/kernels/dequant_hopper_compile.py").count("ok ") == 15

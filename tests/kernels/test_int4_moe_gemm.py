@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.quantization.int4_moe_setup import random_int4
-from tests.utils import assert_close
+from tests.utils import assert_close, run_without_interpreter
 from vllm.model_executor.layers.fused_moe.int4_fused_moe_method import Int4MoEMethod
 from vllm.model_executor.layers.fused_moe.int4_weights import pack_int4_k, unpack_int4_k
 from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
@@ -120,18 +120,7 @@ def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
 
 def test_kernels_compile_for_hopper():
     """The CPU interpreter never compiles: compile the kernels for sm_90 in a subprocess (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "kernels", "int4_hopper_compile.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 30
+    assert run_without_interpreter("tests/kernels/int4_hopper_compile.py").count("ok ") == 30
 
 
 @pytest.mark.parametrize("epilogue", ["silu", "gelu", "silu_no_mul", "gelu_no_mul", "relu2_no_mul", "top_k"])

@@ -9,7 +9,7 @@ kernel's own base result bit for bit, and the output is rounded once.
 import pytest
 import torch
 
-from tests.utils import assert_close
+from tests.utils import assert_close, run_without_interpreter
 from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
 from vllm.lora.ops.torch_ops.lora_linear import lora_linear_reference
 from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora, fused_linear_lora_config
@@ -157,15 +157,4 @@ def test_benchmark_smoke(tmp_path):
 def test_kernel_compiles_for_hopper():
     """The CPU interpreter never compiles: compile the heuristic's tiles for sm_90 in a subprocess (no GPU
     needed) and check that the main loop is pipelined and fits in shared memory."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "lora", "fused_linear_lora_hopper_compile.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 6
+    assert run_without_interpreter("tests/lora/fused_linear_lora_hopper_compile.py").count("ok ") == 6

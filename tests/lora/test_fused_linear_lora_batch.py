@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.lora.test_fused_linear_lora import ENABLED, L, make_case, reference
-from tests.utils import assert_close
+from tests.utils import assert_close, run_without_interpreter
 from vllm.kernel_configs.tile_config import FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig
 from vllm.lora.ops.triton_ops.fused_linear_lora import fused_linear_lora
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS, batch_config
@@ -144,18 +144,7 @@ def test_bad_inputs_raise_clear_errors(device):
 def test_kernel_compiles_for_hopper():
     """The interpreter never compiles: compile the heuristic's tiles for sm_90 in a subprocess (no GPU
     needed) and check that the main loop is pipelined and fits in shared memory."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    script = os.path.join(root, "tests", "lora", "fused_linear_lora_batch_hopper_compile.py")
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 9
+    assert run_without_interpreter("tests/lora/fused_linear_lora_batch_hopper_compile.py").count("ok ") == 9
 
 
 def test_benchmark_smoke(tmp_path):
