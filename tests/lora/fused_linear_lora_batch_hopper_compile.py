@@ -11,11 +11,9 @@ import sys
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET")
 
-import triton  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.kernels.benchmark_fused_linear_lora import batch_sweep_configs  # noqa: E402
-from tests.lora.fused_linear_lora_hopper_compile import DIV16, DTYPES, SHARED_LIMIT, TARGET, UNIT_STRIDES  # noqa: E402
+from tests.lora.fused_linear_lora_hopper_compile import DTYPES, SHARED_LIMIT, compile_lora_kernel  # noqa: E402
 from vllm.lora.ops.triton_ops._fused_linear_lora_batch_kernel import fused_linear_lora_batch_kernel  # noqa: E402
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import batch_config  # noqa: E402
 from vllm.triton_utils import next_power_of_2  # noqa: E402
@@ -24,20 +22,11 @@ from vllm.triton_utils import next_power_of_2  # noqa: E402
 def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int):
     """``cfg``: a sweep config (keys it lacks: the default's, at 4 slots) or the heuristic's."""
     cfg = dict(batch_config(T, 2048, 5120, 16, DTYPES[dtype], 4).to_json(), **cfg)
-    fn = fused_linear_lora_batch_kernel
-    ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")}
-    ptrs.update(mapping_ptr="i32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32")
-    cexp = dict(HAS_BIAS=bias, HAS_ENABLED=True, NUM_SLICES=slices, UPCAST=False, BASE_PRECISION="ieee",
-                FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0,
-                LOOP_SLOTS=cfg["LOOP_SLOTS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, BLOCK_C=16 * max(cfg["LOOP_SLOTS"], 1), BLOCK_L=4,
-                BLOCK_TAIL=next_power_of_2(T),
-                **{n: 1 for n in UNIT_STRIDES})
-    sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-             if n in ptrs or n in DIV16}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return compile_lora_kernel(fused_linear_lora_batch_kernel, dtype,
+                               ("mapping_ptr", "sorted_ids_ptr", "counts_ptr", "enabled_ptr"), bias, slices, cfg,
+                               LOOP_SLOTS=cfg["LOOP_SLOTS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                               BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, BLOCK_C=16 * max(cfg["LOOP_SLOTS"], 1), BLOCK_L=4,
+                               BLOCK_TAIL=next_power_of_2(T))
 
 
 def variants(sweep: bool) -> list[tuple]:

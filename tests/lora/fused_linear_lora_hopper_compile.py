@@ -28,20 +28,27 @@ DIV16 = ("K", "stride_xt", "stride_wn", "stride_as", "stride_al", "stride_ar", "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def compile_variant(dtype: str, cfg: dict, bias: bool, slices: int):
-    fn = fused_linear_lora_kernel
+def compile_lora_kernel(fn, dtype: str, index_ptrs: tuple, bias: bool, slices: int, cfg: dict, **constexprs):
+    """Compile ``fn`` (a fused projection + LoRA kernel) for sm_90 as launched on contiguous tensors: x, W, bias,
+    A, B and y of ``dtype``, the int32 ``index_ptrs``, the enabled mask on, the dtype's precisions, unit
+    ``UNIT_STRIDES``, 16-byte aligned pointers and ``DIV16`` divisible by 16; ``constexprs``: the kernel's own
+    (its tiles); ``cfg``: num_warps and num_stages."""
     ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr")}
-    ptrs.update(mapping_ptr="i32", enabled_ptr="i32")
+    ptrs.update({n: "i32" for n in index_ptrs})
     cexp = dict(HAS_BIAS=bias, HAS_ENABLED=True, NUM_SLICES=slices, UPCAST=False, BASE_PRECISION="ieee",
-                FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0, BLOCK_T=16,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16,
-                SHRINK_IN_LOOP=cfg.get("SHRINK_IN_LOOP", True),
+                FP32_PRECISION="tf32x3", EXPAND_MODE=1 if dtype == "bf16" else 0, **constexprs,
                 **{n: 1 for n in UNIT_STRIDES})
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if n in ptrs or n in DIV16}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)
     return triton.compile(src, target=TARGET, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+def compile_variant(dtype: str, cfg: dict, bias: bool, slices: int):
+    return compile_lora_kernel(fused_linear_lora_kernel, dtype, ("mapping_ptr", "enabled_ptr"), bias, slices, cfg,
+                               BLOCK_T=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16,
+                               SHRINK_IN_LOOP=cfg.get("SHRINK_IN_LOOP", True))
 
 
 def main() -> None:
