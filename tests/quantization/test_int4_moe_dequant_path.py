@@ -9,7 +9,7 @@ import vllm.model_executor.layers.fused_moe.experts.dequant_path as dp
 import vllm.model_executor.layers.fused_moe.ops.int4_dequant as int4_dequant
 from tests.layers.moe_setup import pick_slots, random_adapter
 from tests.quantization.int4_moe_setup import make_int4_layer, poison_workspaces, random_int4_experts
-from tests.quantization.test_int4_moe_layer import _inputs, _ref
+from tests.quantization.test_int4_moe_layer import _inputs, _ref, check_graph_replay
 from tests.quantization.test_int4_moe_lora import _lora_layer
 from tests.quantization.test_int4_moe_lora import _ref as _lora_ref
 from tests.utils import assert_close
@@ -192,28 +192,9 @@ def test_dequant_path_bf16_on_gpu(scheme, chunk_experts, monkeypatch, device):
 @pytest.mark.cuda
 def test_dequant_path_cuda_graph_replay(monkeypatch, device):
     """Forced into a capture, the path is graph-safe (no host reads of device values): replayed with new inputs."""
-    from tests.layers.moe_setup import router_inputs
-    from vllm.model_executor.layers.fused_moe.router import fused_topk
-
     monkeypatch.setattr(dp, "IN_CUDA_GRAPHS", True)
     monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", 5 * 2 * 256 * 256 * 2)  # chunks too
-    gen = torch.Generator().manual_seed(8)
-    ex = random_int4_experts(16, 256, 256, "silu", 128, "act_order", gen)
-    layer = make_int4_layer(ex, 4, "silu", 128, "act_order", torch.bfloat16, device, backend="marlin")
-    qm = layer.quant_method
-    x, logits = router_inputs(256, 16, 256, torch.bfloat16, device, gen, top_k=4)
-    tw, ti = fused_topk(logits.float(), 4, renormalize=True)
-    qm.apply(layer, x, tw, ti)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = qm.apply(layer, x, tw, ti)
-    x2, logits2 = router_inputs(256, 16, 256, torch.bfloat16, device, gen, top_k=4)
-    tw2, ti2 = fused_topk(logits2.float(), 4, renormalize=True)
-    x.copy_(x2)
-    tw.copy_(tw2)
-    ti.copy_(ti2)
-    graph.replay()
-    assert_close(out.float().cpu(), _ref(ex, x2, logits2, 4, "silu"), torch.bfloat16)
+    check_graph_replay(256, 16, torch.Generator().manual_seed(8), device)
 
 
 @pytest.mark.cuda

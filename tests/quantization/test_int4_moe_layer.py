@@ -161,25 +161,31 @@ def test_marlin_split_k_path(ep, unsorted, monkeypatch, device):
     assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("M", [1, 48])  # the unsorted decode path (split K) and the sorted one
-def test_int4_layer_cuda_graph_replay(M, device):
-    """MarlinExperts never synchronises with the host: captured once, replayed with new inputs and routing
-    (the decode graphs of vllm/worker/cuda_graphs.py rely on it)."""
-    gen = torch.Generator().manual_seed(M + 5)
-    ex = random_int4_experts(32, 256, 256, "silu", 128, "act_order", gen)
+def check_graph_replay(M, E, gen, device):
+    """An act-order int4 layer (marlin backend, E experts, top 4, silu) captured once in a CUDA graph for M
+    tokens (after one eager call outside the capture), replayed with new inputs and routing, against the
+    reference."""
+    ex = random_int4_experts(E, 256, 256, "silu", 128, "act_order", gen)
     layer = make_int4_layer(ex, 4, "silu", 128, "act_order", torch.bfloat16, device, backend="marlin")
     qm = layer.quant_method
-    x, logits = router_inputs(M, 32, 256, torch.bfloat16, device, gen, top_k=4)
+    x, logits = router_inputs(M, E, 256, torch.bfloat16, device, gen, top_k=4)
     tw, ti = fused_topk(logits.float(), 4, renormalize=True)
     qm.apply(layer, x, tw, ti)  # compile and size the workspaces outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = qm.apply(layer, x, tw, ti)
-    x2, logits2 = router_inputs(M, 32, 256, torch.bfloat16, device, gen, top_k=4)
+    x2, logits2 = router_inputs(M, E, 256, torch.bfloat16, device, gen, top_k=4)
     tw2, ti2 = fused_topk(logits2.float(), 4, renormalize=True)
     x.copy_(x2)
     tw.copy_(tw2)
     ti.copy_(ti2)
     graph.replay()
     assert_close(out.float().cpu(), _ref(ex, x2, logits2, 4, "silu"), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 48])  # the unsorted decode path (split K) and the sorted one
+def test_int4_layer_cuda_graph_replay(M, device):
+    """MarlinExperts never synchronises with the host: captured once, replayed with new inputs and routing
+    (the decode graphs of vllm/worker/cuda_graphs.py rely on it)."""
+    check_graph_replay(M, 32, torch.Generator().manual_seed(M + 5), device)
