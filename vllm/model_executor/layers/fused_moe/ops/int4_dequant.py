@@ -20,17 +20,8 @@ from typing import Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _FLOAT_DTYPES, _pow2_at_least
 from vllm.platforms.interface import triton_interpreting
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _pow2_at_least(n: int, lo: int, hi: int) -> int:
-    p = lo
-    while p < n and p < hi:
-        p *= 2
-    return p
-
 
 def check_expert_range(e0: int, e1: Optional[int], num_experts: int) -> int:
     """Validate [e0, e1) against ``num_experts`` (e1 None: to the last expert); returns e1."""
