@@ -178,15 +178,14 @@ def test_eager_step_takes_the_kernels_of_the_captured_graph(dtype, fused_calls, 
     assert torch.equal(layer(x), layer.base_layer(x)) and len(fused_calls) == 2
 
 
-@pytest.mark.cuda
-def test_fused_layer_replays_in_a_cuda_graph(fused_calls, device):
-    """On by default on CUDA; captured once (every LoRA op on, as the graph runner does), a replay follows
-    the mapping and the input written in place afterwards and equals the eager forward bit for bit."""
-    layer, x, _, _ = _layer("qkv", 1, 0, torch.bfloat16, device)
-    assert layer.use_fused_decode
+def check_graph_replay(layer, static_x, new_slots, check_eager=None):
+    """Capture ``layer(static_x)`` once (every LoRA op on, as the graph runner does; the eager forward first
+    compiles the kernel, ``check_eager`` gets its output): the replay equals the eager forward bit for bit,
+    also after the step's mapping (``new_slots``) and the input are written in place."""
     punica = layer.punica_wrapper
-    static_x = x.clone()
     eager = layer(static_x)  # compiles the kernel outside the capture
+    if check_eager is not None:
+        check_eager(eager)
     graph = torch.cuda.CUDAGraph()
     punica.run_all_lora_ops(True)
     try:
@@ -197,9 +196,18 @@ def test_fused_layer_replays_in_a_cuda_graph(fused_calls, device):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
-    punica.update_metadata([2, 1, -1, 0, 0, 1, 2, -1, 1])
+    punica.update_metadata(new_slots)
     static_x.copy_(torch.randn_like(static_x))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, layer(static_x))
+
+
+@pytest.mark.cuda
+def test_fused_layer_replays_in_a_cuda_graph(fused_calls, device):
+    """On by default on CUDA; captured once (every LoRA op on, as the graph runner does), a replay follows
+    the mapping and the input written in place afterwards and equals the eager forward bit for bit."""
+    layer, x, _, _ = _layer("qkv", 1, 0, torch.bfloat16, device)
+    assert layer.use_fused_decode
+    check_graph_replay(layer, x.clone(), [2, 1, -1, 0, 0, 1, 2, -1, 1])
     assert len(fused_calls) == 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vllm.lora.ops.triton_ops.fused_linear_lora as fused_mod
-from tests.lora.test_dense_lora_fused import build_layer, check_fused_against_unfused
+from tests.lora.test_dense_lora_fused import build_layer, check_fused_against_unfused, check_graph_replay
 from tests.utils import assert_close
 
 # 40 tokens: slots 0-2 in runs and scattered, tokens without an adapter in between
@@ -65,22 +65,6 @@ def test_fused_batch_layer_replays_in_a_cuda_graph(fused_metas, device):
     layer, punica, x, want, _ = build_layer("qkv", 1, 0, torch.bfloat16, device, slots)
     assert layer.use_fused_decode
     punica.update_metadata(slots)
-    static_x = x.clone()
-    eager = layer(static_x)  # compiles the kernel outside the capture
-    assert_close(eager.float().cpu(), want.float(), torch.bfloat16)
-    graph = torch.cuda.CUDAGraph()
-    punica.run_all_lora_ops(True)
-    try:
-        with torch.cuda.graph(graph):
-            out = layer(static_x)
-    finally:
-        punica.run_all_lora_ops(False)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
-    punica.update_metadata([2, 1, -1, 0] * 7 + [1, 2])  # 30 tokens; rows 30..47 read slot -1
-    static_x.copy_(torch.randn_like(static_x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, layer(static_x))
+    check_graph_replay(layer, x.clone(), [2, 1, -1, 0] * 7 + [1, 2],  # 30 tokens; rows 30..47 read slot -1
+                       check_eager=lambda eager: assert_close(eager.float().cpu(), want.float(), torch.bfloat16))
     assert len(fused_metas) == 3 and all(m is not None for m in fused_metas)
