@@ -13,7 +13,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 
 from benchmarks.kernels.benchmark_fused_linear_lora import batch_sweep_configs  # noqa: E402
-from tests.lora.fused_linear_lora_hopper_compile import DTYPES, SHARED_LIMIT, compile_lora_kernel  # noqa: E402
+from tests.lora.fused_linear_lora_hopper_compile import DTYPES, compile_lora_kernel, report  # noqa: E402
 from vllm.lora.ops.triton_ops._fused_linear_lora_batch_kernel import fused_linear_lora_batch_kernel  # noqa: E402
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import batch_config  # noqa: E402
 from vllm.triton_utils import next_power_of_2  # noqa: E402
@@ -46,12 +46,8 @@ def variants(sweep: bool) -> list[tuple]:
 def main() -> None:
     failed = 0
     for dtype, cfg, T, bias, slices in variants("--sweep" in sys.argv[1:]):
-        k = compile_variant(dtype, cfg, T, bias, slices)
-        shared, pipelined = k.metadata.shared, "cp.async" in k.asm["ptx"]
-        ok = shared <= SHARED_LIMIT and pipelined
-        failed += not ok
-        print(f"{'ok' if ok else 'FAILED'} {dtype} {T} tokens {cfg} bias {bias} slices {slices}: shared {shared} B, "
-              f"pipelined {pipelined}", flush=True)
+        failed += not report(compile_variant(dtype, cfg, T, bias, slices),
+                             f"{dtype} {T} tokens {cfg} bias {bias} slices {slices}")
     sys.exit(1 if failed else 0)
 
 

@@ -51,6 +51,15 @@ def compile_variant(dtype: str, cfg: dict, bias: bool, slices: int):
                                SHRINK_IN_LOOP=cfg.get("SHRINK_IN_LOOP", True))
 
 
+def report(kernel, label: str) -> bool:
+    """Print one line: whether the compiled ``kernel``'s main loop is pipelined (cp.async) and its shared memory
+    fits in an H100's; returns whether both hold."""
+    shared, pipelined = kernel.metadata.shared, "cp.async" in kernel.asm["ptx"]
+    ok = shared <= SHARED_LIMIT and pipelined
+    print(f"{'ok' if ok else 'FAILED'} {label}: shared {shared} B, pipelined {pipelined}", flush=True)
+    return ok
+
+
 def main() -> None:
     failed = 0
     # the heuristic's tiles at Qwen3-30B-A3B's projections (qkv, o, router gate); --sweep: also the bf16 sweep
@@ -63,12 +72,7 @@ def main() -> None:
     if "--sweep" in sys.argv[1:]:
         variants += [("bf16", cfg, False, 1) for cfg in sweep_configs()]
     for dtype, cfg, bias, slices in variants:
-        k = compile_variant(dtype, cfg, bias, slices)
-        shared, pipelined = k.metadata.shared, "cp.async" in k.asm["ptx"]
-        ok = shared <= SHARED_LIMIT and pipelined
-        failed += not ok
-        print(f"{'ok' if ok else 'FAILED'} {dtype} {cfg} bias {bias} slices {slices}: shared {shared} B, "
-              f"pipelined {pipelined}", flush=True)
+        failed += not report(compile_variant(dtype, cfg, bias, slices), f"{dtype} {cfg} bias {bias} slices {slices}")
     sys.exit(1 if failed else 0)
 
 
