@@ -29,8 +29,8 @@ A row without an (enabled) slot gets exactly the base (every delta it sees is 0.
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import (_add_other_pairs, _base_loop, _first_slice,
-                                                                 _row_slots, _slice_cols)
+from vllm.lora.ops.triton_ops._fused_linear_lora_kernel import (_add_other_pairs, _base_loop, _col_tile,
+                                                                 _first_slice, _row_slots, _slice_cols)
 from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _expand_dot, _split_for_expand
 
 
@@ -77,10 +77,7 @@ def fused_linear_lora_batch_kernel(
     tok, mask_m = _tile_tokens(mapping_ptr, sorted_ids_ptr, counts_ptr, T, max_loras, offs_q,
                                BLOCK_M, BLOCK_L, BLOCK_TAIL)
     tok64 = tok.to(tl.int64)
-    n_begin = pid_n * BLOCK_N
-    n_end = tl.minimum(n_begin + BLOCK_N, N)
-    offs_n = n_begin + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    n_begin, n_end, offs_n, mask_n = _col_tile(pid_n, N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R

@@ -54,6 +54,15 @@ def _add_expand(acc, shrunk, b_base, cols, mask_c, offs_r, mask_r, stride_bn, st
 
 
 @triton.jit
+def _col_tile(pid_n, N, BLOCK_N: tl.constexpr):
+    """Output columns of N tile ``pid_n``: its first, its end (at most N), their indices and mask."""
+    n_begin = pid_n * BLOCK_N
+    n_end = tl.minimum(n_begin + BLOCK_N, N)
+    offs_n = n_begin + tl.arange(0, BLOCK_N)
+    return n_begin, n_end, offs_n, offs_n < N
+
+
+@triton.jit
 def _row_slots(mapping_ptr, enabled_ptr, tok, mask, max_loras, HAS_ENABLED: tl.constexpr):
     """Each row's slot (of token ``tok``) where valid and enabled, else -1; and whether it is."""
     slots = tl.load(mapping_ptr + tok, mask=mask, other=-1)
@@ -146,10 +155,7 @@ def fused_linear_lora_kernel(
     zero64 = (pid_n * 0).to(tl.int64)  # makes slice / slot offsets 64-bit (loop indices may be plain ints)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
-    n_begin = pid_n * BLOCK_N
-    n_end = tl.minimum(n_begin + BLOCK_N, N)
-    offs_n = n_begin + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    n_begin, n_end, offs_n, mask_n = _col_tile(pid_n, N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
