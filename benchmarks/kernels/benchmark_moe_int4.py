@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
 import torch
 
@@ -49,6 +48,7 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
     sys.path.insert(0, _ROOT)
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
+from benchmarks.kernels.int4_sweep import UNPACK_VARIANTS, sweep, write_tuned  # noqa: E402
 from benchmarks.kernels.moe_dequant_paths import (DEQUANT_HEADER, INT4_TILES, dequant_rows, on_path,  # noqa: E402
                                                   paths_table, set_path)
 
@@ -94,120 +94,6 @@ def dequant_stages(q_layer):
             w, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(w)
         stages.append((label, w.num_experts, w.n, w.k, w.nbytes() // w.num_experts, run))
     return stages
-
-
-# the heuristic's tiles with each code-unpacking mode (the heuristic's own among them); modes 1 and 2
-# keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
-# a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
-UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
-                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3)}
-
-
-def sweep_candidates():
-    for bn in (64, 128, 256):
-        for bk in (64, 128, 256):
-            for split in (1, 2, 4, 8):
-                for stages in (3, 4):
-                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages)
-    for unpack in (1, 2):
-        for bn in (64, 128):
-            for split in (1, 2, 4, 8):
-                yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=64, SPLIT_K=split, num_stages=3, UNPACK=unpack)
-    for bn in (64, 128, 256):
-        for bk in (128, 256):
-            for split in (1, 2, 4, 8):
-                for stages in (3, 4):
-                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages, UNPACK=3)
-
-
-def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:
-    """Markdown rows: per token count and GEMM, heuristic vs best tiles; fills ``tuned`` (file key -> table)."""
-    from vllm.kernel_configs.tile_config import Int4TileConfig
-    from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
-        get_int4_moe_config,
-        invoke_int4_moe_gemm,
-        use_unsorted_int4_gemm,
-    )
-    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
-
-    qc = q_layer.quant_method.kernel.fused_experts.quant_config
-    lines = []
-    if device.type == "cuda":
-        timed = lambda fn: lb.time_cuda(fn, flush, args.reps, not args.no_graph)[0]  # noqa: E731
-        candidates = list(sweep_candidates())
-    else:  # --smoke on CPU: exercise the sweep with a few candidates
-        timed = lambda fn: lb.time_cpu(fn, 1)[0]  # noqa: E731
-        candidates = [dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, SPLIT_K=s, num_stages=1) for s in (1, 2)]
-    variants = {name: (dict(v, num_stages=1) if device.type != "cuda" else v) for name, v in UNPACK_VARIANTS.items()}
-    for M in tokens:
-        x, _, _, ti, _ = lb.make_inputs(case, M, 1, dtype, device, args.seed)
-        pairs, E = M * case.k, case.E
-        unsorted = use_unsorted_int4_gemm(pairs, E)
-        act = torch.randn(pairs, qc.w2.k, device=device).to(dtype)
-        for name, w, a, top_k_in in (("w13", qc.w13, x, case.k), ("w2", qc.w2, act, 1)):
-            base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted)
-            if unsorted:
-                route = dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
-            else:
-                al = moe_align_block_size(ti, base.block_size_m, E)
-                route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
-                             num_tokens_post_padded=al.num_tokens_post_padded)
-            out = torch.empty(pairs, w.n, dtype=dtype, device=device)
-            buf = torch.empty(8 * pairs * w.n, dtype=torch.float32, device=device)
-
-            def run(cfg):
-                invoke_int4_moe_gemm(a, w, out, top_k_in=top_k_in, config=cfg, split_buffer=buf,
-                                     may_drop_pairs=False, **route)
-                return out
-
-            ref = run(base).float().clone()
-            t_base = timed(lambda: run(base))
-            best_t, best, t_var = t_base, base, {}
-
-            def with_tiles(cand: dict) -> Int4TileConfig:  # cand: JSON keys over the heuristic's
-                return Int4TileConfig.from_json(cand, source="sweep candidate", base=base)
-
-            def try_config(cand: dict) -> Optional[float]:
-                cfg = with_tiles(cand)
-                if cfg.block_size_k > max(16, w.k) or cfg.block_size_n > max(16, w.n):
-                    return None
-                try:
-                    err = lb.norm_err(run(cfg), ref)
-                except Exception as exc:  # e.g. out of shared memory
-                    print(f"    skip {cand}: {type(exc).__name__}", flush=True)
-                    return None
-                if err > lb.TOLERANCE[dtype]:
-                    sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
-                return timed(lambda: run(cfg))
-
-            for vname, cand in [*variants.items(), *((None, c) for c in candidates)]:
-                t = try_config(cand)
-                if vname is not None:
-                    t_var[vname] = t
-                if t is not None and t < best_t:
-                    best_t, best = t, with_tiles(cand)
-            key = ("int4_moe_gemm", E, w.n, w.k, w.group_size, int(not unsorted))
-            tuned.setdefault(key, {})[str(pairs)] = best.to_json()
-            var_cols = "".join(f" {t:.1f} |" if t is not None else " - |" for t in t_var.values())
-            lines.append(f"| {case.name} | {M} | {name} | {'sorted' if not unsorted else 'unsorted'} | {t_base:.1f} "
-                         f"|{var_cols} {best_t:.1f} | {t_base / best_t:.2f} | `{best.to_json()}` |")
-            print(lines[-1], flush=True)
-    return lines
-
-
-def write_tuned(tuned: dict, folder: str) -> None:
-    import json
-
-    from vllm.kernel_configs import config_file_name
-    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
-
-    os.makedirs(folder, exist_ok=True)
-    for (op, E, N, K, G, srt), table in tuned.items():
-        path = os.path.join(folder, config_file_name(op, {"E": E, "N": N, "K": K, "G": G, "sorted": srt},
-                                                     _device_name()))
-        with open(path, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        print(f"wrote {path}")
 
 
 class _BenchInt4Config:
