@@ -27,7 +27,8 @@ n+1 queued before step n's tokens are read): their tokens must equal the synchro
 and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,16,64,256] [--async-scheduling] [--out decode.md]   (--preset tiny: a CPU smoke run)
+        [--batches 1,16,64,256] [--async-scheduling] [--tp N [--enable-expert-parallel]] [--out decode.md]
+        (--preset tiny: a CPU smoke run)
 """
 from __future__ import annotations
 
@@ -217,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--bandwidth", type=float, default=None, help="copy bandwidth in B/s (default: measured)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="also time the graph engines with async scheduling (tokens checked against the sync ones)")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the roofline is then per GPU: the "
+                   "step's bytes split over the ranks; CUDA graphs are off with TP > 1, both columns run eagerly)")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="with --tp: whole experts per rank")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -232,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     max_len = a.prompt_len + a.steps + 8
     blocks = top * (-(-max_len // 16)) + 64
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top, num_gpu_blocks_override=blocks,
-                  cuda_graph_sizes=batches,
+                  cuda_graph_sizes=batches, tensor_parallel_size=a.tp, enable_expert_parallel=a.enable_expert_parallel,
                   enable_prefix_caching=False)  # the runs repeat their prompts: time computing them
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     no_lora = lambda b: None  # noqa: E731
@@ -261,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         compare("async vs sync scheduling, LoRA", tok_alora, {b: tok_glora[b] for b in batches}, problems)
 
     context = a.prompt_len + a.steps // 2
-    lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of {a.prompt_len} tokens; "
+    par = "" if a.tp == 1 else f"; {a.tp} ranks ({'expert' if a.enable_expert_parallel else 'tensor'} parallel)"
+    lines = [f"{gpu}{par}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of {a.prompt_len} tokens; "
              f"{a.num_loras} adapters of rank {a.rank} (q/k/v/o + experts) spread over the batch; copy bandwidth "
              f"{bandwidth / 1e12:.2f} TB/s{'' if a.bandwidth is None else ' (given)'}", "",
              "| batch | eager, no LoRA | graphs, no LoRA | eager, LoRA | graphs, LoRA | LoRA / no LoRA (graphs) "
@@ -269,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              + (" graphs + async, no LoRA | graphs + async, LoRA |" if a.async_scheduling else ""),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.async_scheduling else "")]
     for b in batches:
-        roof = roofline_bytes(a, b, context) / bandwidth
+        roof = roofline_bytes(a, b, context) / (bandwidth * a.tp)  # each rank reads its share
         g = graph_base[b]
         lines.append(f"| {b} | {eager_base[b] * 1e3:.2f} ms | {g * 1e3:.2f} ms | {eager_lora[b] * 1e3:.2f} ms | "
                      f"{graph_lora[b] * 1e3:.2f} ms | {graph_lora[b] / g:.2f} | {b / g:.0f} | {roof * 1e3:.2f} ms | "
