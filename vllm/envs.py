@@ -95,7 +95,7 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Dense LoRA layers on CUDA run their projection and LoRA delta as one Triton launch for batches of
     # <= 16 tokens (vllm/lora/ops/triton_ops/fused_linear_lora.py); "0" keeps F.linear + the LoRA op.
     # Read when a layer gets its Punica wrapper (engine start).
-    "VLLM_FUSED_LORA_LINEAR": _bool("VLLM_FUSED_LORA_LINEAR", True),
+    "VLLM_FUSED_LORA_LINEAR": _bool("VLLM_FUSED_LORA_LINEAR", False),
 }
 
 

@@ -145,6 +145,7 @@ def test_streaming_through_the_async_engine_gives_every_token_once_in_order(llm)
 
 
 def test_serve_flag():
+    pytest.importorskip("fastapi")
     from vllm.entrypoints.cli import make_parser
     from vllm.entrypoints.openai.api_server import engine_args_from
 

@@ -123,6 +123,8 @@ def _tokens(llm, prompts, loras=None):
 
 
 def test_captured_steps_hold_lora_ops_exactly_for_lora_keys(setup, monkeypatch):
+    # the dense layers' LoRA through the Punica wrapper (on a GPU they would fuse it into the projection)
+    monkeypatch.setenv("VLLM_FUSED_LORA_LINEAR", "0")
     llm = _llm(setup[0], enable_lora=True, max_loras=2, max_lora_rank=8)
     g = _attach(llm, sizes=[2])
     punica = llm.llm_engine.lora_manager.punica_wrapper
@@ -167,13 +169,18 @@ def test_emulated_graphs_match_eager_across_adapter_swaps(setup, single_thread):
 
 
 def test_a_failed_capture_leaves_an_eager_engine(setup, monkeypatch, caplog, single_thread):  # noqa: F811
-    """A capture that raises (here: the CPU has no CUDA to capture on, once the blockers are bypassed)
-    is logged as a warning; the engine starts without graphs and generates as the eager one."""
+    """A capture that raises (the step it records fails; on a CPU the capture fails even earlier, there is
+    no CUDA) is logged as a warning; the engine starts without graphs and generates as the eager one."""
     import vllm.worker.cuda_graphs as cg
 
     path, adapters = setup
     eager = _tokens(_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8), PROMPTS, [adapters[0], None, None])
     monkeypatch.setattr(cg, "graph_blockers", lambda *a, **k: [])
+
+    def broken_step(self, *a, **k):
+        raise RuntimeError("an op that cannot be captured")
+
+    monkeypatch.setattr(cg.DecodeGraphRunner, "_forward", broken_step)
     with caplog.at_level("WARNING"):
         llm = LLM(path, max_model_len=64, block_size=4, num_gpu_blocks_override=128, max_num_seqs=8,
                   enable_lora=True, max_loras=1, max_lora_rank=8)

@@ -61,7 +61,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def fused_decode_default(device: torch.device) -> bool:
     """Whether dense LoRA layers on ``device`` fuse projection and delta at decode: on CUDA with compiled
-    Triton, unless ``VLLM_FUSED_LORA_LINEAR=0`` (tests force it on under the interpreter per layer)."""
+    Triton, when ``VLLM_FUSED_LORA_LINEAR=1`` (off by default: on an H200 the 17-256-token kernel's tiles ran
+    out of shared memory at rank 32; tests force it on under the interpreter per layer)."""
     return device.type == "cuda" and HAS_TRITON and not triton_interpreting() and envs.VLLM_FUSED_LORA_LINEAR
 
 

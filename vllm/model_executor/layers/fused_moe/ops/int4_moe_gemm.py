@@ -28,6 +28,7 @@ from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
+UNPACK_DECODE_TILES = False  # UNPACK 3 by default on unsplit decode tiles (see _heuristic_config)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -80,11 +81,12 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_si
     split = 1
     while tiles * split < 2 * _NUM_SMS and split * 2 <= min(8, k_tiles // 2):
         split *= 2
-    # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py).  3 where the static report
-    # (benchmarks/kernels/kernel_static_report.py) shows >= 30 % fewer main-loop instructions per
-    # weight on sm_90 (and no int->float conversions): the unsplit decode tiles; split tiles (-29 %)
-    # keep 0 until timed (benchmark_moe_int4.py --sweep times every mode).
-    decode_tile = bk >= 128 and group_size > 0 and group_size % bk == 0
+    # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py).  The static report
+    # (benchmarks/kernels/kernel_static_report.py) shows ~30 % fewer main-loop instructions per weight on
+    # sm_90 for UNPACK 3 on unsplit decode tiles, but on an H200 one of its configurations ran out of shared
+    # memory (262144 > 232448 B, fp16, 1 token): 0 stays the default until benchmark_moe_int4.py --sweep
+    # has timed the modes and their stages (UNPACK_DECODE_TILES = True restores the static choice).
+    decode_tile = UNPACK_DECODE_TILES and bk >= 128 and group_size > 0 and group_size % bk == 0
     return Int4TileConfig(block_size_m=bm, block_size_n=bn, block_size_k=bk, group_size_m=gm, split_k=split,
                           num_warps=warps, num_stages=stages, unpack=3 if decode_tile and split == 1 else 0)
 
