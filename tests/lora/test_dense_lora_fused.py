@@ -208,9 +208,10 @@ def check_graph_replay(layer, static_x, new_slots, check_eager=None):
 
 @pytest.mark.cuda
 def test_fused_layer_replays_in_a_cuda_graph(fused_calls, device):
-    """On by default on CUDA; captured once (every LoRA op on, as the graph runner does), a replay follows
+    """Forced on (off by default, VLLM_FUSED_LORA_LINEAR); captured once (every LoRA op on, as the graph runner does), a replay follows
     the mapping and the input written in place afterwards and equals the eager forward bit for bit."""
     layer, x, _, _ = _layer("qkv", 1, 0, torch.bfloat16, device)
-    assert layer.use_fused_decode
+    assert not layer.use_fused_decode  # off by default
+    layer.use_fused_decode = True
     check_graph_replay(layer, x.clone(), [2, 1, -1, 0, 0, 1, 2, -1, 1])
     assert len(fused_calls) == 3

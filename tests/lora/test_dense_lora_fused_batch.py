@@ -58,12 +58,13 @@ def test_padded_rows_and_fewer_rows(fused_metas, device):
 
 @pytest.mark.cuda
 def test_fused_batch_layer_replays_in_a_cuda_graph(fused_metas, device):
-    """On by default on CUDA; captured at 48 rows (every LoRA op on, as the graph runner does), a replay
+    """Forced on (off by default, VLLM_FUSED_LORA_LINEAR); captured at 48 rows (every LoRA op on, as the graph runner does), a replay
     follows the step's mapping and grouping written in place afterwards - here a batch of 30 tokens
     padded to the 48 rows - and equals the eager forward of those rows bit for bit."""
     slots = SLOTS40 + [-1] * 8
     layer, punica, x, want, _ = build_layer("qkv", 1, 0, torch.bfloat16, device, slots)
-    assert layer.use_fused_decode
+    assert not layer.use_fused_decode  # off by default
+    layer.use_fused_decode = True
     punica.update_metadata(slots)
     check_graph_replay(layer, x.clone(), [2, 1, -1, 0] * 7 + [1, 2],  # 30 tokens; rows 30..47 read slot -1
                        check_eager=lambda eager: assert_close(eager.float().cpu(), want.float(), torch.bfloat16))

@@ -140,7 +140,8 @@ def test_use_dequant_path_thresholds(monkeypatch):
     assert dp.use_dequant_path(4096 * 8, 128, "int4") and dp.use_dequant_path(256 * 2, 8, "int4")
     assert not dp.use_dequant_path(16 * 8, 128, "int4")  # decode: the in-register kernel
     assert not dp.use_dequant_path(255, 1, "int4")  # too few pairs whatever the experts
-    assert dp.use_dequant_path(16 * 128, 128, "int4") and not dp.use_dequant_path(16 * 128 - 1, 128, "int4")
+    assert dp.use_dequant_path(20 * 128, 128, "int4") and not dp.use_dequant_path(20 * 128 - 1, 128, "int4")
+    assert not dp.use_dequant_path(256 * 8, 128, "int4")  # Qwen3-30B-A3B at 256 tokens: the kernel is faster
     assert dp.use_dequant_path(64 * 32, 32, "mxfp4") and not dp.use_dequant_path(64 * 32 - 4, 32, "mxfp4")
     assert not dp.use_dequant_path(256 * 4, 32, "mxfp4")  # gpt-oss-20b at 256 tokens: the kernel is faster
     with pytest.raises(ValueError, match="unknown 4-bit kind 'fp8'"):

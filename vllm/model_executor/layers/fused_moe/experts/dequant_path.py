@@ -15,12 +15,15 @@ while dequantising a whole layer to bf16 is memory bound (read 4.25 bits, write 
 runs at bf16 speed.  vLLM does the same for AWQ dense layers (dequantise, then matmul, from 256
 tokens).  The path is taken from ``MIN_PAIRS`` routed (token, expert) pairs and
 ``MIN_PAIRS_PER_EXPERT[kind]`` pairs per local expert on average; the 4-bit kernels stay for
-smaller batches (decode).  Interpolating the figures linearly, dequant + bf16 overtakes the kernel
-at about 10 (Qwen3) / 8 (Mixtral, where ``MIN_PAIRS`` binds) pairs per expert for int4, hence 16;
-and at about 60 (gpt-oss-20b: at 256 tokens, 32 pairs per expert, it would be ~1.7x slower than
-the kernel) / 40 (120b) for MXFP4, hence 64.  These are estimates:
-``benchmarks/kernels/benchmark_moe_int4.py`` / ``_mxfp4.py`` ``--compare-paths`` time both paths
-to set them.
+smaller batches (decode).  ``--compare-paths`` of ``benchmarks/kernels/benchmark_moe_int4.py`` /
+``_mxfp4.py`` timed both paths (NVIDIA H200, kernel vs dequant + bf16, us):
+
+    int4 Qwen3-30B-A3B   820 vs 897 at 16 pairs per expert (256 tokens), 2013 vs 1020 at 64 (1024 tokens)
+    MXFP4 gpt-oss-20b    505 vs 1050 at 32 (256 tokens),                 2491 vs 1290 at 128 (1024 tokens)
+    MXFP4 gpt-oss-120b  1943 vs 4382 at 32 (1024 tokens),                9610 vs 5268 at 128 (4096 tokens)
+
+Interpolated on log-log axes, the two cross at about 19 pairs per expert for int4, hence 20, and at
+about 66 (20b) / 71 (120b) for MXFP4, hence 64.
 
 The scratch holds at most ``SCRATCH_CAP_BYTES``: larger layers are processed in chunks of experts
 [e0, e1), each dequantised and multiplied with its own alignment of the pairs routed to it (the
@@ -42,8 +45,8 @@ if TYPE_CHECKING:
 
 #: the path needs at least this many routed (token, k) pairs ...
 MIN_PAIRS = 256
-#: ... and at least this many pairs per local expert on average (the crossover estimated from the figures above)
-MIN_PAIRS_PER_EXPERT = {"int4": 16, "mxfp4": 64}
+#: ... and at least this many pairs per local expert on average (the crossovers measured above)
+MIN_PAIRS_PER_EXPERT = {"int4": 20, "mxfp4": 64}
 #: the most bytes of dequantised weights held at once; above it the experts go in chunks
 SCRATCH_CAP_BYTES = 1 << 30
 #: take the path inside a CUDA-graph capture too (benchmarks set it: they time graph replays)
