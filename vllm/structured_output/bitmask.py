@@ -1,7 +1,8 @@
 """The step's grammar mask: one int32 bitmask [rows, ceil(V / 32)] filled on the CPU by llguidance for
-the rows that have a grammar, copied to the logits' device once, and applied there by one batched op (on CUDA one Triton launch,
-``_bitmask_kernel.py``; llguidance's own ``apply_token_bitmask_inplace`` is a torch.compile'd
-expansion without a row index, so rows without a grammar would need a gather and a scatter around it).
+the rows that have a grammar, copied to the logits' device once, and applied there by one batched op:
+on CUDA one Triton launch (``_bitmask_kernel.py``), elsewhere torch ops.  llguidance's own
+``apply_token_bitmask_inplace`` is a torch.compile'd expansion without a row index (rows without a
+grammar would need a gather and a scatter around it), so it is not used.
 
 Bit ``t % 32`` of word ``t // 32`` is 1 when token ``t`` is allowed (llguidance's layout); ids past
 32 * words are not allowed.
