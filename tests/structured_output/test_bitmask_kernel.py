@@ -99,6 +99,20 @@ def test_kernel_all_zero_and_all_one_rows():
     assert bool((got[2] == NEG_INF).all())
 
 
+def test_public_op_forced_to_triton_default_block():
+    """``apply_token_bitmask_(..., use_triton=True)``: the default block (128 words), two blocks per row."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 4200
+    logits = torch.randn(4, vocab, generator=g)
+    rows = torch.tensor([3, 1], dtype=torch.int32)
+    bitmask = _random_mask(g, 2, 132)
+    expected = logits.clone()
+    apply_token_bitmask_(expected, bitmask, rows, use_triton=False)
+    got = logits.clone()
+    apply_token_bitmask_(got, bitmask, rows, use_triton=True)
+    assert torch.equal(got, expected) and bool((got[3, 132 * 32:] == NEG_INF).all())
+
+
 def test_kernel_no_rows_is_a_no_op():
     logits = torch.randn(4, 100)
     got = logits.clone()

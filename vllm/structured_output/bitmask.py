@@ -168,6 +168,8 @@ def _apply_token_bitmask_torch_(logits: torch.Tensor, bitmask: torch.Tensor, row
     vocab = logits.shape[1]
     flat = bitmask.contiguous().view(torch.uint8).flatten().int()
     penalty = _penalty_lut(logits.device, logits.dtype).index_select(0, flat).view(n_rows, words * 32)
+    if rows is not None:
+        rows = rows.long()  # index_copy_ takes int64 only
     target = logits if rows is None else logits.index_select(0, rows)
     covered = min(vocab, words * 32)
     target[:, :covered].add_(penalty[:, :covered])
