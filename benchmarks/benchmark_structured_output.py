@@ -6,14 +6,21 @@ Correctness first: the op's result equals a reference that unpacks each row's bi
 ``--repeat`` after a warm-up (synchronised on CUDA):
 
 - copy: the [B, ceil(V/32)] int32 bitmask from (pinned) CPU memory to the device;
-- mask: ``apply_token_bitmask_`` on all B rows, and on half of them (``rows`` given);
-- sampler: ``Sampler.forward`` on B greedy rows, without and with the grammar bitmask.
+- mask: ``apply_token_bitmask_`` on all B rows, and on half of them in random order (``rows`` given), in
+  place on a float32 work copy of the logits (repeating the op leaves the result unchanged): the torch
+  path (a byte lookup table, the CPU default) next to the Triton kernel (the CUDA default; on a CPU only
+  under TRITON_INTERPRET=1, where its times mean nothing), and with ``--llguidance`` llguidance's own
+  ``llguidance.torch.apply_token_bitmask_inplace`` (torch.compile'd, all rows only; its first call
+  compiles: ~50 s on a 2-core CPU);
+- sampler: ``Sampler.forward`` on B greedy rows, without and with the grammar bitmask (its default path).
 
 Filling the bitmask (llguidance, on the CPU, in parallel over rows) depends on the grammar and the
 tokenizer; ``--tokenizer PATH`` adds it for a JSON schema at that tokenizer (its first use compiles).
 
     PYTHONPATH=. python benchmarks/benchmark_structured_output.py [--batch 64] [--vocab 151936]
-        [--device cuda] [--tokenizer PATH]
+        [--device cuda] [--tokenizer PATH] [--llguidance]
+    # CPU smoke run of the Triton path:
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/benchmark_structured_output.py --batch 4 --vocab 1000 --repeat 2
 """
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ import numpy as np
 import torch
 
 from vllm.model_executor.layers.sampler import Sampler
+from vllm.platforms.interface import triton_interpreting
 from vllm.sampling_params import SamplingParams
 from vllm.structured_output.bitmask import apply_token_bitmask_, bitmask_words
+from vllm.triton_utils import HAS_TRITON
 
 
 def best_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -60,6 +69,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--llguidance", action="store_true",
+                    help="also time llguidance.torch.apply_token_bitmask_inplace (all rows; compiles first)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     B, V = args.batch, args.vocab
@@ -69,16 +80,43 @@ def main() -> int:
     if dev.type == "cuda":
         cpu_mask = cpu_mask.pin_memory()
     mask = cpu_mask.to(dev)
-    half = list(range(0, B, 2))
+    half = torch.randperm(B, generator=g)[:B // 2].tolist()  # a random half, in random order
     half_rows = torch.tensor(half, device=dev)
 
+    ops: dict[str, Callable[..., None]] = {
+        "torch (LUT)": lambda lg, m, r: apply_token_bitmask_(lg, m, r, use_triton=False)}
+    if HAS_TRITON and (dev.type == "cuda" or triton_interpreting()):
+        ops["Triton"] = lambda lg, m, r: apply_token_bitmask_(lg, m, r, use_triton=True)
+    if args.llguidance:
+        import llguidance.torch
+
+        ops["llguidance.torch"] = lambda lg, m, r: llguidance.torch.apply_token_bitmask_inplace(lg, m)
+    shapes = [(f"{B} rows", list(range(B)), None)]
+    if B > 1:
+        shapes.append((f"{len(half)} of {B} rows", half, half_rows))
+
     ok = True
-    for rows, idx in ((list(range(B)), None), (half, half_rows)):
-        got = logits.clone()
-        apply_token_bitmask_(got, mask if idx is None else mask[:len(half)], idx)
-        if not torch.equal(got.cpu(), reference(logits, mask if idx is None else mask[:len(half)], rows)):
-            print(f"MISMATCH: the mask op differs from the numpy reference ({len(rows)} rows)")
-            ok = False
+    for name, op in ops.items():
+        for what, rows, idx in shapes:
+            if name == "llguidance.torch" and idx is not None:
+                continue  # no row index: all rows only
+            got = logits.clone()
+            op(got, mask[:len(rows)], idx)
+            if not torch.equal(got.cpu(), reference(logits, mask[:len(rows)], rows)):
+                print(f"MISMATCH: the {name} mask op differs from the numpy reference ({what})")
+                ok = False
+
+    mask_table = []
+    work = logits.clone()
+    for what, rows, idx in shapes:
+        cells = []
+        for name, op in ops.items():
+            if name == "llguidance.torch" and idx is not None:
+                cells.append(None)
+                continue
+            m = mask[:len(rows)]
+            cells.append(best_ms(lambda: op(work, m, idx), dev, args.repeat))
+        mask_table.append((f"mask op, {what}", cells))
 
     params = [SamplingParams(temperature=0)] * B
     gens = [None] * B
@@ -86,10 +124,7 @@ def main() -> int:
     all_rows = torch.arange(B, device=dev)
     table = [
         ("copy bitmask to device", best_ms(lambda: cpu_mask.to(dev, non_blocking=True), dev, args.repeat)),
-        (f"mask op, {B} rows", best_ms(lambda: apply_token_bitmask_(logits.clone(), mask), dev, args.repeat)),
-        (f"mask op, {len(half)} of {B} rows",
-         best_ms(lambda: apply_token_bitmask_(logits.clone(), mask[:len(half)], half_rows), dev, args.repeat)),
-        ("logits clone (in both above)", best_ms(lambda: logits.clone(), dev, args.repeat)),
+        ("logits clone (float32, B x V)", best_ms(lambda: logits.clone(), dev, args.repeat)),
         ("sampler step, no grammar", best_ms(lambda: sampler(logits, params, gens), dev, args.repeat)),
         ("sampler step, grammar on every row",
          best_ms(lambda: sampler(logits, params, gens, grammar_bitmask=(all_rows, mask)), dev, args.repeat)),
@@ -110,7 +145,12 @@ def main() -> int:
             states, what = [compiler.new_state(so) for _ in range(B)], "regex"
         table.append((f"llguidance fill, {B} rows ({what}, start)",
                       best_ms(lambda: fill_bitmask(states, V, dev), dev, args.repeat)))
-    print(f"batch {B}, vocab {V}, device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'})")
+    print(f"batch {B}, vocab {V}, device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'})"
+          + (", Triton interpreted (its times mean nothing)" if dev.type != "cuda" and "Triton" in ops else ""))
+    print("| mask op (in place, ms) | " + " | ".join(ops) + " |\n|---|" + "---:|" * len(ops))
+    for name, cells in mask_table:
+        print(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+    print()
     print("| step | ms |\n|---|---|")
     for name, ms in table:
         print(f"| {name} | {ms:.3f} |")

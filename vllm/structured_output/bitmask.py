@@ -1,5 +1,8 @@
 """The step's grammar mask: one int32 bitmask [rows, ceil(V / 32)] filled on the CPU by llguidance for
-the rows that have a grammar, copied to the logits' device once, and applied there by one batched op.
+the rows that have a grammar, copied to the logits' device once, and applied there by one batched op:
+on CUDA one Triton launch (``_bitmask_kernel.py``), elsewhere torch ops.  llguidance's own
+``apply_token_bitmask_inplace`` is a torch.compile'd expansion without a row index (rows without a
+grammar would need a gather and a scatter around it), so it is not used.
 
 Bit ``t % 32`` of word ``t // 32`` is 1 when token ``t`` is allowed (llguidance's layout); ids past
 32 * words are not allowed.
@@ -16,7 +19,9 @@ try:  # see backend.py: only requests with a grammar need it
 except ImportError:  # pragma: no cover
     llguidance = None
 
+from vllm.platforms.interface import triton_interpreting
 from vllm.structured_output.backend import GrammarState
+from vllm.triton_utils import HAS_TRITON
 
 _executor: Optional[llguidance.LLExecutor] = None
 
@@ -99,18 +104,72 @@ def _penalty_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return lut
 
 
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
-                         rows: Optional[torch.Tensor] = None) -> None:
-    """Set the disallowed tokens of ``logits`` [B, V] to -inf, in place.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tokens per program of the Triton op: 128 words (4096 tokens), 37 blocks per row at V = 151936.
+_WORDS_PER_BLOCK = 128
 
-    bitmask: [R, W] int32 on the logits' device; rows: [R] int64, the logits row of each bitmask row
-    (None: R == B, row i for row i). Rows not listed are untouched.  One table lookup per mask byte
-    gives 0 / -inf per token, added to the logits (3x faster than a boolean masked_fill on a CPU,
-    the same traffic on a GPU); logits are finite or -inf, so the sum is exact."""
+
+def _check_mask_args(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[torch.Tensor]) -> None:
+    """Shapes, dtypes and devices only (never the values: reading them would wait for the device)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if bitmask.dim() != 2 or bitmask.dtype != torch.int32:
+        raise ValueError(f"the bitmask must be [rows, ceil(vocab / 32)] int32, got {tuple(bitmask.shape)} "
+                         f"{bitmask.dtype}")
+    if bitmask.device != logits.device:
+        raise ValueError(f"the bitmask is on {bitmask.device} but the logits on {logits.device}: copy it there")
+    if rows is None:
+        if bitmask.shape[0] != logits.shape[0]:
+            raise ValueError(f"without rows the bitmask needs one row per logits row: {bitmask.shape[0]} "
+                             f"for {logits.shape[0]}")
+        return
+    if rows.dim() != 1 or rows.shape[0] != bitmask.shape[0] or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rows must be [{bitmask.shape[0]}] int32 or int64 (one per bitmask row), got "
+                         f"{tuple(rows.shape)} {rows.dtype}")
+    if rows.device != logits.device:
+        raise ValueError(f"rows are on {rows.device} but the logits on {logits.device}: copy them there")
+
+
+def _use_triton(logits: torch.Tensor, use_triton: Optional[bool]) -> bool:
+    """Triton when asked (None: on CUDA with Triton installed) for a float dtype the kernel covers."""
+    if use_triton is None:
+        return logits.is_cuda and HAS_TRITON and logits.dtype in _FLOAT_DTYPES
+    if use_triton and not logits.is_cuda and not triton_interpreting():
+        raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
+    if use_triton and logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"the Triton mask op takes float32, bfloat16 or float16 logits, not {logits.dtype}")
+    return use_triton
+
+
+def _apply_token_bitmask_triton_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[torch.Tensor],
+                                 words_per_block: int = _WORDS_PER_BLOCK) -> None:
+    """One launch over (bitmask rows, vocabulary blocks of ``words_per_block`` * 32 tokens); graph-safe:
+    no host sync, no allocation."""
+    from vllm.structured_output._bitmask_kernel import _apply_bitmask_kernel
+
+    n_rows, n_words = bitmask.shape
+    vocab = logits.shape[1]
+    if n_rows == 0 or vocab == 0:
+        return
+    blocks = -(-bitmask_words(vocab) // words_per_block)
+    _apply_bitmask_kernel[(n_rows, blocks)](
+        logits, bitmask, bitmask if rows is None else rows,
+        logits.shape[0], vocab, n_words,
+        logits.stride(0), logits.stride(1), bitmask.stride(0), bitmask.stride(1),
+        HAS_ROWS=rows is not None, WORDS=words_per_block,
+        num_warps=4,
+    )
+
+
+def _apply_token_bitmask_torch_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[torch.Tensor]) -> None:
+    """One table lookup per mask byte gives 0 / -inf per token, added to the logits (3x faster than a
+    boolean masked_fill on a CPU); logits are finite or -inf, so the sum is exact."""
     n_rows, words = bitmask.shape
     vocab = logits.shape[1]
     flat = bitmask.contiguous().view(torch.uint8).flatten().int()
     penalty = _penalty_lut(logits.device, logits.dtype).index_select(0, flat).view(n_rows, words * 32)
+    if rows is not None:
+        rows = rows.long()  # index_copy_ takes int64 only
     target = logits if rows is None else logits.index_select(0, rows)
     covered = min(vocab, words * 32)
     target[:, :covered].add_(penalty[:, :covered])
@@ -118,6 +177,22 @@ def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
         target[:, covered:] = float("-inf")
     if rows is not None:
         logits.index_copy_(0, rows, target)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor,
+                         rows: Optional[torch.Tensor] = None, *, use_triton: Optional[bool] = None) -> None:
+    """Set the disallowed tokens of ``logits`` [B, V] to -inf, in place.
+
+    bitmask: [R, W] int32 on the logits' device; rows: [R] int32 / int64, the logits row of each bitmask
+    row (None: R == B, row i for row i); they must lie in [0, B) (not checked: that would wait for the
+    device). Rows not listed are untouched, allowed tokens keep their values bit for bit.
+    On CUDA one Triton launch (``_bitmask_kernel.py``, no [R, V] intermediate, graph-safe); on a CPU
+    torch ops (``use_triton=True`` runs the kernel there under TRITON_INTERPRET=1, for tests)."""
+    _check_mask_args(logits, bitmask, rows)
+    if _use_triton(logits, use_triton):
+        _apply_token_bitmask_triton_(logits, bitmask, rows)
+    else:
+        _apply_token_bitmask_torch_(logits, bitmask, rows)
 
 
 def grammar_bitmask(seqs: Seq, vocab_size: int, device: torch.device
