@@ -233,3 +233,20 @@ def test_real_graphs_recapture_for_new_layers_and_match_eager(setup):
         recaptures.append(g.recaptures)
     assert recaptures == [1, 2, 2, 3]  # the same-target swap (step 3) kept the graph
     assert g.replays[(4, True)] > 0 and not g.failed
+
+
+@pytest.mark.cuda
+def test_real_lora_graph_capture_launches_only_targeted_layers(setup, monkeypatch):
+    """On a GPU: the re-capture after the first adapter (its warm-up forward and the captured one) calls the
+    LoRA ops of the attention and expert layers only, never the router's."""
+    monkeypatch.setenv("VLLM_FUSED_LORA_LINEAR", "0")  # dense deltas through add_lora_linear
+    path, ad = setup
+    llm = LLM(path, max_model_len=64, block_size=4, num_gpu_blocks_override=128, max_num_seqs=8, max_loras=1,
+              **LORA)
+    g = llm.llm_engine.runner.graphs
+    assert g is not None and not g.emulate
+    steps = _record_graph_launches(llm, g, monkeypatch)
+    _tokens(llm, PROMPTS + ["xyz 123"], [ad["full"]] * 4)
+    targeted = {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("qkv_proj", "o_proj")}
+    targeted.add("model.layers.1.mlp.experts")
+    assert g.recaptures == 1 and steps == [targeted, targeted]  # replays run no Python

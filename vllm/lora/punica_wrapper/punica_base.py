@@ -131,8 +131,8 @@ class PunicaWrapperBase(ABC):
         """Whether this layer launches its LoRA ops in this step.  ``enabled_slots``: the slots where the
         layer holds weights (None = not tracked: always launch).  Eagerly: whether some token of the step
         uses one of them, so a batch of base-model requests, or adapters that do not target the layer, cost
-        nothing there.  Under ``run_all_lora_ops`` (a CUDA graph being captured or replayed, which cannot
-        decide per step): whether the layer is in the LoRA layer set the graph holds.
+        nothing there.  Under ``run_all_lora_ops`` (a CUDA graph being captured, which cannot decide per
+        step; or its emulated replay): whether the layer is in the LoRA layer set the graph holds.
         """
         if self._run_all:
             return enabled_slots is None or enabled_slots in (self._run_all_layers or self._layer_set)
