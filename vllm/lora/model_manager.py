@@ -4,6 +4,7 @@
                                  under expert parallelism only this rank's experts are kept)
         --activate_adapter--> device slot (max_loras; LRU over slots not used by the current batch)
             set_lora / reset_lora on every wrapped layer
+            and the layers it targets join the Punica wrapper's LoRA layer set (``add_lora_layers``)
     set_adapter_mapping(lora_int_id per token)  once per step
         -> activates the batch's adapters -> slot per token -> punica_wrapper.update_metadata
            (one mapping, read by every layer)
@@ -261,19 +262,23 @@ class LoRAModelManager:
         return True
 
     def _write_slot(self, slot: int, lora: LoRAModel) -> None:
-        for name, w in self.modules.items():
-            if isinstance(w, FusedMoEWithLoRA):
-                moe = lora.get_lora(name)
-                if moe is None:
+        try:
+            for name, w in self.modules.items():
+                if isinstance(w, FusedMoEWithLoRA):
+                    moe = lora.get_lora(name)
+                    if moe is None:
+                        w.reset_lora(slot)
+                    else:
+                        w.set_lora(slot, **moe.set_lora_kwargs())
+                    continue
+                a, b = self._dense_slices(name, w, lora)
+                if all(t is None for t in a):
                     w.reset_lora(slot)
                 else:
-                    w.set_lora(slot, **moe.set_lora_kwargs())
-                continue
-            a, b = self._dense_slices(name, w, lora)
-            if all(t is None for t in a):
-                w.reset_lora(slot)
-            else:
-                w.set_lora(slot, a, b)
+                    w.set_lora(slot, a, b)
+        finally:  # the LoRA layer set (CUDA graphs of LoRA steps launch its layers): every layer with weights
+            self.punica_wrapper.add_lora_layers(w.enabled_slots for w in self.modules.values()
+                                                if slot in w.enabled_slots)
 
     def _dense_slices(self, name: str, w: BaseLinearLayerWithLoRA, lora: LoRAModel) -> tuple[list, list]:
         a: list[Optional[torch.Tensor]] = [None] * w.n_slices

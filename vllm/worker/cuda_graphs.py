@@ -4,7 +4,7 @@ A decode step (one new token for every sequence) launches hundreds of small
 kernels; replaying a captured graph costs one launch.  ``DecodeGraphRunner``,
 owned by the ``ModelRunner``, keeps:
 
-* ``DecodeBuffers``: static device buffers for everything a captured step reads
+* ``DecodeBuffers`` (``decode_buffers.py``): static device buffers for everything a captured step reads
   (input ids, positions, KV slots, seq lens, block tables, query_start_loc).
   Each step's inputs are copied into them in place (three host->device copies);
   the LoRA token -> slot mapping lives in the Punica wrapper's persistent buffers,
@@ -18,9 +18,20 @@ owned by the ``ModelRunner``, keeps:
   that decision per step, so there are two graphs per size: "no adapter in the
   batch" (captured with every token on the base model: every layer skips) and
   "some adapter" (captured with ``PunicaWrapperBase.run_all_lora_ops``: every
-  LoRA layer launches its ops for all its slots; slots without weights have
-  ``adapter_enabled`` 0 and contribute exactly zero).  Adapters are copied into
-  their slots in place, so the graphs stay valid across loads, unloads and swaps.
+  layer of the wrapper's *LoRA layer set* - the layers some adapter activated into
+  a slot has targeted, a set that only grows - launches its ops for all its slots;
+  slots without weights have ``adapter_enabled`` 0 and contribute exactly zero;
+  layers no adapter targets, e.g. the MoE router under an attention + experts
+  adapter, launch nothing).  Adapters are copied into their slots in place, so the
+  graphs stay valid across loads, unloads and swaps that keep the set.
+* The set's version: a "some adapter" graph holds the layers of the set it was
+  captured with (``_layer_sets``).  Start-up capture happens before any adapter is
+  loaded (version 0: the set is unknown, every LoRA layer launches), so the first
+  LoRA steps never wait.  A replay whose set version differs from the current one
+  (an adapter targeting a new layer was activated) first frees every stale "some
+  adapter" graph, then re-captures that size's graph with the current set; other
+  sizes are re-captured on their first use (logged at INFO once per version, with
+  the time it took).  Swapping adapters with the same targets changes nothing.
 
 Only decode steps replay (every query_len 1, no prompt logprobs, n <= the largest
 size); prefills and bigger batches run eagerly.  Graphs are captured after the KV
@@ -40,8 +51,9 @@ A capture that fails (an op that synchronises or allocates outside the pool) is
 logged as a warning and the engine serves eagerly instead of failing to start.
 
 ``emulate=True`` (CPU tests) keeps the whole host path - ladder, buffers, keys,
-LoRA forcing - but "replays" by running the same forward eagerly over the static
-buffers.
+LoRA forcing, layer-set versions and re-capture - but "replays" by running the
+same forward eagerly over the static buffers, with the LoRA layer set the "graph"
+was captured with (a stale graph misses a new layer's delta, as a real one would).
 """
 from __future__ import annotations
 
@@ -53,11 +65,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from vllm.attention.metadata import AttentionMetadata
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
+from vllm.worker.decode_buffers import DecodeBuffers
 
 if TYPE_CHECKING:
+    from vllm.lora.punica_wrapper.punica_base import LoRALayerSet
     from vllm.worker.model_runner import ModelInput
 
 logger = init_logger(__name__)
@@ -119,69 +132,6 @@ def graph_blockers(model: nn.Module, device: torch.device, world_size: int) -> l
     return reasons
 
 
-class DecodeBuffers:
-    """Static inputs of captured decode steps, for batches of up to ``max_size`` sequences.
-
-    For a padded size p the graph reads: ``ids`` [p] / ``positions`` [p] /
-    ``slots`` [p] (int64, packed in one buffer so that one copy fills them),
-    ``seq_lens`` [p] int32, ``block_tables`` [p, max_blocks] int32 and the
-    constant ``query_start_loc`` [p + 1] = 0..p.
-    """
-
-    def __init__(self, max_size: int, max_blocks: int, block_size: int, device: torch.device) -> None:
-        self.max_size, self.max_blocks, self.block_size = max_size, max_blocks, block_size
-        self.device = torch.device(device)
-        self._i64: Optional[torch.Tensor] = None
-
-    def allocate(self) -> None:
-        dev, p = self.device, self.max_size
-        self._i64 = torch.zeros(3 * p, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(p, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(p, self.max_blocks, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(p + 1, dtype=torch.int32, device=dev)
-        self.fill_dummy(p)
-
-    def views(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input ids, positions, slot mapping) of size p: consecutive slices of one buffer."""
-        assert self._i64 is not None, "call allocate() first"
-        return self._i64[:p], self._i64[p:2 * p], self._i64[2 * p:3 * p]
-
-    def metadata(self, p: int, seq_lens_cpu: Optional[list[int]] = None) -> AttentionMetadata:
-        """Attention metadata over the buffers for size p.  The host lengths are placeholders
-        (1) unless given: the Triton backend reads lengths from the device only."""
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc[:p + 1], seq_lens=self.seq_lens[:p],
-            slot_mapping=self.views(p)[2], block_tables=self.block_tables[:p],
-            query_lens_cpu=[1] * p, seq_lens_cpu=list(seq_lens_cpu) if seq_lens_cpu else [1] * p,
-            block_size=self.block_size)
-
-    def fill_dummy(self, p: int) -> None:
-        """Inputs for capturing size p: token 0 at position 0, slot -1 (no KV write), seq_len 1."""
-        self.prepare([0] * 0, [], [], [], [], p)
-
-    def prepare(self, input_ids: Sequence[int], positions: Sequence[int], slot_mapping: Sequence[int],
-                seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], p: int) -> None:
-        """Copy one decode step of n <= p sequences into the buffers of size p; rows n..p-1 are padding."""
-        n = len(input_ids)
-        if not (len(positions) == len(slot_mapping) == len(seq_lens) == len(block_tables) == n) or n > p:
-            raise ValueError(f"a decode step of {n} sequences needs one position, slot, seq_len and block table "
-                             f"each, and at most {p} sequences")
-        pad = p - n
-        flat = torch.tensor([*input_ids, *[0] * pad, *positions, *[0] * pad, *slot_mapping, *[-1] * pad],
-                            dtype=torch.int64)
-        self._i64[:3 * p].copy_(flat, non_blocking=True)
-        self.seq_lens[:p].copy_(torch.tensor([*seq_lens, *[1] * pad], dtype=torch.int32), non_blocking=True)
-        if n:
-            width = max(len(bt) for bt in block_tables)
-            if width > self.max_blocks:
-                raise ValueError(f"a block table of {width} blocks exceeds the {self.max_blocks} the graphs were "
-                                 "captured for")
-            if width:
-                tables = torch.tensor([[*bt, *[0] * (width - len(bt))] for bt in block_tables], dtype=torch.int32)
-                # Entries past a row's seq_len are never read; padding rows read entry 0, a valid block.
-                self.block_tables[:n, :width].copy_(tables, non_blocking=True)
-
-
 class DecodeGraphRunner:
     """Captures and replays decode steps of ``model`` (see the module docstring)."""
 
@@ -201,6 +151,11 @@ class DecodeGraphRunner:
         self.replays: dict[tuple[int, bool], int] = {}  # replays per key (tests and logs)
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
+        self._pool: Any = None  # the graphs' shared memory pool (CUDA)
+        self._layer_sets: dict[tuple[int, bool], "LoRALayerSet"] = {}  # what each "some adapter" graph holds
+        self._logged_version = -1  # the last layer-set version whose re-capture was logged
+        self.recaptures = 0  # "some adapter" graphs captured again after the layer set changed
+        self.failed: Optional[str] = None  # a re-capture failed: every step runs eagerly (graph_key None)
 
     # ---- host-side decisions ------------------------------------------------------
     @property
@@ -211,8 +166,10 @@ class DecodeGraphRunner:
 
     def graph_key(self, inp: "ModelInput") -> Optional[tuple[int, bool]]:
         """The graph for this step, or None when it must run eagerly (not a pure decode step, prompt
-        logprobs wanted, or more sequences than the largest graph)."""
+        logprobs wanted, more sequences than the largest graph, or graphs given up after a failed capture)."""
         n = len(inp.query_lens)
+        if self.failed is not None:
+            return None
         if n == 0 or inp.prompt_rows or len(inp.input_ids) != n or any(q != 1 for q in inp.query_lens):
             return None
         p = padded_size(n, self.sizes)
@@ -222,12 +179,14 @@ class DecodeGraphRunner:
         return (p, bool(lora))
 
     # ---- capture --------------------------------------------------------------------
-    def _forward(self, p: int, lora: bool, seq_lens_cpu: Optional[list[int]] = None) -> None:
-        """The step a graph holds: model over the size-p buffers, logits of every row into ``self.logits``."""
+    def _forward(self, p: int, lora: bool, seq_lens_cpu: Optional[list[int]] = None,
+                 layer_set: Optional["LoRALayerSet"] = None) -> None:
+        """The step a graph holds: model over the size-p buffers, logits of every row into ``self.logits``.
+        ``lora``: with the LoRA ops of every layer of ``layer_set`` (default: the current LoRA layer set)."""
         ids, positions, _ = self.buffers.views(p)
         punica = self.lora_manager.punica_wrapper if self.lora_manager is not None else None
         if punica is not None:
-            punica.run_all_lora_ops(lora)
+            punica.run_all_lora_ops(lora, layer_set)
         try:
             with set_forward_context(self.buffers.metadata(p, seq_lens_cpu)):
                 hidden = self.model(ids, positions)
@@ -251,19 +210,11 @@ class DecodeGraphRunner:
         cuda = not self.emulate
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0] if cuda else 0
-        pool = torch.cuda.graph_pool_handle() if cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
         gc.collect()
         for p, lora in sorted(self.keys, reverse=True):
             self._set_dummy_inputs(p)
-            self._forward(p, lora)  # compiles the Triton kernels of this shape outside the capture
-            if not cuda:
-                self._graphs[(p, lora)] = (p, lora)
-                continue
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(p, lora)
-            self._graphs[(p, lora)] = graph
+            self._capture_one(p, lora)
         if cuda:
             self._keep_alive = _grown_workspaces(self.model)
             torch.cuda.synchronize(self.device)
@@ -277,9 +228,52 @@ class DecodeGraphRunner:
                     self.capture_seconds, self.graph_memory_bytes / (1 << 20),
                     " (emulated on the host)" if self.emulate else "")
 
+    def _capture_one(self, p: int, lora: bool) -> None:
+        """Capture the graph of key (p, lora) over the inputs now in the buffers; with LoRA, with the current
+        LoRA layer set (recorded with the graph)."""
+        layer_set = self.lora_manager.punica_wrapper.lora_layer_set if lora else None
+        self._forward(p, lora, layer_set=layer_set)  # compiles the Triton kernels of this shape outside the capture
+        if self.emulate:
+            graph: Any = (p, lora)
+        else:
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._forward(p, lora, layer_set=layer_set)
+        self._graphs[(p, lora)] = graph
+        if layer_set is not None:
+            self._layer_sets[(p, lora)] = layer_set
+
+    @torch.inference_mode()
+    def _refresh_lora_graph(self, p: int, current: "LoRALayerSet") -> None:
+        """Make the "some adapter" graph of size p hold ``current``: free the stale ones, capture this one.
+        The step's LoRA mapping stays as set (the capture reads it on the device only); the input buffers of
+        size p get dummy inputs, overwritten by the step's afterwards."""
+        start = time.perf_counter()
+        for key in [k for k, ls in self._layer_sets.items() if ls.version != current.version]:
+            del self._layer_sets[key]
+            self._graphs.pop(key, None)
+        self.buffers.fill_dummy(p)
+        self._capture_one(p, True)
+        if not self.emulate:  # older graphs keep the workspaces they were captured with
+            held = {id(t) for t in self._keep_alive}
+            self._keep_alive += [t for t in _grown_workspaces(self.model) if id(t) not in held]
+        self.recaptures += 1
+        took = time.perf_counter() - start
+        members = "all" if current.members is None else len(current.members)
+        if current.version != self._logged_version:
+            self._logged_version = current.version
+            logger.info("CUDA graphs: the LoRA layer set changed (version %d, %s of %d LoRA layers); the LoRA decode "
+                        "graphs are captured again, each size on its first use (size %d took %.2f s)",
+                        current.version, members, len(getattr(self.lora_manager, "modules", ())), p, took)
+        else:
+            logger.debug("CUDA graphs: LoRA decode graph of size %d captured again for layer-set version %d "
+                         "in %.2f s", p, current.version, took)
+
     def release(self) -> None:
         """Drop every graph and buffer (after a failed capture): the engine then runs eagerly."""
         self._graphs.clear()
+        self._layer_sets.clear()
         self._keep_alive = []
         self.logits = None
         self.replays = {}
@@ -301,17 +295,41 @@ class DecodeGraphRunner:
         ``input_ids``: the ids on the device (async scheduling), copied on the device over ``inp``'s."""
         p, lora = key
         b = self.buffers
+        eager_set = None
+        if lora:
+            current = self.lora_manager.punica_wrapper.lora_layer_set
+            held = self._layer_sets.get(key)
+            if held is None or held.version != current.version:
+                try:
+                    self._refresh_lora_graph(p, current)
+                except Exception as e:  # a capture bug must cost speed, not the step
+                    self._fail(e)
+                    eager_set = current
         b.prepare(inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.block_tables, p)
         if input_ids is not None:
             b.views(p)[0][:input_ids.shape[0]].copy_(input_ids)
-        graph = self._graphs[key]
-        if self.emulate:
+        if self.emulate or eager_set is not None:
             pad = p - len(inp.seq_lens)
-            self._forward(p, lora, [*inp.seq_lens, *[1] * pad])
+            self._forward(p, lora, [*inp.seq_lens, *[1] * pad], eager_set or self._layer_sets.get(key))
         else:
-            graph.replay()
-        self.replays[key] += 1
+            self._graphs[key].replay()
+        self.replays[key] = self.replays.get(key, 0) + 1
         return self.logits[:len(inp.seq_lens)]
+
+    def _fail(self, e: Exception) -> None:
+        """A re-capture failed: drop every graph (the step's LoRA mapping stays), run eagerly from now on."""
+        self.failed = repr(e)
+        self._graphs.clear()
+        self._layer_sets.clear()
+        logger.warning("CUDA graphs: capturing a LoRA decode graph again failed (%r); decode runs eagerly from now "
+                       "on. Please report this; enforce_eager=True / --enforce-eager skips graphs", e)
+        if not self.emulate:
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001 - the capture error was just reported
+                pass
+            self._keep_alive = []
+            torch.cuda.empty_cache()
 
 
 def _grown_workspaces(model: nn.Module) -> list[torch.Tensor]:

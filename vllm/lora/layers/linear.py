@@ -30,13 +30,14 @@ Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no to
 of the step uses this layer's adapters).  For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
 ``punica_wrapper.linear_metadata``) on CUDA, when some token of the step has an
-adapter (of this layer or not), the projection and the delta run as one launch
+adapter (of this layer or not) and the layer is in the Punica wrapper's LoRA layer set
+(``step_includes_layer``), the projection and the delta run as one launch
 instead (``fused_linear_lora``: y rounded once, so it may differ from the two-launch
 path by one rounding of the output dtype); ``use_fused_decode`` (set by
 ``set_mapping`` from the device and ``VLLM_FUSED_LORA_LINEAR``) switches it.  The condition is the step's, not the
-layer's, because a LoRA decode graph is captured with every LoRA op on
-(``run_all_lora_ops``): an eager step must take the kernels a graph replay of it
-would, or the two would round the base projection differently.
+layer's, because a LoRA decode graph is captured with the LoRA ops of every layer of
+the set on (``run_all_lora_ops``): an eager step must take the kernels a graph replay of
+it would, or the two would round the base projection differently.
 """
 from __future__ import annotations
 
@@ -208,8 +209,9 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
 
     def _fuse(self, x: torch.Tensor) -> bool:
         """Whether this forward runs as one fused launch: switched on, at most ``BATCH_MAX_TOKENS`` rows, an
-        unquantized float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot; see
-        the module docstring).  Decided from shapes and host state only (CUDA-graph safe)."""
+        unquantized float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot)
+        while the layer is in the LoRA layer set (see the module docstring).  Decided from shapes and host state
+        only (CUDA-graph safe)."""
         if not self.use_fused_decode or self.punica_wrapper is None or x.shape[-1] == 0:
             return False
         w = self.base_layer.weight
@@ -218,7 +220,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         if w.dtype != x.dtype or self._lora_a.dtype != x.dtype or w.dim() != 2:
             return False
         return (_is_plain_linear(self.base_layer, self.base_kind == "RowParallelLinear")
-                and self.punica_wrapper.any_active(range(self.max_loras)))
+                and self.punica_wrapper.step_includes_layer(self.enabled_slots))
 
     def _fused_forward(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """x @ W^T (+ bias) + the LoRA delta, one launch (``fused_linear_lora``)."""

@@ -21,12 +21,22 @@ compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch
 For the linear layers (``vllm.lora.layers.linear``) the wrapper offers
 ``add_lora_linear(y, x, ...)``: y[t, cols of slice s] += (x[t] @ A_s[slot]^T) @ B_s[slot]^T,
 computed by the subclass's ``_add_lora_linear`` from the same per-step mapping.
+
+Which layers launch: eagerly, a layer launches its LoRA ops when some token of the step uses a
+slot where it holds weights (``any_active``).  A CUDA graph cannot take that per-step decision,
+so a LoRA graph is captured under ``run_all_lora_ops`` with every layer of the *LoRA layer set*
+(``lora_layer_set``): the layers that held weights in some slot since the wrapper was made.
+Policy: the set only grows (the union of the layers targeted by every adapter ever activated
+into a slot, ``add_lora_layers``), so swapping or unloading adapters with the same targets never
+changes it, and a layer of the set whose slots hold no weights for a step adds exactly zero.
+Its ``version`` changes when the set does; version 0 (no adapter activated yet) means "unknown":
+every layer counts as a member, which is what a graph captured at start-up holds.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Collection, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -58,6 +68,23 @@ class MoELoRARouting:
     num_pairs: int
 
 
+@dataclass(frozen=True)
+class LoRALayerSet:
+    """A snapshot of the LoRA layer set (see the module docstring).
+
+    A layer is named by its ``enabled_slots`` (the host set of the slots where it holds weights:
+    one object per layer, shared with its ``MoELoRAContext``); ``members`` holds their ids.
+    version: 0 while no adapter was activated into a slot; then +1 at every change.
+    members: None at version 0 (unknown: every layer counts as a member).
+    """
+
+    version: int
+    members: Optional[frozenset[int]]
+
+    def __contains__(self, enabled_slots: object) -> bool:
+        return self.members is None or id(enabled_slots) in self.members
+
+
 def _without(kw: dict, key: str) -> dict:
     return {k: v for k, v in kw.items() if k != key}
 
@@ -77,6 +104,10 @@ class PunicaWrapperBase(ABC):
         # Host-side: the slots some token of this step uses (None = unknown, e.g. a device-tensor mapping).
         self._active_slots: Optional[frozenset[int]] = frozenset()
         self._run_all = False  # see run_all_lora_ops
+        self._run_all_layers: Optional[LoRALayerSet] = None  # the layer set a graph being captured holds
+        # The LoRA layer set: id -> the layer's enabled_slots (held, so that no other object takes its id).
+        self._layer_slots: dict[int, Collection[int]] = {}
+        self._layer_set = LoRALayerSet(0, None)
 
     # ---- per-step mapping ------------------------------------------------
     def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
@@ -97,20 +128,53 @@ class PunicaWrapperBase(ABC):
         self._active_slots = None if mapping.is_cuda else frozenset(mapping.unique().tolist()) - {-1}
 
     def any_active(self, enabled_slots: Optional[Collection[int]]) -> bool:
-        """Whether some token of this step uses one of ``enabled_slots`` (the slots where a layer holds
-        weights; None = not tracked).  A layer skips its LoRA launches when not: a batch of base-model
-        requests, or adapters that do not target the layer, cost nothing there.  Decided on the host
-        per step, so a CUDA graph of steps with adapters is captured under ``run_all_lora_ops``.
+        """Whether this layer launches its LoRA ops in this step.  ``enabled_slots``: the slots where the
+        layer holds weights (None = not tracked: always launch).  Eagerly: whether some token of the step
+        uses one of them, so a batch of base-model requests, or adapters that do not target the layer, cost
+        nothing there.  Under ``run_all_lora_ops`` (a CUDA graph being captured, which cannot decide per
+        step; or its emulated replay): whether the layer is in the LoRA layer set the graph holds.
         """
-        if self._run_all or enabled_slots is None or self._active_slots is None:
+        if self._run_all:
+            return enabled_slots is None or enabled_slots in (self._run_all_layers or self._layer_set)
+        if enabled_slots is None or self._active_slots is None:
             return True
         return not self._active_slots.isdisjoint(enabled_slots)
 
-    def run_all_lora_ops(self, enabled: bool) -> None:
-        """While enabled, ``any_active`` is True: every LoRA layer launches its ops, whatever the mapping
-        (slots without weights add exactly zero).  CUDA-graph capture of steps with adapters uses this, so
-        the graph does not depend on which adapters the captured batch happened to use."""
+    def step_includes_layer(self, enabled_slots: Optional[Collection[int]]) -> bool:
+        """Whether a layer's forward takes its LoRA path this step whatever slots its tokens use: some
+        token of the step has an adapter (of any layer) and the layer is in the LoRA layer set.  Under
+        ``run_all_lora_ops``: ``any_active``.  The dense layers' fused projection + LoRA decides with it,
+        so that an eager step takes the kernels a graph replay of it would."""
+        if self._run_all:
+            return self.any_active(enabled_slots)
+        if self._active_slots is not None and not self._active_slots:
+            return False
+        return enabled_slots is None or enabled_slots in self._layer_set
+
+    def run_all_lora_ops(self, enabled: bool, layer_set: Optional[LoRALayerSet] = None) -> None:
+        """While enabled, ``any_active`` is True for every layer of ``layer_set`` (default: the current
+        LoRA layer set), whatever the mapping (slots without weights add exactly zero).  CUDA-graph capture
+        of steps with adapters uses this, so the graph does not depend on which adapters the captured batch
+        happened to use; the graph is valid while ``lora_layer_set.version`` stays ``layer_set``'s."""
         self._run_all = bool(enabled)
+        self._run_all_layers = layer_set if enabled else None
+
+    @property
+    def lora_layer_set(self) -> LoRALayerSet:
+        """The current LoRA layer set (an immutable snapshot)."""
+        return self._layer_set
+
+    def add_lora_layers(self, layers: Iterable[Collection[int]]) -> bool:
+        """Record that ``layers`` (their ``enabled_slots``) hold weights in a slot: called by the LoRA
+        manager whenever it activates an adapter into a slot, with the layers that adapter targets (maybe
+        none).  The first call makes the set known; a new member changes the version.  True if it changed."""
+        new = [s for s in layers if id(s) not in self._layer_slots]
+        if not new and self._layer_set.version:
+            return False
+        for s in new:
+            self._layer_slots[id(s)] = s
+        self._layer_set = LoRALayerSet(self._layer_set.version + 1, frozenset(self._layer_slots))
+        return True
 
     @property
     def token_lora_indices(self) -> torch.Tensor:
