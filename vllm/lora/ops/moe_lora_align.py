@@ -30,6 +30,10 @@ Everything is computed on the device (no ``.item()``, no data-dependent shapes),
 so the op can be captured in a CUDA graph.  On CUDA (or with ``use_triton``) the
 virtual ids are computed inside the align kernels (three launches in all);
 elsewhere with torch ops (``lora_virtual_expert_ids``) before the torch align.
+
+``moe_align_with_lora`` makes this alignment and the experts' own one (``moe_align_block_size``)
+of a step in one pass: the same three launches give both (``TritonExperts`` uses it when the
+step's LoRA takes the sorted path, as ``MoELoRAAlignPlan`` describes).
 """
 from __future__ import annotations
 
@@ -38,7 +42,12 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import LoRAGroups, moe_align_block_size
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (
+    AlignResult,
+    LoRAGroups,
+    align_with_lora_groups_triton,
+    moe_align_block_size,
+)
 
 
 @dataclass
@@ -159,14 +168,67 @@ def moe_lora_align_block_size(
         vids = lora_virtual_expert_ids(topk_ids, token_lora_mapping, num_experts=num_experts, max_loras=max_loras,
                                        adapter_enabled=adapter_enabled, expert_map=expert_map)
         res = moe_align_block_size(vids, block_size, max_loras * num_experts, use_triton=False)
-    slot_counts = res.group_padded_counts.view(max_loras, num_experts).sum(dim=1, dtype=torch.int32)
+    return _lora_alignment(res, num_experts, max_loras)
+
+
+def _lora_alignment(res: AlignResult, num_experts: int, max_loras: int) -> MoELoRAAlignment:
+    slot_counts = res.slot_padded_counts  # the Triton scan sums them; the torch path does it here
+    if slot_counts is None:
+        slot_counts = res.group_padded_counts.view(max_loras, num_experts).sum(dim=1, dtype=torch.int32)
     return MoELoRAAlignment(
         sorted_token_ids=res.sorted_token_ids,
         block_virtual_ids=res.block_expert_ids,
         num_tokens_post_padded=res.num_tokens_post_padded,
         slot_padded_counts=slot_counts,
-        block_size=block_size,
+        block_size=res.block_size,
         numel=res.numel,
         num_experts=num_experts,
         max_loras=max_loras,
     )
+
+
+@dataclass(frozen=True)
+class MoELoRAAlignPlan:
+    """The (adapter slot, local expert) alignment the sorted w13 LoRA path of a step will read
+    (``PunicaWrapperBase.moe_lora_align_plan``): what an experts class needs to make it itself, in
+    one pass with its expert alignment (``moe_align_with_lora``), and hand it to ``add_lora_w13``.
+
+    token_lora_mapping: [>= M] int32 slot per row (-1: no adapter); adapter_enabled: [L + 1] int32;
+    num_experts: E_local; max_loras: L; block_size: the LoRA kernels' M-block.
+    """
+
+    token_lora_mapping: torch.Tensor
+    adapter_enabled: torch.Tensor
+    num_experts: int
+    max_loras: int
+    block_size: int
+
+
+def moe_align_with_lora(expert_ids: torch.Tensor, block_size: int, num_experts: int, plan: MoELoRAAlignPlan, *,
+                        use_triton: Optional[bool] = None) -> tuple[AlignResult, MoELoRAAlignment]:
+    """The expert alignment of the base GEMMs and the (adapter, expert) alignment of the LoRA kernels
+    of the same pairs, on CUDA (or with ``use_triton``) in one pass: three launches for both.
+
+    expert_ids: [M, top_k] int local expert ids, -1 for pairs to skip (another rank's expert).
+    block_size / num_experts: the base GEMMs' M-block and E_local (must equal ``plan.num_experts``).
+    Returns exactly ``moe_align_block_size(expert_ids, block_size, num_experts)`` and
+    ``moe_lora_align_block_size(expert_ids, plan.token_lora_mapping, num_experts=..., max_loras=...,
+    block_size=plan.block_size, adapter_enabled=...)`` - which equals the LoRA align of the global ids
+    with the ``expert_map`` that made ``expert_ids``.  Elsewhere it runs those two torch aligns.
+    """
+    if plan.num_experts != num_experts:
+        raise ValueError(f"the LoRA plan is for {plan.num_experts} local experts, the expert ids for {num_experts}")
+    _check_lora_inputs(expert_ids, plan.token_lora_mapping, plan.max_loras, plan.adapter_enabled, None)
+    if use_triton is None:
+        use_triton = expert_ids.is_cuda
+    if not use_triton:
+        base = moe_align_block_size(expert_ids, block_size, num_experts, use_triton=False)
+        lora = moe_lora_align_block_size(expert_ids, plan.token_lora_mapping, num_experts=num_experts,
+                                         max_loras=plan.max_loras, block_size=plan.block_size,
+                                         adapter_enabled=plan.adapter_enabled, use_triton=False)
+        return base, lora
+    base, res = align_with_lora_groups_triton(expert_ids, block_size, num_experts,
+                                              token_lora_mapping=_int32(plan.token_lora_mapping),
+                                              adapter_enabled=_int32(plan.adapter_enabled),
+                                              max_loras=plan.max_loras, lora_block_size=plan.block_size)
+    return base, _lora_alignment(res, num_experts, plan.max_loras)

@@ -45,6 +45,7 @@ from vllm.lora.ops.slices import slice_offsets
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.kernel_configs.tile_config import MoELoRATileConfig
+    from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
 
 
 class TPGroup(Protocol):
@@ -221,31 +222,63 @@ class PunicaWrapperBase(ABC):
     def _expand(self, out, shrunk, lora_b, **kw) -> None: ...
 
     # ---- the MoE seams ------------------------------------------------------
+    def _w13_mapping(self, ctx: "MoELoRAContext", M: int) -> torch.Tensor:
+        """The slot of each of the M rows of a MoE forward (see ``add_lora_w13``)."""
+        if ctx.token_lora_mapping is None:
+            return self._mapping_for(M)
+        if ctx.token_lora_mapping.shape[0] < M:
+            raise ValueError(f"token_lora_mapping has {ctx.token_lora_mapping.shape[0]} entries for {M} rows")
+        return ctx.token_lora_mapping
+
+    def _w13_config(self, ctx: "MoELoRAContext", x: torch.Tensor) -> Optional["MoELoRATileConfig"]:
+        lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
+        return self._config("fused_moe_lora_w13", num_pairs=x.shape[0] * ctx.top_k,
+                            num_experts=ctx.local_num_experts, max_loras=ctx.max_loras, rank=lora_a[0].shape[2],
+                            K=x.shape[1], N=lora_b[0].shape[2], num_slices=ctx.w13_num_slices, dtype=x.dtype,
+                            use_tuned_config=ctx.use_tuned_config)
+
+    def moe_lora_align_plan(self, x: torch.Tensor, ctx: "MoELoRAContext") -> Optional["MoELoRAAlignPlan"]:
+        """The (adapter, expert) alignment ``add_lora_w13(y, x, ctx, ...)`` would make (its sorted path),
+        so that the experts can make it in one pass with their own and pass it in (``alignment=``);
+        None where it makes none (no pairs, the small-batch path, or a compute that never sorts)."""
+        from vllm.lora.ops.moe_lora_align import MoELoRAAlignPlan
+
+        num_pairs = x.shape[0] * ctx.top_k
+        if not num_pairs or self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras):
+            return None
+        cfg = self._w13_config(ctx, x)
+        assert cfg is not None  # a wrapper that sorts takes tile configs
+        return MoELoRAAlignPlan(token_lora_mapping=self._w13_mapping(ctx, x.shape[0]),
+                                adapter_enabled=ctx.adapter_enabled, num_experts=ctx.local_num_experts,
+                                max_loras=ctx.max_loras, block_size=cfg.block_size_m)
+
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> MoELoRARouting:
+                     topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,
+                     alignment: Optional["MoELoRAAlignment"] = None) -> MoELoRARouting:
         """Add the w13 LoRA delta of the layer whose LoRA state is ``ctx`` into the GEMM1 output
         ``y`` [M*top_k, N_total] in place.
 
         x: [M, H] hidden states; topk_ids / topk_weights: [M, top_k].
         The rows of x are the step's tokens, or, when ``ctx.token_lora_mapping`` is set (an
         expert-parallel dispatch moved rows between ranks), the rows that mapping gives slots.
+        alignment: the (adapter, expert) alignment of these pairs, made by the caller as
+        ``moe_lora_align_plan(x, ctx)`` describes (``moe_align_with_lora``); the sorted path then
+        reads it instead of aligning again.  None: the wrapper aligns (or not) itself.
         Returns the routing for ``add_lora_w2``.
         """
         M = x.shape[0]
         num_pairs = M * ctx.top_k
-        if ctx.token_lora_mapping is None:
-            mapping = self._mapping_for(M)
-        elif ctx.token_lora_mapping.shape[0] < M:
-            raise ValueError(f"token_lora_mapping has {ctx.token_lora_mapping.shape[0]} entries for {M} rows")
-        else:
-            mapping = ctx.token_lora_mapping
+        mapping = self._w13_mapping(ctx, M)
         y2 = y.reshape(num_pairs, y.shape[-1])
         lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
-        cfg = self._config("fused_moe_lora_w13", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
-                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=lora_b[0].shape[2],
-                           num_slices=ctx.w13_num_slices, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config)
-        alignment = None
-        if num_pairs and not self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras):
+        cfg = self._w13_config(ctx, x)
+        if alignment is not None and (alignment.numel, alignment.num_experts, alignment.max_loras) != (
+                num_pairs, ctx.local_num_experts, ctx.max_loras):
+            raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
+                             f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
+                             f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
+        if alignment is None and num_pairs and not self._use_small_batch(num_pairs, ctx.local_num_experts,
+                                                                          ctx.max_loras):
             alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
                                     adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
         routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)

@@ -11,6 +11,8 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
 if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import TileConfig
+    from vllm.lora.lora_context import MoELoRAContext
+    from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
@@ -29,7 +31,8 @@ class TritonExperts(TwoGemmExperts):
 
     Pairs are sorted by expert once (``moe_align_block_size``), or, for a few pairs among many
     experts (decode), each pair gets its own block without a launch (``pairwise_alignment``);
-    both GEMMs walk the same order.  Supports SiLU/GELU-gated, non-gated and the gpt-oss
+    both GEMMs walk the same order.  When the step's LoRA sorts too, the same pass sorts the
+    pairs by (adapter, expert) for it (``moe_align_with_lora``).  Supports SiLU/GELU-gated, non-gated and the gpt-oss
     clamped SwiGLU on interleaved gate/up, and per-expert biases.
     """
 
@@ -44,6 +47,24 @@ class TritonExperts(TwoGemmExperts):
 
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)  # one block_size_m
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts))
+
+    def _route_and_lora_align(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+                              x: torch.Tensor, lora_context: Optional["MoELoRAContext"]
+                              ) -> tuple[TritonRoute, Optional["MoELoRAAlignment"]]:
+        """With LoRA on its sorted path and the expert sort (not ``pairwise_alignment``), both alignments
+        come from one ``moe_align_with_lora`` (three launches instead of six)."""
+        from vllm.lora.ops.moe_lora_align import moe_align_with_lora
+        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
+
+        plan = None
+        if lora_context is not None and not use_pairwise_alignment(pairs, num_experts):
+            plan = self.lora_align_plan(lora_context, x)
+        if plan is None:
+            return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
+        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
+        align, lora_align = moe_align_with_lora(ids, cfg1.block_size_m, num_experts, plan)
+        return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align), lora_align
 
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
               route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,

@@ -4,7 +4,8 @@
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
-configs, the expert sort), ``_route``.  The LoRA deltas are added where ``TritonExperts`` always
+configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
+same pass as by expert overrides ``_route_and_lora_align`` and hands that to the w13 LoRA seam.  The LoRA deltas are added where ``TritonExperts`` always
 added them, so a new backend that subclasses this gets LoRA by construction.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
+    from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -51,6 +53,14 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         ids [M, top_k] local expert ids; GEMM1 is [pairs, K] x [N, K]^T, GEMM2 [pairs, act_n] x [K, act_n]^T."""
         return None
 
+    def _route_and_lora_align(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
+                              x: torch.Tensor, lora_context: Optional["MoELoRAContext"]
+                              ) -> tuple[Optional[Any], Optional["MoELoRAAlignment"]]:
+        """``_route``, and the (adapter, expert) alignment of the step's LoRA when the backend makes it in
+        the same pass as its expert sort (``lora_align_plan`` says whether LoRA runs and sorts); None
+        there (the default): ``apply_w13_lora`` aligns, if it needs to.  x: [M, K] hidden states."""
+        return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
+
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, route: Optional[Any],
               *, stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool) -> None:
         """out = GEMM ``stage`` (1: w13, 2: w2) of the routed pairs, + bias, router-weighted when
@@ -75,7 +85,8 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         glue = None if self.triton_glue else False  # None: Triton on CUDA, torch elsewhere
         ids = local_expert_ids(topk_ids, expert_map)
         act_n = N // 2 if activation.is_gated else N
-        route = self._route(ids, pairs, E_local, N, H, act_n, hidden_states.dtype)
+        route, lora_alignment = self._route_and_lora_align(ids, pairs, E_local, N, H, act_n, hidden_states,
+                                                           lora_context)
 
         gemm1 = workspace13[: pairs * N].view(pairs, N)
         self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
@@ -83,7 +94,8 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         routing = None
         if lora_context is not None:
             routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                          topk_weights=topk_weights, expert_map=expert_map)
+                                          topk_weights=topk_weights, expert_map=expert_map,
+                                          alignment=lora_alignment)
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
         moe_activation(activation, gemm1, out=act_out, use_triton=glue)
 

@@ -42,6 +42,8 @@ class AlignResult:
         ``pairwise_alignment``, which does not count).
     block_size: the M-block size the padding was made for.
     numel: number of (token, k) pairs; also the sentinel value.
+    slot_padded_counts: [max_loras] int32, the Triton align of (adapter slot, expert) groups only
+        (``lora``): the sum of ``group_padded_counts`` over each slot's experts; None otherwise.
     """
 
     sorted_token_ids: torch.Tensor
@@ -50,6 +52,7 @@ class AlignResult:
     group_padded_counts: Optional[torch.Tensor]
     block_size: int
     numel: int
+    slot_padded_counts: Optional[torch.Tensor] = None
 
 
 # Pairwise alignment: at most this many pairs, and at most one pair per 4 experts.
@@ -184,29 +187,72 @@ class LoRAGroups:
     max_loras: int
 
 
+@dataclass
+class _Buffers:
+    """The outputs of one grouping and the per-chunk tables of its scan (sizes from shapes only)."""
+
+    chunk_counts: torch.Tensor
+    chunk_offsets: torch.Tensor
+    sorted_ids: torch.Tensor
+    block_ids: torch.Tensor
+    total: torch.Tensor
+    padded: torch.Tensor
+    size: int
+    num_blocks: int
+    g_pad: int
+
+    @classmethod
+    def make(cls, numel: int, num_groups: int, block_size: int, num_chunks: int, device: torch.device) -> "_Buffers":
+        from vllm.triton_utils import next_power_of_2
+
+        size = max_num_tokens_padded(numel, num_groups, block_size)
+        counts = torch.empty(max(num_chunks, 1), num_groups, dtype=torch.int32, device=device)
+        return cls(chunk_counts=counts, chunk_offsets=torch.empty_like(counts),
+                   sorted_ids=torch.empty(size, dtype=torch.int32, device=device),
+                   block_ids=torch.empty(size // block_size, dtype=torch.int32, device=device),
+                   total=torch.empty(1, dtype=torch.int32, device=device),
+                   padded=torch.empty(num_groups, dtype=torch.int32, device=device), size=size,
+                   num_blocks=size // block_size, g_pad=next_power_of_2(num_groups + 1))
+
+    def result(self, block_size: int, numel: int, slot_counts: Optional[torch.Tensor] = None) -> AlignResult:
+        return AlignResult(sorted_token_ids=self.sorted_ids, block_expert_ids=self.block_ids,
+                           num_tokens_post_padded=self.total, group_padded_counts=self.padded,
+                           block_size=block_size, numel=numel, slot_padded_counts=slot_counts)
+
+
+def _flat_ids(group_ids: torch.Tensor) -> torch.Tensor:
+    if not group_ids.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton moe_align_block_size needs a CUDA tensor or TRITON_INTERPRET=1")
+    ids = group_ids.reshape(-1)
+    return ids if ids.is_contiguous() else ids.contiguous()
+
+
+def _chunking(numel: int) -> tuple[int, int]:
+    from vllm.triton_utils import next_power_of_2
+
+    chunk = min(_CHUNK, max(16, next_power_of_2(numel)))
+    return chunk, -(-numel // chunk)
+
+
+def _scan_warps(g_pad: int) -> int:
+    return next(w for limit, w in sorted(SCAN_WARPS.items()) if g_pad <= limit)
+
+
+def _pad_w(block_size: int) -> int:
+    from vllm.triton_utils import next_power_of_2
+
+    return min(16, next_power_of_2(block_size))
+
+
 def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_experts: int,
                                  lora: Optional[LoRAGroups] = None) -> AlignResult:
     from vllm.model_executor.layers.fused_moe.ops import _moe_align_kernel as k
-    from vllm.triton_utils import next_power_of_2
 
-    if not group_ids.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton moe_align_block_size needs a CUDA tensor or TRITON_INTERPRET=1")
-    device = group_ids.device
-    ids = group_ids.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
+    ids = _flat_ids(group_ids)
     numel = ids.numel()
-    size = max_num_tokens_padded(numel, num_experts, block_size)
-    num_blocks = size // block_size
-    chunk = min(_CHUNK, max(16, next_power_of_2(numel)))
-    num_chunks = -(-numel // chunk)
-    g_pad = next_power_of_2(num_experts + 1)
-    chunk_counts = torch.empty(max(num_chunks, 1), num_experts, dtype=torch.int32, device=device)
-    chunk_offsets = torch.empty_like(chunk_counts)
-    sorted_ids = torch.empty(size, dtype=torch.int32, device=device)
-    block_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
-    total = torch.empty(1, dtype=torch.int32, device=device)
-    padded = torch.empty(num_experts, dtype=torch.int32, device=device)
+    chunk, num_chunks = _chunking(numel)
+    buf = _Buffers.make(numel, num_experts, block_size, num_chunks, ids.device)
+    slot_counts = None
     if lora is None:
         lora_args = (ids, ids, ids, 1, 0, 0, 1)
         lora_flags = dict(LORA=False, HAS_EMAP=False)
@@ -215,18 +261,60 @@ def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_e
         lora_args = (lora.token_lora_mapping, lora.adapter_enabled, emap if emap is not None else ids, lora.top_k,
                      lora.num_local_experts, lora.max_loras, emap.shape[0] if emap is not None else 1)
         lora_flags = dict(LORA=True, HAS_EMAP=emap is not None)
+        slot_counts = torch.empty(lora.max_loras, dtype=torch.int32, device=ids.device)
     if num_chunks:
-        k._count_kernel[(num_chunks,)](ids, chunk_counts, numel, num_experts, *lora_args, CHUNK=chunk, G_PAD=g_pad,
-                                       **lora_flags)
-    warps = next(w for limit, w in sorted(SCAN_WARPS.items()) if g_pad <= limit)
-    k._scan_kernel[(1,)](chunk_counts, chunk_offsets, sorted_ids, block_ids, total, padded, numel, num_experts,
-                         num_chunks, size, num_blocks, BLOCK_SIZE=block_size, G_PAD=g_pad,
-                         PAD_W=min(16, next_power_of_2(block_size)), FILL=1024, num_warps=warps)
+        k._count_kernel[(num_chunks,)](ids, buf.chunk_counts, numel, num_experts, *lora_args, CHUNK=chunk,
+                                       G_PAD=buf.g_pad, **lora_flags)
+    slots = (lora.num_local_experts, lora.max_loras) if lora is not None else (1, 0)  # experts per slot, slots
+    k._scan_kernel[(1,)](buf.chunk_counts, buf.chunk_offsets, buf.sorted_ids, buf.block_ids, buf.total, buf.padded,
+                         slot_counts if slot_counts is not None else buf.padded, numel, num_experts, num_chunks,
+                         buf.size, buf.num_blocks, *slots, BLOCK_SIZE=block_size, G_PAD=buf.g_pad,
+                         PAD_W=_pad_w(block_size), FILL=1024, SLOT_SUMS=lora is not None,
+                         num_warps=_scan_warps(buf.g_pad))
     if num_chunks:
-        k._scatter_kernel[(num_chunks,)](ids, chunk_offsets, sorted_ids, numel, num_experts, *lora_args,
-                                         CHUNK=chunk, G_PAD=g_pad, **lora_flags)
-    return AlignResult(sorted_token_ids=sorted_ids, block_expert_ids=block_ids, num_tokens_post_padded=total,
-                       group_padded_counts=padded, block_size=block_size, numel=numel)
+        k._scatter_kernel[(num_chunks,)](ids, buf.chunk_offsets, buf.sorted_ids, numel, num_experts, *lora_args,
+                                         CHUNK=chunk, G_PAD=buf.g_pad, **lora_flags)
+    return buf.result(block_size, numel, slot_counts)
+
+
+def align_with_lora_groups_triton(expert_ids: torch.Tensor, block_size: int, num_experts: int, *,
+                                  token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, max_loras: int,
+                                  lora_block_size: int) -> tuple[AlignResult, AlignResult]:
+    """Both groupings of the same pairs in three launches: by expert (``block_size``, as
+    ``moe_align_block_size(expert_ids, block_size, num_experts)``) and by (adapter slot, expert)
+    (``lora_block_size``, as the LoRA align of ``LoRAGroups(token_lora_mapping, adapter_enabled, None,
+    top_k, num_experts, max_loras)``, with ``slot_padded_counts``).  ``expert_ids``: [M, top_k] local
+    expert ids (-1: skipped); mapping and flags int32 contiguous.  Bit for bit the two separate aligns."""
+    from vllm.model_executor.layers.fused_moe.ops import _moe_align_kernel as k
+
+    if block_size < 1 or lora_block_size < 1:
+        raise ValueError(f"block sizes must be positive, got {block_size} and {lora_block_size}")
+    if num_experts < 1 or max_loras < 1:
+        raise ValueError(f"num_experts and max_loras must be positive, got {num_experts}, {max_loras}")
+    top_k = expert_ids.shape[-1] if expert_ids.dim() else 1
+    ids = _flat_ids(expert_ids)
+    numel = ids.numel()
+    chunk, num_chunks = _chunking(numel)
+    dev = ids.device
+    base = _Buffers.make(numel, num_experts, block_size, num_chunks, dev)
+    lora = _Buffers.make(numel, num_experts * max_loras, lora_block_size, num_chunks, dev)
+    slot_counts = torch.empty(max_loras, dtype=torch.int32, device=dev)
+    mapping_args = (token_lora_mapping, adapter_enabled, top_k, max_loras)
+    if num_chunks:
+        k._count2_kernel[(num_chunks,)](ids, base.chunk_counts, lora.chunk_counts, numel, num_experts,
+                                        *mapping_args, CHUNK=chunk, G_PAD=base.g_pad, LG_PAD=lora.g_pad)
+    k._scan2_kernel[(1,)](base.chunk_counts, base.chunk_offsets, base.sorted_ids, base.block_ids, base.total,
+                          base.padded, lora.chunk_counts, lora.chunk_offsets, lora.sorted_ids, lora.block_ids,
+                          lora.total, lora.padded, slot_counts, numel, num_experts, max_loras, num_chunks, base.size,
+                          base.num_blocks, lora.size, lora.num_blocks, BLOCK_SIZE=block_size,
+                          LORA_BLOCK_SIZE=lora_block_size, G_PAD=base.g_pad, LG_PAD=lora.g_pad,
+                          PAD_W=_pad_w(block_size), LORA_PAD_W=_pad_w(lora_block_size), FILL=1024,
+                          num_warps=_scan_warps(max(base.g_pad, lora.g_pad)))
+    if num_chunks:
+        k._scatter2_kernel[(num_chunks,)](ids, base.chunk_offsets, base.sorted_ids, lora.chunk_offsets,
+                                          lora.sorted_ids, numel, num_experts, *mapping_args, CHUNK=chunk,
+                                          G_PAD=base.g_pad, LG_PAD=lora.g_pad)
+    return base.result(block_size, numel), lora.result(lora_block_size, numel, slot_counts)
 
 
 def moe_align_block_size_reference(group_ids: torch.Tensor, block_size: int, num_experts: int) -> AlignResult:
