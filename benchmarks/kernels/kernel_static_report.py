@@ -189,7 +189,8 @@ def compile_int4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pair
                 stride_ze=G * N, stride_zg=N, stride_pe=K, stride_os=num_pairs * N, stride_om=N, stride_on=1,
                 N=N, K=K, top_k_in=2, magic=0x4B000000)
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
-                EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split, BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+                EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
+                BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
                 BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
     src = _specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),

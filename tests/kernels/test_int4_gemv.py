@@ -161,3 +161,23 @@ def test_gemv_real_shapes_cuda(shape, group, has_zeros, dtype):
                                                                          sorted_pairs=False, gemv=False),
                    True, dtype).cpu()
         assert_close(out.float(), dot.double(), dtype)
+
+
+def test_static_report_gemv_runs_fewer_instructions_per_weight():
+    """The static report (sm_90 SASS, no GPU): at the heuristic's 1-token tiles the GEMV's main loop runs
+    fewer instructions per weight than the dot kernel's default there, within the hardware limits."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.test_4bit_decode_tools import _cells
+    from tests.kernels.test_4bit_decode_tools import _run as run_script
+
+    proc = run_script(["benchmarks/kernels/kernel_static_report.py", "--kernels", "int4", "--tokens", "1",
+                       "--shapes", "Qwen3-30B-A3B", "--variants", "reshape (UNPACK 0)", "GEMV"], interpret=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [_cells(ln) for ln in proc.stdout.splitlines() if ln.startswith("| int4")]
+    assert len(rows) == 4  # 2 GEMMs x 2 variants
+    per_weight = {(r[3], r[4]): float(r[10]) for r in rows}
+    for r in rows:
+        regs, spill, shared = int(r[6]), int(r[7]), int(r[8].split()[0])
+        assert 0 < regs <= 255 and spill == 0 and shared <= 232448 and "(sass)" in r[9], r
+    for gemm in ("w13", "w2"):
+        assert per_weight[(gemm, "GEMV")] < 0.6 * per_weight[(gemm, "reshape (UNPACK 0)")], per_weight

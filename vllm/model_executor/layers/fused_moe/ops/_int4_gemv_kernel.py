@@ -3,22 +3,24 @@
 At 1-16 tokens each routed (token, expert) pair is a matrix-vector product: tensor cores buy
 nothing (M padded to 16 for one row) and the dot-based kernel spends most of its instructions
 bringing decoded weights into the MMA layout.  Here one program computes one pair's
-[BLOCK_SIZE_N] output slice over one K-split with plain FMAs, no ``tl.dot``, no shared memory:
+[BLOCK_SIZE_N] output slice over one K-split with plain FMAs, no ``tl.dot``, no shared memory in
+the K loop (only the final cross-warp sum uses some):
 
 * a K-tile's [BLOCK_SIZE_K / 8, BLOCK_SIZE_N] int32 words (``Int4PackedWeight`` layout, N
   contiguous: coalesced rows) are loaded once;
 * code c of word j (input position 8j + c) is decoded in fp32 without shifting it down or
-  converting it: with the nibble left in place at bit 4c' (c' = c for c < 5; the upper codes from
-  the word shifted right by 16, one shift per word), ``(word & (0xF << 4c')) | 0x4B000000``
-  bitcast to fp32 is 2^23 + 2^(4c') q exactly (the code stays inside the 23-bit mantissa), and one
-  FMA ``f * 2^-4c' - (2^(23-4c') + z)`` gives q - z exactly: an AND+OR (one LOP3) and one FFMA per
-  weight, no integer->float conversion;
-* ``tile[j, n] = sum_c (q - z)[8j + c, n] * a[8j + c]`` (fp32 FMAs: the 8 codes of a word share one
-  group), scaled once per word by its group's scale, ``total += tile * s``;
+  converting it: with the nibble left in place at bit sh (sh = 4c for c <= 4; codes 5-7 from the
+  word shifted right by 16, one shift per word, sh = 4(c - 4)), ``(word & (0xF << sh)) | 0x4B000000``
+  bitcast to fp32 is 2^23 + 2^sh q exactly (the code stays inside the 23-bit mantissa), and one
+  FMA ``f * 2^-sh - 2^(23-sh)`` gives q exactly: an AND+OR (one LOP3) and one FFMA per weight, no
+  integer->float conversion;
+* ``tile[j, n] = sum_c q[8j + c, n] * a[8j + c]`` (fp32 FMAs; the 8 codes of a word share one
+  group), then per word its zero point and group scale once: ``total += (tile - z * sum_c a) * s``;
 * the [BK/8, BN] total is reduced over its rows once, after the K loop.
 
 Act-order ``perm`` reads activation column perm[e, k] at input position k.  A per-position
-``g_idx`` (or a group size that is not a multiple of 8) takes a per-weight scale path instead.
+``g_idx`` (or a group size that is not a multiple of 8) takes a per-weight path instead: q - z
+exactly (``_code_minus_zero``), times the scale of each weight.
 Exact decoding, fp32 accumulation, one rounding at the store: not bit-identical to the dot
 kernel (which rounds each dequantised weight to the activation dtype), closer to the fp32 reference.
 """
@@ -54,6 +56,15 @@ def _code_minus_zero(words, hi, magic, c: tl.constexpr, z):
 
 
 @triton.jit
+def _load_n(ptrs, n_ok, EVEN_N: tl.constexpr):
+    """A [rows, BLOCK_SIZE_N] load, masked by the N tail unless there is none (masks cost instructions)."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=n_ok[None, :], other=0)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     a_ptr,  # [num_rows, K] activations
     qw_ptr,  # [E_local, K/8, N] int32, code c of word [j, n] = q[n, 8j + c]
@@ -86,6 +97,7 @@ def _int4_gemv_kernel(
     HAS_PERM: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_SIZE_N == 0: no N mask on the loads
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -122,7 +134,7 @@ def _int4_gemv_kernel(
         kw = kt * BKW + offs_kw
         kw_ok = kw < kw_total
         if EVEN_K:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=n_ok[None, :], other=0)
+            words = _load_n(qw_cols[None, :] + kw[:, None] * stride_qk, n_ok, EVEN_N)
         else:
             words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=kw_ok[:, None] & n_ok[None, :], other=0)
             kw = tl.where(kw_ok, kw, 0)  # rows past K: codes 0 against activations 0
@@ -134,9 +146,9 @@ def _int4_gemv_kernel(
                     g_c = tl.load(g_ptr + expert * stride_pe + k_c)[:, None]
                 else:
                     g_c = (k_c // GROUP_SIZE)[:, None]
-                s_c = tl.load(s_cols[None, :] + g_c * stride_sg, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                s_c = _load_n(s_cols[None, :] + g_c * stride_sg, n_ok, EVEN_N).to(tl.float32)
                 if HAS_ZEROS:
-                    z_c = tl.load(z_cols[None, :] + g_c * stride_zg, mask=n_ok[None, :], other=0).to(tl.float32)
+                    z_c = _load_n(z_cols[None, :] + g_c * stride_zg, n_ok, EVEN_N).to(tl.float32)
                 else:
                     z_c = 8.0
                 if HAS_PERM:
@@ -151,14 +163,14 @@ def _int4_gemv_kernel(
         else:
             if TILE_GROUP:
                 g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale row
-                s = tl.load(s_cols[None, :] + g * stride_sg, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                s = _load_n(s_cols[None, :] + g * stride_sg, n_ok, EVEN_N).to(tl.float32)
                 if HAS_ZEROS:
-                    z = tl.load(z_cols[None, :] + g * stride_zg, mask=n_ok[None, :], other=0).to(tl.float32)
+                    z = _load_n(z_cols[None, :] + g * stride_zg, n_ok, EVEN_N).to(tl.float32)
             else:  # the 8 codes of a word share one group: a scale row per word row
                 g = ((kw * 8) // GROUP_SIZE)[:, None]
-                s = tl.load(s_cols[None, :] + g * stride_sg, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                s = _load_n(s_cols[None, :] + g * stride_sg, n_ok, EVEN_N).to(tl.float32)
                 if HAS_ZEROS:
-                    z = tl.load(z_cols[None, :] + g * stride_zg, mask=n_ok[None, :], other=0).to(tl.float32)
+                    z = _load_n(z_cols[None, :] + g * stride_zg, n_ok, EVEN_N).to(tl.float32)
             # tile[j, n] = sum_c q[8j + c, n] a[8j + c]; the zero point once per word: - z * sum_c a[8j + c]
             tile = tl.zeros((BKW, BLOCK_SIZE_N), dtype=tl.float32)
             a_sum = tl.zeros((BKW,), dtype=tl.float32)

@@ -264,8 +264,8 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
             K, *t_strides,
             GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
-            HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, SPLIT_K=split,
-            BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
+            SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         _int4_moe_gemm_kernel[grid](
             a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
