@@ -19,7 +19,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 def main() -> None:
     fn = _int4_gemv_kernel
     # (group, zeros, g_idx, perm, even K, split): the heuristic's (group 128 / 32) and the act-order paths
-    variants = [(128, True, False, False, True, 4), (32, False, False, True, False, 1), (128, True, True, True, True, 2)]
+    variants = [(128, True, False, False, True, 4), (32, False, False, True, False, 1),
+                (128, True, True, True, True, 2)]
     cases = [*itertools.product(["bf16", "fp16"], variants), ("fp32", (32, True, False, False, True, 2))]
     for dtype, (group, zeros, gidx, perm, even, split) in cases:
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
