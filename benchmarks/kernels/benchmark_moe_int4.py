@@ -31,7 +31,8 @@ paths.  The timed graphs include the path (``IN_CUDA_GRAPHS``), as an eager pref
     --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
     with alternatives (each checked against the heuristic's output first), among them the heuristic's
     tiles with each code-unpacking mode (``UNPACK`` 0-3; their times get columns of their own, see
-    ``_int4_moe_gemm_kernel.py``); --tune-out DIR writes the
+    ``_int4_moe_gemm_kernel.py``) and the FMA GEMV of the unsorted small-batch launch (``GEMV``, its own
+    column and a grid of its tiles, see ``_int4_gemv_kernel.py``); --tune-out DIR writes the
     winners as tuned-config files (op ``int4_moe_gemm``) that ``VLLM_TUNED_CONFIG_FOLDER=DIR`` or
     ``vllm/kernel_configs/tuned`` makes the kernel use.
 """
@@ -302,7 +303,7 @@ def main() -> None:
                            *DEQUANT_HEADER,
                            *dq_lines, ""])
     if sweep_lines:
-        text += "\n".join(["", "### int4 GEMM tiles: heuristic vs its unpacking modes vs the fastest swept", "",
+        text += "\n".join(["", "### int4 GEMM tiles: heuristic vs its unpacking modes and the GEMV vs the fastest swept", "",
                            "| shape | tokens | GEMM | routing | heuristic (us) |"
                            + "".join(f" heuristic + {n} (us) |" for n in UNPACK_VARIANTS)
                            + " best (us) | speed-up | best config |",

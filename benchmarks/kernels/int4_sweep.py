@@ -1,6 +1,7 @@
 """``benchmark_moe_int4.py --sweep`` / ``--tune-out``: the int4 GEMM alone per shape, token count and GEMM,
-with the heuristic's tiles, each code-unpacking mode (``UNPACK`` 0-3) and a pruned grid of alternatives,
-each checked against the heuristic's output first; the fastest written as tuned files (op ``int4_moe_gemm``)."""
+with the heuristic's tiles, each code-unpacking mode (``UNPACK`` 0-3) of the tl.dot kernel, the FMA GEMV
+(``GEMV``, unsorted small-batch launches only) and a pruned grid of alternatives, each checked against the
+heuristic's output first; the fastest written as tuned files (op ``int4_moe_gemm``)."""
 from __future__ import annotations
 
 import os
@@ -14,8 +15,20 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 # the heuristic's tiles with each code-unpacking mode (the heuristic's own among them); modes 1 and 2
 # keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
 # a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
+# (the tl.dot kernel at its own heuristic tiles); "GEMV": the FMA GEMV at its heuristic tiles (unsorted only)
 UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
-                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3)}
+                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3), "GEMV": dict(GEMV=1)}
+
+
+def gemv_candidates():
+    """The FMA GEMV's alternatives (unsorted launches): tiles, K splits, warps."""
+    for bn in (64, 128, 256):
+        for bk in (128, 256, 512):
+            for split in (1, 2, 4, 8, 16):
+                yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4, num_stages=1, GEMV=1)
+    for warps in (2, 8):
+        for split in (2, 4, 8, 16):
+            yield dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=256, SPLIT_K=split, num_warps=warps, num_stages=1, GEMV=1)
 
 
 def sweep_candidates():
@@ -49,10 +62,11 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
     lines = []
     if device.type == "cuda":
         timed = lambda fn: lb.time_cuda(fn, flush, args.reps, not args.no_graph)[0]  # noqa: E731
-        candidates = list(sweep_candidates())
+        candidates, g_candidates = list(sweep_candidates()), list(gemv_candidates())
     else:  # --smoke on CPU: exercise the sweep with a few candidates
         timed = lambda fn: lb.time_cpu(fn, 1)[0]  # noqa: E731
         candidates = [dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, SPLIT_K=s, num_stages=1) for s in (1, 2)]
+        g_candidates = [dict(BLOCK_SIZE_N=16, BLOCK_SIZE_K=16, SPLIT_K=2, num_stages=1, GEMV=1)]
     variants = {name: (dict(v, num_stages=1) if device.type != "cuda" else v) for name, v in UNPACK_VARIANTS.items()}
     for M in tokens:
         x, _, _, ti, _ = lb.make_inputs(case, M, 1, dtype, device, args.seed)
@@ -61,6 +75,11 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
         act = torch.randn(pairs, qc.w2.k, device=device).to(dtype)
         for name, w, a, top_k_in in (("w13", qc.w13, x, case.k), ("w2", qc.w2, act, 1)):
             base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted)
+            # the dot kernel's and the GEMV's own heuristic tiles: each candidate starts from its kernel's
+            dot_base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted,
+                                           gemv=False)
+            gemv_base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=False,
+                                            gemv=True) if unsorted else None
             if unsorted:
                 route = dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
             else:
@@ -79,10 +98,13 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
             t_base = timed(lambda: run(base))
             best_t, best, t_var = t_base, base, {}
 
-            def with_tiles(cand: dict) -> Int4TileConfig:  # cand: JSON keys over the heuristic's
-                return Int4TileConfig.from_json(cand, source="sweep candidate", base=base)
+            def with_tiles(cand: dict) -> Int4TileConfig:  # cand: JSON keys over the heuristic's (of its kernel)
+                return Int4TileConfig.from_json(cand, source="sweep candidate",
+                                                base=gemv_base if cand.get("GEMV") else dot_base)
 
             def try_config(cand: dict) -> Optional[float]:
+                if cand.get("GEMV") and not unsorted:
+                    return None  # the GEMV serves the unsorted small-batch launch only
                 cfg = with_tiles(cand)
                 if cfg.block_size_k > max(16, w.k) or cfg.block_size_n > max(16, w.n):
                     return None
@@ -95,7 +117,7 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                     sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
                 return timed(lambda: run(cfg))
 
-            for vname, cand in [*variants.items(), *((None, c) for c in candidates)]:
+            for vname, cand in [*variants.items(), *((None, c) for c in [*candidates, *g_candidates])]:
                 t = try_config(cand)
                 if vname is not None:
                     t_var[vname] = t

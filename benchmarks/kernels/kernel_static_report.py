@@ -11,7 +11,7 @@ Arguments are specialised as at run time (16-byte aligned pointers; an int equal
 an int divisible by 16 is marked so), from the shapes' real strides.  Run without TRITON_INTERPRET:
 
     PYTHONPATH=. python benchmarks/kernels/kernel_static_report.py [--kernels int4 mxfp4] [--tokens 1 16]
-        [--dtype bf16] [--shapes NAME ...] [--variants NAME ...] [--out report.md]
+        [--dtype bf16] [--group 128] [--shapes NAME ...] [--variants NAME ...] [--out report.md]
 """
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ INT4_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 1433
 MXFP4_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880, 128, 4)}
 INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
                  "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
-                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3)}
+                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3),
+                 # the FMA GEMV (unsorted small-batch path only: skipped where the routing is sorted)
+                 "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
                   "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0)}
@@ -138,18 +140,19 @@ def _ptx_loops(ptx: str) -> list[list[str]]:
     return loops
 
 
-def main_loop_stats(kernel, weights_per_iter: int, num_warps: int) -> LoopStats:
-    """The K loop: the longest loop that holds a matrix-multiply instruction."""
+def main_loop_stats(kernel, weights_per_iter: int, num_warps: int, *, mma: bool = True) -> LoopStats:
+    """The K loop: the longest loop that holds a matrix-multiply instruction (``mma=False``: an FMA,
+    for the GEMV kernels)."""
     sass = _sass(kernel.asm["cubin"])
     if sass is not None:
         source, loops = "sass", _sass_loops(sass)
-        is_mma = lambda op: op.startswith(_MMA)  # noqa: E731
+        is_mma = lambda op: op.startswith(_MMA if mma else ("FFMA",))  # noqa: E731
         is_conv = lambda op: op.startswith(_CONVERT)  # noqa: E731
         is_sts = lambda op: op.startswith("STS")  # noqa: E731
         is_async = lambda op: op.startswith(("LDGSTS", "UTMALDG"))  # noqa: E731
     else:
         source, loops = "ptx", _ptx_loops(kernel.asm["ptx"])
-        is_mma = lambda op: op.startswith(("mma", "wgmma"))  # noqa: E731
+        is_mma = lambda op: op.startswith(("mma", "wgmma") if mma else ("fma",))  # noqa: E731
         is_conv = lambda op: op.startswith("cvt") and ".f" in op  # noqa: E731
         is_sts = lambda op: op.startswith("st.shared")  # noqa: E731
         is_async = lambda op: op.startswith(("cp.async", "cp.async.bulk"))  # noqa: E731
@@ -173,10 +176,33 @@ class Row:
     loop: LoopStats
 
 
+def compile_int4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, zeros: bool = True,
+                      group: int = 128):
+    """The FMA GEMV of the unsorted small-batch path (``GEMV=1``)."""
+    from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _int4_gemv_kernel as fn
+
+    dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
+    ptrs = {"a_ptr": dt, "qw_ptr": "i32", "s_ptr": dt, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
+            "out_ptr": "fp32" if split > 1 else dt, "topk_weights_ptr": "fp32", "pair_expert_ids_ptr": "i32"}
+    G = K // group
+    ints = dict(stride_am=K, stride_ak=1, stride_qe=K // 8 * N, stride_qk=N, stride_se=G * N, stride_sg=N,
+                stride_ze=G * N, stride_zg=N, stride_pe=K, stride_os=num_pairs * N, stride_om=N, stride_on=1,
+                N=N, K=K, top_k_in=2, magic=0x4B000000)
+    cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
+                EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
+                BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+                BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
+    src = _specialise(fn, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
+                                                           num_stages=int(cfg.get("num_stages", 3))))
+
+
 def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
                  zeros: bool = True, group: int = 128):
     from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _int4_moe_gemm_kernel as fn
 
+    if int(cfg.get("GEMV", 0)):
+        return compile_int4_gemv(dtype, cfg, N=N, K=K, num_pairs=num_pairs, zeros=zeros, group=group)
     dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
     ptrs = {"a_ptr": dt, "qw_ptr": "i32", "s_ptr": dt, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
             "out_ptr": "fp32" if split > 1 else dt, "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32",
@@ -232,11 +258,15 @@ def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict,
     nw = int(cfg.get("num_warps", 4))
     tiles = (f"{cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} s{cfg.get('num_stages', 3)} "
              f"split {cfg.get('SPLIT_K', 1)}")
+    gemv = bool(cfg.get("GEMV", 0))
+    if gemv:
+        tiles = f"GEMV {cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} split {cfg.get('SPLIT_K', 1)}"
     return Row(kind, shape, tokens, gemm, variant, tiles, regs, spill, kernel.metadata.shared,
-               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw))
+               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw, mma=not gemv))
 
 
-def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES) -> list[Row]:
+def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES,
+              group: int = 128) -> list[Row]:
     from vllm.kernel_configs.tile_config import Int4TileConfig
     from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, use_unsorted_int4_gemm
 
@@ -246,10 +276,16 @@ def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
             pairs = M * k
             srt = not use_unsorted_int4_gemm(pairs, E)
             for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
-                base = get_int4_moe_config(pairs, E, N, K, 128, dtype, sorted_pairs=srt)
+                base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt)
                 for name, over in variants.items():
+                    if over.get("GEMV") and srt:
+                        continue  # the GEMV serves the unsorted small-batch path only
+                    if not over.get("GEMV") and base.gemv:  # a dot-kernel variant at the dot kernel's tiles
+                        base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt, gemv=False)
+                    elif over.get("GEMV") and not base.gemv:  # the GEMV at its own heuristic tiles
+                        base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt, gemv=True)
                     cfg = Int4TileConfig.from_json(over, source=f"variant {name!r}", base=base).to_json()
-                    kern = compile_int4(dtype, cfg, N=N, K=K, num_pairs=pairs, sorted_pairs=srt)
+                    kern = compile_int4(dtype, cfg, N=N, K=K, num_pairs=pairs, sorted_pairs=srt, group=group)
                     rows.append(_row("int4", shape, M, gemm, name, cfg, kern))
                     print(fmt_row(rows[-1]), flush=True)
     return rows
@@ -300,6 +336,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--shapes", nargs="+", default=None, choices=[*INT4_SHAPES, *MXFP4_SHAPES])
     p.add_argument("--variants", nargs="+", default=None, choices=[*INT4_VARIANTS, *MXFP4_VARIANTS])
+    p.add_argument("--group", type=int, default=128, help="int4 scale group size")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -307,7 +344,8 @@ def main() -> None:
     print(HEADER, flush=True)
     rows = []
     if "int4" in args.kernels:
-        rows += int4_rows(args.tokens, dtype, pick(INT4_VARIANTS, args.variants), pick(INT4_SHAPES, args.shapes))
+        rows += int4_rows(args.tokens, dtype, pick(INT4_VARIANTS, args.variants), pick(INT4_SHAPES, args.shapes),
+                          args.group)
     if "mxfp4" in args.kernels:
         rows += mxfp4_rows(args.tokens, dtype, pick(MXFP4_VARIANTS, args.variants), pick(MXFP4_SHAPES, args.shapes))
     if args.out:

@@ -75,7 +75,8 @@ def test_int4_gemm_matches_dequantized_reference(rows, top_k, E, N, K, group, ha
     ids[0, 0] = E - 1  # the last expert is used
     ids[ids == 1] = 0  # expert 1 gets no pair
     tw = torch.rand(rows, top_k, generator=gen).to(device)
-    cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype, sorted_pairs=routing == "sorted")
+    # the tl.dot kernel in each UNPACK mode (the GEMV, the heuristic's for unsorted launches: test_int4_gemv.py)
+    cfg = get_int4_moe_config(rows * top_k, E, N, K, group, dtype, sorted_pairs=routing == "sorted", gemv=False)
     cfg = dataclasses.replace(cfg, split_k=split, unpack=unpack, **({"block_size_k": bk} if bk else {}))
     if routing == "sorted":
         al = moe_align_block_size(ids, cfg.block_size_m, E)

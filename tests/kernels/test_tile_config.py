@@ -64,7 +64,7 @@ def test_bad_entries_name_their_source(entry, match):
 
 def test_4bit_configs_extend_the_gemm_tiles():
     int4 = Int4TileConfig(16, 32, 128, split_k=2, unpack=3)
-    assert int4.to_json() == {**TileConfig(16, 32, 128, split_k=2).to_json(), "UNPACK": 3}
+    assert int4.to_json() == {**TileConfig(16, 32, 128, split_k=2).to_json(), "UNPACK": 3, "GEMV": 0}
     mx = Mxfp4TileConfig.from_json({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "DECODE_ASM": 0})
     assert mx == Mxfp4TileConfig(16, 64, 128, decode_asm=0) and Mxfp4TileConfig(16, 64, 128).decode_asm == 1
     assert Int4TileConfig(16, 32, 128) != TileConfig(16, 32, 128)  # a distinct type, not just more fields

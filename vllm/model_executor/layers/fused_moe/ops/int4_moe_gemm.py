@@ -29,6 +29,8 @@ from vllm.platforms.interface import triton_interpreting
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
 UNPACK_DECODE_TILES = False  # UNPACK 3 by default on unsplit decode tiles (see _heuristic_config)
+GEMV_UNSORTED = True  # the unsorted small-batch launch runs the FMA GEMV (see _gemv_config)
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 128, 256, 4, 4
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -39,14 +41,22 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 
 def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_size: int,
-                        dtype: torch.dtype, *, sorted_pairs: bool = True) -> Int4TileConfig:
-    """Tile config of one int4 GEMM (tiles, GROUP_SIZE_M, SPLIT_K, warps, stages, UNPACK).
+                        dtype: torch.dtype, *, sorted_pairs: bool = True,
+                        gemv: Optional[bool] = None) -> Int4TileConfig:
+    """Tile config of one int4 GEMM (tiles, GROUP_SIZE_M, SPLIT_K, warps, stages, UNPACK, GEMV).
 
-    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair).  A tuned file
+    ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair), which the heuristic
+    gives to the FMA GEMV (``GEMV_UNSORTED``); ``gemv`` True / False forces the GEMV's / the dot kernel's
+    tiles (the static report and the sweep compare them).  A tuned file
     (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
     table keyed by the routed pair count M * top_k) overrides the heuristic's fields; an entry with an
     unknown key or a value ``check_int4_tile_config`` rejects is an error naming the file."""
-    cfg = _heuristic_config(num_pairs, num_experts, N, K, group_size, dtype, sorted_pairs)
+    if gemv is None:
+        gemv = GEMV_UNSORTED and not sorted_pairs
+    if gemv and sorted_pairs:
+        raise ValueError("the int4 GEMV serves the unsorted small-batch launch only (sorted_pairs=False)")
+    cfg = _gemv_config(num_pairs, N, K) if gemv else _heuristic_config(num_pairs, num_experts, N, K, group_size,
+                                                                        dtype, sorted_pairs)
     if triton_interpreting():
         return cfg
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
@@ -91,6 +101,24 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_si
                           num_warps=warps, num_stages=stages, unpack=3 if decode_tile and split == 1 else 0)
 
 
+def _gemv_config(num_pairs: int, N: int, K: int) -> Int4TileConfig:
+    """The FMA GEMV's tiles (``_int4_gemv_kernel.py``): [BLOCK_SIZE_K / 8, BLOCK_SIZE_N] words per K-step,
+    and K split until the grid has GEMV_PROGRAMS_PER_SM programs per SM (each holds one K-step of words
+    in flight: the loads of several programs hide the memory latency)."""
+    if triton_interpreting():
+        return Int4TileConfig(block_size_m=16, block_size_n=_pow2_at_least(N, 16, 128),
+                              block_size_k=_pow2_at_least(K, 16, 128), num_warps=4, num_stages=1, gemv=1)
+    bn = min(GEMV_BLOCK_N, _pow2_at_least(N, 16, 256))
+    bk = min(GEMV_BLOCK_K, _pow2_at_least(K, 16, 256))
+    tiles = num_pairs * -(-N // bn)
+    k_tiles = -(-K // bk)
+    split = 1
+    while tiles * split < GEMV_PROGRAMS_PER_SM * _NUM_SMS and split * 2 <= min(16, k_tiles):
+        split *= 2
+    return Int4TileConfig(block_size_m=16, block_size_n=bn, block_size_k=bk, split_k=split,
+                          num_warps=GEMV_WARPS, num_stages=1, gemv=1)
+
+
 def check_int4_tile_config(config: Int4TileConfig) -> None:
     """What ``invoke_int4_moe_gemm`` needs of a config: power-of-two tiles >= 16, whole int32 words per
     K-tile, an UNPACK mode 0-3 (``TypeError`` for anything but an ``Int4TileConfig``)."""
@@ -101,6 +129,8 @@ def check_int4_tile_config(config: Int4TileConfig) -> None:
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16")
+    if config.gemv not in (0, 1):
+        raise ValueError(f"GEMV={config.gemv}: 1 (the FMA GEMV of the unsorted small-batch path) or 0 (tl.dot)")
     if config.unpack not in (0, 1, 2, 3):
         raise ValueError(f"UNPACK={config.unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
                          "decode) or 3 (split by code position, scales after the dot); see _int4_moe_gemm_kernel.py")
@@ -182,6 +212,9 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     if tuple(out.shape) != out_shape or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out must be float {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     sorted_mode = pair_expert_ids is None
+    if config.gemv and sorted_mode:
+        raise ValueError("GEMV=1 runs the unsorted small-batch path only (pair_expert_ids); give GEMV=0 for "
+                         "sorted routing (a tuned file's sorted entries must not set GEMV)")
     if sorted_mode:
         if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
             raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
@@ -219,36 +252,51 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         t_strides = (0, out.stride(0), out.stride(1))
     dummy = w.qweight
     grid = (num_pid_m * -(-N // bn), split)
-    _int4_moe_gemm_kernel[grid](
-        a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
-        w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
-        target, topk_weights.reshape(-1) if mul_routed_weight else dummy,
-        sorted_token_ids if sorted_mode else dummy, block_expert_ids if sorted_mode else pair_expert_ids,
-        num_tokens_post_padded if sorted_mode else dummy,
-        N, K, num_pid_m, num_pairs, top_k_in,
-        a.stride(0), a.stride(1),
-        w.qweight.stride(0), w.qweight.stride(1),  # [E, K/8, N]: expert, word row
-        w.scales.stride(0), w.scales.stride(1),
-        w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
-        K,
-        *t_strides,
-        GROUP_SIZE=w.group_size,
-        HAS_ZEROS=w.zeros is not None,
-        HAS_G_IDX=w.g_idx is not None,
-        HAS_PERM=w.perm is not None,
-        MUL_ROUTED_WEIGHT=mul_routed_weight,
-        UPCAST_DOT=triton_interpreting() and a.dtype != torch.float32,
-        EVEN_K=K % bk == 0,
-        SPLIT_K=split,
-        BLOCK_SIZE_M=bm,
-        BLOCK_SIZE_N=bn,
-        BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=config.group_size_m if sorted_mode else 1,
-        SORTED=sorted_mode,
-        UNPACK=unpack,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    if config.gemv:
+        from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _int4_gemv_kernel
+
+        _int4_gemv_kernel[grid](
+            a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
+            w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
+            target, topk_weights.reshape(-1) if mul_routed_weight else dummy, pair_expert_ids,
+            0x4B000000, N, K, top_k_in, a.stride(0), a.stride(1), w.qweight.stride(0), w.qweight.stride(1),
+            w.scales.stride(0), w.scales.stride(1),
+            w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
+            K, *t_strides,
+            GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
+            HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
+            SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _int4_moe_gemm_kernel[grid](
+            a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
+            w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
+            target, topk_weights.reshape(-1) if mul_routed_weight else dummy,
+            sorted_token_ids if sorted_mode else dummy, block_expert_ids if sorted_mode else pair_expert_ids,
+            num_tokens_post_padded if sorted_mode else dummy,
+            N, K, num_pid_m, num_pairs, top_k_in,
+            a.stride(0), a.stride(1),
+            w.qweight.stride(0), w.qweight.stride(1),  # [E, K/8, N]: expert, word row
+            w.scales.stride(0), w.scales.stride(1),
+            w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
+            K,
+            *t_strides,
+            GROUP_SIZE=w.group_size,
+            HAS_ZEROS=w.zeros is not None,
+            HAS_G_IDX=w.g_idx is not None,
+            HAS_PERM=w.perm is not None,
+            MUL_ROUTED_WEIGHT=mul_routed_weight,
+            UPCAST_DOT=triton_interpreting() and a.dtype != torch.float32,
+            EVEN_K=K % bk == 0,
+            SPLIT_K=split,
+            BLOCK_SIZE_M=bm,
+            BLOCK_SIZE_N=bn,
+            BLOCK_SIZE_K=bk,
+            GROUP_SIZE_M=config.group_size_m if sorted_mode else 1,
+            SORTED=sorted_mode,
+            UNPACK=unpack,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if split > 1:  # one launch: add the splits, apply the epilogue, cast, store into out (any strides)
         block = 1024
         _split_k_reduce_kernel[(-(-out.numel() // block),)](
