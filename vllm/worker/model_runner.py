@@ -79,6 +79,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs = graphs  # captured decode steps (None: always eager)
 
+    def prepare_step(self, inp: ModelInput) -> Optional[tuple[int, bool]]:
+        """The host work of a step before its forward: the LoRA token -> slot mapping (shared by every
+        LoRA layer), and the CUDA graph to replay (None: eager)."""
+        if self.lora_manager is not None:
+            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
+        return self.graphs.graph_key(inp) if self.graphs is not None else None
+
     @torch.inference_mode()
     def compute_logits(self, inp: ModelInput,
                        on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
@@ -90,9 +97,7 @@ class ModelRunner:
         ``input_ids``: the step's ids already on the device (a chained step), used instead of
         ``inp.input_ids``.
         """
-        if self.lora_manager is not None:
-            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
-        key = self.graphs.graph_key(inp) if self.graphs is not None else None
+        key = self.prepare_step(inp)
         if key is not None:
             return self.graphs.run(inp, key, input_ids)
         dev = self.device
