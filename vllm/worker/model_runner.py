@@ -62,7 +62,9 @@ class ModelInput:
         ids are on the device)."""
         token_lora_ids = None
         if lora:
-            token_lora_ids = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
+            token_lora_ids = out.lora_int_ids
+            if out.query_lens and not min(out.query_lens) == max(out.query_lens) == 1:  # one id per new token
+                token_lora_ids = [lid for lid, q in zip(token_lora_ids, out.query_lens) for _ in range(q)]
         return cls(out.input_token_ids() if input_ids is None else input_ids, out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
                    out.slot_mapping(block_size), token_lora_ids, list(prompt_rows or []))
 
@@ -81,7 +83,8 @@ class ModelRunner:
 
     def prepare_step(self, inp: ModelInput) -> Optional[tuple[int, bool]]:
         """The host work of a step before its forward: the LoRA token -> slot mapping (shared by every
-        LoRA layer), and the CUDA graph to replay (None: eager)."""
+        LoRA layer; nothing is redone when the batch's adapters are those of the previous step), and the
+        CUDA graph to replay (None: eager)."""
         if self.lora_manager is not None:
             self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
         return self.graphs.graph_key(inp) if self.graphs is not None else None
