@@ -6,7 +6,7 @@
             set_lora / reset_lora on every wrapped layer
     set_adapter_mapping(lora_int_id per token)  once per step
         -> activates the batch's adapters -> slot per token -> punica_wrapper.update_metadata
-           (one mapping, read by every layer)
+           (one mapping, read by every layer; reused as is while the ids and the slots do not change)
 
 Construction walks the model once (after its weights are loaded) and replaces
 each supported layer by its LoRA wrapper: ``FusedMoE`` -> ``FusedMoEWithLoRA``

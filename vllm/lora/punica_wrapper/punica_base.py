@@ -129,8 +129,9 @@ class PunicaWrapperBase(ABC):
         host = host.astype(np.int32)
         i, self._turn = self._turn, self._turn ^ 1
         if self._staging[i] is None:
-            self._staging[i] = torch.full(self._device_buf.shape, -1, dtype=torch.int32,
-                                          pin_memory=self.device.type == "cuda")
+            with torch.inference_mode(False):  # a normal tensor, whichever mode the first step runs in
+                self._staging[i] = torch.full(self._device_buf.shape, -1, dtype=torch.int32,
+                                              pin_memory=self.device.type == "cuda")
         elif self._copied[i] is not None:
             self._copied[i].synchronize()  # its last copy has left it (two steps ago: normally long done)
         buf = self._staging[i].numpy()
