@@ -105,7 +105,7 @@ def lora_main(args) -> None:
     import tempfile
     from types import SimpleNamespace
 
-    if args.punica == "gpu":
+    if args.punica == "gpu" and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton wrapper on CPU tensors (no kernel runs)
     from benchmarks.benchmark_decode import PRESETS, build_model_and_adapters
     import vllm.lora.punica_wrapper as punica_wrapper

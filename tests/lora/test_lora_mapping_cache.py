@@ -208,3 +208,26 @@ def test_engine_tokens_identical_with_and_without_the_caches(monkeypatch):
         uncached, _ = _run_schedule(True, m)
     assert swaps > 4, "adapters moved between slots during the run"
     assert len(cached) == 10 and cached == uncached
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_wrapper_on_cuda_host_and_device_mappings(kind):
+    """On a GPU: pinned staging buffers used in turn, and device-tensor mappings in between (made with
+    device ops), against a wrapper built for each mapping alone."""
+    rng = random.Random(2)
+    w = get_punica_wrapper(MAX_T, L, "cuda", kind=kind)
+    for step in range(40):
+        slots = [rng.randrange(-1, L) for _ in range(rng.randrange(MAX_T + 1))]
+        w.update_metadata(torch.tensor(slots, dtype=torch.int32, device="cuda") if step % 4 == 3 else slots)
+        fresh = get_punica_wrapper(MAX_T, L, "cuda", kind=kind)
+        fresh.update_metadata(slots)
+        torch.cuda.synchronize()
+        assert w.token_mapping(MAX_T).tolist() == slots + [-1] * (MAX_T - len(slots))
+        assert torch.equal(w._device_buf[:MAX_T], fresh._device_buf[:MAX_T])
+        if kind == "gpu":
+            counts = Counter(slots)
+            meta = w.linear_metadata(len(slots))
+            assert meta.slot_counts.tolist() == [counts[s] for s in range(L)]
+            grouped = sum(counts[s] for s in range(L))
+            assert meta.sorted_token_ids[:grouped].tolist() == _expected_sorted(slots)[:grouped]
