@@ -7,7 +7,7 @@
             and the layers it targets join the Punica wrapper's LoRA layer set (``add_lora_layers``)
     set_adapter_mapping(lora_int_id per token)  once per step
         -> activates the batch's adapters -> slot per token -> punica_wrapper.update_metadata
-           (one mapping, read by every layer)
+           (one mapping, read by every layer; reused as is while the ids and the slots do not change)
 
 Construction walks the model once (after its weights are loaded) and replaces
 each supported layer by its LoRA wrapper: ``FusedMoE`` -> ``FusedMoEWithLoRA``
@@ -27,8 +27,10 @@ not target stays zero.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,6 +84,8 @@ class LoRAModelManager:
         self._slot_ids: list[Optional[int]] = [None] * self.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, least recently used first
         self._pinned: set[int] = set()  # adapters of the current batch
+        self._slots_version = 0  # counts the changes of what the slots hold
+        self._last_step: Optional[_StepMapping] = None  # the previous set_adapter_mapping's
         logger.info("LoRA: wrapped %d layers (%d MoE), %d slots, CPU cache of %d", len(self.modules),
                     sum(isinstance(m, FusedMoEWithLoRA) for m in self.modules.values()), self.max_loras,
                     self.capacity)
@@ -246,6 +250,7 @@ class LoRAModelManager:
                                    "raise max_loras")
             slot = self._slot_lru.pop(victims[0])
             logger.debug("LoRA: adapter %d leaves slot %d for adapter %d", victims[0], slot, lora_int_id)
+        self._slots_version += 1
         self._write_slot(slot, self._cache[lora_int_id])
         self._slot_ids[slot] = lora_int_id
         self._slot_lru[lora_int_id] = slot
@@ -256,6 +261,7 @@ class LoRAModelManager:
         slot = self._slot_lru.pop(lora_int_id, None)
         if slot is None:
             return False
+        self._slots_version += 1
         for w in self.modules.values():
             w.reset_lora(slot)
         self._slot_ids[slot] = None
@@ -307,9 +313,24 @@ class LoRAModelManager:
         Activates the batch's adapters (they are pinned until the next call), turns ids
         into slots and hands the slots to the Punica wrapper once for all layers.
         Returns the slot of each token (-1 = none).
+
+        When the ids are those of the previous call and neither the slots nor the wrapper's mapping
+        changed since (a decode step of the same requests), only the pins and the LRU order are
+        renewed: one list comparison and O(adapters) work, nothing per token or per layer.
         """
-        ids = [int(i) for i in token_lora_ids]
-        batch = sorted({i for i in ids if i != 0})
+        ids = token_lora_ids if isinstance(token_lora_ids, list) else [int(i) for i in token_lora_ids]
+        last = self._last_step
+        if (last is not None and last.slots_version == self._slots_version
+                and last.mapping_version == self.punica_wrapper.mapping_version and ids == last.ids):
+            self._pinned = set(last.batch)
+            for i in last.batch:
+                self._cache.move_to_end(i)
+                self._slot_lru.move_to_end(i)
+            return list(last.slots)
+        self._last_step = None
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        uniq, inverse = np.unique(arr, return_inverse=True)
+        batch = [int(i) for i in uniq if i != 0]
         if any(i < 0 for i in batch):
             raise ValueError(f"lora_int_id must be >= 1 (0 = no adapter), got {[i for i in batch if i < 0]}")
         if len(batch) > self.max_loras:
@@ -320,6 +341,21 @@ class LoRAModelManager:
             raise KeyError(f"LoRA adapters {missing} are not loaded; call add_adapter first")
         self._pinned = set(batch)
         slot_of = {i: self.activate_adapter(i) for i in batch}
-        slots = [slot_of[i] if i else -1 for i in ids]
+        table = np.array([slot_of.get(int(i), -1) for i in uniq], dtype=np.int32)
+        slots = table[inverse.reshape(-1)] if arr.size else np.zeros(0, dtype=np.int32)
         self.punica_wrapper.update_metadata(slots)
-        return slots
+        out = slots.tolist()
+        self._last_step = _StepMapping(list(ids), tuple(batch), tuple(out), self._slots_version,
+                                       self.punica_wrapper.mapping_version)
+        return out
+
+
+@dataclass(frozen=True)
+class _StepMapping:
+    """What one ``set_adapter_mapping`` set: reused while the ids, the slots and the wrapper's mapping stay."""
+
+    ids: list[int]
+    batch: tuple[int, ...]  # the adapters, in activation order
+    slots: tuple[int, ...]
+    slots_version: int
+    mapping_version: int

@@ -62,7 +62,9 @@ class ModelInput:
         ids are on the device)."""
         token_lora_ids = None
         if lora:
-            token_lora_ids = [lid for lid, q in zip(out.lora_int_ids, out.query_lens) for _ in range(q)]
+            token_lora_ids = out.lora_int_ids
+            if out.query_lens and not min(out.query_lens) == max(out.query_lens) == 1:  # one id per new token
+                token_lora_ids = [lid for lid, q in zip(token_lora_ids, out.query_lens) for _ in range(q)]
         return cls(out.input_token_ids() if input_ids is None else input_ids, out.positions(), list(out.query_lens), out.seq_lens, out.block_tables,
                    out.slot_mapping(block_size), token_lora_ids, list(prompt_rows or []))
 
@@ -79,6 +81,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs = graphs  # captured decode steps (None: always eager)
 
+    def prepare_step(self, inp: ModelInput) -> Optional[tuple[int, bool]]:
+        """The host work of a step before its forward: the LoRA token -> slot mapping (shared by every
+        LoRA layer; nothing is redone when the batch's adapters are those of the previous step), and the
+        CUDA graph to replay (None: eager)."""
+        if self.lora_manager is not None:
+            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
+        return self.graphs.graph_key(inp) if self.graphs is not None else None
+
     @torch.inference_mode()
     def compute_logits(self, inp: ModelInput,
                        on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
@@ -90,9 +100,7 @@ class ModelRunner:
         ``input_ids``: the step's ids already on the device (a chained step), used instead of
         ``inp.input_ids``.
         """
-        if self.lora_manager is not None:
-            self.lora_manager.set_adapter_mapping(inp.token_lora_ids or [0] * len(inp.input_ids))
-        key = self.graphs.graph_key(inp) if self.graphs is not None else None
+        key = self.prepare_step(inp)
         if key is not None:
             return self.graphs.run(inp, key, input_ids)
         dev = self.device

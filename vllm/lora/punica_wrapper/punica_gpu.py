@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
@@ -22,13 +23,24 @@ class PunicaWrapperGPU(PunicaWrapperBase):
         super().__init__(*args, **kwargs)
         from vllm.lora.ops.triton_ops.lora_linear import LoRALinearMetadata
 
-        # Tokens grouped by slot for the dense LoRA kernels: made once per step, in place.
-        self._linear_meta = LoRALinearMetadata(
-            sorted_token_ids=torch.zeros(self.max_num_batched_tokens, dtype=torch.int32, device=self.device),
-            slot_counts=torch.zeros(self.max_loras, dtype=torch.int32, device=self.device))
+        # Tokens grouped by slot for the dense LoRA kernels: regions of the per-step buffer, made on the
+        # host with the mapping and copied with it (or on the device from a device mapping).
+        self._linear_meta = LoRALinearMetadata(sorted_token_ids=self.region("sorted_token_ids"),
+                                               slot_counts=self.region("slot_counts"))
 
-    def update_metadata(self, token_lora_mapping: torch.Tensor | list[int]) -> None:
-        super().update_metadata(token_lora_mapping)
+    def _extra_regions(self) -> list[tuple[str, int]]:
+        return [("slot_counts", self.max_loras), ("sorted_token_ids", self.max_num_batched_tokens)]
+
+    def _fill_host(self, buf: np.ndarray, host: np.ndarray, slot_counts: np.ndarray) -> int:
+        # the same grouping as lora_linear_metadata: stable by slot, tokens without an adapter last
+        n, L = host.size, self.max_loras
+        lo, _ = self._regions["slot_counts"]
+        buf[lo:lo + L] = slot_counts
+        lo, _ = self._regions["sorted_token_ids"]
+        buf[lo:lo + n] = np.argsort(np.where(host < 0, L, host), kind="stable")
+        return lo + n
+
+    def _fill_device(self) -> None:
         from vllm.lora.ops.triton_ops.lora_linear import lora_linear_metadata
 
         lora_linear_metadata(self.token_lora_indices, self.max_loras, out=self._linear_meta)
