@@ -263,19 +263,19 @@ def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Te
     """The FMA GEMV (``_mxfp4_gemv_kernel.py``) on the same grid, reading the code bytes as int32 words."""
     from vllm.model_executor.layers.fused_moe.ops._mxfp4_gemv_kernel import _mxfp4_gemv_kernel
 
-    try:
-        words = q.view(torch.int32)  # [E, N, K/8]
-    except RuntimeError as exc:
+    if q.data_ptr() % 4 or q.stride(0) % 4 or q.stride(1) % 4:
         raise ValueError(f"the MXFP4 GEMV (GEMV=1) reads the code bytes as int32 words: their rows must start "
                          f"at multiples of 4 bytes (got strides {q.stride()}, offset {q.storage_offset()}); "
-                         f"use GEMV=0 for this weight") from exc
+                         f"use GEMV=0 for this weight")
     K = a.shape[1]
     _mxfp4_gemv_kernel[grid](
-        a, words, scales, target, bias_arg, weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
-        q.shape[1], K, num_pairs, top_k_in, a.stride(0), a.stride(1), words.stride(0), words.stride(1),
+        a, q, scales, target, bias_arg, weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+        q.shape[1], K, num_pairs, top_k_in, a.stride(0), a.stride(1), q.stride(0), q.stride(1),
         scales.stride(0), scales.stride(1), *t_strides,
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % config.block_size_k == 0,
+        DECODE_ASM=bool(config.decode_asm) and not triton_interpreting(),
+        A_QUADS=a.dtype == torch.bfloat16 and a.stride(1) == 1 and a.stride(0) % 4 == 0 and a.data_ptr() % 8 == 0,
         BLOCK_SIZE_M=config.block_size_m, BLOCK_SIZE_N=config.block_size_n, BLOCK_SIZE_K=config.block_size_k,
         SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages)
 
