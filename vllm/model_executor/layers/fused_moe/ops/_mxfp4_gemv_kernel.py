@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 _SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: bit 7 of every byte
 _MAGS = tl.constexpr(0x0E0E0E0E)  # bits 1-3 of every byte
 
@@ -101,6 +102,42 @@ def _high_bf16(x):
 
 
 @triton.jit
+def _group_sums(vals, a_row, kw, kw_ok, stride_ak, EVEN_K: tl.constexpr, A_QUADS: tl.constexpr,
+                BLOCK_SIZE_N: tl.constexpr, BKW: tl.constexpr):
+    """sum over each scale group (4 words) of the decoded codes ``vals`` (8 x [BN, BKW]) times one row's
+    activations, times 2^14 (the decode's 2^-14 undone before the scale: 2^14 * 2^127 would overflow)."""
+    if A_QUADS:
+        acts = _bf16_quads(a_row, kw, kw_ok, EVEN_K)
+    part = tl.zeros((BLOCK_SIZE_N, BKW), dtype=tl.float32)
+    for c in tl.static_range(8):  # element 8j + c of every word j
+        if A_QUADS:
+            a_c = acts[c]
+        elif EVEN_K:
+            a_c = tl.load(a_row + (kw * 8 + c) * stride_ak).to(tl.float32)
+        else:
+            a_c = tl.load(a_row + (kw * 8 + c) * stride_ak, mask=kw_ok, other=0.0).to(tl.float32)
+        part += vals[c] * a_c[None, :]
+    return tl.sum(tl.reshape(part, (BLOCK_SIZE_N, BKW // 4, 4)), axis=2) * 16384.0
+
+
+@triton.jit
+def _epilogue(acc, pair, ok, out_ptr, bias_ptr, topk_weights_ptr, expert, offs_n, n_ok, pid_k, stride_os, stride_om,
+              stride_on, stride_be, stride_bn, HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+              SPLIT_K: tl.constexpr):
+    """Store one row's [BLOCK_SIZE_N] result (nothing when ``ok`` is false): the fp32 share with split-K,
+    else + bias[e], times the router weight, rounded once."""
+    out_ptrs = out_ptr + pair.to(tl.int64) * stride_om + offs_n * stride_on
+    if SPLIT_K > 1:  # the reduction adds the shares, the bias and the router weight
+        tl.store(out_ptrs + pid_k.to(tl.int64) * stride_os, acc, mask=n_ok & ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+        if MUL_ROUTED_WEIGHT:
+            acc *= tl.load(topk_weights_ptr + pair, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok & ok)
+
+
+@triton.jit
 def _mxfp4_gemv_kernel(
     a_ptr,  # [num_rows, K] fp16 / bf16 / fp32
     wq_ptr,  # [E_local, N, K // 2] uint8 codes, rows 4-byte aligned (read as int32 words)
@@ -135,6 +172,7 @@ def _mxfp4_gemv_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
     SPLIT_K: tl.constexpr,
+    ROWS: tl.constexpr,  # rows computed per pass over the weight tile: 1 or 2
 ):
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     GROUPS: tl.constexpr = BLOCK_SIZE_K // 32
@@ -162,11 +200,22 @@ def _mxfp4_gemv_kernel(
     k_first = pid_k * tiles_per_split
     k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
 
-    for r in range(BLOCK_SIZE_M):  # the block's real rows; sentinel rows are skipped
-        pair = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_SIZE_M + r)
-        if pair < num_pairs:
-            a_row = a_ptr + (pair // top_k_in).to(tl.int64) * stride_am
-            total = tl.zeros((BLOCK_SIZE_N, GROUPS), dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE_M, ROWS):  # ROWS (1 or 2) rows per pass; passes without a real row are skipped
+        pair0 = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_SIZE_M + r0)
+        ok0 = pair0 < num_pairs
+        if ROWS == 2:
+            pair1 = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_SIZE_M + r0 + 1)
+            ok1 = pair1 < num_pairs
+            run = ok0 | ok1
+        else:
+            pair1 = pair0
+            ok1 = False
+            run = ok0
+        if run:
+            a_row0 = a_ptr + tl.where(ok0, pair0 // top_k_in, 0).to(tl.int64) * stride_am
+            a_row1 = a_ptr + tl.where(ok1, pair1 // top_k_in, 0).to(tl.int64) * stride_am
+            total0 = tl.zeros((BLOCK_SIZE_N, GROUPS), dtype=tl.float32)
+            total1 = tl.zeros((BLOCK_SIZE_N, GROUPS), dtype=tl.float32)
             for kt in range(k_first, k_last):
                 kw = kt * BKW + offs_j  # word index in the row
                 kw_ok = kw < K // 8
@@ -177,32 +226,19 @@ def _mxfp4_gemv_kernel(
                     w = tl.load(q_base + kt * BKW, mask=kw_ok[None, :], other=0)
                     s = tl.load(s_base + kt * GROUPS, mask=(kt * GROUPS + offs_g < K // 32)[None, :],
                                 other=127).to(tl.int32)
-                part = tl.zeros((BLOCK_SIZE_N, BKW), dtype=tl.float32)
-                if A_QUADS:
-                    acts = _bf16_quads(a_row, kw, kw_ok, EVEN_K)
                 if DECODE_ASM:
                     vals = _e2m1_word_asm(w)
                 else:
                     vals = _e2m1_word(w)
-                for c in tl.static_range(8):  # element 8j + c of every word j
-                    if A_QUADS:
-                        a_c = acts[c]
-                    elif EVEN_K:
-                        a_c = tl.load(a_row + (kw * 8 + c) * stride_ak).to(tl.float32)
-                    else:
-                        a_c = tl.load(a_row + (kw * 8 + c) * stride_ak, mask=kw_ok, other=0.0).to(tl.float32)
-                    part += vals[c] * a_c[None, :]
-                gsum = tl.sum(tl.reshape(part, (BLOCK_SIZE_N, GROUPS, 4)), axis=2)
                 scale = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127)
-                total += (gsum * 16384.0) * scale  # 2^14 first: 2^14 * 2^127 would overflow
-            acc = tl.sum(total, axis=1)  # [BLOCK_SIZE_N]
-            out_ptrs = out_ptr + pair.to(tl.int64) * stride_om + offs_n * stride_on
-            if SPLIT_K > 1:  # fp32 share; the reduction adds the shares, the bias and the router weight
-                tl.store(out_ptrs + pid_k.to(tl.int64) * stride_os, acc, mask=n_ok)
-            else:
-                if HAS_BIAS:
-                    acc += tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=n_ok,
-                                   other=0.0).to(tl.float32)
-                if MUL_ROUTED_WEIGHT:
-                    acc *= tl.load(topk_weights_ptr + pair).to(tl.float32)
-                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+                total0 += _group_sums(vals, a_row0, kw, kw_ok, stride_ak, EVEN_K, A_QUADS, BLOCK_SIZE_N, BKW) * scale
+                if ROWS == 2:
+                    total1 += _group_sums(vals, a_row1, kw, kw_ok, stride_ak, EVEN_K, A_QUADS, BLOCK_SIZE_N,
+                                          BKW) * scale
+            _epilogue(tl.sum(total0, axis=1), pair0, ok0, out_ptr, bias_ptr, topk_weights_ptr, expert, offs_n, n_ok,
+                      pid_k, stride_os, stride_om, stride_on, stride_be, stride_bn, HAS_BIAS, MUL_ROUTED_WEIGHT,
+                      SPLIT_K)
+            if ROWS == 2:
+                _epilogue(tl.sum(total1, axis=1), pair1, ok1, out_ptr, bias_ptr, topk_weights_ptr, expert, offs_n,
+                          n_ok, pid_k, stride_os, stride_om, stride_on, stride_be, stride_bn, HAS_BIAS,
+                          MUL_ROUTED_WEIGHT, SPLIT_K)

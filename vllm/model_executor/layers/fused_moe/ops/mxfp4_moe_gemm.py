@@ -40,8 +40,8 @@ from vllm.platforms.interface import triton_interpreting
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
 GEMV_DECODE = True  # decode sizes run the FMA GEMV (static evidence: docs/performance.md)
-GEMV_MAX_PAIRS_PER_EXPERT = 4
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 64, 128, 4, 2
+GEMV_MAX_PAIRS_PER_EXPERT = 2  # beyond, the dot kernel's instructions per weight and row are fewer
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 256, 64, 2, 8
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -58,7 +58,7 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
     if gemv is None:
         gemv = GEMV_DECODE and not interp and per_expert <= GEMV_MAX_PAIRS_PER_EXPERT
     if gemv:
-        cfg = _gemv_config(num_pairs, num_experts, N, K, interp)
+        cfg = _gemv_config(num_pairs, num_experts, N, K, interp, rows=1 if per_expert <= 1 else 2)
         return tuned_tiles(cfg, "mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
                            max(num_pairs // max(top_k, 1), 1), current_platform().device_name(),
                            check=check_mxfp4_tile_config) if not interp else cfg
@@ -82,13 +82,13 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
                        check=check_mxfp4_tile_config)
 
 
-def _gemv_config(num_pairs: int, num_experts: int, N: int, K: int, interp: bool) -> Mxfp4TileConfig:
-    """The FMA GEMV's tiles: [BLOCK_SIZE_N, BLOCK_SIZE_K / 8] code words per K-step, M-blocks of 16 rows
-    (the alignment's; only real rows are computed), K split until the grid has GEMV_PROGRAMS_PER_SM
-    programs per SM (at least two K-tiles per split)."""
+def _gemv_config(num_pairs: int, num_experts: int, N: int, K: int, interp: bool, rows: int = 1) -> Mxfp4TileConfig:
+    """The FMA GEMV's tiles: [BLOCK_SIZE_N, BLOCK_SIZE_K / 8] code words per K-step decoded once for ``rows``
+    rows (GEMV = 1 or 2), M-blocks of 16 rows (the alignment's; passes without a real row are skipped), K
+    split until the grid has GEMV_PROGRAMS_PER_SM programs per SM (at least two K-tiles per split)."""
     if interp:
         return Mxfp4TileConfig(block_size_m=16, block_size_n=_pow2_at_least(N, 16, 64),
-                               block_size_k=_pow2_at_least(K, 32, 128), num_warps=4, num_stages=1, gemv=1)
+                               block_size_k=_pow2_at_least(K, 32, 128), num_warps=4, num_stages=1, gemv=rows)
     bn = min(GEMV_BLOCK_N, _pow2_at_least(N, 16, 256))
     bk = min(GEMV_BLOCK_K, _pow2_at_least(K, 32, 256))
     tiles = (-(-num_pairs // 16) + min(num_pairs, num_experts)) * -(-N // bn)
@@ -96,7 +96,7 @@ def _gemv_config(num_pairs: int, num_experts: int, N: int, K: int, interp: bool)
     while tiles * split < GEMV_PROGRAMS_PER_SM * _NUM_SMS and split * 2 <= min(16, k_tiles // 2):
         split *= 2
     return Mxfp4TileConfig(block_size_m=16, block_size_n=bn, block_size_k=bk, split_k=split, num_warps=GEMV_WARPS,
-                           num_stages=1, gemv=1)
+                           num_stages=1, gemv=rows)
 
 
 def check_mxfp4_tile_config(config: Mxfp4TileConfig) -> None:
@@ -112,8 +112,9 @@ def check_mxfp4_tile_config(config: Mxfp4TileConfig) -> None:
                          "BLOCK_SIZE_K a power of two >= 32")
     if config.decode_asm not in (0, 1):
         raise ValueError(f"DECODE_ASM={config.decode_asm}: 1 (packed PTX decode where it runs) or 0 (portable)")
-    if config.gemv not in (0, 1):
-        raise ValueError(f"GEMV={config.gemv}: 1 (the FMA GEMV for decode) or 0 (tl.dot)")
+    if config.gemv not in (0, 1, 2):
+        raise ValueError(f"GEMV={config.gemv}: 0 (tl.dot), or the FMA GEMV decoding each weight tile for 1 or 2 "
+                         "rows at a time")
 
 
 def auto_split_k(config: Mxfp4TileConfig, num_pairs: int, num_experts: int, N: int, K: int,
@@ -277,7 +278,7 @@ def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Te
         DECODE_ASM=bool(config.decode_asm) and not triton_interpreting(),
         A_QUADS=a.dtype == torch.bfloat16 and a.stride(1) == 1 and a.stride(0) % 4 == 0 and a.data_ptr() % 8 == 0,
         BLOCK_SIZE_M=config.block_size_m, BLOCK_SIZE_N=config.block_size_n, BLOCK_SIZE_K=config.block_size_k,
-        SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages)
+        SPLIT_K=config.split_k, ROWS=config.gemv, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def mxfp4_moe_gemm_torch(out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
