@@ -50,8 +50,9 @@ INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": d
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
                   "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0),
-                  # the FMA GEMV at its own heuristic tiles and split (_gemv_config)
-                  "GEMV": dict(GEMV=1)}
+                  # the FMA GEMV at its own heuristic tiles and split (_gemv_config), 1 or 2 rows per pass
+                  # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
+                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _MMA = ("HMMA", "HGMMA")
 _CONVERT = ("I2F", "F2F", "I2FP", "F2FP")
@@ -287,6 +288,8 @@ def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict,
     gemv = bool(cfg.get("GEMV", 0))
     if gemv:
         tiles = f"GEMV {cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} split {cfg.get('SPLIT_K', 1)}"
+        if kind == "mxfp4":
+            tiles += f" rows {cfg['GEMV']}"
     return Row(kind, shape, tokens, gemm, variant, tiles, regs, spill, kernel.metadata.shared,
                main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw, mma=not gemv,
                                innermost=gemv and kind == "mxfp4"))
