@@ -250,7 +250,8 @@ def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pai
                 stride_sn=K // 32, stride_os=num_pairs * N, stride_om=N, stride_on=1, stride_be=N, stride_bn=1,
                 N=N, K=K, top_k_in=4)
     cexp = dict(HAS_BIAS=bias and split == 1, MUL_ROUTED_WEIGHT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
-                A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)), BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
+                A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)),
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
                 SPLIT_K=split, ROWS=int(cfg["GEMV"]))
     src = _specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),

@@ -1,9 +1,10 @@
-"""Private Triton body of the MXFP4 expert GEMV for decode (config ``gemv=1``, see ``mxfp4_moe_gemm.py``).
+"""Private Triton body of the MXFP4 expert GEMV for decode (config ``gemv`` 1 or 2, see ``mxfp4_moe_gemm.py``).
 
 At 1-16 tokens an M-block of the sorted routing holds one or a few real rows: tensor cores buy
 nothing.  One program computes one M-block's [BLOCK_SIZE_N] output slice over one K split with
-plain fp32 FMAs, no ``tl.dot``, and walks only the block's real rows (sentinel rows cost one
-scalar load each):
+plain fp32 FMAs, no ``tl.dot``, in passes over the block's rows, ROWS (1 or 2) per pass: each pass
+decodes the weight tile once for its rows, and a pass without a real row costs one or two scalar
+loads (the alignment puts a block's real rows first):
 
 * a K-tile's codes are loaded as int32 words, [BLOCK_SIZE_N, BLOCK_SIZE_K / 8] (4 words = the 16
   bytes = the 32 codes of one scale group; word j holds elements 8j..8j+7, nibble c = element 8j + c);
@@ -13,7 +14,7 @@ scalar load each):
   subnormal: +-0.5 and -0 need no fix); one PRMT per two codes places them in an fp16x2 whose halves
   convert exactly to fp32 (HADD2.F32): about 2.4 instructions per code, one FFMA per weight;
 * bf16 activations are loaded 4 per 8-byte load and widened by a shift or a mask (``_bf16_quads``);
-* ``part[n, j] = sum_c w[n, 8j + c] a[8j + c]`` (fp32 FMAs), then per scale group its 4 words are
+* per row ``part[n, j] = sum_c w[n, 8j + c] a[8j + c]`` (fp32 FMAs), then per scale group its 4 words are
   added and the group sum is multiplied once by 2^14 and by the e8m0 scale 2^(s - 127) (built from
   the bits; s = 0 is the subnormal 2^-127); the [BLOCK_SIZE_N, groups] total is reduced once after
   the K loop.
@@ -166,8 +167,8 @@ def _mxfp4_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_SIZE_K == 0
-    A_QUADS: tl.constexpr,
-    DECODE_ASM: tl.constexpr,  # CUDA: _e2m1_word_asm (the decode in PTX); else the portable _e2m1_word  # bf16 activations with 8-byte aligned rows: loaded four at a time (_bf16_quads)
+    A_QUADS: tl.constexpr,  # bf16 activations with 8-byte aligned rows: loaded four at a time (_bf16_quads)
+    DECODE_ASM: tl.constexpr,  # CUDA: _e2m1_word_asm (the decode in PTX); else the portable _e2m1_word
     BLOCK_SIZE_M: tl.constexpr,  # rows of an M-block of the routing (the alignment's block size)
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
