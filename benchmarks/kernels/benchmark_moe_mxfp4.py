@@ -28,8 +28,9 @@ include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
 ``--portable-decode``: the kernel's Triton-arithmetic decode instead of its packed PTX one.
 ``--variants portable split-auto split-2 ...``: also time the MXFP4 base layer with each variant of
 the kernel config (``portable``: DECODE_ASM 0; ``split-N``: SPLIT_K N; ``split-auto``: the SPLIT_K
-of ``auto_split_k``; ``portable+split-auto``: both), correctness-checked first, one column each
-(time and speed-up over the default MXFP4 layer).
+of ``auto_split_k``; ``gemv`` / ``dot``: the FMA GEMV's / the tl.dot kernel's config whatever the
+heuristic picks (``gemv1`` / ``gemv2``: the GEMV with 1 / 2 rows per pass); ``portable+split-auto``:
+both), correctness-checked first, one column each (time and speed-up over the default MXFP4 layer).
 """
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ def parse_args() -> argparse.Namespace:
 
 def _check_variant(name: str) -> str:
     for part in name.split("+"):
-        if part != "portable" and not (part.startswith("split-") and (part[6:] == "auto" or part[6:].isdigit())):
-            raise argparse.ArgumentTypeError(f"unknown variant {part!r}: portable, split-N or split-auto")
+        if part not in ("portable", "gemv", "gemv1", "gemv2", "dot") and not (
+                part.startswith("split-") and (part[6:] == "auto" or part[6:].isdigit())):
+            raise argparse.ArgumentTypeError(f"unknown variant {part!r}: portable, gemv, gemv1, gemv2, dot, "
+                                             "split-N or split-auto")
     return name
 
 
@@ -101,10 +104,15 @@ def config_variant(name: str):
     parts = name.split("+")
     orig = mod.get_mxfp4_moe_config
 
-    def patched(num_pairs, num_experts, N, K, top_k, dtype):
-        cfg = orig(num_pairs, num_experts, N, K, top_k, dtype)
+    def patched(num_pairs, num_experts, N, K, top_k, dtype, gemv=None):
+        kernel = [p for p in parts if p.startswith("gemv") or p == "dot"]
+        cfg = orig(num_pairs, num_experts, N, K, top_k, dtype, gemv=kernel[-1] != "dot" if kernel else gemv)
         for part in parts:
-            if part == "portable":
+            if part in ("gemv", "dot"):
+                continue
+            if part in ("gemv1", "gemv2"):
+                cfg = dataclasses.replace(cfg, gemv=int(part[4]))
+            elif part == "portable":
                 cfg = dataclasses.replace(cfg, decode_asm=0)
             elif part == "split-auto":
                 cfg = dataclasses.replace(cfg, split_k=mod.auto_split_k(cfg, num_pairs, num_experts, N, K))

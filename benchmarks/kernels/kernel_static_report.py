@@ -49,7 +49,10 @@ INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": d
                  "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
-                  "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0)}
+                  "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0),
+                  # the FMA GEMV at its own heuristic tiles and split (_gemv_config), 1 or 2 rows per pass
+                  # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
+                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _MMA = ("HMMA", "HGMMA")
 _CONVERT = ("I2F", "F2F", "I2FP", "F2FP")
@@ -140,9 +143,10 @@ def _ptx_loops(ptx: str) -> list[list[str]]:
     return loops
 
 
-def main_loop_stats(kernel, weights_per_iter: int, num_warps: int, *, mma: bool = True) -> LoopStats:
+def main_loop_stats(kernel, weights_per_iter: int, num_warps: int, *, mma: bool = True,
+                    innermost: bool = False) -> LoopStats:
     """The K loop: the longest loop that holds a matrix-multiply instruction (``mma=False``: an FMA,
-    for the GEMV kernels)."""
+    for the GEMV kernels; ``innermost``: the shortest such loop, for a K loop nested in a row loop)."""
     sass = _sass(kernel.asm["cubin"])
     if sass is not None:
         source, loops = "sass", _sass_loops(sass)
@@ -156,7 +160,8 @@ def main_loop_stats(kernel, weights_per_iter: int, num_warps: int, *, mma: bool 
         is_conv = lambda op: op.startswith("cvt") and ".f" in op  # noqa: E731
         is_sts = lambda op: op.startswith("st.shared")  # noqa: E731
         is_async = lambda op: op.startswith(("cp.async", "cp.async.bulk"))  # noqa: E731
-    body = max((lp for lp in loops if any(is_mma(op) for op in lp)), key=len, default=[])
+    pick = min if innermost else max
+    body = pick((lp for lp in loops if any(is_mma(op) for op in lp)), key=len, default=[])
     per_thread = weights_per_iter / (32 * num_warps)
     return LoopStats(source, len(body), len(body) / per_thread, sum(map(is_conv, body)) / per_thread,
                      sum(map(is_sts, body)) / per_thread, any(map(is_async, body)))
@@ -233,8 +238,31 @@ def compile_mxfp4_reduce(dtype: torch.dtype, split: int, block_m: int, N: int):
     return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=dict(num_warps=4))
 
 
+def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = True):
+    """The MXFP4 FMA GEMV (``GEMV=1``)."""
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_gemv_kernel import _mxfp4_gemv_kernel as fn
+
+    dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
+    ptrs = {"a_ptr": dt, "wq_ptr": "u8", "ws_ptr": "u8", "out_ptr": "fp32" if split > 1 else dt, "bias_ptr": dt,
+            "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32",
+            "num_tokens_post_padded_ptr": "i32"}
+    ints = dict(stride_am=K, stride_ak=1, stride_qe=N * K // 2, stride_qn=K // 2, stride_se=N * K // 32,
+                stride_sn=K // 32, stride_os=num_pairs * N, stride_om=N, stride_on=1, stride_be=N, stride_bn=1,
+                N=N, K=K, top_k_in=4)
+    cexp = dict(HAS_BIAS=bias and split == 1, MUL_ROUTED_WEIGHT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
+                A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)),
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
+                SPLIT_K=split, ROWS=int(cfg["GEMV"]))
+    src = _specialise(fn, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
+                                                           num_stages=int(cfg.get("num_stages", 1))))
+
+
 def compile_mxfp4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = True):
     from vllm.model_executor.layers.fused_moe.ops._mxfp4_moe_gemm_kernel import _mxfp4_moe_gemm_kernel as fn
+
+    if int(cfg.get("GEMV", 0)):
+        return compile_mxfp4_gemv(dtype, cfg, N=N, K=K, num_pairs=num_pairs, bias=bias)
 
     dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
     ptrs = {"a_ptr": dt, "wq_ptr": "u8", "ws_ptr": "u8", "out_ptr": "fp32" if split > 1 else dt, "bias_ptr": dt,
@@ -261,8 +289,11 @@ def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict,
     gemv = bool(cfg.get("GEMV", 0))
     if gemv:
         tiles = f"GEMV {cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} split {cfg.get('SPLIT_K', 1)}"
+        if kind == "mxfp4":
+            tiles += f" rows {cfg['GEMV']}"
     return Row(kind, shape, tokens, gemm, variant, tiles, regs, spill, kernel.metadata.shared,
-               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw, mma=not gemv))
+               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw, mma=not gemv,
+                               innermost=gemv and kind == "mxfp4"))
 
 
 def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES,
@@ -300,12 +331,13 @@ def mxfp4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: di
         for M in tokens:
             pairs = M * k
             for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
-                base = get_mxfp4_moe_config(pairs, E, N, K, k, dtype)
                 for name, over in variants.items():
+                    # a dot-kernel variant at the dot kernel's tiles, the GEMV at its own
+                    base = get_mxfp4_moe_config(pairs, E, N, K, k, dtype, gemv=bool(over.get("GEMV", 0)))
                     tiles = Mxfp4TileConfig.from_json(over, source=f"variant {name!r}", base=base)
                     if "DECODE_ASM" in over and over["DECODE_ASM"] and dtype != torch.bfloat16:
                         continue  # the PTX decode is bf16 only
-                    if "SPLIT_K" not in over:
+                    if "SPLIT_K" not in over and not tiles.gemv:
                         tiles = dataclasses.replace(tiles, split_k=auto_split_k(tiles, pairs, E, N, K))
                     cfg = tiles.to_json()
                     kern = compile_mxfp4(dtype, cfg, N=N, K=K, num_pairs=pairs)

@@ -74,7 +74,31 @@ def test_mxfp4_variant_reaches_the_kernel_config():
         cfg = mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)
     assert cfg.split_k == 4 and cfg.decode_asm == 0
     assert mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16).split_k == 1  # restored
+    with config_variant("dot+split-2"):
+        cfg = mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)
+    assert cfg.gemv == 0 and cfg.split_k == 2
+    with config_variant("gemv2"):
+        cfg = mod.get_mxfp4_moe_config(4, 32, 2880, 2880, 4, torch.bfloat16)
+    assert cfg.gemv == 2
     import argparse
 
     with pytest.raises(argparse.ArgumentTypeError, match="unknown variant"):
         _check_variant("split-x")
+
+
+def test_static_report_mxfp4_gemv_beats_the_dot_kernel():
+    """The evidence behind GEMV_DECODE: at 1 token the FMA GEMV's K loop runs fewer instructions per
+    weight than the dot kernel's with the PTX decode (and per row with 2 rows), within the register limit."""
+    pytest.importorskip("triton.backends.nvidia")
+    proc = _run(["benchmarks/kernels/kernel_static_report.py", "--kernels", "mxfp4", "--tokens", "1",
+                 "--shapes", "gpt-oss-20b", "--variants", "PTX decode", "GEMV", "GEMV 2 rows"], interpret=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {(r[3], r[4]): r for r in (_cells(ln) for ln in proc.stdout.splitlines() if ln.startswith("| mxfp4"))}
+    assert len(rows) == 6
+    for gemm in ("w13", "w2"):
+        dot = float(rows[(gemm, "PTX decode")][10])
+        one, two = float(rows[(gemm, "GEMV")][10]), float(rows[(gemm, "GEMV 2 rows")][10])
+        assert one < 0.8 * dot and two / 2 < 0.5 * dot, (one, two, dot)
+        for v in ("GEMV", "GEMV 2 rows"):
+            r = rows[(gemm, v)]
+            assert int(r[6]) <= 255 and int(r[7]) == 0 and "(sass)" in r[9], r

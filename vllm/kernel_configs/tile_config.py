@@ -125,12 +125,16 @@ class Mxfp4TileConfig(TileConfig):
     """Tiles of the MXFP4 grouped GEMM (``mxfp4_moe_gemm.py``): ``TileConfig``'s, and
 
     decode_asm: 1 = decode the codes with packed PTX where it can (bf16 on CUDA), 0 = portable Triton.
+    gemv: 1 or 2 = the FMA GEMV for decode (``_mxfp4_gemv_kernel.py``), decoding each weight tile for 1 or
+    2 rows at a time (block_size_n, block_size_k, split_k, num_warps, decode_asm apply; block_size_m is
+    still the alignment's block size; group_size_m and num_stages do not apply); 0 = the tl.dot kernel.
     """
 
     decode_asm: int = 1
+    gemv: int = 0
 
-    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "DECODE_ASM": "decode_asm"}
-    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"decode_asm"})
+    JSON_KEYS: ClassVar[Mapping[str, str]] = {**_GEMM_KEYS, "DECODE_ASM": "decode_asm", "GEMV": "gemv"}
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"decode_asm", "gemv"})
 
 
 @dataclass(frozen=True)

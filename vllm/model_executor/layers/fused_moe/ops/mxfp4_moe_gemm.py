@@ -17,6 +17,11 @@ Split-K (config ``split_k`` > 1; 1 unless a tuned file says otherwise, ``auto_sp
 the value that fills the GPU twice): the K loop is shared by SPLIT_K programs writing fp32
 partial sums (``split_buffer``, or a fresh tensor), and one reduction launch adds them with the
 bias and the router weight.  Graph-safe: no host reads of device values.
+
+GEMV (config ``gemv=1``, ``_mxfp4_gemv_kernel.py``): at decode sizes (at most
+``GEMV_MAX_PAIRS_PER_EXPERT`` pairs per expert) the heuristic gives the FMA GEMV, which walks the
+real rows of each M-block with fp32 FMAs instead of tensor-core dots (same routing, same ``out``
+contract, same split-K reduction).
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
+GEMV_DECODE = True  # decode sizes run the FMA GEMV (static evidence: docs/performance.md)
+GEMV_MAX_PAIRS_PER_EXPERT = 2  # beyond, the dot kernel's instructions per weight and row are fewer
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 256, 64, 2, 8
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -45,11 +53,18 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
-                   tuned_folder: Optional[str]) -> Mxfp4TileConfig:
+                   tuned_folder: Optional[str], gemv: Optional[bool]) -> Mxfp4TileConfig:
+    per_expert = num_pairs / max(1, min(num_pairs, num_experts))
+    if gemv is None:
+        gemv = GEMV_DECODE and not interp and per_expert <= GEMV_MAX_PAIRS_PER_EXPERT
+    if gemv:
+        cfg = _gemv_config(num_pairs, num_experts, N, K, interp, rows=1 if per_expert <= 1 else 2)
+        return tuned_tiles(cfg, "mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
+                           max(num_pairs // max(top_k, 1), 1), current_platform().device_name(),
+                           check=check_mxfp4_tile_config) if not interp else cfg
     if interp:  # few, large programs: the interpreter pays per program and per loop step
         return Mxfp4TileConfig(block_size_m=_pow2_at_least(num_pairs, 16, 64), block_size_n=_pow2_at_least(N, 16, 128),
                                block_size_k=_pow2_at_least(K, 32, 256), num_warps=4, num_stages=1)
-    per_expert = num_pairs / max(1, min(num_pairs, num_experts))
     # (block_size_m, block_size_n, block_size_k, group_size_m, num_warps, num_stages)
     if per_expert <= 16:
         bm, bn, bk, gm, warps, stages = 16, 64, 128, 1, 4, 4
@@ -67,6 +82,23 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
                        check=check_mxfp4_tile_config)
 
 
+def _gemv_config(num_pairs: int, num_experts: int, N: int, K: int, interp: bool, rows: int = 1) -> Mxfp4TileConfig:
+    """The FMA GEMV's tiles: [BLOCK_SIZE_N, BLOCK_SIZE_K / 8] code words per K-step decoded once for ``rows``
+    rows (GEMV = 1 or 2), M-blocks of 16 rows (the alignment's; passes without a real row are skipped), K
+    split until the grid has GEMV_PROGRAMS_PER_SM programs per SM (at least two K-tiles per split)."""
+    if interp:
+        return Mxfp4TileConfig(block_size_m=16, block_size_n=_pow2_at_least(N, 16, 64),
+                               block_size_k=_pow2_at_least(K, 32, 128), num_warps=4, num_stages=1, gemv=rows)
+    bn = min(GEMV_BLOCK_N, _pow2_at_least(N, 16, 256))
+    bk = min(GEMV_BLOCK_K, _pow2_at_least(K, 32, 256))
+    tiles = (-(-num_pairs // 16) + min(num_pairs, num_experts)) * -(-N // bn)
+    k_tiles, split = -(-K // bk), 1
+    while tiles * split < GEMV_PROGRAMS_PER_SM * _NUM_SMS and split * 2 <= min(16, k_tiles // 2):
+        split *= 2
+    return Mxfp4TileConfig(block_size_m=16, block_size_n=bn, block_size_k=bk, split_k=split, num_warps=GEMV_WARPS,
+                           num_stages=1, gemv=rows)
+
+
 def check_mxfp4_tile_config(config: Mxfp4TileConfig) -> None:
     """What ``invoke_mxfp4_moe_gemm`` needs of a config: BLOCK_SIZE_M/N powers of two >= 16, BLOCK_SIZE_K a
     power of two >= 32 (whole scale groups), DECODE_ASM 0 or 1 (``TypeError`` for anything but a
@@ -80,6 +112,9 @@ def check_mxfp4_tile_config(config: Mxfp4TileConfig) -> None:
                          "BLOCK_SIZE_K a power of two >= 32")
     if config.decode_asm not in (0, 1):
         raise ValueError(f"DECODE_ASM={config.decode_asm}: 1 (packed PTX decode where it runs) or 0 (portable)")
+    if config.gemv not in (0, 1, 2):
+        raise ValueError(f"GEMV={config.gemv}: 0 (tl.dot), or the FMA GEMV decoding each weight tile for 1 or 2 "
+                         "rows at a time")
 
 
 def auto_split_k(config: Mxfp4TileConfig, num_pairs: int, num_experts: int, N: int, K: int,
@@ -96,15 +131,17 @@ def auto_split_k(config: Mxfp4TileConfig, num_pairs: int, num_experts: int, N: i
 
 
 def get_mxfp4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
-                         dtype: torch.dtype) -> Mxfp4TileConfig:
-    """Tile config (tiles, GROUP_SIZE_M, warps, stages, SPLIT_K 1, DECODE_ASM 1): a tuned file (op
+                         dtype: torch.dtype, gemv: Optional[bool] = None) -> Mxfp4TileConfig:
+    """Tile config (tiles, GROUP_SIZE_M, warps, stages, SPLIT_K, DECODE_ASM 1, GEMV): a tuned file (op
     ``mxfp4_moe_gemm``, keys E, N, K, by token count) when one matches, else the heuristic; an entry with
     an unknown key or a value ``check_mxfp4_tile_config`` rejects is an error naming the file.
 
+    ``gemv`` None: the heuristic's choice (the FMA GEMV at decode sizes on a GPU, see ``GEMV_DECODE``);
+    True / False: the GEMV's / the dot kernel's config.
     block_size_m is the block size to pass to ``moe_align_block_size``.
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
-    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER)
+    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER, gemv)
 
 
 def use_decode_asm(dtype: torch.dtype, config: Mxfp4TileConfig) -> bool:
@@ -186,25 +223,29 @@ def invoke_mxfp4_moe_gemm(
     else:
         target, t_strides = out, (0, out.stride(0), out.stride(1))
     grid = (num_pid_m * -(-N // bn), split)
-    _mxfp4_moe_gemm_kernel[grid](
-        a, q, scales, target, bias_arg, weights,
-        sorted_token_ids, block_expert_ids, num_tokens_post_padded,
-        N, K, num_pid_m, num_pairs, top_k_in,
-        a.stride(0), a.stride(1),
-        q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
-        *t_strides,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        HAS_BIAS=bias is not None,
-        MUL_ROUTED_WEIGHT=mul_routed_weight,
-        DOT_F32=a.dtype == torch.float32 or triton_interpreting(),
-        DECODE_ASM=use_decode_asm(a.dtype, config),
-        EVEN_K=K % bk == 0,
-        BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=config.group_size_m,
-        SPLIT_K=split,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    if config.gemv:
+        _launch_gemv(grid, a, q, scales, target, t_strides, bias, bias_arg, weights, sorted_token_ids,
+                     block_expert_ids, num_tokens_post_padded, num_pairs, top_k_in, mul_routed_weight, config)
+    else:
+        _mxfp4_moe_gemm_kernel[grid](
+            a, q, scales, target, bias_arg, weights,
+            sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+            N, K, num_pid_m, num_pairs, top_k_in,
+            a.stride(0), a.stride(1),
+            q.stride(0), q.stride(1), scales.stride(0), scales.stride(1),
+            *t_strides,
+            bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+            HAS_BIAS=bias is not None,
+            MUL_ROUTED_WEIGHT=mul_routed_weight,
+            DOT_F32=a.dtype == torch.float32 or triton_interpreting(),
+            DECODE_ASM=use_decode_asm(a.dtype, config),
+            EVEN_K=K % bk == 0,
+            BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
+            GROUP_SIZE_M=config.group_size_m,
+            SPLIT_K=split,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if split > 1:  # one launch over the same blocks: shares + bias, times the router weight, into out
         block_n = 128
         _mxfp4_split_k_reduce_kernel[(num_pid_m, -(-N // block_n))](
@@ -213,6 +254,31 @@ def invoke_mxfp4_moe_gemm(
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
             HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, SPLIT_K=split, BLOCK_SIZE_M=bm,
             BLOCK_N=block_n, num_warps=4)
+
+
+def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, target: torch.Tensor,
+                 t_strides: tuple, bias: Optional[torch.Tensor], bias_arg: torch.Tensor, weights: torch.Tensor,
+                 sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
+                 num_tokens_post_padded: torch.Tensor, num_pairs: int, top_k_in: int, mul_routed_weight: bool,
+                 config: Mxfp4TileConfig) -> None:
+    """The FMA GEMV (``_mxfp4_gemv_kernel.py``) on the same grid, reading the code bytes as int32 words."""
+    from vllm.model_executor.layers.fused_moe.ops._mxfp4_gemv_kernel import _mxfp4_gemv_kernel
+
+    if q.data_ptr() % 4 or q.stride(0) % 4 or q.stride(1) % 4:
+        raise ValueError(f"the MXFP4 GEMV (GEMV=1) reads the code bytes as int32 words: their rows must start "
+                         f"at multiples of 4 bytes (got strides {q.stride()}, offset {q.storage_offset()}); "
+                         f"use GEMV=0 for this weight")
+    K = a.shape[1]
+    _mxfp4_gemv_kernel[grid](
+        a, q, scales, target, bias_arg, weights, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+        q.shape[1], K, num_pairs, top_k_in, a.stride(0), a.stride(1), q.stride(0), q.stride(1),
+        scales.stride(0), scales.stride(1), *t_strides,
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % config.block_size_k == 0,
+        DECODE_ASM=bool(config.decode_asm) and not triton_interpreting(),
+        A_QUADS=a.dtype == torch.bfloat16 and a.stride(1) == 1 and a.stride(0) % 4 == 0 and a.data_ptr() % 8 == 0,
+        BLOCK_SIZE_M=config.block_size_m, BLOCK_SIZE_N=config.block_size_n, BLOCK_SIZE_K=config.block_size_k,
+        SPLIT_K=config.split_k, ROWS=config.gemv, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def mxfp4_moe_gemm_torch(out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
