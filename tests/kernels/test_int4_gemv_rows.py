@@ -9,7 +9,7 @@ import torch
 from tests.kernels.test_int4_gemv import _case, _reference
 from tests.kernels.test_int4_moe_gemm import _packed
 from tests.quantization.int4_moe_setup import random_int4
-from tests.utils import assert_close
+from tests.utils import assert_close, run_without_interpreter
 from vllm.kernel_configs.tile_config import Int4TileConfig
 from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import get_int4_moe_config, invoke_int4_moe_gemm
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
@@ -121,3 +121,94 @@ def test_gemv_rows_config_and_checks(monkeypatch):
         mod.check_int4_tile_config(Int4TileConfig(3, 16, 16, gemv=1))
     with pytest.raises(ValueError, match="smaller BLOCK_SIZE_M needs GEMV=1"):
         mod.check_int4_tile_config(Int4TileConfig(4, 16, 16, gemv=0))
+
+
+def test_gemv_rows_compiles_for_hopper():
+    """The interpreter never compiles: compile the multi-row GEMV for sm_90 in a subprocess (no GPU needed)."""
+    assert run_without_interpreter("tests/kernels/int4_gemv_rows_hopper_compile.py").count("ok ") == 13
+
+
+def test_static_report_gemv_rows_runs_fewer_instructions_per_weight():
+    """The static report (sm_90 SASS, no GPU) at 16 tokens of Qwen3-30B-A3B (sorted routing, where the heuristic
+    now runs the multi-row GEMV): fewer main-loop instructions per weight than the dot kernel's default there,
+    within the hardware limits."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.test_4bit_decode_tools import _cells
+    from tests.kernels.test_4bit_decode_tools import _run as run_script
+
+    proc = run_script(["benchmarks/kernels/kernel_static_report.py", "--kernels", "int4", "--tokens", "16",
+                       "--shapes", "Qwen3-30B-A3B", "--variants", "reshape (UNPACK 0)", "GEMV"], interpret=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [_cells(ln) for ln in proc.stdout.splitlines() if ln.startswith("| int4")]
+    assert len(rows) == 4  # 2 GEMMs x 2 variants
+    per_weight = {(r[3], r[4]): float(r[10]) for r in rows}
+    for r in rows:
+        regs, spill, shared = int(r[6]), int(r[7]), int(r[8].split()[0])
+        assert 0 < regs <= 255 and spill == 0 and shared <= 232448 and "(sass)" in r[9], r
+        if r[4] == "GEMV":
+            assert r[5].startswith("GEMV rows 2x"), r  # the heuristic's block of 2 rows
+    for gemm in ("w13", "w2"):
+        assert per_weight[(gemm, "GEMV")] < 0.7 * per_weight[(gemm, "reshape (UNPACK 0)")], per_weight
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,has_zeros", [(128, False), (128, True), (32, True)])
+@pytest.mark.parametrize("shape", ["Qwen3-30B-A3B", "Mixtral-8x7B"])
+def test_gemv_rows_real_shapes_cuda(shape, group, has_zeros, dtype):
+    """The multi-row GEMV at 16 tokens (sorted routing, both GEMMs) on the GPU: the heuristic's config (Qwen3,
+    2 rows per block) or the forced one (Mixtral, 4 rows per block), against the reference and the dot kernel."""
+    H, I, E, top_k = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2)}[shape]
+    M, E_used = 16, {"Qwen3-30B-A3B": 64, "Mixtral-8x7B": 4}[shape]  # only the experts that get pairs need weights
+    for N, K in ((2 * I, H), (H, I)):
+        gen = torch.Generator().manual_seed(N + K)
+        ws = [random_int4(N, K, group, has_zeros, False, gen) for _ in range(E_used)]
+        pw = _packed(ws, group, has_zeros, False, "cuda")
+        a = torch.randn(M, K, generator=gen).to(dtype=dtype, device="cuda")
+        ids = torch.stack([torch.randperm(E_used, generator=gen)[:top_k] for _ in range(M)]).to(torch.int32)
+        ids[0, -1] = E_used - 1
+        tw = torch.rand(M, top_k, generator=gen).cuda()
+        cfg = get_int4_moe_config(M * top_k, E, N, K, group, dtype, gemv=True)
+        assert cfg.gemv == 1 and cfg.block_size_m == (2 if shape == "Qwen3-30B-A3B" else 4)
+        if shape == "Qwen3-30B-A3B":
+            assert get_int4_moe_config(M * top_k, E, N, K, group, dtype) == cfg  # the heuristic's choice
+        out = _run_sorted(a, pw, ids.cuda(), tw, top_k, cfg, True, dtype).cpu()
+        ref, _ = _reference(ws, a, ids, tw, top_k, True)
+        assert_close(out.float(), ref, dtype)
+        dot = _run_sorted(a, pw, ids.cuda(), tw, top_k, get_int4_moe_config(M * top_k, E, N, K, group, dtype,
+                                                                            gemv=False), True, dtype).cpu()
+        assert_close(out.float(), dot.double(), dtype)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("ep", [False, True])
+def test_int4_layer_runs_the_sorted_gemv(ep, split, monkeypatch, device):
+    """The whole int4 MoE layer (marlin backend: both GEMMs on one alignment of the GEMV's BLOCK_SIZE_M) with
+    the multi-row GEMV forced on its sorted launches (the interpreter's heuristic keeps tl.dot), with an
+    expert map (dropped pairs) or not, split-K (epilogues in the reduction) or not, against the reference."""
+    import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
+    from tests.quantization.int4_moe_setup import make_int4_layer, random_int4_experts
+    from tests.quantization.test_int4_moe_layer import _inputs, _ref
+
+    get_cfg, invoke, seen = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm, []
+
+    def cfg(*args, **kw):
+        c = get_cfg(*args, **kw)
+        return dataclasses.replace(c, split_k=split, block_size_k=32) if c.gemv else c
+
+    def spy(a, w, out, **kw):
+        seen.append((kw["config"].gemv, kw["config"].block_size_m, "sorted_token_ids" in kw))
+        return invoke(a, w, out, **kw)
+
+    monkeypatch.setattr(mod, "get_int4_moe_config", cfg)
+    monkeypatch.setattr(mod, "invoke_int4_moe_gemm", spy)
+    monkeypatch.setattr(mod, "sorted_gemv_applies", lambda pairs, experts: True)
+    monkeypatch.setattr(mod, "use_unsorted_int4_gemm", lambda pairs, experts: False)
+    gen = torch.Generator().manual_seed(23)
+    ex = random_int4_experts(8, 64, 48, "silu", 16, "asym", gen)
+    x, logits = _inputs(7, 8, 64, 2, torch.float32, device, gen)
+    ranks = [make_int4_layer(ex, 2, "silu", 16, "asym", torch.float32, device, backend="marlin",
+                             **(dict(ep_size=2, ep_rank=r) if ep else {})) for r in range(2 if ep else 1)]
+    total = sum(r(x, logits) for r in ranks)
+    assert seen and all(g == 1 and srt and bm <= 4 for g, bm, srt in seen), seen
+    assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
