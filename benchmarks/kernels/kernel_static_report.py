@@ -213,8 +213,8 @@ def compile_int4_gemv_rows(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
                 EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
-    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET,
-                          options=dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 1))))
+    options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 1)))
+    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
 
 
 def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
