@@ -137,10 +137,13 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                     sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
                 return timed(lambda: run(cfg))
 
-            rows_candidates = [] if unsorted or device.type != "cuda" else list(gemv_rows_candidates(
-                gemv_base.block_size_m))
-            for vname, cand in [*variants.items(),
-                                *((None, c) for c in [*candidates, *(g_candidates if unsorted else rows_candidates)])]:
+            if unsorted:
+                grid = [*candidates, *g_candidates]
+            elif base.gemv:  # sorted: only the heuristic's kernel can be tuned (one alignment for both GEMMs)
+                grid = list(gemv_rows_candidates(base.block_size_m)) if device.type == "cuda" else []
+            else:
+                grid = candidates
+            for vname, cand in [*variants.items(), *((None, c) for c in grid)]:
                 t = try_config(cand)
                 if vname is not None:
                     t_var[vname] = t
