@@ -212,3 +212,31 @@ def test_int4_layer_runs_the_sorted_gemv(ep, split, monkeypatch, device):
     total = sum(r(x, logits) for r in ranks)
     assert seen and all(g == 1 and srt and bm <= 4 for g, bm, srt in seen), seen
     assert_close(total.cpu(), _ref(ex, x, logits, 2, "silu"), torch.float32)
+
+
+def test_int4_lora_layer_runs_the_sorted_gemv(monkeypatch, device):
+    """With LoRA (the GEMM outputs materialised for the LoRA seams) and the multi-row GEMV forced on the sorted
+    launches, act-order weights (perm in the kernel): the layer matches the reference."""
+    import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
+    from tests.quantization.int4_moe_setup import random_int4_experts
+    from tests.quantization.test_int4_moe_layer import _inputs
+    from tests.layers.moe_setup import pick_slots, random_adapter
+    from tests.quantization.test_int4_moe_lora import _lora_layer, _ref
+
+    invoke, seen = mod.invoke_int4_moe_gemm, []
+    monkeypatch.setattr(mod, "invoke_int4_moe_gemm", lambda *a, **kw: seen.append(kw["config"]) or invoke(*a, **kw))
+    monkeypatch.setattr(mod, "sorted_gemv_applies", lambda pairs, experts: True)
+    monkeypatch.setattr(mod, "use_unsorted_int4_gemm", lambda pairs, experts: False)
+    E, top_k, H, I, group = 8, 2, 64, 32, 16
+    gen = torch.Generator().manual_seed(9)
+    ex = random_int4_experts(E, H, I, "silu", group, "act_order", gen)
+    layer, punica = _lora_layer(ex, top_k, "silu", group, "act_order", torch.float32, device, "marlin", 2, 8)
+    adapters = {s: random_adapter(E, H, I, 8, "silu", gen) for s in range(2)}
+    for s, ad in adapters.items():
+        layer.set_lora(s, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
+    x, logits = _inputs(7, E, H, top_k, torch.float32, device, gen)
+    slots = pick_slots(7, 2, "mixed", seed=2)
+    punica.update_metadata(slots)
+    out = layer(x, logits)
+    assert len(seen) == 2 and all(c.gemv == 1 and c.block_size_m == 2 for c in seen), seen
+    assert_close(out.cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), torch.float32)
