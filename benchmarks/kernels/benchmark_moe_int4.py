@@ -31,8 +31,9 @@ paths.  The timed graphs include the path (``IN_CUDA_GRAPHS``), as an eager pref
     --sweep: per shape, token count and GEMM, time the int4 GEMM alone with the heuristic's tiles and
     with alternatives (each checked against the heuristic's output first), among them the heuristic's
     tiles with each code-unpacking mode (``UNPACK`` 0-3; their times get columns of their own, see
-    ``_int4_moe_gemm_kernel.py``) and the FMA GEMV of the unsorted small-batch launch (``GEMV``, its own
-    column and a grid of its tiles, see ``_int4_gemv_kernel.py``); --tune-out DIR writes the
+    ``_int4_moe_gemm_kernel.py``) and the FMA GEMV (``GEMV``, its own column and a grid of its tiles: one
+    row per program on the unsorted small-batch launch, ``_int4_gemv_kernel.py``; BLOCK_SIZE_M rows per
+    block on sorted launches, ``_int4_gemv_rows_kernel.py``); --tune-out DIR writes the
     winners as tuned-config files (op ``int4_moe_gemm``) that ``VLLM_TUNED_CONFIG_FOLDER=DIR`` or
     ``vllm/kernel_configs/tuned`` makes the kernel use.
 """

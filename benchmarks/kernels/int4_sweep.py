@@ -1,7 +1,10 @@
 """``benchmark_moe_int4.py --sweep`` / ``--tune-out``: the int4 GEMM alone per shape, token count and GEMM,
 with the heuristic's tiles, each code-unpacking mode (``UNPACK`` 0-3) of the tl.dot kernel, the FMA GEMV
-(``GEMV``, unsorted small-batch launches only) and a pruned grid of alternatives, each checked against the
-heuristic's output first; the fastest written as tuned files (op ``int4_moe_gemm``)."""
+(``GEMV``: one row per program on unsorted small-batch launches, BLOCK_SIZE_M rows per block on sorted ones)
+and a pruned grid of alternatives, each checked against the heuristic's output first; the fastest written as
+tuned files (op ``int4_moe_gemm``).  On sorted launches the tuned entry keeps the heuristic's kernel and
+BLOCK_SIZE_M (both GEMMs share one alignment: ``TritonInt4Experts`` aligns once with GEMM1's BLOCK_SIZE_M);
+the other kernel's time is still a column (flip ``GEMV_SORTED_MAX_ROWS`` in int4_moe_gemm.py if it wins)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +18,7 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 # the heuristic's tiles with each code-unpacking mode (the heuristic's own among them); modes 1 and 2
 # keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
 # a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
-# (the tl.dot kernel at its own heuristic tiles); "GEMV": the FMA GEMV at its heuristic tiles (unsorted only)
+# (the tl.dot kernel at its own heuristic tiles); "GEMV": the FMA GEMV at its heuristic tiles
 UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
                    "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3), "GEMV": dict(GEMV=1)}
 
@@ -29,6 +32,17 @@ def gemv_candidates():
     for warps in (2, 8):
         for split in (2, 4, 8, 16):
             yield dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=256, SPLIT_K=split, num_warps=warps, num_stages=1, GEMV=1)
+
+
+def gemv_rows_candidates(bm: int):
+    """The multi-row GEMV's alternatives (sorted launches) at BLOCK_SIZE_M ``bm``: tiles, K splits, warps."""
+    for bn in (64, 128, 256):
+        for bk in (32, 64, 128, 256):
+            if bm * bk > 512:  # the [bm, bk / 8, bn] accumulators: beyond this they spill
+                continue
+            for split in (1, 2, 4, 8):
+                yield dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4,
+                           num_stages=1, GEMV=1)
 
 
 def sweep_candidates():
@@ -78,20 +92,26 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
             # the dot kernel's and the GEMV's own heuristic tiles: each candidate starts from its kernel's
             dot_base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted,
                                            gemv=False)
-            gemv_base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=False,
-                                            gemv=True) if unsorted else None
-            if unsorted:
-                route = dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
-            else:
-                al = moe_align_block_size(ti, base.block_size_m, E)
-                route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
-                             num_tokens_post_padded=al.num_tokens_post_padded)
+            gemv_base = get_int4_moe_config(pairs, E, w.n, w.k, w.group_size, dtype, sorted_pairs=not unsorted,
+                                            gemv=True)
+            routes: dict = {}  # BLOCK_SIZE_M -> routing (sorted: one alignment per block size)
+
+            def route_for(cfg):
+                if unsorted:
+                    return dict(pair_expert_ids=ti.reshape(-1).to(torch.int32).contiguous())
+                if cfg.block_size_m not in routes:
+                    al = moe_align_block_size(ti, cfg.block_size_m, E)
+                    routes[cfg.block_size_m] = dict(sorted_token_ids=al.sorted_token_ids,
+                                                    block_expert_ids=al.block_expert_ids,
+                                                    num_tokens_post_padded=al.num_tokens_post_padded)
+                return routes[cfg.block_size_m]
+
             out = torch.empty(pairs, w.n, dtype=dtype, device=device)
             buf = torch.empty(8 * pairs * w.n, dtype=torch.float32, device=device)
 
             def run(cfg):
                 invoke_int4_moe_gemm(a, w, out, top_k_in=top_k_in, config=cfg, split_buffer=buf,
-                                     may_drop_pairs=False, **route)
+                                     may_drop_pairs=False, **route_for(cfg))
                 return out
 
             ref = run(base).float().clone()
@@ -103,8 +123,8 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                                                 base=gemv_base if cand.get("GEMV") else dot_base)
 
             def try_config(cand: dict) -> Optional[float]:
-                if cand.get("GEMV") and not unsorted:
-                    return None  # the GEMV serves the unsorted small-batch launch only
+                if cand.get("GEMV") and "BLOCK_SIZE_M" in cand and unsorted:
+                    return None  # a multi-row candidate: sorted launches only
                 cfg = with_tiles(cand)
                 if cfg.block_size_k > max(16, w.k) or cfg.block_size_n > max(16, w.n):
                     return None
@@ -117,12 +137,20 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                     sys.exit(f"CORRECTNESS FAILED: {case.name} {M} tokens {name} config {cfg}: error {err:.2e}")
                 return timed(lambda: run(cfg))
 
-            for vname, cand in [*variants.items(), *((None, c) for c in [*candidates, *g_candidates])]:
+            if unsorted:
+                grid = [*candidates, *g_candidates]
+            elif base.gemv:  # sorted: only the heuristic's kernel can be tuned (one alignment for both GEMMs)
+                grid = list(gemv_rows_candidates(base.block_size_m)) if device.type == "cuda" else []
+            else:
+                grid = candidates
+            for vname, cand in [*variants.items(), *((None, c) for c in grid)]:
                 t = try_config(cand)
                 if vname is not None:
                     t_var[vname] = t
-                if t is not None and t < best_t:
-                    best_t, best = t, with_tiles(cand)
+                cfg = with_tiles(cand)
+                keeps = unsorted or (cfg.gemv == base.gemv and cfg.block_size_m == base.block_size_m)
+                if t is not None and t < best_t and keeps:  # sorted: one alignment for both GEMMs
+                    best_t, best = t, cfg
             key = ("int4_moe_gemm", E, w.n, w.k, w.group_size, int(not unsorted))
             tuned.setdefault(key, {})[str(pairs)] = best.to_json()
             var_cols = "".join(f" {t:.1f} |" if t is not None else " - |" for t in t_var.values())

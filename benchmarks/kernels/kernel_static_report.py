@@ -45,7 +45,7 @@ MXFP4_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880,
 INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
                  "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
                  "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3),
-                 # the FMA GEMV (unsorted small-batch path only: skipped where the routing is sorted)
+                 # the FMA GEMV: one row per program (unsorted launches), BLOCK_SIZE_M rows per block (sorted)
                  "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
@@ -202,10 +202,32 @@ def compile_int4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pair
                                                            num_stages=int(cfg.get("num_stages", 3))))
 
 
+def compile_int4_gemv_rows(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, zeros: bool = True,
+                           group: int = 128):
+    """The multi-row FMA GEMV of sorted routing (``GEMV=1``, ``_int4_gemv_rows_kernel.py``)."""
+    from vllm.model_executor.layers.fused_moe.ops._int4_gemv_rows_kernel import _int4_gemv_rows_kernel as fn
+
+    dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
+    ptrs = {"a_ptr": dt, "qw_ptr": "i32", "s_ptr": dt, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
+            "out_ptr": "fp32" if split > 1 else dt, "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32",
+            "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
+    G = K // group
+    ints = dict(stride_am=K, stride_ak=1, stride_qe=K // 8 * N, stride_qk=N, stride_se=G * N, stride_sg=N,
+                stride_ze=G * N, stride_zg=N, stride_pe=K, stride_os=num_pairs * N, stride_om=N, stride_on=1,
+                N=N, K=K, num_pairs=num_pairs, top_k_in=2, magic=0x4B000000)
+    cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
+                EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
+    options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 1)))
+    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
+
+
 def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
                  zeros: bool = True, group: int = 128):
     from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _int4_moe_gemm_kernel as fn
 
+    if int(cfg.get("GEMV", 0)) and sorted_pairs:
+        return compile_int4_gemv_rows(dtype, cfg, N=N, K=K, num_pairs=num_pairs, zeros=zeros, group=group)
     if int(cfg.get("GEMV", 0)):
         return compile_int4_gemv(dtype, cfg, N=N, K=K, num_pairs=num_pairs, zeros=zeros, group=group)
     dt, split = _TORCH_TO_TRITON[dtype], int(cfg.get("SPLIT_K", 1))
@@ -281,19 +303,23 @@ def compile_mxfp4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: i
                                                            num_stages=int(cfg.get("num_stages", 3))))
 
 
-def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict, kernel) -> Row:
+def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict, kernel, *,
+         rows_gemv: bool = False) -> Row:
     regs, spill = _resources(kernel.asm["cubin"])
     nw = int(cfg.get("num_warps", 4))
     tiles = (f"{cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} s{cfg.get('num_stages', 3)} "
              f"split {cfg.get('SPLIT_K', 1)}")
     gemv = bool(cfg.get("GEMV", 0))
-    if gemv:
+    weights = cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"]
+    if gemv and rows_gemv:  # weights decoded per loop iteration: BLOCK_SIZE_M rows share each decode
+        tiles = (f"GEMV rows {cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} "
+                 f"split {cfg.get('SPLIT_K', 1)}")
+    elif gemv:
         tiles = f"GEMV {cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} split {cfg.get('SPLIT_K', 1)}"
         if kind == "mxfp4":
             tiles += f" rows {cfg['GEMV']}"
     return Row(kind, shape, tokens, gemm, variant, tiles, regs, spill, kernel.metadata.shared,
-               main_loop_stats(kernel, cfg["BLOCK_SIZE_K"] * cfg["BLOCK_SIZE_N"], nw, mma=not gemv,
-                               innermost=gemv and kind == "mxfp4"))
+               main_loop_stats(kernel, weights, nw, mma=not gemv, innermost=gemv and kind == "mxfp4"))
 
 
 def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = INT4_SHAPES,
@@ -309,15 +335,13 @@ def int4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
             for gemm, N, K in (("w13", 2 * I, H), ("w2", H, I)):
                 base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt)
                 for name, over in variants.items():
-                    if over.get("GEMV") and srt:
-                        continue  # the GEMV serves the unsorted small-batch path only
                     if not over.get("GEMV") and base.gemv:  # a dot-kernel variant at the dot kernel's tiles
                         base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt, gemv=False)
                     elif over.get("GEMV") and not base.gemv:  # the GEMV at its own heuristic tiles
                         base = get_int4_moe_config(pairs, E, N, K, group, dtype, sorted_pairs=srt, gemv=True)
                     cfg = Int4TileConfig.from_json(over, source=f"variant {name!r}", base=base).to_json()
                     kern = compile_int4(dtype, cfg, N=N, K=K, num_pairs=pairs, sorted_pairs=srt, group=group)
-                    rows.append(_row("int4", shape, M, gemm, name, cfg, kern))
+                    rows.append(_row("int4", shape, M, gemm, name, cfg, kern, rows_gemv=srt))
                     print(fmt_row(rows[-1]), flush=True)
     return rows
 

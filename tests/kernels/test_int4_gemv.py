@@ -1,4 +1,5 @@
-"""The int4 GEMV of the unsorted small-batch path (``GEMV=1``, ``_int4_gemv_kernel.py``) against an fp64
+"""The int4 GEMV of the unsorted small-batch path (``GEMV=1``, ``_int4_gemv_kernel.py``; the sorted multi-row
+GEMV: test_int4_gemv_rows.py) against an fp64
 reference built from Int4Weight.dequantize (independent of the packing) and against the tl.dot kernel."""
 import dataclasses
 
@@ -110,21 +111,15 @@ def test_heuristic_gives_the_gemv_to_the_unsorted_launch(monkeypatch):
         assert cfg.gemv == 1 and cfg.block_size_k % 8 == 0
         programs = pairs * -(-N // cfg.block_size_n) * cfg.split_k
         assert programs >= mod.GEMV_PROGRAMS_PER_SM * 132 or cfg.split_k * 2 > -(-K // cfg.block_size_k)
-        assert mod.get_int4_moe_config(pairs, E, N, K, 128, torch.bfloat16, sorted_pairs=True).gemv == 0
         assert mod.get_int4_moe_config(pairs, E, N, K, 128, torch.bfloat16, sorted_pairs=False, gemv=False).gemv == 0
-    with pytest.raises(ValueError, match="unsorted small-batch launch only"):
-        mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=True, gemv=True)
 
 
-def test_gemv_refuses_sorted_routing_and_bad_values():
+def test_gemv_refuses_bad_values():
     from tests.quantization.int4_moe_setup import random_int4 as r4
 
     pw = _packed([r4(16, 32, 16, False, False, torch.Generator().manual_seed(0))], 16, False, False, "cpu")
     cfg = Int4TileConfig(16, 16, 16, num_stages=1, gemv=1)
     one = torch.zeros(1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="GEMV=1 runs the unsorted small-batch path only"):
-        invoke_int4_moe_gemm(torch.randn(1, 32), pw, torch.empty(1, 16), top_k_in=1, config=cfg,
-                             sorted_token_ids=one, block_expert_ids=one, num_tokens_post_padded=one)
     with pytest.raises(ValueError, match="GEMV=2"):
         invoke_int4_moe_gemm(torch.randn(1, 32), pw, torch.empty(1, 16), top_k_in=1,
                              config=dataclasses.replace(cfg, gemv=2), pair_expert_ids=one)

@@ -109,7 +109,8 @@ def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
     import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
 
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
-    decode = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16)  # Qwen3-30B-A3B GEMM1, 1 token
+    # Qwen3-30B-A3B GEMM1, 1 token, the dot kernel's tiles (the heuristic runs the GEMV there)
+    decode = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, gemv=False)
     assert decode.block_size_m == 16 and decode.split_k > 1
     prefill = mod.get_int4_moe_config(8 * 4096, 128, 1536, 2048, 128, torch.bfloat16)
     assert prefill.split_k == 1 and prefill.block_size_m >= 64
@@ -171,7 +172,7 @@ def test_tuned_config_file_wins(tmp_path, monkeypatch):
     clear_cache()
     try:
         tuned = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=False)
-        other = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=True)
+        other = get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=True, gemv=False)
     finally:
         clear_cache()
     assert (tuned.block_size_n, tuned.split_k, tuned.num_stages, tuned.block_size_m) == (64, 2, 3, 16)

@@ -31,6 +31,10 @@ _NUM_SMS = 132  # H100 SXM and H200
 UNPACK_DECODE_TILES = False  # UNPACK 3 by default on unsplit decode tiles (see _heuristic_config)
 GEMV_UNSORTED = True  # the unsorted small-batch launch runs the FMA GEMV (see _gemv_config)
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 128, 256, 4, 4
+GEMV_MAX_BLOCK_M = 16  # rows of one sorted block the GEMV accumulates (_int4_gemv_rows_kernel.py)
+# sorted launches with <= this many pairs per touched expert run the multi-row GEMV (sorted_gemv_applies):
+# BLOCK_SIZE_M 1-2, where the static report shows fewer instructions per weight than the dot kernel (4 rows: more)
+GEMV_SORTED_MAX_ROWS = 3.0
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -46,17 +50,21 @@ def get_int4_moe_config(num_pairs: int, num_experts: int, N: int, K: int, group_
     """Tile config of one int4 GEMM (tiles, GROUP_SIZE_M, SPLIT_K, warps, stages, UNPACK, GEMV).
 
     ``sorted_pairs=False``: the unsorted small-batch launch (one program per pair), which the heuristic
-    gives to the FMA GEMV (``GEMV_UNSORTED``); ``gemv`` True / False forces the GEMV's / the dot kernel's
-    tiles (the static report and the sweep compare them).  A tuned file
+    gives to the FMA GEMV (``GEMV_UNSORTED``); sorted launches with few pairs per expert
+    (``sorted_gemv_applies``) get the multi-row GEMV, whose BLOCK_SIZE_M (1-16) is also the alignment's
+    block size; ``gemv`` True / False forces the GEMV's / the dot kernel's tiles (the static report and
+    the sweep compare them).  A tuned file
     (``vllm/kernel_configs``: op ``int4_moe_gemm``, keys E, N, K, G = group size, ``sorted``; its
     table keyed by the routed pair count M * top_k) overrides the heuristic's fields; an entry with an
     unknown key or a value ``check_int4_tile_config`` rejects is an error naming the file."""
     if gemv is None:
-        gemv = GEMV_UNSORTED and not sorted_pairs
-    if gemv and sorted_pairs:
-        raise ValueError("the int4 GEMV serves the unsorted small-batch launch only (sorted_pairs=False)")
-    cfg = _gemv_config(num_pairs, N, K) if gemv else _heuristic_config(num_pairs, num_experts, N, K, group_size,
-                                                                        dtype, sorted_pairs)
+        gemv = sorted_gemv_applies(num_pairs, num_experts) if sorted_pairs else GEMV_UNSORTED
+    if not gemv:
+        cfg = _heuristic_config(num_pairs, num_experts, N, K, group_size, dtype, sorted_pairs)
+    elif sorted_pairs:
+        cfg = _gemv_rows_config(num_pairs, num_experts, N, K)
+    else:
+        cfg = _gemv_config(num_pairs, N, K)
     if triton_interpreting():
         return cfg
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _device_name
@@ -119,18 +127,65 @@ def _gemv_config(num_pairs: int, N: int, K: int) -> Int4TileConfig:
                           num_warps=GEMV_WARPS, num_stages=1, gemv=1)
 
 
+def _rows_per_expert(num_pairs: int, num_experts: int) -> float:
+    """Expected pairs per expert that gets any, routing uniform over ``num_experts``."""
+    E = max(num_experts, 1)
+    touched = E * (1.0 - (1.0 - 1.0 / E) ** num_pairs)
+    return num_pairs / max(touched, 1.0)
+
+
+def sorted_gemv_applies(num_pairs: int, num_experts: int) -> bool:
+    """Whether the heuristic gives a sorted launch to the multi-row GEMV: at most ``GEMV_SORTED_MAX_ROWS``
+    expected pairs per expert that gets any (Qwen3-30B-A3B at 16 tokens: 1.6; Mixtral-8x7B: 4.1).  Both
+    GEMMs of a layer share the alignment, so this depends on the routing only (never on N, K or the
+    dtype): both get the GEMV and the same BLOCK_SIZE_M, or neither.  Off under the interpreter, whose
+    configs keep the tl.dot kernel's paths covered by the CPU tests (the GEMV's own tests force it)."""
+    return not triton_interpreting() and _rows_per_expert(num_pairs, num_experts) <= GEMV_SORTED_MAX_ROWS
+
+
+def _gemv_rows_config(num_pairs: int, num_experts: int, N: int, K: int) -> Int4TileConfig:
+    """The multi-row GEMV's tiles (``_int4_gemv_rows_kernel.py``): BLOCK_SIZE_M = the expected pairs per
+    expert that gets any, to the nearest power of two (1-16: a block of BLOCK_SIZE_M rows reads its
+    expert's weight once; rows beyond the real ones cost FMAs), and BLOCK_SIZE_K shrinking as
+    BLOCK_SIZE_M grows (BLOCK_SIZE_M * BLOCK_SIZE_K <= GEMV_BLOCK_K), so that the [BLOCK_SIZE_M,
+    BLOCK_SIZE_K / 8, BLOCK_SIZE_N] fp32 accumulators fit the registers; K split as ``_gemv_config``."""
+    per_expert = _rows_per_expert(num_pairs, num_experts)
+    bm = 1
+    while bm * 1.5 < per_expert and bm < GEMV_MAX_BLOCK_M:  # nearest power of two (geometric midpoint ~1.41)
+        bm *= 2
+    if triton_interpreting():
+        return Int4TileConfig(block_size_m=bm, block_size_n=_pow2_at_least(N, 16, 128),
+                              block_size_k=_pow2_at_least(K, 16, 128), num_warps=4, num_stages=1, gemv=1)
+    bn = min(GEMV_BLOCK_N, _pow2_at_least(N, 16, 256))
+    bk = min(max(16, GEMV_BLOCK_K // bm), _pow2_at_least(K, 16, 256))
+    blocks = max(num_pairs / per_expert, num_pairs / bm)  # about this many blocks hold pairs
+    tiles = blocks * -(-N // bn)
+    k_tiles = -(-K // bk)
+    split = 1
+    while tiles * split < GEMV_PROGRAMS_PER_SM * _NUM_SMS and split * 2 <= min(16, k_tiles):
+        split *= 2
+    return Int4TileConfig(block_size_m=bm, block_size_n=bn, block_size_k=bk, split_k=split,
+                          num_warps=GEMV_WARPS, num_stages=1, gemv=1)
+
+
 def check_int4_tile_config(config: Int4TileConfig) -> None:
     """What ``invoke_int4_moe_gemm`` needs of a config: power-of-two tiles >= 16, whole int32 words per
     K-tile, an UNPACK mode 0-3 (``TypeError`` for anything but an ``Int4TileConfig``)."""
     if not isinstance(config, Int4TileConfig):
         raise TypeError(f"config must be an Int4TileConfig (get_int4_moe_config, or Int4TileConfig.from_json for "
                         f"a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    if config.gemv not in (0, 1):
+        raise ValueError(f"GEMV={config.gemv}: 1 (the FMA GEMV: one row per program unsorted, BLOCK_SIZE_M rows "
+                         "sorted) or 0 (tl.dot)")
     for name in ("block_size_m", "block_size_n", "block_size_k"):
         v = getattr(config, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16")
-    if config.gemv not in (0, 1):
-        raise ValueError(f"GEMV={config.gemv}: 1 (the FMA GEMV of the unsorted small-batch path) or 0 (tl.dot)")
+        if config.gemv and name == "block_size_m":
+            if v > GEMV_MAX_BLOCK_M or v & (v - 1):
+                raise ValueError(f"BLOCK_SIZE_M={v}: the GEMV's rows per sorted block must be a power of two "
+                                 f"<= {GEMV_MAX_BLOCK_M} (1, 2, 4, ...)")
+        elif v < 16 or v & (v - 1):
+            raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16"
+                             + (" (smaller BLOCK_SIZE_M needs GEMV=1)" if name == "block_size_m" else ""))
     if config.unpack not in (0, 1, 2, 3):
         raise ValueError(f"UNPACK={config.unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
                          "decode) or 3 (split by code position, scales after the dot); see _int4_moe_gemm_kernel.py")
@@ -212,9 +267,6 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     if tuple(out.shape) != out_shape or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out must be float {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     sorted_mode = pair_expert_ids is None
-    if config.gemv and sorted_mode:
-        raise ValueError("GEMV=1 runs the unsorted small-batch path only (pair_expert_ids); give GEMV=0 for "
-                         "sorted routing (a tuned file's sorted entries must not set GEMV)")
     if sorted_mode:
         if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
             raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
@@ -252,7 +304,23 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         t_strides = (0, out.stride(0), out.stride(1))
     dummy = w.qweight
     grid = (num_pid_m * -(-N // bn), split)
-    if config.gemv:
+    if config.gemv and sorted_mode:
+        from vllm.model_executor.layers.fused_moe.ops._int4_gemv_rows_kernel import _int4_gemv_rows_kernel
+
+        _int4_gemv_rows_kernel[grid](
+            a, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
+            w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
+            target, topk_weights.reshape(-1) if mul_routed_weight else dummy,
+            sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+            0x4B000000, N, K, num_pairs, top_k_in, a.stride(0), a.stride(1), w.qweight.stride(0), w.qweight.stride(1),
+            w.scales.stride(0), w.scales.stride(1),
+            w.zeros.stride(0) if w.zeros is not None else 0, w.zeros.stride(1) if w.zeros is not None else 0,
+            K, *t_strides,
+            GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
+            HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
+            SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+    elif config.gemv:
         from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _int4_gemv_kernel
 
         _int4_gemv_kernel[grid](
