@@ -21,9 +21,12 @@
 #           GEMM; --sweep: tiles and UNPACK modes) and benchmark_moe_mxfp4.py (--compare-paths, --variants); only when named
 #   fused   benchmarks/kernels/benchmark_fused_linear_lora.py --sweep (projection + LoRA in one launch vs
 #           F.linear + the LoRA op, 1-256 tokens); only when named
+#   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar
+#           bitmask kernel, one-pass MoE alignment, LoRA layer set, LoRA mapping buffer) and their benchmarks
+#           (int4 --sweep and MXFP4 --variants at 1/16/64 tokens, structured output, align); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -83,6 +86,24 @@ if [[ " $steps " == *" quant "* ]]; then
     --variants split-auto split-2 portable --tokens 1 16 64 256 1024 4096 --reps 30 \
     --out "$OUT/benchmark_moe_mxfp4.md" >"$OUT/benchmark_moe_mxfp4.log" 2>&1
   mrc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_moe_mxfp4.log" | tail -40; rc=$(( rc || mrc ))
+fi
+if [[ " $steps " == *" verify "* ]]; then
+  pytest -m cuda tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
+    tests/structured_output/test_bitmask_kernel.py tests/kernels/test_moe_align_with_lora.py \
+    tests/lora/test_moe_lora_align_once.py tests/lora/test_lora_layer_set.py tests/worker/test_lora_graph_layer_set.py \
+    tests/lora/test_lora_mapping_cache.py >"$OUT/pytest_verify.log" 2>&1
+  vrc=$?; tail -15 "$OUT/pytest_verify.log"; rc=$(( rc || vrc ))
+  timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_int4.py --quick --tokens 1 16 64 --sweep \
+    --out "$OUT/verify_int4.md" >"$OUT/verify_int4.log" 2>&1
+  qrc=$?; grep -v " INFO \|^INFO\|skip {" "$OUT/verify_int4.log" | tail -30; rc=$(( rc || qrc ))
+  timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --quick --tokens 1 16 64 \
+    --variants dot gemv1 gemv2 gemv+split-auto split-auto --out "$OUT/verify_mxfp4.md" >"$OUT/verify_mxfp4.log" 2>&1
+  mrc=$?; grep -v " INFO \|^INFO" "$OUT/verify_mxfp4.log" | tail -20; rc=$(( rc || mrc ))
+  timeout 120 python3 benchmarks/benchmark_structured_output.py >"$OUT/verify_structured.log" 2>&1
+  src=$?; tail -12 "$OUT/verify_structured.log"; rc=$(( rc || src ))
+  timeout 120 python3 benchmarks/kernels/benchmark_moe_lora_align.py --out "$OUT/verify_align.md" \
+    >"$OUT/verify_align.log" 2>&1
+  arc=$?; tail -20 "$OUT/verify_align.log"; rc=$(( rc || arc ))
 fi
 if [[ " $steps " == *" fused "* ]]; then
   timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \
