@@ -176,7 +176,7 @@ def run_engine(model_dir: str, common: dict, batches: list[int], prompts, loras_
     from vllm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(model_dir, **common, **kw)
+    llm = LLM(model_dir, **{**common, **kw})
     graphs = llm.llm_engine.runner.graphs
     print(f"  engine {kw}: ready in {time.perf_counter() - t0:.1f} s"
           + (f" (graphs: {len(graphs.replays)} in {graphs.capture_seconds:.1f} s, "
@@ -237,7 +237,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     blocks = top * (-(-max_len // 16)) + 64
     common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=top, num_gpu_blocks_override=blocks,
                   cuda_graph_sizes=batches, tensor_parallel_size=a.tp, enable_expert_parallel=a.enable_expert_parallel,
-                  enable_prefix_caching=False)  # the runs repeat their prompts: time computing them
+                  enable_prefix_caching=False,  # the runs repeat their prompts: time computing them
+                  async_scheduling=False)  # the sync columns (on a GPU the engine's default is async)
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     no_lora = lambda b: None  # noqa: E731
     spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731

@@ -130,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     details = []
     for mode in modes:
         for lora in (False, True):
-            kw = dict(enforce_eager=(mode == "eager"))
+            kw = dict(enforce_eager=(mode == "eager"), async_scheduling=False)  # one step per profiled range
             if lora:
                 kw.update(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
             llm = _engine(model_dir, common, **kw)

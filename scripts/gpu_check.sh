@@ -91,7 +91,7 @@ if [[ " $steps " == *" verify "* ]]; then
   pytest -m cuda tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
     tests/structured_output/test_bitmask_kernel.py tests/kernels/test_moe_align_with_lora.py \
     tests/lora/test_moe_lora_align_once.py tests/lora/test_lora_layer_set.py tests/worker/test_lora_graph_layer_set.py \
-    tests/lora/test_lora_mapping_cache.py >"$OUT/pytest_verify.log" 2>&1
+    tests/lora/test_lora_mapping_cache.py tests/worker tests/engine >"$OUT/pytest_verify.log" 2>&1
   vrc=$?; tail -15 "$OUT/pytest_verify.log"; rc=$(( rc || vrc ))
   timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_int4.py --quick --tokens 1 16 64 --sweep \
     --out "$OUT/verify_int4.md" >"$OUT/verify_int4.log" 2>&1

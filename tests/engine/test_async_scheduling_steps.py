@@ -4,6 +4,7 @@ import asyncio
 import os
 
 import pytest
+import torch
 
 from tests.utils import assert_clean_and_serving, patched, run_to_completion
 from vllm import LLM, SamplingParams
@@ -153,4 +154,18 @@ def test_serve_flag():
         return engine_args_from(make_parser().parse_args(["serve", MODEL, *flags]))
 
     assert parse("--async-scheduling").async_scheduling is True
-    assert parse().async_scheduling is False
+    assert parse("--no-async-scheduling").async_scheduling is False
+    assert parse().async_scheduling is None  # the engine decides: on with one CUDA GPU, as vLLM since 0.14
+
+
+@pytest.mark.parametrize("asked,device,tp,want", [
+    (None, "cuda", 1, True), (None, "cpu", 1, False), (None, "cuda", 2, False),
+    (True, "cpu", 1, True), (True, "cuda", 2, False), (False, "cuda", 1, False)])
+def test_async_scheduling_default(asked, device, tp, want):
+    """vLLM's default since 0.14: on with one GPU unless turned off; off on CPU; never with TP > 1 (yet)."""
+    from types import SimpleNamespace
+
+    from vllm.engine.llm_engine import LLMEngine
+
+    args = SimpleNamespace(async_scheduling=asked, tensor_parallel_size=tp)
+    assert LLMEngine._wants_async_scheduling(SimpleNamespace(device=torch.device(device)), args) is want

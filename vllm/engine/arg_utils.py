@@ -39,7 +39,9 @@ class EngineArgs:
     quantization: Optional[str] = None  # must match the checkpoint's quantization_config (gptq, awq, ...)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA by default)
     cuda_graph_sizes: Optional[list[int]] = None  # decode batch sizes to capture (default: a ladder to max_num_seqs)
-    async_scheduling: bool = False  # queue decode step n+1 before reading step n's tokens (vllm.engine.async_scheduling)
+    # queue decode step n+1 before reading step n's tokens (vllm.engine.async_scheduling); None = on with one CUDA
+    # GPU (vLLM's default since 0.14), off on CPU and with tensor_parallel_size > 1
+    async_scheduling: Optional[bool] = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":

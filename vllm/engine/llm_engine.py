@@ -86,16 +86,26 @@ class LLMEngine:
         # structured output: grammars compiled per constraint for this tokenizer (llguidance loads on first use)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.async_scheduling: Optional[AsyncScheduling] = None
-        if args.async_scheduling and args.tensor_parallel_size > 1:
-            logger.warning("async_scheduling is not supported with tensor_parallel_size > 1 yet: steps run "
-                           "synchronously")
-        elif args.async_scheduling:
+        if self._wants_async_scheduling(args):
             self.async_scheduling = AsyncScheduling(self.scheduler, self.runner, self.loras, self.device)
         logger.info("engine ready: max_model_len=%d, max_num_seqs=%d, tensor_parallel_size=%d, prefix caching %s, "
                     "LoRA %s, async scheduling %s", self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
                     args.tensor_parallel_size, "on" if self.cache_config.enable_prefix_caching else "off",
                     f"on (max_loras={self.lora_config.max_loras}, max_lora_rank={self.lora_config.max_lora_rank})"
                     if self.lora_config else "off", "on" if self.async_scheduling else "off")
+
+    def _wants_async_scheduling(self, args: EngineArgs) -> bool:
+        """``async_scheduling``: True / False as asked; None (the default) = on with one CUDA GPU, as vLLM
+        has done by default since 0.14, off on CPU.  Not supported with tensor_parallel_size > 1 yet: asked
+        for there, a warning and synchronous steps."""
+        if args.tensor_parallel_size > 1:
+            if args.async_scheduling:
+                logger.warning("async_scheduling is not supported with tensor_parallel_size > 1 yet: steps run "
+                               "synchronously")
+            return False
+        if args.async_scheduling is None:
+            return torch.device(self.device).type == "cuda"
+        return bool(args.async_scheduling)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

@@ -166,9 +166,10 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
     serve.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                        help="decode batch sizes to capture as CUDA graphs (default: a ladder up to --max-num-seqs)")
-    serve.add_argument("--async-scheduling", action="store_true",
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="queue each decode step before the previous step's tokens are read, so the host work "
-                            "of a step overlaps the GPU work of the next (same outputs; tensor parallel size 1)")
+                            "of a step overlaps the GPU work of the next (same outputs; tensor parallel size 1). "
+                            "Default: on with one CUDA GPU (as vLLM since 0.14), off on CPU")
     ops = serve.add_argument_group("server operation")
     ops.add_argument("--max-request-body-bytes", type=_positive_int, default=8 * 1024 * 1024, metavar="N",
                      help="refuse request bodies larger than N bytes with 413 (default: 8 MiB)")
