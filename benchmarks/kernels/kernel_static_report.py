@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET (the interpreter replaces the compiler)")
@@ -34,10 +31,9 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
+from benchmarks.kernels.sass_stats import TARGET, LoopStats, resources, specialise, main_loop_stats  # noqa: E402
+
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
 # name -> (hidden H, intermediate I, experts E, top_k)
 INT4_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2)}
@@ -54,119 +50,6 @@ MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode"
                   # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
                   "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_MMA = ("HMMA", "HGMMA")
-_CONVERT = ("I2F", "F2F", "I2FP", "F2FP")
-
-
-@dataclass
-class LoopStats:
-    source: str  # "sass" or "ptx"
-    instructions: int
-    per_weight: float
-    converts_per_weight: float
-    shared_stores_per_weight: float
-    pipelined: bool
-
-
-def _bin_dir() -> str:
-    import triton.backends.nvidia as nv
-
-    return os.path.join(os.path.dirname(nv.__file__), "bin")
-
-
-def _specialise(fn, pointers: dict[str, str], constexprs: dict[str, Any], ints: dict[str, int]) -> ASTSource:
-    """An ASTSource as the JIT would build it for these argument values."""
-    cexp = dict(constexprs)
-    cexp.update({n: 1 for n, v in ints.items() if v == 1})
-    sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
-    div16 = set(pointers) | {n for n, v in ints.items() if v != 1 and v % 16 == 0}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    return ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)
-
-
-def _sass(cubin: bytes) -> Optional[str]:
-    tool = os.path.join(_bin_dir(), "nvdisasm")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        proc = subprocess.run([tool, "-c", f.name], capture_output=True, text=True)
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def _resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
-    """(registers, local-memory bytes: spills) from ``cuobjdump -res-usage``."""
-    tool = os.path.join(_bin_dir(), "cuobjdump")
-    if not os.path.exists(tool):
-        return None, None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    reg, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
-    return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
-
-
-def _sass_loops(sass: str) -> list[list[str]]:
-    """Opcodes of each loop body (a label up to a later branch back to it), outermost spans included."""
-    ops: list[tuple[Optional[str], str]] = []  # (label defined here, opcode) in order
-    pending = None
-    for line in sass.splitlines():
-        m = re.match(r"^\s*(\.L_x_\d+):", line)
-        if m:
-            pending = m.group(1)
-            continue
-        m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)$", line)
-        if m:
-            ops.append((pending, m.group(1) + m.group(2)))
-            pending = None
-    where = {lab: i for i, (lab, _) in enumerate(ops) if lab}
-    loops = []
-    for i, (_, text) in enumerate(ops):
-        m = re.match(r"BRA\S*\s+`?\(?(\.L_x_\d+)", text)
-        if m and m.group(1) in where and where[m.group(1)] <= i:
-            loops.append([t.split()[0] for _, t in ops[where[m.group(1)]: i + 1]])
-    return loops
-
-
-def _ptx_loops(ptx: str) -> list[list[str]]:
-    lines = [ln.strip() for ln in ptx.splitlines()]
-    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\$L__BB\w+:$", ln)}
-    loops = []
-    for i, ln in enumerate(lines):
-        m = re.match(r"^(?:@%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\w+);", ln)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            body = [x.split()[0] for x in lines[labels[m.group(1)]: i + 1]
-                    if x and not x.startswith(("$", "//", ".", "{", "}"))]
-            loops.append(body)
-    return loops
-
-
-def main_loop_stats(kernel, weights_per_iter: int, num_warps: int, *, mma: bool = True,
-                    innermost: bool = False) -> LoopStats:
-    """The K loop: the longest loop that holds a matrix-multiply instruction (``mma=False``: an FMA,
-    for the GEMV kernels; ``innermost``: the shortest such loop, for a K loop nested in a row loop)."""
-    sass = _sass(kernel.asm["cubin"])
-    if sass is not None:
-        source, loops = "sass", _sass_loops(sass)
-        is_mma = lambda op: op.startswith(_MMA if mma else ("FFMA",))  # noqa: E731
-        is_conv = lambda op: op.startswith(_CONVERT)  # noqa: E731
-        is_sts = lambda op: op.startswith("STS")  # noqa: E731
-        is_async = lambda op: op.startswith(("LDGSTS", "UTMALDG"))  # noqa: E731
-    else:
-        source, loops = "ptx", _ptx_loops(kernel.asm["ptx"])
-        is_mma = lambda op: op.startswith(("mma", "wgmma") if mma else ("fma",))  # noqa: E731
-        is_conv = lambda op: op.startswith("cvt") and ".f" in op  # noqa: E731
-        is_sts = lambda op: op.startswith("st.shared")  # noqa: E731
-        is_async = lambda op: op.startswith(("cp.async", "cp.async.bulk"))  # noqa: E731
-    pick = min if innermost else max
-    body = pick((lp for lp in loops if any(is_mma(op) for op in lp)), key=len, default=[])
-    per_thread = weights_per_iter / (32 * num_warps)
-    return LoopStats(source, len(body), len(body) / per_thread, sum(map(is_conv, body)) / per_thread,
-                     sum(map(is_sts, body)) / per_thread, any(map(is_async, body)))
-
-
 @dataclass
 class Row:
     kernel: str
@@ -197,7 +80,7 @@ def compile_int4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pair
                 EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
                 BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
-    src = _specialise(fn, ptrs, cexp, ints)
+    src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
                                                            num_stages=int(cfg.get("num_stages", 3))))
 
@@ -219,7 +102,7 @@ def compile_int4_gemv_rows(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num
                 EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
     options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 1)))
-    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
+    return triton.compile(specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
 
 
 def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
@@ -243,7 +126,7 @@ def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: in
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
                 GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))) if sorted_pairs else 1, SORTED=sorted_pairs,
                 UNPACK=int(cfg.get("UNPACK", 0)))
-    src = _specialise(fn, ptrs, cexp, ints)
+    src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
                                                            num_stages=int(cfg.get("num_stages", 3))))
 
@@ -257,7 +140,7 @@ def compile_mxfp4_reduce(dtype: torch.dtype, split: int, block_m: int, N: int):
             "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
     ints = dict(N=N, stride_om=N, stride_on=1, stride_be=N, stride_bn=1)
     cexp = dict(HAS_BIAS=True, MUL_ROUTED_WEIGHT=True, SPLIT_K=split, BLOCK_SIZE_M=block_m, BLOCK_N=128)
-    return triton.compile(_specialise(fn, ptrs, cexp, ints), target=TARGET, options=dict(num_warps=4))
+    return triton.compile(specialise(fn, ptrs, cexp, ints), target=TARGET, options=dict(num_warps=4))
 
 
 def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = True):
@@ -275,7 +158,7 @@ def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pai
                 A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)),
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
                 SPLIT_K=split, ROWS=int(cfg["GEMV"]))
-    src = _specialise(fn, ptrs, cexp, ints)
+    src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
                                                            num_stages=int(cfg.get("num_stages", 1))))
 
@@ -298,14 +181,14 @@ def compile_mxfp4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: i
                 DECODE_ASM=asm, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
                 GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))))
-    src = _specialise(fn, ptrs, cexp, ints)
+    src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
                                                            num_stages=int(cfg.get("num_stages", 3))))
 
 
 def _row(kind: str, shape: str, tokens: int, gemm: str, variant: str, cfg: dict, kernel, *,
          rows_gemv: bool = False) -> Row:
-    regs, spill = _resources(kernel.asm["cubin"])
+    regs, spill = resources(kernel.asm["cubin"])
     nw = int(cfg.get("num_warps", 4))
     tiles = (f"{cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']} w{nw} s{cfg.get('num_stages', 3)} "
              f"split {cfg.get('SPLIT_K', 1)}")
