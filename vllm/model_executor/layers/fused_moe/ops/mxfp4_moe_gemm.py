@@ -18,8 +18,8 @@ the value that fills the GPU twice): the K loop is shared by SPLIT_K programs wr
 partial sums (``split_buffer``, or a fresh tensor), and one reduction launch adds them with the
 bias and the router weight.  Graph-safe: no host reads of device values.
 
-GEMV (config ``gemv=1``, ``_mxfp4_gemv_kernel.py``): at decode sizes (at most
-``GEMV_MAX_PAIRS_PER_EXPERT`` pairs per expert) the heuristic gives the FMA GEMV, which walks the
+GEMV (config ``gemv=1``, ``_mxfp4_gemv_kernel.py``): at decode sizes (at most ``GEMV_MAX_TOKENS``
+tokens) the heuristic gives the FMA GEMV, which walks the
 real rows of each M-block with fp32 FMAs instead of tensor-core dots (same routing, same ``out``
 contract, same split-K reduction).
 """
@@ -39,11 +39,12 @@ from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
-# Decode sizes run the FMA GEMV: OFF until its inline-PTX decode has passed its cuda tests and been timed
-# (static evidence only so far: 4.04 vs 6.05 instructions per weight, docs/performance.md); the
-# benchmark's ``--variants gemv`` and ``gemv=True`` take it.
-GEMV_DECODE = False
-GEMV_MAX_PAIRS_PER_EXPERT = 2  # beyond, the dot kernel's instructions per weight and row are fewer
+# One-token launches run the FMA GEMV with one row per pass: on an H200 (bf16, checked against the dot
+# kernel first) gpt-oss-20b 61.2 vs 89.8 us and -120b 62.1 vs 89.4 us at 1 token; at 16 tokens it loses
+# (1 row per pass 0.59-0.69x, 2 rows 0.75-0.81x), so larger launches keep the dot kernel (2-15 tokens are
+# untimed).  ``gemv=True`` / a tuned ``GEMV`` entry force it; GEMV_DECODE = False turns the heuristic's off.
+GEMV_DECODE = True
+GEMV_MAX_TOKENS = 1
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 256, 64, 2, 8
 
 
@@ -59,7 +60,7 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
                    tuned_folder: Optional[str], gemv: Optional[bool]) -> Mxfp4TileConfig:
     per_expert = num_pairs / max(1, min(num_pairs, num_experts))
     if gemv is None:
-        gemv = GEMV_DECODE and not interp and per_expert <= GEMV_MAX_PAIRS_PER_EXPERT
+        gemv = GEMV_DECODE and not interp and num_pairs <= GEMV_MAX_TOKENS * max(top_k, 1)
     if gemv:
         cfg = _gemv_config(num_pairs, num_experts, N, K, interp, rows=1 if per_expert <= 1 else 2)
         return tuned_tiles(cfg, "mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
