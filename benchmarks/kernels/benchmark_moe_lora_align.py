@@ -63,7 +63,12 @@ def _inputs(M: int, E: int, k: int, L: int, device: torch.device) -> tuple[torch
 
 
 def align_once_table(args: argparse.Namespace, device: torch.device, flush: torch.Tensor) -> list[str]:
-    from vllm.lora.ops.moe_lora_align import MoELoRAAlignPlan, moe_align_with_lora, moe_lora_align_block_size
+    from vllm.lora.ops.moe_lora_align import (
+        MoELoRAAlignPlan,
+        moe_align_with_lora,
+        moe_lora_align_block_size,
+        one_pass_pays,
+    )
     from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (
         moe_align_block_size,
@@ -100,7 +105,8 @@ def align_once_table(args: argparse.Namespace, device: torch.device, flush: torc
             _same(getattr(base, f), getattr(ref_base, f), f"expert alignment {f}")
         for f in ("sorted_token_ids", "block_virtual_ids", "num_tokens_post_padded", "slot_padded_counts"):
             _same(getattr(lora, f), getattr(ref_lora, f), f"LoRA alignment {f}")
-        uses = not use_pairwise_alignment(pairs, E) and not use_small_batch_path(pairs, E, L)
+        uses = (not use_pairwise_alignment(pairs, E) and not use_small_batch_path(pairs, E, L)
+                and one_pass_pays(block, lora_block))
         if timed:
             t = [time_cuda(fn, flush, args.reps, True)[0] for fn in (base_only, separate, one_pass)]
             cells = [f"{v:.1f}" for v in t] + [f"{t[2] / t[1]:.2f}"]

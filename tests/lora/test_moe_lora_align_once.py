@@ -4,10 +4,12 @@ TritonExperts makes the expert alignment and the (adapter, expert) alignment of 
 same three launches when both sort, and hands the LoRA part to the w13 seam.  Checked here: the layer
 output equals, bit for bit, the one of the previous path (two separate aligns), and the fp32 loop
 reference; the wrapper then never aligns itself; and where the one-pass align does not apply (LoRA on
-its small-batch path, no adapter in the step, the base on ``pairwise_alignment``) nothing changes.
+its small-batch path, no adapter in the step, the base on ``pairwise_alignment``, the base on a larger
+block than the LoRA kernels) nothing changes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -20,6 +22,7 @@ from vllm.lora.ops import moe_lora_align
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.model_executor.layers.fused_moe.experts.triton_experts import TritonExperts
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
+from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
 
 
 class _Calls:
@@ -99,10 +102,17 @@ def test_one_pass_under_expert_parallelism(device, monkeypatch):
             assert torch.equal(out, h.forward(x, logits, slots))
 
 
-@pytest.mark.parametrize("case", ["small_batch", "no_adapter", "pairwise_base"])
+@pytest.mark.parametrize("case", ["small_batch", "no_adapter", "pairwise_base", "other_block"])
 def test_unchanged_where_it_does_not_apply(case, device, monkeypatch):
     small = case == "small_batch"
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: small)
+    if case == "other_block":  # the base GEMMs on a larger block than the LoRA kernels: one pass is slower
+        orig = fused_moe_gemm.get_two_gemm_configs
+
+        def doubled(*args, **kwargs):
+            return tuple(dataclasses.replace(c, block_size_m=2 * c.block_size_m) for c in orig(*args, **kwargs))
+
+        monkeypatch.setattr(fused_moe_gemm, "get_two_gemm_configs", doubled)
     if case == "pairwise_base":  # 3 tokens x top-2 among 32 experts: one block per pair, no sort
         h = _harness(device, E=32, top_k=2, max_loras=2)
         M = 3
@@ -113,7 +123,7 @@ def test_unchanged_where_it_does_not_apply(case, device, monkeypatch):
     slots = [-1] * M if case == "no_adapter" else pick_slots(M, len(h.slots), "mixed", seed=5)
     calls = _Calls(monkeypatch, use_triton=True)
     out = h.forward(x, logits, slots)
-    expected_wrapper = {"small_batch": 0, "no_adapter": 0, "pairwise_base": 1}[case]
+    expected_wrapper = {"small_batch": 0, "no_adapter": 0, "pairwise_base": 1, "other_block": 1}[case]
     assert (calls.one_pass, calls.wrapper) == (0, expected_wrapper)
     assert_close(out.float().cpu(), h.reference(x, logits, slots), h.dtype)
 

@@ -204,6 +204,13 @@ class MoELoRAAlignPlan:
     block_size: int
 
 
+def one_pass_pays(block_size: int, lora_block_size: int) -> bool:
+    """Whether ``moe_align_with_lora`` beats the two separate aligns: measured on an H200 (128 experts,
+    top-8, 4 adapters), one pass is 0.84-0.91x the two aligns when both use the same block (16, at 1-64
+    tokens) and 1.21-1.25x when the expert block is larger (32 / 64 at 256 / 1024 tokens)."""
+    return block_size == lora_block_size
+
+
 def moe_align_with_lora(expert_ids: torch.Tensor, block_size: int, num_experts: int, plan: MoELoRAAlignPlan, *,
                         use_triton: Optional[bool] = None) -> tuple[AlignResult, MoELoRAAlignment]:
     """The expert alignment of the base GEMMs and the (adapter, expert) alignment of the LoRA kernels

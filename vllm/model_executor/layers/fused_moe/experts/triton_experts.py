@@ -52,8 +52,9 @@ class TritonExperts(TwoGemmExperts):
                               x: torch.Tensor, lora_context: Optional["MoELoRAContext"]
                               ) -> tuple[TritonRoute, Optional["MoELoRAAlignment"]]:
         """With LoRA on its sorted path and the expert sort (not ``pairwise_alignment``), both alignments
-        come from one ``moe_align_with_lora`` (three launches instead of six)."""
-        from vllm.lora.ops.moe_lora_align import moe_align_with_lora
+        come from one ``moe_align_with_lora`` (three launches instead of six) where that is faster: both
+        with the same block size (``one_pass_pays``)."""
+        from vllm.lora.ops.moe_lora_align import moe_align_with_lora, one_pass_pays
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
 
@@ -63,6 +64,8 @@ class TritonExperts(TwoGemmExperts):
         if plan is None:
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
+        if not one_pass_pays(cfg1.block_size_m, plan.block_size):
+            return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         align, lora_align = moe_align_with_lora(ids, cfg1.block_size_m, num_experts, plan)
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align), lora_align
 
