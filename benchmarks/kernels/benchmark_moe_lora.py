@@ -39,15 +39,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
-import time
-import traceback
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
+    sys.path.insert(0, _ROOT)
+# the timing helpers, also imported from here by the other kernel benchmarks
+from benchmarks.kernels.bench_timing import (  # noqa: E402,F401
+    FLUSH_BYTES,
+    emit,
+    norm_err,
+    peak_bandwidth,
+    pick_device,
+    time_cpu,
+    time_cuda,
+)
 
 # name -> (hidden H, intermediate I, experts E, top_k), FACTS.md 1 (gpt-oss shape with plain SiLU experts)
 SHAPES = {"qwen3": ("Qwen3-30B-A3B", 2048, 768, 128, 8), "mixtral": ("Mixtral-8x7B", 4096, 14336, 8, 2),
@@ -61,10 +72,6 @@ UPSTREAM = {"qwen3": [2.21, 1.28, 1.28, 1.34, 1.77, 1.52], "mixtral": [2.15, 1.2
             "gpt-oss": [1.96, 1.25, 1.27, 1.42, 1.38, 1.36]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
-FLUSH_BYTES = 256 << 20
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
-    sys.path.insert(0, _ROOT)
 
 
 def parse_args() -> argparse.Namespace:
@@ -192,10 +199,6 @@ def reference(case: Case, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
     return out
 
 
-def norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def check(case: Case, M: int, num_loras: int, dtype, device, seed: int) -> str:
     x, logits, tw, ti, slots = make_inputs(case, M, num_loras, dtype, device, seed)
     case.set_mapping(slots)
@@ -213,66 +216,6 @@ def check(case: Case, M: int, num_loras: int, dtype, device, seed: int) -> str:
         sys.exit(f"CORRECTNESS FAILED for {case.name} at {M} tokens, {num_loras} adapters: normalised max errors {errs} "
                  f"(tolerance {tol}); LoRA effect {delta:.3f}")
     return ", ".join(f"{n} {e:.2e}" for n, e in errs.items()) + f" (tol {tol:.0e}; LoRA effect {delta:.2f})"
-
-
-def _culprit(exc: BaseException) -> str:
-    """file:line of the innermost vllm frame of an exception (where capture broke)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}vllm{os.sep}" in f.filename]
-    f = frames[-1] if frames else traceback.extract_tb(exc.__traceback__)[-1]
-    return f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno} `{(f.line or '').strip()}`"
-
-
-def time_cuda(fn, flush: torch.Tensor, reps: int, use_graph: bool) -> tuple[float, bool, str]:
-    """Median microseconds of fn over reps replays with a cold L2; (time, graph used, note)."""
-    for _ in range(3):
-        out = fn()  # compiles kernels, grows workspaces: nothing may allocate or compile during capture
-    torch.cuda.synchronize()
-    run, graph, note = fn, None, ""
-    if use_graph:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                g_out = fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            if norm_err(g_out, out.float()) > 1e-3:
-                note = "graph replay output differs from the eager output"
-            run = graph.replay
-        except Exception as exc:  # e.g. a host sync or a host-to-device copy inside the op
-            graph, note = None, f"capture failed at {_culprit(exc)}: {type(exc).__name__}: {str(exc)[:100]}"
-            torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        flush.zero_()  # evict the L2 (256 MB written) before each timed replay
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    us = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
-    del graph
-    return us, run is not fn, note
-
-
-def time_cpu(fn, reps: int) -> tuple[float, bool, str]:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times), False, ""
-
-
-def peak_bandwidth(device) -> float:
-    """Bytes/s of a large copy, counting bytes read + written."""
-    n = (1 << 30) if device.type == "cuda" else (64 << 20)
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    if device.type == "cuda":
-        us, _, _ = time_cuda(lambda: dst.copy_(src), torch.empty(0, device=device), 20, use_graph=False)
-    else:
-        us, _, _ = time_cpu(lambda: dst.copy_(src), 5)
-    return 2 * n / (us * 1e-6)
 
 
 def traffic(case: Case, ti, slots, rank: int) -> tuple[int, int, int, int]:
@@ -333,25 +276,6 @@ def upstream_table(rows: list[dict], keys: list[str]) -> str:
         cells = [(f"{ours[t]:.2f}" if t in ours else "-") + f" / {u:.2f}" for t, u in zip(UPSTREAM_TOKENS, UPSTREAM[key])]
         lines.append(f"| {SHAPES[key][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def emit(text: str, out: Optional[str]) -> None:
-    """Print a benchmark's tables and, with ``--out``, write them to that file too."""
-    print("\n" + text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text.rstrip("\n") + "\n")
-        print(f"wrote {out}")
-
-
-def pick_device(smoke: bool) -> torch.device:
-    """CUDA; without it only a smoke run, on CPU under the Triton interpreter (set before kernels load)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not smoke:
-        sys.exit("no CUDA device: only --smoke runs on CPU (Triton interpreter)")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return torch.device("cpu")
 
 
 def main() -> None:
