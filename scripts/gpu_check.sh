@@ -5,7 +5,8 @@
 #   tests   every test, cuda-marked ones included (TESTS="path ..." picks a part; each test's
 #           result is logged as it finishes, so a run cut by TEST_TIMEOUT still shows what passed);
 #           with 2+ GPUs the tensor-parallel tests (tests/distributed, NCCL) run beside the rest
-#   bench   benchmarks/kernels/benchmark_moe_lora.py (one MoE layer, base vs LoRA)
+#   bench   benchmarks/kernels/benchmark_moe_lora.py (one MoE layer, base vs LoRA; BENCH_ARGS adds options,
+#           e.g. "--ranks 16 64 --num-loras 4 16")
 #   lora    benchmarks/kernels/benchmark_lora_linear.py --sweep (dense LoRA tiles) and
 #           benchmark_moe_lora_align.py (the MoE LoRA align at decode sizes)
 #   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
@@ -58,8 +59,8 @@ if want tests; then
   tail -25 "$OUT/pytest_gpu.log"
 fi
 if want bench; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/kernels/benchmark_moe_lora.py --out "$OUT/benchmark_moe_lora.md" \
-    >"$OUT/benchmark_moe_lora.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/kernels/benchmark_moe_lora.py ${BENCH_ARGS:-} \
+    --out "$OUT/benchmark_moe_lora.md" >"$OUT/benchmark_moe_lora.log" 2>&1
   brc=$?; tail -40 "$OUT/benchmark_moe_lora.log"; rc=$(( rc || brc ))
 fi
 if want lora; then
