@@ -91,6 +91,21 @@ def test_gemv_matches_reference(M, top_k, E, N, K, per_pair, bias, weighted, bn,
     assert_close(out[routed].float(), dot[routed].double(), dtype)
 
 
+def test_split_k_writes_every_partial_row(device):
+    """With SPLIT_K > 1 every (split, pair) row of the partial-sum buffer is written, zeros for a pair without a
+    local expert, so a reused buffer needs no zeroing: a NaN-poisoned one gives the same result."""
+    ids, a, w, b, tw = _problem(2, 3, 8, 24, 96, False, True, torch.float32, device, seed=11)
+    cfg = TileConfig(16, 8, 16, split_k=4, num_stages=1, gemv=1)
+    buf = torch.full((4 * 6 * 24 + 5,), float("nan"), device=device)
+    out = poison_(torch.empty(6, 24, device=device))
+    gemv_mod.invoke_fused_moe_gemv(a, w, out, pair_expert_ids=ids.reshape(-1).contiguous(), top_k_in=3, config=cfg,
+                                   topk_weights=tw, mul_routed_weight=True, bias=b, split_buffer=buf)
+    ref = _reference(ids, a, w, b, tw, 3, True)
+    routed = ids.reshape(-1).cpu() >= 0
+    assert_close(out.cpu()[routed], ref[routed], torch.float32)
+    assert torch.equal(out.cpu()[~routed], torch.zeros_like(out.cpu()[~routed]))
+
+
 def test_gemv_exact_in_fp32(device):
     """Small integers: every product and sum is exact in fp32, so the GEMV must equal the reference bit for bit;
     a weight read from the wrong column or a tail counted twice cannot hide inside a tolerance."""
