@@ -226,6 +226,26 @@ def test_gemv_compiles_for_hopper():
     assert run_without_interpreter("tests/kernels/fused_moe_gemv_hopper_compile.py").count("ok ") == 5
 
 
+def test_static_report_bf16_rows():
+    """The static report (sm_90 SASS, no GPU) at one token: the GEMV's main loop keeps to FMAs and register
+    loads (no shared memory, no barrier-bound layout conversion), within the hardware limits, beside the dot
+    kernel at the H200's tiles for the same launch."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.test_4bit_decode_tools import _cells
+    from tests.kernels.test_4bit_decode_tools import _run as run_script
+
+    proc = run_script(["benchmarks/kernels/kernel_static_report.py", "--kernels", "bf16", "--tokens", "1",
+                       "--shapes", "Qwen3-30B-A3B"], interpret=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [_cells(ln) for ln in proc.stdout.splitlines() if ln.startswith("| bf16")]
+    assert sorted((r[3], r[4]) for r in rows) == [("w13", "GEMV"), ("w13", "tl.dot"), ("w2", "GEMV"), ("w2", "tl.dot")]
+    for r in rows:
+        regs, spill, shared = int(r[6]), int(r[7]), int(r[8].split()[0])
+        assert 0 < regs <= 255 and spill == 0 and shared <= 232448 and "(sass)" in r[9], r
+        if r[4] == "GEMV":  # one FFMA per weight, bf16 widening, the loads: nothing through shared memory
+            assert 2.0 <= float(r[10]) <= 4.0 and float(r[12]) == 0.0 and shared <= 1024, r
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [False, True])
