@@ -141,6 +141,12 @@ def test_gemv_refuses_bad_configs_and_routing(device):
         invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                               num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=2, config=good,
                               pairwise=True)
+    with pytest.raises(ValueError, match="pair_expert_ids must be contiguous int32"):  # the launcher called directly
+        gemv_mod.invoke_fused_moe_gemv(a, w, torch.empty(2, 16, device=device), pair_expert_ids=ids.reshape(-1).long(),
+                                       top_k_in=2, config=good)
+    with pytest.raises(ValueError, match="rows \\* top_k_in"):
+        gemv_mod.invoke_fused_moe_gemv(a, w, torch.empty(3, 16, device=device), pair_expert_ids=ids.reshape(-1),
+                                       top_k_in=2, config=good)
     # small tiles are fine for the GEMV, not for the dot kernel
     with pytest.raises(ValueError, match="powers of two >= 16"):
         _run(ids, a, w, b, tw, 2, False, dataclasses.replace(good, block_size_n=8, gemv=0))

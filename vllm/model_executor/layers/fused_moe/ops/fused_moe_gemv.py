@@ -78,17 +78,24 @@ def invoke_fused_moe_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *
                           split_buffer: Optional[torch.Tensor] = None) -> None:
     """Write ``out[p]`` for every pair p with an expert (see the module docstring).
 
-    Arguments as ``invoke_fused_moe_gemm`` (which checks them and calls this), with ``pair_expert_ids``
+    Arguments as ``invoke_fused_moe_gemm`` (which checks them fully and calls this), with ``pair_expert_ids``
     [num_pairs] contiguous int32 instead of an alignment.  Rows of pairs whose expert is -1: zeros with
     ``config.split_k > 1``, untouched otherwise.  ``split_buffer``: fp32, at least split_k * num_pairs * N
     elements (allocated when None or too small).
     """
     check_gemv_config(config)
+    if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
+        raise ValueError(f"expected a 2-D, w 3-D, out 2-D; got {a.dim()}, {w.dim()}, {out.dim()}")
     E, N, K = w.shape
     num_pairs = out.shape[0]
+    if a.shape[1] != K or out.shape[1] != N or top_k_in < 1 or a.shape[0] * top_k_in != num_pairs:
+        raise ValueError(f"a [rows, {K}] with rows * top_k_in = out's {num_pairs} rows and out [pairs, {N}] expected; "
+                         f"got a {tuple(a.shape)}, top_k_in {top_k_in}, out {tuple(out.shape)}")
     if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
             or not pair_expert_ids.is_contiguous():
         raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
+    if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
+        raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
     if num_pairs == 0 or N == 0:
         return
     from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemv_kernel import _fused_moe_gemv_kernel
