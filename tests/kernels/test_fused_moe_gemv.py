@@ -18,32 +18,32 @@ from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_al
 
 
 def _problem(M, top_k, E, N, K, per_pair, bias, dtype, device, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # made on the device: real sizes stay quick on a GPU
     pairs = M * top_k
-    ids = torch.randint(-1, E, (M, top_k), generator=gen).to(torch.int32)
+    ids = torch.randint(-1, E, (M, top_k), generator=gen, device=device).to(torch.int32)
     ids[0, 0] = E - 1  # the last expert is used
     ids[-1, -1] = -1  # a pair with no local expert (an expert map's -1)
     if pairs > 2:
         ids.view(-1)[1] = 0  # the first expert too
-    a = torch.randn(pairs if per_pair else M, K, generator=gen).to(dtype)
-    w = (torch.randn(E, N, K, generator=gen) / K ** 0.5).to(dtype)
-    b = (torch.randn(E, N, generator=gen) * 0.5).to(dtype) if bias else None
-    tw = torch.rand(M, top_k, generator=gen) * 0.9 + 0.1
-    return ids.to(device), a.to(device), w.to(device), None if b is None else b.to(device), tw.to(device)
+    a = torch.randn(pairs if per_pair else M, K, generator=gen, device=device).to(dtype)
+    w = (torch.randn(E, N, K, generator=gen, device=device) / K ** 0.5).to(dtype)
+    b = (torch.randn(E, N, generator=gen, device=device) * 0.5).to(dtype) if bias else None
+    tw = torch.rand(M, top_k, generator=gen, device=device) * 0.9 + 0.1
+    return ids, a, w, b, tw
 
 
 def _reference(ids, a, w, b, tw, top_k_in, weighted):
     """fp64, one pair at a time: (a_row @ w[e].T + b[e]) * weight; pairs with expert -1 stay zero."""
     flat = ids.reshape(-1).cpu().tolist()
-    ref = torch.zeros(len(flat), w.shape[1], dtype=torch.float64)
+    ref = torch.zeros(len(flat), w.shape[1], dtype=torch.float64, device=w.device)
     for p, e in enumerate(flat):
         if e < 0:
             continue
-        y = w[e].double().cpu() @ a[p // top_k_in].double().cpu()
+        y = w[e].double() @ a[p // top_k_in].double()
         if b is not None:
-            y = y + b[e].double().cpu()
+            y = y + b[e].double()
         ref[p] = y * (float(tw.reshape(-1)[p]) if weighted else 1.0)
-    return ref
+    return ref.cpu()
 
 
 def _run(ids, a, w, b, tw, top_k_in, weighted, cfg, *, pairwise=True, out_pad=0):
