@@ -148,7 +148,8 @@ def bench(layer, shape, M: int, args, dtype, device, flush, gpu: str, peak: floa
             gemv_switch(on)
             launches = count_gemv_launches(fn)
             if launches != (2 if on and pairwise else 0):
-                sys.exit(f"{name} at {M} tokens, GEMV {'on' if on else 'off'}: {launches} GEMV launches")
+                sys.exit(f"{name} at {M} tokens, GEMV {'on' if on else 'off'}: {launches} GEMV launches (a tuned "
+                         "entry with GEMV=1 for this shape?)")
             err = lb.norm_err(fn(), ref)
             if not err < tol:
                 sys.exit(f"CORRECTNESS FAILED for {name} at {M} tokens, GEMV {'on' if on else 'off'}: normalised "
@@ -213,7 +214,7 @@ def sweep(layer, shape, tokens: list[int], args, dtype, device, flush) -> list[s
         for gemm, w, N, K, rows, top_k_in in (("w13", layer.w13_weight, 2 * I, H, M, k),
                                                ("w2", layer.w2_weight, H, I, M * k, 1)):
             a = torch.randn(rows, K, generator=gen, device=device).to(dtype)
-            dot_cfg = g.get_fused_moe_config(M * k, E, N, K, top_k_in, dtype)
+            dot_cfg = g.get_fused_moe_config(M * k, E, N, K, top_k_in, dtype)  # sorted's = the dot kernel's tiles
             al = pairwise_alignment(ti, dot_cfg.block_size_m)
             out = torch.empty(M * k, N, device=device, dtype=dtype)
             run = lambda cfg: g.invoke_fused_moe_gemm(  # noqa: E731

@@ -294,6 +294,7 @@ def bf16_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
     from vllm.kernel_configs.tile_config import tuned_tiles
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as g
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import gemv_config
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
 
     rows = []
     for shape, (H, I, E, k) in shapes.items():
@@ -303,7 +304,7 @@ def bf16_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dic
                 dot = tuned_tiles(g._gpu_config(pairs, E, N, K, dtype), "fused_moe_gemm", {"E": E, "N": N, "K": K},
                                   max(pairs // top_k, 1), device_name, check=g.check_tile_config)
                 for name, over in variants.items():
-                    if over.get("GEMV") and not g.use_pairwise_alignment(pairs, E):
+                    if over.get("GEMV") and not use_pairwise_alignment(pairs, E):
                         continue
                     cfg = (gemv_config(pairs, N, K, dtype, dot.block_size_m) if over.get("GEMV") else dot).to_json()
                     kern = compile_bf16(dtype, cfg, N=N, K=K, num_pairs=pairs)

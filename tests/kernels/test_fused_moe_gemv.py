@@ -14,7 +14,8 @@ from vllm.kernel_configs.tile_config import TileConfig
 from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as gemm_mod
 from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemv as gemv_mod
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size, pairwise_alignment
+from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (moe_align_block_size, pairwise_alignment,
+                                                                           use_pairwise_alignment)
 
 
 def _problem(M, top_k, E, N, K, per_pair, bias, dtype, device, seed):
@@ -173,11 +174,13 @@ def test_heuristic_off_by_default_and_on_for_pairwise_launches(monkeypatch, fres
     for H, I, E, top_k in SHAPES.values():
         for M in (1, 2, 4, 16):
             pairs = M * top_k
-            pairwise = gemm_mod.use_pairwise_alignment(pairs, E)
-            off = gemm_mod.get_two_gemm_configs(pairs, E, 2 * I, H, I, top_k, torch.bfloat16)
+            pairwise = use_pairwise_alignment(pairs, E)
+            off = gemm_mod.get_two_gemm_configs(pairs, E, 2 * I, H, I, top_k, torch.bfloat16, pairwise=pairwise)
             assert [c.gemv for c in off] == [0, 0]
             monkeypatch.setattr(gemm_mod, "GEMV_PAIRWISE", True)
-            on = gemm_mod.get_two_gemm_configs(pairs, E, 2 * I, H, I, top_k, torch.bfloat16)
+            on = gemm_mod.get_two_gemm_configs(pairs, E, 2 * I, H, I, top_k, torch.bfloat16, pairwise=pairwise)
+            # a caller that sorts (the default) never gets the GEMV
+            assert [c.gemv for c in gemm_mod.get_two_gemm_configs(pairs, E, 2 * I, H, I, top_k, torch.bfloat16)] == [0, 0]
             monkeypatch.setattr(gemm_mod, "GEMV_PAIRWISE", False)
             assert [c.gemv for c in on] == ([1, 1] if pairwise else [0, 0]), (H, M)
             assert on[0].block_size_m == on[1].block_size_m == off[0].block_size_m  # one alignment
@@ -188,14 +191,14 @@ def test_heuristic_off_by_default_and_on_for_pairwise_launches(monkeypatch, fres
                     target = gemv_mod.GEMV_PROGRAMS_PER_SM * 132
                     assert programs >= target or cfg.block_size_n == gemv_mod.GEMV_MIN_BLOCK_N, (N, K, cfg)
                     assert cfg.block_size_k >= 256 and cfg.block_size_n * cfg.block_size_k >= 4096
-        assert gemm_mod.use_pairwise_alignment(top_k, E)  # one token: pairwise on all three shapes
+        assert use_pairwise_alignment(top_k, E)  # one token: pairwise on all three shapes
 
 
 def test_tuned_entries_and_the_gemv(tmp_path, monkeypatch, caplog, fresh_config_cache):
     """Tuned entries vs the GEMV (Qwen3-30B-A3B's GEMM1: 1 and 2 tokens are pairwise, 16 are sorted):
     an entry with GEMV=1 runs the GEMV on pairwise launches, its keys over the GEMV's heuristic tiles, and never
-    reaches a sorted launch (the nearest entry to 16 tokens; logged); an entry tuned for tl.dot (no GEMV key)
-    is used while GEMV_PAIRWISE is off and bypassed, logged, while it is on."""
+    reaches a sorted launch (the nearest entry to 16 tokens, or a caller that sorts; logged); an entry tuned for
+    tl.dot (no GEMV key) is used while GEMV_PAIRWISE is off and bypassed, logged, while it is on."""
     from vllm.kernel_configs import clear_cache, config_file_name
 
     E, N, K, top_k = 128, 1536, 2048, 8
@@ -207,7 +210,8 @@ def test_tuned_entries_and_the_gemv(tmp_path, monkeypatch, caplog, fresh_config_
     monkeypatch.setattr(gemv_mod, "triton_interpreting", lambda: False)
     clear_cache()
     try:
-        get = lambda tokens: gemm_mod.get_fused_moe_config(tokens * top_k, E, N, K, top_k, torch.bfloat16)  # noqa
+        get = lambda tokens, pairwise=True: gemm_mod.get_fused_moe_config(  # noqa: E731
+            tokens * top_k, E, N, K, top_k, torch.bfloat16, pairwise=pairwise)
         gemv_2 = gemv_mod.gemv_config(2 * top_k, N, K, torch.bfloat16)
         for on in (False, True):
             monkeypatch.setattr(gemm_mod, "GEMV_PAIRWISE", on)
@@ -219,8 +223,12 @@ def test_tuned_entries_and_the_gemv(tmp_path, monkeypatch, caplog, fresh_config_
                 assert (one.gemv, one.block_size_n, one.block_size_k, one.num_warps) == (0, 128, 128, 8)
             assert get(2) == dataclasses.replace(gemv_2, block_size_k=1024)
             with caplog.at_level(logging.WARNING):
-                sixteen = get(16)
+                sixteen = get(16, pairwise=False)
             assert sixteen == gemm_mod._gpu_config(16 * top_k, E, N, K, torch.bfloat16)
+            assert "pairwise routing only" in caplog.text
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):  # two tokens, but the caller sorts
+                assert get(2, pairwise=False) == gemm_mod._gpu_config(2 * top_k, E, N, K, torch.bfloat16)
             assert "pairwise routing only" in caplog.text
             caplog.clear()
     finally:
@@ -264,9 +272,9 @@ def test_gemv_real_shapes_cuda(shape, bias, dtype, monkeypatch):
         ids, a, w, b, tw = _problem(1, top_k, E_used, N, K, per_pair, bias, dtype, "cuda", seed=N + K)
         top_k_in = 1 if per_pair else top_k
         monkeypatch.setattr(gemm_mod, "GEMV_PAIRWISE", True)
-        cfg = gemm_mod.get_fused_moe_config(top_k, E, N, K, top_k_in, dtype)
+        cfg = gemm_mod.get_fused_moe_config(top_k, E, N, K, top_k_in, dtype, pairwise=True)
         monkeypatch.setattr(gemm_mod, "GEMV_PAIRWISE", False)
-        dot_cfg = gemm_mod.get_fused_moe_config(top_k, E, N, K, top_k_in, dtype)
+        dot_cfg = gemm_mod.get_fused_moe_config(top_k, E, N, K, top_k_in, dtype, pairwise=True)
         assert cfg.gemv == 1 and dot_cfg.gemv == 0
         out = _run(ids, a, w, b, tw, top_k_in, per_pair, cfg).cpu()
         routed = ids.reshape(-1).cpu() >= 0

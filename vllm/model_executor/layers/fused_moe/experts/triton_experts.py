@@ -48,9 +48,11 @@ class TritonExperts(TwoGemmExperts):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (align_for_experts,
                                                                                    use_pairwise_alignment)
 
-        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)  # one block_size_m
+        pairwise = use_pairwise_alignment(ids.numel(), num_experts)  # align_for_experts' test
+        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype,
+                                          pairwise=pairwise)  # one block_size_m
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts),
-                           pairwise=use_pairwise_alignment(ids.numel(), num_experts))  # align_for_experts' test
+                           pairwise=pairwise)
 
     def _route_and_lora_align(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
                               x: torch.Tensor, lora_context: Optional["MoELoRAContext"]

@@ -32,8 +32,9 @@ Rows of ``out`` whose pair is in no block (expert -1: dropped / non-local) are
 left untouched; the caller zeroes or skips them.
 
 Pairwise routing (``pairwise_alignment``: one pair per block, ``pairwise=True``) can run the FMA GEMV
-instead of tl.dot (``fused_moe_gemv.py``): a config with ``gemv=1``, which the heuristic gives pairwise
-launches when ``GEMV_PAIRWISE`` is on.  The launch is graph-safe: it
+instead of tl.dot (``fused_moe_gemv.py``): a config with ``gemv=1``, which ``get_fused_moe_config(...,
+pairwise=True)`` gives when ``GEMV_PAIRWISE`` is on (or a tuned entry says ``"GEMV": 1``); a config asked
+for sorted routing (the default) never has it.  The launch is graph-safe: it
 never reads device values on the host; the grid covers at most
 ceil(num_pairs / BLOCK_SIZE_M) + min(num_pairs, E) M-blocks and programs past
 ``num_tokens_post_padded`` return at once.
@@ -51,7 +52,6 @@ from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
                                                                       invoke_fused_moe_gemv)
-from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
@@ -112,8 +112,7 @@ def _gpu_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.d
 
 @functools.lru_cache(maxsize=1024)
 def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
-                   tuned_folder: Optional[str], gemv_pairwise: bool) -> TileConfig:
-    pairwise = use_pairwise_alignment(num_pairs, num_experts)
+                   tuned_folder: Optional[str], pairwise: bool, gemv_pairwise: bool) -> TileConfig:
     if interp:
         cfg = _interpreter_config(num_pairs, num_experts, N, K)
         return gemv_config(num_pairs, N, K, dtype, cfg.block_size_m) if gemv_pairwise and pairwise else cfg
@@ -126,8 +125,8 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
             return tuned_tiles(gemv_config(num_pairs, N, K, dtype, dot.block_size_m), "fused_moe_gemm", key,
                                num_tokens, _device_name(), check=check_tile_config)
         # e.g. a one-token entry that is the nearest to a sorted launch
-        logger.warning("tuned fused_moe_gemm entry with GEMV=1 for E=%d N=%d K=%d is the nearest to %d tokens, whose "
-                       "routing is sorted: the GEMV runs on pairwise routing only; using the heuristic's tiles",
+        logger.warning("tuned fused_moe_gemm entry with GEMV=1 for E=%d N=%d K=%d is the nearest to %d tokens, asked "
+                       "for sorted routing: the GEMV runs on pairwise routing only; using the heuristic's tiles",
                        num_experts, N, K, num_tokens)
         return dot
     if gemv_pairwise and pairwise:
@@ -140,29 +139,30 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
 
 
 def get_fused_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
-                         dtype: torch.dtype) -> TileConfig:
+                         dtype: torch.dtype, *, pairwise: bool = False) -> TileConfig:
     """Tile config of one expert GEMM: a tuned file when one matches, else a heuristic.
 
     num_pairs: routed (token, k) pairs, M * top_k.  num_experts: E_local.
     N, K: the GEMM's output / reduction width (GEMM1: 2I, H; GEMM2: H, I).
     A tuned entry (op ``fused_moe_gemm``, key E, N, K, table by token count) overrides the
     heuristic's fields it names.  ``block_size_m`` is the block size to pass to
-    ``moe_align_block_size``.  Launches that ``pairwise_alignment`` routes get the GEMV (``gemv=1``)
-    when a tuned entry says GEMV=1 (its other keys over the GEMV's heuristic tiles), or when
-    ``GEMV_PAIRWISE`` is on (entries tuned for the tl.dot kernel, without GEMV=1, are then not used
-    there: logged); a tuned entry with GEMV=1 never reaches a sorted launch (logged).
+    ``moe_align_block_size``.  ``pairwise``: the launch will walk ``pairwise_alignment`` (as
+    ``align_for_experts`` chooses when ``use_pairwise_alignment``) and pass ``pairwise=True``; only such a
+    launch may get the GEMV (``gemv=1``): when a tuned entry says GEMV=1 (its other keys over the GEMV's
+    heuristic tiles), or when ``GEMV_PAIRWISE`` is on (entries tuned for the tl.dot kernel, without GEMV=1,
+    are then not used there: logged).  A tuned entry with GEMV=1 never reaches a sorted launch (logged).
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
-    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER, GEMV_PAIRWISE)
+    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER, bool(pairwise), GEMV_PAIRWISE)
 
 
 def get_two_gemm_configs(num_pairs: int, num_experts: int, N: int, K: int, act_n: int, top_k: int,
-                         dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+                         dtype: torch.dtype, *, pairwise: bool = False) -> tuple[TileConfig, TileConfig]:
     """The configs of GEMM1 ([pairs, K] x w13 [N, K]^T) and GEMM2 ([pairs, act_n] x w2 [K, act_n]^T) of one
     layer, GEMM2's with GEMM1's ``block_size_m`` so that both walk one expert alignment (its tuned entry is
-    indexed by pairs: it is asked with top_k = 1)."""
-    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype)
-    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype)
+    indexed by pairs: it is asked with top_k = 1).  ``pairwise`` as ``get_fused_moe_config``'s."""
+    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype, pairwise=pairwise)
+    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype, pairwise=pairwise)
     if cfg2.block_size_m != cfg1.block_size_m:
         cfg2 = dataclasses.replace(cfg2, block_size_m=cfg1.block_size_m)
     return cfg1, cfg2
