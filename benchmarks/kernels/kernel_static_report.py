@@ -1,7 +1,8 @@
-"""Static report of the 4-bit expert GEMM kernels compiled for an H100 / H200 (sm_90), no GPU needed.
+"""Static report of the expert GEMM kernels compiled for an H100 / H200 (sm_90), no GPU needed.
 
-Per variant (int4 ``UNPACK`` modes, MXFP4 decodes and split-K) at the decode configs the heuristics
-give for the layer shapes of issues 12 and 13: registers, spilled bytes, shared memory, and the main
+Per variant (int4 ``UNPACK`` modes, MXFP4 decodes and split-K; the bf16 GEMM's tl.dot kernel at its H200 tuned /
+heuristic tiles vs its FMA GEMV on pairwise launches) at the decode configs the heuristics
+give for the layer shapes of issues 10-13: registers, spilled bytes, shared memory, and the main
 K loop read from the SASS (``nvdisasm`` from Triton's bundled CUDA tools; PTX if it is missing):
 instructions per weight element decoded (per thread: loop instructions / (BLOCK_K * BLOCK_N / threads)),
 of which integer->float conversions (I2F / F2F: multi-function unit, 1/8 of the ALU rate) and shared
@@ -10,7 +11,7 @@ stores (layout conversions), and whether the loop is pipelined (cp.async = LDGST
 Arguments are specialised as at run time (16-byte aligned pointers; an int equal to 1 is a constant;
 an int divisible by 16 is marked so), from the shapes' real strides.  Run without TRITON_INTERPRET:
 
-    PYTHONPATH=. python benchmarks/kernels/kernel_static_report.py [--kernels int4 mxfp4] [--tokens 1 16]
+    PYTHONPATH=. python benchmarks/kernels/kernel_static_report.py [--kernels int4 mxfp4 bf16] [--tokens 1 16]
         [--dtype bf16] [--group 128] [--shapes NAME ...] [--variants NAME ...] [--out report.md]
 """
 from __future__ import annotations
@@ -49,6 +50,10 @@ MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode"
                   # the FMA GEMV at its own heuristic tiles and split (_gemv_config), 1 or 2 rows per pass
                   # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
                   "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
+BF16_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2),
+               "gpt-oss-20b": (2880, 2880, 32, 4)}
+# the GEMV runs on pairwise launches only (one pair per block: 1 token of the three shapes)
+BF16_VARIANTS = {"tl.dot": dict(GEMV=0), "GEMV": dict(GEMV=1)}
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 @dataclass
 class Row:
@@ -129,6 +134,33 @@ def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: in
     src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
                                                            num_stages=int(cfg.get("num_stages", 3))))
+
+
+def compile_bf16(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = False):
+    """The bf16 grouped GEMM (``_fused_moe_gemm_kernel.py``) or, with ``GEMV``, its FMA GEMV (router weight on)."""
+    dt = _TORCH_TO_TRITON[dtype]
+    common = dict(N=N, K=K, top_k_in=1, stride_am=K, stride_ak=1, stride_we=N * K, stride_wn=K, stride_wk=1,
+                  stride_om=N, stride_on=1, stride_be=N, stride_bn=1)
+    if int(cfg.get("GEMV", 0)):
+        from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemv_kernel import _fused_moe_gemv_kernel as fn
+
+        split = int(cfg.get("SPLIT_K", 1))
+        ptrs = {"a_ptr": dt, "w_ptr": dt, "out_ptr": "fp32" if split > 1 else dt, "bias_ptr": dt,
+                "topk_weights_ptr": "fp32", "pair_expert_ids_ptr": "i32"}
+        cexp = dict(HAS_BIAS=bias, MUL_ROUTED_WEIGHT=True, SPLIT_K=split, BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+                    BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
+        ints = dict(common, stride_os=num_pairs * N)
+    else:
+        from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel as fn
+
+        ptrs = {"a_ptr": dt, "w_ptr": dt, "out_ptr": dt, "bias_ptr": dt, "topk_weights_ptr": "fp32",
+                "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
+        cexp = dict(HAS_BIAS=bias, MUL_ROUTED_WEIGHT=True, UPCAST_DOT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
+                    BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
+                    BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))))
+        ints = dict(common, num_pid_m=num_pairs, num_pairs=num_pairs)
+    options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)))
+    return triton.compile(specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
 
 
 def compile_mxfp4_reduce(dtype: torch.dtype, split: int, block_m: int, N: int):
@@ -255,6 +287,32 @@ def mxfp4_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: di
     return rows
 
 
+def bf16_rows(tokens: list[int], dtype: torch.dtype, variants: dict, shapes: dict = BF16_SHAPES,
+              device_name: str = "NVIDIA H200") -> list[Row]:
+    """The bf16 GEMM at the tiles a ``device_name`` GPU runs (its shipped tuned entry over the heuristic) and the
+    GEMV at its heuristic tiles, on pairwise launches only (elsewhere the GEMV does not run)."""
+    from vllm.kernel_configs.tile_config import tuned_tiles
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as g
+    from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import gemv_config
+    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
+
+    rows = []
+    for shape, (H, I, E, k) in shapes.items():
+        for M in tokens:
+            pairs = M * k
+            for gemm, N, K, top_k in (("w13", 2 * I, H, k), ("w2", H, I, 1)):
+                dot = tuned_tiles(g._gpu_config(pairs, E, N, K, dtype), "fused_moe_gemm", {"E": E, "N": N, "K": K},
+                                  max(pairs // top_k, 1), device_name, check=g.check_tile_config)
+                for name, over in variants.items():
+                    if over.get("GEMV") and not use_pairwise_alignment(pairs, E):
+                        continue
+                    cfg = (gemv_config(pairs, N, K, dtype, dot.block_size_m) if over.get("GEMV") else dot).to_json()
+                    kern = compile_bf16(dtype, cfg, N=N, K=K, num_pairs=pairs)
+                    rows.append(_row("bf16", shape, M, gemm, name, cfg, kern))
+                    print(fmt_row(rows[-1]), flush=True)
+    return rows
+
+
 HEADER = ("| kernel | shape | tokens | GEMM | variant | tiles | regs | spill (B) | shared (B) | loop instr. "
           "| instr. / weight | conversions / weight | shared stores / weight | pipelined |\n"
           "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -270,11 +328,11 @@ def fmt_row(r: Row) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kernels", nargs="+", default=["int4", "mxfp4"], choices=["int4", "mxfp4"])
+    p.add_argument("--kernels", nargs="+", default=["int4", "mxfp4"], choices=["int4", "mxfp4", "bf16"])
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 16])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--shapes", nargs="+", default=None, choices=[*INT4_SHAPES, *MXFP4_SHAPES])
-    p.add_argument("--variants", nargs="+", default=None, choices=[*INT4_VARIANTS, *MXFP4_VARIANTS])
+    p.add_argument("--shapes", nargs="+", default=None, choices=sorted({*INT4_SHAPES, *MXFP4_SHAPES, *BF16_SHAPES}))
+    p.add_argument("--variants", nargs="+", default=None, choices=[*INT4_VARIANTS, *MXFP4_VARIANTS, *BF16_VARIANTS])
     p.add_argument("--group", type=int, default=128, help="int4 scale group size")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args()
@@ -287,6 +345,8 @@ def main() -> None:
                           args.group)
     if "mxfp4" in args.kernels:
         rows += mxfp4_rows(args.tokens, dtype, pick(MXFP4_VARIANTS, args.variants), pick(MXFP4_SHAPES, args.shapes))
+    if "bf16" in args.kernels:
+        rows += bf16_rows(args.tokens, dtype, pick(BF16_VARIANTS, args.variants), pick(BF16_SHAPES, args.shapes))
     if args.out:
         with open(args.out, "w") as f:
             f.write(HEADER + "\n" + "\n".join(map(fmt_row, rows)) + "\n")

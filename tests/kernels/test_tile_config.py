@@ -35,7 +35,7 @@ def test_known_json_names():
     cfg = TileConfig(block_size_m=16, block_size_n=32, block_size_k=64, group_size_m=8, split_k=2, num_warps=8,
                      num_stages=4)
     assert cfg.to_json() == {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
-                             "SPLIT_K": 2, "num_warps": 8, "num_stages": 4}
+                             "SPLIT_K": 2, "num_warps": 8, "num_stages": 4, "GEMV": 0}
     lora = MoELoRATileConfig(block_size_m=16, block_size_n=32, block_size_k=64, num_n_splits=3)
     assert lora.to_json() == {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "NUM_N_SPLITS": 3,
                               "num_warps": 4, "num_stages": 3}

@@ -83,6 +83,11 @@ class TileConfig(JsonTiles):
     block_size_m is also the block size of the expert alignment the GEMM reads.
     group_size_m: M-blocks that sweep the N tiles together (L2 reuse of a weight slice).
     split_k: programs sharing one tile's K range (1 = no split; only kernels that reduce splits take > 1).
+    gemv: 1 = the bf16 GEMM runs the FMA GEMV (``ops/_fused_moe_gemv_kernel.py``) on pairwise launches (one
+    pair per alignment block): block_size_n, block_size_k (any powers of two), split_k (1-16) and num_warps
+    apply; block_size_m is still the alignment's block size; group_size_m and num_stages do not apply;
+    launches on sorted routing run the tl.dot kernel at the config's tiles.  0 = the tl.dot kernel.
+    The 4-bit GEMMs' configs give ``gemv`` meanings of their own (read their docstrings).
     """
 
     block_size_m: int
@@ -92,11 +97,14 @@ class TileConfig(JsonTiles):
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    gemv: int = 0
 
     JSON_KEYS: ClassVar[Mapping[str, str]] = {
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "GROUP_SIZE_M": "group_size_m", "SPLIT_K": "split_k", "num_warps": "num_warps", "num_stages": "num_stages",
+        "GEMV": "gemv",
     }
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"gemv"})
 
 
 _GEMM_KEYS = TileConfig.JSON_KEYS

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TritonRoute:
-    """What both GEMMs of one ``apply`` share: their tiles (one block_size_m) and the expert alignment."""
+    """What both GEMMs of one ``apply`` share: their tiles (one block_size_m) and the expert alignment
+    (``pairwise``: ``pairwise_alignment``'s, one pair per block, which a ``gemv=1`` config needs)."""
 
     cfg1: "TileConfig"
     cfg2: "TileConfig"
     align: "AlignResult"
+    pairwise: bool = False
 
 
 class TritonExperts(TwoGemmExperts):
@@ -43,10 +45,14 @@ class TritonExperts(TwoGemmExperts):
     def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
                dtype: torch.dtype) -> TritonRoute:
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
-        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import (align_for_experts,
+                                                                                   use_pairwise_alignment)
 
-        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype)  # one block_size_m
-        return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts))
+        pairwise = use_pairwise_alignment(ids.numel(), num_experts)  # align_for_experts' test
+        cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], dtype,
+                                          pairwise=pairwise)  # one block_size_m
+        return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align_for_experts(ids, cfg1.block_size_m, num_experts),
+                           pairwise=pairwise)
 
     def _route_and_lora_align(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,
                               x: torch.Tensor, lora_context: Optional["MoELoRAContext"]
@@ -81,4 +87,4 @@ class TritonExperts(TwoGemmExperts):
                               num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=qc.w1_bias if stage == 1 else qc.w2_bias,
-                              config=route.cfg1 if stage == 1 else route.cfg2)
+                              config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise)

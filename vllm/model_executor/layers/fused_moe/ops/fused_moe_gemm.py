@@ -29,7 +29,12 @@ BLOCK_SIZE_M from num_pairs / E alone, so without tuned files both GEMMs get
 the same one.
 
 Rows of ``out`` whose pair is in no block (expert -1: dropped / non-local) are
-left untouched; the caller zeroes or skips them.  The launch is graph-safe: it
+left untouched; the caller zeroes or skips them.
+
+Pairwise routing (``pairwise_alignment``: one pair per block, ``pairwise=True``) can run the FMA GEMV
+instead of tl.dot (``fused_moe_gemv.py``): a config with ``gemv=1``, which ``get_fused_moe_config(...,
+pairwise=True)`` gives when ``GEMV_PAIRWISE`` is on (or a tuned entry says ``"GEMV": 1``); a config asked
+for sorted routing (the default) never has it.  The launch is graph-safe: it
 never reads device values on the host; the grid covers at most
 ceil(num_pairs / BLOCK_SIZE_M) + min(num_pairs, E) M-blocks and programs past
 ``num_tokens_post_padded`` return at once.
@@ -44,10 +49,18 @@ import torch
 
 from vllm import envs
 from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
+                                                                      invoke_fused_moe_gemv)
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
+logger = init_logger(__name__)
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Pairwise launches (decode among many experts) run the FMA GEMV (``fused_moe_gemv.py``): off until
+# benchmarks/kernels/benchmark_moe_gemv.py has timed it against the tl.dot kernel on a GPU.
+GEMV_PAIRWISE = False
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -99,45 +112,76 @@ def _gpu_config(num_pairs: int, num_experts: int, N: int, K: int, dtype: torch.d
 
 @functools.lru_cache(maxsize=1024)
 def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int, dtype: torch.dtype, interp: bool,
-                   tuned_folder: Optional[str]) -> TileConfig:
+                   tuned_folder: Optional[str], pairwise: bool, gemv_pairwise: bool) -> TileConfig:
     if interp:
-        return _interpreter_config(num_pairs, num_experts, N, K)
+        cfg = _interpreter_config(num_pairs, num_experts, N, K)
+        return gemv_config(num_pairs, N, K, dtype, cfg.block_size_m) if gemv_pairwise and pairwise else cfg
+    dot = _gpu_config(num_pairs, num_experts, N, K, dtype)
     num_tokens = max(num_pairs // max(top_k, 1), 1)
-    return tuned_tiles(_gpu_config(num_pairs, num_experts, N, K, dtype), "fused_moe_gemm",
-                       {"E": num_experts, "N": N, "K": K}, num_tokens, _device_name(), check=check_tile_config)
+    key = {"E": num_experts, "N": N, "K": K}
+    tuned = tuned_tiles(dot, "fused_moe_gemm", key, num_tokens, _device_name(), check=check_tile_config)
+    if tuned.gemv:  # an entry tuned with the GEMV: on pairwise launches, over the GEMV's own tiles
+        if pairwise:
+            return tuned_tiles(gemv_config(num_pairs, N, K, dtype, dot.block_size_m), "fused_moe_gemm", key,
+                               num_tokens, _device_name(), check=check_tile_config)
+        # e.g. a one-token entry that is the nearest to a sorted launch
+        logger.warning("tuned fused_moe_gemm entry with GEMV=1 for E=%d N=%d K=%d is the nearest to %d tokens, asked "
+                       "for sorted routing: the GEMV runs on pairwise routing only; using the heuristic's tiles",
+                       num_experts, N, K, num_tokens)
+        return dot
+    if gemv_pairwise and pairwise:
+        if tuned != dot:
+            logger.info("GEMV_PAIRWISE: pairwise launches of E=%d N=%d K=%d run the GEMV, not the tl.dot tiles of "
+                        "the tuned entry nearest to %d tokens (tune with the GEMV to compare)",
+                        num_experts, N, K, num_tokens)
+        return gemv_config(num_pairs, N, K, dtype, dot.block_size_m)
+    return tuned
 
 
 def get_fused_moe_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
-                         dtype: torch.dtype) -> TileConfig:
+                         dtype: torch.dtype, *, pairwise: bool = False) -> TileConfig:
     """Tile config of one expert GEMM: a tuned file when one matches, else a heuristic.
 
     num_pairs: routed (token, k) pairs, M * top_k.  num_experts: E_local.
     N, K: the GEMM's output / reduction width (GEMM1: 2I, H; GEMM2: H, I).
     A tuned entry (op ``fused_moe_gemm``, key E, N, K, table by token count) overrides the
     heuristic's fields it names.  ``block_size_m`` is the block size to pass to
-    ``moe_align_block_size``.
+    ``moe_align_block_size``.  ``pairwise``: the launch will walk ``pairwise_alignment`` (as
+    ``align_for_experts`` chooses when ``use_pairwise_alignment``) and pass ``pairwise=True``; only such a
+    launch may get the GEMV (``gemv=1``): when a tuned entry says GEMV=1 (its other keys over the GEMV's
+    heuristic tiles), or when ``GEMV_PAIRWISE`` is on (entries tuned for the tl.dot kernel, without GEMV=1,
+    are then not used there: logged).  A tuned entry with GEMV=1 never reaches a sorted launch (logged).
     """
     key = (int(num_pairs), int(num_experts), int(N), int(K), int(top_k), dtype)
-    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER)
+    return _cached_config(*key, triton_interpreting(), envs.VLLM_TUNED_CONFIG_FOLDER, bool(pairwise), GEMV_PAIRWISE)
 
 
 def get_two_gemm_configs(num_pairs: int, num_experts: int, N: int, K: int, act_n: int, top_k: int,
-                         dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+                         dtype: torch.dtype, *, pairwise: bool = False) -> tuple[TileConfig, TileConfig]:
     """The configs of GEMM1 ([pairs, K] x w13 [N, K]^T) and GEMM2 ([pairs, act_n] x w2 [K, act_n]^T) of one
     layer, GEMM2's with GEMM1's ``block_size_m`` so that both walk one expert alignment (its tuned entry is
-    indexed by pairs: it is asked with top_k = 1)."""
-    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype)
-    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype)
+    indexed by pairs: it is asked with top_k = 1).  ``pairwise`` as ``get_fused_moe_config``'s."""
+    cfg1 = get_fused_moe_config(num_pairs, num_experts, N, K, top_k, dtype, pairwise=pairwise)
+    cfg2 = get_fused_moe_config(num_pairs, num_experts, K, act_n, 1, dtype, pairwise=pairwise)
     if cfg2.block_size_m != cfg1.block_size_m:
         cfg2 = dataclasses.replace(cfg2, block_size_m=cfg1.block_size_m)
     return cfg1, cfg2
 
 
 def check_tile_config(config: TileConfig) -> None:
-    """What ``invoke_fused_moe_gemm`` needs of a config: power-of-two tiles >= 16, no split-K."""
+    """What ``invoke_fused_moe_gemm`` needs of a config: power-of-two tiles >= 16, no split-K; with
+    ``gemv=1`` (the FMA GEMV) BLOCK_SIZE_N / BLOCK_SIZE_K any powers of two and SPLIT_K up to 16."""
     if type(config) is not TileConfig:  # a 4-bit GEMM's config (a subclass) has fields this GEMM would ignore
         raise TypeError(f"config must be a TileConfig (get_fused_moe_config, or TileConfig.from_json for a "
                         f"dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
+    if config.gemv not in (0, 1):
+        raise ValueError(f"GEMV={config.gemv}: 1 (the FMA GEMV on pairwise routing) or 0 (tl.dot)")
+    if config.gemv:
+        v = config.block_size_m
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"BLOCK_SIZE_M={v}: the alignment's block size must be a power of two >= 16")
+        check_gemv_config(config)
+        return
     for name in ("block_size_m", "block_size_n", "block_size_k"):
         v = getattr(config, name)
         if v < 16 or v & (v - 1):
@@ -196,6 +240,7 @@ def invoke_fused_moe_gemm(
     mul_routed_weight: bool = False,
     bias: Optional[torch.Tensor] = None,
     config: TileConfig,
+    pairwise: bool = False,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -206,7 +251,10 @@ def invoke_fused_moe_gemm(
         the sentinel there must be num_pairs.
     topk_weights: [M, top_k] (num_pairs values), read when ``mul_routed_weight``.
     bias: optional [E_local, N], added before the routed-weight multiply.
-    Pairs in no block are not written.  No host synchronisation (graph safe).
+    pairwise: the routing is ``pairwise_alignment``'s (block p holds pair p alone, ``block_expert_ids``
+        is each pair's expert); required by a config with ``gemv=1``, which then runs the FMA GEMV.
+    Pairs in no block are not written (the GEMV with SPLIT_K > 1 writes them as zeros).
+    No host synchronisation (graph safe).
     """
     check_tile_config(config)
     bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
@@ -230,7 +278,17 @@ def invoke_fused_moe_gemm(
                             block_expert_ids=block_expert_ids, num_tokens_post_padded=num_tokens_post_padded,
                             topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias,
                             others=(a, w))
+    if pairwise and block_expert_ids.numel() != num_pairs:
+        raise ValueError(f"pairwise routing has one block per pair: {num_pairs} pairs, "
+                         f"{block_expert_ids.numel()} blocks (use pairwise_alignment)")
+    if config.gemv and not pairwise:
+        raise ValueError("GEMV=1 runs on pairwise routing only (pairwise_alignment, pairwise=True); "
+                         "sorted routing needs a config with GEMV=0")
     if num_pairs == 0 or N == 0 or EM == 0:
+        return
+    if config.gemv:
+        invoke_fused_moe_gemv(a, w, out, pair_expert_ids=block_expert_ids, top_k_in=top_k_in, config=config,
+                              topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias)
         return
 
     from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel
