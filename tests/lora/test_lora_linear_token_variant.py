@@ -1,0 +1,115 @@
+"""The token path's prefetch kernel (``LoRALinearTileConfig.token_kernel = 1``) of the dense LoRA op.
+
+Against the float64 loop reference and against today's token kernel (``token_kernel = 0``), random data;
+rows and columns the op must not change (tokens without an adapter, on a disabled or out-of-range slot,
+columns outside and between the slices) are poisoned with NaN and must come back bit for bit.  The sm_90
+compile (no GPU needed) checks the reason the variant exists: no spills, two dependent round trips.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from tests.lora.test_lora_linear_ops import _expected, make_case
+from tests.utils import assert_close, run_without_interpreter
+from vllm.kernel_configs.tile_config import LoRALinearTileConfig
+from vllm.lora.ops.triton_ops import lora_linear as op
+from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_config, token_variant_config
+
+
+def _variant(x, a, b, **tiles) -> LoRALinearTileConfig:
+    cfg = token_variant_config(x.shape[0], x.shape[1], max(t.shape[1] for t in b), a[0].shape[1], len(a), x.dtype)
+    return dataclasses.replace(cfg, **tiles)
+
+
+# (tokens, K, slice widths, L, R, mapping mode, one buffer, tiles): K not a multiple of BLOCK_K (several K tiles),
+# slices narrower than others (programs past their end), odd and large ranks, separate slice tensors
+CASES = [
+    (1, 48, [40], 1, 16, "one", True, dict(block_n=16, block_k=32)),
+    (3, 40, [32, 16, 8], 3, 8, "mixed", True, dict(block_n=16, block_k=16)),
+    (5, 72, [24, 24], 2, 5, "mixed", False, dict(block_n=8, block_k=64)),
+    (2, 32, [16, 8, 8], 2, 64, "mixed", True, dict(block_n=8, block_k=16)),
+    (7, 64, [32], 4, 16, "mixed", True, dict()),
+    (4, 32, [16], 2, 8, "none", True, dict()),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,K,widths,L,R,mode,one_buffer,tiles", CASES)
+def test_variant_matches_reference(T, K, widths, L, R, mode, one_buffer, tiles, dtype, device):
+    x, a, b, y, offsets, mapping = make_case(T, K, widths, L, R, mode, one_buffer, dtype, device, seed=T + K)
+    want = _expected(x, a, b, y, offsets, mapping)
+    add_lora_linear(y, x, a, b, mapping, output_offsets=offsets, config=_variant(x, a, b, **tiles))
+    assert_close(y.float().cpu(), want.float(), dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variant_leaves_other_rows_and_columns_alone(dtype, device):
+    """Every slot kind: enabled, disabled, -1 and >= max_loras; gaps between the slices; NaN poison survives."""
+    T, K, widths, L, R = 12, 40, [16, 8, 8], 4, 8
+    x, a, b, y, _, _ = make_case(T, K, widths, L, R, "mixed", True, dtype, device, seed=5)
+    offsets = [2, 20, 30]  # columns 0-1, 18-19, 28-29, 38-39 belong to no slice
+    y = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(dtype=dtype, device=device)
+    mapping = torch.tensor([0, 1, 2, 3, -1, 4, 7, 0, 2, -1, 1, 3], dtype=torch.int32, device=device)
+    enabled = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32, device=device)  # slot 1 disabled
+    writes = (mapping >= 0) & (mapping < L)
+    writes &= enabled[mapping.clamp(0, L - 1).long()] != 0
+    cols = torch.zeros(40, dtype=torch.bool)
+    for o, n in zip(offsets, widths):
+        cols[o:o + n] = True
+    y[~writes.cpu()] = float("nan")
+    y[:, ~cols] = float("nan")
+    y0 = y.clone()
+    want = _expected(x, a, b, y.nan_to_num(), offsets, mapping, enabled.cpu())
+    add_lora_linear(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets,
+                    config=_variant(x, a, b, block_n=8, block_k=16))
+    assert torch.equal(_bits(y[~writes]), _bits(y0[~writes]))
+    assert torch.equal(_bits(y[:, ~cols.to(device)]), _bits(y0[:, ~cols.to(device)]))
+    rows, c = writes.cpu(), cols
+    assert_close(y.cpu()[rows][:, c].float(), want[rows][:, c].float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_variant_equals_todays_kernel(dtype, device):
+    """Both token kernels at their own default tiles on a q/k/v-like launch, within the dtype's rounding of y."""
+    x, a, b, y, offsets, mapping = make_case(6, 96, [64, 16, 16], 3, 16, "mixed", True, dtype, device, seed=9)
+    y_old, y_new = y.clone(), y.clone()
+    old = dataclasses.replace(lora_linear_config(6, 96, 64, 16, 3, dtype), token_kernel=0)
+    add_lora_linear(y_old, x, a, b, mapping, output_offsets=offsets, config=old)
+    add_lora_linear(y_new, x, a, b, mapping, output_offsets=offsets, config=_variant(x, a, b, block_k=32))
+    assert not torch.equal(y_old, y)  # the delta is not zero
+    assert_close(y_new.float().cpu(), y_old.float().cpu(), dtype)
+
+
+def test_token_kernel_key_and_default():
+    cfg = LoRALinearTileConfig.from_json({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 2048, "token_path": True,
+                                          "TOKEN_KERNEL": 1})
+    assert cfg.token_kernel == 1 and cfg.to_json()["TOKEN_KERNEL"] == 1
+    assert LoRALinearTileConfig(block_m=16, block_n=64, block_k=64).token_kernel == 0  # today's kernel by default
+    assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == op.TOKEN_KERNEL == 0
+    x, a, b, y, offsets, mapping = make_case(2, 32, [16], 2, 8, "mixed", True, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="TOKEN_KERNEL=2"):
+        add_lora_linear(y, x, a, b, mapping, config=dataclasses.replace(_variant(x, a, b), token_kernel=2))
+
+
+def test_flipping_the_default_gives_the_variant(monkeypatch):
+    monkeypatch.setattr(op, "TOKEN_KERNEL", 1)
+    assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 1
+    assert lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # sorted path unchanged
+
+
+def test_variant_compiles_for_hopper_in_two_round_trips():
+    """sm_90, as the engine launches it (qkv and o at Qwen3-30B-A3B width, rank 16, 1 token): no spills, and
+    the static model counts 2 dependent global round trips for the variant against more for today's kernel."""
+    out = run_without_interpreter("benchmarks/kernels/lora_linear_static_report.py", "--tokens", "1")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[1] == "1"]
+    assert len(rows) == 4, out
+    for r in rows:
+        spill, trips = int(r[5]), int(r[9])
+        assert spill == 0, r
+        assert (trips <= 2) if r[2] == "1" else (trips > 2), r
