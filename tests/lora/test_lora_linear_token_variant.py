@@ -115,3 +115,29 @@ def test_variant_compiles_for_hopper_in_two_round_trips():
         spill, trips = int(r[5]), int(r[9])
         assert spill == 0, r
         assert (trips <= 2) if r[2] == "1" else (trips > 2), r
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("proj", ["qkv", "o"])
+def test_variant_realistic_sizes_in_a_cuda_graph(proj, T, dtype, device):
+    """Qwen3-30B-A3B-like q/k/v (K 2048; 4096, 512, 512) and o (K 4096; 2048), rank 16, 4 slots, at the
+    variant's default tiles: captured in a CUDA graph, replayed after the mapping changes in place."""
+    K, widths = (2048, [4096, 512, 512]) if proj == "qkv" else (4096, [2048])
+    x, a, b, y, offsets, mapping = make_case(T, K, widths, 4, 16, "mixed", True, dtype, device, seed=T)
+    enabled = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32, device=device)
+    cfg = _variant(x, a, b)
+    y0 = y.clone()
+    add_lora_linear(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets, config=cfg)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        add_lora_linear(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets, config=cfg)
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        mapping.copy_(torch.randint(-1, 4, (T,), generator=gen, dtype=torch.int32))
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _expected(x, a, b, y0, offsets, mapping, enabled.cpu()[:4])
+        assert_close(y.float().cpu(), want.float(), dtype)
