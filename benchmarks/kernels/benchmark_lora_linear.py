@@ -16,10 +16,11 @@ tolerance; a config that fails is reported, not timed.
 
 ``--sweep`` also times the alternative tile configs and marks the fastest per row.
 
-``--token-variant``: the token path's two kernels A/B at ``--tokens`` (default 1 2 4 8): today's
+``--token-variant``: the token path's kernels A/B at ``--tokens`` (default 1 2 4 8): today's
 ``lora_linear_token_kernel`` (``token_kernel=0``, the heuristic's tiles) against the prefetch variant
-(``token_kernel=1``) at ``token_variant_config``'s tiles and at BLOCK_N 64-512; every config checked
-against the fp32 reference first, and both kernels' outputs against each other.
+(``token_kernel=1``, ``token_variant_config``'s tiles, and BLOCK_N 64-512) and the split-K shrink +
+expand (``token_kernel=2``, ``split_variant_config``'s tiles, and BLOCK_K 128-1024); every config checked
+against the fp32 reference first, and each variant's output against today's kernel's.
 
 The q/k/v B slices are views of one buffer, with ``adapter_enabled``, as the LoRA layers launch them
 (one launch for the three slices; before 2026-12-02 the benchmark's separate B tensors timed three).
@@ -139,24 +140,28 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
 
 
 def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush) -> str:
-    """One table row: today's token kernel against the prefetch variant (default tiles and a BLOCK_N sweep)."""
-    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config, token_variant_config
+    """One table row: today's token kernel against the two variants (default tiles, and a small sweep)."""
+    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config, split_variant_config, token_variant_config
 
     N, R, S = max(n_sizes), args.rank, len(n_sizes)
     today = dataclasses.replace(lora_linear_config(T, K, N, R, S, dtype), token_path=True, token_kernel=0)
-    variant = token_variant_config(T, K, N, R, S, dtype)
-    configs = [("today", today), ("variant", variant)]
+    prefetch = token_variant_config(T, K, N, R, S, dtype)
+    split = split_variant_config(T, K, N, R, S, dtype)
+    configs = [("today", today), ("prefetch", prefetch), ("split-K", split)]
     if device.type == "cuda":
-        configs += [(f"variant BLOCK_N={bn}", dataclasses.replace(variant, block_n=bn))
-                    for bn in (64, 128, 256, 512) if bn != variant.block_n]
+        configs += [(f"prefetch BLOCK_N={bn}", dataclasses.replace(prefetch, block_n=bn))
+                    for bn in (64, 128, 256, 512) if bn != prefetch.block_n]
+        configs += [(f"split-K BLOCK_K={bk}", dataclasses.replace(split, block_k=bk))
+                    for bk in (128, 256, 512, 1024) if bk != split.block_k]
     results, outputs = time_configs(K, n_sizes, T, args, dtype, device, flush, configs)
-    if outputs[0] is not None and outputs[1] is not None and norm_err(outputs[1], outputs[0]) > TOLERANCE[dtype]:
-        results[1] = ("variant", None, f"differs from today's kernel: {norm_err(outputs[1], outputs[0]):.2e}")
+    for i in range(1, len(results)):  # each variant against today's kernel too
+        if outputs[0] is not None and outputs[i] is not None and norm_err(outputs[i], outputs[0]) > TOLERANCE[dtype]:
+            results[i] = (results[i][0], None, f"differs from today's kernel: {norm_err(outputs[i], outputs[0]):.2e}")
     fmt = lambda r: f"{r[1]:.1f}" if r[1] is not None else r[2]  # noqa: E731
     ok = [r for r in results[1:] if r[1] is not None]
     best = min(ok, key=lambda r: r[1]) if ok else None
     speedup = f"{results[0][1] / best[1]:.2f}" if best and results[0][1] and best[1] else "-"
-    return (f"| {name} | {T} | {fmt(results[0])} | {fmt(results[1])} (BLOCK_N {variant.block_n}) | "
+    return (f"| {name} | {T} | {fmt(results[0])} | {fmt(results[1])} | {fmt(results[2])} | "
             f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {speedup} |")
 
 
@@ -169,7 +174,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--token-variant", action="store_true",
-                   help="A/B the token path's kernels (today's vs the prefetch variant); tokens default 1 2 4 8")
+                   help="A/B the token path's kernels (today's vs the two variants); tokens default 1 2 4 8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -187,10 +192,10 @@ def main() -> None:
     shapes = [("qkv", H, [QD, KVD, KVD]), ("o", QD, [H])]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     if args.token_variant:
-        lines = [f"# dense LoRA token path, today's kernel vs the prefetch variant, {gpu}, {dtype}, {args.width} "
+        lines = [f"# dense LoRA token path, today's kernel vs the variants, {gpu}, {dtype}, {args.width} "
                  f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
-                 "| proj | tokens | today (us) | variant, default tiles (us) | variant, best (us) | best config | "
-                 "today / best |", "|---|---:|---:|---:|---:|---|---:|"]
+                 "| proj | tokens | today (us) | prefetch (us) | split-K (us) | best variant (us) | best config | "
+                 "today / best |", "|---|---:|---:|---:|---:|---:|---|---:|"]
         for name, K, ns in shapes:
             for T in args.tokens:
                 lines.append(variant_rows(name, K, ns, T, args, dtype, device, flush))

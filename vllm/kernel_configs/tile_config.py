@@ -168,7 +168,8 @@ class LoRALinearTileConfig(JsonTiles):
     num_n_splits: programs sharing one block's (or token's) N range.
     token_kernel: which kernel runs the token path: 0 = ``lora_linear_token_kernel`` (every N-split
     program recomputes the shrink), 1 = ``lora_linear_token_prefetch_kernel`` (two dependent memory
-    round trips; one program per block_n columns, num_n_splits unused; read ``_lora_linear_kernels.py``).
+    round trips; one program per block_n columns, num_n_splits unused; read ``_lora_linear_kernels.py``),
+    2 = a split-K shrink (block_k columns of A per program) and an expand (``_lora_linear_split_kernels.py``).
     """
 
     block_m: int
