@@ -8,12 +8,8 @@ round trips "shrink + expand") at the configs ``lora_linear_config`` / ``token_v
 programs, bytes of A the programs read (each program reads its slot's whole A), and the dependent
 global-memory round trips before the last store (``round_trips``).
 
-``round_trips`` models one warp issuing in order (a GPU warp does): an instruction issues when the
-previous one has and its source registers are ready; a global load's result is ready one round trip
-after it issues, everything else at once.  So the count is the number of global loads chained before
-the store, counting the loads that wait only because an earlier instruction in program order waits
-(e.g. a load placed after a shared-memory store of an earlier load's value, or after a branch on it).
-Back edges are not followed (one pass of each loop; the default configs give each program one N tile).
+``round_trips``: ``sass_round_trips.py`` (one warp issuing in order; a global load's result is ready
+one round trip after it issues).
 
     PYTHONPATH=. python benchmarks/kernels/lora_linear_static_report.py [--width qwen3] [--rank 16] [--tokens 1 8]
         [--moe] [--out report.md]
@@ -41,61 +37,12 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from benchmarks.kernels.sass_round_trips import round_trips  # noqa: E402
 from benchmarks.kernels.sass_stats import TARGET, _sass, resources, specialise  # noqa: E402
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # width -> (hidden, q heads * head_dim, kv heads * head_dim), as benchmark_lora_linear.py
 WIDTHS = {"qwen3": (2048, 4096, 512), "mixtral": (4096, 4096, 1024), "gpt-oss": (2880, 4096, 512)}
-_NO_WRITE = ("STG", "ST.", "STS", "STL", "RED", "BRA", "EXIT", "BAR", "MEMBAR", "NOP", "WARPSYNC", "DEPBAR",
-             "BSYNC", "BSSY", "RET", "CALL", "FENCE", "ERRBAR", "CCTL")
-_PRED_ONLY = ("ISETP", "FSETP", "DSETP", "HSETP2", "PLOP3", "UISETP", "UPLOP3")
-
-
-def _regs(text: str) -> list[str]:
-    """Register names an operand list reads; ``R8.64`` (an address pair) reads R8 and R9."""
-    out = []
-    for m in re.finditer(r"\b(U?R)(\d+)(\.64)?\b|\b(U?P\d)\b", text):
-        if m.group(4):
-            out.append(m.group(4))
-            continue
-        out.append(f"{m.group(1)}{m.group(2)}")
-        if m.group(3):
-            out.append(f"{m.group(1)}{int(m.group(2)) + 1}")
-    return [r for r in out if r not in ("RZ", "URZ", "PT", "UPT")]
-
-
-def round_trips(sass: str) -> int:
-    """Dependent global round trips before the last global store (the in-order model above)."""
-    ready: dict[str, int] = {}
-    now = last_store = 0
-    for line in sass.splitlines():
-        m = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?);", line)
-        if not m:
-            continue
-        guard, op, rest = m.group(1) or "", m.group(2), m.group(3)
-        ops = [o.strip() for o in rest.split(",")] if rest else []
-        is_load = op.startswith(("LDG", "LD.", "ATOMG"))
-        is_store = op.startswith(("STG", "ST.", "RED"))
-        lead = 0  # leading predicate destinations (ISETP P0, PT, ...; LOP3.LUT P0, R2, ...)
-        while lead < len(ops) and re.fullmatch(r"U?P\d|U?PT", ops[lead]):
-            lead += 1
-        if op.startswith(_NO_WRITE):
-            lead = 0
-        writes_reg = not op.startswith(_NO_WRITE + _PRED_ONLY) and lead < len(ops)
-        n_dst = lead + (1 if writes_reg else 0)
-        dst, srcs = ",".join(ops[:n_dst]), _regs(guard) + _regs(",".join(ops[n_dst:]))
-        now = max([now] + [ready.get(r, 0) for r in srcs])
-        if is_store:
-            last_store = max(last_store, now)
-        width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
-        for d in _regs(dst):
-            base = re.match(r"(U?R)(\d+)$", d)
-            names = [f"{base.group(1)}{int(base.group(2)) + i}" for i in range(width)] if base else [d]
-            for n in names:
-                ready[n] = now + 1 if is_load else now
-    return last_store
-
-
 def compile_token(kernel: int, dtype: torch.dtype, cfg, *, K: int, n_sizes: list[int], R: int, L: int = 4):
     """One token-path kernel as the engine launches it (``add_lora_linear``'s arguments)."""
     from vllm.lora.ops.triton_ops import _lora_linear_kernels as kern

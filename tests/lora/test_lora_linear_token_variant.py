@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from benchmarks.kernels.sass_round_trips import round_trips
 from tests.lora.test_lora_linear_ops import _expected, make_case
 from tests.utils import assert_close, run_without_interpreter
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
@@ -112,6 +113,30 @@ def test_flipping_the_default_gives_the_variant(kernel, monkeypatch):
     monkeypatch.setattr(op, "TOKEN_KERNEL", kernel)
     assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == kernel
     assert lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # sorted path unchanged
+
+
+def _sass(*lines: str) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/    {ln} ;" for i, ln in enumerate(lines))
+
+
+def test_round_trip_model_on_hand_written_sass():
+    """The static model counts chained loads, and loads held back by in-order issue (a wait on an earlier
+    load, a barrier after a shared store of a loaded value, a branch on one), not independent ones."""
+    independent = _sass("LDG.E R2, desc[UR4][R4.64]", "LDG.E R6, desc[UR4][R8.64]", "FADD R10, R2, R6",
+                        "STG.E desc[UR4][R12.64], R10")
+    chained = _sass("LDG.E R2, desc[UR4][R4.64]", "IMAD.WIDE R10, R2, 0x4, R12", "LDG.E.128 R16, desc[UR4][R10.64]",
+                    "STG.E desc[UR4][R14.64], R19")
+    held_by_barrier = _sass("LDG.E.64 R2, desc[UR4][R4.64]", "STS.64 [R20], R2", "BAR.SYNC.DEFER_BLOCKING 0x0",
+                            "LDG.E R6, desc[UR4][R8.64]", "STG.E desc[UR4][R12.64], R6")
+    held_by_branch = _sass("LDG.E R2, desc[UR4][R4.64]", "ISETP.GE.AND P0, PT, R2, RZ, PT", "@!P0 EXIT",
+                           "LDG.E R6, desc[UR4][R8.64]", "LDG.E R7, desc[UR4][R10.64]", "FADD R9, R6, R7",
+                           "STG.E desc[UR4][R12.64], R9")
+    trace: list = []
+    assert round_trips(independent) == 1
+    assert round_trips(chained) == 2
+    assert round_trips(held_by_barrier) == 2
+    assert round_trips(held_by_branch, trace) == 2
+    assert [(t, op) for _, t, op in trace] == [(0, "LDG.E"), (1, "EXIT"), (1, "LDG.E"), (1, "LDG.E"), (2, "STG.E")]
 
 
 def test_variants_compile_for_hopper_in_two_round_trips():
