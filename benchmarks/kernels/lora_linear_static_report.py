@@ -3,8 +3,9 @@
 Per token kernel (``LoRALinearTileConfig.token_kernel`` 0 = ``lora_linear_token_kernel``, 1 =
 ``lora_linear_token_prefetch_kernel``, 2 = the split-K shrink + expand: two figures each, "shrink/expand",
 round trips "shrink + expand") at the configs ``lora_linear_config`` / ``token_variant_config`` /
-``split_variant_config`` give for the attention projections (qkv: three slices in one launch; o: one), as the engine launches them
-(slices are views of one buffer, ``adapter_enabled`` given): registers, spilled bytes, shared memory,
+``split_variant_config`` give for the attention projections (qkv: three slices in one launch; o: one),
+as the engine launches them (slices are views of one buffer, ``adapter_enabled`` given): registers,
+spilled bytes, shared memory,
 programs, bytes of A the programs read (each program reads its slot's whole A), and the dependent
 global-memory round trips before the last store (``round_trips``).
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -130,7 +130,8 @@ def pair_rows(width: str, rank: int, dtype: torch.dtype) -> list[str]:
         splits = max(1, min(cfg.num_n_splits, -(-N // cfg.block_size_n)))
         progs = top_k * S * splits
         a_bytes = progs * rank * K * torch.finfo(dtype).bits // 8
-        rows.append(f"| {name} | 1 | pair | {cfg.block_size_n} x {cfg.block_size_k}, {cfg.num_warps}, {splits} | {regs} | "
+        tiles = f"{cfg.block_size_n} x {cfg.block_size_k}, {cfg.num_warps}, {splits}"
+        rows.append(f"| {name} | 1 | pair | {tiles} | {regs} | "
                     f"{spill} | {k.metadata.shared} | {progs} | {a_bytes / 1e6:.2f} MB | "
                     f"{round_trips(sass) if sass else '-'} |")
     return rows
@@ -161,7 +162,9 @@ def main() -> None:
     H, QD, KVD = WIDTHS[args.width]
     lines = [f"# dense LoRA token kernels, sm_90, {args.dtype}, {args.width} width, rank {args.rank}", "",
              "| proj | tokens | kernel | BLOCK_N x BLOCK_K, warps, N-splits | regs | spill B | shared B | "
-             "programs reading A | A bytes read (L2) | round trips |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "programs reading A | A bytes read (L2) | round trips |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     for name, K, ns in (("qkv", H, [QD, KVD, KVD]), ("o", QD, [H])):
         for T in args.tokens:
             base = lora_linear_config(T, K, max(ns), args.rank, len(ns), dtype)

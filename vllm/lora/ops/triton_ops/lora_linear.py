@@ -16,8 +16,9 @@ Shapes (L = max_loras slots, R = max rank, smaller adapters zero-padded):
 
 Paths: up to ``SMALL_BATCH_TOKENS`` tokens, one program per (token, slice,
 N-split) with no grouping (``token_kernel`` 0; 1 = the variant that spends two
-dependent memory round trips, ``token_variant_config``; 2 = a split-K shrink and an
-expand, ``split_variant_config``: both off until timed on a GPU, ``TOKEN_KERNEL``); above, tokens grouped by slot (``LoRALinearMetadata``,
+dependent memory round trips, ``token_variant_config``; 2 = a split-K shrink and
+an expand, ``split_variant_config``: both off until timed on a GPU, see
+``TOKEN_KERNEL``); above, tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
 program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
@@ -40,8 +41,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TARGET_PROGRAMS = 264  # about two per SM on an H100/H200
 _TOKEN_TARGET_PROGRAMS = 528  # token path: latency-bound, so more (cheap) programs in flight
 _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial products per program
-# token path's kernel by default: 0 = lora_linear_token_kernel; 1 = the prefetch variant (flip after a GPU A/B:
-# benchmark_lora_linear.py --token-variant)
+# token path's kernel by default: 0 = lora_linear_token_kernel; 1 = the prefetch variant; 2 = split-K (flip
+# after a GPU A/B: benchmark_lora_linear.py --token-variant)
 TOKEN_KERNEL = 0
 # prefetch variant: elements of A in one K tile (all of K at rank 16 up to K = 2048), 64 per thread.  sm_90
 # static report (lora_linear_static_report.py): with 64 elements per thread per tile ptxas issues the loads
