@@ -151,6 +151,11 @@ def split_variant_config(num_tokens: int, K: int, N: int, R: int, num_slices: in
                                 token_path=True, token_kernel=2)
 
 
+def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The split-K partials' buffer: uninitialised (the shrink writes every entry the expand reads)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALinearTileConfig, ns: int,
                   n_args: list[int], off_args: list[int], stride_as: int, stride_bs: int, interp: bool) -> None:
     """The split-K token path: shrink partials into a scratch [T, ns, K_SPLITS, BLOCK_R] (fp32, written
@@ -161,7 +166,7 @@ def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALine
     L, R = a.shape[:2]
     k_splits = -(-K // cfg.block_k)
     block_r = next_power_of_2(max(R, 8 if not interp else 16))
-    part = torch.empty(T, ns, k_splits, block_r, dtype=torch.float32, device=x.device)
+    part = _scratch((T, ns, k_splits, block_r), x.device)
     split.lora_linear_split_shrink_kernel[(T, ns, k_splits)](
         x, a, part, mapping, K, R, L, x.stride(0), x.stride(1), stride_as, *a.stride(), *part.stride()[:3],
         BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=1)
