@@ -15,10 +15,20 @@ tolerance; a config that fails is reported, not timed.
         [--sweep] [--out table.md]
 
 ``--sweep`` also times the alternative tile configs and marks the fastest per row.
+
+``--token-variant``: the token path's kernels A/B at ``--tokens`` (default 1 2 4 8): today's
+``lora_linear_token_kernel`` (``token_kernel=0``, the heuristic's tiles) against the prefetch variant
+(``token_kernel=1``, ``token_variant_config``'s tiles, and BLOCK_N 64-512) and the split-K shrink +
+expand (``token_kernel=2``, ``split_variant_config``'s tiles, and BLOCK_K 128-1024); every config checked
+against the fp32 reference first, and each variant's output against today's kernel's.
+
+The q/k/v B slices are views of one buffer, with ``adapter_enabled``, as the LoRA layers launch them
+(one launch for the three slices; before 2026-12-02 the benchmark's separate B tensors timed three).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -59,8 +69,9 @@ def make_case(K: int, n_sizes: list[int], T: int, L: int, rank: int, dtype, devi
     g = torch.Generator(device="cpu").manual_seed(seed)
     S = len(n_sizes)
     a_all = (torch.randn(S, L, rank, K, generator=g) / K ** 0.5).to(dtype).to(device)
-    b_list = [(torch.randn(L, n, rank, generator=g) / rank ** 0.5).to(dtype).to(device) for n in n_sizes]
-    a_list = [a_all[s] for s in range(S)]  # views of one buffer: one launch for all slices
+    b_all = (torch.randn(S, L, max(n_sizes), rank, generator=g) / rank ** 0.5).to(dtype).to(device)
+    b_list = [b_all[s, :, :n] for s, n in enumerate(n_sizes)]
+    a_list = [a_all[s] for s in range(S)]  # views of one buffer (as the LoRA layers): one launch for all slices
     x = torch.randn(T, K, generator=g).to(dtype).to(device)
     y0 = torch.randn(T, sum(n_sizes), generator=g).to(dtype).to(device)
     mapping = (torch.arange(T, dtype=torch.int32) % L).to(device)
@@ -79,54 +90,96 @@ def reference(x, a_list, b_list, y0, mapping) -> torch.Tensor:
     return y
 
 
-def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush, sweep: list[dict]):
-    from vllm.kernel_configs.tile_config import LoRALinearTileConfig
-    from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_config
+def time_configs(K: int, n_sizes: list[int], T: int, args, dtype, device, flush, configs: list):
+    """[(label, us or None, note)] of ``add_lora_linear`` at each (label, config) (None: the default),
+    each checked against the fp32 reference before it is timed; and the outputs (None where wrong)."""
+    from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear
 
     x, a_list, b_list, y0, mapping = make_case(K, n_sizes, T, args.num_loras, args.rank, dtype, device, args.seed)
+    enabled = torch.ones(args.num_loras + 1, dtype=torch.int32, device=device)
     ref = reference(x, a_list, b_list, y0, mapping)
     y = torch.empty_like(y0)
-    base_cfg = lora_linear_config(T, K, max(n_sizes), args.rank, len(n_sizes), dtype)
     timer = (lambda fn: time_cuda(fn, flush, args.reps, True)) if device.type == "cuda" else \
         (lambda fn: time_cpu(fn, 2))
     copy_us = timer(lambda: y.copy_(y0))[0]
-    results = []
-    # a sweep entry: JSON keys over the heuristic's config, on the heuristic's path
-    tried = [(str(c), LoRALinearTileConfig.from_json(c, source="sweep candidate", base=base_cfg))
-             for c in sweep if c["token_path"] == base_cfg.token_path]
-    for label, cfg in [("default", None)] + tried:
+    results, outputs = [], []
+    for label, cfg in configs:
         def run(cfg=cfg):
             y.copy_(y0)
-            add_lora_linear(y, x, a_list, b_list, mapping, config=cfg)
+            add_lora_linear(y, x, a_list, b_list, mapping, adapter_enabled=enabled, config=cfg)
             return y
         run()
         err = norm_err(y.float(), ref)
         if err > TOLERANCE[dtype]:
             results.append((label, None, f"wrong: err {err:.2e}"))
+            outputs.append(None)
             continue
+        outputs.append(y.float().clone())
         us = max(timer(run)[0] - copy_us, 0.0)
         results.append((label, us, ""))
+    return results, outputs
+
+
+def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush, sweep: list[dict]):
+    from vllm.kernel_configs.tile_config import LoRALinearTileConfig
+    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config
+
+    base_cfg = lora_linear_config(T, K, max(n_sizes), args.rank, len(n_sizes), dtype)
+    # a sweep entry: JSON keys over the heuristic's config, on the heuristic's path
+    tried = [(str(c), LoRALinearTileConfig.from_json(c, source="sweep candidate", base=base_cfg))
+             for c in sweep if c["token_path"] == base_cfg.token_path]
+    results, _ = time_configs(K, n_sizes, T, args, dtype, device, flush, [("default", None)] + tried)
     ok = [r for r in results if r[1] is not None]
     best = min(ok, key=lambda r: r[1]) if ok else None
     default = results[0]
-    bytes_ = sum(a.numel() // a.shape[0] * min(T, args.num_loras) * a.element_size() for a in a_list) + \
-        sum(b.numel() // b.shape[0] * min(T, args.num_loras) * b.element_size() for b in b_list) + \
-        2 * y0.numel() * y0.element_size() + x.numel() * x.element_size()
+    size = torch.finfo(dtype).bits // 8
+    used = min(T, args.num_loras)
+    bytes_ = (used * args.rank * (K * len(n_sizes) + sum(n_sizes)) + 2 * T * sum(n_sizes) + T * K) * size
     return dict(name=name, T=T, path="token" if base_cfg.token_path else "sorted", default=default[1],
                 note=default[2], best=best, bytes=bytes_)
+
+
+def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush) -> str:
+    """One table row: today's token kernel against the two variants (default tiles, and a small sweep)."""
+    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config, split_variant_config, token_variant_config
+
+    N, R, S = max(n_sizes), args.rank, len(n_sizes)
+    today = dataclasses.replace(lora_linear_config(T, K, N, R, S, dtype), token_path=True, token_kernel=0)
+    prefetch = token_variant_config(T, K, N, R, S, dtype)
+    split = split_variant_config(T, K, N, R, S, dtype)
+    configs = [("today", today), ("prefetch", prefetch), ("split-K", split)]
+    if device.type == "cuda":
+        configs += [(f"prefetch BLOCK_N={bn}", dataclasses.replace(prefetch, block_n=bn))
+                    for bn in (64, 128, 256, 512) if bn != prefetch.block_n]
+        configs += [(f"split-K BLOCK_K={bk}", dataclasses.replace(split, block_k=bk))
+                    for bk in (128, 256, 512, 1024) if bk != split.block_k]
+    results, outputs = time_configs(K, n_sizes, T, args, dtype, device, flush, configs)
+    for i in range(1, len(results)):  # each variant against today's kernel too
+        if outputs[0] is not None and outputs[i] is not None and norm_err(outputs[i], outputs[0]) > TOLERANCE[dtype]:
+            results[i] = (results[i][0], None, f"differs from today's kernel: {norm_err(outputs[i], outputs[0]):.2e}")
+    fmt = lambda r: f"{r[1]:.1f}" if r[1] is not None else r[2]  # noqa: E731
+    ok = [r for r in results[1:] if r[1] is not None]
+    best = min(ok, key=lambda r: r[1]) if ok else None
+    speedup = f"{results[0][1] / best[1]:.2f}" if best and results[0][1] and best[1] else "-"
+    return (f"| {name} | {T} | {fmt(results[0])} | {fmt(results[1])} | {fmt(results[2])} | "
+            f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {speedup} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", default="qwen3", choices=list(WIDTHS))
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    p.add_argument("--tokens", nargs="+", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--num-loras", type=int, default=4)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--token-variant", action="store_true",
+                   help="A/B the token path's kernels (today's vs the two variants); tokens default 1 2 4 8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.tokens is None:
+        args.tokens = [1, 2, 4, 8] if args.token_variant else [1, 4, 16, 64, 256]
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.tokens = [t for t in args.tokens if t <= 16][:2] or [1]
@@ -137,9 +190,20 @@ def main() -> None:
     if device.type != "cuda":
         H, QD, KVD = 64, 128, 32
     shapes = [("qkv", H, [QD, KVD, KVD]), ("o", QD, [H])]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
+    if args.token_variant:
+        lines = [f"# dense LoRA token path, today's kernel vs the variants, {gpu}, {dtype}, {args.width} "
+                 f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
+                 "| proj | tokens | today (us) | prefetch (us) | split-K (us) | best variant (us) | best config | "
+                 "today / best |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for name, K, ns in shapes:
+            for T in args.tokens:
+                lines.append(variant_rows(name, K, ns, T, args, dtype, device, flush))
+                print(lines[-1], flush=True)
+        emit("\n".join(lines), args.out)
+        return
     sweep = (token_sweep() + sorted_sweep()) if args.sweep and device.type == "cuda" else []
     peak = peak_bandwidth(device)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     lines = [f"# add_lora_linear, {gpu}, {dtype}, {args.width} width, rank {args.rank}, {args.num_loras} slots; "
              f"copy bandwidth {peak / 1e12:.2f} TB/s", "",
              "| proj | tokens | path | default (us) | GB/s | best (us) | best config |", "|---|---:|---|---:|---:|---:|---|"]

@@ -174,6 +174,10 @@ class LoRALinearTileConfig(JsonTiles):
     token_path: one program per (token, slice, N-split), no grouping (small batches); else the slot-sorted
     path on tensor cores, whose M-blocks are block_m tokens.
     num_n_splits: programs sharing one block's (or token's) N range.
+    token_kernel: which kernel runs the token path: 0 = ``lora_linear_token_kernel`` (every N-split
+    program recomputes the shrink), 1 = ``lora_linear_token_prefetch_kernel`` (two dependent memory
+    round trips; one program per block_n columns, num_n_splits unused; read ``_lora_linear_kernels.py``),
+    2 = a split-K shrink (block_k columns of A per program) and an expand (``_lora_linear_split_kernels.py``).
     """
 
     block_m: int
@@ -183,12 +187,15 @@ class LoRALinearTileConfig(JsonTiles):
     num_warps: int = 4
     num_stages: int = 3
     token_path: bool = False
+    token_kernel: int = 0
 
     JSON_KEYS: ClassVar[Mapping[str, str]] = {
         "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "NUM_N_SPLITS": "num_n_splits",
         "num_warps": "num_warps", "num_stages": "num_stages", "token_path": "token_path",
+        "TOKEN_KERNEL": "token_kernel",
     }
     FLAGS: ClassVar[frozenset[str]] = frozenset({"token_path"})
+    ZERO_OK: ClassVar[frozenset[str]] = frozenset({"token_kernel"})
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,67 @@ def lora_linear_sorted_kernel(
         y_mask = mask_m[:, None] & mask_n[None, :]
         yv = tl.load(y_ptrs, mask=y_mask, other=0.0)
         tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=y_mask)
+
+
+@triton.jit
+def lora_linear_token_prefetch_kernel(
+    x_ptr, a_ptr, b_ptr, y_ptr, mapping_ptr, enabled_ptr,
+    K, R, max_loras,
+    n0, n1, n2, off0, off1, off2,
+    stride_xt, stride_xk,
+    stride_as, stride_al, stride_ar, stride_ak,
+    stride_bs, stride_bl, stride_bn, stride_br,
+    stride_yt, stride_yn,
+    HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_TILES: tl.constexpr,
+):
+    """The token path in two dependent memory round trips (``LoRALinearTileConfig.token_kernel = 1``).
+
+    Grid (tokens, slices, cdiv(max N, BLOCK_N)): one program per BLOCK_N columns of one slice of
+    one token.  Trip 1: the token's slot, its x row and its y tile (x and y do not depend on the
+    slot); trip 2: A (all K, ``K_TILES`` tiles of BLOCK_K, one tile at the launcher's defaults),
+    B's tile and the slot's enabled flag, all issued before any arithmetic.  A disabled slot is
+    masked out of the store instead of branched on (a branch would add a trip).  Programs past
+    the end of a narrow slice return before loading anything.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
+    if pid_n * BLOCK_N >= N:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+
+    slot = tl.load(mapping_ptr + t)
+    y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
+    yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
+    x_row = x_ptr + t * stride_xt
+    # x as a [1, BLOCK_K] row: it takes A's layout, with no trip through shared memory (whose barrier
+    # would hold the loads of A behind x's)
+    xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
+    if (slot < 0) | (slot >= max_loras):
+        return
+    slot = slot.to(tl.int64)
+    s64 = s.to(tl.int64)
+    b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
+                + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+    if HAS_ENABLED:
+        on = tl.load(enabled_ptr + slot) != 0
+    else:
+        on = slot >= 0
+    a_ptrs = a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
+    acc2 = a.to(tl.float32) * xk
+    for kt in tl.static_range(1, K_TILES):  # only when A does not fit one tile (large K or rank)
+        k_left = K - kt * BLOCK_K
+        xt = tl.load(x_row + (kt * BLOCK_K + offs_k[None, :]) * stride_xk, mask=offs_k[None, :] < k_left,
+                     other=0.0).to(tl.float32)
+        at = tl.load(a_ptrs + kt * BLOCK_K * stride_ak, mask=mask_r[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        acc2 += at.to(tl.float32) * xt
+    shrunk = tl.sum(acc2, axis=1)  # fp32 [BLOCK_R]
+    delta = tl.sum(b.to(tl.float32) * shrunk[None, :], axis=1)
+    tl.store(y_ptrs, (yv.to(tl.float32) + delta).to(yv.dtype), mask=mask_n & on)

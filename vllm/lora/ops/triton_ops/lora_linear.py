@@ -15,7 +15,10 @@ Shapes (L = max_loras slots, R = max rank, smaller adapters zero-padded):
     output_offsets: first column of each slice in y (default: 0, N_0, N_0 + N_1, ...)
 
 Paths: up to ``SMALL_BATCH_TOKENS`` tokens, one program per (token, slice,
-N-split) with no grouping; above, tokens grouped by slot (``LoRALinearMetadata``,
+N-split) with no grouping (``token_kernel`` 0; 1 = the variant that spends two
+dependent memory round trips, ``token_variant_config``; 2 = a split-K shrink and
+an expand, ``split_variant_config``: both off until timed on a GPU, see
+``TOKEN_KERNEL``); above, tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
 program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
@@ -38,6 +41,15 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TARGET_PROGRAMS = 264  # about two per SM on an H100/H200
 _TOKEN_TARGET_PROGRAMS = 528  # token path: latency-bound, so more (cheap) programs in flight
 _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial products per program
+# token path's kernel by default: 0 = lora_linear_token_kernel; 1 = the prefetch variant; 2 = split-K (flip
+# after a GPU A/B: benchmark_lora_linear.py --token-variant)
+TOKEN_KERNEL = 0
+# prefetch variant: elements of A in one K tile (all of K at rank 16 up to K = 2048), 64 per thread.  sm_90
+# static report (lora_linear_static_report.py): with 64 elements per thread per tile ptxas issues the loads
+# of A together (2 dependent round trips at qkv and o widths); with 128 it interleaves them with the FMAs
+_PREFETCH_A_ELEMS = 32768
+_PREFETCH_A_PER_THREAD = 64
+_SPLIT_A_ELEMS = 8192  # split-K variant: elements of A per shrink program (32 per thread at 8 warps)
 
 
 @dataclass
@@ -77,6 +89,10 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
                        dtype: torch.dtype) -> LoRALinearTileConfig:
     """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
     token_path = num_tokens <= SMALL_BATCH_TOKENS
+    if token_path and TOKEN_KERNEL == 1:
+        return token_variant_config(num_tokens, K, N, R, num_slices, dtype)
+    if token_path and TOKEN_KERNEL == 2:
+        return split_variant_config(num_tokens, K, N, R, num_slices, dtype)
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
         return LoRALinearTileConfig(block_m=16 if num_tokens <= 64 else 32, block_n=min(n_cap, 512),
@@ -100,6 +116,64 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
     splits = max(1, min(16, tiles, _TARGET_PROGRAMS // max(programs, 1)))
     return LoRALinearTileConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_n_splits=splits, num_warps=4,
                                 num_stages=3, token_path=token_path)
+
+
+def token_variant_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
+                         dtype: torch.dtype) -> LoRALinearTileConfig:
+    """Tiles of the token path's prefetch kernel (``token_kernel=1``): one program per block_n columns
+    of a slice, each loading its slot's whole A at once (one K tile up to ``_PREFETCH_A_ELEMS``), so
+    block_n trades the L2 bytes of A (programs x R x K) against the programs in flight."""
+    n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
+    if triton_interpreting():
+        return LoRALinearTileConfig(block_m=16, block_n=min(n_cap, 64), block_k=min(k_cap, 512), num_warps=4,
+                                    num_stages=1, token_path=True, token_kernel=1)
+    block_r = next_power_of_2(max(R, 8))
+    block_k = min(k_cap, _PREFETCH_A_ELEMS // block_r)
+    block_n = min(n_cap, max(128, min(512, next_power_of_2(num_tokens * N // 32))))
+    num_warps = max(4, min(16, block_r * block_k // (32 * _PREFETCH_A_PER_THREAD)))
+    return LoRALinearTileConfig(block_m=16, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=1,
+                                token_path=True, token_kernel=1)
+
+
+def split_variant_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
+                         dtype: torch.dtype) -> LoRALinearTileConfig:
+    """Tiles of the token path's split-K pair of kernels (``token_kernel=2``): block_k is one shrink program's
+    K chunk (``_SPLIT_A_ELEMS`` elements of A), block_n one expand program's columns."""
+    n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
+    if triton_interpreting():
+        return LoRALinearTileConfig(block_m=16, block_n=min(n_cap, 64), block_k=min(k_cap, 256), num_warps=4,
+                                    num_stages=1, token_path=True, token_kernel=2)
+    # sm_90 static report: 128 columns and 8 warps keep both kernels at two dependent round trips at
+    # ranks 16 and 32, 1-8 tokens (4 warps or 256-512 columns: up to 6 for the expand)
+    block_r = next_power_of_2(max(R, 8))
+    block_k = max(64, min(k_cap, _SPLIT_A_ELEMS // block_r))
+    return LoRALinearTileConfig(block_m=16, block_n=min(n_cap, 128), block_k=block_k, num_warps=8, num_stages=1,
+                                token_path=True, token_kernel=2)
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The split-K partials' buffer: uninitialised (the shrink writes every entry the expand reads)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALinearTileConfig, ns: int,
+                  n_args: list[int], off_args: list[int], stride_as: int, stride_bs: int, interp: bool) -> None:
+    """The split-K token path: shrink partials into a scratch [T, ns, K_SPLITS, BLOCK_R] (fp32, written
+    before it is read: no memset), then the expand that sums them into y."""
+    from vllm.lora.ops.triton_ops import _lora_linear_split_kernels as split
+
+    T, K = x.shape
+    L, R = a.shape[:2]
+    k_splits = -(-K // cfg.block_k)
+    block_r = next_power_of_2(max(R, 8 if not interp else 16))
+    part = _scratch((T, ns, k_splits, block_r), x.device)
+    split.lora_linear_split_shrink_kernel[(T, ns, k_splits)](
+        x, a, part, mapping, K, R, L, x.stride(0), x.stride(1), stride_as, *a.stride(), *part.stride()[:3],
+        BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=1)
+    split.lora_linear_split_expand_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
+        part, b, y, mapping, enabled, R, L, k_splits, *n_args, *off_args, *part.stride()[:3], stride_bs,
+        *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+        BLOCK_J=next_power_of_2(k_splits), num_warps=cfg.num_warps, num_stages=1)
 
 
 def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
@@ -149,6 +223,9 @@ def _check_config(config: LoRALinearTileConfig) -> None:
         v = getattr(config, name)
         if v & (v - 1):
             raise ValueError(f"{name.upper()}={v}: Triton tiles must be powers of two")
+    if config.token_kernel not in (0, 1, 2):
+        raise ValueError(f"TOKEN_KERNEL={config.token_kernel}: 0 (lora_linear_token_kernel), 1 (the prefetch "
+                         "variant) or 2 (the split-K variant)")
 
 
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
@@ -191,7 +268,14 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
                    *b.stride(), y.stride(0), y.stride(1), splits]
         common = dict(HAS_ENABLED=adapter_enabled is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.token_path:
+        if cfg.token_path and cfg.token_kernel == 2:
+            _launch_split(y, x, a, b, token_lora_mapping, enabled, adapter_enabled is not None, cfg, ns, n_args,
+                          off_args, stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, interp)
+        elif cfg.token_path and cfg.token_kernel == 1:
+            kern.lora_linear_token_prefetch_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
+                x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides[:-1],
+                BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common)
+        elif cfg.token_path:
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides,
