@@ -148,6 +148,8 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                 grid = list(gemv_rows_candidates(base.block_size_m)) if device.type == "cuda" else []
             else:
                 grid = candidates
+            if getattr(args, "sweep_variants_only", False):
+                grid = []
             for vname, cand in [*variants.items(), *((None, c) for c in grid)]:
                 t = try_config(cand)
                 if vname is not None:
