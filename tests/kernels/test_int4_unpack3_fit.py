@@ -69,7 +69,8 @@ def test_heuristic_lowers_stages_then_gives_up(gpu_heuristic):
     real = smem.unpack3_stages_that_fit
     # Mixtral w13 at 16 tokens: 16x128x128, 4 stages (32768 B); 3 stages take 24576 B, 2 stages 16384 B
     for limit, unpack, stages in ((40000, 3, 4), (30000, 3, 3), (20000, 3, 2), (10000, 0, 4)):
-        gpu_heuristic.setattr(mod, "unpack3_stages_that_fit", lambda bm, bn, bk, st, lim=limit: real(bm, bn, bk, st, lim))
+        gpu_heuristic.setattr(mod, "unpack3_stages_that_fit",
+                              lambda bm, bn, bk, st, lim=limit: real(bm, bn, bk, st, lim))
         cfg = mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16)
         assert (cfg.block_size_m, cfg.block_size_n, cfg.block_size_k) == (16, 128, 128)
         assert (cfg.unpack, cfg.num_stages) == (unpack, stages), limit
@@ -135,7 +136,9 @@ def test_unpack3_on_gpu_fits_and_is_right(M, top_k, stages, dtype, monkeypatch):
         al = moe_align_block_size(ids, cfg.block_size_m, E)
         route = dict(sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                      num_tokens_post_padded=al.num_tokens_post_padded)
-    cache = kern.device_caches[torch.cuda.current_device()][0]
+    from triton.runtime import driver
+
+    cache = kern.device_caches[driver.active.get_current_device()][0]  # the JIT's compiled kernels (Triton 3.6)
     cache.clear()  # so that the one entry after the launch is this config's
     out = torch.full((M * top_k, N), float("nan"), dtype=dtype, device="cuda")
     mod.invoke_int4_moe_gemm(a, pw, out, top_k_in=top_k, config=cfg, **route)
