@@ -109,6 +109,12 @@ def test_bound_holds_for_the_sm90_compile():
     assert run_without_interpreter("tests/kernels/int4_dot_smem_compile.py").count("ok ") == 24
 
 
+def test_bound_holds_through_the_jit_binder():
+    """The GPU tests' UNPACK 3 cases (1 token unsorted, split or not; 4 / 16 rows per expert), fp16 and bf16,
+    2-4 stages, compiled for sm_90 by Triton's own JIT (arguments specialised as on a GPU; stub driver)."""
+    assert run_without_interpreter("tests/kernels/int4_unpack3_jit_compile.py").count("ok ") == 24
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stages", [4, 3, 2])
