@@ -82,6 +82,9 @@ def parse_args() -> argparse.Namespace:
                    help="also time the base call on each forced path and report the crossover")
     p.add_argument("--sweep", action="store_true", help="time alternative tile configs of each int4 GEMM")
     p.add_argument("--tune-out", default=None, help="with --sweep: write the fastest configs here (JSON)")
+    p.add_argument("--sweep-variants-only", action="store_true",
+                   help="with --sweep: time only the heuristic's tiles with each UNPACK mode / stages and the GEMV "
+                        "(the variant columns), not the tile grid")
     return p.parse_args()
 
 

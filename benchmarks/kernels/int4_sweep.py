@@ -19,8 +19,13 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 # keep [BK, BN] words in shared memory (4x mode 0's), so they run with fewer stages; 3 runs as 0 where
 # a K-tile spans two groups (see int4_moe_gemm.unpack3_applies)
 # (the tl.dot kernel at its own heuristic tiles); "GEMV": the FMA GEMV at its heuristic tiles
+# UNPACK 3 also with 3 and 2 stages: the stages its heuristic (UNPACK_DECODE_TILES) falls back to where 4 would not
+# fit shared memory (int4_dot_smem.py); at 16-64 tokens of Qwen3-30B-A3B / Mixtral-8x7B these columns
+# decide UNPACK_DECODE_TILES (4-32 rows per expert: 16x128x128 and 32x128x128 tiles, UNPACK 0 by default)
 UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
-                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3), "GEMV": dict(GEMV=1)}
+                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3),
+                   "UNPACK 3 s3": dict(UNPACK=3, num_stages=3), "UNPACK 3 s2": dict(UNPACK=3, num_stages=2),
+                   "GEMV": dict(GEMV=1)}
 
 
 def gemv_candidates():
@@ -58,7 +63,7 @@ def sweep_candidates():
     for bn in (64, 128, 256):
         for bk in (128, 256):
             for split in (1, 2, 4, 8):
-                for stages in (3, 4):
+                for stages in (2, 3, 4):
                     yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages, UNPACK=3)
 
 
@@ -143,6 +148,8 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                 grid = list(gemv_rows_candidates(base.block_size_m)) if device.type == "cuda" else []
             else:
                 grid = candidates
+            if getattr(args, "sweep_variants_only", False):
+                grid = []
             for vname, cand in [*variants.items(), *((None, c) for c in grid)]:
                 t = try_config(cand)
                 if vname is not None:
