@@ -10,14 +10,14 @@ kernel takes one program's chain of memory round trips, not its bytes.
 Here the same computation takes two launches with short chains:
 
 * ``moe_lora_split_shrink_kernel`` - grid (M-blocks, slices, K-splits): one program
-  loads its ``K_TILES`` tiles of x and A^T (a static loop: every load is issued before
-  the first dot needs one) and stores its fp32 partial [BLOCK_M, BLOCK_R] to
-  ``part[split, slice, pair]``.
+  loads its K range of x and A^T as one tile each (BLOCK_K wide: both loads in flight at
+  once; a loop of tiles would put the layout conversions' barriers between them) and
+  stores its fp32 partial [BLOCK_M, BLOCK_R] to ``part[split, slice, pair]``.
 * ``moe_lora_split_expand_kernel`` - grid (M-blocks, slices, N-splits): sums the
   ``NUM_PARTS`` partials (fp32, in split order: deterministic), then expands as the
   fused kernel does (``EXPAND_MODE``, routed weight, read-modify-write of ``out``).
 
-Both issue the block's three header loads together.  Only rows of real pairs in used
+Neither branches on the block's three header loads (``_block_header``).  Only rows of real pairs in used
 blocks are written and read, so ``part`` needs no initialisation.
 """
 import triton
@@ -29,7 +29,14 @@ from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, 
 @triton.jit
 def _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m, num_experts, numel,
                   BLOCK_M: tl.constexpr):
-    """(live, slot, expert, pairs, mask_m) of M-block ``pid_m``; the three loads are independent."""
+    """(live, slot, expert, pairs, mask_m) of M-block ``pid_m``.
+
+    The three loads are independent, and nothing branches on them: a block that is not in
+    use (``live`` false) keeps running with every load and store masked off, so that the
+    compiler issues the pair ids' load with the other two and the operand loads right after,
+    instead of one round trip after the other behind an early return.  The ids' buffer holds
+    every launched block's entries.
+    """
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     vid = tl.load(block_vids_ptr + pid_m)
     num_post = tl.load(num_post_padded_ptr)
@@ -38,7 +45,7 @@ def _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m, nu
     vid = tl.maximum(vid, 0)
     slot = (vid // num_experts).to(tl.int64)
     expert = (vid % num_experts).to(tl.int64)
-    return live, slot, expert, pairs, pairs < numel
+    return live, slot, expert, pairs, (pairs < numel) & live
 
 
 @triton.jit
@@ -49,30 +56,23 @@ def moe_lora_split_shrink_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_pk, stride_ps, stride_pp,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
     live, slot, expert, pairs, mask_m = _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m,
                                                       num_experts, numel, BLOCK_M)
-    if not live:
-        return
     offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
-    k0 = pid_k * (K_TILES * BLOCK_K)
+    mask_r = (offs_r < R) & live
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # this split's K range: one tile
+    mask_k = offs_k < K
     rows = pairs // top_k_in
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k0 + offs_k[None, :]).to(tl.int64) * stride_xk
-    a_ptrs = (a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[None, :] * stride_ar
-              + (k0 + offs_k[:, None]).to(tl.int64) * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kt in tl.static_range(K_TILES):
-        k_left = K - k0 - kt * BLOCK_K
-        xt = tl.load(x_ptrs + kt * BLOCK_K * stride_xk, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        at = tl.load(a_ptrs + kt * BLOCK_K * stride_ak, mask=(offs_k[:, None] < k_left) & mask_r[None, :],
-                     other=0.0)
-        acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
+    xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    at = tl.load(a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[None, :] * stride_ar
+                 + offs_k[:, None].to(tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+    acc = _dot(xt, at, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, FP32_PRECISION)
     p_ptrs = part_ptr + pid_k * stride_pk + slice_s * stride_ps + pairs[:, None] * stride_pp + offs_r[None, :]
     tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -93,10 +93,8 @@ def moe_lora_split_expand_kernel(
     pid_n = tl.program_id(2)
     live, slot, expert, pairs, mask_m = _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m,
                                                       num_experts, numel, BLOCK_M)
-    if not live:
-        return
     offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    mask_r = (offs_r < R) & live
     mask_mr = mask_m[:, None] & mask_r[None, :]
     p_ptrs = part_ptr + slice_s * stride_ps + pairs[:, None] * stride_pp + offs_r[None, :]
     acc = tl.load(p_ptrs, mask=mask_mr, other=0.0)

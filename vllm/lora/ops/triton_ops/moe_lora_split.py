@@ -14,14 +14,15 @@ from typing import Any
 import torch
 
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
+from vllm.triton_utils import next_power_of_2
 
 
-def split_layout(K: int, block_k: int, shrink_split_k: int) -> tuple[int, int]:
-    """(K tiles per split, number of splits): ``shrink_split_k`` splits of ``cdiv(K, block_k)`` tiles,
-    fewer when the tiles run out (no split is empty)."""
-    k_tiles = max(1, -(-K // block_k))
-    per_split = -(-k_tiles // max(1, min(shrink_split_k, k_tiles)))
-    return per_split, -(-k_tiles // per_split)
+def split_layout(K: int, shrink_split_k: int) -> tuple[int, int]:
+    """(tile width, number of splits) of the split shrink: each split loads one tile of
+    next_pow2(cdiv(K, shrink_split_k)) columns (at least 16); as many splits as K needs of them,
+    so at most ``shrink_split_k`` (``MoELoRATileConfig.block_size_k`` does not apply here)."""
+    width = max(16, next_power_of_2(-(-max(K, 1) // max(1, shrink_split_k))))
+    return width, -(-max(K, 1) // width)
 
 
 def alloc_partials(num_parts: int, num_slices: int, numel: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -44,8 +45,8 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
     from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
 
     x, R, K, numel = args["x_ptr"], args["R"], args["K"], args["numel"]
-    block_k, block_r = args["BLOCK_K"], args["BLOCK_R"]
-    k_tiles, parts = split_layout(K, block_k, shrink_split_k)
+    block_r = args["BLOCK_R"]
+    width, parts = split_layout(K, shrink_split_k)
     part = alloc_partials(parts, num_slices, numel, R, x.device)
     common = dict(args, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                   num_post_padded_ptr=alignment.num_tokens_post_padded, part_ptr=part,
@@ -54,6 +55,6 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
                   BLOCK_R=block_r, EXPAND_MODE=expand_mode)
     launch = dict(num_warps=args["num_warps"], num_stages=args["num_stages"])
     shrink = kern.moe_lora_split_shrink_kernel
-    shrink[(blocks, num_slices, parts)](**_pick(shrink, common), K_TILES=k_tiles, **launch)
+    shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch)
     expand = kern.moe_lora_split_expand_kernel
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
