@@ -1,0 +1,145 @@
+"""The split-K variant of the fused MoE LoRA op (``MoELoRATileConfig.shrink_split_k`` > 1, ``moe_lora_split.py``).
+
+Against the per-pair loop reference and against today's one-launch kernel, on the cases of
+``test_fused_moe_lora.py`` (disabled slots, expert maps, routed weights, per-pair x, one or two
+slices in one launch or per slice, ranks up to 64, every local expert with pairs).  The partials
+scratch is poisoned (NaN): a row read that the shrink did not write shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.kernels.test_fused_moe_lora import CASES, _align, _config, _id, build, check
+from tests.utils import assert_close, poison_
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
+from vllm.lora.ops.triton_ops import moe_lora_split
+from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
+from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """Partials scratch filled with NaN; returns the list of scratch tensors handed out."""
+    made = []
+    real = moe_lora_split.alloc_partials
+
+    def alloc(*args, **kw):
+        made.append(poison_(real(*args, **kw)))
+        return made[-1]
+
+    monkeypatch.setattr(moe_lora_split, "alloc_partials", alloc)
+    return made
+
+
+# (case, shrink_split_k): K = 64 (48 for the w2-style case) in tiles of 16 or 32
+SPLIT_CASES = [(CASES[2], 2), (CASES[3], 3), (CASES[4], 4), (CASES[5], 2), (CASES[7], 4), (CASES[8], 3),
+               (CASES[9], 2), (CASES[11], 8)]
+
+
+@pytest.mark.parametrize("c,split", SPLIT_CASES, ids=[f"{_id(c)}-split{s}" for c, s in SPLIT_CASES])
+def test_split_equals_reference_and_fused(device, c, split, poisoned_partials):
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    cfg = _config(c, device, c.M * c.top_k)
+    alignment = _align(c, kw, cfg)
+    fused = out.clone()
+    fused_moe_lora(fused, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=cfg, **kw, **geo)
+    assert not poisoned_partials, "shrink_split_k=1 must run the one-launch kernel"
+    split_cfg = dataclasses.replace(cfg, shrink_split_k=split)
+    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=split_cfg, **kw, **geo)
+    assert poisoned_partials, "shrink_split_k > 1 must run the split launches"
+    launches = 1 if c.layout != "separate" else c.S
+    assert len(poisoned_partials) == launches
+    assert poisoned_partials[0].shape[0] == split_layout(c.K, split)[1]
+    check(c, out, start, delta, parent)
+    assert_close(out, fused, c.dtype, name="split vs one launch")
+
+
+def test_small_batch_path_ignores_the_split(device, poisoned_partials):
+    c = CASES[2]
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    cfg = dataclasses.replace(_config(c, device, c.M * c.top_k), shrink_split_k=4)
+    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=cfg, **kw, **geo)  # no alignment
+    assert not poisoned_partials
+    check(c, out, start, delta, parent)
+
+
+@pytest.mark.parametrize("K,split,expected", [(2048, 8, (256, 8)), (2048, 16, (128, 16)), (768, 3, (256, 3)),
+                                              (768, 4, (256, 3)), (768, 6, (128, 6)), (48, 8, (16, 3)),
+                                              (20, 2, (16, 2)), (2880, 8, (512, 6))])
+def test_split_layout(K, split, expected):
+    width, parts = split_layout(K, split)
+    assert (width, parts) == expected
+    assert width * parts >= K and width * (parts - 1) < K  # every split has columns, together all of K
+
+
+def test_config_json_key():
+    base = MoELoRATileConfig(block_size_m=16, block_size_n=64, block_size_k=128)
+    assert base.shrink_split_k == 1 and base.to_json()["SHRINK_SPLIT_K"] == 1
+    assert MoELoRATileConfig.from_json({"SHRINK_SPLIT_K": 8}, base=base).shrink_split_k == 8
+    with pytest.raises(ValueError, match="shrink_split_k"):
+        MoELoRATileConfig.from_json({"SHRINK_SPLIT_K": 0}, base=base)
+
+
+# ---------------------------------------------------------------- GPU, realistic shapes (Qwen3-30B-A3B-like)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [2, 4, 8, 16])
+@pytest.mark.parametrize("M", [16, 64, 256])
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+@pytest.mark.parametrize("R", [16, 64])
+def test_cuda_split_realistic(split, M, w2, R):
+    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
+
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, R, M, BF16, w2)
+    expected = out.float()
+    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+    cfg = get_moe_lora_config("fused_moe_lora_w2" if w2 else "fused_moe_lora_w13", num_pairs=kw["topk_ids"].numel(),
+                              num_experts=128, max_loras=4, rank=R, K=g["K"], N=g["N"], num_slices=g["S"],
+                              dtype=BF16, use_tuned_config=True, device_name=torch.cuda.get_device_name())
+    cfg = dataclasses.replace(cfg, shrink_split_k=split)
+    al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
+                                   block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
+    got = out.clone()
+    fused_moe_lora(got, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
+    assert_close(got, expected, BF16)
+    assert_close(got.float() - out.float(), expected - out.float(), BF16, name="delta")
+
+
+@pytest.mark.cuda
+def test_cuda_split_graph_replay():
+    """Align + the split op captured once in a CUDA graph, replayed with new routing and adapters."""
+    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, 16, 64, BF16, False)
+    cfg = MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=128, num_n_splits=3, shrink_split_k=8)
+    start = out.clone()
+
+    def step():
+        out.copy_(start)
+        al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
+                                       block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
+        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    kw["topk_ids"].copy_(torch.randn(64, 128, device="cuda").topk(8, dim=-1).indices)
+    kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (64,), device="cuda"))
+    kw["adapter_enabled"][2] = 0
+    graph.replay()
+    expected = start.float()
+    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+    assert_close(out, expected, BF16)
