@@ -143,3 +143,49 @@ def test_cuda_split_graph_replay():
     expected = start.float()
     fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
     assert_close(out, expected, BF16)
+
+
+# ---------------------------------------------------------------- the tuner and the benchmark can time it
+
+def test_split_candidates_launch_configs():
+    from benchmarks.kernels import tune_moe_space as space
+
+    heur = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=256, BLOCK_SIZE_K=128, NUM_N_SPLITS=1, num_warps=4, num_stages=3)
+    cands = space.split_candidates(heur, K=2048, N=768, splits=[1, 4, 8, 16])
+    assert {c["SHRINK_SPLIT_K"] for c in cands} == {4, 8, 16}  # 1 is today's kernel, not a variant
+    assert {c["NUM_N_SPLITS"] for c in cands} == {1, 3}  # the heuristic's and one N tile per program
+    assert len(cands) == 6 and all(space.launch_config(c).shrink_split_k == c["SHRINK_SPLIT_K"] for c in cands)
+    assert space.split_candidates(heur, K=16, N=768, splits=[2, 4]) == []  # one K tile: nothing to split
+
+
+def test_tune_smoke_times_the_split_variant(tmp_path, device, poisoned_partials):
+    from benchmarks.kernels import tune_moe
+
+    if device.type == "cuda":
+        pytest.skip("--smoke tunes on the CPU interpreter")
+    assert tune_moe.main(["--smoke", "--out", str(tmp_path), "--tokens", "9", "--ops", "lora",
+                          "--shrink-splits", "2"]) == 0
+    assert poisoned_partials, "the split candidates were not launched"
+    for f in tmp_path.glob("fused_moe_lora_*.json"):  # whatever won loads as a typed config
+        import json
+
+        for entry in json.loads(f.read_text()).values():
+            MoELoRATileConfig.from_json(entry, source=str(f))
+
+
+def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, poisoned_partials):
+    import benchmarks.kernels.benchmark_moe_lora as lb
+    from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
+
+    monkeypatch.setattr(mc, "get_moe_lora_config", mc.get_moe_lora_config)  # restored after the test
+    dtype, M = torch.bfloat16, 9  # the sorted path (4 adapters, 8 experts, top-2)
+    case = lb.build_case(lb.SMOKE_SHAPE, dtype, device, 16, 4, 16, 0)
+    x, _, tw, ti, slots = lb.make_inputs(case, M, 4, dtype, device, 0)
+    case.set_mapping(slots)
+    force_shrink_split_k(2)
+    out = case.layer.quant_method.apply(case.layer, x, tw, ti, lora_context=case.layer._lora_context)
+    assert len(poisoned_partials) == 2  # w13 and w2
+    assert lb.norm_err(out, lb.reference(case, x, tw, ti, slots, True)) < lb.TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="shrink-split-k"):
+        force_shrink_split_k(0)
