@@ -189,3 +189,18 @@ def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, p
     assert lb.norm_err(out, lb.reference(case, x, tw, ti, slots, True)) < lb.TOLERANCE[dtype]
     with pytest.raises(ValueError, match="shrink-split-k"):
         force_shrink_split_k(0)
+
+
+def test_variant_compiles_for_hopper_with_a_shorter_memory_chain():
+    """sm_90 compile of today's kernel and the split variant at 64 tokens (no GPU needed): no spills, and
+    each split launch waits for fewer dependent memory round trips than today's one program."""
+    from tests.utils import run_without_interpreter
+
+    out = run_without_interpreter("benchmarks/kernels/moe_lora_static_report.py", "--tokens", "64", "--splits", "8")
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| 64 |")]
+    assert len(rows) == 6, out  # w13, w2: today's kernel, split shrink, split expand
+    for gemm in ("w13", "w2"):
+        today = next(r for r in rows if r[1] == gemm and r[3] == "moe_lora_sorted_kernel")
+        split = [r for r in rows if r[1] == gemm and r[3] in ("shrink", "expand")]
+        assert len(split) == 2 and all(r[6] == "0" for r in rows if r[1] == gemm), rows  # no spills
+        assert sum(int(r[-1]) for r in split) < int(today[-1]), rows
