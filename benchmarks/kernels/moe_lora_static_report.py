@@ -10,7 +10,7 @@ loop body once, early exits count as dependences); for today's kernel the K loop
 ceil(K tiles / (stages - 1)) waits with ``num_stages - 1`` tiles in flight.  Run without TRITON_INTERPRET:
 
     PYTHONPATH=. python benchmarks/kernels/moe_lora_static_report.py [--tokens 16 64 256] [--splits 4 8 16]
-        [--out report.md]
+        [--expand-stages 1] [--out report.md]
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def _stats(kernel) -> dict:
     return dict(regs=regs, spill=spill, shared=kernel.metadata.shared, chain=memory_chain(sass), loops=loops or "-")
 
 
-def rows_for(M: int, splits: list[int]) -> list[dict]:
+def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
     from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as k1, _moe_lora_split_kernels as k2
     from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
     from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
@@ -150,9 +150,9 @@ def rows_for(M: int, splits: list[int]) -> list[dict]:
                              tiles=f"BM {cfg.block_size_m} BK {width} w{cfg.num_warps}", chain_total=sh["chain"], **sh))
             ints = dict(g["ints"], num_n_splits=n_tiles)
             ex = _stats(_compile(k2.moe_lora_split_expand_kernel, ints, dict(base, NUM_PARTS=parts), cfg.num_warps,
-                                 cfg.num_stages))
+                                 expand_stages))
             rows.append(dict(M=M, gemm=gemm, variant=f"split K {parts} x {width}", kernel="expand",
-                             tiles=f"BN {cfg.block_size_n} n-splits {n_tiles} (one N tile each)",
+                             tiles=f"BN {cfg.block_size_n} n-splits {n_tiles} (one N tile each) s{expand_stages}",
                              chain_total=ex["chain"], **ex))
     return rows
 
@@ -170,12 +170,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=[64])
     p.add_argument("--splits", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--expand-stages", type=int, default=1, help="num_stages of the split variant's expand")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     print(HEADER, flush=True)
     rows = []
     for M in args.tokens:
-        for r in rows_for(M, args.splits):
+        for r in rows_for(M, args.splits, args.expand_stages):
             rows.append(r)
             print(fmt(r), flush=True)
     if args.out:
