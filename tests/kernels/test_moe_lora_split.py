@@ -36,9 +36,10 @@ def poisoned_partials(monkeypatch):
     return made
 
 
-# (case, shrink_split_k): K = 64 (48 for the w2-style case) in tiles of 16 or 32
-SPLIT_CASES = [(CASES[2], 2), (CASES[3], 3), (CASES[4], 4), (CASES[5], 2), (CASES[7], 4), (CASES[8], 3),
-               (CASES[9], 2), (CASES[11], 8)]
+# (case, shrink_split_k): K = 64 (48 for the w2-style case, 80 for the last) in 2-8 ranges; fp32 (rank 8 in a
+# 16-wide tile), fp16 and bf16; one case without any adapter (nothing may change)
+SPLIT_CASES = [(CASES[1], 2), (CASES[2], 2), (CASES[3], 3), (CASES[4], 4), (CASES[5], 2), (CASES[6], 4),
+               (CASES[7], 4), (CASES[8], 3), (CASES[9], 2), (CASES[11], 8)]
 
 
 @pytest.mark.parametrize("c,split", SPLIT_CASES, ids=[f"{_id(c)}-split{s}" for c, s in SPLIT_CASES])
