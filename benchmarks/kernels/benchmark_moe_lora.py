@@ -89,7 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
     p.add_argument("--shrink-split-k", type=int, default=None,
-                   help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N) on the fused ops' sorted path")
+                   help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
+                        "one stage) on the fused ops' sorted path")
     return p.parse_args()
 
 

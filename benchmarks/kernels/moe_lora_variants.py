@@ -6,8 +6,9 @@ import dataclasses
 
 def force_shrink_split_k(n: int) -> None:
     """From now on every fused MoE LoRA op's config (``fused_moe_lora_w13`` / ``_w2``, tuned or heuristic)
-    gets ``shrink_split_k = n``: the split-K variant on sorted routing (``moe_lora_split.py``).  The
-    separate shrink / expand ops (the baseline) keep theirs.  For benchmarks only: it replaces
+    gets ``shrink_split_k = n``: the split-K variant on sorted routing (``moe_lora_split.py``), with its
+    expand at the settings the static report favours: one N tile per program (at most 16 N-splits) and one
+    stage.  The separate shrink / expand ops (the baseline) keep theirs.  For benchmarks only: it replaces
     ``moe_lora_config.get_moe_lora_config``, which the Punica wrapper looks up at each call."""
     from vllm.lora.ops.triton_ops import moe_lora_config as mc
 
@@ -17,7 +18,10 @@ def force_shrink_split_k(n: int) -> None:
 
     def patched(op: str, **kw):
         cfg = real(op, **kw)
-        return dataclasses.replace(cfg, shrink_split_k=n) if op.startswith("fused_moe_lora") else cfg
+        if not op.startswith("fused_moe_lora"):
+            return cfg
+        n_tiles = -(-max(int(kw["N"]), 1) // cfg.block_size_n)
+        return dataclasses.replace(cfg, shrink_split_k=n, num_n_splits=min(n_tiles, 16), num_stages=1)
 
     patched.__wrapped_config__ = real
     mc.get_moe_lora_config = patched

@@ -186,6 +186,9 @@ def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, p
     x, _, tw, ti, slots = lb.make_inputs(case, M, 4, dtype, device, 0)
     case.set_mapping(slots)
     force_shrink_split_k(2)
+    cfg = mc.get_moe_lora_config("fused_moe_lora_w2", num_pairs=18, num_experts=8, max_loras=4, rank=16, K=64,
+                                 N=64, num_slices=1, dtype=dtype, use_tuned_config=False, device_name="cpu")
+    assert (cfg.shrink_split_k, cfg.num_n_splits, cfg.num_stages) == (2, -(-64 // cfg.block_size_n), 1)
     out = case.layer.quant_method.apply(case.layer, x, tw, ti, lora_context=case.layer._lora_context)
     assert len(poisoned_partials) == 2  # w13 and w2
     assert lb.norm_err(out, lb.reference(case, x, tw, ti, slots, True)) < lb.TOLERANCE[dtype]
