@@ -292,8 +292,9 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
         else:
             cands = space.interpreter_candidates(heur, "lora", tune_block_m=stage == 1 and not small,
                                                  limit=t.args.max_candidates)
-        if not small:
-            cands += space.split_candidates(heur, K=K, N=N, splits=t.args.shrink_splits)
+        if not small:  # the split-K variant (--shrink-splits); the interpreter: its code path only
+            split = space.split_candidates(heur, K=K, N=N, splits=t.args.shrink_splits)
+            cands += split if t.on_gpu else split[:1]
         ref = launch(stage, heur, torch.zeros(outs[stage].shape, dtype=torch.float32, device=t.device),
                      fn=fused_moe_lora_torch)
         res = Outcome(ly.name, M, f"{kernel} R={R}")

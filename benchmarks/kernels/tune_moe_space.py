@@ -31,7 +31,7 @@ LoRA: BLOCK_SIZE_M {16, 32, 64} (w13 sorted path only), BLOCK_SIZE_N 32..256, BL
     num_warps {4, 8}, num_stages {2, 3}.
 LoRA split-K variant (``--shrink-splits``, sorted path only, added after the nearest candidates): the
     heuristic with SHRINK_SPLIT_K in the given list (splits that leave >= 2 K ranges) x NUM_N_SPLITS in
-    {the heuristic's, one N tile per program} x num_stages in {the heuristic's, 1}.
+    {the heuristic's, one N tile per program} x num_stages in {the heuristic's, 1} x num_warps {4, 8}.
 Distance to the heuristic: the sum over the keys of |log2 a - log2 b| (warps, stages, GROUP_SIZE_M:
     |a - b| / a step), so the kept candidates are the heuristic's neighbourhood, not a random subset.
 """
@@ -171,7 +171,8 @@ def lora_candidates(heur: Config, *, sorted_path: bool, tune_block_m: bool, R: i
 def split_candidates(heur: Config, *, K: int, N: int, splits: Iterable[int]) -> list[Config]:
     """The split-K variant of the LoRA op around the heuristic (``moe_lora_split.py``): each K split
     count that gives >= 2 ranges, with the heuristic's N-splits and with one N tile per program, with the
-    heuristic's stages and with one (the expand's B tile then loads with the output rows, not before)."""
+    heuristic's stages and with one (the expand's B tile then loads with the output rows, not before), at
+    4 and 8 warps (ptxas keeps more of the shrink's loads in flight at some widths with 8)."""
     from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
 
     n_tiles = -(-N // heur["BLOCK_SIZE_N"])
@@ -179,8 +180,9 @@ def split_candidates(heur: Config, *, K: int, N: int, splits: Iterable[int]) -> 
     for s in splits:
         if split_layout(K, s)[1] < 2:
             continue
-        for n, stages in itertools.product((heur["NUM_N_SPLITS"], min(n_tiles, 16)), (heur["num_stages"], 1)):
-            c = dict(heur, SHRINK_SPLIT_K=s, NUM_N_SPLITS=n, num_stages=stages)
+        for n, stages, warps in itertools.product((heur["NUM_N_SPLITS"], min(n_tiles, 16)), (heur["num_stages"], 1),
+                                                  (4, 8)):
+            c = dict(heur, SHRINK_SPLIT_K=s, NUM_N_SPLITS=n, num_stages=stages, num_warps=warps)
             if tuple(sorted(c.items())) not in seen:
                 seen.add(tuple(sorted(c.items())))
                 out.append(c)

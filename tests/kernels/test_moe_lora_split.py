@@ -155,8 +155,8 @@ def test_split_candidates_launch_configs():
     cands = space.split_candidates(heur, K=2048, N=768, splits=[1, 4, 8, 16])
     assert {c["SHRINK_SPLIT_K"] for c in cands} == {4, 8, 16}  # 1 is today's kernel, not a variant
     assert {c["NUM_N_SPLITS"] for c in cands} == {1, 3}  # the heuristic's and one N tile per program
-    assert {c["num_stages"] for c in cands} == {1, 3}
-    assert len(cands) == 12 and all(space.launch_config(c).shrink_split_k == c["SHRINK_SPLIT_K"] for c in cands)
+    assert {c["num_stages"] for c in cands} == {1, 3} and {c["num_warps"] for c in cands} == {4, 8}
+    assert len(cands) == 24 and all(space.launch_config(c).shrink_split_k == c["SHRINK_SPLIT_K"] for c in cands)
     assert space.split_candidates(heur, K=16, N=768, splits=[2, 4]) == []  # one K tile: nothing to split
 
 
