@@ -130,9 +130,8 @@ def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
         base = dict(UPCAST=False, FP32_PRECISION="tf32x3", EXPAND_MODE=1, BLOCK_M=cfg.block_size_m,
                     BLOCK_N=cfg.block_size_n, BLOCK_R=16, MUL_ROUTED_WEIGHT=g["mul_w"])
         ints = dict(g["ints"], num_n_splits=cfg.num_n_splits)
-        kern = _compile(k1.moe_lora_sorted_kernel, ints, dict(base, DO_SHRINK=True, DO_EXPAND=True,
-                                                                BLOCK_K=cfg.block_size_k), cfg.num_warps, cfg.num_stages)
-        st = _stats(kern)
+        fused = dict(base, DO_SHRINK=True, DO_EXPAND=True, BLOCK_K=cfg.block_size_k)
+        st = _stats(_compile(k1.moe_lora_sorted_kernel, ints, fused, cfg.num_warps, cfg.num_stages))
         k_tiles = -(-g["K"] // cfg.block_size_k)
         n_per_prog = -(-n_tiles // max(1, min(cfg.num_n_splits, n_tiles)))
         st["chain_total"] = st["chain"] + -(-k_tiles // max(1, cfg.num_stages - 1)) - 1 + n_per_prog - 1
