@@ -33,6 +33,7 @@ wall-clock on the CPU (no graphs), just to exercise the code path.
 
     PYTHONPATH=. python benchmarks/kernels/benchmark_moe_lora.py [--shapes qwen3 mixtral gpt-oss]
         [--tokens 1 16 64 256 1024 4096] [--ranks 16 64] [--num-loras 4 16] [--dtype bf16] [--out table.md]
+        [--shrink-split-k N]    (the MoE LoRA split-K variant forced on the fused ops: moe_lora_variants.py)
 """
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    p.add_argument("--shrink-split-k", type=int, default=None,
+                   help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
+                        "one stage) on the fused ops' sorted path")
     return p.parse_args()
 
 
@@ -289,6 +293,10 @@ def main() -> None:
     args.reps = args.reps or (100 if has_cuda else 2)
     gpu = torch.cuda.get_device_name(device) if has_cuda else "cpu (interpreter)"
     torch.manual_seed(args.seed)
+    if args.shrink_split_k is not None:
+        from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
+
+        force_shrink_split_k(args.shrink_split_k)
 
     peak = peak_bandwidth(device)
     print(f"device: {gpu}; dtype {args.dtype}; ranks {args.ranks}; adapters {args.num_loras}, tokens round-robin; "
@@ -317,7 +325,8 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     text = "\n".join([
-        f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}", "",
+        f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}"
+        + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else ""), "",
         results_table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "

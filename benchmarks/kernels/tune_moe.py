@@ -65,6 +65,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="replays per screening timing (default 20)")
     p.add_argument("--confirm-reps", type=int, default=None, help="replays to re-time the top 3 (default 60)")
     p.add_argument("--max-candidates", type=int, default=24, help="per case, the heuristic included")
+    p.add_argument("--shrink-splits", nargs="*", type=int, default=[],
+                   help="LoRA: also time the split-K variant with these SHRINK_SPLIT_K (sorted path), e.g. 4 8 16")
     p.add_argument("--min-gain", type=float, default=0.02, help="a winner must beat the heuristic by this")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting work after this many seconds")
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU under TRITON_INTERPRET=1")
@@ -290,6 +292,9 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
         else:
             cands = space.interpreter_candidates(heur, "lora", tune_block_m=stage == 1 and not small,
                                                  limit=t.args.max_candidates)
+        if not small:  # the split-K variant (--shrink-splits); the interpreter: its code path only
+            split = space.split_candidates(heur, K=K, N=N, splits=t.args.shrink_splits)
+            cands += split if t.on_gpu else split[:1]
         ref = launch(stage, heur, torch.zeros(outs[stage].shape, dtype=torch.float32, device=t.device),
                      fn=fused_moe_lora_torch)
         res = Outcome(ly.name, M, f"{kernel} R={R}")

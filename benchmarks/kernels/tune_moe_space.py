@@ -29,6 +29,9 @@ GEMM: BLOCK_SIZE_M 16..128 (w13 only; at most 2 x next_pow2(pairs per expert), a
 LoRA: BLOCK_SIZE_M {16, 32, 64} (w13 sorted path only), BLOCK_SIZE_N 32..256, BLOCK_SIZE_K 32..256
     (small-batch path: up to 512 with BLOCK_R x BLOCK_K <= 8192), NUM_N_SPLITS 1..16 (<= N tiles),
     num_warps {4, 8}, num_stages {2, 3}.
+LoRA split-K variant (``--shrink-splits``, sorted path only, added after the nearest candidates): the
+    heuristic with SHRINK_SPLIT_K in the given list (splits that leave >= 2 K ranges) x NUM_N_SPLITS in
+    {the heuristic's, one N tile per program} x num_stages in {the heuristic's, 1} x num_warps {4, 8}.
 Distance to the heuristic: the sum over the keys of |log2 a - log2 b| (warps, stages, GROUP_SIZE_M:
     |a - b| / a step), so the kept candidates are the heuristic's neighbourhood, not a random subset.
 """
@@ -163,6 +166,27 @@ def lora_candidates(heur: Config, *, sorted_path: bool, tune_block_m: bool, R: i
             cands.append(dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, NUM_N_SPLITS=splits,
                               num_warps=warps, num_stages=stages))
     return _nearest(cands, heur, limit)
+
+
+def split_candidates(heur: Config, *, K: int, N: int, splits: Iterable[int]) -> list[Config]:
+    """The split-K variant of the LoRA op around the heuristic (``moe_lora_split.py``): each K split
+    count that gives >= 2 ranges, with the heuristic's N-splits and with one N tile per program, with the
+    heuristic's stages and with one (the expand's B tile then loads with the output rows, not before), at
+    4 and 8 warps (ptxas keeps more of the shrink's loads in flight at some widths with 8)."""
+    from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
+
+    n_tiles = -(-N // heur["BLOCK_SIZE_N"])
+    out, seen = [], set()
+    for s in splits:
+        if split_layout(K, s)[1] < 2:
+            continue
+        for n, stages, warps in itertools.product((heur["NUM_N_SPLITS"], min(n_tiles, 16)), (heur["num_stages"], 1),
+                                                  (4, 8)):
+            c = dict(heur, SHRINK_SPLIT_K=s, NUM_N_SPLITS=n, num_stages=stages, num_warps=warps)
+            if tuple(sorted(c.items())) not in seen:
+                seen.add(tuple(sorted(c.items())))
+                out.append(c)
+    return out
 
 
 def interpreter_candidates(heur: Config, kind: str, *, tune_block_m: bool, limit: int) -> list[Config]:

@@ -38,7 +38,7 @@ def test_known_json_names():
                              "SPLIT_K": 2, "num_warps": 8, "num_stages": 4, "GEMV": 0}
     lora = MoELoRATileConfig(block_size_m=16, block_size_n=32, block_size_k=64, num_n_splits=3)
     assert lora.to_json() == {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "NUM_N_SPLITS": 3,
-                              "num_warps": 4, "num_stages": 3}
+                              "num_warps": 4, "num_stages": 3, "SHRINK_SPLIT_K": 1}
 
 
 def test_partial_entry_fills_from_base_or_defaults():

@@ -152,6 +152,8 @@ class MoELoRATileConfig(JsonTiles):
 
     block_size_m: rows of one M-block (the (adapter, expert) alignment's block size).
     num_n_splits: programs sharing one block's (or pair's) N range.
+    shrink_split_k: 1 = the one fused launch; n > 1 = the fused op on sorted routing in two launches, its
+    shrink split over n programs along K (``triton_ops/moe_lora_split.py``); other launches ignore it.
     """
 
     block_size_m: int
@@ -160,10 +162,12 @@ class MoELoRATileConfig(JsonTiles):
     num_n_splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    shrink_split_k: int = 1
 
     JSON_KEYS: ClassVar[Mapping[str, str]] = {
         "BLOCK_SIZE_M": "block_size_m", "BLOCK_SIZE_N": "block_size_n", "BLOCK_SIZE_K": "block_size_k",
         "NUM_N_SPLITS": "num_n_splits", "num_warps": "num_warps", "num_stages": "num_stages",
+        "SHRINK_SPLIT_K": "shrink_split_k",
     }
 
 

@@ -20,6 +20,8 @@ Shapes (L = max_loras slots, E = local experts, R = max rank, zero-padded):
 
 ``alignment`` (from ``moe_lora_align_block_size``) selects the sorted path; without
 it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``).
+On the sorted path, ``config.shrink_split_k`` > 1 runs the fused op as two launches
+with the shrink split along K (``moe_lora_split.py``).
 Slices that are views of one buffer with a constant stride (the usual stacked
 [S, L, E, ...] layout) go in one launch; others get one launch per slice.
 """
@@ -32,6 +34,7 @@ import torch
 from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
+from vllm.lora.ops.triton_ops.moe_lora_split import launch_split
 from vllm.triton_utils import triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -181,12 +184,16 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             # each non-empty virtual expert adds at most one partly filled block.
             used_blocks = -(-numel // block_m) + min(numel, L * E)
             grid = (min(alignment.block_virtual_ids.numel(), used_blocks), ns, splits)
+            expand_mode = 1 if (do_expand and b.dtype == torch.bfloat16) else 0
+            if do_shrink and do_expand and config.shrink_split_k > 1:  # two launches, the shrink split along K
+                launch_split(args, alignment=alignment, blocks=grid[0], num_slices=ns, n_splits=splits,
+                             shrink_split_k=config.shrink_split_k, interp=interp, expand_mode=expand_mode)
+                continue
             kern.moe_lora_sorted_kernel[grid](
                 sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
-                EXPAND_MODE=1 if (do_expand and b.dtype == torch.bfloat16) else 0,
-                BLOCK_M=block_m, **args)
+                EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
         else:
             grid = (numel, ns, splits)
             kern.moe_lora_pair_kernel[grid](

@@ -11,6 +11,9 @@ a tuned file):
     num_n_splits  NUM_N_SPLITS  programs sharing one (block or pair, slice)'s N range; each
                                 recomputes the (cheap) shrink, so small batches fill the GPU
     num_warps, num_stages
+    shrink_split_k SHRINK_SPLIT_K  1 (default): one fused launch; n > 1: the fused op on sorted
+                                routing as a shrink split along K over n programs + an
+                                expand launch (``moe_lora_split.py``; the heuristic keeps 1)
 
 Tile rules (FACTS.md section 4): the rank tile BLOCK_R is next_pow2(max(R, 16))
 and is not configurable - the shrink's N tile and the expand's K tile are the

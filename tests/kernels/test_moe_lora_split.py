@@ -1,0 +1,211 @@
+"""The split-K variant of the fused MoE LoRA op (``MoELoRATileConfig.shrink_split_k`` > 1, ``moe_lora_split.py``).
+
+Against the per-pair loop reference and against today's one-launch kernel, on the cases of
+``test_fused_moe_lora.py`` (disabled slots, expert maps, routed weights, per-pair x, one or two
+slices in one launch or per slice, ranks up to 64, every local expert with pairs).  The partials
+scratch is poisoned (NaN): a row read that the shrink did not write shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.kernels.test_fused_moe_lora import CASES, _align, _config, _id, build, check
+from tests.utils import assert_close, poison_
+from vllm.kernel_configs.tile_config import MoELoRATileConfig
+from vllm.lora.ops.triton_ops import moe_lora_split
+from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
+from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def poisoned_partials(monkeypatch):
+    """Partials scratch filled with NaN; returns the list of scratch tensors handed out."""
+    made = []
+    real = moe_lora_split.alloc_partials
+
+    def alloc(*args, **kw):
+        made.append(poison_(real(*args, **kw)))
+        return made[-1]
+
+    monkeypatch.setattr(moe_lora_split, "alloc_partials", alloc)
+    return made
+
+
+# (case, shrink_split_k): K = 64 (48 for the w2-style case, 80 for the last) in 2-8 ranges; fp32 (rank 8 in a
+# 16-wide tile), fp16 and bf16; one case without any adapter (nothing may change)
+SPLIT_CASES = [(CASES[1], 2), (CASES[2], 2), (CASES[3], 3), (CASES[4], 4), (CASES[5], 2), (CASES[6], 4),
+               (CASES[7], 4), (CASES[8], 3), (CASES[9], 2), (CASES[11], 8)]
+
+
+@pytest.mark.parametrize("c,split", SPLIT_CASES, ids=[f"{_id(c)}-split{s}" for c, s in SPLIT_CASES])
+def test_split_equals_reference_and_fused(device, c, split, poisoned_partials):
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    cfg = _config(c, device, c.M * c.top_k)
+    alignment = _align(c, kw, cfg)
+    fused = out.clone()
+    fused_moe_lora(fused, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=cfg, **kw, **geo)
+    assert not poisoned_partials, "shrink_split_k=1 must run the one-launch kernel"
+    split_cfg = dataclasses.replace(cfg, shrink_split_k=split)
+    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=split_cfg, **kw, **geo)
+    assert poisoned_partials, "shrink_split_k > 1 must run the split launches"
+    launches = 1 if c.layout != "separate" else c.S
+    assert len(poisoned_partials) == launches
+    assert poisoned_partials[0].shape[0] == split_layout(c.K, split)[1]
+    check(c, out, start, delta, parent)
+    assert_close(out, fused, c.dtype, name="split vs one launch")
+
+
+def test_small_batch_path_ignores_the_split(device, poisoned_partials):
+    c = CASES[2]
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    cfg = dataclasses.replace(_config(c, device, c.M * c.top_k), shrink_split_k=4)
+    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=cfg, **kw, **geo)  # no alignment
+    assert not poisoned_partials
+    check(c, out, start, delta, parent)
+
+
+@pytest.mark.parametrize("K,split,expected", [(2048, 8, (256, 8)), (2048, 16, (128, 16)), (768, 3, (256, 3)),
+                                              (768, 4, (256, 3)), (768, 6, (128, 6)), (48, 8, (16, 3)),
+                                              (20, 2, (16, 2)), (2880, 8, (512, 6))])
+def test_split_layout(K, split, expected):
+    width, parts = split_layout(K, split)
+    assert (width, parts) == expected
+    assert width * parts >= K and width * (parts - 1) < K  # every split has columns, together all of K
+
+
+def test_config_json_key():
+    base = MoELoRATileConfig(block_size_m=16, block_size_n=64, block_size_k=128)
+    assert base.shrink_split_k == 1 and base.to_json()["SHRINK_SPLIT_K"] == 1
+    assert MoELoRATileConfig.from_json({"SHRINK_SPLIT_K": 8}, base=base).shrink_split_k == 8
+    with pytest.raises(ValueError, match="shrink_split_k"):
+        MoELoRATileConfig.from_json({"SHRINK_SPLIT_K": 0}, base=base)
+
+
+# ---------------------------------------------------------------- GPU, realistic shapes (Qwen3-30B-A3B-like)
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [2, 4, 8, 16])
+@pytest.mark.parametrize("M", [16, 64, 256])
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+@pytest.mark.parametrize("R", [16, 64])
+def test_cuda_split_realistic(split, M, w2, R):
+    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
+
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, R, M, BF16, w2)
+    expected = out.float()
+    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+    cfg = get_moe_lora_config("fused_moe_lora_w2" if w2 else "fused_moe_lora_w13", num_pairs=kw["topk_ids"].numel(),
+                              num_experts=128, max_loras=4, rank=R, K=g["K"], N=g["N"], num_slices=g["S"],
+                              dtype=BF16, use_tuned_config=True, device_name=torch.cuda.get_device_name())
+    cfg = dataclasses.replace(cfg, shrink_split_k=split)
+    al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
+                                   block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
+    got = out.clone()
+    fused_moe_lora(got, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
+    assert_close(got, expected, BF16)
+    assert_close(got.float() - out.float(), expected - out.float(), BF16, name="delta")
+
+
+@pytest.mark.cuda
+def test_cuda_split_graph_replay():
+    """Align + the split op captured once in a CUDA graph, replayed with new routing and adapters."""
+    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, 16, 64, BF16, False)
+    cfg = MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=128, num_n_splits=3, shrink_split_k=8)
+    start = out.clone()
+
+    def step():
+        out.copy_(start)
+        al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
+                                       block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
+        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    kw["topk_ids"].copy_(torch.randn(64, 128, device="cuda").topk(8, dim=-1).indices)
+    kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (64,), device="cuda"))
+    kw["adapter_enabled"][2] = 0
+    graph.replay()
+    expected = start.float()
+    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+    assert_close(out, expected, BF16)
+
+
+# ---------------------------------------------------------------- the tuner and the benchmark can time it
+
+def test_split_candidates_launch_configs():
+    from benchmarks.kernels import tune_moe_space as space
+
+    heur = dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=256, BLOCK_SIZE_K=128, NUM_N_SPLITS=1, num_warps=4, num_stages=3)
+    cands = space.split_candidates(heur, K=2048, N=768, splits=[1, 4, 8, 16])
+    assert {c["SHRINK_SPLIT_K"] for c in cands} == {4, 8, 16}  # 1 is today's kernel, not a variant
+    assert {c["NUM_N_SPLITS"] for c in cands} == {1, 3}  # the heuristic's and one N tile per program
+    assert {c["num_stages"] for c in cands} == {1, 3} and {c["num_warps"] for c in cands} == {4, 8}
+    assert len(cands) == 24 and all(space.launch_config(c).shrink_split_k == c["SHRINK_SPLIT_K"] for c in cands)
+    assert space.split_candidates(heur, K=16, N=768, splits=[2, 4]) == []  # one K tile: nothing to split
+
+
+def test_tune_smoke_times_the_split_variant(tmp_path, device, poisoned_partials):
+    from benchmarks.kernels import tune_moe
+
+    if device.type == "cuda":
+        pytest.skip("--smoke tunes on the CPU interpreter")
+    assert tune_moe.main(["--smoke", "--out", str(tmp_path), "--tokens", "9", "--ops", "lora",
+                          "--shrink-splits", "2"]) == 0
+    assert poisoned_partials, "the split candidates were not launched"
+    for f in tmp_path.glob("fused_moe_lora_*.json"):  # whatever won loads as a typed config
+        import json
+
+        for entry in json.loads(f.read_text()).values():
+            MoELoRATileConfig.from_json(entry, source=str(f))
+
+
+def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, poisoned_partials):
+    import benchmarks.kernels.benchmark_moe_lora as lb
+    from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
+
+    monkeypatch.setattr(mc, "get_moe_lora_config", mc.get_moe_lora_config)  # restored after the test
+    dtype, M = torch.bfloat16, 9  # the sorted path (4 adapters, 8 experts, top-2)
+    case = lb.build_case(lb.SMOKE_SHAPE, dtype, device, 16, 4, 16, 0)
+    x, _, tw, ti, slots = lb.make_inputs(case, M, 4, dtype, device, 0)
+    case.set_mapping(slots)
+    force_shrink_split_k(2)
+    cfg = mc.get_moe_lora_config("fused_moe_lora_w2", num_pairs=18, num_experts=8, max_loras=4, rank=16, K=64,
+                                 N=64, num_slices=1, dtype=dtype, use_tuned_config=False, device_name="cpu")
+    assert (cfg.shrink_split_k, cfg.num_n_splits, cfg.num_stages) == (2, -(-64 // cfg.block_size_n), 1)
+    out = case.layer.quant_method.apply(case.layer, x, tw, ti, lora_context=case.layer._lora_context)
+    assert len(poisoned_partials) == 2  # w13 and w2
+    assert lb.norm_err(out, lb.reference(case, x, tw, ti, slots, True)) < lb.TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="shrink-split-k"):
+        force_shrink_split_k(0)
+
+
+def test_variant_compiles_for_hopper_with_a_shorter_memory_chain():
+    """sm_90 compile of today's kernel and the split variant at 64 tokens (no GPU needed): no spills, and
+    each split launch waits for fewer dependent memory round trips than today's one program."""
+    from tests.utils import run_without_interpreter
+
+    out = run_without_interpreter("benchmarks/kernels/moe_lora_static_report.py", "--tokens", "64", "--splits", "8")
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| 64 |")]
+    assert len(rows) == 6, out  # w13, w2: today's kernel, split shrink, split expand
+    for gemm in ("w13", "w2"):
+        today = next(r for r in rows if r[1] == gemm and r[3] == "moe_lora_sorted_kernel")
+        split = [r for r in rows if r[1] == gemm and r[3] in ("shrink", "expand")]
+        assert len(split) == 2 and all(r[6] == "0" for r in rows if r[1] == gemm), rows  # no spills
+        assert sum(int(r[-1]) for r in split) < int(today[-1]), rows

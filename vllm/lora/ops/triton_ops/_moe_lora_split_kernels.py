@@ -1,0 +1,121 @@
+"""Private ``@triton.jit`` bodies of the split-K MoE LoRA path (launcher: ``moe_lora_split.py``).
+
+The fused ``moe_lora_sorted_kernel`` is latency bound at decode batches: each program
+walks K in a serial loop of ``K / BLOCK_K`` steps (two tiles in flight with three
+stages) on a 16-row block that holds one or two real rows, after three dependent
+loads (virtual expert id, padded count, pair ids), then expands N tile after N tile,
+each a read-modify-write of the output.  All programs fit on the GPU at once, so the
+kernel takes one program's chain of memory round trips, not its bytes.
+
+Here the same computation takes two launches with short chains:
+
+* ``moe_lora_split_shrink_kernel`` - grid (M-blocks, slices, K-splits): one program
+  loads its K range of x and A^T as one tile each (BLOCK_K wide: both loads in flight at
+  once; a loop of tiles would put the layout conversions' barriers between them) and
+  stores its fp32 partial [BLOCK_M, BLOCK_R] to ``part[split, slice, pair]``.
+* ``moe_lora_split_expand_kernel`` - grid (M-blocks, slices, N-splits): sums the
+  ``NUM_PARTS`` partials (fp32, in split order: deterministic), then expands as the
+  fused kernel does (``EXPAND_MODE``, routed weight, read-modify-write of ``out``).
+
+Neither branches on the block's three header loads (``_block_header``).  Only rows of real pairs in used
+blocks are written and read, so ``part`` needs no initialisation.
+"""
+import triton
+import triton.language as tl
+
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, _n_tile_range, _split_for_expand
+
+
+@triton.jit
+def _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m, num_experts, numel,
+                  BLOCK_M: tl.constexpr):
+    """(live, slot, expert, pairs, mask_m) of M-block ``pid_m``.
+
+    The three loads are independent, and nothing branches on them: a block that is not in
+    use (``live`` false) keeps running with every load and store masked off, so that the
+    compiler issues the pair ids' load with the other two and the operand loads right after,
+    instead of one round trip after the other behind an early return.  The ids' buffer holds
+    every launched block's entries.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    vid = tl.load(block_vids_ptr + pid_m)
+    num_post = tl.load(num_post_padded_ptr)
+    pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    live = (vid >= 0) & (pid_m * BLOCK_M < num_post)
+    vid = tl.maximum(vid, 0)
+    slot = (vid // num_experts).to(tl.int64)
+    expert = (vid % num_experts).to(tl.int64)
+    return live, slot, expert, pairs, (pairs < numel) & live
+
+
+@triton.jit
+def moe_lora_split_shrink_kernel(
+    x_ptr, a_ptr, part_ptr, sorted_ids_ptr, block_vids_ptr, num_post_padded_ptr,
+    numel, top_k_in, K, R, num_experts,
+    stride_xm, stride_xk,
+    stride_as, stride_al, stride_ae, stride_ar, stride_ak,
+    stride_pk, stride_ps, stride_pp,
+    UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    slice_s = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    live, slot, expert, pairs, mask_m = _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m,
+                                                      num_experts, numel, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = (offs_r < R) & live
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # this split's K range: one tile
+    mask_k = offs_k < K
+    rows = pairs // top_k_in
+    xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    at = tl.load(a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[None, :] * stride_ar
+                 + offs_k[:, None].to(tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+    acc = _dot(xt, at, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, FP32_PRECISION)
+    p_ptrs = part_ptr + pid_k * stride_pk + slice_s * stride_ps + pairs[:, None] * stride_pp + offs_r[None, :]
+    tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def moe_lora_split_expand_kernel(
+    b_ptr, out_ptr, part_ptr, w_ptr, sorted_ids_ptr, block_vids_ptr, num_post_padded_ptr,
+    numel, top_k, N, R, num_experts,
+    stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
+    stride_pk, stride_ps, stride_pp, num_n_splits,
+    MUL_ROUTED_WEIGHT: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    EXPAND_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    slice_s = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    live, slot, expert, pairs, mask_m = _block_header(block_vids_ptr, num_post_padded_ptr, sorted_ids_ptr, pid_m,
+                                                      num_experts, numel, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = (offs_r < R) & live
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    p_ptrs = part_ptr + slice_s * stride_ps + pairs[:, None] * stride_pp + offs_r[None, :]
+    acc = tl.load(p_ptrs, mask=mask_mr, other=0.0)
+    for k in tl.static_range(1, NUM_PARTS):
+        acc += tl.load(p_ptrs + k * stride_pk, mask=mask_mr, other=0.0)
+    hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
+    out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
+    col0 = out_col0 + slice_s * out_slice_cols
+    b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[:, None] * stride_br
+    t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
+    for t in range(t_begin, t_end):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn, mask=mask_r[:, None] & mask_n[None, :],
+                    other=0.0)
+        o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
+        o_mask = mask_m[:, None] & mask_n[None, :]
+        o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
+        if MUL_ROUTED_WEIGHT:
+            delta = delta * w[:, None]
+        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)

@@ -1,0 +1,60 @@
+"""The split-K variant of the fused MoE LoRA op on sorted routing (``MoELoRATileConfig.shrink_split_k`` > 1).
+
+``fused_moe_lora`` calls ``launch_split`` in place of ``moe_lora_sorted_kernel`` when the
+config asks for it: a shrink launch over (M-blocks, slices, K-splits) writing fp32
+partials, then an expand launch over (M-blocks, slices, N-splits) summing them (kernels
+and the reason: ``_moe_lora_split_kernels.py``).  Same semantics and same arguments as
+the fused kernel; the partials buffer is allocated per call like the shrink op's output
+(no host synchronisation: CUDA-graph safe).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
+from vllm.triton_utils import next_power_of_2
+
+
+def split_layout(K: int, shrink_split_k: int) -> tuple[int, int]:
+    """(tile width, number of splits) of the split shrink: each split loads one tile of
+    next_pow2(cdiv(K, shrink_split_k)) columns (at least 16); as many splits as K needs of them,
+    so at most ``shrink_split_k`` (``MoELoRATileConfig.block_size_k`` does not apply here)."""
+    width = max(16, next_power_of_2(-(-max(K, 1) // max(1, shrink_split_k))))
+    return width, -(-max(K, 1) // width)
+
+
+def alloc_partials(num_parts: int, num_slices: int, numel: int, rank: int, device: torch.device) -> torch.Tensor:
+    """fp32 [parts, slices, pairs, rank] scratch for the shrink's partials; never read where not written."""
+    return torch.empty((num_parts, num_slices, numel, rank), dtype=torch.float32, device=device)
+
+
+def _pick(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
+    names = set(kernel.arg_names)
+    return {k: v for k, v in args.items() if k in names}
+
+
+def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: int, num_slices: int,
+                 n_splits: int, shrink_split_k: int, interp: bool, expand_mode: int) -> None:
+    """Shrink + expand of one slice group in two launches.
+
+    args: the fused kernel's named arguments as ``fused_moe_lora._run`` builds them (pointers,
+    sizes, strides, constexprs, ``num_warps`` / ``num_stages``); blocks: the M-blocks to launch.
+    """
+    from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
+
+    x, R, K, numel = args["x_ptr"], args["R"], args["K"], args["numel"]
+    block_r = args["BLOCK_R"]
+    width, parts = split_layout(K, shrink_split_k)
+    part = alloc_partials(parts, num_slices, numel, R, x.device)
+    common = dict(args, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
+                  num_post_padded_ptr=alignment.num_tokens_post_padded, part_ptr=part,
+                  stride_pk=part.stride(0), stride_ps=part.stride(1), stride_pp=part.stride(2),
+                  UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3", BLOCK_M=alignment.block_size,
+                  BLOCK_R=block_r, EXPAND_MODE=expand_mode)
+    launch = dict(num_warps=args["num_warps"], num_stages=args["num_stages"])
+    shrink = kern.moe_lora_split_shrink_kernel
+    shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch)
+    expand = kern.moe_lora_split_expand_kernel
+    expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
