@@ -102,6 +102,16 @@ def test_without_a_memo_the_output_computes_each_time():
     assert out.adapter_memo is sched.adapter_memo and out.lora_int_ids == [5, 0]
 
 
+def test_base_model_batches_never_touch_the_memo():
+    """Without adapters nothing asks for a batch's adapters (no LoRA cost for an engine without LoRA)."""
+    from tests.engine.test_scheduler import run_to_completion as drive
+
+    sched, bm = make_scheduler(max_num_seqs=4)
+    sched.add_seqs([make_seq(i, 3 + i, max_tokens=4 + i) for i in range(6)])
+    drive(sched, bm)
+    assert sched.adapter_memo.hits == sched.adapter_memo.misses == 0
+
+
 def test_max_loras_with_the_running_list_edited_in_place():
     """``max_loras`` counts the running adapters from the memo: the running list changes in place (prefills
     join it, finished and preempted sequences leave it) while adapter sequences keep waiting, and at no
