@@ -36,7 +36,9 @@ LoRA: the distinct adapters (``lora_int_id > 0``) of the running sequences stay
 <= ``max_loras``, so any batch respects it. A waiting sequence whose adapter
 would exceed it keeps its place; behind it only base-model sequences may be
 admitted (later adapter sequences would keep the running adapters busy and
-starve it), so it runs as soon as an adapter slot drains.
+starve it), so it runs as soon as an adapter slot drains.  The adapters of a batch (per sequence,
+and distinct) come from ``adapter_memo`` (``vllm.core.batch_adapters``): no per-sequence work while the
+batch is the previous one's sequences.
 
 Prompts longer than ``max_model_len`` (capped at the KV cache's capacity) are
 finished as FINISHED_IGNORED and returned in ``SchedulerOutput.ignored_seqs``.
@@ -51,6 +53,7 @@ from typing import Iterable, Optional, Sequence as Seq, Union
 import torch
 
 from vllm.config.scheduler import SchedulerConfig
+from vllm.core.batch_adapters import AdapterMemo, BatchAdapters
 from vllm.core.block_manager import BlockManager, compute_slot_mapping
 from vllm.logger import init_logger
 from vllm.sequence import Sequence, SequenceStatus, TokenLogprobs
@@ -73,6 +76,7 @@ class SchedulerOutput:
     is_prefill: True for a prefill step, False for decode (empty: False).
     ignored_seqs: finished as FINISHED_IGNORED this step (not in the batch).
     preempted_seqs: running sequences preempted this step (not in the batch).
+    adapter_memo: the scheduler's memo of the batch's adapters (``adapters``); None: computed each time.
     """
 
     scheduled_seqs: list[Sequence] = field(default_factory=list)
@@ -81,6 +85,7 @@ class SchedulerOutput:
     is_prefill: bool = False
     ignored_seqs: list[Sequence] = field(default_factory=list)
     preempted_seqs: list[Sequence] = field(default_factory=list)
+    adapter_memo: Optional[AdapterMemo] = field(default=None, repr=False, compare=False)
 
     @property
     def num_scheduled_tokens(self) -> list[int]:
@@ -105,9 +110,17 @@ class SchedulerOutput:
         return [seq.block_table for seq in self.scheduled_seqs]
 
     @property
+    def adapters(self) -> BatchAdapters:
+        """The batch's adapters: per sequence and distinct (the same sequences as the memo's last batch:
+        no work per sequence)."""
+        if self.adapter_memo is None:
+            return BatchAdapters.of(self.scheduled_seqs)
+        return self.adapter_memo.get(self.scheduled_seqs)
+
+    @property
     def lora_int_ids(self) -> list[int]:
-        """Adapter id per sequence, 0 = base model."""
-        return [seq.lora_int_id for seq in self.scheduled_seqs]
+        """Adapter id per sequence, 0 = base model (shared with the memo: do not mutate)."""
+        return self.adapters.ids
 
     def input_token_ids(self) -> list[int]:
         """The new tokens of all sequences, flattened in batch order."""
@@ -147,6 +160,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefix_cache_stats = PrefixCacheStats()
+        self.adapter_memo = AdapterMemo()  # the adapters of the last batch asked about (LoRA)
 
     # ---- queue management --------------------------------------------------
     def add_seq(self, seq: Sequence) -> None:
@@ -190,7 +204,7 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(is_prefill=True)
+        out = SchedulerOutput(is_prefill=True, adapter_memo=self.adapter_memo)
         self._schedule_prefills(out)
         if out.scheduled_seqs:
             return out
@@ -200,7 +214,7 @@ class Scheduler:
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:
         cfg, bm = self.config, self.block_manager
-        active_loras = {s.lora_int_id for s in self.running if s.lora_int_id > 0}
+        active_loras: Optional[set[int]] = None  # the running adapters, when an adapter sequence waits
         lora_blocked = False  # a waiting adapter sequence was held back by max_loras
         held_back: list[Sequence] = []
         num_tokens = 0
@@ -222,11 +236,14 @@ class Scheduler:
             if num_tokens + new_tokens > cfg.max_num_batched_tokens:
                 break
             lora_id = seq.lora_int_id
-            if lora_id > 0 and (lora_blocked or (lora_id not in active_loras and cfg.max_loras is not None
-                                                 and len(active_loras) >= cfg.max_loras)):
-                lora_blocked = True
-                held_back.append(self.waiting.popleft())
-                continue
+            if lora_id > 0:
+                if active_loras is None:  # O(adapters) while the running sequences are the last batch's
+                    active_loras = set(self.adapter_memo.get(self.running).distinct)
+                if lora_blocked or (lora_id not in active_loras and cfg.max_loras is not None
+                                    and len(active_loras) >= cfg.max_loras):
+                    lora_blocked = True
+                    held_back.append(self.waiting.popleft())
+                    continue
             if not bm.can_allocate(seq, shared):
                 break
             self.waiting.popleft()
@@ -237,7 +254,7 @@ class Scheduler:
                 self.prefix_cache_stats.hits += cached_tokens
             first_of_request.setdefault(seq.request_id, seq)
             seq.status = SequenceStatus.RUNNING
-            if lora_id > 0:
+            if active_loras is not None and lora_id > 0:
                 active_loras.add(lora_id)
             out.scheduled_seqs.append(seq)
             out.query_lens.append(new_tokens)

@@ -190,7 +190,7 @@ class AsyncScheduling:
         for seq in short:
             bm.append_slot(seq, seq.num_tokens + 1)
         return SchedulerOutput(scheduled_seqs=seqs, query_lens=[1] * len(seqs), context_lens=ctx,
-                               is_prefill=False), rows
+                               is_prefill=False, adapter_memo=sched.adapter_memo), rows
 
     def _launch_next(self, prev: PendingStep) -> Optional[PendingStep]:
         try:
@@ -203,7 +203,7 @@ class AsyncScheduling:
         if built is None:
             return None
         out, rows = built
-        if self.loras.check_batch(out.scheduled_seqs):
+        if self.loras.check_batch(out):
             return None  # the synchronous step fails those requests
         ids = prev.tokens.device
         if rows != list(range(len(prev.tokens))):

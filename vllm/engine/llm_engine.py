@@ -266,7 +266,7 @@ class LLMEngine:
                 self._fail(rid, f"the engine's scheduler failed ({describe(exc)})")
             return self._outputs(list(self._requests))
         touched = {s.request_id for s in out.scheduled_seqs} | {s.request_id for s in out.ignored_seqs}
-        missing = self.loras.check_batch(out.scheduled_seqs)
+        missing = self.loras.check_batch(out)
         for rid, error in missing.items():
             logger.error("request %s: %s", rid, error)
             self._fail(rid, error)

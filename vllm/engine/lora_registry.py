@@ -23,11 +23,14 @@ different adapter added under the same id and path after an unload).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from vllm.logger import init_logger
 from vllm.lora.request import LoRARequest
 from vllm.sequence import adapter_cache_key
+
+if TYPE_CHECKING:
+    from vllm.core.scheduler import SchedulerOutput
 
 logger = init_logger(__name__)
 
@@ -108,17 +111,23 @@ class LoRARegistry:
             self.manager.remove_adapter(lid)
             logger.info("LoRA adapter %r: its last request finished; weights dropped", req.lora_name)
 
-    def check_batch(self, seqs: Iterable[Any]) -> dict[str, str]:
-        """Request id -> error for sequences whose adapter's weights are not cached.
+    def check_batch(self, batch: "SchedulerOutput") -> dict[str, str]:
+        """Request id -> error for the batch's sequences whose adapter's weights are not cached.
 
         Cannot happen while in-use adapters are protected; kept so that a bug surfaces as
-        one failed request rather than a weight read behind the user's back."""
+        one failed request rather than a weight read behind the user's back.  Per step it asks the
+        manager about each distinct adapter of the batch (``batch.adapters``: no per-sequence work
+        while the batch is the previous step's sequences); only when one is missing are the
+        sequences searched for its requests."""
         if self.manager is None:
             return {}
+        missing = {lid for lid in batch.adapters.distinct if self.manager.get_request(lid) is None}
+        if not missing:
+            return {}
         failed = {}
-        for seq in seqs:
+        for seq in batch.scheduled_seqs:
             req = seq.lora_request
-            if req is not None and self.manager.get_request(req.lora_int_id) is None:
+            if req is not None and req.lora_int_id in missing:
                 failed[seq.request_id] = (f"the weights of LoRA adapter {req.lora_name!r} (lora_int_id "
                                           f"{req.lora_int_id}) are no longer cached; add the request again")
         return failed
