@@ -367,18 +367,19 @@ def test_cuda_realistic(dtype, E, R, M, w2):
         assert_close(expected - out.float(), delta.cuda(), F32, name="torch impl vs loop")
 
 
-@pytest.mark.cuda
-def test_cuda_graph_replay():
-    """Align + fused op captured once in a CUDA graph, replayed with new routing and adapters."""
-    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(64, 16, 64, BF16, False)
-    cfg = get_moe_lora_config("fused_moe_lora_w13", num_pairs=kw["topk_ids"].numel(), num_experts=64, max_loras=4,
-                              rank=16, K=g["K"], N=g["N"], num_slices=2, dtype=BF16, use_tuned_config=False,
-                              device_name=torch.cuda.get_device_name())
+def check_graph_replay(num_experts: int, cfg) -> None:
+    """Align + the fused op (tiles ``cfg``; None: the heuristic's) captured once in a CUDA graph, replayed
+    with new routing and adapters, against the torch reference."""
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(num_experts, 16, 64, BF16, False)
+    if cfg is None:
+        cfg = get_moe_lora_config("fused_moe_lora_w13", num_pairs=kw["topk_ids"].numel(), num_experts=num_experts,
+                                  max_loras=4, rank=16, K=g["K"], N=g["N"], num_slices=2, dtype=BF16,
+                                  use_tuned_config=False, device_name=torch.cuda.get_device_name())
     start = out.clone()
 
     def step():
         out.copy_(start)
-        al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=64, max_loras=4,
+        al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=num_experts, max_loras=4,
                                        block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
         fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
 
@@ -386,10 +387,16 @@ def test_cuda_graph_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    kw["topk_ids"].copy_(torch.randn(64, 64, device="cuda").topk(8, dim=-1).indices)
+    kw["topk_ids"].copy_(torch.randn(64, num_experts, device="cuda").topk(8, dim=-1).indices)
     kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (64,), device="cuda"))
     kw["adapter_enabled"][2] = 0
     graph.replay()
     expected = start.float()
     fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
     assert_close(out, expected, BF16)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay():
+    """Align + fused op captured once in a CUDA graph, replayed with new routing and adapters."""
+    check_graph_replay(64, None)

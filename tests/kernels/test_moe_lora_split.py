@@ -119,31 +119,10 @@ def test_cuda_split_realistic(split, M, w2, R):
 @pytest.mark.cuda
 def test_cuda_split_graph_replay():
     """Align + the split op captured once in a CUDA graph, replayed with new routing and adapters."""
-    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
-    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
-    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from tests.kernels.test_fused_moe_lora import check_graph_replay
 
-    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, 16, 64, BF16, False)
-    cfg = MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=128, num_n_splits=3, shrink_split_k=8)
-    start = out.clone()
-
-    def step():
-        out.copy_(start)
-        al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
-                                       block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
-        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
-
-    step()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    kw["topk_ids"].copy_(torch.randn(64, 128, device="cuda").topk(8, dim=-1).indices)
-    kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (64,), device="cuda"))
-    kw["adapter_enabled"][2] = 0
-    graph.replay()
-    expected = start.float()
-    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
-    assert_close(out, expected, BF16)
+    check_graph_replay(128, MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=128, num_n_splits=3,
+                                              shrink_split_k=8))
 
 
 # ---------------------------------------------------------------- the tuner and the benchmark can time it
