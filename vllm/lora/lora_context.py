@@ -1,6 +1,7 @@
 """``MoELoRAContext``: everything a fused-MoE forward needs to add LoRA deltas.
 
-Built once, in ``FusedMoEWithLoRA.set_mapping``, and set on the wrapped
+Built in ``FusedMoEWithLoRA.set_mapping`` (and again only when the kernel rank of
+w13 or w2 changes: its ``*_stacked`` tensors are views cut to it), and set on the wrapped
 ``FusedMoE`` layer (``layer.set_lora_context``).  From there it travels as an
 explicit ``lora_context=`` keyword argument:
 
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 class MoELoRAContext:
     """LoRA state of one fused-MoE layer.
 
-    Shapes use L = max_loras, E = local_num_experts, R = max LoRA rank (smaller
-    adapters are stored zero-padded to R), H = hidden size, I_part = this TP
+    Shapes use L = max_loras, E = local_num_experts, R = the op's kernel rank (the
+    largest rank of the adapters in the layer's slots rounded up, at most max_lora_rank;
+    smaller adapters are stored zero-padded), H = hidden size, I_part = this TP
     rank's share of the per-expert intermediate size.
 
     w13_lora_a_stacked: tuple of ``w13_num_slices`` tensors, each [L, E, R_a, H]

@@ -23,12 +23,14 @@ owned by the ``ModelRunner``, keeps:
   slots without weights have ``adapter_enabled`` 0 and contribute exactly zero;
   layers no adapter targets, e.g. the MoE router under an attention + experts
   adapter, launch nothing).  Adapters are copied into their slots in place, so the
-  graphs stay valid across loads, unloads and swaps that keep the set.
+  graphs stay valid across loads, unloads and swaps that keep the set and the layers'
+  kernel ranks.
 * The set's version: a "some adapter" graph holds the layers of the set it was
   captured with (``_layer_sets``).  Start-up capture happens before any adapter is
   loaded (version 0: the set is unknown, every LoRA layer launches), so the first
   LoRA steps never wait.  A replay whose set version differs from the current one
-  (an adapter targeting a new layer was activated) first frees every stale "some
+  (an adapter targeting a new layer was activated, or a layer's LoRA kernel rank - the
+  rank of the adapters in its slots, rounded up - changed) first frees every stale "some
   adapter" graph, then re-captures that size's graph with the current set; other
   sizes are re-captured on their first use (logged at INFO once per version, with
   the time it took).  Swapping adapters with the same targets changes nothing.
@@ -263,7 +265,8 @@ class DecodeGraphRunner:
         members = "all" if current.members is None else len(current.members)
         if current.version != self._logged_version:
             self._logged_version = current.version
-            logger.info("CUDA graphs: the LoRA layer set changed (version %d, %s of %d LoRA layers); the LoRA decode "
+            logger.info("CUDA graphs: the LoRA layer set changed (version %d, %s of %d LoRA layers, or a layer's "
+                        "kernel rank); the LoRA decode "
                         "graphs are captured again, each size on its first use (size %d took %.2f s)",
                         current.version, members, len(getattr(self.lora_manager, "modules", ())), p, took)
         else:

@@ -20,6 +20,11 @@ TP slicing (FACTS.md 2): w13 A replicated (fully sharded: this rank's R/tp rows
 of the zero-padded A), w13 B sharded on output rows like w13_weight; w2 A
 sharded on input columns like w2_weight; w2 B replicated (fully sharded: H/tp
 rows, written at offset H/tp * tp_rank).
+
+Kernel rank (``effective_rank.py``): w13 and w2 each keep the rank of every slot's adapter; the
+context's ``*_stacked`` tensors are views of the buffers cut to each op's kernel rank, and the
+context is built again (and the Punica wrapper told) when one changes.  Fully sharded LoRA keeps
+R (its A rows are split over the ranks at R's layout).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from torch import nn
 
 from vllm.config.lora import LoRAConfig
 from vllm.lora.layers.base import BaseLayerWithLoRA
+from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.lora_context import MoELoRAContext
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
@@ -90,19 +96,48 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         self._w13_b = torch.zeros(S, L, E, n_slice, R, dtype=dtype, device=dev)
         self._w2_a = torch.zeros(1, L, E, R, I_part, dtype=dtype, device=dev)
         self._w2_b = torch.zeros(1, L, E, h_b, R, dtype=dtype, device=dev)
-        self.w13_lora_a_stacked = tuple(self._w13_a.unbind(0))
-        self.w13_lora_b_stacked = tuple(self._w13_b.unbind(0))
-        self.w2_lora_a_stacked = tuple(self._w2_a.unbind(0))
-        self.w2_lora_b_stacked = tuple(self._w2_b.unbind(0))
+        # fully sharded: the rank is not cut (A's rows are split over the TP ranks at R's layout)
+        self.w13_ranks, self.w2_ranks = SlotRanks(L, R), SlotRanks(L, R)
+        self.kernel_ranks = (-1, -1)  # (w13, w2)
         self.adapter_enabled = torch.zeros(L + 1, dtype=torch.int32, device=dev)
         self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled (shared with the context)
+        self._cut_to_rank()
+
+    @property
+    def effective_ranks(self) -> tuple[int, int]:
+        """(w13, w2): the largest rank among the adapters in this layer's slots, per op (0 when none)."""
+        return self.w13_ranks.effective, self.w2_ranks.effective
+
+    def _cut_to_rank(self) -> None:
+        """Point the ``*_stacked`` tensors at the buffers cut to each op's kernel rank (strided views, no copy)
+        when one changed; then build the context again and tell the Punica wrapper (graphs bake the rank in)."""
+        R = self.max_lora_rank
+        r13, r2 = (R, R) if self.fully_sharded else (self.w13_ranks.kernel, self.w2_ranks.kernel)
+        if (r13, r2) == self.kernel_ranks:
+            return
+        changed = self.kernel_ranks != (-1, -1)
+        self.kernel_ranks = (r13, r2)
+        r13_a = self._w13_a.shape[3] if self.fully_sharded else r13
+        self.w13_lora_a_stacked = tuple(self._w13_a[:, :, :, :r13_a].unbind(0))
+        self.w13_lora_b_stacked = tuple(self._w13_b[..., :r13].unbind(0))
+        self.w2_lora_a_stacked = tuple(self._w2_a[:, :, :, :r2].unbind(0))
+        self.w2_lora_b_stacked = tuple(self._w2_b[..., :r2].unbind(0))
+        if changed and self.punica_wrapper is not None:
+            self.set_mapping(self.punica_wrapper)
+            self.punica_wrapper.lora_ranks_changed()
 
     def reset_lora(self, index: int) -> None:
         self._check_index(index)
+        self._clear_slot(index)
+        self._cut_to_rank()
+
+    def _clear_slot(self, index: int) -> None:
         for buf in (self._w13_a, self._w13_b, self._w2_a, self._w2_b):
             buf[:, index].zero_()
         self.adapter_enabled[index] = 0
         self.enabled_slots.discard(index)
+        self.w13_ranks.set(index, 0)
+        self.w2_ranks.set(index, 0)
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.max_loras:
@@ -146,7 +181,11 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
             raise ValueError(f"the adapter was given for experts {given[:16]}{'...' if len(given) > 16 else ''}, "
                              f"which lacks this rank's experts {missing[:16]}")
         loc = list(range(len(glob))) if base.expert_map is None else [int(base.expert_map[g]) for g in glob]
-        self.reset_lora(index)
+        r13 = w13_a[0].shape[1]
+        if max(r13, r) > self.max_lora_rank:
+            raise ValueError(f"adapter rank {max(r13, r)} exceeds max_lora_rank={self.max_lora_rank}; "
+                             "restart with a larger --max-lora-rank")
+        self._clear_slot(index)  # the old adapter's columns past the new one's rank become zero
         rows = torch.tensor([position[g] for g in glob], dtype=torch.long)
         dst_e = torch.tensor(loc, dtype=torch.long)
         for s in range(self.w13_num_slices):
@@ -164,6 +203,9 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         self._put(self._w2_b[0, index], dst_e, b2)
         self.adapter_enabled[index] = 1
         self.enabled_slots.add(index)
+        self.w13_ranks.set(index, r13)
+        self.w2_ranks.set(index, r)
+        self._cut_to_rank()
 
     @staticmethod
     def _put(dst: torch.Tensor, experts: torch.Tensor, src: torch.Tensor) -> None:

@@ -12,9 +12,10 @@ One wrapper per sharding scheme of ``vllm.model_executor.layers.linear``:
                                       (x_r @ A_r^T) @ B^T is the full delta)
 
 Buffers (L = max_loras, R = max_lora_rank; smaller adapters are zero-padded):
-    lora_a_stacked: per slice [L, R, in_part] (views of one [S, L, R, in_part] tensor)
-    lora_b_stacked: per slice [L, N_s, R], N_s this rank's rows of slice s (views of one
-        [S, L, max N_s, R] tensor, so all slices run in one kernel launch)
+    _lora_a: [S, L, R, in_part];  _lora_b: [S, L, max N_s, R], N_s this rank's rows of slice s
+    lora_a_stacked: per slice [L, r_k, in_part], views of ``_lora_a`` (so all slices run in one
+        kernel launch) cut to the layer's kernel rank r_k (``effective_rank.py``: the largest rank
+        of the adapters in its slots, rounded up); lora_b_stacked: per slice [L, N_s, r_k]
     adapter_enabled: [L + 1] int32, 1 where a slot holds an adapter
 
 ``set_lora(index, lora_a, lora_b)`` takes full (unsharded) per-slice tensors,
@@ -50,6 +51,7 @@ from torch import nn
 from vllm import envs
 from vllm.config.lora import LoRAConfig
 from vllm.lora.layers.base import BaseLayerWithLoRA
+from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
 from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
@@ -136,8 +138,9 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         S = self.n_slices
         self._lora_a = torch.zeros(S, max_loras, R, self._lora_a_in(), dtype=dtype, device=w.device)
         self._lora_b = torch.zeros(S, max_loras, max(self.output_slices), R, dtype=dtype, device=w.device)
-        self.lora_a_stacked = tuple(self._lora_a.unbind(0))
-        self.lora_b_stacked = tuple(self._lora_b[s, :, :n] for s, n in enumerate(self.output_slices))
+        self.slot_ranks = SlotRanks(max_loras, R)
+        self.kernel_rank = -1
+        self._cut_to_rank()
         self.adapter_enabled = torch.zeros(max_loras + 1, dtype=torch.int32, device=w.device)
         self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled
 
@@ -145,12 +148,35 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         if not 0 <= index < self.max_loras:
             raise IndexError(f"LoRA slot {index} out of range [0, {self.max_loras})")
 
+    @property
+    def effective_rank(self) -> int:
+        """The largest rank among the adapters in this layer's slots (0 when none)."""
+        return self.slot_ranks.effective
+
+    def _cut_to_rank(self) -> None:
+        """Point ``lora_a_stacked`` / ``lora_b_stacked`` at the buffers cut to the kernel rank (strided views,
+        no copy) when it changed, and tell the Punica wrapper (CUDA graphs bake the rank in)."""
+        r = self.slot_ranks.kernel
+        if r == self.kernel_rank:
+            return
+        changed = self.kernel_rank >= 0
+        self.kernel_rank = r
+        self.lora_a_stacked = tuple(self._lora_a[:, :, :r].unbind(0))
+        self.lora_b_stacked = tuple(self._lora_b[s, :, :n, :r] for s, n in enumerate(self.output_slices))
+        if changed and self.punica_wrapper is not None:
+            self.punica_wrapper.lora_ranks_changed()
+
     def reset_lora(self, index: int) -> None:
         self._check_index(index)
+        self._clear_slot(index)
+        self._cut_to_rank()
+
+    def _clear_slot(self, index: int) -> None:
         self._lora_a[:, index].zero_()
         self._lora_b[:, index].zero_()
         self.adapter_enabled[index] = 0
         self.enabled_slots.discard(index)
+        self.slot_ranks.set(index, 0)
 
     def _as_list(self, t, what: str) -> list:
         if t is None or isinstance(t, torch.Tensor):
@@ -186,7 +212,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"{self._name()} slice {s}: LoRA weights contain NaN or Inf")
             prepared.append((self._shard_a(a), self._shard_b(s, b), r))
-        self.reset_lora(index)
+        self._clear_slot(index)  # the old adapter's columns past the new one's rank become zero
         for s, p in enumerate(prepared):
             if p is not None:
                 a, b, r = p
@@ -195,6 +221,8 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         if any(p is not None for p in prepared):
             self.adapter_enabled[index] = 1
             self.enabled_slots.add(index)
+            self.slot_ranks.set(index, max(p[2] for p in prepared if p is not None))
+        self._cut_to_rank()
 
     def set_mapping(self, punica_wrapper: Any) -> None:
         self.punica_wrapper = punica_wrapper

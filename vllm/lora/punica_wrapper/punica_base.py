@@ -29,8 +29,10 @@ so a LoRA graph is captured under ``run_all_lora_ops`` with every layer of the *
 Policy: the set only grows (the union of the layers targeted by every adapter ever activated
 into a slot, ``add_lora_layers``), so swapping or unloading adapters with the same targets never
 changes it, and a layer of the set whose slots hold no weights for a step adds exactly zero.
-Its ``version`` changes when the set does; version 0 (no adapter activated yet) means "unknown":
-every layer counts as a member, which is what a graph captured at start-up holds.
+Its ``version`` changes when the set does, and when a layer's kernel rank changes
+(``lora_ranks_changed``: the LoRA kernels run at the rank of the adapters in the layer's slots,
+``vllm.lora.layers.effective_rank``, and a graph bakes that rank in); version 0 (no adapter activated
+yet) means "unknown": every layer counts as a member, which is what a graph captured at start-up holds.
 """
 from __future__ import annotations
 
@@ -76,8 +78,10 @@ class LoRALayerSet:
 
     A layer is named by its ``enabled_slots`` (the host set of the slots where it holds weights:
     one object per layer, shared with its ``MoELoRAContext``); ``members`` holds their ids.
-    version: 0 while no adapter was activated into a slot; then +1 at every change.
-    members: None at version 0 (unknown: every layer counts as a member).
+    version: 0 while no adapter was activated into a slot; then +1 at every change (of the members, or of
+        some layer's kernel rank).
+    members: None while unknown (every layer counts as a member): at version 0, or when only kernel
+        ranks changed before the first ``add_lora_layers``.
     """
 
     version: int
@@ -151,12 +155,18 @@ class PunicaWrapperBase(StepMapping, ABC):
         manager whenever it activates an adapter into a slot, with the layers that adapter targets (maybe
         none).  The first call makes the set known; a new member changes the version.  True if it changed."""
         new = [s for s in layers if id(s) not in self._layer_slots]
-        if not new and self._layer_set.version:
+        if not new and self._layer_set.members is not None:
             return False
         for s in new:
             self._layer_slots[id(s)] = s
         self._layer_set = LoRALayerSet(self._layer_set.version + 1, frozenset(self._layer_slots))
         return True
+
+    def lora_ranks_changed(self) -> None:
+        """Record that some layer's kernel rank changed (its LoRA buffers are now read through views of
+        another rank): a graph captured before launches the old rank, so the layer set's version changes and
+        the LoRA graphs are captured again before their next replay.  The members stay as they are."""
+        self._layer_set = LoRALayerSet(self._layer_set.version + 1, self._layer_set.members)
 
     @property
     def token_lora_indices(self) -> torch.Tensor:
