@@ -96,7 +96,7 @@ def test_config_json_key():
 @pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
 @pytest.mark.parametrize("R", [16, 64])
 def test_cuda_split_realistic(split, M, w2, R):
-    from tests.kernels.test_fused_moe_lora import BF16, _gpu_layer
+    from tests.kernels.moe_lora_gpu_cases import BF16, _gpu_layer
     from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
     from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
     from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
@@ -119,7 +119,7 @@ def test_cuda_split_realistic(split, M, w2, R):
 @pytest.mark.cuda
 def test_cuda_split_graph_replay():
     """Align + the split op captured once in a CUDA graph, replayed with new routing and adapters."""
-    from tests.kernels.test_fused_moe_lora import check_graph_replay
+    from tests.kernels.moe_lora_gpu_cases import check_graph_replay
 
     check_graph_replay(128, MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=128, num_n_splits=3,
                                               shrink_split_k=8))
