@@ -27,7 +27,7 @@
 #           (int4 --sweep and MXFP4 --variants at 1/16/64 tokens, structured output, align); only when named
 #   variants  the kernel variants built without a GPU on 2026-12-02 (all off by default): their cuda tests and one
 #           A/B each (bf16 MoE GEMV at 1-4 tokens, dense LoRA one-token kernels at rank 16 / 32, MoE LoRA split-K at
-#           16-256 tokens, int4 UNPACK 3 at 16 / 64 tokens); VARIANT_TIMEOUT per benchmark (default 90 s); only when named
+#           16-256 tokens, int4 UNPACK 3 at 16 / 64 tokens); VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
 # installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|all]...
@@ -112,10 +112,12 @@ if [[ " $steps " == *" verify "* ]]; then
 fi
 if [[ " $steps " == *" variants "* ]]; then
   # the kernel variants built on CPU on 2026-12-02, all OFF by default: their cuda tests, then one A/B each
-  pytest -m cuda tests/kernels/test_fused_moe_gemv.py tests/layers/test_moe_gemv_layer.py \
-    tests/lora/test_lora_linear_token_variant.py tests/kernels/test_moe_lora_split.py \
-    tests/kernels/test_int4_unpack3_fit.py >"$OUT/pytest_variants.log" 2>&1
-  vrc=$?; tail -8 "$OUT/pytest_variants.log"; rc=$(( rc || vrc ))
+  if [ -z "${AB_ONLY:-}" ]; then  # AB_ONLY=1: the A/Bs alone (the tests ran in an earlier call)
+    pytest -m cuda tests/kernels/test_fused_moe_gemv.py tests/layers/test_moe_gemv_layer.py \
+      tests/lora/test_lora_linear_token_variant.py tests/kernels/test_moe_lora_split.py \
+      tests/kernels/test_int4_unpack3_fit.py >"$OUT/pytest_variants.log" 2>&1
+    vrc=$?; tail -8 "$OUT/pytest_variants.log"; rc=$(( rc || vrc ))
+  fi
   t=${VARIANT_TIMEOUT:-90}
   run_ab() { local name=$1; shift; timeout "$t" python3 "$@" >"$OUT/$name.log" 2>&1; local r=$?
     grep -v " INFO \|^INFO" "$OUT/$name.log" | tail -25; rc=$(( rc || r )); }
