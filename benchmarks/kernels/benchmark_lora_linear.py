@@ -122,10 +122,11 @@ def time_configs(K: int, n_sizes: list[int], T: int, args, dtype, device, flush,
 
 def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush, sweep: list[dict]):
     from vllm.kernel_configs.tile_config import LoRALinearTileConfig
-    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config
+    from vllm.lora.ops.triton_ops.lora_linear import kernel0_config
 
-    base_cfg = lora_linear_config(T, K, max(n_sizes), args.rank, len(n_sizes), dtype)
-    # a sweep entry: JSON keys over the heuristic's config, on the heuristic's path
+    base_cfg = kernel0_config(T, K, max(n_sizes), args.rank, len(n_sizes), dtype)
+    # a sweep entry: JSON keys over lora_linear_token_kernel's / the sorted path's heuristic config (the token
+    # path's variants have their own A/B: --token-variant)
     tried = [(str(c), LoRALinearTileConfig.from_json(c, source="sweep candidate", base=base_cfg))
              for c in sweep if c["token_path"] == base_cfg.token_path]
     results, _ = time_configs(K, n_sizes, T, args, dtype, device, flush, [("default", None)] + tried)
@@ -141,10 +142,10 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
 
 def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush) -> str:
     """One table row: today's token kernel against the two variants (default tiles, and a small sweep)."""
-    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config, split_variant_config, token_variant_config
+    from vllm.lora.ops.triton_ops.lora_linear import kernel0_config, split_variant_config, token_variant_config
 
     N, R, S = max(n_sizes), args.rank, len(n_sizes)
-    today = dataclasses.replace(lora_linear_config(T, K, N, R, S, dtype), token_path=True, token_kernel=0)
+    today = dataclasses.replace(kernel0_config(T, K, N, R, S, dtype), token_path=True, token_kernel=0)
     prefetch = token_variant_config(T, K, N, R, S, dtype)
     split = split_variant_config(T, K, N, R, S, dtype)
     configs = [("today", today), ("prefetch", prefetch), ("split-K", split)]

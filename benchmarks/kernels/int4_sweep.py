@@ -21,7 +21,7 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 # (the tl.dot kernel at its own heuristic tiles); "GEMV": the FMA GEMV at its heuristic tiles
 # UNPACK 3 also with 3 and 2 stages: the stages its heuristic (UNPACK_DECODE_TILES) falls back to where 4 would not
 # fit shared memory (int4_dot_smem.py); at 16-64 tokens of Qwen3-30B-A3B / Mixtral-8x7B these columns
-# decide UNPACK_DECODE_TILES (4-32 rows per expert: 16x128x128 and 32x128x128 tiles, UNPACK 0 by default)
+# decided UNPACK_DECODE_TILES (4-32 rows per expert: 16x128x128 and 32x128x128 tiles; on since the H200 A/B)
 UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
                    "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3),
                    "UNPACK 3 s3": dict(UNPACK=3, num_stages=3), "UNPACK 3 s2": dict(UNPACK=3, num_stages=2),

@@ -148,7 +148,7 @@ def programs(kernel: int, cfg, T: int, n_sizes: list[int], K: int = 0) -> int:
 
 
 def main() -> None:
-    from vllm.lora.ops.triton_ops.lora_linear import lora_linear_config, split_variant_config, token_variant_config
+    from vllm.lora.ops.triton_ops.lora_linear import kernel0_config, split_variant_config, token_variant_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", default="qwen3", choices=list(WIDTHS))
@@ -167,7 +167,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for name, K, ns in (("qkv", H, [QD, KVD, KVD]), ("o", QD, [H])):
         for T in args.tokens:
-            base = lora_linear_config(T, K, max(ns), args.rank, len(ns), dtype)
+            base = kernel0_config(T, K, max(ns), args.rank, len(ns), dtype)
             for kernel, cfg in ((0, dataclasses.replace(base, token_kernel=0)),
                                 (1, token_variant_config(T, K, max(ns), args.rank, len(ns), dtype)),
                                 (2, split_variant_config(T, K, max(ns), args.rank, len(ns), dtype))):

@@ -107,7 +107,8 @@ def test_gemv_layer_in_a_cuda_graph(split, gemv_calls, monkeypatch):
     if split:  # the heuristic splits K when it wants more programs than there are
         monkeypatch.setattr(gemv_mod, "GEMV_PROGRAMS_PER_SM", 1000)
     gen = torch.Generator().manual_seed(3)
-    Hc, Ic = 1024, 512
+    # K splits only where it holds at least two BLOCK_SIZE_K (512) tiles per split: both GEMMs' K >= 2048 then
+    Hc, Ic = (2048, 2048) if split else (1024, 512)
     w = random_weights(E, Hc, Ic, "silu", True, gen)
     layer = make_layer(w, TOP_K, "silu", torch.bfloat16, "cuda", backend="triton")
     x, logits = router_inputs(1, E, Hc, torch.bfloat16, "cuda", gen)

@@ -97,7 +97,7 @@ def test_variant_equals_todays_kernel(dtype, kernel, device):
     """Both token kernels at their own default tiles on a q/k/v-like launch, within the dtype's rounding of y."""
     x, a, b, y, offsets, mapping = make_case(6, 96, [64, 16, 16], 3, 16, "mixed", True, dtype, device, seed=9)
     y_old, y_new = y.clone(), y.clone()
-    old = dataclasses.replace(lora_linear_config(6, 96, 64, 16, 3, dtype), token_kernel=0)
+    old = op.kernel0_config(6, 96, 64, 16, 3, dtype)
     add_lora_linear(y_old, x, a, b, mapping, output_offsets=offsets, config=old)
     add_lora_linear(y_new, x, a, b, mapping, output_offsets=offsets, config=_variant(x, a, b, kernel, block_k=32))
     assert not torch.equal(y_old, y)  # the delta is not zero
@@ -109,7 +109,13 @@ def test_token_kernel_key_and_default():
                                           "TOKEN_KERNEL": 1})
     assert cfg.token_kernel == 1 and cfg.to_json()["TOKEN_KERNEL"] == 1
     assert LoRALinearTileConfig(block_m=16, block_n=64, block_k=64).token_kernel == 0  # today's kernel by default
-    assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == op.TOKEN_KERNEL == 0
+    assert op.TOKEN_KERNEL is None  # by shape (the H200 A/B): prefetch while A spans <= 2 K tiles, else split-K
+    assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 1  # qkv, rank 16 / 32
+    assert lora_linear_config(1, 2048, 4096, 32, 3, torch.bfloat16).token_kernel == 1
+    assert lora_linear_config(1, 4096, 2048, 16, 1, torch.bfloat16).token_kernel == 1  # o: 2 tiles at rank 16
+    assert lora_linear_config(1, 4096, 2048, 32, 1, torch.bfloat16).token_kernel == 2  # 4 tiles at rank 32
+    assert lora_linear_config(1, 2048, 4096, 64, 3, torch.bfloat16).token_kernel == 2
+    assert op.kernel0_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 0
     x, a, b, y, offsets, mapping = make_case(2, 32, [16], 2, 8, "mixed", True, torch.float32, "cpu")
     with pytest.raises(ValueError, match="TOKEN_KERNEL=3"):
         add_lora_linear(y, x, a, b, mapping, config=dataclasses.replace(_variant(x, a, b), token_kernel=3))

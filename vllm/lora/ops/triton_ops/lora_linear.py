@@ -15,10 +15,10 @@ Shapes (L = max_loras slots, R = max rank, smaller adapters zero-padded):
     output_offsets: first column of each slice in y (default: 0, N_0, N_0 + N_1, ...)
 
 Paths: up to ``SMALL_BATCH_TOKENS`` tokens, one program per (token, slice,
-N-split) with no grouping (``token_kernel`` 0; 1 = the variant that spends two
-dependent memory round trips, ``token_variant_config``; 2 = a split-K shrink and
-an expand, ``split_variant_config``: both off until timed on a GPU, see
-``TOKEN_KERNEL``); above, tokens grouped by slot (``LoRALinearMetadata``,
+N-split) with no grouping: ``token_kernel`` 1 = two dependent memory round trips,
+``token_variant_config``, or 2 = a split-K shrink and an expand,
+``split_variant_config``, picked by shape (``auto_token_kernel``; the H200 A/B at
+``TOKEN_KERNEL``); 0 = the first token kernel, kept for comparison; above, tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
 program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
@@ -41,9 +41,12 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TARGET_PROGRAMS = 264  # about two per SM on an H100/H200
 _TOKEN_TARGET_PROGRAMS = 528  # token path: latency-bound, so more (cheap) programs in flight
 _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial products per program
-# token path's kernel by default: 0 = lora_linear_token_kernel; 1 = the prefetch variant; 2 = split-K (flip
-# after a GPU A/B: benchmark_lora_linear.py --token-variant)
-TOKEN_KERNEL = 0
+# token path's kernel: 0 = lora_linear_token_kernel; 1 = the prefetch variant; 2 = split-K; None = by shape
+# (``auto_token_kernel``).  H200 A/B (benchmark_lora_linear.py --token-variant, qwen3 width, 1-8 tokens, us):
+# rank 16 qkv 5.5-9.5 -> 3.3-5.3 prefetch, o 7.2-8.1 -> 4.5-5.1; rank 32 qkv 8.2-15.7 -> 4.8-6.0 prefetch,
+# o 16.8-21.6 -> 5.6-6.3 split-K (prefetch 8.1-9.8: its A spans 4 K tiles there)
+TOKEN_KERNEL: Optional[int] = None
+_PREFETCH_MAX_K_TILES = 2  # more K tiles of A than this: the split-K pair beats the prefetch kernel
 # prefetch variant: elements of A in one K tile (all of K at rank 16 up to K = 2048), 64 per thread.  sm_90
 # static report (lora_linear_static_report.py): with 64 elements per thread per tile ptxas issues the loads
 # of A together (2 dependent round trips at qkv and o widths); with 128 it interleaves them with the FMAs
@@ -89,10 +92,25 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
                        dtype: torch.dtype) -> LoRALinearTileConfig:
     """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
     token_path = num_tokens <= SMALL_BATCH_TOKENS
-    if token_path and TOKEN_KERNEL == 1:
+    kernel = auto_token_kernel(K, R) if TOKEN_KERNEL is None else TOKEN_KERNEL
+    if token_path and kernel == 1:
         return token_variant_config(num_tokens, K, N, R, num_slices, dtype)
-    if token_path and TOKEN_KERNEL == 2:
+    if token_path and kernel == 2:
         return split_variant_config(num_tokens, K, N, R, num_slices, dtype)
+    return kernel0_config(num_tokens, K, N, R, num_slices, dtype)
+
+
+def auto_token_kernel(K: int, R: int) -> int:
+    """The token path's kernel for a shrink over K at rank R: the prefetch variant (1) while its slot's A
+    takes at most ``_PREFETCH_MAX_K_TILES`` K tiles, else the split-K pair (2)."""
+    block_k = min(next_power_of_2(max(K, 16)), _PREFETCH_A_ELEMS // next_power_of_2(max(R, 8)))
+    return 1 if -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
+
+
+def kernel0_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
+                   dtype: torch.dtype) -> LoRALinearTileConfig:
+    """Tiles of the sorted path, and of ``lora_linear_token_kernel`` (``token_kernel=0``) on the token path."""
+    token_path = num_tokens <= SMALL_BATCH_TOKENS
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
         return LoRALinearTileConfig(block_m=16 if num_tokens <= 64 else 32, block_n=min(n_cap, 512),

@@ -29,7 +29,7 @@ from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
-UNPACK_DECODE_TILES = False  # UNPACK 3 on unsplit decode tiles where it fits shared memory (see _heuristic_config)
+UNPACK_DECODE_TILES = True  # UNPACK 3 on unsplit decode tiles where it fits shared memory (see _heuristic_config)
 GEMV_UNSORTED = True  # the unsorted small-batch launch runs the FMA GEMV (see _gemv_config)
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 128, 256, 4, 4
 GEMV_MAX_BLOCK_M = 16  # rows of one sorted block the GEMV accumulates (_int4_gemv_rows_kernel.py)
@@ -103,9 +103,10 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_si
     # how the kernel unpacks the codes (see _int4_moe_gemm_kernel.py).  The static report
     # (benchmarks/kernels/kernel_static_report.py) shows ~30 % fewer main-loop instructions per weight on
     # sm_90 for UNPACK 3 on unsplit decode tiles (4-32 rows per expert: 16x128x128 and 32x128x128), but on an
-    # H200 one of its configurations ran out of shared memory (262144 > 232448 B, fp16, 1 token): 0 stays the
-    # default until benchmark_moe_int4.py --sweep has timed the modes and their stages.  UNPACK_DECODE_TILES =
-    # True gives 3 with the most stages (<= the heuristic's) whose shared memory fits (int4_dot_smem.py).
+    # H200 one of its configurations ran out of shared memory (262144 > 232448 B, fp16, 1 token), so
+    # UNPACK_DECODE_TILES gives 3 with the most stages (<= the heuristic's) whose shared memory fits
+    # (int4_dot_smem.py).  H200 A/B (benchmark_moe_int4.py --sweep-variants-only): 1.16-1.46x over UNPACK 0
+    # at Qwen3-30B-A3B 64 tokens and Mixtral-8x7B 16 / 64 tokens.
     unpack = 0
     if UNPACK_DECODE_TILES and split == 1 and bk >= 128 and group_size > 0 and group_size % bk == 0:
         fit = unpack3_stages_that_fit(bm, bn, bk, stages)
