@@ -93,10 +93,12 @@ def reference(x, a_list, b_list, y0, mapping) -> torch.Tensor:
 def time_configs(K: int, n_sizes: list[int], T: int, args, dtype, device, flush, configs: list):
     """[(label, us or None, note)] of ``add_lora_linear`` at each (label, config) (None: the default),
     each checked against the fp32 reference before it is timed; and the outputs (None where wrong)."""
-    from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear
+    from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_metadata
 
     x, a_list, b_list, y0, mapping = make_case(K, n_sizes, T, args.num_loras, args.rank, dtype, device, args.seed)
     enabled = torch.ones(args.num_loras + 1, dtype=torch.int32, device=device)
+    # the sorted path's token grouping, made once per step by the Punica wrapper (shared by all layers): not timed
+    meta = lora_linear_metadata(mapping, args.num_loras)
     ref = reference(x, a_list, b_list, y0, mapping)
     y = torch.empty_like(y0)
     timer = (lambda fn: time_cuda(fn, flush, args.reps, True)) if device.type == "cuda" else \
@@ -106,7 +108,7 @@ def time_configs(K: int, n_sizes: list[int], T: int, args, dtype, device, flush,
     for label, cfg in configs:
         def run(cfg=cfg):
             y.copy_(y0)
-            add_lora_linear(y, x, a_list, b_list, mapping, adapter_enabled=enabled, config=cfg)
+            add_lora_linear(y, x, a_list, b_list, mapping, adapter_enabled=enabled, meta=meta, config=cfg)
             return y
         run()
         err = norm_err(y.float(), ref)
@@ -141,14 +143,16 @@ def bench_row(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device
 
 
 def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush) -> str:
-    """One table row: today's token kernel against the two variants (default tiles, and a small sweep)."""
+    """One table row: today's token kernel and the sorted path against the two token variants (default tiles,
+    and a small sweep)."""
     from vllm.lora.ops.triton_ops.lora_linear import kernel0_config, split_variant_config, token_variant_config
 
     N, R, S = max(n_sizes), args.rank, len(n_sizes)
     today = dataclasses.replace(kernel0_config(T, K, N, R, S, dtype), token_path=True, token_kernel=0)
     prefetch = token_variant_config(T, K, N, R, S, dtype)
     split = split_variant_config(T, K, N, R, S, dtype)
-    configs = [("today", today), ("prefetch", prefetch), ("split-K", split)]
+    configs = [("today", today), ("prefetch", prefetch), ("split-K", split),
+               ("sorted", kernel0_config(T, K, N, R, S, dtype, sorted_path=True))]
     if device.type == "cuda":
         configs += [(f"prefetch BLOCK_N={bn}", dataclasses.replace(prefetch, block_n=bn))
                     for bn in (64, 128, 256, 512) if bn != prefetch.block_n]
@@ -159,11 +163,11 @@ def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, dev
         if outputs[0] is not None and outputs[i] is not None and norm_err(outputs[i], outputs[0]) > TOLERANCE[dtype]:
             results[i] = (results[i][0], None, f"differs from today's kernel: {norm_err(outputs[i], outputs[0]):.2e}")
     fmt = lambda r: f"{r[1]:.1f}" if r[1] is not None else r[2]  # noqa: E731
-    ok = [r for r in results[1:] if r[1] is not None]
+    ok = [r for r in results[1:3] + results[4:] if r[1] is not None]  # the token variants
     best = min(ok, key=lambda r: r[1]) if ok else None
-    speedup = f"{results[0][1] / best[1]:.2f}" if best and results[0][1] and best[1] else "-"
-    return (f"| {name} | {T} | {fmt(results[0])} | {fmt(results[1])} | {fmt(results[2])} | "
-            f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {speedup} |")
+    ratio = lambda r: f"{r[1] / best[1]:.2f}" if best and r[1] and best[1] else "-"  # noqa: E731
+    return (f"| {name} | {T} | {fmt(results[3])} | {fmt(results[0])} | {fmt(results[1])} | {fmt(results[2])} | "
+            f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {ratio(results[0])} | {ratio(results[3])} |")
 
 
 def main() -> None:
@@ -195,8 +199,8 @@ def main() -> None:
     if args.token_variant:
         lines = [f"# dense LoRA token path, today's kernel vs the variants, {gpu}, {dtype}, {args.width} "
                  f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
-                 "| proj | tokens | today (us) | prefetch (us) | split-K (us) | best variant (us) | best config | "
-                 "today / best |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+                 "| proj | tokens | sorted path (us) | today (us) | prefetch (us) | split-K (us) | best variant (us) | "
+                 "best config | today / best | sorted / best |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for name, K, ns in shapes:
             for T in args.tokens:
                 lines.append(variant_rows(name, K, ns, T, args, dtype, device, flush))

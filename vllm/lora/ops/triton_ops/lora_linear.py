@@ -107,10 +107,11 @@ def auto_token_kernel(K: int, R: int) -> int:
     return 1 if -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
 
 
-def kernel0_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
-                   dtype: torch.dtype) -> LoRALinearTileConfig:
-    """Tiles of the sorted path, and of ``lora_linear_token_kernel`` (``token_kernel=0``) on the token path."""
-    token_path = num_tokens <= SMALL_BATCH_TOKENS
+def kernel0_config(num_tokens: int, K: int, N: int, R: int, num_slices: int, dtype: torch.dtype,
+                   sorted_path: bool = False) -> LoRALinearTileConfig:
+    """Tiles of the sorted path (``sorted_path`` forces it at any size), and of ``lora_linear_token_kernel``
+    (``token_kernel=0``) on the token path."""
+    token_path = num_tokens <= SMALL_BATCH_TOKENS and not sorted_path
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: one K tile, one N tile
         return LoRALinearTileConfig(block_m=16 if num_tokens <= 64 else 32, block_n=min(n_cap, 512),
