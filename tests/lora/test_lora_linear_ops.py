@@ -148,7 +148,7 @@ def test_bad_arguments_are_rejected():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T", [1, 7, 16, 64, 513, 4096])
+@pytest.mark.parametrize("T", [1, 7, 16, 32, 64, 128, 513, 4096])
 def test_triton_realistic_sizes(T, dtype, device):
     """Qwen3-30B-A3B-like qkv_proj (K 2048, q 4096, k/v 512), rank 16, 4 slots, default configs."""
     x, a, b, y, offsets, mapping = make_case(T, 2048, [4096, 512, 512], 4, 16, "mixed", True, dtype, device)

@@ -104,7 +104,8 @@ def test_variant_equals_todays_kernel(dtype, kernel, device):
     assert_close(y_new.float().cpu(), y_old.float().cpu(), dtype)
 
 
-def test_token_kernel_key_and_default():
+def test_token_kernel_key_and_default(monkeypatch):
+    monkeypatch.setattr(op, "triton_interpreting", lambda: False)  # the GPU heuristic's tiles
     cfg = LoRALinearTileConfig.from_json({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 2048, "token_path": True,
                                           "TOKEN_KERNEL": 1})
     assert cfg.token_kernel == 1 and cfg.to_json()["TOKEN_KERNEL"] == 1
@@ -115,17 +116,27 @@ def test_token_kernel_key_and_default():
     assert lora_linear_config(1, 4096, 2048, 16, 1, torch.bfloat16).token_kernel == 1  # o: 2 tiles at rank 16
     assert lora_linear_config(1, 4096, 2048, 32, 1, torch.bfloat16).token_kernel == 2  # 4 tiles at rank 32
     assert lora_linear_config(1, 2048, 4096, 64, 3, torch.bfloat16).token_kernel == 2
+    # above 16 tokens: the token path while T * R * S * (K + N) <= 20M, split-K above 32 tokens
+    assert lora_linear_config(32, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 1
+    assert lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 2  # 18.9M
+    assert lora_linear_config(128, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # 37.7M: sorted
+    assert lora_linear_config(128, 4096, 2048, 16, 1, torch.bfloat16).token_kernel == 2  # o: 12.6M
+    assert lora_linear_config(128, 4096, 2048, 32, 1, torch.bfloat16).token_path is False  # 25.2M
+    split = lora_linear_config(64, 4096, 2048, 16, 1, torch.bfloat16)
+    assert split.block_k == 1024 and lora_linear_config(8, 4096, 2048, 32, 1, torch.bfloat16).block_k == 256
     assert op.kernel0_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 0
     x, a, b, y, offsets, mapping = make_case(2, 32, [16], 2, 8, "mixed", True, torch.float32, "cpu")
     with pytest.raises(ValueError, match="TOKEN_KERNEL=3"):
         add_lora_linear(y, x, a, b, mapping, config=dataclasses.replace(_variant(x, a, b), token_kernel=3))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [0] + KERNELS)
 def test_flipping_the_default_gives_the_variant(kernel, monkeypatch):
     monkeypatch.setattr(op, "TOKEN_KERNEL", kernel)
     assert lora_linear_config(1, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == kernel
-    assert lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # sorted path unchanged
+    assert lora_linear_config(256, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # sorted path unchanged
+    if kernel == 0:  # today's kernel only up to SMALL_BATCH_TOKENS
+        assert lora_linear_config(32, 2048, 4096, 16, 3, torch.bfloat16).token_path is False
 
 
 def _sass(*lines: str) -> str:
@@ -168,7 +179,7 @@ def test_variants_compile_for_hopper_in_two_round_trips():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("proj", ["qkv", "o"])
 def test_variant_realistic_sizes_in_a_cuda_graph(proj, T, dtype, kernel, device):
     """Qwen3-30B-A3B-like q/k/v (K 2048; 4096, 512, 512) and o (K 4096; 2048), rank 16, 4 slots, at the

@@ -14,7 +14,8 @@ Shapes (L = max_loras slots, R = max rank, smaller adapters zero-padded):
     adapter_enabled: optional [>= L] int32, 0 = slot skipped
     output_offsets: first column of each slice in y (default: 0, N_0, N_0 + N_1, ...)
 
-Paths: up to ``SMALL_BATCH_TOKENS`` tokens, one program per (token, slice,
+Paths: up to ``SMALL_BATCH_TOKENS`` tokens (and above, while the per-token
+L2 reads stay small: ``_TOKEN_PATH_MAX_WORK``), one program per (token, slice,
 N-split) with no grouping: ``token_kernel`` 1 = two dependent memory round trips,
 ``token_variant_config``, or 2 = a split-K shrink and an expand,
 ``split_variant_config``, picked by shape (``auto_token_kernel``; the H200 A/B at
@@ -47,6 +48,14 @@ _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial produc
 # o 16.8-21.6 -> 5.6-6.3 split-K (prefetch 8.1-9.8: its A spans 4 K tiles there)
 TOKEN_KERNEL: Optional[int] = None
 _PREFETCH_MAX_K_TILES = 2  # more K tiles of A than this: the split-K pair beats the prefetch kernel
+_PREFETCH_MAX_TOKENS = 32  # above: the split-K pair (H200, rank 16, 64 tokens: o 8.9 -> 7.9 us, qkv 11.9 -> 11.4)
+# above SMALL_BATCH_TOKENS the token path's variants (not kernel 0) stay while T * R * S * (K + N), the A and B
+# elements they read from L2 (once per token), is at most this; the sorted kernel costs 12-22 us at every size
+# (latency).  H200 A/B, qwen3 width: variants win at 18.9M (qkv rank 16 x 64 tokens 11.4 vs 12.0 us, rank 32 x
+# 32 tokens 9.7 vs 13.9; o rank 16 x 128 tokens, 12.6M, 11.2 vs 15.9), tie or lose from 25.2M (o rank 32 x 128
+# tokens 16.7 vs 16.7; qkv rank 32 x 64 tokens, 37.7M, 22.7 vs 12.7)
+_TOKEN_PATH_MAX_WORK = 20_000_000
+_SPLIT_A_ELEMS_MANY = 16384  # split-K above SMALL_BATCH_TOKENS: fewer, longer K chunks (H200: 1.04-1.10x)
 # prefetch variant: elements of A in one K tile (all of K at rank 16 up to K = 2048), 64 per thread.  sm_90
 # static report (lora_linear_static_report.py): with 64 elements per thread per tile ptxas issues the loads
 # of A together (2 dependent round trips at qkv and o widths); with 128 it interleaves them with the FMAs
@@ -91,8 +100,9 @@ def lora_linear_metadata(token_lora_mapping: torch.Tensor, max_loras: int,
 def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
                        dtype: torch.dtype) -> LoRALinearTileConfig:
     """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
-    token_path = num_tokens <= SMALL_BATCH_TOKENS
-    kernel = auto_token_kernel(K, R) if TOKEN_KERNEL is None else TOKEN_KERNEL
+    kernel = auto_token_kernel(num_tokens, K, R) if TOKEN_KERNEL is None else TOKEN_KERNEL
+    token_path = num_tokens <= SMALL_BATCH_TOKENS or (
+        kernel != 0 and num_tokens * R * num_slices * (K + N) <= _TOKEN_PATH_MAX_WORK)
     if token_path and kernel == 1:
         return token_variant_config(num_tokens, K, N, R, num_slices, dtype)
     if token_path and kernel == 2:
@@ -100,11 +110,12 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
     return kernel0_config(num_tokens, K, N, R, num_slices, dtype)
 
 
-def auto_token_kernel(K: int, R: int) -> int:
-    """The token path's kernel for a shrink over K at rank R: the prefetch variant (1) while its slot's A
-    takes at most ``_PREFETCH_MAX_K_TILES`` K tiles, else the split-K pair (2)."""
+def auto_token_kernel(num_tokens: int, K: int, R: int) -> int:
+    """The token path's kernel for T tokens and a shrink over K at rank R: the prefetch variant (1) up to
+    ``_PREFETCH_MAX_TOKENS`` tokens while its slot's A takes at most ``_PREFETCH_MAX_K_TILES`` K tiles, else
+    the split-K pair (2)."""
     block_k = min(next_power_of_2(max(K, 16)), _PREFETCH_A_ELEMS // next_power_of_2(max(R, 8)))
-    return 1 if -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
+    return 1 if num_tokens <= _PREFETCH_MAX_TOKENS and -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
 
 
 def kernel0_config(num_tokens: int, K: int, N: int, R: int, num_slices: int, dtype: torch.dtype,
@@ -165,7 +176,8 @@ def split_variant_config(num_tokens: int, K: int, N: int, R: int, num_slices: in
     # sm_90 static report: 128 columns and 8 warps keep both kernels at two dependent round trips at
     # ranks 16 and 32, 1-8 tokens (4 warps or 256-512 columns: up to 6 for the expand)
     block_r = next_power_of_2(max(R, 8))
-    block_k = max(64, min(k_cap, _SPLIT_A_ELEMS // block_r))
+    a_elems = _SPLIT_A_ELEMS if num_tokens <= SMALL_BATCH_TOKENS else _SPLIT_A_ELEMS_MANY
+    block_k = max(64, min(k_cap, a_elems // block_r))
     return LoRALinearTileConfig(block_m=16, block_n=min(n_cap, 128), block_k=block_k, num_warps=8, num_stages=1,
                                 token_path=True, token_kernel=2)
 
