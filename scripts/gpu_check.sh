@@ -25,9 +25,9 @@
 #   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar
 #           bitmask kernel, one-pass MoE alignment, LoRA layer set, LoRA mapping buffer) and their benchmarks
 #           (int4 --sweep and MXFP4 --variants at 1/16/64 tokens, structured output, align); only when named
-#   variants  the kernel variants built without a GPU on 2026-12-02 (all off by default): their cuda tests and one
-#           A/B each (bf16 MoE GEMV at 1-4 tokens, dense LoRA one-token kernels at rank 16 / 32, MoE LoRA split-K at
-#           16-256 tokens, int4 UNPACK 3 at 16 / 64 tokens); VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
+#   variants  the choices still to be timed: their cuda tests and one A/B each (the per-pair MoE LoRA kernel up to
+#           pairs = experts * adapters vs the sorted path at 8-64 tokens; the dense LoRA token path at rank 64);
+#           VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
 # installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|all]...
@@ -111,24 +111,23 @@ if [[ " $steps " == *" verify "* ]]; then
   arc=$?; tail -20 "$OUT/verify_align.log"; rc=$(( rc || arc ))
 fi
 if [[ " $steps " == *" variants "* ]]; then
-  # the kernel variants built on CPU on 2026-12-02, all OFF by default: their cuda tests, then one A/B each
+  # variants still undecided (2026-12-02, seventh session; the earlier ones were decided by that session's A/B:
+  # docs/performance.md): their cuda tests, then one A/B each
   if [ -z "${AB_ONLY:-}" ]; then  # AB_ONLY=1: the A/Bs alone (the tests ran in an earlier call)
-    pytest -m cuda tests/kernels/test_fused_moe_gemv.py tests/layers/test_moe_gemv_layer.py \
-      tests/lora/test_lora_linear_token_variant.py tests/kernels/test_moe_lora_split.py \
-      tests/kernels/test_int4_unpack3_fit.py >"$OUT/pytest_variants.log" 2>&1
+    pytest -m cuda tests/kernels/test_fused_moe_lora.py tests/lora/test_fused_moe_lora_layer.py \
+      >"$OUT/pytest_variants.log" 2>&1
     vrc=$?; tail -8 "$OUT/pytest_variants.log"; rc=$(( rc || vrc ))
   fi
   t=${VARIANT_TIMEOUT:-90}
   run_ab() { local name=$1; shift; timeout "$t" python3 "$@" >"$OUT/$name.log" 2>&1; local r=$?
     grep -v " INFO \|^INFO" "$OUT/$name.log" | tail -25; rc=$(( rc || r )); }
-  run_ab ab_moe_gemv benchmarks/kernels/benchmark_moe_gemv.py --tokens 1 2 4 --out "$OUT/ab_moe_gemv.md"
-  run_ab ab_lora_token_r16 benchmarks/kernels/benchmark_lora_linear.py --token-variant --rank 16 --out "$OUT/ab_lora_token_r16.md"
-  run_ab ab_lora_token_r32 benchmarks/kernels/benchmark_lora_linear.py --token-variant --rank 32 --out "$OUT/ab_lora_token_r32.md"
-  run_ab ab_moe_lora_default benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 --tokens 16 64 256 --out "$OUT/ab_moe_lora_default.md"
-  run_ab ab_moe_lora_split8 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 --tokens 16 64 256 --shrink-split-k 8 \
-    --out "$OUT/ab_moe_lora_split8.md"
-  run_ab ab_int4_unpack3 benchmarks/kernels/benchmark_moe_int4.py --quick --tokens 16 64 --sweep --sweep-variants-only \
-    --out "$OUT/ab_int4_unpack3.md"
+  # the per-pair MoE LoRA kernel (no (adapter, expert) alignment) up to pairs = experts * adapters, vs sorting
+  run_ab ab_moe_lora_default benchmarks/kernels/benchmark_moe_lora.py --tokens 8 16 32 64 --out "$OUT/ab_moe_lora_default.md"
+  run_ab ab_moe_lora_pair1 benchmarks/kernels/benchmark_moe_lora.py --tokens 8 16 32 64 --pair-path-factor 1 \
+    --out "$OUT/ab_moe_lora_pair1.md"
+  # the dense LoRA token path's reach and kernel choice (lora_linear.auto_token_kernel, _TOKEN_PATH_MAX_WORK)
+  run_ab ab_lora_token_r64 benchmarks/kernels/benchmark_lora_linear.py --token-variant --rank 64 --tokens 1 4 16 32 64 \
+    --out "$OUT/ab_lora_token_r64.md"
 fi
 if [[ " $steps " == *" fused "* ]]; then
   timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \

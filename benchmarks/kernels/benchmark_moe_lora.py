@@ -91,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shrink-split-k", type=int, default=None,
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
+    p.add_argument("--pair-path-factor", type=float, default=None,
+                   help="moe_lora_config.SMALL_BATCH_PAIRS_FACTOR (default 8): the per-pair LoRA kernel, without "
+                        "the (adapter, expert) alignment, while pairs * factor <= experts * adapters")
     return p.parse_args()
 
 
@@ -297,6 +300,10 @@ def main() -> None:
         from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
 
         force_shrink_split_k(args.shrink_split_k)
+    if args.pair_path_factor is not None:
+        from vllm.lora.ops.triton_ops import moe_lora_config
+
+        moe_lora_config.SMALL_BATCH_PAIRS_FACTOR = args.pair_path_factor
 
     peak = peak_bandwidth(device)
     print(f"device: {gpu}; dtype {args.dtype}; ranks {args.ranks}; adapters {args.num_loras}, tokens round-robin; "
@@ -326,7 +333,8 @@ def main() -> None:
 
     text = "\n".join([
         f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}"
-        + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else ""), "",
+        + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
+        + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else ""), "",
         results_table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "

@@ -36,13 +36,20 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 __all__ = ["MoELoRATileConfig", "get_moe_lora_config", "rank_block", "use_small_batch_path"]
 
 
+# the per-pair kernel (no (adapter, expert) alignment) while num_pairs * this <= experts * slots; upstream's 8.
+# At 16-64 Qwen3-30B-A3B tokens (4 slots) most (adapter, expert) groups hold 1-2 pairs, so sorting buys
+# little and its alignment costs ~15 us a layer (H200 profile, 64 tokens): benchmark_moe_lora.py
+# --pair-path-factor 1 times the per-pair kernel up to 64 tokens there, to decide this
+SMALL_BATCH_PAIRS_FACTOR = 8
+
+
 def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int) -> bool:
     """True when the pairs are so few that sorting would only make padding (FACTS.md section 4).
 
     The per-pair kernel also handles ``expert_map``, so unlike upstream it is
     not excluded under expert parallelism.
     """
-    return num_pairs * 8 <= num_experts * max_loras
+    return num_pairs * SMALL_BATCH_PAIRS_FACTOR <= num_experts * max_loras
 
 
 def rank_block(rank: int) -> int:
