@@ -66,7 +66,8 @@ class FusedMoEModularMethod(FusedMoEMethodBase):
     def supports_lora(self) -> bool:
         return self.kernel.supports_lora()
 
-    def apply(self, layer, x, topk_weights, topk_ids, *, lora_context=None) -> torch.Tensor:
+    def apply(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
         return self.kernel.apply(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
                                  activation=self.moe_config.activation,
                                  global_num_experts=self.moe_config.num_experts, expert_map=layer.expert_map,

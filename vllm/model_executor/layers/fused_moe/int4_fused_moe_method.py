@@ -25,6 +25,7 @@ from vllm.model_executor.layers.fused_moe.prepare_finalize import make_prepare_f
 from vllm.model_executor.layers.quantization.int4 import Int4Weight
 
 if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 
 _SHARDS = ("w1", "w3", "w2")
@@ -248,5 +249,6 @@ class Int4MoEMethod(FusedMoEMethodBase):
     def supports_lora(self) -> bool:
         return True
 
-    def apply(self, layer, x, topk_weights, topk_ids, *, lora_context=None) -> torch.Tensor:
+    def apply(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
         raise RuntimeError("call FusedMoE.process_weights_after_loading() before the first forward")

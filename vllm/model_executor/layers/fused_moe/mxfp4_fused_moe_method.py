@@ -18,7 +18,7 @@ biases travel in the ``Mxfp4MoEQuantConfig``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Optional, TYPE_CHECKING
 
 import torch
 
@@ -33,6 +33,7 @@ from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import mxfp4_experts_clas
 from vllm.model_executor.layers.fused_moe.prepare_finalize import make_prepare_finalize
 
 if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 
 # checkpoint suffix -> (parameter, which dimension TP slices: "rows" of w13, "groups" of w2's I, None)
@@ -159,5 +160,6 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
         experts = mxfp4_experts_class(backend)(self.moe_config, quant_config)
         return FusedMoEKernel(make_prepare_finalize(layer), experts)
 
-    def apply(self, layer, x, topk_weights, topk_ids, *, lora_context=None) -> torch.Tensor:
+    def apply(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
         raise RuntimeError("call FusedMoE.process_weights_after_loading() before the first forward")

@@ -1,7 +1,7 @@
 """Unquantized experts: weights in the activation dtype, backend from the oracle."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Optional, TYPE_CHECKING
 
 import torch
 
@@ -12,6 +12,7 @@ from vllm.model_executor.layers.fused_moe.oracle.unquantized import experts_clas
 from vllm.model_executor.layers.fused_moe.prepare_finalize import make_prepare_finalize
 
 if TYPE_CHECKING:
+    from vllm.lora.lora_context import MoELoRAContext
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 
 
@@ -45,5 +46,6 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
         experts = experts_class(backend)(self.moe_config, quant_config)
         return FusedMoEKernel(make_prepare_finalize(layer), experts)
 
-    def apply(self, layer, x, topk_weights, topk_ids, *, lora_context=None) -> torch.Tensor:
+    def apply(self, layer: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
         raise RuntimeError("call FusedMoE.process_weights_after_loading() before the first forward")
