@@ -8,12 +8,16 @@ to ``--out`` (markdown): GPU kernels per step, GPU busy time per step (sum of ke
 wall time per step, and the top kernels by GPU time (calls per step, us per call, share).
 
     PYTHONPATH=. python benchmarks/profile_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,64] [--steps 8] [--modes eager,graphs] [--out profile.md]
+        [--batches 1,64] [--steps 8] [--modes eager,graphs] [--prefill] [--out profile.md]
+
+``--prefill``: the batch's prefill steps instead (one unprofiled prefill first, prefix caching off), for
+the prefill rate of issue 10 goal 3; prefills run eagerly in both modes, so ``--modes eager`` suffices.
     (--preset tiny on a CPU: a smoke run; it lists CPU operators instead of kernels)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -33,8 +37,9 @@ def _is_gpu_event(evt) -> bool:
     return evt.device_type == torch.autograd.DeviceType.CUDA
 
 
-def _drive(engine, prompts, loras, steps: int, prof_ctx) -> float:
-    """Prefill, warm up, then ``steps`` decode steps inside ``prof_ctx``; host seconds per profiled step."""
+def _prefill(engine, prompts, loras, steps: int, prof_ctx=None) -> tuple[list[str], float, int]:
+    """Add the requests and run their prefill steps (inside ``prof_ctx`` when given): the request ids, host
+    seconds per prefill step and the number of prefill steps."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps + _WARM_STEPS + 4, ignore_eos=True)
@@ -42,9 +47,32 @@ def _drive(engine, prompts, loras, steps: int, prof_ctx) -> float:
     for rid, prompt, lora in zip(ids, prompts, loras or [None] * len(prompts)):
         engine.add_request(rid, prompt, params, lora_request=lora)
     produced = dict.fromkeys(ids, 0)
-    while min(produced.values()) == 0:  # prefill steps (all the prompts, maybe in several chunks)
-        for out in engine.step():
-            produced[out.request_id] = len(out.outputs[0].token_ids)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    n, start = 0, time.perf_counter()
+    with prof_ctx if prof_ctx is not None else contextlib.nullcontext():
+        while min(produced.values()) == 0:  # prefill steps (all the prompts, maybe in several chunks)
+            with torch.profiler.record_function("prefill_step"):
+                for out in engine.step():
+                    produced[out.request_id] = len(out.outputs[0].token_ids)
+            n += 1
+        sync()
+    return ids, (time.perf_counter() - start) / max(n, 1), n
+
+
+def _drive_prefill(engine, prompts, loras, prof_ctx) -> tuple[float, int]:
+    """One unprofiled prefill of the batch (compiles, warms the caches), then the same prompts again inside
+    ``prof_ctx``: host seconds per prefill step and the steps it took (prefix caching is off)."""
+    ids, _, _ = _prefill(engine, prompts, loras, 0)
+    engine.abort_request(ids)
+    ids, host, n = _prefill(engine, prompts, loras, 0, prof_ctx)
+    engine.abort_request(ids)
+    return host, n
+
+
+def _drive(engine, prompts, loras, steps: int, prof_ctx) -> float:
+    """Prefill, warm up, then ``steps`` decode steps inside ``prof_ctx``; host seconds per profiled step."""
+    ids, _, _ = _prefill(engine, prompts, loras, steps)
     for _ in range(_WARM_STEPS):
         engine.step()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -103,6 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--modes", default="eager,graphs", help="eager and/or graphs (graphs: CUDA only)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per case")
     p.add_argument("--trace-dir", default=None, help="also export a Chrome trace per case here")
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the batch's prefill steps (after one unprofiled prefill) instead of decode steps")
     p.add_argument("--out", default=None, help="write the markdown report here")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -121,8 +151,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   enable_prefix_caching=False)  # the runs repeat their prompts: time computing them
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
-    report = [f"# Decode profile: {gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of "
-              f"{a.prompt_len} tokens; {a.steps} profiled decode steps per case; LoRA: {a.num_loras} adapters of "
+    what = "prefill steps of the batch (after one unprofiled prefill)" if a.prefill else \
+        f"{a.steps} profiled decode steps"
+    report = [f"# {'Prefill' if a.prefill else 'Decode'} profile: {gpu}, {a.dtype}; {a.preset} width, {a.layers} "
+              f"layers; prompts of {a.prompt_len} tokens; {what} per case; LoRA: {a.num_loras} adapters of "
               f"rank {a.rank} spread over the batch", ""]
     unit = "GPU ops" if cuda else "CPU ops"
     summary = [f"| mode | LoRA | batch | {unit} (GPU: kernels + copies) / step | busy (sum of op times) / step | host wall / step |",
@@ -137,9 +169,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             for b in batches:
                 loras = [adapters[i % a.num_loras] for i in range(b)] if lora else None
                 prof = torch.profiler.profile(activities=activities)
-                host = _drive(llm.llm_engine, prompts[:b], loras, a.steps, prof)
-                table, tot = _summarise(prof, a.steps, a.top)
-                name = f"{mode}, {'LoRA' if lora else 'no LoRA'}, batch {b}"
+                if a.prefill:
+                    host, n = _drive_prefill(llm.llm_engine, prompts[:b], loras, prof)
+                else:
+                    host, n = _drive(llm.llm_engine, prompts[:b], loras, a.steps, prof), a.steps
+                table, tot = _summarise(prof, n, a.top)
+                name = f"{mode}, {'LoRA' if lora else 'no LoRA'}, {'prefill of ' if a.prefill else ''}batch {b}"
                 if a.trace_dir:
                     os.makedirs(a.trace_dir, exist_ok=True)
                     prof.export_chrome_trace(os.path.join(a.trace_dir, name.replace(", ", "_").replace(" ", "") + ".json"))
