@@ -48,6 +48,7 @@ _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial produc
 # o 16.8-21.6 -> 5.6-6.3 split-K (prefetch 8.1-9.8: its A spans 4 K tiles there)
 TOKEN_KERNEL: Optional[int] = None
 _PREFETCH_MAX_K_TILES = 2  # more K tiles of A than this: the split-K pair beats the prefetch kernel
+_VARIANT_MAX_RANK = 32  # the variants were timed at ranks 16 and 32 (gpu_check.sh variants times 64 next)
 _PREFETCH_MAX_TOKENS = 32  # above: the split-K pair (H200, rank 16, 64 tokens: o 8.9 -> 7.9 us, qkv 11.9 -> 11.4)
 # above SMALL_BATCH_TOKENS the token path's variants (not kernel 0) stay while T * R * S * (K + N), the A and B
 # elements they read from L2 (once per token), is at most this; the sorted kernel costs 12-22 us at every size
@@ -113,7 +114,9 @@ def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
 def auto_token_kernel(num_tokens: int, K: int, R: int) -> int:
     """The token path's kernel for T tokens and a shrink over K at rank R: the prefetch variant (1) up to
     ``_PREFETCH_MAX_TOKENS`` tokens while its slot's A takes at most ``_PREFETCH_MAX_K_TILES`` K tiles, else
-    the split-K pair (2)."""
+    the split-K pair (2); above rank ``_VARIANT_MAX_RANK`` (not yet timed on a GPU) the first kernel (0)."""
+    if R > _VARIANT_MAX_RANK:
+        return 0
     block_k = min(next_power_of_2(max(K, 16)), _PREFETCH_A_ELEMS // next_power_of_2(max(R, 8)))
     return 1 if num_tokens <= _PREFETCH_MAX_TOKENS and -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
 
