@@ -18,7 +18,7 @@ Correctness first: greedy tokens with graphs equal the eager engine's, without a
 LoRA-enabled engine on a base-only batch equals the engine without LoRA (a mismatch is reported and
 the exit status is 1, after the table).  Then, per batch size (default 1, 16, 64, 256), prompts of
 ``--prompt-len`` random tokens: decode step = (time to generate 33 tokens - time to generate 1) / 32,
-best of 2 after a warm-up.  The roofline step reads, per layer, the attention weights, the expected
+best of ``--repeats`` (3) after a warm-up.  The roofline step reads, per layer, the attention weights, the expected
 distinct experts of the batch x bytes per expert, the router and the KV cache (context = prompt +
 half the decode), plus the LM head once, at the copy bandwidth measured here (or ``--bandwidth``).
 
@@ -128,12 +128,15 @@ def random_prompts(a, n: int) -> list[dict]:
             for _ in range(n)]
 
 
+REPEATS = 3  # timed runs per case (``--repeats``): the minimum of each is taken
+
+
 def decode_step(llm, prompts, loras, steps: int) -> tuple[float, float, list[list[int]]]:
     """(seconds per decode step, seconds of the prefill, greedy tokens): decode = (best t(steps + 1) -
     best t(1)) / steps after a warm-up; prefill = best t(1) (the whole batch's prompts and one sample)."""
     timed(llm, prompts, steps + 1, loras)
     long_t, short_t, tokens = [], [], None
-    for _ in range(2):
+    for _ in range(REPEATS):
         t, tokens = timed(llm, prompts, steps + 1, loras)
         long_t.append(t)
         short_t.append(timed(llm, prompts, 1, loras)[0])
@@ -221,8 +224,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the roofline is then per GPU: the "
                    "step's bytes split over the ranks; CUDA graphs are off with TP > 1, both columns run eagerly)")
     p.add_argument("--enable-expert-parallel", action="store_true", help="with --tp: whole experts per rank")
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help="timed runs per case, best taken (2 before 2026-12-02; H200 runs of the same code had "
+                        "varied by up to 15 %% at batch 1 with 2)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
+    globals()["REPEATS"] = max(1, a.repeats)  # read by decode_step
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)
     batches = [int(x) for x in a.batches.split(",")]
