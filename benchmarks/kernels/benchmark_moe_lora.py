@@ -94,6 +94,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pair-path-factor", type=float, default=None,
                    help="moe_lora_config.SMALL_BATCH_PAIRS_FACTOR (default 8): the per-pair LoRA kernel, without "
                         "the (adapter, expert) alignment, while pairs * factor <= experts * adapters")
+    p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1],
+                   help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel)")
     return p.parse_args()
 
 
@@ -300,6 +302,10 @@ def main() -> None:
         from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
 
         force_shrink_split_k(args.shrink_split_k)
+    if args.pair_kernel is not None:
+        from vllm.lora.ops.triton_ops import fused_moe_lora
+
+        fused_moe_lora.PAIR_KERNEL = args.pair_kernel
     if args.pair_path_factor is not None:
         from vllm.lora.ops.triton_ops import moe_lora_config
 
@@ -334,7 +340,8 @@ def main() -> None:
     text = "\n".join([
         f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}"
         + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
-        + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else ""), "",
+        + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else "")
+        + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else ""), "",
         results_table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "

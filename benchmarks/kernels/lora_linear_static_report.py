@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 
@@ -91,12 +92,16 @@ def compile_split(dtype: torch.dtype, cfg, *, K: int, n_sizes: list[int], R: int
 
 
 def compile_pair(dtype: torch.dtype, cfg, *, K: int, N: int, R: int, S: int, top_k: int, E: int, w2: bool,
-                 L: int = 4):
-    """``moe_lora_pair_kernel`` (shrink and expand fused) as ``add_lora_w13`` / ``add_lora_w2`` launch it at one
-    token: w13 reads x [1, K] per pair (top_k_in = top_k), w2 the pair's row of the intermediate (top_k_in = 1)
-    and multiplies by the router weight."""
-    from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import moe_lora_pair_kernel as fn
+                 L: int = 4, prefetch: bool = False):
+    """``moe_lora_pair_kernel`` (shrink and expand fused; ``prefetch``: ``moe_lora_pair_prefetch_kernel`` at
+    its own tiles, ``cfg`` then holds them) as ``add_lora_w13`` / ``add_lora_w2`` launch it at one token: w13
+    reads x [1, K] per pair (top_k_in = top_k), w2 the pair's row of the intermediate (top_k_in = 1) and
+    multiplies by the router weight."""
+    from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import moe_lora_pair_kernel
+    from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
     from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
+
+    fn = moe_lora_pair_prefetch_kernel if prefetch else moe_lora_pair_kernel
 
     dt = _DT[dtype]
     ptrs = dict(x_ptr=dt, a_ptr=dt, b_ptr=dt, out_ptr=dt, shrunk_ptr=dt, w_ptr="fp32", topk_ids_ptr="i32",
@@ -120,18 +125,25 @@ def pair_rows(width: str, rank: int, dtype: torch.dtype) -> list[str]:
     from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
 
     H, I, E, top_k = {"qwen3": (2048, 768, 128, 8)}[width]
+    from vllm.lora.ops.triton_ops.fused_moe_lora import pair_prefetch_tiles
+
     rows = []
-    for name, K, N, S, w2 in (("w13 (gate, up)", H, I, 2, False), ("w2", I, H, 1, True)):
+    for (name, K, N, S, w2), prefetch in itertools.product(
+            (("w13 (gate, up)", H, I, 2, False), ("w2", I, H, 1, True)), (False, True)):
         cfg = get_moe_lora_config("fused_moe_lora", num_pairs=top_k, num_experts=E, max_loras=4, rank=rank, K=K, N=N,
                                   num_slices=S, dtype=dtype, use_tuned_config=False, device_name="cuda")
-        k = compile_pair(dtype, cfg, K=K, N=N, R=rank, S=S, top_k=top_k, E=E, w2=w2)
+        if prefetch:  # one BLOCK_N tile per program, A in K_TILES tiles, one stage
+            bn, bk, _, warps = pair_prefetch_tiles(K, rank, N, False)
+            cfg = dataclasses.replace(cfg, block_size_n=bn, block_size_k=bk, num_n_splits=-(-N // bn),
+                                      num_warps=warps, num_stages=1)
+        k = compile_pair(dtype, cfg, K=K, N=N, R=rank, S=S, top_k=top_k, E=E, w2=w2, prefetch=prefetch)
         regs, spill = resources(k.asm["cubin"])
         sass = _sass(k.asm["cubin"])
         splits = max(1, min(cfg.num_n_splits, -(-N // cfg.block_size_n)))
         progs = top_k * S * splits
         a_bytes = progs * rank * K * torch.finfo(dtype).bits // 8
         tiles = f"{cfg.block_size_n} x {cfg.block_size_k}, {cfg.num_warps}, {splits}"
-        rows.append(f"| {name} | 1 | pair | {tiles} | {regs} | "
+        rows.append(f"| {name} | 1 | {'pair prefetch' if prefetch else 'pair'} | {tiles} | {regs} | "
                     f"{spill} | {k.metadata.shared} | {progs} | {a_bytes / 1e6:.2f} MB | "
                     f"{round_trips(sass) if sass else '-'} |")
     return rows

@@ -19,7 +19,8 @@ Shapes (L = max_loras slots, E = local experts, R = max rank, zero-padded):
     expert_map: optional [E_global] int32 global -> local, -1 = not local
 
 ``alignment`` (from ``moe_lora_align_block_size``) selects the sorted path; without
-it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``).
+it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``; ``PAIR_KERNEL`` 1
+takes ``moe_lora_pair_prefetch_kernel`` for the fused op, off until timed).
 On the sorted path, ``config.shrink_split_k`` > 1 runs the fused op as two launches
 with the shrink split along K (``moe_lora_split.py``).
 Slices that are views of one buffer with a constant stride (the usual stacked
@@ -39,6 +40,21 @@ from vllm.triton_utils import triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# the fused op's small-batch (per-pair) kernel: 0 = moe_lora_pair_kernel; 1 = moe_lora_pair_prefetch_kernel,
+# two dependent round trips instead of 8-9 (sm_90 compile; off until timed: benchmark_moe_lora --pair-kernel 1)
+PAIR_KERNEL = 0
+_PAIR_PREFETCH_A_ELEMS = 32768  # elements of A in one K tile of the prefetch kernel (all of K up to 2048 at rank 16)
+
+
+def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, K_TILES, num_warps) of ``moe_lora_pair_prefetch_kernel``: A in as few K tiles as
+    ``_PAIR_PREFETCH_A_ELEMS`` allows (64 elements per thread), one BLOCK_N tile of one slice per program."""
+    block_r = rank_block(R)
+    k_cap = 1 << max(4, (max(K, 1) - 1).bit_length())
+    block_k = min(k_cap, 512 if interp else max(16, _PAIR_PREFETCH_A_ELEMS // block_r))
+    block_n = min(1 << max(4, (max(N, 1) - 1).bit_length()), 64 if interp else 128)
+    warps = max(4, min(16, block_r * block_k // (32 * 64)))
+    return block_n, block_k, -(-K // block_k), warps
 
 
 def _slices(stacked: Stacked, name: str) -> list[torch.Tensor]:
@@ -194,6 +210,15 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
+        elif do_shrink and do_expand and PAIR_KERNEL == 1:
+            from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
+
+            bn, bk, k_tiles, warps = pair_prefetch_tiles(K, R, N, interp)
+            moe_lora_pair_prefetch_kernel[(numel, ns, -(-N // bn))](
+                topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+                expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
+                HAS_EXPERT_MAP=expert_map is not None, K_TILES=k_tiles,
+                **{**args, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1})
         else:
             grid = (numel, ns, splits)
             kern.moe_lora_pair_kernel[grid](

@@ -1,0 +1,105 @@
+"""``moe_lora_pair_prefetch_kernel`` (``fused_moe_lora.PAIR_KERNEL = 1``, off by default): the MoE LoRA
+small-batch path in two dependent round trips, against the per-pair fp64 loop reference and the default
+pair kernel, on the same cases as the default small-batch path (random start values that must come back
+bit-identical where there is no delta, NaN around a strided out view, disabled slots, tokens without an
+adapter, an expert with no pair, expert_map, the w2 layout with routed weights, several K tiles)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.test_fused_moe_lora import BF16, CASES, F16, SMALL, Case, _config, _id, build, check
+from tests.utils import assert_close
+from vllm.lora.ops.triton_ops import fused_moe_lora as op
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# beyond SMALL: A over two K tiles (K 600 > the interpreter's BLOCK_K 512), N not a multiple of BLOCK_N
+EXTRA = [Case(5, 2, 4, 2, 16, dtype=F16, K=600, N=72, mul_w=True, layout="view", every=True),
+         Case(3, 8, 9, 3, 32, S=1, per_pair_x=True, mul_w=True, K=40, N=100, disabled=(0,), dtype=BF16)]
+
+
+@pytest.fixture
+def prefetch(monkeypatch):
+    """PAIR_KERNEL = 1, and a record of the kernels launched (the variant must be the one that ran)."""
+    from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
+    from vllm.lora.ops.triton_ops import _moe_lora_pair_prefetch_kernel as pk
+
+    monkeypatch.setattr(op, "PAIR_KERNEL", 1)
+    launched = []
+    for mod, name in ((pk, "moe_lora_pair_prefetch_kernel"), (kern, "moe_lora_pair_kernel")):
+        real = getattr(mod, name)
+
+        class Spy:
+            def __getitem__(self, grid, _real=real, _name=name):
+                launched.append(_name)
+                return _real[grid]
+
+        monkeypatch.setattr(mod, name, Spy())
+    return launched
+
+
+@pytest.mark.parametrize("c", SMALL + EXTRA, ids=_id)
+def test_prefetch_pair_kernel_matches_reference(device, c, prefetch):
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=_config(c, device, c.M * c.top_k), **kw,
+                      **geo)
+    check(c, out, start, delta, parent)
+    if c.M:
+        assert set(prefetch) == {"moe_lora_pair_prefetch_kernel"}, prefetch
+
+
+@pytest.mark.parametrize("c", [CASES[2], CASES[3]], ids=_id)
+def test_prefetch_equals_default_pair_kernel(device, c, monkeypatch):
+    """Both kernels from the same start: the same delta within the dtype's rounding (the K tiling differs)."""
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    outs = []
+    for kernel in (0, 1):
+        monkeypatch.setattr(op, "PAIR_KERNEL", kernel)
+        o = out.clone()
+        op.fused_moe_lora(o, x, lora_a, lora_b, top_k_in=top_k_in, config=_config(c, device, c.M * c.top_k),
+                          **kw, **geo)
+        outs.append(o)
+    assert not torch.equal(outs[0], out)  # the delta is not zero
+    assert_close(outs[1].double(), outs[0].double(), c.dtype)
+
+
+def test_tiles_hold_all_of_a_at_qwen3_sizes():
+    """GPU tiles: A in one K tile at rank 16 (K 2048 and 768), 64 elements per thread, 128 columns."""
+    assert op.pair_prefetch_tiles(2048, 16, 768, False) == (128, 2048, 1, 16)
+    assert op.pair_prefetch_tiles(768, 16, 2048, False) == (128, 1024, 1, 8)
+    assert op.pair_prefetch_tiles(4096, 32, 14336, False) == (128, 1024, 4, 16)
+    assert op.PAIR_KERNEL == 0  # off until timed on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+@pytest.mark.parametrize("M", [1, 2, 4, 8])
+def test_prefetch_realistic_sizes_in_a_cuda_graph(M, w2, monkeypatch):
+    """Qwen3-30B-A3B-like w13 / w2 LoRA at 1-8 tokens, 4 slots (one token without an adapter), captured in a
+    CUDA graph and replayed with new routing and slots, against the torch reference."""
+    from tests.kernels.moe_lora_gpu_cases import _gpu_layer
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+    monkeypatch.setattr(op, "PAIR_KERNEL", 1)
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, 16, M, BF16, w2)
+    start = out.clone()
+
+    def step():
+        out.copy_(start)
+        op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        kw["topk_ids"].copy_(torch.randn(M, 128, device="cuda", generator=gen).topk(8, dim=-1).indices)
+        kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (M,), device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = start.float()
+        fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+        assert_close(out.float(), expected, BF16)
