@@ -61,9 +61,11 @@ def test_unpack3_applies_only_with_one_group_per_wide_tile(device, monkeypatch):
     assert not mod.unpack3_applies(small, 128)
     # the GPU heuristic: 3 on the unsplit decode tiles (group a multiple of BLOCK_SIZE_K), else 0
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
-    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16).unpack == 0  # off until timed
+    # Mixtral w13 at 16 tokens: on by default since the H200 A/B; the switch turns it off
+    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16).unpack == 3
+    monkeypatch.setattr(mod, "UNPACK_DECODE_TILES", False)
+    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16).unpack == 0
     monkeypatch.setattr(mod, "UNPACK_DECODE_TILES", True)
-    assert mod.get_int4_moe_config(32, 8, 28672, 4096, 128, torch.bfloat16).unpack == 3  # Mixtral w13, 16 tok
     split = mod.get_int4_moe_config(8, 128, 1536, 2048, 128, torch.bfloat16, sorted_pairs=False, gemv=False)
     assert split.split_k > 1 and split.unpack == 0  # the dot kernel's tiles there (the heuristic runs the GEMV)
     assert mod.get_int4_moe_config(32, 8, 28672, 4096, 32, torch.bfloat16).unpack == 0  # group 32 < tile
