@@ -36,7 +36,7 @@ from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.lora.ops.triton_ops.moe_lora_split import launch_split
-from vllm.triton_utils import triton_interpreting
+from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,9 +50,8 @@ def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int,
     """(BLOCK_N, BLOCK_K, K_TILES, num_warps) of ``moe_lora_pair_prefetch_kernel``: A in as few K tiles as
     ``_PAIR_PREFETCH_A_ELEMS`` allows (64 elements per thread), one BLOCK_N tile of one slice per program."""
     block_r = rank_block(R)
-    k_cap = 1 << max(4, (max(K, 1) - 1).bit_length())
-    block_k = min(k_cap, 512 if interp else max(16, _PAIR_PREFETCH_A_ELEMS // block_r))
-    block_n = min(1 << max(4, (max(N, 1) - 1).bit_length()), 64 if interp else 128)
+    block_k = min(next_power_of_2(max(K, 16)), 512 if interp else max(16, _PAIR_PREFETCH_A_ELEMS // block_r))
+    block_n = min(next_power_of_2(max(N, 16)), 64 if interp else 128)
     warps = max(4, min(16, block_r * block_k // (32 * 64)))
     return block_n, block_k, -(-K // block_k), warps
 

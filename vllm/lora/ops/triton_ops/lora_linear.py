@@ -19,7 +19,8 @@ L2 reads stay small: ``_TOKEN_PATH_MAX_WORK``), one program per (token, slice,
 N-split) with no grouping: ``token_kernel`` 1 = two dependent memory round trips,
 ``token_variant_config``, or 2 = a split-K shrink and an expand,
 ``split_variant_config``, picked by shape (``auto_token_kernel``; the H200 A/B at
-``TOKEN_KERNEL``); 0 = the first token kernel, kept for comparison; above, tokens grouped by slot (``LoRALinearMetadata``,
+``TOKEN_KERNEL``); 0 = the first token kernel, kept for comparison.  Above,
+tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
 program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
@@ -117,8 +118,13 @@ def auto_token_kernel(num_tokens: int, K: int, R: int) -> int:
     the split-K pair (2); above rank ``_VARIANT_MAX_RANK`` (not yet timed on a GPU) the first kernel (0)."""
     if R > _VARIANT_MAX_RANK:
         return 0
-    block_k = min(next_power_of_2(max(K, 16)), _PREFETCH_A_ELEMS // next_power_of_2(max(R, 8)))
+    block_k = _prefetch_block_k(K, R)
     return 1 if num_tokens <= _PREFETCH_MAX_TOKENS and -(-K // block_k) <= _PREFETCH_MAX_K_TILES else 2
+
+
+def _prefetch_block_k(K: int, R: int) -> int:
+    """The prefetch kernel's K tile: all of K, up to ``_PREFETCH_A_ELEMS`` elements of the slot's A."""
+    return min(next_power_of_2(max(K, 16)), _PREFETCH_A_ELEMS // next_power_of_2(max(R, 8)))
 
 
 def kernel0_config(num_tokens: int, K: int, N: int, R: int, num_slices: int, dtype: torch.dtype,
@@ -161,7 +167,7 @@ def token_variant_config(num_tokens: int, K: int, N: int, R: int, num_slices: in
         return LoRALinearTileConfig(block_m=16, block_n=min(n_cap, 64), block_k=min(k_cap, 512), num_warps=4,
                                     num_stages=1, token_path=True, token_kernel=1)
     block_r = next_power_of_2(max(R, 8))
-    block_k = min(k_cap, _PREFETCH_A_ELEMS // block_r)
+    block_k = _prefetch_block_k(K, R)
     block_n = min(n_cap, max(128, min(512, next_power_of_2(num_tokens * N // 32))))
     num_warps = max(4, min(16, block_r * block_k // (32 * _PREFETCH_A_PER_THREAD)))
     return LoRALinearTileConfig(block_m=16, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=1,
