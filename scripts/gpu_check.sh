@@ -25,9 +25,9 @@
 #   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar
 #           bitmask kernel, one-pass MoE alignment, LoRA layer set, LoRA mapping buffer) and their benchmarks
 #           (int4 --sweep and MXFP4 --variants at 1/16/64 tokens, structured output, align); only when named
-#   variants  the choices still to be timed: their cuda tests and one A/B each (the per-pair MoE LoRA kernel up to
-#           pairs = experts * adapters vs the sorted path at 8-64 tokens; the per-pair prefetch kernel, PAIR_KERNEL 1,
-#           at 1-8 tokens and with the wider per-pair path; the dense LoRA token path at rank 64);
+#   variants  the choices still to be timed: their cuda tests and one A/B each (the per-pair MoE LoRA kernel's
+#           tiles at ranks 32-64, WIDE_RANK_PAIR_TILES, new vs before, at 1-16 tokens; the wide per-pair path at
+#           rank 64, 16-64 tokens);
 #           VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
@@ -115,29 +115,25 @@ if [[ " $steps " == *" verify "* ]]; then
   arc=$?; tail -20 "$OUT/verify_align.log"; rc=$(( rc || arc ))
 fi
 if [[ " $steps " == *" variants "* ]]; then
-  # variants still undecided (2026-12-02, seventh session; the earlier ones were decided by that session's A/B:
+  # variants still undecided (2026-12-02, eighth session; the earlier ones were decided by the A/Bs in
   # docs/performance.md): their cuda tests, then one A/B each
   if [ -z "${AB_ONLY:-}" ]; then  # AB_ONLY=1: the A/Bs alone (the tests ran in an earlier call)
     pytest -m cuda tests/kernels/test_fused_moe_lora.py tests/lora/test_fused_moe_lora_layer.py \
-      tests/kernels/test_moe_lora_pair_prefetch.py \
+      tests/kernels/test_moe_lora_pair_prefetch.py tests/lora/test_lora_linear_token_variant.py \
       >"$OUT/pytest_variants.log" 2>&1
     vrc=$?; tail -8 "$OUT/pytest_variants.log"; rc=$(( rc || vrc ))
   fi
   t=${VARIANT_TIMEOUT:-90}
   run_ab() { local name=$1; shift; timeout "$t" python3 "$@" >"$OUT/$name.log" 2>&1; local r=$?
     grep -v " INFO \|^INFO" "$OUT/$name.log" | tail -25; rc=$(( rc || r )); }
-  # the per-pair MoE LoRA kernel (no (adapter, expert) alignment) up to pairs = experts * adapters, vs sorting
-  run_ab ab_moe_lora_default benchmarks/kernels/benchmark_moe_lora.py --tokens 8 16 32 64 --out "$OUT/ab_moe_lora_default.md"
-  run_ab ab_moe_lora_pair1 benchmarks/kernels/benchmark_moe_lora.py --tokens 8 16 32 64 --pair-path-factor 1 \
-    --out "$OUT/ab_moe_lora_pair1.md"
-  # the per-pair MoE LoRA kernel in 2-3 round trips (PAIR_KERNEL = 1) vs today's (8-9), 1-8 tokens
-  run_ab ab_moe_lora_pair_kernel1 benchmarks/kernels/benchmark_moe_lora.py --tokens 1 2 4 8 --pair-kernel 1 \
-    --out "$OUT/ab_moe_lora_pair_kernel1.md"
-  run_ab ab_moe_lora_pair_factor1_kernel1 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 --tokens 16 32 64 \
-    --pair-path-factor 1 --pair-kernel 1 --out "$OUT/ab_moe_lora_pair_factor1_kernel1.md"
-  # the dense LoRA token path's reach and kernel choice (lora_linear.auto_token_kernel, _TOKEN_PATH_MAX_WORK)
-  run_ab ab_lora_token_r64 benchmarks/kernels/benchmark_lora_linear.py --token-variant --rank 64 --tokens 1 4 16 32 64 \
-    --out "$OUT/ab_lora_token_r64.md"
+  # the per-pair kernel's tiles at ranks 32-64 (moe_lora_config.WIDE_RANK_PAIR_TILES, on from the sm_90 static
+  # report, untimed) vs the tiles before, at 1-16 tokens; then the wide per-pair path above rank 32
+  run_ab ab_pair_tiles_new benchmarks/kernels/benchmark_moe_lora.py --ranks 32 64 --tokens 1 2 4 8 16 \
+    --out "$OUT/ab_pair_tiles_new.md"
+  run_ab ab_pair_tiles_old benchmarks/kernels/benchmark_moe_lora.py --ranks 32 64 --tokens 1 2 4 8 16 \
+    --wide-rank-pair-tiles 0 --out "$OUT/ab_pair_tiles_old.md"
+  run_ab ab_pair_path_r64 benchmarks/kernels/benchmark_moe_lora.py --ranks 64 --tokens 16 32 64 --pair-path-max-rank 64 \
+    --out "$OUT/ab_pair_path_r64.md"
 fi
 if [[ " $steps " == *" fused "* ]]; then
   timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \

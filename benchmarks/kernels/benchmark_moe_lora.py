@@ -92,8 +92,14 @@ def parse_args() -> argparse.Namespace:
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
     p.add_argument("--pair-path-factor", type=float, default=None,
-                   help="moe_lora_config.SMALL_BATCH_PAIRS_FACTOR (default 8): the per-pair LoRA kernel, without "
+                   help="moe_lora_config.SMALL_BATCH_PAIRS_FACTOR (default 1): the per-pair LoRA kernel, without "
                         "the (adapter, expert) alignment, while pairs * factor <= experts * adapters")
+    p.add_argument("--pair-path-max-rank", type=int, default=None,
+                   help="moe_lora_config.SMALL_BATCH_WIDE_MAX_RANK (default 32): above it the per-pair path keeps "
+                        "upstream's factor 8")
+    p.add_argument("--wide-rank-pair-tiles", type=int, default=None, choices=[0, 1],
+                   help="moe_lora_config.WIDE_RANK_PAIR_TILES (default 1): the per-pair kernel's K tiles of 512 "
+                        "and 8 warps at ranks 32-64 (0: the tiles before)")
     p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1],
                    help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel)")
     return p.parse_args()
@@ -310,6 +316,12 @@ def main() -> None:
         from vllm.lora.ops.triton_ops import moe_lora_config
 
         moe_lora_config.SMALL_BATCH_PAIRS_FACTOR = args.pair_path_factor
+    for name, value in (("SMALL_BATCH_WIDE_MAX_RANK", args.pair_path_max_rank),
+                        ("WIDE_RANK_PAIR_TILES", args.wide_rank_pair_tiles)):
+        if value is not None:
+            from vllm.lora.ops.triton_ops import moe_lora_config
+
+            setattr(moe_lora_config, name, type(getattr(moe_lora_config, name))(value))
 
     peak = peak_bandwidth(device)
     print(f"device: {gpu}; dtype {args.dtype}; ranks {args.ranks}; adapters {args.num_loras}, tokens round-robin; "
@@ -341,7 +353,10 @@ def main() -> None:
         f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}"
         + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
         + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else "")
-        + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else ""), "",
+        + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else "")
+        + (f", SMALL_BATCH_WIDE_MAX_RANK={args.pair_path_max_rank}" if args.pair_path_max_rank is not None else "")
+        + (f", WIDE_RANK_PAIR_TILES={args.wide_rank_pair_tiles}" if args.wide_rank_pair_tiles is not None else ""),
+        "",
         results_table(rows), "",
         "Notes:",
         "- Timed: `quant_method.apply(layer, x, topk_weights, topk_ids, lora_context=...)` with routing precomputed; "

@@ -105,7 +105,7 @@ def align_once_table(args: argparse.Namespace, device: torch.device, flush: torc
             _same(getattr(base, f), getattr(ref_base, f), f"expert alignment {f}")
         for f in ("sorted_token_ids", "block_virtual_ids", "num_tokens_post_padded", "slot_padded_counts"):
             _same(getattr(lora, f), getattr(ref_lora, f), f"LoRA alignment {f}")
-        uses = (not use_pairwise_alignment(pairs, E) and not use_small_batch_path(pairs, E, L)
+        uses = (not use_pairwise_alignment(pairs, E) and not use_small_batch_path(pairs, E, L, QWEN3["rank"])
                 and one_pass_pays(block, lora_block))
         if timed:
             t = [time_cuda(fn, flush, args.reps, True)[0] for fn in (base_only, separate, one_pass)]

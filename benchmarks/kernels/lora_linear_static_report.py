@@ -13,10 +13,11 @@ global-memory round trips before the last store (``round_trips``).
 one round trip after it issues).
 
     PYTHONPATH=. python benchmarks/kernels/lora_linear_static_report.py [--width qwen3] [--rank 16] [--tokens 1 8]
-        [--moe] [--out report.md]
+        [--moe] [--moe-widths qwen3 mixtral gpt-oss] [--out report.md]
 
 ``--moe`` adds the MoE LoRA pair kernel (``moe_lora_pair_kernel``, the small-batch path of the w13 / w2
-LoRA) at one token, its heuristic tiles, as the engine launches it.
+LoRA) at one token, its heuristic tiles (and the tiles before ``moe_lora_config.WIDE_RANK_PAIR_TILES`` where
+they differ), as the engine launches it, at the ``--moe-widths`` (qwen3, mixtral, gpt-oss).
 
 Run without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
@@ -120,30 +121,48 @@ def compile_pair(dtype: torch.dtype, cfg, *, K: int, N: int, R: int, S: int, top
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def pair_rows(width: str, rank: int, dtype: torch.dtype) -> list[str]:
-    """``moe_lora_pair_kernel`` at one token (Qwen3-30B-A3B: 128 experts top-8, I = 768)."""
-    from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
+MOE_WIDTHS = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2), "gpt-oss": (2880, 2880, 32, 4)}
 
-    H, I, E, top_k = {"qwen3": (2048, 768, 128, 8)}[width]
+
+def pair_rows(width: str, rank: int, dtype: torch.dtype) -> list[str]:
+    """``moe_lora_pair_kernel`` at one token (``MOE_WIDTHS``: H, I, experts, top-k): its heuristic tiles, the
+    tiles before ``WIDE_RANK_PAIR_TILES`` where that switch changes them, and the prefetch kernel."""
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
     from vllm.lora.ops.triton_ops.fused_moe_lora import pair_prefetch_tiles
 
+    H, I, E, top_k = MOE_WIDTHS[width]
     rows = []
-    for (name, K, N, S, w2), prefetch in itertools.product(
-            (("w13 (gate, up)", H, I, 2, False), ("w2", I, H, 1, True)), (False, True)):
-        cfg = get_moe_lora_config("fused_moe_lora", num_pairs=top_k, num_experts=E, max_loras=4, rank=rank, K=K, N=N,
-                                  num_slices=S, dtype=dtype, use_tuned_config=False, device_name="cuda")
-        if prefetch:  # one BLOCK_N tile per program, A in K_TILES tiles, one stage
+    for (name, K, N, S, w2), variant in itertools.product(
+            (("w13 (gate, up)", H, I, 2, False), ("w2", I, H, 1, True)), ("pair", "pair, old tiles", "pair prefetch")):
+        def config():
+            return mc.get_moe_lora_config("fused_moe_lora", num_pairs=top_k, num_experts=E, max_loras=4, rank=rank,
+                                          K=K, N=N, num_slices=S, dtype=dtype, use_tuned_config=False,
+                                          device_name="cuda")
+        cfg = config()
+        if variant == "pair, old tiles":
+            saved, mc.WIDE_RANK_PAIR_TILES = mc.WIDE_RANK_PAIR_TILES, False
+            mc._cached_config.cache_clear()  # the configs are cached by shape
+            try:
+                old = config()
+            finally:
+                mc.WIDE_RANK_PAIR_TILES = saved
+                mc._cached_config.cache_clear()
+            if old == cfg:
+                continue
+            cfg = old
+        if variant == "pair prefetch":  # one BLOCK_N tile per program, A in K_TILES tiles, one stage
             bn, bk, _, warps = pair_prefetch_tiles(K, rank, N, False)
             cfg = dataclasses.replace(cfg, block_size_n=bn, block_size_k=bk, num_n_splits=-(-N // bn),
                                       num_warps=warps, num_stages=1)
-        k = compile_pair(dtype, cfg, K=K, N=N, R=rank, S=S, top_k=top_k, E=E, w2=w2, prefetch=prefetch)
+        k = compile_pair(dtype, cfg, K=K, N=N, R=rank, S=S, top_k=top_k, E=E, w2=w2,
+                         prefetch=variant == "pair prefetch")
         regs, spill = resources(k.asm["cubin"])
         sass = _sass(k.asm["cubin"])
         splits = max(1, min(cfg.num_n_splits, -(-N // cfg.block_size_n)))
         progs = top_k * S * splits
         a_bytes = progs * rank * K * torch.finfo(dtype).bits // 8
         tiles = f"{cfg.block_size_n} x {cfg.block_size_k}, {cfg.num_warps}, {splits}"
-        rows.append(f"| {name} | 1 | {'pair prefetch' if prefetch else 'pair'} | {tiles} | {regs} | "
+        rows.append(f"| {width} {name} | 1 | {variant} | {tiles} | {regs} | "
                     f"{spill} | {k.metadata.shared} | {progs} | {a_bytes / 1e6:.2f} MB | "
                     f"{round_trips(sass) if sass else '-'} |")
     return rows
@@ -167,7 +186,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 8])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--moe", action="store_true", help="also moe_lora_pair_kernel at one token (qwen3 width)")
+    p.add_argument("--moe", action="store_true", help="also moe_lora_pair_kernel at one token")
+    p.add_argument("--moe-widths", nargs="+", default=["qwen3"], choices=list(MOE_WIDTHS),
+                   help="the MoE widths of --moe (default qwen3)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -197,8 +218,8 @@ def main() -> None:
                 lines.append(f"| {name} | {T} | {kernel} | {cfg.block_n} x {cfg.block_k}, {cfg.num_warps}, {splits} | "
                              f"{regs} | {spill} | {shared} | {progs} | {a_bytes / 1e6:.2f} MB | {trips} |")
                 print(lines[-1], flush=True)
-    if args.moe and args.width in ("qwen3",):
-        for row in pair_rows(args.width, args.rank, dtype):
+    for width in args.moe_widths if args.moe else []:
+        for row in pair_rows(width, args.rank, dtype):
             lines.append(row)
             print(row, flush=True)
     text = "\n".join(lines) + "\n"

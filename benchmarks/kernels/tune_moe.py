@@ -256,7 +256,7 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
     mapping = (torch.arange(M, dtype=torch.int32) % L).to(t.device)
     enabled = torch.ones(L + 1, dtype=torch.int32, device=t.device)
     enabled[L] = 0
-    small = use_small_batch_path(pairs, E, L)
+    small = use_small_batch_path(pairs, E, L, R)
     a13, b13, a2, b2 = ly.lora[R]
     aligns: dict[int, object] = {}
     outs = {1: torch.zeros(pairs, 2 * ly.I, dtype=t.dtype, device=t.device),

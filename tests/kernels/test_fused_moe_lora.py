@@ -253,12 +253,17 @@ def test_intermediate_stays_fp32(device, dtype):
 
 
 def test_config_and_path_choice(tmp_path, monkeypatch):
-    assert use_small_batch_path(8, 128, 4) and use_small_batch_path(64, 128, 4)
-    assert not use_small_batch_path(65, 128, 4) and not use_small_batch_path(2, 4, 1)
+    # default (H200 A/B): per-pair while pairs <= experts * slots and pairs <= 512 (64 Qwen3 tokens x top-8)
+    assert use_small_batch_path(8, 128, 4, 16) and use_small_batch_path(512, 128, 4, 32)
+    assert use_small_batch_path(4, 4, 1, 16) and not use_small_batch_path(5, 4, 1, 16)
+    assert not use_small_batch_path(513, 128, 4, 16)
+    assert use_small_batch_path(512, 128, 16, 16) and not use_small_batch_path(513, 128, 16, 16)  # the cap
+    # above kernel rank 32 upstream's factor 8 (rank 64 lost on the wide path)
+    assert use_small_batch_path(64, 128, 4, 64) and not use_small_batch_path(65, 128, 4, 64)
     from vllm.lora.ops.triton_ops import moe_lora_config as mc
 
-    monkeypatch.setattr(mc, "SMALL_BATCH_PAIRS_FACTOR", 1)  # the knob benchmark_moe_lora --pair-path-factor sets
-    assert use_small_batch_path(512, 128, 4) and not use_small_batch_path(513, 128, 4)
+    monkeypatch.setattr(mc, "SMALL_BATCH_PAIRS_FACTOR", 8)  # the knob benchmark_moe_lora --pair-path-factor sets
+    assert use_small_batch_path(64, 128, 4, 16) and not use_small_batch_path(65, 128, 4, 16)
     monkeypatch.undo()
     common = dict(num_experts=128, max_loras=4, rank=16, K=2048, N=768, num_slices=2, dtype=BF16)
     for pairs in (8, 512, 32768):

@@ -79,7 +79,7 @@ def test_written_files_load_and_the_kernels_stay_correct(tuned_folder, device):
                 lb_ = [(torch.randn(L, E, key["N"], R, device=device) * R ** -0.5).to(dtype) for _ in range(S)]
                 mapping = (torch.arange(M, dtype=torch.int32) % L).to(device)
                 enabled = torch.tensor([1] * L + [0], dtype=torch.int32, device=device)
-                al = None if use_small_batch_path(pairs, E, L) else moe_lora_align_block_size(
+                al = None if use_small_batch_path(pairs, E, L, R) else moe_lora_align_block_size(
                     ti, mapping, num_experts=E, max_loras=L, block_size=cfg["BLOCK_SIZE_M"], adapter_enabled=enabled)
                 kw = dict(topk_ids=ti, topk_weights=tw, token_lora_mapping=mapping, adapter_enabled=enabled,
                           top_k_in=top_k_in, mul_routed_weight=not w13)

@@ -115,9 +115,11 @@ def test_token_kernel_key_and_default(monkeypatch):
     assert lora_linear_config(1, 2048, 4096, 32, 3, torch.bfloat16).token_kernel == 1
     assert lora_linear_config(1, 4096, 2048, 16, 1, torch.bfloat16).token_kernel == 1  # o: 2 tiles at rank 16
     assert lora_linear_config(1, 4096, 2048, 32, 1, torch.bfloat16).token_kernel == 2  # 4 tiles at rank 32
-    # rank 64: not yet timed on a GPU - the first kernel, on the token path up to 16 tokens only
-    assert lora_linear_config(1, 2048, 4096, 64, 3, torch.bfloat16).token_kernel == 0
+    # rank 64 (H200 A/B): split-K (the prefetch kernel's A spans 4 K tiles), the sorted path from 37.7M
+    assert lora_linear_config(1, 2048, 4096, 64, 3, torch.bfloat16).token_kernel == 2
+    assert lora_linear_config(16, 4096, 2048, 64, 1, torch.bfloat16).token_kernel == 2
     assert lora_linear_config(32, 2048, 4096, 64, 3, torch.bfloat16).token_path is False
+    assert lora_linear_config(1, 2048, 4096, 128, 3, torch.bfloat16).token_kernel == 0  # rank 128: not timed
     assert op.auto_token_kernel(1, 2048, 32) == 1 and op.auto_token_kernel(1, 4096, 32) == 2
     # above 16 tokens: the token path while T * R * S * (K + N) <= 20M, split-K above 32 tokens
     assert lora_linear_config(32, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 1

@@ -62,7 +62,7 @@ def _previous_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("M,slot_mode,disable", [(13, "mixed", None), (24, "one", None), (13, "mixed", 1)])
 def test_one_pass_equals_previous_path(M, slot_mode, disable, device, monkeypatch):
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: False)  # LoRA sorts
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)  # LoRA sorts
     h = _harness(device)
     if disable is not None:
         h.reset(disable)  # a removed adapter: its slot still mapped, adapter_enabled 0
@@ -83,7 +83,7 @@ def test_one_pass_equals_previous_path(M, slot_mode, disable, device, monkeypatc
 
 def test_one_pass_under_expert_parallelism(device, monkeypatch):
     """Two EP ranks (expert maps: other ranks' experts are -1): each aligns once, the ranks sum to the layer."""
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: False)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
     hs = [_harness(device, E=8, top_k=2, max_loras=2, seed=7, layer_kwargs=dict(ep_size=2, ep_rank=r))
           for r in range(2)]
     adapters = [hs[0].new_adapter(), hs[0].new_adapter(rank=8)]
@@ -105,7 +105,7 @@ def test_one_pass_under_expert_parallelism(device, monkeypatch):
 @pytest.mark.parametrize("case", ["small_batch", "no_adapter", "pairwise_base", "other_block"])
 def test_unchanged_where_it_does_not_apply(case, device, monkeypatch):
     small = case == "small_batch"
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: small)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: small)
     if case == "other_block":  # the base GEMMs on a larger block than the LoRA kernels: one pass is slower
         orig = fused_moe_gemm.get_two_gemm_configs
 

@@ -38,7 +38,7 @@ class Mxfp4Harness(Harness):
 @pytest.fixture(params=["sorted", "small_batch"])
 def lora_path(request, monkeypatch):
     small = request.param == "small_batch"
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: small)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: small)
     return request.param
 
 

@@ -39,7 +39,7 @@ def _ref(ex, x, logits, top_k, activation, adapters, slots):
 @pytest.fixture(params=["sorted", "small_batch"])
 def lora_path(request, monkeypatch):
     small = request.param == "small_batch"
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l: small)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: small)
     return request.param
 
 

@@ -196,7 +196,7 @@ class PunicaWrapperBase(StepMapping, ABC):
                config: Optional["MoELoRATileConfig"]) -> Any: ...
 
     @abstractmethod
-    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool: ...
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int, rank: int) -> bool: ...
 
     @abstractmethod
     def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
@@ -235,7 +235,8 @@ class PunicaWrapperBase(StepMapping, ABC):
         from vllm.lora.ops.moe_lora_align import MoELoRAAlignPlan
 
         num_pairs = x.shape[0] * ctx.top_k
-        if not num_pairs or self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras):
+        if not num_pairs or self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras,
+                                                 ctx.w13_lora_a_stacked[0].shape[2]):
             return None
         cfg = self._w13_config(ctx, x)
         assert cfg is not None  # a wrapper that sorts takes tile configs
@@ -269,7 +270,7 @@ class PunicaWrapperBase(StepMapping, ABC):
                              f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
                              f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
         if alignment is None and num_pairs and not self._use_small_batch(num_pairs, ctx.local_num_experts,
-                                                                          ctx.max_loras):
+                                                                          ctx.max_loras, lora_a[0].shape[2]):
             alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
                                     adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
         routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class PunicaWrapperCPU(PunicaWrapperBase):
     """Groups pairs by (slot, expert) with torch ops; no sorting step of its own."""
 
-    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool:
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int, rank: int) -> bool:
         return True  # the torch ops group pairs themselves
 
     def _config(self, op: str, **kw: Any) -> Optional["MoELoRATileConfig"]:

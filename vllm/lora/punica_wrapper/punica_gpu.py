@@ -60,10 +60,10 @@ class PunicaWrapperGPU(PunicaWrapperBase):
             return torch.cuda.get_device_name(self.device)
         return "cpu"
 
-    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int) -> bool:
+    def _use_small_batch(self, num_pairs: int, num_experts: int, max_loras: int, rank: int) -> bool:
         from vllm.lora.ops.triton_ops.moe_lora_config import use_small_batch_path
 
-        return use_small_batch_path(num_pairs, num_experts, max_loras)
+        return use_small_batch_path(num_pairs, num_experts, max_loras, rank)
 
     def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
                 num_slices: int, dtype: torch.dtype, use_tuned_config: bool) -> "MoELoRATileConfig":

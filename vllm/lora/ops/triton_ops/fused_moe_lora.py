@@ -19,8 +19,8 @@ Shapes (L = max_loras slots, E = local experts, R = max rank, zero-padded):
     expert_map: optional [E_global] int32 global -> local, -1 = not local
 
 ``alignment`` (from ``moe_lora_align_block_size``) selects the sorted path; without
-it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``; ``PAIR_KERNEL`` 1
-takes ``moe_lora_pair_prefetch_kernel`` for the fused op, off until timed).
+it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``); for the fused op at up
+to 8 pairs on slices narrower than Mixtral's, ``moe_lora_pair_prefetch_kernel`` (``auto_pair_kernel``).
 On the sorted path, ``config.shrink_split_k`` > 1 runs the fused op as two launches
 with the shrink split along K (``moe_lora_split.py``).
 Slices that are views of one buffer with a constant stride (the usual stacked
@@ -41,9 +41,28 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # the fused op's small-batch (per-pair) kernel: 0 = moe_lora_pair_kernel; 1 = moe_lora_pair_prefetch_kernel,
-# two dependent round trips instead of 8-9 (sm_90 compile; off until timed: benchmark_moe_lora --pair-kernel 1)
-PAIR_KERNEL = 0
+# two dependent round trips instead of 8-9; None = by shape (``auto_pair_kernel``).  H200 A/B
+# (benchmark_moe_lora.py --tokens 1 2 4 8 --pair-kernel 1, the whole layer with LoRA, us): Qwen3-30B-A3B 1 / 2
+# tokens 49.9 -> 46.1 / 75.1 -> 73.1, gpt-oss-20b 1 / 2 tokens 98.3 -> 89.5 / 145.5 -> 142.1; slower at 16 pairs
+# on gpt-oss (4 tokens 215.9 -> 226.5) and at Mixtral-8x7B's width (1 token 219.1 -> 280.6: every N tile of
+# its 28672 w13 columns reloads the slot's A)
+PAIR_KERNEL: Optional[int] = None
+_PAIR_PREFETCH_MAX_PAIRS = 8
+_PAIR_PREFETCH_MAX_KN = 1 << 25  # K * N elements of one slice's weights (gpt-oss w13: 16.6M; Mixtral: 117M)
+# above this rank A no longer fits one or two K tiles and the kernel compiles to a loop of round trips (sm_90
+# static report, rank 64: gpt-oss w13 / w2 37 / 35 trips vs 19 / 20 for moe_lora_pair_kernel)
+_PAIR_PREFETCH_MAX_RANK = 32
 _PAIR_PREFETCH_A_ELEMS = 32768  # elements of A in one K tile of the prefetch kernel (all of K up to 2048 at rank 16)
+
+
+def auto_pair_kernel(num_pairs: int, K: int, N: int, R: int) -> int:
+    """The small-batch path's kernel for ``num_pairs`` (token, expert) pairs, a K x N slice and rank R: the
+    prefetch kernel (1) up to ``_PAIR_PREFETCH_MAX_PAIRS`` pairs on slices of at most ``_PAIR_PREFETCH_MAX_KN``
+    elements at ranks up to ``_PAIR_PREFETCH_MAX_RANK``, else ``moe_lora_pair_kernel`` (0)."""
+    if PAIR_KERNEL is not None:
+        return PAIR_KERNEL
+    small = num_pairs <= _PAIR_PREFETCH_MAX_PAIRS and K * N <= _PAIR_PREFETCH_MAX_KN
+    return 1 if small and R <= _PAIR_PREFETCH_MAX_RANK else 0
 
 
 def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int, int, int]:
@@ -209,7 +228,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
-        elif do_shrink and do_expand and PAIR_KERNEL == 1:
+        elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
             from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
 
             bn, bk, k_tiles, warps = pair_prefetch_tiles(K, R, N, interp)

@@ -49,7 +49,10 @@ _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial produc
 # o 16.8-21.6 -> 5.6-6.3 split-K (prefetch 8.1-9.8: its A spans 4 K tiles there)
 TOKEN_KERNEL: Optional[int] = None
 _PREFETCH_MAX_K_TILES = 2  # more K tiles of A than this: the split-K pair beats the prefetch kernel
-_VARIANT_MAX_RANK = 32  # the variants were timed at ranks 16 and 32 (gpu_check.sh variants times 64 next)
+# the variants were timed at ranks 16, 32 and 64 (H200, --token-variant --rank 64, qwen3 width, us: split-K
+# qkv 1 / 16 tokens 7.4 / 12.2 vs the first kernel 23.0 / 49.8 and the sorted path 13.0 / 15.4; o 6.7 / 8.4 vs
+# 170 / 693 and 18.4 / 18.6; at rank 64 the prefetch kernel's A spans 4 K tiles, so split-K is chosen)
+_VARIANT_MAX_RANK = 64
 _PREFETCH_MAX_TOKENS = 32  # above: the split-K pair (H200, rank 16, 64 tokens: o 8.9 -> 7.9 us, qkv 11.9 -> 11.4)
 # above SMALL_BATCH_TOKENS the token path's variants (not kernel 0) stay while T * R * S * (K + N), the A and B
 # elements they read from L2 (once per token), is at most this; the sorted kernel costs 12-22 us at every size

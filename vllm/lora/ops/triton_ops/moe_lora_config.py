@@ -36,20 +36,40 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 __all__ = ["MoELoRATileConfig", "get_moe_lora_config", "rank_block", "use_small_batch_path"]
 
 
-# the per-pair kernel (no (adapter, expert) alignment) while num_pairs * this <= experts * slots; upstream's 8.
-# At 16-64 Qwen3-30B-A3B tokens (4 slots) most (adapter, expert) groups hold 1-2 pairs, so sorting buys
-# little and its alignment costs ~15 us a layer (H200 profile, 64 tokens): benchmark_moe_lora.py
-# --pair-path-factor 1 times the per-pair kernel up to 64 tokens there, to decide this
-SMALL_BATCH_PAIRS_FACTOR = 8
+# the per-pair kernel (no (adapter, expert) alignment) while num_pairs * this <= experts * slots (upstream: 8)
+# and num_pairs <= SMALL_BATCH_MAX_PAIRS, at kernel ranks up to SMALL_BATCH_WIDE_MAX_RANK (above: upstream's 8).  At 16-64 Qwen3-30B-A3B tokens (4 slots) most (adapter, expert) groups
+# hold 1-2 pairs, so sorting buys little and its alignment costs more.  H200 A/B (benchmark_moe_lora.py --tokens
+# 8 16 32 64 --pair-path-factor 1, the whole layer with LoRA, us): Qwen3 16 / 32 / 64 tokens 248.5 -> 233.7 /
+# 320.4 -> 303.7 / 374.8 -> 343.1; gpt-oss-20b 8 / 16 / 32 tokens 284.5 -> 276.2 / 374.3 -> 362.4 / 450.5 ->
+# 438.8; Mixtral-8x7B 8 tokens 727.1 -> 651.0, 16 tokens 728.3 -> 742.6
+SMALL_BATCH_PAIRS_FACTOR = 1
+SMALL_BATCH_MAX_PAIRS = 512  # the most pairs timed on that path (Qwen3, 64 tokens x top-8)
+# rank 64 on the wide per-pair path lost (H200, benchmark_moe_lora.py --ranks 64, whole layer with LoRA vs the
+# same LoRA as separate launches: Qwen3 16 / 64 tokens 468.7 / 1147.2 us vs 301.3 / 531.7): every N split of the
+# fused per-pair kernel redoes the shrink, 4x longer at rank 64.  The engine's rank-16 adapters run w13 at kernel
+# rank 32 (peft doubles gate_up), where the wide path took the decode step with LoRA from 3.68 / 5.49 ms to
+# 3.44 / 5.15 ms at batch 16 / 64 (benchmark_decode.py, async)
+SMALL_BATCH_WIDE_MAX_RANK = 32
+_UPSTREAM_PAIRS_FACTOR = 8
 
 
-def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int) -> bool:
+# the per-pair kernel's tiles at kernel ranks 32 and 64: K tiles of 512 (not 8192 / BLOCK_R) and 8 warps.  sm_90
+# static report (ptxas, dependent global-memory round trips of one program; benchmarks/kernels/
+# lora_linear_static_report.py --moe --moe-widths qwen3 mixtral gpt-oss --rank 64): the old tiles compile the K loop into one round trip per tile or
+# worse - rank 64: Qwen3-30B-A3B w13 103 -> 9 trips, Mixtral-8x7B w13 / w2 97 / 617 -> 22 / 58; rank 32: Qwen3
+# w13 15 -> 8, gpt-oss-20b w13 / w2 80 / 88 -> 10 / 11; no spills.  The H200 figures of the old tiles: Mixtral
+# rank 64, 1 token, LoRA 794.7 us over a base of 186.5.  Not yet timed (gpu_check.sh variants)
+WIDE_RANK_PAIR_TILES = True
+
+
+def use_small_batch_path(num_pairs: int, num_experts: int, max_loras: int, rank: int) -> bool:
     """True when the pairs are so few that sorting would only make padding (FACTS.md section 4).
 
     The per-pair kernel also handles ``expert_map``, so unlike upstream it is
     not excluded under expert parallelism.
     """
-    return num_pairs * SMALL_BATCH_PAIRS_FACTOR <= num_experts * max_loras
+    factor = SMALL_BATCH_PAIRS_FACTOR if rank <= SMALL_BATCH_WIDE_MAX_RANK else _UPSTREAM_PAIRS_FACTOR
+    return num_pairs * factor <= num_experts * max_loras and num_pairs <= SMALL_BATCH_MAX_PAIRS
 
 
 def rank_block(rank: int) -> int:
@@ -84,7 +104,7 @@ def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, ran
     n_cap = next_power_of_2(max(N, 16))
     k_cap = next_power_of_2(max(K, 16))
     warps, stages = 4, 3
-    if use_small_batch_path(num_pairs, num_experts, max_loras):
+    if use_small_batch_path(num_pairs, num_experts, max_loras, rank):
         # Per-pair kernel: a [BLOCK_R, BLOCK_K] fp32 partial-product tile and [BLOCK_N, BLOCK_R] B tiles.
         block_m = 16
         block_k = min(8192 // block_r, 512, k_cap)
@@ -94,6 +114,8 @@ def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, ran
         # shrink (K=H) recomputed by every split makes fewer splits better.
         target = 256 if N > K else 128
         warps = 8 if N > K else 4
+        if WIDE_RANK_PAIR_TILES and 32 <= block_r <= 64:
+            block_k, warps, stages = min(512, k_cap), 8, 2
     else:
         groups = num_experts * max_loras
         avg = num_pairs / groups
