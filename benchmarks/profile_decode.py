@@ -12,14 +12,19 @@ wall time per step, and the top kernels by GPU time (calls per step, us per call
 
 ``--prefill``: the batch's prefill steps instead (one unprofiled prefill first, prefix caching off), for
 the prefill rate of issue 10 goal 3; prefills run eagerly in both modes, so ``--modes eager`` suffices.
+``--host-top N``: also run each case once more under cProfile and list the N Python functions with the most
+own (host) time per step - where an eager step's host time goes; a device sync shows as the own time of
+``item`` / ``tolist`` / ``cpu`` / ``synchronize`` (the host waiting for the GPU).
     (--preset tiny on a CPU: a smoke run; it lists CPU operators instead of kernels)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import os
+import pstats
 import sys
 import time
 from collections import defaultdict
@@ -112,6 +117,21 @@ def _summarise(prof, steps: int, top: int) -> tuple[str, dict]:
     return "\n".join(lines), {"launches": count / steps, "busy_us": busy / steps}
 
 
+def _host_table(hp: cProfile.Profile, steps: int, top: int) -> str:
+    """Markdown lines of the ``top`` functions by own host time per step (cProfile)."""
+    stats = pstats.Stats(hp).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    lines = [f"host: {total / steps * 1e3:.2f} ms of Python own time / step (cProfile; its overhead included)", "",
+             "| function | calls / step | own us / step | cumulative us / step |", "|---|---:|---:|---:|"]
+    for (file, line, name), (_, calls, own, cum, _) in rows:
+        where = name if file == "~" else f"{os.path.relpath(file) if file.startswith(os.getcwd()) else os.path.basename(file)}:{line} {name}"
+        where = where if len(where) <= 100 else "..." + where[-97:]
+        lines.append(f"| `{where.replace('|', '/')}` | {calls / steps:.1f} | {own / steps * 1e6:.0f} | "
+                     f"{cum / steps * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
 def _engine(model_dir: str, common: dict, **kw):
     from vllm import LLM
 
@@ -133,6 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trace-dir", default=None, help="also export a Chrome trace per case here")
     p.add_argument("--prefill", action="store_true",
                    help="profile the batch's prefill steps (after one unprofiled prefill) instead of decode steps")
+    p.add_argument("--host-top", type=int, default=0,
+                   help="also list the N functions with the most host time per step (one more run under cProfile)")
     p.add_argument("--out", default=None, help="write the markdown report here")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -182,6 +204,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                f"{tot['busy_us'] / 1e3:.2f} ms | {host * 1e3:.2f} ms |")
                 details += [f"## {name}", "", f"{tot['launches']:.0f} {unit} / step, busy "
                             f"{tot['busy_us'] / 1e3:.2f} ms / step, host wall {host * 1e3:.2f} ms / step", "", table, ""]
+                if a.host_top > 0:
+                    hp = cProfile.Profile()
+                    if a.prefill:
+                        _, hn = _drive_prefill(llm.llm_engine, prompts[:b], loras, hp)
+                    else:
+                        hn = a.steps
+                        _drive(llm.llm_engine, prompts[:b], loras, a.steps, hp)
+                    details += [_host_table(hp, hn, a.host_top), ""]
                 print(f"  {name}: {tot['launches']:.0f} {unit}/step, busy {tot['busy_us'] / 1e3:.2f} ms, "
                       f"wall {host * 1e3:.2f} ms", flush=True)
             llm.llm_engine.shutdown()
