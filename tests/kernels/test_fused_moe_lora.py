@@ -252,6 +252,54 @@ def test_intermediate_stays_fp32(device, dtype):
         assert_close(out.double() - start.double(), delta.double().to(device), dtype, name="delta")
 
 
+def test_a_layers_w13_and_w2_take_one_path(monkeypatch):
+    """The path is decided once per layer, at the larger kernel rank of w13 and w2, and both ops' tiles
+    follow it: w13 at rank 64 and w2 at rank 32 over 512 pairs (64 Qwen3 tokens) sort (factor 8 above rank
+    32), so w2 gets the sorted path's tiles, not the per-pair ones its own rank would pick."""
+    from types import SimpleNamespace
+
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    def stacked(rank):
+        return (torch.empty(4, 128, rank, 8),)
+
+    punica = PunicaWrapperGPU(64, 4, torch.device("cpu"))
+    ctx = SimpleNamespace(w13_lora_a_stacked=stacked(64), w2_lora_a_stacked=stacked(32), local_num_experts=128,
+                          max_loras=4)
+    assert not punica._small_batch(ctx, 512) and punica._small_batch(ctx, 64)
+    ctx.w13_lora_a_stacked = stacked(32)
+    assert punica._small_batch(ctx, 512)
+    ctx.w2_lora_a_stacked = stacked(64)  # either op's rank counts
+    assert not punica._small_batch(ctx, 512)
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
+
+    monkeypatch.setattr(mc, "triton_interpreting", lambda: False)  # the GPU heuristic's tiles
+    mc._cached_config.cache_clear()
+    common = dict(num_pairs=512, num_experts=128, max_loras=4, rank=32, K=768, N=2048, num_slices=1, dtype=BF16,
+                  use_tuned_config=False, device_name="NVIDIA H200")
+    own = get_moe_lora_config("fused_moe_lora_w2", **common)  # rank 32 alone: the per-pair path's tiles
+    forced = get_moe_lora_config("fused_moe_lora_w2", small_batch=False, **common)
+    assert (own.block_size_k, own.num_warps) == (512, 8) and forced.block_size_k == 128
+    assert get_moe_lora_config("fused_moe_lora_w2", small_batch=True, **common) == own
+    mc._cached_config.cache_clear()
+    # add_lora_w2 asks for the tiles of the path w13 took (its routing), not its own rank's
+    from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
+
+    asked = []
+    monkeypatch.setattr(punica, "_config", lambda op, **kw: asked.append((op, kw["small_batch"])))
+    monkeypatch.setattr(punica, "_fused", lambda *a, **kw: None)
+    ctx.w2_lora_b_stacked, ctx.use_tuned_config, ctx.fully_sharded, ctx.tp_size = (torch.empty(4, 128, 16, 32),), \
+        False, False, 1
+    ctx.adapter_enabled = torch.ones(5, dtype=torch.int32)
+    for alignment, small in ((object(), False), (None, True)):
+        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=torch.zeros(8, dtype=torch.int32),
+                                 num_pairs=8)
+        punica.add_lora_w2(torch.zeros(8, 16), torch.zeros(8, 8), ctx, routing=routing,
+                           topk_ids=torch.zeros(8, 1, dtype=torch.int32), topk_weights=torch.ones(8, 1),
+                           mul_routed_weight=True)
+        assert asked.pop() == ("fused_moe_lora_w2", small)
+
+
 def test_config_and_path_choice(tmp_path, monkeypatch):
     # default (H200 A/B): per-pair while pairs <= experts * slots and pairs <= 512 (64 Qwen3 tokens x top-8)
     assert use_small_batch_path(8, 128, 4, 16) and use_small_batch_path(512, 128, 4, 32)

@@ -200,8 +200,10 @@ class PunicaWrapperBase(StepMapping, ABC):
 
     @abstractmethod
     def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
-                num_slices: int, dtype: torch.dtype, use_tuned_config: bool) -> Optional["MoELoRATileConfig"]:
-        """The tile config of one MoE LoRA launch, or None when the compute takes none (torch)."""
+                num_slices: int, dtype: torch.dtype, use_tuned_config: bool,
+                small_batch: Optional[bool] = None) -> Optional["MoELoRATileConfig"]:
+        """The tile config of one MoE LoRA launch, or None when the compute takes none (torch);
+        ``small_batch``: the path the launch takes, when decided (None: by this op's shape)."""
 
     @abstractmethod
     def _fused(self, out, x, lora_a, lora_b, **kw) -> None: ...
@@ -221,12 +223,19 @@ class PunicaWrapperBase(StepMapping, ABC):
             raise ValueError(f"token_lora_mapping has {ctx.token_lora_mapping.shape[0]} entries for {M} rows")
         return ctx.token_lora_mapping
 
+    def _small_batch(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
+        """The layer's LoRA path (w13 and w2 take the same one): the per-pair kernels, without the (adapter,
+        expert) alignment, or the sorted path; decided at the larger of the two ops' kernel ranks."""
+        rank = max(ctx.w13_lora_a_stacked[0].shape[2], ctx.w2_lora_a_stacked[0].shape[2])
+        return self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras, rank)
+
     def _w13_config(self, ctx: "MoELoRAContext", x: torch.Tensor) -> Optional["MoELoRATileConfig"]:
         lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
-        return self._config("fused_moe_lora_w13", num_pairs=x.shape[0] * ctx.top_k,
+        num_pairs = x.shape[0] * ctx.top_k
+        return self._config("fused_moe_lora_w13", num_pairs=num_pairs,
                             num_experts=ctx.local_num_experts, max_loras=ctx.max_loras, rank=lora_a[0].shape[2],
                             K=x.shape[1], N=lora_b[0].shape[2], num_slices=ctx.w13_num_slices, dtype=x.dtype,
-                            use_tuned_config=ctx.use_tuned_config)
+                            use_tuned_config=ctx.use_tuned_config, small_batch=self._small_batch(ctx, num_pairs))
 
     def moe_lora_align_plan(self, x: torch.Tensor, ctx: "MoELoRAContext") -> Optional["MoELoRAAlignPlan"]:
         """The (adapter, expert) alignment ``add_lora_w13(y, x, ctx, ...)`` would make (its sorted path),
@@ -235,8 +244,7 @@ class PunicaWrapperBase(StepMapping, ABC):
         from vllm.lora.ops.moe_lora_align import MoELoRAAlignPlan
 
         num_pairs = x.shape[0] * ctx.top_k
-        if not num_pairs or self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras,
-                                                 ctx.w13_lora_a_stacked[0].shape[2]):
+        if not num_pairs or self._small_batch(ctx, num_pairs):
             return None
         cfg = self._w13_config(ctx, x)
         assert cfg is not None  # a wrapper that sorts takes tile configs
@@ -269,8 +277,7 @@ class PunicaWrapperBase(StepMapping, ABC):
             raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
                              f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
                              f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
-        if alignment is None and num_pairs and not self._use_small_batch(num_pairs, ctx.local_num_experts,
-                                                                          ctx.max_loras, lora_a[0].shape[2]):
+        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
             alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
                                     adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
         routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
@@ -307,7 +314,8 @@ class PunicaWrapperBase(StepMapping, ABC):
         h_b = lora_b[0].shape[2]
         cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
                            max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=h_b,
-                           num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config)
+                           num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config,
+                           small_batch=routing.alignment is None)  # w13's path
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
                   adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
                   alignment=routing.alignment, config=cfg)

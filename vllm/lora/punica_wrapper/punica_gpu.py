@@ -66,12 +66,14 @@ class PunicaWrapperGPU(PunicaWrapperBase):
         return use_small_batch_path(num_pairs, num_experts, max_loras, rank)
 
     def _config(self, op: str, *, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
-                num_slices: int, dtype: torch.dtype, use_tuned_config: bool) -> "MoELoRATileConfig":
+                num_slices: int, dtype: torch.dtype, use_tuned_config: bool,
+                small_batch: Optional[bool] = None) -> "MoELoRATileConfig":
         from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
 
         return get_moe_lora_config(op, num_pairs=num_pairs, num_experts=num_experts, max_loras=max_loras,
                                    rank=rank, K=K, N=N, num_slices=num_slices, dtype=dtype,
-                                   use_tuned_config=use_tuned_config, device_name=self._device_name())
+                                   use_tuned_config=use_tuned_config, device_name=self._device_name(),
+                                   small_batch=small_batch)
 
     def _align(self, topk_ids: torch.Tensor, mapping: torch.Tensor, *, num_experts: int, max_loras: int,
                adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor],

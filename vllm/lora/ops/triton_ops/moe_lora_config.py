@@ -94,7 +94,7 @@ def _interpreter_config(num_pairs: int, K: int, N: int) -> MoELoRATileConfig:
 
 
 def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
-                num_slices: int) -> MoELoRATileConfig:
+                num_slices: int, small_batch: Optional[bool] = None) -> MoELoRATileConfig:
     """Heuristic fitted to a sweep on an H200 (Qwen3-30B-A3B shapes, R=16, 4 adapters, cold L2).
 
     Both kernels are memory/latency bound: few programs at decode need N-splits;
@@ -104,7 +104,7 @@ def _gpu_config(kind: str, num_pairs: int, num_experts: int, max_loras: int, ran
     n_cap = next_power_of_2(max(N, 16))
     k_cap = next_power_of_2(max(K, 16))
     warps, stages = 4, 3
-    if use_small_batch_path(num_pairs, num_experts, max_loras, rank):
+    if use_small_batch_path(num_pairs, num_experts, max_loras, rank) if small_batch is None else small_batch:
         # Per-pair kernel: a [BLOCK_R, BLOCK_K] fp32 partial-product tile and [BLOCK_N, BLOCK_R] B tiles.
         block_m = 16
         block_k = min(8192 // block_r, 512, k_cap)
@@ -149,6 +149,7 @@ def get_moe_lora_config(
     use_tuned_config: bool,
     device_name: str,
     num_tokens: Optional[int] = None,
+    small_batch: Optional[bool] = None,
 ) -> MoELoRATileConfig:
     """Tile config of one MoE LoRA launch.
 
@@ -158,6 +159,8 @@ def get_moe_lora_config(
     num_pairs: M * top_k. num_experts: E_local. rank: max LoRA rank R.
     K: shrink reduction size (H for w13, I_part for w2). N: columns of one slice.
     num_tokens: the token count to look up in a tuned table (default num_pairs).
+    small_batch: the path the launch takes (True: the per-pair kernel, False: sorted), when the caller has
+        decided it (a layer's w13 and w2 take one path); None: ``use_small_batch_path`` at this op's rank.
     device_name: e.g. torch.cuda.get_device_name(); "cpu" selects interpreter tiles.
     """
     del dtype  # the heuristic is the same for bf16/fp16/fp32 so far
@@ -165,17 +168,17 @@ def get_moe_lora_config(
     tuned_folder = envs.VLLM_TUNED_CONFIG_FOLDER if use_tuned_config else None  # part of the cache key
     return _cached_config(op, int(num_pairs), int(num_experts), int(max_loras), int(rank), int(K), int(N),
                           int(num_slices), use_tuned_config, device_name,
-                          int(num_pairs if num_tokens is None else num_tokens), interp, tuned_folder)
+                          int(num_pairs if num_tokens is None else num_tokens), interp, tuned_folder, small_batch)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_config(op: str, num_pairs: int, num_experts: int, max_loras: int, rank: int, K: int, N: int,
                    num_slices: int, use_tuned_config: bool, device_name: str, num_tokens: int, interp: bool,
-                   tuned_folder: Optional[str]) -> MoELoRATileConfig:
+                   tuned_folder: Optional[str], small_batch: Optional[bool]) -> MoELoRATileConfig:
     if interp:
         cfg = _interpreter_config(num_pairs, K, N)
     else:
-        cfg = _gpu_config(_op_kind(op), num_pairs, num_experts, max_loras, rank, K, N, num_slices)
+        cfg = _gpu_config(_op_kind(op), num_pairs, num_experts, max_loras, rank, K, N, num_slices, small_batch)
     if use_tuned_config:
         from vllm.kernel_configs.tile_config import tuned_tiles
 
