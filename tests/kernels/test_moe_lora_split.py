@@ -139,7 +139,19 @@ def test_split_candidates_launch_configs():
     assert space.split_candidates(heur, K=16, N=768, splits=[2, 4]) == []  # one K tile: nothing to split
 
 
-def test_tune_smoke_times_the_split_variant(tmp_path, device, poisoned_partials):
+@pytest.fixture
+def upstream_pairs_factor(monkeypatch):
+    """The smoke shapes (9 tokens, top-2, 8 experts, 4 adapters: 18 pairs) on the sorted path, as with
+    upstream's per-pair factor 8 (the default, 1, takes them per pair); tile configs recomputed."""
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
+
+    monkeypatch.setattr(mc, "SMALL_BATCH_PAIRS_FACTOR", 8)
+    mc._cached_config.cache_clear()
+    yield
+    mc._cached_config.cache_clear()
+
+
+def test_tune_smoke_times_the_split_variant(tmp_path, device, poisoned_partials, upstream_pairs_factor):
     from benchmarks.kernels import tune_moe
 
     if device.type == "cuda":
@@ -154,7 +166,8 @@ def test_tune_smoke_times_the_split_variant(tmp_path, device, poisoned_partials)
             MoELoRATileConfig.from_json(entry, source=str(f))
 
 
-def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, poisoned_partials):
+def test_benchmark_flag_forces_the_split_on_the_fused_ops(device, monkeypatch, poisoned_partials,
+                                                          upstream_pairs_factor):
     import benchmarks.kernels.benchmark_moe_lora as lb
     from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
     from vllm.lora.ops.triton_ops import moe_lora_config as mc
