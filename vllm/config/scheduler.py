@@ -5,6 +5,24 @@ from dataclasses import dataclass
 from typing import Optional
 
 _DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+_LARGE_GPU_MAX_NUM_BATCHED_TOKENS = 16384  # vLLM's default for the offline LLM class on a large GPU
+_LARGE_GPU_BYTES = 70 * 2**30
+
+
+def default_max_num_batched_tokens(usage_context: Optional[str], tensor_parallel_size: int) -> int:
+    """vLLM's step-size default by use: the offline ``LLM`` class on one GPU of >= 70 GiB other than an
+    A100 (H100, H200, ...) gets 16384 tokens a step, everything else 8192 (vLLM gives its API server 8192
+    on such GPUs; on smaller ones it gives 2048 with chunked prefill, which this engine does not have, so
+    8192 stays).  With tensor parallelism the device is not queried (the workers are forked before CUDA
+    starts), so 8192."""
+    if usage_context == "llm_class" and tensor_parallel_size == 1:
+        from vllm.platforms import current_platform
+
+        platform = current_platform()
+        if (platform.is_cuda() and platform.total_memory() >= _LARGE_GPU_BYTES
+                and "a100" not in platform.device_name().lower()):
+            return _LARGE_GPU_MAX_NUM_BATCHED_TOKENS
+    return _DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 from vllm.config.cache import CacheConfig
 from vllm.config.lora import LoRAConfig
 from vllm.config.model import ModelConfig
-from vllm.config.scheduler import SchedulerConfig
+from vllm.config.scheduler import SchedulerConfig, default_max_num_batched_tokens
 
 
 @dataclass
@@ -42,6 +42,9 @@ class EngineArgs:
     # queue decode step n+1 before reading step n's tokens (vllm.engine.async_scheduling); None = on with one CUDA
     # GPU (vLLM's default since 0.14), off on CPU and with tensor_parallel_size > 1
     async_scheduling: Optional[bool] = None
+    # who builds the engine (vLLM's UsageContext): "llm_class" (set by ``LLM``), "openai_api_server"
+    # (``vllm serve``) or None; it picks the default max_num_batched_tokens (config/scheduler.py)
+    usage_context: Optional[str] = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineArgs":
@@ -52,6 +55,8 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
     def create_configs(self) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, Optional[LoRAConfig]]:
+        if self.usage_context not in (None, "llm_class", "openai_api_server"):
+            raise ValueError(f"usage_context must be None, 'llm_class' or 'openai_api_server', got {self.usage_context!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
@@ -70,7 +75,8 @@ class EngineArgs:
         if self.enable_lora:
             lora_config = LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                                      max_cpu_loras=self.max_cpu_loras, fully_sharded_loras=self.fully_sharded_loras)
-        batched = self.max_num_batched_tokens or max(8192, model_config.max_model_len)
+        batched = self.max_num_batched_tokens or max(
+            default_max_num_batched_tokens(self.usage_context, self.tensor_parallel_size), model_config.max_model_len)
         scheduler_config = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                            max_model_len=model_config.max_model_len,
                                            max_loras=self.max_loras if self.enable_lora else None)

@@ -52,7 +52,9 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineArgs.from_kwargs(model, **kwargs))
+        args = EngineArgs.from_kwargs(model, **kwargs)
+        args.usage_context = "llm_class"  # vLLM's defaults for offline use (a bigger step on a large GPU)
+        self.llm_engine = LLMEngine(args)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Any:

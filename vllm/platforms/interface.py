@@ -41,6 +41,10 @@ class Platform:
     def device_name(self) -> str:
         raise NotImplementedError
 
+    def total_memory(self) -> int:
+        """Bytes of memory of device 0 (0 when unknown)."""
+        return 0
+
 
 class CudaPlatform(Platform):
     def __init__(self) -> None:
@@ -51,6 +55,9 @@ class CudaPlatform(Platform):
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
+
+    def total_memory(self) -> int:
+        return int(torch.cuda.get_device_properties(0).total_memory)
 
 
 class CpuPlatform(Platform):

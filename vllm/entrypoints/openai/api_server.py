@@ -239,6 +239,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
                       dtype=args.dtype, seed=args.seed,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                      usage_context="openai_api_server",
                       enable_prefix_caching=args.enable_prefix_caching,
                       gpu_memory_utilization=args.gpu_memory_utilization,
                       tensor_parallel_size=args.tensor_parallel_size, enable_lora=args.enable_lora,
