@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from vllm.platforms.host_copy import to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -79,10 +81,10 @@ def build_metadata(query_lens: Sequence[int], seq_lens: Sequence[int], block_tab
     tables = tables.view(len(block_tables), width)
     dev = torch.device(device)
     return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=dev),
-        slot_mapping=torch.tensor(list(slot_mapping), dtype=torch.int64, device=dev),
-        block_tables=tables.to(dev),
+        query_start_loc=to_device(starts, torch.int32, dev),
+        seq_lens=to_device(list(seq_lens), torch.int32, dev),
+        slot_mapping=to_device(list(slot_mapping), torch.int64, dev),
+        block_tables=to_device(tables, torch.int32, dev),
         query_lens_cpu=list(query_lens), seq_lens_cpu=list(seq_lens), block_size=block_size)
 
 

@@ -124,12 +124,19 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(is_prefill=True, adapter_memo=self.adapter_memo)
-        self._schedule_prefills(out)
+        out = self.schedule_prefills()
         if out.scheduled_seqs:
             return out
         out.is_prefill = False
         self._schedule_decodes(out)
+        return out
+
+    def schedule_prefills(self) -> SchedulerOutput:
+        """The prefill half of ``schedule``: waiting sequences that fit now (too long ones come back as
+        ``ignored_seqs``); the running ones are left alone, so async scheduling may call it while a step
+        of theirs is queued and its tokens are not recorded yet."""
+        out = SchedulerOutput(is_prefill=True, adapter_memo=self.adapter_memo)
+        self._schedule_prefills(out)
         return out
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:

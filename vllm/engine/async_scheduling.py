@@ -15,6 +15,19 @@ calls ``advance``, which
 
 Each ``step()`` call thus returns the outputs of one batch, in order, as without async scheduling.
 
+Prefills are queued too, when prompts wait for several prefill steps (a batch larger than
+max_num_batched_tokens, a burst of requests): ``start`` queues a prefill batch when another may follow
+it, and while a prefill step is pending the engine calls ``Scheduler.schedule_prefills`` (waiting
+sequences only; the pending ones are left alone) and hands the batch to ``advance``, which queues it
+(``queue_prefill``) before reading the pending step's tokens.  A prefill's inputs are its prompt, so
+nothing it needs is on the device only; the host work between prefill steps (recording tokens, outputs,
+scheduling, building the inputs) then overlaps the device (the inputs are copied without a device
+synchronisation: ``vllm.platforms.host_copy``).  A prefill that needs its prompt logprobs, or any
+sequence that cannot be chained (below), runs synchronously.  After a prefill, the scheduler decides the
+next decode batch; after a decode step, prompts that arrive wait for the pending step (as before).
+Prefix-cache blocks are registered when a step's tokens are recorded, so a queued prefill computes a
+prefix that the pending step is computing instead of sharing it (same tokens).
+
 Why the outputs are those of the synchronous engine:
 
 * A chained batch is what ``Scheduler.schedule`` would return next if nothing arrived meanwhile,
@@ -86,6 +99,13 @@ def chain_blocker(seq: Sequence) -> Optional[str]:
     return None
 
 
+def prefill_blocker(seq: Sequence) -> Optional[str]:
+    """Why ``seq``'s prefill cannot be queued with its tokens left on the device (None: it can)."""
+    if seq.sampling_params.prompt_logprobs is not None:
+        return "prompt logprobs"
+    return chain_blocker(seq)
+
+
 def _restore(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
     for gen, state in states:
         gen.set_state(state)
@@ -102,6 +122,7 @@ class AsyncScheduling:
         self.device = device
         self.pending: Optional[PendingStep] = None
         self.chained_steps = 0  # steps launched before their predecessor's tokens were read (tests, logs)
+        self.queued_prefills = 0  # prefill steps queued (by ``start`` or ``queue_prefill``; tests, logs)
 
     def prefill_may_come(self) -> bool:
         """Whether the scheduler may take a waiting sequence next (then the chain must end)."""
@@ -111,9 +132,13 @@ class AsyncScheduling:
         return len(sched.running) < sched.config.max_num_seqs or sched.waiting[0].num_tokens > sched.max_model_len
 
     def can_start(self, out: SchedulerOutput) -> bool:
-        """Whether ``out`` (just scheduled) may be queued as the first step of a chain."""
-        return (not out.is_empty and not out.is_prefill and not self.prefill_may_come()
-                and all(q == 1 for q in out.query_lens)
+        """Whether ``out`` (just scheduled) may be queued as the first step of a chain: a decode batch
+        when no prefill may come next, or a prefill batch when another prefill may follow it."""
+        if out.is_empty:
+            return False
+        if out.is_prefill:
+            return self.prefill_may_come() and all(prefill_blocker(s) is None for s in out.scheduled_seqs)
+        return (not self.prefill_may_come() and all(q == 1 for q in out.query_lens)
                 and all(chain_blocker(s) is None for s in out.scheduled_seqs))
 
     def start(self, out: SchedulerOutput) -> bool:
@@ -123,6 +148,14 @@ class AsyncScheduling:
             raise RuntimeError("a step is already pending; advance() first")
         if not self.can_start(out):
             return False
+        self.pending = self._queue(out)
+        if self.pending is not None and out.is_prefill:
+            self.queued_prefills += 1
+        return self.pending is not None
+
+    def _queue(self, out: SchedulerOutput) -> Optional[PendingStep]:
+        """Launch ``out`` (host input ids); None, with its seeded draws undone, when that fails: the
+        synchronous path then runs it and pins the failure down to requests."""
         states = generator_states(out.scheduled_seqs, self.device)
         try:
             tokens = self.runner.launch(out)
@@ -131,19 +164,35 @@ class AsyncScheduling:
                 raise
             _restore(states)
             logger.debug("async scheduling: queueing a step failed (%r); it runs synchronously", exc)
-            return False
-        self.pending = PendingStep(out, tokens, states)
-        return True
+            return None
+        return PendingStep(out, tokens, states)
 
-    def advance(self, execute: Execute) -> Results:
+    def queue_prefill(self, out: SchedulerOutput) -> Optional[PendingStep]:
+        """A prefill batch scheduled while a step is pending (``Scheduler.schedule_prefills``: new
+        sequences only, whose inputs are their prompts), launched now; None when it must run
+        synchronously (a sequence needs its tokens on the host, or the launch failed)."""
+        if out.is_empty or any(prefill_blocker(s) is not None for s in out.scheduled_seqs):
+            return None
+        step = self._queue(out)
+        if step is not None:
+            self.chained_steps += 1
+            self.queued_prefills += 1
+        return step
+
+    def advance(self, execute: Execute, prefill: Optional[SchedulerOutput] = None) -> Results:
         """Queue the next step when the chain goes on, then read the pending step's tokens: the
         (batch, result) parts and the failed requests, as ``execute_isolated`` returns them.
-        ``execute``: the synchronous runner, for a pending step whose tokens cannot be read."""
+        ``execute``: the synchronous runner, for a pending step whose tokens cannot be read.
+        ``prefill``: a prefill batch the engine scheduled meanwhile; it is the next step (queued, when
+        it can be: ``pending.out is prefill`` afterwards; otherwise the engine runs it)."""
         prev = self.pending
         if prev is None:
             raise RuntimeError("no step is pending")
         self.pending = None
-        nxt = self._launch_next(prev) if not self.prefill_may_come() else None
+        if prefill is not None:
+            nxt = self.queue_prefill(prefill)
+        else:
+            nxt = self._launch_next(prev) if not self.prefill_may_come() else None
         live = [i for i, s in enumerate(prev.out.scheduled_seqs) if not s.is_finished]
         part = sub_batch(prev.out, live)
         try:
@@ -152,7 +201,9 @@ class AsyncScheduling:
             if is_fatal(exc):
                 raise
             logger.warning("async scheduling: reading a step's tokens failed (%r); running it again", exc)
-            _restore(prev.generator_states)  # also undoes the chained step's draws (they came after)
+            if nxt is not None:  # dropped: a queued prefill's own draws are undone (the engine runs it after)
+                _restore(nxt.generator_states)
+            _restore(prev.generator_states)  # also undoes a chained decode step's draws (they came after)
             return execute_isolated(execute, part, self.device) if live else ([], {})
         self.pending = nxt
         if not live:
@@ -193,6 +244,8 @@ class AsyncScheduling:
                                is_prefill=False, adapter_memo=sched.adapter_memo), rows
 
     def _launch_next(self, prev: PendingStep) -> Optional[PendingStep]:
+        if prev.out.is_prefill:
+            return None  # the scheduler decides what follows a prefill
         try:
             built = self.next_batch(prev.out)
         except Exception as exc:  # noqa: BLE001 - a bug here costs the overlap, not the pending step's tokens

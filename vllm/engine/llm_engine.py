@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -251,27 +251,17 @@ class LLMEngine:
 
         An exception while the batch is computed fails only the requests that cause it
         (they finish with ``RequestOutput.error``); fatal ones (``is_fatal``) are raised.
-        With async scheduling, a call may queue the next decode batch before it returns this one's
-        outputs; each call still returns one batch's outputs, in order."""
+        With async scheduling, a call may queue the next batch (the next decode batch, or a prefill of
+        waiting prompts) before it returns this one's outputs; a call returns one batch's outputs, in
+        order (two when a prefill scheduled meanwhile could not be queued and ran after it)."""
         chain = self.async_scheduling
         if chain is not None and chain.pending is not None:
             return self._advance_chain(set())
-        try:
-            out = self.scheduler.schedule()
-        except Exception as exc:  # a scheduler bug: its state is unknown, so every request fails
-            if is_fatal(exc):
-                raise
-            logger.exception("the scheduler failed; failing all %d unfinished requests", len(self._requests))
-            for rid in list(self._requests):
-                self._fail(rid, f"the engine's scheduler failed ({describe(exc)})")
-            return self._outputs(list(self._requests))
-        touched = {s.request_id for s in out.scheduled_seqs} | {s.request_id for s in out.ignored_seqs}
-        missing = self.loras.check_batch(out)
-        for rid, error in missing.items():
-            logger.error("request %s: %s", rid, error)
-            self._fail(rid, error)
-        if missing:
-            out = sub_batch(out, [i for i, s in enumerate(out.scheduled_seqs) if not s.is_finished])
+        touched: set[str] = set()
+        out = self._schedule(self.scheduler.schedule, touched)
+        if out is None:
+            return self._outputs(touched)
+        touched |= {s.request_id for s in out.scheduled_seqs}
         if not out.is_empty:
             if chain is not None and chain.start(out):
                 return self._advance_chain(touched)
@@ -279,11 +269,45 @@ class LLMEngine:
         return self._outputs(touched | self._errors.keys())
 
     def _advance_chain(self, touched: set[str]) -> list[RequestOutput]:
-        """Async scheduling: queue the next decode batch if it may go on, record the pending one's tokens."""
-        parts, failed = self.async_scheduling.advance(self.runner.execute)
+        """Async scheduling: queue the next batch (after a prefill, the waiting prompts that fit; after a
+        decode step, the next decode batch if the chain may go on), then record the pending one's tokens.
+        A prefill batch that cannot be queued runs synchronously after that."""
+        chain = self.async_scheduling
+        prefill = None
+        if chain.pending.out.is_prefill and chain.prefill_may_come():  # (after a decode step: synchronously)
+            prefill = self._schedule(self.scheduler.schedule_prefills, touched)
+            if prefill is not None and prefill.is_empty:
+                prefill = None
+        parts, failed = chain.advance(self.runner.execute, prefill)
         touched |= {s.request_id for part, _ in parts for s in part.scheduled_seqs} | failed.keys()
         self._record(parts, failed)
+        if prefill is not None and (chain.pending is None or chain.pending.out is not prefill):
+            touched |= {s.request_id for s in prefill.scheduled_seqs}
+            self._run_batch(prefill)
         return self._outputs(touched | self._errors.keys())
+
+    def _schedule(self, schedule: Callable[[], SchedulerOutput], touched: set[str]) -> Optional[SchedulerOutput]:
+        """``schedule()``'s batch without the requests whose adapter is missing (they fail); their ids and
+        the ignored sequences' go into ``touched`` (the scheduled ones' when their tokens are recorded).
+        None when the scheduler raised: its state is unknown, so every request fails."""
+        try:
+            out = schedule()
+        except Exception as exc:  # a scheduler bug
+            if is_fatal(exc):
+                raise
+            logger.exception("the scheduler failed; failing all %d unfinished requests", len(self._requests))
+            for rid in list(self._requests):
+                self._fail(rid, f"the engine's scheduler failed ({describe(exc)})")
+            touched |= set(self._requests)
+            return None
+        touched |= {s.request_id for s in out.ignored_seqs}
+        missing = self.loras.check_batch(out)
+        for rid, error in missing.items():
+            logger.error("request %s: %s", rid, error)
+            self._fail(rid, error)
+        if missing:
+            out = sub_batch(out, [i for i, s in enumerate(out.scheduled_seqs) if not s.is_finished])
+        return out
 
     def _run_batch(self, out: SchedulerOutput) -> None:
         """Execute (fault-isolated), postprocess and detokenize; failing requests are failed."""

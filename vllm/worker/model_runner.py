@@ -33,6 +33,7 @@ from vllm import envs
 from vllm.engine.errors import FatalEngineError
 from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.sampler import Sampler
+from vllm.platforms.host_copy import to_device
 from vllm.structured_output.bitmask import grammar_bitmask
 from vllm.worker.device_tokens import DeviceTokens
 from vllm.worker.logprobs import PROMPT_LOGPROBS_CHUNK, ModelRunnerOutput, plan_prompt_logprobs
@@ -105,8 +106,8 @@ class ModelRunner:
             return self.graphs.run(inp, key, input_ids)
         dev = self.device
         if input_ids is None:
-            input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
+            input_ids = to_device(inp.input_ids, torch.long, dev)
+        positions = to_device(inp.positions, torch.long, dev)
         meta = build_metadata(inp.query_lens, inp.seq_lens, inp.block_tables, self.block_size, dev,
                               slot_mapping=inp.slot_mapping)
         with set_forward_context(meta):
@@ -114,7 +115,7 @@ class ModelRunner:
         last = meta.query_start_loc[1:].long() - 1
         logits = self.model.compute_logits(hidden[last])
         for lo in range(0, len(inp.prompt_rows), PROMPT_LOGPROBS_CHUNK):
-            rows = torch.tensor(inp.prompt_rows[lo:lo + PROMPT_LOGPROBS_CHUNK], dtype=torch.long, device=dev)
+            rows = to_device(inp.prompt_rows[lo:lo + PROMPT_LOGPROBS_CHUNK], torch.long, dev)
             chunk = self.model.compute_logits(hidden.index_select(0, rows))
             if on_prompt_logits is not None:
                 on_prompt_logits(lo, chunk)
@@ -161,18 +162,25 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, input_ids: Optional[torch.Tensor] = None,
                tokens_ahead: int = 0) -> DeviceTokens:
-        """Queue a decode batch and its sampling; its tokens stay on the device (async scheduling).
+        """Queue a decode or prefill batch and its sampling; its tokens stay on the device (async
+        scheduling).
 
-        ``input_ids``: [num_seqs] int64 on the device, the step's input ids when the host does
+        ``input_ids``: [num_seqs] int64 on the device, a decode step's input ids when the host does
         not have them yet (the previous step's tokens); ``tokens_ahead``: tokens each sequence
         has sampled but not recorded yet (1 then), which ``min_tokens`` counts.  Only for one
         rank, and only for sequences whose sampling does not read their generated tokens
-        (no penalties, bad_words, grammar or logprobs: the engine checks, this raises)."""
+        (no penalties, bad_words, grammar or logprobs; no prompt logprobs in a prefill: the engine
+        checks, this raises)."""
         if self.peers is not None:
             raise RuntimeError("async scheduling runs on one rank only (tensor_parallel_size 1)")
         seqs = out.scheduled_seqs
-        if out.is_prefill or any(q != 1 for q in out.query_lens):
-            raise ValueError("launch runs decode steps only (one new token per sequence)")
+        if out.is_prefill:
+            if input_ids is not None or tokens_ahead:
+                raise ValueError("a prefill's input ids are its prompts' (no input_ids, no tokens ahead)")
+            if any(s.sampling_params.prompt_logprobs is not None for s in seqs):
+                raise ValueError("launch cannot compute prompt logprobs")
+        elif any(q != 1 for q in out.query_lens):
+            raise ValueError("a decode step feeds one new token per sequence")
         if input_ids is not None and tuple(input_ids.shape) != (len(seqs),):
             raise ValueError(f"input_ids must hold one id per sequence ({len(seqs)}), got {tuple(input_ids.shape)}")
         if any(s.grammar is not None or s.sampling_params.logprobs is not None or s.sampling_params.needs_penalties

@@ -28,6 +28,7 @@ from typing import Optional, Sequence as Seq
 import torch
 from torch import nn
 
+from vllm.platforms.host_copy import to_device
 from vllm.model_executor.layers.logits_processors import apply_min_p, apply_penalties, apply_token_constraints
 from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.sequence import Logprob, TokenLogprobs
@@ -111,14 +112,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device``, copied without waiting for the work queued there
-    (``torch.tensor(..., device=cuda)`` synchronises the stream; async scheduling queues a step ahead
-    and must not wait for it here)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
-
-
 class Sampler(nn.Module):
     """``forward(logits [B, V], params, generators) -> token ids [B] int64``;
     with ``num_logprobs=[...]`` it returns a ``SamplerOutput`` (tokens + logprobs)."""
@@ -200,23 +193,23 @@ class Sampler(nn.Module):
         if not rows:
             return out
 
-        idx = _on_device(rows, torch.int64, device)
-        temperature = _on_device([params[i].temperature for i in rows], torch.float32, device)
+        idx = to_device(rows, torch.int64, device)
+        temperature = to_device([params[i].temperature for i in rows], torch.float32, device)
         scaled = logits.index_select(0, idx) / temperature.unsqueeze(1)
         if any(params[i].min_p > 0 for i in rows):
-            min_p = _on_device([params[i].min_p for i in rows], torch.float32, device)
+            min_p = to_device([params[i].min_p for i in rows], torch.float32, device)
             scaled = apply_min_p(scaled, min_p)
         if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
             # a top_k >= the vocabulary keeps everything: clamp first, so any Python int fits an int64
-            top_k = _on_device([min(params[i].top_k, vocab) for i in rows], torch.int64, device)
-            top_p = _on_device([params[i].top_p for i in rows], torch.float32, device)
+            top_k = to_device([min(params[i].top_k, vocab) for i in rows], torch.int64, device)
+            top_p = to_device([params[i].top_p for i in rows], torch.float32, device)
             scaled = apply_top_k_top_p(scaled, top_k, top_p)
         probs = scaled.softmax(dim=-1)
 
         sampled = torch.empty(len(rows), dtype=torch.int64, device=device)
         unseeded = [j for j, i in enumerate(rows) if types[i] == SamplingType.RANDOM]
         if unseeded:
-            sel = _on_device(unseeded, torch.int64, device)
+            sel = to_device(unseeded, torch.int64, device)
             sampled[sel] = torch.multinomial(probs.index_select(0, sel), 1).squeeze(1)
         for j, i in enumerate(rows):
             if types[i] != SamplingType.RANDOM_SEED:
