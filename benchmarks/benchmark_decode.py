@@ -181,7 +181,8 @@ def run_engine(model_dir: str, common: dict, batches: list[int], prompts, loras_
     t0 = time.perf_counter()
     llm = LLM(model_dir, **{**common, **kw})
     graphs = llm.llm_engine.runner.graphs
-    print(f"  engine {kw}: ready in {time.perf_counter() - t0:.1f} s"
+    print(f"  engine {kw}: ready in {time.perf_counter() - t0:.1f} s, "
+          f"{llm.llm_engine.scheduler.config.max_num_batched_tokens} tokens a step"
           + (f" (graphs: {len(graphs.replays)} in {graphs.capture_seconds:.1f} s, "
              f"{graphs.graph_memory_bytes / 2**20:.0f} MiB)" if graphs is not None else " (eager)"), flush=True)
     times, tokens = {}, {}
@@ -227,6 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=REPEATS,
                    help="timed runs per case, best taken (2 before 2026-12-02; H200 runs of the same code had "
                         "varied by up to 15 %% at batch 1 with 2)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="the engines' step size (default: the engine's, 16384 for LLM on a GPU of >= 70 GiB)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
     globals()["REPEATS"] = max(1, a.repeats)  # read by decode_step
@@ -246,6 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   cuda_graph_sizes=batches, tensor_parallel_size=a.tp, enable_expert_parallel=a.enable_expert_parallel,
                   enable_prefix_caching=False,  # the runs repeat their prompts: time computing them
                   async_scheduling=False)  # the sync columns (on a GPU the engine's default is async)
+    if a.max_num_batched_tokens:
+        common["max_num_batched_tokens"] = a.max_num_batched_tokens
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     no_lora = lambda b: None  # noqa: E731
     spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731
@@ -292,7 +297,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     top_b = max(batches)
     flops = prefill_flops(a, top_b)
     rate = matmul_rate(getattr(torch, a.dtype)) if cuda else float("nan")
-    for name, times in (("no LoRA", graph_base), ("LoRA", graph_lora)):
+    runs = [("no LoRA", graph_base), ("LoRA", graph_lora)]
+    if a.async_scheduling:  # (the engine's default on one GPU: prefill steps queued back to back)
+        runs += [("no LoRA, async scheduling", async_base), ("LoRA, async scheduling", async_lora)]
+    for name, times in runs:
         t = times[("prefill", top_b)]
         lines.append(f"\nPrefill of {top_b} x {a.prompt_len} tokens ({name}): {t * 1e3:.1f} ms, "
                      f"{flops / t / 1e12:.1f} TFLOP/s = {100 * flops / t / rate:.0f} % of the measured {a.dtype} "
