@@ -31,7 +31,7 @@ def _queued(llm: LLM) -> int:
 
 @pytest.fixture(scope="module")
 def pair():
-    return LLM(MODEL, **KW), LLM(MODEL, async_scheduling=True, **KW)
+    return LLM(MODEL, async_scheduling=False, **KW), LLM(MODEL, async_scheduling=True, **KW)
 
 
 def _params() -> list[SamplingParams]:
@@ -105,7 +105,7 @@ def test_a_prefill_that_needs_its_prompt_logprobs_runs_synchronously(pair):
 
 def test_lora_prefills_across_queued_steps():
     kw = dict(KW, enable_lora=True, max_loras=2, max_lora_rank=16)
-    sync, chained = LLM(MODEL, **kw), LLM(MODEL, async_scheduling=True, **kw)
+    sync, chained = LLM(MODEL, async_scheduling=False, **kw), LLM(MODEL, async_scheduling=True, **kw)
     adapters = [None, LoRARequest("upper", 1, os.path.join(ROOT, "demo_adapters", "upper")),
                 LoRARequest("rot13", 2, os.path.join(ROOT, "demo_adapters", "rot13"))]
     loras = [adapters[i % 3] for i in range(len(PROMPTS))]

@@ -19,7 +19,7 @@ EOS = 2
 
 def _pair(**kw) -> tuple[LLM, LLM]:
     kw = dict(max_model_len=64, max_num_seqs=16, **kw)
-    return LLM(MODEL, **kw), LLM(MODEL, async_scheduling=True, **kw)
+    return LLM(MODEL, async_scheduling=False, **kw), LLM(MODEL, async_scheduling=True, **kw)  # (GPU default: on)
 
 
 def _summary(outs) -> list:
@@ -35,7 +35,7 @@ def engines():
     return _pair()
 
 
-def test_off_by_default_and_on_when_asked(engines):
+def test_off_and_on_as_asked(engines):  # (the default by device: test_async_scheduling_steps.py)
     sync, chained = engines
     assert sync.llm_engine.async_scheduling is None and chained.llm_engine.async_scheduling is not None
 
@@ -210,7 +210,7 @@ def test_lora_mixed_batches():
 def test_chains_while_requests_wait_for_a_full_running_set():
     """max_num_seqs 3, 7 requests: while the running set is full, the waiting ones cannot start, so
     decode steps chain; they start one step later than synchronously, with the same tokens."""
-    sync = LLM(MODEL, max_model_len=64, max_num_seqs=3)
+    sync = LLM(MODEL, max_model_len=64, max_num_seqs=3, async_scheduling=False)
     chained = LLM(MODEL, max_model_len=64, max_num_seqs=3, async_scheduling=True)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 11, 3, 9, 14, 5, 8)]
     prompts = [f"{WORDS[i % len(WORDS)]}=" for i in range(len(params))]

@@ -25,7 +25,7 @@ class Injected(RuntimeError):
 
 @pytest.fixture(scope="module")
 def llm():
-    sync = LLM(MODEL, max_model_len=64, max_num_seqs=8)
+    sync = LLM(MODEL, max_model_len=64, max_num_seqs=8, async_scheduling=False)
     llm = LLM(MODEL, max_model_len=64, max_num_seqs=8, async_scheduling=True)
     llm.reference = {p: sync.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS}
     llm.seeded = sync.generate(PROMPTS[0], SEEDED, use_tqdm=False)[0].outputs[0].token_ids
@@ -134,7 +134,7 @@ def test_streaming_through_the_async_engine_gives_every_token_once_in_order(llm)
         chained = engine.engine.async_scheduling.chained_steps
     finally:
         engine.shutdown()
-    sync = LLM(MODEL, max_model_len=64)
+    sync = LLM(MODEL, max_model_len=64, async_scheduling=False)
     want = sync.generate(PROMPTS, params, use_tqdm=False)
     for (seen, final), w in zip(results, want):
         assert [len(s) for s in seen] == list(range(1, len(seen) + 1))  # one new token per output

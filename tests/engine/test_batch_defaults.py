@@ -53,8 +53,9 @@ def test_the_llm_class_and_the_server_say_who_they_are(monkeypatch):
     cfg = EngineArgs(MODEL, usage_context="llm_class", max_num_batched_tokens=4096).create_configs()[2]
     assert cfg.max_num_batched_tokens == 4096
     monkeypatch.undo()
-    llm = LLM(MODEL, max_model_len=64)
-    assert llm.llm_engine.scheduler.config.max_num_batched_tokens == 8192  # CPU
+    llm = LLM(MODEL, max_model_len=64)  # this machine's default (8192 on CPU, 16384 on an H100 / H200)
+    assert llm.llm_engine.scheduler.config.max_num_batched_tokens == sched_cfg.default_max_num_batched_tokens(
+        "llm_class", 1)
     from vllm.entrypoints.cli import make_parser
     from vllm.entrypoints.openai.api_server import engine_args_from
 
