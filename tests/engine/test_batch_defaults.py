@@ -43,8 +43,8 @@ def test_default_by_use_and_device(monkeypatch, platform, usage, tp, want):
     assert sched_cfg.default_max_num_batched_tokens(usage, tp) == want
 
 
-def test_the_llm_class_and_the_server_say_who_they_are(monkeypatch):
-    """``LLM`` builds its engine as "llm_class", ``vllm serve`` as "openai_api_server"; an explicit value wins."""
+def test_the_llm_class_says_who_it_is(monkeypatch):
+    """``LLM`` builds its engine as "llm_class" (``vllm serve``: "openai_api_server"); an explicit value wins."""
     import vllm.platforms
 
     monkeypatch.setattr(vllm.platforms, "current_platform", lambda: _FakeGpu("NVIDIA H200", 141))
@@ -56,6 +56,10 @@ def test_the_llm_class_and_the_server_say_who_they_are(monkeypatch):
     llm = LLM(MODEL, max_model_len=64)  # this machine's default (8192 on CPU, 16384 on an H100 / H200)
     assert llm.llm_engine.scheduler.config.max_num_batched_tokens == sched_cfg.default_max_num_batched_tokens(
         "llm_class", 1)
+
+
+def test_the_server_says_who_it_is():
+    pytest.importorskip("fastapi")
     from vllm.entrypoints.cli import make_parser
     from vllm.entrypoints.openai.api_server import engine_args_from
 
