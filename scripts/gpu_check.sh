@@ -26,9 +26,9 @@
 #   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar
 #           bitmask kernel, one-pass MoE alignment, LoRA layer set, LoRA mapping buffer) and their benchmarks
 #           (int4 --sweep and MXFP4 --variants at 1/16/64 tokens, structured output, align); only when named
-#   variants  the choices still to be timed: their cuda tests and one A/B each (the per-pair MoE LoRA kernel's
+#   variants  the latest kernel choices: their cuda tests and one A/B each (the per-pair MoE LoRA kernel's
 #           tiles at ranks 32-64, WIDE_RANK_PAIR_TILES, new vs before, at 1-16 tokens; the wide per-pair path at
-#           rank 64, 16-64 tokens);
+#           rank 64, 16-64 tokens; decided in the ninth session, docs/performance.md);
 #           VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
@@ -127,8 +127,9 @@ if [[ " $steps " == *" variants "* ]]; then
   t=${VARIANT_TIMEOUT:-90}
   run_ab() { local name=$1; shift; timeout "$t" python3 "$@" >"$OUT/$name.log" 2>&1; local r=$?
     grep -v " INFO \|^INFO" "$OUT/$name.log" | tail -25; rc=$(( rc || r )); }
-  # the per-pair kernel's tiles at ranks 32-64 (moe_lora_config.WIDE_RANK_PAIR_TILES, on from the sm_90 static
-  # report, untimed) vs the tiles before, at 1-16 tokens; then the wide per-pair path above rank 32
+  # the per-pair kernel's tiles at ranks 32-64 (moe_lora_config.WIDE_RANK_PAIR_TILES) vs the tiles before, at
+  # 1-16 tokens; then the wide per-pair path above rank 32 (both decided in the ninth session: tiles on,
+  # SMALL_BATCH_WIDE_MAX_RANK stays 32; kept as a regression check of those choices)
   run_ab ab_pair_tiles_new benchmarks/kernels/benchmark_moe_lora.py --ranks 32 64 --tokens 1 2 4 8 16 \
     --out "$OUT/ab_pair_tiles_new.md"
   run_ab ab_pair_tiles_old benchmarks/kernels/benchmark_moe_lora.py --ranks 32 64 --tokens 1 2 4 8 16 \
