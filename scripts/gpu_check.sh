@@ -30,9 +30,12 @@
 #           tiles at ranks 32-64, WIDE_RANK_PAIR_TILES, new vs before, at 1-16 tokens; the wide per-pair path at
 #           rank 64, 16-64 tokens; decided in the ninth session, docs/performance.md);
 #           VARIANT_TIMEOUT per benchmark (default 90 s), AB_ONLY=1 skips the tests; only when named
+#   moeprof benchmarks/kernels/profile_moe_lora.py: the kernels of one MoE layer's base and LoRA calls side by
+#           side (Qwen3-30B-A3B and gpt-oss-20b shapes, 16 / 256 / 4096 tokens; MOEPROF_ARGS replaces those
+#           options): where the LoRA / base gap comes from; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -136,6 +139,12 @@ if [[ " $steps " == *" variants "* ]]; then
     --wide-rank-pair-tiles 0 --out "$OUT/ab_pair_tiles_old.md"
   run_ab ab_pair_path_r64 benchmarks/kernels/benchmark_moe_lora.py --ranks 64 --tokens 16 32 64 --pair-path-max-rank 64 \
     --out "$OUT/ab_pair_path_r64.md"
+fi
+if [[ " $steps " == *" moeprof "* ]]; then
+  timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \
+    ${MOEPROF_ARGS:---shapes qwen3 gpt-oss --tokens 16 256 4096} --out "$OUT/profile_moe_lora.md" \
+    >"$OUT/profile_moe_lora.log" 2>&1
+  mprc=$?; grep "^## \|sum of device" "$OUT/profile_moe_lora.log"; rc=$(( rc || mprc ))
 fi
 if [[ " $steps " == *" fused "* ]]; then
   timeout "${FUSED_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_fused_linear_lora.py --sweep \

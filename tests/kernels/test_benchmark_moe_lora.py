@@ -47,3 +47,20 @@ def test_smoke_run_reports_each_rank_and_adapter_count(tmp_path, device, monkeyp
                                                                            ("32", "4")]
     assert len({r.split("|")[7] for r in rows}) == 1  # the base is timed once per shape and token count
     assert "baseline LoRA (us)" in out.read_text() and "ours / baseline" in out.read_text()
+
+
+def test_the_kernel_profile_lists_the_lora_only_work(tmp_path, device, monkeypatch):
+    """profile_moe_lora.py --smoke: one table per token count, base and LoRA columns, and the LoRA call runs
+    more operators than the base call (so the difference column has something to attribute)."""
+    if device.type == "cuda":
+        pytest.skip("smoke mode runs on the CPU interpreter")
+    import benchmarks.kernels.profile_moe_lora as prof
+
+    out = tmp_path / "p.md"
+    monkeypatch.setattr(sys, "argv", ["profile_moe_lora.py", "--smoke", "--tokens", "5", "--out", str(out)])
+    prof.main()
+    text = out.read_text()
+    assert "## smoke, 5 tokens" in text and "sum of device time" in text
+    rows = [r for r in text.splitlines() if r.startswith("| `")]
+    calls = [tuple(float(c) for c in r.split("|")[2].split("/")) for r in rows]
+    assert any(lora > b for b, lora in calls)  # the LoRA call's extra work is listed (on a GPU: its own kernels)
