@@ -56,6 +56,12 @@ def test_the_llm_class_says_who_it_is(monkeypatch):
     llm = LLM(MODEL, max_model_len=64)  # this machine's default (8192 on CPU, 16384 on an H100 / H200)
     assert llm.llm_engine.scheduler.config.max_num_batched_tokens == sched_cfg.default_max_num_batched_tokens(
         "llm_class", 1)
+    monkeypatch.setattr(vllm.platforms, "current_platform", lambda: _FakeGpu("NVIDIA H200", 141))
+    seen = []
+    monkeypatch.setattr("vllm.entrypoints.llm.LLMEngine", lambda args: seen.append(args.usage_context))
+    LLM(MODEL)
+    LLM(MODEL, usage_context="openai_api_server")  # a value the caller gives is kept, not overwritten
+    assert seen == ["llm_class", "openai_api_server"]
 
 
 def test_the_server_says_who_it_is():

@@ -53,7 +53,8 @@ class LLM:
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         args = EngineArgs.from_kwargs(model, **kwargs)
-        args.usage_context = "llm_class"  # vLLM's defaults for offline use (a bigger step on a large GPU)
+        if "usage_context" not in kwargs:  # vLLM's defaults for offline use (a bigger step on a large GPU)
+            args.usage_context = "llm_class"
         self.llm_engine = LLMEngine(args)
         self._counter = itertools.count()
 
