@@ -209,8 +209,9 @@ def test_serve_flags_reach_the_engine_arguments():
     parse = lambda *a: engine_args_from(make_parser().parse_args(["serve", "M", *a]))  # noqa: E731
     defaults = parse()
     for f in dataclasses.fields(EngineArgs):
-        if f.name not in ("model", "moe_backend"):  # the backend: VLLM_FUSED_MOE_BACKEND
+        if f.name not in ("model", "moe_backend", "usage_context"):  # the backend: VLLM_FUSED_MOE_BACKEND
             assert getattr(defaults, f.name) == f.default, f.name
+    assert defaults.usage_context == "openai_api_server"  # not a flag: the server says who builds the engine
     got = parse("--tokenizer", "T", "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "512",
                 "--block-size", "32", "-tp", "2", "--fully-sharded-loras", "--enable-lora", "--max-loras", "3",
                 "--max-lora-rank", "64", "--max-cpu-loras", "5", "--max-model-len", "99", "--max-num-seqs", "7",
