@@ -75,6 +75,8 @@ def cache_salt(prompt: PromptType) -> Optional[str]:
 def _token_list(ids: Any) -> list[int]:
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+    if set(map(type, ids)) <= {int}:  # the common case, checked at C speed (bool is not int: it is refused below)
+        return list(ids)
     for i, t in enumerate(ids):
         if not _is_int(t):
             raise ValueError(f"prompt_token_ids must be integers, got {t!r} at position {i}")
