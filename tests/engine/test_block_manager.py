@@ -120,3 +120,17 @@ def test_bad_sizes_are_rejected():
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_slot_mapping_matches_a_per_position_reference():
+    """Random block tables, block sizes and ranges (empty, inside one block, across many, to the end)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        bs = rng.choice([1, 2, 4, 16])
+        table = rng.sample(range(64), rng.randint(1, 9))
+        end = rng.randint(0, len(table) * bs)
+        start = rng.randint(0, end)
+        want = [table[p // bs] * bs + p % bs for p in range(start, end)]
+        assert compute_slot_mapping(table, bs, start, end) == want, (table, bs, start, end)

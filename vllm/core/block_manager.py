@@ -39,7 +39,11 @@ def compute_slot_mapping(block_table: Seq[int], block_size: int, start: int, end
     if not 0 <= start <= end <= len(block_table) * block_size:
         raise ValueError(f"positions {start}..{end} are outside the {len(block_table)} blocks "
                          f"(block_size {block_size}) of the block table")
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    slots: list[int] = []
+    for j in range(start // block_size, -(-end // block_size)):  # a range of slots per block
+        base = block_table[j] * block_size - j * block_size
+        slots += range(base + max(start, j * block_size), base + min(end, (j + 1) * block_size))
+    return slots
 
 
 class BlockManager:
