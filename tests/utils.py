@@ -150,6 +150,40 @@ def patched(obj, name: str, make):
         setattr(obj, name, original)
 
 
+class Injected(RuntimeError):
+    """The exception the fault-injection helpers raise."""
+
+
+@contextlib.contextmanager
+def faulty_runner(runner, where: str, bad_launch, bad_execute):
+    """Async scheduling fault injection for the ``with`` block: ``runner.launch`` raises
+    ``Injected("queued step fault")`` for a batch where ``bad_launch(out, tokens_ahead)`` holds when ``where``
+    is "launch", else its tokens raise ``Injected("device fault")`` when read; ``runner.execute`` raises
+    ``Injected("step fault")`` where ``bad_execute(out)`` holds (the synchronous re-run pins it down)."""
+    def make_launch(launch):
+        def launch_with_fault(out, input_ids=None, tokens_ahead=0):
+            bad = bad_launch(out, tokens_ahead)
+            if bad and where == "launch":
+                raise Injected("queued step fault")
+            tokens = launch(out, input_ids=input_ids, tokens_ahead=tokens_ahead)
+            if bad:
+                def fail():
+                    raise Injected("device fault")
+                tokens.tolist = fail
+            return tokens
+        return launch_with_fault
+
+    def make_execute(execute):
+        def execute_with_fault(out):
+            if bad_execute(out):
+                raise Injected("step fault")
+            return execute(out)
+        return execute_with_fault
+
+    with patched(runner, "launch", make_launch), patched(runner, "execute", make_execute):
+        yield
+
+
 def run_to_completion(engine, max_steps: int = 500) -> dict:
     """Step ``engine`` until it has no unfinished request; returns the final output of each request by id
     (fails after ``max_steps`` steps)."""

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.utils import patched, run_to_completion
+from tests.utils import faulty_runner, run_to_completion
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 from vllm.worker.device_tokens import DeviceTokens
@@ -116,10 +116,6 @@ def test_lora_prefills_across_queued_steps():
     assert _queued(chained) >= 2
 
 
-class Injected(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("where", ["launch", "read"])
 def test_a_failure_in_a_queued_prefill_fails_only_its_request(pair, where):
     """The runner raises for one request's prefill, when it is queued or when its tokens are read: that
@@ -131,27 +127,10 @@ def test_a_failure_in_a_queued_prefill_fails_only_its_request(pair, where):
     runner = engine.runner
     before = _queued(chained)
 
-    def make_launch(launch):
-        def launch_with_fault(out, input_ids=None, tokens_ahead=0):
-            bad = out.is_prefill and any(s.request_id == "bad" for s in out.scheduled_seqs)
-            if bad and where == "launch":
-                raise Injected("queued prefill fault")
-            tokens = launch(out, input_ids=input_ids, tokens_ahead=tokens_ahead)
-            if bad:
-                def fail():
-                    raise Injected("device fault")
-                tokens.tolist = fail
-            return tokens
-        return launch_with_fault
+    def bad(out, tokens_ahead=0):
+        return out.is_prefill and any(s.request_id == "bad" for s in out.scheduled_seqs)
 
-    def make_execute(execute):
-        def execute_with_fault(out):
-            if out.is_prefill and any(s.request_id == "bad" for s in out.scheduled_seqs):
-                raise Injected("step fault")
-            return execute(out)
-        return execute_with_fault
-
-    with patched(runner, "launch", make_launch), patched(runner, "execute", make_execute):
+    with faulty_runner(runner, where, bad, bad):
         for i in range(14):  # 4+ prefill steps; "bad" in the second, which is queued (and the third after it)
             engine.add_request(f"good{i}", PROMPTS[i % len(PROMPTS)], params)
             if i == 5:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.utils import assert_clean_and_serving, patched, run_to_completion
+from tests.utils import assert_clean_and_serving, faulty_runner, run_to_completion
 from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine
@@ -17,10 +17,6 @@ PROMPTS = ["hello=", "abc=", "xyz=", "good day="]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=3.0, seed=9, max_tokens=12, ignore_eos=True)
 FAIL_AFTER = 3
-
-
-class Injected(RuntimeError):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +74,8 @@ def test_a_failure_in_a_chained_step_fails_only_its_request(llm, where):
     engine = llm.llm_engine
     runner = engine.runner
 
-    def make_launch(launch):
-        def launch_with_fault(out, input_ids=None, tokens_ahead=0):
-            bad = any(_due(s, tokens_ahead) for s in out.scheduled_seqs)
-            if bad and where == "launch":
-                raise Injected("chained step fault")
-            tokens = launch(out, input_ids=input_ids, tokens_ahead=tokens_ahead)
-            if bad:
-                def fail():
-                    raise Injected("device fault")
-                tokens.tolist = fail
-            return tokens
-        return launch_with_fault
-
-    def make_execute(execute):
-        def execute_with_fault(out):
-            if any(_due(s) for s in out.scheduled_seqs):
-                raise Injected("step fault")
-            return execute(out)
-        return execute_with_fault
-
-    with patched(runner, "launch", make_launch), patched(runner, "execute", make_execute):
+    with faulty_runner(runner, where, lambda out, ahead: any(_due(s, ahead) for s in out.scheduled_seqs),
+                       lambda out: any(_due(s) for s in out.scheduled_seqs)):
         for i, p in enumerate(PROMPTS):
             engine.add_request(f"good{i}", p, GREEDY)
         engine.add_request("bad", "bad request=", SamplingParams(temperature=0, max_tokens=12, n=2, ignore_eos=True))

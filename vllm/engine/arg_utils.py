@@ -56,7 +56,8 @@ class EngineArgs:
 
     def create_configs(self) -> tuple[ModelConfig, CacheConfig, SchedulerConfig, Optional[LoRAConfig]]:
         if self.usage_context not in (None, "llm_class", "openai_api_server"):
-            raise ValueError(f"usage_context must be None, 'llm_class' or 'openai_api_server', got {self.usage_context!r}")
+            raise ValueError("usage_context must be None, 'llm_class' or 'openai_api_server', "
+                             f"got {self.usage_context!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         model_config = ModelConfig(self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
