@@ -50,7 +50,7 @@ def kernel_times(fn, iters: int, flush) -> dict[str, tuple[float, float]]:
     per: dict[str, list[float]] = defaultdict(list)
     for evt in prof.events():
         if gpu:
-            if not _device_event(evt) or "fill" in evt.name:
+            if not _device_event(evt) or "fill" in evt.name.lower():  # (at::native FillFunctor: the L2 flush)
                 continue
         elif not evt.name.startswith("aten::") or (evt.cpu_parent is not None
                                                    and evt.cpu_parent.name.startswith("aten::")):
@@ -83,7 +83,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU (Triton interpreter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--lora-epilogue", type=int, default=None, choices=[0, 1],
+                   help="moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE (default 0: the LoRA launches after each GEMM; 1: "
+                        "the delta in the GEMM epilogues)")
     a = p.parse_args()
+    if a.lora_epilogue is not None:
+        from vllm.lora.ops.triton_ops import moe_lora_epilogue
+
+        moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE = bool(a.lora_epilogue)
     device = pick_device(a.smoke)
     cuda = device.type == "cuda"
     dtype = DTYPES[a.dtype]
@@ -93,7 +100,9 @@ def main() -> None:
     shapes = [SMOKE_SHAPE] if a.smoke else [SHAPES[s] for s in a.shapes]
     tokens = [t for t in a.tokens if t <= 64] or [7] if a.smoke else a.tokens
     out = [f"# MoE layer kernels with and without LoRA: {gpu}, {a.dtype}, rank {a.rank}, {a.num_loras} adapters "
-           f"(token t on adapter t % {a.num_loras}); device us per layer call, mean of {iters} eager calls, "
+           f"(token t on adapter t % {a.num_loras})"
+           + (f", LORA_IN_GEMM_EPILOGUE={a.lora_epilogue}" if a.lora_epilogue is not None else "")
+           + f"; device us per layer call, mean of {iters} eager calls, "
            "L2 flushed before each", ""]
     for shape in shapes:
         case = build_case(shape, dtype, device, a.rank, a.num_loras, max(tokens), a.seed)

@@ -1,8 +1,9 @@
 """FusedMoE + LoRA against the fp32 loop reference (transformers-independent).
 
 Backends: torch experts + torch Punica wrapper, and Triton experts + Triton
-Punica wrapper (interpreter on CPU, native on GPU).  Both LoRA paths of the
-Triton wrapper - sorted and small-batch - are forced in turn.
+Punica wrapper (interpreter on CPU, native on GPU).  The LoRA paths of the
+Triton wrapper - sorted (separate launches), small-batch, and sorted with the delta
+in the GEMM epilogues - are forced in turn.
 """
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from tests.layers.moe_setup import pick_slots
 from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
+from vllm.lora.ops.triton_ops import moe_lora_epilogue
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 # (tokens, E, top_k, H, I, activation, bias, max_loras, max_rank, ranks, slot_mode, fused, every):
@@ -30,10 +32,12 @@ BACKENDS = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torc
             ("triton", torch.float16), ("triton", torch.bfloat16)]
 
 
-@pytest.fixture(params=["sorted", "small_batch"])
+@pytest.fixture(params=["sorted", "small_batch", "epilogue"])
 def lora_path(request, monkeypatch):
     small = request.param == "small_batch"
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: small)
+    # "sorted": the seams' launches after each GEMM; "epilogue": the delta in the GEMM epilogues
+    monkeypatch.setattr(moe_lora_epilogue, "LORA_IN_GEMM_EPILOGUE", request.param == "epilogue")
     return request.param
 
 
@@ -49,7 +53,7 @@ def _check(h, M, slot_mode, seed=0, empty=True):
 @pytest.mark.parametrize("M,E,top_k,H,I,activation,bias,max_loras,max_rank,ranks,slot_mode,fused,every", CASES)
 def test_moe_lora_matches_reference(backend, dtype, M, E, top_k, H, I, activation, bias, max_loras, max_rank,
                                     ranks, slot_mode, fused, every, lora_path, device):
-    if backend == "torch" and lora_path == "small_batch":
+    if backend == "torch" and lora_path != "sorted":
         pytest.skip("the torch wrapper has one path")
     if device.type == "cpu" and backend == "triton":
         if dtype == torch.bfloat16:

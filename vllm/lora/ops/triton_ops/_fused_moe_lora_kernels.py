@@ -45,17 +45,24 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def expand_acc(acc, hi, mid, lo, b, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr):
+    """fp32 ``acc`` [BLOCK_M, BLOCK_N] + the [BLOCK_M, BLOCK_R] fp32 intermediate (its bf16 split hi + mid + lo
+    with EXPAND_MODE 1, else ``hi`` itself) @ b [BLOCK_R, BLOCK_N]."""
+    if EXPAND_MODE == 1:
+        acc = _dot(lo, b, acc, UPCAST, FP32_PRECISION)
+        acc = _dot(mid, b, acc, UPCAST, FP32_PRECISION)
+        acc = _dot(hi, b, acc, UPCAST, FP32_PRECISION)
+    else:
+        acc = _dot(hi, b.to(tl.float32), acc, UPCAST, FP32_PRECISION)
+    return acc
+
+
+@triton.jit
 def _expand_dot(hi, mid, lo, b, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_R] fp32 intermediate (or its bf16 split) @ b [BLOCK_R, BLOCK_N] -> fp32."""
-    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if EXPAND_MODE == 1:
-        delta = _dot(lo, b, delta, UPCAST, FP32_PRECISION)
-        delta = _dot(mid, b, delta, UPCAST, FP32_PRECISION)
-        delta = _dot(hi, b, delta, UPCAST, FP32_PRECISION)
-    else:
-        delta = _dot(hi, b.to(tl.float32), delta, UPCAST, FP32_PRECISION)
-    return delta
+    return expand_acc(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), hi, mid, lo, b, UPCAST, FP32_PRECISION,
+                      EXPAND_MODE)
 
 
 @triton.jit
