@@ -163,7 +163,7 @@ def epilogue_rows(M: int) -> list[dict]:
     """The LoRA-in-the-GEMM-epilogue path (``moe_lora_epilogue``): its shrink on the base alignment's blocks,
     and the bf16 grouped GEMM with and without the epilogue, at the shipped H200 tiles of the base GEMMs."""
     from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernels import moe_lora_block_shrink_kernel
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import (_shrink_tiles, _slot_tile, concat_slots,
+    from vllm.lora.ops.triton_ops.moe_lora_epilogue import (shrink_tiles, slot_tile, concat_slots,
                                                             no_lora_kernel_args)
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as fmg
     from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel
@@ -174,11 +174,11 @@ def epilogue_rows(M: int) -> list[dict]:
     for gemm, cfg in (("w13", cfg1), ("w2", cfg2)):
         g = _shape(gemm, M)
         K, N, S = g["K"], g["N"], g["S"]
-        bk, warps = _shrink_tiles(cfg.block_size_m, K, None)
+        bk, warps = shrink_tiles(cfg.block_size_m, K, None)
         ints = dict(numel=numel, top_k=TOP_K, top_k_in=g["ints"]["top_k_in"], K=K, R=R, max_loras=L, stride_xm=K,
                     stride_xk=1, stride_as=L * E * R * K, stride_al=E * R * K, stride_ae=R * K, stride_ar=K,
                     stride_ak=1, stride_ss=numel * R, stride_sp=R, stride_sr=1)
-        cexp = dict(SLOTS=_slot_tile(L), CONCAT=concat_slots(L, R), EVEN_K=K % bk == 0, UPCAST=False,
+        cexp = dict(SLOTS=slot_tile(L), CONCAT=concat_slots(L, R), EVEN_K=K % bk == 0, UPCAST=False,
                     FP32_PRECISION="tf32x3", BLOCK_M=cfg.block_size_m, BLOCK_K=bk, BLOCK_R=16)
         ptrs = dict(x_ptr="bf16", a_ptr="bf16", s_ptr="fp32", sorted_ids_ptr="i32", block_expert_ids_ptr="i32",
                     num_post_padded_ptr="i32", map_ptr="i32", enabled_ptr="i32")
@@ -199,7 +199,7 @@ def epilogue_rows(M: int) -> list[dict]:
         for lora in (False, True):
             cx = {k: v for k, v in no_lora_kernel_args(None).items() if k.isupper()}
             if lora:
-                cx.update(LORA=True, LORA_SLOTS=_slot_tile(L), LORA_SLICES=S, LORA_CONCAT=concat_slots(L, R),
+                cx.update(LORA=True, LORA_SLOTS=slot_tile(L), LORA_SLICES=S, LORA_CONCAT=concat_slots(L, R),
                           LORA_EXPAND_MODE=1, LORA_FP32_PRECISION="tf32x3")
             cx.update(HAS_BIAS=False, MUL_ROUTED_WEIGHT=g["mul_w"], UPCAST_DOT=False,
                       EVEN_K=K % cfg.block_size_k == 0, BLOCK_SIZE_M=cfg.block_size_m, BLOCK_SIZE_N=cfg.block_size_n,

@@ -37,8 +37,8 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 # GEMMs at 256 tokens, +170 at 4096) cost more than the (adapter, expert) alignment and the output
 # read-modify-write they remove (~25 us and ~7 us at 256 tokens).  Those runs had one dot per slot in the
 # shrink's K loop and in the epilogue; the slots side by side (``CONCAT``: one dot, the K loop one x and one A
-# load; sm_90 static compile 72-116 registers, vectorised loads, 5 barriers a K step) came after the GPU time
-# and is untimed: `bash scripts/gpu_check.sh epilogue` decides the default.
+# load; sm_90 static compile 80-165 registers, a cp.async-pipelined K loop, `moe_lora_static_report.py
+# --epilogue`) came after the GPU time and is untimed: `bash scripts/gpu_check.sh epilogue` decides the default.
 LORA_IN_GEMM_EPILOGUE = False
 # The shrink and the epilogue put every slot's rank tile side by side (one dot) while slots x rank tile is at
 # most this many columns; above it they loop over the slots present in the block.
@@ -47,10 +47,10 @@ _CONCAT_MAX_COLS = 128
 
 def concat_slots(max_loras: int, rank: int) -> bool:
     """Whether the shrink and the epilogue take every slot's A / B tile side by side (``CONCAT``)."""
-    return _slot_tile(max_loras) * rank_block(rank) <= _CONCAT_MAX_COLS
+    return slot_tile(max_loras) * rank_block(rank) <= _CONCAT_MAX_COLS
 
 
-def _slot_tile(max_loras: int) -> int:
+def slot_tile(max_loras: int) -> int:
     """SLOTS: the slot count padded to a power of two (a tile dimension; the extra slots are never read)."""
     return next_power_of_2(max(max_loras, 1))
 
@@ -91,24 +91,23 @@ class MoELoRAEpilogue:
             lora_stride_ss=s.stride(0), lora_stride_sp=s.stride(1), lora_stride_sr=s.stride(2),
             lora_stride_bs=self.slice_stride, lora_stride_bl=b.stride(0), lora_stride_be=b.stride(1),
             lora_stride_bn=b.stride(2), lora_stride_br=b.stride(3),
-            LORA=True, LORA_SLOTS=_slot_tile(b.shape[0]), LORA_SLICES=self.num_slices,
+            LORA=True, LORA_SLOTS=slot_tile(b.shape[0]), LORA_SLICES=self.num_slices,
             LORA_BLOCK_R=rank_block(b.shape[3]),
             LORA_EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, LORA_CONCAT=concat_slots(b.shape[0], b.shape[3]),
             LORA_FP32_PRECISION="ieee" if triton_interpreting() else "tf32x3",
         )
 
 
-def no_lora_kernel_args(dummy: torch.Tensor) -> dict[str, Any]:
-    """The grouped GEMM kernel's ``lora_*`` arguments when it adds no LoRA delta."""
+def no_lora_kernel_args(dummy: Optional[torch.Tensor]) -> dict[str, Any]:
+    """The grouped GEMM kernel's ``lora_*`` arguments when it adds no LoRA delta (pointers: ``dummy``)."""
     return dict(lora_s_ptr=dummy, lora_b_ptr=dummy, lora_map_ptr=dummy, lora_enabled_ptr=dummy, lora_top_k=1,
                 lora_rank=0, lora_max_loras=0, lora_slice_cols=1, lora_stride_ss=0, lora_stride_sp=0,
                 lora_stride_sr=0, lora_stride_bs=0, lora_stride_bl=0, lora_stride_be=0, lora_stride_bn=0,
                 lora_stride_br=0, LORA=False, LORA_SLOTS=1, LORA_SLICES=1, LORA_BLOCK_R=16, LORA_EXPAND_MODE=0,
-                LORA_CONCAT=True,
-                LORA_FP32_PRECISION="ieee")
+                LORA_CONCAT=True, LORA_FP32_PRECISION="ieee")
 
 
-def _shrink_tiles(block_m: int, K: int, block_k: Optional[int]) -> tuple[int, int]:
+def shrink_tiles(block_m: int, K: int, block_k: Optional[int]) -> tuple[int, int]:
     """(BLOCK_K, num_warps) of the shrink: few, wide K steps (a block's program walks all of K with every
     slot's A tile); K tiles of 128 from 128-row blocks (shared memory).  On an H200 K tiles of 64 and of 256
     gave the same layer time (Qwen3-30B-A3B at 256 tokens with LoRA: 422.5 vs 421.0 us)."""
@@ -138,7 +137,7 @@ def moe_lora_epilogue(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: S
     x: [pairs // top_k_in, K] (hidden states with top_k_in = top_k, or the activation output with 1);
     lora_a: S tensors [L, E, R, K]; lora_b: S tensors [L, E, N_s, R] (x's dtype); the alignment:
     ``moe_align_block_size(local expert ids, block_size, E)``'s, the one the GEMM walks.
-    block_size_k: the shrink's K tile (default: ``_shrink_tiles``).
+    block_size_k: the shrink's K tile (default: ``shrink_tiles``).
     """
     from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernels import moe_lora_block_shrink_kernel
 
@@ -163,7 +162,7 @@ def moe_lora_epilogue(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: S
     shrunk = torch.empty((S, num_pairs, R), dtype=torch.float32, device=x.device)
     if num_pairs:
         interp = triton_interpreting()
-        block_k, warps = _shrink_tiles(block_size, K, block_size_k)
+        block_k, warps = shrink_tiles(block_size, K, block_size_k)
         # used blocks: a prefix of at most ceil(pairs / block) + min(pairs, E) (see invoke_fused_moe_gemm)
         blocks = min(block_expert_ids.numel(), -(-num_pairs // block_size) + min(num_pairs, E))
         moe_lora_block_shrink_kernel[(blocks, S)](
@@ -173,7 +172,7 @@ def moe_lora_epilogue(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: S
             stride_xm=x.stride(0), stride_xk=x.stride(1), stride_as=stride_as, stride_al=a0.stride(0),
             stride_ae=a0.stride(1), stride_ar=a0.stride(2), stride_ak=a0.stride(3),
             stride_ss=shrunk.stride(0), stride_sp=shrunk.stride(1), stride_sr=shrunk.stride(2),
-            SLOTS=_slot_tile(L), CONCAT=concat_slots(L, R), EVEN_K=K % block_k == 0, UPCAST=interp,
+            SLOTS=slot_tile(L), CONCAT=concat_slots(L, R), EVEN_K=K % block_k == 0, UPCAST=interp,
             FP32_PRECISION="ieee" if interp else "tf32x3",
             BLOCK_M=block_size, BLOCK_K=block_k, BLOCK_R=rank_block(R), num_warps=warps, num_stages=2)
     return MoELoRAEpilogue(shrunk=shrunk, lora_b=b0, slice_stride=stride_bs, num_slices=S, slice_cols=b0.shape[2],
