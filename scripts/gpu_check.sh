@@ -34,7 +34,8 @@
 #           side (Qwen3-30B-A3B and gpt-oss-20b shapes, 16 / 256 / 4096 tokens; MOEPROF_ARGS replaces those
 #           options): where the LoRA / base gap comes from; only when named
 #   epilogue the MoE LoRA delta in the base GEMM epilogues: its tests (kernel, layer, GEMM), then the layer
-#           with it on and off (EPI_ARGS: shapes and tokens, EPI_TIMEOUT per run; AB_ONLY=1 skips the tests)
+#           with it on and off (EPI_ARGS: shapes and tokens, EPI_TIMEOUT per run; AB_ONLY=1 skips the tests),
+#           then its kernels profiled (Qwen3, 256 / 4096 tokens); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
 # installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|all]...
@@ -146,9 +147,10 @@ if [[ " $steps " == *" epilogue "* ]]; then
   # the MoE LoRA delta in the base GEMM epilogues (moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE, tenth session): its
   # tests, then the whole layer with it on and off (EPI_ARGS: shapes / tokens), then where the time goes
   if [ -z "${AB_ONLY:-}" ]; then
-    pytest tests/kernels/test_moe_lora_epilogue.py tests/lora/test_fused_moe_lora_layer.py \
-      tests/kernels/test_fused_moe_gemm.py >"$OUT/pytest_epilogue.log" 2>&1
-    erc=$?; tail -8 "$OUT/pytest_epilogue.log"; rc=$(( rc || erc ))
+    pytest tests/kernels/test_moe_lora_epilogue.py tests/kernels/test_fused_moe_gemm.py >"$OUT/pytest_epilogue.log" 2>&1
+    erc=$?; tail -4 "$OUT/pytest_epilogue.log"; rc=$(( rc || erc ))
+    pytest tests/lora/test_fused_moe_lora_layer.py -k epilogue >"$OUT/pytest_epilogue_layer.log" 2>&1
+    erc=$?; tail -4 "$OUT/pytest_epilogue_layer.log"; rc=$(( rc || erc ))
   fi
   for on in 1 0; do
     timeout "${EPI_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --lora-epilogue $on \
@@ -156,6 +158,9 @@ if [[ " $steps " == *" epilogue "* ]]; then
       >"$OUT/ab_epilogue_$on.log" 2>&1
     r=$?; grep -v " INFO \|^INFO" "$OUT/ab_epilogue_$on.log" | grep "tokens\|Error\|error" | tail -24; rc=$(( rc || r ))
   done
+  timeout "${EPI_TIMEOUT:-150}" python3 benchmarks/kernels/profile_moe_lora.py --lora-epilogue 1 --shapes qwen3 \
+    --tokens 256 4096 --out "$OUT/profile_epilogue.md" >"$OUT/profile_epilogue.log" 2>&1
+  r=$?; grep "^## \|shrink\|gemm_kernel" "$OUT/profile_epilogue.md"; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" moeprof "* ]]; then
   timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \
