@@ -8,7 +8,7 @@
 #   bench   benchmarks/kernels/benchmark_moe_lora.py (one MoE layer, base vs LoRA; BENCH_ARGS adds options,
 #           e.g. "--ranks 16 64 --num-loras 4 16")
 #   lora    benchmarks/kernels/benchmark_lora_linear.py --sweep (dense LoRA tiles) and
-#           benchmark_moe_lora_align.py (the MoE LoRA align at decode sizes)
+#           benchmark_moe_lora_align.py (the MoE LoRA align at decode sizes, and per count / scatter chunk)
 #   decode  benchmarks/benchmark_decode.py (the engine's decode step at Qwen3-30B-A3B width, 12 layers,
 #           eager vs CUDA graphs, without and with LoRA, vs the roofline; prefill rate; DECODE_ARGS adds
 #           options, e.g. --async-scheduling) and benchmarks/profile_decode.py at batch 1 and 64
@@ -78,7 +78,8 @@ if want lora; then
   timeout "${LORA_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_lora_linear.py --sweep \
     --out "$OUT/benchmark_lora_linear.md" >"$OUT/benchmark_lora_linear.log" 2>&1
   lrc=$?; tail -14 "$OUT/benchmark_lora_linear.log"; rc=$(( rc || lrc ))
-  timeout 100 python3 benchmarks/kernels/benchmark_moe_lora_align.py --out "$OUT/benchmark_moe_lora_align.md" \
+  timeout 100 python3 benchmarks/kernels/benchmark_moe_lora_align.py --chunks 256 512 1024 \
+    --out "$OUT/benchmark_moe_lora_align.md" \
     >"$OUT/benchmark_moe_lora_align.log" 2>&1
   arc=$?; tail -8 "$OUT/benchmark_moe_lora_align.log"; rc=$(( rc || arc ))
 fi

@@ -8,6 +8,8 @@ what ``TritonExperts`` and the Punica wrapper pick for Qwen3-30B-A3B, H=2048, I=
 - ``base only``: the expert alignment alone, i.e. what the step pays without LoRA.
 Table 2: ``moe_lora_align_block_size`` (virtual ids inside the kernels) per scan warp count in
 ``--scan-warps`` vs the virtual ids made with torch ops before the plain align (the previous implementation).
+Table 3 (``--chunks 256 512 1024``): the expert align and the LoRA align per count / scatter chunk (pairs per
+program, ``moe_align_block_size._CHUNK``).
 
 Correctness first: every row checks that the compared ops give identical integer outputs (sorted ids,
 block ids, used lengths, padded counts).  Timing: CUDA graph replay, L2 flushed, median of ``--reps``.
@@ -157,6 +159,52 @@ def fused_ids_table(args: argparse.Namespace, device: torch.device, flush: torch
     return lines
 
 
+def chunk_table(args: argparse.Namespace, device: torch.device, flush: torch.Tensor) -> list[str]:
+    """The aligns per count / scatter chunk (``moe_align_block_size._CHUNK``: pairs per program; the scan then
+    walks ceil(pairs / chunk) per-chunk histograms), each checked equal to the torch path first."""
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.model_executor.layers.fused_moe.ops import moe_align_block_size as mab
+
+    E, k, L = args.experts, args.top_k, args.num_loras
+    lines = [f"## Count / scatter chunk: pairs per program (default {mab._CHUNK})", "",
+             "| tokens | blocks (expert / LoRA) | " + " | ".join(f"chunk {c}: expert / LoRA align (us)"
+                                                          for c in args.chunks) + " |",
+             "|---:|---:|" + "---:|" * len(args.chunks)]
+    saved = mab._CHUNK
+    try:
+        for M in args.tokens:
+            topk, mapping, enabled = _inputs(M, E, k, L, device)
+            block, lora_block = _blocks(args, M * k, E, L, device)
+            lkw = dict(num_experts=E, max_loras=L, block_size=lora_block, adapter_enabled=enabled)
+            ref = mab.moe_align_block_size(topk, block, E, use_triton=False)
+            ref_lora = moe_lora_align_block_size(topk, mapping, use_triton=False, **lkw)
+            cells = []
+            for c in args.chunks:
+                mab._CHUNK = c
+
+                def base() -> torch.Tensor:
+                    return mab.moe_align_block_size(topk, block, E, use_triton=True).sorted_token_ids
+
+                def lora() -> torch.Tensor:
+                    return moe_lora_align_block_size(topk, mapping, use_triton=True, **lkw).sorted_token_ids
+
+                got = mab.moe_align_block_size(topk, block, E, use_triton=True)
+                got_lora = moe_lora_align_block_size(topk, mapping, use_triton=True, **lkw)
+                for f in ("sorted_token_ids", "block_expert_ids", "num_tokens_post_padded"):
+                    _same(getattr(got, f).cpu(), getattr(ref, f).cpu(), f"chunk {c}: expert alignment {f}")
+                for f in ("sorted_token_ids", "block_virtual_ids", "num_tokens_post_padded", "slot_padded_counts"):
+                    _same(getattr(got_lora, f).cpu(), getattr(ref_lora, f).cpu(), f"chunk {c}: LoRA alignment {f}")
+                if device.type == "cuda":
+                    cells.append(" / ".join(f"{time_cuda(fn, flush, args.reps, True)[0]:.1f}" for fn in (base, lora)))
+                else:
+                    cells.append("checked")
+            lines.append(f"| {M} | {block} / {lora_block} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    finally:
+        mab._CHUNK = saved
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=None, help="default 1 16 64 256 1024 (smoke: 1 9)")
@@ -166,6 +214,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=None, help="expert M-block (default: the layer's choice)")
     p.add_argument("--lora-block", type=int, default=None, help="LoRA M-block (default: the wrapper's choice)")
     p.add_argument("--scan-warps", nargs="+", type=int, default=[4, 8, 16])
+    p.add_argument("--chunks", nargs="+", type=int, default=None,
+                   help="also time the aligns per count / scatter chunk (powers of two, e.g. 256 512 1024)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--smoke", action="store_true", help="tiny sizes; without CUDA the equality checks only")
     p.add_argument("--out", default=None)
@@ -178,6 +228,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter, not timed)"
     lines = [f"# MoE LoRA aligns, {name}", ""] + align_once_table(args, device, flush) + [""]
     lines += fused_ids_table(args, device, flush)
+    if args.chunks:
+        if any(c < 16 or c & (c - 1) for c in args.chunks):
+            raise SystemExit(f"--chunks must be powers of two >= 16, got {args.chunks}")
+        lines += [""] + chunk_table(args, device, flush)
     emit("\n".join(lines), args.out)
 
 

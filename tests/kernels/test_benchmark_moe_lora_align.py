@@ -46,3 +46,21 @@ def test_a_differing_align_is_reported(device, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark_moe_lora_align.py", "--smoke", "--tokens", "9"])
     with pytest.raises(AssertionError, match="num_tokens_post_padded"):
         bench.main()
+
+
+def test_chunk_table_checks_every_chunk(tmp_path, device, monkeypatch):
+    """``--chunks``: every chunk size gives the torch path's alignments (checked before timing) and a row per
+    token count; the module's chunk is restored afterwards."""
+    if device.type == "cuda":
+        pytest.skip("smoke mode runs on the CPU interpreter")
+    from vllm.model_executor.layers.fused_moe.ops import moe_align_block_size as mab
+
+    before = mab._CHUNK
+    out = tmp_path / "t.md"
+    monkeypatch.setattr(sys, "argv", ["benchmark_moe_lora_align.py", "--smoke", "--tokens", "9", "--chunks", "16", "32",
+                                      "--out", str(out)])
+    bench.main()
+    text = out.read_text()
+    assert "## Count / scatter chunk" in text
+    assert any(line.startswith("| 9 |") and line.count("checked") == 2 for line in text.splitlines())
+    assert mab._CHUNK == before
