@@ -34,6 +34,11 @@ def _device_event(evt) -> bool:
     return kind is not None and kind != torch.autograd.DeviceType.CPU
 
 
+def is_flush_kernel(name: str) -> bool:
+    """Whether a device kernel is the L2 flush (``flush.fill_``: at::native's ``FillFunctor``), not the layer's."""
+    return "fill" in name.lower()
+
+
 def kernel_times(fn, iters: int, flush) -> dict[str, tuple[float, float]]:
     """name -> (calls per call of ``fn``, device us per call of ``fn``) over ``iters`` profiled calls."""
     gpu = torch.cuda.is_available()
@@ -50,7 +55,7 @@ def kernel_times(fn, iters: int, flush) -> dict[str, tuple[float, float]]:
     per: dict[str, list[float]] = defaultdict(list)
     for evt in prof.events():
         if gpu:
-            if not _device_event(evt) or "fill" in evt.name.lower():  # (at::native FillFunctor: the L2 flush)
+            if not _device_event(evt) or is_flush_kernel(evt.name):
                 continue
         elif not evt.name.startswith("aten::") or (evt.cpu_parent is not None
                                                    and evt.cpu_parent.name.startswith("aten::")):
