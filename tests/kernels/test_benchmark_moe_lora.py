@@ -73,5 +73,6 @@ def test_profile_drops_the_flush_kernel_only():
 
     assert is_flush_kernel("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
                            "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)")
-    for name in ("_fused_moe_gemm_kernel", "moe_lora_sorted_kernel", "_scatter_kernel", "Memcpy DtoD (Device -> Device)"):
+    for name in ("_fused_moe_gemm_kernel", "moe_lora_sorted_kernel", "_scatter_kernel",
+                 "Memcpy DtoD (Device -> Device)"):
         assert not is_flush_kernel(name)
