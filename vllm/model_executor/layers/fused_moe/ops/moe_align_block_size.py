@@ -165,7 +165,10 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
     )
 
 
-_CHUNK = 1024  # pairs per program of the count / scatter kernels
+# pairs per program of the count / scatter kernels: 256 (H200, benchmark_moe_lora_align.py --chunks, 128
+# experts top-8, 4 adapters: expert / LoRA align 13.7 / 21.3 us at 256 tokens vs 18.6 / 29.1 with 1024, 17.9 /
+# 23.9 vs 20.9 / 29.8 at 1024 tokens, equal at 1-16 tokens)
+_CHUNK = 256
 # group-table size (padded) -> warps of the one-program scan; 16 for the LoRA align's 512+ groups
 # (H200, benchmark_moe_lora_align.py: 21-31 us vs 68-81 us with 4 warps at 1-256 tokens)
 SCAN_WARPS = {256: 4, 1 << 30: 16}
