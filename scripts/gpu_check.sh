@@ -36,9 +36,12 @@
 #   epilogue the MoE LoRA delta in the base GEMM epilogues: its tests (kernel, layer, GEMM), then the layer
 #           with it on and off (EPI_ARGS: shapes and tokens, EPI_TIMEOUT per run; AB_ONLY=1 skips the tests),
 #           then its kernels profiled (Qwen3, 256 / 4096 tokens); only when named
+#   int4swap the int4 GEMM with the operands swapped (UNPACK 4, eleventh session): its cuda tests, the int4 GEMM
+#           per unpacking mode at the heuristic's tiles (--sweep-variants-only), then the layer with the decode
+#           tiles on UNPACK 3 and on 4 (SWAP_ARGS: shapes and tokens, SWAP_TIMEOUT per run); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -162,6 +165,21 @@ if [[ " $steps " == *" epilogue "* ]]; then
   timeout "${EPI_TIMEOUT:-150}" python3 benchmarks/kernels/profile_moe_lora.py --lora-epilogue 1 --shapes qwen3 \
     --tokens 256 4096 --out "$OUT/profile_epilogue.md" >"$OUT/profile_epilogue.log" 2>&1
   r=$?; grep "^## \|shrink\|gemm_kernel" "$OUT/profile_epilogue.md"; rc=$(( rc || r ))
+fi
+if [[ " $steps " == *" int4swap "* ]]; then
+  pytest tests/kernels/test_int4_moe_gemm.py >"$OUT/pytest_int4swap.log" 2>&1
+  src=$?; tail -4 "$OUT/pytest_int4swap.log"; rc=$(( rc || src ))
+  t=${SWAP_TIMEOUT:-150}
+  timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --sweep --sweep-variants-only \
+    ${SWAP_ARGS:---shapes qwen3 mixtral --tokens 16 64 256} --reps 30 --out "$OUT/int4swap_variants.md" \
+    >"$OUT/int4swap_variants.log" 2>&1
+  r=$?; grep "^| \|Error\|error" "$OUT/int4swap_variants.log" | tail -16; rc=$(( rc || r ))
+  for u in 4 3; do
+    timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --decode-unpack $u \
+      ${SWAP_ARGS:---shapes qwen3 mixtral --tokens 16 64 256} --reps 30 --out "$OUT/int4swap_layer_$u.md" \
+      >"$OUT/int4swap_layer_$u.log" 2>&1
+    r=$?; grep "tokens:\|Error\|error" "$OUT/int4swap_layer_$u.log" | tail -8; rc=$(( rc || r ))
+  done
 fi
 if [[ " $steps " == *" moeprof "* ]]; then
   timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \

@@ -85,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-variants-only", action="store_true",
                    help="with --sweep: time only the heuristic's tiles with each UNPACK mode / stages and the GEMV "
                         "(the variant columns), not the tile grid")
+    p.add_argument("--decode-unpack", type=int, default=None, choices=[3, 4],
+                   help="int4_moe_gemm.DECODE_UNPACK: the mode the heuristic gives the unsplit decode tiles (3: split "
+                        "by code position; 4: the operands swapped)")
     return p.parse_args()
 
 
@@ -266,6 +269,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     peak = lb.peak_bandwidth(device)
     set_path(args.path)
+    if args.decode_unpack is not None:
+        import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as int4_gemm
+
+        int4_gemm.DECODE_UNPACK = args.decode_unpack
     print(f"device: {gpu}; {str(dtype).replace('torch.', '')} activations; int4 group {args.group}, "
           f"{'symmetric' if args.symmetric else 'zero points'}; LoRA rank {args.rank}, {args.num_loras} adapters; "
           f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s; experts path {args.path}", flush=True)

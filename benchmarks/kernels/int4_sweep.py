@@ -1,5 +1,5 @@
 """``benchmark_moe_int4.py --sweep`` / ``--tune-out``: the int4 GEMM alone per shape, token count and GEMM,
-with the heuristic's tiles, each code-unpacking mode (``UNPACK`` 0-3) of the tl.dot kernel, the FMA GEMV
+with the heuristic's tiles, each code-unpacking mode (``UNPACK`` 0-4) of the tl.dot kernels, the FMA GEMV
 (``GEMV``: one row per program on unsorted small-batch launches, BLOCK_SIZE_M rows per block on sorted ones)
 and a pruned grid of alternatives, each checked against the heuristic's output first; the fastest written as
 tuned files (op ``int4_moe_gemm``).  On sorted launches the tuned entry keeps the heuristic's kernel and
@@ -25,7 +25,25 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
                    "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3),
                    "UNPACK 3 s3": dict(UNPACK=3, num_stages=3), "UNPACK 3 s2": dict(UNPACK=3, num_stages=2),
+                   # the operands swapped (not pipelined: one stage), at the heuristic's and two other widths
+                   "UNPACK 4": dict(UNPACK=4, num_stages=1), "UNPACK 4 n64": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=64),
+                   "UNPACK 4 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
+                   # where the heuristic's K-tile is 64 (UNPACK 4 needs 128; else it runs 0), and 0 unpipelined
+                   "UNPACK 4 k128": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_K=128),
+                   "UNPACK 4 k128 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_K=128, BLOCK_SIZE_N=256, num_warps=8),
+                   "UNPACK 0 s1": dict(UNPACK=0, num_stages=1),
+                   "UNPACK 0 n256 w8 s1": dict(UNPACK=0, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
                    "GEMV": dict(GEMV=1)}
+
+
+def swap_candidates():
+    """UNPACK 4 (the operands swapped) alternatives: widths, K-tiles, K splits, warps."""
+    for bn in (64, 128, 256):
+        for bk in (128, 256):
+            for split in (1, 2, 4):
+                for warps in (4, 8):
+                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=warps, num_stages=1,
+                               UNPACK=4)
 
 
 def gemv_candidates():
@@ -65,6 +83,7 @@ def sweep_candidates():
             for split in (1, 2, 4, 8):
                 for stages in (2, 3, 4):
                     yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_stages=stages, UNPACK=3)
+    yield from swap_candidates()
 
 
 def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> list[str]:

@@ -17,6 +17,7 @@ from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import (  # 
     _int4_moe_gemm_kernel,
     _split_k_reduce_kernel,
 )
+from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_swap_kernel import _int4_moe_gemm_swap_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -38,6 +39,9 @@ def main() -> None:
     # UNPACK 3 (one group per tile: K is a multiple of the tile): with and without zeros, act-order perm
     variants += [(16, 128, 128, 1, True, True, False, True, True, 3, 4), (16, 64, 256, 4, False, False, False, False,
                                                                        True, 3, 4)]
+    # UNPACK 4 (the operands swapped; one group per tile): sorted and unsorted, split-K, zeros, perm, an uneven K
+    variants += [(16, 128, 128, 1, True, True, False, True, True, 4, 3), (32, 256, 128, 2, False, False, False, False,
+                                                                       False, 4, 1)]
     for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even, unpack, stages) in itertools.product(["bf16", "fp16"],
                                                                                                     variants):
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
@@ -46,7 +50,10 @@ def main() -> None:
         cexp = dict(GROUP_SIZE=128, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
                     UPCAST_DOT=False, EVEN_K=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
                     GROUP_SIZE_M=8 if srt else 1, SORTED=srt, UNPACK=unpack)
-        compile_kernel(_int4_moe_gemm_kernel, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=stages)
+        fn = _int4_moe_gemm_kernel
+        if unpack == 4:  # the operands swapped: its own kernel, reading int16 halves of the words
+            fn, ptrs = _int4_moe_gemm_swap_kernel, dict(ptrs, qw_ptr="i16")
+        compile_kernel(fn, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=stages)
         print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt} unpack {unpack}", flush=True)
     for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):
         compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype},

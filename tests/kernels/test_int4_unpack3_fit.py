@@ -45,8 +45,8 @@ def test_heuristic_unpack3_never_exceeds_shared_memory(gpu_heuristic, dtype, gro
             assert need <= smem.SM90_SHARED_LIMIT, f"{key} {M} tokens: {cfg} needs {need} B"
             assert cfg.split_k == 1 and cfg.num_stages >= 2 and group % cfg.block_size_k == 0
             chosen.append((key, M))
-    if group == 128:  # the 4-32 rows per expert the brief is about take it: Qwen3 at 64, Mixtral at 16 and 64
-        assert {("qwen3", 64), ("mixtral", 16), ("mixtral", 64)} <= set(chosen), chosen
+    if group == 128:  # the 16-row decode tiles take it: Qwen3 at 64, Mixtral at 16 (32-row ones take 4)
+        assert {("qwen3", 64), ("mixtral", 16)} <= set(chosen), chosen
     else:
         assert not chosen  # a 128-wide K-tile spans 4 groups of 32: UNPACK 0
 
@@ -55,11 +55,28 @@ def test_unpack3_is_on_by_default_at_decode_tiles(monkeypatch):
     """On since the H200 A/B (benchmark_moe_int4.py --sweep-variants-only: 1.16-1.46x at Qwen3 64 tokens and
     Mixtral 16 / 64 tokens); the interpreter keeps its own few big tiles, UNPACK 0."""
     assert mod.UNPACK_DECODE_TILES is True
+    monkeypatch.setattr(mod, "triton_interpreting", lambda: True)  # (on a GPU too: this test is not cuda-marked)
     assert all(cfg.unpack == 0 for _, _, cfg in _configs(torch.bfloat16, 128))  # interpreter tiles
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
     for dtype in (torch.bfloat16, torch.float16):
         chosen = {(key, M) for key, M, cfg in _configs(dtype, 128) if cfg.unpack == 3}
-        assert {("qwen3", 64), ("mixtral", 16), ("mixtral", 64)} <= chosen, chosen
+        assert {("qwen3", 64), ("mixtral", 16)} <= chosen, chosen
+
+
+def test_swapped_operands_on_32_row_decode_tiles(monkeypatch):
+    """UNPACK 4 (the operands swapped) on the unsplit decode tiles of 32+ rows since the H200 A/B (eleventh
+    session: Qwen3 256 tokens, Mixtral 64 tokens); unpipelined (one stage); 16-row tiles keep 3."""
+    monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
+    for dtype in (torch.bfloat16, torch.float16):
+        swapped = {(key, M) for key, M, cfg in _configs(dtype, 128) if cfg.unpack == 4}
+        assert {("qwen3", 256), ("mixtral", 64)} <= swapped, swapped
+        for key, M, cfg in _configs(dtype, 128):
+            if cfg.unpack == 4:
+                assert cfg.block_size_m >= mod.SWAP_MIN_BLOCK_M and cfg.num_stages == 1 and cfg.split_k == 1
+            elif cfg.unpack == 3:
+                assert cfg.block_size_m < mod.SWAP_MIN_BLOCK_M
+    monkeypatch.setattr(mod, "DECODE_UNPACK", 3)  # the switch: 3 on those tiles too
+    assert not any(cfg.unpack == 4 for _, _, cfg in _configs(torch.bfloat16, 128))
 
 
 def test_bound_matches_the_compiled_figures_it_was_read_from():
@@ -84,7 +101,7 @@ def test_heuristic_lowers_stages_then_gives_up(gpu_heuristic):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows_per_expert,has_zeros", [(4, True), (16, False)])
 def test_unpack3_configs_match_fp32_reference(gpu_heuristic, dtype, rows_per_expert, has_zeros, device):
-    """The heuristic's UNPACK 3 config (tiles cut to a small layer; fp32 keeps 16-bit's BLOCK_SIZE_K 128) on
+    """The heuristic's UNPACK 3 / 4 config (tiles cut to a small layer; fp32 keeps 16-bit's BLOCK_SIZE_K 128) on
     random weights, 4 or 16 rows per expert, against the fp32 reference on the dequantised weights."""
     E, top_k, N, K, group = 4, 2, 96, 256, 128
     gen = torch.Generator().manual_seed(rows_per_expert + (dtype == torch.float16))
@@ -94,7 +111,8 @@ def test_unpack3_configs_match_fp32_reference(gpu_heuristic, dtype, rows_per_exp
     ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(M)]).to(device, torch.int32)
     a = torch.randn(M, K, generator=gen).to(device, dtype)
     cfg = mod.get_int4_moe_config(M * top_k, E, N, K, group, torch.float16)
-    assert cfg.unpack == 3 and cfg.split_k == 1 and cfg.block_size_k == 128 and not cfg.gemv
+    unpack = 3 if rows_per_expert <= 8 else 4  # 16 rows: 32-row tiles, the operands swapped
+    assert cfg.unpack == unpack and cfg.split_k == 1 and cfg.block_size_k == 128 and not cfg.gemv
     cfg = dataclasses.replace(cfg, block_size_n=64)  # 96 columns: two tiles, the second with an N tail
     al = moe_align_block_size(ids, cfg.block_size_m, E)
     out = torch.full((M * top_k, N), float("nan"), dtype=dtype, device=device)
@@ -105,7 +123,7 @@ def test_unpack3_configs_match_fp32_reference(gpu_heuristic, dtype, rows_per_exp
     ref = mod.int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k, topk_weights=tw, mul_routed_weight=True)
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
-    assert err < tol, f"UNPACK 3 {cfg}: normalised max error {err:.2e}"
+    assert err < tol, f"UNPACK {cfg.unpack} {cfg}: normalised max error {err:.2e}"
 
 
 def test_bound_holds_for_the_sm90_compile():

@@ -114,7 +114,8 @@ _GEMM_KEYS = TileConfig.JSON_KEYS
 class Int4TileConfig(TileConfig):
     """Tiles of the int4 (W4A16) grouped GEMM (``int4_moe_gemm.py``): ``TileConfig``'s, and
 
-    unpack: how the kernel unpacks the 4-bit codes, 0-3 (read ``_int4_moe_gemm_kernel.py``).
+    unpack: how the kernel unpacks the 4-bit codes, 0-3 (read ``_int4_moe_gemm_kernel.py``), or 4: the
+        operands swapped (``_int4_moe_gemm_swap_kernel.py``).
     gemv: 1 = the FMA GEMV instead of tl.dot: one row per program on the unsorted small-batch path
     (``_int4_gemv_kernel.py``: block_size_n, block_size_k, split_k, num_warps apply; block_size_m,
     group_size_m, num_stages, unpack do not), block_size_m rows per alignment block on sorted routing

@@ -1,0 +1,148 @@
+"""Private Triton body of the int4 grouped expert GEMM with the operands swapped (``UNPACK`` 4).
+
+The same op, arguments and routing as ``_int4_moe_gemm_kernel`` (read its docstring), computed transposed:
+one program's [BLOCK_SIZE_N, BLOCK_SIZE_M] tile of out^T = W[e] @ a^T, the dequantised weight tile the dot's
+first operand and the activation rows its second.  On an H100 / H200 the first operand of a warpgroup MMA
+may come from registers, the second only from shared memory: so the weight, unpacked and dequantised in
+registers, feeds the MMA without the shared-memory round trip (store, barrier, load) that the weight as
+the second operand costs in every other mode, and the few activation rows (BLOCK_SIZE_M of them, the MMA's
+narrow side: 16-64) are what goes through shared memory.  The weight's [BLOCK_SIZE_N, BLOCK_SIZE_K] int32
+words are loaded with each word repeated for its 8 K-positions (the same addresses: one transaction),
+shifted by (k % 8) * 4 and masked: elementwise from the load, so that the compiler can load them straight
+into the MMA operand's register layout.
+
+The compiler keeps the weight's chain in the MMA's register layout only if no operation in it narrows the
+element type, so the words are read as int16 halves (codes 0-3 in the low half, 4-7 in the high one;
+``qw_ptr`` is the int16 view of the int32 words, its strides in int16 units) and each code becomes
+C + q in the activation dtype by bit placement (``_int4_magic``'s constants in 16 bits), minus C: the
+exact code.  Zero points and scales come after the dot (the launcher runs this mode only with one scale
+group per K-tile and no g_idx, as ``UNPACK`` 3): per K-tile, acc += s * (Q @ a^T - z * sum_k a^T), in fp32,
+with no rounding of dequantised weights (as ``UNPACK`` 3; not bit-identical to 0-2).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int4_moe_gemm_swap_kernel(
+    a_ptr, qw_ptr, s_ptr,  # qw_ptr: the int16 view of [E_local, K/8, N] int32 words
+    z_ptr, g_ptr, perm_ptr, out_ptr, topk_weights_ptr, sorted_token_ids_ptr,
+    block_expert_ids_ptr, num_tokens_post_padded_ptr,
+    N, K, num_pid_m, num_pairs, top_k_in,
+    stride_am, stride_ak, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_pe,
+    stride_os, stride_om, stride_on,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: its bf16 dot multiplies raw bits
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+    SORTED: tl.constexpr,
+    UNPACK: tl.constexpr = 4,  # the launcher's mode switch; this kernel is mode 4
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    pids_per_group = GROUP_SIZE_M * num_pid_n
+    group = pid // pids_per_group
+    first_m = group * GROUP_SIZE_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % pids_per_group) % rows_in_group
+    pid_n = (pid % pids_per_group) // rows_in_group
+
+    if SORTED:
+        num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+        if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
+            return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    if SORTED:
+        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+        pair = tl.load(sorted_token_ids_ptr + offs_m)
+        pair_ok = pair < num_pairs
+    else:  # one pair per program: column 0 of the transposed tile
+        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
+        pair = tl.where(pair_ok, pid_m, num_pairs)
+    row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)  # padding reads row 0, never stored
+
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_ok = offs_n < N
+    offs_wn = offs_n % N  # N-tail channels wrap onto valid ones, never stored
+    offs_kw = tl.arange(0, BLOCK_SIZE_K // 8)
+
+    a_rows = a_ptr + row * stride_am
+    qw_rows = qw_ptr + expert * stride_qe + offs_wn * 2  # int16 units: two halves per word
+    s_rows = s_ptr + expert * stride_se + offs_wn
+    z_rows = z_ptr + expert * stride_ze + offs_wn
+
+    k_tiles = tl.cdiv(K, BLOCK_SIZE_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = pid_k * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
+    for kt in range(k_first, k_last):
+        kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
+        kw_ok = kw < K // 8
+        half_ptrs = qw_rows[:, None] + (kw * stride_qk)[None, :]  # [BN, BK/8]: the low halves (codes 0-3)
+        if EVEN_K:
+            lo = tl.load(half_ptrs)
+            hi = tl.load(half_ptrs + 1)
+        else:
+            lo = tl.load(half_ptrs, mask=kw_ok[None, :], other=0)
+            hi = tl.load(half_ptrs + 1, mask=kw_ok[None, :], other=0)
+        part = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
+        a_sum = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)
+        for c in tl.static_range(8):  # code c of word j is weight column 8j + c: one dot per code position
+            kc = kw * 8 + c
+            kc_ok = kc < K
+            kc = tl.where(kc_ok, kc, 0)
+            if HAS_PERM:
+                cols_c = tl.load(perm_ptr + expert * stride_pe + kc)
+            else:
+                cols_c = kc
+            a_c = tl.load(a_rows[None, :] + cols_c[:, None] * stride_ak, mask=kc_ok[:, None], other=0.0)  # [BK/8, BM]
+            if c < 4:
+                q = (lo >> (4 * c)) & 0xF
+            else:
+                q = (hi >> (4 * (c - 4))) & 0xF
+            if a_c.dtype == tl.float16:
+                w = (q | 0x6400).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q - 1024: the code, exact
+            elif a_c.dtype == tl.bfloat16:
+                w = (q | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+            else:
+                w = q.to(tl.float32)
+            if UPCAST_DOT:
+                part += tl.dot(w.to(tl.float32), a_c.to(tl.float32))
+            elif a_c.dtype == tl.float32:
+                part += tl.dot(w, a_c, input_precision="ieee")
+            else:
+                part = tl.dot(w, a_c, part)
+            a_sum += tl.sum(a_c.to(tl.float32), axis=0)
+        g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale per channel
+        s = tl.load(s_rows + g * stride_sg).to(a_ptr.dtype.element_ty).to(tl.float32)  # as stored, widened exactly
+        if HAS_ZEROS:
+            z = tl.load(z_rows + g * stride_zg).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_SIZE_N,), 8.0, tl.float32)
+        acc += (part - z[:, None] * a_sum[None, :]) * s[:, None]
+
+    if MUL_ROUTED_WEIGHT:
+        gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
+        acc *= gate.to(tl.float32)[None, :]
+    mask = n_ok[:, None] & pair_ok[None, :]
+    out_ptrs = out_ptr + pair.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs + pid_k * stride_os, acc, mask=mask)
