@@ -22,15 +22,18 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 # UNPACK 3 also with 3 and 2 stages: the stages its heuristic (UNPACK_DECODE_TILES) falls back to where 4 would not
 # fit shared memory (int4_dot_smem.py); at 16-64 tokens of Qwen3-30B-A3B / Mixtral-8x7B these columns
 # decided UNPACK_DECODE_TILES (4-32 rows per expert: 16x128x128 and 32x128x128 tiles; on since the H200 A/B)
-UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0), "UNPACK 1": dict(UNPACK=1, num_stages=2),
-                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3),
+# (0 and 3 with 4 stages stated: the heuristic's own tiles may carry UNPACK 4's one stage)
+UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0, num_stages=4), "UNPACK 1": dict(UNPACK=1, num_stages=2),
+                   "UNPACK 2": dict(UNPACK=2, num_stages=2), "UNPACK 3": dict(UNPACK=3, num_stages=4),
                    "UNPACK 3 s3": dict(UNPACK=3, num_stages=3), "UNPACK 3 s2": dict(UNPACK=3, num_stages=2),
                    # the operands swapped (not pipelined: one stage), at the heuristic's and two other widths
-                   "UNPACK 4": dict(UNPACK=4, num_stages=1), "UNPACK 4 n64": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=64),
+                   "UNPACK 4": dict(UNPACK=4, num_stages=1),
+                   "UNPACK 4 n64": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=64),
                    "UNPACK 4 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
                    # where the heuristic's K-tile is 64 (UNPACK 4 needs 128; else it runs 0), and 0 unpipelined
                    "UNPACK 4 k128": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_K=128),
-                   "UNPACK 4 k128 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_K=128, BLOCK_SIZE_N=256, num_warps=8),
+                   "UNPACK 4 k128 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_K=128, BLOCK_SIZE_N=256,
+                                                 num_warps=8),
                    "UNPACK 0 s1": dict(UNPACK=0, num_stages=1),
                    "UNPACK 0 n256 w8 s1": dict(UNPACK=0, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
                    "GEMV": dict(GEMV=1)}
@@ -169,7 +172,11 @@ def sweep(q_layer, case, tokens, args, dtype, device, flush, tuned: dict) -> lis
                 grid = candidates
             if getattr(args, "sweep_variants_only", False):
                 grid = []
-            for vname, cand in [*variants.items(), *((None, c) for c in grid)]:
+            def fit(cand: dict) -> dict:  # a variant's wider tiles fall back to the heuristic's on a narrower GEMM
+                return {k: v for k, v in cand.items()
+                        if not (k == "BLOCK_SIZE_N" and v > max(16, w.n) or k == "BLOCK_SIZE_K" and v > max(16, w.k))}
+
+            for vname, cand in [*((n, fit(v)) for n, v in variants.items()), *((None, c) for c in grid)]:
                 t = try_config(cand)
                 if vname is not None:
                     t_var[vname] = t

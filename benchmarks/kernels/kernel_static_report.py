@@ -39,9 +39,11 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H
 # name -> (hidden H, intermediate I, experts E, top_k)
 INT4_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2)}
 MXFP4_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4), "gpt-oss-120b": (2880, 2880, 128, 4)}
-INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0), "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
+INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0, num_stages=4),
+                 "dup words (UNPACK 1)": dict(UNPACK=1, num_stages=2),
                  "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
-                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3),
+                 "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3, num_stages=4),
+                 "operands swapped, weight in registers (UNPACK 4)": dict(UNPACK=4, num_stages=1),
                  # the FMA GEMV: one row per program (unsorted launches), BLOCK_SIZE_M rows per block (sorted)
                  "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
@@ -113,6 +115,7 @@ def compile_int4_gemv_rows(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num
 def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, sorted_pairs: bool,
                  zeros: bool = True, group: int = 128):
     from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _int4_moe_gemm_kernel as fn
+    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_swap_kernel import _int4_moe_gemm_swap_kernel
 
     if int(cfg.get("GEMV", 0)) and sorted_pairs:
         return compile_int4_gemv_rows(dtype, cfg, N=N, K=K, num_pairs=num_pairs, zeros=zeros, group=group)
@@ -126,6 +129,9 @@ def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: in
     ints = dict(stride_am=K, stride_ak=1, stride_qe=K // 8 * N, stride_qk=N, stride_se=G * N, stride_sg=N,
                 stride_ze=G * N, stride_zg=N, stride_pe=K, stride_os=num_pairs * N, stride_om=N, stride_on=1,
                 N=N, K=K)
+    if int(cfg.get("UNPACK", 0)) == 4:  # the swapped kernel reads the words' int16 view (strides in halves)
+        fn, ptrs["qw_ptr"] = _int4_moe_gemm_swap_kernel, "i16"
+        ints.update(stride_qe=K // 8 * N * 2, stride_qk=N * 2)
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
                 UPCAST_DOT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
