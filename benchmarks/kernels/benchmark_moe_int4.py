@@ -85,9 +85,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-variants-only", action="store_true",
                    help="with --sweep: time only the heuristic's tiles with each UNPACK mode / stages and the GEMV "
                         "(the variant columns), not the tile grid")
-    p.add_argument("--decode-unpack", type=int, default=None, choices=[3, 4],
-                   help="int4_moe_gemm.DECODE_UNPACK: the mode the heuristic gives the unsplit decode tiles (3: split "
-                        "by code position; 4: the operands swapped)")
+    p.add_argument("--decode-unpack", type=int, default=None, choices=[3, 4, 5],
+                   help="int4_moe_gemm.DECODE_UNPACK: the mode the heuristic gives the unsplit decode tiles of 32+ "
+                        "rows (3: split by code position; 4 / 5: the operands swapped, 16-bit / tf32 dots)")
     return p.parse_args()
 
 

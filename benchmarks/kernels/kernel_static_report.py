@@ -44,6 +44,7 @@ INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0, num_stages=4),
                  "dup words + magic (UNPACK 2)": dict(UNPACK=2, num_stages=2),
                  "split by code, scales after the dot (UNPACK 3)": dict(UNPACK=3, num_stages=4),
                  "operands swapped, weight in registers (UNPACK 4)": dict(UNPACK=4, num_stages=1),
+                 "operands swapped, int32 words, tf32 (UNPACK 5)": dict(UNPACK=5, num_stages=3),
                  # the FMA GEMV: one row per program (unsorted launches), BLOCK_SIZE_M rows per block (sorted)
                  "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
@@ -132,6 +133,8 @@ def compile_int4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: in
     if int(cfg.get("UNPACK", 0)) == 4:  # the swapped kernel reads the words' int16 view (strides in halves)
         fn, ptrs["qw_ptr"] = _int4_moe_gemm_swap_kernel, "i16"
         ints.update(stride_qe=K // 8 * N * 2, stride_qk=N * 2)
+    elif int(cfg.get("UNPACK", 0)) == 5:
+        fn = _int4_moe_gemm_swap_kernel
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
                 UPCAST_DOT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, SPLIT_K=split,
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],

@@ -42,6 +42,9 @@ def main() -> None:
     # UNPACK 4 (the operands swapped; one group per tile): sorted and unsorted, split-K, zeros, perm, an uneven K
     variants += [(16, 128, 128, 1, True, True, False, True, True, 4, 3), (32, 256, 128, 2, False, False, False, False,
                                                                        False, 4, 1)]
+    # UNPACK 5 (the same, int32 words, tf32 dots, pipelined)
+    variants += [(32, 128, 128, 1, True, True, False, True, True, 5, 3), (16, 256, 128, 2, False, False, False, False,
+                                                                       False, 5, 2)]
     for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even, unpack, stages) in itertools.product(["bf16", "fp16"],
                                                                                                     variants):
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
@@ -51,8 +54,8 @@ def main() -> None:
                     UPCAST_DOT=False, EVEN_K=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
                     GROUP_SIZE_M=8 if srt else 1, SORTED=srt, UNPACK=unpack)
         fn = _int4_moe_gemm_kernel
-        if unpack == 4:  # the operands swapped: its own kernel, reading int16 halves of the words
-            fn, ptrs = _int4_moe_gemm_swap_kernel, dict(ptrs, qw_ptr="i16")
+        if unpack >= 4:  # the operands swapped: its own kernel; 4 reads int16 halves of the words
+            fn, ptrs = _int4_moe_gemm_swap_kernel, dict(ptrs, qw_ptr="i16" if unpack == 4 else "i32")
         compile_kernel(fn, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=stages)
         print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt} unpack {unpack}", flush=True)
     for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):

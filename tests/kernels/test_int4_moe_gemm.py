@@ -57,7 +57,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("unpack", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("unpack", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("routing", ["sorted", "unsorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
@@ -122,7 +122,7 @@ def test_decode_config_splits_k_to_fill_the_gpu(monkeypatch):
 
 def test_kernels_compile_for_hopper():
     """The CPU interpreter never compiles: compile the kernels for sm_90 in a subprocess (no GPU needed)."""
-    assert run_without_interpreter("tests/kernels/int4_hopper_compile.py").count("ok ") == 34
+    assert run_without_interpreter("tests/kernels/int4_hopper_compile.py").count("ok ") == 38
 
 
 @pytest.mark.parametrize("epilogue", ["silu", "gelu", "silu_no_mul", "gelu_no_mul", "relu2_no_mul", "top_k"])
@@ -180,7 +180,7 @@ def test_tuned_config_file_wins(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("entry,error", [('{"8": {"BLOCK_SIZE_N": 64, "SPLITK": 2}}', r"unknown key\(s\) \['SPLITK'\]"),
-                                         ('{"8": {"UNPACK": 5}}', "UNPACK=5"),
+                                         ('{"8": {"UNPACK": 6}}', "UNPACK=6"),
                                          ('{"8": {"BLOCK_SIZE_K": 48}}', "powers of two")])
 def test_bad_tuned_entry_is_an_error_naming_the_file(tmp_path, monkeypatch, entry, error):
     """A tuned entry the GEMM cannot take is refused (with the file's name), never silently dropped."""

@@ -74,7 +74,7 @@ def test_unpack3_applies_only_with_one_group_per_wide_tile(device, monkeypatch):
 def test_unknown_unpack_mode_is_refused(device):
     gen = torch.Generator().manual_seed(0)
     pw = _packed([random_int4(16, 32, 16, True, False, gen)], 16, True, False, device)
-    cfg = dataclasses.replace(get_int4_moe_config(1, 1, 16, 32, 16, torch.float32, sorted_pairs=False), unpack=5)
+    cfg = dataclasses.replace(get_int4_moe_config(1, 1, 16, 32, 16, torch.float32, sorted_pairs=False), unpack=6)
     with pytest.raises(ValueError, match="UNPACK"):
         invoke_int4_moe_gemm(torch.randn(1, 32, device=device), pw, torch.empty(1, 16, device=device), top_k_in=1,
                              config=cfg, pair_expert_ids=torch.zeros(1, dtype=torch.int32, device=device))

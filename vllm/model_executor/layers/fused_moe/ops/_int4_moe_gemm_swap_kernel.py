@@ -1,23 +1,26 @@
-"""Private Triton body of the int4 grouped expert GEMM with the operands swapped (``UNPACK`` 4).
+"""Private Triton body of the int4 grouped expert GEMM with the operands swapped (``UNPACK`` 4 and 5).
 
 The same op, arguments and routing as ``_int4_moe_gemm_kernel`` (read its docstring), computed transposed:
-one program's [BLOCK_SIZE_N, BLOCK_SIZE_M] tile of out^T = W[e] @ a^T, the dequantised weight tile the dot's
+one program's [BLOCK_SIZE_N, BLOCK_SIZE_M] tile of out^T = W[e] @ a^T, the decoded weight tile the dot's
 first operand and the activation rows its second.  On an H100 / H200 the first operand of a warpgroup MMA
-may come from registers, the second only from shared memory: so the weight, unpacked and dequantised in
-registers, feeds the MMA without the shared-memory round trip (store, barrier, load) that the weight as
-the second operand costs in every other mode, and the few activation rows (BLOCK_SIZE_M of them, the MMA's
-narrow side: 16-64) are what goes through shared memory.  The weight's [BLOCK_SIZE_N, BLOCK_SIZE_K] int32
-words are loaded with each word repeated for its 8 K-positions (the same addresses: one transaction),
-shifted by (k % 8) * 4 and masked: elementwise from the load, so that the compiler can load them straight
-into the MMA operand's register layout.
+may come from registers, the second only from shared memory: so the weight, decoded in registers, feeds the
+MMA without the shared-memory round trip (store, barrier, load) that the weight as the second operand costs
+in every other mode, and the few activation rows (BLOCK_SIZE_M of them, the MMA's narrow side) are what goes
+through shared memory.  Triton (``MMAV3HoistLayoutConversion``) loads the words straight into the MMA
+operand's register layout only if every op from the load to the dot is elementwise, takes nothing but loads
+and constants besides, and never narrows the element type.  Hence, per K-tile:
 
-The compiler keeps the weight's chain in the MMA's register layout only if no operation in it narrows the
-element type, so the words are read as int16 halves (codes 0-3 in the low half, 4-7 in the high one;
-``qw_ptr`` is the int16 view of the int32 words, its strides in int16 units) and each code becomes
-C + q in the activation dtype by bit placement (``_int4_magic``'s constants in 16 bits), minus C: the
-exact code.  Zero points and scales come after the dot (the launcher runs this mode only with one scale
-group per K-tile and no g_idx, as ``UNPACK`` 3): per K-tile, acc += s * (Q @ a^T - z * sum_k a^T), in fp32,
-with no rounding of dequantised weights (as ``UNPACK`` 3; not bit-identical to 0-2).
+- one dot of K = BLOCK_SIZE_K / 8 per code position c (constant shifts), against activation columns 8j + c,
+  as ``UNPACK`` 3; the launcher runs 4 and 5 only with one scale group per K-tile, BLOCK_SIZE_K >= 128 and
+  no g_idx (else 0);
+- zero points and scales after the dots, in fp32: acc += s * (Q @ a^T - z * sum_k a^T); no rounding of
+  decoded weights (as ``UNPACK`` 3; not bit-identical to 0-2);
+- ``UNPACK`` 4: ``qw_ptr`` is the int16 view of the words (strides in int16 units), read as halves of 4 codes;
+  a code becomes C + q in the activation dtype by bit placement (fp16 1024 + q, bf16 128 + q), minus C:
+  exact.  Its 2-byte strided loads cannot be asynchronous copies: not pipelined (one stage);
+- ``UNPACK`` 5: the int32 words themselves (16-byte vectors along N: pipelined), each code 2^23 + q - 2^23 in
+  fp32 and the dot in tf32, in which codes and fp16 / bf16 activations are exact (fp32 activations: an
+  IEEE dot).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def _int4_moe_gemm_swap_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
-    UNPACK: tl.constexpr = 4,  # the launcher's mode switch; this kernel is mode 4
+    UNPACK: tl.constexpr = 4,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -81,7 +84,10 @@ def _int4_moe_gemm_swap_kernel(
     offs_kw = tl.arange(0, BLOCK_SIZE_K // 8)
 
     a_rows = a_ptr + row * stride_am
-    qw_rows = qw_ptr + expert * stride_qe + offs_wn * 2  # int16 units: two halves per word
+    if UNPACK == 5:
+        qw_rows = qw_ptr + expert * stride_qe + offs_wn  # int32 words
+    else:
+        qw_rows = qw_ptr + expert * stride_qe + offs_wn * 2  # int16 units: two halves per word
     s_rows = s_ptr + expert * stride_se + offs_wn
     z_rows = z_ptr + expert * stride_ze + offs_wn
 
@@ -94,13 +100,20 @@ def _int4_moe_gemm_swap_kernel(
     for kt in range(k_first, k_last):
         kw = kt * (BLOCK_SIZE_K // 8) + offs_kw
         kw_ok = kw < K // 8
-        half_ptrs = qw_rows[:, None] + (kw * stride_qk)[None, :]  # [BN, BK/8]: the low halves (codes 0-3)
-        if EVEN_K:
-            lo = tl.load(half_ptrs)
-            hi = tl.load(half_ptrs + 1)
+        word_ptrs = qw_rows[:, None] + (kw * stride_qk)[None, :]  # [BN, BK/8]: words (5), or their low halves (4)
+        if UNPACK == 5:
+            if EVEN_K:
+                words = tl.load(word_ptrs)
+            else:
+                words = tl.load(word_ptrs, mask=kw_ok[None, :], other=0)
+            lo = words
+            hi = words
+        elif EVEN_K:
+            lo = tl.load(word_ptrs)
+            hi = tl.load(word_ptrs + 1)
         else:
-            lo = tl.load(half_ptrs, mask=kw_ok[None, :], other=0)
-            hi = tl.load(half_ptrs + 1, mask=kw_ok[None, :], other=0)
+            lo = tl.load(word_ptrs, mask=kw_ok[None, :], other=0)
+            hi = tl.load(word_ptrs + 1, mask=kw_ok[None, :], other=0)
         part = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
         a_sum = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)
         for c in tl.static_range(8):  # code c of word j is weight column 8j + c: one dot per code position
@@ -112,22 +125,29 @@ def _int4_moe_gemm_swap_kernel(
             else:
                 cols_c = kc
             a_c = tl.load(a_rows[None, :] + cols_c[:, None] * stride_ak, mask=kc_ok[:, None], other=0.0)  # [BK/8, BM]
-            if c < 4:
-                q = (lo >> (4 * c)) & 0xF
+            if UNPACK == 5:  # a 32-bit chain from the word (no narrowing): 2^23 + q - 2^23, the code, exact
+                w = (((lo >> (4 * c)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                a_op = a_c.to(tl.float32)
             else:
-                q = (hi >> (4 * (c - 4))) & 0xF
-            if a_c.dtype == tl.float16:
-                w = (q | 0x6400).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q - 1024: the code, exact
-            elif a_c.dtype == tl.bfloat16:
-                w = (q | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
-            else:
-                w = q.to(tl.float32)
+                if c < 4:
+                    q = (lo >> (4 * c)) & 0xF
+                else:
+                    q = (hi >> (4 * (c - 4))) & 0xF
+                if a_c.dtype == tl.float16:
+                    w = (q | 0x6400).to(tl.float16, bitcast=True) - 1024.0  # 1024 + q - 1024: the code, exact
+                elif a_c.dtype == tl.bfloat16:
+                    w = (q | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+                else:
+                    w = q.to(tl.float32)
+                a_op = a_c
             if UPCAST_DOT:
-                part += tl.dot(w.to(tl.float32), a_c.to(tl.float32))
+                part += tl.dot(w.to(tl.float32), a_op.to(tl.float32))
             elif a_c.dtype == tl.float32:
-                part += tl.dot(w, a_c, input_precision="ieee")
+                part += tl.dot(w, a_op, input_precision="ieee")
+            elif UNPACK == 5:  # tf32: the codes and 16-bit activations are exact in it; fp32 products and sums
+                part = tl.dot(w, a_op, part, input_precision="tf32")
             else:
-                part = tl.dot(w, a_c, part)
+                part = tl.dot(w, a_op, part)
             a_sum += tl.sum(a_c.to(tl.float32), axis=0)
         g = (kt * BLOCK_SIZE_K) // GROUP_SIZE  # the whole tile is in one group: one scale per channel
         s = tl.load(s_rows + g * stride_sg).to(a_ptr.dtype.element_ty).to(tl.float32)  # as stored, widened exactly

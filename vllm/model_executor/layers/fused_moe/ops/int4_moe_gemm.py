@@ -30,7 +30,8 @@ from vllm.platforms.interface import triton_interpreting
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
 UNPACK_DECODE_TILES = True  # UNPACK 3 on unsplit decode tiles where it fits shared memory (see _heuristic_config)
-# the mode UNPACK_DECODE_TILES gives tiles of BLOCK_SIZE_M >= SWAP_MIN_BLOCK_M: 4 (the operands swapped) or 3.
+# the mode UNPACK_DECODE_TILES gives tiles of BLOCK_SIZE_M >= SWAP_MIN_BLOCK_M: 4 or 5 (the operands swapped;
+# 5 built after the GPU time, untimed) or 3.
 # H200 (benchmark_moe_int4.py --sweep --sweep-variants-only, eleventh session): 4 at 32x128x128, us per GEMM
 # w13 / w2, vs 3: Qwen3-30B-A3B 256 tokens 365.5 / 193.1 vs 461.2 / 237.6, Mixtral-8x7B 64 tokens 820.0 / 412.1
 # vs 1034.4 / 529.9; at 16-row tiles 4 loses (Qwen3 64 tokens 260.9 / 136.6 vs 193.2 / 104.1)
@@ -114,8 +115,8 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_si
     # at Qwen3-30B-A3B 64 tokens and Mixtral-8x7B 16 / 64 tokens.
     unpack = 0
     if UNPACK_DECODE_TILES and split == 1 and bk >= 128 and group_size > 0 and group_size % bk == 0:
-        if DECODE_UNPACK == 4 and bm >= SWAP_MIN_BLOCK_M:
-            unpack, stages = 4, 1  # not pipelined: the words go to registers, the MMA's layout
+        if DECODE_UNPACK in (4, 5) and bm >= SWAP_MIN_BLOCK_M:  # 4 is not pipelined (one stage), 5 is
+            unpack, stages = DECODE_UNPACK, 1 if DECODE_UNPACK == 4 else 3
         elif (fit := unpack3_stages_that_fit(bm, bn, bk, stages)) is not None:
             unpack, stages = 3, fit
     return Int4TileConfig(block_size_m=bm, block_size_n=bn, block_size_k=bk, group_size_m=gm, split_k=split,
@@ -183,7 +184,7 @@ def _gemv_rows_config(num_pairs: int, num_experts: int, N: int, K: int) -> Int4T
 
 def check_int4_tile_config(config: Int4TileConfig) -> None:
     """What ``invoke_int4_moe_gemm`` needs of a config: power-of-two tiles >= 16, whole int32 words per
-    K-tile, an UNPACK mode 0-4 (``TypeError`` for anything but an ``Int4TileConfig``)."""
+    K-tile, an UNPACK mode 0-5 (``TypeError`` for anything but an ``Int4TileConfig``)."""
     if not isinstance(config, Int4TileConfig):
         raise TypeError(f"config must be an Int4TileConfig (get_int4_moe_config, or Int4TileConfig.from_json for "
                         f"a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
@@ -199,14 +200,14 @@ def check_int4_tile_config(config: Int4TileConfig) -> None:
         elif v < 16 or v & (v - 1):
             raise ValueError(f"{name.upper()}={v}: tl.dot tiles must be powers of two >= 16"
                              + (" (smaller BLOCK_SIZE_M needs GEMV=1)" if name == "block_size_m" else ""))
-    if config.unpack not in (0, 1, 2, 3, 4):
+    if config.unpack not in (0, 1, 2, 3, 4, 5):
         raise ValueError(f"UNPACK={config.unpack}: 0 (reshape), 1 (duplicated word loads), 2 (1 + bit-placement "
-                         "decode), 3 (split by code position, scales after the dot; _int4_moe_gemm_kernel.py) or 4 "
+                         "decode), 3 (split by code position, scales after the dot; _int4_moe_gemm_kernel.py), 4 or 5 "
                          "(operands swapped, _int4_moe_gemm_swap_kernel.py)")
 
 
 def unpack3_applies(w: Int4PackedWeight, block_k: int) -> bool:
-    """Whether ``UNPACK`` 3 (or 4) can run: one scale group per K-tile (the group size a multiple of
+    """Whether ``UNPACK`` 3 (or 4, 5) can run: one scale group per K-tile (the group size a multiple of
     BLOCK_SIZE_K, no per-channel g_idx) and 8 dots of at least 16 (BLOCK_SIZE_K >= 128).  The
     launcher runs ``UNPACK`` 0 where it cannot, so that one config serves every weight of a shape."""
     return w.g_idx is None and w.group_size % block_k == 0 and block_k >= 128
@@ -252,8 +253,8 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     check_int4_tile_config(config)
     bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
     split, unpack = config.split_k, config.unpack
-    if unpack in (3, 4) and not unpack3_applies(w, bk):
-        unpack = 0  # documented: 3 and 4 need one scale group per K-tile and BLOCK_SIZE_K >= 128
+    if unpack >= 3 and not unpack3_applies(w, bk):
+        unpack = 0  # documented: 3-5 need one scale group per K-tile and BLOCK_SIZE_K >= 128
     if a.dim() != 2 or a.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"a must be a 2-D fp16/bf16/fp32 tensor, got {a.dim()}-D {a.dtype}")
     E, N, K = w.num_experts, w.n, w.k
@@ -350,10 +351,10 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         kernel, words = _int4_moe_gemm_kernel, w.qweight
-        if unpack == 4:  # the operands swapped; reads the words as int16 halves
+        if unpack >= 4:  # the operands swapped; 4 reads the words as int16 halves
             from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_swap_kernel import (
                 _int4_moe_gemm_swap_kernel as kernel)
-            words = w.qweight.view(torch.int16)
+            words = w.qweight.view(torch.int16) if unpack == 4 else w.qweight
         kernel[grid](
             a, words, w.scales, w.zeros if w.zeros is not None else dummy,
             w.g_idx if w.g_idx is not None else dummy, w.perm if w.perm is not None else dummy,
