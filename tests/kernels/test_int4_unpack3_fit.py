@@ -64,19 +64,23 @@ def test_unpack3_is_on_by_default_at_decode_tiles(monkeypatch):
 
 
 def test_swapped_operands_on_32_row_decode_tiles(monkeypatch):
-    """UNPACK 4 (the operands swapped) on the unsplit decode tiles of 32+ rows since the H200 A/B (eleventh
-    session: Qwen3 256 tokens, Mixtral 64 tokens); unpipelined (one stage); 16-row tiles keep 3."""
+    """UNPACK 5 (the operands swapped, int32 words, tf32 dots, pipelined) on the unsplit decode tiles of 32+
+    rows since the H200 A/B (eleventh session: Qwen3 256 tokens, Mixtral 64 tokens); 16-row tiles keep 3; 4
+    (the same, unpipelined) is the switch's other value."""
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
     for dtype in (torch.bfloat16, torch.float16):
-        swapped = {(key, M) for key, M, cfg in _configs(dtype, 128) if cfg.unpack == 4}
+        swapped = {(key, M) for key, M, cfg in _configs(dtype, 128) if cfg.unpack == 5}
         assert {("qwen3", 256), ("mixtral", 64)} <= swapped, swapped
         for key, M, cfg in _configs(dtype, 128):
-            if cfg.unpack == 4:
-                assert cfg.block_size_m >= mod.SWAP_MIN_BLOCK_M and cfg.num_stages == 1 and cfg.split_k == 1
+            if cfg.unpack == 5:
+                assert cfg.block_size_m >= mod.SWAP_MIN_BLOCK_M and cfg.num_stages == 3 and cfg.split_k == 1
             elif cfg.unpack == 3:
                 assert cfg.block_size_m < mod.SWAP_MIN_BLOCK_M
+    monkeypatch.setattr(mod, "DECODE_UNPACK", 4)
+    assert all(cfg.num_stages == 1 for _, _, cfg in _configs(torch.bfloat16, 128) if cfg.unpack == 4)
+    assert any(cfg.unpack == 4 for _, _, cfg in _configs(torch.bfloat16, 128))
     monkeypatch.setattr(mod, "DECODE_UNPACK", 3)  # the switch: 3 on those tiles too
-    assert not any(cfg.unpack == 4 for _, _, cfg in _configs(torch.bfloat16, 128))
+    assert not any(cfg.unpack >= 4 for _, _, cfg in _configs(torch.bfloat16, 128))
 
 
 def test_bound_matches_the_compiled_figures_it_was_read_from():
@@ -111,7 +115,7 @@ def test_unpack3_configs_match_fp32_reference(gpu_heuristic, dtype, rows_per_exp
     ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(M)]).to(device, torch.int32)
     a = torch.randn(M, K, generator=gen).to(device, dtype)
     cfg = mod.get_int4_moe_config(M * top_k, E, N, K, group, torch.float16)
-    unpack = 3 if rows_per_expert <= 8 else 4  # 16 rows: 32-row tiles, the operands swapped
+    unpack = 3 if rows_per_expert <= 8 else 5  # 16 rows: 32-row tiles, the operands swapped
     assert cfg.unpack == unpack and cfg.split_k == 1 and cfg.block_size_k == 128 and not cfg.gemv
     cfg = dataclasses.replace(cfg, block_size_n=64)  # 96 columns: two tiles, the second with an N tail
     al = moe_align_block_size(ids, cfg.block_size_m, E)

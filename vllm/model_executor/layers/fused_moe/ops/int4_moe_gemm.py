@@ -30,12 +30,12 @@ from vllm.platforms.interface import triton_interpreting
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
 UNPACK_DECODE_TILES = True  # UNPACK 3 on unsplit decode tiles where it fits shared memory (see _heuristic_config)
-# the mode UNPACK_DECODE_TILES gives tiles of BLOCK_SIZE_M >= SWAP_MIN_BLOCK_M: 4 or 5 (the operands swapped;
-# 5 built after the GPU time, untimed) or 3.
-# H200 (benchmark_moe_int4.py --sweep --sweep-variants-only, eleventh session): 4 at 32x128x128, us per GEMM
-# w13 / w2, vs 3: Qwen3-30B-A3B 256 tokens 365.5 / 193.1 vs 461.2 / 237.6, Mixtral-8x7B 64 tokens 820.0 / 412.1
-# vs 1034.4 / 529.9; at 16-row tiles 4 loses (Qwen3 64 tokens 260.9 / 136.6 vs 193.2 / 104.1)
-DECODE_UNPACK, SWAP_MIN_BLOCK_M = 4, 32
+# the mode UNPACK_DECODE_TILES gives tiles of BLOCK_SIZE_M >= SWAP_MIN_BLOCK_M: 5 or 4 (the operands swapped)
+# or 3.  H200 (benchmark_moe_int4.py --sweep --sweep-variants-only, eleventh session), us per GEMM w13 / w2 at
+# 32x128x128: Qwen3-30B-A3B 256 tokens 5: 279.7 / 155.6, 4: 363.5 / 191.7, 3: 457.7 / 235.4; Mixtral-8x7B 64
+# tokens 4: 820.0 / 412.1, 3: 1034.4 / 529.9.  On 16-row tiles 4 loses and 5 ties 3 (Qwen3 64 tokens: 259.0 /
+# 135.5, 190.9 / 102.8, 192.7 / 103.7): they keep 3
+DECODE_UNPACK, SWAP_MIN_BLOCK_M = 5, 32
 GEMV_UNSORTED = True  # the unsorted small-batch launch runs the FMA GEMV (see _gemv_config)
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 128, 256, 4, 4
 GEMV_MAX_BLOCK_M = 16  # rows of one sorted block the GEMV accumulates (_int4_gemv_rows_kernel.py)
