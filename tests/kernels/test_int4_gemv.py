@@ -58,17 +58,19 @@ CASES = [
     (2, 2, 4, 40, 128, 32, True, True, False, 1, 32),  # act-order: perm
     (2, 2, 4, 40, 64, 16, False, True, True, 2, 16),  # act-order with uneven groups: g_idx kept (per-weight path)
     (2, 2, 3, 32, 256, 128, True, False, False, 2, 128),  # group 128, zeros up to 16, split-K
+    (2, 2, 3, 32, 192, 32, True, False, False, 4, 32),  # 6 K-steps over 4 splits: the last split empty
 ]
 
 
+@pytest.mark.parametrize("stages", [1, 2])  # 2: PREFETCH, the next K-step's words loaded before this step's FMAs
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
 def test_gemv_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split, bk,
-                                            dtype, weighted, device):
+                                            dtype, weighted, stages, device):
     ws, pw, a, ids, tw = _case(rows, top_k, E, N, K, group, has_zeros, act_order, general, rows * 7 + K, device,
                                dtype)
-    cfg = Int4TileConfig(16, 16, bk, split_k=split, num_stages=1, gemv=1)
+    cfg = Int4TileConfig(16, 16, bk, split_k=split, num_stages=stages, gemv=1)
     out = _run(a, pw, ids, tw, top_k, cfg, weighted, dtype).cpu()
     ref, routed = _reference(ws, a, ids, tw, top_k, weighted)
     assert_close(out[routed].float(), ref[routed], dtype)
@@ -128,7 +130,7 @@ def test_gemv_refuses_bad_values():
 
 def test_gemv_compiles_for_hopper():
     """The interpreter never compiles: compile the GEMV for sm_90 in a subprocess (no GPU needed)."""
-    assert run_without_interpreter("tests/kernels/int4_gemv_hopper_compile.py").count("ok ") == 7
+    assert run_without_interpreter("tests/kernels/int4_gemv_hopper_compile.py").count("ok ") == 10
 
 
 @pytest.mark.cuda

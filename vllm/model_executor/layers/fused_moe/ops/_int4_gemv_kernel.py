@@ -65,6 +65,18 @@ def _load_n(ptrs, n_ok, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _word_tile(qw_cols, kt, offs_kw, kw_total, n_ok, stride_qk, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+               BKW: tl.constexpr):
+    """K-step kt's [BKW, BLOCK_SIZE_N] int32 words (rows past K read as 0)."""
+    kw = kt * BKW + offs_kw
+    if EVEN_K:
+        return _load_n(qw_cols[None, :] + kw[:, None] * stride_qk, n_ok, EVEN_N)
+    else:
+        return tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=(kw < kw_total)[:, None] & n_ok[None, :],
+                       other=0)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     a_ptr,  # [num_rows, K] activations
     qw_ptr,  # [E_local, K/8, N] int32, code c of word [j, n] = q[n, 8j + c]
@@ -101,6 +113,7 @@ def _int4_gemv_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,  # the next K-step's words loaded before this step's FMAs (config num_stages >= 2)
 ):
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     PER_WEIGHT_SCALE: tl.constexpr = HAS_G_IDX or GROUP_SIZE % 8 != 0
@@ -130,13 +143,19 @@ def _int4_gemv_kernel(
     k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
 
     total = tl.zeros((BKW, BLOCK_SIZE_N), dtype=tl.float32)
+    if PREFETCH:  # the first K-step's words (an empty split reads its neighbour's last, unused)
+        words_next = _word_tile(qw_cols, tl.maximum(tl.minimum(k_first, k_last - 1), 0), offs_kw, kw_total, n_ok,
+                                stride_qk, EVEN_K, EVEN_N, BKW)
     for kt in range(k_first, k_last):
+        if PREFETCH:  # the next K-step's loads issued before this step's FMAs (the last re-reads its own)
+            words = words_next
+            words_next = _word_tile(qw_cols, tl.minimum(kt + 1, k_last - 1), offs_kw, kw_total, n_ok, stride_qk,
+                                    EVEN_K, EVEN_N, BKW)
+        else:
+            words = _word_tile(qw_cols, kt, offs_kw, kw_total, n_ok, stride_qk, EVEN_K, EVEN_N, BKW)
         kw = kt * BKW + offs_kw
         kw_ok = kw < kw_total
-        if EVEN_K:
-            words = _load_n(qw_cols[None, :] + kw[:, None] * stride_qk, n_ok, EVEN_N)
-        else:
-            words = tl.load(qw_cols[None, :] + kw[:, None] * stride_qk, mask=kw_ok[:, None] & n_ok[None, :], other=0)
+        if not EVEN_K:
             kw = tl.where(kw_ok, kw, 0)  # rows past K: codes 0 against activations 0
         hi = words >> 16
         if PER_WEIGHT_SCALE:
