@@ -39,9 +39,12 @@
 #   int4swap the int4 GEMM with the operands swapped (UNPACK 4, eleventh session): its cuda tests, the int4 GEMM
 #           per unpacking mode at the heuristic's tiles (--sweep-variants-only), then the layer with the decode
 #           tiles on UNPACK 3 and on 4 (SWAP_ARGS: shapes and tokens, SWAP_TIMEOUT per run); only when named
+#   prefetch the 4-bit GEMVs' PREFETCH (config num_stages >= 2: the next K-step's words loaded before this step's
+#           FMAs; eleventh session, untimed): the GEMV cuda tests, then the int4 GEMMs per variant at 1 / 16 / 64
+#           tokens ("GEMV prefetch" column) and the MXFP4 layer with gemv vs gemv+prefetch; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|prefetch|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -180,6 +183,18 @@ if [[ " $steps " == *" int4swap "* ]]; then
       >"$OUT/int4swap_layer_$u.log" 2>&1
     r=$?; grep "tokens:\|Error\|error" "$OUT/int4swap_layer_$u.log" | tail -8; rc=$(( rc || r ))
   done
+fi
+if [[ " $steps " == *" prefetch "* ]]; then
+  pytest -m cuda tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
+    >"$OUT/pytest_prefetch.log" 2>&1
+  prc=$?; tail -4 "$OUT/pytest_prefetch.log"; rc=$(( rc || prc ))
+  t=${PREFETCH_TIMEOUT:-150}
+  timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --sweep --sweep-variants-only --shapes qwen3 mixtral \
+    --tokens 1 16 64 --reps 30 --out "$OUT/prefetch_int4.md" >"$OUT/prefetch_int4.log" 2>&1
+  r=$?; grep "^| \|rror" "$OUT/prefetch_int4.log" | tail -14; rc=$(( rc || r ))
+  timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --variants gemv gemv+prefetch --tokens 1 4 16 64 \
+    --reps 30 --out "$OUT/prefetch_mxfp4.md" >"$OUT/prefetch_mxfp4.log" 2>&1
+  r=$?; grep "^| \|rror" "$OUT/prefetch_mxfp4.log" | tail -14; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" moeprof "* ]]; then
   timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \

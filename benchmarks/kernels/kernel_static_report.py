@@ -52,7 +52,7 @@ MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode"
                   "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0),
                   # the FMA GEMV at its own heuristic tiles and split (_gemv_config), 1 or 2 rows per pass
                   # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
-                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
+                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2), "GEMV prefetch": dict(GEMV=1, num_stages=2)}
 BF16_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2),
                "gpt-oss-20b": (2880, 2880, 32, 4)}
 # the GEMV runs on pairwise launches only (one pair per block: 1 token of the three shapes)
@@ -204,10 +204,9 @@ def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pai
     cexp = dict(HAS_BIAS=bias and split == 1, MUL_ROUTED_WEIGHT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
                 A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)),
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
-                SPLIT_K=split, ROWS=int(cfg["GEMV"]))
+                SPLIT_K=split, ROWS=int(cfg["GEMV"]), PREFETCH=int(cfg.get("num_stages", 1)) >= 2)
     src = specialise(fn, ptrs, cexp, ints)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)),
-                                                           num_stages=int(cfg.get("num_stages", 1))))
+    return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=1))
 
 
 def compile_mxfp4(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: int, bias: bool = True):
