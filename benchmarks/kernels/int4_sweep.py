@@ -29,6 +29,10 @@ UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0, num_stages=4), "UNPACK 1": dict(UN
                    # the operands swapped (not pipelined: one stage), at the heuristic's and two other widths
                    "UNPACK 4": dict(UNPACK=4, num_stages=1), "UNPACK 5": dict(UNPACK=5, num_stages=3),
                    "UNPACK 5 s4 n256 w8": dict(UNPACK=5, num_stages=4, BLOCK_SIZE_N=256, num_warps=8),
+                   # the 64-row tier (K-tile 64 in the heuristic: 4 and 5 need 128)
+                   "UNPACK 5 k128": dict(UNPACK=5, num_stages=3, BLOCK_SIZE_K=128),
+                   "UNPACK 5 k128 n256 w8": dict(UNPACK=5, num_stages=3, BLOCK_SIZE_K=128, BLOCK_SIZE_N=256,
+                                                 num_warps=8),
                    "UNPACK 4 n64": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=64),
                    "UNPACK 4 n256 w8": dict(UNPACK=4, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
                    # where the heuristic's K-tile is 64 (UNPACK 4 needs 128; else it runs 0), and 0 unpipelined
