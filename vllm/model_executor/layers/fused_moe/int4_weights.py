@@ -16,6 +16,7 @@ Act-order checkpoints (permuted ``g_idx``) are stored with their input positions
 (``perm`` = that sort, applied to the activations in the kernel, as Marlin does), so that every
 group's channels are contiguous and ``g_idx`` becomes ``k // group_size`` again (dropped); only a
 tensor-parallel slice of an act-order w2, whose groups are split unevenly, keeps ``g_idx``.
+``int4_moe_gemm_reference``: the grouped GEMM on these weights in fp32 torch, the kernels' reference.
 """
 from __future__ import annotations
 
@@ -87,3 +88,24 @@ def unpack_int4_k(words: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
     codes = (words.unsqueeze(-1) >> shifts) & 0xF
     return codes.reshape(*words.shape[:-1], words.shape[-1] * 8).to(torch.uint8)
+
+
+def int4_moe_gemm_reference(a: torch.Tensor, w: Int4PackedWeight, topk_ids: torch.Tensor, *, top_k_in: int,
+                            topk_weights: Optional[torch.Tensor] = None,
+                            mul_routed_weight: bool = False) -> torch.Tensor:
+    """fp32 reference on the dequantised weights: [numel(topk_ids), N]; pairs with expert -1 are zeros."""
+    ids = topk_ids.reshape(-1).long()
+    out = torch.zeros(ids.numel(), w.n, dtype=torch.float32, device=a.device)
+    rows = torch.arange(ids.numel(), device=a.device) // top_k_in
+    for e in range(w.num_experts):
+        pairs = (ids == e).nonzero().flatten()
+        if pairs.numel() == 0:
+            continue
+        x = a[rows[pairs]].float()
+        if w.perm is not None:
+            x = x[:, w.perm[e].long()]
+        y = x @ w.dequantize_expert(e, torch.float32).T
+        if mul_routed_weight:
+            y = y * topk_weights.reshape(-1)[pairs].float()[:, None]
+        out[pairs] = y
+    return out

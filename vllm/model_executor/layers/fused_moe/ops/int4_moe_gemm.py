@@ -22,7 +22,7 @@ import torch
 
 from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
-from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, int4_moe_gemm_reference  # noqa: F401
 from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
@@ -392,23 +392,3 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
             out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block)
 
-
-def int4_moe_gemm_reference(a: torch.Tensor, w: Int4PackedWeight, topk_ids: torch.Tensor, *, top_k_in: int,
-                            topk_weights: Optional[torch.Tensor] = None,
-                            mul_routed_weight: bool = False) -> torch.Tensor:
-    """fp32 reference on the dequantised weights: [numel(topk_ids), N]; pairs with expert -1 are zeros."""
-    ids = topk_ids.reshape(-1).long()
-    out = torch.zeros(ids.numel(), w.n, dtype=torch.float32, device=a.device)
-    rows = torch.arange(ids.numel(), device=a.device) // top_k_in
-    for e in range(w.num_experts):
-        pairs = (ids == e).nonzero().flatten()
-        if pairs.numel() == 0:
-            continue
-        x = a[rows[pairs]].float()
-        if w.perm is not None:
-            x = x[:, w.perm[e].long()]
-        y = x @ w.dequantize_expert(e, torch.float32).T
-        if mul_routed_weight:
-            y = y * topk_weights.reshape(-1)[pairs].float()[:, None]
-        out[pairs] = y
-    return out
