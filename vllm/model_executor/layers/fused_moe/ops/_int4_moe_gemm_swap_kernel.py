@@ -30,7 +30,7 @@ import triton.language as tl
 
 @triton.jit
 def _int4_moe_gemm_swap_kernel(
-    a_ptr, qw_ptr, s_ptr,  # qw_ptr: the int16 view of [E_local, K/8, N] int32 words
+    a_ptr, qw_ptr, s_ptr,  # qw_ptr: [E_local, K/8, N] int32 words (5) or their int16 view (4); g_idx never comes
     z_ptr, g_ptr, perm_ptr, out_ptr, topk_weights_ptr, sorted_token_ids_ptr,
     block_expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, num_pid_m, num_pairs, top_k_in,
