@@ -15,6 +15,17 @@ from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernels import lora_epilogue
 
 
 @triton.jit
+def _grouped_pid(pid, N, num_pid_m, BLOCK_SIZE_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in the grouped tile order of the MoE GEMMs: GROUP_SIZE_M consecutive
+    M-blocks sweep the N tiles together, so a weight N-slice stays in L2 while those M-blocks read it."""
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    pids_per_group = GROUP_SIZE_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_SIZE_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    return first_m + (pid % pids_per_group) % rows_in_group, (pid % pids_per_group) // rows_in_group
+
+
+@triton.jit
 def _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
                    HAS_BIAS: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr):
     """The MoE GEMMs' epilogue before the one rounding: fp32 ``acc`` [pairs, n] + the expert's bias row, then
@@ -84,16 +95,7 @@ def _fused_moe_gemm_kernel(
     LORA_CONCAT: tl.constexpr,
     LORA_FP32_PRECISION: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_SIZE_M consecutive M-blocks sweep the N tiles
-    # together, so a weight N-slice stays in L2 while those M-blocks read it.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pids_per_group = GROUP_SIZE_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_SIZE_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % pids_per_group) % rows_in_group
-    pid_n = (pid % pids_per_group) // rows_in_group
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
     # The buffers are sized for the worst case: stop at the used length.
     num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)

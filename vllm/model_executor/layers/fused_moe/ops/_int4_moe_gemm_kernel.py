@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _grouped_pid
 
 
 @triton.jit
@@ -43,6 +44,19 @@ def _int4_magic(q, dtype: tl.constexpr):
         return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_pairs(pid_m, sorted_token_ids_ptr, num_pairs, top_k_in, BLOCK_SIZE_M: tl.constexpr, SORTED: tl.constexpr):
+    """(pair, pair_ok, row) of a block's BLOCK_SIZE_M slots: sorted, the alignment's entries; unsorted, the one
+    pair ``pid_m`` in slot 0 (the rest masked).  Padding reads activation row 0, never stored."""
+    if SORTED:
+        pair = tl.load(sorted_token_ids_ptr + (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)))
+        pair_ok = pair < num_pairs
+    else:
+        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
+        pair = tl.where(pair_ok, pid_m, num_pairs)
+    return pair, pair_ok, tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)
 
 
 @triton.jit
@@ -90,15 +104,8 @@ def _int4_moe_gemm_kernel(
     SORTED: tl.constexpr,
     UNPACK: tl.constexpr = 0,  # see the module docstring
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pids_per_group = GROUP_SIZE_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_SIZE_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % pids_per_group) % rows_in_group
-    pid_n = (pid % pids_per_group) // rows_in_group
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
     if SORTED:
         num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
@@ -108,14 +115,7 @@ def _int4_moe_gemm_kernel(
     if expert < 0:
         return
 
-    if SORTED:
-        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-        pair = tl.load(sorted_token_ids_ptr + offs_m)
-        pair_ok = pair < num_pairs
-    else:  # one pair per program: row 0 of the tile
-        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
-        pair = tl.where(pair_ok, pid_m, num_pairs)
-    row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)  # padding reads row 0, never stored
+    pair, pair_ok, row = _block_pairs(pid_m, sorted_token_ids_ptr, num_pairs, top_k_in, BLOCK_SIZE_M, SORTED)
 
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     n_ok = offs_n < N

@@ -27,6 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _grouped_pid
+from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _block_pairs
+
 
 @triton.jit
 def _int4_moe_gemm_swap_kernel(
@@ -51,15 +54,8 @@ def _int4_moe_gemm_swap_kernel(
     SORTED: tl.constexpr,
     UNPACK: tl.constexpr = 4,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pids_per_group = GROUP_SIZE_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_SIZE_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % pids_per_group) % rows_in_group
-    pid_n = (pid % pids_per_group) // rows_in_group
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
     if SORTED:
         num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
@@ -69,14 +65,7 @@ def _int4_moe_gemm_swap_kernel(
     if expert < 0:
         return
 
-    if SORTED:
-        offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-        pair = tl.load(sorted_token_ids_ptr + offs_m)
-        pair_ok = pair < num_pairs
-    else:  # one pair per program: column 0 of the transposed tile
-        pair_ok = tl.arange(0, BLOCK_SIZE_M) == 0
-        pair = tl.where(pair_ok, pid_m, num_pairs)
-    row = tl.where(pair_ok, pair // top_k_in, 0).to(tl.int64)  # padding reads row 0, never stored
+    pair, pair_ok, row = _block_pairs(pid_m, sorted_token_ids_ptr, num_pairs, top_k_in, BLOCK_SIZE_M, SORTED)
 
     offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     n_ok = offs_n < N

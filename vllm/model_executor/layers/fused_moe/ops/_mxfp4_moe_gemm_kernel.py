@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _bias_and_gate
+from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _bias_and_gate, _grouped_pid
 
 
 @triton.jit
@@ -116,15 +116,8 @@ def _mxfp4_moe_gemm_kernel(
     GROUP_SIZE_M: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    pids_per_group = GROUP_SIZE_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_SIZE_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
-    pid_m = first_m + (pid % pids_per_group) % rows_in_group
-    pid_n = (pid % pids_per_group) // rows_in_group
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
     num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_SIZE_M >= num_tokens_post_padded:
