@@ -185,8 +185,9 @@ if [[ " $steps " == *" int4swap "* ]]; then
   done
 fi
 if [[ " $steps " == *" prefetch "* ]]; then
-  pytest -m cuda tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
-    >"$OUT/pytest_prefetch.log" 2>&1
+  # PREFETCH_K narrows the GEMV tests (default: the bf16 cases, "dtype2"; the three files in full outlast one call)
+  pytest tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
+    -k "${PREFETCH_K:-dtype2}" >"$OUT/pytest_prefetch.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_prefetch.log"; rc=$(( rc || prc ))
   t=${PREFETCH_TIMEOUT:-150}
   timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --sweep --sweep-variants-only --shapes qwen3 mixtral \

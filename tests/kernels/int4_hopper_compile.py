@@ -45,6 +45,9 @@ def main() -> None:
     # UNPACK 5 (the same, int32 words, tf32 dots, pipelined)
     variants += [(32, 128, 128, 1, True, True, False, True, True, 5, 3), (16, 256, 128, 2, False, False, False, False,
                                                                        False, 5, 2)]
+    # the 64- / 128-row tiers' wide tiles (WIDE_SWAP_TILES: 8 warps)
+    variants += [(64, 256, 128, 1, True, True, False, False, True, 5, 3), (128, 256, 128, 1, True, False, False, True,
+                                                                        True, 4, 1)]
     for dtype, (bm, bn, bk, split, srt, zeros, gidx, perm, even, unpack, stages) in itertools.product(["bf16", "fp16"],
                                                                                                     variants):
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
@@ -56,7 +59,7 @@ def main() -> None:
         fn = _int4_moe_gemm_kernel
         if unpack >= 4:  # the operands swapped: its own kernel; 4 reads int16 halves of the words
             fn, ptrs = _int4_moe_gemm_swap_kernel, dict(ptrs, qw_ptr="i16" if unpack == 4 else "i32")
-        compile_kernel(fn, ptrs, cexp, num_warps=8 if bm == 128 else 4, num_stages=stages)
+        compile_kernel(fn, ptrs, cexp, num_warps=8 if bm == 128 or bn == 256 and bm == 64 else 4, num_stages=stages)
         print(f"ok gemm {dtype} {bm}x{bn}x{bk} split {split} sorted {srt} unpack {unpack}", flush=True)
     for dtype, (rows, act) in itertools.product(["bf16", "fp16"], [(1, -1), (8, -1), (1, 0), (1, 1), (1, 5)]):
         compile_kernel(_split_k_reduce_kernel, {"part_ptr": "fp32", "out_ptr": dtype},

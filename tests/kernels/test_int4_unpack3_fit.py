@@ -179,3 +179,20 @@ def test_unpack3_on_gpu_fits_and_is_right(M, top_k, stages, dtype, monkeypatch):
     bound = smem.unpack3_shared_bytes(cfg.block_size_m, cfg.block_size_n, cfg.block_size_k, stages)
     assert compiled.metadata.shared <= bound, f"{cfg}: the JIT's kernel takes {compiled.metadata.shared} B > {bound}"
     assert_close(out.float(), mod.int4_moe_gemm_reference(a, pw, ids, top_k_in=top_k), dtype)
+
+
+def test_wide_swapped_tiles_at_64_and_128_rows(monkeypatch):
+    """The 64- / 128-row tiers take WIDE_SWAP_TILES when unsplit with one group per 128-wide K-tile (H200,
+    twelfth session: 1.9-2.6x per GEMM over their UNPACK 0 tiles); groups of 32 and fp32 keep UNPACK 0."""
+    monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
+    got = {(key, M): cfg for key, M, cfg in _configs(torch.bfloat16, 128) if cfg.block_size_m >= 64}
+    assert {("mixtral", 256), ("qwen3", 1024), ("mixtral", 1024), ("qwen3", 4096)} <= set(got), sorted(got)
+    for (key, M), cfg in got.items():
+        bn, bk, warps, unpack, stages = mod.WIDE_SWAP_TILES[cfg.block_size_m]
+        assert (cfg.block_size_n, cfg.block_size_k, cfg.num_warps, cfg.unpack, cfg.num_stages, cfg.split_k) == \
+            (bn, bk, warps, unpack, stages, 1), (key, M, cfg)
+    assert got[("mixtral", 256)].unpack == 5 and got[("mixtral", 1024)].unpack == 4
+    for key, M, cfg in _configs(torch.bfloat16, 32):
+        assert cfg.unpack == 0, (key, M, cfg)
+    for key, M, cfg in _configs(torch.float32, 128):
+        assert cfg.block_size_m < 64 or cfg.unpack == 0, (key, M, cfg)

@@ -36,6 +36,12 @@ UNPACK_DECODE_TILES = True  # UNPACK 3 on unsplit decode tiles where it fits sha
 # tokens 4: 820.0 / 412.1, 3: 1034.4 / 529.9.  On 16-row tiles 4 loses and 5 ties 3 (Qwen3 64 tokens: 259.0 /
 # 135.5, 190.9 / 102.8, 192.7 / 103.7): they keep 3
 DECODE_UNPACK, SWAP_MIN_BLOCK_M = 5, 32
+# unsplit 64- / 128-row tiles where the swap applies (not with DECODE_UNPACK 3): BLOCK_SIZE_M -> (BLOCK_SIZE_N,
+# BLOCK_SIZE_K, num_warps, UNPACK, num_stages).  H200, us per GEMM w13 / w2 vs the old UNPACK 0 tiles
+# (docs/performance.md, twelfth session): Mixtral-8x7B 256 tokens 1619.3 / 1036.5 vs 3029.1 / 2687.8; Mixtral
+# 1024 tokens 4753.9 / 2902.2 vs 11451.9 / 6551.6 (UNPACK 5: 5362.0 / 3254.0).  Outside CUDA graphs the dequant
+# path mostly takes these tiers
+WIDE_SWAP_TILES = {64: (256, 128, 8, 5, 3), 128: (256, 128, 8, 4, 1)}
 GEMV_UNSORTED = True  # the unsorted small-batch launch runs the FMA GEMV (see _gemv_config)
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 128, 256, 4, 4
 GEMV_MAX_BLOCK_M = 16  # rows of one sorted block the GEMV accumulates (_int4_gemv_rows_kernel.py)
@@ -114,7 +120,11 @@ def _heuristic_config(num_pairs: int, num_experts: int, N: int, K: int, group_si
     # (int4_dot_smem.py).  H200 A/B (benchmark_moe_int4.py --sweep-variants-only): 1.16-1.46x over UNPACK 0
     # at Qwen3-30B-A3B 64 tokens and Mixtral-8x7B 16 / 64 tokens.
     unpack = 0
-    if UNPACK_DECODE_TILES and split == 1 and bk >= 128 and group_size > 0 and group_size % bk == 0:
+    swap = UNPACK_DECODE_TILES and DECODE_UNPACK in (4, 5) and split == 1 and dtype != torch.float32
+    wide = WIDE_SWAP_TILES.get(bm) if swap else None
+    if wide is not None and N >= wide[0] and K >= wide[1] and group_size > 0 and group_size % wide[1] == 0:
+        bn, bk, warps, unpack, stages = wide
+    elif UNPACK_DECODE_TILES and split == 1 and bk >= 128 and group_size > 0 and group_size % bk == 0:
         if DECODE_UNPACK in (4, 5) and bm >= SWAP_MIN_BLOCK_M:  # 4 is not pipelined (one stage), 5 is
             unpack, stages = DECODE_UNPACK, 1 if DECODE_UNPACK == 4 else 3
         elif (fit := unpack3_stages_that_fit(bm, bn, bk, stages)) is not None:
