@@ -27,7 +27,8 @@ n+1 queued before step n's tokens are read): their tokens must equal the synchro
 and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,16,64,256] [--async-scheduling] [--tp N [--enable-expert-parallel]] [--out decode.md]
+        [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N]
+        [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
 from __future__ import annotations
@@ -230,8 +231,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "varied by up to 15 %% at batch 1 with 2)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="the engines' step size (default: the engine's, 16384 for LLM on a GPU of >= 70 GiB)")
+    p.add_argument("--dense-gemv-max-tokens", type=int, default=None,
+                   help="the dense projections' Triton GEMV up to this many tokens (ops/dense_gemv.py "
+                        "GEMV_MAX_TOKENS; default: the module's)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
+    if a.dense_gemv_max_tokens is not None:  # the engines run in this process (one GPU)
+        from vllm.model_executor.layers.ops import dense_gemv
+
+        dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
     globals()["REPEATS"] = max(1, a.repeats)  # read by decode_step
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)

@@ -42,9 +42,12 @@
 #   prefetch the 4-bit GEMVs' PREFETCH (config num_stages >= 2: the next K-step's words loaded before this step's
 #           FMAs; eleventh session, untimed): the GEMV cuda tests, then the int4 GEMMs per variant at 1 / 16 / 64
 #           tokens ("GEMV prefetch" column) and the MXFP4 layer with gemv vs gemv+prefetch; only when named
+#   densegemv the dense projections' Triton GEMV (ops/dense_gemv.py, twelfth session, off until timed): its tests,
+#           cuBLAS vs GEMV per projection at 1-8 tokens, a tile sweep at 1 token, then the decode step with it on
+#           up to DENSE_MAX_TOKENS (default 8) at DENSE_BATCHES (default 1,4,16); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|prefetch|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|prefetch|densegemv|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -196,6 +199,21 @@ if [[ " $steps " == *" prefetch "* ]]; then
   timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --variants gemv gemv+prefetch --tokens 1 4 16 64 \
     --reps 30 --out "$OUT/prefetch_mxfp4.md" >"$OUT/prefetch_mxfp4.log" 2>&1
   r=$?; grep "^| \|rror" "$OUT/prefetch_mxfp4.log" | tail -14; rc=$(( rc || r ))
+fi
+if [[ " $steps " == *" densegemv "* ]]; then
+  pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1
+  prc=$?; tail -4 "$OUT/pytest_densegemv.log"; rc=$(( rc || prc ))
+  t=${DENSE_TIMEOUT:-120}
+  timeout "$t" python3 benchmarks/kernels/benchmark_dense_gemv.py --tokens 1 2 4 8 --reps 50 \
+    --out "$OUT/dense_gemv.md" >"$OUT/dense_gemv.log" 2>&1
+  r=$?; grep "^| \|rror\|off" "$OUT/dense_gemv.log" | tail -30; rc=$(( rc || r ))
+  timeout "$t" python3 benchmarks/kernels/benchmark_dense_gemv.py --shapes qwen3 mixtral --tokens 1 --sweep \
+    --reps 30 --out "$OUT/dense_gemv_sweep.md" >"$OUT/dense_gemv_sweep.log" 2>&1
+  r=$?; grep "^| \|rror\|off" "$OUT/dense_gemv_sweep.log" | tail -10; rc=$(( rc || r ))
+  timeout "${DECODE_TIMEOUT:-250}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
+    --batches ${DENSE_BATCHES:-1,4,16} --dense-gemv-max-tokens ${DENSE_MAX_TOKENS:-8} \
+    --out "$OUT/decode_dense_gemv.md" >"$OUT/decode_dense_gemv.log" 2>&1
+  drc=$?; grep -v " INFO \|^INFO" "$OUT/decode_dense_gemv.log" | tail -12; rc=$(( rc || drc ))
 fi
 if [[ " $steps " == *" moeprof "* ]]; then
   timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \

@@ -45,7 +45,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm import envs
@@ -53,6 +52,7 @@ from vllm.config.lora import LoRAConfig
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
+from vllm.model_executor.layers.ops.dense_gemv import linear
 from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
 _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
@@ -70,7 +70,7 @@ def fused_decode_default(device: torch.device) -> bool:
 
 
 def _is_plain_linear(layer: nn.Module, row_parallel: bool) -> bool:
-    """Whether ``layer``'s forward is the library's ``F.linear(x, weight, bias)`` (with tp_size 1 for a
+    """Whether ``layer``'s forward is the library's ``x @ weight^T + bias`` (with tp_size 1 for a
     row-parallel one), so that the fused op may replace it: not a stand-in or subclass with its own forward."""
     from vllm.model_executor.layers import linear as base_linear
 
@@ -319,7 +319,7 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
         if self.tp_size == 1:
             return self._fused_forward(x, base.bias) if fuse else self._add_lora(base(x), x)
         # this rank's partial sum, delta included
-        y = self._fused_forward(x, None) if fuse else self._add_lora(F.linear(x, base.weight), x)
+        y = self._fused_forward(x, None) if fuse else self._add_lora(linear(x, base.weight), x)
         if getattr(base, "reduce_results", True):
             group = getattr(base, "tp_group", None)
             if group is None:

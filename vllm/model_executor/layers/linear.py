@@ -29,8 +29,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vllm.model_executor.layers.ops.dense_gemv import linear
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -84,7 +85,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition}, out={self.output_size_per_partition}, "
@@ -246,8 +247,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
         if self.reduce_results:
             y = self.tp_group.all_reduce(y)
             return y if self.bias is None else y + self.bias

@@ -1,0 +1,130 @@
+"""The dense projections of a decode step: cuBLAS (``F.linear``) vs the Triton GEMV (``ops/dense_gemv.py``).
+
+What is timed: one projection, ``F.linear(x, W, b)`` and ``dense_gemv(x, W, b)`` at the heuristic's tiles, for
+the q/k/v, o and router projections of Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b (biased) and the Qwen3 LM
+head, at 1-8 tokens; CUDA-graph replay, L2 flushed before each replay, median of ``--reps`` (the timing helpers
+of ``bench_timing.py``).  ``--sweep``: also a grid of GEMV tiles (BLOCK_N, BLOCK_K, warps), the fastest named.
+
+Correctness first: every GEMV output (heuristic and swept tiles) is compared with a float64 product and with
+``F.linear`` before it is timed (normalised max error within the dtype's tolerance), and a row's output must be
+the same bits whether it runs alone or in the batch.
+
+Bytes: W (+ bias, x, y); "% of roofline" = (bytes / copy bandwidth) / time, the copy bandwidth measured here.
+
+    PYTHONPATH=. python benchmarks/kernels/benchmark_dense_gemv.py [--shapes qwen3 mixtral gpt-oss]
+        [--tokens 1 2 4 8] [--sweep] [--reps 100] [--out table.md]
+    --smoke: tiny shapes on CPU under TRITON_INTERPRET=1 (exercises the code path only).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
+    sys.path.insert(0, _ROOT)
+
+from benchmarks.kernels.bench_timing import emit, norm_err, peak_bandwidth, pick_device, time_cpu, time_cuda  # noqa: E402
+
+# shape -> [(projection, N, K, bias)]
+SHAPES = {
+    "qwen3": [("qkv", 5120, 2048, False), ("o", 2048, 4096, False), ("router", 128, 2048, False),
+              ("lm_head", 151936, 2048, False)],
+    "mixtral": [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("router", 8, 4096, False)],
+    "gpt-oss": [("qkv", 5120, 2880, True), ("o", 2880, 4096, True), ("router", 32, 2880, True)],
+}
+NAMES = {"qwen3": "Qwen3-30B-A3B", "mixtral": "Mixtral-8x7B", "gpt-oss": "gpt-oss-20b", "smoke": "smoke"}
+SMOKE = {"smoke": [("qkv", 48, 64, True), ("router", 8, 96, False)]}
+SWEEP_N, SWEEP_K, SWEEP_WARPS = (4, 8, 16, 32), (256, 512, 1024), (4, 8)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; CPU: 2)")
+    p.add_argument("--no-graph", action="store_true", help="time eagerly, without CUDA graphs")
+    p.add_argument("--sweep", action="store_true", help="also time a grid of GEMV tiles")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    return p.parse_args()
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dtype, what: str) -> None:
+    ref = x.double() @ w.double().T + (b.double() if b is not None else 0.0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    err, err_lib = norm_err(y, ref), norm_err(y, F.linear(x, w, b).double())
+    if err > tol or err_lib > tol:
+        raise SystemExit(f"{what}: GEMV output off (vs float64 {err:.2e}, vs F.linear {err_lib:.2e}, tol {tol})")
+
+
+def main() -> None:
+    args = parse_args()
+    device = pick_device(args.smoke)
+    from vllm.model_executor.layers.ops.dense_gemv import DenseGemvConfig, dense_gemv, dense_gemv_config
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    if device.type == "cpu":
+        dtype = torch.float16  # the interpreter's bf16 is slow and its products are not the point here
+    shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes}
+    reps = args.reps or (2 if device.type == "cpu" else 100)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    bw = peak_bandwidth(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            return time_cuda(fn, flush, reps, use_graph=not args.no_graph)[0]
+        return time_cpu(fn, reps)[0]
+
+    gen = torch.Generator().manual_seed(args.seed)
+    rows, sweep_rows = [], []
+    for key, projs in shapes.items():
+        for proj, N, K, has_bias in projs:
+            w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device=device, dtype=dtype)
+            b = (torch.randn(N, generator=gen) * 0.1).to(device=device, dtype=dtype) if has_bias else None
+            for M in args.tokens:
+                x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+                what = f"{NAMES[key]} {proj} {M} tokens"
+                y = dense_gemv(x, w, b)
+                _check(y, x, w, b, dtype, what)
+                if not torch.equal(dense_gemv(x[-1:], w, b), y[-1:]):
+                    raise SystemExit(f"{what}: the last row differs when it runs alone")
+                nbytes = (w.numel() + (N if has_bias else 0) + M * (K + N)) * w.element_size()
+                t_lib, t_gemv = timed(lambda: F.linear(x, w, b)), timed(lambda: dense_gemv(x, w, b))
+                cfg = dense_gemv_config(N, K, dtype)
+                best = ""
+                if args.sweep:
+                    k_cap = max(16, 1 << (K - 1).bit_length())  # K-steps no wider than K's power of two
+                    grid = sorted({DenseGemvConfig(bn, min(bk, k_cap), nw)
+                                   for bn, bk, nw in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS)},
+                                  key=lambda c: (c.block_n, c.block_k, c.num_warps))
+                    times = []
+                    for c in grid:
+                        _check(dense_gemv(x, w, b, config=c), x, w, b, dtype, f"{what} {c}")
+                        times.append((timed(lambda c=c: dense_gemv(x, w, b, config=c)), c))
+                    t_best, c_best = min(times, key=lambda tc: tc[0])
+                    best = f"{t_best:.1f} (BLOCK_N {c_best.block_n}, BLOCK_K {c_best.block_k}, {c_best.num_warps} warps)"
+                    sweep_rows.append((key, proj, M, t_gemv, t_best, c_best))
+                roof = nbytes / bw * 1e6
+                rows.append(f"| {NAMES[key]} | {proj} | {N} x {K}{' + bias' if has_bias else ''} | {M} | {t_lib:.1f} | "
+                            f"{t_gemv:.1f} | {t_lib / t_gemv:.2f} | {nbytes / t_gemv / 1e3:.0f} | {roof / t_gemv:.0%} | "
+                            f"{cfg.block_n} x {cfg.block_k} | {best or '-'} | {gpu} |")
+                print(rows[-1], flush=True)
+    head = (f"{gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA-graph replay, L2 flushed, median of {reps}\n\n"
+            "| shape | projection | N x K | tokens | F.linear (us) | GEMV (us) | F.linear / GEMV | GEMV GB/s | "
+            "GEMV % of roofline | GEMV tiles (N x K) | best swept (us, tiles) | GPU |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|\n")
+    emit(head + "\n".join(rows) + "\n\nCorrectness: every GEMV output within tolerance of float64 and F.linear; "
+         "a row alone gives the same bits as in its batch\n", args.out)
+
+
+if __name__ == "__main__":
+    main()

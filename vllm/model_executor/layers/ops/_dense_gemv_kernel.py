@@ -1,0 +1,41 @@
+"""Private ``@triton.jit`` body of the dense decode GEMV (launcher: ``dense_gemv.py``).
+
+``dense_gemv_kernel`` - grid (N tiles,): one program owns BLOCK_N output columns (rows of W, [N, K] with K
+contiguous) of every token (at most BLOCK_M) and walks K in BLOCK_K steps: each step loads its [BLOCK_N,
+BLOCK_K] tile of W once (the memory-bound part: W is read once in the whole grid), then for each token the
+fp32 products with that token's x are summed over the step's K, and added to the token's row of the fp32
+accumulator; bias in fp32, one rounding.  A token's sums never depend on BLOCK_M or on the other tokens (same
+tile, same reduction), so a row's output is the same whatever the batch it runs in (eager or a padded CUDA
+graph batch)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            mask_k = offs_k < BLOCK_K
+        else:
+            mask_k = (k0 + offs_k) < K
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = w.to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=mask_k & (m < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]: token m's sums over this K-step
+            acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
