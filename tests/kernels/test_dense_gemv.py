@@ -69,16 +69,17 @@ def test_a_rows_bits_do_not_depend_on_the_batch(dtype, device):
 
 def test_config_depends_on_the_shape_only(monkeypatch):
     monkeypatch.setattr(mod, "triton_interpreting", lambda: False)
-    assert dense_gemv_config(5120, 2048, torch.bfloat16) == DenseGemvConfig(16, 512)  # 320 programs
-    assert dense_gemv_config(2048, 4096, torch.bfloat16) == DenseGemvConfig(4, 512)  # 512 programs
-    assert dense_gemv_config(128, 2048, torch.bfloat16) == DenseGemvConfig(4, 512)  # the router: 4 rows at least
-    assert dense_gemv_config(4096, 100, torch.float32) == DenseGemvConfig(8, 128)
+    assert dense_gemv_config(5120, 2048, torch.bfloat16) == DenseGemvConfig(4, 1024, 8)
+    assert dense_gemv_config(128, 100, torch.float16) == DenseGemvConfig(4, 128, 8)  # K-steps no wider than K
+    assert dense_gemv_config(4096, 4096, torch.float32) == DenseGemvConfig(4, 256, 8)
 
 
 def test_linear_dispatch(monkeypatch, device):
     x, w, b = _data(2, 40, 64, torch.bfloat16, device, seed=5)
-    assert not mod.gemv_applies(x, w)  # GEMV_MAX_TOKENS = 0 until timed on a GPU
+    assert mod.GEMV_MAX_TOKENS == 1  # the H200 A/B: faster than cuBLAS at one token, slower from two
+    assert not mod.gemv_applies(x, w)  # 2 tokens
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert mod.gemv_applies(x[:1], w) == (device.type == "cuda")
     if device.type == "cuda":
         monkeypatch.setattr(mod, "GEMV_MAX_TOKENS", 4)
         assert mod.gemv_applies(x, w)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vllm.model_executor.layers.ops.dense_gemv import linear
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 
@@ -24,7 +24,7 @@ class LogitsProcessor(nn.Module):
         self.soft_cap = soft_cap
 
     def forward(self, lm_head: ParallelLMHead, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)
+        logits = linear(hidden_states, lm_head.weight, lm_head.bias)
         if lm_head.tp_size > 1:
             logits = lm_head.tp_group.all_gather(logits, dim=-1)
         logits = logits[..., :self.vocab_size].float()

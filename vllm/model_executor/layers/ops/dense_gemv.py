@@ -1,11 +1,12 @@
 """The dense layers' projection at decode sizes: ``linear(x, weight, bias)`` = ``F.linear``, or on CUDA for at
-most ``GEMV_MAX_TOKENS`` tokens a Triton FMA GEMV (``_dense_gemv_kernel.py``) that reads W once with enough
-programs to keep every SM's loads in flight.
+most ``GEMV_MAX_TOKENS`` tokens a Triton FMA GEMV (``_dense_gemv_kernel.py``) that reads W once.
 
-At one token cuBLAS reached ~40 % of the copy bandwidth on an H200 for the q/k/v projection of a Qwen3-30B-A3B
-layer (12.4 us for 21 MB, docs/performance.md, fifth session), and the router's 0.5 MB GEMV took ~5 us plus a
-split-K reduce; the batch-1 decode step spends ~260 us of ~1060 in these GEMVs.  ``GEMV_MAX_TOKENS`` is 0 (off)
-until the GEMV is timed against cuBLAS (``benchmarks/kernels/benchmark_dense_gemv.py``)."""
+H200, one token, CUDA-graph replay with the L2 flushed (``benchmarks/kernels/benchmark_dense_gemv.py``, twelfth
+session, docs/performance.md): cuBLAS / GEMV 1.03-1.34x on the q/k/v, o and router projections of Qwen3-30B-A3B,
+Mixtral-8x7B and gpt-oss-20b (router 8.5 -> 6.3 us, o 12.9 -> 11.5 us on Qwen3) and 1.04x on the Qwen3 LM head;
+the batch-1 decode step (12 layers, graphs) 1.08 -> 1.01 ms in one A/B.  From two tokens on the GEMV loses (each
+token adds its own reductions: 0.62-0.88x at 2 tokens with the first tiles), so ``GEMV_MAX_TOKENS`` is 1.  A CUDA graph's batch is
+padded to its size, and a ladder size of 1 means an eager single-token step and its graph take the same path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +18,8 @@ import torch.nn.functional as F
 from vllm.platforms.interface import triton_interpreting
 from vllm.triton_utils import next_power_of_2
 
-GEMV_MAX_TOKENS = 0  # off until timed on a GPU (see the module docstring)
+GEMV_MAX_TOKENS = 1  # one token: the H200 A/B above
 GEMV_MAX_BLOCK_M = 8  # the kernel's rows per launch: one program holds every token's row
-_NUM_SMS = 132  # H100 SXM and H200
-_MIN_PROGRAMS = 2 * _NUM_SMS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -32,16 +31,15 @@ class DenseGemvConfig:
 
 
 def dense_gemv_config(N: int, K: int, dtype: torch.dtype) -> DenseGemvConfig:
-    """BLOCK_K: 1 KB of a W row per step (512 16-bit values); BLOCK_N: 16 rows, halved (down to 4) while the grid
-    has fewer than two programs per SM.  Depends on N, K and the dtype only, never on the token count (a row's
-    numbers then do not depend on the batch it runs in)."""
-    bk = min(next_power_of_2(max(K, 16)), 256 if dtype == torch.float32 else 512)
-    bn = 16
-    while bn > 4 and -(-N // bn) < _MIN_PROGRAMS:
-        bn //= 2
+    """4 rows of W per program, 1024 16-bit values of K per step (256 fp32), 8 warps: the fastest of a 24-tile
+    sweep at one token on an H200 for the o and router projections (docs/performance.md, twelfth session).
+    Depends on N, K and the dtype only, never on the token count (a row's numbers then do not depend on the
+    batch it runs in)."""
     if triton_interpreting():  # few, big programs: the interpreter pays per program and per step
-        bn, bk = max(bn, min(next_power_of_2(max(N, 1)), 64)), min(next_power_of_2(max(K, 16)), 256)
-    return DenseGemvConfig(block_n=bn, block_k=bk)
+        return DenseGemvConfig(block_n=min(next_power_of_2(max(N, 1)), 64),
+                               block_k=min(next_power_of_2(max(K, 16)), 256))
+    bk = min(next_power_of_2(max(K, 16)), 256 if dtype == torch.float32 else 1024)
+    return DenseGemvConfig(block_n=4, block_k=bk, num_warps=8)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
