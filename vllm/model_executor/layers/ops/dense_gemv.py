@@ -4,9 +4,10 @@ most ``GEMV_MAX_TOKENS`` tokens a Triton FMA GEMV (``_dense_gemv_kernel.py``) th
 H200, one token, CUDA-graph replay with the L2 flushed (``benchmarks/kernels/benchmark_dense_gemv.py``, twelfth
 session, docs/performance.md): cuBLAS / GEMV 1.03-1.34x on the q/k/v, o and router projections of Qwen3-30B-A3B,
 Mixtral-8x7B and gpt-oss-20b (router 8.5 -> 6.3 us, o 12.9 -> 11.5 us on Qwen3) and 1.04x on the Qwen3 LM head;
-the batch-1 decode step (12 layers, graphs) 1.08 -> 1.01 ms in one A/B.  From two tokens on the GEMV loses (each
-token adds its own reductions: 0.62-0.88x at 2 tokens with the first tiles), so ``GEMV_MAX_TOKENS`` is 1.  A CUDA graph's batch is
-padded to its size, and a ladder size of 1 means an eager single-token step and its graph take the same path."""
+the batch-1 decode step (12 layers, graphs) 1.08 -> 1.01 ms in one A/B.  From two tokens on the GEMV loses
+(each token adds its own reductions: 0.62-0.88x at 2 tokens with the first tiles), so ``GEMV_MAX_TOKENS`` is 1.
+A CUDA graph's batch is padded to its ladder size, and with a size of 1 in the ladder an eager single-token step
+and its graph take the same path."""
 from __future__ import annotations
 
 from dataclasses import dataclass
