@@ -193,6 +193,12 @@ def check_tile_config(config: TileConfig) -> None:
         raise ValueError(f"SPLIT_K={config.split_k}: the bf16 grouped GEMM has no split-K, it must be 1")
 
 
+def pairs_per_touched_expert(num_pairs: int, num_experts: int) -> float:
+    """Expected pairs per expert that gets any, routing uniform over ``num_experts``."""
+    E = max(num_experts, 1)
+    return num_pairs / max(E * (1.0 - (1.0 - 1.0 / E) ** num_pairs), 1.0)
+
+
 def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: int, *,
                        sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
                        num_tokens_post_padded: torch.Tensor, topk_weights: Optional[torch.Tensor],

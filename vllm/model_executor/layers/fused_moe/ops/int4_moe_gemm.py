@@ -24,6 +24,7 @@ from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, int4_moe_gemm_reference  # noqa: F401
 from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
 
@@ -151,20 +152,13 @@ def _gemv_config(num_pairs: int, N: int, K: int) -> Int4TileConfig:
                           num_warps=GEMV_WARPS, num_stages=1, gemv=1)
 
 
-def _rows_per_expert(num_pairs: int, num_experts: int) -> float:
-    """Expected pairs per expert that gets any, routing uniform over ``num_experts``."""
-    E = max(num_experts, 1)
-    touched = E * (1.0 - (1.0 - 1.0 / E) ** num_pairs)
-    return num_pairs / max(touched, 1.0)
-
-
 def sorted_gemv_applies(num_pairs: int, num_experts: int) -> bool:
     """Whether the heuristic gives a sorted launch to the multi-row GEMV: at most ``GEMV_SORTED_MAX_ROWS``
     expected pairs per expert that gets any (Qwen3-30B-A3B at 16 tokens: 1.6; Mixtral-8x7B: 4.1).  Both
     GEMMs of a layer share the alignment, so this depends on the routing only (never on N, K or the
     dtype): both get the GEMV and the same BLOCK_SIZE_M, or neither.  Off under the interpreter, whose
     configs keep the tl.dot kernel's paths covered by the CPU tests (the GEMV's own tests force it)."""
-    return not triton_interpreting() and _rows_per_expert(num_pairs, num_experts) <= GEMV_SORTED_MAX_ROWS
+    return not triton_interpreting() and pairs_per_touched_expert(num_pairs, num_experts) <= GEMV_SORTED_MAX_ROWS
 
 
 def _gemv_rows_config(num_pairs: int, num_experts: int, N: int, K: int) -> Int4TileConfig:
@@ -173,7 +167,7 @@ def _gemv_rows_config(num_pairs: int, num_experts: int, N: int, K: int) -> Int4T
     expert's weight once; rows beyond the real ones cost FMAs), and BLOCK_SIZE_K shrinking as
     BLOCK_SIZE_M grows (BLOCK_SIZE_M * BLOCK_SIZE_K <= GEMV_BLOCK_K), so that the [BLOCK_SIZE_M,
     BLOCK_SIZE_K / 8, BLOCK_SIZE_N] fp32 accumulators fit the registers; K split as ``_gemv_config``."""
-    per_expert = _rows_per_expert(num_pairs, num_experts)
+    per_expert = pairs_per_touched_expert(num_pairs, num_experts)
     bm = 1
     while bm * 1.5 < per_expert and bm < GEMV_MAX_BLOCK_M:  # nearest power of two (geometric midpoint ~1.41)
         bm *= 2

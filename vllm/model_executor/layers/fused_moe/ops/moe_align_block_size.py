@@ -154,7 +154,8 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
     owner = torch.searchsorted(ends[:num_experts].contiguous(), block_starts, right=True)
     block_expert_ids = torch.where(owner < num_experts, owner, torch.full_like(owner, -1)).to(torch.int32)
 
-    total = ends[num_experts - 1 : num_experts].to(torch.int32) if num_experts > 0 else torch.zeros(1, dtype=torch.int32, device=device)
+    total = (ends[num_experts - 1 : num_experts].to(torch.int32) if num_experts > 0
+             else torch.zeros(1, dtype=torch.int32, device=device))
     return AlignResult(
         sorted_token_ids=sorted_token_ids,
         block_expert_ids=block_expert_ids,

@@ -19,7 +19,7 @@ partial sums (``split_buffer``, or a fresh tensor), and one reduction launch add
 bias and the router weight.  Graph-safe: no host reads of device values.
 
 GEMV (config ``gemv=1``, ``_mxfp4_gemv_kernel.py``): at decode sizes (at most ``GEMV_MAX_TOKENS``
-tokens) the heuristic gives the FMA GEMV, which walks the
+tokens, or ``GEMV_SPREAD_MAX_TOKENS`` spread over distinct experts) the heuristic gives the FMA GEMV, which walks the
 real rows of each M-block with fp32 FMAs instead of tensor-core dots (same routing, same ``out``
 contract, same split-K reduction).
 """
@@ -33,7 +33,7 @@ import torch
 from vllm import envs
 from vllm.kernel_configs.tile_config import Mxfp4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
-from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing, pairs_per_touched_expert
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 
@@ -45,6 +45,11 @@ _NUM_SMS = 132  # H100 SXM and H200
 # untimed).  ``gemv=True`` / a tuned ``GEMV`` entry force it; GEMV_DECODE = False turns the heuristic's off.
 GEMV_DECODE = True
 GEMV_MAX_TOKENS = 1
+# ... and launches of up to GEMV_SPREAD_MAX_TOKENS tokens whose pairs spread over distinct experts (expected
+# pairs per touched expert <= GEMV_SPREAD_MAX_ROWS: the one-row GEMV reads an expert once per pair, the dot
+# kernel once).  H200, 4 tokens (twelfth session, benchmark_moe_mxfp4.py --variants gemv): gpt-oss-120b (128
+# experts, 1.06 pairs per touched expert) 142.0 vs 218.3 us; gpt-oss-20b (32 experts, 1.24) 204.4 vs 201.1
+GEMV_SPREAD_MAX_TOKENS, GEMV_SPREAD_MAX_ROWS = 4, 1.08
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = 256, 64, 2, 8
 
 
@@ -60,7 +65,9 @@ def _cached_config(num_pairs: int, num_experts: int, N: int, K: int, top_k: int,
                    tuned_folder: Optional[str], gemv: Optional[bool]) -> Mxfp4TileConfig:
     per_expert = num_pairs / max(1, min(num_pairs, num_experts))
     if gemv is None:
-        gemv = GEMV_DECODE and not interp and num_pairs <= GEMV_MAX_TOKENS * max(top_k, 1)
+        gemv = GEMV_DECODE and not interp and (num_pairs <= GEMV_MAX_TOKENS * max(top_k, 1) or (
+            num_pairs <= GEMV_SPREAD_MAX_TOKENS * max(top_k, 1)
+            and pairs_per_touched_expert(num_pairs, num_experts) <= GEMV_SPREAD_MAX_ROWS))
     if gemv:
         cfg = _gemv_config(num_pairs, num_experts, N, K, interp, rows=1 if per_expert <= 1 else 2)
         return tuned_tiles(cfg, "mxfp4_moe_gemm", {"E": num_experts, "N": N, "K": K},
