@@ -33,9 +33,6 @@
 #   moeprof benchmarks/kernels/profile_moe_lora.py: the kernels of one MoE layer's base and LoRA calls side by
 #           side (Qwen3-30B-A3B and gpt-oss-20b shapes, 16 / 256 / 4096 tokens; MOEPROF_ARGS replaces those
 #           options): where the LoRA / base gap comes from; only when named
-#   epilogue the MoE LoRA delta in the base GEMM epilogues: its tests (kernel, layer, GEMM), then the layer
-#           with it on and off (EPI_ARGS: shapes and tokens, EPI_TIMEOUT per run; AB_ONLY=1 skips the tests),
-#           then its kernels profiled (Qwen3, 256 / 4096 tokens); only when named
 #   int4swap the int4 GEMM with the operands swapped (UNPACK 4, eleventh session): its cuda tests, the int4 GEMM
 #           per unpacking mode at the heuristic's tiles (--sweep-variants-only), then the layer with the decode
 #           tiles on UNPACK 3 and on 4 (SWAP_ARGS: shapes and tokens, SWAP_TIMEOUT per run); only when named
@@ -47,7 +44,7 @@
 #           up to DENSE_MAX_TOKENS (default 8) at DENSE_BATCHES (default 1,4,16); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|epilogue|int4swap|prefetch|densegemv|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|prefetch|densegemv|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -152,25 +149,6 @@ if [[ " $steps " == *" variants "* ]]; then
     --wide-rank-pair-tiles 0 --out "$OUT/ab_pair_tiles_old.md"
   run_ab ab_pair_path_r64 benchmarks/kernels/benchmark_moe_lora.py --ranks 64 --tokens 16 32 64 --pair-path-max-rank 64 \
     --out "$OUT/ab_pair_path_r64.md"
-fi
-if [[ " $steps " == *" epilogue "* ]]; then
-  # the MoE LoRA delta in the base GEMM epilogues (moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE, tenth session): its
-  # tests, then the whole layer with it on and off (EPI_ARGS: shapes / tokens), then where the time goes
-  if [ -z "${AB_ONLY:-}" ]; then
-    pytest tests/kernels/test_moe_lora_epilogue.py tests/kernels/test_fused_moe_gemm.py >"$OUT/pytest_epilogue.log" 2>&1
-    erc=$?; tail -4 "$OUT/pytest_epilogue.log"; rc=$(( rc || erc ))
-    pytest tests/lora/test_fused_moe_lora_layer.py -k epilogue >"$OUT/pytest_epilogue_layer.log" 2>&1
-    erc=$?; tail -4 "$OUT/pytest_epilogue_layer.log"; rc=$(( rc || erc ))
-  fi
-  for on in 1 0; do
-    timeout "${EPI_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --lora-epilogue $on \
-      ${EPI_ARGS:---shapes qwen3 gpt-oss --tokens 16 64 256 1024 4096} --reps 50 --out "$OUT/ab_epilogue_$on.md" \
-      >"$OUT/ab_epilogue_$on.log" 2>&1
-    r=$?; grep -v " INFO \|^INFO" "$OUT/ab_epilogue_$on.log" | grep "tokens\|Error\|error" | tail -24; rc=$(( rc || r ))
-  done
-  timeout "${EPI_TIMEOUT:-150}" python3 benchmarks/kernels/profile_moe_lora.py --lora-epilogue 1 --shapes qwen3 \
-    --tokens 256 4096 --out "$OUT/profile_epilogue.md" >"$OUT/profile_epilogue.log" 2>&1
-  r=$?; grep "^## \|shrink\|gemm_kernel" "$OUT/profile_epilogue.md"; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" int4swap "* ]]; then
   pytest tests/kernels/test_int4_moe_gemm.py >"$OUT/pytest_int4swap.log" 2>&1

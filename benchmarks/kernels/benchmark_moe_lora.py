@@ -100,10 +100,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--wide-rank-pair-tiles", type=int, default=None, choices=[0, 1],
                    help="moe_lora_config.WIDE_RANK_PAIR_TILES (default 1): the per-pair kernel's K tiles of 512 "
                         "and 8 warps at ranks 32-64 (0: the tiles before)")
-    p.add_argument("--lora-epilogue", type=int, default=None, choices=[0, 1],
-                   help="moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE (default 0: the fused shrink+expand launches after "
-                        "each GEMM; 1: on the sorted path the LoRA delta in the base GEMMs' epilogues, no (adapter, "
-                        "expert) alignment)")
     p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1],
                    help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel)")
     return p.parse_args()
@@ -312,10 +308,6 @@ def main() -> None:
         from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
 
         force_shrink_split_k(args.shrink_split_k)
-    if args.lora_epilogue is not None:
-        from vllm.lora.ops.triton_ops import moe_lora_epilogue
-
-        moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE = bool(args.lora_epilogue)
     if args.pair_kernel is not None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 
@@ -362,7 +354,6 @@ def main() -> None:
         + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
         + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else "")
         + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else "")
-        + (f", LORA_IN_GEMM_EPILOGUE={args.lora_epilogue}" if args.lora_epilogue is not None else "")
         + (f", SMALL_BATCH_WIDE_MAX_RANK={args.pair_path_max_rank}" if args.pair_path_max_rank is not None else "")
         + (f", WIDE_RANK_PAIR_TILES={args.wide_rank_pair_tiles}" if args.wide_rank_pair_tiles is not None else ""),
         "",

@@ -164,16 +164,10 @@ def compile_bf16(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pairs: in
 
         ptrs = {"a_ptr": dt, "w_ptr": dt, "out_ptr": dt, "bias_ptr": dt, "topk_weights_ptr": "fp32",
                 "sorted_token_ids_ptr": "i32", "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
-        from vllm.lora.ops.triton_ops.moe_lora_epilogue import no_lora_kernel_args
-
-        no_lora = no_lora_kernel_args(None)  # the kernel without the LoRA epilogue
-        ptrs.update({k: "fp32" if k == "lora_s_ptr" else "i32" for k in no_lora if k.endswith("_ptr")})
         cexp = dict(HAS_BIAS=bias, MUL_ROUTED_WEIGHT=True, UPCAST_DOT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
                     BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"],
-                    BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))),
-                    **{k: v for k, v in no_lora.items() if k.isupper()})
-        ints = dict(common, num_pid_m=num_pairs, num_pairs=num_pairs,
-                    **{k: v for k, v in no_lora.items() if not k.isupper() and not k.endswith("_ptr")})
+                    BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"], GROUP_SIZE_M=max(1, int(cfg.get("GROUP_SIZE_M", 1))))
+        ints = dict(common, num_pid_m=num_pairs, num_pairs=num_pairs)
     options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 3)))
     return triton.compile(specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
 

@@ -24,11 +24,8 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 
 class SeparateShrinkExpandPunica(PunicaWrapperGPU):
-    """``PunicaWrapperGPU`` whose MoE LoRA runs as a shrink launch, then an expand launch, after each base GEMM
-    (never in the GEMM epilogues)."""
-
-    def moe_lora_in_epilogue(self, ctx: Any, num_pairs: int) -> bool:
-        return False
+    """``PunicaWrapperGPU`` whose MoE LoRA runs as a shrink launch, then an expand launch, after each base
+    GEMM."""
 
     def _fused(self, out: torch.Tensor, x: torch.Tensor, lora_a: Any, lora_b: Any, *, topk_weights: torch.Tensor,
                top_k_in: int, mul_routed_weight: bool, config: Any = None, **kw: Any) -> None:

@@ -10,10 +10,7 @@ loop body once, early exits count as dependences); for today's kernel the K loop
 ceil(K tiles / (stages - 1)) waits with ``num_stages - 1`` tiles in flight.  Run without TRITON_INTERPRET:
 
     PYTHONPATH=. python benchmarks/kernels/moe_lora_static_report.py [--tokens 16 64 256] [--splits 4 8 16]
-        [--expand-stages 1] [--epilogue] [--out report.md]
-
-``--epilogue`` adds the LoRA-in-the-GEMM-epilogue path (``moe_lora_epilogue``): its block shrink and the
-bf16 grouped GEMM with and without the epilogue, at the shipped H200 tiles of the base GEMMs.
+        [--expand-stages 1] [--out report.md]
 """
 from __future__ import annotations
 
@@ -159,60 +156,6 @@ def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
     return rows
 
 
-def epilogue_rows(M: int) -> list[dict]:
-    """The LoRA-in-the-GEMM-epilogue path (``moe_lora_epilogue``): its shrink on the base alignment's blocks,
-    and the bf16 grouped GEMM with and without the epilogue, at the shipped H200 tiles of the base GEMMs."""
-    from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernels import moe_lora_block_shrink_kernel
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import (shrink_tiles, slot_tile, concat_slots,
-                                                            no_lora_kernel_args)
-    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as fmg
-    from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel
-
-    fmg._device_name = lambda: DEVICE  # the shipped H200 tiles, without a GPU
-    cfg1, cfg2 = fmg.get_two_gemm_configs(M * TOP_K, E, 2 * I, H, I, TOP_K, torch.bfloat16)
-    rows, numel = [], M * TOP_K
-    for gemm, cfg in (("w13", cfg1), ("w2", cfg2)):
-        g = _shape(gemm, M)
-        K, N, S = g["K"], g["N"], g["S"]
-        bk, warps = shrink_tiles(cfg.block_size_m, K, None)
-        ints = dict(numel=numel, top_k=TOP_K, top_k_in=g["ints"]["top_k_in"], K=K, R=R, max_loras=L, stride_xm=K,
-                    stride_xk=1, stride_as=L * E * R * K, stride_al=E * R * K, stride_ae=R * K, stride_ar=K,
-                    stride_ak=1, stride_ss=numel * R, stride_sp=R, stride_sr=1)
-        cexp = dict(SLOTS=slot_tile(L), CONCAT=concat_slots(L, R), EVEN_K=K % bk == 0, UPCAST=False,
-                    FP32_PRECISION="tf32x3", BLOCK_M=cfg.block_size_m, BLOCK_K=bk, BLOCK_R=16)
-        ptrs = dict(x_ptr="bf16", a_ptr="bf16", s_ptr="fp32", sorted_ids_ptr="i32", block_expert_ids_ptr="i32",
-                    num_post_padded_ptr="i32", map_ptr="i32", enabled_ptr="i32")
-        st = _stats(triton.compile(specialise(moe_lora_block_shrink_kernel, ptrs, cexp, ints), target=TARGET,
-                                   options=dict(num_warps=warps, num_stages=2)))
-        rows.append(dict(M=M, gemm=gemm, variant="GEMM epilogue", kernel="moe_lora_block_shrink_kernel",
-                         tiles=f"BM {cfg.block_size_m} BK {bk} w{warps} s2", chain_total=st["chain"], **st))
-        n_out = N * S  # GEMM1 writes both slices
-        gemm_ptrs = dict(a_ptr="bf16", w_ptr="bf16", out_ptr="bf16", bias_ptr="bf16", topk_weights_ptr="fp32",
-                         sorted_token_ids_ptr="i32", block_expert_ids_ptr="i32", num_tokens_post_padded_ptr="i32",
-                         lora_s_ptr="fp32", lora_b_ptr="bf16", lora_map_ptr="i32", lora_enabled_ptr="i32")
-        lora_ints = dict(lora_top_k=TOP_K, lora_rank=R, lora_max_loras=L, lora_slice_cols=N, lora_stride_ss=numel * R,
-                         lora_stride_sp=R, lora_stride_sr=1, lora_stride_bs=L * E * N * R if S > 1 else 0,
-                         lora_stride_bl=E * N * R, lora_stride_be=N * R, lora_stride_bn=R, lora_stride_br=1)
-        gemm_ints = dict(N=n_out, K=K, num_pid_m=numel, num_pairs=numel, top_k_in=g["ints"]["top_k_in"],
-                         stride_am=K, stride_ak=1, stride_we=n_out * K, stride_wn=K, stride_wk=1, stride_om=n_out,
-                         stride_on=1, stride_be=n_out, stride_bn=1, **lora_ints)
-        for lora in (False, True):
-            cx = {k: v for k, v in no_lora_kernel_args(None).items() if k.isupper()}
-            if lora:
-                cx.update(LORA=True, LORA_SLOTS=slot_tile(L), LORA_SLICES=S, LORA_CONCAT=concat_slots(L, R),
-                          LORA_EXPAND_MODE=1, LORA_FP32_PRECISION="tf32x3")
-            cx.update(HAS_BIAS=False, MUL_ROUTED_WEIGHT=g["mul_w"], UPCAST_DOT=False,
-                      EVEN_K=K % cfg.block_size_k == 0, BLOCK_SIZE_M=cfg.block_size_m, BLOCK_SIZE_N=cfg.block_size_n,
-                      BLOCK_SIZE_K=cfg.block_size_k, GROUP_SIZE_M=cfg.group_size_m)
-            st = _stats(triton.compile(specialise(_fused_moe_gemm_kernel, gemm_ptrs, cx, gemm_ints), target=TARGET,
-                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
-            rows.append(dict(M=M, gemm=gemm, variant="GEMM epilogue" if lora else "base GEMM",
-                             kernel="_fused_moe_gemm_kernel" + (" + LoRA" if lora else ""),
-                             tiles=f"BM {cfg.block_size_m} BN {cfg.block_size_n} BK {cfg.block_size_k} "
-                                   f"w{cfg.num_warps} s{cfg.num_stages}", chain_total=st["chain"], **st))
-    return rows
-
-
 HEADER = ("| tokens | GEMM | variant | kernel | tiles | regs | spill (B) | shared (B) | loops with MMAs: instr. "
           "| memory chain (SASS) | chain per program |\n|---:|---|---|---|---|---:|---:|---:|---|---:|---:|")
 
@@ -227,14 +170,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[64])
     p.add_argument("--splits", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--expand-stages", type=int, default=1, help="num_stages of the split variant's expand")
-    p.add_argument("--epilogue", action="store_true",
-                   help="also the LoRA-in-the-GEMM-epilogue path: its shrink, the GEMMs with and without the epilogue")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     print(HEADER, flush=True)
     rows = []
     for M in args.tokens:
-        for r in rows_for(M, args.splits, args.expand_stages) + (epilogue_rows(M) if args.epilogue else []):
+        for r in rows_for(M, args.splits, args.expand_stages):
             rows.append(r)
             print(fmt(r), flush=True)
     if args.out:

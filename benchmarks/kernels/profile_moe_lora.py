@@ -88,14 +88,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shape on CPU (Triton interpreter)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
-    p.add_argument("--lora-epilogue", type=int, default=None, choices=[0, 1],
-                   help="moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE (default 0: the LoRA launches after each GEMM; 1: "
-                        "the delta in the GEMM epilogues)")
     a = p.parse_args()
-    if a.lora_epilogue is not None:
-        from vllm.lora.ops.triton_ops import moe_lora_epilogue
-
-        moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE = bool(a.lora_epilogue)
     device = pick_device(a.smoke)
     cuda = device.type == "cuda"
     dtype = DTYPES[a.dtype]
@@ -106,7 +99,6 @@ def main() -> None:
     tokens = [t for t in a.tokens if t <= 64] or [7] if a.smoke else a.tokens
     out = [f"# MoE layer kernels with and without LoRA: {gpu}, {a.dtype}, rank {a.rank}, {a.num_loras} adapters "
            f"(token t on adapter t % {a.num_loras})"
-           + (f", LORA_IN_GEMM_EPILOGUE={a.lora_epilogue}" if a.lora_epilogue is not None else "")
            + f"; device us per layer call, mean of {iters} eager calls, "
            "L2 flushed before each", ""]
     for shape in shapes:

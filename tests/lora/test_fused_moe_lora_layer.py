@@ -2,8 +2,7 @@
 
 Backends: torch experts + torch Punica wrapper, and Triton experts + Triton
 Punica wrapper (interpreter on CPU, native on GPU).  The LoRA paths of the
-Triton wrapper - sorted (separate launches), small-batch, and sorted with the delta
-in the GEMM epilogues - are forced in turn.
+Triton wrapper - sorted and small-batch - are forced in turn.
 """
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from tests.layers.moe_setup import pick_slots
 from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
-from vllm.lora.ops.triton_ops import moe_lora_epilogue
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 # (tokens, E, top_k, H, I, activation, bias, max_loras, max_rank, ranks, slot_mode, fused, every):
@@ -32,12 +30,10 @@ BACKENDS = [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torc
             ("triton", torch.float16), ("triton", torch.bfloat16)]
 
 
-@pytest.fixture(params=["sorted", "small_batch", "epilogue"])
+@pytest.fixture(params=["sorted", "small_batch"])
 def lora_path(request, monkeypatch):
     small = request.param == "small_batch"
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: small)
-    # "sorted": the seams' launches after each GEMM; "epilogue": the delta in the GEMM epilogues
-    monkeypatch.setattr(moe_lora_epilogue, "LORA_IN_GEMM_EPILOGUE", request.param == "epilogue")
     return request.param
 
 

@@ -19,17 +19,10 @@ from tests.layers.moe_setup import pick_slots
 from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
 from vllm.lora.ops import moe_lora_align
-from vllm.lora.ops.triton_ops import moe_lora_epilogue
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.model_executor.layers.fused_moe.experts.triton_experts import TritonExperts
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
-
-
-@pytest.fixture(autouse=True)
-def _seams_path(monkeypatch):
-    """The one-pass align feeds the seams' launches, not the GEMM-epilogue path (which sorts by expert only)."""
-    monkeypatch.setattr(moe_lora_epilogue, "LORA_IN_GEMM_EPILOGUE", False)
 
 
 class _Calls:

@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.kernel_configs.tile_config import MoELoRATileConfig
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
-    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
 class TPGroup(Protocol):
@@ -253,33 +251,6 @@ class PunicaWrapperBase(StepMapping, ABC):
         return MoELoRAAlignPlan(token_lora_mapping=self._w13_mapping(ctx, x.shape[0]),
                                 adapter_enabled=ctx.adapter_enabled, num_experts=ctx.local_num_experts,
                                 max_loras=ctx.max_loras, block_size=cfg.block_size_m)
-
-    # ---- the MoE LoRA delta in the experts' GEMM epilogues ---------------------------------------
-    def moe_lora_in_epilogue(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
-        """Whether this step's MoE LoRA delta of the layer goes into the experts' GEMM epilogues
-        (``moe_lora_epilogue_w13`` / ``_w2``, on the experts' own alignment) instead of the seams'
-        separate launches.  False here: a compute without that path (torch)."""
-        del ctx, num_pairs
-        return False
-
-    def moe_lora_epilogue_w13(self, x: torch.Tensor, ctx: "MoELoRAContext", *,
-                              alignment: "AlignResult") -> "MoELoRAEpilogue":
-        """GEMM1's LoRA epilogue for x [M, H]: the w13 shrink of every pair on ``alignment``, the expert
-        alignment GEMM1 walks (``moe_lora_in_epilogue`` said yes)."""
-        return self._moe_epilogue(x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, ctx, alignment=alignment,
-                                  mapping=self._w13_mapping(ctx, x.shape[0]), top_k_in=ctx.top_k)
-
-    def moe_lora_epilogue_w2(self, x: torch.Tensor, ctx: "MoELoRAContext", *,
-                             alignment: "AlignResult") -> "MoELoRAEpilogue":
-        """GEMM2's LoRA epilogue for the activation output x [M*top_k, I_part] (router-weighted with the
-        GEMM's output: the delta joins it before the weight)."""
-        return self._moe_epilogue(x, ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked, ctx, alignment=alignment,
-                                  mapping=self._w13_mapping(ctx, x.shape[0] // ctx.top_k), top_k_in=1)
-
-    def _moe_epilogue(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                      ctx: "MoELoRAContext", *, alignment: "AlignResult", mapping: torch.Tensor,
-                      top_k_in: int) -> "MoELoRAEpilogue":
-        raise NotImplementedError(f"{type(self).__name__} has no MoE LoRA GEMM epilogue")
 
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,

@@ -5,7 +5,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how CI tests the kernels.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -15,8 +15,6 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import MoELoRATileConfig
     from vllm.lora.lora_context import MoELoRAContext
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
-    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
 class PunicaWrapperGPU(PunicaWrapperBase):
@@ -77,25 +75,6 @@ class PunicaWrapperGPU(PunicaWrapperBase):
                                    rank=rank, K=K, N=N, num_slices=num_slices, dtype=dtype,
                                    use_tuned_config=use_tuned_config, device_name=self._device_name(),
                                    small_batch=small_batch)
-
-    def moe_lora_in_epilogue(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
-        """The sorted path (not the small-batch one) of a layer whose LoRA is not sharded across ranks,
-        while ``moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE`` is on."""
-        from vllm.lora.ops.triton_ops import moe_lora_epilogue
-
-        return (moe_lora_epilogue.LORA_IN_GEMM_EPILOGUE and num_pairs > 0
-                and not (ctx.fully_sharded and ctx.tp_size > 1) and not self._small_batch(ctx, num_pairs))
-
-    def _moe_epilogue(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                      ctx: "MoELoRAContext", *, alignment: "AlignResult", mapping: torch.Tensor,
-                      top_k_in: int) -> "MoELoRAEpilogue":
-        from vllm.lora.ops.triton_ops.moe_lora_epilogue import moe_lora_epilogue
-
-        return moe_lora_epilogue(x, lora_a, lora_b, sorted_token_ids=alignment.sorted_token_ids,
-                                 block_expert_ids=alignment.block_expert_ids,
-                                 num_tokens_post_padded=alignment.num_tokens_post_padded,
-                                 block_size=alignment.block_size, token_lora_mapping=mapping,
-                                 adapter_enabled=ctx.adapter_enabled, top_k=ctx.top_k, top_k_in=top_k_in)
 
     def _align(self, topk_ids: torch.Tensor, mapping: torch.Tensor, *, num_experts: int, max_loras: int,
                adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor],

@@ -7,11 +7,6 @@ its own ``apply``, calls:
         (``alignment=``: the LoRA alignment, if the experts made it with their own, see ``lora_align_plan``)
     self.apply_w2_lora(ctx, y=gemm2_out, x=act_out, routing=routing, ...)   # before the top-k sum
 
-or, where its GEMMs add the delta in their epilogues and ``lora_in_epilogue`` says so this step:
-
-    GEMM1(..., lora=self.w13_lora_epilogue(ctx, x=hidden_states, alignment=expert_alignment))
-    GEMM2(..., lora=self.w2_lora_epilogue(ctx, x=act_out, alignment=expert_alignment))
-
 The helpers hand the context itself to the Punica wrapper, which reads the fields it
 needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 """
@@ -24,9 +19,7 @@ import torch
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
-    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
 class MoELoRAExpertsMixin:
@@ -62,22 +55,6 @@ class MoELoRAExpertsMixin:
             return None
         return ctx.punica_wrapper.add_lora_w13(y, x, ctx, topk_ids=topk_ids, topk_weights=topk_weights,
                                                expert_map=expert_map, alignment=alignment)
-
-    @classmethod
-    def lora_in_epilogue(cls, ctx: "MoELoRAContext", num_pairs: int) -> bool:
-        """Whether this step's LoRA delta goes into the GEMM epilogues (``w13_lora_epilogue`` /
-        ``w2_lora_epilogue``) instead of the two seams, for experts whose GEMMs take one."""
-        return cls.lora_runs(ctx) and ctx.punica_wrapper.moe_lora_in_epilogue(ctx, num_pairs)
-
-    @staticmethod
-    def w13_lora_epilogue(ctx: "MoELoRAContext", *, x: torch.Tensor, alignment: "AlignResult") -> "MoELoRAEpilogue":
-        """GEMM1's LoRA epilogue for x [M, H] on the expert alignment GEMM1 walks."""
-        return ctx.punica_wrapper.moe_lora_epilogue_w13(x, ctx, alignment=alignment)
-
-    @staticmethod
-    def w2_lora_epilogue(ctx: "MoELoRAContext", *, x: torch.Tensor, alignment: "AlignResult") -> "MoELoRAEpilogue":
-        """GEMM2's LoRA epilogue for the activation output x [M*top_k, I_part]."""
-        return ctx.punica_wrapper.moe_lora_epilogue_w2(x, ctx, alignment=alignment)
 
     @staticmethod
     def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"],

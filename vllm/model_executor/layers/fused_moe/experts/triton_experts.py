@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import TileConfig
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
@@ -35,10 +34,8 @@ class TritonExperts(TwoGemmExperts):
     Pairs are sorted by expert once (``moe_align_block_size``), or, for a few pairs among many
     experts (decode), each pair gets its own block without a launch (``pairwise_alignment``);
     both GEMMs walk the same order.  When the step's LoRA sorts too, the same pass sorts the
-    pairs by (adapter, expert) for it (``moe_align_with_lora``), unless the GEMMs add the LoRA delta in
-    their epilogues on the expert sort itself (``moe_lora_epilogue``, off by default: slower on an H200).
-    Supports SiLU/GELU-gated, non-gated and the gpt-oss
-    clamped SwiGLU on interleaved gate/up, and per-expert biases.
+    pairs by (adapter, expert) for it (``moe_align_with_lora``).  Supports SiLU/GELU-gated, non-gated
+    and the gpt-oss clamped SwiGLU on interleaved gate/up, and per-expert biases.
     """
 
     @classmethod
@@ -69,8 +66,8 @@ class TritonExperts(TwoGemmExperts):
 
         plan = None
         sorted_routing = not use_pairwise_alignment(pairs, num_experts)
-        if lora_context is not None and sorted_routing and not self.lora_in_epilogue(lora_context, pairs):
-            plan = self.lora_align_plan(lora_context, x)  # (the epilogue path needs no (adapter, expert) sort)
+        if lora_context is not None and sorted_routing:
+            plan = self.lora_align_plan(lora_context, x)
         if plan is None:
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
@@ -79,13 +76,9 @@ class TritonExperts(TwoGemmExperts):
         align, lora_align = moe_align_with_lora(ids, cfg1.block_size_m, num_experts, plan)
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align), lora_align
 
-    def _lora_epilogue_alignment(self, route: Optional[TritonRoute]) -> Optional["AlignResult"]:
-        """Sorted routing: the tl.dot GEMM adds the LoRA delta in its epilogue (``moe_lora_epilogue``)."""
-        return route.align if route is not None and not route.pairwise else None
-
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
               route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-              weighted: bool, lora: Optional["MoELoRAEpilogue"] = None) -> None:
+              weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
 
         assert route is not None  # _route always makes one
@@ -95,4 +88,4 @@ class TritonExperts(TwoGemmExperts):
                               num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=qc.w1_bias if stage == 1 else qc.w2_bias,
-                              config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise, lora=lora)
+                              config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise)

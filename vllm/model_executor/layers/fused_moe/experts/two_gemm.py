@@ -3,14 +3,11 @@
     GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
-or, for a backend whose GEMMs add the LoRA delta in their epilogues (``_lora_epilogue_alignment``), when
-the step's LoRA takes that path (``lora_in_epilogue``): GEMM1 (+ w13 LoRA + bias) -> activation ->
-GEMM2 (+ w2 LoRA + bias, weighted) -> top-k sum, the epilogues from ``w13_lora_epilogue`` / ``w2_lora_epilogue``.
-
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
-same pass as by expert overrides ``_route_and_lora_align`` and hands that to the w13 LoRA seam.  The LoRA deltas are added where ``TritonExperts`` always
-added them, so a new backend that subclasses this gets LoRA by construction.
+same pass as by expert overrides ``_route_and_lora_align`` and hands that to the w13 LoRA seam.  The
+LoRA deltas are added where ``TritonExperts`` always added them, so a new backend that subclasses this
+gets LoRA by construction.
 """
 from __future__ import annotations
 
@@ -29,7 +26,6 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -66,11 +62,6 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         there (the default): ``apply_w13_lora`` aligns, if it needs to.  x: [M, K] hidden states."""
         return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
 
-    def _lora_epilogue_alignment(self, route: Optional[Any]) -> Optional["AlignResult"]:
-        """The expert alignment both GEMMs walk when their epilogues can add the LoRA delta on it (``_gemm``
-        then takes ``lora=``); None (the default): the two seams add it after each GEMM."""
-        return None
-
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, route: Optional[Any],
               *, stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool) -> None:
         """out = GEMM ``stage`` (1: w13, 2: w2) of the routed pairs, + bias, router-weighted when
@@ -98,17 +89,11 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         route, lora_alignment = self._route_and_lora_align(ids, pairs, E_local, N, H, act_n, hidden_states,
                                                            lora_context)
 
-        epilogue = None  # the expert alignment, when the GEMMs add the LoRA delta in their epilogues
-        if lora_context is not None and self.lora_in_epilogue(lora_context, pairs):
-            epilogue = self._lora_epilogue_alignment(route)
-
         gemm1 = workspace13[: pairs * N].view(pairs, N)
-        lora_kw = {} if epilogue is None else dict(
-            lora=self.w13_lora_epilogue(lora_context, x=hidden_states, alignment=epilogue))
         self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
-                   weighted=False, **lora_kw)
+                   weighted=False)
         routing = None
-        if lora_context is not None and epilogue is None:
+        if lora_context is not None:
             routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
                                           topk_weights=topk_weights, expert_map=expert_map,
                                           alignment=lora_alignment)
@@ -119,11 +104,9 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
         weighted = not apply_router_weight_on_input
-        lora_kw = {} if epilogue is None else dict(
-            lora=self.w2_lora_epilogue(lora_context, x=act_out, alignment=epilogue))
         self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
-                   weighted=weighted, **lora_kw)
-        if lora_context is not None and epilogue is None:
+                   weighted=weighted)
+        if lora_context is not None:
             self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue)

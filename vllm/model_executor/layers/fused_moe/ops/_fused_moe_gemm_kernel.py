@@ -3,15 +3,11 @@
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile: BLOCK_SIZE_M
 consecutive entries of ``sorted_token_ids`` (all routed to the same expert, as
 ``moe_align_block_size`` guarantees) times one N-slice of that expert's weight.
-With ``LORA`` the tile's pairs' LoRA deltas join the fp32 accumulator before the bias
-and the router weight (``lora_epilogue``; the ``lora_*`` arguments: ``MoELoRAEpilogue``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernels import lora_epilogue
 
 
 @triton.jit
@@ -63,22 +59,6 @@ def _fused_moe_gemm_kernel(
     stride_on,
     stride_be,
     stride_bn,
-    lora_s_ptr,  # fp32 [S, num_pairs, R] shrink (LORA only; a dummy pointer otherwise)
-    lora_b_ptr,  # [L, E_local, N_s, R] slice 0 of B
-    lora_map_ptr,  # [>= M] int32 slot per token
-    lora_enabled_ptr,  # [L + 1] int32
-    lora_top_k,
-    lora_rank,
-    lora_max_loras,
-    lora_slice_cols,
-    lora_stride_ss,
-    lora_stride_sp,
-    lora_stride_sr,
-    lora_stride_bs,
-    lora_stride_bl,
-    lora_stride_be,
-    lora_stride_bn,
-    lora_stride_br,
     HAS_BIAS: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter: its bf16 dot multiplies raw bits
@@ -87,13 +67,6 @@ def _fused_moe_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
-    LORA: tl.constexpr,
-    LORA_SLOTS: tl.constexpr,
-    LORA_SLICES: tl.constexpr,
-    LORA_BLOCK_R: tl.constexpr,
-    LORA_EXPAND_MODE: tl.constexpr,
-    LORA_CONCAT: tl.constexpr,
-    LORA_FP32_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
@@ -142,12 +115,6 @@ def _fused_moe_gemm_kernel(
         a_rows += BLOCK_SIZE_K * stride_ak
         w_base += BLOCK_SIZE_K * stride_wk
 
-    if LORA:
-        acc = lora_epilogue(acc, pair, pair_ok, expert, offs_n, n_ok, lora_s_ptr, lora_b_ptr, lora_map_ptr,
-                            lora_enabled_ptr, lora_top_k, lora_rank, lora_max_loras, lora_slice_cols, lora_stride_ss,
-                            lora_stride_sp, lora_stride_sr, lora_stride_bs, lora_stride_bl, lora_stride_be,
-                            lora_stride_bn, lora_stride_br, LORA_SLOTS, LORA_SLICES, LORA_BLOCK_R, LORA_EXPAND_MODE,
-                            LORA_CONCAT, UPCAST_DOT, LORA_FP32_PRECISION)
     acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
                          HAS_BIAS, MUL_ROUTED_WEIGHT)
 

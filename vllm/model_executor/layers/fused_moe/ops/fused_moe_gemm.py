@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
@@ -54,9 +54,6 @@ from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_
                                                                       invoke_fused_moe_gemv)
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
-
-if TYPE_CHECKING:
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
 
 logger = init_logger(__name__)
 
@@ -250,7 +247,6 @@ def invoke_fused_moe_gemm(
     bias: Optional[torch.Tensor] = None,
     config: TileConfig,
     pairwise: bool = False,
-    lora: Optional["MoELoRAEpilogue"] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -263,8 +259,6 @@ def invoke_fused_moe_gemm(
     bias: optional [E_local, N], added before the routed-weight multiply.
     pairwise: the routing is ``pairwise_alignment``'s (block p holds pair p alone, ``block_expert_ids``
         is each pair's expert); required by a config with ``gemv=1``, which then runs the FMA GEMV.
-    lora: the pairs' LoRA deltas, added to the accumulator before the bias and the weight
-        (``moe_lora_epilogue``, made on this alignment; sorted routing only, not the GEMV).
     Pairs in no block are not written (the GEMV with SPLIT_K > 1 writes them as zeros).
     No host synchronisation (graph safe).
     """
@@ -296,10 +290,6 @@ def invoke_fused_moe_gemm(
     if config.gemv and not pairwise:
         raise ValueError("GEMV=1 runs on pairwise routing only (pairwise_alignment, pairwise=True); "
                          "sorted routing needs a config with GEMV=0")
-    if lora is not None:
-        if config.gemv:
-            raise ValueError("the LoRA epilogue runs in the tl.dot kernel, not the GEMV (GEMV=0)")
-        lora.check(num_pairs, N)
     if num_pairs == 0 or N == 0 or EM == 0:
         return
     if config.gemv:
@@ -307,7 +297,6 @@ def invoke_fused_moe_gemm(
                               topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias)
         return
 
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import no_lora_kernel_args
     from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel
 
     weights = topk_weights.reshape(-1) if mul_routed_weight else out  # dummy pointer when unused
@@ -334,7 +323,6 @@ def invoke_fused_moe_gemm(
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=config.group_size_m,
-        **(lora.kernel_args() if lora is not None else no_lora_kernel_args(out)),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
