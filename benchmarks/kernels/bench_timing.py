@@ -80,6 +80,15 @@ def peak_bandwidth(device) -> float:
     return 2 * n / (us * 1e-6)
 
 
+def add_run_args(p, *, smoke: str, out: str = "also write the tables (markdown) here") -> None:
+    """The options every GEMV benchmark takes: replays, eager timing, the CPU smoke run, seed, output file."""
+    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; CPU: 2)")
+    p.add_argument("--no-graph", action="store_true", help="time eagerly, without CUDA graphs")
+    p.add_argument("--smoke", action="store_true", help=f"{smoke}; on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=out)
+
+
 def emit(text: str, out: Optional[str]) -> None:
     """Print a benchmark's tables and, with ``--out``, write them to that file too."""
     print("\n" + text)

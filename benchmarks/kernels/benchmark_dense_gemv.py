@@ -29,7 +29,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
     sys.path.insert(0, _ROOT)
 
-from benchmarks.kernels.bench_timing import emit, norm_err, peak_bandwidth, pick_device, time_cpu, time_cuda  # noqa: E402
+from benchmarks.kernels.bench_timing import (add_run_args, emit, norm_err, peak_bandwidth, pick_device,  # noqa: E402
+                                             time_cpu, time_cuda)
 
 # shape -> [(projection, N, K, bias)]
 SHAPES = {
@@ -48,12 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; CPU: 2)")
-    p.add_argument("--no-graph", action="store_true", help="time eagerly, without CUDA graphs")
     p.add_argument("--sweep", action="store_true", help="also time a grid of GEMV tiles")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    add_run_args(p, smoke="tiny shapes", out="also write the table (markdown) here")
     return p.parse_args()
 
 
@@ -65,10 +62,27 @@ def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dt
         raise SystemExit(f"{what}: GEMV output off (vs float64 {err:.2e}, vs F.linear {err_lib:.2e}, tol {tol})")
 
 
+def _best_tiles(x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dtype, what: str, timed) -> str:
+    """The fastest GEMV tiles of the sweep grid (each checked first), as "us (tiles)"."""
+    from vllm.model_executor.layers.ops.dense_gemv import DenseGemvConfig, dense_gemv
+
+    K = w.shape[1]
+    k_cap = max(16, 1 << (K - 1).bit_length())  # K-steps no wider than K's power of two
+    grid = sorted({DenseGemvConfig(bn, min(bk, k_cap), nw) for bn, bk, nw in itertools.product(SWEEP_N, SWEEP_K,
+                                                                                               SWEEP_WARPS)},
+                  key=lambda c: (c.block_n, c.block_k, c.num_warps))
+    times = []
+    for c in grid:
+        _check(dense_gemv(x, w, b, config=c), x, w, b, dtype, f"{what} {c}")
+        times.append((timed(lambda c=c: dense_gemv(x, w, b, config=c)), c))
+    t, c = min(times, key=lambda tc: tc[0])
+    return f"{t:.1f} (BLOCK_N {c.block_n}, BLOCK_K {c.block_k}, {c.num_warps} warps)"
+
+
 def main() -> None:
     args = parse_args()
     device = pick_device(args.smoke)
-    from vllm.model_executor.layers.ops.dense_gemv import DenseGemvConfig, dense_gemv, dense_gemv_config
+    from vllm.model_executor.layers.ops.dense_gemv import dense_gemv, dense_gemv_config
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     if device.type == "cpu":
@@ -85,7 +99,7 @@ def main() -> None:
         return time_cpu(fn, reps)[0]
 
     gen = torch.Generator().manual_seed(args.seed)
-    rows, sweep_rows = [], []
+    rows = []
     for key, projs in shapes.items():
         for proj, N, K, has_bias in projs:
             w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device=device, dtype=dtype)
@@ -100,25 +114,14 @@ def main() -> None:
                 nbytes = (w.numel() + (N if has_bias else 0) + M * (K + N)) * w.element_size()
                 t_lib, t_gemv = timed(lambda: F.linear(x, w, b)), timed(lambda: dense_gemv(x, w, b))
                 cfg = dense_gemv_config(N, K, dtype)
-                best = ""
-                if args.sweep:
-                    k_cap = max(16, 1 << (K - 1).bit_length())  # K-steps no wider than K's power of two
-                    grid = sorted({DenseGemvConfig(bn, min(bk, k_cap), nw)
-                                   for bn, bk, nw in itertools.product(SWEEP_N, SWEEP_K, SWEEP_WARPS)},
-                                  key=lambda c: (c.block_n, c.block_k, c.num_warps))
-                    times = []
-                    for c in grid:
-                        _check(dense_gemv(x, w, b, config=c), x, w, b, dtype, f"{what} {c}")
-                        times.append((timed(lambda c=c: dense_gemv(x, w, b, config=c)), c))
-                    t_best, c_best = min(times, key=lambda tc: tc[0])
-                    best = f"{t_best:.1f} (BLOCK_N {c_best.block_n}, BLOCK_K {c_best.block_k}, {c_best.num_warps} warps)"
-                    sweep_rows.append((key, proj, M, t_gemv, t_best, c_best))
+                best = _best_tiles(x, w, b, dtype, what, timed) if args.sweep else "-"
                 roof = nbytes / bw * 1e6
                 rows.append(f"| {NAMES[key]} | {proj} | {N} x {K}{' + bias' if has_bias else ''} | {M} | {t_lib:.1f} | "
                             f"{t_gemv:.1f} | {t_lib / t_gemv:.2f} | {nbytes / t_gemv / 1e3:.0f} | {roof / t_gemv:.0%} | "
-                            f"{cfg.block_n} x {cfg.block_k} | {best or '-'} | {gpu} |")
+                            f"{cfg.block_n} x {cfg.block_k}, {cfg.num_warps} warps | {best} | {gpu} |")
                 print(rows[-1], flush=True)
-    head = (f"{gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA-graph replay, L2 flushed, median of {reps}\n\n"
+    head = (f"{gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA-graph replay, L2 flushed, "
+            f"median of {reps}\n\n"
             "| shape | projection | N x K | tokens | F.linear (us) | GEMV (us) | F.linear / GEMV | GEMV GB/s | "
             "GEMV % of roofline | GEMV tiles (N x K) | best swept (us, tiles) | GPU |\n"
             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|\n")

@@ -38,6 +38,7 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
     sys.path.insert(0, _ROOT)
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (shapes, timing, inputs: shared)
+from benchmarks.kernels.bench_timing import add_run_args  # noqa: E402
 
 SMOKE_SHAPE = ("smoke", 64, 64, 16, 2)  # 1 and 2 tokens pairwise, 4 tokens sorted
 SWEEP_N, SWEEP_K, SWEEP_WARPS, SWEEP_SPLITS = (8, 16, 32, 64), (256, 512, 1024), (2, 8), (2, 4)
@@ -49,12 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--bias", action="store_true", help="random expert biases (gpt-oss has them)")
-    p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 100; CPU: 2)")
-    p.add_argument("--no-graph", action="store_true", help="time eagerly, without CUDA graphs")
     p.add_argument("--sweep", action="store_true", help="also time each GEMM alone over a grid of GEMV tiles")
-    p.add_argument("--smoke", action="store_true", help="tiny shape; on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    add_run_args(p, smoke="tiny shape")
     return p.parse_args()
 
 
