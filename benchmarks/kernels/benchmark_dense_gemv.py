@@ -116,8 +116,9 @@ def main() -> None:
                 cfg = dense_gemv_config(N, K, dtype)
                 best = _best_tiles(x, w, b, dtype, what, timed) if args.sweep else "-"
                 roof = nbytes / bw * 1e6
-                rows.append(f"| {NAMES[key]} | {proj} | {N} x {K}{' + bias' if has_bias else ''} | {M} | {t_lib:.1f} | "
-                            f"{t_gemv:.1f} | {t_lib / t_gemv:.2f} | {nbytes / t_gemv / 1e3:.0f} | {roof / t_gemv:.0%} | "
+                shape = f"{N} x {K}{' + bias' if has_bias else ''}"
+                rows.append(f"| {NAMES[key]} | {proj} | {shape} | {M} | {t_lib:.1f} | {t_gemv:.1f} | "
+                            f"{t_lib / t_gemv:.2f} | {nbytes / t_gemv / 1e3:.0f} | {roof / t_gemv:.0%} | "
                             f"{cfg.block_n} x {cfg.block_k}, {cfg.num_warps} warps | {best} | {gpu} |")
                 print(rows[-1], flush=True)
     head = (f"{gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA-graph replay, L2 flushed, "
