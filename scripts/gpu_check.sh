@@ -36,15 +36,12 @@
 #   int4swap the int4 GEMM with the operands swapped (UNPACK 4, eleventh session): its cuda tests, the int4 GEMM
 #           per unpacking mode at the heuristic's tiles (--sweep-variants-only), then the layer with the decode
 #           tiles on UNPACK 3 and on 4 (SWAP_ARGS: shapes and tokens, SWAP_TIMEOUT per run); only when named
-#   prefetch the 4-bit GEMVs' PREFETCH (config num_stages >= 2: the next K-step's words loaded before this step's
-#           FMAs; eleventh session, untimed): the GEMV cuda tests, then the int4 GEMMs per variant at 1 / 16 / 64
-#           tokens ("GEMV prefetch" column) and the MXFP4 layer with gemv vs gemv+prefetch; only when named
 #   densegemv the dense projections' Triton GEMV (ops/dense_gemv.py, twelfth session, off until timed): its tests,
 #           cuBLAS vs GEMV per projection at 1-8 tokens, a tile sweep at 1 token, then the decode step with it on
 #           up to DENSE_MAX_TOKENS (default 8) at DENSE_BATCHES (default 1,4,16); only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|prefetch|densegemv|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -164,19 +161,6 @@ if [[ " $steps " == *" int4swap "* ]]; then
       >"$OUT/int4swap_layer_$u.log" 2>&1
     r=$?; grep "tokens:\|Error\|error" "$OUT/int4swap_layer_$u.log" | tail -8; rc=$(( rc || r ))
   done
-fi
-if [[ " $steps " == *" prefetch "* ]]; then
-  # PREFETCH_K narrows the GEMV tests (default: the bf16 cases, "dtype2"; the three files in full outlast one call)
-  pytest tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_mxfp4_gemv.py \
-    -k "${PREFETCH_K:-dtype2}" >"$OUT/pytest_prefetch.log" 2>&1
-  prc=$?; tail -4 "$OUT/pytest_prefetch.log"; rc=$(( rc || prc ))
-  t=${PREFETCH_TIMEOUT:-150}
-  timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --sweep --sweep-variants-only --shapes qwen3 mixtral \
-    --tokens 1 16 64 --reps 30 --out "$OUT/prefetch_int4.md" >"$OUT/prefetch_int4.log" 2>&1
-  r=$?; grep "^| \|rror" "$OUT/prefetch_int4.log" | tail -14; rc=$(( rc || r ))
-  timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --variants gemv gemv+prefetch --tokens 1 4 16 64 \
-    --reps 30 --out "$OUT/prefetch_mxfp4.md" >"$OUT/prefetch_mxfp4.log" 2>&1
-  r=$?; grep "^| \|rror" "$OUT/prefetch_mxfp4.log" | tail -14; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1

@@ -29,8 +29,8 @@ include the path (``IN_CUDA_GRAPHS``), as an eager prefill would run it.
 ``--variants portable split-auto split-2 ...``: also time the MXFP4 base layer with each variant of
 the kernel config (``portable``: DECODE_ASM 0; ``split-N``: SPLIT_K N; ``split-auto``: the SPLIT_K
 of ``auto_split_k``; ``gemv`` / ``dot``: the FMA GEMV's / the tl.dot kernel's config whatever the
-heuristic picks (``gemv1`` / ``gemv2``: the GEMV with 1 / 2 rows per pass; ``prefetch``: the GEMV loading
-the next K-step's codes before this step's work); ``portable+split-auto``: both), correctness-checked first, one column each (time and speed-up over the default MXFP4 layer).
+heuristic picks (``gemv1`` / ``gemv2``: the GEMV with 1 / 2 rows per pass); ``portable+split-auto``: both),
+correctness-checked first, one column each (time and speed-up over the default MXFP4 layer).
 """
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ def parse_args() -> argparse.Namespace:
 
 def _check_variant(name: str) -> str:
     for part in name.split("+"):
-        if part not in ("portable", "gemv", "gemv1", "gemv2", "dot", "prefetch") and not (
+        if part not in ("portable", "gemv", "gemv1", "gemv2", "dot") and not (
                 part.startswith("split-") and (part[6:] == "auto" or part[6:].isdigit())):
             raise argparse.ArgumentTypeError(f"unknown variant {part!r}: portable, gemv, gemv1, gemv2, dot, "
-                                             "prefetch, split-N or split-auto")
+                                             "split-N or split-auto")
     return name
 
 
@@ -114,8 +114,6 @@ def config_variant(name: str):
                 cfg = dataclasses.replace(cfg, gemv=int(part[4]))
             elif part == "portable":
                 cfg = dataclasses.replace(cfg, decode_asm=0)
-            elif part == "prefetch":  # the GEMV's PREFETCH (num_stages >= 2 on a GEMV config)
-                cfg = dataclasses.replace(cfg, num_stages=2)
             elif part == "split-auto":
                 cfg = dataclasses.replace(cfg, split_k=mod.auto_split_k(cfg, num_pairs, num_experts, N, K))
             else:

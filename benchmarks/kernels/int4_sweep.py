@@ -41,7 +41,7 @@ UNPACK_VARIANTS = {"UNPACK 0": dict(UNPACK=0, num_stages=4), "UNPACK 1": dict(UN
                                                  num_warps=8),
                    "UNPACK 0 s1": dict(UNPACK=0, num_stages=1),
                    "UNPACK 0 n256 w8 s1": dict(UNPACK=0, num_stages=1, BLOCK_SIZE_N=256, num_warps=8),
-                   "GEMV": dict(GEMV=1), "GEMV prefetch": dict(GEMV=1, num_stages=2)}
+                   "GEMV": dict(GEMV=1)}
 
 
 def swap_candidates():
@@ -59,9 +59,7 @@ def gemv_candidates():
     for bn in (64, 128, 256):
         for bk in (128, 256, 512):
             for split in (1, 2, 4, 8, 16):
-                for stages in (1, 2):  # 2: the next K-step's words prefetched (PREFETCH)
-                    yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages,
-                               GEMV=1)
+                yield dict(BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4, num_stages=1, GEMV=1)
     for warps in (2, 8):
         for split in (2, 4, 8, 16):
             yield dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=256, SPLIT_K=split, num_warps=warps, num_stages=1, GEMV=1)
@@ -74,9 +72,8 @@ def gemv_rows_candidates(bm: int):
             if bm * bk > 512:  # the [bm, bk / 8, bn] accumulators: beyond this they spill
                 continue
             for split in (1, 2, 4, 8):
-                for stages in (1, 2):  # 2: the next K-step's words prefetched (PREFETCH)
-                    yield dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4,
-                               num_stages=stages, GEMV=1)
+                yield dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, SPLIT_K=split, num_warps=4,
+                           num_stages=1, GEMV=1)
 
 
 def sweep_candidates():

@@ -46,13 +46,13 @@ INT4_VARIANTS = {"reshape (UNPACK 0)": dict(UNPACK=0, num_stages=4),
                  "operands swapped, weight in registers (UNPACK 4)": dict(UNPACK=4, num_stages=1),
                  "operands swapped, int32 words, tf32 (UNPACK 5)": dict(UNPACK=5, num_stages=3),
                  # the FMA GEMV: one row per program (unsorted launches), BLOCK_SIZE_M rows per block (sorted)
-                 "GEMV": dict(GEMV=1), "GEMV prefetch": dict(GEMV=1, num_stages=2)}
+                 "GEMV": dict(GEMV=1)}
 # no SPLIT_K in a variant: auto_split_k's value
 MXFP4_VARIANTS = {"PTX decode": dict(DECODE_ASM=1, SPLIT_K=1), "portable decode": dict(DECODE_ASM=0, SPLIT_K=1),
                   "PTX decode, split-K auto": dict(DECODE_ASM=1), "portable, split-K auto": dict(DECODE_ASM=0),
                   # the FMA GEMV at its own heuristic tiles and split (_gemv_config), 1 or 2 rows per pass
                   # (instructions per weight count each decoded weight once: per row, halve the 2-row figure)
-                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2), "GEMV prefetch": dict(GEMV=1, num_stages=2)}
+                  "GEMV": dict(GEMV=1), "GEMV 2 rows": dict(GEMV=2)}
 BF16_SHAPES = {"Qwen3-30B-A3B": (2048, 768, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2),
                "gpt-oss-20b": (2880, 2880, 32, 4)}
 # the GEMV runs on pairwise launches only (one pair per block: 1 token of the three shapes)
@@ -86,8 +86,7 @@ def compile_int4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pair
                 N=N, K=K, top_k_in=2, magic=0x4B000000)
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
                 EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
-                BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
-                PREFETCH=int(cfg.get("num_stages", 1)) >= 2)  # as the launcher: num_stages 2+ = the prefetch
+                BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
     src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=1))
 
@@ -107,8 +106,7 @@ def compile_int4_gemv_rows(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num
                 N=N, K=K, num_pairs=num_pairs, top_k_in=2, magic=0x4B000000)
     cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=False, HAS_PERM=False, MUL_ROUTED_WEIGHT=False,
                 EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0, EVEN_N=N % cfg["BLOCK_SIZE_N"] == 0, SPLIT_K=split,
-                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
-                PREFETCH=int(cfg.get("num_stages", 1)) >= 2)
+                BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"])
     options = dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=1)
     return triton.compile(specialise(fn, ptrs, cexp, ints), target=TARGET, options=options)
 
@@ -198,7 +196,7 @@ def compile_mxfp4_gemv(dtype: torch.dtype, cfg: dict, *, N: int, K: int, num_pai
     cexp = dict(HAS_BIAS=bias and split == 1, MUL_ROUTED_WEIGHT=False, EVEN_K=K % cfg["BLOCK_SIZE_K"] == 0,
                 A_QUADS=dtype == torch.bfloat16, DECODE_ASM=bool(cfg.get("DECODE_ASM", 1)),
                 BLOCK_SIZE_M=cfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=cfg["BLOCK_SIZE_N"], BLOCK_SIZE_K=cfg["BLOCK_SIZE_K"],
-                SPLIT_K=split, ROWS=int(cfg["GEMV"]), PREFETCH=int(cfg.get("num_stages", 1)) >= 2)
+                SPLIT_K=split, ROWS=int(cfg["GEMV"]))
     src = specialise(fn, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options=dict(num_warps=int(cfg.get("num_warps", 4)), num_stages=1))
 

@@ -22,17 +22,15 @@ def main() -> None:
     variants = [(128, True, False, False, True, 4), (32, False, False, True, False, 1),
                 (128, True, True, True, True, 2)]
     cases = [*itertools.product(["bf16", "fp16"], variants), ("fp32", (32, True, False, False, True, 2))]
-    # and each bf16 variant again with PREFETCH (the next K-step's words loaded before this step's FMAs)
-    cases = [(d, v, False) for d, v in cases] + [("bf16", v, True) for v in variants]
-    for dtype, (group, zeros, gidx, perm, even, split), prefetch in cases:
+    for dtype, (group, zeros, gidx, perm, even, split) in cases:
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
                 "out_ptr": "fp32" if split > 1 else dtype, "topk_weights_ptr": "fp32", "pair_expert_ids_ptr": "i32"}
         cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
-                    EVEN_K=even, EVEN_N=even, SPLIT_K=split, BLOCK_SIZE_N=128, BLOCK_SIZE_K=256, PREFETCH=prefetch)
+                    EVEN_K=even, EVEN_N=even, SPLIT_K=split, BLOCK_SIZE_N=128, BLOCK_SIZE_K=256)
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=1))
-        print(f"ok gemv {dtype}{' prefetch' if prefetch else ''} group {group} zeros {zeros} g_idx {gidx} perm {perm} "
+        print(f"ok gemv {dtype} group {group} zeros {zeros} g_idx {gidx} perm {perm} "
               f"even {even} split {split}", flush=True)
 
 

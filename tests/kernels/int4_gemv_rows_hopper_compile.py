@@ -27,19 +27,17 @@ def main() -> None:
                 (2, 32, False, False, True, False, 2), (4, 128, True, True, True, True, 1),
                 (8, 32, True, False, False, True, 2), (16, 128, False, False, False, False, 1)]
     cases = [*itertools.product(["bf16", "fp16"], variants), ("fp32", (2, 32, True, False, False, True, 2))]
-    # and each bf16 variant again with PREFETCH (the next K-step's words loaded before this step's FMAs)
-    cases = [(d, v, False) for d, v in cases] + [("bf16", v, True) for v in variants]
-    for dtype, (bm, group, zeros, gidx, perm, even, split), prefetch in cases:
+    for dtype, (bm, group, zeros, gidx, perm, even, split) in cases:
         ptrs = {"a_ptr": dtype, "qw_ptr": "i32", "s_ptr": dtype, "z_ptr": "u8", "g_ptr": "i32", "perm_ptr": "i32",
                 "out_ptr": "fp32" if split > 1 else dtype, "topk_weights_ptr": "fp32", "sorted_token_ids_ptr": "i32",
                 "block_expert_ids_ptr": "i32", "num_tokens_post_padded_ptr": "i32"}
         cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
                     EVEN_K=even, EVEN_N=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=128,
-                    BLOCK_SIZE_K=max(16, 256 // bm), PREFETCH=prefetch)
+                    BLOCK_SIZE_K=max(16, 256 // bm))
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         kernel = triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=1))
-        print(f"ok gemv rows {dtype}{' prefetch' if prefetch else ''} BLOCK_SIZE_M {bm} group {group} zeros {zeros} "
+        print(f"ok gemv rows {dtype} BLOCK_SIZE_M {bm} group {group} zeros {zeros} "
               f"g_idx {gidx} perm {perm} "
               f"even {even} split {split} shared {kernel.metadata.shared}", flush=True)
 

@@ -62,15 +62,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("stages", [1, 2])  # 2: PREFETCH, the next K-step's words loaded before this step's FMAs
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bk", CASES)
 def test_gemv_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split, bk,
-                                            dtype, weighted, stages, device):
+                                            dtype, weighted, device):
     ws, pw, a, ids, tw = _case(rows, top_k, E, N, K, group, has_zeros, act_order, general, rows * 7 + K, device,
                                dtype)
-    cfg = Int4TileConfig(16, 16, bk, split_k=split, num_stages=stages, gemv=1)
+    cfg = Int4TileConfig(16, 16, bk, split_k=split, num_stages=1, gemv=1)
     out = _run(a, pw, ids, tw, top_k, cfg, weighted, dtype).cpu()
     ref, routed = _reference(ws, a, ids, tw, top_k, weighted)
     assert_close(out[routed].float(), ref[routed], dtype)
@@ -130,7 +129,7 @@ def test_gemv_refuses_bad_values():
 
 def test_gemv_compiles_for_hopper():
     """The interpreter never compiles: compile the GEMV for sm_90 in a subprocess (no GPU needed)."""
-    assert run_without_interpreter("tests/kernels/int4_gemv_hopper_compile.py").count("ok ") == 10
+    assert run_without_interpreter("tests/kernels/int4_gemv_hopper_compile.py").count("ok ") == 7
 
 
 @pytest.mark.cuda

@@ -51,16 +51,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("stages", [1, 2])  # 2: PREFETCH, the next K-step's words loaded before this step's FMAs
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,top_k,E,N,K,group,has_zeros,act_order,general,split,bm,bk", CASES)
 def test_gemv_rows_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zeros, act_order, general, split,
-                                                 bm, bk, dtype, weighted, stages, device):
+                                                 bm, bk, dtype, weighted, device):
     ws, pw, a, _, tw = _case(rows, top_k, E, N, K, group, has_zeros, act_order, general, rows * 7 + K, device,
                              dtype)
     ids = _ids(rows, top_k, E, rows + K, device)
-    cfg = Int4TileConfig(bm, 16, bk, split_k=split, num_stages=stages, gemv=1)
+    cfg = Int4TileConfig(bm, 16, bk, split_k=split, num_stages=1, gemv=1)
     out = _run_sorted(a, pw, ids, tw, top_k, cfg, weighted, dtype).cpu()
     ref, routed = _reference(ws, a, ids, tw, top_k, weighted)
     assert_close(out[routed].float(), ref[routed], dtype)
@@ -127,7 +126,7 @@ def test_gemv_rows_config_and_checks(monkeypatch):
 
 def test_gemv_rows_compiles_for_hopper():
     """The interpreter never compiles: compile the multi-row GEMV for sm_90 in a subprocess (no GPU needed)."""
-    assert run_without_interpreter("tests/kernels/int4_gemv_rows_hopper_compile.py").count("ok ") == 19
+    assert run_without_interpreter("tests/kernels/int4_gemv_rows_hopper_compile.py").count("ok ") == 13
 
 
 def test_static_report_gemv_rows_runs_fewer_instructions_per_weight():

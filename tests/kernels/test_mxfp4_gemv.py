@@ -12,8 +12,8 @@ from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm as mod
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import dequantize_mxfp4
 
 
-def _gemv(bn=32, bk=64, split=1, bm=16, rows=1, stages=1):
-    return Mxfp4TileConfig(bm, bn, bk, split_k=split, num_stages=stages, gemv=rows)
+def _gemv(bn=32, bk=64, split=1, bm=16, rows=1):
+    return Mxfp4TileConfig(bm, bn, bk, split_k=split, num_stages=1, gemv=rows)
 
 
 @pytest.mark.parametrize("split,rows", [(1, 1), (2, 2)])
@@ -45,11 +45,10 @@ CASES = [  # (tokens, E, top_k, N, K, block_n, block_k, split, rows, bias, weigh
 ]
 
 
-@pytest.mark.parametrize("stages", [1, 2])  # 2: PREFETCH, the next K-step's loads before this step's work
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,E,top_k,N,K,bn,bk,split,rows,bias,weighted", CASES)
 def test_gemv_matches_fp64_loop_and_dot_kernel(M, E, top_k, N, K, bn, bk, split, rows, bias, weighted, dtype,
-                                              stages, device):
+                                              device):
     gen = torch.Generator().manual_seed(M * 13 + K + split)
     blocks = all_codes_blocks(E, N, K, gen)
     scales = torch.randint(119, 124, (E, N, K // 32), dtype=torch.uint8, generator=gen)
@@ -64,7 +63,7 @@ def test_gemv_matches_fp64_loop_and_dot_kernel(M, E, top_k, N, K, bn, bk, split,
     args = dict(top_k_in=top_k, bias=None if b is None else b.to(device, dtype),
                 topk_weights=None if tw is None else tw.to(device), weighted=weighted)
     dev = (a.to(device, dtype), blocks.to(device), scales.to(device), ids.to(device))
-    out = _run_kernel(*dev, config=_gemv(bn, bk, split, rows=rows, stages=stages), **args).float().cpu()
+    out = _run_kernel(*dev, config=_gemv(bn, bk, split, rows=rows), **args).float().cpu()
     w = dequantize_mxfp4(blocks, scales)
     ref = _loop_reference(a.to(dtype).float(), w, ids.clamp(min=0), top_k, None if b is None else b.to(dtype), tw)
     routed = ids.reshape(-1) >= 0

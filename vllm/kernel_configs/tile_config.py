@@ -117,10 +117,9 @@ class Int4TileConfig(TileConfig):
     unpack: how the kernel unpacks the 4-bit codes, 0-3 (read ``_int4_moe_gemm_kernel.py``), or 4: the
         operands swapped (``_int4_moe_gemm_swap_kernel.py``).
     gemv: 1 = the FMA GEMV instead of tl.dot: one row per program on the unsorted small-batch path
-    (``_int4_gemv_kernel.py``: block_size_n, block_size_k, split_k, num_warps apply; num_stages >= 2 means
-    PREFETCH, the next K-step's words loaded before this step's FMAs; block_size_m, group_size_m, unpack do
-    not), block_size_m rows per alignment block on sorted routing (``_int4_gemv_rows_kernel.py``: block_size_m
-    may then be 1-16); 0 = the tl.dot kernel.
+    (``_int4_gemv_kernel.py``: block_size_n, block_size_k, split_k, num_warps apply; num_stages,
+    block_size_m, group_size_m, unpack do not), block_size_m rows per alignment block on sorted routing
+    (``_int4_gemv_rows_kernel.py``: block_size_m may then be 1-16); 0 = the tl.dot kernel.
     A distinct class: the bf16 GEMM's launcher refuses it (its ``unpack`` would mean nothing there).
     """
 

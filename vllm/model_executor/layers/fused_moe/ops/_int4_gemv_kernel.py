@@ -113,7 +113,6 @@ def _int4_gemv_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # the next K-step's words loaded before this step's FMAs (config num_stages >= 2)
 ):
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     PER_WEIGHT_SCALE: tl.constexpr = HAS_G_IDX or GROUP_SIZE % 8 != 0
@@ -143,16 +142,8 @@ def _int4_gemv_kernel(
     k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
 
     total = tl.zeros((BKW, BLOCK_SIZE_N), dtype=tl.float32)
-    if PREFETCH:  # the first K-step's words (an empty split reads its neighbour's last, unused)
-        words_next = _word_tile(qw_cols, tl.maximum(tl.minimum(k_first, k_last - 1), 0), offs_kw, kw_total, n_ok,
-                                stride_qk, EVEN_K, EVEN_N, BKW)
     for kt in range(k_first, k_last):
-        if PREFETCH:  # the next K-step's loads issued before this step's FMAs (the last re-reads its own)
-            words = words_next
-            words_next = _word_tile(qw_cols, tl.minimum(kt + 1, k_last - 1), offs_kw, kw_total, n_ok, stride_qk,
-                                    EVEN_K, EVEN_N, BKW)
-        else:
-            words = _word_tile(qw_cols, kt, offs_kw, kw_total, n_ok, stride_qk, EVEN_K, EVEN_N, BKW)
+        words = _word_tile(qw_cols, kt, offs_kw, kw_total, n_ok, stride_qk, EVEN_K, EVEN_N, BKW)
         kw = kt * BKW + offs_kw
         kw_ok = kw < kw_total
         if not EVEN_K:

@@ -51,7 +51,7 @@ def _block_rows(a_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, out_ptr, topk_weig
                 stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_pe, stride_os, stride_om, stride_on,
                 GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_PERM: tl.constexpr,
                 MUL_ROUTED_WEIGHT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, PREFETCH: tl.constexpr):
+                ROWS: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
     """Rows first .. first + ROWS - 1 of the sorted pairs (one expert's) times the [BLOCK_SIZE_N] column tile
     over K-split pid_k, stored."""
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
@@ -81,16 +81,8 @@ def _block_rows(a_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, out_ptr, topk_weig
     k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
 
     total = tl.zeros((ROWS, BKW, BLOCK_SIZE_N), dtype=tl.float32)
-    if PREFETCH:  # the first K-step's words (an empty split reads its neighbour's last, unused)
-        words_next = _word_rows(qw_cols, tl.maximum(tl.minimum(k_first, k_last - 1), 0), offs_kw, kw_total, n_ok3,
-                                stride_qk, EVEN_K, EVEN_N, BKW)
     for kt in range(k_first, k_last):
-        if PREFETCH:  # the next K-step's loads issued before this step's FMAs (the last re-reads its own)
-            words = words_next
-            words_next = _word_rows(qw_cols, tl.minimum(kt + 1, k_last - 1), offs_kw, kw_total, n_ok3, stride_qk,
-                                    EVEN_K, EVEN_N, BKW)
-        else:
-            words = _word_rows(qw_cols, kt, offs_kw, kw_total, n_ok3, stride_qk, EVEN_K, EVEN_N, BKW)
+        words = _word_rows(qw_cols, kt, offs_kw, kw_total, n_ok3, stride_qk, EVEN_K, EVEN_N, BKW)
         kw = kt * BKW + offs_kw
         kw_ok = kw < kw_total
         kw3 = kw[None, :, None]
@@ -200,7 +192,6 @@ def _int4_gemv_rows_kernel(
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # the next K-step's words loaded before this step's FMAs (config num_stages >= 2)
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -223,18 +214,16 @@ def _int4_gemv_rows_kernel(
                         sorted_token_ids_ptr, first, pid_n, pid_k, expert, magic, N, K, num_pairs, top_k_in,
                         stride_am, stride_ak, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
                         stride_pe, stride_os, stride_om, stride_on, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, HAS_PERM,
-                        MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                        PREFETCH)
+                        MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K)
         else:
             _block_rows(a_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, out_ptr, topk_weights_ptr,
                         sorted_token_ids_ptr, first, pid_n, pid_k, expert, magic, N, K, num_pairs, top_k_in,
                         stride_am, stride_ak, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
                         stride_pe, stride_os, stride_om, stride_on, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, HAS_PERM,
-                        MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, HALF, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                        PREFETCH)
+                        MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, HALF, BLOCK_SIZE_N, BLOCK_SIZE_K)
     else:
         _block_rows(a_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, out_ptr, topk_weights_ptr,
                     sorted_token_ids_ptr, first, pid_n, pid_k, expert, magic, N, K, num_pairs, top_k_in,
                     stride_am, stride_ak, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
                     stride_pe, stride_os, stride_om, stride_on, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, HAS_PERM,
-                    MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, 1, BLOCK_SIZE_N, BLOCK_SIZE_K, PREFETCH)
+                    MUL_ROUTED_WEIGHT, EVEN_K, EVEN_N, SPLIT_K, 1, BLOCK_SIZE_N, BLOCK_SIZE_K)

@@ -186,7 +186,6 @@ def _mxfp4_gemv_kernel(
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
     SPLIT_K: tl.constexpr,
     ROWS: tl.constexpr,  # rows computed per pass over the weight tile: 1 or 2
-    PREFETCH: tl.constexpr = False,  # the next K-step's words and scales loaded before this step's decode and FMAs
 ):
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     GROUPS: tl.constexpr = BLOCK_SIZE_K // 32
@@ -230,18 +229,10 @@ def _mxfp4_gemv_kernel(
             a_row1 = a_ptr + tl.where(ok1, pair1 // top_k_in, 0).to(tl.int64) * stride_am
             total0 = tl.zeros((BLOCK_SIZE_N, GROUPS), dtype=tl.float32)
             total1 = tl.zeros((BLOCK_SIZE_N, GROUPS), dtype=tl.float32)
-            if PREFETCH:  # the first K-step's (an empty split reads its neighbour's last, unused)
-                w_next, s_next = _step_loads(q_base, s_base, tl.maximum(tl.minimum(k_first, k_last - 1), 0), offs_j,
-                                             offs_g, K, EVEN_K, BKW, GROUPS)
             for kt in range(k_first, k_last):
                 kw = kt * BKW + offs_j  # word index in the row
                 kw_ok = kw < K // 8
-                if PREFETCH:  # the next K-step's loads issued before this step's work (the last re-reads its own)
-                    w, s = w_next, s_next
-                    w_next, s_next = _step_loads(q_base, s_base, tl.minimum(kt + 1, k_last - 1), offs_j, offs_g, K,
-                                                 EVEN_K, BKW, GROUPS)
-                else:
-                    w, s = _step_loads(q_base, s_base, kt, offs_j, offs_g, K, EVEN_K, BKW, GROUPS)
+                w, s = _step_loads(q_base, s_base, kt, offs_j, offs_g, K, EVEN_K, BKW, GROUPS)
                 if DECODE_ASM:
                     vals = _e2m1_word_asm(w)
                 else:

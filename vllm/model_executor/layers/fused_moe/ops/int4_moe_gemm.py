@@ -337,7 +337,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             K, *t_strides,
             GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
             HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
-            SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, PREFETCH=config.num_stages >= 2,
+            SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
             num_warps=config.num_warps, num_stages=1)
     elif config.gemv:
         from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _int4_gemv_kernel
@@ -352,7 +352,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             K, *t_strides,
             GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
             HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
-            SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, PREFETCH=config.num_stages >= 2,
+            SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
             num_warps=config.num_warps, num_stages=1)
     else:
         kernel, words = _int4_moe_gemm_kernel, w.qweight

@@ -289,7 +289,7 @@ def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Te
         DECODE_ASM=bool(config.decode_asm) and not triton_interpreting(),
         A_QUADS=a.dtype == torch.bfloat16 and a.stride(1) == 1 and a.stride(0) % 4 == 0 and a.data_ptr() % 8 == 0,
         BLOCK_SIZE_M=config.block_size_m, BLOCK_SIZE_N=config.block_size_n, BLOCK_SIZE_K=config.block_size_k,
-        SPLIT_K=config.split_k, ROWS=config.gemv, PREFETCH=config.num_stages >= 2, num_warps=config.num_warps,
+        SPLIT_K=config.split_k, ROWS=config.gemv, num_warps=config.num_warps,
         num_stages=1)
 
 
