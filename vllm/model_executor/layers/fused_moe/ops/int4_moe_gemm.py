@@ -30,7 +30,7 @@ from vllm.platforms.interface import triton_interpreting
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
-UNPACK_DECODE_TILES = True  # on unsplit decode tiles: UNPACK 3 where it fits shared memory, 4 / 5 (the swap) from 32 rows
+UNPACK_DECODE_TILES = True  # unsplit decode tiles: UNPACK 3 where it fits shared memory, 4 / 5 from 32 rows
 # the mode UNPACK_DECODE_TILES gives tiles of BLOCK_SIZE_M >= SWAP_MIN_BLOCK_M: 5 or 4 (the operands swapped)
 # or 3.  H200 (benchmark_moe_int4.py --sweep --sweep-variants-only, eleventh session), us per GEMM w13 / w2 at
 # 32x128x128: Qwen3-30B-A3B 256 tokens 5: 279.7 / 155.6, 4: 363.5 / 191.7, 3: 457.7 / 235.4; Mixtral-8x7B 64
