@@ -3,7 +3,9 @@
 What is timed: one projection, ``F.linear(x, W, b)`` and ``dense_gemv(x, W, b)`` at the heuristic's tiles, for
 the q/k/v, o and router projections of Qwen3-30B-A3B, Mixtral-8x7B and gpt-oss-20b (biased) and the Qwen3 LM
 head, at 1-8 tokens; CUDA-graph replay, L2 flushed before each replay, median of ``--reps`` (the timing helpers
-of ``bench_timing.py``).  ``--sweep``: also a grid of GEMV tiles (BLOCK_N, BLOCK_K, warps), the fastest named.
+of ``bench_timing.py``).  "other reduction": the GEMV with its other kernel at the same tiles (``delayed``:
+each token's partial products reduced once at the end instead of every K-step; at most 4 tokens).
+``--sweep``: also a grid of GEMV tiles (BLOCK_N, BLOCK_K, warps), the fastest named.
 
 Correctness first: every GEMV output (heuristic and swept tiles) is compared with a float64 product and with
 ``F.linear`` before it is timed (normalised max error within the dtype's tolerance), and a row's output must be
@@ -18,6 +20,7 @@ Bytes: W (+ bias, x, y); "% of roofline" = (bytes / copy bandwidth) / time, the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -82,7 +85,8 @@ def _best_tiles(x: torch.Tensor, w: torch.Tensor, b, dtype: torch.dtype, what: s
 def main() -> None:
     args = parse_args()
     device = pick_device(args.smoke)
-    from vllm.model_executor.layers.ops.dense_gemv import dense_gemv, dense_gemv_config
+    from vllm.model_executor.layers.ops.dense_gemv import (DELAYED_MAX_BLOCK_M, dense_gemv,
+                                                           dense_gemv_config)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     if device.type == "cpu":
@@ -114,18 +118,23 @@ def main() -> None:
                 nbytes = (w.numel() + (N if has_bias else 0) + M * (K + N)) * w.element_size()
                 t_lib, t_gemv = timed(lambda: F.linear(x, w, b)), timed(lambda: dense_gemv(x, w, b))
                 cfg = dense_gemv_config(N, K, dtype)
+                delayed = "-"
+                if M <= DELAYED_MAX_BLOCK_M:  # the kernel that reduces each token's partials once (untimed)
+                    dcfg = dataclasses.replace(cfg, delayed=not cfg.delayed)
+                    _check(dense_gemv(x, w, b, config=dcfg), x, w, b, dtype, f"{what} delayed={dcfg.delayed}")
+                    delayed = f"{timed(lambda: dense_gemv(x, w, b, config=dcfg)):.1f}"
                 best = _best_tiles(x, w, b, dtype, what, timed) if args.sweep else "-"
                 roof = nbytes / bw * 1e6
                 shape = f"{N} x {K}{' + bias' if has_bias else ''}"
                 rows.append(f"| {NAMES[key]} | {proj} | {shape} | {M} | {t_lib:.1f} | {t_gemv:.1f} | "
                             f"{t_lib / t_gemv:.2f} | {nbytes / t_gemv / 1e3:.0f} | {roof / t_gemv:.0%} | "
-                            f"{cfg.block_n} x {cfg.block_k}, {cfg.num_warps} warps | {best} | {gpu} |")
+                            f"{cfg.block_n} x {cfg.block_k}, {cfg.num_warps} warps | {delayed} | {best} | {gpu} |")
                 print(rows[-1], flush=True)
     head = (f"{gpu}, {dtype}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA-graph replay, L2 flushed, "
             f"median of {reps}\n\n"
             "| shape | projection | N x K | tokens | F.linear (us) | GEMV (us) | F.linear / GEMV | GEMV GB/s | "
-            "GEMV % of roofline | GEMV tiles (N x K) | best swept (us, tiles) | GPU |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|\n")
+            "GEMV % of roofline | GEMV tiles (N x K) | other reduction (us) | best swept (us, tiles) | GPU |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|\n")
     emit(head + "\n".join(rows) + "\n\nCorrectness: every GEMV output within tolerance of float64 and F.linear; "
          "a row alone gives the same bits as in its batch\n", args.out)
 

@@ -6,7 +6,12 @@ BLOCK_K] tile of W once (the memory-bound part: W is read once in the whole grid
 fp32 products with that token's x are summed over the step's K, and added to the token's row of the fp32
 accumulator; bias in fp32, one rounding.  A token's sums never depend on BLOCK_M or on the other tokens (same
 tile, same reduction), so a row's output is the same whatever the batch it runs in (eager or a padded CUDA
-graph batch)."""
+graph batch).
+
+``dense_gemv_delayed_kernel`` - the same grid and tiles, for at most 4 tokens, but each token keeps its own
+fp32 [BLOCK_N, BLOCK_K] partial products across the K-steps and reduces them once at the end, instead of
+summing over every K-step (cross-thread reductions per step and token).  Its sums are ordered differently from
+``dense_gemv_kernel``'s; a token's bits again never depend on the batch."""
 import triton
 import triton.language as tl
 
@@ -39,3 +44,56 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
+
+
+@triton.jit
+def _row_fma(acc, w, x_ptr, m: tl.constexpr, M, stride_xm, k0, offs_k, mask_k):
+    """acc [BLOCK_N, BLOCK_K] + W tile * token m's x over this K-step (0 for a row at or past M)."""
+    xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=mask_k & (m < M), other=0.0).to(tl.float32)
+    return acc + w * xm[None, :]
+
+
+@triton.jit
+def _row_store(acc, bias, m: tl.constexpr, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS: tl.constexpr):
+    """Token m's outputs: its partial products summed over K, + bias, one rounding."""
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += bias
+    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n & (m < M))
+
+
+@triton.jit
+def dense_gemv_delayed_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                              HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            mask_k = offs_k < BLOCK_K
+        else:
+            mask_k = (k0 + offs_k) < K
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = w.to(tl.float32)
+        acc0 = _row_fma(acc0, w, x_ptr, 0, M, stride_xm, k0, offs_k, mask_k)
+        if BLOCK_M > 1:
+            acc1 = _row_fma(acc1, w, x_ptr, 1, M, stride_xm, k0, offs_k, mask_k)
+        if BLOCK_M > 2:
+            acc2 = _row_fma(acc2, w, x_ptr, 2, M, stride_xm, k0, offs_k, mask_k)
+            acc3 = _row_fma(acc3, w, x_ptr, 3, M, stride_xm, k0, offs_k, mask_k)
+        w_ptrs += BLOCK_K
+    bias = tl.load(bias_ptr + offs_n, mask=mask_n & HAS_BIAS, other=0.0).to(tl.float32)
+    _row_store(acc0, bias, 0, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS)
+    if BLOCK_M > 1:
+        _row_store(acc1, bias, 1, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS)
+    if BLOCK_M > 2:
+        _row_store(acc2, bias, 2, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS)
+        _row_store(acc3, bias, 3, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS)

@@ -24,11 +24,16 @@ GEMV_MAX_BLOCK_M = 8  # the kernel's rows per launch: one program holds every to
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+GEMV_DELAYED = False  # dense_gemv_delayed_kernel (per-token partials reduced once; <= 4 tokens): untimed
+DELAYED_MAX_BLOCK_M = 4
+
+
 @dataclass(frozen=True)
 class DenseGemvConfig:
     block_n: int  # rows of W (output columns) per program
     block_k: int  # K per step
     num_warps: int = 4
+    delayed: bool = False  # the kernel that reduces each token's partial products once (<= 4 tokens)
 
 
 def dense_gemv_config(N: int, K: int, dtype: torch.dtype) -> DenseGemvConfig:
@@ -40,7 +45,7 @@ def dense_gemv_config(N: int, K: int, dtype: torch.dtype) -> DenseGemvConfig:
         return DenseGemvConfig(block_n=min(next_power_of_2(max(N, 1)), 64),
                                block_k=min(next_power_of_2(max(K, 16)), 256))
     bk = min(next_power_of_2(max(K, 16)), 256 if dtype == torch.float32 else 1024)
-    return DenseGemvConfig(block_n=4, block_k=bk, num_warps=8)
+    return DenseGemvConfig(block_n=4, block_k=bk, num_warps=8, delayed=GEMV_DELAYED)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -56,22 +61,24 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                config: Optional[DenseGemvConfig] = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) through the Triton GEMV, for at most GEMV_MAX_BLOCK_M tokens."""
-    from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_kernel
+    from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_delayed_kernel, dense_gemv_kernel
 
     _check(x, weight, bias)
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if M > GEMV_MAX_BLOCK_M:
-        raise ValueError(f"dense_gemv takes at most {GEMV_MAX_BLOCK_M} tokens, got {M}")
+    cfg = config or dense_gemv_config(N, K, x.dtype)
+    limit = DELAYED_MAX_BLOCK_M if cfg.delayed else GEMV_MAX_BLOCK_M
+    if M > limit:
+        raise ValueError(f"dense_gemv{' (delayed)' if cfg.delayed else ''} takes at most {limit} tokens, got {M}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M > 0 and N > 0:
-        cfg = config or dense_gemv_config(N, K, x.dtype)
         has_bias = bias is not None
-        dense_gemv_kernel[(-(-N // cfg.block_n),)](
+        kernel = dense_gemv_delayed_kernel if cfg.delayed else dense_gemv_kernel
+        kernel[(-(-N // cfg.block_n),)](
             x2, w, bias if has_bias else w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=has_bias, EVEN_K=K % cfg.block_k == 0, BLOCK_M=max(1, next_power_of_2(M)),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
@@ -85,7 +92,8 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_tokens: Optional[int
     if limit <= 0 or not (x.is_cuda or (max_tokens is not None and triton_interpreting())):
         return False
     K = x.shape[-1] if x.dim() else 0
-    return (x.dim() > 0 and weight.dim() == 2 and x.numel() // max(K, 1) <= min(limit, GEMV_MAX_BLOCK_M)
+    most = DELAYED_MAX_BLOCK_M if GEMV_DELAYED else GEMV_MAX_BLOCK_M
+    return (x.dim() > 0 and weight.dim() == 2 and x.numel() // max(K, 1) <= min(limit, most)
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype)
 
 
