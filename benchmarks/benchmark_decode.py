@@ -27,7 +27,7 @@ n+1 queued before step n's tokens are read): their tokens must equal the synchro
 and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N]
+        [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
@@ -234,12 +234,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dense-gemv-max-tokens", type=int, default=None,
                    help="the dense projections' Triton GEMV up to this many tokens (ops/dense_gemv.py "
                         "GEMV_MAX_TOKENS; default: the module's)")
+    p.add_argument("--dense-gemv-delayed", action="store_true",
+                   help="the dense GEMV's kernel that reduces each token's partials once (GEMV_DELAYED)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
-    if a.dense_gemv_max_tokens is not None:  # the engines run in this process (one GPU)
-        from vllm.model_executor.layers.ops import dense_gemv
+    from vllm.model_executor.layers.ops import dense_gemv  # the engines run in this process (one GPU)
 
+    if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
+    dense_gemv.GEMV_DELAYED = dense_gemv.GEMV_DELAYED or a.dense_gemv_delayed
     globals()["REPEATS"] = max(1, a.repeats)  # read by decode_step
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)

@@ -36,9 +36,10 @@
 #   int4swap the int4 GEMM with the operands swapped (UNPACK 4, eleventh session): its cuda tests, the int4 GEMM
 #           per unpacking mode at the heuristic's tiles (--sweep-variants-only), then the layer with the decode
 #           tiles on UNPACK 3 and on 4 (SWAP_ARGS: shapes and tokens, SWAP_TIMEOUT per run); only when named
-#   densegemv the dense projections' Triton GEMV (ops/dense_gemv.py, twelfth session, off until timed): its tests,
-#           cuBLAS vs GEMV per projection at 1-8 tokens, a tile sweep at 1 token, then the decode step with it on
-#           up to DENSE_MAX_TOKENS (default 8) at DENSE_BATCHES (default 1,4,16); only when named
+#   densegemv the dense projections' Triton GEMV (ops/dense_gemv.py, twelfth session): its tests, cuBLAS vs GEMV
+#           per projection at 1-8 tokens (with the "other reduction" kernel, GEMV_DELAYED, at 1-4), a tile sweep
+#           at 1 token, then the decode step up to DENSE_MAX_TOKENS (default 1) at DENSE_BATCHES (default 1,4),
+#           with each kernel; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
 # installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|all]...
@@ -172,10 +173,12 @@ if [[ " $steps " == *" densegemv "* ]]; then
   timeout "$t" python3 benchmarks/kernels/benchmark_dense_gemv.py --shapes qwen3 mixtral --tokens 1 --sweep \
     --reps 30 --out "$OUT/dense_gemv_sweep.md" >"$OUT/dense_gemv_sweep.log" 2>&1
   r=$?; grep "^| \|rror\|off" "$OUT/dense_gemv_sweep.log" | tail -10; rc=$(( rc || r ))
-  timeout "${DECODE_TIMEOUT:-250}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
-    --batches ${DENSE_BATCHES:-1,4,16} --dense-gemv-max-tokens ${DENSE_MAX_TOKENS:-8} \
-    --out "$OUT/decode_dense_gemv.md" >"$OUT/decode_dense_gemv.log" 2>&1
-  drc=$?; grep -v " INFO \|^INFO" "$OUT/decode_dense_gemv.log" | tail -12; rc=$(( rc || drc ))
+  for d in "" --dense-gemv-delayed; do  # the decode step with each GEMV kernel
+    timeout "${DECODE_TIMEOUT:-200}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
+      --batches ${DENSE_BATCHES:-1,4} --dense-gemv-max-tokens ${DENSE_MAX_TOKENS:-1} $d \
+      --out "$OUT/decode_dense_gemv$d.md" >"$OUT/decode_dense_gemv$d.log" 2>&1
+    drc=$?; grep "^| [0-9]\|Correct" "$OUT/decode_dense_gemv$d.log"; rc=$(( rc || drc ))
+  done
 fi
 if [[ " $steps " == *" moeprof "* ]]; then
   timeout "${MOEPROF_TIMEOUT:-240}" python3 benchmarks/kernels/profile_moe_lora.py \
