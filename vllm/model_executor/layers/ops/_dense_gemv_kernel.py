@@ -47,10 +47,13 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
 
 
 @triton.jit
-def _row_fma(acc, w, x_ptr, m: tl.constexpr, M, stride_xm, k0, offs_k, mask_k):
-    """acc [BLOCK_N, BLOCK_K] + W tile * token m's x over this K-step (0 for a row at or past M)."""
-    xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=mask_k & (m < M), other=0.0).to(tl.float32)
-    return acc + w * xm[None, :]
+def _row_fma(acc, w, x_tile, m: tl.constexpr, M, stride_xm, k0, mask_k):
+    """acc [BLOCK_N, BLOCK_K] + W tile * token m's x over this K-step (0 for a row at or past M).  ``x_tile``
+    repeats one row's K offsets over the tile's rows (``tl.broadcast_to``): the load then takes the W tile's
+    layout (each thread loads the values its columns need), where a [BLOCK_K] load would be converted through
+    shared memory, with barriers, every K-step."""
+    xm = tl.load(x_tile + m * stride_xm + k0, mask=mask_k & (m < M), other=0.0).to(tl.float32)
+    return acc + w * xm
 
 
 @triton.jit
@@ -71,6 +74,7 @@ def dense_gemv_delayed_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_tile = x_ptr + tl.broadcast_to(offs_k[None, :], (BLOCK_N, BLOCK_K))
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -78,17 +82,17 @@ def dense_gemv_delayed_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm,
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-            mask_k = offs_k < BLOCK_K
+            mask_k = tl.broadcast_to((offs_k < BLOCK_K)[None, :], (BLOCK_N, BLOCK_K))
         else:
-            mask_k = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            mask_k = tl.broadcast_to(((k0 + offs_k) < K)[None, :], (BLOCK_N, BLOCK_K))
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k, other=0.0)
         w = w.to(tl.float32)
-        acc0 = _row_fma(acc0, w, x_ptr, 0, M, stride_xm, k0, offs_k, mask_k)
+        acc0 = _row_fma(acc0, w, x_tile, 0, M, stride_xm, k0, mask_k)
         if BLOCK_M > 1:
-            acc1 = _row_fma(acc1, w, x_ptr, 1, M, stride_xm, k0, offs_k, mask_k)
+            acc1 = _row_fma(acc1, w, x_tile, 1, M, stride_xm, k0, mask_k)
         if BLOCK_M > 2:
-            acc2 = _row_fma(acc2, w, x_ptr, 2, M, stride_xm, k0, offs_k, mask_k)
-            acc3 = _row_fma(acc3, w, x_ptr, 3, M, stride_xm, k0, offs_k, mask_k)
+            acc2 = _row_fma(acc2, w, x_tile, 2, M, stride_xm, k0, mask_k)
+            acc3 = _row_fma(acc3, w, x_tile, 3, M, stride_xm, k0, mask_k)
         w_ptrs += BLOCK_K
     bias = tl.load(bias_ptr + offs_n, mask=mask_n & HAS_BIAS, other=0.0).to(tl.float32)
     _row_store(acc0, bias, 0, M, y_ptr, stride_ym, offs_n, mask_n, HAS_BIAS)
