@@ -96,6 +96,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # <= 16 tokens (vllm/lora/ops/triton_ops/fused_linear_lora.py); "0" keeps F.linear + the LoRA op.
     # Read when a layer gets its Punica wrapper (engine start).
     "VLLM_FUSED_LORA_LINEAR": _bool("VLLM_FUSED_LORA_LINEAR", False),
+    # Programmatic dependent launch (sm_90+): the decode path's Triton kernels are launched so that each
+    # may start while the kernel before it drains, and wait for its results in the kernel
+    # (vllm/platforms/pdl.py); "0" launches them plainly.  Read once per device.
+    "VLLM_PDL": _bool("VLLM_PDL", True),
 }
 
 

@@ -41,6 +41,8 @@ def _bin_dir() -> str:
 def specialise(fn, pointers: dict[str, str], constexprs: dict[str, Any], ints: dict[str, int]) -> ASTSource:
     """An ASTSource as the JIT would build it for these argument values."""
     cexp = dict(constexprs)
+    if "USE_PDL" in fn.arg_names:  # a plain launch unless asked
+        cexp.setdefault("USE_PDL", False)
     cexp.update({n: 1 for n, v in ints.items() if v == 1})
     sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
     div16 = set(pointers) | {n for n, v in ints.items() if v != 1 and v % 16 == 0}

@@ -22,6 +22,8 @@ def main() -> None:
                                                  (1, 2, 4), (True, False)):
         ptrs = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype}
         cexp = dict(HAS_BIAS=bm != 2, EVEN_K=even, BLOCK_M=bm, BLOCK_N=4, BLOCK_K=1024)
+        if "USE_PDL" in fn.arg_names:  # a plain launch
+            cexp = {**cexp, "USE_PDL": False}
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=TARGET, options=dict(num_warps=8))

@@ -25,6 +25,8 @@ def main() -> None:
                 "topk_weights_ptr": "fp32", "pair_expert_ids_ptr": "i32"}
         cexp = dict(HAS_BIAS=bias, MUL_ROUTED_WEIGHT=weighted, SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
                     stride_ak=1, stride_wk=1, stride_on=1, stride_bn=1)
+        if "USE_PDL" in fn.arg_names:  # a plain launch
+            cexp = {**cexp, "USE_PDL": False}
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=1))

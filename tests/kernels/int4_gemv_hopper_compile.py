@@ -27,6 +27,8 @@ def main() -> None:
                 "out_ptr": "fp32" if split > 1 else dtype, "topk_weights_ptr": "fp32", "pair_expert_ids_ptr": "i32"}
         cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
                     EVEN_K=even, EVEN_N=even, SPLIT_K=split, BLOCK_SIZE_N=128, BLOCK_SIZE_K=256)
+        if "USE_PDL" in fn.arg_names:  # a plain launch
+            cexp = {**cexp, "USE_PDL": False}
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=1))

@@ -34,6 +34,8 @@ def main() -> None:
         cexp = dict(GROUP_SIZE=group, HAS_ZEROS=zeros, HAS_G_IDX=gidx, HAS_PERM=perm, MUL_ROUTED_WEIGHT=True,
                     EVEN_K=even, EVEN_N=even, SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=128,
                     BLOCK_SIZE_K=max(16, 256 // bm))
+        if "USE_PDL" in fn.arg_names:  # a plain launch
+            cexp = {**cexp, "USE_PDL": False}
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         kernel = triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=1))

@@ -23,6 +23,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(fn, pointers: dict, constexprs: dict, **options) -> None:
+    if "USE_PDL" in fn.arg_names:  # a plain launch
+        constexprs = {**constexprs, "USE_PDL": False}
     sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in constexprs else "i32" for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     triton.compile(src, target=TARGET, options=options)

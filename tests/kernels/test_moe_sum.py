@@ -42,9 +42,10 @@ from triton.compiler import ASTSource
 from vllm.model_executor.layers.fused_moe.ops._moe_sum_kernel import _moe_sum_kernel as k
 for dt in ("bf16", "fp16", "fp32"):
     for bk, bh in ((8, 1024), (1, 1024), (16, 512)):
-        sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "constexpr" if n.startswith("BLOCK") else "i32"
+        cexp = {"BLOCK_K": bk, "BLOCK_H": bh, "USE_PDL": False}
+        sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "constexpr" if n in cexp else "i32"
                for n in k.arg_names}
-        src = ASTSource(k, sig, constexprs={(k.arg_names.index("BLOCK_K"),): bk, (k.arg_names.index("BLOCK_H"),): bh})
+        src = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print("ok", dt, bk, bh)
 """

@@ -26,6 +26,8 @@ exp2(sink - max) added to the sum.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _context_tiles(seq_len, WINDOW, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr):
@@ -47,8 +49,9 @@ def decode_split_kernel(
     stride_kv, stride_kb, stride_ko, stride_kh, stride_kd,
     stride_bt_b,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -121,8 +124,9 @@ def decode_reduce_kernel(
     HEAD_DIM, NUM_HEADS, WINDOW,
     stride_ot, stride_oh, stride_od,
     NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)

@@ -30,6 +30,8 @@ Offsets that multiply a block / token index by a stride are 64-bit.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def paged_attention_kernel(
@@ -42,8 +44,9 @@ def paged_attention_kernel(
     stride_ot, stride_oh, stride_od,
     stride_bt_b,
     BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     qblock = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -139,8 +142,9 @@ def write_kv_kernel(
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_kv, stride_cb, stride_co, stride_ch, stride_cd,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + t)
     if slot < 0:

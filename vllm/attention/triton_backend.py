@@ -28,6 +28,7 @@ from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
 from vllm.attention.torch_backend import check_attention_options
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -140,7 +141,7 @@ def paged_attention_triton(query: torch.Tensor, kv_cache: torch.Tensor, meta: At
         *query.stride(), *(kv_cache.stride()), *out.stride(), tables.stride(0),
         BLOCK_Q=cfg["BLOCK_Q"], GROUP_P=cfg["GROUP_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         UPCAST=interp, USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks,
-        num_warps=cfg["num_warps"], num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=2, **pdl_launch_kwargs(query.device),
     )
     return out
 
@@ -173,13 +174,13 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
         float(scale) * math.log2(math.e), group, D, block_size, H, opts.window,
         *query.stride(), *kv_cache.stride(), tables.stride(0),
         NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2,
+        UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2, **pdl_launch_kwargs(query.device),
     )
     split_kern.decode_reduce_kernel[(B, H)](
         out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, opts.sinks, D, H, opts.window,
         *out.stride(),
         NUM_SPLITS=splits, SPLITS_P=next_power_of_2(splits), BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks, num_warps=1,
+        USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks, num_warps=1, **pdl_launch_kwargs(out.device),
     )
 
 
@@ -204,5 +205,5 @@ def write_kv_triton(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kern.write_kv_kernel[(T,)](
         key, value, kv_cache, slot_mapping, kv_heads, D, kv_cache.shape[2],
         *key.stride(), *value.stride(), *kv_cache.stride(),
-        BLOCK_H=next_power_of_2(kv_heads), BLOCK_D=next_power_of_2(D), num_warps=1,
+        BLOCK_H=next_power_of_2(kv_heads), BLOCK_D=next_power_of_2(D), num_warps=1, **pdl_launch_kwargs(key.device),
     )

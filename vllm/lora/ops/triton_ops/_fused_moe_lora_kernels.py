@@ -31,6 +31,8 @@ Offsets that multiply a row/slot/expert index by a stride are 64-bit.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr):
@@ -141,8 +143,9 @@ def moe_lora_sorted_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -210,8 +213,9 @@ def moe_lora_pair_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)

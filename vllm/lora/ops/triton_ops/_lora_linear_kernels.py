@@ -33,6 +33,7 @@ from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
     _shrink_rows,
     _split_for_expand,
 )
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -52,8 +53,9 @@ def lora_linear_token_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn, num_n_splits,
     HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    K_TILES: tl.constexpr,
+    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -98,8 +100,9 @@ def lora_linear_sorted_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn, num_n_splits,
     HAS_ENABLED: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -171,7 +174,7 @@ def lora_linear_token_prefetch_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn,
     HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    K_TILES: tl.constexpr,
+    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """The token path in two dependent memory round trips (``LoRALinearTileConfig.token_kernel = 1``).
 
@@ -182,6 +185,7 @@ def lora_linear_token_prefetch_kernel(
     masked out of the store instead of branched on (a branch would add a trip).  Programs past
     the end of a narrow slice return before loading anything.
     """
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops._lora_linear_kernels import _slice_params
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -25,8 +26,9 @@ def lora_linear_split_shrink_kernel(
     stride_xt, stride_xk,
     stride_as, stride_al, stride_ar, stride_ak,
     stride_pt, stride_ps, stride_pj,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -53,8 +55,9 @@ def lora_linear_split_expand_kernel(
     stride_pt, stride_ps, stride_pj,
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn,
-    HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)

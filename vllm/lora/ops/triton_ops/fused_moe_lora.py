@@ -36,6 +36,7 @@ from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.lora.ops.triton_ops.moe_lora_split import launch_split
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -210,7 +211,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             **sh_strides, num_n_splits=splits,
             DO_SHRINK=do_shrink, DO_EXPAND=do_expand, MUL_ROUTED_WEIGHT=bool(mul_routed_weight),
             BLOCK_N=block_n, BLOCK_K=config.block_size_k, BLOCK_R=rank_block(R),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(dummy.device),
         )
         if alignment is not None:
             block_m = alignment.block_size

@@ -36,6 +36,7 @@ import torch
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.slices import slice_offsets
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 SMALL_BATCH_TOKENS = 16
@@ -212,11 +213,11 @@ def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALine
     part = _scratch((T, ns, k_splits, block_r), x.device)
     split.lora_linear_split_shrink_kernel[(T, ns, k_splits)](
         x, a, part, mapping, K, R, L, x.stride(0), x.stride(1), stride_as, *a.stride(), *part.stride()[:3],
-        BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=1)
+        BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
     split.lora_linear_split_expand_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
         part, b, y, mapping, enabled, R, L, k_splits, *n_args, *off_args, *part.stride()[:3], stride_bs,
         *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
-        BLOCK_J=next_power_of_2(k_splits), num_warps=cfg.num_warps, num_stages=1)
+        BLOCK_J=next_power_of_2(k_splits), num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(part.device))
 
 
 def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
@@ -317,12 +318,12 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
         elif cfg.token_path and cfg.token_kernel == 1:
             kern.lora_linear_token_prefetch_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides[:-1],
-                BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common)
+                BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common, **pdl_launch_kwargs(x.device))
         elif cfg.token_path:
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides,
-                BLOCK_R=block_r, K_TILES=-(-K // cfg.block_k), **common)
+                BLOCK_R=block_r, K_TILES=-(-K // cfg.block_k), **common, **pdl_launch_kwargs(x.device))
         else:
             block_m = cfg.block_m
             grid = (-(-T // block_m) + min(L, T), ns, splits)
@@ -330,4 +331,4 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
                 x, a, b, y, meta.sorted_token_ids, meta.slot_counts, enabled, T, K, R, L, *n_args, *off_args,
                 *strides, UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, BLOCK_M=block_m, BLOCK_R=rank_block(R),
-                **common)
+                **common, **pdl_launch_kwargs(x.device))

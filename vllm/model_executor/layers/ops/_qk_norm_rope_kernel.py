@@ -11,6 +11,8 @@ last bit except for the order of the sum of squares.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -18,8 +20,9 @@ def _qk_norm_rope_kernel(
     NQ, NK, HEAD_DIM, HALF, MAX_POS, eps, clip,
     stride_q, stride_k, stride_qo, stride_ko, stride_cos,
     NORM: tl.constexpr, CLIP: tl.constexpr, HAS_PASS: tl.constexpr,
-    NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr,
+    NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
     if is_k == 0:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 GEMV_MAX_TOKENS = 1  # one token: the H200 A/B above
@@ -81,7 +82,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         kernel[(-(-N // cfg.block_n),)](
             x2, w, bias if has_bias else w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=has_bias, EVEN_K=K % cfg.block_k == 0, BLOCK_M=max(1, next_power_of_2(M)),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **pdl_launch_kwargs(x2.device))
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 _NORMS = (None, "per_head", "full")
@@ -139,6 +140,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         q.stride(0), k.stride(0), q_out.stride(0), k_out.stride(0), cos_cache.stride(0),
         NORM=_NORMS.index(norm), CLIP=clip is not None, HAS_PASS=pass_w > 0,
         NH_P=nh_p, HALF_P=max(1, next_power_of_2(half)), PASS_P=max(1, next_power_of_2(pass_w)),
-        num_warps=4 if tile <= 2048 else 8,
+        num_warps=4 if tile <= 2048 else 8, **pdl_launch_kwargs(q.device),
     )
     return q_out, k_out

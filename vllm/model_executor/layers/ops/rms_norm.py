@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,7 +75,7 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
         n, float(eps),
         x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
         HAS_RESIDUAL=has_res, BLOCK_N=block,
-        num_warps=min(16, max(1, block // 256)),
+        num_warps=min(16, max(1, block // 256)), **pdl_launch_kwargs(x2.device),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 # Activation codes (constexpr ACT); activation.py maps MoEActivation onto them.
 ACT_SILU = 0
 ACT_GELU = 1
@@ -35,8 +37,9 @@ def _moe_activation_kernel(
     alpha,
     limit,
     ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < W_out

@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _code(words, hi, magic, c: tl.constexpr):
@@ -112,8 +114,9 @@ def _int4_gemv_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_SIZE_N == 0: no N mask on the loads
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     PER_WEIGHT_SCALE: tl.constexpr = HAS_G_IDX or GROUP_SIZE % 8 != 0
     TILE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_SIZE_K == 0  # one scale row per K-tile

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _code, _code_minus_zero
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -191,8 +192,9 @@ def _int4_gemv_rows_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
 from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _grouped_pid
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -102,8 +103,9 @@ def _int4_moe_gemm_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
-    UNPACK: tl.constexpr = 0,  # see the module docstring
+    UNPACK: tl.constexpr = 0, USE_PDL: tl.constexpr = False,  # see the module docstring
 ):
+    pdl_wait(USE_PDL)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
@@ -230,7 +232,7 @@ def _int4_moe_gemm_kernel(
 
 @triton.jit
 def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, stride_pm, stride_om, stride_on,
-                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """The K-splits' fp32 partial sums part[s, row, n] added, one epilogue applied, cast and stored:
 
     ACT -1, ROWS 1:  out[m, n] = sum_s part[s, m, n]
@@ -238,6 +240,7 @@ def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, st
     ACT 0 / 1:       out[m, n] = silu / gelu(g) * u, g = sum_s part[s, m, n], u = sum_s part[s, m, n + N_out]
     ACT 3 / 4 / 5:   out[m, n] = silu / gelu / relu^2 (sum_s part[s, m, n])
     (the activation codes of ``_activation_kernel.py``; gpt-oss's interleaved one is not fused)."""
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_out_rows * N_out
     m = (offs // N_out).to(tl.int64)

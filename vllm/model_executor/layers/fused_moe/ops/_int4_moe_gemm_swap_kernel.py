@@ -29,6 +29,7 @@ import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _grouped_pid
 from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _block_pairs
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -52,8 +53,9 @@ def _int4_moe_gemm_swap_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
-    UNPACK: tl.constexpr = 4,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
+    UNPACK: tl.constexpr = 4, USE_PDL: tl.constexpr = False,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
 ):
+    pdl_wait(USE_PDL)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 

@@ -23,6 +23,8 @@ so each result is bit for bit the one the single align gives.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _lora_group(g, offs, inside, map_ptr, enabled_ptr, top_k, e_local, max_loras):
@@ -66,7 +68,8 @@ def _store_hist(chunk_counts_ptr, c, b, num_groups, G_PAD: tl.constexpr):
 @triton.jit
 def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local,
                   max_loras, e_global, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LORA: tl.constexpr,
-                  HAS_EMAP: tl.constexpr):
+                  HAS_EMAP: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     c = tl.program_id(0)
     b = _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
                 CHUNK, G_PAD, LORA, HAS_EMAP)
@@ -125,7 +128,8 @@ def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
 def _scan_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
                  slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
                  BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr,
-                 SLOT_SUMS: tl.constexpr):
+                 SLOT_SUMS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
                  slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
                  BLOCK_SIZE, G_PAD, PAD_W, FILL, SLOT_SUMS)
@@ -148,7 +152,8 @@ def _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK: tl.c
 @triton.jit
 def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups, map_ptr, enabled_ptr, emap_ptr,
                     top_k, e_local, max_loras, e_global, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
-                    LORA: tl.constexpr, HAS_EMAP: tl.constexpr):
+                    LORA: tl.constexpr, HAS_EMAP: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     c = tl.program_id(0)
     b = _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
                 CHUNK, G_PAD, LORA, HAS_EMAP)
@@ -169,7 +174,8 @@ def _both_bins(ids_ptr, c, numel, num_experts, map_ptr, enabled_ptr, top_k, max_
 
 @triton.jit
 def _count2_kernel(ids_ptr, chunk_counts_ptr, lora_chunk_counts_ptr, numel, num_experts, map_ptr, enabled_ptr,
-                   top_k, max_loras, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LG_PAD: tl.constexpr):
+                   top_k, max_loras, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LG_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     c = tl.program_id(0)
     b, lb = _both_bins(ids_ptr, c, numel, num_experts, map_ptr, enabled_ptr, top_k, max_loras, CHUNK, G_PAD, LG_PAD)
     _store_hist(chunk_counts_ptr, c, b, num_experts, G_PAD)
@@ -182,7 +188,8 @@ def _scan2_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr
                   lora_padded_ptr, slot_counts_ptr, numel, num_experts, max_loras, num_chunks, size, num_blocks,
                   lora_size, lora_num_blocks, BLOCK_SIZE: tl.constexpr, LORA_BLOCK_SIZE: tl.constexpr,
                   G_PAD: tl.constexpr, LG_PAD: tl.constexpr, PAD_W: tl.constexpr, LORA_PAD_W: tl.constexpr,
-                  FILL: tl.constexpr):
+                  FILL: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
                  padded_ptr, numel, num_experts, num_chunks, size, num_blocks, num_experts, 0,
                  BLOCK_SIZE, G_PAD, PAD_W, FILL, False)
@@ -194,7 +201,8 @@ def _scan2_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr
 @triton.jit
 def _scatter2_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, lora_chunk_offsets_ptr, lora_sorted_ptr, numel,
                      num_experts, map_ptr, enabled_ptr, top_k, max_loras, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
-                     LG_PAD: tl.constexpr):
+                     LG_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)
     c = tl.program_id(0)
     b, lb = _both_bins(ids_ptr, c, numel, num_experts, map_ptr, enabled_ptr, top_k, max_loras, CHUNK, G_PAD, LG_PAD)
     _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_experts, CHUNK, G_PAD)

@@ -2,11 +2,14 @@
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _moe_sum_kernel(x_ptr, out_ptr, H, top_k, stride_xm, stride_xk, stride_xh, stride_om, stride_oh,
-                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[m, h] = sum over k of x[m, k, h], in fp32 in the order k = 0, 1, ..., rounded once."""
+    pdl_wait(USE_PDL)
     m = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)

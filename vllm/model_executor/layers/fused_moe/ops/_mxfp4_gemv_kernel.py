@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 _SIGNS = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32: bit 7 of every byte
 _MAGS = tl.constexpr(0x0E0E0E0E)  # bits 1-3 of every byte
@@ -185,8 +187,9 @@ def _mxfp4_gemv_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
     SPLIT_K: tl.constexpr,
-    ROWS: tl.constexpr,  # rows computed per pass over the weight tile: 1 or 2
+    ROWS: tl.constexpr, USE_PDL: tl.constexpr = False,  # rows computed per pass over the weight tile: 1 or 2
 ):
+    pdl_wait(USE_PDL)
     BKW: tl.constexpr = BLOCK_SIZE_K // 8
     GROUPS: tl.constexpr = BLOCK_SIZE_K // 32
     pid = tl.program_id(0)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _bias_and_gate, _grouped_pid
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -114,8 +115,9 @@ def _mxfp4_moe_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,  # a multiple of 32
     GROUP_SIZE_M: tl.constexpr,
-    SPLIT_K: tl.constexpr = 1,
+    SPLIT_K: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
 
@@ -219,9 +221,10 @@ def _mxfp4_split_k_reduce_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """out[p] = (sum_s part[s, p] + bias[e]) * weight_p for the pairs p of block program_id(0)."""
+    pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)
     if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
         return

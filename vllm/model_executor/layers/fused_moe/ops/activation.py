@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -121,6 +122,6 @@ def moe_activation(
         SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT,
         ACT=_act_code(act),
         BLOCK_N=block_n,
-        num_warps=4 if block_n <= 512 else 8,
+        num_warps=4 if block_n <= 512 else 8, **pdl_launch_kwargs(x.device),
     )
     return out

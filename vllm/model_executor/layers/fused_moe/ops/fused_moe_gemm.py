@@ -54,6 +54,7 @@ from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_
                                                                       invoke_fused_moe_gemv)
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 
 logger = init_logger(__name__)
 
@@ -325,6 +326,7 @@ def invoke_fused_moe_gemm(
         GROUP_SIZE_M=config.group_size_m,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch_kwargs(a.device),
     )
 
 

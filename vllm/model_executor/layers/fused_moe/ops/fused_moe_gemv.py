@@ -22,6 +22,7 @@ import torch
 
 from vllm.kernel_configs.tile_config import TileConfig
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 
 _NUM_SMS = 132  # H100 SXM and H200
 # Programs the heuristic aims for (per SM): several programs' loads in flight hide the memory latency.
@@ -122,9 +123,10 @@ def invoke_fused_moe_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *
         stride_be=bias.stride(0) if bias is not None else 0, stride_bn=bias.stride(1) if bias is not None else 0,
         HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, SPLIT_K=split,
         BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl_launch_kwargs(a.device),
     )
     if split > 1:  # one launch: add the splits, cast, store into out (any strides)
         block = 1024
         _split_k_reduce_kernel[(-(-out.numel() // block),)](
             target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
-            out.stride(1), SPLIT_K=split, ROWS=1, ACT=-1, BLOCK=block)
+            out.stride(1), SPLIT_K=split, ROWS=1, ACT=-1, BLOCK=block, **pdl_launch_kwargs(target.device))

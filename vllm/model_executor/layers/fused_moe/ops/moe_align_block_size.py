@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from vllm.platforms.pdl import pdl_launch_kwargs
 
 
 @dataclass
@@ -268,16 +269,16 @@ def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_e
         slot_counts = torch.empty(lora.max_loras, dtype=torch.int32, device=ids.device)
     if num_chunks:
         k._count_kernel[(num_chunks,)](ids, buf.chunk_counts, numel, num_experts, *lora_args, CHUNK=chunk,
-                                       G_PAD=buf.g_pad, **lora_flags)
+                                       G_PAD=buf.g_pad, **lora_flags, **pdl_launch_kwargs(ids.device))
     slots = (lora.num_local_experts, lora.max_loras) if lora is not None else (1, 0)  # experts per slot, slots
     k._scan_kernel[(1,)](buf.chunk_counts, buf.chunk_offsets, buf.sorted_ids, buf.block_ids, buf.total, buf.padded,
                          slot_counts if slot_counts is not None else buf.padded, numel, num_experts, num_chunks,
                          buf.size, buf.num_blocks, *slots, BLOCK_SIZE=block_size, G_PAD=buf.g_pad,
                          PAD_W=_pad_w(block_size), FILL=1024, SLOT_SUMS=lora is not None,
-                         num_warps=_scan_warps(buf.g_pad))
+                         num_warps=_scan_warps(buf.g_pad), **pdl_launch_kwargs(buf.chunk_counts.device))
     if num_chunks:
         k._scatter_kernel[(num_chunks,)](ids, buf.chunk_offsets, buf.sorted_ids, numel, num_experts, *lora_args,
-                                         CHUNK=chunk, G_PAD=buf.g_pad, **lora_flags)
+                                         CHUNK=chunk, G_PAD=buf.g_pad, **lora_flags, **pdl_launch_kwargs(ids.device))
     return buf.result(block_size, numel, slot_counts)
 
 
@@ -306,18 +307,18 @@ def align_with_lora_groups_triton(expert_ids: torch.Tensor, block_size: int, num
     mapping_args = (token_lora_mapping, adapter_enabled, top_k, max_loras)
     if num_chunks:
         k._count2_kernel[(num_chunks,)](ids, base.chunk_counts, lora.chunk_counts, numel, num_experts,
-                                        *mapping_args, CHUNK=chunk, G_PAD=base.g_pad, LG_PAD=lora.g_pad)
+                                        *mapping_args, CHUNK=chunk, G_PAD=base.g_pad, LG_PAD=lora.g_pad, **pdl_launch_kwargs(ids.device))
     k._scan2_kernel[(1,)](base.chunk_counts, base.chunk_offsets, base.sorted_ids, base.block_ids, base.total,
                           base.padded, lora.chunk_counts, lora.chunk_offsets, lora.sorted_ids, lora.block_ids,
                           lora.total, lora.padded, slot_counts, numel, num_experts, max_loras, num_chunks, base.size,
                           base.num_blocks, lora.size, lora.num_blocks, BLOCK_SIZE=block_size,
                           LORA_BLOCK_SIZE=lora_block_size, G_PAD=base.g_pad, LG_PAD=lora.g_pad,
                           PAD_W=_pad_w(block_size), LORA_PAD_W=_pad_w(lora_block_size), FILL=1024,
-                          num_warps=_scan_warps(max(base.g_pad, lora.g_pad)))
+                          num_warps=_scan_warps(max(base.g_pad, lora.g_pad)), **pdl_launch_kwargs(base.chunk_counts.device))
     if num_chunks:
         k._scatter2_kernel[(num_chunks,)](ids, base.chunk_offsets, base.sorted_ids, lora.chunk_offsets,
                                           lora.sorted_ids, numel, num_experts, *mapping_args, CHUNK=chunk,
-                                          G_PAD=base.g_pad, LG_PAD=lora.g_pad)
+                                          G_PAD=base.g_pad, LG_PAD=lora.g_pad, **pdl_launch_kwargs(ids.device))
     return base.result(block_size, numel), lora.result(lora_block_size, numel, slot_counts)
 
 

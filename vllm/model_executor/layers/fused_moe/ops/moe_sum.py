@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 
 _BLOCK_H = 1024
 
@@ -37,5 +38,5 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = 
     block_k = next_power_of_2(top_k)
     block_h = min(_BLOCK_H, next_power_of_2(H), max(16, 8192 // block_k))
     _moe_sum_kernel[(M, -(-H // block_h))](x, out, H, top_k, *x.stride(), *out.stride(), BLOCK_K=block_k,
-                                           BLOCK_H=block_h)
+                                           BLOCK_H=block_h, **pdl_launch_kwargs(x.device))
     return out

@@ -8,14 +8,17 @@ ids come out in descending score order, as ``torch.topk`` returns them.
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._pdl import pdl_wait
+
 
 @triton.jit
 def _topk_softmax_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     E, stride_l, stride_w, stride_i,
     TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr,
+    RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from vllm.platforms.interface import triton_interpreting
+from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 # The kernel keeps one token's scores in registers and picks the k experts one by one.
@@ -94,7 +95,7 @@ def _fused_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, topk
         E, logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, K_P=next_power_of_2(top_k), BLOCK_E=block_e, HAS_BIAS=router_bias is not None,
         RENORMALIZE=renormalize, TOPK_THEN_SOFTMAX=topk_then_softmax,
-        num_warps=1 if block_e <= 256 else 4,
+        num_warps=1 if block_e <= 256 else 4, **pdl_launch_kwargs(logits.device),
     )
     return weights, ids
 
