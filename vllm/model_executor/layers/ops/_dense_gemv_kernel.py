@@ -19,30 +19,47 @@ from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
+def _weight_step(w_ptrs, mask_n, offs_k, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of W at K offset k0 (fp32) and the step's K mask."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        mask_k = offs_k < BLOCK_K
+    else:
+        mask_k = (k0 + offs_k) < K
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    return w.to(tl.float32), mask_k
+
+
+@triton.jit
+def _token_sums(acc, w, mask_k, x_ptr, M, stride_xm, k0, offs_k, rows, BLOCK_M: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + each token's sums of W tile * x over this K-step."""
+    for m in tl.static_range(BLOCK_M):
+        xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=mask_k & (m < M), other=0.0).to(tl.float32)
+        part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]: token m's sums over this K-step
+        acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+    return acc
+
+
+@triton.jit
 def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    pdl_wait(USE_PDL)
+    # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
+    # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, BLOCK_M)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-            mask_k = offs_k < BLOCK_K
-        else:
-            mask_k = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = w.to(tl.float32)
-        for m in tl.static_range(BLOCK_M):
-            xm = tl.load(x_ptr + m * stride_xm + k0 + offs_k, mask=mask_k & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(w * xm[None, :], axis=1)  # [BLOCK_N]: token m's sums over this K-step
-            acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)
+    w, mask_k = _weight_step(w_ptrs, mask_n, offs_k, 0, K, EVEN_K, BLOCK_K)
+    pdl_wait(USE_PDL)
+    rows = tl.arange(0, BLOCK_M)
+    acc = _token_sums(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, mask_k, x_ptr, M, stride_xm, 0, offs_k,
+                      rows, BLOCK_M)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
+        w, mask_k = _weight_step(w_ptrs, mask_n, offs_k, k0, K, EVEN_K, BLOCK_K)
+        acc = _token_sums(acc, w, mask_k, x_ptr, M, stride_xm, k0, offs_k, rows, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
