@@ -28,6 +28,7 @@ and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
         [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
+        [--moe-fused-activation]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
@@ -236,9 +237,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "GEMV_MAX_TOKENS; default: the module's)")
     p.add_argument("--dense-gemv-delayed", action="store_true",
                    help="the dense GEMV's kernel that reduces each token's partials once (GEMV_DELAYED)")
+    p.add_argument("--moe-fused-activation", action="store_true",
+                   help="GEMM1 of the MoE layers writes the gated activation itself on steps without LoRA "
+                        "(fused_moe_gemm.FUSED_ACTIVATION)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
     from vllm.model_executor.layers.ops import dense_gemv  # the engines run in this process (one GPU)
+
+    fused_moe_gemm.FUSED_ACTIVATION = fused_moe_gemm.FUSED_ACTIVATION or a.moe_fused_activation
 
     if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens

@@ -102,6 +102,8 @@ def parse_args() -> argparse.Namespace:
                         "and 8 warps at ranks 32-64 (0: the tiles before)")
     p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1],
                    help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel)")
+    p.add_argument("--fused-activation", type=int, default=None, choices=[0, 1],
+                   help="fused_moe_gemm.FUSED_ACTIVATION: the base layer's GEMM1 writes the gated activation itself")
     return p.parse_args()
 
 
@@ -308,6 +310,10 @@ def main() -> None:
         from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
 
         force_shrink_split_k(args.shrink_split_k)
+    if args.fused_activation is not None:
+        from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+
+        fused_moe_gemm.FUSED_ACTIVATION = bool(args.fused_activation)
     if args.pair_kernel is not None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 

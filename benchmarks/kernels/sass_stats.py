@@ -7,6 +7,7 @@ its instructions per weight, integer->float conversions, shared stores and wheth
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -39,12 +40,16 @@ def _bin_dir() -> str:
 
 
 def specialise(fn, pointers: dict[str, str], constexprs: dict[str, Any], ints: dict[str, int]) -> ASTSource:
-    """An ASTSource as the JIT would build it for these argument values."""
+    """An ASTSource as the JIT would build it for these argument values; constexprs not given take their
+    defaults (e.g. ``USE_PDL``: a plain launch), other arguments not given their default's type."""
     cexp = dict(constexprs)
-    if "USE_PDL" in fn.arg_names:  # a plain launch unless asked
-        cexp.setdefault("USE_PDL", False)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in cexp and p.default is not inspect.Parameter.empty:
+            cexp[p.name] = p.default
+    floats = {p.name for p in fn.params if isinstance(p.default, float) and not p.is_constexpr}
     cexp.update({n: 1 for n, v in ints.items() if v == 1})
-    sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
+    sig = {n: ("*" + pointers[n]) if n in pointers else "constexpr" if n in cexp else "fp32" if n in floats
+           else "i32" for n in fn.arg_names}
     div16 = set(pointers) | {n for n, v in ints.items() if v != 1 and v % 16 == 0}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
     return ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()}, attrs=attrs)

@@ -46,9 +46,10 @@ def pdl_enabled(device: torch.device) -> bool:
     return _enabled(device.type, index, triton_interpreting())
 
 
-def pdl_launch_kwargs(device: torch.device) -> dict[str, bool]:
-    """The launch keywords of a PDL-aware kernel: ``USE_PDL`` (its constexpr) and, when on, ``launch_pdl``."""
-    return _ON if pdl_enabled(device) else _OFF
+def pdl_launch_kwargs(device: torch.device, enabled: bool = True) -> dict[str, bool]:
+    """The launch keywords of a PDL-aware kernel: ``USE_PDL`` (its constexpr) and, when on, ``launch_pdl``.
+    ``enabled=False``: a plain launch (a launcher whose kernels have not yet passed their GPU tests with PDL)."""
+    return _ON if enabled and pdl_enabled(device) else _OFF
 
 
 def reset_pdl_cache() -> None:

@@ -143,7 +143,8 @@ def moe_lora_sorted_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)
@@ -213,7 +214,8 @@ def moe_lora_pair_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)

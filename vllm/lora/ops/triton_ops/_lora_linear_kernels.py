@@ -100,7 +100,8 @@ def lora_linear_sorted_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn, num_n_splits,
     HAS_ENABLED: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)

@@ -55,7 +55,8 @@ def lora_linear_split_expand_kernel(
     stride_pt, stride_ps, stride_pj,
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn,
-    HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, USE_PDL: tl.constexpr = False,
+    HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)

@@ -35,7 +35,8 @@ def moe_lora_pair_prefetch_kernel(
     stride_ss, stride_sp, stride_sr, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)

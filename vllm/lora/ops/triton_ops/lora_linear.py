@@ -318,7 +318,8 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
         elif cfg.token_path and cfg.token_kernel == 1:
             kern.lora_linear_token_prefetch_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides[:-1],
-                BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common, **pdl_launch_kwargs(x.device))
+                BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common,
+                **pdl_launch_kwargs(x.device))
         elif cfg.token_path:
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](

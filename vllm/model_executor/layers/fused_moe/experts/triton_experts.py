@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
@@ -89,3 +90,19 @@ class TritonExperts(TwoGemmExperts):
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=qc.w1_bias if stage == 1 else qc.w2_bias,
                               config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise)
+
+    def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                         route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int) -> bool:
+        from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as gemm
+
+        assert route is not None
+        if not gemm.FUSED_ACTIVATION or not activation.is_gated or route.cfg1.gemv:
+            return False
+        al = route.align
+        gemm.invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids,
+                                   block_expert_ids=al.block_expert_ids,
+                                   num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
+                                   bias=self.quant_config.w1_bias, config=route.cfg1, pairwise=route.pairwise,
+                                   fused_activation=activation)
+        return True
+

@@ -3,6 +3,8 @@
     GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
+(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
+
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
 same pass as by expert overrides ``_route_and_lora_align`` and hands that to the w13 LoRA seam.  The
@@ -68,6 +70,13 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         ``weighted``; rows of pairs whose id is -1 are either zero or not written."""
         raise NotImplementedError
 
+    def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                         route: Optional[Any], *, activation: MoEActivation, top_k_in: int) -> bool:
+        """GEMM1 with the gated ``activation`` in its epilogue, into out [pairs, N // 2], bit for bit GEMM1 then
+        ``moe_activation``; False (nothing written) where the backend cannot.  Only called when no LoRA
+        runs this step (the w13 delta joins before the activation)."""
+        return False
+
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
               global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
@@ -89,16 +98,19 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         route, lora_alignment = self._route_and_lora_align(ids, pairs, E_local, N, H, act_n, hidden_states,
                                                            lora_context)
 
-        gemm1 = workspace13[: pairs * N].view(pairs, N)
-        self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
-                   weighted=False)
-        routing = None
-        if lora_context is not None:
-            routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                          topk_weights=topk_weights, expert_map=expert_map,
-                                          alignment=lora_alignment)
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
-        moe_activation(activation, gemm1, out=act_out, use_triton=glue)
+        routing = None
+        lora_runs = lora_context is not None and self.lora_runs(lora_context)
+        if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
+                                                  top_k_in=top_k):
+            gemm1 = workspace13[: pairs * N].view(pairs, N)
+            self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
+                       weighted=False)
+            if lora_runs:
+                routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
+                                              topk_weights=topk_weights, expert_map=expert_map,
+                                              alignment=lora_alignment)
+            moe_activation(activation, gemm1, out=act_out, use_triton=glue)
 
         gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
         if expert_map is not None:

@@ -26,6 +26,21 @@ def _gelu_erf(x):
 
 
 @triton.jit
+def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
+    """fp32 gate / up -> the gated activation (ACT 0 silu, 1 gelu, 2 gpt-oss's clamped SwiGLU), fp32; shared
+    with the grouped GEMM's fused epilogue so both give the same bits."""
+    if ACT == 0:
+        y = _silu(gate) * up
+    elif ACT == 1:
+        y = _gelu_erf(gate) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    return y
+
+
+@triton.jit
 def _moe_activation_kernel(
     x_ptr,  # [P, W_in]
     out_ptr,  # [P, W_out]: W_in // 2 for gated activations, W_in otherwise
@@ -47,16 +62,11 @@ def _moe_activation_kernel(
     if ACT == 0 or ACT == 1:  # gate = first half, up = second half
         gate = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_row + (cols + W_out) * stride_xn, mask=ok, other=0.0).to(tl.float32)
-        if ACT == 0:
-            y = _silu(gate) * up
-        else:
-            y = _gelu_erf(gate) * up
+        y = gated_act(gate, up, alpha, limit, ACT)
     elif ACT == 2:  # gpt-oss: interleaved, even = gate, odd = up, clamped
         gate = tl.load(x_row + (2 * cols) * stride_xn, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_row + (2 * cols + 1) * stride_xn, mask=ok, other=0.0).to(tl.float32)
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        y = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+        y = gated_act(gate, up, alpha, limit, ACT)
     else:
         v = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
         if ACT == 3:

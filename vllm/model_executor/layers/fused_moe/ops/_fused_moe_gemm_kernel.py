@@ -3,12 +3,18 @@
 One program computes one [BLOCK_SIZE_M, BLOCK_SIZE_N] output tile: BLOCK_SIZE_M
 consecutive entries of ``sorted_token_ids`` (all routed to the same expert, as
 ``moe_align_block_size`` guarantees) times one N-slice of that expert's weight.
+
+With ``FUSED_ACT`` >= 0 (GEMM1 without LoRA) the output is the gated activation of width N: the program
+keeps two accumulators, of the gate rows and of the up rows of its N-slice (rows n and N + n; gpt-oss's
+interleaved 2n and 2n + 1), rounds each to the output dtype as GEMM1's output would be, and applies
+``gated_act`` - the activation kernel's math - before the one store.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import gated_act
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -34,6 +40,17 @@ def _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_
     if MUL_ROUTED_WEIGHT:
         gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
         acc *= gate.to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _dot_step(acc, a, w, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+    elif a.dtype == tl.float32:  # a float32 model gets float32 products, not tf32
+        acc += tl.dot(a, w, input_precision="ieee")
+    else:
+        acc += tl.dot(a, w)
     return acc
 
 
@@ -69,6 +86,9 @@ def _fused_moe_gemm_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr, USE_PDL: tl.constexpr = False,
+    FUSED_ACT: tl.constexpr = -1,  # >= 0: gated_act's ACT code; N is then the activated width
+    alpha=0.0,
+    limit=0.0,
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
@@ -96,30 +116,45 @@ def _fused_moe_gemm_kernel(
     # 64-bit base pointers (expert slab, activation rows); the offsets inside
     # one expert's [N, K] slab fit in int32 (the launcher checks).
     w_base = w_ptr + expert * stride_we
-    w_offs = offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if FUSED_ACT == 2:  # gpt-oss: gate / up interleaved
+        gate_rows, up_rows = 2 * offs_wn, 2 * offs_wn + 1
+    else:
+        gate_rows, up_rows = offs_wn, offs_wn + N
+    w_offs = gate_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_up_offs = up_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
     a_rows = a_ptr + row * stride_am
     a_offs = offs_k[None, :] * stride_ak
 
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         if EVEN_K:
             a = tl.load(a_rows[:, None] + a_offs)
             w = tl.load(w_base + w_offs)
+            if FUSED_ACT >= 0:
+                w_up = tl.load(w_base + w_up_offs)
         else:
             k_ok = offs_k < K - k * BLOCK_SIZE_K
             a = tl.load(a_rows[:, None] + a_offs, mask=k_ok[None, :], other=0.0)
             w = tl.load(w_base + w_offs, mask=k_ok[:, None], other=0.0)
-        if UPCAST_DOT:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
-        elif a.dtype == tl.float32:  # a float32 model gets float32 products, not tf32
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+            if FUSED_ACT >= 0:
+                w_up = tl.load(w_base + w_up_offs, mask=k_ok[:, None], other=0.0)
+        acc = _dot_step(acc, a, w, UPCAST_DOT)
+        if FUSED_ACT >= 0:
+            acc_up = _dot_step(acc_up, a, w_up, UPCAST_DOT)
         a_rows += BLOCK_SIZE_K * stride_ak
         w_base += BLOCK_SIZE_K * stride_wk
 
-    acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be, stride_bn,
-                         HAS_BIAS, MUL_ROUTED_WEIGHT)
+    out_t = out_ptr.dtype.element_ty
+    if FUSED_ACT >= 0:  # GEMM1's rounding of gate and up, then the activation
+        gate = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, gate_rows, n_ok, stride_be,
+                              stride_bn, HAS_BIAS, False)
+        up = _bias_and_gate(acc_up, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, up_rows, n_ok, stride_be,
+                            stride_bn, HAS_BIAS, False)
+        acc = gated_act(gate.to(out_t).to(tl.float32), up.to(out_t).to(tl.float32), alpha, limit, FUSED_ACT)
+    else:
+        acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be,
+                             stride_bn, HAS_BIAS, MUL_ROUTED_WEIGHT)
 
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_t), mask=pair_ok[:, None] & n_ok[None, :])

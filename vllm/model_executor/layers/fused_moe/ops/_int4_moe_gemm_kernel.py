@@ -232,7 +232,8 @@ def _int4_moe_gemm_kernel(
 
 @triton.jit
 def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, stride_pm, stride_om, stride_on,
-                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+                           SPLIT_K: tl.constexpr, ROWS: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
     """The K-splits' fp32 partial sums part[s, row, n] added, one epilogue applied, cast and stored:
 
     ACT -1, ROWS 1:  out[m, n] = sum_s part[s, m, n]

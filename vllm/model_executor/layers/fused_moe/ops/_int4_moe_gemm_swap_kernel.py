@@ -53,7 +53,8 @@ def _int4_moe_gemm_swap_kernel(
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
     SORTED: tl.constexpr,
-    UNPACK: tl.constexpr = 4, USE_PDL: tl.constexpr = False,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
+    UNPACK: tl.constexpr = 4,
+    USE_PDL: tl.constexpr = False,  # 4: int16 halves, 16-bit MMA; 5: int32 words, tf32 MMA (see the docstring)
 ):
     pdl_wait(USE_PDL)
     pid_k = tl.program_id(1)

@@ -174,7 +174,8 @@ def _both_bins(ids_ptr, c, numel, num_experts, map_ptr, enabled_ptr, top_k, max_
 
 @triton.jit
 def _count2_kernel(ids_ptr, chunk_counts_ptr, lora_chunk_counts_ptr, numel, num_experts, map_ptr, enabled_ptr,
-                   top_k, max_loras, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LG_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
+                   top_k, max_loras, CHUNK: tl.constexpr, G_PAD: tl.constexpr, LG_PAD: tl.constexpr,
+                   USE_PDL: tl.constexpr = False):
     pdl_wait(USE_PDL)
     c = tl.program_id(0)
     b, lb = _both_bins(ids_ptr, c, numel, num_experts, map_ptr, enabled_ptr, top_k, max_loras, CHUNK, G_PAD, LG_PAD)

@@ -50,6 +50,7 @@ import torch
 from vllm import envs
 from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
                                                                       invoke_fused_moe_gemv)
 from vllm.platforms import current_platform
@@ -62,6 +63,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Pairwise launches (decode among many experts) run the FMA GEMV (``fused_moe_gemv.py``): off until
 # benchmarks/kernels/benchmark_moe_gemv.py has timed it against the tl.dot kernel on a GPU.
 GEMV_PAIRWISE = False
+# GEMM1 without LoRA writes the gated activation itself (``invoke_fused_moe_gemm(fused_activation=...)``): one
+# launch and one [pairs, 2I] round trip fewer per layer; off until benchmark_decode.py --moe-fused-activation
+# has timed it on a GPU.
+FUSED_ACTIVATION = False
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -201,12 +206,14 @@ def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: in
                        sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
                        num_tokens_post_padded: torch.Tensor, topk_weights: Optional[torch.Tensor],
                        mul_routed_weight: bool, bias: Optional[torch.Tensor],
-                       others: tuple[torch.Tensor, ...] = ()) -> int:
+                       others: tuple[torch.Tensor, ...] = (), out_cols: Optional[int] = None) -> int:
     """The checks every grouped-GEMM launcher makes on its output and routing (this one, MXFP4, int4):
-    out [num_pairs, N]; int32 routing aligned to BLOCK_SIZE_M; routed weights; a float bias [E, N];
-    one device.  Returns the sorted-ids length EM."""
-    if tuple(out.shape) != (num_pairs, N):
-        raise ValueError(f"out must be [{num_pairs}, {N}] (num_rows * top_k_in, N), got {tuple(out.shape)}")
+    out [num_pairs, out_cols or N]; int32 routing aligned to BLOCK_SIZE_M; routed weights; a float bias
+    [E, N]; one device.  Returns the sorted-ids length EM."""
+    cols = N if out_cols is None else out_cols
+    if tuple(out.shape) != (num_pairs, cols):
+        raise ValueError(f"out must be [{num_pairs}, {cols}] (num_rows * top_k_in, {'N' if cols == N else 'N // 2'}), "
+                         f"got {tuple(out.shape)}")
     for name, t in (("sorted_token_ids", sorted_token_ids), ("block_expert_ids", block_expert_ids),
                     ("num_tokens_post_padded", num_tokens_post_padded)):
         if t.dtype != torch.int32 or not t.is_contiguous():
@@ -248,6 +255,7 @@ def invoke_fused_moe_gemm(
     bias: Optional[torch.Tensor] = None,
     config: TileConfig,
     pairwise: bool = False,
+    fused_activation: Optional[MoEActivation] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -261,10 +269,16 @@ def invoke_fused_moe_gemm(
     pairwise: the routing is ``pairwise_alignment``'s (block p holds pair p alone, ``block_expert_ids``
         is each pair's expert); required by a config with ``gemv=1``, which then runs the FMA GEMV.
     Pairs in no block are not written (the GEMV with SPLIT_K > 1 writes them as zeros).
+    fused_activation: a gated activation (SILU, GELU, SWIGLUOAI): out [num_pairs, N // 2] is that activation
+        of the GEMM's rounded output, bit for bit ``moe_activation`` of it (GEMM1 without LoRA; not with
+        ``mul_routed_weight`` or a ``gemv=1`` config); BLOCK_SIZE_N is halved: two accumulators per program.
     No host synchronisation (graph safe).
     """
     check_tile_config(config)
     bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
+    act_code = _fused_act_code(fused_activation, w.shape[1], mul_routed_weight, config)
+    if act_code >= 0:
+        bn = max(16, bn // 2)
     if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
         raise ValueError(f"expected a 2-D, w 3-D, out 2-D; got {a.dim()}, {w.dim()}, {out.dim()}")
     if a.dtype not in _FLOAT_DTYPES or w.dtype != a.dtype:
@@ -281,7 +295,8 @@ def invoke_fused_moe_gemm(
     if top_k_in < 1:
         raise ValueError(f"top_k_in must be >= 1, got {top_k_in}")
     num_pairs = a.shape[0] * top_k_in
-    EM = check_pair_routing(out, num_pairs, N, E, bm, sorted_token_ids=sorted_token_ids,
+    n_out = N // 2 if act_code >= 0 else N
+    EM = check_pair_routing(out, num_pairs, N, E, bm, out_cols=n_out, sorted_token_ids=sorted_token_ids,
                             block_expert_ids=block_expert_ids, num_tokens_post_padded=num_tokens_post_padded,
                             topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias,
                             others=(a, w))
@@ -306,12 +321,12 @@ def invoke_fused_moe_gemm(
     # (each non-empty expert adds at most one partly filled block): launch only
     # those, not the worst-case buffer length (at decode that is ~10x fewer).
     num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
-    grid = (num_pid_m * -(-N // bn),)
+    grid = (num_pid_m * -(-n_out // bn),)
     _fused_moe_gemm_kernel[grid](
         a_ptr=a, w_ptr=w, out_ptr=out, bias_ptr=bias_arg, topk_weights_ptr=weights,
         sorted_token_ids_ptr=sorted_token_ids, block_expert_ids_ptr=block_expert_ids,
         num_tokens_post_padded_ptr=num_tokens_post_padded,
-        N=N, K=K, num_pid_m=num_pid_m, num_pairs=num_pairs, top_k_in=top_k_in,
+        N=n_out, K=K, num_pid_m=num_pid_m, num_pairs=num_pairs, top_k_in=top_k_in,
         stride_am=a.stride(0), stride_ak=a.stride(1),
         stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
         stride_om=out.stride(0), stride_on=out.stride(1),
@@ -327,7 +342,22 @@ def invoke_fused_moe_gemm(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch_kwargs(a.device),
+        **({} if act_code < 0 else dict(FUSED_ACT=act_code, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)),
     )
+
+
+def _fused_act_code(act: Optional[MoEActivation], N: int, mul_routed_weight: bool, config: TileConfig) -> int:
+    """The kernel's FUSED_ACT for ``fused_activation``: -1 for none; refuses what the epilogue cannot do."""
+    if act is None:
+        return -1
+    codes = {MoEActivation.SILU: 0, MoEActivation.GELU: 1, MoEActivation.SWIGLUOAI: 2}
+    if act not in codes:
+        raise ValueError(f"fused_activation must be a gated activation ({', '.join(a.value for a in codes)}), "
+                         f"got {act}")
+    if N % 2 or mul_routed_weight or config.gemv:
+        raise ValueError(f"fused_activation needs an even N (got {N}), no mul_routed_weight and a tl.dot config "
+                         "(GEMV=0)")
+    return codes[act]
 
 
 def fused_moe_gemm_reference(

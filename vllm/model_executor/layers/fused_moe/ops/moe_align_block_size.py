@@ -307,14 +307,16 @@ def align_with_lora_groups_triton(expert_ids: torch.Tensor, block_size: int, num
     mapping_args = (token_lora_mapping, adapter_enabled, top_k, max_loras)
     if num_chunks:
         k._count2_kernel[(num_chunks,)](ids, base.chunk_counts, lora.chunk_counts, numel, num_experts,
-                                        *mapping_args, CHUNK=chunk, G_PAD=base.g_pad, LG_PAD=lora.g_pad, **pdl_launch_kwargs(ids.device))
+                                        *mapping_args, CHUNK=chunk, G_PAD=base.g_pad, LG_PAD=lora.g_pad,
+                                        **pdl_launch_kwargs(ids.device))
     k._scan2_kernel[(1,)](base.chunk_counts, base.chunk_offsets, base.sorted_ids, base.block_ids, base.total,
                           base.padded, lora.chunk_counts, lora.chunk_offsets, lora.sorted_ids, lora.block_ids,
                           lora.total, lora.padded, slot_counts, numel, num_experts, max_loras, num_chunks, base.size,
                           base.num_blocks, lora.size, lora.num_blocks, BLOCK_SIZE=block_size,
                           LORA_BLOCK_SIZE=lora_block_size, G_PAD=base.g_pad, LG_PAD=lora.g_pad,
                           PAD_W=_pad_w(block_size), LORA_PAD_W=_pad_w(lora_block_size), FILL=1024,
-                          num_warps=_scan_warps(max(base.g_pad, lora.g_pad)), **pdl_launch_kwargs(base.chunk_counts.device))
+                          num_warps=_scan_warps(max(base.g_pad, lora.g_pad)),
+                          **pdl_launch_kwargs(base.chunk_counts.device))
     if num_chunks:
         k._scatter2_kernel[(num_chunks,)](ids, base.chunk_offsets, base.sorted_ids, lora.chunk_offsets,
                                           lora.sorted_ids, numel, num_experts, *mapping_args, CHUNK=chunk,
