@@ -40,9 +40,17 @@
 #           per projection at 1-8 tokens (with the "other reduction" kernel, GEMV_DELAYED, at 1-4), a tile sweep
 #           at 1 token, then the decode step up to DENSE_MAX_TOKENS (default 1) at DENSE_BATCHES (default 1,4),
 #           with each kernel; only when named
+#   fusions the thirteenth session's work: programmatic dependent launch (tests/kernels/test_pdl.py's cuda chain),
+#           the MoE activation in GEMM1's epilogue (fused_moe_gemm.FUSED_ACTIVATION) and the KV write in the q/k
+#           norm + rotary launch (attention.FUSED_KV_WRITE): their cuda tests, the decode step at FUSION_BATCHES
+#           (default 1,64) without and with both, and one MoE layer without and with the fused activation;
+#           only when named
+#   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL = True in this copy's int4_moe_gemm.py and
+#           mxfp4_moe_gemm.py (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
+#           only when named, on a disposable copy (the device machine's)
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -162,6 +170,34 @@ if [[ " $steps " == *" int4swap "* ]]; then
       >"$OUT/int4swap_layer_$u.log" 2>&1
     r=$?; grep "tokens:\|Error\|error" "$OUT/int4swap_layer_$u.log" | tail -8; rc=$(( rc || r ))
   done
+fi
+if [[ " $steps " == *" fusions "* ]]; then
+  pytest tests/kernels/test_pdl.py tests/kernels/test_fused_moe_gemm_activation.py tests/kernels/test_qk_norm_rope.py \
+    tests/layers/test_moe_fused_activation_layer.py tests/models/test_fused_ops_models.py >"$OUT/pytest_fusions.log" 2>&1
+  prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
+  for f in "" "--moe-fused-activation --fused-kv-write"; do
+    tag=$( [ -z "$f" ] && echo base || echo fused )
+    timeout "${DECODE_TIMEOUT:-200}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
+      --batches ${FUSION_BATCHES:-1,64} --async-scheduling $f --out "$OUT/decode_$tag.md" >"$OUT/decode_$tag.log" 2>&1
+    drc=$?; echo "== decode $tag"; grep "^| [0-9]\|Correct\|rror" "$OUT/decode_$tag.log"; rc=$(( rc || drc ))
+  done
+  for fa in 0 1; do
+    timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 \
+      --tokens 1 16 256 4096 --fused-activation $fa --out "$OUT/moe_fused_act$fa.md" >"$OUT/moe_fused_act$fa.log" 2>&1
+    brc=$?; echo "== MoE layer, fused activation $fa"; grep "^| " "$OUT/moe_fused_act$fa.log" | head -8
+    rc=$(( rc || brc ))
+  done
+fi
+if [[ " $steps " == *" pdl4bit "* ]]; then
+  sed -i 's/^PDL = False/PDL = True/' vllm/model_executor/layers/fused_moe/ops/int4_moe_gemm.py \
+    vllm/model_executor/layers/fused_moe/ops/mxfp4_moe_gemm.py
+  pytest tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_int4_moe_gemm.py \
+    tests/kernels/test_mxfp4_gemv.py tests/kernels/test_mxfp4_moe_gemm.py >"$OUT/pytest_pdl4bit.log" 2>&1
+  prc=$?; tail -4 "$OUT/pytest_pdl4bit.log"; rc=$(( rc || prc ))
+  timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_int4.py --tokens 1 16 --reps 30 \
+    >"$OUT/int4_pdl.log" 2>&1; grep "^| " "$OUT/int4_pdl.log" | tail -8
+  timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --tokens 1 16 --reps 30 \
+    >"$OUT/mxfp4_pdl.log" 2>&1; grep "^| " "$OUT/mxfp4_pdl.log" | tail -8
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1

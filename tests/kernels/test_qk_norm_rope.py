@@ -125,3 +125,41 @@ def test_cuda_real_widths(dtype, norm, nq, nk):
     # model-level test (tests/models/test_fused_ops_models.py) checks logits and greedy tokens.
     assert_close(gq, rq, dtype)
     assert_close(gk, rk, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,clip,nq,nk,head_dim,rotary_dim", [
+    ("per_head", None, 4, 2, 32, 32),  # Qwen3
+    ("full", 2.5, 4, 4, 16, 16),  # OLMoE with clip_qkv: the values are clipped too
+    ("per_head", None, 3, 1, 32, 16),  # partial rotary: the pass-through columns of k and v
+])
+def test_kv_write_stores_what_the_attention_write_stores(dtype, norm, clip, nq, nk, head_dim, rotary_dim, device):
+    """kv_write: the cache gets the rotated keys and the (clipped) values at each token's slot, exactly what
+    qk_norm_rope then write_kv store; slot -1 and every other slot are left alone; q / k unchanged."""
+    from tests.utils import poison_
+    from vllm.attention.torch_backend import write_kv
+    from vllm.model_executor.layers.ops.qk_norm_rope import KVCacheWrite
+
+    T, blocks, bs = 6, 5, 4
+    rope = RotaryEmbedding(head_dim, rotary_dim, 64, 10000.0, device=device)
+    qkv = (torch.randn(T, (nq + 2 * nk) * head_dim) * 2).to(device=device, dtype=dtype)
+    q, k = qkv[:, :nq * head_dim], qkv[:, nq * head_dim:(nq + nk) * head_dim]
+    v = qkv[:, (nq + nk) * head_dim:]  # a column view, as the model passes it
+    positions = torch.tensor([0, 3, 17, 63, 5, 9], device=device)
+    slots = torch.tensor([13, 2, -1, 19, 4, 7], device=device)  # scattered over blocks; -1 skipped
+    kw = dict(head_dim=head_dim, rotary_dim=rotary_dim, norm=norm, clip=clip)
+    if norm is not None:
+        width = head_dim if norm == "per_head" else None
+        kw["q_weight"] = (torch.rand(width or nq * head_dim) + 0.5).to(device=device, dtype=dtype)
+        kw["k_weight"] = (torch.rand(width or nk * head_dim) + 0.5).to(device=device, dtype=dtype)
+    values = (v if clip is None else v.clamp(-clip, clip)).reshape(T, nk, head_dim)
+    for use_triton in (True, False):  # the fused launch (on CPU: the interpreter), the torch path
+        want_q, want_k = qk_norm_rope(q, k, positions, rope.cos_cache, rope.sin_cache, use_triton=use_triton, **kw)
+        want = poison_(torch.empty(2, blocks, bs, nk, head_dim, device=device, dtype=dtype))
+        write_kv(want, want_k.view(T, nk, head_dim), values, slots)
+        cache = poison_(torch.empty_like(want))
+        got_q, got_k = qk_norm_rope(q, k, positions, rope.cos_cache, rope.sin_cache, use_triton=use_triton,
+                                    kv_write=KVCacheWrite(v, cache, slots), **kw)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+        assert torch.equal(cache.isnan(), want.isnan())  # the same slots written, the rest still poisoned
+        assert torch.equal(cache.nan_to_num(), want.nan_to_num()), f"use_triton={use_triton}"

@@ -49,3 +49,30 @@ def test_fused_kernels_match_torch_path(arch, overrides, tmp_path, device):
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, torch.float32, name=f"{arch} step {i} logits")
         assert torch.equal(g.argmax(-1), w.argmax(-1)), f"{arch} step {i}: greedy tokens differ"
+
+
+# OLMoE with clip_qkv: the values are clipped inside the fused write too
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in sorted(ARCHS)] + [("olmoe", {"clip_qkv": 0.5})])
+def test_kv_write_in_qk_norm_rope_matches_the_attention_write(arch, overrides, tmp_path, monkeypatch, device):
+    """The Triton attention backend; FUSED_KV_WRITE on: the q/k launch stores K/V and the attention's own
+    write never runs, with the same logits bit for bit as the attention's write."""
+    import vllm.attention.triton_backend as triton_backend
+    from vllm.model_executor.layers import attention
+
+    if device.type == "cpu":
+        monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "triton")  # the interpreter (conftest)
+    writes = []
+    real = triton_backend.write_kv_triton
+    monkeypatch.setattr(triton_backend, "write_kv_triton", lambda *a, **k: (writes.append(1), real(*a, **k)))
+    make_checkpoint(arch, tmp_path, **overrides)
+    cfg = ModelConfig(str(tmp_path), dtype="float32")
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(attention, "FUSED_KV_WRITE", fused)
+        writes.clear()
+        model = get_model(cfg, device=device)
+        _force(model, True)
+        runs.append(_run(model, cfg))
+        assert (len(writes) == 0) == fused, f"{len(writes)} attention KV writes with FUSED_KV_WRITE={fused}"
+    for i, (g, w) in enumerate(zip(runs[1], runs[0])):
+        assert torch.equal(g, w), f"{arch} step {i}: logits differ"

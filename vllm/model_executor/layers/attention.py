@@ -20,6 +20,11 @@ from torch import nn
 from vllm import envs
 from vllm.attention.torch_backend import paged_attention_torch, write_kv
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.ops.qk_norm_rope import KVCacheWrite
+
+# The Triton backend hands this step's KV write to the model's q/k norm + rotary launch (``kv_write_target``):
+# one launch per layer fewer; off until benchmark_decode.py --fused-kv-write has timed it on a GPU.
+FUSED_KV_WRITE = False
 
 
 def select_attention_backend(device: torch.device | str | None = None) -> str:
@@ -64,11 +69,20 @@ class Attention(nn.Module):
         if self.backend is None:
             self._use(select_attention_backend(kv_cache.device))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def kv_write_target(self, value: torch.Tensor) -> Optional[KVCacheWrite]:
+        """Where a fused kernel (``qk_norm_rope``) may store this step's K/V itself - the Triton backend's
+        cache and the step's slots, with ``value`` [T, num_kv_heads * head_dim] - or None: ``forward``
+        writes them.  A caller that used it passes ``kv_written=True`` to ``forward``."""
+        if not FUSED_KV_WRITE or self.backend != "triton" or self.kv_cache is None:
+            return None
+        return KVCacheWrite(value, self.kv_cache, get_forward_context().attn_metadata.slot_mapping)
+
+    def forward(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                sinks: Optional[torch.Tensor] = None, *, kv_written: bool = False) -> torch.Tensor:
         """q: [T, num_heads * head_dim]; k, v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim].
 
         ``sinks``: None, or [num_heads] logits joining each head's softmax denominator.
+        ``kv_written``: this step's K/V are already in the cache (``kv_write_target``); k and v are unused.
         """
         if self.kv_cache is None:
             raise RuntimeError(f"attention layer {self.prefix or '<unnamed>'} has no KV cache bound; "
@@ -76,8 +90,9 @@ class Attention(nn.Module):
         meta = get_forward_context().attn_metadata
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
-        self._write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
-                       v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        if not kv_written:
+            self._write_kv(self.kv_cache, k.view(T, self.num_kv_heads, self.head_dim),
+                           v.view(T, self.num_kv_heads, self.head_dim), meta.slot_mapping)
         if sinks is None and self.sliding_window is None:
             out = self._attend(q, self.kv_cache, meta, self.scale)
         else:

@@ -207,12 +207,16 @@ class DecoderAttention(nn.Module):
             k = self._full_norm(self.k_norm, k, self.kv_replicas)
             norm = None
         rope = self.rotary_emb
-        # one launch on CUDA: q/k norm, clip, rotary (torch ops on CPU)
+        kv_write = self.attn.kv_write_target(v)  # the Triton backend's cache, when the launch may fill it
+        # one launch on CUDA: q/k norm, clip, rotary (torch ops on CPU), and the KV write with kv_write
         q, k = qk_norm_rope(q, k, positions, rope.cos_cache, rope.sin_cache, head_dim=self.head_dim,
                             rotary_dim=rope.rotary_dim, norm=norm,
                             q_weight=self.q_norm.weight if norm else None,
                             k_weight=self.k_norm.weight if norm else None,
-                            eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton)
+                            eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton,
+                            kv_write=kv_write)
+        if kv_write is not None:
+            return self.o_proj(self.attn(q, None, None, sinks=self.sinks, kv_written=True))
         if clip is not None:
             v = v.clamp(-clip, clip)
         # v stays a column view of the qkv output: the KV-cache write reads it through its strides

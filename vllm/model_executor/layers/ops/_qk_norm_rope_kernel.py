@@ -1,6 +1,8 @@
 """Private Triton body of the fused q/k norm + rotary embedding (launcher: ``qk_norm_rope.py``).
 
-Grid (tokens, 2): program (t, 0) handles every query head of token t, (t, 1) every key head.  The
+Grid (tokens, 2): program (t, 0) handles every query head of token t, (t, 1) every key head; with
+WRITE_KV (tokens, 3): (t, 1) also stores its rotated keys into the paged KV cache at token t's slot and
+(t, 2) stores token t's values there (clipped with CLIP), as the attention's KV write would.  The
 heads of one token are one tile of [NH_P heads, HALF_P columns] for each rotary half (x1 = columns
 [0, R/2), x2 = [R/2, R)) plus a [NH_P, PASS_P] tile of the columns past ``rotary_dim`` that pass
 through (HAS_PASS).  NORM: 0 none, 1 RMSNorm over each head (Qwen3), 2 RMSNorm over all the heads of
@@ -21,10 +23,20 @@ def _qk_norm_rope_kernel(
     stride_q, stride_k, stride_qo, stride_ko, stride_cos,
     NORM: tl.constexpr, CLIP: tl.constexpr, HAS_PASS: tl.constexpr,
     NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr, USE_PDL: tl.constexpr = False,
+    v_ptr=None, cache_ptr=None, slot_ptr=None, stride_v=0, CACHE_BLOCK=1,
+    stride_ckv=0, stride_cb=0, stride_co=0, stride_ch=0, stride_cd=0,
+    WRITE_KV: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cache_row = cache_ptr + (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_co
+        if is_k == 2:  # the values: clipped, then stored as they are
+            _store_values(v_ptr + t * stride_v, cache_row + stride_ckv, slot >= 0, NK, HEAD_DIM, HALF, clip,
+                          stride_ch, stride_cd, CLIP, HAS_PASS, NH_P, HALF_P, PASS_P)
+            return
     if is_k == 0:
         src = q_ptr + t * stride_q
         dst = q_out_ptr + t * stride_qo
@@ -90,3 +102,38 @@ def _qk_norm_rope_kernel(
     tl.store(dst + off1 + HALF, o2.to(out_t), mask=ok1)
     if HAS_PASS:
         tl.store(dst + offp, yp.to(out_t), mask=okp)
+    if WRITE_KV:
+        if is_k == 1:  # the rotated keys, rounded as stored above, into the cache
+            cache_t = cache_ptr.dtype.element_ty
+            ok = slot >= 0
+            c_off1 = heads[:, None] * stride_ch + c1[None, :] * stride_cd
+            tl.store(cache_row + c_off1, o1.to(out_t).to(cache_t), mask=ok1 & ok)
+            tl.store(cache_row + c_off1 + HALF * stride_cd, o2.to(out_t).to(cache_t), mask=ok1 & ok)
+            if HAS_PASS:
+                c_offp = heads[:, None] * stride_ch + (2 * HALF + cp[None, :]) * stride_cd
+                tl.store(cache_row + c_offp, yp.to(out_t).to(cache_t), mask=okp & ok)
+
+
+@triton.jit
+def _store_values(src, dst, ok, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd, CLIP: tl.constexpr,
+                  HAS_PASS: tl.constexpr, NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr):
+    """Token t's values [NK heads, HEAD_DIM] from ``src`` (contiguous heads) into its cache row ``dst``, in
+    the key tiles' column split (two halves of the rotary width, then the pass-through columns)."""
+    heads = tl.arange(0, NH_P)
+    h_ok = heads < NK
+    c1 = tl.arange(0, HALF_P)
+    ok1 = h_ok[:, None] & (c1 < HALF)[None, :] & ok
+    for part in tl.static_range(2):
+        cols = part * HALF + c1
+        v = tl.load(src + heads[:, None] * HEAD_DIM + cols[None, :], mask=ok1, other=0.0)
+        if CLIP:
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip).to(v.dtype)
+        tl.store(dst + heads[:, None] * stride_ch + cols[None, :] * stride_cd, v.to(dst.dtype.element_ty), mask=ok1)
+    if HAS_PASS:
+        cp = tl.arange(0, PASS_P)
+        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :] & ok
+        cols = 2 * HALF + cp
+        v = tl.load(src + heads[:, None] * HEAD_DIM + cols[None, :], mask=okp, other=0.0)
+        if CLIP:
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip).to(v.dtype)
+        tl.store(dst + heads[:, None] * stride_ch + cols[None, :] * stride_cd, v.to(dst.dtype.element_ty), mask=okp)

@@ -14,9 +14,14 @@ e.g. column slices of the fused qkv projection); returns new contiguous q and k.
 
 On a GPU the unfused torch version is ~25 kernels (norm casts and reductions, cos/sin gathers,
 products, cat); the Triton kernel is one launch over grid (T, 2).
+
+``kv_write`` (a ``KVCacheWrite``: the values, the paged cache and the step's slots): the rotated keys and
+the values (clipped with ``clip``) are also stored into the cache, as the attention's KV write would store
+them - in the same launch on the Triton path (grid (T, 3)), by ``write_kv`` after the torch path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,6 +32,16 @@ from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
 
 _NORMS = (None, "per_head", "full")
+
+
+@dataclass(frozen=True)
+class KVCacheWrite:
+    """Where ``qk_norm_rope`` also stores this step's K/V: ``value`` [T, kv_heads * head_dim] (unit column
+    stride), ``kv_cache`` [2, num_blocks, block_size, kv_heads, head_dim], ``slot_mapping`` [T] (-1: skip)."""
+
+    value: torch.Tensor
+    kv_cache: torch.Tensor
+    slot_mapping: torch.Tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One program holds all the heads of one token: [heads, head_dim] tiles up to this many elements.
 _MAX_TILE = 1 << 15
@@ -109,17 +124,24 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                  sin_cache: torch.Tensor, *, head_dim: int, rotary_dim: Optional[int] = None,
                  norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
                  k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, clip: Optional[float] = None,
-                 use_triton: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 use_triton: Optional[bool] = None,
+                 kv_write: Optional[KVCacheWrite] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring.  Positions must be < max_position (checked on CPU tensors only: on a
     GPU it would cost a host sync; the kernel clamps them so it never reads out of bounds)."""
     rotary_dim = rotary_dim or head_dim
     _check(q, k, positions, cos_cache, head_dim, rotary_dim, norm, q_weight, k_weight)
+    if kv_write is not None:
+        _check_kv_write(kv_write, k, head_dim)
     max_pos = cos_cache.shape[0]
     if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= max_pos:
         raise ValueError(f"position {int(positions.max())} is beyond max_position {max_pos}")
-    if not _use_triton(q, k, head_dim, norm, (q_weight, k_weight), use_triton):
-        return qk_norm_rope_torch(q, k, positions, cos_cache, sin_cache, head_dim=head_dim, rotary_dim=rotary_dim,
+    if not _use_triton(q, k, head_dim, norm, (q_weight, k_weight), use_triton) or (
+            kv_write is not None and kv_write.value.stride(1) != 1):
+        q, k = qk_norm_rope_torch(q, k, positions, cos_cache, sin_cache, head_dim=head_dim, rotary_dim=rotary_dim,
                                   norm=norm, q_weight=q_weight, k_weight=k_weight, eps=eps, clip=clip)
+        if kv_write is not None:
+            _write_kv_torch(kv_write, k, clip, head_dim)
+        return q, k
     from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel
 
     T = q.shape[0]
@@ -133,13 +155,40 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     nq, nk = q.shape[1] // head_dim, k.shape[1] // head_dim
     nh_p = next_power_of_2(max(nq, nk))
     tile = nh_p * max(16, next_power_of_2(half))
-    _qk_norm_rope_kernel[(T, 2)](
+    cache_args = {}
+    if kv_write is not None:
+        c = kv_write.kv_cache
+        cache_args = dict(v_ptr=kv_write.value, cache_ptr=c, slot_ptr=kv_write.slot_mapping,
+                          stride_v=kv_write.value.stride(0), CACHE_BLOCK=c.shape[2], stride_ckv=c.stride(0),
+                          stride_cb=c.stride(1), stride_co=c.stride(2), stride_ch=c.stride(3), stride_cd=c.stride(4),
+                          WRITE_KV=True)
+    _qk_norm_rope_kernel[(T, 3 if kv_write is not None else 2)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
         nq, nk, head_dim, half, max_pos, float(eps), float(clip or 0.0),
         q.stride(0), k.stride(0), q_out.stride(0), k_out.stride(0), cos_cache.stride(0),
         NORM=_NORMS.index(norm), CLIP=clip is not None, HAS_PASS=pass_w > 0,
         NH_P=nh_p, HALF_P=max(1, next_power_of_2(half)), PASS_P=max(1, next_power_of_2(pass_w)),
-        num_warps=4 if tile <= 2048 else 8, **pdl_launch_kwargs(q.device),
+        num_warps=4 if tile <= 2048 else 8, **pdl_launch_kwargs(q.device), **cache_args,
     )
     return q_out, k_out
+
+
+def _check_kv_write(w: KVCacheWrite, k: torch.Tensor, head_dim: int) -> None:
+    c = w.kv_cache
+    kv_heads = k.shape[1] // head_dim
+    if c.dim() != 5 or c.shape[0] != 2 or tuple(c.shape[3:]) != (kv_heads, head_dim):
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, {kv_heads}, {head_dim}], got {tuple(c.shape)}")
+    if w.value.shape != k.shape or w.value.dtype != k.dtype or w.slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"value {tuple(w.value.shape)} {w.value.dtype} must match k {tuple(k.shape)} {k.dtype}, "
+                         f"slot_mapping [{k.shape[0]}] (got {tuple(w.slot_mapping.shape)})")
+    if len({t.device for t in (w.value, c, w.slot_mapping, k)}) != 1:
+        raise ValueError("value, kv_cache, slot_mapping and k must be on one device")
+
+
+def _write_kv_torch(w: KVCacheWrite, k: torch.Tensor, clip: Optional[float], head_dim: int) -> None:
+    from vllm.attention.torch_backend import write_kv
+
+    v = w.value if clip is None else w.value.clamp(-clip, clip)
+    T = k.shape[0]
+    write_kv(w.kv_cache, k.reshape(T, -1, head_dim), v.reshape(T, -1, head_dim), w.slot_mapping)
