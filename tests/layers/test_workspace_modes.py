@@ -29,3 +29,28 @@ def test_forward_under_another_mode_after_the_first(backend, first, then, device
     weights, ids = fused_topk(logits2.float().cpu(), top_k, renormalize=True)  # the layer's default
     ref = moe_reference(x2.float().cpu(), w.w13, w.w2, weights.cpu(), ids.cpu(), "silu")
     assert_close(out.float().cpu(), ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_experts_write_the_layer_output_without_a_copy(backend, monkeypatch, device):
+    """Without expert parallelism the finalize would only copy the experts' [M, H] output: they write the
+    returned tensor itself (no scratch "fused_out", no device copy per layer), and it is the reference's."""
+    from vllm.model_executor.layers.fused_moe import modular_kernel
+
+    seen = []
+    real = modular_kernel.TopKWeightAndReduceNoOP.apply
+
+    def spy(self, output, fused_expert_output, *a, **k):
+        seen.append(output.data_ptr() == fused_expert_output.data_ptr())
+        return real(self, output, fused_expert_output, *a, **k)
+
+    monkeypatch.setattr(modular_kernel.TopKWeightAndReduceNoOP, "apply", spy)
+    gen = torch.Generator().manual_seed(4)
+    E, H, I, top_k = 4, 32, 16, 2
+    w = random_weights(E, H, I, "silu", False, gen)
+    layer = make_layer(w, top_k, "silu", torch.float32, device, backend=backend)
+    x, logits = router_inputs(5, E, H, torch.float32, device, gen)
+    out = layer(x, logits)
+    assert seen == [True]
+    weights, ids = fused_topk(logits.float().cpu(), top_k, renormalize=True)
+    assert_close(out.float().cpu(), moe_reference(x.float().cpu(), w.w13, w.w2, weights, ids, "silu"), torch.float32)

@@ -163,6 +163,10 @@ class FusedMoEPrepareAndFinalize(ABC):
     this rank, in ``output`` [M, H].
     """
 
+    #: ``finalize`` only applies the experts' weight-and-reduce to rows that are already this rank's tokens
+    #: (no combine): experts whose reduce is a no-op may then write ``output`` itself (no copy).
+    finalizes_in_place: bool = False
+
     @abstractmethod
     def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
@@ -320,14 +324,17 @@ class FusedMoEKernel:
         dtype = hidden_states.dtype
         ws13 = self._workspace("workspace13", shapes.workspace13, dtype, dev)
         ws2 = self._workspace("workspace2", shapes.workspace2, dtype, dev)
-        fused_out = self._workspace("fused_out", shapes.output, dtype, dev)
+        output = torch.empty((hidden_states.shape[0], H), dtype=dtype, device=dev)
+        reduce = experts.finalize_weight_and_reduce_impl()
+        # the experts write the layer's output directly when the finalize would only copy it there
+        direct = (self.prepare_finalize.finalizes_in_place and isinstance(reduce, TopKWeightAndReduceNoOP)
+                  and tuple(shapes.output) == tuple(output.shape))
+        fused_out = output if direct else self._workspace("fused_out", shapes.output, dtype, dev)
         experts.apply(fused_out, prep.a1q, w1, w2, prep.topk_weights, prep.topk_ids, activation=activation,
                       global_num_experts=global_num_experts, expert_map=expert_map, a1q_scale=prep.a1q_scale,
                       workspace13=ws13, workspace2=ws2, apply_router_weight_on_input=apply_router_weight_on_input,
                       lora_context=lora_context)
-        output = torch.empty((hidden_states.shape[0], H), dtype=dtype, device=dev)
         self.prepare_finalize.finalize(output, fused_out, prep.topk_weights, prep.topk_ids,
                                        apply_router_weight_on_input=apply_router_weight_on_input,
-                                       weight_and_reduce=experts.finalize_weight_and_reduce_impl(),
-                                       handle=prep.handle)
+                                       weight_and_reduce=reduce, handle=prep.handle)
         return output

@@ -32,6 +32,8 @@ class MoEPrepareAndFinalizeNoEP(FusedMoEPrepareAndFinalize):
     """No dispatch.  With ``apply_router_weight_on_input`` (top_k must be 1) the
     router weight scales the activations here, and the experts must not apply it again."""
 
+    finalizes_in_place = True
+
     def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                 num_experts: int, expert_map: Optional[torch.Tensor], apply_router_weight_on_input: bool,
                 quant_config: FusedMoEQuantConfig,
