@@ -43,7 +43,8 @@
 #   fusions the thirteenth session's work: programmatic dependent launch (tests/kernels/test_pdl.py's cuda chain),
 #           the MoE activation in GEMM1's epilogue (fused_moe_gemm.FUSED_ACTIVATION) and the KV write in the q/k
 #           norm + rotary launch (attention.FUSED_KV_WRITE): their cuda tests, the decode step at FUSION_BATCHES
-#           (default 1,64) without and with both, and one MoE layer without and with the fused activation;
+#           (default 1,64) without and with both, and one MoE layer without and with the fused activation
+#           (and the cuda runs of the experts writing the MoE output directly, test_workspace_modes.py);
 #           only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL = True in this copy's int4_moe_gemm.py and
 #           mxfp4_moe_gemm.py (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
@@ -173,7 +174,8 @@ if [[ " $steps " == *" int4swap "* ]]; then
 fi
 if [[ " $steps " == *" fusions "* ]]; then
   pytest tests/kernels/test_pdl.py tests/kernels/test_fused_moe_gemm_activation.py tests/kernels/test_qk_norm_rope.py \
-    tests/layers/test_moe_fused_activation_layer.py tests/models/test_fused_ops_models.py >"$OUT/pytest_fusions.log" 2>&1
+    tests/layers/test_moe_fused_activation_layer.py tests/layers/test_workspace_modes.py tests/models/test_fused_ops_models.py \
+    >"$OUT/pytest_fusions.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
   for f in "" "--moe-fused-activation --fused-kv-write"; do
     tag=$( [ -z "$f" ] && echo base || echo fused )
