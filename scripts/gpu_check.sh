@@ -46,8 +46,8 @@
 #           (default 1,64) without and with both, and one MoE layer without and with the fused activation
 #           (and the cuda runs of the experts writing the MoE output directly, test_workspace_modes.py);
 #           only when named
-#   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL = True in this copy's int4_moe_gemm.py and
-#           mxfp4_moe_gemm.py (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
+#   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
+#           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
@@ -191,8 +191,7 @@ if [[ " $steps " == *" fusions "* ]]; then
   done
 fi
 if [[ " $steps " == *" pdl4bit "* ]]; then
-  sed -i 's/^PDL = False/PDL = True/' vllm/model_executor/layers/fused_moe/ops/int4_moe_gemm.py \
-    vllm/model_executor/layers/fused_moe/ops/mxfp4_moe_gemm.py
+  sed -i 's/^PDL_4BIT = False/PDL_4BIT = True/' vllm/platforms/pdl.py
   pytest tests/kernels/test_int4_gemv.py tests/kernels/test_int4_gemv_rows.py tests/kernels/test_int4_moe_gemm.py \
     tests/kernels/test_mxfp4_gemv.py tests/kernels/test_mxfp4_moe_gemm.py >"$OUT/pytest_pdl4bit.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_pdl4bit.log"; rc=$(( rc || prc ))

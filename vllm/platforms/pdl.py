@@ -17,6 +17,10 @@ import torch
 from vllm import envs
 from vllm.platforms.interface import triton_interpreting
 
+# The int4 / MXFP4 launchers (int4_moe_gemm.py, mxfp4_moe_gemm.py) pass this as ``enabled``: their kernels wait
+# first like the others, but launch plainly until tests/kernels/test_int4_* / test_mxfp4_* pass with it on a GPU.
+PDL_4BIT = False
+
 _OFF: dict[str, bool] = {"USE_PDL": False}
 _ON: dict[str, bool] = {"USE_PDL": True, "launch_pdl": True}
 

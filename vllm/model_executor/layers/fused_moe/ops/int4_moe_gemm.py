@@ -27,12 +27,7 @@ from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
-from vllm.platforms.pdl import pdl_launch_kwargs
-
-# Programmatic dependent launch for these kernels (vllm/platforms/pdl.py): off until
-# tests/kernels/test_int4_*.py pass on an H100/H200 with it (the kernels already wait first, like the bf16
-# decode path's, whose tests passed with it).
-PDL = False
+from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
@@ -329,6 +324,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         t_strides = (0, out.stride(0), out.stride(1))
     dummy = w.qweight
     grid = (num_pid_m * -(-N // bn), split)
+    pdl = pdl_launch_kwargs(a.device, enabled=PDL_4BIT)
     if config.gemv and sorted_mode:
         from vllm.model_executor.layers.fused_moe.ops._int4_gemv_rows_kernel import _int4_gemv_rows_kernel
 
@@ -344,7 +340,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
             HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
             SPLIT_K=split, BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-            num_warps=config.num_warps, num_stages=1, **pdl_launch_kwargs(a.device, enabled=PDL))
+            num_warps=config.num_warps, num_stages=1, **pdl)
     elif config.gemv:
         from vllm.model_executor.layers.fused_moe.ops._int4_gemv_kernel import _int4_gemv_kernel
 
@@ -359,7 +355,7 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             GROUP_SIZE=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_G_IDX=w.g_idx is not None,
             HAS_PERM=w.perm is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, EVEN_K=K % bk == 0, EVEN_N=N % bn == 0,
             SPLIT_K=split, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-            num_warps=config.num_warps, num_stages=1, **pdl_launch_kwargs(a.device, enabled=PDL))
+            num_warps=config.num_warps, num_stages=1, **pdl)
     else:
         kernel, words = _int4_moe_gemm_kernel, w.qweight
         if unpack >= 4:  # the operands swapped; 4 reads the words as int16 halves
@@ -394,12 +390,11 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
             SORTED=sorted_mode,
             UNPACK=unpack,
             num_warps=config.num_warps,
-            num_stages=config.num_stages, **pdl_launch_kwargs(a.device, enabled=PDL),
+            num_stages=config.num_stages, **pdl,
         )
     if split > 1:  # one launch: add the splits, apply the epilogue, cast, store into out (any strides)
         block = 1024
         _split_k_reduce_kernel[(-(-out.numel() // block),)](
             target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
-            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block,
-            **pdl_launch_kwargs(target.device, enabled=PDL))
+            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block, **pdl)
 

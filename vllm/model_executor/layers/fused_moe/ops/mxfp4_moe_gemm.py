@@ -36,12 +36,7 @@ from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, 
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing, pairs_per_touched_expert
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
-from vllm.platforms.pdl import pdl_launch_kwargs
-
-# Programmatic dependent launch for these kernels (vllm/platforms/pdl.py): off until
-# tests/kernels/test_mxfp4_*.py pass on an H100/H200 with it (the kernels already wait first, like the bf16
-# decode path's, whose tests passed with it).
-PDL = False
+from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NUM_SMS = 132  # H100 SXM and H200
@@ -261,7 +256,7 @@ def invoke_mxfp4_moe_gemm(
             GROUP_SIZE_M=config.group_size_m,
             SPLIT_K=split,
             num_warps=config.num_warps,
-            num_stages=config.num_stages, **pdl_launch_kwargs(a.device, enabled=PDL),
+            num_stages=config.num_stages, **pdl_launch_kwargs(a.device, enabled=PDL_4BIT),
         )
     if split > 1:  # one launch over the same blocks: shares + bias, times the router weight, into out
         block_n = 128
@@ -270,7 +265,7 @@ def invoke_mxfp4_moe_gemm(
             N, num_pairs, out.stride(0), out.stride(1),
             bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
             HAS_BIAS=bias is not None, MUL_ROUTED_WEIGHT=mul_routed_weight, SPLIT_K=split, BLOCK_SIZE_M=bm,
-            BLOCK_N=block_n, num_warps=4, **pdl_launch_kwargs(target.device, enabled=PDL))
+            BLOCK_N=block_n, num_warps=4, **pdl_launch_kwargs(target.device, enabled=PDL_4BIT))
 
 
 def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, target: torch.Tensor,
@@ -296,7 +291,7 @@ def _launch_gemv(grid: tuple, a: torch.Tensor, q: torch.Tensor, scales: torch.Te
         A_QUADS=a.dtype == torch.bfloat16 and a.stride(1) == 1 and a.stride(0) % 4 == 0 and a.data_ptr() % 8 == 0,
         BLOCK_SIZE_M=config.block_size_m, BLOCK_SIZE_N=config.block_size_n, BLOCK_SIZE_K=config.block_size_k,
         SPLIT_K=config.split_k, ROWS=config.gemv, num_warps=config.num_warps,
-        num_stages=1, **pdl_launch_kwargs(a.device, enabled=PDL))
+        num_stages=1, **pdl_launch_kwargs(a.device, enabled=PDL_4BIT))
 
 
 def mxfp4_moe_gemm_torch(out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
