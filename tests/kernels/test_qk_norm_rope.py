@@ -163,3 +163,20 @@ def test_kv_write_stores_what_the_attention_write_stores(dtype, norm, clip, nq, 
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
         assert torch.equal(cache.isnan(), want.isnan())  # the same slots written, the rest still poisoned
         assert torch.equal(cache.nan_to_num(), want.nan_to_num()), f"use_triton={use_triton}"
+
+
+def test_kv_write_errors(device):
+    from vllm.model_executor.layers.ops.qk_norm_rope import KVCacheWrite
+
+    rope = RotaryEmbedding(16, 16, 64, 10000.0, device=device)
+    q, k = torch.randn(3, 32, device=device), torch.randn(3, 16, device=device)
+    pos = torch.tensor([0, 1, 2], device=device)
+    cache = torch.zeros(2, 4, 4, 1, 16, device=device)
+    slots = torch.tensor([0, 1, 2], device=device)
+    call = lambda w: qk_norm_rope(q, k, pos, rope.cos_cache, rope.sin_cache, head_dim=16, kv_write=w)  # noqa: E731
+    with pytest.raises(ValueError, match=r"kv_cache must be \[2, num_blocks, block_size, 1, 16\]"):
+        call(KVCacheWrite(k.clone(), torch.zeros(2, 4, 4, 2, 16, device=device), slots))
+    with pytest.raises(ValueError, match="value .* must match k"):
+        call(KVCacheWrite(torch.randn(3, 32, device=device), cache, slots))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        call(KVCacheWrite(k.clone(), cache, slots[:2]))
