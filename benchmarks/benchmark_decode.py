@@ -28,7 +28,7 @@ and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
         [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
-        [--moe-fused-activation] [--fused-kv-write]
+        [--moe-fused-activation] [--fused-kv-write] [--attention-fused-reduce]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
@@ -242,14 +242,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(fused_moe_gemm.FUSED_ACTIVATION)")
     p.add_argument("--fused-kv-write", action="store_true",
                    help="the q/k norm + rotary launch stores K/V into the cache itself (attention.FUSED_KV_WRITE)")
+    p.add_argument("--attention-fused-reduce", action="store_true",
+                   help="split-context decode attention reduces in its last program per (sequence, kv head), "
+                        "no second launch (attention.triton_backend.DECODE_FUSED_REDUCE)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
+    from vllm.attention import triton_backend
     from vllm.model_executor.layers import attention
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
     from vllm.model_executor.layers.ops import dense_gemv  # the engines run in this process (one GPU)
 
     fused_moe_gemm.FUSED_ACTIVATION = fused_moe_gemm.FUSED_ACTIVATION or a.moe_fused_activation
     attention.FUSED_KV_WRITE = attention.FUSED_KV_WRITE or a.fused_kv_write
+    triton_backend.DECODE_FUSED_REDUCE = triton_backend.DECODE_FUSED_REDUCE or a.attention_fused_reduce
 
     if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens

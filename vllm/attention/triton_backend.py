@@ -35,6 +35,27 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 # Split-context decode: a fixed number of context ranges per (sequence, kv head).
 DECODE_SPLITS = 16
+# The last split program of each (sequence, kv head) reduces, instead of a second launch
+# (``_decode_split_kernel`` FUSED_REDUCE).  Off until timed on a GPU (``benchmark_decode.py
+# --attention-fused-reduce``).
+DECODE_FUSED_REDUCE = False
+# Per-device int32 counters of FUSED_REDUCE, zero between launches (each launch's last programs reset
+# theirs); grown outside CUDA-graph capture only.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the fused split-decode reduce needs {n} counters on {device} but only "
+                               f"{0 if buf is None else buf.numel()} exist: run one eager decode step of the "
+                               f"largest split batch before capturing CUDA graphs")
+        # a decode batch splits only while sequences x kv heads < the SMs: that many suffice on a GPU
+        size = max(n, _num_sms(device.index) if device.type == "cuda" else n)
+        buf = torch.zeros(size, dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,13 +190,22 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
     part_m = torch.empty(B, H, splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     tables = meta.block_tables
+    fused = DECODE_FUSED_REDUCE
+    fused_args = {}
+    if fused:
+        fused_args = dict(out_ptr=out, counter_ptr=_split_counters(B * kv_heads, query.device), sinks_ptr=opts.sinks,
+                          stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+                          FUSED_REDUCE=True, SPLITS_P=next_power_of_2(splits), USE_SINKS=opts.use_sinks)
     split_kern.decode_split_kernel[(B, kv_heads, splits)](
         query, kv_cache, meta.query_start_loc, meta.seq_lens, tables, part_acc, part_m, part_l,
         float(scale) * math.log2(math.e), group, D, block_size, H, opts.window,
         *query.stride(), *kv_cache.stride(), tables.stride(0),
         NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2, **pdl_launch_kwargs(query.device),
+        **fused_args,
     )
+    if fused:
+        return
     split_kern.decode_reduce_kernel[(B, H)](
         out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, opts.sinks, D, H, opts.window,
         *out.stride(),
