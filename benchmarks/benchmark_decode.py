@@ -28,7 +28,7 @@ and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
         [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
-        [--moe-fused-activation] [--fused-kv-write] [--attention-fused-reduce]
+        [--moe-fused-activation] [--fused-kv-write] [--attention-fused-reduce] [--router-fused-topk]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
@@ -245,16 +245,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--attention-fused-reduce", action="store_true",
                    help="split-context decode attention reduces in its last program per (sequence, kv head), "
                         "no second launch (attention.triton_backend.DECODE_FUSED_REDUCE)")
+    p.add_argument("--router-fused-topk", action="store_true",
+                   help="the router GEMV and its top-k in one launch at one token (moe_runner.ROUTER_FUSED_TOPK)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
     from vllm.attention import triton_backend
     from vllm.model_executor.layers import attention
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
     from vllm.model_executor.layers.ops import dense_gemv  # the engines run in this process (one GPU)
 
     fused_moe_gemm.FUSED_ACTIVATION = fused_moe_gemm.FUSED_ACTIVATION or a.moe_fused_activation
     attention.FUSED_KV_WRITE = attention.FUSED_KV_WRITE or a.fused_kv_write
     triton_backend.DECODE_FUSED_REDUCE = triton_backend.DECODE_FUSED_REDUCE or a.attention_fused_reduce
+    moe_runner.ROUTER_FUSED_TOPK = moe_runner.ROUTER_FUSED_TOPK or a.router_fused_topk
 
     if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens

@@ -175,10 +175,10 @@ fi
 if [[ " $steps " == *" fusions "* ]]; then
   pytest tests/kernels/test_pdl.py tests/kernels/test_fused_moe_gemm_activation.py tests/kernels/test_qk_norm_rope.py \
     tests/layers/test_moe_fused_activation_layer.py tests/layers/test_workspace_modes.py tests/models/test_fused_ops_models.py \
-    tests/unit/test_decode_fused_reduce.py \
+    tests/unit/test_decode_fused_reduce.py tests/kernels/test_router_gemv_topk.py \
     >"$OUT/pytest_fusions.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
-  for f in "" "--moe-fused-activation --fused-kv-write --attention-fused-reduce"; do
+  for f in "" "--moe-fused-activation --fused-kv-write --attention-fused-reduce --router-fused-topk"; do
     tag=$( [ -z "$f" ] && echo base || echo fused )
     timeout "${DECODE_TIMEOUT:-200}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
       --batches ${FUSION_BATCHES:-1,64} --async-scheduling $f --out "$OUT/decode_$tag.md" >"$OUT/decode_$tag.log" 2>&1

@@ -16,12 +16,13 @@ from tests.utils import assert_close, poison_
 from vllm.attention import allocate_kv_cache, build_metadata, triton_backend
 from vllm.attention.torch_backend import paged_attention_torch, write_kv
 from vllm.attention.triton_backend import paged_attention_triton
+from vllm.model_executor.layers.ops import counters
 
 
 @pytest.fixture
 def fused(monkeypatch):
     monkeypatch.setattr(triton_backend, "DECODE_FUSED_REDUCE", True)
-    monkeypatch.setattr(triton_backend, "_COUNTERS", {})
+    monkeypatch.setattr(counters, "_BUFFERS", {})
 
 
 @pytest.mark.parametrize("num_splits", [3, 16])
@@ -63,14 +64,14 @@ def test_fused_reduce_equals_two_launches_and_resets_counters(monkeypatch, devic
     query, cache, meta, scale = _decode_case(device)
     two = paged_attention_triton(query, cache, meta, scale, out=poison_(torch.empty_like(query)), num_splits=8)
     monkeypatch.setattr(triton_backend, "DECODE_FUSED_REDUCE", True)
-    monkeypatch.setattr(triton_backend, "_COUNTERS", {})
+    monkeypatch.setattr(counters, "_BUFFERS", {})
     outs = []
     for _ in range(2):  # the second launch counts from the zeros the first left
         outs.append(paged_attention_triton(query, cache, meta, scale, out=poison_(torch.empty_like(query)),
                                            num_splits=8))
-        counters = triton_backend._COUNTERS[query.device]
-        assert counters.numel() >= meta.num_seqs * cache.shape[3]
-        assert int(counters.abs().sum()) == 0, "a counter was left non-zero after the launch"
+        buf = counters._BUFFERS[("split decode attention", query.device)]
+        assert buf.numel() >= meta.num_seqs * cache.shape[3]
+        assert int(buf.abs().sum()) == 0, "a counter was left non-zero after the launch"
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
     if device.type == "cpu":  # the interpreter: the same reduce code on the same partials
@@ -84,7 +85,7 @@ def test_fused_reduce_equals_two_launches_and_resets_counters(monkeypatch, devic
 def test_cuda_fused_reduce_in_a_graph(monkeypatch, dtype):
     """Qwen3-30B-A3B's heads (32 / 4 of 128), contexts 1 to 4100, replayed from a CUDA graph."""
     monkeypatch.setattr(triton_backend, "DECODE_FUSED_REDUCE", True)
-    monkeypatch.setattr(triton_backend, "_COUNTERS", {})
+    monkeypatch.setattr(counters, "_BUFFERS", {})
     dev = torch.device("cuda")
     query, cache, meta, scale = _decode_case(dev, dtype, 32, 4, 128, 16, (1, 144, 4100, 77, 16))
     ref = paged_attention_torch(query, cache, meta, scale)
@@ -99,4 +100,4 @@ def test_cuda_fused_reduce_in_a_graph(monkeypatch, dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, ref, dtype, name="fused reduce, graph replay")
-    assert int(triton_backend._COUNTERS[dev].abs().sum()) == 0
+    assert int(counters._BUFFERS[("split decode attention", dev)].abs().sum()) == 0

@@ -27,6 +27,7 @@ from vllm.attention import _decode_split_kernel as split_kern
 from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
 from vllm.attention.torch_backend import check_attention_options
+from vllm.model_executor.layers.ops.counters import zeroed_counters
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -39,23 +40,6 @@ DECODE_SPLITS = 16
 # (``_decode_split_kernel`` FUSED_REDUCE).  Off until timed on a GPU (``benchmark_decode.py
 # --attention-fused-reduce``).
 DECODE_FUSED_REDUCE = False
-# Per-device int32 counters of FUSED_REDUCE, zero between launches (each launch's last programs reset
-# theirs); grown outside CUDA-graph capture only.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the fused split-decode reduce needs {n} counters on {device} but only "
-                               f"{0 if buf is None else buf.numel()} exist: run one eager decode step of the "
-                               f"largest split batch before capturing CUDA graphs")
-        # a decode batch splits only while sequences x kv heads < the SMs: that many suffice on a GPU
-        size = max(n, _num_sms(device.index) if device.type == "cuda" else n)
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +177,10 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
     fused = DECODE_FUSED_REDUCE
     fused_args = {}
     if fused:
-        fused_args = dict(out_ptr=out, counter_ptr=_split_counters(B * kv_heads, query.device), sinks_ptr=opts.sinks,
+        # a batch splits only while sequences x kv heads < the SMs: that many counters serve every graph size
+        n = B * kv_heads if query.device.type != "cuda" else max(B * kv_heads, _num_sms(query.device.index))
+        fused_args = dict(out_ptr=out, counter_ptr=zeroed_counters("split decode attention", n, query.device),
+                          sinks_ptr=opts.sinks,
                           stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
                           FUSED_REDUCE=True, SPLITS_P=next_power_of_2(splits), USE_SINKS=opts.use_sinks)
     split_kern.decode_split_kernel[(B, kv_heads, splits)](

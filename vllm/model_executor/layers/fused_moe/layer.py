@@ -251,3 +251,15 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         self._require_finalized("forward")
         return self.runner.forward(hidden_states, router_logits, lora_context=self._lora_context)
+
+    def forward_gate(self, hidden_states: torch.Tensor, gate: nn.Module) -> torch.Tensor:
+        """``forward(x, gate(x))``, where the router ``gate`` (a linear layer [E, H]) may run with the top-k in one
+        launch (``MoERunner.route_with_gate``: a plain unquantized gate without bias or LoRA)."""
+        self._require_finalized("forward")
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+
+        weight = getattr(gate, "weight", None)
+        plain = (type(gate) is ReplicatedLinear and gate.bias is None  # not a LoRA wrapper, no router bias
+                 and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+        routed = self.runner.route_with_gate(hidden_states, gate, weight if plain else None)
+        return self.runner.forward(hidden_states, None, lora_context=self._lora_context, routed=routed)
