@@ -29,6 +29,7 @@ and their step times are two more columns.
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
         [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
         [--moe-fused-activation] [--fused-kv-write] [--attention-fused-reduce] [--router-fused-topk]
+        [--all-fusions]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """
@@ -46,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_engine_lora import make_adapter, make_model_dir  # noqa: E402
+from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
 
 PRESETS = {
     "qwen3-30b-a3b": dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, topk=8, moe_inter=768,
@@ -232,37 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "varied by up to 15 %% at batch 1 with 2)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="the engines' step size (default: the engine's, 16384 for LLM on a GPU of >= 70 GiB)")
-    p.add_argument("--dense-gemv-max-tokens", type=int, default=None,
-                   help="the dense projections' Triton GEMV up to this many tokens (ops/dense_gemv.py "
-                        "GEMV_MAX_TOKENS; default: the module's)")
-    p.add_argument("--dense-gemv-delayed", action="store_true",
-                   help="the dense GEMV's kernel that reduces each token's partials once (GEMV_DELAYED)")
-    p.add_argument("--moe-fused-activation", action="store_true",
-                   help="GEMM1 of the MoE layers writes the gated activation itself on steps without LoRA "
-                        "(fused_moe_gemm.FUSED_ACTIVATION)")
-    p.add_argument("--fused-kv-write", action="store_true",
-                   help="the q/k norm + rotary launch stores K/V into the cache itself (attention.FUSED_KV_WRITE)")
-    p.add_argument("--attention-fused-reduce", action="store_true",
-                   help="split-context decode attention reduces in its last program per (sequence, kv head), "
-                        "no second launch (attention.triton_backend.DECODE_FUSED_REDUCE)")
-    p.add_argument("--router-fused-topk", action="store_true",
-                   help="the router GEMV and its top-k in one launch at one token (moe_runner.ROUTER_FUSED_TOPK)")
+    add_variant_flags(p)
     p.add_argument("--out", default=None, help="write the markdown table here")
     a = p.parse_args(argv)
-    from vllm.attention import triton_backend
-    from vllm.model_executor.layers import attention
-    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
-    from vllm.model_executor.layers.fused_moe.runner import moe_runner
-    from vllm.model_executor.layers.ops import dense_gemv  # the engines run in this process (one GPU)
-
-    fused_moe_gemm.FUSED_ACTIVATION = fused_moe_gemm.FUSED_ACTIVATION or a.moe_fused_activation
-    attention.FUSED_KV_WRITE = attention.FUSED_KV_WRITE or a.fused_kv_write
-    triton_backend.DECODE_FUSED_REDUCE = triton_backend.DECODE_FUSED_REDUCE or a.attention_fused_reduce
-    moe_runner.ROUTER_FUSED_TOPK = moe_runner.ROUTER_FUSED_TOPK or a.router_fused_topk
-
-    if a.dense_gemv_max_tokens is not None:
-        dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
-    dense_gemv.GEMV_DELAYED = dense_gemv.GEMV_DELAYED or a.dense_gemv_delayed
+    variants_on = apply_variant_flags(a)
     globals()["REPEATS"] = max(1, a.repeats)  # read by decode_step
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)
@@ -312,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     par = "" if a.tp == 1 else f"; {a.tp} ranks ({'expert' if a.enable_expert_parallel else 'tensor'} parallel)"
     lines = [f"{gpu}{par}, {a.dtype}; {a.preset} width, {a.layers} layers; prompts of {a.prompt_len} tokens; "
              f"{a.num_loras} adapters of rank {a.rank} (q/k/v/o + experts) spread over the batch; copy bandwidth "
-             f"{bandwidth / 1e12:.2f} TB/s{'' if a.bandwidth is None else ' (given)'}", "",
+             f"{bandwidth / 1e12:.2f} TB/s{'' if a.bandwidth is None else ' (given)'}; switches on: "
+             f"{', '.join(variants_on) or 'none'}", "",
              "| batch | eager, no LoRA | graphs, no LoRA | eager, LoRA | graphs, LoRA | LoRA / no LoRA (graphs) "
              "| tokens/s (graphs, no LoRA) | roofline step | % of roofline (graphs, no LoRA) |"
              + (" graphs + async, no LoRA | graphs + async, LoRA |" if a.async_scheduling else ""),

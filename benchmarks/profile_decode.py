@@ -8,7 +8,7 @@ to ``--out`` (markdown): GPU kernels per step, GPU busy time per step (sum of ke
 wall time per step, and the top kernels by GPU time (calls per step, us per call, share).
 
     PYTHONPATH=. python benchmarks/profile_decode.py [--preset qwen3-30b-a3b] [--layers 12]
-        [--batches 1,64] [--steps 8] [--modes eager,graphs] [--prefill] [--out profile.md]
+        [--batches 1,64] [--steps 8] [--modes eager,graphs] [--prefill] [--all-fusions ...] [--out profile.md]
 
 ``--prefill``: the batch's prefill steps instead (one unprofiled prefill first, prefix caching off), for
 the prefill rate of issue 10 goal 3; prefills run eagerly in both modes, so ``--modes eager`` suffices.
@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts  # noqa: E402
+from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
 
 _WARM_STEPS = 2
 
@@ -155,8 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="profile the batch's prefill steps (after one unprofiled prefill) instead of decode steps")
     p.add_argument("--host-top", type=int, default=0,
                    help="also list the N functions with the most host time per step (one more run under cProfile)")
+    add_variant_flags(p)
     p.add_argument("--out", default=None, help="write the markdown report here")
     a = p.parse_args(argv)
+    variants_on = apply_variant_flags(a)
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)
     batches = [int(x) for x in a.batches.split(",")]
@@ -177,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{a.steps} profiled decode steps"
     report = [f"# {'Prefill' if a.prefill else 'Decode'} profile: {gpu}, {a.dtype}; {a.preset} width, {a.layers} "
               f"layers; prompts of {a.prompt_len} tokens; {what} per case; LoRA: {a.num_loras} adapters of "
-              f"rank {a.rank} spread over the batch", ""]
+              f"rank {a.rank} spread over the batch; switches on: {', '.join(variants_on) or 'none'}", ""]
     unit = "GPU ops" if cuda else "CPU ops"
     summary = [f"| mode | LoRA | batch | {unit} (GPU: kernels + copies) / step | busy (sum of op times) / step | host wall / step |",
                "|---|---|---:|---:|---:|---:|"]

@@ -45,6 +45,8 @@
 #           norm + rotary launch (attention.FUSED_KV_WRITE): their cuda tests, the decode step at FUSION_BATCHES
 #           (default 1,64) without and with both, and one MoE layer without and with the fused activation
 #           (and the cuda runs of the experts writing the MoE output directly, test_workspace_modes.py);
+#           since the fourteenth session also the attention reduce in the split kernel and the router GEMV + top-k
+#           in one launch (--all-fusions: all four), a batch-1 profile with them, the MoE layer only with FUSION_MOE=1;
 #           only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
@@ -178,13 +180,17 @@ if [[ " $steps " == *" fusions "* ]]; then
     tests/unit/test_decode_fused_reduce.py tests/kernels/test_router_gemv_topk.py \
     >"$OUT/pytest_fusions.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
-  for f in "" "--moe-fused-activation --fused-kv-write --attention-fused-reduce --router-fused-topk"; do
+  for f in "" "--all-fusions"; do
     tag=$( [ -z "$f" ] && echo base || echo fused )
     timeout "${DECODE_TIMEOUT:-200}" python3 benchmarks/benchmark_decode.py --preset qwen3-30b-a3b --layers 12 \
       --batches ${FUSION_BATCHES:-1,64} --async-scheduling $f --out "$OUT/decode_$tag.md" >"$OUT/decode_$tag.log" 2>&1
     drc=$?; echo "== decode $tag"; grep "^| [0-9]\|Correct\|rror" "$OUT/decode_$tag.log"; rc=$(( rc || drc ))
   done
-  for fa in 0 1; do
+  # where batch 1's time goes with every fusion on (PDL off: each kernel's own time)
+  VLLM_PDL=0 timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_decode.py --preset qwen3-30b-a3b --layers 12 \
+    --batches 1 --modes graphs --steps 4 --top 20 --all-fusions --out "$OUT/profile_fused.md" >"$OUT/profile_fused.log" 2>&1
+  frc=$?; grep "ops/step\|^| " "$OUT/profile_fused.log" | head -24; rc=$(( rc || frc ))
+  [ -n "${FUSION_MOE:-}" ] && for fa in 0 1; do
     timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 \
       --tokens 1 16 256 4096 --fused-activation $fa --out "$OUT/moe_fused_act$fa.md" >"$OUT/moe_fused_act$fa.log" 2>&1
     brc=$?; echo "== MoE layer, fused activation $fa"; grep "^| " "$OUT/moe_fused_act$fa.log" | head -8

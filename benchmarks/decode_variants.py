@@ -1,0 +1,48 @@
+"""The decode path's kernel variants as command-line flags, shared by benchmark_decode.py and profile_decode.py:
+each flag turns on one module switch (the engines run in the benchmark's process, one GPU) before the engines
+are built."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_variant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dense-gemv-max-tokens", type=int, default=None,
+                   help="the dense projections' Triton GEMV up to this many tokens (ops/dense_gemv.py "
+                        "GEMV_MAX_TOKENS; default: the module's)")
+    p.add_argument("--dense-gemv-delayed", action="store_true",
+                   help="the dense GEMV's kernel that reduces each token's partials once (GEMV_DELAYED)")
+    p.add_argument("--moe-fused-activation", action="store_true",
+                   help="GEMM1 of the MoE layers writes the gated activation itself on steps without LoRA "
+                        "(fused_moe_gemm.FUSED_ACTIVATION)")
+    p.add_argument("--fused-kv-write", action="store_true",
+                   help="the q/k norm + rotary launch stores K/V into the cache itself (attention.FUSED_KV_WRITE)")
+    p.add_argument("--attention-fused-reduce", action="store_true",
+                   help="split-context decode attention reduces in its last program per (sequence, kv head), "
+                        "no second launch (attention.triton_backend.DECODE_FUSED_REDUCE)")
+    p.add_argument("--router-fused-topk", action="store_true",
+                   help="the router GEMV and its top-k in one launch at one token (moe_runner.ROUTER_FUSED_TOPK)")
+    p.add_argument("--all-fusions", action="store_true",
+                   help="the four fusions above (activation, KV write, attention reduce, router top-k)")
+
+
+def apply_variant_flags(a: argparse.Namespace) -> list[str]:
+    """Set the switches the flags ask for (a switch already on stays on); returns the names of those on."""
+    from vllm.attention import triton_backend
+    from vllm.model_executor.layers import attention
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.model_executor.layers.ops import dense_gemv
+
+    every = a.all_fusions
+    fused_moe_gemm.FUSED_ACTIVATION |= a.moe_fused_activation or every
+    attention.FUSED_KV_WRITE |= a.fused_kv_write or every
+    triton_backend.DECODE_FUSED_REDUCE |= a.attention_fused_reduce or every
+    moe_runner.ROUTER_FUSED_TOPK |= a.router_fused_topk or every
+    if a.dense_gemv_max_tokens is not None:
+        dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
+    dense_gemv.GEMV_DELAYED |= a.dense_gemv_delayed
+    on = {"FUSED_ACTIVATION": fused_moe_gemm.FUSED_ACTIVATION, "FUSED_KV_WRITE": attention.FUSED_KV_WRITE,
+          "DECODE_FUSED_REDUCE": triton_backend.DECODE_FUSED_REDUCE,
+          "ROUTER_FUSED_TOPK": moe_runner.ROUTER_FUSED_TOPK, "GEMV_DELAYED": dense_gemv.GEMV_DELAYED}
+    return [k for k, v in on.items() if v]
