@@ -177,7 +177,7 @@ fi
 if [[ " $steps " == *" fusions "* ]]; then
   pytest tests/kernels/test_pdl.py tests/kernels/test_fused_moe_gemm_activation.py tests/kernels/test_qk_norm_rope.py \
     tests/layers/test_moe_fused_activation_layer.py tests/layers/test_workspace_modes.py tests/models/test_fused_ops_models.py \
-    tests/unit/test_decode_fused_reduce.py tests/kernels/test_router_gemv_topk.py \
+    tests/unit/test_decode_fused_reduce.py tests/kernels/test_router_gemv_topk.py tests/kernels/test_fused_moe_gemm_sum.py \
     >"$OUT/pytest_fusions.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
   for f in "" "--all-fusions"; do
