@@ -105,3 +105,29 @@ def test_moe_forward_gate(monkeypatch, device):
     with torch.no_grad():
         gate.bias = torch.nn.Parameter(torch.zeros(8, dtype=dtype, device=device))
     assert torch.equal(layer.forward_gate(x, gate), layer(x, gate(x))) and len(calls) == 1  # a gate bias: two
+
+
+def test_lora_wrapped_gate_fuses_only_without_a_delta(monkeypatch, device):
+    """A LoRA-enabled engine wraps the router too: forward_gate fuses while no adapter of the step targets it,
+    and takes the wrapper (base + delta) when one does - the same output as forward(x, gate(x)) either way."""
+    from tests.lora.test_dense_lora_layers import random_adapter, wrap
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
+    layer, base_gate = _moe_layer(8, 2, 64, 32, dtype, device)
+    gate, punica = wrap(base_gate, max_loras=2, kind="gpu", device=device)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    calls = []
+    real = dense_gemv.router_gemv_topk
+    monkeypatch.setattr(dense_gemv, "router_gemv_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(moe_runner, "ROUTER_FUSED_TOPK", True)
+    if device.type == "cpu":
+        monkeypatch.setattr(dense_gemv, "gemv_applies", lambda x, w, max_tokens=None: x.shape[0] <= 1)
+    punica.update_metadata([0])  # slot 0 holds no adapter of this layer
+    assert torch.equal(layer.forward_gate(x, gate), layer(x, gate(x))) and len(calls) == 1
+    a, b = random_adapter(torch.Generator().manual_seed(9), 64, [8], 16)
+    gate.set_lora(0, [t.to(dtype) for t in a], [t.to(dtype) for t in b])
+    punica.update_metadata([0])
+    want = layer(x, gate(x))
+    assert not torch.equal(want, layer(x, base_gate(x))), "the router adapter changed nothing: a weak test"
+    assert torch.equal(layer.forward_gate(x, gate), want) and len(calls) == 1  # the delta: gate, then top-k

@@ -254,12 +254,19 @@ class FusedMoE(nn.Module):
 
     def forward_gate(self, hidden_states: torch.Tensor, gate: nn.Module) -> torch.Tensor:
         """``forward(x, gate(x))``, where the router ``gate`` (a linear layer [E, H]) may run with the top-k in one
-        launch (``MoERunner.route_with_gate``: a plain unquantized gate without bias or LoRA)."""
+        launch (``MoERunner.route_with_gate``: a plain unquantized gate without bias, or a LoRA wrapper of one
+        that adds no delta this step)."""
         self._require_finalized("forward")
-        from vllm.model_executor.layers.linear import ReplicatedLinear
-
-        weight = getattr(gate, "weight", None)
-        plain = (type(gate) is ReplicatedLinear and gate.bias is None  # not a LoRA wrapper, no router bias
-                 and isinstance(weight, torch.Tensor) and weight.dim() == 2)
-        routed = self.runner.route_with_gate(hidden_states, gate, weight if plain else None)
+        routed = self.runner.route_with_gate(hidden_states, gate, _plain_gate_weight(gate, hidden_states))
         return self.runner.forward(hidden_states, None, lora_context=self._lora_context, routed=routed)
+
+
+def _plain_gate_weight(gate: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The [E, H] weight of a router whose output this step is ``x @ weight^T`` exactly, else None."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    if hasattr(gate, "adds_no_delta") and hasattr(gate, "base_layer"):  # a LoRA wrapper
+        return _plain_gate_weight(gate.base_layer, x) if gate.adds_no_delta(x) else None
+    weight = getattr(gate, "weight", None)
+    plain = type(gate) is ReplicatedLinear and gate.bias is None and isinstance(weight, torch.Tensor)
+    return weight if plain and weight.dim() == 2 else None
