@@ -26,16 +26,18 @@ def _fresh_counters(monkeypatch):
 # multiple of the K-step)
 @pytest.mark.parametrize("E,top_k,K", [(128, 8, 256), (60, 4, 128), (8, 2, 64), (17, 3, 96)])
 @pytest.mark.parametrize("M", [1, 3, 8])
-@pytest.mark.parametrize("renormalize,topk_then_softmax", [(True, False), (False, False), (False, True)])
-def test_equals_gemv_then_topk(E, top_k, K, M, renormalize, topk_then_softmax, device):
+@pytest.mark.parametrize("renormalize,topk_then_softmax,with_bias", [(True, False, False), (False, False, True),
+                                                                    (False, True, True)])  # the last: gpt-oss
+def test_equals_gemv_then_topk(E, top_k, K, M, renormalize, topk_then_softmax, with_bias, device):
     dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
     x, w = _case(M, E, K, dtype, device)
-    logits = dense_gemv.dense_gemv(x, w)
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(E)).to(device, dtype) if with_bias else None
+    logits = dense_gemv.dense_gemv(x, w, bias)
     want_w, want_i = fused_topk(logits, top_k, renormalize=renormalize, topk_then_softmax=topk_then_softmax,
                                 use_triton=True)
     for _ in range(2):  # the second launch counts from the zero the first left
         got_w, got_i = dense_gemv.router_gemv_topk(x, w, top_k, renormalize=renormalize,
-                                                   topk_then_softmax=topk_then_softmax)
+                                                   topk_then_softmax=topk_then_softmax, bias=bias)
         assert torch.equal(got_i, want_i), "expert ids differ from the GEMV then fused_topk"
         assert torch.equal(got_w, want_w), "weights differ from the GEMV then fused_topk"
         assert int(counters._BUFFERS[("router top-k", x.device)].abs().sum()) == 0
@@ -102,9 +104,9 @@ def test_moe_forward_gate(monkeypatch, device):
     assert torch.equal(layer.forward_gate(x, gate), want) and len(calls) == 1
     x3 = torch.cat([x, x, x])
     assert torch.equal(layer.forward_gate(x3, gate), layer(x3, gate(x3))) and len(calls) == 1  # 3 tokens: two launches
-    with torch.no_grad():
-        gate.bias = torch.nn.Parameter(torch.zeros(8, dtype=dtype, device=device))
-    assert torch.equal(layer.forward_gate(x, gate), layer(x, gate(x))) and len(calls) == 1  # a gate bias: two
+    with torch.no_grad():  # a router bias (gpt-oss): still one launch
+        gate.bias = torch.nn.Parameter(torch.randn(8, generator=torch.Generator().manual_seed(7)).to(device, dtype))
+    assert torch.equal(layer.forward_gate(x, gate), layer(x, gate(x))) and len(calls) == 2
 
 
 def test_lora_wrapped_gate_fuses_only_without_a_delta(monkeypatch, device):

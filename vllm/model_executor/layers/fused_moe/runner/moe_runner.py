@@ -47,15 +47,16 @@ class MoERunner:
                 and layer.top_k <= _TRITON_MAX_TOP_K and gate_weight.shape[0] <= _TRITON_MAX_EXPERTS)
 
     def route_with_gate(self, hidden_states: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor],
-                        gate_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_weights, topk_ids) of the router ``gate``: one launch where ``fused_router_applies`` (gate_weight
-        is the gate's plain [E, H] weight, None when the gate is not a plain linear layer), else gate then
-        ``select_experts``."""
-        if gate_weight is not None and self.fused_router_applies(hidden_states, gate_weight):
+                        gate_params: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_weights, topk_ids) of the router ``gate``: one launch where ``fused_router_applies``
+        (gate_params: the gate's plain [E, H] weight and [E] bias or None; None when the gate is not a plain
+        linear layer), else gate then ``select_experts``."""
+        if gate_params is not None and self.fused_router_applies(hidden_states, gate_params[0]):
             layer = self.layer
-            return dense_gemv.router_gemv_topk(hidden_states, gate_weight, layer.top_k,
+            return dense_gemv.router_gemv_topk(hidden_states, gate_params[0], layer.top_k,
                                                renormalize=layer.renormalize,
-                                               topk_then_softmax=layer.topk_then_softmax)
+                                               topk_then_softmax=layer.topk_then_softmax, bias=gate_params[1])
         return self.select_experts(self._checked_logits(hidden_states, gate(hidden_states)))
 
     def _checked_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
