@@ -1,0 +1,98 @@
+"""One decode switch at a time (``decode_variants.py``'s flags) against none: the engine's CUDA-graph decode
+step without LoRA (and with ``--lora`` with rank-16 adapters spread over the batch), async scheduling on, one
+engine per (switch, LoRA), the model and prompts of benchmark_decode.py built once.  Greedy tokens are checked
+against the run without switches; the table gives each switch's step time and its ratio to the base.
+
+    PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
+        [--lora] [--out ab.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
+from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
+
+SWITCHES = ["moe-fused-activation", "fused-kv-write", "attention-fused-reduce", "router-fused-topk",
+            "moe-fused-sum"]
+
+
+def _set(flag: Optional[str]) -> list[str]:
+    """Every switch off, then ``flag`` on (None: none)."""
+    p = argparse.ArgumentParser()
+    add_variant_flags(p)
+    defaults = p.parse_args([])
+    from vllm.attention import triton_backend
+    from vllm.model_executor.layers import attention
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_epilogue, fused_moe_gemm
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    fused_moe_gemm.FUSED_ACTIVATION = attention.FUSED_KV_WRITE = triton_backend.DECODE_FUSED_REDUCE = False
+    moe_runner.ROUTER_FUSED_TOPK = fused_moe_epilogue.FUSED_SUM = False
+    return apply_variant_flags(p.parse_args([f"--{flag}"]) if flag else defaults)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-30b-a3b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--batches", default="1")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--num-loras", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--switches", nargs="+", default=SWITCHES, choices=SWITCHES)
+    p.add_argument("--lora", action="store_true", help="also the LoRA step (adapters spread over the batch)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.preset].items():
+        setattr(a, k, v)
+    batches = [int(x) for x in a.batches.split(",")]
+    model_dir, adapters = build_model_and_adapters(a, "decode_ab_")
+    prompts = random_prompts(a, max(batches))
+    max_len = a.prompt_len + a.steps + 8
+    common = dict(dtype=a.dtype, max_model_len=max_len, max_num_seqs=max(batches), cuda_graph_sizes=batches,
+                  num_gpu_blocks_override=max(batches) * (-(-max_len // 16)) + 64, enable_prefix_caching=False,
+                  async_scheduling=True)
+    lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
+    spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731
+    cases = [(None, False)] + [(s, False) for s in a.switches]
+    if a.lora:
+        cases += [(None, True)] + [(s, True) for s in a.switches]
+    times, tokens = {}, {}
+    for flag, lora in cases:
+        on = _set(flag)
+        print(f"== {flag or 'base'}{' + LoRA' if lora else ''}: switches on {on}", flush=True)
+        times[(flag, lora)], tokens[(flag, lora)] = run_engine(
+            model_dir, common, batches, prompts, spread if lora else (lambda b: None), a.steps,
+            **(lora_kw if lora else {}))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; CUDA graphs + async scheduling; one switch "
+             f"at a time", "", "| switch | LoRA | " + " | ".join(f"batch {b}" for b in batches) + " | tokens |",
+             "|---|---|" + "---:|" * len(batches) + "---|"]
+    bad = 0
+    for flag, lora in cases:
+        base = times[(None, lora)]
+        same = all(tokens[(flag, lora)][b] == tokens[(None, lora)][b] for b in batches)
+        bad += not same
+        cells = " | ".join(f"{times[(flag, lora)][b] * 1e3:.3f} ms ({times[(flag, lora)][b] / base[b]:.3f})"
+                           for b in batches)
+        lines.append(f"| {flag or 'none'} | {'yes' if lora else 'no'} | {cells} | "
+                     f"{'identical' if same else 'DIFFER'} |")
+    report = "\n".join(lines)
+    print(report)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(report + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
