@@ -32,7 +32,7 @@ def main() -> None:
         ptrs = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype, "counter_ptr": "i32",
                 "topk_w_ptr": "fp32", "topk_i_ptr": "i32"}
         _compile(dense_gemv_kernel, ptrs, dict(HAS_BIAS=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024,
-                                               USE_PDL=True, TOP_K=8, K_P=8, BLOCK_E=128, RENORMALIZE=True))
+                                               USE_PDL=True, TOP_K=8, K_P=8, BLOCK_E=128, RENORMALIZE=True, FENCE=True))
         print(f"ok dense_gemv_kernel router top-k {dtype}", flush=True)
 
 

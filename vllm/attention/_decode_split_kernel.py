@@ -21,13 +21,6 @@ work at all; both kernels compute the same ranges (``_context_tiles``).  Sinks (
 the denominator once per head, in the reduce: max over the splits' maxima and the sink, and
 exp2(sink - max) added to the sum.
 
-``FUSED_REDUCE``: no second launch.  After storing its partials a split program counts itself in
-``counter[seq, kv head]`` (an int32 atomic, acquire-release at GPU scope, after a CTA barrier so the
-whole program's stores are ordered before it); the program that brings the count to the number of
-non-empty ranges is the last, resets the counter to 0 for the next launch, and reduces the group's
-heads with the reduce kernel's own ``_reduce_head`` (partials read through L2, ``.cg``).  The result
-does not depend on which program is last: the reduce reads the splits in index order.
-
 ``UPCAST`` (interpreter) converts dot operands to fp32, as in ``_paged_attention_kernel``.
 """
 import triton
@@ -57,10 +50,6 @@ def decode_split_kernel(
     stride_bt_b,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr = False,
-    # FUSED_REDUCE only: the output, the per-(sequence, kv head) counters [B, kv heads] (int32, zero
-    # between launches), the sinks
-    out_ptr=None, counter_ptr=None, sinks_ptr=None, stride_ot=0, stride_oh=0, stride_od=0,
-    FUSED_REDUCE: tl.constexpr = False, SPLITS_P: tl.constexpr = 1, USE_SINKS: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     seq = tl.program_id(0)
@@ -127,44 +116,6 @@ def decode_split_kernel(
     tl.store(part_m_ptr + row, m_i, mask=g_ok)
     tl.store(part_l_ptr + row, l_i, mask=g_ok)
     tl.store(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_ok[:, None])
-    if FUSED_REDUCE:
-        n_valid = tl.cdiv(tiles, per)
-        tl.debug_barrier()  # every thread's partials are stored before the count (release) below
-        count_ptr = counter_ptr + seq * tl.num_programs(1) + kvh
-        done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == n_valid - 1:  # the last non-empty range of this (sequence, kv head)
-            tl.store(count_ptr, 0)
-            for g0 in range(GROUP):
-                h0 = kvh * GROUP + g0
-                _reduce_head(out_ptr, tok, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr,
-                             (seq.to(tl.int64) * NUM_HEADS + h0) * NUM_SPLITS, h0, n_valid, HEAD_DIM,
-                             stride_ot, stride_oh, stride_od, SPLITS_P, BLOCK_D, USE_SINKS, ".cg")
-
-
-@triton.jit
-def _reduce_head(out_ptr, tok, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, base_row, head, n_valid,
-                 HEAD_DIM, stride_ot, stride_oh, stride_od,
-                 SPLITS_P: tl.constexpr, BLOCK_D: tl.constexpr, USE_SINKS: tl.constexpr, CACHE: tl.constexpr):
-    """One head: rescale its n_valid partials (rows base_row + s) to their common max, write acc / sum."""
-    offs_s = tl.arange(0, SPLITS_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < n_valid
-    row = base_row + offs_s
-    m = tl.load(part_m_ptr + row, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(part_l_ptr + row, mask=s_ok, other=0.0, cache_modifier=CACHE)
-    m_all = tl.max(m, axis=0)
-    if USE_SINKS:
-        sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
-        m_all = tl.maximum(m_all, sink)
-    w = tl.where(s_ok, tl.exp2(m - m_all), 0.0)
-    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0,
-                  cache_modifier=CACHE)
-    denom = tl.sum(l * w, axis=0)
-    if USE_SINKS:
-        denom += tl.exp2(sink - m_all)  # the sink, once per head
-    out = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
@@ -180,7 +131,23 @@ def decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
+    n_valid = tl.cdiv(tiles, per)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_valid
+    row = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    m = tl.load(part_m_ptr + row, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=s_ok, other=0.0)
+    m_all = tl.max(m, axis=0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
+        m_all = tl.maximum(m_all, sink)
+    w = tl.where(s_ok, tl.exp2(m - m_all), 0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    denom = tl.sum(l * w, axis=0)
+    if USE_SINKS:
+        denom += tl.exp2(sink - m_all)  # the sink, once per head
+    out = tl.sum(acc * w[:, None], axis=0) / denom
     tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    _reduce_head(out_ptr, tok, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr,
-                 (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS, head, tl.cdiv(tiles, per), HEAD_DIM,
-                 stride_ot, stride_oh, stride_od, SPLITS_P, BLOCK_D, USE_SINKS, "")
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)

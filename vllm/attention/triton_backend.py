@@ -27,7 +27,6 @@ from vllm.attention import _decode_split_kernel as split_kern
 from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
 from vllm.attention.torch_backend import check_attention_options
-from vllm.model_executor.layers.ops.counters import zeroed_counters
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -36,10 +35,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 # Split-context decode: a fixed number of context ranges per (sequence, kv head).
 DECODE_SPLITS = 16
-# The last split program of each (sequence, kv head) reduces, instead of a second launch
-# (``_decode_split_kernel`` FUSED_REDUCE).  Off until timed on a GPU (``benchmark_decode.py
-# --attention-fused-reduce``).
-DECODE_FUSED_REDUCE = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,25 +169,13 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
     part_m = torch.empty(B, H, splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     tables = meta.block_tables
-    fused = DECODE_FUSED_REDUCE
-    fused_args = {}
-    if fused:
-        # a batch splits only while sequences x kv heads < the SMs: that many counters serve every graph size
-        n = B * kv_heads if query.device.type != "cuda" else max(B * kv_heads, _num_sms(query.device.index))
-        fused_args = dict(out_ptr=out, counter_ptr=zeroed_counters("split decode attention", n, query.device),
-                          sinks_ptr=opts.sinks,
-                          stride_ot=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-                          FUSED_REDUCE=True, SPLITS_P=next_power_of_2(splits), USE_SINKS=opts.use_sinks)
     split_kern.decode_split_kernel[(B, kv_heads, splits)](
         query, kv_cache, meta.query_start_loc, meta.seq_lens, tables, part_acc, part_m, part_l,
         float(scale) * math.log2(math.e), group, D, block_size, H, opts.window,
         *query.stride(), *kv_cache.stride(), tables.stride(0),
         NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2, **pdl_launch_kwargs(query.device),
-        **fused_args,
     )
-    if fused:
-        return
     split_kern.decode_reduce_kernel[(B, H)](
         out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, opts.sinks, D, H, opts.window,
         *out.stride(),

@@ -7,7 +7,7 @@ fp32 products with that token's x are summed over the step's K, and added to the
 accumulator; bias in fp32, one rounding.  A token's sums never depend on BLOCK_M or on the other tokens (same
 tile, same reduction), so a row's output is the same whatever the batch it runs in (eager or a padded CUDA
 graph batch).  With ``TOP_K > 0`` the output is a router's logits and the last program to finish (an atomic
-counter, acquire-release at GPU scope after a CTA barrier) routes every token with the router kernel's
+counter, acquire-release at GPU scope after a fence in every thread and a CTA barrier) routes every token with the router kernel's
 ``topk_row`` on the logits as stored: the same weights and ids as the GEMV then ``fused_topk``, one launch.
 
 ``dense_gemv_delayed_kernel`` - the same grid and tiles, for at most 4 tokens, but each token keeps its own
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.router._topk_softmax_kernel import topk_row
+from vllm.model_executor.layers.ops._fence import fence_every_thread
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -50,7 +51,8 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
                       # TOP_K > 0: y is a router's logits; the last program routes every token (top-k below)
                       counter_ptr=None, topk_w_ptr=None, topk_i_ptr=None, stride_tw=0, stride_ti=0,
                       TOP_K: tl.constexpr = 0, K_P: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
-                      RENORMALIZE: tl.constexpr = False, TOPK_THEN_SOFTMAX: tl.constexpr = False):
+                      RENORMALIZE: tl.constexpr = False, TOPK_THEN_SOFTMAX: tl.constexpr = False,
+                      FENCE: tl.constexpr = False):
     # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
     # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
     pid = tl.program_id(0)
@@ -72,7 +74,8 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
     if TOP_K > 0:  # the router's top-k in the last program to finish (an int32 counter, zero between launches)
-        tl.debug_barrier()  # every thread's logits are stored before the count (release) below
+        fence_every_thread(FENCE)  # every thread's logits visible at GPU scope, then the count (release)
+        tl.debug_barrier()
         done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(0) - 1:
             tl.store(counter_ptr, 0)

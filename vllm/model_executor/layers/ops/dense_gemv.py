@@ -117,7 +117,8 @@ def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, *, renor
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **pdl_launch_kwargs(x2.device),
             counter_ptr=zeroed_counters("router top-k", 1, x.device), topk_w_ptr=topk_w, topk_i_ptr=topk_i,
             stride_tw=topk_w.stride(0), stride_ti=topk_i.stride(0), TOP_K=top_k, K_P=next_power_of_2(top_k),
-            BLOCK_E=max(16, next_power_of_2(N)), RENORMALIZE=renormalize, TOPK_THEN_SOFTMAX=topk_then_softmax)
+            BLOCK_E=max(16, next_power_of_2(N)), RENORMALIZE=renormalize, TOPK_THEN_SOFTMAX=topk_then_softmax,
+            FENCE=not triton_interpreting())
     return topk_w, topk_i
 
 

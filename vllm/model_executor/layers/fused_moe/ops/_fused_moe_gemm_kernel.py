@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import gated_act
+from vllm.model_executor.layers.ops._fence import fence_every_thread
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -100,6 +101,7 @@ def _fused_moe_gemm_kernel(
     stride_sn=0,
     SUM_TOP_K: tl.constexpr = 0,
     SUM_K_P: tl.constexpr = 1,
+    FENCE: tl.constexpr = False,  # a GPU-scope fence in every thread before the count (not in the interpreter)
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
@@ -172,17 +174,18 @@ def _fused_moe_gemm_kernel(
     if SUM_TOP_K > 0:
         _sum_finished_tokens(out_ptr, sum_out_ptr, counter_ptr, pair, pair_ok, offs_n, n_ok, pid_n,
                              tl.cdiv(N, BLOCK_SIZE_N), stride_om, stride_on, stride_sm, stride_sn, SUM_TOP_K, SUM_K_P,
-                             BLOCK_SIZE_M)
+                             BLOCK_SIZE_M, FENCE)
 
 
 @triton.jit
 def _sum_finished_tokens(out_ptr, sum_out_ptr, counter_ptr, pair, pair_ok, offs_n, n_ok, pid_n, num_pid_n,
                          stride_om, stride_on, stride_sm, stride_sn,
-                         TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_SIZE_M: tl.constexpr):
+                         TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, FENCE: tl.constexpr):
     """After this program's store: count each of its pairs in counter[token, N tile]; the program that stores a
     token's last pair of an N tile sums that token's TOP_K rows of the tile in fp32 (``moe_sum``'s reduction
     of a [K_P, columns] tile, read through L2) into sum_out, rounds once, and resets the count to 0."""
-    tl.debug_barrier()  # the whole tile is stored before it is counted (release)
+    fence_every_thread(FENCE)  # the whole tile visible at GPU scope before it is counted (release)
+    tl.debug_barrier()
     tok = tl.where(pair_ok, pair // TOP_K, 0).to(tl.int64)
     counts = counter_ptr + tok * num_pid_n + pid_n
     seen = tl.atomic_add(counts, 1, mask=pair_ok, sem="acq_rel", scope="gpu")

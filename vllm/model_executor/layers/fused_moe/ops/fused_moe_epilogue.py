@@ -10,6 +10,7 @@ import torch
 
 from vllm.kernel_configs.tile_config import TileConfig
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.platforms.interface import triton_interpreting
 from vllm.triton_utils import next_power_of_2
 
 # GEMM2 writes each token's top-k sum itself on steps without LoRA or expert parallelism (the program storing
@@ -52,4 +53,4 @@ def fused_sum_args(sum_out: Optional[torch.Tensor], out: torch.Tensor, num_pairs
     n_tiles = -(-n_out // block_n)
     return dict(sum_out_ptr=sum_out, counter_ptr=zeroed_counters("MoE top-k sum", tokens * n_tiles, out.device),
                 stride_sm=sum_out.stride(0), stride_sn=sum_out.stride(1), SUM_TOP_K=top_k,
-                SUM_K_P=max(2, next_power_of_2(top_k)))
+                SUM_K_P=max(2, next_power_of_2(top_k)), FENCE=not triton_interpreting())
