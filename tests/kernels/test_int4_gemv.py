@@ -86,21 +86,21 @@ def test_gemv_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zer
     assert_close(out[routed].float(), dot[routed].double(), dtype)
 
 
-def test_gemv_exact_in_fp32():
+def test_gemv_exact_in_fp32(device):
     """Integer activations and power-of-two scales: every product and sum is exact in fp32, so the GEMV
     must equal the reference exactly; a code read from the wrong nibble or a wrong zero point cannot hide
-    inside a tolerance."""
+    inside a tolerance.  (On the test's device: with a GPU present, CPU tensors reach no Triton backend.)"""
     rows, top_k, E, N, K, group = 2, 2, 3, 32, 128, 32
     gen = torch.Generator().manual_seed(5)
     ws = [random_int4(N, K, group, True, False, gen) for _ in range(E)]
     for w in ws:
         w.scales = (2.0 ** torch.randint(-3, 3, tuple(w.scales.shape), generator=gen)).half()
-    pw = _packed(ws, group, True, False, "cpu")
-    a = torch.randint(-8, 9, (rows, K), generator=gen).float()
-    ids = torch.tensor([[0, 2], [1, 2]], dtype=torch.int32)
+    pw = _packed(ws, group, True, False, device)
+    a = torch.randint(-8, 9, (rows, K), generator=gen).float().to(device)
+    ids = torch.tensor([[0, 2], [1, 2]], dtype=torch.int32, device=device)
     out = _run(a, pw, ids, None, top_k, Int4TileConfig(16, 32, 64, num_stages=1, gemv=1), False, torch.float32)
     ref, _ = _reference(ws, a, ids, None, top_k, False)
-    assert torch.equal(out.double(), ref)
+    assert torch.equal(out.double().cpu(), ref)
 
 
 def test_heuristic_gives_the_gemv_to_the_unsorted_launch(monkeypatch):
