@@ -28,8 +28,7 @@ and their step times are two more columns.
 
     PYTHONPATH=. python benchmarks/benchmark_decode.py [--preset qwen3-30b-a3b] [--layers 12]
         [--batches 1,16,64,256] [--async-scheduling] [--dense-gemv-max-tokens N] [--dense-gemv-delayed]
-        [--moe-fused-activation] [--fused-kv-write] [--router-fused-topk] [--moe-fused-sum]
-        [--all-fusions]
+        [--moe-fused-activation] [--fused-kv-write] [--all-fusions]
         [--tp N [--enable-expert-parallel]] [--out decode.md]
         (--preset tiny: a CPU smoke run)
 """

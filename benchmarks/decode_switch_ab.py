@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
 from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
 
-SWITCHES = ["moe-fused-activation", "fused-kv-write", "router-fused-topk", "moe-fused-sum"]
+SWITCHES = ["moe-fused-activation", "fused-kv-write"]
 
 
 def _set(flag: Optional[str]) -> list[str]:
@@ -28,11 +28,9 @@ def _set(flag: Optional[str]) -> list[str]:
     add_variant_flags(p)
     defaults = p.parse_args([])
     from vllm.model_executor.layers import attention
-    from vllm.model_executor.layers.fused_moe.ops import fused_moe_epilogue, fused_moe_gemm
-    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
 
     fused_moe_gemm.FUSED_ACTIVATION = attention.FUSED_KV_WRITE = False
-    moe_runner.ROUTER_FUSED_TOPK = fused_moe_epilogue.FUSED_SUM = False
     return apply_variant_flags(p.parse_args([f"--{flag}"]) if flag else defaults)
 
 

@@ -17,31 +17,22 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
                         "(fused_moe_gemm.FUSED_ACTIVATION)")
     p.add_argument("--fused-kv-write", action="store_true",
                    help="the q/k norm + rotary launch stores K/V into the cache itself (attention.FUSED_KV_WRITE)")
-    p.add_argument("--router-fused-topk", action="store_true",
-                   help="the router GEMV and its top-k in one launch at one token (moe_runner.ROUTER_FUSED_TOPK)")
-    p.add_argument("--moe-fused-sum", action="store_true",
-                   help="GEMM2 of the MoE layers writes each token's top-k sum itself on steps without LoRA "
-                        "(fused_moe_epilogue.FUSED_SUM)")
     p.add_argument("--all-fusions", action="store_true",
-                   help="the four fusions above (activation, KV write, router top-k, top-k sum)")
+                   help="the fusions above (the MoE activation in GEMM1, the KV write in q/k norm + rotary)")
 
 
 def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     """Set the switches the flags ask for (a switch already on stays on); returns the names of those on."""
     from vllm.model_executor.layers import attention
-    from vllm.model_executor.layers.fused_moe.ops import fused_moe_epilogue, fused_moe_gemm
-    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
     from vllm.model_executor.layers.ops import dense_gemv
 
     every = a.all_fusions
     fused_moe_gemm.FUSED_ACTIVATION |= a.moe_fused_activation or every
     attention.FUSED_KV_WRITE |= a.fused_kv_write or every
-    moe_runner.ROUTER_FUSED_TOPK |= a.router_fused_topk or every
-    fused_moe_epilogue.FUSED_SUM |= a.moe_fused_sum or every
     if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
     dense_gemv.GEMV_DELAYED |= a.dense_gemv_delayed
     on = {"FUSED_ACTIVATION": fused_moe_gemm.FUSED_ACTIVATION, "FUSED_KV_WRITE": attention.FUSED_KV_WRITE,
-          "ROUTER_FUSED_TOPK": moe_runner.ROUTER_FUSED_TOPK, "FUSED_SUM": fused_moe_epilogue.FUSED_SUM,
           "GEMV_DELAYED": dense_gemv.GEMV_DELAYED}
     return [k for k, v in on.items() if v]

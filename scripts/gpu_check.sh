@@ -45,8 +45,7 @@
 #           norm + rotary launch (attention.FUSED_KV_WRITE): their cuda tests, the decode step at FUSION_BATCHES
 #           (default 1,64) without and with both, and one MoE layer without and with the fused activation
 #           (and the cuda runs of the experts writing the MoE output directly, test_workspace_modes.py);
-#           since the fourteenth session also the router GEMV + top-k in one launch and the top-k sum in GEMM2
-#           (--all-fusions: all four), a batch-1 profile with them, the MoE layer only with FUSION_MOE=1;
+#           (--all-fusions: both), a batch-1 profile with them, the MoE layer only with FUSION_MOE=1;
 #           only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
@@ -177,7 +176,6 @@ fi
 if [[ " $steps " == *" fusions "* ]]; then
   pytest tests/kernels/test_pdl.py tests/kernels/test_fused_moe_gemm_activation.py tests/kernels/test_qk_norm_rope.py \
     tests/layers/test_moe_fused_activation_layer.py tests/layers/test_workspace_modes.py tests/models/test_fused_ops_models.py \
-    tests/kernels/test_router_gemv_topk.py tests/kernels/test_fused_moe_gemm_sum.py \
     >"$OUT/pytest_fusions.log" 2>&1
   prc=$?; tail -4 "$OUT/pytest_fusions.log"; rc=$(( rc || prc ))
   for f in "" "--all-fusions"; do

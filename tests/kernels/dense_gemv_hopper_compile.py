@@ -27,17 +27,10 @@ def main() -> None:
             cexp = {**cexp, "USE_PDL": False}
         _compile(fn, ptrs, cexp)
         print(f"ok {fn.__name__} {dtype} rows {bm} even_k {even}", flush=True)
-    # the router's GEMV with its top-k in the last program (router_gemv_topk): Qwen3's 128 experts, top 8
-    for dtype in ("bf16", "fp16"):
-        ptrs = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype, "counter_ptr": "i32",
-                "topk_w_ptr": "fp32", "topk_i_ptr": "i32"}
-        _compile(dense_gemv_kernel, ptrs, dict(HAS_BIAS=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024,
-                                               USE_PDL=True, TOP_K=8, K_P=8, BLOCK_E=128, RENORMALIZE=True, FENCE=True))
-        print(f"ok dense_gemv_kernel router top-k {dtype}", flush=True)
 
 
 def _compile(fn, ptrs: dict, cexp: dict) -> None:
-    """Constexprs not given take their defaults (e.g. TOP_K 0: no top-k epilogue)."""
+    """Constexprs not given take their defaults."""
     cexp = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
             **cexp}
     sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}

@@ -78,6 +78,7 @@ def run_case(
         mul_routed_weight=mul_routed_weight,
         bias=bias,
         config=config,
+        pairwise=pairwise,
     )
     ref = fused_moe_gemm_reference(
         a, w, ids, top_k_in=top_k_in, topk_weights=topk_weights,
@@ -126,6 +127,15 @@ def test_pairwise_alignment_matches_reference(M, E, top_k, per_pair, dtype, devi
     ids[M - 1, top_k - 1] = -1  # another rank's expert
     run_case(M, E, top_k, 48, 80, dtype, device, per_pair_input=per_pair, use_bias=True, mul_routed_weight=True,
              topk_ids=ids, pairwise=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pairwise_routing_of_more_pairs_than_experts(dtype, device):
+    """Pairwise routing where experts repeat (7 pairs among 4 experts; the layer never asks for it, a caller
+    may): every pair's block is launched, so every routed row is written."""
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [3, -1]], dtype=torch.int32)
+    run_case(4, 4, 2, 48, 80, dtype, device, per_pair_input=True, use_bias=False, mul_routed_weight=True,
+             topk_ids=ids, pairwise=True, config=SMALL_TILES)
 
 
 def test_align_for_experts_picks_pairwise_only_for_few_pairs(device):

@@ -282,9 +282,6 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.base_layer(hidden_states, router_logits)
 
-    def forward_gate(self, hidden_states: torch.Tensor, gate: nn.Module) -> torch.Tensor:
-        return self.base_layer.forward_gate(hidden_states, gate)
-
     @classmethod
     def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
                           packed_modules_list: Optional[list] = None, model_config: Any = None) -> bool:

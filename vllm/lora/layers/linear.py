@@ -266,13 +266,6 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
             return self._fused_forward(x, self.base_layer.bias)
         return self._add_lora(self.base_layer(x), x)
 
-    def adds_no_delta(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` is ``base_layer(x)`` exactly this step (no adapter of the step targets this layer,
-        or, in a graph capture, the layer is outside its LoRA layer set): e.g. a MoE router that no adapter
-        targets may then run fused with its top-k (``FusedMoE.forward_gate``).  Host state only."""
-        return not self._fuse(x) and not (self.punica_wrapper is not None
-                                          and self.punica_wrapper.any_active(self.enabled_slots))
-
     @classmethod
     def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
                           packed_modules_list: Optional[list] = None, model_config: Any = None) -> bool:

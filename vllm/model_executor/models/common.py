@@ -130,7 +130,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts.forward_gate(x, self.gate)  # the router GEMV + top-k in one launch where it applies
+        out = self.experts(x, self.gate(x))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -55,7 +55,7 @@ class GptOssMoE(nn.Module):
                                 moe_backend=args.moe_backend, **args.moe, prefix=join_prefix(prefix, "experts"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts.forward_gate(x, self.router)  # the router GEMV + top-k in one launch where it applies
+        return self.experts(x, self.router(x))
 
 
 class GptOssForCausalLM(MoEForCausalLM):

@@ -251,24 +251,3 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         self._require_finalized("forward")
         return self.runner.forward(hidden_states, router_logits, lora_context=self._lora_context)
-
-    def forward_gate(self, hidden_states: torch.Tensor, gate: nn.Module) -> torch.Tensor:
-        """``forward(x, gate(x))``, where the router ``gate`` (a linear layer [E, H]) may run with the top-k in one
-        launch (``MoERunner.route_with_gate``: a plain unquantized linear gate, or a LoRA wrapper of one that adds
-        no delta this step)."""
-        self._require_finalized("forward")
-        routed = self.runner.route_with_gate(hidden_states, gate, _plain_gate_params(gate, hidden_states))
-        return self.runner.forward(hidden_states, None, lora_context=self._lora_context, routed=routed)
-
-
-def _plain_gate_params(gate: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(weight [E, H], bias [E] or None) of a router whose output this step is ``x @ weight^T + bias`` exactly,
-    else None."""
-    from vllm.model_executor.layers.linear import ReplicatedLinear
-
-    if hasattr(gate, "adds_no_delta") and hasattr(gate, "base_layer"):  # a LoRA wrapper
-        return _plain_gate_params(gate.base_layer, x) if gate.adds_no_delta(x) else None
-    weight, bias = getattr(gate, "weight", None), getattr(gate, "bias", None)
-    if type(gate) is not ReplicatedLinear or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
-    return weight, bias

@@ -6,9 +6,7 @@ BLOCK_K] tile of W once (the memory-bound part: W is read once in the whole grid
 fp32 products with that token's x are summed over the step's K, and added to the token's row of the fp32
 accumulator; bias in fp32, one rounding.  A token's sums never depend on BLOCK_M or on the other tokens (same
 tile, same reduction), so a row's output is the same whatever the batch it runs in (eager or a padded CUDA
-graph batch).  With ``TOP_K > 0`` the output is a router's logits and the last program to finish (an atomic
-counter, acquire-release at GPU scope after a fence in every thread and a CTA barrier) routes every token with the router kernel's
-``topk_row`` on the logits as stored: the same weights and ids as the GEMV then ``fused_topk``, one launch.
+graph batch).
 
 ``dense_gemv_delayed_kernel`` - the same grid and tiles, for at most 4 tokens, but each token keeps its own
 fp32 [BLOCK_N, BLOCK_K] partial products across the K-steps and reduces them once at the end, instead of
@@ -17,8 +15,6 @@ summing over every K-step (cross-thread reductions per step and token).  Its sum
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.fused_moe.router._topk_softmax_kernel import topk_row
-from vllm.model_executor.layers.ops._fence import fence_every_thread
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -47,12 +43,7 @@ def _token_sums(acc, w, mask_k, x_ptr, M, stride_xm, k0, offs_k, rows, BLOCK_M: 
 @triton.jit
 def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-                      # TOP_K > 0: y is a router's logits; the last program routes every token (top-k below)
-                      counter_ptr=None, topk_w_ptr=None, topk_i_ptr=None, stride_tw=0, stride_ti=0,
-                      TOP_K: tl.constexpr = 0, K_P: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
-                      RENORMALIZE: tl.constexpr = False, TOPK_THEN_SOFTMAX: tl.constexpr = False,
-                      FENCE: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
     # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
     pid = tl.program_id(0)
@@ -73,15 +64,6 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & mask_n[None, :])
-    if TOP_K > 0:  # the router's top-k in the last program to finish (an int32 counter, zero between launches)
-        fence_every_thread(FENCE)  # every thread's logits visible at GPU scope, then the count (release)
-        tl.debug_barrier()
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) - 1:
-            tl.store(counter_ptr, 0)
-            for m in range(M):  # the logits as stored (rounded to y's dtype), read through L2
-                topk_row(y_ptr + m * stride_ym, y_ptr, topk_w_ptr + m * stride_tw, topk_i_ptr + m * stride_ti, N,
-                         TOP_K, K_P, BLOCK_E, False, RENORMALIZE, TOPK_THEN_SOFTMAX, ".cg")
 
 
 @triton.jit

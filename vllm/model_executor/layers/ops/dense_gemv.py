@@ -86,42 +86,6 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y.reshape(*x.shape[:-1], N)
 
 
-def router_gemv_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, *, renormalize: bool,
-                     topk_then_softmax: bool = False,
-                     bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A router in one launch: the logits ``x @ weight^T (+ bias)`` through ``dense_gemv`` (same tiles, same
-    bits), then the last program's top-k of each token (``fused_topk``'s kernel code on the stored logits).  At
-    most GEMV_MAX_BLOCK_M tokens and 4096 experts; returns topk_weights [M, top_k] fp32 and topk_ids [M, top_k]
-    int32, equal to ``fused_topk(dense_gemv(x, weight, bias), ...)``'s."""
-    from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_kernel
-    from vllm.model_executor.layers.ops.counters import zeroed_counters
-
-    _check(x, weight, bias)
-    N, K = weight.shape
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if M > GEMV_MAX_BLOCK_M or not 1 <= top_k <= N or N > 4096:
-        raise ValueError(f"router_gemv_topk: {M} tokens (at most {GEMV_MAX_BLOCK_M}), top_k {top_k} of {N} experts "
-                         f"(at most 4096)")
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    cfg = dense_gemv_config(N, K, x.dtype)
-    logits = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    topk_w = torch.empty((M, top_k), dtype=torch.float32, device=x.device)
-    topk_i = torch.empty((M, top_k), dtype=torch.int32, device=x.device)
-    if M > 0:
-        dense_gemv_kernel[(-(-N // cfg.block_n),)](
-            x2, w, bias if bias is not None else w, logits, M, N, K, x2.stride(0), w.stride(0), logits.stride(0),
-            HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_M=max(1, next_power_of_2(M)),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **pdl_launch_kwargs(x2.device),
-            counter_ptr=zeroed_counters("router top-k", 1, x.device), topk_w_ptr=topk_w, topk_i_ptr=topk_i,
-            stride_tw=topk_w.stride(0), stride_ti=topk_i.stride(0), TOP_K=top_k, K_P=next_power_of_2(top_k),
-            BLOCK_E=max(16, next_power_of_2(N)), RENORMALIZE=renormalize, TOPK_THEN_SOFTMAX=topk_then_softmax,
-            FENCE=not triton_interpreting())
-    return topk_w, topk_i
-
-
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_tokens: Optional[int] = None) -> bool:
     """Whether ``linear`` takes the GEMV: CUDA (or the interpreter when ``max_tokens`` is given), at most
     ``max_tokens`` (default GEMV_MAX_TOKENS) tokens, one 16-bit float dtype, a 2-D weight."""

@@ -106,20 +106,3 @@ class TritonExperts(TwoGemmExperts):
                                    fused_activation=activation)
         return True
 
-
-    def _gemm2_summed(self, output: torch.Tensor, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
-                      ids: torch.Tensor, route: Optional[TritonRoute], *, topk_weights: torch.Tensor,
-                      weighted: bool) -> bool:
-        from vllm.model_executor.layers.fused_moe.ops import fused_moe_epilogue, fused_moe_gemm as gemm
-
-        assert route is not None
-        if not fused_moe_epilogue.FUSED_SUM or route.cfg2.gemv or output.dtype != out.dtype:
-            return False
-        al = route.align
-        gemm.invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids,
-                                   block_expert_ids=al.block_expert_ids,
-                                   num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=1,
-                                   topk_weights=topk_weights, mul_routed_weight=weighted,
-                                   bias=self.quant_config.w2_bias, config=route.cfg2, pairwise=route.pairwise,
-                                   sum_out=output)
-        return True

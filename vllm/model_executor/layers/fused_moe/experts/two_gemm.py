@@ -3,8 +3,7 @@
     GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
-(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, and the top-k sum into GEMM2's,
-``_gemm2_summed``, on steps without LoRA).
+(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
 
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
@@ -78,13 +77,6 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         runs this step (the w13 delta joins before the activation)."""
         return False
 
-    def _gemm2_summed(self, output: torch.Tensor, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
-                      ids: torch.Tensor, route: Optional[Any], *, topk_weights: torch.Tensor, weighted: bool) -> bool:
-        """GEMM2 into out [pairs, H] with each token's top-k sum of it into output [M, H] in the same launch, as
-        GEMM2 then ``moe_sum``; False (nothing written) where the backend cannot.  Only called when no LoRA runs
-        this step (the w2 delta joins before the sum) and every pair's expert is local."""
-        return False
-
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
               global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
@@ -124,9 +116,6 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
         weighted = not apply_router_weight_on_input
-        if not lora_runs and expert_map is None and self._gemm2_summed(output, gemm2, act_out, w2, ids, route,
-                                                                       topk_weights=topk_weights, weighted=weighted):
-            return
         self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
                    weighted=weighted)
         if lora_context is not None:

@@ -8,10 +8,6 @@ With ``FUSED_ACT`` >= 0 (GEMM1 without LoRA) the output is the gated activation 
 keeps two accumulators, of the gate rows and of the up rows of its N-slice (rows n and N + n; gpt-oss's
 interleaved 2n and 2n + 1), rounds each to the output dtype as GEMM1's output would be, and applies
 ``gated_act`` - the activation kernel's math - before the one store.
-
-With ``SUM_TOP_K`` > 0 (GEMM2 without LoRA) the program that stores the last of a token's top-k rows of an N
-tile (an int32 counter per (token, N tile), atomic, acquire-release) also writes that token's top-k sum of the
-tile: the top-k sum kernel's work without its launch (``_sum_finished_tokens``).
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import gated_act
-from vllm.model_executor.layers.ops._fence import fence_every_thread
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -94,14 +89,6 @@ def _fused_moe_gemm_kernel(
     FUSED_ACT: tl.constexpr = -1,  # >= 0: gated_act's ACT code; N is then the activated width
     alpha=0.0,
     limit=0.0,
-    # SUM_TOP_K > 0 (GEMM2 without LoRA): also out's top-k sum per token into sum_out [tokens, N] (see below)
-    sum_out_ptr=None,
-    counter_ptr=None,  # [tokens, N tiles] int32, zero between launches
-    stride_sm=0,
-    stride_sn=0,
-    SUM_TOP_K: tl.constexpr = 0,
-    SUM_K_P: tl.constexpr = 1,
-    FENCE: tl.constexpr = False,  # a GPU-scope fence in every thread before the count (not in the interpreter)
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
@@ -171,35 +158,3 @@ def _fused_moe_gemm_kernel(
 
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_t), mask=pair_ok[:, None] & n_ok[None, :])
-    if SUM_TOP_K > 0:
-        _sum_finished_tokens(out_ptr, sum_out_ptr, counter_ptr, pair, pair_ok, offs_n, n_ok, pid_n,
-                             tl.cdiv(N, BLOCK_SIZE_N), stride_om, stride_on, stride_sm, stride_sn, SUM_TOP_K, SUM_K_P,
-                             BLOCK_SIZE_M, FENCE)
-
-
-@triton.jit
-def _sum_finished_tokens(out_ptr, sum_out_ptr, counter_ptr, pair, pair_ok, offs_n, n_ok, pid_n, num_pid_n,
-                         stride_om, stride_on, stride_sm, stride_sn,
-                         TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, FENCE: tl.constexpr):
-    """After this program's store: count each of its pairs in counter[token, N tile]; the program that stores a
-    token's last pair of an N tile sums that token's TOP_K rows of the tile in fp32 (``moe_sum``'s reduction
-    of a [K_P, columns] tile, read through L2) into sum_out, rounds once, and resets the count to 0."""
-    fence_every_thread(FENCE)  # the whole tile visible at GPU scope before it is counted (release)
-    tl.debug_barrier()
-    tok = tl.where(pair_ok, pair // TOP_K, 0).to(tl.int64)
-    counts = counter_ptr + tok * num_pid_n + pid_n
-    seen = tl.atomic_add(counts, 1, mask=pair_ok, sem="acq_rel", scope="gpu")
-    last = pair_ok & (seen == TOP_K - 1)
-    tl.debug_barrier()  # every thread reads what the acquiring threads saw
-    if tl.max(last.to(tl.int32), axis=0) > 0:
-        tl.store(counts, 0, mask=last)
-        rows = tl.arange(0, BLOCK_SIZE_M)
-        offs_k = tl.arange(0, K_P)
-        for r in range(BLOCK_SIZE_M):
-            if tl.max(tl.where(rows == r, last, False).to(tl.int32), axis=0) > 0:
-                t = tl.sum(tl.where(rows == r, tok, 0), axis=0)
-                x = tl.load(out_ptr + (t * TOP_K + offs_k)[:, None] * stride_om + offs_n[None, :] * stride_on,
-                            mask=(offs_k < TOP_K)[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
-                total = tl.sum(x.to(tl.float32), axis=0)
-                tl.store(sum_out_ptr + t * stride_sm + offs_n * stride_sn,
-                         total.to(sum_out_ptr.dtype.element_ty), mask=n_ok)

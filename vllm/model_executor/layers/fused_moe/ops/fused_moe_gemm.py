@@ -51,7 +51,6 @@ from vllm import envs
 from vllm.kernel_configs.tile_config import TileConfig, tuned_tiles
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
-from vllm.model_executor.layers.fused_moe.ops.fused_moe_epilogue import fused_act_code, fused_sum_args
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
                                                                       invoke_fused_moe_gemv)
 from vllm.platforms import current_platform
@@ -257,7 +256,6 @@ def invoke_fused_moe_gemm(
     config: TileConfig,
     pairwise: bool = False,
     fused_activation: Optional[MoEActivation] = None,
-    sum_out: Optional[torch.Tensor] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -274,14 +272,11 @@ def invoke_fused_moe_gemm(
     fused_activation: a gated activation (SILU, GELU, SWIGLUOAI): out [num_pairs, N // 2] is that activation
         of the GEMM's rounded output, bit for bit ``moe_activation`` of it (GEMM1 without LoRA; not with
         ``mul_routed_weight`` or a ``gemv=1`` config); BLOCK_SIZE_N is halved: two accumulators per program.
-    sum_out: [tokens, N] (GEMM2 without LoRA, every pair routed to a local expert): also the sum of each token's
-        top_k = num_pairs / tokens consecutive rows of ``out``, as ``moe_sum(out.view(tokens, top_k, N))``, in
-        the same launch (``fused_moe_epilogue.fused_sum_args``; a tl.dot config, not with fused_activation).
     No host synchronisation (graph safe).
     """
     check_tile_config(config)
     bm, bn, bk = config.block_size_m, config.block_size_n, config.block_size_k
-    act_code = fused_act_code(fused_activation, w.shape[1], mul_routed_weight, config)
+    act_code = _fused_act_code(fused_activation, w.shape[1], mul_routed_weight, config)
     if act_code >= 0:
         bn = max(16, bn // 2)
     if a.dim() != 2 or w.dim() != 3 or out.dim() != 2:
@@ -313,7 +308,6 @@ def invoke_fused_moe_gemm(
                          "sorted routing needs a config with GEMV=0")
     if num_pairs == 0 or N == 0 or EM == 0:
         return
-    epilogue = fused_sum_args(sum_out, out, num_pairs, n_out, bn, act_code, config)
     if config.gemv:
         invoke_fused_moe_gemv(a, w, out, pair_expert_ids=block_expert_ids, top_k_in=top_k_in, config=config,
                               topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias)
@@ -350,8 +344,21 @@ def invoke_fused_moe_gemm(
         num_stages=config.num_stages,
         **pdl_launch_kwargs(a.device),
         **({} if act_code < 0 else dict(FUSED_ACT=act_code, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)),
-        **epilogue,
     )
+
+
+def _fused_act_code(act: Optional[MoEActivation], N: int, mul_routed_weight: bool, config: TileConfig) -> int:
+    """The kernel's FUSED_ACT for ``fused_activation``: -1 for none; refuses what the epilogue cannot do."""
+    if act is None:
+        return -1
+    codes = {MoEActivation.SILU: 0, MoEActivation.GELU: 1, MoEActivation.SWIGLUOAI: 2}
+    if act not in codes:
+        raise ValueError(f"fused_activation must be a gated activation ({', '.join(a.value for a in codes)}), "
+                         f"got {act}")
+    if N % 2 or mul_routed_weight or config.gemv:
+        raise ValueError(f"fused_activation needs an even N (got {N}), no mul_routed_weight and a tl.dot config "
+                         "(GEMV=0)")
+    return codes[act]
 
 
 def fused_moe_gemm_reference(

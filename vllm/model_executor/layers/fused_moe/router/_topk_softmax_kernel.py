@@ -1,11 +1,9 @@
 """Private Triton body of the router (launcher: ``fused_topk.py``): softmax (or top-k-then-softmax)
 over the experts, top-k, optional renormalisation, in one program per token.
 
-Grid (tokens,).  ``topk_row`` is one token's work; the dense GEMV's last program also runs it when the GEMV
-computes the router logits itself (``ops/_dense_gemv_kernel.py``, TOP_K > 0).  The token's E logits are one
-BLOCK_E tile in float32 (router bias added).  The k largest are taken one at a time with an arg-max (ties go
-to the lowest expert id) and masked out, so ids come out in descending score order, as ``torch.topk``
-returns them.
+Grid (tokens,).  The token's E logits are one BLOCK_E tile in float32 (router bias added).  The k
+largest are taken one at a time with an arg-max (ties go to the lowest expert id) and masked out, so
+ids come out in descending score order, as ``torch.topk`` returns them.
 """
 import triton
 import triton.language as tl
@@ -14,13 +12,17 @@ from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
-def topk_row(logits_row, bias_ptr, weights_row, ids_row, E,
-             TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
-             RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr, CACHE: tl.constexpr):
-    """One token: its E logits (read with cache modifier CACHE) -> top_k weights (fp32) and ids (int32)."""
+def _topk_softmax_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    E, stride_l, stride_w, stride_i,
+    TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    pdl_wait(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
-    x = tl.load(logits_row + offs, mask=ok, other=float("-inf"), cache_modifier=CACHE).to(tl.float32)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     x = tl.where(ok, x, float("-inf"))
@@ -41,18 +43,5 @@ def topk_row(logits_row, bias_ptr, weights_row, ids_row, E,
     if RENORMALIZE or TOPK_THEN_SOFTMAX:
         top_w = top_w / tl.maximum(tl.sum(top_w, axis=0), 1e-20)
     k_ok = offs_k < TOP_K
-    tl.store(weights_row + offs_k, top_w, mask=k_ok)
-    tl.store(ids_row + offs_k, top_i, mask=k_ok)
-
-
-@triton.jit
-def _topk_softmax_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-    E, stride_l, stride_w, stride_i,
-    TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    pdl_wait(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
-    topk_row(logits_ptr + row * stride_l, bias_ptr, weights_ptr + row * stride_w, ids_ptr + row * stride_i, E,
-             TOP_K, K_P, BLOCK_E, HAS_BIAS, RENORMALIZE, TOPK_THEN_SOFTMAX, "")
+    tl.store(weights_ptr + row * stride_w + offs_k, top_w, mask=k_ok)
+    tl.store(ids_ptr + row * stride_i + offs_k, top_i, mask=k_ok)
