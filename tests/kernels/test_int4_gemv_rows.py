@@ -76,7 +76,7 @@ def test_gemv_rows_matches_dequantized_reference(rows, top_k, E, N, K, group, ha
     assert_close(out[routed].float(), dot[routed].double(), dtype)
 
 
-def test_gemv_rows_exact_in_fp32():
+def test_gemv_rows_exact_in_fp32(device):
     """Integer activations and power-of-two scales: every product and sum is exact in fp32, so the GEMV must
     equal the reference exactly (a wrong nibble, zero point, row or sentinel cannot hide in a tolerance)."""
     rows, top_k, E, N, K, group = 5, 2, 3, 32, 128, 32
@@ -84,13 +84,14 @@ def test_gemv_rows_exact_in_fp32():
     ws = [random_int4(N, K, group, True, False, gen) for _ in range(E)]
     for w in ws:
         w.scales = (2.0 ** torch.randint(-3, 3, tuple(w.scales.shape), generator=gen)).half()
-    pw = _packed(ws, group, True, False, "cpu")
-    a = torch.randint(-8, 9, (rows, K), generator=gen).float()
-    ids = torch.tensor([[0, 2], [0, 2], [2, 0], [0, 1], [2, -1]], dtype=torch.int32)
+    pw = _packed(ws, group, True, False, device)
+    a = torch.randint(-8, 9, (rows, K), generator=gen).float().to(device)
+    ids = torch.tensor([[0, 2], [0, 2], [2, 0], [0, 1], [2, -1]], dtype=torch.int32, device=device)
     for bm in (1, 2, 4):
         out = _run_sorted(a, pw, ids, None, top_k, Int4TileConfig(bm, 32, 64, num_stages=1, gemv=1), False,
                           torch.float32)
         ref, routed = _reference(ws, a, ids, None, top_k, False)
+        out, routed = out.cpu(), routed.cpu()
         assert torch.equal(out[routed].double(), ref[routed]), bm
         assert torch.isnan(out[~routed]).all()
 
