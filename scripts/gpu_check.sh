@@ -43,10 +43,10 @@
 #   fusions the thirteenth session's work: programmatic dependent launch (tests/kernels/test_pdl.py's cuda chain),
 #           the MoE activation in GEMM1's epilogue (fused_moe_gemm.FUSED_ACTIVATION) and the KV write in the q/k
 #           norm + rotary launch (attention.FUSED_KV_WRITE): their cuda tests, the decode step at FUSION_BATCHES
-#           (default 1,64) without and with both, and one MoE layer without and with the fused activation
-#           (and the cuda runs of the experts writing the MoE output directly, test_workspace_modes.py);
-#           (--all-fusions: both), a batch-1 profile with them, the MoE layer only with FUSION_MOE=1;
-#           only when named
+#           (default 1,64) without and with both (--all-fusions), a batch-1 profile with both, and with
+#           FUSION_MOE=1 one MoE layer without and with the fused activation (and the cuda runs of the experts
+#           writing the MoE output directly, test_workspace_modes.py); timed in the fourteenth session (no gain,
+#           both stay off; benchmarks/decode_switch_ab.py times one switch at a time); only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
