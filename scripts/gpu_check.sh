@@ -47,12 +47,16 @@
 #           FUSION_MOE=1 one MoE layer without and with the fused activation (and the cuda runs of the experts
 #           writing the MoE output directly, test_workspace_modes.py); timed in the fourteenth session (no gain,
 #           both stay off; benchmarks/decode_switch_ab.py times one switch at a time); only when named
+#   int4mma the tensor-core int4 kernel (csrc/capi/int4_mma_moe.cu, fifteenth session): builds the CUDA C++
+#           library, its cuda tests (kernel and MarlinExperts layer with VLLM_INT4_MMA=1), the per-GEMM
+#           benchmark against the Triton int4 kernels, then the int4 layer without and with it (MMA_ARGS:
+#           shapes and tokens, MMA_TIMEOUT per run); only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -204,6 +208,25 @@ if [[ " $steps " == *" pdl4bit "* ]]; then
     >"$OUT/int4_pdl.log" 2>&1; grep "^| " "$OUT/int4_pdl.log" | tail -8
   timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --tokens 1 16 --reps 30 \
     >"$OUT/mxfp4_pdl.log" 2>&1; grep "^| " "$OUT/mxfp4_pdl.log" | tail -8
+fi
+if [[ " $steps " == *" int4mma "* ]]; then
+  t=${MMA_TIMEOUT:-240}
+  timeout "$t" python3 -c 'from vllm.platforms import cuda_lib; assert cuda_lib.library() is not None' \
+    >"$OUT/int4_mma_build.log" 2>&1; r=$?; tail -3 "$OUT/int4_mma_build.log"; rc=$(( rc || r ))
+  pytest tests/kernels/test_int4_mma_moe.py tests/quantization/test_int4_moe_mma_layer.py \
+    >"$OUT/pytest_int4_mma.log" 2>&1
+  prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_int4_mma.log" | head -20; tail -4 "$OUT/pytest_int4_mma.log"
+  rc=$(( rc || prc ))
+  timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py ${MMA_ARGS:---tokens 1 4 16 64} --reps 50 \
+    --out "$OUT/int4_mma.md" >"$OUT/int4_mma.log" 2>&1
+  r=$?; grep "^| \|FAILED\|rror" "$OUT/int4_mma.log" | tail -20; rc=$(( rc || r ))
+  for m in 0 1; do
+    VLLM_INT4_MMA=$m timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
+      --tokens ${MMA_LAYER_TOKENS:-1 4 16 64} --reps 30 --out "$OUT/int4_layer_mma$m.md" \
+      >"$OUT/int4_layer_mma$m.log" 2>&1
+    r=$?; echo "== int4 layer, VLLM_INT4_MMA=$m"; grep "^| \|FAILED\|rror" "$OUT/int4_layer_mma$m.log" | tail -12
+    rc=$(( rc || r ))
+  done
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1

@@ -25,6 +25,13 @@ from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_ids
 from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
+from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
+    MmaPlan,
+    default_split,
+    mma_block_m,
+    mma_weights_for,
+    stage_k,
+)
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -45,8 +52,9 @@ class MarlinExperts(Int4ExpertsBase):
               workspace13: torch.Tensor, workspace2: torch.Tensor, apply_router_weight_on_input: bool,
               lora_context: Optional["MoELoRAContext"] = None) -> None:
         from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
+        from vllm.model_executor.layers.fused_moe.config import MoEActivation
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import invoke_int4_mma_moe_gemm
         from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
-            can_fuse_epilogue,
             get_int4_moe_config,
             invoke_int4_moe_gemm,
             use_unsorted_int4_gemm,
@@ -71,24 +79,39 @@ class MarlinExperts(Int4ExpertsBase):
         ids = local_expert_ids(topk_ids, expert_map)
 
         unsorted = use_unsorted_int4_gemm(pairs, E_local)
-        cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype, sorted_pairs=not unsorted)
+        plan = self._mma_plan(pairs, E_local, unsorted, dtype)
+        if plan is None:  # the Triton kernels
+            cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype, sorted_pairs=not unsorted)
+            cfg2 = dataclasses.replace(  # one alignment for both GEMMs
+                get_int4_moe_config(pairs, E_local, H, N // 2 if activation.is_gated else N, qc.w2.group_size, dtype,
+                                    sorted_pairs=not unsorted),
+                block_size_m=cfg1.block_size_m)
+            bm, splits = cfg1.block_size_m, (cfg1.split_k, cfg2.split_k)
+
+            def gemm(stage: int, a: torch.Tensor, out: torch.Tensor, **kw: Any) -> None:
+                invoke_int4_moe_gemm(a, qc.w13 if stage == 1 else qc.w2, out, config=cfg1 if stage == 1 else cfg2, **kw)
+        else:  # the tensor-core kernel (csrc/capi/int4_mma_moe.cu)
+            bm, splits = plan.block_m, plan.splits
+
+            def gemm(stage: int, a: torch.Tensor, out: torch.Tensor, **kw: Any) -> None:
+                invoke_int4_mma_moe_gemm(a, plan.w13 if stage == 1 else plan.w2, out, block_m=bm,
+                                         split_k=splits[stage - 1], **kw)
         if unsorted:  # decode among many experts: one program per pair, no alignment launches
             route = dict(pair_expert_ids=ids.reshape(-1).to(torch.int32).contiguous())
         else:
-            align = moe_align_block_size(ids, cfg1.block_size_m, E_local)
+            align = moe_align_block_size(ids, bm, E_local)
             route = dict(sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
                          num_tokens_post_padded=align.num_tokens_post_padded)
         route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
         act_n = N // 2 if activation.is_gated else N
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
         routing = None
-        if lora_context is None and can_fuse_epilogue(cfg1, activation):
+        if lora_context is None and splits[0] > 1 and activation is not MoEActivation.SWIGLUOAI:
             # split K: the reduction of the splits applies the activation (one launch fewer)
-            invoke_int4_moe_gemm(hidden_states, qc.w13, act_out, top_k_in=top_k, config=cfg1,
-                                 epilogue_activation=activation, **route)
+            gemm(1, hidden_states, act_out, top_k_in=top_k, epilogue_activation=activation, **route)
         else:
             gemm1 = workspace13[: pairs * N].view(pairs, N)
-            invoke_int4_moe_gemm(hidden_states, qc.w13, gemm1, top_k_in=top_k, config=cfg1, **route)
+            gemm(1, hidden_states, gemm1, top_k_in=top_k, **route)
             if lora_context is not None:
                 routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
                                               topk_weights=topk_weights, expert_map=expert_map)
@@ -96,22 +119,41 @@ class MarlinExperts(Int4ExpertsBase):
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)
-        cfg2 = dataclasses.replace(  # one alignment for both GEMMs
-            get_int4_moe_config(pairs, E_local, H, act_n, qc.w2.group_size, dtype, sorted_pairs=not unsorted),
-            block_size_m=cfg1.block_size_m)
         weighted = not apply_router_weight_on_input
-        if lora_context is None and can_fuse_epilogue(cfg2):  # the split reduction sums the top-k too
-            invoke_int4_moe_gemm(act_out, qc.w2, output, top_k_in=1, topk_weights=topk_weights,
-                                 mul_routed_weight=weighted, config=cfg2, epilogue_top_k=top_k, **route)
+        if lora_context is None and splits[1] > 1:  # the split reduction sums the top-k too
+            gemm(2, act_out, output, top_k_in=1, topk_weights=topk_weights, mul_routed_weight=weighted,
+                 epilogue_top_k=top_k, **route)
             return
-        if expert_map is not None and cfg2.split_k == 1:
+        if expert_map is not None and splits[1] == 1:
             gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel
-        invoke_int4_moe_gemm(act_out, qc.w2, gemm2, top_k_in=1, topk_weights=topk_weights,
-                             mul_routed_weight=weighted, config=cfg2, **route)
+        gemm(2, act_out, gemm2, top_k_in=1, topk_weights=topk_weights, mul_routed_weight=weighted, **route)
         if lora_context is not None:
             self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
+
+    def _mma_plan(self, pairs: int, num_experts: int, unsorted: bool, dtype: torch.dtype) -> Optional[MmaPlan]:
+        """The tensor-core kernel's launch plan, when ``VLLM_INT4_MMA`` asks for it and it applies here (its
+        library built, the weights' format and dtype, few rows per expert); else None.  The repacked weights
+        are built on the first call (a warm-up, before any graph capture) and kept."""
+        from vllm import envs
+
+        if not envs.VLLM_INT4_MMA or not torch.cuda.is_available():
+            return None
+        qc = self.quant_config
+        if not hasattr(self, "_mma_weights"):  # decided once: repack, or None with the reason logged
+            self._mma_weights = mma_weights_for(qc.w13, qc.w2, dtype)
+        if self._mma_weights is None:
+            return None
+        bm = mma_block_m(pairs, num_experts, unsorted)
+        if bm is None:
+            return None
+        w13, w2 = self._mma_weights
+        blocks = pairs if unsorted else min(pairs, num_experts)
+        return MmaPlan(bm, w13, w2, (default_split(blocks, w13.packed.n, w13.packed.k, stage_k(w13.packed.k,
+                                                                                          w13.packed.group_size)),
+                                     default_split(blocks, w2.packed.n, w2.packed.k, stage_k(w2.packed.k,
+                                                                                       w2.packed.group_size))))
 
     # The large-batch path (``dequant_path.py``), run by TwoGemmExperts.apply.
     def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,

@@ -1,0 +1,227 @@
+"""The int4 (W4A16) grouped GEMM on tensor cores for few rows per expert: ``csrc/capi/int4_mma_moe.cu``.
+
+Same contract as ``invoke_int4_moe_gemm`` (sorted alignment or one block per pair, split-K partials
+added by the same reduction launch, which can apply the activation or the top-k sum), over the
+weights repacked by ``int4_mma_layout.repack_for_mma``.  The kernel: mma.sync m16n8k16 with the
+weight as operand A (16 output channels) and up to 8 or 16 of an expert's rows as operand B; the
+int4 codes become bf16 / fp16 ``bias + q`` by one LOP3 per two weights, minus ``bias + zero``
+exactly, and each scale group's fp32 sum is scaled once (the fp32 reference's arithmetic up to the
+summation order, one rounding at the store).  CUDA only, through ``vllm.platforms.cuda_lib``;
+act-order (``perm`` / ``g_idx``) weights are not taken (``mma_unsupported_reason``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
+from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_mma
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
+from vllm.platforms import cuda_lib
+
+logger = init_logger(__name__)
+
+BLOCK_N = 128  # output channels per CTA (8 warps x 16): the kernel's kRows
+STAGE_KS = (256, 128)  # the kernel's stage widths, widest first
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+_NUM_SMS = 132  # H100 SXM and H200
+MIN_CTAS_PER_SM = 2  # split K until the launch has this many CTAs per SM (the kernel's smem allows 2-3)
+# sorted launches: blocks of 8 rows up to this many expected pairs per touched expert, 16 up to the next;
+# beyond, MarlinExperts keeps the Triton kernels
+MMA_BM8_MAX_ROWS, MMA_MAX_ROWS = 4.0, 12.0
+
+
+@dataclass
+class Int4MmaWeight:
+    """``packed``'s weight in the tensor-core layout: ``words`` [E, N/16, K/64, 32, 4] int32, and its
+    scales / zeros / group (shared with ``packed``, not copied)."""
+
+    words: torch.Tensor
+    packed: Int4PackedWeight
+
+    @classmethod
+    def from_packed(cls, packed: Int4PackedWeight) -> "Int4MmaWeight":
+        return cls(repack_for_mma(packed.qweight), packed)
+
+
+@dataclass
+class MmaPlan:
+    """One MoE forward on the tensor-core kernel: rows per block (the alignment's block size), the two
+    repacked weights, and each GEMM's split-K."""
+
+    block_m: int
+    w13: Int4MmaWeight
+    w2: Int4MmaWeight
+    splits: Tuple[int, int]
+
+
+def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[int]:
+    """8 or 16 rows per block for a launch of ``num_pairs`` over ``num_experts`` (one pair per block when
+    unsorted), or None when experts expect more rows than the kernel is meant for."""
+    if unsorted:
+        return 8
+    rows = pairs_per_touched_expert(num_pairs, num_experts)
+    return 8 if rows <= MMA_BM8_MAX_ROWS else 16 if rows <= MMA_MAX_ROWS else None
+
+
+def mma_weights_for(w13: Int4PackedWeight, w2: Int4PackedWeight,
+                    dtype: torch.dtype) -> Optional[Tuple[Int4MmaWeight, Int4MmaWeight]]:
+    """Both projections repacked for the kernel, or None (the reason logged) where it cannot run them."""
+    if cuda_lib.library() is None:
+        return None
+    for name, w in (("w13", w13), ("w2", w2)):
+        reason = mma_unsupported_reason(w, dtype)
+        if reason:
+            logger.info("int4 experts stay on the Triton kernels: the tensor-core kernel cannot take %s (%s)",
+                        name, reason)
+            return None
+    logger.info("int4 experts: decode launches on the tensor-core kernel (csrc/capi/int4_mma_moe.cu)")
+    return Int4MmaWeight.from_packed(w13), Int4MmaWeight.from_packed(w2)
+
+
+def stage_k(K: int, group: int) -> Optional[int]:
+    """The widest stage (inputs per pipeline step) that tiles K and fits the group (group divides it or it
+    divides the group), or None."""
+    for bk in STAGE_KS:
+        if K % bk == 0 and group % 32 == 0 and (bk % group == 0 or group % bk == 0):
+            return bk
+    return None
+
+
+def mma_unsupported_reason(w: Int4PackedWeight, dtype: torch.dtype) -> Optional[str]:
+    """Why the tensor-core kernel cannot run ``w`` with ``dtype`` activations, or None when it can."""
+    if dtype not in _DTYPE_CODE:
+        return f"activations are {dtype}, the kernel takes bf16 / fp16"
+    if w.scales.dtype != dtype:
+        return f"scales are {w.scales.dtype}, the activations {dtype}"
+    if w.perm is not None or w.g_idx is not None:
+        return "act-order weights (perm / g_idx)"
+    if w.n % 16:
+        return f"N={w.n} is not a multiple of 16"
+    if stage_k(w.k, w.group_size) is None:
+        return f"K={w.k} with group {w.group_size}: needs K % 128 == 0 and a group of 32, 64, or a multiple of 128"
+    if w.scales.stride(2) != 1 or (w.zeros is not None and w.zeros.stride(2) != 1):
+        return "scales / zeros rows are not contiguous"
+    return None
+
+
+def default_split(num_blocks: int, N: int, K: int, bk: int) -> int:
+    """Split K (powers of two, at most one stage per split) until there are MIN_CTAS_PER_SM CTAs per SM."""
+    ctas = num_blocks * -(-N // BLOCK_N)
+    split, stages = 1, K // bk
+    while ctas * split < MIN_CTAS_PER_SM * _NUM_SMS and split * 2 <= stages:
+        split *= 2
+    return split
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tensor, *, top_k_in: int, block_m: int,
+                             sorted_token_ids: Optional[torch.Tensor] = None,
+                             block_expert_ids: Optional[torch.Tensor] = None,
+                             num_tokens_post_padded: Optional[torch.Tensor] = None,
+                             pair_expert_ids: Optional[torch.Tensor] = None,
+                             topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
+                             split_k: Optional[int] = None, stage: Optional[int] = None,
+                             split_buffer: Optional[torch.Tensor] = None, may_drop_pairs: bool = True,
+                             epilogue_activation: Optional[MoEActivation] = None, epilogue_top_k: int = 0) -> None:
+    """Write every routed pair's row of ``out`` [num_rows * top_k_in, N] (or, with an epilogue, the
+    activation / top-k sum of them): ``invoke_int4_moe_gemm``'s contract, with ``block_m`` (8 or 16) the
+    alignment's block size (unsorted: ``pair_expert_ids``, one block per pair).  ``split_k`` / ``stage``:
+    None = the defaults (``default_split``, ``stage_k``)."""
+    lib = cuda_lib.library()
+    if lib is None:
+        raise RuntimeError("the CUDA C++ int4 kernel is not available here (see the log); use invoke_int4_moe_gemm")
+    p = w.packed
+    reason = mma_unsupported_reason(p, a.dtype)
+    if reason:
+        raise ValueError(f"the tensor-core int4 kernel cannot run this weight: {reason}")
+    E, N, K = p.num_experts, p.n, p.k
+    if a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1 or a.stride(0) % 8:
+        raise ValueError(f"a must be [rows, {K}] with unit column stride and 16-byte aligned rows")
+    if block_m not in (8, 16):
+        raise ValueError(f"block_m={block_m}: the kernel takes blocks of 8 or 16 rows")
+    num_pairs = a.shape[0] * top_k_in
+    bk = stage or stage_k(K, p.group_size)
+    if bk not in STAGE_KS or K % bk or not (bk % p.group_size == 0 or p.group_size % bk == 0):
+        raise ValueError(f"stage={bk} does not tile K={K} with group {p.group_size}")
+    sorted_mode = pair_expert_ids is None
+    if sorted_mode:
+        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
+            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
+        EM = sorted_token_ids.numel()
+        if EM % block_m or block_expert_ids.numel() != EM // block_m:
+            raise ValueError(f"alignment does not match block_m={block_m}")
+        num_blocks = min(EM // block_m, -(-num_pairs // block_m) + min(num_pairs, E))
+        expert_ids = block_expert_ids
+    else:
+        if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
+                or not pair_expert_ids.is_contiguous():
+            raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
+        num_blocks, expert_ids = num_pairs, pair_expert_ids
+    split = split_k or default_split(min(num_blocks, E) if sorted_mode else num_blocks, N, K, bk)
+    split = max(1, min(split, K // bk))
+    act_code, rows, out_shape = -1, 1, (num_pairs, N)
+    if epilogue_activation is not None or epilogue_top_k:
+        if split == 1 or epilogue_activation is MoEActivation.SWIGLUOAI or (epilogue_activation and epilogue_top_k):
+            raise ValueError("a fused epilogue needs split_k > 1 and one of: an activation other than swigluoai, "
+                             "or a top-k sum")
+        if epilogue_activation is not None:
+            act_code = _act_code(epilogue_activation)
+            out_shape = (num_pairs, N // 2 if epilogue_activation.is_gated else N)
+        else:
+            rows, out_shape = epilogue_top_k, (num_pairs // epilogue_top_k, N)
+    if tuple(out.shape) != out_shape or out.dtype != a.dtype:
+        raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
+    unaligned = [name for name, t in (("a", a), ("scales", p.scales), ("zeros", p.zeros), ("words", w.words))
+                 if t is not None and (t.data_ptr() % 16 or any(st % (16 // t.element_size())
+                                                                 for st in t.stride()[:-1]))]
+    if unaligned:
+        raise ValueError(f"the kernel copies 16-byte pieces: {', '.join(unaligned)} must start and have rows "
+                         "on 16-byte boundaries")
+    if mul_routed_weight:
+        if topk_weights is None or topk_weights.numel() != num_pairs:
+            raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
+        tw = topk_weights.reshape(-1)
+        if tw.dtype != torch.float32 or not tw.is_contiguous():
+            tw = tw.float().contiguous()  # graph-safe: a fresh tensor from the captured pool, no host sync
+    else:
+        tw = None
+    if num_pairs == 0 or N == 0 or num_blocks == 0:
+        return
+    if split > 1:
+        need = split * num_pairs * N
+        if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32:
+            split_buffer = torch.empty(need, dtype=torch.float32, device=a.device)
+        target = split_buffer[:need].view(split, num_pairs, N)
+        if may_drop_pairs:
+            target.zero_()
+        t_os, t_om, fp32 = target.stride(0), target.stride(1), 1
+    else:
+        if out.stride(1) != 1:
+            raise ValueError("out must have unit column stride")
+        target, t_os, t_om, fp32 = out, 0, out.stride(0), 0
+    err = lib.vllm_int4_mma_moe_gemm(
+        _DTYPE_CODE[a.dtype], a.data_ptr(), a.stride(0), w.words.data_ptr(), w.words.stride(0),
+        p.scales.data_ptr(), p.scales.stride(0), p.scales.stride(1),
+        _ptr(p.zeros), p.zeros.stride(0) if p.zeros is not None else 0, p.zeros.stride(1) if p.zeros is not None else 0,
+        target.data_ptr(), t_os, t_om, fp32, _ptr(tw),
+        _ptr(sorted_token_ids) if sorted_mode else None, expert_ids.data_ptr(),
+        _ptr(num_tokens_post_padded) if sorted_mode else None,
+        num_blocks, block_m, num_pairs, top_k_in, N, K, p.group_size, bk, split,
+        torch.cuda.current_stream(a.device).cuda_stream)
+    cuda_lib.check(lib, err, "int4_mma_moe_gemm")
+    if split > 1:
+        from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _split_k_reduce_kernel
+
+        block = 1024
+        _split_k_reduce_kernel[(-(-out.numel() // block),)](
+            target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
+            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block)
