@@ -34,7 +34,7 @@ TOLERANCE = 2e-2  # bf16, normalised max error against the fp32 reference
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--no-sweep", action="store_true", help="only the default split")
     bt.add_run_args(p, smoke="not available: the kernel is CUDA only")
@@ -64,9 +64,10 @@ def main() -> None:
     from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
         STAGE_KS,
         Int4MmaWeight,
-        default_split,
+        _stage_fits,
         invoke_int4_mma_moe_gemm,
-        stage_k,
+        launch_shape,
+        mma_block_m,
     )
     from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import (
         get_int4_moe_config,
@@ -95,8 +96,7 @@ def main() -> None:
             pairs = M * top_k
             touched = int(torch.unique(ids).numel())
             unsorted = use_unsorted_int4_gemm(pairs, E)
-            per_expert = pairs / touched
-            bm = 8 if per_expert <= 8 else 16
+            bm = mma_block_m(pairs, E, unsorted) or 64
             al_mma = None if unsorted else moe_align_block_size(ids, bm, E)
             for gname, w in weights.items():
                 N, K = w.n, w.k
@@ -134,12 +134,12 @@ def main() -> None:
                         sys.exit(f"CORRECTNESS FAILED: {name} {M} tokens {gname} {label}: error {err:.2e}")
                 t_tri = bt.time_cuda(triton_run, flush, reps, True)[0]
                 t_def = bt.time_cuda(mma_run, flush, reps, True)[0]
-                nb = pairs if unsorted else min(touched, E)
-                best, best_cfg = t_def, f"split {default_split(nb, N, K, stage_k(K, w.group_size))} (default)"
+                nb = pairs if unsorted else min(pairs, E)
+                d_stage, d_split = launch_shape(nb, N, K, w.group_size, 8 if unsorted else bm)
+                best, best_cfg = t_def, f"split {d_split}, stage {d_stage} (default)"
                 if not args.no_sweep:
                     for stage in STAGE_KS:
-                        if stage_k(K, w.group_size) is None or K % stage or (stage % w.group_size
-                                                                              and w.group_size % stage):
+                        if not _stage_fits(stage, K, w.group_size) or (bm > 16 and not unsorted and stage != 128):
                             continue
                         for split in (1, 2, 4, 8, 16):
                             if split > K // stage:

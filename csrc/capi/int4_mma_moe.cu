@@ -198,18 +198,19 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
     w_ok[i] = rt * 16 < rows_here;
     w_src[i] = w_ok[i] ? qw_e + (long long)(n0 / 16 + rt) * k_chunks * 32 + rem : qw_e;
   }
-  const T* a_src[kAPer];
-  int a_dst[kAPer];
-  bool a_has[kAPer], a_ok[kAPer];
+  // activation pieces: kept per thread for narrow blocks; wide ones (32, 64 rows) recompute them per stage
+  // from the row table in shared memory (registers)
+  constexpr bool kCacheA = kAPer <= 2;
+  const T* a_src[kCacheA ? kAPer : 1];
+  bool a_ok[kCacheA ? kAPer : 1];
+  if constexpr (kCacheA) {
 #pragma unroll
-  for (int i = 0; i < kAPer; ++i) {
-    const int piece = tid + i * kThreads;
-    a_has[i] = piece < kAPieces;
-    const int r = piece / (kBK / 8), c = piece % (kBK / 8);
-    const int row = a_has[i] ? s_row[r] : -1;
-    a_ok[i] = row >= 0;
-    a_src[i] = a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + c * 8;
-    a_dst[i] = L::kWBytes + (r * (kBK + kAPad) + c * 8) * 2;
+    for (int i = 0; i < kAPer; ++i) {
+      const int piece = tid + i * kThreads;
+      const int row = piece < kAPieces ? s_row[piece / (kBK / 8)] : -1;
+      a_ok[i] = row >= 0;
+      a_src[i] = a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + (piece % (kBK / 8)) * 8;
+    }
   }
   // scales on threads [0, kSPieces), zeros on [kSPieces, kSPieces + kZPieces)
   const bool s_has = tid < kSPieces;
@@ -240,8 +241,18 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
     for (int i = 0; i < kWPer; ++i)
       cp_async16(base + (tid + i * kThreads) * 16, w_src[i] + (w_ok[i] ? st * (kBK / 64) * 32 : 0), w_ok[i]);
 #pragma unroll
-    for (int i = 0; i < kAPer; ++i)
-      if (a_has[i]) cp_async16(base + a_dst[i], a_src[i] + st * kBK, a_ok[i]);
+    for (int i = 0; i < kAPer; ++i) {
+      const int piece = tid + i * kThreads;
+      if (piece >= kAPieces) continue;
+      const int r = piece / (kBK / 8), c = piece % (kBK / 8);
+      uint8_t* dst = base + L::kWBytes + (r * (kBK + kAPad) + c * 8) * 2;
+      if constexpr (kCacheA) {
+        cp_async16(dst, a_src[i] + st * kBK, a_ok[i]);
+      } else {
+        const int row = s_row[r];
+        cp_async16(dst, a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + st * kBK + c * 8, row >= 0);
+      }
+    }
     if (s_has || z_has) {
       const long long grp = ld_grp;
       if (s_has) cp_async16(base + sz_dst, s_src + (sz_ok ? grp * p.stride_sg : 0), sz_ok);
@@ -254,8 +265,9 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
     }
   };
 
-  // part: the current group's sums, two chains (even / odd 16-input tiles) so that consecutive MMAs
-  // do not wait for each other
+  // part: the current group's sums; with one or two n8 tiles two chains (even / odd 16-input tiles) so
+  // that consecutive MMAs do not wait for each other (wider blocks have independent tiles already)
+  constexpr int kChains = NT >= 4 ? 1 : 2;
   float acc[NT][4], part[2][NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -295,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
       for (int n = 0; n < NT; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          acc[n][i] += (i < 2 ? s_lo : s_hi) * (part[0][n][i] + part[1][n][i]);
+          acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
           part[0][n][i] = part[1][n][i] = 0.f;
         }
       }
@@ -328,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
           const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
           const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
           const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
-          Act<T>::mma(part[j & 1][n], af, b0, b1);
+          Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
         }
       }
     }
@@ -338,7 +350,8 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] += (i < 2 ? s_lo : s_hi) * (part[0][n][i] + part[1][n][i]);
+    for (int i = 0; i < 4; ++i)
+      acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
 
   const int col_lo = n0 + warp * 16 + g;
 #pragma unroll
@@ -379,13 +392,15 @@ cudaError_t launch(const Args& p, int num_blocks, int split, cudaStream_t stream
 
 template <typename T, int BM, bool HAS_ZEROS>
 cudaError_t by_group(const Args& p, int bk, int g16, int num_blocks, int split, cudaStream_t stream) {
-  if (bk == 256) {
+  if constexpr (BM <= 16) {
+    if (bk == 256) {
     switch (g16) {
       case 0: return launch<T, BM, 256, 0, HAS_ZEROS>(p, num_blocks, split, stream);
       case 2: return launch<T, BM, 256, 2, HAS_ZEROS>(p, num_blocks, split, stream);
       case 4: return launch<T, BM, 256, 4, HAS_ZEROS>(p, num_blocks, split, stream);
       case 8: return launch<T, BM, 256, 8, HAS_ZEROS>(p, num_blocks, split, stream);
       default: return cudaErrorInvalidValue;
+    }
     }
   }
   if (bk == 128) {
@@ -406,6 +421,11 @@ cudaError_t by_shape(const Args& p, int bm, int bk, int g16, int num_blocks, int
                         : by_group<T, 8, false>(p, bk, g16, num_blocks, split, stream);
   if (bm == 16) return z ? by_group<T, 16, true>(p, bk, g16, num_blocks, split, stream)
                          : by_group<T, 16, false>(p, bk, g16, num_blocks, split, stream);
+  if (bk != 128) return cudaErrorInvalidValue;  // wider blocks: 128-wide stages only (shared memory)
+  if (bm == 32) return z ? by_group<T, 32, true>(p, bk, g16, num_blocks, split, stream)
+                         : by_group<T, 32, false>(p, bk, g16, num_blocks, split, stream);
+  if (bm == 64) return z ? by_group<T, 64, true>(p, bk, g16, num_blocks, split, stream)
+                         : by_group<T, 64, false>(p, bk, g16, num_blocks, split, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -418,8 +438,8 @@ const char* vllm_capi_error_string(int err) { return cudaGetErrorString(static_c
 // The CTA's output channels, for the Python side's grid.
 int vllm_int4_mma_block_n() { return kRows; }
 
-// Returns a cudaError_t (0 = launched).  dtype: 0 bf16, 1 fp16.  bm: 8 or 16 rows per block.  bk: the
-// stage width, 128 or 256.  Requirements (checked by the caller): N % 16 == 0, K % bk == 0, group a
+// Returns a cudaError_t (0 = launched).  dtype: 0 bf16, 1 fp16.  bm: 8, 16, 32 or 64 rows per block.
+// bk: the stage width, 128 or 256 (32 and 64 rows: 128).  Requirements (checked by the caller): N % 16 == 0, K % bk == 0, group a
 // multiple of 32 that divides bk or is a multiple of it, split <= K / bk, rows of every tensor
 // 16-byte aligned.
 int vllm_int4_mma_moe_gemm(int dtype, const void* a, long long stride_am, const void* qw, long long stride_qe,

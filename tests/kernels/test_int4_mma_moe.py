@@ -15,6 +15,7 @@ from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
     Int4MmaWeight,
     default_split,
     invoke_int4_mma_moe_gemm,
+    mma_block_m,
     mma_unsupported_reason,
     stage_k,
 )
@@ -37,10 +38,16 @@ def test_layout_roundtrip_and_fragment_positions():
 
 
 def test_stage_and_split_choices():
-    assert stage_k(2048, 128) == 256 and stage_k(1408, 128) == 128 and stage_k(768, 768) == 256
+    assert stage_k(2048, 128, 8, 96) == 256 and stage_k(1408, 128) == 128 and stage_k(768, 768) == 128
+    assert stage_k(2048, 128, 8, 384) == 128  # 128-wide stages hold 3 CTAs per SM: one wave instead of two
+    assert stage_k(4096, 128, 32, 96) == 128  # 32+ rows: 128 (shared memory)
     assert stage_k(1152, 384) == 128 and stage_k(96, 32) is None and stage_k(512, 16) is None
-    assert default_split(8, 1536, 2048, 256) == 4  # 96 CTAs: split until >= 264
+    assert default_split(8, 1536, 2048, 256) == 1  # 96 CTAs, but a split would hold < 2048 inputs
+    assert default_split(2, 4096, 14336, 256) == 4  # 64 CTAs -> 256, splits of 3584 inputs
     assert default_split(256, 4096, 4096, 256) == 1
+    assert mma_block_m(8, 128, True) == 8 and mma_block_m(128, 128, False) == 8  # ~1.6 pairs per expert
+    assert mma_block_m(32, 8, False) == 8 and mma_block_m(128, 8, False) == 32 and mma_block_m(2048, 128, False) == 32
+    assert mma_block_m(512, 8, False) == 64 and mma_block_m(1024, 8, False) is None
 
 
 def test_unsupported_reasons():
@@ -60,7 +67,7 @@ def _ids(rows, top_k, E, seed):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(-1, E, (rows, top_k), generator=gen).to(torch.int32)
     flat = ids.view(-1)
-    flat[: min(20, flat.numel() // 2)] = 0
+    flat[: min(20, flat.numel() // 2)] = 0  # several blocks of 8 / 16, one of 32
     flat[flat == 1] = 2  # expert 1: no pair
     flat[-2] = E - 1
     flat[-1] = -1
@@ -86,7 +93,7 @@ def _run(a, mw, ids, tw, top_k, mode, split, weighted):
     if mode == "unsorted":
         invoke_int4_mma_moe_gemm(a, mw, out, block_m=8, pair_expert_ids=ids.reshape(-1).contiguous(), **kw)
     else:
-        bm = 8 if mode == "sorted8" else 16
+        bm = int(mode[len("sorted"):])
         al = moe_align_block_size(ids, bm, mw.packed.num_experts)
         invoke_int4_mma_moe_gemm(a, mw, out, block_m=bm, sorted_token_ids=al.sorted_token_ids,
                                  block_expert_ids=al.block_expert_ids,
@@ -97,7 +104,7 @@ def _run(a, mw, ids, tw, top_k, mode, split, weighted):
 # (rows, top_k, E, N, K, group, has_zeros, mode, split, weighted)
 CASES = [
     (3, 2, 8, 128, 256, 128, True, "unsorted", 1, True),
-    (3, 2, 8, 128, 256, 128, False, "unsorted", 2, False),
+    (3, 2, 8, 128, 512, 128, False, "unsorted", 2, False),
     (16, 4, 8, 256, 512, 128, True, "sorted8", 1, True),  # expert 0: 20 pairs, three blocks of 8
     (16, 4, 8, 384, 768, 64, False, "sorted16", 3, False),  # group 64, 3 stages of 256 over 3 splits
     (9, 2, 5, 80, 384, 32, True, "sorted8", 2, True),  # N = 80: a CTA with 5 of 8 row tiles; stage 128, group 32
@@ -105,7 +112,10 @@ CASES = [
     (7, 2, 4, 64, 1024, 512, True, "sorted16", 4, True),
     (5, 2, 4, 32, 1024, 256, True, "unsorted", 4, True),  # group = stage
     (64, 8, 16, 256, 1024, 128, True, "sorted16", 1, True),
-    (64, 8, 16, 256, 2048, 128, False, "sorted8", 8, False),  # more splits than... one stage each
+    (64, 8, 16, 256, 2048, 128, False, "sorted8", 8, False),  # one 256-wide stage per split
+    (40, 4, 8, 256, 512, 128, True, "sorted32", 1, True),  # expert 0: 20 pairs in one block
+    (96, 4, 4, 128, 1024, 64, True, "sorted64", 2, False),  # ~96 pairs per expert: two blocks of 64
+    (96, 4, 8, 384, 384, 32, False, "sorted64", 1, True),
 ]
 
 

@@ -30,7 +30,7 @@ def _experts(layer):
 
 
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
-@pytest.mark.parametrize("M", [1, 4, 16, 40])
+@pytest.mark.parametrize("M", [1, 4, 16, 40, 96])  # blocks of 8, 8, 8, 16, 64 rows
 def test_mma_layer_matches_reference(scheme, M, mma_calls):
     E, top_k, H, I, group = 16, 4, 256, 384, 128
     gen = torch.Generator().manual_seed(M + len(scheme))

@@ -27,10 +27,9 @@ from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4E
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
     MmaPlan,
-    default_split,
+    launch_shape,
     mma_block_m,
     mma_weights_for,
-    stage_k,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +68,9 @@ class MarlinExperts(Int4ExpertsBase):
         if pairs == 0:
             output.zero_()
             return
-        if take_dequant_path(pairs, E_local, "int4", hidden_states.device):
+        unsorted = use_unsorted_int4_gemm(pairs, E_local)
+        plan = self._mma_plan(pairs, E_local, unsorted, hidden_states.dtype)
+        if plan is None and take_dequant_path(pairs, E_local, "int4", hidden_states.device):
             # TwoGemmExperts.apply: the same steps and LoRA seams, its GEMMs are _gemm below
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
                                  global_num_experts=global_num_experts, expert_map=expert_map, a1q_scale=a1q_scale,
@@ -78,8 +79,6 @@ class MarlinExperts(Int4ExpertsBase):
         dtype = hidden_states.dtype
         ids = local_expert_ids(topk_ids, expert_map)
 
-        unsorted = use_unsorted_int4_gemm(pairs, E_local)
-        plan = self._mma_plan(pairs, E_local, unsorted, dtype)
         if plan is None:  # the Triton kernels
             cfg1 = get_int4_moe_config(pairs, E_local, N, H, qc.w13.group_size, dtype, sorted_pairs=not unsorted)
             cfg2 = dataclasses.replace(  # one alignment for both GEMMs
@@ -95,7 +94,7 @@ class MarlinExperts(Int4ExpertsBase):
 
             def gemm(stage: int, a: torch.Tensor, out: torch.Tensor, **kw: Any) -> None:
                 invoke_int4_mma_moe_gemm(a, plan.w13 if stage == 1 else plan.w2, out, block_m=bm,
-                                         split_k=splits[stage - 1], **kw)
+                                         split_k=splits[stage - 1], stage=plan.stages[stage - 1], **kw)
         if unsorted:  # decode among many experts: one program per pair, no alignment launches
             route = dict(pair_expert_ids=ids.reshape(-1).to(torch.int32).contiguous())
         else:
@@ -150,10 +149,8 @@ class MarlinExperts(Int4ExpertsBase):
             return None
         w13, w2 = self._mma_weights
         blocks = pairs if unsorted else min(pairs, num_experts)
-        return MmaPlan(bm, w13, w2, (default_split(blocks, w13.packed.n, w13.packed.k, stage_k(w13.packed.k,
-                                                                                          w13.packed.group_size)),
-                                     default_split(blocks, w2.packed.n, w2.packed.k, stage_k(w2.packed.k,
-                                                                                       w2.packed.group_size))))
+        shapes = [launch_shape(blocks, w.packed.n, w.packed.k, w.packed.group_size, bm) for w in (w13, w2)]
+        return MmaPlan(bm, w13, w2, (shapes[0][1], shapes[1][1]), (shapes[0][0], shapes[1][0]))
 
     # The large-batch path (``dequant_path.py``), run by TwoGemmExperts.apply.
     def _route(self, ids: torch.Tensor, pairs: int, num_experts: int, N: int, K: int, act_n: int,

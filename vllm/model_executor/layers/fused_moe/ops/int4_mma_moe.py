@@ -30,10 +30,13 @@ BLOCK_N = 128  # output channels per CTA (8 warps x 16): the kernel's kRows
 STAGE_KS = (256, 128)  # the kernel's stage widths, widest first
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 _NUM_SMS = 132  # H100 SXM and H200
-MIN_CTAS_PER_SM = 2  # split K until the launch has this many CTAs per SM (the kernel's smem allows 2-3)
-# sorted launches: blocks of 8 rows up to this many expected pairs per touched expert, 16 up to the next;
-# beyond, MarlinExperts keeps the Triton kernels
-MMA_BM8_MAX_ROWS, MMA_MAX_ROWS = 4.0, 12.0
+MIN_CTAS_PER_SM = 2  # split K until the launch has this many CTAs per SM (2 fit at the 256-wide stage) ...
+MIN_SPLIT_K = 2048  # ... while each split keeps at least this many inputs (H200: shorter splits lost, 15th session)
+BLOCK_MS = (8, 16, 32, 64)  # rows per block the kernel takes (32 and 64: 128-wide stages)
+# sorted launches: the smallest block of at least 1.5x the expected pairs per touched expert (room for the
+# spread), up to this many expected pairs; beyond, MarlinExperts keeps the Triton kernels / dequant path
+MMA_MAX_ROWS = 64.0
+_SLOTS = {256: 2 * _NUM_SMS, 128: 3 * _NUM_SMS}  # resident CTAs (shared memory / registers) per stage width
 
 
 @dataclass
@@ -58,15 +61,18 @@ class MmaPlan:
     w13: Int4MmaWeight
     w2: Int4MmaWeight
     splits: Tuple[int, int]
+    stages: Tuple[int, int]
 
 
 def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[int]:
-    """8 or 16 rows per block for a launch of ``num_pairs`` over ``num_experts`` (one pair per block when
-    unsorted), or None when experts expect more rows than the kernel is meant for."""
+    """Rows per block (``BLOCK_MS``) for a launch of ``num_pairs`` over ``num_experts`` (8: one pair per block
+    when unsorted), or None when experts expect more rows than ``MMA_MAX_ROWS``."""
     if unsorted:
         return 8
     rows = pairs_per_touched_expert(num_pairs, num_experts)
-    return 8 if rows <= MMA_BM8_MAX_ROWS else 16 if rows <= MMA_MAX_ROWS else None
+    if rows > MMA_MAX_ROWS:
+        return None
+    return next((bm for bm in BLOCK_MS if bm >= 1.5 * rows), BLOCK_MS[-1])
 
 
 def mma_weights_for(w13: Int4PackedWeight, w2: Int4PackedWeight,
@@ -84,13 +90,20 @@ def mma_weights_for(w13: Int4PackedWeight, w2: Int4PackedWeight,
     return Int4MmaWeight.from_packed(w13), Int4MmaWeight.from_packed(w2)
 
 
-def stage_k(K: int, group: int) -> Optional[int]:
-    """The widest stage (inputs per pipeline step) that tiles K and fits the group (group divides it or it
-    divides the group), or None."""
-    for bk in STAGE_KS:
-        if K % bk == 0 and group % 32 == 0 and (bk % group == 0 or group % bk == 0):
-            return bk
-    return None
+def _stage_fits(bk: int, K: int, group: int) -> bool:
+    return K % bk == 0 and group % 32 == 0 and (bk % group == 0 or group % bk == 0)
+
+
+def stage_k(K: int, group: int, block_m: int = 8, ctas: int = 0) -> Optional[int]:
+    """The stage width (inputs per pipeline step): one that tiles K and fits the group (divides it or is a
+    multiple of it), or None.  256 where K >= 2048 and the launch fills the resident slots no worse than
+    128's (H200, fifteenth session: 128 won at K = 768 and where its third CTA per SM saved a wave);
+    blocks of 32+ rows: 128 (shared memory)."""
+    if not _stage_fits(128, K, group):
+        return None
+    wide = (block_m <= 16 and K >= 2048 and _stage_fits(256, K, group)
+            and -(-ctas // _SLOTS[256]) <= -(-ctas // _SLOTS[128]))
+    return 256 if wide else 128
 
 
 def mma_unsupported_reason(w: Int4PackedWeight, dtype: torch.dtype) -> Optional[str]:
@@ -110,13 +123,24 @@ def mma_unsupported_reason(w: Int4PackedWeight, dtype: torch.dtype) -> Optional[
     return None
 
 
+def ctas_of(num_blocks: int, N: int) -> int:
+    return num_blocks * -(-N // BLOCK_N)
+
+
 def default_split(num_blocks: int, N: int, K: int, bk: int) -> int:
-    """Split K (powers of two, at most one stage per split) until there are MIN_CTAS_PER_SM CTAs per SM."""
-    ctas = num_blocks * -(-N // BLOCK_N)
-    split, stages = 1, K // bk
-    while ctas * split < MIN_CTAS_PER_SM * _NUM_SMS and split * 2 <= stages:
+    """Split K (powers of two) until there are MIN_CTAS_PER_SM CTAs per SM, keeping >= MIN_SPLIT_K inputs
+    (and whole stages) per split."""
+    ctas, split = ctas_of(num_blocks, N), 1
+    while ctas * split < MIN_CTAS_PER_SM * _NUM_SMS and K // (split * 2) >= MIN_SPLIT_K \
+            and (K // bk) % (split * 2) == 0:
         split *= 2
     return split
+
+
+def launch_shape(num_blocks: int, N: int, K: int, group: int, block_m: int) -> Tuple[int, int]:
+    """(stage width, split-K) the defaults give one launch."""
+    bk = stage_k(K, group, block_m, ctas_of(num_blocks, N))
+    return bk, default_split(num_blocks, N, K, bk)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -146,12 +170,9 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
     E, N, K = p.num_experts, p.n, p.k
     if a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1 or a.stride(0) % 8:
         raise ValueError(f"a must be [rows, {K}] with unit column stride and 16-byte aligned rows")
-    if block_m not in (8, 16):
-        raise ValueError(f"block_m={block_m}: the kernel takes blocks of 8 or 16 rows")
     num_pairs = a.shape[0] * top_k_in
-    bk = stage or stage_k(K, p.group_size)
-    if bk not in STAGE_KS or K % bk or not (bk % p.group_size == 0 or p.group_size % bk == 0):
-        raise ValueError(f"stage={bk} does not tile K={K} with group {p.group_size}")
+    if block_m not in BLOCK_MS:
+        raise ValueError(f"block_m={block_m}: the kernel takes blocks of {BLOCK_MS} rows")
     sorted_mode = pair_expert_ids is None
     if sorted_mode:
         if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
@@ -166,7 +187,11 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
                 or not pair_expert_ids.is_contiguous():
             raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
         num_blocks, expert_ids = num_pairs, pair_expert_ids
-    split = split_k or default_split(min(num_blocks, E) if sorted_mode else num_blocks, N, K, bk)
+    est_blocks = min(num_blocks, E) if sorted_mode else num_blocks
+    bk = stage or stage_k(K, p.group_size, block_m, ctas_of(est_blocks, N))
+    if bk not in STAGE_KS or not _stage_fits(bk, K, p.group_size) or (block_m > 16 and bk != 128):
+        raise ValueError(f"stage={bk} does not tile K={K} with group {p.group_size} (blocks of 32+ rows: 128)")
+    split = split_k or default_split(est_blocks, N, K, bk)
     split = max(1, min(split, K // bk))
     act_code, rows, out_shape = -1, 1, (num_pairs, N)
     if epilogue_activation is not None or epilogue_top_k:
