@@ -122,6 +122,7 @@ struct Args {
   int num_pairs, top_k_in, N, K, group, n_tiles, stages_per_split, out_fp32;
   int group_stages;  // group / 128 when the group spans whole stages (G16 == 0), else 1
   uint32_t magic;  // Act<T>::kMagic, passed at run time so that it stays in a register
+  int pdl;  // launched with programmatic dependent launch: wait for the previous kernel first
 };
 
 template <typename T, int BM, int BK, int G16, bool HAS_ZEROS>
@@ -147,6 +148,13 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
   int32_t* s_pair = reinterpret_cast<int32_t*>(smem + kStages * L::kStageBytes);
   int32_t* s_row = s_pair + BM;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (p.pdl) {  // the previous kernel's writes (activations, routing) are visible after this; then let the
+                // next kernel launch (it waits for this one in turn), as vllm/.../ops/_pdl.py's pdl_wait
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  }
+#endif
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int block = blockIdx.x / p.n_tiles, n_tile = blockIdx.x % p.n_tiles;
   const int n0 = n_tile * kRows;
@@ -385,9 +393,20 @@ cudaError_t launch(const Args& p, int num_blocks, int split, cudaStream_t stream
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  dim3 grid(num_blocks * p.n_tiles, split);
-  kernel<<<grid, kThreads, L::kSmem, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(num_blocks * p.n_tiles, split);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = L::kSmem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (p.pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, p);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 template <typename T, int BM, bool HAS_ZEROS>
@@ -441,14 +460,14 @@ int vllm_int4_mma_block_n() { return kRows; }
 // Returns a cudaError_t (0 = launched).  dtype: 0 bf16, 1 fp16.  bm: 8, 16, 32 or 64 rows per block.
 // bk: the stage width, 128 or 256 (32 and 64 rows: 128).  Requirements (checked by the caller): N % 16 == 0, K % bk == 0, group a
 // multiple of 32 that divides bk or is a multiple of it, split <= K / bk, rows of every tensor
-// 16-byte aligned.
+// 16-byte aligned.  pdl: launch with programmatic dependent launch (sm_90+).
 int vllm_int4_mma_moe_gemm(int dtype, const void* a, long long stride_am, const void* qw, long long stride_qe,
                            const void* scales, long long stride_se, long long stride_sg, const void* zeros,
                            long long stride_ze, long long stride_zg, void* out, long long stride_os,
                            long long stride_om, int out_fp32, const float* topk_weights,
                            const int32_t* sorted_ids, const int32_t* block_expert,
                            const int32_t* num_post_padded, int num_blocks, int bm, int num_pairs,
-                           int top_k_in, int N, int K, int group, int bk, int split, void* stream) {
+                           int top_k_in, int N, int K, int group, int bk, int split, int pdl, void* stream) {
   Args p;
   p.a = a;
   p.stride_am = stride_am;
@@ -478,6 +497,7 @@ int vllm_int4_mma_moe_gemm(int dtype, const void* a, long long stride_am, const 
   p.out_fp32 = out_fp32;
   const int g16 = group < bk ? group / 16 : 0;
   p.group_stages = group < bk ? 1 : group / bk;
+  p.pdl = pdl;
   p.magic = dtype == 0 ? Act<__nv_bfloat16>::kMagic : Act<__half>::kMagic;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == 0) return by_shape<__nv_bfloat16>(p, bm, bk, g16, num_blocks, split, s);

@@ -23,6 +23,7 @@ from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.platforms import cuda_lib
+from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
 
 logger = init_logger(__name__)
 
@@ -233,6 +234,7 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
         if out.stride(1) != 1:
             raise ValueError("out must have unit column stride")
         target, t_os, t_om, fp32 = out, 0, out.stride(0), 0
+    pdl = pdl_launch_kwargs(a.device, enabled=PDL_4BIT)  # the int4 launchers' switch (vllm/platforms/pdl.py)
     err = lib.vllm_int4_mma_moe_gemm(
         _DTYPE_CODE[a.dtype], a.data_ptr(), a.stride(0), w.words.data_ptr(), w.words.stride(0),
         p.scales.data_ptr(), p.scales.stride(0), p.scales.stride(1),
@@ -240,7 +242,7 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
         target.data_ptr(), t_os, t_om, fp32, _ptr(tw),
         _ptr(sorted_token_ids) if sorted_mode else None, expert_ids.data_ptr(),
         _ptr(num_tokens_post_padded) if sorted_mode else None,
-        num_blocks, block_m, num_pairs, top_k_in, N, K, p.group_size, bk, split,
+        num_blocks, block_m, num_pairs, top_k_in, N, K, p.group_size, bk, split, int(pdl["USE_PDL"]),
         torch.cuda.current_stream(a.device).cuda_stream)
     cuda_lib.check(lib, err, "int4_mma_moe_gemm")
     if split > 1:
@@ -249,4 +251,4 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
         block = 1024
         _split_k_reduce_kernel[(-(-out.numel() // block),)](
             target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
-            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block)
+            out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block, **pdl)
