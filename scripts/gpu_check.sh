@@ -220,6 +220,12 @@ if [[ " $steps " == *" int4mma "* ]]; then
   timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py ${MMA_ARGS:---tokens 1 4 16 64} --reps 50 \
     --out "$OUT/int4_mma.md" >"$OUT/int4_mma.log" 2>&1
   r=$?; grep "^| \|FAILED\|rror" "$OUT/int4_mma.log" | tail -20; rc=$(( rc || r ))
+  for st in ${MMA_STAGE_VARIANTS:-}; do  # kernel variants: pipeline depth (a library built per variant)
+    VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=$st" timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py \
+      ${MMA_ARGS:---tokens 1 4 16 64} --no-sweep --reps 50 --out "$OUT/int4_mma_stages$st.md" \
+      >"$OUT/int4_mma_stages$st.log" 2>&1
+    r=$?; echo "== stages $st"; grep "^| \|FAILED\|rror" "$OUT/int4_mma_stages$st.log" | tail -12; rc=$(( rc || r ))
+  done
   for m in 0 1; do
     VLLM_INT4_MMA=$m timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
       --tokens ${MMA_LAYER_TOKENS:-1 4 16 64} --reps 30 --out "$OUT/int4_layer_mma$m.md" \

@@ -101,9 +101,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # (vllm/platforms/pdl.py); "0" launches them plainly.  Read once per device.
     "VLLM_PDL": _bool("VLLM_PDL", True),
     # The CUDA C++ kernels of csrc/capi (vllm/platforms/cuda_lib.py): "0" never builds or loads them;
-    # VLLM_CSRC_CACHE: where the built library is kept (default ~/.cache/vllm-moe-lora/csrc).
+    # VLLM_CSRC_CACHE: where the built library is kept (default ~/.cache/vllm-moe-lora/csrc);
+    # VLLM_CSRC_FLAGS: more nvcc flags, part of the library's cache key.
     "VLLM_CSRC": _bool("VLLM_CSRC", True),
     "VLLM_CSRC_CACHE": _str("VLLM_CSRC_CACHE", None),
+    "VLLM_CSRC_FLAGS": _str("VLLM_CSRC_FLAGS", None),  # extra nvcc flags (kernel variants to time)
     # MarlinExperts' decode launches on the tensor-core int4 kernel (ops/int4_mma_moe.py) where it applies;
     # off until timed against the Triton kernels.
     "VLLM_INT4_MMA": _bool("VLLM_INT4_MMA", False),

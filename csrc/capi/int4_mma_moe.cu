@@ -32,7 +32,10 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16 * kWarps;  // output channels per CTA
-constexpr int kStages = 4;
+#ifndef INT4_MMA_STAGES  // pipeline depth; VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=n" builds a variant to time
+#define INT4_MMA_STAGES 4
+#endif
+constexpr int kStages = INT4_MMA_STAGES;
 constexpr int kAPad = 8;            // activation row padding (elements): conflict-free B fragment loads
 
 template <typename T>

@@ -44,9 +44,15 @@ def find_nvcc() -> Optional[str]:
     return shutil.which("nvcc")
 
 
+def extra_flags() -> list[str]:
+    """``VLLM_CSRC_FLAGS``: more nvcc flags (e.g. ``-DINT4_MMA_STAGES=3``: a kernel variant to time); part of the
+    cache key, so each set of flags has its own library."""
+    return (envs.VLLM_CSRC_FLAGS or "").split()
+
+
 def build_command(nvcc: str, sources: list[str], out: str) -> list[str]:
-    return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *GENCODE, "-o", out, *sources,
-            "-lcudart_static"]
+    return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *GENCODE, *extra_flags(), "-o", out,
+            *sources, "-lcudart_static"]
 
 
 def _cache_dir() -> str:
@@ -59,7 +65,7 @@ def build(nvcc: str, sources: list[str]) -> str:
     for path in sources:
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    digest.update(" ".join(GENCODE).encode())
+    digest.update(" ".join([*GENCODE, *extra_flags()]).encode())
     folder = os.path.join(_cache_dir(), digest.hexdigest()[:16])
     lib = os.path.join(folder, "libvllm_capi.so")
     if os.path.isfile(lib):
