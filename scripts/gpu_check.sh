@@ -49,8 +49,9 @@
 #           both stay off; benchmarks/decode_switch_ab.py times one switch at a time); only when named
 #   int4mma the tensor-core int4 kernel (csrc/capi/int4_mma_moe.cu, fifteenth session): builds the CUDA C++
 #           library, its cuda tests (kernel and MarlinExperts layer with VLLM_INT4_MMA=1), the per-GEMM
-#           benchmark against the Triton int4 kernels, then the int4 layer without and with it (MMA_ARGS:
-#           shapes and tokens, MMA_TIMEOUT per run); only when named
+#           benchmark against the Triton int4 kernels, kernel variants (MMA_FLAG_VARIANTS: comma-separated nvcc
+#           flags, e.g. -DINT4_MMA_STAGES=3,-DINT4_MMA_LDSM=0), then the int4 layer without and with it
+#           (MMA_ARGS: shapes and tokens, MMA_TIMEOUT per run); only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
@@ -220,11 +221,13 @@ if [[ " $steps " == *" int4mma "* ]]; then
   timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py ${MMA_ARGS:---tokens 1 4 16 64} --reps 50 \
     --out "$OUT/int4_mma.md" >"$OUT/int4_mma.log" 2>&1
   r=$?; grep "^| \|FAILED\|rror" "$OUT/int4_mma.log" | tail -20; rc=$(( rc || r ))
-  for st in ${MMA_STAGE_VARIANTS:-}; do  # kernel variants: pipeline depth (a library built per variant)
-    VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=$st" timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py \
-      ${MMA_ARGS:---tokens 1 4 16 64} --no-sweep --reps 50 --out "$OUT/int4_mma_stages$st.md" \
-      >"$OUT/int4_mma_stages$st.log" 2>&1
-    r=$?; echo "== stages $st"; grep "^| \|FAILED\|rror" "$OUT/int4_mma_stages$st.log" | tail -12; rc=$(( rc || r ))
+  IFS=',' read -ra variants <<< "${MMA_FLAG_VARIANTS:-}"  # kernel variants, e.g. -DINT4_MMA_STAGES=3,-DINT4_MMA_LDSM=0
+  for i in "${!variants[@]}"; do  # each builds its own library (VLLM_CSRC_FLAGS is part of the cache key)
+    VLLM_CSRC_FLAGS="${variants[$i]}" timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py \
+      ${MMA_ARGS:---tokens 1 4 16 64} --no-sweep --reps 50 --out "$OUT/int4_mma_variant$i.md" \
+      >"$OUT/int4_mma_variant$i.log" 2>&1
+    r=$?; echo "== variant ${variants[$i]}"; grep "^| \|FAILED\|rror" "$OUT/int4_mma_variant$i.log" | tail -12
+    rc=$(( rc || r ))
   done
   for m in 0 1; do
     VLLM_INT4_MMA=$m timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \

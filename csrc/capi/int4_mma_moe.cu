@@ -36,6 +36,9 @@ constexpr int kRows = 16 * kWarps;  // output channels per CTA
 #define INT4_MMA_STAGES 4
 #endif
 constexpr int kStages = INT4_MMA_STAGES;
+#ifndef INT4_MMA_LDSM  // B fragments by ldmatrix (1: one x2 / x4 per one / two n8 tiles) or by 32-bit loads (0)
+#define INT4_MMA_LDSM 1
+#endif
 constexpr int kAPad = 8;            // activation row padding (elements): conflict-free B fragment loads
 
 template <typename T>
@@ -95,6 +98,20 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred
                "r"(pred ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// B fragments of one / two n8 tiles (tokens) x 16 inputs: matrix i of the load takes its 8 row addresses from
+// lanes 8i..8i+7, and lane 4g + t gets row g, columns 2t, 2t+1 of each: the m16n8k16 B fragment of a
+// token-major tile
+__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -346,12 +363,31 @@ __global__ void __launch_bounds__(kThreads) int4_mma_moe_kernel(Args p) {
         af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
         af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
         af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
+        if constexpr (INT4_MMA_LDSM) {
+          // lane l addresses row l % 8 of matrix l / 8: (tile 2p + m / 2, inputs + 8 (m % 2))
+          const T* lrow = a_sm + (((lane >> 4) & (NT > 1 ? 1 : 0)) * 8 + (lane & 7)) * (kBK + kAPad) + kt * 16 +
+                          ((lane >> 3) & 1) * 8;
+          if constexpr (NT == 1) {
+            uint32_t b0, b1;
+            ldsm_x2(b0, b1, lrow);
+            Act<T>::mma(part[j & (kChains - 1)][0], af, b0, b1);
+          } else {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
-          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
-          Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+            for (int n = 0; n < NT; n += 2) {
+              uint32_t b0, b1, c0, c1;
+              ldsm_x4(b0, b1, c0, c1, lrow + n * 8 * (kBK + kAPad));
+              Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+              Act<T>::mma(part[j & (kChains - 1)][n + 1], af, c0, c1);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
+            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
+            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
+            Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+          }
         }
       }
     }
