@@ -106,9 +106,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_CSRC": _bool("VLLM_CSRC", True),
     "VLLM_CSRC_CACHE": _str("VLLM_CSRC_CACHE", None),
     "VLLM_CSRC_FLAGS": _str("VLLM_CSRC_FLAGS", None),  # extra nvcc flags (kernel variants to time)
-    # MarlinExperts' decode launches on the tensor-core int4 kernel (ops/int4_mma_moe.py) where it applies;
-    # off until timed against the Triton kernels.
-    "VLLM_INT4_MMA": _bool("VLLM_INT4_MMA", False),
+    # int4 experts repacked at load for the tensor-core kernel (ops/int4_mma_moe.py, csrc/capi) on CUDA where it
+    # builds and takes the format (not act-order; bf16 / fp16): one 4-bit copy, every launch on that kernel or
+    # the dequant path; "0" keeps the Triton kernels.
+    "VLLM_INT4_MMA": _bool("VLLM_INT4_MMA", True),
 }
 
 

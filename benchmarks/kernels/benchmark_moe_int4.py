@@ -254,6 +254,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.sweep or args.compare_paths:  # these time the Triton kernels and their dequantiser on their own words
+        os.environ["VLLM_INT4_MMA"] = "0"
+        print("--sweep / --compare-paths: VLLM_INT4_MMA=0 (the Triton layout's words are kept)", flush=True)
     device = lb.pick_device(args.smoke)
     has_cuda = device.type == "cuda"
     dtype = lb.DTYPES[args.dtype]

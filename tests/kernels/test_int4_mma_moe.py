@@ -50,6 +50,20 @@ def test_stage_and_split_choices():
     assert mma_block_m(512, 8, False) == 64 and mma_block_m(1024, 8, False) is None
 
 
+def test_dequantize_from_the_repacked_words():
+    """The dequant path's weights from the repacked words equal Int4PackedWeight.dequantize_expert bit for bit."""
+    from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+
+    E, N, K, g = 3, 32, 384, 128
+    q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8)
+    for zeros in (torch.randint(0, 17, (E, K // g, N), dtype=torch.uint8), None):
+        pw = Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous(), torch.rand(E, K // g, N).bfloat16(),
+                              zeros, g)
+        out = torch.full((2, N, K), float("nan"), dtype=torch.bfloat16)
+        Int4MmaWeight.from_packed(pw).dequantize(out, 1, 3)
+        assert torch.equal(out, torch.stack([pw.dequantize_expert(e, torch.bfloat16) for e in (1, 2)]))
+
+
 def test_unsupported_reasons():
     gen = torch.Generator().manual_seed(0)
     ws = [random_int4(32, 256, 128, True, False, gen) for _ in range(2)]

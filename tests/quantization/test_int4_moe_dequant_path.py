@@ -27,6 +27,7 @@ def dequant_calls(monkeypatch):
         return real(w, out, e0, e1, **kw)
 
     monkeypatch.setattr(int4_dequant, "dequantize_int4_experts", spy)
+    monkeypatch.setenv("VLLM_INT4_MMA", "0")  # the Triton layout's words (the tensor-core copy: its own tests)
     return calls
 
 

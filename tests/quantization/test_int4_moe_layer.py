@@ -132,6 +132,7 @@ def test_marlin_split_k_path(ep, unsorted, monkeypatch, device):
     an expert map the dropped pairs' rows are zeroed).  ``unsorted``: the decode routing without the sort."""
     import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
 
+    monkeypatch.setenv("VLLM_INT4_MMA", "0")  # the Triton kernels' split-K path
     get_cfg, invoke = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm
     splits, routes = [], []
 

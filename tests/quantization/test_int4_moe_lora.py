@@ -111,6 +111,7 @@ def test_int4_moe_lora_split_k_path(monkeypatch, device):
     LoRA seams (no fused epilogue), and the result matches the reference."""
     import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as mod
 
+    monkeypatch.setenv("VLLM_INT4_MMA", "0")  # the Triton kernels' split-K path
     get_cfg, invoke, seen = mod.get_int4_moe_config, mod.invoke_int4_moe_gemm, []
     monkeypatch.setattr(mod, "get_int4_moe_config", lambda *a, **kw: dataclasses.replace(get_cfg(*a, **kw), split_k=2,
                                                                                          block_size_k=16))

@@ -48,8 +48,35 @@ def test_act_order_stays_on_triton(mma_calls):
     layer = make_int4_layer(ex, 2, "silu", 128, "act_order", torch.bfloat16, "cuda", backend="marlin")
     x, logits = router_inputs(3, 8, 256, torch.bfloat16, "cuda", gen, top_k=2)
     out = layer(x, logits)
-    assert not mma_calls and _experts(layer)._mma_weights is None
+    assert not mma_calls and _experts(layer).quant_config.w13_mma is None and not hasattr(layer, "w13_mma_words")
     assert_close(out.float().cpu(), _ref(ex, x, logits, 2, "silu"), torch.bfloat16)
+
+
+def test_one_copy_of_the_weights_and_the_dequant_path(mma_calls, monkeypatch):
+    """Repacked at load, the Triton layout's words are dropped (a shape-only view); a batch beyond 64 rows per
+    expert takes the dequant path from the repacked words, and inside a graph capture the kernel's 64-row
+    blocks."""
+    E, top_k, H, I, M = 8, 2, 256, 256, 400  # 100 pairs per expert
+    gen = torch.Generator().manual_seed(8)
+    ex = random_int4_experts(E, H, I, "silu", 128, "asym", gen)
+    layer = make_int4_layer(ex, top_k, "silu", 128, "asym", torch.bfloat16, "cuda", backend="marlin")
+    assert layer.w13_weight.stride() == (0, 0, 0) and layer.w13_mma_words.is_contiguous()
+    x, logits = router_inputs(M, E, H, torch.bfloat16, "cuda", gen, top_k=top_k)
+    out = _forward_poisoned(layer, x, logits)
+    assert not mma_calls  # the dequant path
+    assert_close(out.float().cpu(), _ref(ex, x, logits, top_k, "silu"), torch.bfloat16)
+    import vllm.model_executor.layers.fused_moe.experts.marlin_experts as marlin
+
+    with monkeypatch.context() as m:  # warm the capture's path up eagerly (kernels built and loaded outside it)
+        m.setattr(marlin, "take_dequant_path", lambda *a: False)
+        assert_close(layer(x, logits).float().cpu(), _ref(ex, x, logits, top_k, "silu"), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(x, logits)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert mma_calls and set(mma_calls) == {64}
+    assert_close(captured.float().cpu(), _ref(ex, x, logits, top_k, "silu"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("M", [1, 8, 32])

@@ -222,6 +222,25 @@ class Int4MoEMethod(FusedMoEMethodBase):
                 elif hasattr(layer, f"{name}_{suffix}"):
                     delattr(layer, f"{name}_{suffix}")
         del layer._int4_loaded
+        self._repack_for_tensor_cores(layer)
+
+    def _repack_for_tensor_cores(self, layer: "FusedMoE") -> None:
+        """With ``VLLM_INT4_MMA`` on a CUDA device where the CUDA C++ kernels build and take these weights:
+        each projection's words repacked for the tensor-core kernel (``{name}_mma_words``) and the Triton
+        layout's words dropped (``{name}_weight`` becomes a shape-only view), so the weights stay one 4-bit
+        copy; MarlinExperts then runs every launch on that kernel, or the dequant path from those words."""
+        from vllm import envs
+
+        if not envs.VLLM_INT4_MMA or layer.w13_weight.device.type != "cuda":
+            return
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import mma_weights_for, shape_only
+
+        pair = mma_weights_for(self._packed(layer, "w13"), self._packed(layer, "w2"), self.moe_config.in_dtype)
+        if pair is None:  # the reason is logged
+            return
+        for name, mw in zip(("w13", "w2"), pair):
+            _param(layer, f"{name}_mma_words", mw.words)
+            _param(layer, f"{name}_weight", shape_only(getattr(layer, f"{name}_weight").data))
 
     # ---- kernel ----------------------------------------------------------------------------
     def _packed(self, layer: "FusedMoE", name: str) -> Int4PackedWeight:
@@ -235,7 +254,13 @@ class Int4MoEMethod(FusedMoEMethodBase):
     def get_quant_config(self, layer: "FusedMoE") -> Int4MoEQuantConfig:
         if hasattr(layer, "_int4_loaded"):
             raise RuntimeError("the int4 weights are not packed yet: call layer.process_weights_after_loading()")
-        return Int4MoEQuantConfig(w13=self._packed(layer, "w13"), w2=self._packed(layer, "w2"))
+        w13, w2 = self._packed(layer, "w13"), self._packed(layer, "w2")
+        if not hasattr(layer, "w13_mma_words"):
+            return Int4MoEQuantConfig(w13=w13, w2=w2)
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import Int4MmaWeight
+
+        return Int4MoEQuantConfig(w13=w13, w2=w2, w13_mma=Int4MmaWeight(layer.w13_mma_words.data, w13),
+                                  w2_mma=Int4MmaWeight(layer.w2_mma_words.data, w2))
 
     def make_kernel(self, layer: "FusedMoE") -> FusedMoEKernel:
         from vllm.model_executor.layers.fused_moe.oracle.int4 import int4_experts_class, select_int4_moe_backend

@@ -21,7 +21,7 @@ tensor-parallel slice of an act-order w2, whose groups are split unevenly, keeps
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -70,6 +70,10 @@ class Int4MoEQuantConfig(FusedMoEQuantConfig):
 
     w13: Optional[Int4PackedWeight] = None
     w2: Optional[Int4PackedWeight] = None
+    # the tensor-core kernel's copies (ops/int4_mma_moe.Int4MmaWeight), when the weights were repacked for it at
+    # load (VLLM_INT4_MMA): then w13 / w2's qweight is a shape-only view and every launch reads these
+    w13_mma: Optional[Any] = None
+    w2_mma: Optional[Any] = None
 
 
 def pack_int4_k(q: torch.Tensor) -> torch.Tensor:

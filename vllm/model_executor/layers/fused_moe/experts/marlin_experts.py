@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
+from vllm.model_executor.layers.fused_moe.experts import dequant_path
 from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
     dense_route,
     dequant_grouped_gemm,
@@ -26,10 +27,10 @@ from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_i
 from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
+    BLOCK_MS,
     MmaPlan,
     launch_shape,
     mma_block_m,
-    mma_weights_for,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class MarlinExperts(Int4ExpertsBase):
             output.zero_()
             return
         unsorted = use_unsorted_int4_gemm(pairs, E_local)
-        plan = self._mma_plan(pairs, E_local, unsorted, hidden_states.dtype)
+        plan = self._mma_plan(pairs, E_local, unsorted, hidden_states.device)
         if plan is None and take_dequant_path(pairs, E_local, "int4", hidden_states.device):
             # TwoGemmExperts.apply: the same steps and LoRA seams, its GEMMs are _gemm below
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
@@ -131,23 +132,20 @@ class MarlinExperts(Int4ExpertsBase):
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
 
-    def _mma_plan(self, pairs: int, num_experts: int, unsorted: bool, dtype: torch.dtype) -> Optional[MmaPlan]:
-        """The tensor-core kernel's launch plan, when ``VLLM_INT4_MMA`` asks for it and it applies here (its
-        library built, the weights' format and dtype, few rows per expert); else None.  The repacked weights
-        are built on the first call (a warm-up, before any graph capture) and kept."""
-        from vllm import envs
-
-        if not envs.VLLM_INT4_MMA or not torch.cuda.is_available():
-            return None
+    def _mma_plan(self, pairs: int, num_experts: int, unsorted: bool, device: torch.device) -> Optional[MmaPlan]:
+        """The tensor-core kernel's launch plan when the weights were repacked for it at load (``VLLM_INT4_MMA``,
+        ``Int4MoEMethod._repack_for_tensor_cores``); None: the Triton kernels, or with those words the dequant
+        path (more than ``MMA_MAX_ROWS`` expected rows per expert, outside graph capture).  Inside a capture such
+        a launch still takes the kernel, its largest blocks several per expert: there is no other copy."""
         qc = self.quant_config
-        if not hasattr(self, "_mma_weights"):  # decided once: repack, or None with the reason logged
-            self._mma_weights = mma_weights_for(qc.w13, qc.w2, dtype)
-        if self._mma_weights is None:
+        if qc.w13_mma is None:
             return None
         bm = mma_block_m(pairs, num_experts, unsorted)
-        if bm is None:
-            return None
-        w13, w2 = self._mma_weights
+        if bm is None or dequant_path.FORCE_PATH == "dequant":  # tests and benchmarks may force the path
+            if take_dequant_path(pairs, num_experts, "int4", device):
+                return None
+            bm = bm or BLOCK_MS[-1]
+        w13, w2 = qc.w13_mma, qc.w2_mma
         blocks = pairs if unsorted else min(pairs, num_experts)
         shapes = [launch_shape(blocks, w.packed.n, w.packed.k, w.packed.group_size, bm) for w in (w13, w2)]
         return MmaPlan(bm, w13, w2, (shapes[0][1], shapes[1][1]), (shapes[0][0], shapes[1][0]))
@@ -162,7 +160,13 @@ class MarlinExperts(Int4ExpertsBase):
               weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 
-        packed = self.quant_config.w13 if stage == 1 else self.quant_config.w2
-        dequant_grouped_gemm(out, a, lambda dst, e0, e1: dequantize_int4_experts(packed, dst, e0, e1, use_triton=True),
+        qc = self.quant_config
+        packed = qc.w13 if stage == 1 else qc.w2
+        words = qc.w13_mma if stage == 1 else qc.w2_mma
+        if words is not None:  # only the tensor-core copy is kept
+            dequant = words.dequantize
+        else:
+            dequant = lambda dst, e0, e1: dequantize_int4_experts(packed, dst, e0, e1, use_triton=True)  # noqa: E731
+        dequant_grouped_gemm(out, a, dequant,
                              packed.num_experts, packed.n, packed.k, route, stage=stage, top_k_in=top_k_in,
                              topk_weights=topk_weights, weighted=weighted, bias=None)

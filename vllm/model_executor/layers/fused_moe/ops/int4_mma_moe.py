@@ -19,7 +19,7 @@ import torch
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
-from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_mma
+from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_mma, unpack_mma
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.platforms import cuda_lib
@@ -51,6 +51,22 @@ class Int4MmaWeight:
     @classmethod
     def from_packed(cls, packed: Int4PackedWeight) -> "Int4MmaWeight":
         return cls(repack_for_mma(packed.qweight), packed)
+
+    def dequantize(self, out: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
+        """Experts [e0, e1) densely into ``out`` [e1 - e0, N, K] (its dtype): bit for bit
+        ``Int4PackedWeight.dequantize_expert`` (exact q - z, the scale in the dtype, one rounding); the dequant
+        path's weights when only these words are kept."""
+        p, dtype = self.packed, out.dtype
+        q = unpack_mma(self.words[e0:e1])  # [E', N, K] uint8
+        G = p.scales.shape[1]
+        s = p.scales[e0:e1].to(dtype).transpose(1, 2).repeat_interleave(p.group_size, dim=2)[:, :, :p.k]
+        if p.zeros is not None:
+            z = p.zeros[e0:e1].transpose(1, 2).repeat_interleave(p.group_size, dim=2)[:, :, :p.k].to(dtype)
+        else:
+            z = 8
+        assert G * p.group_size >= p.k
+        out.copy_((q.to(dtype) - z) * s)
+        return out
 
 
 @dataclass
@@ -93,6 +109,12 @@ def mma_weights_for(w13: Int4PackedWeight, w2: Int4PackedWeight,
 
 def _stage_fits(bk: int, K: int, group: int) -> bool:
     return K % bk == 0 and group % 32 == 0 and (bk % group == 0 or group % bk == 0)
+
+
+def shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A view with ``t``'s shape and dtype over one element: what stands in for the Triton layout's words once
+    only the tensor-core copy is kept (``Int4PackedWeight``'s n / k / num_experts read its shape)."""
+    return torch.zeros(1, dtype=t.dtype, device=t.device).expand(*t.shape)
 
 
 def stage_k(K: int, group: int, block_m: int = 8, ctas: int = 0) -> Optional[int]:
