@@ -201,7 +201,8 @@ def check_path(q_layer, case, M: int, args, dtype, device, path: str) -> str:
 
 def int4_bytes_per_expert(layer) -> int:
     names = [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_", "w2_"))]
-    total = sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in names)
+    kept = [getattr(layer, n) for n in names if 0 not in getattr(layer, n).stride()]  # not the shape-only views
+    total = sum(t.numel() * t.element_size() for t in kept)
     return total // layer.local_num_experts
 
 
