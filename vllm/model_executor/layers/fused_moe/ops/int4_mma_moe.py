@@ -18,8 +18,8 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
-from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_mma, unpack_mma
+from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import epilogue_plan, routed_blocks
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.platforms import cuda_lib
@@ -197,35 +197,17 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
     if block_m not in BLOCK_MS:
         raise ValueError(f"block_m={block_m}: the kernel takes blocks of {BLOCK_MS} rows")
     sorted_mode = pair_expert_ids is None
-    if sorted_mode:
-        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
-            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
-        EM = sorted_token_ids.numel()
-        if EM % block_m or block_expert_ids.numel() != EM // block_m:
-            raise ValueError(f"alignment does not match block_m={block_m}")
-        num_blocks = min(EM // block_m, -(-num_pairs // block_m) + min(num_pairs, E))
-        expert_ids = block_expert_ids
-    else:
-        if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
-                or not pair_expert_ids.is_contiguous():
-            raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
-        num_blocks, expert_ids = num_pairs, pair_expert_ids
+    num_blocks = routed_blocks(num_pairs, E, block_m, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+                               pair_expert_ids, "block_m")
+    expert_ids = block_expert_ids if sorted_mode else pair_expert_ids
     est_blocks = min(num_blocks, E) if sorted_mode else num_blocks
     bk = stage or stage_k(K, p.group_size, block_m, ctas_of(est_blocks, N))
     if bk not in STAGE_KS or not _stage_fits(bk, K, p.group_size) or (block_m > 16 and bk != 128):
         raise ValueError(f"stage={bk} does not tile K={K} with group {p.group_size} (blocks of 32+ rows: 128)")
     split = split_k or default_split(est_blocks, N, K, bk)
     split = max(1, min(split, K // bk))
-    act_code, rows, out_shape = -1, 1, (num_pairs, N)
-    if epilogue_activation is not None or epilogue_top_k:
-        if split == 1 or epilogue_activation is MoEActivation.SWIGLUOAI or (epilogue_activation and epilogue_top_k):
-            raise ValueError("a fused epilogue needs split_k > 1 and one of: an activation other than swigluoai, "
-                             "or a top-k sum")
-        if epilogue_activation is not None:
-            act_code = _act_code(epilogue_activation)
-            out_shape = (num_pairs, N // 2 if epilogue_activation.is_gated else N)
-        else:
-            rows, out_shape = epilogue_top_k, (num_pairs // epilogue_top_k, N)
+    act_code, rows, out_shape = epilogue_plan(num_pairs, N, epilogue_activation, epilogue_top_k,
+                                              split > 1 and epilogue_activation is not MoEActivation.SWIGLUOAI)
     if tuple(out.shape) != out_shape or out.dtype != a.dtype:
         raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     unaligned = [name for name, t in (("a", a), ("scales", p.scales), ("zeros", p.zeros), ("words", w.words))

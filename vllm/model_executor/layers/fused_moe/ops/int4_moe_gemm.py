@@ -232,6 +232,42 @@ def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
     return num_pairs * 4 <= num_experts and num_pairs <= 64
 
 
+def routed_blocks(num_pairs: int, num_experts: int, bm: int, sorted_token_ids: Optional[torch.Tensor],
+                  block_expert_ids: Optional[torch.Tensor], num_tokens_post_padded: Optional[torch.Tensor],
+                  pair_expert_ids: Optional[torch.Tensor], what: str) -> int:
+    """Check a launch's routing (the alignment's three outputs for blocks of ``bm`` rows, or ``pair_expert_ids``:
+    one block per pair) and return the blocks to launch.  ``what`` names the block size in the errors."""
+    if pair_expert_ids is None:
+        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
+            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
+        EM = sorted_token_ids.numel()
+        if EM % bm or block_expert_ids.numel() != EM // bm:
+            raise ValueError(f"alignment does not match {what}={bm}: align with that block size")
+        return min(EM // bm, -(-num_pairs // bm) + min(num_pairs, num_experts))
+    if sorted_token_ids is not None or block_expert_ids is not None:
+        raise ValueError("give either the alignment or pair_expert_ids, not both")
+    if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
+            or not pair_expert_ids.is_contiguous():
+        raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
+    return num_pairs
+
+
+def epilogue_plan(num_pairs: int, N: int, epilogue_activation: Optional[MoEActivation], epilogue_top_k: int,
+                  can_fuse: bool) -> tuple[int, int, tuple[int, int]]:
+    """(activation code, rows summed, out's shape) of a launch's split-reduction epilogue; ``can_fuse``: whether
+    the launch splits K (and the activation is not swigluoai)."""
+    if epilogue_activation is None and not epilogue_top_k:
+        return -1, 1, (num_pairs, N)
+    if not can_fuse or (epilogue_activation is not None and epilogue_top_k):
+        raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation other than swigluoai, "
+                         "or a top-k sum")
+    if epilogue_activation is not None:
+        return _act_code(epilogue_activation), 1, (num_pairs, N // 2 if epilogue_activation.is_gated else N)
+    if num_pairs % epilogue_top_k:
+        raise ValueError(f"{num_pairs} pairs are not whole tokens of top_k={epilogue_top_k}")
+    return -1, epilogue_top_k, (num_pairs // epilogue_top_k, N)
+
+
 def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int,
                          config: Int4TileConfig,
                          sorted_token_ids: Optional[torch.Tensor] = None,
@@ -272,35 +308,13 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
     if w.zeros is not None and (w.zeros.dtype != torch.uint8 or w.zeros.stride(2) != 1):
         raise ValueError("int4 zeros must be uint8 [E, G, N], contiguous rows")
     num_pairs = a.shape[0] * top_k_in
-    act_code, rows, out_shape = -1, 1, (num_pairs, N)
-    if epilogue_activation is not None or epilogue_top_k:
-        if not can_fuse_epilogue(config, epilogue_activation) or (epilogue_activation is not None and epilogue_top_k):
-            raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation other than swigluoai, "
-                             "or a top-k sum")
-        if epilogue_activation is not None:
-            act_code = _act_code(epilogue_activation)
-            out_shape = (num_pairs, N // 2 if epilogue_activation.is_gated else N)
-        else:
-            if num_pairs % epilogue_top_k:
-                raise ValueError(f"{num_pairs} pairs are not whole tokens of top_k={epilogue_top_k}")
-            rows, out_shape = epilogue_top_k, (num_pairs // epilogue_top_k, N)
+    act_code, rows, out_shape = epilogue_plan(num_pairs, N, epilogue_activation, epilogue_top_k,
+                                              can_fuse_epilogue(config, epilogue_activation))
     if tuple(out.shape) != out_shape or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out must be float {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     sorted_mode = pair_expert_ids is None
-    if sorted_mode:
-        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
-            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
-        EM = sorted_token_ids.numel()
-        if EM % bm or block_expert_ids.numel() != EM // bm:
-            raise ValueError(f"alignment does not match BLOCK_SIZE_M={bm}: align with config.block_size_m")
-        num_pid_m = min(EM // bm, -(-num_pairs // bm) + min(num_pairs, E))
-    else:
-        if sorted_token_ids is not None or block_expert_ids is not None:
-            raise ValueError("give either the alignment or pair_expert_ids, not both")
-        if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
-                or not pair_expert_ids.is_contiguous():
-            raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
-        num_pid_m = num_pairs
+    num_pid_m = routed_blocks(num_pairs, E, bm, sorted_token_ids, block_expert_ids, num_tokens_post_padded,
+                              pair_expert_ids, "BLOCK_SIZE_M")
     if mul_routed_weight and (topk_weights is None or topk_weights.numel() != num_pairs):
         raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
     if num_pairs == 0 or N == 0 or num_pid_m == 0:
