@@ -5,6 +5,10 @@ device, dequantised in registers), written here as a Triton kernel (``ops/_int4_
 that shares ``moe_align_block_size`` and the grouped-GEMM structure of ``TritonExperts``.
 LoRA at the same two seams, reading the unquantized activations.
 
+On CUDA, weights repacked at load for the tensor-core kernel (``Int4MoEMethod._repack_for_tensor_cores``,
+``VLLM_INT4_MMA``, on by default) run their GEMMs on ``ops/int4_mma_moe.py`` (``csrc/capi/int4_mma_moe.cu``)
+instead, at the same two seams (``_mma_plan``).
+
 Large batches (``dequant_path.use_dequant_path``) take the ``TwoGemmExperts`` pipeline instead,
 each GEMM dequantising its int4 weights once (``ops/int4_dequant.py``) before the bf16 grouped
 GEMM: there the in-register kernel, which dequantises every tile for every M-block, is slower.
