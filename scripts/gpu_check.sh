@@ -52,12 +52,15 @@
 #           benchmark against the Triton int4 kernels, kernel variants (MMA_FLAG_VARIANTS: comma-separated nvcc
 #           flags, e.g. -DINT4_MMA_STAGES=3,-DINT4_MMA_LDSM=0), then the int4 layer without and with it
 #           (MMA_ARGS: shapes and tokens, MMA_TIMEOUT per run); only when named
+#   mxfp4mma the tensor-core MXFP4 kernel (csrc/capi/mxfp4_mma_moe.cu, sixteenth session): the build, its cuda
+#           tests (MXMMA_TESTS), then the MXFP4 layer with VLLM_MXFP4_MMA=0 / 1 (MXMMA_LAYER_MODES,
+#           MXMMA_LAYER_TOKENS); only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -234,6 +237,22 @@ if [[ " $steps " == *" int4mma "* ]]; then
       --tokens ${MMA_LAYER_TOKENS:-1 4 16 64} --reps 30 --out "$OUT/int4_layer_mma$m.md" \
       >"$OUT/int4_layer_mma$m.log" 2>&1
     r=$?; echo "== int4 layer, VLLM_INT4_MMA=$m"; grep "^| \|FAILED\|rror" "$OUT/int4_layer_mma$m.log" | tail -12
+    rc=$(( rc || r ))
+  done
+fi
+if [[ " $steps " == *" mxfp4mma "* ]]; then
+  t=${MMA_TIMEOUT:-240}
+  timeout "$t" python3 -c 'from vllm.platforms import cuda_lib; assert cuda_lib.library() is not None' \
+    >"$OUT/mxfp4_mma_build.log" 2>&1; r=$?; tail -3 "$OUT/mxfp4_mma_build.log"; rc=$(( rc || r ))
+  pytest ${MXMMA_TESTS:-tests/kernels/test_mxfp4_mma_moe.py tests/layers/test_mxfp4_moe_mma_layer.py} \
+    >"$OUT/pytest_mxfp4_mma.log" 2>&1
+  prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_mxfp4_mma.log" | head -20; tail -4 "$OUT/pytest_mxfp4_mma.log"
+  rc=$(( rc || prc ))
+  for m in ${MXMMA_LAYER_MODES:-0 1}; do
+    VLLM_MXFP4_MMA=$m timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --shapes 20b 120b \
+      --tokens ${MXMMA_LAYER_TOKENS:-1 4 16 64 256} --reps 30 --out "$OUT/mxfp4_layer_mma$m.md" \
+      >"$OUT/mxfp4_layer_mma$m.log" 2>&1
+    r=$?; echo "== MXFP4 layer, VLLM_MXFP4_MMA=$m"; grep "^| \|FAILED\|rror" "$OUT/mxfp4_layer_mma$m.log" | tail -12
     rc=$(( rc || r ))
   done
 fi

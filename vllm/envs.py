@@ -110,6 +110,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # builds and takes the format (not act-order; bf16 / fp16): one 4-bit copy, every launch on that kernel or
     # the dequant path; "0" keeps the Triton kernels.
     "VLLM_INT4_MMA": _bool("VLLM_INT4_MMA", True),
+    # MXFP4 experts likewise (ops/mxfp4_mma_moe.py; bf16 activations, N % 16 == 0, K % 64 == 0); "0" keeps the
+    # Triton kernels on the checkpoint's blocks.
+    "VLLM_MXFP4_MMA": _bool("VLLM_MXFP4_MMA", True),
 }
 
 

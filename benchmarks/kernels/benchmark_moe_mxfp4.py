@@ -139,6 +139,7 @@ class Layers:
     bf16: object  # FusedMoE, bf16 weights, TritonExperts
     punica: object
     adapters: list  # (w13_a [E, R, H], w13_b [E, 2I, R], w2_a [E, R, I], w2_b [E, H, R])
+    ck: dict  # the checkpoint tensors (the reference's weights: the layer may have repacked its own)
 
 
 def build(shape, dtype, device, rank: int, num_loras: int, max_tokens: int, seed: int) -> Layers:
@@ -162,7 +163,6 @@ def build(shape, dtype, device, rank: int, num_loras: int, max_tokens: int, seed
           "down_proj_bias": torch.randn(E, H, device=device, generator=gen) * 0.1}
     for suffix, t in ck.items():
         mx.quant_method.load_checkpoint_tensor(mx, suffix, t)
-    del ck
     mx.process_weights_after_loading()
     experts = type(mx.quant_method.kernel.fused_experts).__name__
     if experts != "UnfusedOAITritonExperts":
@@ -183,7 +183,7 @@ def build(shape, dtype, device, rank: int, num_loras: int, max_tokens: int, seed
         bf.w13_weight.data[e].copy_(rnd((2 * I, H), H ** -0.5))
         bf.w2_weight.data[e].copy_(rnd((H, I), I ** -0.5))
     bf.process_weights_after_loading()
-    return Layers(name, H, I, E, k, mx, mx_lora, bf, punica, adapters)
+    return Layers(name, H, I, E, k, mx, mx_lora, bf, punica, adapters, ck)
 
 
 def inputs(L: Layers, M: int, num_loras: int, dtype, device, seed: int):
@@ -197,10 +197,10 @@ def inputs(L: Layers, M: int, num_loras: int, dtype, device, seed: int):
 
 
 def reference(L: Layers, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
-    """fp32 gpt-oss MoE (+ per-token LoRA) from the layer's MXFP4 weights, dequantised per expert."""
+    """fp32 gpt-oss MoE (+ per-token LoRA) from the checkpoint's MXFP4 weights, dequantised per expert."""
     from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import dequantize_mxfp4
 
-    mx = L.mx
+    ck = L.ck
     M, H = x.shape
     experts = ti.reshape(-1).long()
     token = torch.arange(M * L.k, device=x.device) // L.k
@@ -209,14 +209,16 @@ def reference(L: Layers, x, tw, ti, slots, with_lora: bool) -> torch.Tensor:
     for e in torch.unique(experts).tolist():
         p = (experts == e).nonzero().squeeze(1)
         xe = x.float()[token[p]]
-        h = xe @ dequantize_mxfp4(mx.w13_blocks[e], mx.w13_scales[e]).T + mx.w13_bias[e].float()
+        h = xe @ dequantize_mxfp4(ck["gate_up_proj_blocks"][e], ck["gate_up_proj_scales"][e]).T \
+            + ck["gate_up_proj_bias"][e].float()
         masks = [(s, slot_p[p] == s) for s in range(len(L.adapters))] if with_lora else []
         for s, m in masks:
             a, b, _, _ = L.adapters[s]
             h[m] += (xe[m] @ a[e].float().T) @ b[e].float().T
         gate, up = h[:, 0::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
         act = (up + 1) * gate * torch.sigmoid(1.702 * gate)
-        y = act @ dequantize_mxfp4(mx.w2_blocks[e], mx.w2_scales[e]).T + mx.w2_bias[e].float()
+        y = act @ dequantize_mxfp4(ck["down_proj_blocks"][e], ck["down_proj_scales"][e]).T \
+            + ck["down_proj_bias"][e].float()
         for s, m in masks:
             _, _, a, b = L.adapters[s]
             y[m] += (act[m] @ a[e].float().T) @ b[e].float().T
@@ -305,7 +307,8 @@ def dequant_stages(L: Layers):
     from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
 
     stages = []
-    for label, blocks, scales in (("w13", L.mx.w13_blocks, L.mx.w13_scales), ("w2", L.mx.w2_blocks, L.mx.w2_scales)):
+    for label, prefix in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+        blocks, scales = L.ck[f"{prefix}_blocks"], L.ck[f"{prefix}_scales"]
         run = (lambda b, s: lambda out, e0, e1, bn, bk: dequantize_mxfp4_experts(
             b, s, out, e0, e1, use_triton=True, block_n=bn, block_k=bk))(blocks, scales)
         E, N = blocks.shape[:2]
@@ -322,6 +325,9 @@ def main() -> None:
 
         mxfp4_moe_gemm.use_decode_asm = lambda dtype, config: False
     dtype = torch.bfloat16 if has_cuda else torch.float32  # the interpreter's bf16 dot is wrong
+    if args.compare_paths or args.variants or args.portable_decode:  # Triton kernel variants: keep the blocks
+        os.environ["VLLM_MXFP4_MMA"] = "0"
+    mma = "tensor-core kernel" if os.environ.get("VLLM_MXFP4_MMA", "1") != "0" and has_cuda else "Triton kernels"
     shapes = [SMOKE_SHAPE] if args.smoke else [SHAPES[s] for s in args.shapes]
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else QUICK_TOKENS if args.quick else TOKENS)
     check_m = min(args.check_tokens, 16) if args.smoke else args.check_tokens
@@ -330,7 +336,8 @@ def main() -> None:
     peak = peak_bandwidth(device)
     set_path(args.path)
     decode = "portable" if args.portable_decode else "packed PTX"
-    print(f"device: {gpu}; activations {dtype}; experts path {args.path}; MXFP4 decode {decode}; rank {args.rank}; "
+    print(f"device: {gpu}; activations {dtype}; experts path {args.path}; MXFP4 decode {decode}; {mma} where the "
+          f"weights allow (VLLM_MXFP4_MMA); rank {args.rank}; "
           f"{args.num_loras} adapters; copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
     rows, dq_lines = [], []
@@ -356,7 +363,8 @@ def main() -> None:
                       "Notes: timed `quant_method.apply` (sort, GEMMs, activation, top-k sum; with LoRA also the LoRA "
                       "align and seams), CUDA graph replay with the L2 flushed, median of "
                       f"{args.reps}; bytes = routed expert weights (MXFP4 4.25 bits + biases, bf16 2 bytes); "
-                      f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}.", ""])
+                      f"peak {peak / 1e9:.0f} GB/s from a device copy; experts path {args.path}; MXFP4 GEMMs on the "
+                      f"{mma}.", ""])
     if args.compare_paths:
         text += "\n".join(["", "### MXFP4 experts paths: in-register kernel vs dequantise + bf16 GEMM (base call)", "",
                            paths_table(rows, "MXFP4", "bf16 base"), "",

@@ -1,4 +1,4 @@
-"""The tensor-core int4 kernel (``csrc/capi/int4_mma_moe.cu``) compiled for sm_90a without a GPU: per template
+"""The tensor-core 4-bit kernels (``csrc/capi/w4_mma_moe.cuh``: int4 and MXFP4 entries) compiled for sm_90a without a GPU: per template
 instance, registers and spills (``ptxas -v``) and its main loop's instructions per weight (SASS, read with the
 ``cuobjdump`` Triton ships).  The main loop is the shortest backward branch spanning every HMMA: one pipeline
 stage, 16 output channels x BK inputs per warp, so instructions per weight = loop instructions * 32 / (16 * BK)
@@ -16,8 +16,8 @@ import sys
 import tempfile
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE = os.path.join(_ROOT, "csrc", "capi", "int4_mma_moe.cu")
-_NAME = re.compile(r"int4_mma_moe_kernelI(\w+?)Li(\d+)ELi(\d+)ELi(\d+)ELb(\d)E")
+SOURCES = [os.path.join(_ROOT, "csrc", "capi", f) for f in ("int4_mma_moe.cu", "mxfp4_mma_moe.cu")]
+_NAME = re.compile(r"w4_mma_moe_kernelI(\w+?)Li(\d+)ELi(\d+)ELi(\d+)ELb(\d)ELb(\d)E")
 
 
 def _cuobjdump() -> str:
@@ -29,7 +29,8 @@ def _cuobjdump() -> str:
 def _instance(mangled: str) -> tuple:
     m = _NAME.search(mangled)
     dtype = "bf16" if "bfloat16" in m.group(1) else "fp16"
-    return dtype, int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5) == "1"
+    fmt = "mxfp4" if m.group(6) == "1" else "int4"
+    return fmt, dtype, int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5) == "1"
 
 
 def main_loop_instructions(body: str) -> int:
@@ -59,7 +60,7 @@ def main() -> None:
         lib = os.path.join(tmp, "lib.so")
         done = subprocess.run([nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
                                "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", *args.flags.split(), "-o",
-                               lib, SOURCE, "-lcudart_static"], capture_output=True, text=True)
+                               lib, *SOURCES, "-lcudart_static"], capture_output=True, text=True)
         if done.returncode:
             sys.exit(done.stderr[-3000:])
         regs, name = {}, None
@@ -77,16 +78,17 @@ def main() -> None:
     rows = []
     for part in re.split(r"\n\s+Function : ", sass)[1:]:
         mangled = part.split("\n", 1)[0].strip()
-        dtype, bm, bk, g16, zeros = _instance(mangled)
+        fmt, dtype, bm, bk, g16, zeros = _instance(mangled)
         n = main_loop_instructions(part)
         reg, spill = regs.get(mangled, (None, "?"))
-        rows.append((dtype, bm, bk, g16, zeros, n, n * 32 / (16 * bk), reg, spill))
+        rows.append((fmt, dtype, bm, bk, g16, zeros, n, n * 32 / (16 * bk), reg, spill))
     rows.sort()
-    print(f"sm_90a, {os.path.relpath(SOURCE, _ROOT)} {args.flags}\n\n| dtype | rows per block | stage | group "
+    print(f"sm_90a, csrc/capi/w4_mma_moe.cuh {args.flags}\n\n| format | dtype | rows per block | stage | group "
           "(16-input tiles; 0 = whole stages) | zero points | main-loop instructions | per weight | registers | "
-          "spill stores (B) |\n|---|---:|---:|---:|---|---:|---:|---:|---:|")
+          "spill stores (B) |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {'yes' if r[4] else 'no'} | {r[5]} | {r[6]:.2f} | {r[7]} | {r[8]} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {'yes' if r[5] else 'no'} | {r[6]} | {r[7]:.2f} | {r[8]} "
+              f"| {r[9]} |")
 
 
 if __name__ == "__main__":

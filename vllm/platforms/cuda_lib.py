@@ -59,10 +59,15 @@ def _cache_dir() -> str:
     return envs.VLLM_CSRC_CACHE or os.path.join(os.path.expanduser("~"), ".cache", "vllm-moe-lora", "csrc")
 
 
+def _headers() -> list[str]:
+    return sorted(os.path.join(SOURCE_DIR, f) for f in os.listdir(SOURCE_DIR) if f.endswith(".cuh"))
+
+
 def build(nvcc: str, sources: list[str]) -> str:
-    """Path of the built library (built now if this hash has none yet).  Raises on a failed build."""
+    """Path of the built library (built now if this hash of the sources and headers has none yet).  Raises on a
+    failed build."""
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + _headers():
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     digest.update(" ".join([*GENCODE, *extra_flags()]).encode())
@@ -124,6 +129,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         p, p, p, p,  # topk_weights, sorted_ids, block_expert, num_post_padded
         i, i, i, i,  # num_blocks, bm, num_pairs, top_k_in
         i, i, i, i, i, i,  # N, K, group, bk, split, pdl
+        p,  # stream
+    ]
+    lib.vllm_mxfp4_mma_moe_gemm.restype = i
+    lib.vllm_mxfp4_mma_moe_gemm.argtypes = [
+        p, ll,  # a, stride_am
+        p, ll,  # words, stride_qe
+        p, ll, ll,  # scales, stride_se, stride_sg
+        p, ll,  # bias, stride_be
+        p, ll, ll, i,  # out, stride_os, stride_om, out_fp32
+        p, p, p, p,  # topk_weights, sorted_ids, block_expert, num_post_padded
+        i, i, i, i,  # num_blocks, bm, num_pairs, top_k_in
+        i, i, i, i, i,  # N, K, bk, split, pdl
         p,  # stream
     ]
 

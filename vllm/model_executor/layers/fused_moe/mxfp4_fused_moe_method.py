@@ -142,13 +142,44 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
 
     # ---- after loading -----------------------------------------------------------
     def process_weights_after_loading(self, layer: "FusedMoE") -> None:
-        """No repacking: the kernels read the checkpoint's block layout.  w13_weight / w2_weight
-        become (plain-tensor) names of the blocks, which the modular kernel passes as w1 / w2."""
+        """The Triton and torch kernels read the checkpoint's block layout: w13_weight / w2_weight become
+        (plain-tensor) names of the blocks, which the modular kernel passes as w1 / w2.  On CUDA the blocks are
+        repacked for the tensor-core kernel instead where it takes them (``_repack_for_tensor_cores``)."""
+        if not hasattr(layer, "w13_mma_words"):
+            self._repack_for_tensor_cores(layer)
         layer.w13_weight = layer.w13_blocks.data
         layer.w2_weight = layer.w2_blocks.data
 
+    def _repack_for_tensor_cores(self, layer: "FusedMoE") -> None:
+        """With ``VLLM_MXFP4_MMA`` on a CUDA device where the CUDA C++ kernels build and take these weights: each
+        projection's words and transposed scales for the tensor-core kernel (``{name}_mma_words`` /
+        ``{name}_mma_scales``), and the blocks / scales dropped (shape-only views), so the weights stay one
+        4.25-bit copy; UnfusedOAITritonExperts then runs every launch on that kernel or the dequant path."""
+        from vllm import envs
+
+        if not envs.VLLM_MXFP4_MMA or layer.w13_blocks.device.type != "cuda":
+            return
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import shape_only
+        from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import mxfp4_mma_weights_for
+
+        pair = mxfp4_mma_weights_for((layer.w13_blocks.data, layer.w13_scales.data),
+                                     (layer.w2_blocks.data, layer.w2_scales.data), self.moe_config.in_dtype)
+        if pair is None:  # the reason is logged
+            return
+        for name, mw in zip(("w13", "w2"), pair):
+            for suffix, t in (("mma_words", mw.words), ("mma_scales", mw.scales_t)):
+                layer.register_parameter(f"{name}_{suffix}", torch.nn.Parameter(t, requires_grad=False))
+            for suffix in ("blocks", "scales"):
+                getattr(layer, f"{name}_{suffix}").data = shape_only(getattr(layer, f"{name}_{suffix}").data)
+
     def get_quant_config(self, layer: "FusedMoE") -> Mxfp4MoEQuantConfig:
-        return mxfp4_moe_quant_config(layer.w13_scales.data, layer.w2_scales.data, layer.w13_bias, layer.w2_bias)
+        qc = mxfp4_moe_quant_config(layer.w13_scales.data, layer.w2_scales.data, layer.w13_bias, layer.w2_bias)
+        if hasattr(layer, "w13_mma_words"):
+            from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import Mxfp4MmaWeight
+
+            qc.w1_mma = Mxfp4MmaWeight(layer.w13_mma_words.data, layer.w13_mma_scales.data)
+            qc.w2_mma = Mxfp4MmaWeight(layer.w2_mma_words.data, layer.w2_mma_scales.data)
+        return qc
 
     def supports_lora(self) -> bool:
         return True

@@ -12,13 +12,16 @@ the LoRA seams sit between its steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import Mxfp4MmaWeight
 
 
 @dataclass
@@ -31,6 +34,10 @@ class Mxfp4MoEQuantConfig(FusedMoEQuantConfig):
 
     w1_scale: Optional[torch.Tensor] = None
     w2_scale: Optional[torch.Tensor] = None
+    # the tensor-core copies (``ops/mxfp4_mma_moe.Mxfp4MmaWeight``), when the blocks were repacked at load: then
+    # they are the only copy (the blocks and scales above are shape-only views)
+    w1_mma: Optional["Mxfp4MmaWeight"] = None
+    w2_mma: Optional["Mxfp4MmaWeight"] = None
 
 
 def mxfp4_moe_quant_config(w1_scale: torch.Tensor, w2_scale: torch.Tensor, w1_bias: Optional[torch.Tensor],

@@ -5,6 +5,11 @@ Weights, quant config and pipeline: ``mxfp4_experts_base.py``; the torch backend
 
 At large batches (``dequant_path.use_dequant_path``) ``UnfusedOAITritonExperts``' GEMMs
 dequantise their weights once (``ops/mxfp4_expert_dequant.py``) and run the bf16 grouped GEMM.
+
+On CUDA, weights repacked at load for the tensor-core kernel (``Mxfp4FusedMoEMethod._repack_for_tensor_cores``,
+``VLLM_MXFP4_MMA``, on by default) run every launch of up to ``MMA_MAX_ROWS`` expected rows per expert on
+``ops/mxfp4_mma_moe.py`` (``csrc/capi/mxfp4_mma_moe.cu``), and beyond on the dequant path from those words
+(inside a graph capture: the kernel with its widest blocks); the LoRA seams are the same.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import get_mxfp4_moe_config
 
+        if self.quant_config.w1_mma is not None:
+            return self._mma_route(ids, pairs, E_local, N, K, act_n, dtype)
         if take_dequant_path(pairs, E_local, "mxfp4", ids.device):
             return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
         top_k = ids.shape[1]
@@ -44,17 +51,53 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         return dict(cfg1=cfg1, cfg2=cfg2, sorted_token_ids=align.sorted_token_ids,
                     block_expert_ids=align.block_expert_ids, num_tokens_post_padded=align.num_tokens_post_padded)
 
+    def _mma_route(self, ids: torch.Tensor, pairs: int, E_local: int, N: int, K: int, act_n: int,
+                   dtype: torch.dtype) -> dict:
+        """The tensor-core kernel's routing (sorted blocks of 8-64 rows, stage widths and splits per GEMM), or
+        the dequant path's beyond ``MMA_MAX_ROWS`` expected rows per expert (outside graph capture)."""
+        from vllm.model_executor.layers.fused_moe.experts import dequant_path
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import BLOCK_MS, mma_block_m
+        from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
+        from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import mx_launch_shape
+
+        bm = mma_block_m(pairs, E_local, unsorted=False)
+        if bm is None or dequant_path.FORCE_PATH == "dequant":  # tests and benchmarks may force the path
+            if take_dequant_path(pairs, E_local, "mxfp4", ids.device):
+                return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
+            bm = bm or BLOCK_MS[-1]
+        qc = self.quant_config
+        shapes = [mx_launch_shape(min(pairs, E_local), w.n, w.k, bm) for w in (qc.w1_mma, qc.w2_mma)]
+        align = align_for_experts(ids, bm, E_local)
+        return dict(mma=bm, stages=(shapes[0][0], shapes[1][0]), splits=(shapes[0][1], shapes[1][1]),
+                    sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
+                    num_tokens_post_padded=align.num_tokens_post_padded)
+
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor,
               route: dict | None, *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
               weighted: bool) -> None:
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import invoke_mxfp4_moe_gemm
 
         scales, bias = self._stage(stage)
+        mma = self.quant_config.w1_mma if stage == 1 else self.quant_config.w2_mma
+        if route.get("mma"):
+            from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import invoke_mxfp4_mma_moe_gemm
+
+            invoke_mxfp4_mma_moe_gemm(a, mma, out, top_k_in=top_k_in, block_m=route["mma"],
+                                      sorted_token_ids=route["sorted_token_ids"],
+                                      block_expert_ids=route["block_expert_ids"],
+                                      num_tokens_post_padded=route["num_tokens_post_padded"],
+                                      topk_weights=topk_weights, mul_routed_weight=weighted, bias=bias,
+                                      split_k=route["splits"][stage - 1], stage=route["stages"][stage - 1],
+                                      may_drop_pairs=True)  # split partials zeroed: an expert map may drop pairs
+            return
         if route.get("dequant"):
             from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts
 
             def dequantize(dst: torch.Tensor, e0: int, e1: int) -> None:
-                dequantize_mxfp4_experts(blocks, scales, dst, e0, e1, use_triton=True)
+                if mma is not None:  # only the tensor-core copy is kept
+                    mma.dequantize(dst, e0, e1)
+                else:
+                    dequantize_mxfp4_experts(blocks, scales, dst, e0, e1, use_triton=True)
 
             E, N = blocks.shape[:2]
             dequant_grouped_gemm(out, a, dequantize, E, N, a.shape[1], route, stage=stage, top_k_in=top_k_in,
@@ -65,3 +108,4 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                               num_tokens_post_padded=route["num_tokens_post_padded"], top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted, bias=bias,
                               config=route[f"cfg{stage}"])
+

@@ -72,3 +72,14 @@ def unpack_mma(words: torch.Tensor) -> torch.Tensor:
                 c = (torch.arange(kc, device=words.device) * 64 + 16 * j)[None, :, None] + col[None, None, :] + half
                 q[:, r.expand(nt, kc, 32), c.expand(nt, kc, 32)] = nib
     return q
+
+
+def fragment_positions(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[32, 4, 2] row and column (within the 16 x 16 tile) of lane l's register r, element h (the PTX m16n8k16 A
+    layout above): what every 4-bit format's tensor-core layout places."""
+    lane = torch.arange(32, device=device)[:, None, None]
+    reg = torch.arange(4, device=device)[None, :, None]
+    half = torch.arange(2, device=device)[None, None, :]
+    rows = lane // 4 + 8 * (reg % 2) + 0 * half
+    cols = 2 * (lane % 4) + 8 * (reg // 2) + half
+    return rows, cols

@@ -1,0 +1,510 @@
+// 4-bit-weight grouped MoE GEMM on tensor cores for few rows per expert (decode): out^T = W @ a^T.
+// Shared by the int4 (W4A16, csrc/capi/int4_mma_moe.cu) and MXFP4 (csrc/capi/mxfp4_mma_moe.cu) entries.
+//
+// The 4-bit weight is the mma.sync A operand (16 output channels x 16 inputs), the block's tokens the
+// B operand (16 inputs x 8 tokens), so one m16n8k16 serves up to 8 tokens of one expert and 16 rows
+// take two.  The weights are repacked once at load (vllm/.../ops/int4_mma_layout.py) so that each
+// lane's A fragment of one 16 x 16 tile is ONE int32 word, word[e, nt, kc, lane, j] (nt = N/16 row
+// tile, kc = K/64 chunk, j = k16 tile 0..3 of the chunk; g = lane / 4, t = lane % 4): register r of
+// the fragment holds rows g (r even) / g + 8 (r odd), columns 2t, 2t+1 (r < 2) / 2t+8, 2t+9 (r >= 2).
+//
+// int4: nibble r of the word is register r's first element, nibble r + 4 its second, so
+// (word >> 4r) & 0x000F000F places them in the two halves of a 16-bit pair, and OR-ing the exponent
+// of 2^7 (bf16) or 2^10 (fp16) makes them the floats bias + q exactly (one LOP3 each).  Subtracting
+// bias + zero (exact: a small integer) gives register r, q - z.
+// MXFP4 (bf16 only): an e2m1 code's sign / exponent / mantissa bits go to bf16 bits 15 / 8-7 / 6,
+// which makes the bf16 value * 2^-126 exactly (exponent 0: a bf16 subnormal), and one HMUL2 by 2^126
+// restores it.  No rotation of one bit pattern tiles a word four times, so the word holds two
+// registers whose bits a rotation + LOP3 places, and two whose magnitude and sign bits come from two
+// rotations (ops/mxfp4_mma_layout.py writes that table; decode_mx below reads it).
+// The MMA sums w * a exactly in fp32; each scale group's partial sum is then scaled in fp32 (4 FMAs
+// per thread and group; the e8m0 scale 2^(s-127) for MXFP4), so the result is the fp32 reference's up
+// to summation order, rounded once (+ bias, x router weight).
+//
+// One CTA: one sorted block (<= BM tokens of one expert), 16 * WARPS output channels (a warp owns
+// one 16-row tile), a K range of whole 64 / 128 / 256-wide stages (split-K over blockIdx.y: fp32
+// partials that the caller's reduction adds; the bias joins split 0's).  Every stage - the packed
+// words, the block's activation rows, the stage's scale (and zero) rows - is copied into shared
+// memory by cp.async, STAGES deep.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16 * kWarps;  // output channels per CTA
+#ifndef INT4_MMA_STAGES  // pipeline depth; VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=n" builds a variant to time
+#define INT4_MMA_STAGES 4
+#endif
+constexpr int kStages = INT4_MMA_STAGES;  // 64-wide stages of narrow blocks: twice as many (bytes in flight)
+#ifndef INT4_MMA_LDSM  // B fragments by ldmatrix (1: one x2 / x4 per one / two n8 tiles) or by 32-bit loads (0)
+#define INT4_MMA_LDSM 1
+#endif
+constexpr int kAPad = 8;
+constexpr uint32_t kMxMul = 0x7E807E80u;  // bf16 2^126 in both halves            // activation row padding (elements): conflict-free B fragment loads
+
+template <typename T>
+struct Act;
+template <>
+struct Act<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 2^7 in both halves: 128 + q
+  static constexpr float kBias = 128.f;
+  __device__ static uint32_t pair(float v) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(v, v);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static uint32_t sub(uint32_t x, uint32_t y) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x), *reinterpret_cast<__nv_bfloat162*>(&y));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Act<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 2^10 in both halves: 1024 + q
+  static constexpr float kBias = 1024.f;
+  __device__ static uint32_t pair(float v) {
+    __half2 h = __floats2half2_rn(v, v);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static uint32_t sub(uint32_t x, uint32_t y) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&x), *reinterpret_cast<__half2*>(&y));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static float to_float(__half v) { return __half2float(v); }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; with pred false nothing is read and the 16 bytes are zero-filled
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// B fragments of one / two n8 tiles (tokens) x 16 inputs: matrix i of the load takes its 8 row addresses from
+// lanes 8i..8i+7, and lane 4g + t gets row g, columns 2t, 2t+1 of each: the m16n8k16 B fragment of a
+// token-major tile
+__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t rotr(uint32_t w, int s) { return __funnelshift_r(w, w, s); }
+
+// The four MXFP4 A registers of one word, * 2^-126 before the HMUL2 (bit table: ops/mxfp4_mma_layout.py):
+// registers 0 and 1 are the word rotated right by 26 / 29 under the mask of bf16 bits {15, 8, 7, 6} of
+// both halves; registers 2 and 3 take their magnitude bits {8, 7, 6} from rotations by 0 / 7 and their
+// sign bits from rotations by 27 / 28.
+__device__ __forceinline__ void decode_mx(uint32_t w, uint32_t mul, uint32_t (&af)[4]) {
+  constexpr uint32_t kAll = 0x81C081C0u, kMag = 0x01C001C0u, kSign = 0x80008000u;
+  const uint32_t r[4] = {rotr(w, 26) & kAll, rotr(w, 29) & kAll, (w & kMag) | (rotr(w, 27) & kSign),
+                         (rotr(w, 7) & kMag) | (rotr(w, 28) & kSign)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __nv_bfloat162 h = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&r[i]),
+                               *reinterpret_cast<const __nv_bfloat162*>(&mul));
+    af[i] = *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// e8m0 exponent -> 2^(s - 127) in fp32 (0: the subnormal 2^-127)
+__device__ __forceinline__ float e8m0_to_float(uint8_t s) {
+  return __uint_as_float(s == 0 ? 0x00400000u : static_cast<uint32_t>(s) << 23);
+}
+
+// (w & 0x000F000F) | magic in one LOP3 (written out: the compiler splits an AND and an OR of two immediates)
+__device__ __forceinline__ uint32_t lop_nibbles(uint32_t w, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w), "n"(0x000F000F), "r"(magic));
+  return r;
+}
+
+struct Args {
+  const void* a;  // [rows, K] activations, unit column stride
+  long long stride_am;
+  const uint4* qw;  // repacked words, [E, N/16, K/64, 32, 4] int32
+  long long stride_qe;  // in int32 words
+  const void* scales;  // [E, Gs, N], activation dtype (MXFP4: uint8 e8m0)
+  long long stride_se, stride_sg;
+  const uint8_t* zeros;  // [E, Gs, N] or null (symmetric: 8)
+  long long stride_ze, stride_zg;
+  const void* bias;  // [E, N] activation dtype, or null
+  long long stride_be;
+  void* out;  // [pairs, N] activation dtype, or fp32 [split, pairs, N] partials
+  long long stride_os, stride_om;
+  const float* topk_weights;  // [pairs] or null
+  const int32_t* sorted_ids;  // [blocks * BM] pair ids (sentinel = num_pairs), or null: block b = pair b
+  const int32_t* block_expert;  // [blocks] local expert, -1 = skip
+  const int32_t* num_post_padded;  // [1] or null
+  int num_pairs, top_k_in, N, K, group, n_tiles, stages_per_split, out_fp32;
+  int group_stages;  // group / 128 when the group spans whole stages (G16 == 0), else 1
+  uint32_t magic;  // Act<T>::kMagic (MXFP4: kMxMul), passed at run time so that it stays in a register
+  int pdl;  // launched with programmatic dependent launch: wait for the previous kernel first
+};
+
+template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
+struct Layout {
+  static constexpr int kScaleBytes = MX ? 1 : 2;
+  static constexpr int kBK = BK;
+  static constexpr int kGroupsPerStage = G16 == 0 ? 1 : kBK / (16 * G16);
+  static constexpr int kWBytes = kWarps * (kBK / 64) * 512;
+  static constexpr int kABytes = BM * (kBK + kAPad) * 2;
+  static constexpr int kSBytes = kGroupsPerStage * kRows * kScaleBytes;
+  static constexpr int kZBytes = HAS_ZEROS ? kGroupsPerStage * kRows : 0;
+  static constexpr int kStageBytes = kWBytes + kABytes + kSBytes + kZBytes;
+  static constexpr int kSt = BK == 64 && BM <= 16 ? 2 * kStages : kStages;
+  static constexpr int kSmem = kSt * kStageBytes + 2 * BM * 4;  // + the block's pair ids and rows
+};
+
+// BK: inputs per stage (64 (MXFP4), 128 or 256).  G16: group size in 16-input tiles when it divides the stage
+// (2, 4, 8), or 0: the group is a multiple of the stage (its scale row changes only at stage starts).
+// MX: MXFP4 words and e8m0 scales (group 32, G16 = 2, no zeros).
+template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
+__global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
+  using L = Layout<T, BM, BK, G16, HAS_ZEROS, MX>;
+  constexpr int kSb = L::kScaleBytes;
+  constexpr int kBK = BK;
+  constexpr int NT = BM / 8;  // n8 tiles
+  extern __shared__ __align__(16) uint8_t smem[];
+  int32_t* s_pair = reinterpret_cast<int32_t*>(smem + L::kSt * L::kStageBytes);
+  int32_t* s_row = s_pair + BM;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (p.pdl) {  // the previous kernel's writes (activations, routing) are visible after this; then let the
+                // next kernel launch (it waits for this one in turn), as vllm/.../ops/_pdl.py's pdl_wait
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  }
+#endif
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int block = blockIdx.x / p.n_tiles, n_tile = blockIdx.x % p.n_tiles;
+  const int n0 = n_tile * kRows;
+  const int split = blockIdx.y;
+  const bool sorted = p.sorted_ids != nullptr;
+  if (sorted && p.num_post_padded != nullptr && block * BM >= p.num_post_padded[0]) return;
+  const int expert = p.block_expert[block];
+  if (expert < 0) return;  // uniform over the CTA
+
+  if (tid < BM) {
+    int pair = -1;
+    if (sorted) {
+      int id = p.sorted_ids[block * BM + tid];
+      pair = (id >= 0 && id < p.num_pairs) ? id : -1;
+    } else if (tid == 0) {
+      pair = block;
+    }
+    s_pair[tid] = pair;
+    s_row[tid] = pair >= 0 ? pair / p.top_k_in : -1;
+  }
+  __syncthreads();
+
+  const int k_stages = p.K / kBK;
+  const int st_first = split * p.stages_per_split;
+  const int st_last = min(st_first + p.stages_per_split, k_stages);
+  const int n_iters = max(st_last - st_first, 0);
+  const int k_chunks = p.K / 64;
+  const uint4* qw_e = p.qw + expert * (p.stride_qe / 4);
+  const T* a_base = reinterpret_cast<const T*>(p.a);
+  const uint8_t* s_base = reinterpret_cast<const uint8_t*>(p.scales) + expert * p.stride_se * kSb;
+  const uint8_t* z_base = HAS_ZEROS ? p.zeros + expert * p.stride_ze : nullptr;
+  const int rows_here = min(kRows, p.N - n0);  // a multiple of 16
+
+  // Each thread's share of a stage's copies, set up once: per stage only an offset is added.
+  constexpr int kWPieces = kWarps * (kBK / 64) * 32;  // 16-byte pieces of packed words
+  constexpr int kWPer = kWPieces / kThreads;
+  constexpr int kAPieces = BM * (kBK / 8);
+  constexpr int kAPer = (kAPieces + kThreads - 1) / kThreads;
+  constexpr int kSPieces = L::kGroupsPerStage * (kRows * kSb / 16);
+  constexpr int kZPieces = HAS_ZEROS ? L::kGroupsPerStage * (kRows / 16) : 0;
+  static_assert(kWPieces % kThreads == 0 && kSPieces + kZPieces <= kThreads,
+                "copy plan");
+  const uint4* w_src[kWPer];
+  bool w_ok[kWPer];
+#pragma unroll
+  for (int i = 0; i < kWPer; ++i) {
+    const int piece = tid + i * kThreads;
+    const int rt = piece / ((kBK / 64) * 32), rem = piece % ((kBK / 64) * 32);
+    w_ok[i] = rt * 16 < rows_here;
+    w_src[i] = w_ok[i] ? qw_e + (long long)(n0 / 16 + rt) * k_chunks * 32 + rem : qw_e;
+  }
+  // activation pieces: kept per thread for narrow blocks; wide ones (32, 64 rows) recompute them per stage
+  // from the row table in shared memory (registers)
+  constexpr bool kCacheA = kAPer <= 2;
+  const T* a_src[kCacheA ? kAPer : 1];
+  bool a_ok[kCacheA ? kAPer : 1];
+  if constexpr (kCacheA) {
+#pragma unroll
+    for (int i = 0; i < kAPer; ++i) {
+      const int piece = tid + i * kThreads;
+      const int row = piece < kAPieces ? s_row[piece / (kBK / 8)] : -1;
+      a_ok[i] = row >= 0;
+      a_src[i] = a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + (piece % (kBK / 8)) * 8;
+    }
+  }
+  // scales on threads [0, kSPieces), zeros on [kSPieces, kSPieces + kZPieces)
+  const bool s_has = tid < kSPieces;
+  const bool z_has = HAS_ZEROS && tid >= kSPieces && tid < kSPieces + kZPieces;
+  const uint8_t* s_src = s_base;
+  const uint8_t* z_src = z_base;
+  int sz_dst = 0;
+  bool sz_ok = false;
+  if (s_has) {
+    const int gi = tid / (kRows * kSb / 16), c = tid % (kRows * kSb / 16);
+    sz_ok = c * (16 / kSb) < rows_here;
+    s_src = s_base + ((long long)gi * p.stride_sg + n0 + (sz_ok ? c * (16 / kSb) : 0)) * kSb;
+    sz_dst = L::kWBytes + L::kABytes + tid * 16;
+  } else if (z_has) {
+    const int zp = tid - kSPieces, gi = zp / (kRows / 16), c = zp % (kRows / 16);
+    sz_ok = c * 16 < rows_here;
+    z_src = z_base + (long long)gi * p.stride_zg + n0 + (sz_ok ? c * 16 : 0);
+    sz_dst = L::kWBytes + L::kABytes + L::kSBytes + zp * 16;
+  }
+
+  // the scale / zero row of the first group of the next stage to load, kept as a running count (no
+  // division per stage): stages are loaded in order
+  int ld_grp = G16 == 0 ? st_first / p.group_stages : st_first * L::kGroupsPerStage;
+  int ld_sig = G16 == 0 ? st_first % p.group_stages : 0;
+  auto load_stage = [&](int slot, int st) {
+    uint8_t* base = smem + slot * L::kStageBytes;
+#pragma unroll
+    for (int i = 0; i < kWPer; ++i)
+      cp_async16(base + (tid + i * kThreads) * 16, w_src[i] + (w_ok[i] ? st * (kBK / 64) * 32 : 0), w_ok[i]);
+#pragma unroll
+    for (int i = 0; i < kAPer; ++i) {
+      const int piece = tid + i * kThreads;
+      if (piece >= kAPieces) continue;
+      const int r = piece / (kBK / 8), c = piece % (kBK / 8);
+      uint8_t* dst = base + L::kWBytes + (r * (kBK + kAPad) + c * 8) * 2;
+      if constexpr (kCacheA) {
+        cp_async16(dst, a_src[i] + st * kBK, a_ok[i]);
+      } else {
+        const int row = s_row[r];
+        cp_async16(dst, a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + st * kBK + c * 8, row >= 0);
+      }
+    }
+    if (s_has || z_has) {
+      const long long grp = ld_grp;
+      if (s_has) cp_async16(base + sz_dst, s_src + (sz_ok ? grp * p.stride_sg * kSb : 0), sz_ok);
+      else cp_async16(base + sz_dst, z_src + (sz_ok ? grp * p.stride_zg : 0), sz_ok);
+    }
+    if (G16 == 0) {
+      if (++ld_sig == p.group_stages) ld_sig = 0, ++ld_grp;
+    } else {
+      ld_grp += L::kGroupsPerStage;
+    }
+  };
+
+  // part: the current group's sums; with one or two n8 tiles two chains (even / odd 16-input tiles) so
+  // that consecutive MMAs do not wait for each other (wider blocks have independent tiles already)
+  constexpr int kChains = NT >= 4 ? 1 : 2;
+  float acc[NT][4], part[2][NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = part[0][n][i] = part[1][n][i] = 0.f;
+  float s_lo = 0.f, s_hi = 0.f;  // scales of rows g and g + 8 in the current group
+  uint32_t zz_lo = 0, zz_hi = 0;  // bias + zero of rows g and g + 8, as x2 pairs
+  const bool warp_active = warp * 16 < rows_here;
+  int stage_in_group = G16 == 0 ? st_first % p.group_stages : 0;  // compute side's running count
+
+#pragma unroll
+  for (int s = 0; s < L::kSt - 1; ++s) {
+    if (s < n_iters) load_stage(s, st_first + s);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < n_iters; ++it) {
+    cp_async_wait<L::kSt - 2>();
+    __syncthreads();
+    {
+      const int nxt = it + L::kSt - 1;
+      if (nxt < n_iters) load_stage(nxt % L::kSt, st_first + nxt);
+      cp_async_commit();
+    }
+    const int slot = it % L::kSt;
+    const uint8_t* base = smem + slot * L::kStageBytes;
+    const uint4* w_sm = reinterpret_cast<const uint4*>(base) + warp * (kBK / 64) * 32;
+    const T* a_sm = reinterpret_cast<const T*>(base + L::kWBytes);
+    const uint8_t* s_sm = base + L::kWBytes + L::kABytes;
+    const uint8_t* z_sm = base + L::kWBytes + L::kABytes + L::kSBytes;
+    const bool group_starts = it == 0 || stage_in_group == 0;
+    if (G16 == 0 && ++stage_in_group == p.group_stages) stage_in_group = 0;
+    if (!warp_active) continue;
+
+    auto new_group = [&](int gi) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
+          part[0][n][i] = part[1][n][i] = 0.f;
+        }
+      }
+      const int r = warp * 16 + g;
+      if constexpr (MX) {
+        s_lo = e8m0_to_float(s_sm[gi * kRows + r]);
+        s_hi = e8m0_to_float(s_sm[gi * kRows + r + 8]);
+        return;  // no zeros
+      } else {
+        s_lo = Act<T>::to_float(reinterpret_cast<const T*>(s_sm)[gi * kRows + r]);
+        s_hi = Act<T>::to_float(reinterpret_cast<const T*>(s_sm)[gi * kRows + r + 8]);
+      }
+      const float z_lo = HAS_ZEROS ? float(z_sm[gi * kRows + r]) : 8.f;
+      const float z_hi = HAS_ZEROS ? float(z_sm[gi * kRows + r + 8]) : 8.f;
+      zz_lo = Act<T>::pair(Act<T>::kBias + z_lo);
+      zz_hi = Act<T>::pair(Act<T>::kBias + z_hi);
+    };
+    if (G16 == 0 && group_starts) new_group(0);
+
+#pragma unroll
+    for (int kc = 0; kc < kBK / 64; ++kc) {
+      const uint4 wq = w_sm[kc * 32 + lane];
+      const uint32_t words[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int kt = kc * 4 + j;  // 16-input tile within the stage
+        if (G16 != 0 && kt % (G16 == 0 ? 1 : G16) == 0) new_group(kt / (G16 == 0 ? 1 : G16));
+        const uint32_t w = words[j];
+        uint32_t af[4];
+        if constexpr (MX) {
+          decode_mx(w, p.magic, af);
+        } else {
+          af[0] = Act<T>::sub(lop_nibbles(w, p.magic), zz_lo);
+          af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
+          af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
+          af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
+        }
+        if constexpr (INT4_MMA_LDSM) {
+          // lane l addresses row l % 8 of matrix l / 8: (tile 2p + m / 2, inputs + 8 (m % 2))
+          const T* lrow = a_sm + (((lane >> 4) & (NT > 1 ? 1 : 0)) * 8 + (lane & 7)) * (kBK + kAPad) + kt * 16 +
+                          ((lane >> 3) & 1) * 8;
+          if constexpr (NT == 1) {
+            uint32_t b0, b1;
+            ldsm_x2(b0, b1, lrow);
+            Act<T>::mma(part[j & (kChains - 1)][0], af, b0, b1);
+          } else {
+#pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+              uint32_t b0, b1, c0, c1;
+              ldsm_x4(b0, b1, c0, c1, lrow + n * 8 * (kBK + kAPad));
+              Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+              Act<T>::mma(part[j & (kChains - 1)][n + 1], af, c0, c1);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
+            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
+            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
+            Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if (!warp_active) return;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
+
+  const int col_lo = n0 + warp * 16 + g;
+  const T* bias = p.bias != nullptr && split == 0 ? reinterpret_cast<const T*>(p.bias) + expert * p.stride_be : nullptr;
+  const float b_lo = bias != nullptr ? Act<T>::to_float(bias[col_lo]) : 0.f;
+  const float b_hi = bias != nullptr ? Act<T>::to_float(bias[col_lo + 8]) : 0.f;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = n * 8 + 2 * t + (i & 1);
+      const int pair = s_pair[tok];
+      if (pair < 0) continue;
+      const int col = col_lo + (i >= 2 ? 8 : 0);
+      float v = acc[n][i] + (i >= 2 ? b_hi : b_lo);
+      if (p.topk_weights != nullptr) v *= p.topk_weights[pair];
+      if (p.out_fp32) {
+        float* o = reinterpret_cast<float*>(p.out);
+        o[split * p.stride_os + (long long)pair * p.stride_om + col] = v;
+      } else {
+        T* o = reinterpret_cast<T*>(p.out);
+        o[(long long)pair * p.stride_om + col] = Act<T>::from_float(v);
+      }
+    }
+  }
+}
+
+template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
+cudaError_t launch(const Args& p, int num_blocks, int split, cudaStream_t stream) {
+  using L = Layout<T, BM, BK, G16, HAS_ZEROS, MX>;
+  auto kernel = w4_mma_moe_kernel<T, BM, BK, G16, HAS_ZEROS, MX>;
+  static bool configured = false;  // the attribute is set once, outside any graph capture
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(num_blocks * p.n_tiles, split);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = L::kSmem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (p.pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, p);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+// The shared part of both C entries: the grid, the split's stage count, the group's shape.
+inline void set_launch_fields(Args& p, int N, int K, int group, int bk, int split) {
+  p.N = N;
+  p.K = K;
+  p.group = group;
+  p.n_tiles = (N + kRows - 1) / kRows;
+  const int k_stages = K / bk;
+  p.stages_per_split = (k_stages + split - 1) / split;
+  p.group_stages = group < bk ? 1 : group / bk;
+}
+
+}  // namespace
