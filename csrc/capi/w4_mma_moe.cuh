@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   }
   __syncthreads();
 
-  const int k_stages = p.K / kBK;
+  const int k_stages = (p.K + kBK - 1) / kBK;  // MXFP4: the last stage may be partial (K % 64 == 0)
   const int st_first = split * p.stages_per_split;
   const int st_last = min(st_first + p.stages_per_split, k_stages);
   const int n_iters = max(st_last - st_first, 0);
@@ -254,10 +254,12 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
                 "copy plan");
   const uint4* w_src[kWPer];
   bool w_ok[kWPer];
+  int w_k[kWPer];  // the piece's first input within the stage (a partial last stage copies whole 64-input chunks)
 #pragma unroll
   for (int i = 0; i < kWPer; ++i) {
     const int piece = tid + i * kThreads;
     const int rt = piece / ((kBK / 64) * 32), rem = piece % ((kBK / 64) * 32);
+    w_k[i] = (rem / 32) * 64;
     w_ok[i] = rt * 16 < rows_here;
     w_src[i] = w_ok[i] ? qw_e + (long long)(n0 / 16 + rt) * k_chunks * 32 + rem : qw_e;
   }
@@ -280,10 +282,11 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   const bool z_has = HAS_ZEROS && tid >= kSPieces && tid < kSPieces + kZPieces;
   const uint8_t* s_src = s_base;
   const uint8_t* z_src = z_base;
-  int sz_dst = 0;
+  int sz_dst = 0, s_k = 0;  // s_k: the scale row's first input within the stage
   bool sz_ok = false;
   if (s_has) {
     const int gi = tid / (kRows * kSb / 16), c = tid % (kRows * kSb / 16);
+    s_k = G16 == 0 ? 0 : gi * 16 * G16;
     sz_ok = c * (16 / kSb) < rows_here;
     s_src = s_base + ((long long)gi * p.stride_sg + n0 + (sz_ok ? c * (16 / kSb) : 0)) * kSb;
     sz_dst = L::kWBytes + L::kABytes + tid * 16;
@@ -300,25 +303,33 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   int ld_sig = G16 == 0 ? st_first % p.group_stages : 0;
   auto load_stage = [&](int slot, int st) {
     uint8_t* base = smem + slot * L::kStageBytes;
+    // inputs of this stage inside K: kBK except in an MXFP4 partial last stage, whose missing chunks, columns
+    // and scale rows are zero-filled (zero weights and activations add nothing)
+    const int k_left = MX ? p.K - st * kBK : kBK;
 #pragma unroll
-    for (int i = 0; i < kWPer; ++i)
-      cp_async16(base + (tid + i * kThreads) * 16, w_src[i] + (w_ok[i] ? st * (kBK / 64) * 32 : 0), w_ok[i]);
+    for (int i = 0; i < kWPer; ++i) {
+      const bool ok = w_ok[i] && (!MX || w_k[i] < k_left);
+      cp_async16(base + (tid + i * kThreads) * 16, w_src[i] + (ok ? st * (kBK / 64) * 32 : 0), ok);
+    }
 #pragma unroll
     for (int i = 0; i < kAPer; ++i) {
       const int piece = tid + i * kThreads;
       if (piece >= kAPieces) continue;
       const int r = piece / (kBK / 8), c = piece % (kBK / 8);
       uint8_t* dst = base + L::kWBytes + (r * (kBK + kAPad) + c * 8) * 2;
+      const bool in_k = !MX || c * 8 < k_left;
       if constexpr (kCacheA) {
-        cp_async16(dst, a_src[i] + st * kBK, a_ok[i]);
+        cp_async16(dst, a_src[i] + (in_k ? st * kBK : 0), a_ok[i] && in_k);
       } else {
         const int row = s_row[r];
-        cp_async16(dst, a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + st * kBK + c * 8, row >= 0);
+        const bool ok = row >= 0 && in_k;
+        cp_async16(dst, a_base + (ok ? (long long)row * p.stride_am + st * kBK + c * 8 : 0), ok);
       }
     }
     if (s_has || z_has) {
       const long long grp = ld_grp;
-      if (s_has) cp_async16(base + sz_dst, s_src + (sz_ok ? grp * p.stride_sg * kSb : 0), sz_ok);
+      const bool s_ok = sz_ok && (!MX || s_k < k_left);
+      if (s_has) cp_async16(base + sz_dst, s_src + (s_ok ? grp * p.stride_sg * kSb : 0), s_ok);
       else cp_async16(base + sz_dst, z_src + (sz_ok ? grp * p.stride_zg : 0), sz_ok);
     }
     if (G16 == 0) {
@@ -502,7 +513,7 @@ inline void set_launch_fields(Args& p, int N, int K, int group, int bk, int spli
   p.K = K;
   p.group = group;
   p.n_tiles = (N + kRows - 1) / kRows;
-  const int k_stages = K / bk;
+  const int k_stages = (K + bk - 1) / bk;  // int4: K % bk == 0; MXFP4: a partial last stage
   p.stages_per_split = (k_stages + split - 1) / split;
   p.group_stages = group < bk ? 1 : group / bk;
 }

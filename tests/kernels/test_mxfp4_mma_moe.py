@@ -79,8 +79,9 @@ def test_unsupported_reasons_and_launch_shape():
     assert "bf16" in mxfp4_mma_unsupported_reason(2880, 2880, torch.float16)
     assert "multiple of 64" in mxfp4_mma_unsupported_reason(2880, 1440, torch.bfloat16)  # TP=2 of gpt-oss
     assert "multiple of 16" in mxfp4_mma_unsupported_reason(2888, 2880, torch.bfloat16)
-    assert mx_stage_k(2880, 8, 100) == 64 and mx_stage_k(2048, 8, 100) == 256 and mx_stage_k(2048, 32, 100) == 128
-    assert mx_default_split(4, 2880, 2880, 64) == 2  # 92 CTAs: two splits of 1440 inputs
+    assert mx_stage_k(2880, 8, 100) == 256 and mx_stage_k(2880, 8, 300) == 128 and mx_stage_k(2048, 32, 100) == 128
+    assert mx_stage_k(640, 8, 10) == 128 and mx_stage_k(64, 8, 10) == 64
+    assert mx_default_split(4, 2880, 2880, 256) == 2  # 92 CTAs: two splits of 1440 inputs (6 + 6 stages)
     assert mx_default_split(32, 5760, 2880, 64) == 1
 
 
@@ -131,6 +132,9 @@ def _run(a, mw, ids, tw, bias, top_k, mode, split, stage=None):
 # (rows, top_k, E, N, K, mode, split, stage, bias, weighted)
 CASES = [
     (1, 4, 8, 272, 640, "sorted8", 1, 64, True, False),  # N tail (2 row tiles of a CTA), 10 stages of 64
+    (2, 4, 8, 144, 640, "sorted8", 2, 256, True, True),  # 640 = 2 stages of 256 + one of 128 (partial)
+    (5, 2, 8, 128, 576, "unsorted", 1, 128, False, True),  # 4 stages of 128 + a half one
+    (70, 2, 4, 128, 704, "sorted64", 3, 128, True, False),  # 5.5 stages over 3 splits
     (3, 2, 8, 128, 512, "unsorted", 2, 128, True, True),
     (16, 4, 8, 256, 1024, "sorted8", 3, 256, False, True),  # 4 stages of 256 over 3 splits
     (16, 4, 8, 384, 640, "sorted16", 2, 64, True, True),  # a split starting mid-group pair
@@ -138,6 +142,7 @@ CASES = [
     (96, 4, 4, 128, 576, "sorted64", 2, 64, True, True),
     (96, 4, 8, 144, 1024, "sorted64", 1, 128, False, False),
     (12, 4, 32, 2880, 2880, "sorted8", None, None, True, True),  # gpt-oss width, the defaults
+    (3, 4, 32, 2880, 2880, "sorted8", 1, 128, True, True),  # 22.5 stages of 128
 ]
 
 
@@ -166,11 +171,11 @@ def test_mma_matches_fp32_reference(rows, top_k, E, N, K, mode, split, stage, bi
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode,split,stage", [("unsorted", 1, 64), ("sorted8", 2, 128), ("sorted16", 1, 256),
-                                              ("sorted64", 1, 64)])
+                                              ("sorted64", 1, 64), ("sorted8", 3, 256)])
 def test_mma_exact_on_exact_data(mode, split, stage):
     """Small-integer activations, scales 2^-1..2^1, integer-valued biases: every product and sum is exact in
     fp32, so the output equals the reference rounded once to bf16, bit for bit (subnormal codes, -0 included)."""
-    rows, top_k, E, N, K = 12, 4, 8, 128, 1024
+    rows, top_k, E, N, K = 12, 4, 8, 128, 1088  # 1088 = 4 stages of 256 + a quarter one
     gen = torch.Generator().manual_seed(3)
     blocks = _blocks(E, N, K, gen)
     scales = torch.randint(126, 129, (E, N, K // 32), dtype=torch.uint8, generator=gen)

@@ -100,17 +100,18 @@ def mxfp4_mma_weights_for(w13: Tuple[torch.Tensor, torch.Tensor], w2: Tuple[torc
 
 
 def mx_stage_k(K: int, block_m: int, ctas: int) -> int:
-    """The stage width: 256 for narrow blocks where K >= 2048 splits into them and the launch is at most one
-    wave of two CTAs per SM, else 128 where it tiles K, else 64 (gpt-oss: K = 2880)."""
-    if block_m <= 16 and K % 256 == 0 and K >= 2048 and ctas <= 2 * _NUM_SMS:
+    """The stage width: 256 for narrow blocks where K >= 2048 and the launch is at most one wave of two CTAs per
+    SM, else 128 (64 below 128 inputs).  K need not be a multiple: the last stage is partial (gpt-oss's
+    K = 2880 is 11 stages of 256 and one of 64), which the kernel zero-fills."""
+    if block_m <= 16 and K >= 2048 and ctas <= 2 * _NUM_SMS:
         return 256
-    return 128 if K % 128 == 0 else 64
+    return 128 if K >= 128 else 64
 
 
 def mx_default_split(num_blocks: int, N: int, K: int, bk: int) -> int:
     """Split K (powers of two) until the launch has two CTAs per SM, keeping >= MIN_SPLIT_K inputs per split."""
     ctas, split = ctas_of(num_blocks, N), 1
-    while ctas * split < 2 * _NUM_SMS and K // (split * 2) >= MIN_SPLIT_K and K // bk >= split * 2:
+    while ctas * split < 2 * _NUM_SMS and K // (split * 2) >= MIN_SPLIT_K and -(-K // bk) >= split * 2:
         split *= 2
     return split
 
@@ -156,9 +157,9 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
                                pair_expert_ids, "block_m")
     est_blocks = min(num_blocks, E) if sorted_mode else num_blocks
     bk = stage or mx_stage_k(K, block_m, ctas_of(est_blocks, N))
-    if bk not in STAGE_KS or K % bk or (block_m > 16 and bk == 256):
-        raise ValueError(f"stage={bk} does not tile K={K} (stages of {STAGE_KS}; blocks of 32+ rows: 64 / 128)")
-    split = max(1, min(split_k or mx_default_split(est_blocks, N, K, bk), K // bk))
+    if bk not in STAGE_KS or (block_m > 16 and bk == 256):
+        raise ValueError(f"stage={bk}: the kernel takes stages of {STAGE_KS} inputs (blocks of 32+ rows: 64 / 128)")
+    split = max(1, min(split_k or mx_default_split(est_blocks, N, K, bk), -(-K // bk)))
     _, rows, out_shape = epilogue_plan(num_pairs, N, None, 0, False)
     if tuple(out.shape) != out_shape or out.dtype != a.dtype:
         raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
