@@ -159,6 +159,9 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
 
         if not envs.VLLM_MXFP4_MMA or layer.w13_blocks.device.type != "cuda":
             return
+        backend = select_mxfp4_moe_backend(self.moe_config, self.get_quant_config(layer), layer.w13_blocks.device)
+        if mxfp4_experts_class(backend).__name__ != "UnfusedOAITritonExperts":  # the torch experts read the blocks
+            return
         from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import shape_only
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import mxfp4_mma_weights_for
 
