@@ -4,15 +4,21 @@
 
 namespace {
 
-template <int BM>
+template <int BM, bool FOLD>
 cudaError_t mx_by_stage(const Args& p, int bk, int num_blocks, int split, cudaStream_t stream) {
   using T = __nv_bfloat16;
-  if (bk == 64) return launch<T, BM, 64, 2, false, true>(p, num_blocks, split, stream);
-  if (bk == 128) return launch<T, BM, 128, 2, false, true>(p, num_blocks, split, stream);
+  if (bk == 64) return launch<T, BM, 64, 2, false, true, FOLD>(p, num_blocks, split, stream);
+  if (bk == 128) return launch<T, BM, 128, 2, false, true, FOLD>(p, num_blocks, split, stream);
   if constexpr (BM <= 16) {
-    if (bk == 256) return launch<T, BM, 256, 2, false, true>(p, num_blocks, split, stream);
+    if (bk == 256) return launch<T, BM, 256, 2, false, true, FOLD>(p, num_blocks, split, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+template <int BM>
+cudaError_t mx_by_fold(const Args& p, int fold, int bk, int num_blocks, int split, cudaStream_t stream) {
+  return fold ? mx_by_stage<BM, true>(p, bk, num_blocks, split, stream)
+              : mx_by_stage<BM, false>(p, bk, num_blocks, split, stream);
 }
 
 }  // namespace
@@ -22,13 +28,14 @@ extern "C" {
 // Returns a cudaError_t (0 = launched).  a: bf16 [rows, K]; words: [E, N/16, K/64, 32, 4] int32
 // (ops/mxfp4_mma_layout.py); scales: uint8 e8m0 [E, K/32, N]; bias: bf16 [E, N] or null.  bm: 8, 16, 32
 // or 64 rows per block; bk: the stage width, 64, 128 or 256 (32 and 64 rows: 64 or 128).  Requirements
-// (checked by the caller): N % 16 == 0, K % bk == 0, split <= K / bk, rows of every tensor 16-byte aligned.
+// (checked by the caller): N % 16 == 0, K % 64 == 0 (the last stage may be partial), split <= the stages, rows
+// of every tensor 16-byte aligned.  fold: every exponent is <= 128, so the scales may join the decode (exact).
 int vllm_mxfp4_mma_moe_gemm(const void* a, long long stride_am, const void* qw, long long stride_qe,
                             const void* scales, long long stride_se, long long stride_sg, const void* bias,
                             long long stride_be, void* out, long long stride_os, long long stride_om, int out_fp32,
                             const float* topk_weights, const int32_t* sorted_ids, const int32_t* block_expert,
                             const int32_t* num_post_padded, int num_blocks, int bm, int num_pairs, int top_k_in,
-                            int N, int K, int bk, int split, int pdl, void* stream) {
+                            int N, int K, int bk, int split, int fold, int pdl, void* stream) {
   Args p = {};
   p.a = a;
   p.stride_am = stride_am;
@@ -55,10 +62,10 @@ int vllm_mxfp4_mma_moe_gemm(const void* a, long long stride_am, const void* qw, 
   p.magic = kMxMul;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (bm) {
-    case 8: return mx_by_stage<8>(p, bk, num_blocks, split, s);
-    case 16: return mx_by_stage<16>(p, bk, num_blocks, split, s);
-    case 32: return mx_by_stage<32>(p, bk, num_blocks, split, s);
-    case 64: return mx_by_stage<64>(p, bk, num_blocks, split, s);
+    case 8: return mx_by_fold<8>(p, fold, bk, num_blocks, split, s);
+    case 16: return mx_by_fold<16>(p, fold, bk, num_blocks, split, s);
+    case 32: return mx_by_fold<32>(p, fold, bk, num_blocks, split, s);
+    case 64: return mx_by_fold<64>(p, fold, bk, num_blocks, split, s);
     default: return cudaErrorInvalidValue;
   }
 }

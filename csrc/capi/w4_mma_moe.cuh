@@ -128,13 +128,15 @@ __device__ __forceinline__ uint32_t rotr(uint32_t w, int s) { return __funnelshi
 // The four MXFP4 A registers of one word, * 2^-126 before the HMUL2 (bit table: ops/mxfp4_mma_layout.py):
 // registers 0 and 1 are the word rotated right by 26 / 29 under the mask of bf16 bits {15, 8, 7, 6} of
 // both halves; registers 2 and 3 take their magnitude bits {8, 7, 6} from rotations by 0 / 7 and their
-// sign bits from rotations by 27 / 28.
-__device__ __forceinline__ void decode_mx(uint32_t w, uint32_t mul, uint32_t (&af)[4]) {
+// sign bits from rotations by 27 / 28.  The HMUL2 multiplies registers 0 / 2 (row g) by mul_lo and 1 / 3
+// (row g + 8) by mul_hi: 2^126, or with the group's scale folded in, 2^(s - 1).
+__device__ __forceinline__ void decode_mx(uint32_t w, uint32_t mul_lo, uint32_t mul_hi, uint32_t (&af)[4]) {
   constexpr uint32_t kAll = 0x81C081C0u, kMag = 0x01C001C0u, kSign = 0x80008000u;
   const uint32_t r[4] = {rotr(w, 26) & kAll, rotr(w, 29) & kAll, (w & kMag) | (rotr(w, 27) & kSign),
                          (rotr(w, 7) & kMag) | (rotr(w, 28) & kSign)};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
+    const uint32_t mul = i % 2 ? mul_hi : mul_lo;
     __nv_bfloat162 h = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&r[i]),
                                *reinterpret_cast<const __nv_bfloat162*>(&mul));
     af[i] = *reinterpret_cast<uint32_t*>(&h);
@@ -192,8 +194,10 @@ struct Layout {
 
 // BK: inputs per stage (64 (MXFP4), 128 or 256).  G16: group size in 16-input tiles when it divides the stage
 // (2, 4, 8), or 0: the group is a multiple of the stage (its scale row changes only at stage starts).
-// MX: MXFP4 words and e8m0 scales (group 32, G16 = 2, no zeros).
-template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
+// MX: MXFP4 words and e8m0 scales (group 32, G16 = 2, no zeros).  FOLD (MXFP4 whose exponents are all <= 128):
+// the group's scale joins the decode's HMUL2 (2^(s - 1) in bf16: the weight v * 2^(s - 127) exactly) and the MMAs
+// accumulate the whole K range, no per-group fp32 scaling; otherwise each group's fp32 sum is scaled.
+template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX, bool FOLD>
 __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   using L = Layout<T, BM, BK, G16, HAS_ZEROS, MX>;
   constexpr int kSb = L::kScaleBytes;
@@ -347,7 +351,8 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = part[0][n][i] = part[1][n][i] = 0.f;
-  float s_lo = 0.f, s_hi = 0.f;  // scales of rows g and g + 8 in the current group
+  float s_lo = FOLD ? 1.f : 0.f, s_hi = FOLD ? 1.f : 0.f;  // scales of rows g and g + 8 in the current group
+  uint32_t mul_lo = p.magic, mul_hi = p.magic;  // MXFP4: the decode's multipliers of rows g and g + 8
   uint32_t zz_lo = 0, zz_hi = 0;  // bias + zero of rows g and g + 8, as x2 pairs
   const bool warp_active = warp * 16 < rows_here;
   int stage_in_group = G16 == 0 ? st_first % p.group_stages : 0;  // compute side's running count
@@ -377,6 +382,12 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     if (!warp_active) continue;
 
     auto new_group = [&](int gi) {
+      if constexpr (FOLD) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
+        const int r = warp * 16 + g;
+        mul_lo = static_cast<uint32_t>(s_sm[gi * kRows + r]) * 0x00800080u + 0x3F003F00u;
+        mul_hi = static_cast<uint32_t>(s_sm[gi * kRows + r + 8]) * 0x00800080u + 0x3F003F00u;
+        return;
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -412,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
         const uint32_t w = words[j];
         uint32_t af[4];
         if constexpr (MX) {
-          decode_mx(w, p.magic, af);
+          decode_mx(w, mul_lo, mul_hi, af);
         } else {
           af[0] = Act<T>::sub(lop_nibbles(w, p.magic), zz_lo);
           af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
@@ -481,10 +492,10 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   }
 }
 
-template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
+template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX, bool FOLD = false>
 cudaError_t launch(const Args& p, int num_blocks, int split, cudaStream_t stream) {
   using L = Layout<T, BM, BK, G16, HAS_ZEROS, MX>;
-  auto kernel = w4_mma_moe_kernel<T, BM, BK, G16, HAS_ZEROS, MX>;
+  auto kernel = w4_mma_moe_kernel<T, BM, BK, G16, HAS_ZEROS, MX, FOLD>;
   static bool configured = false;  // the attribute is set once, outside any graph capture
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kSmem);

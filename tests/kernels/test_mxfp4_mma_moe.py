@@ -60,6 +60,17 @@ def test_emulated_decode_gives_every_e2m1_value_in_its_fragment_place():
                 assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
+def test_fold_only_where_every_exponent_fits():
+    from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import can_fold
+
+    s = torch.full((2, 16, 4), 127, dtype=torch.uint8)
+    assert can_fold(s)
+    s[1, 3, 2] = 128
+    assert can_fold(s)
+    s[0, 0, 0] = 129
+    assert not can_fold(s)
+
+
 def test_dequantize_from_the_repacked_words():
     gen = torch.Generator().manual_seed(2)
     E, N, K = 3, 32, 256
@@ -147,18 +158,20 @@ CASES = [
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("big", [False, True])  # an exponent above 128: the fp32 group scaling, else the folded one
 @pytest.mark.parametrize("rows,top_k,E,N,K,mode,split,stage,bias,weighted", CASES)
-def test_mma_matches_fp32_reference(rows, top_k, E, N, K, mode, split, stage, bias, weighted):
+def test_mma_matches_fp32_reference(rows, top_k, E, N, K, mode, split, stage, bias, weighted, big):
     gen = torch.Generator().manual_seed(rows * 7 + N + K)
     blocks = _blocks(E, N, K, gen)
     scales = torch.randint(118, 124, (E, N, K // 32), dtype=torch.uint8, generator=gen)
-    scales[0, :, 0] = 0  # 2^-127: an fp32 subnormal scale
-    scales[E - 1, :, -1] = 140  # 2^13
+    scales[0, :, 0] = 0  # 2^-127: an fp32 subnormal scale, weights down to bf16 subnormals
+    scales[E - 1, :, -1] = 140 if big else 128  # 2^13 / 2^1
     a = torch.randn(rows, K, generator=gen).bfloat16().cuda()
     b = (torch.randn(E, N, generator=gen) * 0.1).bfloat16().cuda() if bias else None
     tw = torch.rand(rows, top_k, generator=gen).cuda() if weighted else None
     ids = _ids(rows, top_k, E, rows + K).cuda()
     mw = Mxfp4MmaWeight.from_blocks(blocks.cuda(), scales.cuda())
+    assert mw.fold is not big
     out = _run(a, mw, ids, tw, b, top_k, mode, split, stage)
     ref = reference(a, blocks.cuda(), scales.cuda(), b, ids, top_k, tw)
     routed = ids.reshape(-1) >= 0
@@ -170,9 +183,10 @@ def test_mma_matches_fp32_reference(rows, top_k, E, N, K, mode, split, stage, bi
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("mode,split,stage", [("unsorted", 1, 64), ("sorted8", 2, 128), ("sorted16", 1, 256),
                                               ("sorted64", 1, 64), ("sorted8", 3, 256)])
-def test_mma_exact_on_exact_data(mode, split, stage):
+def test_mma_exact_on_exact_data(mode, split, stage, fold):
     """Small-integer activations, scales 2^-1..2^1, integer-valued biases: every product and sum is exact in
     fp32, so the output equals the reference rounded once to bf16, bit for bit (subnormal codes, -0 included)."""
     rows, top_k, E, N, K = 12, 4, 8, 128, 1088  # 1088 = 4 stages of 256 + a quarter one
@@ -182,7 +196,10 @@ def test_mma_exact_on_exact_data(mode, split, stage):
     a = torch.randint(-4, 5, (rows, K), generator=gen).bfloat16().cuda()
     b = torch.randint(-8, 9, (E, N), generator=gen).bfloat16().cuda()
     ids = _ids(rows, top_k, E, 5).cuda()
-    out = _run(a, Mxfp4MmaWeight.from_blocks(blocks.cuda(), scales.cuda()), ids, None, b, top_k, mode, split, stage)
+    mw = Mxfp4MmaWeight.from_blocks(blocks.cuda(), scales.cuda())
+    assert mw.fold
+    mw.fold = fold  # the fp32 group scaling is exact here too
+    out = _run(a, mw, ids, None, b, top_k, mode, split, stage)
     ref = reference(a, blocks.cuda(), scales.cuda(), b, ids, top_k, None)
     routed = ids.reshape(-1) >= 0
     assert torch.equal(out[routed], ref[routed].to(torch.bfloat16))

@@ -140,7 +140,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         p, ll, ll, i,  # out, stride_os, stride_om, out_fp32
         p, p, p, p,  # topk_weights, sorted_ids, block_expert, num_post_padded
         i, i, i, i,  # num_blocks, bm, num_pairs, top_k_in
-        i, i, i, i, i,  # N, K, bk, split, pdl
+        i, i, i, i, i, i,  # N, K, bk, split, fold, pdl
         p,  # stream
     ]
 

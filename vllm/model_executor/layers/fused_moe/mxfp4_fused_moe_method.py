@@ -169,6 +169,7 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
                                      (layer.w2_blocks.data, layer.w2_scales.data), self.moe_config.in_dtype)
         if pair is None:  # the reason is logged
             return
+        layer._mxfp4_mma_fold = tuple(mw.fold for mw in pair)
         for name, mw in zip(("w13", "w2"), pair):
             for suffix, t in (("mma_words", mw.words), ("mma_scales", mw.scales_t)):
                 layer.register_parameter(f"{name}_{suffix}", torch.nn.Parameter(t, requires_grad=False))
@@ -180,8 +181,9 @@ class Mxfp4FusedMoEMethod(FusedMoEMethodBase):
         if hasattr(layer, "w13_mma_words"):
             from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import Mxfp4MmaWeight
 
-            qc.w1_mma = Mxfp4MmaWeight(layer.w13_mma_words.data, layer.w13_mma_scales.data)
-            qc.w2_mma = Mxfp4MmaWeight(layer.w2_mma_words.data, layer.w2_mma_scales.data)
+            fold = getattr(layer, "_mxfp4_mma_fold", (False, False))  # set at the repack
+            qc.w1_mma = Mxfp4MmaWeight(layer.w13_mma_words.data, layer.w13_mma_scales.data, fold[0])
+            qc.w2_mma = Mxfp4MmaWeight(layer.w2_mma_words.data, layer.w2_mma_scales.data, fold[1])
         return qc
 
     def supports_lora(self) -> bool:

@@ -88,7 +88,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                                       num_tokens_post_padded=route["num_tokens_post_padded"],
                                       topk_weights=topk_weights, mul_routed_weight=weighted, bias=bias,
                                       split_k=route["splits"][stage - 1], stage=route["stages"][stage - 1],
-                                      may_drop_pairs=True)  # split partials zeroed: an expert map may drop pairs
+                                      # split partials are zeroed only where an expert map may drop pairs (EP)
+                                      may_drop_pairs=self.moe_config.parallel_config.ep_size > 1)
             return
         if route.get("dequant"):
             from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts

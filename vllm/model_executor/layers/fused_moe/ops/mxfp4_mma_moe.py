@@ -39,16 +39,19 @@ MIN_SPLIT_K = 1024  # split K while each split keeps at least this many inputs (
 
 @dataclass
 class Mxfp4MmaWeight:
-    """One projection's MXFP4 weight in the tensor-core layout: ``words`` [E, N/16, K/64, 32, 4] int32 and the
-    e8m0 ``scales_t`` [E, K/32, N] uint8."""
+    """One projection's MXFP4 weight in the tensor-core layout: ``words`` [E, N/16, K/64, 32, 4] int32, the
+    e8m0 ``scales_t`` [E, K/32, N] uint8, and ``fold``: every exponent is <= 128, so the kernel multiplies each
+    decoded weight by its scale in bf16 (exact) instead of scaling each group's fp32 sum."""
 
     words: torch.Tensor
     scales_t: torch.Tensor
+    fold: bool = False
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, scales: torch.Tensor) -> "Mxfp4MmaWeight":
-        """From the checkpoint's blocks [E, N, K/32, 16] and scales [E, N, K/32] (uint8)."""
-        return cls(repack_mxfp4_for_mma(blocks), scales.transpose(1, 2).contiguous())
+        """From the checkpoint's blocks [E, N, K/32, 16] and scales [E, N, K/32] (uint8); reads the scales' maximum
+        (a host sync, at load)."""
+        return cls(repack_mxfp4_for_mma(blocks), scales.transpose(1, 2).contiguous(), can_fold(scales))
 
     @property
     def num_experts(self) -> int:
@@ -71,6 +74,12 @@ class Mxfp4MmaWeight:
         values = torch.ldexp(table[codes].view(*codes.shape[:2], -1, MXFP4_BLOCK), exp.unsqueeze(-1))
         out.copy_(values.flatten(-2))
         return out
+
+
+def can_fold(scales: torch.Tensor) -> bool:
+    """Whether every e8m0 exponent is <= 128: then 2^(s - 1) (the decode's 2^126 times the scale) is a normal
+    bf16, and v * 2^(s - 127) is exact in bf16 for every e2m1 value v (real checkpoints: scales <= 2)."""
+    return scales.numel() == 0 or int(scales.max()) <= 128
 
 
 def mxfp4_mma_unsupported_reason(N: int, K: int, dtype: torch.dtype) -> Optional[str]:
@@ -184,7 +193,7 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
         target.data_ptr(), t_os, t_om, fp32, _ptr(tw),
         _ptr(sorted_token_ids) if sorted_mode else None, expert_ids.data_ptr(),
         _ptr(num_tokens_post_padded) if sorted_mode else None,
-        num_blocks, block_m, num_pairs, top_k_in, N, K, bk, split, int(pdl["USE_PDL"]),
+        num_blocks, block_m, num_pairs, top_k_in, N, K, bk, split, int(w.fold), int(pdl["USE_PDL"]),
         torch.cuda.current_stream(a.device).cuda_stream)
     cuda_lib.check(lib, err, "mxfp4_mma_moe_gemm")
     if split > 1:
