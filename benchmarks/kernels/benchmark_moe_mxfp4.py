@@ -83,6 +83,8 @@ def parse_args() -> argparse.Namespace:
                    help="kernel config variants timed beside the default: portable, split-N, split-auto, "
                         "joined with + (e.g. portable+split-auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also list the kernels of the base and LoRA calls per token count (torch.profiler, eager)")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     return p.parse_args()
 
@@ -288,6 +290,20 @@ def run_case(L: Layers, M: int, args, dtype, device, flush, peak: float) -> dict
                 dequant=t.get("dequant"), variants=variants)
 
 
+def profile_case(L: Layers, M: int, args, dtype, device, flush) -> str:
+    """The kernels of the base and the LoRA call at M tokens, side by side (``profile_moe_lora.table``)."""
+    from profile_moe_lora import kernel_times
+    from profile_moe_lora import table as kernel_table
+
+    x, _, tw, ti, slots = inputs(L, M, args.num_loras, dtype, device, args.seed)
+    L.punica.update_metadata(slots)
+    qm, ctx = L.mx.quant_method, L.mx._lora_context
+    base = kernel_times(lambda: qm.apply(L.mx, x, tw, ti, lora_context=None), 10, flush)
+    lora = kernel_times(lambda: qm.apply(L.mx, x, tw, ti, lora_context=ctx), 10, flush)
+    text, tb, tl = kernel_table(base, lora)
+    return f"{L.name}, {M} tokens (sum of device time: base {tb:.1f} us, LoRA {tl:.1f} us):\n\n{text}\n"
+
+
 def table(rows: list[dict], gpu: str) -> str:
     names = list(rows[0]["variants"]) if rows else []
     lines = ["| shape | tokens | experts | bf16 base (us) | MXFP4 base (us) | bf16 / MXFP4 | MXFP4 + LoRA (us) "
@@ -340,7 +356,7 @@ def main() -> None:
           f"weights allow (VLLM_MXFP4_MMA); rank {args.rank}; "
           f"{args.num_loras} adapters; copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s", flush=True)
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if has_cuda else None
-    rows, dq_lines = [], []
+    rows, dq_lines, prof_lines = [], [], []
     for shape in shapes:
         L = build(shape, dtype, device, args.rank, args.num_loras, max(max(tokens), check_m), args.seed)
         print(f"[{L.name}] H={L.H} I={L.I} E={L.E} top_k={L.k}: correctness at {check_m} tokens: "
@@ -352,6 +368,8 @@ def main() -> None:
                   + (f"  kernel {r['kernel']:.1f} / dequant {r['dequant']:.1f} us" if args.compare_paths else ""),
                   flush=True)
             rows.append(r)
+            if args.profile:
+                prof_lines.append(profile_case(L, M, args, dtype, device, flush))
         if args.compare_paths:
             timer = ((lambda fn: time_cuda(fn, flush, args.reps, not args.no_graph)[0]) if has_cuda
                      else (lambda fn: time_cpu(fn, 1)[0]))
@@ -370,6 +388,9 @@ def main() -> None:
                            paths_table(rows, "MXFP4", "bf16 base"), "",
                            "The MXFP4 dequantiser alone (one scratch of experts):", "",
                            *DEQUANT_HEADER, *dq_lines, ""])
+    if prof_lines:
+        text += "\n".join(["", "### Kernels of one call (torch.profiler, eager, L2 flushed; device us per call)", "",
+                           *prof_lines, ""])
     emit(text, args.out)
 
 
