@@ -229,3 +229,25 @@ def test_mma_graph_replay():
     fresh = torch.empty_like(out)
     run(fresh)
     assert torch.equal(out, fresh)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_reduction_fuses_swigluoai(split, device):
+    """The split reduction's gpt-oss epilogue (ACT 2, interleaved gate / up) equals the sum rounded to the output
+    dtype then ``moe_activation``: bit for bit on the GPU (the same Triton arithmetic), to rounding on the CPU
+    interpreter (whose activation reference is torch's)."""
+    from vllm.model_executor.layers.fused_moe.config import MoEActivation
+    from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
+    from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import reduce_splits
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter truncates bf16 stores
+    pairs, N = 37, 96
+    part = (torch.randn(split, pairs, N) * 4).to(device)  # past the clamp limit 7 too
+    out = torch.full((pairs, N // 2), float("nan"), dtype=dtype, device=device)
+    reduce_splits(part, out, split, 1, 2, {})
+    want = torch.empty_like(out)
+    moe_activation(MoEActivation.SWIGLUOAI, part.sum(0).to(dtype), out=want)
+    if device.type == "cuda":
+        assert torch.equal(out, want)
+    else:
+        assert_close(out.float(), want.float(), dtype)

@@ -21,7 +21,7 @@ def mma_calls(monkeypatch):
     monkeypatch.setenv("VLLM_MXFP4_MMA", "1")
     calls, invoke = [], mma_mod.invoke_mxfp4_mma_moe_gemm
     monkeypatch.setattr(mma_mod, "invoke_mxfp4_mma_moe_gemm",
-                        lambda *a, **kw: calls.append(kw["block_m"]) or invoke(*a, **kw))
+                        lambda *a, **kw: calls.append(kw) or invoke(*a, **kw))
     return calls
 
 
@@ -86,3 +86,15 @@ def test_fp16_and_narrow_shapes_stay_on_the_blocks(mma_calls):
     ck, _, _ = _case(3, 8, 2, 96, 32, "swigluoai", True, True, torch.bfloat16, torch.device("cuda"))
     assert not hasattr(make_mxfp4_layer(ck, 2, torch.bfloat16, "cuda", backend="triton"), "w13_mma_words")
     assert not mma_calls
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_split_reductions_fuse_the_activation_and_the_sum(M, mma_calls):
+    """Few tokens over K >= 2048 split K: GEMM1's reduction applies swigluoai and GEMM2's sums the top-k rows
+    (no activation or moe_sum launch); the layer still matches the reference."""
+    ck, x, logits = _case(M, 8, 2, 2048, 2048, "swigluoai", True, False, torch.bfloat16, torch.device("cuda"))
+    layer = make_mxfp4_layer(ck, 2, torch.bfloat16, "cuda", backend="triton")
+    out = layer(x, logits)
+    assert [kw.get("epilogue_activation") is not None for kw in mma_calls] == [True, False]
+    assert [kw.get("epilogue_top_k", 0) for kw in mma_calls] == [0, 2]
+    assert_close(out.float().cpu(), _ref(dequantized_weights(ck), x, logits, 2, "swigluoai"), torch.bfloat16)

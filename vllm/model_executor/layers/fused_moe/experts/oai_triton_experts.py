@@ -14,8 +14,11 @@ On CUDA, weights repacked at load for the tensor-core kernel (``Mxfp4FusedMoEMet
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 import torch
+
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 
 from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
     dense_route,
@@ -72,6 +75,39 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                     sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,
                     num_tokens_post_padded=align.num_tokens_post_padded)
 
+    def _mma_gemm(self, out: torch.Tensor, a: torch.Tensor, route: dict, *, stage: int, top_k_in: int,
+                  topk_weights: Optional[torch.Tensor], weighted: bool, **epilogue: Any) -> None:
+        from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import invoke_mxfp4_mma_moe_gemm
+
+        qc = self.quant_config
+        invoke_mxfp4_mma_moe_gemm(a, qc.w1_mma if stage == 1 else qc.w2_mma, out, top_k_in=top_k_in,
+                                  block_m=route["mma"], sorted_token_ids=route["sorted_token_ids"],
+                                  block_expert_ids=route["block_expert_ids"],
+                                  num_tokens_post_padded=route["num_tokens_post_padded"],
+                                  topk_weights=topk_weights, mul_routed_weight=weighted, bias=self._stage(stage)[1],
+                                  split_k=route["splits"][stage - 1], stage=route["stages"][stage - 1],
+                                  # split partials are zeroed only where an expert map may drop pairs (EP)
+                                  may_drop_pairs=self.moe_config.parallel_config.ep_size > 1, **epilogue)
+
+    def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                         route: Optional[dict], *, activation: MoEActivation, top_k_in: int) -> bool:
+        """On the tensor-core kernel with split K: the split reduction applies the activation (one launch fewer;
+        swigluoai bit for bit the unfused one)."""
+        if not route or not route.get("mma") or route["splits"][0] < 2:
+            return False
+        self._mma_gemm(out, a, route, stage=1, top_k_in=top_k_in, topk_weights=None, weighted=False,
+                       epilogue_activation=activation)
+        return True
+
+    def _gemm2_summed(self, output: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                      route: Optional[dict], *, top_k: int, topk_weights: torch.Tensor, weighted: bool) -> bool:
+        """On the tensor-core kernel with split K: the split reduction sums the top-k rows into ``output``."""
+        if not route or not route.get("mma") or route["splits"][1] < 2:
+            return False
+        self._mma_gemm(output, a, route, stage=2, top_k_in=1, topk_weights=topk_weights, weighted=weighted,
+                       epilogue_top_k=top_k)
+        return True
+
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor,
               route: dict | None, *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
               weighted: bool) -> None:
@@ -80,16 +116,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         scales, bias = self._stage(stage)
         mma = self.quant_config.w1_mma if stage == 1 else self.quant_config.w2_mma
         if route.get("mma"):
-            from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import invoke_mxfp4_mma_moe_gemm
-
-            invoke_mxfp4_mma_moe_gemm(a, mma, out, top_k_in=top_k_in, block_m=route["mma"],
-                                      sorted_token_ids=route["sorted_token_ids"],
-                                      block_expert_ids=route["block_expert_ids"],
-                                      num_tokens_post_padded=route["num_tokens_post_padded"],
-                                      topk_weights=topk_weights, mul_routed_weight=weighted, bias=bias,
-                                      split_k=route["splits"][stage - 1], stage=route["stages"][stage - 1],
-                                      # split partials are zeroed only where an expert map may drop pairs (EP)
-                                      may_drop_pairs=self.moe_config.parallel_config.ep_size > 1)
+            self._mma_gemm(out, a, route, stage=stage, top_k_in=top_k_in, topk_weights=topk_weights,
+                           weighted=weighted)
             return
         if route.get("dequant"):
             from vllm.model_executor.layers.fused_moe.ops.mxfp4_expert_dequant import dequantize_mxfp4_experts

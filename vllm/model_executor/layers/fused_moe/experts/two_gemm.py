@@ -77,6 +77,13 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         runs this step (the w13 delta joins before the activation)."""
         return False
 
+    def _gemm2_summed(self, output: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+                      route: Optional[Any], *, top_k: int, topk_weights: torch.Tensor, weighted: bool) -> bool:
+        """GEMM2 and the top-k sum in one go, into output [M, K] (the pairs' rows summed in fp32 before the one
+        rounding, so not bit for bit GEMM2 then ``moe_sum``); False (nothing written) where the backend cannot.
+        Only called when no LoRA runs this step (the w2 delta joins before the sum)."""
+        return False
+
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
               global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
@@ -112,10 +119,13 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                                               alignment=lora_alignment)
             moe_activation(activation, gemm1, out=act_out, use_triton=glue)
 
+        weighted = not apply_router_weight_on_input
+        if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,
+                                                topk_weights=topk_weights, weighted=weighted):
+            return
         gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
-        weighted = not apply_router_weight_on_input
         self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
                    weighted=weighted)
         if lora_context is not None:

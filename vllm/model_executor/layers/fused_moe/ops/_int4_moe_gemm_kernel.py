@@ -30,9 +30,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu
+from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _gelu_erf, _silu, gated_act
 from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _grouped_pid
 from vllm.model_executor.layers.ops._pdl import pdl_wait
+
+_OAI_ALPHA = tl.constexpr(SWIGLUOAI_ALPHA)
+_OAI_LIMIT = tl.constexpr(SWIGLUOAI_LIMIT)
 
 
 @triton.jit
@@ -239,17 +243,29 @@ def _split_k_reduce_kernel(part_ptr, out_ptr, num_out_rows, N_out, stride_ps, st
     ACT -1, ROWS 1:  out[m, n] = sum_s part[s, m, n]
     ACT -1, ROWS k:  out[m, n] = sum_{r<k} sum_s part[s, m*k + r, n]     (the top-k sum of GEMM2)
     ACT 0 / 1:       out[m, n] = silu / gelu(g) * u, g = sum_s part[s, m, n], u = sum_s part[s, m, n + N_out]
+    ACT 2:           out[m, n] = gpt-oss's clamped SwiGLU of g = sum_s part[s, m, 2n], u = sum_s part[s, m, 2n + 1]
+                     (interleaved rows), g and u rounded to out's dtype first: bit for bit the unfused GEMM
+                     then ``moe_activation``
     ACT 3 / 4 / 5:   out[m, n] = silu / gelu / relu^2 (sum_s part[s, m, n])
-    (the activation codes of ``_activation_kernel.py``; gpt-oss's interleaved one is not fused)."""
+    (the activation codes of ``_activation_kernel.py``)."""
     pdl_wait(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_out_rows * N_out
     m = (offs // N_out).to(tl.int64)
     n = offs % N_out
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r in tl.static_range(ROWS):
+    if ACT == 2:
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + s * stride_ps + (m * ROWS + r) * stride_pm + n, mask=ok, other=0.0)
+            acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + 2 * n, mask=ok, other=0.0)
+            up += tl.load(part_ptr + s * stride_ps + m * stride_pm + 2 * n + 1, mask=ok, other=0.0)
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = gated_act(gate, up, _OAI_ALPHA, _OAI_LIMIT, 2)
+    else:
+        for r in tl.static_range(ROWS):
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + s * stride_ps + (m * ROWS + r) * stride_pm + n, mask=ok, other=0.0)
     if ACT == 0 or ACT == 1:
         up = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):

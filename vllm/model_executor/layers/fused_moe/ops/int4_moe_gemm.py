@@ -259,8 +259,8 @@ def epilogue_plan(num_pairs: int, N: int, epilogue_activation: Optional[MoEActiv
     if epilogue_activation is None and not epilogue_top_k:
         return -1, 1, (num_pairs, N)
     if not can_fuse or (epilogue_activation is not None and epilogue_top_k):
-        raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation other than swigluoai, "
-                         "or a top-k sum")
+        raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation the launcher can fuse "
+                         "(the int4 ones: not swigluoai), or a top-k sum")
     if epilogue_activation is not None:
         return _act_code(epilogue_activation), 1, (num_pairs, N // 2 if epilogue_activation.is_gated else N)
     if num_pairs % epilogue_top_k:

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
     BLOCK_MS,
     _NUM_SMS,
@@ -139,10 +140,13 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
                               topk_weights: Optional[torch.Tensor] = None, mul_routed_weight: bool = False,
                               bias: Optional[torch.Tensor] = None, split_k: Optional[int] = None,
                               stage: Optional[int] = None, split_buffer: Optional[torch.Tensor] = None,
-                              may_drop_pairs: bool = True) -> None:
+                              may_drop_pairs: bool = True, epilogue_activation: Optional[MoEActivation] = None,
+                              epilogue_top_k: int = 0) -> None:
     """Write every routed pair's row of ``out`` [num_rows * top_k_in, N]: (a @ W.T + bias) x router weight.
     Routing: the alignment for blocks of ``block_m`` rows, or ``pair_expert_ids`` (one block per pair, block_m
-    8).  bias: [E, N] in a's dtype, or None.  ``split_k`` / ``stage``: None = the defaults."""
+    8).  bias: [E, N] in a's dtype, or None.  ``split_k`` / ``stage``: None = the defaults.  With split-K the
+    reduction may instead write the activation of the rows (``epilogue_activation``, out [pairs, N/2] for gated
+    ones; swigluoai bit for bit the unfused one) or the top-k sum (``epilogue_top_k``: out [pairs / k, N])."""
     lib = cuda_lib.library()
     if lib is None:
         raise RuntimeError("the CUDA C++ MXFP4 kernel is not available here (see the log); use invoke_mxfp4_moe_gemm")
@@ -169,7 +173,7 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
     if bk not in STAGE_KS or (block_m > 16 and bk == 256):
         raise ValueError(f"stage={bk}: the kernel takes stages of {STAGE_KS} inputs (blocks of 32+ rows: 64 / 128)")
     split = max(1, min(split_k or mx_default_split(est_blocks, N, K, bk), -(-K // bk)))
-    _, rows, out_shape = epilogue_plan(num_pairs, N, None, 0, False)
+    act_code, rows, out_shape = epilogue_plan(num_pairs, N, epilogue_activation, epilogue_top_k, split > 1)
     if tuple(out.shape) != out_shape or out.dtype != a.dtype:
         raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     check_16_byte_rows(a=a, scales_t=w.scales_t, words=w.words)
@@ -197,4 +201,4 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
         torch.cuda.current_stream(a.device).cuda_stream)
     cuda_lib.check(lib, err, "mxfp4_mma_moe_gemm")
     if split > 1:
-        reduce_splits(target, out, split, rows, -1, pdl)
+        reduce_splits(target, out, split, rows, act_code, pdl)
