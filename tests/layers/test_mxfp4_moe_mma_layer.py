@@ -98,3 +98,16 @@ def test_split_reductions_fuse_the_activation_and_the_sum(M, mma_calls):
     assert [kw.get("epilogue_activation") is not None for kw in mma_calls] == [True, False]
     assert [kw.get("epilogue_top_k", 0) for kw in mma_calls] == [0, 2]
     assert_close(out.float().cpu(), _ref(dequantized_weights(ck), x, logits, 2, "swigluoai"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("M,H,I", [(16, 256, 128), (2, 2048, 2048)])  # the second splits K: fused epilogues
+def test_expert_parallel_ranks_sum_to_the_layer(M, H, I, mma_calls):
+    """EP: pairs routed to the other rank's experts are dropped (split partials zeroed first); the two ranks'
+    outputs add up to the full layer."""
+    ck, x, logits = _case(M, 8, 2, H, I, "swigluoai", True, True, torch.bfloat16, torch.device("cuda"))
+    ranks = [make_mxfp4_layer(ck, 2, torch.bfloat16, "cuda", backend="triton", ep_size=2, ep_rank=r)
+             for r in range(2)]
+    assert all(hasattr(layer, "w13_mma_words") for layer in ranks)
+    total = sum(layer(x, logits).float() for layer in ranks)
+    assert mma_calls
+    assert_close(total.cpu(), _ref(dequantized_weights(ck), x, logits, 2, "swigluoai"), torch.bfloat16)
