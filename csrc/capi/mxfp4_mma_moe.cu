@@ -47,16 +47,8 @@ int vllm_mxfp4_mma_moe_gemm(const void* a, long long stride_am, const void* qw, 
   p.zeros = nullptr;
   p.bias = bias;
   p.stride_be = stride_be;
-  p.out = out;
-  p.stride_os = stride_os;
-  p.stride_om = stride_om;
-  p.topk_weights = topk_weights;
-  p.sorted_ids = sorted_ids;
-  p.block_expert = block_expert;
-  p.num_post_padded = num_post_padded;
-  p.num_pairs = num_pairs;
-  p.top_k_in = top_k_in;
-  p.out_fp32 = out_fp32;
+  set_output_and_routing(p, out, stride_os, stride_om, out_fp32, topk_weights, sorted_ids, block_expert,
+                         num_post_padded, num_pairs, top_k_in);
   set_launch_fields(p, N, K, 32, bk, split);
   p.pdl = pdl;
   p.magic = kMxMul;

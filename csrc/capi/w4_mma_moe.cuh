@@ -411,7 +411,24 @@ cudaError_t launch(const Args& p, int num_blocks, int split, cudaStream_t stream
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
-// The shared part of both C entries: the grid, the split's stage count, the group's shape.
+// The shared part of both C entries: where the rows go, and which pairs the blocks hold.
+inline void set_output_and_routing(Args& p, void* out, long long stride_os, long long stride_om, int out_fp32,
+                                   const float* topk_weights, const int32_t* sorted_ids,
+                                   const int32_t* block_expert, const int32_t* num_post_padded, int num_pairs,
+                                   int top_k_in) {
+  p.out = out;
+  p.stride_os = stride_os;
+  p.stride_om = stride_om;
+  p.out_fp32 = out_fp32;
+  p.topk_weights = topk_weights;
+  p.sorted_ids = sorted_ids;
+  p.block_expert = block_expert;
+  p.num_post_padded = num_post_padded;
+  p.num_pairs = num_pairs;
+  p.top_k_in = top_k_in;
+}
+
+// ... and the grid, the split's stage count, the group's shape.
 inline void set_launch_fields(Args& p, int N, int K, int group, int bk, int split) {
   p.N = N;
   p.K = K;

@@ -238,7 +238,7 @@ def test_split_reduction_fuses_swigluoai(split, device):
     interpreter (whose activation reference is torch's)."""
     from vllm.model_executor.layers.fused_moe.config import MoEActivation
     from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
-    from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import reduce_splits
+    from vllm.model_executor.layers.fused_moe.ops.moe_launch import reduce_splits
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter truncates bf16 stores
     pairs, N = 37, 96

@@ -19,7 +19,14 @@ import torch
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import repack_for_mma, unpack_mma
-from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import epilogue_plan, routed_blocks
+from vllm.model_executor.layers.fused_moe.ops.moe_launch import (
+    check_16_byte_rows,
+    epilogue_plan,
+    reduce_splits,
+    routed_blocks,
+    router_weights_f32,
+    split_target,
+)
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.platforms import cuda_lib
@@ -211,14 +218,7 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
     if tuple(out.shape) != out_shape or out.dtype != a.dtype:
         raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     check_16_byte_rows(a=a, scales=p.scales, zeros=p.zeros, words=w.words)
-    if mul_routed_weight:
-        if topk_weights is None or topk_weights.numel() != num_pairs:
-            raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
-        tw = topk_weights.reshape(-1)
-        if tw.dtype != torch.float32 or not tw.is_contiguous():
-            tw = tw.float().contiguous()  # graph-safe: a fresh tensor from the captured pool, no host sync
-    else:
-        tw = None
+    tw = router_weights_f32(topk_weights, mul_routed_weight, num_pairs)
     if num_pairs == 0 or N == 0 or num_blocks == 0:
         return
     target, t_os, t_om, fp32 = split_target(out, split, num_pairs, N, split_buffer, may_drop_pairs)
@@ -235,41 +235,3 @@ def invoke_int4_mma_moe_gemm(a: torch.Tensor, w: Int4MmaWeight, out: torch.Tenso
     cuda_lib.check(lib, err, "int4_mma_moe_gemm")
     if split > 1:
         reduce_splits(target, out, split, rows, act_code, pdl)
-
-
-def check_16_byte_rows(**tensors: Optional[torch.Tensor]) -> None:
-    """The kernels copy 16-byte pieces: each given tensor must start and have its rows on 16-byte boundaries."""
-    unaligned = [name for name, t in tensors.items()
-                 if t is not None and (t.data_ptr() % 16 or any(st % (16 // t.element_size())
-                                                                 for st in t.stride()[:-1]))]
-    if unaligned:
-        raise ValueError(f"the kernel copies 16-byte pieces: {', '.join(unaligned)} must start and have rows "
-                         "on 16-byte boundaries")
-
-
-def split_target(out: torch.Tensor, split: int, num_pairs: int, N: int, split_buffer: Optional[torch.Tensor],
-                 may_drop_pairs: bool) -> Tuple[torch.Tensor, int, int, int]:
-    """Where a launch writes: (tensor, split stride, row stride, fp32 flag): ``out`` itself, or with split-K
-    fp32 partials [split, num_pairs, N] in ``split_buffer`` (a fresh one if it is too small; zeroed when pairs
-    may be routed nowhere, since the reduction reads every row)."""
-    if split > 1:
-        need = split * num_pairs * N
-        if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32:
-            split_buffer = torch.empty(need, dtype=torch.float32, device=out.device)
-        target = split_buffer[:need].view(split, num_pairs, N)
-        if may_drop_pairs:
-            target.zero_()
-        return target, target.stride(0), target.stride(1), 1
-    if out.stride(1) != 1:
-        raise ValueError("out must have unit column stride")
-    return out, 0, out.stride(0), 0
-
-
-def reduce_splits(target: torch.Tensor, out: torch.Tensor, split: int, rows: int, act_code: int, pdl: dict) -> None:
-    """out = the sum of the split partials (one Triton launch), with ``epilogue_plan``'s activation or row sum."""
-    from vllm.model_executor.layers.fused_moe.ops._int4_moe_gemm_kernel import _split_k_reduce_kernel
-
-    block = 1024
-    _split_k_reduce_kernel[(-(-out.numel() // block),)](
-        target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
-        out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block, **pdl)

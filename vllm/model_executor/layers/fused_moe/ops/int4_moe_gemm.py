@@ -23,7 +23,7 @@ import torch
 from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, int4_moe_gemm_reference  # noqa: F401
-from vllm.model_executor.layers.fused_moe.ops.activation import _act_code
+from vllm.model_executor.layers.fused_moe.ops.moe_launch import epilogue_plan, routed_blocks
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
@@ -230,42 +230,6 @@ def use_unsorted_int4_gemm(num_pairs: int, num_experts: int) -> bool:
     with the experts (rarely two on one expert): num_pairs * 4 <= E_local, at most 64 pairs.
     """
     return num_pairs * 4 <= num_experts and num_pairs <= 64
-
-
-def routed_blocks(num_pairs: int, num_experts: int, bm: int, sorted_token_ids: Optional[torch.Tensor],
-                  block_expert_ids: Optional[torch.Tensor], num_tokens_post_padded: Optional[torch.Tensor],
-                  pair_expert_ids: Optional[torch.Tensor], what: str) -> int:
-    """Check a launch's routing (the alignment's three outputs for blocks of ``bm`` rows, or ``pair_expert_ids``:
-    one block per pair) and return the blocks to launch.  ``what`` names the block size in the errors."""
-    if pair_expert_ids is None:
-        if sorted_token_ids is None or block_expert_ids is None or num_tokens_post_padded is None:
-            raise ValueError("give the moe_align_block_size outputs (sorted) or pair_expert_ids (unsorted)")
-        EM = sorted_token_ids.numel()
-        if EM % bm or block_expert_ids.numel() != EM // bm:
-            raise ValueError(f"alignment does not match {what}={bm}: align with that block size")
-        return min(EM // bm, -(-num_pairs // bm) + min(num_pairs, num_experts))
-    if sorted_token_ids is not None or block_expert_ids is not None:
-        raise ValueError("give either the alignment or pair_expert_ids, not both")
-    if pair_expert_ids.numel() != num_pairs or pair_expert_ids.dtype != torch.int32 \
-            or not pair_expert_ids.is_contiguous():
-        raise ValueError(f"pair_expert_ids must be contiguous int32 with {num_pairs} values")
-    return num_pairs
-
-
-def epilogue_plan(num_pairs: int, N: int, epilogue_activation: Optional[MoEActivation], epilogue_top_k: int,
-                  can_fuse: bool) -> tuple[int, int, tuple[int, int]]:
-    """(activation code, rows summed, out's shape) of a launch's split-reduction epilogue; ``can_fuse``: whether
-    the launch splits K (and the activation is not swigluoai)."""
-    if epilogue_activation is None and not epilogue_top_k:
-        return -1, 1, (num_pairs, N)
-    if not can_fuse or (epilogue_activation is not None and epilogue_top_k):
-        raise ValueError("a fused epilogue needs SPLIT_K > 1 and one of: an activation the launcher can fuse "
-                         "(the int4 ones: not swigluoai), or a top-k sum")
-    if epilogue_activation is not None:
-        return _act_code(epilogue_activation), 1, (num_pairs, N // 2 if epilogue_activation.is_gated else N)
-    if num_pairs % epilogue_top_k:
-        raise ValueError(f"{num_pairs} pairs are not whole tokens of top_k={epilogue_top_k}")
-    return -1, epilogue_top_k, (num_pairs // epilogue_top_k, N)
 
 
 def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor, *, top_k_in: int,

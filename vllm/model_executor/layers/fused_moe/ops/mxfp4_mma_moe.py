@@ -17,16 +17,15 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
-from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
-    BLOCK_MS,
-    _NUM_SMS,
-    _ptr,
+from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import BLOCK_MS, _NUM_SMS, _ptr, ctas_of
+from vllm.model_executor.layers.fused_moe.ops.moe_launch import (
     check_16_byte_rows,
-    ctas_of,
+    epilogue_plan,
     reduce_splits,
+    routed_blocks,
+    router_weights_f32,
     split_target,
 )
-from vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm import epilogue_plan, routed_blocks
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import E2M1_VALUES, MXFP4_BLOCK
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_layout import repack_mxfp4_for_mma, unpack_mxfp4_mma
 from vllm.platforms import cuda_lib
@@ -177,14 +176,7 @@ def invoke_mxfp4_mma_moe_gemm(a: torch.Tensor, w: Mxfp4MmaWeight, out: torch.Ten
     if tuple(out.shape) != out_shape or out.dtype != a.dtype:
         raise ValueError(f"out must be {a.dtype} {list(out_shape)}, got {tuple(out.shape)} {out.dtype}")
     check_16_byte_rows(a=a, scales_t=w.scales_t, words=w.words)
-    if mul_routed_weight:
-        if topk_weights is None or topk_weights.numel() != num_pairs:
-            raise ValueError(f"mul_routed_weight=True needs topk_weights with {num_pairs} values")
-        tw = topk_weights.reshape(-1)
-        if tw.dtype != torch.float32 or not tw.is_contiguous():
-            tw = tw.float().contiguous()  # graph-safe: a fresh tensor from the captured pool, no host sync
-    else:
-        tw = None
+    tw = router_weights_f32(topk_weights, mul_routed_weight, num_pairs)
     if num_pairs == 0 or N == 0 or num_blocks == 0:
         return
     target, t_os, t_om, fp32 = split_target(out, split, num_pairs, N, split_buffer, may_drop_pairs)
