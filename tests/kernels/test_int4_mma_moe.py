@@ -209,3 +209,17 @@ def test_mma_epilogues_and_graph_replay():
     fresh = torch.empty_like(out)
     invoke_int4_mma_moe_gemm(a, mw, fresh, top_k_in=top_k, block_m=8, pair_expert_ids=pair_ids, split_k=2)
     assert torch.equal(out, fresh)
+
+
+def test_block_m_or_dequant(monkeypatch):
+    """The tensor-core launchers' choice between their blocks and the dequant path (MarlinExperts, MXFP4 experts)."""
+    from vllm.model_executor.layers.fused_moe.experts import dequant_path
+    from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import block_m_or_dequant
+
+    asked = []
+    takes = lambda: asked.append(1) or True  # noqa: E731
+    assert block_m_or_dequant(32, 8, False, takes) == 8 and not asked  # few rows: the kernel, no question
+    assert block_m_or_dequant(1024, 8, False, takes) is None and asked  # 128 rows per expert: the dequant path
+    assert block_m_or_dequant(1024, 8, False, lambda: False) == 64  # ... unless it refuses (graph capture)
+    monkeypatch.setattr(dequant_path, "FORCE_PATH", "dequant")
+    assert block_m_or_dequant(32, 8, False, takes) is None

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.ops.moe_sum import moe_sum
-from vllm.model_executor.layers.fused_moe.experts import dequant_path
 from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
     dense_route,
     dequant_grouped_gemm,
@@ -31,10 +30,9 @@ from vllm.model_executor.layers.fused_moe.experts.two_gemm import local_expert_i
 from vllm.model_executor.layers.fused_moe.experts.int4_experts_base import Int4ExpertsBase
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
-    BLOCK_MS,
     MmaPlan,
+    block_m_or_dequant,
     launch_shape,
-    mma_block_m,
 )
 
 if TYPE_CHECKING:
@@ -144,11 +142,10 @@ class MarlinExperts(Int4ExpertsBase):
         qc = self.quant_config
         if qc.w13_mma is None:
             return None
-        bm = mma_block_m(pairs, num_experts, unsorted)
-        if bm is None or dequant_path.FORCE_PATH == "dequant":  # tests and benchmarks may force the path
-            if take_dequant_path(pairs, num_experts, "int4", device):
-                return None
-            bm = bm or BLOCK_MS[-1]
+        bm = block_m_or_dequant(pairs, num_experts, unsorted,
+                                lambda: take_dequant_path(pairs, num_experts, "int4", device))
+        if bm is None:
+            return None
         w13, w2 = qc.w13_mma, qc.w2_mma
         blocks = pairs if unsorted else min(pairs, num_experts)
         shapes = [launch_shape(blocks, w.packed.n, w.packed.k, w.packed.group_size, bm) for w in (w13, w2)]

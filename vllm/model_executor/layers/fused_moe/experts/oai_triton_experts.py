@@ -19,7 +19,6 @@ from typing import Any, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
-
 from vllm.model_executor.layers.fused_moe.experts.dequant_path import (
     dense_route,
     dequant_grouped_gemm,
@@ -58,16 +57,13 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                    dtype: torch.dtype) -> dict:
         """The tensor-core kernel's routing (sorted blocks of 8-64 rows, stage widths and splits per GEMM), or
         the dequant path's beyond ``MMA_MAX_ROWS`` expected rows per expert (outside graph capture)."""
-        from vllm.model_executor.layers.fused_moe.experts import dequant_path
-        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import BLOCK_MS, mma_block_m
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import block_m_or_dequant
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import mx_launch_shape
 
-        bm = mma_block_m(pairs, E_local, unsorted=False)
-        if bm is None or dequant_path.FORCE_PATH == "dequant":  # tests and benchmarks may force the path
-            if take_dequant_path(pairs, E_local, "mxfp4", ids.device):
-                return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
-            bm = bm or BLOCK_MS[-1]
+        bm = block_m_or_dequant(pairs, E_local, False, lambda: take_dequant_path(pairs, E_local, "mxfp4", ids.device))
+        if bm is None:
+            return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
         qc = self.quant_config
         shapes = [mx_launch_shape(min(pairs, E_local), w.n, w.k, bm) for w in (qc.w1_mma, qc.w2_mma)]
         align = align_for_experts(ids, bm, E_local)
@@ -137,4 +133,3 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                               num_tokens_post_padded=route["num_tokens_post_padded"], top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted, bias=bias,
                               config=route[f"cfg{stage}"])
-

@@ -12,7 +12,7 @@ act-order (``perm`` / ``g_idx``) weights are not taken (``mma_unsupported_reason
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -97,6 +97,22 @@ def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[in
     if rows > MMA_MAX_ROWS:
         return None
     return next((bm for bm in BLOCK_MS if bm >= 1.5 * rows), BLOCK_MS[-1])
+
+
+def block_m_or_dequant(pairs: int, num_experts: int, unsorted: bool,
+                       dequant_takes: Callable[[], bool]) -> Optional[int]:
+    """Rows per block for a tensor-core launch of ``pairs`` (``mma_block_m``), or None where the dequant path takes
+    it instead: beyond ``MMA_MAX_ROWS`` expected rows per expert, or when forced (``dequant_path.FORCE_PATH``), unless
+    ``dequant_takes()`` (the caller's ``take_dequant_path`` for its weight kind) refuses, as inside a graph capture:
+    then the widest blocks, several per expert, since the repacked words are the only copy."""
+    from vllm.model_executor.layers.fused_moe.experts import dequant_path
+
+    bm = mma_block_m(pairs, num_experts, unsorted)
+    if bm is None or dequant_path.FORCE_PATH == "dequant":  # tests and benchmarks may force the path
+        if dequant_takes():
+            return None
+        bm = bm or BLOCK_MS[-1]
+    return bm
 
 
 def mma_weights_for(w13: Int4PackedWeight, w2: Int4PackedWeight,
