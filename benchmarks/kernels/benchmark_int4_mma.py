@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--no-sweep", action="store_true", help="only the default split")
+    p.add_argument("--block-m", type=int, default=None, choices=[8, 16, 32, 64],
+                   help="rows per block of the sorted launches (default: mma_block_m's choice)")
     bt.add_run_args(p, smoke="not available: the kernel is CUDA only")
     return p.parse_args()
 
@@ -96,7 +98,7 @@ def main() -> None:
             pairs = M * top_k
             touched = int(torch.unique(ids).numel())
             unsorted = use_unsorted_int4_gemm(pairs, E)
-            bm = mma_block_m(pairs, E, unsorted) or 64
+            bm = args.block_m or mma_block_m(pairs, E, unsorted) or 64
             al_mma = None if unsorted else moe_align_block_size(ids, bm, E)
             for gname, w in weights.items():
                 N, K = w.n, w.k

@@ -35,7 +35,7 @@ def _instance(mangled: str) -> tuple:
 
 def main_loop_instructions(body: str) -> int:
     lines = re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(.*?);", body)
-    hmma = [int(a, 16) for a, ins in lines if "HMMA" in ins]
+    hmma = [int(a, 16) for a, ins in lines if "HMMA" in ins or "HGMMA" in ins]
     loops = []
     for a, ins in lines:
         m = re.search(r"BRA (0x[0-9a-f]+)", ins)

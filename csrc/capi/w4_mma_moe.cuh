@@ -3,7 +3,9 @@
 //
 // The 4-bit weight is the mma.sync A operand (16 output channels x 16 inputs), the block's tokens the
 // B operand (16 inputs x 8 tokens), so one m16n8k16 serves up to 8 tokens of one expert and 16 rows
-// take two.  The weights are repacked once at load (vllm/.../ops/int4_mma_layout.py) so that each
+// take two.  On sm_90a, blocks of 32 rows (and of 64 with folded MXFP4 scales) issue Hopper's warpgroup MMA
+// instead (w4_wgmma.cuh): the same A fragments, the tokens one shared-memory B operand per four warps.
+// The weights are repacked once at load (vllm/.../ops/int4_mma_layout.py) so that each
 // lane's A fragment of one 16 x 16 tile is ONE int32 word, word[e, nt, kc, lane, j] (nt = N/16 row
 // tile, kc = K/64 chunk, j = k16 tile 0..3 of the chunk; g = lane / 4, t = lane % 4): register r of
 // the fragment holds rows g (r even) / g + 8 (r odd), columns 2t, 2t+1 (r < 2) / 2t+8, 2t+9 (r >= 2).
@@ -33,6 +35,7 @@
 #include <stdint.h>
 
 #include "w4_mma_ptx.cuh"
+#include "w4_wgmma.cuh"
 
 namespace {
 
@@ -96,6 +99,9 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   constexpr int kSb = L::kScaleBytes;
   constexpr int kBK = BK;
   constexpr int NT = BM / 8;  // n8 tiles
+  // warpgroup MMAs (w4_wgmma.cuh) instead of mma.sync: 32-row blocks, and 64-row ones without per-group fp32 sums
+  // (H200: int4 64-row blocks lost 23 %, seventeenth session)
+  constexpr bool WG = kWgmmaBuilt && (BM == 32 || (BM == 64 && FOLD));
   extern __shared__ __align__(16) uint8_t smem[];
   int32_t* s_pair = reinterpret_cast<int32_t*>(smem + L::kSt * L::kStageBytes);
   int32_t* s_row = s_pair + BM;
@@ -160,6 +166,12 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     w_ok[i] = rt * 16 < rows_here;
     w_src[i] = w_ok[i] ? qw_e + (long long)(n0 / 16 + rt) * k_chunks * 32 + rem : qw_e;
   }
+  // activation piece -> (row of the block, 8-input chunk), and the chunk's byte offset in the stage's activation
+  // area: token-major rows (mma.sync) or wgmma's core matrices (chunk-major; two chunks of a row per thread pair,
+  // one 32-byte sector read)
+  auto a_row = [](int piece) { return WG ? (piece >> 1) % BM : piece / (kBK / 8); };
+  auto a_chunk = [](int piece) { return WG ? 2 * ((piece >> 1) / BM) + (piece & 1) : piece % (kBK / 8); };
+  auto a_off = [](int r, int c) { return WG ? (c * BM + r) * 16 : (r * (kBK + kAPad) + c * 8) * 2; };
   // activation pieces: kept per thread for narrow blocks; wide ones (32, 64 rows) recompute them per stage
   // from the row table in shared memory (registers)
   constexpr bool kCacheA = kAPer <= 2;
@@ -169,9 +181,9 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
 #pragma unroll
     for (int i = 0; i < kAPer; ++i) {
       const int piece = tid + i * kThreads;
-      const int row = piece < kAPieces ? s_row[piece / (kBK / 8)] : -1;
+      const int row = piece < kAPieces ? s_row[a_row(piece)] : -1;
       a_ok[i] = row >= 0;
-      a_src[i] = a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + (piece % (kBK / 8)) * 8;
+      a_src[i] = a_base + (long long)(row < 0 ? 0 : row) * p.stride_am + a_chunk(piece) * 8;
     }
   }
   // scales on threads [0, kSPieces), zeros on [kSPieces, kSPieces + kZPieces)
@@ -212,8 +224,8 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     for (int i = 0; i < kAPer; ++i) {
       const int piece = tid + i * kThreads;
       if (piece >= kAPieces) continue;
-      const int r = piece / (kBK / 8), c = piece % (kBK / 8);
-      uint8_t* dst = base + L::kWBytes + (r * (kBK + kAPad) + c * 8) * 2;
+      const int r = a_row(piece), c = a_chunk(piece);
+      uint8_t* dst = base + L::kWBytes + a_off(r, c);
       const bool in_k = !MX || c * 8 < k_left;
       if constexpr (kCacheA) {
         cp_async16(dst, a_src[i] + (in_k ? st * kBK : 0), a_ok[i] && in_k);
@@ -272,9 +284,15 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     const uint8_t* z_sm = base + L::kWBytes + L::kABytes + L::kSBytes;
     const bool group_starts = it == 0 || stage_in_group == 0;
     if (G16 == 0 && ++stage_in_group == p.group_stages) stage_in_group = 0;
-    if (!warp_active) continue;
+    if (!WG && !warp_active) continue;  // (a warpgroup's MMAs take all four warps)
+    uint32_t afs[WG ? kBK / 16 : 1][4];  // wgmma: the stage's A fragments stay until its MMAs complete
 
     auto new_group = [&](int gi) {
+      if constexpr (WG && !FOLD) {  // the group's MMAs complete before its sums are scaled
+        wgmma_commit();
+        wgmma_wait_all();
+        wgmma_settle(part[0]);
+      }
       if constexpr (FOLD) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
         const int r = warp * 16 + g;
         mul_lo = static_cast<uint32_t>(s_sm[gi * kRows + r]) * 0x00800080u + 0x3F003F00u;
@@ -314,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
         const int kt = kc * 4 + j;  // 16-input tile within the stage
         if (G16 != 0 && kt % (G16 == 0 ? 1 : G16) == 0) new_group(kt / (G16 == 0 ? 1 : G16));
         const uint32_t w = words[j];
-        uint32_t af[4];
+        uint32_t(&af)[4] = afs[WG ? kt : 0];
         if constexpr (MX) {
           decode_mx(w, mul_lo, mul_hi, af);
         } else {
@@ -323,7 +341,11 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
           af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
           af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
         }
-        if constexpr (INT4_MMA_LDSM) {
+        if constexpr (WG) {
+          // chunks 2kt, 2kt + 1: core matrices BM * 16 bytes apart in K, 128 bytes (8 tokens) apart in N
+          wgmma_fence();
+          Wgmma<T, NT>::run(part[0], af, wgmma_desc(a_sm + kt * 2 * BM * 8, BM * 16, 128));
+        } else if constexpr (INT4_MMA_LDSM) {
           // lane l addresses row l % 8 of matrix l / 8: (tile 2p + m / 2, inputs + 8 (m % 2))
           const T* lrow = a_sm + (((lane >> 4) & (NT > 1 ? 1 : 0)) * 8 + (lane & 7)) * (kBK + kAPad) + kt * 16 +
                           ((lane >> 3) & 1) * 8;
@@ -350,6 +372,13 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
           }
         }
       }
+    }
+    if constexpr (WG) {  // the stage's MMAs complete before its slot is refilled
+      wgmma_commit();
+      wgmma_wait_all();
+      wgmma_settle(part[0]);
+#pragma unroll
+      for (int kt = 0; kt < kBK / 16; ++kt) wgmma_keep(afs[kt]);
     }
   }
   cp_async_wait<0>();
