@@ -55,12 +55,16 @@
 #   mxfp4mma the tensor-core MXFP4 kernel (csrc/capi/mxfp4_mma_moe.cu, sixteenth session): the build, its cuda
 #           tests (MXMMA_TESTS), then the MXFP4 layer with VLLM_MXFP4_MMA=0 / 1 (MXMMA_LAYER_MODES,
 #           MXMMA_LAYER_TOKENS); only when named
+#   w4flags a variant of the 4-bit tensor-core kernels built with VLLM_CSRC_FLAGS="$W4_FLAGS" (e.g. -DW4_INT4_FOLD=1,
+#           seventeenth session: int4 group scales folded into the decode, 64-row blocks on wgmma; or
+#           -DW4_MMA_WGMMA=0): its build, the kernel and layer tests of both formats, then per GEMM and per layer
+#           without and with the flags (W4_TOKENS, default 64 256); only when named
 #   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
 #           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
 #           only when named, on a disposable copy (the device machine's)
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -254,6 +258,26 @@ if [[ " $steps " == *" mxfp4mma "* ]]; then
       >"$OUT/mxfp4_layer_mma$m.log" 2>&1
     r=$?; echo "== MXFP4 layer, VLLM_MXFP4_MMA=$m"; grep "^| \|FAILED\|rror" "$OUT/mxfp4_layer_mma$m.log" | tail -12
     rc=$(( rc || r ))
+  done
+fi
+if [[ " $steps " == *" w4flags "* ]]; then
+  t=${MMA_TIMEOUT:-240}
+  (export VLLM_CSRC_FLAGS="${W4_FLAGS:-}"; pytest tests/kernels/test_int4_mma_moe.py tests/kernels/test_mxfp4_mma_moe.py \
+    tests/quantization/test_int4_moe_mma_layer.py tests/layers/test_mxfp4_moe_mma_layer.py >"$OUT/pytest_w4flags.log" 2>&1)
+  prc=$?; echo "== tests with ${W4_FLAGS:-}"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_w4flags.log" | head -20
+  tail -2 "$OUT/pytest_w4flags.log"; rc=$(( rc || prc ))
+  for v in base flags; do
+    f=""; [ "$v" = flags ] && f="${W4_FLAGS:-}"
+    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py --tokens ${W4_TOKENS:-64 256} \
+      --no-sweep --reps 50 --out "$OUT/w4_int4_gemm_$v.md" >"$OUT/w4_int4_gemm_$v.log" 2>&1
+    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_mxfp4_mma.py --tokens ${W4_TOKENS:-64 256} \
+      --no-sweep --reps 50 --out "$OUT/w4_mx_gemm_$v.md" >"$OUT/w4_mx_gemm_$v.log" 2>&1
+    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
+      --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_int4_layer_$v.md" >"$OUT/w4_int4_layer_$v.log" 2>&1
+    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --shapes 20b 120b \
+      --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_mx_layer_$v.md" >"$OUT/w4_mx_layer_$v.log" 2>&1
+    echo "== $v (${f:-default build})"
+    grep -h "^| [QMg]\|FAILED\|rror" "$OUT"/w4_*_"$v".log | tail -24
   done
 fi
 if [[ " $steps " == *" densegemv "* ]]; then

@@ -29,7 +29,7 @@ def _cuobjdump() -> str:
 def _instance(mangled: str) -> tuple:
     m = _NAME.search(mangled)
     dtype = "bf16" if "bfloat16" in m.group(1) else "fp16"
-    fmt = ("mxfp4 folded" if m.group(7) == "1" else "mxfp4") if m.group(6) == "1" else "int4"
+    fmt = ("mxfp4" if m.group(6) == "1" else "int4") + (" folded" if m.group(7) == "1" else "")
     return fmt, dtype, int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5) == "1"
 
 

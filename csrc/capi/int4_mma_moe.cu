@@ -1,6 +1,10 @@
 // The int4 (W4A16) entry of the tensor-core 4-bit MoE GEMM (kernel: w4_mma_moe.cuh).
 #include "w4_mma_moe.cuh"
 
+#ifndef W4_INT4_FOLD  // 1: blocks of 32+ rows fold the group scale into the decode (w4_mma_moe.cuh's FOLD: no per-group
+#define W4_INT4_FOLD 0  // fp32 sums, so 64-row blocks take the warpgroup MMA too); a variant to time
+#endif
+
 namespace {
 
 template <typename T, int BM, bool HAS_ZEROS>
@@ -16,11 +20,12 @@ cudaError_t by_group(const Args& p, int bk, int g16, int num_blocks, int split, 
       }
     }
   }
+  constexpr bool kFold = W4_INT4_FOLD != 0 && BM >= 32;
   if (bk == 128) {
     switch (g16) {
-      case 0: return launch<T, BM, 128, 0, HAS_ZEROS, false>(p, num_blocks, split, stream);
-      case 2: return launch<T, BM, 128, 2, HAS_ZEROS, false>(p, num_blocks, split, stream);
-      case 4: return launch<T, BM, 128, 4, HAS_ZEROS, false>(p, num_blocks, split, stream);
+      case 0: return launch<T, BM, 128, 0, HAS_ZEROS, false, kFold>(p, num_blocks, split, stream);
+      case 2: return launch<T, BM, 128, 2, HAS_ZEROS, false, kFold>(p, num_blocks, split, stream);
+      case 4: return launch<T, BM, 128, 4, HAS_ZEROS, false, kFold>(p, num_blocks, split, stream);
       default: return cudaErrorInvalidValue;
     }
   }

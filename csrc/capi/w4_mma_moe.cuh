@@ -92,7 +92,8 @@ struct Layout {
 // (2, 4, 8), or 0: the group is a multiple of the stage (its scale row changes only at stage starts).
 // MX: MXFP4 words and e8m0 scales (group 32, G16 = 2, no zeros).  FOLD (MXFP4 whose exponents are all <= 128):
 // the group's scale joins the decode's HMUL2 (2^(s - 1) in bf16: the weight v * 2^(s - 127) exactly) and the MMAs
-// accumulate the whole K range, no per-group fp32 scaling; otherwise each group's fp32 sum is scaled.
+// accumulate the whole K range, no per-group fp32 scaling; otherwise each group's fp32 sum is scaled.  FOLD on int4
+// (the int4 entry's W4_INT4_FOLD variant): one HMUL2 per register by the group's scale after the zero's HSUB2.
 template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX, bool FOLD>
 __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   using L = Layout<T, BM, BK, G16, HAS_ZEROS, MX>;
@@ -257,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = part[0][n][i] = part[1][n][i] = 0.f;
   float s_lo = FOLD ? 1.f : 0.f, s_hi = FOLD ? 1.f : 0.f;  // scales of rows g and g + 8 in the current group
-  uint32_t mul_lo = p.magic, mul_hi = p.magic;  // MXFP4: the decode's multipliers of rows g and g + 8
+  uint32_t mul_lo = p.magic, mul_hi = p.magic;  // FOLD: the decode's multipliers of rows g and g + 8
   uint32_t zz_lo = 0, zz_hi = 0;  // bias + zero of rows g and g + 8, as x2 pairs
   const bool warp_active = warp * 16 < rows_here;
   int stage_in_group = G16 == 0 ? st_first % p.group_stages : 0;  // compute side's running count
@@ -293,28 +294,34 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
         wgmma_wait_all();
         wgmma_settle(part[0]);
       }
-      if constexpr (FOLD) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
-        const int r = warp * 16 + g;
+      const int r = warp * 16 + g;
+      if constexpr (FOLD && MX) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
         mul_lo = static_cast<uint32_t>(s_sm[gi * kRows + r]) * 0x00800080u + 0x3F003F00u;
         mul_hi = static_cast<uint32_t>(s_sm[gi * kRows + r + 8]) * 0x00800080u + 0x3F003F00u;
         return;
       }
+      if constexpr (!FOLD) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
-          part[0][n][i] = part[1][n][i] = 0.f;
+          for (int i = 0; i < 4; ++i) {
+            acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
+            part[0][n][i] = part[1][n][i] = 0.f;
+          }
         }
       }
-      const int r = warp * 16 + g;
       if constexpr (MX) {
         s_lo = e8m0_to_float(s_sm[gi * kRows + r]);
         s_hi = e8m0_to_float(s_sm[gi * kRows + r + 8]);
         return;  // no zeros
+      }
+      const T* sc = reinterpret_cast<const T*>(s_sm) + gi * kRows + r;
+      if constexpr (FOLD) {  // int4: the decode multiplies by the scale, (q - z) * s rounded once to T
+        mul_lo = Act<T>::pair(Act<T>::to_float(sc[0]));
+        mul_hi = Act<T>::pair(Act<T>::to_float(sc[8]));
       } else {
-        s_lo = Act<T>::to_float(reinterpret_cast<const T*>(s_sm)[gi * kRows + r]);
-        s_hi = Act<T>::to_float(reinterpret_cast<const T*>(s_sm)[gi * kRows + r + 8]);
+        s_lo = Act<T>::to_float(sc[0]);
+        s_hi = Act<T>::to_float(sc[8]);
       }
       const float z_lo = HAS_ZEROS ? float(z_sm[gi * kRows + r]) : 8.f;
       const float z_hi = HAS_ZEROS ? float(z_sm[gi * kRows + r + 8]) : 8.f;
@@ -340,6 +347,10 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
           af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
           af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
           af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
+          if constexpr (FOLD) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) af[i] = Act<T>::mul(af[i], i % 2 ? mul_hi : mul_lo);
+          }
         }
         if constexpr (WG) {
           // chunks 2kt, 2kt + 1: core matrices BM * 16 bytes apart in K, 128 bytes (8 tokens) apart in N

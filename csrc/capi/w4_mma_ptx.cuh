@@ -24,6 +24,10 @@ struct Act<__nv_bfloat16> {
     __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x), *reinterpret_cast<__nv_bfloat162*>(&y));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  __device__ static uint32_t mul(uint32_t x, uint32_t y) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&x), *reinterpret_cast<__nv_bfloat162*>(&y));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -44,6 +48,10 @@ struct Act<__half> {
   }
   __device__ static uint32_t sub(uint32_t x, uint32_t y) {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&x), *reinterpret_cast<__half2*>(&y));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static uint32_t mul(uint32_t x, uint32_t y) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&x), *reinterpret_cast<__half2*>(&y));
     return *reinterpret_cast<uint32_t*>(&r);
   }
   __device__ static float to_float(__half v) { return __half2float(v); }
