@@ -1,5 +1,5 @@
 // The int4 (W4A16) entry of the tensor-core 4-bit MoE GEMM (kernel: w4_mma_moe.cuh).
-#include "w4_mma_moe.cuh"
+#include "w4_mma_launch.cuh"
 
 #ifndef W4_INT4_FOLD  // 1: blocks of 32+ rows fold the group scale into the decode (w4_mma_moe.cuh's FOLD: no per-group
 #define W4_INT4_FOLD 0  // fp32 sums, so 64-row blocks take the warpgroup MMA too); a variant to time

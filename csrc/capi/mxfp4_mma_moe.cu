@@ -1,6 +1,6 @@
 // The MXFP4 (e2m1 values, e8m0 scales per 32 inputs, optional bias) entry of the tensor-core 4-bit MoE GEMM
 // (kernel: w4_mma_moe.cuh).  bf16 activations only: the decode places the e2m1 bits into bf16.
-#include "w4_mma_moe.cuh"
+#include "w4_mma_launch.cuh"
 
 namespace {
 

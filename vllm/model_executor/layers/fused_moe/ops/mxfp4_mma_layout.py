@@ -1,4 +1,4 @@
-"""The MXFP4 words as the CUDA tensor-core kernel reads them (``csrc/capi/w4_mma_moe.cuh``, ``decode_mx``).
+"""The MXFP4 words as the CUDA tensor-core kernel reads them (``csrc/capi/w4_mma_ptx.cuh``, ``decode_mx``).
 
 The tiling is the int4 layout's (``int4_mma_layout``): [E, N/16, K/64, 32, 4] int32, lane l's word j holding
 its four mma.sync A registers of the chunk's 16 x 16 tile j (register r: row g + 8 (r % 2), columns
