@@ -23,7 +23,7 @@ import torch
 from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, int4_moe_gemm_reference  # noqa: F401
-from vllm.model_executor.layers.fused_moe.ops.moe_launch import epilogue_plan, routed_blocks
+from vllm.model_executor.layers.fused_moe.ops.moe_launch import epilogue_plan, routed_blocks, split_target
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
@@ -289,14 +289,9 @@ def invoke_int4_moe_gemm(a: torch.Tensor, w: Int4PackedWeight, out: torch.Tensor
         _split_k_reduce_kernel,
     )
 
-    if split > 1:
-        need = split * num_pairs * N
-        if split_buffer is None or split_buffer.numel() < need or split_buffer.dtype != torch.float32:
-            split_buffer = torch.empty(need, dtype=torch.float32, device=a.device)
-        target = split_buffer[:need].view(split, num_pairs, N)
-        if may_drop_pairs:
-            target.zero_()  # rows of pairs in no block stay zero (every split stores all its block rows)
-        t_strides = (target.stride(0), target.stride(1), target.stride(2))
+    if split > 1:  # fp32 partials (zeroed where pairs may be in no block: every split stores all its block rows)
+        target, t_split, t_row, _ = split_target(out, split, num_pairs, N, split_buffer, may_drop_pairs)
+        t_strides = (t_split, t_row, 1)
     else:
         target = out
         t_strides = (0, out.stride(0), out.stride(1))
