@@ -59,9 +59,8 @@
 #           seventeenth session: int4 group scales folded into the decode, 64-row blocks on wgmma; or
 #           -DW4_MMA_WGMMA=0): its build, the kernel and layer tests of both formats, then per GEMM and per layer
 #           without and with the flags (W4_TOKENS, default 64 256); only when named
-#   pdl4bit the int4 / MXFP4 kernels with PDL: sets PDL_4BIT = True in this copy's vllm/platforms/pdl.py
-#           (sed), then their kernel tests and benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens;
-#           only when named, on a disposable copy (the device machine's)
+#   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
+#           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
 # installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|all]...

@@ -115,8 +115,9 @@ def test_gemv_rows_config_and_checks(monkeypatch):
         assert forced.gemv == 1 and forced.block_size_m == 4  # the sweep / static report can still compare it
     monkeypatch.setattr(mod, "GEMV_SORTED_MAX_ROWS", 0.0)
     assert mod.get_int4_moe_config(128, 128, 1536, 2048, 128, torch.bfloat16).gemv == 0
-    monkeypatch.undo()  # the interpreter keeps the dot kernel on sorted launches
-    assert mod.get_int4_moe_config(128, 128, 1536, 2048, 128, torch.bfloat16).gemv == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(mod, "triton_interpreting", lambda: True)  # (also on a GPU machine, where it is False)
+    assert mod.get_int4_moe_config(128, 128, 1536, 2048, 128, torch.bfloat16).gemv == 0  # the interpreter: dot
     with pytest.raises(ValueError, match="BLOCK_SIZE_M=32: the GEMV's rows"):
         mod.check_int4_tile_config(Int4TileConfig(32, 16, 16, gemv=1))
     with pytest.raises(ValueError, match="BLOCK_SIZE_M=3"):
