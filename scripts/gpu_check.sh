@@ -55,10 +55,10 @@
 #   mxfp4mma the tensor-core MXFP4 kernel (csrc/capi/mxfp4_mma_moe.cu, sixteenth session): the build, its cuda
 #           tests (MXMMA_TESTS), then the MXFP4 layer with VLLM_MXFP4_MMA=0 / 1 (MXMMA_LAYER_MODES,
 #           MXMMA_LAYER_TOKENS); only when named
-#   w4flags a variant of the 4-bit tensor-core kernels built with VLLM_CSRC_FLAGS="$W4_FLAGS" (e.g. -DW4_INT4_FOLD=1,
-#           seventeenth session: int4 group scales folded into the decode, 64-row blocks on wgmma; or
-#           -DW4_MMA_WGMMA=0): its build, the kernel and layer tests of both formats, then per GEMM and per layer
-#           without and with the flags (W4_TOKENS, default 64 256); only when named
+#   w4flags variants of the 4-bit tensor-core kernels built with VLLM_CSRC_FLAGS: W4_FLAGS holds them separated by
+#           ';' (e.g. "-DW4_SKIP_PAD=1;-DW4_SKIP_PAD=1 -DW4_INT4_FOLD=1"); per variant its build and the kernel
+#           and layer tests of both formats (W4_TESTS=0: none), then per GEMM and per layer (W4_LAYERS=0: GEMMs
+#           only) for the default build (W4_BASE=0: not) and each variant, at W4_TOKENS (default 64 256)
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
@@ -261,20 +261,29 @@ if [[ " $steps " == *" mxfp4mma "* ]]; then
 fi
 if [[ " $steps " == *" w4flags "* ]]; then
   t=${MMA_TIMEOUT:-240}
-  (export VLLM_CSRC_FLAGS="${W4_FLAGS:-}"; pytest tests/kernels/test_int4_mma_moe.py tests/kernels/test_mxfp4_mma_moe.py \
-    tests/quantization/test_int4_moe_mma_layer.py tests/layers/test_mxfp4_moe_mma_layer.py >"$OUT/pytest_w4flags.log" 2>&1)
-  prc=$?; echo "== tests with ${W4_FLAGS:-}"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_w4flags.log" | head -20
-  tail -2 "$OUT/pytest_w4flags.log"; rc=$(( rc || prc ))
-  for v in base flags; do
-    f=""; [ "$v" = flags ] && f="${W4_FLAGS:-}"
+  IFS=';' read -ra w4variants <<< "${W4_FLAGS:-}"
+  if [ "${W4_TESTS:-1}" = 1 ]; then
+    for i in "${!w4variants[@]}"; do
+      f="${w4variants[$i]}"
+      (export VLLM_CSRC_FLAGS="$f"; pytest tests/kernels/test_int4_mma_moe.py tests/kernels/test_mxfp4_mma_moe.py \
+        tests/quantization/test_int4_moe_mma_layer.py tests/layers/test_mxfp4_moe_mma_layer.py >"$OUT/pytest_w4flags_$i.log" 2>&1)
+      prc=$?; echo "== tests with $f"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_w4flags_$i.log" | head -20
+      tail -2 "$OUT/pytest_w4flags_$i.log"; rc=$(( rc || prc ))
+    done
+  fi
+  [ "${W4_BASE:-1}" = 1 ] && w4runs=("base" "${!w4variants[@]}") || w4runs=("${!w4variants[@]}")
+  for v in "${w4runs[@]}"; do
+    f=""; [ "$v" = base ] || f="${w4variants[$v]}"
     VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_int4_mma.py --tokens ${W4_TOKENS:-64 256} \
       --no-sweep --reps 50 --out "$OUT/w4_int4_gemm_$v.md" >"$OUT/w4_int4_gemm_$v.log" 2>&1
     VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_mxfp4_mma.py --tokens ${W4_TOKENS:-64 256} \
       --no-sweep --reps 50 --out "$OUT/w4_mx_gemm_$v.md" >"$OUT/w4_mx_gemm_$v.log" 2>&1
-    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
-      --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_int4_layer_$v.md" >"$OUT/w4_int4_layer_$v.log" 2>&1
-    VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --shapes 20b 120b \
-      --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_mx_layer_$v.md" >"$OUT/w4_mx_layer_$v.log" 2>&1
+    if [ "${W4_LAYERS:-1}" = 1 ]; then
+      VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
+        --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_int4_layer_$v.md" >"$OUT/w4_int4_layer_$v.log" 2>&1
+      VLLM_CSRC_FLAGS="$f" timeout "$t" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --shapes 20b 120b \
+        --tokens ${W4_TOKENS:-64 256} --reps 30 --out "$OUT/w4_mx_layer_$v.md" >"$OUT/w4_mx_layer_$v.log" 2>&1
+    fi
     echo "== $v (${f:-default build})"
     grep -h "^| [QMg]\|FAILED\|rror" "$OUT"/w4_*_"$v".log | tail -24
   done

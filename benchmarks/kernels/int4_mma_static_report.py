@@ -1,6 +1,6 @@
 """The tensor-core 4-bit kernels (``csrc/capi/w4_mma_moe.cuh``: int4 and MXFP4 entries) compiled for sm_90a without a GPU: per template
 instance, registers and spills (``ptxas -v``) and its main loop's instructions per weight (SASS, read with the
-``cuobjdump`` Triton ships).  The main loop is the shortest backward branch spanning every HMMA: one pipeline
+``cuobjdump`` Triton ships).  The main loop is the innermost backward branch holding the most HMMAs: one pipeline
 stage, 16 output channels x BK inputs per warp, so instructions per weight = loop instructions * 32 / (16 * BK)
 (per thread, as the issue rate counts them; ~4 is what the H200's issue rate allows at its copy rate).
 
@@ -33,16 +33,23 @@ def _instance(mangled: str) -> tuple:
     return fmt, dtype, int(m.group(2)), int(m.group(3)), int(m.group(4)), m.group(5) == "1"
 
 
-def main_loop_instructions(body: str) -> int:
+def main_loop_instructions(body: str) -> tuple:
+    """(instructions of the main loop with the most MMAs, those of the other main loops): a loop is a backward
+    branch's range holding MMAs and no shorter such range (W4_SKIP_PAD builds one loop per live-tile count)."""
     lines = re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(.*?);", body)
     hmma = [int(a, 16) for a, ins in lines if "HMMA" in ins or "HGMMA" in ins]
     loops = []
     for a, ins in lines:
         m = re.search(r"BRA (0x[0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < int(a, 16) and int(m.group(1), 16) <= hmma[0] and int(a, 16) >= hmma[-1]:
-            loops.append((int(m.group(1), 16), int(a, 16)))
-    lo, hi = min(loops, key=lambda x: x[1] - x[0])
-    return sum(1 for a, _ in lines if lo <= int(a, 16) <= hi)
+        if m and int(m.group(1), 16) < int(a, 16):
+            lo, hi = int(m.group(1), 16), int(a, 16)
+            mmas = sum(1 for h in hmma if lo <= h <= hi)
+            if mmas:
+                loops.append((lo, hi, mmas))
+    inner = [x for x in loops if not any(y != x and x[0] <= y[0] and y[1] <= x[1] for y in loops)]
+    sizes = [(mmas, sum(1 for a, _ in lines if lo <= int(a, 16) <= hi)) for lo, hi, mmas in inner]
+    main_mmas, main_n = max(sizes)
+    return main_n, tuple(n for m, n in sorted(sizes, reverse=True)[1:])
 
 
 def main() -> None:
@@ -79,16 +86,16 @@ def main() -> None:
     for part in re.split(r"\n\s+Function : ", sass)[1:]:
         mangled = part.split("\n", 1)[0].strip()
         fmt, dtype, bm, bk, g16, zeros = _instance(mangled)
-        n = main_loop_instructions(part)
+        n, others = main_loop_instructions(part)
         reg, spill = regs.get(mangled, (None, "?"))
-        rows.append((fmt, dtype, bm, bk, g16, zeros, n, n * 32 / (16 * bk), reg, spill))
+        rows.append((fmt, dtype, bm, bk, g16, zeros, n, n * 32 / (16 * bk), reg, spill, others))
     rows.sort()
     print(f"sm_90a, csrc/capi/w4_mma_moe.cuh {args.flags}\n\n| format | dtype | rows per block | stage | group "
           "(16-input tiles; 0 = whole stages) | zero points | main-loop instructions | per weight | registers | "
-          "spill stores (B) |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+          "spill stores (B) | loops over fewer token tiles (W4_SKIP_PAD) |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {'yes' if r[5] else 'no'} | {r[6]} | {r[7]:.2f} | {r[8]} "
-              f"| {r[9]} |")
+              f"| {r[9]} | {' / '.join(map(str, r[10])) or '-'} |")
 
 
 if __name__ == "__main__":

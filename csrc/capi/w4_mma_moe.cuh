@@ -34,6 +34,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "w4_mma_ptx.cuh"
 #include "w4_wgmma.cuh"
 
@@ -50,6 +52,9 @@ constexpr int kStages = INT4_MMA_STAGES;  // 64-wide stages of narrow blocks: tw
 #define INT4_MMA_LDSM 1
 #endif
 constexpr int kAPad = 8;  // activation row padding (elements): conflict-free B fragment loads
+#ifndef W4_SKIP_PAD  // 1: blocks of 16+ rows skip the MMAs (and their B reads) of the n8 token tiles after the
+#define W4_SKIP_PAD 0  // block's last real row (an expert's padding; a variant to time)
+#endif
 
 struct Args {
   const void* a;  // [rows, K] activations, unit column stride
@@ -135,6 +140,17 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     s_row[tid] = pair >= 0 ? pair / p.top_k_in : -1;
   }
   __syncthreads();
+  // W4_SKIP_PAD: the n8 token tiles up to the block's last real row (block-uniform); the MMAs of the tiles after
+  // it, which hold only padding (an expert's rows end in its last block), are not issued
+  int nt_live = NT;
+  if constexpr (W4_SKIP_PAD && NT > 1) {
+    int last = -1;
+#pragma unroll
+    for (int r = lane; r < BM; r += 32) last = s_pair[r] >= 0 ? r : last;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xFFFFFFFFu, last, o));
+    nt_live = last < 0 ? 1 : last / 8 + 1;
+  }
 
   const int k_stages = (p.K + kBK - 1) / kBK;  // MXFP4: the last stage may be partial (K % 64 == 0)
   const int st_first = split * p.stages_per_split;
@@ -269,128 +285,145 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
     cp_async_commit();
   }
 
-  for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<L::kSt - 2>();
-    __syncthreads();
-    {
-      const int nxt = it + L::kSt - 1;
-      if (nxt < n_iters) load_stage(nxt % L::kSt, st_first + nxt);
-      cp_async_commit();
-    }
-    const int slot = it % L::kSt;
-    const uint8_t* base = smem + slot * L::kStageBytes;
-    const uint4* w_sm = reinterpret_cast<const uint4*>(base) + warp * (kBK / 64) * 32;
-    const T* a_sm = reinterpret_cast<const T*>(base + L::kWBytes);
-    const uint8_t* s_sm = base + L::kWBytes + L::kABytes;
-    const uint8_t* z_sm = base + L::kWBytes + L::kABytes + L::kSBytes;
-    const bool group_starts = it == 0 || stage_in_group == 0;
-    if (G16 == 0 && ++stage_in_group == p.group_stages) stage_in_group = 0;
-    if (!WG && !warp_active) continue;  // (a warpgroup's MMAs take all four warps)
-    uint32_t afs[WG ? kBK / 16 : 1][4];  // wgmma: the stage's A fragments stay until its MMAs complete
+  // the main loop over the first LV n8 token tiles: NT, or with W4_SKIP_PAD a half / quarter of them when the
+  // rest of the block is padding (one branch per block, so each variant's loop is compiled on its own)
+  auto main_loop = [&](auto lv) {
+    constexpr int LV = decltype(lv)::value;
+    for (int it = 0; it < n_iters; ++it) {
+      cp_async_wait<L::kSt - 2>();
+      __syncthreads();
+      {
+        const int nxt = it + L::kSt - 1;
+        if (nxt < n_iters) load_stage(nxt % L::kSt, st_first + nxt);
+        cp_async_commit();
+      }
+      const int slot = it % L::kSt;
+      const uint8_t* base = smem + slot * L::kStageBytes;
+      const uint4* w_sm = reinterpret_cast<const uint4*>(base) + warp * (kBK / 64) * 32;
+      const T* a_sm = reinterpret_cast<const T*>(base + L::kWBytes);
+      const uint8_t* s_sm = base + L::kWBytes + L::kABytes;
+      const uint8_t* z_sm = base + L::kWBytes + L::kABytes + L::kSBytes;
+      const bool group_starts = it == 0 || stage_in_group == 0;
+      if (G16 == 0 && ++stage_in_group == p.group_stages) stage_in_group = 0;
+      if (!WG && !warp_active) continue;  // (a warpgroup's MMAs take all four warps)
+      uint32_t afs[WG ? kBK / 16 : 1][4];  // wgmma: the stage's A fragments stay until its MMAs complete
 
-    auto new_group = [&](int gi) {
-      if constexpr (WG && !FOLD) {  // the group's MMAs complete before its sums are scaled
+      auto new_group = [&](int gi) {
+        if constexpr (WG && !FOLD) {  // the group's MMAs complete before its sums are scaled
+          wgmma_commit();
+          wgmma_wait_all();
+          wgmma_settle(part[0]);
+        }
+        const int r = warp * 16 + g;
+        if constexpr (FOLD && MX) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
+          mul_lo = static_cast<uint32_t>(s_sm[gi * kRows + r]) * 0x00800080u + 0x3F003F00u;
+          mul_hi = static_cast<uint32_t>(s_sm[gi * kRows + r + 8]) * 0x00800080u + 0x3F003F00u;
+          return;
+        }
+        if constexpr (!FOLD) {
+#pragma unroll
+          for (int n = 0; n < LV; ++n) {  // (the tiles after LV hold zeros)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
+              part[0][n][i] = part[1][n][i] = 0.f;
+            }
+          }
+        }
+        if constexpr (MX) {
+          s_lo = e8m0_to_float(s_sm[gi * kRows + r]);
+          s_hi = e8m0_to_float(s_sm[gi * kRows + r + 8]);
+          return;  // no zeros
+        }
+        const T* sc = reinterpret_cast<const T*>(s_sm) + gi * kRows + r;
+        if constexpr (FOLD) {  // int4: the decode multiplies by the scale, (q - z) * s rounded once to T
+          mul_lo = Act<T>::pair(Act<T>::to_float(sc[0]));
+          mul_hi = Act<T>::pair(Act<T>::to_float(sc[8]));
+        } else {
+          s_lo = Act<T>::to_float(sc[0]);
+          s_hi = Act<T>::to_float(sc[8]);
+        }
+        const float z_lo = HAS_ZEROS ? float(z_sm[gi * kRows + r]) : 8.f;
+        const float z_hi = HAS_ZEROS ? float(z_sm[gi * kRows + r + 8]) : 8.f;
+        zz_lo = Act<T>::pair(Act<T>::kBias + z_lo);
+        zz_hi = Act<T>::pair(Act<T>::kBias + z_hi);
+      };
+      if (G16 == 0 && group_starts) new_group(0);
+
+#pragma unroll
+      for (int kc = 0; kc < kBK / 64; ++kc) {
+        const uint4 wq = w_sm[kc * 32 + lane];
+        const uint32_t words[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int kt = kc * 4 + j;  // 16-input tile within the stage
+          if (G16 != 0 && kt % (G16 == 0 ? 1 : G16) == 0) new_group(kt / (G16 == 0 ? 1 : G16));
+          const uint32_t w = words[j];
+          uint32_t(&af)[4] = afs[WG ? kt : 0];
+          if constexpr (MX) {
+            decode_mx(w, mul_lo, mul_hi, af);
+          } else {
+            af[0] = Act<T>::sub(lop_nibbles(w, p.magic), zz_lo);
+            af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
+            af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
+            af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
+            if constexpr (FOLD) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) af[i] = Act<T>::mul(af[i], i % 2 ? mul_hi : mul_lo);
+            }
+          }
+          if constexpr (WG) {
+            // chunks 2kt, 2kt + 1: core matrices BM * 16 bytes apart in K, 128 bytes (8 tokens) apart in N
+            wgmma_fence();
+            // (LV < NT: the first LV n8 tiles of tokens, whose accumulators lead part[0])
+            Wgmma<T, LV>::run(part[0], af, wgmma_desc(a_sm + kt * 2 * BM * 8, BM * 16, 128));
+          } else if constexpr (INT4_MMA_LDSM) {
+            // lane l addresses row l % 8 of matrix l / 8: (tile 2p + m / 2, inputs + 8 (m % 2))
+            const T* lrow = a_sm + (((lane >> 4) & (NT > 1 ? 1 : 0)) * 8 + (lane & 7)) * (kBK + kAPad) + kt * 16 +
+                            ((lane >> 3) & 1) * 8;
+            if constexpr (NT == 1) {
+              uint32_t b0, b1;
+              ldsm_x2(b0, b1, lrow);
+              Act<T>::mma(part[j & (kChains - 1)][0], af, b0, b1);
+            } else {
+#pragma unroll
+              for (int n = 0; n < LV; n += 2) {
+                uint32_t b0, b1, c0, c1;
+                ldsm_x4(b0, b1, c0, c1, lrow + n * 8 * (kBK + kAPad));
+                Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+                Act<T>::mma(part[j & (kChains - 1)][n + 1], af, c0, c1);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int n = 0; n < LV; ++n) {
+              const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
+              const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
+              const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
+              Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
+            }
+          }
+        }
+      }
+      if constexpr (WG) {  // the stage's MMAs complete before its slot is refilled
         wgmma_commit();
         wgmma_wait_all();
         wgmma_settle(part[0]);
-      }
-      const int r = warp * 16 + g;
-      if constexpr (FOLD && MX) {  // bf16 2^(s - 1) in both halves: exponent field s + 126
-        mul_lo = static_cast<uint32_t>(s_sm[gi * kRows + r]) * 0x00800080u + 0x3F003F00u;
-        mul_hi = static_cast<uint32_t>(s_sm[gi * kRows + r + 8]) * 0x00800080u + 0x3F003F00u;
-        return;
-      }
-      if constexpr (!FOLD) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            acc[n][i] += (i < 2 ? s_lo : s_hi) * (kChains == 2 ? part[0][n][i] + part[1][n][i] : part[0][n][i]);
-            part[0][n][i] = part[1][n][i] = 0.f;
-          }
-        }
-      }
-      if constexpr (MX) {
-        s_lo = e8m0_to_float(s_sm[gi * kRows + r]);
-        s_hi = e8m0_to_float(s_sm[gi * kRows + r + 8]);
-        return;  // no zeros
-      }
-      const T* sc = reinterpret_cast<const T*>(s_sm) + gi * kRows + r;
-      if constexpr (FOLD) {  // int4: the decode multiplies by the scale, (q - z) * s rounded once to T
-        mul_lo = Act<T>::pair(Act<T>::to_float(sc[0]));
-        mul_hi = Act<T>::pair(Act<T>::to_float(sc[8]));
-      } else {
-        s_lo = Act<T>::to_float(sc[0]);
-        s_hi = Act<T>::to_float(sc[8]);
-      }
-      const float z_lo = HAS_ZEROS ? float(z_sm[gi * kRows + r]) : 8.f;
-      const float z_hi = HAS_ZEROS ? float(z_sm[gi * kRows + r + 8]) : 8.f;
-      zz_lo = Act<T>::pair(Act<T>::kBias + z_lo);
-      zz_hi = Act<T>::pair(Act<T>::kBias + z_hi);
-    };
-    if (G16 == 0 && group_starts) new_group(0);
-
-#pragma unroll
-    for (int kc = 0; kc < kBK / 64; ++kc) {
-      const uint4 wq = w_sm[kc * 32 + lane];
-      const uint32_t words[4] = {wq.x, wq.y, wq.z, wq.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int kt = kc * 4 + j;  // 16-input tile within the stage
-        if (G16 != 0 && kt % (G16 == 0 ? 1 : G16) == 0) new_group(kt / (G16 == 0 ? 1 : G16));
-        const uint32_t w = words[j];
-        uint32_t(&af)[4] = afs[WG ? kt : 0];
-        if constexpr (MX) {
-          decode_mx(w, mul_lo, mul_hi, af);
-        } else {
-          af[0] = Act<T>::sub(lop_nibbles(w, p.magic), zz_lo);
-          af[1] = Act<T>::sub(lop_nibbles(w >> 4, p.magic), zz_hi);
-          af[2] = Act<T>::sub(lop_nibbles(w >> 8, p.magic), zz_lo);
-          af[3] = Act<T>::sub(lop_nibbles(w >> 12, p.magic), zz_hi);
-          if constexpr (FOLD) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) af[i] = Act<T>::mul(af[i], i % 2 ? mul_hi : mul_lo);
-          }
-        }
-        if constexpr (WG) {
-          // chunks 2kt, 2kt + 1: core matrices BM * 16 bytes apart in K, 128 bytes (8 tokens) apart in N
-          wgmma_fence();
-          Wgmma<T, NT>::run(part[0], af, wgmma_desc(a_sm + kt * 2 * BM * 8, BM * 16, 128));
-        } else if constexpr (INT4_MMA_LDSM) {
-          // lane l addresses row l % 8 of matrix l / 8: (tile 2p + m / 2, inputs + 8 (m % 2))
-          const T* lrow = a_sm + (((lane >> 4) & (NT > 1 ? 1 : 0)) * 8 + (lane & 7)) * (kBK + kAPad) + kt * 16 +
-                          ((lane >> 3) & 1) * 8;
-          if constexpr (NT == 1) {
-            uint32_t b0, b1;
-            ldsm_x2(b0, b1, lrow);
-            Act<T>::mma(part[j & (kChains - 1)][0], af, b0, b1);
-          } else {
-#pragma unroll
-            for (int n = 0; n < NT; n += 2) {
-              uint32_t b0, b1, c0, c1;
-              ldsm_x4(b0, b1, c0, c1, lrow + n * 8 * (kBK + kAPad));
-              Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
-              Act<T>::mma(part[j & (kChains - 1)][n + 1], af, c0, c1);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            const T* arow = a_sm + (n * 8 + g) * (kBK + kAPad) + kt * 16 + 2 * t;
-            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(arow);
-            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(arow + 8);
-            Act<T>::mma(part[j & (kChains - 1)][n], af, b0, b1);
-          }
-        }
+        for (int kt = 0; kt < kBK / 16; ++kt) wgmma_keep(afs[kt]);
       }
     }
-    if constexpr (WG) {  // the stage's MMAs complete before its slot is refilled
-      wgmma_commit();
-      wgmma_wait_all();
-      wgmma_settle(part[0]);
-#pragma unroll
-      for (int kt = 0; kt < kBK / 16; ++kt) wgmma_keep(afs[kt]);
+  };
+  if constexpr (W4_SKIP_PAD && NT >= 4) {
+    if (NT >= 8 && nt_live <= NT / 4) {
+      main_loop(std::integral_constant<int, (NT >= 8 ? NT / 4 : NT)>{});
+    } else if (nt_live <= NT / 2) {
+      main_loop(std::integral_constant<int, NT / 2>{});
+    } else {
+      main_loop(std::integral_constant<int, NT>{});
     }
+  } else {
+    main_loop(std::integral_constant<int, NT>{});
   }
   cp_async_wait<0>();
   if (!warp_active) return;

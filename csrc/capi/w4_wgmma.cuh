@@ -67,6 +67,16 @@ __device__ __forceinline__ void wgmma_keep(uint32_t (&a)[4]) {
 
 // d (64 x 8 NT, this warp's 16 rows) += a (this warp's 16 x 16 A fragment) * the B tile at desc; TY: the PTX type
 // of the operands (bf16 / f16), N: the tokens (8 NT)
+#define W4_WGMMA_N16(TY) \
+  asm volatile( \
+      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %13, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " {" \
+      "%0,%1,%2,%3,%4,%5,%6,%7" \
+      "}, {%8,%9,%10,%11}, %12, acc, 1, 1, 0;\n}\n" \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+          "+f"(d[1][2]), "+f"(d[1][3]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1) \
+      : "memory")
 #define W4_WGMMA_N32(TY) \
   asm volatile( \
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %21, 0;\n" \
@@ -98,8 +108,29 @@ template <typename T, int NT>
 struct Wgmma;
 
 template <>
+struct Wgmma<__nv_bfloat16, 2> {  // (W4_SKIP_PAD: the first 16 tokens of a 32-row block)
+  template <int N>  // d: N >= 2 n8 tiles of accumulators, the first 2 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    W4_WGMMA_N16("bf16");
+#endif
+  }
+};
+
+template <>
+struct Wgmma<__half, 2> {
+  template <int N>  // d: N >= 2 n8 tiles of accumulators, the first 2 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    W4_WGMMA_N16("f16");
+#endif
+  }
+};
+
+template <>
 struct Wgmma<__nv_bfloat16, 4> {
-  __device__ static void run(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  template <int N>  // d: N >= 4 n8 tiles of accumulators, the first 4 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     W4_WGMMA_N32("bf16");
 #endif
@@ -108,7 +139,8 @@ struct Wgmma<__nv_bfloat16, 4> {
 
 template <>
 struct Wgmma<__nv_bfloat16, 8> {
-  __device__ static void run(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  template <int N>  // d: N >= 8 n8 tiles of accumulators, the first 8 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     W4_WGMMA_N64("bf16");
 #endif
@@ -117,7 +149,8 @@ struct Wgmma<__nv_bfloat16, 8> {
 
 template <>
 struct Wgmma<__half, 4> {
-  __device__ static void run(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  template <int N>  // d: N >= 4 n8 tiles of accumulators, the first 4 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     W4_WGMMA_N32("f16");
 #endif
@@ -126,13 +159,15 @@ struct Wgmma<__half, 4> {
 
 template <>
 struct Wgmma<__half, 8> {
-  __device__ static void run(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  template <int N>  // d: N >= 8 n8 tiles of accumulators, the first 8 written
+  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     W4_WGMMA_N64("f16");
 #endif
   }
 };
 
+#undef W4_WGMMA_N16
 #undef W4_WGMMA_N32
 #undef W4_WGMMA_N64
 

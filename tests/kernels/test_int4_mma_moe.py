@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests.kernels.mma_routing import PADDING_COUNTS, counted_ids
 from tests.kernels.test_int4_moe_gemm import _packed
 from tests.quantization.int4_moe_setup import random_int4
 from tests.utils import assert_close
@@ -148,6 +149,20 @@ def test_mma_matches_dequantized_reference(rows, top_k, E, N, K, group, has_zero
         assert torch.equal(out[~routed].float(), torch.zeros_like(ref[~routed]))
     else:  # left untouched
         assert torch.isnan(out[~routed].float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,split", [("sorted32", 1), ("sorted64", 1), ("sorted64", 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_blocks_ending_in_padding(mode, split, dtype):
+    """Sorted 32- / 64-row blocks whose real rows fill a quarter, a half or all of their n8 token tiles
+    (``PADDING_COUNTS``): every routed row equals the reference, whichever token tiles the build computes."""
+    E, N, K, group = len(PADDING_COUNTS), 256, 512, 128
+    ids = counted_ids(seed=len(mode) + split).cuda()
+    pw, a, tw = _case(ids.shape[0], 1, E, N, K, group, True, dtype, 5)
+    out = _run(a, Int4MmaWeight.from_packed(pw), ids, tw, 1, mode, split, True)
+    ref = int4_moe_gemm_reference(a, pw, ids, top_k_in=1, topk_weights=tw, mul_routed_weight=True)
+    assert_close(out.float(), ref, dtype)
 
 
 @pytest.mark.cuda

@@ -4,6 +4,7 @@ against the e2m1 table through a torch emulation of the kernel's decode (CPU).""
 import pytest
 import torch
 
+from tests.kernels.mma_routing import PADDING_COUNTS, counted_ids
 from tests.utils import assert_close
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import fragment_positions
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
@@ -180,6 +181,28 @@ def test_mma_matches_fp32_reference(rows, top_k, E, N, K, mode, split, stage, bi
         assert torch.equal(out[~routed].float(), torch.zeros_like(ref[~routed]))
     elif split == 1:
         assert torch.isnan(out[~routed].float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("mode,split", [("sorted32", 1), ("sorted64", 1), ("sorted64", 2)])
+def test_mma_blocks_ending_in_padding(mode, split, fold):
+    """Sorted 32- / 64-row blocks whose real rows fill a quarter, a half or all of their n8 token tiles
+    (``PADDING_COUNTS``), folded scales (the warpgroup MMA at 64 rows) or not: every routed row equals the
+    fp32 reference."""
+    E, N, K = len(PADDING_COUNTS), 256, 512
+    gen = torch.Generator().manual_seed(11 + split)
+    blocks = _blocks(E, N, K, gen)
+    scales = torch.randint(118, 124, (E, N, K // 32), dtype=torch.uint8, generator=gen)
+    scales[E - 1, :, -1] = 128 if fold else 140
+    ids = counted_ids(seed=len(mode) + split).cuda()
+    a = torch.randn(ids.shape[0], K, generator=gen).bfloat16().cuda()
+    b = (torch.randn(E, N, generator=gen) * 0.1).bfloat16().cuda()
+    tw = torch.rand(ids.shape[0], 1, generator=gen).cuda()
+    mw = Mxfp4MmaWeight.from_blocks(blocks.cuda(), scales.cuda())
+    assert mw.fold is fold
+    out = _run(a, mw, ids, tw, b, 1, mode, split, 128)
+    assert_close(out.float(), reference(a, blocks.cuda(), scales.cuda(), b, ids, 1, tw), torch.bfloat16)
 
 
 @pytest.mark.cuda
