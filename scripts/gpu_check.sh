@@ -59,11 +59,14 @@
 #           ';' (e.g. "-DW4_SKIP_PAD=1;-DW4_SKIP_PAD=1 -DW4_INT4_FOLD=1"); per variant its build and the kernel
 #           and layer tests of both formats (W4_TESTS=0: none), then per GEMM and per layer (W4_LAYERS=0: GEMMs
 #           only) for the default build (W4_BASE=0: not) and each variant, at W4_TOKENS (default 64 256)
+#   pairsplit the MoE LoRA small-batch path in two launches (fused_moe_lora.PAIR_KERNEL 2, eighteenth session, off):
+#           its cuda tests, then benchmark_moe_lora.py (PAIRSPLIT_SHAPES, default mixtral; PAIRSPLIT_TOKENS) with
+#           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -286,6 +289,17 @@ if [[ " $steps " == *" w4flags "* ]]; then
     fi
     echo "== $v (${f:-default build})"
     grep -h "^| [QMg]\|FAILED\|rror" "$OUT"/w4_*_"$v".log | tail -24
+  done
+fi
+if [[ " $steps " == *" pairsplit "* ]]; then
+  pytest tests/kernels/test_moe_lora_split.py tests/kernels/test_moe_lora_pair_prefetch.py \
+    tests/kernels/test_fused_moe_lora.py >"$OUT/pytest_pairsplit.log" 2>&1
+  prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pairsplit.log" | head -20; tail -2 "$OUT/pytest_pairsplit.log"
+  rc=$(( rc || prc ))
+  for v in "0" "2" "2 --pair-split-width 1024"; do
+    timeout "${PAIRSPLIT_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes ${PAIRSPLIT_SHAPES:-mixtral} \
+      --tokens ${PAIRSPLIT_TOKENS:-1 2 4 8 16} --pair-kernel $v >"$OUT/pairsplit_${v// /_}.log" 2>&1
+    echo "== --pair-kernel $v"; grep "^| \|rror" "$OUT/pairsplit_${v// /_}.log" | tail -8
   done
 fi
 if [[ " $steps " == *" densegemv "* ]]; then

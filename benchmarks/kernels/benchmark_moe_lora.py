@@ -100,8 +100,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--wide-rank-pair-tiles", type=int, default=None, choices=[0, 1],
                    help="moe_lora_config.WIDE_RANK_PAIR_TILES (default 1): the per-pair kernel's K tiles of 512 "
                         "and 8 warps at ranks 32-64 (0: the tiles before)")
-    p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1],
-                   help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel)")
+    p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1, 2],
+                   help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel, "
+                        "2 = the shrink split over K, then the expand: two launches)")
+    p.add_argument("--pair-split-width", type=int, default=None,
+                   help="fused_moe_lora._PAIR_SPLIT_WIDTH (default 512): K inputs per shrink program of --pair-kernel 2")
     p.add_argument("--fused-activation", type=int, default=None, choices=[0, 1],
                    help="fused_moe_gemm.FUSED_ACTIVATION: the base layer's GEMM1 writes the gated activation itself")
     return p.parse_args()
@@ -318,6 +321,10 @@ def main() -> None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 
         fused_moe_lora.PAIR_KERNEL = args.pair_kernel
+    if args.pair_split_width is not None:
+        from vllm.lora.ops.triton_ops import fused_moe_lora
+
+        fused_moe_lora._PAIR_SPLIT_WIDTH = args.pair_split_width
     if args.pair_path_factor is not None:
         from vllm.lora.ops.triton_ops import moe_lora_config
 

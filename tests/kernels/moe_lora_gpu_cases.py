@@ -13,8 +13,9 @@ from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
 BF16 = torch.bfloat16
 
 
-def _gpu_layer(E, R, M, dtype, w2: bool):
-    H, I, L, top_k = 2048, 768, 4, 8
+def _gpu_layer(E, R, M, dtype, w2: bool, H: int = 2048, I: int = 768, top_k: int = 8):
+    """Qwen3-30B-A3B's widths by default (H, I, top_k: e.g. Mixtral-8x7B's 4096, 14336, 2 with E = 8)."""
+    L = 4
     S, K, N = (1, I, H) if w2 else (2, H, I)
     dev = torch.device("cuda")
     a = (torch.randn(S, L, E, R, K, device=dev) / K**0.5).to(dtype)

@@ -1,4 +1,5 @@
-"""The split-K variant of the fused MoE LoRA op (``MoELoRATileConfig.shrink_split_k`` > 1, ``moe_lora_split.py``).
+"""The split-K variant of the fused MoE LoRA op (``MoELoRATileConfig.shrink_split_k`` > 1, ``moe_lora_split.py``),
+and the small-batch path's (``fused_moe_lora.PAIR_KERNEL`` 2, ``launch_pair_split``).
 
 Against the per-pair loop reference and against today's one-launch kernel, on the cases of
 ``test_fused_moe_lora.py`` (disabled slots, expert maps, routed weights, per-pair x, one or two
@@ -12,9 +13,10 @@ import dataclasses
 import pytest
 import torch
 
-from tests.kernels.test_fused_moe_lora import CASES, _align, _config, _id, build, check
+from tests.kernels.test_fused_moe_lora import BF16, CASES, F16, SMALL, Case, _align, _config, _id, build, check
 from tests.utils import assert_close, poison_
 from vllm.kernel_configs.tile_config import MoELoRATileConfig
+from vllm.lora.ops.triton_ops import fused_moe_lora as op
 from vllm.lora.ops.triton_ops import moe_lora_split
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
 from vllm.lora.ops.triton_ops.moe_lora_split import split_layout
@@ -201,3 +203,69 @@ def test_variant_compiles_for_hopper_with_a_shorter_memory_chain():
         split = [r for r in rows if r[1] == gemm and r[3] in ("shrink", "expand")]
         assert len(split) == 2 and all(r[6] == "0" for r in rows if r[1] == gemm), rows  # no spills
         assert sum(int(r[-1]) for r in split) < int(today[-1]), rows
+
+
+# the small-batch cases, and A over three K ranges of 512 (K 1100) with N not a multiple of BLOCK_N
+PAIR_SPLIT_CASES = SMALL + [Case(5, 2, 4, 2, 16, dtype=F16, K=1100, N=72, mul_w=True, layout="view", every=True),
+                            Case(3, 8, 9, 3, 32, S=1, per_pair_x=True, mul_w=True, K=40, N=100, disabled=(0,),
+                                 dtype=BF16)]
+
+
+@pytest.mark.parametrize("width", [16, 512])
+@pytest.mark.parametrize("c", PAIR_SPLIT_CASES, ids=_id)
+def test_pair_split_equals_reference(device, c, width, poisoned_partials, monkeypatch):
+    """PAIR_KERNEL 2 against the fp64 per-pair reference (start values back bit for bit where there is no delta,
+    disabled slots, tokens without an adapter, expert maps, routed weights); the partials scratch is poisoned,
+    so a partial read that no shrink program wrote shows."""
+    monkeypatch.setattr(op, "PAIR_KERNEL", 2)
+    monkeypatch.setattr(op, "_PAIR_SPLIT_WIDTH", width)
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=_config(c, device, c.M * c.top_k), **kw,
+                      **geo)
+    check(c, out, start, delta, parent)
+    if c.M:
+        assert poisoned_partials, "PAIR_KERNEL 2 must run the two launches"
+        assert poisoned_partials[0].shape[0] == split_layout(c.K, -(-c.K // width))[1]
+
+
+def test_pair_split_by_shape_only_when_asked(monkeypatch):
+    """Off by default (not yet timed on a GPU); with AUTO_PAIR_SPLIT the slices beyond the prefetch kernel's
+    (Mixtral-8x7B's w13 and w2) take it, the prefetch kernel's keep it."""
+    assert op.PAIR_KERNEL is None and op.AUTO_PAIR_SPLIT is False
+    assert op.auto_pair_kernel(2, 14336, 4096, 16) == 0
+    monkeypatch.setattr(op, "AUTO_PAIR_SPLIT", True)
+    assert op.auto_pair_kernel(2, 14336, 4096, 16) == 2 and op.auto_pair_kernel(32, 4096, 28672, 16) == 2
+    assert op.auto_pair_kernel(8, 2048, 1536, 16) == 1 and op.auto_pair_kernel(16, 2048, 1536, 16) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_pair_split_mixtral_sizes_in_a_cuda_graph(M, w2, monkeypatch):
+    """Mixtral-8x7B's widths (K 4096 / 14336) at 1-16 tokens, 4 slots (one token without an adapter), captured in
+    a CUDA graph and replayed with new routing and slots, against the torch reference."""
+    from tests.kernels.moe_lora_gpu_cases import _gpu_layer
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+    monkeypatch.setattr(op, "PAIR_KERNEL", 2)
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(8, 16, M, BF16, w2, H=4096, I=14336, top_k=2)
+    start = out.clone()
+
+    def step():
+        out.copy_(start)
+        op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        kw["topk_ids"].copy_(torch.randn(M, 8, device="cuda", generator=gen).topk(2, dim=-1).indices)
+        kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (M,), device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = start.float()
+        fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+        assert_close(out.float(), expected, BF16)

@@ -203,6 +203,47 @@ def moe_lora_sorted_kernel(
 
 
 @triton.jit
+def _pair_route(topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, pair, top_k, max_loras, num_experts,
+                HAS_EXPERT_MAP: tl.constexpr):
+    """(live, slot, local expert) of one (token, expert) pair of the small-batch path: live when its token's
+    adapter slot is in range and enabled and the expert is local."""
+    slot = tl.load(mapping_ptr + pair // top_k).to(tl.int64)
+    in_range = (slot >= 0) & (slot < max_loras)
+    slot = tl.where(in_range, slot, max_loras)  # max_loras: the always-0 entry
+    enabled = tl.load(enabled_ptr + slot)
+    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    if HAS_EXPERT_MAP:
+        local = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int64)
+        expert = tl.where(expert >= 0, local, -1)
+    live = (enabled != 0) & in_range & (expert >= 0) & (expert < num_experts)
+    return live, slot, expert
+
+
+@triton.jit
+def _expand_one_row(acc, b_ptr, out_ptr, w_ptr, pair, slice_s, slot, expert, pid_n, top_k, N, num_n_splits,
+                    offs_r, mask_r, stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+                    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
+                    MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[pair's row, this N-split's columns of the slice] += (acc [BLOCK_R] fp32 (x router weight)) @ B^T,
+    without a dot: a read-modify-write per N tile."""
+    if MUL_ROUTED_WEIGHT:
+        acc = acc * tl.load(w_ptr + pair).to(tl.float32)
+    out_row = out_ptr + (pair // top_k) * stride_ot + (pair % top_k) * stride_oj
+    col0 = out_col0 + slice_s * out_slice_cols
+    b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
+    t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
+    for t in range(t_begin, t_end):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+        delta = tl.sum(b * acc[None, :], axis=1)
+        o_ptrs = out_row + (col0 + offs_n) * stride_on
+        o = tl.load(o_ptrs, mask=mask_n, other=0.0)
+        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n)
+
+
+@triton.jit
 def moe_lora_pair_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
     topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
@@ -221,16 +262,9 @@ def moe_lora_pair_kernel(
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
-    token = pair // top_k
-    slot = tl.load(mapping_ptr + token).to(tl.int64)
-    in_range = (slot >= 0) & (slot < max_loras)
-    slot = tl.where(in_range, slot, max_loras)  # max_loras: the always-0 entry
-    enabled = tl.load(enabled_ptr + slot)
-    expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
-    if HAS_EXPERT_MAP:
-        local = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int64)
-        expert = tl.where(expert >= 0, local, -1)
-    if (enabled == 0) | (~in_range) | (expert < 0) | (expert >= num_experts):
+    live, slot, expert = _pair_route(topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, pair, top_k, max_loras,
+                                     num_experts, HAS_EXPERT_MAP)
+    if ~live:
         return
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -246,20 +280,8 @@ def moe_lora_pair_kernel(
                       other=0.0)
 
     if DO_EXPAND:
-        if MUL_ROUTED_WEIGHT:
-            acc = acc * tl.load(w_ptr + pair).to(tl.float32)
-        out_row = out_ptr + token * stride_ot + (pair % top_k) * stride_oj
-        col0 = out_col0 + slice_s * out_slice_cols
-        b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
-        t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
-        for t in range(t_begin, t_end):
-            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
-                        other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
-            delta = tl.sum(b * acc[None, :], axis=1)
-            o_ptrs = out_row + (col0 + offs_n) * stride_on
-            o = tl.load(o_ptrs, mask=mask_n, other=0.0)
-            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n)
+        _expand_one_row(acc, b_ptr, out_ptr, w_ptr, pair, slice_s, slot, expert, pid_n, top_k, N, num_n_splits,
+                        offs_r, mask_r, stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+                        stride_ot, stride_oj, stride_on, out_col0, out_slice_cols, MUL_ROUTED_WEIGHT, BLOCK_N)
     else:
         tl.store(shrunk_ptr + slice_s * stride_ss + pair * stride_sp + offs_r * stride_sr, acc, mask=mask_r)

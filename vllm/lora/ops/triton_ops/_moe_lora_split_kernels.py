@@ -19,11 +19,25 @@ Here the same computation takes two launches with short chains:
 
 Neither branches on the block's three header loads (``_block_header``).  Only rows of real pairs in used
 blocks are written and read, so ``part`` needs no initialisation.
+
+The small-batch path (no alignment, one program per (token, expert) pair) has the same two launches
+(``moe_lora_pair_split_shrink_kernel`` / ``moe_lora_pair_split_expand_kernel``, ``fused_moe_lora.PAIR_KERNEL``
+2): there ``moe_lora_pair_kernel`` makes every N-split program redo its pair's whole shrink, and where K is long
+(Mixtral-8x7B's w2: K = 14336) that shrink compiles to dozens of dependent round trips.  A pair whose token has
+no enabled adapter or whose expert is not local returns in both, so its partials are neither written nor read.
 """
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, _n_tile_range, _split_for_expand
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (
+    _dot,
+    _expand_dot,
+    _expand_one_row,
+    _n_tile_range,
+    _pair_route,
+    _split_for_expand,
+)
+from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
@@ -119,3 +133,65 @@ def moe_lora_split_expand_kernel(
         if MUL_ROUTED_WEIGHT:
             delta = delta * w[:, None]
         tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
+
+
+@triton.jit
+def moe_lora_pair_split_shrink_kernel(
+    x_ptr, a_ptr, part_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
+    top_k, top_k_in, K, R, num_experts, max_loras,
+    stride_xm, stride_xk,
+    stride_as, stride_al, stride_ae, stride_ar, stride_ak,
+    stride_pk, stride_ps, stride_pp,
+    HAS_EXPERT_MAP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    """grid (pairs, slices, K-splits): part[split, slice, pair] = fp32 x[pair's row, split's K range] @ A^T."""
+    pdl_wait(USE_PDL)
+    pair = tl.program_id(0).to(tl.int64)
+    slice_s = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    live, slot, expert = _pair_route(topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, pair, top_k, max_loras,
+                                     num_experts, HAS_EXPERT_MAP)
+    if ~live:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # this split's K range: one tile
+    mask_k = offs_k < K
+    xk = tl.load(x_ptr + (pair // top_k_in) * stride_xm + offs_k.to(tl.int64) * stride_xk, mask=mask_k,
+                 other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[:, None] * stride_ar
+                + offs_k[None, :].to(tl.int64) * stride_ak, mask=mask_r[:, None] & mask_k[None, :],
+                other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+    tl.store(part_ptr + pid_k * stride_pk + slice_s * stride_ps + pair * stride_pp + offs_r,
+             tl.sum(a * xk[None, :], axis=1), mask=mask_r)
+
+
+@triton.jit
+def moe_lora_pair_split_expand_kernel(
+    b_ptr, out_ptr, part_ptr, w_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
+    top_k, N, R, num_experts, max_loras,
+    stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
+    stride_pk, stride_ps, stride_pp, num_n_splits,
+    HAS_EXPERT_MAP: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_PARTS: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    """grid (pairs, slices, N-splits): the pair's partials summed in split order (deterministic), then its
+    expand over this N-split's columns as ``moe_lora_pair_kernel`` does."""
+    pdl_wait(USE_PDL)
+    pair = tl.program_id(0).to(tl.int64)
+    slice_s = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    live, slot, expert = _pair_route(topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, pair, top_k, max_loras,
+                                     num_experts, HAS_EXPERT_MAP)
+    if ~live:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    p_ptrs = part_ptr + slice_s * stride_ps + pair * stride_pp + offs_r
+    acc = tl.load(p_ptrs, mask=mask_r, other=0.0)
+    for k in tl.static_range(1, NUM_PARTS):
+        acc += tl.load(p_ptrs + k * stride_pk, mask=mask_r, other=0.0)
+    _expand_one_row(acc, b_ptr, out_ptr, w_ptr, pair, slice_s, slot, expert, pid_n, top_k, N, num_n_splits,
+                    offs_r, mask_r, stride_bs, stride_bl, stride_be, stride_bn, stride_br,
+                    stride_ot, stride_oj, stride_on, out_col0, out_slice_cols, MUL_ROUTED_WEIGHT, BLOCK_N)

@@ -41,8 +41,9 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-# the fused op's small-batch (per-pair) kernel: 0 = moe_lora_pair_kernel; 1 = moe_lora_pair_prefetch_kernel,
-# two dependent round trips instead of 8-9; None = by shape (``auto_pair_kernel``).  H200 A/B
+# the fused op's small-batch (per-pair) kernel: 0 = moe_lora_pair_kernel; 1 = moe_lora_pair_prefetch_kernel, two
+# dependent round trips instead of 8-9; 2 = two launches (below, AUTO_PAIR_SPLIT); None = by shape
+# (``auto_pair_kernel``).  H200 A/B
 # (benchmark_moe_lora.py --tokens 1 2 4 8 --pair-kernel 1, the whole layer with LoRA, us): Qwen3-30B-A3B 1 / 2
 # tokens 49.9 -> 46.1 / 75.1 -> 73.1, gpt-oss-20b 1 / 2 tokens 98.3 -> 89.5 / 145.5 -> 142.1; slower at 16 pairs
 # on gpt-oss (4 tokens 215.9 -> 226.5) and at Mixtral-8x7B's width (1 token 219.1 -> 280.6: every N tile of
@@ -54,16 +55,26 @@ _PAIR_PREFETCH_MAX_KN = 1 << 25  # K * N elements of one slice's weights (gpt-os
 # static report, rank 64: gpt-oss w13 / w2 37 / 35 trips vs 19 / 20 for moe_lora_pair_kernel)
 _PAIR_PREFETCH_MAX_RANK = 32
 _PAIR_PREFETCH_A_ELEMS = 32768  # elements of A in one K tile of the prefetch kernel (all of K up to 2048 at rank 16)
+# PAIR_KERNEL 2: the shrink over K ranges of _PAIR_SPLIT_WIDTH inputs in one launch, then the expand
+# (moe_lora_split.launch_pair_split), for slices beyond the prefetch kernel's: in moe_lora_pair_kernel each
+# N-split program redoes its pair's whole shrink, which at Mixtral-8x7B's w2 (K = 14336) compiles to 86 dependent
+# round trips (sm_90 static report).  AUTO_PAIR_SPLIT gives it those slices by default: off until timed on a GPU
+# (benchmark_moe_lora.py --shapes mixtral --tokens 1 2 4 8 16 --pair-kernel 2)
+AUTO_PAIR_SPLIT = False
+_PAIR_SPLIT_WIDTH = 512
 
 
 def auto_pair_kernel(num_pairs: int, K: int, N: int, R: int) -> int:
     """The small-batch path's kernel for ``num_pairs`` (token, expert) pairs, a K x N slice and rank R: the
     prefetch kernel (1) up to ``_PAIR_PREFETCH_MAX_PAIRS`` pairs on slices of at most ``_PAIR_PREFETCH_MAX_KN``
-    elements at ranks up to ``_PAIR_PREFETCH_MAX_RANK``, else ``moe_lora_pair_kernel`` (0)."""
+    elements at ranks up to ``_PAIR_PREFETCH_MAX_RANK``; with ``AUTO_PAIR_SPLIT`` the two launches (2) on bigger
+    slices; else ``moe_lora_pair_kernel`` (0)."""
     if PAIR_KERNEL is not None:
         return PAIR_KERNEL
     small = num_pairs <= _PAIR_PREFETCH_MAX_PAIRS and K * N <= _PAIR_PREFETCH_MAX_KN
-    return 1 if small and R <= _PAIR_PREFETCH_MAX_RANK else 0
+    if small and R <= _PAIR_PREFETCH_MAX_RANK:
+        return 1
+    return 2 if AUTO_PAIR_SPLIT and K * N > _PAIR_PREFETCH_MAX_KN else 0
 
 
 def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int, int, int]:
@@ -229,6 +240,14 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
+        elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 2:
+            from vllm.lora.ops.triton_ops.moe_lora_split import launch_pair_split
+
+            launch_pair_split(args, pair_args=dict(
+                topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+                expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
+                HAS_EXPERT_MAP=expert_map is not None), numel=numel, num_slices=ns, n_splits=splits,
+                width=_PAIR_SPLIT_WIDTH, interp=interp)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
             from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
 

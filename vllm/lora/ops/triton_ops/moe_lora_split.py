@@ -5,7 +5,8 @@ config asks for it: a shrink launch over (M-blocks, slices, K-splits) writing fp
 partials, then an expand launch over (M-blocks, slices, N-splits) summing them (kernels
 and the reason: ``_moe_lora_split_kernels.py``).  Same semantics and same arguments as
 the fused kernel; the partials buffer is allocated per call like the shrink op's output
-(no host synchronisation: CUDA-graph safe).
+(no host synchronisation: CUDA-graph safe).  ``launch_pair_split`` is the same for the small-batch path
+(one program per (token, expert) pair, no alignment).
 """
 from __future__ import annotations
 
@@ -58,3 +59,26 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
     shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch)
     expand = kern.moe_lora_split_expand_kernel
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
+
+
+def launch_pair_split(args: dict[str, Any], *, pair_args: dict[str, Any], numel: int, num_slices: int,
+                      n_splits: int, width: int, interp: bool) -> None:
+    """The small-batch path's shrink + expand of one slice group in two launches: the shrink over K ranges of
+    ``width`` columns (``split_layout``), the expand over ``n_splits`` N ranges.
+
+    args: as ``launch_split``'s; pair_args: the pair kernels' routing arguments (topk ids, the token -> slot
+    mapping, the enabled flags, the expert map, ``max_loras``, ``HAS_EXPERT_MAP``)."""
+    from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
+
+    x, R, K = args["x_ptr"], args["R"], args["K"]
+    width, parts = split_layout(K, -(-max(K, 1) // width))
+    part = alloc_partials(parts, num_slices, numel, R, x.device)
+    common = dict(args, **pair_args, part_ptr=part, stride_pk=part.stride(0), stride_ps=part.stride(1),
+                  stride_pp=part.stride(2))
+    launch = dict(num_warps=4 if interp else 8, num_stages=1)
+    pdl = {"launch_pdl": True} if args.get("USE_PDL") else {}
+    shrink = kern.moe_lora_pair_split_shrink_kernel
+    shrink[(numel, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch, **pdl)
+    expand = kern.moe_lora_pair_split_expand_kernel
+    expand[(numel, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, num_warps=args["num_warps"],
+                                          num_stages=args["num_stages"], **pdl)
