@@ -301,6 +301,11 @@ if [[ " $steps " == *" pairsplit "* ]]; then
       --tokens ${PAIRSPLIT_TOKENS:-1 2 4 8 16} --pair-kernel $v >"$OUT/pairsplit_${v// /_}.log" 2>&1
     echo "== --pair-kernel $v"; grep "^| \|rror" "$OUT/pairsplit_${v// /_}.log" | tail -8
   done
+  for v in 0 2; do  # the int4 Mixtral layer's LoRA takes the same path
+    timeout "${PAIRSPLIT_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes mixtral --tokens 1 16 \
+      --reps 30 --pair-kernel $v >"$OUT/pairsplit_int4_$v.log" 2>&1
+    echo "== int4, --pair-kernel $v"; grep "^| \|rror" "$OUT/pairsplit_int4_$v.log" | tail -3
+  done
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1

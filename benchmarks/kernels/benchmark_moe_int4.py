@@ -88,6 +88,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-unpack", type=int, default=None, choices=[3, 4, 5],
                    help="int4_moe_gemm.DECODE_UNPACK: the mode the heuristic gives the unsplit decode tiles of 32+ "
                         "rows (3: split by code position; 4 / 5: the operands swapped, 16-bit / tf32 dots)")
+    p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1, 2],
+                   help="fused_moe_lora.PAIR_KERNEL: the LoRA small-batch path's kernel (2: two launches)")
     return p.parse_args()
 
 
@@ -277,6 +279,10 @@ def main() -> None:
         import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as int4_gemm
 
         int4_gemm.DECODE_UNPACK = args.decode_unpack
+    if args.pair_kernel is not None:
+        from vllm.lora.ops.triton_ops import fused_moe_lora
+
+        fused_moe_lora.PAIR_KERNEL = args.pair_kernel
     print(f"device: {gpu}; {str(dtype).replace('torch.', '')} activations; int4 group {args.group}, "
           f"{'symmetric' if args.symmetric else 'zero points'}; LoRA rank {args.rank}, {args.num_loras} adapters; "
           f"copy bandwidth peak (read + write) {peak / 1e9:.0f} GB/s; experts path {args.path}", flush=True)
