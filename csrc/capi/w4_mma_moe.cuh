@@ -36,62 +36,11 @@
 
 #include <type_traits>
 
+#include "w4_mma_args.cuh"
 #include "w4_mma_ptx.cuh"
 #include "w4_wgmma.cuh"
 
 namespace {
-
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16 * kWarps;  // output channels per CTA
-#ifndef INT4_MMA_STAGES  // pipeline depth; VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=n" builds a variant to time
-#define INT4_MMA_STAGES 4
-#endif
-constexpr int kStages = INT4_MMA_STAGES;  // 64-wide stages of narrow blocks: twice as many (bytes in flight)
-#ifndef INT4_MMA_LDSM  // B fragments by ldmatrix (1: one x2 / x4 per one / two n8 tiles) or by 32-bit loads (0)
-#define INT4_MMA_LDSM 1
-#endif
-constexpr int kAPad = 8;  // activation row padding (elements): conflict-free B fragment loads
-#ifndef W4_SKIP_PAD  // 1: blocks of 16+ rows skip the MMAs (and their B reads) of the n8 token tiles after the
-#define W4_SKIP_PAD 0  // block's last real row (an expert's padding; a variant to time)
-#endif
-
-struct Args {
-  const void* a;  // [rows, K] activations, unit column stride
-  long long stride_am;
-  const uint4* qw;  // repacked words, [E, N/16, K/64, 32, 4] int32
-  long long stride_qe;  // in int32 words
-  const void* scales;  // [E, Gs, N], activation dtype (MXFP4: uint8 e8m0)
-  long long stride_se, stride_sg;
-  const uint8_t* zeros;  // [E, Gs, N] or null (symmetric: 8)
-  long long stride_ze, stride_zg;
-  const void* bias;  // [E, N] activation dtype, or null
-  long long stride_be;
-  void* out;  // [pairs, N] activation dtype, or fp32 [split, pairs, N] partials
-  long long stride_os, stride_om;
-  const float* topk_weights;  // [pairs] or null
-  const int32_t* sorted_ids;  // [blocks * BM] pair ids (sentinel = num_pairs), or null: block b = pair b
-  const int32_t* block_expert;  // [blocks] local expert, -1 = skip
-  const int32_t* num_post_padded;  // [1] or null
-  int num_pairs, top_k_in, N, K, group, n_tiles, stages_per_split, out_fp32;
-  int group_stages;  // group / 128 when the group spans whole stages (G16 == 0), else 1
-  uint32_t magic;  // Act<T>::kMagic (MXFP4: kMxMul), passed at run time so that it stays in a register
-  int pdl;  // launched with programmatic dependent launch: wait for the previous kernel first
-};
-
-template <typename T, int BM, int BK, int G16, bool HAS_ZEROS, bool MX>
-struct Layout {
-  static constexpr int kScaleBytes = MX ? 1 : 2;
-  static constexpr int kBK = BK;
-  static constexpr int kGroupsPerStage = G16 == 0 ? 1 : kBK / (16 * G16);
-  static constexpr int kWBytes = kWarps * (kBK / 64) * 512;
-  static constexpr int kABytes = BM * (kBK + kAPad) * 2;
-  static constexpr int kSBytes = kGroupsPerStage * kRows * kScaleBytes;
-  static constexpr int kZBytes = HAS_ZEROS ? kGroupsPerStage * kRows : 0;
-  static constexpr int kStageBytes = kWBytes + kABytes + kSBytes + kZBytes;
-  static constexpr int kSt = BK == 64 && BM <= 16 ? 2 * kStages : kStages;
-  static constexpr int kSmem = kSt * kStageBytes + 2 * BM * 4;  // + the block's pair ids and rows
-};
 
 // BK: inputs per stage (64 (MXFP4), 128 or 256).  G16: group size in 16-input tiles when it divides the stage
 // (2, 4, 8), or 0: the group is a multiple of the stage (its scale row changes only at stage starts).
