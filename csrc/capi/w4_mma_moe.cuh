@@ -238,6 +238,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   // rest of the block is padding (one branch per block, so each variant's loop is compiled on its own)
   auto main_loop = [&](auto lv) {
     constexpr int LV = decltype(lv)::value;
+    static_assert(LV >= 1 && LV <= NT, "live n8 token tiles");
     for (int it = 0; it < n_iters; ++it) {
       cp_async_wait<L::kSt - 2>();
       __syncthreads();
