@@ -116,6 +116,24 @@ def _lora_info(url: str) -> dict:
     return dict(labels) | {"value": value}
 
 
+def _until(url: str, want: tuple, timeout: float = 10.0) -> tuple[tuple, dict]:
+    """Polls /metrics until (running adapters, waiting adapters, requests running, requests waiting) - read from
+    one scrape - equal ``want``; returns the last state read and its lora info.  The gauges are a snapshot after
+    each step: between two waves of LONG_STREAM's sequences (4 finish in the same step) none runs for a step,
+    so a single read may see that instant."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        (labels, value), = m["vllm:lora_requests_info"].items()
+        info = dict(labels) | {"value": value}
+        counts = [v for k, v in m["vllm:num_requests_running"].items() if ("model_name", "demo") in k] + \
+                 [v for k, v in m["vllm:num_requests_waiting"].items() if ("model_name", "demo") in k]
+        state = (info["running_lora_adapters"], info["waiting_lora_adapters"], *counts)
+        if state == want or time.monotonic() > deadline:
+            return state, info
+        time.sleep(0.05)
+
+
 def test_lora_requests_info_names_the_running_adapter(srv):
     url = srv.url
     info = _lora_info(url)
@@ -125,24 +143,16 @@ def test_lora_requests_info_names_the_running_adapter(srv):
         assert r.status_code == 200
         lines = r.iter_lines()  # kept: a dropped iterator closes the response, which aborts the request
         next(lines)
-        deadline = time.monotonic() + 10
-        while _lora_info(url)["running_lora_adapters"] != "upper" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        info = _lora_info(url)
-        assert info["running_lora_adapters"] == "upper" and info["model_name"] == "demo"
+        state, info = _until(url, ("upper", "", 1, 0))
+        assert state == ("upper", "", 1, 0) and info["model_name"] == "demo"
         assert abs(info["value"] - time.time()) < 60  # a Unix time, as vLLM's
-        assert sample(url, "vllm:num_requests_running") == 1
         # a request on another adapter waits behind it (FCFS, 4 sequences at a time); its response
         # starts only once it runs, so it is sent from a thread
         waiter = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",),
                                   kwargs={"json": {"model": "rot13", "prompt": "abc=", **GREEDY}, "timeout": 60})
         waiter.start()
-        deadline = time.monotonic() + 10
-        while _lora_info(url)["waiting_lora_adapters"] != "rot13" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        info = _lora_info(url)
-        assert (info["running_lora_adapters"], info["waiting_lora_adapters"]) == ("upper", "rot13")
-        assert sample(url, "vllm:num_requests_waiting") == 1
+        state, _ = _until(url, ("upper", "rot13", 1, 1))
+        assert state == ("upper", "rot13", 1, 1)
     # the client left: its request is aborted, the waiting one runs and ends; the gauges follow at once
     waiter.join(60)
     deadline = time.monotonic() + 10
