@@ -17,9 +17,15 @@ constexpr int kStages = INT4_MMA_STAGES;  // 64-wide stages of narrow blocks: tw
 #define INT4_MMA_LDSM 1
 #endif
 constexpr int kAPad = 8;  // activation row padding (elements): conflict-free B fragment loads
-#ifndef W4_SKIP_PAD  // 1: blocks of 32 / 64 rows skip the MMAs (and their B reads) of the n8 token tiles after the
-#define W4_SKIP_PAD 0  // block's last real row (an expert's padding; a variant to time)
+// W4_SKIP_PAD: sorted blocks skip the MMAs (and their B reads) of the n8 token tiles after the block's last real
+// row (an expert's padding). 1 (default): int4 blocks of 64 rows only; 2: every int4 / MXFP4 block of 32 / 64 rows;
+// 0: none. H200, nineteenth session: 64-row int4 blocks gain (Mixtral 256 tokens, w13 664.8 -> 586.4 us), 32-row
+// blocks lose 7-12 % (Qwen3 256, Mixtral 64) and 64-row MXFP4 blocks 1-2 % (gpt-oss-20b 256).
+#ifndef W4_SKIP_PAD
+#define W4_SKIP_PAD 1
 #endif
+template <int NT, bool MX>
+constexpr bool kSkipPad = W4_SKIP_PAD == 2 ? NT >= 4 : W4_SKIP_PAD == 1 && !MX && NT == 8;
 
 struct Args {
   const void* a;  // [rows, K] activations, unit column stride

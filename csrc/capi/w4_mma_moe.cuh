@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
   // W4_SKIP_PAD: the n8 token tiles up to the block's last real row (block-uniform); the MMAs of the tiles after
   // it, which hold only padding (an expert's rows end in its last block), are not issued
   int nt_live = NT;
-  if constexpr (W4_SKIP_PAD && NT > 1) {
+  if constexpr (kSkipPad<NT, MX>) {
     int last = -1;
 #pragma unroll
     for (int r = lane; r < BM; r += 32) last = s_pair[r] >= 0 ? r : last;
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) w4_mma_moe_kernel(Args p) {
       }
     }
   };
-  if constexpr (W4_SKIP_PAD && NT >= 4) {
+  if constexpr (kSkipPad<NT, MX>) {
     if (NT >= 8 && nt_live <= NT / 4) {
       main_loop(std::integral_constant<int, (NT >= 8 ? NT / 4 : NT)>{});
     } else if (nt_live <= NT / 2) {
