@@ -229,14 +229,16 @@ def test_pair_split_equals_reference(device, c, width, poisoned_partials, monkey
         assert poisoned_partials[0].shape[0] == split_layout(c.K, -(-c.K // width))[1]
 
 
-def test_pair_split_by_shape_only_when_asked(monkeypatch):
-    """Off by default (not yet timed on a GPU); with AUTO_PAIR_SPLIT the slices beyond the prefetch kernel's
-    (Mixtral-8x7B's w13 and w2) take it, the prefetch kernel's keep it."""
-    assert op.PAIR_KERNEL is None and op.AUTO_PAIR_SPLIT is False
-    assert op.auto_pair_kernel(2, 14336, 4096, 16) == 0
-    monkeypatch.setattr(op, "AUTO_PAIR_SPLIT", True)
+def test_pair_split_by_shape(monkeypatch):
+    """On by default (it won on the H200 at Mixtral-8x7B's width and lost on Qwen3-30B-A3B's): the slices beyond
+    the prefetch kernel's (Mixtral's w13 and w2) take it, smaller ones keep their kernel; AUTO_PAIR_SPLIT off
+    gives the pair kernel back."""
+    assert op.PAIR_KERNEL is None and op.AUTO_PAIR_SPLIT is True
     assert op.auto_pair_kernel(2, 14336, 4096, 16) == 2 and op.auto_pair_kernel(32, 4096, 28672, 16) == 2
     assert op.auto_pair_kernel(8, 2048, 1536, 16) == 1 and op.auto_pair_kernel(16, 2048, 1536, 16) == 0
+    assert op.auto_pair_kernel(16, 2880, 5760, 16) == 0  # gpt-oss w13: below the split's size
+    monkeypatch.setattr(op, "AUTO_PAIR_SPLIT", False)
+    assert op.auto_pair_kernel(2, 14336, 4096, 16) == 0
 
 
 @pytest.mark.cuda

@@ -58,9 +58,11 @@ _PAIR_PREFETCH_A_ELEMS = 32768  # elements of A in one K tile of the prefetch ke
 # PAIR_KERNEL 2: the shrink over K ranges of _PAIR_SPLIT_WIDTH inputs in one launch, then the expand
 # (moe_lora_split.launch_pair_split), for slices beyond the prefetch kernel's: in moe_lora_pair_kernel each
 # N-split program redoes its pair's whole shrink, which at Mixtral-8x7B's w2 (K = 14336) compiles to 86 dependent
-# round trips (sm_90 static report).  AUTO_PAIR_SPLIT gives it those slices by default: off until timed on a GPU
-# (benchmark_moe_lora.py --shapes mixtral --tokens 1 2 4 8 16 --pair-kernel 2)
-AUTO_PAIR_SPLIT = False
+# round trips (sm_90 static report).  AUTO_PAIR_SPLIT gives it those slices by default.  H200 A/B
+# (benchmark_moe_lora.py --shapes mixtral qwen3 --tokens 1 4 16 --pair-kernel 0 / 2, LoRA / base of the layer):
+# Mixtral-8x7B 1 / 4 / 16 tokens 1.17 -> 1.09, 1.09 -> 1.04, 1.12 -> 1.05; forced onto Qwen3-30B-A3B's small
+# slices it lost (1.22 -> 1.30 at 1 token, 1.09 -> 1.14 at 16), which AUTO_PAIR_SPLIT leaves alone
+AUTO_PAIR_SPLIT = True
 _PAIR_SPLIT_WIDTH = 512
 
 
