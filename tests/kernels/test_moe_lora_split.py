@@ -63,6 +63,36 @@ def test_split_equals_reference_and_fused(device, c, split, poisoned_partials):
     assert_close(out, fused, c.dtype, name="split vs one launch")
 
 
+def test_split_range_in_several_tiles(device, poisoned_partials, monkeypatch):
+    """A split whose K range would not fit shared memory as one tile loops over tiles (K_TILES > 1; forced
+    here by a tiny tile budget): same result as the reference and the one-launch kernel."""
+    c = CASES[4]
+    monkeypatch.setattr(moe_lora_split, "_SHRINK_TILE_BYTES", 16 * 1024 if device.type == "cuda" else 1)
+    tiles = []
+    real = moe_lora_split.split_tiles
+    monkeypatch.setattr(moe_lora_split, "split_tiles", lambda *a: tiles.append(real(*a)) or tiles[-1])
+    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
+    start = out.clone()
+    cfg = _config(c, device, c.M * c.top_k)
+    alignment = _align(c, kw, cfg)
+    fused = out.clone()
+    fused_moe_lora(fused, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=cfg, **kw, **geo)
+    split_cfg = dataclasses.replace(cfg, shrink_split_k=2)
+    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=split_cfg, **kw, **geo)
+    assert tiles and all(n > 1 for _, n in tiles), tiles
+    check(c, out, start, delta, parent)
+    assert_close(out, fused, c.dtype, name="split in tiles vs one launch")
+
+
+@pytest.mark.parametrize("width,bm,br,elem,expected", [(2048, 16, 32, 2, (2048, 1)), (8192, 16, 16, 2, (2048, 4)),
+                                                       (8192, 16, 32, 2, (2048, 4)), (4096, 32, 32, 2, (1024, 4)),
+                                                       (256, 16, 16, 4, (256, 1)), (64, 16, 16, 1 << 20, (16, 4))])
+def test_split_tiles(width, bm, br, elem, expected):
+    tile, tiles = moe_lora_split.split_tiles(width, bm, br, elem)
+    assert (tile, tiles) == expected and tile * tiles == width
+    assert tile == 16 or (bm + br) * tile * elem <= moe_lora_split._SHRINK_TILE_BYTES
+
+
 def test_small_batch_path_ignores_the_split(device, poisoned_partials):
     c = CASES[2]
     x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
@@ -111,6 +141,29 @@ def test_cuda_split_realistic(split, M, w2, R):
                               dtype=BF16, use_tuned_config=True, device_name=torch.cuda.get_device_name())
     cfg = dataclasses.replace(cfg, shrink_split_k=split)
     al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=128, max_loras=4,
+                                   block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
+    got = out.clone()
+    fused_moe_lora(got, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)
+    assert_close(got, expected, BF16)
+    assert_close(got.float() - out.float(), expected - out.float(), BF16, name="delta")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+def test_cuda_split_mixtral_widths(split, w2):
+    """Mixtral-8x7B's widths (K up to 14336) in 2 / 4 / 8 splits: a split's range of 8192 columns does not fit
+    shared memory as one tile (it failed to launch before the shrink looped over tiles)."""
+    from tests.kernels.moe_lora_gpu_cases import BF16, _gpu_layer
+    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
+    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(8, 16, 64, BF16, w2, H=4096, I=14336, top_k=2)
+    expected = out.float()
+    fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+    cfg = MoELoRATileConfig(block_size_m=16, block_size_n=256, block_size_k=256, num_n_splits=4, num_stages=3,
+                            shrink_split_k=split)
+    al = moe_lora_align_block_size(kw["topk_ids"], kw["token_lora_mapping"], num_experts=8, max_loras=4,
                                    block_size=cfg.block_size_m, adapter_enabled=kw["adapter_enabled"])
     got = out.clone()
     fused_moe_lora(got, x, lora_a, lora_b, top_k_in=top_k_in, alignment=al, config=cfg, **kw)

@@ -12,7 +12,9 @@ Here the same computation takes two launches with short chains:
 * ``moe_lora_split_shrink_kernel`` - grid (M-blocks, slices, K-splits): one program
   loads its K range of x and A^T as one tile each (BLOCK_K wide: both loads in flight at
   once; a loop of tiles would put the layout conversions' barriers between them) and
-  stores its fp32 partial [BLOCK_M, BLOCK_R] to ``part[split, slice, pair]``.
+  stores its fp32 partial [BLOCK_M, BLOCK_R] to ``part[split, slice, pair]``.  Where one
+  tile of the range would not fit in shared memory (Mixtral-8x7B's w2 in two splits: 8192
+  columns), the range is ``K_TILES`` tiles in a loop (``moe_lora_split.split_tiles``).
 * ``moe_lora_split_expand_kernel`` - grid (M-blocks, slices, N-splits): sums the
   ``NUM_PARTS`` partials (fp32, in split order: deterministic), then expands as the
   fused kernel does (``EXPAND_MODE``, routed weight, read-modify-write of ``out``).
@@ -70,7 +72,7 @@ def moe_lora_split_shrink_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_pk, stride_ps, stride_pp,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     slice_s = tl.program_id(1).to(tl.int64)
@@ -79,14 +81,18 @@ def moe_lora_split_shrink_kernel(
                                                       num_experts, numel, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = (offs_r < R) & live
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # this split's K range: one tile
-    mask_k = offs_k < K
     rows = pairs // top_k_in
-    xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    at = tl.load(a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[None, :] * stride_ar
-                 + offs_k[:, None].to(tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-    acc = _dot(xt, at, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, FP32_PRECISION)
+    a_base = a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # this split's K range: K_TILES tiles (one unless a tile of the whole range would not fit shared memory)
+    for t in tl.range(0, K_TILES, num_stages=1):
+        offs_k = (pid_k * K_TILES + t) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None].to(tl.int64) * stride_ak, mask=mask_k[:, None] & mask_r[None, :],
+                     other=0.0)
+        acc = _dot(xt, at, acc, UPCAST, FP32_PRECISION)
     p_ptrs = part_ptr + pid_k * stride_pk + slice_s * stride_ps + pairs[:, None] * stride_pp + offs_r[None, :]
     tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 

@@ -26,6 +26,20 @@ def split_layout(K: int, shrink_split_k: int) -> tuple[int, int]:
     return width, -(-max(K, 1) // width)
 
 
+# shared memory one tile of the split shrink may take: (BLOCK_M + BLOCK_R) x BLOCK_K operand elements; 192 KiB
+# is the largest measured to compile and run on sm_90 (BLOCK_M 16, BLOCK_R 32, 2048 columns, bf16)
+_SHRINK_TILE_BYTES = 192 * 1024
+
+
+def split_tiles(width: int, block_m: int, block_r: int, elem_bytes: int) -> tuple[int, int]:
+    """(tile width, tiles) of one split of ``width`` columns: the widest power-of-two tile whose x and A^T
+    operands fit ``_SHRINK_TILE_BYTES`` (at least 16 columns), and as many tiles as the split needs."""
+    tile = width
+    while tile > 16 and (block_m + block_r) * tile * elem_bytes > _SHRINK_TILE_BYTES:
+        tile //= 2
+    return tile, -(-width // tile)
+
+
 def alloc_partials(num_parts: int, num_slices: int, numel: int, rank: int, device: torch.device) -> torch.Tensor:
     """fp32 [parts, slices, pairs, rank] scratch for the shrink's partials; never read where not written."""
     return torch.empty((num_parts, num_slices, numel, rank), dtype=torch.float32, device=device)
@@ -55,8 +69,10 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
                   UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3", BLOCK_M=alignment.block_size,
                   BLOCK_R=block_r, EXPAND_MODE=expand_mode)
     launch = dict(num_warps=args["num_warps"], num_stages=args["num_stages"])
+    elem = 4 if interp or x.dtype == torch.float32 else x.element_size()
+    tile, tiles = split_tiles(width, alignment.block_size, block_r, elem)
     shrink = kern.moe_lora_split_shrink_kernel
-    shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch)
+    shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=tile, K_TILES=tiles), **launch)
     expand = kern.moe_lora_split_expand_kernel
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
 
