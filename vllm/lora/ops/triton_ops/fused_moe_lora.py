@@ -28,19 +28,20 @@ Slices that are views of one buffer with a constant stride (the usual stacked
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 
 from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
+from vllm.lora.ops.triton_ops import moe_lora_checks as chk
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
 from vllm.lora.ops.triton_ops.moe_lora_split import launch_split
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
-Stacked = Union[torch.Tensor, Sequence[torch.Tensor]]
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+Stacked = chk.Stacked
+
 # the fused op's small-batch (per-pair) kernel: 0 = moe_lora_pair_kernel; 1 = moe_lora_pair_prefetch_kernel, two
 # dependent round trips instead of 8-9; 2 = two launches (below, AUTO_PAIR_SPLIT); None = by shape
 # (``auto_pair_kernel``).  H200 A/B
@@ -89,76 +90,6 @@ def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int,
     return block_n, block_k, -(-K // block_k), warps
 
 
-def _slices(stacked: Stacked, name: str) -> list[torch.Tensor]:
-    if isinstance(stacked, torch.Tensor):
-        stacked = [stacked] if stacked.dim() == 4 else list(stacked.unbind(0))
-    ts = list(stacked)
-    if not ts:
-        raise ValueError(f"{name}: no slices given")
-    for s, t in enumerate(ts):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}[{s}] must be a 4-D tensor [L, E, ., .], got {getattr(t, 'shape', type(t))}")
-        if t.dtype not in _FLOATS:
-            raise ValueError(f"{name}[{s}] dtype {t.dtype} is not fp32/fp16/bf16")
-        if t.shape[:2] != ts[0].shape[:2] or t.dtype != ts[0].dtype or t.device != ts[0].device:
-            raise ValueError(f"{name}: slices differ in (L, E), dtype or device: {[(tuple(x.shape), x.dtype) for x in ts]}")
-    return ts
-
-
-def _uniform_slice_stride(ts: list[torch.Tensor]) -> Optional[int]:
-    """Element distance between consecutive slices if one base pointer addresses them all, else None."""
-    if len(ts) == 1:
-        return 0
-    t0 = ts[0]
-    if any(t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
-        return None
-    if any(t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr() for t in ts):
-        return None
-    diff = ts[1].data_ptr() - t0.data_ptr()
-    if diff % t0.element_size() != 0:
-        return None
-    if any(ts[i + 1].data_ptr() - ts[i].data_ptr() != diff for i in range(len(ts) - 1)):
-        return None
-    return diff // t0.element_size()
-
-
-def _check_routing(topk_ids: torch.Tensor, token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor,
-                   expert_map: Optional[torch.Tensor], L: int, E: int, device: torch.device) -> tuple[int, int]:
-    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be int32/int64 [M, top_k], got {topk_ids.dtype} {tuple(topk_ids.shape)}")
-    m, top_k = topk_ids.shape
-    if token_lora_mapping.dim() != 1 or token_lora_mapping.shape[0] < m:
-        raise ValueError(f"token_lora_mapping must be 1-D with >= M={m} entries, got {tuple(token_lora_mapping.shape)}")
-    if adapter_enabled.shape != (L + 1,):
-        raise ValueError(f"adapter_enabled must be [max_loras + 1] = [{L + 1}], got {tuple(adapter_enabled.shape)}")
-    if expert_map is not None and expert_map.dim() != 1:
-        raise ValueError(f"expert_map must be 1-D [E_global], got {tuple(expert_map.shape)}")
-    for name, t in (("topk_ids", topk_ids), ("token_lora_mapping", token_lora_mapping),
-                    ("adapter_enabled", adapter_enabled), ("expert_map", expert_map)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}, the LoRA weights on {device}")
-    return m, top_k
-
-
-def _out_strides(out: torch.Tensor, m: int, top_k: int) -> tuple[int, int, int]:
-    """(stride per token, stride per k, stride per column) of ``out``."""
-    if out.dim() == 2 and out.shape[0] == m * top_k:
-        return top_k * out.stride(0), out.stride(0), out.stride(1)
-    if out.dim() == 3 and tuple(out.shape[:2]) == (m, top_k):
-        return out.stride(0), out.stride(1), out.stride(2)
-    raise ValueError(f"out must be [M*top_k, cols] or [M, top_k, cols] with M={m}, top_k={top_k}; got {tuple(out.shape)}")
-
-
-def _strides(t: Optional[torch.Tensor], names: str) -> dict[str, int]:
-    """``{name: t.stride(d)}`` for the dims of ``t`` in order, named by ``names``; all 0 without ``t``."""
-    keys = names.split()
-    if t is None:
-        return dict.fromkeys(keys, 0)
-    if t.dim() != len(keys):
-        raise ValueError(f"expected a {len(keys)}-D tensor for strides {keys}, got {tuple(t.shape)}")
-    return dict(zip(keys, t.stride()))
-
-
 def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slices: list[torch.Tensor],
          b_slices: list[torch.Tensor], out: Optional[torch.Tensor], shrunk: Optional[torch.Tensor],
          topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
@@ -183,14 +114,14 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
     interp = triton_interpreting()
 
     uniform = True
-    stride_as_ = _uniform_slice_stride(a_slices) if do_shrink else 0
-    stride_bs_ = _uniform_slice_stride(b_slices) if do_expand else 0
+    stride_as_ = chk.uniform_slice_stride(a_slices) if do_shrink else 0
+    stride_bs_ = chk.uniform_slice_stride(b_slices) if do_expand else 0
     if stride_as_ is None or stride_bs_ is None or len(set(n_sizes)) != 1:
         uniform = False
     groups = [list(range(S))] if uniform else [[s] for s in range(S)]
 
     if do_expand:
-        stride_ot, stride_oj, stride_on = _out_strides(out, m, top_k)
+        stride_ot, stride_oj, stride_on = chk.out_strides(out, m, top_k)
     else:
         stride_ot = stride_oj = stride_on = 0
     flat_w = topk_weights.reshape(-1) if mul_routed_weight else x if do_shrink else shrunk
@@ -204,9 +135,9 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         col0 = n_offset + (s0 * slice_stride if slice_stride is not None else sum(n_sizes[:s0]))
         sh = shrunk[s0] if (shrunk is not None and not uniform) else shrunk
         if sh is not None and sh.dim() == 2:  # one slice of the shrink: [pairs, R]
-            sh_strides = dict(stride_ss=0, **_strides(sh, "stride_sp stride_sr"))
+            sh_strides = dict(stride_ss=0, **chk.strides(sh, "stride_sp stride_sr"))
         else:  # [S, pairs, R], or none
-            sh_strides = _strides(sh, "stride_ss stride_sp stride_sr")
+            sh_strides = chk.strides(sh, "stride_ss stride_sp stride_sr")
         block_n = config.block_size_n
         splits = max(1, min(config.num_n_splits, -(-N // block_n))) if do_expand else 1
         # Launch arguments by name (the kernels' signatures), shared by both kernels.
@@ -214,11 +145,11 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             x_ptr=x if do_shrink else dummy, a_ptr=a if do_shrink else dummy, b_ptr=b if do_expand else dummy,
             out_ptr=out if do_expand else dummy, shrunk_ptr=sh if sh is not None else dummy, w_ptr=flat_w,
             numel=numel, top_k=top_k, top_k_in=top_k_in, K=K, N=N, R=R, num_experts=E,
-            **_strides(x if do_shrink else None, "stride_xm stride_xk"),
+            **chk.strides(x if do_shrink else None, "stride_xm stride_xk"),
             stride_as=stride_as_ if (do_shrink and ns > 1) else 0,  # slice to slice, one launch for all
-            **_strides(a, "stride_al stride_ae stride_ar stride_ak"),  # A: [L, E, R, K]
+            **chk.strides(a, "stride_al stride_ae stride_ar stride_ak"),  # A: [L, E, R, K]
             stride_bs=stride_bs_ if (do_expand and ns > 1) else 0,
-            **_strides(b, "stride_bl stride_be stride_bn stride_br"),  # B: [L, E, N, R]
+            **chk.strides(b, "stride_bl stride_be stride_bn stride_br"),  # B: [L, E, N, R]
             stride_ot=stride_ot, stride_oj=stride_oj, stride_on=stride_on,
             out_col0=col0, out_slice_cols=slice_stride if slice_stride is not None else N,
             **sh_strides, num_n_splits=splits,
@@ -268,64 +199,6 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 K_TILES=-(-K // config.block_size_k) if do_shrink else 1, **args)
 
 
-def _check_config(config: Optional[MoELoRATileConfig]) -> None:
-    if config is None:  # the heuristic's
-        return
-    if not isinstance(config, MoELoRATileConfig):
-        raise TypeError(f"config must be a MoELoRATileConfig (get_moe_lora_config, or MoELoRATileConfig.from_json "
-                        f"for a dict of BLOCK_SIZE_M, ...), got {type(config).__name__}")
-    for name in ("block_size_n", "block_size_k"):
-        v = getattr(config, name)
-        if v & (v - 1):
-            raise ValueError(f"{name.upper()}={v} must be a power of two (a Triton tile)")
-
-
-def _check_alignment(alignment: Optional[MoELoRAAlignment], numel: int, L: int, E: int,
-                     device: torch.device) -> None:
-    if alignment is None:
-        return
-    if (alignment.numel, alignment.max_loras, alignment.num_experts) != (numel, L, E):
-        raise ValueError(
-            f"alignment was made for numel={alignment.numel}, max_loras={alignment.max_loras}, "
-            f"num_experts={alignment.num_experts}; this call has {numel}, {L}, {E}")
-    bs = alignment.block_size
-    if bs & (bs - 1) or bs < (1 if triton_interpreting() else 16):
-        raise ValueError(f"alignment.block_size must be a power of two >= 16 for the sorted kernel, got {bs}")
-    if alignment.sorted_token_ids.device != device:
-        raise ValueError(f"alignment is on {alignment.sorted_token_ids.device}, the LoRA weights on {device}")
-
-
-def _check_x(x: torch.Tensor, a_slices: list[torch.Tensor], m: int, top_k: int, top_k_in: int) -> torch.Tensor:
-    if x.dim() == 3:
-        x = x.reshape(-1, x.shape[-1])
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [rows, K], got {tuple(x.shape)}")
-    if top_k_in not in (1, top_k):
-        raise ValueError(f"top_k_in must be top_k={top_k} (x per token) or 1 (x per pair), got {top_k_in}")
-    rows = m * top_k // top_k_in
-    a0 = a_slices[0]
-    if x.shape[0] != rows or any(a.shape[3] != x.shape[1] for a in a_slices):
-        raise ValueError(f"x {tuple(x.shape)} must be [{rows}, K] with K = lora_a's last dim {a0.shape[3]}")
-    if x.dtype != a0.dtype or x.device != a0.device:
-        raise ValueError(f"x ({x.dtype}, {x.device}) and lora_a ({a0.dtype}, {a0.device}) must match")
-    if len({a.shape[2] for a in a_slices}) != 1:
-        raise ValueError("lora_a slices must share the rank R")
-    return x
-
-
-def _check_b(b_slices: list[torch.Tensor], L: int, E: int, R: int, dtype: torch.dtype, cols: int, n_offset: int,
-             slice_stride: Optional[int]) -> None:
-    for s, b in enumerate(b_slices):
-        if tuple(b.shape[:2]) != (L, E) or b.shape[3] != R or b.dtype != dtype:
-            raise ValueError(f"lora_b[{s}] {tuple(b.shape)} {b.dtype} must be [{L}, {E}, N, {R}] {dtype}")
-    n_sizes = [b.shape[2] for b in b_slices]
-    ends = [n_offset + (s * slice_stride if slice_stride is not None else sum(n_sizes[:s])) + n
-            for s, n in enumerate(n_sizes)]
-    if n_offset < 0 or max(ends) > cols:
-        raise ValueError(f"slices end at column {max(ends)} (n_offset={n_offset}, slice_stride={slice_stride}, "
-                         f"N={n_sizes}) but out has {cols} columns")
-
-
 def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, lora_b_stacked: Stacked, *,
                    topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
                    adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
@@ -333,16 +206,16 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
                    n_offset: int = 0, slice_stride: Optional[int] = None,
                    config: Optional[MoELoRATileConfig] = None) -> None:
     """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring)."""
-    _check_config(config)
-    a_slices, b_slices = _slices(lora_a_stacked, "lora_a_stacked"), _slices(lora_b_stacked, "lora_b_stacked")
+    chk.check_config(config)
+    a_slices, b_slices = chk.slices(lora_a_stacked, "lora_a_stacked"), chk.slices(lora_b_stacked, "lora_b_stacked")
     if len(a_slices) != len(b_slices):
         raise ValueError(f"{len(a_slices)} lora_a slices but {len(b_slices)} lora_b slices")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
-    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
-    x = _check_x(x, a_slices, m, top_k, top_k_in)
-    _out_strides(out, m, top_k)
-    _check_b(b_slices, L, E, R, x.dtype, out.shape[-1], n_offset, slice_stride)
-    _check_alignment(alignment, m * top_k, L, E, x.device)
+    m, top_k = chk.check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
+    x = chk.check_x(x, a_slices, m, top_k, top_k_in)
+    chk.out_strides(out, m, top_k)
+    chk.check_b(b_slices, L, E, R, x.dtype, out.shape[-1], n_offset, slice_stride)
+    chk.check_alignment(alignment, m * top_k, L, E, x.device)
     if mul_routed_weight and (topk_weights is None or topk_weights.numel() != m * top_k):
         raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
     if m * top_k == 0:
@@ -359,12 +232,12 @@ def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                     config: Optional[MoELoRATileConfig] = None) -> torch.Tensor:
     """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
-    _check_config(config)
-    a_slices = _slices(lora_a_stacked, "lora_a_stacked")
+    chk.check_config(config)
+    a_slices = chk.slices(lora_a_stacked, "lora_a_stacked")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
-    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
-    x = _check_x(x, a_slices, m, top_k, top_k_in)
-    _check_alignment(alignment, m * top_k, L, E, x.device)
+    m, top_k = chk.check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
+    x = chk.check_x(x, a_slices, m, top_k, top_k_in)
+    chk.check_alignment(alignment, m * top_k, L, E, x.device)
     shrunk = torch.zeros((len(a_slices), m * top_k, R), dtype=torch.float32, device=x.device)
     if m * top_k > 0:
         _run(do_shrink=True, do_expand=False, x=x, a_slices=a_slices, b_slices=[], out=None, shrunk=shrunk,
@@ -386,16 +259,16 @@ def moe_lora_expand(out: torch.Tensor, shrunk_fp32: torch.Tensor, lora_b_stacked
     shrunk_fp32: fp32 [S, M * top_k, R] with R = lora_b's last dim, any strides
     (e.g. the rank all-gather of the fully-sharded path).
     """
-    _check_config(config)
-    b_slices = _slices(lora_b_stacked, "lora_b_stacked")
+    chk.check_config(config)
+    b_slices = chk.slices(lora_b_stacked, "lora_b_stacked")
     L, E, R = b_slices[0].shape[0], b_slices[0].shape[1], b_slices[0].shape[3]
-    m, top_k = _check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, b_slices[0].device)
+    m, top_k = chk.check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, b_slices[0].device)
     if shrunk_fp32.dtype != torch.float32 or tuple(shrunk_fp32.shape) != (len(b_slices), m * top_k, R):
         raise ValueError(f"shrunk_fp32 must be fp32 [{len(b_slices)}, {m * top_k}, {R}], "
                          f"got {shrunk_fp32.dtype} {tuple(shrunk_fp32.shape)}")
-    _out_strides(out, m, top_k)
-    _check_b(b_slices, L, E, R, b_slices[0].dtype, out.shape[-1], n_offset, slice_stride)
-    _check_alignment(alignment, m * top_k, L, E, b_slices[0].device)
+    chk.out_strides(out, m, top_k)
+    chk.check_b(b_slices, L, E, R, b_slices[0].dtype, out.shape[-1], n_offset, slice_stride)
+    chk.check_alignment(alignment, m * top_k, L, E, b_slices[0].device)
     if mul_routed_weight and (topk_weights is None or topk_weights.numel() != m * top_k):
         raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
     if m * top_k == 0:
