@@ -11,6 +11,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "w4_mma_ptx.cuh"
 
 #ifndef W4_MMA_WGMMA  // 1: blocks of 32+ rows run wgmma on sm_90a; 0: mma.sync everywhere (a variant to time)
@@ -104,65 +106,23 @@ __device__ __forceinline__ void wgmma_keep(uint32_t (&a)[4]) {
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1) \
       : "memory")
 
+// the first NT n8 token tiles of d (N >= NT of them; NT 2 / 4 / 8: n16 / n32 / n64, W4_SKIP_PAD's partial
+// blocks use the smaller ones) += a * the B tile at desc, for bf16 or fp16 operands
 template <typename T, int NT>
-struct Wgmma;
-
-template <>
-struct Wgmma<__nv_bfloat16, 2> {  // (W4_SKIP_PAD: the first 16 tokens of a 32-row block)
-  template <int N>  // d: N >= 2 n8 tiles of accumulators, the first 2 written
+struct Wgmma {
+  static_assert(NT == 2 || NT == 4 || NT == 8, "wgmma token tiles: n16, n32 or n64");
+  template <int N>
   __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
+    static_assert(N >= NT, "accumulators for every token tile written");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N16("bf16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__half, 2> {
-  template <int N>  // d: N >= 2 n8 tiles of accumulators, the first 2 written
-  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N16("f16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__nv_bfloat16, 4> {
-  template <int N>  // d: N >= 4 n8 tiles of accumulators, the first 4 written
-  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N32("bf16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__nv_bfloat16, 8> {
-  template <int N>  // d: N >= 8 n8 tiles of accumulators, the first 8 written
-  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N64("bf16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__half, 4> {
-  template <int N>  // d: N >= 4 n8 tiles of accumulators, the first 4 written
-  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N32("f16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__half, 8> {
-  template <int N>  // d: N >= 8 n8 tiles of accumulators, the first 8 written
-  __device__ static void run(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    W4_WGMMA_N64("f16");
+    constexpr bool kHalf = std::is_same<T, __half>::value;
+    if constexpr (NT == 2) {
+      if constexpr (kHalf) W4_WGMMA_N16("f16"); else W4_WGMMA_N16("bf16");
+    } else if constexpr (NT == 4) {
+      if constexpr (kHalf) W4_WGMMA_N32("f16"); else W4_WGMMA_N32("bf16");
+    } else {
+      if constexpr (kHalf) W4_WGMMA_N64("f16"); else W4_WGMMA_N64("bf16");
+    }
 #endif
   }
 };
