@@ -1,5 +1,6 @@
 """GPU cases of the MoE LoRA op at realistic shapes (Qwen3-30B-A3B-like), shared by the one-launch tests
-(test_fused_moe_lora.py) and the split-K tests (test_moe_lora_split.py)."""
+(test_fused_moe_lora.py), the split-K tests (test_moe_lora_split.py) and the small-batch kernels' tests
+(test_moe_lora_pair_prefetch.py)."""
 from __future__ import annotations
 
 import torch
@@ -60,3 +61,30 @@ def check_graph_replay(num_experts: int, cfg) -> None:
     expected = start.float()
     fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
     assert_close(out, expected, BF16)
+
+
+def check_pair_graph_replay(E: int, M: int, w2: bool, **widths: int) -> None:
+    """The small-batch path (no alignment; the kernel the caller forced through ``PAIR_KERNEL``) of a rank-16
+    layer at ``M`` tokens, 4 slots (one token without an adapter), captured in a CUDA graph and replayed twice
+    with new routing and slots, against the torch reference.  widths: ``_gpu_layer``'s H, I, top_k."""
+    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(E, 16, M, BF16, w2, **widths)
+    top_k = kw["topk_ids"].shape[1]
+    start = out.clone()
+
+    def step():
+        out.copy_(start)
+        fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        kw["topk_ids"].copy_(torch.randn(M, E, device="cuda", generator=gen).topk(top_k, dim=-1).indices)
+        kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (M,), device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = start.float()
+        fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
+        assert_close(out.float(), expected, BF16)

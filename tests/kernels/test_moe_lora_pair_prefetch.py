@@ -91,30 +91,10 @@ def test_auto_choice_follows_the_h200_ab():
 def test_prefetch_realistic_sizes_in_a_cuda_graph(M, w2, monkeypatch):
     """Qwen3-30B-A3B-like w13 / w2 LoRA at 1-8 tokens, 4 slots (one token without an adapter), captured in a
     CUDA graph and replayed with new routing and slots, against the torch reference."""
-    from tests.kernels.moe_lora_gpu_cases import _gpu_layer
-    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from tests.kernels.moe_lora_gpu_cases import check_pair_graph_replay
 
     monkeypatch.setattr(op, "PAIR_KERNEL", 1)
-    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(128, 16, M, BF16, w2)
-    start = out.clone()
-
-    def step():
-        out.copy_(start)
-        op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
-
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for seed in (1, 2):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        kw["topk_ids"].copy_(torch.randn(M, 128, device="cuda", generator=gen).topk(8, dim=-1).indices)
-        kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (M,), device="cuda", generator=gen))
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = start.float()
-        fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
-        assert_close(out.float(), expected, BF16)
+    check_pair_graph_replay(128, M, w2)
 
 
 @pytest.mark.parametrize("c", [Case(3, 2, 8, 8, 64, dtype=F16, K=600, N=72),  # 6 pairs x 8 <= 8 x 8 slots

@@ -300,27 +300,7 @@ def test_pair_split_by_shape(monkeypatch):
 def test_pair_split_mixtral_sizes_in_a_cuda_graph(M, w2, monkeypatch):
     """Mixtral-8x7B's widths (K 4096 / 14336) at 1-16 tokens, 4 slots (one token without an adapter), captured in
     a CUDA graph and replayed with new routing and slots, against the torch reference."""
-    from tests.kernels.moe_lora_gpu_cases import _gpu_layer
-    from vllm.lora.ops.torch_ops.moe_lora import fused_moe_lora_torch
+    from tests.kernels.moe_lora_gpu_cases import check_pair_graph_replay
 
     monkeypatch.setattr(op, "PAIR_KERNEL", 2)
-    x, lora_a, lora_b, out, kw, top_k_in, g = _gpu_layer(8, 16, M, BF16, w2, H=4096, I=14336, top_k=2)
-    start = out.clone()
-
-    def step():
-        out.copy_(start)
-        op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
-
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for seed in (1, 2):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        kw["topk_ids"].copy_(torch.randn(M, 8, device="cuda", generator=gen).topk(2, dim=-1).indices)
-        kw["token_lora_mapping"].copy_(torch.randint(-1, 4, (M,), device="cuda", generator=gen))
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = start.float()
-        fused_moe_lora_torch(expected, x, lora_a, lora_b, top_k_in=top_k_in, **kw)
-        assert_close(out.float(), expected, BF16)
+    check_pair_graph_replay(8, M, w2, H=4096, I=14336, top_k=2)
