@@ -17,8 +17,8 @@ _LORA_FILES = [n for n in _shipped() if n.startswith("fused_moe_lora_")]
 
 
 def _top_k(pairs: int, num_experts: int) -> int:
-    """The widest of 8 / 4 / 2 / 1 routes up to a quarter of the experts (the shipped shapes' own: Qwen3-30B-A3B
-    8 of 128, gpt-oss-20b 4 of 32, Mixtral-8x7B 2 of 8) that divides the entry's pair count."""
+    """The widest of 8 / 4 / 2 / 1 routes, at most a quarter of the experts, that divides the entry's pair count
+    (Qwen3-30B-A3B's 8 of 128 and Mixtral-8x7B's 2 of 8; 8 of gpt-oss-20b's 32 where it routes 4)."""
     return next(k for k in (8, 4, 2, 1) if k <= max(1, num_experts // 4) and pairs % k == 0)
 
 
