@@ -56,10 +56,11 @@
 #           tests (MXMMA_TESTS), then the MXFP4 layer with VLLM_MXFP4_MMA=0 / 1 (MXMMA_LAYER_MODES,
 #           MXMMA_LAYER_TOKENS); only when named
 #   w4flags variants of the 4-bit tensor-core kernels built with VLLM_CSRC_FLAGS: W4_FLAGS holds them separated by
-#           ';' (e.g. "-DW4_SKIP_PAD=1;-DW4_SKIP_PAD=1 -DW4_INT4_FOLD=1"); per variant its build and the kernel
+#           ';' (e.g. "-DW4_SKIP_PAD=0;-DW4_SKIP_PAD=2 -DW4_INT4_FOLD=1"); per variant its build and the kernel
 #           and layer tests of both formats (W4_TESTS=0: none), then per GEMM and per layer (W4_LAYERS=0: GEMMs
 #           only) for the default build (W4_BASE=0: not) and each variant, at W4_TOKENS (default 64 256)
-#   pairsplit the MoE LoRA small-batch path in two launches (fused_moe_lora.PAIR_KERNEL 2, eighteenth session, off):
+#   pairsplit the MoE LoRA small-batch path in two launches (fused_moe_lora.PAIR_KERNEL 2, eighteenth session; on by
+#           default at Mixtral-8x7B's widths since the nineteenth):
 #           its cuda tests, then benchmark_moe_lora.py (PAIRSPLIT_SHAPES, default mixtral; PAIRSPLIT_TOKENS) with
 #           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
