@@ -44,17 +44,27 @@ SPLIT_CASES = [(CASES[1], 2), (CASES[2], 2), (CASES[3], 3), (CASES[4], 4), (CASE
                (CASES[7], 4), (CASES[8], 3), (CASES[9], 2), (CASES[11], 8)]
 
 
-@pytest.mark.parametrize("c,split", SPLIT_CASES, ids=[f"{_id(c)}-split{s}" for c, s in SPLIT_CASES])
-def test_split_equals_reference_and_fused(device, c, split, poisoned_partials):
+def _one_launch_then_split(c: Case, device, split: int, after_one_launch=lambda: None):
+    """Case ``c`` through the one-launch kernel, then (same start) through the split at ``split``:
+    (split output, one-launch output, start, delta, parent) for ``check``."""
     x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
     start = out.clone()
     cfg = _config(c, device, c.M * c.top_k)
     alignment = _align(c, kw, cfg)
     fused = out.clone()
     fused_moe_lora(fused, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=cfg, **kw, **geo)
-    assert not poisoned_partials, "shrink_split_k=1 must run the one-launch kernel"
+    after_one_launch()
     split_cfg = dataclasses.replace(cfg, shrink_split_k=split)
     fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=split_cfg, **kw, **geo)
+    return out, fused, start, delta, parent
+
+
+@pytest.mark.parametrize("c,split", SPLIT_CASES, ids=[f"{_id(c)}-split{s}" for c, s in SPLIT_CASES])
+def test_split_equals_reference_and_fused(device, c, split, poisoned_partials):
+    def no_partials_yet():
+        assert not poisoned_partials, "shrink_split_k=1 must run the one-launch kernel"
+
+    out, fused, start, delta, parent = _one_launch_then_split(c, device, split, no_partials_yet)
     assert poisoned_partials, "shrink_split_k > 1 must run the split launches"
     launches = 1 if c.layout != "separate" else c.S
     assert len(poisoned_partials) == launches
@@ -71,14 +81,7 @@ def test_split_range_in_several_tiles(device, poisoned_partials, monkeypatch):
     tiles = []
     real = moe_lora_split.split_tiles
     monkeypatch.setattr(moe_lora_split, "split_tiles", lambda *a: tiles.append(real(*a)) or tiles[-1])
-    x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
-    start = out.clone()
-    cfg = _config(c, device, c.M * c.top_k)
-    alignment = _align(c, kw, cfg)
-    fused = out.clone()
-    fused_moe_lora(fused, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=cfg, **kw, **geo)
-    split_cfg = dataclasses.replace(cfg, shrink_split_k=2)
-    fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, alignment=alignment, config=split_cfg, **kw, **geo)
+    out, fused, start, delta, parent = _one_launch_then_split(c, device, 2)
     assert tiles and all(n > 1 for _, n in tiles), tiles
     check(c, out, start, delta, parent)
     assert_close(out, fused, c.dtype, name="split in tiles vs one launch")

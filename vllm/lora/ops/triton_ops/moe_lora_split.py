@@ -69,7 +69,7 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
                   UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3", BLOCK_M=alignment.block_size,
                   BLOCK_R=block_r, EXPAND_MODE=expand_mode)
     launch = dict(num_warps=args["num_warps"], num_stages=args["num_stages"])
-    elem = 4 if interp or x.dtype == torch.float32 else x.element_size()
+    elem = 4 if interp else x.element_size()  # the interpreter upcasts the operands
     tile, tiles = split_tiles(width, alignment.block_size, block_r, elem)
     shrink = kern.moe_lora_split_shrink_kernel
     shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=tile, K_TILES=tiles), **launch)
