@@ -35,13 +35,13 @@ def round_f32_to(x, OUT_KIND: tl.constexpr):
     """float32 ``x`` rounded to nearest-even in the target format, returned as float32.
 
     bf16 is the top half of a float32, so the rounding is integer arithmetic on the bits (correct for
-    subnormals and overflow to inf; canonical NaNs stay NaN).  fp16 goes through the cast, which both
+    subnormals and overflow to inf; NaNs stay NaN, whatever their payload).  fp16 goes through the cast, which both
     the GPU and the interpreter (numpy) round to nearest-even.
     """
     if OUT_KIND == 2:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN's payload could carry into -0.0
     elif OUT_KIND == 1:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -53,7 +53,7 @@ def storage_value(x, OUT_KIND: tl.constexpr):
     float32 itself, float16, or (bf16) the int16 bit pattern."""
     if OUT_KIND == 2:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x != x, 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)  # NaN: torch's quiet NaN
         y = bits.to(tl.uint16).to(tl.int16, bitcast=True)
     elif OUT_KIND == 1:
         y = x.to(tl.float16)
