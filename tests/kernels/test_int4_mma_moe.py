@@ -48,21 +48,54 @@ def test_stage_and_split_choices():
     assert default_split(256, 4096, 4096, 256) == 1
     assert mma_block_m(8, 128, True) == 8 and mma_block_m(128, 128, False) == 8  # ~1.6 pairs per expert
     assert mma_block_m(32, 8, False) == 8 and mma_block_m(128, 8, False) == 32 and mma_block_m(2048, 128, False) == 32
-    assert mma_block_m(512, 8, False) == 64 and mma_block_m(1024, 8, False) is None
+    assert mma_block_m(512, 8, False) == 64 and mma_block_m(2048, 8, False) == 64  # 256 pairs per expert
+    assert mma_block_m(2056, 8, False) is None  # beyond MMA_MAX_ROWS: the dequant path
 
 
-def test_dequantize_from_the_repacked_words():
-    """The dequant path's weights from the repacked words equal Int4PackedWeight.dequantize_expert bit for bit."""
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_dequantize_from_the_repacked_words(use_triton):
+    """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
+    takes) equal Int4PackedWeight.dequantize_expert bit for bit: zeros or none, scales in the output dtype or
+    rounded to it, a group that does not divide K, the last expert."""
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 
-    E, N, K, g = 3, 32, 384, 128
-    q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8)
-    for zeros in (torch.randint(0, 17, (E, K // g, N), dtype=torch.uint8), None):
-        pw = Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous(), torch.rand(E, K // g, N).bfloat16(),
-                              zeros, g)
-        out = torch.full((2, N, K), float("nan"), dtype=torch.bfloat16)
-        Int4MmaWeight.from_packed(pw).dequantize(out, 1, 3)
-        assert torch.equal(out, torch.stack([pw.dequantize_expert(e, torch.bfloat16) for e in (1, 2)]))
+    gen = torch.Generator().manual_seed(3)
+    E, N, K = 3, 48, 384
+    q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8, generator=gen)
+    words = pack_int4_k(q).transpose(1, 2).contiguous()
+    for g, zeros, sdtype, dtype in ((128, True, torch.bfloat16, torch.bfloat16), (128, False, torch.bfloat16,
+                                    torch.bfloat16), (256, True, torch.float16, torch.float16),
+                                    (64, False, torch.float32, torch.bfloat16), (128, True, torch.float16,
+                                    torch.float32)):
+        G = -(-K // g)
+        z = torch.randint(0, 16, (E, G, N), dtype=torch.uint8, generator=gen) if zeros else None
+        scales = (torch.rand(E, G, N, generator=gen) * 2 ** torch.randint(-12, 4, (E, G, N), generator=gen)).to(sdtype)
+        pw = Int4PackedWeight(words, scales, z, g)
+        dev = "cuda" if use_triton and torch.cuda.is_available() else "cpu"  # else the interpreter
+        on = Int4PackedWeight(words.to(dev), scales.to(dev), z.to(dev) if zeros else None, g)
+        out = torch.full((2, N, K), float("nan"), dtype=dtype, device=dev)
+        Int4MmaWeight.from_packed(on).dequantize(out, 1, 3, use_triton=use_triton)
+        out = out.cpu()
+        want = torch.stack([pw.dequantize_expert(e, dtype) for e in (1, 2)])
+        assert torch.equal(out.view(torch.int8 if dtype != torch.float32 else torch.int32),
+                           want.view(torch.int8 if dtype != torch.float32 else torch.int32)), (g, zeros, sdtype, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_dequantize_from_the_repacked_words_at_width():
+    """On the GPU (Triton compiled, tiles of 32 x 256) at a Mixtral-like width, every expert: bit for bit."""
+    from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+
+    gen = torch.Generator().manual_seed(4)
+    E, N, K, g = 3, 1040, 4096, 128
+    q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8, generator=gen)
+    pw = Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous().cuda(),
+                          torch.rand(E, K // g, N, generator=gen).bfloat16().cuda(),
+                          torch.randint(0, 16, (E, K // g, N), dtype=torch.uint8, generator=gen).cuda(), g)
+    mw = Int4MmaWeight.from_packed(pw)
+    out = torch.full((E, N, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mw.dequantize(out, 0, E)
+    assert torch.equal(out.view(torch.int16), mw.dequantize(torch.empty_like(out), 0, E, use_triton=False).view(torch.int16))
 
 
 def test_unsupported_reasons():
@@ -234,7 +267,9 @@ def test_block_m_or_dequant(monkeypatch):
     asked = []
     takes = lambda: asked.append(1) or True  # noqa: E731
     assert block_m_or_dequant(32, 8, False, takes) == 8 and not asked  # few rows: the kernel, no question
-    assert block_m_or_dequant(1024, 8, False, takes) is None and asked  # 128 rows per expert: the dequant path
-    assert block_m_or_dequant(1024, 8, False, lambda: False) == 64  # ... unless it refuses (graph capture)
+    assert block_m_or_dequant(2048, 8, False, takes) == 64 and not asked  # 256 rows per expert: 64-row blocks
+    assert block_m_or_dequant(32768, 128, False, takes) == 64 and not asked  # Mixtral 1024 / Qwen3 4096 tokens
+    assert block_m_or_dequant(4096, 8, False, takes) is None and asked  # 512 rows per expert: the dequant path
+    assert block_m_or_dequant(4096, 8, False, lambda: False) == 64  # ... unless it refuses (graph capture)
     monkeypatch.setattr(dequant_path, "FORCE_PATH", "dequant")
     assert block_m_or_dequant(32, 8, False, takes) is None

@@ -72,18 +72,43 @@ def test_fold_only_where_every_exponent_fits():
     assert not can_fold(s)
 
 
-def test_dequantize_from_the_repacked_words():
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_dequantize_from_the_repacked_words(use_triton):
+    """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
+    takes) equal dequantize_mxfp4 on the checkpoint's blocks bit for bit: every code (signed zeros), extreme
+    exponents (subnormal results, bf16 overflow to inf), the last expert."""
     gen = torch.Generator().manual_seed(2)
-    E, N, K = 3, 32, 256
+    E, N, K = 3, 48, 320
     blocks = _blocks(E, N, K, gen)
-    scales = torch.randint(0, 255, (E, N, K // 32), dtype=torch.uint8, generator=gen)
-    scales[0, 0, :3] = torch.tensor([0, 1, 254], dtype=torch.uint8)  # extreme exponents
-    mw = Mxfp4MmaWeight.from_blocks(blocks, scales)
+    blocks[2, 5, 3] = torch.arange(16, dtype=torch.uint8) * 17  # every code, both nibbles
+    scales = torch.randint(100, 150, (E, N, K // 32), dtype=torch.uint8, generator=gen)
+    scales[1:, 0, :4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)  # extreme exponents, 255 = inf
+    scales[2, 5, 3] = 0
+    dev = "cuda" if use_triton and torch.cuda.is_available() else "cpu"  # else the interpreter
+    mw = Mxfp4MmaWeight.from_blocks(blocks.to(dev), scales.to(dev))
     assert (mw.num_experts, mw.n, mw.k) == (E, N, K) and mw.scales_t.shape == (E, K // 32, N)
-    for dtype in (torch.float32, torch.bfloat16):
-        out = torch.empty(2, N, K, dtype=dtype)
-        mw.dequantize(out, 1, 3)
-        assert torch.equal(out, dequantize_mxfp4(blocks[1:3], scales[1:3], dtype))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = torch.full((2, N, K), float("nan"), dtype=dtype, device=dev)
+        out = mw.dequantize(out, 1, 3, use_triton=use_triton).cpu()
+        want = dequantize_mxfp4(blocks[1:3], scales[1:3], dtype)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        nan = want.isnan()  # 0 x 2^128 (scale 255): any NaN
+        assert torch.equal(out.isnan(), nan), (dtype, out[out.isnan() != nan][:4].tolist())
+        bad = ((out.view(bits) != want.view(bits)) & ~nan).nonzero()
+        assert not len(bad), (dtype, [(out[tuple(b)].item(), want[tuple(b)].item()) for b in bad[:4].tolist()])
+
+
+@pytest.mark.cuda
+def test_cuda_dequantize_from_the_repacked_words_at_width():
+    """On the GPU (Triton compiled, tiles of 32 x 256) at gpt-oss's width (K = 2880: a partial tile), every expert:
+    bit for bit the checkpoint's values."""
+    gen = torch.Generator().manual_seed(5)
+    E, N, K = 3, 5760, 2880
+    blocks, scales = _blocks(E, N, K, gen), torch.randint(110, 135, (E, N, K // 32), dtype=torch.uint8, generator=gen)
+    mw = Mxfp4MmaWeight.from_blocks(blocks.cuda(), scales.cuda())
+    out = torch.full((E, N, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mw.dequantize(out, 0, E)
+    assert torch.equal(out.cpu().view(torch.int16), dequantize_mxfp4(blocks, scales, torch.bfloat16).view(torch.int16))
 
 
 def test_unsupported_reasons_and_launch_shape():

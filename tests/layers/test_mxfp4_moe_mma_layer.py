@@ -25,13 +25,24 @@ def mma_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("M", [1, 4, 16, 64, 200])  # blocks of 8, 8, 8, 16 and 64 rows
+# blocks of 8, 8, 8, 16 and 64 rows; 1200: ~150 pairs per expert, several 64-row blocks each (up to MMA_MAX_ROWS)
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 200, 1200])
 def test_mma_layer_matches_reference(M, mma_calls):
     ck, x, logits = _case(M, 32, 4, 256, 128, "swigluoai", True, False, torch.bfloat16, torch.device("cuda"))
     layer = make_mxfp4_layer(ck, 4, torch.bfloat16, "cuda", backend="triton")
     assert hasattr(layer, "w13_mma_words") and layer.w13_blocks.stride() == (0, 0, 0, 0)  # one 4-bit copy
     out = layer(x, logits)
     assert mma_calls, "the tensor-core kernel did not run"
+    assert_close(out.float().cpu(), _ref(dequantized_weights(ck), x, logits, 4, "swigluoai"), torch.bfloat16)
+
+
+def test_dequant_path_from_the_words(mma_calls):
+    """Beyond MMA_MAX_ROWS pairs per expert (~300 here) the GEMMs dequantise the repacked words (one Triton launch
+    each, ``w4_mma_dequant``) and run the bf16 grouped GEMM: no tensor-core launch, the same layer."""
+    ck, x, logits = _case(2400, 32, 4, 256, 128, "swigluoai", True, False, torch.bfloat16, torch.device("cuda"))
+    layer = make_mxfp4_layer(ck, 4, torch.bfloat16, "cuda", backend="triton")
+    out = layer(x, logits)
+    assert not mma_calls
     assert_close(out.float().cpu(), _ref(dequantized_weights(ck), x, logits, 4, "swigluoai"), torch.bfloat16)
 
 

@@ -32,6 +32,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
     MmaPlan,
     block_m_or_dequant,
+    expected_blocks,
     launch_shape,
 )
 
@@ -147,7 +148,7 @@ class MarlinExperts(Int4ExpertsBase):
         if bm is None:
             return None
         w13, w2 = qc.w13_mma, qc.w2_mma
-        blocks = pairs if unsorted else min(pairs, num_experts)
+        blocks = expected_blocks(pairs, num_experts, bm, unsorted)
         shapes = [launch_shape(blocks, w.packed.n, w.packed.k, w.packed.group_size, bm) for w in (w13, w2)]
         return MmaPlan(bm, w13, w2, (shapes[0][1], shapes[1][1]), (shapes[0][0], shapes[1][0]))
 

@@ -57,7 +57,7 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                    dtype: torch.dtype) -> dict:
         """The tensor-core kernel's routing (sorted blocks of 8-64 rows, stage widths and splits per GEMM), or
         the dequant path's beyond ``MMA_MAX_ROWS`` expected rows per expert (outside graph capture)."""
-        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import block_m_or_dequant
+        from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import block_m_or_dequant, expected_blocks
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import align_for_experts
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_moe import mx_launch_shape
 
@@ -65,7 +65,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
         if bm is None:
             return dict(dense_route(ids, pairs, E_local, N, K, act_n, dtype), dequant=True)
         qc = self.quant_config
-        shapes = [mx_launch_shape(min(pairs, E_local), w.n, w.k, bm) for w in (qc.w1_mma, qc.w2_mma)]
+        blocks = expected_blocks(pairs, E_local, bm, False)
+        shapes = [mx_launch_shape(blocks, w.n, w.k, bm) for w in (qc.w1_mma, qc.w2_mma)]
         align = align_for_experts(ids, bm, E_local)
         return dict(mma=bm, stages=(shapes[0][0], shapes[1][0]), splits=(shapes[0][1], shapes[1][1]),
                     sorted_token_ids=align.sorted_token_ids, block_expert_ids=align.block_expert_ids,

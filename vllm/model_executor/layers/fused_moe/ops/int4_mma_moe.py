@@ -11,6 +11,7 @@ act-order (``perm`` / ``g_idx``) weights are not taken (``mma_unsupported_reason
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -42,8 +43,11 @@ MIN_CTAS_PER_SM = 2  # split K until the launch has this many CTAs per SM (2 fit
 MIN_SPLIT_K = 2048  # ... while each split keeps at least this many inputs (H200: shorter splits lost, 15th session)
 BLOCK_MS = (8, 16, 32, 64)  # rows per block the kernel takes (32 and 64: 128-wide stages)
 # sorted launches: the smallest block of at least 1.5x the expected pairs per touched expert (room for the
-# spread), up to this many expected pairs; beyond, MarlinExperts keeps the Triton kernels / dequant path
-MMA_MAX_ROWS = 64.0
+# spread; 64-row blocks, several per expert, from 43 pairs), up to this many expected pairs; beyond, the dequant
+# path.  H200, the layer at 64-row blocks vs dequantise + bf16 GEMM (us, twentieth session): int4 Mixtral 256
+# pairs per expert 2872 vs 3265, 1024: 11497 vs 6670; Qwen3 256: 1554 vs 1495; MXFP4 gpt-oss-20b 128: 1005 vs
+# 1746, 512: 3679 vs 2738; gpt-oss-120b 128: 4082 vs 7200
+MMA_MAX_ROWS = 256.0
 _SLOTS = {256: 2 * _NUM_SMS, 128: 3 * _NUM_SMS}  # resident CTAs (shared memory / registers) per stage width
 
 
@@ -59,11 +63,17 @@ class Int4MmaWeight:
     def from_packed(cls, packed: Int4PackedWeight) -> "Int4MmaWeight":
         return cls(repack_for_mma(packed.qweight), packed)
 
-    def dequantize(self, out: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor, e0: int, e1: int, *, use_triton: Optional[bool] = None) -> torch.Tensor:
         """Experts [e0, e1) densely into ``out`` [e1 - e0, N, K] (its dtype): bit for bit
         ``Int4PackedWeight.dequantize_expert`` (exact q - z, the scale in the dtype, one rounding); the dequant
-        path's weights when only these words are kept."""
+        path's weights when only these words are kept.  ``use_triton``: None = one Triton launch on CUDA
+        (``w4_mma_dequant``), the torch unpacking elsewhere."""
         p, dtype = self.packed, out.dtype
+        if out.is_cuda if use_triton is None else use_triton:
+            from vllm.model_executor.layers.fused_moe.ops.w4_mma_dequant import dequantize_mma_words
+
+            return dequantize_mma_words(self.words, p.scales, out, e0, e1, mxfp4=False, zeros=p.zeros,
+                                        group_size=p.group_size)
         q = unpack_mma(self.words[e0:e1])  # [E', N, K] uint8
         G = p.scales.shape[1]
         s = p.scales[e0:e1].to(dtype).transpose(1, 2).repeat_interleave(p.group_size, dim=2)[:, :, :p.k]
@@ -94,9 +104,17 @@ def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[in
     if unsorted:
         return 8
     rows = pairs_per_touched_expert(num_pairs, num_experts)
-    if rows > MMA_MAX_ROWS:
+    if rows > MMA_MAX_ROWS * (1 + 1e-6):  # float slack: 2048 pairs over 8 experts expect 256 + 3e-9
         return None
     return next((bm for bm in BLOCK_MS if bm >= 1.5 * rows), BLOCK_MS[-1])
+
+
+def expected_blocks(pairs: int, num_experts: int, block_m: int, unsorted: bool) -> int:
+    """Blocks a launch of ``pairs`` is expected to have (its CTAs per N tile): one per pair unsorted, else one per
+    touched expert, several each beyond ``block_m`` expected rows (the split and stage choices count them)."""
+    if unsorted:
+        return pairs
+    return min(pairs, num_experts) * max(1, math.ceil(pairs_per_touched_expert(pairs, num_experts) / block_m))
 
 
 def block_m_or_dequant(pairs: int, num_experts: int, unsorted: bool,

@@ -65,9 +65,14 @@ class Mxfp4MmaWeight:
     def k(self) -> int:
         return self.words.shape[2] * 64
 
-    def dequantize(self, out: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
+    def dequantize(self, out: torch.Tensor, e0: int, e1: int, *, use_triton: Optional[bool] = None) -> torch.Tensor:
         """Experts [e0, e1) densely into ``out`` [e1 - e0, N, K] (its dtype): exact in fp32, rounded once, as
-        ``dequantize_mxfp4``; the dequant path's weights when only these words are kept."""
+        ``dequantize_mxfp4``; the dequant path's weights when only these words are kept.  ``use_triton``: None =
+        one Triton launch on CUDA (``w4_mma_dequant``), the torch unpacking elsewhere."""
+        if out.is_cuda if use_triton is None else use_triton:
+            from vllm.model_executor.layers.fused_moe.ops.w4_mma_dequant import dequantize_mma_words
+
+            return dequantize_mma_words(self.words, self.scales_t, out, e0, e1, mxfp4=True)
         codes = unpack_mxfp4_mma(self.words[e0:e1]).long()  # [E', N, K]
         table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=out.device)
         exp = self.scales_t[e0:e1].transpose(1, 2).to(torch.int32).sub(127).float()  # [E', N, K/32]
