@@ -21,6 +21,9 @@
 #           Only when named (not part of all)
 #   quant   the 4-bit experts: benchmark_moe_int4.py (--compare-paths: in-register kernel vs dequantise + bf16
 #           GEMM; --sweep: tiles and UNPACK modes) and benchmark_moe_mxfp4.py (--compare-paths, --variants); only when named
+#   w4dequant the 4-bit dequant path's expansion from the tensor-core words (ops/w4_mma_dequant.py, twentieth
+#           session): its cuda tests (both decode orders), then benchmark_w4_dequant.py per order, tile and warps
+#           (the "words" order is prepared, not yet timed); only when named
 #   fused   benchmarks/kernels/benchmark_fused_linear_lora.py --sweep (projection + LoRA in one launch vs
 #           F.linear + the LoRA op, 1-256 tokens); only when named
 #   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar
@@ -67,7 +70,7 @@
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|w4dequant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -131,6 +134,14 @@ if [[ " $steps " == *" quant "* ]]; then
     --variants split-auto split-2 portable --tokens 1 16 64 256 1024 4096 --reps 30 \
     --out "$OUT/benchmark_moe_mxfp4.md" >"$OUT/benchmark_moe_mxfp4.log" 2>&1
   mrc=$?; grep -v " INFO \|^INFO" "$OUT/benchmark_moe_mxfp4.log" | tail -40; rc=$(( rc || mrc ))
+fi
+if [[ " $steps " == *" w4dequant "* ]]; then
+  timeout "${W4DQ_TIMEOUT:-300}" python3 -m pytest -q tests/kernels/test_float_round.py tests/kernels/test_int4_mma_moe.py \
+    tests/kernels/test_mxfp4_mma_moe.py -k "dequantize or rounding or block_m" >"$OUT/pytest_w4dequant.log" 2>&1
+  trc=$?; tail -3 "$OUT/pytest_w4dequant.log"; rc=$(( rc || trc ))
+  timeout "${W4DQ_TIMEOUT:-300}" python3 benchmarks/kernels/benchmark_w4_dequant.py --reps 10 --warps 4 \
+    >"$OUT/benchmark_w4_dequant.md" 2>&1
+  brc=$?; cat "$OUT/benchmark_w4_dequant.md"; rc=$(( rc || brc ))
 fi
 if [[ " $steps " == *" verify "* ]]; then
   # the not yet GPU-run ones first (2026-12-02: the int4 GEMV files, run first, used up the call's limit;

@@ -1,12 +1,13 @@
 """The dequant path's weight expansion: 4-bit expert words -> dense bf16, per tile shape.
 
-Times ``w4_mma_dequant.dequantize_mma_words`` (from the tensor-core words, the copy kept on CUDA) and, for
+Times ``w4_mma_dequant.dequantize_mma_words`` (from the tensor-core words, the copy kept on CUDA; per decode
+order, tile and warp count) and, for
 int4, ``int4_dequant.dequantize_int4_experts`` (from the Triton layout) on one chunk of experts of a real
 layer's shape, after checking each variant bit for bit against the torch unpacking of one expert.  Prints
 a table: shape, variant, time, GB/s (4-bit words + scales read, bf16 written), % of a device copy's rate,
 GPU name.
 
-    python benchmarks/kernels/benchmark_w4_dequant.py [--reps 20] [--tiles 32x256 64x128 ...]
+    python benchmarks/kernels/benchmark_w4_dequant.py [--reps 20] [--tiles 32x256 64x128 ...] [--orders element words]
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tiles", nargs="*", default=["32x256", "16x256", "64x128", "32x512", "64x256"])
     p.add_argument("--warps", nargs="*", type=int, default=[4, 8])
+    p.add_argument("--orders", nargs="*", default=["element", "words"], choices=["element", "words"],
+                   help="the kernel's decode order (w4_mma_dequant.dequantize_mma_words' order)")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -68,16 +71,16 @@ def main() -> None:
         want = mw.dequantize(torch.empty(1, N, K, dtype=torch.bfloat16, device="cuda"), E - 1, E, use_triton=False)
         bytes_moved = read + out.numel() * 2
         variants = {}
-        for tile in args.tiles:
-            bn, bk = (int(x) for x in tile.split("x"))
-            for w in args.warps:
-                mx = fmt == "mxfp4"
-                zeros = None if mx else pw.zeros
-                scales = mw.scales_t if mx else pw.scales
-                variants[f"mma words {tile} w{w}"] = (
-                    lambda bn=bn, bk=bk, w=w, scales=scales, zeros=zeros, mx=mx: dequantize_mma_words(
-                        mw.words, scales, out, 0, E, mxfp4=mx, zeros=zeros, group_size=128, block_n=bn,
-                        block_k=bk, num_warps=w))
+        mx = fmt == "mxfp4"
+        zeros, scales = (None, mw.scales_t) if mx else (pw.zeros, pw.scales)
+        for order in args.orders:
+            for tile in args.tiles:
+                bn, bk = (int(x) for x in tile.split("x"))
+                for w in args.warps:
+                    variants[f"mma words, {order} order, {tile} w{w}"] = (
+                        lambda bn=bn, bk=bk, w=w, order=order: dequantize_mma_words(
+                            mw.words, scales, out, 0, E, mxfp4=mx, zeros=zeros, group_size=128, block_n=bn,
+                            block_k=bk, num_warps=w, order=order))
         if pw is not None:
             variants["Triton layout 64x128 w4 (int4_dequant)"] = lambda: dequantize_int4_experts(pw, out, 0, E)
         for label, fn in variants.items():

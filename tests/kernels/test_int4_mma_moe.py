@@ -52,11 +52,15 @@ def test_stage_and_split_choices():
     assert mma_block_m(2056, 8, False) is None  # beyond MMA_MAX_ROWS: the dequant path
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
-def test_dequantize_from_the_repacked_words(use_triton):
+@pytest.mark.parametrize("path", ["torch", "element", "words"])  # the torch unpacking, the Triton orders
+def test_dequantize_from_the_repacked_words(path, monkeypatch):
     """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
     takes) equal Int4PackedWeight.dequantize_expert bit for bit: zeros or none, scales in the output dtype or
     rounded to it, a group that does not divide K, the last expert."""
+    from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
+
+    use_triton = path != "torch"
+    monkeypatch.setattr(w4_mma_dequant, "ORDER", "words" if path == "words" else "element")
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 
     gen = torch.Generator().manual_seed(3)

@@ -72,11 +72,15 @@ def test_fold_only_where_every_exponent_fits():
     assert not can_fold(s)
 
 
-@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
-def test_dequantize_from_the_repacked_words(use_triton):
+@pytest.mark.parametrize("path", ["torch", "element", "words"])  # the torch unpacking, the Triton orders
+def test_dequantize_from_the_repacked_words(path, monkeypatch):
     """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
     takes) equal dequantize_mxfp4 on the checkpoint's blocks bit for bit: every code (signed zeros), extreme
     exponents (subnormal results, bf16 overflow to inf), the last expert."""
+    from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
+
+    use_triton = path != "torch"
+    monkeypatch.setattr(w4_mma_dequant, "ORDER", "words" if path == "words" else "element")
     gen = torch.Generator().manual_seed(2)
     E, N, K = 3, 48, 320
     blocks = _blocks(E, N, K, gen)

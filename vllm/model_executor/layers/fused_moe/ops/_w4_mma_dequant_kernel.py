@@ -93,3 +93,71 @@ def _w4_mma_dequant_kernel(
         w = (q - z).to(tl.float32) * s
     out_ptrs = out_ptr + pid_e * stride_oe + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok
     tl.store(out_ptrs, storage_value(w, OUT_KIND), mask=mask)
+
+
+@triton.jit
+def _widen16(x, ROWS: tl.constexpr, SEGS: tl.constexpr):
+    """[ROWS, SEGS] per-16-input values -> [ROWS, SEGS * 16], each repeated over its 16 inputs."""
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (ROWS, SEGS, 16)), (ROWS, SEGS * 16))
+
+
+@triton.jit
+def _w4_mma_dequant_words_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, e0, N, K, stride_se, stride_sg, stride_ze, stride_zg, stride_oe, stride_on,
+    stride_ok,
+    MXFP4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # int4: inputs per scale, at least 16 (MXFP4: 32)
+    HAS_ZEROS: tl.constexpr,
+    ROUND_SCALES: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    TILES_N: tl.constexpr,  # 16-row tiles per program
+    CHUNKS_K: tl.constexpr,  # 64-input chunks per program
+):
+    """``_w4_mma_dequant_kernel``'s contract, decoding whole words in their own order: the program loads its
+    TILES_N x CHUNKS_K x 128 words as contiguous rows, splits each into its 8 codes, and moves the codes to their
+    (row, column) by one register permutation: word w = 4 lane + j, lane = 4 g + t, code i = rh + 2 ch + 4 half
+    -> row 8 rh + g, column 16 j + 8 ch + 2 t + half.  The scales are loaded once per 16 inputs."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    expert = e0 + pid_e
+    KC = K // 64
+    nt = pid_n * TILES_N + tl.arange(0, TILES_N)
+    kc = pid_k * CHUNKS_K + tl.arange(0, CHUNKS_K)
+    tile_ok = (nt < N // 16)[:, None, None] & (kc < KC)[None, :, None]
+    offs = (nt[:, None, None] * KC + kc[None, :, None]) * 128 + tl.arange(0, 128)[None, None, :]
+    words = tl.load(w_ptr + expert * (N // 16) * KC * 128 + offs, mask=tile_ok, other=0)  # [TN, TK, 128]
+    nib = tl.arange(0, 8)[None, None, None, :]
+    if MXFP4:
+        reg = nib % 4
+        half = nib // 4
+        code = _mx_code(words[:, :, :, None], reg, half)
+    else:
+        code = (words[:, :, :, None] >> (4 * nib)) & 0xF  # [TN, TK, 128, 8]
+    # [TN, TK, g, t, j, half, ch, rh] -> [TN, rh, g, TK, j, ch, t, half] -> [rows, columns]
+    code = tl.reshape(code, (TILES_N, CHUNKS_K, 8, 4, 4, 2, 2, 2))
+    code = tl.permute(code, (0, 7, 2, 1, 4, 6, 3, 5))
+    code = tl.reshape(code, (TILES_N * 16, CHUNKS_K * 64))
+
+    offs_n = pid_n * TILES_N * 16 + tl.arange(0, TILES_N * 16)
+    seg = pid_k * CHUNKS_K * 4 + tl.arange(0, CHUNKS_K * 4)  # 16-input segments: one scale each
+    seg_ok = (offs_n < N)[:, None] & (seg < K // 16)[None, :]
+    s_ptrs = s_ptr + expert * stride_se + (seg * 16 // GROUP_SIZE)[None, :] * stride_sg + offs_n[:, None]
+
+    if MXFP4:
+        exps = tl.load(s_ptrs, mask=seg_ok, other=127).to(tl.int32)
+        w = _e2m1_to_f32(code) * _widen16(_e8m0_to_f32(exps), TILES_N * 16, CHUNKS_K * 4)
+    else:
+        s = tl.load(s_ptrs, mask=seg_ok, other=0.0).to(tl.float32)
+        if ROUND_SCALES:
+            s = round_f32_to(s, OUT_KIND)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + expert * stride_ze + (seg * 16 // GROUP_SIZE)[None, :] * stride_zg + offs_n[:, None],
+                        mask=seg_ok, other=0).to(tl.int32)
+        else:
+            z = tl.full((TILES_N * 16, CHUNKS_K * 4), 8, tl.int32)
+        w = (code - _widen16(z, TILES_N * 16, CHUNKS_K * 4)).to(tl.float32) * _widen16(s, TILES_N * 16, CHUNKS_K * 4)
+    offs_k = pid_k * CHUNKS_K * 64 + tl.arange(0, CHUNKS_K * 64)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    out_ptrs = out_ptr + pid_e * stride_oe + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok
+    tl.store(out_ptrs, storage_value(w, OUT_KIND), mask=mask)

@@ -16,18 +16,27 @@ from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _FLOAT_DTYPE
 from vllm.model_executor.layers.fused_moe.ops.int4_dequant import check_expert_range
 from vllm.platforms.interface import triton_interpreting
 
+#: the kernel's default order: "element" (timed, twentieth session) or "words" (prepared, to time on a GPU:
+#: benchmarks/kernels/benchmark_w4_dequant.py --orders element words)
+ORDER = "element"
+
 
 def dequantize_mma_words(words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, e0: int,
                          e1: Optional[int], *, mxfp4: bool, zeros: Optional[torch.Tensor] = None,
                          group_size: int = 32, block_n: int = 32, block_k: int = 256,
-                         num_warps: int = 4) -> torch.Tensor:
+                         num_warps: int = 4, order: Optional[str] = None) -> torch.Tensor:
     """Write experts [e0, e1) of ``words`` [E, N/16, K/64, 32, 4] int32 densely into ``out`` [e1 - e0, N, K].
 
     int4 (``mxfp4=False``): ``scales`` [E, G, N] (float), ``zeros`` [E, G, N] uint8 or None (symmetric: 8),
     ``group_size`` inputs per scale.  MXFP4: ``scales`` [E, K/32, N] uint8 e8m0.  On CPU tensors this needs
-    TRITON_INTERPRET=1.  ``block_n`` / ``block_k``: the tile (powers of two), for tuning."""
+    TRITON_INTERPRET=1.  ``block_n`` / ``block_k``: the tile (powers of two; "words": multiples of 16 / 64), for
+    tuning.  ``order``: "element" (each output element gathers its word) or "words" (whole words decoded in their
+    own order, then permuted; the int4 group must be at least 16); None = ``ORDER``."""
     from vllm.model_executor.layers.fused_moe.ops._float_round import out_kind, storage_view
-    from vllm.model_executor.layers.fused_moe.ops._w4_mma_dequant_kernel import _w4_mma_dequant_kernel
+    from vllm.model_executor.layers.fused_moe.ops._w4_mma_dequant_kernel import (
+        _w4_mma_dequant_kernel,
+        _w4_mma_dequant_words_kernel,
+    )
 
     if words.dtype != torch.int32 or words.dim() != 5 or tuple(words.shape[3:]) != (32, 4) or not words.is_contiguous():
         raise ValueError(f"words must be contiguous int32 [E, N/16, K/64, 32, 4], got {words.dtype} "
@@ -49,21 +58,23 @@ def dequantize_mma_words(words: torch.Tensor, scales: torch.Tensor, out: torch.T
         raise ValueError(f"one expert's [{N}, {K}] weight spans 2**31 elements or more: offsets inside it are int32")
     if e1 == e0:
         return out
+    order = order or ORDER
+    if order not in ("element", "words"):
+        raise ValueError(f"order must be 'element' or 'words', got {order!r}")
+    if order == "words" and (group < 16 or block_n % 16 or block_k % 64):
+        raise ValueError(f"order 'words' needs groups of >= 16 inputs and tiles of 16 x 64 multiples, got group "
+                         f"{group}, tile {block_n} x {block_k}")
     if triton_interpreting():  # ~ms per program in the interpreter: whole-matrix tiles
         block_n, block_k = _pow2_at_least(N, 16, 128), _pow2_at_least(K, 64, 512)
     grid = (-(-N // block_n), -(-K // block_k), e1 - e0)
-    _w4_mma_dequant_kernel[grid](
-        words, scales, zeros if zeros is not None else scales, storage_view(out), e0, N, K,
-        scales.stride(0), scales.stride(1),
-        zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        MXFP4=mxfp4,
-        GROUP_SIZE=group,
-        HAS_ZEROS=zeros is not None,
-        ROUND_SCALES=not mxfp4 and scales.dtype != out.dtype,
-        OUT_KIND=out_kind(out.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
+    args = (words, scales, zeros if zeros is not None else scales, storage_view(out), e0, N, K,
+            scales.stride(0), scales.stride(1),
+            zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
+            out.stride(0), out.stride(1), out.stride(2))
+    flags = dict(MXFP4=mxfp4, GROUP_SIZE=group, HAS_ZEROS=zeros is not None,
+                 ROUND_SCALES=not mxfp4 and scales.dtype != out.dtype, OUT_KIND=out_kind(out.dtype), num_warps=num_warps)
+    if order == "words":
+        _w4_mma_dequant_words_kernel[grid](*args, TILES_N=block_n // 16, CHUNKS_K=block_k // 64, **flags)
+    else:
+        _w4_mma_dequant_kernel[grid](*args, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     return out
