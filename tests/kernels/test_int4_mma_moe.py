@@ -20,6 +20,7 @@ from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
     mma_unsupported_reason,
     stage_k,
 )
+from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
 
 
@@ -57,8 +58,6 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
     """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
     takes) equal Int4PackedWeight.dequantize_expert bit for bit: zeros or none, scales in the output dtype or
     rounded to it, a group that does not divide K, the last expert."""
-    from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
-
     use_triton = path != "torch"
     monkeypatch.setattr(w4_mma_dequant, "ORDER", "words" if path == "words" else "element")
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
@@ -86,8 +85,10 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_dequantize_from_the_repacked_words_at_width():
+@pytest.mark.parametrize("order", ["element", "words"])
+def test_cuda_dequantize_from_the_repacked_words_at_width(order, monkeypatch):
     """On the GPU (Triton compiled, tiles of 32 x 256) at a Mixtral-like width, every expert: bit for bit."""
+    monkeypatch.setattr(w4_mma_dequant, "ORDER", order)
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 
     gen = torch.Generator().manual_seed(4)

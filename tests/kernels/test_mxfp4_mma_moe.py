@@ -7,6 +7,7 @@ import torch
 from tests.kernels.mma_routing import PADDING_COUNTS, counted_ids
 from tests.utils import assert_close
 from vllm.model_executor.layers.fused_moe.ops.int4_mma_layout import fragment_positions
+from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
 from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import moe_align_block_size
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import E2M1_VALUES, dequantize_mxfp4
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_mma_layout import (
@@ -77,8 +78,6 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
     """The dequant path's weights from the repacked words (the torch unpacking, and the Triton launch the GPU
     takes) equal dequantize_mxfp4 on the checkpoint's blocks bit for bit: every code (signed zeros), extreme
     exponents (subnormal results, bf16 overflow to inf), the last expert."""
-    from vllm.model_executor.layers.fused_moe.ops import w4_mma_dequant
-
     use_triton = path != "torch"
     monkeypatch.setattr(w4_mma_dequant, "ORDER", "words" if path == "words" else "element")
     gen = torch.Generator().manual_seed(2)
@@ -103,9 +102,11 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_dequantize_from_the_repacked_words_at_width():
+@pytest.mark.parametrize("order", ["element", "words"])
+def test_cuda_dequantize_from_the_repacked_words_at_width(order, monkeypatch):
     """On the GPU (Triton compiled, tiles of 32 x 256) at gpt-oss's width (K = 2880: a partial tile), every expert:
     bit for bit the checkpoint's values."""
+    monkeypatch.setattr(w4_mma_dequant, "ORDER", order)
     gen = torch.Generator().manual_seed(5)
     E, N, K = 3, 5760, 2880
     blocks, scales = _blocks(E, N, K, gen), torch.randint(110, 135, (E, N, K // 32), dtype=torch.uint8, generator=gen)

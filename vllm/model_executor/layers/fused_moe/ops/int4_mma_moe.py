@@ -104,7 +104,7 @@ def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[in
     if unsorted:
         return 8
     rows = pairs_per_touched_expert(num_pairs, num_experts)
-    if rows > MMA_MAX_ROWS * (1 + 1e-6):  # float slack: 2048 pairs over 8 experts expect 256 + 3e-9
+    if rows > MMA_MAX_ROWS * (1 + 1e-6):  # slack: an expectation of exactly 256 must not round past it
         return None
     return next((bm for bm in BLOCK_MS if bm >= 1.5 * rows), BLOCK_MS[-1])
 
