@@ -23,7 +23,10 @@ smaller batches (decode).  ``--compare-paths`` of ``benchmarks/kernels/benchmark
     MXFP4 gpt-oss-120b  1943 vs 4382 at 32 (1024 tokens),                9610 vs 5268 at 128 (4096 tokens)
 
 Interpolated on log-log axes, the two cross at about 19 pairs per expert for int4, hence 20, and at
-about 66 (20b) / 71 (120b) for MXFP4, hence 64.
+about 66 (20b) / 71 (120b) for MXFP4, hence 64.  Those thresholds serve the Triton kernels; where the
+weights were repacked for the tensor-core kernels (CUDA, bf16 / fp16 activations) the kernel keeps every
+launch of up to ``int4_mma_moe.MMA_MAX_ROWS`` (256) expected pairs per expert, its own measured crossover,
+and this path dequantises those words (``ops/w4_mma_dequant.py``).
 
 The scratch holds at most ``SCRATCH_CAP_BYTES``: larger layers are processed in chunks of experts
 [e0, e1), each dequantised and multiplied with its own alignment of the pairs routed to it (the
