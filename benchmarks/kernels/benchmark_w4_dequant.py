@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from benchmarks.kernels.bench_timing import FLUSH_BYTES, peak_bandwidth, time_cuda  # noqa: E402
 
+GROUP = 128  # int4 inputs per scale
 SHAPES = {  # name: (format, experts in the chunk, N, K)
     "mixtral-w13-int4": ("int4", 4, 28672, 4096),
     "qwen3-w13-int4": ("int4", 32, 1536, 2048),
@@ -35,7 +36,7 @@ def _case(fmt: str, E: int, N: int, K: int, gen: torch.Generator):
 
     if fmt == "int4":
         q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8, generator=gen).cuda()
-        g = 128
+        g = GROUP
         pw = Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous(),
                               torch.rand(E, K // g, N, generator=gen).bfloat16().cuda(),
                               torch.randint(0, 16, (E, K // g, N), dtype=torch.uint8, generator=gen).cuda(), g)
@@ -79,7 +80,7 @@ def main() -> None:
                 for w in args.warps:
                     variants[f"mma words, {order} order, {tile} w{w}"] = (
                         lambda bn=bn, bk=bk, w=w, order=order: dequantize_mma_words(
-                            mw.words, scales, out, 0, E, mxfp4=mx, zeros=zeros, group_size=128, block_n=bn,
+                            mw.words, scales, out, 0, E, mxfp4=mx, zeros=zeros, group_size=GROUP, block_n=bn,
                             block_k=bk, num_warps=w, order=order))
         if pw is not None:
             variants["Triton layout 64x128 w4 (int4_dequant)"] = lambda: dequantize_int4_experts(pw, out, 0, E)
