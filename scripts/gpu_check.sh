@@ -23,7 +23,7 @@
 #           GEMM; --sweep: tiles and UNPACK modes) and benchmark_moe_mxfp4.py (--compare-paths, --variants); only when named
 #   w4dequant the 4-bit dequant path's expansion from the tensor-core words (ops/w4_mma_dequant.py, twentieth
 #           session): its cuda tests (both decode orders), then benchmark_w4_dequant.py per order, tile and warps
-#           (the "words" order is prepared, not yet timed); only when named
+#           (the "words" order, the default since the twenty-first session); only when named
 #   fused   benchmarks/kernels/benchmark_fused_linear_lora.py --sweep (projection + LoRA in one launch vs
 #           F.linear + the LoRA op, 1-256 tokens); only when named
 #   verify  the cuda tests of the kernels and LoRA paths built without a GPU (int4 GEMVs, MXFP4 GEMV, grammar

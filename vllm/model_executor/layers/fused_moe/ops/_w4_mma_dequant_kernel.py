@@ -6,7 +6,7 @@ element (n, k) finds its code in the [E, N/16, K/64, 32, 4] words (``int4_mma_la
 within it (row r, column c) the lane 4 (r % 8) + (c % 8) // 2, the register (r // 8) + 2 (c // 8) and
 the register's half c % 2.  The words of a tile are a few contiguous KiB, so the gather hits the
 cache; the stores (4 or 8 times the bytes read) are coalesced.  ``_w4_mma_dequant_words_kernel`` (the
-"words" order) decodes whole words instead and moves the codes by one register permutation.
+"words" order, the default) decodes whole words instead and moves the codes by one register permutation.
 
 int4: the code is nibble register + 4 half; w = (q - z) * s, exact difference, the scale rounded
 to the output dtype first, one rounding of the product (``Int4PackedWeight.dequantize_expert``).

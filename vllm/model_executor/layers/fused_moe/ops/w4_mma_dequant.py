@@ -16,22 +16,27 @@ from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import _FLOAT_DTYPE
 from vllm.model_executor.layers.fused_moe.ops.int4_dequant import check_expert_range
 from vllm.platforms.interface import triton_interpreting
 
-#: the kernel's default order: "element" (timed, twentieth session) or "words" (prepared, to time on a GPU:
-#: benchmarks/kernels/benchmark_w4_dequant.py --orders element words)
-ORDER = "element"
+#: the kernel's default order: "words" (1.5-1.8x faster than "element" on an H200, twenty-first session:
+#: benchmarks/kernels/benchmark_w4_dequant.py --orders element words); an int4 group under 16 inputs falls back
+#: to "element", which decodes any group
+ORDER = "words"
+#: the default tile (block_n, block_k) per order: the fastest or within 1 % of it at Mixtral, Qwen3 and gpt-oss
+#: widths on an H200 (twenty-first session, docs/performance.md)
+DEFAULT_TILES = {"element": (64, 128), "words": (64, 256)}
 
 
 def dequantize_mma_words(words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, e0: int,
                          e1: Optional[int], *, mxfp4: bool, zeros: Optional[torch.Tensor] = None,
-                         group_size: int = 32, block_n: int = 32, block_k: int = 256,
+                         group_size: int = 32, block_n: Optional[int] = None, block_k: Optional[int] = None,
                          num_warps: int = 4, order: Optional[str] = None) -> torch.Tensor:
     """Write experts [e0, e1) of ``words`` [E, N/16, K/64, 32, 4] int32 densely into ``out`` [e1 - e0, N, K].
 
     int4 (``mxfp4=False``): ``scales`` [E, G, N] (float), ``zeros`` [E, G, N] uint8 or None (symmetric: 8),
     ``group_size`` inputs per scale.  MXFP4: ``scales`` [E, K/32, N] uint8 e8m0.  On CPU tensors this needs
     TRITON_INTERPRET=1.  ``block_n`` / ``block_k``: the tile (powers of two; "words": multiples of 16 / 64), for
-    tuning.  ``order``: "element" (each output element gathers its word) or "words" (whole words decoded in their
-    own order, then permuted; the int4 group must be at least 16); None = ``ORDER``."""
+    tuning; None = the order's ``DEFAULT_TILES``.  ``order``: "element" (each output element gathers its word) or
+    "words" (whole words decoded in their own order, then permuted; the int4 group must be at least 16); None =
+    ``ORDER``, or "element" for an int4 group under 16."""
     from vllm.model_executor.layers.fused_moe.ops._float_round import out_kind, storage_view
     from vllm.model_executor.layers.fused_moe.ops._w4_mma_dequant_kernel import (
         _w4_mma_dequant_kernel,
@@ -58,9 +63,12 @@ def dequantize_mma_words(words: torch.Tensor, scales: torch.Tensor, out: torch.T
         raise ValueError(f"one expert's [{N}, {K}] weight spans 2**31 elements or more: offsets inside it are int32")
     if e1 == e0:
         return out
-    order = order or ORDER
+    if order is None:
+        order = "element" if group < 16 else ORDER
     if order not in ("element", "words"):
         raise ValueError(f"order must be 'element' or 'words', got {order!r}")
+    default_n, default_k = DEFAULT_TILES[order]
+    block_n, block_k = block_n or default_n, block_k or default_k
     if order == "words" and (group < 16 or block_n % 16 or block_k % 64):
         raise ValueError(f"order 'words' needs groups of >= 16 inputs and tiles of 16 x 64 multiples, got group "
                          f"{group}, tile {block_n} x {block_k}")
