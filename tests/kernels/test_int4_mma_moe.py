@@ -49,8 +49,8 @@ def test_stage_and_split_choices():
     assert default_split(256, 4096, 4096, 256) == 1
     assert mma_block_m(8, 128, True) == 8 and mma_block_m(128, 128, False) == 8  # ~1.6 pairs per expert
     assert mma_block_m(32, 8, False) == 8 and mma_block_m(128, 8, False) == 32 and mma_block_m(2048, 128, False) == 32
-    assert mma_block_m(512, 8, False) == 64 and mma_block_m(2048, 8, False) == 64  # 256 pairs per expert
-    assert mma_block_m(2056, 8, False) is None  # beyond MMA_MAX_ROWS: the dequant path
+    assert mma_block_m(512, 8, False) == 64 and mma_block_m(1536, 8, False) == 64  # 192 pairs per expert
+    assert mma_block_m(1544, 8, False) is None  # beyond MMA_MAX_ROWS: the dequant path
 
 
 @pytest.mark.parametrize("path", ["torch", "element", "words"])  # the torch unpacking, the Triton orders

@@ -54,7 +54,7 @@ def test_act_order_stays_on_triton(mma_calls):
 
 def test_one_copy_of_the_weights_and_the_dequant_path(mma_calls, monkeypatch):
     """Repacked at load, the Triton layout's words are dropped (a shape-only view); a batch beyond MMA_MAX_ROWS
-    (256) rows per expert takes the dequant path from the repacked words, and inside a graph capture the
+    (192) rows per expert takes the dequant path from the repacked words, and inside a graph capture the
     kernel's 64-row blocks."""
     E, top_k, H, I, M = 8, 2, 256, 256, 1200  # 300 pairs per expert
     gen = torch.Generator().manual_seed(8)

@@ -25,7 +25,7 @@ smaller batches (decode).  ``--compare-paths`` of ``benchmarks/kernels/benchmark
 Interpolated on log-log axes, the two cross at about 19 pairs per expert for int4, hence 20, and at
 about 66 (20b) / 71 (120b) for MXFP4, hence 64.  Those thresholds serve the Triton kernels; where the
 weights were repacked for the tensor-core kernels (CUDA, bf16 / fp16 activations) the kernel keeps every
-launch of up to ``int4_mma_moe.MMA_MAX_ROWS`` (256) expected pairs per expert, its own measured crossover,
+launch of up to ``int4_mma_moe.MMA_MAX_ROWS`` (192) expected pairs per expert, its own measured crossover,
 and this path dequantises those words (``ops/w4_mma_dequant.py``).
 
 The scratch holds at most ``SCRATCH_CAP_BYTES``: larger layers are processed in chunks of experts

@@ -46,8 +46,11 @@ BLOCK_MS = (8, 16, 32, 64)  # rows per block the kernel takes (32 and 64: 128-wi
 # spread; 64-row blocks, several per expert, from 43 pairs), up to this many expected pairs; beyond, the dequant
 # path.  H200, the layer at 64-row blocks vs dequantise + bf16 GEMM (us, twentieth session): int4 Mixtral 256
 # pairs per expert 2872 vs 3265, 1024: 11497 vs 6670; Qwen3 256: 1554 vs 1495; MXFP4 gpt-oss-20b 128: 1005 vs
-# 1746, 512: 3679 vs 2738; gpt-oss-120b 128: 4082 vs 7200
-MMA_MAX_ROWS = 256.0
+# 1746, 512: 3679 vs 2738; gpt-oss-120b 128: 4082 vs 7200.  With the dequantiser's "words" order (twenty-first
+# session; kernel vs dequant, us): int4 Mixtral 128 pairs 1677 vs 2332, 256: 2998 vs 2815; Qwen3 128: 851 vs 1087,
+# 256: 1550 vs 1304; MXFP4 20b 128: 994 vs 1307; 120b 128: 3913 vs 5625.  Linear between the points, the paths
+# cross at ~190 (Qwen3), ~230 (Mixtral), ~180 (20b) and ~230 (120b) pairs per expert, hence 192
+MMA_MAX_ROWS = 192.0
 _SLOTS = {256: 2 * _NUM_SMS, 128: 3 * _NUM_SMS}  # resident CTAs (shared memory / registers) per stage width
 
 
@@ -104,7 +107,7 @@ def mma_block_m(num_pairs: int, num_experts: int, unsorted: bool) -> Optional[in
     if unsorted:
         return 8
     rows = pairs_per_touched_expert(num_pairs, num_experts)
-    if rows > MMA_MAX_ROWS * (1 + 1e-6):  # slack: an expectation of exactly 256 must not round past it
+    if rows > MMA_MAX_ROWS * (1 + 1e-6):  # slack: an expectation of exactly the limit must not round past it
         return None
     return next((bm for bm in BLOCK_MS if bm >= 1.5 * rows), BLOCK_MS[-1])
 
