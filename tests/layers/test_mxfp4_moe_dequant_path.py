@@ -28,10 +28,8 @@ def dequant_calls(monkeypatch):
 
 
 def _force(monkeypatch, path: str, cap_experts: int = 0, rows: int = 0, K: int = 0, elt: int = 4) -> None:
-    """Force the path; with ``cap_experts`` the scratch holds that many [rows, K] weights of ``elt`` bytes.  Chunks
-    one after the other (the overlapping chunks on CUDA: ``test_dequant_path_bf16_on_gpu`` and the int4 tests)."""
+    """Force the path; with ``cap_experts`` the scratch holds that many [rows, K] weights of ``elt`` bytes."""
     monkeypatch.setattr(dp, "FORCE_PATH", path)
-    monkeypatch.setattr(dp, "OVERLAP", False)
     if cap_experts:
         monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", cap_experts * rows * K * elt)
 

@@ -32,9 +32,7 @@ def dequant_calls(monkeypatch):
 
 
 def _force(monkeypatch, path: str, chunk_experts: int = 0, H: int = H, I: int = I, elt: int = 4) -> None:
-    """Force the path, chunks one after the other (the overlapping chunks on CUDA: their own tests below)."""
     monkeypatch.setattr(dp, "FORCE_PATH", path)
-    monkeypatch.setattr(dp, "OVERLAP", False)
     if chunk_experts:  # the cap holds this many of GEMM1's [2I, H] weights (GEMM2's are half as big: twice as many)
         monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", chunk_experts * 2 * I * H * elt)
 
@@ -176,51 +174,6 @@ def test_experts_per_chunk(monkeypatch):
     assert dp.experts_per_chunk(128, 1536, 2048, torch.bfloat16) == 128
     monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", 1)
     assert dp.experts_per_chunk(8, 64, 64, torch.float32) == 1
-
-
-def test_overlap_chunk(monkeypatch):
-    """Overlapping chunks: two buffers within the cap, and at least two chunks."""
-    monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", 1 << 30)
-    assert dp.overlap_chunk(8, 28672, 4096, torch.bfloat16) == 2  # Mixtral-8x7B w13: 4 in the cap -> 2 a buffer
-    assert dp.overlap_chunk(8, 4096, 14336, torch.bfloat16) == 4  # w2: 9 in the cap, at least two chunks
-    assert dp.overlap_chunk(128, 1536, 2048, torch.bfloat16) == 64  # Qwen3-30B-A3B w13 fits: two chunks
-    assert dp.overlap_chunk(3, 64, 64, torch.float32) == 2 and dp.overlap_chunk(1, 64, 64, torch.float32) == 1
-    monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", 1)
-    assert dp.overlap_chunk(8, 64, 64, torch.float32) == 1
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("lora", [False, True])
-def test_overlapping_chunks_on_gpu(lora, dequant_calls, monkeypatch, device):
-    """On CUDA (``OVERLAP``) the next chunk is dequantised on a side stream into the other buffer while the current
-    chunk's GEMM runs: a cap of 5 of GEMM1's experts gives chunks of 2, four per GEMM, so buffers are reused (a
-    GEMM reading before its chunk is written would see another chunk's experts); GEMM2 reuses GEMM1's chunks.
-    The same result as the reference, with and without LoRA, twice in a row."""
-    assert dp.OVERLAP
-    monkeypatch.setattr(dp, "FORCE_PATH", "dequant")
-    Hg, Ig = 256, 128
-    monkeypatch.setattr(dp, "SCRATCH_CAP_BYTES", 5 * 2 * Ig * Hg * 2)
-    gen = torch.Generator().manual_seed(37)
-    ex = random_int4_experts(E, Hg, Ig, "silu", 64, "asym", gen)
-    x, logits = _inputs(300, E, Hg, TOP_K, torch.bfloat16, device, gen)
-    if lora:
-        layer, punica = _lora_layer(ex, TOP_K, "silu", 64, "asym", torch.bfloat16, device, "marlin", max_loras=2,
-                                    rank=8)
-        adapters = {s: random_adapter(E, Hg, Ig, 8, "silu", gen) for s in range(2)}
-        for s, ad in adapters.items():
-            layer.set_lora(s, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
-        slots = pick_slots(300, 2, "mixed", seed=5)
-        punica.update_metadata(slots)
-        ref = _lora_ref(ex, x, logits, TOP_K, "silu", adapters, slots)
-    else:
-        layer = make_int4_layer(ex, TOP_K, "silu", 64, "asym", torch.bfloat16, device, backend="marlin")
-        ref = _ref(ex, x, logits, TOP_K, "silu")
-    for _ in range(2):
-        dequant_calls.clear()
-        poison_workspaces(layer.base_layer if lora else layer)
-        assert_close(layer(x, logits).float().cpu(), ref, torch.bfloat16)
-        chunks = [(0, 2), (2, 4), (4, 6), (6, 8)]
-        assert _chunks(dequant_calls, Hg) == chunks and _chunks(dequant_calls, Ig) == chunks
 
 
 @pytest.mark.cuda

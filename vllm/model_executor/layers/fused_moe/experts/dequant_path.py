@@ -56,10 +56,6 @@ SCRATCH_CAP_BYTES = 1 << 30
 IN_CUDA_GRAPHS = False
 #: tests and benchmarks: "kernel" or "dequant" overrides the thresholds (None: decide by them)
 FORCE_PATH: Optional[str] = None
-#: on CUDA, dequantise the next chunk of experts on a side stream while the current chunk's GEMM runs (two
-#: buffers of at most half the cap; see ``dequant_grouped_gemm``); False: one buffer, one chunk after the other
-OVERLAP = True
-_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
 def use_dequant_path(num_pairs: int, num_experts: int, kind: str) -> bool:
@@ -115,75 +111,24 @@ def _chunk_alignment(route: dict[str, Any], e0: int, e1: int) -> "AlignResult":
     return route["aligned"][key]
 
 
-def overlap_chunk(num_experts: int, N: int, K: int, dtype: torch.dtype) -> int:
-    """Experts per chunk when chunks overlap (``OVERLAP``): two buffers within the cap, and at least two chunks."""
-    per_expert = N * K * torch.empty(0, dtype=dtype).element_size()
-    return max(1, min(-(-num_experts // 2), SCRATCH_CAP_BYTES // 2 // max(per_expert, 1)))
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
 def dequant_grouped_gemm(out: torch.Tensor, a: torch.Tensor, dequantize: Callable[[torch.Tensor, int, int], Any],
                          num_experts: int, N: int, K: int, route: dict[str, Any], *, stage: int, top_k_in: int,
                          topk_weights: torch.Tensor, weighted: bool, bias: Optional[torch.Tensor]) -> None:
     """One expert GEMM of the path: ``dequantize(dst, e0, e1)`` writes experts [e0, e1) as dense [e1 - e0, N, K]
     weights into ``dst`` (``a.dtype``), then ``invoke_fused_moe_gemm`` multiplies the pairs routed to them
-    (``out`` rows of other pairs are left untouched), chunk after chunk when the scratch cap asks for it.  With
-    ``OVERLAP`` on CUDA the chunks are at most half the cap and at least two, and the next chunk is dequantised
-    on a side stream into the other buffer while the current chunk's GEMM runs."""
+    (``out`` rows of other pairs are left untouched), chunk after chunk when the scratch cap asks for it."""
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
 
     cfg = route[f"cfg{stage}"]
-    overlap = OVERLAP and a.device.type == "cuda" and num_experts > 1
-    if overlap:
-        chunk = overlap_chunk(num_experts, N, K, a.dtype)
-        if route.get("chunk", num_experts + 1) <= chunk:  # GEMM1's chunks fit: reuse their alignments
-            chunk = route["chunk"]
-        route["chunk"] = chunk
-    else:
-        chunk = experts_per_chunk(num_experts, N, K, a.dtype)
-    starts = list(range(0, num_experts, chunk))
-    buffers = [torch.empty((chunk, N, K), dtype=a.dtype, device=a.device) for _ in range(2 if overlap else 1)]
-
-    def gemm(w: torch.Tensor, e0: int, e1: int) -> None:
+    chunk = experts_per_chunk(num_experts, N, K, a.dtype)
+    scratch = torch.empty((chunk, N, K), dtype=a.dtype, device=a.device)
+    for e0 in range(0, num_experts, chunk):
+        e1 = min(num_experts, e0 + chunk)
+        w = scratch[: e1 - e0]
+        dequantize(w, e0, e1)
         align = _chunk_alignment(route, e0, e1)
         invoke_fused_moe_gemm(a, w, out, sorted_token_ids=align.sorted_token_ids,
                               block_expert_ids=align.block_expert_ids,
                               num_tokens_post_padded=align.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=bias[e0:e1] if bias is not None else None, config=cfg)
-
-    if not overlap:
-        for e0 in starts:
-            e1 = min(num_experts, e0 + chunk)
-            w = buffers[0][: e1 - e0]
-            dequantize(w, e0, e1)
-            gemm(w, e0, e1)
-        return
-    main, side = torch.cuda.current_stream(a.device), _side_stream(a.device)
-    ready = [torch.cuda.Event() for _ in starts]  # chunk i dequantised (side)
-    done = [torch.cuda.Event() for _ in starts]  # chunk i's GEMM has read its buffer (main)
-    side.wait_stream(main)  # the weights, the inputs and the buffers' allocation come first
-
-    def dequantize_chunk(i: int) -> None:
-        e0 = starts[i]
-        e1 = min(num_experts, e0 + chunk)
-        with torch.cuda.stream(side):
-            if i >= 2:  # the buffer's previous chunk must have been read
-                side.wait_event(done[i - 2])
-            dequantize(buffers[i % 2][: e1 - e0], e0, e1)
-            ready[i].record(side)
-
-    dequantize_chunk(0)
-    for i, e0 in enumerate(starts):
-        if i + 1 < len(starts):
-            dequantize_chunk(i + 1)
-        e1 = min(num_experts, e0 + chunk)
-        main.wait_event(ready[i])
-        gemm(buffers[i % 2][: e1 - e0], e0, e1)
-        done[i].record(main)
