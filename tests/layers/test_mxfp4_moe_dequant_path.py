@@ -79,7 +79,7 @@ def test_dequant_path_with_lora(path, cap_experts, dequant_calls, monkeypatch, d
     """LoRA (FusedMoE3DWithLoRA, interleaved gate/up rows) at the same seams on both paths."""
     E, H, I = 8, 64, 32
     _force(monkeypatch, path, cap_experts, 2 * I, H)
-    h = Mxfp4Harness(E=E, top_k=2, H=H, I=I, backend="triton", max_loras=2, max_rank=16, seed=3)
+    h = Mxfp4Harness(E=E, top_k=2, H=H, I=I, device=device, backend="triton", max_loras=2, max_rank=16, seed=3)
     for slot, r in enumerate([16, 8]):
         h.load(slot, h.new_adapter(rank=r))
     x, logits = h.inputs(9, empty=True)
