@@ -87,7 +87,8 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("order", ["element", "words"])
 def test_cuda_dequantize_from_the_repacked_words_at_width(order, monkeypatch):
-    """On the GPU (Triton compiled, tiles of 32 x 256) at a Mixtral-like width, every expert: bit for bit."""
+    """On the GPU (Triton compiled, each order at its default tiles, ``DEFAULT_TILES``) at a Mixtral-like width,
+    every expert: bit for bit."""
     monkeypatch.setattr(w4_mma_dequant, "ORDER", order)
     from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
 

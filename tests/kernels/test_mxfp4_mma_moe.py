@@ -104,8 +104,8 @@ def test_dequantize_from_the_repacked_words(path, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("order", ["element", "words"])
 def test_cuda_dequantize_from_the_repacked_words_at_width(order, monkeypatch):
-    """On the GPU (Triton compiled, tiles of 32 x 256) at gpt-oss's width (K = 2880: a partial tile), every expert:
-    bit for bit the checkpoint's values."""
+    """On the GPU (Triton compiled, each order at its default tiles) at gpt-oss's width (K = 2880: a partial
+    tile), every expert: bit for bit the checkpoint's values."""
     monkeypatch.setattr(w4_mma_dequant, "ORDER", order)
     gen = torch.Generator().manual_seed(5)
     E, N, K = 3, 5760, 2880
