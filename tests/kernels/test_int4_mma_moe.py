@@ -273,9 +273,9 @@ def test_block_m_or_dequant(monkeypatch):
     asked = []
     takes = lambda: asked.append(1) or True  # noqa: E731
     assert block_m_or_dequant(32, 8, False, takes) == 8 and not asked  # few rows: the kernel, no question
-    assert block_m_or_dequant(2048, 8, False, takes) == 64 and not asked  # 256 rows per expert: 64-row blocks
-    assert block_m_or_dequant(32768, 128, False, takes) == 64 and not asked  # Mixtral 1024 / Qwen3 4096 tokens
-    assert block_m_or_dequant(4096, 8, False, takes) is None and asked  # 512 rows per expert: the dequant path
+    assert block_m_or_dequant(1536, 8, False, takes) == 64 and not asked  # 192 rows per expert: 64-row blocks
+    assert block_m_or_dequant(24576, 128, False, takes) == 64 and not asked  # Mixtral 768 / Qwen3 3072 tokens
+    assert block_m_or_dequant(2048, 8, False, takes) is None and asked  # 256 rows per expert: the dequant path
     assert block_m_or_dequant(4096, 8, False, lambda: False) == 64  # ... unless it refuses (graph capture)
     monkeypatch.setattr(dequant_path, "FORCE_PATH", "dequant")
     assert block_m_or_dequant(32, 8, False, takes) is None
