@@ -104,6 +104,29 @@ def test_cuda_dequantize_from_the_repacked_words_at_width(order, monkeypatch):
     assert torch.equal(out.view(torch.int16), mw.dequantize(torch.empty_like(out), 0, E, use_triton=False).view(torch.int16))
 
 
+def test_dequantize_words_default_order_small_group(monkeypatch):
+    """An int4 group under 16 inputs: the default order falls back to "element" (the words order refuses it when
+    asked), bit for bit ``Int4PackedWeight.dequantize_expert``."""
+    monkeypatch.setattr(w4_mma_dequant, "ORDER", "words")
+    from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight
+
+    gen = torch.Generator().manual_seed(6)
+    E, N, K, g = 2, 32, 128, 8
+    q = torch.randint(0, 16, (E, N, K), dtype=torch.uint8, generator=gen)
+    pw = Int4PackedWeight(pack_int4_k(q).transpose(1, 2).contiguous(), torch.rand(E, K // g, N, generator=gen),
+                          torch.randint(0, 16, (E, K // g, N), dtype=torch.uint8, generator=gen), g)
+    mw = Int4MmaWeight.from_packed(pw)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter
+    words, scales, zeros = mw.words.to(dev), pw.scales.to(dev), pw.zeros.to(dev)
+    out = torch.full((E, N, K), float("nan"), dtype=torch.float32, device=dev)
+    w4_mma_dequant.dequantize_mma_words(words, scales, out, 0, E, mxfp4=False, zeros=zeros, group_size=g)
+    want = torch.stack([pw.dequantize_expert(e, torch.float32) for e in range(E)])
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
+    with pytest.raises(ValueError, match="order 'words' needs groups of >= 16"):
+        w4_mma_dequant.dequantize_mma_words(words, scales, out, 0, E, mxfp4=False, zeros=zeros, group_size=g,
+                                            order="words")
+
+
 def test_unsupported_reasons():
     gen = torch.Generator().manual_seed(0)
     ws = [random_int4(32, 256, 128, True, False, gen) for _ in range(2)]
