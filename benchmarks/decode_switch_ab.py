@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
-from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
+from decode_variants import add_variant_flags, apply_variant_flags, set_pair_fanout  # noqa: E402
 
-SWITCHES = ["moe-fused-activation", "fused-kv-write"]
+SWITCHES = ["moe-fused-activation", "fused-kv-write", "moe-lora-pair-fanout"]
 
 
 def _set(flag: Optional[str]) -> list[str]:
@@ -31,7 +31,9 @@ def _set(flag: Optional[str]) -> list[str]:
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
 
     fused_moe_gemm.FUSED_ACTIVATION = attention.FUSED_KV_WRITE = False
-    return apply_variant_flags(p.parse_args([f"--{flag}"]) if flag else defaults)
+    set_pair_fanout(False)
+    return apply_variant_flags(p.parse_args([f"--{flag}"] + (["1"] if flag == "moe-lora-pair-fanout" else []))
+                               if flag else defaults)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

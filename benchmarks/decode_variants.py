@@ -17,6 +17,11 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
                         "(fused_moe_gemm.FUSED_ACTIVATION)")
     p.add_argument("--fused-kv-write", action="store_true",
                    help="the q/k norm + rotary launch stores K/V into the cache itself (attention.FUSED_KV_WRITE)")
+    p.add_argument("--moe-lora-pair-fanout", type=int, default=None, choices=[0, 1],
+                   help="1: the MoE LoRA small-batch path in two launches from the module's work threshold on, its "
+                        "expand one N tile of 256 per program (fused_moe_lora.PAIR_SPLIT_MIN_WORK / "
+                        "PAIR_SPLIT_FANOUT / PAIR_SPLIT_EXPAND_BLOCK_N; the default since the twenty-second "
+                        "session); 0: the kernels before it")
     p.add_argument("--all-fusions", action="store_true",
                    help="the fusions above (the MoE activation in GEMM1, the KV write in q/k norm + rotary)")
 
@@ -33,6 +38,24 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     if a.dense_gemv_max_tokens is not None:
         dense_gemv.GEMV_MAX_TOKENS = a.dense_gemv_max_tokens
     dense_gemv.GEMV_DELAYED |= a.dense_gemv_delayed
+    if getattr(a, "moe_lora_pair_fanout", None) is not None:
+        set_pair_fanout(bool(a.moe_lora_pair_fanout))
     on = {"FUSED_ACTIVATION": fused_moe_gemm.FUSED_ACTIVATION, "FUSED_KV_WRITE": attention.FUSED_KV_WRITE,
-          "GEMV_DELAYED": dense_gemv.GEMV_DELAYED}
+          "GEMV_DELAYED": dense_gemv.GEMV_DELAYED, "PAIR_SPLIT_FANOUT": pair_fanout_on()}
     return [k for k, v in on.items() if v]
+
+
+def set_pair_fanout(on: bool) -> None:
+    """The MoE LoRA small-batch path's two launches with the expand fan-out (on: the defaults of the twenty-second
+    session), or the kernels before them (off: the split only on Mixtral-8x7B's wide slices, its expand by the
+    config's N-splits)."""
+    from vllm.lora.ops.triton_ops import fused_moe_lora as f
+
+    f.PAIR_SPLIT_MIN_WORK, f.PAIR_SPLIT_FANOUT, f.PAIR_SPLIT_EXPAND_BLOCK_N = (
+        (120_000_000, True, 256) if on else (None, False, None))
+
+
+def pair_fanout_on() -> bool:
+    from vllm.lora.ops.triton_ops import fused_moe_lora as f
+
+    return f.PAIR_SPLIT_FANOUT

@@ -105,6 +105,13 @@ def parse_args() -> argparse.Namespace:
                         "2 = the shrink split over K, then the expand: two launches)")
     p.add_argument("--pair-split-width", type=int, default=None,
                    help="fused_moe_lora._PAIR_SPLIT_WIDTH (default 512): K inputs per shrink program of --pair-kernel 2")
+    p.add_argument("--pair-split-min-work", type=int, default=None,
+                   help="fused_moe_lora.PAIR_SPLIT_MIN_WORK: the two launches of --pair-kernel 2 from this many "
+                        "pairs x K x N on, at any slice width (0: only on the wide slices)")
+    p.add_argument("--pair-split-fanout", type=int, default=None, choices=[0, 1],
+                   help="fused_moe_lora.PAIR_SPLIT_FANOUT: that path's expand with one N tile per program")
+    p.add_argument("--pair-split-expand-block-n", type=int, default=None,
+                   help="fused_moe_lora.PAIR_SPLIT_EXPAND_BLOCK_N: the fan-out expand's N tile")
     p.add_argument("--fused-activation", type=int, default=None, choices=[0, 1],
                    help="fused_moe_gemm.FUSED_ACTIVATION: the base layer's GEMM1 writes the gated activation itself")
     return p.parse_args()
@@ -325,6 +332,14 @@ def main() -> None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 
         fused_moe_lora._PAIR_SPLIT_WIDTH = args.pair_split_width
+    for name, value in (("PAIR_SPLIT_MIN_WORK", None if args.pair_split_min_work is None
+                         else (args.pair_split_min_work or None)),
+                        ("PAIR_SPLIT_FANOUT", None if args.pair_split_fanout is None else bool(args.pair_split_fanout)),
+                        ("PAIR_SPLIT_EXPAND_BLOCK_N", args.pair_split_expand_block_n)):
+        if value is not None:
+            from vllm.lora.ops.triton_ops import fused_moe_lora
+
+            setattr(fused_moe_lora, name, value)
     if args.pair_path_factor is not None:
         from vllm.lora.ops.triton_ops import moe_lora_config
 
@@ -367,6 +382,10 @@ def main() -> None:
         + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
         + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else "")
         + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else "")
+        + (f", PAIR_SPLIT_MIN_WORK={args.pair_split_min_work}" if args.pair_split_min_work is not None else "")
+        + (f", PAIR_SPLIT_FANOUT={args.pair_split_fanout}" if args.pair_split_fanout is not None else "")
+        + (f", PAIR_SPLIT_EXPAND_BLOCK_N={args.pair_split_expand_block_n}"
+           if args.pair_split_expand_block_n is not None else "")
         + (f", SMALL_BATCH_WIDE_MAX_RANK={args.pair_path_max_rank}" if args.pair_path_max_rank is not None else "")
         + (f", WIDE_RANK_PAIR_TILES={args.wide_rank_pair_tiles}" if args.wide_rank_pair_tiles is not None else ""),
         "",

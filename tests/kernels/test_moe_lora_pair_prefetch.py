@@ -75,12 +75,12 @@ def test_tiles_hold_all_of_a_at_qwen3_sizes():
 
 def test_auto_choice_follows_the_h200_ab():
     """By default the prefetch kernel up to 8 pairs on slices up to gpt-oss-20b's (Qwen3 1 token, gpt-oss 1-2
-    tokens); the default pair kernel at 16 pairs, and the two-launch split at Mixtral-8x7B's width, where the
-    prefetch kernel lost."""
+    tokens); the default pair kernel at 16 Qwen3 pairs, and the two-launch split at Mixtral-8x7B's width, where
+    the prefetch kernel lost, and from its work threshold on (gpt-oss-20b at 16 pairs)."""
     assert op.PAIR_KERNEL is None
     assert op.auto_pair_kernel(8, 2048, 1536, 16) == 1 and op.auto_pair_kernel(8, 768, 2048, 32) == 1  # Qwen3
     assert op.auto_pair_kernel(8, 2880, 5760, 16) == 1  # gpt-oss-20b w13, 2 tokens x top-4
-    assert op.auto_pair_kernel(16, 2880, 5760, 16) == 0 and op.auto_pair_kernel(16, 2048, 1536, 16) == 0
+    assert op.auto_pair_kernel(16, 2880, 5760, 16) == 2 and op.auto_pair_kernel(16, 2048, 1536, 16) == 0
     assert op.auto_pair_kernel(2, 4096, 28672, 16) == 2 and op.auto_pair_kernel(2, 14336, 4096, 16) == 2  # Mixtral
     assert op.auto_pair_kernel(8, 2048, 1536, 64) == 0  # rank 64: A spans K tiles, a loop of round trips
 

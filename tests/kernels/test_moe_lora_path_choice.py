@@ -64,11 +64,12 @@ def test_a_layers_w13_and_w2_take_one_path(monkeypatch):
 
 
 def test_config_and_path_choice(tmp_path, monkeypatch):
-    # default (H200 A/B): per-pair while pairs <= experts * slots and pairs <= 512 (64 Qwen3 tokens x top-8)
-    assert use_small_batch_path(8, 128, 4, 16) and use_small_batch_path(512, 128, 4, 32)
-    assert use_small_batch_path(4, 4, 1, 16) and not use_small_batch_path(5, 4, 1, 16)
-    assert not use_small_batch_path(513, 128, 4, 16)
-    assert use_small_batch_path(512, 128, 16, 16) and not use_small_batch_path(513, 128, 16, 16)  # the cap
+    # default (H200 A/B): per-pair while pairs <= 2 x experts x slots and pairs <= 1024 (128 Qwen3 tokens x top-8)
+    assert use_small_batch_path(8, 128, 4, 16) and use_small_batch_path(1024, 128, 4, 32)
+    assert use_small_batch_path(8, 4, 1, 16) and not use_small_batch_path(9, 4, 1, 16)
+    assert not use_small_batch_path(1025, 128, 4, 16)
+    assert use_small_batch_path(64, 8, 4, 16) and not use_small_batch_path(65, 8, 4, 16)  # Mixtral: 32 tokens
+    assert use_small_batch_path(1024, 128, 16, 16) and not use_small_batch_path(1025, 128, 16, 16)  # the cap
     # above kernel rank 32 upstream's factor 8 (rank 64 lost on the wide path)
     assert use_small_batch_path(64, 128, 4, 64) and not use_small_batch_path(65, 128, 4, 64)
     from vllm.lora.ops.triton_ops import moe_lora_config as mc

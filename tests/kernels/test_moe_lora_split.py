@@ -267,18 +267,25 @@ PAIR_SPLIT_CASES = SMALL + [Case(5, 2, 4, 2, 16, dtype=F16, K=1100, N=72, mul_w=
                                  dtype=BF16)]
 
 
+@pytest.mark.parametrize("fanout,straight", [(False, False), (True, False), (True, True)],
+                         ids=["nsplits", "fanout", "straight"])
 @pytest.mark.parametrize("width", [16, 512])
 @pytest.mark.parametrize("c", PAIR_SPLIT_CASES, ids=_id)
-def test_pair_split_equals_reference(device, c, width, poisoned_partials, monkeypatch):
+def test_pair_split_equals_reference(device, c, width, fanout, straight, poisoned_partials, monkeypatch):
     """PAIR_KERNEL 2 against the fp64 per-pair reference (start values back bit for bit where there is no delta,
-    disabled slots, tokens without an adapter, expert maps, routed weights); the partials scratch is poisoned,
-    so a partial read that no shrink program wrote shows."""
+    disabled slots, tokens without an adapter, expert maps, routed weights), its expand with the config's
+    N-splits or one N tile per program (PAIR_SPLIT_FANOUT), and the straight-line variants of both kernels
+    (PAIR_SPLIT_STRAIGHT); the partials scratch is poisoned, so a partial read that no shrink program wrote
+    shows."""
     monkeypatch.setattr(op, "PAIR_KERNEL", 2)
     monkeypatch.setattr(op, "_PAIR_SPLIT_WIDTH", width)
+    monkeypatch.setattr(op, "PAIR_SPLIT_FANOUT", fanout)
+    monkeypatch.setattr(op, "PAIR_SPLIT_STRAIGHT", straight)
     x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
     start = out.clone()
-    op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=_config(c, device, c.M * c.top_k), **kw,
-                      **geo)
+    # N tiles of 16 in one N-split: several tiles per expand program, or (fanout) one program per tile
+    cfg = dataclasses.replace(_config(c, device, c.M * c.top_k), block_size_n=16, num_n_splits=1)
+    op.fused_moe_lora(out, x, lora_a, lora_b, top_k_in=top_k_in, config=cfg, **kw, **geo)
     check(c, out, start, delta, parent)
     if c.M:
         assert poisoned_partials, "PAIR_KERNEL 2 must run the two launches"
@@ -286,15 +293,25 @@ def test_pair_split_equals_reference(device, c, width, poisoned_partials, monkey
 
 
 def test_pair_split_by_shape(monkeypatch):
-    """On by default (it won on the H200 at Mixtral-8x7B's width and lost on Qwen3-30B-A3B's): the slices beyond
-    the prefetch kernel's (Mixtral's w13 and w2) take it, smaller ones keep their kernel; AUTO_PAIR_SPLIT off
-    gives the pair kernel back."""
+    """On by default (it won on the H200 at Mixtral-8x7B's width): the slices beyond the prefetch kernel's
+    (Mixtral's w13 and w2) take it at any pair count, smaller ones keep their kernel below the work threshold;
+    AUTO_PAIR_SPLIT off gives the pair kernel back, and without the threshold so do the narrow slices."""
     assert op.PAIR_KERNEL is None and op.AUTO_PAIR_SPLIT is True
     assert op.auto_pair_kernel(2, 14336, 4096, 16) == 2 and op.auto_pair_kernel(32, 4096, 28672, 16) == 2
     assert op.auto_pair_kernel(8, 2048, 1536, 16) == 1 and op.auto_pair_kernel(16, 2048, 1536, 16) == 0
-    assert op.auto_pair_kernel(16, 2880, 5760, 16) == 0  # gpt-oss w13: below the split's size
     monkeypatch.setattr(op, "AUTO_PAIR_SPLIT", False)
     assert op.auto_pair_kernel(2, 14336, 4096, 16) == 0
+    monkeypatch.setattr(op, "PAIR_SPLIT_MIN_WORK", None)
+    assert op.auto_pair_kernel(512, 2048, 768, 32) == 0
+
+
+def test_pair_split_by_work():
+    """From PAIR_SPLIT_MIN_WORK (pairs x K x N of one slice) on, every width takes the two launches: Qwen3-30B-A3B
+    from 16 tokens (128 pairs) on, gpt-oss-20b from 4 tokens (16 pairs); up to 8 pairs the prefetch kernel stays."""
+    assert op.PAIR_SPLIT_FANOUT is True and op.PAIR_SPLIT_EXPAND_BLOCK_N == 256
+    assert op.auto_pair_kernel(128, 2048, 768, 32) == 2 and op.auto_pair_kernel(512, 768, 2048, 16) == 2
+    assert op.auto_pair_kernel(64, 2048, 768, 32) == 0 and op.auto_pair_kernel(32, 768, 2048, 16) == 0
+    assert op.auto_pair_kernel(16, 2880, 2880, 16) == 2 and op.auto_pair_kernel(8, 2880, 2880, 16) == 1
 
 
 @pytest.mark.cuda
@@ -307,3 +324,19 @@ def test_pair_split_mixtral_sizes_in_a_cuda_graph(M, w2, monkeypatch):
 
     monkeypatch.setattr(op, "PAIR_KERNEL", 2)
     check_pair_graph_replay(8, M, w2, H=4096, I=14336, top_k=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("straight", [False, True], ids=["loop", "straight"])
+@pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
+@pytest.mark.parametrize("M", [32, 64])
+def test_pair_split_fanout_qwen3_sizes_in_a_cuda_graph(M, w2, straight, monkeypatch):
+    """Qwen3-30B-A3B's widths at a decode batch of 32-64 tokens (256-512 pairs) through the two launches with one
+    N tile per expand program (PAIR_SPLIT_FANOUT; also the straight-line variants, PAIR_SPLIT_STRAIGHT), in a
+    CUDA graph replayed with new routing and slots."""
+    from tests.kernels.moe_lora_gpu_cases import check_pair_graph_replay
+
+    monkeypatch.setattr(op, "PAIR_KERNEL", 2)
+    monkeypatch.setattr(op, "PAIR_SPLIT_FANOUT", True)
+    monkeypatch.setattr(op, "PAIR_SPLIT_STRAIGHT", straight)
+    check_pair_graph_replay(128, M, w2, H=2048, I=768, top_k=8)

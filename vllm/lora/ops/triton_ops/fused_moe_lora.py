@@ -65,18 +65,34 @@ _PAIR_PREFETCH_A_ELEMS = 32768  # elements of A in one K tile of the prefetch ke
 # slices it lost (1.22 -> 1.30 at 1 token, 1.09 -> 1.14 at 16), which AUTO_PAIR_SPLIT leaves alone
 AUTO_PAIR_SPLIT = True
 _PAIR_SPLIT_WIDTH = 512
+# the two launches at any slice width from this much work on (pairs x K x N of one slice; None: only on the wide
+# slices above), their expand with one BLOCK_N tile per program (PAIR_SPLIT_FANOUT; else the config's N-splits,
+# each a serial loop of read-modify-writes), and that tile (PAIR_SPLIT_EXPAND_BLOCK_N).  moe_lora_pair_kernel makes
+# every program read its pair's whole A, then walk N tile after N tile.  H200 A/B (benchmark_moe_lora.py, the
+# whole layer with LoRA, us, rank 16 / 32): Qwen3-30B-A3B 32 tokens 298.4 / 326.2 -> 293.1 / 311.4, 64 tokens
+# 339.7 / 408.0 -> 338.8 / 370.3; gpt-oss-20b 8 tokens 271.7 / 276.0 -> 262.8 / 270.6, 32 tokens 435.5 / 462.3 ->
+# 411.9 / 427.9; it lost below this much work (Qwen3 2 tokens 70.4 / 73.6 -> 71.8 / 79.2, 4 tokens 115.8 -> 120.2
+# at rank 32); Mixtral-8x7B 1 token 195.2 -> 192.0
+PAIR_SPLIT_MIN_WORK: Optional[int] = 120_000_000
+PAIR_SPLIT_FANOUT = True
+PAIR_SPLIT_EXPAND_BLOCK_N: Optional[int] = 256  # None: the config's
+# with the fan-out, the two kernels' straight-line variants (moe_lora_split.launch_pair_split's ``straight``):
+# 2 dependent round trips each in their sm_90 compile instead of up to 9; untimed, off
+PAIR_SPLIT_STRAIGHT = False
 
 
 def auto_pair_kernel(num_pairs: int, K: int, N: int, R: int) -> int:
     """The small-batch path's kernel for ``num_pairs`` (token, expert) pairs, a K x N slice and rank R: the
     prefetch kernel (1) up to ``_PAIR_PREFETCH_MAX_PAIRS`` pairs on slices of at most ``_PAIR_PREFETCH_MAX_KN``
     elements at ranks up to ``_PAIR_PREFETCH_MAX_RANK``; with ``AUTO_PAIR_SPLIT`` the two launches (2) on bigger
-    slices; else ``moe_lora_pair_kernel`` (0)."""
+    slices, or from ``PAIR_SPLIT_MIN_WORK`` (pairs x K x N) on; else ``moe_lora_pair_kernel`` (0)."""
     if PAIR_KERNEL is not None:
         return PAIR_KERNEL
     small = num_pairs <= _PAIR_PREFETCH_MAX_PAIRS and K * N <= _PAIR_PREFETCH_MAX_KN
     if small and R <= _PAIR_PREFETCH_MAX_RANK:
         return 1
+    if PAIR_SPLIT_MIN_WORK is not None and num_pairs * K * N >= PAIR_SPLIT_MIN_WORK:
+        return 2
     return 2 if AUTO_PAIR_SPLIT and K * N > _PAIR_PREFETCH_MAX_KN else 0
 
 
@@ -180,7 +196,8 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None), numel=numel, num_slices=ns, n_splits=splits,
-                width=_PAIR_SPLIT_WIDTH, interp=interp)
+                width=_PAIR_SPLIT_WIDTH, interp=interp, fanout=PAIR_SPLIT_FANOUT,
+                expand_block_n=None if interp else PAIR_SPLIT_EXPAND_BLOCK_N, straight=PAIR_SPLIT_STRAIGHT)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
             from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
 

@@ -36,14 +36,20 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 __all__ = ["MoELoRATileConfig", "get_moe_lora_config", "rank_block", "use_small_batch_path"]
 
 
-# the per-pair kernel (no (adapter, expert) alignment) while num_pairs * this <= experts * slots (upstream: 8)
+# the per-pair path (no (adapter, expert) alignment) while num_pairs * this <= experts * slots (upstream: 8)
 # and num_pairs <= SMALL_BATCH_MAX_PAIRS, at kernel ranks up to SMALL_BATCH_WIDE_MAX_RANK (above: upstream's 8).  At 16-64 Qwen3-30B-A3B tokens (4 slots) most (adapter, expert) groups
 # hold 1-2 pairs, so sorting buys little and its alignment costs more.  H200 A/B (benchmark_moe_lora.py --tokens
 # 8 16 32 64 --pair-path-factor 1, the whole layer with LoRA, us): Qwen3 16 / 32 / 64 tokens 248.5 -> 233.7 /
 # 320.4 -> 303.7 / 374.8 -> 343.1; gpt-oss-20b 8 / 16 / 32 tokens 284.5 -> 276.2 / 374.3 -> 362.4 / 450.5 ->
 # 438.8; Mixtral-8x7B 8 tokens 727.1 -> 651.0, 16 tokens 728.3 -> 742.6
-SMALL_BATCH_PAIRS_FACTOR = 1
-SMALL_BATCH_MAX_PAIRS = 512  # the most pairs timed on that path (Qwen3, 64 tokens x top-8)
+# Twenty-second session: factor 0.5 and up to 1024 pairs, since the path's two launches with the expand fan-out
+# (fused_moe_lora.PAIR_SPLIT_MIN_WORK) beat the sorted path up to about twice as many pairs as groups (H200,
+# --pair-path-factor 0.5 --pair-path-max-pairs 1024, whole layer with LoRA, us, rank 16): Mixtral-8x7B 24 / 32
+# tokens 753.6 / 760.9 -> 696.9 / 710.0; gpt-oss-20b 48 / 64 tokens 469.9 / 469.1 -> 438.3 / 444.2; Qwen3 96 / 128
+# tokens 378.2 / 387.2 -> 363.3 / 381.0.  Beyond, it lost (factor 0.25: Qwen3 256 tokens 408.3 -> 459.7, gpt-oss
+# 128 tokens 538.9 -> 548.4, Mixtral 64 tokens 731.5 -> 756.4)
+SMALL_BATCH_PAIRS_FACTOR = 0.5
+SMALL_BATCH_MAX_PAIRS = 1024  # the most pairs timed on that path (Qwen3, 128 tokens x top-8)
 # rank 64 on the wide per-pair path lost (H200, benchmark_moe_lora.py --ranks 64, whole layer with LoRA vs the
 # same LoRA as separate launches: Qwen3 16 / 64 tokens 468.7 / 1147.2 us vs 301.3 / 531.7): every N split of the
 # fused per-pair kernel redoes the shrink, 4x longer at rank 64.  The engine's rank-16 adapters run w13 at kernel
