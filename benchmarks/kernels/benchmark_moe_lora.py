@@ -91,29 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shrink-split-k", type=int, default=None,
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
-    p.add_argument("--pair-path-factor", type=float, default=None,
-                   help="moe_lora_config.SMALL_BATCH_PAIRS_FACTOR (default 1): the per-pair LoRA kernel, without "
-                        "the (adapter, expert) alignment, while pairs * factor <= experts * adapters")
-    p.add_argument("--pair-path-max-rank", type=int, default=None,
-                   help="moe_lora_config.SMALL_BATCH_WIDE_MAX_RANK (default 32): above it the per-pair path keeps "
-                        "upstream's factor 8")
-    p.add_argument("--wide-rank-pair-tiles", type=int, default=None, choices=[0, 1],
-                   help="moe_lora_config.WIDE_RANK_PAIR_TILES (default 1): the per-pair kernel's K tiles of 512 "
-                        "and 8 warps at ranks 32-64 (0: the tiles before)")
-    p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1, 2],
-                   help="fused_moe_lora.PAIR_KERNEL: the small-batch path's kernel (1 = moe_lora_pair_prefetch_kernel, "
-                        "2 = the shrink split over K, then the expand: two launches)")
-    p.add_argument("--pair-split-width", type=int, default=None,
-                   help="fused_moe_lora._PAIR_SPLIT_WIDTH (default 512): K inputs per shrink program of --pair-kernel 2")
-    p.add_argument("--pair-split-min-work", type=int, default=None,
-                   help="fused_moe_lora.PAIR_SPLIT_MIN_WORK: the two launches of --pair-kernel 2 from this many "
-                        "pairs x K x N on, at any slice width (0: only on the wide slices)")
-    p.add_argument("--pair-split-fanout", type=int, default=None, choices=[0, 1],
-                   help="fused_moe_lora.PAIR_SPLIT_FANOUT: that path's expand with one N tile per program")
-    p.add_argument("--pair-split-expand-block-n", type=int, default=None,
-                   help="fused_moe_lora.PAIR_SPLIT_EXPAND_BLOCK_N: the fan-out expand's N tile")
-    p.add_argument("--fused-activation", type=int, default=None, choices=[0, 1],
-                   help="fused_moe_gemm.FUSED_ACTIVATION: the base layer's GEMM1 writes the gated activation itself")
+    from benchmarks.kernels.moe_lora_variants import add_switch_flags
+
+    add_switch_flags(p)  # the path choice's and kernels' module switches: --pair-kernel, --pair-path-factor, ...
     return p.parse_args()
 
 
@@ -320,37 +300,9 @@ def main() -> None:
         from benchmarks.kernels.moe_lora_variants import force_shrink_split_k
 
         force_shrink_split_k(args.shrink_split_k)
-    if args.fused_activation is not None:
-        from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
+    from benchmarks.kernels.moe_lora_variants import apply_switch_flags
 
-        fused_moe_gemm.FUSED_ACTIVATION = bool(args.fused_activation)
-    if args.pair_kernel is not None:
-        from vllm.lora.ops.triton_ops import fused_moe_lora
-
-        fused_moe_lora.PAIR_KERNEL = args.pair_kernel
-    if args.pair_split_width is not None:
-        from vllm.lora.ops.triton_ops import fused_moe_lora
-
-        fused_moe_lora._PAIR_SPLIT_WIDTH = args.pair_split_width
-    for name, value in (("PAIR_SPLIT_MIN_WORK", None if args.pair_split_min_work is None
-                         else (args.pair_split_min_work or None)),
-                        ("PAIR_SPLIT_FANOUT", None if args.pair_split_fanout is None else bool(args.pair_split_fanout)),
-                        ("PAIR_SPLIT_EXPAND_BLOCK_N", args.pair_split_expand_block_n)):
-        if value is not None:
-            from vllm.lora.ops.triton_ops import fused_moe_lora
-
-            setattr(fused_moe_lora, name, value)
-    if args.pair_path_factor is not None:
-        from vllm.lora.ops.triton_ops import moe_lora_config
-
-        moe_lora_config.SMALL_BATCH_PAIRS_FACTOR = args.pair_path_factor
-    for name, value in (("SMALL_BATCH_WIDE_MAX_RANK", args.pair_path_max_rank),
-                        ("WIDE_RANK_PAIR_TILES", args.wide_rank_pair_tiles)):
-        if value is not None:
-            from vllm.lora.ops.triton_ops import moe_lora_config
-
-            setattr(moe_lora_config, name, type(getattr(moe_lora_config, name))(value))
-
+    switches = apply_switch_flags(args)
     peak = peak_bandwidth(device)
     print(f"device: {gpu}; dtype {args.dtype}; ranks {args.ranks}; adapters {args.num_loras}, tokens round-robin; "
           f"measured copy bandwidth peak (read + write): {peak / 1e9:.0f} GB/s")
@@ -380,14 +332,7 @@ def main() -> None:
     text = "\n".join([
         f"## MoE experts with multi-LoRA: {gpu}, {args.dtype}, ranks {args.ranks}, adapters {args.num_loras}"
         + (f", SHRINK_SPLIT_K={args.shrink_split_k} forced" if args.shrink_split_k is not None else "")
-        + (f", SMALL_BATCH_PAIRS_FACTOR={args.pair_path_factor}" if args.pair_path_factor is not None else "")
-        + (f", PAIR_KERNEL={args.pair_kernel}" if args.pair_kernel is not None else "")
-        + (f", PAIR_SPLIT_MIN_WORK={args.pair_split_min_work}" if args.pair_split_min_work is not None else "")
-        + (f", PAIR_SPLIT_FANOUT={args.pair_split_fanout}" if args.pair_split_fanout is not None else "")
-        + (f", PAIR_SPLIT_EXPAND_BLOCK_N={args.pair_split_expand_block_n}"
-           if args.pair_split_expand_block_n is not None else "")
-        + (f", SMALL_BATCH_WIDE_MAX_RANK={args.pair_path_max_rank}" if args.pair_path_max_rank is not None else "")
-        + (f", WIDE_RANK_PAIR_TILES={args.wide_rank_pair_tiles}" if args.wide_rank_pair_tiles is not None else ""),
+        + "".join(f", {sw}" for sw in switches),
         "",
         results_table(rows), "",
         "Notes:",

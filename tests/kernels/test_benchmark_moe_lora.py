@@ -76,3 +76,29 @@ def test_profile_drops_the_flush_kernel_only():
     for name in ("_fused_moe_gemm_kernel", "moe_lora_sorted_kernel", "_scatter_kernel",
                  "Memcpy DtoD (Device -> Device)"):
         assert not is_flush_kernel(name)
+
+
+def test_switch_flags_set_the_modules(monkeypatch):
+    """benchmark_moe_lora.py's module switches (moe_lora_variants.SWITCHES): each flag sets its attribute, with
+    the attribute's type; unset flags leave the modules alone."""
+    import argparse
+
+    from benchmarks.kernels import moe_lora_variants as mv
+    from vllm.lora.ops.triton_ops import fused_moe_lora as f
+    from vllm.lora.ops.triton_ops import moe_lora_config as mc
+
+    for attr in ("PAIR_KERNEL", "PAIR_SPLIT_FANOUT", "PAIR_SPLIT_MIN_WORK", "PAIR_SPLIT_STRAIGHT"):
+        monkeypatch.setattr(f, attr, getattr(f, attr))
+    for attr in ("SMALL_BATCH_PAIRS_FACTOR", "WIDE_RANK_PAIR_TILES"):
+        monkeypatch.setattr(mc, attr, getattr(mc, attr))
+    p = argparse.ArgumentParser()
+    mv.add_switch_flags(p)
+    before = mc.SMALL_BATCH_PAIRS_FACTOR
+    done = mv.apply_switch_flags(p.parse_args(["--pair-kernel", "0", "--pair-split-fanout", "0",
+                                               "--pair-split-min-work", "0", "--wide-rank-pair-tiles", "0"]))
+    assert done == ["WIDE_RANK_PAIR_TILES=False", "PAIR_KERNEL=0", "PAIR_SPLIT_MIN_WORK=None",
+                    "PAIR_SPLIT_FANOUT=False"]
+    assert f.PAIR_KERNEL == 0 and f.PAIR_SPLIT_FANOUT is False and f.PAIR_SPLIT_MIN_WORK is None
+    assert mc.WIDE_RANK_PAIR_TILES is False and mc.SMALL_BATCH_PAIRS_FACTOR == before
+    mv.apply_switch_flags(p.parse_args(["--pair-path-factor", "2", "--pair-split-straight", "1"]))
+    assert mc.SMALL_BATCH_PAIRS_FACTOR == 2.0 and f.PAIR_SPLIT_STRAIGHT is True
