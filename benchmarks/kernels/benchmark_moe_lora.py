@@ -21,7 +21,8 @@ reported.  If capture fails, the op is timed eagerly the same way ("graph"
 column: no).  Bandwidth peak: a 1 GiB device-to-device copy (read + write).
 Bytes (FACTS.md 6): base = D * 3HI * 2 (D = distinct experts actually routed),
 LoRA = pairs * 3R(H+I) * 2 (pairs = distinct (adapter, expert) pairs actually
-routed); "% roofline" = ((base + LoRA bytes) / peak) / LoRA time.
+routed; ``--w13-layout fused``: pairs * (2R(H+2I) + R(I+H)) * 2); "% roofline" =
+((base + LoRA bytes) / peak) / LoRA time.
 
 Correctness first, per shape and combination: the LoRA layer (forward and the
 timed call), the baseline call and the base call are compared with an fp32 torch
@@ -88,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
+                   help="fused: the engine's layout for peft adapters on the fused experts (one w13 slice at twice "
+                        "the rank, FusedMoE3DWithLoRA)")
     p.add_argument("--shrink-split-k", type=int, default=None,
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
@@ -99,9 +103,9 @@ def parse_args() -> argparse.Namespace:
 
 @dataclass
 class Adapter:
-    """One adapter over all experts (scaling folded into B): w13 as [gate, up] slices."""
-    w13_a: list  # 2 x [E, R, H]
-    w13_b: list  # 2 x [E, I, R]
+    """One adapter over all experts (scaling folded into B): w13 as [gate, up] slices, or one fused slice."""
+    w13_a: list  # 2 x [E, R, H] (fused: 1 x [E, 2R, H])
+    w13_b: list  # 2 x [E, I, R] (fused: 1 x [E, 2I, 2R])
     w2_a: torch.Tensor  # [E, R, I]
     w2_b: torch.Tensor  # [E, H, R]
 
@@ -131,10 +135,14 @@ def _randn(shape, std, dtype, device, gen) -> torch.Tensor:
     return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
 
 
-def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=None) -> Case:
-    """The layer (random weights; or ``layer``, a base layer built before) with ``num_loras`` adapters."""
+def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=None, w13_layout: str = "slices") -> Case:
+    """The layer (random weights; or ``layer``, a base layer built before) with ``num_loras`` adapters.
+
+    w13_layout "slices": gate and up adapters of rank ``rank`` (``FusedMoEWithLoRA``, two w13 slices); "fused": the
+    engine's layout for peft adapters on the fused experts (``FusedMoE3DWithLoRA``: one w13 slice of 2I rows, A
+    shared, at rank 2 x ``rank`` - peft doubles gate_up's rank - and w2 at ``rank``)."""
     from vllm.config.lora import LoRAConfig
-    from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
+    from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
     from vllm.lora.punica_wrapper import get_punica_wrapper
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 
@@ -147,12 +155,14 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=No
             layer.w13_weight.data[e].copy_(_randn((2 * I, H), H ** -0.5, dtype, device, gen))
             layer.w2_weight.data[e].copy_(_randn((H, I), I ** -0.5, dtype, device, gen))
         layer.process_weights_after_loading()
-    lora_layer = FusedMoEWithLoRA(layer)
-    lora_layer.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=rank))
+    fused = w13_layout == "fused"
+    r13, n13, rows13 = (2 * rank, 1, 2 * I) if fused else (rank, 2, I)
+    lora_layer = (FusedMoE3DWithLoRA if fused else FusedMoEWithLoRA)(layer)
+    lora_layer.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=r13))
     adapters = []
     for slot in range(num_loras):  # random, non-zero, different per slot
-        ad = Adapter(w13_a=[_randn((E, rank, H), H ** -0.5, dtype, device, gen) for _ in range(2)],
-                     w13_b=[_randn((E, I, rank), 0.5 * rank ** -0.5, dtype, device, gen) for _ in range(2)],
+        ad = Adapter(w13_a=[_randn((E, r13, H), H ** -0.5, dtype, device, gen) for _ in range(n13)],
+                     w13_b=[_randn((E, rows13, r13), 0.5 * r13 ** -0.5, dtype, device, gen) for _ in range(n13)],
                      w2_a=_randn((E, rank, I), I ** -0.5, dtype, device, gen),
                      w2_b=_randn((E, H, rank), 0.5 * rank ** -0.5, dtype, device, gen))
         lora_layer.set_lora(slot, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
@@ -163,6 +173,8 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=No
         sys.exit(f"expected TritonExperts, the layer runs {type(layer.quant_method.kernel.fused_experts).__name__}")
     from benchmarks.kernels.moe_lora_baseline import baseline_context
 
+    if fused:
+        name = f"{name}, fused w13 at rank {r13}"
     return Case(name, H, I, E, k, layer, lora_layer, punica, adapters, baseline_context(layer, punica))
 
 
@@ -231,7 +243,10 @@ def traffic(case: Case, ti, slots, rank: int) -> tuple[int, int, int, int]:
     vids = slots.to(ti.device).long()[:, None] * case.E + ti.long()
     pairs = int(torch.unique(vids).numel())
     elt = case.layer.w13_weight.element_size()
-    return D, pairs, D * 3 * case.H * case.I * elt, pairs * 3 * rank * (case.H + case.I) * elt
+    # per (adapter, expert): w13's A and B as the adapter holds them (two slices, or one fused at twice the
+    # rank), and w2's A [R, I] and B [H, R]
+    w13 = sum(a[0].numel() + b[0].numel() for a, b in zip(case.adapters[0].w13_a, case.adapters[0].w13_b))
+    return D, pairs, D * 3 * case.H * case.I * elt, pairs * (w13 + rank * (case.H + case.I)) * elt
 
 
 def bench_case(case: Case, M: int, args, dtype, device, flush, gpu: str, peak: float, rank: int,
@@ -311,7 +326,8 @@ def main() -> None:
     for shape in shapes:
         layer, base_timings = None, {}  # one base layer per shape; its time once per token count
         for rank, num_loras in itertools.product(args.ranks, args.num_loras):
-            case = build_case(shape, dtype, device, rank, num_loras, max(max(tokens), check_m), args.seed, layer=layer)
+            case = build_case(shape, dtype, device, rank, num_loras, max(max(tokens), check_m), args.seed, layer=layer,
+                              w13_layout=args.w13_layout)
             layer = case.layer
             ok = check(case, check_m, num_loras, dtype, device, args.seed)
             print(f"[{case.name}] H={case.H} I={case.I} E={case.E} top_k={case.k} rank {rank}, {num_loras} adapters: "

@@ -10,7 +10,7 @@ base kernels that changed are what a kernel change must address.  On CPU (``--sm
 it lists CPU operators instead: a smoke run of the code path only.
 
     PYTHONPATH=. python benchmarks/kernels/profile_moe_lora.py [--shapes qwen3] [--tokens 256 4096]
-        [--rank 16] [--num-loras 4] [--iters 20] [--out profile.md]
+        [--rank 16] [--num-loras 4] [--w13-layout slices|fused] [--iters 20] [--out profile.md]
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["qwen3"], choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[256, 4096])
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
+                   help="fused: the engine's layout for peft adapters on the fused experts (benchmark_moe_lora.py)")
     p.add_argument("--num-loras", type=int, default=4)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--iters", type=int, default=None, help="profiled calls per case (default 20; CPU smoke 1)")
@@ -102,7 +104,7 @@ def main() -> None:
            + f"; device us per layer call, mean of {iters} eager calls, "
            "L2 flushed before each", ""]
     for shape in shapes:
-        case = build_case(shape, dtype, device, a.rank, a.num_loras, max(tokens), a.seed)
+        case = build_case(shape, dtype, device, a.rank, a.num_loras, max(tokens), a.seed, w13_layout=a.w13_layout)
         for M in tokens:
             print(f"[{case.name}] {M} tokens: correctness {check(case, M, a.num_loras, dtype, device, a.seed)}",
                   flush=True)

@@ -102,3 +102,20 @@ def test_switch_flags_set_the_modules(monkeypatch):
     assert mc.WIDE_RANK_PAIR_TILES is False and mc.SMALL_BATCH_PAIRS_FACTOR == before
     mv.apply_switch_flags(p.parse_args(["--pair-path-factor", "2", "--pair-split-straight", "1"]))
     assert mc.SMALL_BATCH_PAIRS_FACTOR == 2.0 and f.PAIR_SPLIT_STRAIGHT is True
+
+
+def test_fused_w13_layout_is_the_engines_and_checks_out(device):
+    """--w13-layout fused: the engine's layer for peft adapters on the fused experts (FusedMoE3DWithLoRA, one w13
+    slice of 2I rows at twice the rank, w2 at the rank), against the fp32 reference; its LoRA bytes count the
+    fused slice."""
+    from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA
+
+    dtype = torch.bfloat16
+    case = lb.build_case(lb.SMOKE_SHAPE, dtype, device, 8, 4, 16, 0, w13_layout="fused")
+    assert type(case.lora_layer) is FusedMoE3DWithLoRA and "fused w13 at rank 16" in case.name
+    (a,), (b,) = case.adapters[0].w13_a, case.adapters[0].w13_b
+    assert a.shape[1:] == (16, case.H) and b.shape[1:] == (2 * case.I, 16) and case.adapters[0].w2_a.shape[1] == 8
+    assert "LoRA effect" in lb.check(case, 9, 4, dtype, device, 0)  # exits on a mismatch
+    x, _, tw, ti, slots = lb.make_inputs(case, 9, 4, dtype, device, 0)
+    _, pairs, _, lora_bytes = lb.traffic(case, ti, slots, 8)
+    assert lora_bytes == pairs * (16 * case.H + 2 * case.I * 16 + 8 * (case.H + case.I)) * 2
