@@ -19,8 +19,10 @@ Shapes (L = max_loras slots, E = local experts, R = max rank, zero-padded):
     expert_map: optional [E_global] int32 global -> local, -1 = not local
 
 ``alignment`` (from ``moe_lora_align_block_size``) selects the sorted path; without
-it the small-batch per-pair kernel runs (``moe_lora_config.use_small_batch_path``); for the fused op at up
-to 8 pairs on slices narrower than Mixtral's, ``moe_lora_pair_prefetch_kernel`` (``auto_pair_kernel``).
+it the small-batch per-pair path runs (``moe_lora_config.use_small_batch_path``); for the fused op its kernel
+by ``auto_pair_kernel``: ``moe_lora_pair_prefetch_kernel`` up to 8 pairs on slices narrower than Mixtral's,
+the two launches of ``moe_lora_split.launch_pair_split`` on wider slices or from ``PAIR_SPLIT_MIN_WORK`` on,
+else ``moe_lora_pair_kernel``.
 On the sorted path, ``config.shrink_split_k`` > 1 runs the fused op as two launches
 with the shrink split along K (``moe_lora_split.py``).
 Slices that are views of one buffer with a constant stride (the usual stacked
