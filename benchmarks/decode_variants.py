@@ -45,14 +45,20 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     return [k for k, v in on.items() if v]
 
 
+_PAIR_SWITCHES = ("PAIR_SPLIT_MIN_WORK", "PAIR_SPLIT_FANOUT", "PAIR_SPLIT_EXPAND_BLOCK_N")
+_pair_defaults: dict[str, object] = {}
+
+
 def set_pair_fanout(on: bool) -> None:
-    """The MoE LoRA small-batch path's two launches with the expand fan-out (on: the defaults of the twenty-second
-    session), or the kernels before them (off: the split only on Mixtral-8x7B's wide slices, its expand by the
-    config's N-splits)."""
+    """The MoE LoRA small-batch path's two launches with the expand fan-out (on: the module's own defaults, as
+    first seen here), or the kernels before them (off: the split only on Mixtral-8x7B's wide slices, its expand by
+    the config's N-splits)."""
     from vllm.lora.ops.triton_ops import fused_moe_lora as f
 
-    f.PAIR_SPLIT_MIN_WORK, f.PAIR_SPLIT_FANOUT, f.PAIR_SPLIT_EXPAND_BLOCK_N = (
-        (120_000_000, True, 256) if on else (None, False, None))
+    if not _pair_defaults:
+        _pair_defaults.update({name: getattr(f, name) for name in _PAIR_SWITCHES})
+    for name in _PAIR_SWITCHES:
+        setattr(f, name, _pair_defaults[name] if on else (False if name == "PAIR_SPLIT_FANOUT" else None))
 
 
 def pair_fanout_on() -> bool:
