@@ -66,15 +66,11 @@
 #           default at Mixtral-8x7B's widths since the nineteenth):
 #           its cuda tests, then benchmark_moe_lora.py (PAIRSPLIT_SHAPES, default mixtral; PAIRSPLIT_TOKENS) with
 #           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
-#   pairstraight the MoE LoRA small-batch path's straight-line kernels (fused_moe_lora.PAIR_SPLIT_STRAIGHT, twenty-second
-#           session, off: 2 round trips each in their sm_90 compile): their tests, benchmark_moe_lora.py with
-#           --pair-split-straight 0 / 1 (STRAIGHT_TOKENS; and in the engine's fused-w13 layout, --w13-layout fused, also
-#           against the pair kernel before the fan-out), and the batch-64 decode profile with VLLM_PDL=0; only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|w4dequant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|pairstraight|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|w4dequant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -322,31 +318,6 @@ if [[ " $steps " == *" pairsplit "* ]]; then
       --reps 30 --pair-kernel $v >"$OUT/pairsplit_int4_$v.log" 2>&1
     echo "== int4, --pair-kernel $v"; grep "^| \|rror" "$OUT/pairsplit_int4_$v.log" | tail -3
   done
-fi
-if [[ " $steps " == *" pairstraight "* ]]; then
-  pytest tests/kernels/test_moe_lora_split.py -k pair_split >"$OUT/pytest_pairstraight.log" 2>&1
-  prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pairstraight.log" | head -20; tail -2 "$OUT/pytest_pairstraight.log"
-  rc=$(( rc || prc ))
-  for v in 0 1; do
-    timeout "${STRAIGHT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 gpt-oss mixtral \
-      --tokens ${STRAIGHT_TOKENS:-16 32 64 128} --ranks 16 32 --reps 40 --pair-split-straight $v \
-      >"$OUT/pairstraight_$v.log" 2>&1
-    echo "== --pair-split-straight $v"; grep "^| [QMg]\|rror" "$OUT/pairstraight_$v.log" | cut -d'|' -f2-4,8-10
-    # the engine's layout (peft adapters on the fused experts: one w13 slice at twice the rank)
-    timeout "${STRAIGHT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 gpt-oss \
-      --tokens 16 64 --ranks 16 --reps 40 --w13-layout fused --pair-split-straight $v >"$OUT/pairstraight_fused_$v.log" 2>&1
-    echo "== fused w13, --pair-split-straight $v"; grep "^| [Qg]\|rror" "$OUT/pairstraight_fused_$v.log" | cut -d'|' -f2-4,8-10
-  done
-  for f in 0 1; do  # the engine's layout: the two launches (default) vs the pair kernel before them
-    timeout "${STRAIGHT_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 --tokens 16 64 \
-      --ranks 16 --reps 40 --w13-layout fused --pair-split-fanout $f --pair-split-min-work $((f * 120000000)) \
-      >"$OUT/pairstraight_fused_old$f.log" 2>&1
-    echo "== fused w13, fan-out $f"; grep "^| Q\|rror" "$OUT/pairstraight_fused_old$f.log" | cut -d'|' -f2-4,8-10
-  done
-  # the engine's batch-64 LoRA step without PDL: kernel durations without the wait for the previous kernel
-  VLLM_PDL=0 timeout "${STRAIGHT_TIMEOUT:-200}" python3 benchmarks/profile_decode.py --batches 64 --modes graphs \
-    --steps 6 --top 12 --out "$OUT/pairstraight_profile64.md" >"$OUT/pairstraight_profile64.log" 2>&1
-  echo "== profile, batch 64, VLLM_PDL=0 (rc $?)"; tail -20 "$OUT/pairstraight_profile64.md"
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1

@@ -56,8 +56,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                             "1: the two launches' expand with one N tile per program"),
     "--pair-split-expand-block-n": (f"{_LORA}.fused_moe_lora", "PAIR_SPLIT_EXPAND_BLOCK_N", int,
                                     "the fan-out expand's N tile"),
-    "--pair-split-straight": (f"{_LORA}.fused_moe_lora", "PAIR_SPLIT_STRAIGHT", int,
-                              "1: with the fan-out, the two kernels' straight-line variants"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

@@ -87,7 +87,7 @@ def test_switch_flags_set_the_modules(monkeypatch):
     from vllm.lora.ops.triton_ops import fused_moe_lora as f
     from vllm.lora.ops.triton_ops import moe_lora_config as mc
 
-    for attr in ("PAIR_KERNEL", "PAIR_SPLIT_FANOUT", "PAIR_SPLIT_MIN_WORK", "PAIR_SPLIT_STRAIGHT"):
+    for attr in ("PAIR_KERNEL", "PAIR_SPLIT_FANOUT", "PAIR_SPLIT_MIN_WORK"):
         monkeypatch.setattr(f, attr, getattr(f, attr))
     for attr in ("SMALL_BATCH_PAIRS_FACTOR", "WIDE_RANK_PAIR_TILES"):
         monkeypatch.setattr(mc, attr, getattr(mc, attr))
@@ -100,8 +100,8 @@ def test_switch_flags_set_the_modules(monkeypatch):
                     "PAIR_SPLIT_FANOUT=False"]
     assert f.PAIR_KERNEL == 0 and f.PAIR_SPLIT_FANOUT is False and f.PAIR_SPLIT_MIN_WORK is None
     assert mc.WIDE_RANK_PAIR_TILES is False and mc.SMALL_BATCH_PAIRS_FACTOR == before
-    mv.apply_switch_flags(p.parse_args(["--pair-path-factor", "2", "--pair-split-straight", "1"]))
-    assert mc.SMALL_BATCH_PAIRS_FACTOR == 2.0 and f.PAIR_SPLIT_STRAIGHT is True
+    mv.apply_switch_flags(p.parse_args(["--pair-path-factor", "2", "--pair-split-fanout", "1"]))
+    assert mc.SMALL_BATCH_PAIRS_FACTOR == 2.0 and f.PAIR_SPLIT_FANOUT is True
 
 
 def test_fused_w13_layout_is_the_engines_and_checks_out(device):

@@ -267,20 +267,17 @@ PAIR_SPLIT_CASES = SMALL + [Case(5, 2, 4, 2, 16, dtype=F16, K=1100, N=72, mul_w=
                                  dtype=BF16)]
 
 
-@pytest.mark.parametrize("fanout,straight", [(False, False), (True, False), (True, True)],
-                         ids=["nsplits", "fanout", "straight"])
+@pytest.mark.parametrize("fanout", [False, True], ids=["nsplits", "fanout"])
 @pytest.mark.parametrize("width", [16, 512])
 @pytest.mark.parametrize("c", PAIR_SPLIT_CASES, ids=_id)
-def test_pair_split_equals_reference(device, c, width, fanout, straight, poisoned_partials, monkeypatch):
+def test_pair_split_equals_reference(device, c, width, fanout, poisoned_partials, monkeypatch):
     """PAIR_KERNEL 2 against the fp64 per-pair reference (start values back bit for bit where there is no delta,
     disabled slots, tokens without an adapter, expert maps, routed weights), its expand with the config's
-    N-splits or one N tile per program (PAIR_SPLIT_FANOUT), and the straight-line variants of both kernels
-    (PAIR_SPLIT_STRAIGHT); the partials scratch is poisoned, so a partial read that no shrink program wrote
-    shows."""
+    N-splits or one N tile per program (PAIR_SPLIT_FANOUT); the partials scratch is poisoned, so a partial read
+    that no shrink program wrote shows."""
     monkeypatch.setattr(op, "PAIR_KERNEL", 2)
     monkeypatch.setattr(op, "_PAIR_SPLIT_WIDTH", width)
     monkeypatch.setattr(op, "PAIR_SPLIT_FANOUT", fanout)
-    monkeypatch.setattr(op, "PAIR_SPLIT_STRAIGHT", straight)
     x, lora_a, lora_b, out, parent, kw, geo, top_k_in, delta = build(c, device)
     start = out.clone()
     # N tiles of 16 in one N-split: several tiles per expand program, or (fanout) one program per tile
@@ -327,16 +324,13 @@ def test_pair_split_mixtral_sizes_in_a_cuda_graph(M, w2, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("straight", [False, True], ids=["loop", "straight"])
 @pytest.mark.parametrize("w2", [False, True], ids=["w13", "w2"])
 @pytest.mark.parametrize("M", [32, 64])
-def test_pair_split_fanout_qwen3_sizes_in_a_cuda_graph(M, w2, straight, monkeypatch):
+def test_pair_split_fanout_qwen3_sizes_in_a_cuda_graph(M, w2, monkeypatch):
     """Qwen3-30B-A3B's widths at a decode batch of 32-64 tokens (256-512 pairs) through the two launches with one
-    N tile per expand program (PAIR_SPLIT_FANOUT; also the straight-line variants, PAIR_SPLIT_STRAIGHT), in a
-    CUDA graph replayed with new routing and slots."""
+    N tile per expand program (PAIR_SPLIT_FANOUT), in a CUDA graph replayed with new routing and slots."""
     from tests.kernels.moe_lora_gpu_cases import check_pair_graph_replay
 
     monkeypatch.setattr(op, "PAIR_KERNEL", 2)
     monkeypatch.setattr(op, "PAIR_SPLIT_FANOUT", True)
-    monkeypatch.setattr(op, "PAIR_SPLIT_STRAIGHT", straight)
     check_pair_graph_replay(128, M, w2, H=2048, I=768, top_k=8)

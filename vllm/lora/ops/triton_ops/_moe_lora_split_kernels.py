@@ -163,10 +163,9 @@ def moe_lora_pair_split_shrink_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_pk, stride_ps, stride_pp,
     HAS_EXPERT_MAP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
-    X_ROW: tl.constexpr = False,
 ):
     """grid (pairs, slices, K-splits): part[split, slice, pair] = fp32 x[pair's row, split's K range] @ A^T.
-    The route with x, then A with the enabled flag; ``X_ROW``: x loaded in A's layout."""
+    The route with x, then A with the enabled flag."""
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
@@ -174,19 +173,10 @@ def moe_lora_pair_split_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # this split's K range: one tile
     mask_k = offs_k < K
-    if X_ROW:
-        # x as a [1, BLOCK_K] row: it takes A's layout by broadcasting, without a trip through shared memory
-        # (whose barrier holds back the route's loads until x is back: sm_90 compile, 9 -> 2 dependent round trips
-        # at rank 32; untimed)
-        live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
-                                                num_experts, HAS_EXPERT_MAP)
-        xk = tl.load(x_ptr + (pair // top_k_in) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                     mask=mask_k[None, :], other=0.0).to(tl.float32)
-    else:
-        xk = tl.load(x_ptr + (pair // top_k_in) * stride_xm + offs_k.to(tl.int64) * stride_xk, mask=mask_k,
-                     other=0.0).to(tl.float32)[None, :]
-        live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
-                                                num_experts, HAS_EXPERT_MAP)
+    xk = tl.load(x_ptr + (pair // top_k_in) * stride_xm + offs_k.to(tl.int64) * stride_xk, mask=mask_k,
+                 other=0.0).to(tl.float32)[None, :]
+    live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
+                                            num_experts, HAS_EXPERT_MAP)
     mask_r = (offs_r < R) & live
     on = tl.load(enabled_ptr + slot) != 0
     a = tl.load(a_ptr + slice_s * stride_as + slot * stride_al + expert * stride_ae + offs_r[:, None] * stride_ar
@@ -204,15 +194,11 @@ def moe_lora_pair_split_expand_kernel(
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
     stride_pk, stride_ps, stride_pp, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_PARTS: tl.constexpr, PARTS_BLOCK: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
-    ONE_TILE: tl.constexpr = False,
+    NUM_PARTS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """grid (pairs, slices, N-splits): the pair's partials summed in split order (deterministic), then its
     expand over this N-split's columns, a read-modify-write of ``out`` per BLOCK_N tile; a pair that is not live
-    or whose slot is disabled stores nothing.  ``ONE_TILE`` (N-split = tile, the launcher's fan-out): straight-line
-    code, the partials as one [PARTS_BLOCK, BLOCK_R] load beside the route, then B, the out tile and the enabled
-    flag before any arithmetic (sm_90 compile: 2 dependent round trips at the tiles of
-    ``moe_lora_split.STRAIGHT_EXPAND_TILE``; untimed)."""
+    or whose slot is disabled stores nothing."""
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
@@ -221,46 +207,23 @@ def moe_lora_pair_split_expand_kernel(
     out_row = out_ptr + (pair // top_k) * stride_ot + (pair % top_k) * stride_oj
     col0 = out_col0 + slice_s * out_slice_cols
     p_ptrs = part_ptr + slice_s * stride_ps + pair * stride_pp + offs_r
-    if ONE_TILE:
-        offs_p = tl.arange(0, PARTS_BLOCK)
-        part = tl.load(p_ptrs[None, :] + offs_p[:, None] * stride_pk,
-                       mask=(offs_p[:, None] < NUM_PARTS) & (offs_r[None, :] < R), other=0.0)
-        live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
-                                                num_experts, HAS_EXPERT_MAP)
-        if MUL_ROUTED_WEIGHT:
-            wt = tl.load(w_ptr + pair).to(tl.float32)
-        mask_r = (offs_r < R) & live
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
+                                            num_experts, HAS_EXPERT_MAP)
+    mask_r = (offs_r < R) & live
+    acc = tl.load(p_ptrs, mask=mask_r, other=0.0)
+    for k in tl.static_range(1, NUM_PARTS):
+        acc += tl.load(p_ptrs + k * stride_pk, mask=mask_r, other=0.0)
+    if MUL_ROUTED_WEIGHT:
+        acc = acc * tl.load(w_ptr + pair).to(tl.float32)
+    on = (tl.load(enabled_ptr + slot) != 0) & live
+    b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
+    t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
+    for t in range(t_begin, t_end):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         o_ptrs = out_row + (col0 + offs_n) * stride_on
-        b = tl.load(b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
-                    + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
-                    other=0.0)  # [BLOCK_N, BLOCK_R]
         o = tl.load(o_ptrs, mask=mask_n & live, other=0.0)
-        on = (tl.load(enabled_ptr + slot) != 0) & live
-        acc = tl.sum(part, axis=0)
-        if MUL_ROUTED_WEIGHT:
-            acc = acc * wt
-        delta = tl.sum(b.to(tl.float32) * acc[None, :], axis=1)
+        b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+        delta = tl.sum(b * acc[None, :], axis=1)
         tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)
-    else:
-        live, slot, expert = _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, max_loras,
-                                                num_experts, HAS_EXPERT_MAP)
-        mask_r = (offs_r < R) & live
-        acc = tl.load(p_ptrs, mask=mask_r, other=0.0)
-        for k in tl.static_range(1, NUM_PARTS):
-            acc += tl.load(p_ptrs + k * stride_pk, mask=mask_r, other=0.0)
-        if MUL_ROUTED_WEIGHT:
-            acc = acc * tl.load(w_ptr + pair).to(tl.float32)
-        on = (tl.load(enabled_ptr + slot) != 0) & live
-        b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[None, :] * stride_br
-        t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
-        for t in range(t_begin, t_end):
-            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            o_ptrs = out_row + (col0 + offs_n) * stride_on
-            o = tl.load(o_ptrs, mask=mask_n & live, other=0.0)
-            b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
-                        other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
-            delta = tl.sum(b * acc[None, :], axis=1)
-            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)

@@ -78,9 +78,6 @@ _PAIR_SPLIT_WIDTH = 512
 PAIR_SPLIT_MIN_WORK: Optional[int] = 120_000_000
 PAIR_SPLIT_FANOUT = True
 PAIR_SPLIT_EXPAND_BLOCK_N: Optional[int] = 256  # None: the config's
-# with the fan-out, the two kernels' straight-line variants (moe_lora_split.launch_pair_split's ``straight``):
-# 2 dependent round trips each in their sm_90 compile instead of up to 9; untimed, off
-PAIR_SPLIT_STRAIGHT = False
 
 
 def auto_pair_kernel(num_pairs: int, K: int, N: int, R: int) -> int:
@@ -199,7 +196,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None), numel=numel, num_slices=ns, n_splits=splits,
                 width=_PAIR_SPLIT_WIDTH, interp=interp, fanout=PAIR_SPLIT_FANOUT,
-                expand_block_n=None if interp else PAIR_SPLIT_EXPAND_BLOCK_N, straight=PAIR_SPLIT_STRAIGHT)
+                expand_block_n=None if interp else PAIR_SPLIT_EXPAND_BLOCK_N)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
             from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
 

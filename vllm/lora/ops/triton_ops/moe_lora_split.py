@@ -77,20 +77,12 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
 
 
-# the fan-out expand's (BLOCK_N, warps) with ``straight``: the tile at which its sm_90 compile has 2 dependent
-# round trips at the Qwen3-30B-A3B and gpt-oss-20b widths, ranks 16 and 32 (wider tiles let the compiler reuse B's
-# registers, one round trip per load); untimed
-STRAIGHT_EXPAND_TILE = (64, 2)
-
-
 def launch_pair_split(args: dict[str, Any], *, pair_args: dict[str, Any], numel: int, num_slices: int,
                       n_splits: int, width: int, interp: bool, fanout: bool = False,
-                      expand_block_n: Optional[int] = None, straight: bool = False) -> None:
+                      expand_block_n: Optional[int] = None) -> None:
     """The small-batch path's shrink + expand of one slice group in two launches: the shrink over K ranges of
     ``width`` columns (``split_layout``), the expand over ``n_splits`` N ranges (``fanout``: one BLOCK_N tile
     per program, whatever ``n_splits`` says; ``expand_block_n``: that tile's width, default the config's).
-    ``straight`` (with ``fanout``): the kernels' straight-line variants (``X_ROW``, ``ONE_TILE``) at
-    ``STRAIGHT_EXPAND_TILE``.
 
     args: as ``launch_split``'s; pair_args: the pair kernels' routing arguments (topk ids, the token -> slot
     mapping, the enabled flags, the expert map, ``max_loras``, ``HAS_EXPERT_MAP``)."""
@@ -101,21 +93,17 @@ def launch_pair_split(args: dict[str, Any], *, pair_args: dict[str, Any], numel:
     part = alloc_partials(parts, num_slices, numel, R, x.device)
     common = dict(args, **pair_args, part_ptr=part, stride_pk=part.stride(0), stride_ps=part.stride(1),
                   stride_pp=part.stride(2))
-    straight = straight and fanout
     launch = dict(num_warps=4 if interp else 8, num_stages=1)
     pdl = {"launch_pdl": True} if args.get("USE_PDL") else {}
     shrink = kern.moe_lora_pair_split_shrink_kernel
-    shrink[(numel, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), X_ROW=straight, **launch, **pdl)
+    shrink[(numel, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch, **pdl)
     expand = kern.moe_lora_pair_split_expand_kernel
     warps, stages = args["num_warps"], args["num_stages"]
     if fanout:  # one BLOCK_N tile per program: no serial loop of read-modify-writes
         warps, stages = 4, 1
-        if straight and not interp:
-            expand_block_n, warps = STRAIGHT_EXPAND_TILE
         if expand_block_n:
             common["BLOCK_N"] = expand_block_n
         n_splits = -(-max(args["N"], 1) // common["BLOCK_N"])
         common["num_n_splits"] = n_splits
-    expand[(numel, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts,
-                                          PARTS_BLOCK=next_power_of_2(parts), ONE_TILE=straight,
-                                          num_warps=warps, num_stages=stages, **pdl)
+    expand[(numel, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, num_warps=warps,
+                                          num_stages=stages, **pdl)
