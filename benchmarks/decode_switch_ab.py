@@ -1,7 +1,8 @@
-"""One decode switch at a time (``decode_variants.py``'s flags) against none: the engine's CUDA-graph decode
-step without LoRA (and with ``--lora`` with rank-16 adapters spread over the batch), async scheduling on, one
-engine per (switch, LoRA), the model and prompts of benchmark_decode.py built once.  Greedy tokens are checked
-against the run without switches; the table gives each switch's step time and its ratio to the base.
+"""One decode switch at a time (``decode_variants.py``'s flags) flipped from its shipped default, against the
+shipped defaults: the engine's CUDA-graph decode step without LoRA (and with ``--lora`` with rank-16 adapters
+spread over the batch), async scheduling on, one engine per (switch, LoRA), the model and prompts of
+benchmark_decode.py built once.  Greedy tokens are checked against the shipped run; the table gives each
+flipped switch's step time and its ratio to the shipped one.
 
     PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
         [--lora] [--out ab.md]
@@ -17,23 +18,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
-from decode_variants import add_variant_flags, apply_variant_flags, set_pair_fanout  # noqa: E402
+from decode_variants import TOGGLES, flip_switch, shipped_switches  # noqa: E402
 
-SWITCHES = ["moe-fused-activation", "fused-kv-write", "moe-lora-pair-fanout"]
+SWITCHES = [*TOGGLES, "moe-lora-pair-fanout"]
 
 
-def _set(flag: Optional[str]) -> list[str]:
-    """Every switch off, then ``flag`` on (None: none)."""
-    p = argparse.ArgumentParser()
-    add_variant_flags(p)
-    defaults = p.parse_args([])
-    from vllm.model_executor.layers import attention
-    from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
-
-    fused_moe_gemm.FUSED_ACTIVATION = attention.FUSED_KV_WRITE = False
-    set_pair_fanout(False)
-    return apply_variant_flags(p.parse_args([f"--{flag}"] + (["1"] if flag == "moe-lora-pair-fanout" else []))
-                               if flag else defaults)
+def _set(flag: Optional[str]) -> str:
+    """Every switch at its shipped default, then ``flag`` flipped (None: none); returns what was flipped."""
+    if flag is None:
+        shipped_switches()
+        return "none (shipped defaults)"
+    return flip_switch(flag)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -66,14 +61,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         cases += [(None, True)] + [(s, True) for s in a.switches]
     times, tokens = {}, {}
     for flag, lora in cases:
-        on = _set(flag)
-        print(f"== {flag or 'base'}{' + LoRA' if lora else ''}: switches on {on}", flush=True)
+        flipped = _set(flag)
+        print(f"== {flag or 'base'}{' + LoRA' if lora else ''}: flipped {flipped}", flush=True)
         times[(flag, lora)], tokens[(flag, lora)] = run_engine(
             model_dir, common, batches, prompts, spread if lora else (lambda b: None), a.steps,
             **(lora_kw if lora else {}))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; CUDA graphs + async scheduling; one switch "
-             f"at a time", "", "| switch | LoRA | " + " | ".join(f"batch {b}" for b in batches) + " | tokens |",
+             f"at a time, flipped from its shipped default", "",
+             "| flipped switch | LoRA | " + " | ".join(f"batch {b}" for b in batches) + " | tokens |",
              "|---|---|" + "---:|" * len(batches) + "---|"]
     bad = 0
     for flag, lora in cases:

@@ -22,6 +22,9 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
                         "expand one N tile of 256 per program (fused_moe_lora.PAIR_SPLIT_MIN_WORK / "
                         "PAIR_SPLIT_FANOUT / PAIR_SPLIT_EXPAND_BLOCK_N; the default since the twenty-second "
                         "session); 0: the kernels before it")
+    p.add_argument("--moe-lora-side-stream", type=int, default=None, choices=[0, 1],
+                   help="1: the MoE LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
+                        "the top-k sum (experts/lora_overlap.LORA_SIDE_STREAM); 0: in place after each GEMM")
     p.add_argument("--all-fusions", action="store_true",
                    help="the fusions above (the MoE activation in GEMM1, the KV write in q/k norm + rotary)")
 
@@ -29,6 +32,7 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
 def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     """Set the switches the flags ask for (a switch already on stays on); returns the names of those on."""
     from vllm.model_executor.layers import attention
+    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
     from vllm.model_executor.layers.ops import dense_gemv
 
@@ -40,9 +44,47 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     dense_gemv.GEMV_DELAYED |= a.dense_gemv_delayed
     if getattr(a, "moe_lora_pair_fanout", None) is not None:
         set_pair_fanout(bool(a.moe_lora_pair_fanout))
+    if getattr(a, "moe_lora_side_stream", None) is not None:
+        lora_overlap.LORA_SIDE_STREAM = bool(a.moe_lora_side_stream)
     on = {"FUSED_ACTIVATION": fused_moe_gemm.FUSED_ACTIVATION, "FUSED_KV_WRITE": attention.FUSED_KV_WRITE,
-          "GEMV_DELAYED": dense_gemv.GEMV_DELAYED, "PAIR_SPLIT_FANOUT": pair_fanout_on()}
+          "GEMV_DELAYED": dense_gemv.GEMV_DELAYED, "PAIR_SPLIT_FANOUT": pair_fanout_on(),
+          "LORA_SIDE_STREAM": lora_overlap.LORA_SIDE_STREAM}
     return [k for k, v in on.items() if v]
+
+
+#: the on / off switches of the decode path: flag -> (module, attribute)
+TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION"),
+           "fused-kv-write": ("vllm.model_executor.layers.attention", "FUSED_KV_WRITE"),
+           "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM")}
+_toggle_defaults: dict[str, bool] = {}
+
+
+def shipped_switches() -> None:
+    """Every switch of ``TOGGLES`` and the pair fan-out back to the module's own default (as first seen here)."""
+    import importlib
+
+    for flag, (mod, name) in TOGGLES.items():
+        m = importlib.import_module(mod)
+        _toggle_defaults.setdefault(flag, bool(getattr(m, name)))
+        setattr(m, name, _toggle_defaults[flag])
+    if _pair_defaults:
+        set_pair_fanout(True)
+
+
+def flip_switch(flag: str) -> str:
+    """Turn one switch (a ``TOGGLES`` flag or ``moe-lora-pair-fanout``) to the other side of its shipped default;
+    returns what it did, e.g. "LORA_SIDE_STREAM off"."""
+    import importlib
+
+    shipped_switches()
+    if flag == "moe-lora-pair-fanout":
+        on = not pair_fanout_on()
+        set_pair_fanout(on)
+        return f"PAIR_SPLIT_FANOUT {'on' if on else 'off'}"
+    mod, name = TOGGLES[flag]
+    m = importlib.import_module(mod)
+    setattr(m, name, not _toggle_defaults[flag])
+    return f"{name} {'on' if getattr(m, name) else 'off'}"
 
 
 _PAIR_SWITCHES = ("PAIR_SPLIT_MIN_WORK", "PAIR_SPLIT_FANOUT", "PAIR_SPLIT_EXPAND_BLOCK_N")

@@ -3,6 +3,9 @@ Triton kernel (interpreter on CPU, native on CUDA) against the torch path."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +136,29 @@ def test_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         moe_activation("silu", x, use_triton=True)
+
+
+def test_compiles_for_hopper_without_a_gpu():
+    """The interpreter runs the numbers; the compiler (sm_90, no GPU needed) sees types and layouts, with and
+    without the fp32 delta (``delta=``, the LoRA side stream's join)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _moe_activation_kernel as k
+for dt in ("bf16", "fp16", "fp32"):
+    for act in range(6):
+        for delta in (False, True):
+            cexp = {"ACT": act, "BLOCK_N": 512, "HAS_DELTA": delta, "USE_PDL": False}
+            sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "*fp32" if n == "d_ptr" else
+                   "fp32" if n in ("alpha", "limit") else "constexpr" if n in cexp else "i32" for n in k.arg_names}
+            src = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in cexp.items()})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            print("ok", dt, act, delta)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 36

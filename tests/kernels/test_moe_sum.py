@@ -41,16 +41,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vllm.model_executor.layers.fused_moe.ops._moe_sum_kernel import _moe_sum_kernel as k
 for dt in ("bf16", "fp16", "fp32"):
-    for bk, bh in ((8, 1024), (1, 1024), (16, 512)):
-        cexp = {"BLOCK_K": bk, "BLOCK_H": bh, "USE_PDL": False}
-        sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "constexpr" if n in cexp else "i32"
-               for n in k.arg_names}
+    for bk, bh, delta in ((8, 1024, False), (1, 1024, False), (16, 512, False), (8, 1024, True), (1, 512, True)):
+        cexp = {"BLOCK_K": bk, "BLOCK_H": bh, "HAS_DELTA": delta, "USE_PDL": False}
+        sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "*fp32" if n == "d_ptr" else
+               "constexpr" if n in cexp else "i32" for n in k.arg_names}
         src = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        print("ok", dt, bk, bh)
+        print("ok", dt, bk, bh, delta)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 9
+    assert proc.stdout.count("ok ") == 15

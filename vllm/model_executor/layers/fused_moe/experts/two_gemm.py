@@ -4,6 +4,8 @@
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
 (a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
+At decode sizes on CUDA each LoRA seam runs beside its GEMM on a side stream, into an fp32 delta buffer
+that the activation and the sum add (``lora_overlap``; the same bits as the in-place add).
 
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.modular_kernel import (
     FusedMoEExpertsModular,
@@ -108,16 +111,30 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
         routing = None
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
+        # the LoRA deltas beside the base GEMMs, into fp32 buffers that the activation and the sum add
+        side = lora_runs and lora_overlap.applies(hidden_states.device, pairs, (N, H),
+                                                  lora_context.fully_sharded and lora_context.tp_size > 1)
+        d13 = d2 = None
         if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
                                                   top_k_in=top_k):
             gemm1 = workspace13[: pairs * N].view(pairs, N)
-            self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k, topk_weights=topk_weights,
-                       weighted=False)
-            if lora_runs:
-                routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                              topk_weights=topk_weights, expert_map=expert_map,
-                                              alignment=lora_alignment)
-            moe_activation(activation, gemm1, out=act_out, use_triton=glue)
+
+            def gemm1_run() -> None:
+                self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k,
+                           topk_weights=topk_weights, weighted=False)
+
+            def w13_lora(y: torch.Tensor) -> Any:
+                return self.apply_w13_lora(lora_context, y=y, x=hidden_states, topk_ids=topk_ids,
+                                           topk_weights=topk_weights, expert_map=expert_map, alignment=lora_alignment)
+
+            if side:
+                d13 = lora_overlap.delta_buffer(pairs, N, hidden_states.device)
+                routing = lora_overlap.beside(hidden_states.device, d13, lambda: w13_lora(d13), gemm1_run)
+            else:
+                gemm1_run()
+                if lora_runs:
+                    routing = w13_lora(gemm1)
+            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
         if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,
@@ -126,9 +143,20 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
-        self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
-                   weighted=weighted)
-        if lora_context is not None:
-            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
+
+        def gemm2_run() -> None:
+            self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
+                       weighted=weighted)
+
+        def w2_lora(y: torch.Tensor) -> None:
+            self.apply_w2_lora(lora_context, y=y, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue)
+
+        if side and routing is not None:
+            d2 = lora_overlap.delta_buffer(pairs, H, hidden_states.device)
+            lora_overlap.beside(hidden_states.device, d2, lambda: w2_lora(d2), gemm2_run)
+        else:
+            gemm2_run()
+            if lora_context is not None:
+                w2_lora(gemm2)
+        moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue, delta=None if d2 is None else d2.view(M, top_k, H))

@@ -41,6 +41,16 @@ def gated_act(gate, up, alpha, limit, ACT: tl.constexpr):
 
 
 @triton.jit
+def _input(x_row, d_row, cols, stride_xn, stride_dn, ok, HAS_DELTA: tl.constexpr):
+    """fp32 x[row, cols], or x + delta rounded to x's dtype first: the bits of adding the delta into x in place."""
+    v = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_row + cols * stride_dn, mask=ok, other=0.0)
+        v = (v.to(tl.float32) + d).to(v.dtype)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _moe_activation_kernel(
     x_ptr,  # [P, W_in]
     out_ptr,  # [P, W_out]: W_in // 2 for gated activations, W_in otherwise
@@ -51,24 +61,28 @@ def _moe_activation_kernel(
     stride_on,
     alpha,
     limit,
+    d_ptr,  # [P, W_in] fp32 delta, read when HAS_DELTA
+    stride_dm,
+    stride_dn,
     ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < W_out
     x_row = x_ptr + row * stride_xm
+    d_row = d_ptr + row * stride_dm
     if ACT == 0 or ACT == 1:  # gate = first half, up = second half
-        gate = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(x_row + (cols + W_out) * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        gate = _input(x_row, d_row, cols, stride_xn, stride_dn, ok, HAS_DELTA)
+        up = _input(x_row, d_row, cols + W_out, stride_xn, stride_dn, ok, HAS_DELTA)
         y = gated_act(gate, up, alpha, limit, ACT)
     elif ACT == 2:  # gpt-oss: interleaved, even = gate, odd = up, clamped
-        gate = tl.load(x_row + (2 * cols) * stride_xn, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(x_row + (2 * cols + 1) * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        gate = _input(x_row, d_row, 2 * cols, stride_xn, stride_dn, ok, HAS_DELTA)
+        up = _input(x_row, d_row, 2 * cols + 1, stride_xn, stride_dn, ok, HAS_DELTA)
         y = gated_act(gate, up, alpha, limit, ACT)
     else:
-        v = tl.load(x_row + cols * stride_xn, mask=ok, other=0.0).to(tl.float32)
+        v = _input(x_row, d_row, cols, stride_xn, stride_dn, ok, HAS_DELTA)
         if ACT == 3:
             y = _silu(v)
         elif ACT == 4:

@@ -80,11 +80,15 @@ def moe_activation(
     out: Optional[torch.Tensor] = None,
     *,
     use_triton: Optional[bool] = None,
+    delta: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Apply ``activation`` to x [P, W] (fp16/bf16/fp32) and return ``out``.
 
     out: optional [P, W // 2] (gated) or [P, W] float tensor, written in place;
         allocated in x.dtype when None.  Any strides for x and out.
+    delta: optional fp32 [P, W] (any strides) added to x first, the sum rounded to x's dtype: the same
+        bits as ``x += delta`` in place (as the LoRA kernels add theirs) and then the activation.  x is
+        not written.
     use_triton: None = Triton on CUDA, torch on CPU.  True on CPU runs the
         Triton kernel in the interpreter (needs TRITON_INTERPRET=1); False
         always takes the torch path.
@@ -102,12 +106,15 @@ def moe_activation(
         raise ValueError(
             f"out must be a float [{P}, {w_out}] tensor on {x.device}, got {tuple(out.shape)} {out.dtype} {out.device}"
         )
+    if delta is not None and (delta.dtype != torch.float32 or delta.shape != x.shape or delta.device != x.device):
+        raise ValueError(f"delta must be fp32 {tuple(x.shape)} on {x.device}, got {delta.dtype} {tuple(delta.shape)} "
+                         f"{delta.device}")
     if use_triton is None:
         use_triton = x.is_cuda
     if use_triton and not x.is_cuda and not triton_interpreting():
         raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
     if not use_triton:
-        out.copy_(moe_activation_torch(act, x))
+        out.copy_(moe_activation_torch(act, x if delta is None else (x.float() + delta).to(x.dtype)))
         return out
     if P == 0 or w_out == 0:
         return out
@@ -116,12 +123,14 @@ def moe_activation(
 
     block_n = min(1024, max(16, 1 << (w_out - 1).bit_length()))
     grid = (P, -(-w_out // block_n))
+    d = x if delta is None else delta  # never read without HAS_DELTA
     _moe_activation_kernel[grid](
         x, out, w_out,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT,
+        d, d.stride(0), d.stride(1),
         ACT=_act_code(act),
-        BLOCK_N=block_n,
+        BLOCK_N=block_n, HAS_DELTA=delta is not None,
         num_warps=4 if block_n <= 512 else 8, **pdl_launch_kwargs(x.device),
     )
     return out

@@ -15,16 +15,22 @@ from vllm.platforms.pdl import pdl_launch_kwargs
 _BLOCK_H = 1024
 
 
-def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = None) -> torch.Tensor:
+def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = None,
+            delta: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write sum(x, dim=1) into ``out`` and return it.  x: [M, top_k, H] float; out: [M, H], any strides.
 
-    use_triton: None = Triton on CUDA, torch elsewhere; True on CPU needs TRITON_INTERPRET=1."""
+    use_triton: None = Triton on CUDA, torch elsewhere; True on CPU needs TRITON_INTERPRET=1.
+    delta: optional fp32 [M, top_k, H] (any strides) added to x first, each sum rounded to x's dtype: the
+    same bits as ``x += delta`` in place (as the LoRA kernels add theirs) and then the sum.  x is not written."""
     if x.dim() != 3 or out.dim() != 2 or tuple(out.shape) != (x.shape[0], x.shape[2]):
         raise ValueError(f"x must be [M, top_k, H] and out [M, H], got {tuple(x.shape)} and {tuple(out.shape)}")
+    if delta is not None and (delta.dtype != torch.float32 or delta.shape != x.shape or delta.device != x.device):
+        raise ValueError(f"delta must be fp32 {tuple(x.shape)} on {x.device}, got {delta.dtype} {tuple(delta.shape)} "
+                         f"{delta.device}")
     if use_triton is None:
         use_triton = x.is_cuda
     if not use_triton:
-        return torch.sum(x, dim=1, out=out)
+        return torch.sum(x if delta is None else (x.float() + delta).to(x.dtype), dim=1, out=out)
     if not x.is_cuda and not triton_interpreting():
         raise ValueError("the Triton moe_sum needs a CUDA tensor or TRITON_INTERPRET=1")
     M, top_k, H = x.shape
@@ -37,6 +43,8 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = 
 
     block_k = next_power_of_2(top_k)
     block_h = min(_BLOCK_H, next_power_of_2(H), max(16, 8192 // block_k))
-    _moe_sum_kernel[(M, -(-H // block_h))](x, out, H, top_k, *x.stride(), *out.stride(), BLOCK_K=block_k,
-                                           BLOCK_H=block_h, **pdl_launch_kwargs(x.device))
+    d = x if delta is None else delta  # never read without HAS_DELTA
+    _moe_sum_kernel[(M, -(-H // block_h))](x, out, H, top_k, *x.stride(), *out.stride(), d, *d.stride(),
+                                           BLOCK_K=block_k, BLOCK_H=block_h, HAS_DELTA=delta is not None,
+                                           **pdl_launch_kwargs(x.device))
     return out
