@@ -229,6 +229,12 @@ class PunicaWrapperBase(StepMapping, ABC):
         rank = max(ctx.w13_lora_a_stacked[0].shape[2], ctx.w2_lora_a_stacked[0].shape[2])
         return self._use_small_batch(num_pairs, ctx.local_num_experts, ctx.max_loras, rank)
 
+    def moe_lora_per_pair(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
+        """Whether this layer's LoRA of ``num_pairs`` pairs takes the per-pair kernels (no (adapter, expert)
+        alignment; their delta is a sum added once to each output element, so it can go to a buffer of its own
+        and join later with the same bits: ``experts/lora_overlap.py``)."""
+        return num_pairs > 0 and self._small_batch(ctx, num_pairs)
+
     def _w13_config(self, ctx: "MoELoRAContext", x: torch.Tensor) -> Optional["MoELoRATileConfig"]:
         lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
         num_pairs = x.shape[0] * ctx.top_k

@@ -112,8 +112,9 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         routing = None
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
         # the LoRA deltas beside the base GEMMs, into fp32 buffers that the activation and the sum add
-        side = lora_runs and lora_overlap.applies(hidden_states.device, pairs, (N, H),
-                                                  lora_context.fully_sharded and lora_context.tp_size > 1)
+        side = lora_runs and lora_overlap.applies(
+            hidden_states.device, pairs, (N, H), per_pair=lora_context.punica_wrapper.moe_lora_per_pair(
+                lora_context, pairs), fully_sharded_tp=lora_context.fully_sharded and lora_context.tp_size > 1)
         d13 = d2 = None
         if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
                                                   top_k_in=top_k):
