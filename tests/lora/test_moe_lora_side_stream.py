@@ -189,3 +189,15 @@ def test_beside_in_a_cuda_graph(M, monkeypatch):
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
         assert torch.equal(out, serial), (step, (out.float() - serial.float()).abs().max())
         assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
+
+
+def test_the_joins_launch_without_pdl(monkeypatch):
+    """A kernel that reads a side stream's delta must not start before that stream ends (no PDL launch): with PDL
+    the H200 read the delta before the side stream had written it (CUDA graph, 64 tokens, Qwen3 widths)."""
+    from vllm.model_executor.layers.fused_moe.ops import activation, moe_sum as moe_sum_mod
+
+    pdl = {"USE_PDL": True, "launch_pdl": True}
+    for mod in (activation, moe_sum_mod):
+        monkeypatch.setattr(mod, "pdl_launch_kwargs", lambda device: dict(pdl))
+        assert mod._launch_kwargs(torch.device("cuda"), None) == pdl
+        assert mod._launch_kwargs(torch.device("cuda"), torch.zeros(1)) == {}

@@ -61,6 +61,13 @@ def _check_gated_width(x: torch.Tensor) -> None:
         raise ValueError(f"gated activation needs an even width, got {x.shape[-1]}")
 
 
+def _launch_kwargs(device: torch.device, delta: Optional[torch.Tensor]) -> dict:
+    """PDL unless a delta joins: the delta comes from another stream (``experts/lora_overlap.py``), and a launch
+    that may start before its stream's previous kernel ends (PDL) was seen on an H200 to read the delta before
+    the side stream had finished writing it; without PDL the launch waits for both streams."""
+    return pdl_launch_kwargs(device) if delta is None else {}
+
+
 def _act_code(act: MoEActivation) -> int:
     from vllm.model_executor.layers.fused_moe.ops import _activation_kernel as k
 
@@ -131,6 +138,6 @@ def moe_activation(
         d, d.stride(0), d.stride(1),
         ACT=_act_code(act),
         BLOCK_N=block_n, HAS_DELTA=delta is not None,
-        num_warps=4 if block_n <= 512 else 8, **pdl_launch_kwargs(x.device),
+        num_warps=4 if block_n <= 512 else 8, **_launch_kwargs(x.device, delta),
     )
     return out

@@ -15,6 +15,11 @@ from vllm.platforms.pdl import pdl_launch_kwargs
 _BLOCK_H = 1024
 
 
+def _launch_kwargs(device: torch.device, delta: Optional[torch.Tensor]) -> dict:
+    """PDL unless a delta joins from another stream (see ``activation._launch_kwargs``)."""
+    return pdl_launch_kwargs(device) if delta is None else {}
+
+
 def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = None,
             delta: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write sum(x, dim=1) into ``out`` and return it.  x: [M, top_k, H] float; out: [M, H], any strides.
@@ -46,5 +51,5 @@ def moe_sum(x: torch.Tensor, out: torch.Tensor, *, use_triton: Optional[bool] = 
     d = x if delta is None else delta  # never read without HAS_DELTA
     _moe_sum_kernel[(M, -(-H // block_h))](x, out, H, top_k, *x.stride(), *out.stride(), d, *d.stride(),
                                            BLOCK_K=block_k, BLOCK_H=block_h, HAS_DELTA=delta is not None,
-                                           **pdl_launch_kwargs(x.device))
+                                           **_launch_kwargs(x.device, delta))
     return out
