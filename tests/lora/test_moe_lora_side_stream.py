@@ -1,9 +1,12 @@
-"""The MoE LoRA deltas beside the base GEMMs (``experts/lora_overlap.py``) give the serial path's bits.
+"""The MoE LoRA deltas in fp32 buffers beside the base GEMMs (``experts/lora_overlap.py``).
 
 The activation and the top-k sum with an fp32 ``delta`` are checked against adding the delta into their
-input in place first (what the LoRA kernels do on the serial path); then whole LoRA layers, side stream
-against serial, bit for bit, and against the fp32 loop reference; on CUDA also inside a CUDA graph.
-On CPU the path runs in order (no second stream), which still checks the buffers, the zeroing and the joins.
+input in place first (what the LoRA kernels do on the in-place path); then whole LoRA layers: side stream
+against in order (bit for bit), against the in-place path (bit for bit on CPU, where the interpreter and torch
+round alike; within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order) and
+against the fp32 loop reference; on CUDA also inside a CUDA graph.  Only the per-pair LoRA path takes the
+buffers; the sorted one stays in place.  On CPU the path runs in order (no second stream), which still checks
+the buffers, the zeroing and the joins.
 """
 import pytest
 import torch
@@ -27,7 +30,7 @@ def _dtypes(device, use_triton):
 
 
 def _in_place(x, delta):
-    """The serial path's seam: x + delta in fp32, rounded into x's dtype."""
+    """The in-place path's seam: x + delta in fp32, rounded into x's dtype."""
     return (x.float() + delta).to(x.dtype)
 
 
@@ -80,13 +83,13 @@ def test_applies_only_to_small_per_pair_steps_off_the_sharded_path(monkeypatch):
         return lora_overlap.applies(device, pairs, widths, per_pair=per_pair, fully_sharded_tp=sharded)
 
     assert applies(cuda, 512, (1536, 2048))
-    assert not applies(cuda, 512, (1536, 2048), per_pair=False)  # the sorted path stays serial
+    assert not applies(cuda, 512, (1536, 2048), per_pair=False)  # the sorted path stays in place
     assert not applies(cuda, 512, (1536, 2048), sharded=True)  # fully sharded: collectives inside
     assert not applies(cuda, 0, (1536, 2048))
     assert not applies(cuda, 16384, (1536, 2048))  # 128 MiB of fp32 deltas
     assert not applies(torch.device("cpu"), 8, (64, 64))
     monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-    assert not applies(cuda, 8, (64, 64))
+    assert applies(cuda, 8, (64, 64))  # the buffers stay (the same bits), only the second stream goes
 
 
 @pytest.fixture(params=["sorted", "small_batch"])
@@ -104,20 +107,31 @@ def _harness(backend, dtype, device, activation="silu", **kw):
     return h
 
 
-def _both_paths(h, x, logits, slots, monkeypatch):
+def _three_paths(h, x, logits, slots, monkeypatch):
+    """The buffers beside the GEMMs, the buffers in order, the in-place path."""
     monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
-    beside = h.forward(x, logits, slots)
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-    serial = h.forward(x, logits, slots)
-    return beside, serial
+    out = []
+    for side in (True, False):
+        monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", side)
+        out.append(h.forward(x, logits, slots))
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ())
+    out.append(h.forward(x, logits, slots))
+    return out
+
+
+def _check_paths(beside, in_order, in_place, dtype):
+    assert torch.equal(beside, in_order), (beside.float() - in_order.float()).abs().max()
+    if beside.is_cuda:
+        assert_close(beside.float(), in_place.float(), dtype)
+    else:
+        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
                                            ("triton", torch.float32), ("triton", torch.float16),
                                            ("triton", torch.bfloat16)])
 @pytest.mark.parametrize("activation", ["silu", "swigluoai"])
-def test_layer_beside_equals_serial(backend, dtype, activation, lora_path, device, monkeypatch):
+def test_layer_beside_equals_in_order_and_in_place(backend, dtype, activation, lora_path, device, monkeypatch):
     if backend == "torch" and lora_path != "small_batch":
         pytest.skip("the torch wrapper has one path (per pair)")
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
@@ -129,12 +143,12 @@ def test_layer_beside_equals_serial(backend, dtype, activation, lora_path, devic
     for M in (1, 9):
         x, logits = h.inputs(M, empty=M > 1)
         slots = pick_slots(M, 3, "mixed", seed=M)  # slot 1 is empty: its tokens get the base only
-        beside, serial = _both_paths(h, x, logits, slots, monkeypatch)
-        assert torch.equal(beside, serial), (M, (beside.float() - serial.float()).abs().max())
+        beside, in_order, in_place = _three_paths(h, x, logits, slots, monkeypatch)
+        _check_paths(beside, in_order, in_place, dtype)
         assert_close(beside.float().cpu(), h.reference(x, logits, slots), dtype)
-    # two seams, two steps on the per-pair path; the sorted path stays serial (its w2 kernel may round
+    # two seams, two steps on the per-pair path; the sorted path stays in place (its w2 kernel may round
     # out + delta * weight once, which a separate buffer cannot repeat)
-    assert len(calls) == (4 if lora_path == "small_batch" else 0)
+    assert len(calls) == (8 if lora_path == "small_batch" else 0)  # (beside, in order) x two seams x two steps
 
 
 def test_layer_beside_with_an_expert_map(device, monkeypatch):
@@ -146,17 +160,18 @@ def test_layer_beside_with_an_expert_map(device, monkeypatch):
             h.load(s, ad)
     x, logits = hs[0].inputs(7, empty=False)
     slots = pick_slots(7, 3, "mixed")
-    pairs = [_both_paths(h, x, logits, slots, monkeypatch) for h in hs]
-    for beside, serial in pairs:
-        assert torch.equal(beside, serial)
-    assert_close(sum(b for b, _ in pairs).cpu(), hs[0].reference(x, logits, slots), torch.float32)
+    outs = [_three_paths(h, x, logits, slots, monkeypatch) for h in hs]
+    for beside, in_order, in_place in outs:
+        _check_paths(beside, in_order, in_place, torch.float32)
+    assert_close(sum(o[0] for o in outs).cpu(), hs[0].reference(x, logits, slots), torch.float32)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_beside_in_a_cuda_graph(M, monkeypatch):
     """Qwen3-30B-A3B's widths (64 of its experts): captured with both streams, replayed with new inputs in the
-    same buffers, the serial path's bits.  1 token runs the one-launch pair kernel, 16 and 64 the two launches."""
+    same buffers, the bits of the buffers in order, eager.  1 token runs the one-launch pair kernel, 16 and 64 the
+    two launches."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
@@ -185,15 +200,14 @@ def test_beside_in_a_cuda_graph(M, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-        serial = h.forward(x, logits, slots)
+        in_order = h.forward(x, logits, slots)
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
-        assert torch.equal(out, serial), (step, (out.float() - serial.float()).abs().max())
+        assert torch.equal(out, in_order), (step, (out.float() - in_order.float()).abs().max())
         assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
 
 
 def test_the_joins_launch_without_pdl(monkeypatch):
-    """A kernel that reads a side stream's delta must not start before that stream ends (no PDL launch): with PDL
-    the H200 read the delta before the side stream had written it (CUDA graph, 64 tokens, Qwen3 widths)."""
+    """A kernel that reads a side stream's delta must not start before that stream ends: no PDL launch there."""
     from vllm.model_executor.layers.fused_moe.ops import activation, moe_sum as moe_sum_mod
 
     pdl = {"USE_PDL": True, "launch_pdl": True}

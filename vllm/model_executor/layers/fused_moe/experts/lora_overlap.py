@@ -1,21 +1,23 @@
-"""The MoE LoRA deltas on a second CUDA stream, beside the base GEMMs.
+"""The MoE LoRA deltas in fp32 buffers of their own, computed on a second CUDA stream beside the base GEMMs.
 
-On the serial path each LoRA seam adds its delta into the GEMM's output in place, after the GEMM: a
+On the in-place path each LoRA seam adds its delta into the GEMM's output, after the GEMM: a
 read-modify-write that must wait for it, so at decode the layer's time is the GEMMs' plus the LoRA
-kernels' (mostly launch latency and dependent loads).  Here each seam writes its delta into an fp32
-buffer of its own, on a side stream, while the base GEMM runs on the current one; the buffer joins
-where the GEMM output is read next: the activation (w13, ``moe_activation(delta=)``) and the top-k sum
-(w2, ``moe_sum(delta=)``).
+kernels' (mostly launch latency and dependent loads).  Here each seam writes its delta into a zeroed
+fp32 buffer of its own (0 + d = d), on a side stream while the base GEMM runs on the current one
+(``LORA_SIDE_STREAM``; in order without it), and the buffer joins where the GEMM output is read
+next: the activation (w13, ``moe_activation(delta=)``) and the top-k sum (w2, ``moe_sum(delta=)``),
+which round ``x + delta`` to x's dtype first, as the in-place add does.
 
-Bits: the buffer is zeroed and the LoRA kernels add their fp32 delta to it (0 + d = d), and the
-activation and the sum round ``x + delta`` to x's dtype before using it: the same bits as the serial
-path's in-place add (the sign of a zero aside), so the two paths give the same tokens.
+Bits: the side stream changes nothing (the same kernels on the same buffers, in another order).
+Against the in-place path the math is the same, but the LoRA kernels are compiled for an fp32 output
+instead of the activation dtype, and on an H200 that changed their reduction order at Qwen3-30B-A3B's
+widths at 64 tokens (one bf16 unit in the last place on some outputs); the interpreter gives equal bits.
 
 CUDA graphs capture both streams (the side stream forks from the current one by an event and is
-joined back by another); nothing synchronises with the host.  Used where the LoRA takes the per-pair
-kernels (decode-sized steps; see ``applies``) and the delta buffers are small (``MAX_DELTA_BYTES``), not
-on the fully-sharded tensor-parallel path (its collectives stay on the current stream);
-``LORA_SIDE_STREAM`` switches it off.
+joined back by another); the joining launches wait for both streams (no PDL); nothing synchronises
+with the host.  Used where the LoRA takes the per-pair kernels (decode-sized steps; see ``applies``)
+and the delta buffers are small (``MAX_DELTA_BYTES``), not on the fully-sharded tensor-parallel path
+(its collectives stay in order on the current stream).
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from typing import Callable, TypeVar
 
 import torch
 
-#: run the MoE LoRA deltas beside the base GEMMs where ``applies`` says so
+#: compute the delta buffers on a side stream, beside the base GEMMs (False: in order on the current stream)
 LORA_SIDE_STREAM = True
-#: the largest fp32 delta buffer (pairs x the wider of GEMM1's and GEMM2's outputs x 4 bytes) that takes the side
-#: stream; decode steps are far below it (Qwen3-30B-A3B, 64 tokens: 3 MiB; Mixtral-8x7B, 64 tokens: 14 MiB)
+#: the largest fp32 delta buffer (pairs x the wider of GEMM1's and GEMM2's outputs x 4 bytes) of the path; decode
+#: steps are far below it (Qwen3-30B-A3B, 64 tokens: 3 MiB; Mixtral-8x7B, 64 tokens: 14 MiB)
 MAX_DELTA_BYTES = 64 << 20
-#: device types that take the path; CPU has no second stream, so there it runs in order (tests add "cpu")
+#: device types that take the path; a CPU has no second stream (tests add "cpu": the buffers, in order)
 DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 _T = TypeVar("_T")
@@ -38,11 +40,11 @@ _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 def applies(device: torch.device, pairs: int, widths: tuple[int, int], *, per_pair: bool,
             fully_sharded_tp: bool) -> bool:
     """Whether a MoE forward with LoRA on ``device`` with ``pairs`` (token, expert) pairs and GEMM outputs of
-    ``widths`` columns takes the side stream (decided from shapes and host state only: graph-safe).
+    ``widths`` columns takes the delta buffers (decided from shapes and host state only: graph-safe).
     ``per_pair``: the LoRA takes the per-pair kernels (``PunicaWrapper.moe_lora_per_pair``).  The sorted path
-    stays serial: it was slower beside the GEMMs (H200, Qwen3-30B-A3B at 256 tokens: 408 -> 437 us), and its
+    stays in place: it was slower beside the GEMMs (H200, Qwen3-30B-A3B at 256 tokens: 408 -> 437 us), and its
     w2 kernel may fuse ``out + delta * router weight`` into one rounding, which a separate buffer cannot repeat."""
-    return (LORA_SIDE_STREAM and per_pair and device.type in DEVICE_TYPES and not fully_sharded_tp and pairs > 0
+    return (per_pair and device.type in DEVICE_TYPES and not fully_sharded_tp and pairs > 0
             and pairs * max(widths) * 4 <= MAX_DELTA_BYTES)
 
 
@@ -63,8 +65,8 @@ def delta_buffer(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 def beside(device: torch.device, delta: torch.Tensor, side: Callable[[], _T], main: Callable[[], None]) -> _T:
     """Zero ``delta`` and run ``side()`` (the LoRA seam writing into it) on the side stream while ``main()`` (the
     base GEMM) runs on the current stream; the current stream then waits for both.  Returns what ``side`` returns.
-    On a device without streams (CPU) the two run one after the other."""
-    if device.type != "cuda":
+    Without ``LORA_SIDE_STREAM``, or on a device without streams (CPU), the two run one after the other."""
+    if device.type != "cuda" or not LORA_SIDE_STREAM:
         delta.zero_()
         out = side()
         main()

@@ -4,8 +4,8 @@
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
 (a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
-At decode sizes on CUDA each LoRA seam runs beside its GEMM on a side stream, into an fp32 delta buffer
-that the activation and the sum add (``lora_overlap``; the same bits as the in-place add).
+At decode sizes on CUDA each LoRA seam writes an fp32 delta buffer instead, on a side stream beside its GEMM,
+and the activation and the sum add it (``lora_overlap``).
 
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
@@ -111,8 +111,8 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
         routing = None
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
-        # the LoRA deltas beside the base GEMMs, into fp32 buffers that the activation and the sum add
-        side = lora_runs and lora_overlap.applies(
+        # the LoRA deltas into fp32 buffers (beside the base GEMMs) that the activation and the sum add
+        deltas = lora_runs and lora_overlap.applies(
             hidden_states.device, pairs, (N, H), per_pair=lora_context.punica_wrapper.moe_lora_per_pair(
                 lora_context, pairs), fully_sharded_tp=lora_context.fully_sharded and lora_context.tp_size > 1)
         d13 = d2 = None
@@ -128,7 +128,7 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                 return self.apply_w13_lora(lora_context, y=y, x=hidden_states, topk_ids=topk_ids,
                                            topk_weights=topk_weights, expert_map=expert_map, alignment=lora_alignment)
 
-            if side:
+            if deltas:
                 d13 = lora_overlap.delta_buffer(pairs, N, hidden_states.device)
                 routing = lora_overlap.beside(hidden_states.device, d13, lambda: w13_lora(d13), gemm1_run)
             else:
@@ -153,7 +153,7 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             self.apply_w2_lora(lora_context, y=y, x=act_out, routing=routing, topk_ids=topk_ids,
                                topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
 
-        if side and routing is not None:
+        if deltas and routing is not None:
             d2 = lora_overlap.delta_buffer(pairs, H, hidden_states.device)
             lora_overlap.beside(hidden_states.device, d2, lambda: w2_lora(d2), gemm2_run)
         else:

@@ -62,9 +62,9 @@ def _check_gated_width(x: torch.Tensor) -> None:
 
 
 def _launch_kwargs(device: torch.device, delta: Optional[torch.Tensor]) -> dict:
-    """PDL unless a delta joins: the delta comes from another stream (``experts/lora_overlap.py``), and a launch
-    that may start before its stream's previous kernel ends (PDL) was seen on an H200 to read the delta before
-    the side stream had finished writing it; without PDL the launch waits for both streams."""
+    """PDL unless a delta joins: the delta comes from another stream (``experts/lora_overlap.py``), and whether a
+    launch that may start before its stream's previous kernel ends (PDL) still waits for an event from another
+    stream is not something CUDA documents; without PDL it waits for both streams."""
     return pdl_launch_kwargs(device) if delta is None else {}
 
 
