@@ -1,0 +1,40 @@
+"""benchmarks/decode_variants.py: the decode A/B flips one switch from its shipped default and puts every switch
+back before the next case (a switch left flipped would silently time the wrong build)."""
+import importlib
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+import decode_variants as dv  # noqa: E402
+
+
+@pytest.fixture
+def restore():
+    mods = {flag: importlib.import_module(mod) for flag, (mod, _) in dv.TOGGLES.items()}
+    before = {flag: getattr(mods[flag], name) for flag, (_, name) in dv.TOGGLES.items()}
+    yield mods
+    dv.shipped_switches()
+    for flag, (_, name) in dv.TOGGLES.items():
+        setattr(mods[flag], name, before[flag])
+
+
+def _state(mods):
+    return {flag: bool(getattr(mods[flag], name)) for flag, (_, name) in dv.TOGGLES.items()} | {
+        "fanout": dv.pair_fanout_on()}
+
+
+def test_each_flip_changes_one_switch_and_shipped_restores_all(restore):
+    dv.shipped_switches()
+    shipped = _state(restore)
+    for flag in [*dv.TOGGLES, "moe-lora-pair-fanout"]:
+        said = dv.flip_switch(flag)
+        now = _state(restore)
+        key = "fanout" if flag == "moe-lora-pair-fanout" else flag
+        assert now[key] != shipped[key], said
+        assert {k: v for k, v in now.items() if k != key} == {k: v for k, v in shipped.items() if k != key}
+        assert said.endswith("on" if now[key] else "off")
+    dv.shipped_switches()
+    assert _state(restore) == shipped
