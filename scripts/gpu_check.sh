@@ -66,11 +66,15 @@
 #           default at Mixtral-8x7B's widths since the nineteenth):
 #           its cuda tests, then benchmark_moe_lora.py (PAIRSPLIT_SHAPES, default mixtral; PAIRSPLIT_TOKENS) with
 #           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
+#   sidestream the MoE LoRA deltas in fp32 buffers on a side stream beside the base GEMMs (experts/lora_overlap.py,
+#           on by default since the twenty-third session): its cuda tests and the engine's CUDA-graph tests, then
+#           benchmark_moe_lora.py --lora-side-stream 0 / 1 (SIDE_TOKENS) and decode_switch_ab.py flipping it, with
+#           LoRA (SIDE_BATCHES); only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
 # Logs and tables go to $OUT (default ./out). Wheels in .whl/ (gitignored; the device tool's carry) are
-# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|w4dequant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|all]...
+# installed first, without dependencies.  Usage: bash scripts/gpu_check.sh [tests|bench|lora|quant|w4dequant|fused|decode|tune|verify|variants|moeprof|int4swap|densegemv|fusions|pdl4bit|int4mma|mxfp4mma|w4flags|pairsplit|sidestream|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
@@ -318,6 +322,21 @@ if [[ " $steps " == *" pairsplit "* ]]; then
       --reps 30 --pair-kernel $v >"$OUT/pairsplit_int4_$v.log" 2>&1
     echo "== int4, --pair-kernel $v"; grep "^| \|rror" "$OUT/pairsplit_int4_$v.log" | tail -3
   done
+fi
+if [[ " $steps " == *" sidestream "* ]]; then
+  pytest tests/lora/test_moe_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py tests/worker/test_cuda_graphs.py \
+    tests/worker/test_lora_graph_layer_set.py >"$OUT/sidestream_pytest.log" 2>&1
+  prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/sidestream_pytest.log" | head -20; tail -2 "$OUT/sidestream_pytest.log"
+  rc=$(( rc || prc ))
+  for v in 0 1; do
+    timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 gpt-oss mixtral \
+      --tokens ${SIDE_TOKENS:-1 4 16 64 128} --ranks 16 --reps 40 --w13-layout fused --lora-side-stream $v \
+      >"$OUT/sidestream_$v.log" 2>&1
+    echo "== --lora-side-stream $v"; grep "^| [QMg]\|rror" "$OUT/sidestream_$v.log" | cut -d'|' -f2-4,8-10
+  done
+  timeout "${SIDE_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
+    --switches moe-lora-side-stream --lora --out "$OUT/sidestream_ab.md" >"$OUT/sidestream_ab.log" 2>&1
+  r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/sidestream_ab.md"; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
   pytest tests/kernels/test_dense_gemv.py >"$OUT/pytest_densegemv.log" 2>&1
