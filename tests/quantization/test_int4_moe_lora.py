@@ -129,3 +129,41 @@ def test_int4_moe_lora_split_k_path(monkeypatch, device):
     out = layer(x, logits)
     assert seen and not any("epilogue_activation" in kw or "epilogue_top_k" in kw for kw in seen)
     assert_close(out.cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [5, 9])  # _inputs routes to every expert but one
+def test_marlin_lora_deltas_beside(dtype, M, monkeypatch, device):
+    """MarlinExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by default
+    until timed on a GPU): the side stream changes no bits, and against the in-place seams the output is the same
+    bits on CPU (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
+    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
+    from vllm.model_executor.layers.fused_moe.experts.marlin_experts import MarlinExperts
+
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
+    E, top_k, H, I, group = 8, 2, 64, 32, 16
+    gen = torch.Generator().manual_seed(20 + M)
+    ex = random_int4_experts(E, H, I, "silu", group, "asym", gen)
+    layer, punica = _lora_layer(ex, top_k, "silu", group, "asym", dtype, device, "marlin", max_loras=2, rank=16)
+    adapters = {s: random_adapter(E, H, I, r, "silu", gen) for s, r in enumerate([16, 8])}
+    for s, ad in adapters.items():
+        layer.set_lora(s, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
+    x, logits = _inputs(M, E, H, top_k, dtype, device, gen)
+    slots = pick_slots(M, 2, "mixed", seed=M)
+    punica.update_metadata(slots)
+    in_place = layer(x, logits)
+    calls = []
+    real = lora_overlap.beside
+    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(MarlinExperts, "lora_deltas_beside", True)
+    beside = layer(x, logits)
+    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
+    in_order = layer(x, logits)
+    assert len(calls) == 4  # both seams, twice
+    assert torch.equal(beside, in_order)
+    if device.type == "cpu":
+        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
+    else:
+        assert_close(beside.float(), in_place.float(), dtype)
+    assert_close(beside.float().cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), dtype)

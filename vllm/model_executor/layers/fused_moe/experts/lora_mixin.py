@@ -9,12 +9,18 @@ its own ``apply``, calls:
 
 The helpers hand the context itself to the Punica wrapper, which reads the fields it
 needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
+
+``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
+GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
+on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
+
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -69,3 +75,49 @@ class MoELoRAExpertsMixin:
             return
         ctx.punica_wrapper.add_lora_w2(y, x, ctx, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
                                        mul_routed_weight=mul_routed_weight, expert_map=expert_map)
+
+    #: whether this class's pipeline may take the fp32 delta buffers beside its GEMMs (``lora_deltas``)
+    lora_deltas_beside: bool = True
+
+    def lora_deltas(self, ctx: Optional["MoELoRAContext"], x: torch.Tensor, pairs: int, widths: tuple[int, int]) -> bool:
+        """Whether this forward's LoRA seams write fp32 delta buffers beside the GEMMs (``lora_overlap.applies``:
+        the per-pair LoRA path, small buffers, not fully sharded); ``widths``: GEMM1's and GEMM2's output columns."""
+        if not self.lora_deltas_beside or ctx is None or not self.lora_runs(ctx):
+            return False
+        return lora_overlap.applies(x.device, pairs, widths, per_pair=ctx.punica_wrapper.moe_lora_per_pair(ctx, pairs),
+                                    fully_sharded_tp=ctx.fully_sharded and ctx.tp_size > 1)
+
+    def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
+                        y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
+                        ) -> tuple[Optional["MoELoRARouting"], Optional[torch.Tensor]]:
+        """``gemm()`` (GEMM1, writing y [pairs, N]) and the w13 seam: (the routing for the w2 seam, the fp32 delta
+        buffer for ``moe_activation`` or None when the delta went into y in place)."""
+        def seam(out: torch.Tensor) -> Optional["MoELoRARouting"]:
+            return self.apply_w13_lora(ctx, y=out, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
+                                       expert_map=expert_map, alignment=alignment)
+
+        if deltas:
+            delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
+            return lora_overlap.beside(x.device, delta, lambda: seam(delta), gemm), delta
+        gemm()
+        return (seam(y) if ctx is not None else None), None  # apply_w13_lora: None when no adapter runs
+
+    def gemm2_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
+                        y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"], topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                        mul_routed_weight: bool) -> Optional[torch.Tensor]:
+        """``gemm()`` (GEMM2, writing y [pairs, H]) and the w2 seam: the fp32 delta buffer for ``moe_sum``, or None
+        when the delta (if any) went into y in place."""
+        def seam(out: torch.Tensor) -> None:
+            self.apply_w2_lora(ctx, y=out, x=x, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
+                               expert_map=expert_map, mul_routed_weight=mul_routed_weight)
+
+        if deltas and routing is not None:
+            delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
+            lora_overlap.beside(x.device, delta, lambda: seam(delta), gemm)
+            return delta
+        gemm()
+        if ctx is not None:
+            seam(y)
+        return None

@@ -45,6 +45,10 @@ class MarlinExperts(Int4ExpertsBase):
     """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum;
     at large batches the same pipeline with dequantise + bf16 GEMMs (``_route`` / ``_gemm``)."""
 
+    #: the LoRA deltas in fp32 buffers beside the int4 GEMMs (``lora_overlap``): off until its cuda tests and the
+    #: int4 layer's A/B have run on a GPU (``gpu_check.sh sidestream``)
+    lora_deltas_beside = False
+
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
         return Support.triton_on(device)
@@ -108,17 +112,17 @@ class MarlinExperts(Int4ExpertsBase):
         route["may_drop_pairs"] = expert_map is not None  # only an expert map sends pairs to -1
         act_n = N // 2 if activation.is_gated else N
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
-        routing = None
+        routing = d13 = None
+        deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))  # off: lora_deltas_beside
         if lora_context is None and splits[0] > 1 and activation is not MoEActivation.SWIGLUOAI:
             # split K: the reduction of the splits applies the activation (one launch fewer)
             gemm(1, hidden_states, act_out, top_k_in=top_k, epilogue_activation=activation, **route)
         else:
             gemm1 = workspace13[: pairs * N].view(pairs, N)
-            gemm(1, hidden_states, gemm1, top_k_in=top_k, **route)
-            if lora_context is not None:
-                routing = self.apply_w13_lora(lora_context, y=gemm1, x=hidden_states, topk_ids=topk_ids,
-                                              topk_weights=topk_weights, expert_map=expert_map)
-            moe_activation(activation, gemm1, out=act_out)
+            routing, d13 = self.gemm1_with_lora(
+                lora_context, lambda: gemm(1, hidden_states, gemm1, top_k_in=top_k, **route), deltas=deltas,
+                y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights, expert_map=expert_map)
+            moe_activation(activation, gemm1, out=act_out, delta=d13)
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)
@@ -129,11 +133,12 @@ class MarlinExperts(Int4ExpertsBase):
             return
         if expert_map is not None and splits[1] == 1:
             gemm2.zero_()  # pairs routed to other ranks' experts are never written by the kernel
-        gemm(2, act_out, gemm2, top_k_in=1, topk_weights=topk_weights, mul_routed_weight=weighted, **route)
-        if lora_context is not None:
-            self.apply_w2_lora(lora_context, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids,
-                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-        moe_sum(gemm2.view(M, top_k, H), output)  # one Triton launch on CUDA
+        d2 = self.gemm2_with_lora(
+            lora_context, lambda: gemm(2, act_out, gemm2, top_k_in=1, topk_weights=topk_weights,
+                                       mul_routed_weight=weighted, **route),
+            deltas=deltas, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
+            expert_map=expert_map, mul_routed_weight=weighted)
+        moe_sum(gemm2.view(M, top_k, H), output, delta=None if d2 is None else d2.view(M, top_k, H))
 
     def _mma_plan(self, pairs: int, num_experts: int, unsorted: bool, device: torch.device) -> Optional[MmaPlan]:
         """The tensor-core kernel's launch plan when the weights were repacked for it at load (``VLLM_INT4_MMA``,

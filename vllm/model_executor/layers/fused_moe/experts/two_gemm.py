@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
-from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.experts.lora_mixin import MoELoRAExpertsMixin
 from vllm.model_executor.layers.fused_moe.modular_kernel import (
     FusedMoEExpertsModular,
@@ -109,32 +108,17 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                                                            lora_context)
 
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
-        routing = None
+        routing = d13 = None
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
-        # the LoRA deltas into fp32 buffers (beside the base GEMMs) that the activation and the sum add
-        deltas = lora_runs and lora_overlap.applies(
-            hidden_states.device, pairs, (N, H), per_pair=lora_context.punica_wrapper.moe_lora_per_pair(
-                lora_context, pairs), fully_sharded_tp=lora_context.fully_sharded and lora_context.tp_size > 1)
-        d13 = d2 = None
+        deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))  # fp32 buffers beside the GEMMs
         if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
                                                   top_k_in=top_k):
             gemm1 = workspace13[: pairs * N].view(pairs, N)
-
-            def gemm1_run() -> None:
-                self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k,
-                           topk_weights=topk_weights, weighted=False)
-
-            def w13_lora(y: torch.Tensor) -> Any:
-                return self.apply_w13_lora(lora_context, y=y, x=hidden_states, topk_ids=topk_ids,
-                                           topk_weights=topk_weights, expert_map=expert_map, alignment=lora_alignment)
-
-            if deltas:
-                d13 = lora_overlap.delta_buffer(pairs, N, hidden_states.device)
-                routing = lora_overlap.beside(hidden_states.device, d13, lambda: w13_lora(d13), gemm1_run)
-            else:
-                gemm1_run()
-                if lora_runs:
-                    routing = w13_lora(gemm1)
+            routing, d13 = self.gemm1_with_lora(
+                lora_context, lambda: self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k,
+                                                 topk_weights=topk_weights, weighted=False),
+                deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
+                expert_map=expert_map, alignment=lora_alignment)
             moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
@@ -144,20 +128,9 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
-
-        def gemm2_run() -> None:
-            self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1, topk_weights=topk_weights,
-                       weighted=weighted)
-
-        def w2_lora(y: torch.Tensor) -> None:
-            self.apply_w2_lora(lora_context, y=y, x=act_out, routing=routing, topk_ids=topk_ids,
-                               topk_weights=topk_weights, expert_map=expert_map, mul_routed_weight=weighted)
-
-        if deltas and routing is not None:
-            d2 = lora_overlap.delta_buffer(pairs, H, hidden_states.device)
-            lora_overlap.beside(hidden_states.device, d2, lambda: w2_lora(d2), gemm2_run)
-        else:
-            gemm2_run()
-            if lora_context is not None:
-                w2_lora(gemm2)
+        d2 = self.gemm2_with_lora(
+            lora_context, lambda: self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1,
+                                             topk_weights=topk_weights, weighted=weighted),
+            deltas=deltas, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
+            expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue, delta=None if d2 is None else d2.view(M, top_k, H))
