@@ -90,6 +90,9 @@ def parse_args() -> argparse.Namespace:
                         "rows (3: split by code position; 4 / 5: the operands swapped, 16-bit / tf32 dots)")
     p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1, 2],
                    help="fused_moe_lora.PAIR_KERNEL: the LoRA small-batch path's kernel (2: two launches)")
+    p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
+                   help="MarlinExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers on a side stream "
+                        "beside the int4 GEMMs (experts/lora_overlap.py), 0 = in place after them")
     return p.parse_args()
 
 
@@ -279,6 +282,10 @@ def main() -> None:
         import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as int4_gemm
 
         int4_gemm.DECODE_UNPACK = args.decode_unpack
+    if args.lora_deltas is not None:
+        from vllm.model_executor.layers.fused_moe.experts.marlin_experts import MarlinExperts
+
+        MarlinExperts.lora_deltas_beside = bool(args.lora_deltas)
     if args.pair_kernel is not None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 
