@@ -68,9 +68,9 @@
 #           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
 #   sidestream the MoE LoRA deltas in fp32 buffers on a side stream beside the base GEMMs (experts/lora_overlap.py,
 #           on by default since the twenty-third session): its cuda tests and the engine's CUDA-graph tests, then
-#           benchmark_moe_lora.py --lora-side-stream 0 / 1 (SIDE_TOKENS), benchmark_moe_int4.py --lora-deltas 0 / 1
-#           (MarlinExperts, off until then) and decode_switch_ab.py flipping it, with LoRA (SIDE_BATCHES); only when
-#           named
+#           benchmark_moe_lora.py --lora-side-stream 0 / 1 (SIDE_TOKENS), benchmark_moe_int4.py and _mxfp4.py
+#           --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts: off until then) and decode_switch_ab.py
+#           flipping it, with LoRA (SIDE_BATCHES); only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
@@ -339,6 +339,9 @@ if [[ " $steps " == *" sidestream "* ]]; then
     timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
       --tokens 1 4 16 64 --reps 30 --lora-deltas $v >"$OUT/sidestream_int4_$v.log" 2>&1
     echo "== int4 --lora-deltas $v"; grep "^| [QM]\|rror" "$OUT/sidestream_int4_$v.log" | tail -10
+    timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_mxfp4.py --shapes 20b \
+      --tokens 1 4 16 64 --reps 30 --lora-deltas $v >"$OUT/sidestream_mxfp4_$v.log" 2>&1
+    echo "== MXFP4 --lora-deltas $v"; grep "^| g\|rror" "$OUT/sidestream_mxfp4_$v.log" | tail -6
   done
   timeout "${SIDE_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
     --switches moe-lora-side-stream --lora --out "$OUT/sidestream_ab.md" >"$OUT/sidestream_ab.log" 2>&1

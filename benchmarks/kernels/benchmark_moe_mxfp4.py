@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also list the kernels of the base and LoRA calls per token count (torch.profiler, eager)")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
+                   help="UnfusedOAITritonExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers beside the GEMMs")
     return p.parse_args()
 
 
@@ -336,6 +338,10 @@ def main() -> None:
     args = parse_args()
     device = pick_device(args.smoke)
     has_cuda = device.type == "cuda"
+    if args.lora_deltas is not None:
+        from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
+
+        UnfusedOAITritonExperts.lora_deltas_beside = bool(args.lora_deltas)
     if args.portable_decode:
         from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm
 

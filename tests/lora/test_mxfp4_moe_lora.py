@@ -91,3 +91,36 @@ def test_mxfp4_lora_expert_parallel_ranks_sum(backend, device):
     slots = pick_slots(M, 1, "mixed", seed=2)
     total = sum(h.forward(x, logits, slots) for h in hs)
     assert_close(total.cpu(), full.reference(x, logits, slots), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 7])
+def test_mxfp4_lora_deltas_beside(dtype, M, monkeypatch, device):
+    """UnfusedOAITritonExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by
+    default until timed on a GPU): the side stream changes no bits; against the in-place seams the same bits on CPU
+    (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
+    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
+    from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
+
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
+    h = Mxfp4Harness(E=8, top_k=2, H=64, I=32, dtype=dtype, device=device, backend="triton", max_loras=2, seed=30 + M)
+    h.load(0, h.new_adapter(rank=16))
+    h.load(1, h.new_adapter(rank=8))
+    x, logits = h.inputs(M, empty=M > 1)
+    slots = [1] if M == 1 else pick_slots(M, 2, "mixed", seed=M)
+    in_place = h.forward(x, logits, slots)
+    calls = []
+    real = lora_overlap.beside
+    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(UnfusedOAITritonExperts, "lora_deltas_beside", True)
+    beside = h.forward(x, logits, slots)
+    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
+    in_order = h.forward(x, logits, slots)
+    assert len(calls) == 4  # both seams, twice
+    assert torch.equal(beside, in_order)
+    if device.type == "cpu":
+        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
+    else:
+        assert_close(beside.float(), in_place.float(), dtype)
+    assert_close(beside.float().cpu(), h.reference(x, logits, slots), dtype)
