@@ -87,7 +87,8 @@ def parse_args() -> argparse.Namespace:
                    help="also list the kernels of the base and LoRA calls per token count (torch.profiler, eager)")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
-                   help="UnfusedOAITritonExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers beside the GEMMs")
+                   help="UnfusedOAITritonExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers beside "
+                        "the GEMMs, 0 = in place after them")
     return p.parse_args()
 
 

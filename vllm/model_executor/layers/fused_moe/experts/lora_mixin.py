@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 
 class MoELoRAExpertsMixin:
+    #: whether this class's pipeline may take the fp32 delta buffers beside its GEMMs (``lora_deltas``)
+    lora_deltas_beside: bool = True
+
     @classmethod
     def supports_lora(cls) -> bool:
         return True
@@ -76,10 +79,8 @@ class MoELoRAExpertsMixin:
         ctx.punica_wrapper.add_lora_w2(y, x, ctx, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
                                        mul_routed_weight=mul_routed_weight, expert_map=expert_map)
 
-    #: whether this class's pipeline may take the fp32 delta buffers beside its GEMMs (``lora_deltas``)
-    lora_deltas_beside: bool = True
-
-    def lora_deltas(self, ctx: Optional["MoELoRAContext"], x: torch.Tensor, pairs: int, widths: tuple[int, int]) -> bool:
+    def lora_deltas(self, ctx: Optional["MoELoRAContext"], x: torch.Tensor, pairs: int,
+                    widths: tuple[int, int]) -> bool:
         """Whether this forward's LoRA seams write fp32 delta buffers beside the GEMMs (``lora_overlap.applies``:
         the per-pair LoRA path, small buffers, not fully sharded); ``widths``: GEMM1's and GEMM2's output columns."""
         if not self.lora_deltas_beside or ctx is None or not self.lora_runs(ctx):
