@@ -51,8 +51,8 @@ if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTH
 
 import benchmarks.kernels.benchmark_moe_lora as lb  # noqa: E402  (timing, reference, inputs: shared)
 from benchmarks.kernels.int4_sweep import UNPACK_VARIANTS, sweep, write_tuned  # noqa: E402
-from benchmarks.kernels.moe_dequant_paths import (DEQUANT_HEADER, INT4_TILES, dequant_rows, on_path,  # noqa: E402
-                                                  paths_table, set_path)
+from benchmarks.kernels.moe_dequant_paths import (DEQUANT_HEADER, INT4_TILES, add_lora_deltas_flag,  # noqa: E402
+                                                  dequant_rows, on_path, paths_table, set_lora_deltas, set_path)
 
 SHAPES = {k: lb.SHAPES[k] for k in ("qwen3", "mixtral")}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -90,9 +90,7 @@ def parse_args() -> argparse.Namespace:
                         "rows (3: split by code position; 4 / 5: the operands swapped, 16-bit / tf32 dots)")
     p.add_argument("--pair-kernel", type=int, default=None, choices=[0, 1, 2],
                    help="fused_moe_lora.PAIR_KERNEL: the LoRA small-batch path's kernel (2: two launches)")
-    p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
-                   help="MarlinExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers on a side stream "
-                        "beside the int4 GEMMs (experts/lora_overlap.py), 0 = in place after them")
+    add_lora_deltas_flag(p)
     return p.parse_args()
 
 
@@ -282,10 +280,7 @@ def main() -> None:
         import vllm.model_executor.layers.fused_moe.ops.int4_moe_gemm as int4_gemm
 
         int4_gemm.DECODE_UNPACK = args.decode_unpack
-    if args.lora_deltas is not None:
-        from vllm.model_executor.layers.fused_moe.experts.marlin_experts import MarlinExperts
-
-        MarlinExperts.lora_deltas_beside = bool(args.lora_deltas)
+    set_lora_deltas(args.lora_deltas, "marlin_experts", "MarlinExperts")
     if args.pair_kernel is not None:
         from vllm.lora.ops.triton_ops import fused_moe_lora
 

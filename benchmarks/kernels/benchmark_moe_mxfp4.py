@@ -50,8 +50,8 @@ for _p in (_ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 from benchmark_moe_lora import (FLUSH_BYTES, emit, norm_err, peak_bandwidth, pick_device, time_cpu,  # noqa: E402
                                time_cuda)
-from moe_dequant_paths import (DEQUANT_HEADER, MXFP4_TILES, dequant_rows, on_path, paths_table,  # noqa: E402
-                               set_path)
+from moe_dequant_paths import (DEQUANT_HEADER, MXFP4_TILES, add_lora_deltas_flag, dequant_rows,  # noqa: E402
+                               on_path, paths_table, set_lora_deltas, set_path)
 
 # name -> (label, hidden H, intermediate I, experts E, top_k)
 SHAPES = {"20b": ("gpt-oss-20b", 2880, 2880, 32, 4), "120b": ("gpt-oss-120b", 2880, 2880, 128, 4)}
@@ -86,9 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also list the kernels of the base and LoRA calls per token count (torch.profiler, eager)")
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
-    p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
-                   help="UnfusedOAITritonExperts.lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers beside "
-                        "the GEMMs, 0 = in place after them")
+    add_lora_deltas_flag(p)
     return p.parse_args()
 
 
@@ -339,10 +337,7 @@ def main() -> None:
     args = parse_args()
     device = pick_device(args.smoke)
     has_cuda = device.type == "cuda"
-    if args.lora_deltas is not None:
-        from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
-
-        UnfusedOAITritonExperts.lora_deltas_beside = bool(args.lora_deltas)
+    set_lora_deltas(args.lora_deltas, "oai_triton_experts", "UnfusedOAITritonExperts")
     if args.portable_decode:
         from vllm.model_executor.layers.fused_moe.ops import mxfp4_moe_gemm
 

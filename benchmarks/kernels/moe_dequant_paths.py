@@ -6,7 +6,9 @@ tiles, as GB/s (bytes read + written) and % of the copy-bandwidth peak.  The deq
 bound, so this shows how far it is from the roofline and which tile to make the default."""
 from __future__ import annotations
 
-from typing import Callable
+import argparse
+import importlib
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +20,21 @@ def set_path(path: str) -> None:
 
     dequant_path.IN_CUDA_GRAPHS = True
     dequant_path.FORCE_PATH = None if path == "auto" else path
+
+
+def add_lora_deltas_flag(p: argparse.ArgumentParser) -> None:
+    """``--lora-deltas 0 / 1``: the 4-bit experts' ``lora_deltas_beside`` (``experts/lora_overlap.py``)."""
+    p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
+                   help="the experts' lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers on a side stream beside "
+                        "the 4-bit GEMMs, 0 = in place after them")
+
+
+def set_lora_deltas(value: Optional[int], module: str, cls: str) -> None:
+    """Set ``lora_deltas_beside`` of the experts class ``cls`` of ``fused_moe/experts/<module>.py`` when ``value`` is
+    given."""
+    if value is not None:
+        mod = importlib.import_module(f"vllm.model_executor.layers.fused_moe.experts.{module}")
+        setattr(getattr(mod, cls), "lora_deltas_beside", bool(value))
 
 
 def on_path(path: str, fn: Callable) -> Callable:

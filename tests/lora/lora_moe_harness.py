@@ -7,7 +7,11 @@ from tests.layers.moe_reference import moe_reference
 from tests.layers.moe_setup import lora_config, make_layer, random_adapter, random_weights, router_inputs
 from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
 from vllm.lora.punica_wrapper import get_punica_wrapper
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.router import fused_topk
+from tests.utils import assert_close
+
+_BESIDE = lora_overlap.beside
 
 # backend -> Punica wrapper kind
 PUNICA_KIND = {"torch": "cpu", "triton": "gpu"}
@@ -63,3 +67,31 @@ class Harness:
         return moe_reference(x.float().cpu(), w.w13, w.w2, tw, ti, self.activation, b13=w.b13, b2=w.b2,
                              apply_router_weight_on_input=base.apply_router_weight_on_input,
                              adapters=self.slots, token_adapter=names).float()
+
+
+def delta_paths(forward, monkeypatch, experts_cls=None):
+    """``forward()`` three ways (``experts/lora_overlap.py``): the LoRA delta buffers beside the GEMMs, the buffers
+    in order, the in-place seams; the buffers forced on for CPU too, and for ``experts_cls`` when given (its
+    ``lora_deltas_beside``).  Returns (beside, in order, in place, how many seams went through the buffers)."""
+    calls = []
+    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or _BESIDE(*a))
+    if experts_cls is not None:
+        monkeypatch.setattr(experts_cls, "lora_deltas_beside", True)
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+    out = []
+    for side in (True, False):
+        monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", side)
+        out.append(forward())
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ())
+    out.append(forward())
+    return (*out, len(calls))
+
+
+def assert_delta_paths_agree(beside, in_order, in_place, dtype):
+    """The side stream changes no bits; against the in-place seams the same bits on CPU (the interpreter and torch
+    round alike), within tolerance on a GPU (kernels compiled for an fp32 output may sum in another order)."""
+    assert torch.equal(beside, in_order), (beside.float() - in_order.float()).abs().max()
+    if beside.is_cuda:
+        assert_close(beside.float(), in_place.float(), dtype)
+    else:
+        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()

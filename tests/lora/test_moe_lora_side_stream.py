@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.layers.moe_setup import pick_slots
-from tests.lora.lora_moe_harness import Harness
+from tests.lora.lora_moe_harness import Harness, assert_delta_paths_agree, delta_paths
 from tests.utils import assert_close
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
@@ -107,26 +107,6 @@ def _harness(backend, dtype, device, activation="silu", **kw):
     return h
 
 
-def _three_paths(h, x, logits, slots, monkeypatch):
-    """The buffers beside the GEMMs, the buffers in order, the in-place path."""
-    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
-    out = []
-    for side in (True, False):
-        monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", side)
-        out.append(h.forward(x, logits, slots))
-    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ())
-    out.append(h.forward(x, logits, slots))
-    return out
-
-
-def _check_paths(beside, in_order, in_place, dtype):
-    assert torch.equal(beside, in_order), (beside.float() - in_order.float()).abs().max()
-    if beside.is_cuda:
-        assert_close(beside.float(), in_place.float(), dtype)
-    else:
-        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
-
-
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
                                            ("triton", torch.float32), ("triton", torch.float16),
                                            ("triton", torch.bfloat16)])
@@ -137,18 +117,17 @@ def test_layer_beside_equals_in_order_and_in_place(backend, dtype, activation, l
     if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 Triton runs on the GPU (the interpreter truncates)")
     h = _harness(backend, dtype, device, activation)
-    calls = []
-    real = lora_overlap.beside
-    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or real(*a))
+    calls = 0
     for M in (1, 9):
         x, logits = h.inputs(M, empty=M > 1)
         slots = pick_slots(M, 3, "mixed", seed=M)  # slot 1 is empty: its tokens get the base only
-        beside, in_order, in_place = _three_paths(h, x, logits, slots, monkeypatch)
-        _check_paths(beside, in_order, in_place, dtype)
+        beside, in_order, in_place, seams = delta_paths(lambda: h.forward(x, logits, slots), monkeypatch)
+        calls += seams
+        assert_delta_paths_agree(beside, in_order, in_place, dtype)
         assert_close(beside.float().cpu(), h.reference(x, logits, slots), dtype)
     # two seams, two steps on the per-pair path; the sorted path stays in place (its w2 kernel may round
     # out + delta * weight once, which a separate buffer cannot repeat)
-    assert len(calls) == (8 if lora_path == "small_batch" else 0)  # (beside, in order) x two seams x two steps
+    assert calls == (8 if lora_path == "small_batch" else 0)  # (beside, in order) x two seams x two steps
 
 
 def test_layer_beside_with_an_expert_map(device, monkeypatch):
@@ -160,9 +139,9 @@ def test_layer_beside_with_an_expert_map(device, monkeypatch):
             h.load(s, ad)
     x, logits = hs[0].inputs(7, empty=False)
     slots = pick_slots(7, 3, "mixed")
-    outs = [_three_paths(h, x, logits, slots, monkeypatch) for h in hs]
-    for beside, in_order, in_place in outs:
-        _check_paths(beside, in_order, in_place, torch.float32)
+    outs = [delta_paths(lambda: h.forward(x, logits, slots), monkeypatch) for h in hs]
+    for beside, in_order, in_place, _ in outs:
+        assert_delta_paths_agree(beside, in_order, in_place, torch.float32)
     assert_close(sum(o[0] for o in outs).cpu(), hs[0].reference(x, logits, slots), torch.float32)
 
 

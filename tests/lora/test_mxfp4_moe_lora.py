@@ -9,7 +9,7 @@ import torch
 
 from tests.layers.moe_setup import lora_config, pick_slots
 from tests.layers.mxfp4_setup import dequantized_weights, make_mxfp4_layer, random_mxfp4_checkpoint
-from tests.lora.lora_moe_harness import PUNICA_KIND, Harness
+from tests.lora.lora_moe_harness import PUNICA_KIND, Harness, assert_delta_paths_agree, delta_paths
 from tests.utils import assert_close
 from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA
 from vllm.lora.punica_wrapper import get_punica_wrapper
@@ -99,7 +99,6 @@ def test_mxfp4_lora_deltas_beside(dtype, M, monkeypatch, device):
     """UnfusedOAITritonExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by
     default until timed on a GPU): the side stream changes no bits; against the in-place seams the same bits on CPU
     (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
-    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
     from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
 
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
@@ -108,19 +107,7 @@ def test_mxfp4_lora_deltas_beside(dtype, M, monkeypatch, device):
     h.load(1, h.new_adapter(rank=8))
     x, logits = h.inputs(M, empty=M > 1)
     slots = [1] if M == 1 else pick_slots(M, 2, "mixed", seed=M)
-    in_place = h.forward(x, logits, slots)
-    calls = []
-    real = lora_overlap.beside
-    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(UnfusedOAITritonExperts, "lora_deltas_beside", True)
-    beside = h.forward(x, logits, slots)
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-    in_order = h.forward(x, logits, slots)
-    assert len(calls) == 4  # both seams, twice
-    assert torch.equal(beside, in_order)
-    if device.type == "cpu":
-        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
-    else:
-        assert_close(beside.float(), in_place.float(), dtype)
+    beside, in_order, in_place, seams = delta_paths(lambda: h.forward(x, logits, slots), monkeypatch, UnfusedOAITritonExperts)
+    assert seams == 4  # both seams, beside and in order
+    assert_delta_paths_agree(beside, in_order, in_place, dtype)
     assert_close(beside.float().cpu(), h.reference(x, logits, slots), dtype)

@@ -8,6 +8,7 @@ import torch
 from tests.layers.moe_reference import moe_reference
 from tests.layers.moe_setup import lora_config, pick_slots, random_adapter, router_inputs
 from tests.quantization.int4_moe_setup import make_int4_layer, poison_workspaces, random_int4_experts
+from tests.lora.lora_moe_harness import assert_delta_paths_agree, delta_paths
 from tests.quantization.test_int4_moe_layer import _inputs
 from tests.utils import assert_close
 from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
@@ -137,7 +138,6 @@ def test_marlin_lora_deltas_beside(dtype, M, monkeypatch, device):
     """MarlinExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by default
     until timed on a GPU): the side stream changes no bits, and against the in-place seams the output is the same
     bits on CPU (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
-    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
     from vllm.model_executor.layers.fused_moe.experts.marlin_experts import MarlinExperts
 
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
@@ -151,19 +151,7 @@ def test_marlin_lora_deltas_beside(dtype, M, monkeypatch, device):
     x, logits = _inputs(M, E, H, top_k, dtype, device, gen)
     slots = pick_slots(M, 2, "mixed", seed=M)
     punica.update_metadata(slots)
-    in_place = layer(x, logits)
-    calls = []
-    real = lora_overlap.beside
-    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(MarlinExperts, "lora_deltas_beside", True)
-    beside = layer(x, logits)
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-    in_order = layer(x, logits)
-    assert len(calls) == 4  # both seams, twice
-    assert torch.equal(beside, in_order)
-    if device.type == "cpu":
-        assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
-    else:
-        assert_close(beside.float(), in_place.float(), dtype)
+    beside, in_order, in_place, seams = delta_paths(lambda: layer(x, logits), monkeypatch, MarlinExperts)
+    assert seams == 4  # both seams, beside and in order
+    assert_delta_paths_agree(beside, in_order, in_place, dtype)
     assert_close(beside.float().cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), dtype)
