@@ -69,8 +69,8 @@
 #   sidestream the MoE LoRA deltas in fp32 buffers on a side stream beside the base GEMMs (experts/lora_overlap.py,
 #           on by default since the twenty-third session): its cuda tests and the engine's CUDA-graph tests, then
 #           benchmark_moe_lora.py --lora-side-stream 0 / 1 (SIDE_TOKENS), benchmark_moe_int4.py and _mxfp4.py
-#           --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts: off until then) and decode_switch_ab.py
-#           flipping it, with LoRA (SIDE_BATCHES); only when named
+#           --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
+#           decode_switch_ab.py flipping it, with LoRA (SIDE_BATCHES); only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
 #   all     tests, bench, lora and decode
@@ -335,7 +335,7 @@ if [[ " $steps " == *" sidestream "* ]]; then
       >"$OUT/sidestream_$v.log" 2>&1
     echo "== --lora-side-stream $v"; grep "^| [QMg]\|rror" "$OUT/sidestream_$v.log" | cut -d'|' -f2-4,8-10
   done
-  for v in 0 1; do  # MarlinExperts keeps the in-place seams until this A/B (lora_deltas_beside)
+  for v in 0 1; do  # the 4-bit experts' lora_deltas_beside
     timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
       --tokens 1 4 16 64 --reps 30 --lora-deltas $v >"$OUT/sidestream_int4_$v.log" 2>&1
     echo "== int4 --lora-deltas $v"; grep "^| [QM]\|rror" "$OUT/sidestream_int4_$v.log" | tail -10

@@ -96,8 +96,8 @@ def test_mxfp4_lora_expert_parallel_ranks_sum(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [1, 7])
 def test_mxfp4_lora_deltas_beside(dtype, M, monkeypatch, device):
-    """UnfusedOAITritonExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by
-    default until timed on a GPU): the side stream changes no bits; against the in-place seams the same bits on CPU
+    """UnfusedOAITritonExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, on by
+    default since timed on an H200): the side stream changes no bits; against the in-place seams the same bits on CPU
     (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
     from vllm.model_executor.layers.fused_moe.experts.oai_triton_experts import UnfusedOAITritonExperts
 

@@ -135,8 +135,8 @@ def test_int4_moe_lora_split_k_path(monkeypatch, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [5, 9])  # _inputs routes to every expert but one
 def test_marlin_lora_deltas_beside(dtype, M, monkeypatch, device):
-    """MarlinExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, off by default
-    until timed on a GPU): the side stream changes no bits, and against the in-place seams the output is the same
+    """MarlinExperts with the LoRA deltas in fp32 buffers beside its GEMMs (``lora_deltas_beside``, on by default
+    since timed on an H200): the side stream changes no bits, and against the in-place seams the output is the same
     bits on CPU (within tolerance on a GPU, whose kernels compiled for an fp32 output may sum in another order)."""
     from vllm.model_executor.layers.fused_moe.experts.marlin_experts import MarlinExperts
 

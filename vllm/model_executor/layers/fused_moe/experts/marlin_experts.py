@@ -45,9 +45,6 @@ class MarlinExperts(Int4ExpertsBase):
     """int4 GEMM1 -> [w13 LoRA] -> activation -> int4 GEMM2 (router-weighted) -> [w2 LoRA] -> top-k sum;
     at large batches the same pipeline with dequantise + bf16 GEMMs (``_route`` / ``_gemm``)."""
 
-    #: the LoRA deltas in fp32 buffers beside the int4 GEMMs (``lora_overlap``): off until its cuda tests and the
-    #: int4 layer's A/B have run on a GPU (``gpu_check.sh sidestream``)
-    lora_deltas_beside = False
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
@@ -113,7 +110,7 @@ class MarlinExperts(Int4ExpertsBase):
         act_n = N // 2 if activation.is_gated else N
         act_out = workspace2[: pairs * act_n].view(pairs, act_n)
         routing = d13 = None
-        deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))  # off: lora_deltas_beside
+        deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))
         if lora_context is None and splits[0] > 1 and activation is not MoEActivation.SWIGLUOAI:
             # split K: the reduction of the splits applies the activation (one launch fewer)
             gemm(1, hidden_states, act_out, top_k_in=top_k, epilogue_activation=activation, **route)

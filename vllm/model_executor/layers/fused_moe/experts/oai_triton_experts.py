@@ -32,9 +32,6 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
     """MXFP4 grouped GEMMs in Triton (4-bit tiles decoded in registers), LoRA at both seams; at large
     batches, dequantise once + the bf16 grouped GEMM."""
 
-    #: the LoRA deltas in fp32 buffers beside the MXFP4 GEMMs (``lora_overlap``): off until its cuda tests and the
-    #: MXFP4 layer's A/B have run on a GPU (``gpu_check.sh sidestream``)
-    lora_deltas_beside = False
 
     @classmethod
     def supports_device(cls, device: torch.device) -> Support:
