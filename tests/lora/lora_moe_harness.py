@@ -12,6 +12,12 @@ from vllm.model_executor.layers.fused_moe.router import fused_topk
 from tests.utils import assert_close
 
 _BESIDE = lora_overlap.beside
+_DELTA_BUFFER = lora_overlap.delta_buffer
+
+
+def _poisoned_delta_buffer(rows, cols, device):
+    """A delta buffer full of NaN: an element the seam fails to overwrite poisons the layer's output."""
+    return _DELTA_BUFFER(rows, cols, device).fill_(float("nan"))
 
 # backend -> Punica wrapper kind
 PUNICA_KIND = {"torch": "cpu", "triton": "gpu"}
@@ -72,9 +78,11 @@ class Harness:
 def delta_paths(forward, monkeypatch, experts_cls=None):
     """``forward()`` three ways (``experts/lora_overlap.py``): the LoRA delta buffers beside the GEMMs, the buffers
     in order, the in-place seams; the buffers forced on for CPU too, and for ``experts_cls`` when given (its
-    ``lora_deltas_beside``).  Returns (beside, in order, in place, how many seams went through the buffers)."""
+    ``lora_deltas_beside``); the buffers are poisoned with NaN, as the seams must overwrite all of them.
+    Returns (beside, in order, in place, how many seams went through the buffers)."""
     calls = []
     monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or _BESIDE(*a))
+    monkeypatch.setattr(lora_overlap, "delta_buffer", _poisoned_delta_buffer)
     if experts_cls is not None:
         monkeypatch.setattr(experts_cls, "lora_deltas_beside", True)
     monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))

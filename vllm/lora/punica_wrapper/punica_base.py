@@ -260,9 +260,10 @@ class PunicaWrapperBase(StepMapping, ABC):
 
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,
-                     alignment: Optional["MoELoRAAlignment"] = None) -> MoELoRARouting:
+                     alignment: Optional["MoELoRAAlignment"] = None, overwrite: bool = False) -> MoELoRARouting:
         """Add the w13 LoRA delta of the layer whose LoRA state is ``ctx`` into the GEMM1 output
-        ``y`` [M*top_k, N_total] in place.
+        ``y`` [M*top_k, N_total] in place (``overwrite``: y = the delta, 0 where a pair gets none; for a
+        delta buffer of its own, ``experts/lora_overlap.py``).
 
         x: [M, H] hidden states; topk_ids / topk_weights: [M, top_k].
         The rows of x are the step's tokens, or, when ``ctx.token_lora_mapping`` is set (an
@@ -295,18 +296,20 @@ class PunicaWrapperBase(StepMapping, ABC):
         if ctx.fully_sharded and ctx.tp_size > 1:
             # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
             # rank (in rank order, so a zero-padded tail stays at the end), then expand.
+            if overwrite:
+                y2.zero_()
             shrunk = self._shrink(x, lora_a, **_without(kw, "topk_weights"))  # [S, pairs, R/tp] fp32
             shrunk = self._group().all_gather(shrunk, dim=2).contiguous()
             self._expand(y2, shrunk, lora_b, mul_routed_weight=False, **_without(kw, "top_k_in"))
         else:
-            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=False, **kw)
+            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=False, overwrite=overwrite, **kw)
         return routing
 
     def add_lora_w2(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting,
                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, mul_routed_weight: bool,
-                    expert_map: Optional[torch.Tensor] = None) -> None:
+                    expert_map: Optional[torch.Tensor] = None, overwrite: bool = False) -> None:
         """Add the w2 LoRA delta of the layer whose LoRA state is ``ctx`` into the GEMM2 output
-        ``y`` [M*top_k, H] in place.
+        ``y`` [M*top_k, H] in place (``overwrite``: y = the delta, as for ``add_lora_w13``).
 
         x: [M*top_k, I_part] activation output; ``routing``: what ``add_lora_w13`` returned.
         ``mul_routed_weight`` must be True exactly when the base GEMM2 output was multiplied
@@ -328,11 +331,13 @@ class PunicaWrapperBase(StepMapping, ABC):
         if ctx.fully_sharded and ctx.tp_size > 1:
             # A is sharded on its input columns: the fp32 shrink partial sums are
             # all-reduced, then each rank expands its H/tp rows of B at its offset.
+            if overwrite:
+                y2.zero_()
             shrunk = self._group().all_reduce(self._shrink(x, lora_a, **_without(kw, "topk_weights")))
             self._expand(y2, shrunk, lora_b, mul_routed_weight=mul_routed_weight,
                          n_offset=h_b * ctx.tp_rank, **_without(kw, "top_k_in"))
         else:
-            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=mul_routed_weight, **kw)
+            self._fused(y2, x, lora_a, lora_b, mul_routed_weight=mul_routed_weight, overwrite=overwrite, **kw)
 
     # ---- dense LoRA (linear layers) ----------------------------------------------
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],

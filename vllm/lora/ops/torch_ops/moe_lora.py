@@ -104,9 +104,12 @@ def fused_moe_lora_torch(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sta
                          token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                          mul_routed_weight: bool = False, expert_map: Optional[torch.Tensor] = None,
                          alignment: Any = None, n_offset: int = 0, slice_stride: Optional[int] = None,
-                         config: Optional["MoELoRATileConfig"] = None) -> None:
-    """out += LoRA delta, in place; same semantics as the Triton ``fused_moe_lora``."""
+                         config: Optional["MoELoRATileConfig"] = None, overwrite: bool = False) -> None:
+    """out += LoRA delta, in place (``overwrite``: out = the delta); same semantics as the Triton
+    ``fused_moe_lora``."""
     del alignment, config
+    if overwrite:
+        out.zero_()
     a_list, b_list = _as_list(lora_a_stacked), _as_list(lora_b_stacked)
     L, E = a_list[0].shape[:2]
     top_k = topk_ids.shape[1]

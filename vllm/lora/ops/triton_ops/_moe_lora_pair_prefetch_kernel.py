@@ -13,7 +13,9 @@ per N tile of the program's range.  Here one program owns one BLOCK_N tile of on
 * trip 2: all of A (``K_TILES`` tiles of BLOCK_K; one at the launcher's tiles), B's tile and the slot's
   enabled flag, issued before any arithmetic; a disabled slot masks the store instead of branching.
 
-(An ``expert_map`` adds one trip: the local id.)  The signature is ``moe_lora_pair_kernel``'s, so that
+(An ``expert_map`` adds one trip: the local id.)  ``OVERWRITE``: ``out`` is the seam's own fp32 delta buffer
+(``experts/lora_overlap.py``): the tile is stored, not read and added to, and a pair without a delta (no adapter,
+a disabled slot, a non-local expert) stores zeros, so that the buffer needs no zeroing launch.  The signature is ``moe_lora_pair_kernel``'s, so that
 one argument dict launches either; the shrunk buffer, the N-split count and DO_SHRINK / DO_EXPAND are
 unused (the launcher takes this kernel only for the fused op).
 """
@@ -36,7 +38,7 @@ def moe_lora_pair_prefetch_kernel(
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
@@ -56,13 +58,16 @@ def moe_lora_pair_prefetch_kernel(
     xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
     o_ptrs = (out_ptr + token * stride_ot + (pair % top_k) * stride_oj
               + (out_col0 + slice_s * out_slice_cols + offs_n) * stride_on)
-    o = tl.load(o_ptrs, mask=mask_n, other=0.0)
+    if not OVERWRITE:
+        o = tl.load(o_ptrs, mask=mask_n, other=0.0)
     if MUL_ROUTED_WEIGHT:
         wt = tl.load(w_ptr + pair).to(tl.float32)
     if HAS_EXPERT_MAP:
         local = tl.load(expert_map_ptr + tl.maximum(expert, 0)).to(tl.int64)
         expert = tl.where(expert >= 0, local, -1)
     if (slot < 0) | (slot >= max_loras) | (expert < 0) | (expert >= num_experts):
+        if OVERWRITE:
+            tl.store(o_ptrs, tl.zeros((BLOCK_N,), dtype=out_ptr.dtype.element_ty), mask=mask_n)
         return
 
     # trip 2
@@ -85,4 +90,7 @@ def moe_lora_pair_prefetch_kernel(
     if MUL_ROUTED_WEIGHT:
         shrunk = shrunk * wt
     delta = tl.sum(b.to(tl.float32) * shrunk[None, :], axis=1)
-    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)
+    if OVERWRITE:
+        tl.store(o_ptrs, tl.where(on, delta, 0.0).to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)

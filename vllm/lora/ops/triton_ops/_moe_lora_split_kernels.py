@@ -194,11 +194,12 @@ def moe_lora_pair_split_expand_kernel(
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
     stride_pk, stride_ps, stride_pp, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_PARTS: tl.constexpr, USE_PDL: tl.constexpr = False,
+    NUM_PARTS: tl.constexpr, USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False,
 ):
     """grid (pairs, slices, N-splits): the pair's partials summed in split order (deterministic), then its
     expand over this N-split's columns, a read-modify-write of ``out`` per BLOCK_N tile; a pair that is not live
-    or whose slot is disabled stores nothing."""
+    or whose slot is disabled stores nothing.  ``OVERWRITE`` (``out`` is a delta buffer of its own): each tile is
+    stored without reading ``out``, zeros for such a pair."""
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
@@ -222,8 +223,12 @@ def moe_lora_pair_split_expand_kernel(
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         o_ptrs = out_row + (col0 + offs_n) * stride_on
-        o = tl.load(o_ptrs, mask=mask_n & live, other=0.0)
+        if not OVERWRITE:
+            o = tl.load(o_ptrs, mask=mask_n & live, other=0.0)
         b = tl.load(b_base + offs_n[:, None].to(tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
                     other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
         delta = tl.sum(b * acc[None, :], axis=1)
-        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)
+        if OVERWRITE:
+            tl.store(o_ptrs, tl.where(on, delta, 0.0).to(out_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=mask_n & on)

@@ -23,6 +23,10 @@ it the small-batch per-pair path runs (``moe_lora_config.use_small_batch_path``)
 by ``auto_pair_kernel``: ``moe_lora_pair_prefetch_kernel`` up to 8 pairs on slices narrower than Mixtral's,
 the two launches of ``moe_lora_split.launch_pair_split`` on wider slices or from ``PAIR_SPLIT_MIN_WORK`` on,
 else ``moe_lora_pair_kernel``.
+``fused_moe_lora(overwrite=True)``: out = the delta (0 for pairs that get none) instead of out += delta, for
+a delta buffer of its own (``experts/lora_overlap.py``): the prefetch kernel and the two launches store their
+tiles without reading ``out`` where their slices cover all of its columns (``_overwrites``); elsewhere ``out`` is
+zeroed first.
 On the sorted path, ``config.shrink_split_k`` > 1 runs the fused op as two launches
 with the shrink split along K (``moe_lora_split.py``).
 Slices that are views of one buffer with a constant stride (the usual stacked
@@ -95,6 +99,23 @@ def auto_pair_kernel(num_pairs: int, K: int, N: int, R: int) -> int:
     return 2 if AUTO_PAIR_SPLIT and K * N > _PAIR_PREFETCH_MAX_KN else 0
 
 
+def _overwrites(alignment: Optional[MoELoRAAlignment], numel: int, K: int, R: int, n_sizes: list[int],
+                n_offset: int, slice_stride: Optional[int], cols: int) -> bool:
+    """Whether the fused op's launches write every element of an ``out`` of ``numel`` rows x ``cols`` columns
+    by themselves: the per-pair path on a kernel that stores zeros for pairs without a delta (the prefetch
+    kernel, the two launches), and slices whose column ranges tile [0, cols) exactly."""
+    if alignment is not None or any(auto_pair_kernel(numel, K, n, R) not in (1, 2) for n in n_sizes):
+        return False
+    starts = [n_offset + (s * slice_stride if slice_stride is not None else sum(n_sizes[:s]))
+              for s in range(len(n_sizes))]
+    end = 0
+    for start, n in sorted(zip(starts, n_sizes)):
+        if start != end:
+            return False
+        end = start + n
+    return end == cols
+
+
 def pair_prefetch_tiles(K: int, R: int, N: int, interp: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, K_TILES, num_warps) of ``moe_lora_pair_prefetch_kernel``: A in as few K tiles as
     ``_PAIR_PREFETCH_A_ELEMS`` allows (64 elements per thread), one BLOCK_N tile of one slice per program."""
@@ -110,7 +131,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
          topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
          adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor], alignment: Optional[MoELoRAAlignment],
          top_k: int, top_k_in: int, mul_routed_weight: bool, n_offset: int, slice_stride: Optional[int],
-         config: Optional[MoELoRATileConfig], op: str) -> None:
+         config: Optional[MoELoRATileConfig], op: str, overwrite: bool = False) -> None:
     from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 
     m = topk_ids.shape[0]
@@ -172,6 +193,8 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             BLOCK_N=block_n, BLOCK_K=config.block_size_k, BLOCK_R=rank_block(R),
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(dummy.device),
         )
+        if overwrite:  # only the two pair kernels that store their tiles (``_overwrites``)
+            args["OVERWRITE"] = True
         if alignment is not None:
             block_m = alignment.block_size
             # Used blocks are a prefix of at most ceil(numel / BLOCK_M) + (non-empty groups):
@@ -220,8 +243,9 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
                    adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
                    expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                    n_offset: int = 0, slice_stride: Optional[int] = None,
-                   config: Optional[MoELoRATileConfig] = None) -> None:
-    """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring)."""
+                   config: Optional[MoELoRATileConfig] = None, overwrite: bool = False) -> None:
+    """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring); with
+    ``overwrite``, out = the delta (0 where a pair gets none)."""
     chk.check_config(config)
     a_slices, b_slices = chk.slices(lora_a_stacked, "lora_a_stacked"), chk.slices(lora_b_stacked, "lora_b_stacked")
     if len(a_slices) != len(b_slices):
@@ -236,11 +260,15 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
         raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
     if m * top_k == 0:
         return
+    stores = overwrite and _overwrites(alignment, m * top_k, x.shape[1], R, [b.shape[2] for b in b_slices],
+                                       n_offset, slice_stride, out.shape[-1])
+    if overwrite and not stores:
+        out.zero_()
     _run(do_shrink=True, do_expand=True, x=x, a_slices=a_slices, b_slices=b_slices, out=out, shrunk=None,
          topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=token_lora_mapping,
          adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k,
          top_k_in=top_k_in, mul_routed_weight=mul_routed_weight, n_offset=n_offset, slice_stride=slice_stride,
-         config=config, op="fused_moe_lora")
+         config=config, op="fused_moe_lora", overwrite=stores)
 
 
 def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,

@@ -53,8 +53,10 @@ class MoELoRAExpertsMixin:
     @classmethod
     def apply_w13_lora(cls, ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
-                       alignment: Optional["MoELoRAAlignment"] = None) -> Optional["MoELoRARouting"]:
-        """y [M*top_k, N] (GEMM1 output) += w13 LoRA delta of x [M, H].
+                       alignment: Optional["MoELoRAAlignment"] = None,
+                       overwrite: bool = False) -> Optional["MoELoRARouting"]:
+        """y [M*top_k, N] (GEMM1 output) += w13 LoRA delta of x [M, H] (``overwrite``: y = the delta, for a
+        delta buffer of its own).
 
         Returns the routing for ``apply_w2_lora``, or None when no token of the step uses an
         adapter of this layer (``lora_runs``: nothing is launched; ``apply_w2_lora`` then does
@@ -63,13 +65,13 @@ class MoELoRAExpertsMixin:
         if not cls.lora_runs(ctx):
             return None
         return ctx.punica_wrapper.add_lora_w13(y, x, ctx, topk_ids=topk_ids, topk_weights=topk_weights,
-                                               expert_map=expert_map, alignment=alignment)
+                                               expert_map=expert_map, alignment=alignment, overwrite=overwrite)
 
     @staticmethod
     def apply_w2_lora(ctx: "MoELoRAContext", *, y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"],
                       topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
-                      mul_routed_weight: bool) -> None:
-        """y [M*top_k, H] (GEMM2 output) += w2 LoRA delta of x [M*top_k, I_part].
+                      mul_routed_weight: bool, overwrite: bool = False) -> None:
+        """y [M*top_k, H] (GEMM2 output) += w2 LoRA delta of x [M*top_k, I_part] (``overwrite``: y = the delta).
 
         ``mul_routed_weight``: True exactly when the base GEMM2 output in ``y`` was
         multiplied by the router weight.
@@ -77,7 +79,8 @@ class MoELoRAExpertsMixin:
         if routing is None:  # apply_w13_lora found no active adapter for this layer
             return
         ctx.punica_wrapper.add_lora_w2(y, x, ctx, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
-                                       mul_routed_weight=mul_routed_weight, expert_map=expert_map)
+                                       mul_routed_weight=mul_routed_weight, expert_map=expert_map,
+                                       overwrite=overwrite)
 
     def lora_deltas(self, ctx: Optional["MoELoRAContext"], x: torch.Tensor, pairs: int,
                     widths: tuple[int, int]) -> bool:
@@ -94,13 +97,13 @@ class MoELoRAExpertsMixin:
                         ) -> tuple[Optional["MoELoRARouting"], Optional[torch.Tensor]]:
         """``gemm()`` (GEMM1, writing y [pairs, N]) and the w13 seam: (the routing for the w2 seam, the fp32 delta
         buffer for ``moe_activation`` or None when the delta went into y in place)."""
-        def seam(out: torch.Tensor) -> Optional["MoELoRARouting"]:
+        def seam(out: torch.Tensor, overwrite: bool = False) -> Optional["MoELoRARouting"]:
             return self.apply_w13_lora(ctx, y=out, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
-                                       expert_map=expert_map, alignment=alignment)
+                                       expert_map=expert_map, alignment=alignment, overwrite=overwrite)
 
         if deltas:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
-            return lora_overlap.beside(x.device, delta, lambda: seam(delta), gemm), delta
+            return lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm), delta
         gemm()
         return (seam(y) if ctx is not None else None), None  # apply_w13_lora: None when no adapter runs
 
@@ -110,13 +113,13 @@ class MoELoRAExpertsMixin:
                         mul_routed_weight: bool) -> Optional[torch.Tensor]:
         """``gemm()`` (GEMM2, writing y [pairs, H]) and the w2 seam: the fp32 delta buffer for ``moe_sum``, or None
         when the delta (if any) went into y in place."""
-        def seam(out: torch.Tensor) -> None:
+        def seam(out: torch.Tensor, overwrite: bool = False) -> None:
             self.apply_w2_lora(ctx, y=out, x=x, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
-                               expert_map=expert_map, mul_routed_weight=mul_routed_weight)
+                               expert_map=expert_map, mul_routed_weight=mul_routed_weight, overwrite=overwrite)
 
         if deltas and routing is not None:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
-            lora_overlap.beside(x.device, delta, lambda: seam(delta), gemm)
+            lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm)
             return delta
         gemm()
         if ctx is not None:

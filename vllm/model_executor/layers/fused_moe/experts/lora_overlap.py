@@ -2,8 +2,9 @@
 
 On the in-place path each LoRA seam adds its delta into the GEMM's output, after the GEMM: a
 read-modify-write that must wait for it, so at decode the layer's time is the GEMMs' plus the LoRA
-kernels' (mostly launch latency and dependent loads).  Here each seam writes its delta into a zeroed
-fp32 buffer of its own (0 + d = d), on a side stream while the base GEMM runs on the current one
+kernels' (mostly launch latency and dependent loads).  Here each seam writes its delta into an fp32
+buffer of its own (``overwrite``: the per-pair kernels store each tile, zeros for pairs without a delta,
+so the buffer is neither zeroed nor read first), on a side stream while the base GEMM runs on the current one
 (``LORA_SIDE_STREAM``; in order without it), and the buffer joins where the GEMM output is read
 next: the activation (w13, ``moe_activation(delta=)``) and the top-k sum (w2, ``moe_sum(delta=)``),
 which round ``x + delta`` to x's dtype first, as the in-place add does.
@@ -58,16 +59,15 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 def delta_buffer(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """An fp32 [rows, cols] delta buffer, allocated on the current stream and zeroed by ``beside``'s side work."""
+    """An fp32 [rows, cols] delta buffer, allocated on the current stream; the seam overwrites all of it."""
     return torch.empty((rows, cols), dtype=torch.float32, device=device)
 
 
-def beside(device: torch.device, delta: torch.Tensor, side: Callable[[], _T], main: Callable[[], None]) -> _T:
-    """Zero ``delta`` and run ``side()`` (the LoRA seam writing into it) on the side stream while ``main()`` (the
-    base GEMM) runs on the current stream; the current stream then waits for both.  Returns what ``side`` returns.
+def beside(device: torch.device, side: Callable[[], _T], main: Callable[[], None]) -> _T:
+    """Run ``side()`` (the LoRA seam overwriting its delta buffer) on the side stream while ``main()`` (the base
+    GEMM) runs on the current stream; the current stream then waits for both.  Returns what ``side`` returns.
     Without ``LORA_SIDE_STREAM``, or on a device without streams (CPU), the two run one after the other."""
     if device.type != "cuda" or not LORA_SIDE_STREAM:
-        delta.zero_()
         out = side()
         main()
         return out
@@ -75,7 +75,6 @@ def beside(device: torch.device, delta: torch.Tensor, side: Callable[[], _T], ma
     stream = side_stream(device)
     stream.wait_stream(current)  # the seam's inputs (x, routing, the buffer's allocation) are the current stream's
     with torch.cuda.stream(stream):
-        delta.zero_()
         out = side()
     main()
     current.wait_stream(stream)
