@@ -28,8 +28,11 @@ class SeparateShrinkExpandPunica(PunicaWrapperGPU):
     GEMM."""
 
     def _fused(self, out: torch.Tensor, x: torch.Tensor, lora_a: Any, lora_b: Any, *, topk_weights: torch.Tensor,
-               top_k_in: int, mul_routed_weight: bool, config: Any = None, **kw: Any) -> None:
+               top_k_in: int, mul_routed_weight: bool, config: Any = None, overwrite: bool = False,
+               **kw: Any) -> None:
         del config  # the fused op's tiles; the two ops below take their own heuristics
+        if overwrite:  # a delta buffer of its own (experts/lora_overlap.py): the expand adds into it
+            out.zero_()
         shrunk = self._shrink(x, lora_a, top_k_in=top_k_in, **kw)  # fp32 [S, pairs, R]
         self._expand(out, shrunk, lora_b, topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, **kw)
 

@@ -12,9 +12,16 @@ import benchmarks.kernels.benchmark_moe_lora as lb
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.mark.parametrize("beside", [False, True])  # the LoRA deltas in buffers of their own (lora_overlap)
 @pytest.mark.parametrize("M", [1, 9])  # small-batch per-pair path, sorted path (4 adapters, 8 experts, top-2)
-def test_baseline_launches_shrink_then_expand_and_matches_the_reference(M, device, monkeypatch):
+def test_baseline_launches_shrink_then_expand_and_matches_the_reference(M, beside, device, monkeypatch):
+    from tests.lora.lora_moe_harness import poisoned_delta_buffer
     from vllm.lora.ops.triton_ops import fused_moe_lora as ops
+    from vllm.model_executor.layers.fused_moe.experts import lora_overlap
+
+    if beside:  # the seams overwrite NaN-poisoned buffers (on the per-pair path; the sorted one stays in place)
+        monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+        monkeypatch.setattr(lora_overlap, "delta_buffer", poisoned_delta_buffer)
 
     dtype = torch.bfloat16
     case = lb.build_case(lb.SMOKE_SHAPE, dtype, device, 16, 4, 16, 0)

@@ -15,7 +15,7 @@ _BESIDE = lora_overlap.beside
 _DELTA_BUFFER = lora_overlap.delta_buffer
 
 
-def _poisoned_delta_buffer(rows, cols, device):
+def poisoned_delta_buffer(rows, cols, device):
     """A delta buffer full of NaN: an element the seam fails to overwrite poisons the layer's output."""
     return _DELTA_BUFFER(rows, cols, device).fill_(float("nan"))
 
@@ -82,7 +82,7 @@ def delta_paths(forward, monkeypatch, experts_cls=None):
     Returns (beside, in order, in place, how many seams went through the buffers)."""
     calls = []
     monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or _BESIDE(*a))
-    monkeypatch.setattr(lora_overlap, "delta_buffer", _poisoned_delta_buffer)
+    monkeypatch.setattr(lora_overlap, "delta_buffer", poisoned_delta_buffer)
     if experts_cls is not None:
         monkeypatch.setattr(experts_cls, "lora_deltas_beside", True)
     monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
