@@ -25,12 +25,16 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-lora-side-stream", type=int, default=None, choices=[0, 1],
                    help="1: the MoE LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
                         "the top-k sum (experts/lora_overlap.LORA_SIDE_STREAM); 0: in place after each GEMM")
+    p.add_argument("--dense-lora-side-stream", type=int, default=None, choices=[0, 1],
+                   help="1: the dense LoRA deltas on a side stream beside the projections, joined by one add "
+                        "(vllm/lora/layers/dense_overlap.DENSE_LORA_SIDE_STREAM); 0: in place after each")
     p.add_argument("--all-fusions", action="store_true",
                    help="the fusions above (the MoE activation in GEMM1, the KV write in q/k norm + rotary)")
 
 
 def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     """Set the switches the flags ask for (a switch already on stays on); returns the names of those on."""
+    from vllm.lora.layers import dense_overlap
     from vllm.model_executor.layers import attention
     from vllm.model_executor.layers.fused_moe.experts import lora_overlap
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
@@ -46,16 +50,20 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
         set_pair_fanout(bool(a.moe_lora_pair_fanout))
     if getattr(a, "moe_lora_side_stream", None) is not None:
         lora_overlap.LORA_SIDE_STREAM = bool(a.moe_lora_side_stream)
+    if getattr(a, "dense_lora_side_stream", None) is not None:
+        dense_overlap.DENSE_LORA_SIDE_STREAM = bool(a.dense_lora_side_stream)
     on = {"FUSED_ACTIVATION": fused_moe_gemm.FUSED_ACTIVATION, "FUSED_KV_WRITE": attention.FUSED_KV_WRITE,
           "GEMV_DELAYED": dense_gemv.GEMV_DELAYED, "PAIR_SPLIT_FANOUT": pair_fanout_on(),
-          "LORA_SIDE_STREAM": lora_overlap.LORA_SIDE_STREAM}
+          "LORA_SIDE_STREAM": lora_overlap.LORA_SIDE_STREAM,
+          "DENSE_LORA_SIDE_STREAM": dense_overlap.DENSE_LORA_SIDE_STREAM}
     return [k for k, v in on.items() if v]
 
 
 #: the on / off switches of the decode path: flag -> (module, attribute)
 TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION"),
            "fused-kv-write": ("vllm.model_executor.layers.attention", "FUSED_KV_WRITE"),
-           "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM")}
+           "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM"),
+           "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM")}
 _toggle_defaults: dict[str, bool] = {}
 
 

@@ -28,7 +28,8 @@ Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
-of the step uses this layer's adapters).  For batches of up to ``BATCH_MAX_TOKENS``
+of the step uses this layer's adapters); on CUDA at decode sizes the delta goes into an fp32 buffer
+on a side stream beside the projection and joins it after (``dense_overlap.py``).  For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
 ``punica_wrapper.linear_metadata``) on CUDA, when some token of the step has an
 adapter (of this layer or not) and the layer is in the Punica wrapper's LoRA layer set
@@ -42,13 +43,14 @@ it would, or the two would round the base projection differently.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vllm import envs
 from vllm.config.lora import LoRAConfig
+from vllm.lora.layers import dense_overlap
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
@@ -235,6 +237,19 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                                                 adapter_enabled=self.adapter_enabled)
         return y
 
+    def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``project()`` (the base projection of x) + the LoRA delta: beside it on the side stream
+        (``dense_overlap.applies``), else added in place after it."""
+        punica = self.punica_wrapper
+        if punica is None or not punica.any_active(self.enabled_slots):
+            return project()
+        if dense_overlap.applies(x.device, x.numel() // max(1, x.shape[-1])):
+            return dense_overlap.project_beside(
+                x, self.weight.shape[0], project,
+                lambda d: punica.add_lora_linear(d, x, self.lora_a_stacked, self.lora_b_stacked,
+                                                 adapter_enabled=self.adapter_enabled))
+        return self._add_lora(project(), x)
+
     def _fuse(self, x: torch.Tensor) -> bool:
         """Whether this forward runs as one fused launch: switched on, at most ``BATCH_MAX_TOKENS`` rows, an
         unquantized float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot)
@@ -264,7 +279,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fuse(x):
             return self._fused_forward(x, self.base_layer.bias)
-        return self._add_lora(self.base_layer(x), x)
+        return self._with_lora(x, lambda: self.base_layer(x))
 
     @classmethod
     def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
@@ -317,9 +332,9 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
         base = self.base_layer
         fuse = self._fuse(x)
         if self.tp_size == 1:
-            return self._fused_forward(x, base.bias) if fuse else self._add_lora(base(x), x)
+            return self._fused_forward(x, base.bias) if fuse else self._with_lora(x, lambda: base(x))
         # this rank's partial sum, delta included
-        y = self._fused_forward(x, None) if fuse else self._add_lora(linear(x, base.weight), x)
+        y = self._fused_forward(x, None) if fuse else self._with_lora(x, lambda: linear(x, base.weight))
         if getattr(base, "reduce_results", True):
             group = getattr(base, "tp_group", None)
             if group is None:
