@@ -22,6 +22,7 @@ def beside_calls(monkeypatch):
     real = dense_overlap.project_beside
     monkeypatch.setattr(dense_overlap, "project_beside", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(dense_overlap, "DENSE_LORA_SIDE_STREAM", True)  # off by default (timed slower)
     return calls
 
 
@@ -89,10 +90,18 @@ def test_taken_only_where_the_lora_op_runs_and_up_to_max_tokens(device, beside_c
     assert not dense_overlap.applies(torch.device("meta"), 4)  # a device type without the path
 
 
+def test_off_by_default(device, monkeypatch):
+    """Timed slower on an H200 (the module docstring): the in-place op unless switched on."""
+    assert not dense_overlap.DENSE_LORA_SIDE_STREAM
+    monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
+    assert not dense_overlap.applies(device, 1)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 9, 64])
-def test_beside_in_a_cuda_graph(tokens):
+def test_beside_in_a_cuda_graph(tokens, monkeypatch):
     """Captured on two streams, replayed with new inputs and slots: the eager path's output."""
+    monkeypatch.setattr(dense_overlap, "DENSE_LORA_SIDE_STREAM", True)
     device = torch.device("cuda")
     layer, punica, _, *_ = _layer("qkv", "gpu", device, torch.bfloat16)
     K = layer.weight.shape[1]

@@ -10,6 +10,12 @@ Bits: the side stream changes nothing (the same kernels in another order).  Agai
 the same; the LoRA kernels are compiled for an fp32 output instead of y's dtype, which may change their
 reduction order on a GPU (the MoE deltas' note in ``lora_overlap``); the interpreter and torch give equal bits.
 
+Off by default: timed on an H200 (``decode_switch_ab.py --switches dense-lora-side-stream --lora``, Qwen3-30B-A3B
+width, 12 layers, graphs + async), the LoRA decode step was slower with it at every batch: 1.023 -> 1.093 ms at
+batch 1, 5.041 -> 5.081 ms at 64, 6.634 -> 6.910 ms at 256.  The zeroing and the joining add are two more launches
+and the join breaks the programmatic-dependent-launch chain, which costs more than the LoRA op it hides; folding the
+join into the next kernel (the residual add + RMSNorm after o_proj) would be the next try.
+
 Taken on CUDA (``lora_overlap.DEVICE_TYPES``) for steps of at most ``MAX_TOKENS`` tokens (decode batches; the
 fp32 buffer grows with the tokens) when ``DENSE_LORA_SIDE_STREAM`` is on, wherever the LoRA op runs at all: the
 decision depends on shapes and on the step's LoRA state only, so an eager step takes the path its CUDA-graph
@@ -23,8 +29,9 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 
-#: run the dense LoRA delta on the side stream beside the projection (False: the in-place op after it)
-DENSE_LORA_SIDE_STREAM = True
+#: run the dense LoRA delta on the side stream beside the projection (False, the default since it was timed
+#: slower: the in-place op after it)
+DENSE_LORA_SIDE_STREAM = False
 #: the most tokens a step may have to take the path (its fp32 buffer is tokens x output columns)
 MAX_TOKENS = 256
 

@@ -28,8 +28,9 @@ Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
-of the step uses this layer's adapters); on CUDA at decode sizes the delta goes into an fp32 buffer
-on a side stream beside the projection and joins it after (``dense_overlap.py``).  For batches of up to ``BATCH_MAX_TOKENS``
+of the step uses this layer's adapters); with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
+the delta goes into an fp32 buffer on a side stream beside the projection at decode sizes and joins it after.
+For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
 ``punica_wrapper.linear_metadata``) on CUDA, when some token of the step has an
 adapter (of this layer or not) and the layer is in the Punica wrapper's LoRA layer set
