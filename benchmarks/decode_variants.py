@@ -63,8 +63,7 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
 TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION"),
            "fused-kv-write": ("vllm.model_executor.layers.attention", "FUSED_KV_WRITE"),
            "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM"),
-           "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM"),
-           "moe-lora-pair-order": ("vllm.lora.ops.triton_ops.moe_lora_pair_order", "PAIR_ORDER")}
+           "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM")}
 _toggle_defaults: dict[str, bool] = {}
 
 

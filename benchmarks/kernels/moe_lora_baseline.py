@@ -30,7 +30,6 @@ class SeparateShrinkExpandPunica(PunicaWrapperGPU):
     def _fused(self, out: torch.Tensor, x: torch.Tensor, lora_a: Any, lora_b: Any, *, topk_weights: torch.Tensor,
                top_k_in: int, mul_routed_weight: bool, config: Any = None, overwrite: bool = False,
                **kw: Any) -> None:
-        kw.pop("pair_order", None)  # the fused op's visiting order; the two ops below keep token order
         del config  # the fused op's tiles; the two ops below take their own heuristics
         if overwrite:  # a delta buffer of its own (experts/lora_overlap.py): the expand adds into it
             out.zero_()

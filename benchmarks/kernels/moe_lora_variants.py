@@ -56,9 +56,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                             "1: the two launches' expand with one N tile per program"),
     "--pair-split-expand-block-n": (f"{_LORA}.fused_moe_lora", "PAIR_SPLIT_EXPAND_BLOCK_N", int,
                                     "the fan-out expand's N tile"),
-    "--pair-order": (f"{_LORA}.moe_lora_pair_order", "PAIR_ORDER", int,
-                     "1: the per-pair kernels visit the pairs grouped by (slot, expert), so that repeats of a "
-                     "group's weights come from L2; 0: token order"),
     "--lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM", int,
                            "1: the LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
                            "the top-k sum; 0: in place after each GEMM"),

@@ -65,13 +65,11 @@ class MoELoRARouting:
 
     alignment: a ``MoELoRAAlignment`` (sorted path) or None (small-batch path).
     token_lora_mapping: [M] int32 view of the step's mapping, -1 = no adapter.
-    pair_order: the small-batch path's visiting order of the pairs (``moe_lora_pair_order.py``), or None.
     """
 
     alignment: Optional[Any]
     token_lora_mapping: torch.Tensor
     num_pairs: int
-    pair_order: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -192,13 +190,6 @@ class PunicaWrapperBase(StepMapping, ABC):
         return self._token_lora_indices[:num_tokens]
 
     # ---- compute, supplied by subclasses ----------------------------------
-    def _pair_order(self, topk_ids: torch.Tensor, mapping: torch.Tensor, ctx: "MoELoRAContext",
-                    expert_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The per-pair kernels' visiting order of this layer's pairs (``moe_lora_pair_order.py``), or None
-        (token order, here: a compute without those kernels)."""
-        del topk_ids, mapping, ctx, expert_map
-        return None
-
     @abstractmethod
     def _align(self, topk_ids: torch.Tensor, mapping: torch.Tensor, *, num_experts: int, max_loras: int,
                adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor],
@@ -296,16 +287,12 @@ class PunicaWrapperBase(StepMapping, ABC):
         if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
             alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
                                     adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
-        order = None
-        if alignment is None and not (ctx.fully_sharded and ctx.tp_size > 1):
-            order = self._pair_order(topk_ids, mapping, ctx, expert_map)
-        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs,
-                                 pair_order=order)
+        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
         if num_pairs == 0:
             return routing
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=mapping,
                   adapter_enabled=ctx.adapter_enabled, top_k_in=ctx.top_k, expert_map=expert_map,
-                  alignment=alignment, config=cfg, **({"pair_order": order} if order is not None else {}))
+                  alignment=alignment, config=cfg)
         if ctx.fully_sharded and ctx.tp_size > 1:
             # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
             # rank (in rank order, so a zero-padded tail stays at the end), then expand.
@@ -338,10 +325,9 @@ class PunicaWrapperBase(StepMapping, ABC):
                            max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=h_b,
                            num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config,
                            small_batch=routing.alignment is None)  # w13's path
-        order = routing.pair_order
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
                   adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
-                  alignment=routing.alignment, config=cfg, **({"pair_order": order} if order is not None else {}))
+                  alignment=routing.alignment, config=cfg)
         if ctx.fully_sharded and ctx.tp_size > 1:
             # A is sharded on its input columns: the fp32 shrink partial sums are
             # all-reduced, then each rank expands its H/tp rows of B at its offset.

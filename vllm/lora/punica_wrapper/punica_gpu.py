@@ -85,15 +85,6 @@ class PunicaWrapperGPU(PunicaWrapperBase):
                                          block_size=config.block_size_m, adapter_enabled=adapter_enabled,
                                          expert_map=expert_map)
 
-    def _pair_order(self, topk_ids: torch.Tensor, mapping: torch.Tensor, ctx: "MoELoRAContext",
-                    expert_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """On CUDA from ``PAIR_ORDER_MIN_PAIRS`` pairs on, with ``PAIR_ORDER``: the pairs grouped by (slot, expert)."""
-        from vllm.lora.ops.triton_ops import moe_lora_pair_order as po
-
-        if not po.orders(topk_ids.numel(), topk_ids.device):
-            return None
-        return po.pair_order(topk_ids, mapping, ctx.local_num_experts, ctx.max_loras, expert_map)
-
     def _fused(self, out, x, lora_a, lora_b, **kw) -> None:
         from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
 

@@ -13,8 +13,7 @@ per N tile of the program's range.  Here one program owns one BLOCK_N tile of on
 * trip 2: all of A (``K_TILES`` tiles of BLOCK_K; one at the launcher's tiles), B's tile and the slot's
   enabled flag, issued before any arithmetic; a disabled slot masks the store instead of branching.
 
-(An ``expert_map`` adds one trip: the local id; ``HAS_ORDER`` one before all: the pair of this program,
-``moe_lora_pair_order.py``.)  ``OVERWRITE``: ``out`` is the seam's own fp32 delta buffer
+(An ``expert_map`` adds one trip: the local id.)  ``OVERWRITE``: ``out`` is the seam's own fp32 delta buffer
 (``experts/lora_overlap.py``): the tile is stored, not read and added to, and a pair without a delta (no adapter,
 a disabled slot, a non-local expert) stores zeros, so that the buffer needs no zeroing launch.  The signature is ``moe_lora_pair_kernel``'s, so that
 one argument dict launches either; the shrunk buffer, the N-split count and DO_SHRINK / DO_EXPAND are
@@ -29,7 +28,7 @@ from vllm.model_executor.layers.ops._pdl import pdl_wait
 @triton.jit
 def moe_lora_pair_prefetch_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
-    topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, order_ptr,
+    topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
     numel, top_k, top_k_in, K, N, R, num_experts, max_loras,
     stride_xm, stride_xk,
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
@@ -39,12 +38,10 @@ def moe_lora_pair_prefetch_kernel(
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
-    USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False, HAS_ORDER: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
-    if HAS_ORDER:  # programs in (slot, expert) order (moe_lora_pair_order.py)
-        pair = tl.load(order_ptr + pair).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

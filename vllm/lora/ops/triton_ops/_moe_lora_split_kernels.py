@@ -157,20 +157,17 @@ def _pair_route_masked(topk_ids_ptr, mapping_ptr, expert_map_ptr, pair, top_k, m
 
 @triton.jit
 def moe_lora_pair_split_shrink_kernel(
-    x_ptr, a_ptr, part_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, order_ptr,
+    x_ptr, a_ptr, part_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
     top_k, top_k_in, K, R, num_experts, max_loras,
     stride_xm, stride_xk,
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_pk, stride_ps, stride_pp,
     HAS_EXPERT_MAP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
-    HAS_ORDER: tl.constexpr = False,
 ):
     """grid (pairs, slices, K-splits): part[split, slice, pair] = fp32 x[pair's row, split's K range] @ A^T.
-    The route with x, then A with the enabled flag.  ``HAS_ORDER``: program p takes pair ``order[p]``."""
+    The route with x, then A with the enabled flag."""
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
-    if HAS_ORDER:
-        pair = tl.load(order_ptr + pair).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_k = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)
@@ -191,23 +188,20 @@ def moe_lora_pair_split_shrink_kernel(
 
 @triton.jit
 def moe_lora_pair_split_expand_kernel(
-    b_ptr, out_ptr, part_ptr, w_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, order_ptr,
+    b_ptr, out_ptr, part_ptr, w_ptr, topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr,
     top_k, N, R, num_experts, max_loras,
     stride_bs, stride_bl, stride_be, stride_bn, stride_br,
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
     stride_pk, stride_ps, stride_pp, num_n_splits,
     HAS_EXPERT_MAP: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_PARTS: tl.constexpr, USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False,
-    HAS_ORDER: tl.constexpr = False,
 ):
     """grid (pairs, slices, N-splits): the pair's partials summed in split order (deterministic), then its
     expand over this N-split's columns, a read-modify-write of ``out`` per BLOCK_N tile; a pair that is not live
     or whose slot is disabled stores nothing.  ``OVERWRITE`` (``out`` is a delta buffer of its own): each tile is
-    stored without reading ``out``, zeros for such a pair.  ``HAS_ORDER``: program p takes pair ``order[p]``."""
+    stored without reading ``out``, zeros for such a pair."""
     pdl_wait(USE_PDL)
     pair = tl.program_id(0).to(tl.int64)
-    if HAS_ORDER:
-        pair = tl.load(order_ptr + pair).to(tl.int64)
     slice_s = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)

@@ -131,8 +131,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
          topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
          adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor], alignment: Optional[MoELoRAAlignment],
          top_k: int, top_k_in: int, mul_routed_weight: bool, n_offset: int, slice_stride: Optional[int],
-         config: Optional[MoELoRATileConfig], op: str, overwrite: bool = False,
-         pair_order: Optional[torch.Tensor] = None) -> None:
+         config: Optional[MoELoRATileConfig], op: str, overwrite: bool = False) -> None:
     from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 
     m = topk_ids.shape[0]
@@ -163,9 +162,6 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         stride_ot = stride_oj = stride_on = 0
     flat_w = topk_weights.reshape(-1) if mul_routed_weight else x if do_shrink else shrunk
     dummy = x if do_shrink else shrunk
-    # the prefetch kernel and the two launches visit the pairs in this order (moe_lora_pair_order.py)
-    order = dict(order_ptr=pair_order if pair_order is not None else token_lora_mapping,
-                 HAS_ORDER=pair_order is not None)
 
     for group in groups:
         s0, ns = group[0], len(group)
@@ -221,7 +217,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             launch_pair_split(args, pair_args=dict(
                 topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
-                HAS_EXPERT_MAP=expert_map is not None, **order), numel=numel, num_slices=ns, n_splits=splits,
+                HAS_EXPERT_MAP=expert_map is not None), numel=numel, num_slices=ns, n_splits=splits,
                 width=_PAIR_SPLIT_WIDTH, interp=interp, fanout=PAIR_SPLIT_FANOUT,
                 expand_block_n=None if interp else PAIR_SPLIT_EXPAND_BLOCK_N)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
@@ -231,7 +227,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             moe_lora_pair_prefetch_kernel[(numel, ns, -(-N // bn))](
                 topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
-                HAS_EXPERT_MAP=expert_map is not None, K_TILES=k_tiles, **order,
+                HAS_EXPERT_MAP=expert_map is not None, K_TILES=k_tiles,
                 **{**args, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1})
         else:
             grid = (numel, ns, splits)
@@ -247,12 +243,9 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
                    adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
                    expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
                    n_offset: int = 0, slice_stride: Optional[int] = None,
-                   config: Optional[MoELoRATileConfig] = None, overwrite: bool = False,
-                   pair_order: Optional[torch.Tensor] = None) -> None:
+                   config: Optional[MoELoRATileConfig] = None, overwrite: bool = False) -> None:
     """out += LoRA delta of every pair, shrink and expand in one launch (see the module docstring); with
-    ``overwrite``, out = the delta (0 where a pair gets none).  ``pair_order``: int32 [M * top_k], a permutation
-    of the pairs in which the per-pair kernels' programs visit them (``moe_lora_pair_order.pair_order``; the same
-    bits in any order), ignored by the sorted path and ``moe_lora_pair_kernel``."""
+    ``overwrite``, out = the delta (0 where a pair gets none)."""
     chk.check_config(config)
     a_slices, b_slices = chk.slices(lora_a_stacked, "lora_a_stacked"), chk.slices(lora_b_stacked, "lora_b_stacked")
     if len(a_slices) != len(b_slices):
@@ -265,10 +258,6 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
     chk.check_alignment(alignment, m * top_k, L, E, x.device)
     if mul_routed_weight and (topk_weights is None or topk_weights.numel() != m * top_k):
         raise ValueError(f"mul_routed_weight needs topk_weights with M*top_k={m * top_k} entries")
-    if pair_order is not None and (pair_order.dtype != torch.int32 or tuple(pair_order.shape) != (m * top_k,)
-                                   or pair_order.device != x.device):
-        raise ValueError(f"pair_order must be int32 [M*top_k={m * top_k}] on {x.device}, got {pair_order.dtype} "
-                         f"{tuple(pair_order.shape)} on {pair_order.device}")
     if m * top_k == 0:
         return
     stores = overwrite and _overwrites(alignment, m * top_k, x.shape[1], R, [b.shape[2] for b in b_slices],
@@ -279,7 +268,7 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
          topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=token_lora_mapping,
          adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k,
          top_k_in=top_k_in, mul_routed_weight=mul_routed_weight, n_offset=n_offset, slice_stride=slice_stride,
-         config=config, op="fused_moe_lora", overwrite=stores, pair_order=pair_order)
+         config=config, op="fused_moe_lora", overwrite=stores)
 
 
 def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
