@@ -23,6 +23,32 @@ def test_greedy_is_argmax_and_input_untouched():
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plain_greedy_on_16_bit_logits_is_the_float32_argmax(dtype, monkeypatch):
+    """All-greedy rows with nothing to apply take the argmax of the logits in their own dtype (no float32 copy):
+    the same index as the float32 argmax, ties (first index), -inf and rows of equal values included; with a
+    constraint on any row the float32 path runs and applies it."""
+    logits = (logits_batch(rows=7) * 40).to(dtype)
+    logits[1, 3] = logits[1, 9] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2] = 0.5
+    logits[3, :] = float("-inf")
+    logits[3, 5] = -1.0
+    n = logits.shape[0]
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(a) or real_to(t, *a, **k))
+    out = Sampler()(logits, [SamplingParams(temperature=0.0)] * n, [None] * n)
+    assert not copies  # no float32 copy of the logits
+    assert torch.equal(out, logits.float().argmax(-1)) and out[1] == 3 and out[2] == 0 and out[3] == 5
+    want = int(logits[0].float().argmax())
+    suppressed = [[want]] + [None] * (n - 1)
+    out = Sampler()(logits, [SamplingParams(temperature=0.0)] * n, [None] * n, suppressed)
+    assert copies and out[0] != want and torch.equal(out[1:], logits[1:].float().argmax(-1))
+    logits[0, 7] = logits[0].max() - 50  # the bias (at most 100) lifts it to the top
+    biased = [SamplingParams(temperature=0.0, logit_bias={7: 100})] + [SamplingParams(temperature=0.0)] * (n - 1)
+    assert Sampler()(logits, biased, [None] * n)[0] == 7
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = logits_batch(rows=8)
     n = logits.shape[0]

@@ -112,6 +112,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _plain_greedy(params: Seq[SamplingParams], suppress_token_ids: Optional[Seq[Optional[Seq[int]]]]) -> bool:
+    """Every row greedy, and nothing changes its logits first (no logit_bias, allowed_token_ids, bad_words,
+    penalties or suppressed ids)."""
+    if suppress_token_ids is not None and any(suppress_token_ids):
+        return False
+    return all(p.sampling_type == SamplingType.GREEDY and not p.logit_bias and p.allowed_token_ids is None
+               and not p.bad_words and not p.needs_penalties for p in params)
+
+
 class Sampler(nn.Module):
     """``forward(logits [B, V], params, generators) -> token ids [B] int64``;
     with ``num_logprobs=[...]`` it returns a ``SamplerOutput`` (tokens + logprobs)."""
@@ -175,6 +184,11 @@ class Sampler(nn.Module):
         if suppress_token_ids is not None and len(suppress_token_ids) != num_rows:
             raise ValueError(f"suppress_token_ids has {len(suppress_token_ids)} entries for {num_rows} rows")
         device = logits.device
+        if num_rows and _plain_greedy(params, suppress_token_ids):
+            # every row takes the argmax of its raw logits, in their own dtype (for 16-bit logits the same index as
+            # in float32: the widening is exact and keeps the order), without the float32 copy below (the models'
+            # float32 logits at batch 256 and a 152k vocabulary: 156 MB read and written, 75 us on an H200)
+            return logits.argmax(dim=-1)
         logits = logits.to(torch.float32, copy=True)
         if num_rows == 0:
             return torch.empty(0, dtype=torch.int64, device=device)
