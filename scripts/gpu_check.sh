@@ -67,7 +67,9 @@
 #           its cuda tests, then benchmark_moe_lora.py (PAIRSPLIT_SHAPES, default mixtral; PAIRSPLIT_TOKENS) with
 #           --pair-kernel 0 / 2 / 2 at K ranges of 1024; only when named
 #   sidestream the MoE LoRA deltas in fp32 buffers on a side stream beside the base GEMMs (experts/lora_overlap.py,
-#           on by default since the twenty-third session): its cuda tests and the engine's CUDA-graph tests, then
+#           on by default since the twenty-third session; the buffers overwritten by the per-pair kernels since the
+#           twenty-fourth) and the dense one (lora/layers/dense_overlap.py, off: timed slower): their cuda tests and
+#           the engine's CUDA-graph tests, then
 #           benchmark_moe_lora.py --lora-side-stream 0 / 1 (SIDE_TOKENS), benchmark_moe_int4.py and _mxfp4.py
 #           --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
 #           decode_switch_ab.py flipping it, with LoRA (SIDE_BATCHES); only when named
@@ -325,8 +327,9 @@ if [[ " $steps " == *" pairsplit "* ]]; then
   done
 fi
 if [[ " $steps " == *" sidestream "* ]]; then
-  pytest tests/lora/test_moe_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py tests/worker/test_cuda_graphs.py \
-    tests/worker/test_lora_graph_layer_set.py tests/quantization/test_int4_moe_lora.py >"$OUT/sidestream_pytest.log" 2>&1
+  pytest tests/lora/test_moe_lora_side_stream.py tests/kernels/test_moe_lora_overwrite.py \
+    tests/lora/test_dense_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py tests/quantization/test_int4_moe_lora.py \
+    tests/worker/test_cuda_graphs.py tests/worker/test_lora_graph_layer_set.py >"$OUT/sidestream_pytest.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/sidestream_pytest.log" | head -20; tail -2 "$OUT/sidestream_pytest.log"
   rc=$(( rc || prc ))
   for v in 0 1; do
@@ -344,7 +347,8 @@ if [[ " $steps " == *" sidestream "* ]]; then
     echo "== MXFP4 --lora-deltas $v"; grep "^| g\|rror" "$OUT/sidestream_mxfp4_$v.log" | tail -6
   done
   timeout "${SIDE_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
-    --switches moe-lora-side-stream --lora --out "$OUT/sidestream_ab.md" >"$OUT/sidestream_ab.log" 2>&1
+    --switches moe-lora-side-stream dense-lora-side-stream --lora --out "$OUT/sidestream_ab.md" \
+    >"$OUT/sidestream_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/sidestream_ab.md"; rc=$(( rc || r ))
 fi
 if [[ " $steps " == *" densegemv "* ]]; then
