@@ -63,7 +63,10 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
 TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION"),
            "fused-kv-write": ("vllm.model_executor.layers.attention", "FUSED_KV_WRITE"),
            "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM"),
-           "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM")}
+           "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM"),
+           "moe-lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE"),
+           "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
+                                      "SIDE_STREAM_HIGH_PRIORITY")}
 _toggle_defaults: dict[str, bool] = {}
 
 
