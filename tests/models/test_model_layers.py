@@ -128,15 +128,21 @@ def test_vocab_parallel_embedding_and_lm_head():
     assert_close(logits, hidden @ table.T, torch.float32)
 
 
-def test_logits_are_float32_and_heads_tie():
+def test_logits_keep_the_model_dtype_and_heads_tie():
+    """Without a scale or soft cap the logits are the projection's own numbers in the model dtype (the sampler and
+    logprobs widen them to float32 exactly); with one, float32."""
     emb = VocabParallelEmbedding(12, 8, params_dtype=torch.bfloat16)
     emb.weight_loader(emb.weight, torch.randn(12, 8))
     head = ParallelLMHead(12, 8, params_dtype=torch.bfloat16).tie_weights(emb)
     assert head.weight is emb.weight
     hidden = torch.randn(3, 8, dtype=torch.bfloat16)
     logits = LogitsProcessor(12)(head, hidden)
-    assert logits.dtype == torch.float32
-    assert_close(logits, (hidden.float() @ emb.weight.float().T), torch.bfloat16)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, torch.nn.functional.linear(hidden, emb.weight))
+    assert_close(logits.float(), (hidden.float() @ emb.weight.float().T), torch.bfloat16)
+    scaled = LogitsProcessor(12, scale=0.5)(head, hidden)
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, logits.float() * 0.5)
+    capped = LogitsProcessor(12, soft_cap=2.0)(head, hidden)
+    assert capped.dtype == torch.float32 and torch.equal(capped, torch.tanh(logits.float() / 2.0) * 2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -147,7 +147,7 @@ class DecodeGraphRunner:
         self.max_size = self.sizes[-1]
         self.emulate = emulate
         self.buffers = DecodeBuffers(self.max_size, -(-max_model_len // block_size), block_size, self.device)
-        self.logits: Optional[torch.Tensor] = None  # [max_size, vocab] float32, written by every replay
+        self.logits: Optional[torch.Tensor] = None  # [max_size, vocab] in the logits' dtype, written by every replay
         self._graphs: dict[tuple[int, bool], Any] = {}
         self._keep_alive: list[torch.Tensor] = []
         self.replays: dict[tuple[int, bool], int] = {}  # replays per key (tests and logs)

@@ -94,7 +94,7 @@ class ModelRunner:
     def compute_logits(self, inp: ModelInput,
                        on_prompt_logits: Optional[Callable[[int, torch.Tensor], None]] = None,
                        input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Forward one step on this rank; [num_seqs, vocab] float32 logits of each last new token.
+        """Forward one step on this rank; [num_seqs, vocab] logits of each last new token (``LogitsProcessor``'s dtype).
 
         Then the logits of ``inp.prompt_rows``, PROMPT_LOGPROBS_CHUNK rows at a time, each
         chunk passed to ``on_prompt_logits(first_row_index, logits)`` (rank 0) or dropped.

@@ -274,7 +274,7 @@ class MoEForCausalLM(nn.Module):
         __init__(config, *, dtype, device, lora_enabled=False, moe_backend=None, tp_group=None,
                  enable_expert_parallel=False, prefix="")
         forward(input_ids [T], positions [T]) -> hidden [T, H]   (inside set_forward_context)
-        compute_logits(hidden [T, H]) -> [T, V] float32
+        compute_logits(hidden [T, H]) -> [T, V] logits (the model dtype; float32 with a scale or soft cap)
         load_weights(iterable of (checkpoint name, tensor)) -> names of loaded parameters
     """
 
