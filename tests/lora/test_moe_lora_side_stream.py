@@ -168,24 +168,16 @@ def test_layer_beside_with_an_expert_map(device, monkeypatch):
     assert_close(sum(o[0] for o in outs).cpu(), hs[0].reference(x, logits, slots), torch.float32)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("M", [1, 16, 64])
-def test_beside_in_a_cuda_graph(M, monkeypatch):
-    """Qwen3-30B-A3B's widths (64 of its experts): captured with both streams, replayed with new inputs in the
-    same buffers, the bits of the buffers in order, eager.  1 token runs the one-launch pair kernel, 16 and 64 the
-    two launches."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    device = torch.device("cuda")
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
-    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=device, backend="triton", max_loras=4,
-                max_rank=16, seed=12)
+def _captured_qwen3_layer(M, seed):
+    """A LoRA layer at Qwen3-30B-A3B's widths (64 of its experts), 4 adapters over M tokens, warmed up on a side
+    stream and captured in a CUDA graph: (harness, x, logits, slots, graph, the graph's output)."""
+    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=torch.device("cuda"), backend="triton",
+                max_loras=4, max_rank=16, seed=seed)
     for s in range(4):
         h.load(s, h.new_adapter(rank=16 if s % 2 else 8))
     x, logits = h.inputs(M, empty=False)
     slots = pick_slots(M, 4, "mixed", seed=M)
     h.punica.update_metadata(slots)
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -195,12 +187,30 @@ def test_beside_in_a_cuda_graph(M, monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = h.layer(x, logits)
+    return h, x, logits, slots, graph, out
+
+
+def _replay_with_new_inputs(h, x, logits, M, graph):
+    x2, logits2 = h.inputs(M, empty=False)
+    x.copy_(x2)
+    logits.copy_(logits2)
+    graph.replay()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_beside_in_a_cuda_graph(M, monkeypatch):
+    """Qwen3-30B-A3B's widths (64 of its experts): captured with both streams, replayed with new inputs in the
+    same buffers, the bits of the buffers in order, eager.  1 token runs the one-launch pair kernel, 16 and 64 the
+    two launches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
+    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
+    h, x, logits, slots, graph, out = _captured_qwen3_layer(M, seed=12)
     for step in range(2):
-        x2, logits2 = h.inputs(M, empty=False)
-        x.copy_(x2)
-        logits.copy_(logits2)
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay_with_new_inputs(h, x, logits, M, graph)
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
         in_order = h.forward(x, logits, slots)
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
@@ -227,31 +237,11 @@ def test_sorted_beside_at_high_priority_in_a_cuda_graph(M, monkeypatch):
     captured and replayed with new inputs: the eager buffers-in-order bits."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    device = torch.device("cuda")
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
     monkeypatch.setattr(lora_overlap, "SORTED_BESIDE", True)
     monkeypatch.setattr(lora_overlap, "SIDE_STREAM_HIGH_PRIORITY", True)
-    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=device, backend="triton", max_loras=4,
-                max_rank=16, seed=13)
-    for s in range(4):
-        h.load(s, h.new_adapter(rank=16 if s % 2 else 8))
-    x, logits = h.inputs(M, empty=False)
-    slots = pick_slots(M, 4, "mixed", seed=M)
-    h.punica.update_metadata(slots)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            h.layer(x, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = h.layer(x, logits)
-    x2, logits2 = h.inputs(M, empty=False)
-    x.copy_(x2)
-    logits.copy_(logits2)
-    graph.replay()
-    torch.cuda.synchronize()
+    h, x, logits, slots, graph, out = _captured_qwen3_layer(M, seed=13)
+    _replay_with_new_inputs(h, x, logits, M, graph)
     monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
     in_order = h.forward(x, logits, slots)
     assert torch.equal(out, in_order), (out.float() - in_order.float()).abs().max()
