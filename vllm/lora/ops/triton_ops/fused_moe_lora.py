@@ -274,15 +274,17 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
 def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
                     token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
-                    config: Optional[MoELoRATileConfig] = None) -> torch.Tensor:
-    """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
+                    config: Optional[MoELoRATileConfig] = None, init: bool = True) -> torch.Tensor:
+    """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0
+    (``init=False``: left unwritten, for a reader that reads only the rows of pairs with LoRA)."""
     chk.check_config(config)
     a_slices = chk.slices(lora_a_stacked, "lora_a_stacked")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
     m, top_k = chk.check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
     x = chk.check_x(x, a_slices, m, top_k, top_k_in)
     chk.check_alignment(alignment, m * top_k, L, E, x.device)
-    shrunk = torch.zeros((len(a_slices), m * top_k, R), dtype=torch.float32, device=x.device)
+    shrunk = (torch.zeros if init else torch.empty)((len(a_slices), m * top_k, R), dtype=torch.float32,
+                                                    device=x.device)
     if m * top_k > 0:
         _run(do_shrink=True, do_expand=False, x=x, a_slices=a_slices, b_slices=[], out=None, shrunk=shrunk,
              topk_ids=topk_ids, topk_weights=None, token_lora_mapping=token_lora_mapping,

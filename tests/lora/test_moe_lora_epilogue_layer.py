@@ -1,0 +1,126 @@
+"""LoRA MoE layers whose sorted-path seams are split: the shrink before each GEMM, the expand in its epilogue
+(``experts/lora_epilogue.py``, ``LORA_EPILOGUE``).
+
+Against the fp32 loop reference and the in-place path (one rounding fewer: within the dtype's rounding of it),
+with the layer's gate / up adapters (two slices) and a peft fused gate_up adapter (one slice), SiLU and gpt-oss's
+clamped SwiGLU with biases, a slot that holds no adapter, and expert-parallel ranks; spies check that the split
+seams ran, and that the per-pair path and the fully-sharded one do not take them.  On CUDA also inside a graph.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from tests.layers.moe_setup import pick_slots
+from tests.lora.lora_moe_harness import Harness
+from tests.lora.test_moe_lora_side_stream import _captured_qwen3_layer, _replay_with_new_inputs
+from tests.utils import assert_close
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+from vllm.model_executor.layers.fused_moe.experts import lora_epilogue
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """The sorted path forced, and the calls of the two split seams counted."""
+    calls = {"w13": 0, "w2": 0}
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
+    for name in ("w13", "w2"):
+        orig = getattr(PunicaWrapperGPU, f"lora_{name}_epilogue")
+
+        def spy(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(PunicaWrapperGPU, f"lora_{name}_epilogue", spy)
+    return calls
+
+
+def _harness(dtype, device, activation="silu", fused=False, **kw):
+    h = Harness(E=8, top_k=2, H=32, I=48, activation=activation, bias=activation == "swigluoai", dtype=dtype,
+                device=device, backend="triton", max_loras=3, max_rank=16, fused=fused, seed=5, **kw)
+    h.load(0, h.new_adapter(rank=16))
+    h.load(2, h.new_adapter(rank=8))
+    return h
+
+
+def _both_paths(h, x, logits, slots, monkeypatch):
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", on)
+        outs.append(h.forward(x, logits, slots))
+    return outs
+
+
+def _dtypes(device):
+    # the interpreter rounds fp32 -> bf16 by truncation: bf16 is compared on the GPU
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("activation,fused", [("silu", False), ("silu", True), ("swigluoai", True)])
+def test_layer_epilogue_matches_in_place_and_reference(activation, fused, device, spied, monkeypatch):
+    for dtype in _dtypes(device):
+        h = _harness(dtype, device, activation, fused)
+        for M in (9, 40):
+            x, logits = h.inputs(M)
+            slots = pick_slots(M, 3, "mixed", seed=M)  # slot 1 holds no adapter: its tokens get the base only
+            before = dict(spied)
+            split, in_place = _both_paths(h, x, logits, slots, monkeypatch)
+            assert spied["w13"] == before["w13"] + 1 and spied["w2"] == before["w2"] + 1
+            assert not split.isnan().any()
+            assert_close(split.float(), in_place.float(), dtype)
+            assert_close(split.float().cpu(), h.reference(x, logits, slots), dtype)
+
+
+def test_layer_epilogue_with_an_expert_map(device, spied, monkeypatch):
+    """Expert-parallel ranks: each rank's GEMMs take only its experts' pairs and their deltas; they sum to the
+    layer."""
+    hs = [_harness(torch.float32, device, layer_kwargs=dict(ep_size=2, ep_rank=r)) for r in range(2)]
+    for h in hs[1:]:
+        for s, ad in hs[0].slots.items():
+            h.load(s, ad)
+    x, logits = hs[0].inputs(13, empty=False)
+    slots = pick_slots(13, 3, "mixed")
+    monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", True)
+    total = sum(h.forward(x, logits, slots) for h in hs)
+    assert spied["w13"] == 2 and spied["w2"] == 2
+    assert_close(total.cpu(), hs[0].reference(x, logits, slots), torch.float32)
+
+
+def test_applies_only_to_the_sorted_unsharded_path(device, monkeypatch):
+    h = _harness(torch.float32, device)
+    ctx = h.layer.base_layer.lora_context
+    monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", True)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
+    assert lora_epilogue.applies(ctx, 18)
+    assert not lora_epilogue.applies(ctx, 0)
+    assert not lora_epilogue.applies(dataclasses.replace(ctx, fully_sharded=True, tp_size=2), 18)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
+    assert not lora_epilogue.applies(ctx, 18)  # the per-pair path keeps its own kernels
+    monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", False)
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
+    assert not lora_epilogue.applies(ctx, 18)
+
+
+def test_per_pair_path_keeps_its_kernels(device, spied, monkeypatch):
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
+    h = _harness(torch.float32, device)
+    x, logits = h.inputs(3)
+    slots = pick_slots(3, 3, "mixed", seed=3)
+    split, in_place = _both_paths(h, x, logits, slots, monkeypatch)
+    assert spied == {"w13": 0, "w2": 0}
+    assert torch.equal(split, in_place)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [256])
+def test_epilogue_in_a_cuda_graph(M, spied, monkeypatch):
+    """Qwen3-30B-A3B's widths (64 experts), the split seams captured and replayed with new inputs: the eager bits,
+    and the reference's within bf16 tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", True)
+    h, x, logits, slots, graph, out = _captured_qwen3_layer(M, seed=14)
+    assert spied["w13"] > 0
+    _replay_with_new_inputs(h, x, logits, M, graph)
+    eager = h.forward(x, logits, slots)
+    assert torch.equal(out, eager), (out.float() - eager.float()).abs().max()
+    assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
