@@ -66,7 +66,8 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM"),
            "moe-lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE"),
            "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
-                                      "SIDE_STREAM_HIGH_PRIORITY")}
+                                      "SIDE_STREAM_HIGH_PRIORITY"),
+           "moe-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE")}
 _toggle_defaults: dict[str, bool] = {}
 
 

@@ -64,6 +64,9 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
                              "SIDE_STREAM_HIGH_PRIORITY", int,
                              "1: the LoRA side stream at the device's highest priority"),
+    "--lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE", int,
+                        "1: the sorted LoRA path's seams split, the shrink before each GEMM and the expand in its "
+                        "epilogue"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }
