@@ -67,8 +67,10 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "moe-lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE"),
            "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
                                       "SIDE_STREAM_HIGH_PRIORITY"),
-           "moe-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE")}
-_toggle_defaults: dict[str, bool] = {}
+           "moe-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE"),
+           # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
+           "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE")}
+_toggle_defaults: dict[str, object] = {}
 
 
 def shipped_switches() -> None:
@@ -77,7 +79,7 @@ def shipped_switches() -> None:
 
     for flag, (mod, name) in TOGGLES.items():
         m = importlib.import_module(mod)
-        _toggle_defaults.setdefault(flag, bool(getattr(m, name)))
+        _toggle_defaults.setdefault(flag, getattr(m, name))
         setattr(m, name, _toggle_defaults[flag])
     if _pair_defaults:
         set_pair_fanout(True)

@@ -12,6 +12,7 @@ import torch
 import vllm.lora.ops.triton_ops.fused_linear_lora as fused_mod
 from tests.lora.test_dense_lora_layers import SLOTS, _make, full_reference, held_rows, random_adapter, wrap
 from tests.utils import assert_close
+from vllm.lora.layers import linear as linear_mod
 from vllm.lora.layers.linear import fused_decode_default
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
 from vllm.lora.punica_wrapper import get_punica_wrapper
@@ -156,6 +157,13 @@ def test_default_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="VLLM_FUSED_LORA_LINEAR"):
         fused_decode_default(cuda)
+    # the benchmarks' override (decode_switch_ab.py --switches dense-fused-lora) wins over the variable
+    monkeypatch.setenv("VLLM_FUSED_LORA_LINEAR", "0")
+    monkeypatch.setattr(linear_mod, "FUSED_DECODE", True)
+    assert fused_decode_default(cuda) and not fused_decode_default(cpu)
+    monkeypatch.setenv("VLLM_FUSED_LORA_LINEAR", "1")
+    monkeypatch.setattr(linear_mod, "FUSED_DECODE", False)
+    assert not fused_decode_default(cuda)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

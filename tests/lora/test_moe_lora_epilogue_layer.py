@@ -17,6 +17,7 @@ from tests.lora.test_moe_lora_side_stream import _captured_qwen3_layer, _replay_
 from tests.utils import assert_close
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.model_executor.layers.fused_moe.experts import lora_epilogue
+from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
 
 
 @pytest.fixture
@@ -55,8 +56,15 @@ def _dtypes(device):
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
 
 
+@pytest.mark.parametrize("fused_act", [False, True], ids=["act-apart", "act-in-gemm1"])
 @pytest.mark.parametrize("activation,fused", [("silu", False), ("silu", True), ("swigluoai", True)])
-def test_layer_epilogue_matches_in_place_and_reference(activation, fused, device, spied, monkeypatch):
+def test_layer_epilogue_matches_in_place_and_reference(activation, fused, fused_act, device, spied, monkeypatch):
+    """``fused_act``: GEMM1 also applies the activation (``FUSED_ACTIVATION``), after the w13 expand."""
+    calls = []
+    gemm = fused_moe_gemm.invoke_fused_moe_gemm
+    monkeypatch.setattr(fused_moe_gemm, "FUSED_ACTIVATION", fused_act)
+    monkeypatch.setattr(fused_moe_gemm, "invoke_fused_moe_gemm",
+                        lambda *a, **kw: calls.append(kw.get("fused_activation")) or gemm(*a, **kw))
     for dtype in _dtypes(device):
         h = _harness(dtype, device, activation, fused)
         for M in (9, 40):
@@ -65,6 +73,7 @@ def test_layer_epilogue_matches_in_place_and_reference(activation, fused, device
             before = dict(spied)
             split, in_place = _both_paths(h, x, logits, slots, monkeypatch)
             assert spied["w13"] == before["w13"] + 1 and spied["w2"] == before["w2"] + 1
+            assert any(c is not None for c in calls) == fused_act
             assert not split.isnan().any()
             assert_close(split.float(), in_place.float(), dtype)
             assert_close(split.float().cpu(), h.reference(x, logits, slots), dtype)
@@ -124,3 +133,65 @@ def test_epilogue_in_a_cuda_graph(M, spied, monkeypatch):
     eager = h.forward(x, logits, slots)
     assert torch.equal(out, eager), (out.float() - eager.float()).abs().max()
     assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
+
+
+def _chunked_dequant_path(monkeypatch, experts_per_chunk):
+    """The 4-bit experts' large-batch path forced, its scratch holding ``experts_per_chunk`` experts: the GEMMs
+    run chunk by chunk with experts numbered from each chunk's first (``MoELoRAEpilogue.expert0``)."""
+    from vllm.model_executor.layers.fused_moe.experts import dequant_path
+
+    monkeypatch.setattr(dequant_path, "FORCE_PATH", "dequant")
+    monkeypatch.setattr(dequant_path, "experts_per_chunk", lambda E, N, K, dtype: experts_per_chunk)
+
+
+@pytest.mark.parametrize("experts_per_chunk", [8, 3])
+def test_int4_dequant_path_epilogue(experts_per_chunk, device, spied, monkeypatch):
+    """``MarlinExperts`` on its dequant path (bf16 grouped GEMMs over dequantised chunks of experts) with the split
+    seams: the fp32 reference on the dequantised weights, and the in-place path."""
+    from tests.quantization.test_int4_moe_lora import _lora_layer, _ref
+    from tests.layers.moe_setup import random_adapter
+    from tests.quantization.int4_moe_setup import random_int4_experts
+    from tests.quantization.test_int4_moe_layer import _inputs
+
+    _chunked_dequant_path(monkeypatch, experts_per_chunk)
+    E, top_k, H, I, group = 8, 2, 64, 32, 16
+    gen = torch.Generator().manual_seed(4)
+    ex = random_int4_experts(E, H, I, "silu", group, "asym", gen)
+    layer, punica = _lora_layer(ex, top_k, "silu", group, "asym", torch.float32, device, "marlin", 2, 16)
+    adapters = {s: random_adapter(E, H, I, r, "silu", gen) for s, r in enumerate([16, 8])}
+    for s, ad in adapters.items():
+        layer.set_lora(s, w13_lora_a=ad.w13_a, w13_lora_b=ad.w13_b, w2_lora_a=ad.w2_a, w2_lora_b=ad.w2_b)
+    x, logits = _inputs(11, E, H, top_k, torch.float32, device, gen)
+    slots = pick_slots(11, 2, "mixed", seed=6)
+    punica.update_metadata(slots)
+    split, in_place = _both_paths_of(lambda: layer(x, logits), monkeypatch)
+    assert spied["w13"] == 1 and spied["w2"] == 1
+    assert_close(split, in_place, torch.float32)
+    assert_close(split.cpu(), _ref(ex, x, logits, top_k, "silu", adapters, slots), torch.float32)
+
+
+@pytest.mark.parametrize("experts_per_chunk", [8, 3])
+def test_mxfp4_dequant_path_epilogue(experts_per_chunk, device, spied, monkeypatch):
+    """``UnfusedOAITritonExperts`` on its dequant path, gpt-oss's interleaved gate / up with biases and one fused
+    adapter slice: the split seams against the reference and the in-place path."""
+    from tests.lora.test_mxfp4_moe_lora import Mxfp4Harness
+
+    _chunked_dequant_path(monkeypatch, experts_per_chunk)
+    h = Mxfp4Harness(E=8, top_k=2, H=32, I=32, dtype=torch.float32, device=device, backend="triton", max_loras=2,
+                     max_rank=16, seed=8)
+    for slot, r in enumerate([16, 8]):
+        h.load(slot, h.new_adapter(rank=r))
+    x, logits = h.inputs(11)
+    slots = pick_slots(11, 2, "mixed", seed=8)
+    split, in_place = _both_paths_of(lambda: h.forward(x, logits, slots), monkeypatch)
+    assert spied["w13"] == 1 and spied["w2"] == 1
+    assert_close(split, in_place, torch.float32)
+    assert_close(split.cpu(), h.reference(x, logits, slots), torch.float32)
+
+
+def _both_paths_of(forward, monkeypatch):
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", on)
+        outs.append(forward())
+    return outs

@@ -63,13 +63,17 @@ _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLine
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+#: benchmarks: overrides ``VLLM_FUSED_LORA_LINEAR`` when set (``decode_switch_ab.py --switches dense-fused-lora``)
+FUSED_DECODE: Optional[bool] = None
 
 
 def fused_decode_default(device: torch.device) -> bool:
     """Whether dense LoRA layers on ``device`` fuse projection and delta at decode: on CUDA with compiled
-    Triton, when ``VLLM_FUSED_LORA_LINEAR=1`` (off by default: on an H200 the 17-256-token kernel's tiles ran
-    out of shared memory at rank 32; tests force it on under the interpreter per layer)."""
-    return device.type == "cuda" and HAS_TRITON and not triton_interpreting() and envs.VLLM_FUSED_LORA_LINEAR
+    Triton, when ``VLLM_FUSED_LORA_LINEAR=1`` or ``FUSED_DECODE`` (off by default: untimed since an H200 found the
+    17-256-token kernel's tiles out of shared memory at rank 32, which ``batch_config`` now sizes from the rank;
+    tests force it on under the interpreter per layer)."""
+    on = envs.VLLM_FUSED_LORA_LINEAR if FUSED_DECODE is None else FUSED_DECODE
+    return device.type == "cuda" and HAS_TRITON and not triton_interpreting() and on
 
 
 def _is_plain_linear(layer: nn.Module, row_parallel: bool) -> bool:

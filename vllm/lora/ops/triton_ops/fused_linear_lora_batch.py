@@ -24,6 +24,7 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 BATCH_MAX_TOKENS = 256  # largest batch of the fused op (the sorted-order tail lookup is [BLOCK_M, T] per tile)
 _MIN_PROGRAMS = 132  # one per SM of an H100 / H200: fewer cannot stream W at full bandwidth
+_STAGE_BUDGET = 200 * 1024  # bytes of shared memory the pipeline stages may take (the epilogue needs the rest)
 
 
 def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype,
@@ -37,9 +38,9 @@ def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype,
 
     On a GPU: BLOCK_M 32 up to 32 tokens, else 64; the widest BLOCK_N in 128 / 64 / 32 / 16 that still
     gives one program per SM (64 tokens: qkv of Qwen3-30B-A3B, N = 5120, 32; o, N = 2048, 16; 256 tokens:
-    128 and 32); BLOCK_K 128 (32 in fp32).  Untimed so far: ``benchmark_fused_linear_lora.py --sweep``.
+    128 and 32); BLOCK_K 128 (32 in fp32), narrower where two stages of the rank's A tiles would not fit;
+    4, 3 or 2 stages.  Untimed so far: ``benchmark_fused_linear_lora.py --sweep``.
     """
-    del R  # the tiles do not depend on it yet
     loop_slots = min(next_power_of_2(max(max_loras, 1)), 4)
     n_cap, k_cap = next_power_of_2(max(N, 16)), next_power_of_2(max(K, 16))
     if triton_interpreting():  # ~5 ms per loop iteration per program: few programs, one K tile
@@ -50,10 +51,17 @@ def batch_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dtype,
     m_tiles = -(-num_tokens // block_m)
     block_n = next((bn for bn in (128, 64, 32) if m_tiles * -(-N // bn) >= _MIN_PROGRAMS), 16)
     block_k = min(k_cap, 32 if dtype == torch.float32 else 128)
-    # 4 stages of the x, W and A tiles where they fit in an H100's shared memory (227 KB), else 3
-    stage_bytes = (block_m + block_n + 16 * max(loop_slots, 1)) * block_k * dtype.itemsize
+
+    def stage_bytes(bk: int) -> int:  # one pipeline stage: the x, W and gathered A tiles (BLOCK_C = rank x slots)
+        return (block_m + block_n + rank_block(R) * max(loop_slots, 1)) * bk * dtype.itemsize
+
+    # 4 stages where they fit in an H100's shared memory (227 KB, of which _STAGE_BUDGET for the stages), else 3,
+    # else 2, narrowing BLOCK_K until 2 fit (rank 32 at 256 tokens: 3 stages of 80 KB did not, on an H200)
+    while block_k > 32 and 2 * stage_bytes(block_k) > _STAGE_BUDGET:
+        block_k //= 2
+    stages = next((st for st in (4, 3) if st * stage_bytes(block_k) <= _STAGE_BUDGET), 2)
     return FusedLinearLoRABatchTileConfig(block_m=block_m, block_n=block_n, block_k=block_k, loop_slots=loop_slots,
-                                          num_warps=4, num_stages=4 if 4 * stage_bytes <= 200 * 1024 else 3)
+                                          num_warps=4, num_stages=stages)
 
 
 def _check_meta(meta: LoRALinearMetadata, T: int, L: int, device: torch.device) -> None:

@@ -12,6 +12,7 @@ with one rounding fewer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ class MoELoRAEpilogue:
     token_lora_mapping: [>= pairs / top_k] int32 slot of each token, -1 = none.
     adapter_enabled: [L + 1] int32, entry s != 0 when slot s holds an adapter.
     top_k: pairs per token (pair p belongs to token p // top_k).
+    expert0: the local expert of the GEMM's expert 0 (a GEMM over a chunk of the experts, as the 4-bit experts'
+        dequant path runs them, numbers them from 0).
     """
 
     shrunk: torch.Tensor
@@ -41,6 +44,11 @@ class MoELoRAEpilogue:
     token_lora_mapping: torch.Tensor
     adapter_enabled: torch.Tensor
     top_k: int
+    expert0: int = 0
+
+    def for_experts(self, e0: int) -> "MoELoRAEpilogue":
+        """The epilogue of a GEMM over the experts from ``e0`` on, numbered from 0."""
+        return dataclasses.replace(self, expert0=e0)
 
     @staticmethod
     def fits(lora_b: tuple[torch.Tensor, ...]) -> bool:
@@ -61,6 +69,8 @@ class MoELoRAEpilogue:
         if self.col0 < 0 or self.col0 + (S - 1) * self.slice_cols + n_s > out_cols:
             raise ValueError(f"{S} slices of {n_s} columns from column {self.col0} (every {self.slice_cols}) "
                              f"overrun the GEMM's {out_cols} output columns")
+        if not 0 <= self.expert0 < E:
+            raise ValueError(f"expert0={self.expert0} is not one of the {E} local experts")
         if self.adapter_enabled.numel() != L + 1:
             raise ValueError(f"adapter_enabled has {self.adapter_enabled.numel()} entries for {L} slots")
         if self.token_lora_mapping.numel() * self.top_k < num_pairs:
@@ -79,7 +89,7 @@ def epilogue_kernel_args(epi: MoELoRAEpilogue) -> dict[str, Any]:
     return dict(
         lora_s_ptr=epi.shrunk, lora_b_ptr=b0, lora_map_ptr=epi.token_lora_mapping,
         lora_enabled_ptr=epi.adapter_enabled, lora_top_k=epi.top_k, lora_max_loras=L, lora_R=R,
-        lora_n_slice=n_s, lora_col0=epi.col0, lora_slice_cols=epi.slice_cols,
+        lora_n_slice=n_s, lora_col0=epi.col0, lora_slice_cols=epi.slice_cols, lora_expert0=epi.expert0,
         stride_lss=epi.shrunk.stride(0), stride_lsp=epi.shrunk.stride(1), stride_lsr=epi.shrunk.stride(2),
         stride_lbs=chk.uniform_slice_stride(list(epi.lora_b)) or 0, stride_lbl=b0.stride(0),
         stride_lbe=b0.stride(1), stride_lbn=b0.stride(2), stride_lbr=b0.stride(3),

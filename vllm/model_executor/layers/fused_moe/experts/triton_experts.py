@@ -102,7 +102,8 @@ class TritonExperts(TwoGemmExperts):
                               config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise, lora=lora)
 
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                         route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int) -> bool:
+                         route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int,
+                         lora: Optional["MoELoRAEpilogue"] = None) -> bool:
         from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as gemm
 
         assert route is not None
@@ -113,6 +114,6 @@ class TritonExperts(TwoGemmExperts):
                                    block_expert_ids=al.block_expert_ids,
                                    num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                                    bias=self.quant_config.w1_bias, config=route.cfg1, pairwise=route.pairwise,
-                                   fused_activation=activation)
+                                   fused_activation=activation, lora=lora)
         return True
 

@@ -3,7 +3,8 @@
     GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
-(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
+(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA or with
+the w13 expand in that epilogue too).
 At decode sizes on CUDA each LoRA seam writes an fp32 delta buffer instead, on a side stream beside its GEMM,
 and the activation and the sum add it (``lora_overlap``).  A backend whose GEMMs take a LoRA expand in their
 epilogue (``_takes_lora_epilogue``, ``_gemm_with_lora``) gets the sorted path's seams split: the shrink before
@@ -87,10 +88,12 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         raise NotImplementedError
 
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                         route: Optional[Any], *, activation: MoEActivation, top_k_in: int) -> bool:
+                         route: Optional[Any], *, activation: MoEActivation, top_k_in: int,
+                         lora: Optional["MoELoRAEpilogue"] = None) -> bool:
         """GEMM1 with the gated ``activation`` in its epilogue, into out [pairs, N // 2], bit for bit GEMM1 then
         ``moe_activation``; False (nothing written) where the backend cannot.  Only called when no LoRA
-        runs this step (the w13 delta joins before the activation)."""
+        runs this step (the w13 delta joins before the activation), or with the w13 seam's expand (``lora``,
+        where ``_takes_lora_epilogue``), which then joins GEMM1's tile before the activation."""
         return False
 
     def _gemm2_summed(self, output: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
@@ -126,17 +129,25 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
         deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))  # fp32 buffers beside the GEMMs
         epilogue = lora_runs and self._takes_lora_epilogue(route)  # the GEMMs can take the expands
-        if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
-                                                  top_k_in=top_k):
+        activated = not lora_runs and self._gemm1_activated(act_out, hidden_states, w1, ids, route,
+                                                            activation=activation, top_k_in=top_k)
+        if not activated:
             gemm1 = workspace13[: pairs * N].view(pairs, N)
             g1 = dict(route=route, stage=1, top_k_in=top_k, topk_weights=topk_weights, weighted=False)
+
+            def gemm1_epilogue(e: "MoELoRAEpilogue") -> None:  # with the w13 expand, and the activation if it can
+                nonlocal activated
+                activated = self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
+                                                  top_k_in=top_k, lora=e)
+                if not activated:
+                    self._gemm_with_lora(gemm1, hidden_states, w1, ids, lora=e, **g1)
+
             routing, d13 = self.gemm1_with_lora(
                 lora_context, lambda: self._gemm(gemm1, hidden_states, w1, ids, **g1),
                 deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                expert_map=expert_map, alignment=lora_alignment,
-                epilogue_gemm=(lambda e: self._gemm_with_lora(gemm1, hidden_states, w1, ids, lora=e, **g1))
-                if epilogue else None)
-            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
+                expert_map=expert_map, alignment=lora_alignment, epilogue_gemm=gemm1_epilogue if epilogue else None)
+            if not activated:
+                moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
         if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,
