@@ -333,6 +333,7 @@ if [[ " $steps " == *" sidestream "* ]]; then
     tests/lora/test_dense_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py \
     tests/quantization/test_int4_moe_lora.py tests/worker/test_cuda_graphs.py \
     tests/worker/test_lora_graph_layer_set.py tests/lora/test_moe_lora_epilogue_layer.py tests/kernels/test_moe_lora_epilogue.py \
+    tests/lora/test_fused_linear_lora_batch.py tests/lora/test_dense_lora_fused_batch.py tests/lora/test_dense_lora_fused.py \
     >"$OUT/sidestream_pytest.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/sidestream_pytest.log" | head -20; tail -2 "$OUT/sidestream_pytest.log"
   rc=$(( rc || prc ))

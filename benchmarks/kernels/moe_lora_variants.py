@@ -67,6 +67,9 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE", int,
                         "1: the sorted LoRA path's seams split, the shrink before each GEMM and the expand in its "
                         "epilogue"),
+    "--lora-epilogue-max-pairs": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue",
+                                  "MAX_PAIRS_PER_EXPERT", float,
+                                  "the split seams only up to this many expected pairs per expert"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

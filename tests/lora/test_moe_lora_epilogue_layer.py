@@ -102,6 +102,9 @@ def test_applies_only_to_the_sorted_unsharded_path(device, monkeypatch):
     assert lora_epilogue.applies(ctx, 18)
     assert not lora_epilogue.applies(ctx, 0)
     assert not lora_epilogue.applies(dataclasses.replace(ctx, fully_sharded=True, tp_size=2), 18)
+    monkeypatch.setattr(lora_epilogue, "MAX_PAIRS_PER_EXPERT", 2.0)  # 18 pairs over 8 experts: ~2.5 per expert
+    assert not lora_epilogue.applies(ctx, 18) and lora_epilogue.applies(ctx, 8)
+    monkeypatch.setattr(lora_epilogue, "MAX_PAIRS_PER_EXPERT", None)
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
     assert not lora_epilogue.applies(ctx, 18)  # the per-pair path keeps its own kernels
     monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", False)
