@@ -70,6 +70,9 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-epilogue-max-pairs": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue",
                                   "MAX_PAIRS_PER_EXPERT", float,
                                   "the split seams only up to this many expected pairs per expert"),
+    "--lora-epilogue-shrink-split": (f"{_LORA}.moe_lora_epilogue", "SHRINK_SPLIT_K", int,
+                                     "the split seams' shrink in this many K ranges (partials summed in the "
+                                     "epilogue)"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

@@ -8,6 +8,8 @@ output).  Tokens on no slot (-1), a disabled slot, an expert without pairs, the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,6 +39,13 @@ def _lora(M, top_k, E, S, n_s, R, col0, slice_cols, dtype, device, gen):
                            token_lora_mapping=mapping, adapter_enabled=enabled, top_k=top_k)
 
 
+def _split_into_parts(epi: MoELoRAEpilogue, parts: int, gen) -> MoELoRAEpilogue:
+    """The same epilogue with its shrink as ``parts`` random partials [P, S, pairs, R] that sum to it."""
+    noise = torch.randn(parts - 1, *epi.shrunk.shape, generator=gen).to(epi.shrunk.device)
+    last = epi.shrunk - noise.sum(0)
+    return dataclasses.replace(epi, shrunk=torch.cat([noise, last[None]]))
+
+
 def _delta(epi: MoELoRAEpilogue, ids: torch.Tensor, N: int) -> torch.Tensor:
     """fp32 [pairs, N]: each pair's LoRA delta, a loop over the pairs."""
     flat = ids.reshape(-1).tolist()
@@ -52,19 +61,21 @@ def _delta(epi: MoELoRAEpilogue, ids: torch.Tensor, N: int) -> torch.Tensor:
     return out
 
 
-# (M, E, top_k, N, K, slices, n_s, col0, slice_cols, gemm2, bias)
+# (M, E, top_k, N, K, slices, n_s, col0, slice_cols, gemm2, bias, shrink partials)
 CASES = [
-    (9, 4, 2, 64, 48, 2, 32, 0, 32, False, False),    # w13: gate and up slices
-    (9, 4, 2, 64, 48, 1, 64, 0, 64, False, True),     # w13: one fused gate_up slice
-    (17, 4, 2, 48, 64, 1, 48, 0, 48, True, True),     # w2: router-weighted
-    (17, 8, 2, 80, 48, 1, 32, 40, 32, True, False),   # a slice inside the columns (fully sharded w2's offset)
+    (9, 4, 2, 64, 48, 2, 32, 0, 32, False, False, 1),    # w13: gate and up slices
+    (9, 4, 2, 64, 48, 1, 64, 0, 64, False, True, 1),     # w13: one fused gate_up slice
+    (17, 4, 2, 48, 64, 1, 48, 0, 48, True, True, 1),     # w2: router-weighted
+    (17, 8, 2, 80, 48, 1, 32, 40, 32, True, False, 1),   # a slice inside the columns (fully sharded w2's offset)
+    (9, 4, 2, 64, 48, 2, 32, 0, 32, False, True, 3),     # a shrink split along K: partials summed in the epilogue
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-E{}-k{}-N{}-K{}-S{}-ns{}-c{}-{}-w2{:d}-b{:d}".format(*c))
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: "M{}-E{}-k{}-N{}-K{}-S{}-ns{}-c{}-{}-w2{:d}-b{:d}-p{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_epilogue_matches_reference(case, dtype, device):
-    M, E, top_k, N, K, S, n_s, col0, slice_cols, gemm2, use_bias = case
+    M, E, top_k, N, K, S, n_s, col0, slice_cols, gemm2, use_bias, parts = case
     gen = torch.Generator().manual_seed(M * 31 + N)
     ids = make_topk_ids(M, E, top_k, empty_expert=True).to(device)
     ids[-1, 0] = E - 1  # the last expert gets a pair
@@ -80,7 +91,8 @@ def test_epilogue_matches_reference(case, dtype, device):
     out = poison_(torch.empty(pairs, N, dtype=dtype, device=device))
     invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
                           num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in, topk_weights=tw,
-                          mul_routed_weight=gemm2, bias=bias, config=cfg, lora=epi)
+                          mul_routed_weight=gemm2, bias=bias, config=cfg,
+                          lora=epi if parts == 1 else _split_into_parts(epi, parts, gen))
     base = fused_moe_gemm_reference(a, w, ids, top_k_in=top_k_in, bias=bias).cpu()
     ref = base + _delta(epi, ids, N)
     if gemm2:
@@ -137,4 +149,4 @@ def test_epilogue_refuses_what_it_cannot_do(device):
 def test_epilogue_compiles_for_hopper():
     """The interpreter never compiles: the GEMM with the epilogue for sm_90 at the heuristic's tiles from decode to
     prefill, in a subprocess (no GPU needed): no spills, shared memory in budget."""
-    assert run_without_interpreter("tests/kernels/moe_lora_epilogue_hopper_compile.py").count("ok ") == 12
+    assert run_without_interpreter("tests/kernels/moe_lora_epilogue_hopper_compile.py").count("ok ") == 16

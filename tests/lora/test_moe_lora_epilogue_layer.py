@@ -35,8 +35,8 @@ def spied(monkeypatch):
     return calls
 
 
-def _harness(dtype, device, activation="silu", fused=False, **kw):
-    h = Harness(E=8, top_k=2, H=32, I=48, activation=activation, bias=activation == "swigluoai", dtype=dtype,
+def _harness(dtype, device, activation="silu", fused=False, H=32, **kw):
+    h = Harness(E=8, top_k=2, H=H, I=48, activation=activation, bias=activation == "swigluoai", dtype=dtype,
                 device=device, backend="triton", max_loras=3, max_rank=16, fused=fused, seed=5, **kw)
     h.load(0, h.new_adapter(rank=16))
     h.load(2, h.new_adapter(rank=8))
@@ -77,6 +77,23 @@ def test_layer_epilogue_matches_in_place_and_reference(activation, fused, fused_
             assert not split.isnan().any()
             assert_close(split.float(), in_place.float(), dtype)
             assert_close(split.float().cpu(), h.reference(x, logits, slots), dtype)
+
+
+def test_layer_epilogue_with_a_split_shrink(device, spied, monkeypatch):
+    """``SHRINK_SPLIT_K``: the seams' shrinks as partials over K ranges (the split shrink kernel), summed by the
+    epilogues: the reference, and within rounding the one-launch shrink's result."""
+    from vllm.lora.ops.triton_ops import moe_lora_epilogue
+
+    h = _harness(torch.float32, device, H=64)
+    x, logits = h.inputs(21)
+    slots = pick_slots(21, 3, "mixed", seed=21)
+    monkeypatch.setattr(lora_epilogue, "LORA_EPILOGUE", True)
+    one = h.forward(x, logits, slots)
+    monkeypatch.setattr(moe_lora_epilogue, "SHRINK_SPLIT_K", 4)  # w13: K = 64 in 4 ranges; w2: K = 48 in 3
+    split = h.forward(x, logits, slots)
+    assert spied["w13"] == 2 and spied["w2"] == 2
+    assert_close(split, one, torch.float32)
+    assert_close(split.cpu(), h.reference(x, logits, slots), torch.float32)
 
 
 def test_layer_epilogue_with_an_expert_map(device, spied, monkeypatch):

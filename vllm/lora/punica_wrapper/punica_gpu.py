@@ -121,15 +121,15 @@ class PunicaWrapperGPU(PunicaWrapperBase):
 
     def _epilogue(self, x: torch.Tensor, lora_a: tuple, lora_b: tuple, ctx: "MoELoRAContext",
                   routing: "MoELoRARouting", kw: dict[str, Any]) -> Optional["MoELoRAEpilogue"]:
-        from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
-
         if routing.num_pairs == 0:
             return None
         if routing.alignment is None or (ctx.fully_sharded and ctx.tp_size > 1):
             raise ValueError("the MoE LoRA epilogue takes the sorted path without full sharding")
+        from vllm.lora.ops.triton_ops import moe_lora_epilogue as epilogue
+
         # rows of pairs without an adapter stay unwritten: the epilogue reads only rows on an enabled slot
-        shrunk = self._shrink(x, lora_a, init=False, **kw)
-        return MoELoRAEpilogue(shrunk=shrunk, lora_b=tuple(lora_b), col0=0, slice_cols=lora_b[0].shape[2],
+        shrunk = self._shrink(x, lora_a, init=False, split_k=epilogue.SHRINK_SPLIT_K, **kw)
+        return epilogue.MoELoRAEpilogue(shrunk=shrunk, lora_b=tuple(lora_b), col0=0, slice_cols=lora_b[0].shape[2],
                                token_lora_mapping=routing.token_lora_mapping, adapter_enabled=ctx.adapter_enabled,
                                top_k=ctx.top_k)
 

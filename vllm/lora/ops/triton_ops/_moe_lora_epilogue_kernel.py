@@ -8,7 +8,8 @@ expert, any adapters mixed).  ``lora_expand_epilogue`` adds to it, for each row,
 where slot_i is the adapter slot of the row's token (``token_lora_mapping[pair // top_k]``); rows on no slot
 (-1) or on a disabled one get nothing, and columns outside every slice get nothing.  Mixed adapters in one tile
 take one small dot per slot present in it (a scalar test skips the others), per slice that overlaps the tile.
-The shrink (``shrunk``, fp32) stays fp32 until it is multiplied by B: ``expand_acc``'s bf16x3 split for a bf16
+The shrink (``shrunk``, fp32; or ``NUM_PARTS`` partials of a shrink split along K, summed here in order) stays
+fp32 until it is multiplied by B: ``expand_acc``'s bf16x3 split for a bf16
 B (EXPAND_MODE 1), else an fp32 dot, as the standalone MoE LoRA kernels do.  Rows of ``shrunk`` that no slot
 test selects are never read, so the buffer needs no initialisation there.
 """
@@ -21,10 +22,10 @@ from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _split_for_expand, 
 @triton.jit
 def lora_expand_epilogue(acc, pair, pair_ok, expert, cols, col_ok,
                          s_ptr, b_ptr, map_ptr, enabled_ptr, top_k, max_loras, R, n_slice, col0, slice_cols,
-                         stride_ss, stride_sp, stride_sr,
+                         stride_sk, stride_ss, stride_sp, stride_sr,
                          stride_bs, stride_bl, stride_be, stride_bn, stride_br,
                          NUM_SLICES: tl.constexpr, BLOCK_R: tl.constexpr, EXPAND_MODE: tl.constexpr,
-                         UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                         UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, NUM_PARTS: tl.constexpr = 1):
     """``acc`` + the LoRA delta of its rows (see the module docstring).
 
     pair [BLOCK_M] int: flat pair ids (sentinel where ``pair_ok`` is false); expert: the tile's local expert;
@@ -46,7 +47,10 @@ def lora_expand_epilogue(acc, pair, pair_ok, expert, cols, col_ok,
                 rows = pair_ok & (slot == lo_slot)
                 live = tl.max(rows.to(tl.int32), axis=0) * tl.load(enabled_ptr + lo_slot)
                 if live != 0:
-                    sv = tl.load(s_rows, mask=rows[:, None] & r_ok[None, :], other=0.0)
+                    s_mask = rows[:, None] & r_ok[None, :]
+                    sv = tl.load(s_rows, mask=s_mask, other=0.0)
+                    for k in tl.static_range(1, NUM_PARTS):  # a split shrink's partials, summed in order
+                        sv += tl.load(s_rows + k * stride_sk, mask=s_mask, other=0.0)
                     hi, mid, lo = _split_for_expand(sv, EXPAND_MODE)
                     b = tl.load(b_tile + lo_slot * stride_bl, mask=r_ok[:, None] & in_slice[None, :], other=0.0)
                     acc = expand_acc(acc, hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE)

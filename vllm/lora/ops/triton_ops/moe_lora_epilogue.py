@@ -23,11 +23,17 @@ from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.triton_utils import triton_interpreting
 
 
+#: the split seams' shrink in this many K ranges (``moe_lora_shrink(split_k=)``: short chains, many programs),
+#: their partials summed by the epilogue; 1: one program per block walks all of K (untimed which is faster)
+SHRINK_SPLIT_K = 1
+
+
 @dataclass(frozen=True, eq=False)
 class MoELoRAEpilogue:
     """The expand half of one MoE LoRA seam, for a base GEMM's epilogue.
 
-    shrunk: fp32 [S, pairs, R], row p the shrink of pair p (read only for pairs on an enabled slot).
+    shrunk: fp32 [S, pairs, R], row p the shrink of pair p (read only for pairs on an enabled slot); or [P, S,
+        pairs, R], P partials of a shrink split along K (``moe_lora_shrink(split_k=)``), summed in order.
     lora_b: S tensors [L, E, N_s, R] (one N_s), views of one buffer at a constant stride when S > 1.
     col0: the GEMM output column where slice 0 starts; slice s starts at col0 + s * slice_cols.
     token_lora_mapping: [>= pairs / top_k] int32 slot of each token, -1 = none.
@@ -61,9 +67,10 @@ class MoELoRAEpilogue:
         L, E, n_s, R = self.lora_b[0].shape
         if not self.fits(self.lora_b):
             raise ValueError("lora_b slices must share a width and one buffer at a constant stride")
-        if self.shrunk.dtype != torch.float32 or tuple(self.shrunk.shape) != (S, num_pairs, R):
-            raise ValueError(f"shrunk must be fp32 [{S}, {num_pairs}, {R}], got {self.shrunk.dtype} "
-                             f"{tuple(self.shrunk.shape)}")
+        if self.shrunk.dtype != torch.float32 or tuple(self.shrunk.shape[-3:]) != (S, num_pairs, R) \
+                or self.shrunk.dim() not in (3, 4):
+            raise ValueError(f"shrunk must be fp32 [{S}, {num_pairs}, {R}] or [parts, {S}, {num_pairs}, {R}], got "
+                             f"{self.shrunk.dtype} {tuple(self.shrunk.shape)}")
         if self.lora_b[0].dtype != dtype:
             raise ValueError(f"lora_b dtype {self.lora_b[0].dtype} differs from the GEMM's {dtype}")
         if self.col0 < 0 or self.col0 + (S - 1) * self.slice_cols + n_s > out_cols:
@@ -86,14 +93,15 @@ def epilogue_kernel_args(epi: MoELoRAEpilogue) -> dict[str, Any]:
     b0 = epi.lora_b[0]
     L, _, n_s, R = b0.shape
     interp = triton_interpreting()
+    sh = epi.shrunk if epi.shrunk.dim() == 4 else epi.shrunk.unsqueeze(0)  # [parts, S, pairs, R]
     return dict(
         lora_s_ptr=epi.shrunk, lora_b_ptr=b0, lora_map_ptr=epi.token_lora_mapping,
         lora_enabled_ptr=epi.adapter_enabled, lora_top_k=epi.top_k, lora_max_loras=L, lora_R=R,
         lora_n_slice=n_s, lora_col0=epi.col0, lora_slice_cols=epi.slice_cols, lora_expert0=epi.expert0,
-        stride_lss=epi.shrunk.stride(0), stride_lsp=epi.shrunk.stride(1), stride_lsr=epi.shrunk.stride(2),
+        stride_lsk=sh.stride(0), stride_lss=sh.stride(1), stride_lsp=sh.stride(2), stride_lsr=sh.stride(3),
         stride_lbs=chk.uniform_slice_stride(list(epi.lora_b)) or 0, stride_lbl=b0.stride(0),
         stride_lbe=b0.stride(1), stride_lbn=b0.stride(2), stride_lbr=b0.stride(3),
-        LORA_SLICES=len(epi.lora_b), LORA_BLOCK_R=rank_block(R),
+        LORA_SLICES=len(epi.lora_b), LORA_BLOCK_R=rank_block(R), LORA_PARTS=sh.shape[0],
         LORA_EXPAND_MODE=1 if b0.dtype == torch.bfloat16 else 0,
         LORA_UPCAST=interp, LORA_FP32_PRECISION="ieee" if interp else "tf32x3",
     )
