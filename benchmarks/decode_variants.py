@@ -67,7 +67,6 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "moe-lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE"),
            "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
                                       "SIDE_STREAM_HIGH_PRIORITY"),
-           "moe-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE"),
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE")}
 _toggle_defaults: dict[str, object] = {}

@@ -70,10 +70,10 @@
 #           on by default since the twenty-third session; the buffers overwritten by the per-pair kernels since the
 #           twenty-fourth) and the dense one (lora/layers/dense_overlap.py, off: timed slower): their cuda tests and
 #           the engine's CUDA-graph tests, then the layer per SIDE_VARIANTS ('|'-separated benchmark flags, e.g.
-#           the untimed --lora-sorted-beside 1 / --lora-side-priority 1 / --lora-epilogue 1; default --lora-side-stream 0 / 1),
+#           the untimed --lora-sorted-beside 1 / --lora-side-priority 1; default --lora-side-stream 0 / 1),
 #           at SIDE_TOKENS, benchmark_moe_int4.py and _mxfp4.py
 #           --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
-#           decode_switch_ab.py flipping SIDE_SWITCHES (e.g. moe-lora-sorted-beside moe-lora-epilogue), with
+#           decode_switch_ab.py flipping SIDE_SWITCHES (e.g. moe-lora-sorted-beside dense-fused-lora), with
 #           LoRA (SIDE_BATCHES); only when named
 #   pdl4bit the int4 / MXFP4 kernels' tests with PDL (PDL_4BIT, on by default since the eighteenth session; the
 #           sed that sets it is then a no-op), then benchmark_moe_int4 / _mxfp4 at 1 and 16 tokens; only when named
@@ -332,8 +332,8 @@ if [[ " $steps " == *" sidestream "* ]]; then
   pytest tests/lora/test_moe_lora_side_stream.py tests/kernels/test_moe_lora_overwrite.py \
     tests/lora/test_dense_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py \
     tests/quantization/test_int4_moe_lora.py tests/worker/test_cuda_graphs.py \
-    tests/worker/test_lora_graph_layer_set.py tests/lora/test_moe_lora_epilogue_layer.py tests/kernels/test_moe_lora_epilogue.py \
-    tests/lora/test_fused_linear_lora_batch.py tests/lora/test_dense_lora_fused_batch.py tests/lora/test_dense_lora_fused.py \
+    tests/worker/test_lora_graph_layer_set.py tests/lora/test_fused_linear_lora_batch.py \
+    tests/lora/test_dense_lora_fused_batch.py tests/lora/test_dense_lora_fused.py \
     >"$OUT/sidestream_pytest.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/sidestream_pytest.log" | head -20; tail -2 "$OUT/sidestream_pytest.log"
   rc=$(( rc || prc ))

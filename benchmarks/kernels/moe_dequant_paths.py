@@ -22,25 +22,11 @@ def set_path(path: str) -> None:
     dequant_path.FORCE_PATH = None if path == "auto" else path
 
 
-class _SetLoRAEpilogue(argparse.Action):
-    """Sets ``experts/lora_epilogue.LORA_EPILOGUE`` as the flag is parsed."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from vllm.model_executor.layers.fused_moe.experts import lora_epilogue
-
-        setattr(namespace, self.dest, values)
-        lora_epilogue.LORA_EPILOGUE = bool(values)
-
-
 def add_lora_deltas_flag(p: argparse.ArgumentParser) -> None:
-    """``--lora-deltas 0 / 1``: the 4-bit experts' ``lora_deltas_beside`` (``experts/lora_overlap.py``);
-    ``--lora-epilogue 0 / 1``: the dequant path's sorted LoRA seams split (``experts/lora_epilogue.py``)."""
+    """``--lora-deltas 0 / 1``: the 4-bit experts' ``lora_deltas_beside`` (``experts/lora_overlap.py``)."""
     p.add_argument("--lora-deltas", type=int, default=None, choices=[0, 1],
                    help="the experts' lora_deltas_beside: 1 = the LoRA deltas in fp32 buffers on a side stream beside "
                         "the 4-bit GEMMs, 0 = in place after them")
-    p.add_argument("--lora-epilogue", type=int, default=None, choices=[0, 1], action=_SetLoRAEpilogue,
-                   help="1: on the dequant path (bf16 GEMMs) the sorted LoRA seams' shrinks before the GEMMs, their "
-                        "expands in the GEMMs' epilogues (lora_epilogue.LORA_EPILOGUE); 0: in place after them")
 
 
 def set_lora_deltas(value: Optional[int], module: str, cls: str) -> None:

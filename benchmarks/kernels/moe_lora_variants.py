@@ -64,15 +64,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
                              "SIDE_STREAM_HIGH_PRIORITY", int,
                              "1: the LoRA side stream at the device's highest priority"),
-    "--lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue", "LORA_EPILOGUE", int,
-                        "1: the sorted LoRA path's seams split, the shrink before each GEMM and the expand in its "
-                        "epilogue"),
-    "--lora-epilogue-max-pairs": ("vllm.model_executor.layers.fused_moe.experts.lora_epilogue",
-                                  "MAX_PAIRS_PER_EXPERT", float,
-                                  "the split seams only up to this many expected pairs per expert"),
-    "--lora-epilogue-shrink-split": (f"{_LORA}.moe_lora_epilogue", "SHRINK_SPLIT_K", int,
-                                     "the split seams' shrink in this many K ranges (partials summed in the "
-                                     "epilogue)"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

@@ -99,10 +99,6 @@ def _without(kw: dict, key: str) -> dict:
 class PunicaWrapperBase(StepMapping, ABC):
     """Holds the step's token-to-adapter mapping and launches the LoRA ops."""
 
-    #: whether the MoE seams can be split into a shrink and an expand for the base GEMM's epilogue
-    #: (``lora_w13_epilogue`` / ``lora_w2_epilogue``: the Triton wrapper's sorted path)
-    moe_lora_epilogue: bool = False
-
     def __init__(self, max_num_batched_tokens: int, max_loras: int, device: torch.device | str,
                  tp_group: Optional[TPGroup] = None) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -262,37 +258,6 @@ class PunicaWrapperBase(StepMapping, ABC):
                                 adapter_enabled=ctx.adapter_enabled, num_experts=ctx.local_num_experts,
                                 max_loras=ctx.max_loras, block_size=cfg.block_size_m)
 
-    def _w13_routing(self, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
-                     expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"]
-                     ) -> tuple[MoELoRARouting, dict[str, Any]]:
-        """The w13 seam's routing (the sorted path's alignment: ``alignment``, checked, or made here) and the
-        keywords its LoRA ops share (all but ``topk_weights``)."""
-        num_pairs = x.shape[0] * ctx.top_k
-        mapping = self._w13_mapping(ctx, x.shape[0])
-        cfg = self._w13_config(ctx, x)
-        if alignment is not None and (alignment.numel, alignment.num_experts, alignment.max_loras) != (
-                num_pairs, ctx.local_num_experts, ctx.max_loras):
-            raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
-                             f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
-                             f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
-        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
-            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
-                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
-        kw = dict(topk_ids=topk_ids, token_lora_mapping=mapping, adapter_enabled=ctx.adapter_enabled,
-                  top_k_in=ctx.top_k, expert_map=expert_map, alignment=alignment, config=cfg)
-        return MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs), kw
-
-    def _w2_kw(self, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting, topk_ids: torch.Tensor,
-               expert_map: Optional[torch.Tensor]) -> dict[str, Any]:
-        """The keywords the w2 seam's LoRA ops share (all but ``topk_weights``): w13's routing and path."""
-        cfg = self._config("fused_moe_lora_w2", num_pairs=routing.num_pairs, num_experts=ctx.local_num_experts,
-                           max_loras=ctx.max_loras, rank=ctx.w2_lora_a_stacked[0].shape[2], K=x.shape[1],
-                           N=ctx.w2_lora_b_stacked[0].shape[2], num_slices=1, dtype=x.dtype,
-                           use_tuned_config=ctx.use_tuned_config, small_batch=routing.alignment is None)
-        return dict(topk_ids=topk_ids, token_lora_mapping=routing.token_lora_mapping,
-                    adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
-                    alignment=routing.alignment, config=cfg)
-
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,
                      alignment: Optional["MoELoRAAlignment"] = None, overwrite: bool = False) -> MoELoRARouting:
@@ -308,12 +273,26 @@ class PunicaWrapperBase(StepMapping, ABC):
         reads it instead of aligning again.  None: the wrapper aligns (or not) itself.
         Returns the routing for ``add_lora_w2``.
         """
-        routing, kw = self._w13_routing(x, ctx, topk_ids=topk_ids, expert_map=expert_map, alignment=alignment)
-        if routing.num_pairs == 0:
-            return routing
-        y2 = y.reshape(routing.num_pairs, y.shape[-1])
+        M = x.shape[0]
+        num_pairs = M * ctx.top_k
+        mapping = self._w13_mapping(ctx, M)
+        y2 = y.reshape(num_pairs, y.shape[-1])
         lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
-        kw["topk_weights"] = topk_weights
+        cfg = self._w13_config(ctx, x)
+        if alignment is not None and (alignment.numel, alignment.num_experts, alignment.max_loras) != (
+                num_pairs, ctx.local_num_experts, ctx.max_loras):
+            raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
+                             f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
+                             f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
+        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
+            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
+                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
+        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
+        if num_pairs == 0:
+            return routing
+        kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=mapping,
+                  adapter_enabled=ctx.adapter_enabled, top_k_in=ctx.top_k, expert_map=expert_map,
+                  alignment=alignment, config=cfg)
         if ctx.fully_sharded and ctx.tp_size > 1:
             # S-LoRA: each rank holds R/tp rows of A.  Gather the fp32 shrink along
             # rank (in rank order, so a zero-padded tail stays at the end), then expand.
@@ -342,8 +321,13 @@ class PunicaWrapperBase(StepMapping, ABC):
         y2 = y.reshape(num_pairs, y.shape[-1])
         lora_a, lora_b = ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked
         h_b = lora_b[0].shape[2]
-        kw = dict(self._w2_kw(x, ctx, routing=routing, topk_ids=topk_ids, expert_map=expert_map),
-                  topk_weights=topk_weights)
+        cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=h_b,
+                           num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config,
+                           small_batch=routing.alignment is None)  # w13's path
+        kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
+                  adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
+                  alignment=routing.alignment, config=cfg)
         if ctx.fully_sharded and ctx.tp_size > 1:
             # A is sharded on its input columns: the fp32 shrink partial sums are
             # all-reduced, then each rank expands its H/tp rows of B at its offset.

@@ -15,17 +15,10 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import MoELoRATileConfig
     from vllm.lora.lora_context import MoELoRAContext
-    from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
-    from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
 
 
 class PunicaWrapperGPU(PunicaWrapperBase):
-    """Sorted "virtual expert" path, or the small-batch path that skips sorting.  On the sorted path a MoE seam
-    can also be split in two (``lora_w13_epilogue`` / ``lora_w2_epilogue``): the shrink launched here, the
-    expand handed to the base GEMM for its epilogue."""
-
-    moe_lora_epilogue = True
+    """Sorted "virtual expert" path, or the small-batch path that skips sorting."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -101,37 +94,6 @@ class PunicaWrapperGPU(PunicaWrapperBase):
         from vllm.lora.ops.triton_ops.fused_moe_lora import moe_lora_shrink
 
         return moe_lora_shrink(x, lora_a, **kw)
-
-    # ---- a MoE seam in two halves: the shrink here, the expand in the base GEMM's epilogue -------------
-    def lora_w13_epilogue(self, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
-                          expert_map: Optional[torch.Tensor] = None, alignment: Optional["MoELoRAAlignment"] = None
-                          ) -> tuple["MoELoRARouting", Optional["MoELoRAEpilogue"]]:
-        """``add_lora_w13`` without its expand: (the routing for the w2 seam, the expand for GEMM1's epilogue,
-        None without pairs).  For the sorted path (``moe_lora_per_pair`` false), not the fully-sharded one."""
-        routing, kw = self._w13_routing(x, ctx, topk_ids=topk_ids, expert_map=expert_map, alignment=alignment)
-        return routing, self._epilogue(x, ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked, ctx, routing, kw)
-
-    def lora_w2_epilogue(self, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: "MoELoRARouting",
-                         topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor] = None
-                         ) -> Optional["MoELoRAEpilogue"]:
-        """``add_lora_w2`` without its expand: the expand for GEMM2's epilogue (None without pairs), where the
-        router weight, if any, applies to base + delta alike."""
-        kw = self._w2_kw(x, ctx, routing=routing, topk_ids=topk_ids, expert_map=expert_map)
-        return self._epilogue(x, ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked, ctx, routing, kw)
-
-    def _epilogue(self, x: torch.Tensor, lora_a: tuple, lora_b: tuple, ctx: "MoELoRAContext",
-                  routing: "MoELoRARouting", kw: dict[str, Any]) -> Optional["MoELoRAEpilogue"]:
-        if routing.num_pairs == 0:
-            return None
-        if routing.alignment is None or (ctx.fully_sharded and ctx.tp_size > 1):
-            raise ValueError("the MoE LoRA epilogue takes the sorted path without full sharding")
-        from vllm.lora.ops.triton_ops import moe_lora_epilogue as epilogue
-
-        # rows of pairs without an adapter stay unwritten: the epilogue reads only rows on an enabled slot
-        shrunk = self._shrink(x, lora_a, init=False, split_k=epilogue.SHRINK_SPLIT_K, **kw)
-        return epilogue.MoELoRAEpilogue(shrunk=shrunk, lora_b=tuple(lora_b), col0=0, slice_cols=lora_b[0].shape[2],
-                               token_lora_mapping=routing.token_lora_mapping, adapter_enabled=ctx.adapter_enabled,
-                               top_k=ctx.top_k)
 
     def _expand(self, out, shrunk, lora_b, **kw) -> None:
         from vllm.lora.ops.triton_ops.fused_moe_lora import moe_lora_expand

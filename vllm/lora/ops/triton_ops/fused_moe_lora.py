@@ -42,7 +42,7 @@ from vllm.kernel_configs.tile_config import MoELoRATileConfig
 from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
 from vllm.lora.ops.triton_ops import moe_lora_checks as chk
 from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config, rank_block
-from vllm.lora.ops.triton_ops.moe_lora_split import launch_split, split_layout
+from vllm.lora.ops.triton_ops.moe_lora_split import launch_split
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
@@ -131,7 +131,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
          topk_ids: torch.Tensor, topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
          adapter_enabled: torch.Tensor, expert_map: Optional[torch.Tensor], alignment: Optional[MoELoRAAlignment],
          top_k: int, top_k_in: int, mul_routed_weight: bool, n_offset: int, slice_stride: Optional[int],
-         config: Optional[MoELoRATileConfig], op: str, overwrite: bool = False, shrink_split: int = 1) -> None:
+         config: Optional[MoELoRATileConfig], op: str, overwrite: bool = False) -> None:
     from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 
     m = topk_ids.shape[0]
@@ -169,11 +169,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         b = b_slices[s0] if do_expand else None
         N = n_sizes[s0]
         col0 = n_offset + (s0 * slice_stride if slice_stride is not None else sum(n_sizes[:s0]))
-        parts = None
-        if shrunk is not None and shrunk.dim() == 4:  # the split shrink's partials [P, S, pairs, R]
-            parts, sh = (shrunk if uniform else shrunk[:, s0:s0 + 1]), None
-        else:
-            sh = shrunk[s0] if (shrunk is not None and not uniform) else shrunk
+        sh = shrunk[s0] if (shrunk is not None and not uniform) else shrunk
         if sh is not None and sh.dim() == 2:  # one slice of the shrink: [pairs, R]
             sh_strides = dict(stride_ss=0, **chk.strides(sh, "stride_sp stride_sr"))
         else:  # [S, pairs, R], or none
@@ -206,10 +202,6 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             used_blocks = -(-numel // block_m) + min(numel, L * E)
             grid = (min(alignment.block_virtual_ids.numel(), used_blocks), ns, splits)
             expand_mode = 1 if (do_expand and b.dtype == torch.bfloat16) else 0
-            if parts is not None:  # the shrink alone, split along K into partials
-                launch_split(args, alignment=alignment, blocks=grid[0], num_slices=ns, n_splits=1,
-                             shrink_split_k=shrink_split, interp=interp, expand_mode=0, part=parts)
-                continue
             if do_shrink and do_expand and config.shrink_split_k > 1:  # two launches, the shrink split along K
                 launch_split(args, alignment=alignment, blocks=grid[0], num_slices=ns, n_splits=splits,
                              shrink_split_k=config.shrink_split_k, interp=interp, expand_mode=expand_mode)
@@ -282,30 +274,21 @@ def fused_moe_lora(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: Stacked, 
 def moe_lora_shrink(x: torch.Tensor, lora_a_stacked: Stacked, *, topk_ids: torch.Tensor,
                     token_lora_mapping: torch.Tensor, adapter_enabled: torch.Tensor, top_k_in: int,
                     expert_map: Optional[torch.Tensor] = None, alignment: Optional[MoELoRAAlignment] = None,
-                    config: Optional[MoELoRATileConfig] = None, init: bool = True,
-                    split_k: int = 1) -> torch.Tensor:
-    """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0
-    (``init=False``: left unwritten, for a reader that reads only the rows of pairs with LoRA).  ``split_k`` > 1
-    (the sorted path, ``init=False``): fp32 partials [P, S, M * top_k, R] over P = ``split_layout(K, split_k)``
-    ranges of K, whose sum (in order) is the shrink, from the split shrink kernel's short chains."""
+                    config: Optional[MoELoRATileConfig] = None) -> torch.Tensor:
+    """fp32 [S, M * top_k, R]: x[p // top_k_in] @ A_s[slot, e]^T per pair; rows of pairs without LoRA are 0."""
     chk.check_config(config)
     a_slices = chk.slices(lora_a_stacked, "lora_a_stacked")
     L, E, R = a_slices[0].shape[0], a_slices[0].shape[1], a_slices[0].shape[2]
     m, top_k = chk.check_routing(topk_ids, token_lora_mapping, adapter_enabled, expert_map, L, E, a_slices[0].device)
     x = chk.check_x(x, a_slices, m, top_k, top_k_in)
     chk.check_alignment(alignment, m * top_k, L, E, x.device)
-    shape = (len(a_slices), m * top_k, R)
-    if split_k > 1:
-        if alignment is None or init:
-            raise ValueError("split_k > 1 needs the sorted path (an alignment) and init=False")
-        shape = (split_layout(x.shape[1], split_k)[1], *shape)
-    shrunk = (torch.zeros if init else torch.empty)(shape, dtype=torch.float32, device=x.device)
+    shrunk = torch.zeros((len(a_slices), m * top_k, R), dtype=torch.float32, device=x.device)
     if m * top_k > 0:
         _run(do_shrink=True, do_expand=False, x=x, a_slices=a_slices, b_slices=[], out=None, shrunk=shrunk,
              topk_ids=topk_ids, topk_weights=None, token_lora_mapping=token_lora_mapping,
              adapter_enabled=adapter_enabled, expert_map=expert_map, alignment=alignment, top_k=top_k,
              top_k_in=top_k_in, mul_routed_weight=False, n_offset=0, slice_stride=None, config=config,
-             op="moe_lora_shrink", shrink_split=split_k)
+             op="moe_lora_shrink")
     return shrunk
 
 

@@ -51,26 +51,18 @@ def _pick(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: int, num_slices: int,
-                 n_splits: int, shrink_split_k: int, interp: bool, expand_mode: int,
-                 part: Optional[torch.Tensor] = None) -> None:
+                 n_splits: int, shrink_split_k: int, interp: bool, expand_mode: int) -> None:
     """Shrink + expand of one slice group in two launches.
 
     args: the fused kernel's named arguments as ``fused_moe_lora._run`` builds them (pointers,
     sizes, strides, constexprs, ``num_warps`` / ``num_stages``); blocks: the M-blocks to launch.
-    part: the shrink alone, into this fp32 [parts, slices, pairs, rank] buffer (``split_layout``'s parts; rows of
-    real pairs in used blocks written): no expand.
     """
     from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
 
     x, R, K, numel = args["x_ptr"], args["R"], args["K"], args["numel"]
     block_r = args["BLOCK_R"]
     width, parts = split_layout(K, shrink_split_k)
-    shrink_only = part is not None
-    if part is None:
-        part = alloc_partials(parts, num_slices, numel, R, x.device)
-    elif part.shape[0] != parts or part.dtype != torch.float32:
-        raise ValueError(f"the shrink's partials must be fp32 [{parts}, ...] for K={K} in {shrink_split_k} splits, "
-                         f"got {part.dtype} {tuple(part.shape)}")
+    part = alloc_partials(parts, num_slices, numel, R, x.device)
     common = dict(args, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                   num_post_padded_ptr=alignment.num_tokens_post_padded, part_ptr=part,
                   stride_pk=part.stride(0), stride_ps=part.stride(1), stride_pp=part.stride(2),
@@ -81,8 +73,6 @@ def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: i
     tile, tiles = split_tiles(width, alignment.block_size, block_r, elem)
     shrink = kern.moe_lora_split_shrink_kernel
     shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=tile, K_TILES=tiles), **launch)
-    if shrink_only:
-        return
     expand = kern.moe_lora_split_expand_kernel
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
 

@@ -30,8 +30,7 @@ and this path dequantises those words (``ops/w4_mma_dequant.py``).
 
 The scratch holds at most ``SCRATCH_CAP_BYTES``: larger layers are processed in chunks of experts
 [e0, e1), each dequantised and multiplied with its own alignment of the pairs routed to it (the
-GEMM's grid is sized from its weight's expert count, so it must see only the chunk's blocks).  Where
-``lora_epilogue.applies`` the GEMMs take the LoRA seams' expands in their epilogues, chunk by chunk.
+GEMM's grid is sized from its weight's expert count, so it must see only the chunk's blocks).
 The scratch is allocated per call (the caching allocator reuses it across layers); the KV cache
 is sized without a profiling run (``vllm/engine/kv_cache.py``), so it has to stay small and
 transient.  For the same reason the path is not taken while a CUDA graph is captured (a
@@ -45,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 if TYPE_CHECKING:
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 #: the path needs at least this many routed (token, k) pairs ...
@@ -115,12 +113,10 @@ def _chunk_alignment(route: dict[str, Any], e0: int, e1: int) -> "AlignResult":
 
 def dequant_grouped_gemm(out: torch.Tensor, a: torch.Tensor, dequantize: Callable[[torch.Tensor, int, int], Any],
                          num_experts: int, N: int, K: int, route: dict[str, Any], *, stage: int, top_k_in: int,
-                         topk_weights: torch.Tensor, weighted: bool, bias: Optional[torch.Tensor],
-                         lora: Optional["MoELoRAEpilogue"] = None) -> None:
+                         topk_weights: torch.Tensor, weighted: bool, bias: Optional[torch.Tensor]) -> None:
     """One expert GEMM of the path: ``dequantize(dst, e0, e1)`` writes experts [e0, e1) as dense [e1 - e0, N, K]
     weights into ``dst`` (``a.dtype``), then ``invoke_fused_moe_gemm`` multiplies the pairs routed to them
-    (``out`` rows of other pairs are left untouched), chunk after chunk when the scratch cap asks for it.
-    ``lora``: a MoE LoRA seam's expand for the GEMM's epilogue (``experts/lora_epilogue.py``)."""
+    (``out`` rows of other pairs are left untouched), chunk after chunk when the scratch cap asks for it."""
     from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
 
     cfg = route[f"cfg{stage}"]
@@ -135,5 +131,4 @@ def dequant_grouped_gemm(out: torch.Tensor, a: torch.Tensor, dequantize: Callabl
                               block_expert_ids=align.block_expert_ids,
                               num_tokens_post_padded=align.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
-                              bias=bias[e0:e1] if bias is not None else None, config=cfg,
-                              lora=None if lora is None else lora.for_experts(e0))
+                              bias=bias[e0:e1] if bias is not None else None, config=cfg)

@@ -12,9 +12,7 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
-on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``, or -
-given an ``epilogue_gemm`` and where ``lora_epilogue.applies`` - the seam's shrink before the GEMM and its expand
-in the GEMM's epilogue (``experts/lora_epilogue.py``).
+on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
 """
 from __future__ import annotations
 
@@ -22,12 +20,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.experts import lora_epilogue, lora_overlap
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
 
 
@@ -96,22 +93,10 @@ class MoELoRAExpertsMixin:
 
     def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None,
-                        epilogue_gemm: Optional[Callable[["MoELoRAEpilogue"], None]] = None
+                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
                         ) -> tuple[Optional["MoELoRARouting"], Optional[torch.Tensor]]:
         """``gemm()`` (GEMM1, writing y [pairs, N]) and the w13 seam: (the routing for the w2 seam, the fp32 delta
-        buffer for ``moe_activation`` or None when the delta went into y in place).  ``epilogue_gemm``: GEMM1
-        taking the seam's expand in its epilogue, run instead of ``gemm`` where ``lora_epilogue.applies``."""
-        if (epilogue_gemm is not None and ctx is not None and not deltas and self.lora_runs(ctx)
-                and lora_epilogue.applies(ctx, y.shape[0])):
-            routing, epi = ctx.punica_wrapper.lora_w13_epilogue(x, ctx, topk_ids=topk_ids, expert_map=expert_map,
-                                                                alignment=alignment)
-            if epi is None:
-                gemm()
-            else:
-                epilogue_gemm(epi)
-            return routing, None
-
+        buffer for ``moe_activation`` or None when the delta went into y in place)."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> Optional["MoELoRARouting"]:
             return self.apply_w13_lora(ctx, y=out, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
                                        expert_map=expert_map, alignment=alignment, overwrite=overwrite)
@@ -124,21 +109,10 @@ class MoELoRAExpertsMixin:
 
     def gemm2_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"], topk_ids: torch.Tensor,
-                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor], mul_routed_weight: bool,
-                        epilogue_gemm: Optional[Callable[["MoELoRAEpilogue"], None]] = None) -> Optional[torch.Tensor]:
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                        mul_routed_weight: bool) -> Optional[torch.Tensor]:
         """``gemm()`` (GEMM2, writing y [pairs, H]) and the w2 seam: the fp32 delta buffer for ``moe_sum``, or None
-        when the delta (if any) went into y in place.  ``epilogue_gemm``: as for ``gemm1_with_lora`` (the w13
-        seam decided the same way: same context and pairs); the GEMM's router weight, if any, then applies to
-        base + delta alike."""
-        if (epilogue_gemm is not None and routing is not None and not deltas
-                and lora_epilogue.applies(ctx, routing.num_pairs)):
-            epi = ctx.punica_wrapper.lora_w2_epilogue(x, ctx, routing=routing, topk_ids=topk_ids,
-                                                      expert_map=expert_map)
-            if epi is None:
-                gemm()
-            else:
-                epilogue_gemm(epi)
-            return None
+        when the delta (if any) went into y in place."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> None:
             self.apply_w2_lora(ctx, y=out, x=x, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
                                expert_map=expert_map, mul_routed_weight=mul_routed_weight, overwrite=overwrite)

@@ -38,7 +38,6 @@ from vllm.model_executor.layers.fused_moe.ops.int4_mma_moe import (
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.model_executor.layers.fused_moe.config import MoEActivation
 
 
@@ -163,15 +162,6 @@ class MarlinExperts(Int4ExpertsBase):
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
               route: Optional[dict[str, Any]], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
               weighted: bool) -> None:
-        self._gemm_with_lora(out, a, w, ids, route, stage=stage, top_k_in=top_k_in, topk_weights=topk_weights,
-                             weighted=weighted, lora=None)
-
-    def _takes_lora_epilogue(self, route: Optional[dict[str, Any]]) -> bool:
-        return route is not None  # TwoGemmExperts.apply runs here only on the dequant path: the bf16 GEMM
-
-    def _gemm_with_lora(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                        route: Optional[dict[str, Any]], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-                        weighted: bool, lora: Optional["MoELoRAEpilogue"]) -> None:
         from vllm.model_executor.layers.fused_moe.ops.int4_dequant import dequantize_int4_experts
 
         qc = self.quant_config
@@ -183,4 +173,4 @@ class MarlinExperts(Int4ExpertsBase):
             dequant = lambda dst, e0, e1: dequantize_int4_experts(packed, dst, e0, e1, use_triton=True)  # noqa: E731
         dequant_grouped_gemm(out, a, dequant,
                              packed.num_experts, packed.n, packed.k, route, stage=stage, top_k_in=top_k_in,
-                             topk_weights=topk_weights, weighted=weighted, bias=None, lora=lora)
+                             topk_weights=topk_weights, weighted=weighted, bias=None)

@@ -88,11 +88,10 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
                                   may_drop_pairs=self.moe_config.parallel_config.ep_size > 1, **epilogue)
 
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                         route: Optional[dict], *, activation: MoEActivation, top_k_in: int,
-                         lora: Optional[Any] = None) -> bool:
+                         route: Optional[dict], *, activation: MoEActivation, top_k_in: int) -> bool:
         """On the tensor-core kernel with split K: the split reduction applies the activation (one launch fewer;
-        swigluoai bit for bit the unfused one).  No LoRA epilogue here (``_takes_lora_epilogue`` is False)."""
-        if lora is not None or not route or not route.get("mma") or route["splits"][0] < 2:
+        swigluoai bit for bit the unfused one)."""
+        if not route or not route.get("mma") or route["splits"][0] < 2:
             return False
         self._mma_gemm(out, a, route, stage=1, top_k_in=top_k_in, topk_weights=None, weighted=False,
                        epilogue_activation=activation)
@@ -110,18 +109,8 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor,
               route: dict | None, *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
               weighted: bool) -> None:
-        self._gemm_with_lora(out, a, blocks, ids, route, stage=stage, top_k_in=top_k_in, topk_weights=topk_weights,
-                             weighted=weighted, lora=None)
-
-    def _takes_lora_epilogue(self, route: dict | None) -> bool:
-        return bool(route and route.get("dequant"))  # the dequant path's bf16 GEMM
-
-    def _gemm_with_lora(self, out: torch.Tensor, a: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor,
-                        route: dict | None, *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-                        weighted: bool, lora: Optional[Any]) -> None:
         from vllm.model_executor.layers.fused_moe.ops.mxfp4_moe_gemm import invoke_mxfp4_moe_gemm
 
-        assert lora is None or route.get("dequant"), "the LoRA epilogue is on the dequant path only"
         scales, bias = self._stage(stage)
         mma = self.quant_config.w1_mma if stage == 1 else self.quant_config.w2_mma
         if route.get("mma"):
@@ -139,7 +128,7 @@ class UnfusedOAITritonExperts(Mxfp4ExpertsBase):
 
             E, N = blocks.shape[:2]
             dequant_grouped_gemm(out, a, dequantize, E, N, a.shape[1], route, stage=stage, top_k_in=top_k_in,
-                                 topk_weights=topk_weights, weighted=weighted, bias=bias, lora=lora)
+                                 topk_weights=topk_weights, weighted=weighted, bias=bias)
             return
         invoke_mxfp4_moe_gemm(a, blocks, scales, out, sorted_token_ids=route["sorted_token_ids"],
                               block_expert_ids=route["block_expert_ids"],

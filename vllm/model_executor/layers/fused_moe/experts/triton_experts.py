@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import TileConfig
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
@@ -81,15 +80,6 @@ class TritonExperts(TwoGemmExperts):
     def _gemm(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
               route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
               weighted: bool) -> None:
-        self._gemm_with_lora(out, a, w, ids, route, stage=stage, top_k_in=top_k_in, topk_weights=topk_weights,
-                             weighted=weighted, lora=None)
-
-    def _takes_lora_epilogue(self, route: Optional[TritonRoute]) -> bool:
-        return route is not None and not (route.cfg1.gemv or route.cfg2.gemv)  # the tl.dot kernel has it
-
-    def _gemm_with_lora(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                        route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-                        weighted: bool, lora: Optional["MoELoRAEpilogue"]) -> None:
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
 
         assert route is not None  # _route always makes one
@@ -99,11 +89,10 @@ class TritonExperts(TwoGemmExperts):
                               num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=qc.w1_bias if stage == 1 else qc.w2_bias,
-                              config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise, lora=lora)
+                              config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise)
 
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                         route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int,
-                         lora: Optional["MoELoRAEpilogue"] = None) -> bool:
+                         route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int) -> bool:
         from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm as gemm
 
         assert route is not None
@@ -114,6 +103,6 @@ class TritonExperts(TwoGemmExperts):
                                    block_expert_ids=al.block_expert_ids,
                                    num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
                                    bias=self.quant_config.w1_bias, config=route.cfg1, pairwise=route.pairwise,
-                                   fused_activation=activation, lora=lora)
+                                   fused_activation=activation)
         return True
 

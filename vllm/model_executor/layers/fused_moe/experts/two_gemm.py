@@ -3,12 +3,9 @@
     GEMM1 (+ bias) -> apply_w13_lora -> activation -> GEMM2 (+ bias, router-weighted unless the
     router weight went on the input) -> apply_w2_lora -> top-k sum
 
-(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA or with
-the w13 expand in that epilogue too).
+(a backend may fold the activation into GEMM1's epilogue, ``_gemm1_activated``, on steps without LoRA).
 At decode sizes on CUDA each LoRA seam writes an fp32 delta buffer instead, on a side stream beside its GEMM,
-and the activation and the sum add it (``lora_overlap``).  A backend whose GEMMs take a LoRA expand in their
-epilogue (``_takes_lora_epilogue``, ``_gemm_with_lora``) gets the sorted path's seams split: the shrink before
-the GEMM, the expand inside it (``lora_epilogue``).
+and the activation and the sum add it (``lora_overlap``).
 
 A backend supplies the GEMMs (``_gemm``, stage 1 or 2) and, if both GEMMs share something (tile
 configs, the expert sort), ``_route``; a backend that can sort the pairs by (adapter, expert) in the
@@ -33,7 +30,6 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -76,24 +72,11 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         ``weighted``; rows of pairs whose id is -1 are either zero or not written."""
         raise NotImplementedError
 
-    def _takes_lora_epilogue(self, route: Optional[Any]) -> bool:
-        """Whether ``_gemm_with_lora`` can run both GEMMs on this route."""
-        return False
-
-    def _gemm_with_lora(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                        route: Optional[Any], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-                        weighted: bool, lora: "MoELoRAEpilogue") -> None:
-        """``_gemm`` with a MoE LoRA seam's expand in its epilogue (each pair's delta joins before the bias, the
-        router weight and the rounding); only called where ``_takes_lora_epilogue(route)``."""
-        raise NotImplementedError
-
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
-                         route: Optional[Any], *, activation: MoEActivation, top_k_in: int,
-                         lora: Optional["MoELoRAEpilogue"] = None) -> bool:
+                         route: Optional[Any], *, activation: MoEActivation, top_k_in: int) -> bool:
         """GEMM1 with the gated ``activation`` in its epilogue, into out [pairs, N // 2], bit for bit GEMM1 then
         ``moe_activation``; False (nothing written) where the backend cannot.  Only called when no LoRA
-        runs this step (the w13 delta joins before the activation), or with the w13 seam's expand (``lora``,
-        where ``_takes_lora_epilogue``), which then joins GEMM1's tile before the activation."""
+        runs this step (the w13 delta joins before the activation)."""
         return False
 
     def _gemm2_summed(self, output: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
@@ -128,26 +111,15 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         routing = d13 = None
         lora_runs = lora_context is not None and self.lora_runs(lora_context)
         deltas = self.lora_deltas(lora_context, hidden_states, pairs, (N, H))  # fp32 buffers beside the GEMMs
-        epilogue = lora_runs and self._takes_lora_epilogue(route)  # the GEMMs can take the expands
-        activated = not lora_runs and self._gemm1_activated(act_out, hidden_states, w1, ids, route,
-                                                            activation=activation, top_k_in=top_k)
-        if not activated:
+        if lora_runs or not self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
+                                                  top_k_in=top_k):
             gemm1 = workspace13[: pairs * N].view(pairs, N)
-            g1 = dict(route=route, stage=1, top_k_in=top_k, topk_weights=topk_weights, weighted=False)
-
-            def gemm1_epilogue(e: "MoELoRAEpilogue") -> None:  # with the w13 expand, and the activation if it can
-                nonlocal activated
-                activated = self._gemm1_activated(act_out, hidden_states, w1, ids, route, activation=activation,
-                                                  top_k_in=top_k, lora=e)
-                if not activated:
-                    self._gemm_with_lora(gemm1, hidden_states, w1, ids, lora=e, **g1)
-
             routing, d13 = self.gemm1_with_lora(
-                lora_context, lambda: self._gemm(gemm1, hidden_states, w1, ids, **g1),
+                lora_context, lambda: self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k,
+                                                 topk_weights=topk_weights, weighted=False),
                 deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                expert_map=expert_map, alignment=lora_alignment, epilogue_gemm=gemm1_epilogue if epilogue else None)
-            if not activated:
-                moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
+                expert_map=expert_map, alignment=lora_alignment)
+            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
         if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,
@@ -156,10 +128,9 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         gemm2 = workspace13[: pairs * H].view(pairs, H)  # gemm1 is dead once the activation has run
         if expert_map is not None:
             gemm2.zero_()  # pairs of other ranks' experts may never be written
-        g2 = dict(route=route, stage=2, top_k_in=1, topk_weights=topk_weights, weighted=weighted)
         d2 = self.gemm2_with_lora(
-            lora_context, lambda: self._gemm(gemm2, act_out, w2, ids, **g2),
+            lora_context, lambda: self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1,
+                                             topk_weights=topk_weights, weighted=weighted),
             deltas=deltas, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
-            expert_map=expert_map, mul_routed_weight=weighted,
-            epilogue_gemm=(lambda e: self._gemm_with_lora(gemm2, act_out, w2, ids, lora=e, **g2)) if epilogue else None)
+            expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue, delta=None if d2 is None else d2.view(M, top_k, H))

@@ -8,17 +8,12 @@ With ``FUSED_ACT`` >= 0 (GEMM1 without LoRA) the output is the gated activation 
 keeps two accumulators, of the gate rows and of the up rows of its N-slice (rows n and N + n; gpt-oss's
 interleaved 2n and 2n + 1), rounds each to the output dtype as GEMM1's output would be, and applies
 ``gated_act`` - the activation kernel's math - before the one store.
-
-With ``LORA`` the program adds its rows' MoE LoRA deltas to its fp32 tile (to both accumulators with
-``FUSED_ACT``) before the bias, the router weight and the one rounding: the expand half of a LoRA seam whose
-shrink ran before (``vllm/lora/ops/triton_ops/moe_lora_epilogue.py``, ``lora_expand_epilogue``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._moe_lora_epilogue_kernel import lora_expand_epilogue
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import gated_act
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
@@ -94,13 +89,6 @@ def _fused_moe_gemm_kernel(
     FUSED_ACT: tl.constexpr = -1,  # >= 0: gated_act's ACT code; N is then the activated width
     alpha=0.0,
     limit=0.0,
-    # the LoRA epilogue (``moe_lora_epilogue.epilogue_kernel_args``); unused without LORA
-    lora_s_ptr=None, lora_b_ptr=None, lora_map_ptr=None, lora_enabled_ptr=None, lora_top_k=1, lora_max_loras=0,
-    lora_R=0, lora_n_slice=0, lora_col0=0, lora_slice_cols=0, lora_expert0=0,
-    stride_lsk=0, stride_lss=0, stride_lsp=0, stride_lsr=0, stride_lbs=0, stride_lbl=0, stride_lbe=0, stride_lbn=0, stride_lbr=0,
-    LORA: tl.constexpr = False, LORA_SLICES: tl.constexpr = 1, LORA_BLOCK_R: tl.constexpr = 16,
-    LORA_EXPAND_MODE: tl.constexpr = 0, LORA_UPCAST: tl.constexpr = False, LORA_FP32_PRECISION: tl.constexpr = "ieee",
-    LORA_PARTS: tl.constexpr = 1,
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
@@ -156,22 +144,6 @@ def _fused_moe_gemm_kernel(
             acc_up = _dot_step(acc_up, a, w_up, UPCAST_DOT)
         a_rows += BLOCK_SIZE_K * stride_ak
         w_base += BLOCK_SIZE_K * stride_wk
-
-    if LORA:
-        lora_expert = expert + lora_expert0  # B is indexed by local expert; this GEMM's experts may start at one
-        acc = lora_expand_epilogue(acc, pair, pair_ok, lora_expert, gate_rows if FUSED_ACT >= 0 else offs_n, n_ok,
-                                   lora_s_ptr, lora_b_ptr, lora_map_ptr, lora_enabled_ptr, lora_top_k, lora_max_loras,
-                                   lora_R, lora_n_slice, lora_col0, lora_slice_cols, stride_lsk, stride_lss,
-                                   stride_lsp, stride_lsr, stride_lbs, stride_lbl, stride_lbe, stride_lbn, stride_lbr,
-                                   LORA_SLICES, LORA_BLOCK_R, LORA_EXPAND_MODE, LORA_UPCAST, LORA_FP32_PRECISION,
-                                   LORA_PARTS)
-        if FUSED_ACT >= 0:
-            acc_up = lora_expand_epilogue(acc_up, pair, pair_ok, lora_expert, up_rows, n_ok, lora_s_ptr, lora_b_ptr,
-                                          lora_map_ptr, lora_enabled_ptr, lora_top_k, lora_max_loras, lora_R,
-                                          lora_n_slice, lora_col0, lora_slice_cols, stride_lsk, stride_lss, stride_lsp,
-                                          stride_lsr, stride_lbs, stride_lbl, stride_lbe, stride_lbn, stride_lbr,
-                                          LORA_SLICES, LORA_BLOCK_R, LORA_EXPAND_MODE, LORA_UPCAST,
-                                          LORA_FP32_PRECISION, LORA_PARTS)
 
     out_t = out_ptr.dtype.element_ty
     if FUSED_ACT >= 0:  # GEMM1's rounding of gate and up, then the activation

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
@@ -53,13 +53,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
                                                                       invoke_fused_moe_gemv)
-from vllm.model_executor.layers.fused_moe.ops.moe_launch import check_pair_routing
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
-
-if TYPE_CHECKING:
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import MoELoRAEpilogue
 
 logger = init_logger(__name__)
 
@@ -200,6 +196,51 @@ def check_tile_config(config: TileConfig) -> None:
         raise ValueError(f"SPLIT_K={config.split_k}: the bf16 grouped GEMM has no split-K, it must be 1")
 
 
+def pairs_per_touched_expert(num_pairs: int, num_experts: int) -> float:
+    """Expected pairs per expert that gets any, routing uniform over ``num_experts``."""
+    E = max(num_experts, 1)
+    return num_pairs / max(E * (1.0 - (1.0 - 1.0 / E) ** num_pairs), 1.0)
+
+
+def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: int, *,
+                       sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
+                       num_tokens_post_padded: torch.Tensor, topk_weights: Optional[torch.Tensor],
+                       mul_routed_weight: bool, bias: Optional[torch.Tensor],
+                       others: tuple[torch.Tensor, ...] = (), out_cols: Optional[int] = None) -> int:
+    """The checks every grouped-GEMM launcher makes on its output and routing (this one, MXFP4, int4):
+    out [num_pairs, out_cols or N]; int32 routing aligned to BLOCK_SIZE_M; routed weights; a float bias
+    [E, N]; one device.  Returns the sorted-ids length EM."""
+    cols = N if out_cols is None else out_cols
+    if tuple(out.shape) != (num_pairs, cols):
+        raise ValueError(f"out must be [{num_pairs}, {cols}] (num_rows * top_k_in, {'N' if cols == N else 'N // 2'}), "
+                         f"got {tuple(out.shape)}")
+    for name, t in (("sorted_token_ids", sorted_token_ids), ("block_expert_ids", block_expert_ids),
+                    ("num_tokens_post_padded", num_tokens_post_padded)):
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 tensor, got {t.dtype}")
+    EM = sorted_token_ids.numel()
+    if EM % bm or block_expert_ids.numel() != EM // bm:
+        raise ValueError(
+            f"alignment does not match BLOCK_SIZE_M={bm}: {EM} sorted ids, {block_expert_ids.numel()} blocks; "
+            "align with the config's BLOCK_SIZE_M"
+        )
+    if num_tokens_post_padded.numel() != 1:
+        raise ValueError("num_tokens_post_padded must hold one value")
+    if mul_routed_weight:
+        if topk_weights is None:
+            raise ValueError("mul_routed_weight=True needs topk_weights")
+        if topk_weights.numel() != num_pairs or not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights must be float with {num_pairs} values, got {tuple(topk_weights.shape)}")
+    if bias is not None and (tuple(bias.shape) != (E, N) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be float [{E}, {N}], got {tuple(bias.shape)} {bias.dtype}")
+    tensors = [*others, out, sorted_token_ids, block_expert_ids, num_tokens_post_padded, bias,
+               topk_weights if mul_routed_weight else None]
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return EM
+
+
 def invoke_fused_moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -215,7 +256,6 @@ def invoke_fused_moe_gemm(
     config: TileConfig,
     pairwise: bool = False,
     fused_activation: Optional[MoEActivation] = None,
-    lora: Optional["MoELoRAEpilogue"] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -232,8 +272,6 @@ def invoke_fused_moe_gemm(
     fused_activation: a gated activation (SILU, GELU, SWIGLUOAI): out [num_pairs, N // 2] is that activation
         of the GEMM's rounded output, bit for bit ``moe_activation`` of it (GEMM1 without LoRA; not with
         ``mul_routed_weight`` or a ``gemv=1`` config); BLOCK_SIZE_N is halved: two accumulators per program.
-    lora: the expand half of a MoE LoRA seam (``moe_lora_epilogue.MoELoRAEpilogue``): each pair's delta joins
-        the fp32 tile before the bias, the router weight and the rounding (not with a ``gemv=1`` config).
     No host synchronisation (graph safe).
     """
     check_tile_config(config)
@@ -265,10 +303,6 @@ def invoke_fused_moe_gemm(
     if pairwise and block_expert_ids.numel() != num_pairs:
         raise ValueError(f"pairwise routing has one block per pair: {num_pairs} pairs, "
                          f"{block_expert_ids.numel()} blocks (use pairwise_alignment)")
-    if lora is not None:
-        if config.gemv:
-            raise ValueError("the LoRA epilogue runs in the tl.dot kernel: give a config with GEMV=0")
-        lora.check(num_pairs, N, a.dtype, a.device)
     if config.gemv and not pairwise:
         raise ValueError("GEMV=1 runs on pairwise routing only (pairwise_alignment, pairwise=True); "
                          "sorted routing needs a config with GEMV=0")
@@ -279,7 +313,6 @@ def invoke_fused_moe_gemm(
                               topk_weights=topk_weights, mul_routed_weight=mul_routed_weight, bias=bias)
         return
 
-    from vllm.lora.ops.triton_ops.moe_lora_epilogue import epilogue_kernel_args
     from vllm.model_executor.layers.fused_moe.ops._fused_moe_gemm_kernel import _fused_moe_gemm_kernel
 
     weights = topk_weights.reshape(-1) if mul_routed_weight else out  # dummy pointer when unused
@@ -311,7 +344,6 @@ def invoke_fused_moe_gemm(
         num_stages=config.num_stages,
         **pdl_launch_kwargs(a.device),
         **({} if act_code < 0 else dict(FUSED_ACT=act_code, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)),
-        **({} if lora is None else dict(epilogue_kernel_args(lora), LORA=True)),
     )
 
 

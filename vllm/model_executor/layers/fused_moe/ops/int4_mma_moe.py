@@ -29,7 +29,7 @@ from vllm.model_executor.layers.fused_moe.ops.moe_launch import (
     split_target,
 )
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe.ops.moe_launch import pairs_per_touched_expert
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.platforms import cuda_lib
 from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
 

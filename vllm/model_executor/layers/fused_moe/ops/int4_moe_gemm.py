@@ -24,7 +24,7 @@ from vllm.kernel_configs.tile_config import Int4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4PackedWeight, int4_moe_gemm_reference  # noqa: F401
 from vllm.model_executor.layers.fused_moe.ops.moe_launch import epilogue_plan, routed_blocks, split_target
-from vllm.model_executor.layers.fused_moe.ops.moe_launch import pairs_per_touched_expert
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import pairs_per_touched_expert
 from vllm.model_executor.layers.fused_moe.ops.int4_dot_smem import unpack3_stages_that_fit
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs

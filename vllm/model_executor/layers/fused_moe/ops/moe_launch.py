@@ -1,7 +1,6 @@
-"""What the MoE GEMM launchers share: the routing checks of every grouped GEMM (``check_pair_routing``: bf16,
-MXFP4, int4) and the expected rows per touched expert; for the 4-bit ones (``int4_moe_gemm``, ``int4_mma_moe``,
-``mxfp4_mma_moe``) the routing and epilogue checks of one launch, and the tensor-core launchers' split-K plumbing
-(where partials go, the reduction launch, the router weights as the kernels read them)."""
+"""What the 4-bit MoE GEMM launchers share (``int4_moe_gemm``, ``int4_mma_moe``, ``mxfp4_mma_moe``): the routing and
+epilogue checks of one launch, and the tensor-core launchers' split-K plumbing (where partials go, the reduction
+launch, the router weights as the kernels read them)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -98,48 +97,3 @@ def reduce_splits(target: torch.Tensor, out: torch.Tensor, split: int, rows: int
     _split_k_reduce_kernel[(-(-out.numel() // block),)](
         target, out, out.shape[0], out.shape[1], target.stride(0), target.stride(1), out.stride(0),
         out.stride(1), SPLIT_K=split, ROWS=rows, ACT=act_code, BLOCK=block, **pdl)
-
-
-def pairs_per_touched_expert(num_pairs: int, num_experts: int) -> float:
-    """Expected pairs per expert that gets any, routing uniform over ``num_experts``."""
-    E = max(num_experts, 1)
-    return num_pairs / max(E * (1.0 - (1.0 - 1.0 / E) ** num_pairs), 1.0)
-
-
-def check_pair_routing(out: torch.Tensor, num_pairs: int, N: int, E: int, bm: int, *,
-                       sorted_token_ids: torch.Tensor, block_expert_ids: torch.Tensor,
-                       num_tokens_post_padded: torch.Tensor, topk_weights: Optional[torch.Tensor],
-                       mul_routed_weight: bool, bias: Optional[torch.Tensor],
-                       others: tuple[torch.Tensor, ...] = (), out_cols: Optional[int] = None) -> int:
-    """The checks every grouped-GEMM launcher makes on its output and routing (this one, MXFP4, int4):
-    out [num_pairs, out_cols or N]; int32 routing aligned to BLOCK_SIZE_M; routed weights; a float bias
-    [E, N]; one device.  Returns the sorted-ids length EM."""
-    cols = N if out_cols is None else out_cols
-    if tuple(out.shape) != (num_pairs, cols):
-        raise ValueError(f"out must be [{num_pairs}, {cols}] (num_rows * top_k_in, {'N' if cols == N else 'N // 2'}), "
-                         f"got {tuple(out.shape)}")
-    for name, t in (("sorted_token_ids", sorted_token_ids), ("block_expert_ids", block_expert_ids),
-                    ("num_tokens_post_padded", num_tokens_post_padded)):
-        if t.dtype != torch.int32 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous int32 tensor, got {t.dtype}")
-    EM = sorted_token_ids.numel()
-    if EM % bm or block_expert_ids.numel() != EM // bm:
-        raise ValueError(
-            f"alignment does not match BLOCK_SIZE_M={bm}: {EM} sorted ids, {block_expert_ids.numel()} blocks; "
-            "align with the config's BLOCK_SIZE_M"
-        )
-    if num_tokens_post_padded.numel() != 1:
-        raise ValueError("num_tokens_post_padded must hold one value")
-    if mul_routed_weight:
-        if topk_weights is None:
-            raise ValueError("mul_routed_weight=True needs topk_weights")
-        if topk_weights.numel() != num_pairs or not topk_weights.is_floating_point():
-            raise ValueError(f"topk_weights must be float with {num_pairs} values, got {tuple(topk_weights.shape)}")
-    if bias is not None and (tuple(bias.shape) != (E, N) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be float [{E}, {N}], got {tuple(bias.shape)} {bias.dtype}")
-    tensors = [*others, out, sorted_token_ids, block_expert_ids, num_tokens_post_padded, bias,
-               topk_weights if mul_routed_weight else None]
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return EM

@@ -33,7 +33,7 @@ import torch
 from vllm import envs
 from vllm.kernel_configs.tile_config import Mxfp4TileConfig, tuned_tiles
 from vllm.model_executor.layers.fused_moe.ops.mxfp4_dequant import MXFP4_BLOCK, dequantize_mxfp4
-from vllm.model_executor.layers.fused_moe.ops.moe_launch import check_pair_routing, pairs_per_touched_expert
+from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import check_pair_routing, pairs_per_touched_expert
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
