@@ -117,6 +117,12 @@ def test_when_the_fused_path_is_not_taken(fused_calls, device):
     layer(x[:1].expand(many, -1))
     layer.set_mapping(punica)
     layer.use_fused_decode = True
+    # fewer rows than FUSED_DECODE_MIN_TOKENS: the two-launch path
+    linear_mod.FUSED_DECODE_MIN_TOKENS = len(SLOTS) + 1
+    try:
+        layer(x)
+    finally:
+        linear_mod.FUSED_DECODE_MIN_TOKENS = 1
     # no token on this layer's adapters: the base layer alone, bit for bit
     punica.update_metadata([-1] * len(SLOTS))
     assert torch.equal(layer(x), layer.base_layer(x))

@@ -65,6 +65,9 @@ _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLine
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: benchmarks: overrides ``VLLM_FUSED_LORA_LINEAR`` when set (``decode_switch_ab.py --switches dense-fused-lora``)
 FUSED_DECODE: Optional[bool] = None
+#: where the fused launch is on, only from this many rows (the <= 16-token kernel and the batch kernel are timed
+#: apart: a GPU A/B may find one of them slower than F.linear + the LoRA op)
+FUSED_DECODE_MIN_TOKENS = 1
 
 
 def fused_decode_default(device: torch.device) -> bool:
@@ -256,14 +259,15 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         return self._add_lora(project(), x)
 
     def _fuse(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs as one fused launch: switched on, at most ``BATCH_MAX_TOKENS`` rows, an
-        unquantized float weight and LoRA buffers of x's dtype, and some token of the step has an adapter (any slot)
-        while the layer is in the LoRA layer set (see the module docstring).  Decided from shapes and host state
-        only (CUDA-graph safe)."""
+        """Whether this forward runs as one fused launch: switched on, ``FUSED_DECODE_MIN_TOKENS`` to
+        ``BATCH_MAX_TOKENS`` rows, an unquantized float weight and LoRA buffers of x's dtype, and some token of the
+        step has an adapter (any slot) while the layer is in the LoRA layer set (see the module docstring).  Decided
+        from shapes and host state only (CUDA-graph safe)."""
         if not self.use_fused_decode or self.punica_wrapper is None or x.shape[-1] == 0:
             return False
         w = self.base_layer.weight
-        if not 0 < x.numel() // x.shape[-1] <= BATCH_MAX_TOKENS or x.dtype not in _FLOATS:
+        rows = x.numel() // x.shape[-1]
+        if not max(1, FUSED_DECODE_MIN_TOKENS) <= rows <= BATCH_MAX_TOKENS or x.dtype not in _FLOATS:
             return False
         if w.dtype != x.dtype or self._lora_a.dtype != x.dtype or w.dim() != 2:
             return False
