@@ -6,7 +6,8 @@
 #   at SIDE_TOKENS, benchmark_moe_int4.py and _mxfp4.py
 #   --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
 #   decode_switch_ab.py flipping SIDE_SWITCHES (e.g. moe-lora-sorted-beside dense-fused-lora), with
-#   LoRA (SIDE_BATCHES); only when named
+#   LoRA (SIDE_BATCHES, SIDE_AB_TIMEOUT: default 250 s; ~50 s an engine, two per switch plus two); SIDE_TIMEOUT
+#   per layer benchmark (default 150 s), SIDE_4BIT=0 skips the 4-bit ones; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 pytest tests/lora/test_moe_lora_side_stream.py tests/kernels/test_moe_lora_overwrite.py \
   tests/lora/test_dense_lora_side_stream.py tests/lora/test_mxfp4_moe_lora.py \
@@ -24,7 +25,7 @@ for v in "${variants[@]}"; do  # e.g. SIDE_VARIANTS="|--lora-sorted-beside 1|--l
     >"$OUT/sidestream_$i.log" 2>&1
   echo "== ${v:-shipped}"; grep "^| [QMg]\|rror" "$OUT/sidestream_$i.log" | cut -d'|' -f2-4,8-10
 done
-for v in 0 1; do  # the 4-bit experts' lora_deltas_beside
+for v in $( [ "${SIDE_4BIT:-1}" = 0 ] || echo 0 1 ); do  # the 4-bit experts' lora_deltas_beside (SIDE_4BIT=0: not)
   timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_int4.py --shapes qwen3 mixtral \
     --tokens 1 4 16 64 --reps 30 --lora-deltas $v >"$OUT/sidestream_int4_$v.log" 2>&1
   echo "== int4 --lora-deltas $v"; grep "^| [QM]\|rror" "$OUT/sidestream_int4_$v.log" | tail -10
@@ -32,7 +33,7 @@ for v in 0 1; do  # the 4-bit experts' lora_deltas_beside
     --tokens 1 4 16 64 --reps 30 --lora-deltas $v >"$OUT/sidestream_mxfp4_$v.log" 2>&1
   echo "== MXFP4 --lora-deltas $v"; grep "^| g\|rror" "$OUT/sidestream_mxfp4_$v.log" | tail -6
 done
-timeout "${SIDE_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
+timeout "${SIDE_AB_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
   --switches ${SIDE_SWITCHES:-moe-lora-side-stream dense-lora-side-stream} --lora --out "$OUT/sidestream_ab.md" \
   >"$OUT/sidestream_ab.log" 2>&1
 r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/sidestream_ab.md"; rc=$(( rc || r ))
