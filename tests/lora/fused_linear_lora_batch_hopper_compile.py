@@ -3,7 +3,8 @@ script, without TRITON_INTERPRET, by test_fused_linear_lora_batch.py (the approa
 ``fused_linear_lora_hopper_compile.py``: types, layouts and dot shapes only the compiler sees; the main loop
 pipelined (cp.async); shared memory within an H100's limit).  Variants: the heuristic's tiles at 17, 64 and
 256 tokens for Qwen3-30B-A3B's projections (qkv, o, router gate) in bf16, and at 64 tokens (qkv) in
-fp16 / fp32, at rank 16, and at ranks 32 / 64 for qkv at 256 tokens; ``--sweep``: also ``batch_sweep_configs()`` in bf16.  Prints one line per variant; exits 1 on failure."""
+fp16 / fp32, at rank 16, and at ranks 32 / 64 for qkv at 256 tokens; ``--sweep``: also ``batch_sweep_configs()``
+in bf16.  Prints one line per variant; exits 1 on failure."""
 import itertools
 import os
 import sys
@@ -25,8 +26,8 @@ def compile_variant(dtype: str, cfg: dict, T: int, bias: bool, slices: int, rank
     return compile_lora_kernel(fused_linear_lora_batch_kernel, dtype,
                                ("mapping_ptr", "sorted_ids_ptr", "counts_ptr", "enabled_ptr"), bias, slices, cfg,
                                LOOP_SLOTS=cfg["LOOP_SLOTS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                               BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank, BLOCK_C=rank * max(cfg["LOOP_SLOTS"], 1), BLOCK_L=4,
-                               BLOCK_TAIL=next_power_of_2(T))
+                               BLOCK_K=cfg["BLOCK_K"], BLOCK_R=rank, BLOCK_C=rank * max(cfg["LOOP_SLOTS"], 1),
+                               BLOCK_L=4, BLOCK_TAIL=next_power_of_2(T))
 
 
 def variants(sweep: bool) -> list[tuple]:

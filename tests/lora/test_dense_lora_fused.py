@@ -104,7 +104,7 @@ def test_fused_keeps_leading_dims(fused_calls, device):
     assert_close(y.reshape(9, -1).cpu(), want.float(), torch.float32)
 
 
-def test_when_the_fused_path_is_not_taken(fused_calls, device):
+def test_when_the_fused_path_is_not_taken(fused_calls, device, monkeypatch):
     layer, x, _, _ = _layer("merged", 1, 0, torch.float32, device)
     layer.use_fused_decode = True
     punica = layer.punica_wrapper
@@ -118,11 +118,9 @@ def test_when_the_fused_path_is_not_taken(fused_calls, device):
     layer.set_mapping(punica)
     layer.use_fused_decode = True
     # fewer rows than FUSED_DECODE_MIN_TOKENS: the two-launch path
-    linear_mod.FUSED_DECODE_MIN_TOKENS = len(SLOTS) + 1
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(linear_mod, "FUSED_DECODE_MIN_TOKENS", len(SLOTS) + 1)
         layer(x)
-    finally:
-        linear_mod.FUSED_DECODE_MIN_TOKENS = 1
     # no token on this layer's adapters: the base layer alone, bit for bit
     punica.update_metadata([-1] * len(SLOTS))
     assert torch.equal(layer(x), layer.base_layer(x))
