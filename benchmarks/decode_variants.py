@@ -68,7 +68,8 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
                                       "SIDE_STREAM_HIGH_PRIORITY"),
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
-           "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE")}
+           "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
+           "dense-gemv-lora": ("vllm.lora.ops.triton_ops.gemv_lora", "GEMV_LORA")}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -41,25 +41,43 @@ def _token_sums(acc, w, mask_k, x_ptr, M, stride_xm, k0, offs_k, rows, BLOCK_M: 
 
 
 @triton.jit
-def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
-    # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _first_weight_tile(w_ptr, stride_wn, N, K, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """This program's output columns (rows of W), their mask, the K offsets, the W tile pointers and the
+    first K-step's tile with its K mask: what a GEMV program loads before its PDL wait (no kernel writes W)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     w, mask_k = _weight_step(w_ptrs, mask_n, offs_k, 0, K, EVEN_K, BLOCK_K)
-    pdl_wait(USE_PDL)
-    rows = tl.arange(0, BLOCK_M)
+    return offs_n, mask_n, offs_k, w_ptrs, w, mask_k
+
+
+@triton.jit
+def _gemv_sums(w, mask_k, w_ptrs, mask_n, offs_k, x_ptr, M, K, stride_xm, rows, EVEN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N]: every token's products with the program's W rows, summed K-step by K-step from
+    the first tile (``_first_weight_tile``'s) on."""
     acc = _token_sums(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, mask_k, x_ptr, M, stride_xm, 0, offs_k,
                       rows, BLOCK_M)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
         w, mask_k = _weight_step(w_ptrs, mask_n, offs_k, k0, K, EVEN_K, BLOCK_K)
         acc = _token_sums(acc, w, mask_k, x_ptr, M, stride_xm, k0, offs_k, rows, BLOCK_M)
+    return acc
+
+
+@triton.jit
+def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
+    # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
+    offs_n, mask_n, offs_k, w_ptrs, w, mask_k = _first_weight_tile(w_ptr, stride_wn, N, K, EVEN_K, BLOCK_N, BLOCK_K)
+    pdl_wait(USE_PDL)
+    rows = tl.arange(0, BLOCK_M)
+    acc = _gemv_sums(w, mask_k, w_ptrs, mask_n, offs_k, x_ptr, M, K, stride_xm, rows, EVEN_K, BLOCK_M, BLOCK_N,
+                     BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
