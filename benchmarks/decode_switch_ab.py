@@ -5,7 +5,7 @@ benchmark_decode.py built once.  Greedy tokens are checked against the shipped r
 flipped switch's step time and its ratio to the shipped one.
 
     PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
-        [--lora] [--out ab.md]
+        [--lora | --lora-only] [--out ab.md]
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--switches", nargs="+", default=SWITCHES, choices=SWITCHES)
     p.add_argument("--lora", action="store_true", help="also the LoRA step (adapters spread over the batch)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="only the LoRA step (switches of the LoRA path: their no-LoRA engines would time the "
+                        "shipped build again, ~50 s each)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -56,8 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   async_scheduling=True)
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731
-    cases = [(None, False)] + [(s, False) for s in a.switches]
-    if a.lora:
+    cases = [] if a.lora_only else [(None, False)] + [(s, False) for s in a.switches]
+    if a.lora or a.lora_only:
         cases += [(None, True)] + [(s, True) for s in a.switches]
     times, tokens = {}, {}
     for flag, lora in cases:

@@ -11,5 +11,5 @@ timeout "${GEMVLORA_TIMEOUT:-120}" python3 benchmarks/kernels/benchmark_gemv_lor
   --reps 50 --out "$OUT/gemv_lora.md" >"$OUT/gemv_lora.log" 2>&1
 r=$?; grep "^| \|rror\|off" "$OUT/gemv_lora.log" | tail -30; rc=$(( rc || r ))
 timeout "${GEMVLORA_AB_TIMEOUT:-200}" python3 benchmarks/decode_switch_ab.py --batches ${GEMVLORA_BATCHES:-1} \
-  --switches dense-gemv-lora --lora --out "$OUT/gemvlora_ab.md" >"$OUT/gemvlora_ab.log" 2>&1
+  --switches dense-gemv-lora --lora-only --out "$OUT/gemvlora_ab.md" >"$OUT/gemvlora_ab.log" 2>&1
 r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/gemvlora_ab.md"; rc=$(( rc || r ))

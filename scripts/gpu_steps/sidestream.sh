@@ -6,7 +6,8 @@
 #   at SIDE_TOKENS, benchmark_moe_int4.py and _mxfp4.py
 #   --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
 #   decode_switch_ab.py flipping SIDE_SWITCHES (e.g. moe-lora-sorted-beside dense-fused-lora), with
-#   LoRA (SIDE_BATCHES, SIDE_AB_TIMEOUT: default 250 s; ~50 s an engine, two per switch plus two); SIDE_TIMEOUT
+#   LoRA (SIDE_BATCHES, SIDE_AB_TIMEOUT: default 250 s; ~50 s an engine, two per switch plus two; SIDE_AB_MODE
+#   --lora-only: the LoRA engines alone, for switches of the LoRA path); SIDE_TIMEOUT
 #   per layer benchmark (default 150 s), SIDE_4BIT=0 skips the 4-bit ones; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 pytest tests/lora/test_moe_lora_side_stream.py tests/kernels/test_moe_lora_overwrite.py \
@@ -34,6 +35,7 @@ for v in $( [ "${SIDE_4BIT:-1}" = 0 ] || echo 0 1 ); do  # the 4-bit experts' lo
   echo "== MXFP4 --lora-deltas $v"; grep "^| g\|rror" "$OUT/sidestream_mxfp4_$v.log" | tail -6
 done
 timeout "${SIDE_AB_TIMEOUT:-250}" python3 benchmarks/decode_switch_ab.py --batches ${SIDE_BATCHES:-1,16,64,256} \
-  --switches ${SIDE_SWITCHES:-moe-lora-side-stream dense-lora-side-stream} --lora --out "$OUT/sidestream_ab.md" \
+  --switches ${SIDE_SWITCHES:-moe-lora-side-stream dense-lora-side-stream} ${SIDE_AB_MODE:---lora} \
+  --out "$OUT/sidestream_ab.md" \
   >"$OUT/sidestream_ab.log" 2>&1
 r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/sidestream_ab.md"; rc=$(( rc || r ))
