@@ -16,6 +16,10 @@ tolerance; a config that fails is reported, not timed.
 
 ``--sweep`` also times the alternative tile configs and marks the fastest per row.
 
+``--sorted-split``: the sorted path's split-K shrink + expand (``lora_linear_sorted_split.py``, off until
+timed) against the shipped config and the sorted kernel at ``--tokens`` (default 32 64 128 256), with a small
+sweep of its tiles on a GPU; every config checked against the fp32 reference first.
+
 ``--token-variant``: the token path's kernels A/B at ``--tokens`` (default 1 2 4 8): today's
 ``lora_linear_token_kernel`` (``token_kernel=0``, the heuristic's tiles) against the prefetch variant
 (``token_kernel=1``, ``token_variant_config``'s tiles, and BLOCK_N 64-512) and the split-K shrink +
@@ -170,6 +174,34 @@ def variant_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, dev
             f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {ratio(results[0])} | {ratio(results[3])} |")
 
 
+def sorted_split_rows(name: str, K: int, n_sizes: list[int], T: int, args, dtype, device, flush) -> str:
+    """One table row: the shipped config (``lora_linear_config``), the sorted kernel, and the sorted path's split
+    pair (``sorted_split_config``'s tiles, and on a GPU BLOCK_K 256-1024 / BLOCK_N 64-256 / BLOCK_M 16-32)."""
+    from vllm.lora.ops.triton_ops.lora_linear import kernel0_config, lora_linear_config
+    from vllm.lora.ops.triton_ops.lora_linear_sorted_split import sorted_split_config
+
+    N, R, S = max(n_sizes), args.rank, len(n_sizes)
+    shipped = lora_linear_config(T, K, N, R, S, dtype)
+    split = sorted_split_config(T, K, N, R, dtype)
+    configs = [("shipped", shipped), ("sorted", kernel0_config(T, K, N, R, S, dtype, sorted_path=True)),
+               ("split", split)]
+    if device.type == "cuda":
+        configs += [(f"split BLOCK_K={bk}", dataclasses.replace(split, block_k=bk))
+                    for bk in (256, 512, 1024) if bk != split.block_k and bk <= K]
+        configs += [(f"split BLOCK_N={bn}", dataclasses.replace(split, block_n=bn))
+                    for bn in (64, 128, 256) if bn != split.block_n]
+        configs += [(f"split BLOCK_M={bm}", dataclasses.replace(split, block_m=bm))
+                    for bm in (16, 32) if bm != split.block_m]
+    results, _ = time_configs(K, n_sizes, T, args, dtype, device, flush, configs)
+    fmt = lambda r: f"{r[1]:.1f}" if r[1] is not None else r[2]  # noqa: E731
+    ok = [r for r in results[2:] if r[1] is not None]
+    best = min(ok, key=lambda r: r[1]) if ok else None
+    path = "token" if shipped.token_path else "sorted"
+    ratio = f"{results[0][1] / best[1]:.2f}" if best and results[0][1] else "-"
+    return (f"| {name} | {T} | {path} {fmt(results[0])} | {fmt(results[1])} | {fmt(results[2])} | "
+            f"{fmt(best) if best else '-'} | {best[0] if best else '-'} | {ratio} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", default="qwen3", choices=list(WIDTHS))
@@ -180,14 +212,18 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--token-variant", action="store_true",
                    help="A/B the token path's kernels (today's vs the two variants); tokens default 1 2 4 8")
+    p.add_argument("--sorted-split", action="store_true",
+                   help="A/B the sorted path's split pair (lora_linear_sorted_split.py) against the shipped config "
+                        "and the sorted kernel; tokens default 32 64 128 256")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.tokens is None:
-        args.tokens = [1, 2, 4, 8] if args.token_variant else [1, 4, 16, 64, 256]
+        args.tokens = [1, 2, 4, 8] if args.token_variant else [32, 64, 128, 256] if args.sorted_split else \
+            [1, 4, 16, 64, 256]
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.tokens = [t for t in args.tokens if t <= 16][:2] or [1]
+        args.tokens = [t for t in args.tokens if t <= (40 if args.sorted_split else 16)][:2] or [1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
@@ -204,6 +240,17 @@ def main() -> None:
         for name, K, ns in shapes:
             for T in args.tokens:
                 lines.append(variant_rows(name, K, ns, T, args, dtype, device, flush))
+                print(lines[-1], flush=True)
+        emit("\n".join(lines), args.out)
+        return
+    if args.sorted_split:
+        lines = [f"# dense LoRA sorted path, the split pair vs the shipped config, {gpu}, {dtype}, {args.width} "
+                 f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
+                 "| proj | tokens | shipped: path (us) | sorted kernel (us) | split pair (us) | best split (us) | "
+                 "best split config | shipped / best split |", "|---|---:|---|---:|---:|---:|---|---:|"]
+        for name, K, ns in shapes:
+            for T in args.tokens:
+                lines.append(sorted_split_rows(name, K, ns, T, args, dtype, device, flush))
                 print(lines[-1], flush=True)
         emit("\n".join(lines), args.out)
         return

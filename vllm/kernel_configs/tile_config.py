@@ -183,6 +183,9 @@ class LoRALinearTileConfig(JsonTiles):
     program recomputes the shrink), 1 = ``lora_linear_token_prefetch_kernel`` (two dependent memory
     round trips; one program per block_n columns, num_n_splits unused; read ``_lora_linear_kernels.py``),
     2 = a split-K shrink (block_k columns of A per program) and an expand (``_lora_linear_split_kernels.py``).
+    sorted_split: the sorted path (token_path false) as a split-K shrink (block_k columns of A per program)
+    and an expand (one block_n tile per program; ``_lora_linear_sorted_split_kernels.py``) instead of
+    ``lora_linear_sorted_kernel`` (num_n_splits and num_stages unused).
     """
 
     block_m: int
@@ -193,13 +196,14 @@ class LoRALinearTileConfig(JsonTiles):
     num_stages: int = 3
     token_path: bool = False
     token_kernel: int = 0
+    sorted_split: bool = False
 
     JSON_KEYS: ClassVar[Mapping[str, str]] = {
         "BLOCK_M": "block_m", "BLOCK_N": "block_n", "BLOCK_K": "block_k", "NUM_N_SPLITS": "num_n_splits",
         "num_warps": "num_warps", "num_stages": "num_stages", "token_path": "token_path",
-        "TOKEN_KERNEL": "token_kernel",
+        "TOKEN_KERNEL": "token_kernel", "SORTED_SPLIT": "sorted_split",
     }
-    FLAGS: ClassVar[frozenset[str]] = frozenset({"token_path"})
+    FLAGS: ClassVar[frozenset[str]] = frozenset({"token_path", "sorted_split"})
     ZERO_OK: ClassVar[frozenset[str]] = frozenset({"token_kernel"})
 
 

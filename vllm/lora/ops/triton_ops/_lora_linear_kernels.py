@@ -44,6 +44,34 @@ def _slice_params(s, n0, n1, n2, off0, off1, off2):
 
 
 @triton.jit
+def _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M: tl.constexpr):
+    """The sorted path's block ``pid_m``: its slot (-1 past the last block), its tokens ([BLOCK_M] int64, rows
+    of the slot-sorted order) and their mask.  Slot l's run of tokens is cut into ceil(count_l / BLOCK_M)
+    blocks, numbered slot after slot (the module docstring's example)."""
+    zero = pid_m * 0
+    slot = zero - 1
+    first_block = zero
+    row_begin = zero
+    row_end = zero
+    blocks = zero
+    rows = zero
+    for lid in range(0, num_slots):
+        c = tl.load(counts_ptr + lid)
+        nb = (c + BLOCK_M - 1) // BLOCK_M
+        hit = (pid_m >= blocks) & (pid_m < blocks + nb)
+        slot = tl.where(hit, lid, slot)
+        first_block = tl.where(hit, blocks, first_block)
+        row_begin = tl.where(hit, rows, row_begin)
+        row_end = tl.where(hit, rows + c, row_end)
+        blocks += nb
+        rows += c
+    offs_m = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = (offs_m < row_end) & (slot >= 0)
+    tokens = tl.load(sorted_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return slot, tokens, mask_m & (tokens < num_tokens)
+
+
+@triton.jit
 def lora_linear_token_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, mapping_ptr, enabled_ptr,
     K, R, max_loras,
@@ -107,25 +135,7 @@ def lora_linear_sorted_kernel(
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
-
-    # Which slot's run holds block pid_m, and which rows of the sorted order it covers.
-    zero = pid_m * 0
-    slot = zero - 1
-    first_block = zero
-    row_begin = zero
-    row_end = zero
-    blocks = zero
-    rows = zero
-    for lid in range(0, num_slots):
-        c = tl.load(counts_ptr + lid)
-        nb = (c + BLOCK_M - 1) // BLOCK_M
-        hit = (pid_m >= blocks) & (pid_m < blocks + nb)
-        slot = tl.where(hit, lid, slot)
-        first_block = tl.where(hit, blocks, first_block)
-        row_begin = tl.where(hit, rows, row_begin)
-        row_end = tl.where(hit, rows + c, row_end)
-        blocks += nb
-        rows += c
+    slot, tokens, mask_m = _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M)
     if slot < 0:
         return
     if HAS_ENABLED:
@@ -134,11 +144,6 @@ def lora_linear_sorted_kernel(
     slot64 = slot.to(tl.int64)
     s64 = s.to(tl.int64)
     N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-
-    offs_m = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
-    tokens = tl.load(sorted_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    mask_m = mask_m & (tokens < num_tokens)
 
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R

@@ -22,7 +22,9 @@ N-split) with no grouping: ``token_kernel`` 1 = two dependent memory round trips
 ``TOKEN_KERNEL``); 0 = the first token kernel, kept for comparison.  Above,
 tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
-program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores.
+program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores; or, with
+``sorted_split`` (``lora_linear_sorted_split.py``, off until timed), a split-K shrink and
+an expand over those blocks.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
 them so) run in one launch when S <= 3; otherwise one launch per slice.
 """
@@ -35,6 +37,8 @@ import torch
 
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.slices import slice_offsets
+from vllm.lora.ops.triton_ops import lora_linear_sorted_split as sorted_split
+from vllm.lora.ops.triton_ops.lora_linear_sorted_split import launch_sorted_split
 from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
@@ -106,6 +110,8 @@ def lora_linear_metadata(token_lora_mapping: torch.Tensor, max_loras: int,
 def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
                        dtype: torch.dtype) -> LoRALinearTileConfig:
     """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
+    if sorted_split.SORTED_SPLIT and num_tokens >= sorted_split.SORTED_SPLIT_MIN_TOKENS:
+        return sorted_split.sorted_split_config(num_tokens, K, N, R, dtype)
     kernel = auto_token_kernel(num_tokens, K, R) if TOKEN_KERNEL is None else TOKEN_KERNEL
     token_path = num_tokens <= SMALL_BATCH_TOKENS or (
         kernel != 0 and num_tokens * R * num_slices * (K + N) <= _TOKEN_PATH_MAX_WORK)
@@ -284,6 +290,8 @@ def _check_config(config: LoRALinearTileConfig) -> None:
     if config.token_kernel not in (0, 1, 2):
         raise ValueError(f"TOKEN_KERNEL={config.token_kernel}: 0 (lora_linear_token_kernel), 1 (the prefetch "
                          "variant) or 2 (the split-K variant)")
+    if config.sorted_split and config.token_path:
+        raise ValueError("SORTED_SPLIT is the sorted path's pair of kernels: token_path must be false")
 
 
 def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
@@ -326,7 +334,10 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
                    *b.stride(), y.stride(0), y.stride(1), splits]
         common = dict(HAS_ENABLED=adapter_enabled is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.token_path and cfg.token_kernel == 2:
+        if cfg.sorted_split:
+            launch_sorted_split(y, x, a, b, meta, enabled, adapter_enabled is not None, cfg, ns, n_args, off_args,
+                                stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, _scratch)
+        elif cfg.token_path and cfg.token_kernel == 2:
             _launch_split(y, x, a, b, token_lora_mapping, enabled, adapter_enabled is not None, cfg, ns, n_args,
                           off_args, stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, interp)
         elif cfg.token_path and cfg.token_kernel == 1:
