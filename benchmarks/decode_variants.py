@@ -70,7 +70,8 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
            "dense-gemv-lora": ("vllm.lora.ops.triton_ops.gemv_lora", "GEMV_LORA"),
-           "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT")}
+           "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
+           "moe-align-one-launch": ("vllm.model_executor.layers.fused_moe.ops.moe_align_block_size", "ONE_LAUNCH")}
 _toggle_defaults: dict[str, object] = {}
 
 

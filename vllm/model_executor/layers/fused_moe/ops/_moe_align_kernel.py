@@ -1,5 +1,8 @@
 """Triton bodies of ``moe_align_block_size``: three launches, no host sync.
 
+With ``moe_align_block_size.ONE_LAUNCH`` on, at most ``ONE_LAUNCH_MAX_PAIRS`` pairs take
+``_align_one_kernel`` instead: the three steps in one program, the same outputs.
+
 1. ``_count_kernel``: one program per chunk of pairs writes its per-group histogram.
 2. ``_scan_kernel`` (one program): group totals, padded offsets, each chunk's
    write offset per group, the block -> group table, and the sentinel padding.
@@ -77,17 +80,15 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, map_ptr, enabled
 
 
 @triton.jit
-def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
-                 slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
-                 BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr,
-                 SLOT_SUMS: tl.constexpr):
-    """The scan of one grouping (see the module docstring); with ``SLOT_SUMS`` also the padded length of
-    each run of ``e_local`` groups (one adapter slot's virtual experts) into ``slot_counts_ptr``."""
+def _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel, num_groups,
+                   size, num_blocks, e_local, num_slots, BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr,
+                   PAD_W: tl.constexpr, FILL: tl.constexpr, SLOT_SUMS: tl.constexpr):
+    """From the groups' pair counts ([G_PAD], 0 past ``num_groups``): the used length, the padded counts (with
+    ``SLOT_SUMS`` also the padded length of each run of ``e_local`` groups, one adapter slot's virtual
+    experts, into ``slot_counts_ptr``), the sentinel in each group's padding, the block -> group table and the
+    unused tails; returns each group's first row."""
     gi = tl.arange(0, G_PAD)
     gmask = gi < num_groups
-    counts = tl.zeros([G_PAD], dtype=tl.int32)
-    for c in range(num_chunks):
-        counts += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
     padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
@@ -98,10 +99,6 @@ def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
         slot_of = gi // e_local
         for s in range(num_slots):
             tl.store(slot_counts_ptr + s, tl.sum(tl.where(slot_of == s, padded, 0), 0))
-    run = starts
-    for c in range(num_chunks):
-        tl.store(chunk_offsets_ptr + c * num_groups + gi, run, mask=gmask)
-        run += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
     # sentinel in each group's padding (fewer than BLOCK_SIZE slots per group)
     w = tl.arange(0, PAD_W)
     for j0 in range(0, BLOCK_SIZE, PAD_W):
@@ -122,6 +119,26 @@ def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
         tl.store(sorted_ptr + t0 + f, numel, mask=t0 + f < size)
     for b0 in range(total // BLOCK_SIZE, num_blocks, FILL):
         tl.store(block_ids_ptr + b0 + f, -1, mask=b0 + f < num_blocks)
+    return starts
+
+
+@triton.jit
+def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
+                 slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
+                 BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr,
+                 SLOT_SUMS: tl.constexpr):
+    """The scan of one grouping (see the module docstring): the chunks' histograms summed, ``_layout_groups``,
+    and each chunk's write offset per group."""
+    gi = tl.arange(0, G_PAD)
+    gmask = gi < num_groups
+    counts = tl.zeros([G_PAD], dtype=tl.int32)
+    for c in range(num_chunks):
+        counts += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
+    run = _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel,
+                         num_groups, size, num_blocks, e_local, num_slots, BLOCK_SIZE, G_PAD, PAD_W, FILL, SLOT_SUMS)
+    for c in range(num_chunks):
+        tl.store(chunk_offsets_ptr + c * num_groups + gi, run, mask=gmask)
+        run += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
 
 
 @triton.jit
@@ -136,14 +153,21 @@ def _scan_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
 
 
 @triton.jit
-def _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
-    """Write the pair ids of chunk ``c``, binned ``b``, to their groups' slots (in pair order)."""
+def _ranks(b, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    """The pairs of a chunk binned ``b``, sorted by (bin, position): their sorted keys (bin * CHUNK + position),
+    their bins and their rank within their bin (stable: pair order)."""
     pos = tl.arange(0, CHUNK)
-    keys = tl.sort(b * CHUNK + pos)  # stable: by group, then by position in the chunk
+    keys = tl.sort(b * CHUNK + pos)
     sg = keys // CHUNK
     hist = tl.histogram(b, G_PAD)
     group_first = tl.cumsum(hist, 0) - hist  # first sorted index of each group in this chunk
-    rank = pos - tl.gather(group_first, sg, 0)
+    return keys, sg, pos - tl.gather(group_first, sg, 0)
+
+
+@triton.jit
+def _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    """Write the pair ids of chunk ``c``, binned ``b``, to their groups' slots (in pair order)."""
+    keys, sg, rank = _ranks(b, CHUNK, G_PAD)
     real = sg < num_groups
     base = tl.load(chunk_offsets_ptr + c * num_groups + sg, mask=real, other=0)
     tl.store(sorted_ptr + base + rank, c * CHUNK + keys % CHUNK, mask=real)
@@ -158,6 +182,27 @@ def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups, m
     b = _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
                 CHUNK, G_PAD, LORA, HAS_EMAP)
     _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK, G_PAD)
+
+
+@triton.jit
+def _align_one_kernel(ids_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel, num_groups,
+                      size, num_blocks, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
+                      num_slots, BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
+                      PAD_W: tl.constexpr, FILL: tl.constexpr, LORA: tl.constexpr, HAS_EMAP: tl.constexpr,
+                      SLOT_SUMS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The three launches in one program, for at most CHUNK pairs: bins and counts (one histogram), the layout
+    (``_layout_groups``) and the scatter, each group's pairs from its first row on."""
+    pdl_wait(USE_PDL)
+    b = _bucket(ids_ptr, 0, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
+                CHUNK, G_PAD, LORA, HAS_EMAP)
+    gi = tl.arange(0, G_PAD)
+    counts = tl.where(gi < num_groups, tl.histogram(b, G_PAD), 0)
+    starts = _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel,
+                            num_groups, size, num_blocks, e_local, num_slots, BLOCK_SIZE, G_PAD, PAD_W, FILL,
+                            SLOT_SUMS)
+    keys, sg, rank = _ranks(b, CHUNK, G_PAD)
+    real = sg < num_groups
+    tl.store(sorted_ptr + tl.gather(starts, tl.where(real, sg, 0), 0) + rank, keys % CHUNK, mask=real)
 
 
 # ---- both alignments of a MoE LoRA step in one pass ----------------------------------------------------
