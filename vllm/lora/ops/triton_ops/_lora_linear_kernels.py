@@ -44,9 +44,9 @@ def _slice_params(s, n0, n1, n2, off0, off1, off2):
 
 
 @triton.jit
-def _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M: tl.constexpr):
-    """The sorted path's block ``pid_m``: its slot (-1 past the last block), its tokens ([BLOCK_M] int64, rows
-    of the slot-sorted order) and their mask.  Slot l's run of tokens is cut into ceil(count_l / BLOCK_M)
+def _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M: tl.constexpr):
+    """The sorted path's block ``pid_m``: its slot (-1 past the last block), its first block and the slot's rows
+    [row_begin, row_end) of the slot-sorted order.  Slot l's run of tokens is cut into ceil(count_l / BLOCK_M)
     blocks, numbered slot after slot (the module docstring's example)."""
     zero = pid_m * 0
     slot = zero - 1
@@ -65,10 +65,16 @@ def _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, B
         row_end = tl.where(hit, rows + c, row_end)
         blocks += nb
         rows += c
+    return slot, first_block, row_begin, row_end
+
+
+@triton.jit
+def _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M: tl.constexpr):
+    """Block ``pid_m``'s tokens ([BLOCK_M] int64, from ``_slot_block``'s rows) and their mask."""
     offs_m = row_begin + (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = (offs_m < row_end) & (slot >= 0)
+    mask_m = offs_m < row_end
     tokens = tl.load(sorted_ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    return slot, tokens, mask_m & (tokens < num_tokens)
+    return tokens, mask_m & (tokens < num_tokens)
 
 
 @triton.jit
@@ -135,7 +141,7 @@ def lora_linear_sorted_kernel(
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
-    slot, tokens, mask_m = _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M)
+    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
     if slot < 0:
         return
     if HAS_ENABLED:
@@ -144,6 +150,7 @@ def lora_linear_sorted_kernel(
     slot64 = slot.to(tl.int64)
     s64 = s.to(tl.int64)
     N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
+    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
 
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R

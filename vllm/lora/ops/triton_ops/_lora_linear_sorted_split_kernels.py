@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _expand_dot, _shrink_rows, _split_for_expand
-from vllm.lora.ops.triton_ops._lora_linear_kernels import _slice_params, _slot_block_rows
+from vllm.lora.ops.triton_ops._lora_linear_kernels import _block_tokens, _slice_params, _slot_block
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -35,9 +35,11 @@ def lora_linear_sorted_shrink_kernel(
     pid_m = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
-    slot, tokens, mask_m = _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M)
+    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
     if slot < 0:
         return
+    # the tokens' load goes out beside the enabled flag's
+    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
     if HAS_ENABLED:
         if tl.load(enabled_ptr + slot) == 0:
             return
@@ -73,9 +75,11 @@ def lora_linear_sorted_expand_kernel(
     N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
     if pid_n * BLOCK_N >= N:
         return
-    slot, tokens, mask_m = _slot_block_rows(pid_m, counts_ptr, sorted_ids_ptr, num_slots, num_tokens, BLOCK_M)
+    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
     if slot < 0:
         return
+    # the tokens' load goes out beside the enabled flag's
+    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
     if HAS_ENABLED:
         if tl.load(enabled_ptr + slot) == 0:
             return
