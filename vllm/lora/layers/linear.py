@@ -249,16 +249,16 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                                                 adapter_enabled=self.adapter_enabled)
         return y
 
-    def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor], *, as_linear: bool = False,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor], *,
+                   as_linear: Callable[[], bool] = lambda: False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``project()`` (the base projection of x) + the LoRA delta: at the GEMV's sizes with the expand in the
-        GEMV's epilogue (``gemv_lora``, where it applies and ``as_linear`` promises that ``project()`` is
-        ``linear(x, weight, bias)``), beside it on the side stream (``dense_overlap.applies``), else added in
-        place after it."""
+        GEMV's epilogue (``gemv_lora``, where it applies and ``as_linear()`` says that ``project()`` is
+        ``linear(x, weight, bias)``; asked only then), beside it on the side stream (``dense_overlap.applies``),
+        else added in place after it."""
         punica = self.punica_wrapper
         if punica is None or not punica.any_active(self.enabled_slots):
             return project()
-        if as_linear and gemv_lora_applies(x, self.weight, self.lora_a_stacked, self.lora_b_stacked):
+        if gemv_lora_applies(x, self.weight, self.lora_a_stacked, self.lora_b_stacked) and as_linear():
             return gemv_with_lora(x, self.weight, bias, self.lora_a_stacked, self.lora_b_stacked,
                                   punica.token_mapping(x.numel() // x.shape[-1]), adapter_enabled=self.adapter_enabled)
         if dense_overlap.applies(x.device, x.numel() // max(1, x.shape[-1])):
@@ -299,7 +299,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         if self._fuse(x):
             return self._fused_forward(x, self.base_layer.bias)
         base = self.base_layer
-        return self._with_lora(x, lambda: base(x), as_linear=_is_plain_linear(base, False), bias=base.bias)
+        return self._with_lora(x, lambda: base(x), as_linear=lambda: _is_plain_linear(base, False), bias=base.bias)
 
     @classmethod
     def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
@@ -354,10 +354,11 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
         if self.tp_size == 1:
             if fuse:
                 return self._fused_forward(x, base.bias)
-            return self._with_lora(x, lambda: base(x), as_linear=_is_plain_linear(base, True), bias=base.bias)
+            return self._with_lora(x, lambda: base(x), as_linear=lambda: _is_plain_linear(base, True),
+                                   bias=base.bias)
         # this rank's partial sum, delta included
         y = self._fused_forward(x, None) if fuse else self._with_lora(x, lambda: linear(x, base.weight),
-                                                                      as_linear=True)
+                                                                      as_linear=lambda: True)
         if getattr(base, "reduce_results", True):
             group = getattr(base, "tp_group", None)
             if group is None:
