@@ -8,7 +8,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -87,6 +88,31 @@ def add_run_args(p, *, smoke: str, out: str = "also write the tables (markdown) 
     p.add_argument("--smoke", action="store_true", help=f"{smoke}; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=out)
+
+
+@dataclass
+class RunSetup:
+    """What a benchmark run with ``add_run_args``'s options times with: ``timed(fn)`` (us: CUDA-graph replay
+    with the L2 flushed, median of ``reps``; on CPU the wall clock), the copy bandwidth and the device's name."""
+
+    timed: Callable[[Callable[[], object]], float]
+    reps: int
+    bandwidth: float
+    gpu: str
+
+
+def run_setup(args, device: torch.device) -> RunSetup:
+    """The timer of ``args`` (``--reps``, default 100 on CUDA and 2 on CPU; ``--no-graph``) on ``device``."""
+    reps = args.reps or (2 if device.type == "cpu" else 100)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            return time_cuda(fn, flush, reps, use_graph=not args.no_graph)[0]
+        return time_cpu(fn, reps)[0]
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
+    return RunSetup(timed, reps, peak_bandwidth(device), gpu)
 
 
 def emit(text: str, out: Optional[str]) -> None:

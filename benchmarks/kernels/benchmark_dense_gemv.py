@@ -32,8 +32,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
     sys.path.insert(0, _ROOT)
 
-from benchmarks.kernels.bench_timing import (add_run_args, emit, norm_err, peak_bandwidth, pick_device,  # noqa: E402
-                                             time_cpu, time_cuda)
+from benchmarks.kernels.bench_timing import add_run_args, emit, norm_err, pick_device, run_setup  # noqa: E402
 
 # shape -> [(projection, N, K, bias)]
 SHAPES = {
@@ -92,15 +91,8 @@ def main() -> None:
     if device.type == "cpu":
         dtype = torch.float16  # the interpreter's bf16 is slow and its products are not the point here
     shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes}
-    reps = args.reps or (2 if device.type == "cpu" else 100)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-    bw = peak_bandwidth(device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
-
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            return time_cuda(fn, flush, reps, use_graph=not args.no_graph)[0]
-        return time_cpu(fn, reps)[0]
+    run = run_setup(args, device)
+    timed, reps, bw, gpu = run.timed, run.reps, run.bandwidth, run.gpu
 
     gen = torch.Generator().manual_seed(args.seed)
     rows = []

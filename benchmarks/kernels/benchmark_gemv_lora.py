@@ -29,8 +29,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:  # run as a script from anywhere, with or without PYTHONPATH=.
     sys.path.insert(0, _ROOT)
 
-from benchmarks.kernels.bench_timing import (add_run_args, emit, norm_err, peak_bandwidth, pick_device,  # noqa: E402
-                                             time_cpu, time_cuda)
+from benchmarks.kernels.bench_timing import add_run_args, emit, norm_err, pick_device, run_setup  # noqa: E402
 
 # shape -> [(projection, slice widths, K, bias)]
 SHAPES = {
@@ -87,16 +86,9 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes}
-    reps = args.reps or (2 if device.type == "cpu" else 100)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-    bw = peak_bandwidth(device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (interpreter)"
+    run = run_setup(args, device)
+    timed, reps, bw, gpu = run.timed, run.reps, run.bandwidth, run.gpu
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            return time_cuda(fn, flush, reps, use_graph=not args.no_graph)[0]
-        return time_cpu(fn, reps)[0]
 
     gen = torch.Generator().manual_seed(args.seed)
     rows = []

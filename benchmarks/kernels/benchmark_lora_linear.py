@@ -232,28 +232,24 @@ def main() -> None:
         H, QD, KVD = 64, 128, 32
     shapes = [("qkv", H, [QD, KVD, KVD]), ("o", QD, [H])]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
-    if args.token_variant:
-        lines = [f"# dense LoRA token path, today's kernel vs the variants, {gpu}, {dtype}, {args.width} "
-                 f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
-                 "| proj | tokens | sorted path (us) | today (us) | prefetch (us) | split-K (us) | best variant (us) | "
-                 "best config | today / best | sorted / best |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for name, K, ns in shapes:
-            for T in args.tokens:
-                lines.append(variant_rows(name, K, ns, T, args, dtype, device, flush))
-                print(lines[-1], flush=True)
-        emit("\n".join(lines), args.out)
-        return
-    if args.sorted_split:
-        lines = [f"# dense LoRA sorted path, the split pair vs the shipped config, {gpu}, {dtype}, {args.width} "
-                 f"width, rank {args.rank}, {args.num_loras} slots (us per call, graph replay, L2 flushed)", "",
-                 "| proj | tokens | shipped: path (us) | sorted kernel (us) | split pair (us) | best split (us) | "
-                 "best split config | shipped / best split |", "|---|---:|---|---:|---:|---:|---|---:|"]
-        for name, K, ns in shapes:
-            for T in args.tokens:
-                lines.append(sorted_split_rows(name, K, ns, T, args, dtype, device, flush))
-                print(lines[-1], flush=True)
-        emit("\n".join(lines), args.out)
-        return
+    ab = {"token_variant": ("the token path, today's kernel vs the variants", variant_rows,
+                            "| proj | tokens | sorted path (us) | today (us) | prefetch (us) | split-K (us) | "
+                            "best variant (us) | best config | today / best | sorted / best |",
+                            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"),
+          "sorted_split": ("the sorted path, the split pair vs the shipped config", sorted_split_rows,
+                           "| proj | tokens | shipped: path (us) | sorted kernel (us) | split pair (us) | "
+                           "best split (us) | best split config | shipped / best split |",
+                           "|---|---:|---|---:|---:|---:|---|---:|")}
+    for flag, (what, row, header, rule) in ab.items():
+        if getattr(args, flag):
+            lines = [f"# dense LoRA {what}, {gpu}, {dtype}, {args.width} width, rank {args.rank}, {args.num_loras} "
+                     "slots (us per call, graph replay, L2 flushed)", "", header, rule]
+            for name, K, ns in shapes:
+                for T in args.tokens:
+                    lines.append(row(name, K, ns, T, args, dtype, device, flush))
+                    print(lines[-1], flush=True)
+            emit("\n".join(lines), args.out)
+            return
     sweep = (token_sweep() + sorted_sweep()) if args.sweep and device.type == "cuda" else []
     peak = peak_bandwidth(device)
     lines = [f"# add_lora_linear, {gpu}, {dtype}, {args.width} width, rank {args.rank}, {args.num_loras} slots; "

@@ -22,6 +22,20 @@ from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
+def _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots, num_tokens, HAS_ENABLED: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Block ``pid_m``'s slot, tokens and their mask (``_slot_block``, ``_block_tokens``: the tokens' load goes out
+    beside the enabled flag's), and whether the block has work: a slot, enabled."""
+    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
+    live = slot >= 0
+    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
+    mask_m = mask_m & live
+    if HAS_ENABLED:
+        live = live & (tl.load(enabled_ptr + slot, mask=live, other=0) != 0)
+    return slot, tokens, mask_m, live
+
+
+@triton.jit
 def lora_linear_sorted_shrink_kernel(
     x_ptr, a_ptr, part_ptr, sorted_ids_ptr, counts_ptr, enabled_ptr,
     num_tokens, K, R, num_slots,
@@ -35,14 +49,10 @@ def lora_linear_sorted_shrink_kernel(
     pid_m = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
-    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
-    if slot < 0:
+    slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots, num_tokens,
+                                             HAS_ENABLED, BLOCK_M)
+    if not live:
         return
-    # the tokens' load goes out beside the enabled flag's
-    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
-    if HAS_ENABLED:
-        if tl.load(enabled_ptr + slot) == 0:
-            return
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     k0 = j * BLOCK_K
@@ -75,14 +85,10 @@ def lora_linear_sorted_expand_kernel(
     N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
     if pid_n * BLOCK_N >= N:
         return
-    slot, first_block, row_begin, row_end = _slot_block(pid_m, counts_ptr, num_slots, BLOCK_M)
-    if slot < 0:
+    slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots, num_tokens,
+                                             HAS_ENABLED, BLOCK_M)
+    if not live:
         return
-    # the tokens' load goes out beside the enabled flag's
-    tokens, mask_m = _block_tokens(pid_m, first_block, row_begin, row_end, sorted_ids_ptr, num_tokens, BLOCK_M)
-    if HAS_ENABLED:
-        if tl.load(enabled_ptr + slot) == 0:
-            return
     s64 = s.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     offs_j = tl.arange(0, BLOCK_J)
