@@ -32,11 +32,12 @@ def _cfg(x, b, **tiles) -> LoRALinearTileConfig:
 
 
 # (tokens, K, slice widths, L, R, mapping mode, one buffer, tiles): several K chunks (K not a multiple of
-# BLOCK_K), several N tiles, slots of several blocks, separate slice tensors (one launch per slice), odd ranks
+# BLOCK_K), several N tiles, slots of several blocks, separate slice tensors (one launch per slice), odd ranks;
+# tiles of at least 16 (a GPU dot's smallest)
 CASES = [
     (20, 48, [40], 2, 16, "mixed", True, dict(block_k=16, block_n=16)),
     (37, 72, [32, 16, 8], 3, 8, "mixed", True, dict(block_k=32)),
-    (17, 40, [24, 24], 4, 5, "mixed", False, dict(block_k=16, block_n=8)),
+    (17, 40, [24, 24], 4, 5, "mixed", False, dict(block_k=16, block_n=16)),
     (45, 64, [64, 16, 16], 3, 32, "one", True, dict()),
     (33, 32, [16], 2, 8, "none", True, dict()),
 ]
@@ -72,7 +73,7 @@ def test_leaves_other_rows_and_columns_alone(dtype, device):
     y0 = y.clone()
     want = _expected(x, a, b, y, offsets, mapping, enabled.cpu())
     add_lora_linear(y, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets,
-                    config=_cfg(x, b, block_k=16, block_n=8))
+                    config=_cfg(x, b, block_k=16, block_n=16))
     y, y0 = y.cpu(), y0.cpu()
     assert torch.equal(_bits(y[~writes]), _bits(y0[~writes]))
     assert torch.equal(_bits(y[:, ~cols]), _bits(y0[:, ~cols]))
