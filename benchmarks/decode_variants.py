@@ -30,6 +30,9 @@ def add_variant_flags(p: argparse.ArgumentParser) -> None:
                         "(vllm/lora/layers/dense_overlap.DENSE_LORA_SIDE_STREAM); 0: in place after each")
     p.add_argument("--all-fusions", action="store_true",
                    help="the fusions above (the MoE activation in GEMM1, the KV write in q/k norm + rotary)")
+    p.add_argument("--flip", action="append", default=[], metavar="SWITCH",
+                   help="turn a switch of TOGGLES to the other side of its shipped default (repeatable; e.g. the "
+                        "winners of decode_switch_ab.py before they ship): " + ", ".join(TOGGLES))
 
 
 def apply_variant_flags(a: argparse.Namespace) -> list[str]:
@@ -40,6 +43,10 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
     from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
     from vllm.model_executor.layers.ops import dense_gemv
 
+    for flag in getattr(a, "flip", []):
+        if flag not in TOGGLES:
+            raise SystemExit(f"--flip {flag}: not a decode switch; the switches: {', '.join(TOGGLES)}")
+        flip_switch(flag, keep_others=True)
     every = a.all_fusions
     fused_moe_gemm.FUSED_ACTIVATION |= a.moe_fused_activation or every
     attention.FUSED_KV_WRITE |= a.fused_kv_write or every
@@ -56,7 +63,7 @@ def apply_variant_flags(a: argparse.Namespace) -> list[str]:
           "GEMV_DELAYED": dense_gemv.GEMV_DELAYED, "PAIR_SPLIT_FANOUT": pair_fanout_on(),
           "LORA_SIDE_STREAM": lora_overlap.LORA_SIDE_STREAM,
           "DENSE_LORA_SIDE_STREAM": dense_overlap.DENSE_LORA_SIDE_STREAM}
-    return [k for k, v in on.items() if v]
+    return [k for k, v in on.items() if v] + [f"{flag} flipped" for flag in getattr(a, "flip", [])]
 
 
 #: the on / off switches of the decode path: flag -> (module, attribute)
@@ -87,12 +94,17 @@ def shipped_switches() -> None:
         set_pair_fanout(True)
 
 
-def flip_switch(flag: str) -> str:
-    """Turn one switch (a ``TOGGLES`` flag or ``moe-lora-pair-fanout``) to the other side of its shipped default;
-    returns what it did, e.g. "LORA_SIDE_STREAM off"."""
+def flip_switch(flag: str, keep_others: bool = False) -> str:
+    """Turn one switch (a ``TOGGLES`` flag or ``moe-lora-pair-fanout``) to the other side of its shipped default,
+    every other one back to its own first (``keep_others``: left as they are); returns what it did, e.g.
+    "LORA_SIDE_STREAM off"."""
     import importlib
 
-    shipped_switches()
+    if not keep_others:
+        shipped_switches()
+    else:  # the shipped default of every switch, as first seen here
+        for f, (mod, name) in TOGGLES.items():
+            _toggle_defaults.setdefault(f, getattr(importlib.import_module(mod), name))
     if flag == "moe-lora-pair-fanout":
         on = not pair_fanout_on()
         set_pair_fanout(on)

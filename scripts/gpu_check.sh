@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # the steps in the order they run, whatever the order they are named in
 ORDER="tests bench lora decode quant w4dequant verify variants int4swap fusions pdl4bit int4mma mxfp4mma w4flags
-pairsplit sidestream densegemv denselora moeprof fused tune"
+pairsplit sidestream densegemv pending moeprof fused tune"
 ALL="tests bench lora decode"
 steps=${*:-all}
 if [[ " $steps " == *" help "* ]]; then

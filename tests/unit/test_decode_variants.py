@@ -38,3 +38,21 @@ def test_each_flip_changes_one_switch_and_shipped_restores_all(restore):
         assert said.endswith("on" if now[key] else "off")
     dv.shipped_switches()
     assert _state(restore) == shipped
+
+
+def test_flip_flags_turn_several_switches_and_leave_the_rest(restore):
+    """``--flip`` (benchmark_decode.py / profile_decode.py): each named switch to the other side of its shipped
+    default, the others as they were; an unknown name stops with the list of switches."""
+    import argparse
+
+    dv.shipped_switches()
+    shipped = _state(restore)
+    p = argparse.ArgumentParser()
+    dv.add_variant_flags(p)
+    names = list(dv.TOGGLES)[:2]
+    on = dv.apply_variant_flags(p.parse_args([x for n in names for x in ("--flip", n)]))
+    now = _state(restore)
+    assert all(now[n] != shipped[n] for n in names) and all(f"{n} flipped" in on for n in names)
+    assert {k: v for k, v in now.items() if k not in names} == {k: v for k, v in shipped.items() if k not in names}
+    with pytest.raises(SystemExit, match="not a decode switch"):
+        dv.apply_variant_flags(p.parse_args(["--flip", "no-such-switch"]))
