@@ -80,3 +80,11 @@ def test_compiles_for_hopper():
 
     out = run_without_interpreter("tests/kernels/moe_align_one_launch_hopper_compile.py")
     assert out.count("ok ") == 2, out
+
+
+def test_warps_are_a_power_of_two():
+    """Triton refuses other warp counts (the interpreter ignores them: an H200 run found 9 and 10)."""
+    for g_pad in (8, 256, 1024):
+        for numel in range(0, 4097, 7):
+            w = mab._one_launch_warps(g_pad, numel)
+            assert w & (w - 1) == 0 and 1 <= w <= 16, (g_pad, numel, w)

@@ -251,9 +251,11 @@ def _scan_warps(g_pad: int) -> int:
 
 
 def _one_launch_warps(g_pad: int, numel: int) -> int:
-    """Warps of the one-program align: the scan's, and at least one per 128 pairs (16 at most; sm_90 compile:
-    2048 pairs of the expert align took 255 registers at the scan's 4 warps)."""
-    return max(_scan_warps(g_pad), min(16, numel // 128))
+    """Warps of the one-program align, a power of two: the scan's, and about one per 128 pairs (16 at most; sm_90
+    compile: 2048 pairs of the expert align took 255 registers at the scan's 4 warps)."""
+    from vllm.triton_utils import next_power_of_2
+
+    return max(_scan_warps(g_pad), min(16, next_power_of_2(max(1, numel // 128))))
 
 
 def _pad_w(block_size: int) -> int:
