@@ -33,7 +33,8 @@ import torch
 
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.slices import slice_offsets
-from vllm.lora.ops.triton_ops.lora_linear import _check, _slice_stride, launch_split_shrink, split_variant_config
+from vllm.lora.ops.triton_ops.lora_linear import (_check, _slice_stride, launch_split_shrink, one_launch_slices,
+                                                  split_variant_config)
 from vllm.model_executor.layers.ops.dense_gemv import (GEMV_MAX_BLOCK_M, DenseGemvConfig, dense_gemv,
                                                        dense_gemv_config, gemv_applies)
 from vllm.model_executor.layers.ops.dense_gemv import _check as _check_gemv
@@ -42,12 +43,6 @@ from vllm.triton_utils import next_power_of_2, triton_interpreting
 
 #: whether the dense LoRA layers take this path where it applies (``lora.layers.linear``); off until timed
 GEMV_LORA = False
-
-
-def one_launch_slices(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor]) -> bool:
-    """Whether the slices fit one launch: at most 3, each list views of one buffer at one stride."""
-    a, b = list(lora_a_stacked), list(lora_b_stacked)
-    return 0 < len(a) <= 3 and _slice_stride(a) is not None and _slice_stride(b) is not None
 
 
 def gemv_lora_applies(x: torch.Tensor, weight: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],

@@ -254,6 +254,12 @@ def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
     return diff // t0.element_size()
 
 
+def one_launch_slices(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor]) -> bool:
+    """Whether the slices fit one launch: at most 3, each list views of one buffer at one stride."""
+    a, b = list(lora_a_stacked), list(lora_b_stacked)
+    return 0 < len(a) <= 3 and _slice_stride(a) is not None and _slice_stride(b) is not None
+
+
 def _check(y, x, a_list, b_list, mapping, adapter_enabled, offs) -> None:
     if not a_list or len(a_list) != len(b_list):
         raise ValueError(f"{len(a_list)} lora_a slices but {len(b_list)} lora_b slices (need >= 1 of each)")
@@ -314,7 +320,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
     n_sizes = [b.shape[1] for b in b_list]
     S = len(a_list)
     stride_as, stride_bs = _slice_stride(a_list), _slice_stride(b_list)
-    one_launch = S <= 3 and stride_as is not None and stride_bs is not None
+    one_launch = one_launch_slices(a_list, b_list)
     groups = [list(range(S))] if one_launch else [[s] for s in range(S)]
     cfg = config if config is not None else lora_linear_config(T, K, max(n_sizes), R, len(groups[0]), x.dtype)
     _check_config(cfg)
