@@ -5,7 +5,10 @@ benchmark_decode.py built once.  Greedy tokens are checked against the shipped r
 flipped switch's step time and its ratio to the shipped one.
 
     PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
-        [--lora | --lora-only] [--out ab.md]
+        [--lora | --lora-only] [--rounds 1] [--out ab.md]
+
+``--rounds N``: the whole list of engines N times in turn (shipped, flipped, shipped, flipped, ...), each cell the
+fastest of its N runs, every run listed under the table: a switch worth ~1 % needs the spread between engines.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lora-only", action="store_true",
                    help="only the LoRA step (switches of the LoRA path: their no-LoRA engines would time the "
                         "shipped build again, ~50 s each)")
+    p.add_argument("--rounds", type=int, default=1, help="run every engine this many times, in turn")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
@@ -62,13 +66,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     cases = [] if a.lora_only else [(None, False)] + [(s, False) for s in a.switches]
     if a.lora or a.lora_only:
         cases += [(None, True)] + [(s, True) for s in a.switches]
-    times, tokens = {}, {}
-    for flag, lora in cases:
-        flipped = _set(flag)
-        print(f"== {flag or 'base'}{' + LoRA' if lora else ''}: flipped {flipped}", flush=True)
-        times[(flag, lora)], tokens[(flag, lora)] = run_engine(
-            model_dir, common, batches, prompts, spread if lora else (lambda b: None), a.steps,
-            **(lora_kw if lora else {}))
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {a.rounds}")
+    runs: dict = {case: [] for case in cases}
+    tokens = {}
+    for r in range(a.rounds):
+        for flag, lora in cases:
+            flipped = _set(flag)
+            print(f"== round {r + 1}: {flag or 'base'}{' + LoRA' if lora else ''}: flipped {flipped}", flush=True)
+            t, tok = run_engine(model_dir, common, batches, prompts, spread if lora else (lambda b: None), a.steps,
+                                **(lora_kw if lora else {}))
+            runs[(flag, lora)].append(t)
+            tokens.setdefault((flag, lora), tok)
+    times = {case: {b: min(t[b] for t in ts) for b in batches} for case, ts in runs.items()}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; CUDA graphs + async scheduling; one switch "
              f"at a time, flipped from its shipped default", "",
@@ -83,6 +93,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                            for b in batches)
         lines.append(f"| {flag or 'none'} | {'yes' if lora else 'no'} | {cells} | "
                      f"{'identical' if same else 'DIFFER'} |")
+    if a.rounds > 1:
+        lines += ["", "Every run (ms, in turn): " + "; ".join(
+            f"{flag or 'none'}{' + LoRA' if lora else ''}: " + ", ".join(
+                "/".join(f"{t[b] * 1e3:.3f}" for b in batches) for t in runs[(flag, lora)]) for flag, lora in cases)]
     report = "\n".join(lines)
     print(report)
     if a.out:

@@ -71,14 +71,9 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "fused-kv-write": ("vllm.model_executor.layers.attention", "FUSED_KV_WRITE"),
            "moe-lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM"),
            "dense-lora-side-stream": ("vllm.lora.layers.dense_overlap", "DENSE_LORA_SIDE_STREAM"),
-           "moe-lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE"),
-           "moe-lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
-                                      "SIDE_STREAM_HIGH_PRIORITY"),
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
-           "dense-gemv-lora": ("vllm.lora.ops.triton_ops.gemv_lora", "GEMV_LORA"),
-           "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
-           "moe-align-one-launch": ("vllm.model_executor.layers.fused_moe.ops.moe_align_block_size", "ONE_LAUNCH")}
+           "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT")}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -10,7 +10,6 @@ Table 2: ``moe_lora_align_block_size`` (virtual ids inside the kernels) per scan
 ``--scan-warps`` vs the virtual ids made with torch ops before the plain align (the previous implementation).
 Table 3 (``--chunks 256 512 1024``): the expert align and the LoRA align per count / scatter chunk (pairs per
 program, ``moe_align_block_size._CHUNK``).
-Table 4 (``--one-launch``): both aligns in one program (``moe_align_block_size.ONE_LAUNCH``) vs three launches.
 
 Correctness first: every row checks that the compared ops give identical integer outputs (sorted ids,
 block ids, used lengths, padded counts).  Timing: CUDA graph replay, L2 flushed, median of ``--reps``.
@@ -206,54 +205,6 @@ def chunk_table(args: argparse.Namespace, device: torch.device, flush: torch.Ten
     return lines
 
 
-def one_launch_table(args: argparse.Namespace, device: torch.device, flush: torch.Tensor) -> list[str]:
-    """The expert align and the LoRA align in one program (``moe_align_block_size.ONE_LAUNCH``, at most
-    ``ONE_LAUNCH_MAX_PAIRS`` pairs) vs the three launches, each checked equal to the three launches first."""
-    from vllm.lora.ops.moe_lora_align import moe_lora_align_block_size
-    from vllm.model_executor.layers.fused_moe.ops import moe_align_block_size as mab
-
-    E, k, L = args.experts, args.top_k, args.num_loras
-    lines = [f"## One program vs three launches (ONE_LAUNCH, up to {mab.ONE_LAUNCH_MAX_PAIRS} pairs)", "",
-             "| tokens | pairs | blocks (expert / LoRA) | expert align: 3 launches / 1 (us) | "
-             "LoRA align: 3 launches / 1 (us) |", "|---:|---:|---:|---:|---:|"]
-    saved = mab.ONE_LAUNCH
-    try:
-        for M in args.tokens:
-            if M * k > mab.ONE_LAUNCH_MAX_PAIRS:
-                continue
-            topk, mapping, enabled = _inputs(M, E, k, L, device)
-            block, lora_block = _blocks(args, M * k, E, L, device)
-            lkw = dict(num_experts=E, max_loras=L, block_size=lora_block, adapter_enabled=enabled, use_triton=True)
-
-            def base() -> torch.Tensor:
-                return mab.moe_align_block_size(topk, block, E, use_triton=True).sorted_token_ids
-
-            def lora() -> torch.Tensor:
-                return moe_lora_align_block_size(topk, mapping, **lkw).sorted_token_ids
-
-            cells, outs = {}, {}
-            for one in (False, True):
-                mab.ONE_LAUNCH = one
-                got = mab.moe_align_block_size(topk, block, E, use_triton=True)
-                got_lora = moe_lora_align_block_size(topk, mapping, **lkw)
-                outs[one] = [got.sorted_token_ids, got.block_expert_ids, got.num_tokens_post_padded,
-                             got_lora.sorted_token_ids, got_lora.block_virtual_ids, got_lora.num_tokens_post_padded,
-                             got_lora.slot_padded_counts]
-                if device.type == "cuda":
-                    cells[one] = [time_cuda(fn, flush, args.reps, True)[0] for fn in (base, lora)]
-            for a, b in zip(outs[False], outs[True]):
-                _same(a.cpu(), b.cpu(), f"{M} tokens: one program vs three launches")
-            if device.type == "cuda":
-                t = " | ".join(f"{cells[False][i]:.1f} / {cells[True][i]:.1f}" for i in range(2))
-            else:
-                t = "checked | checked"
-            lines.append(f"| {M} | {M * k} | {block} / {lora_block} | {t} |")
-            print(lines[-1], flush=True)
-    finally:
-        mab.ONE_LAUNCH = saved
-    return lines
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=None, help="default 1 16 64 256 1024 (smoke: 1 9)")
@@ -265,8 +216,6 @@ def main() -> None:
     p.add_argument("--scan-warps", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--chunks", nargs="+", type=int, default=None,
                    help="also time the aligns per count / scatter chunk (powers of two, e.g. 256 512 1024)")
-    p.add_argument("--one-launch", action="store_true",
-                   help="also the aligns in one program vs three launches (moe_align_block_size.ONE_LAUNCH)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--smoke", action="store_true", help="tiny sizes; without CUDA the equality checks only")
     p.add_argument("--out", default=None)
@@ -283,8 +232,6 @@ def main() -> None:
         if any(c < 16 or c & (c - 1) for c in args.chunks):
             raise SystemExit(f"--chunks must be powers of two >= 16, got {args.chunks}")
         lines += [""] + chunk_table(args, device, flush)
-    if args.one_launch:
-        lines += [""] + one_launch_table(args, device, flush)
     emit("\n".join(lines), args.out)
 
 

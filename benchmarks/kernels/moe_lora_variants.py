@@ -59,11 +59,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM", int,
                            "1: the LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
                            "the top-k sum; 0: in place after each GEMM"),
-    "--lora-sorted-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SORTED_BESIDE", int,
-                             "1: the sorted LoRA path's deltas in buffers beside the base GEMMs too"),
-    "--lora-side-priority": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap",
-                             "SIDE_STREAM_HIGH_PRIORITY", int,
-                             "1: the LoRA side stream at the device's highest priority"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

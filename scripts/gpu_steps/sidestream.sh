@@ -2,10 +2,10 @@
 #   on by default since the twenty-third session; the buffers overwritten by the per-pair kernels since the
 #   twenty-fourth) and the dense one (lora/layers/dense_overlap.py, off: timed slower): their cuda tests and
 #   the engine's CUDA-graph tests, then the layer per SIDE_VARIANTS ('|'-separated benchmark flags, e.g.
-#   the untimed --lora-sorted-beside 1 / --lora-side-priority 1; default --lora-side-stream 0 / 1),
+#   --lora-side-stream 0 / 1, the default),
 #   at SIDE_TOKENS, benchmark_moe_int4.py and _mxfp4.py
 #   --lora-deltas 0 / 1 (MarlinExperts, UnfusedOAITritonExperts; on since the twenty-fourth session) and
-#   decode_switch_ab.py flipping SIDE_SWITCHES (e.g. moe-lora-sorted-beside dense-fused-lora), with
+#   decode_switch_ab.py flipping SIDE_SWITCHES (e.g. dense-fused-lora), with
 #   LoRA (SIDE_BATCHES, SIDE_AB_TIMEOUT: default 250 s; ~50 s an engine, two per switch plus two; SIDE_AB_MODE
 #   --lora-only: the LoRA engines alone, for switches of the LoRA path); SIDE_TIMEOUT
 #   per layer benchmark (default 150 s), SIDE_4BIT=0 skips the 4-bit ones; only when named
@@ -19,7 +19,7 @@ pytest tests/lora/test_moe_lora_side_stream.py tests/kernels/test_moe_lora_overw
 prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/sidestream_pytest.log" | head -20; tail -2 "$OUT/sidestream_pytest.log"
 rc=$(( rc || prc ))
 i=0; IFS='|' read -ra variants <<< "${SIDE_VARIANTS:---lora-side-stream 0|--lora-side-stream 1}"
-for v in "${variants[@]}"; do  # e.g. SIDE_VARIANTS="|--lora-sorted-beside 1|--lora-side-priority 1"
+for v in "${variants[@]}"; do  # e.g. SIDE_VARIANTS="|--lora-side-stream 0"
   i=$((i + 1))
   timeout "${SIDE_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora.py --shapes qwen3 gpt-oss mixtral \
     --tokens ${SIDE_TOKENS:-1 4 16 64 128} --ranks 16 --reps 40 --w13-layout fused $v \

@@ -65,15 +65,3 @@ def test_chunk_table_checks_every_chunk(tmp_path, device, monkeypatch):
     assert any(line.startswith("| 9 |") and line.count("checked") == 2 for line in text.splitlines())
     assert mab._CHUNK == before
 
-
-def test_smoke_one_launch_table(tmp_path, device, monkeypatch):
-    """--one-launch: both aligns in one program checked equal to the three launches, one row per token count."""
-    if device.type == "cuda":
-        pytest.skip("smoke mode runs on the CPU interpreter")
-    out = tmp_path / "t.md"
-    monkeypatch.setattr(sys, "argv", ["benchmark_moe_lora_align.py", "--smoke", "--tokens", "1", "9", "--one-launch",
-                                      "--out", str(out)])
-    bench.main()
-    text = out.read_text().split("## One program vs three launches")[1]
-    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 9 |")]
-    assert len(rows) == 2 and all(r.endswith("| checked | checked |") for r in rows)

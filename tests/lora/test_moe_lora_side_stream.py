@@ -90,9 +90,6 @@ def test_applies_only_to_small_per_pair_steps_off_the_sharded_path(monkeypatch):
     assert not applies(torch.device("cpu"), 8, (64, 64))
     monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
     assert applies(cuda, 8, (64, 64))  # the buffers stay (the same bits), only the second stream goes
-    monkeypatch.setattr(lora_overlap, "SORTED_BESIDE", True)  # off until timed
-    assert applies(cuda, 512, (1536, 2048), per_pair=False)
-    assert not applies(cuda, 16384, (1536, 2048), per_pair=False)
 
 
 @pytest.fixture(params=["sorted", "small_batch"])
@@ -131,26 +128,6 @@ def test_layer_beside_equals_in_order_and_in_place(backend, dtype, activation, l
     # two seams, two steps on the per-pair path; the sorted path stays in place (its w2 kernel may round
     # out + delta * weight once, which a separate buffer cannot repeat)
     assert calls == (8 if lora_path == "small_batch" else 0)  # (beside, in order) x two seams x two steps
-
-
-@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.float16),
-                                           ("triton", torch.bfloat16)])
-def test_sorted_path_beside(backend, dtype, device, monkeypatch):
-    """``SORTED_BESIDE``: the sorted LoRA path into zeroed buffers (poisoned first) beside the GEMMs: the bits of
-    the buffers in order, the in-place path's within the dtype's rounding (its w2 kernel rounds out + delta once),
-    and the reference's."""
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("bf16 Triton runs on the GPU (the interpreter truncates)")
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
-    monkeypatch.setattr(lora_overlap, "SORTED_BESIDE", True)
-    h = _harness(backend, dtype, device)
-    x, logits = h.inputs(9)
-    slots = pick_slots(9, 3, "mixed", seed=9)
-    beside, in_order, in_place, seams = delta_paths(lambda: h.forward(x, logits, slots), monkeypatch)
-    assert seams == 4  # both seams, beside and in order
-    assert torch.equal(beside, in_order)
-    assert_close(beside.float(), in_place.float(), dtype)
-    assert_close(beside.float().cpu(), h.reference(x, logits, slots), dtype)
 
 
 def test_layer_beside_with_an_expert_map(device, monkeypatch):
@@ -216,36 +193,6 @@ def test_beside_in_a_cuda_graph(M, monkeypatch):
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
         assert torch.equal(out, in_order), (step, (out.float() - in_order.float()).abs().max())
         assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
-
-
-@pytest.mark.cuda
-def test_side_stream_priority(monkeypatch):
-    """``SIDE_STREAM_HIGH_PRIORITY``: a stream of a higher priority (a lower number) than the default one."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    cuda = torch.device("cuda")
-    assert lora_overlap.side_stream(cuda).priority == 0
-    monkeypatch.setattr(lora_overlap, "SIDE_STREAM_HIGH_PRIORITY", True)
-    high = lora_overlap.side_stream(cuda)
-    assert high.priority < 0 and lora_overlap.side_stream(cuda) is high
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("M", [64, 256])
-def test_sorted_beside_at_high_priority_in_a_cuda_graph(M, monkeypatch):
-    """Qwen3-30B-A3B's widths (64 experts) on the sorted LoRA path, beside the GEMMs on a high-priority side stream,
-    captured and replayed with new inputs: the eager buffers-in-order bits."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
-    monkeypatch.setattr(lora_overlap, "SORTED_BESIDE", True)
-    monkeypatch.setattr(lora_overlap, "SIDE_STREAM_HIGH_PRIORITY", True)
-    h, x, logits, slots, graph, out = _captured_qwen3_layer(M, seed=13)
-    _replay_with_new_inputs(h, x, logits, M, graph)
-    monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
-    in_order = h.forward(x, logits, slots)
-    assert torch.equal(out, in_order), (out.float() - in_order.float()).abs().max()
-    assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.bfloat16)
 
 
 def test_the_joins_launch_without_pdl(monkeypatch):

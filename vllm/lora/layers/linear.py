@@ -28,10 +28,7 @@ Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
-of the step uses this layer's adapters); with ``gemv_lora.GEMV_LORA`` (off until timed) at the decode GEMV's
-sizes (one token on CUDA) a split-K shrink and the GEMV with the expand in its epilogue instead
-(``gemv_with_lora``: y rounded once; a token without this layer's adapter gets the plain GEMV's bits, so an
-eager step and a graph replay of it agree); with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
+of the step uses this layer's adapters); with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
 the delta goes into an fp32 buffer on a side stream beside the projection at decode sizes and joins it after.
 For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
@@ -58,7 +55,6 @@ from vllm.lora.layers import dense_overlap
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
-from vllm.lora.ops.triton_ops.gemv_lora import gemv_lora_applies, gemv_with_lora
 from vllm.model_executor.layers.ops.dense_gemv import linear
 from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
@@ -249,18 +245,12 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                                                 adapter_enabled=self.adapter_enabled)
         return y
 
-    def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor], *,
-                   as_linear: Callable[[], bool] = lambda: False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``project()`` (the base projection of x) + the LoRA delta: at the GEMV's sizes with the expand in the
-        GEMV's epilogue (``gemv_lora``, where it applies and ``as_linear()`` says that ``project()`` is
-        ``linear(x, weight, bias)``; asked only then), beside it on the side stream (``dense_overlap.applies``),
-        else added in place after it."""
+    def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``project()`` (the base projection of x) + the LoRA delta: beside it on the side stream
+        (``dense_overlap.applies``), else added in place after it."""
         punica = self.punica_wrapper
         if punica is None or not punica.any_active(self.enabled_slots):
             return project()
-        if gemv_lora_applies(x, self.weight, self.lora_a_stacked, self.lora_b_stacked) and as_linear():
-            return gemv_with_lora(x, self.weight, bias, self.lora_a_stacked, self.lora_b_stacked,
-                                  punica.token_mapping(x.numel() // x.shape[-1]), adapter_enabled=self.adapter_enabled)
         if dense_overlap.applies(x.device, x.numel() // max(1, x.shape[-1])):
             return dense_overlap.project_beside(
                 x, self.weight.shape[0], project,
@@ -298,8 +288,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fuse(x):
             return self._fused_forward(x, self.base_layer.bias)
-        base = self.base_layer
-        return self._with_lora(x, lambda: base(x), as_linear=lambda: _is_plain_linear(base, False), bias=base.bias)
+        return self._with_lora(x, lambda: self.base_layer(x))
 
     @classmethod
     def can_replace_layer(cls, source_layer: nn.Module, lora_config: LoRAConfig,
@@ -352,13 +341,9 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
         base = self.base_layer
         fuse = self._fuse(x)
         if self.tp_size == 1:
-            if fuse:
-                return self._fused_forward(x, base.bias)
-            return self._with_lora(x, lambda: base(x), as_linear=lambda: _is_plain_linear(base, True),
-                                   bias=base.bias)
+            return self._fused_forward(x, base.bias) if fuse else self._with_lora(x, lambda: base(x))
         # this rank's partial sum, delta included
-        y = self._fused_forward(x, None) if fuse else self._with_lora(x, lambda: linear(x, base.weight),
-                                                                      as_linear=lambda: True)
+        y = self._fused_forward(x, None) if fuse else self._with_lora(x, lambda: linear(x, base.weight))
         if getattr(base, "reduce_results", True):
             group = getattr(base, "tp_group", None)
             if group is None:

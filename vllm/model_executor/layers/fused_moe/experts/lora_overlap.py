@@ -18,8 +18,7 @@ CUDA graphs capture both streams (the side stream forks from the current one by 
 joined back by another); the joining launches wait for both streams (no PDL); nothing synchronises
 with the host.  Used where the LoRA takes the per-pair kernels (decode-sized steps; see ``applies``)
 and the delta buffers are small (``MAX_DELTA_BYTES``), not on the fully-sharded tensor-parallel path
-(its collectives stay in order on the current stream).  Two variants wait for a GPU A/B, off:
-``SORTED_BESIDE`` (the sorted LoRA path too) and ``SIDE_STREAM_HIGH_PRIORITY``.
+(its collectives stay in order on the current stream).
 """
 from __future__ import annotations
 
@@ -34,39 +33,29 @@ LORA_SIDE_STREAM = True
 MAX_DELTA_BYTES = 64 << 20
 #: device types that take the path; a CPU has no second stream (tests add "cpu": the buffers, in order)
 DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-#: the sorted (aligned) LoRA path takes the buffers too (off until timed: with a side stream of the default
-#: priority it was slower beside the GEMMs, H200, Qwen3-30B-A3B at 256 tokens: 408 -> 437 us, the GEMMs' blocks
-#: filling the GPU ahead of it).  Its buffers are zeroed first, and its w2 kernel may round ``out + delta * router
-#: weight`` once in place, which a separate buffer cannot repeat (within the dtype's rounding of in place)
-SORTED_BESIDE = False
-#: make the side stream of a higher priority than the default one, so that the block scheduler starts its LoRA
-#: blocks ahead of a base GEMM's waiting ones (graphs keep it: torch instantiates them with node priorities);
-#: off until timed
-SIDE_STREAM_HIGH_PRIORITY = False
 
 _T = TypeVar("_T")
-_SIDE_STREAMS: dict[tuple[int, bool], "torch.cuda.Stream"] = {}
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
 def applies(device: torch.device, pairs: int, widths: tuple[int, int], *, per_pair: bool,
             fully_sharded_tp: bool) -> bool:
     """Whether a MoE forward with LoRA on ``device`` with ``pairs`` (token, expert) pairs and GEMM outputs of
     ``widths`` columns takes the delta buffers (decided from shapes and host state only: graph-safe).
-    ``per_pair``: the LoRA takes the per-pair kernels (``PunicaWrapper.moe_lora_per_pair``); the sorted path
-    only with ``SORTED_BESIDE``."""
-    return ((per_pair or SORTED_BESIDE) and device.type in DEVICE_TYPES and not fully_sharded_tp and pairs > 0
+    ``per_pair``: the LoRA takes the per-pair kernels (``PunicaWrapper.moe_lora_per_pair``).  The sorted path
+    stays in place: it was slower beside the GEMMs (H200, Qwen3-30B-A3B at 256 tokens: 408 -> 437 us; in the
+    decode step at batch 256 +6.5 %, with the side stream at the highest priority too), and its w2 kernel may
+    fuse ``out + delta * router weight`` into one rounding, which a separate buffer cannot repeat."""
+    return (per_pair and device.type in DEVICE_TYPES and not fully_sharded_tp and pairs > 0
             and pairs * max(widths) * 4 <= MAX_DELTA_BYTES)
 
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The side stream of a CUDA device, made on first use (one per device and priority for the process): of the
-    highest priority the device offers with ``SIDE_STREAM_HIGH_PRIORITY``, else of the default one."""
+    """The side stream of a CUDA device, made on first use (one per device for the process)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, SIDE_STREAM_HIGH_PRIORITY)
-    stream = _SIDE_STREAMS.get(key)
+    stream = _SIDE_STREAMS.get(index)
     if stream is None:
-        # torch maps a priority beyond the device's range to its nearest end: -16 is the highest on any device
-        stream = _SIDE_STREAMS[key] = torch.cuda.Stream(device=index, priority=-16 if key[1] else 0)
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return stream
 
 

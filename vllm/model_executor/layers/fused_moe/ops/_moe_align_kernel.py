@@ -1,8 +1,5 @@
 """Triton bodies of ``moe_align_block_size``: three launches, no host sync.
 
-With ``moe_align_block_size.ONE_LAUNCH`` on, at most ``ONE_LAUNCH_MAX_PAIRS`` pairs take
-``_align_one_kernel`` instead: the three steps in one program, the same outputs.
-
 1. ``_count_kernel``: one program per chunk of pairs writes its per-group histogram.
 2. ``_scan_kernel`` (one program): group totals, padded offsets, each chunk's
    write offset per group, the block -> group table, and the sentinel padding.
@@ -182,27 +179,6 @@ def _scatter_kernel(ids_ptr, chunk_offsets_ptr, sorted_ptr, numel, num_groups, m
     b = _bucket(ids_ptr, c, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
                 CHUNK, G_PAD, LORA, HAS_EMAP)
     _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK, G_PAD)
-
-
-@triton.jit
-def _align_one_kernel(ids_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel, num_groups,
-                      size, num_blocks, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
-                      num_slots, BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
-                      PAD_W: tl.constexpr, FILL: tl.constexpr, LORA: tl.constexpr, HAS_EMAP: tl.constexpr,
-                      SLOT_SUMS: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """The three launches in one program, for at most CHUNK pairs: bins and counts (one histogram), the layout
-    (``_layout_groups``) and the scatter, each group's pairs from its first row on."""
-    pdl_wait(USE_PDL)
-    b = _bucket(ids_ptr, 0, numel, num_groups, map_ptr, enabled_ptr, emap_ptr, top_k, e_local, max_loras, e_global,
-                CHUNK, G_PAD, LORA, HAS_EMAP)
-    gi = tl.arange(0, G_PAD)
-    counts = tl.where(gi < num_groups, tl.histogram(b, G_PAD), 0)
-    starts = _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel,
-                            num_groups, size, num_blocks, e_local, num_slots, BLOCK_SIZE, G_PAD, PAD_W, FILL,
-                            SLOT_SUMS)
-    keys, sg, rank = _ranks(b, CHUNK, G_PAD)
-    real = sg < num_groups
-    tl.store(sorted_ptr + tl.gather(starts, tl.where(real, sg, 0), 0) + rank, keys % CHUNK, mask=real)
 
 
 # ---- both alignments of a MoE LoRA step in one pass ----------------------------------------------------

@@ -171,13 +171,6 @@ def moe_align_block_size(group_ids: torch.Tensor, block_size: int, num_experts: 
 # experts top-8, 4 adapters: expert / LoRA align 13.7 / 21.3 us at 256 tokens vs 18.6 / 29.1 with 1024, 17.9 /
 # 23.9 vs 20.9 / 29.8 at 1024 tokens, equal at 1-16 tokens)
 _CHUNK = 256
-# At most ONE_LAUNCH_MAX_PAIRS pairs in one program (``_align_one_kernel``: count, scan and scatter in one
-# launch; the same outputs bit for bit) when ONE_LAUNCH is on - off until timed (benchmark_moe_lora_align.py
-# --one-launch, decode switch moe-align-one-launch).  Why: the three launches are latency at decode sizes (an
-# H200 layer at 256 Qwen3-30B-A3B tokens: the LoRA align's count / scan / scatter 6.7 / 6.9 / 11.1 us, twelve
-# layers a step; its 2048 pairs are one sort of 2048 keys for one program).
-ONE_LAUNCH = False
-ONE_LAUNCH_MAX_PAIRS = 2048
 # group-table size (padded) -> warps of the one-program scan; 16 for the LoRA align's 512+ groups
 # (H200, benchmark_moe_lora_align.py: 21-31 us vs 68-81 us with 4 warps at 1-256 tokens)
 SCAN_WARPS = {256: 4, 1 << 30: 16}
@@ -250,14 +243,6 @@ def _scan_warps(g_pad: int) -> int:
     return next(w for limit, w in sorted(SCAN_WARPS.items()) if g_pad <= limit)
 
 
-def _one_launch_warps(g_pad: int, numel: int) -> int:
-    """Warps of the one-program align, a power of two: the scan's, and about one per 128 pairs (16 at most; sm_90
-    compile: 2048 pairs of the expert align took 255 registers at the scan's 4 warps)."""
-    from vllm.triton_utils import next_power_of_2
-
-    return max(_scan_warps(g_pad), min(16, next_power_of_2(max(1, numel // 128))))
-
-
 def _pad_w(block_size: int) -> int:
     from vllm.triton_utils import next_power_of_2
 
@@ -283,16 +268,6 @@ def _moe_align_block_size_triton(group_ids: torch.Tensor, block_size: int, num_e
         lora_flags = dict(LORA=True, HAS_EMAP=emap is not None)
         slot_counts = torch.empty(lora.max_loras, dtype=torch.int32, device=ids.device)
     slots = (lora.num_local_experts, lora.max_loras) if lora is not None else (1, 0)  # experts per slot, slots
-    if ONE_LAUNCH and numel <= ONE_LAUNCH_MAX_PAIRS:
-        from vllm.triton_utils import next_power_of_2
-
-        k._align_one_kernel[(1,)](ids, buf.sorted_ids, buf.block_ids, buf.total, buf.padded,
-                                  slot_counts if slot_counts is not None else buf.padded, numel, num_experts,
-                                  buf.size, buf.num_blocks, *lora_args, slots[1], BLOCK_SIZE=block_size,
-                                  CHUNK=max(16, next_power_of_2(numel)), G_PAD=buf.g_pad, PAD_W=_pad_w(block_size),
-                                  FILL=1024, SLOT_SUMS=lora is not None, **lora_flags,
-                                  num_warps=_one_launch_warps(buf.g_pad, numel), **pdl_launch_kwargs(ids.device))
-        return buf.result(block_size, numel, slot_counts)
     if num_chunks:
         k._count_kernel[(num_chunks,)](ids, buf.chunk_counts, numel, num_experts, *lora_args, CHUNK=chunk,
                                        G_PAD=buf.g_pad, **lora_flags, **pdl_launch_kwargs(ids.device))
