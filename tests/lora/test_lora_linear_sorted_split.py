@@ -94,13 +94,16 @@ def test_equals_the_sorted_kernel(dtype, device):
 
 
 def test_switch_and_config(monkeypatch):
-    assert split.SORTED_SPLIT is False  # off until an H200 A/B shows it faster
-    assert not lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).sorted_split
-    monkeypatch.setattr(split, "SORTED_SPLIT", True)
+    assert split.SORTED_SPLIT is True  # on since the H200 A/B of the twenty-seventh session
     assert lora_linear_config(split.SORTED_SPLIT_MIN_TOKENS, 2048, 4096, 16, 3, torch.bfloat16).sorted_split
     assert lora_linear_config(256, 2048, 4096, 16, 3, torch.bfloat16).sorted_split
+    assert lora_linear_config(split.SORTED_SPLIT_MAX_TOKENS, 2048, 4096, 16, 3, torch.bfloat16).sorted_split
     small = lora_linear_config(split.SORTED_SPLIT_MIN_TOKENS - 1, 2048, 4096, 16, 3, torch.bfloat16)
     assert small.token_path and not small.sorted_split
+    prefill = lora_linear_config(split.SORTED_SPLIT_MAX_TOKENS + 1, 2048, 4096, 16, 3, torch.bfloat16)
+    assert not prefill.sorted_split and not prefill.token_path  # prefills keep the sorted kernel
+    monkeypatch.setattr(split, "SORTED_SPLIT", False)
+    assert not lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).sorted_split
     cfg = LoRALinearTileConfig.from_json({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "SORTED_SPLIT": True})
     assert cfg.sorted_split and cfg.to_json()["SORTED_SPLIT"] is True
 

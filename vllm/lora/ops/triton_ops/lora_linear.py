@@ -23,8 +23,8 @@ N-split) with no grouping: ``token_kernel`` 1 = two dependent memory round trips
 tokens grouped by slot (``LoRALinearMetadata``,
 made once per step by the Punica wrapper, or here when not given) and one
 program per (slot block of BLOCK_M tokens, slice, N-split) on tensor cores; or, with
-``sorted_split`` (``lora_linear_sorted_split.py``, off until timed), a split-K shrink and
-an expand over those blocks.
+``sorted_split`` (``lora_linear_sorted_split.py``, at decode batches of 17-512 tokens), a
+split-K shrink and an expand over those blocks.
 Slices that are views of one buffer with one stride (the LoRA layers allocate
 them so) run in one launch when S <= 3; otherwise one launch per slice.
 """
@@ -110,7 +110,8 @@ def lora_linear_metadata(token_lora_mapping: torch.Tensor, max_loras: int,
 def lora_linear_config(num_tokens: int, K: int, N: int, R: int, num_slices: int,
                        dtype: torch.dtype) -> LoRALinearTileConfig:
     """Tiles for one launch (``add_lora_linear``'s ``config=`` takes this, changed by ``dataclasses.replace``)."""
-    if sorted_split.SORTED_SPLIT and num_tokens >= sorted_split.SORTED_SPLIT_MIN_TOKENS:
+    if sorted_split.SORTED_SPLIT and (sorted_split.SORTED_SPLIT_MIN_TOKENS <= num_tokens
+                                      <= sorted_split.SORTED_SPLIT_MAX_TOKENS):
         return sorted_split.sorted_split_config(num_tokens, K, N, R, dtype)
     kernel = auto_token_kernel(num_tokens, K, R) if TOKEN_KERNEL is None else TOKEN_KERNEL
     token_path = num_tokens <= SMALL_BATCH_TOKENS or (

@@ -6,10 +6,12 @@ Why: at batch 256 of the Qwen3-30B-A3B decode step (12 layers, an H200, twenty-f
 runs in line as ``lora_linear_sorted_kernel``, 24 x 15.5 us a step for a few MB of data: each of its (block,
 slice, N-split) programs walks all of K (16 steps of 128 at K = 2048) to recompute the block's shrink, up to 16
 times per block.  Here each shrink program loads one K chunk, and each expand program sums the chunks' fp32
-partials and expands one N tile.  ``SORTED_SPLIT`` (off until timed: ``decode_switch_ab.py --switches
-dense-lora-sorted-split``, ``benchmark_lora_linear.py --sorted-split``) makes ``lora_linear_config`` give it
-to every launch of at least ``SORTED_SPLIT_MIN_TOKENS`` tokens, instead of the sorted kernel and of the token
-path's kernels beyond ``SMALL_BATCH_TOKENS``.
+partials and expands one N tile.  ``SORTED_SPLIT`` makes ``lora_linear_config`` give it to every launch of
+``SORTED_SPLIT_MIN_TOKENS`` to ``SORTED_SPLIT_MAX_TOKENS`` tokens (decode batches), instead of the sorted kernel and
+of the token path's kernels beyond ``SMALL_BATCH_TOKENS``.  On since the twenty-seventh session: the H200 decode
+step with LoRA (``decode_switch_ab.py --switches dense-lora-sorted-split --lora-only --rounds 2``, Qwen3-30B-A3B
+width, 12 layers) 0.997 / 0.989 / 0.986 of the shipped time at batches 64 / 128 / 256, both rounds alike.
+Prefills keep the sorted kernel (not timed with the pair).
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from vllm.lora.ops.triton_ops.moe_lora_config import rank_block
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2, triton_interpreting
 
-#: whether ``lora_linear_config`` gives launches of at least ``SORTED_SPLIT_MIN_TOKENS`` tokens the split pair
-SORTED_SPLIT = False
+#: whether ``lora_linear_config`` gives launches of ``SORTED_SPLIT_MIN_TOKENS`` to ``SORTED_SPLIT_MAX_TOKENS`` tokens
+#: the split pair
+SORTED_SPLIT = True
 SORTED_SPLIT_MIN_TOKENS = 17
+SORTED_SPLIT_MAX_TOKENS = 512
 # the expand loads all of its block's partials at once: at most this many fp32 values (64 a thread at 4 warps;
 # sm_90 compile: the o projection at 256 tokens, rank 32, took 255 registers with 16 K chunks of 256)
 _EXPAND_PARTIALS = 8192
