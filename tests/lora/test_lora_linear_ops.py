@@ -12,11 +12,16 @@ import torch
 from tests.utils import assert_close
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.torch_ops.lora_linear import add_lora_linear_torch, lora_linear_reference
+from vllm.lora.ops.triton_ops import lora_linear_sorted_split as sorted_split
 from vllm.lora.ops.triton_ops.lora_linear import add_lora_linear, lora_linear_config, lora_linear_metadata
 
 def _on_path(x, a, b, token: bool) -> LoRALinearTileConfig:
-    """The heuristic's tiles, on the path the test picks."""
-    cfg = lora_linear_config(x.shape[0], x.shape[1], max(t.shape[1] for t in b), a[0].shape[1], len(a), x.dtype)
+    """The heuristic's tiles, on the path the test picks: the token path or the sorted kernel (the sorted split
+    pair, which takes decode batches from 17 tokens by default, has its own tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sorted_split, "SORTED_SPLIT", False)
+        cfg = lora_linear_config(x.shape[0], x.shape[1], max(t.shape[1] for t in b), a[0].shape[1], len(a),
+                                 x.dtype)
     return dataclasses.replace(cfg, token_path=token)
 
 

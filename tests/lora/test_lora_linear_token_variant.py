@@ -17,6 +17,7 @@ from tests.lora.test_lora_linear_ops import _expected, make_case
 from tests.utils import assert_close, run_without_interpreter
 from vllm.kernel_configs.tile_config import LoRALinearTileConfig
 from vllm.lora.ops.triton_ops import lora_linear as op
+from vllm.lora.ops.triton_ops import lora_linear_sorted_split as sorted_split
 from vllm.lora.ops.triton_ops.lora_linear import (add_lora_linear, lora_linear_config, split_variant_config,
                                                   token_variant_config)
 
@@ -121,7 +122,9 @@ def test_token_kernel_key_and_default(monkeypatch):
     assert lora_linear_config(32, 2048, 4096, 64, 3, torch.bfloat16).token_path is False
     assert lora_linear_config(1, 2048, 4096, 128, 3, torch.bfloat16).token_kernel == 0  # rank 128: not timed
     assert op.auto_token_kernel(1, 2048, 32) == 1 and op.auto_token_kernel(1, 4096, 32) == 2
-    # above 16 tokens: the token path while T * R * S * (K + N) <= 20M, split-K above 32 tokens
+    # above 16 tokens, without the sorted split pair (on by default for 17-512 tokens): the token path while
+    # T * R * S * (K + N) <= 20M, split-K above 32 tokens
+    monkeypatch.setattr(sorted_split, "SORTED_SPLIT", False)
     assert lora_linear_config(32, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 1
     assert lora_linear_config(64, 2048, 4096, 16, 3, torch.bfloat16).token_kernel == 2  # 18.9M
     assert lora_linear_config(128, 2048, 4096, 16, 3, torch.bfloat16).token_path is False  # 37.7M: sorted
