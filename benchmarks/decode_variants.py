@@ -77,14 +77,21 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
 _toggle_defaults: dict[str, object] = {}
 
 
-def shipped_switches() -> None:
-    """Every switch of ``TOGGLES`` and the pair fan-out back to the module's own default (as first seen here)."""
+def _remember_defaults() -> dict[str, object]:
+    """Each ``TOGGLES`` flag -> its module, its shipped default recorded (as first seen here)."""
     import importlib
 
+    mods = {}
     for flag, (mod, name) in TOGGLES.items():
-        m = importlib.import_module(mod)
+        mods[flag] = m = importlib.import_module(mod)
         _toggle_defaults.setdefault(flag, getattr(m, name))
-        setattr(m, name, _toggle_defaults[flag])
+    return mods
+
+
+def shipped_switches() -> None:
+    """Every switch of ``TOGGLES`` and the pair fan-out back to the module's own default (as first seen here)."""
+    for flag, m in _remember_defaults().items():
+        setattr(m, TOGGLES[flag][1], _toggle_defaults[flag])
     if _pair_defaults:
         set_pair_fanout(True)
 
@@ -93,19 +100,14 @@ def flip_switch(flag: str, keep_others: bool = False) -> str:
     """Turn one switch (a ``TOGGLES`` flag or ``moe-lora-pair-fanout``) to the other side of its shipped default,
     every other one back to its own first (``keep_others``: left as they are); returns what it did, e.g.
     "LORA_SIDE_STREAM off"."""
-    import importlib
-
     if not keep_others:
         shipped_switches()
-    else:  # the shipped default of every switch, as first seen here
-        for f, (mod, name) in TOGGLES.items():
-            _toggle_defaults.setdefault(f, getattr(importlib.import_module(mod), name))
+    mods = _remember_defaults()
     if flag == "moe-lora-pair-fanout":
         on = not pair_fanout_on()
         set_pair_fanout(on)
         return f"PAIR_SPLIT_FANOUT {'on' if on else 'off'}"
-    mod, name = TOGGLES[flag]
-    m = importlib.import_module(mod)
+    m, name = mods[flag], TOGGLES[flag][1]
     setattr(m, name, not _toggle_defaults[flag])
     return f"{name} {'on' if getattr(m, name) else 'off'}"
 

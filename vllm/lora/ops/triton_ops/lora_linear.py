@@ -207,12 +207,10 @@ def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def launch_split_shrink(x: torch.Tensor, a: torch.Tensor, mapping: torch.Tensor, cfg: LoRALinearTileConfig,
-                        ns: int, stride_as: int, interp: bool) -> torch.Tensor:
-    """The split-K token path's shrink: fp32 partials [T, ns, K_SPLITS, BLOCK_R] of x times A of each token's
-    slot, one K chunk of ``cfg.block_k`` each, written only for tokens with a slot in [0, L) (the scratch is not
-    zeroed: readers look at those tokens' entries only).  ``a``: the first slice's A [L, R, K], slice s at
-    ``s * stride_as`` elements from it."""
+def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALinearTileConfig, ns: int,
+                  n_args: list[int], off_args: list[int], stride_as: int, stride_bs: int, interp: bool) -> None:
+    """The split-K token path: shrink partials into a scratch [T, ns, K_SPLITS, BLOCK_R] (fp32, written
+    before it is read: no memset), then the expand that sums them into y."""
     from vllm.lora.ops.triton_ops import _lora_linear_split_kernels as split
 
     T, K = x.shape
@@ -223,22 +221,10 @@ def launch_split_shrink(x: torch.Tensor, a: torch.Tensor, mapping: torch.Tensor,
     split.lora_linear_split_shrink_kernel[(T, ns, k_splits)](
         x, a, part, mapping, K, R, L, x.stride(0), x.stride(1), stride_as, *a.stride(), *part.stride()[:3],
         BLOCK_K=cfg.block_k, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
-    return part
-
-
-def _launch_split(y, x, a, b, mapping, enabled, has_enabled: bool, cfg: LoRALinearTileConfig, ns: int,
-                  n_args: list[int], off_args: list[int], stride_as: int, stride_bs: int, interp: bool) -> None:
-    """The split-K token path: ``launch_split_shrink``, then the expand that sums the partials into y."""
-    from vllm.lora.ops.triton_ops import _lora_linear_split_kernels as split
-
-    part = launch_split_shrink(x, a, mapping, cfg, ns, stride_as, interp)
-    L, R = a.shape[:2]
-    k_splits = part.shape[2]
-    split.lora_linear_split_expand_kernel[(x.shape[0], ns, -(-max(n_args) // cfg.block_n))](
+    split.lora_linear_split_expand_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
         part, b, y, mapping, enabled, R, L, k_splits, *n_args, *off_args, *part.stride()[:3], stride_bs,
-        *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled, BLOCK_N=cfg.block_n,
-        BLOCK_R=part.shape[3], BLOCK_J=next_power_of_2(k_splits), num_warps=cfg.num_warps, num_stages=1,
-        **pdl_launch_kwargs(part.device))
+        *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+        BLOCK_J=next_power_of_2(k_splits), num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(part.device))
 
 
 def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
@@ -253,12 +239,6 @@ def _slice_stride(ts: Sequence[torch.Tensor]) -> Optional[int]:
     if diff % t0.element_size() or any(ts[i + 1].data_ptr() - ts[i].data_ptr() != diff for i in range(len(ts) - 1)):
         return None
     return diff // t0.element_size()
-
-
-def one_launch_slices(lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor]) -> bool:
-    """Whether the slices fit one launch: at most 3, each list views of one buffer at one stride."""
-    a, b = list(lora_a_stacked), list(lora_b_stacked)
-    return 0 < len(a) <= 3 and _slice_stride(a) is not None and _slice_stride(b) is not None
 
 
 def _check(y, x, a_list, b_list, mapping, adapter_enabled, offs) -> None:
@@ -321,7 +301,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
     n_sizes = [b.shape[1] for b in b_list]
     S = len(a_list)
     stride_as, stride_bs = _slice_stride(a_list), _slice_stride(b_list)
-    one_launch = one_launch_slices(a_list, b_list)
+    one_launch = S <= 3 and stride_as is not None and stride_bs is not None
     groups = [list(range(S))] if one_launch else [[s] for s in range(S)]
     cfg = config if config is not None else lora_linear_config(T, K, max(n_sizes), R, len(groups[0]), x.dtype)
     _check_config(cfg)

@@ -77,15 +77,17 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, numel, num_groups, map_ptr, enabled
 
 
 @triton.jit
-def _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel, num_groups,
-                   size, num_blocks, e_local, num_slots, BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr,
-                   PAD_W: tl.constexpr, FILL: tl.constexpr, SLOT_SUMS: tl.constexpr):
-    """From the groups' pair counts ([G_PAD], 0 past ``num_groups``): the used length, the padded counts (with
-    ``SLOT_SUMS`` also the padded length of each run of ``e_local`` groups, one adapter slot's virtual
-    experts, into ``slot_counts_ptr``), the sentinel in each group's padding, the block -> group table and the
-    unused tails; returns each group's first row."""
+def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
+                 slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
+                 BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr,
+                 SLOT_SUMS: tl.constexpr):
+    """The scan of one grouping (see the module docstring); with ``SLOT_SUMS`` also the padded length of
+    each run of ``e_local`` groups (one adapter slot's virtual experts) into ``slot_counts_ptr``."""
     gi = tl.arange(0, G_PAD)
     gmask = gi < num_groups
+    counts = tl.zeros([G_PAD], dtype=tl.int32)
+    for c in range(num_chunks):
+        counts += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
     padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
@@ -96,6 +98,10 @@ def _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slo
         slot_of = gi // e_local
         for s in range(num_slots):
             tl.store(slot_counts_ptr + s, tl.sum(tl.where(slot_of == s, padded, 0), 0))
+    run = starts
+    for c in range(num_chunks):
+        tl.store(chunk_offsets_ptr + c * num_groups + gi, run, mask=gmask)
+        run += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
     # sentinel in each group's padding (fewer than BLOCK_SIZE slots per group)
     w = tl.arange(0, PAD_W)
     for j0 in range(0, BLOCK_SIZE, PAD_W):
@@ -116,26 +122,6 @@ def _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slo
         tl.store(sorted_ptr + t0 + f, numel, mask=t0 + f < size)
     for b0 in range(total // BLOCK_SIZE, num_blocks, FILL):
         tl.store(block_ids_ptr + b0 + f, -1, mask=b0 + f < num_blocks)
-    return starts
-
-
-@triton.jit
-def _scan_groups(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr,
-                 slot_counts_ptr, numel, num_groups, num_chunks, size, num_blocks, e_local, num_slots,
-                 BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, PAD_W: tl.constexpr, FILL: tl.constexpr,
-                 SLOT_SUMS: tl.constexpr):
-    """The scan of one grouping (see the module docstring): the chunks' histograms summed, ``_layout_groups``,
-    and each chunk's write offset per group."""
-    gi = tl.arange(0, G_PAD)
-    gmask = gi < num_groups
-    counts = tl.zeros([G_PAD], dtype=tl.int32)
-    for c in range(num_chunks):
-        counts += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
-    run = _layout_groups(counts, sorted_ptr, block_ids_ptr, total_ptr, padded_ptr, slot_counts_ptr, numel,
-                         num_groups, size, num_blocks, e_local, num_slots, BLOCK_SIZE, G_PAD, PAD_W, FILL, SLOT_SUMS)
-    for c in range(num_chunks):
-        tl.store(chunk_offsets_ptr + c * num_groups + gi, run, mask=gmask)
-        run += tl.load(chunk_counts_ptr + c * num_groups + gi, mask=gmask, other=0)
 
 
 @triton.jit
@@ -150,21 +136,14 @@ def _scan_kernel(chunk_counts_ptr, chunk_offsets_ptr, sorted_ptr, block_ids_ptr,
 
 
 @triton.jit
-def _ranks(b, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
-    """The pairs of a chunk binned ``b``, sorted by (bin, position): their sorted keys (bin * CHUNK + position),
-    their bins and their rank within their bin (stable: pair order)."""
+def _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
+    """Write the pair ids of chunk ``c``, binned ``b``, to their groups' slots (in pair order)."""
     pos = tl.arange(0, CHUNK)
-    keys = tl.sort(b * CHUNK + pos)
+    keys = tl.sort(b * CHUNK + pos)  # stable: by group, then by position in the chunk
     sg = keys // CHUNK
     hist = tl.histogram(b, G_PAD)
     group_first = tl.cumsum(hist, 0) - hist  # first sorted index of each group in this chunk
-    return keys, sg, pos - tl.gather(group_first, sg, 0)
-
-
-@triton.jit
-def _scatter_groups(b, c, chunk_offsets_ptr, sorted_ptr, num_groups, CHUNK: tl.constexpr, G_PAD: tl.constexpr):
-    """Write the pair ids of chunk ``c``, binned ``b``, to their groups' slots (in pair order)."""
-    keys, sg, rank = _ranks(b, CHUNK, G_PAD)
+    rank = pos - tl.gather(group_first, sg, 0)
     real = sg < num_groups
     base = tl.load(chunk_offsets_ptr + c * num_groups + sg, mask=real, other=0)
     tl.store(sorted_ptr + base + rank, c * CHUNK + keys % CHUNK, mask=real)
