@@ -36,13 +36,16 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm weight: expected shape {tuple(param.shape)}, got {tuple(loaded_weight.shape)}")
         param.data.copy_(loaded_weight)
 
-    def forward(self, x: torch.Tensor,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
+                prefetch: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``prefetch``: the weight the next layer streams, warmed into L2 by the same launch where
+        ``ops/l2_prefetch.py`` allows it (a hint: the result does not change)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"RMSNorm over {self.hidden_size} got input of shape {tuple(x.shape)}")
         if residual is None:
-            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton)
-        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon, use_triton=self.use_triton)
+            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton, prefetch=prefetch)
+        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon, use_triton=self.use_triton,
+                                  prefetch=prefetch)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"

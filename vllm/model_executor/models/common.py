@@ -14,6 +14,9 @@ All four are the same pre-norm decoder; a model file only says what differs
 Module names follow the HF checkpoints (``model.layers.{i}.self_attn.qkv_proj``,
 ``model.layers.{i}.mlp.experts``, ...), so adapter keys map onto them directly.
 The residual add is fused into the next RMSNorm (``norm(x, residual)``, one launch on CUDA).
+With ``ops/l2_prefetch.L2_PREFETCH`` the launch before each weight stream warms its weights into L2: the
+input norm the q/k/v projection's, q/k norm + rotary the o projection's, the post-attention norm the MLP's
+first weight (``prefetch_weight``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
 from vllm.model_executor.layers.quantization.int4_config import Int4QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -103,6 +107,10 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, **args.row,
                                            prefix=join_prefix(prefix, "down_proj"))
 
+    def prefetch_weight(self) -> Optional[torch.Tensor]:
+        """The first weight forward streams (``ops/l2_prefetch.py``)."""
+        return l2_prefetch.weight_of(self.gate_up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu(gate) * up in one launch on CUDA (the MoE activation kernel), in fp32 rounded once
         return self.down_proj(moe_activation(MoEActivation.SILU, self.gate_up_proj(x)))
@@ -128,6 +136,10 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
+
+    def prefetch_weight(self) -> Optional[torch.Tensor]:
+        """The first weight forward streams: the router's (``ops/l2_prefetch.py``)."""
+        return l2_prefetch.weight_of(self.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
@@ -214,7 +226,8 @@ class DecoderAttention(nn.Module):
                             q_weight=self.q_norm.weight if norm else None,
                             k_weight=self.k_norm.weight if norm else None,
                             eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton,
-                            kv_write=kv_write)
+                            kv_write=kv_write,
+                            prefetch=l2_prefetch.weight_of(self.o_proj) if l2_prefetch.L2_PREFETCH else None)
         if kv_write is not None:
             return self.o_proj(self.attn(q, None, None, sinks=self.sinks, kv_written=True))
         if clip is not None:
@@ -238,14 +251,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mlp = getattr(self, self.mlp_name)
+        qkv_w = mlp_w = None
+        if l2_prefetch.L2_PREFETCH:  # the weights the next launches stream, warmed into L2 by the norms
+            qkv_w = l2_prefetch.weight_of(self.self_attn.qkv_proj)
+            mlp_w = mlp.prefetch_weight() if hasattr(mlp, "prefetch_weight") else None
         if residual is None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states = self.input_layernorm(hidden_states, prefetch=qkv_w)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, prefetch=qkv_w)
         hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return getattr(self, self.mlp_name)(hidden_states), residual
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, prefetch=mlp_w)
+        return mlp(hidden_states), residual
 
 
 class DecoderModel(nn.Module):

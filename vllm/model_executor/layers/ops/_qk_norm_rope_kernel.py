@@ -9,10 +9,13 @@ through (HAS_PASS).  NORM: 0 none, 1 RMSNorm over each head (Qwen3), 2 RMSNorm o
 the row (OLMoE).  Every step is rounded to the activation dtype where the torch reference rounds
 (normed value, weight product, cos / sin, each rotary product and sum), so both paths agree to the
 last bit except for the order of the sum of squares.
+With PREFETCH the grid has rows past the tokens (``n_tokens``): program (T + i, 0) brings chunk i of the o
+projection's weight into L2 (``l2_prefetch.py``) after the PDL wait; the others of those rows return.
 """
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -26,10 +29,17 @@ def _qk_norm_rope_kernel(
     v_ptr=None, cache_ptr=None, slot_ptr=None, stride_v=0, CACHE_BLOCK=1,
     stride_ckv=0, stride_cb=0, stride_co=0, stride_ch=0, stride_cd=0,
     WRITE_KV: tl.constexpr = False,
+    n_tokens=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
+    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
+    if PREFETCH:
+        if t >= n_tokens:
+            if is_k == 0:
+                l2_prefetch_chunk(pf_ptr, pf_bytes, t - n_tokens, PF_CHUNK, PF_PIECE, PF_INTERP)
+            return
     if WRITE_KV:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         cache_row = cache_ptr + (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_co

@@ -3,10 +3,13 @@
 Grid (rows,).  One program normalises one row of N values held in one BLOCK_N tile.  The rounding
 follows the torch reference step by step: the residual sum is rounded to the activation dtype, the
 normalised row is rounded to it before the weight multiply, and the product is rounded again.
+With PREFETCH the grid has programs past the rows (``n_rows``): each brings one chunk of the next
+projection's weight into L2 (``l2_prefetch.py``) after the PDL wait, and stores nothing.
 """
 import triton
 import triton.language as tl
 
+from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -16,9 +19,15 @@ def _rms_norm_kernel(
     N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
+    n_rows=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
+    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
+    if PREFETCH:
+        if row >= n_rows:
+            l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
+            return
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)

@@ -18,6 +18,9 @@ products, cat); the Triton kernel is one launch over grid (T, 2).
 ``kv_write`` (a ``KVCacheWrite``: the values, the paged cache and the step's slots): the rotated keys and
 the values (clipped with ``clip``) are also stored into the cache, as the attention's KV write would store
 them - in the same launch on the Triton path (grid (T, 3)), by ``write_kv`` after the torch path.
+
+``prefetch``: the weight the next weight-heavy launch streams (the o projection's), brought into L2 by extra
+programs of the same launch where ``l2_prefetch.plan`` allows it (a hint: the results do not change).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
@@ -124,8 +128,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                  sin_cache: torch.Tensor, *, head_dim: int, rotary_dim: Optional[int] = None,
                  norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
                  k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, clip: Optional[float] = None,
-                 use_triton: Optional[bool] = None,
-                 kv_write: Optional[KVCacheWrite] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 use_triton: Optional[bool] = None, kv_write: Optional[KVCacheWrite] = None,
+                 prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring.  Positions must be < max_position (checked on CPU tensors only: on a
     GPU it would cost a host sync; the kernel clamps them so it never reads out of bounds)."""
     rotary_dim = rotary_dim or head_dim
@@ -162,7 +166,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                           stride_v=kv_write.value.stride(0), CACHE_BLOCK=c.shape[2], stride_ckv=c.stride(0),
                           stride_cb=c.stride(1), stride_co=c.stride(2), stride_ch=c.stride(3), stride_cd=c.stride(4),
                           WRITE_KV=True)
-    _qk_norm_rope_kernel[(T, 3 if kv_write is not None else 2)](
+    pf = l2_prefetch.plan(prefetch, T)
+    if pf is not None:
+        cache_args.update(n_tokens=T, **pf.kernel_args())
+    _qk_norm_rope_kernel[(T + (pf.programs if pf is not None else 0), 3 if kv_write is not None else 2)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
         nq, nk, head_dim, half, max_pos, float(eps), float(clip or 0.0),

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -62,7 +63,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, eps: float, out: torch.Tensor,
-            res_out: Optional[torch.Tensor]) -> None:
+            res_out: Optional[torch.Tensor], prefetch: Optional[torch.Tensor] = None) -> None:
     from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel
 
     rows, n = x2.shape
@@ -70,31 +71,38 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
         return
     block = max(16, next_power_of_2(n))
     has_res = r2 is not None
-    _rms_norm_kernel[(rows,)](
+    pf = l2_prefetch.plan(prefetch, rows)
+    pf_args = dict(n_rows=rows, **pf.kernel_args()) if pf is not None else {}
+    _rms_norm_kernel[(rows + (pf.programs if pf is not None else 0),)](
         x2, r2 if has_res else x2, weight, out, res_out if has_res else out,
         n, float(eps),
         x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
         HAS_RESIDUAL=has_res, BLOCK_N=block,
-        num_warps=min(16, max(1, block // 256)), **pdl_launch_kwargs(x2.device),
+        num_warps=min(16, max(1, block // 256)), **pdl_launch_kwargs(x2.device), **pf_args,
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
-             use_triton: Optional[bool] = None) -> torch.Tensor:
-    """x [..., N] (any leading shape), weight [N] -> [..., N] in x.dtype (one launch on CUDA)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: Optional[bool] = None,
+             prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., N] (any leading shape), weight [N] -> [..., N] in x.dtype (one launch on CUDA).
+
+    ``prefetch``: the weight the next launch streams, brought into L2 by the same launch where
+    ``l2_prefetch.plan`` allows it (a hint: the result does not change)."""
     _check(x, weight)
     if not _use_triton(x, weight, use_triton):
         return rms_norm_torch(x, weight, eps)
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, None, weight, eps, out, None)
+    _launch(x2, None, weight, eps, out, None, prefetch)
     return out.view(x.shape)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                       use_triton: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       use_triton: Optional[bool] = None,
+                       prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w * norm(x + residual), x + residual): one launch on CUDA that reads x and residual once and writes
-    the new residual and the normed output.  x and residual: same shape and dtype."""
+    the new residual and the normed output.  x and residual: same shape and dtype; ``prefetch``: as
+    ``rms_norm``'s."""
     _check(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match the input "
@@ -104,5 +112,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x2, r2 = _rows(x), _rows(residual)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, r2, weight, eps, out, res_out)
+    _launch(x2, r2, weight, eps, out, res_out, prefetch)
     return out.view(x.shape), res_out.view(x.shape)

@@ -1,0 +1,60 @@
+"""Compile the launches that warm L2 (``ops/l2_prefetch.py``) for an H100/H200 (sm_90) without a GPU: run as a
+script without TRITON_INTERPRET, by test_l2_prefetch.py.  With PREFETCH each must issue its bulk L2 prefetches
+after the PDL wait (so that they do not compete with the weight stream before it) and store nothing on that path;
+without it the kernel has no prefetch and the same registers.  One "ok" line per kernel; exits 1 on failure."""
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from benchmarks.kernels.sass_stats import resources, specialise  # noqa: E402
+from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
+from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel  # noqa: E402
+
+PF = {"PF_CHUNK": 512 * 1024, "PF_PIECE": 64 * 1024}
+CASES = {
+    "rms_norm": (_rms_norm_kernel, {**{n: "bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")},
+                                    "pf_ptr": "u8"},
+                 {"HAS_RESIDUAL": True, "BLOCK_N": 2048},
+                 {**{n: 2048 for n in ("N", "stride_x", "stride_r", "stride_o", "stride_ro")}, "n_rows": 0,
+                  "pf_bytes": 0}, 8),
+    "qk_norm_rope": (_qk_norm_rope_kernel,
+                     {**{n: "bf16" for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr")},
+                      "pos_ptr": "i64", "cos_ptr": "fp32", "sin_ptr": "fp32", "pf_ptr": "u8"},
+                     {"NORM": 1, "CLIP": False, "HAS_PASS": False, "NH_P": 32, "HALF_P": 64, "PASS_P": 1},
+                     {"NQ": 0, "NK": 0, "HEAD_DIM": 128, "HALF": 64, "MAX_POS": 0, "stride_q": 5120,
+                      "stride_k": 5120, "stride_qo": 4096, "stride_ko": 512, "stride_cos": 64, "n_tokens": 0,
+                      "pf_bytes": 0}, 8),
+}
+
+
+def main() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    for name, (fn, ptrs, cexp, ints, warps) in CASES.items():
+        regs = {}
+        for prefetch in (False, True):
+            extra = {**PF, "PREFETCH": True} if prefetch else {}
+            src = specialise(fn, ptrs, {**cexp, "USE_PDL": True, **extra}, ints)
+            out = triton.compile(src, target=target, options={"num_warps": warps, "launch_pdl": True})
+            ptx = out.asm["ptx"]
+            regs[prefetch], spills = resources(out.asm["cubin"])
+            count = ptx.count("cp.async.bulk.prefetch.L2.global")
+            if not prefetch:
+                if count:
+                    sys.exit(f"{name}: a prefetch without PREFETCH")
+                continue
+            wait, first = ptx.find("griddepcontrol.wait"), ptx.find("cp.async.bulk.prefetch.L2.global")
+            if count != PF["PF_CHUNK"] // PF["PF_PIECE"] or not 0 <= wait < first:
+                sys.exit(f"{name}: {count} prefetches (want {PF['PF_CHUNK'] // PF['PF_PIECE']}), the first at "
+                         f"{first}, the wait at {wait}")
+            if spills:
+                sys.exit(f"{name}: {spills} bytes of spills with PREFETCH")
+        print(f"ok {name} registers {regs[False]} -> {regs[True]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
