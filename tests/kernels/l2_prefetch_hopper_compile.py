@@ -12,6 +12,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from benchmarks.kernels.sass_stats import resources, specialise  # noqa: E402
+from vllm.model_executor.layers.fused_moe.router._topk_softmax_kernel import _topk_softmax_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel  # noqa: E402
 
@@ -29,6 +30,12 @@ CASES = {
                      {"NQ": 0, "NK": 0, "HEAD_DIM": 128, "HALF": 64, "MAX_POS": 0, "stride_q": 5120,
                       "stride_k": 5120, "stride_qo": 4096, "stride_ko": 512, "stride_cos": 64, "n_tokens": 0,
                       "pf_bytes": 0}, 8),
+    "topk_softmax": (_topk_softmax_kernel, {"logits_ptr": "bf16", "bias_ptr": "bf16", "weights_ptr": "fp32",
+                                            "ids_ptr": "i32", "pf_ptr": "u8"},
+                     {"TOP_K": 8, "K_P": 8, "BLOCK_E": 128, "HAS_BIAS": False, "RENORMALIZE": True,
+                      "TOPK_THEN_SOFTMAX": False, "PF_CHUNKS": 8},
+                     {"E": 0, "stride_l": 128, "stride_w": 8, "stride_i": 8, "pf_expert_bytes": 6291456,
+                      "pf_bytes": 0}, 1),
 }
 
 

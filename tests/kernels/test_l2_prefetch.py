@@ -113,14 +113,17 @@ def test_sm90_build_prefetches_after_the_wait():
     one bulk L2 prefetch per piece after griddepcontrol.wait, no spills, none without it."""
     from tests.utils import run_without_interpreter
 
-    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 2
+    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 3
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_prefetching_launches_in_a_cuda_graph_match(prefetch_on, tokens):
-    """At Qwen3-30B-A3B width, the o projection's 16.8 MB weight prefetched by q/k norm + rotary and the q/k/v
-    weight by the norm: replayed in a CUDA graph, the outputs are those of the launches without it."""
+    """At Qwen3-30B-A3B width, the o projection's 16.8 MB weight prefetched by q/k norm + rotary, the q/k/v
+    weight by the norm and the chosen experts' w13 by the top-k (one token): replayed in a CUDA graph, the
+    outputs are those of the launches without it."""
+    from vllm.model_executor.layers.fused_moe.router.fused_topk import fused_topk
+
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -137,17 +140,21 @@ def test_prefetching_launches_in_a_cuda_graph_match(prefetch_on, tokens):
     qw, kw = [(torch.rand(hd, device=dev, generator=g) + 0.5).to(dt) for _ in range(2)]
     w_o = torch.randn(H, nq * hd, device=dev, generator=g).to(dt)
     w_qkv = torch.randn((nq + 2 * nk) * hd, H, device=dev, generator=g).to(dt)
+    logits = torch.randn(tokens, 128, device=dev, generator=g).to(dt)
+    w13 = torch.randn(128, 1536, H, device=dev, generator=g).to(dt)
 
     def chain() -> tuple[torch.Tensor, ...]:
         h, res = fused_add_rms_norm(x, r, wn, 1e-6, prefetch=w_qkv)
         qo, ko = qk_norm_rope(q, k, pos, cos, sin, head_dim=hd, norm="per_head", q_weight=qw, k_weight=kw,
                               prefetch=w_o)
-        return h, res, qo, ko
+        weights, ids = fused_topk(logits, 8, renormalize=True, prefetch_experts=w13)
+        return h, res, qo, ko, weights, ids
 
     prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", False)
     want = chain()
     prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", True)
     assert l2_prefetch.plan(w_o, tokens) is not None
+    assert (l2_prefetch.plan_experts(w13, tokens, 8) is not None) == (tokens == 1)
     eager = chain()
     chain()  # warm-up before capture
     graph = torch.cuda.CUDAGraph()
@@ -157,3 +164,38 @@ def test_prefetching_launches_in_a_cuda_graph_match(prefetch_on, tokens):
     torch.cuda.synchronize()
     for e, c, w in zip(eager, captured, want):
         assert torch.equal(e, w) and torch.equal(c, w)
+
+
+def test_plan_experts_splits_the_budget(prefetch_on):
+    prefetch_on.setattr(l2_prefetch, "CHUNK_BYTES", 4096)
+    prefetch_on.setattr(l2_prefetch, "EXPERT_BUDGET_BYTES", 40000)
+    w13 = torch.randn(6, 24, 40, dtype=torch.bfloat16)  # 1920 bytes an expert
+    p = l2_prefetch.plan_experts(w13, 2, 2)
+    assert (p.expert_bytes, p.nbytes, p.chunks) == (1920, 1920, 1)  # all of each expert fits the budget
+    p = l2_prefetch.plan_experts(w13, 8, 4)  # 32 pairs: 1250 bytes each, rounded down to 16
+    assert (p.nbytes, p.chunks) == (1248, 1)
+    assert l2_prefetch.plan_experts(w13, 9, 4) is None  # past EXPERT_MAX_PAIRS
+    assert l2_prefetch.plan_experts(w13.to(torch.int16), 1, 2) is None  # packed words: not these
+    assert l2_prefetch.plan_experts(w13.transpose(1, 2), 1, 2) is None  # not contiguous
+    prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", False)
+    assert l2_prefetch.plan_experts(w13, 1, 2) is None
+
+
+@pytest.mark.parametrize("tokens,top_k,bias,then_softmax", [(1, 8, False, False), (3, 2, True, False),
+                                                            (2, 4, True, True)])
+def test_topk_routes_the_same_with_the_expert_prefetch(prefetch_on, device, tokens, top_k, bias, then_softmax):
+    from vllm.model_executor.layers.fused_moe.router.fused_topk import fused_topk
+
+    _small_chunks(prefetch_on)
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    E = 40
+    logits = torch.randn(tokens, E, generator=g).to(device, torch.bfloat16)
+    rb = torch.randn(E, generator=g).to(device) if bias else None
+    w13 = torch.randn(E, 32, 96, generator=g).to(device, torch.bfloat16)  # 6144 bytes an expert: 3 chunks
+    assert l2_prefetch.plan_experts(w13, tokens, top_k).chunks == 3
+    runs = []
+    for on in (True, False):
+        prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", on)
+        runs.append(fused_topk(logits, top_k, renormalize=True, topk_then_softmax=then_softmax, router_bias=rb,
+                               use_triton=True, prefetch_experts=w13))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

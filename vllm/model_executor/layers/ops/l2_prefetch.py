@@ -10,7 +10,10 @@ on sm_90+, a hint: nothing waits for it and no value changes), so that the proje
 * the q/k norm + rotary launch prefetches the o projection's weight (16.8 MB at Qwen3-30B-A3B width: ~4 us at
   the copy rate, under the ~6 us of q/k norm + rotary, KV write, attention and reduce);
 * the input RMSNorm prefetches the q/k/v projection's weight, the post-attention RMSNorm the MLP's first
-  weight (the router, or a dense MLP's gate/up).
+  weight (the router, or a dense MLP's gate/up);
+* the router's top-k launch prefetches the start of each chosen expert's gate/up weights (bf16 experts, no
+  expert parallelism, up to ``EXPERT_MAX_PAIRS`` (token, expert) pairs, ``EXPERT_BUDGET_BYTES`` in all): the
+  GEMM that follows reads them from L2 instead of ramping up from DRAM (``plan_experts``).
 
 A launch that takes a prefetch grows by ``programs`` programs, each of which - after the launch's PDL wait, so
 that it does not compete with the weight stream still finishing before it - issues the bulk prefetches of one
@@ -32,6 +35,8 @@ L2_PREFETCH = False
 L2_PREFETCH_MAX_TOKENS = 256
 CHUNK_BYTES = 512 * 1024  # one program's share
 PIECE_BYTES = 64 * 1024  # one bulk prefetch instruction
+EXPERT_MAX_PAIRS = 32  # (token, expert) pairs of a top-k launch that prefetches its experts
+EXPERT_BUDGET_BYTES = 32 << 20  # all of its prefetches together (the H100 / H200 L2: 50 MB)
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,37 @@ def weight_of(module: Optional[nn.Module]) -> Optional[torch.Tensor]:
         module = getattr(module, "base_layer", None)
     w = None if module is None else module.weight
     return w if w is not None and w.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
+@dataclass(frozen=True)
+class L2ExpertPrefetch:
+    """The launch arguments of the top-k launch's prefetch: the first ``nbytes`` bytes of each chosen expert of
+    ``data`` (all experts' weights as one flat uint8 view, ``expert_bytes`` apart), ``chunks`` programs each."""
+
+    data: torch.Tensor
+    expert_bytes: int
+    nbytes: int
+    chunks: int
+
+    def kernel_args(self) -> dict[str, Any]:
+        return dict(pf_ptr=self.data, pf_expert_bytes=self.expert_bytes, pf_bytes=self.nbytes,
+                    PF_CHUNKS=self.chunks, PREFETCH=True, PF_CHUNK=CHUNK_BYTES, PF_PIECE=PIECE_BYTES,
+                    PF_INTERP=triton_interpreting())
+
+
+def plan_experts(weights: Optional[torch.Tensor], num_tokens: int, top_k: int) -> Optional[L2ExpertPrefetch]:
+    """The prefetch of the chosen experts' ``weights`` [E, ...] (one contiguous block per expert) by a top-k
+    launch of ``num_tokens`` tokens, or None: each of the num_tokens x top_k pairs fetches the first
+    ``EXPERT_BUDGET_BYTES / pairs`` bytes of its expert (a 16-byte multiple; none past ``EXPERT_MAX_PAIRS``)."""
+    if not L2_PREFETCH or weights is None or weights.dim() < 2 or num_tokens <= 0:
+        return None
+    pairs = num_tokens * top_k
+    if pairs > EXPERT_MAX_PAIRS or not weights.is_contiguous() or weights.data_ptr() % 16:
+        return None
+    if weights.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _device_ok(weights.device):
+        return None
+    expert_bytes = weights[0].numel() * weights.element_size()
+    nbytes = min(expert_bytes, EXPERT_BUDGET_BYTES // pairs) // 16 * 16
+    if expert_bytes % 16 or nbytes == 0:
+        return None
+    return L2ExpertPrefetch(weights.reshape(-1).view(torch.uint8), expert_bytes, nbytes, -(-nbytes // CHUNK_BYTES))
