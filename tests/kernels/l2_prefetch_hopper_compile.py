@@ -12,6 +12,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from benchmarks.kernels.sass_stats import resources, specialise  # noqa: E402
+from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _moe_activation_kernel  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router._topk_softmax_kernel import _topk_softmax_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel  # noqa: E402
@@ -36,6 +37,12 @@ CASES = {
                       "TOPK_THEN_SOFTMAX": False, "PF_CHUNKS": 8},
                      {"E": 0, "stride_l": 128, "stride_w": 8, "stride_i": 8, "pf_expert_bytes": 6291456,
                       "pf_bytes": 0}, 1),
+    "moe_activation": (_moe_activation_kernel, {"x_ptr": "bf16", "out_ptr": "bf16", "d_ptr": "fp32", "ids_ptr": "i32",
+                                                "pf_ptr": "u8"},
+                       {"ACT": 0, "BLOCK_N": 1024, "HAS_DELTA": False, "PF_CHUNKS": 4},
+                       {"W_out": 768, "stride_xm": 1536, "stride_xn": 1, "stride_om": 768, "stride_on": 1,
+                        "stride_dm": 1536, "stride_dn": 1, "n_pairs": 0, "pf_expert_bytes": 3145728, "pf_bytes": 0},
+                       8),
 }
 
 

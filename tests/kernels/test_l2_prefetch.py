@@ -113,7 +113,7 @@ def test_sm90_build_prefetches_after_the_wait():
     one bulk L2 prefetch per piece after griddepcontrol.wait, no spills, none without it."""
     from tests.utils import run_without_interpreter
 
-    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 3
+    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 4
 
 
 @pytest.mark.cuda
@@ -199,3 +199,22 @@ def test_topk_routes_the_same_with_the_expert_prefetch(prefetch_on, device, toke
         runs.append(fused_topk(logits, top_k, renormalize=True, topk_then_softmax=then_softmax, router_bias=rb,
                                use_triton=True, prefetch_experts=w13))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("act", ["silu", "swigluoai"])
+def test_activation_gives_the_same_bits_with_the_w2_prefetch(prefetch_on, device, act):
+    from vllm.model_executor.layers.fused_moe.ops.activation import moe_activation
+
+    _small_chunks(prefetch_on)
+    g = torch.Generator().manual_seed(11)
+    pairs, E = 6, 9
+    x = torch.randn(pairs, 2 * 80, generator=g).to(device, torch.bfloat16)
+    ids = torch.tensor([3, 8, -1, 0, 8, 5], dtype=torch.int32, device=device)  # -1: another rank's expert
+    w2 = torch.randn(E, 64, 60, generator=g).to(device, torch.bfloat16)  # 7680 bytes an expert: 4 chunks
+    assert l2_prefetch.plan_experts(w2, pairs, 1).chunks == 4
+    runs = []
+    for on in (True, False):
+        prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", on)
+        out = torch.full((pairs, 80), float("nan"), device=device, dtype=torch.bfloat16)
+        runs.append(moe_activation(act, x, out=out, use_triton=True, prefetch_experts=(w2, ids)))
+    assert torch.equal(runs[0], runs[1]) and not runs[0].isnan().any()

@@ -151,6 +151,7 @@ for dt in ("bf16", "fp16", "fp32"):
     for act in range(6):
         for delta in (False, True):
             cexp = {"ACT": act, "BLOCK_N": 512, "HAS_DELTA": delta, "USE_PDL": False}
+            cexp.update({p.name: p.default for p in k.params if p.is_constexpr and p.name not in cexp})
             sig = {n: ("*" + dt) if n in ("x_ptr", "out_ptr") else "*fp32" if n == "d_ptr" else
                    "fp32" if n in ("alpha", "limit") else "constexpr" if n in cexp else "i32" for n in k.arg_names}
             src = ASTSource(k, sig, constexprs={(k.arg_names.index(n),): v for n, v in cexp.items()})

@@ -26,6 +26,7 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
     WorkspaceShapes,
     two_gemm_workspace_shapes,
 )
+from vllm.model_executor.layers.ops import l2_prefetch
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -119,7 +120,8 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                                                  topk_weights=topk_weights, weighted=False),
                 deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
                 expert_map=expert_map, alignment=lora_alignment)
-            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
+            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13,
+                           prefetch_experts=(w2, ids.reshape(-1)) if l2_prefetch.L2_PREFETCH else None)
 
         weighted = not apply_router_weight_on_input
         if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,
