@@ -74,6 +74,8 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
+           # the dense LoRA prefetch kernel loads A and B before its PDL wait (lora_linear.EARLY_WEIGHTS)
+           "dense-lora-early-weights": ("vllm.lora.ops.triton_ops.lora_linear", "EARLY_WEIGHTS"),
            # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
            "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH")}
 _toggle_defaults: dict[str, object] = {}

@@ -209,3 +209,33 @@ def test_variant_realistic_sizes_in_a_cuda_graph(proj, T, dtype, kernel, device)
         torch.cuda.synchronize()
         want = _expected(x, a, b, y0, offsets, mapping, enabled.cpu()[:4])
         assert_close(y.float().cpu(), want.float(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,K,widths,L,R,mode,one_buffer,tiles", CASES)
+def test_early_weights_give_the_same_bits(T, K, widths, L, R, mode, one_buffer, tiles, dtype, monkeypatch, device):
+    """``EARLY_WEIGHTS`` (A, B, the slot and its flag loaded before the PDL wait) changes the order of the loads
+    only: the prefetch kernel's output bit for bit, slots -1 / past L / disabled (mode "none": every program
+    returns) included."""
+    x, a, b, y, offsets, mapping = make_case(T, K, widths, L, R, mode, one_buffer, dtype, device, seed=T + K + 1)
+    enabled = torch.ones(L + 1, dtype=torch.int32, device=device)
+    enabled[L // 2] = 0
+    outs = []
+    for early in (False, True):
+        monkeypatch.setattr(op, "EARLY_WEIGHTS", early)
+        out = y.clone()
+        add_lora_linear(out, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets,
+                        config=_variant(x, a, b, 1, **tiles))
+        outs.append(out)
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+    on = enabled.tolist()
+    if any(0 <= m < L and on[m] for m in mapping[:T].tolist()):  # some token has an enabled adapter
+        assert not torch.equal(outs[1], y)
+
+
+def test_early_weights_load_before_the_wait_on_hopper():
+    """sm_90 with PDL: with EARLY_WEIGHTS the kernel issues its weight loads before griddepcontrol.wait and
+    nothing is stored before it; without, no global load comes before the wait (a subprocess without the
+    interpreter: lora_linear_early_weights_compile.py)."""
+    out = run_without_interpreter("tests/lora/lora_linear_early_weights_compile.py")
+    assert out.count("ok ") == 2, out

@@ -187,7 +187,7 @@ def lora_linear_token_prefetch_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn,
     HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
+    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False, EARLY_WEIGHTS: tl.constexpr = False,
 ):
     """The token path in two dependent memory round trips (``LoRALinearTileConfig.token_kernel = 1``).
 
@@ -197,39 +197,66 @@ def lora_linear_token_prefetch_kernel(
     B's tile and the slot's enabled flag, all issued before any arithmetic.  A disabled slot is
     masked out of the store instead of branched on (a branch would add a trip).  Programs past
     the end of a narrow slice return before loading anything.
+
+    ``EARLY_WEIGHTS`` (with PDL): the slot, the enabled flag, B's tile and A's first tile - data no
+    kernel of the step writes: the mapping and the adapters are copied in before the step's first
+    kernel - are loaded before the PDL wait, while the projection before this launch drains; after
+    it only x and y (one trip).  Every program waits before it returns, so this grid never
+    completes before the one it depends on.
     """
-    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     pid_n = tl.program_id(2)
     N, col0 = _slice_params(s, n0, n1, n2, off0, off1, off2)
-    if pid_n * BLOCK_N >= N:
-        return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-
-    slot = tl.load(mapping_ptr + t)
-    y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
-    yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
-    x_row = x_ptr + t * stride_xt
-    # x as a [1, BLOCK_K] row: it takes A's layout, with no trip through shared memory (whose barrier
-    # would hold the loads of A behind x's)
-    xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
-    if (slot < 0) | (slot >= max_loras):
-        return
-    slot = slot.to(tl.int64)
     s64 = s.to(tl.int64)
-    b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
-                + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-    if HAS_ENABLED:
-        on = tl.load(enabled_ptr + slot) != 0
+    if EARLY_WEIGHTS:
+        slot = tl.load(mapping_ptr + t)
+        live = (slot >= 0) & (slot < max_loras) & (pid_n * BLOCK_N < N)
+        slot = tl.where(live, slot, 0).to(tl.int64)
+        b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
+                    + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :] & live, other=0.0)
+        if HAS_ENABLED:
+            on = tl.load(enabled_ptr + slot, mask=live, other=0) != 0
+        else:
+            on = live
+        a_ptrs = (a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar
+                  + offs_k[None, :] * stride_ak)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K) & live, other=0.0)
+        pdl_wait(USE_PDL)
+        if not live:
+            return
+        y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
+        yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        x_row = x_ptr + t * stride_xt
+        xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
     else:
-        on = slot >= 0
-    a_ptrs = a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-    a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
+        pdl_wait(USE_PDL)
+        if pid_n * BLOCK_N >= N:
+            return
+        slot = tl.load(mapping_ptr + t)
+        y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
+        yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        x_row = x_ptr + t * stride_xt
+        # x as a [1, BLOCK_K] row: it takes A's layout, with no trip through shared memory (whose barrier
+        # would hold the loads of A behind x's)
+        xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
+        if (slot < 0) | (slot >= max_loras):
+            return
+        slot = slot.to(tl.int64)
+        b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
+                    + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+        if HAS_ENABLED:
+            on = tl.load(enabled_ptr + slot) != 0
+        else:
+            on = slot >= 0
+        a_ptrs = (a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar
+                  + offs_k[None, :] * stride_ak)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
     acc2 = a.to(tl.float32) * xk
     for kt in tl.static_range(1, K_TILES):  # only when A does not fit one tile (large K or rank)
         k_left = K - kt * BLOCK_K
