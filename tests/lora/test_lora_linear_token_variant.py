@@ -239,3 +239,50 @@ def test_early_weights_load_before_the_wait_on_hopper():
     interpreter: lora_linear_early_weights_compile.py)."""
     out = run_without_interpreter("tests/lora/lora_linear_early_weights_compile.py")
     assert out.count("ok ") == 2, out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("proj", ["qkv", "o"])
+def test_early_weights_after_a_projection_in_a_cuda_graph(proj, monkeypatch, device):
+    """norm -> projection GEMV (writes y) -> the prefetch kernel with EARLY_WEIGHTS (adds into y) -> residual
+    norm (reads y), PDL on, eager and replayed in a CUDA graph after the mapping changes in place: the bits of
+    the same chain without EARLY_WEIGHTS."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from vllm.model_executor.layers.ops.dense_gemv import dense_gemv
+    from vllm.model_executor.layers.ops.rms_norm import fused_add_rms_norm, rms_norm
+
+    dt = torch.bfloat16
+    K, widths = (2048, [4096, 512, 512]) if proj == "qkv" else (4096, [2048])
+    x0, a, b, _, offsets, mapping = make_case(1, K, widths, 4, 16, "mixed", True, dt, device, seed=3)
+    g = torch.Generator(device=device).manual_seed(4)
+    w = (torch.randn(sum(widths), K, device=device, generator=g) / K ** 0.5).to(dt)
+    wn = (torch.rand(K, device=device, generator=g) + 0.5).to(dt)
+    wn2 = (torch.rand(sum(widths), device=device, generator=g) + 0.5).to(dt)
+    res = torch.randn(1, sum(widths), device=device, generator=g).to(dt)
+    enabled = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32, device=device)
+    cfg = _variant(x0, a, b, 1)
+
+    def chain() -> tuple[torch.Tensor, torch.Tensor]:
+        h = rms_norm(x0, wn, 1e-6)
+        y = dense_gemv(h, w)
+        add_lora_linear(y, h, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets, config=cfg)
+        return fused_add_rms_norm(y, res, wn2, 1e-6)
+
+    results = {}
+    for early in (False, True):
+        monkeypatch.setattr(op, "EARLY_WEIGHTS", early)
+        mapping.fill_(0)
+        eager = chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain()
+        runs = [eager]
+        for slot in (3, 2, -1, 1):
+            mapping.fill_(slot)
+            graph.replay()
+            torch.cuda.synchronize()
+            runs.append(tuple(t.clone() for t in captured))
+        results[early] = runs
+    for off, on in zip(results[False], results[True]):
+        assert all(torch.equal(p, q) for p, q in zip(off, on))
