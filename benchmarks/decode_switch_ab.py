@@ -2,7 +2,8 @@
 shipped defaults: the engine's CUDA-graph decode step without LoRA (and with ``--lora`` with rank-16 adapters
 spread over the batch), async scheduling on, one engine per (switch, LoRA), the model and prompts of
 benchmark_decode.py built once.  Greedy tokens are checked against the shipped run; the table gives each
-flipped switch's step time and its ratio to the shipped one.
+flipped switch's step time and its ratio to the shipped one.  Switches of the LoRA path (``LORA_PATH``) get no
+engine without LoRA: they change nothing there.
 
     PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
         [--lora | --lora-only] [--rounds 1] [--out ab.md]
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
-from decode_variants import TOGGLES, flip_switch, shipped_switches  # noqa: E402
+from decode_variants import LORA_PATH, TOGGLES, flip_switch, shipped_switches  # noqa: E402
 
 SWITCHES = [*TOGGLES, "moe-lora-pair-fanout"]
 
@@ -63,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   async_scheduling=True)
     lora_kw = dict(enable_lora=True, max_loras=a.num_loras, max_lora_rank=2 * a.rank)
     spread = lambda b: [adapters[i % a.num_loras] for i in range(b)]  # noqa: E731
-    cases = [] if a.lora_only else [(None, False)] + [(s, False) for s in a.switches]
+    # a switch of the LoRA path changes nothing without LoRA: no engine for it there
+    cases = [] if a.lora_only else [(None, False)] + [(s, False) for s in a.switches if s not in LORA_PATH]
     if a.lora or a.lora_only:
         cases += [(None, True)] + [(s, True) for s in a.switches]
     if a.rounds < 1:
@@ -86,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
              "|---|---|" + "---:|" * len(batches) + "---|"]
     bad = 0
     for flag, lora in cases:
-        base = times[(None, lora)]
+        base = times[(None, lora)]  # (a run without LoRA has no base when every switch is of the LoRA path)
         same = all(tokens[(flag, lora)][b] == tokens[(None, lora)][b] for b in batches)
         bad += not same
         cells = " | ".join(f"{times[(flag, lora)][b] * 1e3:.3f} ms ({times[(flag, lora)][b] / base[b]:.3f})"

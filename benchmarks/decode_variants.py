@@ -78,6 +78,9 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-early-weights": ("vllm.lora.ops.triton_ops.lora_linear", "EARLY_WEIGHTS"),
            # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
            "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH")}
+#: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
+LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
+             "dense-lora-early-weights", "moe-lora-pair-fanout"}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -1,11 +1,13 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
 #   (default: l2-prefetch and dense-lora-early-weights - the twenty-eighth session's L2 weight prefetch and the
 #   dense LoRA prefetch kernel's weights before its PDL wait, timed at PENDING_BATCHES 1,16,64,256 without and with
-#   LoRA, two rounds).  Three parts, each skipped with its variable at 0:
+#   LoRA, one round).  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
-#   without and with LoRA (decode_switch_ab.py --lora; PENDING_AB_LORA=--lora-only for switches of the LoRA path;
-#   PENDING_AB_TIMEOUT default 400 s, ~50 s an engine: (one per switch plus one) x 2 x rounds); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split; PENDING_BENCH_TIMEOUT,
-#   default 100 s).  Then benchmark_decode.py --flip SWITCH ... times the winners together; only when named
+#   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
+#   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 400 s, ~50 s an
+#   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
+#   PENDING_BENCH_TIMEOUT, default 100 s).  Then benchmark_decode.py --flip SWITCH ... times the winners
+#   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
   pytest ${PENDING_TESTS:-tests/kernels/test_l2_prefetch.py tests/models/test_fused_ops_models.py \
@@ -16,7 +18,8 @@ if [ "${PENDING_PYTEST:-1}" != 0 ]; then
 fi
 if [ "${PENDING_AB:-1}" != 0 ]; then
   timeout "${PENDING_AB_TIMEOUT:-400}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
-    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights} ${PENDING_AB_LORA:---lora} --rounds 2 \
+    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights} ${PENDING_AB_LORA:---lora} \
+    --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
 fi
