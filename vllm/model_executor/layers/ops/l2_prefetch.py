@@ -23,6 +23,7 @@ the interpreter, where the same programs run without the instruction, for the CP
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -54,9 +55,14 @@ class L2Prefetch:
 
 
 def _device_ok(device: torch.device) -> bool:
-    if triton_interpreting():
+    return _device_ok_cached(device.type, device.index, triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_ok_cached(device_type: str, index: Optional[int], interpreting: bool) -> bool:
+    if interpreting:
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device_type == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9  # the bulk prefetch: sm_90+
 
 
 def plan(weight: Optional[torch.Tensor], num_tokens: int) -> Optional[L2Prefetch]:
