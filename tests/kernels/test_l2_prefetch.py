@@ -175,7 +175,8 @@ def test_plan_experts_splits_the_budget(prefetch_on):
     p = l2_prefetch.plan_experts(w13, 8, 4)  # 32 pairs: 1250 bytes each, rounded down to 16
     assert (p.nbytes, p.chunks) == (1248, 1)
     assert l2_prefetch.plan_experts(w13, 9, 4) is None  # past EXPERT_MAX_PAIRS
-    assert l2_prefetch.plan_experts(w13.to(torch.int16), 1, 2) is None  # packed words: not these
+    words = torch.zeros(6, 24, 10, dtype=torch.int32)  # a 4-bit backend's packed words: bytes like any other
+    assert l2_prefetch.plan_experts(words, 1, 2).expert_bytes == 960
     assert l2_prefetch.plan_experts(w13.transpose(1, 2), 1, 2) is None  # not contiguous
     prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", False)
     assert l2_prefetch.plan_experts(w13, 1, 2) is None

@@ -11,9 +11,11 @@ on sm_90+, a hint: nothing waits for it and no value changes), so that the proje
   the copy rate, under the ~6 us of q/k norm + rotary, KV write, attention and reduce);
 * the input RMSNorm prefetches the q/k/v projection's weight, the post-attention RMSNorm the MLP's first
   weight (the router, or a dense MLP's gate/up);
-* the router's top-k launch prefetches the start of each chosen expert's gate/up weights (bf16 experts, no
-  expert parallelism, up to ``EXPERT_MAX_PAIRS`` (token, expert) pairs, ``EXPERT_BUDGET_BYTES`` in all): the
-  GEMM that follows reads them from L2 instead of ramping up from DRAM (``plan_experts``).
+* the router's top-k launch prefetches the start of each chosen expert's gate/up weights and the MoE activation
+  each pair's down weights - what the experts' GEMMs stream (``stream_weights``: bf16 weights, or the 4-bit
+  backends' packed words; not the scales) - without expert parallelism, up to ``EXPERT_MAX_PAIRS`` (token,
+  expert) pairs and ``EXPERT_BUDGET_BYTES`` in all: the GEMM that follows reads them from L2 instead of ramping
+  up from DRAM (``plan_experts``).
 
 A launch that takes a prefetch grows by ``programs`` programs, each of which - after the launch's PDL wait, so
 that it does not compete with the weight stream still finishing before it - issues the bulk prefetches of one
@@ -105,15 +107,15 @@ class L2ExpertPrefetch:
 
 
 def plan_experts(weights: Optional[torch.Tensor], num_tokens: int, top_k: int) -> Optional[L2ExpertPrefetch]:
-    """The prefetch of the chosen experts' ``weights`` [E, ...] (one contiguous block per expert) by a top-k
-    launch of ``num_tokens`` tokens, or None: each of the num_tokens x top_k pairs fetches the first
+    """The prefetch of the chosen experts' ``weights`` [E, ...] (one contiguous block per expert, any dtype: bytes)
+    by a launch of ``num_tokens`` tokens routed to ``top_k`` experts each, or None: each of the num_tokens x top_k pairs fetches the first
     ``EXPERT_BUDGET_BYTES / pairs`` bytes of its expert (a 16-byte multiple; none past ``EXPERT_MAX_PAIRS``)."""
     if not L2_PREFETCH or weights is None or weights.dim() < 2 or num_tokens <= 0:
         return None
     pairs = num_tokens * top_k
     if pairs > EXPERT_MAX_PAIRS or not weights.is_contiguous() or weights.data_ptr() % 16:
         return None
-    if weights.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _device_ok(weights.device):
+    if not _device_ok(weights.device):
         return None
     expert_bytes = weights[0].numel() * weights.element_size()
     nbytes = min(expert_bytes, EXPERT_BUDGET_BYTES // pairs) // 16 * 16

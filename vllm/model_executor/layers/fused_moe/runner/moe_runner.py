@@ -35,13 +35,12 @@ class MoERunner:
                           prefetch_experts=self._prefetch_target() if l2_prefetch.L2_PREFETCH else None)
 
     def _prefetch_target(self) -> Optional[torch.Tensor]:
-        """The weights GEMM1 streams, for the top-k launch to warm the chosen experts' start into L2
-        (``ops/l2_prefetch.py``): float experts without expert parallelism only (the ids are global)."""
+        """The weights GEMM1 streams (the experts' ``stream_weights``), for the top-k launch to warm the chosen
+        experts' start into L2 (``ops/l2_prefetch.py``): without expert parallelism only (the ids are global)."""
         layer = self.layer
         if getattr(layer, "expert_map", None) is not None:
             return None
-        w13 = getattr(layer, "w13_weight", None)
-        return w13 if isinstance(w13, torch.Tensor) and w13.is_floating_point() else None
+        return layer.experts.stream_weights(getattr(layer, "w13_weight", None), getattr(layer, "w2_weight", None))[0]
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                 lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
