@@ -35,6 +35,18 @@ def _run(model, cfg) -> list[torch.Tensor]:
     return out
 
 
+def _off_and_on(cfg, device, monkeypatch, module, name: str, check=lambda on: None) -> list[list[torch.Tensor]]:
+    """The fused kernels forced on, ``module.name`` False then True: each run's logits; ``check(on)`` after each."""
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(module, name, on)
+        model = get_model(cfg, device=device)
+        _force(model, True)
+        runs.append(_run(model, cfg))
+        check(on)
+    return runs
+
+
 # OLMoE also with clip_qkv (clamped after the full-row norms, inside the fused kernel)
 @pytest.mark.parametrize("arch,overrides", [(a, {}) for a in sorted(ARCHS)] + [("olmoe", {"clip_qkv": 0.5})])
 def test_fused_kernels_match_torch_path(arch, overrides, tmp_path, device):
@@ -66,14 +78,12 @@ def test_kv_write_in_qk_norm_rope_matches_the_attention_write(arch, overrides, t
     monkeypatch.setattr(triton_backend, "write_kv_triton", lambda *a, **k: (writes.append(1), real(*a, **k)))
     make_checkpoint(arch, tmp_path, **overrides)
     cfg = ModelConfig(str(tmp_path), dtype="float32")
-    runs = []
-    for fused in (False, True):
-        monkeypatch.setattr(attention, "FUSED_KV_WRITE", fused)
-        writes.clear()
-        model = get_model(cfg, device=device)
-        _force(model, True)
-        runs.append(_run(model, cfg))
+
+    def check(fused: bool) -> None:
         assert (len(writes) == 0) == fused, f"{len(writes)} attention KV writes with FUSED_KV_WRITE={fused}"
+        writes.clear()
+
+    runs = _off_and_on(cfg, device, monkeypatch, attention, "FUSED_KV_WRITE", check)
     for i, (g, w) in enumerate(zip(runs[1], runs[0])):
         assert torch.equal(g, w), f"{arch} step {i}: logits differ"
 
@@ -86,6 +96,7 @@ def test_l2_prefetch_keeps_the_logits(arch, tmp_path, monkeypatch, device):
 
     plans = []
     real = l2_prefetch.plan
+
     def spy(w, t):
         plans.append(real(w, t))
         return plans[-1]
@@ -93,15 +104,13 @@ def test_l2_prefetch_keeps_the_logits(arch, tmp_path, monkeypatch, device):
     monkeypatch.setattr(l2_prefetch, "plan", spy)
     make_checkpoint(arch, tmp_path)
     cfg = ModelConfig(str(tmp_path), dtype="float32")
-    runs = []
-    for on in (False, True):
-        monkeypatch.setattr(l2_prefetch, "L2_PREFETCH", on)
+
+    def check(on: bool) -> None:
+        planned = sum(p is not None for p in plans)
+        # 4 forwards (prefill + 3 decodes), 3 prefetching launches per layer
+        assert planned >= 4 * 3 * cfg.num_layers if on else planned == 0, f"{planned} launches prefetched"
         plans.clear()
-        model = get_model(cfg, device=device)
-        _force(model, True)
-        runs.append(_run(model, cfg))
-    # 4 forwards (prefill + 3 decodes), 3 prefetching launches per layer
-    planned = sum(p is not None for p in plans)
-    assert planned >= 4 * 3 * cfg.num_layers, f"{planned} launches prefetched"
+
+    runs = _off_and_on(cfg, device, monkeypatch, l2_prefetch, "L2_PREFETCH", check)
     for i, (g, w) in enumerate(zip(runs[1], runs[0])):
         assert torch.equal(g, w), f"{arch} step {i}: logits differ"
