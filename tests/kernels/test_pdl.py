@@ -91,8 +91,13 @@ def test_a_bad_env_value_is_refused(fresh_pdl):
 
 
 # Kernels that load weights (never written by a kernel during a step) before the wait: arguments they may touch
-# before it.
-WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"}}
+# before it.  The dense LoRA prefetch kernel with EARLY_WEIGHTS also reads the slot mapping and the enabled flags
+# there (copied in before the step's first kernel, like the adapters' A and B); x and y only after it.
+_LORA_PREFETCH_EARLY = {"mapping_ptr", "enabled_ptr", "a_ptr", "b_ptr", "K", "R", "max_loras", "n0", "n1", "n2",
+                        "off0", "off1", "off2", "stride_as", "stride_al", "stride_ar", "stride_ak", "stride_bs",
+                        "stride_bl", "stride_bn", "stride_br"}
+WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
+                       "lora_linear_token_prefetch_kernel": _LORA_PREFETCH_EARLY}
 
 
 @pytest.mark.parametrize("module,name", PDL_KERNELS, ids=[n for _, n in PDL_KERNELS])

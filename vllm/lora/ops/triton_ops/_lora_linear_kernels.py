@@ -214,7 +214,7 @@ def lora_linear_token_prefetch_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     s64 = s.to(tl.int64)
-    if EARLY_WEIGHTS:
+    if EARLY_WEIGHTS:  # the step-invariant loads, while the projection before this launch drains
         slot = tl.load(mapping_ptr + t)
         live = (slot >= 0) & (slot < max_loras) & (pid_n * BLOCK_N < N)
         slot = tl.where(live, slot, 0).to(tl.int64)
@@ -227,7 +227,8 @@ def lora_linear_token_prefetch_kernel(
         a_ptrs = (a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar
                   + offs_k[None, :] * stride_ak)
         a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K) & live, other=0.0)
-        pdl_wait(USE_PDL)
+    pdl_wait(USE_PDL)
+    if EARLY_WEIGHTS:
         if not live:
             return
         y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
@@ -235,7 +236,6 @@ def lora_linear_token_prefetch_kernel(
         x_row = x_ptr + t * stride_xt
         xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
     else:
-        pdl_wait(USE_PDL)
         if pid_n * BLOCK_N >= N:
             return
         slot = tl.load(mapping_ptr + t)
