@@ -1,8 +1,10 @@
 """Compile the launches that warm L2 (``ops/l2_prefetch.py``) for an H100/H200 (sm_90) without a GPU: run as a
 script without TRITON_INTERPRET, by test_l2_prefetch.py.  With PREFETCH each must issue its bulk L2 prefetches
-after the PDL wait (so that they do not compete with the weight stream before it) and store nothing on that path;
+after the PDL wait (so that they do not compete with the weight stream before it; before it with the norm's
+PF_EARLY) and store nothing on that path;
 without it the kernel has no prefetch and the same registers.  One "ok" line per kernel; exits 1 on failure."""
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -24,6 +26,12 @@ CASES = {
                  {"HAS_RESIDUAL": True, "BLOCK_N": 2048},
                  {**{n: 2048 for n in ("N", "stride_x", "stride_r", "stride_o", "stride_ro")}, "n_rows": 0,
                   "pf_bytes": 0}, 8),
+    # the input norm's prefetch before the wait (PF_EARLY)
+    "rms_norm_early": (_rms_norm_kernel, {**{n: "bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr",
+                                                                 "res_out_ptr")}, "pf_ptr": "u8"},
+                       {"HAS_RESIDUAL": True, "BLOCK_N": 2048},
+                       {**{n: 2048 for n in ("N", "stride_x", "stride_r", "stride_o", "stride_ro")}, "n_rows": 0,
+                        "pf_bytes": 0}, 8),
     "qk_norm_rope": (_qk_norm_rope_kernel,
                      {**{n: "bf16" for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr")},
                       "pos_ptr": "i64", "cos_ptr": "fp32", "sin_ptr": "fp32", "pf_ptr": "u8"},
@@ -46,12 +54,24 @@ CASES = {
 }
 
 
+def _branch_point(ptx: str, at: int) -> int:
+    """Where control leaves the straight line for the code at ``at``: the branch to the label of the block holding
+    it (the compiler may place that block anywhere in the text), or ``at`` itself when it is reached in line."""
+    label = re.findall(r"^(\$L__BB\w+):", ptx[:at], flags=re.M)
+    if not label:
+        return at
+    branch = ptx.find(f"bra.uni \t{label[-1]};")
+    branch = branch if branch >= 0 else ptx.find(f"{label[-1]};")
+    return branch if 0 <= branch < ptx.rfind(f"{label[-1]}:") else at
+
+
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     for name, (fn, ptrs, cexp, ints, warps) in CASES.items():
         regs = {}
+        early = name.endswith("_early")
         for prefetch in (False, True):
-            extra = {**PF, "PREFETCH": True} if prefetch else {}
+            extra = {**PF, "PREFETCH": True, **({"PF_EARLY": True} if early else {})} if prefetch else {}
             src = specialise(fn, ptrs, {**cexp, "USE_PDL": True, **extra}, ints)
             out = triton.compile(src, target=target, options={"num_warps": warps, "launch_pdl": True})
             ptx = out.asm["ptx"]
@@ -62,7 +82,8 @@ def main() -> None:
                     sys.exit(f"{name}: a prefetch without PREFETCH")
                 continue
             wait, first = ptx.find("griddepcontrol.wait"), ptx.find("cp.async.bulk.prefetch.L2.global")
-            if count != PF["PF_CHUNK"] // PF["PF_PIECE"] or not 0 <= wait < first:
+            reached = _branch_point(ptx, first)  # where the path to the first prefetch leaves the main line
+            if count != PF["PF_CHUNK"] // PF["PF_PIECE"] or not 0 <= min(wait, first) or (reached < wait) != early:
                 sys.exit(f"{name}: {count} prefetches (want {PF['PF_CHUNK'] // PF['PF_PIECE']}), the first at "
                          f"{first}, the wait at {wait}")
             if spills:

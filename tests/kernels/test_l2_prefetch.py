@@ -63,8 +63,9 @@ def _small_chunks(mp):
     mp.setattr(l2_prefetch, "PIECE_BYTES", 512)
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_norms_give_the_same_bits_with_the_prefetch(prefetch_on, device, rows):
+def test_norms_give_the_same_bits_with_the_prefetch(prefetch_on, device, rows, early):
     _small_chunks(prefetch_on)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=g).to(device, torch.bfloat16)
@@ -72,8 +73,8 @@ def test_norms_give_the_same_bits_with_the_prefetch(prefetch_on, device, rows):
     w = (torch.rand(96, generator=g) + 0.5).to(device, torch.bfloat16)
     target = torch.randn(100, 77, generator=g).to(device, torch.bfloat16)  # 15400 bytes: 8 programs
     assert l2_prefetch.plan(target, rows).programs == 8
-    got = (rms_norm(x, w, 1e-6, use_triton=True, prefetch=target),
-           *fused_add_rms_norm(x, r, w, 1e-6, use_triton=True, prefetch=target))
+    got = (rms_norm(x, w, 1e-6, use_triton=True, prefetch=target, prefetch_early=early),
+           *fused_add_rms_norm(x, r, w, 1e-6, use_triton=True, prefetch=target, prefetch_early=early))
     prefetch_on.setattr(l2_prefetch, "L2_PREFETCH", False)
     want = (rms_norm(x, w, 1e-6, use_triton=True), *fused_add_rms_norm(x, r, w, 1e-6, use_triton=True))
     for g_, w_ in zip(got, want):
@@ -113,7 +114,7 @@ def test_sm90_build_prefetches_after_the_wait():
     one bulk L2 prefetch per piece after griddepcontrol.wait, no spills, none without it."""
     from tests.utils import run_without_interpreter
 
-    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 4
+    assert run_without_interpreter("tests/kernels/l2_prefetch_hopper_compile.py").count("ok ") == 5
 
 
 @pytest.mark.cuda

@@ -97,6 +97,8 @@ _LORA_PREFETCH_EARLY = {"mapping_ptr", "enabled_ptr", "a_ptr", "b_ptr", "K", "R"
                         "off0", "off1", "off2", "stride_as", "stride_al", "stride_ar", "stride_ak", "stride_bs",
                         "stride_bl", "stride_bn", "stride_br"}
 WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
+                       # the L2 prefetch of the next projection's weight, with PF_EARLY (l2_prefetch.py)
+                       "_rms_norm_kernel": {"n_rows", "pf_ptr", "pf_bytes"},
                        "lora_linear_token_prefetch_kernel": _LORA_PREFETCH_EARLY}
 
 

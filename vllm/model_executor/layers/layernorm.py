@@ -37,15 +37,17 @@ class RMSNorm(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
-                prefetch: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                prefetch: Optional[torch.Tensor] = None,
+                prefetch_early: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``prefetch``: the weight the next layer streams, warmed into L2 by the same launch where
-        ``ops/l2_prefetch.py`` allows it (a hint: the result does not change)."""
+        ``ops/l2_prefetch.py`` allows it (a hint: the result does not change); ``prefetch_early``: before the
+        launch's PDL wait (the kernel before it streams nothing)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"RMSNorm over {self.hidden_size} got input of shape {tuple(x.shape)}")
+        pf = dict(prefetch=prefetch, prefetch_early=prefetch_early)
         if residual is None:
-            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton, prefetch=prefetch)
-        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon, use_triton=self.use_triton,
-                                  prefetch=prefetch)
+            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton, **pf)
+        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon, use_triton=self.use_triton, **pf)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"

@@ -256,11 +256,13 @@ class DecoderLayer(nn.Module):
         if l2_prefetch.L2_PREFETCH:  # the weights the next launches stream, warmed into L2 by the norms
             qkv_w = l2_prefetch.weight_of(self.self_attn.qkv_proj)
             mlp_w = mlp.prefetch_weight() if hasattr(mlp, "prefetch_weight") else None
+        early = l2_prefetch.INPUT_NORM_EARLY  # before it: the embedding, or the previous layer's MLP output sum
         if residual is None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states, prefetch=qkv_w)
+            hidden_states = self.input_layernorm(hidden_states, prefetch=qkv_w, prefetch_early=early)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, prefetch=qkv_w)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, prefetch=qkv_w,
+                                                           prefetch_early=early)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, prefetch=mlp_w)
         return mlp(hidden_states), residual

@@ -4,7 +4,8 @@ Grid (rows,).  One program normalises one row of N values held in one BLOCK_N ti
 follows the torch reference step by step: the residual sum is rounded to the activation dtype, the
 normalised row is rounded to it before the weight multiply, and the product is rounded again.
 With PREFETCH the grid has programs past the rows (``n_rows``): each brings one chunk of the next
-projection's weight into L2 (``l2_prefetch.py``) after the PDL wait, and stores nothing.
+projection's weight into L2 (``l2_prefetch.py``) after the PDL wait - or, with PF_EARLY, before it (the kernel
+before this one is light: the prefetch overlaps it) - and stores nothing.
 """
 import triton
 import triton.language as tl
@@ -20,11 +21,15 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
     n_rows=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
-    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False,
+    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, PF_EARLY: tl.constexpr = False,
 ):
-    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:
+    if PREFETCH and PF_EARLY:  # weights only, beside a light kernel before this one; the rows still wait
+        if row >= n_rows:
+            l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
+            return
+    pdl_wait(USE_PDL)
+    if PREFETCH and not PF_EARLY:
         if row >= n_rows:
             l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
             return

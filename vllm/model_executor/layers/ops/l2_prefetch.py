@@ -9,8 +9,9 @@ on sm_90+, a hint: nothing waits for it and no value changes), so that the proje
 
 * the q/k norm + rotary launch prefetches the o projection's weight (16.8 MB at Qwen3-30B-A3B width: ~4 us at
   the copy rate, under the ~6 us of q/k norm + rotary, KV write, attention and reduce);
-* the input RMSNorm prefetches the q/k/v projection's weight, the post-attention RMSNorm the MLP's first
-  weight (the router, or a dense MLP's gate/up);
+* the input RMSNorm prefetches the q/k/v projection's weight - before its PDL wait, beside the MoE top-k sum
+  before it (``INPUT_NORM_EARLY``) -, the post-attention RMSNorm the MLP's first weight (the router, or a dense
+  MLP's gate/up);
 * the router's top-k launch prefetches the start of each chosen expert's gate/up weights and the MoE activation
   each pair's down weights - what the experts' GEMMs stream (``stream_weights``: bf16 weights, or the 4-bit
   backends' packed words; not the scales) - without expert parallelism, up to ``EXPERT_MAX_PAIRS`` (token,
@@ -38,6 +39,7 @@ L2_PREFETCH = False
 L2_PREFETCH_MAX_TOKENS = 256
 CHUNK_BYTES = 512 * 1024  # one program's share
 PIECE_BYTES = 64 * 1024  # one bulk prefetch instruction
+INPUT_NORM_EARLY = True  # the input norm's q/k/v prefetch before its wait (the previous layer's sum streams nothing)
 EXPERT_MAX_PAIRS = 32  # (token, expert) pairs of a top-k launch that prefetches its experts
 EXPERT_BUDGET_BYTES = 32 << 20  # all of its prefetches together (the H100 / H200 L2: 50 MB)
 
@@ -54,6 +56,11 @@ class L2Prefetch:
     def kernel_args(self) -> dict[str, Any]:
         return dict(pf_ptr=self.data, pf_bytes=self.nbytes, PREFETCH=True, PF_CHUNK=CHUNK_BYTES,
                     PF_PIECE=PIECE_BYTES, PF_INTERP=triton_interpreting())
+
+    def early_args(self) -> dict[str, Any]:
+        """``kernel_args`` issuing the prefetch before the PDL wait (the RMSNorm kernel's ``PF_EARLY``): for a
+        launch whose predecessor streams nothing, so that the prefetch overlaps it too."""
+        return dict(self.kernel_args(), PF_EARLY=True)
 
 
 def _device_ok(device: torch.device) -> bool:

@@ -63,7 +63,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, eps: float, out: torch.Tensor,
-            res_out: Optional[torch.Tensor], prefetch: Optional[torch.Tensor] = None) -> None:
+            res_out: Optional[torch.Tensor], prefetch: Optional[torch.Tensor] = None,
+            prefetch_early: bool = False) -> None:
     from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel
 
     rows, n = x2.shape
@@ -72,7 +73,7 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
     block = max(16, next_power_of_2(n))
     has_res = r2 is not None
     pf = l2_prefetch.plan(prefetch, rows)
-    pf_args = dict(n_rows=rows, **pf.kernel_args()) if pf is not None else {}
+    pf_args = {} if pf is None else dict(n_rows=rows, **(pf.early_args() if prefetch_early else pf.kernel_args()))
     _rms_norm_kernel[(rows + (pf.programs if pf is not None else 0),)](
         x2, r2 if has_res else x2, weight, out, res_out if has_res else out,
         n, float(eps),
@@ -83,26 +84,27 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: Optional[bool] = None,
-             prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+             prefetch: Optional[torch.Tensor] = None, prefetch_early: bool = False) -> torch.Tensor:
     """x [..., N] (any leading shape), weight [N] -> [..., N] in x.dtype (one launch on CUDA).
 
     ``prefetch``: the weight the next launch streams, brought into L2 by the same launch where
-    ``l2_prefetch.plan`` allows it (a hint: the result does not change)."""
+    ``l2_prefetch.plan`` allows it (a hint: the result does not change); ``prefetch_early``: issued before the
+    PDL wait, for a launch that follows a light kernel."""
     _check(x, weight)
     if not _use_triton(x, weight, use_triton):
         return rms_norm_torch(x, weight, eps)
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, None, weight, eps, out, None, prefetch)
+    _launch(x2, None, weight, eps, out, None, prefetch, prefetch_early)
     return out.view(x.shape)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                       use_triton: Optional[bool] = None,
-                       prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       use_triton: Optional[bool] = None, prefetch: Optional[torch.Tensor] = None,
+                       prefetch_early: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(w * norm(x + residual), x + residual): one launch on CUDA that reads x and residual once and writes
-    the new residual and the normed output.  x and residual: same shape and dtype; ``prefetch``: as
-    ``rms_norm``'s."""
+    the new residual and the normed output.  x and residual: same shape and dtype; ``prefetch``,
+    ``prefetch_early``: as ``rms_norm``'s."""
     _check(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match the input "
@@ -112,5 +114,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x2, r2 = _rows(x), _rows(residual)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, r2, weight, eps, out, res_out, prefetch)
+    _launch(x2, r2, weight, eps, out, res_out, prefetch, prefetch_early)
     return out.view(x.shape), res_out.view(x.shape)
