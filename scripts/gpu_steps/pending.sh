@@ -6,7 +6,10 @@
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 400 s, ~50 s an
 #   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
-#   PENDING_BENCH_TIMEOUT, default 100 s).  Then benchmark_decode.py --flip SWITCH ... times the winners
+#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_TRACE (default 0) - Chrome traces of the decode step at
+#   PENDING_TRACE_BATCHES (1,64) with every switch off and flipped (profile_decode.py, 4 engines,
+#   PENDING_TRACE_TIMEOUT 150 s a side), read by trace_layers.py into $OUT/layers_*.md: per position in a layer the
+#   exposed time with the switches against without.  Then benchmark_decode.py --flip SWITCH ... times the winners
 #   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
@@ -27,4 +30,20 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
   timeout "${PENDING_BENCH_TIMEOUT:-100}" python3 benchmarks/kernels/benchmark_lora_linear.py --sorted-split --reps 30 \
     --out "$OUT/lora_sorted_split.md" >"$OUT/lora_sorted_split.log" 2>&1
   r=$?; grep "^| \|rror" "$OUT/lora_sorted_split.log" | tail -12; rc=$(( rc || r ))
+fi
+if [ "${PENDING_TRACE:-0}" != 0 ]; then
+  flips=""
+  for sw in ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights}; do flips="$flips --flip $sw"; done
+  for side in off on; do
+    timeout "${PENDING_TRACE_TIMEOUT:-150}" python3 benchmarks/profile_decode.py --batches ${PENDING_TRACE_BATCHES:-1,64} \
+      --modes graphs --steps 2 --trace-dir "/tmp/pending_trace_$side" $( [ "$side" = on ] && echo "$flips" ) \
+      --out "$OUT/pending_profile_$side.md" >"$OUT/pending_profile_$side.log" 2>&1
+    r=$?; echo "== traces, switches $side (rc $r)"; rc=$(( rc || r ))
+  done
+  for f in /tmp/pending_trace_on/*.json; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .json)
+    python3 benchmarks/trace_layers.py "$f" --base "/tmp/pending_trace_off/$name.json" --out "$OUT/layers_$name.md" \
+      | head -3
+  done
 fi
