@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
-from vllm.platforms.interface import triton_interpreting
 from vllm.model_executor.layers.ops import l2_prefetch
+from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
