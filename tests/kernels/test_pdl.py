@@ -91,12 +91,20 @@ def test_a_bad_env_value_is_refused(fresh_pdl):
 
 
 # Kernels that load weights (never written by a kernel during a step) before the wait: arguments they may touch
-# before it.  The dense LoRA prefetch kernel with EARLY_WEIGHTS also reads the slot mapping and the enabled flags
-# there (copied in before the step's first kernel, like the adapters' A and B); x and y only after it.
+# before it.  The dense LoRA kernels with EARLY_WEIGHTS also read the slot mapping (or the slot-sorted tokens) and
+# the enabled flags there (copied in before the step's first kernel, like the adapters' A and B); x, y and the
+# partials only after it.
 _LORA_PREFETCH_EARLY = {"mapping_ptr", "enabled_ptr", "a_ptr", "b_ptr", "K", "R", "max_loras", "n0", "n1", "n2",
                         "off0", "off1", "off2", "stride_as", "stride_al", "stride_ar", "stride_ak", "stride_bs",
                         "stride_bl", "stride_bn", "stride_br"}
+_SORTED_META = {"sorted_ids_ptr", "counts_ptr", "enabled_ptr", "num_tokens", "R", "num_slots"}
 WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
+                       # ... and the sorted split pair: the slot blocks (the step mapping's), A's chunk / B's tile
+                       "lora_linear_sorted_shrink_kernel": _SORTED_META | {"a_ptr", "K", "stride_as", "stride_al",
+                                                                          "stride_ar", "stride_ak"},
+                       "lora_linear_sorted_expand_kernel": _SORTED_META | {"b_ptr", "n0", "n1", "n2", "off0", "off1",
+                                                                          "off2", "stride_bs", "stride_bl",
+                                                                          "stride_bn", "stride_br"},
                        # the L2 prefetch of the next projection's weight, with PF_EARLY (l2_prefetch.py)
                        "_rms_norm_kernel": {"n_rows", "pf_ptr", "pf_bytes"},
                        "lora_linear_token_prefetch_kernel": _LORA_PREFETCH_EARLY}

@@ -1,8 +1,9 @@
 """Compile the dense LoRA sorted path's split pair (``_lora_linear_sorted_split_kernels.py``) for an H100/H200
 (sm_90) without a GPU: run as a script, without TRITON_INTERPRET, by test_lora_linear_sorted_split.py.  The
 GPU tiles of ``sorted_split_config`` for the Qwen3-30B-A3B q/k/v (3 slices) and o launches at 64 and 256
-tokens, ranks 16 and 32, specialised as at run time on contiguous tensors.  Prints one line per kernel and
-case (registers, spills, shared memory); exits 1 when one spills."""
+tokens, ranks 16 and 32, specialised as at run time on contiguous tensors, with PDL, without and with
+``EARLY_WEIGHTS`` (global loads before ``griddepcontrol.wait`` only with it, never a store).  Prints one line per
+kernel and case (registers, spills, shared memory, loads before the wait); exits 1 when one spills or fails that."""
 import os
 import sys
 
@@ -19,7 +20,7 @@ from vllm.lora.ops.triton_ops.moe_lora_config import rank_block  # noqa: E402
 from vllm.triton_utils import next_power_of_2  # noqa: E402
 
 
-def compile_pair(T: int, K: int, widths: list[int], R: int, L: int = 4):
+def compile_pair(T: int, K: int, widths: list[int], R: int, L: int = 4, early: bool = False):
     cfg = sorted_split_config(T, K, max(widths), R, torch.bfloat16)
     S, br, splits = len(widths), rank_block(R), -(-K // cfg.block_k)
     n = widths + [0] * (3 - S)
@@ -27,7 +28,7 @@ def compile_pair(T: int, K: int, widths: list[int], R: int, L: int = 4):
     p_strides = dict(stride_pb=S * splits * cfg.block_m * br, stride_ps=splits * cfg.block_m * br,
                      stride_pj=cfg.block_m * br, stride_pm=br)
     common = dict(HAS_ENABLED=True, UPCAST=False, FP32_PRECISION="tf32x3", BLOCK_M=cfg.block_m, BLOCK_R=br,
-                  USE_PDL=True)
+                  USE_PDL=True, EARLY_WEIGHTS=early)
     shrink = specialise(
         kern.lora_linear_sorted_shrink_kernel,
         dict(x_ptr="bf16", a_ptr="bf16", part_ptr="fp32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32"),
@@ -41,7 +42,7 @@ def compile_pair(T: int, K: int, widths: list[int], R: int, L: int = 4):
         dict(num_tokens=T, R=R, num_slots=L, k_splits=splits, n0=n[0], n1=n[1], n2=n[2], off0=offs[0],
              off1=offs[1], off2=offs[2], stride_bs=L * max(widths) * R if S > 1 else 0, stride_bl=max(widths) * R,
              stride_bn=R, stride_br=1, stride_yt=sum(widths), stride_yn=1, **p_strides))
-    opts = dict(num_warps=cfg.num_warps, num_stages=1)
+    opts = dict(num_warps=cfg.num_warps, num_stages=1, launch_pdl=True)
     return triton.compile(shrink, target=TARGET, options=opts), triton.compile(expand, target=TARGET, options=opts)
 
 
@@ -50,12 +51,17 @@ def main() -> int:
     for name, (K, widths) in {"qkv": (2048, [4096, 512, 512]), "o": (4096, [2048])}.items():
         for T in (64, 256):
             for R in (16, 32):
-                for kname, k in zip(("shrink", "expand"), compile_pair(T, K, widths, R)):
-                    regs, spills = resources(k.asm["cubin"])
-                    ok = spills == 0
-                    bad += not ok
-                    print(f"{'ok' if ok else 'FAILED'} {kname} {name} {T} tokens rank {R}: {regs} registers, "
-                          f"{spills} B local, shared {k.metadata.shared} B", flush=True)
+                for early in (False, True):
+                    for kname, k in zip(("shrink", "expand"), compile_pair(T, K, widths, R, early=early)):
+                        regs, spills = resources(k.asm["cubin"])
+                        ptx = k.asm["ptx"]
+                        before = ptx[:ptx.find("griddepcontrol.wait")]
+                        # EARLY_WEIGHTS: loads (the slot blocks, A / B) and no store before the wait; else nothing
+                        ok = spills == 0 and "st.global" not in before and ("ld.global" in before) == early
+                        bad += not ok
+                        print(f"{'ok' if ok else 'FAILED'} {kname} {name} {T} tokens rank {R} early {early}: "
+                              f"{regs} registers, {spills} B local, shared {k.metadata.shared} B, "
+                              f"{before.count('ld.global')} loads before the wait", flush=True)
     return 1 if bad else 0
 
 

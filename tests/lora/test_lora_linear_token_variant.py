@@ -242,11 +242,12 @@ def test_early_weights_load_before_the_wait_on_hopper():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 64])
 @pytest.mark.parametrize("proj", ["qkv", "o"])
-def test_early_weights_after_a_projection_in_a_cuda_graph(proj, monkeypatch, device):
-    """norm -> projection GEMV (writes y) -> the prefetch kernel with EARLY_WEIGHTS (adds into y) -> residual
-    norm (reads y), PDL on, eager and replayed in a CUDA graph after the mapping changes in place: the bits of
-    the same chain without EARLY_WEIGHTS."""
+def test_early_weights_after_a_projection_in_a_cuda_graph(proj, T, monkeypatch, device):
+    """norm -> projection (writes y) -> the LoRA op with EARLY_WEIGHTS (adds into y; one token: the prefetch
+    kernel after the GEMV, 64: the sorted split pair) -> residual norm (reads y), PDL on, eager and replayed in a
+    CUDA graph after the mapping changes in place: the bits of the same chain without EARLY_WEIGHTS."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     from vllm.model_executor.layers.ops.dense_gemv import dense_gemv
@@ -254,25 +255,30 @@ def test_early_weights_after_a_projection_in_a_cuda_graph(proj, monkeypatch, dev
 
     dt = torch.bfloat16
     K, widths = (2048, [4096, 512, 512]) if proj == "qkv" else (4096, [2048])
-    x0, a, b, _, offsets, mapping = make_case(1, K, widths, 4, 16, "mixed", True, dt, device, seed=3)
+    x0, a, b, y_case, offsets, mapping = make_case(T, K, widths, 4, 16, "mixed", True, dt, device, seed=3)
+    cols = y_case.shape[1]  # the slices' columns, with the case's gaps between them
     g = torch.Generator(device=device).manual_seed(4)
-    w = (torch.randn(sum(widths), K, device=device, generator=g) / K ** 0.5).to(dt)
+    w = (torch.randn(cols, K, device=device, generator=g) / K ** 0.5).to(dt)
     wn = (torch.rand(K, device=device, generator=g) + 0.5).to(dt)
-    wn2 = (torch.rand(sum(widths), device=device, generator=g) + 0.5).to(dt)
-    res = torch.randn(1, sum(widths), device=device, generator=g).to(dt)
+    wn2 = (torch.rand(cols, device=device, generator=g) + 0.5).to(dt)
+    res = torch.randn(T, cols, device=device, generator=g).to(dt)
     enabled = torch.tensor([1, 1, 0, 1, 1], dtype=torch.int32, device=device)
-    cfg = _variant(x0, a, b, 1)
+    cfg = _variant(x0, a, b, 1) if T == 1 else lora_linear_config(T, K, max(widths), 16, len(widths), dt)
+    assert T == 1 or cfg.sorted_split
+    meta = None if T == 1 else op.lora_linear_metadata(mapping[:T], 4)  # the engine's: made before the step
 
     def chain() -> tuple[torch.Tensor, torch.Tensor]:
         h = rms_norm(x0, wn, 1e-6)
-        y = dense_gemv(h, w)
-        add_lora_linear(y, h, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets, config=cfg)
+        y = dense_gemv(h, w) if T == 1 else h @ w.t()
+        add_lora_linear(y, h, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets, meta=meta, config=cfg)
         return fused_add_rms_norm(y, res, wn2, 1e-6)
 
     results = {}
     for early in (False, True):
         monkeypatch.setattr(op, "EARLY_WEIGHTS", early)
         mapping.fill_(0)
+        if meta is not None:
+            op.lora_linear_metadata(mapping[:T], 4, out=meta)
         eager = chain()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -280,6 +286,8 @@ def test_early_weights_after_a_projection_in_a_cuda_graph(proj, monkeypatch, dev
         runs = [eager]
         for slot in (3, 2, -1, 1):
             mapping.fill_(slot)
+            if meta is not None:
+                op.lora_linear_metadata(mapping[:T], 4, out=meta)
             graph.replay()
             torch.cuda.synchronize()
             runs.append(tuple(t.clone() for t in captured))
