@@ -76,6 +76,8 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
            # the dense LoRA prefetch kernel loads A and B before its PDL wait (lora_linear.EARLY_WEIGHTS)
            "dense-lora-early-weights": ("vllm.lora.ops.triton_ops.lora_linear", "EARLY_WEIGHTS"),
+           # q/k norm + rotary and the split decode attention load the step's metadata before their PDL wait
+           "pdl-early-loads": ("vllm.platforms.pdl", "EARLY_LOADS"),
            # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
            "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)

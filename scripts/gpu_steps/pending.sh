@@ -1,10 +1,10 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
-#   (default: l2-prefetch and dense-lora-early-weights - the twenty-eighth session's L2 weight prefetch and the
-#   dense LoRA prefetch kernel's weights before its PDL wait, timed at PENDING_BATCHES 1,16,64,256 without and with
-#   LoRA, one round).  Three parts, each skipped with its variable at 0:
+#   (default: l2-prefetch, dense-lora-early-weights and pdl-early-loads - the twenty-eighth session's L2 weight
+#   prefetch, the dense LoRA kernels' weights and the attention kernels' step metadata before their PDL wait, timed
+#   at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round).  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
-#   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 400 s, ~50 s an
+#   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
 #   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
 #   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_TRACE (default 0) - Chrome traces of the decode step at
 #   PENDING_TRACE_BATCHES (1,64) with every switch off and flipped (profile_decode.py, 4 engines,
@@ -14,14 +14,15 @@
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
   pytest ${PENDING_TESTS:-tests/kernels/test_l2_prefetch.py tests/models/test_fused_ops_models.py \
-    tests/lora/test_lora_linear_token_variant.py} \
+    tests/lora/test_lora_linear_token_variant.py tests/lora/test_lora_linear_sorted_split.py \
+    tests/kernels/test_pdl_early_loads.py tests/layers/test_l2_prefetch_experts.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))
 fi
 if [ "${PENDING_AB:-1}" != 0 ]; then
-  timeout "${PENDING_AB_TIMEOUT:-400}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
-    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights} ${PENDING_AB_LORA:---lora} \
+  timeout "${PENDING_AB_TIMEOUT:-450}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
+    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads} ${PENDING_AB_LORA:---lora} \
     --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
@@ -33,7 +34,9 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
 fi
 if [ "${PENDING_TRACE:-0}" != 0 ]; then
   flips=""
-  for sw in ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights}; do flips="$flips --flip $sw"; done
+  for sw in ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads}; do
+    flips="$flips --flip $sw"
+  done
   for side in off on; do
     timeout "${PENDING_TRACE_TIMEOUT:-150}" python3 benchmarks/profile_decode.py --batches ${PENDING_TRACE_BATCHES:-1,64} \
       --modes graphs --steps 2 --trace-dir "/tmp/pending_trace_$side" $( [ "$side" = on ] && echo "$flips" ) \

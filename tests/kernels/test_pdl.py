@@ -98,6 +98,11 @@ _LORA_PREFETCH_EARLY = {"mapping_ptr", "enabled_ptr", "a_ptr", "b_ptr", "K", "R"
                         "off0", "off1", "off2", "stride_as", "stride_al", "stride_ar", "stride_ak", "stride_bs",
                         "stride_bl", "stride_bn", "stride_br"}
 _SORTED_META = {"sorted_ids_ptr", "counts_ptr", "enabled_ptr", "num_tokens", "R", "num_slots"}
+# With vllm/platforms/pdl.EARLY_LOADS: the step's metadata (positions, sequence lengths, tokens, block tables) and
+# constant caches (cos / sin, sinks); q, k, the KV cache and the partials only after the wait.
+_EARLY_LOADS = {"_qk_norm_rope_kernel": {"pos_ptr", "cos_ptr", "sin_ptr", "n_tokens", "stride_cos"},
+                "decode_split_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "block_tables_ptr", "stride_bt_b"},
+                "decode_reduce_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"}}
 WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
                        # ... and the sorted split pair: the slot blocks (the step mapping's), A's chunk / B's tile
                        "lora_linear_sorted_shrink_kernel": _SORTED_META | {"a_ptr", "K", "stride_as", "stride_al",
@@ -105,6 +110,7 @@ WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
                        "lora_linear_sorted_expand_kernel": _SORTED_META | {"b_ptr", "n0", "n1", "n2", "off0", "off1",
                                                                           "off2", "stride_bs", "stride_bl",
                                                                           "stride_bn", "stride_br"},
+                       **_EARLY_LOADS,
                        # the L2 prefetch of the next projection's weight, with PF_EARLY (l2_prefetch.py)
                        "_rms_norm_kernel": {"n_rows", "pf_ptr", "pf_bytes"},
                        "lora_linear_token_prefetch_kernel": _LORA_PREFETCH_EARLY}

@@ -10,7 +10,9 @@ the row (OLMoE).  Every step is rounded to the activation dtype where the torch 
 (normed value, weight product, cos / sin, each rotary product and sum), so both paths agree to the
 last bit except for the order of the sum of squares.
 With PREFETCH the grid has rows past the tokens (``n_tokens``): program (T + i, 0) brings chunk i of the o
-projection's weight into L2 (``l2_prefetch.py``) after the PDL wait; the others of those rows return.
+projection's weight into L2 (``l2_prefetch.py``) after the PDL wait; the others of those rows return.  EARLY
+(``vllm/platforms/pdl.EARLY_LOADS``): the token's position and its cos / sin rows load before the PDL wait (the
+positions are copied in before the step, the caches never change), so that after it only q / k are loaded.
 """
 import triton
 import triton.language as tl
@@ -30,11 +32,18 @@ def _qk_norm_rope_kernel(
     stride_ckv=0, stride_cb=0, stride_co=0, stride_ch=0, stride_cd=0,
     WRITE_KV: tl.constexpr = False,
     n_tokens=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
-    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False,
+    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
-    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     is_k = tl.program_id(1)
+    c1 = tl.arange(0, HALF_P)
+    c_ok = c1 < HALF
+    if EARLY:  # the position and its cos / sin rows (copied in before the step, a constant cache) before the wait
+        pos = tl.load(pos_ptr + t, mask=t < n_tokens, other=0).to(tl.int64)
+        pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
+        cos_f = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+        sin_f = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+    pdl_wait(USE_PDL)
     if PREFETCH:
         if t >= n_tokens:
             if is_k == 0:
@@ -58,7 +67,6 @@ def _qk_norm_rope_kernel(
         w_ptr = kw_ptr
         n_heads = NK
     heads = tl.arange(0, NH_P)
-    c1 = tl.arange(0, HALF_P)
     h_ok = heads < n_heads
     ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
     off1 = heads[:, None] * HEAD_DIM + c1[None, :]
@@ -100,11 +108,13 @@ def _qk_norm_rope_kernel(
         if HAS_PASS:
             yp = tl.minimum(tl.maximum(yp, -clip), clip).to(dt).to(tl.float32)
 
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
-    c_ok = c1 < HALF
-    cos = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0).to(dt).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0).to(dt).to(tl.float32)[None, :]
+    if not EARLY:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
+        cos_f = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+        sin_f = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+    cos = cos_f.to(dt).to(tl.float32)[None, :]
+    sin = sin_f.to(dt).to(tl.float32)[None, :]
     o1 = (y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)
     o2 = (y2 * cos).to(dt).to(tl.float32) + (y1 * sin).to(dt).to(tl.float32)
     out_t = q_out_ptr.dtype.element_ty

@@ -31,6 +31,7 @@ import torch
 
 from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
+from vllm.platforms import pdl
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -167,8 +168,9 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                           stride_cb=c.stride(1), stride_co=c.stride(2), stride_ch=c.stride(3), stride_cd=c.stride(4),
                           WRITE_KV=True)
     pf = l2_prefetch.plan(prefetch, T)
+    cache_args.update(n_tokens=T, EARLY=pdl.EARLY_LOADS)
     if pf is not None:
-        cache_args.update(n_tokens=T, **pf.kernel_args())
+        cache_args.update(**pf.kernel_args())
     _qk_norm_rope_kernel[(T + (pf.programs if pf is not None else 0), 3 if kv_write is not None else 2)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
