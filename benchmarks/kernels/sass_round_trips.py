@@ -67,3 +67,12 @@ def round_trips(sass: str, trace: Optional[list] = None) -> int:
             for n in names:
                 ready[n] = now + 1 if is_load else now
     return last_store
+
+
+def round_trips_after_wait(sass: str) -> Optional[int]:
+    """``round_trips`` of the code from the grid-dependency wait (``ACQBULK``, PTX ``griddepcontrol.wait``) on:
+    what a PDL launch leaves on the critical path once the kernel before it has finished.  Loads issued before
+    the wait count as ready at it (the wait normally outlasts them).  None: the kernel has no wait."""
+    lines = sass.splitlines()
+    at = next((i for i, line in enumerate(lines) if re.search(r"\bACQBULK\b", line)), None)
+    return None if at is None else round_trips("\n".join(lines[at:]))
