@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.kernels.bench_timing import emit  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -179,11 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--anchor", default="_qk_norm_rope_kernel", help="a kernel that runs once a layer")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    text = report(a.trace, a.anchor, a.base)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit(report(a.trace, a.anchor, a.base), a.out)
     return 0
 
 

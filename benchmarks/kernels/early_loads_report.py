@@ -23,6 +23,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from benchmarks.kernels.bench_timing import emit  # noqa: E402
 from benchmarks.kernels.sass_round_trips import round_trips_after_wait  # noqa: E402
 from benchmarks.kernels.sass_stats import TARGET, _sass, resources, specialise  # noqa: E402
 from vllm.attention._decode_split_kernel import decode_reduce_kernel, decode_split_kernel  # noqa: E402
@@ -141,11 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = ["| kernel | switch | round trips after the wait, off | on | global loads before the wait, on | "
              "spills, on |", "|---|---|---:|---:|---:|---:|"]
     lines += [f"| `{k}` | `{s}` | {off} | {on} | {loads} | {spill} B |" for k, s, off, on, loads, spill in rows()]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), a.out)
     return 0
 
 
