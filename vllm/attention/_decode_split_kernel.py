@@ -45,6 +45,16 @@ def _context_tiles(seq_len, WINDOW, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.conste
 
 
 @triton.jit
+def _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 USE_WINDOW: tl.constexpr):
+    """(sequence length, first position, end) of split ``split``'s range of sequence ``seq``."""
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
+    lo = first + split * per * BLOCK_N
+    return seq_len, lo, tl.minimum(lo + per * BLOCK_N, seq_len)
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, kv_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,  # [B, H, NUM_SPLITS, BLOCK_D], [B, H, NUM_SPLITS] x 2, fp32
@@ -61,18 +71,12 @@ def decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
     if EARLY:  # the step's metadata (copied in before its first kernel) before the wait: length, range, first tile
-        seq_len = tl.load(seq_lens_ptr + seq)
-        first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
-        lo = first + split * per * BLOCK_N
-        hi = tl.minimum(lo + per * BLOCK_N, seq_len)
+        seq_len, lo, hi = _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
         tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
         blk = tl.load(bt_row + (lo + offs_n) // BLOCK_SIZE, mask=lo + offs_n < hi, other=0).to(tl.int64)
     pdl_wait(USE_PDL)
     if not EARLY:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
-        lo = first + split * per * BLOCK_N
-        hi = tl.minimum(lo + per * BLOCK_N, seq_len)
+        seq_len, lo, hi = _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
     if lo >= seq_len:
         return
 

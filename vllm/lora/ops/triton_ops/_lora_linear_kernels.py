@@ -178,6 +178,23 @@ def lora_linear_sorted_kernel(
 
 
 @triton.jit
+def _slot_operands(a_ptr, b_ptr, enabled_ptr, slot, live, s64, offs_n, mask_n, offs_r, mask_r, offs_k, K,
+                   stride_as, stride_al, stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
+                   HAS_ENABLED: tl.constexpr):
+    """The prefetch kernel's loads of slot ``slot`` (int64; only where ``live``): B's [BLOCK_N, BLOCK_R] tile,
+    the slot's enabled flag (``live`` itself without flags), A's first tile and its pointers."""
+    b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
+                + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :] & live, other=0.0)
+    if HAS_ENABLED:
+        on = tl.load(enabled_ptr + slot, mask=live, other=0) != 0
+    else:
+        on = live
+    a_ptrs = a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K) & live, other=0.0)
+    return b, on, a_ptrs, a
+
+
+@triton.jit
 def lora_linear_token_prefetch_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, mapping_ptr, enabled_ptr,
     K, R, max_loras,
@@ -217,16 +234,10 @@ def lora_linear_token_prefetch_kernel(
     if EARLY_WEIGHTS:  # the step-invariant loads, while the projection before this launch drains
         slot = tl.load(mapping_ptr + t)
         live = (slot >= 0) & (slot < max_loras) & (pid_n * BLOCK_N < N)
-        slot = tl.where(live, slot, 0).to(tl.int64)
-        b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
-                    + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :] & live, other=0.0)
-        if HAS_ENABLED:
-            on = tl.load(enabled_ptr + slot, mask=live, other=0) != 0
-        else:
-            on = live
-        a_ptrs = (a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar
-                  + offs_k[None, :] * stride_ak)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K) & live, other=0.0)
+        b, on, a_ptrs, a = _slot_operands(a_ptr, b_ptr, enabled_ptr, tl.where(live, slot, 0).to(tl.int64), live,
+                                          s64, offs_n, mask_n, offs_r, mask_r, offs_k, K, stride_as, stride_al,
+                                          stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
+                                          HAS_ENABLED)
     pdl_wait(USE_PDL)
     if EARLY_WEIGHTS:
         if not live:
@@ -247,16 +258,9 @@ def lora_linear_token_prefetch_kernel(
         xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
         if (slot < 0) | (slot >= max_loras):
             return
-        slot = slot.to(tl.int64)
-        b = tl.load(b_ptr + s64 * stride_bs + slot * stride_bl + offs_n[:, None].to(tl.int64) * stride_bn
-                    + offs_r[None, :] * stride_br, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
-        if HAS_ENABLED:
-            on = tl.load(enabled_ptr + slot) != 0
-        else:
-            on = slot >= 0
-        a_ptrs = (a_ptr + s64 * stride_as + slot * stride_al + offs_r[:, None] * stride_ar
-                  + offs_k[None, :] * stride_ak)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0)
+        b, on, a_ptrs, a = _slot_operands(a_ptr, b_ptr, enabled_ptr, slot.to(tl.int64), slot >= 0, s64, offs_n,
+                                          mask_n, offs_r, mask_r, offs_k, K, stride_as, stride_al, stride_ar,
+                                          stride_ak, stride_bs, stride_bl, stride_bn, stride_br, HAS_ENABLED)
     acc2 = a.to(tl.float32) * xk
     for kt in tl.static_range(1, K_TILES):  # only when A does not fit one tile (large K or rank)
         k_left = K - kt * BLOCK_K

@@ -22,6 +22,16 @@ from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
 @triton.jit
+def _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, live, MAX_POS, stride_cos, c1, c_ok):
+    """Token t's fp32 cos / sin rows at its position (read where ``live``)."""
+    pos = tl.load(pos_ptr + t, mask=live, other=0).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
+    cos = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
     NQ, NK, HEAD_DIM, HALF, MAX_POS, eps, clip,
@@ -39,10 +49,7 @@ def _qk_norm_rope_kernel(
     c1 = tl.arange(0, HALF_P)
     c_ok = c1 < HALF
     if EARLY:  # the position and its cos / sin rows (copied in before the step, a constant cache) before the wait
-        pos = tl.load(pos_ptr + t, mask=t < n_tokens, other=0).to(tl.int64)
-        pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
-        cos_f = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
-        sin_f = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+        cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, t < n_tokens, MAX_POS, stride_cos, c1, c_ok)
     pdl_wait(USE_PDL)
     if PREFETCH:
         if t >= n_tokens:
@@ -109,10 +116,7 @@ def _qk_norm_rope_kernel(
             yp = tl.minimum(tl.maximum(yp, -clip), clip).to(dt).to(tl.float32)
 
     if not EARLY:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
-        cos_f = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
-        sin_f = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
+        cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, True, MAX_POS, stride_cos, c1, c_ok)
     cos = cos_f.to(dt).to(tl.float32)[None, :]
     sin = sin_f.to(dt).to(tl.float32)[None, :]
     o1 = (y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)
