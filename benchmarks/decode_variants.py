@@ -79,10 +79,13 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # q/k norm + rotary and the split decode attention load the step's metadata before their PDL wait
            "pdl-early-loads": ("vllm.platforms.pdl", "EARLY_LOADS"),
            # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
-           "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH")}
+           "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH"),
+           # the q/k/v and o projections' LoRA deltas added by the norms and q/k norm + rotary around them
+           # (vllm/lora/layers/dense_handoff.py)
+           "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
-             "dense-lora-early-weights", "moe-lora-pair-fanout"}
+             "dense-lora-early-weights", "moe-lora-pair-fanout", "dense-lora-handoff"}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -1,7 +1,8 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
 #   (default: l2-prefetch, dense-lora-early-weights and pdl-early-loads - the twenty-eighth session's L2 weight
-#   prefetch, the dense LoRA kernels' weights and the attention kernels' step metadata before their PDL wait, timed
-#   at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round).  Three parts, each skipped with its variable at 0:
+#   prefetch, the dense LoRA kernels' weights and the attention kernels' step metadata before their PDL wait - and
+#   dense-lora-handoff - the twenty-ninth session's dense LoRA deltas added by the norms and q/k norm + rotary -,
+#   timed at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round).  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
@@ -15,14 +16,15 @@
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
   pytest ${PENDING_TESTS:-tests/kernels/test_l2_prefetch.py tests/models/test_fused_ops_models.py \
     tests/lora/test_lora_linear_token_variant.py tests/lora/test_lora_linear_sorted_split.py \
-    tests/kernels/test_pdl_early_loads.py tests/layers/test_l2_prefetch_experts.py} \
+    tests/kernels/test_pdl_early_loads.py tests/layers/test_l2_prefetch_experts.py \
+    tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))
 fi
 if [ "${PENDING_AB:-1}" != 0 ]; then
   timeout "${PENDING_AB_TIMEOUT:-450}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
-    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads} ${PENDING_AB_LORA:---lora} \
+    --switches ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads dense-lora-handoff} ${PENDING_AB_LORA:---lora} \
     --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
@@ -34,7 +36,7 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
 fi
 if [ "${PENDING_TRACE:-0}" != 0 ]; then
   flips=""
-  for sw in ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads}; do
+  for sw in ${PENDING_SWITCHES:-l2-prefetch dense-lora-early-weights pdl-early-loads dense-lora-handoff}; do
     flips="$flips --flip $sw"
   done
   for side in off on; do

@@ -28,7 +28,8 @@ Fully sharded (S-LoRA) dense LoRA is not implemented: dense buffers are
 allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
-of the step uses this layer's adapters); with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
+of the step uses this layer's adapters); or, given the ``pending_delta`` of ``lora_handoff`` (``dense_handoff.py``,
+off until timed), ``base(x)`` alone, the delta added by the ops around the projection; with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
 the delta goes into an fp32 buffer on a side stream beside the projection at decode sizes and joins it after.
 For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
@@ -51,11 +52,12 @@ from torch import nn
 
 from vllm import envs
 from vllm.config.lora import LoRAConfig
-from vllm.lora.layers import dense_overlap
+from vllm.lora.layers import dense_handoff, dense_overlap
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
 from vllm.model_executor.layers.ops.dense_gemv import linear
+from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.triton_utils import HAS_TRITON, triton_interpreting
 
 _KINDS = ("QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
@@ -285,7 +287,14 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
                               adapter_enabled=self.adapter_enabled, meta=punica.linear_metadata(T))
         return y.view(*x.shape[:-1], w.shape[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def lora_handoff(self, x: torch.Tensor) -> Optional[PendingDelta]:
+        """The delta this layer hands to the ops around it for input x, or None (``dense_handoff.py``)."""
+        return dense_handoff.make_pending(self, x)
+
+    def forward(self, x: torch.Tensor, pending_delta: Optional[PendingDelta] = None) -> torch.Tensor:
+        """``pending_delta``: this step's ``lora_handoff(x)`` - the projection runs bare (see ``dense_handoff``)."""
+        if pending_delta is not None:
+            return dense_handoff.forward_bare(self, x, pending_delta)
         if self._fuse(x):
             return self._fused_forward(x, self.base_layer.bias)
         return self._with_lora(x, lambda: self.base_layer(x))
@@ -337,7 +346,9 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
         part = self.base_layer.input_size_per_partition
         return a[:, self.tp_rank * part:(self.tp_rank + 1) * part]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pending_delta: Optional[PendingDelta] = None) -> torch.Tensor:
+        if pending_delta is not None:  # one rank only (dense_handoff.make_pending)
+            return dense_handoff.forward_bare(self, x, pending_delta)
         base = self.base_layer
         fuse = self._fuse(x)
         if self.tp_size == 1:

@@ -35,6 +35,7 @@ from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVPa
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.ops import l2_prefetch
+from vllm.model_executor.layers.ops.pending_delta import PendingDelta, pending_for
 from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
 from vllm.model_executor.layers.quantization.int4_config import Int4QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -210,8 +211,13 @@ class DecoderAttention(nn.Module):
         index = self.tp_group.rank // replicas
         return norm(distinct)[:, index * width:(index + 1) * width]
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, *,
+                qkv_lora: Optional[PendingDelta] = None, o_lora: Optional[PendingDelta] = None) -> torch.Tensor:
+        """``qkv_lora`` / ``o_lora``: the projections' LoRA deltas handed on (``lora/layers/dense_handoff.py``):
+        q/k norm + rotary adds the first, the caller's residual norm the second."""
+        qkv = self.qkv_proj(hidden_states) if qkv_lora is None else self.qkv_proj(hidden_states,
+                                                                                  pending_delta=qkv_lora)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         norm, clip = self.qk_norm, self.clip_qkv
         if norm == "full" and self.tp_group is not None and self.tp_group.world_size > 1:
             # the norm spans every rank's heads: gather, norm, keep this rank's share; then rotate
@@ -227,13 +233,16 @@ class DecoderAttention(nn.Module):
                             k_weight=self.k_norm.weight if norm else None,
                             eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton,
                             kv_write=kv_write,
-                            prefetch=l2_prefetch.weight_of(self.o_proj) if l2_prefetch.L2_PREFETCH else None)
+                            prefetch=l2_prefetch.weight_of(self.o_proj) if l2_prefetch.L2_PREFETCH else None,
+                            lora_delta=qkv_lora, v=v if qkv_lora is not None else None)
         if kv_write is not None:
-            return self.o_proj(self.attn(q, None, None, sinks=self.sinks, kv_written=True))
-        if clip is not None:
-            v = v.clamp(-clip, clip)
-        # v stays a column view of the qkv output: the KV-cache write reads it through its strides
-        return self.o_proj(self.attn(q, k, v, sinks=self.sinks))
+            out = self.attn(q, None, None, sinks=self.sinks, kv_written=True)
+        else:
+            if clip is not None:
+                v = v.clamp(-clip, clip)
+            # v stays a column view of the qkv output: the KV-cache write reads it through its strides
+            out = self.attn(q, k, v, sinks=self.sinks)
+        return self.o_proj(out) if o_lora is None else self.o_proj(out, pending_delta=o_lora)
 
 
 class DecoderLayer(nn.Module):
@@ -257,14 +266,19 @@ class DecoderLayer(nn.Module):
             qkv_w = l2_prefetch.weight_of(self.self_attn.qkv_proj)
             mlp_w = mlp.prefetch_weight() if hasattr(mlp, "prefetch_weight") else None
         early = l2_prefetch.INPUT_NORM_EARLY  # before it: the embedding, or the previous layer's MLP output sum
+        attn = self.self_attn
+        # the projections' LoRA deltas, where they are handed to the norms and q/k norm + rotary (None: they add
+        # their own; lora/layers/dense_handoff.py)
+        qkv_lora, o_lora = pending_for(attn.qkv_proj, hidden_states), pending_for(attn.o_proj, hidden_states)
+        norm_args = dict(prefetch=qkv_w, prefetch_early=early, lora_shrink=qkv_lora)
         if residual is None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states, prefetch=qkv_w, prefetch_early=early)
+            hidden_states = self.input_layernorm(hidden_states, **norm_args)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, prefetch=qkv_w,
-                                                           prefetch_early=early)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, prefetch=mlp_w)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, **norm_args)
+        hidden_states = attn(positions, hidden_states, qkv_lora=qkv_lora, o_lora=o_lora)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, prefetch=mlp_w,
+                                                                lora_delta=o_lora)
         return mlp(hidden_states), residual
 
 

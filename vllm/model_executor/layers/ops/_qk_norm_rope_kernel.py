@@ -13,12 +13,17 @@ With PREFETCH the grid has rows past the tokens (``n_tokens``): program (T + i, 
 projection's weight into L2 (``l2_prefetch.py``) after the PDL wait; the others of those rows return.  EARLY
 (``vllm/platforms/pdl.EARLY_LOADS``): the token's position and its cos / sin rows load before the PDL wait (the
 positions are copied in before the step, the caches never change), so that after it only q / k are loaded.
+DELTA (a pending q/k/v LoRA delta, ``pending_delta.py``): the q heads are split over Q_GROUPS programs of
+``q_heads`` heads each (axis 1: q groups, then k, then v), each adds its slice's delta to the heads it loads
+(rounded once) before the norms, and program (t, Q_GROUPS + 1) adds v's delta to the values in place (and stores
+them into the cache with WRITE_KV).
 """
 import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
+from vllm.model_executor.layers.ops._pending_delta import pending_delta, pending_slot
 
 
 @triton.jit
@@ -43,9 +48,14 @@ def _qk_norm_rope_kernel(
     WRITE_KV: tl.constexpr = False,
     n_tokens=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
     PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, EARLY: tl.constexpr = False,
+    q_heads=1, Q_GROUPS: tl.constexpr = 1,
+    dp_ptr=None, stride_dpt=0, stride_dps=0, stride_dpj=0, d_splits=1, db_ptr=None,
+    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, den_ptr=None, d_rank=0, d_loras=0,
+    DELTA: tl.constexpr = False, D_BLOCK_J: tl.constexpr = 1, D_BLOCK_R: tl.constexpr = 4,
+    D_R_CHUNK: tl.constexpr = 4,
 ):
     t = tl.program_id(0).to(tl.int64)
-    is_k = tl.program_id(1)
+    part = tl.program_id(1)  # q head group (< Q_GROUPS), the keys (Q_GROUPS) or the values (Q_GROUPS + 1)
     c1 = tl.arange(0, HALF_P)
     c_ok = c1 < HALF
     if EARLY:  # the position and its cos / sin rows (copied in before the step, a constant cache) before the wait
@@ -53,26 +63,45 @@ def _qk_norm_rope_kernel(
     pdl_wait(USE_PDL)
     if PREFETCH:
         if t >= n_tokens:
-            if is_k == 0:
+            if part == 0:
                 l2_prefetch_chunk(pf_ptr, pf_bytes, t - n_tokens, PF_CHUNK, PF_PIECE, PF_INTERP)
             return
+    if DELTA:
+        d_slot, d_on = pending_slot(dmap_ptr, den_ptr, t, d_loras)
+    cache_row = v_ptr
+    to_cache = t < 0
     if WRITE_KV:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         cache_row = cache_ptr + (slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_co
-        if is_k == 2:  # the values: clipped, then stored as they are
-            _store_values(v_ptr + t * stride_v, cache_row + stride_ckv, slot >= 0, NK, HEAD_DIM, HALF, clip,
+        to_cache = slot >= 0
+    if DELTA:
+        if part == Q_GROUPS + 1:  # the values + their delta, in place (and clipped into the cache)
+            _lora_values(v_ptr + t * stride_v, cache_row, to_cache, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd,
+                         dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
+                         stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, stride_ckv, CLIP, HAS_PASS, WRITE_KV, NH_P,
+                         HALF_P, PASS_P, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+            return
+    if WRITE_KV:
+        if part == Q_GROUPS + 1:  # the values: clipped, then stored as they are
+            _store_values(v_ptr + t * stride_v, cache_row + stride_ckv, to_cache, NK, HEAD_DIM, HALF, clip,
                           stride_ch, stride_cd, CLIP, HAS_PASS, NH_P, HALF_P, PASS_P)
             return
-    if is_k == 0:
-        src = q_ptr + t * stride_q
-        dst = q_out_ptr + t * stride_qo
+    if part < Q_GROUPS:  # this group's query heads
+        col0 = part * q_heads * HEAD_DIM
+        src = q_ptr + t * stride_q + col0
+        dst = q_out_ptr + t * stride_qo + col0
         w_ptr = qw_ptr
-        n_heads = NQ
+        n_heads = tl.minimum(q_heads, NQ - part * q_heads)
+        norm_heads = NQ
+        d_s = 0
     else:
+        col0 = 0
         src = k_ptr + t * stride_k
         dst = k_out_ptr + t * stride_ko
         w_ptr = kw_ptr
         n_heads = NK
+        norm_heads = NK
+        d_s = 1
     heads = tl.arange(0, NH_P)
     h_ok = heads < n_heads
     ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
@@ -82,11 +111,22 @@ def _qk_norm_rope_kernel(
     dt = x1.dtype
     y1 = x1.to(tl.float32)
     y2 = x2.to(tl.float32)
+    if DELTA:  # the projection's pending delta, rounded once into its output
+        y1 = (y1 + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
+                                 stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + off1, ok1, D_BLOCK_J,
+                                 D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
+        y2 = (y2 + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
+                                 stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + off1 + HALF, ok1,
+                                 D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
     if HAS_PASS:
         cp = tl.arange(0, PASS_P)
         okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
         offp = heads[:, None] * HEAD_DIM + 2 * HALF + cp[None, :]
         yp = tl.load(src + offp, mask=okp, other=0.0).to(tl.float32)
+        if DELTA:
+            yp = (yp + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs,
+                                     stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + offp,
+                                     okp, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
 
     if NORM != 0:
         ss = tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)
@@ -95,8 +135,8 @@ def _qk_norm_rope_kernel(
         if NORM == 1:
             rstd = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]
             woff1 = c1[None, :]
-        else:
-            rstd = tl.rsqrt(tl.sum(ss, axis=0) / (n_heads * HEAD_DIM) + eps)
+        else:  # one q group (Q_GROUPS == 1): every head of the row
+            rstd = tl.rsqrt(tl.sum(ss, axis=0) / (norm_heads * HEAD_DIM) + eps)
             woff1 = off1
         w1 = tl.load(w_ptr + woff1, mask=ok1, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + woff1 + HALF, mask=ok1, other=0.0).to(tl.float32)
@@ -127,9 +167,9 @@ def _qk_norm_rope_kernel(
     if HAS_PASS:
         tl.store(dst + offp, yp.to(out_t), mask=okp)
     if WRITE_KV:
-        if is_k == 1:  # the rotated keys, rounded as stored above, into the cache
+        if part == Q_GROUPS:  # the rotated keys, rounded as stored above, into the cache
             cache_t = cache_ptr.dtype.element_ty
-            ok = slot >= 0
+            ok = to_cache
             c_off1 = heads[:, None] * stride_ch + c1[None, :] * stride_cd
             tl.store(cache_row + c_off1, o1.to(out_t).to(cache_t), mask=ok1 & ok)
             tl.store(cache_row + c_off1 + HALF * stride_cd, o2.to(out_t).to(cache_t), mask=ok1 & ok)
@@ -161,3 +201,47 @@ def _store_values(src, dst, ok, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd, 
         if CLIP:
             v = tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip).to(v.dtype)
         tl.store(dst + heads[:, None] * stride_ch + cols[None, :] * stride_cd, v.to(dst.dtype.element_ty), mask=okp)
+
+
+@triton.jit
+def _lora_values(src, cache_row, to_cache, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd, dp_ptr, stride_dpt,
+                 stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank,
+                 d_slot, d_on, t, stride_ckv, CLIP: tl.constexpr, HAS_PASS: tl.constexpr, WRITE_KV: tl.constexpr,
+                 NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr, D_BLOCK_J: tl.constexpr,
+                 D_BLOCK_R: tl.constexpr, D_R_CHUNK: tl.constexpr):
+    """Token t's values [NK heads, HEAD_DIM] at ``src`` (contiguous heads) + the v slice's pending delta, rounded
+    once and stored back in place; with WRITE_KV also into its cache row (clipped), where ``to_cache``."""
+    heads = tl.arange(0, NH_P)
+    h_ok = heads < NK
+    c1 = tl.arange(0, HALF_P)
+    ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
+    for half in tl.static_range(2):
+        off = heads[:, None] * HEAD_DIM + (half * HALF + c1)[None, :]
+        _lora_value_tile(src, cache_row, to_cache, off, ok1, heads[:, None] * stride_ch
+                         + (half * HALF + c1)[None, :] * stride_cd, clip, dp_ptr, stride_dpt, stride_dps,
+                         stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank,
+                         d_slot, d_on, t, stride_ckv, CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+    if HAS_PASS:
+        cp = tl.arange(0, PASS_P)
+        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
+        _lora_value_tile(src, cache_row, to_cache, heads[:, None] * HEAD_DIM + (2 * HALF + cp)[None, :], okp,
+                         heads[:, None] * stride_ch + (2 * HALF + cp)[None, :] * stride_cd, clip, dp_ptr,
+                         stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn,
+                         stride_dbr, d_rank, d_slot, d_on, t, stride_ckv, CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R,
+                         D_R_CHUNK)
+
+
+@triton.jit
+def _lora_value_tile(src, cache_row, to_cache, off, ok, c_off, clip, dp_ptr, stride_dpt, stride_dps, stride_dpj,
+                     d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, t,
+                     stride_ckv, CLIP: tl.constexpr, WRITE_KV: tl.constexpr, D_BLOCK_J: tl.constexpr,
+                     D_BLOCK_R: tl.constexpr, D_R_CHUNK: tl.constexpr):
+    v = tl.load(src + off, mask=ok, other=0.0)
+    d = pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
+                      stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, 2, off, ok, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+    v = (v.to(tl.float32) + d).to(v.dtype)
+    tl.store(src + off, v, mask=ok)
+    if WRITE_KV:
+        if CLIP:
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -clip), clip).to(v.dtype)
+        tl.store(cache_row + stride_ckv + c_off, v.to(cache_row.dtype.element_ty), mask=ok & to_cache)

@@ -6,12 +6,26 @@ normalised row is rounded to it before the weight multiply, and the product is r
 With PREFETCH the grid has programs past the rows (``n_rows``): each brings one chunk of the next
 projection's weight into L2 (``l2_prefetch.py``) after the PDL wait - or, with PF_EARLY, before it (the kernel
 before this one is light: the prefetch overlaps it) - and stores nothing.
+A pending low-rank delta (``pending_delta.py``): with SHRINK, programs ``n_norm`` .. ``n_rows`` - 1 each
+recompute one row's norm and store the fp32 shrink of one (slice, K chunk) of the normalised row, the next
+projection's LoRA input; with DELTA, each row first adds the previous projection's delta to x (rounded once).
 """
 import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
+from vllm.model_executor.layers.ops._pending_delta import pending_delta, pending_shrink, pending_slot
+
+
+@triton.jit
+def _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, cols, ok, HAS_RESIDUAL: tl.constexpr):
+    """Row t's columns ``cols`` of x (+ the residual, rounded to x's dtype)."""
+    x = tl.load(x_ptr + t * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + t * stride_r + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -22,6 +36,14 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
     n_rows=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
     PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, PF_EARLY: tl.constexpr = False,
+    n_norm=0, sa_ptr=None, stride_sas=0, stride_sal=0, stride_sar=0, stride_sak=0,
+    sp_ptr=None, stride_spt=0, stride_sps=0, stride_spj=0, smap_ptr=None, sen_ptr=None,
+    s_slices=1, s_splits=1, s_rank=0, s_loras=0,
+    SHRINK: tl.constexpr = False, S_BLOCK_R: tl.constexpr = 16, S_BLOCK_K: tl.constexpr = 16,
+    dp_ptr=None, stride_dpt=0, stride_dps=0, stride_dpj=0, d_splits=1, db_ptr=None,
+    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, den_ptr=None, d_rank=0, d_loras=0,
+    DELTA: tl.constexpr = False, D_BLOCK_J: tl.constexpr = 1, D_BLOCK_R: tl.constexpr = 4,
+    D_R_CHUNK: tl.constexpr = 4,
 ):
     row = tl.program_id(0).to(tl.int64)
     if PREFETCH and PF_EARLY:  # weights only, beside a light kernel before this one; the rows still wait
@@ -35,8 +57,31 @@ def _rms_norm_kernel(
             return
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
+    if SHRINK:
+        if row >= n_norm:  # (row t, slice s, K chunk j) of the next projection's LoRA shrink
+            i = row - n_norm
+            t = i // (s_slices * s_splits)
+            s = (i // s_splits) % s_slices
+            j = i % s_splits
+            slot, on = pending_slot(smap_ptr, sen_ptr, t, s_loras)
+            h = _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, cols, ok, HAS_RESIDUAL).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)  # the row program's sum, bit for bit
+            offs_k = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
+            k_ok = offs_k < N
+            xk = _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, offs_k, k_ok, HAS_RESIDUAL)
+            wk = tl.load(w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            yk = (wk * (xk.to(tl.float32) * rstd).to(xk.dtype).to(tl.float32)).to(out_ptr.dtype.element_ty)
+            pending_shrink(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, sp_ptr, stride_spt, stride_sps,
+                           stride_spj, s_rank, slot, on, t, s, j, yk.to(tl.float32), offs_k, k_ok, S_BLOCK_R)
+            return
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     dt = x.dtype
+    if DELTA:  # the previous projection's pending delta, rounded once into its output
+        slot_d, on_d = pending_slot(dmap_ptr, den_ptr, row, d_loras)
+        d = pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
+                          stride_dbn, stride_dbr, d_rank, slot_d, on_d, row, 0, cols[None, :], ok[None, :],
+                          D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+        x = (x.to(tl.float32) + tl.sum(d, axis=0)).to(dt)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)

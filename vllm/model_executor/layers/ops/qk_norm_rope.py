@@ -19,6 +19,11 @@ products, cat); the Triton kernel is one launch over grid (T, 2).
 the values (clipped with ``clip``) are also stored into the cache, as the attention's KV write would store
 them - in the same launch on the Triton path (grid (T, 3)), by ``write_kv`` after the torch path.
 
+``lora_delta`` (a ``PendingDelta`` of the q/k/v projection, slices q, k, v) with ``v`` (the values, a column view
+of the projection's output): the projection's LoRA delta is added here - to q and k before the norms, to v in
+place - rounded once, as the LoRA layer would have added it (``pending_delta.py``); the query heads are then
+split over programs of ``LORA_Q_HEADS`` heads (not with the "full" norm, which spans them all).
+
 ``prefetch``: the weight the next weight-heavy launch streams (the o projection's), brought into L2 by extra
 programs of the same launch where ``l2_prefetch.plan`` allows it (a hint: the results do not change).
 """
@@ -30,6 +35,7 @@ from typing import Optional
 import torch
 
 from vllm.model_executor.layers.ops import l2_prefetch
+from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
 from vllm.platforms import pdl
 from vllm.platforms.interface import triton_interpreting
@@ -50,6 +56,8 @@ class KVCacheWrite:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One program holds all the heads of one token: [heads, head_dim] tiles up to this many elements.
 _MAX_TILE = 1 << 15
+# query heads of one program when a LoRA delta is added (its B rows: LORA_Q_HEADS x head_dim x rank)
+LORA_Q_HEADS = 4
 
 
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
@@ -130,18 +138,24 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                  norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
                  k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, clip: Optional[float] = None,
                  use_triton: Optional[bool] = None, kv_write: Optional[KVCacheWrite] = None,
-                 prefetch: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 prefetch: Optional[torch.Tensor] = None, lora_delta: Optional[PendingDelta] = None,
+                 v: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring.  Positions must be < max_position (checked on CPU tensors only: on a
     GPU it would cost a host sync; the kernel clamps them so it never reads out of bounds)."""
     rotary_dim = rotary_dim or head_dim
     _check(q, k, positions, cos_cache, head_dim, rotary_dim, norm, q_weight, k_weight)
     if kv_write is not None:
         _check_kv_write(kv_write, k, head_dim)
+    if lora_delta is not None:
+        _check_lora(lora_delta, q, k, v, kv_write)
     max_pos = cos_cache.shape[0]
     if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= max_pos:
         raise ValueError(f"position {int(positions.max())} is beyond max_position {max_pos}")
     if not _use_triton(q, k, head_dim, norm, (q_weight, k_weight), use_triton) or (
-            kv_write is not None and kv_write.value.stride(1) != 1):
+            kv_write is not None and kv_write.value.stride(1) != 1) or (v is not None and v.stride(1) != 1):
+        if lora_delta is not None:
+            q, k = lora_delta.add_torch(0, q), lora_delta.add_torch(1, k)
+            v.copy_(lora_delta.add_torch(2, v))
         q, k = qk_norm_rope_torch(q, k, positions, cos_cache, sin_cache, head_dim=head_dim, rotary_dim=rotary_dim,
                                   norm=norm, q_weight=q_weight, k_weight=k_weight, eps=eps, clip=clip)
         if kv_write is not None:
@@ -171,7 +185,16 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     cache_args.update(n_tokens=T, EARLY=pdl.EARLY_LOADS)
     if pf is not None:
         cache_args.update(**pf.kernel_args())
-    _qk_norm_rope_kernel[(T + (pf.programs if pf is not None else 0), 3 if kv_write is not None else 2)](
+    parts = 3 if kv_write is not None else 2
+    cache_args.update(q_heads=nq)  # one program for all query heads
+    if lora_delta is not None:
+        q_heads = nq if norm == "full" else min(nq, LORA_Q_HEADS)
+        groups = -(-nq // q_heads)
+        nh_p = next_power_of_2(max(q_heads, nk))
+        parts = groups + 2
+        cache_args.update(v_ptr=v, stride_v=v.stride(0), q_heads=q_heads, Q_GROUPS=groups,
+                          **lora_delta.delta_kernel_args())
+    _qk_norm_rope_kernel[(T + (pf.programs if pf is not None else 0), parts)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
         nq, nk, head_dim, half, max_pos, float(eps), float(clip or 0.0),
@@ -181,6 +204,19 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         num_warps=4 if tile <= 2048 else 8, **pdl_launch_kwargs(q.device), **cache_args,
     )
     return q_out, k_out
+
+
+def _check_lora(delta: PendingDelta, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                kv_write: Optional[KVCacheWrite]) -> None:
+    if v is None or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        raise ValueError(f"lora_delta needs the values v shaped like k {tuple(k.shape)}, got "
+                         f"{None if v is None else tuple(v.shape)}")
+    if kv_write is not None and kv_write.value is not v:
+        raise ValueError("with lora_delta and kv_write, kv_write.value must be v itself")
+    if delta.slice_sizes != (q.shape[1], k.shape[1], v.shape[1]):
+        raise ValueError(f"lora_delta of slices {delta.slice_sizes} for q / k / v of {q.shape[1]} / {k.shape[1]} / "
+                         f"{v.shape[1]} columns")
+    delta.check(q.shape[0], q.device)
 
 
 def _check_kv_write(w: KVCacheWrite, k: torch.Tensor, head_dim: int) -> None:

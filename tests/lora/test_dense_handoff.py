@@ -1,0 +1,111 @@
+"""The dense LoRA handoff (``lora/layers/dense_handoff.py``): with ``HANDOFF`` on, each attention block's q/k/v
+and o projections run bare and their deltas are added by the input norm (shrink), q/k norm + rotary and the
+residual norm after o (``ops/pending_delta.py``).
+
+Whole models with a peft adapter on attention and experts, one request on it and one on the base model: the
+prefill logits against peft's (adapter on / off), and three decode steps against the same model with the handoff
+off - on the Triton wrapper, with the fused norm kernels forced on (the interpreter on CPU) and on their torch
+paths.  Each run counts the projections that ran bare, so a handoff that silently fell back is caught; and where
+it must not be taken (the switch off, more than ``HANDOFF_MAX_TOKENS`` rows, no token on the layer's adapters).
+"""
+import pytest
+import torch
+
+from tests.lora.test_model_manager import _peft_adapter, checkpoints, manager  # noqa: F401  (fixture)
+from tests.models.hf_checkpoints import PagedRunner
+from tests.models.test_fused_ops_models import _force
+from tests.utils import assert_close
+from vllm.lora.layers import dense_handoff
+from vllm.lora.request import LoRARequest
+from vllm.model_executor.layers.ops.pending_delta import pending_for
+
+PROMPTS = [[3, 17, 101, 5, 64, 9], [9, 2, 77, 120, 33, 33, 8]]
+
+
+@pytest.fixture
+def bare_calls(monkeypatch):
+    calls = []
+    real = dense_handoff.forward_bare
+
+    def spy(layer, x, pending):
+        calls.append((layer.base_kind, pending.part is None))
+        return real(layer, x, pending)
+
+    monkeypatch.setattr(dense_handoff, "forward_bare", spy)
+    return calls
+
+
+def _run(mgr, model, cfg, use_triton: bool) -> list[torch.Tensor]:
+    _force(model, use_triton)
+    mgr.set_adapter_mapping([7] * len(PROMPTS[0]) + [0] * len(PROMPTS[1]))
+    runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                         num_seqs=2)
+    out = [torch.cat(runner.prefill(PROMPTS))]
+    last = [int(out[0][len(PROMPTS[0]) - 1].argmax()), int(out[0][-1].argmax())]
+    for _ in range(3):
+        mgr.set_adapter_mapping([7, 0])
+        logits = runner.decode(last)
+        out.append(logits)
+        last = logits.argmax(-1).tolist()
+    return out
+
+
+@pytest.mark.parametrize("arch,use_triton", [("qwen3_moe", True), ("qwen3_moe", False), ("olmoe", True),
+                                             ("mixtral", True)])
+def test_handoff_matches_peft_and_the_layers_own_add(checkpoints, tmp_path, monkeypatch, bare_calls, arch,  # noqa: F811
+                                                     use_triton):
+    folder, hf = checkpoints(arch)
+    peft_model = _peft_adapter(hf, tmp_path / "adapter")
+    try:
+        runs = {}
+        for on in (False, True):
+            monkeypatch.setattr(dense_handoff, "HANDOFF", on)
+            mgr, model, cfg = manager(folder, kind="gpu", rank=16)
+            assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
+            n = len(bare_calls)
+            runs[on] = _run(mgr, model, cfg, use_triton)
+            calls = bare_calls[n:]
+            if not on:
+                assert not calls
+                continue
+            # 4 steps x layers x (q/k/v shrunk by the norm before it, o shrunk by its own layer)
+            assert calls.count(("QKVParallelLinear", False)) == 4 * cfg.num_layers, calls
+            assert calls.count(("RowParallelLinear", True)) == 4 * cfg.num_layers, calls
+        with torch.no_grad():
+            want_lora = peft_model(torch.tensor([PROMPTS[0]])).logits[0]
+            with peft_model.disable_adapter():
+                want_base = peft_model(torch.tensor([PROMPTS[1]])).logits[0]
+        got = runs[True][0].cpu().split([len(p) for p in PROMPTS])
+        assert_close(got[0], want_lora, torch.float32, name=f"{arch} logits with the adapter")
+        assert_close(got[1], want_base, torch.float32, name=f"{arch} logits without adapter")
+        for i, (g, w) in enumerate(zip(runs[True], runs[False])):
+            assert_close(g.cpu(), w.cpu(), torch.float32, name=f"{arch} step {i}: handoff vs the layers' own add")
+            assert torch.equal(g.argmax(-1), w.argmax(-1)), f"{arch} step {i}: greedy tokens differ"
+    finally:
+        peft_model.unload()
+
+
+def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    folder, hf = checkpoints("qwen3_moe")
+    peft_model = _peft_adapter(hf, tmp_path / "adapter")
+    try:
+        mgr, model, _ = manager(folder, kind="gpu", rank=16)
+        assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
+        qkv = mgr.modules["model.layers.0.self_attn.qkv_proj"]
+        x = torch.randn(3, qkv.input_size)
+        mgr.set_adapter_mapping([7, 0, 7])
+        assert pending_for(qkv, x) is None  # the switch is off
+        monkeypatch.setattr(dense_handoff, "HANDOFF", True)
+        p = pending_for(qkv, x)
+        assert p is not None and p.slice_sizes == tuple(qkv.output_slices) and p.a is not None and p.part is None
+        assert pending_for(qkv.base_layer, x) is None  # not a LoRA layer
+        monkeypatch.setattr(dense_handoff, "HANDOFF_MAX_TOKENS", 2)
+        assert pending_for(qkv, x) is None  # more rows than HANDOFF_MAX_TOKENS
+        monkeypatch.setattr(dense_handoff, "HANDOFF_MAX_TOKENS", 256)
+        mgr.set_adapter_mapping([0, 0, 0])
+        assert pending_for(qkv, x) is None  # no token on the layer's adapters: nothing to add
+        mgr.set_adapter_mapping([7, 0, 7])
+        qkv.use_fused_decode = True
+        assert pending_for(qkv, x) is None  # the fused projection + LoRA adds it
+    finally:
+        peft_model.unload()

@@ -1,0 +1,84 @@
+"""The dense LoRA handoff: a projection's delta added by the fused ops around it, not by launches of its own.
+
+At a decode step the dense LoRA of an attention block is four launches in the chain of dependent kernels (the
+q/k/v and o projections' shrink and expand; two with the batch-1 prefetch kernel), each a few microseconds of
+latency while moving almost nothing: on an H200 (twenty-seventh session) they are most of what the LoRA step costs
+above the no-LoRA step at batch 1 (1.16x) and a third of it at batch 64.  With ``HANDOFF`` the model asks each of
+the two projections for a ``PendingDelta`` (``ops/pending_delta.py``) and hands it on:
+
+* q/k/v: the input RMSNorm shrinks (``lora_shrink``), the projection runs bare, q/k norm + rotary adds the three
+  slices' deltas (``lora_delta``, v in place);
+* o: the projection runs bare and then the split-K shrink of its input (one launch, ``shrink``), the residual
+  RMSNorm after it adds the delta (``lora_delta``).
+
+A layer hands its delta on only where the result is the same as its own add (the delta is added in fp32 to the
+projection's output and rounded once; only the order of the fp32 sums differs): one rank (the o delta joins
+before the all-reduce otherwise), at most ``HANDOFF_MAX_TOKENS`` rows, buffers of the input's dtype, neither the
+fused projection + LoRA nor the side stream on, and the layer's LoRA ops run this step (``any_active``, so a CUDA
+graph captured with the LoRA ops on holds the handoff, one captured without them does not).
+``HANDOFF`` is off until timed on a GPU (decode switch ``dense-lora-handoff``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from vllm.lora.layers import dense_overlap
+from vllm.model_executor.layers.ops.pending_delta import PendingDelta
+from vllm.platforms.pdl import pdl_launch_kwargs
+from vllm.triton_utils import triton_interpreting
+
+if TYPE_CHECKING:
+    from vllm.lora.layers.linear import BaseLinearLayerWithLoRA
+
+HANDOFF = False
+HANDOFF_MAX_TOKENS = 256
+
+
+def make_pending(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor) -> Optional[PendingDelta]:
+    """``layer.lora_handoff`` (what ``pending_delta.pending_for`` asks): decided from shapes and host state only
+    (CUDA-graph safe)."""
+    punica = layer.punica_wrapper
+    if not HANDOFF or punica is None or layer.tp_size != 1 or x.shape[-1] == 0:
+        return None
+    rows = x.numel() // x.shape[-1]
+    if not 1 <= rows <= HANDOFF_MAX_TOKENS or layer.kernel_rank <= 0 or layer._lora_a.dtype != x.dtype:
+        return None
+    if layer.use_fused_decode or dense_overlap.applies(x.device, rows):
+        return None
+    if not punica.any_active(layer.enabled_slots):
+        return None
+    r = layer.kernel_rank
+    return PendingDelta(b=layer._lora_b[..., :r], mapping=punica.token_mapping(rows), enabled=layer.adapter_enabled,
+                        slice_sizes=tuple(layer.output_slices), a=layer._lora_a[:, :, :r])
+
+
+def shrink(pending: PendingDelta, x: torch.Tensor) -> None:
+    """The projection's own shrink of its input x [..., K] into ``pending.part``, where no op before it did: the
+    split-K shrink of ``lora_linear`` (one launch) on CUDA and under the interpreter, else torch."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not (x2.is_cuda or triton_interpreting()):
+        pending.shrink_torch(x2)
+        return
+    from vllm.lora.ops.triton_ops._lora_linear_split_kernels import lora_linear_split_shrink_kernel
+
+    T, K = x2.shape
+    a = pending.a
+    block_k = pending.shrink_block_k(K)
+    splits = -(-K // block_k)
+    part = pending.new_part(T, splits, x2.device)
+    if T == 0:
+        return
+    lora_linear_split_shrink_kernel[(T, a.shape[0], splits)](
+        x2, a, part, pending.mapping, K, pending.rank, pending.max_loras, x2.stride(0), x2.stride(1), *a.stride(),
+        *part.stride()[:3], BLOCK_K=block_k, BLOCK_R=pending.block_r, num_warps=8, num_stages=1,
+        **pdl_launch_kwargs(x2.device))
+
+
+def forward_bare(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor, pending: PendingDelta) -> torch.Tensor:
+    """The projection without its delta (the ops around it add ``pending``), shrinking x itself when no op before
+    it did."""
+    y = layer.base_layer(x)
+    if pending.part is None:
+        shrink(pending, x)
+    return y
