@@ -17,6 +17,7 @@ from tests.models.test_fused_ops_models import _force
 from tests.utils import assert_close
 from vllm.lora.layers import dense_handoff
 from vllm.lora.request import LoRARequest
+from vllm.model_executor.layers.ops import pending_delta
 from vllm.model_executor.layers.ops.pending_delta import pending_for
 
 PROMPTS = [[3, 17, 101, 5, 64, 9], [9, 2, 77, 120, 33, 33, 8]]
@@ -107,5 +108,10 @@ def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch)
         mgr.set_adapter_mapping([7, 0, 7])
         qkv.use_fused_decode = True
         assert pending_for(qkv, x) is None  # the fused projection + LoRA adds it
+        o = mgr.modules["model.layers.0.self_attn.o_proj"]
+        xo = torch.randn(3, o.input_size)
+        assert pending_for(o, xo) is not None
+        monkeypatch.setattr(pending_delta, "MAX_DELTA_TILE", 16)
+        assert pending_for(o, xo) is None  # B's rows of one residual-norm row would not fit in its registers
     finally:
         peft_model.unload()

@@ -13,8 +13,9 @@ the two projections for a ``PendingDelta`` (``ops/pending_delta.py``) and hands 
 
 A layer hands its delta on only where the result is the same as its own add (the delta is added in fp32 to the
 projection's output and rounded once; only the order of the fp32 sums differs): one rank (the o delta joins
-before the all-reduce otherwise), at most ``HANDOFF_MAX_TOKENS`` rows, buffers of the input's dtype, neither the
-fused projection + LoRA nor the side stream on, and the layer's LoRA ops run this step (``any_active``, so a CUDA
+before the all-reduce otherwise), at most ``HANDOFF_MAX_TOKENS`` rows, buffers of the input's dtype, B's rows of
+one consumer program within ``pending_delta.MAX_DELTA_TILE`` (e.g. rank <= 32 for the o projection at hidden 2048),
+neither the fused projection + LoRA nor the side stream on, and the layer's LoRA ops run this step (``any_active``, so a CUDA
 graph captured with the LoRA ops on holds the handoff, one captured without them does not).
 ``HANDOFF`` is off until timed on a GPU (decode switch ``dense-lora-handoff``).
 """
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from vllm.lora.layers import dense_overlap
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta
+from vllm.model_executor.layers.ops.qk_norm_rope import LORA_Q_HEADS
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import triton_interpreting
 
@@ -49,8 +51,27 @@ def make_pending(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor) -> Optional[
     if not punica.any_active(layer.enabled_slots):
         return None
     r = layer.kernel_rank
-    return PendingDelta(b=layer._lora_b[..., :r], mapping=punica.token_mapping(rows), enabled=layer.adapter_enabled,
-                        slice_sizes=tuple(layer.output_slices), a=layer._lora_a[:, :, :r])
+    consumer_cols = _consumer_cols(layer)
+    if consumer_cols is None:
+        return None
+    # a slot without this layer's adapter holds zero A and B (_clear_slot): no enabled flag is needed
+    pending = PendingDelta(a=layer._lora_a[:, :, :r], b=layer._lora_b[..., :r], mapping=punica.token_mapping(rows),
+                           slice_sizes=tuple(layer.output_slices))
+    return pending if pending.fits(consumer_cols) else None
+
+
+def _consumer_cols(layer: "BaseLinearLayerWithLoRA") -> Optional[int]:
+    """The columns one program of the op that adds the delta covers (its B rows stay in registers): a q/k/v layer's
+    q/k norm + rotary program (``LORA_Q_HEADS`` query heads, or every key / value head), a row-parallel layer's
+    residual-norm row; None for the other kinds (nothing adds their delta)."""
+    base = layer.base_layer
+    if layer.base_kind == "QKVParallelLinear":
+        kv_heads = int(base.num_kv_heads)
+        head_dim = layer.output_slices[1] // kv_heads
+        return max(min(int(base.num_heads), LORA_Q_HEADS), kv_heads) * head_dim
+    if layer.base_kind == "RowParallelLinear":
+        return layer.output_slices[0]
+    return None
 
 
 def shrink(pending: PendingDelta, x: torch.Tensor) -> None:

@@ -16,14 +16,14 @@ positions are copied in before the step, the caches never change), so that after
 DELTA (a pending q/k/v LoRA delta, ``pending_delta.py``): the q heads are split over Q_GROUPS programs of
 ``q_heads`` heads each (axis 1: q groups, then k, then v), each adds its slice's delta to the heads it loads
 (rounded once) before the norms, and program (t, Q_GROUPS + 1) adds v's delta to the values in place (and stores
-them into the cache with WRITE_KV).
+them into the cache with WRITE_KV); the token's slot and the B rows of its heads load before the PDL wait.
 """
 import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
-from vllm.model_executor.layers.ops._pending_delta import pending_delta, pending_slot
+from vllm.model_executor.layers.ops._pending_delta import pending_apply, pending_b, pending_slot
 
 
 @triton.jit
@@ -50,9 +50,8 @@ def _qk_norm_rope_kernel(
     PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, EARLY: tl.constexpr = False,
     q_heads=1, Q_GROUPS: tl.constexpr = 1,
     dp_ptr=None, stride_dpt=0, stride_dps=0, stride_dpj=0, d_splits=1, db_ptr=None,
-    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, den_ptr=None, d_rank=0, d_loras=0,
+    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, d_rank=0, d_loras=0,
     DELTA: tl.constexpr = False, D_BLOCK_J: tl.constexpr = 1, D_BLOCK_R: tl.constexpr = 4,
-    D_R_CHUNK: tl.constexpr = 4,
 ):
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)  # q head group (< Q_GROUPS), the keys (Q_GROUPS) or the values (Q_GROUPS + 1)
@@ -60,14 +59,37 @@ def _qk_norm_rope_kernel(
     c_ok = c1 < HALF
     if EARLY:  # the position and its cos / sin rows (copied in before the step, a constant cache) before the wait
         cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, t < n_tokens, MAX_POS, stride_cos, c1, c_ok)
+    # this program's heads: a group of query heads, or every key / value head
+    if part < Q_GROUPS:
+        col0 = part * q_heads * HEAD_DIM
+        n_heads = tl.minimum(q_heads, NQ - part * q_heads)
+    else:
+        col0 = part * 0
+        n_heads = NK + part * 0
+    d_s = tl.maximum(tl.minimum(part - Q_GROUPS + 1, 2), 0)  # its LoRA slice: q, k or v
+    heads = tl.arange(0, NH_P)
+    h_ok = heads < n_heads
+    ok1 = h_ok[:, None] & c_ok[None, :]
+    off1 = heads[:, None] * HEAD_DIM + c1[None, :]
+    if HAS_PASS:
+        cp = tl.arange(0, PASS_P)
+        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
+        offp = heads[:, None] * HEAD_DIM + 2 * HALF + cp[None, :]
+    if DELTA:  # the token's slot and its B rows of these heads (step-invariant) before the wait
+        d_slot, d_on = pending_slot(dmap_ptr, t, d_loras, t < n_tokens)
+        b1 = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, d_s, col0 + off1,
+                       ok1, D_BLOCK_R)
+        b2 = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, d_s,
+                       col0 + off1 + HALF, ok1, D_BLOCK_R)
+        if HAS_PASS:
+            bp = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, d_s,
+                           col0 + offp, okp, D_BLOCK_R)
     pdl_wait(USE_PDL)
     if PREFETCH:
         if t >= n_tokens:
             if part == 0:
                 l2_prefetch_chunk(pf_ptr, pf_bytes, t - n_tokens, PF_CHUNK, PF_PIECE, PF_INTERP)
             return
-    if DELTA:
-        d_slot, d_on = pending_slot(dmap_ptr, den_ptr, t, d_loras)
     cache_row = v_ptr
     to_cache = t < 0
     if WRITE_KV:
@@ -76,10 +98,18 @@ def _qk_norm_rope_kernel(
         to_cache = slot >= 0
     if DELTA:
         if part == Q_GROUPS + 1:  # the values + their delta, in place (and clipped into the cache)
-            _lora_values(v_ptr + t * stride_v, cache_row, to_cache, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd,
-                         dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
-                         stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, stride_ckv, CLIP, HAS_PASS, WRITE_KV, NH_P,
-                         HALF_P, PASS_P, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+            v_row = v_ptr + t * stride_v
+            c_off1 = heads[:, None] * stride_ch + c1[None, :] * stride_cd
+            _lora_value_tile(v_row, off1, ok1, b1, cache_row, c_off1, to_cache, clip, dp_ptr, stride_dpt, stride_dps,
+                             stride_dpj, d_splits, d_rank, d_on, t, stride_ckv, CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R)
+            _lora_value_tile(v_row, off1 + HALF, ok1, b2, cache_row, c_off1 + HALF * stride_cd, to_cache, clip, dp_ptr,
+                             stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, stride_ckv, CLIP, WRITE_KV,
+                             D_BLOCK_J, D_BLOCK_R)
+            if HAS_PASS:
+                _lora_value_tile(v_row, offp, okp, bp, cache_row,
+                                 heads[:, None] * stride_ch + (2 * HALF + cp)[None, :] * stride_cd, to_cache, clip,
+                                 dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, stride_ckv,
+                                 CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R)
             return
     if WRITE_KV:
         if part == Q_GROUPS + 1:  # the values: clipped, then stored as they are
@@ -87,46 +117,30 @@ def _qk_norm_rope_kernel(
                           stride_ch, stride_cd, CLIP, HAS_PASS, NH_P, HALF_P, PASS_P)
             return
     if part < Q_GROUPS:  # this group's query heads
-        col0 = part * q_heads * HEAD_DIM
         src = q_ptr + t * stride_q + col0
         dst = q_out_ptr + t * stride_qo + col0
         w_ptr = qw_ptr
-        n_heads = tl.minimum(q_heads, NQ - part * q_heads)
         norm_heads = NQ
-        d_s = 0
     else:
-        col0 = 0
         src = k_ptr + t * stride_k
         dst = k_out_ptr + t * stride_ko
         w_ptr = kw_ptr
-        n_heads = NK
         norm_heads = NK
-        d_s = 1
-    heads = tl.arange(0, NH_P)
-    h_ok = heads < n_heads
-    ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
-    off1 = heads[:, None] * HEAD_DIM + c1[None, :]
     x1 = tl.load(src + off1, mask=ok1, other=0.0)
     x2 = tl.load(src + off1 + HALF, mask=ok1, other=0.0)
     dt = x1.dtype
     y1 = x1.to(tl.float32)
     y2 = x2.to(tl.float32)
     if DELTA:  # the projection's pending delta, rounded once into its output
-        y1 = (y1 + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
-                                 stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + off1, ok1, D_BLOCK_J,
-                                 D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
-        y2 = (y2 + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
-                                 stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + off1 + HALF, ok1,
-                                 D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
+        y1 = (y1 + pending_apply(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, d_s, b1,
+                                 D_BLOCK_J, D_BLOCK_R)).to(dt).to(tl.float32)
+        y2 = (y2 + pending_apply(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, d_s, b2,
+                                 D_BLOCK_J, D_BLOCK_R)).to(dt).to(tl.float32)
     if HAS_PASS:
-        cp = tl.arange(0, PASS_P)
-        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
-        offp = heads[:, None] * HEAD_DIM + 2 * HALF + cp[None, :]
         yp = tl.load(src + offp, mask=okp, other=0.0).to(tl.float32)
         if DELTA:
-            yp = (yp + pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs,
-                                     stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, d_s, col0 + offp,
-                                     okp, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)).to(dt).to(tl.float32)
+            yp = (yp + pending_apply(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, d_s, bp,
+                                     D_BLOCK_J, D_BLOCK_R)).to(dt).to(tl.float32)
 
     if NORM != 0:
         ss = tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)
@@ -204,41 +218,14 @@ def _store_values(src, dst, ok, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd, 
 
 
 @triton.jit
-def _lora_values(src, cache_row, to_cache, NK, HEAD_DIM, HALF, clip, stride_ch, stride_cd, dp_ptr, stride_dpt,
-                 stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank,
-                 d_slot, d_on, t, stride_ckv, CLIP: tl.constexpr, HAS_PASS: tl.constexpr, WRITE_KV: tl.constexpr,
-                 NH_P: tl.constexpr, HALF_P: tl.constexpr, PASS_P: tl.constexpr, D_BLOCK_J: tl.constexpr,
-                 D_BLOCK_R: tl.constexpr, D_R_CHUNK: tl.constexpr):
-    """Token t's values [NK heads, HEAD_DIM] at ``src`` (contiguous heads) + the v slice's pending delta, rounded
-    once and stored back in place; with WRITE_KV also into its cache row (clipped), where ``to_cache``."""
-    heads = tl.arange(0, NH_P)
-    h_ok = heads < NK
-    c1 = tl.arange(0, HALF_P)
-    ok1 = h_ok[:, None] & (c1 < HALF)[None, :]
-    for half in tl.static_range(2):
-        off = heads[:, None] * HEAD_DIM + (half * HALF + c1)[None, :]
-        _lora_value_tile(src, cache_row, to_cache, off, ok1, heads[:, None] * stride_ch
-                         + (half * HALF + c1)[None, :] * stride_cd, clip, dp_ptr, stride_dpt, stride_dps,
-                         stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank,
-                         d_slot, d_on, t, stride_ckv, CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
-    if HAS_PASS:
-        cp = tl.arange(0, PASS_P)
-        okp = h_ok[:, None] & (cp < HEAD_DIM - 2 * HALF)[None, :]
-        _lora_value_tile(src, cache_row, to_cache, heads[:, None] * HEAD_DIM + (2 * HALF + cp)[None, :], okp,
-                         heads[:, None] * stride_ch + (2 * HALF + cp)[None, :] * stride_cd, clip, dp_ptr,
-                         stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn,
-                         stride_dbr, d_rank, d_slot, d_on, t, stride_ckv, CLIP, WRITE_KV, D_BLOCK_J, D_BLOCK_R,
-                         D_R_CHUNK)
-
-
-@triton.jit
-def _lora_value_tile(src, cache_row, to_cache, off, ok, c_off, clip, dp_ptr, stride_dpt, stride_dps, stride_dpj,
-                     d_splits, db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, t,
-                     stride_ckv, CLIP: tl.constexpr, WRITE_KV: tl.constexpr, D_BLOCK_J: tl.constexpr,
-                     D_BLOCK_R: tl.constexpr, D_R_CHUNK: tl.constexpr):
+def _lora_value_tile(src, off, ok, b, cache_row, c_off, to_cache, clip, dp_ptr, stride_dpt, stride_dps, stride_dpj,
+                     d_splits, d_rank, d_on, t, stride_ckv, CLIP: tl.constexpr, WRITE_KV: tl.constexpr,
+                     D_BLOCK_J: tl.constexpr, D_BLOCK_R: tl.constexpr):
+    """One tile of token t's values at ``src + off`` + the v slice's pending delta (B's tile ``b``), rounded once
+    and stored back in place; with WRITE_KV also into its cache row (clipped) where ``to_cache``."""
     v = tl.load(src + off, mask=ok, other=0.0)
-    d = pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
-                      stride_dbn, stride_dbr, d_rank, d_slot, d_on, t, 2, off, ok, D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+    d = pending_apply(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, d_on, t, 2, b, D_BLOCK_J,
+                      D_BLOCK_R)
     v = (v.to(tl.float32) + d).to(v.dtype)
     tl.store(src + off, v, mask=ok)
     if WRITE_KV:

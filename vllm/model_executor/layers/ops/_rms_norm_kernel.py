@@ -9,13 +9,15 @@ before this one is light: the prefetch overlaps it) - and stores nothing.
 A pending low-rank delta (``pending_delta.py``): with SHRINK, programs ``n_norm`` .. ``n_rows`` - 1 each
 recompute one row's norm and store the fp32 shrink of one (slice, K chunk) of the normalised row, the next
 projection's LoRA input; with DELTA, each row first adds the previous projection's delta to x (rounded once).
+Their slots and A / B tiles are loaded before the PDL wait (step-invariant: ``_pending_delta.py``).
 """
 import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
-from vllm.model_executor.layers.ops._pending_delta import pending_delta, pending_shrink, pending_slot
+from vllm.model_executor.layers.ops._pending_delta import (pending_a, pending_apply, pending_b, pending_shrink,
+                                                            pending_slot)
 
 
 @triton.jit
@@ -37,50 +39,54 @@ def _rms_norm_kernel(
     n_rows=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
     PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, PF_EARLY: tl.constexpr = False,
     n_norm=0, sa_ptr=None, stride_sas=0, stride_sal=0, stride_sar=0, stride_sak=0,
-    sp_ptr=None, stride_spt=0, stride_sps=0, stride_spj=0, smap_ptr=None, sen_ptr=None,
+    sp_ptr=None, stride_spt=0, stride_sps=0, stride_spj=0, smap_ptr=None,
     s_slices=1, s_splits=1, s_rank=0, s_loras=0,
     SHRINK: tl.constexpr = False, S_BLOCK_R: tl.constexpr = 16, S_BLOCK_K: tl.constexpr = 16,
     dp_ptr=None, stride_dpt=0, stride_dps=0, stride_dpj=0, d_splits=1, db_ptr=None,
-    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, den_ptr=None, d_rank=0, d_loras=0,
+    stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, d_rank=0, d_loras=0,
     DELTA: tl.constexpr = False, D_BLOCK_J: tl.constexpr = 1, D_BLOCK_R: tl.constexpr = 4,
-    D_R_CHUNK: tl.constexpr = 4,
 ):
     row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < N
     if PREFETCH and PF_EARLY:  # weights only, beside a light kernel before this one; the rows still wait
         if row >= n_rows:
             l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
             return
+    if DELTA:  # the row's slot and B rows (step-invariant) before the wait
+        slot_d, on_d = pending_slot(dmap_ptr, row, d_loras, row < n_norm)
+        b_d = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, slot_d, on_d, 0, cols[None, :],
+                        ok[None, :], D_BLOCK_R)
+    if SHRINK:  # a shrink program's (row t, slice s, K chunk j), its slot and A chunk, before the wait
+        i = tl.maximum(row - n_norm, 0)
+        t = i // (s_slices * s_splits)
+        s = (i // s_splits) % s_slices
+        j = i % s_splits
+        offs_k = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
+        k_ok = offs_k < N
+        slot_s, on_s = pending_slot(smap_ptr, t, s_loras, (row >= n_norm) & (row < n_rows))
+        a_s = pending_a(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, s_rank, slot_s, on_s, s, offs_k, k_ok,
+                        S_BLOCK_R)
     pdl_wait(USE_PDL)
     if PREFETCH and not PF_EARLY:
         if row >= n_rows:
             l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
             return
-    cols = tl.arange(0, BLOCK_N)
-    ok = cols < N
     if SHRINK:
-        if row >= n_norm:  # (row t, slice s, K chunk j) of the next projection's LoRA shrink
-            i = row - n_norm
-            t = i // (s_slices * s_splits)
-            s = (i // s_splits) % s_slices
-            j = i % s_splits
-            slot, on = pending_slot(smap_ptr, sen_ptr, t, s_loras)
+        if row >= n_norm:  # the shrink of one (slice, K chunk) of the normalised row t
             h = _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, cols, ok, HAS_RESIDUAL).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)  # the row program's sum, bit for bit
-            offs_k = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
-            k_ok = offs_k < N
             xk = _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, offs_k, k_ok, HAS_RESIDUAL)
             wk = tl.load(w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             yk = (wk * (xk.to(tl.float32) * rstd).to(xk.dtype).to(tl.float32)).to(out_ptr.dtype.element_ty)
-            pending_shrink(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, sp_ptr, stride_spt, stride_sps,
-                           stride_spj, s_rank, slot, on, t, s, j, yk.to(tl.float32), offs_k, k_ok, S_BLOCK_R)
+            pending_shrink(sp_ptr, stride_spt, stride_sps, stride_spj, on_s, t, s, j, a_s, yk.to(tl.float32),
+                           S_BLOCK_R)
             return
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     dt = x.dtype
     if DELTA:  # the previous projection's pending delta, rounded once into its output
-        slot_d, on_d = pending_slot(dmap_ptr, den_ptr, row, d_loras)
-        d = pending_delta(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, db_ptr, stride_dbs, stride_dbl,
-                          stride_dbn, stride_dbr, d_rank, slot_d, on_d, row, 0, cols[None, :], ok[None, :],
-                          D_BLOCK_J, D_BLOCK_R, D_R_CHUNK)
+        d = pending_apply(dp_ptr, stride_dpt, stride_dps, stride_dpj, d_splits, d_rank, on_d, row, 0, b_d, D_BLOCK_J,
+                          D_BLOCK_R)
         x = (x.to(tl.float32) + tl.sum(d, axis=0)).to(dt)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)

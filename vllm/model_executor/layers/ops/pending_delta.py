@@ -13,9 +13,10 @@ dependent kernels.  But the kernels on either side of a projection already hold 
   the o delta first (the o shrink, whose input is the attention's output, stays one launch: the split-K
   shrink of ``lora_linear``, writing the same ``part`` layout).
 
-So the projection runs bare and the delta rides on its neighbours.  ``PendingDelta`` is that contract: the B
-stack, the step's slot mapping and enabled flags, and, once a producer ran, ``part``
-[T, S, K_SPLITS, BLOCK_R] (fp32; rows of tokens without an enabled slot are never read).  The LoRA layers make
+So the projection runs bare and the delta rides on its neighbours.  ``PendingDelta`` is that contract: the A and
+B stacks, the step's slot mapping, and, once a producer ran, ``part`` [T, S, K_SPLITS, BLOCK_R] (fp32; rows of
+tokens without a slot are never read).  A slot where the layer holds no adapter must hold zero A and B (the LoRA
+layers clear a slot so): it adds exactly zero, so no enabled flag is read.  The LoRA layers make
 them (``vllm/lora/layers/dense_handoff.py``, switch ``HANDOFF``); the kernels' side is ``_pending_delta.py``;
 ``shrink_torch`` / ``add_torch`` are the torch paths and the tests' reference.
 """
@@ -29,24 +30,23 @@ from torch import nn
 
 from vllm.triton_utils import next_power_of_2
 
-# rank columns of B loaded at once by a consumer (a [cols, R_CHUNK] tile a step)
-R_CHUNK = 4
+# a consumer holds B's rows of its columns, [columns, BLOCK_R], in registers from before its PDL wait: at most this
+# many elements a program (``fits``)
+MAX_DELTA_TILE = 65536
 # elements of A one shrink program multiplies (its K chunk: this many // BLOCK_R columns)
 SHRINK_A_ELEMS = 8192
 
 
 @dataclass
 class PendingDelta:
-    """``b``: [S, L, N_max, R] (R: the layer's kernel rank; slice s uses its first ``slice_sizes[s]`` rows);
-    ``mapping``: [>= T] int32 slot of each row (-1: none); ``enabled``: [>= L] int32 (0: the slot is off);
-    ``a``: [S, L, R, K] when the op before the projection shrinks (None: the projection's layer does);
-    ``part``: set by the producer (``new_part``)."""
+    """``a``: [S, L, R, K]; ``b``: [S, L, N_max, R] (R: the layer's kernel rank; slice s uses its first
+    ``slice_sizes[s]`` rows); ``mapping``: [>= T] int32 slot of each row (-1: none); ``part``: None until a
+    producer - the op before the projection (``lora_shrink``), else the projection's layer - ran (``new_part``)."""
 
+    a: torch.Tensor
     b: torch.Tensor
     mapping: torch.Tensor
-    enabled: torch.Tensor
     slice_sizes: tuple[int, ...]
-    a: Optional[torch.Tensor] = None
     part: Optional[torch.Tensor] = None
 
     @property
@@ -59,7 +59,11 @@ class PendingDelta:
 
     @property
     def block_r(self) -> int:
-        return max(R_CHUNK, next_power_of_2(self.rank))
+        return max(4, next_power_of_2(self.rank))
+
+    def fits(self, consumer_cols: int) -> bool:
+        """Whether a consumer program of ``consumer_cols`` columns can hold its tile of B."""
+        return next_power_of_2(consumer_cols) * self.block_r <= MAX_DELTA_TILE
 
     def shrink_block_k(self, K: int) -> int:
         """One shrink program's K chunk (a power of two)."""
@@ -71,17 +75,14 @@ class PendingDelta:
         return self.part
 
     def _slots(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot clamped into range, whether the row has an enabled slot) for rows 0..T-1."""
+        """(slot clamped into range, whether the row has a slot) for rows 0..T-1."""
         slot = self.mapping[:T].long()
         valid = (slot >= 0) & (slot < self.max_loras)
-        slot = slot.clamp(0, self.max_loras - 1)
-        return slot, valid & (self.enabled[slot] != 0)
+        return slot.clamp(0, self.max_loras - 1), valid
 
     # ---- torch paths (and the tests' reference) ----------------------------------------------------------
     def shrink_torch(self, y: torch.Tensor) -> None:
         """``part`` (one K split) from the projection's input y [T, K]: the fp32 sums y @ A[s, slot]^T."""
-        if self.a is None:
-            raise ValueError("this PendingDelta is shrunk by its projection's layer: it holds no A")
         T = y.shape[0]
         part = self.new_part(T, 1, y.device)
         part.zero_()
@@ -91,7 +92,7 @@ class PendingDelta:
         part[:, :, 0, :self.rank] = torch.where(on[:, None, None], sums, torch.zeros_like(sums))
 
     def delta_torch(self, s: int, T: int) -> torch.Tensor:
-        """Slice s's fp32 delta [T, N_s] (zero for rows without an enabled slot)."""
+        """Slice s's fp32 delta [T, N_s] (zero for rows without a slot)."""
         if self.part is None:
             raise ValueError("PendingDelta read before its shrink ran")
         slot, on = self._slots(T)
@@ -106,22 +107,20 @@ class PendingDelta:
 
     # ---- kernel arguments ----------------------------------------------------------------------------------
     def delta_kernel_args(self) -> dict[str, Any]:
-        """A consumer kernel's keywords (``_pending_delta.pending_delta``'s operands)."""
+        """A consumer kernel's keywords (``_pending_delta.pending_b`` / ``pending_apply``'s operands)."""
         part = self.part
         if part is None:
             raise ValueError("PendingDelta read before its shrink ran")
         return dict(dp_ptr=part, stride_dpt=part.stride(0), stride_dps=part.stride(1), stride_dpj=part.stride(2),
                     d_splits=part.shape[2], db_ptr=self.b, stride_dbs=self.b.stride(0), stride_dbl=self.b.stride(1),
                     stride_dbn=self.b.stride(2), stride_dbr=self.b.stride(3), dmap_ptr=self.mapping,
-                    den_ptr=self.enabled, d_rank=self.rank, d_loras=self.max_loras, DELTA=True,
-                    D_BLOCK_J=next_power_of_2(part.shape[2]), D_BLOCK_R=part.shape[3], D_R_CHUNK=R_CHUNK)
+                    d_rank=self.rank, d_loras=self.max_loras, DELTA=True, D_BLOCK_J=next_power_of_2(part.shape[2]),
+                    D_BLOCK_R=part.shape[3])
 
     def shrink_kernel_args(self, T: int, K: int, device: torch.device) -> tuple[int, dict[str, Any]]:
         """(programs, keywords) of a producer kernel whose rows are the projection's input [T, K]: one program per
         (row, slice, K chunk), each writing ``part[t, s, j]``."""
         a = self.a
-        if a is None:
-            raise ValueError("this PendingDelta is shrunk by its projection's layer: it holds no A")
         block_k = self.shrink_block_k(K)
         splits = -(-K // block_k)
         part = self.new_part(T, splits, device)
@@ -129,7 +128,7 @@ class PendingDelta:
         return T * S * splits, dict(
             sa_ptr=a, stride_sas=a.stride(0), stride_sal=a.stride(1), stride_sar=a.stride(2), stride_sak=a.stride(3),
             sp_ptr=part, stride_spt=part.stride(0), stride_sps=part.stride(1), stride_spj=part.stride(2),
-            smap_ptr=self.mapping, sen_ptr=self.enabled, s_slices=S, s_splits=splits, s_rank=self.rank,
+            smap_ptr=self.mapping, s_slices=S, s_splits=splits, s_rank=self.rank,
             s_loras=self.max_loras, SHRINK=True, S_BLOCK_R=self.block_r, S_BLOCK_K=block_k)
 
     def check(self, T: int, device: torch.device) -> None:
@@ -137,7 +136,7 @@ class PendingDelta:
         if self.mapping.shape[0] < T or self.b.dim() != 4 or len(self.slice_sizes) != self.b.shape[0]:
             raise ValueError(f"PendingDelta: mapping of {self.mapping.shape[0]} rows for {T}, b "
                              f"{tuple(self.b.shape)}, slices {self.slice_sizes}")
-        if any(t.device != device for t in (self.b, self.mapping, self.enabled)):
+        if any(t.device != device for t in (self.a, self.b, self.mapping)):
             raise ValueError(f"PendingDelta operands must be on {device}")
 
 

@@ -84,8 +84,10 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
     shrink_programs = 0
     if lora_shrink is not None:
         shrink_programs, extra = lora_shrink.shrink_kernel_args(rows, n, x2.device)
-    if lora_delta is not None:
+    warps = min(16, max(1, block // 256))
+    if lora_delta is not None:  # its B rows stay in registers from before the wait: <= 128 values a thread
         extra.update(lora_delta.delta_kernel_args())
+        warps = min(16, max(warps, block * lora_delta.block_r // 4096))
     pf = l2_prefetch.plan(prefetch, rows)
     if pf is not None:
         extra.update(pf.early_args() if prefetch_early else pf.kernel_args())
@@ -94,7 +96,7 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
         n, float(eps),
         x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
         HAS_RESIDUAL=has_res, BLOCK_N=block,
-        num_warps=min(16, max(1, block // 256)), **pdl_launch_kwargs(x2.device),
+        num_warps=warps, **pdl_launch_kwargs(x2.device),
         n_rows=rows + shrink_programs, n_norm=rows, **extra,
     )
 
@@ -109,7 +111,7 @@ def _check_pending(x: torch.Tensor, lora_shrink: Optional[PendingDelta], lora_de
             p.check(rows, x.device)
     if lora_delta is not None and lora_delta.slice_sizes != (x.shape[-1],):
         raise ValueError(f"lora_delta of slices {lora_delta.slice_sizes} for rows of {x.shape[-1]}")
-    if lora_shrink is not None and (lora_shrink.a is None or lora_shrink.a.shape[-1] != x.shape[-1]):
+    if lora_shrink is not None and lora_shrink.a.shape[-1] != x.shape[-1]:
         raise ValueError(f"lora_shrink needs A over the row's {x.shape[-1]} columns")
 
 

@@ -1,0 +1,112 @@
+"""The dense LoRA handoff's kernels, statically (sm_90, no GPU needed): what the fused ops around a projection cost
+when they also carry its LoRA delta (``vllm/lora/layers/dense_handoff.py``), against the same ops without it and
+against the LoRA launches the handoff removes - registers, spill bytes and the dependent global round trips after
+the PDL wait (``sass_round_trips.round_trips_after_wait``), at Qwen3-30B-A3B's widths and rank 16.
+
+    PYTHONPATH=. python benchmarks/kernels/handoff_static_report.py [--out table.md]
+
+A launch in the decode step's chain costs roughly its round trips after the wait (each ~0.6-1 us on an H200) plus
+the launch gap; the handoff moves the LoRA's round trips into kernels that run anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET")
+
+import triton  # noqa: E402
+
+from benchmarks.kernels.bench_timing import emit  # noqa: E402
+from benchmarks.kernels.early_loads_report import compile_lora_prefetch  # noqa: E402
+from benchmarks.kernels.sass_round_trips import round_trips_after_wait  # noqa: E402
+from benchmarks.kernels.sass_stats import TARGET, _sass, resources, specialise  # noqa: E402
+from vllm.lora.ops.triton_ops._lora_linear_split_kernels import lora_linear_split_shrink_kernel  # noqa: E402
+from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
+from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel  # noqa: E402
+
+H, R, L = 2048, 16, 4  # hidden, rank, slots
+NORM_PTRS = {n: "bf16" for n in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")}
+NORM_INTS = {"N": H, "stride_x": H, "stride_r": H, "stride_o": H, "stride_ro": H}
+SHRINK = ({"sa_ptr": "bf16", "sp_ptr": "fp32", "smap_ptr": "i32"},
+          {"SHRINK": True, "S_BLOCK_R": R, "S_BLOCK_K": 512},
+          {"stride_sas": L * R * H, "stride_sal": R * H, "stride_sar": H, "stride_sak": 1, "stride_spt": 3 * 4 * R,
+           "stride_sps": 4 * R, "stride_spj": R, "s_slices": 3, "s_splits": 4, "s_rank": R, "s_loras": L})
+
+
+def _delta(n_max: int, splits: int) -> tuple[dict, dict, dict]:
+    """The consumer's operands as ``PendingDelta.delta_kernel_args`` gives them."""
+    return ({"dp_ptr": "fp32", "db_ptr": "bf16", "dmap_ptr": "i32"},
+            {"DELTA": True, "D_BLOCK_J": splits, "D_BLOCK_R": R},
+            {"stride_dpt": 3 * splits * R, "stride_dps": splits * R, "stride_dpj": R, "d_splits": splits,
+             "stride_dbs": L * n_max * R, "stride_dbl": n_max * R, "stride_dbn": R, "stride_dbr": 1, "d_rank": R,
+             "d_loras": L})
+
+
+def compile_norm(extra: Optional[tuple[dict, dict, dict]]):
+    ptrs, cexp, ints = extra or ({}, {}, {})
+    src = specialise(_rms_norm_kernel, {**NORM_PTRS, **ptrs},
+                     {"HAS_RESIDUAL": True, "BLOCK_N": H, "USE_PDL": True, **cexp}, {**NORM_INTS, **ints})
+    return triton.compile(src, target=TARGET, options={"num_warps": 8, "launch_pdl": True})
+
+
+def compile_qk(delta: bool):
+    ptrs = {**{n: "bf16" for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr")},
+            "pos_ptr": "i64", "cos_ptr": "fp32", "sin_ptr": "fp32"}
+    cexp: dict[str, Any] = {"NORM": 1, "CLIP": False, "HAS_PASS": False, "NH_P": 32, "HALF_P": 64, "PASS_P": 1,
+                            "USE_PDL": True}
+    ints = {"NQ": 0, "NK": 0, "HEAD_DIM": 128, "HALF": 64, "MAX_POS": 0, "stride_q": 5120, "stride_k": 5120,
+            "stride_qo": 4096, "stride_ko": 512, "stride_cos": 64, "n_tokens": 0, "q_heads": 32}
+    if delta:
+        dp, dc, di = _delta(4096, 4)
+        ptrs.update(dp, v_ptr="bf16")
+        cexp.update(dc, NH_P=4, Q_GROUPS=8)
+        ints.update(di, q_heads=4, stride_v=5120)
+    src = specialise(_qk_norm_rope_kernel, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options={"num_warps": 4 if delta else 8, "launch_pdl": True})
+
+
+def compile_o_shrink():
+    src = specialise(lora_linear_split_shrink_kernel,
+                     {"x_ptr": "bf16", "a_ptr": "bf16", "part_ptr": "fp32", "mapping_ptr": "i32"},
+                     {"BLOCK_K": 512, "BLOCK_R": R, "USE_PDL": True},
+                     {"K": 4096, "R": R, "max_loras": L, "stride_xt": 4096, "stride_xk": 1, "stride_as": 0,
+                      "stride_al": R * 4096, "stride_ar": 4096, "stride_ak": 1, "stride_pt": 8 * R, "stride_ps": 8 * R,
+                      "stride_pj": R})
+    return triton.compile(src, target=TARGET, options={"num_warps": 8, "launch_pdl": True})
+
+
+def rows() -> list[tuple[str, str, Optional[int], Optional[int], Optional[int]]]:
+    """(kernel, role, registers, spill bytes, round trips after the wait)."""
+    out = []
+
+    def add(name: str, role: str, compiled) -> None:
+        regs, spill = resources(compiled.asm["cubin"])
+        out.append((name, role, regs, spill, round_trips_after_wait(_sass(compiled.asm["cubin"]) or "")))
+
+    add("_rms_norm_kernel (residual)", "input / post-attention norm, no LoRA", compile_norm(None))
+    add("_rms_norm_kernel + SHRINK", "input norm with the q/k/v shrink (12 more programs a token)",
+        compile_norm(SHRINK))
+    add("_rms_norm_kernel + DELTA", "post-attention norm with the o delta", compile_norm(_delta(H, 8)))
+    add("_qk_norm_rope_kernel", "q/k norm + rotary, no LoRA", compile_qk(False))
+    add("_qk_norm_rope_kernel + DELTA", "with the q/k/v deltas (8 q programs of 4 heads, k, v)", compile_qk(True))
+    add("lora_linear_split_shrink_kernel", "the o shrink (the handoff's one LoRA launch)", compile_o_shrink())
+    add("lora_linear_token_prefetch_kernel", "removed: the q/k/v LoRA at 1 token", compile_lora_prefetch(False))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    lines = ["| kernel | role | registers | spills | round trips after the wait |", "|---|---|---:|---:|---:|"]
+    lines += [f"| `{k}` | {role} | {regs} | {spill} B | {trips} |" for k, role, regs, spill, trips in rows()]
+    emit("\n".join(lines), a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
