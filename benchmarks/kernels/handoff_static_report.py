@@ -25,6 +25,7 @@ from benchmarks.kernels.early_loads_report import compile_lora_prefetch  # noqa:
 from benchmarks.kernels.sass_round_trips import round_trips_after_wait  # noqa: E402
 from benchmarks.kernels.sass_stats import TARGET, _sass, resources, specialise  # noqa: E402
 from vllm.lora.ops.triton_ops._lora_linear_split_kernels import lora_linear_split_shrink_kernel  # noqa: E402
+from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel  # noqa: E402
 
@@ -69,6 +70,21 @@ def compile_qk(delta: bool):
     return triton.compile(src, target=TARGET, options={"num_warps": 4 if delta else 8, "launch_pdl": True})
 
 
+def compile_gemv(shrink: bool):
+    """The o projection's decode GEMV at one token (hidden 2048, K 4096), with its shrink programs or without."""
+    ptrs = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16"}
+    cexp: dict[str, Any] = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024,
+                            "USE_PDL": True}
+    ints = {"N": H, "K": 4096, "stride_xm": 4096, "stride_wn": 4096, "stride_ym": H, "n_tiles": H // 4}
+    if shrink:
+        ptrs.update(sa_ptr="bf16", sp_ptr="fp32", smap_ptr="i32")
+        cexp.update(SHRINK=True, S_BLOCK_R=R, S_BLOCK_K=512)
+        ints.update(stride_sas=0, stride_sal=R * 4096, stride_sar=4096, stride_sak=1, stride_spt=8 * R,
+                    stride_sps=8 * R, stride_spj=R, s_slices=1, s_splits=8, s_rank=R, s_loras=L)
+    src = specialise(dense_gemv_kernel, ptrs, cexp, ints)
+    return triton.compile(src, target=TARGET, options={"num_warps": 8, "launch_pdl": True})
+
+
 def compile_o_shrink():
     src = specialise(lora_linear_split_shrink_kernel,
                      {"x_ptr": "bf16", "a_ptr": "bf16", "part_ptr": "fp32", "mapping_ptr": "i32"},
@@ -93,7 +109,10 @@ def rows() -> list[tuple[str, str, Optional[int], Optional[int], Optional[int]]]
     add("_rms_norm_kernel + DELTA", "post-attention norm with the o delta", compile_norm(_delta(H, 8)))
     add("_qk_norm_rope_kernel", "q/k norm + rotary, no LoRA", compile_qk(False))
     add("_qk_norm_rope_kernel + DELTA", "with the q/k/v deltas (8 q programs of 4 heads, k, v)", compile_qk(True))
-    add("lora_linear_split_shrink_kernel", "the o shrink (the handoff's one LoRA launch)", compile_o_shrink())
+    add("dense_gemv_kernel", "the o projection at one token, no LoRA", compile_gemv(False))
+    add("dense_gemv_kernel + SHRINK", "with the o shrink (8 more programs a token)", compile_gemv(True))
+    add("lora_linear_split_shrink_kernel", "the o shrink where the projection is not the GEMV (2+ tokens)",
+        compile_o_shrink())
     add("lora_linear_token_prefetch_kernel", "removed: the q/k/v LoRA at 1 token", compile_lora_prefetch(False))
     return out
 

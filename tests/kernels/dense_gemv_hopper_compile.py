@@ -1,5 +1,6 @@
 """Compile the dense decode GEMVs (``_dense_gemv_kernel.py``) for an H100/H200 (sm_90) without a GPU: run as a
 script without TRITON_INTERPRET, by test_dense_gemv.py.  One line per variant; exits 1 on failure."""
+import inspect
 import itertools
 import os
 import sys
@@ -24,6 +25,9 @@ def main() -> None:
         cexp = dict(HAS_BIAS=bm != 2, EVEN_K=even, BLOCK_M=bm, BLOCK_N=4, BLOCK_K=1024)
         if "USE_PDL" in fn.arg_names:  # a plain launch
             cexp = {**cexp, "USE_PDL": False}
+        # the other constexprs at their defaults (dense_gemv_kernel's LoRA shrink programs off)
+        cexp.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in cexp
+                     and p.default is not inspect.Parameter.empty})
         sig = {n: ("*" + ptrs[n]) if n in ptrs else "constexpr" if n in cexp else "i32" for n in fn.arg_names}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in cexp.items()})
         triton.compile(src, target=TARGET, options=dict(num_warps=8))

@@ -1,6 +1,6 @@
 """Compile the dense LoRA handoff's kernels (``ops/pending_delta.py``) for an H100/H200 (sm_90) with PDL, without a
-GPU: run as a script without TRITON_INTERPRET, by test_pending_delta.py.  The norms with the shrink or the delta and
-q/k norm + rotary with the delta: no spills, their slot and A / B loads before ``griddepcontrol.wait`` and no store
+GPU: run as a script without TRITON_INTERPRET, by test_pending_delta.py.  The norms with the shrink or the delta,
+q/k norm + rotary with the delta and the decode GEMV with the shrink: no spills, their slot and A / B loads before ``griddepcontrol.wait`` and no store
 before it.  The specialisations (Qwen3-30B-A3B widths, rank 16): ``benchmarks/kernels/handoff_static_report.py``.
 One "ok" line per kernel; exits 1 on failure."""
 import os
@@ -9,13 +9,14 @@ import sys
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET")
 
-from benchmarks.kernels.handoff_static_report import SHRINK, H, _delta, compile_norm, compile_qk  # noqa: E402
+from benchmarks.kernels.handoff_static_report import (SHRINK, H, _delta, compile_gemv, compile_norm,  # noqa: E402
+                                                      compile_qk)
 from benchmarks.kernels.sass_stats import resources  # noqa: E402
 
 
 def main() -> None:
     for name, out in (("norm + SHRINK", compile_norm(SHRINK)), ("norm + DELTA", compile_norm(_delta(H, 8))),
-                      ("qk_norm_rope + DELTA", compile_qk(True))):
+                      ("qk_norm_rope + DELTA", compile_qk(True)), ("dense GEMV + SHRINK", compile_gemv(True))):
         ptx = out.asm["ptx"]
         before = ptx[:ptx.find("griddepcontrol.wait")]
         loads, stores = before.count("ld.global"), before.count("st.global")

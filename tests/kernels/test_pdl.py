@@ -109,7 +109,7 @@ _EARLY_LOADS = {"_qk_norm_rope_kernel": {"pos_ptr", "cos_ptr", "sin_ptr", "n_tok
                 | _HANDOFF_B,
                 "decode_split_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "block_tables_ptr", "stride_bt_b"},
                 "decode_reduce_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"}}
-WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn"},
+WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn", "n_tiles"} | _HANDOFF_A - {"n_norm"},
                        # ... and the sorted split pair: the slot blocks (the step mapping's), A's chunk / B's tile
                        "lora_linear_sorted_shrink_kernel": _SORTED_META | {"a_ptr", "K", "stride_as", "stride_al",
                                                                           "stride_ar", "stride_ak"},

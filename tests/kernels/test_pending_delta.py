@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.utils import assert_close
+from vllm.model_executor.layers.ops.dense_gemv import dense_gemv
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.model_executor.layers.ops.qk_norm_rope import KVCacheWrite, qk_norm_rope
 from vllm.model_executor.layers.ops.rms_norm import fused_add_rms_norm, rms_norm
@@ -104,6 +105,24 @@ def test_residual_norm_adds_the_previous_projection_delta(dtype, use_triton, spl
             assert torch.equal(out[t], base[0][t]) and torch.equal(res[t], base[1][t])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("K", [96, 1000])
+def test_gemv_shrinks_its_input(dtype, K, device):
+    """The decode GEMV's extra programs write the shrink of x (the o projection's own, at one token)."""
+    gen = torch.Generator().manual_seed(K)
+    T, N, rank = len(SLOTS), 40, 8
+    x = torch.randn(T, K, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device=device, dtype=dtype)
+    bias = torch.randn(N, generator=gen).to(device=device, dtype=dtype)
+    p = _delta([N], K, rank, dtype, device, gen)
+    y = dense_gemv(x, w, bias, lora_shrink=p)
+    assert torch.equal(y, dense_gemv(x, w, bias)), "the shrink programs changed the projection"
+    assert p.part is not None and p.part.shape[:3] == (T, 1, -(-K // p.shrink_block_k(K)))
+    on = torch.tensor([s >= 0 for s in SLOTS])
+    got = p.part.sum(2)[..., :rank].double().cpu()
+    assert_close(got[on].float(), _ref_shrink(p, x)[on].float(), torch.float32, name="shrink")
+
+
 def test_a_norm_cannot_both_shrink_and_add(device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 32, generator=gen).to(device)
@@ -169,4 +188,4 @@ def test_sm90_kernels_load_the_adapters_before_the_wait_without_spills():
     """Compiled for sm_90 with PDL (a subprocess without the interpreter: pending_delta_compile.py)."""
     from tests.utils import run_without_interpreter
 
-    assert run_without_interpreter("tests/kernels/pending_delta_compile.py").count("ok ") == 3
+    assert run_without_interpreter("tests/kernels/pending_delta_compile.py").count("ok ") == 4

@@ -54,14 +54,14 @@ def _run(mgr, model, cfg, use_triton: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch,use_triton", [("qwen3_moe", True), ("qwen3_moe", False), ("olmoe", True),
                                              ("mixtral", True)])
 def test_handoff_matches_peft_and_the_layers_own_add(checkpoints, tmp_path, monkeypatch, bare_calls, arch,  # noqa: F811
-                                                     use_triton):
+                                                     use_triton, device):
     folder, hf = checkpoints(arch)
     peft_model = _peft_adapter(hf, tmp_path / "adapter")
     try:
         runs = {}
         for on in (False, True):
             monkeypatch.setattr(dense_handoff, "HANDOFF", on)
-            mgr, model, cfg = manager(folder, kind="gpu", rank=16)
+            mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
             assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
             n = len(bare_calls)
             runs[on] = _run(mgr, model, cfg, use_triton)
@@ -86,14 +86,14 @@ def test_handoff_matches_peft_and_the_layers_own_add(checkpoints, tmp_path, monk
         peft_model.unload()
 
 
-def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch, device):  # noqa: F811
     folder, hf = checkpoints("qwen3_moe")
     peft_model = _peft_adapter(hf, tmp_path / "adapter")
     try:
-        mgr, model, _ = manager(folder, kind="gpu", rank=16)
+        mgr, model, _ = manager(folder, kind="gpu", rank=16, device=device)
         assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
         qkv = mgr.modules["model.layers.0.self_attn.qkv_proj"]
-        x = torch.randn(3, qkv.input_size)
+        x = torch.randn(3, qkv.input_size, device=device)
         mgr.set_adapter_mapping([7, 0, 7])
         assert pending_for(qkv, x) is None  # the switch is off
         monkeypatch.setattr(dense_handoff, "HANDOFF", True)
@@ -109,9 +109,50 @@ def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch)
         qkv.use_fused_decode = True
         assert pending_for(qkv, x) is None  # the fused projection + LoRA adds it
         o = mgr.modules["model.layers.0.self_attn.o_proj"]
-        xo = torch.randn(3, o.input_size)
+        xo = torch.randn(3, o.input_size, device=device)
         assert pending_for(o, xo) is not None
         monkeypatch.setattr(pending_delta, "MAX_DELTA_TILE", 16)
         assert pending_for(o, xo) is None  # B's rows of one residual-norm row would not fit in its registers
+    finally:
+        peft_model.unload()
+
+
+def test_one_token_steps_shrink_in_the_o_gemv(checkpoints, tmp_path, monkeypatch, device):  # noqa: F811
+    """One sequence on the adapter: its decode steps run the o projection as the decode GEMV (forced here for
+    one-token rows, CUDA or not), whose extra programs write the o shrink - no shrink launch of its own - with the
+    logits of the layers' own add."""
+    from vllm.model_executor.layers.ops import dense_gemv
+
+    real_applies = dense_gemv.gemv_applies
+    monkeypatch.setattr(dense_gemv, "gemv_applies",
+                        lambda x, w, max_tokens=None: real_applies(x, w, 1) or (x.numel() == x.shape[-1] and
+                                                                                w.dtype == x.dtype == torch.float32))
+    shrinks = []
+    real_shrink = dense_handoff.shrink
+    monkeypatch.setattr(dense_handoff, "shrink", lambda p, x: (shrinks.append(x.shape[0]), real_shrink(p, x)))
+    folder, hf = checkpoints("qwen3_moe")
+    peft_model = _peft_adapter(hf, tmp_path / "adapter")
+    try:
+        runs = {}
+        for on in (False, True):
+            monkeypatch.setattr(dense_handoff, "HANDOFF", on)
+            mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
+            assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
+            _force(model, True)
+            prompt = PROMPTS[0]
+            mgr.set_adapter_mapping([7] * len(prompt))
+            runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                 num_layers=cfg.num_layers, num_seqs=1)
+            out = [runner.prefill([prompt])[0]]
+            last = [int(out[0][-1].argmax())]
+            for _ in range(3):
+                mgr.set_adapter_mapping([7])
+                out.append(runner.decode(last))
+                last = out[-1].argmax(-1).tolist()
+            runs[on] = out
+        # the prefill's o projections (6 rows: not the GEMV) shrink in a launch of their own; decode steps never
+        assert shrinks == [len(PROMPTS[0])] * cfg.num_layers, shrinks
+        for i, (g, w) in enumerate(zip(runs[True], runs[False])):
+            assert_close(g.cpu(), w.cpu(), torch.float32, name=f"step {i}: handoff vs the layers' own add")
     finally:
         peft_model.unload()

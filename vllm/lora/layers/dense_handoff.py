@@ -8,8 +8,9 @@ the two projections for a ``PendingDelta`` (``ops/pending_delta.py``) and hands 
 
 * q/k/v: the input RMSNorm shrinks (``lora_shrink``), the projection runs bare, q/k norm + rotary adds the three
   slices' deltas (``lora_delta``, v in place);
-* o: the projection runs bare and then the split-K shrink of its input (one launch, ``shrink``), the residual
-  RMSNorm after it adds the delta (``lora_delta``).
+* o: the projection runs bare and shrinks its input itself - in extra programs of its own launch where that is the
+  decode GEMV (one token), else one split-K launch after it (``shrink``) -, the residual RMSNorm after it adds the
+  delta (``lora_delta``).
 
 A layer hands its delta on only where the result is the same as its own add (the delta is added in fp32 to the
 projection's output and rounded once; only the order of the fp32 sums differs): one rank (the o delta joins
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from vllm.lora.layers import dense_overlap
+from vllm.model_executor.layers.ops.dense_gemv import linear
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.model_executor.layers.ops.qk_norm_rope import LORA_Q_HEADS
 from vllm.platforms.pdl import pdl_launch_kwargs
@@ -98,8 +100,14 @@ def shrink(pending: PendingDelta, x: torch.Tensor) -> None:
 
 def forward_bare(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor, pending: PendingDelta) -> torch.Tensor:
     """The projection without its delta (the ops around it add ``pending``), shrinking x itself when no op before
-    it did."""
-    y = layer.base_layer(x)
+    it did: in the projection's own launch where it is the decode GEMV (extra programs), else one launch after."""
+    from vllm.lora.layers.linear import _is_plain_linear
+
+    base = layer.base_layer
+    if pending.part is None and _is_plain_linear(base, layer.base_kind == "RowParallelLinear"):
+        y = linear(x, base.weight, base.bias, lora_shrink=pending)  # one rank: the base layer's own forward
+    else:
+        y = base(x)
     if pending.part is None:
         shrink(pending, x)
     return y

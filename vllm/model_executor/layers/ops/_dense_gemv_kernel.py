@@ -6,7 +6,9 @@ BLOCK_K] tile of W once (the memory-bound part: W is read once in the whole grid
 fp32 products with that token's x are summed over the step's K, and added to the token's row of the fp32
 accumulator; bias in fp32, one rounding.  A token's sums never depend on BLOCK_M or on the other tokens (same
 tile, same reduction), so a row's output is the same whatever the batch it runs in (eager or a padded CUDA
-graph batch).
+graph batch).  With SHRINK the grid has programs past its ``n_tiles``: each writes the LoRA shrink of one (token,
+slice, K chunk) of x for the projection's pending delta (``pending_delta.py``), its slot and A chunk loaded before
+the PDL wait.
 
 ``dense_gemv_delayed_kernel`` - the same grid and tiles, for at most 4 tokens, but each token keeps its own
 fp32 [BLOCK_N, BLOCK_K] partial products across the K-steps and reduces them once at the end, instead of
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._pdl import pdl_wait
+from vllm.model_executor.layers.ops._pending_delta import pending_a, pending_shrink, pending_slot
 
 
 @triton.jit
@@ -70,11 +73,31 @@ def _gemv_sums(w, mask_k, w_ptrs, mask_n, offs_k, x_ptr, M, K, stride_xm, rows, 
 @triton.jit
 def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+                      n_tiles=0, sa_ptr=None, stride_sas=0, stride_sal=0, stride_sar=0, stride_sak=0,
+                      sp_ptr=None, stride_spt=0, stride_sps=0, stride_spj=0, smap_ptr=None, s_slices=1, s_splits=1,
+                      s_rank=0, s_loras=0, SHRINK: tl.constexpr = False, S_BLOCK_R: tl.constexpr = 16,
+                      S_BLOCK_K: tl.constexpr = 16):
     # The first K-step's W tile is loaded before the PDL wait (no kernel writes W): with PDL those loads
     # overlap the previous kernel's tail.  The sums' order is the loop's, step by step.
     offs_n, mask_n, offs_k, w_ptrs, w, mask_k = _first_weight_tile(w_ptr, stride_wn, N, K, EVEN_K, BLOCK_N, BLOCK_K)
+    if SHRINK:  # programs past the N tiles: the LoRA shrink of x (ops/pending_delta.py), slot and A chunk first
+        pid = tl.program_id(0)
+        i = tl.maximum(pid - n_tiles, 0)
+        t = i // (s_slices * s_splits)
+        s = (i // s_splits) % s_slices
+        j = i % s_splits
+        offs_sk = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
+        sk_ok = offs_sk < K
+        slot_s, on_s = pending_slot(smap_ptr, t, s_loras, pid >= n_tiles)
+        a_s = pending_a(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, s_rank, slot_s, on_s, s, offs_sk,
+                        sk_ok, S_BLOCK_R)
     pdl_wait(USE_PDL)
+    if SHRINK:
+        if pid >= n_tiles:
+            xk = tl.load(x_ptr + t * stride_xm + offs_sk, mask=sk_ok, other=0.0).to(tl.float32)
+            pending_shrink(sp_ptr, stride_spt, stride_sps, stride_spj, on_s, t, s, j, a_s, xk, S_BLOCK_R)
+            return
     rows = tl.arange(0, BLOCK_M)
     acc = _gemv_sums(w, mask_k, w_ptrs, mask_n, offs_k, x_ptr, M, K, stride_xm, rows, EVEN_K, BLOCK_M, BLOCK_N,
                      BLOCK_K)

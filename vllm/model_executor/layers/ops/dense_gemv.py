@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -60,8 +61,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               config: Optional[DenseGemvConfig] = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias) through the Triton GEMV, for at most GEMV_MAX_BLOCK_M tokens."""
+               config: Optional[DenseGemvConfig] = None,
+               lora_shrink: Optional[PendingDelta] = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias) through the Triton GEMV, for at most GEMV_MAX_BLOCK_M tokens.
+    ``lora_shrink``: the same launch also writes the LoRA shrink of x (``pending_delta.py``; not with the delayed
+    kernel, which leaves ``lora_shrink.part`` unset)."""
     from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_delayed_kernel, dense_gemv_kernel
 
     _check(x, weight, bias)
@@ -79,10 +83,17 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if M > 0 and N > 0:
         has_bias = bias is not None
         kernel = dense_gemv_delayed_kernel if cfg.delayed else dense_gemv_kernel
-        kernel[(-(-N // cfg.block_n),)](
+        tiles, extra, shrink_programs = -(-N // cfg.block_n), {}, 0
+        if lora_shrink is not None and not cfg.delayed:
+            lora_shrink.check(M, x.device)
+            shrink_programs, extra = lora_shrink.shrink_kernel_args(M, K, x2.device)
+            extra.pop("n_norm", None)
+            extra.update(n_tiles=tiles)
+        kernel[(tiles + shrink_programs,)](
             x2, w, bias if has_bias else w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=has_bias, EVEN_K=K % cfg.block_k == 0, BLOCK_M=max(1, next_power_of_2(M)),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **pdl_launch_kwargs(x2.device))
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **pdl_launch_kwargs(x2.device),
+            **extra)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -98,8 +109,10 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_tokens: Optional[int
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; at decode sizes on CUDA the GEMV (``gemv_applies``)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+           lora_shrink: Optional[PendingDelta] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; at decode sizes on CUDA the GEMV (``gemv_applies``), which also writes
+    ``lora_shrink``'s shrink of x (``lora_shrink.part`` stays None where it does not)."""
     if gemv_applies(x, weight):
-        return dense_gemv(x, weight, bias)
+        return dense_gemv(x, weight, bias, lora_shrink=lora_shrink)
     return F.linear(x, weight, bias)

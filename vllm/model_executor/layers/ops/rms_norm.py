@@ -97,7 +97,7 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
         x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
         HAS_RESIDUAL=has_res, BLOCK_N=block,
         num_warps=warps, **pdl_launch_kwargs(x2.device),
-        n_rows=rows + shrink_programs, n_norm=rows, **extra,
+        n_rows=rows + shrink_programs, **({"n_norm": rows} | extra),
     )
 
 
