@@ -15,6 +15,7 @@ from tests.lora.test_model_manager import _peft_adapter, checkpoints, manager  #
 from tests.models.hf_checkpoints import PagedRunner
 from tests.models.test_fused_ops_models import _force
 from tests.utils import assert_close
+from vllm.config.model import ModelConfig
 from vllm.lora.layers import dense_handoff
 from vllm.lora.request import LoRARequest
 from vllm.model_executor.layers.ops import pending_delta
@@ -34,6 +35,18 @@ def bare_calls(monkeypatch):
 
     monkeypatch.setattr(dense_handoff, "forward_bare", spy)
     return calls
+
+
+def _off_and_on(folder, tmp_path, device, monkeypatch, run) -> dict:
+    """{on: run(mgr, model, cfg, on)} with ``HANDOFF`` off, then on: each on a fresh model and LoRA manager (the
+    Triton wrapper, rank 16) holding the peft adapter as id 7."""
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(dense_handoff, "HANDOFF", on)
+        mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
+        assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
+        runs[on] = run(mgr, model, cfg, on)
+    return runs
 
 
 def _run(mgr, model, cfg, use_triton: bool) -> list[torch.Tensor]:
@@ -57,21 +70,20 @@ def test_handoff_matches_peft_and_the_layers_own_add(checkpoints, tmp_path, monk
                                                      use_triton, device):
     folder, hf = checkpoints(arch)
     peft_model = _peft_adapter(hf, tmp_path / "adapter")
-    try:
-        runs = {}
-        for on in (False, True):
-            monkeypatch.setattr(dense_handoff, "HANDOFF", on)
-            mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
-            assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
-            n = len(bare_calls)
-            runs[on] = _run(mgr, model, cfg, use_triton)
-            calls = bare_calls[n:]
-            if not on:
-                assert not calls
-                continue
-            # 4 steps x layers x (q/k/v shrunk by the norm before it, o shrunk by its own layer)
+
+    def run(mgr, model, cfg, on):
+        n = len(bare_calls)
+        out = _run(mgr, model, cfg, use_triton)
+        calls = bare_calls[n:]
+        if not on:
+            assert not calls
+        else:  # 4 steps x layers x (q/k/v shrunk by the norm before it, o shrunk by its own layer)
             assert calls.count(("QKVParallelLinear", False)) == 4 * cfg.num_layers, calls
             assert calls.count(("RowParallelLinear", True)) == 4 * cfg.num_layers, calls
+        return out
+
+    try:
+        runs = _off_and_on(folder, tmp_path, device, monkeypatch, run)
         with torch.no_grad():
             want_lora = peft_model(torch.tensor([PROMPTS[0]])).logits[0]
             with peft_model.disable_adapter():
@@ -90,7 +102,7 @@ def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch,
     folder, hf = checkpoints("qwen3_moe")
     peft_model = _peft_adapter(hf, tmp_path / "adapter")
     try:
-        mgr, model, _ = manager(folder, kind="gpu", rank=16, device=device)
+        mgr, _, _ = manager(folder, kind="gpu", rank=16, device=device)
         assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
         qkv = mgr.modules["model.layers.0.self_attn.qkv_proj"]
         x = torch.randn(3, qkv.input_size, device=device)
@@ -132,24 +144,24 @@ def test_one_token_steps_shrink_in_the_o_gemv(checkpoints, tmp_path, monkeypatch
     monkeypatch.setattr(dense_handoff, "shrink", lambda p, x: (shrinks.append(x.shape[0]), real_shrink(p, x)))
     folder, hf = checkpoints("qwen3_moe")
     peft_model = _peft_adapter(hf, tmp_path / "adapter")
+
+    def run(mgr, model, cfg, on):
+        _force(model, True)
+        prompt = PROMPTS[0]
+        mgr.set_adapter_mapping([7] * len(prompt))
+        runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                             num_seqs=1)
+        out = [runner.prefill([prompt])[0]]
+        last = [int(out[0][-1].argmax())]
+        for _ in range(3):
+            mgr.set_adapter_mapping([7])
+            out.append(runner.decode(last))
+            last = out[-1].argmax(-1).tolist()
+        return out
+
     try:
-        runs = {}
-        for on in (False, True):
-            monkeypatch.setattr(dense_handoff, "HANDOFF", on)
-            mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
-            assert mgr.add_adapter(LoRARequest("a", 7, str(tmp_path / "adapter")))
-            _force(model, True)
-            prompt = PROMPTS[0]
-            mgr.set_adapter_mapping([7] * len(prompt))
-            runner = PagedRunner(model, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                                 num_layers=cfg.num_layers, num_seqs=1)
-            out = [runner.prefill([prompt])[0]]
-            last = [int(out[0][-1].argmax())]
-            for _ in range(3):
-                mgr.set_adapter_mapping([7])
-                out.append(runner.decode(last))
-                last = out[-1].argmax(-1).tolist()
-            runs[on] = out
+        runs = _off_and_on(folder, tmp_path, device, monkeypatch, run)
+        cfg = ModelConfig(str(folder))
         # the prefill's o projections (6 rows: not the GEMV) shrink in a launch of their own; decode steps never
         assert shrinks == [len(PROMPTS[0])] * cfg.num_layers, shrinks
         for i, (g, w) in enumerate(zip(runs[True], runs[False])):

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from vllm.model_executor.layers.ops._pdl import pdl_wait
-from vllm.model_executor.layers.ops._pending_delta import pending_a, pending_shrink, pending_slot
+from vllm.model_executor.layers.ops._pending_delta import pending_shrink, pending_shrink_operands
 
 
 @triton.jit
@@ -83,15 +83,9 @@ def dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_
     offs_n, mask_n, offs_k, w_ptrs, w, mask_k = _first_weight_tile(w_ptr, stride_wn, N, K, EVEN_K, BLOCK_N, BLOCK_K)
     if SHRINK:  # programs past the N tiles: the LoRA shrink of x (ops/pending_delta.py), slot and A chunk first
         pid = tl.program_id(0)
-        i = tl.maximum(pid - n_tiles, 0)
-        t = i // (s_slices * s_splits)
-        s = (i // s_splits) % s_slices
-        j = i % s_splits
-        offs_sk = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
-        sk_ok = offs_sk < K
-        slot_s, on_s = pending_slot(smap_ptr, t, s_loras, pid >= n_tiles)
-        a_s = pending_a(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, s_rank, slot_s, on_s, s, offs_sk,
-                        sk_ok, S_BLOCK_R)
+        t, s, j, offs_sk, sk_ok, on_s, a_s = pending_shrink_operands(
+            pid, n_tiles, pid >= n_tiles, smap_ptr, s_slices, s_splits, s_loras, sa_ptr, stride_sas, stride_sal,
+            stride_sar, stride_sak, s_rank, K, S_BLOCK_R, S_BLOCK_K)
     pdl_wait(USE_PDL)
     if SHRINK:
         if pid >= n_tiles:

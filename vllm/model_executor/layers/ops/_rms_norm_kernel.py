@@ -16,8 +16,8 @@ import triton.language as tl
 
 from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
-from vllm.model_executor.layers.ops._pending_delta import (pending_a, pending_apply, pending_b, pending_shrink,
-                                                            pending_slot)
+from vllm.model_executor.layers.ops._pending_delta import (pending_apply, pending_b, pending_shrink,
+                                                            pending_shrink_operands, pending_slot)
 
 
 @triton.jit
@@ -58,15 +58,9 @@ def _rms_norm_kernel(
         b_d = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, slot_d, on_d, 0, cols[None, :],
                         ok[None, :], D_BLOCK_R)
     if SHRINK:  # a shrink program's (row t, slice s, K chunk j), its slot and A chunk, before the wait
-        i = tl.maximum(row - n_norm, 0)
-        t = i // (s_slices * s_splits)
-        s = (i // s_splits) % s_slices
-        j = i % s_splits
-        offs_k = j * S_BLOCK_K + tl.arange(0, S_BLOCK_K)
-        k_ok = offs_k < N
-        slot_s, on_s = pending_slot(smap_ptr, t, s_loras, (row >= n_norm) & (row < n_rows))
-        a_s = pending_a(sa_ptr, stride_sas, stride_sal, stride_sar, stride_sak, s_rank, slot_s, on_s, s, offs_k, k_ok,
-                        S_BLOCK_R)
+        t, s, j, offs_k, k_ok, on_s, a_s = pending_shrink_operands(
+            row, n_norm, (row >= n_norm) & (row < n_rows), smap_ptr, s_slices, s_splits, s_loras, sa_ptr, stride_sas,
+            stride_sal, stride_sar, stride_sak, s_rank, N, S_BLOCK_R, S_BLOCK_K)
     pdl_wait(USE_PDL)
     if PREFETCH and not PF_EARLY:
         if row >= n_rows:
