@@ -123,6 +123,40 @@ def test_gemv_shrinks_its_input(dtype, K, device):
     assert_close(got[on].float(), _ref_shrink(p, x)[on].float(), torch.float32, name="shrink")
 
 
+def test_consumers_too_wide_for_their_registers_take_the_torch_path(device, monkeypatch):
+    """B's rows of one program beyond MAX_DELTA_TILE: the torch path adds the delta (no Triton launch)."""
+    import importlib
+
+    from vllm.model_executor.layers.ops import pending_delta
+
+    norm_mod = importlib.import_module("vllm.model_executor.layers.ops.rms_norm")
+    qk_mod = importlib.import_module("vllm.model_executor.layers.ops.qk_norm_rope")
+
+    gen = torch.Generator().manual_seed(3)
+    T, N, hd = len(SLOTS), 32, 16
+    x, r = (torch.randn(T, N, generator=gen).to(device) for _ in range(2))
+    w = torch.ones(N, device=device)
+    p = _delta([N], N, 8, torch.float32, device, gen)
+    part = p.new_part(T, 1, device)
+    part.copy_(torch.randn(part.shape, generator=gen).to(device))
+    want = fused_add_rms_norm(x, r, w, 1e-6, use_triton=True, lora_delta=p)
+    monkeypatch.setattr(pending_delta, "MAX_DELTA_TILE", 8)
+    monkeypatch.setattr(norm_mod, "_launch", lambda *a, **k: pytest.fail("launched"))
+    got = fused_add_rms_norm(x, r, w, 1e-6, use_triton=True, lora_delta=p)
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32)
+    qkv = torch.randn(T, 3 * N, generator=gen).to(device)
+    pq = _delta([N, N, N], N, 8, torch.float32, device, gen)
+    pq.new_part(T, 1, device).copy_(torch.randn(T, 3, 1, 8, generator=gen).to(device))
+    rope = RotaryEmbedding(hd, hd, 64, 10000.0, device=device)
+    pos = torch.arange(T, device=device)
+    calls = []
+    monkeypatch.setattr(qk_mod, "qk_norm_rope_torch", lambda *a, **k: (calls.append(1), (a[0], a[1]))[1])
+    qk_mod.qk_norm_rope(qkv[:, :N], qkv[:, N:2 * N], pos, rope.cos_cache, rope.sin_cache, head_dim=hd,
+                        use_triton=True, lora_delta=pq, v=qkv[:, 2 * N:])
+    assert calls == [1]
+
+
 def test_a_norm_cannot_both_shrink_and_add(device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 32, generator=gen).to(device)

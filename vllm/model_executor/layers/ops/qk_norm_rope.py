@@ -22,7 +22,8 @@ them - in the same launch on the Triton path (grid (T, 3)), by ``write_kv`` afte
 ``lora_delta`` (a ``PendingDelta`` of the q/k/v projection, slices q, k, v) with ``v`` (the values, a column view
 of the projection's output): the projection's LoRA delta is added here - to q and k before the norms, to v in
 place - rounded once, as the LoRA layer would have added it (``pending_delta.py``); the query heads are then
-split over programs of ``LORA_Q_HEADS`` heads (not with the "full" norm, which spans them all).
+split over programs of ``LORA_Q_HEADS`` heads (not with the "full" norm, which spans them all; where a program's B
+rows would not fit ``pending_delta.MAX_DELTA_TILE``, the torch path adds the delta).
 
 ``prefetch``: the weight the next weight-heavy launch streams (the o projection's), brought into L2 by extra
 programs of the same launch where ``l2_prefetch.plan`` allows it (a hint: the results do not change).
@@ -151,8 +152,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     max_pos = cos_cache.shape[0]
     if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= max_pos:
         raise ValueError(f"position {int(positions.max())} is beyond max_position {max_pos}")
+    nq, nk = q.shape[1] // head_dim, k.shape[1] // head_dim
+    lora_q_heads = nq if norm == "full" else min(nq, LORA_Q_HEADS)  # a q program's heads with lora_delta
     if not _use_triton(q, k, head_dim, norm, (q_weight, k_weight), use_triton) or (
-            kv_write is not None and kv_write.value.stride(1) != 1) or (v is not None and v.stride(1) != 1):
+            kv_write is not None and kv_write.value.stride(1) != 1) or (v is not None and v.stride(1) != 1) or (
+            lora_delta is not None and not lora_delta.fits(max(lora_q_heads, nk) * head_dim)):
         if lora_delta is not None:
             q, k = lora_delta.add_torch(0, q), lora_delta.add_torch(1, k)
             v.copy_(lora_delta.add_torch(2, v))
@@ -171,7 +175,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     if cos_cache.stride(-1) != 1 or sin_cache.stride() != cos_cache.stride():
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     half, pass_w = rotary_dim // 2, head_dim - rotary_dim
-    nq, nk = q.shape[1] // head_dim, k.shape[1] // head_dim
     nh_p = next_power_of_2(max(nq, nk))
     tile = nh_p * max(16, next_power_of_2(half))
     cache_args = {}
@@ -188,7 +191,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     parts = 3 if kv_write is not None else 2
     cache_args.update(q_heads=nq)  # one program for all query heads
     if lora_delta is not None:
-        q_heads = nq if norm == "full" else min(nq, LORA_Q_HEADS)
+        q_heads = lora_q_heads
         groups = -(-nq // q_heads)
         nh_p = next_power_of_2(max(q_heads, nk))
         parts = groups + 2

@@ -148,7 +148,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match the input "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     _check_pending(x, lora_shrink, lora_delta)
-    if not _use_triton(x, weight, use_triton):
+    too_wide = lora_delta is not None and not lora_delta.fits(x.shape[-1])  # its B rows would spill: torch
+    if not _use_triton(x, weight, use_triton) or too_wide:
         if lora_delta is not None:
             x = lora_delta.add_torch(0, x.reshape(-1, x.shape[-1])).view(x.shape)
         out, res = fused_add_rms_norm_torch(x, residual, weight, eps)
