@@ -65,6 +65,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="replays per screening timing (default 20)")
     p.add_argument("--confirm-reps", type=int, default=None, help="replays to re-time the top 3 (default 60)")
     p.add_argument("--max-candidates", type=int, default=24, help="per case, the heuristic included")
+    p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
+                   help="the w13 LoRA as the engine runs it: two slices (gate, up) of rank R, or (fused: peft's "
+                        "adapters on the fused experts, FusedMoE3DWithLoRA) one slice of 2I columns at rank 2R")
     p.add_argument("--shrink-splits", nargs="*", type=int, default=[],
                    help="LoRA: also time the split-K variant with these SHRINK_SPLIT_K (sorted path), e.g. 4 8 16")
     p.add_argument("--min-gain", type=float, default=0.02, help="a winner must beat the heuristic by this")
@@ -185,7 +188,9 @@ class Layer:
     lora: dict = field(default_factory=dict)  # R -> (w13 A, w13 B, w2 A, w2 B) tuples of slices
 
 
-def build_layer(shape, ranks: list[int], L: int, dtype, device) -> Layer:
+def build_layer(shape, ranks: list[int], L: int, dtype, device, w13_layout: str = "slices") -> Layer:
+    """``w13_layout`` "fused": the w13 LoRA of rank R is one slice of 2I columns at rank 2R (peft doubles the rank
+    of an adapter on the fused gate_up experts)."""
     name, H, I, E, k = shape
     w13 = torch.empty(E, 2 * I, H, dtype=dtype, device=device)
     w2 = torch.empty(E, H, I, dtype=dtype, device=device)
@@ -195,7 +200,9 @@ def build_layer(shape, ranks: list[int], L: int, dtype, device) -> Layer:
     layer = Layer(name, H, I, E, k, w13, w2)
     for R in ranks:  # stacked [S, L, E, ...] buffers, passed as slices, as FusedMoEWithLoRA does
         b_std = 0.5 * R ** -0.5
-        bufs = (_randn((2, L, E, R, H), H ** -0.5, dtype, device), _randn((2, L, E, I, R), b_std, dtype, device),
+        S, R13, N13 = (1, 2 * R, 2 * I) if w13_layout == "fused" else (2, R, I)
+        bufs = (_randn((S, L, E, R13, H), H ** -0.5, dtype, device),
+                _randn((S, L, E, N13, R13), 0.5 * R13 ** -0.5, dtype, device),
                 _randn((1, L, E, R, I), I ** -0.5, dtype, device), _randn((1, L, E, H, R), b_std, dtype, device))
         layer.lora[R] = tuple(tuple(b.unbind(0)) for b in bufs)
     return layer
@@ -256,7 +263,8 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
     mapping = (torch.arange(M, dtype=torch.int32) % L).to(t.device)
     enabled = torch.ones(L + 1, dtype=torch.int32, device=t.device)
     enabled[L] = 0
-    small = use_small_batch_path(pairs, E, L, R)
+    fused = t.args.w13_layout == "fused"
+    small = use_small_batch_path(pairs, E, L, 2 * R if fused else R)  # the layer's path: at its larger rank
     a13, b13, a2, b2 = ly.lora[R]
     aligns: dict[int, object] = {}
     outs = {1: torch.zeros(pairs, 2 * ly.I, dtype=t.dtype, device=t.device),
@@ -279,15 +287,18 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
 
     results, block_m = [], None
     keys = space.tuned_file_keys(ly.H, ly.I, E, ly.k, M, R)
+    if fused:  # the engine's lookup of the fused layout's one slice: N = 2I at rank 2R
+        op13, key13, index13 = keys["lora_w13"]
+        keys["lora_w13"] = (op13, dict(key13, N=2 * ly.I, R=2 * R), index13)
     for stage, kernel in ((1, "lora_w13"), (2, "lora_w2")):
         op, key, index = keys[kernel]
-        K, N, S = key["K"], key["N"], 2 if stage == 1 else 1
-        heur = space.heuristic_lora_config(op, pairs=pairs, E=E, L=L, R=R, K=K, N=N, S=S, dtype=t.dtype,
-                                           device_name=t.device_name)
+        K, N, S, R_op = key["K"], key["N"], 2 if stage == 1 and not fused else 1, key["R"]
+        heur = space.heuristic_lora_config(op, pairs=pairs, E=E, L=L, R=R_op, K=K, N=N, S=S, dtype=t.dtype,
+                                           device_name=t.device_name, small_batch=small)
         if block_m is not None:
             heur["BLOCK_SIZE_M"] = block_m
         if t.on_gpu:
-            cands = space.lora_candidates(heur, sorted_path=not small, tune_block_m=stage == 1, R=R, K=K, N=N,
+            cands = space.lora_candidates(heur, sorted_path=not small, tune_block_m=stage == 1, R=R_op, K=K, N=N,
                                           limit=t.args.max_candidates)
         else:
             cands = space.interpreter_candidates(heur, "lora", tune_block_m=stage == 1 and not small,
@@ -297,7 +308,7 @@ def tune_lora(t: Tuner, ly: Layer, M: int, R: int, x, tw, ti, act) -> list[Outco
             cands += split if t.on_gpu else split[:1]
         ref = launch(stage, heur, torch.zeros(outs[stage].shape, dtype=torch.float32, device=t.device),
                      fn=fused_moe_lora_torch)
-        res = Outcome(ly.name, M, f"{kernel} R={R}")
+        res = Outcome(ly.name, M, f"{kernel} R={R_op}" + (" (fused)" if fused and stage == 1 else ""))
         best = t.search(res, cands, lambda c: run(stage, c), ref)
         block_m = best["BLOCK_SIZE_M"]
         if not res.note:
@@ -318,7 +329,8 @@ def tune(args: argparse.Namespace) -> tuple[list[Outcome], str]:
     shapes = [lb.SMOKE_SHAPE] if args.smoke else [lb.SHAPES[s] for s in args.shapes]
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
     os.makedirs(args.out, exist_ok=True)
-    layers = [build_layer(s, args.ranks if "lora" in args.ops else [], args.num_loras, dtype, device) for s in shapes]
+    layers = [build_layer(s, args.ranks if "lora" in args.ops else [], args.num_loras, dtype, device, args.w13_layout)
+              for s in shapes]
     kernels = (["gemm_w13", "gemm_w2"] if "gemm" in args.ops else []) + \
               [f"lora_{w} R={R}" for R in args.ranks for w in ("w13", "w2") if "lora" in args.ops]
     outcomes: list[Outcome] = []

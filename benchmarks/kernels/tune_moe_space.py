@@ -67,13 +67,14 @@ def heuristic_gemm_config(pairs: int, E: int, N: int, K: int, top_k: int, dtype:
 
 
 def heuristic_lora_config(op: str, *, pairs: int, E: int, L: int, R: int, K: int, N: int, S: int,
-                          dtype: torch.dtype, device_name: str) -> Config:
-    """The MoE LoRA op's config without tuned files."""
+                          dtype: torch.dtype, device_name: str, small_batch: Optional[bool] = None) -> Config:
+    """The MoE LoRA op's config without tuned files (``small_batch``: the layer's path, when decided at another
+    rank than this op's, as the Punica wrapper decides it)."""
     from vllm.lora.ops.triton_ops.moe_lora_config import get_moe_lora_config
 
     return as_plain(get_moe_lora_config(op, num_pairs=pairs, num_experts=E, max_loras=L, rank=R, K=K, N=N,
                                          num_slices=S, dtype=dtype, use_tuned_config=False,
-                                         device_name=device_name), LORA_KEYS)
+                                         device_name=device_name, small_batch=small_batch), LORA_KEYS)
 
 
 def launch_config(cfg: Config) -> Any:

@@ -142,6 +142,25 @@ def test_search_never_picks_a_wrong_or_failing_candidate(tmp_path):
     assert res.note.startswith("heuristic output wrong") and res.failed
 
 
+def test_fused_w13_layout_writes_the_engines_lookup(tuned_folder, device):
+    """--w13-layout fused: the w13 LoRA file is the one a FusedMoE3DWithLoRA layer looks up (one slice of 2I
+    columns at twice the rank, as peft trains adapters on the fused experts), the w2 file stays at the rank; the
+    entries load back through the lookup and launch."""
+    if device.type == "cuda":
+        pytest.skip("--smoke tunes on the CPU interpreter")
+    argv = ["--smoke", "--out", str(tuned_folder), "--tokens", "9", "--ops", "lora", "--w13-layout", "fused"]
+    assert tune_moe.main(argv) == 0
+    _, H, I, E, k = tune_moe.lb.SMOKE_SHAPE
+    names = (_parse_name(p.name) for p in tuned_folder.glob("*.json"))
+    keys = {(op, tuple(sorted(key.items()))) for op, key, _ in names}
+    assert keys == {("fused_moe_lora_w13", tuple(sorted({"E": E, "K": H, "N": 2 * I, "R": 32}.items()))),
+                    ("fused_moe_lora_w2", tuple(sorted({"E": E, "K": I, "N": H, "R": 16}.items())))}
+    assert "lora_w13 R=32 (fused)" in (tuned_folder / "tune_moe.md").read_text()
+    for f in tuned_folder.glob("*.json"):
+        op, key, dev = _parse_name(f.name)
+        assert lookup_tuned_config(op, key, 9 * k, dev) == json.loads(f.read_text())[str(9 * k)]
+
+
 def test_budget_stops_cleanly(tmp_path, device):
     if device.type == "cuda":
         pytest.skip("--smoke tunes on the CPU interpreter")

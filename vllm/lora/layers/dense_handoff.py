@@ -13,11 +13,11 @@ the two projections for a ``PendingDelta`` (``ops/pending_delta.py``) and hands 
   delta (``lora_delta``).
 
 A layer hands its delta on only where the result is the same as its own add (the delta is added in fp32 to the
-projection's output and rounded once; only the order of the fp32 sums differs): one rank (the o delta joins
-before the all-reduce otherwise), at most ``HANDOFF_MAX_TOKENS`` rows, buffers of the input's dtype, B's rows of
-one consumer program within ``pending_delta.MAX_DELTA_TILE`` (e.g. rank <= 32 for the o projection at hidden 2048),
-neither the fused projection + LoRA nor the side stream on, and the layer's LoRA ops run this step (``any_active``, so a CUDA
-graph captured with the LoRA ops on holds the handoff, one captured without them does not).
+projection's output and rounded once; only the order of the fp32 sums differs): one rank (the o delta joins before
+the all-reduce otherwise), at most ``HANDOFF_MAX_TOKENS`` rows, buffers of the input's dtype, B's rows of one
+consumer program within ``pending_delta.MAX_DELTA_TILE`` (e.g. rank <= 32 for the o projection at hidden 2048),
+neither the fused projection + LoRA nor the side stream on, and the layer's LoRA ops run this step (``any_active``,
+so a CUDA graph captured with the LoRA ops on holds the handoff, one captured without them does not).
 ``HANDOFF`` is off until timed on a GPU (decode switch ``dense-lora-handoff``).
 """
 from __future__ import annotations

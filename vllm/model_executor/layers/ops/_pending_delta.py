@@ -4,13 +4,13 @@ The operands a program needs from the step's slot mapping and the adapters' A / 
 is copied in before the step's first kernel; A and B are weights), so the kernels load them before their PDL wait,
 and keep the tiles in registers across it: after the wait only the rows and the partial sums are loaded.
 
-``pending_slot``: row t's slot and whether it is one (a slot without this layer's adapter holds zero A and B, so
-it adds exactly zero: no enabled flag is read, one dependent load less).  ``pending_shrink_operands`` (with ``pending_a``) /
-``pending_shrink``: one producer program - A's [BLOCK_R, BLOCK_K] chunk of the slot, then the fp32 sums of one K chunk of a row (as the
-kernel rounds it for the projection) times it, stored at ``part[t, s, j]``.  ``pending_b`` / ``pending_apply``:
-a consumer - B's rows at column offsets ``cols`` (any 2-D tile) of slice s, [.., .., BLOCK_R], then the fp32 delta
-there: the row's K-split partials summed in a fixed order, times the tile; zero where the row has no slot (nothing
-is read there).
+``pending_slot``: row t's slot and whether it is one (a slot without this layer's adapter holds zero A and B, so it
+adds exactly zero: no enabled flag is read, one dependent load less). ``pending_shrink_operands`` (with
+``pending_a``) / ``pending_shrink``: one producer program - A's [BLOCK_R, BLOCK_K] chunk of the slot, then the fp32
+sums of one K chunk of a row (as the kernel rounds it for the projection) times it, stored at ``part[t, s, j]``.
+``pending_b`` / ``pending_apply``: a consumer - B's rows at column offsets ``cols`` (any 2-D tile) of slice s, [..,
+.., BLOCK_R], then the fp32 delta there: the row's K-split partials summed in a fixed order, times the tile; zero
+where the row has no slot (nothing is read there).
 """
 import triton
 import triton.language as tl

@@ -126,7 +126,8 @@ class PendingDelta:
         part = self.new_part(T, splits, device)
         S = len(self.slice_sizes)
         return T * S * splits, dict(
-            n_norm=T, sa_ptr=a, stride_sas=a.stride(0), stride_sal=a.stride(1), stride_sar=a.stride(2), stride_sak=a.stride(3),
+            n_norm=T, sa_ptr=a, stride_sas=a.stride(0), stride_sal=a.stride(1), stride_sar=a.stride(2),
+            stride_sak=a.stride(3),
             sp_ptr=part, stride_spt=part.stride(0), stride_sps=part.stride(1), stride_spj=part.stride(2),
             smap_ptr=self.mapping, s_slices=S, s_splits=splits, s_rank=self.rank,
             s_loras=self.max_loras, SHRINK=True, S_BLOCK_R=self.block_r, S_BLOCK_K=block_k)
