@@ -68,6 +68,24 @@ def test_mixed_batch_matches_peft(setup):
     assert len({tuple(setup.reference(PROMPTS[0], w)) for w in (None, 0, 1)}) == 3
 
 
+def test_dense_lora_handoff_matches_peft(setup, monkeypatch):
+    """The dense LoRA handoff (lora/layers/dense_handoff.py) through the engine: biased q/k/v/o, sinks, the sliding
+    window, two adapters and the base model in one batch (rank 8 and 4: kernel ranks differ per layer), greedy
+    tokens equal peft's; the projections ran bare."""
+    from vllm.lora.layers import dense_handoff
+
+    monkeypatch.setattr(dense_handoff, "HANDOFF", True)
+    bare = []
+    real = dense_handoff.forward_bare
+    monkeypatch.setattr(dense_handoff, "forward_bare", lambda *a: (bare.append(1), real(*a))[1])
+    which = [1, None, 0, 0]
+    loras = [None if w is None else setup.requests[w] for w in which]
+    outs = _llm(setup).generate(PROMPTS, GREEDY, lora_request=loras, use_tqdm=False)
+    for prompt, w, out in zip(PROMPTS, which, outs):
+        assert out.outputs[0].token_ids == setup.reference(prompt, w), (prompt, w)
+    assert bare
+
+
 def test_logits_match_peft(setup):
     """Prefill logits of a prompt longer than the window, per adapter, vs peft (float32)."""
     from vllm.attention.metadata import build_metadata
