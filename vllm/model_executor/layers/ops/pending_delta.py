@@ -142,8 +142,8 @@ class PendingDelta:
 
 
 def pending_for(layer: nn.Module, x: torch.Tensor) -> Optional[PendingDelta]:
-    """The delta ``layer`` hands on for its input ``x`` this step (its ``lora_handoff``), or None: not a LoRA layer,
-    or it adds its own.  A caller given one must pass it to the projection (``layer(x, pending_delta=...)``) and to
+    """The delta ``layer`` hands on for its input ``x`` this step (its ``lora_handoff``; only x's rows and dtype are
+    read, so the layer's input need not exist yet), or None: not a LoRA layer, or it adds its own.  A caller given one must pass it to the projection (``layer(x, pending_delta=...)``) and to
     the op after it that adds it."""
     make = getattr(layer, "lora_handoff", None)
     return None if make is None else make(x)
