@@ -54,7 +54,9 @@ def compile_norm(extra: Optional[tuple[dict, dict, dict]]):
     return triton.compile(src, target=TARGET, options={"num_warps": 8, "launch_pdl": True})
 
 
-def compile_qk(delta: bool):
+def compile_qk(delta: bool, cexp_over: Optional[dict] = None, ints_over: Optional[dict] = None):
+    """q/k norm + rotary at Qwen3-30B-A3B's heads (32 / 4 of 128, per-head norm), without or with the q/k/v delta;
+    ``cexp_over`` / ``ints_over``: other specialisations (the compile test's)."""
     ptrs = {**{n: "bf16" for n in ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr")},
             "pos_ptr": "i64", "cos_ptr": "fp32", "sin_ptr": "fp32"}
     cexp: dict[str, Any] = {"NORM": 1, "CLIP": False, "HAS_PASS": False, "NH_P": 32, "HALF_P": 64, "PASS_P": 1,
@@ -66,6 +68,10 @@ def compile_qk(delta: bool):
         ptrs.update(dp, v_ptr="bf16")
         cexp.update(dc, NH_P=4, Q_GROUPS=8)
         ints.update(di, q_heads=4, stride_v=5120)
+    cexp.update(cexp_over or {})
+    ints.update(ints_over or {})
+    if cexp.get("WRITE_KV"):
+        ptrs.update(cache_ptr="bf16", slot_ptr="i64", v_ptr="bf16")
     src = specialise(_qk_norm_rope_kernel, ptrs, cexp, ints)
     return triton.compile(src, target=TARGET, options={"num_warps": 4 if delta else 8, "launch_pdl": True})
 

@@ -14,9 +14,21 @@ from benchmarks.kernels.handoff_static_report import (SHRINK, H, _delta, compile
 from benchmarks.kernels.sass_stats import resources  # noqa: E402
 
 
+# q/k norm + rotary with the delta in the other model families' settings: no norm with a pass-through part, the
+# fused KV write, clip and one KV head (Mixtral-like; NK = 1 is specialised as a constant); the full-row norm in
+# one q program (OLMoE)
+QK_VARIANTS = {"no norm, pass-through, KV write, clip, 1 KV head": (
+                   {"NORM": 0, "HAS_PASS": True, "PASS_P": 32, "HALF_P": 32, "WRITE_KV": True, "CLIP": True},
+                   {"HALF": 32, "NK": 1, "CACHE_BLOCK": 16, "stride_ckv": 1 << 20, "stride_cb": 2048,
+                    "stride_co": 128, "stride_ch": 128, "stride_cd": 1}),
+               "full-row norm, one q program": ({"NORM": 2, "Q_GROUPS": 1, "NH_P": 32}, {"q_heads": 32})}
+
+
 def main() -> None:
-    for name, out in (("norm + SHRINK", compile_norm(SHRINK)), ("norm + DELTA", compile_norm(_delta(H, 8))),
-                      ("qk_norm_rope + DELTA", compile_qk(True)), ("dense GEMV + SHRINK", compile_gemv(True))):
+    cases = [("norm + SHRINK", compile_norm(SHRINK)), ("norm + DELTA", compile_norm(_delta(H, 8))),
+             ("qk_norm_rope + DELTA", compile_qk(True)), ("dense GEMV + SHRINK", compile_gemv(True))]
+    cases += [(f"qk_norm_rope + DELTA, {name}", compile_qk(True, *over)) for name, over in QK_VARIANTS.items()]
+    for name, out in cases:
         ptx = out.asm["ptx"]
         before = ptx[:ptx.find("griddepcontrol.wait")]
         loads, stores = before.count("ld.global"), before.count("st.global")
