@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
+
 from vllm.lora.layers import dense_overlap
 from vllm.model_executor.layers.ops.dense_gemv import linear
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta

@@ -10,8 +10,9 @@ dependent kernels.  But the kernels on either side of a projection already hold 
   ``sum_j part[t, s, j] @ B_s[slot]^T`` to them (rounded once, as ``add_lora_linear`` rounds ``y + delta``)
   before the norms, v in place;
 * the residual RMSNorm after the o projection holds the projection's output row: with ``lora_delta`` it adds
-  the o delta first (the o shrink, whose input is the attention's output, stays one launch: the split-K
-  shrink of ``lora_linear``, writing the same ``part`` layout).
+  the o delta first (the o shrink, whose input is the attention's output, is written by extra programs of the
+  o projection's decode GEMV at one token - ``dense_gemv(lora_shrink=)`` - else by one launch, the split-K
+  shrink of ``lora_linear``, in the same ``part`` layout).
 
 So the projection runs bare and the delta rides on its neighbours.  ``PendingDelta`` is that contract: the A and
 B stacks, the step's slot mapping, and, once a producer ran, ``part`` [T, S, K_SPLITS, BLOCK_R] (fp32; rows of
