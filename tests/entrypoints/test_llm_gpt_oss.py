@@ -75,6 +75,7 @@ def test_dense_lora_handoff_matches_peft(setup, monkeypatch):
     from vllm.lora.layers import dense_handoff
 
     monkeypatch.setattr(dense_handoff, "HANDOFF", True)
+    monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", True)
     bare = []
     real = dense_handoff.forward_bare
     monkeypatch.setattr(dense_handoff, "forward_bare", lambda *a: (bare.append(1), real(*a))[1])

@@ -41,6 +41,7 @@ def _off_and_on(folder, tmp_path, device, monkeypatch, run) -> dict:
     """{on: run(mgr, model, cfg, on)} with ``HANDOFF`` off, then on: each on a fresh model and LoRA manager (the
     Triton wrapper, rank 16) holding the peft adapter as id 7."""
     runs = {}
+    monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", True)
     for on in (False, True):
         monkeypatch.setattr(dense_handoff, "HANDOFF", on)
         mgr, model, cfg = manager(folder, kind="gpu", rank=16, device=device)
@@ -107,6 +108,8 @@ def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch,
         qkv = mgr.modules["model.layers.0.self_attn.qkv_proj"]
         x = torch.randn(3, qkv.input_size, device=device)
         mgr.set_adapter_mapping([7, 0, 7])
+        monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", True)
+        monkeypatch.setattr(dense_handoff, "HANDOFF", False)
         assert pending_for(qkv, x) is None  # the switch is off
         monkeypatch.setattr(dense_handoff, "HANDOFF", True)
         p = pending_for(qkv, x)
@@ -114,7 +117,11 @@ def test_when_the_layers_add_their_own_delta(checkpoints, tmp_path, monkeypatch,
         assert pending_for(qkv.base_layer, x) is None  # not a LoRA layer
         monkeypatch.setattr(dense_handoff, "HANDOFF_MAX_TOKENS", 2)
         assert pending_for(qkv, x) is None  # more rows than HANDOFF_MAX_TOKENS
-        monkeypatch.setattr(dense_handoff, "HANDOFF_MAX_TOKENS", 256)
+        monkeypatch.setattr(dense_handoff, "HANDOFF_MAX_TOKENS", 64)
+        if device.type == "cpu":
+            monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", False)
+            assert pending_for(qkv, x) is None  # CPU tensors: the layers' own add (nothing launched to save)
+            monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", True)
         mgr.set_adapter_mapping([0, 0, 0])
         assert pending_for(qkv, x) is None  # no token on the layer's adapters: nothing to add
         mgr.set_adapter_mapping([7, 0, 7])
