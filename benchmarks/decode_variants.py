@@ -74,8 +74,6 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
-           # the dense LoRA prefetch kernel loads A and B before its PDL wait (lora_linear.EARLY_WEIGHTS)
-           "dense-lora-early-weights": ("vllm.lora.ops.triton_ops.lora_linear", "EARLY_WEIGHTS"),
            # q/k norm + rotary and the split decode attention load the step's metadata before their PDL wait
            "pdl-early-loads": ("vllm.platforms.pdl", "EARLY_LOADS"),
            # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
@@ -85,7 +83,7 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
-             "dense-lora-early-weights", "moe-lora-pair-fanout", "dense-lora-handoff"}
+             "moe-lora-pair-fanout", "dense-lora-handoff"}
 _toggle_defaults: dict[str, object] = {}
 
 

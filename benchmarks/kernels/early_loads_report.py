@@ -1,14 +1,13 @@
 """The loads before the PDL wait, statically (sm_90, no GPU needed): for each kernel that can load step-invariant
-data before ``griddepcontrol.wait`` - the dense LoRA prefetch kernel and sorted split pair
-(``lora_linear.EARLY_WEIGHTS``), q/k norm + rotary and the split decode attention and its reduce
+data before ``griddepcontrol.wait`` - q/k norm + rotary and the split decode attention and its reduce
 (``vllm/platforms/pdl.EARLY_LOADS``) - the dependent global round trips left after the wait (``sass_round_trips.
 round_trips_after_wait``) and the loads issued before it, without and with the switch, at Qwen3-30B-A3B's widths.
 
     PYTHONPATH=. python benchmarks/kernels/early_loads_report.py [--out table.md]
 
 The kernel specialisations here are also what the sm_90 compile tests build (``tests/kernels/
-pdl_early_loads_compile.py``, ``tests/lora/lora_linear_early_weights_compile.py``,
-``tests/lora/lora_linear_sorted_split_hopper_compile.py``).
+pdl_early_loads_compile.py``, ``tests/lora/lora_linear_sorted_split_hopper_compile.py``) and what
+``handoff_static_report.py`` compares against (the dense LoRA prefetch kernel).
 """
 from __future__ import annotations
 
@@ -60,7 +59,7 @@ ATTENTION_CASES: dict[str, tuple[Any, dict, dict, dict, int]] = {
                        "stride_od": 1}, 1),
 }
 
-# the dense LoRA prefetch kernel at the q/k/v launch (rank 16, one token, 4 slots); the switch is EARLY_WEIGHTS
+# the dense LoRA prefetch kernel at the q/k/v launch (rank 16, one token, 4 slots)
 LORA_PREFETCH_PTRS = {"x_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "y_ptr": "bf16", "mapping_ptr": "i32",
                       "enabled_ptr": "i32"}
 LORA_PREFETCH_INTS = {"K": 2048, "R": 16, "max_loras": 4, "n0": 4096, "n1": 512, "n2": 512, "off0": 0, "off1": 4096,
@@ -75,14 +74,13 @@ def compile_attention(name: str, early: bool):
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "launch_pdl": True})
 
 
-def compile_lora_prefetch(early: bool):
-    cexp = {"HAS_ENABLED": True, "BLOCK_N": 128, "BLOCK_K": 2048, "BLOCK_R": 16, "K_TILES": 1, "USE_PDL": True,
-            "EARLY_WEIGHTS": early}
+def compile_lora_prefetch():
+    cexp = {"HAS_ENABLED": True, "BLOCK_N": 128, "BLOCK_K": 2048, "BLOCK_R": 16, "K_TILES": 1, "USE_PDL": True}
     src = specialise(lora_linear_token_prefetch_kernel, LORA_PREFETCH_PTRS, cexp, LORA_PREFETCH_INTS)
     return triton.compile(src, target=TARGET, options={"num_warps": 16, "launch_pdl": True})
 
 
-def compile_sorted_pair(T: int, K: int, widths: list[int], R: int, L: int = 4, early: bool = False):
+def compile_sorted_pair(T: int, K: int, widths: list[int], R: int, L: int = 4):
     """The sorted split pair (shrink, expand) as ``launch_sorted_split`` launches it on contiguous tensors, with
     PDL: ``sorted_split_config``'s GPU tiles for T tokens, K inputs, slices of ``widths``, rank R, L slots."""
     cfg = sorted_split_config(T, K, max(widths), R, torch.bfloat16)
@@ -92,7 +90,7 @@ def compile_sorted_pair(T: int, K: int, widths: list[int], R: int, L: int = 4, e
     p_strides = dict(stride_pb=S * splits * cfg.block_m * br, stride_ps=splits * cfg.block_m * br,
                      stride_pj=cfg.block_m * br, stride_pm=br)
     common = dict(HAS_ENABLED=True, UPCAST=False, FP32_PRECISION="tf32x3", BLOCK_M=cfg.block_m, BLOCK_R=br,
-                  USE_PDL=True, EARLY_WEIGHTS=early)
+                  USE_PDL=True)
     shrink = specialise(
         split_kern.lora_linear_sorted_shrink_kernel,
         dict(x_ptr="bf16", a_ptr="bf16", part_ptr="fp32", sorted_ids_ptr="i32", counts_ptr="i32", enabled_ptr="i32"),
@@ -126,12 +124,6 @@ def rows() -> list[tuple[str, str, Optional[int], Optional[int], int, int]]:
 
     for name in ATTENTION_CASES:
         add(name, "EARLY_LOADS", compile_attention(name, False), compile_attention(name, True))
-    add("lora_linear_token_prefetch_kernel (q/k/v, 1 token)", "EARLY_WEIGHTS", compile_lora_prefetch(False),
-        compile_lora_prefetch(True))
-    for proj, (K, widths) in {"q/k/v": (2048, [4096, 512, 512]), "o": (4096, [2048])}.items():
-        off, on = compile_sorted_pair(64, K, widths, 16), compile_sorted_pair(64, K, widths, 16, early=True)
-        for kname, k_off, k_on in zip(("shrink", "expand"), off, on):
-            add(f"lora_linear_sorted_{kname}_kernel ({proj}, 64 tokens)", "EARLY_WEIGHTS", k_off, k_on)
     return out
 
 

@@ -119,7 +119,7 @@ def rows() -> list[tuple[str, str, Optional[int], Optional[int], Optional[int]]]
     add("dense_gemv_kernel + SHRINK", "with the o shrink (8 more programs a token)", compile_gemv(True))
     add("lora_linear_split_shrink_kernel", "the o shrink where the projection is not the GEMV (2+ tokens)",
         compile_o_shrink())
-    add("lora_linear_token_prefetch_kernel", "removed: the q/k/v LoRA at 1 token", compile_lora_prefetch(False))
+    add("lora_linear_token_prefetch_kernel", "removed: the q/k/v LoRA at 1 token", compile_lora_prefetch())
     return out
 
 

@@ -90,19 +90,13 @@ def test_a_bad_env_value_is_refused(fresh_pdl):
         pdl.pdl_enabled(torch.device("cuda", 0))
 
 
-# Kernels that load weights (never written by a kernel during a step) before the wait: arguments they may touch
-# before it.  The dense LoRA kernels with EARLY_WEIGHTS also read the slot mapping (or the slot-sorted tokens) and
-# the enabled flags there (copied in before the step's first kernel, like the adapters' A and B); x, y and the
-# partials only after it.
-_LORA_PREFETCH_EARLY = {"mapping_ptr", "enabled_ptr", "a_ptr", "b_ptr", "K", "R", "max_loras", "n0", "n1", "n2",
-                        "off0", "off1", "off2", "stride_as", "stride_al", "stride_ar", "stride_ak", "stride_bs",
-                        "stride_bl", "stride_bn", "stride_br"}
+# Kernels that load weights (never written by a kernel during a step) before the wait, or compute indices there:
+# arguments they may touch before it.
 # The dense LoRA handoff (ops/pending_delta.py): the row's slot in the step's mapping (copied in before the step's
 # first kernel) and the adapters' A / B tiles; the rows and the shrink's partial sums only after the wait.
 _HANDOFF_B = {"dmap_ptr", "d_loras", "d_rank", "db_ptr", "stride_dbs", "stride_dbl", "stride_dbn", "stride_dbr"}
 _HANDOFF_A = {"n_norm", "smap_ptr", "s_loras", "s_rank", "s_slices", "s_splits", "sa_ptr", "stride_sas", "stride_sal",
               "stride_sar", "stride_sak"}
-_SORTED_META = {"sorted_ids_ptr", "counts_ptr", "enabled_ptr", "num_tokens", "R", "num_slots"}
 # With vllm/platforms/pdl.EARLY_LOADS: the step's metadata (positions, sequence lengths, tokens, block tables) and
 # constant caches (cos / sin, sinks); q, k, the KV cache and the partials only after the wait.
 _EARLY_LOADS = {"_qk_norm_rope_kernel": {"pos_ptr", "cos_ptr", "sin_ptr", "n_tokens", "stride_cos", "q_heads"}
@@ -110,16 +104,11 @@ _EARLY_LOADS = {"_qk_norm_rope_kernel": {"pos_ptr", "cos_ptr", "sin_ptr", "n_tok
                 "decode_split_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "block_tables_ptr", "stride_bt_b"},
                 "decode_reduce_kernel": {"seq_lens_ptr", "query_start_loc_ptr", "sinks_ptr"}}
 WEIGHTS_BEFORE_WAIT = {"dense_gemv_kernel": {"w_ptr", "N", "K", "stride_wn", "n_tiles"} | _HANDOFF_A - {"n_norm"},
-                       # ... and the sorted split pair: the slot blocks (the step mapping's), A's chunk / B's tile
-                       "lora_linear_sorted_shrink_kernel": _SORTED_META | {"a_ptr", "K", "stride_as", "stride_al",
-                                                                          "stride_ar", "stride_ak"},
-                       "lora_linear_sorted_expand_kernel": _SORTED_META | {"b_ptr", "n0", "n1", "n2", "off0", "off1",
-                                                                          "off2", "stride_bs", "stride_bl",
-                                                                          "stride_bn", "stride_br"},
                        **_EARLY_LOADS,
                        # the L2 prefetch of the next projection's weight, with PF_EARLY (l2_prefetch.py)
                        "_rms_norm_kernel": {"n_rows", "pf_ptr", "pf_bytes"} | _HANDOFF_A | _HANDOFF_B,
-                       "lora_linear_token_prefetch_kernel": _LORA_PREFETCH_EARLY}
+                       # the dense LoRA prefetch kernel: its slice's width and first column, its rank mask (no load)
+                       "lora_linear_token_prefetch_kernel": {"n0", "n1", "n2", "off0", "off1", "off2", "R"}}
 
 
 @pytest.mark.parametrize("module,name", PDL_KERNELS, ids=[n for _, n in PDL_KERNELS])

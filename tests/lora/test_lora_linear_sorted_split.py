@@ -117,26 +117,7 @@ def test_refuses_the_token_path_with_it(device):
 
 def test_compiles_for_hopper_without_spills():
     """sm_90: both kernels at the GPU tiles for the Qwen3-30B-A3B q/k/v and o launches at 64 and 256 tokens,
-    ranks 16 and 32, without and with EARLY_WEIGHTS (``lora_linear_sorted_split_hopper_compile.py``)."""
+    ranks 16 and 32, with PDL: no global load or store before the wait
+    (``lora_linear_sorted_split_hopper_compile.py``)."""
     out = run_without_interpreter("tests/lora/lora_linear_sorted_split_hopper_compile.py")
-    assert out.count("ok ") == 32, out
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,K,widths,L,R,mode,one_buffer,tiles", CASES)
-def test_early_weights_give_the_same_bits(T, K, widths, L, R, mode, one_buffer, tiles, dtype, monkeypatch, device):
-    """``EARLY_WEIGHTS`` (the slot blocks, A's chunk and B's tile loaded before the PDL wait) changes the order of
-    the loads only: the pair's output bit for bit, with a disabled slot and the NaN-poisoned partials."""
-    x, a, b, y, offsets, mapping = make_case(T, K, widths, L, R, mode, one_buffer, dtype, device, seed=T + K + 2)
-    enabled = torch.ones(L, dtype=torch.int32, device=device)
-    enabled[L - 1] = 0
-    outs = []
-    for early in (False, True):
-        monkeypatch.setattr(op, "EARLY_WEIGHTS", early)
-        out = y.clone()
-        add_lora_linear(out, x, a, b, mapping, adapter_enabled=enabled, output_offsets=offsets,
-                        config=_cfg(x, b, **tiles))
-        outs.append(out)
-    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
-    if any(0 <= m < L - 1 for m in mapping[:T].tolist()):
-        assert not torch.equal(outs[1], y)
+    assert out.count("ok ") == 16, out

@@ -204,7 +204,7 @@ def lora_linear_token_prefetch_kernel(
     stride_bs, stride_bl, stride_bn, stride_br,
     stride_yt, stride_yn,
     HAS_ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False, EARLY_WEIGHTS: tl.constexpr = False,
+    K_TILES: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """The token path in two dependent memory round trips (``LoRALinearTileConfig.token_kernel = 1``).
 
@@ -214,12 +214,6 @@ def lora_linear_token_prefetch_kernel(
     B's tile and the slot's enabled flag, all issued before any arithmetic.  A disabled slot is
     masked out of the store instead of branched on (a branch would add a trip).  Programs past
     the end of a narrow slice return before loading anything.
-
-    ``EARLY_WEIGHTS`` (with PDL): the slot, the enabled flag, B's tile and A's first tile - data no
-    kernel of the step writes: the mapping and the adapters are copied in before the step's first
-    kernel - are loaded before the PDL wait, while the projection before this launch drains; after
-    it only x and y (one trip).  Every program waits before it returns, so this grid never
-    completes before the one it depends on.
     """
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -231,36 +225,21 @@ def lora_linear_token_prefetch_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     s64 = s.to(tl.int64)
-    if EARLY_WEIGHTS:  # the step-invariant loads, while the projection before this launch drains
-        slot = tl.load(mapping_ptr + t)
-        live = (slot >= 0) & (slot < max_loras) & (pid_n * BLOCK_N < N)
-        b, on, a_ptrs, a = _slot_operands(a_ptr, b_ptr, enabled_ptr, tl.where(live, slot, 0).to(tl.int64), live,
-                                          s64, offs_n, mask_n, offs_r, mask_r, offs_k, K, stride_as, stride_al,
-                                          stride_ar, stride_ak, stride_bs, stride_bl, stride_bn, stride_br,
-                                          HAS_ENABLED)
     pdl_wait(USE_PDL)
-    if EARLY_WEIGHTS:
-        if not live:
-            return
-        y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
-        yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
-        x_row = x_ptr + t * stride_xt
-        xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
-    else:
-        if pid_n * BLOCK_N >= N:
-            return
-        slot = tl.load(mapping_ptr + t)
-        y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
-        yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
-        x_row = x_ptr + t * stride_xt
-        # x as a [1, BLOCK_K] row: it takes A's layout, with no trip through shared memory (whose barrier
-        # would hold the loads of A behind x's)
-        xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
-        if (slot < 0) | (slot >= max_loras):
-            return
-        b, on, a_ptrs, a = _slot_operands(a_ptr, b_ptr, enabled_ptr, slot.to(tl.int64), slot >= 0, s64, offs_n,
-                                          mask_n, offs_r, mask_r, offs_k, K, stride_as, stride_al, stride_ar,
-                                          stride_ak, stride_bs, stride_bl, stride_bn, stride_br, HAS_ENABLED)
+    if pid_n * BLOCK_N >= N:
+        return
+    slot = tl.load(mapping_ptr + t)
+    y_ptrs = y_ptr + t * stride_yt + (col0 + offs_n).to(tl.int64) * stride_yn
+    yv = tl.load(y_ptrs, mask=mask_n, other=0.0)
+    x_row = x_ptr + t * stride_xt
+    # x as a [1, BLOCK_K] row: it takes A's layout, with no trip through shared memory (whose barrier
+    # would hold the loads of A behind x's)
+    xk = tl.load(x_row + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
+    if (slot < 0) | (slot >= max_loras):
+        return
+    b, on, a_ptrs, a = _slot_operands(a_ptr, b_ptr, enabled_ptr, slot.to(tl.int64), slot >= 0, s64, offs_n,
+                                      mask_n, offs_r, mask_r, offs_k, K, stride_as, stride_al, stride_ar,
+                                      stride_ak, stride_bs, stride_bl, stride_bn, stride_br, HAS_ENABLED)
     acc2 = a.to(tl.float32) * xk
     for kt in tl.static_range(1, K_TILES):  # only when A does not fit one tile (large K or rank)
         k_left = K - kt * BLOCK_K

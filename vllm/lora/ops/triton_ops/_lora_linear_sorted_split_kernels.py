@@ -9,12 +9,6 @@ sorted_split``; launcher: ``lora_linear.py``).  Two launches, no atomics, no mem
   K_SPLITS partials (one fixed order), multiplies by B's tile (the bf16x3 split or a tf32x3 dot, ``EXPAND_MODE``,
   as the fused kernel) and adds into y.  It reads partials only of the blocks the shrink wrote.
 
-``EARLY_WEIGHTS`` (``lora_linear.EARLY_WEIGHTS``, with PDL): the block's slot, its tokens (a walk over the slot
-counts: one dependent load per slot) and the slot's A chunk / B tile - the step mapping and the adapters, copied
-in before the step's first kernel and written by no kernel of the step - load before the PDL wait, while the
-launch before drains; after it only x (the shrink) or the partials and y (the expand).  Every program waits
-before it returns.
-
 Against ``lora_linear_sorted_kernel`` (every (block, slice, N-split) program walks all of K, so the shrink is
 computed once per N-split and its K loop is the program's latency): each shrink program loads one K chunk
 at once, and each expand program one N tile.
@@ -22,7 +16,7 @@ at once, and each expand program one N tile.
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _dot, _expand_dot, _shrink_rows, _split_for_expand
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _expand_dot, _shrink_rows, _split_for_expand
 from vllm.lora.ops.triton_ops._lora_linear_kernels import _block_tokens, _slice_params, _slot_block
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
@@ -50,7 +44,6 @@ def lora_linear_sorted_shrink_kernel(
     stride_pb, stride_ps, stride_pj, stride_pm,
     HAS_ENABLED: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False,
-    EARLY_WEIGHTS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
@@ -59,29 +52,16 @@ def lora_linear_sorted_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     k0 = j * BLOCK_K
     k_left = tl.minimum(K - k0, BLOCK_K)
-    if EARLY_WEIGHTS:  # the block's slot and tokens and the slot's A chunk: no kernel of the step writes them
-        slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
-                                                 num_tokens, HAS_ENABLED, BLOCK_M)
-        a_ptrs = (a_ptr + s * stride_as + tl.maximum(slot, 0).to(tl.int64) * stride_al + offs_r[None, :] * stride_ar
-                  + (k0 + offs_k[:, None]) * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
-        at = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & (offs_r < R)[None, :] & live, other=0.0)
     pdl_wait(USE_PDL)
-    if EARLY_WEIGHTS:
-        if not live:
-            return
-        xt = tl.load(x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k[None, :]) * stride_xk,
-                     mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        part = _dot(xt, at, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST, FP32_PRECISION)
-    else:
-        slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
-                                                 num_tokens, HAS_ENABLED, BLOCK_M)
-        if not live:
-            return
-        x_ptrs = x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k[None, :]) * stride_xk
-        a_ptrs = (a_ptr + s * stride_as + slot.to(tl.int64) * stride_al + offs_r[None, :] * stride_ar
-                  + (k0 + offs_k[:, None]) * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
-        part = _shrink_rows(x_ptrs, a_ptrs, mask_m, offs_r < R, k_left, stride_xk, stride_ak,
-                            UPCAST, FP32_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)  # one K step: fp32 [BLOCK_M, BLOCK_R]
+    slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
+                                             num_tokens, HAS_ENABLED, BLOCK_M)
+    if not live:
+        return
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + (k0 + offs_k[None, :]) * stride_xk
+    a_ptrs = (a_ptr + s * stride_as + slot.to(tl.int64) * stride_al + offs_r[None, :] * stride_ar
+              + (k0 + offs_k[:, None]) * stride_ak)  # [BLOCK_K, BLOCK_R] view of A^T
+    part = _shrink_rows(x_ptrs, a_ptrs, mask_m, offs_r < R, k_left, stride_xk, stride_ak,
+                        UPCAST, FP32_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)  # one K step: fp32 [BLOCK_M, BLOCK_R]
     rows = tl.arange(0, BLOCK_M)
     tl.store(part_ptr + pid_m * stride_pb + s * stride_ps + j * stride_pj + rows[:, None] * stride_pm
              + offs_r[None, :], part)
@@ -97,7 +77,7 @@ def lora_linear_sorted_expand_kernel(
     stride_yt, stride_yn,
     HAS_ENABLED: tl.constexpr, UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
-    USE_PDL: tl.constexpr = False, EARLY_WEIGHTS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     s = tl.program_id(1)
@@ -107,19 +87,11 @@ def lora_linear_sorted_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    if EARLY_WEIGHTS:  # the block's slot and tokens and B's tile: no kernel of the step writes them
-        slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
-                                                 num_tokens, HAS_ENABLED, BLOCK_M)
-        live = live & (pid_n * BLOCK_N < N)
-        b = tl.load(b_ptr + s64 * stride_bs + tl.maximum(slot, 0).to(tl.int64) * stride_bl
-                    + offs_r[:, None] * stride_br + offs_n[None, :].to(tl.int64) * stride_bn,
-                    mask=(offs_r[:, None] < R) & mask_n[None, :] & live, other=0.0)  # [BLOCK_R, BLOCK_N] of B^T
     pdl_wait(USE_PDL)
-    if not EARLY_WEIGHTS:
-        if pid_n * BLOCK_N >= N:
-            return
-        slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
-                                                 num_tokens, HAS_ENABLED, BLOCK_M)
+    if pid_n * BLOCK_N >= N:
+        return
+    slot, tokens, mask_m, live = _live_block(pid_m, counts_ptr, sorted_ids_ptr, enabled_ptr, num_slots,
+                                             num_tokens, HAS_ENABLED, BLOCK_M)
     if not live:
         return
     offs_j = tl.arange(0, BLOCK_J)
@@ -129,10 +101,9 @@ def lora_linear_sorted_expand_kernel(
                     mask=(offs_j < k_splits)[:, None, None], other=0.0)  # [BLOCK_J, BLOCK_M, BLOCK_R]
     acc = tl.sum(parts, axis=0)  # fp32 [BLOCK_M, BLOCK_R]: the K chunks in a fixed order
     hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
-    if not EARLY_WEIGHTS:
-        b = tl.load(b_ptr + s64 * stride_bs + slot.to(tl.int64) * stride_bl + offs_r[:, None] * stride_br
-                    + offs_n[None, :].to(tl.int64) * stride_bn, mask=(offs_r[:, None] < R) & mask_n[None, :],
-                    other=0.0)  # [BLOCK_R, BLOCK_N] view of B^T
+    b = tl.load(b_ptr + s64 * stride_bs + slot.to(tl.int64) * stride_bl + offs_r[:, None] * stride_br
+                + offs_n[None, :].to(tl.int64) * stride_bn, mask=(offs_r[:, None] < R) & mask_n[None, :],
+                other=0.0)  # [BLOCK_R, BLOCK_N] view of B^T
     delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
     y_ptrs = y_ptr + tokens[:, None] * stride_yt + (col0 + offs_n[None, :]).to(tl.int64) * stride_yn
     y_mask = mask_m[:, None] & mask_n[None, :]

@@ -54,10 +54,6 @@ _TOKEN_BLOCK_K_ELEMS = 8192  # token path: BLOCK_R * BLOCK_K fp32 partial produc
 # o 16.8-21.6 -> 5.6-6.3 split-K (prefetch 8.1-9.8: its A spans 4 K tiles there)
 TOKEN_KERNEL: Optional[int] = None
 _PREFETCH_MAX_K_TILES = 2  # more K tiles of A than this: the split-K pair beats the prefetch kernel
-# the prefetch kernel and the sorted split pair load their slot (blocks), A and B (no kernel of the step writes them)
-# before their PDL wait, so that only x, y and the partials are left after it (decode switch
-# dense-lora-early-weights; off until timed on a GPU)
-EARLY_WEIGHTS = False
 # the variants were timed at ranks 16, 32 and 64 (H200, --token-variant --rank 64, qwen3 width, us: split-K
 # qkv 1 / 16 tokens 7.4 / 12.2 vs the first kernel 23.0 / 49.8 and the sorted path 13.0 / 15.4; o 6.7 / 8.4 vs
 # 170 / 693 and 18.4 / 18.6; at rank 64 the prefetch kernel's A spans 4 K tiles, so split-K is chosen)
@@ -327,8 +323,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.sorted_split:
             launch_sorted_split(y, x, a, b, meta, enabled, adapter_enabled is not None, cfg, ns, n_args, off_args,
-                                stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, _scratch,
-                                early_weights=EARLY_WEIGHTS)
+                                stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, _scratch)
         elif cfg.token_path and cfg.token_kernel == 2:
             _launch_split(y, x, a, b, token_lora_mapping, enabled, adapter_enabled is not None, cfg, ns, n_args,
                           off_args, stride_as if ns > 1 else 0, stride_bs if ns > 1 else 0, interp)
@@ -336,7 +331,7 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
             kern.lora_linear_token_prefetch_kernel[(T, ns, -(-max(n_args) // cfg.block_n))](
                 x, a, b, y, token_lora_mapping, enabled, K, R, L, *n_args, *off_args, *strides[:-1],
                 BLOCK_R=next_power_of_2(max(R, 8 if not interp else 16)), K_TILES=-(-K // cfg.block_k), **common,
-                EARLY_WEIGHTS=EARLY_WEIGHTS, **pdl_launch_kwargs(x.device))
+                **pdl_launch_kwargs(x.device))
         elif cfg.token_path:
             block_r = next_power_of_2(max(R, 8 if not interp else 16))
             kern.lora_linear_token_kernel[(T, ns, splits)](

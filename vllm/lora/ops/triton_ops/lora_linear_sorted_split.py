@@ -52,13 +52,11 @@ def sorted_split_config(num_tokens: int, K: int, N: int, R: int, dtype: torch.dt
 def launch_sorted_split(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta,
                         enabled: torch.Tensor, has_enabled: bool, cfg: LoRALinearTileConfig, ns: int,
                         n_args: list[int], off_args: list[int], stride_as: int, stride_bs: int,
-                        scratch: Callable[[tuple[int, ...], torch.device], torch.Tensor],
-                        early_weights: bool = False) -> None:
+                        scratch: Callable[[tuple[int, ...], torch.device], torch.Tensor]) -> None:
     """The pair for one launch group of ``add_lora_linear`` (its arguments: slices ``ns`` of A / B at
     ``stride_as`` / ``stride_bs`` elements from ``a`` / ``b``, widths ``n_args``, first columns ``off_args``;
     ``meta`` the step's ``LoRALinearMetadata``).  The partials [blocks, ns, K_SPLITS, BLOCK_M, BLOCK_R] fp32
-    come from ``scratch`` uninitialised: the expand reads only the blocks the shrink wrote.  ``early_weights``:
-    the kernels' ``EARLY_WEIGHTS`` (``lora_linear.EARLY_WEIGHTS``)."""
+    come from ``scratch`` uninitialised: the expand reads only the blocks the shrink wrote."""
     from vllm.lora.ops.triton_ops import _lora_linear_sorted_split_kernels as kern
 
     T, K = x.shape
@@ -73,10 +71,10 @@ def launch_sorted_split(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
         x, a, part, meta.sorted_token_ids, meta.slot_counts, enabled, T, K, R, L, x.stride(0), x.stride(1),
         stride_as, *a.stride(), *part.stride()[:4], HAS_ENABLED=has_enabled, UPCAST=interp,
         FP32_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        EARLY_WEIGHTS=early_weights, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
+        num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
     kern.lora_linear_sorted_expand_kernel[(blocks, ns, -(-max(n_args) // cfg.block_n))](
         part, b, y, meta.sorted_token_ids, meta.slot_counts, enabled, T, R, L, k_splits, *n_args, *off_args,
         *part.stride()[:4], stride_bs, *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled,
         UPCAST=interp, FP32_PRECISION=precision, EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_J=next_power_of_2(k_splits),
-        EARLY_WEIGHTS=early_weights, num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
+        num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
