@@ -1,8 +1,7 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
 #   (default: l2-prefetch and pdl-early-loads - the twenty-eighth session's L2 weight prefetch and the attention
-#   kernels' step metadata before their PDL wait - and
-#   dense-lora-handoff - the twenty-ninth session's dense LoRA deltas added by the norms and q/k norm + rotary -,
-#   timed at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round).  Three parts, each skipped with its variable at 0:
+#   kernels' step metadata before their PDL wait -, timed at PENDING_BATCHES 1,16,64,256 without and with LoRA,
+#   one round).  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
@@ -24,7 +23,7 @@ if [ "${PENDING_PYTEST:-1}" != 0 ]; then
 fi
 if [ "${PENDING_AB:-1}" != 0 ]; then
   timeout "${PENDING_AB_TIMEOUT:-450}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
-    --switches ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads dense-lora-handoff} ${PENDING_AB_LORA:---lora} \
+    --switches ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads} ${PENDING_AB_LORA:---lora} \
     --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
@@ -36,7 +35,7 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
 fi
 if [ "${PENDING_TRACE:-0}" != 0 ]; then
   flips=""
-  for sw in ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads dense-lora-handoff}; do
+  for sw in ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads}; do
     flips="$flips --flip $sw"
   done
   for side in off on; do
