@@ -1,7 +1,8 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
 #   (default: l2-prefetch and pdl-early-loads - the twenty-eighth session's L2 weight prefetch and the attention
 #   kernels' step metadata before their PDL wait -, timed at PENDING_BATCHES 1,16,64,256 without and with LoRA,
-#   one round).  Three parts, each skipped with its variable at 0:
+#   one round; both timed on an H200 in the thirtieth session and lost - their removal, which leaves no default,
+#   waits on the branch remove-l2-prefetch-pdl-early-loads).  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
