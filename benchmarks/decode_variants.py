@@ -74,10 +74,6 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # None (the shipped default) defers to VLLM_FUSED_LORA_LINEAR; flipped: True
            "dense-fused-lora": ("vllm.lora.layers.linear", "FUSED_DECODE"),
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
-           # q/k norm + rotary and the split decode attention load the step's metadata before their PDL wait
-           "pdl-early-loads": ("vllm.platforms.pdl", "EARLY_LOADS"),
-           # the norms and q/k norm + rotary warm the next projection's weights into L2 (ops/l2_prefetch.py)
-           "l2-prefetch": ("vllm.model_executor.layers.ops.l2_prefetch", "L2_PREFETCH"),
            # the q/k/v and o projections' LoRA deltas added by the norms and q/k norm + rotary around them
            # (vllm/lora/layers/dense_handoff.py)
            "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF")}

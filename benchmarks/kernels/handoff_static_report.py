@@ -21,9 +21,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 
 from benchmarks.kernels.bench_timing import emit  # noqa: E402
-from benchmarks.kernels.early_loads_report import compile_lora_prefetch  # noqa: E402
 from benchmarks.kernels.sass_round_trips import round_trips_after_wait  # noqa: E402
 from benchmarks.kernels.sass_stats import TARGET, _sass, resources, specialise  # noqa: E402
+from vllm.lora.ops.triton_ops._lora_linear_kernels import lora_linear_token_prefetch_kernel  # noqa: E402
 from vllm.lora.ops.triton_ops._lora_linear_split_kernels import lora_linear_split_shrink_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._dense_gemv_kernel import dense_gemv_kernel  # noqa: E402
 from vllm.model_executor.layers.ops._qk_norm_rope_kernel import _qk_norm_rope_kernel  # noqa: E402
@@ -99,6 +99,21 @@ def compile_o_shrink():
                       "stride_al": R * 4096, "stride_ar": 4096, "stride_ak": 1, "stride_pt": 8 * R, "stride_ps": 8 * R,
                       "stride_pj": R})
     return triton.compile(src, target=TARGET, options={"num_warps": 8, "launch_pdl": True})
+
+
+# the dense LoRA prefetch kernel at the q/k/v launch (rank 16, one token, 4 slots): what the handoff removes there
+LORA_PREFETCH_PTRS = {"x_ptr": "bf16", "a_ptr": "bf16", "b_ptr": "bf16", "y_ptr": "bf16", "mapping_ptr": "i32",
+                      "enabled_ptr": "i32"}
+LORA_PREFETCH_INTS = {"K": 2048, "R": 16, "max_loras": 4, "n0": 4096, "n1": 512, "n2": 512, "off0": 0, "off1": 4096,
+                      "off2": 4608, "stride_xt": 2048, "stride_xk": 1, "stride_as": 131072, "stride_al": 32768,
+                      "stride_ar": 2048, "stride_ak": 1, "stride_bs": 262144, "stride_bl": 65536, "stride_bn": 16,
+                      "stride_br": 1, "stride_yt": 5120, "stride_yn": 1}
+
+
+def compile_lora_prefetch():
+    cexp = {"HAS_ENABLED": True, "BLOCK_N": 128, "BLOCK_K": 2048, "BLOCK_R": 16, "K_TILES": 1, "USE_PDL": True}
+    src = specialise(lora_linear_token_prefetch_kernel, LORA_PREFETCH_PTRS, cexp, LORA_PREFETCH_INTS)
+    return triton.compile(src, target=TARGET, options={"num_warps": 16, "launch_pdl": True})
 
 
 def rows() -> list[tuple[str, str, Optional[int], Optional[int], Optional[int]]]:

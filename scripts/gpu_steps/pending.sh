@@ -1,8 +1,8 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  PENDING_SWITCHES
-#   (default: l2-prefetch and pdl-early-loads - the twenty-eighth session's L2 weight prefetch and the attention
-#   kernels' step metadata before their PDL wait -, timed at PENDING_BATCHES 1,16,64,256 without and with LoRA,
-#   one round; both timed on an H200 in the thirtieth session and lost - their removal, which leaves no default,
-#   waits on the branch remove-l2-prefetch-pdl-early-loads).  Three parts, each skipped with its variable at 0:
+# pending: the switches prepared off until timed, decided in as few calls as possible.  None is pending now (the
+#   last ones were timed on an H200 and removed): PENDING_SWITCHES names the decode switches to time
+#   (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round;
+#   unset or empty, the A/B and the trace parts say so and run nothing.  Three parts, each skipped with its
+#   variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
@@ -14,17 +14,20 @@
 #   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
-  pytest ${PENDING_TESTS:-tests/kernels/test_l2_prefetch.py tests/models/test_fused_ops_models.py \
-    tests/lora/test_lora_linear_token_variant.py tests/lora/test_lora_linear_sorted_split.py \
-    tests/kernels/test_pdl_early_loads.py tests/layers/test_l2_prefetch_experts.py \
-    tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py tests/entrypoints/test_llm_gpt_oss.py} \
+  pytest ${PENDING_TESTS:-tests/models/test_fused_ops_models.py tests/lora/test_lora_linear_token_variant.py \
+    tests/lora/test_lora_linear_sorted_split.py tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py \
+    tests/entrypoints/test_llm_gpt_oss.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))
 fi
-if [ "${PENDING_AB:-1}" != 0 ]; then
+if [ -z "${PENDING_SWITCHES:-}" ] && [ "${PENDING_AB:-1}${PENDING_TRACE:-0}" != 00 ]; then
+  echo "== pending: no switch is pending - PENDING_SWITCHES is unset; the A/B and the traces need it, e.g." \
+    "PENDING_SWITCHES='fused-kv-write' (benchmarks/decode_variants.py TOGGLES); nothing timed"
+fi
+if [ "${PENDING_AB:-1}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
   timeout "${PENDING_AB_TIMEOUT:-450}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
-    --switches ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads} ${PENDING_AB_LORA:---lora} \
+    --switches $PENDING_SWITCHES ${PENDING_AB_LORA:---lora} \
     --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
@@ -34,9 +37,9 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
     --out "$OUT/lora_sorted_split.md" >"$OUT/lora_sorted_split.log" 2>&1
   r=$?; grep "^| \|rror" "$OUT/lora_sorted_split.log" | tail -12; rc=$(( rc || r ))
 fi
-if [ "${PENDING_TRACE:-0}" != 0 ]; then
+if [ "${PENDING_TRACE:-0}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
   flips=""
-  for sw in ${PENDING_SWITCHES:-l2-prefetch pdl-early-loads}; do
+  for sw in $PENDING_SWITCHES; do
     flips="$flips --flip $sw"
   done
   for side in off on; do

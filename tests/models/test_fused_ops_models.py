@@ -87,30 +87,3 @@ def test_kv_write_in_qk_norm_rope_matches_the_attention_write(arch, overrides, t
     for i, (g, w) in enumerate(zip(runs[1], runs[0])):
         assert torch.equal(g, w), f"{arch} step {i}: logits differ"
 
-
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_l2_prefetch_keeps_the_logits(arch, tmp_path, monkeypatch, device):
-    """ops/l2_prefetch.L2_PREFETCH on: every layer's input norm, q/k norm + rotary and post-attention norm
-    warm the next weight (planned for each of them), with the same logits bit for bit as without."""
-    from vllm.model_executor.layers.ops import l2_prefetch
-
-    plans = []
-    real = l2_prefetch.plan
-
-    def spy(w, t):
-        plans.append(real(w, t))
-        return plans[-1]
-
-    monkeypatch.setattr(l2_prefetch, "plan", spy)
-    make_checkpoint(arch, tmp_path)
-    cfg = ModelConfig(str(tmp_path), dtype="float32")
-
-    def check(on: bool) -> None:
-        planned = sum(p is not None for p in plans)
-        # 4 forwards (prefill + 3 decodes), 3 prefetching launches per layer
-        assert planned >= 4 * 3 * cfg.num_layers if on else planned == 0, f"{planned} launches prefetched"
-        plans.clear()
-
-    runs = _off_and_on(cfg, device, monkeypatch, l2_prefetch, "L2_PREFETCH", check)
-    for i, (g, w) in enumerate(zip(runs[1], runs[0])):
-        assert torch.equal(g, w), f"{arch} step {i}: logits differ"

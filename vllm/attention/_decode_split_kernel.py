@@ -22,10 +22,7 @@ the denominator once per head, in the reduce: max over the splits' maxima and th
 exp2(sink - max) added to the sum.
 
 ``UPCAST`` (interpreter) converts dot operands to fp32, as in ``_paged_attention_kernel``.  Each tile's
-block-table entries for the next tile are loaded beside its K / V.  ``EARLY`` (``vllm/platforms/pdl.EARLY_LOADS``):
-the step's metadata - sequence length, token, the first tile's block-table entries, the sink - loads before the
-PDL wait (it is copied in before the step's first kernel), so that after it the split kernel starts with q and
-K / V in one round trip, the reduce with the partials.
+block-table entries for the next tile are loaded beside its K / V.
 """
 import triton
 import triton.language as tl
@@ -63,20 +60,15 @@ def decode_split_kernel(
     stride_kv, stride_kb, stride_ko, stride_kh, stride_kd,
     stride_bt_b,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
-    if EARLY:  # the step's metadata (copied in before its first kernel) before the wait: length, range, first tile
-        seq_len, lo, hi = _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
-        tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-        blk = tl.load(bt_row + (lo + offs_n) // BLOCK_SIZE, mask=lo + offs_n < hi, other=0).to(tl.int64)
     pdl_wait(USE_PDL)
-    if not EARLY:
-        seq_len, lo, hi = _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
+    seq_len, lo, hi = _split_range(seq_lens_ptr, seq, split, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
     if lo >= seq_len:
         return
 
@@ -85,9 +77,8 @@ def decode_split_kernel(
     g_ok = g < GROUP
     d_ok = offs_d < HEAD_DIM
     head = kvh * GROUP + g
-    if not EARLY:
-        tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-        blk = tl.load(bt_row + (lo + offs_n) // BLOCK_SIZE, mask=lo + offs_n < hi, other=0).to(tl.int64)
+    tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    blk = tl.load(bt_row + (lo + offs_n) // BLOCK_SIZE, mask=lo + offs_n < hi, other=0).to(tl.int64)
     q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -143,20 +134,14 @@ def decode_reduce_kernel(
     HEAD_DIM, NUM_HEADS, WINDOW,
     stride_ot, stride_oh, stride_od,
     NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
     offs_d = tl.arange(0, BLOCK_D)
-    if EARLY:  # the sequence length and its token (the step's metadata) and the sink before the wait
-        seq_len = tl.load(seq_lens_ptr + seq)
-        tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-        if USE_SINKS:
-            sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
     pdl_wait(USE_PDL)
-    if not EARLY:
-        seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
     first, tiles, per = _context_tiles(seq_len, WINDOW, BLOCK_N, NUM_SPLITS, USE_WINDOW)
     n_valid = tl.cdiv(tiles, per)
     s_ok = offs_s < n_valid
@@ -165,8 +150,7 @@ def decode_reduce_kernel(
     l = tl.load(part_l_ptr + row, mask=s_ok, other=0.0)
     m_all = tl.max(m, axis=0)
     if USE_SINKS:
-        if not EARLY:
-            sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
+        sink = tl.load(sinks_ptr + head) * 1.4426950408889634  # log2 units, like the partial maxima
         m_all = tl.maximum(m_all, sink)
     w = tl.where(s_ok, tl.exp2(m - m_all), 0.0)
     acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
@@ -174,7 +158,6 @@ def decode_reduce_kernel(
     if USE_SINKS:
         denom += tl.exp2(sink - m_all)  # the sink, once per head
     out = tl.sum(acc * w[:, None], axis=0) / denom
-    if not EARLY:
-        tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    tok = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)

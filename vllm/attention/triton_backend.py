@@ -27,7 +27,6 @@ from vllm.attention import _decode_split_kernel as split_kern
 from vllm.attention import _paged_attention_kernel as kern
 from vllm.attention.metadata import AttentionMetadata
 from vllm.attention.torch_backend import check_attention_options
-from vllm.platforms import pdl
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -175,15 +174,13 @@ def _paged_decode_split(query: torch.Tensor, kv_cache: torch.Tensor, meta: Atten
         float(scale) * math.log2(math.e), group, D, block_size, H, opts.window,
         *query.stride(), *kv_cache.stride(), tables.stride(0),
         NUM_SPLITS=splits, BLOCK_M=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=interp, USE_WINDOW=opts.use_window, EARLY=pdl.EARLY_LOADS, num_warps=4, num_stages=2,
-        **pdl_launch_kwargs(query.device),
+        UPCAST=interp, USE_WINDOW=opts.use_window, num_warps=4, num_stages=2, **pdl_launch_kwargs(query.device),
     )
     split_kern.decode_reduce_kernel[(B, H)](
         out, meta.query_start_loc, meta.seq_lens, part_acc, part_m, part_l, opts.sinks, D, H, opts.window,
         *out.stride(),
         NUM_SPLITS=splits, SPLITS_P=next_power_of_2(splits), BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks, EARLY=pdl.EARLY_LOADS, num_warps=1,
-        **pdl_launch_kwargs(out.device),
+        USE_WINDOW=opts.use_window, USE_SINKS=opts.use_sinks, num_warps=1, **pdl_launch_kwargs(out.device),
     )
 
 

@@ -23,14 +23,6 @@ from vllm.platforms.interface import triton_interpreting
 # 16 tokens, docs/performance.md); False launches them plainly.
 PDL_4BIT = True
 
-# Kernels whose first loads are step metadata (positions, sequence lengths, block tables: copied in before the
-# step's first kernel) or constant caches load those before their PDL wait, while the kernel before them drains:
-# q/k norm + rotary its positions' cos / sin rows, the split decode attention its sequence length, token and first
-# block-table entries, its reduce the sequence length.  Off: on an H200 (thirtieth session) it saved ~1.3 % at
-# batch 1 but changed the greedy tokens (one of those loads races a kernel of the same step): do not turn it on;
-# its removal waits on the branch remove-l2-prefetch-pdl-early-loads (decode switch pdl-early-loads).
-EARLY_LOADS = False
-
 _OFF: dict[str, bool] = {"USE_PDL": False}
 _ON: dict[str, bool] = {"USE_PDL": True, "launch_pdl": True}
 

@@ -38,23 +38,19 @@ class RMSNorm(nn.Module):
         param.data.copy_(loaded_weight)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
-                prefetch: Optional[torch.Tensor] = None, prefetch_early: bool = False,
                 lora_shrink: Optional[PendingDelta] = None,
                 lora_delta: Optional[PendingDelta] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``prefetch``: the weight the next layer streams, warmed into L2 by the same launch where
-        ``ops/l2_prefetch.py`` allows it (a hint: the result does not change); ``prefetch_early``: before the
-        launch's PDL wait (the kernel before it streams nothing); ``lora_shrink`` / ``lora_delta``: the next
-        projection's LoRA shrink written by this launch, the previous projection's delta added to x first (with a
-        residual only; ``ops/pending_delta.py``)."""
+        """``lora_shrink`` / ``lora_delta``: the next projection's LoRA shrink written by this launch, the previous
+        projection's delta added to x first (with a residual only; ``ops/pending_delta.py``)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"RMSNorm over {self.hidden_size} got input of shape {tuple(x.shape)}")
-        pf = dict(prefetch=prefetch, prefetch_early=prefetch_early, lora_shrink=lora_shrink)
         if residual is None:
             if lora_delta is not None:
                 raise ValueError("lora_delta needs the residual form (the add before the norm)")
-            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton, **pf)
+            return rms_norm(x, self.weight, self.variance_epsilon, use_triton=self.use_triton,
+                            lora_shrink=lora_shrink)
         return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon, use_triton=self.use_triton,
-                                  lora_delta=lora_delta, **pf)
+                                  lora_shrink=lora_shrink, lora_delta=lora_delta)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"

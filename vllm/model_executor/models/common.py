@@ -14,9 +14,6 @@ All four are the same pre-norm decoder; a model file only says what differs
 Module names follow the HF checkpoints (``model.layers.{i}.self_attn.qkv_proj``,
 ``model.layers.{i}.mlp.experts``, ...), so adapter keys map onto them directly.
 The residual add is fused into the next RMSNorm (``norm(x, residual)``, one launch on CUDA).
-With ``ops/l2_prefetch.L2_PREFETCH`` the launch before each weight stream warms its weights into L2: the
-input norm the q/k/v projection's, q/k norm + rotary the o projection's, the post-attention norm the MLP's
-first weight (``prefetch_weight``).
 """
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta, pending_for
 from vllm.model_executor.layers.ops.qk_norm_rope import qk_norm_rope
 from vllm.model_executor.layers.quantization.int4_config import Int4QuantizationConfig
@@ -108,10 +104,6 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, **args.row,
                                            prefix=join_prefix(prefix, "down_proj"))
 
-    def prefetch_weight(self) -> Optional[torch.Tensor]:
-        """The first weight forward streams (``ops/l2_prefetch.py``)."""
-        return l2_prefetch.weight_of(self.gate_up_proj)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu(gate) * up in one launch on CUDA (the MoE activation kernel), in fp32 rounded once
         return self.down_proj(moe_activation(MoEActivation.SILU, self.gate_up_proj(x)))
@@ -137,10 +129,6 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
-
-    def prefetch_weight(self) -> Optional[torch.Tensor]:
-        """The first weight forward streams: the router's (``ops/l2_prefetch.py``)."""
-        return l2_prefetch.weight_of(self.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
@@ -232,9 +220,7 @@ class DecoderAttention(nn.Module):
                             q_weight=self.q_norm.weight if norm else None,
                             k_weight=self.k_norm.weight if norm else None,
                             eps=self.q_norm.variance_epsilon if norm else 1e-6, clip=clip, use_triton=self.use_triton,
-                            kv_write=kv_write,
-                            prefetch=l2_prefetch.weight_of(self.o_proj) if l2_prefetch.L2_PREFETCH else None,
-                            lora_delta=qkv_lora, v=v if qkv_lora is not None else None)
+                            kv_write=kv_write, lora_delta=qkv_lora, v=v if qkv_lora is not None else None)
         if kv_write is not None:
             out = self.attn(q, None, None, sinks=self.sinks, kv_written=True)
         else:
@@ -261,24 +247,17 @@ class DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = getattr(self, self.mlp_name)
-        qkv_w = mlp_w = None
-        if l2_prefetch.L2_PREFETCH:  # the weights the next launches stream, warmed into L2 by the norms
-            qkv_w = l2_prefetch.weight_of(self.self_attn.qkv_proj)
-            mlp_w = mlp.prefetch_weight() if hasattr(mlp, "prefetch_weight") else None
-        early = l2_prefetch.INPUT_NORM_EARLY  # before it: the embedding, or the previous layer's MLP output sum
         attn = self.self_attn
         # the projections' LoRA deltas, where they are handed to the norms and q/k norm + rotary (None: they add
         # their own; lora/layers/dense_handoff.py)
         qkv_lora, o_lora = pending_for(attn.qkv_proj, hidden_states), pending_for(attn.o_proj, hidden_states)
-        norm_args = dict(prefetch=qkv_w, prefetch_early=early, lora_shrink=qkv_lora)
         if residual is None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states, **norm_args)
+            hidden_states = self.input_layernorm(hidden_states, lora_shrink=qkv_lora)
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, **norm_args)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, lora_shrink=qkv_lora)
         hidden_states = attn(positions, hidden_states, qkv_lora=qkv_lora, o_lora=o_lora)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, prefetch=mlp_w,
-                                                                lora_delta=o_lora)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, lora_delta=o_lora)
         return mlp(hidden_states), residual
 
 

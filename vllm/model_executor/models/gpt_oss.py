@@ -24,7 +24,7 @@ through ``FusedMoE3DWithLoRA`` (rows in the interleaved order); attention adapte
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,7 +32,6 @@ from torch import nn
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm.model_executor.layers.linear import ReplicatedLinear
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.model_executor.models.common import BuildArgs, DecoderAttention, MoEForCausalLM
 from vllm.model_executor.models.utils import head_dim_of, join_prefix
@@ -54,10 +53,6 @@ class GptOssMoE(nn.Module):
                                 device=args.device, renormalize=False, topk_then_softmax=True,
                                 activation="swigluoai", has_bias=True, lora_enabled=args.lora_enabled,
                                 moe_backend=args.moe_backend, **args.moe, prefix=join_prefix(prefix, "experts"))
-
-    def prefetch_weight(self) -> Optional[torch.Tensor]:
-        """The first weight forward streams: the router's (``ops/l2_prefetch.py``)."""
-        return l2_prefetch.weight_of(self.router)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.router(x))

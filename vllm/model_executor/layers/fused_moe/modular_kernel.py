@@ -210,16 +210,6 @@ class FusedMoEExperts(ABC):
         """True when routing and experts run as one opaque op (no prepare/finalize seams)."""
         return False
 
-    def stream_weights(self, w1: Optional[torch.Tensor],
-                       w2: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The tensors GEMM1 and GEMM2 stream, one contiguous block per local expert (dim 0), for the L2
-        prefetch of the launches before them (``ops/l2_prefetch.py``); None where there is none.  Default: the
-        layer's ``w1`` / ``w2`` when they are float tensors (a quantized backend names its own)."""
-        def floats(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return w if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point() else None
-
-        return floats(w1), floats(w2)
-
     @classmethod
     def supports_dtype(cls, dtype: torch.dtype) -> Support:
         return Support.yes() if dtype in (torch.float16, torch.bfloat16, torch.float32) else Support.no(

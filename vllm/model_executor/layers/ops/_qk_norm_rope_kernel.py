@@ -9,10 +9,6 @@ through (HAS_PASS).  NORM: 0 none, 1 RMSNorm over each head (Qwen3), 2 RMSNorm o
 the row (OLMoE).  Every step is rounded to the activation dtype where the torch reference rounds
 (normed value, weight product, cos / sin, each rotary product and sum), so both paths agree to the
 last bit except for the order of the sum of squares.
-With PREFETCH the grid has rows past the tokens (``n_tokens``): program (T + i, 0) brings chunk i of the o
-projection's weight into L2 (``l2_prefetch.py``) after the PDL wait; the others of those rows return.  EARLY
-(``vllm/platforms/pdl.EARLY_LOADS``): the token's position and its cos / sin rows load before the PDL wait (the
-positions are copied in before the step, the caches never change), so that after it only q / k are loaded.
 DELTA (a pending q/k/v LoRA delta, ``pending_delta.py``): the q heads are split over Q_GROUPS programs of
 ``q_heads`` heads each (axis 1: q groups, then k, then v), each adds its slice's delta to the heads it loads
 (rounded once) before the norms, and program (t, Q_GROUPS + 1) adds v's delta to the values in place (and stores
@@ -21,15 +17,14 @@ them into the cache with WRITE_KV); the token's slot and the B rows of its heads
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 from vllm.model_executor.layers.ops._pending_delta import pending_apply, pending_b, pending_slot
 
 
 @triton.jit
-def _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, live, MAX_POS, stride_cos, c1, c_ok):
-    """Token t's fp32 cos / sin rows at its position (read where ``live``)."""
-    pos = tl.load(pos_ptr + t, mask=live, other=0).to(tl.int64)
+def _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, MAX_POS, stride_cos, c1, c_ok):
+    """Token t's fp32 cos / sin rows at its position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), MAX_POS - 1)  # memory safety only: positions are validated upstream
     cos = tl.load(cos_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cos + c1, mask=c_ok, other=0.0)
@@ -46,9 +41,7 @@ def _qk_norm_rope_kernel(
     v_ptr=None, cache_ptr=None, slot_ptr=None, stride_v=0, CACHE_BLOCK=1,
     stride_ckv=0, stride_cb=0, stride_co=0, stride_ch=0, stride_cd=0,
     WRITE_KV: tl.constexpr = False,
-    n_tokens=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
-    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, EARLY: tl.constexpr = False,
-    q_heads=1, Q_GROUPS: tl.constexpr = 1,
+    n_tokens=0, q_heads=1, Q_GROUPS: tl.constexpr = 1,
     dp_ptr=None, stride_dpt=0, stride_dps=0, stride_dpj=0, d_splits=1, db_ptr=None,
     stride_dbs=0, stride_dbl=0, stride_dbn=0, stride_dbr=0, dmap_ptr=None, d_rank=0, d_loras=0,
     DELTA: tl.constexpr = False, D_BLOCK_J: tl.constexpr = 1, D_BLOCK_R: tl.constexpr = 4,
@@ -57,8 +50,6 @@ def _qk_norm_rope_kernel(
     part = tl.program_id(1)  # q head group (< Q_GROUPS), the keys (Q_GROUPS) or the values (Q_GROUPS + 1)
     c1 = tl.arange(0, HALF_P)
     c_ok = c1 < HALF
-    if EARLY:  # the position and its cos / sin rows (copied in before the step, a constant cache) before the wait
-        cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, t < n_tokens, MAX_POS, stride_cos, c1, c_ok)
     # this program's heads: a group of query heads, or every key / value head
     if part < Q_GROUPS:
         col0 = part * q_heads * HEAD_DIM
@@ -85,11 +76,6 @@ def _qk_norm_rope_kernel(
             bp = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, d_slot, d_on, d_s,
                            col0 + offp, okp, D_BLOCK_R)
     pdl_wait(USE_PDL)
-    if PREFETCH:
-        if t >= n_tokens:
-            if part == 0:
-                l2_prefetch_chunk(pf_ptr, pf_bytes, t - n_tokens, PF_CHUNK, PF_PIECE, PF_INTERP)
-            return
     cache_row = v_ptr
     to_cache = t < 0
     if WRITE_KV:
@@ -169,8 +155,7 @@ def _qk_norm_rope_kernel(
         if HAS_PASS:
             yp = tl.minimum(tl.maximum(yp, -clip), clip).to(dt).to(tl.float32)
 
-    if not EARLY:
-        cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, True, MAX_POS, stride_cos, c1, c_ok)
+    cos_f, sin_f = _rope_rows(pos_ptr, cos_ptr, sin_ptr, t, MAX_POS, stride_cos, c1, c_ok)
     cos = cos_f.to(dt).to(tl.float32)[None, :]
     sin = sin_f.to(dt).to(tl.float32)[None, :]
     o1 = (y1 * cos).to(dt).to(tl.float32) - (y2 * sin).to(dt).to(tl.float32)

@@ -3,9 +3,6 @@
 Grid (rows,).  One program normalises one row of N values held in one BLOCK_N tile.  The rounding
 follows the torch reference step by step: the residual sum is rounded to the activation dtype, the
 normalised row is rounded to it before the weight multiply, and the product is rounded again.
-With PREFETCH the grid has programs past the rows (``n_rows``): each brings one chunk of the next
-projection's weight into L2 (``l2_prefetch.py``) after the PDL wait - or, with PF_EARLY, before it (the kernel
-before this one is light: the prefetch overlaps it) - and stores nothing.
 A pending low-rank delta (``pending_delta.py``): with SHRINK, programs ``n_norm`` .. ``n_rows`` - 1 each
 recompute one row's norm and store the fp32 shrink of one (slice, K chunk) of the normalised row, the next
 projection's LoRA input; with DELTA, each row first adds the previous projection's delta to x (rounded once).
@@ -14,7 +11,6 @@ Their slots and A / B tiles are loaded before the PDL wait (step-invariant: ``_p
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 from vllm.model_executor.layers.ops._pending_delta import (pending_apply, pending_b, pending_shrink,
                                                             pending_shrink_operands, pending_slot)
@@ -36,9 +32,7 @@ def _rms_norm_kernel(
     N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
-    n_rows=0, pf_ptr=None, pf_bytes=0, PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16,
-    PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False, PF_EARLY: tl.constexpr = False,
-    n_norm=0, sa_ptr=None, stride_sas=0, stride_sal=0, stride_sar=0, stride_sak=0,
+    n_rows=0, n_norm=0, sa_ptr=None, stride_sas=0, stride_sal=0, stride_sar=0, stride_sak=0,
     sp_ptr=None, stride_spt=0, stride_sps=0, stride_spj=0, smap_ptr=None,
     s_slices=1, s_splits=1, s_rank=0, s_loras=0,
     SHRINK: tl.constexpr = False, S_BLOCK_R: tl.constexpr = 16, S_BLOCK_K: tl.constexpr = 16,
@@ -49,10 +43,6 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
-    if PREFETCH and PF_EARLY:  # weights only, beside a light kernel before this one; the rows still wait
-        if row >= n_rows:
-            l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
-            return
     if DELTA:  # the row's slot and B rows (step-invariant) before the wait
         slot_d, on_d = pending_slot(dmap_ptr, row, d_loras, row < n_norm)
         b_d = pending_b(db_ptr, stride_dbs, stride_dbl, stride_dbn, stride_dbr, d_rank, slot_d, on_d, 0, cols[None, :],
@@ -62,10 +52,6 @@ def _rms_norm_kernel(
             row, n_norm, (row >= n_norm) & (row < n_rows), smap_ptr, s_slices, s_splits, s_loras, sa_ptr, stride_sas,
             stride_sal, stride_sar, stride_sak, s_rank, N, S_BLOCK_R, S_BLOCK_K)
     pdl_wait(USE_PDL)
-    if PREFETCH and not PF_EARLY:
-        if row >= n_rows:
-            l2_prefetch_chunk(pf_ptr, pf_bytes, row - n_rows, PF_CHUNK, PF_PIECE, PF_INTERP)
-            return
     if SHRINK:
         if row >= n_norm:  # the shrink of one (slice, K chunk) of the normalised row t
             h = _summed_row(x_ptr, res_ptr, t, stride_x, stride_r, cols, ok, HAS_RESIDUAL).to(tl.float32)

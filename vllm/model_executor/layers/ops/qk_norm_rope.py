@@ -24,9 +24,6 @@ of the projection's output): the projection's LoRA delta is added here - to q an
 place - rounded once, as the LoRA layer would have added it (``pending_delta.py``); the query heads are then
 split over programs of ``LORA_Q_HEADS`` heads (not with the "full" norm, which spans them all; where a program's B
 rows would not fit ``pending_delta.MAX_DELTA_TILE``, the torch path adds the delta).
-
-``prefetch``: the weight the next weight-heavy launch streams (the o projection's), brought into L2 by extra
-programs of the same launch where ``l2_prefetch.plan`` allows it (a hint: the results do not change).
 """
 from __future__ import annotations
 
@@ -35,10 +32,8 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.model_executor.layers.ops.rms_norm import rms_norm_torch
-from vllm.platforms import pdl
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -139,7 +134,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                  norm: Optional[str] = None, q_weight: Optional[torch.Tensor] = None,
                  k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, clip: Optional[float] = None,
                  use_triton: Optional[bool] = None, kv_write: Optional[KVCacheWrite] = None,
-                 prefetch: Optional[torch.Tensor] = None, lora_delta: Optional[PendingDelta] = None,
+                 lora_delta: Optional[PendingDelta] = None,
                  v: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring.  Positions must be < max_position (checked on CPU tensors only: on a
     GPU it would cost a host sync; the kernel clamps them so it never reads out of bounds)."""
@@ -184,10 +179,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
                           stride_v=kv_write.value.stride(0), CACHE_BLOCK=c.shape[2], stride_ckv=c.stride(0),
                           stride_cb=c.stride(1), stride_co=c.stride(2), stride_ch=c.stride(3), stride_cd=c.stride(4),
                           WRITE_KV=True)
-    pf = l2_prefetch.plan(prefetch, T)
-    cache_args.update(n_tokens=T, EARLY=pdl.EARLY_LOADS)
-    if pf is not None:
-        cache_args.update(**pf.kernel_args())
+    cache_args.update(n_tokens=T)
     parts = 3 if kv_write is not None else 2
     cache_args.update(q_heads=nq)  # one program for all query heads
     if lora_delta is not None:
@@ -197,7 +189,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         parts = groups + 2
         cache_args.update(v_ptr=v, stride_v=v.stride(0), q_heads=q_heads, Q_GROUPS=groups,
                           **lora_delta.delta_kernel_args())
-    _qk_norm_rope_kernel[(T + (pf.programs if pf is not None else 0), parts)](
+    _qk_norm_rope_kernel[(T, parts)](
         q, k, q_out, k_out, positions, cos_cache, sin_cache,
         q_weight if q_weight is not None else q, k_weight if k_weight is not None else k,
         nq, nk, head_dim, half, max_pos, float(eps), float(clip or 0.0),

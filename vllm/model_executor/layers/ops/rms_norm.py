@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.model_executor.layers.ops.pending_delta import PendingDelta
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
@@ -68,8 +67,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, eps: float, out: torch.Tensor,
-            res_out: Optional[torch.Tensor], prefetch: Optional[torch.Tensor] = None,
-            prefetch_early: bool = False, lora_shrink: Optional[PendingDelta] = None,
+            res_out: Optional[torch.Tensor], lora_shrink: Optional[PendingDelta] = None,
             lora_delta: Optional[PendingDelta] = None) -> None:
     from vllm.model_executor.layers.ops._rms_norm_kernel import _rms_norm_kernel
 
@@ -88,10 +86,7 @@ def _launch(x2: torch.Tensor, r2: Optional[torch.Tensor], weight: torch.Tensor, 
     if lora_delta is not None:  # its B rows stay in registers from before the wait: <= 128 values a thread
         extra.update(lora_delta.delta_kernel_args())
         warps = min(16, max(warps, block * lora_delta.block_r // 4096))
-    pf = l2_prefetch.plan(prefetch, rows)
-    if pf is not None:
-        extra.update(pf.early_args() if prefetch_early else pf.kernel_args())
-    _rms_norm_kernel[(rows + shrink_programs + (pf.programs if pf is not None else 0),)](
+    _rms_norm_kernel[(rows + shrink_programs,)](
         x2, r2 if has_res else x2, weight, out, res_out if has_res else out,
         n, float(eps),
         x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0), res_out.stride(0) if has_res else 0,
@@ -116,13 +111,10 @@ def _check_pending(x: torch.Tensor, lora_shrink: Optional[PendingDelta], lora_de
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: Optional[bool] = None,
-             prefetch: Optional[torch.Tensor] = None, prefetch_early: bool = False,
              lora_shrink: Optional[PendingDelta] = None) -> torch.Tensor:
     """x [..., N] (any leading shape), weight [N] -> [..., N] in x.dtype (one launch on CUDA).
 
-    ``prefetch``: the weight the next launch streams, brought into L2 by the same launch where
-    ``l2_prefetch.plan`` allows it (a hint: the result does not change); ``prefetch_early``: issued before the
-    PDL wait, for a launch that follows a light kernel; ``lora_shrink``: see the module docstring."""
+    ``lora_shrink``: see the module docstring."""
     _check(x, weight)
     _check_pending(x, lora_shrink, None)
     if not _use_triton(x, weight, use_triton):
@@ -132,17 +124,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: O
         return out
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, None, weight, eps, out, None, prefetch, prefetch_early, lora_shrink=lora_shrink)
+    _launch(x2, None, weight, eps, out, None, lora_shrink=lora_shrink)
     return out.view(x.shape)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                       use_triton: Optional[bool] = None, prefetch: Optional[torch.Tensor] = None,
-                       prefetch_early: bool = False, lora_shrink: Optional[PendingDelta] = None,
+                       use_triton: Optional[bool] = None, lora_shrink: Optional[PendingDelta] = None,
                        lora_delta: Optional[PendingDelta] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w * norm(x + residual), x + residual): one launch on CUDA that reads x and residual once and writes
-    the new residual and the normed output.  x and residual: same shape and dtype; ``prefetch``,
-    ``prefetch_early``: as ``rms_norm``'s; ``lora_shrink``, ``lora_delta``: see the module docstring."""
+    the new residual and the normed output.  x and residual: same shape and dtype; ``lora_shrink``,
+    ``lora_delta``: see the module docstring."""
     _check(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match the input "
@@ -159,6 +150,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x2, r2 = _rows(x), _rows(residual)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _launch(x2, r2, weight, eps, out, res_out, prefetch, prefetch_early, lora_shrink=lora_shrink,
-            lora_delta=lora_delta)
+    _launch(x2, r2, weight, eps, out, res_out, lora_shrink=lora_shrink, lora_delta=lora_delta)
     return out.view(x.shape), res_out.view(x.shape)

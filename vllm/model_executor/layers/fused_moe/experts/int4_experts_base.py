@@ -5,10 +5,6 @@ Both int4 backends derive from it, each in its own module: ``TorchInt4Experts``
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig, MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.int4_weights import Int4MoEQuantConfig
@@ -39,11 +35,3 @@ class Int4ExpertsBase(TwoGemmExperts):
     def _w13_rows(self, n_from_weight: int) -> int:
         # from the packed weight: w1 is [E, K/8, N] words, so w1.shape[1] is K/8
         return self.quant_config.w13.n
-
-    def stream_weights(self, w1: Optional[torch.Tensor],
-                       w2: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The tensor-core words where the experts were repacked for them (their launches read those; the
-        dequant path too), else the Triton layout's packed words (``Int4PackedWeight.qweight``)."""
-        qc = self.quant_config
-        return tuple(m.words if m is not None else getattr(p, "qweight", None)  # type: ignore[return-value]
-                     for m, p in ((qc.w13_mma, qc.w13), (qc.w2_mma, qc.w2)))

@@ -119,7 +119,7 @@ class MarlinExperts(Int4ExpertsBase):
             routing, d13 = self.gemm1_with_lora(
                 lora_context, lambda: gemm(1, hidden_states, gemm1, top_k_in=top_k, **route), deltas=deltas,
                 y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights, expert_map=expert_map)
-            moe_activation(activation, gemm1, out=act_out, delta=d13, prefetch_experts=self._w2_prefetch(w1, w2, ids))
+            moe_activation(activation, gemm1, out=act_out, delta=d13)
 
         # GEMM2 writes over workspace13: gemm1 is dead once the activation has run.
         gemm2 = workspace13[: pairs * H].view(pairs, H)

@@ -56,13 +56,6 @@ class Mxfp4ExpertsBase(TwoGemmExperts):
             return Support.yes()
         return Support.no(f"{cls.__name__} runs MXFP4 weights only")
 
-    def stream_weights(self, w1: Optional[torch.Tensor],
-                       w2: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The tensor-core words where the blocks were repacked for them, else the blocks ``w1`` / ``w2``
-        ([E, N, K/32, 16] uint8, one block per expert); the scales are not prefetched."""
-        qc = self.quant_config
-        return (qc.w1_mma.words if qc.w1_mma is not None else w1, qc.w2_mma.words if qc.w2_mma is not None else w2)
-
     def _stage(self, stage: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         qc = self.quant_config
         return (qc.w1_scale, qc.w1_bias) if stage == 1 else (qc.w2_scale, qc.w2_bias)

@@ -26,7 +26,6 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
     WorkspaceShapes,
     two_gemm_workspace_shapes,
 )
-from vllm.model_executor.layers.ops import l2_prefetch
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -87,15 +86,6 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         Only called when no LoRA runs this step (the w2 delta joins before the sum)."""
         return False
 
-    def _w2_prefetch(self, w1: torch.Tensor, w2: torch.Tensor,
-                     ids: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """What the activation launch warms into L2 for GEMM2 (``ops/l2_prefetch.py``): the pairs' experts of
-        the w2 this backend streams, or None (switch off, nothing to stream)."""
-        if not l2_prefetch.L2_PREFETCH:
-            return None
-        w2_stream = self.stream_weights(w1, w2)[1]
-        return None if w2_stream is None else (w2_stream, ids.reshape(-1))
-
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
               global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
@@ -129,8 +119,7 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                                                  topk_weights=topk_weights, weighted=False),
                 deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
                 expert_map=expert_map, alignment=lora_alignment)
-            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13,
-                           prefetch_experts=self._w2_prefetch(w1, w2, ids))
+            moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
         if not lora_runs and self._gemm2_summed(output, act_out, w2, ids, route, top_k=top_k,

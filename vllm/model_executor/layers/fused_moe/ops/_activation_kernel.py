@@ -1,15 +1,9 @@
-"""Private Triton body of the MoE activation (see ``activation.py``).
-
-With PREFETCH the grid has rows past the pairs (``n_pairs``): program (n_pairs + j * PF_CHUNKS + c, 0) brings
-chunk c of the first ``pf_bytes`` bytes of pair j's expert weights (``ids_ptr[j]``, experts ``pf_expert_bytes``
-apart in ``pf_ptr``: GEMM2's w2) into L2 (``ops/l2_prefetch.py``); those rows store nothing.
-"""
+"""Private Triton body of the MoE activation (see ``activation.py``)."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 # Activation codes (constexpr ACT); activation.py maps MoEActivation onto them.
@@ -72,21 +66,9 @@ def _moe_activation_kernel(
     stride_dn,
     ACT: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    n_pairs=0, ids_ptr=None, pf_ptr=None, pf_expert_bytes=0, pf_bytes=0, PF_CHUNKS: tl.constexpr = 1,
-    PREFETCH: tl.constexpr = False, PF_CHUNK: tl.constexpr = 16, PF_PIECE: tl.constexpr = 16,
-    PF_INTERP: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:
-        if row >= n_pairs:
-            if tl.program_id(1) == 0:
-                job = row - n_pairs
-                expert = tl.load(ids_ptr + job // PF_CHUNKS).to(tl.int64)
-                if expert >= 0:  # -1: another rank's expert
-                    l2_prefetch_chunk(pf_ptr + expert * pf_expert_bytes, pf_bytes, job % PF_CHUNKS, PF_CHUNK,
-                                      PF_PIECE, PF_INTERP)
-            return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < W_out
     x_row = x_ptr + row * stride_xm

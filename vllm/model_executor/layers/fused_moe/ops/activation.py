@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 
@@ -89,7 +88,6 @@ def moe_activation(
     *,
     use_triton: Optional[bool] = None,
     delta: Optional[torch.Tensor] = None,
-    prefetch_experts: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Apply ``activation`` to x [P, W] (fp16/bf16/fp32) and return ``out``.
 
@@ -98,9 +96,6 @@ def moe_activation(
     delta: optional fp32 [P, W] (any strides) added to x first, the sum rounded to x's dtype: the same
         bits as ``x += delta`` in place (as the LoRA kernels add theirs) and then the activation.  x is
         not written.
-    prefetch_experts: (weights [E, ...], expert ids [pairs] int32, -1 skipped): the Triton launch warms the
-        start of those experts' weights (GEMM2's w2) into L2 where ``l2_prefetch.plan_experts`` allows it (a
-        hint: out does not change).
     use_triton: None = Triton on CUDA, torch on CPU.  True on CPU runs the
         Triton kernel in the interpreter (needs TRITON_INTERPRET=1); False
         always takes the torch path.
@@ -134,14 +129,7 @@ def moe_activation(
     from vllm.model_executor.layers.fused_moe.ops._activation_kernel import _moe_activation_kernel
 
     block_n = min(1024, max(16, 1 << (w_out - 1).bit_length()))
-    pf_args, pf_rows = {}, 0
-    if prefetch_experts is not None:
-        pf_w, pf_ids = prefetch_experts
-        pf = l2_prefetch.plan_experts(pf_w, pf_ids.numel(), 1)
-        if pf is not None:
-            pf_rows = pf_ids.numel() * pf.chunks
-            pf_args = dict(n_pairs=P, ids_ptr=pf_ids, **pf.kernel_args())
-    grid = (P + pf_rows, -(-w_out // block_n))
+    grid = (P, -(-w_out // block_n))
     d = x if delta is None else delta  # never read without HAS_DELTA
     _moe_activation_kernel[grid](
         x, out, w_out,
@@ -150,6 +138,6 @@ def moe_activation(
         d, d.stride(0), d.stride(1),
         ACT=_act_code(act),
         BLOCK_N=block_n, HAS_DELTA=delta is not None,
-        num_warps=4 if block_n <= 512 else 8, **_launch_kwargs(x.device, delta), **pf_args,
+        num_warps=4 if block_n <= 512 else 8, **_launch_kwargs(x.device, delta),
     )
     return out

@@ -4,15 +4,10 @@ over the experts, top-k, optional renormalisation, in one program per token.
 Grid (tokens,).  The token's E logits are one BLOCK_E tile in float32 (router bias added).  The k
 largest are taken one at a time with an arg-max (ties go to the lowest expert id) and masked out, so
 ids come out in descending score order, as ``torch.topk`` returns them.
-
-With PREFETCH the grid is (tokens, 1 + TOP_K * PF_CHUNKS): program (t, 1 + j * PF_CHUNKS + c) routes token t
-again and brings chunk c of the first ``pf_bytes`` bytes of its j-th expert's weights (``pf_ptr``, experts
-``pf_expert_bytes`` apart) into L2 for the GEMM that follows (``ops/l2_prefetch.py``); it stores nothing.
 """
 import triton
 import triton.language as tl
 
-from vllm.model_executor.layers.ops._l2_prefetch import l2_prefetch_chunk
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -51,22 +46,12 @@ def _topk_softmax_kernel(
     E, stride_l, stride_w, stride_i,
     TOP_K: tl.constexpr, K_P: tl.constexpr, BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
     RENORMALIZE: tl.constexpr, TOPK_THEN_SOFTMAX: tl.constexpr, USE_PDL: tl.constexpr = False,
-    pf_ptr=None, pf_expert_bytes=0, pf_bytes=0, PF_CHUNKS: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
-    PF_CHUNK: tl.constexpr = 16, PF_PIECE: tl.constexpr = 16, PF_INTERP: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     top_w, top_i = _route(logits_ptr, bias_ptr, row, E, stride_l, TOP_K, K_P, BLOCK_E, HAS_BIAS, RENORMALIZE,
                           TOPK_THEN_SOFTMAX)
     offs_k = tl.arange(0, K_P)
-    if PREFETCH:
-        job = tl.program_id(1)
-        if job > 0:  # chunk c of the j-th chosen expert's first pf_bytes bytes
-            j = (job - 1) // PF_CHUNKS
-            c = (job - 1) % PF_CHUNKS
-            expert = tl.sum(tl.where(offs_k == j, top_i, 0), axis=0).to(tl.int64)
-            l2_prefetch_chunk(pf_ptr + expert * pf_expert_bytes, pf_bytes, c, PF_CHUNK, PF_PIECE, PF_INTERP)
-            return
     k_ok = offs_k < TOP_K
     tl.store(weights_ptr + row * stride_w + offs_k, top_w, mask=k_ok)
     tl.store(ids_ptr + row * stride_i + offs_k, top_i, mask=k_ok)

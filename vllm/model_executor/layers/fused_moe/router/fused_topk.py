@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 
-from vllm.model_executor.layers.ops import l2_prefetch
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import next_power_of_2
@@ -31,16 +30,14 @@ _TRITON_MAX_TOP_K = 32
 
 def fused_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool, scoring_func: str = "softmax",
                topk_then_softmax: bool = False, router_bias: Optional[torch.Tensor] = None,
-               correction_bias: Optional[torch.Tensor] = None, use_triton: Optional[bool] = None,
-               prefetch_experts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               correction_bias: Optional[torch.Tensor] = None,
+               use_triton: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Select ``top_k`` experts per token.
 
     router_logits: [M, E].  router_bias: [E], added to the logits first.
     correction_bias: [E], added to the scores for selection only.
     use_triton: None = the fused kernel on CUDA where it applies (softmax scoring, no correction
     bias), torch otherwise; True on CPU runs it in the interpreter (TRITON_INTERPRET=1).
-    prefetch_experts: the experts' first weights [E, ...], whose chosen experts the Triton launch warms into
-    L2 where ``l2_prefetch.plan_experts`` allows it (a hint: the routing does not change).
     Returns topk_weights [M, top_k] float32 and topk_ids [M, top_k] int32.
     """
     if router_logits.dim() != 2:
@@ -58,8 +55,7 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool, sc
         raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
     if (use_triton and scoring_func == "softmax" and correction_bias is None and E <= _TRITON_MAX_EXPERTS
             and top_k <= _TRITON_MAX_TOP_K):
-        return _fused_topk_triton(router_logits, top_k, renormalize, topk_then_softmax, router_bias,
-                                  prefetch_experts)
+        return _fused_topk_triton(router_logits, top_k, renormalize, topk_then_softmax, router_bias)
     logits = router_logits.float()
     if router_bias is not None:
         logits = logits + router_bias.float()
@@ -79,8 +75,7 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool, sc
 
 
 def _fused_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, topk_then_softmax: bool,
-                       router_bias: Optional[torch.Tensor],
-                       prefetch_experts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       router_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     from vllm.model_executor.layers.fused_moe.router._topk_softmax_kernel import _topk_softmax_kernel
 
     M, E = logits.shape
@@ -95,14 +90,12 @@ def _fused_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, topk
             raise ValueError(f"router_bias must be [{E}], got {tuple(router_bias.shape)}")
         router_bias = router_bias.contiguous()
     block_e = max(16, next_power_of_2(E))
-    pf = l2_prefetch.plan_experts(prefetch_experts, M, top_k)
-    _topk_softmax_kernel[(M, 1 + (top_k * pf.chunks if pf is not None else 0))](
+    _topk_softmax_kernel[(M,)](
         logits, router_bias if router_bias is not None else logits, weights, ids,
         E, logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, K_P=next_power_of_2(top_k), BLOCK_E=block_e, HAS_BIAS=router_bias is not None,
         RENORMALIZE=renormalize, TOPK_THEN_SOFTMAX=topk_then_softmax,
         num_warps=1 if block_e <= 256 else 4, **pdl_launch_kwargs(logits.device),
-        **(pf.kernel_args() if pf is not None else {}),
     )
     return weights, ids
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.router.fused_topk import fused_topk
-from vllm.model_executor.layers.ops import l2_prefetch
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
@@ -31,16 +30,7 @@ class MoERunner:
             return layer.custom_routing_function(router_logits, layer.top_k, layer.renormalize)
         return fused_topk(router_logits, layer.top_k, renormalize=layer.renormalize,
                           scoring_func=layer.scoring_func, topk_then_softmax=layer.topk_then_softmax,
-                          correction_bias=layer.e_score_correction_bias,
-                          prefetch_experts=self._prefetch_target() if l2_prefetch.L2_PREFETCH else None)
-
-    def _prefetch_target(self) -> Optional[torch.Tensor]:
-        """The weights GEMM1 streams (the experts' ``stream_weights``), for the top-k launch to warm the chosen
-        experts' start into L2 (``ops/l2_prefetch.py``): without expert parallelism only (the ids are global)."""
-        layer = self.layer
-        if getattr(layer, "expert_map", None) is not None:
-            return None
-        return layer.experts.stream_weights(getattr(layer, "w13_weight", None), getattr(layer, "w2_weight", None))[0]
+                          correction_bias=layer.e_score_correction_bias)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                 lora_context: Optional["MoELoRAContext"] = None) -> torch.Tensor:
