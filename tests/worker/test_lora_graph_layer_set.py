@@ -21,6 +21,7 @@ from tests.entrypoints.tiny_models import tiny_model_dir
 from tests.models.hf_checkpoints import single_thread  # noqa: F401  (fixture)
 from tests.worker.test_decode_graphs_host import PROMPTS, _attach, _llm, _tokens
 from vllm import LLM
+from vllm.lora.layers import dense_handoff
 from vllm.lora.request import LoRARequest
 from vllm.worker.model_runner import ModelInput
 
@@ -77,7 +78,9 @@ def _record_graph_launches(llm, g, monkeypatch) -> list[set[str]]:
     """Per LoRA graph step (emulated replay or capture), the names of the layers that launched a LoRA op."""
     punica = llm.llm_engine.lora_manager.punica_wrapper
     by_id, steps, inside = _names(llm), [], []
+    by_layer = {id(w): name for name, w in llm.llm_engine.lora_manager.modules.items()}
     linear, w13, forward = punica.add_lora_linear, punica.add_lora_w13, g._forward
+    make_pending = dense_handoff.make_pending
 
     def rec_linear(y, x, lora_a, *a, **k):
         if inside:
@@ -88,6 +91,12 @@ def _record_graph_launches(llm, g, monkeypatch) -> list[set[str]]:
         if inside:
             steps[-1].add(by_id[id(ctx.enabled_slots)])
         return w13(y, x, ctx, **k)
+
+    def rec_pending(layer, x):  # the dense LoRA handoff: the delta is launched by the fused ops around the layer
+        pending = make_pending(layer, x)
+        if inside and pending is not None:
+            steps[-1].add(by_layer[id(layer)])
+        return pending
 
     def rec_forward(p, lora, *a, **k):
         if lora:
@@ -101,14 +110,18 @@ def _record_graph_launches(llm, g, monkeypatch) -> list[set[str]]:
     monkeypatch.setattr(punica, "add_lora_linear", rec_linear)
     monkeypatch.setattr(punica, "add_lora_w13", rec_w13)
     monkeypatch.setattr(g, "_forward", rec_forward)
+    monkeypatch.setattr(dense_handoff, "make_pending", rec_pending)
     return steps
 
 
-def test_lora_graph_steps_launch_only_targeted_layers(setup, monkeypatch, single_thread):  # noqa: F811
+@pytest.mark.parametrize("handoff", [False, True], ids=["own-add", "handoff"])
+def test_lora_graph_steps_launch_only_targeted_layers(setup, monkeypatch, single_thread, handoff):  # noqa: F811
     """The router (wrapped, like every linear kind) and layer 0's dense MLP are targeted by no adapter: a
     LoRA graph step launches the attention and expert LoRA ops only.  Before any adapter is activated the
-    set is unknown and the start-up graphs launch every layer (so the first LoRA steps never wait)."""
+    set is unknown and the start-up graphs launch every layer (so the first LoRA steps never wait).  The
+    attention projections' deltas go through add_lora_linear, or (handoff, as on CUDA) to the fused ops."""
     monkeypatch.setenv("VLLM_FUSED_LORA_LINEAR", "0")  # dense deltas through add_lora_linear
+    monkeypatch.setattr(dense_handoff, "HANDOFF_ON_CPU", handoff)
     path, ad = setup
     llm = _llm(path, max_loras=2, **LORA)
     g = _attach(llm, sizes=[4])
