@@ -40,14 +40,13 @@ import gc
 import itertools
 import os
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_engine_lora import make_adapter, make_model_dir  # noqa: E402
+from benchmark_engine_lora import exit_on_sigterm, make_adapter, make_model_dir, scratch_dir  # noqa: E402
 from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
 
 PRESETS = {
@@ -107,11 +106,11 @@ def timed(llm, prompts, gen: int, loras) -> tuple[float, list[list[int]]]:
 
 def build_model_and_adapters(a, prefix: str) -> tuple[str, list]:
     """A random checkpoint of ``a``'s width and ``a.num_loras`` random PEFT adapters of rank ``a.rank``
-    in a new temporary folder (built on the GPU when there is one): (model dir, LoRARequests)."""
+    in a new temporary folder, removed at exit (built on the GPU when there is one): (model dir, LoRARequests)."""
     from vllm.lora.request import LoRARequest
 
     cuda = torch.cuda.is_available()
-    work = tempfile.mkdtemp(prefix=prefix)
+    work = scratch_dir(prefix)
     model_dir = os.path.join(work, "model")
     t0 = time.perf_counter()
     hf = make_model_dir(model_dir, a, device="cuda" if cuda else "cpu")
@@ -368,4 +367,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout still removes the scratch checkpoint
     sys.exit(main())

@@ -20,13 +20,33 @@ table gives wall time, output tokens/s and the ratio to the no-LoRA case.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
+import shutil
+import signal
+import sys
 import tempfile
 import time
 import warnings
 
 import torch
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary folder for a benchmark's random checkpoint and adapters (tens of GB at real width),
+    removed when the process exits; a script's ``main`` also calls ``exit_on_sigterm`` so that a timeout's
+    SIGTERM removes it too."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, work, True)
+    return work
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (what ``timeout`` sends) exits through ``sys.exit``, so the ``atexit`` clean-ups run; a handler
+    already installed is kept."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def make_model_dir(folder: str, args, device: str = "cpu") -> torch.nn.Module:
@@ -107,7 +127,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    work = tempfile.mkdtemp(prefix="bench_engine_lora_")
+    work = scratch_dir("bench_engine_lora_")
     model_dir = os.path.join(work, "model")
     hf = make_model_dir(model_dir, args)
     # peft gives a fused gate_up target rank 2r: max_lora_rank must cover it
@@ -150,4 +170,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout still removes the scratch checkpoint
     main()

@@ -353,4 +353,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks.benchmark_engine_lora import exit_on_sigterm
+
+    exit_on_sigterm()  # a timeout still removes the scratch checkpoint
     main()

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
+from benchmark_decode import PRESETS, exit_on_sigterm, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
 from decode_variants import LORA_PATH, TOGGLES, flip_switch, shipped_switches  # noqa: E402
 
 SWITCHES = [*TOGGLES, "moe-lora-pair-fanout"]
@@ -108,4 +108,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout still removes the scratch checkpoint
     sys.exit(main())

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_decode import PRESETS, build_model_and_adapters, random_prompts  # noqa: E402
+from benchmark_decode import PRESETS, exit_on_sigterm, build_model_and_adapters, random_prompts  # noqa: E402
 from decode_variants import add_variant_flags, apply_variant_flags  # noqa: E402
 
 _WARM_STEPS = 2
@@ -231,4 +231,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout still removes the scratch checkpoint
     sys.exit(main())
