@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vllm.kernel_configs import clear_cache, config_file_name
+from vllm.kernel_configs import REACH, clear_cache, config_file_name
 from vllm.kernel_configs.tile_config import (FusedLinearLoRABatchTileConfig, FusedLinearLoRATileConfig, Int4TileConfig,
                                              LoRALinearTileConfig, MoELoRATileConfig, Mxfp4TileConfig, TileConfig,
                                              tuned_tiles)
@@ -117,6 +117,10 @@ def test_tuned_tiles_reads_the_nearest_entry(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"unknown key\(s\) \['split_k'\]") as info:  # the field name is no key
             tuned_tiles(base, "some_op", key, 1000, "Some GPU")
         assert name in str(info.value) and "entry 512" in str(info.value)
+        # up to REACH x the largest entry (512) it stands for larger batches; past it the base (heuristic)
+        with pytest.raises(ValueError, match="entry 512"):
+            tuned_tiles(base, "some_op", key, REACH * 512, "Some GPU")
+        assert tuned_tiles(base, "some_op", key, REACH * 512 + 1, "Some GPU") is base
 
         def no_wide_tiles(cfg: TileConfig) -> None:
             if cfg.block_size_n > 64:

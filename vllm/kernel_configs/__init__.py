@@ -12,6 +12,11 @@ token count is nearest to the batch is used:
 
     {"1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, ...}, "64": {...}, ...}
 
+up to ``REACH`` times the file's largest token count: past it the caller's heuristic
+(a file tuned at decode sizes only must not give a prefill its small tiles - on an
+H100 a file tuned up to 256 tokens made the 16384-token prefill steps' MoE GEMMs
+2.6x slower than with entries up to 4096).
+
 Kernels with a typed tile config (``tile_config.py``: ``TileConfig``, the 4-bit GEMMs'
 ``Int4TileConfig`` / ``Mxfp4TileConfig``, the MoE LoRA ``MoELoRATileConfig``) read an entry through ``tile_config.tuned_tiles``: an entry may
 hold some keys only (the heuristic gives the rest); an unknown key is an error naming
@@ -34,6 +39,8 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 _SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+# an entry stands for token counts up to this factor above the file's largest
+REACH = 8
 
 
 def config_file_name(op: str, key: Mapping[str, Any], device_name: str) -> str:
@@ -69,9 +76,20 @@ def find_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int,
         path = os.path.join(folder, name)
         table = _load(path)
         if table:
+            largest = max(table)
+            if num_tokens > REACH * largest:
+                _beyond_reach(path, largest, num_tokens)
+                return None
             best = min(table, key=lambda m: (abs(m - num_tokens), m))
             return dict(table[best]), path, best
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _beyond_reach(path: str, largest: int, num_tokens: int) -> None:
+    logger.info("tuned config %s: %d tokens is over %dx its largest entry (%d): using the heuristic; tune "
+                "larger token counts (benchmarks/kernels/tune_moe.py --tokens) to cover it",
+                path, num_tokens, REACH, largest)
 
 
 def lookup_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int, device_name: str) -> Optional[dict[str, Any]]:
@@ -82,3 +100,4 @@ def lookup_tuned_config(op: str, key: Mapping[str, Any], num_tokens: int, device
 
 def clear_cache() -> None:
     _load.cache_clear()
+    _beyond_reach.cache_clear()
