@@ -88,14 +88,20 @@ def test_the_two_gemms_of_a_layer_share_block_size_m():
 
 
 def test_the_two_moe_lora_ops_share_block_size_m():
+    """Each w13 LoRA file has its w2 twin with the same BLOCK_SIZE_M per entry: w13 as two slices (N = I, w2 at the
+    same rank) or, for peft's adapters on fused experts (``tune_moe.py --w13-layout fused``), one slice of N = 2I
+    at twice w2's rank."""
     pairs = 0
     for name in _shipped():
         op, key, device = _parse(name)
         if op != "fused_moe_lora_w13":
             continue
-        w2 = config_file_name("fused_moe_lora_w2", {"E": key["E"], "N": key["K"], "K": key["N"], "R": key["R"]},
-                              device.replace("_", " "))
-        assert os.path.exists(os.path.join(_SHIPPED, w2)), f"{name} has no w2 twin {w2}"
+        twins = [config_file_name("fused_moe_lora_w2", {"E": key["E"], "N": key["K"], "K": k, "R": r},
+                                  device.replace("_", " "))
+                 for k, r in ((key["N"], key["R"]), (key["N"] // 2, key["R"] // 2))]
+        found = [w for w in twins if os.path.exists(os.path.join(_SHIPPED, w))]
+        assert found, f"{name} has no w2 twin ({' or '.join(twins)})"
+        w2 = found[0]
         pairs += 1
         a, b = _block_m(name), _block_m(w2)
         assert set(a) == set(b), f"{name} / {w2}: token counts differ"
