@@ -35,8 +35,8 @@ import torch
 
 def scratch_dir(prefix: str) -> str:
     """A new temporary folder for a benchmark's random checkpoint and adapters (tens of GB at real width),
-    removed when the process exits; a script's ``main`` also calls ``exit_on_sigterm`` so that a timeout's
-    SIGTERM removes it too."""
+    removed when the process exits; each script's ``__main__`` block calls ``exit_on_sigterm`` so that a
+    timeout's SIGTERM removes it too (not from here: a test process keeps its own SIGTERM handling)."""
     work = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, work, True)
     return work
