@@ -1,4 +1,4 @@
-"""The grouped GEMM with a LoRA expand in its epilogue (``gemm_lora_epilogue.py``, a prototype): GEMM2-style
+"""The grouped GEMM with a LoRA expand in its epilogue (``gemm_lora_epilogue.py``): GEMM2-style
 launches (rows = pairs) against the fp32 GEMM reference plus a float64 delta; rows without an adapter slot bit
 for bit the launch without the epilogue; bad arguments named."""
 from __future__ import annotations

@@ -339,6 +339,19 @@ class PunicaWrapperBase(StepMapping, ABC):
         else:
             self._fused(y2, x, lora_a, lora_b, mul_routed_weight=mul_routed_weight, overwrite=overwrite, **kw)
 
+    def lora_w2_shrink(self, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting,
+                       topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fp32 [M*top_k, R]: the w2 LoRA shrink of x alone (rows of pairs without LoRA 0), for a GEMM2 that adds
+        the expand in its epilogue (``GemmLoRAEpilogue``) in place of ``add_lora_w2``; not fully sharded."""
+        lora_a = ctx.w2_lora_a_stacked
+        cfg = self._config("fused_moe_lora_w2", num_pairs=routing.num_pairs, num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1],
+                           N=ctx.w2_lora_b_stacked[0].shape[2], num_slices=1, dtype=x.dtype,
+                           use_tuned_config=ctx.use_tuned_config, small_batch=routing.alignment is None)
+        return self._shrink(x, lora_a, topk_ids=topk_ids, token_lora_mapping=routing.token_lora_mapping,
+                            adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
+                            alignment=routing.alignment, config=cfg)[0]
+
     # ---- dense LoRA (linear layers) ----------------------------------------------
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],
                         lora_b_stacked: Sequence[torch.Tensor], *, output_offsets: Optional[Sequence[int]] = None,

@@ -13,6 +13,9 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
 on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
+With ``GEMM2_LORA_EPILOGUE`` (off until timed on a GPU; decode switch ``moe-lora-w2-epilogue``), on the sorted
+LoRA path a backend that can (``epilogue_gemm``) runs GEMM2 with the w2 expand in its epilogue after a shrink-only
+launch (``PunicaWrapper.lora_w2_shrink``, ``ops/gemm_lora_epilogue.py``): no read-modify-write of GEMM2's output.
 """
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
+from vllm.model_executor.layers.fused_moe.ops.gemm_lora_epilogue import GemmLoRAEpilogue
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
     from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
+
+#: GEMM2 adds the w2 LoRA expand in its epilogue where the backend can, on the sorted LoRA path (off until timed)
+GEMM2_LORA_EPILOGUE = False
 
 
 class MoELoRAExpertsMixin:
@@ -109,10 +116,12 @@ class MoELoRAExpertsMixin:
 
     def gemm2_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"], topk_ids: torch.Tensor,
-                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
-                        mul_routed_weight: bool) -> Optional[torch.Tensor]:
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor], mul_routed_weight: bool,
+                        epilogue_gemm: Optional[Callable[[GemmLoRAEpilogue], bool]] = None
+                        ) -> Optional[torch.Tensor]:
         """``gemm()`` (GEMM2, writing y [pairs, H]) and the w2 seam: the fp32 delta buffer for ``moe_sum``, or None
-        when the delta (if any) went into y in place."""
+        when the delta (if any) went into y in place - or into GEMM2's epilogue (``epilogue_gemm(lora)``: GEMM2
+        with it, True when run)."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> None:
             self.apply_w2_lora(ctx, y=out, x=x, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
                                expert_map=expert_map, mul_routed_weight=mul_routed_weight, overwrite=overwrite)
@@ -121,7 +130,21 @@ class MoELoRAExpertsMixin:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm)
             return delta
+        if epilogue_gemm is not None and _w2_epilogue_applies(ctx, routing, y):
+            shrunk = ctx.punica_wrapper.lora_w2_shrink(x, ctx, routing=routing, topk_ids=topk_ids,
+                                                       expert_map=expert_map)
+            if epilogue_gemm(GemmLoRAEpilogue(shrunk=shrunk, lora_b=ctx.w2_lora_b_stacked[0],
+                                              token_slots=routing.token_lora_mapping, top_k=topk_ids.shape[1])):
+                return None
         gemm()
         if ctx is not None:
             seam(y)
         return None
+
+
+def _w2_epilogue_applies(ctx: Optional["MoELoRAContext"], routing: Optional["MoELoRARouting"], y: torch.Tensor) -> bool:
+    """GEMM2 may take the w2 expand (``GEMM2_LORA_EPILOGUE``): an adapter runs, on the sorted LoRA path, not fully
+    sharded, B's rows GEMM2's columns."""
+    return (GEMM2_LORA_EPILOGUE and ctx is not None and routing is not None and routing.alignment is not None
+            and not (ctx.fully_sharded and ctx.tp_size > 1) and len(ctx.w2_lora_b_stacked) == 1
+            and ctx.w2_lora_b_stacked[0].shape[2] == y.shape[1])

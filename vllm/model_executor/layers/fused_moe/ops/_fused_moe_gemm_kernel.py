@@ -9,7 +9,7 @@ keeps two accumulators, of the gate rows and of the up rows of its N-slice (rows
 interleaved 2n and 2n + 1), rounds each to the output dtype as GEMM1's output would be, and applies
 ``gated_act`` - the activation kernel's math - before the one store.
 
-With ``LORA_EPI`` (``gemm_lora_epilogue.py``, a prototype) the accumulator gets each row's LoRA expand before the
+With ``LORA_EPI`` (``gemm_lora_epilogue.py``) the accumulator gets each row's LoRA expand before the
 bias and the router weight.
 """
 from __future__ import annotations

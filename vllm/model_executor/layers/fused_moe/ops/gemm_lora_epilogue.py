@@ -1,4 +1,5 @@
-"""A LoRA expand in the grouped GEMM's epilogue (prototype, not wired into the experts yet).
+"""A LoRA expand in the grouped GEMM's epilogue: GEMM2 with the w2 LoRA (``lora_mixin.GEMM2_LORA_EPILOGUE``, off until
+timed on a GPU).
 
 The w2 LoRA on sorted routing today is a separate launch after GEMM2 that reads each pair's output row back,
 adds ``shrunk @ B[slot, expert]^T`` (times the router weight) and writes it again: at 256 Qwen3-30B-A3B tokens an
