@@ -13,9 +13,11 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
 on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
-With ``GEMM2_LORA_EPILOGUE`` (off until timed on a GPU; decode switch ``moe-lora-w2-epilogue``), on the sorted
-LoRA path a backend that can (``epilogue_gemm``) runs GEMM2 with the w2 expand in its epilogue after a shrink-only
-launch (``PunicaWrapper.lora_w2_shrink``, ``ops/gemm_lora_epilogue.py``): no read-modify-write of GEMM2's output.
+With ``GEMM1_LORA_EPILOGUE`` / ``GEMM2_LORA_EPILOGUE`` (off until timed on a GPU; decode switches
+``moe-lora-w13-epilogue`` / ``moe-lora-w2-epilogue``), on the sorted LoRA path a backend that can
+(``epilogue_gemm``) runs the GEMM with the LoRA expand in its epilogue after a shrink-only launch
+(``PunicaWrapper.lora_w13_shrink`` / ``lora_w2_shrink``, ``ops/gemm_lora_epilogue.py``): no read-modify-write of
+the GEMM's output (w13: one slice only, i.e. adapters on fused experts).
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ if TYPE_CHECKING:
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
     from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
 
-#: GEMM2 adds the w2 LoRA expand in its epilogue where the backend can, on the sorted LoRA path (off until timed)
+#: GEMM1 / GEMM2 add the w13 / w2 LoRA expand in their epilogue where the backend can, on the sorted LoRA path
+#: (off until timed)
+GEMM1_LORA_EPILOGUE = False
 GEMM2_LORA_EPILOGUE = False
 
 
@@ -100,10 +104,12 @@ class MoELoRAExpertsMixin:
 
     def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
+                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None,
+                        epilogue_gemm: Optional[Callable[[GemmLoRAEpilogue], bool]] = None
                         ) -> tuple[Optional["MoELoRARouting"], Optional[torch.Tensor]]:
         """``gemm()`` (GEMM1, writing y [pairs, N]) and the w13 seam: (the routing for the w2 seam, the fp32 delta
-        buffer for ``moe_activation`` or None when the delta went into y in place)."""
+        buffer for ``moe_activation`` or None when the delta went into y in place - or into GEMM1's epilogue,
+        ``epilogue_gemm(lora)``: GEMM1 with it, True when run)."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> Optional["MoELoRARouting"]:
             return self.apply_w13_lora(ctx, y=out, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
                                        expert_map=expert_map, alignment=alignment, overwrite=overwrite)
@@ -111,6 +117,14 @@ class MoELoRAExpertsMixin:
         if deltas:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             return lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm), delta
+        if epilogue_gemm is not None and GEMM1_LORA_EPILOGUE and ctx is not None and self.lora_runs(ctx):
+            routing, shrunk = ctx.punica_wrapper.lora_w13_shrink(x, ctx, topk_ids=topk_ids, expert_map=expert_map,
+                                                                 alignment=alignment)
+            b = ctx.w13_lora_b_stacked[0]
+            if shrunk is not None and b.shape[2] == y.shape[1] and epilogue_gemm(GemmLoRAEpilogue(
+                    shrunk=shrunk, lora_b=b, token_slots=routing.token_lora_mapping, top_k=topk_ids.shape[1])):
+                return routing, None
+            alignment = routing.alignment  # the seam below reuses it
         gemm()
         return (seam(y) if ctx is not None else None), None  # apply_w13_lora: None when no adapter runs
 
