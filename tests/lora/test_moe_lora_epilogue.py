@@ -97,6 +97,27 @@ def test_nothing_changes_where_it_does_not_apply(device, monkeypatch):
         assert_close(out.float().cpu(), h.reference(x, logits, slots), torch.float32)
 
 
+def test_epilogue_under_expert_parallelism(device, monkeypatch):
+    """Two expert-parallel ranks (each its half of the experts, an expert map): with the epilogues, rows of the other
+    rank's experts get no delta, and the ranks still sum to the layer."""
+    monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
+    _switches(monkeypatch, True, True)
+    hs = [Harness(E=8, top_k=2, H=32, I=48, dtype=torch.float32, device=device, backend="triton", max_loras=3,
+                  max_rank=16, seed=9, fused=True, layer_kwargs=dict(ep_size=2, ep_rank=r)) for r in range(2)]
+    hs[0].load(0, hs[0].new_adapter(rank=16))
+    hs[0].load(2, hs[0].new_adapter(rank=8))
+    for s, ad in hs[0].slots.items():
+        hs[1].load(s, ad)
+    x, logits = hs[0].inputs(11, empty=False)
+    slots = pick_slots(11, 3, "mixed", seed=4)
+    outs = []
+    for h in hs:
+        calls = _spy(monkeypatch)
+        outs.append(h.forward(x, logits, slots))
+        assert calls == {"add_lora_w13": 0, "add_lora_w2": 0, "epilogue 1": 1, "epilogue 2": 1}
+    assert_close(sum(outs).float().cpu(), hs[0].reference(x, logits, slots), torch.float32)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [64, 256])
 def test_epilogue_at_qwen3_width_in_a_cuda_graph(M, monkeypatch):

@@ -122,7 +122,8 @@ class MoELoRAExpertsMixin:
                                                                  alignment=alignment)
             b = ctx.w13_lora_b_stacked[0]
             if shrunk is not None and b.shape[2] == y.shape[1] and epilogue_gemm(GemmLoRAEpilogue(
-                    shrunk=shrunk, lora_b=b, token_slots=routing.token_lora_mapping, top_k=topk_ids.shape[1])):
+                    shrunk=shrunk, lora_b=b, token_slots=routing.token_lora_mapping[: topk_ids.shape[0]],
+                    top_k=topk_ids.shape[1])):
                 return routing, None
             alignment = routing.alignment  # the seam below reuses it
         gemm()
@@ -148,7 +149,8 @@ class MoELoRAExpertsMixin:
             shrunk = ctx.punica_wrapper.lora_w2_shrink(x, ctx, routing=routing, topk_ids=topk_ids,
                                                        expert_map=expert_map)
             if epilogue_gemm(GemmLoRAEpilogue(shrunk=shrunk, lora_b=ctx.w2_lora_b_stacked[0],
-                                              token_slots=routing.token_lora_mapping, top_k=topk_ids.shape[1])):
+                                              token_slots=routing.token_lora_mapping[: topk_ids.shape[0]],
+                                              top_k=topk_ids.shape[1])):
                 return None
         gemm()
         if ctx is not None:
