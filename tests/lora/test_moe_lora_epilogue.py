@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.layers.moe_setup import pick_slots
-from tests.lora.lora_moe_harness import Harness
+from tests.lora.lora_moe_harness import Harness, captured_qwen3_layer, replay_with_new_inputs
 from tests.utils import assert_close
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
@@ -127,27 +127,8 @@ def test_epilogue_at_qwen3_width_in_a_cuda_graph(M, monkeypatch):
         pytest.skip("needs CUDA")
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
     _switches(monkeypatch, True, True)
-    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=torch.device("cuda"), backend="triton",
-                max_loras=4, max_rank=16, seed=7, fused=True)
-    for s in range(4):
-        h.load(s, h.new_adapter(rank=16 if s % 2 else 8))
-    x, logits = h.inputs(M, empty=False)
-    slots = pick_slots(M, 4, "mixed", seed=M)
-    h.punica.update_metadata(slots)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            h.layer(x, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = h.layer(x, logits)
-    x2, logits2 = h.inputs(M, empty=False)
-    x.copy_(x2)
-    logits.copy_(logits2)
-    graph.replay()
-    torch.cuda.synchronize()
+    h, x, logits, slots, graph, out = captured_qwen3_layer(M, seed=7, fused=True)
+    replay_with_new_inputs(h, x, logits, M, graph)
     _switches(monkeypatch, False, False)
     seam = h.forward(x, logits, slots)
     assert_close(out.float(), seam.float(), torch.bfloat16)
