@@ -76,15 +76,10 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
            # the q/k/v and o projections' LoRA deltas added by the norms and q/k norm + rotary around them
            # (vllm/lora/layers/dense_handoff.py)
-           "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF"),
-           # GEMM1 / GEMM2 add the w13 / w2 LoRA expand in their epilogue on the sorted LoRA path
-           # (ops/gemm_lora_epilogue.py)
-           "moe-lora-w13-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_mixin", "GEMM1_LORA_EPILOGUE"),
-           "moe-lora-w2-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_mixin", "GEMM2_LORA_EPILOGUE")}
+           "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
-             "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-w13-epilogue",
-             "moe-lora-w2-epilogue"}
+             "moe-lora-pair-fanout", "dense-lora-handoff"}
 _toggle_defaults: dict[str, object] = {}
 
 

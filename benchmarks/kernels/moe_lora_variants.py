@@ -61,12 +61,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                            "the top-k sum; 0: in place after each GEMM"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
-    "--w13-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_mixin", "GEMM1_LORA_EPILOGUE", int,
-                            "1: on the sorted LoRA path GEMM1 adds the w13 expand (one slice: adapters on fused "
-                            "experts) in its epilogue after a shrink-only launch"),
-    "--w2-lora-epilogue": ("vllm.model_executor.layers.fused_moe.experts.lora_mixin", "GEMM2_LORA_EPILOGUE", int,
-                           "1: on the sorted LoRA path GEMM2 adds the w2 expand in its epilogue after a shrink-only "
-                           "launch (no read-modify-write of its output)"),
 }
 
 

@@ -1,31 +1,28 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now (thirty-first
-#   session): moe-lora-w13-epilogue and moe-lora-w2-epilogue, the MoE LoRA expands in GEMM1's / GEMM2's epilogue
-#   on the sorted LoRA path (ops/gemm_lora_epilogue.py; LoRA path only).  PENDING_SWITCHES names the decode
-#   switches to time (benchmarks/decode_variants.py TOGGLES; default those two), at PENDING_BATCHES 1,16,64,256
-#   without and with LoRA, one round; empty, the A/B and the trace parts say so and run nothing.  Parts, each
-#   skipped with its variable at 0:
+# pending: the switches prepared off until timed, decided in as few calls as possible.  None is pending now (the
+#   last ones were timed on an H200 and removed): PENDING_SWITCHES names the decode switches to time
+#   (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round;
+#   unset or empty, the A/B and the trace parts say so and run nothing.  Three parts, each skipped with its
+#   variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
 #   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
-#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_MOE_BENCH (default 1) - the MoE LoRA layer
-#   (benchmark_moe_lora.py --w13-layout fused, PENDING_MOE_TOKENS 64 256 1024 4096, all shapes) with the epilogues
-#   off, then on (PENDING_MOE_BENCH_TIMEOUT, default 200 s a side); PENDING_TRACE (default 0) - Chrome traces of the decode step at
+#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_TRACE (default 0) - Chrome traces of the decode step at
 #   PENDING_TRACE_BATCHES (1,64) with every switch off and flipped (profile_decode.py, 4 engines,
 #   PENDING_TRACE_TIMEOUT 150 s a side), read by trace_layers.py into $OUT/layers_*.md: per position in a layer the
 #   exposed time with the switches against without.  Then benchmark_decode.py --flip SWITCH ... times the winners
 #   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
-  pytest ${PENDING_TESTS:-tests/kernels/test_gemm_lora_epilogue.py tests/lora/test_moe_lora_epilogue.py \
-    tests/kernels/test_fused_moe_gemm.py tests/lora/test_fused_moe_lora_layer.py tests/lora/test_moe_lora_side_stream.py} \
+  pytest ${PENDING_TESTS:-tests/models/test_fused_ops_models.py tests/lora/test_lora_linear_token_variant.py \
+    tests/lora/test_lora_linear_sorted_split.py tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py \
+    tests/entrypoints/test_llm_gpt_oss.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))
 fi
-PENDING_SWITCHES=${PENDING_SWITCHES-moe-lora-w13-epilogue moe-lora-w2-epilogue}
 if [ -z "${PENDING_SWITCHES:-}" ] && [ "${PENDING_AB:-1}${PENDING_TRACE:-0}" != 00 ]; then
-  echo "== pending: no switch is pending - PENDING_SWITCHES is empty; the A/B and the traces need it, e.g." \
+  echo "== pending: no switch is pending - PENDING_SWITCHES is unset; the A/B and the traces need it, e.g." \
     "PENDING_SWITCHES='fused-kv-write' (benchmarks/decode_variants.py TOGGLES); nothing timed"
 fi
 if [ "${PENDING_AB:-1}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
@@ -34,16 +31,6 @@ if [ "${PENDING_AB:-1}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
     --rounds ${PENDING_ROUNDS:-1} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
-fi
-if [ "${PENDING_MOE_BENCH:-1}" != 0 ]; then
-  for side in off on; do
-    flags=""; [ $side = on ] && flags="--w13-lora-epilogue 1 --w2-lora-epilogue 1"
-    timeout "${PENDING_MOE_BENCH_TIMEOUT:-200}" python3 benchmarks/kernels/benchmark_moe_lora.py --w13-layout fused \
-      --tokens ${PENDING_MOE_TOKENS:-64 256 1024 4096} --reps 30 $flags --out "$OUT/moe_lora_epilogue_$side.md" \
-      >"$OUT/moe_lora_epilogue_$side.log" 2>&1
-    r=$?; echo "== MoE LoRA layer, epilogues $side (rc $r)"; grep "^| " "$OUT/moe_lora_epilogue_$side.log" | tail -14
-    rc=$(( rc || r ))
-  done
 fi
 if [ "${PENDING_BENCH:-0}" != 0 ]; then
   timeout "${PENDING_BENCH_TIMEOUT:-100}" python3 benchmarks/kernels/benchmark_lora_linear.py --sorted-split --reps 30 \

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tests.layers.moe_reference import moe_reference
-from tests.layers.moe_setup import lora_config, make_layer, pick_slots, random_adapter, random_weights, router_inputs
+from tests.layers.moe_setup import lora_config, make_layer, random_adapter, random_weights, router_inputs
 from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
 from vllm.lora.punica_wrapper import get_punica_wrapper
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
@@ -103,33 +103,3 @@ def assert_delta_paths_agree(beside, in_order, in_place, dtype):
         assert_close(beside.float(), in_place.float(), dtype)
     else:
         assert torch.equal(beside, in_place), (beside.float() - in_place.float()).abs().max()
-
-
-def captured_qwen3_layer(M, seed, fused=False):
-    """A LoRA layer at Qwen3-30B-A3B's widths (64 of its experts), 4 adapters over M tokens, warmed up on a side
-    stream and captured in a CUDA graph: (harness, x, logits, slots, graph, the graph's output)."""
-    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=torch.device("cuda"), backend="triton",
-                max_loras=4, max_rank=16, seed=seed, fused=fused)
-    for s in range(4):
-        h.load(s, h.new_adapter(rank=16 if s % 2 else 8))
-    x, logits = h.inputs(M, empty=False)
-    slots = pick_slots(M, 4, "mixed", seed=M)
-    h.punica.update_metadata(slots)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            h.layer(x, logits)  # warm-up: compiles, tuned-config lookups
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = h.layer(x, logits)
-    return h, x, logits, slots, graph, out
-
-
-def replay_with_new_inputs(h, x, logits, M, graph):
-    x2, logits2 = h.inputs(M, empty=False)
-    x.copy_(x2)
-    logits.copy_(logits2)
-    graph.replay()
-    torch.cuda.synchronize()

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.layers.moe_setup import pick_slots
-from tests.lora.lora_moe_harness import (Harness, assert_delta_paths_agree, captured_qwen3_layer, delta_paths,
-                                         replay_with_new_inputs)
+from tests.lora.lora_moe_harness import Harness, assert_delta_paths_agree, delta_paths
 from tests.utils import assert_close
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
@@ -146,6 +145,36 @@ def test_layer_beside_with_an_expert_map(device, monkeypatch):
     assert_close(sum(o[0] for o in outs).cpu(), hs[0].reference(x, logits, slots), torch.float32)
 
 
+def _captured_qwen3_layer(M, seed):
+    """A LoRA layer at Qwen3-30B-A3B's widths (64 of its experts), 4 adapters over M tokens, warmed up on a side
+    stream and captured in a CUDA graph: (harness, x, logits, slots, graph, the graph's output)."""
+    h = Harness(E=64, top_k=8, H=2048, I=768, dtype=torch.bfloat16, device=torch.device("cuda"), backend="triton",
+                max_loras=4, max_rank=16, seed=seed)
+    for s in range(4):
+        h.load(s, h.new_adapter(rank=16 if s % 2 else 8))
+    x, logits = h.inputs(M, empty=False)
+    slots = pick_slots(M, 4, "mixed", seed=M)
+    h.punica.update_metadata(slots)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            h.layer(x, logits)  # warm-up: compiles, tuned-config lookups
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = h.layer(x, logits)
+    return h, x, logits, slots, graph, out
+
+
+def _replay_with_new_inputs(h, x, logits, M, graph):
+    x2, logits2 = h.inputs(M, empty=False)
+    x.copy_(x2)
+    logits.copy_(logits2)
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_beside_in_a_cuda_graph(M, monkeypatch):
@@ -156,9 +185,9 @@ def test_beside_in_a_cuda_graph(M, monkeypatch):
         pytest.skip("needs CUDA")
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: True)
     monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)
-    h, x, logits, slots, graph, out = captured_qwen3_layer(M, seed=12)
+    h, x, logits, slots, graph, out = _captured_qwen3_layer(M, seed=12)
     for step in range(2):
-        replay_with_new_inputs(h, x, logits, M, graph)
+        _replay_with_new_inputs(h, x, logits, M, graph)
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", False)
         in_order = h.forward(x, logits, slots)
         monkeypatch.setattr(lora_overlap, "LORA_SIDE_STREAM", True)

@@ -273,11 +273,21 @@ class PunicaWrapperBase(StepMapping, ABC):
         reads it instead of aligning again.  None: the wrapper aligns (or not) itself.
         Returns the routing for ``add_lora_w2``.
         """
-        cfg = self._w13_config(ctx, x)
-        routing = self._w13_routing(x, ctx, topk_ids=topk_ids, expert_map=expert_map, alignment=alignment, cfg=cfg)
-        num_pairs, alignment, mapping = routing.num_pairs, routing.alignment, routing.token_lora_mapping
+        M = x.shape[0]
+        num_pairs = M * ctx.top_k
+        mapping = self._w13_mapping(ctx, M)
         y2 = y.reshape(num_pairs, y.shape[-1])
         lora_a, lora_b = ctx.w13_lora_a_stacked, ctx.w13_lora_b_stacked
+        cfg = self._w13_config(ctx, x)
+        if alignment is not None and (alignment.numel, alignment.num_experts, alignment.max_loras) != (
+                num_pairs, ctx.local_num_experts, ctx.max_loras):
+            raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
+                             f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
+                             f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
+        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
+            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
+                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
+        routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
         if num_pairs == 0:
             return routing
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=mapping,
@@ -294,39 +304,6 @@ class PunicaWrapperBase(StepMapping, ABC):
         else:
             self._fused(y2, x, lora_a, lora_b, mul_routed_weight=False, overwrite=overwrite, **kw)
         return routing
-
-    def _w13_routing(self, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
-                     expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"],
-                     cfg: Optional["MoELoRATileConfig"]) -> MoELoRARouting:
-        """The step's w13 / w2 LoRA routing for x [M, H]: the rows' slots and, on the sorted path, the (adapter,
-        expert) alignment (the caller's, checked, or made here)."""
-        num_pairs = x.shape[0] * ctx.top_k
-        mapping = self._w13_mapping(ctx, x.shape[0])
-        if alignment is not None and (alignment.numel, alignment.num_experts, alignment.max_loras) != (
-                num_pairs, ctx.local_num_experts, ctx.max_loras):
-            raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
-                             f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
-                             f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
-        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
-            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
-                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
-        return MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
-
-    def lora_w13_shrink(self, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
-                        expert_map: Optional[torch.Tensor] = None, alignment: Optional["MoELoRAAlignment"] = None
-                        ) -> tuple[MoELoRARouting, Optional[torch.Tensor]]:
-        """``add_lora_w13``'s routing and, on the sorted path with one w13 slice, not fully sharded, the fp32
-        [M*top_k, R] shrink of x alone (else None: nothing launched), for a GEMM1 that adds the expand in its
-        epilogue (``GemmLoRAEpilogue``)."""
-        cfg = self._w13_config(ctx, x)
-        routing = self._w13_routing(x, ctx, topk_ids=topk_ids, expert_map=expert_map, alignment=alignment, cfg=cfg)
-        if (routing.alignment is None or routing.num_pairs == 0 or len(ctx.w13_lora_a_stacked) != 1
-                or (ctx.fully_sharded and ctx.tp_size > 1)):
-            return routing, None
-        return routing, self._shrink(x, ctx.w13_lora_a_stacked, topk_ids=topk_ids,
-                                     token_lora_mapping=routing.token_lora_mapping,
-                                     adapter_enabled=ctx.adapter_enabled, top_k_in=ctx.top_k, expert_map=expert_map,
-                                     alignment=routing.alignment, config=cfg)[0]
 
     def add_lora_w2(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting,
                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, mul_routed_weight: bool,
@@ -361,19 +338,6 @@ class PunicaWrapperBase(StepMapping, ABC):
                          n_offset=h_b * ctx.tp_rank, **_without(kw, "top_k_in"))
         else:
             self._fused(y2, x, lora_a, lora_b, mul_routed_weight=mul_routed_weight, overwrite=overwrite, **kw)
-
-    def lora_w2_shrink(self, x: torch.Tensor, ctx: "MoELoRAContext", *, routing: MoELoRARouting,
-                       topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp32 [M*top_k, R]: the w2 LoRA shrink of x alone (rows of pairs without LoRA 0), for a GEMM2 that adds
-        the expand in its epilogue (``GemmLoRAEpilogue``) in place of ``add_lora_w2``; not fully sharded."""
-        lora_a = ctx.w2_lora_a_stacked
-        cfg = self._config("fused_moe_lora_w2", num_pairs=routing.num_pairs, num_experts=ctx.local_num_experts,
-                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1],
-                           N=ctx.w2_lora_b_stacked[0].shape[2], num_slices=1, dtype=x.dtype,
-                           use_tuned_config=ctx.use_tuned_config, small_batch=routing.alignment is None)
-        return self._shrink(x, lora_a, topk_ids=topk_ids, token_lora_mapping=routing.token_lora_mapping,
-                            adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
-                            alignment=routing.alignment, config=cfg)[0]
 
     # ---- dense LoRA (linear layers) ----------------------------------------------
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor],

@@ -13,11 +13,6 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
 on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
-With ``GEMM1_LORA_EPILOGUE`` / ``GEMM2_LORA_EPILOGUE`` (off until timed on a GPU; decode switches
-``moe-lora-w13-epilogue`` / ``moe-lora-w2-epilogue``), on the sorted LoRA path a backend that can
-(``epilogue_gemm``) runs the GEMM with the LoRA expand in its epilogue after a shrink-only launch
-(``PunicaWrapper.lora_w13_shrink`` / ``lora_w2_shrink``, ``ops/gemm_lora_epilogue.py``): no read-modify-write of
-the GEMM's output (w13: one slice only, i.e. adapters on fused experts).
 """
 from __future__ import annotations
 
@@ -26,17 +21,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.experts import lora_overlap
-from vllm.model_executor.layers.fused_moe.ops.gemm_lora_epilogue import GemmLoRAEpilogue
 
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment, MoELoRAAlignPlan
     from vllm.lora.punica_wrapper.punica_base import MoELoRARouting
-
-#: GEMM1 / GEMM2 add the w13 / w2 LoRA expand in their epilogue where the backend can, on the sorted LoRA path
-#: (off until timed)
-GEMM1_LORA_EPILOGUE = False
-GEMM2_LORA_EPILOGUE = False
 
 
 class MoELoRAExpertsMixin:
@@ -104,12 +93,10 @@ class MoELoRAExpertsMixin:
 
     def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None,
-                        epilogue_gemm: Optional[Callable[[GemmLoRAEpilogue], bool]] = None
+                        expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
                         ) -> tuple[Optional["MoELoRARouting"], Optional[torch.Tensor]]:
         """``gemm()`` (GEMM1, writing y [pairs, N]) and the w13 seam: (the routing for the w2 seam, the fp32 delta
-        buffer for ``moe_activation`` or None when the delta went into y in place - or into GEMM1's epilogue,
-        ``epilogue_gemm(lora)``: GEMM1 with it, True when run)."""
+        buffer for ``moe_activation`` or None when the delta went into y in place)."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> Optional["MoELoRARouting"]:
             return self.apply_w13_lora(ctx, y=out, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
                                        expert_map=expert_map, alignment=alignment, overwrite=overwrite)
@@ -117,26 +104,15 @@ class MoELoRAExpertsMixin:
         if deltas:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             return lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm), delta
-        if epilogue_gemm is not None and GEMM1_LORA_EPILOGUE and ctx is not None and self.lora_runs(ctx):
-            routing, shrunk = ctx.punica_wrapper.lora_w13_shrink(x, ctx, topk_ids=topk_ids, expert_map=expert_map,
-                                                                 alignment=alignment)
-            b = ctx.w13_lora_b_stacked[0]
-            if shrunk is not None and b.shape[2] == y.shape[1] and epilogue_gemm(GemmLoRAEpilogue(
-                    shrunk=shrunk, lora_b=b, token_slots=routing.token_lora_mapping[: topk_ids.shape[0]],
-                    top_k=topk_ids.shape[1])):
-                return routing, None
-            alignment = routing.alignment  # the seam below reuses it
         gemm()
         return (seam(y) if ctx is not None else None), None  # apply_w13_lora: None when no adapter runs
 
     def gemm2_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, routing: Optional["MoELoRARouting"], topk_ids: torch.Tensor,
-                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor], mul_routed_weight: bool,
-                        epilogue_gemm: Optional[Callable[[GemmLoRAEpilogue], bool]] = None
-                        ) -> Optional[torch.Tensor]:
+                        topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor],
+                        mul_routed_weight: bool) -> Optional[torch.Tensor]:
         """``gemm()`` (GEMM2, writing y [pairs, H]) and the w2 seam: the fp32 delta buffer for ``moe_sum``, or None
-        when the delta (if any) went into y in place - or into GEMM2's epilogue (``epilogue_gemm(lora)``: GEMM2
-        with it, True when run)."""
+        when the delta (if any) went into y in place."""
         def seam(out: torch.Tensor, overwrite: bool = False) -> None:
             self.apply_w2_lora(ctx, y=out, x=x, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
                                expert_map=expert_map, mul_routed_weight=mul_routed_weight, overwrite=overwrite)
@@ -145,22 +121,7 @@ class MoELoRAExpertsMixin:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm)
             return delta
-        if epilogue_gemm is not None and _w2_epilogue_applies(ctx, routing, y):
-            shrunk = ctx.punica_wrapper.lora_w2_shrink(x, ctx, routing=routing, topk_ids=topk_ids,
-                                                       expert_map=expert_map)
-            if epilogue_gemm(GemmLoRAEpilogue(shrunk=shrunk, lora_b=ctx.w2_lora_b_stacked[0],
-                                              token_slots=routing.token_lora_mapping[: topk_ids.shape[0]],
-                                              top_k=topk_ids.shape[1])):
-                return None
         gemm()
         if ctx is not None:
             seam(y)
         return None
-
-
-def _w2_epilogue_applies(ctx: Optional["MoELoRAContext"], routing: Optional["MoELoRARouting"], y: torch.Tensor) -> bool:
-    """GEMM2 may take the w2 expand (``GEMM2_LORA_EPILOGUE``): an adapter runs, on the sorted LoRA path, not fully
-    sharded, B's rows GEMM2's columns."""
-    return (GEMM2_LORA_EPILOGUE and ctx is not None and routing is not None and routing.alignment is not None
-            and not (ctx.fully_sharded and ctx.tp_size > 1) and len(ctx.w2_lora_b_stacked) == 1
-            and ctx.w2_lora_b_stacked[0].shape[2] == y.shape[1])

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from vllm.kernel_configs.tile_config import TileConfig
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.model_executor.layers.fused_moe.ops.gemm_lora_epilogue import GemmLoRAEpilogue
     from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignResult
 
 
@@ -91,23 +90,6 @@ class TritonExperts(TwoGemmExperts):
                               topk_weights=topk_weights, mul_routed_weight=weighted,
                               bias=qc.w1_bias if stage == 1 else qc.w2_bias,
                               config=route.cfg1 if stage == 1 else route.cfg2, pairwise=route.pairwise)
-
-    def _gemm_lora_epilogue(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
-                            route: Optional[TritonRoute], *, stage: int, top_k_in: int, topk_weights: torch.Tensor,
-                            weighted: bool, lora: "GemmLoRAEpilogue") -> bool:
-        from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import invoke_fused_moe_gemm
-
-        assert route is not None
-        cfg = route.cfg1 if stage == 1 else route.cfg2
-        if cfg.gemv:  # the FMA GEMV has no LoRA epilogue
-            return False
-        al = route.align
-        invoke_fused_moe_gemm(a, w, out, sorted_token_ids=al.sorted_token_ids, block_expert_ids=al.block_expert_ids,
-                              num_tokens_post_padded=al.num_tokens_post_padded, top_k_in=top_k_in,
-                              topk_weights=topk_weights, mul_routed_weight=weighted,
-                              bias=self.quant_config.w1_bias if stage == 1 else self.quant_config.w2_bias,
-                              config=cfg, pairwise=route.pairwise, lora=lora)
-        return True
 
     def _gemm1_activated(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
                          route: Optional[TritonRoute], *, activation: MoEActivation, top_k_in: int) -> bool:

@@ -30,7 +30,6 @@ from vllm.model_executor.layers.fused_moe.modular_kernel import (
 if TYPE_CHECKING:
     from vllm.lora.lora_context import MoELoRAContext
     from vllm.lora.ops.moe_lora_align import MoELoRAAlignment
-    from vllm.model_executor.layers.fused_moe.ops.gemm_lora_epilogue import GemmLoRAEpilogue
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -87,13 +86,6 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
         Only called when no LoRA runs this step (the w2 delta joins before the sum)."""
         return False
 
-    def _gemm_lora_epilogue(self, out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, route: Optional[Any], *,
-                            stage: int, top_k_in: int, topk_weights: torch.Tensor, weighted: bool,
-                            lora: "GemmLoRAEpilogue") -> bool:
-        """``_gemm`` with the LoRA expand ``lora`` added before its rounding (``gemm_lora_epilogue.py``); False
-        (nothing written) where the backend cannot."""
-        return False
-
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: MoEActivation,
               global_num_experts: int, expert_map: Optional[torch.Tensor], a1q_scale: Optional[torch.Tensor],
@@ -126,10 +118,7 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
                 lora_context, lambda: self._gemm(gemm1, hidden_states, w1, ids, route, stage=1, top_k_in=top_k,
                                                  topk_weights=topk_weights, weighted=False),
                 deltas=deltas, y=gemm1, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                expert_map=expert_map, alignment=lora_alignment,
-                epilogue_gemm=lambda lora: self._gemm_lora_epilogue(gemm1, hidden_states, w1, route, stage=1,
-                                                                    top_k_in=top_k, topk_weights=topk_weights,
-                                                                    weighted=False, lora=lora))
+                expert_map=expert_map, alignment=lora_alignment)
             moe_activation(activation, gemm1, out=act_out, use_triton=glue, delta=d13)
 
         weighted = not apply_router_weight_on_input
@@ -143,8 +132,5 @@ class TwoGemmExperts(MoELoRAExpertsMixin, FusedMoEExpertsModular):
             lora_context, lambda: self._gemm(gemm2, act_out, w2, ids, route, stage=2, top_k_in=1,
                                              topk_weights=topk_weights, weighted=weighted),
             deltas=deltas, y=gemm2, x=act_out, routing=routing, topk_ids=topk_ids, topk_weights=topk_weights,
-            expert_map=expert_map, mul_routed_weight=weighted,
-            epilogue_gemm=lambda lora: self._gemm_lora_epilogue(gemm2, act_out, w2, route, stage=2, top_k_in=1,
-                                                                topk_weights=topk_weights, weighted=weighted,
-                                                                lora=lora))
+            expert_map=expert_map, mul_routed_weight=weighted)
         moe_sum(gemm2.view(M, top_k, H), output, use_triton=glue, delta=None if d2 is None else d2.view(M, top_k, H))

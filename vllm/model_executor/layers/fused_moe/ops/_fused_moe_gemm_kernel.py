@@ -8,16 +8,12 @@ With ``FUSED_ACT`` >= 0 (GEMM1 without LoRA) the output is the gated activation 
 keeps two accumulators, of the gate rows and of the up rows of its N-slice (rows n and N + n; gpt-oss's
 interleaved 2n and 2n + 1), rounds each to the output dtype as GEMM1's output would be, and applies
 ``gated_act`` - the activation kernel's math - before the one store.
-
-With ``LORA_EPI`` (``gemm_lora_epilogue.py``) the accumulator gets each row's LoRA expand before the
-bias and the router weight.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _split_for_expand, expand_acc
 from vllm.model_executor.layers.fused_moe.ops._activation_kernel import gated_act
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
@@ -44,28 +40,6 @@ def _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_
     if MUL_ROUTED_WEIGHT:
         gate = tl.load(topk_weights_ptr + pair, mask=pair_ok, other=0.0)
         acc *= gate.to(tl.float32)[:, None]
-    return acc
-
-
-@triton.jit
-def _lora_delta(acc, pair, pair_ok, expert, offs_n, n_ok, shrunk_ptr, lora_b_ptr, slots_ptr, lora_top_k, num_slots,
-                R, stride_sp, stride_sr, stride_lbl, stride_lbe, stride_lbn, stride_lbr, UPCAST: tl.constexpr,
-                FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """fp32 ``acc`` [pairs, n] + each row's ``shrunk[pair] @ B[slot, expert]^T`` for the block's N tile: one
-    expand per slot that some row of the block uses (rows of other slots masked to 0 in it)."""
-    slot = tl.load(slots_ptr + pair // lora_top_k, mask=pair_ok, other=-1)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    shrunk = tl.load(shrunk_ptr + pair.to(tl.int64)[:, None] * stride_sp + offs_r[None, :] * stride_sr,
-                     mask=pair_ok[:, None] & r_ok[None, :], other=0.0)
-    b_tile = (lora_b_ptr + expert * stride_lbe + offs_r[:, None] * stride_lbr
-              + offs_n.to(tl.int64)[None, :] * stride_lbn)  # [BLOCK_R, BLOCK_N] view of B[slot, expert]^T
-    for s in range(0, num_slots):
-        rows = slot == s
-        if tl.max(rows.to(tl.int32), axis=0) > 0:
-            hi, mid, lo = _split_for_expand(tl.where(rows[:, None], shrunk, 0.0), EXPAND_MODE)
-            b = tl.load(b_tile + s * stride_lbl, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = expand_acc(acc, hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE)
     return acc
 
 
@@ -115,10 +89,6 @@ def _fused_moe_gemm_kernel(
     FUSED_ACT: tl.constexpr = -1,  # >= 0: gated_act's ACT code; N is then the activated width
     alpha=0.0,
     limit=0.0,
-    LORA_EPI: tl.constexpr = False,  # the arguments below: GemmLoRAEpilogue.kernel_args
-    shrunk_ptr=None, lora_b_ptr=None, slots_ptr=None, lora_top_k=1, num_slots=0, R=0, stride_sp=0, stride_sr=0,
-    stride_lbl=0, stride_lbe=0, stride_lbn=0, stride_lbr=0, BLOCK_R: tl.constexpr = 16,
-    EXPAND_MODE: tl.constexpr = 1, FP32_PRECISION: tl.constexpr = "ieee",
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), N, num_pid_m, BLOCK_SIZE_N, GROUP_SIZE_M)
@@ -183,10 +153,6 @@ def _fused_moe_gemm_kernel(
                             stride_bn, HAS_BIAS, False)
         acc = gated_act(gate.to(out_t).to(tl.float32), up.to(out_t).to(tl.float32), alpha, limit, FUSED_ACT)
     else:
-        if LORA_EPI:
-            acc = _lora_delta(acc, pair, pair_ok, expert, offs_n, n_ok, shrunk_ptr, lora_b_ptr, slots_ptr, lora_top_k,
-                              num_slots, R, stride_sp, stride_sr, stride_lbl, stride_lbe, stride_lbn, stride_lbr,
-                              UPCAST_DOT, FP32_PRECISION, EXPAND_MODE, BLOCK_R)
         acc = _bias_and_gate(acc, bias_ptr, topk_weights_ptr, expert, pair, pair_ok, offs_n, n_ok, stride_be,
                              stride_bn, HAS_BIAS, MUL_ROUTED_WEIGHT)
 

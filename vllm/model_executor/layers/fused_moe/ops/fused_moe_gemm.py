@@ -53,7 +53,6 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.config import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEActivation
 from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemv import (check_gemv_config, gemv_config,
                                                                       invoke_fused_moe_gemv)
-from vllm.model_executor.layers.fused_moe.ops.gemm_lora_epilogue import GemmLoRAEpilogue
 from vllm.platforms import current_platform
 from vllm.platforms.interface import triton_interpreting
 from vllm.platforms.pdl import pdl_launch_kwargs
@@ -257,7 +256,6 @@ def invoke_fused_moe_gemm(
     config: TileConfig,
     pairwise: bool = False,
     fused_activation: Optional[MoEActivation] = None,
-    lora: Optional[GemmLoRAEpilogue] = None,
 ) -> None:
     """Write ``out[p] = (a[p // top_k_in] @ w[e_p].T + bias[e_p]) * weight_p`` for every routed pair p.
 
@@ -274,7 +272,6 @@ def invoke_fused_moe_gemm(
     fused_activation: a gated activation (SILU, GELU, SWIGLUOAI): out [num_pairs, N // 2] is that activation
         of the GEMM's rounded output, bit for bit ``moe_activation`` of it (GEMM1 without LoRA; not with
         ``mul_routed_weight`` or a ``gemv=1`` config); BLOCK_SIZE_N is halved: two accumulators per program.
-    lora: the LoRA expand added before the bias and the weight (``gemm_lora_epilogue.py``; sorted routing, tl.dot).
     No host synchronisation (graph safe).
     """
     check_tile_config(config)
@@ -309,9 +306,6 @@ def invoke_fused_moe_gemm(
     if config.gemv and not pairwise:
         raise ValueError("GEMV=1 runs on pairwise routing only (pairwise_alignment, pairwise=True); "
                          "sorted routing needs a config with GEMV=0")
-    if lora is not None and (config.gemv or act_code >= 0):
-        raise ValueError("a LoRA epilogue needs a tl.dot config (GEMV=0) and no fused activation")
-    lora_args = {} if lora is None else lora.kernel_args(out, num_pairs, E, N)
     if num_pairs == 0 or N == 0 or EM == 0:
         return
     if config.gemv:
@@ -350,7 +344,6 @@ def invoke_fused_moe_gemm(
         num_stages=config.num_stages,
         **pdl_launch_kwargs(a.device),
         **({} if act_code < 0 else dict(FUSED_ACT=act_code, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)),
-        **lora_args,
     )
 
 
