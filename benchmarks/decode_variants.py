@@ -76,10 +76,12 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            "dense-lora-sorted-split": ("vllm.lora.ops.triton_ops.lora_linear_sorted_split", "SORTED_SPLIT"),
            # the q/k/v and o projections' LoRA deltas added by the norms and q/k norm + rotary around them
            # (vllm/lora/layers/dense_handoff.py)
-           "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF")}
+           "dense-lora-handoff": ("vllm.lora.layers.dense_handoff", "HANDOFF"),
+           # the w13 LoRA slices of a fused gate_up adapter read one A (vllm/lora/layers/fused_moe.py)
+           "moe-lora-shared-w13-a": ("vllm.lora.layers.fused_moe", "SHARE_W13_A")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
-             "moe-lora-pair-fanout", "dense-lora-handoff"}
+             "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-shared-w13-a"}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -21,6 +21,13 @@ of the zero-padded A), w13 B sharded on output rows like w13_weight; w2 A
 sharded on input columns like w2_weight; w2 B replicated (fully sharded: H/tp
 rows, written at offset H/tp * tp_rank).
 
+Shared w13 A (``SHARE_W13_A``): a fused gate_up adapter (peft's ``target_parameters``) in the two-slice
+layout has one A for both slices, stored twice.  While every slot's adapter has equal gate and up A
+(empty slots count), both slices of ``w13_lora_a_stacked`` are views of the first slice's buffer: the
+kernels then read one A (the one-launch kernels run a block's slices side by side and find it in L2,
+the two-launch ones shrink once for all slices).  A change of this state rebuilds the context and tells the
+Punica wrapper, as a kernel rank change does (graphs bake the A pointer in).
+
 Kernel rank (``effective_rank.py``): w13 and w2 each keep the rank of every slot's adapter; the
 context's ``*_stacked`` tensors are views of the buffers cut to each op's kernel rank, and the
 context is built again (and the Punica wrapper told) when one changes.  Fully sharded LoRA keeps
@@ -39,6 +46,9 @@ from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.lora_context import MoELoRAContext
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
 from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+#: the w13 slices of a two-slice layer read one A while every slot's gate and up A are equal (module docstring)
+SHARE_W13_A = True
 
 
 class FusedMoEWithLoRA(BaseLayerWithLoRA):
@@ -99,6 +109,8 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         # fully sharded: the rank is not cut (A's rows are split over the TP ranks at R's layout)
         self.w13_ranks, self.w2_ranks = SlotRanks(L, R), SlotRanks(L, R)
         self.kernel_ranks = (-1, -1)  # (w13, w2)
+        self.w13_a_same = [True] * L  # per slot: its gate and up A are equal (an empty slot's are zeros)
+        self.w13_a_shared = False  # w13_lora_a_stacked's slices are views of one buffer
         self.adapter_enabled = torch.zeros(L + 1, dtype=torch.int32, device=dev)
         self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled (shared with the context)
         self._cut_to_rank()
@@ -113,12 +125,14 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         when one changed; then build the context again and tell the Punica wrapper (graphs bake the rank in)."""
         R = self.max_lora_rank
         r13, r2 = (R, R) if self.fully_sharded else (self.w13_ranks.kernel, self.w2_ranks.kernel)
-        if (r13, r2) == self.kernel_ranks:
+        shared = SHARE_W13_A and self.w13_num_slices > 1 and all(self.w13_a_same)
+        if (r13, r2) == self.kernel_ranks and shared == self.w13_a_shared:
             return
         changed = self.kernel_ranks != (-1, -1)
-        self.kernel_ranks = (r13, r2)
+        self.kernel_ranks, self.w13_a_shared = (r13, r2), shared
         r13_a = self._w13_a.shape[3] if self.fully_sharded else r13
-        self.w13_lora_a_stacked = tuple(self._w13_a[:, :, :, :r13_a].unbind(0))
+        w13_a = self._w13_a[:, :, :, :r13_a]
+        self.w13_lora_a_stacked = (w13_a[0],) * self.w13_num_slices if shared else tuple(w13_a.unbind(0))
         self.w13_lora_b_stacked = tuple(self._w13_b[..., :r13].unbind(0))
         self.w2_lora_a_stacked = tuple(self._w2_a[:, :, :, :r2].unbind(0))
         self.w2_lora_b_stacked = tuple(self._w2_b[..., :r2].unbind(0))
@@ -138,6 +152,7 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         self.enabled_slots.discard(index)
         self.w13_ranks.set(index, 0)
         self.w2_ranks.set(index, 0)
+        self.w13_a_same[index] = True
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.max_loras:
@@ -205,6 +220,7 @@ class FusedMoEWithLoRA(BaseLayerWithLoRA):
         self.enabled_slots.add(index)
         self.w13_ranks.set(index, r13)
         self.w2_ranks.set(index, r)
+        self.w13_a_same[index] = len(w13_a) == 1 or all(w13_a[0] is t or torch.equal(w13_a[0], t) for t in w13_a)
         self._cut_to_rank()
 
     @staticmethod

@@ -132,6 +132,16 @@ def _n_tile_range(pid_n, N, num_n_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _grid_ids(num_slices, num_n_splits):
+    """(row block or pair, slice, N split) of this program in the one-dimensional grid of the one-launch
+    kernels: the programs of one row block / pair are adjacent, so those that read its A (shared by the slices
+    of a fused gate_up adapter, ``stride_as`` 0) and its x rows run together and find them in L2."""
+    pid = tl.program_id(0)
+    per_row = num_slices * num_n_splits
+    return pid // per_row, (pid % per_row) // num_n_splits, pid % num_n_splits
+
+
+@triton.jit
 def moe_lora_sorted_kernel(
     x_ptr, a_ptr, b_ptr, out_ptr, shrunk_ptr, w_ptr,
     sorted_ids_ptr, block_vids_ptr, num_post_padded_ptr,
@@ -140,16 +150,14 @@ def moe_lora_sorted_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_bs, stride_bl, stride_be, stride_bn, stride_br,
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
-    stride_ss, stride_sp, stride_sr, num_n_splits,
+    stride_ss, stride_sp, stride_sr, num_n_splits, num_slices,
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    pid_m, pid_s, pid_n = _grid_ids(num_slices, num_n_splits)
     vid = tl.load(block_vids_ptr + pid_m)
     if vid < 0:
         return
@@ -252,16 +260,16 @@ def moe_lora_pair_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_bs, stride_bl, stride_be, stride_bn, stride_br,
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
-    stride_ss, stride_sp, stride_sr, num_n_splits,
+    stride_ss, stride_sp, stride_sr, num_n_splits, num_slices,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
-    pair = tl.program_id(0).to(tl.int64)
-    slice_s = tl.program_id(1).to(tl.int64)
-    pid_n = tl.program_id(2)
+    pair, slice_s, pid_n = _grid_ids(num_slices, num_n_splits)
+    pair = pair.to(tl.int64)
+    slice_s = slice_s.to(tl.int64)
     live, slot, expert = _pair_route(topk_ids_ptr, mapping_ptr, enabled_ptr, expert_map_ptr, pair, top_k, max_loras,
                                      num_experts, HAS_EXPERT_MAP)
     if ~live:

@@ -22,6 +22,7 @@ unused (the launcher takes this kernel only for the fused op).
 import triton
 import triton.language as tl
 
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import _grid_ids
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -34,16 +35,16 @@ def moe_lora_pair_prefetch_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_bs, stride_bl, stride_be, stride_bn, stride_br,
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
-    stride_ss, stride_sp, stride_sr, num_n_splits,
+    stride_ss, stride_sp, stride_sr, num_n_splits, num_slices,
     HAS_EXPERT_MAP: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, K_TILES: tl.constexpr,
     USE_PDL: tl.constexpr = False, OVERWRITE: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
-    pair = tl.program_id(0).to(tl.int64)
-    slice_s = tl.program_id(1).to(tl.int64)
-    pid_n = tl.program_id(2)
+    pair, slice_s, pid_n = _grid_ids(num_slices, num_n_splits)  # one N tile per program: num_n_splits = tiles
+    pair = pair.to(tl.int64)
+    slice_s = slice_s.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

@@ -195,19 +195,23 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         )
         if overwrite:  # only the two pair kernels that store their tiles (``_overwrites``)
             args["OVERWRITE"] = True
+        # the slices read one A (a fused gate_up adapter's, ``FusedMoEWithLoRA.SHARE_W13_A``): the two-launch
+        # variants shrink once for all of them
+        shared_a = do_shrink and do_expand and ns > 1 and args["stride_as"] == 0
         if alignment is not None:
             block_m = alignment.block_size
             # Used blocks are a prefix of at most ceil(numel / BLOCK_M) + (non-empty groups):
             # each non-empty virtual expert adds at most one partly filled block.
             used_blocks = -(-numel // block_m) + min(numel, L * E)
-            grid = (min(alignment.block_virtual_ids.numel(), used_blocks), ns, splits)
+            blocks = min(alignment.block_virtual_ids.numel(), used_blocks)
             expand_mode = 1 if (do_expand and b.dtype == torch.bfloat16) else 0
             if do_shrink and do_expand and config.shrink_split_k > 1:  # two launches, the shrink split along K
-                launch_split(args, alignment=alignment, blocks=grid[0], num_slices=ns, n_splits=splits,
-                             shrink_split_k=config.shrink_split_k, interp=interp, expand_mode=expand_mode)
+                launch_split(args, alignment=alignment, blocks=blocks, num_slices=ns, n_splits=splits,
+                             shrink_split_k=config.shrink_split_k, interp=interp, expand_mode=expand_mode,
+                             shared_a=shared_a)
                 continue
-            kern.moe_lora_sorted_kernel[grid](
-                sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
+            kern.moe_lora_sorted_kernel[(blocks * ns * splits,)](  # a block's slices and N splits adjacent
+                num_slices=ns, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
@@ -218,21 +222,21 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None), numel=numel, num_slices=ns, n_splits=splits,
-                width=_PAIR_SPLIT_WIDTH, interp=interp, fanout=PAIR_SPLIT_FANOUT,
+                width=_PAIR_SPLIT_WIDTH, interp=interp, fanout=PAIR_SPLIT_FANOUT, shared_a=shared_a,
                 expand_block_n=None if interp else PAIR_SPLIT_EXPAND_BLOCK_N)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 1:
             from vllm.lora.ops.triton_ops._moe_lora_pair_prefetch_kernel import moe_lora_pair_prefetch_kernel
 
             bn, bk, k_tiles, warps = pair_prefetch_tiles(K, R, N, interp)
-            moe_lora_pair_prefetch_kernel[(numel, ns, -(-N // bn))](
-                topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+            n_tiles = -(-N // bn)
+            moe_lora_pair_prefetch_kernel[(numel * ns * n_tiles,)](
+                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None, K_TILES=k_tiles,
-                **{**args, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1})
+                **{**args, "num_n_splits": n_tiles, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1})
         else:
-            grid = (numel, ns, splits)
-            kern.moe_lora_pair_kernel[grid](
-                topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+            kern.moe_lora_pair_kernel[(numel * ns * splits,)](  # a pair's slices and N splits adjacent
+                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None,
                 K_TILES=-(-K // config.block_size_k) if do_shrink else 1, **args)

@@ -51,52 +51,56 @@ def _pick(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def launch_split(args: dict[str, Any], *, alignment: MoELoRAAlignment, blocks: int, num_slices: int,
-                 n_splits: int, shrink_split_k: int, interp: bool, expand_mode: int) -> None:
+                 n_splits: int, shrink_split_k: int, interp: bool, expand_mode: int, shared_a: bool = False) -> None:
     """Shrink + expand of one slice group in two launches.
 
     args: the fused kernel's named arguments as ``fused_moe_lora._run`` builds them (pointers,
     sizes, strides, constexprs, ``num_warps`` / ``num_stages``); blocks: the M-blocks to launch.
+    shared_a: every slice reads the same A (``stride_as`` 0): one slice is shrunk, and every slice's
+    expand reads its partials.
     """
     from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
 
     x, R, K, numel = args["x_ptr"], args["R"], args["K"], args["numel"]
     block_r = args["BLOCK_R"]
     width, parts = split_layout(K, shrink_split_k)
-    part = alloc_partials(parts, num_slices, numel, R, x.device)
+    shrink_slices = 1 if shared_a else num_slices
+    part = alloc_partials(parts, shrink_slices, numel, R, x.device)
     common = dict(args, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                   num_post_padded_ptr=alignment.num_tokens_post_padded, part_ptr=part,
-                  stride_pk=part.stride(0), stride_ps=part.stride(1), stride_pp=part.stride(2),
+                  stride_pk=part.stride(0), stride_ps=0 if shared_a else part.stride(1), stride_pp=part.stride(2),
                   UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3", BLOCK_M=alignment.block_size,
                   BLOCK_R=block_r, EXPAND_MODE=expand_mode)
     launch = dict(num_warps=args["num_warps"], num_stages=args["num_stages"])
     elem = 4 if interp else x.element_size()  # the interpreter upcasts the operands
     tile, tiles = split_tiles(width, alignment.block_size, block_r, elem)
     shrink = kern.moe_lora_split_shrink_kernel
-    shrink[(blocks, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=tile, K_TILES=tiles), **launch)
+    shrink[(blocks, shrink_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=tile, K_TILES=tiles), **launch)
     expand = kern.moe_lora_split_expand_kernel
     expand[(blocks, num_slices, n_splits)](**_pick(expand, common), NUM_PARTS=parts, **launch)
 
 
 def launch_pair_split(args: dict[str, Any], *, pair_args: dict[str, Any], numel: int, num_slices: int,
                       n_splits: int, width: int, interp: bool, fanout: bool = False,
-                      expand_block_n: Optional[int] = None) -> None:
+                      expand_block_n: Optional[int] = None, shared_a: bool = False) -> None:
     """The small-batch path's shrink + expand of one slice group in two launches: the shrink over K ranges of
     ``width`` columns (``split_layout``), the expand over ``n_splits`` N ranges (``fanout``: one BLOCK_N tile
     per program, whatever ``n_splits`` says; ``expand_block_n``: that tile's width, default the config's).
 
     args: as ``launch_split``'s; pair_args: the pair kernels' routing arguments (topk ids, the token -> slot
-    mapping, the enabled flags, the expert map, ``max_loras``, ``HAS_EXPERT_MAP``)."""
+    mapping, the enabled flags, the expert map, ``max_loras``, ``HAS_EXPERT_MAP``); shared_a: as ``launch_split``'s."""
     from vllm.lora.ops.triton_ops import _moe_lora_split_kernels as kern
 
     x, R, K = args["x_ptr"], args["R"], args["K"]
     width, parts = split_layout(K, -(-max(K, 1) // width))
-    part = alloc_partials(parts, num_slices, numel, R, x.device)
-    common = dict(args, **pair_args, part_ptr=part, stride_pk=part.stride(0), stride_ps=part.stride(1),
-                  stride_pp=part.stride(2))
+    shrink_slices = 1 if shared_a else num_slices
+    part = alloc_partials(parts, shrink_slices, numel, R, x.device)
+    common = dict(args, **pair_args, part_ptr=part, stride_pk=part.stride(0),
+                  stride_ps=0 if shared_a else part.stride(1), stride_pp=part.stride(2))
     launch = dict(num_warps=4 if interp else 8, num_stages=1)
     pdl = {"launch_pdl": True} if args.get("USE_PDL") else {}
     shrink = kern.moe_lora_pair_split_shrink_kernel
-    shrink[(numel, num_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch, **pdl)
+    shrink[(numel, shrink_slices, parts)](**dict(_pick(shrink, common), BLOCK_K=width), **launch, **pdl)
     expand = kern.moe_lora_pair_split_expand_kernel
     warps, stages = args["num_warps"], args["num_stages"]
     if fanout:  # one BLOCK_N tile per program: no serial loop of read-modify-writes
