@@ -18,6 +18,7 @@ import torch
 from tests.kernels.test_fused_moe_lora import BF16, F16, Case, _align, _config, _id, build, check
 from tests.utils import poison_
 from vllm.lora.ops.torch_ops.moe_lora import moe_lora_reference
+from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 from vllm.lora.ops.triton_ops import fused_moe_lora as op
 from vllm.lora.ops.triton_ops import moe_lora_split
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
@@ -55,6 +56,15 @@ def test_one_a_for_both_slices(device, c, path, partials, monkeypatch):
     if name == "pair-prefetch" and c.config:
         pytest.skip("the prefetch kernel takes its own tiles (one N tile per program)")
     monkeypatch.setattr(op, "PAIR_KERNEL", pair_kernel)
+    grids = []
+    real = kern.moe_lora_sorted_kernel
+
+    class Spy:  # the sorted kernel's grids: one program per block and N split with one A, per slice too without
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return real[grid]
+
+    monkeypatch.setattr(kern, "moe_lora_sorted_kernel", Spy())
     x, lora_a, lora_b, out, parent, kw, geo, top_k_in, _ = build(c, device)
     shared = (lora_a[0], lora_a[0])  # one A, read by both slices
     copies = tuple(torch.stack([lora_a[0], lora_a[0]]).unbind(0))  # the same values, stored twice
@@ -77,6 +87,8 @@ def test_one_a_for_both_slices(device, c, path, partials, monkeypatch):
         else:
             assert not partials, f"the {name} path launched the split kernels"
     assert torch.equal(results[0], results[1]), "one shared A changed the bits"
+    if name == "sorted":
+        assert len(grids) == 2 and grids[0] == 2 * grids[1], grids
 
 
 def test_shared_views_make_a_zero_slice_stride():

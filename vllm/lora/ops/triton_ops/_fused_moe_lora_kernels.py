@@ -3,11 +3,12 @@
 Two kernels, each able to run the shrink, the expand, or both fused
 (``DO_SHRINK`` / ``DO_EXPAND``):
 
-* ``moe_lora_sorted_kernel`` - grid (M-blocks, slices, N-splits) over the
+* ``moe_lora_sorted_kernel`` - programs (M-blocks, slices, N-splits) over the
   output of ``moe_lora_align_block_size``: one program takes one M-block of a
   single virtual expert (slot, local expert), computes its [BLOCK_M, BLOCK_R]
-  shrink in fp32 with tensor-core dots, then expands its share of the N columns.
-* ``moe_lora_pair_kernel`` - grid (pairs, slices, N-splits), no sorting: for
+  shrink in fp32 with tensor-core dots, then expands its share of the N columns
+  (of every slice, when the slices share A: ``slices_per_program``).
+* ``moe_lora_pair_kernel`` - programs (pairs, slices, N-splits), no sorting: for
   batches so small that blocks would be mostly padding.  Broadcast-multiply and
   ``tl.sum`` (a dot needs 16 rows).
 
@@ -26,7 +27,8 @@ mantissa), so the expand uses one of (``EXPAND_MODE``):
 ``UPCAST`` (set under ``TRITON_INTERPRET=1``) converts dot operands to fp32,
 because the interpreter's dot on bf16 multiplies raw bit patterns.
 
-Offsets that multiply a row/slot/expert index by a stride are 64-bit.
+Offsets that multiply a row/slot/expert index by a stride are 64-bit.  The grid is one-dimensional
+(``_grid_ids``): the programs of one block or pair are adjacent.
 """
 import triton
 import triton.language as tl
@@ -150,7 +152,7 @@ def moe_lora_sorted_kernel(
     stride_as, stride_al, stride_ae, stride_ar, stride_ak,
     stride_bs, stride_bl, stride_be, stride_bn, stride_br,
     stride_ot, stride_oj, stride_on, out_col0, out_slice_cols,
-    stride_ss, stride_sp, stride_sr, num_n_splits, num_slices,
+    stride_ss, stride_sp, stride_sr, num_n_splits, num_slices, slices_per_program,
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -171,7 +173,9 @@ def moe_lora_sorted_kernel(
     mask_m = pairs < numel
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    slice_s = pid_s.to(tl.int64)
+    # the program's first slice; with slices_per_program > 1 (the slices share A: stride_as 0) the one shrink
+    # is expanded into each of them
+    slice_s = pid_s.to(tl.int64) * slices_per_program
 
     if DO_SHRINK:
         rows = pairs // top_k_in
@@ -190,21 +194,23 @@ def moe_lora_sorted_kernel(
         if MUL_ROUTED_WEIGHT:
             w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
         out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
-        col0 = out_col0 + slice_s * out_slice_cols
-        b_base = b_ptr + slice_s * stride_bs + slot * stride_bl + expert * stride_be + offs_r[:, None] * stride_br
         t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
-        for t in range(t_begin, t_end):
-            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn, mask=mask_r[:, None] & mask_n[None, :],
-                        other=0.0)
-            delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
-            if MUL_ROUTED_WEIGHT:
-                delta = delta * w[:, None]
-            o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
-            o_mask = mask_m[:, None] & mask_n[None, :]
-            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
+        for si in range(0, slices_per_program):
+            col0 = out_col0 + (slice_s + si) * out_slice_cols
+            b_base = (b_ptr + (slice_s + si) * stride_bs + slot * stride_bl + expert * stride_be
+                      + offs_r[:, None] * stride_br)
+            for t in range(t_begin, t_end):
+                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
+                if MUL_ROUTED_WEIGHT:
+                    delta = delta * w[:, None]
+                o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
+                o_mask = mask_m[:, None] & mask_n[None, :]
+                o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+                tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
     else:
         s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
         tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])

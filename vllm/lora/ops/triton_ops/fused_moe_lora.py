@@ -195,8 +195,8 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
         )
         if overwrite:  # only the two pair kernels that store their tiles (``_overwrites``)
             args["OVERWRITE"] = True
-        # the slices read one A (a fused gate_up adapter's, ``FusedMoEWithLoRA.SHARE_W13_A``): the two-launch
-        # variants shrink once for all of them
+        # the slices read one A (a fused gate_up adapter's, ``fused_moe.SHARE_W13_A``): the sorted kernel and the
+        # two-launch variants shrink once for all of them
         shared_a = do_shrink and do_expand and ns > 1 and args["stride_as"] == 0
         if alignment is not None:
             block_m = alignment.block_size
@@ -210,8 +210,9 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                              shrink_split_k=config.shrink_split_k, interp=interp, expand_mode=expand_mode,
                              shared_a=shared_a)
                 continue
-            kern.moe_lora_sorted_kernel[(blocks * ns * splits,)](  # a block's slices and N splits adjacent
-                num_slices=ns, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
+            per_program = ns if shared_a else 1  # slices sharing A: one program shrinks once, expands each
+            kern.moe_lora_sorted_kernel[(blocks * (ns // per_program) * splits,)](  # a block's programs adjacent
+                num_slices=ns // per_program, slices_per_program=per_program, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
