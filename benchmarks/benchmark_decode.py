@@ -4,7 +4,7 @@ with 4 adapters, against the step's memory roofline (issue 10).
 The checkpoint is random, of one model's width (``--preset``), ``--layers`` of its layers (default
 12; per-step time scales with it), built with transformers on the GPU (``benchmark_engine_lora``'s
 helpers, which also make the ``--num-loras`` random PEFT adapters of rank ``--rank`` on q/k/v/o and
-the fused experts; peft doubles gate_up's rank, so max_lora_rank is 2 x rank):
+the fused experts; max_lora_rank is 2 x rank, room for per-expert adapters in a one-slice layer):
 
     qwen3-30b-a3b  hidden 2048, 32 q / 4 kv heads of 128, 128 experts top-8 of width 768, vocab 151936
     mixtral-8x7b   hidden 4096, 32 q / 8 kv heads of 128, 8 experts top-2 of width 14336, vocab 32000

@@ -130,7 +130,7 @@ def main() -> None:
     work = scratch_dir("bench_engine_lora_")
     model_dir = os.path.join(work, "model")
     hf = make_model_dir(model_dir, args)
-    # peft gives a fused gate_up target rank 2r: max_lora_rank must cover it
+    # max_lora_rank 2r: room for a two-slice adapter in a one-slice (gpt-oss) layer; peft's fused gate_up is rank r
     adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(hf, os.path.join(work, f"a{i}"), args.rank, 10 + i))
                 for i in range(args.num_loras)]
     del hf

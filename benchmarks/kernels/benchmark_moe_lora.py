@@ -89,9 +89,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU under TRITON_INTERPRET=1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
-    p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
-                   help="fused: the engine's layout for peft adapters on the fused experts (one w13 slice at twice "
-                        "the rank, FusedMoE3DWithLoRA)")
+    p.add_argument("--w13-layout", default="slices", choices=["slices", "peft", "fused"],
+                   help="peft: the engine's layer with peft's fused gate_up adapters (two slices of the rank, one "
+                        "A: fused_moe.SHARE_W13_A); fused: one w13 slice of 2I rows at twice the rank (FusedMoE3DWithLoRA holding gate and up "
+                        "adapters side by side); the engine runs peft's fused-expert adapters of Qwen3/Mixtral-style "
+                        "layers as the default two slices, at the rank, reading one A (fused_moe.SHARE_W13_A)")
     p.add_argument("--shrink-split-k", type=int, default=None,
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
@@ -138,9 +140,10 @@ def _randn(shape, std, dtype, device, gen) -> torch.Tensor:
 def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=None, w13_layout: str = "slices") -> Case:
     """The layer (random weights; or ``layer``, a base layer built before) with ``num_loras`` adapters.
 
-    w13_layout "slices": gate and up adapters of rank ``rank`` (``FusedMoEWithLoRA``, two w13 slices); "fused": the
-    engine's layout for peft adapters on the fused experts (``FusedMoE3DWithLoRA``: one w13 slice of 2I rows, A
-    shared, at rank 2 x ``rank`` - peft doubles gate_up's rank - and w2 at ``rank``)."""
+    w13_layout "slices": gate and up adapters of rank ``rank`` (``FusedMoEWithLoRA``, two w13 slices: the engine's
+    layer for these shapes, with per-expert adapters: gate and up A differ); "peft": the same layer with peft's
+    fused gate_up adapters (one A and a B of 2I rows, stored as two slices reading one A); "fused": ``FusedMoE3DWithLoRA``, one w13 slice of 2I rows at rank 2 x ``rank`` (gate
+    and up adapters side by side, block-diagonal B) and w2 at ``rank``."""
     from vllm.config.lora import LoRAConfig
     from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA
     from vllm.lora.punica_wrapper import get_punica_wrapper
@@ -156,7 +159,7 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=No
             layer.w2_weight.data[e].copy_(_randn((H, I), I ** -0.5, dtype, device, gen))
         layer.process_weights_after_loading()
     fused = w13_layout == "fused"
-    r13, n13, rows13 = (2 * rank, 1, 2 * I) if fused else (rank, 2, I)
+    r13, n13, rows13 = (2 * rank, 1, 2 * I) if fused else (rank, 1, 2 * I) if w13_layout == "peft" else (rank, 2, I)
     lora_layer = (FusedMoE3DWithLoRA if fused else FusedMoEWithLoRA)(layer)
     lora_layer.create_lora_weights(num_loras, LoRAConfig(max_loras=num_loras, max_lora_rank=r13))
     adapters = []
@@ -175,6 +178,8 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=No
 
     if fused:
         name = f"{name}, fused w13 at rank {r13}"
+    elif w13_layout == "peft":
+        name = f"{name}, peft fused gate_up (one A)"
     return Case(name, H, I, E, k, layer, lora_layer, punica, adapters, baseline_context(layer, punica))
 
 

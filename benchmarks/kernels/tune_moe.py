@@ -66,8 +66,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--confirm-reps", type=int, default=None, help="replays to re-time the top 3 (default 60)")
     p.add_argument("--max-candidates", type=int, default=24, help="per case, the heuristic included")
     p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
-                   help="the w13 LoRA as the engine runs it: two slices (gate, up) of rank R, or (fused: peft's "
-                        "adapters on the fused experts, FusedMoE3DWithLoRA) one slice of 2I columns at rank 2R")
+                   help="the w13 LoRA: two slices (gate, up) of rank R - the engine's layer for these shapes, also "
+                        "for peft's fused-expert adapters - or (fused: FusedMoE3DWithLoRA holding gate and up "
+                        "adapters side by side) one slice of 2I columns at rank 2R")
     p.add_argument("--shrink-splits", nargs="*", type=int, default=[],
                    help="LoRA: also time the split-K variant with these SHRINK_SPLIT_K (sorted path), e.g. 4 8 16")
     p.add_argument("--min-gain", type=float, default=0.02, help="a winner must beat the heuristic by this")
@@ -189,8 +190,8 @@ class Layer:
 
 
 def build_layer(shape, ranks: list[int], L: int, dtype, device, w13_layout: str = "slices") -> Layer:
-    """``w13_layout`` "fused": the w13 LoRA of rank R is one slice of 2I columns at rank 2R (peft doubles the rank
-    of an adapter on the fused gate_up experts)."""
+    """``w13_layout`` "fused": the w13 LoRA of rank R is one slice of 2I columns at rank 2R (``FusedMoE3DWithLoRA``
+    holding gate and up adapters side by side)."""
     name, H, I, E, k = shape
     w13 = torch.empty(E, 2 * I, H, dtype=dtype, device=device)
     w2 = torch.empty(E, H, I, dtype=dtype, device=device)

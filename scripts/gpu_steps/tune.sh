@@ -2,7 +2,7 @@
 #   (bf16 GEMM and MoE LoRA tiles, rank 16, 4 adapters) within TUNE_BUDGET seconds (default 240):
 #   tuned files in $OUT/tuned.tgz (unpack into vllm/kernel_configs/tuned/), table $OUT/tune_moe.md;
 #   TUNE_ARGS adds tune_moe.py options (e.g. "--tokens 4096 1024" or "--ranks 16 64"; "--w13-layout fused": the w13
-#   LoRA as the engine runs peft adapters on the fused experts, one slice at twice the rank).
+#   LoRA as one slice at twice the rank, FusedMoE3DWithLoRA; the engine's Qwen3 / Mixtral layers take the default).
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 budget=${TUNE_BUDGET:-240}
 # the budget stops new work cleanly; the timeout only guards against a hang

@@ -111,10 +111,9 @@ def test_switch_flags_set_the_modules(monkeypatch):
     assert mc.SMALL_BATCH_PAIRS_FACTOR == 2.0 and f.PAIR_SPLIT_FANOUT is True
 
 
-def test_fused_w13_layout_is_the_engines_and_checks_out(device):
-    """--w13-layout fused: the engine's layer for peft adapters on the fused experts (FusedMoE3DWithLoRA, one w13
-    slice of 2I rows at twice the rank, w2 at the rank), against the fp32 reference; its LoRA bytes count the
-    fused slice."""
+def test_fused_w13_layout_checks_out(device):
+    """--w13-layout fused: FusedMoE3DWithLoRA, one w13 slice of 2I rows at twice the rank, w2 at the rank, against
+    the fp32 reference; its LoRA bytes count the fused slice."""
     from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA
 
     dtype = torch.bfloat16
@@ -126,3 +125,19 @@ def test_fused_w13_layout_is_the_engines_and_checks_out(device):
     x, _, tw, ti, slots = lb.make_inputs(case, 9, 4, dtype, device, 0)
     _, pairs, _, lora_bytes = lb.traffic(case, ti, slots, 8)
     assert lora_bytes == pairs * (16 * case.H + 2 * case.I * 16 + 8 * (case.H + case.I)) * 2
+
+
+def test_peft_w13_layout_is_the_engines_and_reads_one_a(device):
+    """--w13-layout peft: the engine's layer for peft's fused gate_up adapters - FusedMoEWithLoRA, two slices of the
+    rank reading one A (``SHARE_W13_A``) - against the fp32 reference; its LoRA bytes count A once."""
+    from vllm.lora.layers.fused_moe import FusedMoEWithLoRA
+
+    dtype = torch.bfloat16
+    case = lb.build_case(lb.SMOKE_SHAPE, dtype, device, 8, 4, 16, 0, w13_layout="peft")
+    assert type(case.lora_layer) is FusedMoEWithLoRA and case.lora_layer.w13_a_shared and "one A" in case.name
+    (a,), (b,) = case.adapters[0].w13_a, case.adapters[0].w13_b
+    assert a.shape[1:] == (8, case.H) and b.shape[1:] == (2 * case.I, 8)
+    assert "LoRA effect" in lb.check(case, 9, 4, dtype, device, 0)  # exits on a mismatch
+    x, _, tw, ti, slots = lb.make_inputs(case, 9, 4, dtype, device, 0)
+    _, pairs, _, lora_bytes = lb.traffic(case, ti, slots, 8)
+    assert lora_bytes == pairs * (8 * case.H + 2 * case.I * 8 + 8 * (case.H + case.I)) * 2

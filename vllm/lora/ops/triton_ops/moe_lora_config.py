@@ -52,9 +52,9 @@ SMALL_BATCH_PAIRS_FACTOR = 0.5
 SMALL_BATCH_MAX_PAIRS = 1024  # the most pairs timed on that path (Qwen3, 128 tokens x top-8)
 # rank 64 on the wide per-pair path lost (H200, benchmark_moe_lora.py --ranks 64, whole layer with LoRA vs the
 # same LoRA as separate launches: Qwen3 16 / 64 tokens 468.7 / 1147.2 us vs 301.3 / 531.7): every N split of the
-# fused per-pair kernel redoes the shrink, 4x longer at rank 64.  The engine's rank-16 adapters run w13 at kernel
-# rank 32 (peft doubles gate_up), where the wide path took the decode step with LoRA from 3.68 / 5.49 ms to
-# 3.44 / 5.15 ms at batch 16 / 64 (benchmark_decode.py, async)
+# fused per-pair kernel redoes the shrink, 4x longer at rank 64.  Up to rank 32 the wide path took the decode step
+# with LoRA from 3.68 / 5.49 ms to 3.44 / 5.15 ms at batch 16 / 64 (benchmark_decode.py, async; measured when the
+# benchmark's rank-16 adapters were believed to run w13 at rank 32 - they run two slices at rank 16)
 SMALL_BATCH_WIDE_MAX_RANK = 32
 _UPSTREAM_PAIRS_FACTOR = 8
 
