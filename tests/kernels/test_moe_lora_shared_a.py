@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from tests.kernels.test_fused_moe_lora import BF16, F16, Case, _align, _config, _id, build, check
-from tests.utils import poison_
+from tests.kernels.test_moe_lora_split import poisoned_partials  # noqa: F401 (a fixture)
 from vllm.lora.ops.torch_ops.moe_lora import moe_lora_reference
 from vllm.lora.ops.triton_ops import _fused_moe_lora_kernels as kern
 from vllm.lora.ops.triton_ops import fused_moe_lora as op
-from vllm.lora.ops.triton_ops import moe_lora_split
 from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -35,23 +34,10 @@ PATHS = [("sorted", True, 1, None), ("sorted-split", True, 2, None), ("pair", Fa
          ("pair-prefetch", False, 1, 1), ("pair-split", False, 1, 2)]
 
 
-@pytest.fixture
-def partials(monkeypatch):
-    """The two-launch paths' partials scratch, poisoned (NaN); the list of those handed out."""
-    made = []
-    real = moe_lora_split.alloc_partials
-
-    def alloc(*args, **kw):
-        made.append(poison_(real(*args, **kw)))
-        return made[-1]
-
-    monkeypatch.setattr(moe_lora_split, "alloc_partials", alloc)
-    return made
-
-
 @pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
 @pytest.mark.parametrize("c", CASES, ids=_id)
-def test_one_a_for_both_slices(device, c, path, partials, monkeypatch):
+def test_one_a_for_both_slices(device, c, path, poisoned_partials, monkeypatch):
+    partials = poisoned_partials
     name, sorted_path, split_k, pair_kernel = path
     if name == "pair-prefetch" and c.config:
         pytest.skip("the prefetch kernel takes its own tiles (one N tile per program)")
