@@ -91,9 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
     p.add_argument("--w13-layout", default="slices", choices=["slices", "peft", "fused"],
                    help="peft: the engine's layer with peft's fused gate_up adapters (two slices of the rank, one "
-                        "A: fused_moe.SHARE_W13_A); fused: one w13 slice of 2I rows at twice the rank (FusedMoE3DWithLoRA holding gate and up "
-                        "adapters side by side); the engine runs peft's fused-expert adapters of Qwen3/Mixtral-style "
-                        "layers as the default two slices, at the rank, reading one A (fused_moe.SHARE_W13_A)")
+                        "A: fused_moe.SHARE_W13_A); fused: one w13 slice of 2I rows at twice the rank "
+                        "(FusedMoE3DWithLoRA holding gate and up adapters side by side); default: two slices with "
+                        "per-expert adapters (gate and up A differ)")
     p.add_argument("--shrink-split-k", type=int, default=None,
                    help="force the MoE LoRA split-K variant (SHRINK_SPLIT_K=N; expand: one N tile per program, "
                         "one stage) on the fused ops' sorted path")
@@ -142,7 +142,8 @@ def build_case(shape, dtype, device, rank, num_loras, max_tokens, seed, layer=No
 
     w13_layout "slices": gate and up adapters of rank ``rank`` (``FusedMoEWithLoRA``, two w13 slices: the engine's
     layer for these shapes, with per-expert adapters: gate and up A differ); "peft": the same layer with peft's
-    fused gate_up adapters (one A and a B of 2I rows, stored as two slices reading one A); "fused": ``FusedMoE3DWithLoRA``, one w13 slice of 2I rows at rank 2 x ``rank`` (gate
+    fused gate_up adapters (one A and a B of 2I rows, stored as two slices reading one A); "fused":
+    ``FusedMoE3DWithLoRA``, one w13 slice of 2I rows at rank 2 x ``rank`` (gate
     and up adapters side by side, block-diagonal B) and w2 at ``rank``."""
     from vllm.config.lora import LoRAConfig
     from vllm.lora.layers.fused_moe import FusedMoE3DWithLoRA, FusedMoEWithLoRA

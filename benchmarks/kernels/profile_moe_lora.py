@@ -83,7 +83,8 @@ def main() -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[256, 4096])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--w13-layout", default="slices", choices=["slices", "peft", "fused"],
-                   help="peft: two slices reading one A; fused: one w13 slice at twice the rank (benchmark_moe_lora.py)")
+                   help="peft: two slices reading one A; fused: one w13 slice at twice the rank "
+                        "(benchmark_moe_lora.py)")
     p.add_argument("--num-loras", type=int, default=4)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--iters", type=int, default=None, help="profiled calls per case (default 20; CPU smoke 1)")

@@ -212,7 +212,8 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 continue
             per_program = ns if shared_a else 1  # slices sharing A: one program shrinks once, expands each
             kern.moe_lora_sorted_kernel[(blocks * (ns // per_program) * splits,)](  # a block's programs adjacent
-                num_slices=ns // per_program, slices_per_program=per_program, sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
+                num_slices=ns // per_program, slices_per_program=per_program,
+                sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
@@ -231,13 +232,15 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
             bn, bk, k_tiles, warps = pair_prefetch_tiles(K, R, N, interp)
             n_tiles = -(-N // bn)
             moe_lora_pair_prefetch_kernel[(numel * ns * n_tiles,)](
-                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping,
+                enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None, K_TILES=k_tiles,
                 **{**args, "num_n_splits": n_tiles, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1})
         else:
             kern.moe_lora_pair_kernel[(numel * ns * splits,)](  # a pair's slices and N splits adjacent
-                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping, enabled_ptr=adapter_enabled,
+                num_slices=ns, topk_ids_ptr=topk_ids.reshape(-1), mapping_ptr=token_lora_mapping,
+                enabled_ptr=adapter_enabled,
                 expert_map_ptr=expert_map if expert_map is not None else adapter_enabled, max_loras=L,
                 HAS_EXPERT_MAP=expert_map is not None,
                 K_TILES=-(-K // config.block_size_k) if do_shrink else 1, **args)
