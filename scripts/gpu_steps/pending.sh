@@ -7,7 +7,9 @@
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
 #   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
-#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_TRACE (default 0) - Chrome traces of the decode step at
+#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_EB (default 1) - the MoE LoRA on the experts' own alignment
+#   against today's sorted path (benchmark_moe_lora_expert_blocks.py, PENDING_EB_TOKENS 64 256 1024,
+#   PENDING_EB_TIMEOUT 150 s; branch moe-lora-expert-blocks, not wired); PENDING_TRACE (default 0) - Chrome traces of the decode step at
 #   PENDING_TRACE_BATCHES (1,64) with every switch off and flipped (profile_decode.py, 4 engines,
 #   PENDING_TRACE_TIMEOUT 150 s a side), read by trace_layers.py into $OUT/layers_*.md: per position in a layer the
 #   exposed time with the switches against without.  Then benchmark_decode.py --flip SWITCH ... times the winners
@@ -36,6 +38,13 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
   timeout "${PENDING_BENCH_TIMEOUT:-100}" python3 benchmarks/kernels/benchmark_lora_linear.py --sorted-split --reps 30 \
     --out "$OUT/lora_sorted_split.md" >"$OUT/lora_sorted_split.log" 2>&1
   r=$?; grep "^| \|rror" "$OUT/lora_sorted_split.log" | tail -12; rc=$(( rc || r ))
+fi
+if [ "${PENDING_EB:-1}" != 0 ]; then
+  timeout "${PENDING_EB_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora_expert_blocks.py \
+    --tokens ${PENDING_EB_TOKENS:-64 256 1024} --reps 30 --out "$OUT/moe_lora_expert_blocks.md" \
+    >"$OUT/moe_lora_expert_blocks.log" 2>&1
+  r=$?; echo "== MoE LoRA on the expert blocks (rc $r)"; grep "^| \|rror" "$OUT/moe_lora_expert_blocks.log" | tail -6
+  rc=$(( rc || r ))
 fi
 if [ "${PENDING_TRACE:-0}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
   flips=""

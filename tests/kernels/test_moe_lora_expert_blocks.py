@@ -79,3 +79,19 @@ def test_compiles_for_hopper_without_spills():
     from tests.utils import run_without_interpreter
 
     assert run_without_interpreter("tests/kernels/moe_lora_expert_block_compile.py").count("ok ") == 12
+
+
+def test_benchmark_smoke_run(device, monkeypatch, tmp_path):
+    """benchmarks/kernels/benchmark_moe_lora_expert_blocks.py --smoke: checks both variants against the sorted
+    path (it exits on a mismatch) and writes one row."""
+    import sys
+
+    if device.type != "cpu":
+        pytest.skip("smoke mode runs on the CPU interpreter")
+    from benchmarks.kernels import benchmark_moe_lora_expert_blocks as bench
+
+    out = tmp_path / "eb.md"
+    monkeypatch.setattr(sys, "argv", ["benchmark_moe_lora_expert_blocks.py", "--smoke", "--out", str(out)])
+    bench.main()
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 5 |")]
+    assert len(rows) == 1 and "CPU (interpreter)" in rows[0]
