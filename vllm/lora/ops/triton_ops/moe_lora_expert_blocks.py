@@ -19,19 +19,32 @@ from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import AlignR
 from vllm.platforms.pdl import pdl_launch_kwargs
 from vllm.triton_utils import triton_interpreting
 
+#: the sorted path's MoE LoRA on the experts' alignment, without an (adapter, expert) one (off until timed; decode
+#: switch ``moe-lora-expert-blocks``), up to MAX_PAIRS pairs (beyond, an expert spans several blocks and each
+#: reads every slot's weights); PROGRAM_PER_SLOT: a program per (block, slot), else one per block
+EXPERT_BLOCKS = False
+MAX_PAIRS = 4096
+PROGRAM_PER_SLOT = True
+
+
+def applies(num_pairs: int, fully_sharded_tp: bool) -> bool:
+    """Whether a sorted-path MoE LoRA of ``num_pairs`` pairs runs on the experts' alignment (host state only)."""
+    return EXPERT_BLOCKS and not fully_sharded_tp and 0 < num_pairs <= MAX_PAIRS
+
 
 def fused_moe_lora_expert_blocks(out: torch.Tensor, x: torch.Tensor, lora_a_stacked: chk.Stacked,
                                  lora_b_stacked: chk.Stacked, *, align: AlignResult, topk_ids: torch.Tensor,
                                  topk_weights: Optional[torch.Tensor], token_lora_mapping: torch.Tensor,
                                  adapter_enabled: torch.Tensor, top_k_in: int, mul_routed_weight: bool = False,
-                                 config: MoELoRATileConfig, program_per_slot: bool = True) -> None:
+                                 config: MoELoRATileConfig, program_per_slot: Optional[bool] = None) -> None:
     """out [M*top_k, S*N] (or [M, top_k, S*N]) += the LoRA delta of every pair with an enabled adapter.
 
     align: the base alignment of ``topk_ids`` (local expert ids, -1 for pairs to skip) by expert, its blocks of
     ``align.block_size`` rows.  x: [M, K] (``top_k_in`` = top_k) or [M*top_k, K] (1).  The slices' A / B as
     ``fused_moe_lora`` takes them ([L, E, R, K] / [L, E, N, R] each); slices that are views of one A are shrunk
     once.  config: its BLOCK_SIZE_N / _K, NUM_N_SPLITS, warps and stages (BLOCK_SIZE_M is the alignment's).
-    program_per_slot: a program per (block, slot) (else one per block, looping over the slots).
+    program_per_slot: a program per (block, slot), else one per block looping over the slots (default
+    ``PROGRAM_PER_SLOT``).
     """
     chk.check_config(config)
     a_slices, b_slices = chk.slices(lora_a_stacked, "lora_a_stacked"), chk.slices(lora_b_stacked, "lora_b_stacked")
@@ -59,7 +72,7 @@ def fused_moe_lora_expert_blocks(out: torch.Tensor, x: torch.Tensor, lora_a_stac
         groups = [list(range(S))]
     interp = triton_interpreting()
     blocks = min(align.block_expert_ids.numel(), -(-numel // align.block_size) + min(numel, E))
-    slot_groups = L if program_per_slot else 1
+    slot_groups = L if (PROGRAM_PER_SLOT if program_per_slot is None else program_per_slot) else 1
     for group in groups:
         s0, ns = group[0], len(group)
         N = n_sizes[s0]
