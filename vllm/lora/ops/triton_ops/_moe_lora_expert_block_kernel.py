@@ -20,8 +20,8 @@ the sorted kernel (fp32 shrink, the bf16x3 expand of ``EXPAND_MODE`` 1).
 import triton
 import triton.language as tl
 
-from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (_grid_ids, _n_tile_range, _shrink_rows,
-                                                              _split_for_expand, expand_acc)
+from vllm.lora.ops.triton_ops._fused_moe_lora_kernels import (_add_tile, _grid_ids, _n_tile_range, _routed_weights,
+                                                              _shrink_rows, _split_for_expand, expand_acc)
 from vllm.model_executor.layers.ops._pdl import pdl_wait
 
 
@@ -83,8 +83,7 @@ def moe_lora_expert_block_kernel(
                                 FP32_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
     hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
-    if MUL_ROUTED_WEIGHT:
-        w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
+    w = _routed_weights(w_ptr, pairs, mask_m, MUL_ROUTED_WEIGHT)
     out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
     t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
     for si in range(0, slices_per_program):
@@ -103,9 +102,4 @@ def moe_lora_expert_block_kernel(
                     delta = expand_acc(delta, tl.where(keep, hi, tl.zeros_like(hi)),
                                        tl.where(keep, mid, tl.zeros_like(mid)),
                                        tl.where(keep, lo, tl.zeros_like(lo)), b, UPCAST, FP32_PRECISION, EXPAND_MODE)
-            if MUL_ROUTED_WEIGHT:
-                delta = delta * w[:, None]
-            o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
-            o_mask = live[:, None] & mask_n[None, :]
-            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-            tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
+            _add_tile(out_rows, col0, offs_n, live, mask_n, delta, w, stride_on, MUL_ROUTED_WEIGHT)
