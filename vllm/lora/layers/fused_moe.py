@@ -24,8 +24,8 @@ rows, written at offset H/tp * tp_rank).
 Shared w13 A (``SHARE_W13_A``): a fused gate_up adapter (peft's ``target_parameters``) in the two-slice
 layout has one A for both slices, stored twice.  While every slot's adapter has equal gate and up A
 (empty slots count), both slices of ``w13_lora_a_stacked`` are views of the first slice's buffer: the
-kernels then read one A (the one-launch kernels run a block's slices side by side and find it in L2,
-the two-launch ones shrink once for all slices).  A change of this state rebuilds the context and tells the
+kernels then read one A (the sorted kernel and the two-launch ones shrink once for all slices; the per-pair
+kernels run a pair's slices side by side and find it in L2).  A change of this state rebuilds the context and tells the
 Punica wrapper, as a kernel rank change does (graphs bake the A pointer in).
 
 Kernel rank (``effective_rank.py``): w13 and w2 each keep the rank of every slot's adapter; the
