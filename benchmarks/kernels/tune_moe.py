@@ -66,9 +66,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--confirm-reps", type=int, default=None, help="replays to re-time the top 3 (default 60)")
     p.add_argument("--max-candidates", type=int, default=24, help="per case, the heuristic included")
     p.add_argument("--w13-layout", default="slices", choices=["slices", "fused"],
-                   help="the w13 LoRA: two slices (gate, up) of rank R - the engine's layer for these shapes, also "
-                        "for peft's fused-expert adapters - or (fused: FusedMoE3DWithLoRA holding gate and up "
-                        "adapters side by side) one slice of 2I columns at rank 2R")
+                   help="the w13 LoRA: two slices of rank R (the engine's layer, peft's fused adapters too) or "
+                        "(fused: FusedMoE3DWithLoRA, gate and up side by side) one slice of 2I columns at rank 2R")
     p.add_argument("--shrink-splits", nargs="*", type=int, default=[],
                    help="LoRA: also time the split-K variant with these SHRINK_SPLIT_K (sorted path), e.g. 4 8 16")
     p.add_argument("--min-gain", type=float, default=0.02, help="a winner must beat the heuristic by this")
