@@ -1,32 +1,28 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now (thirty-second
-#   session): moe-lora-expert-blocks, the sorted MoE LoRA on the experts' own alignment (no LoRA alignment; never
-#   run on a GPU yet - its cuda tests are the default PENDING_TESTS).  PENDING_SWITCHES names the decode switches
-#   to time (benchmarks/decode_variants.py TOGGLES; default that one), at PENDING_BATCHES 1,16,64,256 without and
-#   with LoRA, one round; empty, the A/B and the trace parts say so and run nothing.  Parts, each skipped with its
+# pending: the switches prepared off until timed, decided in as few calls as possible.  None is pending now (the
+#   last ones were timed on an H200 and removed): PENDING_SWITCHES names the decode switches to time
+#   (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round;
+#   unset or empty, the A/B and the trace parts say so and run nothing.  Three parts, each skipped with its
 #   variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an
 #   engine); PENDING_BENCH (default 0) - the kernel table (benchmark_lora_linear.py --sorted-split;
-#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_EB (default 1) - the MoE LoRA on the experts' own alignment
-#   against today's sorted path (benchmark_moe_lora_expert_blocks.py, PENDING_EB_TOKENS 64 256 1024,
-#   PENDING_EB_TIMEOUT 150 s; in the engine behind the decode switch moe-lora-expert-blocks, off);
-#   PENDING_TRACE (default 0) - Chrome traces of the decode step at
+#   PENDING_BENCH_TIMEOUT, default 100 s); PENDING_TRACE (default 0) - Chrome traces of the decode step at
 #   PENDING_TRACE_BATCHES (1,64) with every switch off and flipped (profile_decode.py, 4 engines,
 #   PENDING_TRACE_TIMEOUT 150 s a side), read by trace_layers.py into $OUT/layers_*.md: per position in a layer the
 #   exposed time with the switches against without.  Then benchmark_decode.py --flip SWITCH ... times the winners
 #   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
-  pytest ${PENDING_TESTS:-tests/kernels/test_moe_lora_expert_blocks.py tests/lora/test_moe_lora_expert_blocks_layer.py \
-    tests/kernels/test_moe_lora_shared_a.py tests/lora/test_moe_lora_shared_w13_a.py} \
+  pytest ${PENDING_TESTS:-tests/models/test_fused_ops_models.py tests/lora/test_lora_linear_token_variant.py \
+    tests/lora/test_lora_linear_sorted_split.py tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py \
+    tests/entrypoints/test_llm_gpt_oss.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))
 fi
-PENDING_SWITCHES=${PENDING_SWITCHES-moe-lora-expert-blocks}
 if [ -z "${PENDING_SWITCHES:-}" ] && [ "${PENDING_AB:-1}${PENDING_TRACE:-0}" != 00 ]; then
-  echo "== pending: no switch is pending - PENDING_SWITCHES is empty; the A/B and the traces need it, e.g." \
+  echo "== pending: no switch is pending - PENDING_SWITCHES is unset; the A/B and the traces need it, e.g." \
     "PENDING_SWITCHES='fused-kv-write' (benchmarks/decode_variants.py TOGGLES); nothing timed"
 fi
 if [ "${PENDING_AB:-1}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
@@ -40,13 +36,6 @@ if [ "${PENDING_BENCH:-0}" != 0 ]; then
   timeout "${PENDING_BENCH_TIMEOUT:-100}" python3 benchmarks/kernels/benchmark_lora_linear.py --sorted-split --reps 30 \
     --out "$OUT/lora_sorted_split.md" >"$OUT/lora_sorted_split.log" 2>&1
   r=$?; grep "^| \|rror" "$OUT/lora_sorted_split.log" | tail -12; rc=$(( rc || r ))
-fi
-if [ "${PENDING_EB:-1}" != 0 ]; then
-  timeout "${PENDING_EB_TIMEOUT:-150}" python3 benchmarks/kernels/benchmark_moe_lora_expert_blocks.py \
-    --tokens ${PENDING_EB_TOKENS:-64 256 1024} --reps 30 --out "$OUT/moe_lora_expert_blocks.md" \
-    >"$OUT/moe_lora_expert_blocks.log" 2>&1
-  r=$?; echo "== MoE LoRA on the expert blocks (rc $r)"; grep "^| \|rror" "$OUT/moe_lora_expert_blocks.log" | tail -6
-  rc=$(( rc || r ))
 fi
 if [ "${PENDING_TRACE:-0}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
   flips=""

@@ -195,8 +195,6 @@ class MoELoRAAlignPlan:
 
     token_lora_mapping: [>= M] int32 slot per row (-1: no adapter); adapter_enabled: [L + 1] int32;
     num_experts: E_local; max_loras: L; block_size: the LoRA kernels' M-block.
-    expert_blocks: the LoRA kernels can run on the experts' own alignment instead
-    (``MoELoRAExpertBlocks``, ``moe_lora_expert_blocks.EXPERT_BLOCKS``): then no LoRA alignment is made.
     """
 
     token_lora_mapping: torch.Tensor
@@ -204,20 +202,6 @@ class MoELoRAAlignPlan:
     num_experts: int
     max_loras: int
     block_size: int
-    expert_blocks: bool = False
-
-
-@dataclass
-class MoELoRAExpertBlocks:
-    """The experts' alignment (pairs grouped by local expert, ``AlignResult``) handed to the w13 / w2 LoRA in place of
-    a ``MoELoRAAlignment``: each expert block's programs take the adapter slots among its rows
-    (``vllm/lora/ops/triton_ops/moe_lora_expert_blocks.py``).  numel / num_experts / max_loras: as the LoRA
-    alignment's, for the same checks."""
-
-    align: AlignResult
-    numel: int
-    num_experts: int
-    max_loras: int
 
 
 def one_pass_pays(block_size: int, lora_block_size: int) -> bool:

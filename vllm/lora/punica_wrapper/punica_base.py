@@ -63,7 +63,7 @@ class TPGroup(Protocol):
 class MoELoRARouting:
     """What add_lora_w13 prepared and add_lora_w2 reuses.
 
-    alignment: a ``MoELoRAAlignment`` or ``MoELoRAExpertBlocks`` (sorted path) or None (small-batch path).
+    alignment: a ``MoELoRAAlignment`` (sorted path) or None (small-batch path).
     token_lora_mapping: [M] int32 view of the step's mapping, -1 = no adapter.
     """
 
@@ -256,12 +256,7 @@ class PunicaWrapperBase(StepMapping, ABC):
         assert cfg is not None  # a wrapper that sorts takes tile configs
         return MoELoRAAlignPlan(token_lora_mapping=self._w13_mapping(ctx, x.shape[0]),
                                 adapter_enabled=ctx.adapter_enabled, num_experts=ctx.local_num_experts,
-                                max_loras=ctx.max_loras, block_size=cfg.block_size_m,
-                                expert_blocks=self._expert_blocks(ctx, num_pairs))
-
-    def _expert_blocks(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
-        """Whether this compute's sorted path can run on the experts' own alignment (``MoELoRAExpertBlocks``)."""
-        return False
+                                max_loras=ctx.max_loras, block_size=cfg.block_size_m)
 
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,
@@ -275,8 +270,7 @@ class PunicaWrapperBase(StepMapping, ABC):
         expert-parallel dispatch moved rows between ranks), the rows that mapping gives slots.
         alignment: the (adapter, expert) alignment of these pairs, made by the caller as
         ``moe_lora_align_plan(x, ctx)`` describes (``moe_align_with_lora``); the sorted path then
-        reads it instead of aligning again (a ``MoELoRAExpertBlocks`` where the plan said ``expert_blocks``:
-        the experts' own alignment).  None: the wrapper aligns (or not) itself.
+        reads it instead of aligning again.  None: the wrapper aligns (or not) itself.
         Returns the routing for ``add_lora_w2``.
         """
         M = x.shape[0]

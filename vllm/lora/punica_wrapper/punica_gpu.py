@@ -85,25 +85,9 @@ class PunicaWrapperGPU(PunicaWrapperBase):
                                          block_size=config.block_size_m, adapter_enabled=adapter_enabled,
                                          expert_map=expert_map)
 
-    def _expert_blocks(self, ctx: "MoELoRAContext", num_pairs: int) -> bool:
-        from vllm.lora.ops.triton_ops import moe_lora_expert_blocks
-
-        return moe_lora_expert_blocks.applies(num_pairs, ctx.fully_sharded and ctx.tp_size > 1)
-
     def _fused(self, out, x, lora_a, lora_b, **kw) -> None:
-        from vllm.lora.ops.moe_lora_align import MoELoRAExpertBlocks
         from vllm.lora.ops.triton_ops.fused_moe_lora import fused_moe_lora
 
-        al = kw.get("alignment")
-        if isinstance(al, MoELoRAExpertBlocks):  # the experts' alignment: no expert map is read, nothing overwritten
-            from vllm.lora.ops.triton_ops.moe_lora_expert_blocks import fused_moe_lora_expert_blocks
-
-            assert not kw.get("overwrite"), "the delta buffers are the per-pair path's"
-            fused_moe_lora_expert_blocks(out, x, lora_a, lora_b, align=al.align, topk_ids=kw["topk_ids"],
-                                         topk_weights=kw["topk_weights"], token_lora_mapping=kw["token_lora_mapping"],
-                                         adapter_enabled=kw["adapter_enabled"], top_k_in=kw["top_k_in"],
-                                         mul_routed_weight=kw["mul_routed_weight"], config=kw["config"])
-            return
         fused_moe_lora(out, x, lora_a, lora_b, **kw)
 
     def _shrink(self, x, lora_a, **kw) -> torch.Tensor:

@@ -125,27 +125,6 @@ def _split_for_expand(acc, EXPAND_MODE: tl.constexpr):
 
 
 @triton.jit
-def _routed_weights(w_ptr, pairs, mask_m, MUL_ROUTED_WEIGHT: tl.constexpr):
-    """The rows' router weights in fp32 with MUL_ROUTED_WEIGHT; else nothing is loaded (``pairs`` stands in, unread)."""
-    if MUL_ROUTED_WEIGHT:
-        return tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
-    else:
-        return pairs
-
-
-@triton.jit
-def _add_tile(out_rows, col0, offs_n, mask_rows, mask_n, delta, w, stride_on, MUL_ROUTED_WEIGHT: tl.constexpr):
-    """out[rows, col0 + offs_n] += delta (times each row's router weight ``w`` with MUL_ROUTED_WEIGHT; ``w`` is
-    not read otherwise), a read-modify-write rounded once to out's dtype.  out_rows: [BLOCK_M] row pointers."""
-    if MUL_ROUTED_WEIGHT:
-        delta = delta * w[:, None]
-    o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
-    o_mask = mask_rows[:, None] & mask_n[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
-
-
-@triton.jit
 def _n_tile_range(pid_n, N, num_n_splits, BLOCK_N: tl.constexpr):
     """The N tiles [begin, end) that N-split ``pid_n`` expands."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -212,7 +191,8 @@ def moe_lora_sorted_kernel(
 
     if DO_EXPAND:
         hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
-        w = _routed_weights(w_ptr, pairs, mask_m, MUL_ROUTED_WEIGHT)
+        if MUL_ROUTED_WEIGHT:
+            w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
         out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
         t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
         for si in range(0, slices_per_program):
@@ -225,7 +205,12 @@ def moe_lora_sorted_kernel(
                 b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn,
                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                 delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
-                _add_tile(out_rows, col0, offs_n, mask_m, mask_n, delta, w, stride_on, MUL_ROUTED_WEIGHT)
+                if MUL_ROUTED_WEIGHT:
+                    delta = delta * w[:, None]
+                o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
+                o_mask = mask_m[:, None] & mask_n[None, :]
+                o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+                tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
     else:
         s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
         tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])

@@ -71,14 +71,6 @@ class TritonExperts(TwoGemmExperts):
             plan = self.lora_align_plan(lora_context, x)
         if plan is None:
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
-        if plan.expert_blocks:  # the LoRA kernels read the experts' alignment: no LoRA alignment at all
-            from vllm.lora.ops.moe_lora_align import MoELoRAExpertBlocks
-
-            route = self._route(ids, pairs, num_experts, N, K, act_n, x.dtype)
-            if route.pairwise or route.cfg1.gemv:
-                return route, None
-            return route, MoELoRAExpertBlocks(align=route.align, numel=pairs, num_experts=num_experts,
-                                              max_loras=plan.max_loras)
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
         if not one_pass_pays(cfg1.block_size_m, plan.block_size):
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
