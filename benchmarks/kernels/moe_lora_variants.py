@@ -59,6 +59,8 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "--lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM", int,
                            "1: the LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
                            "the top-k sum; 0: in place after each GEMM"),
+    "--align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE", int,
+                       "1: the sorted LoRA path's (adapter, expert) alignment on the side stream beside GEMM1"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

@@ -258,6 +258,18 @@ class PunicaWrapperBase(StepMapping, ABC):
                                 adapter_enabled=ctx.adapter_enabled, num_experts=ctx.local_num_experts,
                                 max_loras=ctx.max_loras, block_size=cfg.block_size_m)
 
+    def moe_lora_alignment(self, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
+                           expert_map: Optional[torch.Tensor] = None) -> Optional["MoELoRAAlignment"]:
+        """The (adapter, expert) alignment ``add_lora_w13(y, x, ctx, topk_ids=..., expert_map=...)`` makes when
+        given none (None where it makes none: ``moe_lora_align_plan``), for a caller that makes it earlier or
+        elsewhere - e.g. on a side stream beside GEMM1 (``experts/lora_overlap.ALIGN_BESIDE``) - and passes it in."""
+        num_pairs = x.shape[0] * ctx.top_k
+        if not num_pairs or self._small_batch(ctx, num_pairs):
+            return None
+        return self._align(topk_ids, self._w13_mapping(ctx, x.shape[0]), num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, adapter_enabled=ctx.adapter_enabled, expert_map=expert_map,
+                           config=self._w13_config(ctx, x))
+
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, expert_map: Optional[torch.Tensor] = None,
                      alignment: Optional["MoELoRAAlignment"] = None, overwrite: bool = False) -> MoELoRARouting:
@@ -284,9 +296,8 @@ class PunicaWrapperBase(StepMapping, ABC):
             raise ValueError(f"alignment was made for {alignment.numel} pairs, {alignment.num_experts} experts and "
                              f"{alignment.max_loras} slots; this layer's step has {num_pairs}, "
                              f"{ctx.local_num_experts} and {ctx.max_loras}: make it from moe_lora_align_plan(x, ctx)")
-        if alignment is None and num_pairs and not self._small_batch(ctx, num_pairs):
-            alignment = self._align(topk_ids, mapping, num_experts=ctx.local_num_experts, max_loras=ctx.max_loras,
-                                    adapter_enabled=ctx.adapter_enabled, expert_map=expert_map, config=cfg)
+        if alignment is None:
+            alignment = self.moe_lora_alignment(x, ctx, topk_ids=topk_ids, expert_map=expert_map)
         routing = MoELoRARouting(alignment=alignment, token_lora_mapping=mapping, num_pairs=num_pairs)
         if num_pairs == 0:
             return routing

@@ -13,6 +13,7 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
 on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
+In place, the w13 seam's (adapter, expert) alignment may be made beside GEMM1 (``align_beside``).
 """
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ class MoELoRAExpertsMixin:
         return lora_overlap.applies(x.device, pairs, widths, per_pair=ctx.punica_wrapper.moe_lora_per_pair(ctx, pairs),
                                     fully_sharded_tp=ctx.fully_sharded and ctx.tp_size > 1)
 
+    @classmethod
+    def align_beside(cls, ctx: Optional["MoELoRAContext"], x: torch.Tensor) -> bool:
+        """Whether the in-place w13 seam's (adapter, expert) alignment is made beside GEMM1, on the side stream
+        (``lora_overlap.ALIGN_BESIDE``; host state only): LoRA runs this step and sorts (``lora_align_plan``)."""
+        return lora_overlap.ALIGN_BESIDE and ctx is not None and cls.lora_align_plan(ctx, x) is not None
+
     def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
@@ -104,7 +111,13 @@ class MoELoRAExpertsMixin:
         if deltas:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             return lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm), delta
-        gemm()
+        if alignment is None and self.align_beside(ctx, x):
+            assert ctx is not None  # align_beside: LoRA runs
+            alignment = lora_overlap.beside(
+                x.device, lambda: ctx.punica_wrapper.moe_lora_alignment(x, ctx, topk_ids=topk_ids,
+                                                                        expert_map=expert_map), gemm)
+        else:
+            gemm()
         return (seam(y) if ctx is not None else None), None  # apply_w13_lora: None when no adapter runs
 
     def gemm2_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,

@@ -19,6 +19,13 @@ joined back by another); the joining launches wait for both streams (no PDL); no
 with the host.  Used where the LoRA takes the per-pair kernels (decode-sized steps; see ``applies``)
 and the delta buffers are small (``MAX_DELTA_BYTES``), not on the fully-sharded tensor-parallel path
 (its collectives stay in order on the current stream).
+
+On the sorted path the seams stay in place, but with ``ALIGN_BESIDE`` the w13 seam's (adapter, expert)
+alignment - three short, latency-bound launches - is made on the side stream while GEMM1 runs, instead of in
+line between GEMM1 and the LoRA kernels (``MoELoRAExpertsMixin.align_beside``).  Its buffers are allocated
+on the side stream and read on the current one; that is safe because every use of the side stream starts by
+waiting for the current stream (``beside``), so a block the caching allocator hands out again on the side
+stream is written only after the current stream's reads of its last owner.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ import torch
 
 #: compute the delta buffers on a side stream, beside the base GEMMs (False: in order on the current stream)
 LORA_SIDE_STREAM = True
+#: on the sorted LoRA path (in place), make the (adapter, expert) alignment - three short launches - on the side
+#: stream beside GEMM1 instead of in line after it (off until timed; decode switch ``moe-lora-align-beside``)
+ALIGN_BESIDE = False
 #: the largest fp32 delta buffer (pairs x the wider of GEMM1's and GEMM2's outputs x 4 bytes) of the path; decode
 #: steps are far below it (Qwen3-30B-A3B, 64 tokens: 3 MiB; Mixtral-8x7B, 64 tokens: 14 MiB)
 MAX_DELTA_BYTES = 64 << 20

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from vllm.model_executor.layers.fused_moe.config import MoEActivation
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.modular_kernel import Support
 
@@ -60,7 +61,8 @@ class TritonExperts(TwoGemmExperts):
                               ) -> tuple[TritonRoute, Optional["MoELoRAAlignment"]]:
         """With LoRA on its sorted path and the expert sort (not ``pairwise_alignment``), both alignments
         come from one ``moe_align_with_lora`` (three launches instead of six) where that is faster: both
-        with the same block size (``one_pass_pays``)."""
+        with the same block size (``one_pass_pays``), and the LoRA one is not made beside GEMM1 instead
+        (``lora_overlap.ALIGN_BESIDE``)."""
         from vllm.lora.ops.moe_lora_align import moe_align_with_lora, one_pass_pays
         from vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm import get_two_gemm_configs
         from vllm.model_executor.layers.fused_moe.ops.moe_align_block_size import use_pairwise_alignment
@@ -72,7 +74,7 @@ class TritonExperts(TwoGemmExperts):
         if plan is None:
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
-        if not one_pass_pays(cfg1.block_size_m, plan.block_size):
+        if not one_pass_pays(cfg1.block_size_m, plan.block_size) or lora_overlap.ALIGN_BESIDE:  # or beside GEMM1
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         align, lora_align = moe_align_with_lora(ids, cfg1.block_size_m, num_experts, plan)
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align), lora_align
