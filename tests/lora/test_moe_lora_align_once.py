@@ -20,6 +20,7 @@ from tests.lora.lora_moe_harness import Harness
 from tests.utils import assert_close
 from vllm.lora.ops import moe_lora_align
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.experts.triton_experts import TritonExperts
 from vllm.model_executor.layers.fused_moe.experts.two_gemm import TwoGemmExperts
 from vllm.model_executor.layers.fused_moe.ops import fused_moe_gemm
@@ -45,6 +46,13 @@ class _Calls:
 
         monkeypatch.setattr(moe_lora_align, "moe_align_with_lora", counted_combined)
         monkeypatch.setattr(PunicaWrapperGPU, "_align", counted_align)
+
+
+@pytest.fixture(autouse=True)
+def _in_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass align is what these tests check; with the LoRA alignment made beside GEMM1 instead
+    (``lora_overlap.ALIGN_BESIDE``, on by default: tests/lora/test_moe_lora_align_beside.py) it is not used."""
+    monkeypatch.setattr(lora_overlap, "ALIGN_BESIDE", False)
 
 
 def _harness(device, *, E=16, top_k=4, max_loras=3, seed=11, **kw) -> Harness:
@@ -84,6 +92,7 @@ def test_one_pass_equals_previous_path(M, slot_mode, disable, device, monkeypatc
 def test_one_pass_under_expert_parallelism(device, monkeypatch):
     """Two EP ranks (expert maps: other ranks' experts are -1): each aligns once, the ranks sum to the layer."""
     monkeypatch.setattr(PunicaWrapperGPU, "_use_small_batch", lambda self, n, e, l, r: False)
+    monkeypatch.setattr(moe_lora_align, "one_pass_pays", lambda block, lora_block: True)  # a GPU's tiles may differ
     hs = [_harness(device, E=8, top_k=2, max_loras=2, seed=7, layer_kwargs=dict(ep_size=2, ep_rank=r))
           for r in range(2)]
     adapters = [hs[0].new_adapter(), hs[0].new_adapter(rank=8)]
@@ -147,9 +156,11 @@ def test_mismatched_alignment_is_refused(device):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [16, 64, 256])
+@pytest.mark.parametrize("M", [16, 64, 256, 1024])
 def test_one_pass_on_gpu(M, dtype, monkeypatch):
-    """On the GPU with its own tile choices (no forced path): where LoRA sorts, one align, same output."""
+    """On the GPU with its own tile and path choices (none forced): the LoRA alignment is made once where the LoRA
+    sorts - in one pass with the experts' where both blocks agree (``one_pass_pays``), else by the wrapper - and
+    the output is the previous path's."""
     dev = torch.device("cuda")
     h = Harness(E=64, top_k=8, H=128, I=64, backend="triton", device=dev, dtype=dtype, max_loras=4, max_rank=16,
                 seed=M)
@@ -157,9 +168,16 @@ def test_one_pass_on_gpu(M, dtype, monkeypatch):
         h.load(slot, h.new_adapter(rank=16 if slot % 2 else 8))
     x, logits = h.inputs(M, empty=False)
     slots = pick_slots(M, 4, "mixed", seed=M)
+    pays: list[bool] = []
+    real_pays = moe_lora_align.one_pass_pays
+    monkeypatch.setattr(moe_lora_align, "one_pass_pays", lambda b, lb: pays.append(real_pays(b, lb)) or pays[-1])
     calls = _Calls(monkeypatch, use_triton=True)
     out = h.forward(x, logits, slots)
-    assert (calls.one_pass, calls.wrapper) == (1, 0), "both sort at these sizes: one align per forward"
+    sorts = h.punica.moe_lora_align_plan(x, h.layer.base_layer.lora_context) is not None
+    one_pass = bool(pays) and pays[0]  # asked only where the LoRA sorts and the base does not take one block per pair
+    assert (calls.one_pass, calls.wrapper) == ((1, 0) if one_pass else (0, 1) if sorts else (0, 0))
+    if M >= 256:
+        assert sorts, "2048+ pairs over 64 experts x 4 slots take the sorted LoRA path"
     assert_close(out.float().cpu(), h.reference(x, logits, slots), dtype)
     with monkeypatch.context() as m:
         _previous_path(m)

@@ -36,8 +36,10 @@ import torch
 #: compute the delta buffers on a side stream, beside the base GEMMs (False: in order on the current stream)
 LORA_SIDE_STREAM = True
 #: on the sorted LoRA path (in place), make the (adapter, expert) alignment - three short launches - on the side
-#: stream beside GEMM1 instead of in line after it (off until timed; decode switch ``moe-lora-align-beside``)
-ALIGN_BESIDE = False
+#: stream beside GEMM1 instead of in line after it (decode switch ``moe-lora-align-beside``).  NVIDIA H100
+#: (thirty-third session): the LoRA decode step at batch 256 7.835 -> 7.703 ms, batches 1-64 unchanged (Qwen3-30B-A3B
+#: width, 12 layers, graphs + async); the layer with LoRA at 256 / 1024 tokens 513.0 -> 498.5 / 632.4 -> 619.3 us
+ALIGN_BESIDE = True
 #: the largest fp32 delta buffer (pairs x the wider of GEMM1's and GEMM2's outputs x 4 bytes) of the path; decode
 #: steps are far below it (Qwen3-30B-A3B, 64 tokens: 3 MiB; Mixtral-8x7B, 64 tokens: 14 MiB)
 MAX_DELTA_BYTES = 64 << 20
