@@ -11,7 +11,6 @@ from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 from vllm.model_executor.layers.fused_moe.router import fused_topk
 from tests.utils import assert_close
 
-_BESIDE = lora_overlap.beside
 _DELTA_BUFFER = lora_overlap.delta_buffer
 
 
@@ -81,8 +80,8 @@ def delta_paths(forward, monkeypatch, experts_cls=None):
     ``lora_deltas_beside``); the buffers are poisoned with NaN, as the seams must overwrite all of them.
     Returns (beside, in order, in place, how many seams went through the buffers)."""
     calls = []
-    monkeypatch.setattr(lora_overlap, "beside", lambda *a: calls.append(1) or _BESIDE(*a))
-    monkeypatch.setattr(lora_overlap, "delta_buffer", poisoned_delta_buffer)
+    # a seam through the buffers allocates one (``beside`` also makes the sorted path's alignment: ALIGN_BESIDE)
+    monkeypatch.setattr(lora_overlap, "delta_buffer", lambda *a: calls.append(1) or poisoned_delta_buffer(*a))
     if experts_cls is not None:
         monkeypatch.setattr(experts_cls, "lora_deltas_beside", True)
     monkeypatch.setattr(lora_overlap, "DEVICE_TYPES", ("cuda", "cpu"))
