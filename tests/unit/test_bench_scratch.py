@@ -21,6 +21,8 @@ open(work + "/weights.bin", "wb").write(b"x" * 1024)
 print(work, flush=True)
 if {wait}:
     time.sleep(120)
+else:
+    sys.stdin.readline()  # exit once the test has seen the folder (a loaded machine may run the child first)
 """
 
 
@@ -29,11 +31,14 @@ def test_scratch_dir_removed_at_exit(ending, tmp_path):
     wait = ending == "SIGTERM"
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(bench=os.path.abspath(BENCH), wait=wait)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     work = proc.stdout.readline().strip()
     assert work.startswith(str(tmp_path)) and os.path.isfile(os.path.join(work, "weights.bin"))
     if wait:
         proc.send_signal(signal.SIGTERM)
+    else:
+        proc.stdin.write("\n")
+    proc.stdin.close()
     rc = proc.wait(timeout=60)
     assert rc == (128 + signal.SIGTERM if wait else 0)
     assert not os.path.exists(work), f"{ending}: the scratch folder {work} was left behind"
