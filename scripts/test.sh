@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-echo "test: running pytest (about 8 minutes on 2 CPU cores)"
+echo "test: running pytest (about an hour on 2 CPU cores: ~4000 tests, Triton kernels in its CPU interpreter)"
 exec "$PY" -m pytest -q -p no:cacheprovider "$@" tests
