@@ -263,11 +263,11 @@ class PunicaWrapperBase(StepMapping, ABC):
         """The (adapter, expert) alignment ``add_lora_w13(y, x, ctx, topk_ids=..., expert_map=...)`` makes when
         given none (None where it makes none: ``moe_lora_align_plan``), for a caller that makes it earlier or
         elsewhere - e.g. on a side stream beside GEMM1 (``experts/lora_overlap.ALIGN_BESIDE``) - and passes it in."""
-        num_pairs = x.shape[0] * ctx.top_k
-        if not num_pairs or self._small_batch(ctx, num_pairs):
+        plan = self.moe_lora_align_plan(x, ctx)
+        if plan is None:
             return None
-        return self._align(topk_ids, self._w13_mapping(ctx, x.shape[0]), num_experts=ctx.local_num_experts,
-                           max_loras=ctx.max_loras, adapter_enabled=ctx.adapter_enabled, expert_map=expert_map,
+        return self._align(topk_ids, plan.token_lora_mapping, num_experts=plan.num_experts, max_loras=plan.max_loras,
+                           adapter_enabled=plan.adapter_enabled, expert_map=expert_map,
                            config=self._w13_config(ctx, x))
 
     def add_lora_w13(self, y: torch.Tensor, x: torch.Tensor, ctx: "MoELoRAContext", *, topk_ids: torch.Tensor,

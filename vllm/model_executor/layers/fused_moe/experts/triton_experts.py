@@ -69,12 +69,12 @@ class TritonExperts(TwoGemmExperts):
 
         plan = None
         sorted_routing = not use_pairwise_alignment(pairs, num_experts)
-        if lora_context is not None and sorted_routing:
+        if lora_context is not None and sorted_routing and not lora_overlap.ALIGN_BESIDE:  # else beside GEMM1
             plan = self.lora_align_plan(lora_context, x)
         if plan is None:
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         cfg1, cfg2 = get_two_gemm_configs(pairs, num_experts, N, K, act_n, ids.shape[1], x.dtype)
-        if not one_pass_pays(cfg1.block_size_m, plan.block_size) or lora_overlap.ALIGN_BESIDE:  # or beside GEMM1
+        if not one_pass_pays(cfg1.block_size_m, plan.block_size):
             return self._route(ids, pairs, num_experts, N, K, act_n, x.dtype), None
         align, lora_align = moe_align_with_lora(ids, cfg1.block_size_m, num_experts, plan)
         return TritonRoute(cfg1=cfg1, cfg2=cfg2, align=align), lora_align
