@@ -82,13 +82,11 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # the sorted MoE LoRA path's (adapter, expert) alignment on the side stream beside GEMM1
            "moe-lora-align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE"),
            # and each sorted seam's shrink beside its GEMM, the expand after it (punica_wrapper/moe_split_seams.py)
-           "moe-lora-shrink-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SHRINK_BESIDE"),
-           # the dense LoRA's sorted-split shrink beside the projection, its expand after (17-512 rows)
-           "dense-lora-shrink-beside": ("vllm.lora.layers.dense_overlap", "DENSE_SHRINK_BESIDE")}
+           "moe-lora-shrink-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SHRINK_BESIDE")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
              "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-shared-w13-a", "moe-lora-align-beside",
-             "moe-lora-shrink-beside", "dense-lora-shrink-beside"}
+             "moe-lora-shrink-beside"}
 _toggle_defaults: dict[str, object] = {}
 
 

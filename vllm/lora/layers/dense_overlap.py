@@ -34,23 +34,11 @@ from vllm.model_executor.layers.fused_moe.experts import lora_overlap
 DENSE_LORA_SIDE_STREAM = False
 #: the most tokens a step may have to take the path (its fp32 buffer is tokens x output columns)
 MAX_TOKENS = 256
-#: only the delta's first half beside the projection: where the op takes the sorted split (17-512 rows, slices in
-#: one buffer), its shrink runs on the side stream while the projection runs and its expand adds into the
-#: projection's output after it, in place - the same launches and bits as the in-place op, no buffer, no joining
-#: add (``PunicaWrapper.lora_linear_beside``, ``lora_linear.lora_linear_beside``).  Off until timed (decode switch
-#: ``dense-lora-shrink-beside``)
-DENSE_SHRINK_BESIDE = False
 
 
 def applies(device: torch.device, tokens: int) -> bool:
     """Whether a LoRA linear layer's forward of ``tokens`` rows on ``device`` takes the delta buffer."""
     return DENSE_LORA_SIDE_STREAM and device.type in lora_overlap.DEVICE_TYPES and 0 < tokens <= MAX_TOKENS
-
-
-def shrink_beside(device: torch.device) -> bool:
-    """Whether a LoRA linear layer's forward on ``device`` asks for its shrink beside the projection (the wrapper
-    says whether its shape takes it)."""
-    return DENSE_SHRINK_BESIDE and device.type in lora_overlap.DEVICE_TYPES
 
 
 def project_beside(x: torch.Tensor, cols: int, project: Callable[[], torch.Tensor],

@@ -248,17 +248,11 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         return y
 
     def _with_lora(self, x: torch.Tensor, project: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``project()`` (the base projection of x) + the LoRA delta: its shrink beside the projection on the side
-        stream (``dense_overlap.shrink_beside``, where the wrapper has the path), or all of it into a buffer beside it
+        """``project()`` (the base projection of x) + the LoRA delta: beside it on the side stream
         (``dense_overlap.applies``), else added in place after it."""
         punica = self.punica_wrapper
         if punica is None or not punica.any_active(self.enabled_slots):
             return project()
-        if dense_overlap.shrink_beside(x.device):
-            y = punica.lora_linear_beside(x, project, self.lora_a_stacked, self.lora_b_stacked,
-                                          adapter_enabled=self.adapter_enabled)
-            if y is not None:
-                return y
         if dense_overlap.applies(x.device, x.numel() // max(1, x.shape[-1])):
             return dense_overlap.project_beside(
                 x, self.weight.shape[0], project,

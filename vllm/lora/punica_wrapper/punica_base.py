@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -374,14 +374,6 @@ class PunicaWrapperBase(MoELoRASplitSeams, StepMapping, ABC):
         self._add_lora_linear(y2, x2, tuple(lora_a_stacked), tuple(lora_b_stacked),
                               token_lora_mapping=self._mapping_for(x2.shape[0]), adapter_enabled=adapter_enabled,
                               output_offsets=offsets)
-
-    def lora_linear_beside(self, x: torch.Tensor, project: Callable[[], torch.Tensor],
-                           lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor], *,
-                           adapter_enabled: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """``project()`` (x's projection) + the delta ``add_lora_linear`` would add, its shrink beside the
-        projection (``lora.layers.dense_overlap.DENSE_SHRINK_BESIDE``); None, with nothing run, where this
-        wrapper has no such path for x (the caller adds in place)."""
-        return None
 
     def _add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple, *,
                          token_lora_mapping: torch.Tensor, adapter_enabled: Optional[torch.Tensor],

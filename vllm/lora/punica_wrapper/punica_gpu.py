@@ -56,23 +56,6 @@ class PunicaWrapperGPU(PunicaWrapperBase):
         add_lora_linear(y, x, lora_a, lora_b, token_lora_mapping, adapter_enabled=adapter_enabled,
                         output_offsets=output_offsets, meta=self._linear_meta)
 
-    def lora_linear_beside(self, x, project, lora_a_stacked, lora_b_stacked, *, adapter_enabled=None):
-        from vllm.lora.ops.triton_ops.lora_linear import lora_linear_beside
-        from vllm.model_executor.layers.fused_moe.experts import lora_overlap
-
-        x2 = x.reshape(-1, x.shape[-1])
-        T = x2.shape[0]
-        shaped: list[torch.Tensor] = []
-
-        def rows() -> torch.Tensor:  # the projection as [T, cols] rows, its own shape kept to return
-            shaped.append(project())
-            return shaped[0].view(T, -1)
-
-        y = lora_linear_beside(x2, lora_a_stacked, lora_b_stacked, self._mapping_for(T), rows,
-                               lambda side, main: lora_overlap.beside(x.device, side, main),
-                               adapter_enabled=adapter_enabled, meta=self.linear_metadata(T))
-        return None if y is None else shaped[0]
-
     def _device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)

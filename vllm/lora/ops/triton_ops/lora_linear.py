@@ -31,7 +31,7 @@ them so) run in one launch when S <= 3; otherwise one launch per slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -345,41 +345,3 @@ def add_lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a_stacked: Sequence[t
                 *strides, UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
                 EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0, BLOCK_M=block_m, BLOCK_R=rank_block(R),
                 **common, **pdl_launch_kwargs(x.device))
-
-
-def lora_linear_beside(x: torch.Tensor, lora_a_stacked: Sequence[torch.Tensor], lora_b_stacked: Sequence[torch.Tensor],
-                       token_lora_mapping: torch.Tensor, project: Callable[[], torch.Tensor],
-                       beside: Callable[[Callable[[], torch.Tensor], Callable[[], None]], torch.Tensor], *,
-                       adapter_enabled: Optional[torch.Tensor] = None, meta: Optional[LoRALinearMetadata] = None
-                       ) -> Optional[torch.Tensor]:
-    """``project()`` (x's projection, a new [T, cols] tensor) + the LoRA delta, with the sorted split's shrink
-    launched by ``beside(side, main)`` (e.g. on a side stream while the projection runs) and its expand after;
-    the same launches and bits as ``add_lora_linear`` after the projection.  Only where that would take the
-    sorted split in one launch group (slices in one buffer, the step's grouping ``meta`` given); elsewhere None,
-    with nothing run."""
-    a_list, b_list = list(lora_a_stacked), list(lora_b_stacked)
-    T, K = x.shape
-    L, R = a_list[0].shape[:2]
-    n_sizes = [b.shape[1] for b in b_list]
-    stride_as, stride_bs = _slice_stride(a_list), _slice_stride(b_list)
-    if meta is None or T == 0 or R == 0 or len(a_list) > 3 or stride_as is None or stride_bs is None:
-        return None
-    cfg = lora_linear_config(T, K, max(n_sizes), R, len(a_list), x.dtype)
-    if not cfg.sorted_split:
-        return None
-    ns = len(a_list)
-    offs = slice_offsets(n_sizes, None)
-    enabled = adapter_enabled if adapter_enabled is not None else token_lora_mapping
-    has_enabled = adapter_enabled is not None
-    # the inputs checked before any launch (an output of the slices' width stands in for y), y after the projection
-    _check(x.new_empty(1).expand(T, sum(n_sizes)), x, a_list, b_list, token_lora_mapping, adapter_enabled, offs)
-    out: list[torch.Tensor] = []
-    part = beside(lambda: sorted_split.sorted_shrink(x, a_list[0], meta, enabled, has_enabled, cfg, ns,
-                                                     stride_as if ns > 1 else 0, _scratch),
-                  lambda: out.append(project()))
-    y = out[0]
-    _check(y, x, a_list, b_list, token_lora_mapping, adapter_enabled, offs)
-    pad = 3 - ns
-    sorted_split.sorted_expand(y, part, b_list[0], meta, enabled, has_enabled, cfg, ns, n_sizes + [0] * pad,
-                               offs + [0] * pad, stride_bs if ns > 1 else 0, R)
-    return y

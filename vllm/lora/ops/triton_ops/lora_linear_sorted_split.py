@@ -55,17 +55,8 @@ def launch_sorted_split(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
                         scratch: Callable[[tuple[int, ...], torch.device], torch.Tensor]) -> None:
     """The pair for one launch group of ``add_lora_linear`` (its arguments: slices ``ns`` of A / B at
     ``stride_as`` / ``stride_bs`` elements from ``a`` / ``b``, widths ``n_args``, first columns ``off_args``;
-    ``meta`` the step's ``LoRALinearMetadata``): ``sorted_shrink`` then ``sorted_expand``."""
-    part = sorted_shrink(x, a, meta, enabled, has_enabled, cfg, ns, stride_as, scratch)
-    sorted_expand(y, part, b, meta, enabled, has_enabled, cfg, ns, n_args, off_args, stride_bs, a.shape[1])
-
-
-def sorted_shrink(x: torch.Tensor, a: torch.Tensor, meta, enabled: torch.Tensor, has_enabled: bool,
-                  cfg: LoRALinearTileConfig, ns: int, stride_as: int,
-                  scratch: Callable[[tuple[int, ...], torch.device], torch.Tensor]) -> torch.Tensor:
-    """The pair's first launch: the partials [blocks, ns, K_SPLITS, BLOCK_M, BLOCK_R] fp32, in a buffer from
-    ``scratch`` left uninitialised (the expand reads only the blocks the shrink wrote).  It reads only x, A and
-    the step's grouping, so it may run beside the projection (``lora_linear.lora_linear_beside``)."""
+    ``meta`` the step's ``LoRALinearMetadata``).  The partials [blocks, ns, K_SPLITS, BLOCK_M, BLOCK_R] fp32
+    come from ``scratch`` uninitialised: the expand reads only the blocks the shrink wrote."""
     from vllm.lora.ops.triton_ops import _lora_linear_sorted_split_kernels as kern
 
     T, K = x.shape
@@ -75,27 +66,15 @@ def sorted_shrink(x: torch.Tensor, a: torch.Tensor, meta, enabled: torch.Tensor,
     k_splits = -(-K // cfg.block_k)
     block_r = rank_block(R)
     part = scratch((blocks, ns, k_splits, cfg.block_m, block_r), x.device)
+    precision = "ieee" if interp else "tf32x3"
     kern.lora_linear_sorted_shrink_kernel[(blocks, ns, k_splits)](
         x, a, part, meta.sorted_token_ids, meta.slot_counts, enabled, T, K, R, L, x.stride(0), x.stride(1),
         stride_as, *a.stride(), *part.stride()[:4], HAS_ENABLED=has_enabled, UPCAST=interp,
-        FP32_PRECISION="ieee" if interp else "tf32x3", BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        FP32_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
-    return part
-
-
-def sorted_expand(y: torch.Tensor, part: torch.Tensor, b: torch.Tensor, meta, enabled: torch.Tensor,
-                  has_enabled: bool, cfg: LoRALinearTileConfig, ns: int, n_args: list[int], off_args: list[int],
-                  stride_bs: int, R: int) -> None:
-    """The pair's second launch: y += the expand of ``sorted_shrink``'s partials (R: the kernel rank)."""
-    from vllm.lora.ops.triton_ops import _lora_linear_sorted_split_kernels as kern
-
-    interp = triton_interpreting()
-    blocks, k_splits = part.shape[0], part.shape[2]
-    L = b.shape[0]
-    T = y.shape[0]
     kern.lora_linear_sorted_expand_kernel[(blocks, ns, -(-max(n_args) // cfg.block_n))](
         part, b, y, meta.sorted_token_ids, meta.slot_counts, enabled, T, R, L, k_splits, *n_args, *off_args,
         *part.stride()[:4], stride_bs, *b.stride(), y.stride(0), y.stride(1), HAS_ENABLED=has_enabled,
-        UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3", EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(R), BLOCK_J=next_power_of_2(k_splits),
-        num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(part.device))
+        UPCAST=interp, FP32_PRECISION=precision, EXPAND_MODE=1 if b.dtype == torch.bfloat16 else 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_J=next_power_of_2(k_splits),
+        num_warps=cfg.num_warps, num_stages=1, **pdl_launch_kwargs(x.device))
