@@ -61,8 +61,6 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                            "the top-k sum; 0: in place after each GEMM"),
     "--align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE", int,
                        "1: the sorted LoRA path's (adapter, expert) alignment on the side stream beside GEMM1"),
-    "--shrink-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "SHRINK_BESIDE", int,
-                        "1: with --align-beside 1, each sorted LoRA seam's shrink beside its GEMM, the expand after"),
     "--fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fused_moe_gemm", "FUSED_ACTIVATION", int,
                            "1: the base layer's GEMM1 writes the gated activation itself"),
 }

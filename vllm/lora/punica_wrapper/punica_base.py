@@ -16,8 +16,7 @@ For fused MoE the wrapper offers the two seams the experts call inline:
 from it, so a new LoRA field is added to the dataclass and read where it is used.
 ``add_lora_w13`` returns the routing it prepared (a ``MoELoRARouting``) so
 ``add_lora_w2`` reuses it instead of sorting again.  Subclasses supply the
-compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch on CPU.  The sorted seams also
-come in two halves, shrink and expand (``moe_split_seams.py``), for experts that shrink beside their GEMMs.
+compute (``_fused``, ``_shrink``, ``_expand``, ``_align``): Triton on GPU, torch on CPU.
 
 For the linear layers (``vllm.lora.layers.linear``) the wrapper offers
 ``add_lora_linear(y, x, ...)``: y[t, cols of slice s] += (x[t] @ A_s[slot]^T) @ B_s[slot]^T,
@@ -44,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Protocol,
 import torch
 
 from vllm.lora.ops.slices import slice_offsets
-from vllm.lora.punica_wrapper.moe_split_seams import MoELoRASplitSeams
 from vllm.lora.punica_wrapper.step_mapping import StepMapping
 
 if TYPE_CHECKING:
@@ -98,7 +96,7 @@ def _without(kw: dict, key: str) -> dict:
     return {k: v for k, v in kw.items() if k != key}
 
 
-class PunicaWrapperBase(MoELoRASplitSeams, StepMapping, ABC):
+class PunicaWrapperBase(StepMapping, ABC):
     """Holds the step's token-to-adapter mapping and launches the LoRA ops."""
 
     def __init__(self, max_num_batched_tokens: int, max_loras: int, device: torch.device | str,
@@ -245,14 +243,6 @@ class PunicaWrapperBase(MoELoRASplitSeams, StepMapping, ABC):
                             K=x.shape[1], N=lora_b[0].shape[2], num_slices=ctx.w13_num_slices, dtype=x.dtype,
                             use_tuned_config=ctx.use_tuned_config, small_batch=self._small_batch(ctx, num_pairs))
 
-    def _w2_config(self, ctx: "MoELoRAContext", x: torch.Tensor,
-                   routing: MoELoRARouting) -> Optional["MoELoRATileConfig"]:
-        return self._config("fused_moe_lora_w2", num_pairs=routing.num_pairs, num_experts=ctx.local_num_experts,
-                            max_loras=ctx.max_loras, rank=ctx.w2_lora_a_stacked[0].shape[2], K=x.shape[1],
-                            N=ctx.w2_lora_b_stacked[0].shape[2], num_slices=1, dtype=x.dtype,
-                            use_tuned_config=ctx.use_tuned_config,
-                            small_batch=routing.alignment is None)  # w13's path
-
     def moe_lora_align_plan(self, x: torch.Tensor, ctx: "MoELoRAContext") -> Optional["MoELoRAAlignPlan"]:
         """The (adapter, expert) alignment ``add_lora_w13(y, x, ctx, ...)`` would make (its sorted path),
         so that the experts can make it in one pass with their own and pass it in (``alignment=``);
@@ -342,7 +332,10 @@ class PunicaWrapperBase(MoELoRASplitSeams, StepMapping, ABC):
         y2 = y.reshape(num_pairs, y.shape[-1])
         lora_a, lora_b = ctx.w2_lora_a_stacked, ctx.w2_lora_b_stacked
         h_b = lora_b[0].shape[2]
-        cfg = self._w2_config(ctx, x, routing)
+        cfg = self._config("fused_moe_lora_w2", num_pairs=num_pairs, num_experts=ctx.local_num_experts,
+                           max_loras=ctx.max_loras, rank=lora_a[0].shape[2], K=x.shape[1], N=h_b,
+                           num_slices=1, dtype=x.dtype, use_tuned_config=ctx.use_tuned_config,
+                           small_batch=routing.alignment is None)  # w13's path
         kw = dict(topk_ids=topk_ids, topk_weights=topk_weights, token_lora_mapping=routing.token_lora_mapping,
                   adapter_enabled=ctx.adapter_enabled, top_k_in=1, expert_map=expert_map,
                   alignment=routing.alignment, config=cfg)

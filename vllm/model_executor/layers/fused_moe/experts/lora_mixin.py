@@ -13,8 +13,7 @@ needs; all LoRA compute lives there (``vllm/lora/punica_wrapper``).
 ``gemm1_with_lora`` / ``gemm2_with_lora`` run a GEMM together with its seam: the delta in place after the
 GEMM, or - where ``lora_deltas`` says so (``experts/lora_overlap.py``) - into an fp32 buffer of its own
 on a side stream beside the GEMM, which the caller hands to ``moe_activation`` / ``moe_sum`` as ``delta``.
-In place, the w13 seam's (adapter, expert) alignment may be made beside GEMM1 (``align_beside``), and with it
-each seam's shrink beside its GEMM, the expand after it (``shrink_beside``, ``punica_wrapper/moe_split_seams.py``).
+In place, the w13 seam's (adapter, expert) alignment may be made beside GEMM1 (``align_beside``).
 """
 from __future__ import annotations
 
@@ -99,20 +98,6 @@ class MoELoRAExpertsMixin:
         (``lora_overlap.ALIGN_BESIDE``; host state only): LoRA runs this step and sorts (``lora_align_plan``)."""
         return lora_overlap.ALIGN_BESIDE and ctx is not None and cls.lora_align_plan(ctx, x) is not None
 
-    @classmethod
-    def shrink_beside(cls, ctx: Optional["MoELoRAContext"], x: torch.Tensor) -> bool:
-        """Whether the in-place w13 seam runs as two halves, its alignment and shrink beside GEMM1 and its expand
-        after it (``lora_overlap.SHRINK_BESIDE`` with ``ALIGN_BESIDE``; host state only)."""
-        return (lora_overlap.SHRINK_BESIDE and cls.align_beside(ctx, x)
-                and ctx is not None and ctx.punica_wrapper.moe_lora_splits(ctx, x))
-
-    @staticmethod
-    def shrink_w2_beside(ctx: "MoELoRAContext", routing: "MoELoRARouting") -> bool:
-        """Whether the w2 seam's shrink runs beside GEMM2: the w13 seam sorted (its routing has an alignment) and
-        ``SHRINK_BESIDE`` / ``ALIGN_BESIDE`` are on, not fully sharded."""
-        return (lora_overlap.SHRINK_BESIDE and lora_overlap.ALIGN_BESIDE and routing.alignment is not None
-                and not (ctx.fully_sharded and ctx.tp_size > 1))
-
     def gemm1_with_lora(self, ctx: Optional["MoELoRAContext"], gemm: Callable[[], None], *, deltas: bool,
                         y: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         expert_map: Optional[torch.Tensor], alignment: Optional["MoELoRAAlignment"] = None
@@ -126,13 +111,6 @@ class MoELoRAExpertsMixin:
         if deltas:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             return lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm), delta
-        if alignment is None and self.shrink_beside(ctx, x):
-            assert ctx is not None  # shrink_beside: LoRA runs
-            half = lora_overlap.beside(
-                x.device, lambda: ctx.punica_wrapper.shrink_w13(x, ctx, topk_ids=topk_ids, expert_map=expert_map),
-                gemm)
-            return ctx.punica_wrapper.expand_w13(y, half, ctx, topk_ids=topk_ids, topk_weights=topk_weights,
-                                                 expert_map=expert_map), None
         if alignment is None and self.align_beside(ctx, x):
             assert ctx is not None  # align_beside: LoRA runs
             alignment = lora_overlap.beside(
@@ -156,13 +134,6 @@ class MoELoRAExpertsMixin:
             delta = lora_overlap.delta_buffer(y.shape[0], y.shape[1], x.device)
             lora_overlap.beside(x.device, lambda: seam(delta, overwrite=True), gemm)
             return delta
-        if ctx is not None and routing is not None and self.shrink_w2_beside(ctx, routing):
-            half = lora_overlap.beside(
-                x.device, lambda: ctx.punica_wrapper.shrink_w2(x, ctx, routing=routing, topk_ids=topk_ids,
-                                                               expert_map=expert_map), gemm)
-            ctx.punica_wrapper.expand_w2(y, half, ctx, topk_ids=topk_ids, topk_weights=topk_weights,
-                                         mul_routed_weight=mul_routed_weight, expert_map=expert_map)
-            return None
         gemm()
         if ctx is not None:
             seam(y)

@@ -25,9 +25,7 @@ alignment - three short, latency-bound launches - is made on the side stream whi
 line between GEMM1 and the LoRA kernels (``MoELoRAExpertsMixin.align_beside``).  Its buffers are allocated
 on the side stream and read on the current one; that is safe because every use of the side stream starts by
 waiting for the current stream (``beside``), so a block the caching allocator hands out again on the side
-stream is written only after the current stream's reads of its last owner.  With ``SHRINK_BESIDE`` the side stream
-also shrinks each seam (w13 after the alignment, w2 beside GEMM2) into an fp32 buffer that the expand, in line
-after the GEMM, reads: the same reasoning covers it.
+stream is written only after the current stream's reads of its last owner.
 """
 from __future__ import annotations
 
@@ -42,11 +40,6 @@ LORA_SIDE_STREAM = True
 #: (thirty-third session): the LoRA decode step at batch 256 7.835 -> 7.703 ms, batches 1-64 unchanged (Qwen3-30B-A3B
 #: width, 12 layers, graphs + async); the layer with LoRA at 256 / 1024 tokens 513.0 -> 498.5 / 632.4 -> 619.3 us
 ALIGN_BESIDE = True
-#: on the sorted LoRA path with ``ALIGN_BESIDE``, split each seam into its halves (``punica_wrapper/
-#: moe_split_seams.py``): the w13 shrink follows the alignment on the side stream beside GEMM1, the w2 shrink runs
-#: beside GEMM2, and only the expands (the read-modify-writes of the GEMMs' outputs) stay in line; the same bits.
-#: Off until timed (decode switch ``moe-lora-shrink-beside``)
-SHRINK_BESIDE = False
 #: the largest fp32 delta buffer (pairs x the wider of GEMM1's and GEMM2's outputs x 4 bytes) of the path; decode
 #: steps are far below it (Qwen3-30B-A3B, 64 tokens: 3 MiB; Mixtral-8x7B, 64 tokens: 14 MiB)
 MAX_DELTA_BYTES = 64 << 20
