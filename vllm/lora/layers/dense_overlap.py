@@ -14,7 +14,9 @@ Off by default: timed on an H200 (``decode_switch_ab.py --switches dense-lora-si
 width, 12 layers, graphs + async), the LoRA decode step was slower with it at every batch: 1.023 -> 1.093 ms at
 batch 1, 5.041 -> 5.081 ms at 64, 6.634 -> 6.910 ms at 256.  The zeroing and the joining add are two more launches
 and the join breaks the programmatic-dependent-launch chain, which costs more than the LoRA op it hides; folding the
-join into the next kernel (the residual add + RMSNorm after o_proj) would be the next try.
+join into the next kernel (the residual add + RMSNorm after o_proj) would be the next try.  Only the sorted split's
+shrink beside the projection (its expand in place after it, no buffer and no join) lost too: NVIDIA H100, thirty-
+fourth session, 1.009x at batch 256, 1.000x at 64 (branch ``shrink-beside``).
 
 Taken on CUDA (``lora_overlap.DEVICE_TYPES``) for steps of at most ``MAX_TOKENS`` tokens (decode batches; the
 fp32 buffer grows with the tokens) when ``DENSE_LORA_SIDE_STREAM`` is on, wherever the LoRA op runs at all: the
