@@ -1,7 +1,7 @@
 """Static report of the MoE LoRA sorted kernels compiled for an H100 / H200 (sm_90), no GPU needed.
 
 Today's one-launch ``moe_lora_sorted_kernel`` at the config the launcher picks (shipped tuned file for
-the NVIDIA H200, else the heuristic), the same with its expand one tile ahead (``EXPAND_PREFETCH``), against the split-K variant (``moe_lora_split.py``: shrink launch +
+the NVIDIA H200, else the heuristic) against the split-K variant (``moe_lora_split.py``: shrink launch +
 expand launch) at several ``SHRINK_SPLIT_K``, for the Qwen3-30B-A3B layer (H=2048, I=768, E=128, top-8,
 rank 16, 4 adapters) at decode token counts.  Per kernel: registers, spilled bytes, shared memory, the
 K loop (instructions, cp.async = LDGSTS in it: pipelined), and the chain of dependent global memory
@@ -139,12 +139,6 @@ def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
                  f"w{cfg.num_warps} s{cfg.num_stages}")
         rows.append(dict(M=M, gemm=gemm, variant="one launch (today)", kernel="moe_lora_sorted_kernel", tiles=tiles,
                          **st))
-        # the same launch with its expand one tile ahead (fused_moe_lora.SORTED_EXPAND_PREFETCH): no trip per tile
-        pf = _stats(_compile(k1.moe_lora_sorted_kernel, ints, dict(fused, EXPAND_PREFETCH=True), cfg.num_warps,
-                             cfg.num_stages))
-        pf["chain_total"] = pf["chain"] + -(-k_tiles // max(1, cfg.num_stages - 1)) - 1
-        rows.append(dict(M=M, gemm=gemm, variant="one launch, expand prefetch", kernel="moe_lora_sorted_kernel",
-                         tiles=tiles, **pf))
         for s in splits:
             width, parts = split_layout(g["K"], s)
             if parts < 2:

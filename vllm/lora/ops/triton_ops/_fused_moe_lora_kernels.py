@@ -7,12 +7,7 @@ Two kernels, each able to run the shrink, the expand, or both fused
   output of ``moe_lora_align_block_size``: one program takes one M-block of a
   single virtual expert (slot, local expert), computes its [BLOCK_M, BLOCK_R]
   shrink in fp32 with tensor-core dots, then expands its share of the N columns
-  (of every slice, when the slices share A: ``slices_per_program``).  With
-  ``EXPAND_PREFETCH`` its expand walks the tiles of all its slices in one loop
-  that loads each tile's B and out one tile ahead (the first before the
-  shrink), so that a tile's loads overlap the previous tile's dots and store
-  instead of starting after them: one memory round trip per program instead of
-  one per tile on its critical path.
+  (of every slice, when the slices share A: ``slices_per_program``).
 * ``moe_lora_pair_kernel`` - programs (pairs, slices, N-splits), no sorting: for
   batches so small that blocks would be mostly padding.  Broadcast-multiply and
   ``tl.sum`` (a dot needs 16 rows).
@@ -139,21 +134,6 @@ def _n_tile_range(pid_n, N, num_n_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _expand_tile(j, total, n_t, t_begin, slice_s, b_block, out_rows, mask_m, mask_r, N, stride_bs, stride_bn,
-                 stride_on, out_col0, out_slice_cols, BLOCK_N: tl.constexpr):
-    """Pointers and masks of the ``j``-th of a program's ``total`` expand tiles (slice-major: ``n_t`` N tiles from
-    ``t_begin`` per slice): (B [BLOCK_R, BLOCK_N], its mask, out [BLOCK_M, BLOCK_N], its mask).  Tiles past
-    ``total`` are masked off entirely (no memory is touched)."""
-    si = j // tl.maximum(n_t, 1)
-    t = t_begin + j - si * n_t
-    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N) & (j < total)
-    b_ptrs = b_block + (slice_s + si) * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn
-    o_ptrs = out_rows[:, None] + (out_col0 + (slice_s + si) * out_slice_cols + offs_n[None, :]) * stride_on
-    return b_ptrs, mask_r[:, None] & mask_n[None, :], o_ptrs, mask_m[:, None] & mask_n[None, :]
-
-
-@triton.jit
 def _grid_ids(num_slices, num_n_splits):
     """(row block or pair, slice, N split) of this program in the one-dimensional grid of the one-launch
     kernels: the programs of one row block / pair are adjacent, so those that read its A (shared by the slices
@@ -176,7 +156,7 @@ def moe_lora_sorted_kernel(
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_PDL: tl.constexpr = False, EXPAND_PREFETCH: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_s, pid_n = _grid_ids(num_slices, num_n_splits)
@@ -196,19 +176,6 @@ def moe_lora_sorted_kernel(
     # the program's first slice; with slices_per_program > 1 (the slices share A: stride_as 0) the one shrink
     # is expanded into each of them
     slice_s = pid_s.to(tl.int64) * slices_per_program
-    out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
-    t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
-    if DO_EXPAND and EXPAND_PREFETCH:
-        # the expand's tiles in one slice-major loop, each tile's B and out loaded one tile ahead; the first
-        # tile's before the shrink (they do not depend on it)
-        n_t = tl.maximum(t_end - t_begin, 0)
-        total = slices_per_program * n_t
-        b_block = b_ptr + slot * stride_bl + expert * stride_be + offs_r[:, None] * stride_br
-        b_ptrs, b_mask, o_ptrs, o_mask = _expand_tile(0, total, n_t, t_begin, slice_s, b_block, out_rows, mask_m,
-                                                      mask_r, N, stride_bs, stride_bn, stride_on, out_col0,
-                                                      out_slice_cols, BLOCK_N)
-        b_next = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        o_next = tl.load(o_ptrs, mask=o_mask, other=0.0)
 
     if DO_SHRINK:
         rows = pairs // top_k_in
@@ -226,39 +193,24 @@ def moe_lora_sorted_kernel(
         hi, mid, lo = _split_for_expand(acc, EXPAND_MODE)
         if MUL_ROUTED_WEIGHT:
             w = tl.load(w_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)
-        if EXPAND_PREFETCH:
-            for j in range(0, total):
-                b = b_next
-                o = o_next
-                b_ptrs, b_mask, o_ptrs, o_mask = _expand_tile(j + 1, total, n_t, t_begin, slice_s, b_block, out_rows,
-                                                              mask_m, mask_r, N, stride_bs, stride_bn, stride_on,
-                                                              out_col0, out_slice_cols, BLOCK_N)
-                b_next = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                o_next = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        out_rows = out_ptr + (pairs // top_k) * stride_ot + (pairs % top_k) * stride_oj
+        t_begin, t_end = _n_tile_range(pid_n, N, num_n_splits, BLOCK_N)
+        for si in range(0, slices_per_program):
+            col0 = out_col0 + (slice_s + si) * out_slice_cols
+            b_base = (b_ptr + (slice_s + si) * stride_bs + slot * stride_bl + expert * stride_be
+                      + offs_r[:, None] * stride_br)
+            for t in range(t_begin, t_end):
+                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                 delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
                 if MUL_ROUTED_WEIGHT:
                     delta = delta * w[:, None]
-                _, _, o_ptrs, o_mask = _expand_tile(j, total, n_t, t_begin, slice_s, b_block, out_rows, mask_m,
-                                                    mask_r, N, stride_bs, stride_bn, stride_on, out_col0,
-                                                    out_slice_cols, BLOCK_N)
+                o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
+                o_mask = mask_m[:, None] & mask_n[None, :]
+                o = tl.load(o_ptrs, mask=o_mask, other=0.0)
                 tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
-        else:
-            for si in range(0, slices_per_program):
-                col0 = out_col0 + (slice_s + si) * out_slice_cols
-                b_base = (b_ptr + (slice_s + si) * stride_bs + slot * stride_bl + expert * stride_be
-                          + offs_r[:, None] * stride_br)
-                for t in range(t_begin, t_end):
-                    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-                    mask_n = offs_n < N
-                    b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn,
-                                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    delta = _expand_dot(hi, mid, lo, b, UPCAST, FP32_PRECISION, EXPAND_MODE, BLOCK_M, BLOCK_N)
-                    if MUL_ROUTED_WEIGHT:
-                        delta = delta * w[:, None]
-                    o_ptrs = out_rows[:, None] + (col0 + offs_n[None, :]) * stride_on
-                    o_mask = mask_m[:, None] & mask_n[None, :]
-                    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-                    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(o.dtype), mask=o_mask)
     else:
         s_ptrs = shrunk_ptr + slice_s * stride_ss + pairs[:, None] * stride_sp + offs_r[None, :] * stride_sr
         tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
