@@ -6,7 +6,11 @@
 
 namespace {
 
-constexpr int kWarps = 8;
+#ifndef W4_WARPS  // warps per CTA (16 output channels each): 8, or 4 - CTAs of half the rows, so that with a K split
+#define W4_WARPS 8  // a one-token launch (Qwen3-30B-A3B w13: 96 CTAs of 8 warps) spreads over every SM (a variant to time)
+#endif
+constexpr int kWarps = W4_WARPS;
+static_assert(kWarps == 4 || kWarps == 8, "W4_WARPS: 4 or 8 (whole warpgroups)");
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16 * kWarps;  // output channels per CTA
 #ifndef INT4_MMA_STAGES  // pipeline depth; VLLM_CSRC_FLAGS="-DINT4_MMA_STAGES=n" builds a variant to time

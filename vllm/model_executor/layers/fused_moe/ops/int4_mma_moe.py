@@ -35,7 +35,7 @@ from vllm.platforms.pdl import PDL_4BIT, pdl_launch_kwargs
 
 logger = init_logger(__name__)
 
-BLOCK_N = 128  # output channels per CTA (8 warps x 16): the kernel's kRows
+BLOCK_N = 128  # output channels per CTA (8 warps x 16): the kernel's kRows (``block_n()``: the built one's)
 STAGE_KS = (256, 128)  # the kernel's stage widths, widest first
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 _NUM_SMS = 132  # H100 SXM and H200
@@ -190,8 +190,15 @@ def mma_unsupported_reason(w: Int4PackedWeight, dtype: torch.dtype) -> Optional[
     return None
 
 
+def block_n() -> int:
+    """Output channels per CTA of the built kernel (its ``kRows``: 128, or 64 in a ``-DW4_WARPS=4`` build), else
+    ``BLOCK_N``."""
+    lib = cuda_lib.library()
+    return int(lib.vllm_int4_mma_block_n()) if lib is not None else BLOCK_N
+
+
 def ctas_of(num_blocks: int, N: int) -> int:
-    return num_blocks * -(-N // BLOCK_N)
+    return num_blocks * -(-N // block_n())
 
 
 def default_split(num_blocks: int, N: int, K: int, bk: int) -> int:
