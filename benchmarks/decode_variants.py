@@ -80,10 +80,13 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # the w13 LoRA slices of a fused gate_up adapter read one A (vllm/lora/layers/fused_moe.py)
            "moe-lora-shared-w13-a": ("vllm.lora.layers.fused_moe", "SHARE_W13_A"),
            # the sorted MoE LoRA path's (adapter, expert) alignment on the side stream beside GEMM1
-           "moe-lora-align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE")}
+           "moe-lora-align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE"),
+           # the sorted MoE LoRA kernel's block ids in one round trip before its early exits
+           "moe-lora-early-ids": ("vllm.lora.ops.triton_ops.fused_moe_lora", "SORTED_EARLY_IDS")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
-             "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-shared-w13-a", "moe-lora-align-beside"}
+             "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-shared-w13-a", "moe-lora-align-beside",
+             "moe-lora-early-ids"}
 _toggle_defaults: dict[str, object] = {}
 
 

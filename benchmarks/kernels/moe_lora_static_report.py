@@ -1,9 +1,10 @@
 """Static report of the MoE LoRA sorted kernels compiled for an H100 / H200 (sm_90), no GPU needed.
 
 Today's one-launch ``moe_lora_sorted_kernel`` at the config the launcher picks (shipped tuned file for
-the NVIDIA H200, else the heuristic) against the split-K variant (``moe_lora_split.py``: shrink launch +
-expand launch) at several ``SHRINK_SPLIT_K``, for the Qwen3-30B-A3B layer (H=2048, I=768, E=128, top-8,
-rank 16, 4 adapters) at decode token counts.  Per kernel: registers, spilled bytes, shared memory, the
+the NVIDIA H200, else the heuristic), the same with its block ids in one round trip (``EARLY_IDS``),
+against the split-K variant (``moe_lora_split.py``: shrink launch + expand launch) at several
+``SHRINK_SPLIT_K``, for the Qwen3-30B-A3B layer (H=2048, I=768, E=128, top-8, rank 16, 4 adapters) at decode
+token counts.  Per kernel: registers, spilled bytes, shared memory, the
 K loop (instructions, cp.async = LDGSTS in it: pipelined), and the chain of dependent global memory
 round trips one program waits for, read from the SASS (``memory_chain``: straight-line dataflow, each
 loop body once, early exits count as dependences); for today's kernel the K loop's share is added:
@@ -139,6 +140,12 @@ def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
                  f"w{cfg.num_warps} s{cfg.num_stages}")
         rows.append(dict(M=M, gemm=gemm, variant="one launch (today)", kernel="moe_lora_sorted_kernel", tiles=tiles,
                          **st))
+        # the same launch with the block's ids loaded together (fused_moe_lora.SORTED_EARLY_IDS)
+        ei = _stats(_compile(k1.moe_lora_sorted_kernel, ints, dict(fused, EARLY_IDS=True), cfg.num_warps,
+                             cfg.num_stages))
+        ei["chain_total"] = ei["chain"] + -(-k_tiles // max(1, cfg.num_stages - 1)) - 1 + n_per_prog - 1
+        rows.append(dict(M=M, gemm=gemm, variant="one launch, early ids", kernel="moe_lora_sorted_kernel",
+                         tiles=tiles, **ei))
         for s in splits:
             width, parts = split_layout(g["K"], s)
             if parts < 2:

@@ -56,6 +56,8 @@ SWITCHES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                             "1: the two launches' expand with one N tile per program"),
     "--pair-split-expand-block-n": (f"{_LORA}.fused_moe_lora", "PAIR_SPLIT_EXPAND_BLOCK_N", int,
                                     "the fan-out expand's N tile"),
+    "--sorted-early-ids": (f"{_LORA}.fused_moe_lora", "SORTED_EARLY_IDS", int,
+                           "1: the sorted kernel loads its block's ids in one round trip before its early exits"),
     "--lora-side-stream": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "LORA_SIDE_STREAM", int,
                            "1: the LoRA deltas on a side stream beside the base GEMMs, joined by the activation and "
                            "the top-k sum; 0: in place after each GEMM"),

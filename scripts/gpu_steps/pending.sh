@@ -1,5 +1,6 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  None is pending now (the
-#   last ones were timed on an H200 and removed): PENDING_SWITCHES names the decode switches to time
+# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now (thirty-fifth
+#   session): moe-lora-early-ids (PENDING_SWITCHES='moe-lora-early-ids' PENDING_AB_LORA=--lora-only
+#   PENDING_BATCHES=64,256; its tests are the default PENDING_TESTS).  PENDING_SWITCHES names the decode switches to time
 #   (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round;
 #   unset or empty, the A/B and the trace parts say so and run nothing.  Three parts, each skipped with its
 #   variable at 0:
@@ -14,9 +15,8 @@
 #   together; only when named
 # (sourced by scripts/gpu_check.sh, whose helpers - pytest, want - and variables - OUT, rc, steps - it uses)
 if [ "${PENDING_PYTEST:-1}" != 0 ]; then
-  pytest ${PENDING_TESTS:-tests/models/test_fused_ops_models.py tests/lora/test_lora_linear_token_variant.py \
-    tests/lora/test_lora_linear_sorted_split.py tests/kernels/test_pending_delta.py tests/lora/test_dense_handoff.py \
-    tests/entrypoints/test_llm_gpt_oss.py} \
+  pytest ${PENDING_TESTS:-tests/kernels/test_moe_lora_early_ids.py tests/kernels/test_fused_moe_lora.py \
+    tests/lora/test_moe_lora_align_beside.py} \
     >"$OUT/pytest_pending.log" 2>&1
   prc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest_pending.log" | head -20; tail -2 "$OUT/pytest_pending.log"
   rc=$(( rc || prc ))

@@ -7,7 +7,10 @@ Two kernels, each able to run the shrink, the expand, or both fused
   output of ``moe_lora_align_block_size``: one program takes one M-block of a
   single virtual expert (slot, local expert), computes its [BLOCK_M, BLOCK_R]
   shrink in fp32 with tensor-core dots, then expands its share of the N columns
-  (of every slice, when the slices share A: ``slices_per_program``).  Triton
+  (of every slice, when the slices share A: ``slices_per_program``).  With
+  ``EARLY_IDS`` the block's virtual id, the padded total and its pair ids load
+  together before the early exits test them: one dependent round trip instead
+  of three before the x rows.  Triton
   pipelines the expand loop's B tiles itself (cp.async); an expand that also
   loaded each tile's out rows one tile ahead in registers was timed slower on an
   H100 (thirty-fifth session: Qwen3-30B-A3B layer with LoRA 497.9 -> 501.6 us
@@ -160,20 +163,30 @@ def moe_lora_sorted_kernel(
     DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, FP32_PRECISION: tl.constexpr, EXPAND_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, EARLY_IDS: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)
     pid_m, pid_s, pid_n = _grid_ids(num_slices, num_n_splits)
-    vid = tl.load(block_vids_ptr + pid_m)
-    if vid < 0:
-        return
-    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
-        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if EARLY_IDS:
+        # the block's virtual id, the padded total and the block's pair ids in one round trip, tested after (every
+        # block of the grid has its BLOCK_M ids in the alignment's buffer, so the loads stay in bounds).  The ids
+        # join the test (a real block's are >= 0, so the term never decides) so that the compiler cannot sink
+        # their load past the exit
+        vid = tl.load(block_vids_ptr + pid_m)
+        padded = tl.load(num_post_padded_ptr)
+        pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+        if (vid < 0) | (pid_m * BLOCK_M >= padded) | (tl.min(pairs, axis=0) < 0):
+            return
+    else:
+        vid = tl.load(block_vids_ptr + pid_m)
+        if vid < 0:
+            return
+        if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+            return
+        pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     slot = (vid // num_experts).to(tl.int64)
     expert = (vid % num_experts).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     mask_m = pairs < numel
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R

@@ -56,6 +56,11 @@ Stacked = chk.Stacked
 # on gpt-oss (4 tokens 215.9 -> 226.5) and at Mixtral-8x7B's width (1 token 219.1 -> 280.6: every N tile of
 # its 28672 w13 columns reloads the slot's A)
 PAIR_KERNEL: Optional[int] = None
+# the sorted kernel's block ids (virtual id, padded total, pair ids) loaded in one round trip before its early exits
+# (``EARLY_IDS`` of ``moe_lora_sorted_kernel``; three dependent trips otherwise).  Off until timed: at 2048 pairs
+# (batch 256) the launches are latency-bound, one partial wave of programs each as long as its chain of round trips
+# (H100 ncu, thirty-fifth session)
+SORTED_EARLY_IDS = False
 _PAIR_PREFETCH_MAX_PAIRS = 8
 _PAIR_PREFETCH_MAX_KN = 1 << 25  # K * N elements of one slice's weights (gpt-oss w13: 16.6M; Mixtral: 117M)
 # above this rank A no longer fits one or two K tiles and the kernel compiles to a loop of round trips (sm_90
@@ -216,7 +221,7 @@ def _run(*, do_shrink: bool, do_expand: bool, x: Optional[torch.Tensor], a_slice
                 sorted_ids_ptr=alignment.sorted_token_ids, block_vids_ptr=alignment.block_virtual_ids,
                 num_post_padded_ptr=alignment.num_tokens_post_padded,
                 UPCAST=interp, FP32_PRECISION="ieee" if interp else "tf32x3",
-                EXPAND_MODE=expand_mode, BLOCK_M=block_m, **args)
+                EXPAND_MODE=expand_mode, BLOCK_M=block_m, EARLY_IDS=bool(SORTED_EARLY_IDS), **args)
         elif do_shrink and do_expand and auto_pair_kernel(numel, K, N, R) == 2:
             from vllm.lora.ops.triton_ops.moe_lora_split import launch_pair_split
 
