@@ -82,19 +82,14 @@ def test_early_ids_match_reference_and_bits(device, c, monkeypatch):
     assert torch.equal(out_on, out_off), "loading the ids early changed the bits"
 
 
-@pytest.mark.parametrize("c", [CASES[0], CASES[6]], ids=_id)
-def test_shared_a(device, c, monkeypatch):
-    out_on, start, delta, parent = _run(c, device, monkeypatch, on=True, shared_a=True)
+@pytest.mark.parametrize("c, mode", [(CASES[0], "shared_a"), (CASES[6], "shared_a"), (CASES[1], "split"),
+                                     (CASES[6], "split")], ids=lambda v: v if isinstance(v, str) else _id(v))
+def test_shared_a_and_the_two_launch_ops(device, c, mode, monkeypatch):
+    """Both w13 slices from one A (one program expands both), and the shrink-only + expand-only launches."""
+    kw = {mode: True}
+    out_on, start, delta, parent = _run(c, device, monkeypatch, on=True, **kw)
     check(c, out_on, start, delta, parent)
-    out_off, _, _, _ = _run(c, device, monkeypatch, on=False, shared_a=True)
-    assert torch.equal(out_on, out_off)
-
-
-@pytest.mark.parametrize("c", [CASES[1], CASES[6]], ids=_id)
-def test_expand_only_launch(device, c, monkeypatch):
-    out_on, start, delta, parent = _run(c, device, monkeypatch, on=True, split=True)
-    check(c, out_on, start, delta, parent)
-    out_off, _, _, _ = _run(c, device, monkeypatch, on=False, split=True)
+    out_off, _, _, _ = _run(c, device, monkeypatch, on=False, **kw)
     assert torch.equal(out_on, out_off)
 
 
