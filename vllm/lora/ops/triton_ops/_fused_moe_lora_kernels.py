@@ -10,8 +10,8 @@ Two kernels, each able to run the shrink, the expand, or both fused
   (of every slice, when the slices share A: ``slices_per_program``).  With
   ``EARLY_IDS`` the block's virtual id, the padded total and its pair ids load
   together before the early exits test them: one dependent round trip instead
-  of three before the x rows.  Triton
-  pipelines the expand loop's B tiles itself (cp.async); an expand that also
+  of three before the x rows.  Triton pipelines the expand loop's B tiles
+  itself (cp.async); an expand that also
   loaded each tile's out rows one tile ahead in registers was timed slower on an
   H100 (thirty-fifth session: Qwen3-30B-A3B layer with LoRA 497.9 -> 501.6 us
   at 256 tokens, decode step at batch 256 x1.008; branch ``expand-prefetch``).
@@ -168,18 +168,17 @@ def moe_lora_sorted_kernel(
     pdl_wait(USE_PDL)
     pid_m, pid_s, pid_n = _grid_ids(num_slices, num_n_splits)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    vid = tl.load(block_vids_ptr + pid_m)
     if EARLY_IDS:
-        # the block's virtual id, the padded total and the block's pair ids in one round trip, tested after (every
-        # block of the grid has its BLOCK_M ids in the alignment's buffer, so the loads stay in bounds).  The ids
-        # join the test (a real block's are >= 0, so the term never decides) so that the compiler cannot sink
-        # their load past the exit
-        vid = tl.load(block_vids_ptr + pid_m)
+        # the padded total and the block's pair ids in the virtual id's round trip, tested after (every block of
+        # the grid has its BLOCK_M ids in the alignment's buffer, so the loads stay in bounds).  The ids join the
+        # test (a real block's are >= 0, so the term never decides) so that the compiler cannot sink their load
+        # past the exit
         padded = tl.load(num_post_padded_ptr)
         pairs = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
         if (vid < 0) | (pid_m * BLOCK_M >= padded) | (tl.min(pairs, axis=0) < 0):
             return
     else:
-        vid = tl.load(block_vids_ptr + pid_m)
         if vid < 0:
             return
         if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
