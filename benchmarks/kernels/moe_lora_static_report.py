@@ -138,13 +138,13 @@ def rows_for(M: int, splits: list[int], expand_stages: int = 1) -> list[dict]:
         st["chain_total"] = st["chain"] + -(-k_tiles // max(1, cfg.num_stages - 1)) - 1 + n_per_prog - 1
         tiles = (f"BM {cfg.block_size_m} BN {cfg.block_size_n} BK {cfg.block_size_k} n-splits {cfg.num_n_splits} "
                  f"w{cfg.num_warps} s{cfg.num_stages}")
-        rows.append(dict(M=M, gemm=gemm, variant="one launch (today)", kernel="moe_lora_sorted_kernel", tiles=tiles,
-                         **st))
-        # the same launch with the block's ids loaded together (fused_moe_lora.SORTED_EARLY_IDS)
+        rows.append(dict(M=M, gemm=gemm, variant="one launch, ids in turn", kernel="moe_lora_sorted_kernel",
+                         tiles=tiles, **st))
+        # the same launch with the block's ids loaded together (fused_moe_lora.SORTED_EARLY_IDS, shipped)
         ei = _stats(_compile(k1.moe_lora_sorted_kernel, ints, dict(fused, EARLY_IDS=True), cfg.num_warps,
                              cfg.num_stages))
         ei["chain_total"] = ei["chain"] + -(-k_tiles // max(1, cfg.num_stages - 1)) - 1 + n_per_prog - 1
-        rows.append(dict(M=M, gemm=gemm, variant="one launch, early ids", kernel="moe_lora_sorted_kernel",
+        rows.append(dict(M=M, gemm=gemm, variant="one launch, early ids (today)", kernel="moe_lora_sorted_kernel",
                          tiles=tiles, **ei))
         for s in splits:
             width, parts = split_layout(g["K"], s)

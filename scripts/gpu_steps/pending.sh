@@ -1,9 +1,8 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now (thirty-fifth
-#   session): moe-lora-early-ids (PENDING_SWITCHES='moe-lora-early-ids' PENDING_AB_LORA=--lora-only
-#   PENDING_BATCHES=64,256; its tests are the default PENDING_TESTS).  PENDING_SWITCHES names the decode switches to time
-#   (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES 1,16,64,256 without and with LoRA, one round;
-#   unset or empty, the A/B and the trace parts say so and run nothing.  Three parts, each skipped with its
-#   variable at 0:
+# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now: none
+#   (moe-lora-early-ids shipped in the thirty-sixth session; its tests stay the default PENDING_TESTS).
+#   PENDING_SWITCHES names the decode switches to time (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES
+#   1,16,64,256 without and with LoRA, one round; unset or empty, the A/B and the trace parts say so and run
+#   nothing.  Three parts, each skipped with its variable at 0:
 #   PENDING_PYTEST - their cuda tests (PENDING_TESTS); PENDING_AB - the decode step flipping each switch alone,
 #   without and with LoRA (decode_switch_ab.py --lora: switches of the LoRA path only with it; PENDING_AB_LORA=
 #   --lora-only: no engine without LoRA; PENDING_ROUNDS, default 1; PENDING_AB_TIMEOUT default 450 s, ~50 s an

@@ -253,11 +253,12 @@ def test_variant_compiles_for_hopper_with_a_shorter_memory_chain():
 
     out = run_without_interpreter("benchmarks/kernels/moe_lora_static_report.py", "--tokens", "64", "--splits", "8")
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| 64 |")]
-    assert len(rows) == 8, out  # w13, w2: today's kernel, with its early ids (SORTED_EARLY_IDS), split shrink, expand
+    # w13, w2: the kernel with its ids in turn, today's (SORTED_EARLY_IDS), the split's shrink and expand
+    assert len(rows) == 8, out
     for gemm in ("w13", "w2"):
-        today = next(r for r in rows if r[1] == gemm and r[2] == "one launch (today)")
-        early = next(r for r in rows if r[1] == gemm and r[2] == "one launch, early ids")
-        assert int(early[-1]) <= int(today[-1]), rows  # the ids in one round trip: no longer a chain
+        before = next(r for r in rows if r[1] == gemm and r[2] == "one launch, ids in turn")
+        today = next(r for r in rows if r[1] == gemm and r[2] == "one launch, early ids (today)")
+        assert int(today[-1]) <= int(before[-1]), rows  # the ids in one round trip: no longer a chain
         split = [r for r in rows if r[1] == gemm and r[3] in ("shrink", "expand")]
         assert len(split) == 2 and all(r[6] == "0" for r in rows if r[1] == gemm), rows  # no spills
         assert sum(int(r[-1]) for r in split) < int(today[-1]), rows

@@ -57,10 +57,12 @@ Stacked = chk.Stacked
 # its 28672 w13 columns reloads the slot's A)
 PAIR_KERNEL: Optional[int] = None
 # the sorted kernel's block ids (virtual id, padded total, pair ids) loaded in one round trip before its early exits
-# (``EARLY_IDS`` of ``moe_lora_sorted_kernel``; three dependent trips otherwise).  Off until timed: at 2048 pairs
-# (batch 256) the launches are latency-bound, one partial wave of programs each as long as its chain of round trips
-# (H100 ncu, thirty-fifth session)
-SORTED_EARLY_IDS = False
+# (``EARLY_IDS`` of ``moe_lora_sorted_kernel``; three dependent trips otherwise).  At 2048 pairs (batch 256) the
+# launches are latency-bound, one partial wave of programs each as long as its chain of round trips (H100 ncu,
+# thirty-fifth session).  H100 A/B (thirty-sixth session): the LoRA decode step x0.997 / x0.996 at batch 64 / 256,
+# tokens identical; the Qwen3-30B-A3B layer with LoRA 497.3 / 618.5 / 1218.4 -> 497.3 / 617.4 / 1217.0 us at 256 /
+# 1024 / 4096 tokens.  Never slower, one round trip shorter: on
+SORTED_EARLY_IDS = True
 _PAIR_PREFETCH_MAX_PAIRS = 8
 _PAIR_PREFETCH_MAX_KN = 1 << 25  # K * N elements of one slice's weights (gpt-oss w13: 16.6M; Mixtral: 117M)
 # above this rank A no longer fits one or two K tiles and the kernel compiles to a loop of round trips (sm_90
