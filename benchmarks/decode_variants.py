@@ -82,11 +82,13 @@ TOGGLES = {"moe-fused-activation": ("vllm.model_executor.layers.fused_moe.ops.fu
            # the sorted MoE LoRA path's (adapter, expert) alignment on the side stream beside GEMM1
            "moe-lora-align-beside": ("vllm.model_executor.layers.fused_moe.experts.lora_overlap", "ALIGN_BESIDE"),
            # the sorted MoE LoRA kernel's block ids in one round trip before its early exits
-           "moe-lora-early-ids": ("vllm.lora.ops.triton_ops.fused_moe_lora", "SORTED_EARLY_IDS")}
+           "moe-lora-early-ids": ("vllm.lora.ops.triton_ops.fused_moe_lora", "SORTED_EARLY_IDS"),
+           # the dense LoRA as extra input columns of the projection's GEMM, from 65 rows (set at engine build)
+           "dense-lora-concat": ("vllm.lora.layers.dense_concat", "CONCAT_K")}
 #: switches of the LoRA path: a step without LoRA runs none of their code (decode_switch_ab.py skips those engines)
 LORA_PATH = {"moe-lora-side-stream", "dense-lora-side-stream", "dense-fused-lora", "dense-lora-sorted-split",
              "moe-lora-pair-fanout", "dense-lora-handoff", "moe-lora-shared-w13-a", "moe-lora-align-beside",
-             "moe-lora-early-ids"}
+             "moe-lora-early-ids", "dense-lora-concat"}
 _toggle_defaults: dict[str, object] = {}
 
 

@@ -1,5 +1,7 @@
-# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now: none
-#   (moe-lora-early-ids shipped in the thirty-sixth session; its tests stay the default PENDING_TESTS).
+# pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now
+#   (thirty-sixth session): dense-lora-concat - first `python3 benchmarks/kernels/benchmark_dense_concat.py --sweep
+#   --tokens 256 1024` (set lora_concat's defaults to the fastest), then PENDING_SWITCHES=dense-lora-concat
+#   PENDING_AB_LORA=--lora-only PENDING_BATCHES=256 PENDING_TESTS=tests/lora/test_dense_lora_concat.py.
 #   PENDING_SWITCHES names the decode switches to time (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES
 #   1,16,64,256 without and with LoRA, one round; unset or empty, the A/B and the trace parts say so and run
 #   nothing.  Three parts, each skipped with its variable at 0:

@@ -29,9 +29,10 @@ allocated as above even with ``fully_sharded_loras`` (correct, more memory).
 
 Forward: ``base(x)`` then ``punica_wrapper.add_lora_linear`` (skipped when no token
 of the step uses this layer's adapters); or, given the ``pending_delta`` of ``lora_handoff`` (``dense_handoff.py``,
-off until timed), ``base(x)`` alone, the delta added by the ops around the projection; with ``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower)
-the delta goes into an fp32 buffer on a side stream beside the projection at decode sizes and joins it after.
-For batches of up to ``BATCH_MAX_TOKENS``
+on up to 64 rows), ``base(x)`` alone, the delta added by the ops around the projection; with
+``dense_concat.CONCAT_K`` (off until timed) one GEMM of ``[x | s]`` and ``[W | B]`` from 65 rows; with
+``dense_overlap.DENSE_LORA_SIDE_STREAM`` (off: timed slower) the delta goes into an fp32 buffer on a side
+stream beside the projection at decode sizes and joins it after.  For batches of up to ``BATCH_MAX_TOKENS``
 tokens (decode; above ``SMALL_BATCH_TOKENS`` over the step's tokens grouped by slot,
 ``punica_wrapper.linear_metadata``) on CUDA, when some token of the step has an
 adapter (of this layer or not) and the layer is in the Punica wrapper's LoRA layer set
@@ -52,7 +53,7 @@ from torch import nn
 
 from vllm import envs
 from vllm.config.lora import LoRAConfig
-from vllm.lora.layers import dense_handoff, dense_overlap
+from vllm.lora.layers import dense_concat, dense_handoff, dense_overlap
 from vllm.lora.layers.base import BaseLayerWithLoRA
 from vllm.lora.layers.effective_rank import SlotRanks
 from vllm.lora.ops.triton_ops.fused_linear_lora_batch import BATCH_MAX_TOKENS
@@ -155,6 +156,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         self._cut_to_rank()
         self.adapter_enabled = torch.zeros(max_loras + 1, dtype=torch.int32, device=w.device)
         self.enabled_slots: set[int] = set()  # host mirror of adapter_enabled
+        dense_concat.prepare(self)  # CONCAT_K: B beside the weight (dense_concat.py)
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.max_loras:
@@ -181,6 +183,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
     def reset_lora(self, index: int) -> None:
         self._check_index(index)
         self._clear_slot(index)
+        dense_concat.sync_slot(self, index)
         self._cut_to_rank()
 
     def _clear_slot(self, index: int) -> None:
@@ -234,6 +237,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
             self.adapter_enabled[index] = 1
             self.enabled_slots.add(index)
             self.slot_ranks.set(index, max(p[2] for p in prepared if p is not None))
+        dense_concat.sync_slot(self, index)
         self._cut_to_rank()
 
     def set_mapping(self, punica_wrapper: Any) -> None:
@@ -297,6 +301,8 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
             return dense_handoff.forward_bare(self, x, pending_delta)
         if self._fuse(x):
             return self._fused_forward(x, self.base_layer.bias)
+        if dense_concat.applies(self, x):
+            return dense_concat.forward(self, x)
         return self._with_lora(x, lambda: self.base_layer(x))
 
     @classmethod
@@ -351,6 +357,8 @@ class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):
             return dense_handoff.forward_bare(self, x, pending_delta)
         base = self.base_layer
         fuse = self._fuse(x)
+        if not fuse and dense_concat.applies(self, x):  # one rank only (dense_concat.prepare)
+            return dense_concat.forward(self, x)
         if self.tp_size == 1:
             return self._fused_forward(x, base.bias) if fuse else self._with_lora(x, lambda: base(x))
         # this rank's partial sum, delta included
