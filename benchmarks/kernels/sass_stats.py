@@ -79,6 +79,16 @@ def resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
     return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
 
 
+def pdl_compile_check(kernel) -> tuple[bool, Optional[int], Optional[int]]:
+    """(ok, registers, spilled bytes) of a kernel compiled with PDL: ok when nothing spills and the PTX has
+    ``griddepcontrol.wait`` with no global load or store before it."""
+    regs, spills = resources(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    before = ptx[:wait]
+    return spills == 0 and wait >= 0 and "st.global" not in before and "ld.global" not in before, regs, spills
+
+
 def _sass_loops(sass: str) -> list[list[str]]:
     """Opcodes of each loop body (a label up to a later branch back to it), outermost spans included."""
     ops: list[tuple[Optional[str], str]] = []  # (label defined here, opcode) in order

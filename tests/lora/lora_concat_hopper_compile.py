@@ -12,7 +12,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import triton  # noqa: E402
 
-from benchmarks.kernels.sass_stats import TARGET, _sass, _sass_loops, resources, specialise  # noqa: E402
+from benchmarks.kernels.sass_stats import TARGET, _sass, _sass_loops, pdl_compile_check, specialise  # noqa: E402
 from vllm.lora.ops.triton_ops import lora_concat  # noqa: E402
 from vllm.lora.ops.triton_ops._lora_concat_kernel import lora_concat_shrink_kernel  # noqa: E402
 
@@ -32,11 +32,7 @@ def main() -> int:
     for name, (K, S, G) in {"qkv": (2048, 3, 1), "o": (4096, 1, 1), "qkv, 4 slots a program": (2048, 3, 4),
                             "o, 4 slots a program": (4096, 1, 4)}.items():
         k = compile_case(K, S, G)
-        regs, spills = resources(k.asm["cubin"])
-        ptx = k.asm["ptx"]
-        wait = ptx.find("griddepcontrol.wait")
-        before = ptx[:wait]
-        ok = spills == 0 and wait >= 0 and "st.global" not in before and "ld.global" not in before
+        ok, regs, spills = pdl_compile_check(k)
         # the K loop (the one with the MMAs): x and A both through cp.async (LDGSTS), no load into registers
         sass = _sass(k.asm["cubin"])
         loops = [lp for lp in _sass_loops(sass) if any("HMMA" in i for i in lp)] if sass else []
