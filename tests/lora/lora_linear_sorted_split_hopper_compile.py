@@ -2,8 +2,8 @@
 (sm_90) without a GPU: run as a script, without TRITON_INTERPRET, by test_lora_linear_sorted_split.py.  The
 GPU tiles of ``sorted_split_config`` for the Qwen3-30B-A3B q/k/v (3 slices) and o launches at 64 and 256
 tokens, ranks 16 and 32, specialised as at run time on contiguous tensors, with PDL (no global load or store
-before ``griddepcontrol.wait``).  Prints one line per kernel and case (registers, spills, shared memory, loads
-before the wait); exits 1 when one spills or fails that."""
+before ``griddepcontrol.wait``).  Prints one line per kernel and case (registers, spills, shared memory); exits
+1 when one spills or fails that."""
 import os
 import sys
 
