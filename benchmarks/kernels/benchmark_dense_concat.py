@@ -1,7 +1,8 @@
 """The dense LoRA as extra GEMM columns (``vllm/lora/layers/dense_concat.py``) against today's projection + LoRA op.
 
 Per attention projection of a model width (``qkv``: K = hidden, three slices; ``o``: K = heads * head_dim) and
-token count, one LoRA layer forward with 4 rank-16 adapters (token t in slot t % 4), three ways:
+token count, one LoRA layer forward with 4 rank-16 adapters (token t in slot t % 4; buffers of ``--max-lora-rank``
+32, as the decode A/B's engine), three ways:
 the projection alone (F.linear, no LoRA), today's path (the projection, then ``add_lora_linear``), and the
 concatenated one (the wide input in one launch, then one GEMM on ``[x | s]`` and ``[W | B]``).  Correctness
 first: both LoRA outputs against an fp32 reference (x @ W^T + each token's own slot's delta), normalised max
@@ -49,7 +50,8 @@ def sweep_lines(kind: str, width, T: int, dtype, device, flush, reps: int, confi
     K, S = (H, 3) if kind == "qkv" else (heads * hd, 1)
     gen = torch.Generator(device="cpu").manual_seed(T)
     x = torch.randn(T, K, generator=gen).to(dtype).to(device)
-    a = (torch.randn(S, 4, 16, K, generator=gen) / K ** 0.5).to(dtype).to(device)
+    # the layer's view: rank 16 of buffers of max_lora_rank 32 (strided as the engine passes it)
+    a = (torch.randn(S, 4, 32, K, generator=gen) / K ** 0.5).to(dtype).to(device)[:, :, :16]
     mapping = (torch.arange(T, dtype=torch.int32) % 4).to(device)
     want = torch.empty(T, K + S * 64, dtype=dtype, device=device)
     lc.lora_concat_shrink_torch(x, a, mapping, want)
@@ -76,8 +78,10 @@ def sweep_lines(kind: str, width, T: int, dtype, device, flush, reps: int, confi
             f"{'**best**' if us == best else note} |" for us, cfg, note in rows]
 
 
-def build(kind: str, width, T: int, L: int, R: int, dtype, device, concat: bool, seed: int, smoke: bool = False):
-    """(LoRA layer, [(A slices, B slices)] per slot, W) with ``CONCAT_K`` = ``concat`` (``smoke``: any K)."""
+def build(kind: str, width, T: int, L: int, R: int, dtype, device, concat: bool, seed: int, smoke: bool = False,
+          max_rank: int = 32):
+    """(LoRA layer, [(A slices, B slices)] per slot, W) with ``CONCAT_K`` = ``concat`` (``smoke``: any K); buffers
+    of ``max_rank`` (the engine's max_lora_rank), adapters of rank R."""
     from vllm.config.lora import LoRAConfig
     from vllm.lora.layers import dense_concat
     from vllm.lora.layers.linear import linear_lora_class
@@ -90,7 +94,7 @@ def build(kind: str, width, T: int, L: int, R: int, dtype, device, concat: bool,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     W = (torch.randn(tuple(base.weight.shape), generator=gen) / base.weight.shape[1] ** 0.5).to(dtype)
     base.weight.data.copy_(W)
-    cfg = LoRAConfig(max_loras=L, max_lora_rank=R)
+    cfg = LoRAConfig(max_loras=L, max_lora_rank=max_rank)
     names = ("CONCAT_K", "CONCAT_MIN_TOKENS", "CONCAT_ON_CPU", "CONCAT_MAX_FRACTION")
     before = [getattr(dense_concat, n) for n in names]
     for n, v in zip(names, (concat, 1, True, 100.0 if smoke else dense_concat.CONCAT_MAX_FRACTION)):
@@ -114,6 +118,8 @@ def build(kind: str, width, T: int, L: int, R: int, dtype, device, concat: bool,
     punica = get_punica_wrapper(max(T, 8), L, device, kind="gpu")
     layer.set_mapping(punica)
     punica.update_metadata([t % L for t in range(T)])
+    if concat and layer._concat_rank != layer.kernel_rank:
+        sys.exit(f"{kind}: kernel rank {layer.kernel_rank} is past the wide buffer's {layer._concat_cap} columns")
     return layer, adapters, W
 
 
@@ -130,6 +136,7 @@ def main() -> None:
     p.add_argument("--width", default="qwen3", choices=list(WIDTHS))
     p.add_argument("--tokens", nargs="+", type=int, default=[64, 128, 256, 1024])
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--max-lora-rank", type=int, default=32, help="the LoRA buffers' rank (the decode A/B's: 32)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--sweep", action="store_true", help="first the shrink alone at each config of SWEEP")
     p.add_argument("--out", default=None)
@@ -159,8 +166,9 @@ def main() -> None:
     for kind in ("qkv", "o"):
         for T in tokens:
             x = (torch.randn(T, width[1] * width[3] if kind == "o" else width[0]) * 0.5).to(dtype).to(device)
-            today, adapters, W = build(kind, width, T, 4, 16, dtype, device, False, seed=T, smoke=args.smoke)
-            concat, _, _ = build(kind, width, T, 4, 16, dtype, device, True, seed=T, smoke=args.smoke)
+            kw = dict(seed=T, smoke=args.smoke, max_rank=args.max_lora_rank)
+            today, adapters, W = build(kind, width, T, 4, 16, dtype, device, False, **kw)
+            concat, _, _ = build(kind, width, T, 4, 16, dtype, device, True, **kw)
             ref = reference(x.cpu(), W, adapters, 4)
             for name, layer in (("today", today), ("concatenated", concat)):
                 err = norm_err(layer(x).float().cpu(), ref)

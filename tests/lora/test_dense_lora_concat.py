@@ -88,7 +88,7 @@ def _switch_on(monkeypatch):
     monkeypatch.setattr(dense_concat, "CONCAT_MAX_FRACTION", 100.0)  # the tiny layers' K is 24
 
 
-@pytest.mark.parametrize("kind", ["qkv", "merged", "column", "row", "replicated"])
+@pytest.mark.parametrize("kind", ["qkv", "merged", "column", "row"])
 def test_layer_concat_matches_reference(kind, device, monkeypatch):
     _switch_on(monkeypatch)
     calls = []
@@ -101,6 +101,7 @@ def test_layer_concat_matches_reference(kind, device, monkeypatch):
     W, bias = W.to(dtype), None if bias is None else bias.to(dtype)
     layer, punica = wrap(base, kind="gpu" if device.type == "cuda" else "cpu", device=device)
     assert layer._concat_w is not None and layer._concat_w.shape[1] == W.shape[1] + concat_columns(layer._lora_a)
+    assert layer._concat_rank == layer.kernel_rank == 8  # no adapter yet: the smallest kernel rank
     assert torch.equal(layer.base_layer.weight.cpu(), W), "the base weight must keep its values as a view"
     K = W.shape[1]
     x = torch.randn(len(SLOTS), K, generator=gen).to(dtype)
@@ -116,6 +117,7 @@ def test_layer_concat_matches_reference(kind, device, monkeypatch):
         layer.set_lora(slot, a, b)
     y = layer(x.to(device))
     assert calls, "the concatenated path must run"
+    assert layer._concat_rank == 16  # ranks 12, 16 and 8: laid out at 16 columns a slot
     assert_close(y.float().cpu(), full_reference(x, W, bias, adapters, SLOTS, out_sizes).float(), dtype)
     # slot 1 replaced by a lower-rank adapter and slot 0 cleared: the wide weight follows in place
     wide_ptr = layer._concat_w.data_ptr()
@@ -125,6 +127,7 @@ def test_layer_concat_matches_reference(kind, device, monkeypatch):
     del adapters[0]
     y = layer(x.to(device))
     assert layer._concat_w.data_ptr() == wide_ptr
+    assert layer._concat_rank == 8  # ranks 4 and 8 left: laid out again at 8
     assert_close(y.float().cpu(), full_reference(x, W, bias, adapters, SLOTS, out_sizes).float(), dtype)
 
 
@@ -134,13 +137,44 @@ def test_layer_stays_plain_where_concat_does_not_apply(monkeypatch):
     layer, _ = wrap(base)  # switch off
     assert layer._concat_w is None and layer.base_layer.weight.is_contiguous()
     _switch_on(monkeypatch)
-    base, W, _, _ = _make("column", gen, 2, 1)  # two ranks
+    for kind, tp in (("column", 2), ("replicated", 1)):  # two ranks; a router-like replicated linear
+        base, W, _, _ = _make(kind, gen, tp, tp - 1)
+        layer, _ = wrap(base)
+        assert layer._concat_w is None and layer.base_layer.weight.is_contiguous(), kind
+    monkeypatch.setattr(dense_concat, "CONCAT_MAX_FRACTION", 0.125)  # 3 slots x 8 columns > K / 8 at K 24
+    base, W, _, _ = _make("column", gen, 1, 0)
     layer, _ = wrap(base)
     assert layer._concat_w is None
-    monkeypatch.setattr(dense_concat, "CONCAT_MAX_FRACTION", 0.125)  # 3 slots x rank 16 > K / 8 at K 24
-    base, W, _, _ = _make("replicated", gen, 1, 0)
-    layer, _ = wrap(base)
-    assert layer._concat_w is None
+
+
+def test_layer_past_the_capacity_keeps_todays_path(device, monkeypatch):
+    """A buffer of 8 columns a slot (K / 8 allows no more): adapters of rank <= 8 run concatenated, one of rank 16
+    takes today's path until it leaves - both against the reference."""
+    _switch_on(monkeypatch)
+    monkeypatch.setattr(dense_concat, "CONCAT_MAX_FRACTION", 1.0)  # K 24 / 3 slots -> 8 columns a slot
+    calls = []
+    real = dense_concat.forward
+    monkeypatch.setattr(dense_concat, "forward", lambda layer, x: calls.append(1) or real(layer, x))
+    gen = torch.Generator().manual_seed(9)
+    base, W, bias, out_sizes = _make("column", gen, 1, 0)
+    layer, punica = wrap(base, kind="gpu" if device.type == "cuda" else "cpu", device=device)
+    dtype = layer._lora_a.dtype
+    assert layer._concat_cap == 8
+    x = torch.randn(len(SLOTS), W.shape[1], generator=gen)
+    punica.update_metadata(SLOTS)
+    adapters = {0: random_adapter(gen, W.shape[1], out_sizes, 4), 1: random_adapter(gen, W.shape[1], out_sizes, 16)}
+    for slot, (a, b) in adapters.items():
+        layer.set_lora(slot, a, b)
+    assert layer.kernel_rank == 16 and layer._concat_rank == 0
+    y = layer(x.to(device, dtype))
+    assert not calls
+    assert_close(y.float().cpu(), full_reference(x, W, bias, adapters, SLOTS, out_sizes).float(), dtype)
+    layer.reset_lora(1)
+    del adapters[1]
+    assert layer._concat_rank == 8
+    y = layer(x.to(device, dtype))
+    assert calls
+    assert_close(y.float().cpu(), full_reference(x, W, bias, adapters, SLOTS, out_sizes).float(), dtype)
 
 
 def test_concat_shrink_compiles_for_hopper_without_spills():

@@ -177,6 +177,7 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
         self.kernel_rank = r
         self.lora_a_stacked = tuple(self._lora_a[:, :, :r].unbind(0))
         self.lora_b_stacked = tuple(self._lora_b[s, :, :n, :r] for s, n in enumerate(self.output_slices))
+        dense_concat.relayout(self)  # the wide weight's B columns at the new rank (CONCAT_K)
         if changed and self.punica_wrapper is not None:
             self.punica_wrapper.lora_ranks_changed()
 
