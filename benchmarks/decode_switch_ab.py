@@ -6,7 +6,7 @@ flipped switch's step time and its ratio to the shipped one.  Switches of the Lo
 engine without LoRA: they change nothing there.
 
     PYTHONPATH=. python benchmarks/decode_switch_ab.py [--batches 1] [--switches moe-fused-activation ...]
-        [--lora | --lora-only] [--rounds 1] [--out ab.md]
+        [--lora | --lora-only] [--rounds 1] [--set MODULE.ATTR=VALUE ...] [--out ab.md]
 
 ``--rounds N``: the whole list of engines N times in turn (shipped, flipped, shipped, flipped, ...), each cell the
 fastest of its N runs, every run listed under the table: a switch worth ~1 % needs the spread between engines.
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_decode import PRESETS, exit_on_sigterm, build_model_and_adapters, random_prompts, run_engine  # noqa: E402
-from decode_variants import LORA_PATH, TOGGLES, flip_switch, shipped_switches  # noqa: E402
+from decode_variants import LORA_PATH, TOGGLES, apply_sets, flip_switch, shipped_switches  # noqa: E402
 
 SWITCHES = [*TOGGLES, "moe-lora-pair-fanout"]
 
@@ -51,8 +51,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="only the LoRA step (switches of the LoRA path: their no-LoRA engines would time the "
                         "shipped build again, ~50 s each)")
     p.add_argument("--rounds", type=int, default=1, help="run every engine this many times, in turn")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
+                   help="a module constant for every engine of the run (e.g. a tile knob a sweep picked); repeatable")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    settings = apply_sets(a.set)
     for k, v in PRESETS[a.preset].items():
         setattr(a, k, v)
     batches = [int(x) for x in a.batches.split(",")]
@@ -83,7 +86,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     times = {case: {b: min(t[b] for t in ts) for b in batches} for case, ts in runs.items()}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [f"{gpu}, {a.dtype}; {a.preset} width, {a.layers} layers; CUDA graphs + async scheduling; one switch "
-             f"at a time, flipped from its shipped default", "",
+             f"at a time, flipped from its shipped default" + (f"; set: {', '.join(settings)}" if settings else ""),
+             "",
              "| flipped switch | LoRA | " + " | ".join(f"batch {b}" for b in batches) + " | tokens |",
              "|---|---|" + "---:|" * len(batches) + "---|"]
     bad = 0

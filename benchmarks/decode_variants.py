@@ -147,3 +147,33 @@ def pair_fanout_on() -> bool:
     from vllm.lora.ops.triton_ops import fused_moe_lora as f
 
     return f.PAIR_SPLIT_FANOUT
+
+
+def apply_sets(assignments: list[str]) -> list[str]:
+    """``--set MODULE.ATTR=VALUE`` (e.g. ``vllm.lora.ops.triton_ops.lora_concat.SLOT_GROUP=4``): set a module
+    constant for every engine of the run (a tile knob a sweep picked, not a switch the A/B flips); VALUE is a Python
+    literal (else a string).  The attribute must exist.  Returns what was set, for the report."""
+    import ast
+    import importlib
+
+    done = []
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        mod_name, _, attr = name.strip().rpartition(".")
+        if not sep or not mod_name or not attr:
+            raise SystemExit(f"--set {item!r}: expected MODULE.ATTR=VALUE, e.g. "
+                             "vllm.lora.ops.triton_ops.lora_concat.SLOT_GROUP=4")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise SystemExit(f"--set {item!r}: cannot import {mod_name}: {exc}") from None
+        if not hasattr(mod, attr):
+            raise SystemExit(f"--set {item!r}: {mod_name} has no attribute {attr}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        setattr(mod, attr, value)
+        done.append(f"{mod_name}.{attr}={value!r}")
+    return done
+

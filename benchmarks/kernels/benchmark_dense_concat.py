@@ -42,8 +42,10 @@ SWEEP = [dict(BLOCK_M=m, MAX_K_STEPS=k, NUM_WARPS=w, NUM_STAGES=st, SLOT_GROUP=g
 SMOKE_SWEEP = SWEEP[:1] + SWEEP[8:9]
 
 
-def sweep_lines(kind: str, width, T: int, dtype, device, flush, reps: int, configs: list[dict]) -> list[str]:
-    """One row per config: the shrink alone (4 slots of rank 16, token t in slot t % 4), checked first."""
+def sweep_lines(kind: str, width, T: int, dtype, device, flush, reps: int,
+                configs: list[dict]) -> tuple[list[str], list[float]]:
+    """One row per config: the shrink alone (4 slots of rank 16, token t in slot t % 4), checked first; and each
+    config's time (inf where wrong)."""
     from vllm.lora.ops.triton_ops import lora_concat as lc
 
     H, heads, kv, hd = width
@@ -75,7 +77,13 @@ def sweep_lines(kind: str, width, T: int, dtype, device, flush, reps: int, confi
             setattr(lc, n, v)
     best = min(r[0] for r in rows)
     return [f"| {kind} | {T} | " + " | ".join(str(v) for v in cfg.values()) + f" | {us:.1f} | "
-            f"{'**best**' if us == best else note} |" for us, cfg, note in rows]
+            f"{'**best**' if us == best else note} |" for us, cfg, note in rows], [r[0] for r in rows]
+
+
+def best_overall(configs: list[dict], totals: list[float]) -> str:
+    """The decode A/B's flags for the config with the least time summed over the sweep's rows."""
+    cfg = configs[min(range(len(configs)), key=lambda i: totals[i])]
+    return " ".join(f"--set vllm.lora.ops.triton_ops.lora_concat.{n}={v}" for n, v in cfg.items())
 
 
 def build(kind: str, width, T: int, L: int, R: int, dtype, device, concat: bool, seed: int, smoke: bool = False,
@@ -157,10 +165,14 @@ def main() -> None:
     if args.sweep:
         sweep = ["| projection | tokens | BLOCK_M | K steps | warps | stages | slots a program | shrink (us) | |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        configs = SMOKE_SWEEP if args.smoke else SWEEP
+        totals = [0.0] * len(configs)
         for kind in ("qkv", "o"):
             for T in tokens:
-                sweep += sweep_lines(kind, width, T, dtype, device, flush, args.reps,
-                                     SMOKE_SWEEP if args.smoke else SWEEP)
+                rows, times = sweep_lines(kind, width, T, dtype, device, flush, args.reps, configs)
+                sweep += rows
+                totals = [a + b for a, b in zip(totals, times)]
+        sweep += ["", f"best overall: {best_overall(configs, totals)}"]
         print("\n".join([f"The concatenated shrink alone, {gpu}; us", ""] + sweep), flush=True)
         lines = [f"The concatenated shrink alone, {gpu}; us", ""] + sweep + [""] + lines
     for kind in ("qkv", "o"):

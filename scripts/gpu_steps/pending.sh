@@ -1,7 +1,8 @@
 # pending: the switches prepared off until timed, decided in as few calls as possible.  Pending now
-#   (thirty-sixth session): dense-lora-concat - first `python3 benchmarks/kernels/benchmark_dense_concat.py --sweep
-#   --tokens 256 1024` (set lora_concat's defaults to the fastest), then PENDING_SWITCHES=dense-lora-concat
-#   PENDING_AB_LORA=--lora-only PENDING_BATCHES=256 PENDING_TESTS=tests/lora/test_dense_lora_concat.py.
+#   (thirty-sixth session): dense-lora-concat - PENDING_CONCAT_SWEEP=1 PENDING_SWITCHES=dense-lora-concat
+#   PENDING_AB_LORA=--lora-only PENDING_BATCHES=256 PENDING_TESTS=tests/lora/test_dense_lora_concat.py
+#   (PENDING_CONCAT_SWEEP: benchmark_dense_concat.py --sweep at PENDING_SWEEP_TOKENS, default 256 1024, then the
+#   A/B with its fastest tiles: PENDING_AB_SET, decode_switch_ab.py --set flags, set for every engine).
 #   PENDING_SWITCHES names the decode switches to time (benchmarks/decode_variants.py TOGGLES), at PENDING_BATCHES
 #   1,16,64,256 without and with LoRA, one round; unset or empty, the A/B and the trace parts say so and run
 #   nothing.  Three parts, each skipped with its variable at 0:
@@ -26,10 +27,17 @@ if [ -z "${PENDING_SWITCHES:-}" ] && [ "${PENDING_AB:-1}${PENDING_TRACE:-0}" != 
   echo "== pending: no switch is pending - PENDING_SWITCHES is unset; the A/B and the traces need it, e.g." \
     "PENDING_SWITCHES='fused-kv-write' (benchmarks/decode_variants.py TOGGLES); nothing timed"
 fi
+if [ "${PENDING_CONCAT_SWEEP:-0}" != 0 ]; then  # the dense concat shrink's tiles, the fastest set for the A/B
+  timeout "${PENDING_SWEEP_TIMEOUT:-120}" python3 benchmarks/kernels/benchmark_dense_concat.py --sweep \
+    --tokens ${PENDING_SWEEP_TOKENS:-256 1024} --reps 30 --out "$OUT/dense_concat.md" >"$OUT/dense_concat.log" 2>&1
+  r=$?; echo "== dense concat sweep (rc $r)"; grep "^| \|rror\|best overall" "$OUT/dense_concat.log" | tail -40
+  rc=$(( rc || r ))
+  PENDING_AB_SET="${PENDING_AB_SET:-} $(sed -n 's/^best overall: //p' "$OUT/dense_concat.log")"
+fi
 if [ "${PENDING_AB:-1}" != 0 ] && [ -n "${PENDING_SWITCHES:-}" ]; then
   timeout "${PENDING_AB_TIMEOUT:-450}" python3 benchmarks/decode_switch_ab.py --batches ${PENDING_BATCHES:-1,16,64,256} \
     --switches $PENDING_SWITCHES ${PENDING_AB_LORA:---lora} \
-    --rounds ${PENDING_ROUNDS:-1} \
+    --rounds ${PENDING_ROUNDS:-1} ${PENDING_AB_SET:-} \
     --out "$OUT/pending_ab.md" >"$OUT/pending_ab.log" 2>&1
   r=$?; echo "== decode A/B (rc $r)"; cat "$OUT/pending_ab.md"; rc=$(( rc || r ))
 fi

@@ -202,3 +202,4 @@ both LoRA paths against its fp32 reference."""
     assert out.count("both paths match the reference") == 4
     sweep = [line for line in out.splitlines() if line.startswith(("| qkv |", "| o |"))]
     assert len(sweep) == 8 and not any("wrong" in line for line in sweep), out  # 2 configs x 2 counts x 2
+    assert "best overall: --set vllm.lora.ops.triton_ops.lora_concat.BLOCK_M=" in out  # the A/B's flags

@@ -56,3 +56,15 @@ def test_flip_flags_turn_several_switches_and_leave_the_rest(restore):
     assert {k: v for k, v in now.items() if k not in names} == {k: v for k, v in shipped.items() if k not in names}
     with pytest.raises(SystemExit, match="not a decode switch"):
         dv.apply_variant_flags(p.parse_args(["--flip", "no-such-switch"]))
+
+
+def test_set_assigns_a_module_constant_and_refuses_what_does_not_exist(monkeypatch):
+    from vllm.lora.ops.triton_ops import lora_concat
+
+    monkeypatch.setattr(lora_concat, "SLOT_GROUP", lora_concat.SLOT_GROUP)  # restored after
+    said = dv.apply_sets(["vllm.lora.ops.triton_ops.lora_concat.SLOT_GROUP=4"])
+    assert lora_concat.SLOT_GROUP == 4 and said == ["vllm.lora.ops.triton_ops.lora_concat.SLOT_GROUP=4"]
+    for bad, why in (("vllm.lora.ops.triton_ops.lora_concat.NO_SUCH=1", "has no attribute"),
+                     ("SLOT_GROUP", "expected MODULE.ATTR=VALUE"), ("no_such_module.X=1", "cannot import")):
+        with pytest.raises(SystemExit, match=why):
+            dv.apply_sets([bad])
