@@ -3,7 +3,7 @@ GPU: run as a script, without TRITON_INTERPRET, by test_dense_lora_concat.py.  T
 K 2048) and o (K 4096) launches at 4 slots of rank 16, one or all four slots a program, specialised as at run
 time on contiguous tensors, with PDL (no global load or store before ``griddepcontrol.wait``).  Prints one line
 per case (registers, spills, shared memory, plain loads in the K loop); exits 1 when one spills, fails that, or
-loads x or A into registers inside its K loop (not pipelined: one round trip per K tile)."""
+loads x or A into registers inside its K loop (it would wait one round trip per K tile)."""
 import os
 import sys
 

@@ -19,9 +19,10 @@ but the first shrink kernel (a copy of x inside its K loop, 16 K tiles a program
 layer lost (q/k/v + LoRA 42.0 us against 30.6 today, o 40.9 against 27.1) and the LoRA decode step at batch 256
 too (x1.113; that engine ran max_lora_rank 32, and the buffers then laid B out at 32 columns a slot: q/k/v stayed
 out - 384 columns > K / 8 - and the routers' weights moved into wide buffers too).  Now the layout follows the
-kernel rank and the routers keep their weights (``CONCAT_KINDS``); the kernel copies x in programs of its own and runs 8 K tiles a program (optionally all slots
-of a slice a program, ``lora_concat.SLOT_GROUP``): untimed.  It pays off only if the shrink takes less than what
-today's shrink + expand add to the projection (13.1 us q/k/v, 10.5 us o): ``benchmark_dense_concat.py --sweep``.
+kernel rank and the routers keep their weights (``CONCAT_KINDS``); the kernel copies x in programs of its own
+and runs 8 K tiles a program (optionally all slots of a slice a program, ``lora_concat.SLOT_GROUP``): untimed.
+It pays off only if the shrink takes less than what today's shrink + expand add to the projection (13.1 us q/k/v,
+10.5 us o): ``benchmark_dense_concat.py --sweep``.
 """
 from __future__ import annotations
 
@@ -120,12 +121,12 @@ def applies(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor) -> bool:
 def forward(layer: "BaseLinearLayerWithLoRA", x: torch.Tensor) -> torch.Tensor:
     """The projection with its delta: the wide input in one launch, then one GEMM (bias included)."""
     wide = layer._concat_w
-    S, L, _, K = layer._lora_a.shape
-    r = layer._concat_rank
-    width = K + S * L * r
+    a = layer._lora_a[:, :, :layer._concat_rank]
+    K = a.shape[3]
+    width = K + concat_columns(a)
     x2 = x.reshape(-1, K)
     T = x2.shape[0]
     wide_in = torch.empty(T, width, dtype=x.dtype, device=x.device)
-    lora_concat_shrink(x2, layer._lora_a[:, :, :r], layer.punica_wrapper.token_mapping(T), wide_in)
+    lora_concat_shrink(x2, a, layer.punica_wrapper.token_mapping(T), wide_in)
     y = F.linear(wide_in, wide[:, :width], layer.base_layer.bias)
     return y.view(*x.shape[:-1], wide.shape[0])

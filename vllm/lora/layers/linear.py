@@ -184,8 +184,8 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
     def reset_lora(self, index: int) -> None:
         self._check_index(index)
         self._clear_slot(index)
-        dense_concat.sync_slot(self, index)
         self._cut_to_rank()
+        dense_concat.sync_slot(self, index)  # at the settled rank (a rank change laid every slot out already)
 
     def _clear_slot(self, index: int) -> None:
         self._lora_a[:, index].zero_()
@@ -238,8 +238,8 @@ class BaseLinearLayerWithLoRA(BaseLayerWithLoRA):
             self.adapter_enabled[index] = 1
             self.enabled_slots.add(index)
             self.slot_ranks.set(index, max(p[2] for p in prepared if p is not None))
-        dense_concat.sync_slot(self, index)
         self._cut_to_rank()
+        dense_concat.sync_slot(self, index)
 
     def set_mapping(self, punica_wrapper: Any) -> None:
         self.punica_wrapper = punica_wrapper

@@ -5,7 +5,7 @@ program (m, j < NUM_SL) multiplies rows m*BLOCK_M.. of x by the A of G slots of 
 slots g*G.. with g = j % (L / G); every rank column of the buffer: BLOCK_N = next power of two of G * R) and
 stores the product into the wide input's columns ``K + (s * L + l) * R ..`` of each of those slots l, for the rows
 whose slot is l, zeros for the others; program (m, NUM_SL + i) copies K tile i of the x rows into the wide
-input's first K columns (apart from the K loops, which then keep both operands on cp.async).  So every element
+input's first K columns (apart from the K loops: no program of the dot carries the copy's stores).  So every element
 of ``out[:T]`` is written once per launch (nothing of an earlier step survives), and the projection's GEMM on the
 wide input and the wide weight ``[W | B]`` adds each row's own slot's delta and nothing else.  G = 1 reads x once
 per (slice, slot); G = L once per slice, with one wider dot.
